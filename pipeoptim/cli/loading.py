@@ -1,0 +1,90 @@
+"""Resolve a MODEL argument (``module:factory``, ``path/file.py:factory`` or a built-in name)."""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from pipeoptim.examples import EXAMPLES
+
+
+class ModelSpecError(ValueError):
+    """The MODEL argument cannot be resolved; the message says what forms are accepted."""
+
+
+def _factory(spec: str):
+    if spec in EXAMPLES:
+        return EXAMPLES[spec]
+    if ":" not in spec:
+        raise ModelSpecError(
+            f"unknown model {spec!r}: give a built-in example ({', '.join(EXAMPLES)}), "
+            "module:factory or path/file.py:factory"
+        )
+    where, _, name = spec.rpartition(":")
+    if where.endswith(".py"):
+        path = Path(where)
+        if not path.is_file():
+            raise ModelSpecError(f"model file {where!r} does not exist")
+        module_name = f"_pipeoptim_user_{path.stem}"
+        loader = importlib.util.spec_from_file_location(module_name, path)
+        assert loader is not None and loader.loader is not None
+        module = importlib.util.module_from_spec(loader)
+        sys.modules[module_name] = module
+        loader.loader.exec_module(module)
+    else:
+        try:
+            module = importlib.import_module(where)
+        except ImportError as exc:
+            raise ModelSpecError(f"cannot import module {where!r}: {exc}") from exc
+    factory = getattr(module, name, None)
+    if not callable(factory):
+        raise ModelSpecError(f"{where!r} has no callable {name!r}")
+    return factory
+
+
+def load_model(
+    spec: str,
+    input_shapes: Sequence[tuple[int, ...]] = (),
+    input_dtypes: Sequence[torch.dtype] = (),
+) -> tuple[nn.Module, tuple[torch.Tensor, ...]]:
+    """Build the model named by ``spec`` and its example inputs.
+
+    The factory may return a model or ``(model, example_inputs)``. Shapes given here replace
+    the factory's example inputs (float inputs are ``randn``, integer inputs zeros, so that
+    they are valid token ids); a factory that returns only a model needs them.
+
+    Raises:
+        ModelSpecError: unknown spec, missing factory, or no example inputs.
+    """
+    made = _factory(spec)()
+    model, examples = made if isinstance(made, tuple) else (made, ())
+    if not isinstance(model, nn.Module):
+        raise ModelSpecError(f"factory {spec!r} returned {type(model).__name__}, not an nn.Module")
+    if isinstance(examples, torch.Tensor):
+        examples = (examples,)
+    examples = tuple(examples)
+    if input_shapes:
+        dtypes = list(input_dtypes) or [ex.dtype for ex in examples] or [torch.float32]
+        if len(dtypes) == 1:
+            dtypes = dtypes * len(input_shapes)
+        if len(dtypes) != len(input_shapes):
+            raise ModelSpecError(
+                f"{len(input_shapes)} --input-shape but {len(dtypes)} --input-dtype; give one "
+                "dtype for all inputs or one per input"
+            )
+        examples = tuple(
+            torch.randn(shape, dtype=dt) if dt.is_floating_point else torch.zeros(shape, dtype=dt)
+            for shape, dt in zip(input_shapes, dtypes)
+        )
+    if not examples:
+        raise ModelSpecError(
+            f"factory {spec!r} returned no example inputs: pass --input-shape (e.g. 8x3x32x32) "
+            "and, for integer inputs, --input-dtype int64"
+        )
+    return model, examples

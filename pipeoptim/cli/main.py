@@ -1,0 +1,21 @@
+"""The ``pipeoptim`` command."""
+
+from __future__ import annotations
+
+import click
+
+from pipeoptim.cli.partition import partition
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="pipeoptim")
+def cli() -> None:
+    """Compile a PyTorch model into a pipeline-parallel trainer (PipeOptim and baselines)."""
+
+
+cli.add_command(partition)
+
+
+def main() -> None:
+    """Console-script entry point."""
+    cli()

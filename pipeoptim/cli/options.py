@@ -1,0 +1,44 @@
+"""click parameter types shared by the commands."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import click
+import torch
+
+from pipeoptim.units import parse_bandwidth, parse_bytes, parse_dtype, parse_shape
+
+
+class _Parsed(click.ParamType):
+    def __init__(self, name: str, parse: Any) -> None:
+        self.name = name
+        self._parse = parse
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        if not isinstance(value, str):
+            return value
+        try:
+            return self._parse(value)
+        except ValueError as exc:
+            self.fail(str(exc), param, ctx)
+
+
+def _bandwidth(text: str) -> float | None:
+    return None if text.strip().lower() in ("inf", "none", "free") else parse_bandwidth(text)
+
+
+BYTES = _Parsed("size", parse_bytes)
+BANDWIDTH = _Parsed("bandwidth", _bandwidth)
+SHAPE = _Parsed("shape", parse_shape)
+DTYPE = _Parsed("dtype", parse_dtype)
+
+
+def finite(x: float) -> float | None:
+    """JSON-safe float (``None`` for inf/nan)."""
+    return x if math.isfinite(x) else None
+
+
+def torch_device(text: str | None) -> torch.device | None:
+    return torch.device(text) if text else None

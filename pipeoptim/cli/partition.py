@@ -1,0 +1,201 @@
+"""``pipeoptim partition``: print and save a pipeline plan."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import click
+
+from pipeoptim.cli.loading import ModelSpecError, load_model
+from pipeoptim.cli.options import BANDWIDTH, BYTES, DTYPE, SHAPE, torch_device
+from pipeoptim.compiler import plan_model
+from pipeoptim.compiler.costgraph import CostGraph
+from pipeoptim.compiler.costmodel import CostConfig, optimizer_state_factor
+from pipeoptim.compiler.partition import BASELINES
+from pipeoptim.compiler.plan import make_plan
+from pipeoptim.errors import PipeoptimError
+from pipeoptim.methods import METHODS
+
+
+def _log(msg: str) -> None:
+    click.echo(msg, err=True)
+
+
+@click.command("partition")
+@click.argument("model", required=False)
+@click.option(
+    "--gpus",
+    "-n",
+    type=click.IntRange(min=1),
+    default=4,
+    show_default=True,
+    help="Number of pipeline stages, one device each.",
+)
+@click.option(
+    "--input-shape",
+    type=SHAPE,
+    multiple=True,
+    help="Example input shape, batch first (e.g. 8x3x32x32); repeat for several inputs.",
+)
+@click.option(
+    "--input-dtype",
+    type=DTYPE,
+    multiple=True,
+    help="dtype of the example input(s), e.g. int64 for token ids.",
+)
+@click.option(
+    "--memory", type=BYTES, default=None, help="Per-stage memory limit, e.g. 16GiB, 16GB or 1.5e10 (bytes)."
+)
+@click.option(
+    "--bandwidth",
+    type=BANDWIDTH,
+    default="25GB/s",
+    show_default=True,
+    help="Bandwidth between neighbouring stages, e.g. 25GB/s; 'inf' ignores communication.",
+)
+@click.option(
+    "--method",
+    type=click.Choice(list(METHODS)),
+    default="pipeoptim",
+    show_default=True,
+    help="Pipeline method; decides weight copies and activations in flight.",
+)
+@click.option(
+    "--micro-batches",
+    type=click.IntRange(min=1),
+    default=1,
+    show_default=True,
+    help="Micro-batches per mini-batch (gpipe, 1f1b, 2bw).",
+)
+@click.option(
+    "--optimizer",
+    default="momentum",
+    show_default=True,
+    help="Optimizer whose state is counted: sgd, momentum, adam, adamw, rmsprop, adagrad.",
+)
+@click.option(
+    "--partitioner",
+    type=click.Choice(["ilp", "chain_dp", *BASELINES]),
+    default="ilp",
+    show_default=True,
+    help="ILP, exact contiguous DP, or a baseline.",
+)
+@click.option("--solver", type=click.Choice(["cbc", "highs"]), default="cbc", show_default=True)
+@click.option(
+    "--time-limit",
+    type=click.FloatRange(min=0.1),
+    default=30.0,
+    show_default=True,
+    help="Seconds the ILP solver may use.",
+)
+@click.option(
+    "--profile",
+    "profile_file",
+    type=click.Path(dir_okay=False),
+    help="Plan from this profile or cost-graph JSON instead of profiling MODEL.",
+)
+@click.option("--profile-dir", default="profiles", show_default=True, help="Where profiles are cached.")
+@click.option("--leaf", multiple=True, help="Qualified name of a module to keep as one node.")
+@click.option("--device", default=None, help="Device to profile on (default: cpu).")
+@click.option("--json", "as_json", is_flag=True, help="Print the plan as JSON.")
+@click.option("--save", type=click.Path(dir_okay=False), help="Write the plan JSON to this file.")
+def partition(
+    model,
+    gpus,
+    input_shape,
+    input_dtype,
+    memory,
+    bandwidth,
+    method,
+    micro_batches,
+    optimizer,
+    partitioner,
+    solver,
+    time_limit,
+    profile_file,
+    profile_dir,
+    leaf,
+    device,
+    as_json,
+    save,
+) -> None:
+    """Plan MODEL as a pipeline of --gpus stages and print one row per stage.
+
+    MODEL is a built-in example (mlp, resnet, transformer, multi_io, long_skip, gpt2),
+    module:factory or path/file.py:factory; the factory returns a model or
+    (model, example_inputs). With --profile, MODEL may be left out.
+    """
+    try:
+        opt_factor = optimizer_state_factor(optimizer)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--optimizer") from exc
+    config = CostConfig(
+        num_stages=gpus,
+        method=method,
+        micro_batches=micro_batches,
+        bandwidth=bandwidth,
+        memory_limit=memory,
+        opt_state_factor=opt_factor,
+    )
+    if model is None and profile_file is None:
+        raise click.UsageError("give a MODEL, or --profile FILE to plan from a saved profile")
+    try:
+        if profile_file is not None:
+            graph = CostGraph.load(profile_file)
+            if model is not None:
+                _check_profile_matches(model, graph, input_shape, input_dtype, leaf, device)
+            reused = True
+            plan = make_plan(graph, config, partitioner=partitioner, solver=solver, time_limit=time_limit)
+        else:
+            net, examples = load_model(model, input_shape, input_dtype)
+            planned = plan_model(
+                net,
+                examples,
+                config,
+                leaf_modules=leaf,
+                profile_dir=profile_dir,
+                device=torch_device(device),
+                partitioner=partitioner,
+                solver=solver,
+                time_limit=time_limit,
+                log=_log,
+            )
+            plan, reused, graph = planned.plan, planned.profile_reused, planned.graph
+    except (PipeoptimError, ModelSpecError, ImportError) as exc:
+        raise click.ClickException(str(exc)) from exc
+    if save:
+        plan.save(save)
+        _log(f"saved plan {save}")
+    if as_json:
+        data = plan.to_dict()
+        out = {
+            **plan.summary,
+            "model": plan.model,
+            "num_stages": gpus,
+            "num_nodes": len(graph.nodes),
+            "profile_reused": reused,
+            "config": data["config"],
+            "stages": data["stages"],
+            "io": data["io"],
+        }
+        json.dump(out, sys.stdout, indent=1, default=str)
+        sys.stdout.write("\n")
+    else:
+        click.echo(f"{plan.model}: {len(graph.nodes)} nodes, {gpus} stages, method {method}")
+        click.echo(plan.table())
+
+
+def _check_profile_matches(model, graph, input_shape, input_dtype, leaf, device) -> None:
+    from pipeoptim.compiler.profile import profile_key
+    from pipeoptim.compiler.trace import trace
+
+    net, examples = load_model(model, input_shape, input_dtype)
+    traced = trace(net, examples, leaf)
+    key = profile_key(traced, examples, torch_device(device) or examples[0].device)
+    if graph.key != key:
+        diff = [k for k in key if graph.key.get(k) != key[k]]
+        raise click.ClickException(
+            f"--profile was made for another setting than {model} ({', '.join(diff)} differ); "
+            "drop --profile to profile the model again"
+        )

@@ -1,0 +1,55 @@
+"""The compiler: trace -> profile -> partition -> codegen.
+
+:func:`plan_model` runs the first three steps on a model; :mod:`.codegen` turns its plan into
+stage submodules.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from pipeoptim.compiler.costgraph import CostGraph
+from pipeoptim.compiler.costmodel import CostConfig
+from pipeoptim.compiler.plan import Plan, make_plan
+from pipeoptim.compiler.profile import load_or_profile
+from pipeoptim.compiler.trace import TracedModel, trace
+
+
+@dataclass
+class PlannedModel:
+    """A traced model with its cost graph and plan."""
+
+    traced: TracedModel
+    graph: CostGraph
+    plan: Plan
+    profile_reused: bool
+
+
+def plan_model(
+    model: nn.Module,
+    example_inputs: Sequence[torch.Tensor],
+    config: CostConfig,
+    *,
+    leaf_modules: Iterable[str] = (),
+    profile_dir: str | Path | None = "profiles",
+    device: torch.device | str | None = None,
+    partitioner: str = "ilp",
+    solver: str = "cbc",
+    time_limit: float = 30.0,
+    log: Callable[[str], None] = lambda _msg: None,
+) -> PlannedModel:
+    """Trace ``model``, profile it (or reuse a saved profile) and partition it.
+
+    ``example_inputs`` is one micro-batch (dim 0 is the batch). See :func:`.trace.trace`,
+    :func:`.profile.load_or_profile` and :func:`.plan.make_plan` for the arguments and the
+    errors raised.
+    """
+    traced = trace(model, example_inputs, leaf_modules)
+    graph, reused = load_or_profile(traced, example_inputs, profile_dir=profile_dir, device=device, log=log)
+    plan = make_plan(graph, config, partitioner=partitioner, solver=solver, time_limit=time_limit)
+    return PlannedModel(traced, graph, plan, reused)

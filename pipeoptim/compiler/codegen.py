@@ -1,0 +1,96 @@
+"""Codegen: one ``torch.fx.GraphModule`` per stage, with readable ``.code``.
+
+Stage k's graph has one placeholder per value it receives (``plan.io[k].inputs``), the nodes
+the plan puts in stage k, in graph order, and returns the tuple of values it sends
+(``plan.io[k].outputs``); values that only pass through (a skip connection crossing several
+boundaries) go straight from a placeholder to the output. The last stage returns the flat
+model outputs; :meth:`pipeoptim.compiler.trace.TracedModel.unflatten_output` rebuilds the
+model's output type from them.
+
+``torch.fx.passes.split_module`` routes every value from its producer straight to its users;
+the stage interface here instead sends each stage only its neighbour's values (the
+pass-through the cost model counts), so the graphs are built with fx's ``node_copy``.
+Parameters, buffers and leaf modules are shared with the traced model (not copied) and keep
+their qualified names, so a stage's ``state_dict()`` uses the original model's keys.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+import torch.fx as fx
+
+from pipeoptim.compiler.plan import Plan
+from pipeoptim.compiler.trace import TracedModel
+from pipeoptim.errors import CodegenError
+
+
+def check_plan_matches(traced: TracedModel, plan: Plan) -> None:
+    """Raise :class:`CodegenError` if ``plan`` was made for another graph than ``traced``."""
+    planned = plan.profile_key.get("graph_hash")
+    if planned and planned != traced.graph_hash:
+        raise CodegenError(
+            f"the plan was made for another graph of {plan.model!r} (graph hash "
+            f"{planned[:12]} vs {traced.graph_hash[:12]}); make a new plan for this model"
+        )
+    names = {n.name for n in traced.gm.graph.nodes}
+    missing = sorted(set(plan.stage_of) ^ names)
+    if missing:
+        raise CodegenError(f"plan and graph disagree on nodes ({', '.join(missing[:5])}...); make a new plan")
+    for name, value in plan.values.items():
+        if value.get("container") == "nested" or any(
+            m["kind"] in ("module", "other") for m in value.get("meta", [])
+        ):
+            kinds = sorted({m["kind"] for m in value.get("meta", [])})
+            raise CodegenError(
+                f"value {name!r} ({value.get('container') or '/'.join(kinds)}) crosses a stage "
+                "boundary but only tensors, numbers and flat tuples of them can be sent; make "
+                "the module that produces it a leaf module so it stays inside one stage"
+            )
+
+
+def build_stage(traced: TracedModel, plan: Plan, stage: int) -> fx.GraphModule:
+    """The submodule of stage ``stage``: ``module(*inputs) -> tuple(outputs)``.
+
+    Raises:
+        CodegenError: the plan does not match the traced graph.
+    """
+    check_plan_matches(traced, plan)
+    io = plan.io[stage]
+    graph = fx.Graph()
+    env: dict[str, fx.Node] = {}
+    for name in io.inputs:
+        env[name] = graph.placeholder(name)
+    output_node = None
+    for node in traced.gm.graph.nodes:
+        if node.op == "output":
+            output_node = node
+            continue
+        if node.op == "placeholder" or plan.stage_of[node.name] != stage:
+            continue
+        env[node.name] = graph.node_copy(node, lambda n: env[n.name])
+    last = stage == plan.num_stages - 1
+    if last:
+        assert output_node is not None
+        result = fx.node.map_arg(output_node.args[0], lambda n: env[n.name])
+    else:
+        result = tuple(env[name] for name in io.outputs)
+    graph.output(result)
+    graph.lint()
+    gm = fx.GraphModule(traced.gm, graph, class_name=f"Stage{stage}")
+    return gm
+
+
+def build_stages(traced: TracedModel, plan: Plan) -> list[fx.GraphModule]:
+    """All stage submodules, in order."""
+    return [build_stage(traced, plan, k) for k in range(plan.num_stages)]
+
+
+def run_stages(stages: Sequence[torch.nn.Module], inputs: Sequence[Any]) -> tuple[Any, ...]:
+    """Run the stages in order on one micro-batch; returns the flat model outputs."""
+    values: tuple[Any, ...] = tuple(inputs)
+    for module in stages:
+        values = module(*values)
+    return values

@@ -1,0 +1,252 @@
+"""The cost graph: a model's graph with a measured cost on every node, as plain data.
+
+A :class:`CostGraph` is all the partitioner needs, so a saved profile can be re-planned for
+other stage counts, memory limits or bandwidths without the model. It is saved as JSON
+(schema :data:`SCHEMA`). Cost graphs in the neutral format of ``../shared/profiles``
+(``pipeoptim-neutral-cost-graph/1``, measured on a GPU) load with :meth:`CostGraph.load` too.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pipeoptim.errors import ProfileError
+from pipeoptim.fileio import write_json
+
+SCHEMA = "pipeoptim-profile/1"
+NEUTRAL_FORMAT = "pipeoptim-neutral-cost-graph/1"
+
+
+@dataclass
+class CostNode:
+    """One graph node and its measured costs (per micro-batch).
+
+    Attributes:
+        name: fx node name, unique in the graph.
+        op: fx opcode (placeholder, get_attr, call_module, call_function, call_method, output).
+        target: module path, function or method name.
+        inputs: names of the nodes this node reads (the graph's edges).
+        fwd_s: median forward seconds of the node alone.
+        bwd_s: median backward seconds of the node alone (0 where nothing needs a gradient).
+        out_bytes: bytes of the values the node outputs (what crosses a stage boundary).
+        grad_bytes: bytes of the gradient sent back for those outputs (floating point tensors
+            that require a gradient; 0 for integer tensors).
+        param_bytes: bytes of the trainable parameters this node owns.
+        params: qualified names of those parameters.
+        buffer_bytes: bytes of non-trainable state the node owns (buffers, frozen parameters).
+        saved_bytes: activation bytes autograd keeps from the forward for the backward.
+        module: innermost module path the node was traced in.
+        module_type: that module's class name.
+        out_meta: one entry per flat output value: ``{"kind": "tensor", "shape", "dtype",
+            "requires_grad", "batch_dim"}`` or ``{"kind": "int" | "float" | "bool" | "ints" |
+            "none" | "module" | "other"}``.
+        out_container: ``""`` when the output is one value, ``"tuple"`` or ``"list"`` when it is
+            a flat sequence of the values in ``out_meta``, ``"nested"`` otherwise.
+    """
+
+    name: str
+    op: str
+    target: str
+    inputs: list[str]
+    fwd_s: float = 0.0
+    bwd_s: float = 0.0
+    out_bytes: int = 0
+    grad_bytes: int = 0
+    param_bytes: int = 0
+    params: list[str] = field(default_factory=list)
+    buffer_bytes: int = 0
+    saved_bytes: int = 0
+    module: str = ""
+    module_type: str = ""
+    out_meta: list[dict[str, Any]] = field(default_factory=list)
+    out_container: str = ""
+
+    @property
+    def time_s(self) -> float:
+        """Forward plus backward seconds."""
+        return self.fwd_s + self.bwd_s
+
+
+@dataclass
+class CostGraph:
+    """A model's cost graph.
+
+    Attributes:
+        model: model name (class name, or the name given in a neutral file).
+        nodes: nodes in a topological order.
+        batch_size: micro-batch size the costs were measured at.
+        key: what the profile is valid for: ``graph_hash``, ``inputs`` (shapes and dtypes),
+            ``device``, ``torch`` (version). A saved profile is reused only on an equal key.
+        source: how the graph was obtained (``fx``, ``export`` or a free text).
+        tied: shared parameters ``{name used in the graph: [aliases]}``.
+        info: free-form extras (repeats, wall time of profiling, static batch flag, ...).
+    """
+
+    model: str
+    nodes: list[CostNode]
+    batch_size: int
+    key: dict[str, Any] = field(default_factory=dict)
+    source: str = ""
+    tied: dict[str, list[str]] = field(default_factory=dict)
+    info: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self._by_name = {n.name: i for i, n in enumerate(self.nodes)}
+        self._users: list[list[int]] | None = None
+        if len(self._by_name) != len(self.nodes):
+            raise ProfileError(f"cost graph {self.model!r} has duplicate node names")
+        for node in self.nodes:
+            for inp in node.inputs:
+                if self._by_name.get(inp, len(self.nodes)) >= self._by_name[node.name]:
+                    raise ProfileError(
+                        f"cost graph {self.model!r}: node {node.name!r} reads {inp!r}, which is "
+                        "missing or comes later; nodes must be in topological order"
+                    )
+
+    def index(self, name: str) -> int:
+        """Position of node ``name`` in :attr:`nodes`."""
+        return self._by_name[name]
+
+    def users(self) -> list[list[int]]:
+        """For each node index, the indices of the nodes that read its output (cached)."""
+        if getattr(self, "_users", None) is None:
+            result: list[list[int]] = [[] for _ in self.nodes]
+            for i, node in enumerate(self.nodes):
+                for inp in node.inputs:
+                    result[self._by_name[inp]].append(i)
+            self._users = result
+        return self._users
+
+    @property
+    def key_hash(self) -> str:
+        """sha256 of :attr:`key` (first 16 hex digits), used in profile file names."""
+        text = json.dumps(self.key, sort_keys=True)
+        return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+    @property
+    def total_time_s(self) -> float:
+        """Sum of forward and backward seconds of all nodes."""
+        return sum(n.time_s for n in self.nodes)
+
+    @property
+    def total_param_bytes(self) -> int:
+        """Bytes of all trainable parameters (each shared parameter once)."""
+        return sum(n.param_bytes for n in self.nodes)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "schema": SCHEMA,
+            "model": self.model,
+            "batch_size": self.batch_size,
+            "key": self.key,
+            "key_hash": self.key_hash,
+            "source": self.source,
+            "tied": self.tied,
+            "info": self.info,
+            "nodes": [asdict(n) for n in self.nodes],
+        }
+
+    def save(self, path: str | os.PathLike[str]) -> None:
+        """Write the cost graph as JSON, atomically."""
+        write_json(path, self.to_dict())
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], origin: str = "<dict>") -> CostGraph:
+        """Build from :meth:`to_dict` output or from the neutral cost-graph format.
+
+        Raises:
+            ProfileError: unknown schema or missing fields; the message names the file.
+        """
+        if not isinstance(data, dict):
+            raise ProfileError(f"{origin}: not a pipeoptim profile (top level is not an object)")
+        if data.get("format") == NEUTRAL_FORMAT:
+            return _from_neutral(data, origin)
+        schema = data.get("schema")
+        if schema != SCHEMA:
+            raise ProfileError(
+                f"{origin}: profile schema {schema!r} is not {SCHEMA!r}; delete the file "
+                "(it is re-measured on the next run) or re-create it with this pipeoptim version"
+            )
+        try:
+            nodes = [CostNode(**n) for n in data["nodes"]]
+            graph = cls(
+                model=data["model"],
+                nodes=nodes,
+                batch_size=int(data["batch_size"]),
+                key=data.get("key", {}),
+                source=data.get("source", ""),
+                tied=data.get("tied", {}),
+                info=data.get("info", {}),
+            )
+        except (KeyError, TypeError) as exc:
+            raise ProfileError(f"{origin}: malformed profile ({exc}); delete it to re-profile") from exc
+        if data.get("key_hash") not in (None, graph.key_hash):
+            raise ProfileError(f"{origin}: key_hash does not match its key; the file was edited")
+        return graph
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str]) -> CostGraph:
+        """Read a profile or neutral cost-graph JSON file.
+
+        Raises:
+            ProfileError: the file is missing, truncated, not JSON or of another schema.
+        """
+        path = Path(path)
+        try:
+            text = path.read_text()
+        except OSError as exc:
+            raise ProfileError(f"cannot read profile {path}: {exc.strerror}") from exc
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise ProfileError(
+                f"profile {path} is not valid JSON (truncated or corrupt: {exc.msg} at line "
+                f"{exc.lineno}); delete it and the model is profiled again"
+            ) from exc
+        return cls.from_dict(data, str(path))
+
+
+def _from_neutral(data: dict[str, Any], origin: str) -> CostGraph:
+    """Import a ``pipeoptim-neutral-cost-graph/1`` file (see ``../shared/profiles/README.md``).
+
+    That format has no gradient or saved-activation sizes: ``grad_bytes`` is taken equal to
+    ``out_bytes`` for nodes that need a backward pass (``bwd_s > 0`` or parameters upstream)
+    and ``saved_bytes`` equal to ``out_bytes`` of compute nodes, the usual first-order estimate.
+    """
+    try:
+        raw_nodes = data["nodes"]
+        nodes = []
+        for n in raw_nodes:
+            compute = n["op"] in ("call_module", "call_function", "call_method")
+            nodes.append(
+                CostNode(
+                    name=n["name"],
+                    op=n["op"],
+                    target=str(n["target"]),
+                    inputs=list(n["inputs"]),
+                    fwd_s=float(n["fwd_s"]),
+                    bwd_s=float(n["bwd_s"]),
+                    out_bytes=int(n["out_bytes"]),
+                    grad_bytes=int(n["out_bytes"]) if n["op"] != "placeholder" else 0,
+                    param_bytes=int(n["param_bytes"]),
+                    params=list(n.get("params", [])),
+                    saved_bytes=int(n["out_bytes"]) if compute else 0,
+                    module=n.get("module", ""),
+                    module_type=n.get("module_type", ""),
+                )
+            )
+        return CostGraph(
+            model=data["model"],
+            nodes=nodes,
+            batch_size=int(data["batch_size"]),
+            key={"device": data.get("device", ""), "torch": data.get("torch", "")},
+            source=data.get("source", NEUTRAL_FORMAT),
+            info={"format": NEUTRAL_FORMAT, "input_shape": data.get("input_shape")},
+        )
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ProfileError(f"{origin}: malformed neutral cost graph ({exc})") from exc

@@ -1,0 +1,256 @@
+"""The cost model: stage time and stage memory of an assignment of graph nodes to stages.
+
+Every partitioner (the ILP, the baselines, the dynamic program, brute force) is judged by
+:func:`evaluate`, so their numbers compare like with like.
+
+Stage time (seconds per micro-batch) of stage k::
+
+    T_k = sum of fwd_s + bwd_s of its nodes
+          + (A[k-1] + G[k-1] + A[k] + G[k]) / bandwidth
+
+where ``A[b]`` are the activation bytes crossing boundary b (between stage b and b+1) forward
+and ``G[b]`` the gradient bytes crossing it backward. A value produced at stage i and read at
+stage j > i crosses every boundary i..j-1 (it is passed on by the stages in between), and is
+counted on each. Stage k receives ``A[k-1]`` and ``G[k]`` and sends ``A[k]`` and ``G[k-1]``.
+
+Stage memory (bytes) of stage k of N::
+
+    params * (1 + 1 + f_opt + c_k) + buffers + in_flight_k * saved_activations
+
+with one gradient copy, ``f_opt`` optimizer-state copies (:func:`optimizer_state_factor`),
+``c_k`` extra weight copies of the method (:meth:`pipeoptim.methods.Method.extra_weight_copies`)
+and ``in_flight_k`` micro-batches whose activations the stage keeps
+(:meth:`pipeoptim.methods.Method.in_flight`, ``N - k`` under 1F1B).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from pipeoptim.compiler.costgraph import CostGraph
+from pipeoptim.methods import Method, get_method
+
+#: Optimizer-state copies of the parameters kept by each ``torch.optim`` optimizer.
+_STATE_FACTORS = {
+    "sgd": 0,
+    "momentum": 1,
+    "adam": 2,
+    "adamw": 2,
+    "rmsprop": 1,
+    "adagrad": 1,
+    "adadelta": 2,
+    "adamax": 2,
+    "nadam": 2,
+    "radam": 2,
+}
+
+
+def optimizer_state_factor(optimizer: Any) -> float:
+    """Bytes of optimizer state per byte of parameters.
+
+    ``optimizer`` is a ``torch.optim.Optimizer`` instance (its hyperparameters decide:
+    SGD 0, SGD with momentum 1, Adam/AdamW 2 or 3 with amsgrad, RMSprop 1 plus 1 for momentum
+    and 1 for centered, Adagrad 1) or one of the names ``sgd``, ``momentum``, ``adam``,
+    ``adamw``, ``rmsprop``, ``adagrad``, ``adadelta``, ``adamax``, ``nadam``, ``radam``.
+
+    Raises:
+        ValueError: unknown optimizer name.
+    """
+    if isinstance(optimizer, str):
+        key = optimizer.lower()
+        if key not in _STATE_FACTORS:
+            raise ValueError(f"unknown optimizer {optimizer!r}; choose one of {', '.join(_STATE_FACTORS)}")
+        return float(_STATE_FACTORS[key])
+    name = type(optimizer).__name__.lower()
+    group = optimizer.param_groups[0] if optimizer.param_groups else {}
+    if name == "sgd":
+        return 1.0 if group.get("momentum", 0) else 0.0
+    if name in ("adam", "adamw"):
+        return 3.0 if group.get("amsgrad") else 2.0
+    if name == "rmsprop":
+        return 1.0 + bool(group.get("momentum", 0)) + bool(group.get("centered"))
+    return float(_STATE_FACTORS.get(name, 2))
+
+
+@dataclass(frozen=True)
+class CostConfig:
+    """What a plan is for.
+
+    Attributes:
+        num_stages: N, the number of pipeline stages (one device each).
+        method: pipeline method name (see :mod:`pipeoptim.methods`); decides weight copies
+            and activations in flight.
+        micro_batches: M, micro-batches per mini-batch (GPipe, 1F1B, 2BW).
+        bandwidth: bytes per second between neighbouring stages; ``None`` means
+            communication is free.
+        memory_limit: bytes per stage; ``None`` means unlimited.
+        opt_state_factor: optimizer-state bytes per parameter byte.
+    """
+
+    num_stages: int
+    method: str = "pipeoptim"
+    micro_batches: int = 1
+    bandwidth: float | None = None
+    memory_limit: int | None = None
+    opt_state_factor: float = 1.0
+
+    @property
+    def method_info(self) -> Method:
+        return get_method(self.method)
+
+    def weight_factor(self, stage: int) -> float:
+        """Bytes held at stage ``stage`` per parameter byte (weights, gradient, state, copies)."""
+        copies = self.method_info.extra_weight_copies(stage, self.num_stages)
+        return 2.0 + self.opt_state_factor + copies
+
+    def in_flight(self, stage: int) -> int:
+        """Micro-batches whose saved activations stage ``stage`` holds at once."""
+        return self.method_info.in_flight(stage, self.num_stages, self.micro_batches)
+
+    def comm_s(self, nbytes: float) -> float:
+        """Seconds to move ``nbytes`` at :attr:`bandwidth`."""
+        return 0.0 if self.bandwidth is None else nbytes / self.bandwidth
+
+
+@dataclass
+class StageStats:
+    """Costs of one stage (seconds per micro-batch, bytes)."""
+
+    index: int
+    num_nodes: int
+    first_node: str
+    last_node: str
+    param_bytes: int
+    fwd_s: float
+    bwd_s: float
+    recv_bytes: int
+    send_bytes: int
+    comm_s: float
+    weight_bytes: int
+    grad_bytes: int
+    opt_state_bytes: int
+    copy_bytes: int
+    buffer_bytes: int
+    activation_bytes: int
+    memory_bytes: int
+    time_s: float
+
+    @property
+    def compute_s(self) -> float:
+        return self.fwd_s + self.bwd_s
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "compute_s": self.compute_s}
+
+
+def boundary_bytes(graph: CostGraph, stage_of: Sequence[int], num_stages: int) -> tuple[list[int], list[int]]:
+    """Activation and gradient bytes crossing each boundary b = 0..N-2 (stage b to b+1)."""
+    acts = [0] * max(num_stages - 1, 0)
+    grads = [0] * max(num_stages - 1, 0)
+    for p, readers in enumerate(graph.users()):
+        if not readers:
+            continue
+        last = max(stage_of[r] for r in readers)
+        for b in range(stage_of[p], last):
+            acts[b] += graph.nodes[p].out_bytes
+            grads[b] += graph.nodes[p].grad_bytes
+    return acts, grads
+
+
+def check_assignment(graph: CostGraph, stage_of: Sequence[int], num_stages: int) -> None:
+    """Raise ``ValueError`` if an edge runs backwards or a stage index is out of range."""
+    if len(stage_of) != len(graph.nodes):
+        raise ValueError(f"assignment has {len(stage_of)} entries for {len(graph.nodes)} nodes")
+    for i, node in enumerate(graph.nodes):
+        if not 0 <= stage_of[i] < num_stages:
+            raise ValueError(f"node {node.name} assigned to stage {stage_of[i]} of {num_stages}")
+        for inp in node.inputs:
+            if stage_of[graph.index(inp)] > stage_of[i]:
+                raise ValueError(f"edge {inp} -> {node.name} runs from a later stage backwards")
+
+
+def evaluate(graph: CostGraph, stage_of: Sequence[int], config: CostConfig) -> list[StageStats]:
+    """Per-stage costs of assigning node ``i`` to stage ``stage_of[i]``.
+
+    Raises:
+        ValueError: the assignment sends an edge backwards or names a stage out of range.
+    """
+    n = config.num_stages
+    check_assignment(graph, stage_of, n)
+    acts, grads = boundary_bytes(graph, stage_of, n)
+    stats = []
+    for k in range(n):
+        members = [i for i, s in enumerate(stage_of) if s == k]
+        nodes = [graph.nodes[i] for i in members]
+        params = sum(x.param_bytes for x in nodes)
+        fwd = sum(x.fwd_s for x in nodes)
+        bwd = sum(x.bwd_s for x in nodes)
+        a_in, g_in = (acts[k - 1], grads[k - 1]) if k > 0 else (0, 0)
+        a_out, g_out = (acts[k], grads[k]) if k < n - 1 else (0, 0)
+        recv, send = a_in + g_out, a_out + g_in
+        comm = config.comm_s(recv + send)
+        copies = config.method_info.extra_weight_copies(k, n)
+        opt = int(params * config.opt_state_factor)
+        buffers = sum(x.buffer_bytes for x in nodes)
+        activations = config.in_flight(k) * sum(x.saved_bytes for x in nodes)
+        memory = params * 2 + opt + params * copies + buffers + activations
+        stats.append(
+            StageStats(
+                index=k,
+                num_nodes=len(nodes),
+                first_node=nodes[0].name if nodes else "",
+                last_node=nodes[-1].name if nodes else "",
+                param_bytes=params,
+                fwd_s=fwd,
+                bwd_s=bwd,
+                recv_bytes=recv,
+                send_bytes=send,
+                comm_s=comm,
+                weight_bytes=params,
+                grad_bytes=params,
+                opt_state_bytes=opt,
+                copy_bytes=params * copies,
+                buffer_bytes=buffers,
+                activation_bytes=activations,
+                memory_bytes=memory,
+                time_s=fwd + bwd + comm,
+            )
+        )
+    return stats
+
+
+def summarize(graph: CostGraph, stats: Sequence[StageStats], config: CostConfig) -> dict[str, Any]:
+    """Summary figures of a plan.
+
+    - ``bottleneck_s``: the slowest stage's time per micro-batch (seconds).
+    - ``lower_bound_s``: ``max(total compute / N, largest node)``, no plan beats it.
+    - ``balance_ratio``: ``bottleneck_s / lower_bound_s`` (1.0 is perfect).
+    - ``throughput_per_s``: predicted steady-state mini-batches per second: ``1 / T`` for
+      asynchronous 1F1B, ``1 / ((M + N - 1) T)`` for schedules that flush every mini-batch
+      (GPipe, 1F1B), ``1 / (M T)`` for 2BW.
+    - ``bubble_fraction``: share of device time idle in that steady state, from the
+      schedule's warm-up and cool-down and from unequal stage times.
+    """
+    n, m = config.num_stages, config.micro_batches
+    bottleneck = max(s.time_s for s in stats)
+    largest = max((x.time_s for x in graph.nodes), default=0.0)
+    lower = max(graph.total_time_s / n, largest)
+    method = config.method_info
+    if method.asynchronous:
+        units = m if method.micro_batched else 1
+        per_batch = units * bottleneck
+    else:
+        units = m
+        per_batch = (m + n - 1) * bottleneck
+    busy = sum(s.time_s for s in stats) * units
+    return {
+        "bottleneck_s": bottleneck,
+        "bottleneck_stage": max(stats, key=lambda s: s.time_s).index,
+        "lower_bound_s": lower,
+        "balance_ratio": bottleneck / lower if lower > 0 else 1.0,
+        "throughput_per_s": 1.0 / per_batch if per_batch > 0 else float("inf"),
+        "bubble_fraction": 1.0 - busy / (n * per_batch) if per_batch > 0 else 0.0,
+        "max_memory_bytes": max(s.memory_bytes for s in stats),
+    }

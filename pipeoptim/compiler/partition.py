@@ -1,0 +1,549 @@
+"""Partition: assign graph nodes to pipeline stages.
+
+The main partitioner is an integer linear program (PuLP, solved by CBC or HiGHS) over the
+:mod:`pipeoptim.compiler.units` of a cost graph. It uses the *cumulative* formulation:
+binary ``z[u, s] = 1`` iff unit u is in a stage ``<= s``. Then
+
+- ``z[u, s] <= z[u, s+1]`` (a unit is in exactly one stage);
+- ``z[v, s] <= z[u, s]`` for every edge u -> v (edges never run backwards);
+- ``x[u, s] = z[u, s] - z[u, s-1]`` is 1 iff u is in stage s;
+- ``c[p, s] >= z[u, s] - z[v, s]`` for a value produced in unit u and read in unit v:
+  it crosses boundary s (counted on every boundary it crosses);
+- stage time ``T_s`` and memory ``M_s`` are linear in ``x`` and ``c`` (see
+  :mod:`pipeoptim.compiler.costmodel`); ``T >= T_s``, ``M_s <= limit``; minimise ``T``.
+
+The assignment formulation (``x[u, s]`` with ``stage(u) <= stage(v)``) is much slower to
+solve; the cumulative one keeps the LP relaxation tight (see ``../shared/PITFALLS.md``).
+
+Baselines for comparison, all contiguous splits of the normalised node order:
+:func:`uniform` (equal node counts), :func:`by_parameters` (DeepSpeed's ``parameters``
+method), :func:`balance_by_time` (torchgpipe's ``balance_by_time``: balance compute only),
+and :func:`chain_dp`, an exact dynamic program over contiguous splits with the full cost
+model, which is optimal when the graph is a chain and serves as a test oracle.
+:func:`brute_force` enumerates every assignment of tiny graphs.
+"""
+
+from __future__ import annotations
+
+import itertools
+import re
+import tempfile
+import time
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pulp
+
+from pipeoptim.compiler.costgraph import CostGraph
+from pipeoptim.compiler.costmodel import CostConfig, evaluate
+from pipeoptim.compiler.units import LAST, Units, coarsen, fine_units
+from pipeoptim.errors import InfeasibleMemoryError, PlanError
+from pipeoptim.units import format_bytes
+
+_MS = 1e3  # the ILP works in milliseconds ...
+_MIB = 2.0**20  # ... and MiB, to keep coefficients near 1
+
+
+@dataclass
+class PartitionResult:
+    """An assignment of nodes to stages and how it was found.
+
+    Attributes:
+        stage_of: stage of every node of the cost graph (same order as ``graph.nodes``).
+        partitioner: ``"ilp"``, ``"uniform"``, ``"parameters"``, ``"balance_by_time"``,
+            ``"chain_dp"`` or ``"brute_force"``.
+        solver: ``"cbc"`` or ``"highs"`` for the ILP, else ``""``.
+        status: solver status text (``"optimal"``, ``"feasible (time limit)"``, ...).
+        optimal: whether optimality (within the units) is proven.
+        gap: relative MIP gap at the end (0 when optimal, ``None`` if unknown).
+        solve_s: wall seconds spent.
+        num_units: how many units the graph was placed as.
+    """
+
+    stage_of: list[int]
+    partitioner: str
+    solver: str = ""
+    status: str = "optimal"
+    optimal: bool = True
+    gap: float | None = 0.0
+    solve_s: float = 0.0
+    num_units: int = 0
+
+
+def _check_stages(units: Units, num_stages: int) -> None:
+    if num_stages < 1:
+        raise PlanError(f"the number of stages must be at least 1, got {num_stages}")
+    compute = sum(units.is_compute(u) for u in range(len(units)))
+    if num_stages > compute:
+        raise PlanError(
+            f"{num_stages} stages requested but the graph has only {compute} node(s) that do "
+            f"work; use at most {compute} stages (--gpus {compute})"
+        )
+
+
+def _unit_stage_pin(units: Units, u: int, num_stages: int) -> int | None:
+    p = units.pin[u]
+    return None if p is None else (num_stages - 1 if p == LAST else p)
+
+
+# --------------------------------------------------------------------------- ILP
+
+
+def _variable(
+    prob: pulp.LpProblem, name: str, low: float | None, up: float | None, cat: str = "Continuous"
+) -> pulp.LpVariable:
+    """A variable attached to ``prob`` (PuLP >= 3.3 API, plain ``LpVariable`` before)."""
+    if hasattr(prob, "add_variable"):
+        return prob.add_variable(name, lowBound=low, upBound=up, cat=cat)
+    return pulp.LpVariable(name, lowBound=low, upBound=up, cat=cat)
+
+
+def _build_ilp(
+    units: Units, config: CostConfig, objective: str
+) -> tuple[pulp.LpProblem, dict[tuple[int, int], pulp.LpVariable], pulp.LpVariable]:
+    """The cumulative ILP; ``objective`` is ``"time"`` (min bottleneck) or ``"memory"``."""
+    n = config.num_stages
+    prob = pulp.LpProblem("pipeline_partition", pulp.LpMinimize)
+    z: dict[tuple[int, int], pulp.LpVariable | int] = {}
+    for u in range(len(units)):
+        pin = _unit_stage_pin(units, u, n)
+        for s in range(n - 1):
+            if pin is not None:
+                z[u, s] = 1 if s >= pin else 0
+            else:
+                z[u, s] = _variable(prob, f"z_{u}_{s}", 0, 1, "Binary")
+        z[u, n - 1] = 1
+    for u in range(len(units)):
+        for s in range(n - 2):
+            if isinstance(z[u, s], pulp.LpVariable) or isinstance(z[u, s + 1], pulp.LpVariable):
+                prob += z[u, s] <= z[u, s + 1]
+    for a, b in sorted(units.edges()):
+        for s in range(n - 1):
+            if isinstance(z[a, s], pulp.LpVariable) or isinstance(z[b, s], pulp.LpVariable):
+                prob += z[b, s] <= z[a, s]
+
+    def x(u: int, s: int) -> pulp.LpAffineExpression:
+        return z[u, s] - (z[u, s - 1] if s > 0 else 0)
+
+    compute_units = [u for u in range(len(units)) if units.is_compute(u)]
+    for s in range(n):
+        prob += pulp.lpSum(x(u, s) for u in compute_units) >= 1
+    acts: list[pulp.LpAffineExpression] = [pulp.LpAffineExpression() for _ in range(n - 1)]
+    with_comm = objective == "time" and config.bandwidth is not None
+    crossings = units.crossings() if with_comm else {}
+    for i, ((a, readers), size) in enumerate(sorted(crossings.items())):
+        for s in range(n - 1):
+            c = _variable(prob, f"c_{i}_{s}", 0, 1)
+            for b in readers:
+                prob += c >= z[a, s] - z[b, s]
+            acts[s] += c * (config.comm_s(size) * _MS)
+    top = _variable(prob, "top", 0, None)
+    for s in range(n):
+        compute = pulp.lpSum(x(u, s) * (units.time(u) * _MS) for u in range(len(units)))
+        comm = (acts[s - 1] if s > 0 else 0) + (acts[s] if s < n - 1 else 0)
+        memory = pulp.lpSum(x(u, s) * (_unit_memory(units, u, s, config) / _MIB) for u in range(len(units)))
+        if objective == "time":
+            prob += top >= compute + comm
+            if config.memory_limit is not None:
+                prob += memory <= config.memory_limit / _MIB
+        else:
+            prob += top >= memory
+    if objective == "time":
+        # Valid bounds the LP relaxation does not see (it may split a unit across stages).
+        times = [units.time(u) for u in range(len(units))]
+        prob += top >= max(times) * _MS
+        prob += top >= sum(times) / n * _MS
+    prob += top
+    variables = {k: v for k, v in z.items() if isinstance(v, pulp.LpVariable)}
+    return prob, variables, top
+
+
+def _unit_memory(units: Units, u: int, stage: int, config: CostConfig) -> float:
+    return (
+        units.attr(u, "param_bytes") * config.weight_factor(stage)
+        + units.attr(u, "buffer_bytes")
+        + units.attr(u, "saved_bytes") * config.in_flight(stage)
+    )
+
+
+def _solver(name: str, time_limit: float, gap: float, warm: bool, log_path: str | None) -> pulp.LpSolver:
+    if name == "highs":
+        if not pulp.HiGHS().available():
+            raise PlanError("solver 'highs' is not installed: pip install highspy (or use --solver cbc)")
+        return pulp.HiGHS(msg=False, timeLimit=time_limit, threads=1, gapRel=gap)
+    if name == "cbc":
+        with warnings.catch_warnings():  # PuLP 3.3 deprecates the bundled CBC for PuLP 4
+            warnings.simplefilter("ignore", DeprecationWarning)
+            return pulp.PULP_CBC_CMD(
+                msg=False,
+                timeLimit=time_limit,
+                threads=1,
+                gapRel=gap,
+                warmStart=warm,
+                logPath=log_path,
+            )
+    raise PlanError(f"unknown solver {name!r}; choose cbc or highs")
+
+
+def _solve(
+    prob: pulp.LpProblem, solver: str, time_limit: float, warm: bool, gap: float = 1e-4
+) -> tuple[str, bool, float | None]:
+    """Solve; return (status text, proven optimal, relative gap)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        log_path = str(Path(tmp) / "cbc.log") if solver == "cbc" else None
+        prob.solve(_solver(solver, time_limit, gap, warm, log_path))
+        log = Path(log_path).read_text() if log_path and Path(log_path).exists() else ""
+    if prob.status == pulp.LpStatusInfeasible or prob.sol_status == pulp.LpSolutionInfeasible:
+        return "infeasible", False, None
+    if prob.sol_status == pulp.LpSolutionOptimal:
+        return "optimal", True, 0.0
+    if prob.sol_status in (pulp.LpSolutionIntegerFeasible, pulp.LpSolutionOptimal):
+        return "feasible (time limit)", False, _gap(prob, solver, log)
+    return f"no solution ({pulp.LpStatus[prob.status]})", False, None
+
+
+def _gap(prob: pulp.LpProblem, solver: str, log: str) -> float | None:
+    if solver == "highs":
+        info = prob.solverModel.getInfo()
+        return float(info.mip_gap)
+    obj = re.search(r"Objective value:\s*([-\d.eE+]+)", log)
+    bound = re.search(r"Lower bound:\s*([-\d.eE+]+)", log)
+    if obj and bound:
+        o, b = float(obj.group(1)), float(bound.group(1))
+        return abs(o - b) / max(abs(o), 1e-12)
+    return None
+
+
+def ilp(
+    graph: CostGraph,
+    config: CostConfig,
+    *,
+    solver: str = "cbc",
+    time_limit: float = 30.0,
+    max_units: int = 64,
+    gap: float = 1e-4,
+    units: Units | None = None,
+) -> PartitionResult:
+    """Minimise the bottleneck stage time with the ILP described in the module docstring.
+
+    Args:
+        graph: the cost graph.
+        config: stages, method, bandwidth, memory limit.
+        solver: ``"cbc"`` (bundled with PuLP) or ``"highs"`` (``pip install highspy``).
+        time_limit: seconds the solver may use; after it the best plan found is returned
+            with ``optimal=False`` and its gap.
+        max_units: coarsen the graph to at most this many units first.
+        gap: relative MIP gap at which the solver stops and reports ``optimal``.
+        units: use this grouping instead (no coarsening).
+
+    Raises:
+        PlanError: more stages than nodes that do work, or unknown solver.
+        InfeasibleMemoryError: no plan meets ``config.memory_limit``; the error carries the
+            smallest limit that can be met.
+    """
+    start = time.perf_counter()
+    if units is None:
+        fine = fine_units(graph)
+        _check_stages(fine, config.num_stages)
+        # The exact contiguous split at node level stays representable after coarsening and
+        # warm-starts the solver, so the ILP is never worse than any contiguous baseline.
+        warm = chain_dp(graph, config, units=fine, strict=False)
+        starts = frozenset(_stage_starts(warm.stage_of, fine) if warm else ())
+        units = coarsen(fine, max_units, config.num_stages, keep_starts=starts)
+    else:
+        _check_stages(units, config.num_stages)
+        warm = chain_dp(graph, config, units=units, strict=False)
+    prob, z, _top = _build_ilp(units, config, "time")
+    if warm is not None:
+        unit_stage = [warm.stage_of[m[0]] for m in units.members]
+        assert units.expand(unit_stage) == warm.stage_of
+        for (u, s), var in z.items():
+            var.setInitialValue(1 if unit_stage[u] <= s else 0)
+    status, optimal, final_gap = _solve(prob, solver, time_limit, warm is not None, gap)
+    if status == "infeasible" or not status.startswith(("optimal", "feasible")):
+        if config.memory_limit is not None:
+            _raise_memory(graph, config, units, solver, time_limit)
+        raise PlanError(f"the ILP found no plan: {status}")
+    unit_stage = [_stage_from_z(z, u, config.num_stages, units) for u in range(len(units))]
+    return PartitionResult(
+        stage_of=units.expand(unit_stage),
+        partitioner="ilp",
+        solver=solver,
+        status=status,
+        optimal=optimal,
+        gap=final_gap,
+        solve_s=time.perf_counter() - start,
+        num_units=len(units),
+    )
+
+
+def _stage_starts(stage_of: list[int], units: Units) -> list[int]:
+    """First node of every unit that begins a new stage in ``stage_of``."""
+    return [
+        m[0]
+        for u, m in enumerate(units.members)
+        if u > 0 and stage_of[m[0]] != stage_of[units.members[u - 1][0]]
+    ]
+
+
+def _stage_from_z(z: dict, u: int, n: int, units: Units) -> int:
+    pin = _unit_stage_pin(units, u, n)
+    if pin is not None:
+        return pin
+    for s in range(n - 1):
+        if round(z[u, s].value() or 0) == 1:
+            return s
+    return n - 1
+
+
+def min_feasible_memory(
+    graph: CostGraph,
+    config: CostConfig,
+    *,
+    units: Units | None = None,
+    solver: str = "cbc",
+    time_limit: float = 30.0,
+    max_units: int = 64,
+) -> int:
+    """Smallest per-stage memory limit (bytes) that some plan meets (an ILP minimising it)."""
+    units = units if units is not None else coarsen(fine_units(graph), max_units, config.num_stages)
+    _check_stages(units, config.num_stages)
+    prob, _z, top = _build_ilp(units, config, "memory")
+    _solve(prob, solver, time_limit, False)
+    return int(np.ceil((top.value() or 0.0) * _MIB))
+
+
+def _raise_memory(graph: CostGraph, config: CostConfig, units: Units, solver: str, time_limit: float) -> None:
+    least = min_feasible_memory(graph, config, units=units, solver=solver, time_limit=time_limit)
+    limit = config.memory_limit or 0
+    raise InfeasibleMemoryError(
+        f"no {config.num_stages}-stage plan fits in {format_bytes(limit)} per stage with method "
+        f"{config.method!r}; the smallest feasible limit is {format_bytes(least)} "
+        f"({least} bytes): raise --memory to at least that, use more stages, or a method that "
+        "keeps fewer weight versions",
+        limit_bytes=limit,
+        min_feasible_bytes=least,
+    )
+
+
+# ------------------------------------------------------------- contiguous splits
+
+
+def _prefix(values: Sequence[float]) -> np.ndarray:
+    return np.concatenate([[0.0], np.cumsum(np.asarray(values, dtype=float))])
+
+
+def _cut_bytes(units: Units) -> np.ndarray:
+    """Bytes (activation + gradient) crossing the cut before unit c, for c = 0..U."""
+    diff = np.zeros(len(units) + 2)
+    for p, readers in units.producers():
+        node = units.graph.nodes[p]
+        a, last = units.unit_of[p], max(readers)
+        if last > a:
+            diff[a + 1] += node.out_bytes + node.grad_bytes
+            diff[last + 1] -= node.out_bytes + node.grad_bytes
+    return np.cumsum(diff)[: len(units) + 1]
+
+
+def _contiguous(
+    units: Units,
+    num_stages: int,
+    stage_cost: Callable[[np.ndarray, int, int], np.ndarray],
+) -> list[int] | None:
+    """Exact min-max split of the unit order into ``num_stages`` contiguous non-empty stages.
+
+    ``stage_cost(a, b, k)`` gives the cost of stage k covering units ``a[i]..b-1`` for an
+    array of starts ``a`` (``inf`` where infeasible). Returns the unit stages or ``None``.
+    """
+    n_units = len(units)
+    is_compute = _prefix([units.is_compute(u) for u in range(n_units)])
+    pins = [_unit_stage_pin(units, u, num_stages) for u in range(n_units)]
+    inf = float("inf")
+    best = np.full((num_stages + 1, n_units + 1), inf)
+    arg = np.zeros((num_stages + 1, n_units + 1), dtype=int)
+    best[0, 0] = 0.0
+    starts = np.arange(n_units + 1)
+    for k in range(num_stages):
+        for b in range(1, n_units + 1):
+            a = starts[:b]
+            cost = np.maximum(best[k, :b], stage_cost(a, b, k))
+            cost[is_compute[b] - is_compute[a] < 1] = inf  # every stage does work
+            best[k + 1, b], arg[k + 1, b] = cost.min(), cost.argmin()
+    if not np.isfinite(best[num_stages, n_units]):
+        return None
+    unit_stage = [0] * n_units
+    b = n_units
+    for k in range(num_stages, 0, -1):
+        a = int(arg[k, b])
+        for u in range(a, b):
+            unit_stage[u] = k - 1
+        b = a
+    for u, pin in enumerate(pins):
+        if pin is not None and unit_stage[u] != pin:
+            return None
+    return unit_stage
+
+
+def chain_dp(
+    graph: CostGraph,
+    config: CostConfig,
+    *,
+    units: Units | None = None,
+    strict: bool = True,
+) -> PartitionResult | None:
+    """Exact dynamic program over contiguous splits of the unit order, full cost model.
+
+    Optimal among splits that keep the node order contiguous; on a chain (every node reads
+    only its predecessor) that is every valid plan, so it is exact there.
+
+    Returns ``None`` when no contiguous split meets the memory limit and ``strict`` is False.
+
+    Raises:
+        InfeasibleMemoryError: no contiguous split meets the memory limit (``strict``).
+    """
+    start = time.perf_counter()
+    units = units if units is not None else fine_units(graph)
+    _check_stages(units, config.num_stages)
+    n = config.num_stages
+    t = _prefix([units.time(u) for u in range(len(units))])
+    cut = _cut_bytes(units)
+    cut[0] = cut[-1] = 0.0
+    params = _prefix([units.attr(u, "param_bytes") for u in range(len(units))])
+    buffers = _prefix([units.attr(u, "buffer_bytes") for u in range(len(units))])
+    saved = _prefix([units.attr(u, "saved_bytes") for u in range(len(units))])
+    limit = config.memory_limit
+
+    def stage_cost(a: np.ndarray, b: int, k: int) -> np.ndarray:
+        cost = t[b] - t[a] + config.comm_s(1.0) * (cut[a] + cut[b])
+        if limit is not None:
+            mem = (
+                (params[b] - params[a]) * config.weight_factor(k)
+                + buffers[b]
+                - buffers[a]
+                + (saved[b] - saved[a]) * config.in_flight(k)
+            )
+            cost = np.where(mem <= limit, cost, np.inf)
+        return cost
+
+    unit_stage = _contiguous(units, n, stage_cost)
+    if unit_stage is None:
+        if not strict:
+            return None
+        least = _min_contiguous_memory(units, config)
+        raise InfeasibleMemoryError(
+            f"no contiguous {n}-stage split fits in {format_bytes(limit or 0)}; the smallest "
+            f"feasible limit is {format_bytes(least)}",
+            limit_bytes=limit or 0,
+            min_feasible_bytes=least,
+        )
+    return PartitionResult(
+        stage_of=units.expand(unit_stage),
+        partitioner="chain_dp",
+        solve_s=time.perf_counter() - start,
+        num_units=len(units),
+    )
+
+
+def _min_contiguous_memory(units: Units, config: CostConfig) -> int:
+    params = _prefix([units.attr(u, "param_bytes") for u in range(len(units))])
+    buffers = _prefix([units.attr(u, "buffer_bytes") for u in range(len(units))])
+    saved = _prefix([units.attr(u, "saved_bytes") for u in range(len(units))])
+
+    def cost(a: np.ndarray, b: int, k: int) -> np.ndarray:
+        return (
+            (params[b] - params[a]) * config.weight_factor(k)
+            + buffers[b]
+            - buffers[a]
+            + (saved[b] - saved[a]) * config.in_flight(k)
+        )
+
+    unit_stage = _contiguous(units, config.num_stages, cost)
+    assert unit_stage is not None
+    stats = evaluate(units.graph, units.expand(unit_stage), config)
+    return max(s.memory_bytes for s in stats)
+
+
+def _balanced(graph: CostGraph, config: CostConfig, weights: list[float], name: str) -> PartitionResult:
+    start = time.perf_counter()
+    units = fine_units(graph)
+    _check_stages(units, config.num_stages)
+    w = _prefix([sum(weights[i] for i in m) for m in units.members])
+    unit_stage = _contiguous(units, config.num_stages, lambda a, b, k: w[b] - w[a])
+    assert unit_stage is not None
+    return PartitionResult(
+        stage_of=units.expand(unit_stage),
+        partitioner=name,
+        solve_s=time.perf_counter() - start,
+        num_units=len(units),
+    )
+
+
+def uniform(graph: CostGraph, config: CostConfig) -> PartitionResult:
+    """Contiguous split with (as nearly as possible) equal numbers of nodes that do work."""
+    weights = [1.0 if n.time_s > 0 else 0.0 for n in graph.nodes]
+    return _balanced(graph, config, weights, "uniform")
+
+
+def by_parameters(graph: CostGraph, config: CostConfig) -> PartitionResult:
+    """Contiguous split balancing parameter bytes (DeepSpeed's ``partition_method="parameters"``)."""
+    return _balanced(graph, config, [float(n.param_bytes) for n in graph.nodes], "parameters")
+
+
+def balance_by_time(graph: CostGraph, config: CostConfig) -> PartitionResult:
+    """Contiguous split balancing compute time only, ignoring communication and memory.
+
+    torchgpipe's ``balance_by_time`` profiles each layer and solves this block-partition
+    problem heuristically; here it is solved exactly, so the baseline is at its best.
+    """
+    return _balanced(graph, config, [n.time_s for n in graph.nodes], "balance_by_time")
+
+
+def brute_force(graph: CostGraph, config: CostConfig, *, units: Units | None = None) -> PartitionResult:
+    """Try every assignment of units to stages (tiny graphs only: ``N ** units`` of them).
+
+    Raises:
+        PlanError: more than 200,000 assignments, or none is valid.
+    """
+    start = time.perf_counter()
+    units = units if units is not None else fine_units(graph)
+    n = config.num_stages
+    _check_stages(units, n)
+    if n ** len(units) > 200_000:
+        raise PlanError(f"brute force over {n}^{len(units)} assignments is too large")
+    edges = sorted(units.edges())
+    compute = [u for u in range(len(units)) if units.is_compute(u)]
+    best, best_stage = float("inf"), None
+    for assign in itertools.product(range(n), repeat=len(units)):
+        if any(assign[a] > assign[b] for a, b in edges):
+            continue
+        if any(
+            p is not None and assign[u] != p
+            for u, p in ((u, _unit_stage_pin(units, u, n)) for u in range(len(units)))
+        ):
+            continue
+        if {assign[u] for u in compute} != set(range(n)):
+            continue
+        stats = evaluate(graph, units.expand(list(assign)), config)
+        if config.memory_limit is not None and any(s.memory_bytes > config.memory_limit for s in stats):
+            continue
+        bottleneck = max(s.time_s for s in stats)
+        if bottleneck < best:
+            best, best_stage = bottleneck, list(assign)
+    if best_stage is None:
+        raise PlanError("no valid assignment exists")
+    return PartitionResult(
+        stage_of=units.expand(best_stage),
+        partitioner="brute_force",
+        solve_s=time.perf_counter() - start,
+        num_units=len(units),
+    )
+
+
+BASELINES: dict[str, Callable[[CostGraph, CostConfig], PartitionResult]] = {
+    "uniform": uniform,
+    "parameters": by_parameters,
+    "balance_by_time": balance_by_time,
+}

@@ -1,0 +1,254 @@
+"""The pipeline plan: which node runs in which stage, what crosses each boundary, what it costs.
+
+A :class:`Plan` is plain data (JSON, schema :data:`PLAN_SCHEMA`); with the traced model it is
+all :mod:`pipeoptim.compiler.codegen` needs to emit the stage submodules.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from tabulate import tabulate
+
+from pipeoptim.compiler import partition as partitioners
+from pipeoptim.compiler.costgraph import CostGraph
+from pipeoptim.compiler.costmodel import CostConfig, StageStats, evaluate, summarize
+from pipeoptim.errors import PlanError
+from pipeoptim.fileio import write_json
+from pipeoptim.units import format_bytes, format_seconds
+
+PLAN_SCHEMA = "pipeoptim-plan/1"
+
+
+@dataclass
+class StageIO:
+    """The interface of one stage.
+
+    Attributes:
+        inputs: names of the values the stage receives, in order (stage 0: the model inputs;
+            stage k > 0: what stage k-1 sends).
+        outputs: names of the values it sends to stage k+1, in order (the last stage: the
+            values of the model's output).
+    """
+
+    inputs: list[str]
+    outputs: list[str]
+
+
+@dataclass
+class Plan:
+    """A partition of a model's graph into pipeline stages.
+
+    Attributes:
+        model: model name.
+        config: what the plan is for (stages, method, bandwidth, memory limit).
+        stage_of: stage index of every graph node, by node name.
+        stages: per-stage costs (:class:`~pipeoptim.compiler.costmodel.StageStats`).
+        summary: bottleneck, lower bound, balance, throughput, bubble (see
+            :func:`~pipeoptim.compiler.costmodel.summarize`) plus how the plan was solved.
+        io: per-stage interface.
+        values: metadata of every value that crosses a boundary: ``{"meta": [...],
+            "container": ...}`` as in :class:`~pipeoptim.compiler.costgraph.CostNode`.
+        batch_size: micro-batch size the plan was made for.
+        profile_key: key of the profile the plan was made from (graph hash, inputs, device,
+            torch version).
+    """
+
+    model: str
+    config: CostConfig
+    stage_of: dict[str, int]
+    stages: list[StageStats]
+    summary: dict[str, Any]
+    io: list[StageIO]
+    values: dict[str, dict[str, Any]] = field(default_factory=dict)
+    batch_size: int = 1
+    profile_key: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def num_stages(self) -> int:
+        return self.config.num_stages
+
+    def table(self) -> str:
+        """One row per stage plus the summary, as text (tabulate)."""
+        rows = [
+            [
+                s.index,
+                f"{s.first_node} .. {s.last_node}",
+                s.num_nodes,
+                format_bytes(s.param_bytes),
+                f"{s.fwd_s * 1e3:.3f}",
+                f"{s.bwd_s * 1e3:.3f}",
+                format_bytes(s.send_bytes),
+                format_bytes(s.memory_bytes),
+                f"{s.time_s * 1e3:.3f}",
+            ]
+            for s in self.stages
+        ]
+        headers = ["stage", "nodes", "#", "params", "fwd ms", "bwd ms", "sent", "memory", "stage ms"]
+        sm = self.summary
+        solved = f"{sm['partitioner']}"
+        if sm.get("solver"):
+            gap = "" if sm.get("gap") in (None, 0.0) else f", gap {sm['gap']:.2%}"
+            solved += f" ({sm['solver']}, {sm['status']}{gap}, {sm['num_units']} units)"
+        lines = [
+            tabulate(rows, headers=headers, tablefmt="simple"),
+            "",
+            f"bottleneck      {format_seconds(sm['bottleneck_s'])} (stage {sm['bottleneck_stage']})",
+            f"lower bound     {format_seconds(sm['lower_bound_s'])} = max(total / N, largest node)",
+            f"balance ratio   {sm['balance_ratio']:.3f} (bottleneck / lower bound)",
+            f"throughput      {sm['throughput_per_s']:.2f} mini-batches/s predicted (steady state, "
+            f"method {self.config.method})",
+            f"bubble          {sm['bubble_fraction']:.1%} of device time idle",
+            f"solved by       {solved} in {sm['solve_s']:.2f} s",
+        ]
+        return "\n".join(lines)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "schema": PLAN_SCHEMA,
+            "model": self.model,
+            "config": asdict(self.config),
+            "batch_size": self.batch_size,
+            "profile_key": self.profile_key,
+            "summary": self.summary,
+            "stages": [s.to_dict() for s in self.stages],
+            "io": [asdict(x) for x in self.io],
+            "values": self.values,
+            "stage_of": self.stage_of,
+        }
+
+    def save(self, path: str | os.PathLike[str]) -> None:
+        """Write the plan as JSON, atomically."""
+        write_json(path, self.to_dict())
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], origin: str = "<dict>") -> Plan:
+        """Rebuild a plan from :meth:`to_dict` output.
+
+        Raises:
+            PlanError: another schema or missing fields.
+        """
+        if not isinstance(data, dict) or data.get("schema") != PLAN_SCHEMA:
+            found = data.get("schema") if isinstance(data, dict) else type(data).__name__
+            raise PlanError(f"{origin}: plan schema {found!r} is not {PLAN_SCHEMA!r}; make the plan again")
+        try:
+            stages = []
+            for s in data["stages"]:
+                fields = {k: v for k, v in s.items() if k != "compute_s"}
+                stages.append(StageStats(**fields))
+            return cls(
+                model=data["model"],
+                config=CostConfig(**data["config"]),
+                stage_of={k: int(v) for k, v in data["stage_of"].items()},
+                stages=stages,
+                summary=data["summary"],
+                io=[StageIO(**x) for x in data["io"]],
+                values=data.get("values", {}),
+                batch_size=int(data.get("batch_size", 1)),
+                profile_key=data.get("profile_key", {}),
+            )
+        except (KeyError, TypeError, ValueError) as exc:
+            raise PlanError(f"{origin}: malformed plan ({exc}); make the plan again") from exc
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str]) -> Plan:
+        """Read a plan file.
+
+        Raises:
+            PlanError: missing, truncated, not JSON or another schema.
+        """
+        path = Path(path)
+        try:
+            data = json.loads(path.read_text())
+        except OSError as exc:
+            raise PlanError(f"cannot read plan {path}: {exc.strerror}") from exc
+        except json.JSONDecodeError as exc:
+            raise PlanError(f"plan {path} is not valid JSON ({exc.msg}); make the plan again") from exc
+        return cls.from_dict(data, str(path))
+
+
+def stage_io(graph: CostGraph, stage_of: list[int], num_stages: int) -> list[StageIO]:
+    """The values each stage receives and sends.
+
+    A value produced at stage i and read at stage j > i is in the outputs of stages
+    i..j-1 and the inputs of stages i+1..j (passed on by the stages between).
+    """
+    users = graph.users()
+    boundary: list[list[str]] = [[] for _ in range(num_stages - 1)]
+    for p, readers in enumerate(users):
+        if not readers:
+            continue
+        last = max(stage_of[r] for r in readers)
+        for b in range(stage_of[p], last):
+            boundary[b].append(graph.nodes[p].name)
+    inputs0 = [n.name for n in graph.nodes if n.op == "placeholder"]
+    output = next(n for n in graph.nodes if n.op == "output")
+    io = []
+    for k in range(num_stages):
+        ins = inputs0 if k == 0 else boundary[k - 1]
+        outs = list(output.inputs) if k == num_stages - 1 else boundary[k]
+        io.append(StageIO(inputs=list(ins), outputs=outs))
+    return io
+
+
+def make_plan(
+    graph: CostGraph,
+    config: CostConfig,
+    *,
+    partitioner: str = "ilp",
+    solver: str = "cbc",
+    time_limit: float = 30.0,
+    max_units: int = 64,
+) -> Plan:
+    """Partition ``graph`` for ``config`` and describe the result as a :class:`Plan`.
+
+    Args:
+        partitioner: ``"ilp"`` (default), ``"chain_dp"``, or a baseline from
+            :data:`pipeoptim.compiler.partition.BASELINES`.
+        solver, time_limit, max_units: passed to :func:`pipeoptim.compiler.partition.ilp`.
+
+    Raises:
+        PlanError: bad stage count or partitioner.
+        InfeasibleMemoryError: the memory limit cannot be met.
+    """
+    if partitioner == "ilp":
+        result = partitioners.ilp(graph, config, solver=solver, time_limit=time_limit, max_units=max_units)
+    elif partitioner == "chain_dp":
+        result = partitioners.chain_dp(graph, config)
+        assert result is not None
+    elif partitioner in partitioners.BASELINES:
+        result = partitioners.BASELINES[partitioner](graph, config)
+    else:
+        names = ", ".join(["ilp", "chain_dp", *partitioners.BASELINES])
+        raise PlanError(f"unknown partitioner {partitioner!r}; choose one of {names}")
+    stats = evaluate(graph, result.stage_of, config)
+    summary = summarize(graph, stats, config)
+    summary.update(
+        partitioner=result.partitioner,
+        solver=result.solver,
+        status=result.status,
+        optimal=result.optimal,
+        gap=result.gap,
+        solve_s=result.solve_s,
+        num_units=result.num_units,
+    )
+    io = stage_io(graph, result.stage_of, config.num_stages)
+    crossing = {name for x in io for name in x.inputs + x.outputs}
+    values = {
+        n.name: {"meta": n.out_meta, "container": n.out_container} for n in graph.nodes if n.name in crossing
+    }
+    return Plan(
+        model=graph.model,
+        config=config,
+        stage_of={n.name: s for n, s in zip(graph.nodes, result.stage_of)},
+        stages=stats,
+        summary=summary,
+        io=io,
+        values=values,
+        batch_size=graph.batch_size,
+        profile_key=graph.key,
+    )

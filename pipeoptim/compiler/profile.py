@@ -1,0 +1,422 @@
+"""Profile: measure every node of a traced model on the device the plan is for.
+
+Per node, on an example micro-batch: median forward seconds and median backward seconds
+(each measured, after warm-up runs that are not timed), bytes of each output (what crosses a
+stage boundary) and of its gradient, bytes of trainable parameters and of buffers, and the
+activation bytes autograd saves for the backward. Optimizer-state bytes are not measured
+here: they follow from the optimizer class at planning time (see
+:func:`pipeoptim.compiler.partition.optimizer_state_factor`).
+
+Profiles are cached under ``profiles/`` keyed by the graph hash, the input shapes and dtypes,
+the device name and the torch version (:func:`load_or_profile`).
+"""
+
+from __future__ import annotations
+
+import copy
+import platform
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.fx as fx
+from torch.fx.node import _get_qualified_name
+from torch.utils import _pytree as pytree
+
+from pipeoptim.compiler.costgraph import CostGraph, CostNode
+from pipeoptim.compiler.trace import TracedModel, node_module
+from pipeoptim.errors import ProfileError
+
+
+def device_name(device: torch.device) -> str:
+    """Human-readable device identity used in profile keys (GPU model or CPU model)."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"cpu: {cpu}"
+
+
+def profile_key(traced: TracedModel, inputs: Sequence[torch.Tensor], device: torch.device) -> dict:
+    """What a profile is valid for: graph, input shapes/dtypes, device and torch version."""
+    return {
+        "graph_hash": traced.graph_hash,
+        "inputs": [[list(x.shape), str(x.dtype).removeprefix("torch.")] for x in inputs],
+        "device": device_name(device),
+        "torch": torch.__version__,
+    }
+
+
+def _nbytes(t: torch.Tensor) -> int:
+    return t.numel() * t.element_size()
+
+
+def _leaves(value: Any) -> list[Any]:
+    if isinstance(value, torch.Size):
+        return [value]
+    return pytree.tree_leaves(value)
+
+
+def _value_meta(v: Any) -> dict[str, Any]:
+    if isinstance(v, torch.Tensor):
+        return {
+            "kind": "tensor",
+            "shape": list(v.shape),
+            "dtype": str(v.dtype).removeprefix("torch."),
+            "requires_grad": bool(v.requires_grad),
+            "batch_dim": None,
+        }
+    if isinstance(v, torch.nn.Module):
+        return {"kind": "module"}
+    if v is None:
+        return {"kind": "none"}
+    if isinstance(v, bool):
+        return {"kind": "bool"}
+    if isinstance(v, int):
+        return {"kind": "int"}
+    if isinstance(v, float):
+        return {"kind": "float"}
+    if isinstance(v, (torch.Size, tuple, list)) and all(isinstance(x, int) for x in v):
+        return {"kind": "ints", "len": len(v)}
+    return {"kind": "other", "type": type(v).__name__}
+
+
+def _container(value: Any) -> str:
+    if isinstance(value, (tuple, list)) and not isinstance(value, torch.Size):
+        flat = all(not isinstance(v, (tuple, list, dict)) or isinstance(v, torch.Size) for v in value)
+        return ("tuple" if isinstance(value, tuple) else "list") if flat else "nested"
+    if isinstance(value, dict):
+        return "nested"
+    return ""
+
+
+class _Recorder(fx.Interpreter):
+    """Runs the graph once and keeps every node's arguments and output."""
+
+    def __init__(self, gm: fx.GraphModule) -> None:
+        super().__init__(gm, garbage_collect_values=False)
+        self.records: dict[fx.Node, tuple[tuple, dict]] = {}
+
+    def run_node(self, n: fx.Node) -> Any:
+        args, kwargs = self.fetch_args_kwargs_from_env(n)
+        self.records[n] = (args, kwargs)
+        return getattr(self, n.op)(n.target, args, kwargs)
+
+
+def _is_inplace(gm: fx.GraphModule, node: fx.Node) -> bool:
+    if node.op == "call_module":
+        return bool(getattr(gm.get_submodule(str(node.target)), "inplace", False))
+    name = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", "")
+    return (name.endswith("_") and not name.startswith("_")) or bool(node.kwargs.get("inplace"))
+
+
+class _Timer:
+    def __init__(self, device: torch.device) -> None:
+        self.cuda = device.type == "cuda"
+
+    def __call__(self, fn: Callable[[], Any]) -> float:
+        if self.cuda:
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        fn()
+        if self.cuda:
+            torch.cuda.synchronize()
+        return time.perf_counter() - start
+
+
+def _prepare(value: Any, params: set[int], inplace: bool = False) -> Any:
+    """Fresh copies of recorded inputs (parameters are used as they are).
+
+    Inputs that required a gradient become leaves that require one; for an in-place
+    operation they are non-leaf copies of such leaves, since autograd forbids in-place
+    changes of a leaf.
+    """
+
+    def one(v: Any) -> Any:
+        if not isinstance(v, torch.Tensor) or id(v) in params:
+            return v
+        c = v.detach().clone()
+        if v.requires_grad and c.is_floating_point():
+            c.requires_grad_(True)
+            if inplace:
+                c = c.clone()
+        return c
+
+    return pytree.tree_map(one, value)
+
+
+def _measure_node(
+    interp: _Recorder,
+    node: fx.Node,
+    params: set[int],
+    timer: _Timer,
+    warmup: int,
+    repeats: int,
+) -> tuple[float, float, int]:
+    """Median forward seconds, median backward seconds and saved-activation bytes of ``node``."""
+    args, kwargs = interp.records[node]
+    run = getattr(interp, node.op)
+    inplace = _is_inplace(interp.module, node)
+    fixed = _prepare((args, kwargs), params)
+
+    def inputs() -> tuple[tuple, dict]:
+        return _prepare((args, kwargs), params, inplace=True) if inplace else fixed
+
+    fwd, bwd = [], []
+    for i in range(warmup + repeats):
+        a, k = inputs()
+        fwd_t = timer(lambda a=a, k=k: run(node.target, a, k))
+        a, k = inputs()
+        out = run(node.target, a, k)
+        outs = [t for t in _leaves(out) if isinstance(t, torch.Tensor) and t.requires_grad]
+        bwd_t = 0.0
+        if outs:
+            grads = [torch.ones_like(t) for t in outs]
+            bwd_t = timer(lambda o=outs, g=grads: torch.autograd.backward(o, g))
+        for t in pytree.tree_leaves((a, k)):
+            if isinstance(t, torch.Tensor) and t.is_leaf and t.grad is not None:
+                t.grad = None
+        if i >= warmup:
+            fwd.append(fwd_t)
+            bwd.append(bwd_t)
+    storages: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        if id(t) not in params:
+            s = t.untyped_storage()
+            storages[s.data_ptr()] = s.nbytes()
+        return t
+
+    a, k = inputs()
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        run(node.target, a, k)
+    param_ptrs = {p.untyped_storage().data_ptr() for p in interp.module.parameters()}
+    saved = sum(b for ptr, b in storages.items() if ptr not in param_ptrs)
+    return statistics.median(fwd), statistics.median(bwd), saved
+
+
+def _batch_dims(
+    gm: fx.GraphModule, inputs: Sequence[torch.Tensor], records: dict[fx.Node, Any]
+) -> dict[str, list[int | None]] | None:
+    """Which dimension of each tensor output scales with the batch size (None: none does).
+
+    The graph is run a second time with one more example in the batch; a dimension that
+    changes in proportion is the batch dimension. Returns None where the graph cannot run at
+    another batch size (its shapes are fixed).
+    """
+    batch = inputs[0].shape[0]
+    bigger = [torch.cat([x, x[:1]]) for x in inputs]
+    other = _Recorder(gm)
+    try:
+        with torch.no_grad():
+            other.run(*bigger)
+    except Exception:
+        return None
+    result: dict[str, list[int | None]] = {}
+    for node, (value, _) in records.items():
+        new_value = other.env.get(node)
+        dims: list[int | None] = []
+        for a, b in zip(_leaves(value), _leaves(new_value)):
+            dim = None
+            if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor):
+                for d, (sa, sb) in enumerate(zip(a.shape, b.shape)):
+                    if sa != sb:
+                        if sa * (batch + 1) == sb * batch:
+                            dim = d
+                        break
+            dims.append(dim)
+        result[node.name] = dims
+    return result
+
+
+def profile_model(
+    traced: TracedModel,
+    example_inputs: Sequence[torch.Tensor],
+    *,
+    device: torch.device | str | None = None,
+    warmup: int = 2,
+    repeats: int = 5,
+) -> CostGraph:
+    """Measure every node of ``traced`` on ``device`` with ``example_inputs`` (one micro-batch).
+
+    The model is copied first; its parameters and buffers are not changed.
+
+    Args:
+        traced: output of :func:`pipeoptim.compiler.trace.trace`.
+        example_inputs: positional inputs, dim 0 the micro-batch size.
+        device: where to measure (default: where the inputs are).
+        warmup: untimed runs per node before timing.
+        repeats: timed runs per node; the median is kept.
+
+    Raises:
+        ProfileError: the graph fails on the example inputs (wrong shape, dtype or device).
+    """
+    if repeats < 1 or warmup < 0:
+        raise ProfileError(f"repeats must be >= 1 and warmup >= 0, got {repeats} and {warmup}")
+    device = torch.device(device) if device is not None else example_inputs[0].device
+    start = time.perf_counter()
+    gm = copy.deepcopy(traced.gm).to(device)
+    inputs = [x.to(device) for x in example_inputs]
+    recorder = _Recorder(gm)
+    try:
+        with torch.enable_grad():
+            recorder.run(*inputs)
+    except Exception as exc:
+        shapes = ", ".join(f"{tuple(x.shape)} {x.dtype}" for x in inputs)
+        raise ProfileError(
+            f"{traced.model_name} fails on the example inputs ({shapes}) on {device}: "
+            f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}. Give example "
+            "inputs of the shape, dtype and device the model expects"
+        ) from exc
+    params = {id(p) for p in gm.parameters()}
+    timer = _Timer(device)
+    outputs = {n: recorder.env[n] for n in gm.graph.nodes if n.op != "output"}
+    dims = _batch_dims(gm, inputs, {n: (v, None) for n, v in outputs.items()})
+    trainable = dict(gm.named_parameters(remove_duplicate=False))
+    nodes: list[CostNode] = []
+    for node in gm.graph.nodes:
+        value = recorder.env.get(node)
+        leaves = _leaves(value) if node.op != "output" else []
+        module, module_type = node_module(node)
+        cost = CostNode(
+            name=node.name,
+            op=node.op,
+            target=_target_name(node),
+            inputs=[n.name for n in node.all_input_nodes],
+            module=module,
+            module_type=module_type,
+        )
+        cost.out_meta = [_value_meta(v) for v in leaves]
+        cost.out_container = _container(value) if node.op != "output" else ""
+        if dims is not None and node.name in dims:
+            for meta, dim in zip(cost.out_meta, dims[node.name]):
+                if meta["kind"] == "tensor":
+                    meta["batch_dim"] = dim
+        tensors = [t for t in leaves if isinstance(t, torch.Tensor)]
+        cost.out_bytes = sum(_nbytes(t) for t in tensors)
+        cost.grad_bytes = sum(_nbytes(t) for t in tensors if t.requires_grad)
+        if node.op == "get_attr":
+            _attr_costs(cost, node, value, trainable)
+        elif node.op in ("call_module", "call_function", "call_method"):
+            cost.fwd_s, cost.bwd_s, cost.saved_bytes = _measure_node(
+                recorder, node, params, timer, warmup, repeats
+            )
+            if node.op == "call_module":
+                sub = gm.get_submodule(str(node.target))
+                cost.buffer_bytes = sum(_nbytes(b) for b in sub.buffers())
+                own = [(f"{node.target}.{n}", p) for n, p in sub.named_parameters()]
+                cost.params = [n for n, p in own if p.requires_grad]
+                cost.param_bytes = sum(_nbytes(p) for _, p in own if p.requires_grad)
+                cost.buffer_bytes += sum(_nbytes(p) for _, p in own if not p.requires_grad)
+        nodes.append(cost)
+    return CostGraph(
+        model=traced.model_name,
+        nodes=nodes,
+        batch_size=int(inputs[0].shape[0]),
+        key=profile_key(traced, inputs, device),
+        source=traced.method,
+        tied=traced.tied,
+        info={
+            "warmup": warmup,
+            "repeats": repeats,
+            "profile_wall_s": round(time.perf_counter() - start, 3),
+            "static_batch": dims is None,
+            "input_names": traced.input_names,
+        },
+    )
+
+
+def _attr_costs(cost: CostNode, node: fx.Node, value: Any, trainable: dict[str, Any]) -> None:
+    target = str(node.target)
+    if isinstance(value, torch.nn.Module):
+        tensors = list(value.buffers()) + [p for p in value.parameters() if not p.requires_grad]
+        cost.buffer_bytes = sum(_nbytes(t) for t in tensors)
+    elif isinstance(value, torch.Tensor):
+        if target in trainable and value.requires_grad:
+            cost.param_bytes = _nbytes(value)
+            cost.params = [target]
+        else:
+            cost.buffer_bytes = _nbytes(value)
+
+
+def _target_name(node: fx.Node) -> str:
+    if isinstance(node.target, str):
+        return node.target
+    try:
+        return _get_qualified_name(node.target)
+    except (RuntimeError, AttributeError):
+        return str(node.target)
+
+
+def load_or_profile(
+    traced: TracedModel,
+    example_inputs: Sequence[torch.Tensor],
+    *,
+    profile_dir: str | Path | None = "profiles",
+    device: torch.device | str | None = None,
+    warmup: int = 2,
+    repeats: int = 5,
+    log: Callable[[str], None] = lambda _msg: None,
+) -> tuple[CostGraph, bool]:
+    """Return a saved profile with the same key, or measure and save a new one.
+
+    The file is ``<profile_dir>/<model>-<key hash>.json``. A profile of the same model with
+    another key is never reused: ``log`` says which part of the key changed, then the model is
+    profiled again. An unreadable file is reported through ``log`` and replaced.
+
+    Returns:
+        ``(cost graph, reused)``.
+    """
+    device = torch.device(device) if device is not None else example_inputs[0].device
+    key = profile_key(traced, example_inputs, device)
+    if profile_dir is None:
+        return profile_model(traced, example_inputs, device=device, warmup=warmup, repeats=repeats), False
+    folder = Path(profile_dir)
+    probe = CostGraph(model=traced.model_name, nodes=[], batch_size=0, key=key)
+    path = folder / f"{traced.model_name}-{probe.key_hash}.json"
+    if path.exists():
+        try:
+            graph = CostGraph.load(path)
+        except ProfileError as exc:
+            log(f"not reusing {path}: {exc}")
+        else:
+            if graph.key == key:
+                log(f"reusing profile {path} (same graph, inputs, device and torch version)")
+                return graph, True
+            log(f"not reusing {path}: its key differs ({_key_diff(graph.key, key)})")
+    else:
+        for other in sorted(folder.glob(f"{traced.model_name}-*.json")):
+            try:
+                old = CostGraph.load(other)
+            except ProfileError:
+                continue
+            log(f"profiling again: {other} was made for another setting ({_key_diff(old.key, key)})")
+            break
+    graph = profile_model(traced, example_inputs, device=device, warmup=warmup, repeats=repeats)
+    graph.save(path)
+    log(f"saved profile {path} ({graph.info['profile_wall_s']:.2f} s to measure)")
+    return graph, False
+
+
+def _key_diff(old: dict, new: dict) -> str:
+    names = {
+        "graph_hash": "model graph",
+        "inputs": "input shapes/dtypes",
+        "device": "device",
+        "torch": "torch version",
+    }
+    diffs = [
+        f"{names.get(k, k)}: {old.get(k)!s:.60} -> {new.get(k)!s:.60}"
+        for k in sorted(set(old) | set(new))
+        if old.get(k) != new.get(k)
+    ]
+    return "; ".join(diffs) or "same key"

@@ -1,0 +1,432 @@
+"""Trace: turn an ``nn.Module`` into a ``torch.fx`` graph whose parameters are graph nodes.
+
+The tracer goes *through* the standard ``torch.nn`` layers (Linear, Conv, LayerNorm,
+Embedding, activations, ...) so that every trainable parameter is a ``get_attr`` node of the
+graph. Modules whose behaviour depends on ``.train()``/``.eval()`` or that cannot be traced
+stay *leaf modules*: they run their own ``forward`` as one node, but their parameters are still
+passed in as ``get_attr`` nodes (through :func:`call_leaf`), so a weight policy can swap them.
+
+Where ``torch.fx.symbolic_trace`` fails (Hugging Face ``transformers`` 5.x, for example), the
+model is exported with ``torch.export.export(..., strict=False)``; its ``.module()`` is an fx
+graph module with parameters as ``get_attr`` nodes too (an ATen-level graph, specialised to the
+example's shapes). Where that fails as well, the submodule that broke tracing is made a leaf
+and tracing is retried; only a failure in the root module's own ``forward`` is an error.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import inspect
+import io
+import logging
+import os
+import traceback
+import warnings
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.fx as fx
+from torch import nn
+from torch.utils import _pytree as pytree
+
+from pipeoptim.errors import TraceError
+
+#: Module types kept as leaves by default: their forward depends on ``self.training``
+#: (dropout, batch statistics) or is not traceable by ``torch.fx`` (recurrent layers,
+#: ``MultiheadAttention``'s fast paths).
+DEFAULT_LEAF_TYPES: tuple[type[nn.Module], ...] = (
+    nn.modules.dropout._DropoutNd,
+    nn.modules.batchnorm._NormBase,
+    nn.RNNBase,
+    nn.MultiheadAttention,
+)
+
+_TORCH_DIR = os.path.dirname(torch.__file__)
+_OWN_DIR = os.path.dirname(os.path.dirname(__file__))
+
+
+def call_leaf(
+    module: nn.Module,
+    names: tuple[str, ...],
+    params: tuple[torch.Tensor, ...],
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+) -> Any:
+    """Run a leaf module's own ``forward`` with its parameters given explicitly.
+
+    ``torch.func.functional_call`` swaps the named parameters for the given tensors for the
+    duration of the call; buffers (e.g. BatchNorm running statistics) stay the module's own.
+    """
+    return torch.func.functional_call(module, dict(zip(names, params)), args, kwargs)
+
+
+@dataclass
+class TracedModel:
+    """A model as a normalised fx graph.
+
+    Attributes:
+        gm: graph module; ``gm(*flat_inputs)`` returns the flat tuple of model outputs.
+            Parameters keep the model's qualified names.
+        method: ``"fx"`` (``torch.fx`` symbolic tracing) or ``"export"`` (``torch.export``).
+        input_names: placeholder names, one per example input (positional).
+        out_spec: pytree spec that turns the flat outputs back into the model's output type.
+        tied: qualified names of shared parameters, ``{name used in the graph: [aliases]}``.
+        leaf_modules: qualified names of modules kept as one node.
+        auto_leaves: leaf modules chosen automatically because tracing through them failed,
+            with the reason.
+        model_name: class name of the traced model.
+        graph_hash: sha256 of the normalised graph and the shapes of its state; keys profiles.
+    """
+
+    gm: fx.GraphModule
+    method: str
+    input_names: list[str]
+    out_spec: pytree.TreeSpec
+    tied: dict[str, list[str]]
+    leaf_modules: list[str]
+    auto_leaves: dict[str, str] = field(default_factory=dict)
+    model_name: str = ""
+    graph_hash: str = ""
+
+    def unflatten_output(self, flat: Sequence[Any]) -> Any:
+        """Rebuild the model's output structure (tensor, tuple, dict, ModelOutput) from ``flat``."""
+        return pytree.tree_unflatten(list(flat), self.out_spec)
+
+    def node_module(self, node: fx.Node) -> tuple[str, str]:
+        """Innermost module path and class name the node was traced in (``("", "")`` at root)."""
+        return node_module(node)
+
+
+def node_module(node: fx.Node) -> tuple[str, str]:
+    """Innermost ``(module path, module class name)`` recorded for ``node`` while tracing."""
+    stack = node.meta.get("nn_module_stack")
+    if not stack:
+        if node.op == "get_attr":
+            path = str(node.target).rpartition(".")[0]
+            return path, ""
+        return "", ""
+    path, mtype = list(stack.values())[-1]
+    name = mtype if isinstance(mtype, str) else getattr(mtype, "__name__", str(mtype))
+    return str(path), name.rpartition(".")[2]
+
+
+class _Tracer(fx.Tracer):
+    """fx tracer that goes through ``torch.nn`` layers and turns leaves into :func:`call_leaf`."""
+
+    def __init__(self, leaf_names: set[str], leaf_types: tuple[type[nn.Module], ...]) -> None:
+        super().__init__()
+        self.leaf_names = leaf_names
+        self.leaf_types = leaf_types
+        self.failed_module: str | None = None
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        return False  # leaves are handled in call_module so their parameters become nodes
+
+    def _is_leaf(self, m: nn.Module, qualname: str) -> bool:
+        return qualname in self.leaf_names or isinstance(m, self.leaf_types)
+
+    def call_module(self, m: nn.Module, forward: Any, args: tuple, kwargs: dict) -> Any:
+        qualname = self.path_of_module(m)
+        if qualname and self._is_leaf(m, qualname):
+            params = [(n, p) for n, p in m.named_parameters() if p.requires_grad]
+            if params:
+                forward = self._leaf_forward(m, qualname, params)
+            else:
+                forward = self._plain_leaf_forward(qualname)
+        try:
+            return super().call_module(m, forward, args, kwargs)
+        except Exception:
+            if self.failed_module is None:
+                self.failed_module = qualname
+            raise
+
+    def _plain_leaf_forward(self, qualname: str) -> Any:
+        def run(*args: Any, **kwargs: Any) -> Any:
+            return self.create_proxy("call_module", qualname, args, kwargs)
+
+        return run
+
+    def _leaf_forward(self, m: nn.Module, qualname: str, params: list) -> Any:
+        names = tuple(n for n, _ in params)
+
+        def run(*args: Any, **kwargs: Any) -> Any:
+            module = self.create_proxy("get_attr", qualname, (), {})
+            tensors = tuple(self.create_proxy("get_attr", f"{qualname}.{n}", (), {}) for n in names)
+            return self.create_proxy("call_function", call_leaf, (module, names, tensors, args, kwargs), {})
+
+        return run
+
+
+def _user_frame(exc: BaseException) -> str:
+    """``file:line: code`` of the innermost traceback frame outside torch and pipeoptim."""
+    frames = [
+        f
+        for f in traceback.extract_tb(exc.__traceback__)
+        if not os.path.abspath(f.filename).startswith((_TORCH_DIR, _OWN_DIR))
+    ]
+    files = [f for f in frames if not f.filename.startswith("<")]
+    for frame in reversed(files or frames):
+        return f"{frame.filename}:{frame.lineno}: {(frame.line or '').strip()}"
+    return "(no source line outside torch)"
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0] if text else ''}"
+
+
+def tied_parameters(model: nn.Module) -> dict[str, list[str]]:
+    """Shared parameters: ``{first qualified name: [other names of the same tensor]}``."""
+    by_id: dict[int, list[str]] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        by_id.setdefault(id(p), []).append(name)
+    return {names[0]: names[1:] for names in by_id.values() if len(names) > 1}
+
+
+def _symbolic_trace(
+    model: nn.Module, n_inputs: int, leaf_names: set[str]
+) -> tuple[fx.GraphModule | None, BaseException | None, str | None]:
+    tracer = _Tracer(leaf_names, DEFAULT_LEAF_TYPES)
+    sig = inspect.signature(model.forward)
+    concrete = {}
+    positional = [
+        p for p in sig.parameters.values() if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
+    ]
+    for p in positional[n_inputs:]:
+        if p.default is inspect.Parameter.empty:
+            raise TraceError(
+                f"{type(model).__name__}.forward needs argument {p.name!r} but only {n_inputs} "
+                "example input(s) were given: pass one example tensor per positional argument"
+            )
+        concrete[p.name] = p.default
+    try:
+        graph = tracer.trace(model, concrete_args=concrete or None)
+    except Exception as exc:  # fx raises many types; all mean "cannot trace"
+        return None, exc, tracer.failed_module
+    return fx.GraphModule(tracer.root, graph, type(model).__name__), None, None
+
+
+def _export(model: nn.Module, inputs: tuple[torch.Tensor, ...]) -> fx.GraphModule:
+    # torch logs the whole graph on a failed export; the caller reports the failure itself.
+    names = ("torch.fx.experimental.symbolic_shapes", "torch.export", "torch._export")
+    loggers = [logging.getLogger(n) for n in names]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.CRITICAL)
+    try:
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+            exported = torch.export.export(model, inputs, strict=False)
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
+    module = exported.module()
+    # ExportedProgram.module() forbids .train()/.eval(); a plain GraphModule allows them.
+    return fx.GraphModule(module, module.graph, type(model).__name__)
+
+
+def trace(
+    model: nn.Module,
+    example_inputs: torch.Tensor | Sequence[torch.Tensor],
+    leaf_modules: Iterable[str] = (),
+) -> TracedModel:
+    """Trace ``model`` into a :class:`TracedModel`.
+
+    Args:
+        model: the module to trace; it is not modified.
+        example_inputs: one tensor or a sequence of tensors, the positional arguments of
+            ``model.forward`` (shape ``[batch, ...]`` each; dim 0 is the batch dimension).
+        leaf_modules: qualified names of extra modules to keep as one node.
+
+    Raises:
+        TraceError: neither ``torch.fx`` nor ``torch.export`` can trace the root module; the
+            message names the module, the source line and what to do.
+    """
+    inputs = (example_inputs,) if isinstance(example_inputs, torch.Tensor) else tuple(example_inputs)
+    leaf_names = set(leaf_modules)
+    known = dict(model.named_modules())
+    for name in leaf_names:
+        if name not in known:
+            raise TraceError(
+                f"leaf module {name!r} is not a submodule of {type(model).__name__}; "
+                f"use a qualified name from model.named_modules(), e.g. {next(iter(known), '')!r}"
+            )
+    auto_leaves: dict[str, str] = {}
+    gm, exc, failed = _symbolic_trace(model, len(inputs), leaf_names)
+    method = "fx"
+    if gm is None:
+        assert exc is not None
+        first_failure = (exc, failed)
+        try:
+            gm = _export(model, inputs)
+            method = "export"
+        except Exception as export_exc:
+            # Make each submodule that breaks tracing a leaf and retry with fx.
+            while gm is None and failed:
+                auto_leaves[failed] = f"{_first_line(exc)} at {_user_frame(exc)}"
+                leaf_names.add(failed)
+                gm, exc, failed = _symbolic_trace(model, len(inputs), leaf_names)
+            if gm is None:
+                fx_exc, fx_failed = first_failure
+                where = fx_failed or ""
+                mod = known.get(where, model)
+                raise TraceError(
+                    f"cannot trace module {where or '<root>'!r} ({type(mod).__name__}) at "
+                    f"{_user_frame(fx_exc)} -- {_first_line(fx_exc)}; torch.export also failed: "
+                    f"{_first_line(export_exc)}. Fix: remove tensor-dependent Python control flow "
+                    "from that forward, or move it into a submodule and pass its name in "
+                    "leaf_modules=[...] so it runs as one opaque node"
+                ) from fx_exc
+        if auto_leaves:
+            warnings.warn(
+                "made these modules leaves because tracing through them failed: "
+                + "; ".join(f"{k} ({v})" for k, v in auto_leaves.items()),
+                stacklevel=2,
+            )
+    input_names, out_spec = _normalise(gm, method, len(inputs))
+    traced = TracedModel(
+        gm=gm,
+        method=method,
+        input_names=input_names,
+        out_spec=out_spec,
+        tied=tied_parameters(model),
+        leaf_modules=sorted(leaf_names),
+        auto_leaves=auto_leaves,
+        model_name=type(model).__name__,
+    )
+    traced.graph_hash = graph_hash(gm)
+    return traced
+
+
+def _normalise(gm: fx.GraphModule, method: str, n_inputs: int) -> tuple[list[str], Any]:
+    """Put the graph in the form the compiler expects.
+
+    - flat inputs and a flat output tuple (the output structure is kept as a pytree spec);
+    - no export guard calls, no asserts on specialised arguments, no unused ``get_attr``;
+    - in export graphs, dropout, attention dropout and batch normalisation become calls of
+      submodules that follow ``.train()`` / ``.eval()`` (:class:`TrainingModeOp`);
+    - each ``get_attr`` sits right before its first user, so that a parameter and the
+      operation using it are neighbours in the node order.
+    """
+    graph = gm.graph
+    if method == "export":
+        out_spec = graph._codegen.pytree_info.out_spec
+        graph._codegen = fx.graph.CodeGen()
+    for node in list(graph.nodes):
+        guard = node.op == "call_module" and node.target == "_guards_fn"
+        assert_none = node.op == "call_function" and node.target is torch.fx._symbolic_trace._assert_is_none
+        if guard or assert_none:
+            graph.erase_node(node)
+    if method == "export":
+        _rewrite_training_ops(gm)
+    placeholders = [n for n in graph.nodes if n.op == "placeholder"]
+    for extra in placeholders[n_inputs:]:
+        if extra.users:
+            raise TraceError(f"argument {extra.target!r} is used by the graph but has no example input")
+        graph.erase_node(extra)
+    output = next(n for n in graph.nodes if n.op == "output")
+    if method == "fx":
+        flat, out_spec = pytree.tree_flatten(output.args[0])
+        output.args = (tuple(flat),)
+    else:
+        result = output.args[0]
+        output.args = (tuple(result) if isinstance(result, (tuple, list)) else (result,),)
+    for node in list(graph.nodes):
+        if node.op == "get_attr" and not node.users:
+            graph.erase_node(node)
+        elif node.op == "get_attr" and isinstance(_fetch(gm, node.target), nn.Module):
+            # A module cannot be sent between stages: give each user its own reference.
+            for user in list(node.users)[1:]:
+                with graph.inserting_before(user):
+                    copy = graph.get_attr(node.target)
+                copy.meta = dict(node.meta)
+                user.replace_input_with(node, copy)
+    order = {n: i for i, n in enumerate(graph.nodes)}
+    for node in list(graph.nodes):
+        if node.op == "get_attr":
+            node_first = min(node.users, key=order.__getitem__)
+            node_first.prepend(node)
+    for node in graph.nodes:  # drop fake tensors and the like: keep what the compiler reads
+        node.meta = {k: v for k, v in node.meta.items() if k in ("nn_module_stack", "stack_trace")}
+    graph.lint()
+    gm.recompile()
+    return [n.name for n in graph.nodes if n.op == "placeholder"], out_spec
+
+
+def _fetch(gm: fx.GraphModule, target: str) -> Any:
+    obj: Any = gm
+    for part in target.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+class TrainingModeOp(nn.Module):
+    """Call an ATen operator with one argument that follows ``.train()`` / ``.eval()``.
+
+    ``torch.export`` bakes the training flag of dropout and batch normalisation into the
+    graph as a constant; this module puts the switch back: argument ``index`` becomes
+    ``train_value`` in training mode and ``eval_value`` in evaluation mode.
+    """
+
+    def __init__(self, op: Any, index: int, train_value: Any, eval_value: Any) -> None:
+        super().__init__()
+        self.op = op
+        self.index = index
+        self.train_value = train_value
+        self.eval_value = eval_value
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        args_list = list(args)
+        args_list[self.index] = self.train_value if self.training else self.eval_value
+        return self.op(*args_list, **kwargs)
+
+    def extra_repr(self) -> str:
+        return f"{self.op}, arg {self.index}: train={self.train_value!r} eval={self.eval_value!r}"
+
+
+def _training_op(node: fx.Node) -> tuple[str, nn.Module] | None:
+    """Name and module replacing an export node whose behaviour depends on training mode."""
+    aten = torch.ops.aten
+    if node.op != "call_function":
+        return None
+    if node.target is aten.dropout.default:
+        return "dropout", nn.Dropout(float(node.args[1]))
+    if node.target is aten.scaled_dot_product_attention.default:
+        p = node.args[4] if len(node.args) > 4 else node.kwargs.get("dropout_p", 0.0)
+        if p and len(node.args) > 4:
+            return "attention", TrainingModeOp(node.target, 4, float(p), 0.0)
+    if node.target is aten.batch_norm.default and node.args[3] is not None:
+        return "batch_norm", TrainingModeOp(node.target, 5, True, False)
+    return None
+
+
+def _rewrite_training_ops(gm: fx.GraphModule) -> None:
+    """Give export graphs their train/eval switch back (see :class:`TrainingModeOp`)."""
+    counts: dict[str, int] = {}
+    for node in list(gm.graph.nodes):
+        found = _training_op(node)
+        if found is None:
+            continue
+        kind, module = found
+        name = f"{kind}_{counts.get(kind, 0)}"
+        counts[kind] = counts.get(kind, 0) + 1
+        gm.add_submodule(name, module)
+        args = node.args[:1] if kind == "dropout" else node.args
+        kwargs = {} if kind == "dropout" else node.kwargs
+        with gm.graph.inserting_before(node):
+            new = gm.graph.call_module(name, args, kwargs)
+        new.meta = dict(node.meta)
+        node.replace_all_uses_with(new)
+        gm.graph.erase_node(node)
+
+
+def graph_hash(gm: fx.GraphModule) -> str:
+    """sha256 of the graph's code and the names, shapes and dtypes of its parameters and buffers."""
+    h = hashlib.sha256(gm.code.encode())
+    for name, t in sorted(gm.state_dict(keep_vars=True).items()):
+        h.update(f"{name}:{tuple(t.shape)}:{t.dtype}:{getattr(t, 'requires_grad', False)}".encode())
+    for name, mod in sorted(gm.named_modules()):
+        h.update(f"{name}:{type(mod).__qualname__}".encode())
+    return h.hexdigest()

@@ -1,0 +1,236 @@
+"""Units: contiguous groups of graph nodes, the granularity the partitioner places.
+
+Nodes are first put in a *normalised* topological order in which every node without inputs
+(``get_attr`` of a parameter, constants) sits right before its first user, so a parameter
+always lands in the stage of the operation that first reads it. Each unit is a run of
+consecutive nodes in that order; because the order is topological, edges between units only
+run forward and the unit graph is a DAG.
+
+Large graphs are *coarsened*: consecutive units inside the same module (a transformer block,
+a residual block) are merged, deepest modules first, as long as a unit stays below a share of
+the total time that keeps stages balanceable; then the cheapest neighbouring pairs are merged
+until at most ``max_units`` remain.
+"""
+
+from __future__ import annotations
+
+import heapq
+from dataclasses import dataclass
+
+from pipeoptim.compiler.costgraph import CostGraph
+
+#: Pin value of a unit that must be in the last stage (the graph output).
+LAST = -1
+_KEEP = -2  # while coarsening: a unit that must stay the first of its group
+
+
+def _unkeep(pin: list[int | None]) -> list[int | None]:
+    return [None if p == _KEEP else p for p in pin]
+
+
+@dataclass
+class Units:
+    """A grouping of a cost graph's nodes into contiguous units.
+
+    Attributes:
+        members: node indices of each unit, in normalised order.
+        pin: per unit, the stage it must be in (0 for inputs, :data:`LAST` for the output)
+            or ``None``.
+    """
+
+    graph: CostGraph
+    members: list[list[int]]
+    pin: list[int | None]
+
+    def __post_init__(self) -> None:
+        self.unit_of = [0] * len(self.graph.nodes)
+        for u, nodes in enumerate(self.members):
+            for i in nodes:
+                self.unit_of[i] = u
+
+    def __len__(self) -> int:
+        return len(self.members)
+
+    def time(self, u: int) -> float:
+        return sum(self.graph.nodes[i].time_s for i in self.members[u])
+
+    def attr(self, u: int, name: str) -> float:
+        return sum(getattr(self.graph.nodes[i], name) for i in self.members[u])
+
+    def is_compute(self, u: int) -> bool:
+        """Whether the unit does work (time or parameters); stages must each get one."""
+        return any(
+            self.graph.nodes[i].time_s > 0 or self.graph.nodes[i].param_bytes > 0 for i in self.members[u]
+        )
+
+    def edges(self) -> set[tuple[int, int]]:
+        """Unit-level edges ``(a, b)`` with ``a < b``."""
+        result = set()
+        for i, node in enumerate(self.graph.nodes):
+            b = self.unit_of[i]
+            for inp in node.inputs:
+                a = self.unit_of[self.graph.index(inp)]
+                if a != b:
+                    result.add((a, b))
+        return result
+
+    def producers(self) -> list[tuple[int, list[int]]]:
+        """Nodes whose output leaves their unit: ``(node index, [reading units])``."""
+        result = []
+        for p, readers in enumerate(self.graph.users()):
+            units = sorted({self.unit_of[r] for r in readers} - {self.unit_of[p]})
+            if units:
+                result.append((p, units))
+        return result
+
+    def crossings(self) -> dict[tuple[int, tuple[int, ...]], int]:
+        """Values leaving their unit, grouped: ``{(unit, last readers): bytes}``.
+
+        Bytes are activation plus gradient bytes. Only the *last* readers matter (a reader
+        from which another reader can be reached is never in a later stage), so readers
+        that reach another reader are dropped and values with the same producing unit and
+        last readers are summed.
+        """
+        edges = self.edges()
+        succ: list[list[int]] = [[] for _ in self.members]
+        for a, b in edges:
+            succ[a].append(b)
+        reach = [0] * len(self.members)  # bitset of units reachable from u (u excluded)
+        for u in range(len(self.members) - 1, -1, -1):
+            for v in succ[u]:
+                reach[u] |= (1 << v) | reach[v]
+        groups: dict[tuple[int, tuple[int, ...]], int] = {}
+        for p, readers in self.producers():
+            node = self.graph.nodes[p]
+            size = node.out_bytes + node.grad_bytes
+            if size == 0:
+                continue
+            last = tuple(b for b in readers if not any(reach[b] >> c & 1 for c in readers))
+            key = (self.unit_of[p], last)
+            groups[key] = groups.get(key, 0) + size
+        return groups
+
+    def expand(self, unit_stage: list[int]) -> list[int]:
+        """Stage of every node from the stage of every unit."""
+        return [unit_stage[self.unit_of[i]] for i in range(len(self.graph.nodes))]
+
+
+def normalised_order(graph: CostGraph) -> list[int]:
+    """Topological order: inputs first, input-free nodes right before their first user."""
+    users = graph.users()
+    floating = {
+        i: min(users[i])
+        for i, n in enumerate(graph.nodes)
+        if not n.inputs and n.op != "placeholder" and users[i]
+    }
+    before: dict[int, list[int]] = {}
+    for i, first in floating.items():
+        before.setdefault(first, []).append(i)
+    order = [i for i, n in enumerate(graph.nodes) if n.op == "placeholder"]
+    for i in range(len(graph.nodes)):
+        if i in floating or graph.nodes[i].op == "placeholder":
+            continue
+        order.extend(before.get(i, []))
+        order.append(i)
+    return order
+
+
+def fine_units(graph: CostGraph) -> Units:
+    """One unit per node, except that input-free nodes join their first user's unit."""
+    users = graph.users()
+    members: list[list[int]] = []
+    pin: list[int | None] = []
+    pending: list[int] = []
+    for i in normalised_order(graph):
+        node = graph.nodes[i]
+        if not node.inputs and node.op != "placeholder" and users[i]:
+            pending.append(i)
+            continue
+        members.append([*pending, i])
+        pending = []
+        pin.append(0 if node.op == "placeholder" else LAST if node.op == "output" else None)
+    return Units(graph, members, pin)
+
+
+def _module_key(graph: CostGraph, nodes: list[int], depth: int) -> str:
+    paths = {graph.nodes[i].module for i in nodes if graph.nodes[i].op != "get_attr"}
+    if len(paths) != 1:
+        return ""
+    parts = next(iter(paths)).split(".")
+    return ".".join(parts[:depth]) if len(parts) >= depth and parts[0] else ""
+
+
+def coarsen(
+    units: Units, max_units: int, num_stages: int, keep_starts: frozenset[int] = frozenset()
+) -> Units:
+    """Merge neighbouring units until at most ``max_units`` remain (see module docstring).
+
+    A merge along the module hierarchy never makes a unit slower than ``total / (2 N)``,
+    so that N stages can still be balanced. A unit whose first node is in ``keep_starts``
+    is never merged into the unit before it (so a known plan stays representable).
+    """
+    graph = units.graph
+    members = [list(m) for m in units.members]
+    pin = [_KEEP if p is None and m[0] in keep_starts else p for m, p in zip(members, units.pin)]
+    if len(members) <= max_units:
+        return Units(graph, members, _unkeep(pin))
+    cap = graph.total_time_s / (2 * num_stages)
+    depth = max((len(n.module.split(".")) for n in graph.nodes if n.module), default=0)
+    for d in range(depth, 0, -1):
+        if len(members) <= max_units:
+            break
+        merged: list[list[int]] = []
+        merged_pin: list[int | None] = []
+        for nodes, p in zip(members, pin):
+            if merged and p is None and merged_pin[-1] in (None, _KEEP):
+                key = _module_key(graph, nodes, d)
+                prev = merged[-1]
+                t = sum(graph.nodes[i].time_s for i in prev + nodes)
+                if key and key == _module_key(graph, prev, d) and t <= cap:
+                    prev.extend(nodes)
+                    continue
+            merged.append(list(nodes))
+            merged_pin.append(p)
+        members, pin = merged, merged_pin
+    if len(members) > max_units:
+        members, pin = _merge_cheapest(graph, members, pin, max_units)
+    return Units(graph, members, _unkeep(pin))
+
+
+def _merge_cheapest(
+    graph: CostGraph, members: list[list[int]], pin: list[int | None], max_units: int
+) -> tuple[list[list[int]], list[int | None]]:
+    """Merge the neighbouring pair with the smallest total time until ``max_units`` remain."""
+    times = [sum(graph.nodes[i].time_s for i in m) for m in members]
+    nxt = list(range(1, len(members) + 1))
+    prv = list(range(-1, len(members) - 1))
+    alive = [True] * len(members)
+    version = [0] * len(members)
+    heap = []
+
+    def push(a: int) -> None:
+        b = nxt[a]
+        if b < len(members) and pin[a] in (None, _KEEP) and pin[b] is None:
+            heapq.heappush(heap, (times[a] + times[b], a, version[a], version[b]))
+
+    for a in range(len(members)):
+        push(a)
+    count = len(members)
+    while count > max_units and heap:
+        _, a, va, vb = heapq.heappop(heap)
+        b = nxt[a] if a < len(members) else len(members)
+        if not alive[a] or b >= len(members) or version[a] != va or version[b] != vb:
+            continue
+        members[a].extend(members[b])
+        times[a] += times[b]
+        alive[b] = False
+        nxt[a] = nxt[b]
+        if nxt[b] < len(members):
+            prv[nxt[b]] = a
+        version[a] += 1
+        count -= 1
+        push(a)
+        if prv[a] >= 0:
+            push(prv[a])
+    keep = [i for i in range(len(members)) if alive[i]]
+    return [members[i] for i in keep], [pin[i] for i in keep]

@@ -1,0 +1,67 @@
+"""Exceptions raised by pipeoptim.
+
+Every error names the problem and the fix in its message; the class tells a program what
+went wrong without parsing the text.
+"""
+
+from __future__ import annotations
+
+
+class PipeoptimError(Exception):
+    """Base class of every error pipeoptim raises on purpose."""
+
+
+class TraceError(PipeoptimError):
+    """The model could not be turned into a graph (``torch.fx`` and ``torch.export`` both failed)."""
+
+
+class ProfileError(PipeoptimError):
+    """A profile could not be measured, or a saved profile file is unusable."""
+
+
+class PlanError(PipeoptimError):
+    """No pipeline plan exists for the request (too many stages, bad arguments, bad plan file)."""
+
+
+class InfeasibleMemoryError(PlanError):
+    """No plan meets the per-stage memory limit.
+
+    Attributes:
+        limit_bytes: the limit that was asked for (bytes).
+        min_feasible_bytes: the smallest per-stage limit any plan can meet (bytes).
+    """
+
+    def __init__(self, message: str, limit_bytes: int, min_feasible_bytes: int) -> None:
+        super().__init__(message)
+        self.limit_bytes = limit_bytes
+        self.min_feasible_bytes = min_feasible_bytes
+
+
+class CodegenError(PipeoptimError):
+    """Stage submodules could not be generated from a plan."""
+
+
+class PredictorError(PipeoptimError):
+    """No weight predictor exists for the optimizer, or the method does not fit the optimizer."""
+
+
+class PipelineError(PipeoptimError):
+    """A pipeline failed at run time (a stage crashed, timed out, or got bad input)."""
+
+
+class NonFiniteLossError(PipelineError):
+    """The loss became NaN or infinite.
+
+    Attributes:
+        step: index of the mini-batch whose loss was not finite (0-based).
+        stage: the stage that computed it.
+    """
+
+    def __init__(self, message: str, step: int, stage: int) -> None:
+        super().__init__(message)
+        self.step = step
+        self.stage = stage
+
+
+class CheckpointError(PipeoptimError):
+    """A checkpoint is missing, half written, or belongs to another model."""

@@ -1,0 +1,94 @@
+"""The pipeline methods: schedule plus weight policy, and what each costs in memory.
+
+=============  ============  ===========  ====================================================
+method         schedule      weights      source
+=============  ============  ===========  ====================================================
+pipeoptim      async-1f1b    pipeoptim    Guan et al., PipeOptim, arXiv:2312.00839
+pipedream      async-1f1b    stash        Narayanan et al., PipeDream, SOSP 2019
+2bw            async-1f1b    2bw          Narayanan et al., PipeDream-2BW, ICML 2021
+spectrain      async-1f1b    spectrain    Chen et al., SpecTrain, arXiv:1809.02839
+none           async-1f1b    none         1F1B without flush and without correction
+gpipe          gpipe         (flush)      Huang et al., GPipe, NeurIPS 2019
+1f1b           1f1b          (flush)      PipeDream-Flush / Megatron-LM (Narayanan et al. 2021)
+=============  ============  ===========  ====================================================
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Method:
+    """A pipeline method.
+
+    Attributes:
+        name: name used by ``compile(method=...)`` and ``--method``.
+        schedule: ``"gpipe"``, ``"1f1b"`` or ``"async-1f1b"``.
+        policy: weight policy of asynchronous schedules (``None`` for flushing schedules).
+        micro_batched: whether a mini-batch is split into micro-batches.
+        reference: paper the method comes from.
+    """
+
+    name: str
+    schedule: str
+    policy: str | None
+    micro_batched: bool
+    reference: str
+
+    @property
+    def asynchronous(self) -> bool:
+        """True when the schedule never flushes (weights change between F and B)."""
+        return self.schedule == "async-1f1b"
+
+    def extra_weight_copies(self, stage: int, num_stages: int) -> int:
+        """Copies of the stage's weights kept besides the weights themselves.
+
+        PipeOptim and SpecTrain keep one predicted copy; PipeDream stashes one version per
+        mini-batch in flight beyond the current one (``N - k - 1`` at stage k of N, 0-based);
+        PipeDream-2BW keeps one older version; the others keep none.
+        """
+        if self.policy in ("pipeoptim", "spectrain", "2bw"):
+            return 1
+        if self.policy == "stash":
+            return num_stages - stage - 1
+        return 0
+
+    def in_flight(self, stage: int, num_stages: int, micro_batches: int) -> int:
+        """Micro-batches whose activations stage k holds at once (its saved activations).
+
+        GPipe holds all ``M`` micro-batches; 1F1B with flush holds ``min(N - k, M)`` at
+        stage k of N (0-based); asynchronous 1F1B holds ``N - k`` (mini-batches, or
+        micro-batches for 2BW).
+        """
+        if self.schedule == "gpipe":
+            return micro_batches
+        if self.schedule == "1f1b":
+            return min(num_stages - stage, micro_batches)
+        return num_stages - stage
+
+
+METHODS: dict[str, Method] = {
+    m.name: m
+    for m in (
+        Method("pipeoptim", "async-1f1b", "pipeoptim", False, "Guan et al., arXiv:2312.00839"),
+        Method("pipedream", "async-1f1b", "stash", False, "Narayanan et al., SOSP 2019"),
+        Method("2bw", "async-1f1b", "2bw", True, "Narayanan et al., ICML 2021"),
+        Method("spectrain", "async-1f1b", "spectrain", False, "Chen et al., arXiv:1809.02839"),
+        Method("none", "async-1f1b", "none", False, "1F1B without flush or correction"),
+        Method("gpipe", "gpipe", None, True, "Huang et al., NeurIPS 2019"),
+        Method("1f1b", "1f1b", None, True, "Narayanan et al., SC 2021 (PipeDream-Flush)"),
+    )
+}
+
+
+def get_method(name: str) -> Method:
+    """Look a method up by name.
+
+    Raises:
+        ValueError: unknown name; the message lists the known ones.
+    """
+    try:
+        return METHODS[name]
+    except KeyError:
+        raise ValueError(f"unknown method {name!r}; choose one of {', '.join(METHODS)}") from None

@@ -1,0 +1,113 @@
+"""Parsing and printing of byte sizes, bandwidths and shapes given on the command line."""
+
+from __future__ import annotations
+
+import re
+
+import torch
+
+_BYTE_UNITS = {
+    "": 1,
+    "b": 1,
+    "kb": 10**3,
+    "mb": 10**6,
+    "gb": 10**9,
+    "tb": 10**12,
+    "kib": 2**10,
+    "mib": 2**20,
+    "gib": 2**30,
+    "tib": 2**40,
+}
+_NUMBER = r"([0-9]*\.?[0-9]+(?:[eE][+-]?[0-9]+)?)"
+
+
+def parse_bytes(text: str | int | float) -> int:
+    """Parse a size such as ``16GiB``, ``16GB``, ``512MiB`` or ``1.5e10`` into bytes.
+
+    Decimal units (kB, MB, GB, TB) are powers of 1000, binary units (KiB, MiB, GiB, TiB)
+    powers of 1024; a bare number is bytes.
+
+    Raises:
+        ValueError: the text is not a positive size; the message shows accepted forms.
+    """
+    if isinstance(text, (int, float)):
+        value = float(text)
+    else:
+        match = re.fullmatch(_NUMBER + r"\s*([a-zA-Z]*)", text.strip())
+        unit = match.group(2).lower() if match else None
+        if match is None or unit not in _BYTE_UNITS:
+            raise ValueError(
+                f"cannot parse size {text!r}: write a number with an optional unit, "
+                "e.g. 16GiB, 16GB, 512MiB or 1.5e10 (bytes)"
+            )
+        value = float(match.group(1)) * _BYTE_UNITS[unit]
+    if value <= 0:
+        raise ValueError(f"size {text!r} must be positive")
+    return int(value)
+
+
+def parse_bandwidth(text: str | int | float) -> float:
+    """Parse a bandwidth such as ``25GB/s``, ``100Gbit/s``, ``12GiB/s`` or ``1.5e10`` into bytes/s.
+
+    Raises:
+        ValueError: the text is not a positive bandwidth; the message shows accepted forms.
+    """
+    if isinstance(text, (int, float)):
+        value = float(text)
+    else:
+        raw = text.strip()
+        match = re.fullmatch(_NUMBER + r"\s*([a-zA-Z]*)(?:/s|ps)?", raw)
+        unit = match.group(2).lower() if match else None
+        bits = {"kbit": 10**3, "mbit": 10**6, "gbit": 10**9, "tbit": 10**12}
+        if match is None or (unit not in _BYTE_UNITS and unit not in bits):
+            raise ValueError(
+                f"cannot parse bandwidth {text!r}: write bytes per second with an optional "
+                "unit, e.g. 25GB/s, 12GiB/s, 100Gbit/s or 1.5e10"
+            )
+        scale = _BYTE_UNITS[unit] if unit in _BYTE_UNITS else bits[unit] / 8
+        value = float(match.group(1)) * scale
+    if value <= 0:
+        raise ValueError(f"bandwidth {text!r} must be positive")
+    return value
+
+
+def parse_shape(text: str) -> tuple[int, ...]:
+    """Parse ``8x3x32x32`` (or ``8,3,32,32``) into a shape tuple.
+
+    Raises:
+        ValueError: a dimension is not a positive integer.
+    """
+    parts = re.split(r"[x,×]", text.strip())
+    try:
+        shape = tuple(int(p) for p in parts)
+    except ValueError:
+        shape = ()
+    if not shape or any(d <= 0 for d in shape):
+        raise ValueError(f"cannot parse shape {text!r}: write positive sizes like 8x3x32x32")
+    return shape
+
+
+def parse_dtype(text: str) -> torch.dtype:
+    """Parse ``float32``, ``int64``, ``bfloat16``… into a ``torch.dtype``.
+
+    Raises:
+        ValueError: no torch dtype has that name.
+    """
+    dtype = getattr(torch, text.strip(), None)
+    if not isinstance(dtype, torch.dtype):
+        raise ValueError(f"unknown dtype {text!r}: use a torch dtype name such as float32 or int64")
+    return dtype
+
+
+def format_bytes(n: float) -> str:
+    """Format bytes with binary units (``1.5 MiB``)."""
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1024
+    raise AssertionError("unreachable")
+
+
+def format_seconds(s: float) -> str:
+    """Format seconds as milliseconds with three significant digits (``1.23 ms``)."""
+    return f"{s * 1e3:.3g} ms"

@@ -1,0 +1,54 @@
+"""Shared test helpers."""
+
+from __future__ import annotations
+
+import os
+import random
+from pathlib import Path
+
+import pytest
+import torch
+
+from pipeoptim.compiler.costgraph import CostGraph, CostNode
+
+SHARED = Path(__file__).resolve().parents[1].parent / "shared"
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    torch.set_num_threads(int(os.environ.get("PIPEOPTIM_TEST_THREADS", "1")))
+
+
+@pytest.fixture
+def shared_dir() -> Path:
+    """The ``../shared`` folder beside the checkout; skips the test where it is absent."""
+    if not SHARED.is_dir():
+        pytest.skip(f"{SHARED} is absent (real data and GPU cost graphs live there)")
+    return SHARED
+
+
+def random_cost_graph(rng: random.Random, n: int, *, chain: bool = False, max_inputs: int = 2) -> CostGraph:
+    """A random DAG of ``n`` compute nodes behind one input and before one output."""
+    nodes = [CostNode("x", "placeholder", "x", [], out_bytes=rng.randint(1, 200))]
+    for i in range(n):
+        if chain:
+            inputs = [nodes[-1].name]
+        else:
+            k = rng.randint(1, min(max_inputs, len(nodes)))
+            inputs = sorted({rng.choice(nodes).name for _ in range(k)}, key=lambda s: s)
+        size = rng.randint(1, 1000)
+        nodes.append(
+            CostNode(
+                f"n{i}",
+                "call_function",
+                "f",
+                inputs,
+                fwd_s=rng.uniform(0.1, 1.0),
+                bwd_s=rng.uniform(0.1, 2.0),
+                out_bytes=size,
+                grad_bytes=size,
+                param_bytes=rng.randint(0, 1000),
+                saved_bytes=rng.randint(0, 500),
+            )
+        )
+    nodes.append(CostNode("output", "output", "output", [nodes[-1].name]))
+    return CostGraph("random", nodes, batch_size=1)

@@ -1,0 +1,168 @@
+"""``pipeoptim partition`` as a user runs it."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from pipeoptim.cli.main import cli
+
+MODEL_FILE = """
+import torch
+from torch import nn
+
+def make():
+    return nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 4))
+
+def make_with_inputs():
+    return make(), (torch.randn(8, 16),)
+"""
+
+
+def run(*args: str) -> tuple[int, str, str]:
+    result = CliRunner().invoke(cli, list(args))
+    return result.exit_code, result.stdout, result.stderr
+
+
+@pytest.mark.parametrize("model", ["mlp", "resnet", "transformer", "multi_io", "long_skip"])
+@pytest.mark.parametrize("gpus", [2, 4])
+def test_builtin_examples(tmp_path: Path, model: str, gpus: int) -> None:
+    code, out, err = run("partition", model, "--gpus", str(gpus), "--profile-dir", str(tmp_path))
+    assert code == 0, err
+    assert "bottleneck" in out and "lower bound" in out and "balance ratio" in out
+    assert "throughput" in out and "bubble" in out and "solved by" in out
+    rows = [line for line in out.splitlines() if line.strip()[:1].isdigit() and ".." in line]
+    assert len(rows) == gpus
+
+
+def test_json_output_and_saved_plan(tmp_path: Path) -> None:
+    plan_file = tmp_path / "plan.json"
+    code, out, err = run(
+        "partition",
+        "resnet",
+        "--gpus",
+        "4",
+        "--json",
+        "--profile-dir",
+        str(tmp_path),
+        "--save",
+        str(plan_file),
+        "--memory",
+        "1GiB",
+    )
+    assert code == 0, err
+    data = json.loads(out)
+    assert len(data["stages"]) == 4
+    for key in (
+        "bottleneck_s",
+        "lower_bound_s",
+        "balance_ratio",
+        "throughput_per_s",
+        "bubble_fraction",
+        "solver",
+        "status",
+        "solve_s",
+    ):
+        assert key in data
+    assert data["bottleneck_s"] >= data["lower_bound_s"] > 0
+    assert data["bottleneck_s"] == max(s["time_s"] for s in data["stages"])
+    saved = json.loads(plan_file.read_text())
+    assert saved["schema"] == "pipeoptim-plan/1" and saved["summary"]["bottleneck_s"] == data["bottleneck_s"]
+
+
+def test_model_from_file_factory_and_shape_options(tmp_path: Path) -> None:
+    source = tmp_path / "mymodel.py"
+    source.write_text(MODEL_FILE)
+    code, out, err = run(
+        "partition", f"{source}:make", "--gpus", "2", "--input-shape", "8x16", "--profile-dir", str(tmp_path)
+    )
+    assert code == 0, err
+    assert "Sequential" in out
+    code, out, err = run(
+        "partition", f"{source}:make_with_inputs", "--gpus", "3", "--profile-dir", str(tmp_path), "--json"
+    )
+    assert code == 0, err
+    assert len(json.loads(out)["stages"]) == 3
+    code, out, err = run("partition", f"{source}:make", "--profile-dir", str(tmp_path))
+    assert code == 1 and "--input-shape" in err
+
+
+def test_second_run_reuses_the_profile(tmp_path: Path) -> None:
+    args = ("partition", "transformer", "--gpus", "2", "--profile-dir", str(tmp_path), "--json")
+    start = time.perf_counter()
+    code, out, err = run(*args)
+    first = time.perf_counter() - start
+    assert code == 0 and "saved profile" in err and not json.loads(out)["profile_reused"]
+    start = time.perf_counter()
+    code, out, err = run(*args)
+    second = time.perf_counter() - start
+    assert code == 0 and "reusing profile" in err and json.loads(out)["profile_reused"]
+    assert second < first
+
+
+def test_plan_from_a_saved_profile_without_the_model(tmp_path: Path) -> None:
+    run("partition", "mlp", "--gpus", "2", "--profile-dir", str(tmp_path))
+    profile = next(tmp_path.glob("Sequential-*.json"))
+    for gpus in ("2", "4", "8"):
+        code, out, err = run("partition", "--profile", str(profile), "--gpus", gpus, "--json")
+        assert code == 0, err
+        assert len(json.loads(out)["stages"]) == int(gpus)
+    code, _, err = run("partition", "transformer", "--profile", str(profile))
+    assert code == 1 and "another setting" in err
+
+
+@pytest.mark.parametrize(
+    "args, code, message",
+    [
+        (["nosuchmodel"], 1, "unknown model"),
+        (["mlp", "--memory", "lots"], 2, "cannot parse size"),
+        (["mlp", "--bandwidth", "fast"], 2, "cannot parse bandwidth"),
+        (["mlp", "--gpus", "0"], 2, "0"),
+        (["mlp", "--gpus", "100"], 1, "use at most"),
+        (["mlp", "--memory", "1KiB"], 1, "smallest feasible limit"),
+        (["mlp", "--optimizer", "lion"], 2, "unknown optimizer"),
+        ([], 2, "give a MODEL"),
+    ],
+)
+def test_errors_exit_non_zero_with_one_line(tmp_path: Path, args, code: int, message: str) -> None:
+    status, _, err = run("partition", *args, "--profile-dir", str(tmp_path))
+    assert status == code
+    assert message in err
+    assert "Traceback" not in err
+
+
+def test_console_script_help_and_exit_code() -> None:
+    exe = Path(sys.executable).parent / "pipeoptim"
+    done = subprocess.run([str(exe), "partition", "--help"], capture_output=True, text=True)
+    assert done.returncode == 0 and "--gpus" in done.stdout and "--bandwidth" in done.stdout
+    bad = subprocess.run([str(exe), "partition", "mlp", "--gpus", "x"], capture_output=True, text=True)
+    assert bad.returncode == 2
+
+
+@pytest.mark.slow
+def test_hugging_face_gpt2_12_layers(tmp_path: Path) -> None:
+    pytest.importorskip("transformers")
+    for gpus in ("2", "4", "8"):
+        code, out, err = run(
+            "partition",
+            "gpt2",
+            "--gpus",
+            gpus,
+            "--json",
+            "--profile-dir",
+            str(tmp_path),
+            "--input-shape",
+            "1x32",
+            "--input-dtype",
+            "int64",
+        )
+        assert code == 0, err
+        data = json.loads(out)
+        assert len(data["stages"]) == int(gpus) and data["status"] == "optimal"
+        assert data["profile_reused"] == (gpus != "2")

@@ -1,0 +1,157 @@
+"""The ILP partitioner against brute force, the chain DP and the baselines."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from pipeoptim.compiler import partition as P
+from pipeoptim.compiler.costgraph import CostGraph
+from pipeoptim.compiler.costmodel import CostConfig, evaluate
+from pipeoptim.compiler.units import coarsen, fine_units
+from pipeoptim.errors import InfeasibleMemoryError, PlanError
+
+from .conftest import random_cost_graph
+
+
+def bottleneck(graph: CostGraph, stage_of: list[int], config: CostConfig) -> float:
+    return max(s.time_s for s in evaluate(graph, stage_of, config))
+
+
+def assert_valid(graph: CostGraph, stage_of: list[int], config: CostConfig) -> None:
+    stats = evaluate(graph, stage_of, config)  # raises on a backward edge
+    assert len(stage_of) == len(graph.nodes)
+    assert {s for s in stage_of} <= set(range(config.num_stages))
+    if config.memory_limit is not None:
+        assert all(s.memory_bytes <= config.memory_limit for s in stats)
+    assert all(s.num_nodes > 0 for s in stats)
+
+
+configs = st.builds(
+    CostConfig,
+    num_stages=st.integers(2, 3),
+    method=st.sampled_from(["pipeoptim", "pipedream", "gpipe", "1f1b"]),
+    micro_batches=st.integers(1, 4),
+    bandwidth=st.sampled_from([None, 300.0, 3000.0]),
+    memory_limit=st.sampled_from([None, 5000, 9000]),
+    opt_state_factor=st.sampled_from([0.0, 1.0, 2.0]),
+)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(seed=st.integers(0, 10**6), size=st.integers(3, 7), chain=st.booleans(), config=configs)
+def test_ilp_equals_brute_force(seed: int, size: int, chain: bool, config: CostConfig) -> None:
+    graph = random_cost_graph(random.Random(seed), size, chain=chain)
+    try:
+        best = P.brute_force(graph, config)
+    except PlanError:
+        with pytest.raises(InfeasibleMemoryError) as info:
+            P.ilp(graph, config, max_units=1000, gap=1e-9)
+        # the smallest feasible limit it names is above the asked limit
+        assert info.value.min_feasible_bytes > (config.memory_limit or 0)
+        return
+    result = P.ilp(graph, config, max_units=1000, gap=1e-9)
+    assert result.optimal and result.status == "optimal"
+    assert_valid(graph, result.stage_of, config)
+    expected = bottleneck(graph, best.stage_of, config)
+    assert bottleneck(graph, result.stage_of, config) == pytest.approx(expected, rel=1e-6)
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    seed=st.integers(0, 10**6),
+    size=st.integers(5, 30),
+    stages=st.integers(2, 5),
+    bandwidth=st.sampled_from([None, 500.0]),
+)
+def test_ilp_equals_dp_on_chains(seed: int, size: int, stages: int, bandwidth: float | None) -> None:
+    graph = random_cost_graph(random.Random(seed), size, chain=True)
+    config = CostConfig(stages, bandwidth=bandwidth)
+    dp = P.chain_dp(graph, config)
+    result = P.ilp(graph, config, max_units=1000, gap=1e-9)
+    assert dp is not None
+    assert bottleneck(graph, result.stage_of, config) == pytest.approx(
+        bottleneck(graph, dp.stage_of, config), rel=1e-6
+    )
+
+
+@settings(max_examples=15, deadline=None)
+@given(seed=st.integers(0, 10**6), size=st.integers(6, 30), stages=st.integers(2, 5))
+def test_ilp_never_worse_than_baselines(seed: int, size: int, stages: int) -> None:
+    graph = random_cost_graph(random.Random(seed), size, max_inputs=3)
+    config = CostConfig(stages, bandwidth=800.0)
+    ilp = bottleneck(graph, P.ilp(graph, config, max_units=1000).stage_of, config)
+    for name, baseline in P.BASELINES.items():
+        result = baseline(graph, config)
+        assert_valid(graph, result.stage_of, config)
+        other = bottleneck(graph, result.stage_of, config)
+        assert ilp <= other * (1 + 1e-4), name
+    dp = P.chain_dp(graph, config)
+    assert dp is not None and ilp <= bottleneck(graph, dp.stage_of, config) * (1 + 1e-4)
+
+
+def test_infeasible_memory_names_smallest_feasible_limit() -> None:
+    graph = random_cost_graph(random.Random(3), 12)
+    config = CostConfig(3, memory_limit=100)
+    with pytest.raises(InfeasibleMemoryError, match="smallest feasible limit") as info:
+        P.ilp(graph, config)
+    least = info.value.min_feasible_bytes
+    ok = P.ilp(graph, CostConfig(3, memory_limit=least))
+    assert_valid(graph, ok.stage_of, CostConfig(3, memory_limit=least))
+    with pytest.raises(InfeasibleMemoryError):
+        P.ilp(graph, CostConfig(3, memory_limit=int(least * 0.99)))
+
+
+def test_more_stages_than_nodes_is_a_clear_error() -> None:
+    graph = random_cost_graph(random.Random(1), 3)
+    with pytest.raises(PlanError, match="only 3 node"):
+        P.ilp(graph, CostConfig(5))
+    with pytest.raises(PlanError, match="at least 1"):
+        P.ilp(graph, CostConfig(0))
+
+
+def test_coarsening_keeps_contiguous_units_and_a_dag() -> None:
+    graph = random_cost_graph(random.Random(7), 300, max_inputs=3)
+    fine = fine_units(graph)
+    units = coarsen(fine, 40, 4)
+    assert len(units) <= 40
+    assert sorted(i for m in units.members for i in m) == list(range(len(graph.nodes)))
+    assert all(a < b for a, b in units.edges())
+    result = P.ilp(graph, CostConfig(4, bandwidth=1000.0), max_units=40)
+    assert_valid(graph, result.stage_of, CostConfig(4, bandwidth=1000.0))
+    assert result.num_units <= 40
+
+
+def test_solvers_agree() -> None:
+    pytest.importorskip("highspy")
+    graph = random_cost_graph(random.Random(11), 25, max_inputs=3)
+    config = CostConfig(4, bandwidth=600.0, memory_limit=20000)
+    cbc = P.ilp(graph, config, solver="cbc", gap=1e-9)
+    highs = P.ilp(graph, config, solver="highs", gap=1e-9)
+    assert cbc.optimal and highs.optimal
+    assert bottleneck(graph, cbc.stage_of, config) == pytest.approx(
+        bottleneck(graph, highs.stage_of, config), rel=1e-6
+    )
+
+
+def test_time_limit_reports_status_and_gap() -> None:
+    graph = random_cost_graph(random.Random(5), 400, max_inputs=3)
+    result = P.ilp(graph, CostConfig(12, bandwidth=300.0), time_limit=1.0, max_units=200)
+    assert result.status in ("optimal", "feasible (time limit)")
+    if not result.optimal:
+        assert result.gap is None or result.gap > 0
+    assert_valid(graph, result.stage_of, CostConfig(12, bandwidth=300.0))
+
+
+@pytest.mark.parametrize("name", ["resnet101", "vgg16", "inception_v3", "alexnet", "gpt2"])
+def test_shared_gpu_cost_graphs_plan(shared_dir, name: str) -> None:
+    graph = CostGraph.load(shared_dir / "profiles" / f"{name}.json")
+    config = CostConfig(4, bandwidth=25e9)
+    result = P.ilp(graph, config)
+    assert_valid(graph, result.stage_of, config)
+    ilp = bottleneck(graph, result.stage_of, config)
+    for baseline in P.BASELINES.values():
+        assert ilp <= bottleneck(graph, baseline(graph, config).stage_of, config) * (1 + 1e-3)

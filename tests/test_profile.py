@@ -1,0 +1,95 @@
+"""Profiling: measured costs, the profile cache and its key, bad profile files."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from pipeoptim.compiler.costgraph import CostGraph
+from pipeoptim.compiler.profile import load_or_profile, profile_model
+from pipeoptim.compiler.trace import trace
+from pipeoptim.errors import ProfileError
+from pipeoptim.examples import mlp, transformer
+
+
+def test_every_compute_node_has_measured_forward_and_backward() -> None:
+    model, inputs = mlp(batch=16, width=64, depth=3)
+    traced = trace(model, inputs)
+    graph = profile_model(traced, inputs, repeats=3)
+    linears = [n for n in graph.nodes if n.target.endswith("linear")]
+    assert len(linears) == 3
+    for node in linears:
+        assert node.fwd_s > 0 and node.bwd_s > 0
+        assert node.out_bytes == 16 * node.out_meta[0]["shape"][1] * 4
+        assert node.saved_bytes >= 16 * 64 * 4  # linear saves its input activation
+        assert node.out_meta[0]["batch_dim"] == 0
+    params = {name: n.param_bytes for n in graph.nodes for name in n.params}
+    assert params == {k: v.numel() * 4 for k, v in model.named_parameters()}
+    assert graph.total_param_bytes == sum(p.numel() * 4 for p in model.parameters())
+    assert graph.info["static_batch"] is False
+
+
+def test_integer_inputs_carry_no_gradient_bytes() -> None:
+    model, inputs = transformer(batch=2, seq=8)
+    graph = profile_model(trace(model, inputs), inputs, repeats=1, warmup=0)
+    ids = graph.nodes[graph.index("idx")]
+    assert ids.out_bytes == 2 * 8 * 8 and ids.grad_bytes == 0
+    # the tied embedding is owned once
+    assert graph.total_param_bytes == sum(p.numel() * 4 for p in model.parameters())
+
+
+def test_profile_is_reused_for_the_same_key_and_redone_otherwise(tmp_path: Path) -> None:
+    model, inputs = mlp(batch=8, width=32, depth=2)
+    traced = trace(model, inputs)
+    logs: list[str] = []
+    first, reused = load_or_profile(traced, inputs, profile_dir=tmp_path, log=logs.append)
+    assert not reused and len(list(tmp_path.glob("*.json"))) == 1
+    second, reused = load_or_profile(traced, inputs, profile_dir=tmp_path, log=logs.append)
+    assert reused and "reusing profile" in logs[-1]
+    assert [n.fwd_s for n in second.nodes] == [n.fwd_s for n in first.nodes]
+    smaller = (inputs[0][:4],)
+    _, reused = load_or_profile(traced, smaller, profile_dir=tmp_path, log=logs.append)
+    assert not reused and any("input shapes/dtypes" in line for line in logs)
+    other_model, other_inputs = mlp(batch=8, width=32, depth=3)
+    _, reused = load_or_profile(
+        trace(other_model, other_inputs), other_inputs, profile_dir=tmp_path, log=logs.append
+    )
+    assert not reused and any("model graph" in line for line in logs)
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        ('{"schema": "pipeoptim-profile/1", "nodes": [', "not valid JSON"),
+        ('{"schema": "pipeoptim-profile/0", "nodes": []}', "schema"),
+        ("[1, 2]", "not a pipeoptim profile"),
+        ('{"schema": "pipeoptim-profile/1"}', "malformed"),
+    ],
+)
+def test_bad_profile_files_are_detected(tmp_path: Path, content: str, message: str) -> None:
+    path = tmp_path / "p.json"
+    path.write_text(content)
+    with pytest.raises(ProfileError, match=message):
+        CostGraph.load(path)
+
+
+def test_corrupt_cached_profile_is_replaced_not_used(tmp_path: Path) -> None:
+    model, inputs = mlp(batch=4, width=16, depth=2)
+    traced = trace(model, inputs)
+    graph, _ = load_or_profile(traced, inputs, profile_dir=tmp_path)
+    path = next(tmp_path.glob("*.json"))
+    path.write_text(path.read_text()[:100])  # truncated
+    logs: list[str] = []
+    _, reused = load_or_profile(traced, inputs, profile_dir=tmp_path, log=logs.append)
+    assert not reused and "not valid JSON" in logs[0]
+    assert json.loads(path.read_text())["key_hash"] == graph.key_hash
+
+
+def test_wrong_example_inputs_are_a_clear_error() -> None:
+    model, inputs = mlp(batch=4, width=16, depth=2)
+    traced = trace(model, inputs)
+    with pytest.raises(ProfileError, match=r"fails on the example inputs \(\(4, 7\)"):
+        profile_model(traced, (torch.randn(4, 7),))

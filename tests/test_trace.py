@@ -1,0 +1,144 @@
+"""Tracing: parameters as graph nodes, leaves, tied weights, the export fallback, errors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from pipeoptim.compiler.trace import call_leaf, trace
+from pipeoptim.errors import TraceError
+from pipeoptim.examples import resnet, transformer
+
+
+def param_targets(gm: torch.fx.GraphModule) -> set[str]:
+    return {str(n.target) for n in gm.graph.nodes if n.op == "get_attr"}
+
+
+def test_every_parameter_is_a_get_attr_node_including_batchnorm() -> None:
+    model, inputs = resnet()
+    traced = trace(model, inputs)
+    names = {n for n, _ in model.named_parameters()}
+    assert names <= param_targets(traced.gm)
+    leaf_calls = [n for n in traced.gm.graph.nodes if n.target is call_leaf]
+    assert len(leaf_calls) == sum(isinstance(m, nn.BatchNorm2d) for m in model.modules())
+    # BatchNorm stays a leaf so .eval() switches to running statistics
+    traced.gm.eval()
+    model.eval()
+    torch.testing.assert_close(traced.gm(*inputs)[0], model(*inputs), rtol=0, atol=0)
+
+
+def test_each_get_attr_sits_before_its_first_user() -> None:
+    traced = trace(*transformer())
+    nodes = list(traced.gm.graph.nodes)
+    for i, node in enumerate(nodes):
+        if node.op == "get_attr":
+            first = min(nodes.index(u) for u in node.users)
+            assert all(nodes[j].op == "get_attr" for j in range(i, first))
+
+
+def test_tied_parameters_are_recorded_and_share_one_node() -> None:
+    model, inputs = transformer()
+    traced = trace(model, inputs)
+    assert traced.method == "fx"
+    assert traced.tied == {"tok.weight": ["head.weight"]}
+    users = [n for n in traced.gm.graph.nodes if n.op == "get_attr" and n.target == "tok.weight"]
+    assert len(users) == 1 and len(users[0].users) == 2
+
+
+class Gate(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(4, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.sum() > 0:  # data-dependent: neither fx nor export can trace this
+            return self.lin(x)
+        return -x
+
+
+class WithGate(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.pre = nn.Linear(4, 4)
+        self.gate = Gate()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.gate(self.pre(x))
+
+
+class RootBranch(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(4, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.mean() > 0:
+            return self.lin(x)
+        return x
+
+
+def test_untraceable_submodule_becomes_a_leaf_with_its_parameters_as_nodes() -> None:
+    model = WithGate()
+    with pytest.warns(UserWarning, match="gate"):
+        traced = trace(model, torch.randn(3, 4))
+    assert "gate" in traced.auto_leaves and "test_trace.py" in traced.auto_leaves["gate"]
+    assert {"gate.lin.weight", "gate.lin.bias", "pre.weight"} <= param_targets(traced.gm)
+    x = torch.randn(3, 4)
+    torch.testing.assert_close(traced.gm(x)[0], model(x))
+    torch.testing.assert_close(traced.gm(-x.abs())[0], model(-x.abs()))
+
+
+def test_untraceable_root_names_module_line_and_fix() -> None:
+    with pytest.raises(TraceError) as info:
+        trace(RootBranch(), torch.randn(2, 4))
+    text = str(info.value)
+    assert "RootBranch" in text and "test_trace.py" in text and "if x.mean() > 0" in text
+    assert "leaf_modules" in text
+
+
+def test_user_leaf_module_and_unknown_leaf_name() -> None:
+    model, inputs = resnet()
+    traced = trace(model, inputs, leaf_modules=["layers.0"])
+    assert "layers.0" in traced.leaf_modules
+    assert any(n.op == "get_attr" and n.target == "layers.0" for n in traced.gm.graph.nodes)
+    with pytest.raises(TraceError, match="not a submodule"):
+        trace(model, inputs, leaf_modules=["nope"])
+
+
+def test_missing_example_input_is_a_clear_error() -> None:
+    class Two(nn.Module):
+        def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+            return a + b
+
+    with pytest.raises(TraceError, match="needs argument 'b'"):
+        trace(Two(), torch.randn(2))
+
+
+def test_hugging_face_gpt2_goes_through_torch_export() -> None:
+    transformers = pytest.importorskip("transformers")
+    config = transformers.GPT2Config(
+        n_layer=2,
+        n_embd=32,
+        n_head=2,
+        vocab_size=64,
+        n_positions=16,
+        use_cache=False,
+        bos_token_id=0,
+        eos_token_id=0,
+    )
+    torch.manual_seed(0)
+    model = transformers.GPT2LMHeadModel(config)
+    ids = torch.randint(0, 64, (2, 8))
+    traced = trace(model, ids)
+    assert traced.method == "export"
+    assert traced.tied == {"transformer.wte.weight": ["lm_head.weight"]}
+    targets = param_targets(traced.gm)
+    assert "transformer.wte.weight" in targets or "lm_head.weight" in targets
+    assert {n for n, _ in model.named_parameters() if n != "transformer.wte.weight"} <= targets
+    # dropout, attention dropout follow .eval(): outputs match the model exactly
+    model.eval()
+    traced.gm.eval()
+    with torch.no_grad():
+        out = traced.unflatten_output(traced.gm(ids))
+        torch.testing.assert_close(out.logits, model(ids).logits, rtol=0, atol=0)
