@@ -1,0 +1,38 @@
+"""pipeoptim: compile an ``nn.Module`` and its optimizer into an asynchronous pipeline-parallel
+trainer with PipeOptim weight prediction (Guan et al., arXiv:2312.00839) and the baselines
+GPipe, 1F1B, PipeDream, PipeDream-2BW and SpecTrain."""
+
+from pipeoptim.errors import (
+    CheckpointError,
+    CodegenError,
+    InfeasibleMemoryError,
+    NonFiniteLossError,
+    PipelineError,
+    PipeoptimError,
+    PlanError,
+    PredictorError,
+    ProfileError,
+    TraceError,
+)
+from pipeoptim.methods import METHODS
+from pipeoptim.pipeline import Loss, Pipeline, compile
+from pipeoptim.runtime.predictors import register_predictor
+
+__all__ = [
+    "METHODS",
+    "CheckpointError",
+    "CodegenError",
+    "InfeasibleMemoryError",
+    "Loss",
+    "NonFiniteLossError",
+    "Pipeline",
+    "PipelineError",
+    "PipeoptimError",
+    "PlanError",
+    "PredictorError",
+    "ProfileError",
+    "TraceError",
+    "compile",
+    "register_predictor",
+]
+__version__ = "0.1.0"

@@ -43,8 +43,8 @@ class CostNode:
         module: innermost module path the node was traced in.
         module_type: that module's class name.
         out_meta: one entry per flat output value: ``{"kind": "tensor", "shape", "dtype",
-            "requires_grad", "batch_dim"}`` or ``{"kind": "int" | "float" | "bool" | "ints" |
-            "none" | "module" | "other"}``.
+            "requires_grad", "batch_dim"}`` or ``{"kind": "int" | "float" | "bool" | "none" |
+            "module" | "other"}`` (leaves in ``torch.utils._pytree`` order).
         out_container: ``""`` when the output is one value, ``"tuple"`` or ``"list"`` when it is
             a flat sequence of the values in ``out_meta``, ``"nested"`` otherwise.
     """

@@ -60,12 +60,6 @@ def _nbytes(t: torch.Tensor) -> int:
     return t.numel() * t.element_size()
 
 
-def _leaves(value: Any) -> list[Any]:
-    if isinstance(value, torch.Size):
-        return [value]
-    return pytree.tree_leaves(value)
-
-
 def _value_meta(v: Any) -> dict[str, Any]:
     if isinstance(v, torch.Tensor):
         return {
@@ -85,14 +79,12 @@ def _value_meta(v: Any) -> dict[str, Any]:
         return {"kind": "int"}
     if isinstance(v, float):
         return {"kind": "float"}
-    if isinstance(v, (torch.Size, tuple, list)) and all(isinstance(x, int) for x in v):
-        return {"kind": "ints", "len": len(v)}
     return {"kind": "other", "type": type(v).__name__}
 
 
 def _container(value: Any) -> str:
-    if isinstance(value, (tuple, list)) and not isinstance(value, torch.Size):
-        flat = all(not isinstance(v, (tuple, list, dict)) or isinstance(v, torch.Size) for v in value)
+    if isinstance(value, (tuple, list)):
+        flat = all(not isinstance(v, (tuple, list, dict)) for v in value)
         return ("tuple" if isinstance(value, tuple) else "list") if flat else "nested"
     if isinstance(value, dict):
         return "nested"
@@ -177,7 +169,7 @@ def _measure_node(
         fwd_t = timer(lambda a=a, k=k: run(node.target, a, k))
         a, k = inputs()
         out = run(node.target, a, k)
-        outs = [t for t in _leaves(out) if isinstance(t, torch.Tensor) and t.requires_grad]
+        outs = [t for t in pytree.tree_leaves(out) if isinstance(t, torch.Tensor) and t.requires_grad]
         bwd_t = 0.0
         if outs:
             grads = [torch.ones_like(t) for t in outs]
@@ -225,7 +217,7 @@ def _batch_dims(
     for node, (value, _) in records.items():
         new_value = other.env.get(node)
         dims: list[int | None] = []
-        for a, b in zip(_leaves(value), _leaves(new_value)):
+        for a, b in zip(pytree.tree_leaves(value), pytree.tree_leaves(new_value)):
             dim = None
             if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor):
                 for d, (sa, sb) in enumerate(zip(a.shape, b.shape)):
@@ -285,7 +277,7 @@ def profile_model(
     nodes: list[CostNode] = []
     for node in gm.graph.nodes:
         value = recorder.env.get(node)
-        leaves = _leaves(value) if node.op != "output" else []
+        leaves = pytree.tree_leaves(value) if node.op != "output" else []
         module, module_type = node_module(node)
         cost = CostNode(
             name=node.name,

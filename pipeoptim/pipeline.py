@@ -1,0 +1,514 @@
+"""``pipeoptim.compile``: a model and its optimizer become a pipeline-parallel trainer."""
+
+from __future__ import annotations
+
+import copy
+import math
+import os
+import threading
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils import _pytree as pytree
+
+from pipeoptim.compiler import plan_model
+from pipeoptim.compiler.costmodel import CostConfig, optimizer_state_factor
+from pipeoptim.compiler.plan import Plan
+from pipeoptim.compiler.trace import TracedModel
+from pipeoptim.errors import PipelineError, PipeoptimError, PlanError, PredictorError
+from pipeoptim.methods import METHODS, get_method
+from pipeoptim.runtime.build import PipelineSpec, aliases_of, build_stage
+from pipeoptim.runtime.executor import LocalExecutor, MiniBatch
+from pipeoptim.runtime.optim import hyperparameters, param_group_names
+from pipeoptim.runtime.predictors import get_predictor
+from pipeoptim.units import parse_bandwidth, parse_bytes
+
+_OPTIMIZER_STATE = "pipeoptim-optimizer/1"
+
+
+class Loss:
+    """The loss of one mini-batch, known once the last stage has computed it.
+
+    ``float(loss)``, ``loss.item()`` and ``loss.wait()`` block until then (and re-raise a
+    failure of the pipeline); ``loss.done()`` does not block. Losses complete in the order
+    the mini-batches were given.
+    """
+
+    def __init__(self, index: int) -> None:
+        self.index = index
+        self._future: torch.futures.Future = torch.futures.Future()
+
+    def done(self) -> bool:
+        return self._future.done()
+
+    def wait(self) -> float:
+        return float(self._future.wait())
+
+    item = wait
+
+    def __float__(self) -> float:
+        return self.wait()
+
+    def __repr__(self) -> str:
+        if self.done():
+            try:
+                return f"Loss(mini_batch={self.index}, value={self.wait():.6g})"
+            except Exception as exc:  # a failed future
+                return f"Loss(mini_batch={self.index}, failed: {type(exc).__name__})"
+        return f"Loss(mini_batch={self.index}, pending)"
+
+    def _set(self, value: float) -> None:
+        self._future.set_result(value)
+
+    def _fail(self, exc: BaseException) -> None:
+        if not self._future.done():
+            self._future.set_exception(exc)
+
+
+def _as_tuple(inputs: Any) -> tuple[torch.Tensor, ...]:
+    return (inputs,) if isinstance(inputs, torch.Tensor) else tuple(inputs)
+
+
+def _split(value: Any, parts: int) -> list[Any]:
+    """Split every tensor of ``value`` along dim 0 into ``parts`` (``torch.tensor_split``)."""
+    leaves, spec = pytree.tree_flatten(value)
+    pieces = [torch.tensor_split(x, parts) if isinstance(x, torch.Tensor) else [x] * parts for x in leaves]
+    return [pytree.tree_unflatten([p[j] for p in pieces], spec) for j in range(parts)]
+
+
+class Pipeline:
+    """A compiled pipeline; build it with :func:`compile`.
+
+    Attributes:
+        plan: the partition (``print(pipe.plan.table())`` shows one row per stage).
+        method: the pipeline method name.
+        num_stages: number of stages.
+    """
+
+    def __init__(
+        self,
+        spec: PipelineSpec,
+        traced: TracedModel,
+        optimizer: torch.optim.Optimizer,
+        batch_size: int,
+        static_batch: bool,
+        executor: str,
+        device: torch.device,
+        timeout: float,
+    ) -> None:
+        self.spec = spec
+        self.plan: Plan = spec.plan
+        self.method = spec.method
+        self.num_stages = spec.num_stages
+        self.micro_batches = spec.micro_batches
+        self.batch_size = batch_size
+        self._static_batch = static_batch
+        self._traced = traced
+        self._optimizer = optimizer
+        self._template = copy.deepcopy(spec.model)  # structure and constants for to_module()
+        self._next = 0
+        self._pending: dict[int, list[Any]] = {}
+        self._losses: dict[int, Loss] = {}
+        self._scales: dict[int, list[float]] = {}
+        self._lock = threading.Lock()
+        self._closed = False
+        self._error: BaseException | None = None
+        self.executor_kind = executor
+        self.device = device
+        self.timeout = timeout
+        self._executor = self._start_executor()
+
+    # -- executors -------------------------------------------------------------------
+
+    def _start_executor(self) -> Any:
+        if self.executor_kind == "local":
+            stages = [build_stage(self.spec, self._traced, k, self.device) for k in range(self.num_stages)]
+            self._stages = stages
+            return LocalExecutor(stages, self.spec.schedule(), self._on_loss)
+        from pipeoptim.runtime.distributed import ProcessExecutor
+
+        return ProcessExecutor(self.spec, self._on_loss, self._on_error, timeout=self.timeout)
+
+    def _on_loss(self, micro_batch: int, value: torch.Tensor) -> None:
+        mini, j = divmod(micro_batch, self.micro_batches)
+        with self._lock:
+            parts = self._pending.setdefault(mini, [])
+            parts.append((j, float(value)))
+            scales = self._scales[mini]
+            if len(parts) < len(scales):
+                return
+            total = sum(v * scales[i] for i, v in sorted(parts))
+            del self._pending[mini], self._scales[mini]
+            loss = self._losses.pop(mini)
+        loss._set(total)
+
+    def _on_error(self, exc: BaseException) -> None:
+        self._error = exc
+        with self._lock:
+            losses = list(self._losses.values())
+            self._losses.clear()
+        for loss in losses:
+            loss._fail(exc)
+
+    # -- training --------------------------------------------------------------------
+
+    def _check_batch(self, inputs: tuple[torch.Tensor, ...]) -> int:
+        examples = self.spec.example_inputs
+        if len(inputs) != len(examples):
+            raise PipelineError(
+                f"step() got {len(inputs)} input tensor(s), the model was compiled with {len(examples)}"
+            )
+        batch = None
+        for i, (x, ex) in enumerate(zip(inputs, examples)):
+            if not isinstance(x, torch.Tensor):
+                raise PipelineError(f"input {i} is a {type(x).__name__}, not a tensor")
+            if x.dtype != ex.dtype or tuple(x.shape[1:]) != tuple(ex.shape[1:]):
+                raise PipelineError(
+                    f"input {i} has shape {tuple(x.shape)} {x.dtype}; the plan expects "
+                    f"[batch, {', '.join(map(str, ex.shape[1:]))}] {ex.dtype}: give inputs shaped "
+                    "like example_inputs, or compile again for the new shape"
+                )
+            if batch is None:
+                batch = x.shape[0]
+            elif x.shape[0] != batch:
+                raise PipelineError(f"inputs disagree on the batch size ({batch} vs {x.shape[0]})")
+        assert batch is not None
+        if batch > self.batch_size:
+            raise PipelineError(
+                f"mini-batch of {batch} is larger than the {self.batch_size} the plan was made for "
+                "(its memory estimate would not hold): compile with a larger example batch"
+            )
+        if batch < self.micro_batches:
+            raise PipelineError(
+                f"mini-batch of {batch} cannot be split into {self.micro_batches} micro-batches; "
+                "drop the last incomplete batch (DataLoader(drop_last=True))"
+            )
+        if batch != self.batch_size and self._static_batch:
+            raise PipelineError(
+                f"this model was traced for mini-batches of exactly {self.batch_size} (torch.export "
+                f"fixes shapes) but got {batch}: drop the last incomplete batch (drop_last=True)"
+            )
+        return batch
+
+    def step(self, inputs: Any, targets: Any) -> Loss:
+        """Feed one mini-batch; returns its :class:`Loss` at once (a future).
+
+        Asynchronous methods keep up to N mini-batches in flight, so the loss may still be
+        pending; flushing methods (gpipe, 1f1b) finish the mini-batch before returning.
+
+        Args:
+            inputs: tensor or tuple of tensors, ``[batch, ...]`` like ``example_inputs``.
+            targets: whatever ``loss_fn`` takes as its second argument (tensors are split
+                along dim 0 into micro-batches).
+
+        Raises:
+            PipelineError: wrong shapes or dtypes, a batch larger than planned, a closed
+                pipeline, or a failure of a stage.
+        """
+        self._check_open()
+        inputs = _as_tuple(inputs)
+        batch = self._check_batch(inputs)
+        m = self.micro_batches
+        micro_inputs = _split(inputs, m)
+        micro_targets = _split(targets, m)
+        sizes = [int(x[0].shape[0]) for x in micro_inputs]
+        scales = [n / batch for n in sizes]
+        index = self._next
+        self._next += 1
+        loss = Loss(index)
+        with self._lock:
+            self._losses[index] = loss
+            self._scales[index] = scales
+        device = self.device if self.executor_kind == "local" else torch.device("cpu")
+        batch_ = MiniBatch(
+            index=index,
+            inputs=[tuple(x.to(device) for x in xs) for xs in micro_inputs],
+            targets=[
+                pytree.tree_map(lambda t: t.to(device) if isinstance(t, torch.Tensor) else t, y)
+                for y in micro_targets
+            ],
+            scales=scales,
+            sizes=sizes,
+            hyper=hyperparameters(self._optimizer),
+        )
+        try:
+            self._executor.submit(batch_)
+        except PipeoptimError as exc:
+            self._on_error(exc)
+            raise
+        return loss
+
+    def train(self, batches: Iterable[tuple[Any, Any]]) -> Iterator[float]:
+        """Stream ``(inputs, targets)`` mini-batches; yields each loss in order.
+
+        Up to N mini-batches are kept in flight; the pipeline is flushed at the end.
+        """
+        pending: deque[Loss] = deque()
+        for inputs, targets in batches:
+            pending.append(self.step(inputs, targets))
+            while pending and (pending[0].done() or len(pending) > self.num_stages):
+                yield pending.popleft().wait()
+        self.flush()
+        while pending:
+            yield pending.popleft().wait()
+
+    def flush(self) -> None:
+        """Wait until every mini-batch in flight has finished its backward and step."""
+        self._check_open()
+        self._executor.flush()
+        if self._losses:
+            raise PipelineError(f"flush finished with {len(self._losses)} loss(es) missing")
+
+    # -- evaluation and state ----------------------------------------------------------
+
+    @torch.no_grad()
+    def predict(self, inputs: Any) -> Any:
+        """Forward-only pass with the current weights (evaluation mode); flushes first.
+
+        Returns the model's output structure, with tensors on the CPU.
+        """
+        self.flush()
+        inputs = _as_tuple(inputs)
+        batch = self._check_eval_batch(inputs)
+        size = math.ceil(self.batch_size / self.micro_batches)
+        chunks = [tuple(x[i : i + size] for x in inputs) for i in range(0, batch, size)]
+        if self._static_batch and any(c[0].shape[0] != size for c in chunks):
+            raise PipelineError(
+                f"this model was traced for micro-batches of exactly {size}: give predict() a "
+                f"multiple of {size} rows"
+            )
+        outputs = self._executor.forward_only(
+            chunks if self.executor_kind != "local" else [tuple(x.to(self.device) for x in c) for c in chunks]
+        )
+        flat = [
+            torch.cat([o[i] for o in outputs]) if isinstance(outputs[0][i], torch.Tensor) else outputs[0][i]
+            for i in range(len(outputs[0]))
+        ]
+        flat = [t.cpu() if isinstance(t, torch.Tensor) else t for t in flat]
+        return self._traced.unflatten_output(flat)
+
+    __call__ = predict
+
+    def _check_eval_batch(self, inputs: tuple[torch.Tensor, ...]) -> int:
+        examples = self.spec.example_inputs
+        if len(inputs) != len(examples) or any(
+            x.dtype != ex.dtype or tuple(x.shape[1:]) != tuple(ex.shape[1:])
+            for x, ex in zip(inputs, examples)
+        ):
+            raise PipelineError("predict() inputs must be shaped like example_inputs (any batch size)")
+        return int(inputs[0].shape[0])
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """The trained weights, keyed exactly like the original model's ``state_dict()``."""
+        self.flush()
+        owned = self._executor.state_dict()
+        aliases = aliases_of(self._traced.tied)
+        result = {}
+        for key, value in self._template.state_dict().items():
+            source = owned.get(key)
+            if source is None:
+                source = next((owned[a] for a in aliases.get(key, []) if a in owned), None)
+            result[key] = (source if source is not None else value).detach().cpu().clone()
+        return result
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        """Load weights keyed like the original model's ``state_dict()`` into the stages.
+
+        Raises:
+            PipelineError: keys differ from the model's (names the first few).
+        """
+        self.flush()
+        expected = set(self._template.state_dict())
+        missing, extra = expected - set(state), set(state) - expected
+        if missing or extra:
+            raise PipelineError(
+                f"state dict does not belong to {type(self._template).__name__}: missing "
+                f"{sorted(missing)[:3]}, unexpected {sorted(extra)[:3]}"
+            )
+        self._template.load_state_dict(state)
+        self._executor.load_state_dict(state, aliases_of(self._traced.tied))
+
+    def optimizer_state_dict(self) -> dict[str, Any]:
+        """Optimizer state keyed by parameter name, and the stage step counts."""
+        self.flush()
+        return {"format": _OPTIMIZER_STATE, **self._executor.optimizer_state()}
+
+    def load_optimizer_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`optimizer_state_dict` output.
+
+        Raises:
+            PipelineError: the state is from another format or another model.
+        """
+        if state.get("format") != _OPTIMIZER_STATE:
+            raise PipelineError("not a pipeoptim optimizer state (format differs)")
+        self.flush()
+        self._executor.load_optimizer_state(state)
+
+    def to_module(self) -> nn.Module:
+        """A new instance of the original model class holding the trained weights."""
+        module = copy.deepcopy(self._template)
+        module.load_state_dict(self.state_dict())
+        return module
+
+    @property
+    def peak_weight_versions(self) -> list[int]:
+        """Per stage, the most versions of a weight held at once so far (measured)."""
+        return self._executor.peak_weight_versions()
+
+    # -- lifetime --------------------------------------------------------------------
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise PipelineError("the pipeline is closed")
+        if self._error is not None:
+            raise PipelineError(f"the pipeline failed earlier: {self._error}") from self._error
+
+    def close(self) -> None:
+        """End every worker; further calls raise :class:`PipelineError`."""
+        if self._closed:
+            return
+        self._closed = True
+        close = getattr(self._executor, "close", None)
+        if close is not None:
+            close()
+
+    def __enter__(self) -> Pipeline:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:  # interpreter shutdown
+            pass
+
+
+def compile(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    gpus: int = 4,
+    *,
+    example_inputs: Any,
+    loss_fn: Callable[[Any, Any], torch.Tensor],
+    method: str = "pipeoptim",
+    micro_batches: int | None = None,
+    memory: str | int | None = None,
+    bandwidth: str | float | None = "25GB/s",
+    profile_dir: str | os.PathLike[str] | None = "profiles",
+    executor: str = "auto",
+    leaf_modules: Sequence[str] = (),
+    seed: int = 0,
+    timeout: float = 300.0,
+    backward: str = "current",
+    solver: str = "cbc",
+    log: Callable[[str], None] | None = None,
+) -> Pipeline:
+    """Compile ``model`` and ``optimizer`` into a pipeline of ``gpus`` stages.
+
+    Args:
+        model: any ``nn.Module``; it is copied, never changed.
+        optimizer: a ``torch.optim`` optimizer over ``model``'s parameters; each stage runs
+            one of the same class with the same per-group hyperparameters (a learning-rate
+            scheduler on it keeps working).
+        gpus: number of pipeline stages N (one device or process each).
+        example_inputs: one mini-batch of inputs (tensor or tuple), ``[batch, ...]``; the
+            plan is made for this batch size (split into micro-batches where the method
+            does).
+        loss_fn: ``loss_fn(model_output, targets) -> scalar tensor``, mean-reduced.
+        method: ``pipeoptim`` (default), ``pipedream``, ``2bw``, ``spectrain``, ``none``,
+            ``gpipe`` or ``1f1b`` (see :mod:`pipeoptim.methods`).
+        micro_batches: M for gpipe, 1f1b and 2bw (default N; 2bw needs M >= N).
+        memory: per-stage memory limit (``"16GiB"``, bytes) for the plan.
+        bandwidth: between stages (``"25GB/s"``, bytes/s); ``None`` ignores communication.
+        profile_dir: where profiles are cached (``None``: do not cache).
+        executor: ``"local"`` (all stages in this process, deterministic), ``"processes"``
+            (one worker process per stage, torch.distributed), or ``"auto"`` (processes).
+        leaf_modules: qualified names of modules to keep as single nodes.
+        seed: seed of the per-micro-batch random streams (dropout).
+        timeout: seconds any wait between stages may take before the pipeline fails.
+        backward: PipeOptim only: ``"current"`` weights (the paper) or ``"predicted"``.
+        solver: ILP solver, ``cbc`` or ``highs``.
+        log: receives progress messages (profiling, reuse of a saved profile).
+
+    Raises:
+        ValueError: a bad argument (the message says which and what is allowed).
+        PredictorError: ``method="pipeoptim"`` with an optimizer that has no predictor, or
+            ``spectrain`` without SGD momentum.
+        TraceError, ProfileError, PlanError: from the compiler.
+    """
+    if not isinstance(gpus, int) or gpus < 1:
+        raise ValueError(f"gpus must be a positive integer, got {gpus!r}")
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
+    if executor not in ("auto", "local", "processes"):
+        raise ValueError(f"executor must be 'auto', 'local' or 'processes', not {executor!r}")
+    info = get_method(method)
+    m = micro_batches if micro_batches is not None else (gpus if info.micro_batched else 1)
+    if m < 1:
+        raise ValueError(f"micro_batches must be positive, got {m}")
+    if not info.micro_batched and m != 1:
+        raise ValueError(f"method {method!r} does not split mini-batches: leave micro_batches unset")
+    if method == "2bw" and m < gpus:
+        raise ValueError(f"PipeDream-2BW needs micro_batches >= stages ({m} < {gpus}) to keep two versions")
+    if info.policy == "pipeoptim":
+        get_predictor(optimizer)
+    if info.policy == "spectrain" and not (
+        isinstance(optimizer, torch.optim.SGD) and all(g.get("momentum", 0) for g in optimizer.param_groups)
+    ):
+        raise PredictorError(
+            f"SpecTrain needs torch.optim.SGD with momentum > 0, got {type(optimizer).__name__}: use "
+            "SGD(..., momentum=0.9) or method='pipeoptim'"
+        )
+    inputs = _as_tuple(example_inputs)
+    batch = int(inputs[0].shape[0])
+    if batch < m:
+        raise ValueError(f"example batch of {batch} cannot be split into {m} micro-batches")
+    micro = tuple(x[: math.ceil(batch / m)].detach().cpu() for x in inputs)
+    model_copy = copy.deepcopy(model).cpu()
+    groups = param_group_names(optimizer, model)
+    config = CostConfig(
+        num_stages=gpus,
+        method=method,
+        micro_batches=m,
+        bandwidth=parse_bandwidth(bandwidth) if bandwidth is not None else None,
+        memory_limit=parse_bytes(memory) if memory is not None else None,
+        opt_state_factor=optimizer_state_factor(optimizer),
+    )
+    planned = plan_model(
+        model_copy,
+        micro,
+        config,
+        leaf_modules=leaf_modules,
+        profile_dir=profile_dir,
+        solver=solver,
+        log=log or (lambda _msg: None),
+    )
+    static = bool(planned.graph.info.get("static_batch")) or planned.traced.method == "export"
+    if static and batch % m:
+        raise PlanError(
+            f"{type(model).__name__} was traced with torch.export, which fixes shapes: the example "
+            f"batch ({batch}) must be a multiple of micro_batches ({m})"
+        )
+    spec = PipelineSpec(
+        model=model_copy,
+        example_inputs=micro,
+        leaf_modules=tuple(leaf_modules),
+        plan=planned.plan,
+        method=method,
+        optimizer_class=type(optimizer),
+        optimizer_defaults=dict(optimizer.defaults),
+        group_names=groups,
+        hyper=hyperparameters(optimizer),
+        loss_fn=loss_fn,
+        micro_batches=m,
+        seed=seed,
+        policy_options={"backward": backward} if info.policy == "pipeoptim" else {},
+    )
+    kind = "processes" if executor == "auto" else executor
+    device = inputs[0].device if kind == "local" else torch.device("cpu")
+    return Pipeline(spec, planned.traced, optimizer, batch, static, kind, device, timeout)

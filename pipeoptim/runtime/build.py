@@ -1,0 +1,134 @@
+"""Everything needed to build the stages of a pipeline, in any process.
+
+A :class:`PipelineSpec` is plain, picklable data (the model, one example micro-batch, the
+plan, the method and the user's optimizer class and hyperparameters). Every process that runs
+a stage -- this one for the local executor, each worker otherwise -- traces the model again
+(deterministic; the graph hash is checked against the plan) and builds its stage with
+:func:`build_stage`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from pipeoptim.compiler.codegen import build_stage as codegen_stage
+from pipeoptim.compiler.plan import Plan
+from pipeoptim.compiler.trace import TracedModel, trace
+from pipeoptim.methods import get_method
+from pipeoptim.runtime.optim import mirror
+from pipeoptim.runtime.policies import insert_policy, make_policy
+from pipeoptim.runtime.schedule import Schedule
+from pipeoptim.runtime.stage import StageRuntime
+
+
+@dataclass
+class PipelineSpec:
+    """What every stage process needs (picklable)."""
+
+    model: nn.Module
+    example_inputs: tuple[torch.Tensor, ...]
+    leaf_modules: tuple[str, ...]
+    plan: Plan
+    method: str
+    optimizer_class: type[torch.optim.Optimizer]
+    optimizer_defaults: dict[str, Any]
+    group_names: list[list[str]]
+    hyper: list[dict[str, Any]]
+    loss_fn: Callable[[Any, Any], torch.Tensor]
+    micro_batches: int
+    seed: int = 0
+    policy_options: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def num_stages(self) -> int:
+        return self.plan.num_stages
+
+    def schedule(self) -> Schedule:
+        """The schedule of the method (PipeDream-2BW steps every M micro-batches)."""
+        method = get_method(self.method)
+        steps_every = self.micro_batches if method.policy == "2bw" else 1
+        return Schedule(method.schedule, self.num_stages, self.micro_batches, steps_every)
+
+    def trace(self) -> TracedModel:
+        return trace(self.model, self.example_inputs, self.leaf_modules)
+
+
+def input_grad_mask(plan: Plan, stage: int) -> list[bool]:
+    """For each flat input leaf of ``stage``, whether a gradient is sent back for it."""
+    if stage == 0:
+        return []
+    mask = []
+    for name in plan.io[stage].inputs:
+        for meta in plan.values[name]["meta"]:
+            floating = meta.get("dtype", "").startswith(("float", "bfloat", "complex"))
+            mask.append(meta["kind"] == "tensor" and bool(meta.get("requires_grad")) and floating)
+    return mask
+
+
+def aliases_of(tied: dict[str, list[str]]) -> dict[str, list[str]]:
+    """Every name of a shared parameter mapped to its other names."""
+    out: dict[str, list[str]] = {}
+    for first, others in tied.items():
+        names = [first, *others]
+        for name in names:
+            out[name] = [n for n in names if n != name]
+    return out
+
+
+def build_stage(
+    spec: PipelineSpec, traced: TracedModel, stage: int, device: torch.device | str = "cpu"
+) -> StageRuntime:
+    """The runtime of stage ``stage``: submodule with its weight policy, optimizer, loss."""
+    plan = spec.plan
+    module = codegen_stage(traced, plan, stage)
+    method = get_method(spec.method)
+    policy = make_policy(method.policy, **spec.policy_options) if method.asynchronous else None
+    if policy is not None:
+        params = insert_policy(module, policy)
+    else:
+        by_name = dict(module.named_parameters(remove_duplicate=False))
+        params = {
+            str(n.target): by_name[str(n.target)]
+            for n in module.graph.nodes
+            if n.op == "get_attr" and str(n.target) in by_name and by_name[str(n.target)].requires_grad
+        }
+    module.to(device)
+    module.train()
+    optimizer, group_map = mirror(
+        spec.optimizer_class,
+        spec.optimizer_defaults,
+        spec.group_names,
+        spec.hyper,
+        params,
+        _alias_lookup(aliases_of(traced.tied), params),
+    )
+    if policy is not None and optimizer is not None:
+        policy.attach(params, optimizer, stage, plan.num_stages)
+    last = stage == plan.num_stages - 1
+    return StageRuntime(
+        index=stage,
+        num_stages=plan.num_stages,
+        module=module,
+        optimizer=optimizer,
+        group_map=group_map,
+        policy=policy if optimizer is not None else None,
+        input_grad_mask=input_grad_mask(plan, stage),
+        loss_fn=spec.loss_fn if last else None,
+        unflatten_output=traced.unflatten_output if last else None,
+        seed=spec.seed,
+    )
+
+
+def _alias_lookup(aliases: dict[str, list[str]], params: dict[str, nn.Parameter]) -> dict[str, str]:
+    """``{name in the optimizer: name in params}`` for shared parameters named otherwise."""
+    out = {}
+    for name, others in aliases.items():
+        for other in others:
+            if other in params:
+                out[name] = other
+    return out

@@ -1,0 +1,226 @@
+"""Point-to-point exchange of boundary values between neighbouring stages (torch.distributed).
+
+Shapes and dtypes come from the plan (:attr:`pipeoptim.compiler.plan.Plan.values`), scaled
+along the batch dimension by the micro-batch size, so receivers allocate their buffers
+without a shape handshake. Numbers crossing a boundary (a batch size computed in the graph)
+travel packed into one float64 tensor. Sends are asynchronous (``isend``) and receives are
+posted ahead of the action that needs them (:meth:`DistChannel.prefetch`), so transfers
+overlap computation; every wait has a timeout.
+"""
+
+from __future__ import annotations
+
+import datetime
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch.utils import _pytree as pytree
+
+from pipeoptim.compiler.plan import Plan
+from pipeoptim.errors import PipelineError
+
+_SCALARS = ("int", "float", "bool")
+LOSS_TAG = 7  # loss messages from the last rank to rank 0 (torchrun mode)
+
+
+def leaf_metas(plan: Plan, names: Sequence[str]) -> list[dict[str, Any]]:
+    """Metadata of the flat leaves of the values ``names``, in order."""
+    return [meta for name in names for meta in plan.values[name]["meta"]]
+
+
+def rebuild(plan: Plan, names: Sequence[str], leaves: Sequence[Any]) -> tuple[Any, ...]:
+    """Turn flat leaves back into the values ``names`` (tuples and lists restored)."""
+    values, i = [], 0
+    for name in names:
+        info = plan.values[name]
+        count = len(info["meta"])
+        part = list(leaves[i : i + count])
+        i += count
+        container = info.get("container", "")
+        values.append(tuple(part) if container == "tuple" else part if container == "list" else part[0])
+    return tuple(values)
+
+
+def shape_for(meta: dict[str, Any], plan_batch: int, batch: int) -> list[int]:
+    """The plan's shape of a tensor leaf at micro-batch size ``batch``."""
+    shape = list(meta["shape"])
+    dim = meta.get("batch_dim")
+    if dim is not None and batch != plan_batch:
+        shape[dim] = shape[dim] * batch // plan_batch
+    return shape
+
+
+class DistChannel:
+    """The channel of one stage process (see :class:`pipeoptim.runtime.executor.Channel`).
+
+    Args:
+        rank: this stage's rank (= stage index).
+        world: number of stages.
+        plan: the plan (interfaces and value metadata).
+        grad_mask_in: which flat input leaves send a gradient back.
+        grad_mask_out: which flat output leaves receive one (the next stage's input mask).
+        timeout: seconds any receive may wait.
+        device: where received tensors live.
+    """
+
+    def __init__(
+        self,
+        rank: int,
+        world: int,
+        plan: Plan,
+        grad_mask_in: Sequence[bool],
+        grad_mask_out: Sequence[bool],
+        timeout: float,
+        device: torch.device,
+    ) -> None:
+        self.rank = rank
+        self.world = world
+        self.plan = plan
+        self.timeout = datetime.timedelta(seconds=timeout)
+        self.device = device
+        self.in_names = plan.io[rank].inputs if rank > 0 else []
+        self.out_names = plan.io[rank].outputs if rank < world - 1 else []
+        self.in_meta = leaf_metas(plan, self.in_names)
+        self.out_meta = leaf_metas(plan, self.out_names)
+        self.grad_mask_in = list(grad_mask_in)
+        self.grad_mask_out = list(grad_mask_out)
+        self.sizes: dict[int, int] = {}
+        self.data: dict[int, tuple[Any, Any, float, int]] = {}
+        self.losses: list[tuple[int, float]] = []
+        self._sends: list[tuple[Any, Any]] = []
+        self._posted: dict[tuple[str, int], list[Any]] = {}
+
+    # -- data given by the driver ----------------------------------------------------
+
+    def add_micro_batch(
+        self, micro_batch: int, size: int, inputs: Any, targets: Any, scale: float, mini: int
+    ) -> None:
+        self.sizes[micro_batch] = size
+        self.data[micro_batch] = (inputs, targets, scale, mini)
+
+    def inputs(self, micro_batch: int) -> Sequence[Any]:
+        if self.rank == 0:
+            return self.data[micro_batch][0]
+        leaves = self._wait(("act", micro_batch))
+        return rebuild(self.plan, self.in_names, leaves)
+
+    def targets(self, micro_batch: int) -> Any:
+        return self.data[micro_batch][1]
+
+    def scale(self, micro_batch: int) -> float:
+        return self.data[micro_batch][2]
+
+    def mini_batch(self, micro_batch: int) -> int:
+        return self.data[micro_batch][3]
+
+    def loss(self, micro_batch: int, value: torch.Tensor) -> None:
+        self.losses.append((micro_batch, float(value)))
+
+    def done(self, micro_batch: int) -> None:
+        """Forget a micro-batch's data and size once this stage has finished it."""
+        self.data.pop(micro_batch, None)
+        self.sizes.pop(micro_batch, None)
+
+    # -- sending ---------------------------------------------------------------------
+
+    def _isend(self, tensor: torch.Tensor, dst: int, tag: int = 0) -> None:
+        tensor = tensor.contiguous()
+        self._sends.append((dist.isend(tensor, dst, tag=tag), tensor))
+        self._sends = [(w, t) for w, t in self._sends if not w.is_completed()]
+
+    def _send_leaves(
+        self, leaves: Sequence[Any], metas: Sequence[dict], mask: Sequence[bool] | None, dst: int
+    ) -> None:
+        scalars = [float(v) for v, m in zip(leaves, metas) if m["kind"] in _SCALARS]
+        if scalars and mask is None:
+            self._isend(torch.tensor(scalars, dtype=torch.float64), dst)
+        for i, (v, m) in enumerate(zip(leaves, metas)):
+            if m["kind"] != "tensor" or (mask is not None and not mask[i]):
+                continue
+            if not isinstance(v, torch.Tensor):
+                raise PipelineError(
+                    f"stage {self.rank}: expected a tensor for a boundary value, got {type(v).__name__}"
+                )
+            self._isend(v.detach(), dst)
+
+    def send_activations(self, micro_batch: int, values: Any) -> None:
+        leaves = pytree.tree_leaves(tuple(values))
+        if len(leaves) != len(self.out_meta):
+            raise PipelineError(
+                f"stage {self.rank} produced {len(leaves)} values, the plan has {len(self.out_meta)}"
+            )
+        self._send_leaves(leaves, self.out_meta, None, self.rank + 1)
+
+    def send_grads(self, micro_batch: int, grads: Sequence[Any]) -> None:
+        self._send_leaves(grads, self.in_meta, self.grad_mask_in, self.rank - 1)
+
+    def wait_sends(self) -> None:
+        """Block until every send has completed (before a flush answers)."""
+        for work, _ in self._sends:
+            work.wait(self.timeout)
+        self._sends = []
+
+    # -- receiving -------------------------------------------------------------------
+
+    def _buffers(self, metas: Sequence[dict], mask: Sequence[bool] | None, batch: int) -> list[Any]:
+        """Empty receive buffers (and placeholders for scalars and None) for ``metas``."""
+        leaves: list[Any] = []
+        for i, m in enumerate(metas):
+            if m["kind"] == "tensor" and (mask is None or mask[i]):
+                shape = shape_for(m, self.plan.batch_size, batch)
+                leaves.append(torch.empty(shape, dtype=getattr(torch, m["dtype"]), device=self.device))
+            else:
+                leaves.append(None)
+        return leaves
+
+    def prefetch(self, op: str, micro_batch: int) -> None:
+        """Post the receives an action will need (``op`` "act" or "grad"), if not posted."""
+        key = (op, micro_batch)
+        if (
+            key in self._posted
+            or (op == "act" and self.rank == 0)
+            or (op == "grad" and self.rank == self.world - 1)
+        ):
+            return
+        batch = self.sizes[micro_batch]
+        if op == "act":
+            metas, mask, src = self.in_meta, None, self.rank - 1
+        else:
+            metas, mask, src = self.out_meta, self.grad_mask_out, self.rank + 1
+        leaves = self._buffers(metas, mask, batch)
+        works = []
+        n_scalars = sum(m["kind"] in _SCALARS for m in metas) if op == "act" else 0
+        scalar_buf = torch.empty(n_scalars, dtype=torch.float64) if n_scalars else None
+        if scalar_buf is not None:
+            works.append(dist.irecv(scalar_buf, src))
+        for leaf in leaves:
+            if isinstance(leaf, torch.Tensor):
+                works.append(dist.irecv(leaf, src))
+        self._posted[key] = [works, leaves, metas, scalar_buf]
+
+    def _wait(self, key: tuple[str, int]) -> list[Any]:
+        if key not in self._posted:
+            self.prefetch(*key)
+        works, leaves, metas, scalar_buf = self._posted.pop(key)
+        for work in works:
+            try:
+                work.wait(self.timeout)
+            except RuntimeError as exc:
+                peer = self.rank - 1 if key[0] == "act" else self.rank + 1
+                raise PipelineError(
+                    f"stage {self.rank}: receiving {'activations' if key[0] == 'act' else 'gradients'} "
+                    f"of micro-batch {key[1]} from stage {peer} failed ({str(exc).splitlines()[0]}); "
+                    f"stage {peer} has probably stopped"
+                ) from exc
+        if scalar_buf is not None:
+            values = iter(scalar_buf.tolist())
+            for i, m in enumerate(metas):
+                if m["kind"] in _SCALARS:
+                    v = next(values)
+                    leaves[i] = int(v) if m["kind"] == "int" else bool(v) if m["kind"] == "bool" else v
+        return leaves
+
+    def grads(self, micro_batch: int) -> Sequence[Any]:
+        return self._wait(("grad", micro_batch))

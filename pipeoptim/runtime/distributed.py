@@ -1,0 +1,238 @@
+"""Distributed executors: one process per stage, talking through torch.distributed.
+
+:class:`ProcessExecutor` is used when ``compile`` is called from a plain Python process: it
+spawns one worker per stage (:func:`pipeoptim.runtime.worker.worker_main`), feeds them
+mini-batches over queues, and collects losses on a background thread. A worker that fails
+reports why; a worker that dies silently is noticed through its process sentinel. Either way
+every other worker is stopped and the error names the failed stage.
+"""
+
+from __future__ import annotations
+
+import itertools
+import socket
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.multiprocessing as mp
+
+from pipeoptim.errors import PipelineError
+from pipeoptim.runtime.build import PipelineSpec
+from pipeoptim.runtime.executor import MiniBatch
+from pipeoptim.runtime.worker import worker_main
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that is free right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class ProcessExecutor:
+    """Spawns and drives one worker process per stage.
+
+    Args:
+        spec: what the workers build their stages from.
+        on_loss: ``on_loss(micro_batch, loss)``, called from a background thread.
+        on_error: ``on_error(exception)`` when a stage fails.
+        timeout: seconds a stage may wait for a neighbour, and the driver for a reply.
+        threads: torch threads per worker (1: ranks share the cores).
+    """
+
+    def __init__(
+        self,
+        spec: PipelineSpec,
+        on_loss: Callable[[int, torch.Tensor], None],
+        on_error: Callable[[BaseException], None],
+        timeout: float = 300.0,
+        threads: int = 1,
+    ) -> None:
+        if torch.cuda.is_available() and torch.cuda.device_count() < spec.num_stages:
+            raise PipelineError(
+                f"{spec.num_stages} stages need {spec.num_stages} GPUs but this machine has "
+                f"{torch.cuda.device_count()}: use gpus={torch.cuda.device_count()} or fewer"
+            )
+        self.world = spec.num_stages
+        self.timeout = timeout
+        self.on_loss = on_loss
+        self.on_error = on_error
+        self.error: PipelineError | None = None
+        self._requests = itertools.count()
+        self._replies: dict[int, dict[int, Any]] = {}
+        self._cond = threading.Condition()
+        self._stopping = False  # workers are expected to exit
+        self._closing = False  # the monitor thread ends
+        ctx = mp.get_context("spawn")
+        self.results = ctx.Queue()
+        self.commands = [ctx.Queue() for _ in range(self.world)]
+        init = f"tcp://127.0.0.1:{free_port()}"
+        self.processes = [
+            ctx.Process(
+                target=worker_main,
+                args=(rank, self.world, init, spec, self.commands[rank], self.results, timeout, threads),
+                name=f"pipeoptim-stage-{rank}",
+                daemon=True,
+            )
+            for rank in range(self.world)
+        ]
+        for p in self.processes:
+            p.start()
+        self._ready: set[int] = set()
+        self._monitor = threading.Thread(target=self._watch, name="pipeoptim-monitor", daemon=True)
+        self._monitor.start()
+        self._wait_for(lambda: len(self._ready) == self.world, "the workers to start")
+
+    # -- background monitoring ----------------------------------------------------------
+
+    def _watch(self) -> None:
+        while not self._closing:
+            try:
+                kind, rank, key, payload = self.results.get(timeout=0.2)
+            except Exception:  # queue.Empty, or the queue closed at shutdown
+                self._check_processes()
+                continue
+            if kind == "loss":
+                self.on_loss(key, payload)
+            elif kind == "ready":
+                with self._cond:
+                    self._ready.add(rank)
+                    self._cond.notify_all()
+            elif kind == "done":
+                with self._cond:
+                    self._replies.setdefault(key, {})[rank] = payload
+                    self._cond.notify_all()
+            elif kind == "error":
+                self._fail(PipelineError(payload.strip()))
+            self._check_processes()
+
+    def _check_processes(self) -> None:
+        if self._stopping or self.error is not None:
+            return
+        for rank, p in enumerate(self.processes):
+            if p.exitcode is not None:
+                self._fail(
+                    PipelineError(
+                        f"stage {rank} (pid {p.pid}) died with exit code {p.exitcode} "
+                        f"({'killed by signal ' + str(-p.exitcode) if p.exitcode < 0 else 'no error reported'})"
+                    )
+                )
+                return
+
+    def _fail(self, error: PipelineError) -> None:
+        with self._cond:
+            if self.error is not None:
+                return
+            self.error = error
+            self._cond.notify_all()
+        self._stop_workers()
+        self.on_error(error)
+
+    def _wait_for(self, condition: Callable[[], bool], what: str) -> None:
+        deadline = time.monotonic() + self.timeout
+        with self._cond:
+            while not condition():
+                if self.error is not None:
+                    raise self.error
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    error = PipelineError(f"timed out after {self.timeout:.0f} s waiting for {what}")
+                    self._cond.release()
+                    try:
+                        self._fail(error)
+                    finally:
+                        self._cond.acquire()
+                    raise error
+                self._cond.wait(min(left, 0.5))
+
+    # -- requests -------------------------------------------------------------------
+
+    def _send(self, rank: int, kind: str, request: int | None, payload: Any) -> None:
+        if self.error is not None:
+            raise self.error
+        self.commands[rank].put((kind, request, payload))
+
+    def _request(self, kind: str, payloads: dict[int, Any] | None = None) -> dict[int, Any]:
+        request = next(self._requests)
+        for rank in range(self.world):
+            self._send(rank, kind, request, (payloads or {}).get(rank))
+        self._wait_for(
+            lambda: len(self._replies.get(request, {})) == self.world, f"'{kind}' from every stage"
+        )
+        with self._cond:
+            return self._replies.pop(request)
+
+    def submit(self, batch: MiniBatch) -> None:
+        last = self.world - 1
+        for rank in range(self.world):
+            part = MiniBatch(
+                index=batch.index,
+                inputs=batch.inputs if rank == 0 else [],
+                targets=batch.targets if rank == last else [],
+                scales=batch.scales,
+                sizes=batch.sizes,
+                hyper=batch.hyper,
+            )
+            self._send(rank, "batch", None, part)
+
+    def flush(self) -> None:
+        self._request("flush")
+
+    def forward_only(self, chunks: list[tuple[Any, ...]]) -> list[Any]:
+        sizes = [int(c[0].shape[0]) for c in chunks]
+        replies = self._request("eval", {r: (chunks if r == 0 else None, sizes) for r in range(self.world)})
+        return replies[self.world - 1]
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        merged: dict[str, torch.Tensor] = {}
+        for part in self._request("state").values():
+            merged.update(part)
+        return merged
+
+    def load_state_dict(self, state: dict[str, torch.Tensor], aliases: dict[str, list[str]]) -> None:
+        self._request("load_state", dict.fromkeys(range(self.world), state))
+
+    def optimizer_state(self) -> dict[str, Any]:
+        from pipeoptim.runtime.stage import merge_optimizer_states
+
+        replies = self._request("optimizer_state")
+        return merge_optimizer_states([replies[r] for r in sorted(replies)])
+
+    def load_optimizer_state(self, state: dict[str, Any]) -> None:
+        self._request("load_optimizer_state", dict.fromkeys(range(self.world), state))
+
+    def peak_weight_versions(self) -> list[int]:
+        replies = self._request("versions")
+        return [replies[r] for r in range(self.world)]
+
+    # -- shutdown ---------------------------------------------------------------------
+
+    def _stop_workers(self, grace: float = 5.0) -> None:
+        for p in self.processes:
+            if p.is_alive():
+                p.terminate()
+        deadline = time.monotonic() + grace
+        for p in self.processes:
+            p.join(max(deadline - time.monotonic(), 0.0))
+            if p.is_alive():
+                p.kill()
+                p.join(1.0)
+
+    def close(self) -> None:
+        """Ask every worker to finish, then make sure none is left."""
+        if self._stopping:
+            return
+        self._stopping = True
+        if self.error is None:
+            for rank in range(self.world):
+                if self.processes[rank].is_alive():
+                    self.commands[rank].put(("close", None, None))
+            deadline = time.monotonic() + 10.0
+            for p in self.processes:  # the monitor keeps draining results meanwhile
+                p.join(max(deadline - time.monotonic(), 0.0))
+        self._stop_workers(grace=2.0)
+        self._closing = True
+        self._monitor.join(2.0)

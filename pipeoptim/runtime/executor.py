@@ -1,0 +1,234 @@
+"""Executors run the schedule's actions on the stages.
+
+:func:`run_action` is the one place an action is carried out; executors differ only in how
+values travel between stages (:class:`Channel`): in memory for the deterministic
+:class:`LocalExecutor`, through ``torch.distributed`` for the workers in
+:mod:`pipeoptim.runtime.worker`. Both therefore compute the same numbers.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import torch
+
+from pipeoptim.runtime.schedule import BACKWARD, FORWARD, Action, Schedule
+from pipeoptim.runtime.stage import (
+    StageRuntime,
+    detach_values,
+    load_optimizer_state,
+    load_stage_state,
+    merge_optimizer_states,
+    optimizer_state,
+    stage_state,
+)
+
+
+@dataclass
+class MiniBatch:
+    """One mini-batch split into micro-batches.
+
+    Attributes:
+        index: position of the mini-batch in the stream (0-based).
+        inputs: model inputs of each micro-batch (stage 0 reads them).
+        targets: targets of each micro-batch (the last stage reads them).
+        scales: share of each micro-batch in the mini-batch (its loss factor).
+        sizes: batch size of each micro-batch.
+        hyper: the user's optimizer hyperparameters for this mini-batch.
+    """
+
+    index: int
+    inputs: list[tuple[Any, ...]]
+    targets: list[Any]
+    scales: list[float]
+    sizes: list[int]
+    hyper: list[dict] = field(default_factory=list)
+
+
+class Channel(Protocol):
+    """How a stage gets and gives values for one micro-batch."""
+
+    def inputs(self, micro_batch: int) -> Sequence[Any]: ...
+    def targets(self, micro_batch: int) -> Any: ...
+    def send_activations(self, micro_batch: int, values: Any) -> None: ...
+    def grads(self, micro_batch: int) -> Sequence[Any]: ...
+    def send_grads(self, micro_batch: int, grads: Sequence[Any]) -> None: ...
+    def loss(self, micro_batch: int, value: torch.Tensor) -> None: ...
+    def scale(self, micro_batch: int) -> float: ...
+    def mini_batch(self, micro_batch: int) -> int: ...
+
+
+class StageState:
+    """Bookkeeping of one stage between actions: the micro-batch of its last backward."""
+
+    def __init__(self) -> None:
+        self.last_backward: int | None = None
+
+
+def run_action(stage: StageRuntime, action: Action, channel: Channel, state: StageState) -> None:
+    """Carry out ``action`` on ``stage``, reading and writing values through ``channel``."""
+    mb = action.micro_batch
+    if action.op == FORWARD:
+        inputs = channel.inputs(mb)
+        targets = channel.targets(mb) if stage.is_last else None
+        out = stage.forward(
+            mb, inputs, targets, action.version_diff, channel.scale(mb), channel.mini_batch(mb)
+        )
+        if stage.is_last:
+            channel.loss(mb, out)
+        else:
+            channel.send_activations(mb, out)
+    elif action.op == BACKWARD:
+        grads = None if stage.is_last else channel.grads(mb)
+        result = stage.backward(mb, grads)
+        if stage.index > 0:
+            channel.send_grads(mb, result)
+        state.last_backward = mb
+    else:
+        stage.step(state.last_backward)
+
+
+class _Mailbox:
+    """In-memory channel of the local executor."""
+
+    def __init__(self, executor: LocalExecutor, stage: int) -> None:
+        self.ex = executor
+        self.stage = stage
+
+    def inputs(self, micro_batch: int) -> Sequence[Any]:
+        if self.stage == 0:
+            return self.ex.data[micro_batch][0]
+        return self.ex.activations.pop((self.stage, micro_batch))
+
+    def targets(self, micro_batch: int) -> Any:
+        return self.ex.data[micro_batch][1]
+
+    def send_activations(self, micro_batch: int, values: Any) -> None:
+        self.ex.activations[(self.stage + 1, micro_batch)] = values
+
+    def grads(self, micro_batch: int) -> Sequence[Any]:
+        return self.ex.gradients.pop((self.stage, micro_batch))
+
+    def send_grads(self, micro_batch: int, grads: Sequence[Any]) -> None:
+        self.ex.gradients[(self.stage - 1, micro_batch)] = [
+            g.detach() if isinstance(g, torch.Tensor) else g for g in grads
+        ]
+
+    def loss(self, micro_batch: int, value: torch.Tensor) -> None:
+        self.ex.on_loss(micro_batch, value)
+
+    def scale(self, micro_batch: int) -> float:
+        return self.ex.data[micro_batch][2]
+
+    def mini_batch(self, micro_batch: int) -> int:
+        return self.ex.data[micro_batch][3]
+
+
+class LocalExecutor:
+    """Runs every stage in this process, deterministically.
+
+    Each stage executes its own action list in order; an action waits until the value it
+    needs is in memory (the activation of the previous stage, the gradient of the next).
+    Any such interleaving gives the same numbers, which are those of the distributed run.
+
+    Args:
+        stages: the stage runtimes, in order.
+        schedule: the schedule generator.
+        on_loss: called as ``on_loss(micro_batch, loss)`` when the last stage has a loss.
+    """
+
+    def __init__(
+        self,
+        stages: Sequence[StageRuntime],
+        schedule: Schedule,
+        on_loss: Callable[[int, torch.Tensor], None],
+    ) -> None:
+        self.stages = list(stages)
+        self.schedule = schedule
+        self.on_loss = on_loss
+        self.queues: list[deque[Action]] = [deque() for _ in self.stages]
+        self.states = [StageState() for _ in self.stages]
+        self.channels = [_Mailbox(self, k) for k in range(len(self.stages))]
+        self.data: dict[int, tuple[Any, Any, float, int]] = {}
+        self.activations: dict[tuple[int, int], Any] = {}
+        self.gradients: dict[tuple[int, int], Any] = {}
+
+    def submit(self, batch: MiniBatch) -> None:
+        """Feed a mini-batch and run every action that can run."""
+        first = batch.index * self.schedule.micro_batches
+        for j, (inputs, targets, scale) in enumerate(zip(batch.inputs, batch.targets, batch.scales)):
+            self.data[first + j] = (inputs, targets, scale, batch.index)
+            for stage in self.stages:
+                stage.set_hyperparameters(first + j, batch.hyper)
+        self._extend(self.schedule.on_mini_batch())
+
+    def flush(self) -> None:
+        """Run the cool-down: every micro-batch in flight finishes its backward."""
+        self._extend(self.schedule.on_flush())
+        if any(self.queues):
+            raise RuntimeError(
+                "pipeline stalled: " + ", ".join(f"stage {k}: {q[0]}" for k, q in enumerate(self.queues) if q)
+            )
+
+    def _extend(self, new: list[list[Action]]) -> None:
+        for queue, actions in zip(self.queues, new):
+            queue.extend(actions)
+        self._run()
+
+    def _ready(self, k: int, action: Action) -> bool:
+        mb = action.micro_batch
+        if action.op == FORWARD:
+            return k == 0 or (k, mb) in self.activations
+        if action.op == BACKWARD:
+            return k == len(self.stages) - 1 or (k, mb) in self.gradients
+        return True
+
+    def _run(self) -> None:
+        progress = True
+        while progress:
+            progress = False
+            for k, queue in enumerate(self.queues):
+                while queue and self._ready(k, queue[0]):
+                    action = queue.popleft()
+                    run_action(self.stages[k], action, self.channels[k], self.states[k])
+                    if action.op == FORWARD and k == len(self.stages) - 1:
+                        self.data.pop(action.micro_batch)  # stage 0 has read it before
+                    progress = True
+
+    def forward_only(self, chunks: Sequence[tuple[Any, ...]]) -> list[tuple[Any, ...]]:
+        """Run each chunk of inputs through all stages in evaluation mode (flat outputs)."""
+        return [forward_chain([s.module for s in self.stages], chunk) for chunk in chunks]
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return stage_state(self.stages)
+
+    def load_state_dict(self, state: dict[str, torch.Tensor], aliases: dict[str, list[str]]) -> None:
+        for stage in self.stages:
+            load_stage_state(stage, state, aliases)
+
+    def optimizer_state(self) -> dict[str, Any]:
+        return merge_optimizer_states([optimizer_state(s) for s in self.stages])
+
+    def load_optimizer_state(self, state: dict[str, Any]) -> None:
+        for stage in self.stages:
+            load_optimizer_state(stage, state)
+
+    def peak_weight_versions(self) -> list[int]:
+        return [s.policy.peak_versions if s.policy is not None else 1 for s in self.stages]
+
+
+@torch.no_grad()
+def forward_chain(modules: Sequence[torch.nn.Module], inputs: tuple[Any, ...]) -> tuple[Any, ...]:
+    """Evaluation-mode forward of ``inputs`` through ``modules`` in order (restores the mode)."""
+    values: Any = inputs
+    for module in modules:
+        was_training = module.training
+        module.eval()
+        try:
+            values = detach_values(module(*values))
+        finally:
+            module.train(was_training)
+    return values

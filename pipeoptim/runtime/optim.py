@@ -1,0 +1,109 @@
+"""The user's optimizer, mirrored per stage.
+
+Each stage runs an optimizer of the user's class over its own parameters, with the user's
+per-group hyperparameters. Hyperparameters are read from the user's optimizer for every
+mini-batch (:func:`hyperparameters`), so a learning-rate scheduler stepping the user's
+optimizer drives every stage.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+from torch.optim import Optimizer
+
+#: Group keys that are not hyperparameters.
+_NOT_HYPER = {"params", "param_names"}
+
+
+def hyperparameters(optimizer: Optimizer) -> list[dict[str, Any]]:
+    """Per-group hyperparameters of ``optimizer`` as plain values (tensor scalars as floats)."""
+    out = []
+    for group in optimizer.param_groups:
+        hyper = {}
+        for key, value in group.items():
+            if key in _NOT_HYPER:
+                continue
+            hyper[key] = (
+                float(value.item()) if isinstance(value, torch.Tensor) and value.numel() == 1 else value
+            )
+        out.append(hyper)
+    return out
+
+
+def param_group_names(optimizer: Optimizer, model: nn.Module) -> list[list[str]]:
+    """Qualified names of the parameters of each group of ``optimizer`` (from ``model``).
+
+    Raises:
+        ValueError: the optimizer holds a tensor that is not a parameter of the model.
+    """
+    names = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        names.setdefault(id(p), name)
+    groups = []
+    for i, group in enumerate(optimizer.param_groups):
+        missing = [p for p in group["params"] if id(p) not in names]
+        if missing:
+            raise ValueError(
+                f"optimizer group {i} holds {len(missing)} tensor(s) that are not parameters of "
+                f"{type(model).__name__}: build the optimizer from model.parameters()"
+            )
+        groups.append([names[id(p)] for p in group["params"]])
+    return groups
+
+
+def mirror(
+    optimizer_class: type[Optimizer],
+    defaults: Mapping[str, Any],
+    groups: Sequence[Sequence[str]],
+    hyper: Sequence[Mapping[str, Any]],
+    params: Mapping[str, nn.Parameter],
+    aliases: Mapping[str, str] = {},
+) -> tuple[Optimizer | None, list[int]]:
+    """An ``optimizer_class`` over the parameters of one stage.
+
+    Args:
+        optimizer_class: the user's optimizer class.
+        defaults: the user's ``optimizer.defaults`` (constructor keywords).
+        groups: parameter names of each user group (:func:`param_group_names`).
+        hyper: hyperparameters of each user group (:func:`hyperparameters`).
+        params: the stage's trainable parameters by name.
+        aliases: other names of shared parameters, ``{alias: name in params}``.
+
+    Returns:
+        The optimizer (``None`` if the stage has no trainable parameters) and, for each of its
+        groups, the index of the user group it mirrors.
+    """
+    stage_groups, group_map = [], []
+    seen: set[int] = set()
+    for index, names in enumerate(groups):
+        chosen = []
+        for name in names:
+            p = params.get(name, params.get(aliases.get(name, ""), None))
+            if p is not None and id(p) not in seen:
+                seen.add(id(p))
+                chosen.append(p)
+        if chosen:
+            stage_groups.append({"params": chosen, **hyper[index]})
+            group_map.append(index)
+    if not stage_groups:
+        return None, []
+    accepted = inspect.signature(optimizer_class.__init__).parameters
+    kwargs = {k: v for k, v in defaults.items() if k in accepted and k != "params"}
+    return optimizer_class(stage_groups, **kwargs), group_map
+
+
+def apply_hyperparameters(
+    optimizer: Optimizer, group_map: Sequence[int], hyper: Sequence[Mapping[str, Any]]
+) -> None:
+    """Set the stage optimizer's groups to the user's hyperparameters ``hyper``."""
+    for group, index in zip(optimizer.param_groups, group_map):
+        for key, value in hyper[index].items():
+            if isinstance(group.get(key), torch.Tensor):
+                group[key].fill_(value)
+            else:
+                group[key] = value

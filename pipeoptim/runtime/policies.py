@@ -1,0 +1,374 @@
+"""Weight policies: which weights a stage's forward and backward use under asynchronous 1F1B.
+
+In asynchronous 1F1B a stage steps its optimizer between a micro-batch's forward and its
+backward. A policy decides what the forward computes with and what the backward sees:
+
+==============  =======================================  ====================================
+policy          forward uses                             backward uses
+==============  =======================================  ====================================
+``none``        current weights W                        W as it is at backward time
+``stash``       a copy of W at forward time (PipeDream)  the same copy (one per version)
+``2bw``         like ``stash``, steps every M backwards  the same copy (two versions live)
+``spectrain``   W − s_f·lr·v (SpecTrain)                 W − s_b·lr·v at backward time
+``pipeoptim``   Ŵ = W − s·lr·ΔW (PipeOptim)              W at backward time (no stash)
+==============  =======================================  ====================================
+
+Policies that insert weights are placed in the stage's fx graph as one call per parameter,
+visible in its ``.code``: ``fc_weight_hat = self.predict(fc_weight, 'fc.weight')``. The call
+returns the chosen tensor with the gradient routed straight to the parameter.
+
+Changing a parameter in place between a forward and its backward trips autograd's
+saved-tensor version check, so nothing here does: forwards use new tensors, and where the
+backward must see other weights than the forward (``none``, ``pipeoptim``, ``spectrain``),
+``torch.autograd.graph.saved_tensors_hooks`` store a reference instead of the weight (found by
+its storage, since ops often save a view such as ``w.t()``) and rebuild the view from the
+weight the backward should use.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import weakref
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+import torch.fx as fx
+from torch import nn
+from torch.optim import SGD, Optimizer
+
+from pipeoptim.errors import PredictorError
+from pipeoptim.runtime.predictors import Predictor, get_predictor, predict
+
+
+class _UseWeight(torch.autograd.Function):
+    """Forward with ``value``; send the whole gradient to ``weight`` (a straight-through)."""
+
+    @staticmethod
+    def forward(ctx, weight: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+        return value.view_as(value)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        return grad, None
+
+
+@dataclass(frozen=True)
+class _SavedWeight:
+    """What autograd keeps instead of a weight: its name and the view's geometry."""
+
+    name: str
+    micro_batch: int
+    size: torch.Size
+    stride: tuple[int, ...]
+    offset: int
+
+
+class WeightPolicy(nn.Module):
+    """Base class; see the module docstring. Subclasses set :attr:`kind` and override hooks.
+
+    Attributes:
+        kind: policy name.
+        graph_name: name of the call in the stage graph (``None``: no call is inserted).
+        redirect_backward: whether saved weights are replaced at backward time.
+        peak_versions: most weight versions of one parameter alive at once so far, the
+            parameter itself included (measured with weak references).
+    """
+
+    kind = "base"
+    graph_name: str | None = None
+    redirect_backward = False
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.params: dict[str, nn.Parameter] = {}
+        self.optimizer: Optimizer | None = None
+        self.stage = 0
+        self.num_stages = 1
+        self._values: dict[str, torch.Tensor] = {}
+        self._copies: dict[str, list[weakref.ref]] = {}
+        self.peak_versions = 1
+
+    def attach(
+        self, params: dict[str, nn.Parameter], optimizer: Optimizer, stage: int, num_stages: int
+    ) -> None:
+        """Bind to a stage's trainable parameters (by graph name) and its optimizer."""
+        self.params = params
+        self.optimizer = optimizer
+        self.stage = stage
+        self.num_stages = num_stages
+        self._group_of = {id(p): g for g in optimizer.param_groups for p in g["params"]}
+
+    def forward(self, weight: torch.Tensor, name: str) -> torch.Tensor:
+        value = self._values.get(name)
+        if value is None:
+            return weight
+        return _UseWeight.apply(weight, value)
+
+    # -- hooks called by the stage ---------------------------------------------------
+
+    def begin_forward(self, micro_batch: int, version_diff: int) -> None:
+        """Prepare the weights the forward of ``micro_batch`` uses."""
+
+    def end_forward(self, micro_batch: int) -> None:
+        self._values = {}
+        self._measure()
+
+    def begin_backward(self, micro_batch: int) -> None:
+        """Prepare what the backward of ``micro_batch`` sees (redirecting policies)."""
+
+    def end_backward(self, micro_batch: int) -> None:
+        self._measure()
+
+    def after_step(self) -> None:
+        """Called after each optimizer step."""
+
+    def backward_weight(self, name: str, micro_batch: int) -> torch.Tensor:
+        """The weight the backward uses in place of a saved one (default: the current W)."""
+        return self.params[name].detach()
+
+    @contextlib.contextmanager
+    def saving(self, micro_batch: int) -> Iterator[None]:
+        """Context for the forward: store references to weights instead of the weights."""
+        if not self.redirect_backward:
+            yield
+            return
+        storages: dict[int, tuple[str, int]] = {}
+        for name, p in self.params.items():
+            storages[p.untyped_storage().data_ptr()] = (name, p.storage_offset())
+        for name, v in self._values.items():
+            storages[v.untyped_storage().data_ptr()] = (name, v.storage_offset())
+
+        def pack(t: torch.Tensor) -> torch.Tensor | _SavedWeight:
+            found = storages.get(t.untyped_storage().data_ptr()) if t.device.type != "meta" else None
+            if found is None:
+                return t
+            name, base = found
+            return _SavedWeight(name, micro_batch, t.size(), t.stride(), t.storage_offset() - base)
+
+        def unpack(x: torch.Tensor | _SavedWeight) -> torch.Tensor:
+            if not isinstance(x, _SavedWeight):
+                return x
+            w = self.backward_weight(x.name, x.micro_batch)
+            return w.as_strided(x.size, x.stride, w.storage_offset() + x.offset)
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, unpack):
+            yield
+
+    # -- measurement -------------------------------------------------------------------
+
+    def _track(self, name: str, value: torch.Tensor) -> None:
+        refs = [r for r in self._copies.get(name, []) if r() is not None and r() is not value]
+        refs.append(weakref.ref(value))
+        self._copies[name] = refs
+
+    def _measure(self) -> None:
+        alive = 0
+        for name, refs in self._copies.items():
+            refs[:] = [r for r in refs if r() is not None]
+            alive = max(alive, len(refs))
+        self.peak_versions = max(self.peak_versions, 1 + alive)
+
+
+class NoCorrection(WeightPolicy):
+    """``none``: forward with the current weights, backward with the weights at that time."""
+
+    kind = "none"
+    redirect_backward = True
+
+
+class Stash(WeightPolicy):
+    """``stash`` (weight stashing, PipeDream, Narayanan et al. SOSP 2019).
+
+    The forward uses a copy of the weights taken when it runs, kept (by autograd) until the
+    micro-batch's backward, which therefore sees the same version. Stage k of N keeps up to
+    ``N - k`` versions. Forwards between two steps share one copy.
+    """
+
+    kind = "stash"
+    graph_name = "stash"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._version_copy: dict[str, torch.Tensor] = {}
+
+    def begin_forward(self, micro_batch: int, version_diff: int) -> None:
+        if version_diff == 0:  # no step before the backward: the weights themselves do
+            self._values = {}
+            return
+        if not self._version_copy:
+            with torch.no_grad():
+                self._version_copy = {n: p.detach().clone() for n, p in self.params.items()}
+            for name, value in self._version_copy.items():
+                self._track(name, value)
+        self._values = dict(self._version_copy)
+        self._measure()
+
+    def after_step(self) -> None:
+        self._version_copy = {}
+
+
+class TwoBW(Stash):
+    """``2bw`` (PipeDream-2BW, Narayanan et al. ICML 2021): weight stashing with a step
+    every M micro-batches, so that at most two versions are alive when M >= N
+    (update ``W(t+1) = W(t) − lr·∇f(W(t−1))``)."""
+
+    kind = "2bw"
+
+
+class _Predicting(WeightPolicy):
+    graph_name = "predict"
+    redirect_backward = True
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._predictor: Predictor | None = None
+
+    def attach(
+        self, params: dict[str, nn.Parameter], optimizer: Optimizer, stage: int, num_stages: int
+    ) -> None:
+        super().attach(params, optimizer, stage, num_stages)
+        self._predictor = get_predictor(optimizer)
+
+    def predicted(self, steps: int) -> dict[str, torch.Tensor]:
+        """``{name: Ŵ}`` after ``steps`` more steps, for parameters whose Ŵ differs from W."""
+        assert self.optimizer is not None and self._predictor is not None
+        out = {}
+        for name, p in self.params.items():
+            value = predict(p, self.optimizer.state.get(p, {}), self._group_of[id(p)], steps, self._predictor)
+            if value.data_ptr() != p.data_ptr():
+                out[name] = value
+        return out
+
+
+class PipeOptimPolicy(_Predicting):
+    """``pipeoptim`` (Guan et al., arXiv:2312.00839): the forward of a micro-batch uses
+    ``Ŵ = W − lr · s · ΔW`` with ``s`` its version difference and ΔW from the optimizer's
+    update rule (:mod:`pipeoptim.runtime.predictors`); the backward and the optimizer step use
+    the current weights. Only W and one Ŵ exist at a time (no stash).
+
+    Args:
+        backward: ``"current"`` (PipeOptim) or ``"predicted"``: the backward uses the same Ŵ
+            as the forward (consistent, but each micro-batch in flight keeps its Ŵ, so memory
+            grows like weight stashing) -- for ablations.
+    """
+
+    kind = "pipeoptim"
+
+    def __init__(self, backward: str = "current") -> None:
+        super().__init__()
+        if backward not in ("current", "predicted"):
+            raise ValueError(f"backward must be 'current' or 'predicted', not {backward!r}")
+        self.redirect_backward = backward == "current"
+
+    def begin_forward(self, micro_batch: int, version_diff: int) -> None:
+        self._values = self.predicted(version_diff) if version_diff else {}
+        for name, value in self._values.items():
+            self._track(name, value)
+        self._measure()
+
+
+class SpecTrainPolicy(_Predicting):
+    """``spectrain`` (Chen et al., arXiv:1809.02839): weights predicted from the momentum of
+    SGD, ``Ŵ = W − s · lr · v`` with ``v = μ·b + g``, in the forward with
+    ``s_f = ⌊k/2⌋ + N − k − 1`` and again in the backward with ``s_b = ⌊k/2⌋`` (stage k of N,
+    0-based), the version differences of the authors' reference implementation.
+
+    Raises:
+        PredictorError: on attach, if the optimizer is not SGD with momentum.
+    """
+
+    kind = "spectrain"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._backward_values: dict[int, dict[str, torch.Tensor]] = {}
+
+    def attach(
+        self, params: dict[str, nn.Parameter], optimizer: Optimizer, stage: int, num_stages: int
+    ) -> None:
+        if not isinstance(optimizer, SGD) or not all(g.get("momentum", 0) for g in optimizer.param_groups):
+            raise PredictorError(
+                f"SpecTrain predicts from SGD momentum, but the optimizer is {type(optimizer).__name__}"
+                f"{' without momentum' if isinstance(optimizer, SGD) else ''}: use "
+                "torch.optim.SGD(..., momentum=0.9), or method='pipeoptim' which supports "
+                "SGD, Adam, AdamW, RMSprop and Adagrad"
+            )
+        super().attach(params, optimizer, stage, num_stages)
+
+    @property
+    def forward_steps(self) -> int:
+        return self.stage // 2 + self.num_stages - self.stage - 1
+
+    @property
+    def backward_steps(self) -> int:
+        return self.stage // 2
+
+    def begin_forward(self, micro_batch: int, version_diff: int) -> None:
+        self._values = self.predicted(self.forward_steps)
+        for name, value in self._values.items():
+            self._track(name, value)
+        self._measure()
+
+    def begin_backward(self, micro_batch: int) -> None:
+        self._backward_values[micro_batch] = self.predicted(self.backward_steps)
+
+    def end_backward(self, micro_batch: int) -> None:
+        self._backward_values.pop(micro_batch, None)
+        super().end_backward(micro_batch)
+
+    def backward_weight(self, name: str, micro_batch: int) -> torch.Tensor:
+        value = self._backward_values.get(micro_batch, {}).get(name)
+        return value if value is not None else self.params[name].detach()
+
+
+POLICIES: dict[str, type[WeightPolicy]] = {
+    "none": NoCorrection,
+    "stash": Stash,
+    "2bw": TwoBW,
+    "spectrain": SpecTrainPolicy,
+    "pipeoptim": PipeOptimPolicy,
+}
+
+
+def make_policy(name: str, **options: object) -> WeightPolicy:
+    """Build the policy ``name`` (``none``, ``stash``, ``2bw``, ``spectrain``, ``pipeoptim``).
+
+    Raises:
+        ValueError: unknown name.
+    """
+    try:
+        return POLICIES[name](**options)  # type: ignore[arg-type]
+    except KeyError:
+        raise ValueError(f"unknown weight policy {name!r}; choose one of {', '.join(POLICIES)}") from None
+
+
+def insert_policy(gm: fx.GraphModule, policy: WeightPolicy) -> dict[str, nn.Parameter]:
+    """Route every trainable parameter of ``gm`` through ``policy`` in the graph.
+
+    Each ``get_attr`` of a parameter gets a call ``<name>_<graph_name> =
+    self.<graph_name>(<name>, '<qualified name>')`` after it, used in its place. Returns the
+    stage's trainable parameters by the names used in the graph.
+    """
+    by_name = dict(gm.named_parameters(remove_duplicate=False))
+    params = {
+        str(n.target): by_name[str(n.target)]
+        for n in gm.graph.nodes
+        if n.op == "get_attr" and str(n.target) in by_name and by_name[str(n.target)].requires_grad
+    }
+    if policy.graph_name is None:
+        return params
+    gm.add_submodule(policy.graph_name, policy)
+    for node in list(gm.graph.nodes):
+        if node.op == "get_attr" and str(node.target) in params:
+            with gm.graph.inserting_after(node):
+                new = gm.graph.create_node(
+                    "call_module",
+                    policy.graph_name,
+                    (node, str(node.target)),
+                    name=f"{node.name}_{'hat' if policy.graph_name == 'predict' else policy.graph_name}",
+                )
+            node.replace_all_uses_with(new, delete_user_cb=lambda user, new=new: user is not new)
+    gm.graph.lint()
+    gm.recompile()
+    return params

@@ -1,0 +1,179 @@
+"""Weight predictors: the next update of each ``torch.optim`` optimizer, from its own rule.
+
+PipeOptim (Guan et al., arXiv:2312.00839) predicts the weights a mini-batch's backward will
+meet ``s`` optimizer steps later as
+
+    Ŵ = W − lr · s · ΔW,
+
+where ΔW is the update direction of the optimizer in use. A predictor here returns the whole
+update ``U = lr · ΔW`` for one parameter, reading the optimizer's state and the parameter
+group's hyperparameters *at prediction time* (so learning-rate schedulers are followed), or
+``None`` before the first step (no state yet: then Ŵ = W). Where a rule needs the next
+gradient, the last one (still in ``param.grad`` after the step) stands in for it.
+
+Register predictors for other optimizers with :func:`register_predictor`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch.optim import SGD, Adagrad, Adam, AdamW, Optimizer, RMSprop
+
+from pipeoptim.errors import PredictorError
+
+#: ``predictor(param, state, group) -> U`` (the next update, ``lr`` included) or ``None``.
+Predictor = Callable[[torch.Tensor, dict, dict], "torch.Tensor | None"]
+
+_PREDICTORS: dict[type[Optimizer], Predictor] = {}
+
+
+def register_predictor(optimizer_class: type[Optimizer], predictor: Predictor) -> None:
+    """Use ``predictor`` for ``optimizer_class`` (and its subclasses without their own).
+
+    ``predictor(param, state, group)`` gets the parameter, ``optimizer.state[param]`` and the
+    parameter's group dict, and returns the update ``U`` such that the next step is
+    ``W <- W - U``, or ``None`` when it cannot tell yet (Ŵ = W is used).
+    """
+    _PREDICTORS[optimizer_class] = predictor
+
+
+def get_predictor(optimizer: Optimizer | type[Optimizer]) -> Predictor:
+    """The predictor for ``optimizer`` (an instance or a class).
+
+    Raises:
+        PredictorError: none is registered; the message lists the supported optimizers and
+            how to register one.
+    """
+    cls = optimizer if isinstance(optimizer, type) else type(optimizer)
+    for klass in cls.__mro__:
+        if klass in _PREDICTORS:
+            return _PREDICTORS[klass]
+    supported = ", ".join(sorted(k.__name__ for k in _PREDICTORS))
+    raise PredictorError(
+        f"no weight predictor for {cls.__name__}: method 'pipeoptim' supports {supported}. "
+        "Register one with pipeoptim.register_predictor(YourOptimizer, fn) where "
+        "fn(param, state, group) returns the next update U (W <- W - U), or choose another "
+        "method (e.g. method='pipedream')"
+    )
+
+
+def _last_grad(param: torch.Tensor, group: dict) -> torch.Tensor | None:
+    """The last gradient as the optimizer would use it: negated if ``maximize``, plus L2 decay."""
+    if param.grad is None:
+        return None
+    grad = -param.grad if group.get("maximize", False) else param.grad
+    decay = group.get("weight_decay", 0.0)
+    return grad.add(param.detach(), alpha=decay) if decay else grad
+
+
+def _scalar(x: float | torch.Tensor) -> float:
+    return float(x.item()) if isinstance(x, torch.Tensor) else float(x)
+
+
+def sgd(param: torch.Tensor, state: dict, group: dict) -> torch.Tensor | None:
+    """SGD (``torch.optim.SGD``), following its update rule with the last gradient g:
+
+    - plain: ``U = lr · g``;
+    - momentum μ, dampening τ: ``b' = μ·b + (1−τ)·g``, ``U = lr · b'`` (the momentum buffer of
+      the next step; PipeOptim's ΔW for SGD with momentum, as in its reference code);
+    - Nesterov: ``U = lr · (g + μ·b')``.
+
+    ``g`` includes weight decay (``g + λ·W``) and is negated under ``maximize``.
+    """
+    lr = _scalar(group["lr"])
+    grad = _last_grad(param, group)
+    momentum = group.get("momentum", 0.0)
+    if not momentum:
+        return None if grad is None else grad * lr
+    buf = state.get("momentum_buffer")
+    if buf is None:
+        return None
+    nxt = buf * momentum if grad is None else buf * momentum + grad * (1 - group.get("dampening", 0.0))
+    if group.get("nesterov", False) and grad is not None:
+        return (grad + nxt * momentum) * lr
+    return nxt * lr
+
+
+def adam(param: torch.Tensor, state: dict, group: dict) -> torch.Tensor | None:
+    """Adam and AdamW (``torch.optim.Adam`` / ``AdamW``), PipeOptim's ΔW for them:
+
+    ``U = lr · m̂ / (√v̂ + ε)`` with ``m̂ = m / (1 − β1^t)``, ``v̂ = v / (1 − β2^t)`` from the
+    optimizer's ``exp_avg``, ``exp_avg_sq`` (``max_exp_avg_sq`` with amsgrad) and ``step`` t.
+    AdamW (or Adam with ``decoupled_weight_decay``) adds the decoupled decay ``lr · λ · W``.
+    Adam's own (coupled) weight decay is already inside m and v.
+    """
+    if "exp_avg" not in state:
+        return None
+    t = _scalar(state["step"])
+    beta1, beta2 = group["betas"]
+    lr, eps = _scalar(group["lr"]), group["eps"]
+    second = state["max_exp_avg_sq"] if group.get("amsgrad", False) else state["exp_avg_sq"]
+    denom = second.sqrt() / (1 - beta2**t) ** 0.5 + eps
+    update = state["exp_avg"] / denom * (lr / (1 - beta1**t))
+    decoupled = group.get("decoupled_weight_decay", False) or group.get("_pipeoptim_adamw", False)
+    if decoupled and group.get("weight_decay", 0.0):
+        update = update + param.detach() * (lr * group["weight_decay"])
+    return update
+
+
+def adamw(param: torch.Tensor, state: dict, group: dict) -> torch.Tensor | None:
+    """AdamW: :func:`adam` plus the decoupled weight decay ``lr · λ · W``."""
+    return adam(param, state, {**group, "_pipeoptim_adamw": True})
+
+
+def rmsprop(param: torch.Tensor, state: dict, group: dict) -> torch.Tensor | None:
+    """RMSprop (``torch.optim.RMSprop``) with the last gradient g (weight decay included):
+
+    ``a = √v + ε`` (centered: ``√(v − ḡ²) + ε``); with momentum μ,
+    ``b' = μ·b + g / a`` and ``U = lr · b'``; without, ``U = lr · g / a``.
+    """
+    if "square_avg" not in state:
+        return None
+    lr = _scalar(group["lr"])
+    avg = state["square_avg"]
+    if group.get("centered", False):
+        avg = avg - state["grad_avg"] ** 2
+    avg = avg.sqrt() + group["eps"]
+    grad = _last_grad(param, group)
+    momentum = group.get("momentum", 0.0)
+    if momentum:
+        buf = state["momentum_buffer"] * momentum
+        return (buf if grad is None else buf + grad / avg) * lr
+    return None if grad is None else grad / avg * lr
+
+
+def adagrad(param: torch.Tensor, state: dict, group: dict) -> torch.Tensor | None:
+    """Adagrad (``torch.optim.Adagrad``) with the last gradient g (weight decay included):
+
+    ``U = lr / (1 + t · lr_decay) · g / (√sum + ε)`` for the next step t + 1.
+    """
+    grad = _last_grad(param, group)
+    if "sum" not in state or grad is None:
+        return None
+    t = _scalar(state["step"])
+    clr = _scalar(group["lr"]) / (1 + t * group.get("lr_decay", 0.0))
+    return grad / (state["sum"].sqrt() + group["eps"]) * clr
+
+
+register_predictor(SGD, sgd)
+register_predictor(Adam, adam)
+register_predictor(AdamW, adamw)
+register_predictor(RMSprop, rmsprop)
+register_predictor(Adagrad, adagrad)
+
+
+@torch.no_grad()
+def predict(param: torch.Tensor, state: dict, group: dict, steps: int, predictor: Predictor) -> torch.Tensor:
+    """Predicted weights after ``steps`` more steps: ``Ŵ = W − steps · U`` (a new tensor).
+
+    ``state`` is ``optimizer.state[param]`` and ``group`` the parameter's group. Returns
+    ``param.detach()`` itself when ``steps`` is 0 or the optimizer has no state yet.
+    """
+    if steps == 0:
+        return param.detach()
+    update = predictor(param, state, group)
+    if update is None:
+        return param.detach()
+    return param.detach() - update * steps

@@ -1,0 +1,289 @@
+"""One pipeline stage at run time: forward, backward and optimizer step of its submodule.
+
+A :class:`StageRuntime` keeps, for every micro-batch between its forward and its backward,
+the inputs it received (as leaves that collect their gradients) and the outputs it sent.
+The same class runs in the deterministic local executor and in each distributed worker, so
+both compute the same numbers.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.fx as fx
+from torch.optim import Optimizer
+from torch.utils import _pytree as pytree
+
+from pipeoptim.errors import NonFiniteLossError, PipelineError
+from pipeoptim.runtime.optim import apply_hyperparameters
+from pipeoptim.runtime.policies import WeightPolicy
+
+LossFn = Callable[[Any, Any], torch.Tensor]
+
+
+@dataclass
+class _InFlight:
+    inputs: list[Any]
+    outputs: list[Any]
+
+
+def detach_values(values: Any) -> Any:
+    """The same structure with every tensor detached."""
+    return pytree.tree_map(lambda v: v.detach() if isinstance(v, torch.Tensor) else v, values)
+
+
+class StageRuntime:
+    """Stage ``index`` of ``num_stages``.
+
+    Args:
+        index: k, 0-based.
+        num_stages: N.
+        module: the stage's graph module (weight policy already inserted).
+        optimizer: its mirrored optimizer (``None`` without trainable parameters).
+        group_map: user group index of each optimizer group.
+        policy: the weight policy (``None`` for flushing schedules).
+        input_grad_mask: per flat input leaf, whether a gradient flows back to it.
+        loss_fn: ``loss_fn(model_output, targets) -> scalar`` (last stage only).
+        unflatten_output: rebuilds the model's output structure (last stage only).
+        seed: base seed; each forward reseeds the RNG from (seed, stage, micro-batch) so that
+            dropout draws the same masks in every executor.
+    """
+
+    def __init__(
+        self,
+        index: int,
+        num_stages: int,
+        module: fx.GraphModule,
+        optimizer: Optimizer | None,
+        group_map: Sequence[int],
+        policy: WeightPolicy | None,
+        input_grad_mask: Sequence[bool],
+        loss_fn: LossFn | None = None,
+        unflatten_output: Callable[[Sequence[Any]], Any] | None = None,
+        seed: int = 0,
+    ) -> None:
+        self.index = index
+        self.num_stages = num_stages
+        self.module = module
+        self.optimizer = optimizer
+        self.group_map = list(group_map)
+        self.policy = policy
+        self.input_grad_mask = list(input_grad_mask)
+        self.loss_fn = loss_fn
+        self.unflatten_output = unflatten_output
+        self.seed = seed
+        self.steps = 0
+        self._in_flight: dict[int, _InFlight] = {}
+        self._grads_stale = False
+        self._hyper: dict[int, list[dict]] = {}
+        device = next((p.device for p in module.parameters()), torch.device("cpu"))
+        self._rng_devices = [device] if device.type == "cuda" else []
+
+    @property
+    def is_last(self) -> bool:
+        return self.index == self.num_stages - 1
+
+    @property
+    def in_flight(self) -> int:
+        """Micro-batches forwarded but not yet backwarded."""
+        return len(self._in_flight)
+
+    def set_hyperparameters(self, micro_batch: int, hyper: list[dict]) -> None:
+        """Remember the user's hyperparameters for ``micro_batch`` (applied at its step)."""
+        self._hyper[micro_batch] = hyper
+
+    def forward(
+        self,
+        micro_batch: int,
+        inputs: Sequence[Any],
+        targets: Any = None,
+        version_diff: int = 0,
+        loss_scale: float = 1.0,
+        mini_batch: int | None = None,
+    ) -> Any:
+        """Forward of one micro-batch.
+
+        Args:
+            inputs: the values received (stage 0: the model inputs).
+            targets: the targets (last stage).
+            version_diff: optimizer steps before this micro-batch's backward.
+            loss_scale: factor on the loss for the backward (micro-batch share of the batch).
+            mini_batch: index reported if the loss is not finite.
+
+        Returns:
+            The values to send to the next stage (detached), or on the last stage the loss
+            (unscaled, detached scalar).
+
+        Raises:
+            NonFiniteLossError: the loss is NaN or infinite.
+            PipelineError: ``loss_fn`` does not return a scalar tensor.
+        """
+        leaves, spec = pytree.tree_flatten(tuple(inputs))
+        mask = self.input_grad_mask or [False] * len(leaves)
+        leaf_inputs = [
+            v.detach().requires_grad_(True)
+            if need and isinstance(v, torch.Tensor) and v.is_floating_point()
+            else v
+            for v, need in zip(leaves, mask)
+        ]
+        args = pytree.tree_unflatten(leaf_inputs, spec)
+        if self.policy is not None:
+            self._apply_latest_hyper(micro_batch)
+            self.policy.begin_forward(micro_batch, version_diff)
+        try:
+            with torch.random.fork_rng(devices=self._rng_devices):
+                torch.manual_seed(self.seed * 1_000_003 + micro_batch * 7919 + self.index)
+                if self.policy is not None:
+                    with self.policy.saving(micro_batch):
+                        out = self.module(*args)
+                else:
+                    out = self.module(*args)
+        finally:
+            if self.policy is not None:
+                self.policy.end_forward(micro_batch)
+        if not self.is_last:
+            self._in_flight[micro_batch] = _InFlight(leaf_inputs, pytree.tree_leaves(out))
+            return detach_values(out)
+        assert self.loss_fn is not None and self.unflatten_output is not None
+        loss = self.loss_fn(self.unflatten_output(out), targets)
+        if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
+            got = type(loss).__name__ if not isinstance(loss, torch.Tensor) else f"shape {tuple(loss.shape)}"
+            raise PipelineError(
+                f"loss_fn must return a scalar tensor, got {got}: reduce it, e.g. with .mean()"
+            )
+        if not torch.isfinite(loss.detach()).item():
+            step = micro_batch if mini_batch is None else mini_batch
+            raise NonFiniteLossError(
+                f"loss is {loss.item()} at mini-batch {step} (stage {self.index}, the last): "
+                "lower the learning rate or check the data",
+                step=step,
+                stage=self.index,
+            )
+        self._in_flight[micro_batch] = _InFlight(leaf_inputs, [loss.reshape(()) * loss_scale])
+        return loss.detach().reshape(())
+
+    def backward(self, micro_batch: int, grads: Sequence[torch.Tensor | None] | None = None) -> list[Any]:
+        """Backward of one micro-batch.
+
+        Args:
+            grads: gradient of each flat output leaf (``None`` where none flows); ignored on
+                the last stage, which starts from its loss.
+
+        Returns:
+            The gradient of each flat input leaf (``None`` where none flows back; zeros where
+            one is expected but the input did not influence the outputs).
+        """
+        state = self._in_flight.pop(micro_batch)
+        if self._grads_stale and self.optimizer is not None:
+            self.optimizer.zero_grad(set_to_none=True)
+            self._grads_stale = False
+        if self.is_last:
+            tensors, grad_tensors = state.outputs, [None]
+        else:
+            assert grads is not None
+            pairs = [
+                (o, g)
+                for o, g in zip(state.outputs, grads)
+                if isinstance(o, torch.Tensor) and o.requires_grad and g is not None
+            ]
+            tensors = [o for o, _ in pairs]
+            grad_tensors = [g for _, g in pairs]
+        if self.policy is not None:
+            self.policy.begin_backward(micro_batch)
+        if tensors:
+            torch.autograd.backward(tensors, grad_tensors)
+        if self.policy is not None:
+            self.policy.end_backward(micro_batch)
+        result = []
+        mask = self.input_grad_mask or [False] * len(state.inputs)
+        for v, need in zip(state.inputs, mask):
+            if not need or not isinstance(v, torch.Tensor):
+                result.append(None)
+            else:
+                result.append(v.grad if v.grad is not None else torch.zeros_like(v))
+        return result
+
+    def step(self, micro_batch: int | None = None) -> None:
+        """Optimizer step with the hyperparameters recorded for ``micro_batch``."""
+        if micro_batch is not None:
+            hyper = self._hyper.pop(micro_batch, None)
+            for key in [k for k in self._hyper if k < micro_batch]:
+                del self._hyper[key]
+            if hyper is not None and self.optimizer is not None:
+                apply_hyperparameters(self.optimizer, self.group_map, hyper)
+        if self.optimizer is not None:
+            self.optimizer.step()
+        self.steps += 1
+        self._grads_stale = True
+        if self.policy is not None:
+            self.policy.after_step()
+
+    def _apply_latest_hyper(self, micro_batch: int) -> None:
+        """Predictions read the newest known learning rate (that of ``micro_batch``)."""
+        hyper = self._hyper.get(micro_batch)
+        if hyper is not None and self.optimizer is not None:
+            apply_hyperparameters(self.optimizer, self.group_map, hyper)
+
+
+def stage_state(stages: Sequence[StageRuntime]) -> dict[str, torch.Tensor]:
+    """Parameters and buffers of ``stages`` by qualified name."""
+    state: dict[str, torch.Tensor] = {}
+    for stage in stages:
+        state.update(stage.module.state_dict())
+    return state
+
+
+def load_stage_state(
+    stage: StageRuntime, state: dict[str, torch.Tensor], aliases: dict[str, list[str]]
+) -> None:
+    """Copy the entries of ``state`` that ``stage`` owns into its tensors (in place)."""
+    with torch.no_grad():
+        for name, tensor in stage.module.state_dict(keep_vars=True).items():
+            source = state.get(name)
+            if source is None:
+                source = next((state[a] for a in aliases.get(name, []) if a in state), None)
+            if source is not None:
+                tensor.copy_(source)
+
+
+def _param_names(stage: StageRuntime) -> dict[int, str]:
+    return {id(p): n for n, p in stage.module.named_parameters(remove_duplicate=False)}
+
+
+def optimizer_state(stage: StageRuntime) -> dict[str, Any]:
+    """The stage optimizer's state keyed by parameter name, and its step count."""
+    if stage.optimizer is None:
+        return {"state": {}, "steps": {stage.index: stage.steps}}
+    names = _param_names(stage)
+    state = {
+        names[id(p)]: {
+            k: v.detach().cpu().clone() if isinstance(v, torch.Tensor) else v for k, v in s.items()
+        }
+        for p, s in stage.optimizer.state.items()
+    }
+    return {"state": state, "steps": {stage.index: stage.steps}}
+
+
+def merge_optimizer_states(parts: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """One state for the whole pipeline from the per-stage ones."""
+    merged: dict[str, Any] = {"state": {}, "steps": {}}
+    for part in parts:
+        merged["state"].update(part["state"])
+        merged["steps"].update({int(k): v for k, v in part["steps"].items()})
+    return merged
+
+
+def load_optimizer_state(stage: StageRuntime, state: dict[str, Any]) -> None:
+    """Restore the part of ``state`` (:func:`merge_optimizer_states`) that ``stage`` owns."""
+    stage.steps = int(state["steps"].get(stage.index, state["steps"].get(str(stage.index), 0)))
+    if stage.optimizer is None:
+        return
+    for p, name in ((p, n) for n, p in stage.module.named_parameters(remove_duplicate=False)):
+        saved = state["state"].get(name)
+        if saved is not None and p.requires_grad:
+            stage.optimizer.state[p] = {
+                k: v.to(p.device) if isinstance(v, torch.Tensor) else v for k, v in saved.items()
+            }

@@ -1,0 +1,212 @@
+"""A stage process: one rank of the pipeline, running its stage's action list.
+
+:class:`StageProcess` is used both by the worker processes the driver spawns
+(:func:`worker_main`, commands arrive on a queue) and, under ``torchrun``, directly by each
+rank's own ``Pipeline``.
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import traceback
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from pipeoptim.runtime.build import PipelineSpec, aliases_of, build_stage, input_grad_mask
+from pipeoptim.runtime.comm import DistChannel
+from pipeoptim.runtime.executor import MiniBatch, StageState, forward_chain, run_action
+from pipeoptim.runtime.schedule import BACKWARD, FORWARD, Action
+from pipeoptim.runtime.stage import (
+    StageRuntime,
+    load_optimizer_state,
+    load_stage_state,
+    optimizer_state,
+)
+
+
+class StageProcess:
+    """Runs stage ``rank`` of ``spec`` in this process; torch.distributed must be initialised."""
+
+    def __init__(self, spec: PipelineSpec, rank: int, device: torch.device, timeout: float) -> None:
+        self.spec = spec
+        self.rank = rank
+        self.world = spec.num_stages
+        self.traced = spec.trace()
+        self.aliases = aliases_of(self.traced.tied)
+        self.stage: StageRuntime = build_stage(spec, self.traced, rank, device)
+        self.schedule = spec.schedule()
+        self.state = StageState()
+        out_mask = input_grad_mask(spec.plan, rank + 1) if rank < self.world - 1 else []
+        self.channel = DistChannel(
+            rank, self.world, spec.plan, self.stage.input_grad_mask, out_mask, timeout, device
+        )
+        self.device = device
+
+    def submit(self, batch: MiniBatch) -> list[tuple[int, float]]:
+        """Run this stage's actions for a new mini-batch; returns losses computed (last stage)."""
+        first = batch.index * self.spec.micro_batches
+        for j, size in enumerate(batch.sizes):
+            inputs = batch.inputs[j] if batch.inputs else None
+            targets = batch.targets[j] if batch.targets else None
+            if inputs is not None:
+                inputs = tuple(x.to(self.device) for x in inputs)
+            self.channel.add_micro_batch(
+                first + j, size, inputs, _to(targets, self.device), batch.scales[j], batch.index
+            )
+            self.stage.set_hyperparameters(first + j, batch.hyper)
+        self._run(self.schedule.on_mini_batch()[self.rank])
+        losses, self.channel.losses = self.channel.losses, []
+        return losses
+
+    def flush(self) -> list[tuple[int, float]]:
+        """Run the cool-down and wait for every send."""
+        self._run(self.schedule.on_flush()[self.rank])
+        self.channel.wait_sends()
+        losses, self.channel.losses = self.channel.losses, []
+        return losses
+
+    def _run(self, actions: list[Action]) -> None:
+        for i, action in enumerate(actions):
+            for nxt in actions[i : i + 2]:  # post receives one action ahead
+                if nxt.op == FORWARD:
+                    self.channel.prefetch("act", nxt.micro_batch)
+                elif nxt.op == BACKWARD:
+                    self.channel.prefetch("grad", nxt.micro_batch)
+            run_action(self.stage, action, self.channel, self.state)
+            if action.op == BACKWARD:
+                self.channel.done(action.micro_batch)
+
+    def forward_only(self, chunks: list[Any] | None, sizes: list[int]) -> list[Any] | None:
+        """Evaluation-mode forward of chunks (stage 0 gets the data); last stage returns outputs."""
+        outputs = []
+        for c, size in enumerate(sizes):
+            mb = -1 - c  # evaluation micro-batches never meet training ones
+            self.channel.sizes[mb] = size
+            if self.rank == 0:
+                assert chunks is not None
+                values = tuple(x.to(self.device) for x in chunks[c])
+            else:
+                values = self.channel.inputs(mb)
+            out = forward_chain([self.stage.module], values)
+            if self.rank < self.world - 1:
+                self.channel.send_activations(mb, out)
+            else:
+                outputs.append(_to(out, torch.device("cpu")))
+            self.channel.done(mb)
+        self.channel.wait_sends()
+        return outputs if self.rank == self.world - 1 else None
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {k: v.detach().cpu() for k, v in self.stage.module.state_dict().items()}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        load_stage_state(self.stage, state, self.aliases)
+
+    def optimizer_state(self) -> dict[str, Any]:
+        return optimizer_state(self.stage)
+
+    def load_optimizer_state(self, state: dict[str, Any]) -> None:
+        load_optimizer_state(self.stage, state)
+
+    def peak_versions(self) -> int:
+        return self.stage.policy.peak_versions if self.stage.policy is not None else 1
+
+
+def _to(value: Any, device: torch.device) -> Any:
+    from torch.utils import _pytree as pytree
+
+    return pytree.tree_map(lambda t: t.to(device) if isinstance(t, torch.Tensor) else t, value)
+
+
+def stage_device(rank: int) -> torch.device:
+    """cuda:rank when CUDA has a device for every stage, else the CPU."""
+    if torch.cuda.is_available():
+        return torch.device("cuda", rank % torch.cuda.device_count())
+    return torch.device("cpu")
+
+
+def worker_main(
+    rank: int,
+    world: int,
+    init_method: str,
+    spec: PipelineSpec,
+    commands: Any,
+    results: Any,
+    timeout: float,
+    threads: int,
+) -> None:
+    """Entry point of a spawned worker: serve commands until ``close`` (or a failure).
+
+    Every reply goes on ``results`` as ``(kind, rank, request id, payload)``; a failure is
+    reported as ``("error", rank, None, text)`` and ends the process with exit code 1.
+    """
+    torch.set_num_threads(threads)
+    device = stage_device(rank)
+    try:
+        import datetime
+
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        dist.init_process_group(
+            backend,
+            init_method=init_method,
+            rank=rank,
+            world_size=world,
+            timeout=datetime.timedelta(seconds=timeout),
+        )
+        process = StageProcess(spec, rank, device, timeout)
+        results.put(("ready", rank, None, str(device)))
+        while True:
+            try:
+                kind, request, payload = commands.get(timeout=1.0)
+            except queue.Empty:
+                if os.getppid() == 1:  # the driver died: do not linger
+                    return
+                continue
+            if kind == "close":
+                break
+            reply = _serve(process, kind, payload)
+            if kind in ("batch", "flush"):
+                for mb, value in reply or []:
+                    results.put(("loss", rank, mb, value))
+                if kind == "flush":
+                    results.put(("done", rank, request, None))
+            else:
+                results.put(("done", rank, request, reply))
+        results.put(("closed", rank, None, None))
+    except BaseException as exc:  # report whatever killed this stage, then exit
+        text = f"stage {rank} failed: {type(exc).__name__}: {exc}\n{traceback.format_exc()}"
+        try:
+            results.put(("error", rank, None, text))
+        finally:
+            os._exit(1)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _serve(process: StageProcess, kind: str, payload: Any) -> Any:
+    if kind == "batch":
+        return process.submit(payload)
+    if kind == "flush":
+        return process.flush()
+    if kind == "eval":
+        chunks, sizes = payload
+        return process.forward_only(chunks, sizes)
+    if kind == "state":
+        return process.state_dict()
+    if kind == "load_state":
+        process.load_state_dict(payload)
+        return None
+    if kind == "optimizer_state":
+        return process.optimizer_state()
+    if kind == "load_optimizer_state":
+        process.load_optimizer_state(payload)
+        return None
+    if kind == "versions":
+        return process.peak_versions()
+    raise ValueError(f"unknown command {kind!r}")
