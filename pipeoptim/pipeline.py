@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 import os
@@ -382,10 +383,8 @@ class Pipeline:
         self.close()
 
     def __del__(self) -> None:
-        try:
+        with contextlib.suppress(Exception):  # at interpreter shutdown anything may be gone
             self.close()
-        except Exception:  # interpreter shutdown
-            pass
 
 
 def compile(

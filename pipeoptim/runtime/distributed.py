@@ -114,11 +114,9 @@ class ProcessExecutor:
             return
         for rank, p in enumerate(self.processes):
             if p.exitcode is not None:
+                how = f"killed by signal {-p.exitcode}" if p.exitcode < 0 else "no error reported"
                 self._fail(
-                    PipelineError(
-                        f"stage {rank} (pid {p.pid}) died with exit code {p.exitcode} "
-                        f"({'killed by signal ' + str(-p.exitcode) if p.exitcode < 0 else 'no error reported'})"
-                    )
+                    PipelineError(f"stage {rank} (pid {p.pid}) died with exit code {p.exitcode} ({how})")
                 )
                 return
 

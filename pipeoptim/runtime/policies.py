@@ -164,7 +164,7 @@ class WeightPolicy(nn.Module):
 
     def _measure(self) -> None:
         alive = 0
-        for name, refs in self._copies.items():
+        for refs in self._copies.values():
             refs[:] = [r for r in refs if r() is not None]
             alive = max(alive, len(refs))
         self.peak_versions = max(self.peak_versions, 1 + alive)
