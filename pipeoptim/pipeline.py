@@ -235,6 +235,9 @@ class Pipeline:
             sizes=sizes,
             hyper=hyperparameters(self._optimizer),
         )
+        # The stages step their own optimizers; mark the user's as stepped so that an LR
+        # scheduler attached to it does not warn that its step() came first.
+        self._optimizer._opt_called = True  # type: ignore[attr-defined]
         try:
             self._executor.submit(batch_)
         except PipeoptimError as exc:
@@ -332,10 +335,15 @@ class Pipeline:
         self._template.load_state_dict(state)
         self._executor.load_state_dict(state, aliases_of(self._traced.tied))
 
+    @property
+    def mini_batches_done(self) -> int:
+        """Mini-batches given to :meth:`step` so far (restored by a resume)."""
+        return self._next
+
     def optimizer_state_dict(self) -> dict[str, Any]:
-        """Optimizer state keyed by parameter name, and the stage step counts."""
+        """Optimizer state keyed by parameter name, stage step counts and the mini-batch count."""
         self.flush()
-        return {"format": _OPTIMIZER_STATE, **self._executor.optimizer_state()}
+        return {"format": _OPTIMIZER_STATE, "mini_batches": self._next, **self._executor.optimizer_state()}
 
     def load_optimizer_state_dict(self, state: dict[str, Any]) -> None:
         """Restore :meth:`optimizer_state_dict` output.
@@ -347,6 +355,25 @@ class Pipeline:
             raise PipelineError("not a pipeoptim optimizer state (format differs)")
         self.flush()
         self._executor.load_optimizer_state(state)
+        self._next = int(state.get("mini_batches", self._next))
+        self._executor.resume(self._next)
+
+    def save_checkpoint(self, path: str | os.PathLike[str], extra: dict[str, Any] | None = None) -> None:
+        """Write weights, optimizer state, position and plan to ``path`` atomically
+        (:func:`pipeoptim.checkpoint.save_checkpoint`)."""
+        from pipeoptim.checkpoint import save_checkpoint
+
+        save_checkpoint(self, path, extra)
+
+    def load_checkpoint(self, path: str | os.PathLike[str]) -> dict[str, Any]:
+        """Continue from a checkpoint; returns the ``extra`` saved with it.
+
+        Raises:
+            CheckpointError: missing, corrupt, or from another model.
+        """
+        from pipeoptim.checkpoint import load_checkpoint
+
+        return load_checkpoint(self, path)
 
     def to_module(self) -> nn.Module:
         """A new instance of the original model class holding the trained weights."""

@@ -202,6 +202,9 @@ class ProcessExecutor:
     def load_optimizer_state(self, state: dict[str, Any]) -> None:
         self._request("load_optimizer_state", dict.fromkeys(range(self.world), state))
 
+    def resume(self, mini_batches: int) -> None:
+        self._request("resume", dict.fromkeys(range(self.world), mini_batches))
+
     def peak_weight_versions(self) -> list[int]:
         replies = self._request("versions")
         return [replies[r] for r in range(self.world)]

@@ -219,6 +219,9 @@ class LocalExecutor:
     def peak_weight_versions(self) -> list[int]:
         return [s.policy.peak_versions if s.policy is not None else 1 for s in self.stages]
 
+    def resume(self, mini_batches: int) -> None:
+        self.schedule.resume(mini_batches, self.stages[0].steps)
+
 
 @torch.no_grad()
 def forward_chain(modules: Sequence[torch.nn.Module], inputs: tuple[Any, ...]) -> tuple[Any, ...]:

@@ -7,8 +7,8 @@ backward. A policy decides what the forward computes with and what the backward 
 policy          forward uses                             backward uses
 ==============  =======================================  ====================================
 ``none``        current weights W                        W as it is at backward time
-``stash``       a copy of W at forward time (PipeDream)  the same copy (one per version)
-``2bw``         like ``stash``, steps every M backwards  the same copy (two versions live)
+``stash``       W (PipeDream)                            the version the forward used
+``2bw``         like ``stash``, steps every M backwards  the version the forward used
 ``spectrain``   W − s_f·lr·v (SpecTrain)                 W − s_b·lr·v at backward time
 ``pipeoptim``   Ŵ = W − s·lr·ΔW (PipeOptim)              W at backward time (no stash)
 ==============  =======================================  ====================================
@@ -17,12 +17,12 @@ Policies that insert weights are placed in the stage's fx graph as one call per 
 visible in its ``.code``: ``fc_weight_hat = self.predict(fc_weight, 'fc.weight')``. The call
 returns the chosen tensor with the gradient routed straight to the parameter.
 
-Changing a parameter in place between a forward and its backward trips autograd's
-saved-tensor version check, so nothing here does: forwards use new tensors, and where the
-backward must see other weights than the forward (``none``, ``pipeoptim``, ``spectrain``),
-``torch.autograd.graph.saved_tensors_hooks`` store a reference instead of the weight (found by
-its storage, since ops often save a view such as ``w.t()``) and rebuild the view from the
-weight the backward should use.
+The optimizer changes parameters in place between a forward and its backward, which would
+trip autograd's saved-tensor version check. So the forward saves no weight:
+``torch.autograd.graph.saved_tensors_hooks`` store a reference instead (a weight is found by
+its storage, since ops often save a view such as ``w.t()``) and the backward rebuilds the view
+from the weight the policy names (the current W, a stashed version, or a new prediction).
+Only ``pipeoptim`` with ``backward="predicted"`` lets autograd keep its Ŵ.
 """
 
 from __future__ import annotations
@@ -120,6 +120,9 @@ class WeightPolicy(nn.Module):
     def end_backward(self, micro_batch: int) -> None:
         self._measure()
 
+    def before_step(self) -> None:
+        """Called before each optimizer step."""
+
     def after_step(self) -> None:
         """Called after each optimizer step."""
 
@@ -180,32 +183,49 @@ class NoCorrection(WeightPolicy):
 class Stash(WeightPolicy):
     """``stash`` (weight stashing, PipeDream, Narayanan et al. SOSP 2019).
 
-    The forward uses a copy of the weights taken when it runs, kept (by autograd) until the
-    micro-batch's backward, which therefore sees the same version. Stage k of N keeps up to
-    ``N - k`` versions. Forwards between two steps share one copy.
+    The backward of a micro-batch uses the weight version its forward used. Versions are
+    copied lazily: the forward uses W itself, and only when the optimizer is about to step
+    while a micro-batch forwarded on the current version is still in flight is W copied
+    (copy-on-step). Stage k of N (0-based) thus keeps ``N - k`` versions: W and up to
+    ``N - k - 1`` copies.
     """
 
     kind = "stash"
-    graph_name = "stash"
+    redirect_backward = True
 
     def __init__(self) -> None:
         super().__init__()
-        self._version_copy: dict[str, torch.Tensor] = {}
+        self.version = 0
+        self._version_of: dict[int, int] = {}
+        self._stashed: dict[int, dict[str, torch.Tensor]] = {}
 
     def begin_forward(self, micro_batch: int, version_diff: int) -> None:
-        if version_diff == 0:  # no step before the backward: the weights themselves do
-            self._values = {}
-            return
-        if not self._version_copy:
+        self._version_of[micro_batch] = self.version
+
+    def before_step(self) -> None:
+        if self.version in self._version_of.values() and self.version not in self._stashed:
             with torch.no_grad():
-                self._version_copy = {n: p.detach().clone() for n, p in self.params.items()}
-            for name, value in self._version_copy.items():
+                copies = {n: p.detach().clone() for n, p in self.params.items()}
+            self._stashed[self.version] = copies
+            for name, value in copies.items():
                 self._track(name, value)
-        self._values = dict(self._version_copy)
-        self._measure()
+            self._measure()
 
     def after_step(self) -> None:
-        self._version_copy = {}
+        self.version += 1
+
+    def backward_weight(self, name: str, micro_batch: int) -> torch.Tensor:
+        version = self._version_of[micro_batch]
+        if version == self.version:
+            return self.params[name].detach()
+        return self._stashed[version][name]
+
+    def end_backward(self, micro_batch: int) -> None:
+        self._version_of.pop(micro_batch)
+        live = set(self._version_of.values())
+        for version in [v for v in self._stashed if v not in live]:
+            del self._stashed[version]
+        super().end_backward(micro_batch)
 
 
 class TwoBW(Stash):
@@ -230,14 +250,17 @@ class _Predicting(WeightPolicy):
         super().attach(params, optimizer, stage, num_stages)
         self._predictor = get_predictor(optimizer)
 
-    def predicted(self, steps: int) -> dict[str, torch.Tensor]:
-        """``{name: Ŵ}`` after ``steps`` more steps, for parameters whose Ŵ differs from W."""
+    def predicted(self, steps: int, always_copy: bool = False) -> dict[str, torch.Tensor]:
+        """``{name: Ŵ}`` after ``steps`` more steps, for parameters whose Ŵ differs from W
+        (all of them with ``always_copy``: Ŵ is then a copy of W where nothing is predicted)."""
         assert self.optimizer is not None and self._predictor is not None
         out = {}
         for name, p in self.params.items():
             value = predict(p, self.optimizer.state.get(p, {}), self._group_of[id(p)], steps, self._predictor)
             if value.data_ptr() != p.data_ptr():
                 out[name] = value
+            elif always_copy:
+                out[name] = value.clone()
         return out
 
 
@@ -262,7 +285,9 @@ class PipeOptimPolicy(_Predicting):
         self.redirect_backward = backward == "current"
 
     def begin_forward(self, micro_batch: int, version_diff: int) -> None:
-        self._values = self.predicted(version_diff) if version_diff else {}
+        # autograd keeps Ŵ when the backward uses it, so it must never be W itself
+        consistent = not self.redirect_backward
+        self._values = self.predicted(version_diff, always_copy=consistent) if version_diff else {}
         for name, value in self._values.items():
             self._track(name, value)
         self._measure()

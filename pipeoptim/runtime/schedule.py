@@ -88,6 +88,15 @@ class Schedule:
     def asynchronous(self) -> bool:
         return self.kind == "async-1f1b"
 
+    def resume(self, mini_batches: int, steps: int) -> None:
+        """Continue numbering after ``mini_batches`` mini-batches and ``steps`` steps, with an
+        empty pipeline (as after a flush; used when training resumes from a checkpoint)."""
+        self._next_micro_batch = self._segment_start = mini_batches * self.micro_batches
+        self._forwarded = 0
+        self._backwarded = [0] * self.num_stages
+        self._since_step = [0] * self.num_stages
+        self._steps = [steps] * self.num_stages
+
     def warmup(self, stage: int) -> int:
         """Forwards stage ``stage`` runs before its first backward: ``N - k - 1``."""
         return self.num_stages - stage - 1

@@ -214,6 +214,8 @@ class StageRuntime:
                 del self._hyper[key]
             if hyper is not None and self.optimizer is not None:
                 apply_hyperparameters(self.optimizer, self.group_map, hyper)
+        if self.policy is not None:
+            self.policy.before_step()
         if self.optimizer is not None:
             self.optimizer.step()
         self.steps += 1

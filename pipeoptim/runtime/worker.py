@@ -111,6 +111,9 @@ class StageProcess:
     def load_optimizer_state(self, state: dict[str, Any]) -> None:
         load_optimizer_state(self.stage, state)
 
+    def resume(self, mini_batches: int) -> None:
+        self.schedule.resume(mini_batches, self.stage.steps)
+
     def peak_versions(self) -> int:
         return self.stage.policy.peak_versions if self.stage.policy is not None else 1
 
@@ -209,4 +212,7 @@ def _serve(process: StageProcess, kind: str, payload: Any) -> Any:
         return None
     if kind == "versions":
         return process.peak_versions()
+    if kind == "resume":
+        process.resume(payload)
+        return None
     raise ValueError(f"unknown command {kind!r}")

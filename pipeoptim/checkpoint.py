@@ -1,0 +1,85 @@
+"""Checkpoints: weights in the original model's keys, optimizer state, position, plan.
+
+One file, written atomically (a crash leaves the previous checkpoint whole), loaded with
+checks that it belongs to this model.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from pipeoptim.errors import CheckpointError
+from pipeoptim.fileio import atomic_write
+
+if TYPE_CHECKING:
+    from pipeoptim.pipeline import Pipeline
+
+FORMAT = "pipeoptim-checkpoint/1"
+
+
+def save_checkpoint(
+    pipe: Pipeline, path: str | os.PathLike[str], extra: dict[str, Any] | None = None
+) -> None:
+    """Flush ``pipe`` and write its state to ``path`` atomically.
+
+    The file holds ``state_dict`` (original model keys), ``optimizer`` (per parameter name),
+    ``mini_batches`` (how many were trained), ``plan`` (the plan as data), the model class and
+    ``extra`` (anything picklable the caller wants back, e.g. an LR scheduler's state).
+    """
+    data = {
+        "format": FORMAT,
+        "model_class": type(pipe._template).__qualname__,
+        "method": pipe.method,
+        "state_dict": pipe.state_dict(),
+        "optimizer": pipe.optimizer_state_dict(),
+        "mini_batches": pipe.mini_batches_done,
+        "plan": pipe.plan.to_dict(),
+        "extra": extra or {},
+    }
+    buffer = io.BytesIO()
+    torch.save(data, buffer)
+    atomic_write(path, lambda f: f.write(buffer.getvalue()))
+
+
+def read_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """Read a checkpoint file without applying it.
+
+    Raises:
+        CheckpointError: the file is missing, truncated or not a pipeoptim checkpoint.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"no checkpoint at {path}: start without --resume, or point it at a run folder")
+    try:
+        data = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as exc:
+        raise CheckpointError(
+            f"checkpoint {path} is unreadable (truncated or corrupt: {exc}); "
+            "delete it or resume from an older one"
+        ) from exc
+    if not isinstance(data, dict) or data.get("format") != FORMAT:
+        raise CheckpointError(f"{path} is not a {FORMAT} checkpoint")
+    return data
+
+
+def load_checkpoint(pipe: Pipeline, path: str | os.PathLike[str]) -> dict[str, Any]:
+    """Restore ``pipe`` from ``path``; returns the checkpoint's ``extra``.
+
+    Raises:
+        CheckpointError: unreadable, or made for another model (class or parameter names).
+    """
+    data = read_checkpoint(path)
+    expected = type(pipe._template).__qualname__
+    if data["model_class"] != expected or set(data["state_dict"]) != set(pipe._template.state_dict()):
+        raise CheckpointError(
+            f"checkpoint {path} holds a {data['model_class']} whose weights do not match this "
+            f"{expected}: resume with the same model and task"
+        )
+    pipe.load_state_dict(data["state_dict"])
+    pipe.load_optimizer_state_dict(data["optimizer"])
+    return data["extra"]

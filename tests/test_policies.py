@@ -1,0 +1,220 @@
+"""Weight policies: what the forward and the backward see, how many copies live."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import pipeoptim
+from pipeoptim.compiler.trace import trace
+from pipeoptim.runtime.policies import insert_policy, make_policy
+from pipeoptim.runtime.predictors import get_predictor, predict
+
+
+def two_layer():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(5, 7), nn.ReLU(), nn.Linear(7, 3))
+
+
+def expected_input_grad(x, w1, b1, w2, w1_bwd, w2_bwd):
+    """dL/dx of sum(W2 relu(W1 x + b1)) with the ReLU mask of the forward and the given weights."""
+    mask = (x @ w1.T + b1 > 0).float()
+    return ((torch.ones(x.shape[0], 3) @ w2_bwd) * mask) @ w1_bwd
+
+
+def run_policy(name: str, version_diff: int):
+    model = two_layer()
+    gm = trace(model, torch.randn(4, 5)).gm
+    policy = make_policy(name)
+    params = insert_policy(gm, policy)
+    opt = torch.optim.SGD(model.parameters(), lr=0.5, momentum=0.9)
+    for _ in range(2):  # give the optimizer state to predict from
+        for p in model.parameters():
+            p.grad = torch.randn_like(p)
+        opt.step()
+    policy.attach(params, opt, stage=0, num_stages=3)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    predicted = {
+        n: predict(p, opt.state[p], opt.param_groups[0], version_diff, get_predictor(opt))
+        for n, p in model.named_parameters()
+    }
+    x = torch.randn(4, 5, requires_grad=True)
+    policy.begin_forward(0, version_diff)
+    with policy.saving(0):
+        out = gm(x)[0]
+    policy.end_forward(0)
+    for p in model.parameters():  # version_diff steps happen before the backward
+        p.grad = torch.randn_like(p)
+    for _ in range(version_diff):
+        policy.before_step()
+        opt.step()
+        policy.after_step()
+    after = {n: p.detach().clone() for n, p in model.named_parameters()}
+    opt.zero_grad()
+    policy.begin_backward(0)
+    out.sum().backward()
+    policy.end_backward(0)
+    return gm, x, out, before, predicted, after
+
+
+def test_stash_forward_and_backward_see_the_same_weights() -> None:
+    gm, x, out, before, _, after = run_policy("stash", 2)
+    assert not torch.equal(before["0.weight"], after["0.weight"])
+    torch.testing.assert_close(
+        out,
+        F.linear(
+            F.relu(F.linear(x, before["0.weight"], before["0.bias"])), before["2.weight"], before["2.bias"]
+        ),
+    )
+    expected = expected_input_grad(
+        x.detach(),
+        before["0.weight"],
+        before["0.bias"],
+        before["2.weight"],
+        before["0.weight"],
+        before["2.weight"],
+    )
+    torch.testing.assert_close(x.grad, expected)
+
+
+def test_pipeoptim_forward_uses_prediction_backward_uses_current_weights() -> None:
+    gm, x, out, before, predicted, after = run_policy("pipeoptim", 2)
+    assert "self.predict(" in gm.code and "_hat" in gm.code
+    torch.testing.assert_close(
+        out,
+        F.linear(
+            F.relu(F.linear(x, predicted["0.weight"], predicted["0.bias"])),
+            predicted["2.weight"],
+            predicted["2.bias"],
+        ),
+    )
+    expected = expected_input_grad(
+        x.detach(),
+        predicted["0.weight"],
+        predicted["0.bias"],
+        predicted["2.weight"],
+        after["0.weight"],
+        after["2.weight"],
+    )
+    torch.testing.assert_close(x.grad, expected)
+
+
+def test_no_correction_backward_uses_weights_at_backward_time() -> None:
+    _, x, out, before, _, after = run_policy("none", 2)
+    torch.testing.assert_close(
+        out,
+        F.linear(
+            F.relu(F.linear(x, before["0.weight"], before["0.bias"])), before["2.weight"], before["2.bias"]
+        ),
+    )
+    expected = expected_input_grad(
+        x.detach(),
+        before["0.weight"],
+        before["0.bias"],
+        before["2.weight"],
+        after["0.weight"],
+        after["2.weight"],
+    )
+    torch.testing.assert_close(x.grad, expected)
+
+
+class ConvNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1 = nn.Conv2d(1, 4, 3, padding=1)
+        self.bn = nn.BatchNorm2d(4)
+        self.c2 = nn.Conv2d(4, 4, 3, padding=1)
+        self.fc1 = nn.Linear(4 * 8 * 8, 32)
+        self.fc2 = nn.Linear(32, 32)
+        self.fc3 = nn.Linear(32, 10)
+
+    def forward(self, x):
+        x = F.relu(self.bn(self.c1(x)))
+        x = F.relu(self.c2(x))
+        x = F.relu(self.fc1(x.flatten(1)))
+        return self.fc3(F.relu(self.fc2(x)))
+
+
+def batches(n: int, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    return [(torch.randn(8, 1, 8, 8, generator=g), torch.randint(0, 10, (8,), generator=g)) for _ in range(n)]
+
+
+@pytest.mark.parametrize("method", ["pipeoptim", "pipedream", "2bw", "spectrain", "none"])
+def test_sixty_async_steps_on_conv_and_linear(method: str) -> None:
+    model = ConvNet()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    with pipeoptim.compile(
+        model,
+        opt,
+        4,
+        example_inputs=torch.randn(8, 1, 8, 8),
+        loss_fn=F.cross_entropy,
+        method=method,
+        executor="local",
+        profile_dir=None,
+    ) as pipe:
+        losses = list(pipe.train(batches(60)))
+        versions = pipe.peak_weight_versions
+    assert len(losses) == 60 and all(torch.isfinite(torch.tensor(losses)))
+    if method in ("pipeoptim", "spectrain", "2bw"):
+        assert max(versions) <= 2, versions
+    if method == "pipedream":
+        assert all(v <= 4 - k for k, v in enumerate(versions))
+        assert max(versions) >= 3  # stashing really keeps N - k versions where backward needs them
+
+
+def test_version_difference_equals_steps_taken_between_forward_and_backward() -> None:
+    model = ConvNet()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    pipe = pipeoptim.compile(
+        model,
+        opt,
+        4,
+        example_inputs=torch.randn(8, 1, 8, 8),
+        loss_fn=F.cross_entropy,
+        executor="local",
+        profile_dir=None,
+    )
+    seen: dict[tuple[int, int], list[int]] = {}
+    stages = [s for s in pipe._executor.stages if s.policy is not None]
+    assert len(stages) >= 3
+    for stage in stages:
+        policy = stage.policy
+        forward, backward = policy.begin_forward, policy.begin_backward
+
+        def on_forward(mb, s, stage=stage, forward=forward):
+            seen[(stage.index, mb)] = [s, stage.steps]
+            forward(mb, s)
+
+        def on_backward(mb, stage=stage, backward=backward):
+            seen[(stage.index, mb)].append(stage.steps)
+            backward(mb)
+
+        policy.begin_forward, policy.begin_backward = on_forward, on_backward
+    list(pipe.train(batches(12)))
+    assert len(seen) == len(stages) * 12
+    for (k, mb), (s, at_forward, at_backward) in seen.items():
+        assert s == at_backward - at_forward
+        if 3 <= mb < 9:
+            assert s == 4 - k - 1
+
+
+def test_backward_predicted_option_keeps_one_copy_per_micro_batch_in_flight() -> None:
+    model = ConvNet()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    pipe = pipeoptim.compile(
+        model,
+        opt,
+        4,
+        example_inputs=torch.randn(8, 1, 8, 8),
+        loss_fn=F.cross_entropy,
+        executor="local",
+        profile_dir=None,
+        backward="predicted",
+    )
+    list(pipe.train(batches(20)))
+    versions = pipe.peak_weight_versions
+    assert max(versions) > 2  # like weight stashing

@@ -1,0 +1,137 @@
+"""Weight predictors against hand-computed values and against real optimizer steps."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from pipeoptim.errors import PredictorError
+from pipeoptim.runtime.predictors import get_predictor, predict, register_predictor
+
+CONFIGS = [
+    (torch.optim.SGD, {"lr": 0.1}),
+    (torch.optim.SGD, {"lr": 0.1, "weight_decay": 0.01, "maximize": True}),
+    (torch.optim.SGD, {"lr": 0.1, "momentum": 0.9}),
+    (torch.optim.SGD, {"lr": 0.05, "momentum": 0.8, "dampening": 0.3, "weight_decay": 0.02}),
+    (torch.optim.SGD, {"lr": 0.05, "momentum": 0.9, "nesterov": True}),
+    (torch.optim.Adam, {"lr": 0.01}),
+    (torch.optim.Adam, {"lr": 0.01, "betas": (0.8, 0.95), "eps": 1e-6, "weight_decay": 0.1, "amsgrad": True}),
+    (torch.optim.AdamW, {"lr": 0.01, "weight_decay": 0.05}),
+    (torch.optim.RMSprop, {"lr": 0.01}),
+    (torch.optim.RMSprop, {"lr": 0.01, "alpha": 0.9, "momentum": 0.5, "centered": True, "weight_decay": 0.1}),
+    (torch.optim.Adagrad, {"lr": 0.1, "lr_decay": 0.01, "eps": 1e-8}),
+]
+
+
+def trained(cls, kwargs, steps: int = 3):
+    torch.manual_seed(0)
+    w = torch.nn.Parameter(torch.randn(4, 3))
+    opt = cls([w], **kwargs)
+    for _ in range(steps):
+        w.grad = torch.randn(4, 3)
+        opt.step()
+    return w, opt
+
+
+def by_hand(cls, kwargs, w: torch.Tensor, state: dict) -> torch.Tensor:
+    """The next update U, written out from each optimizer's documented rule."""
+    lr = kwargs["lr"]
+    g = w.grad.clone()
+    if kwargs.get("maximize"):
+        g = -g
+    W = w.detach()
+    wd = kwargs.get("weight_decay", 0.0)
+    if cls is torch.optim.SGD:
+        g = g + wd * W
+        mu = kwargs.get("momentum", 0.0)
+        if not mu:
+            return lr * g
+        b = mu * state["momentum_buffer"] + (1 - kwargs.get("dampening", 0.0)) * g
+        return lr * (g + mu * b) if kwargs.get("nesterov") else lr * b
+    if cls in (torch.optim.Adam, torch.optim.AdamW):
+        t = float(state["step"])
+        b1, b2 = kwargs.get("betas", (0.9, 0.999))
+        v = state["max_exp_avg_sq"] if kwargs.get("amsgrad") else state["exp_avg_sq"]
+        m_hat = state["exp_avg"] / (1 - b1**t)
+        v_hat = v / (1 - b2**t)
+        u = lr * m_hat / (v_hat.sqrt() + kwargs.get("eps", 1e-8))
+        return u + lr * wd * W if cls is torch.optim.AdamW else u
+    if cls is torch.optim.RMSprop:
+        g = g + wd * W
+        v = state["square_avg"]
+        if kwargs.get("centered"):
+            v = v - state["grad_avg"] ** 2
+        avg = v.sqrt() + kwargs.get("eps", 1e-8)
+        mu = kwargs.get("momentum", 0.0)
+        return lr * (mu * state["momentum_buffer"] + g / avg) if mu else lr * g / avg
+    if cls is torch.optim.Adagrad:
+        t = float(state["step"])
+        clr = lr / (1 + t * kwargs.get("lr_decay", 0.0))
+        return clr * (g + wd * W) / (state["sum"].sqrt() + kwargs.get("eps", 1e-10))
+    raise AssertionError(cls)
+
+
+@pytest.mark.parametrize("cls, kwargs", CONFIGS)
+def test_prediction_equals_hand_computed(cls, kwargs) -> None:
+    w, opt = trained(cls, kwargs)
+    group = opt.param_groups[0]
+    for s in (1, 3):
+        got = predict(w, opt.state[w], group, s, get_predictor(opt))
+        expected = w.detach() - s * by_hand(cls, kwargs, w, opt.state[w])
+        torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("cls, kwargs", [c for c in CONFIGS if c[0] is torch.optim.SGD])
+def test_sgd_prediction_is_exact_when_the_gradient_repeats(cls, kwargs) -> None:
+    w, opt = trained(cls, kwargs)
+    predicted = predict(w, opt.state[w], opt.param_groups[0], 1, get_predictor(opt))
+    opt.step()  # the same gradient once more
+    torch.testing.assert_close(predicted, w.detach(), rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("cls, kwargs", CONFIGS)
+def test_no_state_means_no_change(cls, kwargs) -> None:
+    w = torch.nn.Parameter(torch.randn(3))
+    opt = cls([w], **kwargs)
+    got = predict(w, opt.state.get(w, {}), opt.param_groups[0], 4, get_predictor(opt))
+    assert torch.equal(got, w.detach())
+
+
+def test_learning_rate_is_read_at_prediction_time() -> None:
+    w, opt = trained(torch.optim.SGD, {"lr": 0.1, "momentum": 0.9})
+    predictor = get_predictor(opt)
+    before = w.detach() - predict(w, opt.state[w], opt.param_groups[0], 2, predictor)
+    opt.param_groups[0]["lr"] = 0.025  # what a scheduler does
+    after = w.detach() - predict(w, opt.state[w], opt.param_groups[0], 2, predictor)
+    torch.testing.assert_close(after, before / 4)
+
+
+def test_unknown_optimizer_lists_supported_and_how_to_register() -> None:
+    class Lion(torch.optim.Optimizer):
+        def __init__(self, params, lr=1e-4):
+            super().__init__(params, {"lr": lr})
+
+    opt = Lion([torch.nn.Parameter(torch.zeros(2))])
+    with pytest.raises(PredictorError) as info:
+        get_predictor(opt)
+    text = str(info.value)
+    for name in ("SGD", "Adam", "AdamW", "RMSprop", "Adagrad", "register_predictor"):
+        assert name in text
+
+    register_predictor(Lion, lambda p, state, group: torch.full_like(p, group["lr"]))
+    p = opt.param_groups[0]["params"][0]
+    got = predict(p, {}, opt.param_groups[0], 3, get_predictor(opt))
+    torch.testing.assert_close(got, torch.full((2,), -3e-4))
+
+
+def test_subclass_uses_parent_predictor() -> None:
+    class MySGD(torch.optim.SGD):
+        pass
+
+    w, opt = trained(MySGD, {"lr": 0.1, "momentum": 0.9})
+    reference = copy.deepcopy(opt.state[w])
+    got = predict(w, opt.state[w], opt.param_groups[0], 1, get_predictor(opt))
+    expected = w.detach() - 0.1 * (0.9 * reference["momentum_buffer"] + w.grad)
+    torch.testing.assert_close(got, expected)

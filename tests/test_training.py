@@ -1,0 +1,262 @@
+"""Pipelined training against plain training, executors against each other, state and resume."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import pipeoptim
+from pipeoptim.errors import CheckpointError
+from pipeoptim.examples import TinyGPT
+
+
+class SmallCNN(nn.Module):
+    """Conv + BatchNorm + residual + dropout: everything the executors must agree on."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1 = nn.Conv2d(1, 6, 3, padding=1)
+        self.bn1 = nn.BatchNorm2d(6)
+        self.c2 = nn.Conv2d(6, 6, 3, padding=1)
+        self.bn2 = nn.BatchNorm2d(6)
+        self.drop = nn.Dropout(0.2)
+        self.fc1 = nn.Linear(6 * 4 * 4, 24)
+        self.fc2 = nn.Linear(24, 10)
+
+    def forward(self, x):
+        h = F.relu(self.bn1(self.c1(x)))
+        h = F.relu(self.bn2(self.c2(h)) + h)
+        h = F.max_pool2d(h, 2).flatten(1)
+        return self.fc2(self.drop(F.relu(self.fc1(h))))
+
+
+def data(n: int, batch: int = 8, seed: int = 1):
+    g = torch.Generator().manual_seed(seed)
+    return [
+        (torch.randn(batch, 1, 8, 8, generator=g), torch.randint(0, 10, (batch,), generator=g))
+        for _ in range(n)
+    ]
+
+
+def plain_training(model, make_opt, batches, micro: int, scheduler=None):
+    """Single-device training with gradient accumulation over the same micro-batches."""
+    model = copy.deepcopy(model)
+    opt = make_opt(model)
+    sched = scheduler(opt) if scheduler else None
+    losses = []
+    for x, y in batches:
+        opt.zero_grad()
+        total = 0.0
+        for xs, ys in zip(torch.tensor_split(x, micro), torch.tensor_split(y, micro)):
+            loss = F.cross_entropy(model(xs), ys) * (xs.shape[0] / x.shape[0])
+            loss.backward()
+            total += loss.item()
+        opt.step()
+        if sched:
+            sched.step()
+        losses.append(total)
+    return losses, model
+
+
+SGD_MOMENTUM = (lambda m: torch.optim.SGD(m.parameters(), lr=0.05, momentum=0.9), "sgd-momentum")
+ADAMW = (lambda m: torch.optim.AdamW(m.parameters(), lr=3e-3, weight_decay=0.01), "adamw")
+
+
+def no_dropout_cnn() -> SmallCNN:
+    torch.manual_seed(0)
+    model = SmallCNN()
+    model.drop.p = 0.0  # plain training draws other dropout masks than the pipeline's streams
+    return model
+
+
+@pytest.mark.parametrize("method", ["gpipe", "1f1b"])
+@pytest.mark.parametrize("stages", [2, 4])
+@pytest.mark.parametrize("make_opt", [SGD_MOMENTUM, ADAMW], ids=lambda p: p[1])
+def test_flushing_methods_equal_plain_training(method: str, stages: int, make_opt) -> None:
+    model = no_dropout_cnn()
+    batches = data(6)
+    expected, reference = plain_training(model, make_opt[0], batches, micro=4)
+    net = copy.deepcopy(model)
+    with pipeoptim.compile(
+        net,
+        make_opt[0](net),
+        stages,
+        example_inputs=batches[0][0],
+        loss_fn=F.cross_entropy,
+        method=method,
+        micro_batches=4,
+        executor="local",
+        profile_dir=None,
+    ) as pipe:
+        got = [pipe.step(x, y).item() for x, y in batches]
+        state = pipe.state_dict()
+    assert got == pytest.approx(expected, rel=1e-5, abs=1e-6)
+    for key, value in reference.state_dict().items():
+        torch.testing.assert_close(state[key], value, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("method", ["pipeoptim", "pipedream", "2bw", "spectrain", "none"])
+def test_async_with_one_stage_equals_plain_training(method: str) -> None:
+    model = no_dropout_cnn()
+    batches = data(6)
+    micro = 1
+    expected, _ = plain_training(model, SGD_MOMENTUM[0], batches, micro=micro)
+    net = copy.deepcopy(model)
+    with pipeoptim.compile(
+        net,
+        SGD_MOMENTUM[0](net),
+        1,
+        example_inputs=batches[0][0],
+        loss_fn=F.cross_entropy,
+        method=method,
+        micro_batches=1 if method == "2bw" else None,
+        executor="local",
+        profile_dir=None,
+    ) as pipe:
+        got = list(pipe.train(batches))
+    assert got == pytest.approx(expected, rel=1e-5, abs=1e-6)
+
+
+def test_learning_rate_scheduler_on_the_users_optimizer_is_followed() -> None:
+    model = no_dropout_cnn()
+    batches = data(6)
+
+    def schedule(opt):
+        return torch.optim.lr_scheduler.StepLR(opt, step_size=2, gamma=0.3)
+
+    expected, _ = plain_training(model, SGD_MOMENTUM[0], batches, micro=2, scheduler=schedule)
+    net = copy.deepcopy(model)
+    opt = SGD_MOMENTUM[0](net)
+    sched = schedule(opt)
+    with pipeoptim.compile(
+        net,
+        opt,
+        2,
+        example_inputs=batches[0][0],
+        loss_fn=F.cross_entropy,
+        method="1f1b",
+        micro_batches=2,
+        executor="local",
+        profile_dir=None,
+    ) as pipe:
+        got = []
+        for x, y in batches:
+            got.append(pipe.step(x, y).item())
+            sched.step()
+    assert got == pytest.approx(expected, rel=1e-5, abs=1e-6)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["pipeoptim", "pipedream", "2bw", "spectrain", "none", "gpipe", "1f1b"])
+def test_processes_equal_local_for_twenty_steps(method: str, tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    model = SmallCNN()  # with dropout: both executors draw the same masks
+    batches = data(20)
+    results = {}
+    for executor in ("local", "processes"):
+        net = copy.deepcopy(model)
+        opt = torch.optim.SGD(net.parameters(), lr=0.05, momentum=0.9)
+        # one profile for both, hence the same plan: the stage of a layer decides its staleness
+        with pipeoptim.compile(
+            net,
+            opt,
+            4,
+            example_inputs=batches[0][0],
+            loss_fn=F.cross_entropy,
+            method=method,
+            executor=executor,
+            profile_dir=tmp_path,
+            timeout=120,
+        ) as pipe:
+            results[executor] = (list(pipe.train(batches)), pipe.state_dict(), pipe.plan.stage_of)
+    assert results["processes"][2] == results["local"][2]
+    assert results["processes"][0] == pytest.approx(results["local"][0], rel=1e-6, abs=1e-7)
+    for key, value in results["local"][1].items():
+        torch.testing.assert_close(results["processes"][1][key], value, rtol=1e-6, atol=1e-7)
+
+
+def test_state_dict_predict_and_to_module() -> None:
+    torch.manual_seed(0)
+    model = TinyGPT(vocab=32, dim=16, heads=2, layers=2, context=16)
+    ids = torch.randint(0, 32, (4, 12))
+
+    def loss_fn(logits, y):
+        return F.cross_entropy(logits.flatten(0, 1), y.flatten())
+
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    with pipeoptim.compile(
+        model, opt, 3, example_inputs=ids, loss_fn=loss_fn, executor="local", profile_dir=None
+    ) as pipe:
+        for _ in range(5):
+            pipe.step(ids, torch.roll(ids, -1, 1))
+        state = pipe.state_dict()
+        assert list(state) == list(model.state_dict())  # same keys, same order, tied names too
+        trained = pipe.to_module()
+        assert type(trained) is TinyGPT and trained.head.weight is trained.tok.weight
+        trained.eval()
+        torch.testing.assert_close(pipe.predict(ids), trained(ids), rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(pipe.predict(ids[:3]), trained(ids[:3]), rtol=1e-5, atol=1e-6)
+        assert not torch.equal(state["tok.weight"], model.tok.weight)  # the user's model is untouched
+
+
+def test_resume_from_checkpoint_equals_uninterrupted_run(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    model = SmallCNN()
+    batches = data(12)
+
+    def fresh():
+        net = copy.deepcopy(model)
+        opt = torch.optim.Adam(net.parameters(), lr=1e-3)
+        return pipeoptim.compile(
+            net,
+            opt,
+            3,
+            example_inputs=batches[0][0],
+            loss_fn=F.cross_entropy,
+            executor="local",
+            profile_dir=None,
+        )
+
+    with fresh() as pipe:
+        whole = list(pipe.train(batches[:6])) + list(pipe.train(batches[6:]))
+    with fresh() as pipe:
+        first = list(pipe.train(batches[:6]))
+        pipe.save_checkpoint(tmp_path / "ckpt.pt", extra={"epoch": 3})
+    with fresh() as pipe:
+        assert pipe.load_checkpoint(tmp_path / "ckpt.pt") == {"epoch": 3}
+        assert pipe.mini_batches_done == 6
+        second = list(pipe.train(batches[6:]))
+    assert first + second == whole
+
+
+def test_checkpoint_errors(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    model = SmallCNN()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    x = torch.randn(8, 1, 8, 8)
+    with pipeoptim.compile(
+        model, opt, 2, example_inputs=x, loss_fn=F.cross_entropy, executor="local", profile_dir=None
+    ) as pipe:
+        with pytest.raises(CheckpointError, match="no checkpoint"):
+            pipe.load_checkpoint(tmp_path / "missing.pt")
+        pipe.save_checkpoint(tmp_path / "ok.pt")
+        (tmp_path / "half.pt").write_bytes((tmp_path / "ok.pt").read_bytes()[:200])
+        with pytest.raises(CheckpointError, match="unreadable"):
+            pipe.load_checkpoint(tmp_path / "half.pt")
+        other = TinyGPT(vocab=16, dim=8, heads=2, layers=1, context=8)
+        ids = torch.randint(0, 16, (4, 8))
+        with pipeoptim.compile(
+            other,
+            torch.optim.SGD(other.parameters(), lr=0.1),
+            2,
+            example_inputs=ids,
+            loss_fn=lambda o, y: o.mean(),
+            executor="local",
+            profile_dir=None,
+        ) as p2, pytest.raises(CheckpointError, match="do not match"):
+            p2.load_checkpoint(tmp_path / "ok.pt")
