@@ -60,7 +60,7 @@ def run_policy(name: str, version_diff: int):
 
 
 def test_stash_forward_and_backward_see_the_same_weights() -> None:
-    gm, x, out, before, _, after = run_policy("stash", 2)
+    _gm, x, out, before, _, after = run_policy("stash", 2)
     assert not torch.equal(before["0.weight"], after["0.weight"])
     torch.testing.assert_close(
         out,
@@ -80,7 +80,7 @@ def test_stash_forward_and_backward_see_the_same_weights() -> None:
 
 
 def test_pipeoptim_forward_uses_prediction_backward_uses_current_weights() -> None:
-    gm, x, out, before, predicted, after = run_policy("pipeoptim", 2)
+    gm, x, out, _before, predicted, after = run_policy("pipeoptim", 2)
     assert "self.predict(" in gm.code and "_hat" in gm.code
     torch.testing.assert_close(
         out,
