@@ -12,15 +12,17 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import nn
 from torch.utils import _pytree as pytree
 
 from pipeoptim.compiler import plan_model
 from pipeoptim.compiler.costmodel import CostConfig, optimizer_state_factor
 from pipeoptim.compiler.plan import Plan
-from pipeoptim.compiler.trace import TracedModel
+from pipeoptim.compiler.trace import TracedModel, trace
 from pipeoptim.errors import PipelineError, PipeoptimError, PlanError, PredictorError
 from pipeoptim.methods import METHODS, get_method
+from pipeoptim.runtime import spmd
 from pipeoptim.runtime.build import PipelineSpec, aliases_of, build_stage
 from pipeoptim.runtime.executor import LocalExecutor, MiniBatch
 from pipeoptim.runtime.optim import hyperparameters, param_group_names
@@ -38,14 +40,17 @@ class Loss:
     the mini-batches were given.
     """
 
-    def __init__(self, index: int) -> None:
+    def __init__(self, index: int, waiter: Callable[[int], None] | None = None) -> None:
         self.index = index
         self._future: torch.futures.Future = torch.futures.Future()
+        self._waiter = waiter
 
     def done(self) -> bool:
         return self._future.done()
 
     def wait(self) -> float:
+        if not self._future.done() and self._waiter is not None:
+            self._waiter(self.index)  # drives the receive that completes the future
         return float(self._future.wait())
 
     item = wait
@@ -99,6 +104,7 @@ class Pipeline:
         executor: str,
         device: torch.device,
         timeout: float,
+        owns_group: bool = False,
     ) -> None:
         self.spec = spec
         self.plan: Plan = spec.plan
@@ -120,6 +126,7 @@ class Pipeline:
         self.executor_kind = executor
         self.device = device
         self.timeout = timeout
+        self._owns_group = owns_group
         self._executor = self._start_executor()
 
     # -- executors -------------------------------------------------------------------
@@ -129,6 +136,10 @@ class Pipeline:
             stages = [build_stage(self.spec, self._traced, k, self.device) for k in range(self.num_stages)]
             self._stages = stages
             return LocalExecutor(stages, self.spec.schedule(), self._on_loss)
+        if self.executor_kind == "torchrun":
+            from pipeoptim.runtime.spmd import SPMDExecutor
+
+            return SPMDExecutor(self.spec, self._on_loss, self.timeout, self._owns_group)
         from pipeoptim.runtime.distributed import ProcessExecutor
 
         return ProcessExecutor(self.spec, self._on_loss, self._on_error, timeout=self.timeout)
@@ -219,7 +230,9 @@ class Pipeline:
         scales = [n / batch for n in sizes]
         index = self._next
         self._next += 1
-        loss = Loss(index)
+        waiter = getattr(self._executor, "wait_loss", None)
+        last_micro = (index + 1) * self.micro_batches - 1
+        loss = Loss(index, None if waiter is None else lambda _i: waiter(last_micro))
         with self._lock:
             self._losses[index] = loss
             self._scales[index] = scales
@@ -453,7 +466,9 @@ def compile(
         bandwidth: between stages (``"25GB/s"``, bytes/s); ``None`` ignores communication.
         profile_dir: where profiles are cached (``None``: do not cache).
         executor: ``"local"`` (all stages in this process, deterministic), ``"processes"``
-            (one worker process per stage, torch.distributed), or ``"auto"`` (processes).
+            (one worker process per stage, torch.distributed), ``"torchrun"`` (this process is
+            one rank of a torchrun job and runs its stage), or ``"auto"`` (``torchrun`` when
+            started by torchrun, else ``processes``).
         leaf_modules: qualified names of modules to keep as single nodes.
         seed: seed of the per-micro-batch random streams (dropout).
         timeout: seconds any wait between stages may take before the pipeline fails.
@@ -471,8 +486,8 @@ def compile(
         raise ValueError(f"gpus must be a positive integer, got {gpus!r}")
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
-    if executor not in ("auto", "local", "processes"):
-        raise ValueError(f"executor must be 'auto', 'local' or 'processes', not {executor!r}")
+    if executor not in ("auto", "local", "processes", "torchrun"):
+        raise ValueError(f"executor must be 'auto', 'local', 'processes' or 'torchrun', not {executor!r}")
     info = get_method(method)
     m = micro_batches if micro_batches is not None else (gpus if info.micro_batched else 1)
     if m < 1:
@@ -505,16 +520,31 @@ def compile(
         memory_limit=parse_bytes(memory) if memory is not None else None,
         opt_state_factor=optimizer_state_factor(optimizer),
     )
-    planned = plan_model(
-        model_copy,
-        micro,
-        config,
-        leaf_modules=leaf_modules,
-        profile_dir=profile_dir,
-        solver=solver,
-        log=log or (lambda _msg: None),
-    )
-    static = bool(planned.graph.info.get("static_batch")) or planned.traced.method == "export"
+    kind = executor
+    if kind == "auto":
+        kind = "torchrun" if spmd.under_torchrun() else "processes"
+    owns_group = spmd.init(gpus, timeout) if kind == "torchrun" else False
+    if kind != "torchrun" or dist.get_rank() == 0:
+        planned = plan_model(
+            model_copy,
+            micro,
+            config,
+            leaf_modules=leaf_modules,
+            profile_dir=profile_dir,
+            solver=solver,
+            log=log or (lambda _msg: None),
+        )
+        plan, traced, static_batch = (
+            planned.plan,
+            planned.traced,
+            bool(planned.graph.info.get("static_batch")),
+        )
+    if kind == "torchrun":  # rank 0 planned; every rank uses its plan
+        shared = spmd.broadcast((plan.to_dict(), static_batch) if dist.get_rank() == 0 else None)
+        plan, static_batch = Plan.from_dict(shared[0]), shared[1]
+        if dist.get_rank() != 0:
+            traced = trace(model_copy, micro, leaf_modules)
+    static = static_batch or traced.method == "export"
     if static and batch % m:
         raise PlanError(
             f"{type(model).__name__} was traced with torch.export, which fixes shapes: the example "
@@ -524,7 +554,7 @@ def compile(
         model=model_copy,
         example_inputs=micro,
         leaf_modules=tuple(leaf_modules),
-        plan=planned.plan,
+        plan=plan,
         method=method,
         optimizer_class=type(optimizer),
         optimizer_defaults=dict(optimizer.defaults),
@@ -535,6 +565,5 @@ def compile(
         seed=seed,
         policy_options={"backward": backward} if info.policy == "pipeoptim" else {},
     )
-    kind = "processes" if executor == "auto" else executor
     device = inputs[0].device if kind == "local" else torch.device("cpu")
-    return Pipeline(spec, planned.traced, optimizer, batch, static, kind, device, timeout)
+    return Pipeline(spec, traced, optimizer, batch, static, kind, device, timeout, owns_group)

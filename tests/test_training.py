@@ -250,13 +250,16 @@ def test_checkpoint_errors(tmp_path: Path) -> None:
             pipe.load_checkpoint(tmp_path / "half.pt")
         other = TinyGPT(vocab=16, dim=8, heads=2, layers=1, context=8)
         ids = torch.randint(0, 16, (4, 8))
-        with pipeoptim.compile(
-            other,
-            torch.optim.SGD(other.parameters(), lr=0.1),
-            2,
-            example_inputs=ids,
-            loss_fn=lambda o, y: o.mean(),
-            executor="local",
-            profile_dir=None,
-        ) as p2, pytest.raises(CheckpointError, match="do not match"):
+        with (
+            pipeoptim.compile(
+                other,
+                torch.optim.SGD(other.parameters(), lr=0.1),
+                2,
+                example_inputs=ids,
+                loss_fn=lambda o, y: o.mean(),
+                executor="local",
+                profile_dir=None,
+            ) as p2,
+            pytest.raises(CheckpointError, match="do not match"),
+        ):
             p2.load_checkpoint(tmp_path / "ok.pt")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import click
 
 from pipeoptim.cli.partition import partition
+from pipeoptim.cli.train import train_command
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -14,6 +15,7 @@ def cli() -> None:
 
 
 cli.add_command(partition)
+cli.add_command(train_command)
 
 
 def main() -> None:

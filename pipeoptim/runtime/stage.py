@@ -256,24 +256,35 @@ def _param_names(stage: StageRuntime) -> dict[int, str]:
 
 
 def optimizer_state(stage: StageRuntime) -> dict[str, Any]:
-    """The stage optimizer's state keyed by parameter name, and its step count."""
+    """The stage optimizer's state and last gradients keyed by parameter name, its step count.
+
+    The last gradients are part of it because predictors read them (SGD, RMSprop, Adagrad):
+    a resumed run predicts exactly as an uninterrupted one.
+    """
+    result: dict[str, Any] = {"state": {}, "grads": {}, "steps": {stage.index: stage.steps}}
     if stage.optimizer is None:
-        return {"state": {}, "steps": {stage.index: stage.steps}}
+        return result
     names = _param_names(stage)
-    state = {
-        names[id(p)]: {
+    for p, s in stage.optimizer.state.items():
+        result["state"][names[id(p)]] = {
             k: v.detach().cpu().clone() if isinstance(v, torch.Tensor) else v for k, v in s.items()
         }
-        for p, s in stage.optimizer.state.items()
-    }
-    return {"state": state, "steps": {stage.index: stage.steps}}
+    for p in _all_params(stage.optimizer):
+        if p.grad is not None:
+            result["grads"][names[id(p)]] = p.grad.detach().cpu().clone()
+    return result
+
+
+def _all_params(optimizer: Optimizer) -> list[torch.Tensor]:
+    return [p for group in optimizer.param_groups for p in group["params"]]
 
 
 def merge_optimizer_states(parts: Sequence[dict[str, Any]]) -> dict[str, Any]:
     """One state for the whole pipeline from the per-stage ones."""
-    merged: dict[str, Any] = {"state": {}, "steps": {}}
+    merged: dict[str, Any] = {"state": {}, "grads": {}, "steps": {}}
     for part in parts:
         merged["state"].update(part["state"])
+        merged["grads"].update(part.get("grads", {}))
         merged["steps"].update({int(k): v for k, v in part["steps"].items()})
     return merged
 
@@ -283,9 +294,14 @@ def load_optimizer_state(stage: StageRuntime, state: dict[str, Any]) -> None:
     stage.steps = int(state["steps"].get(stage.index, state["steps"].get(str(stage.index), 0)))
     if stage.optimizer is None:
         return
-    for p, name in ((p, n) for n, p in stage.module.named_parameters(remove_duplicate=False)):
+    for name, p in stage.module.named_parameters(remove_duplicate=False):
+        if not p.requires_grad:
+            continue
         saved = state["state"].get(name)
-        if saved is not None and p.requires_grad:
+        if saved is not None:
             stage.optimizer.state[p] = {
                 k: v.to(p.device) if isinstance(v, torch.Tensor) else v for k, v in saved.items()
             }
+        grad = state.get("grads", {}).get(name)
+        p.grad = None if grad is None else grad.to(p.device)
+    stage._grads_stale = True  # the next backward starts a new gradient

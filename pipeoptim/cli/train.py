@@ -1,0 +1,150 @@
+"""``pipeoptim train``: train a built-in task with a pipeline method."""
+
+from __future__ import annotations
+
+import click
+
+from pipeoptim.errors import PipeoptimError
+from pipeoptim.methods import METHODS
+from pipeoptim.tasks import TASKS
+from pipeoptim.training import OPTIMIZERS, SEQUENTIAL, TrainConfig, summary_line, train
+
+
+@click.command("train")
+@click.argument("task", type=click.Choice(list(TASKS)))
+@click.option(
+    "--gpus",
+    "-n",
+    type=click.IntRange(min=1),
+    default=4,
+    show_default=True,
+    help="Pipeline stages (one process each; one GPU each where CUDA has enough).",
+)
+@click.option(
+    "--method",
+    type=click.Choice([*METHODS, SEQUENTIAL]),
+    default="pipeoptim",
+    show_default=True,
+    help="Pipeline method, or 'sequential' for plain training without a pipeline.",
+)
+@click.option(
+    "--optimizer",
+    type=click.Choice(OPTIMIZERS),
+    default="sgd",
+    show_default=True,
+    help="sgd uses --momentum; adam/adamw/rmsprop their usual defaults.",
+)
+@click.option("--epochs", type=click.IntRange(min=1), default=10, show_default=True)
+@click.option(
+    "--batch-size", type=click.IntRange(min=1), default=32, show_default=True, help="Mini-batch size."
+)
+@click.option(
+    "--lr",
+    type=click.FloatRange(min=0, min_open=True),
+    default=None,
+    help="Peak learning rate (default: 0.02 for sgd, 0.001 for adam, adamw and rmsprop).",
+)
+@click.option(
+    "--lr-schedule",
+    type=click.Choice(["cosine", "constant"]),
+    default="cosine",
+    show_default=True,
+    help="Cosine annealing to 0 over the run (a scheduler on the optimizer), or constant.",
+)
+@click.option("--momentum", type=click.FloatRange(min=0, max=1), default=0.9, show_default=True)
+@click.option("--weight-decay", type=click.FloatRange(min=0), default=0.0, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option(
+    "--data-dir",
+    type=click.Path(file_okay=False),
+    default=None,
+    help="Folder with the task's files (fashion-mnist IDX, SST-2 TSV, Multi30K).",
+)
+@click.option(
+    "--limit", type=click.IntRange(min=1), default=None, help="Use only this many training examples."
+)
+@click.option(
+    "--micro-batches",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Micro-batches per mini-batch for gpipe, 1f1b and 2bw (default: --gpus).",
+)
+@click.option(
+    "--executor",
+    type=click.Choice(["processes", "local"]),
+    default="processes",
+    show_default=True,
+    help="'processes': one worker per stage (torch.distributed); 'local': deterministic, one process.",
+)
+@click.option(
+    "--out",
+    type=click.Path(file_okay=False),
+    required=True,
+    help="Run folder for metrics.json, train.csv, curves.png and checkpoint.pt.",
+)
+@click.option("--plot", is_flag=True, help="Write curves.png with the loss and metric curves.")
+@click.option(
+    "--checkpoint-every",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Write a checkpoint every K mini-batches and after every epoch.",
+)
+@click.option(
+    "--resume", type=click.Path(), default=None, help="Continue from the checkpoint in this run folder."
+)
+@click.option("--profile-dir", default="profiles", show_default=True)
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+def train_command(
+    task,
+    gpus,
+    method,
+    optimizer,
+    epochs,
+    batch_size,
+    lr,
+    lr_schedule,
+    momentum,
+    weight_decay,
+    seed,
+    data_dir,
+    limit,
+    micro_batches,
+    executor,
+    out,
+    plot,
+    checkpoint_every,
+    resume,
+    profile_dir,
+    quiet,
+) -> None:
+    """Train TASK (digits, fashion-mnist, sst2, multi30k) and evaluate it after every epoch."""
+    if lr is None:
+        lr = 0.02 if optimizer == "sgd" else 1e-3
+    config = TrainConfig(
+        task=task,
+        out=out,
+        gpus=gpus,
+        method=method,
+        optimizer=optimizer,
+        epochs=epochs,
+        batch_size=batch_size,
+        lr=lr,
+        lr_schedule=lr_schedule,
+        momentum=momentum,
+        weight_decay=weight_decay,
+        seed=seed,
+        data_dir=data_dir,
+        limit=limit,
+        micro_batches=micro_batches,
+        executor=executor,
+        checkpoint_every=checkpoint_every,
+        resume=resume,
+        plot=plot,
+        progress=not quiet,
+        profile_dir=profile_dir,
+    )
+    try:
+        metrics = train(config, log=lambda msg: click.echo(msg, err=True))
+    except (PipeoptimError, ValueError, FileNotFoundError) as exc:
+        raise click.ClickException(str(exc)) from exc
+    click.echo(summary_line(metrics))

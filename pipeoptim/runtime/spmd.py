@@ -1,0 +1,198 @@
+"""SPMD execution under ``torchrun``: every rank runs the user's script and its own stage.
+
+Launch one process per stage (``torchrun --nproc-per-node N train.py``, or across machines
+with ``--nnodes``); each rank calls ``pipeoptim.compile`` and ``pipe.step(inputs, targets)``
+with the same data. Rank 0 profiles and plans, then broadcasts the plan and every stage's
+initial weights, so all ranks agree even if their models were initialised differently.
+Stage 0 reads the inputs, the last stage the targets; the last stage sends each loss to every
+other rank, so ``float(loss)`` works everywhere.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from pipeoptim.errors import PipelineError
+from pipeoptim.runtime.build import PipelineSpec
+from pipeoptim.runtime.comm import LOSS_TAG
+from pipeoptim.runtime.executor import MiniBatch
+from pipeoptim.runtime.stage import merge_optimizer_states
+from pipeoptim.runtime.worker import StageProcess
+
+
+def under_torchrun() -> bool:
+    """Whether this process was started by torchrun (or another launcher that sets RANK)."""
+    return "RANK" in os.environ and "WORLD_SIZE" in os.environ
+
+
+def local_device() -> torch.device:
+    """``cuda:LOCAL_RANK`` where CUDA is available, else the CPU."""
+    if torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    return torch.device("cpu")
+
+
+def init(num_stages: int, timeout: float) -> bool:
+    """Join the process group torchrun describes; returns whether this call created it.
+
+    Raises:
+        PipelineError: the world size differs from the number of stages.
+    """
+    world = int(os.environ["WORLD_SIZE"])
+    if world != num_stages:
+        raise PipelineError(
+            f"torchrun started {world} processes but gpus={num_stages}: launch one process per stage "
+            f"(torchrun --nproc-per-node {num_stages} ...) or compile with gpus={world}"
+        )
+    if dist.is_initialized():
+        return False
+    device = local_device()
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    else:
+        torch.set_num_threads(
+            max(1, torch.get_num_threads() // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", 1))))
+        )
+    dist.init_process_group(
+        "nccl" if device.type == "cuda" else "gloo", timeout=datetime.timedelta(seconds=timeout)
+    )
+    return True
+
+
+def broadcast(value: Any) -> Any:
+    """``value`` of rank 0 on every rank."""
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+class SPMDExecutor:
+    """The executor of one torchrun rank (same interface as the other executors)."""
+
+    def __init__(
+        self,
+        spec: PipelineSpec,
+        on_loss: Callable[[int, torch.Tensor], None],
+        timeout: float,
+        owns_group: bool,
+    ) -> None:
+        self.rank = dist.get_rank()
+        self.world = dist.get_world_size()
+        self.on_loss = on_loss
+        self.timeout = datetime.timedelta(seconds=timeout)
+        self.owns_group = owns_group
+        self.device = local_device()
+        self.process = StageProcess(spec, self.rank, self.device, timeout)
+        self._pending: list[tuple[int, Any, torch.Tensor]] = []
+        self._share_initial_weights(spec)
+
+    def _share_initial_weights(self, spec: PipelineSpec) -> None:
+        """Rank 0 sends every stage the initial values of its parameters and buffers."""
+        parts: list[Any] = [None] * self.world
+        dist.all_gather_object(parts, sorted(self.process.stage.module.state_dict()))
+        if self.rank == 0:
+            full = spec.model.state_dict()
+            for rank in range(1, self.world):
+                for name in parts[rank]:
+                    dist.send(full[name].detach().contiguous().to(self.device), rank)
+        else:
+            state = self.process.stage.module.state_dict(keep_vars=True)
+            with torch.no_grad():
+                for name in parts[self.rank]:
+                    buffer = torch.empty_like(state[name].detach())
+                    dist.recv(buffer, 0)
+                    state[name].copy_(buffer)
+        dist.barrier()
+
+    # -- training -------------------------------------------------------------------
+
+    def submit(self, batch: MiniBatch) -> None:
+        last = self.world - 1
+        part = MiniBatch(
+            index=batch.index,
+            inputs=batch.inputs if self.rank == 0 else [],
+            targets=batch.targets if self.rank == last else [],
+            scales=batch.scales,
+            sizes=batch.sizes,
+            hyper=batch.hyper,
+        )
+        first = batch.index * len(batch.sizes)
+        if self.rank != last:
+            for j in range(len(batch.sizes)):
+                buffer = torch.empty(1, dtype=torch.float64, device=self.device)
+                self._pending.append((first + j, dist.irecv(buffer, last, tag=LOSS_TAG), buffer))
+        self._deliver(self.process.submit(part))
+        self._poll(block=False)
+
+    def _deliver(self, losses: list[tuple[int, float]]) -> None:
+        """Last rank: hand each loss to the pipeline and send it to every other rank."""
+        for mb, value in losses:
+            tensor = torch.tensor([value], dtype=torch.float64, device=self.device)
+            for rank in range(self.world - 1):
+                self.process.channel._isend(tensor, rank, tag=LOSS_TAG)
+            self.on_loss(mb, torch.tensor(value))
+
+    def _poll(self, block: bool, until: int | None = None) -> None:
+        """Other ranks: resolve losses that have arrived (all of them, or up to ``until``)."""
+        while self._pending:
+            mb, work, buffer = self._pending[0]
+            if not (block or work.is_completed()) and (until is None or mb > until):
+                return
+            work.wait(self.timeout)
+            self._pending.pop(0)
+            self.on_loss(mb, buffer.cpu()[0])
+
+    def wait_loss(self, micro_batch: int) -> None:
+        """Block until the loss of ``micro_batch`` has arrived on this rank."""
+        self._poll(block=False, until=micro_batch)
+
+    def flush(self) -> None:
+        self._deliver(self.process.flush())
+        self._poll(block=True)
+
+    # -- evaluation and state -----------------------------------------------------------
+
+    def forward_only(self, chunks: list[tuple[Any, ...]]) -> list[Any]:
+        sizes = [int(c[0].shape[0]) for c in chunks]
+        outputs = self.process.forward_only(chunks if self.rank == 0 else None, sizes)
+        box = [outputs]
+        dist.broadcast_object_list(box, src=self.world - 1)
+        return box[0]
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        parts: list[Any] = [None] * self.world
+        dist.all_gather_object(parts, self.process.state_dict())
+        merged: dict[str, torch.Tensor] = {}
+        for part in parts:
+            merged.update(part)
+        return merged
+
+    def load_state_dict(self, state: dict[str, torch.Tensor], aliases: dict[str, list[str]]) -> None:
+        self.process.load_state_dict(state)
+
+    def optimizer_state(self) -> dict[str, Any]:
+        parts: list[Any] = [None] * self.world
+        dist.all_gather_object(parts, self.process.optimizer_state())
+        return merge_optimizer_states(parts)
+
+    def load_optimizer_state(self, state: dict[str, Any]) -> None:
+        self.process.load_optimizer_state(state)
+
+    def resume(self, mini_batches: int) -> None:
+        self.process.resume(mini_batches)
+
+    def peak_weight_versions(self) -> list[int]:
+        parts: list[Any] = [None] * self.world
+        dist.all_gather_object(parts, self.process.peak_versions())
+        return parts
+
+    def close(self) -> None:
+        self.process.channel.wait_sends()
+        if self.owns_group and dist.is_initialized():
+            dist.destroy_process_group()

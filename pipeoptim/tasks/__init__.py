@@ -1,0 +1,35 @@
+"""Built-in training tasks of ``pipeoptim train``: the three task kinds of the PipeOptim paper
+(image classification, sentiment analysis, machine translation) at small scale."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from pipeoptim.tasks.base import Task
+from pipeoptim.tasks.images import digits, fashion_mnist
+from pipeoptim.tasks.text import sst2
+from pipeoptim.tasks.translation import multi30k
+
+TASKS: dict[str, Callable[..., Task]] = {
+    "digits": digits,
+    "fashion-mnist": fashion_mnist,
+    "sst2": sst2,
+    "multi30k": multi30k,
+}
+
+
+def make_task(
+    name: str, *, batch_size: int, seed: int = 0, limit: int | None = None, data_dir: str | None = None
+) -> Task:
+    """Build task ``name``.
+
+    Raises:
+        ValueError: unknown task name.
+        FileNotFoundError: the task's data files are missing (the message says where to get them).
+    """
+    if name not in TASKS:
+        raise ValueError(f"unknown task {name!r}; choose one of {', '.join(TASKS)}")
+    return TASKS[name](batch_size=batch_size, seed=seed, limit=limit, data_dir=data_dir)
+
+
+__all__ = ["TASKS", "Task", "make_task"]

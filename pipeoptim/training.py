@@ -1,0 +1,374 @@
+"""The training loop behind ``pipeoptim train``: epochs, evaluation, checkpoints, records.
+
+:func:`train` runs a built-in task (:mod:`pipeoptim.tasks`) with a pipeline method, or with
+``sequential`` (plain single-process training, the reference), and writes into the run
+folder:
+
+- ``metrics.json`` -- configuration, per-epoch loss / metric / speed, the plan's summary;
+- ``train.csv`` -- one row per mini-batch: step, epoch, loss;
+- ``curves.png`` (``plot=True``) -- loss and metric curves;
+- ``checkpoint.pt`` (``checkpoint_every``) -- see :mod:`pipeoptim.checkpoint`.
+
+All files are written atomically.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import math
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+import pipeoptim
+from pipeoptim.checkpoint import FORMAT, read_checkpoint
+from pipeoptim.errors import CheckpointError
+from pipeoptim.fileio import atomic_write, write_json
+from pipeoptim.pipeline import Loss
+from pipeoptim.tasks import Task, make_task
+
+OPTIMIZERS = ("sgd", "adam", "adamw", "rmsprop")
+SEQUENTIAL = "sequential"
+
+
+@dataclass
+class TrainConfig:
+    """Settings of one run (the options of ``pipeoptim train``)."""
+
+    task: str
+    out: str
+    gpus: int = 4
+    method: str = "pipeoptim"
+    optimizer: str = "sgd"
+    epochs: int = 10
+    batch_size: int = 32
+    lr: float = 0.02
+    momentum: float = 0.9
+    weight_decay: float = 0.0
+    seed: int = 0
+    data_dir: str | None = None
+    limit: int | None = None
+    micro_batches: int | None = None
+    executor: str = "processes"
+    lr_schedule: str = "cosine"
+    checkpoint_every: int | None = None
+    resume: str | None = None
+    plot: bool = False
+    progress: bool = True
+    profile_dir: str | None = "profiles"
+
+
+def make_optimizer(
+    name: str, params: Any, lr: float, momentum: float, weight_decay: float
+) -> torch.optim.Optimizer:
+    """``sgd`` (with ``momentum``), ``adam``, ``adamw`` or ``rmsprop``.
+
+    Raises:
+        ValueError: unknown name.
+    """
+    if name == "sgd":
+        return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
+    if name == "adam":
+        return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
+    if name == "adamw":
+        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    if name == "rmsprop":
+        return torch.optim.RMSprop(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
+    raise ValueError(f"unknown optimizer {name!r}; choose one of {', '.join(OPTIMIZERS)}")
+
+
+class Sequential:
+    """Plain single-process training with the same interface as a pipeline (the reference)."""
+
+    plan = None
+    num_stages = 1
+
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, loss_fn: Callable) -> None:
+        self.model = model
+        self.optimizer = optimizer
+        self.loss_fn = loss_fn
+        self.mini_batches_done = 0
+
+    def step(self, inputs: tuple[torch.Tensor, ...], targets: Any) -> Loss:
+        self.model.train()
+        self.optimizer.zero_grad()
+        loss = self.loss_fn(self.model(*inputs), targets)
+        loss.backward()
+        self.optimizer.step()
+        result = Loss(self.mini_batches_done)
+        result._set(float(loss.detach()))
+        self.mini_batches_done += 1
+        return result
+
+    def flush(self) -> None:
+        """Nothing is ever in flight."""
+
+    @torch.no_grad()
+    def predict(self, inputs: tuple[torch.Tensor, ...]) -> Any:
+        self.model.eval()
+        try:
+            return self.model(*inputs)
+        finally:
+            self.model.train()
+
+    def save_checkpoint(self, path: Path, extra: dict[str, Any]) -> None:
+        data = {
+            "format": FORMAT,
+            "model_class": type(self.model).__qualname__,
+            "method": SEQUENTIAL,
+            "state_dict": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "mini_batches": self.mini_batches_done,
+            "plan": None,
+            "extra": extra,
+        }
+        buffer = io.BytesIO()
+        torch.save(data, buffer)
+        atomic_write(path, lambda f: f.write(buffer.getvalue()))
+
+    def load_checkpoint(self, path: Path) -> dict[str, Any]:
+        data = read_checkpoint(path)
+        if data["method"] != SEQUENTIAL or set(data["state_dict"]) != set(self.model.state_dict()):
+            raise CheckpointError(f"checkpoint {path} is not from a sequential run of this model")
+        self.model.load_state_dict(data["state_dict"])
+        self.optimizer.load_state_dict(data["optimizer"])
+        self.mini_batches_done = data["mini_batches"]
+        return data["extra"]
+
+    def close(self) -> None:
+        """Nothing to end."""
+
+
+def _trainer(config: TrainConfig, task: Task, log: Callable[[str], None]) -> tuple[Any, Any]:
+    """The trainer (a pipeline, or :class:`Sequential`) and the LR scheduler on its optimizer."""
+    optimizer = make_optimizer(
+        config.optimizer, task.model.parameters(), config.lr, config.momentum, config.weight_decay
+    )
+    scheduler = None
+    if config.lr_schedule == "cosine":
+        total = config.epochs * task.steps_per_epoch
+        scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total)
+    elif config.lr_schedule != "constant":
+        raise ValueError(f"lr_schedule must be 'cosine' or 'constant', not {config.lr_schedule!r}")
+    if config.method == SEQUENTIAL:
+        return Sequential(task.model, optimizer, task.loss_fn), scheduler
+    pipe = pipeoptim.compile(
+        task.model,
+        optimizer,
+        config.gpus,
+        example_inputs=task.example_inputs,
+        loss_fn=task.loss_fn,
+        method=config.method,
+        micro_batches=config.micro_batches,
+        executor=config.executor,
+        profile_dir=config.profile_dir,
+        seed=config.seed,
+        log=log,
+    )
+    return pipe, scheduler
+
+
+def _check_resume(config: TrainConfig, out: Path) -> Path | None:
+    if config.resume is None:
+        return None
+    folder = Path(config.resume)
+    path = folder / "checkpoint.pt" if folder.is_dir() or not folder.suffix else folder
+    data = read_checkpoint(path)  # raises CheckpointError when missing or half-written
+    saved = data["extra"].get("config", {})
+    for key in ("task", "method", "gpus", "optimizer", "batch_size", "seed"):
+        if key in saved and saved[key] != getattr(config, key):
+            raise CheckpointError(
+                f"cannot resume: the checkpoint was made with {key}={saved[key]!r}, this run has "
+                f"{key}={getattr(config, key)!r}; use the same settings"
+            )
+    return path
+
+
+def train(config: TrainConfig, log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Run ``config``; returns the metrics also written to ``<out>/metrics.json``.
+
+    Raises:
+        ValueError: bad settings; FileNotFoundError: missing task data; CheckpointError: a bad
+        ``resume``; PipeoptimError: from compile and training (non-finite loss, failed stage).
+    """
+    out = Path(config.out)
+    out.mkdir(parents=True, exist_ok=True)
+    resume_path = _check_resume(config, out)
+    torch.manual_seed(config.seed)
+    task = make_task(
+        config.task,
+        batch_size=config.batch_size,
+        seed=config.seed,
+        limit=config.limit,
+        data_dir=config.data_dir,
+    )
+    start = time.perf_counter()
+    trainer, scheduler = _trainer(config, task, log)
+    history: dict[str, list] = {"steps": [], "epochs": []}
+    try:
+        if resume_path is not None:
+            extra = trainer.load_checkpoint(resume_path)
+            history = extra["history"]
+            if scheduler is not None:
+                scheduler.load_state_dict(extra["scheduler"])
+            log(f"resumed from {resume_path} at mini-batch {trainer.mini_batches_done}")
+        _loop(config, task, trainer, scheduler, history, out, log)
+    finally:
+        trainer.close()
+    metrics = _metrics(config, task, trainer, history, time.perf_counter() - start)
+    write_json(out / "metrics.json", metrics)
+    _write_csv(out / "train.csv", history["steps"])
+    if config.plot:
+        plot_curves(history, task.metric, out / "curves.png", title=f"{config.task} / {config.method}")
+    return metrics
+
+
+def _loop(
+    config: TrainConfig,
+    task: Task,
+    trainer: Any,
+    scheduler: Any,
+    history: dict[str, list],
+    out: Path,
+    log: Callable[[str], None],
+) -> None:
+    per_epoch = task.steps_per_epoch
+    step = trainer.mini_batches_done
+    pending: deque[tuple[int, int, Loss]] = deque()
+
+    def drain(all_: bool, bar: tqdm) -> None:
+        while pending and (all_ or pending[0][2].done() or len(pending) > trainer.num_stages):
+            s, epoch, loss = pending.popleft()
+            value = loss.wait()
+            history["steps"].append([s, epoch, value])
+            bar.update(1)
+            bar.set_postfix(loss=f"{value:.4f}", refresh=False)
+
+    def checkpoint() -> None:
+        extra = {
+            "history": history,
+            "config": asdict(config),
+            "scheduler": None if scheduler is None else scheduler.state_dict(),
+        }
+        trainer.save_checkpoint(out / "checkpoint.pt", extra)
+
+    for epoch in range(step // per_epoch, config.epochs):
+        offset = step - epoch * per_epoch
+        bar = tqdm(
+            total=per_epoch,
+            initial=offset,
+            desc=f"epoch {epoch + 1}/{config.epochs}",
+            disable=not config.progress,
+            leave=False,
+            unit="mini-batch",
+            mininterval=1.0,
+        )
+        tic = time.perf_counter()
+        for i, (inputs, targets) in enumerate(task.batches(epoch)):
+            if i < offset:
+                continue
+            pending.append((step, epoch, trainer.step(inputs, targets)))
+            if scheduler is not None:
+                scheduler.step()  # the stages read the new learning rate with the next mini-batch
+            step += 1
+            drain(False, bar)
+            if config.checkpoint_every and step % config.checkpoint_every == 0:
+                trainer.flush()
+                drain(True, bar)
+                checkpoint()
+        trainer.flush()
+        drain(True, bar)
+        bar.close()
+        seconds = time.perf_counter() - tic
+        value = task.evaluate(trainer.predict)
+        losses = [v for _, e, v in history["steps"] if e == epoch]
+        record = {
+            "epoch": epoch + 1,
+            "train_loss": sum(losses) / max(len(losses), 1),
+            task.metric: value,
+            "seconds": seconds,
+            "mini_batches_per_s": (per_epoch - offset) / seconds if seconds else None,
+        }
+        history["epochs"].append(record)
+        log(
+            f"epoch {epoch + 1}/{config.epochs}: train loss {record['train_loss']:.4f}, "
+            f"{task.metric} {value:.4f}, {record['mini_batches_per_s']:.1f} mini-batches/s"
+        )
+        if config.checkpoint_every:
+            checkpoint()
+
+
+def _metrics(config: TrainConfig, task: Task, trainer: Any, history: dict[str, list], wall: float) -> dict:
+    epochs = history["epochs"]
+    final = epochs[-1][task.metric] if epochs else None
+    plan = trainer.plan
+    return {
+        "config": asdict(config),
+        "task": {"name": task.name, "metric": task.metric, **task.info},
+        "metric": task.metric,
+        "final": {task.metric: final},
+        "epochs": epochs,
+        "mini_batches": len(history["steps"]),
+        "wall_s": wall,
+        "plan": None
+        if plan is None
+        else {k: v for k, v in plan.summary.items() if isinstance(v, (int, float, str, bool)) or v is None},
+        "stages": None if plan is None else [s.to_dict() for s in plan.stages],
+    }
+
+
+def _write_csv(path: Path, rows: list[list]) -> None:
+    text = io.StringIO()
+    writer = csv.writer(text)
+    writer.writerow(["step", "epoch", "loss"])
+    writer.writerows(rows)
+    atomic_write(path, lambda f: f.write(text.getvalue().encode()))
+
+
+def plot_curves(history: dict[str, list], metric: str, path: Path, title: str = "") -> None:
+    """Loss per mini-batch (with a moving average) and the metric per epoch, as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
+    steps = [s for s, _, _ in history["steps"]]
+    losses = [v for _, _, v in history["steps"]]
+    left.plot(steps, losses, lw=0.5, alpha=0.4, label="mini-batch")
+    window = max(1, len(losses) // 50)
+    smooth = [
+        sum(losses[max(0, i - window + 1) : i + 1]) / len(losses[max(0, i - window + 1) : i + 1])
+        for i in range(len(losses))
+    ]
+    left.plot(steps, smooth, lw=1.5, label=f"mean of {window}")
+    left.set(xlabel="mini-batch", ylabel="training loss", title=title)
+    left.legend()
+    epochs = [e["epoch"] for e in history["epochs"]]
+    right.plot(epochs, [e[metric] for e in history["epochs"]], marker="o")
+    right.set(xlabel="epoch", ylabel=metric, title=f"test {metric}")
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=100)
+    plt.close(fig)
+    atomic_write(path, lambda f: f.write(buffer.getvalue()))
+
+
+def summary_line(metrics: dict[str, Any]) -> str:
+    """One line for the end of a run."""
+    metric = metrics["metric"]
+    value = metrics["final"][metric]
+    shown = "n/a" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.4f}"
+    cfg = metrics["config"]
+    return (
+        f"{cfg['task']} {cfg['method']} ({cfg['gpus']} stages): test {metric} {shown} after "
+        f"{len(metrics['epochs'])} epochs, {metrics['mini_batches']} mini-batches, {metrics['wall_s']:.1f} s"
+    )

@@ -1,0 +1,81 @@
+"""Under torchrun every rank runs its stage; the numbers equal the local executor's."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import pipeoptim
+from pipeoptim.runtime.distributed import free_port
+
+from .test_training import SmallCNN, data
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["pipeoptim", "1f1b"])
+def test_torchrun_ranks_equal_local_executor(tmp_path: Path, method: str) -> None:
+    stages = 2
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nnodes",
+        "1",
+        "--nproc-per-node",
+        str(stages),
+        "--rdzv-backend",
+        "c10d",
+        "--rdzv-endpoint",
+        f"127.0.0.1:{free_port()}",
+        str(ROOT / "tests" / "torchrun_script.py"),
+        str(tmp_path / "out"),
+        str(stages),
+        method,
+        str(tmp_path / "profiles"),
+    ]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0, done.stderr[-3000:]
+    ranks = [json.loads((tmp_path / f"out.{r}").read_text()) for r in range(stages)]
+    assert ranks[0]["losses"] == ranks[1]["losses"]  # every rank sees every loss
+    assert ranks[0]["state"] == ranks[1]["state"]
+
+    torch.manual_seed(0)  # rank 0's initial weights, which it broadcast to the others
+    model = SmallCNN()
+    batches = data(10)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    with pipeoptim.compile(
+        model,
+        opt,
+        stages,
+        example_inputs=batches[0][0],
+        loss_fn=F.cross_entropy,
+        method=method,
+        executor="local",
+        profile_dir=tmp_path / "profiles",
+    ) as pipe:
+        losses = list(pipe.train(batches))
+        assert pipe.plan.stage_of == ranks[0]["plan"]
+        predicted = pipe.predict(batches[0][0])
+    assert ranks[0]["losses"] == pytest.approx(losses, rel=1e-5, abs=1e-6)
+    torch.testing.assert_close(torch.tensor(ranks[1]["predict"]), predicted, rtol=1e-5, atol=1e-5)
+
+
+def test_wrong_world_size_is_a_clear_error(monkeypatch) -> None:
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "3")
+    model = SmallCNN()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with pytest.raises(pipeoptim.PipelineError, match="nproc-per-node 2"):
+        pipeoptim.compile(
+            model, opt, 2, example_inputs=torch.randn(8, 1, 8, 8), loss_fn=F.cross_entropy, profile_dir=None
+        )

@@ -1,0 +1,175 @@
+"""``pipeoptim train`` end to end: accuracy, records, plot, checkpoints and resume."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+import pipeoptim
+from pipeoptim.cli.main import cli
+from pipeoptim.tasks import make_task
+
+
+def run(*args: str) -> tuple[int, str, str]:
+    result = CliRunner().invoke(cli, ["train", *args, "--quiet"])
+    return result.exit_code, result.stdout, result.stderr
+
+
+def rows(path: Path) -> list[list[str]]:
+    with open(path) as f:
+        return list(csv.reader(f))[1:]
+
+
+@pytest.mark.slow
+def test_digits_four_stages_processes_pipeoptim_reaches_90_percent(tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    code, stdout, err = run(
+        "digits",
+        "--gpus",
+        "4",
+        "--method",
+        "pipeoptim",
+        "--epochs",
+        "4",
+        "--out",
+        str(out),
+        "--plot",
+        "--profile-dir",
+        str(tmp_path / "profiles"),
+    )
+    assert code == 0, err
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["final"]["accuracy"] > 0.9
+    assert len(metrics["epochs"]) == 4 and metrics["plan"]["bottleneck_s"] > 0
+    assert len(metrics["stages"]) == 4
+    steps = rows(out / "train.csv")
+    assert len(steps) == metrics["mini_batches"] == 4 * (1437 // 32)
+    assert (out / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "test accuracy" in stdout
+
+
+@pytest.mark.slow
+def test_to_module_reproduces_the_pipelines_outputs_with_worker_processes(tmp_path: Path) -> None:
+    task = make_task("digits", batch_size=32, seed=0, limit=256)
+    opt = torch.optim.SGD(task.model.parameters(), lr=0.05, momentum=0.9)
+    with pipeoptim.compile(
+        task.model,
+        opt,
+        4,
+        example_inputs=task.example_inputs,
+        loss_fn=task.loss_fn,
+        executor="processes",
+        profile_dir=tmp_path,
+    ) as pipe:
+        for _ in pipe.train(task.batches(0)):
+            pass
+        x = task.example_inputs[0]
+        expected = pipe.predict((x,))
+        module = pipe.to_module()
+    module.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(module(x), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_resumed_run_equals_uninterrupted_run(tmp_path: Path) -> None:
+    common = [
+        "digits",
+        "--gpus",
+        "3",
+        "--executor",
+        "local",
+        "--limit",
+        "320",
+        "--batch-size",
+        "32",
+        "--checkpoint-every",
+        "4",
+        "--lr-schedule",
+        "constant",
+        "--profile-dir",
+        str(tmp_path / "profiles"),
+    ]
+    code, _, err = run(*common, "--epochs", "3", "--out", str(tmp_path / "whole"))
+    assert code == 0, err
+    code, _, err = run(*common, "--epochs", "1", "--out", str(tmp_path / "part"))
+    assert code == 0, err
+    code, _, err = run(
+        *common, "--epochs", "3", "--out", str(tmp_path / "part"), "--resume", str(tmp_path / "part")
+    )
+    assert code == 0, err
+    assert "resumed from" in err
+    whole, part = rows(tmp_path / "whole" / "train.csv"), rows(tmp_path / "part" / "train.csv")
+    assert len(whole) == 30 and whole == part
+    a = json.loads((tmp_path / "whole" / "metrics.json").read_text())["epochs"]
+    b = json.loads((tmp_path / "part" / "metrics.json").read_text())["epochs"]
+    assert [e["accuracy"] for e in a] == [e["accuracy"] for e in b]
+
+
+def test_sequential_reference_and_bad_resume(tmp_path: Path) -> None:
+    code, out, err = run(
+        "digits", "--method", "sequential", "--epochs", "1", "--limit", "320", "--out", str(tmp_path / "seq")
+    )
+    assert code == 0, err and "sequential" in out
+    code, _, err = run(
+        "digits", "--epochs", "1", "--out", str(tmp_path / "x"), "--resume", str(tmp_path / "nope")
+    )
+    assert code == 1 and "no checkpoint" in err
+    (tmp_path / "half").mkdir()
+    (tmp_path / "half" / "checkpoint.pt").write_bytes(b"PK\x03\x04 truncated")
+    code, _, err = run(
+        "digits", "--epochs", "1", "--out", str(tmp_path / "y"), "--resume", str(tmp_path / "half")
+    )
+    assert code == 1 and "unreadable" in err
+    code, _, err = run(
+        "digits",
+        "--method",
+        "sequential",
+        "--epochs",
+        "1",
+        "--limit",
+        "320",
+        "--out",
+        str(tmp_path / "z"),
+        "--resume",
+        str(tmp_path / "seq"),
+        "--gpus",
+        "2",
+    )
+    assert code == 1 and "checkpoint" in err
+
+
+def test_missing_data_is_a_clear_error(tmp_path: Path) -> None:
+    code, _, err = run("fashion-mnist", "--data-dir", str(tmp_path), "--out", str(tmp_path / "f"))
+    assert code == 1 and "--data-dir" in err and "Traceback" not in err
+
+
+def test_fashion_mnist_from_idx_files(tmp_path: Path) -> None:
+    folder = Path("/usr/share/datasets/fashion-mnist")
+    if not (folder / "train-images-idx3-ubyte.gz").is_file():
+        pytest.skip(f"{folder} is absent (Debian package dataset-fashion-mnist)")
+    task = make_task("fashion-mnist", batch_size=64, seed=0, limit=3200)
+    assert task.example_inputs[0].shape == (64, 1, 28, 28) and task.info["test_examples"] == 10_000
+    code, _, err = run(
+        "fashion-mnist",
+        "--gpus",
+        "2",
+        "--executor",
+        "local",
+        "--limit",
+        "3200",
+        "--batch-size",
+        "64",
+        "--epochs",
+        "1",
+        "--optimizer",
+        "adam",
+        "--out",
+        str(tmp_path / "f"),
+    )
+    assert code == 0, err
+    assert json.loads((tmp_path / "f" / "metrics.json").read_text())["final"]["accuracy"] > 0.6
