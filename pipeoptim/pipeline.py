@@ -24,6 +24,7 @@ from pipeoptim.errors import PipelineError, PipeoptimError, PlanError, Predictor
 from pipeoptim.methods import METHODS, get_method
 from pipeoptim.runtime import spmd
 from pipeoptim.runtime.build import PipelineSpec, aliases_of, build_stage
+from pipeoptim.runtime.distributed import check_devices
 from pipeoptim.runtime.executor import LocalExecutor, MiniBatch
 from pipeoptim.runtime.optim import hyperparameters, param_group_names
 from pipeoptim.runtime.predictors import get_predictor
@@ -404,6 +405,8 @@ class Pipeline:
     def _check_open(self) -> None:
         if self._closed:
             raise PipelineError("the pipeline is closed")
+        if isinstance(self._error, PipeoptimError):
+            raise self._error  # the original error (a failed stage, a NaN) with its details
         if self._error is not None:
             raise PipelineError(f"the pipeline failed earlier: {self._error}") from self._error
 
@@ -439,11 +442,13 @@ def compile(
     memory: str | int | None = None,
     bandwidth: str | float | None = "25GB/s",
     profile_dir: str | os.PathLike[str] | None = "profiles",
+    plan: Plan | str | os.PathLike[str] | None = None,
     executor: str = "auto",
     leaf_modules: Sequence[str] = (),
     seed: int = 0,
     timeout: float = 300.0,
     backward: str = "current",
+    nan_check: str = "stages",
     solver: str = "cbc",
     log: Callable[[str], None] | None = None,
 ) -> Pipeline:
@@ -457,7 +462,7 @@ def compile(
         gpus: number of pipeline stages N (one device or process each).
         example_inputs: one mini-batch of inputs (tensor or tuple), ``[batch, ...]``; the
             plan is made for this batch size (split into micro-batches where the method
-            does).
+            does). Dim 0 is the batch dimension.
         loss_fn: ``loss_fn(model_output, targets) -> scalar tensor``, mean-reduced.
         method: ``pipeoptim`` (default), ``pipedream``, ``2bw``, ``spectrain``, ``none``,
             ``gpipe`` or ``1f1b`` (see :mod:`pipeoptim.methods`).
@@ -465,6 +470,9 @@ def compile(
         memory: per-stage memory limit (``"16GiB"``, bytes) for the plan.
         bandwidth: between stages (``"25GB/s"``, bytes/s); ``None`` ignores communication.
         profile_dir: where profiles are cached (``None``: do not cache).
+        plan: a :class:`~pipeoptim.compiler.plan.Plan` or plan file (``pipeoptim partition
+            --save``) to use instead of planning; it must be for this model's graph, ``gpus``
+            stages and ``method``.
         executor: ``"local"`` (all stages in this process, deterministic), ``"processes"``
             (one worker process per stage, torch.distributed), ``"torchrun"`` (this process is
             one rank of a torchrun job and runs its stage), or ``"auto"`` (``torchrun`` when
@@ -473,6 +481,9 @@ def compile(
         seed: seed of the per-micro-batch random streams (dropout).
         timeout: seconds any wait between stages may take before the pipeline fails.
         backward: PipeOptim only: ``"current"`` weights (the paper) or ``"predicted"``.
+        nan_check: ``"stages"`` (default: every stage checks its outputs, and a NaN/inf stops
+            training naming the mini-batch and the stage where it appeared), ``"loss"`` (only
+            the loss), ``"off"``.
         solver: ILP solver, ``cbc`` or ``highs``.
         log: receives progress messages (profiling, reuse of a saved profile).
 
@@ -481,13 +492,16 @@ def compile(
         PredictorError: ``method="pipeoptim"`` with an optimizer that has no predictor, or
             ``spectrain`` without SGD momentum.
         TraceError, ProfileError, PlanError: from the compiler.
+        PipelineError: more stages than GPUs on a CUDA machine, or a wrong torchrun world size.
     """
-    if not isinstance(gpus, int) or gpus < 1:
-        raise ValueError(f"gpus must be a positive integer, got {gpus!r}")
+    if not isinstance(gpus, int) or isinstance(gpus, bool) or gpus < 1:
+        raise ValueError(f"gpus must be a positive integer (the number of stages), got {gpus!r}")
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
     if executor not in ("auto", "local", "processes", "torchrun"):
         raise ValueError(f"executor must be 'auto', 'local', 'processes' or 'torchrun', not {executor!r}")
+    if nan_check not in ("stages", "loss", "off"):
+        raise ValueError(f"nan_check must be 'stages', 'loss' or 'off', not {nan_check!r}")
     info = get_method(method)
     m = micro_batches if micro_batches is not None else (gpus if info.micro_batched else 1)
     if m < 1:
@@ -505,7 +519,16 @@ def compile(
             f"SpecTrain needs torch.optim.SGD with momentum > 0, got {type(optimizer).__name__}: use "
             "SGD(..., momentum=0.9) or method='pipeoptim'"
         )
+    kind = executor
+    if kind == "auto":
+        kind = "torchrun" if spmd.under_torchrun() else "processes"
+    if kind == "processes":
+        check_devices(gpus)
     inputs = _as_tuple(example_inputs)
+    if not inputs or not all(isinstance(x, torch.Tensor) and x.dim() > 0 for x in inputs):
+        raise ValueError(
+            "example_inputs must be a tensor or a tuple of tensors with a batch dimension (dim 0)"
+        )
     batch = int(inputs[0].shape[0])
     if batch < m:
         raise ValueError(f"example batch of {batch} cannot be split into {m} micro-batches")
@@ -520,11 +543,14 @@ def compile(
         memory_limit=parse_bytes(memory) if memory is not None else None,
         opt_state_factor=optimizer_state_factor(optimizer),
     )
-    kind = executor
-    if kind == "auto":
-        kind = "torchrun" if spmd.under_torchrun() else "processes"
+    say = log or (lambda _msg: None)
     owns_group = spmd.init(gpus, timeout) if kind == "torchrun" else False
-    if kind != "torchrun" or dist.get_rank() == 0:
+    rank0 = kind != "torchrun" or dist.get_rank() == 0
+    if plan is not None:
+        traced = trace(model_copy, micro, leaf_modules)
+        chosen = _given_plan(plan, traced, config, say)
+        static_batch = False
+    elif rank0:
         planned = plan_model(
             model_copy,
             micro,
@@ -532,17 +558,14 @@ def compile(
             leaf_modules=leaf_modules,
             profile_dir=profile_dir,
             solver=solver,
-            log=log or (lambda _msg: None),
+            log=say,
         )
-        plan, traced, static_batch = (
-            planned.plan,
-            planned.traced,
-            bool(planned.graph.info.get("static_batch")),
-        )
-    if kind == "torchrun":  # rank 0 planned; every rank uses its plan
-        shared = spmd.broadcast((plan.to_dict(), static_batch) if dist.get_rank() == 0 else None)
-        plan, static_batch = Plan.from_dict(shared[0]), shared[1]
-        if dist.get_rank() != 0:
+        chosen, traced = planned.plan, planned.traced
+        static_batch = bool(planned.graph.info.get("static_batch"))
+    if kind == "torchrun" and plan is None:  # rank 0 planned; every rank uses its plan
+        shared = spmd.broadcast((chosen.to_dict(), static_batch) if rank0 else None)
+        chosen, static_batch = Plan.from_dict(shared[0]), shared[1]
+        if not rank0:
             traced = trace(model_copy, micro, leaf_modules)
     static = static_batch or traced.method == "export"
     if static and batch % m:
@@ -554,7 +577,7 @@ def compile(
         model=model_copy,
         example_inputs=micro,
         leaf_modules=tuple(leaf_modules),
-        plan=plan,
+        plan=chosen,
         method=method,
         optimizer_class=type(optimizer),
         optimizer_defaults=dict(optimizer.defaults),
@@ -564,6 +587,35 @@ def compile(
         micro_batches=m,
         seed=seed,
         policy_options={"backward": backward} if info.policy == "pipeoptim" else {},
+        nan_check=nan_check,
     )
     device = inputs[0].device if kind == "local" else torch.device("cpu")
     return Pipeline(spec, traced, optimizer, batch, static, kind, device, timeout, owns_group)
+
+
+def _given_plan(
+    plan: Plan | str | os.PathLike[str], traced: TracedModel, config: CostConfig, log: Callable[[str], None]
+) -> Plan:
+    """Check a plan handed to :func:`compile` against the model and the request.
+
+    Raises:
+        PlanError: unreadable, or for another graph, stage count, method or micro-batch count.
+    """
+    chosen = plan if isinstance(plan, Plan) else Plan.load(plan)
+    if chosen.profile_key.get("graph_hash") != traced.graph_hash:
+        raise PlanError(
+            f"the plan was made for another model graph ({chosen.model}); make it for this model "
+            "(pipeoptim partition ... --save) or leave plan unset"
+        )
+    for what, have, want in (
+        ("stages", chosen.config.num_stages, config.num_stages),
+        ("method", chosen.config.method, config.method),
+        ("micro-batches", chosen.config.micro_batches, config.micro_batches),
+    ):
+        if have != want:
+            raise PlanError(
+                f"the plan is for {what}={have!r}, this pipeline has {what}={want!r}; make a new plan"
+            )
+    key = chosen.profile_key
+    log(f"using the given plan of {chosen.model} (profiled on {key.get('device')}, torch {key.get('torch')})")
+    return chosen

@@ -314,6 +314,9 @@ def _normalise(gm: fx.GraphModule, method: str, n_inputs: int) -> tuple[list[str
     if method == "export":
         out_spec = graph._codegen.pytree_info.out_spec
         graph._codegen = fx.graph.CodeGen()
+        for attr in ("_in_spec", "_out_spec"):  # the flat interface replaces them
+            if hasattr(gm, attr):
+                delattr(gm, attr)
     for node in list(graph.nodes):
         guard = node.op == "call_module" and node.target == "_guards_fn"
         assert_none = node.op == "call_function" and node.target is torch.fx._symbolic_trace._assert_is_none

@@ -43,6 +43,7 @@ class PipelineSpec:
     micro_batches: int
     seed: int = 0
     policy_options: dict[str, Any] = field(default_factory=dict)
+    nan_check: str = "stages"
 
     @property
     def num_stages(self) -> int:
@@ -121,6 +122,7 @@ def build_stage(
         loss_fn=spec.loss_fn if last else None,
         unflatten_output=traced.unflatten_output if last else None,
         seed=spec.seed,
+        nan_check=spec.nan_check,
     )
 
 

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 import torch.multiprocessing as mp
 
-from pipeoptim.errors import PipelineError
+from pipeoptim.errors import PipelineError, PipeoptimError
 from pipeoptim.runtime.build import PipelineSpec
 from pipeoptim.runtime.executor import MiniBatch
 from pipeoptim.runtime.worker import worker_main
@@ -30,6 +30,15 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+def check_devices(num_stages: int) -> None:
+    """Raise :class:`PipelineError` if CUDA is present with fewer devices than stages."""
+    if torch.cuda.is_available() and torch.cuda.device_count() < num_stages:
+        raise PipelineError(
+            f"{num_stages} stages need {num_stages} GPUs but this machine has "
+            f"{torch.cuda.device_count()}: use gpus={torch.cuda.device_count()} or fewer"
+        )
 
 
 class ProcessExecutor:
@@ -51,16 +60,12 @@ class ProcessExecutor:
         timeout: float = 300.0,
         threads: int = 1,
     ) -> None:
-        if torch.cuda.is_available() and torch.cuda.device_count() < spec.num_stages:
-            raise PipelineError(
-                f"{spec.num_stages} stages need {spec.num_stages} GPUs but this machine has "
-                f"{torch.cuda.device_count()}: use gpus={torch.cuda.device_count()} or fewer"
-            )
+        check_devices(spec.num_stages)
         self.world = spec.num_stages
         self.timeout = timeout
         self.on_loss = on_loss
         self.on_error = on_error
-        self.error: PipelineError | None = None
+        self.error: PipeoptimError | None = None
         self._requests = itertools.count()
         self._replies: dict[int, dict[int, Any]] = {}
         self._cond = threading.Condition()
@@ -106,7 +111,8 @@ class ProcessExecutor:
                     self._replies.setdefault(key, {})[rank] = payload
                     self._cond.notify_all()
             elif kind == "error":
-                self._fail(PipelineError(payload.strip()))
+                text, exc = payload
+                self._fail(exc if exc is not None else PipelineError(text.strip()))
             self._check_processes()
 
     def _check_processes(self) -> None:
@@ -120,7 +126,7 @@ class ProcessExecutor:
                 )
                 return
 
-    def _fail(self, error: PipelineError) -> None:
+    def _fail(self, error: PipeoptimError) -> None:
         with self._cond:
             if self.error is not None:
                 return

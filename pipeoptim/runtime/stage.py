@@ -30,6 +30,12 @@ class _InFlight:
     outputs: list[Any]
 
 
+def _all_finite(leaves: Sequence[Any]) -> bool:
+    return all(
+        bool(torch.isfinite(t).all()) for t in leaves if isinstance(t, torch.Tensor) and t.is_floating_point()
+    )
+
+
 def detach_values(values: Any) -> Any:
     """The same structure with every tensor detached."""
     return pytree.tree_map(lambda v: v.detach() if isinstance(v, torch.Tensor) else v, values)
@@ -50,6 +56,8 @@ class StageRuntime:
         unflatten_output: rebuilds the model's output structure (last stage only).
         seed: base seed; each forward reseeds the RNG from (seed, stage, micro-batch) so that
             dropout draws the same masks in every executor.
+        nan_check: ``"stages"`` (each stage checks its outputs for NaN/inf, so an error names
+            the stage where they appeared), ``"loss"`` (only the loss), or ``"off"``.
     """
 
     def __init__(
@@ -64,7 +72,11 @@ class StageRuntime:
         loss_fn: LossFn | None = None,
         unflatten_output: Callable[[Sequence[Any]], Any] | None = None,
         seed: int = 0,
+        nan_check: str = "stages",
     ) -> None:
+        if nan_check not in ("stages", "loss", "off"):
+            raise ValueError(f"nan_check must be 'stages', 'loss' or 'off', not {nan_check!r}")
+        self.nan_check = nan_check
         self.index = index
         self.num_stages = num_stages
         self.module = module
@@ -144,8 +156,18 @@ class StageRuntime:
         finally:
             if self.policy is not None:
                 self.policy.end_forward(micro_batch)
+        step = micro_batch if mini_batch is None else mini_batch
         if not self.is_last:
-            self._in_flight[micro_batch] = _InFlight(leaf_inputs, pytree.tree_leaves(out))
+            leaves = pytree.tree_leaves(out)
+            if self.nan_check == "stages" and not _all_finite(leaves):
+                raise NonFiniteLossError(
+                    f"NaN or inf in the activations stage {self.index} computed for mini-batch {step} "
+                    "(its inputs were finite): lower the learning rate, check the data, or pass "
+                    "nan_check='off' to train on",
+                    step=step,
+                    stage=self.index,
+                )
+            self._in_flight[micro_batch] = _InFlight(leaf_inputs, leaves)
             return detach_values(out)
         assert self.loss_fn is not None and self.unflatten_output is not None
         loss = self.loss_fn(self.unflatten_output(out), targets)
@@ -154,11 +176,10 @@ class StageRuntime:
             raise PipelineError(
                 f"loss_fn must return a scalar tensor, got {got}: reduce it, e.g. with .mean()"
             )
-        if not torch.isfinite(loss.detach()).item():
-            step = micro_batch if mini_batch is None else mini_batch
+        if self.nan_check != "off" and not torch.isfinite(loss.detach()).item():
             raise NonFiniteLossError(
-                f"loss is {loss.item()} at mini-batch {step} (stage {self.index}, the last): "
-                "lower the learning rate or check the data",
+                f"loss is {loss.item()} at mini-batch {step} (computed by stage {self.index}, the last): "
+                "lower the learning rate, check the data, or pass nan_check='off' to train on",
                 step=step,
                 stage=self.index,
             )

@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import os
 import queue
+import signal
 import traceback
 from typing import Any
 
 import torch
 import torch.distributed as dist
 
+from pipeoptim.errors import PipeoptimError
 from pipeoptim.runtime.build import PipelineSpec, aliases_of, build_stage, input_grad_mask
 from pipeoptim.runtime.comm import DistChannel
 from pipeoptim.runtime.executor import MiniBatch, StageState, forward_chain, run_action
@@ -144,8 +146,10 @@ def worker_main(
     """Entry point of a spawned worker: serve commands until ``close`` (or a failure).
 
     Every reply goes on ``results`` as ``(kind, rank, request id, payload)``; a failure is
-    reported as ``("error", rank, None, text)`` and ends the process with exit code 1.
+    reported as ``("error", rank, None, (text, pipeoptim error or None))`` and ends the
+    process with exit code 1. SIGINT is ignored: on Ctrl-C the driver stops the workers.
     """
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the driver decides when workers stop
     torch.set_num_threads(threads)
     device = stage_device(rank)
     try:
@@ -184,7 +188,7 @@ def worker_main(
     except BaseException as exc:  # report whatever killed this stage, then exit
         text = f"stage {rank} failed: {type(exc).__name__}: {exc}\n{traceback.format_exc()}"
         try:
-            results.put(("error", rank, None, text))
+            results.put(("error", rank, None, (text, exc if isinstance(exc, PipeoptimError) else None)))
         finally:
             os._exit(1)
     finally:

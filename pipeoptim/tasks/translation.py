@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import gzip
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import sacrebleu
@@ -47,8 +48,9 @@ def tokenize(text: str) -> list[str]:
 
 def bleu(hypotheses: Sequence[str], references: Sequence[str]) -> float:
     """Corpus BLEU in [0, 100] of space-joined hypotheses against the lowercased raw references
-    (sacrebleu defaults: 13a tokenization, one reference per sentence)."""
-    return sacrebleu.corpus_bleu(list(hypotheses), [[r.lower() for r in references]]).score
+    (sacrebleu's 13a tokenization, one reference per sentence). ``force``: the hypotheses are
+    tokenized on purpose (13a gives back the same tokens), so sacrebleu's warning is moot."""
+    return sacrebleu.corpus_bleu(list(hypotheses), [[r.lower() for r in references]], force=True).score
 
 
 def encode_targets(
@@ -183,17 +185,35 @@ def _read_lines(path: Path) -> list[str]:
         return [line.rstrip("\n") for line in f]
 
 
-def multi30k(
-    batch_size: int = 32, seed: int = 0, limit: int | None = None, data_dir: str | None = None
-) -> Task:
-    """English-to-German Multi30K (task 1): 29,000 training pairs; BLEU of greedy decoding on
-    the 1,000 pairs of ``test_2016_flickr``.
+@dataclass
+class Multi30kData:
+    """Multi30K encoded for :class:`Translator`.
 
-    ``limit`` keeps the first ``limit`` training pairs. Text is tokenized by :func:`tokenize`;
-    each language gets its own vocabulary from those training pairs only (words seen twice or
-    more; 0 = padding, 1 = unknown, 2 = ``<bos>``, 3 = ``<eos>``). Sources are cut or padded
-    to :data:`SRC_LENGTH` tokens, targets to :data:`TGT_LENGTH` (see :func:`encode_targets`).
-    Inputs ``(src, tgt_in)``, targets ``tgt_out``.
+    Attributes:
+        src_train, tgt_in, tgt_out: training sources ``[N, SRC_LENGTH]``, decoder inputs and
+            outputs ``[N, TGT_LENGTH]`` (int64, see :func:`encode_targets`).
+        src_test: test sources ``[1000, SRC_LENGTH]``.
+        references: the raw German test sentences.
+        vocab_en, vocab_de: vocabularies of the training pairs.
+        folder: where the files were read.
+    """
+
+    src_train: torch.Tensor
+    tgt_in: torch.Tensor
+    tgt_out: torch.Tensor
+    src_test: torch.Tensor
+    references: list[str]
+    vocab_en: Vocabulary
+    vocab_de: Vocabulary
+    folder: Path
+
+
+def load_multi30k(data_dir: str | None = None, limit: int | None = None) -> Multi30kData:
+    """Read, tokenize (:func:`tokenize`) and encode Multi30K task 1, English to German.
+
+    ``limit`` keeps the first ``limit`` training pairs. Each language gets its own vocabulary
+    from those training pairs only: words seen twice or more; 0 = padding, 1 = unknown,
+    2 = ``<bos>``, 3 = ``<eos>``. Sources are cut or padded to :data:`SRC_LENGTH` tokens.
 
     Raises:
         FileNotFoundError: a ``.en.gz``/``.de.gz`` file is not in the data folder (``data_dir``,
@@ -216,26 +236,50 @@ def multi30k(
     train_de = [tokenize(s) for s in text["train", "de"][:limit]]
     vocab_en = Vocabulary(train_en, SPECIALS, min_count=2)
     vocab_de = Vocabulary(train_de, SPECIALS, min_count=2)
-    src_train = pad([vocab_en.encode(s) for s in train_en], SRC_LENGTH)
     tgt_in, tgt_out = encode_targets(train_de, vocab_de, TGT_LENGTH)
-    src_test = pad([vocab_en.encode(tokenize(s)) for s in text["test", "en"]], SRC_LENGTH)
+    return Multi30kData(
+        src_train=pad([vocab_en.encode(s) for s in train_en], SRC_LENGTH),
+        tgt_in=tgt_in,
+        tgt_out=tgt_out,
+        src_test=pad([vocab_en.encode(tokenize(s)) for s in text["test", "en"]], SRC_LENGTH),
+        references=text["test", "de"],
+        vocab_en=vocab_en,
+        vocab_de=vocab_de,
+        folder=folder,
+    )
+
+
+def multi30k(
+    batch_size: int = 32, seed: int = 0, limit: int | None = None, data_dir: str | None = None
+) -> Task:
+    """English-to-German Multi30K (task 1): 29,000 training pairs (the first ``limit``); BLEU
+    of greedy decoding on all 1,000 pairs of ``test_2016_flickr``.
+
+    Data as :func:`load_multi30k` encodes it: inputs ``(src, tgt_in)``, targets ``tgt_out``.
+
+    Raises:
+        FileNotFoundError: the Multi30K files are missing (see :func:`load_multi30k`).
+    """
+    data = load_multi30k(data_dir, limit)
     torch.manual_seed(seed)
+    model = Translator(len(data.vocab_en), len(data.vocab_de), SRC_LENGTH, TGT_LENGTH)
+    n_train = int(data.tgt_out.shape[0])
     return Task(
         name="multi30k",
         metric="bleu",
-        model=Translator(len(vocab_en), len(vocab_de), SRC_LENGTH, TGT_LENGTH),
-        example_inputs=(src_train[:batch_size], tgt_in[:batch_size]),
+        model=model,
+        example_inputs=(data.src_train[:batch_size], data.tgt_in[:batch_size]),
         loss_fn=token_cross_entropy,
-        batches=shuffled_batches((src_train, tgt_in), tgt_out, batch_size, seed),
-        evaluate=greedy_bleu_evaluator(src_test, text["test", "de"], vocab_de, batch_size, TGT_LENGTH),
-        steps_per_epoch=tgt_out.shape[0] // batch_size,
+        batches=shuffled_batches((data.src_train, data.tgt_in), data.tgt_out, batch_size, seed),
+        evaluate=greedy_bleu_evaluator(data.src_test, data.references, data.vocab_de, batch_size, TGT_LENGTH),
+        steps_per_epoch=n_train // batch_size,
         info={
-            "train_examples": int(tgt_out.shape[0]),
-            "test_examples": int(src_test.shape[0]),
-            "vocabulary_en": len(vocab_en),
-            "vocabulary_de": len(vocab_de),
+            "train_examples": n_train,
+            "test_examples": len(data.references),
+            "vocabulary_en": len(data.vocab_en),
+            "vocabulary_de": len(data.vocab_de),
             "source_length": SRC_LENGTH,
             "target_length": TGT_LENGTH,
-            "source": f"Multi30K raw task-1 files in {folder}",
+            "source": f"Multi30K raw task-1 files in {data.folder}",
         },
     )
