@@ -36,6 +36,9 @@ class InfeasibleMemoryError(PlanError):
         self.limit_bytes = limit_bytes
         self.min_feasible_bytes = min_feasible_bytes
 
+    def __reduce__(self) -> tuple:  # picklable across processes with its fields
+        return (type(self), (str(self), self.limit_bytes, self.min_feasible_bytes))
+
 
 class CodegenError(PipeoptimError):
     """Stage submodules could not be generated from a plan."""
@@ -47,6 +50,10 @@ class PredictorError(PipeoptimError):
 
 class PipelineError(PipeoptimError):
     """A pipeline failed at run time (a stage crashed, timed out, or got bad input)."""
+
+
+class PeerLostError(PipelineError):
+    """A stage lost its neighbour (it stopped or crashed): a consequence, not the cause."""
 
 
 class NonFiniteLossError(PipelineError):
@@ -61,6 +68,9 @@ class NonFiniteLossError(PipelineError):
         super().__init__(message)
         self.step = step
         self.stage = stage
+
+    def __reduce__(self) -> tuple:  # picklable across processes with its fields
+        return (type(self), (str(self), self.step, self.stage))
 
 
 class CheckpointError(PipeoptimError):

@@ -77,7 +77,8 @@ def test_multi30k_batches_and_vocabulary(multi30k_dir: str) -> None:
     assert src.shape == (16, SRC_LENGTH) and tgt_in.shape == tgt_out.shape == (16, TGT_LENGTH)
     assert src.dtype == tgt_in.dtype == tgt_out.dtype == torch.int64
     assert (tgt_in[:, 0] == BOS).all()
-    assert torch.equal(tgt_in[:, 1:], tgt_out[:, :-1])  # shifted by one position
+    shifted = tgt_out[:, :-1].masked_fill(tgt_out[:, :-1] == EOS, 0)
+    assert torch.equal(tgt_in[:, 1:], shifted)  # tgt_out is tgt_in one position on, plus <eos>
     lengths = tgt_out.ne(0).sum(1)
     short = lengths < TGT_LENGTH
     assert short.sum() > 10 and (tgt_out[short, lengths[short] - 1] == EOS).all()

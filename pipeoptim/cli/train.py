@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+
 import click
 
 from pipeoptim.errors import PipeoptimError
@@ -146,5 +148,8 @@ def train_command(
     try:
         metrics = train(config, log=lambda msg: click.echo(msg, err=True))
     except (PipeoptimError, ValueError, FileNotFoundError) as exc:
-        raise click.ClickException(str(exc)) from exc
+        raise click.ClickException(str(exc).splitlines()[0]) from exc
+    except KeyboardInterrupt:
+        click.echo("interrupted: every stage was stopped; the last checkpoint (if any) is intact", err=True)
+        sys.exit(130)
     click.echo(summary_line(metrics))

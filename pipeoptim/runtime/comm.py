@@ -19,7 +19,7 @@ import torch.distributed as dist
 from torch.utils import _pytree as pytree
 
 from pipeoptim.compiler.plan import Plan
-from pipeoptim.errors import PipelineError
+from pipeoptim.errors import PeerLostError, PipelineError
 
 _SCALARS = ("int", "float", "bool")
 LOSS_TAG = 7  # loss messages from the last rank to rank 0 (torchrun mode)
@@ -209,7 +209,7 @@ class DistChannel:
                 work.wait(self.timeout)
             except RuntimeError as exc:
                 peer = self.rank - 1 if key[0] == "act" else self.rank + 1
-                raise PipelineError(
+                raise PeerLostError(
                     f"stage {self.rank}: receiving {'activations' if key[0] == 'act' else 'gradients'} "
                     f"of micro-batch {key[1]} from stage {peer} failed ({str(exc).splitlines()[0]}); "
                     f"stage {peer} has probably stopped"

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 import torch.multiprocessing as mp
 
-from pipeoptim.errors import PipelineError, PipeoptimError
+from pipeoptim.errors import PeerLostError, PipelineError, PipeoptimError
 from pipeoptim.runtime.build import PipelineSpec
 from pipeoptim.runtime.executor import MiniBatch
 from pipeoptim.runtime.worker import worker_main
@@ -96,35 +96,67 @@ class ProcessExecutor:
     def _watch(self) -> None:
         while not self._closing:
             try:
-                kind, rank, key, payload = self.results.get(timeout=0.2)
+                message = self.results.get(timeout=0.2)
             except Exception:  # queue.Empty, or the queue closed at shutdown
                 self._check_processes()
                 continue
-            if kind == "loss":
-                self.on_loss(key, payload)
-            elif kind == "ready":
-                with self._cond:
-                    self._ready.add(rank)
-                    self._cond.notify_all()
-            elif kind == "done":
-                with self._cond:
-                    self._replies.setdefault(key, {})[rank] = payload
-                    self._cond.notify_all()
-            elif kind == "error":
-                text, exc = payload
-                self._fail(exc if exc is not None else PipelineError(text.strip()))
+            self._handle(*message)
             self._check_processes()
+
+    def _handle(self, kind: str, rank: int, key: Any, payload: Any) -> None:
+        if kind == "loss":
+            self.on_loss(key, payload)
+        elif kind == "ready":
+            with self._cond:
+                self._ready.add(rank)
+                self._cond.notify_all()
+        elif kind == "done":
+            with self._cond:
+                self._replies.setdefault(key, {})[rank] = payload
+                self._cond.notify_all()
+        elif kind == "error":
+            text, exc = payload
+            error = exc if exc is not None else PipelineError(text.strip())
+            if isinstance(error, PeerLostError):
+                error = self._root_cause(error)
+            self._fail(error)
+
+    def _root_cause(self, error: PeerLostError) -> PipeoptimError:
+        """A stage that lost its neighbour is a symptom: wait briefly for the cause's report."""
+        deadline = time.monotonic() + 2.0
+        while time.monotonic() < deadline:
+            try:
+                kind, _rank, _key, payload = self.results.get(timeout=0.1)
+            except Exception:
+                continue
+            if kind == "error":
+                text, exc = payload
+                other = exc if exc is not None else PipelineError(text.strip())
+                if not isinstance(other, PeerLostError):
+                    return other
+        for rank, p in enumerate(self.processes):
+            if p.exitcode is not None and p.exitcode < 0:
+                return PipelineError(f"stage {rank} (pid {p.pid}) was killed by signal {-p.exitcode}")
+        return error
 
     def _check_processes(self) -> None:
         if self._stopping or self.error is not None:
             return
         for rank, p in enumerate(self.processes):
-            if p.exitcode is not None:
+            if p.exitcode is None:
+                continue
+            # a dying worker sends its error first: read what is left before blaming the exit
+            deadline = time.monotonic() + 2.0
+            while self.error is None and time.monotonic() < deadline:
+                try:
+                    self._handle(*self.results.get(timeout=0.1))
+                except Exception:
+                    break
+            if self.error is None:
                 how = f"killed by signal {-p.exitcode}" if p.exitcode < 0 else "no error reported"
-                self._fail(
-                    PipelineError(f"stage {rank} (pid {p.pid}) died with exit code {p.exitcode} ({how})")
-                )
-                return
+                died = f"stage {rank} (pid {p.pid}) died with exit code {p.exitcode} ({how})"
+                self._fail(PipelineError(died))
+            return
 
     def _fail(self, error: PipeoptimError) -> None:
         with self._cond:

@@ -189,6 +189,8 @@ def worker_main(
         text = f"stage {rank} failed: {type(exc).__name__}: {exc}\n{traceback.format_exc()}"
         try:
             results.put(("error", rank, None, (text, exc if isinstance(exc, PipeoptimError) else None)))
+            results.close()
+            results.join_thread()  # the message must leave before the process does
         finally:
             os._exit(1)
     finally:

@@ -41,7 +41,7 @@ _TOKENIZER = Tokenizer13a()
 def tokenize(text: str) -> list[str]:
     """Lowercase, then split with the mteval-v13a regular expressions (sacrebleu's default
     BLEU tokenizer): punctuation becomes a token of its own, except hyphens and apostrophes
-    within words and periods or commas within numbers. Joined with spaces the tokens
+    (left attached) and periods or commas between digits. Joined with spaces the tokens
     tokenize to themselves again, so BLEU of space-joined output sees exactly these tokens."""
     return _TOKENIZER(text.lower()).split()
 
@@ -63,7 +63,8 @@ def encode_targets(
 
 
 def detokenize(ids: Sequence[int], vocab: Vocabulary) -> str:
-    """The words of ``ids`` up to the first ``<eos>`` or padding, joined with spaces."""
+    """The words of ``ids`` up to the first ``<eos>`` or padding, joined with spaces (an
+    unknown word is written ``<unk>``, which BLEU counts as wrong)."""
     words = []
     for i in ids:
         if i in (EOS, PAD):

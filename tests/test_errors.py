@@ -1,0 +1,294 @@
+"""Bad input: each case raises a clear error naming the cause and the fix (docs/errors.md)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import pipeoptim
+from pipeoptim.compiler.plan import Plan
+from pipeoptim.errors import (
+    NonFiniteLossError,
+    PipelineError,
+    PlanError,
+    PredictorError,
+    ProfileError,
+)
+from pipeoptim.units import parse_bandwidth, parse_bytes
+
+from .test_training import SmallCNN, data
+
+
+def mlp() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 16), nn.Tanh(), nn.Linear(16, 4))
+
+
+def compile_mlp(**kwargs):
+    model = kwargs.pop("model", None) or mlp()
+    opt = kwargs.pop("optimizer", None) or torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    options = {
+        "example_inputs": torch.randn(16, 8),
+        "loss_fn": F.cross_entropy,
+        "executor": "local",
+        "profile_dir": None,
+        **kwargs,
+    }
+    return pipeoptim.compile(model, opt, options.pop("gpus", 3), **options)
+
+
+@pytest.mark.parametrize("gpus", [0, -1, "2", 1.5])
+def test_bad_stage_count(gpus) -> None:
+    with pytest.raises(ValueError, match="gpus must be a positive integer"):
+        compile_mlp(gpus=gpus)
+
+
+def test_more_stages_than_graph_nodes() -> None:
+    with pytest.raises(PlanError, match=r"only \d+ node\(s\) that do work; use at most"):
+        compile_mlp(gpus=20)
+
+
+def test_more_gpus_than_the_machine_has(monkeypatch) -> None:
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    with pytest.raises(PipelineError, match="4 stages need 4 GPUs but this machine has 2: use gpus=2"):
+        compile_mlp(gpus=4, executor="processes")
+
+
+@pytest.mark.parametrize("x", [torch.randn(16, 5), torch.randint(0, 3, (16, 8))])
+def test_example_inputs_the_model_cannot_take(x) -> None:
+    with pytest.raises(ProfileError, match="fails on the example inputs .* Give example inputs of the shape"):
+        compile_mlp(example_inputs=x)
+
+
+def test_step_with_other_shapes_and_sizes() -> None:
+    with compile_mlp() as pipe:
+        with pytest.raises(PipelineError, match=r"shape \(16, 9\).*expects \[batch, 8\]"):
+            pipe.step(torch.randn(16, 9), torch.zeros(16, dtype=torch.long))
+        with pytest.raises(PipelineError, match="larger than the 16 the plan was made for"):
+            pipe.step(torch.randn(32, 8), torch.zeros(32, dtype=torch.long))
+        assert pipe.step(torch.randn(10, 8), torch.zeros(10, dtype=torch.long)).item() > 0  # last batch
+
+
+class ExportOnly(nn.Module):
+    """``torch.ones(t, t)`` with a traced size stops torch.fx, so this traces with torch.export
+    (fixed shapes)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(6, 6)
+        self.b = nn.Linear(6, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        t = x.size(1)
+        mix = torch.ones(t, t, device=x.device) / t
+        return self.b((mix @ torch.tanh(self.a(x))).mean(1))
+
+
+def test_smaller_last_batch_is_refused_clearly_for_fixed_shape_graphs() -> None:
+    model = ExportOnly()
+    opt = torch.optim.Adam(model.parameters())
+    with pipeoptim.compile(
+        model,
+        opt,
+        2,
+        example_inputs=torch.randn(8, 4, 6),
+        loss_fn=F.cross_entropy,
+        executor="local",
+        profile_dir=None,
+    ) as pipe:
+        assert pipe._traced.method == "export"
+        pipe.step(torch.randn(8, 4, 6), torch.zeros(8, dtype=torch.long)).wait()
+        with pytest.raises(PipelineError, match="exactly 8 .*drop the last incomplete batch"):
+            pipe.step(torch.randn(5, 4, 6), torch.zeros(5, dtype=torch.long))
+
+
+def test_smaller_last_batch_works_across_processes(tmp_path: Path) -> None:
+    batches = data(3) + [(torch.randn(5, 1, 8, 8), torch.randint(0, 10, (5,)))]
+    results = []
+    for executor in ("local", "processes"):
+        torch.manual_seed(0)
+        model = SmallCNN()
+        opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+        with pipeoptim.compile(
+            model,
+            opt,
+            2,
+            example_inputs=batches[0][0],
+            loss_fn=F.cross_entropy,
+            executor=executor,
+            profile_dir=tmp_path,
+            timeout=60,
+        ) as pipe:
+            results.append(list(pipe.train(batches)))
+    assert results[1] == pytest.approx(results[0], rel=1e-6)
+
+
+@pytest.mark.parametrize(
+    "text, value",
+    [
+        ("16GB", 16 * 10**9),
+        ("16GiB", 16 * 2**30),
+        ("1.5e10", 15 * 10**9),
+        ("512 MiB", 512 * 2**20),
+        (100, 100),
+    ],
+)
+def test_sizes_that_parse(text, value) -> None:
+    assert parse_bytes(text) == value
+
+
+@pytest.mark.parametrize("text", ["lots", "16XB", "-3GB", "0"])
+def test_sizes_that_do_not_parse(text) -> None:
+    with pytest.raises(ValueError, match="16GiB, 16GB, 512MiB or 1.5e10|must be positive"):
+        parse_bytes(text)
+
+
+def test_bandwidths() -> None:
+    assert parse_bandwidth("25GB/s") == 25e9
+    assert parse_bandwidth("100Gbit/s") == 100e9 / 8
+    assert parse_bandwidth("1.5e10") == 1.5e10
+    with pytest.raises(ValueError, match="25GB/s"):
+        parse_bandwidth("fast")
+
+
+def test_memory_limit_no_plan_meets() -> None:
+    with pytest.raises(pipeoptim.InfeasibleMemoryError, match="smallest feasible limit is") as info:
+        compile_mlp(memory="2KiB")
+    assert info.value.min_feasible_bytes > 2048
+
+
+def test_optimizer_without_predictor() -> None:
+    class Lion(torch.optim.Optimizer):
+        def __init__(self, params, lr=1e-4):
+            super().__init__(params, {"lr": lr})
+
+    model = mlp()
+    with pytest.raises(PredictorError, match="no weight predictor for Lion.*register_predictor"):
+        compile_mlp(model=model, optimizer=Lion(model.parameters()))
+    assert (
+        compile_mlp(model=model, optimizer=Lion(model.parameters()), method="pipedream").method == "pipedream"
+    )
+
+
+@pytest.mark.parametrize("make", [lambda p: torch.optim.Adam(p), lambda p: torch.optim.SGD(p, lr=0.1)])
+def test_spectrain_needs_sgd_with_momentum(make) -> None:
+    model = mlp()
+    with pytest.raises(PredictorError, match="SpecTrain needs torch.optim.SGD with momentum"):
+        compile_mlp(model=model, optimizer=make(model.parameters()), method="spectrain")
+
+
+def test_frozen_parameters_train_and_are_not_predicted() -> None:
+    model = mlp()
+    model[0].weight.requires_grad_(False)
+    frozen = model[0].weight.detach().clone()
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1, momentum=0.9)
+    with compile_mlp(model=model, optimizer=opt) as pipe:
+        for _ in range(6):
+            pipe.step(torch.randn(16, 8), torch.randint(0, 4, (16,)))
+        state = pipe.state_dict()
+        predicted = {name for s in pipe._executor.stages if s.policy for name in s.policy.params}
+    torch.testing.assert_close(state["0.weight"], frozen)
+    assert not torch.equal(state["2.weight"], model[2].weight)
+    assert "0.weight" not in predicted and "2.weight" in predicted
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        ('{"schema": "pipeoptim-plan/1", ', "not valid JSON"),
+        ('{"schema": "pipeoptim-plan/0"}', "schema"),
+        ('{"schema": "pipeoptim-plan/1"}', "malformed"),
+    ],
+)
+def test_bad_plan_files(tmp_path: Path, content: str, message: str) -> None:
+    path = tmp_path / "plan.json"
+    path.write_text(content)
+    with pytest.raises(PlanError, match=message):
+        compile_mlp(plan=path)
+
+
+def test_plan_for_another_model_or_stage_count(tmp_path: Path) -> None:
+    with compile_mlp(gpus=2) as pipe:
+        pipe.plan.save(tmp_path / "plan.json")
+    with pytest.raises(PlanError, match="stages=2, this pipeline has stages=3"):
+        compile_mlp(gpus=3, plan=tmp_path / "plan.json")
+    other = nn.Sequential(nn.Linear(8, 4))
+    with pytest.raises(PlanError, match="another model graph"):
+        compile_mlp(gpus=2, model=other, plan=tmp_path / "plan.json")
+    logs: list[str] = []
+    with compile_mlp(gpus=2, plan=Plan.load(tmp_path / "plan.json"), log=logs.append) as pipe:
+        assert pipe.step(torch.randn(16, 8), torch.zeros(16, dtype=torch.long)).item() > 0
+    assert "using the given plan" in logs[0]
+
+
+def test_loss_fn_that_is_not_a_scalar() -> None:
+    with compile_mlp(loss_fn=lambda out, y: F.cross_entropy(out, y, reduction="none")) as pipe:
+        with pytest.raises(PipelineError, match=r"scalar tensor, got shape \(16,\).*\.mean\(\)"):
+            pipe.step(torch.randn(16, 8), torch.zeros(16, dtype=torch.long))
+
+
+def test_nan_stops_training_naming_mini_batch_and_stage() -> None:
+    bad = torch.randn(16, 8)
+    bad[3, 2] = float("nan")
+    with compile_mlp() as pipe:
+        pipe.step(torch.randn(16, 8), torch.zeros(16, dtype=torch.long))
+        with pytest.raises(NonFiniteLossError, match="stage 0 computed for mini-batch 1") as info:
+            pipe.step(bad, torch.zeros(16, dtype=torch.long))
+        assert (info.value.step, info.value.stage) == (1, 0)
+        with pytest.raises(NonFiniteLossError):  # the pipeline stays failed
+            pipe.step(torch.randn(16, 8), torch.zeros(16, dtype=torch.long))
+    with compile_mlp(nan_check="loss") as pipe, pytest.raises(NonFiniteLossError, match="stage 2, the last"):
+        pipe.step(bad, torch.zeros(16, dtype=torch.long))
+    with compile_mlp(nan_check="off") as pipe:
+        assert torch.isnan(torch.tensor(pipe.step(bad, torch.zeros(16, dtype=torch.long)).item()))
+
+
+def test_nan_error_keeps_its_type_across_processes(tmp_path: Path) -> None:
+    model = SmallCNN()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    x, y = data(1)[0]
+    bad = x.clone()
+    bad[0, 0, 0, 0] = float("inf")
+    with pipeoptim.compile(
+        model,
+        opt,
+        2,
+        example_inputs=x,
+        loss_fn=F.cross_entropy,
+        executor="processes",
+        profile_dir=tmp_path,
+        timeout=60,
+    ) as pipe:
+        pipe.step(x, y).wait()
+        with pytest.raises(NonFiniteLossError, match="mini-batch 1") as info:
+            pipe.step(bad, y).wait()
+        assert info.value.step == 1
+
+
+def test_unknown_method_and_executor() -> None:
+    with pytest.raises(ValueError, match="unknown method 'zerobubble'; choose one of pipeoptim"):
+        compile_mlp(method="zerobubble")
+    with pytest.raises(ValueError, match="executor must be"):
+        compile_mlp(executor="threads")
+    with pytest.raises(ValueError, match="needs micro_batches >= stages"):
+        compile_mlp(method="2bw", micro_batches=2)
+    with pytest.raises(ValueError, match="does not split mini-batches"):
+        compile_mlp(micro_batches=4)
+
+
+def test_errors_table_lists_every_tested_case() -> None:
+    table = (Path(__file__).resolve().parents[1] / "docs" / "errors.md").read_text()
+    rows = [line for line in table.splitlines() if line.startswith("| ") and "test_" in line]
+    assert len(rows) >= 25
+    for row in rows:
+        test = row.split("`tests/")[1].split("`")[0]
+        path, _, name = test.partition("::")
+        source = (Path(__file__).parent / path).read_text()
+        assert f"def {name.split('[')[0]}(" in source, test
+    json.dumps(rows)

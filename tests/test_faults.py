@@ -1,0 +1,184 @@
+"""Faults: a killed stage, Ctrl-C in the driver, a crash while writing a file."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import pipeoptim
+from pipeoptim.checkpoint import read_checkpoint
+from pipeoptim.errors import PipelineError
+from pipeoptim.fileio import atomic_write, write_json
+
+from .test_training import SmallCNN, data
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def children(pid: int) -> list[int]:
+    """Pids of the worker processes ``pid`` spawned (multiprocessing spawn), in start order."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+            cmdline = (entry / "cmdline").read_bytes()
+        except OSError:
+            continue
+        ppid = int(stat.rsplit(")", 1)[1].split()[1])
+        if ppid == pid and b"spawn_main" in cmdline:
+            found.append(int(entry.name))
+    return sorted(found)
+
+
+def alive(pid: int) -> bool:
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return False
+    return "State:\tZ" not in status
+
+
+def wait_for(condition, seconds: float) -> bool:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(0.1)
+    return False
+
+
+@pytest.mark.slow
+def test_killed_stage_stops_every_process_with_its_name() -> None:
+    model = SmallCNN()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    batches = data(40)
+    pipe = pipeoptim.compile(
+        model,
+        opt,
+        3,
+        example_inputs=batches[0][0],
+        loss_fn=F.cross_entropy,
+        executor="processes",
+        profile_dir=None,
+        timeout=30,
+    )
+    workers = [p.pid for p in pipe._executor.processes]
+    for x, y in batches[:5]:
+        pipe.step(x, y)
+    pipe.flush()
+    os.kill(workers[1], signal.SIGKILL)
+    start = time.monotonic()
+    with pytest.raises(PipelineError, match=r"stage 1 \(pid \d+\).*(killed by signal 9|exit code -9)"):
+        for x, y in batches[5:]:
+            pipe.step(x, y).wait()
+    assert time.monotonic() - start < 30
+    assert wait_for(lambda: not any(alive(pid) for pid in workers), 10)
+    pipe.close()
+
+
+def start_training(out: Path, *extra: str) -> subprocess.Popen:
+    cmd = [
+        sys.executable,
+        "-m",
+        "pipeoptim",
+        "train",
+        "digits",
+        "--gpus",
+        "3",
+        "--epochs",
+        "3",
+        "--checkpoint-every",
+        "10",
+        "--out",
+        str(out),
+        "--quiet",
+        "--profile-dir",
+        str(out.parent / "p"),
+        *extra,
+    ]
+    return subprocess.Popen(
+        cmd,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
+
+
+@pytest.mark.slow
+def test_killed_stage_during_cli_training_then_resume(tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    proc = start_training(out)
+    assert wait_for(lambda: (out / "checkpoint.pt").exists() or proc.poll() is not None, 120)
+    assert proc.poll() is None, proc.communicate()[1][-2000:]
+    workers = children(proc.pid)
+    assert len(workers) == 3, workers
+    os.kill(workers[2], signal.SIGKILL)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 1, err[-2000:]
+    assert "stage 2" in err and "Traceback" not in err, err[-2000:]
+    assert not any(alive(pid) for pid in workers)
+    saved = read_checkpoint(out / "checkpoint.pt")  # intact
+    assert saved["mini_batches"] % 10 == 0 or saved["mini_batches"] % 44 == 0
+    resumed = start_training(out, "--resume", str(out))
+    _, err = resumed.communicate(timeout=180)
+    assert resumed.returncode == 0, err[-2000:]
+    assert f"resumed from {out / 'checkpoint.pt'} at mini-batch {saved['mini_batches']}" in err
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert len(metrics["epochs"]) == 3 and metrics["mini_batches"] == 3 * 44
+
+
+@pytest.mark.slow
+def test_ctrl_c_in_the_driver_ends_every_worker(tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    proc = start_training(out)
+    assert wait_for(lambda: (out / "checkpoint.pt").exists() or proc.poll() is not None, 120)
+    assert proc.poll() is None, proc.communicate()[1][-2000:]
+    workers = children(proc.pid)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err[-2000:]
+    assert "interrupted" in err and "Traceback" not in err, err[-2000:]
+    assert wait_for(lambda: not any(alive(pid) for pid in workers), 10)
+    read_checkpoint(out / "checkpoint.pt")
+
+
+def test_a_crash_while_writing_leaves_the_previous_file_whole(tmp_path: Path) -> None:
+    path = tmp_path / "metrics.json"
+    write_json(path, {"epoch": 1})
+
+    def crash(f):
+        f.write(b'{"epoch": 2, "half')
+        raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"):
+        atomic_write(path, crash)
+    assert json.loads(path.read_text()) == {"epoch": 1}
+    assert [p.name for p in tmp_path.iterdir()] == ["metrics.json"]  # no temporary left behind
+
+
+def test_a_killed_writer_leaves_the_previous_checkpoint_whole(tmp_path: Path) -> None:
+    path = tmp_path / "big.pt"
+    torch.save({"v": 1}, path)
+    script = (
+        "import sys, os, signal; sys.path.insert(0, %r)\n"
+        "from pipeoptim.fileio import atomic_write\n"
+        "def write(f):\n"
+        "    f.write(b'x' * 1000000)\n"
+        "    os.kill(os.getpid(), signal.SIGKILL)\n"
+        "atomic_write(%r, write)\n" % (str(ROOT), str(path))
+    )
+    done = subprocess.run([sys.executable, "-c", script], timeout=60)
+    assert done.returncode == -signal.SIGKILL
+    assert torch.load(path) == {"v": 1}
