@@ -62,7 +62,9 @@ def test_more_gpus_than_the_machine_has(monkeypatch) -> None:
 
 @pytest.mark.parametrize("x", [torch.randn(16, 5), torch.randint(0, 3, (16, 8))])
 def test_example_inputs_the_model_cannot_take(x) -> None:
-    with pytest.raises(ProfileError, match="fails on the example inputs .* Give example inputs of the shape"):
+    with pytest.raises(
+        ProfileError, match=r"fails on the example inputs .* Give example inputs of the shape"
+    ):
         compile_mlp(example_inputs=x)
 
 
@@ -104,12 +106,12 @@ def test_smaller_last_batch_is_refused_clearly_for_fixed_shape_graphs() -> None:
     ) as pipe:
         assert pipe._traced.method == "export"
         pipe.step(torch.randn(8, 4, 6), torch.zeros(8, dtype=torch.long)).wait()
-        with pytest.raises(PipelineError, match="exactly 8 .*drop the last incomplete batch"):
+        with pytest.raises(PipelineError, match=r"exactly 8 .*drop the last incomplete batch"):
             pipe.step(torch.randn(5, 4, 6), torch.zeros(5, dtype=torch.long))
 
 
 def test_smaller_last_batch_works_across_processes(tmp_path: Path) -> None:
-    batches = data(3) + [(torch.randn(5, 1, 8, 8), torch.randint(0, 10, (5,)))]
+    batches = [*data(3), (torch.randn(5, 1, 8, 8), torch.randint(0, 10, (5,)))]
     results = []
     for executor in ("local", "processes"):
         torch.manual_seed(0)
@@ -145,7 +147,7 @@ def test_sizes_that_parse(text, value) -> None:
 
 @pytest.mark.parametrize("text", ["lots", "16XB", "-3GB", "0"])
 def test_sizes_that_do_not_parse(text) -> None:
-    with pytest.raises(ValueError, match="16GiB, 16GB, 512MiB or 1.5e10|must be positive"):
+    with pytest.raises(ValueError, match=r"16GiB, 16GB, 512MiB or 1.5e10|must be positive"):
         parse_bytes(text)
 
 
@@ -169,7 +171,7 @@ def test_optimizer_without_predictor() -> None:
             super().__init__(params, {"lr": lr})
 
     model = mlp()
-    with pytest.raises(PredictorError, match="no weight predictor for Lion.*register_predictor"):
+    with pytest.raises(PredictorError, match=r"no weight predictor for Lion.*register_predictor"):
         compile_mlp(model=model, optimizer=Lion(model.parameters()))
     assert (
         compile_mlp(model=model, optimizer=Lion(model.parameters()), method="pipedream").method == "pipedream"
@@ -179,7 +181,7 @@ def test_optimizer_without_predictor() -> None:
 @pytest.mark.parametrize("make", [lambda p: torch.optim.Adam(p), lambda p: torch.optim.SGD(p, lr=0.1)])
 def test_spectrain_needs_sgd_with_momentum(make) -> None:
     model = mlp()
-    with pytest.raises(PredictorError, match="SpecTrain needs torch.optim.SGD with momentum"):
+    with pytest.raises(PredictorError, match=r"SpecTrain needs torch.optim.SGD with momentum"):
         compile_mlp(model=model, optimizer=make(model.parameters()), method="spectrain")
 
 
@@ -228,9 +230,11 @@ def test_plan_for_another_model_or_stage_count(tmp_path: Path) -> None:
 
 
 def test_loss_fn_that_is_not_a_scalar() -> None:
-    with compile_mlp(loss_fn=lambda out, y: F.cross_entropy(out, y, reduction="none")) as pipe:
-        with pytest.raises(PipelineError, match=r"scalar tensor, got shape \(16,\).*\.mean\(\)"):
-            pipe.step(torch.randn(16, 8), torch.zeros(16, dtype=torch.long))
+    with (
+        compile_mlp(loss_fn=lambda out, y: F.cross_entropy(out, y, reduction="none")) as pipe,
+        pytest.raises(PipelineError, match=r"scalar tensor, got shape \(16,\).*\.mean\(\)"),
+    ):
+        pipe.step(torch.randn(16, 8), torch.zeros(16, dtype=torch.long))
 
 
 def test_nan_stops_training_naming_mini_batch_and_stage() -> None:

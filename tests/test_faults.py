@@ -172,12 +172,12 @@ def test_a_killed_writer_leaves_the_previous_checkpoint_whole(tmp_path: Path) ->
     path = tmp_path / "big.pt"
     torch.save({"v": 1}, path)
     script = (
-        "import sys, os, signal; sys.path.insert(0, %r)\n"
+        f"import sys, os, signal; sys.path.insert(0, {str(ROOT)!r})\n"
         "from pipeoptim.fileio import atomic_write\n"
         "def write(f):\n"
         "    f.write(b'x' * 1000000)\n"
         "    os.kill(os.getpid(), signal.SIGKILL)\n"
-        "atomic_write(%r, write)\n" % (str(ROOT), str(path))
+        f"atomic_write({str(path)!r}, write)\n"
     )
     done = subprocess.run([sys.executable, "-c", script], timeout=60)
     assert done.returncode == -signal.SIGKILL
