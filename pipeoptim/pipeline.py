@@ -557,6 +557,7 @@ def compile(
             config,
             leaf_modules=leaf_modules,
             profile_dir=profile_dir,
+            device=_profile_device(kind, inputs[0].device),
             solver=solver,
             log=say,
         )
@@ -591,6 +592,13 @@ def compile(
     )
     device = inputs[0].device if kind == "local" else torch.device("cpu")
     return Pipeline(spec, traced, optimizer, batch, static, kind, device, timeout, owns_group)
+
+
+def _profile_device(kind: str, input_device: torch.device) -> torch.device:
+    """Where the stages will run: the inputs' device (local), else the first GPU or the CPU."""
+    if kind == "local":
+        return input_device
+    return torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
 
 
 def _given_plan(

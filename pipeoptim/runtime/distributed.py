@@ -240,6 +240,11 @@ class ProcessExecutor:
     def load_optimizer_state(self, state: dict[str, Any]) -> None:
         self._request("load_optimizer_state", dict.fromkeys(range(self.world), state))
 
+    def timeline(self) -> list[list[tuple[str, int, float, float]]]:
+        """Per stage, the last actions run: ``(op, micro-batch, start, end)`` (perf_counter s)."""
+        replies = self._request("timeline")
+        return [replies[r] for r in range(self.world)]
+
     def resume(self, mini_batches: int) -> None:
         self._request("resume", dict.fromkeys(range(self.world), mini_batches))
 

@@ -160,6 +160,15 @@ class WeightPolicy(nn.Module):
 
     # -- measurement -------------------------------------------------------------------
 
+    def copy_storages(self) -> set[int]:
+        """Storage addresses of the weight copies alive now (stashed versions, predictions)."""
+        return {
+            t.untyped_storage().data_ptr()
+            for refs in self._copies.values()
+            for r in refs
+            if (t := r()) is not None
+        }
+
     def _track(self, name: str, value: torch.Tensor) -> None:
         refs = [r for r in self._copies.get(name, []) if r() is not None and r() is not value]
         refs.append(weakref.ref(value))

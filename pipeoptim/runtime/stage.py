@@ -30,6 +30,33 @@ class _InFlight:
     outputs: list[Any]
 
 
+def saved_bytes(outputs: Sequence[Any], exclude: set[int]) -> int:
+    """Bytes of the tensors autograd saved to compute the gradients of ``outputs``.
+
+    Walks the autograd graph and reads every node's ``_saved_*`` tensors; storages in
+    ``exclude`` (weights) and repeated storages are not counted.
+    """
+    seen_nodes: set[Any] = set()
+    storages: dict[int, int] = {}
+    stack = [t.grad_fn for t in outputs if isinstance(t, torch.Tensor) and t.grad_fn is not None]
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen_nodes:
+            continue
+        seen_nodes.add(node)
+        for name in dir(node):
+            if not name.startswith("_saved_"):
+                continue
+            value = getattr(node, name, None)
+            for t in value if isinstance(value, (tuple, list)) else (value,):
+                if isinstance(t, torch.Tensor):
+                    storage = t.untyped_storage()
+                    if storage.data_ptr() not in exclude:
+                        storages[storage.data_ptr()] = storage.nbytes()
+        stack.extend(fn for fn, _ in node.next_functions)
+    return sum(storages.values())
+
+
 def _all_finite(leaves: Sequence[Any]) -> bool:
     return all(
         bool(torch.isfinite(t).all()) for t in leaves if isinstance(t, torch.Tensor) and t.is_floating_point()
@@ -77,6 +104,9 @@ class StageRuntime:
         if nan_check not in ("stages", "loss", "off"):
             raise ValueError(f"nan_check must be 'stages', 'loss' or 'off', not {nan_check!r}")
         self.nan_check = nan_check
+        self.measure_memory = False
+        self.peak_activation_bytes = 0
+        self._activation_bytes: dict[int, int] = {}
         self.index = index
         self.num_stages = num_stages
         self.module = module
@@ -168,6 +198,7 @@ class StageRuntime:
                     stage=self.index,
                 )
             self._in_flight[micro_batch] = _InFlight(leaf_inputs, leaves)
+            self._measure_activations(micro_batch, leaves)
             return detach_values(out)
         assert self.loss_fn is not None and self.unflatten_output is not None
         loss = self.loss_fn(self.unflatten_output(out), targets)
@@ -184,7 +215,39 @@ class StageRuntime:
                 stage=self.index,
             )
         self._in_flight[micro_batch] = _InFlight(leaf_inputs, [loss.reshape(()) * loss_scale])
+        self._measure_activations(micro_batch, self._in_flight[micro_batch].outputs)
         return loss.detach().reshape(())
+
+    def _measure_activations(self, micro_batch: int, outputs: Sequence[Any]) -> None:
+        """With :attr:`measure_memory`: bytes autograd keeps for this micro-batch, and the peak
+        over the micro-batches in flight (weights and their copies excluded)."""
+        if not self.measure_memory:
+            return
+        exclude = {p.untyped_storage().data_ptr() for p in self.module.parameters()}
+        if self.policy is not None:
+            exclude |= self.policy.copy_storages()
+        self._activation_bytes[micro_batch] = saved_bytes(outputs, exclude)
+        self.peak_activation_bytes = max(self.peak_activation_bytes, sum(self._activation_bytes.values()))
+
+    def memory_report(self) -> dict[str, int]:
+        """Measured peak bytes of this stage: weights (all versions), optimizer state, activations."""
+        params = sum(p.numel() * p.element_size() for p in self.module.parameters() if p.requires_grad)
+        state = 0
+        if self.optimizer is not None:
+            for s in self.optimizer.state.values():
+                state += sum(
+                    v.numel() * v.element_size()
+                    for v in s.values()
+                    if isinstance(v, torch.Tensor) and v.dim() > 0
+                )
+        versions = self.policy.peak_versions if self.policy is not None else 1
+        return {
+            "param_bytes": params,
+            "weight_versions": versions,
+            "weight_bytes": versions * params,
+            "optimizer_state_bytes": state,
+            "activation_bytes": self.peak_activation_bytes,
+        }
 
     def backward(self, micro_batch: int, grads: Sequence[torch.Tensor | None] | None = None) -> list[Any]:
         """Backward of one micro-batch.
@@ -198,6 +261,7 @@ class StageRuntime:
             one is expected but the input did not influence the outputs).
         """
         state = self._in_flight.pop(micro_batch)
+        self._activation_bytes.pop(micro_batch, None)
         if self._grads_stale and self.optimizer is not None:
             self.optimizer.zero_grad(set_to_none=True)
             self._grads_stale = False

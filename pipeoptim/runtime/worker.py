@@ -10,7 +10,9 @@ from __future__ import annotations
 import os
 import queue
 import signal
+import time
 import traceback
+from collections import deque
 from typing import Any
 
 import torch
@@ -46,6 +48,7 @@ class StageProcess:
             rank, self.world, spec.plan, self.stage.input_grad_mask, out_mask, timeout, device
         )
         self.device = device
+        self.timeline: deque[tuple[str, int, float, float]] = deque(maxlen=4096)
 
     def submit(self, batch: MiniBatch) -> list[tuple[int, float]]:
         """Run this stage's actions for a new mini-batch; returns losses computed (last stage)."""
@@ -77,7 +80,9 @@ class StageProcess:
                     self.channel.prefetch("act", nxt.micro_batch)
                 elif nxt.op == BACKWARD:
                     self.channel.prefetch("grad", nxt.micro_batch)
+            start = time.perf_counter()
             run_action(self.stage, action, self.channel, self.state)
+            self.timeline.append((action.op, action.micro_batch, start, time.perf_counter()))
             if action.op == BACKWARD:
                 self.channel.done(action.micro_batch)
 
@@ -115,6 +120,9 @@ class StageProcess:
 
     def resume(self, mini_batches: int) -> None:
         self.schedule.resume(mini_batches, self.stage.steps)
+
+    def memory_report(self) -> dict[str, int]:
+        return self.stage.memory_report()
 
     def peak_versions(self) -> int:
         return self.stage.policy.peak_versions if self.stage.policy is not None else 1
@@ -218,6 +226,13 @@ def _serve(process: StageProcess, kind: str, payload: Any) -> Any:
         return None
     if kind == "versions":
         return process.peak_versions()
+    if kind == "timeline":
+        return list(process.timeline)
+    if kind == "measure_memory":
+        process.stage.measure_memory = bool(payload)
+        return None
+    if kind == "memory":
+        return process.memory_report()
     if kind == "resume":
         process.resume(payload)
         return None

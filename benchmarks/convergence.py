@@ -1,0 +1,209 @@
+"""Convergence: the PipeOptim paper's comparison at small scale.
+
+Four stages, the three task kinds of the paper -- image classification (Fashion-MNIST where
+its files are installed, else the scikit-learn digits), sentiment analysis (SST-2) and
+machine translation (Multi30K, BLEU) -- with SGD with momentum and with AdamW, for the methods
+sequential (no pipeline), GPipe, PipeDream, PipeDream-2BW, SpecTrain (SGD only), no
+correction and PipeOptim, over several seeds. Runs use the deterministic local executor,
+which computes exactly what the multi-process one does (see the tests), so this fits on a
+2-core machine. Tasks whose data is absent (``../shared``) are skipped with a note.
+
+    python benchmarks/convergence.py [--quick] [--seeds 3] [--out benchmarks/results]
+
+Writes ``convergence.md`` and one ``convergence_<task>_<optimizer>.png`` of loss curves per
+task and optimizer into ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tabulate import tabulate
+
+from pipeoptim.tasks import make_task
+from pipeoptim.training import TrainConfig, train
+
+METHODS = ["sequential", "gpipe", "pipedream", "2bw", "spectrain", "none", "pipeoptim"]
+
+
+@dataclass
+class Setting:
+    """How one task is trained in this benchmark."""
+
+    task: str
+    epochs: int
+    batch_size: int
+    limit: int | None
+    lr: dict[str, float]
+
+
+def settings(quick: bool) -> list[Setting]:
+    image = "fashion-mnist"
+    try:
+        make_task(image, batch_size=64, limit=64)
+    except FileNotFoundError as exc:
+        print(f"using digits instead of Fashion-MNIST: {str(exc).splitlines()[0]}", file=sys.stderr)
+        image = "digits"
+    if quick:
+        return [
+            Setting("digits", 2, 32, 640, {"sgd": 0.02, "adamw": 2e-3}),
+            Setting("sst2", 1, 32, 1024, {"sgd": 0.05, "adamw": 1e-3}),
+            Setting("multi30k", 1, 32, 512, {"sgd": 0.1, "adamw": 1e-3}),
+        ]
+    return [
+        Setting(
+            image,
+            3 if image == "fashion-mnist" else 10,
+            64 if image == "fashion-mnist" else 32,
+            12000 if image == "fashion-mnist" else None,
+            {"sgd": 0.02, "adamw": 2e-3},
+        ),
+        Setting("sst2", 3, 32, 12000, {"sgd": 0.05, "adamw": 1e-3}),
+        Setting("multi30k", 4, 32, 8000, {"sgd": 0.1, "adamw": 1e-3}),
+    ]
+
+
+def run(setting: Setting, optimizer: str, method: str, seed: int, work: Path) -> dict | None:
+    config = TrainConfig(
+        task=setting.task,
+        out=str(work / f"{setting.task}-{optimizer}-{method}-{seed}"),
+        gpus=4,
+        method=method,
+        optimizer=optimizer,
+        epochs=setting.epochs,
+        batch_size=setting.batch_size,
+        lr=setting.lr[optimizer],
+        weight_decay=0.01 if optimizer == "adamw" else 0.0,
+        seed=seed,
+        limit=setting.limit,
+        executor="local",
+        progress=False,
+        profile_dir=str(work / "profiles"),
+    )
+    try:
+        metrics = train(config, log=lambda _msg: None)
+    except FileNotFoundError as exc:
+        print(f"  skipping {setting.task}: {str(exc).splitlines()[0]}", file=sys.stderr)
+        return None
+    steps = json.loads((Path(config.out) / "metrics.json").read_text())
+    curve = [
+        float(row.split(",")[2]) for row in (Path(config.out) / "train.csv").read_text().splitlines()[1:]
+    ]
+    return {
+        "metric": metrics["metric"],
+        "final": metrics["final"][metrics["metric"]],
+        "curve": curve,
+        "wall": steps["wall_s"],
+    }
+
+
+def smooth(values: list[float], window: int) -> list[float]:
+    out, total = [], 0.0
+    for i, v in enumerate(values):
+        total += v
+        if i >= window:
+            total -= values[i - window]
+        out.append(total / min(i + 1, window))
+    return out
+
+
+def plot(curves: dict[str, list[list[float]]], title: str, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for i, (method, runs) in enumerate(curves.items()):
+        length = min(len(c) for c in runs)
+        mean = [statistics.fmean(c[j] for c in runs) for j in range(length)]
+        ax.plot(
+            smooth(mean, max(1, length // 40)),
+            label=method,
+            color=f"C{i}",
+            lw=1.5 if method == "pipeoptim" else 1,
+        )
+    ax.set(xlabel="mini-batch", ylabel="training loss (smoothed, mean over seeds)", title=title)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="tiny data, one seed (under 2 minutes)")
+    parser.add_argument("--seeds", type=int, default=None, help="seeds per setting (default 3, quick 1)")
+    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
+    args = parser.parse_args()
+    torch.set_num_threads(2)
+    seeds = list(range(args.seeds or (1 if args.quick else 3)))
+    methods = ["sequential", "pipedream", "none", "pipeoptim"] if args.quick else METHODS
+    optimizers = ["sgd"] if args.quick else ["sgd", "adamw"]
+    args.out.mkdir(parents=True, exist_ok=True)
+    rows, findings = [], []
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        for setting in settings(args.quick):
+            for optimizer in optimizers:
+                results: dict[str, list[dict]] = {}
+                runs = [(m, s) for m in methods if m != "spectrain" or optimizer == "sgd" for s in seeds]
+                for method, seed in runs:
+                    print(f"  {setting.task} {optimizer} {method} seed {seed} ...", file=sys.stderr)
+                    result = run(setting, optimizer, method, seed, work)
+                    if result is None:  # the task's data is missing
+                        break
+                    results.setdefault(method, []).append(result)
+                if not results:
+                    continue
+                metric = next(iter(results.values()))[0]["metric"]
+                stats = {m: [r["final"] for r in rs] for m, rs in results.items()}
+                for method, values in stats.items():
+                    sd = statistics.stdev(values) if len(values) > 1 else 0.0
+                    rows.append(
+                        [
+                            setting.task,
+                            optimizer,
+                            method,
+                            metric,
+                            f"{statistics.fmean(values):.4f}",
+                            f"{sd:.4f}",
+                            len(values),
+                            f"{statistics.fmean(r['wall'] for r in results[method]):.1f}",
+                        ]
+                    )
+                plot(
+                    {m: [r["curve"] for r in rs] for m, rs in results.items()},
+                    f"{setting.task}, {optimizer}, 4 stages",
+                    args.out / f"convergence_{setting.task}_{optimizer}.png",
+                )
+                mean = {m: statistics.fmean(v) for m, v in stats.items()}
+                if {"pipeoptim", "sequential", "pipedream", "none"} <= mean.keys():
+                    findings.append(
+                        f"{setting.task}/{optimizer}: pipeoptim {mean['pipeoptim']:.4f} vs sequential "
+                        f"{mean['sequential']:.4f} ({mean['pipeoptim'] - mean['sequential']:+.4f}), "
+                        f"pipedream {mean['pipedream']:.4f} ({mean['pipeoptim'] - mean['pipedream']:+.4f}), "
+                        f"none {mean['none']:.4f} ({mean['pipeoptim'] - mean['none']:+.4f})"
+                    )
+    headers = ["task", "optimizer", "method", "metric", "final mean", "sd", "seeds", "seconds per run"]
+    table = tabulate(rows, headers=headers, tablefmt="github")
+    print(table)
+    summary = "; ".join(findings) or "no complete comparison (data missing?)"
+    (args.out / "convergence.md").write_text(
+        f"# Convergence ({'quick' if args.quick else 'full'} run: 4 stages, local executor, "
+        f"seeds {seeds})\n\n"
+        f"Final test metric (accuracy in [0, 1], BLEU in [0, 100]) after training; mean and standard "
+        f"deviation over seeds.\n\n{table}\n\nPipeOptim minus the others: {summary}\n"
+    )
+    print(summary)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,266 @@
+"""Partition quality: the ILP against the baselines, and how its solve time grows.
+
+For the built-in examples (profiled here), a Hugging Face GPT-2 (12 layers, from a config,
+if ``transformers`` is installed) and every GPU-measured cost graph in ``../shared/profiles``,
+for 2, 4, 8 and 16 stages, without and with a per-stage memory limit (1.25x the smallest
+feasible one): the bottleneck stage time of uniform (equal node counts), parameter-balanced
+(DeepSpeed ``parameters``), time-balanced (torchgpipe ``balance_by_time``) and the exact
+contiguous DP, each as a ratio to the ILP's (> 1: the ILP is better). A baseline that breaks
+the memory limit is marked with ``!``. Then the ILP's solve time on random layered DAGs of
+50 to 2,000 nodes.
+
+    python benchmarks/partition.py [--quick] [--solver cbc|highs] [--out benchmarks/results]
+
+Writes ``partition.md`` and ``partition_solve_time.png`` into ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+from tabulate import tabulate
+
+from pipeoptim.compiler import partition as P
+from pipeoptim.compiler.costgraph import CostGraph, CostNode
+from pipeoptim.compiler.costmodel import CostConfig, evaluate
+from pipeoptim.compiler.profile import profile_model
+from pipeoptim.compiler.trace import trace
+from pipeoptim.examples import EXAMPLES
+
+SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "profiles"
+BANDWIDTH = 25e9  # bytes/s, the CLI's default
+
+
+def graphs(quick: bool) -> dict[str, CostGraph]:
+    """Cost graphs to plan: examples profiled on this CPU, GPT-2, the shared GPU graphs."""
+    out = {}
+    names = (
+        ["mlp", "resnet", "transformer"]
+        if quick
+        else ["mlp", "resnet", "transformer", "multi_io", "long_skip"]
+    )
+    for name in names:
+        model, inputs = EXAMPLES[name]()
+        out[f"{name} (cpu)"] = profile_model(trace(model, inputs), inputs, repeats=3, warmup=1)
+    if not quick:
+        try:
+            model, inputs = EXAMPLES["gpt2"](batch=1, seq=64)
+            out["gpt2 hf (cpu)"] = profile_model(trace(model, inputs), inputs, repeats=2, warmup=1)
+        except ImportError as exc:
+            print(f"skipping the Hugging Face GPT-2: {exc}", file=sys.stderr)
+    if SHARED.is_dir():
+        shared = ["resnet101", "gpt2"] if quick else sorted(p.stem for p in SHARED.glob("*.json"))
+        for name in shared:
+            out[f"{name} (h200)"] = CostGraph.load(SHARED / f"{name}.json")
+    else:
+        print(f"skipping the GPU cost graphs: {SHARED} is absent", file=sys.stderr)
+    return out
+
+
+def bottleneck(graph: CostGraph, stage_of: list[int], config: CostConfig) -> tuple[float, bool]:
+    stats = evaluate(graph, stage_of, config)
+    fits = config.memory_limit is None or all(s.memory_bytes <= config.memory_limit for s in stats)
+    return max(s.time_s for s in stats), fits
+
+
+def quality(
+    all_graphs: dict[str, CostGraph], stage_counts: list[int], solver: str, time_limit: float
+) -> list[dict]:
+    rows = []
+    for name, graph in all_graphs.items():
+        for n in stage_counts:
+            if n > sum(1 for node in graph.nodes if node.time_s > 0):
+                continue
+            base = CostConfig(n, bandwidth=BANDWIDTH)
+            limit = int(P.min_feasible_memory(graph, base, solver=solver, time_limit=time_limit) * 1.25)
+            for memory in (None, limit):
+                config = CostConfig(n, bandwidth=BANDWIDTH, memory_limit=memory)
+                start = time.perf_counter()
+                ilp = P.ilp(graph, config, solver=solver, time_limit=time_limit)
+                solve = time.perf_counter() - start
+                best, fits = bottleneck(graph, ilp.stage_of, config)
+                assert fits
+                row = {
+                    "graph": name,
+                    "nodes": len(graph.nodes),
+                    "stages": n,
+                    "memory": "-" if memory is None else f"{memory / 2**20:.0f} MiB",
+                    "ilp ms": best * 1e3,
+                    "status": ilp.status,
+                    "units": ilp.num_units,
+                    "solve s": solve,
+                }
+                for label, fn in (*P.BASELINES.items(), ("chain_dp", None)):
+                    result = P.chain_dp(graph, config, strict=False) if fn is None else fn(graph, config)
+                    if result is None:
+                        row[label] = None
+                        continue
+                    value, ok = bottleneck(graph, result.stage_of, config)
+                    row[label] = (value / best, ok)
+                rows.append(row)
+                print(
+                    f"  {name:18s} N={n:<2d} mem={row['memory']:>8s} ilp {best * 1e3:8.3f} ms "
+                    f"({ilp.status}, {solve:.1f} s)",
+                    file=sys.stderr,
+                )
+    return rows
+
+
+def layered_dag(size: int, seed: int) -> CostGraph:
+    """A random layered graph like a CNN with skip connections, ``size`` compute nodes."""
+    rng = random.Random(seed)
+    nodes = [CostNode("x", "placeholder", "x", [], out_bytes=4 << 20)]
+    for i in range(size):
+        inputs = [nodes[-1].name]
+        if i > 3 and rng.random() < 0.15:
+            inputs.append(nodes[rng.randint(max(1, i - 12), i - 2)].name)
+        size_b = rng.choice([1, 2, 4]) << 20
+        nodes.append(
+            CostNode(
+                f"n{i}",
+                "call_function",
+                "op",
+                inputs,
+                fwd_s=rng.uniform(1e-4, 2e-3),
+                bwd_s=rng.uniform(2e-4, 4e-3),
+                out_bytes=size_b,
+                grad_bytes=size_b,
+                param_bytes=rng.choice([0, 0, 1 << 20, 4 << 20]),
+                saved_bytes=size_b,
+                module=f"block{i // 8}.layer{i % 8}",
+            )
+        )
+    nodes.append(CostNode("output", "output", "output", [nodes[-1].name]))
+    return CostGraph(f"layered{size}", nodes, batch_size=1)
+
+
+def solve_times(sizes: list[int], stage_counts: list[int], solver: str, time_limit: float) -> list[dict]:
+    rows = []
+    for size in sizes:
+        graph = layered_dag(size, seed=size)
+        for n in stage_counts:
+            config = CostConfig(n, bandwidth=BANDWIDTH)
+            start = time.perf_counter()
+            result = P.ilp(graph, config, solver=solver, time_limit=time_limit)
+            rows.append(
+                {
+                    "nodes": size,
+                    "stages": n,
+                    "units": result.num_units,
+                    "status": result.status,
+                    "solve s": time.perf_counter() - start,
+                }
+            )
+            print(
+                f"  {size:5d} nodes, {n:2d} stages: {rows[-1]['solve s']:.2f} s ({result.status})",
+                file=sys.stderr,
+            )
+    return rows
+
+
+def fmt(cell: object) -> str:
+    if cell is None:
+        return "n/a"
+    if isinstance(cell, tuple):
+        ratio, ok = cell
+        return f"{ratio:.3f}" + ("" if ok else " !")
+    if isinstance(cell, float):
+        return f"{cell:.3f}"
+    return str(cell)
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for n in sorted({r["stages"] for r in rows}):
+        pts = [(r["nodes"], r["solve s"]) for r in rows if r["stages"] == n]
+        ax.plot(*zip(*pts), marker="o", label=f"{n} stages")
+    ax.set(
+        xscale="log",
+        yscale="log",
+        xlabel="graph nodes",
+        ylabel="solve seconds (incl. coarsening, DP)",
+        title="ILP partitioner solve time",
+    )
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--quick", action="store_true", help="fewer graphs and stage counts (under 2 minutes)"
+    )
+    parser.add_argument("--solver", choices=["cbc", "highs"], default="cbc")
+    parser.add_argument(
+        "--time-limit", type=float, default=None, help="seconds per ILP (default 10, quick 3)"
+    )
+    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    limit = args.time_limit or (3.0 if args.quick else 10.0)
+    stage_counts = [2, 4] if args.quick else [2, 4, 8, 16]
+    print("profiling and planning ...", file=sys.stderr)
+    rows = quality(graphs(args.quick), stage_counts, args.solver, limit)
+    columns = [
+        "graph",
+        "nodes",
+        "stages",
+        "memory",
+        "ilp ms",
+        "status",
+        "units",
+        "solve s",
+        "uniform",
+        "parameters",
+        "balance_by_time",
+        "chain_dp",
+    ]
+    table = tabulate([[fmt(r[c]) for c in columns] for r in rows], headers=columns, tablefmt="github")
+    sizes = [50, 200, 500] if args.quick else [50, 100, 200, 500, 1000, 2000]
+    print("solve time against graph size ...", file=sys.stderr)
+    times = solve_times(sizes, [4] if args.quick else [4, 8, 16], args.solver, limit)
+    time_table = tabulate(
+        [[r[c] if not isinstance(r[c], float) else f"{r[c]:.2f}" for c in r] for r in times],
+        headers=list(times[0]),
+        tablefmt="github",
+    )
+    print(table)
+    print()
+    print(time_table)
+    args.out.mkdir(parents=True, exist_ok=True)
+    ratios = {b: [r[b][0] for r in rows if r[b] is not None] for b in (*P.BASELINES, "chain_dp")}
+    broken = {b: sum(1 for r in rows if r[b] is not None and not r[b][1]) for b in P.BASELINES}
+    summary = (
+        "baseline bottleneck / ILP bottleneck (geometric mean, max): "
+        + ", ".join(
+            f"{b} {statistics.geometric_mean(v):.2f}x ({max(v):.2f}x)" for b, v in ratios.items() if v
+        )
+        + "; memory limit broken: "
+        + ", ".join(f"{b} {k}/{len(rows) // 2}" for b, k in broken.items())
+    )
+    (args.out / "partition.md").write_text(
+        f"# Partition quality ({'quick' if args.quick else 'full'} run, solver {args.solver}, "
+        f"time limit {limit:.0f} s per ILP, bandwidth {BANDWIDTH / 1e9:.0f} GB/s)\n\n"
+        "Bottleneck of each baseline divided by the ILP's (> 1: the ILP is better; `!`: breaks the "
+        "memory limit). Memory limit: 1.25x the smallest feasible one.\n\n"
+        f"{table}\n\n## ILP solve time\n\n{time_table}\n\n{summary}\n"
+    )
+    plot(times, args.out / "partition_solve_time.png")
+    print(summary)
+
+
+if __name__ == "__main__":
+    main()
