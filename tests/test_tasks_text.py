@@ -82,6 +82,15 @@ def test_multi30k_batches_and_vocabulary(multi30k_dir: str) -> None:
     lengths = tgt_out.ne(0).sum(1)
     short = lengths < TGT_LENGTH
     assert short.sum() > 10 and (tgt_out[short, lengths[short] - 1] == EOS).all()
+    # evaluate() decodes all 1,000 test sentences in chunks of the batch size, stopping at <eos>.
+    calls = []
+
+    def always_eos(inputs: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        calls.append(inputs[0].shape[0])
+        return F.one_hot(torch.full_like(inputs[1], EOS), task.info["vocabulary_de"]).float()
+
+    assert task.evaluate(always_eos) == 0.0
+    assert len(calls) == 63 and sum(calls) == 1000 and calls[-1] == 8
 
 
 @pytest.mark.parametrize("name", ["sst2", "multi30k"])

@@ -177,7 +177,7 @@ class StageRuntime:
             self.policy.begin_forward(micro_batch, version_diff)
         try:
             with torch.random.fork_rng(devices=self._rng_devices):
-                torch.manual_seed(self.seed * 1_000_003 + micro_batch * 7919 + self.index)
+                self._seed(self.seed * 1_000_003 + micro_batch * 7919 + self.index)
                 if self.policy is not None:
                     with self.policy.saving(micro_batch):
                         out = self.module(*args)
@@ -307,6 +307,14 @@ class StageRuntime:
         self._grads_stale = True
         if self.policy is not None:
             self.policy.after_step()
+
+    def _seed(self, value: int) -> None:
+        """Seed the generators this stage uses (``torch.manual_seed`` would also seed, slowly,
+        every other accelerator type)."""
+        torch.default_generator.manual_seed(value)
+        for device in self._rng_devices:
+            with torch.cuda.device(device):
+                torch.cuda.manual_seed(value)
 
     def _apply_latest_hyper(self, micro_batch: int) -> None:
         """Predictions read the newest known learning rate (that of ``micro_batch``)."""

@@ -233,8 +233,8 @@ def load_multi30k(data_dir: str | None = None, limit: int | None = None) -> Mult
         for split, stem in SPLITS.items()
         for lang in ("en", "de")
     }
-    train_en = [tokenize(s) for s in text["train", "en"][:limit]]
-    train_de = [tokenize(s) for s in text["train", "de"][:limit]]
+    train_en = [tokenize(s) for s in text["train", "en"][: limit or None]]
+    train_de = [tokenize(s) for s in text["train", "de"][: limit or None]]
     vocab_en = Vocabulary(train_en, SPECIALS, min_count=2)
     vocab_de = Vocabulary(train_de, SPECIALS, min_count=2)
     tgt_in, tgt_out = encode_targets(train_de, vocab_de, TGT_LENGTH)
