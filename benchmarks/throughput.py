@@ -97,23 +97,31 @@ def measure_bandwidth() -> float:
 # ------------------------------------------------------------------------ pipeoptim
 
 
-def run_pipeoptim(
-    method: str, stages: int, micro: int, warmup: int, steps: int, profile_dir: Path, bandwidth: float
-) -> dict[str, Any]:
+def compile_mlp(
+    method: str, stages: int, executor: str, profile_dir: Path, **options: Any
+) -> pipeoptim.Pipeline:
     model = make_model()
     opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
-    x, y = batch()
-    with pipeoptim.compile(
+    return pipeoptim.compile(
         model,
         opt,
         stages,
-        example_inputs=x,
+        example_inputs=batch()[0],
         loss_fn=F.cross_entropy,
         method=method,
-        micro_batches=micro if method in ("gpipe", "1f1b", "2bw") else None,
-        executor="processes",
+        executor=executor,
         profile_dir=profile_dir,
-        bandwidth=bandwidth,
+        **options,
+    )
+
+
+def run_pipeoptim(
+    method: str, stages: int, micro: int, warmup: int, steps: int, profile_dir: Path, bandwidth: float
+) -> dict[str, Any]:
+    x, y = batch()
+    micro_batches = micro if method in ("gpipe", "1f1b", "2bw") else None
+    with compile_mlp(
+        method, stages, "processes", profile_dir, micro_batches=micro_batches, bandwidth=bandwidth
     ) as pipe:
         for _ in range(warmup):
             pipe.step(x, y)
@@ -231,19 +239,7 @@ def run_pippy(schedule: str, plan: Plan, micro: int, warmup: int, steps: int) ->
 
 def measure_memory(method: str, stages: int, steps: int, profile_dir: Path) -> list[dict[str, int]]:
     """Per-stage peak weights / optimizer state / activations, with the local executor (same schedule)."""
-    model = make_model()
-    opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
-    x, _ = batch()
-    with pipeoptim.compile(
-        model,
-        opt,
-        stages,
-        example_inputs=x,
-        loss_fn=F.cross_entropy,
-        method=method,
-        executor="local",
-        profile_dir=profile_dir,
-    ) as pipe:
+    with compile_mlp(method, stages, "local", profile_dir) as pipe:
         for stage in pipe._executor.stages:
             stage.measure_memory = True
         for i in range(steps):

@@ -29,6 +29,15 @@ def _bandwidth(text: str) -> float | None:
     return None if text.strip().lower() in ("inf", "none", "free") else parse_bandwidth(text)
 
 
+GPUS = click.option(
+    "--gpus",
+    "-n",
+    type=click.IntRange(min=1),
+    default=4,
+    show_default=True,
+    help="Pipeline stages, one device each (a worker process, and a GPU where CUDA has enough).",
+)
+
 BYTES = _Parsed("size", parse_bytes)
 BANDWIDTH = _Parsed("bandwidth", _bandwidth)
 SHAPE = _Parsed("shape", parse_shape)

@@ -8,7 +8,7 @@ import sys
 import click
 
 from pipeoptim.cli.loading import ModelSpecError, load_model
-from pipeoptim.cli.options import BANDWIDTH, BYTES, DTYPE, SHAPE, torch_device
+from pipeoptim.cli.options import BANDWIDTH, BYTES, DTYPE, GPUS, SHAPE, torch_device
 from pipeoptim.compiler import plan_model
 from pipeoptim.compiler.costgraph import CostGraph
 from pipeoptim.compiler.costmodel import CostConfig, optimizer_state_factor
@@ -24,14 +24,7 @@ def _log(msg: str) -> None:
 
 @click.command("partition")
 @click.argument("model", required=False)
-@click.option(
-    "--gpus",
-    "-n",
-    type=click.IntRange(min=1),
-    default=4,
-    show_default=True,
-    help="Number of pipeline stages, one device each.",
-)
+@GPUS
 @click.option(
     "--input-shape",
     type=SHAPE,

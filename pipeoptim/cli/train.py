@@ -6,6 +6,7 @@ import sys
 
 import click
 
+from pipeoptim.cli.options import GPUS
 from pipeoptim.errors import PipeoptimError
 from pipeoptim.methods import METHODS
 from pipeoptim.tasks import TASKS
@@ -14,14 +15,7 @@ from pipeoptim.training import OPTIMIZERS, SEQUENTIAL, TrainConfig, summary_line
 
 @click.command("train")
 @click.argument("task", type=click.Choice(list(TASKS)))
-@click.option(
-    "--gpus",
-    "-n",
-    type=click.IntRange(min=1),
-    default=4,
-    show_default=True,
-    help="Pipeline stages (one process each; one GPU each where CUDA has enough).",
-)
+@GPUS
 @click.option(
     "--method",
     type=click.Choice([*METHODS, SEQUENTIAL]),
