@@ -42,6 +42,7 @@ class Setting:
     batch_size: int
     limit: int | None
     lr: dict[str, float]
+    test_limit: int | None = None
 
 
 def settings(quick: bool) -> list[Setting]:
@@ -54,8 +55,8 @@ def settings(quick: bool) -> list[Setting]:
     if quick:
         return [
             Setting("digits", 2, 32, 640, {"sgd": 0.02, "adamw": 2e-3}),
-            Setting("sst2", 1, 32, 1024, {"sgd": 0.05, "adamw": 1e-3}),
-            Setting("multi30k", 1, 32, 512, {"sgd": 0.1, "adamw": 1e-3}),
+            Setting("sst2", 1, 32, 1024, {"sgd": 0.05, "adamw": 1e-3}, test_limit=256),
+            Setting("multi30k", 1, 32, 256, {"sgd": 0.1, "adamw": 1e-3}, test_limit=64),
         ]
     return [
         Setting(

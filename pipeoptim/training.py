@@ -56,6 +56,7 @@ class TrainConfig:
     seed: int = 0
     data_dir: str | None = None
     limit: int | None = None
+    test_limit: int | None = None
     micro_batches: int | None = None
     executor: str = "processes"
     lr_schedule: str = "cosine"
@@ -209,6 +210,7 @@ def train(config: TrainConfig, log: Callable[[str], None] = print) -> dict[str, 
         seed=config.seed,
         limit=config.limit,
         data_dir=config.data_dir,
+        test_limit=config.test_limit,
     )
     start = time.perf_counter()
     trainer, scheduler = _trainer(config, task, log)

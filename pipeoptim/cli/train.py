@@ -60,6 +60,12 @@ from pipeoptim.training import OPTIMIZERS, SEQUENTIAL, TrainConfig, summary_line
     "--limit", type=click.IntRange(min=1), default=None, help="Use only this many training examples."
 )
 @click.option(
+    "--test-limit",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Evaluate on only this many test examples (BLEU decoding is slow).",
+)
+@click.option(
     "--micro-batches",
     type=click.IntRange(min=1),
     default=None,
@@ -104,6 +110,7 @@ def train_command(
     seed,
     data_dir,
     limit,
+    test_limit,
     micro_batches,
     executor,
     out,
@@ -131,6 +138,7 @@ def train_command(
         seed=seed,
         data_dir=data_dir,
         limit=limit,
+        test_limit=test_limit,
         micro_batches=micro_batches,
         executor=executor,
         checkpoint_every=checkpoint_every,

@@ -133,9 +133,10 @@ class DistChannel:
     def _send_leaves(
         self, leaves: Sequence[Any], metas: Sequence[dict], mask: Sequence[bool] | None, dst: int
     ) -> None:
-        scalars = [float(v) for v, m in zip(leaves, metas) if m["kind"] in _SCALARS]
-        if scalars and mask is None:
-            self._isend(torch.tensor(scalars, dtype=torch.float64), dst)
+        if mask is None:  # numbers travel forward only: they have no gradient
+            scalars = [float(v) for v, m in zip(leaves, metas) if m["kind"] in _SCALARS]
+            if scalars:
+                self._isend(torch.tensor(scalars, dtype=torch.float64), dst)
         for i, (v, m) in enumerate(zip(leaves, metas)):
             if m["kind"] != "tensor" or (mask is not None and not mask[i]):
                 continue

@@ -19,9 +19,15 @@ TASKS: dict[str, Callable[..., Task]] = {
 
 
 def make_task(
-    name: str, *, batch_size: int, seed: int = 0, limit: int | None = None, data_dir: str | None = None
+    name: str,
+    *,
+    batch_size: int,
+    seed: int = 0,
+    limit: int | None = None,
+    data_dir: str | None = None,
+    test_limit: int | None = None,
 ) -> Task:
-    """Build task ``name``.
+    """Build task ``name`` (``limit``: first training examples, ``test_limit``: first test ones).
 
     Raises:
         ValueError: unknown task name.
@@ -29,7 +35,9 @@ def make_task(
     """
     if name not in TASKS:
         raise ValueError(f"unknown task {name!r}; choose one of {', '.join(TASKS)}")
-    return TASKS[name](batch_size=batch_size, seed=seed, limit=limit, data_dir=data_dir)
+    return TASKS[name](
+        batch_size=batch_size, seed=seed, limit=limit, data_dir=data_dir, test_limit=test_limit
+    )
 
 
 __all__ = ["TASKS", "Task", "make_task"]

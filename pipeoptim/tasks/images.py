@@ -73,7 +73,11 @@ def _task(
 
 
 def digits(
-    batch_size: int = 32, seed: int = 0, limit: int | None = None, data_dir: str | None = None
+    batch_size: int = 32,
+    seed: int = 0,
+    limit: int | None = None,
+    data_dir: str | None = None,
+    test_limit: int | None = None,
 ) -> Task:
     """8x8 handwritten digits shipped with scikit-learn (1,797 images; 80/20 split, seed 0)."""
     from sklearn.datasets import load_digits
@@ -83,8 +87,7 @@ def digits(
     x = torch.tensor(data.images, dtype=torch.float32).unsqueeze(1) / 16.0
     y = torch.tensor(data.target, dtype=torch.int64)
     x_tr, x_te, y_tr, y_te = train_test_split(x, y, test_size=0.2, random_state=0, stratify=y)
-    if limit:
-        x_tr, y_tr = x_tr[:limit], y_tr[:limit]
+    x_tr, y_tr, x_te, y_te = x_tr[:limit], y_tr[:limit], x_te[:test_limit], y_te[:test_limit]
     return _task(
         "digits",
         x_tr,
@@ -117,7 +120,11 @@ def _find(folder: Path, stem: str) -> Path:
 
 
 def fashion_mnist(
-    batch_size: int = 64, seed: int = 0, limit: int | None = None, data_dir: str | None = None
+    batch_size: int = 64,
+    seed: int = 0,
+    limit: int | None = None,
+    data_dir: str | None = None,
+    test_limit: int | None = None,
 ) -> Task:
     """Fashion-MNIST (Xiao et al. 2017) from IDX files: 60,000 train / 10,000 test 28x28 images.
 
@@ -132,6 +139,5 @@ def fashion_mnist(
         x = torch.tensor(images, dtype=torch.float32).unsqueeze(1) / 255.0
         arrays[split] = ((x - 0.2860) / 0.3530, torch.tensor(labels, dtype=torch.int64))
     (x_tr, y_tr), (x_te, y_te) = arrays["train"], arrays["test"]
-    if limit:
-        x_tr, y_tr = x_tr[:limit], y_tr[:limit]
+    x_tr, y_tr, x_te, y_te = x_tr[:limit], y_tr[:limit], x_te[:test_limit], y_te[:test_limit]
     return _task("fashion-mnist", x_tr, y_tr, x_te, y_te, 28, batch_size, seed, f"IDX files in {folder}")

@@ -90,15 +90,15 @@ class Attention(nn.Module):
         self.proj = nn.Linear(dim, dim)
 
     def forward(self, x: torch.Tensor, memory: torch.Tensor, blocked: torch.Tensor) -> torch.Tensor:
-        b = x.size(0)  # sizes via .size(): torch.fx cannot unpack x.shape
-        q = self.query(x).view(b, -1, self.heads, self.head_dim).transpose(1, 2)  # [B, H, T, D/H]
+        # Heads split with unflatten rather than view(B, T, ...): no sizes in the traced graph.
+        q = self.query(x).unflatten(-1, (self.heads, self.head_dim)).transpose(1, 2)  # [B, H, T, D/H]
         k, v = self.key_value(memory).split(self.dim, dim=2)
-        k = k.view(b, -1, self.heads, self.head_dim).transpose(1, 2)  # [B, H, S, D/H]
-        v = v.view(b, -1, self.heads, self.head_dim).transpose(1, 2)
+        k = k.unflatten(-1, (self.heads, self.head_dim)).transpose(1, 2)  # [B, H, S, D/H]
+        v = v.unflatten(-1, (self.heads, self.head_dim)).transpose(1, 2)
         scores = (q @ k.transpose(-2, -1)) / math.sqrt(self.head_dim)  # [B, H, T, S]
         # A large negative number rather than -inf: a query that may see nothing gets no NaN.
         weights = scores.masked_fill(blocked.unsqueeze(1), -1e9).softmax(dim=-1)
-        return self.proj((weights @ v).transpose(1, 2).reshape(b, -1, self.dim))
+        return self.proj((weights @ v).transpose(1, 2).flatten(2))
 
 
 def mlp(dim: int, dropout: float) -> nn.Sequential:
@@ -175,7 +175,13 @@ def _read_tsv(path: Path) -> tuple[list[list[str]], torch.Tensor]:
     return sentences, torch.tensor(labels, dtype=torch.int64)
 
 
-def sst2(batch_size: int = 32, seed: int = 0, limit: int | None = None, data_dir: str | None = None) -> Task:
+def sst2(
+    batch_size: int = 32,
+    seed: int = 0,
+    limit: int | None = None,
+    data_dir: str | None = None,
+    test_limit: int | None = None,
+) -> Task:
     """Binary sentiment of SST-2 (GLUE): 67,349 training phrases, the 872 labelled dev sentences
     as the test split (GLUE's test labels are hidden).
 
@@ -196,9 +202,9 @@ def sst2(batch_size: int = 32, seed: int = 0, limit: int | None = None, data_dir
             "with the GLUE SST-2 train.tsv and dev.tsv (sentence<TAB>label, one header line)"
         )
     train_words, y_train = _read_tsv(folder / "train.tsv")
-    if limit:
-        train_words, y_train = train_words[:limit], y_train[:limit]
+    train_words, y_train = train_words[:limit], y_train[:limit]
     dev_words, y_test = _read_tsv(folder / "dev.tsv")
+    dev_words, y_test = dev_words[:test_limit], y_test[:test_limit]
     vocab = Vocabulary(train_words, min_count=2, max_size=20_000)
     x_train = pad([vocab.encode(s) for s in train_words], SST2_LENGTH)
     x_test = pad([vocab.encode(s) for s in dev_words], SST2_LENGTH)

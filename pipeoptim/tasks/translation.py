@@ -251,10 +251,14 @@ def load_multi30k(data_dir: str | None = None, limit: int | None = None) -> Mult
 
 
 def multi30k(
-    batch_size: int = 32, seed: int = 0, limit: int | None = None, data_dir: str | None = None
+    batch_size: int = 32,
+    seed: int = 0,
+    limit: int | None = None,
+    data_dir: str | None = None,
+    test_limit: int | None = None,
 ) -> Task:
     """English-to-German Multi30K (task 1): 29,000 training pairs (the first ``limit``); BLEU
-    of greedy decoding on all 1,000 pairs of ``test_2016_flickr``.
+    of greedy decoding on the 1,000 pairs of ``test_2016_flickr`` (the first ``test_limit``).
 
     Data as :func:`load_multi30k` encodes it: inputs ``(src, tgt_in)``, targets ``tgt_out``.
 
@@ -272,11 +276,13 @@ def multi30k(
         example_inputs=(data.src_train[:batch_size], data.tgt_in[:batch_size]),
         loss_fn=token_cross_entropy,
         batches=shuffled_batches((data.src_train, data.tgt_in), data.tgt_out, batch_size, seed),
-        evaluate=greedy_bleu_evaluator(data.src_test, data.references, data.vocab_de, batch_size, TGT_LENGTH),
+        evaluate=greedy_bleu_evaluator(
+            data.src_test[:test_limit], data.references[:test_limit], data.vocab_de, batch_size, TGT_LENGTH
+        ),
         steps_per_epoch=n_train // batch_size,
         info={
             "train_examples": n_train,
-            "test_examples": len(data.references),
+            "test_examples": len(data.references[:test_limit]),
             "vocabulary_en": len(data.vocab_en),
             "vocabulary_de": len(data.vocab_de),
             "source_length": SRC_LENGTH,
