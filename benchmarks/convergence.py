@@ -65,9 +65,10 @@ def settings(quick: bool) -> list[Setting]:
             64 if image == "fashion-mnist" else 32,
             12000 if image == "fashion-mnist" else None,
             {"sgd": 0.02, "adamw": 2e-3},
+            test_limit=2000 if image == "fashion-mnist" else None,
         ),
-        Setting("sst2", 3, 32, 12000, {"sgd": 0.05, "adamw": 1e-3}),
-        Setting("multi30k", 4, 32, 8000, {"sgd": 0.1, "adamw": 1e-3}),
+        Setting("sst2", 2, 32, 8000, {"sgd": 0.05, "adamw": 1e-3}),
+        Setting("multi30k", 3, 32, 3000, {"sgd": 0.1, "adamw": 1e-3}, test_limit=300),
     ]
 
 
@@ -84,6 +85,7 @@ def run(setting: Setting, optimizer: str, method: str, seed: int, work: Path) ->
         weight_decay=0.01 if optimizer == "adamw" else 0.0,
         seed=seed,
         limit=setting.limit,
+        test_limit=setting.test_limit,
         executor="local",
         progress=False,
         profile_dir=str(work / "profiles"),

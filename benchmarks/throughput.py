@@ -321,8 +321,8 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(1)  # profile as the ranks run: one thread each
     stage_counts = [2] if args.quick else [2, 4]
-    methods = ["pipeoptim", "pipedream", "gpipe", "1f1b"] if args.quick else list(pipeoptim.METHODS)
-    warmup, steps = (2, 8) if args.quick else (5, 30)
+    methods = ["pipeoptim", "pipedream", "1f1b"] if args.quick else list(pipeoptim.METHODS)
+    warmup, steps = (2, 6) if args.quick else (5, 30)
     profile_dir = args.out / ".profiles"
     print("measuring the loopback bandwidth ...", file=sys.stderr)
     bandwidth = measure_bandwidth()

@@ -230,7 +230,7 @@ def test_resume_from_checkpoint_equals_uninterrupted_run(tmp_path: Path) -> None
             example_inputs=batches[0][0],
             loss_fn=F.cross_entropy,
             executor="local",
-            profile_dir=None,
+            profile_dir=tmp_path / "profiles",  # one profile, one plan: the same staleness in each run
         )
 
     with fresh() as pipe:

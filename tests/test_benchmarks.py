@@ -1,0 +1,35 @@
+"""Smoke test: every benchmark's --quick mode runs and writes its results (no speed assertions)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "script, files",
+    [
+        ("partition.py", ["partition.md", "partition_solve_time.png"]),
+        ("throughput.py", ["throughput.md", "throughput_timeline.png", "throughput_memory.png"]),
+        ("convergence.py", ["convergence.md", "convergence_digits_sgd.png"]),
+    ],
+)
+def test_quick_benchmark_runs(tmp_path: Path, script: str, files: list[str]) -> None:
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / script), "--quick", "--out", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=tmp_path,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    for name in files:
+        assert (tmp_path / name).stat().st_size > 0, name
+    summary = done.stdout.strip().splitlines()[-1]
+    assert "x" in summary or "pipeoptim" in summary  # the one summary line of ratios
