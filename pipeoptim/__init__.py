@@ -14,6 +14,7 @@ from pipeoptim.errors import (
     ProfileError,
     TraceError,
 )
+from pipeoptim.compiler.plan import Plan
 from pipeoptim.methods import METHODS
 from pipeoptim.pipeline import Loss, Pipeline, compile
 from pipeoptim.runtime.predictors import register_predictor
@@ -27,6 +28,7 @@ __all__ = [
     "NonFiniteLossError",
     "Pipeline",
     "PipelineError",
+    "Plan",
     "PipeoptimError",
     "PlanError",
     "PredictorError",

@@ -72,6 +72,9 @@ class Plan:
     def num_stages(self) -> int:
         return self.config.num_stages
 
+    def __str__(self) -> str:
+        return self.table()
+
     def table(self) -> str:
         """One row per stage plus the summary, as text (tabulate)."""
         rows = [

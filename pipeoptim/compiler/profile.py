@@ -274,6 +274,7 @@ def profile_model(
             f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}. Give example "
             "inputs of the shape, dtype and device the model expects"
         ) from exc
+    _warm_up(gm, inputs, warmup)
     params = {id(p) for p in gm.parameters()}
     timer = _Timer(device)
     outputs = {n: recorder.env[n] for n in gm.graph.nodes if n.op != "output"}
@@ -330,6 +331,16 @@ def profile_model(
             "input_names": traced.input_names,
         },
     )
+
+
+def _warm_up(gm: fx.GraphModule, inputs: Sequence[torch.Tensor], times: int) -> None:
+    """Run the whole model forward and backward first, so that no node is timed on the
+    process's first use of a kernel (library initialisation, allocator growth)."""
+    for _ in range(times):
+        out = [t for t in pytree.tree_leaves(gm(*inputs)) if isinstance(t, torch.Tensor) and t.requires_grad]
+        if out:
+            torch.autograd.backward(out, [torch.ones_like(t) for t in out])
+    gm.zero_grad(set_to_none=True)
 
 
 def _attr_costs(cost: CostNode, node: fx.Node, value: Any, trainable: dict[str, Any]) -> None:
