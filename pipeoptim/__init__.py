@@ -2,6 +2,7 @@
 trainer with PipeOptim weight prediction (Guan et al., arXiv:2312.00839) and the baselines
 GPipe, 1F1B, PipeDream, PipeDream-2BW and SpecTrain."""
 
+from pipeoptim.compiler.plan import Plan
 from pipeoptim.errors import (
     CheckpointError,
     CodegenError,
@@ -14,7 +15,6 @@ from pipeoptim.errors import (
     ProfileError,
     TraceError,
 )
-from pipeoptim.compiler.plan import Plan
 from pipeoptim.methods import METHODS
 from pipeoptim.pipeline import Loss, Pipeline, compile
 from pipeoptim.runtime.predictors import register_predictor
@@ -28,8 +28,8 @@ __all__ = [
     "NonFiniteLossError",
     "Pipeline",
     "PipelineError",
-    "Plan",
     "PipeoptimError",
+    "Plan",
     "PlanError",
     "PredictorError",
     "ProfileError",
