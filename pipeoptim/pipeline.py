@@ -26,7 +26,12 @@ from pipeoptim.runtime import spmd
 from pipeoptim.runtime.build import PipelineSpec, aliases_of, build_stage
 from pipeoptim.runtime.distributed import check_devices
 from pipeoptim.runtime.executor import LocalExecutor, MiniBatch
-from pipeoptim.runtime.optim import hyperparameters, param_group_names
+from pipeoptim.runtime.optim import (
+    UpdateCostError,
+    hyperparameters,
+    measure_update_cost,
+    param_group_names,
+)
 from pipeoptim.runtime.predictors import get_predictor
 from pipeoptim.units import parse_bandwidth, parse_bytes
 
@@ -135,7 +140,6 @@ class Pipeline:
     def _start_executor(self) -> Any:
         if self.executor_kind == "local":
             stages = [build_stage(self.spec, self._traced, k, self.device) for k in range(self.num_stages)]
-            self._stages = stages
             return LocalExecutor(stages, self.spec.schedule(), self._on_loss)
         if self.executor_kind == "torchrun":
             from pipeoptim.runtime.spmd import SPMDExecutor
@@ -317,6 +321,8 @@ class Pipeline:
             for x, ex in zip(inputs, examples)
         ):
             raise PipelineError("predict() inputs must be shaped like example_inputs (any batch size)")
+        if inputs[0].shape[0] == 0:
+            raise PipelineError("predict() got an empty batch")
         return int(inputs[0].shape[0])
 
     def state_dict(self) -> dict[str, torch.Tensor]:
@@ -535,6 +541,14 @@ def compile(
     micro = tuple(x[: math.ceil(batch / m)].detach().cpu() for x in inputs)
     model_copy = copy.deepcopy(model).cpu()
     groups = param_group_names(optimizer, model)
+    say = log or (lambda _msg: None)
+    try:
+        step_cost, predict_cost = measure_update_cost(
+            type(optimizer), optimizer.defaults, _profile_device(kind, inputs[0].device)
+        )
+    except UpdateCostError as exc:
+        say(f"optimizer step cost not modelled in the plan: {exc}")
+        step_cost = predict_cost = 0.0
     config = CostConfig(
         num_stages=gpus,
         method=method,
@@ -542,8 +556,9 @@ def compile(
         bandwidth=parse_bandwidth(bandwidth) if bandwidth is not None else None,
         memory_limit=parse_bytes(memory) if memory is not None else None,
         opt_state_factor=optimizer_state_factor(optimizer),
+        step_s_per_byte=step_cost,
+        predict_s_per_byte=predict_cost,
     )
-    say = log or (lambda _msg: None)
     owns_group = spmd.init(gpus, timeout) if kind == "torchrun" else False
     rank0 = kind != "torchrun" or dist.get_rank() == 0
     if plan is not None:

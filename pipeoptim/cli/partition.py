@@ -6,6 +6,7 @@ import json
 import sys
 
 import click
+import torch
 
 from pipeoptim.cli.loading import ModelSpecError, load_model
 from pipeoptim.cli.options import BANDWIDTH, BYTES, DTYPE, GPUS, SHAPE, torch_device
@@ -14,8 +15,10 @@ from pipeoptim.compiler.costgraph import CostGraph
 from pipeoptim.compiler.costmodel import CostConfig, optimizer_state_factor
 from pipeoptim.compiler.partition import BASELINES
 from pipeoptim.compiler.plan import make_plan
+from pipeoptim.compiler.profile import device_name
 from pipeoptim.errors import PipeoptimError
 from pipeoptim.methods import METHODS
+from pipeoptim.runtime.optim import measure_update_cost
 
 
 def _log(msg: str) -> None:
@@ -123,6 +126,9 @@ def partition(
         opt_factor = optimizer_state_factor(optimizer)
     except ValueError as exc:
         raise click.BadParameter(str(exc), param_hint="--optimizer") from exc
+    if model is None and profile_file is None:
+        raise click.UsageError("give a MODEL, or --profile FILE to plan from a saved profile")
+    step_cost, predict_cost = _update_costs(optimizer, device, profile_file)
     config = CostConfig(
         num_stages=gpus,
         method=method,
@@ -130,9 +136,9 @@ def partition(
         bandwidth=bandwidth,
         memory_limit=memory,
         opt_state_factor=opt_factor,
+        step_s_per_byte=step_cost,
+        predict_s_per_byte=predict_cost,
     )
-    if model is None and profile_file is None:
-        raise click.UsageError("give a MODEL, or --profile FILE to plan from a saved profile")
     try:
         if profile_file is not None:
             graph = CostGraph.load(profile_file)
@@ -177,6 +183,36 @@ def partition(
     else:
         click.echo(f"{plan.model}: {len(graph.nodes)} nodes, {gpus} stages, method {method}")
         click.echo(plan.table())
+
+
+_OPTIMIZERS = {
+    "sgd": (torch.optim.SGD, {"lr": 0.01}),
+    "momentum": (torch.optim.SGD, {"lr": 0.01, "momentum": 0.9}),
+    "adam": (torch.optim.Adam, {}),
+    "adamw": (torch.optim.AdamW, {}),
+    "rmsprop": (torch.optim.RMSprop, {}),
+    "adagrad": (torch.optim.Adagrad, {}),
+    "adadelta": (torch.optim.Adadelta, {}),
+    "adamax": (torch.optim.Adamax, {}),
+    "nadam": (torch.optim.NAdam, {}),
+    "radam": (torch.optim.RAdam, {}),
+}
+
+
+def _update_costs(optimizer: str, device: str | None, profile_file: str | None) -> tuple[float, float]:
+    """Optimizer-step and prediction seconds per parameter byte, measured on this machine.
+
+    A saved profile from another device has no such measurement: updates are then left out.
+    """
+    target = torch_device(device) or torch.device("cpu")
+    if profile_file is not None:
+        key = CostGraph.load(profile_file).key
+        if key.get("device") != device_name(target):
+            measured_on = key.get("device") or "another device"
+            _log(f"optimizer updates not modelled: the profile was measured on {measured_on}")
+            return 0.0, 0.0
+    cls, defaults = _OPTIMIZERS[optimizer.lower()]
+    return measure_update_cost(cls, defaults, target)
 
 
 def _check_profile_matches(model, graph, input_shape, input_dtype, leaf, device) -> None:

@@ -7,11 +7,16 @@ Stage time (seconds per micro-batch) of stage k::
 
     T_k = sum of fwd_s + bwd_s of its nodes
           + (A[k-1] + G[k-1] + A[k] + G[k]) / bandwidth
+          + P_k * (step_s_per_byte * steps per micro-batch + predict_s_per_byte)
 
 where ``A[b]`` are the activation bytes crossing boundary b (between stage b and b+1) forward
 and ``G[b]`` the gradient bytes crossing it backward. A value produced at stage i and read at
 stage j > i crosses every boundary i..j-1 (it is passed on by the stages in between), and is
 counted on each. Stage k receives ``A[k-1]`` and ``G[k]`` and sends ``A[k]`` and ``G[k-1]``.
+``P_k`` are its parameter bytes: the optimizer steps once per micro-batch in asynchronous 1F1B
+and once per M micro-batches when a mini-batch is split (GPipe, 1F1B, 2BW), and PipeOptim and
+SpecTrain compute their predicted weights before every forward (costs per byte measured with
+:func:`pipeoptim.runtime.optim.measure_update_cost`).
 
 Stage memory (bytes) of stage k of N::
 
@@ -95,10 +100,24 @@ class CostConfig:
     bandwidth: float | None = None
     memory_limit: int | None = None
     opt_state_factor: float = 1.0
+    step_s_per_byte: float = 0.0
+    predict_s_per_byte: float = 0.0
 
     @property
     def method_info(self) -> Method:
         return get_method(self.method)
+
+    @property
+    def update_s_per_byte(self) -> float:
+        """Seconds per parameter byte and micro-batch spent on optimizer steps and predictions."""
+        method = self.method_info
+        steps = 1.0 if method.asynchronous and not method.micro_batched else 1.0 / self.micro_batches
+        predicts = 1.0 if method.policy in ("pipeoptim", "spectrain") else 0.0
+        return self.step_s_per_byte * steps + self.predict_s_per_byte * predicts
+
+    def work_s(self, node: Any) -> float:
+        """A node's seconds per micro-batch: forward, backward and its parameters' updates."""
+        return node.fwd_s + node.bwd_s + node.param_bytes * self.update_s_per_byte
 
     def weight_factor(self, stage: int) -> float:
         """Bytes held at stage ``stage`` per parameter byte (weights, gradient, state, copies)."""
@@ -128,6 +147,7 @@ class StageStats:
     recv_bytes: int
     send_bytes: int
     comm_s: float
+    update_s: float
     weight_bytes: int
     grad_bytes: int
     opt_state_bytes: int
@@ -191,6 +211,7 @@ def evaluate(graph: CostGraph, stage_of: Sequence[int], config: CostConfig) -> l
         a_out, g_out = (acts[k], grads[k]) if k < n - 1 else (0, 0)
         recv, send = a_in + g_out, a_out + g_in
         comm = config.comm_s(recv + send)
+        update = params * config.update_s_per_byte
         copies = config.method_info.extra_weight_copies(k, n)
         opt = int(params * config.opt_state_factor)
         buffers = sum(x.buffer_bytes for x in nodes)
@@ -208,6 +229,7 @@ def evaluate(graph: CostGraph, stage_of: Sequence[int], config: CostConfig) -> l
                 recv_bytes=recv,
                 send_bytes=send,
                 comm_s=comm,
+                update_s=update,
                 weight_bytes=params,
                 grad_bytes=params,
                 opt_state_bytes=opt,
@@ -215,7 +237,7 @@ def evaluate(graph: CostGraph, stage_of: Sequence[int], config: CostConfig) -> l
                 buffer_bytes=buffers,
                 activation_bytes=activations,
                 memory_bytes=memory,
-                time_s=fwd + bwd + comm,
+                time_s=fwd + bwd + comm + update,
             )
         )
     return stats
@@ -225,7 +247,8 @@ def summarize(graph: CostGraph, stats: Sequence[StageStats], config: CostConfig)
     """Summary figures of a plan.
 
     - ``bottleneck_s``: the slowest stage's time per micro-batch (seconds).
-    - ``lower_bound_s``: ``max(total compute / N, largest node)``, no plan beats it.
+    - ``lower_bound_s``: ``max(total work / N, largest node)`` (work: forward, backward and
+      updates), no plan beats it.
     - ``balance_ratio``: ``bottleneck_s / lower_bound_s`` (1.0 is perfect).
     - ``throughput_per_s``: predicted steady-state mini-batches per second: ``1 / T`` for
       asynchronous 1F1B, ``1 / ((M + N - 1) T)`` for schedules that flush every mini-batch
@@ -235,8 +258,8 @@ def summarize(graph: CostGraph, stats: Sequence[StageStats], config: CostConfig)
     """
     n, m = config.num_stages, config.micro_batches
     bottleneck = max(s.time_s for s in stats)
-    largest = max((x.time_s for x in graph.nodes), default=0.0)
-    lower = max(graph.total_time_s / n, largest)
+    work = [config.work_s(x) for x in graph.nodes]
+    lower = max(sum(work) / n, max(work, default=0.0))
     method = config.method_info
     if method.asynchronous:
         units = m if method.micro_batched else 1

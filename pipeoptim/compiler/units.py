@@ -51,8 +51,12 @@ class Units:
     def __len__(self) -> int:
         return len(self.members)
 
-    def time(self, u: int) -> float:
-        return sum(self.graph.nodes[i].time_s for i in self.members[u])
+    def time(self, u: int, update_s_per_byte: float = 0.0) -> float:
+        """Forward + backward seconds of unit ``u``, plus its parameters' update cost."""
+        return sum(
+            self.graph.nodes[i].time_s + self.graph.nodes[i].param_bytes * update_s_per_byte
+            for i in self.members[u]
+        )
 
     def attr(self, u: int, name: str) -> float:
         return sum(getattr(self.graph.nodes[i], name) for i in self.members[u])
