@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from torch.utils import _pytree as pytree
 
 from pipeoptim.errors import PipeoptimError
 from pipeoptim.runtime.build import PipelineSpec, aliases_of, build_stage, input_grad_mask
@@ -129,8 +130,6 @@ class StageProcess:
 
 
 def _to(value: Any, device: torch.device) -> Any:
-    from torch.utils import _pytree as pytree
-
     return pytree.tree_map(lambda t: t.to(device) if isinstance(t, torch.Tensor) else t, value)
 
 
