@@ -37,6 +37,11 @@ SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "profiles"
 BANDWIDTH = 25e9  # bytes/s, the CLI's default
 
 
+def mebibytes(size: float) -> str:
+    """``size`` bytes in MiB, with decimals below 16 MiB."""
+    return f"{size / 2**20:.{0 if size >= 2**24 else 2}f} MiB"
+
+
 def graphs(quick: bool) -> dict[str, CostGraph]:
     """Cost graphs to plan: examples profiled on this CPU, GPT-2, the shared GPU graphs."""
     out = {}
@@ -90,7 +95,7 @@ def quality(
                     "graph": name,
                     "nodes": len(graph.nodes),
                     "stages": n,
-                    "memory": "-" if memory is None else f"{memory / 2**20:.0f} MiB",
+                    "memory": "-" if memory is None else mebibytes(memory),
                     "ilp ms": best * 1e3,
                     "status": ilp.status,
                     "units": ilp.num_units,

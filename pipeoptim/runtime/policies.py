@@ -259,13 +259,18 @@ class _Predicting(WeightPolicy):
         super().attach(params, optimizer, stage, num_stages)
         self._predictor = get_predictor(optimizer)
 
-    def predicted(self, steps: int, always_copy: bool = False) -> dict[str, torch.Tensor]:
+    def predicted(
+        self, steps: int, always_copy: bool = False, into: dict[str, torch.Tensor] | None = None
+    ) -> dict[str, torch.Tensor]:
         """``{name: Ŵ}`` after ``steps`` more steps, for parameters whose Ŵ differs from W
-        (all of them with ``always_copy``: Ŵ is then a copy of W where nothing is predicted)."""
+        (all of them with ``always_copy``: Ŵ is then a copy of W where nothing is predicted).
+        ``into`` maps names to tensors that may be overwritten with Ŵ instead of new ones."""
         assert self.optimizer is not None and self._predictor is not None
         out = {}
+        into = into or {}
         for name, p in self.params.items():
-            value = predict(p, self.optimizer.state.get(p, {}), self._group_of[id(p)], steps, self._predictor)
+            state, group = self.optimizer.state.get(p, {}), self._group_of[id(p)]
+            value = predict(p, state, group, steps, self._predictor, out=into.get(name))
             if value.data_ptr() != p.data_ptr():
                 out[name] = value
             elif always_copy:
@@ -292,11 +297,18 @@ class PipeOptimPolicy(_Predicting):
         if backward not in ("current", "predicted"):
             raise ValueError(f"backward must be 'current' or 'predicted', not {backward!r}")
         self.redirect_backward = backward == "current"
+        self._buffers_hat: dict[str, torch.Tensor] = {}
 
     def begin_forward(self, micro_batch: int, version_diff: int) -> None:
-        # autograd keeps Ŵ when the backward uses it, so it must never be W itself
+        # autograd keeps Ŵ when the backward uses it, so it must never be W itself; when the
+        # backward uses W instead, nothing holds the last forward's Ŵ and it is overwritten
         consistent = not self.redirect_backward
-        self._values = self.predicted(version_diff, always_copy=consistent) if version_diff else {}
+        if not version_diff:
+            self._values = {}
+        elif consistent:
+            self._values = self.predicted(version_diff, always_copy=True)
+        else:
+            self._values = self._buffers_hat = self.predicted(version_diff, into=self._buffers_hat)
         for name, value in self._values.items():
             self._track(name, value)
         self._measure()

@@ -90,10 +90,12 @@ def sgd(param: torch.Tensor, state: dict, group: dict) -> torch.Tensor | None:
     buf = state.get("momentum_buffer")
     if buf is None:
         return None
-    nxt = buf * momentum if grad is None else buf * momentum + grad * (1 - group.get("dampening", 0.0))
-    if group.get("nesterov", False) and grad is not None:
-        return (grad + nxt * momentum) * lr
-    return nxt * lr
+    update = buf.mul(momentum * lr)  # one new tensor, then in place: lr · b'
+    if grad is not None:
+        update.add_(grad, alpha=(1 - group.get("dampening", 0.0)) * lr)
+        if group.get("nesterov", False):
+            update.mul_(momentum).add_(grad, alpha=lr)  # lr · (g + μ·b')
+    return update
 
 
 def adam(param: torch.Tensor, state: dict, group: dict) -> torch.Tensor | None:
@@ -110,11 +112,11 @@ def adam(param: torch.Tensor, state: dict, group: dict) -> torch.Tensor | None:
     beta1, beta2 = group["betas"]
     lr, eps = _scalar(group["lr"]), group["eps"]
     second = state["max_exp_avg_sq"] if group.get("amsgrad", False) else state["exp_avg_sq"]
-    denom = second.sqrt() / (1 - beta2**t) ** 0.5 + eps
-    update = state["exp_avg"] / denom * (lr / (1 - beta1**t))
+    denom = second.sqrt().div_((1 - beta2**t) ** 0.5).add_(eps)
+    update = torch.div(state["exp_avg"], denom, out=denom).mul_(lr / (1 - beta1**t))
     decoupled = group.get("decoupled_weight_decay", False) or group.get("_pipeoptim_adamw", False)
     if decoupled and group.get("weight_decay", 0.0):
-        update = update + param.detach() * (lr * group["weight_decay"])
+        update.add_(param.detach(), alpha=lr * group["weight_decay"])
     return update
 
 
@@ -165,8 +167,16 @@ register_predictor(Adagrad, adagrad)
 
 
 @torch.no_grad()
-def predict(param: torch.Tensor, state: dict, group: dict, steps: int, predictor: Predictor) -> torch.Tensor:
-    """Predicted weights after ``steps`` more steps: ``Ŵ = W − steps · U`` (a new tensor).
+def predict(
+    param: torch.Tensor,
+    state: dict,
+    group: dict,
+    steps: int,
+    predictor: Predictor,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Predicted weights after ``steps`` more steps: ``Ŵ = W − steps · U``, written into
+    ``out`` (a tensor shaped like ``param``) when given, else into a new tensor.
 
     ``state`` is ``optimizer.state[param]`` and ``group`` the parameter's group. Returns
     ``param.detach()`` itself when ``steps`` is 0 or the optimizer has no state yet.
@@ -176,4 +186,4 @@ def predict(param: torch.Tensor, state: dict, group: dict, steps: int, predictor
     update = predictor(param, state, group)
     if update is None:
         return param.detach()
-    return param.detach() - update * steps
+    return torch.add(param.detach(), update, alpha=-steps, out=out)

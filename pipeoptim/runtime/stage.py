@@ -188,7 +188,17 @@ class StageRuntime:
                 self.policy.end_forward(micro_batch)
         step = micro_batch if mini_batch is None else mini_batch
         if not self.is_last:
-            leaves = pytree.tree_leaves(out)
+            leaves, out_spec = pytree.tree_flatten(out)
+            if self.policy is not None and (copies := self.policy.copy_storages()):
+                # a weight sent on (a tied weight used by a later stage) must not be a policy's
+                # copy, which the next forward may overwrite before this backward
+                leaves = [
+                    v.clone()
+                    if isinstance(v, torch.Tensor) and v.untyped_storage().data_ptr() in copies
+                    else v
+                    for v in leaves
+                ]
+                out = pytree.tree_unflatten(leaves, out_spec)
             if self.nan_check == "stages" and not _all_finite(leaves):
                 raise NonFiniteLossError(
                     f"NaN or inf in the activations stage {self.index} computed for mini-batch {step} "
