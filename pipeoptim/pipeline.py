@@ -523,7 +523,7 @@ def compile(
     ):
         raise PredictorError(
             f"SpecTrain needs torch.optim.SGD with momentum > 0, got {type(optimizer).__name__}: use "
-            "SGD(..., momentum=0.9) or method='pipeoptim'"
+            "SGD(..., momentum=0.9) (--optimizer sgd) or method='pipeoptim' (--method pipeoptim)"
         )
     kind = executor
     if kind == "auto":

@@ -35,7 +35,7 @@ from pipeoptim.fileio import atomic_write, write_json
 from pipeoptim.pipeline import Loss
 from pipeoptim.tasks import Task, make_task
 
-OPTIMIZERS = ("sgd", "adam", "adamw", "rmsprop")
+OPTIMIZERS = ("sgd", "adam", "adamw", "rmsprop", "adagrad")
 SEQUENTIAL = "sequential"
 
 
@@ -65,12 +65,13 @@ class TrainConfig:
     plot: bool = False
     progress: bool = True
     profile_dir: str | None = "profiles"
+    nan_check: str = "stages"
 
 
 def make_optimizer(
     name: str, params: Any, lr: float, momentum: float, weight_decay: float
 ) -> torch.optim.Optimizer:
-    """``sgd`` (with ``momentum``), ``adam``, ``adamw`` or ``rmsprop``.
+    """``sgd`` (with ``momentum``), ``adam``, ``adamw``, ``rmsprop`` or ``adagrad``.
 
     Raises:
         ValueError: unknown name.
@@ -83,6 +84,8 @@ def make_optimizer(
         return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
     if name == "rmsprop":
         return torch.optim.RMSprop(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
+    if name == "adagrad":
+        return torch.optim.Adagrad(params, lr=lr, weight_decay=weight_decay)
     raise ValueError(f"unknown optimizer {name!r}; choose one of {', '.join(OPTIMIZERS)}")
 
 
@@ -148,6 +151,17 @@ class Sequential:
         """Nothing to end."""
 
 
+def cosine_factor(total: int) -> Callable[[int], float]:
+    """Cosine annealing to zero over ``total`` mini-batches (Loshchilov & Hutter, SGDR, ICLR 2017,
+    eq. 5 with one cycle and η_min = 0) as a factor on the base learning rate: a closed form of
+    the step alone, so a resumed run with more epochs follows the longer schedule."""
+
+    def factor(step: int) -> float:
+        return 0.5 * (1 + math.cos(math.pi * min(step, total) / max(total, 1)))
+
+    return factor
+
+
 def _trainer(config: TrainConfig, task: Task, log: Callable[[str], None]) -> tuple[Any, Any]:
     """The trainer (a pipeline, or :class:`Sequential`) and the LR scheduler on its optimizer."""
     optimizer = make_optimizer(
@@ -155,8 +169,9 @@ def _trainer(config: TrainConfig, task: Task, log: Callable[[str], None]) -> tup
     )
     scheduler = None
     if config.lr_schedule == "cosine":
-        total = config.epochs * task.steps_per_epoch
-        scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, cosine_factor(config.epochs * task.steps_per_epoch)
+        )
     elif config.lr_schedule != "constant":
         raise ValueError(f"lr_schedule must be 'cosine' or 'constant', not {config.lr_schedule!r}")
     if config.method == SEQUENTIAL:
@@ -172,6 +187,7 @@ def _trainer(config: TrainConfig, task: Task, log: Callable[[str], None]) -> tup
         executor=config.executor,
         profile_dir=config.profile_dir,
         seed=config.seed,
+        nan_check=config.nan_check,
         log=log,
     )
     return pipe, scheduler
@@ -184,7 +200,7 @@ def _check_resume(config: TrainConfig, out: Path) -> Path | None:
     path = folder / "checkpoint.pt" if folder.is_dir() or not folder.suffix else folder
     data = read_checkpoint(path)  # raises CheckpointError when missing or half-written
     saved = data["extra"].get("config", {})
-    for key in ("task", "method", "gpus", "optimizer", "batch_size", "seed"):
+    for key in ("task", "method", "gpus", "optimizer", "batch_size", "seed", "lr", "lr_schedule"):
         if key in saved and saved[key] != getattr(config, key):
             raise CheckpointError(
                 f"cannot resume: the checkpoint was made with {key}={saved[key]!r}, this run has "
@@ -201,7 +217,17 @@ def train(config: TrainConfig, log: Callable[[str], None] = print) -> dict[str, 
         ``resume``; PipeoptimError: from compile and training (non-finite loss, failed stage).
     """
     out = Path(config.out)
+    created = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
+    try:
+        return _train(config, out, log)
+    except BaseException:
+        if created and not any(out.iterdir()):  # a run that failed early leaves no empty folder
+            out.rmdir()
+        raise
+
+
+def _train(config: TrainConfig, out: Path, log: Callable[[str], None]) -> dict[str, Any]:
     resume_path = _check_resume(config, out)
     torch.manual_seed(config.seed)
     task = make_task(
@@ -221,6 +247,11 @@ def train(config: TrainConfig, log: Callable[[str], None] = print) -> dict[str, 
             history = extra["history"]
             if scheduler is not None:
                 scheduler.load_state_dict(extra["scheduler"])
+                # the factor is this run's (it depends on --epochs); the stages follow at once
+                for group, base, lam in zip(
+                    scheduler.optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas
+                ):
+                    group["lr"] = base * lam(scheduler.last_epoch)
             log(f"resumed from {resume_path} at mini-batch {trainer.mini_batches_done}")
         _loop(config, task, trainer, scheduler, history, out, log)
     finally:
@@ -244,13 +275,13 @@ def _loop(
 ) -> None:
     per_epoch = task.steps_per_epoch
     step = trainer.mini_batches_done
-    pending: deque[tuple[int, int, Loss]] = deque()
+    pending: deque[tuple[int, int, float, Loss]] = deque()
 
     def drain(all_: bool, bar: tqdm) -> None:
-        while pending and (all_ or pending[0][2].done() or len(pending) > trainer.num_stages):
-            s, epoch, loss = pending.popleft()
+        while pending and (all_ or pending[0][3].done() or len(pending) > trainer.num_stages):
+            s, epoch, lr, loss = pending.popleft()
             value = loss.wait()
-            history["steps"].append([s, epoch, value])
+            history["steps"].append([s, epoch, value, lr])
             bar.update(1)
             bar.set_postfix(loss=f"{value:.4f}", refresh=False)
 
@@ -277,7 +308,8 @@ def _loop(
         for i, (inputs, targets) in enumerate(task.batches(epoch)):
             if i < offset:
                 continue
-            pending.append((step, epoch, trainer.step(inputs, targets)))
+            lr = config.lr if scheduler is None else scheduler.optimizer.param_groups[0]["lr"]
+            pending.append((step, epoch, lr, trainer.step(inputs, targets)))
             if scheduler is not None:
                 scheduler.step()  # the stages read the new learning rate with the next mini-batch
             step += 1
@@ -291,7 +323,7 @@ def _loop(
         bar.close()
         seconds = time.perf_counter() - tic
         value = task.evaluate(trainer.predict)
-        losses = [v for _, e, v in history["steps"] if e == epoch]
+        losses = [v for _, e, v, _ in history["steps"] if e == epoch]
         record = {
             "epoch": epoch + 1,
             "train_loss": sum(losses) / max(len(losses), 1),
@@ -330,7 +362,7 @@ def _metrics(config: TrainConfig, task: Task, trainer: Any, history: dict[str, l
 def _write_csv(path: Path, rows: list[list]) -> None:
     text = io.StringIO()
     writer = csv.writer(text)
-    writer.writerow(["step", "epoch", "loss"])
+    writer.writerow(["step", "epoch", "loss", "lr"])
     writer.writerows(rows)
     atomic_write(path, lambda f: f.write(text.getvalue().encode()))
 
@@ -343,8 +375,8 @@ def plot_curves(history: dict[str, list], metric: str, path: Path, title: str = 
     import matplotlib.pyplot as plt
 
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
-    steps = [s for s, _, _ in history["steps"]]
-    losses = [v for _, _, v in history["steps"]]
+    steps = [s for s, *_ in history["steps"]]
+    losses = [v for _, _, v, _ in history["steps"]]
     left.plot(steps, losses, lw=0.5, alpha=0.4, label="mini-batch")
     window = max(1, len(losses) // 50)
     smooth = [

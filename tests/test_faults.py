@@ -154,6 +154,23 @@ def test_ctrl_c_in_the_driver_ends_every_worker(tmp_path: Path) -> None:
     read_checkpoint(out / "checkpoint.pt")
 
 
+def test_a_script_without_a_main_guard_is_told_to_add_one(tmp_path: Path) -> None:
+    script = tmp_path / "unguarded.py"
+    script.write_text(
+        "import torch, torch.nn.functional as F, pipeoptim\n"
+        "model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))\n"
+        "opt = torch.optim.SGD(model.parameters(), lr=0.1)\n"
+        "pipe = pipeoptim.compile(model, opt, 2, example_inputs=torch.randn(4, 8), "
+        f"loss_fn=F.cross_entropy, profile_dir={str(tmp_path)!r}, timeout=60)\n"
+    )
+    result = subprocess.run(
+        [sys.executable, str(script)], capture_output=True, text=True, timeout=240, cwd=tmp_path
+    )
+    assert result.returncode != 0
+    assert "died with exit code 1" in result.stderr
+    assert "if __name__ == '__main__':" in result.stderr.splitlines()[-1]
+
+
 def test_a_crash_while_writing_leaves_the_previous_file_whole(tmp_path: Path) -> None:
     path = tmp_path / "metrics.json"
     write_json(path, {"epoch": 1})
@@ -166,6 +183,18 @@ def test_a_crash_while_writing_leaves_the_previous_file_whole(tmp_path: Path) ->
         atomic_write(path, crash)
     assert json.loads(path.read_text()) == {"epoch": 1}
     assert [p.name for p in tmp_path.iterdir()] == ["metrics.json"]  # no temporary left behind
+
+
+def test_atomic_writes_get_the_permissions_of_a_plain_open(tmp_path: Path) -> None:
+    old = os.umask(0o027)
+    try:
+        write_json(tmp_path / "a.json", {})
+        (tmp_path / "b.json").write_text("{}")
+    finally:
+        os.umask(old)
+    assert (
+        (tmp_path / "a.json").stat().st_mode & 0o777 == (tmp_path / "b.json").stat().st_mode & 0o777 == 0o640
+    )
 
 
 def test_a_killed_writer_leaves_the_previous_checkpoint_whole(tmp_path: Path) -> None:

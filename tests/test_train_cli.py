@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -110,6 +111,27 @@ def test_resumed_run_equals_uninterrupted_run(tmp_path: Path) -> None:
     assert [e["accuracy"] for e in a] == [e["accuracy"] for e in b]
 
 
+def test_resume_with_more_epochs_follows_the_longer_cosine_schedule(tmp_path: Path) -> None:
+    common = ["digits", "--gpus", "2", "--executor", "local", "--limit", "320", "--batch-size", "32"]
+    common += ["--checkpoint-every", "5", "--lr", "0.02", "--profile-dir", str(tmp_path / "profiles")]
+    code, _, err = run(*common, "--epochs", "1", "--out", str(tmp_path / "a"))
+    assert code == 0, err
+    code, _, err = run(
+        *common, "--epochs", "3", "--out", str(tmp_path / "a"), "--resume", str(tmp_path / "a")
+    )
+    assert code == 0, err
+    steps = rows(tmp_path / "a" / "train.csv")
+    assert [int(r[0]) for r in steps] == list(range(30))
+    first = [0.02 * 0.5 * (1 + math.cos(math.pi * s / 10)) for s in range(10)]
+    longer = [0.02 * 0.5 * (1 + math.cos(math.pi * s / 30)) for s in range(10, 30)]
+    assert [float(r[3]) for r in steps] == pytest.approx(first + longer, rel=1e-9, abs=1e-12)
+    assert all(math.isfinite(float(r[2])) and float(r[2]) < 3 for r in steps)
+    code, _, err = run(
+        *common, "--epochs", "3", "--lr", "0.1", "--out", str(tmp_path / "b"), "--resume", str(tmp_path / "a")
+    )
+    assert code == 1 and "lr=0.02" in err and "lr=0.1" in err
+
+
 def test_sequential_reference_and_bad_resume(tmp_path: Path) -> None:
     code, out, err = run(
         "digits", "--method", "sequential", "--epochs", "1", "--limit", "320", "--out", str(tmp_path / "seq")
@@ -119,6 +141,7 @@ def test_sequential_reference_and_bad_resume(tmp_path: Path) -> None:
         "digits", "--epochs", "1", "--out", str(tmp_path / "x"), "--resume", str(tmp_path / "nope")
     )
     assert code == 1 and "no checkpoint" in err
+    assert not (tmp_path / "x").exists()  # a run that failed before writing leaves no empty folder
     (tmp_path / "half").mkdir()
     (tmp_path / "half" / "checkpoint.pt").write_bytes(b"PK\x03\x04 truncated")
     code, _, err = run(
@@ -170,6 +193,8 @@ def test_fashion_mnist_from_idx_files(tmp_path: Path) -> None:
         "adam",
         "--out",
         str(tmp_path / "f"),
+        "--profile-dir",
+        str(tmp_path / "profiles"),
     )
     assert code == 0, err
     assert json.loads((tmp_path / "f" / "metrics.json").read_text())["final"]["accuracy"] > 0.6

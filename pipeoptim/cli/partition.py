@@ -60,9 +60,8 @@ def _log(msg: str) -> None:
 @click.option(
     "--micro-batches",
     type=click.IntRange(min=1),
-    default=1,
-    show_default=True,
-    help="Micro-batches per mini-batch (gpipe, 1f1b, 2bw).",
+    default=None,
+    help="Micro-batches per mini-batch for gpipe, 1f1b and 2bw (default: --gpus, as in train).",
 )
 @click.option(
     "--optimizer",
@@ -132,7 +131,7 @@ def partition(
     config = CostConfig(
         num_stages=gpus,
         method=method,
-        micro_batches=micro_batches,
+        micro_batches=micro_batches or gpus,
         bandwidth=bandwidth,
         memory_limit=memory,
         opt_state_factor=opt_factor,

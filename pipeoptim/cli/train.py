@@ -28,7 +28,7 @@ from pipeoptim.training import OPTIMIZERS, SEQUENTIAL, TrainConfig, summary_line
     type=click.Choice(OPTIMIZERS),
     default="sgd",
     show_default=True,
-    help="sgd uses --momentum; adam/adamw/rmsprop their usual defaults.",
+    help="sgd and rmsprop use --momentum; adam, adamw and adagrad their usual defaults.",
 )
 @click.option("--epochs", type=click.IntRange(min=1), default=10, show_default=True)
 @click.option(
@@ -38,7 +38,7 @@ from pipeoptim.training import OPTIMIZERS, SEQUENTIAL, TrainConfig, summary_line
     "--lr",
     type=click.FloatRange(min=0, min_open=True),
     default=None,
-    help="Peak learning rate (default: 0.02 for sgd, 0.001 for adam, adamw and rmsprop).",
+    help="Peak learning rate (default: 0.02 for sgd, 0.01 for adagrad, 0.001 for the others).",
 )
 @click.option(
     "--lr-schedule",
@@ -95,6 +95,13 @@ from pipeoptim.training import OPTIMIZERS, SEQUENTIAL, TrainConfig, summary_line
     "--resume", type=click.Path(), default=None, help="Continue from the checkpoint in this run folder."
 )
 @click.option("--profile-dir", default="profiles", show_default=True)
+@click.option(
+    "--nan-check",
+    type=click.Choice(["stages", "loss", "off"]),
+    default="stages",
+    show_default=True,
+    help="Stop at a NaN/inf in any stage's activations, only in the loss, or never.",
+)
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def train_command(
     task,
@@ -118,11 +125,12 @@ def train_command(
     checkpoint_every,
     resume,
     profile_dir,
+    nan_check,
     quiet,
 ) -> None:
     """Train TASK (digits, fashion-mnist, sst2, multi30k) and evaluate it after every epoch."""
     if lr is None:
-        lr = 0.02 if optimizer == "sgd" else 1e-3
+        lr = {"sgd": 0.02, "adagrad": 0.01}.get(optimizer, 1e-3)
     config = TrainConfig(
         task=task,
         out=out,
@@ -146,6 +154,7 @@ def train_command(
         plot=plot,
         progress=not quiet,
         profile_dir=profile_dir,
+        nan_check=nan_check,
     )
     try:
         metrics = train(config, log=lambda msg: click.echo(msg, err=True))

@@ -153,7 +153,13 @@ class ProcessExecutor:
                 except Exception:
                     break
             if self.error is None:
-                how = f"killed by signal {-p.exitcode}" if p.exitcode < 0 else "no error reported"
+                how = (
+                    f"killed by signal {-p.exitcode}"
+                    if p.exitcode < 0
+                    else "no error reported; see its output above. Workers are spawned and import "
+                    "your script: a script must call pipeoptim.compile() under "
+                    "`if __name__ == '__main__':`"
+                )
                 died = f"stage {rank} (pid {p.pid}) died with exit code {p.exitcode} ({how})"
                 self._fail(PipelineError(died))
             return

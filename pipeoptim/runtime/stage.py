@@ -203,7 +203,7 @@ class StageRuntime:
                 raise NonFiniteLossError(
                     f"NaN or inf in the activations stage {self.index} computed for mini-batch {step} "
                     "(its inputs were finite): lower the learning rate, check the data, or pass "
-                    "nan_check='off' to train on",
+                    "nan_check='off' (--nan-check off) to train on",
                     step=step,
                     stage=self.index,
                 )
@@ -220,7 +220,8 @@ class StageRuntime:
         if self.nan_check != "off" and not torch.isfinite(loss.detach()).item():
             raise NonFiniteLossError(
                 f"loss is {loss.item()} at mini-batch {step} (computed by stage {self.index}, the last): "
-                "lower the learning rate, check the data, or pass nan_check='off' to train on",
+                "lower the learning rate, check the data, or pass nan_check='off' "
+                "(--nan-check off) to train on",
                 step=step,
                 stage=self.index,
             )
