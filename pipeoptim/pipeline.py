@@ -19,6 +19,7 @@ from torch.utils import _pytree as pytree
 from pipeoptim.compiler import plan_model
 from pipeoptim.compiler.costmodel import CostConfig, optimizer_state_factor
 from pipeoptim.compiler.plan import Plan
+from pipeoptim.compiler.profile import load_or_measure_update_cost
 from pipeoptim.compiler.trace import TracedModel, trace
 from pipeoptim.errors import PipelineError, PipeoptimError, PlanError, PredictorError
 from pipeoptim.methods import METHODS, get_method
@@ -29,7 +30,6 @@ from pipeoptim.runtime.executor import LocalExecutor, MiniBatch
 from pipeoptim.runtime.optim import (
     UpdateCostError,
     hyperparameters,
-    measure_update_cost,
     param_group_names,
 )
 from pipeoptim.runtime.predictors import get_predictor
@@ -543,8 +543,12 @@ def compile(
     groups = param_group_names(optimizer, model)
     say = log or (lambda _msg: None)
     try:
-        step_cost, predict_cost = measure_update_cost(
-            type(optimizer), optimizer.defaults, _profile_device(kind, inputs[0].device)
+        step_cost, predict_cost = load_or_measure_update_cost(
+            type(optimizer),
+            optimizer.defaults,
+            _profile_device(kind, inputs[0].device),
+            profile_dir=profile_dir,
+            log=say,
         )
     except UpdateCostError as exc:
         say(f"optimizer step cost not modelled in the plan: {exc}")

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from pipeoptim.compiler.costgraph import CostGraph
-from pipeoptim.compiler.profile import load_or_profile, profile_model
+from pipeoptim.compiler.profile import load_or_measure_update_cost, load_or_profile, profile_model
 from pipeoptim.compiler.trace import trace
 from pipeoptim.errors import ProfileError
 from pipeoptim.examples import mlp, transformer
@@ -93,3 +93,16 @@ def test_wrong_example_inputs_are_a_clear_error() -> None:
     traced = trace(model, inputs)
     with pytest.raises(ProfileError, match=r"fails on the example inputs \(\(4, 7\)"):
         profile_model(traced, (torch.randn(4, 7),))
+
+
+def test_update_costs_are_measured_once_per_setting_and_reused(tmp_path: Path) -> None:
+    logs: list[str] = []
+    first = load_or_measure_update_cost(torch.optim.SGD, {"lr": 0.1, "momentum": 0.9}, profile_dir=tmp_path)
+    again = load_or_measure_update_cost(torch.optim.SGD, {"lr": 0.1, "momentum": 0.9}, profile_dir=tmp_path)
+    assert first == again and first[0] > 0 and first[1] > 0  # the same figures, so the same plan
+    adam = load_or_measure_update_cost(torch.optim.Adam, {"lr": 1e-3}, profile_dir=tmp_path)
+    assert len(json.loads((tmp_path / "update-costs.json").read_text())) == 2 and adam[1] > 0
+    (tmp_path / "update-costs.json").write_text('{"trunc')
+    costs = load_or_measure_update_cost(torch.optim.Adam, {"lr": 1e-3}, profile_dir=tmp_path, log=logs.append)
+    assert costs[0] > 0 and "unreadable" in logs[0]
+    assert len(json.loads((tmp_path / "update-costs.json").read_text())) == 1

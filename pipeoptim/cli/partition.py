@@ -15,10 +15,9 @@ from pipeoptim.compiler.costgraph import CostGraph
 from pipeoptim.compiler.costmodel import CostConfig, optimizer_state_factor
 from pipeoptim.compiler.partition import BASELINES
 from pipeoptim.compiler.plan import make_plan
-from pipeoptim.compiler.profile import device_name
+from pipeoptim.compiler.profile import device_name, load_or_measure_update_cost
 from pipeoptim.errors import PipeoptimError
 from pipeoptim.methods import METHODS
-from pipeoptim.runtime.optim import measure_update_cost
 
 
 def _log(msg: str) -> None:
@@ -127,7 +126,7 @@ def partition(
         raise click.BadParameter(str(exc), param_hint="--optimizer") from exc
     if model is None and profile_file is None:
         raise click.UsageError("give a MODEL, or --profile FILE to plan from a saved profile")
-    step_cost, predict_cost = _update_costs(optimizer, device, profile_file)
+    step_cost, predict_cost = _update_costs(optimizer, device, profile_file, profile_dir)
     config = CostConfig(
         num_stages=gpus,
         method=method,
@@ -198,7 +197,9 @@ _OPTIMIZERS = {
 }
 
 
-def _update_costs(optimizer: str, device: str | None, profile_file: str | None) -> tuple[float, float]:
+def _update_costs(
+    optimizer: str, device: str | None, profile_file: str | None, profile_dir: str | None
+) -> tuple[float, float]:
     """Optimizer-step and prediction seconds per parameter byte, measured on this machine.
 
     A saved profile from another device has no such measurement: updates are then left out.
@@ -211,7 +212,7 @@ def _update_costs(optimizer: str, device: str | None, profile_file: str | None) 
             _log(f"optimizer updates not modelled: the profile was measured on {measured_on}")
             return 0.0, 0.0
     cls, defaults = _OPTIMIZERS[optimizer.lower()]
-    return measure_update_cost(cls, defaults, target)
+    return load_or_measure_update_cost(cls, defaults, target, profile_dir=profile_dir, log=_log)
 
 
 def _check_profile_matches(model, graph, input_shape, input_dtype, leaf, device) -> None:

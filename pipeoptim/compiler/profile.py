@@ -14,10 +14,11 @@ the device name and the torch version (:func:`load_or_profile`).
 from __future__ import annotations
 
 import copy
+import json
 import platform
 import statistics
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +30,7 @@ from torch.utils import _pytree as pytree
 from pipeoptim.compiler.costgraph import CostGraph, CostNode
 from pipeoptim.compiler.trace import TracedModel, node_module
 from pipeoptim.errors import ProfileError
+from pipeoptim.fileio import write_json
 
 
 def device_name(device: torch.device) -> str:
@@ -428,3 +430,58 @@ def _key_diff(old: dict, new: dict) -> str:
         if old.get(k) != new.get(k)
     ]
     return "; ".join(diffs) or "same key"
+
+
+UPDATE_COSTS_FILE = "update-costs.json"
+
+
+def load_or_measure_update_cost(
+    optimizer_class: type[torch.optim.Optimizer],
+    defaults: Mapping[str, Any],
+    device: torch.device | str = "cpu",
+    *,
+    profile_dir: str | Path | None = "profiles",
+    log: Callable[[str], None] = lambda _msg: None,
+) -> tuple[float, float]:
+    """:func:`pipeoptim.runtime.optim.measure_update_cost`, remembered in
+    ``<profile_dir>/update-costs.json`` under the optimizer class, its defaults, the device and
+    the torch version, so that later plans of the same model and setting get the same figures
+    (a plan must not change with timing noise). ``profile_dir=None`` always measures.
+
+    Returns:
+        ``(step seconds per parameter byte, prediction seconds per parameter byte)``.
+
+    Raises:
+        UpdateCostError: the optimizer cannot step a test parameter.
+    """
+    from pipeoptim.runtime.optim import measure_update_cost
+
+    device = torch.device(device)
+    if profile_dir is None:
+        return measure_update_cost(optimizer_class, defaults, device)
+    key = json.dumps(
+        {
+            "optimizer": f"{optimizer_class.__module__}.{optimizer_class.__qualname__}",
+            "defaults": {k: repr(v) for k, v in sorted(defaults.items()) if k != "params"},
+            "device": device_name(device),
+            "torch": torch.__version__,
+        },
+        sort_keys=True,
+    )
+    path = Path(profile_dir) / UPDATE_COSTS_FILE
+    table: dict[str, Any] = {}
+    if path.exists():
+        try:
+            table = json.loads(path.read_text())
+            if not isinstance(table, dict):
+                raise ValueError("not a JSON object")
+        except (OSError, ValueError) as exc:
+            log(f"measuring optimizer update costs again: {path} is unreadable ({exc})")
+            table = {}
+    saved = table.get(key)
+    if isinstance(saved, list) and len(saved) == 2 and all(isinstance(v, float) for v in saved):
+        return saved[0], saved[1]
+    costs = measure_update_cost(optimizer_class, defaults, device)
+    table[key] = list(costs)
+    write_json(path, table)
+    return costs
