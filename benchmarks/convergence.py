@@ -10,7 +10,7 @@ here). Runs use the deterministic local executor, which computes exactly what th
 multi-process one does (see the tests), so this fits on a 2-core machine. Tasks whose data
 is absent (``../shared``) are skipped with a note.
 
-    python benchmarks/convergence.py [--quick] [--seeds 3] [--out benchmarks/results]
+    python benchmarks/convergence.py [--quick] [--seeds 3] [--out benchmarks/results] [--work DIR]
 
 Writes ``convergence.md`` and one ``convergence_<task>_<optimizer>.png`` of loss curves per
 task and optimizer into ``--out``.
@@ -98,12 +98,15 @@ def run(setting: Setting, optimizer: str, method: str, seed: int, work: Path) ->
         progress=False,
         profile_dir=str(work / "profiles"),
     )
-    try:
-        metrics = train(config, log=lambda _msg: None)
-    except FileNotFoundError as exc:
-        print(f"  skipping {setting.task}: {str(exc).splitlines()[0]}", file=sys.stderr)
-        return None
-    steps = json.loads((Path(config.out) / "metrics.json").read_text())
+    done = Path(config.out) / "metrics.json"
+    if done.exists():  # finished by an earlier, interrupted invocation with the same --work
+        metrics = json.loads(done.read_text())
+    else:
+        try:
+            metrics = train(config, log=lambda _msg: None)
+        except FileNotFoundError as exc:
+            print(f"  skipping {setting.task}: {str(exc).splitlines()[0]}", file=sys.stderr)
+            return None
     curve = [
         float(row.split(",")[2]) for row in (Path(config.out) / "train.csv").read_text().splitlines()[1:]
     ]
@@ -111,7 +114,7 @@ def run(setting: Setting, optimizer: str, method: str, seed: int, work: Path) ->
         "metric": metrics["metric"],
         "final": metrics["final"][metrics["metric"]],
         "curve": curve,
-        "wall": steps["wall_s"],
+        "wall": metrics["wall_s"],
     }
 
 
@@ -159,6 +162,13 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="tiny data, one seed (under 2 minutes)")
     parser.add_argument("--seeds", type=int, default=None, help="seeds per setting (default 3, quick 1)")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
+    parser.add_argument(
+        "--work",
+        type=Path,
+        default=None,
+        help="keep every run's folder here (default: a temporary folder); runs already finished "
+        "there are read back, so an interrupted benchmark continues where it stopped",
+    )
     args = parser.parse_args()
     torch.set_num_threads(2)
     seeds = list(range(args.seeds or (1 if args.quick else 3)))
@@ -166,7 +176,7 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     rows, findings = [], []
     with tempfile.TemporaryDirectory() as tmp:
-        work = Path(tmp)
+        work = args.work or Path(tmp)
         for setting in settings(args.quick):
             for optimizer in setting.optimizers:
                 results: dict[str, list[dict]] = {}
