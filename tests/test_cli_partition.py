@@ -110,10 +110,12 @@ def test_plan_from_a_saved_profile_without_the_model(tmp_path: Path) -> None:
     run("partition", "mlp", "--gpus", "2", "--profile-dir", str(tmp_path))
     profile = next(tmp_path.glob("Sequential-*.json"))
     for gpus in ("2", "4", "8"):
-        code, out, err = run("partition", "--profile", str(profile), "--gpus", gpus, "--json")
+        code, out, err = run(
+            "partition", "--profile", str(profile), "--gpus", gpus, "--json", "--profile-dir", str(tmp_path)
+        )
         assert code == 0, err
         assert len(json.loads(out)["stages"]) == int(gpus)
-    code, _, err = run("partition", "transformer", "--profile", str(profile))
+    code, _, err = run("partition", "transformer", "--profile", str(profile), "--profile-dir", str(tmp_path))
     assert code == 1 and "another setting" in err
 
 
