@@ -487,9 +487,9 @@ def compile(
         seed: seed of the per-micro-batch random streams (dropout).
         timeout: seconds any wait between stages may take before the pipeline fails.
         backward: PipeOptim only: ``"current"`` weights (the paper) or ``"predicted"``.
-        nan_check: ``"stages"`` (default: every stage checks its outputs, and a NaN/inf stops
-            training naming the mini-batch and the stage where it appeared), ``"loss"`` (only
-            the loss), ``"off"``.
+        nan_check: ``"stages"`` (default: every stage checks its outputs, and a NaN there or
+            a NaN/inf loss stops training naming the mini-batch and the stage where it
+            appeared), ``"loss"`` (only the loss), ``"off"``.
         solver: ILP solver, ``cbc`` or ``highs``.
         log: receives progress messages (profiling, reuse of a saved profile).
 

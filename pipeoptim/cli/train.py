@@ -100,7 +100,7 @@ from pipeoptim.training import OPTIMIZERS, SEQUENTIAL, TrainConfig, summary_line
     type=click.Choice(["stages", "loss", "off"]),
     default="stages",
     show_default=True,
-    help="Stop at a NaN/inf in any stage's activations, only in the loss, or never.",
+    help="Stop at a NaN in any stage's activations or a NaN/inf loss, only at the loss, or never.",
 )
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def train_command(

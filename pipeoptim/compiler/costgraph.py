@@ -71,6 +71,14 @@ class CostNode:
         """Forward plus backward seconds."""
         return self.fwd_s + self.bwd_s
 
+    @property
+    def sendable(self) -> bool:
+        """Whether the output can cross a stage boundary: tensors, numbers and flat tuples of
+        them (not modules, devices, nested structures...)."""
+        return self.out_container != "nested" and not any(
+            m.get("kind") in ("module", "other") for m in self.out_meta
+        )
+
 
 @dataclass
 class CostGraph:

@@ -142,9 +142,7 @@ def _build_ilp(
             acts[s] += c * (config.comm_s(size) * _MS)
     top = _variable(prob, "top", 0, None)
     for s in range(n):
-        compute = pulp.lpSum(
-            x(u, s) * (units.time(u, config.update_s_per_byte) * _MS) for u in range(len(units))
-        )
+        compute = pulp.lpSum(x(u, s) * (units.time(u, config) * _MS) for u in range(len(units)))
         comm = (acts[s - 1] if s > 0 else 0) + (acts[s] if s < n - 1 else 0)
         memory = pulp.lpSum(x(u, s) * (_unit_memory(units, u, s, config) / _MIB) for u in range(len(units)))
         if objective == "time":
@@ -155,7 +153,7 @@ def _build_ilp(
             prob += top >= memory
     if objective == "time":
         # Valid bounds the LP relaxation does not see (it may split a unit across stages).
-        times = [units.time(u, config.update_s_per_byte) for u in range(len(units))]
+        times = [units.time(u, config) for u in range(len(units))]
         prob += top >= max(times) * _MS
         prob += top >= sum(times) / n * _MS
     prob += top
@@ -410,7 +408,7 @@ def chain_dp(
     units = units if units is not None else fine_units(graph)
     _check_stages(units, config.num_stages)
     n = config.num_stages
-    t = _prefix([units.time(u, config.update_s_per_byte) for u in range(len(units))])
+    t = _prefix([units.time(u, config) for u in range(len(units))])
     cut = _cut_bytes(units)
     cut[0] = cut[-1] = 0.0
     params = _prefix([units.attr(u, "param_bytes") for u in range(len(units))])

@@ -18,6 +18,7 @@ import heapq
 from dataclasses import dataclass
 
 from pipeoptim.compiler.costgraph import CostGraph
+from pipeoptim.compiler.costmodel import CostConfig
 
 #: Pin value of a unit that must be in the last stage (the graph output).
 LAST = -1
@@ -51,12 +52,9 @@ class Units:
     def __len__(self) -> int:
         return len(self.members)
 
-    def time(self, u: int, update_s_per_byte: float = 0.0) -> float:
-        """Forward + backward seconds of unit ``u``, plus its parameters' update cost."""
-        return sum(
-            self.graph.nodes[i].time_s + self.graph.nodes[i].param_bytes * update_s_per_byte
-            for i in self.members[u]
-        )
+    def time(self, u: int, config: CostConfig) -> float:
+        """Seconds of unit ``u`` per micro-batch: :meth:`CostConfig.work_s` of its nodes."""
+        return sum(config.work_s(self.graph.nodes[i]) for i in self.members[u])
 
     def attr(self, u: int, name: str) -> float:
         return sum(getattr(self.graph.nodes[i], name) for i in self.members[u])
@@ -140,14 +138,21 @@ def normalised_order(graph: CostGraph) -> list[int]:
 
 
 def fine_units(graph: CostGraph) -> Units:
-    """One unit per node, except that input-free nodes join their first user's unit."""
+    """One unit per node, except that input-free nodes join their first user's unit and a
+    node whose output cannot be sent (:attr:`CostNode.sendable`) shares a unit with every user
+    of that output, so that no stage boundary falls between them."""
     users = graph.users()
+    order = normalised_order(graph)
+    position = {i: k for k, i in enumerate(order)}
     members: list[list[int]] = []
     pin: list[int | None] = []
     pending: list[int] = []
-    for i in normalised_order(graph):
+    hold_until = -1  # position of the last user of an unsendable value in ``pending``
+    for k, i in enumerate(order):
         node = graph.nodes[i]
-        if not node.inputs and node.op != "placeholder" and users[i]:
+        if not node.sendable and node.op not in ("placeholder", "output") and users[i]:
+            hold_until = max(hold_until, *(position[u] for u in users[i]))
+        if (not node.inputs and node.op != "placeholder" and users[i]) or k < hold_until:
             pending.append(i)
             continue
         members.append([*pending, i])

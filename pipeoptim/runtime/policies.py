@@ -158,6 +158,10 @@ class WeightPolicy(nn.Module):
         with torch.autograd.graph.saved_tensors_hooks(pack, unpack):
             yield
 
+    def overwritten_storages(self) -> set[int]:
+        """Storage addresses of copies the next forward overwrites in place (none here)."""
+        return set()
+
     # -- measurement -------------------------------------------------------------------
 
     def copy_storages(self) -> set[int]:
@@ -312,6 +316,10 @@ class PipeOptimPolicy(_Predicting):
         for name, value in self._values.items():
             self._track(name, value)
         self._measure()
+
+    def overwritten_storages(self) -> set[int]:
+        """The reused Ŵ buffers (backward with the current weights)."""
+        return {t.untyped_storage().data_ptr() for t in self._buffers_hat.values()}
 
 
 class SpecTrainPolicy(_Predicting):

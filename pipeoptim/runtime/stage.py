@@ -57,9 +57,11 @@ def saved_bytes(outputs: Sequence[Any], exclude: set[int]) -> int:
     return sum(storages.values())
 
 
-def _all_finite(leaves: Sequence[Any]) -> bool:
-    return all(
-        bool(torch.isfinite(t).all()) for t in leaves if isinstance(t, torch.Tensor) and t.is_floating_point()
+def _any_nan(leaves: Sequence[Any]) -> bool:
+    """Whether a floating-point tensor holds a NaN (±inf is legitimate in activations, e.g. the
+    -inf of a causal attention mask before its softmax)."""
+    return any(
+        bool(torch.isnan(t).any()) for t in leaves if isinstance(t, torch.Tensor) and t.is_floating_point()
     )
 
 
@@ -83,8 +85,8 @@ class StageRuntime:
         unflatten_output: rebuilds the model's output structure (last stage only).
         seed: base seed; each forward reseeds the RNG from (seed, stage, micro-batch) so that
             dropout draws the same masks in every executor.
-        nan_check: ``"stages"`` (each stage checks its outputs for NaN/inf, so an error names
-            the stage where they appeared), ``"loss"`` (only the loss), or ``"off"``.
+        nan_check: ``"stages"`` (each stage checks its outputs for NaN, so an error names
+            the stage where it appeared), ``"loss"`` (only the loss), or ``"off"``.
     """
 
     def __init__(
@@ -189,9 +191,9 @@ class StageRuntime:
         step = micro_batch if mini_batch is None else mini_batch
         if not self.is_last:
             leaves, out_spec = pytree.tree_flatten(out)
-            if self.policy is not None and (copies := self.policy.copy_storages()):
-                # a weight sent on (a tied weight used by a later stage) must not be a policy's
-                # copy, which the next forward may overwrite before this backward
+            if self.policy is not None and (copies := self.policy.overwritten_storages()):
+                # a weight sent on (a tied weight used by a later stage) must not be a buffer
+                # the next forward overwrites before this backward
                 leaves = [
                     v.clone()
                     if isinstance(v, torch.Tensor) and v.untyped_storage().data_ptr() in copies
@@ -199,9 +201,9 @@ class StageRuntime:
                     for v in leaves
                 ]
                 out = pytree.tree_unflatten(leaves, out_spec)
-            if self.nan_check == "stages" and not _all_finite(leaves):
+            if self.nan_check == "stages" and _any_nan(leaves):
                 raise NonFiniteLossError(
-                    f"NaN or inf in the activations stage {self.index} computed for mini-batch {step} "
+                    f"NaN in the activations stage {self.index} computed for mini-batch {step} "
                     "(its inputs were finite): lower the learning rate, check the data, or pass "
                     "nan_check='off' (--nan-check off) to train on",
                     step=step,
