@@ -233,6 +233,7 @@ class Pipeline:
         micro_targets = _split(targets, m)
         sizes = [int(x[0].shape[0]) for x in micro_inputs]
         scales = [n / batch for n in sizes]
+        self._throttle()
         index = self._next
         self._next += 1
         waiter = getattr(self._executor, "wait_loss", None)
@@ -262,6 +263,30 @@ class Pipeline:
             self._on_error(exc)
             raise
         return loss
+
+    @property
+    def max_in_flight(self) -> int:
+        """Mini-batches whose loss may be pending at once: ``2·N``. :meth:`step` blocks beyond
+        it (N keep every stage busy), so a loop that never reads its losses does not queue the
+        whole data set in the workers' inboxes."""
+        return 2 * self.num_stages
+
+    def _throttle(self) -> None:
+        """Wait for the oldest pending loss while :attr:`max_in_flight` are pending.
+
+        The local executor computes everything inside :meth:`step` and never needs to wait."""
+        if self.executor_kind == "local":
+            return
+        while True:
+            with self._lock:
+                if len(self._losses) < self.max_in_flight:
+                    return
+                oldest = self._losses[min(self._losses)]
+            try:
+                oldest.wait()
+            except Exception:
+                self._check_open()  # re-raise the pipeline's error as step() does
+                raise
 
     def train(self, batches: Iterable[tuple[Any, Any]]) -> Iterator[float]:
         """Stream ``(inputs, targets)`` mini-batches; yields each loss in order.

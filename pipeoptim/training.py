@@ -4,17 +4,20 @@
 ``sequential`` (plain single-process training, the reference), and writes into the run
 folder:
 
-- ``metrics.json`` -- configuration, per-epoch loss / metric / speed, the plan's summary;
-- ``train.csv`` -- one row per mini-batch: step, epoch, loss;
+- ``metrics.json`` -- configuration, per-epoch loss / metric / speed, the plan's summary and
+  ``status`` (``running``, ``completed``, ``failed`` with ``error``, ``interrupted``); written
+  after every epoch and whenever the run stops, for whatever reason;
+- ``train.csv`` -- one row per mini-batch: step, epoch, loss, lr; appended every
+  ``record_every`` mini-batches (:class:`~pipeoptim.records.StepLog`), never held in memory;
 - ``curves.png`` (``plot=True``) -- loss and metric curves;
 - ``checkpoint.pt`` (``checkpoint_every``) -- see :mod:`pipeoptim.checkpoint`.
 
-All files are written atomically.
+``metrics.json``, ``curves.png`` and ``checkpoint.pt`` are written atomically.
 """
 
 from __future__ import annotations
 
-import csv
+import contextlib
 import io
 import math
 import time
@@ -26,13 +29,13 @@ from typing import Any
 
 import torch
 from torch import nn
-from tqdm import tqdm
 
 import pipeoptim
 from pipeoptim.checkpoint import FORMAT, read_checkpoint
 from pipeoptim.errors import CheckpointError
 from pipeoptim.fileio import atomic_write, write_json
 from pipeoptim.pipeline import Loss
+from pipeoptim.records import Progress, StepLog, read_rows
 from pipeoptim.tasks import Task, make_task
 
 OPTIMIZERS = ("sgd", "adam", "adamw", "rmsprop", "adagrad")
@@ -66,6 +69,8 @@ class TrainConfig:
     progress: bool = True
     profile_dir: str | None = "profiles"
     nan_check: str = "stages"
+    record_every: int = 50
+    progress_every: int | None = None
 
 
 def make_optimizer(
@@ -240,11 +245,11 @@ def _train(config: TrainConfig, out: Path, log: Callable[[str], None]) -> dict[s
     )
     start = time.perf_counter()
     trainer, scheduler = _trainer(config, task, log)
-    history: dict[str, list] = {"steps": [], "epochs": []}
+    run = _Run(config, task, trainer, out)
     try:
         if resume_path is not None:
             extra = trainer.load_checkpoint(resume_path)
-            history = extra["history"]
+            run.restore(extra.get("history", {}))
             if scheduler is not None:
                 scheduler.load_state_dict(extra["scheduler"])
                 # the factor is this run's (it depends on --epochs); the stages follow at once
@@ -253,15 +258,76 @@ def _train(config: TrainConfig, out: Path, log: Callable[[str], None]) -> dict[s
                 ):
                     group["lr"] = base * lam(scheduler.last_epoch)
             log(f"resumed from {resume_path} at mini-batch {trainer.mini_batches_done}")
-        _loop(config, task, trainer, scheduler, history, out, log)
+        run.steps = StepLog(
+            out / "train.csv",
+            start=trainer.mini_batches_done,
+            every=config.record_every,
+            source=None if resume_path is None else resume_path.parent / "train.csv",
+        )
+        _loop(config, task, trainer, scheduler, run, log)
+    except BaseException as exc:  # whatever stops the run, what it learned stays on disk
+        run.stop(exc, time.perf_counter() - start)
+        raise
     finally:
         trainer.close()
-    metrics = _metrics(config, task, trainer, history, time.perf_counter() - start)
-    write_json(out / "metrics.json", metrics)
-    _write_csv(out / "train.csv", history["steps"])
+    metrics = run.write(time.perf_counter() - start, "completed")
     if config.plot:
-        plot_curves(history, task.metric, out / "curves.png", title=f"{config.task} / {config.method}")
+        title = f"{config.task} / {config.method}"
+        plot_curves(out / "train.csv", run.epochs, task.metric, out / "curves.png", title=title)
     return metrics
+
+
+class _Run:
+    """What a run has learned so far, and its files: per-epoch records in memory (a few per
+    epoch), per-mini-batch rows on disk (:class:`~pipeoptim.records.StepLog`)."""
+
+    def __init__(self, config: TrainConfig, task: Task, trainer: Any, out: Path) -> None:
+        self.config = config
+        self.task = task
+        self.trainer = trainer
+        self.out = out
+        self.epochs: list[dict[str, Any]] = []
+        self.loss_sum = 0.0  # of the current epoch, for its mean train loss
+        self.loss_count = 0
+        self.steps: StepLog | None = None
+        self.start = time.perf_counter()
+
+    def history(self) -> dict[str, Any]:
+        """What a checkpoint keeps to resume the records exactly."""
+        return {"epochs": self.epochs, "epoch_loss": [self.loss_sum, self.loss_count]}
+
+    def restore(self, history: dict[str, Any]) -> None:
+        self.epochs = list(history.get("epochs", []))
+        self.loss_sum, self.loss_count = history.get("epoch_loss", [0.0, 0])
+
+    def add(self, step: int, epoch: int, loss: float, lr: float) -> None:
+        assert self.steps is not None
+        self.steps.add(step, epoch, loss, lr)
+        self.loss_sum += loss
+        self.loss_count += 1
+
+    def end_epoch(self, record: dict[str, Any]) -> None:
+        self.epochs.append(record)
+        self.loss_sum, self.loss_count = 0.0, 0
+
+    def write(self, wall: float, status: str, error: str | None = None) -> dict[str, Any]:
+        """Flush ``train.csv`` and write ``metrics.json`` (atomically); returns the metrics."""
+        if self.steps is not None:
+            self.steps.flush()
+        metrics = _metrics(self.config, self.task, self.trainer, self.epochs, wall)
+        metrics["status"] = status
+        if error is not None:
+            metrics["error"] = error
+        write_json(self.out / "metrics.json", metrics)
+        return metrics
+
+    def stop(self, exc: BaseException, wall: float) -> None:
+        """Record a run that did not finish (error, killed stage, Ctrl-C), if it got going."""
+        if self.steps is None:
+            return
+        status = "interrupted" if isinstance(exc, KeyboardInterrupt) else "failed"
+        with contextlib.suppress(Exception):  # the original error matters more than its record
+            self.write(wall, status, None if status == "interrupted" else f"{type(exc).__name__}: {exc}")
 
 
 def _loop(
@@ -269,79 +335,78 @@ def _loop(
     task: Task,
     trainer: Any,
     scheduler: Any,
-    history: dict[str, list],
-    out: Path,
+    run: _Run,
     log: Callable[[str], None],
 ) -> None:
     per_epoch = task.steps_per_epoch
     step = trainer.mini_batches_done
     pending: deque[tuple[int, int, float, Loss]] = deque()
+    progress = Progress(
+        total=config.epochs * per_epoch,
+        done=step,
+        every=config.progress_every or max(1, per_epoch // 10),
+        log=log,
+        enabled=config.progress,
+    )
 
-    def drain(all_: bool, bar: tqdm) -> None:
+    def drain(all_: bool) -> None:
         while pending and (all_ or pending[0][3].done() or len(pending) > trainer.num_stages):
             s, epoch, lr, loss = pending.popleft()
             value = loss.wait()
-            history["steps"].append([s, epoch, value, lr])
-            bar.update(1)
-            bar.set_postfix(loss=f"{value:.4f}", refresh=False)
+            run.add(s, epoch, value, lr)
+            progress.update(epoch, config.epochs, value)
 
     def checkpoint() -> None:
         extra = {
-            "history": history,
+            "history": run.history(),
             "config": asdict(config),
             "scheduler": None if scheduler is None else scheduler.state_dict(),
         }
-        trainer.save_checkpoint(out / "checkpoint.pt", extra)
+        trainer.save_checkpoint(run.out / "checkpoint.pt", extra)
+        assert run.steps is not None
+        run.steps.flush()  # the rows agree with the checkpoint on disk
 
-    for epoch in range(step // per_epoch, config.epochs):
-        offset = step - epoch * per_epoch
-        bar = tqdm(
-            total=per_epoch,
-            initial=offset,
-            desc=f"epoch {epoch + 1}/{config.epochs}",
-            disable=not config.progress,
-            leave=False,
-            unit="mini-batch",
-            mininterval=1.0,
-        )
-        tic = time.perf_counter()
-        for i, (inputs, targets) in enumerate(task.batches(epoch)):
-            if i < offset:
-                continue
-            lr = config.lr if scheduler is None else scheduler.optimizer.param_groups[0]["lr"]
-            pending.append((step, epoch, lr, trainer.step(inputs, targets)))
-            if scheduler is not None:
-                scheduler.step()  # the stages read the new learning rate with the next mini-batch
-            step += 1
-            drain(False, bar)
-            if config.checkpoint_every and step % config.checkpoint_every == 0:
-                trainer.flush()
-                drain(True, bar)
+    try:
+        for epoch in range(step // per_epoch, config.epochs):
+            offset = step - epoch * per_epoch
+            tic = time.perf_counter()
+            for i, (inputs, targets) in enumerate(task.batches(epoch)):
+                if i < offset:
+                    continue
+                lr = config.lr if scheduler is None else scheduler.optimizer.param_groups[0]["lr"]
+                pending.append((step, epoch, lr, trainer.step(inputs, targets)))
+                if scheduler is not None:
+                    scheduler.step()  # the stages read the new learning rate with the next mini-batch
+                step += 1
+                drain(False)
+                if config.checkpoint_every and step % config.checkpoint_every == 0:
+                    trainer.flush()
+                    drain(True)
+                    checkpoint()
+            trainer.flush()
+            drain(True)
+            seconds = time.perf_counter() - tic
+            value = task.evaluate(trainer.predict)
+            record = {
+                "epoch": epoch + 1,
+                "train_loss": run.loss_sum / max(run.loss_count, 1),
+                task.metric: value,
+                "seconds": seconds,
+                "mini_batches_per_s": (per_epoch - offset) / seconds if seconds else None,
+            }
+            run.end_epoch(record)
+            log(
+                f"epoch {epoch + 1}/{config.epochs}: train loss {record['train_loss']:.4f}, "
+                f"{task.metric} {value:.4f}, {record['mini_batches_per_s']:.1f} mini-batches/s"
+            )
+            run.write(time.perf_counter() - run.start, "running")
+            if config.checkpoint_every:
                 checkpoint()
-        trainer.flush()
-        drain(True, bar)
-        bar.close()
-        seconds = time.perf_counter() - tic
-        value = task.evaluate(trainer.predict)
-        losses = [v for _, e, v, _ in history["steps"] if e == epoch]
-        record = {
-            "epoch": epoch + 1,
-            "train_loss": sum(losses) / max(len(losses), 1),
-            task.metric: value,
-            "seconds": seconds,
-            "mini_batches_per_s": (per_epoch - offset) / seconds if seconds else None,
-        }
-        history["epochs"].append(record)
-        log(
-            f"epoch {epoch + 1}/{config.epochs}: train loss {record['train_loss']:.4f}, "
-            f"{task.metric} {value:.4f}, {record['mini_batches_per_s']:.1f} mini-batches/s"
-        )
-        if config.checkpoint_every:
-            checkpoint()
+    finally:
+        progress.close()
 
 
-def _metrics(config: TrainConfig, task: Task, trainer: Any, history: dict[str, list], wall: float) -> dict:
-    epochs = history["epochs"]
+def _metrics(config: TrainConfig, task: Task, trainer: Any, epochs: list[dict], wall: float) -> dict:
     final = epochs[-1][task.metric] if epochs else None
     plan = trainer.plan
     return {
@@ -350,7 +415,7 @@ def _metrics(config: TrainConfig, task: Task, trainer: Any, history: dict[str, l
         "metric": task.metric,
         "final": {task.metric: final},
         "epochs": epochs,
-        "mini_batches": len(history["steps"]),
+        "mini_batches": trainer.mini_batches_done,
         "wall_s": wall,
         "plan": None
         if plan is None
@@ -359,24 +424,20 @@ def _metrics(config: TrainConfig, task: Task, trainer: Any, history: dict[str, l
     }
 
 
-def _write_csv(path: Path, rows: list[list]) -> None:
-    text = io.StringIO()
-    writer = csv.writer(text)
-    writer.writerow(["step", "epoch", "loss", "lr"])
-    writer.writerows(rows)
-    atomic_write(path, lambda f: f.write(text.getvalue().encode()))
-
-
-def plot_curves(history: dict[str, list], metric: str, path: Path, title: str = "") -> None:
-    """Loss per mini-batch (with a moving average) and the metric per epoch, as a PNG."""
+def plot_curves(
+    csv_path: Path, epochs: list[dict[str, Any]], metric: str, path: Path, title: str = ""
+) -> None:
+    """Loss per mini-batch (from ``train.csv``, with a moving average) and the metric per
+    epoch, as a PNG."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    rows = read_rows(csv_path)
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
-    steps = [s for s, *_ in history["steps"]]
-    losses = [v for _, _, v, _ in history["steps"]]
+    steps = [int(r[0]) for r in rows]
+    losses = [float(r[2]) for r in rows]
     left.plot(steps, losses, lw=0.5, alpha=0.4, label="mini-batch")
     window = max(1, len(losses) // 50)
     smooth = [
@@ -386,8 +447,7 @@ def plot_curves(history: dict[str, list], metric: str, path: Path, title: str = 
     left.plot(steps, smooth, lw=1.5, label=f"mean of {window}")
     left.set(xlabel="mini-batch", ylabel="training loss", title=title)
     left.legend()
-    epochs = [e["epoch"] for e in history["epochs"]]
-    right.plot(epochs, [e[metric] for e in history["epochs"]], marker="o")
+    right.plot([e["epoch"] for e in epochs], [e[metric] for e in epochs], marker="o")
     right.set(xlabel="epoch", ylabel=metric, title=f"test {metric}")
     fig.tight_layout()
     buffer = io.BytesIO()

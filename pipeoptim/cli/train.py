@@ -102,7 +102,20 @@ from pipeoptim.training import OPTIMIZERS, SEQUENTIAL, TrainConfig, summary_line
     show_default=True,
     help="Stop at a NaN in any stage's activations or a NaN/inf loss, only at the loss, or never.",
 )
-@click.option("--quiet", is_flag=True, help="No progress bar.")
+@click.option(
+    "--record-every",
+    type=click.IntRange(min=1),
+    default=50,
+    show_default=True,
+    help="Append train.csv rows every K mini-batches (a killed run keeps rows up to its last K).",
+)
+@click.option(
+    "--progress-every",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Without a terminal: a progress line every N mini-batches (default: a tenth of an epoch).",
+)
+@click.option("--quiet", is_flag=True, help="No progress bar or progress lines.")
 def train_command(
     task,
     gpus,
@@ -126,6 +139,8 @@ def train_command(
     resume,
     profile_dir,
     nan_check,
+    record_every,
+    progress_every,
     quiet,
 ) -> None:
     """Train TASK (digits, fashion-mnist, sst2, multi30k) and evaluate it after every epoch."""
@@ -153,6 +168,8 @@ def train_command(
         resume=resume,
         plot=plot,
         progress=not quiet,
+        record_every=record_every,
+        progress_every=progress_every,
         profile_dir=profile_dir,
         nan_check=nan_check,
     )

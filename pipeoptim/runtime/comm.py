@@ -6,11 +6,20 @@ without a shape handshake. Numbers crossing a boundary (a batch size computed in
 travel packed into one float64 tensor. Sends are asynchronous (``isend``) and receives are
 posted ahead of the action that needs them (:meth:`DistChannel.prefetch`), so transfers
 overlap computation; every wait has a timeout.
+
+A send's request and its tensor are kept until the request is waited on: gloo reports
+``is_completed() == False`` until ``wait()`` even after the peer has received the tensor, so
+completion cannot be polled. Sends are instead retired in order once more than
+``send_window`` actions have passed since they were posted (:meth:`DistChannel.end_action`):
+memory stays bounded by what is in flight, whatever the run length. Waiting on an old send
+cannot deadlock: the peer posts the matching receive when it reaches that micro-batch, which
+never depends on what this stage does after the send.
 """
 
 from __future__ import annotations
 
 import datetime
+from collections import deque
 from collections.abc import Sequence
 from typing import Any
 
@@ -63,6 +72,8 @@ class DistChannel:
         grad_mask_out: which flat output leaves receive one (the next stage's input mask).
         timeout: seconds any receive may wait.
         device: where received tensors live.
+        send_window: actions after which a send is waited on and released (default ``2·world``:
+            by then the peer has long posted its receive, so the wait returns at once).
     """
 
     def __init__(
@@ -74,6 +85,7 @@ class DistChannel:
         grad_mask_out: Sequence[bool],
         timeout: float,
         device: torch.device,
+        send_window: int | None = None,
     ) -> None:
         self.rank = rank
         self.world = world
@@ -89,7 +101,8 @@ class DistChannel:
         self.sizes: dict[int, int] = {}
         self.data: dict[int, tuple[Any, Any, float, int]] = {}
         self.losses: list[tuple[int, float]] = []
-        self._sends: list[tuple[Any, Any]] = []
+        self.send_window = send_window if send_window is not None else 2 * world
+        self._sends: deque[list[tuple[Any, torch.Tensor]]] = deque([[]])  # one group per action
         self._posted: dict[tuple[str, int], list[Any]] = {}
 
     # -- data given by the driver ----------------------------------------------------
@@ -125,10 +138,32 @@ class DistChannel:
 
     # -- sending ---------------------------------------------------------------------
 
-    def _isend(self, tensor: torch.Tensor, dst: int, tag: int = 0) -> None:
+    def isend(self, tensor: torch.Tensor, dst: int, tag: int = 0) -> None:
+        """Post an asynchronous send of ``tensor`` to rank ``dst``; kept until retired."""
         tensor = tensor.contiguous()
-        self._sends.append((dist.isend(tensor, dst, tag=tag), tensor))
-        self._sends = [(w, t) for w, t in self._sends if not w.is_completed()]
+        self._sends[-1].append((dist.isend(tensor, dst, tag=tag), tensor))
+
+    def end_action(self) -> None:
+        """Close the current action's group of sends; wait on and release groups older than
+        :attr:`send_window` actions."""
+        self._sends.append([])
+        while len(self._sends) > self.send_window + 1:
+            self._wait_group(self._sends.popleft())
+
+    def _wait_group(self, group: list[tuple[Any, torch.Tensor]]) -> None:
+        for work, _ in group:
+            try:
+                work.wait(self.timeout)
+            except RuntimeError as exc:
+                raise PeerLostError(
+                    f"stage {self.rank}: a send did not complete ({str(exc).splitlines()[0]}); "
+                    "a neighbouring stage has probably stopped"
+                ) from exc
+
+    @property
+    def pending_sends(self) -> int:
+        """Send requests not yet waited on (bounded by :attr:`send_window` actions)."""
+        return sum(len(group) for group in self._sends)
 
     def _send_leaves(
         self, leaves: Sequence[Any], metas: Sequence[dict], mask: Sequence[bool] | None, dst: int
@@ -136,7 +171,7 @@ class DistChannel:
         if mask is None:  # numbers travel forward only: they have no gradient
             scalars = [float(v) for v, m in zip(leaves, metas) if m["kind"] in _SCALARS]
             if scalars:
-                self._isend(torch.tensor(scalars, dtype=torch.float64), dst)
+                self.isend(torch.tensor(scalars, dtype=torch.float64), dst)
         for i, (v, m) in enumerate(zip(leaves, metas)):
             if m["kind"] != "tensor" or (mask is not None and not mask[i]):
                 continue
@@ -144,7 +179,7 @@ class DistChannel:
                 raise PipelineError(
                     f"stage {self.rank}: expected a tensor for a boundary value, got {type(v).__name__}"
                 )
-            self._isend(v.detach(), dst)
+            self.isend(v.detach(), dst)
 
     def send_activations(self, micro_batch: int, values: Any) -> None:
         leaves = pytree.tree_leaves(tuple(values))
@@ -159,9 +194,9 @@ class DistChannel:
 
     def wait_sends(self) -> None:
         """Block until every send has completed (before a flush answers)."""
-        for work, _ in self._sends:
-            work.wait(self.timeout)
-        self._sends = []
+        while self._sends:
+            self._wait_group(self._sends.popleft())
+        self._sends.append([])
 
     # -- receiving -------------------------------------------------------------------
 

@@ -128,14 +128,16 @@ class SPMDExecutor:
                 buffer = torch.empty(1, dtype=torch.float64, device=self.device)
                 self._pending.append((first + j, dist.irecv(buffer, last, tag=LOSS_TAG), buffer))
         self._deliver(self.process.submit(part))
-        self._poll(block=False)
+        # gloo never reports a receive complete before wait(): wait on those older than the
+        # pipeline can hold (their losses were computed long ago), so the list stays bounded
+        self._poll(block=False, until=first - 2 * self.world * len(batch.sizes))
 
     def _deliver(self, losses: list[tuple[int, float]]) -> None:
         """Last rank: hand each loss to the pipeline and send it to every other rank."""
         for mb, value in losses:
             tensor = torch.tensor([value], dtype=torch.float64, device=self.device)
             for rank in range(self.world - 1):
-                self.process.channel._isend(tensor, rank, tag=LOSS_TAG)
+                self.process.channel.isend(tensor, rank, tag=LOSS_TAG)
             self.on_loss(mb, torch.tensor(value))
 
     def _poll(self, block: bool, until: int | None = None) -> None:

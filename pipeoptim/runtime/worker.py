@@ -83,6 +83,7 @@ class StageProcess:
                     self.channel.prefetch("grad", nxt.micro_batch)
             start = time.perf_counter()
             run_action(self.stage, action, self.channel, self.state)
+            self.channel.end_action()
             self.timeline.append((action.op, action.micro_batch, start, time.perf_counter()))
             if action.op == BACKWARD:
                 self.channel.done(action.micro_batch)
@@ -104,6 +105,7 @@ class StageProcess:
             else:
                 outputs.append(_to(out, torch.device("cpu")))
             self.channel.done(mb)
+            self.channel.end_action()
         self.channel.wait_sends()
         return outputs if self.rank == self.world - 1 else None
 

@@ -1,0 +1,142 @@
+"""Run records kept on disk as training goes: ``train.csv`` rows and progress reports.
+
+A run's per-mini-batch records never accumulate in memory: :class:`StepLog` buffers at most
+``every`` rows and appends them to ``train.csv`` (flushed and fsynced), so a run that is
+killed leaves every row up to its last ``every``; :class:`Progress` shows one bar for the
+whole run (tqdm, with ETA) on a terminal, and otherwise one plain line every ``every``
+mini-batches, so logs are not filled with bar redraws.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import os
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from tqdm import tqdm
+
+from pipeoptim.fileio import atomic_write
+
+HEADER = ("step", "epoch", "loss", "lr")
+
+
+def read_rows(path: Path) -> list[list[str]]:
+    """The data rows of a ``train.csv`` (a half-written last line of a killed run is skipped)."""
+    if not path.is_file():
+        return []
+    lines = path.read_text().splitlines(keepends=True)
+    if lines and not lines[-1].endswith("\n"):
+        lines = lines[:-1]
+    rows = list(csv.reader(lines))
+    return [r for r in rows[1:] if len(r) == len(HEADER)]
+
+
+def _rewrite(path: Path, rows: list[list[str]]) -> None:
+    text = io.StringIO()
+    writer = csv.writer(text)
+    writer.writerow(HEADER)
+    writer.writerows(rows)
+    atomic_write(path, lambda f: f.write(text.getvalue().encode()))
+
+
+class StepLog:
+    """Appends ``step, epoch, loss, lr`` rows to ``path`` every ``every`` mini-batches.
+
+    Args:
+        path: the ``train.csv`` to write.
+        start: mini-batches already trained (a resumed run): rows from ``step >= start`` are
+            dropped, as they are trained again; ``0`` starts a new file.
+        every: rows buffered before an append (the most a killed run can lose).
+        source: ``train.csv`` of the run being resumed, if it is another folder: its rows
+            before ``start`` are copied first.
+    """
+
+    def __init__(self, path: Path, start: int = 0, every: int = 50, source: Path | None = None) -> None:
+        self.path = path
+        self.every = max(1, every)
+        self._rows: list[list] = []
+        kept = [r for r in read_rows(source or path) if int(r[0]) < start] if start else []
+        _rewrite(path, kept)
+
+    def add(self, step: int, epoch: int, loss: float, lr: float) -> None:
+        """Record one mini-batch; appends to disk when ``every`` rows are waiting."""
+        self._rows.append([step, epoch, loss, lr])
+        if len(self._rows) >= self.every:
+            self.flush()
+
+    def flush(self) -> None:
+        """Append the waiting rows, flushed and fsynced."""
+        if not self._rows:
+            return
+        with open(self.path, "a", newline="") as f:
+            csv.writer(f).writerows(self._rows)
+            f.flush()
+            os.fsync(f.fileno())
+        self._rows = []
+
+
+class Progress:
+    """Progress of a whole run of ``total`` mini-batches, from ``done``.
+
+    On a terminal (``stream.isatty()``), one tqdm bar with rate and ETA; otherwise one plain
+    line through ``log`` every ``every`` mini-batches (and at the end), with the same facts.
+    ``enabled=False`` shows nothing.
+    """
+
+    def __init__(
+        self,
+        total: int,
+        done: int,
+        every: int,
+        log: Callable[[str], None],
+        enabled: bool = True,
+        stream=None,
+    ) -> None:
+        stream = stream if stream is not None else sys.stderr
+        self.total = total
+        self.done = done
+        self.every = max(1, every)
+        self.log = log
+        self.enabled = enabled
+        self._start_done = done
+        self._tic = time.perf_counter()
+        self._bar = None
+        if enabled and stream.isatty():
+            self._bar = tqdm(
+                total=total, initial=done, desc="training", unit="mini-batch", mininterval=1.0, file=stream
+            )
+
+    def update(self, epoch: int, epochs: int, loss: float) -> None:
+        """One more mini-batch finished with ``loss`` in (0-based) ``epoch`` of ``epochs``."""
+        self.done += 1
+        if self._bar is not None:
+            self._bar.update(1)
+            self._bar.set_postfix(epoch=f"{epoch + 1}/{epochs}", loss=f"{loss:.4f}", refresh=False)
+        elif self.enabled and (self.done % self.every == 0 or self.done == self.total):
+            self.log(self.line(epoch, epochs, loss))
+
+    def line(self, epoch: int, epochs: int, loss: float) -> str:
+        """``mini-batch 500/1875 (27%), epoch 1/1, loss 0.4123, 14.2 mini-batches/s, ETA 1m37s``."""
+        seconds = time.perf_counter() - self._tic
+        rate = (self.done - self._start_done) / seconds if seconds > 0 else 0.0
+        eta = (self.total - self.done) / rate if rate > 0 else float("nan")
+        return (
+            f"mini-batch {self.done}/{self.total} ({100 * self.done / max(self.total, 1):.0f}%), "
+            f"epoch {epoch + 1}/{epochs}, loss {loss:.4f}, {rate:.1f} mini-batches/s, ETA {_duration(eta)}"
+        )
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+
+
+def _duration(seconds: float) -> str:
+    if seconds != seconds:  # NaN: no rate yet
+        return "?"
+    minutes, s = divmod(round(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{s:02d}s"
