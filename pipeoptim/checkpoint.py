@@ -1,17 +1,21 @@
 """Checkpoints: weights in the original model's keys, optimizer state, position, plan.
 
 One file, written atomically (a crash leaves the previous checkpoint whole), loaded with
-checks that it belongs to this model.
+checks that it belongs to this model. A checkpoint holds only tensors and plain data (dicts,
+lists, numbers, strings) and is read with ``torch.load(..., weights_only=True)``: loading a
+crafted file runs none of its code.
 """
 
 from __future__ import annotations
 
 import io
 import os
+import pickle
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
+from torch.torch_version import TorchVersion
 
 from pipeoptim.errors import CheckpointError
 from pipeoptim.fileio import atomic_write
@@ -20,6 +24,8 @@ if TYPE_CHECKING:
     from pipeoptim.pipeline import Pipeline
 
 FORMAT = "pipeoptim-checkpoint/1"
+# plain data besides tensors that checkpoints hold: the torch version in the plan's profile key
+_SAFE = [TorchVersion]
 
 
 def save_checkpoint(
@@ -29,7 +35,7 @@ def save_checkpoint(
 
     The file holds ``state_dict`` (original model keys), ``optimizer`` (per parameter name),
     ``mini_batches`` (how many were trained), ``plan`` (the plan as data), the model class and
-    ``extra`` (anything picklable the caller wants back, e.g. an LR scheduler's state).
+    ``extra`` (tensors and plain data the caller wants back, e.g. an LR scheduler's state).
     """
     data = {
         "format": FORMAT,
@@ -56,7 +62,14 @@ def read_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
     if not path.is_file():
         raise CheckpointError(f"no checkpoint at {path}: start without --resume, or point it at a run folder")
     try:
-        data = torch.load(path, map_location="cpu", weights_only=False)
+        with torch.serialization.safe_globals(_SAFE):
+            data = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        why = next((line for line in str(exc).splitlines() if "Unsupported" in line), "")
+        raise CheckpointError(
+            f"{path} is not a {FORMAT} checkpoint: it holds objects other than tensors and plain "
+            f"data ({why.strip()[:160]}); nothing in it was run. Use a checkpoint written by pipeoptim"
+        ) from exc
     except Exception as exc:
         raise CheckpointError(
             f"checkpoint {path} is unreadable (truncated or corrupt: {exc}); "

@@ -426,6 +426,15 @@ class Pipeline:
         module.load_state_dict(self.state_dict())
         return module
 
+    def resident_bytes(self) -> list[int]:
+        """Resident memory (RSS, bytes) of the process running each stage, now; with
+        ``executor="local"`` every entry is this process. Linux only.
+
+        Raises:
+            OSError: ``/proc`` is not available.
+        """
+        return self._executor.resident_bytes()
+
     @property
     def peak_weight_versions(self) -> list[int]:
         """Per stage, the most versions of a weight held at once so far (measured)."""

@@ -274,3 +274,61 @@ def test_checkpoint_errors(tmp_path: Path) -> None:
             pytest.raises(CheckpointError, match="do not match"),
         ):
             p2.load_checkpoint(tmp_path / "ok.pt")
+
+
+class _RunsCode:
+    """Unpickling this calls ``Path.touch`` on a marker file: code run by a load."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (self.marker,))
+
+
+@pytest.mark.parametrize("how", ["api", "cli"])
+def test_a_crafted_checkpoint_runs_no_code(tmp_path: Path, how: str) -> None:
+    marker = tmp_path / "code-ran"
+    crafted = tmp_path / "run" / "checkpoint.pt"
+    crafted.parent.mkdir()
+    torch.save({"format": "pipeoptim-checkpoint/1", "payload": _RunsCode(marker)}, crafted)
+    if how == "api":
+        model = SmallCNN()
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        with (
+            pipeoptim.compile(
+                model,
+                opt,
+                2,
+                example_inputs=torch.randn(8, 1, 8, 8),
+                loss_fn=F.cross_entropy,
+                executor="local",
+                profile_dir=None,
+            ) as pipe,
+            pytest.raises(CheckpointError, match=r"other than tensors and plain data.*nothing in it was run"),
+        ):
+            pipe.load_checkpoint(crafted)
+    else:
+        from click.testing import CliRunner
+
+        from pipeoptim.cli.main import cli
+
+        result = CliRunner().invoke(
+            cli,
+            [
+                "train",
+                "digits",
+                "--gpus",
+                "2",
+                "--executor",
+                "local",
+                "--out",
+                str(tmp_path / "new"),
+                "--resume",
+                str(crafted.parent),
+                "--quiet",
+            ],
+        )
+        assert result.exit_code == 1, result.output
+        assert "nothing in it was run" in result.output and "Traceback" not in result.output
+    assert not marker.exists()

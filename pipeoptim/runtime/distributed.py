@@ -22,6 +22,7 @@ import torch.multiprocessing as mp
 from pipeoptim.errors import PeerLostError, PipelineError, PipeoptimError
 from pipeoptim.runtime.build import PipelineSpec
 from pipeoptim.runtime.executor import MiniBatch
+from pipeoptim.runtime.procmem import resident_bytes
 from pipeoptim.runtime.worker import worker_main
 
 
@@ -253,6 +254,10 @@ class ProcessExecutor:
 
     def resume(self, mini_batches: int) -> None:
         self._request("resume", dict.fromkeys(range(self.world), mini_batches))
+
+    def resident_bytes(self) -> list[int]:
+        """Resident memory of each worker process now, in bytes (stage order)."""
+        return [resident_bytes(p.pid) for p in self.processes]
 
     def peak_weight_versions(self) -> list[int]:
         replies = self._request("versions")

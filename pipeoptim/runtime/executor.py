@@ -15,6 +15,7 @@ from typing import Any, Protocol
 
 import torch
 
+from pipeoptim.runtime.procmem import resident_bytes
 from pipeoptim.runtime.schedule import BACKWARD, FORWARD, Action, Schedule
 from pipeoptim.runtime.stage import (
     StageRuntime,
@@ -215,6 +216,10 @@ class LocalExecutor:
     def load_optimizer_state(self, state: dict[str, Any]) -> None:
         for stage in self.stages:
             load_optimizer_state(stage, state)
+
+    def resident_bytes(self) -> list[int]:
+        """Every stage runs in this process: its resident memory, once per stage, in bytes."""
+        return [resident_bytes()] * len(self.stages)
 
     def peak_weight_versions(self) -> list[int]:
         return [s.policy.peak_versions if s.policy is not None else 1 for s in self.stages]

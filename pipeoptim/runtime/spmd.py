@@ -22,6 +22,7 @@ from pipeoptim.errors import PipelineError
 from pipeoptim.runtime.build import PipelineSpec
 from pipeoptim.runtime.comm import LOSS_TAG
 from pipeoptim.runtime.executor import MiniBatch
+from pipeoptim.runtime.procmem import resident_bytes
 from pipeoptim.runtime.stage import merge_optimizer_states
 from pipeoptim.runtime.worker import StageProcess
 
@@ -188,6 +189,12 @@ class SPMDExecutor:
 
     def resume(self, mini_batches: int) -> None:
         self.process.resume(mini_batches)
+
+    def resident_bytes(self) -> list[int]:
+        """Resident memory of every rank's process now, in bytes (stage order)."""
+        parts: list[Any] = [None] * self.world
+        dist.all_gather_object(parts, resident_bytes())
+        return parts
 
     def peak_weight_versions(self) -> list[int]:
         parts: list[Any] = [None] * self.world

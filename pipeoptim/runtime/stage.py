@@ -121,6 +121,7 @@ class StageRuntime:
         self.seed = seed
         self.steps = 0
         self._in_flight: dict[int, _InFlight] = {}
+        self._module_storages: set[int] | None = None
         self._grads_stale = False
         self._hyper: dict[int, list[dict]] = {}
         device = next((p.device for p in module.parameters()), torch.device("cpu"))
@@ -191,12 +192,14 @@ class StageRuntime:
         step = micro_batch if mini_batch is None else mini_batch
         if not self.is_last:
             leaves, out_spec = pytree.tree_flatten(out)
-            if self.policy is not None and (copies := self.policy.overwritten_storages()):
-                # a weight sent on (a tied weight used by a later stage) must not be a buffer
-                # the next forward overwrites before this backward
+            weights = self._weight_storages()
+            if any(isinstance(v, torch.Tensor) and v.untyped_storage().data_ptr() in weights for v in leaves):
+                # a weight sent on (a tied weight a later stage uses too) is sent as a snapshot of
+                # the version this forward used: the optimizer (or the next prediction) changes the
+                # weight in place, possibly before the send or the next stage's forward has read it
                 leaves = [
                     v.clone()
-                    if isinstance(v, torch.Tensor) and v.untyped_storage().data_ptr() in copies
+                    if isinstance(v, torch.Tensor) and v.untyped_storage().data_ptr() in weights
                     else v
                     for v in leaves
                 ]
@@ -230,6 +233,19 @@ class StageRuntime:
         self._in_flight[micro_batch] = _InFlight(leaf_inputs, [loss.reshape(()) * loss_scale])
         self._measure_activations(micro_batch, self._in_flight[micro_batch].outputs)
         return loss.detach().reshape(())
+
+    def _weight_storages(self) -> set[int]:
+        """Storage addresses of tensors changed in place between forwards: the parameters and
+        buffers, and the policy's reused copies (PipeOptim's Ŵ buffers)."""
+        if self._module_storages is None:
+            self._module_storages = {
+                t.untyped_storage().data_ptr()
+                for t in (*self.module.parameters(), *self.module.buffers())
+                if t.device.type != "meta"
+            }
+        if self.policy is None:
+            return self._module_storages
+        return self._module_storages | self.policy.overwritten_storages()
 
     def _measure_activations(self, micro_batch: int, outputs: Sequence[Any]) -> None:
         """With :attr:`measure_memory`: bytes autograd keeps for this micro-batch, and the peak

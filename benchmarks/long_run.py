@@ -1,0 +1,135 @@
+"""Long runs: resident memory of every stage worker over thousands of mini-batches.
+
+Each method trains for ``--steps`` mini-batches with one worker process per stage (gloo,
+one thread per rank). Each worker's resident memory (RSS) is read after a warm-up, every
+``--steps / 20`` mini-batches, and at the end; the table gives, per stage, RSS at start and
+end and their ratio. The target is a ratio of at most 1.05 for every stage and method.
+
+    python benchmarks/long_run.py [--quick] [--steps 5000] [--model mlp|cnn] [--out benchmarks/results]
+
+Writes ``long_run.md`` (``--quick``: 300 steps, into a temporary folder unless ``--out``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tabulate import tabulate
+from torch import nn
+
+import pipeoptim
+
+METHODS = ("pipeoptim", "pipedream", "2bw", "gpipe", "1f1b", "spectrain", "none")
+
+
+class CNN(nn.Module):
+    """Three 3x3 convolutions and a classifier on ``[B, 1, 28, 28]`` images."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1 = nn.Conv2d(1, 16, 3, padding=1)
+        self.c2 = nn.Conv2d(16, 32, 3, padding=1)
+        self.c3 = nn.Conv2d(32, 32, 3, padding=1)
+        self.fc = nn.Linear(32 * 28 * 28, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.relu(self.c3(F.relu(self.c2(F.relu(self.c1(x))))))
+        return self.fc(x.flatten(1))
+
+
+def model_and_batch(name: str) -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
+    """``mlp``: 8 layers of width 1024, batch 128 (512 KiB per boundary); ``cnn``: the
+    3-conv CNN on 32 x 1 x 28 x 28 (1.6 MiB per boundary)."""
+    torch.manual_seed(0)
+    if name == "cnn":
+        return CNN(), torch.randn(32, 1, 28, 28), torch.randint(0, 10, (32,))
+    layers: list[nn.Module] = []
+    for _ in range(7):
+        layers += [nn.Linear(1024, 1024), nn.ReLU()]
+    return nn.Sequential(*layers, nn.Linear(1024, 10)), torch.randn(128, 1024), torch.randint(0, 10, (128,))
+
+
+def run(method: str, model_name: str, stages: int, steps: int, profiles: str) -> dict:
+    """Train ``steps`` mini-batches; RSS per stage (bytes) after warm-up and at the end."""
+    model, x, y = model_and_batch(model_name)
+    opt = torch.optim.SGD(model.parameters(), lr=1e-4, momentum=0.9)
+    warmup = max(50, steps // 20)
+    with pipeoptim.compile(
+        model,
+        opt,
+        stages,
+        example_inputs=x,
+        loss_fn=F.cross_entropy,
+        method=method,
+        executor="processes",
+        profile_dir=profiles,
+    ) as pipe:
+        for _ in range(warmup):
+            pipe.step(x, y)
+        pipe.flush()
+        start = pipe.resident_bytes()
+        peak = list(start)
+        tic = time.perf_counter()
+        for i in range(steps):
+            pipe.step(x, y)
+            if i % max(1, steps // 20) == 0:
+                peak = [max(a, b) for a, b in zip(peak, pipe.resident_bytes())]
+        pipe.flush()
+        seconds = time.perf_counter() - tic
+        end = pipe.resident_bytes()
+    return {"start": start, "end": end, "peak": [max(a, b) for a, b in zip(peak, end)], "seconds": seconds}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="300 steps, 2 methods, temporary folder")
+    parser.add_argument("--steps", type=int, default=5000)
+    parser.add_argument("--stages", type=int, default=4)
+    parser.add_argument("--model", choices=["mlp", "cnn"], default="mlp")
+    parser.add_argument("--methods", default="pipeoptim,pipedream,2bw,gpipe")
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args()
+    steps = 300 if args.quick else args.steps
+    methods = ["pipeoptim", "gpipe"] if args.quick else args.methods.split(",")
+    for m in methods:
+        if m not in METHODS:
+            parser.error(f"unknown method {m!r}; choose from {', '.join(METHODS)}")
+    out = Path(args.out or (tempfile.mkdtemp(prefix="long_run-") if args.quick else "benchmarks/results"))
+    out.mkdir(parents=True, exist_ok=True)
+    rows, worst = [], 0.0
+    for method in methods:
+        r = run(method, args.model, args.stages, steps, str(out / ".profiles"))
+        for k, (a, b, p) in enumerate(zip(r["start"], r["end"], r["peak"])):
+            worst = max(worst, b / a)
+            rows.append([method, k, a / 2**20, b / 2**20, p / 2**20, b / a, steps / r["seconds"]])
+        print(f"{method}: {steps} mini-batches in {r['seconds']:.1f} s", flush=True)
+    headers = [
+        "method",
+        "stage",
+        "RSS start MiB",
+        "RSS end MiB",
+        "RSS peak MiB",
+        "end / start",
+        "mini-batches/s",
+    ]
+    table = tabulate(rows, headers=headers, floatfmt=".2f", tablefmt="github")
+    text = (
+        f"# Long run: worker memory over {steps} mini-batches\n\n"
+        f"Model `{args.model}`, {args.stages} stages, one worker process per stage (gloo, CPU), "
+        "RSS read from `/proc` after a warm-up (start), every 5% of the run (peak) and after the "
+        "final flush (end). Written by `python benchmarks/long_run.py"
+        f"{' --quick' if args.quick else ''} --steps {steps} --model {args.model}`.\n\n{table}\n\n"
+        f"Largest end / start ratio: {worst:.3f} (target: at most 1.05).\n"
+    )
+    (out / "long_run.md").write_text(text)
+    print(table)
+    print(f"largest RSS growth end/start over {steps} mini-batches: {worst:.3f}x (target <= 1.05x)")
+
+
+if __name__ == "__main__":
+    main()

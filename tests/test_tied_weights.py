@@ -1,0 +1,69 @@
+"""Tied weights: a weight two stages use is sent on as a snapshot of the version the forward
+used, so the worker processes compute exactly what the local executor does, run after run."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import pipeoptim
+from pipeoptim.methods import METHODS
+
+
+class TiedEmbedding(nn.Module):
+    """Input embedding and output projection share one ``[10, 8]`` weight."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(10, 8)
+        self.mid = nn.Linear(8, 8)
+        self.head = nn.Linear(8, 10, bias=False)
+        self.head.weight = self.emb.weight
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.tanh(self.mid(self.emb(ids))))
+
+
+def train(method: str, executor: str, profiles: Path) -> tuple[list[float], dict[str, torch.Tensor], list]:
+    torch.manual_seed(0)
+    model = TiedEmbedding()
+    opt = torch.optim.SGD(model.parameters(), lr=0.5, momentum=0.9)
+    g = torch.Generator().manual_seed(1)
+    batches = [
+        (torch.randint(0, 10, (8,), generator=g), torch.randint(0, 10, (8,), generator=g)) for _ in range(10)
+    ]
+    with pipeoptim.compile(
+        model,
+        opt,
+        2,
+        example_inputs=batches[0][0],
+        loss_fn=F.cross_entropy,
+        method=method,
+        executor=executor,
+        profile_dir=profiles,
+        timeout=120,
+    ) as pipe:
+        return list(pipe.train(batches)), pipe.state_dict(), pipe.plan.io
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", list(METHODS))
+def test_tied_weights_processes_equal_local_to_the_bit(method: str, tmp_path: Path) -> None:
+    local = train(method, "local", tmp_path)
+    assert "emb_weight" in local[2][0].outputs  # the shared weight crosses the stage boundary
+    procs = train(method, "processes", tmp_path)
+    assert procs[0] == local[0]
+    for key, value in local[1].items():
+        assert torch.equal(procs[1][key], value), key
+    assert torch.equal(local[1]["emb.weight"], local[1]["head.weight"])
+
+
+@pytest.mark.slow
+def test_tied_weights_repeated_runs_are_identical(tmp_path: Path) -> None:
+    first, second = train("none", "processes", tmp_path), train("none", "processes", tmp_path)
+    assert first[0] == second[0]
+    assert all(torch.equal(first[1][k], second[1][k]) for k in first[1])
