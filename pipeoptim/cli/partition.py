@@ -75,7 +75,13 @@ def _log(msg: str) -> None:
     show_default=True,
     help="ILP, exact contiguous DP, or a baseline.",
 )
-@click.option("--solver", type=click.Choice(["cbc", "highs"]), default="cbc", show_default=True)
+@click.option(
+    "--solver",
+    type=click.Choice(["auto", "cbc", "highs"]),
+    default="auto",
+    show_default=True,
+    help="ILP solver; auto is HiGHS where highspy is installed, else CBC.",
+)
 @click.option(
     "--time-limit",
     type=click.FloatRange(min=0.1),
@@ -126,20 +132,20 @@ def partition(
         raise click.BadParameter(str(exc), param_hint="--optimizer") from exc
     if model is None and profile_file is None:
         raise click.UsageError("give a MODEL, or --profile FILE to plan from a saved profile")
-    step_cost, predict_cost = _update_costs(optimizer, device, profile_file, profile_dir)
-    config = CostConfig(
-        num_stages=gpus,
-        method=method,
-        micro_batches=micro_batches or gpus,
-        bandwidth=bandwidth,
-        memory_limit=memory,
-        opt_state_factor=opt_factor,
-        step_s_per_byte=step_cost,
-        predict_s_per_byte=predict_cost,
-    )
     try:
-        if profile_file is not None:
-            graph = CostGraph.load(profile_file)
+        graph = CostGraph.load(profile_file) if profile_file is not None else None
+        step_cost, predict_cost = _update_costs(optimizer, device, graph, profile_dir)
+        config = CostConfig(
+            num_stages=gpus,
+            method=method,
+            micro_batches=micro_batches or gpus,
+            bandwidth=bandwidth,
+            memory_limit=memory,
+            opt_state_factor=opt_factor,
+            step_s_per_byte=step_cost,
+            predict_s_per_byte=predict_cost,
+        )
+        if graph is not None:
             if model is not None:
                 _check_profile_matches(model, graph, input_shape, input_dtype, leaf, device)
             reused = True
@@ -198,15 +204,16 @@ _OPTIMIZERS = {
 
 
 def _update_costs(
-    optimizer: str, device: str | None, profile_file: str | None, profile_dir: str | None
+    optimizer: str, device: str | None, graph: CostGraph | None, profile_dir: str | None
 ) -> tuple[float, float]:
     """Optimizer-step and prediction seconds per parameter byte, measured on this machine.
 
-    A saved profile from another device has no such measurement: updates are then left out.
+    A saved profile (``graph``) from another device has no such measurement: updates are
+    then left out.
     """
     target = torch_device(device) or torch.device("cpu")
-    if profile_file is not None:
-        key = CostGraph.load(profile_file).key
+    if graph is not None:
+        key = graph.key
         if key.get("device") != device_name(target):
             measured_on = key.get("device") or "another device"
             _log(f"optimizer updates not modelled: the profile was measured on {measured_on}")

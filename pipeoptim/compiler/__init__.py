@@ -39,7 +39,7 @@ def plan_model(
     profile_dir: str | Path | None = "profiles",
     device: torch.device | str | None = None,
     partitioner: str = "ilp",
-    solver: str = "cbc",
+    solver: str = "auto",
     time_limit: float = 30.0,
     log: Callable[[str], None] = lambda _msg: None,
 ) -> PlannedModel:

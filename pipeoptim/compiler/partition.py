@@ -25,12 +25,15 @@ model, which is optimal when the graph is a chain and serves as a test oracle.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
+import os
 import re
+import sys
 import tempfile
 import time
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -101,28 +104,109 @@ def _variable(
     return pulp.LpVariable(name, lowBound=low, upBound=up, cat=cat)
 
 
-def _build_ilp(
-    units: Units, config: CostConfig, objective: str
-) -> tuple[pulp.LpProblem, dict[tuple[int, int], pulp.LpVariable], pulp.LpVariable]:
-    """The cumulative ILP; ``objective`` is ``"time"`` (min bottleneck) or ``"memory"``."""
+def _reach(units: Units) -> np.ndarray:
+    """``R[u, v]``: unit v is reachable from unit u along edges (u excluded), a U x U boolean matrix."""
+    n = len(units)
+    succ: list[list[int]] = [[] for _ in range(n)]
+    for a, b in units.edges():
+        succ[a].append(b)
+    reach = np.zeros((n, n), dtype=bool)
+    for u in range(n - 1, -1, -1):  # edges run forward, so successors are done first
+        for v in succ[u]:
+            reach[u] |= reach[v]
+            reach[u, v] = True
+    return reach
+
+
+def stage_windows(units: Units, config: CostConfig, upper_s: float) -> list[tuple[int, int]]:
+    """Per unit, the first and last stage it can be in within any plan whose bottleneck stage
+    time is at most ``upper_s`` seconds.
+
+    Stages ``0..k`` hold unit u and all its ancestors, so ``(k + 1) T >= A_u``, the work of
+    u and its ancestors; stages ``k..N-1`` hold u and its descendants, so ``(N - k) T >= D_u``
+    (stage time is at least its work, :func:`~pipeoptim.compiler.costmodel.evaluate`). With
+    ``T <= upper_s`` (the bottleneck of a known plan) every unit is confined to
+    ``ceil(A_u / T) - 1 <= k <= N - ceil(D_u / T)``, which fixes most binaries of the ILP.
+    """
     n = config.num_stages
-    prob = pulp.LpProblem("pipeline_partition", pulp.LpMinimize)
-    z: dict[tuple[int, int], pulp.LpVariable | int] = {}
+    times = np.array([units.time(u, config) for u in range(len(units))])
+    reach = _reach(units)
+    desc = times + reach.astype(float) @ times
+    anc = times + reach.T.astype(float) @ times
+    bound = upper_s * (1 + 1e-7) + 1e-15  # slack for float sums taken in another order
+    windows = []
     for u in range(len(units)):
         pin = _unit_stage_pin(units, u, n)
-        for s in range(n - 1):
-            if pin is not None:
-                z[u, s] = 1 if s >= pin else 0
-            else:
-                z[u, s] = _variable(prob, f"z_{u}_{s}", 0, 1, "Binary")
-        z[u, n - 1] = 1
+        lo = max(0, int(np.ceil(anc[u] / bound)) - 1)
+        hi = min(n - 1, n - int(np.ceil(desc[u] / bound)))
+        if pin is not None:
+            lo = hi = pin
+        windows.append((lo, hi) if lo <= hi else (0, n - 1))
+    return windows
+
+
+@dataclass
+class _Ilp:
+    """A built ILP: ``z[u, s]`` (a binary variable, or 0 or 1 where fixed), the objective
+    variable ``top``, the crossing variables with the ``(z[a, s], z[b, s])`` pairs that bound
+    them, and the expressions ``top`` bounds (one per stage)."""
+
+    prob: pulp.LpProblem
+    z: dict[tuple[int, int], pulp.LpVariable | int]
+    top: pulp.LpVariable
+    crossings: list[tuple[pulp.LpVariable, list[tuple[pulp.LpVariable | int, pulp.LpVariable | int]]]]
+    rows: list[pulp.LpAffineExpression]
+
+    def warm_start(self, unit_stage: list[int]) -> None:
+        """Set every variable to its value in the plan ``unit_stage`` (stage of every unit)."""
+        for (u, s), var in self.z.items():
+            if isinstance(var, pulp.LpVariable):
+                var.setInitialValue(1 if unit_stage[u] <= s else 0)
+        for c, pairs in self.crossings:
+            c.setInitialValue(max(0, *(pulp.value(a) - pulp.value(b) for a, b in pairs)))
+        self.top.setInitialValue(max(pulp.value(row) for row in self.rows))
+
+
+def _build_ilp(
+    units: Units,
+    config: CostConfig,
+    objective: str,
+    upper_s: float | None = None,
+    memory_limit: int | None = None,
+) -> _Ilp:
+    """The cumulative ILP; ``objective`` is ``"time"`` (min bottleneck) or ``"memory"``.
+
+    ``upper_s``: the bottleneck (seconds) of a known plan; with it the time ILP keeps only
+    plans at least as good, and fixes every ``z`` outside :func:`stage_windows`.
+    ``memory_limit`` (bytes per stage) applies to the time ILP only.
+    """
+    n = config.num_stages
+    prob = pulp.LpProblem("pipeline_partition", pulp.LpMinimize)
+    if upper_s is not None and objective == "time":
+        windows = stage_windows(units, config, upper_s)
+    else:
+        windows = [
+            (p, p) if (p := _unit_stage_pin(units, u, n)) is not None else (0, n - 1)
+            for u in range(len(units))
+        ]
+    z: dict[tuple[int, int], pulp.LpVariable | int] = {}
+    for u, (lo, hi) in enumerate(windows):
+        for s in range(n):
+            z[u, s] = 0 if s < lo else 1 if s >= hi else _variable(prob, f"z_{u}_{s}", 0, 1, "Binary")
+
+    def free(*terms: pulp.LpVariable | int) -> bool:
+        return any(isinstance(t, pulp.LpVariable) for t in terms)
+
+    def fixed(term: pulp.LpVariable | int, value: int) -> bool:
+        return not isinstance(term, pulp.LpVariable) and term == value
+
     for u in range(len(units)):
         for s in range(n - 2):
-            if isinstance(z[u, s], pulp.LpVariable) or isinstance(z[u, s + 1], pulp.LpVariable):
+            if free(z[u, s], z[u, s + 1]):
                 prob += z[u, s] <= z[u, s + 1]
     for a, b in sorted(units.edges()):
         for s in range(n - 1):
-            if isinstance(z[a, s], pulp.LpVariable) or isinstance(z[b, s], pulp.LpVariable):
+            if free(z[a, s], z[b, s]):
                 prob += z[b, s] <= z[a, s]
 
     def x(u: int, s: int) -> pulp.LpAffineExpression:
@@ -130,35 +214,51 @@ def _build_ilp(
 
     compute_units = [u for u in range(len(units)) if units.is_compute(u)]
     for s in range(n):
-        prob += pulp.lpSum(x(u, s) for u in compute_units) >= 1
+        if free(*(z[u, t] for u in compute_units for t in (s - 1, s) if t >= 0)):
+            prob += pulp.lpSum(x(u, s) for u in compute_units) >= 1
     acts: list[pulp.LpAffineExpression] = [pulp.LpAffineExpression() for _ in range(n - 1)]
     with_comm = objective == "time" and config.bandwidth is not None
     crossings = units.crossings() if with_comm else {}
+    crossing_vars: list[
+        tuple[pulp.LpVariable, list[tuple[pulp.LpVariable | int, pulp.LpVariable | int]]]
+    ] = []
     for i, ((a, readers), size) in enumerate(sorted(crossings.items())):
+        cost = config.comm_s(size) * _MS
         for s in range(n - 1):
+            if fixed(z[a, s], 0) or all(fixed(z[b, s], 1) for b in readers):
+                continue  # produced after boundary s, or every reader is before it
+            if fixed(z[a, s], 1) and any(fixed(z[b, s], 0) for b in readers):
+                acts[s] += cost  # certainly crosses
+                continue
             c = _variable(prob, f"c_{i}_{s}", 0, 1)
+            crossing_vars.append((c, [(z[a, s], z[b, s]) for b in readers]))
             for b in readers:
-                prob += c >= z[a, s] - z[b, s]
-            acts[s] += c * (config.comm_s(size) * _MS)
+                if free(z[a, s], z[b, s]):
+                    prob += c >= z[a, s] - z[b, s]
+            acts[s] += c * cost
     top = _variable(prob, "top", 0, None)
+    rows = []
     for s in range(n):
         compute = pulp.lpSum(x(u, s) * (units.time(u, config) * _MS) for u in range(len(units)))
         comm = (acts[s - 1] if s > 0 else 0) + (acts[s] if s < n - 1 else 0)
         memory = pulp.lpSum(x(u, s) * (_unit_memory(units, u, s, config) / _MIB) for u in range(len(units)))
         if objective == "time":
             prob += top >= compute + comm
-            if config.memory_limit is not None:
-                prob += memory <= config.memory_limit / _MIB
+            rows.append(compute + comm)
+            if memory_limit is not None:
+                prob += memory <= memory_limit / _MIB
         else:
             prob += top >= memory
+            rows.append(memory)
     if objective == "time":
         # Valid bounds the LP relaxation does not see (it may split a unit across stages).
         times = [units.time(u, config) for u in range(len(units))]
         prob += top >= max(times) * _MS
         prob += top >= sum(times) / n * _MS
+        if upper_s is not None:
+            prob += top <= upper_s * _MS * (1 + 1e-7)
     prob += top
-    variables = {k: v for k, v in z.items() if isinstance(v, pulp.LpVariable)}
-    return prob, variables, top
+    return _Ilp(prob, z, top, crossing_vars, rows)
 
 
 def _unit_memory(units: Units, u: int, stage: int, config: CostConfig) -> float:
@@ -169,23 +269,69 @@ def _unit_memory(units: Units, u: int, stage: int, config: CostConfig) -> float:
     )
 
 
+def resolve_solver(name: str) -> str:
+    """``"auto"`` is HiGHS where ``highspy`` is installed, else CBC; other names pass through.
+
+    Raises:
+        PlanError: an unknown name, or ``"highs"`` without ``highspy``.
+    """
+    if name == "auto":
+        return "highs" if pulp.HiGHS().available() else "cbc"
+    if name == "highs" and not pulp.HiGHS().available():
+        raise PlanError("solver 'highs' is not installed: pip install highspy (or use --solver cbc)")
+    if name not in ("cbc", "highs"):
+        raise PlanError(f"unknown solver {name!r}; choose auto, cbc or highs")
+    return name
+
+
+class _WarmHiGHS(pulp.HiGHS):
+    """PuLP's HiGHS interface, given the variables' initial values as a starting solution
+    (PuLP 3.3 passes none to HiGHS)."""
+
+    def callSolver(self, lp: pulp.LpProblem) -> None:
+        import highspy
+
+        start = highspy.HighsSolution()
+        start.col_value = [var.varValue or 0.0 for var in sorted(lp.variables(), key=lambda v: v.index)]
+        start.value_valid = True
+        lp.solverModel.setSolution(start)
+        super().callSolver(lp)
+
+
 def _solver(name: str, time_limit: float, gap: float, warm: bool, log_path: str | None) -> pulp.LpSolver:
     if name == "highs":
-        if not pulp.HiGHS().available():
-            raise PlanError("solver 'highs' is not installed: pip install highspy (or use --solver cbc)")
-        return pulp.HiGHS(msg=False, timeLimit=time_limit, threads=1, gapRel=gap)
-    if name == "cbc":
-        with warnings.catch_warnings():  # PuLP 3.3 deprecates the bundled CBC for PuLP 4
-            warnings.simplefilter("ignore", DeprecationWarning)
-            return pulp.PULP_CBC_CMD(
-                msg=False,
-                timeLimit=time_limit,
-                threads=1,
-                gapRel=gap,
-                warmStart=warm,
-                logPath=log_path,
-            )
-    raise PlanError(f"unknown solver {name!r}; choose cbc or highs")
+        cls = _WarmHiGHS if warm else pulp.HiGHS
+        return cls(msg=False, timeLimit=time_limit, threads=1, gapRel=gap)
+    with warnings.catch_warnings():  # PuLP 3.3 deprecates the bundled CBC for PuLP 4
+        warnings.simplefilter("ignore", DeprecationWarning)
+        return pulp.PULP_CBC_CMD(
+            msg=False,
+            timeLimit=time_limit,
+            threads=1,
+            gapRel=gap,
+            warmStart=warm,
+            logPath=log_path,
+        )
+
+
+@contextlib.contextmanager
+def _stdout_to_stderr() -> Iterator[None]:
+    """Send what the solver libraries print (HiGHS prints a banner on file descriptor 1) to
+    standard error, so that standard output carries only the caller's results."""
+    sys.stdout.flush()
+    try:
+        saved = os.dup(1)
+    except OSError:  # no file descriptor 1 (a closed stdout): nothing to protect
+        yield
+        return
+    try:
+        os.dup2(2, 1)
+        yield
+    finally:
+        with contextlib.suppress(OSError, ValueError):
+            sys.stdout.flush()
+        os.dup2(saved, 1)
+        os.close(saved)
 
 
 def _solve(
@@ -194,7 +340,8 @@ def _solve(
     """Solve; return (status text, proven optimal, relative gap)."""
     with tempfile.TemporaryDirectory() as tmp:
         log_path = str(Path(tmp) / "cbc.log") if solver == "cbc" else None
-        prob.solve(_solver(solver, time_limit, gap, warm, log_path))
+        with _stdout_to_stderr():
+            prob.solve(_solver(solver, time_limit, gap, warm, log_path))
         log = Path(log_path).read_text() if log_path and Path(log_path).exists() else ""
     if prob.status == pulp.LpStatusInfeasible or prob.sol_status == pulp.LpSolutionInfeasible:
         return "infeasible", False, None
@@ -217,11 +364,21 @@ def _gap(prob: pulp.LpProblem, solver: str, log: str) -> float | None:
     return None
 
 
+def _peak_memory(graph: CostGraph, stage_of: list[int], config: CostConfig) -> int:
+    return max(s.memory_bytes for s in evaluate(graph, stage_of, config))
+
+
+def _unit_stages(stage_of: list[int], units: Units) -> list[int]:
+    unit_stage = [stage_of[m[0]] for m in units.members]
+    assert units.expand(unit_stage) == stage_of, "a known plan must stay representable in the units"
+    return unit_stage
+
+
 def ilp(
     graph: CostGraph,
     config: CostConfig,
     *,
-    solver: str = "cbc",
+    solver: str = "auto",
     time_limit: float = 30.0,
     max_units: int = 64,
     gap: float = 1e-4,
@@ -229,47 +386,52 @@ def ilp(
 ) -> PartitionResult:
     """Minimise the bottleneck stage time with the ILP described in the module docstring.
 
+    The exact contiguous split (:func:`chain_dp`) at node level, or under a memory limit it
+    cannot meet the plan of :func:`min_memory_plan`, stays representable after coarsening,
+    warm-starts the solver and bounds the bottleneck (:func:`stage_windows`), so the ILP is
+    never worse than any contiguous baseline.
+
     Args:
         graph: the cost graph.
         config: stages, method, bandwidth, memory limit.
-        solver: ``"cbc"`` (bundled with PuLP) or ``"highs"`` (``pip install highspy``).
+        solver: ``"auto"`` (HiGHS if ``highspy`` is installed, else CBC), ``"cbc"`` (bundled
+            with PuLP) or ``"highs"``.
         time_limit: seconds the solver may use; after it the best plan found is returned
             with ``optimal=False`` and its gap.
-        max_units: coarsen the graph to at most this many units first.
+        max_units: coarsen the graph to at most this many units first; the status then says
+            ``"optimal over N units"`` (a finer plan may be better).
         gap: relative MIP gap at which the solver stops and reports ``optimal``.
         units: use this grouping instead (no coarsening).
 
     Raises:
         PlanError: more stages than nodes that do work, or unknown solver.
-        InfeasibleMemoryError: no plan meets ``config.memory_limit``; the error carries the
-            smallest limit that can be met.
+        InfeasibleMemoryError: no plan over the units meets ``config.memory_limit``; the error
+            carries the smallest limit one meets (:func:`min_memory_plan`).
     """
     start = time.perf_counter()
+    solver = resolve_solver(solver)
+    n = config.num_stages
+    fine = fine_units(graph) if units is None else units
+    _check_stages(fine, n)
+    warm = chain_dp(graph, config, units=fine, strict=False)
+    warm_plan = warm.stage_of if warm is not None else None
+    if warm_plan is None:  # only a memory limit can leave no contiguous split
+        least = min_memory_plan(
+            graph, config, solver=solver, time_limit=time_limit, max_units=max_units, units=units
+        )
+        if least.memory_bytes > (config.memory_limit or 0):
+            raise _memory_error(config, least)
+        warm_plan = least.stage_of
     if units is None:
-        fine = fine_units(graph)
-        _check_stages(fine, config.num_stages)
-        # The exact contiguous split at node level stays representable after coarsening and
-        # warm-starts the solver, so the ILP is never worse than any contiguous baseline.
-        warm = chain_dp(graph, config, units=fine, strict=False)
-        starts = frozenset(_stage_starts(warm.stage_of, fine) if warm else ())
-        units = coarsen(fine, max_units, config.num_stages, keep_starts=starts)
-    else:
-        _check_stages(units, config.num_stages)
-        warm = chain_dp(graph, config, units=units, strict=False)
-    prob, z, _top = _build_ilp(units, config, "time")
-    if warm is not None:
-        unit_stage = [warm.stage_of[m[0]] for m in units.members]
-        assert units.expand(unit_stage) == warm.stage_of
-        for (u, s), var in z.items():
-            var.setInitialValue(1 if unit_stage[u] <= s else 0)
-    status, optimal, final_gap = _solve(prob, solver, time_limit, warm is not None, gap)
-    if status == "infeasible" or not status.startswith(("optimal", "feasible")):
-        if config.memory_limit is not None:
-            _raise_memory(graph, config, units, solver, time_limit)
-        raise PlanError(f"the ILP found no plan: {status}")
-    unit_stage = [_stage_from_z(z, u, config.num_stages, units) for u in range(len(units))]
+        units = coarsen(fine, max_units, n, keep_starts=frozenset(_stage_starts(warm_plan, fine)))
+    upper = max(s.time_s for s in evaluate(graph, warm_plan, config))
+    stage_of, status, optimal, final_gap = _solve_time(
+        graph, config, units, warm_plan, upper, solver, time_limit, gap
+    )
+    if status.startswith("optimal") and len(units) < len(fine_units(graph)):
+        status = f"optimal over {len(units)} units"
     return PartitionResult(
-        stage_of=units.expand(unit_stage),
+        stage_of=stage_of,
         partitioner="ilp",
         solver=solver,
         status=status,
@@ -278,6 +440,39 @@ def ilp(
         solve_s=time.perf_counter() - start,
         num_units=len(units),
     )
+
+
+def _solve_time(
+    graph: CostGraph,
+    config: CostConfig,
+    units: Units,
+    warm_plan: list[int],
+    upper: float,
+    solver: str,
+    time_limit: float,
+    gap: float,
+) -> tuple[list[int], str, bool, float | None]:
+    """Solve the time ILP; return (plan, status, optimal, gap).
+
+    The solver checks the memory limit in MiB within its feasibility tolerance; a plan that
+    breaks the exact byte limit is cut off by solving again with the limit lowered by the
+    excess (twice at most), after which the warm start, which fits, is returned as it is.
+    """
+    limit = config.memory_limit
+    for _ in range(3):
+        built = _build_ilp(units, config, "time", upper_s=upper, memory_limit=limit)
+        built.warm_start(_unit_stages(warm_plan, units))
+        status, optimal, final_gap = _solve(built.prob, solver, time_limit, True, gap)
+        if not status.startswith(("optimal", "feasible")):
+            break
+        stage_of = units.expand([_stage_from_z(built.z, u, config.num_stages) for u in range(len(units))])
+        if config.memory_limit is None or limit is None:
+            return stage_of, status, optimal, final_gap
+        excess = _peak_memory(graph, stage_of, config) - config.memory_limit
+        if excess <= 0:
+            return stage_of, status, optimal, final_gap
+        limit -= excess + 1
+    return warm_plan, f"warm start (the ILP: {status})", False, None
 
 
 def _stage_starts(stage_of: list[int], units: Units) -> list[int]:
@@ -289,43 +484,99 @@ def _stage_starts(stage_of: list[int], units: Units) -> list[int]:
     ]
 
 
-def _stage_from_z(z: dict, u: int, n: int, units: Units) -> int:
-    pin = _unit_stage_pin(units, u, n)
-    if pin is not None:
-        return pin
-    for s in range(n - 1):
-        if round(z[u, s].value() or 0) == 1:
+def _stage_from_z(z: dict, u: int, n: int) -> int:
+    """The first stage s with ``z[u, s] = 1``."""
+    for s in range(n):
+        value = z[u, s] if isinstance(z[u, s], int) else z[u, s].value()
+        if round(value or 0) == 1:
             return s
     return n - 1
+
+
+@dataclass
+class MemoryMinimum:
+    """The plan whose largest stage memory is the smallest the ILP can express.
+
+    Attributes:
+        memory_bytes: that plan's largest stage memory in bytes, exact
+            (:func:`~pipeoptim.compiler.costmodel.evaluate`): a limit of this many bytes is
+            met, and when ``proven`` no plan over the units meets one byte less.
+        stage_of: the plan, the stage of every node.
+        proven: whether the solver proved the minimum (else it is an upper bound).
+        num_units: how many units the graph was placed as.
+    """
+
+    memory_bytes: int
+    stage_of: list[int]
+    proven: bool
+    num_units: int
+
+
+def min_memory_plan(
+    graph: CostGraph,
+    config: CostConfig,
+    *,
+    solver: str = "auto",
+    time_limit: float = 30.0,
+    max_units: int = 64,
+    units: Units | None = None,
+) -> MemoryMinimum:
+    """The plan minimising the largest stage memory (bytes): the ILP of the module docstring
+    with memory as the objective, over units coarsened so that the least-memory contiguous
+    split stays representable (it warm-starts the solver), or over ``units`` as given.
+
+    :func:`ilp` places the graph on these same units whenever no contiguous split meets its
+    memory limit, so :attr:`MemoryMinimum.memory_bytes` is exactly the smallest limit it plans.
+
+    Raises:
+        PlanError: more stages than nodes that do work, or unknown solver.
+    """
+    solver = resolve_solver(solver)
+    n = config.num_stages
+    fine = fine_units(graph) if units is None else units
+    _check_stages(fine, n)
+    contiguous = fine.expand(_min_contiguous_split(fine, config))
+    if units is None:
+        units = coarsen(fine, max_units, n, keep_starts=frozenset(_stage_starts(contiguous, fine)))
+    built = _build_ilp(units, config, "memory")
+    built.warm_start(_unit_stages(contiguous, units))
+    status, proven, _gap_found = _solve(built.prob, solver, time_limit, True, gap=0.0)
+    best, peak = contiguous, _peak_memory(graph, contiguous, config)
+    if status.startswith(("optimal", "feasible")):
+        found = units.expand([_stage_from_z(built.z, u, n) for u in range(len(units))])
+        if (found_peak := _peak_memory(graph, found, config)) < peak:
+            best, peak = found, found_peak
+    return MemoryMinimum(memory_bytes=peak, stage_of=best, proven=proven, num_units=len(units))
 
 
 def min_feasible_memory(
     graph: CostGraph,
     config: CostConfig,
     *,
-    units: Units | None = None,
-    solver: str = "cbc",
+    solver: str = "auto",
     time_limit: float = 30.0,
     max_units: int = 64,
 ) -> int:
-    """Smallest per-stage memory limit (bytes) that some plan meets (an ILP minimising it)."""
-    units = units if units is not None else coarsen(fine_units(graph), max_units, config.num_stages)
-    _check_stages(units, config.num_stages)
-    prob, _z, top = _build_ilp(units, config, "memory")
-    _solve(prob, solver, time_limit, False)
-    return int(np.ceil((top.value() or 0.0) * _MIB))
+    """Smallest per-stage memory limit (bytes) that :func:`ilp` plans for: see :func:`min_memory_plan`."""
+    return min_memory_plan(
+        graph, config, solver=solver, time_limit=time_limit, max_units=max_units
+    ).memory_bytes
 
 
-def _raise_memory(graph: CostGraph, config: CostConfig, units: Units, solver: str, time_limit: float) -> None:
-    least = min_feasible_memory(graph, config, units=units, solver=solver, time_limit=time_limit)
+def _memory_error(config: CostConfig, least: MemoryMinimum) -> InfeasibleMemoryError:
     limit = config.memory_limit or 0
-    raise InfeasibleMemoryError(
+    how = (
+        f"proven the least over the ILP's {least.num_units} units"
+        if least.proven
+        else "a plan meets it; the solver did not prove within its time limit that none needs less"
+    )
+    return InfeasibleMemoryError(
         f"no {config.num_stages}-stage plan fits in {format_bytes(limit)} per stage with method "
-        f"{config.method!r}; the smallest feasible limit is {format_bytes(least)} "
-        f"({least} bytes): raise --memory to at least that, use more stages, or a method that "
-        "keeps fewer weight versions",
+        f"{config.method!r}; the smallest feasible limit is {format_bytes(least.memory_bytes)} "
+        f"({least.memory_bytes} bytes, {how}): raise --memory to at least that, use more stages, "
+        "or a method that keeps fewer weight versions",
         limit_bytes=limit,
-        min_feasible_bytes=least,
+        min_feasible_bytes=least.memory_bytes,
     )
 
 
@@ -447,7 +698,8 @@ def chain_dp(
     )
 
 
-def _min_contiguous_memory(units: Units, config: CostConfig) -> int:
+def _min_contiguous_split(units: Units, config: CostConfig) -> list[int]:
+    """Unit stages of the contiguous split with the smallest largest stage memory."""
     params = _prefix([units.attr(u, "param_bytes") for u in range(len(units))])
     buffers = _prefix([units.attr(u, "buffer_bytes") for u in range(len(units))])
     saved = _prefix([units.attr(u, "saved_bytes") for u in range(len(units))])
@@ -462,8 +714,11 @@ def _min_contiguous_memory(units: Units, config: CostConfig) -> int:
 
     unit_stage = _contiguous(units, config.num_stages, cost)
     assert unit_stage is not None
-    stats = evaluate(units.graph, units.expand(unit_stage), config)
-    return max(s.memory_bytes for s in stats)
+    return unit_stage
+
+
+def _min_contiguous_memory(units: Units, config: CostConfig) -> int:
+    return _peak_memory(units.graph, units.expand(_min_contiguous_split(units, config)), config)
 
 
 def _balanced(graph: CostGraph, config: CostConfig, weights: list[float], name: str) -> PartitionResult:
