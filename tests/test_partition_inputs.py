@@ -138,7 +138,7 @@ def test_the_tiny_graph_itself_plans(tmp_path: Path) -> None:
     assert len(json.loads(result.stdout)["stages"]) == 3
 
 
-@pytest.mark.parametrize("solver", ["auto", "cbc", "highs"])
+@pytest.mark.parametrize("solver", ["dp", "auto", "cbc", "highs"])
 @pytest.mark.parametrize("memory", [None, "least"])
 def test_json_on_stdout_is_the_only_output(tmp_path: Path, solver: str, memory: str | None) -> None:
     """Run as a user does (a process, so that what C libraries print to file descriptor 1 is seen)."""
@@ -146,14 +146,16 @@ def test_json_on_stdout_is_the_only_output(tmp_path: Path, solver: str, memory: 
         pytest.importorskip("highspy")
     path = tmp_path / "graph.json"
     path.write_text(json.dumps(neutral_graph()))
-    args = [str(EXE), "partition", "--profile", str(path), "--gpus", "3", "--json", "--solver", solver]
+    args = [str(EXE), "partition", "--profile", str(path), "--gpus", "3", "--json"]
+    args += [] if solver == "dp" else ["--solver", solver, "--no-exact-dp"]
     if memory:  # a limit only a non-contiguous or least-memory plan meets runs the memory ILP too
         least = P.min_memory_plan(CostGraph.load(path), CostConfig(3, bandwidth=25e9, micro_batches=3))
         args += ["--memory", str(least.memory_bytes)]
     done = subprocess.run(args, capture_output=True, text=True, timeout=120, cwd=tmp_path)
     assert done.returncode == 0, done.stderr
     data = json.loads(done.stdout)
-    assert len(data["stages"]) == 3 and data["solver"] in ("cbc", "highs")
+    assert len(data["stages"]) == 3
+    assert data["solver"] == {"dp": "dp over ideals", "auto": "highs"}.get(solver, solver)
     if memory:
         assert data["max_memory_bytes"] <= data["config"]["memory_limit"]
 
@@ -186,51 +188,63 @@ def reference_min_memory(graph: CostGraph, n: int, opt_factor: float) -> int:
     return int(best)
 
 
+@pytest.mark.parametrize("ideals", [True, False])
 @pytest.mark.parametrize("seed", range(6))
-def test_smallest_memory_limit_is_exact(seed: int) -> None:
+def test_smallest_memory_limit_is_exact(seed: int, ideals: bool) -> None:
     rng = random.Random(seed)
     graph = random_cost_graph(rng, 6, max_inputs=2)
     n = rng.choice([2, 3])
     config = CostConfig(n, bandwidth=500.0, memory_limit=1)
     with pytest.raises(InfeasibleMemoryError) as info:
-        P.ilp(graph, config, max_units=1000, gap=1e-9)
+        P.ilp(graph, config, max_units=1000, gap=1e-9, ideals=ideals)
     least = info.value.min_feasible_bytes
     assert least == reference_min_memory(graph, n, config.opt_state_factor)
     assert f"({least} bytes, proven" in str(info.value)
     at = CostConfig(n, bandwidth=500.0, memory_limit=least)
-    plan = P.ilp(graph, at, max_units=1000, gap=1e-9)
+    plan = P.ilp(graph, at, max_units=1000, gap=1e-9, ideals=ideals)
     assert max(s.memory_bytes for s in evaluate(graph, plan.stage_of, at)) <= least
     with pytest.raises(InfeasibleMemoryError) as below:
-        P.ilp(graph, CostConfig(n, bandwidth=500.0, memory_limit=least - 1), max_units=1000, gap=1e-9)
+        P.ilp(graph, CostConfig(n, bandwidth=500.0, memory_limit=least - 1), max_units=1000, ideals=ideals)
     assert below.value.min_feasible_bytes == least
 
 
-@pytest.mark.parametrize("name, stages", [("alexnet", 4), ("inception_v3", 8), ("resnet101", 4)])
+@pytest.mark.parametrize(
+    "name, stages, ideals",
+    [("alexnet", 4, True), ("alexnet", 4, False), ("inception_v3", 8, True), ("resnet101", 4, True)],
+)
 def test_smallest_memory_limit_of_gpu_graphs_plans_and_one_byte_less_does_not(
-    shared_dir: Path, name: str, stages: int
+    shared_dir: Path, name: str, stages: int, ideals: bool
 ) -> None:
     """alexnet with 4 stages named 846,798,846 bytes, which failed, where 846,798,848 planned."""
     graph = CostGraph.load(shared_dir / "profiles" / f"{name}.json")
     base = CostConfig(stages, bandwidth=25e9, micro_batches=stages)
     with pytest.raises(InfeasibleMemoryError) as info:
-        P.ilp(graph, CostConfig(stages, bandwidth=25e9, micro_batches=stages, memory_limit=2**20))
+        P.ilp(
+            graph, CostConfig(stages, bandwidth=25e9, micro_batches=stages, memory_limit=2**20), ideals=ideals
+        )
     least = info.value.min_feasible_bytes
-    assert least == P.min_memory_plan(graph, base).memory_bytes
+    assert least == P.min_memory_plan(graph, base, ideals=ideals).memory_bytes
     at = CostConfig(stages, bandwidth=25e9, micro_batches=stages, memory_limit=least)
-    plan = P.ilp(graph, at)
+    plan = P.ilp(graph, at, ideals=ideals)
     assert max(s.memory_bytes for s in evaluate(graph, plan.stage_of, at)) <= least
     with pytest.raises(InfeasibleMemoryError) as below:
-        P.ilp(graph, CostConfig(stages, bandwidth=25e9, micro_batches=stages, memory_limit=least - 1))
+        P.ilp(
+            graph,
+            CostConfig(stages, bandwidth=25e9, micro_batches=stages, memory_limit=least - 1),
+            ideals=ideals,
+        )
     assert below.value.min_feasible_bytes == least
     if name == "alexnet":
         assert least == 846_798_848
 
 
-def test_status_says_optimal_over_units_when_coarsened() -> None:
-    graph = random_cost_graph(random.Random(2), 40, chain=True)
+@pytest.mark.parametrize("ideals", [False, True])
+def test_status_says_optimal_over_units_when_coarsened(ideals: bool) -> None:
+    """A wide graph (too many ideals at node level) placed as at most 12 units."""
+    graph = random_cost_graph(random.Random(2), 60, max_inputs=3)
     config = CostConfig(3, bandwidth=500.0)
-    coarse = P.ilp(graph, config, max_units=12)
-    assert coarse.num_units <= 12
+    coarse = P.ilp(graph, config, max_units=12, ideals=ideals)
+    assert coarse.num_units <= 12 and coarse.solver == (P.IDEALS if ideals else "highs")
     assert coarse.status == f"optimal over {coarse.num_units} units" and coarse.optimal
-    fine = P.ilp(graph, config, max_units=1000)
+    fine = P.ilp(random_cost_graph(random.Random(2), 10), config, max_units=1000, ideals=ideals)
     assert fine.status == "optimal" and fine.optimal

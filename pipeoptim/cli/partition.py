@@ -83,6 +83,13 @@ def _log(msg: str) -> None:
     help="ILP solver; auto is HiGHS where highspy is installed, else CBC.",
 )
 @click.option(
+    "--exact-dp/--no-exact-dp",
+    default=True,
+    show_default=True,
+    help="Solve by the exact dynamic program over the graph's ideals where it has few enough "
+    "(at most 1,500 on some level of coarsening), else by the ILP; --no-exact-dp: the ILP only.",
+)
+@click.option(
     "--time-limit",
     type=click.FloatRange(min=0.1),
     default=30.0,
@@ -112,6 +119,7 @@ def partition(
     optimizer,
     partitioner,
     solver,
+    exact_dp,
     time_limit,
     profile_file,
     profile_dir,
@@ -149,7 +157,9 @@ def partition(
             if model is not None:
                 _check_profile_matches(model, graph, input_shape, input_dtype, leaf, device)
             reused = True
-            plan = make_plan(graph, config, partitioner=partitioner, solver=solver, time_limit=time_limit)
+            plan = make_plan(
+                graph, config, partitioner=partitioner, solver=solver, time_limit=time_limit, ideals=exact_dp
+            )
         else:
             net, examples = load_model(model, input_shape, input_dtype)
             planned = plan_model(
@@ -162,6 +172,7 @@ def partition(
                 partitioner=partitioner,
                 solver=solver,
                 time_limit=time_limit,
+                ideals=exact_dp,
                 log=_log,
             )
             plan, reused, graph = planned.plan, planned.profile_reused, planned.graph

@@ -34,7 +34,7 @@ import tempfile
 import time
 import warnings
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -42,6 +42,7 @@ import pulp
 
 from pipeoptim.compiler.costgraph import CostGraph
 from pipeoptim.compiler.costmodel import CostConfig, evaluate
+from pipeoptim.compiler.ideals import enumerate_ideals, ideal_dp
 from pipeoptim.compiler.units import LAST, Units, coarsen, fine_units
 from pipeoptim.errors import InfeasibleMemoryError, PlanError
 from pipeoptim.units import format_bytes
@@ -383,13 +384,18 @@ def ilp(
     max_units: int = 64,
     gap: float = 1e-4,
     units: Units | None = None,
+    ideals: bool = True,
 ) -> PartitionResult:
-    """Minimise the bottleneck stage time with the ILP described in the module docstring.
+    """The plan with the smallest bottleneck stage time: exact over the units.
 
-    The exact contiguous split (:func:`chain_dp`) at node level, or under a memory limit it
-    cannot meet the plan of :func:`min_memory_plan`, stays representable after coarsening,
-    warm-starts the solver and bounds the bottleneck (:func:`stage_windows`), so the ILP is
-    never worse than any contiguous baseline.
+    First the exact dynamic program over ideals (:mod:`pipeoptim.compiler.ideals`) on the
+    finest units with at most :data:`~pipeoptim.compiler.ideals.MAX_IDEALS` ideals (the nodes
+    themselves, or the graph coarsened to 256, 128 or ``max_units`` units); where every
+    level has more, the ILP described in the module docstring. The exact contiguous split
+    (:func:`chain_dp`) at node level, or under a memory limit it cannot meet the plan of
+    :func:`min_memory_plan`, stays representable after coarsening, warm-starts the solver and
+    bounds the bottleneck (:func:`stage_windows`), so the result is never worse than any
+    contiguous baseline.
 
     Args:
         graph: the cost graph.
@@ -398,10 +404,12 @@ def ilp(
             with PuLP) or ``"highs"``.
         time_limit: seconds the solver may use; after it the best plan found is returned
             with ``optimal=False`` and its gap.
-        max_units: coarsen the graph to at most this many units first; the status then says
-            ``"optimal over N units"`` (a finer plan may be better).
+        max_units: coarsen the graph to at most this many units for the ILP; the status
+            says ``"optimal over N units"`` when the units are coarser than the nodes (a
+            finer plan may be better).
         gap: relative MIP gap at which the solver stops and reports ``optimal``.
         units: use this grouping instead (no coarsening).
+        ideals: try the dynamic program over ideals first (``False``: the ILP only).
 
     Raises:
         PlanError: more stages than nodes that do work, or unknown solver.
@@ -413,11 +421,39 @@ def ilp(
     n = config.num_stages
     fine = fine_units(graph) if units is None else units
     _check_stages(fine, n)
+    n_fine = len(fine_units(graph)) if units is not None else len(fine)
     warm = chain_dp(graph, config, units=fine, strict=False)
     warm_plan = warm.stage_of if warm is not None else None
+    if ideals:
+        keep = _base_starts(graph, config, fine) | frozenset(
+            _stage_starts(warm_plan, fine) if warm_plan else ()
+        )
+        exact = _exact_units(fine, n, keep, max_units, coarsen_them=units is None)
+        if exact is not None:
+            chosen, ideal_sets = exact
+            found = ideal_dp(chosen, ideal_sets, config, "time", memory_limit=config.memory_limit)
+            if found is None:  # no contiguous split fits, so ``keep`` is _base_starts and
+                least = min_memory_plan(graph, config, solver=solver, max_units=max_units, units=units)
+                raise _memory_error(config, least)  # the minimum is over these very units
+            return PartitionResult(
+                stage_of=chosen.expand(found[0]),
+                partitioner="ilp",
+                solver=IDEALS,
+                status="optimal" if len(chosen) == n_fine else f"optimal over {len(chosen)} units",
+                optimal=True,
+                gap=0.0,
+                solve_s=time.perf_counter() - start,
+                num_units=len(chosen),
+            )
     if warm_plan is None:  # only a memory limit can leave no contiguous split
         least = min_memory_plan(
-            graph, config, solver=solver, time_limit=time_limit, max_units=max_units, units=units
+            graph,
+            config,
+            solver=solver,
+            time_limit=time_limit,
+            max_units=max_units,
+            units=units,
+            ideals=False,
         )
         if least.memory_bytes > (config.memory_limit or 0):
             raise _memory_error(config, least)
@@ -428,7 +464,7 @@ def ilp(
     stage_of, status, optimal, final_gap = _solve_time(
         graph, config, units, warm_plan, upper, solver, time_limit, gap
     )
-    if status.startswith("optimal") and len(units) < len(fine_units(graph)):
+    if status.startswith("optimal") and len(units) < n_fine:
         status = f"optimal over {len(units)} units"
     return PartitionResult(
         stage_of=stage_of,
@@ -440,6 +476,33 @@ def ilp(
         solve_s=time.perf_counter() - start,
         num_units=len(units),
     )
+
+
+#: :attr:`PartitionResult.solver` of plans found by the dynamic program over ideals.
+IDEALS = "dp over ideals"
+
+
+def _base_starts(graph: CostGraph, config: CostConfig, fine: Units) -> frozenset[int]:
+    """Stage starts that do not depend on the memory limit: those of the fastest contiguous
+    split without a limit and of the contiguous split with the least memory."""
+    fastest = chain_dp(graph, replace(config, memory_limit=None), units=fine)
+    assert fastest is not None
+    least = fine.expand(_min_contiguous_split(fine, config))
+    return frozenset(_stage_starts(fastest.stage_of, fine)) | frozenset(_stage_starts(least, fine))
+
+
+def _exact_units(
+    fine: Units, n: int, keep: frozenset[int], max_units: int, coarsen_them: bool
+) -> tuple[Units, np.ndarray] | None:
+    """The finest of the units, and the graph coarsened to 256, 128 and ``max_units`` units
+    (keeping ``keep``), with few enough ideals for :func:`ideal_dp`; and its ideals."""
+    sizes = sorted({m for m in (256, 128, max_units) if m < len(fine)}, reverse=True) if coarsen_them else []
+    for size in [len(fine), *sizes]:
+        units = fine if size == len(fine) else coarsen(fine, size, n, keep_starts=keep)
+        ideal_sets = enumerate_ideals(units)
+        if ideal_sets is not None:
+            return units, ideal_sets
+    return None
 
 
 def _solve_time(
@@ -520,13 +583,16 @@ def min_memory_plan(
     time_limit: float = 30.0,
     max_units: int = 64,
     units: Units | None = None,
+    ideals: bool = True,
 ) -> MemoryMinimum:
-    """The plan minimising the largest stage memory (bytes): the ILP of the module docstring
-    with memory as the objective, over units coarsened so that the least-memory contiguous
-    split stays representable (it warm-starts the solver), or over ``units`` as given.
+    """The plan minimising the largest stage memory (bytes), over the units :func:`ilp`
+    places the graph on whenever no contiguous split meets its memory limit, so that
+    :attr:`MemoryMinimum.memory_bytes` is exactly the smallest limit :func:`ilp` plans.
 
-    :func:`ilp` places the graph on these same units whenever no contiguous split meets its
-    memory limit, so :attr:`MemoryMinimum.memory_bytes` is exactly the smallest limit it plans.
+    That is the dynamic program over ideals (:func:`ideal_dp`, exact) where the units have
+    few enough ideals; else the ILP of the module docstring with memory as the objective, on
+    units coarsened so that the least-memory contiguous split stays representable (it
+    warm-starts the solver).
 
     Raises:
         PlanError: more stages than nodes that do work, or unknown solver.
@@ -536,6 +602,16 @@ def min_memory_plan(
     fine = fine_units(graph) if units is None else units
     _check_stages(fine, n)
     contiguous = fine.expand(_min_contiguous_split(fine, config))
+    if ideals:
+        exact = _exact_units(
+            fine, n, _base_starts(graph, config, fine), max_units, coarsen_them=units is None
+        )
+        if exact is not None:
+            chosen, ideal_sets = exact
+            found = ideal_dp(chosen, ideal_sets, config, "memory")
+            assert found is not None
+            plan = chosen.expand(found[0])
+            return MemoryMinimum(_peak_memory(graph, plan, config), plan, True, len(chosen))
     if units is None:
         units = coarsen(fine, max_units, n, keep_starts=frozenset(_stage_starts(contiguous, fine)))
     built = _build_ilp(units, config, "memory")
@@ -543,9 +619,9 @@ def min_memory_plan(
     status, proven, _gap_found = _solve(built.prob, solver, time_limit, True, gap=0.0)
     best, peak = contiguous, _peak_memory(graph, contiguous, config)
     if status.startswith(("optimal", "feasible")):
-        found = units.expand([_stage_from_z(built.z, u, n) for u in range(len(units))])
-        if (found_peak := _peak_memory(graph, found, config)) < peak:
-            best, peak = found, found_peak
+        found_plan = units.expand([_stage_from_z(built.z, u, n) for u in range(len(units))])
+        if (found_peak := _peak_memory(graph, found_plan, config)) < peak:
+            best, peak = found_plan, found_peak
     return MemoryMinimum(memory_bytes=peak, stage_of=best, proven=proven, num_units=len(units))
 
 
