@@ -248,3 +248,34 @@ def test_status_says_optimal_over_units_when_coarsened(ideals: bool) -> None:
     assert coarse.status == f"optimal over {coarse.num_units} units" and coarse.optimal
     fine = P.ilp(random_cost_graph(random.Random(2), 10), config, max_units=1000, ideals=ideals)
     assert fine.status == "optimal" and fine.optimal
+
+
+def test_plot_draws_the_plan(tmp_path: Path) -> None:
+    import matplotlib.image
+
+    from pipeoptim.compiler.plan import make_plan
+    from pipeoptim.compiler.plot import stage_starts
+
+    path = tmp_path / "graph.json"
+    path.write_text(json.dumps(neutral_graph()))
+    picture = tmp_path / "out" / "plan.png"
+    result = CliRunner().invoke(
+        cli, ["partition", "--profile", str(path), "--gpus", "3", "--plot", str(picture), "--memory", "1GiB"]
+    )
+    assert result.exit_code == 0, result.stderr
+    height, width, _channels = matplotlib.image.imread(picture).shape
+    assert height > 500 and width > 500
+    assert [p.name for p in picture.parent.iterdir()] == ["plan.png"]  # written atomically, nothing left
+    graph = CostGraph.load(path)
+    plan = make_plan(graph, CostConfig(3, bandwidth=25e9))
+    starts = stage_starts(plan, graph)
+    work = [n.time_s for n in graph.nodes]
+    for stage, share, label in starts:
+        first = next(i for i, n in enumerate(graph.nodes) if plan.stage_of[n.name] == stage and n.time_s > 0)
+        assert label == graph.nodes[first].module
+        assert share == pytest.approx(sum(work[:first]) / sum(work))
+    assert [s for s, _, _ in starts] == [0, 1, 2] and starts[0][1] == 0.0
+    bad = CliRunner().invoke(
+        cli, ["partition", "--profile", str(path), "--gpus", "2", "--plot", str(tmp_path)]
+    )
+    assert bad.exit_code == 2 and "is a directory" in bad.stderr

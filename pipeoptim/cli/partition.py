@@ -15,6 +15,7 @@ from pipeoptim.compiler.costgraph import CostGraph
 from pipeoptim.compiler.costmodel import CostConfig, optimizer_state_factor
 from pipeoptim.compiler.partition import BASELINES
 from pipeoptim.compiler.plan import make_plan
+from pipeoptim.compiler.plot import plot_plan
 from pipeoptim.compiler.profile import device_name, load_or_measure_update_cost
 from pipeoptim.errors import PipeoptimError
 from pipeoptim.methods import METHODS
@@ -107,6 +108,11 @@ def _log(msg: str) -> None:
 @click.option("--device", default=None, help="Device to profile on (default: cpu).")
 @click.option("--json", "as_json", is_flag=True, help="Print the plan as JSON.")
 @click.option("--save", type=click.Path(dir_okay=False), help="Write the plan JSON to this file.")
+@click.option(
+    "--plot",
+    type=click.Path(dir_okay=False),
+    help="Draw the plan into this PNG: per-stage time and memory, and where the cuts fall.",
+)
 def partition(
     model,
     gpus,
@@ -127,6 +133,7 @@ def partition(
     device,
     as_json,
     save,
+    plot,
 ) -> None:
     """Plan MODEL as a pipeline of --gpus stages and print one row per stage.
 
@@ -181,6 +188,12 @@ def partition(
     if save:
         plan.save(save)
         _log(f"saved plan {save}")
+    if plot:
+        try:
+            plot_plan(plan, plot, graph)
+        except OSError as exc:
+            raise click.ClickException(f"cannot write the plot {plot}: {exc.strerror or exc}") from exc
+        _log(f"drew plan {plot}")
     if as_json:
         data = plan.to_dict()
         out = {
