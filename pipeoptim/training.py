@@ -6,7 +6,7 @@ folder:
 
 - ``metrics.json`` -- configuration, per-epoch loss / metric / speed, the plan's summary;
 - ``train.csv`` -- one row per mini-batch: step, epoch, loss;
-- ``curves.png`` (``plot=True``) -- loss and metric curves;
+- ``curves.png`` and ``plan.png`` (``plot=True``) -- loss and metric curves, the pipeline plan;
 - ``checkpoint.pt`` (``checkpoint_every``) -- see :mod:`pipeoptim.checkpoint`.
 
 All files are written atomically.
@@ -30,6 +30,7 @@ from tqdm import tqdm
 
 import pipeoptim
 from pipeoptim.checkpoint import FORMAT, read_checkpoint
+from pipeoptim.compiler.plot import plot_plan
 from pipeoptim.errors import CheckpointError
 from pipeoptim.fileio import atomic_write, write_json
 from pipeoptim.pipeline import Loss
@@ -261,6 +262,8 @@ def _train(config: TrainConfig, out: Path, log: Callable[[str], None]) -> dict[s
     _write_csv(out / "train.csv", history["steps"])
     if config.plot:
         plot_curves(history, task.metric, out / "curves.png", title=f"{config.task} / {config.method}")
+        if trainer.plan is not None:  # sequential training has none
+            plot_plan(trainer.plan, out / "plan.png")
     return metrics
 
 

@@ -279,3 +279,13 @@ def test_plot_draws_the_plan(tmp_path: Path) -> None:
         cli, ["partition", "--profile", str(path), "--gpus", "2", "--plot", str(tmp_path)]
     )
     assert bad.exit_code == 2 and "is a directory" in bad.stderr
+
+
+def test_train_plot_includes_the_plan(tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    args = ["train", "digits", "--gpus", "2", "--epochs", "1", "--limit", "64", "--test-limit", "32"]
+    args += ["--executor", "local", "--plot", "--quiet", "--out", str(out), "--profile-dir", str(tmp_path)]
+    result = CliRunner().invoke(cli, args)
+    assert result.exit_code == 0, result.stderr
+    assert (out / "plan.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (out / "curves.png").is_file()

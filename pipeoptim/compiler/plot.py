@@ -42,7 +42,8 @@ def stage_starts(plan: Plan, graph: CostGraph) -> list[tuple[int, float, str]]:
 def plot_plan(plan: Plan, path: str | os.PathLike[str], graph: CostGraph | None = None) -> None:
     """Draw ``plan`` as a PNG at ``path`` (written atomically); see the module docstring.
 
-    ``graph`` (the cost graph the plan was made from) adds the model strip with module names.
+    ``graph`` (the cost graph the plan was made from) adds the model strip with module names;
+    without it the stage numbers are labelled with each stage's first node.
     """
     import matplotlib
 
@@ -77,7 +78,11 @@ def plot_plan(plan: Plan, path: str | os.PathLike[str], graph: CostGraph | None 
     ax_mem.legend(fontsize="small")
     for ax in (ax_time, ax_mem):
         ax.set_xticks(index)
-    if graph is not None:
+    if graph is None:  # name where each stage begins under the stage numbers
+        ax_mem.set_xticks(
+            index, [f"{s.index}\n{s.first_node}" for s in stages], fontsize="x-small", rotation=60
+        )
+    else:
         _model_strip(axes[2][0], plan, graph)
     fig.tight_layout()
     atomic_write(Path(path), lambda f: fig.savefig(f, format="png", dpi=100))
