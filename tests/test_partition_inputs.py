@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import json
 import random
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -90,6 +91,8 @@ BAD_FILES = {
     "empty": (b"", "is empty"),
     "truncated": (json.dumps(neutral_graph()).encode()[:300], "not valid JSON"),
     "list": (b"[1, 2]", "top level is a JSON array"),
+    "no schema": (b'{"nodes": []}', "neither a profile"),
+    "old schema": (b'{"schema": "pipeoptim-profile/0"}', "schema 'pipeoptim-profile/0' is not"),
     "not utf-8": (b"\xff", "not UTF-8"),
     "format 2": (
         json.dumps({**neutral_graph(), "format": "pipeoptim-neutral-cost-graph/2"}).encode(),
@@ -289,3 +292,19 @@ def test_train_plot_includes_the_plan(tmp_path: Path) -> None:
     assert result.exit_code == 0, result.stderr
     assert (out / "plan.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert (out / "curves.png").is_file()
+
+
+def test_cli_names_the_smallest_memory_limit_and_plans_at_it(tmp_path: Path) -> None:
+    path = tmp_path / "graph.json"
+    path.write_text(json.dumps(neutral_graph()))
+    args = ["partition", "--profile", str(path), "--gpus", "3", "--json", "--memory"]
+    failed = CliRunner().invoke(cli, [*args, "1KiB"])
+    assert failed.exit_code == 1
+    lines = failed.stderr.strip().splitlines()
+    assert len(lines) == 1 and "smallest feasible limit" in lines[0], failed.stderr
+    least = int(re.search(r"\((\d+) bytes, proven", lines[0]).group(1))
+    fits = CliRunner().invoke(cli, [*args, str(least)])
+    assert fits.exit_code == 0, fits.stderr
+    assert json.loads(fits.stdout)["max_memory_bytes"] == least
+    below = CliRunner().invoke(cli, [*args, str(least - 1)])
+    assert below.exit_code == 1 and f"({least} bytes, proven" in below.stderr

@@ -149,7 +149,7 @@ def partition(
         raise click.UsageError("give a MODEL, or --profile FILE to plan from a saved profile")
     try:
         graph = CostGraph.load(profile_file) if profile_file is not None else None
-        step_cost, predict_cost = _update_costs(optimizer, device, graph, profile_dir)
+        step_cost, predict_cost, note = _update_costs(optimizer, device, graph, profile_dir)
         config = CostConfig(
             num_stages=gpus,
             method=method,
@@ -185,6 +185,8 @@ def partition(
             plan, reused, graph = planned.plan, planned.profile_reused, planned.graph
     except (PipeoptimError, ModelSpecError, ImportError) as exc:
         raise click.ClickException(str(exc)) from exc
+    if note:
+        _log(note)
     if save:
         plan.save(save)
         _log(f"saved plan {save}")
@@ -229,21 +231,22 @@ _OPTIMIZERS = {
 
 def _update_costs(
     optimizer: str, device: str | None, graph: CostGraph | None, profile_dir: str | None
-) -> tuple[float, float]:
-    """Optimizer-step and prediction seconds per parameter byte, measured on this machine.
+) -> tuple[float, float, str]:
+    """Optimizer-step and prediction seconds per parameter byte, measured on this machine,
+    and a note for the user ("" if none).
 
     A saved profile (``graph``) from another device has no such measurement: updates are
-    then left out.
+    then left out, and the note says so.
     """
     target = torch_device(device) or torch.device("cpu")
     if graph is not None:
         key = graph.key
         if key.get("device") != device_name(target):
             measured_on = key.get("device") or "another device"
-            _log(f"optimizer updates not modelled: the profile was measured on {measured_on}")
-            return 0.0, 0.0
+            return 0.0, 0.0, f"optimizer updates not modelled: the profile was measured on {measured_on}"
     cls, defaults = _OPTIMIZERS[optimizer.lower()]
-    return load_or_measure_update_cost(cls, defaults, target, profile_dir=profile_dir, log=_log)
+    step, predict = load_or_measure_update_cost(cls, defaults, target, profile_dir=profile_dir, log=_log)
+    return step, predict, ""
 
 
 def _check_profile_matches(model, graph, input_shape, input_dtype, leaf, device) -> None:

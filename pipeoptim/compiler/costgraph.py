@@ -258,6 +258,11 @@ def _json_kind(value: Any) -> str:
 def _from_profile(cls: type[CostGraph], data: dict[str, Any], origin: str) -> CostGraph:
     """A :data:`SCHEMA` file as written by :meth:`CostGraph.save`."""
     schema = data.get("schema")
+    if schema is None:
+        raise ProfileError(
+            f"{origin}: neither a profile (no 'schema': {SCHEMA!r}) nor a cost graph (no 'format': "
+            f"{NEUTRAL_FORMAT!r}); give a file pipeoptim wrote or one in the neutral format"
+        )
     if schema != SCHEMA:
         raise ProfileError(
             f"{origin}: profile schema {schema!r} is not {SCHEMA!r}; delete a cached profile (it "

@@ -355,7 +355,7 @@ def min_feasible_memory(
 def _memory_error(config: CostConfig, least: MemoryMinimum) -> InfeasibleMemoryError:
     limit = config.memory_limit or 0
     how = (
-        f"proven the least over the ILP's {least.num_units} units"
+        f"proven the least over plans of these {least.num_units} units"
         if least.proven
         else "a plan meets it; the solver did not prove within its time limit that none needs less"
     )
