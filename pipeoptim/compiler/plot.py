@@ -6,7 +6,7 @@ Three panels (matplotlib, Agg):
    milliseconds per micro-batch as stacked bars, against the bottleneck and the lower bound
    ``max(total work / N, largest node)`` (:func:`pipeoptim.compiler.costmodel.summarize`);
 2. per stage, the memory it holds (weights, gradients, optimizer state, weight copies,
-   buffers, saved activations; GiB) against the per-stage limit;
+   buffers, saved activations; GiB, or MiB below 1 GiB) against the per-stage limit;
 3. with the cost graph, the model's nodes in graph order (width: their share of the work),
    coloured by stage, each cut labelled with the module the next stage begins in.
 """
@@ -21,6 +21,7 @@ from pipeoptim.compiler.plan import Plan
 from pipeoptim.fileio import atomic_write
 
 _GIB = 2.0**30
+_MIB = 2.0**20
 _PARTS = (("fwd_s", "forward"), ("bwd_s", "backward"), ("update_s", "update"), ("comm_s", "communication"))
 
 
@@ -71,10 +72,14 @@ def plot_plan(plan: Plan, path: str | os.PathLike[str], graph: CostGraph | None 
         f"{summary['balance_ratio']:.2f}\n{summary.get('partitioner', '')}: {solved}",
     )
     ax_time.legend(fontsize="small", ncol=3)
-    ax_mem.bar(index, [s.memory_bytes / _GIB for s in stages], color="tab:purple", label="stage memory")
-    if plan.config.memory_limit is not None:
-        ax_mem.axhline(plan.config.memory_limit / _GIB, color="red", lw=1, label="limit")
-    ax_mem.set(ylabel="GiB", xlabel="stage")
+    limit = plan.config.memory_limit
+    scale, unit = (
+        (_GIB, "GiB") if max([s.memory_bytes for s in stages] + [limit or 0]) >= _GIB else (_MIB, "MiB")
+    )
+    ax_mem.bar(index, [s.memory_bytes / scale for s in stages], color="tab:purple", label="stage memory")
+    if limit is not None:
+        ax_mem.axhline(limit / scale, color="red", lw=1, label="limit")
+    ax_mem.set(ylabel=unit, xlabel="stage")
     ax_mem.legend(fontsize="small")
     for ax in (ax_time, ax_mem):
         ax.set_xticks(index)
