@@ -154,9 +154,12 @@ def ilp(
         if exact is not None:
             chosen, ideal_sets = exact
             found = ideal_dp(chosen, ideal_sets, config, "time", memory_limit=config.memory_limit)
-            if found is None:  # no contiguous split fits, so ``keep`` is _base_starts and
+            if found is None:
+                # Then no contiguous split fits either (its starts would be kept), ``keep`` is
+                # _base_starts, and min_memory_plan works on these very units.
                 least = min_memory_plan(graph, config, solver=solver, max_units=max_units, units=units)
-                raise _memory_error(config, least)  # the minimum is over these very units
+                assert least.memory_bytes > (config.memory_limit or 0), "the same units cannot fit"
+                raise _memory_error(config, least)
             return PartitionResult(
                 stage_of=chosen.expand(found[0]),
                 partitioner="ilp",
