@@ -7,11 +7,15 @@ feasible one): the bottleneck stage time of uniform (equal node counts), paramet
 (DeepSpeed ``parameters``), time-balanced (torchgpipe ``balance_by_time``) and the exact
 contiguous DP, each as a ratio to the ILP's (> 1: the ILP is better). A baseline that breaks
 the memory limit is marked with ``!``. Then the ILP's solve time on random layered DAGs of
-50 to 2,000 nodes.
+50 to 2,000 nodes. Then the 16-stage solve times on the GPU cost graphs, against the goal of
+at most 5 s with optimality proven: the default partitioner (the exact DP over ideals where
+the graph has few enough, else the ILP) and the ILP alone (``--no-exact-dp``).
 
-    python benchmarks/partition.py [--quick] [--solver cbc|highs] [--out benchmarks/results]
+    python benchmarks/partition.py [--quick | --stage-times] [--solver auto|cbc|highs] [--out DIR]
 
-Writes ``partition.md`` and ``partition_solve_time.png`` into ``--out``.
+Writes ``partition.md`` and ``partition_solve_time.png`` (``--stage-times``: only
+``partition_16_stages.md``) into ``--out``: ``benchmarks/results`` by default, a new
+temporary folder with ``--quick``.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ import argparse
 import random
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -35,6 +40,7 @@ from pipeoptim.examples import EXAMPLES
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "profiles"
 BANDWIDTH = 25e9  # bytes/s, the CLI's default
+GOAL_S = 5.0  # seconds for a 16-stage plan, optimality proven
 
 
 def mebibytes(size: float) -> str:
@@ -169,6 +175,53 @@ def solve_times(sizes: list[int], stage_counts: list[int], solver: str, time_lim
     return rows
 
 
+def stage_times(solver: str, time_limit: float, ilp_alone: bool) -> tuple[str, str]:
+    """16-stage solve time on every GPU cost graph, with and without a memory limit (1.25x the
+    smallest feasible one); returns a markdown table and a one-line verdict."""
+    if not SHARED.is_dir():
+        return "", f"16-stage solve times skipped: {SHARED} is absent"
+    rows = []
+    for path in sorted(SHARED.glob("*.json")):
+        graph = CostGraph.load(path)
+        base = CostConfig(16, bandwidth=BANDWIDTH, micro_batches=16)
+        limit = int(P.min_feasible_memory(graph, base, solver=solver, time_limit=time_limit) * 1.25)
+        for memory in (None, limit):
+            config = CostConfig(16, bandwidth=BANDWIDTH, micro_batches=16, memory_limit=memory)
+            for ideals in (True, False) if ilp_alone else (True,):
+                start = time.perf_counter()
+                result = P.ilp(graph, config, solver=solver, time_limit=time_limit, ideals=ideals)
+                solve = time.perf_counter() - start
+                rows.append(
+                    {
+                        "graph": path.stem,
+                        "nodes": len(graph.nodes),
+                        "memory": "-" if memory is None else mebibytes(memory),
+                        "partitioner": "default" if ideals else "ILP alone",
+                        "solver": result.solver,
+                        "status": result.status,
+                        "optimal": result.optimal,
+                        "units": result.num_units,
+                        "bottleneck ms": bottleneck(graph, result.stage_of, config)[0] * 1e3,
+                        "solve s": solve,
+                    }
+                )
+                print(
+                    f"  {path.stem:14s} 16 stages mem={rows[-1]['memory']:>9s} {rows[-1]['partitioner']:9s} "
+                    f"{solve:6.2f} s ({result.status}, {result.solver})",
+                    file=sys.stderr,
+                )
+    table = tabulate([[fmt(v) for v in r.values()] for r in rows], headers=list(rows[0]), tablefmt="github")
+    default = [r for r in rows if r["partitioner"] == "default"]
+    slowest = max(default, key=lambda r: r["solve s"])
+    met = all(r["solve s"] <= GOAL_S and r["optimal"] for r in default)
+    verdict = (
+        f"16 stages, {len(default)} plans: slowest {slowest['solve s']:.2f} s ({slowest['graph']}), "
+        f"all optimal: {all(r['optimal'] for r in default)}; goal <= {GOAL_S:.0f} s with optimality "
+        f"proven: {'met' if met else 'NOT met'}"
+    )
+    return table, verdict
+
+
 def fmt(cell: object) -> str:
     if cell is None:
         return "n/a"
@@ -208,14 +261,33 @@ def main() -> None:
     parser.add_argument(
         "--quick", action="store_true", help="fewer graphs and stage counts (under 2 minutes)"
     )
-    parser.add_argument("--solver", choices=["cbc", "highs"], default="cbc")
+    parser.add_argument(
+        "--stage-times", action="store_true", help="only the 16-stage solve times of the GPU cost graphs"
+    )
+    parser.add_argument("--solver", choices=["auto", "cbc", "highs"], default="auto")
     parser.add_argument(
         "--time-limit", type=float, default=None, help="seconds per ILP (default 10, quick 3)"
     )
-    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
+    parser.add_argument(
+        "--out", type=Path, default=None, help="default: benchmarks/results (quick: a temp folder)"
+    )
     args = parser.parse_args()
+    if args.out is None:
+        args.out = (
+            Path(tempfile.mkdtemp(prefix="partition-")) if args.quick else Path(__file__).parent / "results"
+        )
     torch.set_num_threads(1)
     limit = args.time_limit or (3.0 if args.quick else 10.0)
+    if args.stage_times:
+        table, verdict = stage_times(args.solver, limit, ilp_alone=True)
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "partition_16_stages.md").write_text(
+            f"# 16-stage solve times (solver {args.solver}, time limit {limit:.0f} s per ILP, bandwidth "
+            f"{BANDWIDTH / 1e9:.0f} GB/s, 16 micro-batches)\n\n{table}\n\n{verdict}\n"
+        )
+        print(table)
+        print(verdict)
+        return
     stage_counts = [2, 4] if args.quick else [2, 4, 8, 16]
     print("profiling and planning ...", file=sys.stderr)
     rows = quality(graphs(args.quick), stage_counts, args.solver, limit)
@@ -242,9 +314,14 @@ def main() -> None:
         headers=list(times[0]),
         tablefmt="github",
     )
+    print("16-stage solve times on the GPU cost graphs ...", file=sys.stderr)
+    stage_table, verdict = stage_times(args.solver, limit, ilp_alone=not args.quick)
     print(table)
     print()
     print(time_table)
+    print()
+    print(stage_table)
+    print(verdict)
     args.out.mkdir(parents=True, exist_ok=True)
     ratios = {b: [r[b][0] for r in rows if r[b] is not None] for b in (*P.BASELINES, "chain_dp")}
     broken = {b: sum(1 for r in rows if r[b] is not None and not r[b][1]) for b in P.BASELINES}
@@ -261,7 +338,8 @@ def main() -> None:
         f"time limit {limit:.0f} s per ILP, bandwidth {BANDWIDTH / 1e9:.0f} GB/s)\n\n"
         "Bottleneck of each baseline divided by the ILP's (> 1: the ILP is better; `!`: breaks the "
         "memory limit). Memory limit: 1.25x the smallest feasible one.\n\n"
-        f"{table}\n\n## ILP solve time\n\n{time_table}\n\n{summary}\n"
+        f"{table}\n\n## ILP solve time\n\n{time_table}\n\n## 16 stages on the GPU cost graphs\n\n"
+        f"{stage_table}\n\n{verdict}\n\n{summary}\n"
     )
     plot(times, args.out / "partition_solve_time.png")
     print(summary)

@@ -9,10 +9,10 @@ folder:
   after every epoch and whenever the run stops, for whatever reason;
 - ``train.csv`` -- one row per mini-batch: step, epoch, loss, lr; appended every
   ``record_every`` mini-batches (:class:`~pipeoptim.records.StepLog`), never held in memory;
-- ``curves.png`` (``plot=True``) -- loss and metric curves;
+- ``curves.png`` and ``plan.png`` (``plot=True``) -- loss and metric curves, the pipeline plan;
 - ``checkpoint.pt`` (``checkpoint_every``) -- see :mod:`pipeoptim.checkpoint`.
 
-``metrics.json``, ``curves.png`` and ``checkpoint.pt`` are written atomically.
+``metrics.json``, the pictures and ``checkpoint.pt`` are written atomically.
 """
 
 from __future__ import annotations
@@ -32,6 +32,7 @@ from torch import nn
 
 import pipeoptim
 from pipeoptim.checkpoint import FORMAT, read_checkpoint
+from pipeoptim.compiler.plot import plot_plan
 from pipeoptim.errors import CheckpointError
 from pipeoptim.fileio import atomic_write, write_json
 from pipeoptim.pipeline import Loss
@@ -274,6 +275,8 @@ def _train(config: TrainConfig, out: Path, log: Callable[[str], None]) -> dict[s
     if config.plot:
         title = f"{config.task} / {config.method}"
         plot_curves(out / "train.csv", run.epochs, task.metric, out / "curves.png", title=title)
+        if trainer.plan is not None:  # sequential training has none
+            plot_plan(trainer.plan, out / "plan.png")
     return metrics
 
 

@@ -166,5 +166,5 @@ def test_hugging_face_gpt2_12_layers(tmp_path: Path) -> None:
         )
         assert code == 0, err
         data = json.loads(out)
-        assert len(data["stages"]) == int(gpus) and data["status"] == "optimal"
+        assert len(data["stages"]) == int(gpus) and data["optimal"] and data["status"].startswith("optimal")
         assert data["profile_reused"] == (gpus != "2")

@@ -41,20 +41,28 @@ configs = st.builds(
 )
 
 
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(seed=st.integers(0, 10**6), size=st.integers(3, 7), chain=st.booleans(), config=configs)
-def test_ilp_equals_brute_force(seed: int, size: int, chain: bool, config: CostConfig) -> None:
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    seed=st.integers(0, 10**6),
+    size=st.integers(3, 7),
+    chain=st.booleans(),
+    config=configs,
+    ideals=st.booleans(),
+)
+def test_ilp_equals_brute_force(seed: int, size: int, chain: bool, config: CostConfig, ideals: bool) -> None:
+    """With ``ideals`` the exact DP over ideals answers; without, the ILP itself."""
     graph = random_cost_graph(random.Random(seed), size, chain=chain)
     try:
         best = P.brute_force(graph, config)
     except PlanError:
         with pytest.raises(InfeasibleMemoryError) as info:
-            P.ilp(graph, config, max_units=1000, gap=1e-9)
+            P.ilp(graph, config, max_units=1000, gap=1e-9, ideals=ideals)
         # the smallest feasible limit it names is above the asked limit
         assert info.value.min_feasible_bytes > (config.memory_limit or 0)
         return
-    result = P.ilp(graph, config, max_units=1000, gap=1e-9)
+    result = P.ilp(graph, config, max_units=1000, gap=1e-9, ideals=ideals)
     assert result.optimal and result.status == "optimal"
+    assert result.solver == (P.IDEALS if ideals else "highs")
     assert_valid(graph, result.stage_of, config)
     expected = bottleneck(graph, best.stage_of, config)
     assert bottleneck(graph, result.stage_of, config) == pytest.approx(expected, rel=1e-6)
@@ -71,7 +79,7 @@ def test_ilp_equals_dp_on_chains(seed: int, size: int, stages: int, bandwidth: f
     graph = random_cost_graph(random.Random(seed), size, chain=True)
     config = CostConfig(stages, bandwidth=bandwidth)
     dp = P.chain_dp(graph, config)
-    result = P.ilp(graph, config, max_units=1000, gap=1e-9)
+    result = P.ilp(graph, config, max_units=1000, gap=1e-9, ideals=False)
     assert dp is not None
     assert bottleneck(graph, result.stage_of, config) == pytest.approx(
         bottleneck(graph, dp.stage_of, config), rel=1e-6
@@ -83,7 +91,7 @@ def test_ilp_equals_dp_on_chains(seed: int, size: int, stages: int, bandwidth: f
 def test_ilp_never_worse_than_baselines(seed: int, size: int, stages: int) -> None:
     graph = random_cost_graph(random.Random(seed), size, max_inputs=3)
     config = CostConfig(stages, bandwidth=800.0)
-    ilp = bottleneck(graph, P.ilp(graph, config, max_units=1000).stage_of, config)
+    ilp = bottleneck(graph, P.ilp(graph, config, max_units=1000, ideals=False).stage_of, config)
     for name, baseline in P.BASELINES.items():
         result = baseline(graph, config)
         assert_valid(graph, result.stage_of, config)
@@ -129,8 +137,8 @@ def test_solvers_agree() -> None:
     pytest.importorskip("highspy")
     graph = random_cost_graph(random.Random(11), 25, max_inputs=3)
     config = CostConfig(4, bandwidth=600.0, memory_limit=20000)
-    cbc = P.ilp(graph, config, solver="cbc", gap=1e-9)
-    highs = P.ilp(graph, config, solver="highs", gap=1e-9)
+    cbc = P.ilp(graph, config, solver="cbc", gap=1e-9, ideals=False)
+    highs = P.ilp(graph, config, solver="highs", gap=1e-9, ideals=False)
     assert cbc.optimal and highs.optimal
     assert bottleneck(graph, cbc.stage_of, config) == pytest.approx(
         bottleneck(graph, highs.stage_of, config), rel=1e-6
@@ -139,7 +147,7 @@ def test_solvers_agree() -> None:
 
 def test_time_limit_reports_status_and_gap() -> None:
     graph = random_cost_graph(random.Random(5), 400, max_inputs=3)
-    result = P.ilp(graph, CostConfig(12, bandwidth=300.0), time_limit=1.0, max_units=200)
+    result = P.ilp(graph, CostConfig(12, bandwidth=300.0), time_limit=1.0, max_units=200, ideals=False)
     assert result.status in ("optimal", "feasible (time limit)")
     if not result.optimal:
         assert result.gap is None or result.gap > 0

@@ -65,7 +65,7 @@ def test_profile_is_reused_for_the_same_key_and_redone_otherwise(tmp_path: Path)
     [
         ('{"schema": "pipeoptim-profile/1", "nodes": [', "not valid JSON"),
         ('{"schema": "pipeoptim-profile/0", "nodes": []}', "schema"),
-        ("[1, 2]", "not a pipeoptim profile"),
+        ("[1, 2]", "top level is a JSON array"),
         ('{"schema": "pipeoptim-profile/1"}', "malformed"),
     ],
 )

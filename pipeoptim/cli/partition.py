@@ -15,6 +15,7 @@ from pipeoptim.compiler.costgraph import CostGraph
 from pipeoptim.compiler.costmodel import CostConfig, optimizer_state_factor
 from pipeoptim.compiler.partition import BASELINES
 from pipeoptim.compiler.plan import make_plan
+from pipeoptim.compiler.plot import plot_plan
 from pipeoptim.compiler.profile import device_name, load_or_measure_update_cost
 from pipeoptim.errors import PipeoptimError
 from pipeoptim.methods import METHODS
@@ -75,7 +76,20 @@ def _log(msg: str) -> None:
     show_default=True,
     help="ILP, exact contiguous DP, or a baseline.",
 )
-@click.option("--solver", type=click.Choice(["cbc", "highs"]), default="cbc", show_default=True)
+@click.option(
+    "--solver",
+    type=click.Choice(["auto", "cbc", "highs"]),
+    default="auto",
+    show_default=True,
+    help="ILP solver; auto is HiGHS where highspy is installed, else CBC.",
+)
+@click.option(
+    "--exact-dp/--no-exact-dp",
+    default=True,
+    show_default=True,
+    help="Solve by the exact dynamic program over the graph's ideals where it has few enough "
+    "(at most 1,500 on some level of coarsening), else by the ILP; --no-exact-dp: the ILP only.",
+)
 @click.option(
     "--time-limit",
     type=click.FloatRange(min=0.1),
@@ -94,6 +108,11 @@ def _log(msg: str) -> None:
 @click.option("--device", default=None, help="Device to profile on (default: cpu).")
 @click.option("--json", "as_json", is_flag=True, help="Print the plan as JSON.")
 @click.option("--save", type=click.Path(dir_okay=False), help="Write the plan JSON to this file.")
+@click.option(
+    "--plot",
+    type=click.Path(dir_okay=False),
+    help="Draw the plan into this PNG: per-stage time and memory, and where the cuts fall.",
+)
 def partition(
     model,
     gpus,
@@ -106,6 +125,7 @@ def partition(
     optimizer,
     partitioner,
     solver,
+    exact_dp,
     time_limit,
     profile_file,
     profile_dir,
@@ -113,6 +133,7 @@ def partition(
     device,
     as_json,
     save,
+    plot,
 ) -> None:
     """Plan MODEL as a pipeline of --gpus stages and print one row per stage.
 
@@ -126,24 +147,26 @@ def partition(
         raise click.BadParameter(str(exc), param_hint="--optimizer") from exc
     if model is None and profile_file is None:
         raise click.UsageError("give a MODEL, or --profile FILE to plan from a saved profile")
-    step_cost, predict_cost = _update_costs(optimizer, device, profile_file, profile_dir)
-    config = CostConfig(
-        num_stages=gpus,
-        method=method,
-        micro_batches=micro_batches or gpus,
-        bandwidth=bandwidth,
-        memory_limit=memory,
-        opt_state_factor=opt_factor,
-        step_s_per_byte=step_cost,
-        predict_s_per_byte=predict_cost,
-    )
     try:
-        if profile_file is not None:
-            graph = CostGraph.load(profile_file)
+        graph = CostGraph.load(profile_file) if profile_file is not None else None
+        step_cost, predict_cost, note = _update_costs(optimizer, device, graph, profile_dir)
+        config = CostConfig(
+            num_stages=gpus,
+            method=method,
+            micro_batches=micro_batches or gpus,
+            bandwidth=bandwidth,
+            memory_limit=memory,
+            opt_state_factor=opt_factor,
+            step_s_per_byte=step_cost,
+            predict_s_per_byte=predict_cost,
+        )
+        if graph is not None:
             if model is not None:
                 _check_profile_matches(model, graph, input_shape, input_dtype, leaf, device)
             reused = True
-            plan = make_plan(graph, config, partitioner=partitioner, solver=solver, time_limit=time_limit)
+            plan = make_plan(
+                graph, config, partitioner=partitioner, solver=solver, time_limit=time_limit, ideals=exact_dp
+            )
         else:
             net, examples = load_model(model, input_shape, input_dtype)
             planned = plan_model(
@@ -156,14 +179,23 @@ def partition(
                 partitioner=partitioner,
                 solver=solver,
                 time_limit=time_limit,
+                ideals=exact_dp,
                 log=_log,
             )
             plan, reused, graph = planned.plan, planned.profile_reused, planned.graph
     except (PipeoptimError, ModelSpecError, ImportError) as exc:
         raise click.ClickException(str(exc)) from exc
+    if note:
+        _log(note)
     if save:
         plan.save(save)
         _log(f"saved plan {save}")
+    if plot:
+        try:
+            plot_plan(plan, plot, graph)
+        except OSError as exc:
+            raise click.ClickException(f"cannot write the plot {plot}: {exc.strerror or exc}") from exc
+        _log(f"drew plan {plot}")
     if as_json:
         data = plan.to_dict()
         out = {
@@ -198,21 +230,23 @@ _OPTIMIZERS = {
 
 
 def _update_costs(
-    optimizer: str, device: str | None, profile_file: str | None, profile_dir: str | None
-) -> tuple[float, float]:
-    """Optimizer-step and prediction seconds per parameter byte, measured on this machine.
+    optimizer: str, device: str | None, graph: CostGraph | None, profile_dir: str | None
+) -> tuple[float, float, str]:
+    """Optimizer-step and prediction seconds per parameter byte, measured on this machine,
+    and a note for the user ("" if none).
 
-    A saved profile from another device has no such measurement: updates are then left out.
+    A saved profile (``graph``) from another device has no such measurement: updates are
+    then left out, and the note says so.
     """
     target = torch_device(device) or torch.device("cpu")
-    if profile_file is not None:
-        key = CostGraph.load(profile_file).key
+    if graph is not None:
+        key = graph.key
         if key.get("device") != device_name(target):
             measured_on = key.get("device") or "another device"
-            _log(f"optimizer updates not modelled: the profile was measured on {measured_on}")
-            return 0.0, 0.0
+            return 0.0, 0.0, f"optimizer updates not modelled: the profile was measured on {measured_on}"
     cls, defaults = _OPTIMIZERS[optimizer.lower()]
-    return load_or_measure_update_cost(cls, defaults, target, profile_dir=profile_dir, log=_log)
+    step, predict = load_or_measure_update_cost(cls, defaults, target, profile_dir=profile_dir, log=_log)
+    return step, predict, ""
 
 
 def _check_profile_matches(model, graph, input_shape, input_dtype, leaf, device) -> None:

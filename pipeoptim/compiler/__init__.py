@@ -39,8 +39,9 @@ def plan_model(
     profile_dir: str | Path | None = "profiles",
     device: torch.device | str | None = None,
     partitioner: str = "ilp",
-    solver: str = "cbc",
+    solver: str = "auto",
     time_limit: float = 30.0,
+    ideals: bool = True,
     log: Callable[[str], None] = lambda _msg: None,
 ) -> PlannedModel:
     """Trace ``model``, profile it (or reuse a saved profile) and partition it.
@@ -51,5 +52,7 @@ def plan_model(
     """
     traced = trace(model, example_inputs, leaf_modules)
     graph, reused = load_or_profile(traced, example_inputs, profile_dir=profile_dir, device=device, log=log)
-    plan = make_plan(graph, config, partitioner=partitioner, solver=solver, time_limit=time_limit)
+    plan = make_plan(
+        graph, config, partitioner=partitioner, solver=solver, time_limit=time_limit, ideals=ideals
+    )
     return PlannedModel(traced, graph, plan, reused)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -165,58 +166,126 @@ class CostGraph:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], origin: str = "<dict>") -> CostGraph:
-        """Build from :meth:`to_dict` output or from the neutral cost-graph format.
+        """Build from :meth:`to_dict` output or from the neutral cost-graph format, and
+        :meth:`validate` the costs.
 
         Raises:
-            ProfileError: unknown schema or missing fields; the message names the file.
+            ProfileError: unknown schema or format version, missing fields or bad costs; the
+                message names the file and, for costs, the node.
         """
         if not isinstance(data, dict):
-            raise ProfileError(f"{origin}: not a pipeoptim profile (top level is not an object)")
-        if data.get("format") == NEUTRAL_FORMAT:
-            return _from_neutral(data, origin)
-        schema = data.get("schema")
-        if schema != SCHEMA:
             raise ProfileError(
-                f"{origin}: profile schema {schema!r} is not {SCHEMA!r}; delete the file "
-                "(it is re-measured on the next run) or re-create it with this pipeoptim version"
+                f"{origin}: the top level is a JSON {_json_kind(data)}, not an object; give a profile "
+                f"({SCHEMA!r}) or a cost graph ({NEUTRAL_FORMAT!r})"
             )
-        try:
-            nodes = [CostNode(**n) for n in data["nodes"]]
-            graph = cls(
-                model=data["model"],
-                nodes=nodes,
-                batch_size=int(data["batch_size"]),
-                key=data.get("key", {}),
-                source=data.get("source", ""),
-                tied=data.get("tied", {}),
-                info=data.get("info", {}),
-            )
-        except (KeyError, TypeError) as exc:
-            raise ProfileError(f"{origin}: malformed profile ({exc}); delete it to re-profile") from exc
-        if data.get("key_hash") not in (None, graph.key_hash):
-            raise ProfileError(f"{origin}: key_hash does not match its key; the file was edited")
+        if "format" in data:
+            if data["format"] != NEUTRAL_FORMAT:
+                raise ProfileError(
+                    f"{origin}: cost-graph format {data['format']!r} is not supported; this pipeoptim "
+                    f"reads {NEUTRAL_FORMAT!r} and {SCHEMA!r}: convert the file or update pipeoptim"
+                )
+            graph = _from_neutral(data, origin)
+        else:
+            graph = _from_profile(cls, data, origin)
+        graph.validate(origin)
         return graph
+
+    def validate(self, origin: str = "<dict>") -> None:
+        """Check that the costs can be planned with.
+
+        Raises:
+            ProfileError: a time or size that is not a finite non-negative number (the node
+                is named), no ``output`` node, or no node that does work.
+        """
+        for node in self.nodes:
+            for name in _COSTS:
+                value = getattr(node, name)
+                if isinstance(value, bool) or not isinstance(value, (int, float)):
+                    raise ProfileError(f"{origin}: node {node.name!r} has {name} = {value!r}, not a number")
+                if not math.isfinite(value) or value < 0:
+                    raise ProfileError(
+                        f"{origin}: node {node.name!r} has {name} = {value}; costs must be finite and "
+                        "non-negative: fix or re-measure that node"
+                    )
+        if not any(n.op == "output" for n in self.nodes):
+            raise ProfileError(
+                f"{origin}: the graph has no node with op 'output'; add the model's output node"
+            )
+        if not any(n.time_s > 0 or n.param_bytes > 0 for n in self.nodes):
+            raise ProfileError(
+                f"{origin}: every node has zero time and no parameters, so there is nothing to "
+                "place; re-measure the profile"
+            )
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> CostGraph:
         """Read a profile or neutral cost-graph JSON file.
 
         Raises:
-            ProfileError: the file is missing, truncated, not JSON or of another schema.
+            ProfileError: the file is missing, unreadable, not UTF-8, truncated, not JSON, of
+                another schema or format version, or has bad costs (:meth:`validate`).
         """
         path = Path(path)
         try:
-            text = path.read_text()
+            text = path.read_bytes().decode("utf-8")
         except OSError as exc:
-            raise ProfileError(f"cannot read profile {path}: {exc.strerror}") from exc
+            raise ProfileError(f"cannot read profile {path}: {exc.strerror}; check the path") from exc
+        except UnicodeDecodeError as exc:
+            raise ProfileError(
+                f"profile {path} is not UTF-8 text (byte {exc.object[exc.start]:#04x} at offset "
+                f"{exc.start}); give a JSON profile or cost graph"
+            ) from exc
+        if not text.strip():
+            raise ProfileError(f"profile {path} is empty; give a JSON profile or cost graph")
         try:
             data = json.loads(text)
         except json.JSONDecodeError as exc:
             raise ProfileError(
-                f"profile {path} is not valid JSON (truncated or corrupt: {exc.msg} at line "
-                f"{exc.lineno}); delete it and the model is profiled again"
+                f"profile {path} is not valid JSON ({exc.msg}: line {exc.lineno}, column "
+                f"{exc.colno}; truncated or corrupt); give a complete JSON profile or cost graph"
             ) from exc
         return cls.from_dict(data, str(path))
+
+
+_COSTS = ("fwd_s", "bwd_s", "out_bytes", "grad_bytes", "param_bytes", "buffer_bytes", "saved_bytes")
+
+
+def _json_kind(value: Any) -> str:
+    names = {list: "array", str: "string", bool: "boolean", int: "number", float: "number"}
+    return "null" if value is None else names.get(type(value), type(value).__name__)
+
+
+def _from_profile(cls: type[CostGraph], data: dict[str, Any], origin: str) -> CostGraph:
+    """A :data:`SCHEMA` file as written by :meth:`CostGraph.save`."""
+    schema = data.get("schema")
+    if schema is None:
+        raise ProfileError(
+            f"{origin}: neither a profile (no 'schema': {SCHEMA!r}) nor a cost graph (no 'format': "
+            f"{NEUTRAL_FORMAT!r}); give a file pipeoptim wrote or one in the neutral format"
+        )
+    if schema != SCHEMA:
+        raise ProfileError(
+            f"{origin}: profile schema {schema!r} is not {SCHEMA!r}; delete a cached profile (it "
+            "is re-measured on the next run) or re-create the file with this pipeoptim version"
+        )
+    try:
+        nodes = [CostNode(**n) for n in data["nodes"]]
+        graph = cls(
+            model=data["model"],
+            nodes=nodes,
+            batch_size=int(data["batch_size"]),
+            key=data.get("key", {}),
+            source=data.get("source", ""),
+            tied=data.get("tied", {}),
+            info=data.get("info", {}),
+        )
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ProfileError(
+            f"{origin}: malformed profile ({exc}); re-create it with this pipeoptim version"
+        ) from exc
+    if data.get("key_hash") not in (None, graph.key_hash):
+        raise ProfileError(f"{origin}: key_hash does not match its key; the file was edited")
+    return graph
 
 
 def _from_neutral(data: dict[str, Any], origin: str) -> CostGraph:
@@ -226,35 +295,56 @@ def _from_neutral(data: dict[str, Any], origin: str) -> CostGraph:
     ``out_bytes`` for nodes that need a backward pass (``bwd_s > 0`` or parameters upstream)
     and ``saved_bytes`` equal to ``out_bytes`` of compute nodes, the usual first-order estimate.
     """
+    raw_nodes = data.get("nodes")
+    if not isinstance(raw_nodes, list):
+        raise ProfileError(f"{origin}: malformed neutral cost graph: 'nodes' is not a list of nodes")
+    nodes = [_neutral_node(n, i, origin) for i, n in enumerate(raw_nodes)]
     try:
-        raw_nodes = data["nodes"]
-        nodes = []
-        for n in raw_nodes:
-            compute = n["op"] in ("call_module", "call_function", "call_method")
-            nodes.append(
-                CostNode(
-                    name=n["name"],
-                    op=n["op"],
-                    target=str(n["target"]),
-                    inputs=list(n["inputs"]),
-                    fwd_s=float(n["fwd_s"]),
-                    bwd_s=float(n["bwd_s"]),
-                    out_bytes=int(n["out_bytes"]),
-                    grad_bytes=int(n["out_bytes"]) if n["op"] != "placeholder" else 0,
-                    param_bytes=int(n["param_bytes"]),
-                    params=list(n.get("params", [])),
-                    saved_bytes=int(n["out_bytes"]) if compute else 0,
-                    module=n.get("module", ""),
-                    module_type=n.get("module_type", ""),
-                )
-            )
         return CostGraph(
-            model=data["model"],
+            model=str(data["model"]),
             nodes=nodes,
             batch_size=int(data["batch_size"]),
             key={"device": data.get("device", ""), "torch": data.get("torch", "")},
             source=data.get("source", NEUTRAL_FORMAT),
             info={"format": NEUTRAL_FORMAT, "input_shape": data.get("input_shape")},
         )
-    except (KeyError, TypeError, ValueError) as exc:
+    except KeyError as exc:
+        raise ProfileError(
+            f"{origin}: malformed neutral cost graph: no {exc.args[0]!r} at the top level"
+        ) from exc
+    except (TypeError, ValueError) as exc:
         raise ProfileError(f"{origin}: malformed neutral cost graph ({exc})") from exc
+
+
+def _neutral_node(n: Any, i: int, origin: str) -> CostNode:
+    name = n.get("name", f"#{i}") if isinstance(n, dict) else f"#{i}"
+    try:
+        compute = n["op"] in ("call_module", "call_function", "call_method")
+        out_bytes = _size(n["out_bytes"])
+        return CostNode(
+            name=str(n["name"]),
+            op=n["op"],
+            target=str(n["target"]),
+            inputs=list(n["inputs"]),
+            fwd_s=float(n["fwd_s"]),
+            bwd_s=float(n["bwd_s"]),
+            out_bytes=out_bytes,
+            grad_bytes=out_bytes if n["op"] != "placeholder" else 0,
+            param_bytes=_size(n["param_bytes"]),
+            params=list(n.get("params", [])),
+            saved_bytes=out_bytes if compute else 0,
+            module=n.get("module", ""),
+            module_type=n.get("module_type", ""),
+        )
+    except KeyError as exc:
+        raise ProfileError(f"{origin}: node {name!r} has no {exc.args[0]!r}; every node needs it") from exc
+    except (TypeError, ValueError) as exc:
+        raise ProfileError(f"{origin}: node {name!r} is malformed ({exc}); fix that node") from exc
+
+
+def _size(value: Any) -> int:
+    """A byte count: an integer, or a float with an integer value (``1e6``)."""
+    number = float(value)
+    if not math.isfinite(number) or number != int(number):
+        raise ValueError(f"size {value!r} is not a whole number of bytes")
+    return int(number)

@@ -203,23 +203,26 @@ def make_plan(
     config: CostConfig,
     *,
     partitioner: str = "ilp",
-    solver: str = "cbc",
+    solver: str = "auto",
     time_limit: float = 30.0,
     max_units: int = 64,
+    ideals: bool = True,
 ) -> Plan:
     """Partition ``graph`` for ``config`` and describe the result as a :class:`Plan`.
 
     Args:
         partitioner: ``"ilp"`` (default), ``"chain_dp"``, or a baseline from
             :data:`pipeoptim.compiler.partition.BASELINES`.
-        solver, time_limit, max_units: passed to :func:`pipeoptim.compiler.partition.ilp`.
+        solver, time_limit, max_units, ideals: passed to :func:`pipeoptim.compiler.partition.ilp`.
 
     Raises:
         PlanError: bad stage count or partitioner.
         InfeasibleMemoryError: the memory limit cannot be met.
     """
     if partitioner == "ilp":
-        result = partitioners.ilp(graph, config, solver=solver, time_limit=time_limit, max_units=max_units)
+        result = partitioners.ilp(
+            graph, config, solver=solver, time_limit=time_limit, max_units=max_units, ideals=ideals
+        )
     elif partitioner == "chain_dp":
         result = partitioners.chain_dp(graph, config)
         assert result is not None

@@ -1,0 +1,313 @@
+"""The cumulative ILP of :mod:`pipeoptim.compiler.partition`, built with PuLP and solved
+by HiGHS or CBC: its variables and constraints (see that module's docstring), the stage
+windows that fix most binaries, a warm start, and solving with the solvers' output kept off
+standard output.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import sys
+import tempfile
+import warnings
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pulp
+
+from pipeoptim.compiler.costmodel import CostConfig
+from pipeoptim.compiler.units import LAST, Units
+from pipeoptim.errors import PlanError
+
+_MS = 1e3  # the ILP works in milliseconds ...
+_MIB = 2.0**20  # ... and MiB, to keep coefficients near 1
+
+
+def unit_stage_pin(units: Units, u: int, num_stages: int) -> int | None:
+    p = units.pin[u]
+    return None if p is None else (num_stages - 1 if p == LAST else p)
+
+
+# --------------------------------------------------------------------------- ILP
+
+
+def _variable(
+    prob: pulp.LpProblem, name: str, low: float | None, up: float | None, cat: str = "Continuous"
+) -> pulp.LpVariable:
+    """A variable attached to ``prob`` (PuLP >= 3.3 API, plain ``LpVariable`` before)."""
+    if hasattr(prob, "add_variable"):
+        return prob.add_variable(name, lowBound=low, upBound=up, cat=cat)
+    return pulp.LpVariable(name, lowBound=low, upBound=up, cat=cat)
+
+
+def _reach(units: Units) -> np.ndarray:
+    """``R[u, v]``: unit v is reachable from unit u along edges (u excluded), a U x U boolean matrix."""
+    n = len(units)
+    succ: list[list[int]] = [[] for _ in range(n)]
+    for a, b in units.edges():
+        succ[a].append(b)
+    reach = np.zeros((n, n), dtype=bool)
+    for u in range(n - 1, -1, -1):  # edges run forward, so successors are done first
+        for v in succ[u]:
+            reach[u] |= reach[v]
+            reach[u, v] = True
+    return reach
+
+
+def stage_windows(units: Units, config: CostConfig, upper_s: float) -> list[tuple[int, int]]:
+    """Per unit, the first and last stage it can be in within any plan whose bottleneck stage
+    time is at most ``upper_s`` seconds.
+
+    Stages ``0..k`` hold unit u and all its ancestors, so ``(k + 1) T >= A_u``, the work of
+    u and its ancestors; stages ``k..N-1`` hold u and its descendants, so ``(N - k) T >= D_u``
+    (stage time is at least its work, :func:`~pipeoptim.compiler.costmodel.evaluate`). With
+    ``T <= upper_s`` (the bottleneck of a known plan) every unit is confined to
+    ``ceil(A_u / T) - 1 <= k <= N - ceil(D_u / T)``, which fixes most binaries of the ILP.
+    """
+    n = config.num_stages
+    times = np.array([units.time(u, config) for u in range(len(units))])
+    reach = _reach(units)
+    desc = times + reach.astype(float) @ times
+    anc = times + reach.T.astype(float) @ times
+    bound = upper_s * (1 + 1e-7) + 1e-15  # slack for float sums taken in another order
+    windows = []
+    for u in range(len(units)):
+        pin = unit_stage_pin(units, u, n)
+        lo = max(0, int(np.ceil(anc[u] / bound)) - 1)
+        hi = min(n - 1, n - int(np.ceil(desc[u] / bound)))
+        if pin is not None:
+            lo = hi = pin
+        windows.append((lo, hi) if lo <= hi else (0, n - 1))
+    return windows
+
+
+@dataclass
+class IlpModel:
+    """A built ILP: ``z[u, s]`` (a binary variable, or 0 or 1 where fixed), the objective
+    variable ``top``, the crossing variables with the ``(z[a, s], z[b, s])`` pairs that bound
+    them, and the expressions ``top`` bounds (one per stage)."""
+
+    prob: pulp.LpProblem
+    z: dict[tuple[int, int], pulp.LpVariable | int]
+    top: pulp.LpVariable
+    crossings: list[tuple[pulp.LpVariable, list[tuple[pulp.LpVariable | int, pulp.LpVariable | int]]]]
+    rows: list[pulp.LpAffineExpression]
+
+    def warm_start(self, unit_stage: list[int]) -> None:
+        """Set every variable to its value in the plan ``unit_stage`` (stage of every unit)."""
+        for (u, s), var in self.z.items():
+            if isinstance(var, pulp.LpVariable):
+                var.setInitialValue(1 if unit_stage[u] <= s else 0)
+        for c, pairs in self.crossings:
+            c.setInitialValue(max(0, *(pulp.value(a) - pulp.value(b) for a, b in pairs)))
+        self.top.setInitialValue(max(pulp.value(row) for row in self.rows))
+
+
+def build_ilp(
+    units: Units,
+    config: CostConfig,
+    objective: str,
+    upper_s: float | None = None,
+    memory_limit: int | None = None,
+) -> IlpModel:
+    """The cumulative ILP; ``objective`` is ``"time"`` (min bottleneck) or ``"memory"``.
+
+    ``upper_s``: the bottleneck (seconds) of a known plan; with it the time ILP keeps only
+    plans at least as good, and fixes every ``z`` outside :func:`stage_windows`.
+    ``memory_limit`` (bytes per stage) applies to the time ILP only.
+    """
+    n = config.num_stages
+    prob = pulp.LpProblem("pipeline_partition", pulp.LpMinimize)
+    if upper_s is not None and objective == "time":
+        windows = stage_windows(units, config, upper_s)
+    else:
+        windows = [
+            (p, p) if (p := unit_stage_pin(units, u, n)) is not None else (0, n - 1)
+            for u in range(len(units))
+        ]
+    z: dict[tuple[int, int], pulp.LpVariable | int] = {}
+    for u, (lo, hi) in enumerate(windows):
+        for s in range(n):
+            z[u, s] = 0 if s < lo else 1 if s >= hi else _variable(prob, f"z_{u}_{s}", 0, 1, "Binary")
+
+    def free(*terms: pulp.LpVariable | int) -> bool:
+        return any(isinstance(t, pulp.LpVariable) for t in terms)
+
+    def fixed(term: pulp.LpVariable | int, value: int) -> bool:
+        return not isinstance(term, pulp.LpVariable) and term == value
+
+    for u in range(len(units)):
+        for s in range(n - 2):
+            if free(z[u, s], z[u, s + 1]):
+                prob += z[u, s] <= z[u, s + 1]
+    for a, b in sorted(units.edges()):
+        for s in range(n - 1):
+            if free(z[a, s], z[b, s]):
+                prob += z[b, s] <= z[a, s]
+
+    def x(u: int, s: int) -> pulp.LpAffineExpression:
+        return z[u, s] - (z[u, s - 1] if s > 0 else 0)
+
+    compute_units = [u for u in range(len(units)) if units.is_compute(u)]
+    for s in range(n):
+        if free(*(z[u, t] for u in compute_units for t in (s - 1, s) if t >= 0)):
+            prob += pulp.lpSum(x(u, s) for u in compute_units) >= 1
+    acts: list[pulp.LpAffineExpression] = [pulp.LpAffineExpression() for _ in range(n - 1)]
+    with_comm = objective == "time" and config.bandwidth is not None
+    crossings = units.crossings() if with_comm else {}
+    crossing_vars: list[
+        tuple[pulp.LpVariable, list[tuple[pulp.LpVariable | int, pulp.LpVariable | int]]]
+    ] = []
+    for i, ((a, readers), size) in enumerate(sorted(crossings.items())):
+        cost = config.comm_s(size) * _MS
+        for s in range(n - 1):
+            if fixed(z[a, s], 0) or all(fixed(z[b, s], 1) for b in readers):
+                continue  # produced after boundary s, or every reader is before it
+            if fixed(z[a, s], 1) and any(fixed(z[b, s], 0) for b in readers):
+                acts[s] += cost  # certainly crosses
+                continue
+            c = _variable(prob, f"c_{i}_{s}", 0, 1)
+            crossing_vars.append((c, [(z[a, s], z[b, s]) for b in readers]))
+            for b in readers:
+                if free(z[a, s], z[b, s]):
+                    prob += c >= z[a, s] - z[b, s]
+            acts[s] += c * cost
+    top = _variable(prob, "top", 0, None)
+    rows = []
+    for s in range(n):
+        compute = pulp.lpSum(x(u, s) * (units.time(u, config) * _MS) for u in range(len(units)))
+        comm = (acts[s - 1] if s > 0 else 0) + (acts[s] if s < n - 1 else 0)
+        memory = pulp.lpSum(x(u, s) * (_unit_memory(units, u, s, config) / _MIB) for u in range(len(units)))
+        if objective == "time":
+            prob += top >= compute + comm
+            rows.append(compute + comm)
+            if memory_limit is not None:
+                prob += memory <= memory_limit / _MIB
+        else:
+            prob += top >= memory
+            rows.append(memory)
+    if objective == "time":
+        # Valid bounds the LP relaxation does not see (it may split a unit across stages).
+        times = [units.time(u, config) for u in range(len(units))]
+        prob += top >= max(times) * _MS
+        prob += top >= sum(times) / n * _MS
+        if upper_s is not None:
+            prob += top <= upper_s * _MS * (1 + 1e-7)
+    prob += top
+    return IlpModel(prob, z, top, crossing_vars, rows)
+
+
+def _unit_memory(units: Units, u: int, stage: int, config: CostConfig) -> float:
+    return (
+        units.attr(u, "param_bytes") * config.weight_factor(stage)
+        + units.attr(u, "buffer_bytes")
+        + units.attr(u, "saved_bytes") * config.in_flight(stage)
+    )
+
+
+def resolve_solver(name: str) -> str:
+    """``"auto"`` is HiGHS where ``highspy`` is installed, else CBC; other names pass through.
+
+    Raises:
+        PlanError: an unknown name, or ``"highs"`` without ``highspy``.
+    """
+    if name == "auto":
+        return "highs" if pulp.HiGHS().available() else "cbc"
+    if name == "highs" and not pulp.HiGHS().available():
+        raise PlanError("solver 'highs' is not installed: pip install highspy (or use --solver cbc)")
+    if name not in ("cbc", "highs"):
+        raise PlanError(f"unknown solver {name!r}; choose auto, cbc or highs")
+    return name
+
+
+class _WarmHiGHS(pulp.HiGHS):
+    """PuLP's HiGHS interface, given the variables' initial values as a starting solution
+    (PuLP 3.3 passes none to HiGHS)."""
+
+    def callSolver(self, lp: pulp.LpProblem) -> None:
+        import highspy
+
+        start = highspy.HighsSolution()
+        start.col_value = [var.varValue or 0.0 for var in sorted(lp.variables(), key=lambda v: v.index)]
+        start.value_valid = True
+        lp.solverModel.setSolution(start)
+        super().callSolver(lp)
+
+
+def _solver(name: str, time_limit: float, gap: float, warm: bool, log_path: str | None) -> pulp.LpSolver:
+    if name == "highs":
+        cls = _WarmHiGHS if warm else pulp.HiGHS
+        return cls(msg=False, timeLimit=time_limit, threads=1, gapRel=gap)
+    with warnings.catch_warnings():  # PuLP 3.3 deprecates the bundled CBC for PuLP 4
+        warnings.simplefilter("ignore", DeprecationWarning)
+        return pulp.PULP_CBC_CMD(
+            msg=False,
+            timeLimit=time_limit,
+            threads=1,
+            gapRel=gap,
+            warmStart=warm,
+            logPath=log_path,
+        )
+
+
+@contextlib.contextmanager
+def _stdout_to_stderr() -> Iterator[None]:
+    """Send what the solver libraries print (HiGHS prints a banner on file descriptor 1) to
+    standard error, so that standard output carries only the caller's results."""
+    sys.stdout.flush()
+    try:
+        saved = os.dup(1)
+    except OSError:  # no file descriptor 1 (a closed stdout): nothing to protect
+        yield
+        return
+    try:
+        os.dup2(2, 1)
+        yield
+    finally:
+        with contextlib.suppress(OSError, ValueError):
+            sys.stdout.flush()
+        os.dup2(saved, 1)
+        os.close(saved)
+
+
+def solve_ilp(
+    prob: pulp.LpProblem, solver: str, time_limit: float, warm: bool, gap: float = 1e-4
+) -> tuple[str, bool, float | None]:
+    """Solve; return (status text, proven optimal, relative gap)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        log_path = str(Path(tmp) / "cbc.log") if solver == "cbc" else None
+        with _stdout_to_stderr():
+            prob.solve(_solver(solver, time_limit, gap, warm, log_path))
+        log = Path(log_path).read_text() if log_path and Path(log_path).exists() else ""
+    if prob.status == pulp.LpStatusInfeasible or prob.sol_status == pulp.LpSolutionInfeasible:
+        return "infeasible", False, None
+    if prob.sol_status == pulp.LpSolutionOptimal:
+        return "optimal", True, 0.0
+    if prob.sol_status in (pulp.LpSolutionIntegerFeasible, pulp.LpSolutionOptimal):
+        return "feasible (time limit)", False, _gap(prob, solver, log)
+    return f"no solution ({pulp.LpStatus[prob.status]})", False, None
+
+
+def _gap(prob: pulp.LpProblem, solver: str, log: str) -> float | None:
+    if solver == "highs":
+        info = prob.solverModel.getInfo()
+        return float(info.mip_gap)
+    obj = re.search(r"Objective value:\s*([-\d.eE+]+)", log)
+    bound = re.search(r"Lower bound:\s*([-\d.eE+]+)", log)
+    if obj and bound:
+        o, b = float(obj.group(1)), float(bound.group(1))
+        return abs(o - b) / max(abs(o), 1e-12)
+    return None
+
+
+def stage_from_z(z: dict, u: int, n: int) -> int:
+    """The first stage s with ``z[u, s] = 1``."""
+    for s in range(n):
+        value = z[u, s] if isinstance(z[u, s], int) else z[u, s].value()
+        if round(value or 0) == 1:
+            return s
+    return n - 1
