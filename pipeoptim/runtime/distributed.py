@@ -9,13 +9,18 @@ every other worker is stopped and the error names the failed stage.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
+import os
+import signal
 import socket
+import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
+import cloudpickle
 import torch
 import torch.multiprocessing as mp
 
@@ -40,6 +45,71 @@ def check_devices(num_stages: int) -> None:
             f"{num_stages} stages need {num_stages} GPUs but this machine has "
             f"{torch.cuda.device_count()}: use gpus={torch.cuda.device_count()} or fewer"
         )
+
+
+def pickle_spec(spec: PipelineSpec) -> bytes:
+    """``spec`` as bytes a spawned worker can load, whatever ran the caller.
+
+    ``cloudpickle`` sends classes and functions defined in ``__main__`` by value: a model
+    class or loss function written in a notebook, ``python -c`` or ``python -`` (stdin),
+    where the worker has no main module to import them from, and lambdas.
+
+    Raises:
+        PipelineError: something in the model, loss function or inputs cannot be pickled;
+            the message names it and the fixes.
+    """
+    try:
+        return cloudpickle.dumps(spec)
+    except Exception as exc:
+        raise PipelineError(
+            f"the model, loss_fn or example inputs cannot be sent to the stage worker processes "
+            f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}): remove the "
+            "unpicklable attribute (open files, locks, generators), or use executor='local'"
+        ) from exc
+
+
+@contextlib.contextmanager
+def _main_module_not_rerun() -> Iterator[None]:
+    """Start spawned workers without re-running a main "file" that does not exist.
+
+    ``multiprocessing`` makes a spawned child run the parent's ``__main__.__file__``; under
+    ``python -`` that is ``'<stdin>'`` and the child dies before it starts. The workers need
+    nothing from it (:func:`pickle_spec`), so it is hidden while they start.
+    """
+    main = sys.modules.get("__main__")
+    path = getattr(main, "__file__", None)
+    hide = (
+        main is not None
+        and path is not None
+        and getattr(getattr(main, "__spec__", None), "name", None) is None
+        and not os.path.isfile(path)
+    )
+    if hide:
+        del main.__file__
+    try:
+        yield
+    finally:
+        if hide:
+            main.__file__ = path
+
+
+@contextlib.contextmanager
+def _sigint_ignored_by_children() -> Iterator[None]:
+    """Start children with SIGINT ignored from their first instruction.
+
+    A Ctrl-C in a terminal reaches every process of the foreground group; a worker still
+    importing torch would print a ``KeyboardInterrupt`` traceback. An ignored signal stays
+    ignored across ``exec`` (and Python keeps it so), so the driver alone handles Ctrl-C and
+    stops the workers. The driver ignores SIGINT only for the moment of ``start()``.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 class ProcessExecutor:
@@ -72,6 +142,7 @@ class ProcessExecutor:
         self._cond = threading.Condition()
         self._stopping = False  # workers are expected to exit
         self._closing = False  # the monitor thread ends
+        payload = pickle_spec(spec)
         ctx = mp.get_context("spawn")
         self.results = ctx.Queue()
         self.commands = [ctx.Queue() for _ in range(self.world)]
@@ -79,18 +150,24 @@ class ProcessExecutor:
         self.processes = [
             ctx.Process(
                 target=worker_main,
-                args=(rank, self.world, init, spec, self.commands[rank], self.results, timeout, threads),
+                args=(rank, self.world, init, payload, self.commands[rank], self.results, timeout, threads),
                 name=f"pipeoptim-stage-{rank}",
                 daemon=True,
             )
             for rank in range(self.world)
         ]
-        for p in self.processes:
-            p.start()
         self._ready: set[int] = set()
-        self._monitor = threading.Thread(target=self._watch, name="pipeoptim-monitor", daemon=True)
-        self._monitor.start()
-        self._wait_for(lambda: len(self._ready) == self.world, "the workers to start")
+        try:
+            with _main_module_not_rerun(), _sigint_ignored_by_children():
+                for p in self.processes:
+                    p.start()
+            self._monitor = threading.Thread(target=self._watch, name="pipeoptim-monitor", daemon=True)
+            self._monitor.start()
+            self._wait_for(lambda: len(self._ready) == self.world, "the workers to start")
+        except BaseException:  # Ctrl-C or a failure while the workers start: none is left behind
+            self._stopping = True
+            self._stop_workers(grace=2.0)
+            raise
 
     # -- background monitoring ----------------------------------------------------------
 

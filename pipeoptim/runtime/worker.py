@@ -8,6 +8,7 @@ rank's own ``Pipeline``.
 from __future__ import annotations
 
 import os
+import pickle
 import queue
 import signal
 import time
@@ -146,7 +147,7 @@ def worker_main(
     rank: int,
     world: int,
     init_method: str,
-    spec: PipelineSpec,
+    payload: bytes,
     commands: Any,
     results: Any,
     timeout: float,
@@ -162,6 +163,7 @@ def worker_main(
     torch.set_num_threads(threads)
     device = stage_device(rank)
     try:
+        spec: PipelineSpec = pickle.loads(payload)  # see distributed.pickle_spec
         import datetime
 
         backend = "nccl" if device.type == "cuda" else "gloo"
