@@ -10,7 +10,7 @@ policy          forward uses                             backward uses
 ``stash``       W (PipeDream)                            the version the forward used
 ``2bw``         like ``stash``, steps every M backwards  the version the forward used
 ``spectrain``   W − s_f·lr·v (SpecTrain)                 W − s_b·lr·v at backward time
-``pipeoptim``   Ŵ = W − s·lr·ΔW (PipeOptim)              W at backward time (no stash)
+``pipeoptim``   Ŵ = W − (Σ lr_i)·ΔW (PipeOptim)          W at backward time (no stash)
 ==============  =======================================  ====================================
 
 Policies that insert weights are placed in the stage's fx graph as one call per parameter,
@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import contextlib
 import weakref
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -98,6 +98,7 @@ class WeightPolicy(nn.Module):
         self.stage = stage
         self.num_stages = num_stages
         self._group_of = {id(p): g for g in optimizer.param_groups for p in g["params"]}
+        self._group_index = {id(p): i for i, g in enumerate(optimizer.param_groups) for p in g["params"]}
 
     def forward(self, weight: torch.Tensor, name: str) -> torch.Tensor:
         value = self._values.get(name)
@@ -107,8 +108,16 @@ class WeightPolicy(nn.Module):
 
     # -- hooks called by the stage ---------------------------------------------------
 
-    def begin_forward(self, micro_batch: int, version_diff: int) -> None:
-        """Prepare the weights the forward of ``micro_batch`` uses."""
+    def begin_forward(
+        self, micro_batch: int, version_diff: int, step_rates: Sequence[Sequence[float]] | None = None
+    ) -> None:
+        """Prepare the weights the forward of ``micro_batch`` uses.
+
+        Args:
+            version_diff: optimizer steps between this forward and its backward (s).
+            step_rates: per group of the stage's optimizer, the learning rates of those s
+                steps, in order (``None``: not known, the current rate stands for each).
+        """
 
     def end_forward(self, micro_batch: int) -> None:
         self._values = {}
@@ -212,7 +221,9 @@ class Stash(WeightPolicy):
         self._version_of: dict[int, int] = {}
         self._stashed: dict[int, dict[str, torch.Tensor]] = {}
 
-    def begin_forward(self, micro_batch: int, version_diff: int) -> None:
+    def begin_forward(
+        self, micro_batch: int, version_diff: int, step_rates: Sequence[Sequence[float]] | None = None
+    ) -> None:
         self._version_of[micro_batch] = self.version
 
     def before_step(self) -> None:
@@ -264,17 +275,26 @@ class _Predicting(WeightPolicy):
         self._predictor = get_predictor(optimizer)
 
     def predicted(
-        self, steps: int, always_copy: bool = False, into: dict[str, torch.Tensor] | None = None
+        self,
+        steps: int,
+        always_copy: bool = False,
+        into: dict[str, torch.Tensor] | None = None,
+        step_rates: Sequence[Sequence[float]] | None = None,
     ) -> dict[str, torch.Tensor]:
         """``{name: Ŵ}`` after ``steps`` more steps, for parameters whose Ŵ differs from W
         (all of them with ``always_copy``: Ŵ is then a copy of W where nothing is predicted).
-        ``into`` maps names to tensors that may be overwritten with Ŵ instead of new ones."""
+        ``into`` maps names to tensors that may be overwritten with Ŵ instead of new ones.
+        With ``step_rates`` (per optimizer group, the rates of those steps) the prediction is
+        ``Ŵ = W − (Σ lr_i)·ΔW``, else ``W − steps·lr·ΔW`` at the current rate."""
         assert self.optimizer is not None and self._predictor is not None
+        if step_rates is not None and any(len(rates) != steps for rates in step_rates):
+            raise ValueError(f"step_rates must list the rates of all {steps} steps for every group")
         out = {}
         into = into or {}
         for name, p in self.params.items():
             state, group = self.optimizer.state.get(p, {}), self._group_of[id(p)]
-            value = predict(p, state, group, steps, self._predictor, out=into.get(name))
+            lr_sum = None if step_rates is None else sum(step_rates[self._group_index[id(p)]])
+            value = predict(p, state, group, steps, self._predictor, out=into.get(name), lr_sum=lr_sum)
             if value.data_ptr() != p.data_ptr():
                 out[name] = value
             elif always_copy:
@@ -284,9 +304,14 @@ class _Predicting(WeightPolicy):
 
 class PipeOptimPolicy(_Predicting):
     """``pipeoptim`` (Guan et al., arXiv:2312.00839): the forward of a micro-batch uses
-    ``Ŵ = W − lr · s · ΔW`` with ``s`` its version difference and ΔW from the optimizer's
-    update rule (:mod:`pipeoptim.runtime.predictors`); the backward and the optimizer step use
-    the current weights. Only W and one Ŵ exist at a time (no stash).
+    ``Ŵ = W − (Σ lr_i) · ΔW``, the sum running over the learning rates of the ``s`` steps
+    between this forward and its backward (``s`` its version difference; the rates are those
+    of the earlier mini-batches whose steps come in between, known when the forward starts),
+    and ΔW from the optimizer's update rule (:mod:`pipeoptim.runtime.predictors`). With a
+    constant rate this is the paper's ``Ŵ = W − lr · s · ΔW``; under a schedule the
+    paper's ``s ×`` the current rate misses the weights the backward meets, the sum does not
+    (exactly so when ΔW stays constant). The backward and the optimizer step use the current
+    weights. Only W and one Ŵ exist at a time (no stash).
 
     Args:
         backward: ``"current"`` (PipeOptim) or ``"predicted"``: the backward uses the same Ŵ
@@ -303,16 +328,20 @@ class PipeOptimPolicy(_Predicting):
         self.redirect_backward = backward == "current"
         self._buffers_hat: dict[str, torch.Tensor] = {}
 
-    def begin_forward(self, micro_batch: int, version_diff: int) -> None:
+    def begin_forward(
+        self, micro_batch: int, version_diff: int, step_rates: Sequence[Sequence[float]] | None = None
+    ) -> None:
         # autograd keeps Ŵ when the backward uses it, so it must never be W itself; when the
         # backward uses W instead, nothing holds the last forward's Ŵ and it is overwritten
         consistent = not self.redirect_backward
         if not version_diff:
             self._values = {}
         elif consistent:
-            self._values = self.predicted(version_diff, always_copy=True)
+            self._values = self.predicted(version_diff, always_copy=True, step_rates=step_rates)
         else:
-            self._values = self._buffers_hat = self.predicted(version_diff, into=self._buffers_hat)
+            self._values = self._buffers_hat = self.predicted(
+                version_diff, into=self._buffers_hat, step_rates=step_rates
+            )
         for name, value in self._values.items():
             self._track(name, value)
         self._measure()
@@ -358,7 +387,9 @@ class SpecTrainPolicy(_Predicting):
     def backward_steps(self) -> int:
         return self.stage // 2
 
-    def begin_forward(self, micro_batch: int, version_diff: int) -> None:
+    def begin_forward(
+        self, micro_batch: int, version_diff: int, step_rates: Sequence[Sequence[float]] | None = None
+    ) -> None:
         self._values = self.predicted(self.forward_steps)
         for name, value in self._values.items():
             self._track(name, value)

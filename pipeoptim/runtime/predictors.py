@@ -5,11 +5,15 @@ meet ``s`` optimizer steps later as
 
     Ŵ = W − lr · s · ΔW,
 
-where ΔW is the update direction of the optimizer in use. A predictor here returns the whole
-update ``U = lr · ΔW`` for one parameter, reading the optimizer's state and the parameter
-group's hyperparameters *at prediction time* (so learning-rate schedulers are followed), or
-``None`` before the first step (no state yet: then Ŵ = W). Where a rule needs the next
-gradient, the last one (still in ``param.grad`` after the step) stands in for it.
+where ΔW is the update direction of the optimizer in use. Under a learning-rate schedule the
+runtime predicts with the rates of the s steps themselves, ``Ŵ = W − (Σ lr_i) · ΔW``
+(:func:`predict` with ``lr_sum``), which is the formula above for a constant rate.
+
+A predictor here returns the whole update ``U = lr · ΔW`` for one parameter, reading the
+optimizer's state and the parameter group's hyperparameters *at prediction time* (so
+learning-rate schedulers are followed), or ``None`` before the first step (no state yet:
+then Ŵ = W). Where a rule needs the next gradient, the last one (still in ``param.grad``
+after the step) stands in for it.
 
 Register predictors for other optimizers with :func:`register_predictor`.
 """
@@ -174,15 +178,25 @@ def predict(
     steps: int,
     predictor: Predictor,
     out: torch.Tensor | None = None,
+    lr_sum: float | None = None,
 ) -> torch.Tensor:
-    """Predicted weights after ``steps`` more steps: ``Ŵ = W − steps · U``, written into
-    ``out`` (a tensor shaped like ``param``) when given, else into a new tensor.
+    """Predicted weights after ``steps`` more steps, written into ``out`` (a tensor shaped
+    like ``param``) when given, else into a new tensor.
+
+    Without ``lr_sum``: ``Ŵ = W − steps · U`` with U at the group's current rate, i.e.
+    ``W − lr · s · ΔW`` (PipeOptim, arXiv:2312.00839). With ``lr_sum`` (the sum of
+    the learning rates of the ``steps`` steps to come): ``Ŵ = W − (Σ lr_i) · ΔW``, computed as
+    ``steps · U`` with U at the mean rate ``lr_sum / steps``; the two agree for a constant
+    rate, and the sum is exact for a scheduled rate wherever ΔW is (U is proportional to
+    ``lr`` for every built-in predictor; Adagrad's ``lr_decay`` is applied at the mean rate).
 
     ``state`` is ``optimizer.state[param]`` and ``group`` the parameter's group. Returns
     ``param.detach()`` itself when ``steps`` is 0 or the optimizer has no state yet.
     """
     if steps == 0:
         return param.detach()
+    if lr_sum is not None:
+        group = {**group, "lr": lr_sum / steps}
     update = predictor(param, state, group)
     if update is None:
         return param.detach()
