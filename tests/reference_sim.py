@@ -9,7 +9,7 @@ Training then runs mini-batch after mini-batch; since every stage keeps all its 
 
 Stage k of N (0-based), mini-batch t (0-based), no flush between mini-batches:
 
-- asynchronous 1F1B (PipeDream, Narayanan et al. SOSP 2019, §3.3): stage k runs
+- asynchronous 1F1B (PipeDream, Narayanan et al. SOSP 2019): stage k runs
   ``N − k − 1`` warm-up forwards, then the backward of mini-batch t follows ``t`` updates
   and its forward follows ``v_f = max(0, t − (N − k − 1))``; the version difference is
   ``s = t − v_f`` (``N − k − 1`` in the steady state).
@@ -19,9 +19,9 @@ Stage k of N (0-based), mini-batch t (0-based), no flush between mini-batches:
   ``Ŵ = W_k(v_f) − (Σ lr_i)·ΔW`` over the ``s`` steps between forward and backward (those
   of mini-batches ``v_f .. t−1``; ``s·lr`` for a constant rate, the paper's formula), ΔW the
   optimizer's update direction read at version ``v_f``; backward ``W_k(t)``.
-- ``2bw`` (PipeDream-2BW, Narayanan et al. ICML 2021, §3.1): ``W(t+1) = W(t) − ν·∇f(W(t−1))``:
+- ``2bw`` (PipeDream-2BW, Narayanan et al. ICML 2021): ``W(t+1) = W(t) − ν·∇f(W(t−1))``:
   every stage computes mini-batch t on ``W_k(max(0, t − 1))``.
-- ``spectrain`` (Chen et al., arXiv:1809.02839, §4): ``Ŵ = W − s·lr·v`` with the smoothed
+- ``spectrain`` (Chen et al., arXiv:1809.02839): ``Ŵ = W − s·lr·v`` with the smoothed
   gradient ``v`` (SGD's momentum buffer as it stands) in both passes, ``s_f = ⌊k/2⌋ + N − k − 1``
   from ``W_k(v_f)`` and ``s_b = ⌊k/2⌋`` from ``W_k(t)`` (the reference code's version
   differences).

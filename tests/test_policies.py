@@ -158,9 +158,13 @@ def test_sixty_async_steps_on_conv_and_linear(method: str) -> None:
     ) as pipe:
         losses = list(pipe.train(batches(60)))
         versions = pipe.peak_weight_versions
+        with_weights = [s.policy is not None for s in pipe._executor.stages]
     assert len(losses) == 60 and all(torch.isfinite(torch.tensor(losses)))
-    if method in ("pipeoptim", "spectrain", "2bw"):
+    if method in ("pipeoptim", "spectrain"):
         assert max(versions) <= 2, versions
+    if method == "2bw":  # the double buffer, at every stage with weights (the last one included)
+        assert with_weights[-1] and sum(with_weights) >= 3, with_weights
+        assert all(v == 2 for v, w in zip(versions, with_weights) if w), versions
     if method == "pipedream":
         assert all(v <= 4 - k for k, v in enumerate(versions))
         assert max(versions) >= 3  # stashing really keeps N - k versions where backward needs them
@@ -284,3 +288,13 @@ def test_prediction_hits_the_backward_weights_under_a_schedule(stages: int, sche
                 torch.testing.assert_close(value, met[(k, mb)][name], rtol=0, atol=1e-6)
                 checked += 1
     assert checked >= 6
+
+
+def test_predictor_option_is_checked() -> None:
+    model = two_layer()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    common = {"example_inputs": torch.randn(4, 5), "loss_fn": F.mse_loss, "executor": "local"}
+    with pytest.raises(ValueError, match="applies to method 'pipeoptim' only"):
+        pipeoptim.compile(model, opt, 2, method="pipedream", predictor="next-step", **common)
+    with pytest.raises(ValueError, match="predictor must be one of paper, next-step"):
+        pipeoptim.compile(model, opt, 2, predictor="newest", **common)

@@ -150,6 +150,39 @@ def test_method_equals_reference(method: str, stages: int, case, profiles) -> No
     assert gap((losses, weights), expected) <= TOL
 
 
+@pytest.mark.parametrize("stages, micro_batches", [(1, 1), (2, 2), (2, 4), (3, 3), (4, 4)])
+@pytest.mark.parametrize("case", CASES, ids=lambda c: f"{c[0]}-{c[1]}")
+def test_2bw_equals_reference(stages: int, micro_batches: int, case, profiles) -> None:
+    """PipeDream-2BW: every stage computes mini-batch t on W(t − 1), at most two versions."""
+    optimizer, schedule = case
+    losses, weights, layer_stages, lrs = run_pipeline(
+        "2bw", stages, optimizer, schedule, profiles, micro_batches=micro_batches
+    )
+    expected = reference("2bw", stages, optimizer, layer_stages, lrs)
+    assert gap((losses, weights), expected) <= TOL
+
+
+@pytest.mark.parametrize("stages", [2, 3, 4])
+def test_spectrain_equals_reference(stages: int, profiles) -> None:
+    """SpecTrain: the momentum buffer as the smoothed gradient in both passes (constant rate)."""
+    losses, weights, layer_stages, lrs = run_pipeline("spectrain", stages, "sgd", "constant", profiles)
+    expected = reference("spectrain", stages, "sgd", layer_stages, lrs)
+    assert gap((losses, weights), expected) <= TOL
+
+
+@pytest.mark.parametrize("stages", [2, 3])
+@pytest.mark.parametrize("case", [("adam", "lambda"), ("adamw", "cosine")], ids=lambda c: f"{c[0]}-{c[1]}")
+def test_next_step_predictor_equals_reference(stages: int, case, profiles) -> None:
+    optimizer, schedule = case
+    losses, weights, layer_stages, lrs = run_pipeline(
+        "pipeoptim", stages, optimizer, schedule, profiles, predictor="next-step"
+    )
+    expected = reference("pipeoptim", stages, optimizer, layer_stages, lrs, predictor="next-step")
+    assert gap((losses, weights), expected) <= TOL
+    paper = reference("pipeoptim", stages, optimizer, layer_stages, lrs)
+    assert gap((losses, weights), paper) > 100 * TOL  # the variant is really another rule
+
+
 def test_processes_executor_equals_reference(profiles) -> None:
     losses, weights, layer_stages, lrs = run_pipeline(
         "pipeoptim", 2, "adam", "lambda", profiles, executor="processes"
