@@ -9,7 +9,10 @@ timestamps); and the measured peak memory per stage -- weights (all versions kep
 optimizer state, saved activations -- for PipeOptim against PipeDream's weight stashing.
 A timeline picture shows when each stage ran which forward and backward.
 
-    python benchmarks/throughput.py [--quick] [--out benchmarks/results]
+    python benchmarks/throughput.py [--quick] [--stages 2 4] [--methods 2bw ...] [--out DIR]
+
+``--quick`` and runs of some stage counts or methods write to a new temporary folder unless
+``--out`` says otherwise; only the full run writes ``benchmarks/results``.
 
 Writes ``throughput.md``, ``throughput_timeline.png`` and ``throughput_memory.png``.
 """
@@ -20,6 +23,7 @@ import argparse
 import datetime
 import os
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -49,9 +53,9 @@ def make_model() -> nn.Module:
     return nn.Sequential(*layers, nn.Linear(WIDTH, CLASSES))
 
 
-def batch(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+def batch(seed: int = 0, size: int = BATCH) -> tuple[torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
-    return torch.randn(BATCH, WIDTH, generator=g), torch.randint(0, CLASSES, (BATCH,), generator=g)
+    return torch.randn(size, WIDTH, generator=g), torch.randint(0, CLASSES, (size,), generator=g)
 
 
 # ------------------------------------------------------------------ loopback bandwidth
@@ -98,7 +102,7 @@ def measure_bandwidth() -> float:
 
 
 def compile_mlp(
-    method: str, stages: int, executor: str, profile_dir: Path, **options: Any
+    method: str, stages: int, executor: str, profile_dir: Path, size: int = BATCH, **options: Any
 ) -> pipeoptim.Pipeline:
     model = make_model()
     opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
@@ -106,7 +110,7 @@ def compile_mlp(
         model,
         opt,
         stages,
-        example_inputs=batch()[0],
+        example_inputs=batch(size=size)[0],
         loss_fn=F.cross_entropy,
         method=method,
         executor=executor,
@@ -118,10 +122,20 @@ def compile_mlp(
 def run_pipeoptim(
     method: str, stages: int, micro: int, warmup: int, steps: int, profile_dir: Path, bandwidth: float
 ) -> dict[str, Any]:
-    x, y = batch()
+    # PipeDream-2BW steps once per M micro-batches of BATCH rows each: its micro-batch is the
+    # unit the other asynchronous methods run per pass, so it gets mini-batches of M x BATCH
+    # rows and its rate is counted per BATCH rows, like theirs (same work per pass).
+    scale = micro if method == "2bw" else 1
+    x, y = batch(size=BATCH * scale)
     micro_batches = micro if method in ("gpipe", "1f1b", "2bw") else None
     with compile_mlp(
-        method, stages, "processes", profile_dir, micro_batches=micro_batches, bandwidth=bandwidth
+        method,
+        stages,
+        "processes",
+        profile_dir,
+        size=BATCH * scale,
+        micro_batches=micro_batches,
+        bandwidth=bandwidth,
     ) as pipe:
         for _ in range(warmup):
             pipe.step(x, y)
@@ -136,8 +150,8 @@ def run_pipeoptim(
         plan = pipe.plan
     busy = sum(t1 - t0 for acts in timeline for _, _, t0, t1 in acts if t0 >= start)
     return {
-        "rate": steps / (end - start),
-        "predicted": summary["throughput_per_s"],
+        "rate": steps * scale / (end - start),
+        "predicted": summary["throughput_per_s"] * scale,
         "bubble": 1 - busy / (stages * (end - start)),
         "predicted_bubble": summary["bubble_fraction"],
         "timeline": timeline,
@@ -317,11 +331,32 @@ def main() -> None:
     parser.add_argument(
         "--quick", action="store_true", help="2 stages, fewer methods and steps (under 2 minutes)"
     )
-    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
+    parser.add_argument(
+        "--out",
+        type=Path,
+        help="where to write (default: benchmarks/results for the full run, a new temporary "
+        "folder for --quick, --stages or --methods)",
+    )
+    parser.add_argument("--stages", type=int, nargs="+", help="stage counts to measure (default 2 4)")
+    parser.add_argument(
+        "--methods",
+        nargs="+",
+        choices=list(pipeoptim.METHODS),
+        help="measure only these methods (pipeoptim and pipedream always run: the summary compares them)",
+    )
     args = parser.parse_args()
+    partial = args.quick or args.stages is not None or args.methods is not None
+    if args.out is None and partial:
+        args.out = Path(tempfile.mkdtemp(prefix="throughput-"))
+    elif args.out is None:
+        args.out = Path(__file__).parent / "results"
+    args.stages = args.stages or [2, 4]
     torch.set_num_threads(1)  # profile as the ranks run: one thread each
-    stage_counts = [2] if args.quick else [2, 4]
+    stage_counts = [2] if args.quick else args.stages
     methods = ["pipeoptim", "pipedream", "1f1b"] if args.quick else list(pipeoptim.METHODS)
+    if args.methods and not args.quick:
+        extra = [m for m in args.methods if m not in ("pipeoptim", "pipedream")]
+        methods = ["pipeoptim", "pipedream", *extra]
     warmup, steps = (2, 6) if args.quick else (5, 30)
     profile_dir = args.out / ".profiles"
     print("measuring the loopback bandwidth ...", file=sys.stderr)
@@ -365,7 +400,8 @@ def main() -> None:
     table = tabulate(rows, headers=headers, tablefmt="github")
     print(table)
     memory_stages = stage_counts[-1] if args.quick else 4
-    reports = {m: measure_memory(m, memory_stages, 12, profile_dir) for m in ("pipeoptim", "pipedream")}
+    memory_methods = ["pipeoptim", "pipedream"] + (["2bw"] if "2bw" in methods else [])
+    reports = {m: measure_memory(m, memory_stages, 12, profile_dir) for m in memory_methods}
     mem_rows = [
         [
             m,
@@ -410,11 +446,14 @@ def main() -> None:
     (args.out / "throughput.md").write_text(
         f"# Throughput ({'quick' if args.quick else 'full'} run, CPU, gloo, 1 thread per rank, "
         f"{os.cpu_count()} cores)\n\nModel: MLP {DEPTH}x{WIDTH}, mini-batch {BATCH}; micro-batches = "
-        f"stages for gpipe, 1f1b, 2bw and torch.distributed.pipelining; {steps} timed mini-batches "
+        f"stages for gpipe, 1f1b and torch.distributed.pipelining; 2bw runs mini-batches of "
+        f"stages x {BATCH} rows in micro-batches of {BATCH} (the rows other asynchronous methods run "
+        f"per pass) and its rates count {BATCH} rows as one mini-batch; {steps} timed mini-batches "
         f"after {warmup}.\n\n{table}\n\n## Peak memory per stage ({memory_stages} stages, measured)"
         f"\n\n{mem_table}\n\n{summary}\n"
     )
     print(summary)
+    print(f"results in {args.out}", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -32,6 +32,7 @@ from pipeoptim.runtime.optim import (
     hyperparameters,
     param_group_names,
 )
+from pipeoptim.runtime.predictors import VARIANTS as PREDICTOR_VARIANTS
 from pipeoptim.runtime.predictors import get_predictor
 from pipeoptim.units import parse_bandwidth, parse_bytes
 
@@ -488,6 +489,7 @@ def compile(
     seed: int = 0,
     timeout: float = 300.0,
     backward: str = "current",
+    predictor: str = "paper",
     nan_check: str = "stages",
     solver: str = "cbc",
     log: Callable[[str], None] | None = None,
@@ -521,6 +523,9 @@ def compile(
         seed: seed of the per-micro-batch random streams (dropout).
         timeout: seconds any wait between stages may take before the pipeline fails.
         backward: PipeOptim only: ``"current"`` weights (the paper) or ``"predicted"``.
+        predictor: PipeOptim only: ``"paper"`` (ΔW from the optimizer's state, the paper's
+            formula) or ``"next-step"`` (Adam/AdamW, RMSprop, Adagrad: the last gradient is
+            folded into the moments first; the real next step when the gradient repeats).
         nan_check: ``"stages"`` (default: every stage checks its outputs, and a NaN there or
             a NaN/inf loss stops training naming the mini-batch and the stage where it
             appeared), ``"loss"`` (only the loss), ``"off"``.
@@ -550,8 +555,12 @@ def compile(
         raise ValueError(f"method {method!r} does not split mini-batches: leave micro_batches unset")
     if method == "2bw" and m < gpus:
         raise ValueError(f"PipeDream-2BW needs micro_batches >= stages ({m} < {gpus}) to keep two versions")
+    if predictor not in PREDICTOR_VARIANTS:
+        raise ValueError(f"predictor must be one of {', '.join(PREDICTOR_VARIANTS)}, not {predictor!r}")
+    if predictor != "paper" and info.policy != "pipeoptim":
+        raise ValueError(f"predictor={predictor!r} applies to method 'pipeoptim' only, not {method!r}")
     if info.policy == "pipeoptim":
-        get_predictor(optimizer)
+        get_predictor(optimizer, predictor)
     if info.policy == "spectrain" and not (
         isinstance(optimizer, torch.optim.SGD) and all(g.get("momentum", 0) for g in optimizer.param_groups)
     ):
@@ -640,11 +649,20 @@ def compile(
         loss_fn=loss_fn,
         micro_batches=m,
         seed=seed,
-        policy_options={"backward": backward} if info.policy == "pipeoptim" else {},
+        policy_options=_policy_options(info.policy, backward, predictor, m),
         nan_check=nan_check,
     )
     device = inputs[0].device if kind == "local" else torch.device("cpu")
     return Pipeline(spec, traced, optimizer, batch, static, kind, device, timeout, owns_group)
+
+
+def _policy_options(policy: str | None, backward: str, predictor: str, micro_batches: int) -> dict[str, Any]:
+    """Keyword arguments of the weight policy (:func:`pipeoptim.runtime.policies.make_policy`)."""
+    if policy == "pipeoptim":
+        return {"backward": backward, "predictor": predictor}
+    if policy == "2bw":
+        return {"micro_batches": micro_batches}
+    return {}
 
 
 def _profile_device(kind: str, input_device: torch.device) -> torch.device:

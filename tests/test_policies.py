@@ -158,9 +158,13 @@ def test_sixty_async_steps_on_conv_and_linear(method: str) -> None:
     ) as pipe:
         losses = list(pipe.train(batches(60)))
         versions = pipe.peak_weight_versions
+        with_weights = [s.policy is not None for s in pipe._executor.stages]
     assert len(losses) == 60 and all(torch.isfinite(torch.tensor(losses)))
-    if method in ("pipeoptim", "spectrain", "2bw"):
+    if method in ("pipeoptim", "spectrain"):
         assert max(versions) <= 2, versions
+    if method == "2bw":  # the double buffer, at every stage with weights (the last one included)
+        assert with_weights[-1] and sum(with_weights) >= 3, with_weights
+        assert all(v == 2 for v, w in zip(versions, with_weights) if w), versions
     if method == "pipedream":
         assert all(v <= 4 - k for k, v in enumerate(versions))
         assert max(versions) >= 3  # stashing really keeps N - k versions where backward needs them
@@ -185,9 +189,9 @@ def test_version_difference_equals_steps_taken_between_forward_and_backward() ->
         policy = stage.policy
         forward, backward = policy.begin_forward, policy.begin_backward
 
-        def on_forward(mb, s, stage=stage, forward=forward):
+        def on_forward(mb, s, *rates, stage=stage, forward=forward):
             seen[(stage.index, mb)] = [s, stage.steps]
-            forward(mb, s)
+            forward(mb, s, *rates)
 
         def on_backward(mb, stage=stage, backward=backward):
             seen[(stage.index, mb)].append(stage.steps)
@@ -218,3 +222,79 @@ def test_backward_predicted_option_keeps_one_copy_per_micro_batch_in_flight() ->
     list(pipe.train(batches(20)))
     versions = pipe.peak_weight_versions
     assert max(versions) > 2  # like weight stashing
+
+
+class Biases(nn.Module):
+    """A chain of bias additions: the gradient of every bias is constant."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.b = nn.ParameterList([nn.Parameter(torch.zeros(4)) for _ in range(6)])
+
+    def forward(self, x):
+        for b in self.b:
+            x = x * 0.5 + b  # d loss / d b does not depend on the weights
+        return x
+
+
+@pytest.mark.parametrize("stages", [2, 3])
+@pytest.mark.parametrize(
+    "schedule",
+    [
+        lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lambda t: 1 + t),
+        lambda opt: torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=12),
+    ],
+    ids=["lambda", "cosine"],
+)
+def test_prediction_hits_the_backward_weights_under_a_schedule(stages: int, schedule) -> None:
+    """Constant gradients, plain SGD: Ŵ = W − (Σ lr_i)·ΔW over the rates of the s steps in
+    between is exactly the weights the backward meets (s × the current rate misses them)."""
+    model = Biases()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    sched = schedule(opt)
+    pipe = pipeoptim.compile(
+        model,
+        opt,
+        stages,
+        example_inputs=torch.randn(2, 4),
+        loss_fn=lambda out, _y: out.sum(),
+        executor="local",
+        profile_dir=None,
+    )
+    predicted: dict[tuple[int, int], dict[str, torch.Tensor]] = {}
+    met: dict[tuple[int, int], dict[str, torch.Tensor]] = {}
+    for stage in pipe._executor.stages:
+        policy = stage.policy
+        forward, backward = policy.begin_forward, policy.begin_backward
+
+        def on_forward(mb, s, *rates, k=stage.index, policy=policy, forward=forward):
+            forward(mb, s, *rates)
+            values = {n: policy._values.get(n, p) for n, p in policy.params.items()}
+            predicted[(k, mb)] = {n: v.detach().clone() for n, v in values.items()}
+
+        def on_backward(mb, k=stage.index, policy=policy, backward=backward):
+            met[(k, mb)] = {n: p.detach().clone() for n, p in policy.params.items()}
+            backward(mb)
+
+        policy.begin_forward, policy.begin_backward = on_forward, on_backward
+    for _ in range(10):
+        pipe.step(torch.randn(2, 4), None)
+        sched.step()
+    pipe.flush()
+    checked = 0
+    for (k, mb), values in predicted.items():
+        if mb >= stages:  # the first step has given SGD a gradient to predict from
+            for name, value in values.items():
+                torch.testing.assert_close(value, met[(k, mb)][name], rtol=0, atol=1e-6)
+                checked += 1
+    assert checked >= 6
+
+
+def test_predictor_option_is_checked() -> None:
+    model = two_layer()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    common = {"example_inputs": torch.randn(4, 5), "loss_fn": F.mse_loss, "executor": "local"}
+    with pytest.raises(ValueError, match="applies to method 'pipeoptim' only"):
+        pipeoptim.compile(model, opt, 2, method="pipedream", predictor="next-step", **common)
+    with pytest.raises(ValueError, match="predictor must be one of paper, next-step"):
+        pipeoptim.compile(model, opt, 2, predictor="newest", **common)

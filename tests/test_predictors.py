@@ -135,3 +135,37 @@ def test_subclass_uses_parent_predictor() -> None:
     got = predict(w, opt.state[w], opt.param_groups[0], 1, get_predictor(opt))
     expected = w.detach() - 0.1 * (0.9 * reference["momentum_buffer"] + w.grad)
     torch.testing.assert_close(got, expected)
+
+
+@pytest.mark.parametrize("cls, kwargs", CONFIGS)
+def test_next_step_prediction_is_exact_when_the_gradient_repeats(cls, kwargs) -> None:
+    w, opt = trained(cls, kwargs)
+    state = copy.deepcopy(opt.state[w])
+    predicted = predict(w, opt.state[w], opt.param_groups[0], 1, get_predictor(opt, "next-step"))
+    for key, value in state.items():  # the prediction leaves the optimizer's state alone
+        assert torch.equal(opt.state[w][key], value), key
+    opt.step()  # the same gradient once more
+    torch.testing.assert_close(predicted, w.detach(), rtol=1e-6, atol=1e-7)
+
+
+def test_paper_prediction_misses_a_repeated_adam_step() -> None:
+    """The paper's ΔW reads Adam's moments before the last gradient is folded in: with the
+    gradient repeating it is off by a sizeable share of the step (what next-step corrects)."""
+    w, opt = trained(torch.optim.Adam, {"lr": 0.01}, steps=2)
+    paper = predict(w, opt.state[w], opt.param_groups[0], 1, get_predictor(opt))
+    before = w.detach().clone()
+    opt.step()
+    step = (w.detach() - before).abs()
+    miss = ((paper - w.detach()).abs() / step).max()
+    assert miss > 0.05
+
+
+def test_next_step_variant_errors() -> None:
+    class Lion(torch.optim.Optimizer):
+        def __init__(self, params, lr=1e-4):
+            super().__init__(params, {"lr": lr})
+
+    with pytest.raises(PredictorError, match="predictor='paper'"):
+        get_predictor(Lion, "next-step")
+    with pytest.raises(ValueError, match="paper, next-step"):
+        get_predictor(torch.optim.Adam, "newest")

@@ -100,7 +100,7 @@ def test_flushing_methods_equal_plain_training(method: str, stages: int, make_op
         torch.testing.assert_close(state[key], value, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("method", ["pipeoptim", "pipedream", "2bw", "spectrain", "none"])
+@pytest.mark.parametrize("method", ["pipeoptim", "pipedream", "spectrain", "none"])
 def test_async_with_one_stage_equals_plain_training(method: str) -> None:
     model = no_dropout_cnn()
     batches = data(6)
@@ -114,7 +114,6 @@ def test_async_with_one_stage_equals_plain_training(method: str) -> None:
         example_inputs=batches[0][0],
         loss_fn=F.cross_entropy,
         method=method,
-        micro_batches=1 if method == "2bw" else None,
         executor="local",
         profile_dir=None,
     ) as pipe:

@@ -8,9 +8,9 @@ policy          forward uses                             backward uses
 ==============  =======================================  ====================================
 ``none``        current weights W                        W as it is at backward time
 ``stash``       W (PipeDream)                            the version the forward used
-``2bw``         like ``stash``, steps every M backwards  the version the forward used
-``spectrain``   W − s_f·lr·v (SpecTrain)                 W − s_b·lr·v at backward time
-``pipeoptim``   Ŵ = W − s·lr·ΔW (PipeOptim)              W at backward time (no stash)
+``2bw``         W(t−1) for all of mini-batch t           the version the forward used
+``spectrain``   W − s_f·lr·v (SpecTrain, v = momentum)   W − s_b·lr·v at backward time
+``pipeoptim``   Ŵ = W − (Σ lr_i)·ΔW (PipeOptim)          W at backward time (no stash)
 ==============  =======================================  ====================================
 
 Policies that insert weights are placed in the stage's fx graph as one call per parameter,
@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import contextlib
 import weakref
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -38,7 +38,7 @@ from torch import nn
 from torch.optim import SGD, Optimizer
 
 from pipeoptim.errors import PredictorError
-from pipeoptim.runtime.predictors import Predictor, get_predictor, predict
+from pipeoptim.runtime.predictors import VARIANTS, Predictor, get_predictor, predict
 
 
 class _UseWeight(torch.autograd.Function):
@@ -98,6 +98,7 @@ class WeightPolicy(nn.Module):
         self.stage = stage
         self.num_stages = num_stages
         self._group_of = {id(p): g for g in optimizer.param_groups for p in g["params"]}
+        self._group_index = {id(p): i for i, g in enumerate(optimizer.param_groups) for p in g["params"]}
 
     def forward(self, weight: torch.Tensor, name: str) -> torch.Tensor:
         value = self._values.get(name)
@@ -107,8 +108,16 @@ class WeightPolicy(nn.Module):
 
     # -- hooks called by the stage ---------------------------------------------------
 
-    def begin_forward(self, micro_batch: int, version_diff: int) -> None:
-        """Prepare the weights the forward of ``micro_batch`` uses."""
+    def begin_forward(
+        self, micro_batch: int, version_diff: int, step_rates: Sequence[Sequence[float]] | None = None
+    ) -> None:
+        """Prepare the weights the forward of ``micro_batch`` uses.
+
+        Args:
+            version_diff: optimizer steps between this forward and its backward (s).
+            step_rates: per group of the stage's optimizer, the learning rates of those s
+                steps, in order (``None``: not known, the current rate stands for each).
+        """
 
     def end_forward(self, micro_batch: int) -> None:
         self._values = {}
@@ -212,7 +221,9 @@ class Stash(WeightPolicy):
         self._version_of: dict[int, int] = {}
         self._stashed: dict[int, dict[str, torch.Tensor]] = {}
 
-    def begin_forward(self, micro_batch: int, version_diff: int) -> None:
+    def begin_forward(
+        self, micro_batch: int, version_diff: int, step_rates: Sequence[Sequence[float]] | None = None
+    ) -> None:
         self._version_of[micro_batch] = self.version
 
     def before_step(self) -> None:
@@ -241,40 +252,129 @@ class Stash(WeightPolicy):
         super().end_backward(micro_batch)
 
 
-class TwoBW(Stash):
-    """``2bw`` (PipeDream-2BW, Narayanan et al. ICML 2021): weight stashing with a step
-    every M micro-batches, so that at most two versions are alive when M >= N
-    (update ``W(t+1) = W(t) − lr·∇f(W(t−1))``)."""
+class TwoBW(WeightPolicy):
+    """``2bw`` (PipeDream-2BW, Narayanan et al. ICML 2021, double-buffered weight updates).
+
+    The paper's update is ``W(t+1) = W(t) − ν·∇f(W(t−1))``: every micro-batch of mini-batch
+    t, at every stage (the last one included), runs its forward and its backward on
+    ``W(t−1)``, the weights before the update of mini-batch ``t − 1``; the gradients of the M
+    micro-batches are accumulated and applied to the current ``W(t)``. A stage therefore
+    keeps two versions: the current weights, and a *shadow* copy taken just before each
+    update, which the micro-batches of the next mini-batch use once the update is applied
+    (those that ran their forward before it use W itself, and the shadow in their backward).
+    The shadow of update t−1 is overwritten at update t, when no micro-batch needs it any
+    more, so at most two versions exist at any stage and no allocation follows the first.
+
+    Deviation: after a resume from a checkpoint (which holds only the current weights) the
+    first mini-batch uses the current weights.
+
+    Args:
+        micro_batches: M, micro-batches per mini-batch (the stage steps after every M-th
+            backward).
+
+    Raises:
+        ValueError: ``micro_batches`` is not positive.
+    """
 
     kind = "2bw"
+    graph_name = "double_buffer"
+    redirect_backward = True
+
+    def __init__(self, micro_batches: int = 1) -> None:
+        super().__init__()
+        if micro_batches < 1:
+            raise ValueError(f"micro_batches must be positive, got {micro_batches}")
+        self.micro_batches = micro_batches
+        self._shadow: dict[str, torch.Tensor] = {}
+        self._updated: int | None = None  # mini-batch whose update produced W (None: not seen)
+        self._updating: int | None = None  # mini-batch of the last backward
+        self._updates = 0
+        self._used: dict[int, tuple[bool, int]] = {}  # micro-batch: (used the shadow, updates then)
+
+    def begin_forward(
+        self, micro_batch: int, version_diff: int, step_rates: Sequence[Sequence[float]] | None = None
+    ) -> None:
+        mini_batch = micro_batch // self.micro_batches
+        shadow = self._updated is not None and self._updated >= mini_batch - 1
+        self._used[micro_batch] = (shadow, self._updates)
+        self._values = self._shadow if shadow else {}
+
+    def begin_backward(self, micro_batch: int) -> None:
+        self._updating = micro_batch // self.micro_batches
+
+    def before_step(self) -> None:
+        with torch.no_grad():
+            if not self._shadow:
+                self._shadow = {n: p.detach().clone() for n, p in self.params.items()}
+                for name, value in self._shadow.items():
+                    self._track(name, value)
+            else:
+                for name, p in self.params.items():
+                    self._shadow[name].copy_(p)
+        self._measure()
+
+    def after_step(self) -> None:
+        self._updated = self._updating
+        self._updates += 1
+
+    def backward_weight(self, name: str, micro_batch: int) -> torch.Tensor:
+        shadow, updates = self._used[micro_batch]
+        if not shadow and updates == self._updates:
+            return self.params[name].detach()
+        if updates + (0 if shadow else 1) != self._updates:
+            raise RuntimeError(
+                f"PipeDream-2BW: micro-batch {micro_batch} saw {self._updates - updates} updates between "
+                "its forward and backward; the double buffer holds one (it needs micro_batches >= stages)"
+            )
+        return self._shadow[name]
+
+    def end_backward(self, micro_batch: int) -> None:
+        self._used.pop(micro_batch)
+        super().end_backward(micro_batch)
+
+    def overwritten_storages(self) -> set[int]:
+        """The shadow buffers (overwritten at the next update)."""
+        return {t.untyped_storage().data_ptr() for t in self._shadow.values()}
 
 
 class _Predicting(WeightPolicy):
     graph_name = "predict"
     redirect_backward = True
 
-    def __init__(self) -> None:
+    def __init__(self, predictor: str = "paper") -> None:
         super().__init__()
+        if predictor not in VARIANTS:
+            raise ValueError(f"predictor must be one of {', '.join(VARIANTS)}, not {predictor!r}")
+        self.variant = predictor
         self._predictor: Predictor | None = None
 
     def attach(
         self, params: dict[str, nn.Parameter], optimizer: Optimizer, stage: int, num_stages: int
     ) -> None:
         super().attach(params, optimizer, stage, num_stages)
-        self._predictor = get_predictor(optimizer)
+        self._predictor = get_predictor(optimizer, self.variant)
 
     def predicted(
-        self, steps: int, always_copy: bool = False, into: dict[str, torch.Tensor] | None = None
+        self,
+        steps: int,
+        always_copy: bool = False,
+        into: dict[str, torch.Tensor] | None = None,
+        step_rates: Sequence[Sequence[float]] | None = None,
     ) -> dict[str, torch.Tensor]:
         """``{name: Ŵ}`` after ``steps`` more steps, for parameters whose Ŵ differs from W
         (all of them with ``always_copy``: Ŵ is then a copy of W where nothing is predicted).
-        ``into`` maps names to tensors that may be overwritten with Ŵ instead of new ones."""
+        ``into`` maps names to tensors that may be overwritten with Ŵ instead of new ones.
+        With ``step_rates`` (per optimizer group, the rates of those steps) the prediction is
+        ``Ŵ = W − (Σ lr_i)·ΔW``, else ``W − steps·lr·ΔW`` at the current rate."""
         assert self.optimizer is not None and self._predictor is not None
+        if step_rates is not None and any(len(rates) != steps for rates in step_rates):
+            raise ValueError(f"step_rates must list the rates of all {steps} steps for every group")
         out = {}
         into = into or {}
         for name, p in self.params.items():
             state, group = self.optimizer.state.get(p, {}), self._group_of[id(p)]
-            value = predict(p, state, group, steps, self._predictor, out=into.get(name))
+            lr_sum = None if step_rates is None else sum(step_rates[self._group_index[id(p)]])
+            value = predict(p, state, group, steps, self._predictor, out=into.get(name), lr_sum=lr_sum)
             if value.data_ptr() != p.data_ptr():
                 out[name] = value
             elif always_copy:
@@ -284,35 +384,51 @@ class _Predicting(WeightPolicy):
 
 class PipeOptimPolicy(_Predicting):
     """``pipeoptim`` (Guan et al., arXiv:2312.00839): the forward of a micro-batch uses
-    ``Ŵ = W − lr · s · ΔW`` with ``s`` its version difference and ΔW from the optimizer's
-    update rule (:mod:`pipeoptim.runtime.predictors`); the backward and the optimizer step use
-    the current weights. Only W and one Ŵ exist at a time (no stash).
+    ``Ŵ = W − (Σ lr_i) · ΔW``, the sum running over the learning rates of the ``s`` steps
+    between this forward and its backward (``s`` its version difference; the rates are those
+    of the earlier mini-batches whose steps come in between, known when the forward starts),
+    and ΔW from the optimizer's update rule (:mod:`pipeoptim.runtime.predictors`). With a
+    constant rate this is the paper's ``Ŵ = W − lr · s · ΔW``; under a schedule the
+    paper's ``s ×`` the current rate misses the weights the backward meets, the sum does not
+    (exactly so when ΔW stays constant). The backward and the optimizer step use the current
+    weights. Only W and one Ŵ exist at a time (no stash).
 
     Args:
         backward: ``"current"`` (PipeOptim) or ``"predicted"``: the backward uses the same Ŵ
             as the forward (consistent, but each micro-batch in flight keeps its Ŵ, so memory
             grows like weight stashing) -- for ablations.
+        predictor: ``"paper"`` (ΔW from the optimizer's state as it stands, the paper's) or
+            ``"next-step"`` (Adam/AdamW, RMSprop, Adagrad: the last gradient is folded into
+            the moments first, so that ΔW is the real next step when the gradient repeats;
+            :func:`pipeoptim.runtime.predictors.get_predictor`).
+
+    Raises:
+        ValueError: unknown ``backward`` or ``predictor``.
     """
 
     kind = "pipeoptim"
 
-    def __init__(self, backward: str = "current") -> None:
-        super().__init__()
+    def __init__(self, backward: str = "current", predictor: str = "paper") -> None:
+        super().__init__(predictor)
         if backward not in ("current", "predicted"):
             raise ValueError(f"backward must be 'current' or 'predicted', not {backward!r}")
         self.redirect_backward = backward == "current"
         self._buffers_hat: dict[str, torch.Tensor] = {}
 
-    def begin_forward(self, micro_batch: int, version_diff: int) -> None:
+    def begin_forward(
+        self, micro_batch: int, version_diff: int, step_rates: Sequence[Sequence[float]] | None = None
+    ) -> None:
         # autograd keeps Ŵ when the backward uses it, so it must never be W itself; when the
         # backward uses W instead, nothing holds the last forward's Ŵ and it is overwritten
         consistent = not self.redirect_backward
         if not version_diff:
             self._values = {}
         elif consistent:
-            self._values = self.predicted(version_diff, always_copy=True)
+            self._values = self.predicted(version_diff, always_copy=True, step_rates=step_rates)
         else:
-            self._values = self._buffers_hat = self.predicted(version_diff, into=self._buffers_hat)
+            self._values = self._buffers_hat = self.predicted(
+                version_diff, into=self._buffers_hat, step_rates=step_rates
+            )
         for name, value in self._values.items():
             self._track(name, value)
         self._measure()
@@ -322,11 +438,37 @@ class PipeOptimPolicy(_Predicting):
         return {t.untyped_storage().data_ptr() for t in self._buffers_hat.values()}
 
 
+def smoothed_gradient_update(param: torch.Tensor, state: dict, group: dict) -> torch.Tensor | None:
+    """SpecTrain's one-step update ``lr · v``: the smoothed gradient v is SGD's momentum buffer
+    b as the optimizer holds it (the direction of its last step, ``W ← W − lr·b``); ``None``
+    before the first step. No gradient enters it, so the forward and the backward, which
+    runs after the stage has cleared its gradients, predict from the same v."""
+    buf = state.get("momentum_buffer")
+    return None if buf is None else buf * _scalar_lr(group)
+
+
+def _scalar_lr(group: dict) -> float:
+    lr = group["lr"]
+    return float(lr.item()) if isinstance(lr, torch.Tensor) else float(lr)
+
+
 class SpecTrainPolicy(_Predicting):
-    """``spectrain`` (Chen et al., arXiv:1809.02839): weights predicted from the momentum of
-    SGD, ``Ŵ = W − s · lr · v`` with ``v = μ·b + g``, in the forward with
-    ``s_f = ⌊k/2⌋ + N − k − 1`` and again in the backward with ``s_b = ⌊k/2⌋`` (stage k of N,
-    0-based), the version differences of the authors' reference implementation.
+    """``spectrain`` (Chen et al., arXiv:1809.02839): ``Ŵ = W − s · lr · v``, predicted
+    afresh for the forward and for the backward of each micro-batch.
+
+    The smoothed gradient v follows the paper: the moving average of the gradients that
+    momentum SGD steps along (``v_t = γ·v_{t−1} + (1 − γ)·g_t``, ``W_{t+1} = W_t − η·v_t``),
+    here ``torch.optim.SGD``'s momentum buffer b as it stands when the prediction is made
+    (:func:`smoothed_gradient_update`), the same in both passes. The authors' reference code
+    (``ntueclab/SpecTrain-PyTorch``, ``optimizer.py``, ``load_predicted_weights``) uses
+    ``μ·b + g`` with whatever ``.grad`` holds, i.e. the last gradient counted a second time
+    in the forward and a zeroed one in the backward; that is not followed.
+
+    The version differences are the reference code's: ``s_f = ⌊k/2⌋ + N − k − 1`` in the
+    forward (from the weights then) and ``s_b = ⌊k/2⌋`` in the backward (from the weights at
+    backward time), for stage k of N (0-based), in the steady state and the warm-up alike, so
+    both passes aim at the version ``⌊k/2⌋`` steps after the backward. ``lr`` is the rate
+    current at the prediction.
 
     Raises:
         PredictorError: on attach, if the optimizer is not SGD with momentum.
@@ -349,6 +491,7 @@ class SpecTrainPolicy(_Predicting):
                 "SGD, Adam, AdamW, RMSprop and Adagrad"
             )
         super().attach(params, optimizer, stage, num_stages)
+        self._predictor = smoothed_gradient_update
 
     @property
     def forward_steps(self) -> int:
@@ -358,7 +501,9 @@ class SpecTrainPolicy(_Predicting):
     def backward_steps(self) -> int:
         return self.stage // 2
 
-    def begin_forward(self, micro_batch: int, version_diff: int) -> None:
+    def begin_forward(
+        self, micro_batch: int, version_diff: int, step_rates: Sequence[Sequence[float]] | None = None
+    ) -> None:
         self._values = self.predicted(self.forward_steps)
         for name, value in self._values.items():
             self._track(name, value)

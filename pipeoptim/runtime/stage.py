@@ -177,7 +177,7 @@ class StageRuntime:
         args = pytree.tree_unflatten(leaf_inputs, spec)
         if self.policy is not None:
             self._apply_latest_hyper(micro_batch)
-            self.policy.begin_forward(micro_batch, version_diff)
+            self.policy.begin_forward(micro_batch, version_diff, self._step_rates(micro_batch, version_diff))
         try:
             with torch.random.fork_rng(devices=self._rng_devices):
                 self._seed(self.seed * 1_000_003 + micro_batch * 7919 + self.index)
@@ -344,6 +344,16 @@ class StageRuntime:
         for device in self._rng_devices:
             with torch.cuda.device(device):
                 torch.cuda.manual_seed(value)
+
+    def _step_rates(self, micro_batch: int, steps: int) -> list[list[float]] | None:
+        """Per optimizer group, the learning rates of the ``steps`` steps between the forward
+        of ``micro_batch`` and its backward: in asynchronous 1F1B with a step after every
+        backward, those of micro-batches ``micro_batch − steps .. micro_batch − 1``, known
+        before this forward. ``None`` where they were not recorded."""
+        hypers = [self._hyper.get(m) for m in range(micro_batch - steps, micro_batch)]
+        if not steps or self.optimizer is None or any(h is None for h in hypers):
+            return None
+        return [[h[index]["lr"] for h in hypers if h is not None] for index in self.group_map]
 
     def _apply_latest_hyper(self, micro_batch: int) -> None:
         """Predictions read the newest known learning rate (that of ``micro_batch``)."""
