@@ -87,7 +87,9 @@ def test_killed_stage_stops_every_process_with_its_name() -> None:
     pipe.close()
 
 
-def start_training(out: Path, *extra: str) -> subprocess.Popen:
+def start_training(out: Path, *extra: str, epochs: int = 3, group: bool = False) -> subprocess.Popen:
+    """``pipeoptim train digits`` in the background; ``group``: in a process group of its own,
+    so that a test can signal the whole group as a terminal's Ctrl-C does."""
     cmd = [
         sys.executable,
         "-m",
@@ -97,7 +99,7 @@ def start_training(out: Path, *extra: str) -> subprocess.Popen:
         "--gpus",
         "3",
         "--epochs",
-        "3",
+        str(epochs),
         "--checkpoint-every",
         "10",
         "--out",
@@ -113,13 +115,19 @@ def start_training(out: Path, *extra: str) -> subprocess.Popen:
         stderr=subprocess.PIPE,
         text=True,
         env={**os.environ, "PYTHONPATH": str(ROOT)},
+        start_new_session=group,
     )
+
+
+# A fault is delivered while the run is certainly still going: the runs below are far longer
+# (100 epochs, minutes) than the test waits, so a fast machine cannot finish them first.
+LONG = 100
 
 
 @pytest.mark.slow
 def test_killed_stage_during_cli_training_then_resume(tmp_path: Path) -> None:
     out = tmp_path / "run"
-    proc = start_training(out)
+    proc = start_training(out, epochs=LONG)
     assert wait_for(lambda: (out / "checkpoint.pt").exists() or proc.poll() is not None, 120)
     assert proc.poll() is None, proc.communicate()[1][-2000:]
     workers = children(proc.pid)
@@ -131,7 +139,12 @@ def test_killed_stage_during_cli_training_then_resume(tmp_path: Path) -> None:
     assert not any(alive(pid) for pid in workers)
     saved = read_checkpoint(out / "checkpoint.pt")  # intact
     assert saved["mini_batches"] % 10 == 0 or saved["mini_batches"] % 44 == 0
-    resumed = start_training(out, "--resume", str(out))
+    metrics = json.loads((out / "metrics.json").read_text())  # written as the run stopped
+    assert metrics["status"] == "failed" and "stage 2" in metrics["error"]
+    rows = (out / "train.csv").read_text().splitlines()[1:]
+    assert len(rows) >= saved["mini_batches"]  # rows up to the last append survive
+    assert [int(r.split(",")[0]) for r in rows] == list(range(len(rows)))
+    resumed = start_training(out, "--resume", str(out))  # with 3 epochs: the schedule follows
     _, err = resumed.communicate(timeout=180)
     assert resumed.returncode == 0, err[-2000:]
     assert f"resumed from {out / 'checkpoint.pt'} at mini-batch {saved['mini_batches']}" in err
@@ -142,16 +155,32 @@ def test_killed_stage_during_cli_training_then_resume(tmp_path: Path) -> None:
 @pytest.mark.slow
 def test_ctrl_c_in_the_driver_ends_every_worker(tmp_path: Path) -> None:
     out = tmp_path / "run"
-    proc = start_training(out)
+    proc = start_training(out, epochs=LONG, group=True)
     assert wait_for(lambda: (out / "checkpoint.pt").exists() or proc.poll() is not None, 120)
     assert proc.poll() is None, proc.communicate()[1][-2000:]
     workers = children(proc.pid)
-    proc.send_signal(signal.SIGINT)
+    os.killpg(proc.pid, signal.SIGINT)  # as a terminal's Ctrl-C: the driver and every worker
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 130, err[-2000:]
     assert "interrupted" in err and "Traceback" not in err, err[-2000:]
     assert wait_for(lambda: not any(alive(pid) for pid in workers), 10)
     read_checkpoint(out / "checkpoint.pt")
+    assert json.loads((out / "metrics.json").read_text())["status"] == "interrupted"
+
+
+@pytest.mark.slow
+def test_ctrl_c_while_the_workers_start(tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    proc = start_training(out, epochs=LONG, group=True)
+    # the workers are spawned: they are still importing torch, long before they are ready
+    assert wait_for(lambda: len(children(proc.pid)) == 3 or proc.poll() is not None, 120)
+    workers = children(proc.pid)
+    os.killpg(proc.pid, signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err[-2000:]
+    assert "Traceback" not in err and "KeyboardInterrupt" not in err, err[-2000:]
+    assert err.strip().splitlines()[-1].startswith("interrupted"), err[-2000:]
+    assert wait_for(lambda: not any(alive(pid) for pid in workers), 10)
 
 
 def test_a_script_without_a_main_guard_is_told_to_add_one(tmp_path: Path) -> None:

@@ -94,22 +94,30 @@ def _main_module_not_rerun() -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def _sigint_ignored_by_children() -> Iterator[None]:
-    """Start children with SIGINT ignored from their first instruction.
+def _sigint_deferred_while_starting() -> Iterator[None]:
+    """Start children with SIGINT blocked from their first instruction, and let no Ctrl-C
+    interrupt a start half-way (a child whose start was cut short is never stopped).
 
     A Ctrl-C in a terminal reaches every process of the foreground group; a worker still
-    importing torch would print a ``KeyboardInterrupt`` traceback. An ignored signal stays
-    ignored across ``exec`` (and Python keeps it so), so the driver alone handles Ctrl-C and
-    stops the workers. The driver ignores SIGINT only for the moment of ``start()``.
+    importing torch would die with a ``KeyboardInterrupt`` traceback. A child inherits the
+    signal mask across ``fork`` and ``exec``, so workers started while SIGINT is blocked never
+    receive it (they also ignore it once running). In the driver a Ctrl-C during the starts is
+    recorded (it may reach another thread, which blocking in this one does not prevent) and
+    raised as ``KeyboardInterrupt`` once every child has started.
     """
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    received: list[int] = []
+    handler = signal.signal(signal.SIGINT, lambda signum, _frame: received.append(signum))
+    mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
     try:
         yield
     finally:
-        signal.signal(signal.SIGINT, previous)
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)  # a pending Ctrl-C reaches the recorder
+        signal.signal(signal.SIGINT, handler)
+    if received:
+        raise KeyboardInterrupt
 
 
 class ProcessExecutor:
@@ -158,7 +166,7 @@ class ProcessExecutor:
         ]
         self._ready: set[int] = set()
         try:
-            with _main_module_not_rerun(), _sigint_ignored_by_children():
+            with _main_module_not_rerun(), _sigint_deferred_while_starting():
                 for p in self.processes:
                     p.start()
             self._monitor = threading.Thread(target=self._watch, name="pipeoptim-monitor", daemon=True)
