@@ -114,7 +114,14 @@ def node_module(node: fx.Node) -> tuple[str, str]:
 
 
 class _Tracer(fx.Tracer):
-    """fx tracer that goes through ``torch.nn`` layers and turns leaves into :func:`call_leaf`."""
+    """fx tracer that goes through ``torch.nn`` layers and turns leaves into :func:`call_leaf`.
+
+    Buffers are proxied (``get_attr`` nodes), so a view, slice or in-place update of a buffer
+    in ``forward`` (``x + self.pe[:, : x.shape[1]]``) stays a use of the buffer, not a constant
+    frozen at trace time.
+    """
+
+    proxy_buffer_attributes = True
 
     def __init__(self, leaf_names: set[str], leaf_types: tuple[type[nn.Module], ...]) -> None:
         super().__init__()
@@ -202,11 +209,17 @@ def _symbolic_trace(
                 "example input(s) were given: pass one example tensor per positional argument"
             )
         concrete[p.name] = p.default
+    before = set(vars(model))
     try:
         graph = tracer.trace(model, concrete_args=concrete or None)
+        return fx.GraphModule(tracer.root, graph, type(model).__name__), None, None
     except Exception as exc:  # fx raises many types; all mean "cannot trace"
         return None, exc, tracer.failed_module
-    return fx.GraphModule(tracer.root, graph, type(model).__name__), None, None
+    finally:
+        # fx stores constants (``_tensor_constant0``) on the traced module itself; a later
+        # trace of the same module would number them on, and its graph hash would differ.
+        for name in set(vars(model)) - before:
+            delattr(model, name)
 
 
 def _export(model: nn.Module, inputs: tuple[torch.Tensor, ...]) -> fx.GraphModule:
@@ -339,8 +352,10 @@ def _normalise(gm: fx.GraphModule, method: str, n_inputs: int) -> tuple[list[str
     for node in list(graph.nodes):
         if node.op == "get_attr" and not node.users:
             graph.erase_node(node)
-        elif node.op == "get_attr" and isinstance(_fetch(gm, node.target), nn.Module):
-            # A module cannot be sent between stages: give each user its own reference.
+        elif node.op == "get_attr" and _is_state_of_its_users(_fetch(gm, node.target)):
+            # A module cannot be sent between stages, and a buffer (running statistics, a
+            # positional encoding) belongs to the stage that uses it: each user gets its own
+            # reference, so every stage using it holds it, saves it and loads it.
             for user in list(node.users)[1:]:
                 with graph.inserting_before(user):
                     copy = graph.get_attr(node.target)
@@ -356,6 +371,13 @@ def _normalise(gm: fx.GraphModule, method: str, n_inputs: int) -> tuple[list[str
     graph.lint()
     gm.recompile()
     return [n.name for n in graph.nodes if n.op == "placeholder"], out_spec
+
+
+def _is_state_of_its_users(value: Any) -> bool:
+    """Modules and non-trainable tensors (buffers, frozen parameters, constants)."""
+    if isinstance(value, nn.Module):
+        return True
+    return isinstance(value, torch.Tensor) and not (isinstance(value, nn.Parameter) and value.requires_grad)
 
 
 def _fetch(gm: fx.GraphModule, target: str) -> Any:
