@@ -16,6 +16,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.utils import _pytree as pytree
 
+from pipeoptim import microbatch
 from pipeoptim.compiler import plan_model
 from pipeoptim.compiler.costmodel import CostConfig, optimizer_state_factor
 from pipeoptim.compiler.plan import Plan
@@ -82,13 +83,6 @@ class Loss:
 
 def _as_tuple(inputs: Any) -> tuple[torch.Tensor, ...]:
     return (inputs,) if isinstance(inputs, torch.Tensor) else tuple(inputs)
-
-
-def _split(value: Any, parts: int) -> list[Any]:
-    """Split every tensor of ``value`` along dim 0 into ``parts`` (``torch.tensor_split``)."""
-    leaves, spec = pytree.tree_flatten(value)
-    pieces = [torch.tensor_split(x, parts) if isinstance(x, torch.Tensor) else [x] * parts for x in leaves]
-    return [pytree.tree_unflatten([p[j] for p in pieces], spec) for j in range(parts)]
 
 
 class Pipeline:
@@ -198,10 +192,11 @@ class Pipeline:
                 f"mini-batch of {batch} is larger than the {self.batch_size} the plan was made for "
                 "(its memory estimate would not hold): compile with a larger example batch"
             )
-        if batch < self.micro_batches:
+        if batch < self.micro_batches and self.method == "2bw":
             raise PipelineError(
-                f"mini-batch of {batch} cannot be split into {self.micro_batches} micro-batches; "
-                "drop the last incomplete batch (DataLoader(drop_last=True))"
+                f"mini-batch of {batch} cannot be split into {self.micro_batches} micro-batches, and "
+                "PipeDream-2BW steps every M micro-batches: drop the last incomplete batch "
+                "(DataLoader(drop_last=True))"
             )
         if batch != self.batch_size and self._static_batch:
             raise PipelineError(
@@ -217,7 +212,8 @@ class Pipeline:
         pending; flushing methods (gpipe, 1f1b) finish the mini-batch before returning.
 
         Args:
-            inputs: tensor or tuple of tensors, ``[batch, ...]`` like ``example_inputs``.
+            inputs: tensor or tuple of tensors, ``[batch, ...]`` like ``example_inputs``; a
+                batch smaller than M runs as ``batch`` micro-batches of one row.
             targets: whatever ``loss_fn`` takes as its second argument (tensors are split
                 along dim 0 into micro-batches).
 
@@ -228,15 +224,15 @@ class Pipeline:
         self._check_open()
         inputs = _as_tuple(inputs)
         batch = self._check_batch(inputs)
-        m = self.micro_batches
-        micro_inputs = _split(inputs, m)
-        micro_targets = _split(targets, m)
+        m = microbatch.count(batch, self.micro_batches)  # a smaller last batch runs fewer
+        micro_inputs = microbatch.split(inputs, m)
+        micro_targets = microbatch.split(targets, m)
         sizes = [int(x[0].shape[0]) for x in micro_inputs]
-        scales = [n / batch for n in sizes]
+        scales = microbatch.scales(sizes, self.spec.loss_reduction)
         index = self._next
         self._next += 1
         waiter = getattr(self._executor, "wait_loss", None)
-        last_micro = (index + 1) * self.micro_batches - 1
+        last_micro = index * self.micro_batches + m - 1
         loss = Loss(index, None if waiter is None else lambda _i: waiter(last_micro))
         with self._lock:
             self._losses[index] = loss
@@ -443,6 +439,7 @@ def compile(
     *,
     example_inputs: Any,
     loss_fn: Callable[[Any, Any], torch.Tensor],
+    loss_reduction: str = "mean",
     method: str = "pipeoptim",
     micro_batches: int | None = None,
     memory: str | int | None = None,
@@ -469,7 +466,11 @@ def compile(
         example_inputs: one mini-batch of inputs (tensor or tuple), ``[batch, ...]``; the
             plan is made for this batch size (split into micro-batches where the method
             does). Dim 0 is the batch dimension.
-        loss_fn: ``loss_fn(model_output, targets) -> scalar tensor``, mean-reduced.
+        loss_fn: ``loss_fn(model_output, targets) -> scalar tensor`` over the rows it gets.
+        loss_reduction: ``"mean"`` (default): ``loss_fn`` is the mean over its rows;
+            ``"sum"``: the sum. Micro-batch losses are weighted to give the loss and gradient
+            of the whole mini-batch (:mod:`pipeoptim.microbatch`); a loss that is neither, or
+            is the other one, is refused at the first mini-batch split into micro-batches.
         method: ``pipeoptim`` (default), ``pipedream``, ``2bw``, ``spectrain``, ``none``,
             ``gpipe`` or ``1f1b`` (see :mod:`pipeoptim.methods`).
         micro_batches: M for gpipe, 1f1b and 2bw (default N; 2bw needs M >= N).
@@ -508,6 +509,7 @@ def compile(
         raise ValueError(f"executor must be 'auto', 'local', 'processes' or 'torchrun', not {executor!r}")
     if nan_check not in ("stages", "loss", "off"):
         raise ValueError(f"nan_check must be 'stages', 'loss' or 'off', not {nan_check!r}")
+    microbatch.check_reduction(loss_fn, loss_reduction)
     info = get_method(method)
     m = micro_batches if micro_batches is not None else (gpus if info.micro_batched else 1)
     if m < 1:
@@ -604,6 +606,7 @@ def compile(
         group_names=groups,
         hyper=hyperparameters(optimizer),
         loss_fn=loss_fn,
+        loss_reduction=loss_reduction,
         micro_batches=m,
         seed=seed,
         policy_options={"backward": backward} if info.policy == "pipeoptim" else {},

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import functools
 
 import pytest
 import torch
@@ -11,6 +12,7 @@ from torch import nn
 
 import pipeoptim
 from pipeoptim.compiler.trace import trace
+from pipeoptim.errors import PipelineError
 
 
 class PositionalEncoding(nn.Module):
@@ -87,3 +89,164 @@ def test_positional_encoding_trains_across_processes_and_loads_new_buffers(tmp_p
         trained = pipe.to_module().eval()
         torch.testing.assert_close(pipe.predict(batches[0][0]), trained(batches[0][0]), rtol=1e-5, atol=1e-6)
     assert got == pytest.approx(expected, rel=1e-5, abs=1e-6)
+
+
+class MLP(nn.Module):
+    """No batch statistics: full-batch training is the reference for any micro-batch split."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(6, 16)
+        self.b = nn.Linear(16, 16)
+        self.c = nn.Linear(16, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.c(torch.tanh(self.b(torch.relu(self.a(x)))))
+
+
+def loader(rows: int = 50, batch: int = 16, seed: int = 5):
+    """``DataLoader(TensorDataset(x, y), batch_size=16)`` of 50 rows: the last batch has 2."""
+    g = torch.Generator().manual_seed(seed)
+    x, y = torch.randn(rows, 6, generator=g), torch.randint(0, 4, (rows,), generator=g)
+    dataset = torch.utils.data.TensorDataset(x, y)
+    return list(torch.utils.data.DataLoader(dataset, batch_size=batch))
+
+
+def full_batch_training(model, batches, loss_fn, lr=0.1):
+    """Plain single-device training, one optimizer step per whole mini-batch."""
+    model = copy.deepcopy(model)
+    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
+    losses = []
+    for x, y in batches:
+        opt.zero_grad()
+        loss = loss_fn(model(x), y)
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    return losses, model.state_dict()
+
+
+def pipelined(model, batches, loss_fn, method, executor="local", tmp_path=None, **kwargs):
+    net = copy.deepcopy(model)
+    with pipeoptim.compile(
+        net,
+        torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9),
+        2,
+        example_inputs=batches[0][0],
+        loss_fn=loss_fn,
+        method=method,
+        micro_batches=4,
+        executor=executor,
+        profile_dir=tmp_path,
+        timeout=60,
+        **kwargs,
+    ) as pipe:
+        return [pipe.step(x, y).item() for x, y in batches], pipe.state_dict()
+
+
+def assert_equal_training(got, expected) -> None:
+    assert got[0] == pytest.approx(expected[0], rel=1e-5, abs=1e-6)
+    for key, value in expected[1].items():
+        torch.testing.assert_close(got[1][key], value, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("method", ["gpipe", "1f1b"])
+def test_batch_smaller_than_micro_batches_runs_with_fewer(method: str) -> None:
+    torch.manual_seed(0)
+    model, batches = MLP(), loader()
+    assert [len(x) for x, _ in batches] == [16, 16, 16, 2]
+    expected = full_batch_training(model, batches, F.cross_entropy)
+    assert_equal_training(pipelined(model, batches, F.cross_entropy, method), expected)
+
+
+@pytest.mark.slow
+def test_batch_smaller_than_micro_batches_across_processes(tmp_path) -> None:
+    torch.manual_seed(0)
+    model, batches = MLP(), loader()
+    expected = full_batch_training(model, batches, F.cross_entropy)
+    got = pipelined(model, batches, F.cross_entropy, "1f1b", executor="processes", tmp_path=tmp_path)
+    assert_equal_training(got, expected)
+
+
+def sum_loss(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(out, y, reduction="sum")
+
+
+@pytest.mark.parametrize("method", ["gpipe", "1f1b"])
+def test_sum_reduced_loss_equals_plain_training(method: str) -> None:
+    torch.manual_seed(0)
+    model, batches = MLP(), loader()
+    expected = full_batch_training(model, batches, sum_loss, lr=0.01)
+    net = copy.deepcopy(model)
+    with pipeoptim.compile(
+        net,
+        torch.optim.SGD(net.parameters(), lr=0.01, momentum=0.9),
+        2,
+        example_inputs=batches[0][0],
+        loss_fn=sum_loss,
+        loss_reduction="sum",
+        method=method,
+        micro_batches=4,
+        executor="local",
+        profile_dir=None,
+    ) as pipe:
+        got = [pipe.step(x, y).item() for x, y in batches], pipe.state_dict()
+    assert_equal_training(got, expected)
+
+
+def compile_mlp(loss_fn, **kwargs):
+    net = MLP()
+    return pipeoptim.compile(
+        net,
+        torch.optim.SGD(net.parameters(), lr=0.1),
+        2,
+        example_inputs=torch.randn(16, 6),
+        loss_fn=loss_fn,
+        method="gpipe",
+        micro_batches=4,
+        executor="local",
+        profile_dir=None,
+        **kwargs,
+    )
+
+
+def test_loss_reduction_the_loss_contradicts_is_refused() -> None:
+    with pytest.raises(
+        ValueError, match=r"reduction='sum' but loss_reduction='mean'.*pass loss_reduction='sum'"
+    ):
+        compile_mlp(nn.CrossEntropyLoss(reduction="sum"))
+    with pytest.raises(ValueError, match="reduction='sum' but loss_reduction='mean'"):
+        compile_mlp(functools.partial(F.cross_entropy, reduction="sum"))
+    with pytest.raises(ValueError, match="loss_reduction must be 'mean' or 'sum'"):
+        compile_mlp(F.cross_entropy, loss_reduction="avg")
+    x, y = torch.randn(16, 6), torch.randint(0, 4, (16,))
+    with compile_mlp(sum_loss) as pipe, pytest.raises(PipelineError, match="pass loss_reduction='sum'"):
+        pipe.step(x, y).wait()
+    with (
+        compile_mlp(F.cross_entropy, loss_reduction="sum") as pipe,
+        pytest.raises(PipelineError, match="pass loss_reduction='mean'"),
+    ):
+        pipe.step(x, y).wait()
+
+
+def test_loss_that_is_neither_mean_nor_sum_is_refused() -> None:
+    def over_the_largest_target(out, y):  # normalised by a statistic of the batch
+        return F.cross_entropy(out, y, reduction="sum") / (1 + y.max())
+
+    x, y = torch.randn(16, 6), torch.arange(16) % 4
+    with (
+        compile_mlp(over_the_largest_target) as pipe,
+        pytest.raises(PipelineError, match=r"neither the mean .* nor the sum"),
+    ):
+        pipe.step(x, y).wait()
+
+
+def test_schedule_of_a_smaller_last_mini_batch() -> None:
+    from pipeoptim.runtime.schedule import Schedule, format_actions
+
+    schedule = Schedule("1f1b", 2, micro_batches=4)
+    schedule.on_mini_batch()
+    assert format_actions(schedule.on_mini_batch(2)) == "stage 0: F4 F5 B4 B5 S1\nstage 1: F4 B4 F5 B5 S1"
+    assert schedule.on_mini_batch()[0][0].micro_batch == 8  # numbering stays mini_batch * M + j
+    with pytest.raises(ValueError, match=r"1\.\.1 micro-batches, not 2"):
+        Schedule("async-1f1b", 2).on_mini_batch(2)

@@ -20,6 +20,7 @@ from pipeoptim.compiler.codegen import build_stage as codegen_stage
 from pipeoptim.compiler.plan import Plan
 from pipeoptim.compiler.trace import TracedModel, trace
 from pipeoptim.methods import get_method
+from pipeoptim.microbatch import CheckedLoss
 from pipeoptim.runtime.optim import mirror
 from pipeoptim.runtime.policies import insert_policy, make_policy
 from pipeoptim.runtime.schedule import Schedule
@@ -41,6 +42,7 @@ class PipelineSpec:
     hyper: list[dict[str, Any]]
     loss_fn: Callable[[Any, Any], torch.Tensor]
     micro_batches: int
+    loss_reduction: str = "mean"
     seed: int = 0
     policy_options: dict[str, Any] = field(default_factory=dict)
     nan_check: str = "stages"
@@ -119,11 +121,18 @@ def build_stage(
         group_map=group_map,
         policy=policy if optimizer is not None else None,
         input_grad_mask=input_grad_mask(plan, stage),
-        loss_fn=spec.loss_fn if last else None,
+        loss_fn=_stage_loss(spec) if last else None,
         unflatten_output=traced.unflatten_output if last else None,
         seed=spec.seed,
         nan_check=spec.nan_check,
     )
+
+
+def _stage_loss(spec: PipelineSpec) -> Callable[[Any, Any], torch.Tensor]:
+    """The last stage's loss; checked against ``loss_reduction`` where mini-batches are split."""
+    if spec.micro_batches == 1:
+        return spec.loss_fn
+    return CheckedLoss(spec.loss_fn, spec.loss_reduction)
 
 
 def _alias_lookup(aliases: dict[str, list[str]], params: dict[str, nn.Parameter]) -> dict[str, str]:

@@ -122,7 +122,7 @@ class SPMDExecutor:
             sizes=batch.sizes,
             hyper=batch.hyper,
         )
-        first = batch.index * len(batch.sizes)
+        first = batch.index * self.process.spec.micro_batches
         if self.rank != last:
             for j in range(len(batch.sizes)):
                 buffer = torch.empty(1, dtype=torch.float64, device=self.device)
