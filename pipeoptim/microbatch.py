@@ -46,6 +46,11 @@ def count(batch: int, micro_batches: int) -> int:
     return max(1, min(micro_batches, batch))
 
 
+def sizes(batch: int, parts: int) -> list[int]:
+    """Rows of each of the ``parts`` micro-batches :func:`split` makes of ``batch`` rows."""
+    return [batch // parts + (j < batch % parts) for j in range(parts)]
+
+
 def scales(sizes: list[int], reduction: str) -> list[float]:
     """Loss factor of each micro-batch of ``sizes`` rows (see the module docstring)."""
     if reduction == "sum":

@@ -187,6 +187,19 @@ class Pipeline:
             elif x.shape[0] != batch:
                 raise PipelineError(f"inputs disagree on the batch size ({batch} vs {x.shape[0]})")
         assert batch is not None
+        return batch
+
+    def _shared_rows(self, batch: int | None, what: str) -> int:
+        """Rows of the batch given to ``what`` (step, predict); under torchrun rank 0's, as the
+        other ranks may have been given no inputs."""
+        share = getattr(self._executor, "share_batch_size", None)
+        if share is not None:
+            return int(share(batch))
+        if batch is None:
+            raise PipelineError(f"{what}() needs the inputs (only torchrun ranks other than 0 may pass None)")
+        return batch
+
+    def _check_rows(self, batch: int) -> None:
         if batch > self.batch_size:
             raise PipelineError(
                 f"mini-batch of {batch} is larger than the {self.batch_size} the plan was made for "
@@ -203,7 +216,6 @@ class Pipeline:
                 f"this model was traced for mini-batches of exactly {self.batch_size} (torch.export "
                 f"fixes shapes) but got {batch}: drop the last incomplete batch (drop_last=True)"
             )
-        return batch
 
     def step(self, inputs: Any, targets: Any) -> Loss:
         """Feed one mini-batch; returns its :class:`Loss` at once (a future).
@@ -213,21 +225,24 @@ class Pipeline:
 
         Args:
             inputs: tensor or tuple of tensors, ``[batch, ...]`` like ``example_inputs``; a
-                batch smaller than M runs as ``batch`` micro-batches of one row.
+                batch smaller than M runs as ``batch`` micro-batches of one row. Under
+                torchrun only rank 0 (the first stage) needs them; others may pass ``None``.
             targets: whatever ``loss_fn`` takes as its second argument (tensors are split
-                along dim 0 into micro-batches).
+                along dim 0 into micro-batches). Under torchrun only the last rank needs
+                them; others may pass ``None``.
 
         Raises:
             PipelineError: wrong shapes or dtypes, a batch larger than planned, a closed
                 pipeline, or a failure of a stage.
         """
         self._check_open()
-        inputs = _as_tuple(inputs)
-        batch = self._check_batch(inputs)
+        inputs = None if inputs is None else _as_tuple(inputs)
+        batch = self._shared_rows(None if inputs is None else self._check_batch(inputs), "step")
+        self._check_rows(batch)
         m = microbatch.count(batch, self.micro_batches)  # a smaller last batch runs fewer
-        micro_inputs = microbatch.split(inputs, m)
+        micro_inputs = [] if inputs is None else microbatch.split(inputs, m)
         micro_targets = microbatch.split(targets, m)
-        sizes = [int(x[0].shape[0]) for x in micro_inputs]
+        sizes = microbatch.sizes(batch, m)
         scales = microbatch.scales(sizes, self.spec.loss_reduction)
         index = self._next
         self._next += 1
@@ -286,21 +301,31 @@ class Pipeline:
     def predict(self, inputs: Any) -> Any:
         """Forward-only pass with the current weights (evaluation mode); flushes first.
 
-        Returns the model's output structure, with tensors on the CPU.
+        ``inputs`` as for :meth:`step` (under torchrun only rank 0 needs them). Returns the
+        model's output structure, with tensors on the CPU.
         """
         self.flush()
-        inputs = _as_tuple(inputs)
-        batch = self._check_eval_batch(inputs)
+        inputs = None if inputs is None else _as_tuple(inputs)
+        batch = self._shared_rows(None if inputs is None else self._check_eval_batch(inputs), "predict")
         size = math.ceil(self.batch_size / self.micro_batches)
-        chunks = [tuple(x[i : i + size] for x in inputs) for i in range(0, batch, size)]
-        if self._static_batch and any(c[0].shape[0] != size for c in chunks):
+        sizes = [min(size, batch - i) for i in range(0, batch, size)]
+        if self._static_batch and any(n != size for n in sizes):
             raise PipelineError(
                 f"this model was traced for micro-batches of exactly {size}: give predict() a "
                 f"multiple of {size} rows"
             )
-        outputs = self._executor.forward_only(
-            chunks if self.executor_kind != "local" else [tuple(x.to(self.device) for x in c) for c in chunks]
-        )
+        if self.executor_kind == "torchrun":  # rank 0 alone reads the inputs
+            chunks = (
+                None
+                if inputs is None
+                else [tuple(x[i : i + size] for x in inputs) for i in range(0, batch, size)]
+            )
+            outputs = self._executor.forward_only(chunks, sizes)
+        else:
+            assert inputs is not None
+            device = self.device if self.executor_kind == "local" else torch.device("cpu")
+            chunks = [tuple(x[i : i + size].to(device) for x in inputs) for i in range(0, batch, size)]
+            outputs = self._executor.forward_only(chunks)
         flat = [
             torch.cat([o[i] for o in outputs]) if isinstance(outputs[0][i], torch.Tensor) else outputs[0][i]
             for i in range(len(outputs[0]))
