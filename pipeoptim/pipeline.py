@@ -17,6 +17,7 @@ from torch import nn
 from torch.utils import _pytree as pytree
 
 from pipeoptim import microbatch
+from pipeoptim.batchnorm import BATCH_NORMS, defer_batch_norm, plain_batch_norm
 from pipeoptim.compiler import plan_model
 from pipeoptim.compiler.costmodel import CostConfig, optimizer_state_factor
 from pipeoptim.compiler.plan import Plan
@@ -115,7 +116,8 @@ class Pipeline:
         self._static_batch = static_batch
         self._traced = traced
         self._optimizer = optimizer
-        self._template = copy.deepcopy(spec.model)  # structure and constants for to_module()
+        # structure and constants for to_module(), with the user's BatchNorm classes
+        self._template = plain_batch_norm(copy.deepcopy(spec.model))
         self._next = 0
         self._pending: dict[int, list[Any]] = {}
         self._losses: dict[int, Loss] = {}
@@ -465,6 +467,7 @@ def compile(
     example_inputs: Any,
     loss_fn: Callable[[Any, Any], torch.Tensor],
     loss_reduction: str = "mean",
+    batch_norm: str = "micro-batch",
     method: str = "pipeoptim",
     micro_batches: int | None = None,
     memory: str | int | None = None,
@@ -496,6 +499,9 @@ def compile(
             ``"sum"``: the sum. Micro-batch losses are weighted to give the loss and gradient
             of the whole mini-batch (:mod:`pipeoptim.microbatch`); a loss that is neither, or
             is the other one, is refused at the first mini-batch split into micro-batches.
+        batch_norm: ``"micro-batch"`` (default): each micro-batch updates the BatchNorm
+            running statistics, as gradient accumulation does; ``"deferred"`` (gpipe and
+            1f1b): once per mini-batch, from all its rows (:mod:`pipeoptim.batchnorm`).
         method: ``pipeoptim`` (default), ``pipedream``, ``2bw``, ``spectrain``, ``none``,
             ``gpipe`` or ``1f1b`` (see :mod:`pipeoptim.methods`).
         micro_batches: M for gpipe, 1f1b and 2bw (default N; 2bw needs M >= N).
@@ -535,6 +541,8 @@ def compile(
     if nan_check not in ("stages", "loss", "off"):
         raise ValueError(f"nan_check must be 'stages', 'loss' or 'off', not {nan_check!r}")
     microbatch.check_reduction(loss_fn, loss_reduction)
+    if batch_norm not in BATCH_NORMS:
+        raise ValueError(f"batch_norm must be 'micro-batch' or 'deferred', not {batch_norm!r}")
     info = get_method(method)
     m = micro_batches if micro_batches is not None else (gpus if info.micro_batched else 1)
     if m < 1:
@@ -567,6 +575,18 @@ def compile(
         raise ValueError(f"example batch of {batch} cannot be split into {m} micro-batches")
     micro = tuple(x[: math.ceil(batch / m)].detach().cpu() for x in inputs)
     model_copy = copy.deepcopy(model).cpu()
+    if batch_norm == "deferred":
+        if method not in ("gpipe", "1f1b"):
+            raise ValueError(
+                f"batch_norm='deferred' needs a method that flushes each mini-batch (gpipe, 1f1b), not "
+                f"{method!r}; the asynchronous methods run a mini-batch as one micro-batch (2bw aside), "
+                "where BatchNorm already tracks the whole mini-batch"
+            )
+        if not defer_batch_norm(model_copy):
+            raise ValueError(
+                f"batch_norm='deferred' but {type(model).__name__} has no BatchNorm1d/2d/3d that tracks "
+                "running statistics: leave batch_norm unset"
+            )
     groups = param_group_names(optimizer, model)
     say = log or (lambda _msg: None)
     try:
@@ -615,6 +635,11 @@ def compile(
         if not rank0:
             traced = trace(model_copy, micro, leaf_modules)
     static = static_batch or traced.method == "export"
+    if batch_norm == "deferred" and traced.method == "export":
+        raise PlanError(
+            f"batch_norm='deferred' needs a model torch.fx can trace; {type(model).__name__} was traced "
+            "with torch.export, which inlines BatchNorm: use batch_norm='micro-batch'"
+        )
     if static and batch % m:
         raise PlanError(
             f"{type(model).__name__} was traced with torch.export, which fixes shapes: the example "

@@ -196,17 +196,16 @@ def test_sum_reduced_loss_equals_plain_training(method: str) -> None:
 
 def compile_mlp(loss_fn, **kwargs):
     net = MLP()
+    options = {"method": "gpipe", "micro_batches": 4, **kwargs}
     return pipeoptim.compile(
         net,
-        torch.optim.SGD(net.parameters(), lr=0.1),
+        torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9),
         2,
         example_inputs=torch.randn(16, 6),
         loss_fn=loss_fn,
-        method="gpipe",
-        micro_batches=4,
         executor="local",
         profile_dir=None,
-        **kwargs,
+        **options,
     )
 
 
@@ -250,3 +249,95 @@ def test_schedule_of_a_smaller_last_mini_batch() -> None:
     assert schedule.on_mini_batch()[0][0].micro_batch == 8  # numbering stays mini_batch * M + j
     with pytest.raises(ValueError, match=r"1\.\.1 micro-batches, not 2"):
         Schedule("async-1f1b", 2).on_mini_batch(2)
+
+
+class BatchNormCNN(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1 = nn.Conv2d(1, 4, 3, padding=1)
+        self.bn1 = nn.BatchNorm2d(4)
+        self.c2 = nn.Conv2d(4, 4, 3, padding=1)
+        self.bn2 = nn.BatchNorm2d(4, momentum=None)  # cumulative average
+        self.fc = nn.Linear(4 * 4 * 4, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.bn1(self.c1(x)))
+        h = F.max_pool2d(torch.relu(self.bn2(self.c2(h))), 2)
+        return self.fc(h.flatten(1))
+
+
+def deferred_reference(model, batches, micro: int):
+    """Plain training, written from torchgpipe's definition: each micro-batch is normalised with
+    its own statistics (gradient accumulation), while each BatchNorm's running statistics are
+    updated once per mini-batch from the mean and unbiased variance of all its rows."""
+    model = copy.deepcopy(model)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    norms = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
+    seen: dict[nn.Module, list[torch.Tensor]] = {}
+    for bn in norms:
+        bn.register_forward_pre_hook(lambda m, args: seen.setdefault(m, []).append(args[0].detach()))
+    losses = []
+    for x, y in batches:
+        saved = [
+            (bn.running_mean.clone(), bn.running_var.clone(), bn.num_batches_tracked.clone()) for bn in norms
+        ]
+        seen.clear()
+        opt.zero_grad()
+        total = 0.0
+        for xs, ys in zip(torch.tensor_split(x, micro), torch.tensor_split(y, micro)):
+            loss = F.cross_entropy(model(xs), ys) * (len(xs) / len(x))
+            loss.backward()
+            total += loss.item()
+        opt.step()
+        losses.append(total)
+        with torch.no_grad():
+            for bn, (mean0, var0, count0) in zip(norms, saved):
+                rows = torch.cat(seen[bn]).double().transpose(0, 1).flatten(1)  # [channels, values]
+                count = count0 + 1
+                m = 1.0 / float(count) if bn.momentum is None else bn.momentum
+                bn.running_mean.copy_((1 - m) * mean0 + m * rows.mean(1).float())
+                bn.running_var.copy_((1 - m) * var0 + m * rows.var(1, unbiased=True).float())
+                bn.num_batches_tracked.copy_(count)
+    return losses, model.state_dict()
+
+
+@pytest.mark.parametrize("method", ["gpipe", "1f1b"])
+def test_deferred_batch_norm_tracks_the_whole_mini_batch(method: str) -> None:
+    torch.manual_seed(0)
+    model = BatchNormCNN()
+    g = torch.Generator().manual_seed(2)
+    batches = [
+        (torch.randn(n, 1, 8, 8, generator=g) * 3 + 1, torch.randint(0, 5, (n,), generator=g))
+        for n in (16, 16, 16, 6)
+    ]
+    expected = deferred_reference(model, batches, micro=4)
+    net = copy.deepcopy(model)
+    with pipeoptim.compile(
+        net,
+        torch.optim.SGD(net.parameters(), lr=0.05, momentum=0.9),
+        2,
+        example_inputs=batches[0][0],
+        loss_fn=F.cross_entropy,
+        method=method,
+        micro_batches=4,
+        batch_norm="deferred",
+        executor="local",
+        profile_dir=None,
+    ) as pipe:
+        got = [pipe.step(x, y).item() for x, y in batches], pipe.state_dict()
+        trained = pipe.to_module()
+        assert type(trained.bn1) is nn.BatchNorm2d  # the user's classes come back
+        torch.testing.assert_close(
+            pipe.predict(batches[0][0]), trained.eval()(batches[0][0]), rtol=1e-5, atol=1e-5
+        )
+    assert int(got[1]["bn1.num_batches_tracked"]) == 4  # once per mini-batch, not per micro-batch
+    assert_equal_training(got, expected)
+
+
+def test_deferred_batch_norm_is_refused_where_it_cannot_apply() -> None:
+    with pytest.raises(ValueError, match="needs a method that flushes"):
+        compile_mlp(F.cross_entropy, batch_norm="deferred", method="pipeoptim", micro_batches=None)
+    with pytest.raises(ValueError, match="has no BatchNorm"):
+        compile_mlp(F.cross_entropy, batch_norm="deferred")
+    with pytest.raises(ValueError, match="batch_norm must be"):
+        compile_mlp(F.cross_entropy, batch_norm="whole")

@@ -16,9 +16,11 @@ from typing import Any
 import torch
 from torch import nn
 
+from pipeoptim.batchnorm import commit_batch_norm, has_deferred
 from pipeoptim.compiler.codegen import build_stage as codegen_stage
 from pipeoptim.compiler.plan import Plan
 from pipeoptim.compiler.trace import TracedModel, trace
+from pipeoptim.errors import PlanError
 from pipeoptim.methods import get_method
 from pipeoptim.microbatch import CheckedLoss
 from pipeoptim.runtime.optim import mirror
@@ -112,6 +114,13 @@ def build_stage(
     )
     if policy is not None and optimizer is not None:
         policy.attach(params, optimizer, stage, plan.num_stages)
+    if has_deferred(module):  # running statistics of the mini-batch, once it has been stepped
+        if optimizer is None:
+            raise PlanError(
+                f"stage {stage} holds a deferred BatchNorm but no trainable parameter, so it never "
+                "steps and could not update its running statistics: use batch_norm='micro-batch'"
+            )
+        optimizer.register_step_post_hook(lambda *_: commit_batch_norm(module))
     last = stage == plan.num_stages - 1
     return StageRuntime(
         index=stage,
