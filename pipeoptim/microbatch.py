@@ -22,12 +22,13 @@ from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 from torch.utils import _pytree as pytree
 
+from pipeoptim.compiler.shapes import sequence_inputs
 from pipeoptim.errors import PipelineError
 
 REDUCTIONS = ("mean", "sum")
@@ -44,6 +45,41 @@ def split(value: Any, parts: int) -> list[Any]:
 def count(batch: int, micro_batches: int) -> int:
     """Micro-batches a mini-batch of ``batch`` rows runs as: ``min(M, batch)``."""
     return max(1, min(micro_batches, batch))
+
+
+class Rows(int):
+    """Rows of a micro-batch (an ``int``) with its sequence length ``length`` (dim 1 of the
+    inputs; ``None`` where the plan's lengths are fixed): what a stage needs to allocate the
+    buffers it receives into (:func:`pipeoptim.runtime.comm.shape_for`)."""
+
+    length: int | None
+
+    def __new__(cls, rows: int, length: int | None = None) -> Rows:
+        obj = super().__new__(cls, rows)
+        obj.length = length
+        return obj
+
+    def __reduce__(self) -> tuple:
+        return (Rows, (int(self), self.length))
+
+    def __repr__(self) -> str:
+        return f"Rows({int(self)}, length={self.length})"
+
+
+def has_length(examples: Sequence[torch.Tensor], i: int) -> bool:
+    """Whether example input ``i`` has the sequence dimension (dim 1 as long as the first's)."""
+    mask = sequence_inputs(examples)
+    return bool(mask and mask[i])
+
+
+def same_shape(x: torch.Tensor, example: torch.Tensor, i: int, length: int | None) -> bool:
+    """``x`` is shaped like example input ``i`` but for the batch and, where the plan has a
+    dynamic sequence ``length`` (the longest, that of the example), a dim 1 up to it."""
+    if x.dim() != example.dim() or tuple(x.shape[2:]) != tuple(example.shape[2:]):
+        return False
+    if x.dim() < 2 or x.shape[1] == example.shape[1]:
+        return True
+    return length is not None and example.shape[1] == length and 1 <= x.shape[1] <= length
 
 
 def sizes(batch: int, parts: int) -> list[int]:

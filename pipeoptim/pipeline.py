@@ -22,6 +22,7 @@ from pipeoptim.compiler import plan_model
 from pipeoptim.compiler.costmodel import CostConfig, optimizer_state_factor
 from pipeoptim.compiler.plan import Plan
 from pipeoptim.compiler.profile import load_or_measure_update_cost
+from pipeoptim.compiler.shapes import plan_length
 from pipeoptim.compiler.trace import TracedModel, trace
 from pipeoptim.errors import PipelineError, PipeoptimError, PlanError, PredictorError
 from pipeoptim.methods import METHODS, get_method
@@ -178,10 +179,14 @@ class Pipeline:
         for i, (x, ex) in enumerate(zip(inputs, examples)):
             if not isinstance(x, torch.Tensor):
                 raise PipelineError(f"input {i} is a {type(x).__name__}, not a tensor")
-            if x.dtype != ex.dtype or tuple(x.shape[1:]) != tuple(ex.shape[1:]):
+            if x.dtype != ex.dtype or not microbatch.same_shape(x, ex, i, self.spec.length):
+                dims = [
+                    "length≤" + str(ex.shape[1]) if d == 0 and self._varies(i) else str(n)
+                    for d, n in enumerate(ex.shape[1:])
+                ]
                 raise PipelineError(
                     f"input {i} has shape {tuple(x.shape)} {x.dtype}; the plan expects "
-                    f"[batch, {', '.join(map(str, ex.shape[1:]))}] {ex.dtype}: give inputs shaped "
+                    f"[batch, {', '.join(dims)}] {ex.dtype}: give inputs shaped "
                     "like example_inputs, or compile again for the new shape"
                 )
             if batch is None:
@@ -189,14 +194,24 @@ class Pipeline:
             elif x.shape[0] != batch:
                 raise PipelineError(f"inputs disagree on the batch size ({batch} vs {x.shape[0]})")
         assert batch is not None
-        return batch
+        return microbatch.Rows(batch, self._length_of(inputs))
 
-    def _shared_rows(self, batch: int | None, what: str) -> int:
-        """Rows of the batch given to ``what`` (step, predict); under torchrun rank 0's, as the
-        other ranks may have been given no inputs."""
+    def _varies(self, i: int) -> bool:
+        """Whether input ``i`` has the plan's dynamic sequence length (dim 1)."""
+        return self.spec.length is not None and microbatch.has_length(self.spec.example_inputs, i)
+
+    def _length_of(self, inputs: tuple[torch.Tensor, ...]) -> int | None:
+        lengths = {int(x.shape[1]) for i, x in enumerate(inputs) if self._varies(i)}
+        if len(lengths) > 1:
+            raise PipelineError(f"inputs disagree on the sequence length (dim 1: {sorted(lengths)})")
+        return lengths.pop() if lengths else None
+
+    def _shared_rows(self, batch: microbatch.Rows | None, what: str) -> microbatch.Rows:
+        """Rows (and sequence length) of the batch given to ``what`` (step, predict); under
+        torchrun rank 0's, as the other ranks may have been given no inputs."""
         share = getattr(self._executor, "share_batch_size", None)
         if share is not None:
-            return int(share(batch))
+            return share(batch)
         if batch is None:
             raise PipelineError(f"{what}() needs the inputs (only torchrun ranks other than 0 may pass None)")
         return batch
@@ -244,7 +259,7 @@ class Pipeline:
         m = microbatch.count(batch, self.micro_batches)  # a smaller last batch runs fewer
         micro_inputs = [] if inputs is None else microbatch.split(inputs, m)
         micro_targets = microbatch.split(targets, m)
-        sizes = microbatch.sizes(batch, m)
+        sizes = [microbatch.Rows(n, batch.length) for n in microbatch.sizes(batch, m)]
         scales = microbatch.scales(sizes, self.spec.loss_reduction)
         index = self._next
         self._next += 1
@@ -310,24 +325,22 @@ class Pipeline:
         inputs = None if inputs is None else _as_tuple(inputs)
         batch = self._shared_rows(None if inputs is None else self._check_eval_batch(inputs), "predict")
         size = math.ceil(self.batch_size / self.micro_batches)
-        sizes = [min(size, batch - i) for i in range(0, batch, size)]
+        sizes = [microbatch.Rows(min(size, batch - i), batch.length) for i in range(0, batch, size)]
         if self._static_batch and any(n != size for n in sizes):
             raise PipelineError(
                 f"this model was traced for micro-batches of exactly {size}: give predict() a "
                 f"multiple of {size} rows"
             )
-        if self.executor_kind == "torchrun":  # rank 0 alone reads the inputs
-            chunks = (
-                None
-                if inputs is None
-                else [tuple(x[i : i + size] for x in inputs) for i in range(0, batch, size)]
-            )
-            outputs = self._executor.forward_only(chunks, sizes)
-        else:
-            assert inputs is not None
-            device = self.device if self.executor_kind == "local" else torch.device("cpu")
-            chunks = [tuple(x[i : i + size].to(device) for x in inputs) for i in range(0, batch, size)]
+        device = self.device if self.executor_kind == "local" else torch.device("cpu")
+        chunks = (
+            None  # under torchrun rank 0 alone reads the inputs
+            if inputs is None
+            else [tuple(x[i : i + size].to(device) for x in inputs) for i in range(0, batch, size)]
+        )
+        if self.executor_kind == "local":
             outputs = self._executor.forward_only(chunks)
+        else:  # the stages allocate what they receive from the sizes (and sequence length)
+            outputs = self._executor.forward_only(chunks, sizes)
         flat = [
             torch.cat([o[i] for o in outputs]) if isinstance(outputs[0][i], torch.Tensor) else outputs[0][i]
             for i in range(len(outputs[0]))
@@ -337,16 +350,16 @@ class Pipeline:
 
     __call__ = predict
 
-    def _check_eval_batch(self, inputs: tuple[torch.Tensor, ...]) -> int:
+    def _check_eval_batch(self, inputs: tuple[torch.Tensor, ...]) -> microbatch.Rows:
         examples = self.spec.example_inputs
         if len(inputs) != len(examples) or any(
-            x.dtype != ex.dtype or tuple(x.shape[1:]) != tuple(ex.shape[1:])
-            for x, ex in zip(inputs, examples)
+            x.dtype != ex.dtype or not microbatch.same_shape(x, ex, i, self.spec.length)
+            for i, (x, ex) in enumerate(zip(inputs, examples))
         ):
             raise PipelineError("predict() inputs must be shaped like example_inputs (any batch size)")
         if inputs[0].shape[0] == 0:
             raise PipelineError("predict() got an empty batch")
-        return int(inputs[0].shape[0])
+        return microbatch.Rows(int(inputs[0].shape[0]), self._length_of(inputs))
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """The trained weights, keyed exactly like the original model's ``state_dict()``."""
@@ -615,7 +628,7 @@ def compile(
     if plan is not None:
         traced = trace(model_copy, micro, leaf_modules)
         chosen = _given_plan(plan, traced, config, say)
-        static_batch = False
+        static_batch = dynamic_length = False
     elif rank0:
         planned = plan_model(
             model_copy,
@@ -629,9 +642,10 @@ def compile(
         )
         chosen, traced = planned.plan, planned.traced
         static_batch = bool(planned.graph.info.get("static_batch"))
+        dynamic_length = bool(planned.graph.info.get("dynamic_length"))
     if kind == "torchrun" and plan is None:  # rank 0 planned; every rank uses its plan
-        shared = spmd.broadcast((chosen.to_dict(), static_batch) if rank0 else None)
-        chosen, static_batch = Plan.from_dict(shared[0]), shared[1]
+        shared = spmd.broadcast((chosen.to_dict(), static_batch, dynamic_length) if rank0 else None)
+        chosen, static_batch, dynamic_length = Plan.from_dict(shared[0]), shared[1], shared[2]
         if not rank0:
             traced = trace(model_copy, micro, leaf_modules)
     static = static_batch or traced.method == "export"
@@ -661,6 +675,7 @@ def compile(
         seed=seed,
         policy_options={"backward": backward} if info.policy == "pipeoptim" else {},
         nan_check=nan_check,
+        length=plan_length(chosen, micro, dynamic_length and not static),
     )
     device = inputs[0].device if kind == "local" else torch.device("cpu")
     return Pipeline(spec, traced, optimizer, batch, static, kind, device, timeout, owns_group)

@@ -341,3 +341,53 @@ def test_deferred_batch_norm_is_refused_where_it_cannot_apply() -> None:
         compile_mlp(F.cross_entropy, batch_norm="deferred")
     with pytest.raises(ValueError, match="batch_norm must be"):
         compile_mlp(F.cross_entropy, batch_norm="whole")
+
+
+class TextLSTM(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(20, 8)
+        self.proj = nn.Linear(8, 8)
+        self.lstm = nn.LSTM(8, 8, batch_first=True)
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        h = torch.tanh(self.proj(self.emb(ids)))
+        out, _ = self.lstm(h)
+        scores = out @ out.transpose(1, 2)  # [batch, length, length]: both dims follow the length
+        return self.head(torch.softmax(scores, -1) @ out).mean(1)
+
+
+def text_batches():
+    """Variable-length batches of a text task (the longest first), and a smaller last one."""
+    g = torch.Generator().manual_seed(4)
+    shapes = [(8, 12), (8, 9), (8, 5), (8, 12), (3, 7)]
+    return [(torch.randint(0, 20, s, generator=g), torch.randint(0, 3, (s[0],), generator=g)) for s in shapes]
+
+
+@pytest.mark.parametrize("executor", ["local", pytest.param("processes", marks=pytest.mark.slow)])
+def test_variable_sequence_lengths_train_without_recompiling(executor: str, tmp_path) -> None:
+    torch.manual_seed(0)
+    model, batches = TextLSTM(), text_batches()
+    expected = full_batch_training(model, batches, F.cross_entropy)
+    net = copy.deepcopy(model)
+    with pipeoptim.compile(
+        net,
+        torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9),
+        3,
+        example_inputs=batches[0][0],
+        loss_fn=F.cross_entropy,
+        method="1f1b",
+        micro_batches=2,
+        executor=executor,
+        profile_dir=tmp_path,
+        timeout=60,
+    ) as pipe:
+        assert pipe.spec.length == 12
+        got = [pipe.step(x, y).item() for x, y in batches], pipe.state_dict()
+        trained = pipe.to_module().eval()
+        short = batches[2][0]
+        torch.testing.assert_close(pipe.predict(short), trained(short), rtol=1e-5, atol=1e-6)
+        with pytest.raises(PipelineError, match=r"expects \[batch, length≤12\]"):
+            pipe.step(torch.randint(0, 20, (8, 13)), torch.zeros(8, dtype=torch.long))
+    assert_equal_training(got, expected)

@@ -28,6 +28,7 @@ from torch.fx.node import _get_qualified_name
 from torch.utils import _pytree as pytree
 
 from pipeoptim.compiler.costgraph import CostGraph, CostNode
+from pipeoptim.compiler.shapes import length_slopes
 from pipeoptim.compiler.trace import TracedModel, node_module
 from pipeoptim.errors import ProfileError
 from pipeoptim.fileio import write_json
@@ -203,6 +204,14 @@ def _measure_node(
     return statistics.median(fwd), statistics.median(bwd), saved
 
 
+def _outputs_at(gm: fx.GraphModule, inputs: Sequence[torch.Tensor]) -> dict[fx.Node, Any]:
+    """Every node's output when the graph runs on ``inputs`` (no gradients)."""
+    recorder = _Recorder(gm)
+    with torch.no_grad():
+        recorder.run(*inputs)
+    return recorder.env
+
+
 def _batch_dims(
     gm: fx.GraphModule, inputs: Sequence[torch.Tensor], records: dict[fx.Node, Any]
 ) -> dict[str, list[int | None]] | None:
@@ -281,6 +290,7 @@ def profile_model(
     timer = _Timer(device)
     outputs = {n: recorder.env[n] for n in gm.graph.nodes if n.op != "output"}
     dims = _batch_dims(gm, inputs, {n: (v, None) for n, v in outputs.items()})
+    slopes = length_slopes(gm, inputs, outputs, lambda xs: _outputs_at(gm, xs))
     trainable = dict(gm.named_parameters(remove_duplicate=False))
     nodes: list[CostNode] = []
     for node in gm.graph.nodes:
@@ -301,6 +311,11 @@ def profile_model(
             for meta, dim in zip(cost.out_meta, dims[node.name]):
                 if meta["kind"] == "tensor":
                     meta["batch_dim"] = dim
+        if slopes is not None and node.name in slopes:
+            length = int(inputs[0].shape[1])
+            for meta, steps in zip(cost.out_meta, slopes[node.name]):
+                if meta["kind"] == "tensor":
+                    meta["length"] = None if steps is None else {"at": length, "slopes": steps}
         tensors = [t for t in leaves if isinstance(t, torch.Tensor)]
         cost.out_bytes = sum(_nbytes(t) for t in tensors)
         cost.grad_bytes = sum(_nbytes(t) for t in tensors if t.requires_grad)
@@ -330,6 +345,7 @@ def profile_model(
             "repeats": repeats,
             "profile_wall_s": round(time.perf_counter() - start, 3),
             "static_batch": dims is None,
+            "dynamic_length": slopes is not None,
             "input_names": traced.input_names,
         },
     )

@@ -45,6 +45,8 @@ class PipelineSpec:
     loss_fn: Callable[[Any, Any], torch.Tensor]
     micro_batches: int
     loss_reduction: str = "mean"
+    #: the example's sequence length (dim 1) where shorter ones may be given, else ``None``
+    length: int | None = None
     seed: int = 0
     policy_options: dict[str, Any] = field(default_factory=dict)
     nan_check: str = "stages"

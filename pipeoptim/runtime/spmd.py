@@ -21,6 +21,7 @@ import torch
 import torch.distributed as dist
 
 from pipeoptim.errors import PeerLostError, PipelineError
+from pipeoptim.microbatch import Rows
 from pipeoptim.runtime.build import PipelineSpec
 from pipeoptim.runtime.comm import LOSS_TAG
 from pipeoptim.runtime.executor import MiniBatch
@@ -126,10 +127,10 @@ class SPMDExecutor:
         """Whether this rank runs the last stage (the only one that reads targets)."""
         return self.rank == self.world - 1
 
-    def share_batch_size(self, batch: int | None) -> int:
-        """Rank 0's ``batch`` (rows of the next mini-batch or predict batch) on every rank.
-
-        Other ranks' own ``batch`` (``None`` where they got no inputs) must agree with it.
+    def share_batch_size(self, batch: Rows | None) -> Rows:
+        """Rank 0's ``batch`` (rows and sequence length of the next mini-batch or predict
+        batch) on every rank. Other ranks' own ``batch`` (``None`` where they got no inputs)
+        must agree with it.
 
         Raises:
             PipelineError: rank 0 got no inputs, or another rank's inputs have other rows.
@@ -141,10 +142,13 @@ class SPMDExecutor:
                     "rank 0 runs the first stage and needs the inputs: pass them to step()/predict() "
                     "there (other ranks may pass None)"
                 )
+            length = -1 if batch.length is None else batch.length
             for rank in range(1, self.world):
-                self.process.channel._isend(torch.tensor([batch], dtype=torch.int64), rank, tag=SIZE_TAG)
+                self.process.channel._isend(
+                    torch.tensor([batch, length], dtype=torch.int64), rank, tag=SIZE_TAG
+                )
             return batch
-        box = torch.empty(1, dtype=torch.int64)
+        box = torch.empty(2, dtype=torch.int64)
         try:
             dist.irecv(box, 0, tag=SIZE_TAG).wait(self.timeout)
         except RuntimeError as exc:
@@ -152,10 +156,10 @@ class SPMDExecutor:
                 f"rank {self.rank}: the batch size from rank 0 did not arrive ({str(exc).splitlines()[0]}); "
                 "rank 0 has probably stopped or is not calling step() with the same batches"
             ) from exc
-        shared = int(box[0])
-        if batch is not None and batch != shared:
+        shared = Rows(int(box[0]), None if int(box[1]) < 0 else int(box[1]))
+        if batch is not None and (batch, batch.length) != (shared, shared.length):
             raise PipelineError(
-                f"rank {self.rank} got a batch of {batch} rows but rank 0 one of {shared}: give every "
+                f"rank {self.rank} got a batch of {batch!r} but rank 0 one of {shared!r}: give every "
                 "rank the same batches (or None on ranks that do not read them)"
             )
         return shared
