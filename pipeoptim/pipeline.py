@@ -230,8 +230,8 @@ class Pipeline:
             )
         if batch != self.batch_size and self._static_batch:
             raise PipelineError(
-                f"this model was traced for mini-batches of exactly {self.batch_size} (torch.export "
-                f"fixes shapes) but got {batch}: drop the last incomplete batch (drop_last=True)"
+                f"this model's graph runs mini-batches of exactly {self.batch_size} rows (torch.export "
+                f"fixed the batch size) but got {batch}: drop the last incomplete batch (drop_last=True)"
             )
 
     def step(self, inputs: Any, targets: Any) -> Loss:
@@ -628,7 +628,7 @@ def compile(
     if plan is not None:
         traced = trace(model_copy, micro, leaf_modules)
         chosen = _given_plan(plan, traced, config, say)
-        static_batch = dynamic_length = False
+        static_batch, dynamic_length = traced.method == "export", False  # not probed: keep shapes
     elif rank0:
         planned = plan_model(
             model_copy,
@@ -648,16 +648,15 @@ def compile(
         chosen, static_batch, dynamic_length = Plan.from_dict(shared[0]), shared[1], shared[2]
         if not rank0:
             traced = trace(model_copy, micro, leaf_modules)
-    static = static_batch or traced.method == "export"
     if batch_norm == "deferred" and traced.method == "export":
         raise PlanError(
             f"batch_norm='deferred' needs a model torch.fx can trace; {type(model).__name__} was traced "
             "with torch.export, which inlines BatchNorm: use batch_norm='micro-batch'"
         )
-    if static and batch % m:
+    if static_batch and batch % m:
         raise PlanError(
-            f"{type(model).__name__} was traced with torch.export, which fixes shapes: the example "
-            f"batch ({batch}) must be a multiple of micro_batches ({m})"
+            f"{type(model).__name__} was traced with torch.export, which fixed the batch size: the "
+            f"example batch ({batch}) must be a multiple of micro_batches ({m})"
         )
     spec = PipelineSpec(
         model=model_copy,
@@ -675,10 +674,10 @@ def compile(
         seed=seed,
         policy_options={"backward": backward} if info.policy == "pipeoptim" else {},
         nan_check=nan_check,
-        length=plan_length(chosen, micro, dynamic_length and not static),
+        length=plan_length(chosen, micro, dynamic_length and not static_batch),
     )
     device = inputs[0].device if kind == "local" else torch.device("cpu")
-    return Pipeline(spec, traced, optimizer, batch, static, kind, device, timeout, owns_group)
+    return Pipeline(spec, traced, optimizer, batch, static_batch, kind, device, timeout, owns_group)
 
 
 def _profile_device(kind: str, input_device: torch.device) -> torch.device:

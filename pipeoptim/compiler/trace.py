@@ -8,9 +8,10 @@ passed in as ``get_attr`` nodes (through :func:`call_leaf`), so a weight policy 
 
 Where ``torch.fx.symbolic_trace`` fails (Hugging Face ``transformers`` 5.x, for example), the
 model is exported with ``torch.export.export(..., strict=False)``; its ``.module()`` is an fx
-graph module with parameters as ``get_attr`` nodes too (an ATen-level graph, specialised to the
-example's shapes). Where that fails as well, the submodule that broke tracing is made a leaf
-and tracing is retried; only a failure in the root module's own ``forward`` is an error.
+graph module with parameters as ``get_attr`` nodes too (an ATen-level graph, with the batch
+and sequence dimensions dynamic where the model allows). Where that fails as well, the
+submodule that broke tracing is made a leaf and tracing is retried; only a failure in the
+root module's own ``forward`` is an error.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ import torch.fx as fx
 from torch import nn
 from torch.utils import _pytree as pytree
 
+from pipeoptim.compiler.shapes import sequence_inputs
 from pipeoptim.errors import TraceError
 
 #: Module types kept as leaves by default: their forward depends on ``self.training``
@@ -222,6 +224,16 @@ def _symbolic_trace(
             delattr(model, name)
 
 
+def _dynamic_dims(inputs: tuple[torch.Tensor, ...]) -> tuple[dict[int, Any], ...]:
+    """``torch.export`` hints: the batch dimension (dim 0) and the sequence length (dim 1 where
+    it equals the first input's, :func:`pipeoptim.compiler.shapes.sequence_inputs`) are
+    ``Dim.AUTO``: dynamic where the model allows, specialised (fixed) where it does not."""
+    seq = sequence_inputs(inputs) or [False] * len(inputs)
+    return tuple(
+        {0: torch.export.Dim.AUTO, **({1: torch.export.Dim.AUTO} if s else {})} for x, s in zip(inputs, seq)
+    )
+
+
 def _export(model: nn.Module, inputs: tuple[torch.Tensor, ...]) -> fx.GraphModule:
     # torch logs the whole graph on a failed export; the caller reports the failure itself.
     names = ("torch.fx.experimental.symbolic_shapes", "torch.export", "torch._export")
@@ -231,7 +243,7 @@ def _export(model: nn.Module, inputs: tuple[torch.Tensor, ...]) -> fx.GraphModul
         lg.setLevel(logging.CRITICAL)
     try:
         with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
-            exported = torch.export.export(model, inputs, strict=False)
+            exported = torch.export.export(model, inputs, strict=False, dynamic_shapes=_dynamic_dims(inputs))
     finally:
         for lg, level in zip(loggers, levels):
             lg.setLevel(level)
