@@ -36,9 +36,17 @@ REDUCTIONS = ("mean", "sum")
 
 def split(value: Any, parts: int) -> list[Any]:
     """Split every tensor of ``value`` along dim 0 into ``parts`` (``torch.tensor_split``);
-    other leaves are repeated in every part."""
+    other leaves are repeated in every part.
+
+    Each part is a copy, not a view: a micro-batch that autograd saves (the input of a first
+    convolution) then holds its own rows, not the storage of the whole mini-batch, as it would
+    on a stage's device.
+    """
     leaves, spec = pytree.tree_flatten(value)
-    pieces = [torch.tensor_split(x, parts) if isinstance(x, torch.Tensor) else [x] * parts for x in leaves]
+    pieces = [
+        [p.clone() for p in torch.tensor_split(x, parts)] if isinstance(x, torch.Tensor) else [x] * parts
+        for x in leaves
+    ]
     return [pytree.tree_unflatten([p[j] for p in pieces], spec) for j in range(parts)]
 
 
