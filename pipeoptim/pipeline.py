@@ -260,7 +260,9 @@ class Pipeline:
         micro_inputs = [] if inputs is None else microbatch.split(inputs, m)
         micro_targets = microbatch.split(targets, m)
         sizes = [microbatch.Rows(n, batch.length) for n in microbatch.sizes(batch, m)]
-        scales = microbatch.scales(sizes, self.spec.loss_reduction)
+        scales = microbatch.scales(
+            sizes, self.spec.loss_reduction, None if targets is None else micro_targets
+        )
         index = self._next
         self._next += 1
         waiter = getattr(self._executor, "wait_loss", None)
@@ -479,7 +481,7 @@ def compile(
     *,
     example_inputs: Any,
     loss_fn: Callable[[Any, Any], torch.Tensor],
-    loss_reduction: str = "mean",
+    loss_reduction: microbatch.Reduction = "mean",
     batch_norm: str = "micro-batch",
     method: str = "pipeoptim",
     micro_batches: int | None = None,
@@ -509,9 +511,11 @@ def compile(
             does). Dim 0 is the batch dimension.
         loss_fn: ``loss_fn(model_output, targets) -> scalar tensor`` over the rows it gets.
         loss_reduction: ``"mean"`` (default): ``loss_fn`` is the mean over its rows;
-            ``"sum"``: the sum. Micro-batch losses are weighted to give the loss and gradient
-            of the whole mini-batch (:mod:`pipeoptim.microbatch`); a loss that is neither, or
-            is the other one, is refused at the first mini-batch split into micro-batches.
+            ``"sum"``: the sum; a function ``count(targets)``: the mean over the units it counts
+            (the non-padding tokens of a cross-entropy with ``ignore_index``). Micro-batch
+            losses are weighted to give the loss and gradient of the whole mini-batch
+            (:mod:`pipeoptim.microbatch`); a loss that is not what ``loss_reduction`` says is
+            refused at the first mini-batch split into micro-batches.
         batch_norm: ``"micro-batch"`` (default): each micro-batch updates the BatchNorm
             running statistics, as gradient accumulation does; ``"deferred"`` (gpipe and
             1f1b): once per mini-batch, from all its rows (:mod:`pipeoptim.batchnorm`).

@@ -194,14 +194,14 @@ def test_sum_reduced_loss_equals_plain_training(method: str) -> None:
     assert_equal_training(got, expected)
 
 
-def compile_mlp(loss_fn, **kwargs):
-    net = MLP()
+def compile_mlp(loss_fn, model=None, example=None, **kwargs):
+    net = model or MLP()
     options = {"method": "gpipe", "micro_batches": 4, **kwargs}
     return pipeoptim.compile(
         net,
         torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9),
         2,
-        example_inputs=torch.randn(16, 6),
+        example_inputs=torch.randn(16, 6) if example is None else example,
         loss_fn=loss_fn,
         executor="local",
         profile_dir=None,
@@ -216,7 +216,7 @@ def test_loss_reduction_the_loss_contradicts_is_refused() -> None:
         compile_mlp(nn.CrossEntropyLoss(reduction="sum"))
     with pytest.raises(ValueError, match="reduction='sum' but loss_reduction='mean'"):
         compile_mlp(functools.partial(F.cross_entropy, reduction="sum"))
-    with pytest.raises(ValueError, match="loss_reduction must be 'mean' or 'sum'"):
+    with pytest.raises(ValueError, match="loss_reduction must be 'mean', 'sum' or a function"):
         compile_mlp(F.cross_entropy, loss_reduction="avg")
     x, y = torch.randn(16, 6), torch.randint(0, 4, (16,))
     with compile_mlp(sum_loss) as pipe, pytest.raises(PipelineError, match="pass loss_reduction='sum'"):
@@ -391,3 +391,51 @@ def test_variable_sequence_lengths_train_without_recompiling(executor: str, tmp_
         with pytest.raises(PipelineError, match=r"expects \[batch, length≤12\]"):
             pipe.step(torch.randint(0, 20, (8, 13)), torch.zeros(8, dtype=torch.long))
     assert_equal_training(got, expected)
+
+
+class Tagger(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(20, 8)
+        self.mid = nn.Linear(8, 8)
+        self.out = nn.Linear(8, 5)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.out(torch.relu(self.mid(self.emb(ids))))
+
+
+PAD = -100
+
+
+def token_loss(logits: torch.Tensor, tags: torch.Tensor) -> torch.Tensor:
+    """Mean over the non-padding tokens (a token count, not the rows, normalises it)."""
+    return F.cross_entropy(logits.flatten(0, 1), tags.flatten(), ignore_index=PAD)
+
+
+def count_tokens(tags: torch.Tensor) -> torch.Tensor:
+    return (tags != PAD).sum()
+
+
+def padded_batches():
+    g = torch.Generator().manual_seed(6)
+    out = []
+    for n in (16, 16, 6):
+        ids = torch.randint(0, 20, (n, 7), generator=g)
+        tags = torch.randint(0, 5, (n, 7), generator=g)
+        lengths = torch.randint(1, 8, (n,), generator=g)
+        tags[torch.arange(7) >= lengths[:, None]] = PAD  # rows of different lengths
+        out.append((ids, tags))
+    return out
+
+
+def test_token_mean_loss_with_a_counting_reduction_equals_plain_training() -> None:
+    torch.manual_seed(0)
+    model, batches = Tagger(), padded_batches()
+    expected = full_batch_training(model, batches, token_loss)
+    got = pipelined(model, batches, token_loss, "1f1b", loss_reduction=count_tokens)
+    assert_equal_training(got, expected)
+    with (  # without loss_reduction the rows would weigh the micro-batches, not the tokens
+        compile_mlp(token_loss, model=Tagger(), example=batches[0][0]) as pipe,
+        pytest.raises(PipelineError, match=r"neither the mean .* nor the sum"),
+    ):
+        pipe.step(*batches[0]).wait()

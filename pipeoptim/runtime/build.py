@@ -22,7 +22,7 @@ from pipeoptim.compiler.plan import Plan
 from pipeoptim.compiler.trace import TracedModel, trace
 from pipeoptim.errors import PlanError
 from pipeoptim.methods import get_method
-from pipeoptim.microbatch import CheckedLoss
+from pipeoptim.microbatch import CheckedLoss, Reduction
 from pipeoptim.runtime.optim import mirror
 from pipeoptim.runtime.policies import insert_policy, make_policy
 from pipeoptim.runtime.schedule import Schedule
@@ -44,7 +44,7 @@ class PipelineSpec:
     hyper: list[dict[str, Any]]
     loss_fn: Callable[[Any, Any], torch.Tensor]
     micro_batches: int
-    loss_reduction: str = "mean"
+    loss_reduction: Reduction = "mean"
     #: the example's sequence length (dim 1) where shorter ones may be given, else ``None``
     length: int | None = None
     seed: int = 0
