@@ -49,13 +49,20 @@ def device_name(device: torch.device) -> str:
     return f"cpu: {cpu}"
 
 
+#: What the profiler measures; profiles of another version are measured again. 2: saved
+#: activations per storage (``CostNode.saved``) and sequence-length slopes.
+MEASURES = 2
+
+
 def profile_key(traced: TracedModel, inputs: Sequence[torch.Tensor], device: torch.device) -> dict:
-    """What a profile is valid for: graph, input shapes/dtypes, device and torch version."""
+    """What a profile is valid for: graph, input shapes/dtypes, device, torch version and what
+    the profiler measures (:data:`MEASURES`)."""
     return {
         "graph_hash": traced.graph_hash,
         "inputs": [[list(x.shape), str(x.dtype).removeprefix("torch.")] for x in inputs],
         "device": device_name(device),
         "torch": torch.__version__,
+        "measures": MEASURES,
     }
 
 
@@ -491,6 +498,7 @@ def _key_diff(old: dict, new: dict) -> str:
         "inputs": "input shapes/dtypes",
         "device": "device",
         "torch": "torch version",
+        "measures": "profiler version",
     }
     diffs = [
         f"{names.get(k, k)}: {old.get(k)!s:.60} -> {new.get(k)!s:.60}"
