@@ -44,11 +44,15 @@ class Method:
     def extra_weight_copies(self, stage: int, num_stages: int) -> int:
         """Copies of the stage's weights kept besides the weights themselves.
 
-        PipeOptim and SpecTrain keep one predicted copy; PipeDream stashes one version per
-        mini-batch in flight beyond the current one (``N - k - 1`` at stage k of N, 0-based);
-        PipeDream-2BW keeps one older version; the others keep none.
+        PipeOptim keeps one predicted copy and PipeDream-2BW one older version, except at the
+        last stage, where a micro-batch's backward follows its forward with no step between
+        (version difference 0); SpecTrain keeps one predicted copy at every stage (its
+        backward predicts too); PipeDream stashes one version per mini-batch in flight beyond
+        the current one (``N - k - 1`` at stage k of N, 0-based); the others keep none.
         """
-        if self.policy in ("pipeoptim", "spectrain", "2bw"):
+        if self.policy in ("pipeoptim", "2bw"):
+            return 1 if stage < num_stages - 1 else 0
+        if self.policy == "spectrain":
             return 1
         if self.policy == "stash":
             return num_stages - stage - 1

@@ -16,10 +16,13 @@ import torch.distributed as dist
 from torch import nn
 from torch.utils import _pytree as pytree
 
+from pipeoptim import microbatch
+from pipeoptim.batchnorm import BATCH_NORMS, defer_batch_norm, plain_batch_norm
 from pipeoptim.compiler import plan_model
 from pipeoptim.compiler.costmodel import CostConfig, optimizer_state_factor
 from pipeoptim.compiler.plan import Plan
 from pipeoptim.compiler.profile import load_or_measure_update_cost
+from pipeoptim.compiler.shapes import plan_length
 from pipeoptim.compiler.trace import TracedModel, trace
 from pipeoptim.errors import PipelineError, PipeoptimError, PlanError, PredictorError
 from pipeoptim.methods import METHODS, get_method
@@ -85,13 +88,6 @@ def _as_tuple(inputs: Any) -> tuple[torch.Tensor, ...]:
     return (inputs,) if isinstance(inputs, torch.Tensor) else tuple(inputs)
 
 
-def _split(value: Any, parts: int) -> list[Any]:
-    """Split every tensor of ``value`` along dim 0 into ``parts`` (``torch.tensor_split``)."""
-    leaves, spec = pytree.tree_flatten(value)
-    pieces = [torch.tensor_split(x, parts) if isinstance(x, torch.Tensor) else [x] * parts for x in leaves]
-    return [pytree.tree_unflatten([p[j] for p in pieces], spec) for j in range(parts)]
-
-
 class Pipeline:
     """A compiled pipeline; build it with :func:`compile`.
 
@@ -122,7 +118,8 @@ class Pipeline:
         self._static_batch = static_batch
         self._traced = traced
         self._optimizer = optimizer
-        self._template = copy.deepcopy(spec.model)  # structure and constants for to_module()
+        # structure and constants for to_module(), with the user's BatchNorm classes
+        self._template = plain_batch_norm(copy.deepcopy(spec.model))
         self._next = 0
         self._pending: dict[int, list[Any]] = {}
         self._losses: dict[int, Loss] = {}
@@ -183,10 +180,14 @@ class Pipeline:
         for i, (x, ex) in enumerate(zip(inputs, examples)):
             if not isinstance(x, torch.Tensor):
                 raise PipelineError(f"input {i} is a {type(x).__name__}, not a tensor")
-            if x.dtype != ex.dtype or tuple(x.shape[1:]) != tuple(ex.shape[1:]):
+            if x.dtype != ex.dtype or not microbatch.same_shape(x, ex, i, self.spec.length):
+                dims = [
+                    "length≤" + str(ex.shape[1]) if d == 0 and self._varies(i) else str(n)
+                    for d, n in enumerate(ex.shape[1:])
+                ]
                 raise PipelineError(
                     f"input {i} has shape {tuple(x.shape)} {x.dtype}; the plan expects "
-                    f"[batch, {', '.join(map(str, ex.shape[1:]))}] {ex.dtype}: give inputs shaped "
+                    f"[batch, {', '.join(dims)}] {ex.dtype}: give inputs shaped "
                     "like example_inputs, or compile again for the new shape"
                 )
             if batch is None:
@@ -194,22 +195,45 @@ class Pipeline:
             elif x.shape[0] != batch:
                 raise PipelineError(f"inputs disagree on the batch size ({batch} vs {x.shape[0]})")
         assert batch is not None
+        return microbatch.Rows(batch, self._length_of(inputs))
+
+    def _varies(self, i: int) -> bool:
+        """Whether input ``i`` has the plan's dynamic sequence length (dim 1)."""
+        return self.spec.length is not None and microbatch.has_length(self.spec.example_inputs, i)
+
+    def _length_of(self, inputs: tuple[torch.Tensor, ...]) -> int | None:
+        lengths = {int(x.shape[1]) for i, x in enumerate(inputs) if self._varies(i)}
+        if len(lengths) > 1:
+            raise PipelineError(f"inputs disagree on the sequence length (dim 1: {sorted(lengths)})")
+        return lengths.pop() if lengths else None
+
+    def _shared_rows(self, batch: microbatch.Rows | None, what: str) -> microbatch.Rows:
+        """Rows (and sequence length) of the batch given to ``what`` (step, predict); under
+        torchrun rank 0's, as the other ranks may have been given no inputs."""
+        share = getattr(self._executor, "share_batch_size", None)
+        if share is not None:
+            return share(batch)
+        if batch is None:
+            raise PipelineError(f"{what}() needs the inputs (only torchrun ranks other than 0 may pass None)")
+        return batch
+
+    def _check_rows(self, batch: int) -> None:
         if batch > self.batch_size:
             raise PipelineError(
                 f"mini-batch of {batch} is larger than the {self.batch_size} the plan was made for "
                 "(its memory estimate would not hold): compile with a larger example batch"
             )
-        if batch < self.micro_batches:
+        if batch < self.micro_batches and self.method == "2bw":
             raise PipelineError(
-                f"mini-batch of {batch} cannot be split into {self.micro_batches} micro-batches; "
-                "drop the last incomplete batch (DataLoader(drop_last=True))"
+                f"mini-batch of {batch} cannot be split into {self.micro_batches} micro-batches, and "
+                "PipeDream-2BW steps every M micro-batches: drop the last incomplete batch "
+                "(DataLoader(drop_last=True))"
             )
         if batch != self.batch_size and self._static_batch:
             raise PipelineError(
-                f"this model was traced for mini-batches of exactly {self.batch_size} (torch.export "
-                f"fixes shapes) but got {batch}: drop the last incomplete batch (drop_last=True)"
+                f"this model's graph runs mini-batches of exactly {self.batch_size} rows (torch.export "
+                f"fixed the batch size) but got {batch}: drop the last incomplete batch (drop_last=True)"
             )
-        return batch
 
     def step(self, inputs: Any, targets: Any) -> Loss:
         """Feed one mini-batch; returns its :class:`Loss` at once (a future).
@@ -218,27 +242,33 @@ class Pipeline:
         pending; flushing methods (gpipe, 1f1b) finish the mini-batch before returning.
 
         Args:
-            inputs: tensor or tuple of tensors, ``[batch, ...]`` like ``example_inputs``.
+            inputs: tensor or tuple of tensors, ``[batch, ...]`` like ``example_inputs``; a
+                batch smaller than M runs as ``batch`` micro-batches of one row. Under
+                torchrun only rank 0 (the first stage) needs them; others may pass ``None``.
             targets: whatever ``loss_fn`` takes as its second argument (tensors are split
-                along dim 0 into micro-batches).
+                along dim 0 into micro-batches). Under torchrun only the last rank needs
+                them; others may pass ``None``.
 
         Raises:
             PipelineError: wrong shapes or dtypes, a batch larger than planned, a closed
                 pipeline, or a failure of a stage.
         """
         self._check_open()
-        inputs = _as_tuple(inputs)
-        batch = self._check_batch(inputs)
-        m = self.micro_batches
-        micro_inputs = _split(inputs, m)
-        micro_targets = _split(targets, m)
-        sizes = [int(x[0].shape[0]) for x in micro_inputs]
-        scales = [n / batch for n in sizes]
+        inputs = None if inputs is None else _as_tuple(inputs)
+        batch = self._shared_rows(None if inputs is None else self._check_batch(inputs), "step")
+        self._check_rows(batch)
+        m = microbatch.count(batch, self.micro_batches)  # a smaller last batch runs fewer
+        micro_inputs = [] if inputs is None else microbatch.split(inputs, m)
+        micro_targets = microbatch.split(targets, m)
+        sizes = [microbatch.Rows(n, batch.length) for n in microbatch.sizes(batch, m)]
+        scales = microbatch.scales(
+            sizes, self.spec.loss_reduction, None if targets is None else micro_targets
+        )
         self._throttle()
         index = self._next
         self._next += 1
         waiter = getattr(self._executor, "wait_loss", None)
-        last_micro = (index + 1) * self.micro_batches - 1
+        last_micro = index * self.micro_batches + m - 1
         loss = Loss(index, None if waiter is None else lambda _i: waiter(last_micro))
         with self._lock:
             self._losses[index] = loss
@@ -316,21 +346,29 @@ class Pipeline:
     def predict(self, inputs: Any) -> Any:
         """Forward-only pass with the current weights (evaluation mode); flushes first.
 
-        Returns the model's output structure, with tensors on the CPU.
+        ``inputs`` as for :meth:`step` (under torchrun only rank 0 needs them). Returns the
+        model's output structure, with tensors on the CPU.
         """
         self.flush()
-        inputs = _as_tuple(inputs)
-        batch = self._check_eval_batch(inputs)
+        inputs = None if inputs is None else _as_tuple(inputs)
+        batch = self._shared_rows(None if inputs is None else self._check_eval_batch(inputs), "predict")
         size = math.ceil(self.batch_size / self.micro_batches)
-        chunks = [tuple(x[i : i + size] for x in inputs) for i in range(0, batch, size)]
-        if self._static_batch and any(c[0].shape[0] != size for c in chunks):
+        sizes = [microbatch.Rows(min(size, batch - i), batch.length) for i in range(0, batch, size)]
+        if self._static_batch and any(n != size for n in sizes):
             raise PipelineError(
                 f"this model was traced for micro-batches of exactly {size}: give predict() a "
                 f"multiple of {size} rows"
             )
-        outputs = self._executor.forward_only(
-            chunks if self.executor_kind != "local" else [tuple(x.to(self.device) for x in c) for c in chunks]
+        device = self.device if self.executor_kind == "local" else torch.device("cpu")
+        chunks = (
+            None  # under torchrun rank 0 alone reads the inputs
+            if inputs is None
+            else [tuple(x[i : i + size].to(device) for x in inputs) for i in range(0, batch, size)]
         )
+        if self.executor_kind == "local":
+            outputs = self._executor.forward_only(chunks)
+        else:  # the stages allocate what they receive from the sizes (and sequence length)
+            outputs = self._executor.forward_only(chunks, sizes)
         flat = [
             torch.cat([o[i] for o in outputs]) if isinstance(outputs[0][i], torch.Tensor) else outputs[0][i]
             for i in range(len(outputs[0]))
@@ -340,16 +378,16 @@ class Pipeline:
 
     __call__ = predict
 
-    def _check_eval_batch(self, inputs: tuple[torch.Tensor, ...]) -> int:
+    def _check_eval_batch(self, inputs: tuple[torch.Tensor, ...]) -> microbatch.Rows:
         examples = self.spec.example_inputs
         if len(inputs) != len(examples) or any(
-            x.dtype != ex.dtype or tuple(x.shape[1:]) != tuple(ex.shape[1:])
-            for x, ex in zip(inputs, examples)
+            x.dtype != ex.dtype or not microbatch.same_shape(x, ex, i, self.spec.length)
+            for i, (x, ex) in enumerate(zip(inputs, examples))
         ):
             raise PipelineError("predict() inputs must be shaped like example_inputs (any batch size)")
         if inputs[0].shape[0] == 0:
             raise PipelineError("predict() got an empty batch")
-        return int(inputs[0].shape[0])
+        return microbatch.Rows(int(inputs[0].shape[0]), self._length_of(inputs))
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """The trained weights, keyed exactly like the original model's ``state_dict()``."""
@@ -478,6 +516,8 @@ def compile(
     *,
     example_inputs: Any,
     loss_fn: Callable[[Any, Any], torch.Tensor],
+    loss_reduction: microbatch.Reduction = "mean",
+    batch_norm: str = "micro-batch",
     method: str = "pipeoptim",
     micro_batches: int | None = None,
     memory: str | int | None = None,
@@ -505,7 +545,16 @@ def compile(
         example_inputs: one mini-batch of inputs (tensor or tuple), ``[batch, ...]``; the
             plan is made for this batch size (split into micro-batches where the method
             does). Dim 0 is the batch dimension.
-        loss_fn: ``loss_fn(model_output, targets) -> scalar tensor``, mean-reduced.
+        loss_fn: ``loss_fn(model_output, targets) -> scalar tensor`` over the rows it gets.
+        loss_reduction: ``"mean"`` (default): ``loss_fn`` is the mean over its rows;
+            ``"sum"``: the sum; a function ``count(targets)``: the mean over the units it counts
+            (the non-padding tokens of a cross-entropy with ``ignore_index``). Micro-batch
+            losses are weighted to give the loss and gradient of the whole mini-batch
+            (:mod:`pipeoptim.microbatch`); a loss that is not what ``loss_reduction`` says is
+            refused at the first mini-batch split into micro-batches.
+        batch_norm: ``"micro-batch"`` (default): each micro-batch updates the BatchNorm
+            running statistics, as gradient accumulation does; ``"deferred"`` (gpipe and
+            1f1b): once per mini-batch, from all its rows (:mod:`pipeoptim.batchnorm`).
         method: ``pipeoptim`` (default), ``pipedream``, ``2bw``, ``spectrain``, ``none``,
             ``gpipe`` or ``1f1b`` (see :mod:`pipeoptim.methods`).
         micro_batches: M for gpipe, 1f1b and 2bw (default N; 2bw needs M >= N).
@@ -547,6 +596,9 @@ def compile(
         raise ValueError(f"executor must be 'auto', 'local', 'processes' or 'torchrun', not {executor!r}")
     if nan_check not in ("stages", "loss", "off"):
         raise ValueError(f"nan_check must be 'stages', 'loss' or 'off', not {nan_check!r}")
+    microbatch.check_reduction(loss_fn, loss_reduction)
+    if batch_norm not in BATCH_NORMS:
+        raise ValueError(f"batch_norm must be 'micro-batch' or 'deferred', not {batch_norm!r}")
     info = get_method(method)
     m = micro_batches if micro_batches is not None else (gpus if info.micro_batched else 1)
     if m < 1:
@@ -583,6 +635,18 @@ def compile(
         raise ValueError(f"example batch of {batch} cannot be split into {m} micro-batches")
     micro = tuple(x[: math.ceil(batch / m)].detach().cpu() for x in inputs)
     model_copy = copy.deepcopy(model).cpu()
+    if batch_norm == "deferred":
+        if method not in ("gpipe", "1f1b"):
+            raise ValueError(
+                f"batch_norm='deferred' needs a method that flushes each mini-batch (gpipe, 1f1b), not "
+                f"{method!r}; the asynchronous methods run a mini-batch as one micro-batch (2bw aside), "
+                "where BatchNorm already tracks the whole mini-batch"
+            )
+        if not defer_batch_norm(model_copy):
+            raise ValueError(
+                f"batch_norm='deferred' but {type(model).__name__} has no BatchNorm1d/2d/3d that tracks "
+                "running statistics: leave batch_norm unset"
+            )
     groups = param_group_names(optimizer, model)
     say = log or (lambda _msg: None)
     try:
@@ -611,7 +675,7 @@ def compile(
     if plan is not None:
         traced = trace(model_copy, micro, leaf_modules)
         chosen = _given_plan(plan, traced, config, say)
-        static_batch = False
+        static_batch, dynamic_length = traced.method == "export", False  # not probed: keep shapes
     elif rank0:
         planned = plan_model(
             model_copy,
@@ -625,16 +689,21 @@ def compile(
         )
         chosen, traced = planned.plan, planned.traced
         static_batch = bool(planned.graph.info.get("static_batch"))
+        dynamic_length = bool(planned.graph.info.get("dynamic_length"))
     if kind == "torchrun" and plan is None:  # rank 0 planned; every rank uses its plan
-        shared = spmd.broadcast((chosen.to_dict(), static_batch) if rank0 else None)
-        chosen, static_batch = Plan.from_dict(shared[0]), shared[1]
+        shared = spmd.broadcast((chosen.to_dict(), static_batch, dynamic_length) if rank0 else None)
+        chosen, static_batch, dynamic_length = Plan.from_dict(shared[0]), shared[1], shared[2]
         if not rank0:
             traced = trace(model_copy, micro, leaf_modules)
-    static = static_batch or traced.method == "export"
-    if static and batch % m:
+    if batch_norm == "deferred" and traced.method == "export":
         raise PlanError(
-            f"{type(model).__name__} was traced with torch.export, which fixes shapes: the example "
-            f"batch ({batch}) must be a multiple of micro_batches ({m})"
+            f"batch_norm='deferred' needs a model torch.fx can trace; {type(model).__name__} was traced "
+            "with torch.export, which inlines BatchNorm: use batch_norm='micro-batch'"
+        )
+    if static_batch and batch % m:
+        raise PlanError(
+            f"{type(model).__name__} was traced with torch.export, which fixed the batch size: the "
+            f"example batch ({batch}) must be a multiple of micro_batches ({m})"
         )
     spec = PipelineSpec(
         model=model_copy,
@@ -647,13 +716,15 @@ def compile(
         group_names=groups,
         hyper=hyperparameters(optimizer),
         loss_fn=loss_fn,
+        loss_reduction=loss_reduction,
         micro_batches=m,
         seed=seed,
         policy_options=_policy_options(info.policy, backward, predictor, m),
         nan_check=nan_check,
+        length=plan_length(chosen, micro, dynamic_length and not static_batch),
     )
     device = inputs[0].device if kind == "local" else torch.device("cpu")
-    return Pipeline(spec, traced, optimizer, batch, static, kind, device, timeout, owns_group)
+    return Pipeline(spec, traced, optimizer, batch, static_batch, kind, device, timeout, owns_group)
 
 
 def _policy_options(policy: str | None, backward: str, predictor: str, micro_batches: int) -> dict[str, Any]:

@@ -188,6 +188,7 @@ def _trainer(config: TrainConfig, task: Task, log: Callable[[str], None]) -> tup
         config.gpus,
         example_inputs=task.example_inputs,
         loss_fn=task.loss_fn,
+        loss_reduction=task.loss_reduction,
         method=config.method,
         micro_batches=config.micro_batches,
         executor=config.executor,

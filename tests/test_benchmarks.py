@@ -18,6 +18,7 @@ ROOT = Path(__file__).resolve().parents[1]
         ("partition.py", ["partition.md", "partition_solve_time.png"]),
         ("throughput.py", ["throughput.md", "throughput_timeline.png", "throughput_memory.png"]),
         ("convergence.py", ["convergence.md", "convergence_digits_sgd.png"]),
+        ("memory.py", ["memory.md"]),
     ],
 )
 def test_quick_benchmark_runs(tmp_path: Path, script: str, files: list[str]) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 from pathlib import Path
 
@@ -79,7 +80,7 @@ def test_step_with_other_shapes_and_sizes() -> None:
 
 class ExportOnly(nn.Module):
     """``torch.ones(t, t)`` with a traced size stops torch.fx, so this traces with torch.export
-    (fixed shapes)."""
+    (batch and sequence length dynamic: ``Dim.AUTO``)."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -92,12 +93,50 @@ class ExportOnly(nn.Module):
         return self.b((mix @ torch.tanh(self.a(x))).mean(1))
 
 
-def test_smaller_last_batch_is_refused_clearly_for_fixed_shape_graphs() -> None:
+class FixedBatch(ExportOnly):
+    """A reshape to a literal batch size: torch.export has to fix the batch dimension."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x.reshape(8, -1, 6))
+
+
+def test_export_graphs_take_smaller_batches_and_lengths() -> None:
+    torch.manual_seed(0)
     model = ExportOnly()
-    opt = torch.optim.Adam(model.parameters())
+    reference = copy.deepcopy(model)
+    ref_opt = torch.optim.Adam(reference.parameters())
+    g = torch.Generator().manual_seed(1)
+    batches = [
+        (torch.randn(n, t, 6, generator=g), torch.randint(0, 3, (n,), generator=g))
+        for n, t in [(8, 4), (5, 4), (8, 3)]
+    ]
+    expected = []
+    for x, y in batches:
+        ref_opt.zero_grad()
+        loss = F.cross_entropy(reference(x), y)
+        loss.backward()
+        ref_opt.step()
+        expected.append(loss.item())
     with pipeoptim.compile(
         model,
-        opt,
+        torch.optim.Adam(model.parameters()),
+        2,
+        example_inputs=batches[0][0],
+        loss_fn=F.cross_entropy,
+        method="gpipe",
+        micro_batches=2,
+        executor="local",
+        profile_dir=None,
+    ) as pipe:
+        assert pipe._traced.method == "export" and pipe.spec.length == 4
+        assert [pipe.step(x, y).item() for x, y in batches] == pytest.approx(expected, rel=1e-5, abs=1e-6)
+
+
+def test_smaller_last_batch_is_refused_clearly_for_fixed_shape_graphs() -> None:
+    model = FixedBatch()
+    with pipeoptim.compile(
+        model,
+        torch.optim.Adam(model.parameters()),
         2,
         example_inputs=torch.randn(8, 4, 6),
         loss_fn=F.cross_entropy,
@@ -106,7 +145,7 @@ def test_smaller_last_batch_is_refused_clearly_for_fixed_shape_graphs() -> None:
     ) as pipe:
         assert pipe._traced.method == "export"
         pipe.step(torch.randn(8, 4, 6), torch.zeros(8, dtype=torch.long)).wait()
-        with pytest.raises(PipelineError, match=r"exactly 8 .*drop the last incomplete batch"):
+        with pytest.raises(PipelineError, match=r"exactly 8 rows .*drop the last incomplete batch"):
             pipe.step(torch.randn(5, 4, 6), torch.zeros(5, dtype=torch.long))
 
 

@@ -24,7 +24,13 @@ def test_every_compute_node_has_measured_forward_and_backward() -> None:
     for node in linears:
         assert node.fwd_s > 0 and node.bwd_s > 0
         assert node.out_bytes == 16 * node.out_meta[0]["shape"][1] * 4
-        assert node.saved_bytes >= 16 * 64 * 4  # linear saves its input activation
+        assert sum(node.saved.values()) >= 16 * 64 * 4  # linear saves its input activation
+    relus = [n for n in graph.nodes if n.target.endswith("relu")]
+    assert len(relus) == 2
+    for relu in relus:  # a ReLU output is saved by the ReLU and the next linear: counted once
+        later = next(n for n in linears if relu.name in n.inputs)
+        assert set(relu.saved) & set(later.saved)
+        assert relu.saved_bytes == 16 * 64 * 4 and later.saved_bytes == 0
         assert node.out_meta[0]["batch_dim"] == 0
     params = {name: n.param_bytes for n in graph.nodes for name in n.params}
     assert params == {k: v.numel() * 4 for k, v in model.named_parameters()}

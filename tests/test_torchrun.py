@@ -21,8 +21,12 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("method", ["pipeoptim", "1f1b"])
-def test_torchrun_ranks_equal_local_executor(tmp_path: Path, method: str) -> None:
+@pytest.mark.parametrize(
+    "method, only_needed", [("pipeoptim", False), ("1f1b", False), ("1f1b", True), ("pipeoptim", True)]
+)
+def test_torchrun_ranks_equal_local_executor(tmp_path: Path, method: str, only_needed: bool) -> None:
+    """With ``only_needed`` the other ranks pass None for inputs and targets, and the last
+    mini-batch (1 row) is smaller than M (2 for 1f1b)."""
     stages = 2
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     cmd = [
@@ -42,6 +46,7 @@ def test_torchrun_ranks_equal_local_executor(tmp_path: Path, method: str) -> Non
         str(stages),
         method,
         str(tmp_path / "profiles"),
+        *(["only-needed"] if only_needed else []),
     ]
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -52,6 +57,8 @@ def test_torchrun_ranks_equal_local_executor(tmp_path: Path, method: str) -> Non
     torch.manual_seed(0)  # rank 0's initial weights, which it broadcast to the others
     model = SmallCNN()
     batches = data(10)
+    if only_needed:
+        batches += data(1, batch=1, seed=9)
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
     with pipeoptim.compile(
         model,

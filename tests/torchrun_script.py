@@ -13,16 +13,20 @@ import pipeoptim
 from tests.test_training import SmallCNN, data
 
 
-def main(out: str, stages: int, method: str, profile_dir: str) -> None:
-    torch.manual_seed(int(os.environ["RANK"]))  # ranks start from different weights on purpose
+def main(out: str, stages: int, method: str, profile_dir: str, only_needed: bool) -> None:
+    rank = int(os.environ["RANK"])
+    torch.manual_seed(rank)  # ranks start from different weights on purpose
     model = SmallCNN()
     batches = data(10)
+    if only_needed:  # the first stage alone gets inputs, the last alone targets; a last batch of 1
+        batches += data(1, batch=1, seed=9)
+        batches = [(x if rank == 0 else None, y if rank == stages - 1 else None) for x, y in batches]
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
     pipe = pipeoptim.compile(
         model,
         opt,
         stages,
-        example_inputs=batches[0][0],
+        example_inputs=data(1)[0][0],
         loss_fn=F.cross_entropy,
         method=method,
         profile_dir=profile_dir,
@@ -32,7 +36,7 @@ def main(out: str, stages: int, method: str, profile_dir: str) -> None:
     result = {
         "losses": losses,
         "plan": pipe.plan.stage_of,
-        "predict": pipe.predict(batches[0][0]).tolist(),
+        "predict": pipe.predict(batches[0][0] if not only_needed or rank == 0 else None).tolist(),
         "state": {k: v.tolist() for k, v in pipe.state_dict().items()},
     }
     with open(f"{out}.{os.environ['RANK']}", "w") as f:
@@ -41,4 +45,4 @@ def main(out: str, stages: int, method: str, profile_dir: str) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4])
+    main(sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4], sys.argv[5:] == ["only-needed"])

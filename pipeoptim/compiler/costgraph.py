@@ -40,7 +40,11 @@ class CostNode:
         param_bytes: bytes of the trainable parameters this node owns.
         params: qualified names of those parameters.
         buffer_bytes: bytes of non-trainable state the node owns (buffers, frozen parameters).
-        saved_bytes: activation bytes autograd keeps from the forward for the backward.
+        saved_bytes: activation bytes autograd keeps from the forward for the backward,
+            each saved storage counted at the first node that saves it.
+        saved: every storage the node saves, ``{storage id: bytes}`` (ids shared between the
+            nodes that save the same tensor), so that a stage counts each of its storages once;
+            empty in profiles that do not record it.
         module: innermost module path the node was traced in.
         module_type: that module's class name.
         out_meta: one entry per flat output value: ``{"kind": "tensor", "shape", "dtype",
@@ -62,6 +66,7 @@ class CostNode:
     params: list[str] = field(default_factory=list)
     buffer_bytes: int = 0
     saved_bytes: int = 0
+    saved: dict[str, int] = field(default_factory=dict)
     module: str = ""
     module_type: str = ""
     out_meta: list[dict[str, Any]] = field(default_factory=list)

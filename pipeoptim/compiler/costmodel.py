@@ -179,6 +179,20 @@ def boundary_bytes(graph: CostGraph, stage_of: Sequence[int], num_stages: int) -
     return acts, grads
 
 
+def saved_activation_bytes(nodes: Sequence[Any]) -> int:
+    """Bytes a stage of these cost nodes saves per micro-batch: each saved storage once (a
+    tensor saved by two of its nodes is held once; one saved in two stages is held by each,
+    the later one keeping the copy it received), and a parameter the stage does not own (a
+    tied weight it receives) as an activation."""
+    if not any(x.saved for x in nodes):
+        return sum(x.saved_bytes for x in nodes)  # a profile without storage ids
+    owned = {f"param:{name}" for x in nodes for name in x.params}
+    storages: dict[str, int] = {}
+    for x in nodes:
+        storages.update(x.saved)
+    return sum(b for key, b in storages.items() if key not in owned)
+
+
 def check_assignment(graph: CostGraph, stage_of: Sequence[int], num_stages: int) -> None:
     """Raise ``ValueError`` if an edge runs backwards or a stage index is out of range."""
     if len(stage_of) != len(graph.nodes):
@@ -215,7 +229,7 @@ def evaluate(graph: CostGraph, stage_of: Sequence[int], config: CostConfig) -> l
         copies = config.method_info.extra_weight_copies(k, n)
         opt = int(params * config.opt_state_factor)
         buffers = sum(x.buffer_bytes for x in nodes)
-        activations = config.in_flight(k) * sum(x.saved_bytes for x in nodes)
+        activations = config.in_flight(k) * saved_activation_bytes(nodes)
         memory = params * 2 + opt + params * copies + buffers + activations
         stats.append(
             StageStats(

@@ -28,6 +28,7 @@ from torch.fx.node import _get_qualified_name
 from torch.utils import _pytree as pytree
 
 from pipeoptim.compiler.costgraph import CostGraph, CostNode
+from pipeoptim.compiler.shapes import length_slopes
 from pipeoptim.compiler.trace import TracedModel, node_module
 from pipeoptim.errors import ProfileError
 from pipeoptim.fileio import write_json
@@ -48,13 +49,20 @@ def device_name(device: torch.device) -> str:
     return f"cpu: {cpu}"
 
 
+#: What the profiler measures; profiles of another version are measured again. 2: saved
+#: activations per storage (``CostNode.saved``) and sequence-length slopes.
+MEASURES = 2
+
+
 def profile_key(traced: TracedModel, inputs: Sequence[torch.Tensor], device: torch.device) -> dict:
-    """What a profile is valid for: graph, input shapes/dtypes, device and torch version."""
+    """What a profile is valid for: graph, input shapes/dtypes, device, torch version and what
+    the profiler measures (:data:`MEASURES`)."""
     return {
         "graph_hash": traced.graph_hash,
         "inputs": [[list(x.shape), str(x.dtype).removeprefix("torch.")] for x in inputs],
         "device": device_name(device),
         "torch": torch.__version__,
+        "measures": MEASURES,
     }
 
 
@@ -160,8 +168,8 @@ def _measure_node(
     timer: _Timer,
     warmup: int,
     repeats: int,
-) -> tuple[float, float, int]:
-    """Median forward seconds, median backward seconds and saved-activation bytes of ``node``."""
+) -> tuple[float, float]:
+    """Median forward and backward seconds of ``node``."""
     args, kwargs = interp.records[node]
     run = getattr(interp, node.op)
     inplace = _is_inplace(interp.module, node)
@@ -187,20 +195,76 @@ def _measure_node(
         if i >= warmup:
             fwd.append(fwd_t)
             bwd.append(bwd_t)
-    storages: dict[int, int] = {}
+    return statistics.median(fwd), statistics.median(bwd)
 
-    def pack(t: torch.Tensor) -> torch.Tensor:
-        if id(t) not in params:
-            s = t.untyped_storage()
-            storages[s.data_ptr()] = s.nbytes()
+
+class _SavedBytes(fx.Interpreter):
+    """Runs the whole graph once, with gradients, and attributes every storage autograd saves
+    for the backward to the first node that saves it (parameters excluded).
+
+    A tensor saved by two operations (a ReLU's output, saved by the ReLU and by the linear
+    layer that reads it) is held once, so it is counted once; measuring nodes one by one on
+    fresh inputs would count it twice. A saved parameter gets the id ``param:<name>``: a stage
+    that does not own it (a tied weight used in a later stage) receives it as an activation
+    and keeps that (:func:`pipeoptim.compiler.costmodel.saved_activation_bytes`).
+    """
+
+    def __init__(self, gm: fx.GraphModule) -> None:
+        super().__init__(gm)
+        self.saved: dict[str, int] = {}
+        self.storages: dict[str, dict[str, int]] = {}  # node -> {storage id: bytes}
+        self._owner: dict[int, str] = {}
+        self._params = {  # frozen parameters are state, never sent: no id
+            p.untyped_storage().data_ptr(): f"param:{name}" if p.requires_grad else ""
+            for name, p in gm.named_parameters()
+        }
+        self._node = ""
+
+    def run_node(self, n: fx.Node) -> Any:
+        self._node = n.name
+        return super().run_node(n)
+
+    def pack(self, t: torch.Tensor) -> torch.Tensor:
+        storage = t.untyped_storage()
+        ptr = storage.data_ptr()
+        if ptr in self._params:
+            if self._params[ptr]:
+                self.storages.setdefault(self._node, {})[self._params[ptr]] = storage.nbytes()
+            return t
+        if ptr not in self._owner:
+            self._owner[ptr] = str(len(self._owner))
+            self.saved[self._node] = self.saved.get(self._node, 0) + storage.nbytes()
+        self.storages.setdefault(self._node, {})[self._owner[ptr]] = storage.nbytes()
         return t
 
-    a, k = inputs()
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        run(node.target, a, k)
-    param_ptrs = {p.untyped_storage().data_ptr() for p in interp.module.parameters()}
-    saved = sum(b for ptr, b in storages.items() if ptr not in param_ptrs)
-    return statistics.median(fwd), statistics.median(bwd), saved
+
+def _loss_saved_bytes(output: fx.Node, env: dict[fx.Node, Any]) -> int:
+    """Estimate of what the loss keeps for its backward (the loss function is not in the
+    graph): one copy of the model's floating outputs that need a gradient, as cross-entropy
+    keeps its log-softmax."""
+    values = [env[n] for n in output.all_input_nodes]
+    return sum(
+        _nbytes(t)
+        for t in pytree.tree_leaves(values)
+        if isinstance(t, torch.Tensor) and t.is_floating_point() and t.requires_grad
+    )
+
+
+def _saved_bytes(gm: fx.GraphModule, inputs: Sequence[torch.Tensor]) -> _SavedBytes:
+    """Saved activations per node name (see :class:`_SavedBytes`)."""
+    counter = _SavedBytes(gm)
+    with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(counter.pack, lambda t: t):
+        out = counter.run(*inputs)
+    del out  # the saved tensors stay alive until here, so no storage address is reused
+    return counter
+
+
+def _outputs_at(gm: fx.GraphModule, inputs: Sequence[torch.Tensor]) -> dict[fx.Node, Any]:
+    """Every node's output when the graph runs on ``inputs`` (no gradients)."""
+    recorder = _Recorder(gm)
+    with torch.no_grad():
+        recorder.run(*inputs)
+    return recorder.env
 
 
 def _batch_dims(
@@ -264,7 +328,7 @@ def profile_model(
     device = torch.device(device) if device is not None else example_inputs[0].device
     start = time.perf_counter()
     gm = copy.deepcopy(traced.gm).to(device)
-    inputs = [x.to(device) for x in example_inputs]
+    inputs = [x.to(device).clone() for x in example_inputs]  # own storage, not a view of a batch
     recorder = _Recorder(gm)
     try:
         with torch.enable_grad():
@@ -281,6 +345,8 @@ def profile_model(
     timer = _Timer(device)
     outputs = {n: recorder.env[n] for n in gm.graph.nodes if n.op != "output"}
     dims = _batch_dims(gm, inputs, {n: (v, None) for n, v in outputs.items()})
+    slopes = length_slopes(gm, inputs, outputs, lambda xs: _outputs_at(gm, xs))
+    saved = _saved_bytes(gm, inputs)
     trainable = dict(gm.named_parameters(remove_duplicate=False))
     nodes: list[CostNode] = []
     for node in gm.graph.nodes:
@@ -301,15 +367,20 @@ def profile_model(
             for meta, dim in zip(cost.out_meta, dims[node.name]):
                 if meta["kind"] == "tensor":
                     meta["batch_dim"] = dim
+        if slopes is not None and node.name in slopes:
+            length = int(inputs[0].shape[1])
+            for meta, steps in zip(cost.out_meta, slopes[node.name]):
+                if meta["kind"] == "tensor":
+                    meta["length"] = None if steps is None else {"at": length, "slopes": steps}
         tensors = [t for t in leaves if isinstance(t, torch.Tensor)]
         cost.out_bytes = sum(_nbytes(t) for t in tensors)
         cost.grad_bytes = sum(_nbytes(t) for t in tensors if t.requires_grad)
         if node.op == "get_attr":
             _attr_costs(cost, node, value, trainable)
         elif node.op in ("call_module", "call_function", "call_method"):
-            cost.fwd_s, cost.bwd_s, cost.saved_bytes = _measure_node(
-                recorder, node, params, timer, warmup, repeats
-            )
+            cost.fwd_s, cost.bwd_s = _measure_node(recorder, node, params, timer, warmup, repeats)
+            cost.saved_bytes = saved.saved.get(node.name, 0)
+            cost.saved = saved.storages.get(node.name, {})
             if node.op == "call_module":
                 sub = gm.get_submodule(str(node.target))
                 cost.buffer_bytes = sum(_nbytes(b) for b in sub.buffers())
@@ -317,6 +388,9 @@ def profile_model(
                 cost.params = [n for n, p in own if p.requires_grad]
                 cost.param_bytes = sum(_nbytes(p) for _, p in own if p.requires_grad)
                 cost.buffer_bytes += sum(_nbytes(p) for _, p in own if not p.requires_grad)
+        elif node.op == "output":
+            cost.saved_bytes = _loss_saved_bytes(node, recorder.env)
+            cost.saved = {"loss": cost.saved_bytes} if cost.saved_bytes else {}
         nodes.append(cost)
     return CostGraph(
         model=traced.model_name,
@@ -330,6 +404,7 @@ def profile_model(
             "repeats": repeats,
             "profile_wall_s": round(time.perf_counter() - start, 3),
             "static_batch": dims is None,
+            "dynamic_length": slopes is not None,
             "input_names": traced.input_names,
         },
     )
@@ -423,6 +498,7 @@ def _key_diff(old: dict, new: dict) -> str:
         "inputs": "input shapes/dtypes",
         "device": "device",
         "torch": "torch version",
+        "measures": "profiler version",
     }
     diffs = [
         f"{names.get(k, k)}: {old.get(k)!s:.60} -> {new.get(k)!s:.60}"

@@ -8,9 +8,10 @@ passed in as ``get_attr`` nodes (through :func:`call_leaf`), so a weight policy 
 
 Where ``torch.fx.symbolic_trace`` fails (Hugging Face ``transformers`` 5.x, for example), the
 model is exported with ``torch.export.export(..., strict=False)``; its ``.module()`` is an fx
-graph module with parameters as ``get_attr`` nodes too (an ATen-level graph, specialised to the
-example's shapes). Where that fails as well, the submodule that broke tracing is made a leaf
-and tracing is retried; only a failure in the root module's own ``forward`` is an error.
+graph module with parameters as ``get_attr`` nodes too (an ATen-level graph, with the batch
+and sequence dimensions dynamic where the model allows). Where that fails as well, the
+submodule that broke tracing is made a leaf and tracing is retried; only a failure in the
+root module's own ``forward`` is an error.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ import torch.fx as fx
 from torch import nn
 from torch.utils import _pytree as pytree
 
+from pipeoptim.compiler.shapes import sequence_inputs
 from pipeoptim.errors import TraceError
 
 #: Module types kept as leaves by default: their forward depends on ``self.training``
@@ -114,7 +116,14 @@ def node_module(node: fx.Node) -> tuple[str, str]:
 
 
 class _Tracer(fx.Tracer):
-    """fx tracer that goes through ``torch.nn`` layers and turns leaves into :func:`call_leaf`."""
+    """fx tracer that goes through ``torch.nn`` layers and turns leaves into :func:`call_leaf`.
+
+    Buffers are proxied (``get_attr`` nodes), so a view, slice or in-place update of a buffer
+    in ``forward`` (``x + self.pe[:, : x.shape[1]]``) stays a use of the buffer, not a constant
+    frozen at trace time.
+    """
+
+    proxy_buffer_attributes = True
 
     def __init__(self, leaf_names: set[str], leaf_types: tuple[type[nn.Module], ...]) -> None:
         super().__init__()
@@ -202,11 +211,27 @@ def _symbolic_trace(
                 "example input(s) were given: pass one example tensor per positional argument"
             )
         concrete[p.name] = p.default
+    before = set(vars(model))
     try:
         graph = tracer.trace(model, concrete_args=concrete or None)
+        return fx.GraphModule(tracer.root, graph, type(model).__name__), None, None
     except Exception as exc:  # fx raises many types; all mean "cannot trace"
         return None, exc, tracer.failed_module
-    return fx.GraphModule(tracer.root, graph, type(model).__name__), None, None
+    finally:
+        # fx stores constants (``_tensor_constant0``) on the traced module itself; a later
+        # trace of the same module would number them on, and its graph hash would differ.
+        for name in set(vars(model)) - before:
+            delattr(model, name)
+
+
+def _dynamic_dims(inputs: tuple[torch.Tensor, ...]) -> tuple[dict[int, Any], ...]:
+    """``torch.export`` hints: the batch dimension (dim 0) and the sequence length (dim 1 where
+    it equals the first input's, :func:`pipeoptim.compiler.shapes.sequence_inputs`) are
+    ``Dim.AUTO``: dynamic where the model allows, specialised (fixed) where it does not."""
+    seq = sequence_inputs(inputs) or [False] * len(inputs)
+    return tuple(
+        {0: torch.export.Dim.AUTO, **({1: torch.export.Dim.AUTO} if s else {})} for x, s in zip(inputs, seq)
+    )
 
 
 def _export(model: nn.Module, inputs: tuple[torch.Tensor, ...]) -> fx.GraphModule:
@@ -218,7 +243,7 @@ def _export(model: nn.Module, inputs: tuple[torch.Tensor, ...]) -> fx.GraphModul
         lg.setLevel(logging.CRITICAL)
     try:
         with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
-            exported = torch.export.export(model, inputs, strict=False)
+            exported = torch.export.export(model, inputs, strict=False, dynamic_shapes=_dynamic_dims(inputs))
     finally:
         for lg, level in zip(loggers, levels):
             lg.setLevel(level)
@@ -339,8 +364,10 @@ def _normalise(gm: fx.GraphModule, method: str, n_inputs: int) -> tuple[list[str
     for node in list(graph.nodes):
         if node.op == "get_attr" and not node.users:
             graph.erase_node(node)
-        elif node.op == "get_attr" and isinstance(_fetch(gm, node.target), nn.Module):
-            # A module cannot be sent between stages: give each user its own reference.
+        elif node.op == "get_attr" and _is_state_of_its_users(_fetch(gm, node.target)):
+            # A module cannot be sent between stages, and a buffer (running statistics, a
+            # positional encoding) belongs to the stage that uses it: each user gets its own
+            # reference, so every stage using it holds it, saves it and loads it.
             for user in list(node.users)[1:]:
                 with graph.inserting_before(user):
                     copy = graph.get_attr(node.target)
@@ -356,6 +383,13 @@ def _normalise(gm: fx.GraphModule, method: str, n_inputs: int) -> tuple[list[str
     graph.lint()
     gm.recompile()
     return [n.name for n in graph.nodes if n.op == "placeholder"], out_spec
+
+
+def _is_state_of_its_users(value: Any) -> bool:
+    """Modules and non-trainable tensors (buffers, frozen parameters, constants)."""
+    if isinstance(value, nn.Module):
+        return True
+    return isinstance(value, torch.Tensor) and not (isinstance(value, nn.Parameter) and value.requires_grad)
 
 
 def _fetch(gm: fx.GraphModule, target: str) -> Any:

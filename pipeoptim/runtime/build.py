@@ -16,10 +16,13 @@ from typing import Any
 import torch
 from torch import nn
 
+from pipeoptim.batchnorm import commit_batch_norm, has_deferred
 from pipeoptim.compiler.codegen import build_stage as codegen_stage
 from pipeoptim.compiler.plan import Plan
 from pipeoptim.compiler.trace import TracedModel, trace
+from pipeoptim.errors import PlanError
 from pipeoptim.methods import get_method
+from pipeoptim.microbatch import CheckedLoss, Reduction
 from pipeoptim.runtime.optim import mirror
 from pipeoptim.runtime.policies import insert_policy, make_policy
 from pipeoptim.runtime.schedule import Schedule
@@ -41,6 +44,9 @@ class PipelineSpec:
     hyper: list[dict[str, Any]]
     loss_fn: Callable[[Any, Any], torch.Tensor]
     micro_batches: int
+    loss_reduction: Reduction = "mean"
+    #: the example's sequence length (dim 1) where shorter ones may be given, else ``None``
+    length: int | None = None
     seed: int = 0
     policy_options: dict[str, Any] = field(default_factory=dict)
     nan_check: str = "stages"
@@ -110,6 +116,13 @@ def build_stage(
     )
     if policy is not None and optimizer is not None:
         policy.attach(params, optimizer, stage, plan.num_stages)
+    if has_deferred(module):  # running statistics of the mini-batch, once it has been stepped
+        if optimizer is None:
+            raise PlanError(
+                f"stage {stage} holds a deferred BatchNorm but no trainable parameter, so it never "
+                "steps and could not update its running statistics: use batch_norm='micro-batch'"
+            )
+        optimizer.register_step_post_hook(lambda *_: commit_batch_norm(module))
     last = stage == plan.num_stages - 1
     return StageRuntime(
         index=stage,
@@ -119,11 +132,18 @@ def build_stage(
         group_map=group_map,
         policy=policy if optimizer is not None else None,
         input_grad_mask=input_grad_mask(plan, stage),
-        loss_fn=spec.loss_fn if last else None,
+        loss_fn=_stage_loss(spec) if last else None,
         unflatten_output=traced.unflatten_output if last else None,
         seed=spec.seed,
         nan_check=spec.nan_check,
     )
+
+
+def _stage_loss(spec: PipelineSpec) -> Callable[[Any, Any], torch.Tensor]:
+    """The last stage's loss; checked against ``loss_reduction`` where mini-batches are split."""
+    if spec.micro_batches == 1:
+        return spec.loss_fn
+    return CheckedLoss(spec.loss_fn, spec.loss_reduction)
 
 
 def _alias_lookup(aliases: dict[str, list[str]], params: dict[str, nn.Parameter]) -> dict[str, str]:

@@ -53,8 +53,13 @@ def rebuild(plan: Plan, names: Sequence[str], leaves: Sequence[Any]) -> tuple[An
 
 
 def shape_for(meta: dict[str, Any], plan_batch: int, batch: int) -> list[int]:
-    """The plan's shape of a tensor leaf at micro-batch size ``batch``."""
+    """The plan's shape of a tensor leaf at micro-batch size ``batch`` and, where ``batch`` is
+    a :class:`pipeoptim.microbatch.Rows` with a length, at that sequence length
+    (:mod:`pipeoptim.compiler.shapes`)."""
     shape = list(meta["shape"])
+    length, follows = getattr(batch, "length", None), meta.get("length")
+    if length is not None and follows is not None:
+        shape = [s + k * (length - follows["at"]) for s, k in zip(shape, follows["slopes"])]
     dim = meta.get("batch_dim")
     if dim is not None and batch != plan_batch:
         shape[dim] = shape[dim] * batch // plan_batch

@@ -309,8 +309,7 @@ class ProcessExecutor:
     def flush(self) -> None:
         self._request("flush")
 
-    def forward_only(self, chunks: list[tuple[Any, ...]]) -> list[Any]:
-        sizes = [int(c[0].shape[0]) for c in chunks]
+    def forward_only(self, chunks: list[tuple[Any, ...]], sizes: list[int]) -> list[Any]:
         replies = self._request("eval", {r: (chunks if r == 0 else None, sizes) for r in range(self.world)})
         return replies[self.world - 1]
 

@@ -164,7 +164,7 @@ class LocalExecutor:
             self.data[first + j] = (inputs, targets, scale, batch.index)
             for stage in self.stages:
                 stage.set_hyperparameters(first + j, batch.hyper)
-        self._extend(self.schedule.on_mini_batch())
+        self._extend(self.schedule.on_mini_batch(len(batch.sizes)))
 
     def flush(self) -> None:
         """Run the cool-down: every micro-batch in flight finishes its backward."""

@@ -101,11 +101,24 @@ class Schedule:
         """Forwards stage ``stage`` runs before its first backward: ``N - k - 1``."""
         return self.num_stages - stage - 1
 
-    def on_mini_batch(self) -> list[list[Action]]:
-        """Actions each stage runs once the next mini-batch has arrived."""
+    def on_mini_batch(self, count: int | None = None) -> list[list[Action]]:
+        """Actions each stage runs once the next mini-batch has arrived.
+
+        Args:
+            count: micro-batches of this mini-batch (default M); a smaller last mini-batch
+                of ``gpipe`` or ``1f1b`` runs fewer, numbered ``mini_batch * M + j`` still.
+
+        Raises:
+            ValueError: ``count`` outside ``1..M``, or below M for ``async-1f1b``.
+        """
+        count = self.micro_batches if count is None else count
+        if not 1 <= count <= self.micro_batches or (self.asynchronous and count != self.micro_batches):
+            raise ValueError(
+                f"a mini-batch of {self.kind} runs 1..{self.micro_batches} micro-batches, not {count}"
+            )
         first = self._next_micro_batch
         self._next_micro_batch += self.micro_batches
-        mbs = list(range(first, first + self.micro_batches))
+        mbs = list(range(first, first + count))
         if self.kind == "gpipe":
             return [self._sync(stage, mbs, mbs) for stage in range(self.num_stages)]
         if self.kind == "1f1b":

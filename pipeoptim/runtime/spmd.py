@@ -4,8 +4,10 @@ Launch one process per stage (``torchrun --nproc-per-node N train.py``, or acros
 with ``--nnodes``); each rank calls ``pipeoptim.compile`` and ``pipe.step(inputs, targets)``
 with the same data. Rank 0 profiles and plans, then broadcasts the plan and every stage's
 initial weights, so all ranks agree even if their models were initialised differently.
-Stage 0 reads the inputs, the last stage the targets; the last stage sends each loss to every
-other rank, so ``float(loss)`` works everywhere.
+Stage 0 alone needs the inputs and the last stage alone the targets; other ranks may pass
+``None`` for them. Rank 0 sends every other rank the size of each mini-batch (and of each
+batch given to ``predict``), so all of them split it into the same micro-batches. The last
+stage sends each loss to every other rank, so ``float(loss)`` works everywhere.
 """
 
 from __future__ import annotations
@@ -18,13 +20,16 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from pipeoptim.errors import PipelineError
+from pipeoptim.errors import PeerLostError, PipelineError
+from pipeoptim.microbatch import Rows
 from pipeoptim.runtime.build import PipelineSpec
 from pipeoptim.runtime.comm import LOSS_TAG
 from pipeoptim.runtime.executor import MiniBatch
 from pipeoptim.runtime.procmem import resident_bytes
 from pipeoptim.runtime.stage import merge_optimizer_states
 from pipeoptim.runtime.worker import StageProcess
+
+SIZE_TAG = 8  # batch sizes from rank 0 to the other ranks
 
 
 def under_torchrun() -> bool:
@@ -113,6 +118,53 @@ class SPMDExecutor:
 
     # -- training -------------------------------------------------------------------
 
+    @property
+    def needs_inputs(self) -> bool:
+        """Whether this rank runs the first stage (the only one that reads inputs)."""
+        return self.rank == 0
+
+    @property
+    def needs_targets(self) -> bool:
+        """Whether this rank runs the last stage (the only one that reads targets)."""
+        return self.rank == self.world - 1
+
+    def share_batch_size(self, batch: Rows | None) -> Rows:
+        """Rank 0's ``batch`` (rows and sequence length of the next mini-batch or predict
+        batch) on every rank. Other ranks' own ``batch`` (``None`` where they got no inputs)
+        must agree with it.
+
+        Raises:
+            PipelineError: rank 0 got no inputs, or another rank's inputs have other rows.
+            PeerLostError: rank 0 sent nothing within the timeout.
+        """
+        if self.rank == 0:
+            if batch is None:
+                raise PipelineError(
+                    "rank 0 runs the first stage and needs the inputs: pass them to step()/predict() "
+                    "there (other ranks may pass None)"
+                )
+            length = -1 if batch.length is None else batch.length
+            for rank in range(1, self.world):
+                self.process.channel._isend(
+                    torch.tensor([batch, length], dtype=torch.int64), rank, tag=SIZE_TAG
+                )
+            return batch
+        box = torch.empty(2, dtype=torch.int64)
+        try:
+            dist.irecv(box, 0, tag=SIZE_TAG).wait(self.timeout)
+        except RuntimeError as exc:
+            raise PeerLostError(
+                f"rank {self.rank}: the batch size from rank 0 did not arrive ({str(exc).splitlines()[0]}); "
+                "rank 0 has probably stopped or is not calling step() with the same batches"
+            ) from exc
+        shared = Rows(int(box[0]), None if int(box[1]) < 0 else int(box[1]))
+        if batch is not None and (batch, batch.length) != (shared, shared.length):
+            raise PipelineError(
+                f"rank {self.rank} got a batch of {batch!r} but rank 0 one of {shared!r}: give every "
+                "rank the same batches (or None on ranks that do not read them)"
+            )
+        return shared
+
     def submit(self, batch: MiniBatch) -> None:
         last = self.world - 1
         part = MiniBatch(
@@ -123,7 +175,7 @@ class SPMDExecutor:
             sizes=batch.sizes,
             hyper=batch.hyper,
         )
-        first = batch.index * len(batch.sizes)
+        first = batch.index * self.process.spec.micro_batches
         if self.rank != last:
             for j in range(len(batch.sizes)):
                 buffer = torch.empty(1, dtype=torch.float64, device=self.device)
@@ -161,8 +213,7 @@ class SPMDExecutor:
 
     # -- evaluation and state -----------------------------------------------------------
 
-    def forward_only(self, chunks: list[tuple[Any, ...]]) -> list[Any]:
-        sizes = [int(c[0].shape[0]) for c in chunks]
+    def forward_only(self, chunks: list[tuple[Any, ...]] | None, sizes: list[int]) -> list[Any]:
         outputs = self.process.forward_only(chunks if self.rank == 0 else None, sizes)
         box = [outputs]
         dist.broadcast_object_list(box, src=self.world - 1)

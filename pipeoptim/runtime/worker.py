@@ -64,7 +64,7 @@ class StageProcess:
                 first + j, size, inputs, _to(targets, self.device), batch.scales[j], batch.index
             )
             self.stage.set_hyperparameters(first + j, batch.hyper)
-        self._run(self.schedule.on_mini_batch()[self.rank])
+        self._run(self.schedule.on_mini_batch(len(batch.sizes))[self.rank])
         losses, self.channel.losses = self.channel.losses, []
         return losses
 

@@ -23,6 +23,7 @@ class Task:
         model: a freshly initialised model (seeded).
         example_inputs: one mini-batch of inputs, shaped like every training batch.
         loss_fn: ``loss_fn(model_output, targets) -> scalar``.
+        loss_reduction: how ``loss_fn`` reduces (``compile``'s ``loss_reduction``).
         batches: ``batches(epoch)`` yields the shuffled training mini-batches of an epoch
             (same order for the same seed and epoch; incomplete last batch dropped).
         evaluate: ``evaluate(predict)`` computes the metric on the test split, where
@@ -40,6 +41,7 @@ class Task:
     evaluate: Callable[[Predict], float]
     steps_per_epoch: int
     info: dict[str, Any] = field(default_factory=dict)
+    loss_reduction: str | Callable[[Any], Any] = "mean"
 
 
 def shuffled_batches(

@@ -78,6 +78,11 @@ def token_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Te
     return F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=PAD)
 
 
+def count_tokens(targets: torch.Tensor) -> torch.Tensor:
+    """Non-padding tokens of ``targets`` ``[B, T]``: what :func:`token_cross_entropy` averages over."""
+    return (targets != PAD).sum()
+
+
 def greedy_bleu_evaluator(
     sources: torch.Tensor, references: Sequence[str], vocab: Vocabulary, batch_size: int, length: int
 ) -> Callable[[Predict], float]:
@@ -275,6 +280,7 @@ def multi30k(
         model=model,
         example_inputs=(data.src_train[:batch_size], data.tgt_in[:batch_size]),
         loss_fn=token_cross_entropy,
+        loss_reduction=count_tokens,
         batches=shuffled_batches((data.src_train, data.tgt_in), data.tgt_out, batch_size, seed),
         evaluate=greedy_bleu_evaluator(
             data.src_test[:test_limit], data.references[:test_limit], data.vocab_de, batch_size, TGT_LENGTH

@@ -1,0 +1,247 @@
+"""Splitting a mini-batch into micro-batches, and how their losses add up to its loss.
+
+A mini-batch of B rows is split along dim 0 into ``min(M, B)`` micro-batches
+(``torch.tensor_split``: sizes differ by at most one), so a last mini-batch smaller than M
+runs with fewer micro-batches instead of being refused.
+
+The loss of the mini-batch is ``Σ_j scale_j · loss_j`` over its micro-batches, and the
+backward of micro-batch j differentiates ``scale_j · loss_j`` (gradient accumulation,
+Huang et al., GPipe, NeurIPS 2019, §2.2):
+
+- ``loss_reduction="mean"``: ``loss_fn`` returns the mean over the rows it gets; then
+  ``scale_j = n_j / B`` and the sum is the mean over the whole mini-batch.
+- ``loss_reduction="sum"``: ``loss_fn`` returns the sum over its rows; ``scale_j = 1``.
+- ``loss_reduction=count`` (a function of the targets): ``loss_fn`` returns the mean over the
+  units ``count(targets)`` counts, e.g. the non-padding tokens of a cross-entropy with
+  ``ignore_index``; then ``scale_j = c_j / Σ c`` with ``c_j = count(targets_j)``, and the sum is
+  the mean over all the units of the mini-batch.
+
+A loss that is none of these (normalised by a statistic of the batch) would change with the
+micro-batch split: :class:`CheckedLoss` compares the loss of a micro-batch with the losses of
+two parts of it and refuses such a loss, or a reduction declared wrongly, with a
+:class:`~pipeoptim.errors.PipelineError`.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from torch.utils import _pytree as pytree
+
+from pipeoptim.compiler.shapes import sequence_inputs
+from pipeoptim.errors import PipelineError
+
+REDUCTIONS = ("mean", "sum")
+#: ``"mean"``, ``"sum"``, or ``count(targets) -> number of units the loss averages over``
+Reduction = str | Callable[[Any], Any]
+
+
+def split(value: Any, parts: int) -> list[Any]:
+    """Split every tensor of ``value`` along dim 0 into ``parts`` (``torch.tensor_split``);
+    other leaves are repeated in every part.
+
+    Each part is a copy, not a view: a micro-batch that autograd saves (the input of a first
+    convolution) then holds its own rows, not the storage of the whole mini-batch, as it would
+    on a stage's device.
+    """
+    leaves, spec = pytree.tree_flatten(value)
+    pieces = [
+        [p.clone() for p in torch.tensor_split(x, parts)] if isinstance(x, torch.Tensor) else [x] * parts
+        for x in leaves
+    ]
+    return [pytree.tree_unflatten([p[j] for p in pieces], spec) for j in range(parts)]
+
+
+def count(batch: int, micro_batches: int) -> int:
+    """Micro-batches a mini-batch of ``batch`` rows runs as: ``min(M, batch)``."""
+    return max(1, min(micro_batches, batch))
+
+
+class Rows(int):
+    """Rows of a micro-batch (an ``int``) with its sequence length ``length`` (dim 1 of the
+    inputs; ``None`` where the plan's lengths are fixed): what a stage needs to allocate the
+    buffers it receives into (:func:`pipeoptim.runtime.comm.shape_for`)."""
+
+    length: int | None
+
+    def __new__(cls, rows: int, length: int | None = None) -> Rows:
+        obj = super().__new__(cls, rows)
+        obj.length = length
+        return obj
+
+    def __reduce__(self) -> tuple:
+        return (Rows, (int(self), self.length))
+
+    def __repr__(self) -> str:
+        return f"Rows({int(self)}, length={self.length})"
+
+
+def has_length(examples: Sequence[torch.Tensor], i: int) -> bool:
+    """Whether example input ``i`` has the sequence dimension (dim 1 as long as the first's)."""
+    mask = sequence_inputs(examples)
+    return bool(mask and mask[i])
+
+
+def same_shape(x: torch.Tensor, example: torch.Tensor, i: int, length: int | None) -> bool:
+    """``x`` is shaped like example input ``i`` but for the batch and, where the plan has a
+    dynamic sequence ``length`` (the longest, that of the example), a dim 1 up to it."""
+    if x.dim() != example.dim() or tuple(x.shape[2:]) != tuple(example.shape[2:]):
+        return False
+    if x.dim() < 2 or x.shape[1] == example.shape[1]:
+        return True
+    return length is not None and example.shape[1] == length and 1 <= x.shape[1] <= length
+
+
+def sizes(batch: int, parts: int) -> list[int]:
+    """Rows of each of the ``parts`` micro-batches :func:`split` makes of ``batch`` rows."""
+    return [batch // parts + (j < batch % parts) for j in range(parts)]
+
+
+def scales(sizes: list[int], reduction: Reduction, targets: list[Any] | None = None) -> list[float]:
+    """Loss factor of each micro-batch of ``sizes`` rows and ``targets`` (see the module
+    docstring; the targets are read only by a counting reduction).
+
+    Raises:
+        PipelineError: a counting reduction without the targets, or counting no unit.
+    """
+    if reduction == "sum":
+        return [1.0] * len(sizes)
+    if reduction == "mean":
+        total = sum(sizes)
+        return [n / total for n in sizes]
+    if targets is None:
+        raise PipelineError(
+            "loss_reduction counts units in the targets, so every rank needs them: pass the targets "
+            "to step() on every rank, or use loss_reduction='mean' or 'sum'"
+        )
+    counts = [float(reduction(t)) for t in targets]
+    if sum(counts) <= 0:
+        raise PipelineError(
+            f"loss_reduction counted no unit in this mini-batch ({counts}): the loss has nothing to "
+            "average over; skip such batches"
+        )
+    return [c / sum(counts) for c in counts]
+
+
+def declared_reduction(loss_fn: Callable[..., Any]) -> str | None:
+    """The ``reduction`` a loss states itself: an ``nn`` loss module's ``.reduction`` or the
+    ``reduction=`` keyword of a ``functools.partial``; ``None`` where it does not say."""
+    if isinstance(loss_fn, functools.partial):
+        return loss_fn.keywords.get("reduction")
+    value = getattr(loss_fn, "reduction", None)
+    return value if isinstance(value, str) else None
+
+
+def check_reduction(loss_fn: Callable[..., Any], reduction: Reduction) -> None:
+    """Refuse an unknown ``reduction`` or one the loss contradicts.
+
+    Raises:
+        ValueError: ``reduction`` is not ``"mean"``, ``"sum"`` or a function, or the loss
+            says otherwise.
+    """
+    if not callable(reduction) and reduction not in REDUCTIONS:
+        raise ValueError(
+            f"loss_reduction must be 'mean', 'sum' or a function counting the units the loss "
+            f"averages over, not {reduction!r}"
+        )
+    stated = declared_reduction(loss_fn)
+    expected = "mean" if callable(reduction) else reduction
+    if stated is not None and stated != expected:
+        raise ValueError(
+            f"loss_fn reduces with reduction={stated!r} but loss_reduction={reduction!r}: pass "
+            f"loss_reduction={stated!r} to compile (a 'none' loss must be reduced to a scalar)"
+            if stated in REDUCTIONS
+            else f"loss_fn reduces with reduction={stated!r}; reduce it to a scalar mean or sum"
+        )
+
+
+class CheckedLoss:
+    """``loss_fn`` that verifies, on its first :attr:`CHECKS` calls with at least two rows, that
+    its value is the ``reduction`` of per-row values: it compares ``loss(rows)`` with ``loss``
+    of two parts, the first row and the others (``mean``: ``(n₁·l₁ + n₂·l₂)/n``; ``sum``:
+    ``l₁ + l₂``), to ``rtol=1e-4``. Several calls, and parts of unequal size, make it unlikely
+    that a loss normalised otherwise (by a token count) passes by coincidence.
+
+    The check is skipped where the model output's first tensor and the targets' first tensor do
+    not share dim 0 (then dim 0 is not a batch dimension of both).
+
+    Raises:
+        PipelineError: (on that call) the loss matches the other reduction, or neither.
+    """
+
+    CHECKS = 3
+
+    def __init__(self, loss_fn: Callable[[Any, Any], torch.Tensor], reduction: Reduction) -> None:
+        self.loss_fn = loss_fn
+        self.reduction = reduction
+        self.checks_left = self.CHECKS
+
+    def __call__(self, output: Any, targets: Any) -> torch.Tensor:
+        loss = self.loss_fn(output, targets)
+        if self.checks_left and isinstance(loss, torch.Tensor) and loss.numel() == 1:
+            rows = _rows(output, targets)
+            if rows is not None and rows >= 2:
+                with torch.no_grad():
+                    self._check(float(loss), output, targets, rows)
+        return loss
+
+    def _check(self, whole: float, output: Any, targets: Any, rows: int) -> None:
+        pairs = list(zip(_first_and_rest(output), _first_and_rest(targets)))
+        sizes = [1.0, rows - 1.0]
+        if callable(self.reduction):
+            sizes = [float(self.reduction(t)) for _, t in pairs]
+            if min(sizes) <= 0:
+                return  # a part with no unit tells nothing: check a later call
+        self.checks_left -= 1
+        parts = [float(self.loss_fn(o, t)) for o, t in pairs]
+        as_mean = sum(n * v for n, v in zip(sizes, parts)) / sum(sizes)
+        as_sum = sum(parts)
+        fits = {"mean": _close(whole, as_mean), "sum": _close(whole, as_sum)}
+        if callable(self.reduction):
+            if fits["mean"]:
+                return
+            raise PipelineError(
+                f"loss_fn of {rows} rows ({whole:.6g}) is not the mean over the units loss_reduction "
+                f"counts ({as_mean:.6g} from two parts): make loss_reduction count what the loss "
+                "averages over"
+            )
+        if fits[self.reduction]:
+            return
+        other = "sum" if self.reduction == "mean" else "mean"
+        if fits[other]:
+            raise PipelineError(
+                f"loss_fn returns the {other} over the rows of a micro-batch but the pipeline was "
+                f"compiled with loss_reduction={self.reduction!r}: pass loss_reduction={other!r}"
+            )
+        raise PipelineError(
+            f"loss_fn of {rows} rows ({whole:.6g}) is neither the mean ({as_mean:.6g}) nor the sum "
+            f"({as_sum:.6g}) of its parts' losses, so splitting mini-batches into micro-batches "
+            "would change it: make it a per-row mean or sum (loss_reduction='mean' or 'sum'), or, "
+            "for a mean over tokens or other units, pass loss_reduction=a function of the targets "
+            "that counts them (e.g. lambda y: (y != PAD).sum())"
+        )
+
+
+def _first_and_rest(value: Any) -> list[Any]:
+    """``value``'s first row and its other rows (every tensor split along dim 0)."""
+    leaves, spec = pytree.tree_flatten(value)
+    parts = [torch.tensor_split(x, [1]) if isinstance(x, torch.Tensor) else (x, x) for x in leaves]
+    return [pytree.tree_unflatten([p[j] for p in parts], spec) for j in range(2)]
+
+
+def _rows(output: Any, targets: Any) -> int | None:
+    firsts = [
+        next((x for x in pytree.tree_leaves(v) if isinstance(x, torch.Tensor) and x.dim() > 0), None)
+        for v in (output, targets)
+    ]
+    if any(t is None for t in firsts) or firsts[0].shape[0] != firsts[1].shape[0]:
+        return None
+    return int(firsts[0].shape[0])
+
+
+def _close(a: float, b: float) -> bool:
+    return math.isclose(a, b, rel_tol=1e-4, abs_tol=1e-6)

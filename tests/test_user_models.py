@@ -1,0 +1,441 @@
+"""Models users bring: buffers used in ``forward``, uneven batches, loss reduction, BatchNorm."""
+
+from __future__ import annotations
+
+import copy
+import functools
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import pipeoptim
+from pipeoptim.compiler.trace import trace
+from pipeoptim.errors import PipelineError
+
+
+class PositionalEncoding(nn.Module):
+    """The classic pattern: a buffer reshaped, sliced and updated in place in ``forward``."""
+
+    def __init__(self, length: int = 6, dim: int = 8, count_rows: bool = False) -> None:
+        super().__init__()
+        self.count_rows = count_rows
+        self.emb = nn.Linear(4, dim)
+        self.register_buffer("pe", torch.randn(length, dim))
+        self.register_buffer("rows_seen", torch.zeros((), dtype=torch.long))
+        self.mid = nn.Linear(dim, dim)
+        self.out = nn.Linear(dim, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.count_rows:
+            self.rows_seen.add_(x.shape[0])
+        h = torch.relu(self.emb(x) + self.pe.unsqueeze(0))
+        h = torch.relu(self.mid(h)) + self.pe.flip(0)  # a second use, maybe in a later stage
+        return self.out(h).mean(1)
+
+
+def test_buffer_views_stay_buffers_and_trace_identically() -> None:
+    model = PositionalEncoding(count_rows=True)
+    x = torch.randn(2, 6, 4)
+    before = set(vars(model))
+    first, second = trace(model, x), trace(model, x)
+    assert first.method == "fx"
+    assert set(vars(model)) == before  # fx put no constants on the user's module
+    assert first.graph_hash == second.graph_hash
+    assert dict(first.gm.named_buffers()).keys() == {"pe", "rows_seen"}
+    assert not [n for n in first.gm.graph.nodes if "constant" in str(n.target)]
+    uses = [n for n in first.gm.graph.nodes if n.op == "get_attr" and n.target == "pe"]
+    assert len(uses) == 2 and all(len(n.users) == 1 for n in uses)  # one reference per user
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("count_rows", [False, True])
+def test_positional_encoding_trains_across_processes_and_loads_new_buffers(tmp_path, count_rows) -> None:
+    torch.manual_seed(0)
+    model = PositionalEncoding(count_rows=count_rows)
+    g = torch.Generator().manual_seed(3)
+    batches = [(torch.randn(8, 6, 4, generator=g), torch.randint(0, 3, (8,), generator=g)) for _ in range(3)]
+    reference = copy.deepcopy(model)
+    ref_opt = torch.optim.SGD(reference.parameters(), lr=0.1)
+    expected = []
+    for x, y in batches:
+        ref_opt.zero_grad()
+        loss = F.cross_entropy(reference(x), y)
+        loss.backward()
+        ref_opt.step()
+        expected.append(loss.item())
+    net = copy.deepcopy(model)
+    with pipeoptim.compile(
+        net,
+        torch.optim.SGD(net.parameters(), lr=0.1),
+        3,
+        example_inputs=batches[0][0],
+        loss_fn=F.cross_entropy,
+        method="gpipe",
+        micro_batches=1,
+        executor="processes",
+        profile_dir=tmp_path,
+        timeout=60,
+    ) as pipe:
+        got = [pipe.step(x, y).item() for x, y in batches]
+        state = pipe.state_dict()
+        assert int(state["rows_seen"]) == (24 if count_rows else 0)  # updated in its stage's buffer
+        for key, value in reference.state_dict().items():
+            torch.testing.assert_close(state[key], value, rtol=1e-5, atol=1e-6)
+        state["pe"] = torch.randn(6, 8)
+        pipe.load_state_dict(state)
+        torch.testing.assert_close(pipe.state_dict()["pe"], state["pe"], rtol=0, atol=0)
+        trained = pipe.to_module().eval()
+        torch.testing.assert_close(pipe.predict(batches[0][0]), trained(batches[0][0]), rtol=1e-5, atol=1e-6)
+    assert got == pytest.approx(expected, rel=1e-5, abs=1e-6)
+
+
+class MLP(nn.Module):
+    """No batch statistics: full-batch training is the reference for any micro-batch split."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(6, 16)
+        self.b = nn.Linear(16, 16)
+        self.c = nn.Linear(16, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.c(torch.tanh(self.b(torch.relu(self.a(x)))))
+
+
+def loader(rows: int = 50, batch: int = 16, seed: int = 5):
+    """``DataLoader(TensorDataset(x, y), batch_size=16)`` of 50 rows: the last batch has 2."""
+    g = torch.Generator().manual_seed(seed)
+    x, y = torch.randn(rows, 6, generator=g), torch.randint(0, 4, (rows,), generator=g)
+    dataset = torch.utils.data.TensorDataset(x, y)
+    return list(torch.utils.data.DataLoader(dataset, batch_size=batch))
+
+
+def full_batch_training(model, batches, loss_fn, lr=0.1):
+    """Plain single-device training, one optimizer step per whole mini-batch."""
+    model = copy.deepcopy(model)
+    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
+    losses = []
+    for x, y in batches:
+        opt.zero_grad()
+        loss = loss_fn(model(x), y)
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    return losses, model.state_dict()
+
+
+def pipelined(model, batches, loss_fn, method, executor="local", tmp_path=None, **kwargs):
+    net = copy.deepcopy(model)
+    with pipeoptim.compile(
+        net,
+        torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9),
+        2,
+        example_inputs=batches[0][0],
+        loss_fn=loss_fn,
+        method=method,
+        micro_batches=4,
+        executor=executor,
+        profile_dir=tmp_path,
+        timeout=60,
+        **kwargs,
+    ) as pipe:
+        return [pipe.step(x, y).item() for x, y in batches], pipe.state_dict()
+
+
+def assert_equal_training(got, expected) -> None:
+    assert got[0] == pytest.approx(expected[0], rel=1e-5, abs=1e-6)
+    for key, value in expected[1].items():
+        torch.testing.assert_close(got[1][key], value, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("method", ["gpipe", "1f1b"])
+def test_batch_smaller_than_micro_batches_runs_with_fewer(method: str) -> None:
+    torch.manual_seed(0)
+    model, batches = MLP(), loader()
+    assert [len(x) for x, _ in batches] == [16, 16, 16, 2]
+    expected = full_batch_training(model, batches, F.cross_entropy)
+    assert_equal_training(pipelined(model, batches, F.cross_entropy, method), expected)
+
+
+@pytest.mark.slow
+def test_batch_smaller_than_micro_batches_across_processes(tmp_path) -> None:
+    torch.manual_seed(0)
+    model, batches = MLP(), loader()
+    expected = full_batch_training(model, batches, F.cross_entropy)
+    got = pipelined(model, batches, F.cross_entropy, "1f1b", executor="processes", tmp_path=tmp_path)
+    assert_equal_training(got, expected)
+
+
+def sum_loss(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(out, y, reduction="sum")
+
+
+@pytest.mark.parametrize("method", ["gpipe", "1f1b"])
+def test_sum_reduced_loss_equals_plain_training(method: str) -> None:
+    torch.manual_seed(0)
+    model, batches = MLP(), loader()
+    expected = full_batch_training(model, batches, sum_loss, lr=0.01)
+    net = copy.deepcopy(model)
+    with pipeoptim.compile(
+        net,
+        torch.optim.SGD(net.parameters(), lr=0.01, momentum=0.9),
+        2,
+        example_inputs=batches[0][0],
+        loss_fn=sum_loss,
+        loss_reduction="sum",
+        method=method,
+        micro_batches=4,
+        executor="local",
+        profile_dir=None,
+    ) as pipe:
+        got = [pipe.step(x, y).item() for x, y in batches], pipe.state_dict()
+    assert_equal_training(got, expected)
+
+
+def compile_mlp(loss_fn, model=None, example=None, **kwargs):
+    net = model or MLP()
+    options = {"method": "gpipe", "micro_batches": 4, **kwargs}
+    return pipeoptim.compile(
+        net,
+        torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9),
+        2,
+        example_inputs=torch.randn(16, 6) if example is None else example,
+        loss_fn=loss_fn,
+        executor="local",
+        profile_dir=None,
+        **options,
+    )
+
+
+def test_loss_reduction_the_loss_contradicts_is_refused() -> None:
+    with pytest.raises(
+        ValueError, match=r"reduction='sum' but loss_reduction='mean'.*pass loss_reduction='sum'"
+    ):
+        compile_mlp(nn.CrossEntropyLoss(reduction="sum"))
+    with pytest.raises(ValueError, match="reduction='sum' but loss_reduction='mean'"):
+        compile_mlp(functools.partial(F.cross_entropy, reduction="sum"))
+    with pytest.raises(ValueError, match="loss_reduction must be 'mean', 'sum' or a function"):
+        compile_mlp(F.cross_entropy, loss_reduction="avg")
+    x, y = torch.randn(16, 6), torch.randint(0, 4, (16,))
+    with compile_mlp(sum_loss) as pipe, pytest.raises(PipelineError, match="pass loss_reduction='sum'"):
+        pipe.step(x, y).wait()
+    with (
+        compile_mlp(F.cross_entropy, loss_reduction="sum") as pipe,
+        pytest.raises(PipelineError, match="pass loss_reduction='mean'"),
+    ):
+        pipe.step(x, y).wait()
+
+
+def test_loss_that_is_neither_mean_nor_sum_is_refused() -> None:
+    def over_the_largest_target(out, y):  # normalised by a statistic of the batch
+        return F.cross_entropy(out, y, reduction="sum") / (1 + y.max())
+
+    x, y = torch.randn(16, 6), torch.arange(16) % 4
+    with (
+        compile_mlp(over_the_largest_target) as pipe,
+        pytest.raises(PipelineError, match=r"neither the mean .* nor the sum"),
+    ):
+        pipe.step(x, y).wait()
+
+
+def test_schedule_of_a_smaller_last_mini_batch() -> None:
+    from pipeoptim.runtime.schedule import Schedule, format_actions
+
+    schedule = Schedule("1f1b", 2, micro_batches=4)
+    schedule.on_mini_batch()
+    assert format_actions(schedule.on_mini_batch(2)) == "stage 0: F4 F5 B4 B5 S1\nstage 1: F4 B4 F5 B5 S1"
+    assert schedule.on_mini_batch()[0][0].micro_batch == 8  # numbering stays mini_batch * M + j
+    with pytest.raises(ValueError, match=r"1\.\.1 micro-batches, not 2"):
+        Schedule("async-1f1b", 2).on_mini_batch(2)
+
+
+class BatchNormCNN(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1 = nn.Conv2d(1, 4, 3, padding=1)
+        self.bn1 = nn.BatchNorm2d(4)
+        self.c2 = nn.Conv2d(4, 4, 3, padding=1)
+        self.bn2 = nn.BatchNorm2d(4, momentum=None)  # cumulative average
+        self.fc = nn.Linear(4 * 4 * 4, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.bn1(self.c1(x)))
+        h = F.max_pool2d(torch.relu(self.bn2(self.c2(h))), 2)
+        return self.fc(h.flatten(1))
+
+
+def deferred_reference(model, batches, micro: int):
+    """Plain training, written from torchgpipe's definition: each micro-batch is normalised with
+    its own statistics (gradient accumulation), while each BatchNorm's running statistics are
+    updated once per mini-batch from the mean and unbiased variance of all its rows."""
+    model = copy.deepcopy(model)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    norms = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
+    seen: dict[nn.Module, list[torch.Tensor]] = {}
+    for bn in norms:
+        bn.register_forward_pre_hook(lambda m, args: seen.setdefault(m, []).append(args[0].detach()))
+    losses = []
+    for x, y in batches:
+        saved = [
+            (bn.running_mean.clone(), bn.running_var.clone(), bn.num_batches_tracked.clone()) for bn in norms
+        ]
+        seen.clear()
+        opt.zero_grad()
+        total = 0.0
+        for xs, ys in zip(torch.tensor_split(x, micro), torch.tensor_split(y, micro)):
+            loss = F.cross_entropy(model(xs), ys) * (len(xs) / len(x))
+            loss.backward()
+            total += loss.item()
+        opt.step()
+        losses.append(total)
+        with torch.no_grad():
+            for bn, (mean0, var0, count0) in zip(norms, saved):
+                rows = torch.cat(seen[bn]).double().transpose(0, 1).flatten(1)  # [channels, values]
+                count = count0 + 1
+                m = 1.0 / float(count) if bn.momentum is None else bn.momentum
+                bn.running_mean.copy_((1 - m) * mean0 + m * rows.mean(1).float())
+                bn.running_var.copy_((1 - m) * var0 + m * rows.var(1, unbiased=True).float())
+                bn.num_batches_tracked.copy_(count)
+    return losses, model.state_dict()
+
+
+@pytest.mark.parametrize("method", ["gpipe", "1f1b"])
+def test_deferred_batch_norm_tracks_the_whole_mini_batch(method: str) -> None:
+    torch.manual_seed(0)
+    model = BatchNormCNN()
+    g = torch.Generator().manual_seed(2)
+    batches = [
+        (torch.randn(n, 1, 8, 8, generator=g) * 3 + 1, torch.randint(0, 5, (n,), generator=g))
+        for n in (16, 16, 16, 6)
+    ]
+    expected = deferred_reference(model, batches, micro=4)
+    net = copy.deepcopy(model)
+    with pipeoptim.compile(
+        net,
+        torch.optim.SGD(net.parameters(), lr=0.05, momentum=0.9),
+        2,
+        example_inputs=batches[0][0],
+        loss_fn=F.cross_entropy,
+        method=method,
+        micro_batches=4,
+        batch_norm="deferred",
+        executor="local",
+        profile_dir=None,
+    ) as pipe:
+        got = [pipe.step(x, y).item() for x, y in batches], pipe.state_dict()
+        trained = pipe.to_module()
+        assert type(trained.bn1) is nn.BatchNorm2d  # the user's classes come back
+        torch.testing.assert_close(
+            pipe.predict(batches[0][0]), trained.eval()(batches[0][0]), rtol=1e-5, atol=1e-5
+        )
+    assert int(got[1]["bn1.num_batches_tracked"]) == 4  # once per mini-batch, not per micro-batch
+    assert_equal_training(got, expected)
+
+
+def test_deferred_batch_norm_is_refused_where_it_cannot_apply() -> None:
+    with pytest.raises(ValueError, match="needs a method that flushes"):
+        compile_mlp(F.cross_entropy, batch_norm="deferred", method="pipeoptim", micro_batches=None)
+    with pytest.raises(ValueError, match="has no BatchNorm"):
+        compile_mlp(F.cross_entropy, batch_norm="deferred")
+    with pytest.raises(ValueError, match="batch_norm must be"):
+        compile_mlp(F.cross_entropy, batch_norm="whole")
+
+
+class TextLSTM(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(20, 8)
+        self.proj = nn.Linear(8, 8)
+        self.lstm = nn.LSTM(8, 8, batch_first=True)
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        h = torch.tanh(self.proj(self.emb(ids)))
+        out, _ = self.lstm(h)
+        scores = out @ out.transpose(1, 2)  # [batch, length, length]: both dims follow the length
+        return self.head(torch.softmax(scores, -1) @ out).mean(1)
+
+
+def text_batches():
+    """Variable-length batches of a text task (the longest first), and a smaller last one."""
+    g = torch.Generator().manual_seed(4)
+    shapes = [(8, 12), (8, 9), (8, 5), (8, 12), (3, 7)]
+    return [(torch.randint(0, 20, s, generator=g), torch.randint(0, 3, (s[0],), generator=g)) for s in shapes]
+
+
+@pytest.mark.parametrize("executor", ["local", pytest.param("processes", marks=pytest.mark.slow)])
+def test_variable_sequence_lengths_train_without_recompiling(executor: str, tmp_path) -> None:
+    torch.manual_seed(0)
+    model, batches = TextLSTM(), text_batches()
+    expected = full_batch_training(model, batches, F.cross_entropy)
+    net = copy.deepcopy(model)
+    with pipeoptim.compile(
+        net,
+        torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9),
+        3,
+        example_inputs=batches[0][0],
+        loss_fn=F.cross_entropy,
+        method="1f1b",
+        micro_batches=2,
+        executor=executor,
+        profile_dir=tmp_path,
+        timeout=60,
+    ) as pipe:
+        assert pipe.spec.length == 12
+        got = [pipe.step(x, y).item() for x, y in batches], pipe.state_dict()
+        trained = pipe.to_module().eval()
+        short = batches[2][0]
+        torch.testing.assert_close(pipe.predict(short), trained(short), rtol=1e-5, atol=1e-6)
+        with pytest.raises(PipelineError, match=r"expects \[batch, length≤12\]"):
+            pipe.step(torch.randint(0, 20, (8, 13)), torch.zeros(8, dtype=torch.long))
+    assert_equal_training(got, expected)
+
+
+class Tagger(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(20, 8)
+        self.mid = nn.Linear(8, 8)
+        self.out = nn.Linear(8, 5)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.out(torch.relu(self.mid(self.emb(ids))))
+
+
+PAD = -100
+
+
+def token_loss(logits: torch.Tensor, tags: torch.Tensor) -> torch.Tensor:
+    """Mean over the non-padding tokens (a token count, not the rows, normalises it)."""
+    return F.cross_entropy(logits.flatten(0, 1), tags.flatten(), ignore_index=PAD)
+
+
+def count_tokens(tags: torch.Tensor) -> torch.Tensor:
+    return (tags != PAD).sum()
+
+
+def padded_batches():
+    g = torch.Generator().manual_seed(6)
+    out = []
+    for n in (16, 16, 6):
+        ids = torch.randint(0, 20, (n, 7), generator=g)
+        tags = torch.randint(0, 5, (n, 7), generator=g)
+        lengths = torch.randint(1, 8, (n,), generator=g)
+        tags[torch.arange(7) >= lengths[:, None]] = PAD  # rows of different lengths
+        out.append((ids, tags))
+    return out
+
+
+def test_token_mean_loss_with_a_counting_reduction_equals_plain_training() -> None:
+    torch.manual_seed(0)
+    model, batches = Tagger(), padded_batches()
+    expected = full_batch_training(model, batches, token_loss)
+    got = pipelined(model, batches, token_loss, "1f1b", loss_reduction=count_tokens)
+    assert_equal_training(got, expected)
+    with (  # without loss_reduction the rows would weigh the micro-batches, not the tokens
+        compile_mlp(token_loss, model=Tagger(), example=batches[0][0]) as pipe,
+        pytest.raises(PipelineError, match=r"neither the mean .* nor the sum"),
+    ):
+        pipe.step(*batches[0]).wait()
