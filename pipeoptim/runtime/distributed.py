@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import os
+import pickle
 import signal
 import socket
 import sys
@@ -304,7 +305,10 @@ class ProcessExecutor:
                 sizes=batch.sizes,
                 hyper=batch.hyper,
             )
-            self._send(rank, "batch", None, part)
+            # as bytes: a tensor put on a multiprocessing queue as it is travels through a new
+            # shared-memory segment per mini-batch, which the worker maps and unmaps (its
+            # resident memory swings by hundreds of MB on a long run)
+            self._send(rank, "batch", None, pickle.dumps(part))
 
     def flush(self) -> None:
         self._request("flush")

@@ -211,7 +211,7 @@ def worker_main(
 
 def _serve(process: StageProcess, kind: str, payload: Any) -> Any:
     if kind == "batch":
-        return process.submit(payload)
+        return process.submit(pickle.loads(payload))
     if kind == "flush":
         return process.flush()
     if kind == "eval":
