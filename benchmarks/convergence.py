@@ -159,7 +159,11 @@ def plot(curves: dict[str, list[list[float]]], title: str, path: Path) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="digits only, 320 rows, one seed (under a minute on an idle machine)")
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="digits only, 320 rows, one seed (under a minute on an idle machine)",
+    )
     parser.add_argument("--seeds", type=int, default=None, help="seeds per setting (default 3, quick 1)")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     parser.add_argument(
