@@ -18,6 +18,7 @@ ROOT = Path(__file__).resolve().parents[1]
         ("partition.py", ["partition.md", "partition_solve_time.png"]),
         ("throughput.py", ["throughput.md", "throughput_timeline.png", "throughput_memory.png"]),
         ("convergence.py", ["convergence.md", "convergence_digits_sgd.png"]),
+        ("long_run.py", ["long_run.md"]),
         ("memory.py", ["memory.md"]),
     ],
 )
