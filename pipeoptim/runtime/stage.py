@@ -286,8 +286,11 @@ class StageRuntime:
                 the last stage, which starts from its loss.
 
         Returns:
-            The gradient of each flat input leaf (``None`` where none flows back; zeros where
-            one is expected but the input did not influence the outputs).
+            The gradient of each flat input leaf; ``None`` where none flows back, also where
+            one could but this micro-batch's outputs did not depend on the input (a branch not
+            taken): as in plain PyTorch, the parameters that produced it then get no gradient
+            (``grad is None``) and the optimizer skips them, where a zero gradient would still
+            move them under momentum, Adam or weight decay.
         """
         state = self._in_flight.pop(micro_batch)
         self._activation_bytes.pop(micro_batch, None)
@@ -317,7 +320,7 @@ class StageRuntime:
             if not need or not isinstance(v, torch.Tensor):
                 result.append(None)
             else:
-                result.append(v.grad if v.grad is not None else torch.zeros_like(v))
+                result.append(v.grad)
         return result
 
     def step(self, micro_batch: int | None = None) -> None:

@@ -1,0 +1,109 @@
+"""Training features and user code the pipeline must keep: parameters without a gradient,
+hooks, optimizer timing, global gradient clipping, mixed precision (issue 18)."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import pipeoptim
+from pipeoptim.compiler.costmodel import CostConfig
+from tests.given_plans import plan_starting_at
+
+
+class Gate(nn.Module):
+    """Adds ``side`` only when the batch's flags say so (data-dependent: fx keeps it a leaf)."""
+
+    def forward(self, h: torch.Tensor, side: torch.Tensor, flag: torch.Tensor) -> torch.Tensor:
+        if bool(flag.sum() > 0):
+            return h + side
+        return h
+
+
+class Branchy(nn.Module):
+    """``side`` is computed in stage 0 and used in stage 2 only when the gate is open."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.side = nn.Linear(4, 4)
+        self.l1 = nn.Linear(4, 4)
+        self.l2 = nn.Linear(4, 4)
+        self.gate = Gate()
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        s = self.side(x)
+        h = self.l2(torch.relu(self.l1(x)))
+        return self.head(self.gate(h, s, x[:, 0]))
+
+
+def gated_batches() -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Gate open in mini-batch 0, closed in 1 and 2 (column 0 of x is its flag)."""
+    g = torch.Generator().manual_seed(3)
+    batches = []
+    for flag in (1.0, -1.0, -1.0):
+        x = torch.randn(8, 4, generator=g)
+        x[:, 0] = flag
+        batches.append((x, torch.randint(0, 3, (8,), generator=g)))
+    return batches
+
+
+def plain_training(model, make_opt, batches, micro: int, clip: float | None = None):
+    """Single-device training, gradients accumulated over the same micro-batches; plain
+    PyTorch semantics (``zero_grad()`` sets gradients to ``None``)."""
+    model = copy.deepcopy(model)
+    opt = make_opt(model)
+    losses = []
+    for x, y in batches:
+        opt.zero_grad()
+        total = 0.0
+        for xs, ys in zip(torch.tensor_split(x, micro), torch.tensor_split(y, micro)):
+            loss = F.cross_entropy(model(xs), ys) * (xs.shape[0] / x.shape[0])
+            loss.backward()
+            total += loss.item()
+        if clip is not None:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+        opt.step()
+        losses.append(total)
+    return losses, model
+
+
+def sgd_momentum_decay(model: nn.Module) -> torch.optim.Optimizer:
+    return torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=0.05)
+
+
+@pytest.mark.parametrize(
+    ("method", "executor"), [("gpipe", "local"), ("1f1b", "local"), ("1f1b", "processes")]
+)
+def test_parameter_without_gradient_does_not_move(method: str, executor: str) -> None:
+    model = Branchy()
+    batches = gated_batches()
+    expected, reference = plain_training(model, sgd_momentum_decay, batches, micro=2)
+    assert reference.side.weight.grad is None  # the gate was closed in the last mini-batch
+    config = CostConfig(3, method=method, micro_batches=2)
+    micro = (batches[0][0][:4],)
+    plan = plan_starting_at(model, micro, config, ["relu", "gate"], leaf_modules=["gate"])
+    net = copy.deepcopy(model)
+    with pipeoptim.compile(
+        net,
+        sgd_momentum_decay(net),
+        3,
+        example_inputs=batches[0][0],
+        loss_fn=F.cross_entropy,
+        method=method,
+        micro_batches=2,
+        executor=executor,
+        profile_dir=None,
+        plan=plan,
+        leaf_modules=["gate"],
+    ) as pipe:
+        got = [pipe.step(x, y).item() for x, y in batches]
+        state = pipe.state_dict()
+    assert got == pytest.approx(expected, rel=1e-6, abs=1e-7)
+    for key, value in reference.state_dict().items():
+        torch.testing.assert_close(state[key], value, rtol=1e-6, atol=1e-7)
