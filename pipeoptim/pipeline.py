@@ -7,6 +7,7 @@ import copy
 import math
 import os
 import threading
+import warnings
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
@@ -18,6 +19,7 @@ from torch.utils import _pytree as pytree
 
 from pipeoptim.compiler import plan_model
 from pipeoptim.compiler.costmodel import CostConfig, optimizer_state_factor
+from pipeoptim.compiler.hooks import dropped_hooks_warning
 from pipeoptim.compiler.plan import Plan
 from pipeoptim.compiler.profile import load_or_measure_update_cost
 from pipeoptim.compiler.trace import TracedModel, trace
@@ -517,7 +519,10 @@ def compile(
             (one worker process per stage, torch.distributed), ``"torchrun"`` (this process is
             one rank of a torchrun job and runs its stage), or ``"auto"`` (``torchrun`` when
             started by torchrun, else ``processes``).
-        leaf_modules: qualified names of modules to keep as single nodes.
+        leaf_modules: qualified names of modules to keep as single nodes. Hooks registered
+            on a module run in training (once per micro-batch, as in the plain model) only if
+            it stays a module: a leaf, or inside one; hooks that tracing drops are named in a
+            ``UserWarning`` (see :mod:`pipeoptim.compiler.hooks`).
         seed: seed of the per-micro-batch random streams (dropout).
         timeout: seconds any wait between stages may take before the pipeline fails.
         backward: PipeOptim only: ``"current"`` weights (the paper) or ``"predicted"``.
@@ -622,6 +627,9 @@ def compile(
         if not rank0:
             traced = trace(model_copy, micro, leaf_modules)
     static = static_batch or traced.method == "export"
+    dropped = dropped_hooks_warning(model_copy, traced)
+    if dropped is not None:
+        warnings.warn(dropped, stacklevel=2)
     if static and batch % m:
         raise PlanError(
             f"{type(model).__name__} was traced with torch.export, which fixes shapes: the example "

@@ -107,3 +107,108 @@ def test_parameter_without_gradient_does_not_move(method: str, executor: str) ->
     assert got == pytest.approx(expected, rel=1e-6, abs=1e-7)
     for key, value in reference.state_dict().items():
         torch.testing.assert_close(state[key], value, rtol=1e-6, atol=1e-7)
+
+
+CALLS = {"pre": 0, "tensor": 0, "forward": 0}
+
+
+def count_tensor_hook(grad: torch.Tensor) -> None:
+    CALLS["tensor"] += 1
+
+
+def pre_hook_with_tensor_hook(module: nn.Module, args: tuple) -> None:
+    """A forward pre-hook that registers a tensor hook on the block's input."""
+    CALLS["pre"] += 1
+    args[0].register_hook(count_tensor_hook)
+
+
+def count_forward_hook(module: nn.Module, args: tuple, output: torch.Tensor) -> None:
+    CALLS["forward"] += 1
+
+
+def halve_output(module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
+    return output * 0.5
+
+
+class Block(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.relu(self.fc(x))
+
+
+class Hooked(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.a = nn.Linear(4, 4)
+        self.block = Block()
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.block(self.a(x)))
+
+
+def hooked_model() -> Hooked:
+    model = Hooked()
+    model.block.register_forward_pre_hook(pre_hook_with_tensor_hook)
+    model.head.register_forward_hook(count_forward_hook)
+    return model
+
+
+def plain_batches(n: int = 3) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    g = torch.Generator().manual_seed(5)
+    return [(torch.randn(8, 4, generator=g), torch.randint(0, 3, (8,), generator=g)) for _ in range(n)]
+
+
+def sgd(model: nn.Module) -> torch.optim.Optimizer:
+    return torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+
+
+def compile_local(model: nn.Module, make_opt=sgd, **kwargs) -> pipeoptim.Pipeline:
+    options = dict(method="gpipe", micro_batches=2, executor="local", profile_dir=None)
+    options.update(kwargs)
+    return pipeoptim.compile(
+        model, make_opt(model), 2, example_inputs=plain_batches(1)[0][0], loss_fn=F.cross_entropy, **options
+    )
+
+
+def test_hooks_on_modules_traced_through_are_named_in_a_warning() -> None:
+    with pytest.warns(UserWarning, match=r"block \(forward pre-hook\), head \(forward hook\)") as record:
+        compile_local(hooked_model()).close()
+    message = str(record[0].message)
+    assert "will not run during training" in message
+    assert "leaf_modules=['block', 'head']" in message
+
+
+def test_hooks_of_leaf_modules_run_as_in_the_plain_model(recwarn) -> None:
+    batches = plain_batches()
+    for key in CALLS:
+        CALLS[key] = 0
+    plain_training(hooked_model(), sgd, batches, micro=2)
+    expected = dict(CALLS)
+    assert expected == {"pre": 6, "tensor": 6, "forward": 6}  # M = 2 micro-batches x 3 steps
+    for key in CALLS:
+        CALLS[key] = 0
+    with compile_local(hooked_model(), leaf_modules=["block", "head"]) as pipe:
+        assert CALLS == {"pre": 0, "tensor": 0, "forward": 0}  # compiling runs no user hook
+        for x, y in batches:
+            pipe.step(x, y).wait()
+    assert expected == CALLS
+    assert not [w for w in recwarn if "hooks on" in str(w.message)]
+
+
+def test_a_hook_that_changes_the_output_runs_in_every_worker() -> None:
+    model = Hooked()
+    model.block.register_forward_hook(halve_output)
+    batches = plain_batches()
+    expected, reference = plain_training(model, sgd, batches, micro=2)
+    net = copy.deepcopy(model)
+    with compile_local(net, method="1f1b", executor="processes", leaf_modules=["block"]) as pipe:
+        got = [pipe.step(x, y).item() for x, y in batches]
+        state = pipe.state_dict()
+    assert got == pytest.approx(expected, rel=1e-6, abs=1e-7)
+    for key, value in reference.state_dict().items():
+        torch.testing.assert_close(state[key], value, rtol=1e-6, atol=1e-7)
