@@ -212,3 +212,43 @@ def test_a_hook_that_changes_the_output_runs_in_every_worker() -> None:
     assert got == pytest.approx(expected, rel=1e-6, abs=1e-7)
     for key, value in reference.state_dict().items():
         torch.testing.assert_close(state[key], value, rtol=1e-6, atol=1e-7)
+
+
+STEPS = {"user": 0}
+
+
+class CountingSGD(torch.optim.SGD):
+    """A user's optimizer subclass with its own code in ``step()``."""
+
+    def step(self, closure=None):
+        STEPS["user"] += 1
+        return super().step(closure)
+
+
+class OwnOptimizer(torch.optim.Optimizer):
+    """An optimizer written from scratch (plain SGD)."""
+
+    def __init__(self, params, lr: float = 0.1) -> None:
+        super().__init__(params, {"lr": lr})
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        STEPS["user"] += 1
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is not None:
+                    p.add_(p.grad, alpha=-group["lr"])
+
+
+@pytest.mark.parametrize("optimizer_class", [CountingSGD, OwnOptimizer])
+def test_compiling_runs_no_user_code_of_the_optimizer(optimizer_class) -> None:
+    logs: list[str] = []
+    STEPS["user"] = 0
+    make_opt = lambda m: optimizer_class(m.parameters(), lr=0.1)  # noqa: E731
+    with compile_local(Hooked(), make_opt=make_opt, log=logs.append) as pipe:
+        assert STEPS["user"] == 0
+        x, y = plain_batches(1)[0]
+        pipe.step(x, y).wait()
+    assert STEPS["user"] == 2  # training steps the user's class: once per stage
+    untimed = [line for line in logs if "derives from no torch.optim optimizer" in line]
+    assert len(untimed) == (optimizer_class is OwnOptimizer)
