@@ -27,6 +27,7 @@ from pipeoptim.errors import PipelineError, PipeoptimError, PlanError, Predictor
 from pipeoptim.methods import METHODS, get_method
 from pipeoptim.runtime import spmd
 from pipeoptim.runtime.build import PipelineSpec, aliases_of, build_stage
+from pipeoptim.runtime.clipping import check_clipping
 from pipeoptim.runtime.distributed import check_devices
 from pipeoptim.runtime.executor import LocalExecutor, MiniBatch
 from pipeoptim.runtime.optim import (
@@ -493,6 +494,7 @@ def compile(
     nan_check: str = "stages",
     solver: str = "cbc",
     log: Callable[[str], None] | None = None,
+    max_grad_norm: float | None = None,
 ) -> Pipeline:
     """Compile ``model`` and ``optimizer`` into a pipeline of ``gpus`` stages.
 
@@ -531,6 +533,11 @@ def compile(
             appeared), ``"loss"`` (only the loss), ``"off"``.
         solver: ILP solver, ``cbc`` or ``highs``.
         log: receives progress messages (profiling, reuse of a saved profile).
+        max_grad_norm: clip each mini-batch's gradients by their global norm over all
+            stages, as ``torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)``
+            before ``optimizer.step()``: gpipe and 1f1b (equal to plain training), or any
+            method with one stage (see :mod:`pipeoptim.runtime.clipping` for why the
+            asynchronous methods refuse it with more). ``None``: no clipping.
 
     Raises:
         ValueError: a bad argument (the message says which and what is allowed).
@@ -548,6 +555,7 @@ def compile(
     if nan_check not in ("stages", "loss", "off"):
         raise ValueError(f"nan_check must be 'stages', 'loss' or 'off', not {nan_check!r}")
     info = get_method(method)
+    max_grad_norm = check_clipping(max_grad_norm, info.asynchronous, gpus)
     m = micro_batches if micro_batches is not None else (gpus if info.micro_batched else 1)
     if m < 1:
         raise ValueError(f"micro_batches must be positive, got {m}")
@@ -650,6 +658,7 @@ def compile(
         seed=seed,
         policy_options={"backward": backward} if info.policy == "pipeoptim" else {},
         nan_check=nan_check,
+        max_grad_norm=max_grad_norm,
     )
     device = inputs[0].device if kind == "local" else torch.device("cpu")
     return Pipeline(spec, traced, optimizer, batch, static, kind, device, timeout, owns_group)

@@ -70,6 +70,7 @@ class TrainConfig:
     progress: bool = True
     profile_dir: str | None = "profiles"
     nan_check: str = "stages"
+    max_grad_norm: float | None = None
     record_every: int = 50
     progress_every: int | None = None
 
@@ -101,10 +102,17 @@ class Sequential:
     plan = None
     num_stages = 1
 
-    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, loss_fn: Callable) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        loss_fn: Callable,
+        max_grad_norm: float | None = None,
+    ) -> None:
         self.model = model
         self.optimizer = optimizer
         self.loss_fn = loss_fn
+        self.max_grad_norm = max_grad_norm
         self.mini_batches_done = 0
 
     def step(self, inputs: tuple[torch.Tensor, ...], targets: Any) -> Loss:
@@ -112,6 +120,8 @@ class Sequential:
         self.optimizer.zero_grad()
         loss = self.loss_fn(self.model(*inputs), targets)
         loss.backward()
+        if self.max_grad_norm is not None:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.max_grad_norm)
         self.optimizer.step()
         result = Loss(self.mini_batches_done)
         result._set(float(loss.detach()))
@@ -181,7 +191,7 @@ def _trainer(config: TrainConfig, task: Task, log: Callable[[str], None]) -> tup
     elif config.lr_schedule != "constant":
         raise ValueError(f"lr_schedule must be 'cosine' or 'constant', not {config.lr_schedule!r}")
     if config.method == SEQUENTIAL:
-        return Sequential(task.model, optimizer, task.loss_fn), scheduler
+        return Sequential(task.model, optimizer, task.loss_fn, config.max_grad_norm), scheduler
     pipe = pipeoptim.compile(
         task.model,
         optimizer,
@@ -194,6 +204,7 @@ def _trainer(config: TrainConfig, task: Task, log: Callable[[str], None]) -> tup
         profile_dir=config.profile_dir,
         seed=config.seed,
         nan_check=config.nan_check,
+        max_grad_norm=config.max_grad_norm,
         log=log,
     )
     return pipe, scheduler

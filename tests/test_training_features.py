@@ -252,3 +252,103 @@ def test_compiling_runs_no_user_code_of_the_optimizer(optimizer_class) -> None:
     assert STEPS["user"] == 2  # training steps the user's class: once per stage
     untimed = [line for line in logs if "derives from no torch.optim optimizer" in line]
     assert len(untimed) == (optimizer_class is OwnOptimizer)
+
+
+class Deep(nn.Module):
+    """Four linear layers: one per stage."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.layers = nn.Sequential(
+            nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 16), nn.Tanh(), nn.Linear(16, 16), nn.Linear(16, 4)
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.layers(x)
+
+
+def deep_batches(n: int = 4) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    g = torch.Generator().manual_seed(7)
+    return [(torch.randn(8, 6, generator=g) * 3, torch.randint(0, 4, (8,), generator=g)) for _ in range(n)]
+
+
+def sgd_fast(model: nn.Module) -> torch.optim.Optimizer:
+    return torch.optim.SGD(model.parameters(), lr=0.5, momentum=0.9)
+
+
+def compile_deep(model: nn.Module, stages: int, **kwargs) -> pipeoptim.Pipeline:
+    return pipeoptim.compile(
+        model,
+        sgd_fast(model),
+        stages,
+        example_inputs=deep_batches(1)[0][0],
+        loss_fn=F.cross_entropy,
+        profile_dir=None,
+        **kwargs,
+    )
+
+
+@pytest.mark.parametrize(
+    ("method", "stages", "executor"),
+    [("gpipe", 2, "local"), ("1f1b", 4, "local"), ("gpipe", 4, "processes")],
+)
+def test_clipping_by_the_global_norm_equals_plain_training(method: str, stages: int, executor: str) -> None:
+    batches = deep_batches()
+    unclipped, _ = plain_training(Deep(), sgd_fast, batches, micro=2)
+    expected, reference = plain_training(Deep(), sgd_fast, batches, micro=2, clip=0.1)
+    assert abs(unclipped[-1] - expected[-1]) > 1e-3  # the limit binds
+    net = Deep()
+    options = dict(method=method, micro_batches=2, executor=executor, max_grad_norm=0.1)
+    with compile_deep(net, stages, **options) as pipe:
+        got = [pipe.step(x, y).item() for x, y in batches]
+        state = pipe.state_dict()
+    assert got == pytest.approx(expected, rel=1e-6, abs=1e-7)
+    for key, value in reference.state_dict().items():
+        torch.testing.assert_close(state[key], value, rtol=1e-6, atol=1e-7)
+
+
+def test_clipping_an_asynchronous_method_with_one_stage_equals_plain_training() -> None:
+    batches = deep_batches()
+    expected, reference = plain_training(Deep(), sgd_fast, batches, micro=1, clip=0.1)
+    with compile_deep(Deep(), 1, executor="local", max_grad_norm=0.1) as pipe:
+        got = [pipe.step(x, y).item() for x, y in batches]
+        state = pipe.state_dict()
+    assert got == pytest.approx(expected, rel=1e-6, abs=1e-7)
+    for key, value in reference.state_dict().items():
+        torch.testing.assert_close(state[key], value, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"method": "gpipe", "max_grad_norm": -1.0}, "max_grad_norm must be a positive finite number"),
+        ({"method": "pipeoptim", "max_grad_norm": 1.0}, "max_grad_norm needs a method that flushes"),
+    ],
+)
+def test_max_grad_norm_errors(kwargs: dict, match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        compile_deep(Deep(), 2, executor="local", **kwargs)
+
+
+def test_train_command_clips_with_max_grad_norm(tmp_path) -> None:
+    from click.testing import CliRunner
+
+    from pipeoptim.cli.main import cli
+
+    def train(*extra: str) -> list[float]:
+        out = tmp_path / str(len(extra))
+        args = ["train", "digits", "--method", "1f1b", "--gpus", "2", "--executor", "local", "--epochs", "1"]
+        args += ["--limit", "128", "--record-every", "1", "--quiet", "--profile-dir", str(tmp_path / "p")]
+        result = CliRunner().invoke(cli, [*args, "--out", str(out), *extra])
+        assert result.exit_code == 0, result.stderr
+        lines = (out / "train.csv").read_text().splitlines()[1:]
+        return [float(line.split(",")[2]) for line in lines]
+
+    plain, clipped = train(), train("--max-grad-norm", "0.05")
+    assert len(plain) == len(clipped) == 4
+    assert clipped[0] == plain[0]  # the first loss comes before any step
+    assert all(abs(a - b) > 1e-4 for a, b in zip(plain[1:], clipped[1:]))
+    bad = ["train", "digits", "--max-grad-norm", "1", "--out", str(tmp_path / "x")]
+    result = CliRunner().invoke(cli, bad)
+    assert result.exit_code == 1 and "max_grad_norm needs a method that flushes" in result.stderr

@@ -103,6 +103,13 @@ from pipeoptim.training import OPTIMIZERS, SEQUENTIAL, TrainConfig, summary_line
     help="Stop at a NaN in any stage's activations or a NaN/inf loss, only at the loss, or never.",
 )
 @click.option(
+    "--max-grad-norm",
+    type=click.FloatRange(min=0, min_open=True),
+    default=None,
+    help="Clip each mini-batch's gradients by their global norm over all stages (gpipe, 1f1b, "
+    "sequential, or one stage).",
+)
+@click.option(
     "--record-every",
     type=click.IntRange(min=1),
     default=50,
@@ -139,6 +146,7 @@ def train_command(
     resume,
     profile_dir,
     nan_check,
+    max_grad_norm,
     record_every,
     progress_every,
     quiet,
@@ -172,6 +180,7 @@ def train_command(
         progress_every=progress_every,
         profile_dir=profile_dir,
         nan_check=nan_check,
+        max_grad_norm=max_grad_norm,
     )
     try:
         metrics = train(config, log=lambda msg: click.echo(msg, err=True))

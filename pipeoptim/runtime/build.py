@@ -44,6 +44,7 @@ class PipelineSpec:
     seed: int = 0
     policy_options: dict[str, Any] = field(default_factory=dict)
     nan_check: str = "stages"
+    max_grad_norm: float | None = None
 
     @property
     def num_stages(self) -> int:
@@ -123,6 +124,7 @@ def build_stage(
         unflatten_output=traced.unflatten_output if last else None,
         seed=spec.seed,
         nan_check=spec.nan_check,
+        max_grad_norm=spec.max_grad_norm,
     )
 
 

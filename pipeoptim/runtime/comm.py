@@ -132,6 +132,13 @@ class DistChannel:
     def loss(self, micro_batch: int, value: torch.Tensor) -> None:
         self.losses.append((micro_batch, float(value)))
 
+    def total_squared_grad_norm(self, own: float) -> float:
+        """Σ‖g_k‖² over all stages: an all-reduce of ``own`` (every stage calls it at the same
+        step; the process group's timeout bounds the wait)."""
+        value = torch.tensor([own], dtype=torch.float64, device=self.device)
+        dist.all_reduce(value)
+        return float(value.item())
+
     def done(self, micro_batch: int) -> None:
         """Forget a micro-batch's data and size once this stage has finished it."""
         self.data.pop(micro_batch, None)
