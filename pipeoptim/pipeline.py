@@ -35,6 +35,7 @@ from pipeoptim.runtime.optim import (
     hyperparameters,
     param_group_names,
 )
+from pipeoptim.runtime.precision import autocast_context, check_autocast
 from pipeoptim.runtime.predictors import get_predictor
 from pipeoptim.units import parse_bandwidth, parse_bytes
 
@@ -495,6 +496,7 @@ def compile(
     solver: str = "cbc",
     log: Callable[[str], None] | None = None,
     max_grad_norm: float | None = None,
+    autocast: torch.dtype | None = None,
 ) -> Pipeline:
     """Compile ``model`` and ``optimizer`` into a pipeline of ``gpus`` stages.
 
@@ -538,6 +540,11 @@ def compile(
             before ``optimizer.step()``: gpipe and 1f1b (equal to plain training), or any
             method with one stage (see :mod:`pipeoptim.runtime.clipping` for why the
             asynchronous methods refuse it with more). ``None``: no clipping.
+        autocast: ``torch.bfloat16``: every stage computes its forward and the loss under
+            ``torch.autocast`` (as the plain model inside that context), values cross stage
+            boundaries in the dtypes autocast gives them, and the plan is made from a profile
+            under autocast (:mod:`pipeoptim.runtime.precision`). A caller's own ``with
+            torch.autocast(...)`` does not reach worker processes: use this option.
 
     Raises:
         ValueError: a bad argument (the message says which and what is allowed).
@@ -556,6 +563,7 @@ def compile(
         raise ValueError(f"nan_check must be 'stages', 'loss' or 'off', not {nan_check!r}")
     info = get_method(method)
     max_grad_norm = check_clipping(max_grad_norm, info.asynchronous, gpus)
+    autocast = check_autocast(autocast)
     m = micro_batches if micro_batches is not None else (gpus if info.micro_batched else 1)
     if m < 1:
         raise ValueError(f"micro_batches must be positive, got {m}")
@@ -617,16 +625,17 @@ def compile(
         chosen = _given_plan(plan, traced, config, say)
         static_batch = False
     elif rank0:
-        planned = plan_model(
-            model_copy,
-            micro,
-            config,
-            leaf_modules=leaf_modules,
-            profile_dir=profile_dir,
-            device=_profile_device(kind, inputs[0].device),
-            solver=solver,
-            log=say,
-        )
+        with autocast_context(autocast, _profile_device(kind, inputs[0].device)):
+            planned = plan_model(
+                model_copy,
+                micro,
+                config,
+                leaf_modules=leaf_modules,
+                profile_dir=profile_dir,
+                device=_profile_device(kind, inputs[0].device),
+                solver=solver,
+                log=say,
+            )
         chosen, traced = planned.plan, planned.traced
         static_batch = bool(planned.graph.info.get("static_batch"))
     if kind == "torchrun" and plan is None:  # rank 0 planned; every rank uses its plan
@@ -659,6 +668,7 @@ def compile(
         policy_options={"backward": backward} if info.policy == "pipeoptim" else {},
         nan_check=nan_check,
         max_grad_norm=max_grad_norm,
+        autocast=autocast,
     )
     device = inputs[0].device if kind == "local" else torch.device("cpu")
     return Pipeline(spec, traced, optimizer, batch, static, kind, device, timeout, owns_group)

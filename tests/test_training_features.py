@@ -331,13 +331,13 @@ def test_max_grad_norm_errors(kwargs: dict, match: str) -> None:
         compile_deep(Deep(), 2, executor="local", **kwargs)
 
 
-def test_train_command_clips_with_max_grad_norm(tmp_path) -> None:
+def test_train_command_clips_with_max_grad_norm_and_computes_in_bfloat16(tmp_path) -> None:
     from click.testing import CliRunner
 
     from pipeoptim.cli.main import cli
 
     def train(*extra: str) -> list[float]:
-        out = tmp_path / str(len(extra))
+        out = tmp_path / ("_".join(extra) or "plain")
         args = ["train", "digits", "--method", "1f1b", "--gpus", "2", "--executor", "local", "--epochs", "1"]
         args += ["--limit", "128", "--record-every", "1", "--quiet", "--profile-dir", str(tmp_path / "p")]
         result = CliRunner().invoke(cli, [*args, "--out", str(out), *extra])
@@ -349,6 +349,53 @@ def test_train_command_clips_with_max_grad_norm(tmp_path) -> None:
     assert len(plain) == len(clipped) == 4
     assert clipped[0] == plain[0]  # the first loss comes before any step
     assert all(abs(a - b) > 1e-4 for a, b in zip(plain[1:], clipped[1:]))
+    bfloat16 = train("--precision", "bfloat16")
+    assert len(bfloat16) == 4 and abs(bfloat16[0] - plain[0]) > 1e-5  # the forward is in bfloat16
     bad = ["train", "digits", "--max-grad-norm", "1", "--out", str(tmp_path / "x")]
     result = CliRunner().invoke(cli, bad)
     assert result.exit_code == 1 and "max_grad_norm needs a method that flushes" in result.stderr
+
+
+def plain_autocast_training(model, make_opt, batches, micro: int):
+    """Plain training with forward and loss inside ``torch.autocast("cpu", torch.bfloat16)``."""
+    model = copy.deepcopy(model)
+    opt = make_opt(model)
+    losses = []
+    for x, y in batches:
+        opt.zero_grad()
+        total = 0.0
+        for xs, ys in zip(torch.tensor_split(x, micro), torch.tensor_split(y, micro)):
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                loss = F.cross_entropy(model(xs), ys) * (xs.shape[0] / x.shape[0])
+            loss.backward()
+            total += loss.item()
+        opt.step()
+        losses.append(total)
+    return losses, model
+
+
+@pytest.mark.parametrize(("method", "executor"), [("gpipe", "local"), ("1f1b", "processes")])
+def test_bfloat16_autocast_in_every_stage_equals_the_plain_model_under_autocast(method, executor) -> None:
+    batches = deep_batches()
+    expected, reference = plain_autocast_training(Deep(), sgd_fast, batches, micro=2)
+    float32, _ = plain_training(Deep(), sgd_fast, batches, micro=2)
+    assert abs(float32[-1] - expected[-1]) > 1e-4  # bfloat16 changes the numbers
+    net = Deep()
+    options = dict(method=method, micro_batches=2, executor=executor, autocast=torch.bfloat16)
+    with compile_deep(net, 2, **options) as pipe:
+        got = [pipe.step(x, y).item() for x, y in batches]
+        state = pipe.state_dict()
+        values = pipe.plan.values
+        boundary = [meta["dtype"] for name in pipe.plan.io[0].outputs for meta in values[name]["meta"]]
+        sent = pipe.plan.stages[0].send_bytes
+    assert got == pytest.approx(expected, rel=1e-6, abs=1e-7)
+    for key, value in reference.state_dict().items():
+        torch.testing.assert_close(state[key], value, rtol=1e-6, atol=1e-7)
+    assert boundary == ["bfloat16"]  # a Linear's output under autocast
+    with compile_deep(Deep(), 2, method=method, micro_batches=2, executor="local") as pipe:
+        assert pipe.plan.stages[0].send_bytes == 2 * sent  # the cost model sees half the bytes
+
+
+def test_float16_without_a_gradient_scaler_is_refused() -> None:
+    with pytest.raises(ValueError, match=r"autocast=torch\.float16 needs a gradient scaler"):
+        compile_deep(Deep(), 2, executor="local", autocast=torch.float16)

@@ -110,6 +110,13 @@ from pipeoptim.training import OPTIMIZERS, SEQUENTIAL, TrainConfig, summary_line
     "sequential, or one stage).",
 )
 @click.option(
+    "--precision",
+    type=click.Choice(["float32", "bfloat16"]),
+    default="float32",
+    show_default=True,
+    help="bfloat16: every stage computes under torch.autocast (activations cross stages in bfloat16).",
+)
+@click.option(
     "--record-every",
     type=click.IntRange(min=1),
     default=50,
@@ -147,6 +154,7 @@ def train_command(
     profile_dir,
     nan_check,
     max_grad_norm,
+    precision,
     record_every,
     progress_every,
     quiet,
@@ -181,6 +189,7 @@ def train_command(
         profile_dir=profile_dir,
         nan_check=nan_check,
         max_grad_norm=max_grad_norm,
+        precision=precision,
     )
     try:
         metrics = train(config, log=lambda msg: click.echo(msg, err=True))

@@ -22,6 +22,7 @@ from pipeoptim.compiler.trace import TracedModel, trace
 from pipeoptim.methods import get_method
 from pipeoptim.runtime.optim import mirror
 from pipeoptim.runtime.policies import insert_policy, make_policy
+from pipeoptim.runtime.precision import under_autocast
 from pipeoptim.runtime.schedule import Schedule
 from pipeoptim.runtime.stage import StageRuntime
 
@@ -45,6 +46,7 @@ class PipelineSpec:
     policy_options: dict[str, Any] = field(default_factory=dict)
     nan_check: str = "stages"
     max_grad_norm: float | None = None
+    autocast: torch.dtype | None = None
 
     @property
     def num_stages(self) -> int:
@@ -101,6 +103,10 @@ def build_stage(
         }
     module.to(device)
     module.train()
+    loss_fn = spec.loss_fn
+    if spec.autocast is not None:
+        module.forward = under_autocast(module.forward, spec.autocast, device)  # type: ignore[method-assign]
+        loss_fn = under_autocast(loss_fn, spec.autocast, device)
     optimizer, group_map = mirror(
         spec.optimizer_class,
         spec.optimizer_defaults,
@@ -120,7 +126,7 @@ def build_stage(
         group_map=group_map,
         policy=policy if optimizer is not None else None,
         input_grad_mask=input_grad_mask(plan, stage),
-        loss_fn=spec.loss_fn if last else None,
+        loss_fn=loss_fn if last else None,
         unflatten_output=traced.unflatten_output if last else None,
         seed=spec.seed,
         nan_check=spec.nan_check,
