@@ -19,7 +19,7 @@ from torch.utils import _pytree as pytree
 
 from pipeoptim.compiler import plan_model
 from pipeoptim.compiler.costmodel import CostConfig, optimizer_state_factor
-from pipeoptim.compiler.hooks import dropped_hooks_warning
+from pipeoptim.compiler.hooks import compiled_modules_warning, dropped_hooks_warning
 from pipeoptim.compiler.plan import Plan
 from pipeoptim.compiler.profile import load_or_measure_update_cost
 from pipeoptim.compiler.trace import TracedModel, trace
@@ -644,9 +644,9 @@ def compile(
         if not rank0:
             traced = trace(model_copy, micro, leaf_modules)
     static = static_batch or traced.method == "export"
-    dropped = dropped_hooks_warning(model_copy, traced)
-    if dropped is not None:
-        warnings.warn(dropped, stacklevel=2)
+    for dropped in (dropped_hooks_warning(model_copy, traced), compiled_modules_warning(model_copy)):
+        if dropped is not None:
+            warnings.warn(dropped, stacklevel=2)
     if static and batch % m:
         raise PlanError(
             f"{type(model).__name__} was traced with torch.export, which fixes shapes: the example "

@@ -214,6 +214,14 @@ def test_a_hook_that_changes_the_output_runs_in_every_worker() -> None:
         torch.testing.assert_close(state[key], value, rtol=1e-6, atol=1e-7)
 
 
+def test_a_users_torch_compile_is_named_in_a_warning() -> None:
+    model = Hooked()
+    model.block = torch.compile(Block())
+    with pytest.warns(UserWarning, match=r"torch\.compile on block does not survive tracing") as record:
+        compile_local(model).close()
+    assert len(record) == 1
+
+
 STEPS = {"user": 0}
 
 

@@ -7,6 +7,9 @@ plain model (once per micro-batch). A module ``torch.fx`` traces through is inli
 ran once while tracing, on symbolic values, so a hook's effect on the output is in the graph
 but its side effects (a counter, a tensor hook, a log line) never happen in training;
 ``torch.export`` drops them the same way. :func:`dropped_hooks_warning` names those modules.
+
+A submodule the user wrapped in ``torch.compile`` (an ``OptimizedModule``) is traced through
+the same way: the stages run its code eagerly, and :func:`compiled_modules_warning` says so.
 """
 
 from __future__ import annotations
@@ -76,6 +79,19 @@ def dropped_hooks_warning(model: nn.Module, traced: TracedModel) -> str | None:
         root = "the whole model is never called as a module: move its hooks to a submodule"
         fix = f"{fix}; {root}" if fix else root
     return f"hooks on {listed} will not run during training: {how}. Fix: {fix}"
+
+
+def compiled_modules_warning(model: nn.Module) -> str | None:
+    """The warning for submodules of ``model`` wrapped in ``torch.compile``, or ``None``."""
+    from torch._dynamo.eval_frame import OptimizedModule
+
+    names = [name or "<root>" for name, m in model.named_modules() if isinstance(m, OptimizedModule)]
+    if not names:
+        return None
+    return (
+        f"torch.compile on {', '.join(names)} does not survive tracing: the stages run that code "
+        "eagerly (parameter names keep '_orig_mod.'). Fix: pass the module without torch.compile"
+    )
 
 
 @contextlib.contextmanager
