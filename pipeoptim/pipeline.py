@@ -7,6 +7,7 @@ import copy
 import math
 import os
 import threading
+import warnings
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
@@ -20,6 +21,7 @@ from pipeoptim import microbatch
 from pipeoptim.batchnorm import BATCH_NORMS, defer_batch_norm, plain_batch_norm
 from pipeoptim.compiler import plan_model
 from pipeoptim.compiler.costmodel import CostConfig, optimizer_state_factor
+from pipeoptim.compiler.hooks import compiled_modules_warning, dropped_hooks_warning
 from pipeoptim.compiler.plan import Plan
 from pipeoptim.compiler.profile import load_or_measure_update_cost
 from pipeoptim.compiler.shapes import plan_length
@@ -28,6 +30,7 @@ from pipeoptim.errors import PipelineError, PipeoptimError, PlanError, Predictor
 from pipeoptim.methods import METHODS, get_method
 from pipeoptim.runtime import spmd
 from pipeoptim.runtime.build import PipelineSpec, aliases_of, build_stage
+from pipeoptim.runtime.clipping import check_clipping
 from pipeoptim.runtime.distributed import check_devices
 from pipeoptim.runtime.executor import LocalExecutor, MiniBatch
 from pipeoptim.runtime.optim import (
@@ -35,6 +38,7 @@ from pipeoptim.runtime.optim import (
     hyperparameters,
     param_group_names,
 )
+from pipeoptim.runtime.precision import autocast_context, check_autocast
 from pipeoptim.runtime.predictors import VARIANTS as PREDICTOR_VARIANTS
 from pipeoptim.runtime.predictors import get_predictor
 from pipeoptim.units import parse_bandwidth, parse_bytes
@@ -533,6 +537,8 @@ def compile(
     nan_check: str = "stages",
     solver: str = "cbc",
     log: Callable[[str], None] | None = None,
+    max_grad_norm: float | None = None,
+    autocast: torch.dtype | None = None,
 ) -> Pipeline:
     """Compile ``model`` and ``optimizer`` into a pipeline of ``gpus`` stages.
 
@@ -568,7 +574,10 @@ def compile(
             (one worker process per stage, torch.distributed), ``"torchrun"`` (this process is
             one rank of a torchrun job and runs its stage), or ``"auto"`` (``torchrun`` when
             started by torchrun, else ``processes``).
-        leaf_modules: qualified names of modules to keep as single nodes.
+        leaf_modules: qualified names of modules to keep as single nodes. Hooks registered
+            on a module run in training (once per micro-batch, as in the plain model) only if
+            it stays a module: a leaf, or inside one; hooks that tracing drops are named in a
+            ``UserWarning`` (see :mod:`pipeoptim.compiler.hooks`).
         seed: seed of the per-micro-batch random streams (dropout).
         timeout: seconds any wait between stages may take before the pipeline fails.
         backward: PipeOptim only: ``"current"`` weights (the paper) or ``"predicted"``.
@@ -580,6 +589,16 @@ def compile(
             appeared), ``"loss"`` (only the loss), ``"off"``.
         solver: ILP solver, ``cbc`` or ``highs``.
         log: receives progress messages (profiling, reuse of a saved profile).
+        max_grad_norm: clip each mini-batch's gradients by their global norm over all
+            stages, as ``torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)``
+            before ``optimizer.step()``: gpipe and 1f1b (equal to plain training), or any
+            method with one stage (see :mod:`pipeoptim.runtime.clipping` for why the
+            asynchronous methods refuse it with more). ``None``: no clipping.
+        autocast: ``torch.bfloat16``: every stage computes its forward and the loss under
+            ``torch.autocast`` (as the plain model inside that context), values cross stage
+            boundaries in the dtypes autocast gives them, and the plan is made from a profile
+            under autocast (:mod:`pipeoptim.runtime.precision`). A caller's own ``with
+            torch.autocast(...)`` does not reach worker processes: use this option.
 
     Raises:
         ValueError: a bad argument (the message says which and what is allowed).
@@ -600,6 +619,8 @@ def compile(
     if batch_norm not in BATCH_NORMS:
         raise ValueError(f"batch_norm must be 'micro-batch' or 'deferred', not {batch_norm!r}")
     info = get_method(method)
+    max_grad_norm = check_clipping(max_grad_norm, info.asynchronous, gpus)
+    autocast = check_autocast(autocast)
     m = micro_batches if micro_batches is not None else (gpus if info.micro_batched else 1)
     if m < 1:
         raise ValueError(f"micro_batches must be positive, got {m}")
@@ -677,16 +698,17 @@ def compile(
         chosen = _given_plan(plan, traced, config, say)
         static_batch, dynamic_length = traced.method == "export", False  # not probed: keep shapes
     elif rank0:
-        planned = plan_model(
-            model_copy,
-            micro,
-            config,
-            leaf_modules=leaf_modules,
-            profile_dir=profile_dir,
-            device=_profile_device(kind, inputs[0].device),
-            solver=solver,
-            log=say,
-        )
+        with autocast_context(autocast, _profile_device(kind, inputs[0].device)):
+            planned = plan_model(
+                model_copy,
+                micro,
+                config,
+                leaf_modules=leaf_modules,
+                profile_dir=profile_dir,
+                device=_profile_device(kind, inputs[0].device),
+                solver=solver,
+                log=say,
+            )
         chosen, traced = planned.plan, planned.traced
         static_batch = bool(planned.graph.info.get("static_batch"))
         dynamic_length = bool(planned.graph.info.get("dynamic_length"))
@@ -695,6 +717,9 @@ def compile(
         chosen, static_batch, dynamic_length = Plan.from_dict(shared[0]), shared[1], shared[2]
         if not rank0:
             traced = trace(model_copy, micro, leaf_modules)
+    for dropped in (dropped_hooks_warning(model_copy, traced), compiled_modules_warning(model_copy)):
+        if dropped is not None:
+            warnings.warn(dropped, stacklevel=2)
     if batch_norm == "deferred" and traced.method == "export":
         raise PlanError(
             f"batch_norm='deferred' needs a model torch.fx can trace; {type(model).__name__} was traced "
@@ -722,6 +747,8 @@ def compile(
         policy_options=_policy_options(info.policy, backward, predictor, m),
         nan_check=nan_check,
         length=plan_length(chosen, micro, dynamic_length and not static_batch),
+        max_grad_norm=max_grad_norm,
+        autocast=autocast,
     )
     device = inputs[0].device if kind == "local" else torch.device("cpu")
     return Pipeline(spec, traced, optimizer, batch, static_batch, kind, device, timeout, owns_group)

@@ -37,6 +37,7 @@ from pipeoptim.errors import CheckpointError
 from pipeoptim.fileio import atomic_write, write_json
 from pipeoptim.pipeline import Loss
 from pipeoptim.records import Progress, StepLog, read_rows
+from pipeoptim.runtime.precision import autocast_context
 from pipeoptim.tasks import Task, make_task
 
 OPTIMIZERS = ("sgd", "adam", "adamw", "rmsprop", "adagrad")
@@ -70,6 +71,8 @@ class TrainConfig:
     progress: bool = True
     profile_dir: str | None = "profiles"
     nan_check: str = "stages"
+    max_grad_norm: float | None = None
+    precision: str = "float32"
     record_every: int = 50
     progress_every: int | None = None
 
@@ -101,17 +104,29 @@ class Sequential:
     plan = None
     num_stages = 1
 
-    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, loss_fn: Callable) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        loss_fn: Callable,
+        max_grad_norm: float | None = None,
+        autocast: torch.dtype | None = None,
+    ) -> None:
         self.model = model
+        self.autocast = autocast
         self.optimizer = optimizer
         self.loss_fn = loss_fn
+        self.max_grad_norm = max_grad_norm
         self.mini_batches_done = 0
 
     def step(self, inputs: tuple[torch.Tensor, ...], targets: Any) -> Loss:
         self.model.train()
         self.optimizer.zero_grad()
-        loss = self.loss_fn(self.model(*inputs), targets)
+        with autocast_context(self.autocast, "cpu"):
+            loss = self.loss_fn(self.model(*inputs), targets)
         loss.backward()
+        if self.max_grad_norm is not None:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.max_grad_norm)
         self.optimizer.step()
         result = Loss(self.mini_batches_done)
         result._set(float(loss.detach()))
@@ -125,7 +140,8 @@ class Sequential:
     def predict(self, inputs: tuple[torch.Tensor, ...]) -> Any:
         self.model.eval()
         try:
-            return self.model(*inputs)
+            with autocast_context(self.autocast, "cpu"):
+                return self.model(*inputs)
         finally:
             self.model.train()
 
@@ -168,6 +184,17 @@ def cosine_factor(total: int) -> Callable[[int], float]:
     return factor
 
 
+def _autocast_dtype(precision: str) -> torch.dtype | None:
+    """``--precision``: ``float32`` (no autocast) or ``bfloat16``.
+
+    Raises:
+        ValueError: another name.
+    """
+    if precision not in ("float32", "bfloat16"):
+        raise ValueError(f"precision must be 'float32' or 'bfloat16', not {precision!r}")
+    return torch.bfloat16 if precision == "bfloat16" else None
+
+
 def _trainer(config: TrainConfig, task: Task, log: Callable[[str], None]) -> tuple[Any, Any]:
     """The trainer (a pipeline, or :class:`Sequential`) and the LR scheduler on its optimizer."""
     optimizer = make_optimizer(
@@ -181,7 +208,10 @@ def _trainer(config: TrainConfig, task: Task, log: Callable[[str], None]) -> tup
     elif config.lr_schedule != "constant":
         raise ValueError(f"lr_schedule must be 'cosine' or 'constant', not {config.lr_schedule!r}")
     if config.method == SEQUENTIAL:
-        return Sequential(task.model, optimizer, task.loss_fn), scheduler
+        sequential = Sequential(
+            task.model, optimizer, task.loss_fn, config.max_grad_norm, _autocast_dtype(config.precision)
+        )
+        return sequential, scheduler
     pipe = pipeoptim.compile(
         task.model,
         optimizer,
@@ -195,6 +225,8 @@ def _trainer(config: TrainConfig, task: Task, log: Callable[[str], None]) -> tup
         profile_dir=config.profile_dir,
         seed=config.seed,
         nan_check=config.nan_check,
+        max_grad_norm=config.max_grad_norm,
+        autocast=_autocast_dtype(config.precision),
         log=log,
     )
     return pipe, scheduler

@@ -103,6 +103,20 @@ from pipeoptim.training import OPTIMIZERS, SEQUENTIAL, TrainConfig, summary_line
     help="Stop at a NaN in any stage's activations or a NaN/inf loss, only at the loss, or never.",
 )
 @click.option(
+    "--max-grad-norm",
+    type=click.FloatRange(min=0, min_open=True),
+    default=None,
+    help="Clip each mini-batch's gradients by their global norm over all stages (gpipe, 1f1b, "
+    "sequential, or one stage).",
+)
+@click.option(
+    "--precision",
+    type=click.Choice(["float32", "bfloat16"]),
+    default="float32",
+    show_default=True,
+    help="bfloat16: every stage computes under torch.autocast (activations cross stages in bfloat16).",
+)
+@click.option(
     "--record-every",
     type=click.IntRange(min=1),
     default=50,
@@ -139,6 +153,8 @@ def train_command(
     resume,
     profile_dir,
     nan_check,
+    max_grad_norm,
+    precision,
     record_every,
     progress_every,
     quiet,
@@ -172,6 +188,8 @@ def train_command(
         progress_every=progress_every,
         profile_dir=profile_dir,
         nan_check=nan_check,
+        max_grad_norm=max_grad_norm,
+        precision=precision,
     )
     try:
         metrics = train(config, log=lambda msg: click.echo(msg, err=True))

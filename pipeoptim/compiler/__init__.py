@@ -15,6 +15,7 @@ from torch import nn
 
 from pipeoptim.compiler.costgraph import CostGraph
 from pipeoptim.compiler.costmodel import CostConfig
+from pipeoptim.compiler.hooks import hooks_silenced
 from pipeoptim.compiler.plan import Plan, make_plan
 from pipeoptim.compiler.profile import load_or_profile
 from pipeoptim.compiler.trace import TracedModel, trace
@@ -51,7 +52,10 @@ def plan_model(
     errors raised.
     """
     traced = trace(model, example_inputs, leaf_modules)
-    graph, reused = load_or_profile(traced, example_inputs, profile_dir=profile_dir, device=device, log=log)
+    with hooks_silenced(traced.gm):  # profiling runs no user hook
+        graph, reused = load_or_profile(
+            traced, example_inputs, profile_dir=profile_dir, device=device, log=log
+        )
     plan = make_plan(
         graph, config, partitioner=partitioner, solver=solver, time_limit=time_limit, ideals=ideals
     )

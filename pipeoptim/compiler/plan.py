@@ -231,6 +231,16 @@ def make_plan(
     else:
         names = ", ".join(["ilp", "chain_dp", *partitioners.BASELINES])
         raise PlanError(f"unknown partitioner {partitioner!r}; choose one of {names}")
+    return plan_from_assignment(graph, config, result)
+
+
+def plan_from_assignment(graph: CostGraph, config: CostConfig, result: partitioners.PartitionResult) -> Plan:
+    """The :class:`Plan` of an assignment of nodes to stages (``result.stage_of``, in the
+    order of ``graph.nodes``), with its costs evaluated under ``config``.
+
+    Raises:
+        ValueError: the assignment sends an edge backwards or names a stage out of range.
+    """
     stats = evaluate(graph, result.stage_of, config)
     summary = summarize(graph, stats, config)
     summary.update(

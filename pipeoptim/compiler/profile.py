@@ -55,15 +55,19 @@ MEASURES = 2
 
 
 def profile_key(traced: TracedModel, inputs: Sequence[torch.Tensor], device: torch.device) -> dict:
-    """What a profile is valid for: graph, input shapes/dtypes, device, torch version and what
-    the profiler measures (:data:`MEASURES`)."""
-    return {
+    """What a profile is valid for: graph, input shapes/dtypes, device, torch version, what
+    the profiler measures (:data:`MEASURES`), and the ``torch.autocast`` dtype where the
+    profile is made under autocast."""
+    key = {
         "graph_hash": traced.graph_hash,
         "inputs": [[list(x.shape), str(x.dtype).removeprefix("torch.")] for x in inputs],
         "device": device_name(device),
         "torch": torch.__version__,
         "measures": MEASURES,
     }
+    if torch.is_autocast_enabled(device.type):
+        key["autocast"] = str(torch.get_autocast_dtype(device.type)).removeprefix("torch.")
+    return key
 
 
 def _nbytes(t: torch.Tensor) -> int:

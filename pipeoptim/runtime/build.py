@@ -25,6 +25,7 @@ from pipeoptim.methods import get_method
 from pipeoptim.microbatch import CheckedLoss, Reduction
 from pipeoptim.runtime.optim import mirror
 from pipeoptim.runtime.policies import insert_policy, make_policy
+from pipeoptim.runtime.precision import under_autocast
 from pipeoptim.runtime.schedule import Schedule
 from pipeoptim.runtime.stage import StageRuntime
 
@@ -50,6 +51,8 @@ class PipelineSpec:
     seed: int = 0
     policy_options: dict[str, Any] = field(default_factory=dict)
     nan_check: str = "stages"
+    max_grad_norm: float | None = None
+    autocast: torch.dtype | None = None
 
     @property
     def num_stages(self) -> int:
@@ -106,6 +109,10 @@ def build_stage(
         }
     module.to(device)
     module.train()
+    loss_fn = _stage_loss(spec)
+    if spec.autocast is not None:
+        module.forward = under_autocast(module.forward, spec.autocast, device)  # type: ignore[method-assign]
+        loss_fn = under_autocast(loss_fn, spec.autocast, device)
     optimizer, group_map = mirror(
         spec.optimizer_class,
         spec.optimizer_defaults,
@@ -132,10 +139,11 @@ def build_stage(
         group_map=group_map,
         policy=policy if optimizer is not None else None,
         input_grad_mask=input_grad_mask(plan, stage),
-        loss_fn=_stage_loss(spec) if last else None,
+        loss_fn=loss_fn if last else None,
         unflatten_output=traced.unflatten_output if last else None,
         seed=spec.seed,
         nan_check=spec.nan_check,
+        max_grad_norm=spec.max_grad_norm,
     )
 
 

@@ -3,9 +3,10 @@
 Shapes and dtypes come from the plan (:attr:`pipeoptim.compiler.plan.Plan.values`), scaled
 along the batch dimension by the micro-batch size, so receivers allocate their buffers
 without a shape handshake. Numbers crossing a boundary (a batch size computed in the graph)
-travel packed into one float64 tensor. Sends are asynchronous (``isend``) and receives are
-posted ahead of the action that needs them (:meth:`DistChannel.prefetch`), so transfers
-overlap computation; every wait has a timeout.
+travel packed into one float64 tensor; gradients are preceded by one uint8 per gradient
+saying whether it exists ("no gradient" is not a zero gradient). Sends are asynchronous
+(``isend``) and receives are posted ahead of the action that needs them
+(:meth:`DistChannel.prefetch`), so transfers overlap computation; every wait has a timeout.
 
 A send's request and its tensor are kept until the request is waited on: gloo reports
 ``is_completed() == False`` until ``wait()`` even after the peer has received the tensor, so
@@ -136,6 +137,13 @@ class DistChannel:
     def loss(self, micro_batch: int, value: torch.Tensor) -> None:
         self.losses.append((micro_batch, float(value)))
 
+    def total_squared_grad_norm(self, own: float) -> float:
+        """Σ‖g_k‖² over all stages: an all-reduce of ``own`` (every stage calls it at the same
+        step; the process group's timeout bounds the wait)."""
+        value = torch.tensor([own], dtype=torch.float64, device=self.device)
+        dist.all_reduce(value)
+        return float(value.item())
+
     def done(self, micro_batch: int) -> None:
         """Forget a micro-batch's data and size once this stage has finished it."""
         self.data.pop(micro_batch, None)
@@ -186,6 +194,24 @@ class DistChannel:
                 )
             self.isend(v.detach(), dst)
 
+    def _send_grad_presence(self, micro_batch: int, grads: Sequence[Any]) -> list[Any]:
+        """Send which masked gradients exist (one uint8 per masked leaf) ahead of them, and
+        return ``grads`` with zeros standing in for the missing ones (the receiver's buffers
+        are posted ahead, so every masked leaf travels; the receiver turns these back into
+        ``None``: "no gradient", not a zero one)."""
+        sent = [i for i, need in enumerate(self.grad_mask_in) if need]
+        if not sent:
+            return list(grads)
+        self.isend(torch.tensor([grads[i] is not None for i in sent], dtype=torch.uint8), self.rank - 1)
+        batch = self.sizes[micro_batch]
+        out = list(grads)
+        for i in sent:
+            if out[i] is None:
+                meta = self.in_meta[i]
+                shape = shape_for(meta, self.plan.batch_size, batch)
+                out[i] = torch.zeros(shape, dtype=getattr(torch, meta["dtype"]), device=self.device)
+        return out
+
     def send_activations(self, micro_batch: int, values: Any) -> None:
         leaves = pytree.tree_leaves(tuple(values))
         if len(leaves) != len(self.out_meta):
@@ -195,6 +221,7 @@ class DistChannel:
         self._send_leaves(leaves, self.out_meta, None, self.rank + 1)
 
     def send_grads(self, micro_batch: int, grads: Sequence[Any]) -> None:
+        grads = self._send_grad_presence(micro_batch, grads)
         self._send_leaves(grads, self.in_meta, self.grad_mask_in, self.rank - 1)
 
     def wait_sends(self) -> None:
@@ -232,8 +259,12 @@ class DistChannel:
             metas, mask, src = self.out_meta, self.grad_mask_out, self.rank + 1
         leaves = self._buffers(metas, mask, batch)
         works = []
-        n_scalars = sum(m["kind"] in _SCALARS for m in metas) if op == "act" else 0
-        scalar_buf = torch.empty(n_scalars, dtype=torch.float64) if n_scalars else None
+        if op == "act":
+            n_scalars = sum(m["kind"] in _SCALARS for m in metas)
+            scalar_buf = torch.empty(n_scalars, dtype=torch.float64) if n_scalars else None
+        else:  # which gradients exist (see _send_grad_presence)
+            n_grads = sum(mask)
+            scalar_buf = torch.empty(n_grads, dtype=torch.uint8) if n_grads else None
         if scalar_buf is not None:
             works.append(dist.irecv(scalar_buf, src))
         for leaf in leaves:
@@ -255,7 +286,12 @@ class DistChannel:
                     f"of micro-batch {key[1]} from stage {peer} failed ({str(exc).splitlines()[0]}); "
                     f"stage {peer} has probably stopped"
                 ) from exc
-        if scalar_buf is not None:
+        if scalar_buf is not None and key[0] == "grad":
+            present = iter(scalar_buf.tolist())
+            for i, leaf in enumerate(leaves):
+                if isinstance(leaf, torch.Tensor) and not next(present):
+                    leaves[i] = None
+        elif scalar_buf is not None:
             values = iter(scalar_buf.tolist())
             for i, m in enumerate(metas):
                 if m["kind"] in _SCALARS:

@@ -16,7 +16,7 @@ from typing import Any, Protocol
 import torch
 
 from pipeoptim.runtime.procmem import resident_bytes
-from pipeoptim.runtime.schedule import BACKWARD, FORWARD, Action, Schedule
+from pipeoptim.runtime.schedule import BACKWARD, FORWARD, STEP, Action, Schedule
 from pipeoptim.runtime.stage import (
     StageRuntime,
     detach_values,
@@ -60,6 +60,7 @@ class Channel(Protocol):
     def loss(self, micro_batch: int, value: torch.Tensor) -> None: ...
     def scale(self, micro_batch: int) -> float: ...
     def mini_batch(self, micro_batch: int) -> int: ...
+    def total_squared_grad_norm(self, own: float) -> float: ...
 
 
 class StageState:
@@ -89,6 +90,8 @@ def run_action(stage: StageRuntime, action: Action, channel: Channel, state: Sta
             channel.send_grads(mb, result)
         state.last_backward = mb
     else:
+        if stage.max_grad_norm is not None:
+            stage.clip_gradients(channel.total_squared_grad_norm(stage.squared_grad_norm()))
         stage.step(state.last_backward)
 
 
@@ -127,6 +130,9 @@ class _Mailbox:
     def mini_batch(self, micro_batch: int) -> int:
         return self.ex.data[micro_batch][3]
 
+    def total_squared_grad_norm(self, own: float) -> float:
+        return self.ex.round_squared_norm(self.stage)
+
 
 class LocalExecutor:
     """Runs every stage in this process, deterministically.
@@ -156,6 +162,8 @@ class LocalExecutor:
         self.data: dict[int, tuple[Any, Any, float, int]] = {}
         self.activations: dict[tuple[int, int], Any] = {}
         self.gradients: dict[tuple[int, int], Any] = {}
+        self._clip_total: float | None = None  # Σ‖g_k‖² of the steps being taken together
+        self._clip_done: set[int] = set()
 
     def submit(self, batch: MiniBatch) -> None:
         """Feed a mini-batch and run every action that can run."""
@@ -185,7 +193,23 @@ class LocalExecutor:
             return k == 0 or (k, mb) in self.activations
         if action.op == BACKWARD:
             return k == len(self.stages) - 1 or (k, mb) in self.gradients
-        return True
+        if self.stages[k].max_grad_norm is None:
+            return True
+        # clipping by the global norm: the stages step together, once all have their gradients
+        if self._clip_total is not None:
+            return k not in self._clip_done
+        return all(q and q[0].op == STEP for q in self.queues)
+
+    def round_squared_norm(self, stage: int) -> float:
+        """Σ‖g_k‖² over all stages for the steps they are taking together (computed when the
+        first of them steps, before any gradient is scaled)."""
+        if self._clip_total is None:
+            self._clip_total = sum(s.squared_grad_norm() for s in self.stages)
+        total = self._clip_total
+        self._clip_done.add(stage)
+        if len(self._clip_done) == len(self.stages):
+            self._clip_total, self._clip_done = None, set()
+        return total
 
     def _run(self) -> None:
         progress = True

@@ -115,6 +115,16 @@ class UpdateCostError(RuntimeError):
     """The optimizer could not be timed on a test parameter."""
 
 
+def builtin_base(optimizer_class: type[Optimizer]) -> type[Optimizer] | None:
+    """The first class in ``optimizer_class``'s MRO defined in ``torch.optim`` (itself for
+    ``torch.optim.AdamW``; ``SGD`` for a user's ``class Clipped(SGD)``), not counting the
+    abstract ``torch.optim.Optimizer``; ``None`` if there is none."""
+    for cls in optimizer_class.__mro__:
+        if cls is not Optimizer and cls.__module__.startswith("torch.optim.") and issubclass(cls, Optimizer):
+            return cls
+    return None
+
+
 def measure_update_cost(
     optimizer_class: type[Optimizer],
     defaults: Mapping[str, Any],
@@ -124,15 +134,29 @@ def measure_update_cost(
 ) -> tuple[float, float]:
     """Seconds per parameter byte of one optimizer step, and of one weight prediction.
 
-    Times ``optimizer_class`` (with the user's defaults) stepping one ``numel``-element
-    float32 parameter with a fresh gradient each time (median of ``repeats`` after two warm-up
-    steps), and the optimizer's predictor (:mod:`pipeoptim.runtime.predictors`) computing
-    ``Ŵ = W - 2·U`` on it (0 without a predictor). Feeds
+    Times the ``torch.optim`` class ``optimizer_class`` is or derives from (:func:`builtin_base`,
+    with the user's defaults) stepping one ``numel``-element float32 parameter with a fresh
+    gradient each time (median of ``repeats`` after two warm-up steps), and its predictor
+    (:mod:`pipeoptim.runtime.predictors`) computing ``Ŵ = W - 2·U`` on it (0 without a
+    predictor). A subclass's own ``__init__`` and ``step()`` are user code and are not run
+    (their extra cost, if any, is not in the figure). Feeds
     :class:`pipeoptim.compiler.costmodel.CostConfig`.
+
+    Raises:
+        UpdateCostError: ``optimizer_class`` derives from no ``torch.optim`` optimizer (it is
+            not timed: that would run its ``step()`` at compile time), or the base class
+            cannot step a test parameter.
     """
     from pipeoptim.errors import PredictorError
     from pipeoptim.runtime.predictors import get_predictor, predict
 
+    base = builtin_base(optimizer_class)
+    if base is None:
+        raise UpdateCostError(
+            f"{optimizer_class.__name__} derives from no torch.optim optimizer, and timing it would run "
+            "its step() at compile time"
+        )
+    optimizer_class = base
     device = torch.device(device)
     param = torch.nn.Parameter(torch.randn(numel, device=device))
     accepted = inspect.signature(optimizer_class.__init__).parameters

@@ -18,6 +18,7 @@ from torch.optim import Optimizer
 from torch.utils import _pytree as pytree
 
 from pipeoptim.errors import NonFiniteLossError, PipelineError
+from pipeoptim.runtime.clipping import clip_coefficient, scale_grads_, squared_grad_norm
 from pipeoptim.runtime.optim import apply_hyperparameters
 from pipeoptim.runtime.policies import WeightPolicy
 
@@ -87,6 +88,8 @@ class StageRuntime:
             dropout draws the same masks in every executor.
         nan_check: ``"stages"`` (each stage checks its outputs for NaN, so an error names
             the stage where it appeared), ``"loss"`` (only the loss), or ``"off"``.
+        max_grad_norm: clip the gradients by the global norm over all stages before each
+            step (:mod:`pipeoptim.runtime.clipping`); ``None``: no clipping.
     """
 
     def __init__(
@@ -102,10 +105,12 @@ class StageRuntime:
         unflatten_output: Callable[[Sequence[Any]], Any] | None = None,
         seed: int = 0,
         nan_check: str = "stages",
+        max_grad_norm: float | None = None,
     ) -> None:
         if nan_check not in ("stages", "loss", "off"):
             raise ValueError(f"nan_check must be 'stages', 'loss' or 'off', not {nan_check!r}")
         self.nan_check = nan_check
+        self.max_grad_norm = max_grad_norm
         self.measure_memory = False
         self.peak_activation_bytes = 0
         self._activation_bytes: dict[int, int] = {}
@@ -286,8 +291,11 @@ class StageRuntime:
                 the last stage, which starts from its loss.
 
         Returns:
-            The gradient of each flat input leaf (``None`` where none flows back; zeros where
-            one is expected but the input did not influence the outputs).
+            The gradient of each flat input leaf; ``None`` where none flows back, also where
+            one could but this micro-batch's outputs did not depend on the input (a branch not
+            taken): as in plain PyTorch, the parameters that produced it then get no gradient
+            (``grad is None``) and the optimizer skips them, where a zero gradient would still
+            move them under momentum, Adam or weight decay.
         """
         state = self._in_flight.pop(micro_batch)
         self._activation_bytes.pop(micro_batch, None)
@@ -317,8 +325,23 @@ class StageRuntime:
             if not need or not isinstance(v, torch.Tensor):
                 result.append(None)
             else:
-                result.append(v.grad if v.grad is not None else torch.zeros_like(v))
+                result.append(v.grad)
         return result
+
+    def _trainable(self) -> list[torch.Tensor]:
+        if self.optimizer is None:
+            return []
+        return [p for group in self.optimizer.param_groups for p in group["params"]]
+
+    def squared_grad_norm(self) -> float:
+        """Σ ‖grad‖² over this stage's parameters (its share of the global norm)."""
+        return squared_grad_norm(self._trainable())
+
+    def clip_gradients(self, total_squared: float) -> None:
+        """Scale this stage's gradients by ``min(1, max_grad_norm / (‖g‖ + 1e-6))``, ``‖g‖²``
+        being ``total_squared``, the sum of every stage's :meth:`squared_grad_norm`."""
+        assert self.max_grad_norm is not None
+        scale_grads_(self._trainable(), clip_coefficient(total_squared, self.max_grad_norm))
 
     def step(self, micro_batch: int | None = None) -> None:
         """Optimizer step with the hyperparameters recorded for ``micro_batch``."""

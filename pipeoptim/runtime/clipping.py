@@ -1,0 +1,77 @@
+"""Gradient-norm clipping by the global norm over all stages (``compile(..., max_grad_norm=)``).
+
+The rule is ``torch.nn.utils.clip_grad_norm_``'s (Pascanu et al., ICML 2013, Eq. 5; norm 2):
+with ``g`` the gradients of every parameter of the model for one mini-batch,
+
+    ‖g‖ = sqrt(Σ_k ‖g_k‖²),    g ← g · min(1, max_norm / (‖g‖ + 1e-6)),
+
+where ``‖g_k‖²`` is the sum of squares of stage k's gradients (each parameter lives in exactly
+one stage). Before its optimizer step each stage computes ``‖g_k‖²``, the stages add them up
+(``torch.distributed.all_reduce``, or in memory in the local executor) and each scales its own
+gradients by the same factor.
+
+The global norm of a mini-batch is that of its own gradients at every stage. For GPipe and
+1F1B (a flush per mini-batch) this costs one small all-reduce at the step that all stages take
+together anyway, and training equals plain training with ``clip_grad_norm_``.
+
+Asynchronous 1F1B (PipeOptim, PipeDream, 2BW, SpecTrain, none) with more than one stage is
+refused (:func:`check_clipping`): there the last stage steps mini-batch t right after its
+backward, while stage 0 computes t's gradient only after the forwards of t+1 ... t+N-1. The
+exact global norm would make the last stage wait for N-1 more mini-batches before the forward
+of t+1 (a flush per mini-batch, and a loss of t+1 that is unknown until t+N-1 is given, which
+deadlocks a loop that reads each loss); any rule that does not wait clips with some stages'
+norms of other mini-batches, which is not the mini-batch's global norm.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+
+import torch
+
+
+def squared_grad_norm(params: Iterable[torch.Tensor]) -> float:
+    """Σ ‖p.grad‖² over ``params`` with a gradient (float64 accumulation; 0.0 if none)."""
+    total = 0.0
+    for p in params:
+        if p.grad is not None:
+            total += float(torch.linalg.vector_norm(p.grad, dtype=torch.float64) ** 2)
+    return total
+
+
+def clip_coefficient(total_squared: float, max_norm: float) -> float:
+    """``min(1, max_norm / (sqrt(total_squared) + 1e-6))``, as ``clip_grad_norm_`` (a NaN or
+    infinite norm gives a NaN or zero factor, as there with ``error_if_nonfinite=False``)."""
+    if math.isnan(total_squared):
+        return math.nan
+    return min(1.0, max_norm / (math.sqrt(total_squared) + 1e-6))
+
+
+def scale_grads_(params: Iterable[torch.Tensor], factor: float) -> None:
+    """Multiply every existing gradient of ``params`` by ``factor`` in place (skipped at 1.0)."""
+    if factor == 1.0:
+        return
+    grads = [p.grad for p in params if p.grad is not None]
+    if grads:
+        torch._foreach_mul_(grads, factor)
+
+
+def check_clipping(value: float | None, asynchronous: bool, num_stages: int) -> float | None:
+    """``value`` (``max_grad_norm``) as a float, checked.
+
+    Raises:
+        ValueError: not a positive finite number, or an asynchronous method with more than one
+            stage (see the module's documentation).
+    """
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:
+        raise ValueError(f"max_grad_norm must be a positive finite number (e.g. 1.0), got {value!r}")
+    if asynchronous and num_stages > 1:
+        raise ValueError(
+            "max_grad_norm needs a method that flushes every mini-batch (the global norm of an "
+            "asynchronous mini-batch is known only N-1 mini-batches after the last stage's step): "
+            "use method='gpipe' or '1f1b' (--method), or leave max_grad_norm unset"
+        )
+    return float(value)

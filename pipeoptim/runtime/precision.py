@@ -1,0 +1,60 @@
+"""Mixed precision: every stage computes under ``torch.autocast`` (``compile(..., autocast=)``).
+
+Each stage's forward and the last stage's loss run inside ``torch.autocast(device_type,
+dtype)``, as the plain model would with its forward and loss inside that context, so the
+values crossing a stage boundary have the dtypes autocast gives them there (a ``Linear``'s
+output in bfloat16: half the bytes of float32). The compiler profiles the model under the same
+context, so the plan's boundary dtypes and byte counts (communication and saved activations)
+are those of the reduced precision, and the profile is cached apart from a float32 one.
+Autocast state is per thread and per process; this is why a spawned worker does not follow a
+caller's ``with torch.autocast(...)`` and the option exists.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+#: Reduced-precision dtypes the option accepts.
+SUPPORTED = (torch.bfloat16,)
+
+
+def check_autocast(dtype: torch.dtype | None) -> torch.dtype | None:
+    """``dtype`` if supported.
+
+    Raises:
+        ValueError: float16 (it needs a gradient scaler, not implemented) or another dtype.
+    """
+    if dtype is None or dtype in SUPPORTED:
+        return dtype
+    if dtype is torch.float16:
+        raise ValueError(
+            "autocast=torch.float16 needs a gradient scaler, which pipeoptim does not have yet: use "
+            "autocast=torch.bfloat16"
+        )
+    raise ValueError(f"autocast must be torch.bfloat16 or None, not {dtype!r}")
+
+
+def autocast_context(dtype: torch.dtype | None, device: torch.device | str) -> Any:
+    """``torch.autocast`` for ``device``'s type and ``dtype``; a null context for ``None``."""
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(torch.device(device).type, dtype=dtype)
+
+
+def under_autocast(
+    fn: Callable[..., Any], dtype: torch.dtype, device: torch.device | str
+) -> Callable[..., Any]:
+    """``fn`` called inside :func:`autocast_context` (picklable: a ``functools.partial``)."""
+    return functools.partial(_call_under_autocast, fn, dtype, str(torch.device(device).type))
+
+
+def _call_under_autocast(
+    fn: Callable[..., Any], dtype: torch.dtype, device_type: str, *args: Any, **kw: Any
+) -> Any:
+    with torch.autocast(device_type, dtype=dtype):
+        return fn(*args, **kw)

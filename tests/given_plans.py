@@ -1,0 +1,33 @@
+"""Plans with the stage boundaries a test needs (the planner's choice depends on timings)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from pipeoptim.compiler.costmodel import CostConfig
+from pipeoptim.compiler.partition import PartitionResult
+from pipeoptim.compiler.plan import Plan, plan_from_assignment
+from pipeoptim.compiler.profile import load_or_profile
+from pipeoptim.compiler.trace import trace
+
+
+def plan_starting_at(
+    model: nn.Module,
+    micro_batch: Sequence[torch.Tensor],
+    config: CostConfig,
+    starts: Sequence[str],
+    leaf_modules: Sequence[str] = (),
+) -> Plan:
+    """The plan whose stage ``k >= 1`` begins at graph node ``starts[k - 1]`` (nodes in order)."""
+    assert len(starts) == config.num_stages - 1
+    traced = trace(model, tuple(micro_batch), leaf_modules)
+    graph, _ = load_or_profile(traced, tuple(micro_batch), profile_dir=None)
+    names = [n.name for n in graph.nodes]
+    firsts = [names.index(s) for s in starts]
+    stage_of = [sum(i >= f for f in firsts) for i in range(len(names))]
+    stage_of[-1] = config.num_stages - 1  # the output node
+    result = PartitionResult(stage_of, "given", "", "given", False, None, 0.0, len(names))
+    return plan_from_assignment(graph, config, result)
