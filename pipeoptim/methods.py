@@ -44,15 +44,16 @@ class Method:
     def extra_weight_copies(self, stage: int, num_stages: int) -> int:
         """Copies of the stage's weights kept besides the weights themselves.
 
-        PipeOptim keeps one predicted copy and PipeDream-2BW one older version, except at the
-        last stage, where a micro-batch's backward follows its forward with no step between
-        (version difference 0); SpecTrain keeps one predicted copy at every stage (its
-        backward predicts too); PipeDream stashes one version per mini-batch in flight beyond
+        PipeOptim keeps one predicted copy, except at the last stage, where a micro-batch's
+        backward follows its forward with no step between (version difference 0); SpecTrain
+        keeps one predicted copy at every stage (its backward predicts too), PipeDream-2BW one
+        older version at every stage (every stage, the last included, computes mini-batch t
+        on W(t-1)); PipeDream stashes one version per mini-batch in flight beyond
         the current one (``N - k - 1`` at stage k of N, 0-based); the others keep none.
         """
-        if self.policy in ("pipeoptim", "2bw"):
+        if self.policy == "pipeoptim":
             return 1 if stage < num_stages - 1 else 0
-        if self.policy == "spectrain":
+        if self.policy in ("spectrain", "2bw"):
             return 1
         if self.policy == "stash":
             return num_stages - stage - 1

@@ -166,9 +166,10 @@ def test_json_on_stdout_is_the_only_output(tmp_path: Path, solver: str, memory: 
 
 def reference_min_memory(graph: CostGraph, n: int, opt_factor: float) -> int:
     """Brute force, written from the cost model's memory formula: per stage k of N under
-    PipeOptim, params * (weights + gradient + optimizer state + predicted copy) + (N - k)
-    micro-batches of saved activations; the least over every assignment in which no edge
-    runs backwards and every stage has a node that does work."""
+    PipeOptim, params * (weights + gradient + optimizer state + predicted copy, none at the
+    last stage, whose version difference is 0) + (N - k) micro-batches of saved activations;
+    the least over every assignment in which no edge runs backwards and every stage has a
+    node that does work."""
     index = {node.name: i for i, node in enumerate(graph.nodes)}
     free = [i for i, node in enumerate(graph.nodes) if node.op not in ("placeholder", "output")]
     best = None
@@ -186,7 +187,8 @@ def reference_min_memory(graph: CostGraph, n: int, opt_factor: float) -> int:
             members = [graph.nodes[i] for i in range(len(graph.nodes)) if stage[i] == k]
             params = sum(m.param_bytes for m in members)
             saved = sum(m.saved_bytes for m in members)
-            peak = max(peak, params * (1 + 1 + opt_factor + 1) + (n - k) * saved)
+            copies = 1 if k < n - 1 else 0
+            peak = max(peak, params * (1 + 1 + opt_factor + copies) + (n - k) * saved)
         best = peak if best is None else min(best, peak)
     assert best is not None
     return int(best)
@@ -219,7 +221,9 @@ def test_smallest_memory_limit_is_exact(seed: int, ideals: bool) -> None:
 def test_smallest_memory_limit_of_gpu_graphs_plans_and_one_byte_less_does_not(
     shared_dir: Path, name: str, stages: int, ideals: bool
 ) -> None:
-    """alexnet with 4 stages named 846,798,846 bytes, which failed, where 846,798,848 planned."""
+    """alexnet with 4 stages named 846,798,846 bytes, which failed, where 846,798,848 planned
+    (then: a predicted copy counted at the last stage too; without it the minimum is
+    714,571,488 bytes)."""
     graph = CostGraph.load(shared_dir / "profiles" / f"{name}.json")
     base = CostConfig(stages, bandwidth=25e9, micro_batches=stages)
     with pytest.raises(InfeasibleMemoryError) as info:
@@ -239,7 +243,7 @@ def test_smallest_memory_limit_of_gpu_graphs_plans_and_one_byte_less_does_not(
         )
     assert below.value.min_feasible_bytes == least
     if name == "alexnet":
-        assert least == 846_798_848
+        assert least == 714_571_488
 
 
 @pytest.mark.parametrize("ideals", [False, True])

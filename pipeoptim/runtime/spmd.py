@@ -145,7 +145,7 @@ class SPMDExecutor:
                 )
             length = -1 if batch.length is None else batch.length
             for rank in range(1, self.world):
-                self.process.channel._isend(
+                self.process.channel.isend(
                     torch.tensor([batch, length], dtype=torch.int64), rank, tag=SIZE_TAG
                 )
             return batch
