@@ -7,7 +7,7 @@ end and their ratio. The target is a ratio of at most 1.05 for every stage and m
 
     python benchmarks/long_run.py [--quick] [--steps 5000] [--model mlp|cnn] [--out benchmarks/results]
 
-Writes ``long_run.md`` (``--quick``: 300 steps, into a temporary folder unless ``--out``).
+Writes ``long_run.md`` (``--quick``: 200 steps of pipeoptim, into a temporary folder unless ``--out``).
 """
 
 from __future__ import annotations
@@ -88,15 +88,15 @@ def run(method: str, model_name: str, stages: int, steps: int, profiles: str) ->
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="300 steps, 2 methods, temporary folder")
+    parser.add_argument("--quick", action="store_true", help="200 steps, pipeoptim only, temporary folder")
     parser.add_argument("--steps", type=int, default=5000)
     parser.add_argument("--stages", type=int, default=4)
     parser.add_argument("--model", choices=["mlp", "cnn"], default="mlp")
     parser.add_argument("--methods", default="pipeoptim,pipedream,2bw,gpipe")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
-    steps = 300 if args.quick else args.steps
-    methods = ["pipeoptim", "gpipe"] if args.quick else args.methods.split(",")
+    steps = 200 if args.quick else args.steps
+    methods = ["pipeoptim"] if args.quick else args.methods.split(",")
     for m in methods:
         if m not in METHODS:
             parser.error(f"unknown method {m!r}; choose from {', '.join(METHODS)}")

@@ -433,7 +433,7 @@ def _loop(
             run.end_epoch(record)
             log(
                 f"epoch {epoch + 1}/{config.epochs}: train loss {record['train_loss']:.4f}, "
-                f"{task.metric} {value:.4f}, {record['mini_batches_per_s']:.1f} mini-batches/s"
+                f"test {task.metric} {value:.4f}, {record['mini_batches_per_s']:.1f} mini-batches/s"
             )
             run.write(time.perf_counter() - run.start, "running")
             if config.checkpoint_every:
