@@ -43,8 +43,10 @@ def data(n: int, batch: int = 8, seed: int = 1):
     ]
 
 
-def plain_training(model, make_opt, batches, micro: int, scheduler=None):
-    """Single-device training with gradient accumulation over the same micro-batches."""
+def plain_training(model, make_opt, batches, micro: int, scheduler=None, clip: float | None = None):
+    """Single-device training with gradient accumulation over the same micro-batches (plain
+    PyTorch semantics: ``zero_grad()`` sets gradients to ``None``), optionally clipped by the
+    global norm (``clip_grad_norm_``) before each step."""
     model = copy.deepcopy(model)
     opt = make_opt(model)
     sched = scheduler(opt) if scheduler else None
@@ -56,6 +58,8 @@ def plain_training(model, make_opt, batches, micro: int, scheduler=None):
             loss = F.cross_entropy(model(xs), ys) * (xs.shape[0] / x.shape[0])
             loss.backward()
             total += loss.item()
+        if clip is not None:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
         opt.step()
         if sched:
             sched.step()

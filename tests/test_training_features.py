@@ -13,6 +13,7 @@ from torch import nn
 import pipeoptim
 from pipeoptim.compiler.costmodel import CostConfig
 from tests.given_plans import plan_starting_at
+from tests.test_training import plain_training
 
 
 class Gate(nn.Module):
@@ -51,26 +52,6 @@ def gated_batches() -> list[tuple[torch.Tensor, torch.Tensor]]:
         x[:, 0] = flag
         batches.append((x, torch.randint(0, 3, (8,), generator=g)))
     return batches
-
-
-def plain_training(model, make_opt, batches, micro: int, clip: float | None = None):
-    """Single-device training, gradients accumulated over the same micro-batches; plain
-    PyTorch semantics (``zero_grad()`` sets gradients to ``None``)."""
-    model = copy.deepcopy(model)
-    opt = make_opt(model)
-    losses = []
-    for x, y in batches:
-        opt.zero_grad()
-        total = 0.0
-        for xs, ys in zip(torch.tensor_split(x, micro), torch.tensor_split(y, micro)):
-            loss = F.cross_entropy(model(xs), ys) * (xs.shape[0] / x.shape[0])
-            loss.backward()
-            total += loss.item()
-        if clip is not None:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
-        opt.step()
-        losses.append(total)
-    return losses, model
 
 
 def sgd_momentum_decay(model: nn.Module) -> torch.optim.Optimizer:
