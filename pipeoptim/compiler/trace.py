@@ -33,6 +33,7 @@ import torch.fx as fx
 from torch import nn
 from torch.utils import _pytree as pytree
 
+from pipeoptim.compiler.recompute import fold_regions, recording_checkpoints
 from pipeoptim.compiler.shapes import sequence_inputs
 from pipeoptim.errors import TraceError
 
@@ -213,8 +214,11 @@ def _symbolic_trace(
         concrete[p.name] = p.default
     before = set(vars(model))
     try:
-        graph = tracer.trace(model, concrete_args=concrete or None)
-        return fx.GraphModule(tracer.root, graph, type(model).__name__), None, None
+        with recording_checkpoints(model, tracer) as regions:
+            graph = tracer.trace(model, concrete_args=concrete or None)
+        gm = fx.GraphModule(tracer.root, graph, type(model).__name__)
+        fold_regions(gm, regions)
+        return gm, None, None
     except Exception as exc:  # fx raises many types; all mean "cannot trace"
         return None, exc, tracer.failed_module
     finally:
@@ -466,4 +470,6 @@ def graph_hash(gm: fx.GraphModule) -> str:
         h.update(f"{name}:{tuple(t.shape)}:{t.dtype}:{getattr(t, 'requires_grad', False)}".encode())
     for name, mod in sorted(gm.named_modules()):
         h.update(f"{name}:{type(mod).__qualname__}".encode())
+        if name and isinstance(mod, fx.GraphModule):  # a checkpointed region's graph
+            h.update(mod.code.encode())
     return h.hexdigest()
