@@ -31,6 +31,7 @@ from pipeoptim.methods import METHODS, get_method
 from pipeoptim.runtime import spmd
 from pipeoptim.runtime.build import PipelineSpec, aliases_of, build_stage
 from pipeoptim.runtime.clipping import check_clipping
+from pipeoptim.runtime.compiled import check_compile_stages
 from pipeoptim.runtime.distributed import check_devices
 from pipeoptim.runtime.executor import LocalExecutor, MiniBatch
 from pipeoptim.runtime.optim import (
@@ -539,6 +540,7 @@ def compile(
     log: Callable[[str], None] | None = None,
     max_grad_norm: float | None = None,
     autocast: torch.dtype | None = None,
+    compile_stages: bool | str = False,
 ) -> Pipeline:
     """Compile ``model`` and ``optimizer`` into a pipeline of ``gpus`` stages.
 
@@ -599,6 +601,9 @@ def compile(
             boundaries in the dtypes autocast gives them, and the plan is made from a profile
             under autocast (:mod:`pipeoptim.runtime.precision`). A caller's own ``with
             torch.autocast(...)`` does not reach worker processes: use this option.
+        compile_stages: ``True``: every stage's forward (and so its backward) runs through
+            ``torch.compile`` with inductor; a backend name (``"aot_eager"``) picks another
+            (:mod:`pipeoptim.runtime.compiled`). ``False`` (default): eager stages.
 
     Raises:
         ValueError: a bad argument (the message says which and what is allowed).
@@ -651,6 +656,7 @@ def compile(
         raise ValueError(
             "example_inputs must be a tensor or a tuple of tensors with a batch dimension (dim 0)"
         )
+    backend = check_compile_stages(compile_stages, _profile_device(kind, inputs[0].device))
     batch = int(inputs[0].shape[0])
     if batch < m:
         raise ValueError(f"example batch of {batch} cannot be split into {m} micro-batches")
@@ -749,6 +755,7 @@ def compile(
         length=plan_length(chosen, micro, dynamic_length and not static_batch),
         max_grad_norm=max_grad_norm,
         autocast=autocast,
+        compile_stages=backend,
     )
     device = inputs[0].device if kind == "local" else torch.device("cpu")
     return Pipeline(spec, traced, optimizer, batch, static_batch, kind, device, timeout, owns_group)

@@ -73,6 +73,7 @@ class TrainConfig:
     nan_check: str = "stages"
     max_grad_norm: float | None = None
     precision: str = "float32"
+    compile_stages: bool = False
     record_every: int = 50
     progress_every: int | None = None
 
@@ -208,6 +209,8 @@ def _trainer(config: TrainConfig, task: Task, log: Callable[[str], None]) -> tup
     elif config.lr_schedule != "constant":
         raise ValueError(f"lr_schedule must be 'cosine' or 'constant', not {config.lr_schedule!r}")
     if config.method == SEQUENTIAL:
+        if config.compile_stages:
+            raise ValueError("--compile-stages compiles pipeline stages: use it with a pipeline --method")
         sequential = Sequential(
             task.model, optimizer, task.loss_fn, config.max_grad_norm, _autocast_dtype(config.precision)
         )
@@ -227,6 +230,7 @@ def _trainer(config: TrainConfig, task: Task, log: Callable[[str], None]) -> tup
         nan_check=config.nan_check,
         max_grad_norm=config.max_grad_norm,
         autocast=_autocast_dtype(config.precision),
+        compile_stages=config.compile_stages,
         log=log,
     )
     return pipe, scheduler

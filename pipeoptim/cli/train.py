@@ -117,6 +117,11 @@ from pipeoptim.training import OPTIMIZERS, SEQUENTIAL, TrainConfig, summary_line
     help="bfloat16: every stage computes under torch.autocast (activations cross stages in bfloat16).",
 )
 @click.option(
+    "--compile-stages",
+    is_flag=True,
+    help="Run every stage through torch.compile (inductor; on the CPU it needs a C++ compiler).",
+)
+@click.option(
     "--record-every",
     type=click.IntRange(min=1),
     default=50,
@@ -155,6 +160,7 @@ def train_command(
     nan_check,
     max_grad_norm,
     precision,
+    compile_stages,
     record_every,
     progress_every,
     quiet,
@@ -190,6 +196,7 @@ def train_command(
         nan_check=nan_check,
         max_grad_norm=max_grad_norm,
         precision=precision,
+        compile_stages=compile_stages,
     )
     try:
         metrics = train(config, log=lambda msg: click.echo(msg, err=True))

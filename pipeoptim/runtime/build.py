@@ -23,6 +23,7 @@ from pipeoptim.compiler.trace import TracedModel, trace
 from pipeoptim.errors import PlanError
 from pipeoptim.methods import get_method
 from pipeoptim.microbatch import CheckedLoss, Reduction
+from pipeoptim.runtime.compiled import compiled
 from pipeoptim.runtime.optim import mirror
 from pipeoptim.runtime.policies import insert_policy, make_policy
 from pipeoptim.runtime.precision import under_autocast
@@ -53,6 +54,8 @@ class PipelineSpec:
     nan_check: str = "stages"
     max_grad_norm: float | None = None
     autocast: torch.dtype | None = None
+    #: ``torch.compile`` backend of the stages (:mod:`pipeoptim.runtime.compiled`), or ``None``
+    compile_stages: str | None = None
 
     @property
     def num_stages(self) -> int:
@@ -110,6 +113,8 @@ def build_stage(
     module.to(device)
     module.train()
     loss_fn = _stage_loss(spec)
+    if spec.compile_stages is not None:
+        module.forward = compiled(module.forward, spec.compile_stages)  # type: ignore[method-assign]
     if spec.autocast is not None:
         module.forward = under_autocast(module.forward, spec.autocast, device)  # type: ignore[method-assign]
         loss_fn = under_autocast(loss_fn, spec.autocast, device)
