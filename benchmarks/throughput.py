@@ -8,7 +8,7 @@ measured first); the measured bubble (idle share of the stages' time, from recor
 timestamps); and the measured peak memory per stage -- weights (all versions kept),
 optimizer state, saved activations -- for PipeOptim against PipeDream's weight stashing.
 PipeOptim runs once more with every stage compiled by ``torch.compile`` (inductor,
-``compile_stages=True``; the warm-up mini-batches include the compilation).
+``compile_stages=True``; 2N more warm-up mini-batches, which include the compilation).
 A timeline picture shows when each stage ran which forward and backward.
 
     python benchmarks/throughput.py [--quick] [--stages 2 4] [--methods 2bw ...] [--out DIR]
@@ -379,8 +379,10 @@ def main() -> None:
             print(f"  {n} stages, {method} ...", file=sys.stderr)
             results[method] = run_pipeoptim(method, n, micro, warmup, steps, profile_dir, bandwidth)
         print(f"  {n} stages, pipeoptim with compiled stages (inductor) ...", file=sys.stderr)
+        # compiling happens in the first forwards and backwards of each kind (stage 0's
+        # first forward predicts nothing yet): warm up past the pipeline's fill
         results["pipeoptim, compiled stages"] = run_pipeoptim(
-            "pipeoptim", n, micro, warmup, steps, profile_dir, bandwidth, compile_stages=True
+            "pipeoptim", n, micro, warmup + 2 * n, steps, profile_dir, bandwidth, compile_stages=True
         )
         plan = results["1f1b"]["plan"] if "1f1b" in results else results[methods[0]]["plan"]
         for schedule in ("ScheduleGPipe", "Schedule1F1B"):

@@ -596,7 +596,9 @@ def compile(
             before ``optimizer.step()``: gpipe and 1f1b (equal to plain training), or any
             method with one stage (see :mod:`pipeoptim.runtime.clipping` for why the
             asynchronous methods refuse it with more). ``None``: no clipping.
-        autocast: ``torch.bfloat16``: every stage computes its forward and the loss under
+        autocast: ``torch.bfloat16`` or ``torch.float16`` (gpipe, 1f1b or one stage; with
+            loss scaling over all stages as ``torch.amp.GradScaler``,
+            :mod:`pipeoptim.runtime.scaler`): every stage computes its forward and the loss under
             ``torch.autocast`` (as the plain model inside that context), values cross stage
             boundaries in the dtypes autocast gives them, and the plan is made from a profile
             under autocast (:mod:`pipeoptim.runtime.precision`). A caller's own ``with
@@ -625,7 +627,7 @@ def compile(
         raise ValueError(f"batch_norm must be 'micro-batch' or 'deferred', not {batch_norm!r}")
     info = get_method(method)
     max_grad_norm = check_clipping(max_grad_norm, info.asynchronous, gpus)
-    autocast = check_autocast(autocast)
+    autocast = check_autocast(autocast, info.asynchronous, gpus)
     m = micro_batches if micro_batches is not None else (gpus if info.micro_batched else 1)
     if m < 1:
         raise ValueError(f"micro_batches must be positive, got {m}")

@@ -118,6 +118,7 @@ class Sequential:
         self.optimizer = optimizer
         self.loss_fn = loss_fn
         self.max_grad_norm = max_grad_norm
+        self.scaler = torch.amp.GradScaler("cpu") if autocast is torch.float16 else None
         self.mini_batches_done = 0
 
     def step(self, inputs: tuple[torch.Tensor, ...], targets: Any) -> Loss:
@@ -125,10 +126,18 @@ class Sequential:
         self.optimizer.zero_grad()
         with autocast_context(self.autocast, "cpu"):
             loss = self.loss_fn(self.model(*inputs), targets)
-        loss.backward()
+        if self.scaler is not None:  # float16: the loss scaling of torch.amp.GradScaler
+            self.scaler.scale(loss).backward()
+            self.scaler.unscale_(self.optimizer)
+        else:
+            loss.backward()
         if self.max_grad_norm is not None:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.max_grad_norm)
-        self.optimizer.step()
+        if self.scaler is not None:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
         result = Loss(self.mini_batches_done)
         result._set(float(loss.detach()))
         self.mini_batches_done += 1
@@ -186,14 +195,15 @@ def cosine_factor(total: int) -> Callable[[int], float]:
 
 
 def _autocast_dtype(precision: str) -> torch.dtype | None:
-    """``--precision``: ``float32`` (no autocast) or ``bfloat16``.
+    """``--precision``: ``float32`` (no autocast), ``bfloat16`` or ``float16`` (with loss scaling).
 
     Raises:
         ValueError: another name.
     """
-    if precision not in ("float32", "bfloat16"):
-        raise ValueError(f"precision must be 'float32' or 'bfloat16', not {precision!r}")
-    return torch.bfloat16 if precision == "bfloat16" else None
+    dtypes = {"float32": None, "bfloat16": torch.bfloat16, "float16": torch.float16}
+    if precision not in dtypes:
+        raise ValueError(f"precision must be 'float32', 'bfloat16' or 'float16', not {precision!r}")
+    return dtypes[precision]
 
 
 def _trainer(config: TrainConfig, task: Task, log: Callable[[str], None]) -> tuple[Any, Any]:

@@ -111,10 +111,11 @@ from pipeoptim.training import OPTIMIZERS, SEQUENTIAL, TrainConfig, summary_line
 )
 @click.option(
     "--precision",
-    type=click.Choice(["float32", "bfloat16"]),
+    type=click.Choice(["float32", "bfloat16", "float16"]),
     default="float32",
     show_default=True,
-    help="bfloat16: every stage computes under torch.autocast (activations cross stages in bfloat16).",
+    help="bfloat16/float16: every stage computes under torch.autocast (activations cross stages in "
+    "16 bits); float16 scales the loss as torch.amp.GradScaler (gpipe, 1f1b, sequential, one stage).",
 )
 @click.option(
     "--compile-stages",

@@ -27,6 +27,7 @@ from pipeoptim.runtime.compiled import compiled
 from pipeoptim.runtime.optim import mirror
 from pipeoptim.runtime.policies import insert_policy, make_policy
 from pipeoptim.runtime.precision import under_autocast
+from pipeoptim.runtime.scaler import LossScaler
 from pipeoptim.runtime.schedule import Schedule
 from pipeoptim.runtime.stage import StageRuntime
 
@@ -149,6 +150,7 @@ def build_stage(
         seed=spec.seed,
         nan_check=spec.nan_check,
         max_grad_norm=spec.max_grad_norm,
+        scaler=LossScaler() if spec.autocast is torch.float16 else None,
     )
 
 
