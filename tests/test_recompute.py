@@ -187,3 +187,22 @@ def test_recomputation_under_weight_stashing_changes_no_number(method: str, micr
     assert plain_losses[-1] != pytest.approx(plain_losses[0])
     for key, value in plain_state.items():
         torch.testing.assert_close(ck_state[key], value, rtol=1e-6, atol=1e-7)
+
+
+class OnlyExportable(nn.Module):
+    """``range`` over a traced size breaks torch.fx; torch.export traces it (and inlines the
+    checkpoint)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.block = Block()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x * torch.tensor(list(range(x.shape[1]))).float()
+        return checkpoint(self.block, x, use_reentrant=False)
+
+
+def test_checkpointing_lost_to_torch_export_is_named_in_a_warning() -> None:
+    with pytest.warns(UserWarning, match=r"torch\.export traced through torch\.utils\.checkpoint on block"):
+        traced = trace(OnlyExportable(), (torch.randn(4, 16),))
+    assert traced.method == "export"

@@ -151,9 +151,8 @@ def _is_proxy(value: Any) -> bool:
 def recording_checkpoints(model: nn.Module, tracer: fx.Tracer) -> Iterator[list[_Region]]:
     """While tracing ``model`` with ``tracer``, record each outermost ``checkpoint`` call as a region.
 
-    ``torch.utils.checkpoint.checkpoint`` is replaced in its module and wherever a forward of
-    ``model``'s modules sees it as a global (``from torch.utils.checkpoint import
-    checkpoint``); calls on real tensors (not proxies) still run the real function.
+    ``torch.utils.checkpoint.checkpoint`` is replaced (:func:`_checkpoint_replaced`); calls
+    on real tensors (not proxies) still run the real function.
     Yields the list the regions are appended to, for :func:`fold_regions`.
     """
     recorder = _Recorder()
@@ -182,6 +181,37 @@ def recording_checkpoints(model: nn.Module, tracer: fx.Tracer) -> Iterator[list[
                 recorder.regions.append(_Region(made, bool(preserve)))
         return out
 
+    with _checkpoint_replaced(model, checkpoint):
+        yield recorder.regions
+
+
+@contextlib.contextmanager
+def checkpoint_calls(model: nn.Module) -> Iterator[list[str]]:
+    """Within the block, record what ``torch.utils.checkpoint.checkpoint`` is called on in
+    ``model``'s forwards (module names, else function names); the calls run as usual.
+
+    ``torch.export`` traces through checkpointing like ``torch.fx`` does, so a model that only
+    ``torch.export`` can trace loses its recomputation: :func:`pipeoptim.compiler.trace.trace`
+    uses this to say so.
+    """
+    names = {id(m): name or "<root>" for name, m in model.named_modules()}
+    called: list[str] = []
+
+    def checkpoint(function: Any, *args: Any, **kwargs: Any) -> Any:
+        owner = getattr(function, "__self__", function)
+        name = names.get(id(owner)) or getattr(function, "__qualname__", repr(function))
+        if name not in called:
+            called.append(name)
+        return _CHECKPOINT(function, *args, **kwargs)
+
+    with _checkpoint_replaced(model, checkpoint):
+        yield called
+
+
+@contextlib.contextmanager
+def _checkpoint_replaced(model: nn.Module, replacement: Any) -> Iterator[None]:
+    """``torch.utils.checkpoint.checkpoint`` replaced in its module and wherever a forward of
+    ``model``'s modules sees it as a global (``from torch.utils.checkpoint import checkpoint``)."""
     patched: list[tuple[dict[str, Any], str]] = []
     namespaces = [vars(torch_checkpoint)]
     for module in model.modules():
@@ -191,10 +221,10 @@ def recording_checkpoints(model: nn.Module, tracer: fx.Tracer) -> Iterator[list[
     for ns in namespaces:
         for name, value in list(ns.items()):
             if value is _CHECKPOINT:
-                ns[name] = checkpoint
+                ns[name] = replacement
                 patched.append((ns, name))
     try:
-        yield recorder.regions
+        yield
     finally:
         for ns, name in patched:
             ns[name] = _CHECKPOINT

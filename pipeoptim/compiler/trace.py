@@ -33,7 +33,7 @@ import torch.fx as fx
 from torch import nn
 from torch.utils import _pytree as pytree
 
-from pipeoptim.compiler.recompute import fold_regions, recording_checkpoints
+from pipeoptim.compiler.recompute import checkpoint_calls, fold_regions, recording_checkpoints
 from pipeoptim.compiler.shapes import sequence_inputs
 from pipeoptim.errors import TraceError
 
@@ -289,8 +289,16 @@ def trace(
         assert exc is not None
         first_failure = (exc, failed)
         try:
-            gm = _export(model, inputs)
+            with checkpoint_calls(model) as checkpointed:
+                gm = _export(model, inputs)
             method = "export"
+            if checkpointed:
+                warnings.warn(
+                    f"torch.export traced through torch.utils.checkpoint on {', '.join(checkpointed)}: "
+                    "their activations are saved, not recomputed. Fix: make the model traceable by "
+                    f"torch.fx ({_first_line(exc)} at {_user_frame(exc)}), e.g. with leaf_modules",
+                    stacklevel=2,
+                )
         except Exception as export_exc:
             # Make each submodule that breaks tracing a leaf and retry with fx.
             while gm is None and failed:
