@@ -8,11 +8,11 @@ traced (its nodes land in the graph), and the nodes it made are remembered as a 
 :func:`fold_regions` then moves each region into one node, a call of a
 :class:`CheckpointRegion` module, whose inputs are every value the region reads from outside
 (parameters and buffers included, as ``get_attr`` nodes of the outer graph, so weight
-policies still see and swap them) and which runs the region's graph under
-``torch.utils.checkpoint.checkpoint``: its forward saves only its inputs, its backward
-recomputes the forward first (Chen et al., "Training Deep Nets with Sublinear Memory Cost",
-arXiv:1604.06174). The profile then measures such a node as it runs: saved bytes = its
-inputs, backward time = recomputation + backward.
+policies still see and swap them) and which runs the region's graph with recomputation:
+its forward saves only its inputs, its backward recomputes the forward first (Chen et al.,
+"Training Deep Nets with Sublinear Memory Cost", arXiv:1604.06174). The profile then
+measures such a node as it runs: saved bytes = its inputs, backward time = recomputation +
+backward.
 
 A region runs as :class:`_Recompute`, whatever ``use_reentrant`` the user passed (gradients
 are the same): its inputs, the weights included, pass through the runtime's saved-tensor
@@ -24,7 +24,8 @@ a region come from the backward's weights W rather than the forward's prediction
 Ŵ for the recomputation would cost one weight copy per micro-batch in flight, the stash
 PipeOptim avoids). ``preserve_rng_state`` is honoured (dropout inside a region draws the same
 mask when recomputed); ``context_fn`` (selective checkpointing) is not: the whole region is
-recomputed.
+recomputed. As with ``torch.utils.checkpoint``, a BatchNorm inside a region updates its
+running statistics again when recomputed.
 """
 
 from __future__ import annotations
