@@ -107,3 +107,35 @@ def test_train_command_passes_compile_stages(tmp_path, monkeypatch) -> None:
     sequential = [*args, "--method", "sequential", "--out", str(tmp_path / "b"), "--compile-stages"]
     result = CliRunner().invoke(cli, sequential)
     assert result.exit_code == 1 and "--compile-stages compiles pipeline stages" in result.stderr
+
+
+def test_checkpointed_regions_run_eagerly_inside_compiled_stages() -> None:
+    from tests.test_recompute import Checkpointed
+
+    g = torch.Generator().manual_seed(5)
+    data = [(torch.randn(8, 8, generator=g), torch.randint(0, 3, (8,), generator=g)) for _ in range(3)]
+    results = []
+    for compile_stages in (False, "aot_eager"):
+        model = Checkpointed()
+        with pipeoptim.compile(
+            model,
+            make_opt(model),
+            2,
+            example_inputs=data[0][0],
+            loss_fn=F.cross_entropy,
+            method="1f1b",
+            micro_batches=2,
+            executor="local",
+            profile_dir=None,
+            compile_stages=compile_stages,
+        ) as pipe:
+            counters.clear()
+            results.append(([pipe.step(x, y).item() for x, y in data], pipe.state_dict()))
+            breaks = dict(counters["graph_break"])
+            graphs = counters["stats"]["unique_graphs"]
+    assert graphs >= 2 and breaks  # compiled graphs ran, broken around the regions ...
+    assert all("torch.compiler.disable" in reason for reason in breaks)  # ... and nowhere else
+    (eager, eager_state), (got, state) = results
+    assert got == pytest.approx(eager, rel=1e-6, abs=1e-7)
+    for key, value in eager_state.items():
+        torch.testing.assert_close(state[key], value, rtol=1e-6, atol=1e-7)

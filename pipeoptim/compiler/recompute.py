@@ -64,7 +64,6 @@ class CheckpointRegion(nn.Module):
         output = next(n for n in reversed(body.graph.nodes) if n.op == "output")
         self.single = not isinstance(output.args[0], tuple)
 
-    @torch.compiler.disable  # runs eagerly in a compiled stage (saved-tensor hooks, RNG state)
     def forward(self, *inputs: Any) -> Any:
         if not torch.is_grad_enabled():  # inference (predict): nothing to save or recompute
             return self.body(*inputs)

@@ -23,7 +23,7 @@ from pipeoptim.compiler.trace import TracedModel, trace
 from pipeoptim.errors import PlanError
 from pipeoptim.methods import get_method
 from pipeoptim.microbatch import CheckedLoss, Reduction
-from pipeoptim.runtime.compiled import compiled
+from pipeoptim.runtime.compiled import compile_stage
 from pipeoptim.runtime.optim import mirror
 from pipeoptim.runtime.policies import insert_policy, make_policy
 from pipeoptim.runtime.precision import under_autocast
@@ -115,7 +115,7 @@ def build_stage(
     module.train()
     loss_fn = _stage_loss(spec)
     if spec.compile_stages is not None:
-        module.forward = compiled(module.forward, spec.compile_stages)  # type: ignore[method-assign]
+        compile_stage(module, spec.compile_stages)
     if spec.autocast is not None:
         module.forward = under_autocast(module.forward, spec.autocast, device)  # type: ignore[method-assign]
         loss_fn = under_autocast(loss_fn, spec.autocast, device)

@@ -12,10 +12,11 @@ compiler; ``aot_eager`` runs the same traced graphs with eager kernels (no compi
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable
-from typing import Any
 
 import torch
+from torch import nn
+
+from pipeoptim.compiler.recompute import CheckpointRegion
 
 #: ``compile_stages=True`` means this backend.
 DEFAULT_BACKEND = "inductor"
@@ -58,6 +59,14 @@ def check_compile_stages(value: bool | str | None, device: torch.device | str) -
     return backend
 
 
-def compiled(fn: Callable[..., Any], backend: str) -> Callable[..., Any]:
-    """``fn`` (a stage's forward) run through ``torch.compile`` with ``backend``."""
-    return functools.wraps(fn)(torch.compile(fn, backend=backend))
+def compile_stage(module: nn.Module, backend: str) -> None:
+    """Make ``module`` (a stage) run its forward through ``torch.compile`` with ``backend``.
+
+    Checkpointed regions (:class:`~pipeoptim.compiler.recompute.CheckpointRegion`) stay eager
+    (dynamo cannot trace their saved-tensor hooks and RNG state): the graph breaks around them.
+    """
+    for sub in module.modules():
+        if isinstance(sub, CheckpointRegion):
+            sub.forward = torch.compiler.disable(sub.forward)  # type: ignore[method-assign]
+    forward = module.forward
+    module.forward = functools.wraps(forward)(torch.compile(forward, backend=backend))  # type: ignore[method-assign]
