@@ -116,3 +116,22 @@ def test_train_command_trains_in_float16_with_loss_scaling(tmp_path) -> None:
         cli, ["train", "digits", "--precision", "float16", "--out", str(tmp_path / "x")]
     )
     assert result.exit_code == 1 and "autocast=torch.float16 needs a method that flushes" in result.stderr
+
+
+def test_the_loss_scale_is_saved_in_checkpoints(tmp_path) -> None:
+    batches = overflowing_batches()
+    expected, reference, scales = plain_float16_training(Deep(), sgd_fast, batches, micro=2)
+    options = dict(method="gpipe", micro_batches=2, executor="local", autocast=torch.float16)
+    with compile_deep(Deep(), 2, **options) as pipe:
+        first = [pipe.step(x, y).item() for x, y in batches[:2]]
+        pipe.save_checkpoint(tmp_path / "ckpt.pt")
+    with compile_deep(Deep(), 2, **options) as pipe:
+        pipe.load_checkpoint(tmp_path / "ckpt.pt")
+        assert (
+            [stage.scaler.scale for stage in pipe._executor.stages] == [scales[1], scales[1]] != [2.0**16] * 2
+        )
+        second = [pipe.step(x, y).item() for x, y in batches[2:]]
+        state = pipe.state_dict()
+    assert first + second == pytest.approx(expected, rel=1e-6, abs=1e-7)
+    for key, value in reference.state_dict().items():
+        torch.testing.assert_close(state[key], value, rtol=1e-6, atol=1e-7)
