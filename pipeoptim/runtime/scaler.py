@@ -28,12 +28,11 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import Protocol
+
+import torch
 
 from pipeoptim.runtime.clipping import scale_grads_
-
-if TYPE_CHECKING:
-    from pipeoptim.runtime.stage import StageRuntime
 
 
 @dataclass
@@ -69,14 +68,26 @@ class LossScaler:
         return finite
 
 
-def norm_share(stage: StageRuntime) -> float:
+class SteppingStage(Protocol):
+    """What :func:`step_together` needs of a stage (:class:`pipeoptim.runtime.stage.StageRuntime`)."""
+
+    scaler: LossScaler | None
+    max_grad_norm: float | None
+
+    def squared_grad_norm(self) -> float: ...
+    def trainable(self) -> list[torch.Tensor]: ...
+    def clip_gradients(self, total_squared: float) -> None: ...
+    def step(self, micro_batch: int | None = None, skip: bool = False) -> None: ...
+
+
+def norm_share(stage: SteppingStage) -> float:
     """Stage's share ``Σ‖g_k‖²`` of the squared global norm, of the unscaled gradients (its
     gradients are still scaled by S: the share is divided by S², exact for a power of two)."""
     share = stage.squared_grad_norm()
     return share / stage.scaler.scale**2 if stage.scaler is not None else share
 
 
-def step_together(stage: StageRuntime, total_of: Callable[[float], float], micro_batch: int | None) -> None:
+def step_together(stage: SteppingStage, total_of: Callable[[float], float], micro_batch: int | None) -> None:
     """The optimizer step of a stage that steps together with all others (global-norm
     clipping, loss scaling): all-reduce the squared norm (``total_of``), unscale, skip the
     step on an inf or NaN anywhere, else clip and step."""
