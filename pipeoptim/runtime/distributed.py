@@ -327,7 +327,7 @@ class ProcessExecutor:
         self._request("load_state", dict.fromkeys(range(self.world), state))
 
     def optimizer_state(self) -> dict[str, Any]:
-        from pipeoptim.runtime.stage import merge_optimizer_states
+        from pipeoptim.runtime.stage_state import merge_optimizer_states
 
         replies = self._request("optimizer_state")
         return merge_optimizer_states([replies[r] for r in sorted(replies)])

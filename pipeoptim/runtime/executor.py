@@ -17,9 +17,8 @@ import torch
 
 from pipeoptim.runtime.procmem import resident_bytes
 from pipeoptim.runtime.schedule import BACKWARD, FORWARD, STEP, Action, Schedule
-from pipeoptim.runtime.stage import (
-    StageRuntime,
-    detach_values,
+from pipeoptim.runtime.stage import StageRuntime, detach_values
+from pipeoptim.runtime.stage_state import (
     load_optimizer_state,
     load_stage_state,
     merge_optimizer_states,

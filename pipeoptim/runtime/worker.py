@@ -25,12 +25,8 @@ from pipeoptim.runtime.build import PipelineSpec, aliases_of, build_stage, input
 from pipeoptim.runtime.comm import DistChannel
 from pipeoptim.runtime.executor import MiniBatch, StageState, forward_chain, run_action
 from pipeoptim.runtime.schedule import BACKWARD, FORWARD, Action
-from pipeoptim.runtime.stage import (
-    StageRuntime,
-    load_optimizer_state,
-    load_stage_state,
-    optimizer_state,
-)
+from pipeoptim.runtime.stage import StageRuntime
+from pipeoptim.runtime.stage_state import load_optimizer_state, load_stage_state, optimizer_state
 
 
 class StageProcess:
