@@ -8,9 +8,13 @@ every micro-batch has reported (:class:`MiniBatchLosses`).
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable
+from collections import deque
+from collections.abc import Callable, Iterator
+from typing import TypeVar
 
 import torch
+
+T = TypeVar("T")
 
 
 class Loss:
@@ -106,3 +110,14 @@ class MiniBatchLosses:
             self._losses.clear()
         for loss in losses:
             loss._fail(exc)
+
+
+def drain(
+    pending: deque[T], in_flight: int, everything: bool = False, loss_of: Callable[[T], Loss] = lambda e: e
+) -> Iterator[T]:
+    """The in-flight drain: pop and yield the oldest entries of ``pending`` (losses, or records
+    holding one, read by ``loss_of``) while the oldest loss is done or more than ``in_flight``
+    are pending; with ``everything``, all of them (after a flush). Callers wait on each loss
+    in order, so losses are read in the order the mini-batches were given."""
+    while pending and (everything or loss_of(pending[0]).done() or len(pending) > in_flight):
+        yield pending.popleft()

@@ -25,10 +25,10 @@ from pipeoptim.compiler.plan import Plan
 from pipeoptim.compiler.trace import TracedModel
 from pipeoptim.errors import PipelineError, PipeoptimError
 from pipeoptim.inputs import as_tuple, check_batch, check_eval_batch, check_rows
-from pipeoptim.loss import Loss, MiniBatchLosses
+from pipeoptim.loss import Loss, MiniBatchLosses, drain
 from pipeoptim.runtime.build import PipelineSpec, aliases_of
 from pipeoptim.runtime.executor import MiniBatch
-from pipeoptim.runtime.launch import start_executor
+from pipeoptim.runtime.launch import Executor, start_executor
 from pipeoptim.runtime.optim import hyperparameters
 
 _OPTIMIZER_STATE = "pipeoptim-optimizer/1"
@@ -73,7 +73,7 @@ class Pipeline:
         self.executor_kind = executor
         self.device = device
         self.timeout = timeout
-        self._executor = start_executor(
+        self._executor: Executor = start_executor(
             executor, spec, traced, device, self._losses.on_loss, self._on_error, timeout, owns_group
         )
 
@@ -86,12 +86,10 @@ class Pipeline:
     def _shared_rows(self, batch: microbatch.Rows | None, what: str) -> microbatch.Rows:
         """Rows (and sequence length) of the batch given to ``what`` (step, predict); under
         torchrun rank 0's, as the other ranks may have been given no inputs."""
-        share = getattr(self._executor, "share_batch_size", None)
-        if share is not None:
-            return share(batch)
-        if batch is None:
+        shared = self._executor.share_batch_size(batch)
+        if shared is None:
             raise PipelineError(f"{what}() needs the inputs (only torchrun ranks other than 0 may pass None)")
-        return batch
+        return shared
 
     def step(self, inputs: Any, targets: Any) -> Loss:
         """Feed one mini-batch; returns its :class:`Loss` at once (a future).
@@ -125,11 +123,10 @@ class Pipeline:
         self._throttle()
         index = self._next
         self._next += 1
-        waiter = getattr(self._executor, "wait_loss", None)
         last_micro = index * self.micro_batches + m - 1
-        loss = Loss(index, None if waiter is None else lambda _i: waiter(last_micro))
+        loss = Loss(index, lambda _i: self._executor.wait_loss(last_micro))
         self._losses.expect(loss, scales)
-        device = self.device if self.executor_kind == "local" else torch.device("cpu")
+        device = self.device  # the CPU unless the stages run in this process
         batch_ = MiniBatch(
             index=index,
             inputs=[tuple(x.to(device) for x in xs) for xs in micro_inputs],
@@ -182,11 +179,11 @@ class Pipeline:
         pending: deque[Loss] = deque()
         for inputs, targets in batches:
             pending.append(self.step(inputs, targets))
-            while pending and (pending[0].done() or len(pending) > self.num_stages):
-                yield pending.popleft().wait()
+            for loss in drain(pending, self.num_stages):
+                yield loss.wait()
         self.flush()
-        while pending:
-            yield pending.popleft().wait()
+        for loss in drain(pending, self.num_stages, everything=True):
+            yield loss.wait()
 
     def flush(self) -> None:
         """Wait until every mini-batch in flight has finished its backward and step."""
@@ -214,16 +211,14 @@ class Pipeline:
                 f"this model was traced for micro-batches of exactly {size}: give predict() a "
                 f"multiple of {size} rows"
             )
-        device = self.device if self.executor_kind == "local" else torch.device("cpu")
+        device = self.device  # the CPU unless the stages run in this process
         chunks = (
             None  # under torchrun rank 0 alone reads the inputs
             if inputs is None
             else [tuple(x[i : i + size].to(device) for x in inputs) for i in range(0, batch, size)]
         )
-        if self.executor_kind == "local":
-            outputs = self._executor.forward_only(chunks)
-        else:  # the stages allocate what they receive from the sizes (and sequence length)
-            outputs = self._executor.forward_only(chunks, sizes)
+        # the stages in other processes allocate what they receive from the sizes (and length)
+        outputs = self._executor.forward_only(chunks, sizes)
         flat = [
             torch.cat([o[i] for o in outputs]) if isinstance(outputs[0][i], torch.Tensor) else outputs[0][i]
             for i in range(len(outputs[0]))
@@ -347,9 +342,7 @@ class Pipeline:
         if self._closed:
             return
         self._closed = True
-        close = getattr(self._executor, "close", None)
-        if close is not None:
-            close()
+        self._executor.close()
 
     def __enter__(self) -> Pipeline:
         return self

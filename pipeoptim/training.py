@@ -33,7 +33,7 @@ from pipeoptim.checkpoint import read_checkpoint
 from pipeoptim.compiler.plot import plot_plan
 from pipeoptim.errors import CheckpointError
 from pipeoptim.fileio import write_json
-from pipeoptim.loss import Loss
+from pipeoptim.loss import Loss, drain
 from pipeoptim.records import Progress, StepLog, plot_curves
 from pipeoptim.sequential import SEQUENTIAL, Sequential
 from pipeoptim.tasks import Task, make_task
@@ -307,9 +307,8 @@ def _loop(
         enabled=config.progress,
     )
 
-    def drain(all_: bool) -> None:
-        while pending and (all_ or pending[0][3].done() or len(pending) > trainer.num_stages):
-            s, epoch, lr, loss = pending.popleft()
+    def record(everything: bool) -> None:
+        for s, epoch, lr, loss in drain(pending, trainer.num_stages, everything, lambda e: e[3]):
             value = loss.wait()
             run.add(s, epoch, value, lr)
             progress.update(epoch, config.epochs, value)
@@ -336,13 +335,13 @@ def _loop(
                 if scheduler is not None:
                     scheduler.step()  # the stages read the new learning rate with the next mini-batch
                 step += 1
-                drain(False)
+                record(False)
                 if config.checkpoint_every and step % config.checkpoint_every == 0:
                     trainer.flush()
-                    drain(True)
+                    record(True)
                     checkpoint()
             trainer.flush()
-            drain(True)
+            record(True)
             seconds = time.perf_counter() - tic
             value = task.evaluate(trainer.predict)
             record = {

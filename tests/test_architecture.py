@@ -1,4 +1,4 @@
-"""The package's layering, read from the source with ``ast`` (no pipeoptim module is imported).
+"""The package's layering, read from the source with ``ast``, and the executor interface.
 
 Every import counts: at module level, inside functions and under ``TYPE_CHECKING``.
 """
@@ -6,6 +6,7 @@ Every import counts: at module level, inside functions and under ``TYPE_CHECKING
 from __future__ import annotations
 
 import ast
+import inspect
 from pathlib import Path
 
 import pytest
@@ -110,3 +111,26 @@ def test_compiler_does_not_import_runtime() -> None:
 def test_module_size(name: str) -> None:
     lines = len(_modules()[name].read_text().splitlines())
     assert lines <= MAX_LINES, f"{name} has {lines} lines (over {MAX_LINES}): split it by concept"
+
+
+def test_every_executor_implements_the_protocol() -> None:
+    """Local, process and torchrun executors have every method of ``Executor``, with the same
+    parameter names, so the pipeline never probes them with ``getattr``."""
+    from pipeoptim.runtime.distributed import ProcessExecutor
+    from pipeoptim.runtime.executor import LocalExecutor
+    from pipeoptim.runtime.launch import Executor
+    from pipeoptim.runtime.spmd import SPMDExecutor
+
+    wanted = {
+        name: list(inspect.signature(fn).parameters)
+        for name, fn in vars(Executor).items()
+        if inspect.isfunction(fn) and not name.startswith("_")
+    }
+    assert len(wanted) == 13
+    for cls in (LocalExecutor, ProcessExecutor, SPMDExecutor):
+        have = {
+            name: list(inspect.signature(getattr(cls, name)).parameters)
+            for name in wanted
+            if hasattr(cls, name)
+        }
+        assert have == wanted, cls.__name__

@@ -27,7 +27,7 @@ from pipeoptim.microbatch import CheckedLoss, Reduction
 from pipeoptim.runtime.optim import mirror
 from pipeoptim.runtime.policies import make_policy
 from pipeoptim.runtime.precision import under_autocast
-from pipeoptim.runtime.schedule import Schedule
+from pipeoptim.runtime.schedule import Schedule, schedule_for
 from pipeoptim.runtime.stage import StageRuntime
 from pipeoptim.runtime.weight_policy import WeightPolicy
 
@@ -60,11 +60,11 @@ class PipelineSpec:
     def num_stages(self) -> int:
         return self.plan.num_stages
 
-    def schedule(self) -> Schedule:
-        """The schedule of the method (PipeDream-2BW steps every M micro-batches)."""
+    def schedule(self, stage: int) -> Schedule:
+        """The schedule of the method at ``stage`` (PipeDream-2BW steps every M micro-batches)."""
         method = get_method(self.method)
         steps_every = self.micro_batches if method.policy == "2bw" else 1
-        return Schedule(method.schedule, self.num_stages, self.micro_batches, steps_every)
+        return schedule_for(stage, method.schedule, self.num_stages, self.micro_batches, steps_every)
 
     def trace(self) -> TracedModel:
         return trace(self.model, self.example_inputs, self.leaf_modules)

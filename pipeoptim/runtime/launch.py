@@ -8,16 +8,55 @@ rank of a torchrun job (:class:`~pipeoptim.runtime.spmd.SPMDExecutor`).
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Sequence
+from typing import Any, Protocol
 
 import torch
 
 from pipeoptim.compiler.trace import TracedModel
+from pipeoptim.microbatch import Rows
 from pipeoptim.runtime.build import PipelineSpec, build_stage
-from pipeoptim.runtime.executor import LocalExecutor
+from pipeoptim.runtime.executor import LocalExecutor, MiniBatch
 
 EXECUTORS = ("local", "processes", "torchrun")
+
+
+class Executor(Protocol):
+    """What a :class:`~pipeoptim.pipeline.Pipeline` asks of the executor running its stages.
+
+    Implemented by :class:`~pipeoptim.runtime.executor.LocalExecutor`,
+    :class:`~pipeoptim.runtime.distributed.ProcessExecutor` and
+    :class:`~pipeoptim.runtime.spmd.SPMDExecutor`.
+    """
+
+    def share_batch_size(self, batch: Rows | None) -> Rows | None:
+        """The rows of the next batch as every stage sees them (under torchrun rank 0's)."""
+        ...
+
+    def submit(self, batch: MiniBatch) -> None:
+        """Feed one mini-batch; its micro-batch losses reach the ``on_loss`` callback."""
+        ...
+
+    def wait_loss(self, micro_batch: int) -> None:
+        """Drive whatever must run for the loss of ``micro_batch`` to arrive."""
+        ...
+
+    def flush(self) -> None:
+        """Finish every mini-batch in flight (backward and step)."""
+        ...
+
+    def forward_only(self, chunks: Sequence[tuple[Any, ...]] | None, sizes: Sequence[Rows]) -> list[Any]:
+        """Evaluation-mode forward of each chunk of inputs (``sizes``: its rows); flat outputs."""
+        ...
+
+    def state_dict(self) -> dict[str, torch.Tensor]: ...
+    def load_state_dict(self, state: dict[str, torch.Tensor], aliases: dict[str, list[str]]) -> None: ...
+    def optimizer_state(self) -> dict[str, Any]: ...
+    def load_optimizer_state(self, state: dict[str, Any]) -> None: ...
+    def resume(self, mini_batches: int) -> None: ...
+    def resident_bytes(self) -> list[int]: ...
+    def peak_weight_versions(self) -> list[int]: ...
+    def close(self) -> None: ...
 
 
 def start_executor(
@@ -29,7 +68,7 @@ def start_executor(
     on_error: Callable[[BaseException], None],
     timeout: float,
     owns_group: bool,
-) -> Any:
+) -> Executor:
     """Build the stages of ``spec`` and start the executor of ``kind`` (one of :data:`EXECUTORS`).
 
     ``on_loss(micro_batch, loss)`` receives each micro-batch loss of the last stage;
@@ -39,7 +78,7 @@ def start_executor(
     """
     if kind == "local":
         stages = [build_stage(spec, traced, k, device) for k in range(spec.num_stages)]
-        return LocalExecutor(stages, spec.schedule(), on_loss)
+        return LocalExecutor(stages, [spec.schedule(k) for k in range(spec.num_stages)], on_loss)
     if kind == "torchrun":
         from pipeoptim.runtime.spmd import SPMDExecutor
 
