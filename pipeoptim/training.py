@@ -307,7 +307,7 @@ def _loop(
         enabled=config.progress,
     )
 
-    def record(everything: bool) -> None:
+    def read_losses(everything: bool) -> None:
         for s, epoch, lr, loss in drain(pending, trainer.num_stages, everything, lambda e: e[3]):
             value = loss.wait()
             run.add(s, epoch, value, lr)
@@ -335,13 +335,13 @@ def _loop(
                 if scheduler is not None:
                     scheduler.step()  # the stages read the new learning rate with the next mini-batch
                 step += 1
-                record(False)
+                read_losses(False)
                 if config.checkpoint_every and step % config.checkpoint_every == 0:
                     trainer.flush()
-                    record(True)
+                    read_losses(True)
                     checkpoint()
             trainer.flush()
-            record(True)
+            read_losses(True)
             seconds = time.perf_counter() - tic
             value = task.evaluate(trainer.predict)
             record = {
