@@ -12,7 +12,7 @@ from torch.utils import _pytree as pytree
 from torch.utils.checkpoint import checkpoint
 
 import pipeoptim
-from pipeoptim.compiler.codegen import build_stages, run_stages
+from pipeoptim.compiler.codegen import run_stages, stage_modules
 from pipeoptim.compiler.costmodel import CostConfig
 from pipeoptim.compiler.profile import profile_model
 from pipeoptim.compiler.recompute import CheckpointRegion
@@ -116,7 +116,7 @@ def test_saved_activations_are_those_of_the_checkpointed_plain_model() -> None:
     profiled = sum(n.saved_bytes for n in graph.nodes if n.op != "output")
     config = CostConfig(2, method="gpipe", micro_batches=1)
     plan = plan_starting_at(Checkpointed(), (x,), config, ["blocks_1_up_weight"])
-    stages = build_stages(traced, plan)
+    stages = stage_modules(traced, plan)
     measured = held_bytes(run_stages(stages, (x,)), traced.gm)
     unchecked = Checkpointed(reentrant=None)
     plain = held_bytes((unchecked(x),), unchecked)

@@ -383,4 +383,3 @@ def test_bfloat16_autocast_in_every_stage_equals_the_plain_model_under_autocast(
     assert boundary == ["bfloat16"]  # a Linear's output under autocast
     with compile_deep(Deep(), 2, method=method, micro_batches=2, executor="local") as pipe:
         assert pipe.plan.stages[0].send_bytes == 2 * sent  # the cost model sees half the bytes
-

@@ -9,7 +9,7 @@ both compute the same numbers.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -20,8 +20,8 @@ from torch.utils import _pytree as pytree
 from pipeoptim.errors import NonFiniteLossError, PipelineError
 from pipeoptim.runtime.clipping import clip_coefficient, scale_grads_, squared_grad_norm
 from pipeoptim.runtime.optim import apply_hyperparameters
-from pipeoptim.runtime.policies import WeightPolicy
 from pipeoptim.runtime.scaler import LossScaler
+from pipeoptim.runtime.weight_policy import WeightPolicy
 
 LossFn = Callable[[Any, Any], torch.Tensor]
 
@@ -342,22 +342,19 @@ class StageRuntime:
 
     def trainable(self) -> list[torch.Tensor]:
         """The parameters this stage's optimizer steps."""
-        return self._trainable()
-
-    def _trainable(self) -> list[torch.Tensor]:
         if self.optimizer is None:
             return []
         return [p for group in self.optimizer.param_groups for p in group["params"]]
 
     def squared_grad_norm(self) -> float:
         """Σ ‖grad‖² over this stage's parameters (its share of the global norm)."""
-        return squared_grad_norm(self._trainable())
+        return squared_grad_norm(self.trainable())
 
     def clip_gradients(self, total_squared: float) -> None:
         """Scale this stage's gradients by ``min(1, max_grad_norm / (‖g‖ + 1e-6))``, ``‖g‖²``
         being ``total_squared``, the sum of every stage's :meth:`squared_grad_norm`."""
         assert self.max_grad_norm is not None
-        scale_grads_(self._trainable(), clip_coefficient(total_squared, self.max_grad_norm))
+        scale_grads_(self.trainable(), clip_coefficient(total_squared, self.max_grad_norm))
 
     def step(self, micro_batch: int | None = None, skip: bool = False) -> None:
         """Optimizer step with the hyperparameters recorded for ``micro_batch`` (``skip``:
@@ -400,86 +397,3 @@ class StageRuntime:
         hyper = self._hyper.get(micro_batch)
         if hyper is not None and self.optimizer is not None:
             apply_hyperparameters(self.optimizer, self.group_map, hyper)
-
-
-def stage_state(stages: Sequence[StageRuntime]) -> dict[str, torch.Tensor]:
-    """Parameters and buffers of ``stages`` by qualified name."""
-    state: dict[str, torch.Tensor] = {}
-    for stage in stages:
-        state.update(stage.module.state_dict())
-    return state
-
-
-def load_stage_state(
-    stage: StageRuntime, state: dict[str, torch.Tensor], aliases: dict[str, list[str]]
-) -> None:
-    """Copy the entries of ``state`` that ``stage`` owns into its tensors (in place)."""
-    with torch.no_grad():
-        for name, tensor in stage.module.state_dict(keep_vars=True).items():
-            source = state.get(name)
-            if source is None:
-                source = next((state[a] for a in aliases.get(name, []) if a in state), None)
-            if source is not None:
-                tensor.copy_(source)
-
-
-def _param_names(stage: StageRuntime) -> dict[int, str]:
-    return {id(p): n for n, p in stage.module.named_parameters(remove_duplicate=False)}
-
-
-def optimizer_state(stage: StageRuntime) -> dict[str, Any]:
-    """The stage optimizer's state and last gradients keyed by parameter name, its step count.
-
-    The last gradients are part of it because predictors read them (SGD, RMSprop, Adagrad):
-    a resumed run predicts exactly as an uninterrupted one.
-    """
-    result: dict[str, Any] = {"state": {}, "grads": {}, "steps": {stage.index: stage.steps}}
-    if stage.scaler is not None:  # every stage holds the same copy (float16 loss scaling)
-        result["loss_scale"] = asdict(stage.scaler)
-    if stage.optimizer is None:
-        return result
-    names = _param_names(stage)
-    for p, s in stage.optimizer.state.items():
-        result["state"][names[id(p)]] = {
-            k: v.detach().cpu().clone() if isinstance(v, torch.Tensor) else v for k, v in s.items()
-        }
-    for p in _all_params(stage.optimizer):
-        if p.grad is not None:
-            result["grads"][names[id(p)]] = p.grad.detach().cpu().clone()
-    return result
-
-
-def _all_params(optimizer: Optimizer) -> list[torch.Tensor]:
-    return [p for group in optimizer.param_groups for p in group["params"]]
-
-
-def merge_optimizer_states(parts: Sequence[dict[str, Any]]) -> dict[str, Any]:
-    """One state for the whole pipeline from the per-stage ones."""
-    merged: dict[str, Any] = {"state": {}, "grads": {}, "steps": {}}
-    for part in parts:
-        merged["state"].update(part["state"])
-        merged["grads"].update(part.get("grads", {}))
-        merged["steps"].update({int(k): v for k, v in part["steps"].items()})
-        if "loss_scale" in part:
-            merged["loss_scale"] = part["loss_scale"]
-    return merged
-
-
-def load_optimizer_state(stage: StageRuntime, state: dict[str, Any]) -> None:
-    """Restore the part of ``state`` (:func:`merge_optimizer_states`) that ``stage`` owns."""
-    stage.steps = int(state["steps"].get(stage.index, state["steps"].get(str(stage.index), 0)))
-    if stage.scaler is not None and "loss_scale" in state:
-        stage.scaler = LossScaler(**state["loss_scale"])
-    if stage.optimizer is None:
-        return
-    for name, p in stage.module.named_parameters(remove_duplicate=False):
-        if not p.requires_grad:
-            continue
-        saved = state["state"].get(name)
-        if saved is not None:
-            stage.optimizer.state[p] = {
-                k: v.to(p.device) if isinstance(v, torch.Tensor) else v for k, v in saved.items()
-            }
-        grad = state.get("grads", {}).get(name)
-        p.grad = None if grad is None else grad.to(p.device)
-    stage._grads_stale = True  # the next backward starts a new gradient
