@@ -7,9 +7,12 @@ throughput against the measured one (the cost model's accuracy, with the loopbac
 measured first); the measured bubble (idle share of the stages' time, from recorded action
 timestamps); and the measured peak memory per stage -- weights (all versions kept),
 optimizer state, saved activations -- for PipeOptim against PipeDream's weight stashing.
+PipeOptim runs once more (``--quick``: only with ``--compiled``) with every stage compiled by
+``torch.compile`` (inductor, ``compile_stages=True``; 2N more warm-up mini-batches, which
+include the compilation).
 A timeline picture shows when each stage ran which forward and backward.
 
-    python benchmarks/throughput.py [--quick] [--stages 2 4] [--methods 2bw ...] [--out DIR]
+    python benchmarks/throughput.py [--quick [--compiled]] [--stages 2 4] [--methods 2bw ...] [--out DIR]
 
 ``--quick`` and runs of some stage counts or methods write to a new temporary folder unless
 ``--out`` says otherwise; only the full run writes ``benchmarks/results``.
@@ -120,7 +123,14 @@ def compile_mlp(
 
 
 def run_pipeoptim(
-    method: str, stages: int, micro: int, warmup: int, steps: int, profile_dir: Path, bandwidth: float
+    method: str,
+    stages: int,
+    micro: int,
+    warmup: int,
+    steps: int,
+    profile_dir: Path,
+    bandwidth: float,
+    compile_stages: bool = False,
 ) -> dict[str, Any]:
     # PipeDream-2BW steps once per M micro-batches of BATCH rows each: its micro-batch is the
     # unit the other asynchronous methods run per pass, so it gets mini-batches of M x BATCH
@@ -136,6 +146,7 @@ def run_pipeoptim(
         size=BATCH * scale,
         micro_batches=micro_batches,
         bandwidth=bandwidth,
+        compile_stages=compile_stages,
     ) as pipe:
         for _ in range(warmup):
             pipe.step(x, y)
@@ -339,6 +350,11 @@ def main() -> None:
     )
     parser.add_argument("--stages", type=int, nargs="+", help="stage counts to measure (default 2 4)")
     parser.add_argument(
+        "--compiled",
+        action="store_true",
+        help="with --quick: also PipeOptim with compiled stages (inductor; the full run always has it)",
+    )
+    parser.add_argument(
         "--methods",
         nargs="+",
         choices=list(pipeoptim.METHODS),
@@ -368,6 +384,13 @@ def main() -> None:
         for method in methods:
             print(f"  {n} stages, {method} ...", file=sys.stderr)
             results[method] = run_pipeoptim(method, n, micro, warmup, steps, profile_dir, bandwidth)
+        if args.compiled or not args.quick:
+            print(f"  {n} stages, pipeoptim with compiled stages (inductor) ...", file=sys.stderr)
+            # compiling happens in the first forwards and backwards of each kind (stage 0's
+            # first forward predicts nothing yet): warm up past the pipeline's fill
+            results["pipeoptim, compiled stages"] = run_pipeoptim(
+                "pipeoptim", n, micro, warmup + 2 * n, steps, profile_dir, bandwidth, compile_stages=True
+            )
         plan = results["1f1b"]["plan"] if "1f1b" in results else results[methods[0]]["plan"]
         for schedule in ("ScheduleGPipe", "Schedule1F1B"):
             print(f"  {n} stages, torch.distributed.pipelining {schedule} ...", file=sys.stderr)
@@ -440,7 +463,13 @@ def main() -> None:
         f"{stage_counts[-1]} stages: pipeoptim {ours:.2f} mini-batches/s = "
         f"{ours / rates['pipelining ScheduleGPipe']:.2f}x pipelining GPipe, "
         f"{ours / rates['pipelining Schedule1F1B']:.2f}x pipelining 1F1B, "
-        f"{ours / rates['pipedream']:.2f}x pipedream; weight memory pipeoptim/pipedream "
+        f"{ours / rates['pipedream']:.2f}x pipedream; "
+        + (
+            f"compiled stages (inductor) {rates['pipeoptim, compiled stages'] / ours:.2f}x eager stages; "
+            if "pipeoptim, compiled stages" in rates
+            else ""
+        )
+        + "weight memory pipeoptim/pipedream "
         f"{weights['pipeoptim'] / weights['pipedream']:.2f}x; loopback bandwidth {bandwidth / 1e9:.2f} GB/s"
     )
     (args.out / "throughput.md").write_text(

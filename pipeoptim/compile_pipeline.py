@@ -33,6 +33,7 @@ from pipeoptim.pipeline import Pipeline
 from pipeoptim.runtime import spmd
 from pipeoptim.runtime.build import PipelineSpec
 from pipeoptim.runtime.clipping import check_clipping
+from pipeoptim.runtime.compiled import check_compile_stages
 from pipeoptim.runtime.distributed import check_devices
 from pipeoptim.runtime.optim import hyperparameters, param_group_names
 from pipeoptim.runtime.precision import autocast_context, check_autocast
@@ -68,6 +69,7 @@ def compile(
     log: Callable[[str], None] | None = None,
     max_grad_norm: float | None = None,
     autocast: torch.dtype | None = None,
+    compile_stages: bool | str = False,
 ) -> Pipeline:
     """Compile ``model`` and ``optimizer`` into a pipeline of ``gpus`` stages.
 
@@ -123,11 +125,16 @@ def compile(
             before ``optimizer.step()``: gpipe and 1f1b (equal to plain training), or any
             method with one stage (see :mod:`pipeoptim.runtime.clipping` for why the
             asynchronous methods refuse it with more). ``None``: no clipping.
-        autocast: ``torch.bfloat16``: every stage computes its forward and the loss under
+        autocast: ``torch.bfloat16`` or ``torch.float16`` (gpipe, 1f1b or one stage; with
+            loss scaling over all stages as ``torch.amp.GradScaler``,
+            :mod:`pipeoptim.runtime.scaler`): every stage computes its forward and the loss under
             ``torch.autocast`` (as the plain model inside that context), values cross stage
             boundaries in the dtypes autocast gives them, and the plan is made from a profile
             under autocast (:mod:`pipeoptim.runtime.precision`). A caller's own ``with
             torch.autocast(...)`` does not reach worker processes: use this option.
+        compile_stages: ``True``: every stage's forward (and so its backward) runs through
+            ``torch.compile`` with inductor; a backend name (``"aot_eager"``) picks another
+            (:mod:`pipeoptim.runtime.compiled`). ``False`` (default): eager stages.
 
     Raises:
         ValueError: a bad argument (the message says which and what is allowed).
@@ -149,7 +156,7 @@ def compile(
         raise ValueError(f"batch_norm must be 'micro-batch' or 'deferred', not {batch_norm!r}")
     info = get_method(method)
     max_grad_norm = check_clipping(max_grad_norm, info.asynchronous, gpus)
-    autocast = check_autocast(autocast)
+    autocast = check_autocast(autocast, info.asynchronous, gpus)
     m = micro_batches if micro_batches is not None else (gpus if info.micro_batched else 1)
     if m < 1:
         raise ValueError(f"micro_batches must be positive, got {m}")
@@ -180,6 +187,7 @@ def compile(
         raise ValueError(
             "example_inputs must be a tensor or a tuple of tensors with a batch dimension (dim 0)"
         )
+    backend = check_compile_stages(compile_stages, _profile_device(kind, inputs[0].device))
     batch = int(inputs[0].shape[0])
     if batch < m:
         raise ValueError(f"example batch of {batch} cannot be split into {m} micro-batches")
@@ -278,6 +286,7 @@ def compile(
         length=plan_length(chosen, micro, dynamic_length and not static_batch),
         max_grad_norm=max_grad_norm,
         autocast=autocast,
+        compile_stages=backend,
     )
     device = inputs[0].device if kind == "local" else torch.device("cpu")
     return Pipeline(spec, traced, optimizer, batch, static_batch, kind, device, timeout, owns_group)

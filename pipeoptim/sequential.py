@@ -37,6 +37,7 @@ class Sequential:
         self.optimizer = optimizer
         self.loss_fn = loss_fn
         self.max_grad_norm = max_grad_norm
+        self.scaler = torch.amp.GradScaler("cpu") if autocast is torch.float16 else None
         self.mini_batches_done = 0
 
     def step(self, inputs: tuple[torch.Tensor, ...], targets: Any) -> Loss:
@@ -44,10 +45,18 @@ class Sequential:
         self.optimizer.zero_grad()
         with autocast_context(self.autocast, "cpu"):
             loss = self.loss_fn(self.model(*inputs), targets)
-        loss.backward()
+        if self.scaler is not None:  # float16: the loss scaling of torch.amp.GradScaler
+            self.scaler.scale(loss).backward()
+            self.scaler.unscale_(self.optimizer)
+        else:
+            loss.backward()
         if self.max_grad_norm is not None:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.max_grad_norm)
-        self.optimizer.step()
+        if self.scaler is not None:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
         result = Loss(self.mini_batches_done)
         result._set(float(loss.detach()))
         self.mini_batches_done += 1

@@ -70,6 +70,7 @@ class TrainConfig:
     nan_check: str = "stages"
     max_grad_norm: float | None = None
     precision: str = "float32"
+    compile_stages: bool = False
     record_every: int = 50
     progress_every: int | None = None
 
@@ -107,14 +108,15 @@ def cosine_factor(total: int) -> Callable[[int], float]:
 
 
 def _autocast_dtype(precision: str) -> torch.dtype | None:
-    """``--precision``: ``float32`` (no autocast) or ``bfloat16``.
+    """``--precision``: ``float32`` (no autocast), ``bfloat16`` or ``float16`` (with loss scaling).
 
     Raises:
         ValueError: another name.
     """
-    if precision not in ("float32", "bfloat16"):
-        raise ValueError(f"precision must be 'float32' or 'bfloat16', not {precision!r}")
-    return torch.bfloat16 if precision == "bfloat16" else None
+    dtypes = {"float32": None, "bfloat16": torch.bfloat16, "float16": torch.float16}
+    if precision not in dtypes:
+        raise ValueError(f"precision must be 'float32', 'bfloat16' or 'float16', not {precision!r}")
+    return dtypes[precision]
 
 
 def _trainer(config: TrainConfig, task: Task, log: Callable[[str], None]) -> tuple[Any, Any]:
@@ -130,6 +132,8 @@ def _trainer(config: TrainConfig, task: Task, log: Callable[[str], None]) -> tup
     elif config.lr_schedule != "constant":
         raise ValueError(f"lr_schedule must be 'cosine' or 'constant', not {config.lr_schedule!r}")
     if config.method == SEQUENTIAL:
+        if config.compile_stages:
+            raise ValueError("--compile-stages compiles pipeline stages: use it with a pipeline --method")
         sequential = Sequential(
             task.model, optimizer, task.loss_fn, config.max_grad_norm, _autocast_dtype(config.precision)
         )
@@ -149,6 +153,7 @@ def _trainer(config: TrainConfig, task: Task, log: Callable[[str], None]) -> tup
         nan_check=config.nan_check,
         max_grad_norm=config.max_grad_norm,
         autocast=_autocast_dtype(config.precision),
+        compile_stages=config.compile_stages,
         log=log,
     )
     return pipe, scheduler

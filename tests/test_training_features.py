@@ -383,8 +383,3 @@ def test_bfloat16_autocast_in_every_stage_equals_the_plain_model_under_autocast(
     assert boundary == ["bfloat16"]  # a Linear's output under autocast
     with compile_deep(Deep(), 2, method=method, micro_batches=2, executor="local") as pipe:
         assert pipe.plan.stages[0].send_bytes == 2 * sent  # the cost model sees half the bytes
-
-
-def test_float16_without_a_gradient_scaler_is_refused() -> None:
-    with pytest.raises(ValueError, match=r"autocast=torch\.float16 needs a gradient scaler"):
-        compile_deep(Deep(), 2, executor="local", autocast=torch.float16)

@@ -112,10 +112,16 @@ from pipeoptim.training import OPTIMIZERS, SEQUENTIAL, TrainConfig, train
 )
 @click.option(
     "--precision",
-    type=click.Choice(["float32", "bfloat16"]),
+    type=click.Choice(["float32", "bfloat16", "float16"]),
     default="float32",
     show_default=True,
-    help="bfloat16: every stage computes under torch.autocast (activations cross stages in bfloat16).",
+    help="bfloat16/float16: every stage computes under torch.autocast (activations cross stages in "
+    "16 bits); float16 scales the loss as torch.amp.GradScaler (gpipe, 1f1b, sequential, one stage).",
+)
+@click.option(
+    "--compile-stages",
+    is_flag=True,
+    help="Run every stage through torch.compile (inductor; on the CPU it needs a C++ compiler).",
 )
 @click.option(
     "--record-every",
@@ -156,6 +162,7 @@ def train_command(
     nan_check,
     max_grad_norm,
     precision,
+    compile_stages,
     record_every,
     progress_every,
     quiet,
@@ -191,6 +198,7 @@ def train_command(
         nan_check=nan_check,
         max_grad_norm=max_grad_norm,
         precision=precision,
+        compile_stages=compile_stages,
     )
     try:
         metrics = train(config, log=lambda msg: click.echo(msg, err=True))

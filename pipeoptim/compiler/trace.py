@@ -34,6 +34,7 @@ from torch import nn
 from torch.utils import _pytree as pytree
 
 from pipeoptim.compiler.normalise import normalise
+from pipeoptim.compiler.recompute import checkpoint_calls, fold_regions, recording_checkpoints
 from pipeoptim.compiler.shapes import sequence_inputs
 from pipeoptim.errors import TraceError
 
@@ -214,8 +215,11 @@ def _symbolic_trace(
         concrete[p.name] = p.default
     before = set(vars(model))
     try:
-        graph = tracer.trace(model, concrete_args=concrete or None)
-        return fx.GraphModule(tracer.root, graph, type(model).__name__), None, None
+        with recording_checkpoints(model, tracer) as regions:
+            graph = tracer.trace(model, concrete_args=concrete or None)
+        gm = fx.GraphModule(tracer.root, graph, type(model).__name__)
+        fold_regions(gm, regions)
+        return gm, None, None
     except Exception as exc:  # fx raises many types; all mean "cannot trace"
         return None, exc, tracer.failed_module
     finally:
@@ -286,8 +290,16 @@ def trace(
         assert exc is not None
         first_failure = (exc, failed)
         try:
-            gm = _export(model, inputs)
+            with checkpoint_calls(model) as checkpointed:
+                gm = _export(model, inputs)
             method = "export"
+            if checkpointed:
+                warnings.warn(
+                    f"torch.export traced through torch.utils.checkpoint on {', '.join(checkpointed)}: "
+                    "their activations are saved, not recomputed. Fix: make the model traceable by "
+                    f"torch.fx ({_first_line(exc)} at {_user_frame(exc)}), e.g. with leaf_modules",
+                    stacklevel=2,
+                )
         except Exception as export_exc:
             # Make each submodule that breaks tracing a leaf and retry with fx.
             while gm is None and failed:
@@ -333,4 +345,6 @@ def graph_hash(gm: fx.GraphModule) -> str:
         h.update(f"{name}:{tuple(t.shape)}:{t.dtype}:{getattr(t, 'requires_grad', False)}".encode())
     for name, mod in sorted(gm.named_modules()):
         h.update(f"{name}:{type(mod).__qualname__}".encode())
+        if name and isinstance(mod, fx.GraphModule):  # a checkpointed region's graph
+            h.update(mod.code.encode())
     return h.hexdigest()

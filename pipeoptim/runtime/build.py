@@ -24,9 +24,11 @@ from pipeoptim.compiler.trace import TracedModel, trace
 from pipeoptim.errors import PlanError
 from pipeoptim.methods import get_method
 from pipeoptim.microbatch import CheckedLoss, Reduction
+from pipeoptim.runtime.compiled import compile_stage
 from pipeoptim.runtime.optim import mirror
 from pipeoptim.runtime.policies import make_policy
 from pipeoptim.runtime.precision import under_autocast
+from pipeoptim.runtime.scaler import LossScaler
 from pipeoptim.runtime.schedule import Schedule, schedule_for
 from pipeoptim.runtime.stage import StageRuntime
 from pipeoptim.runtime.weight_policy import WeightPolicy
@@ -55,6 +57,8 @@ class PipelineSpec:
     nan_check: str = "stages"
     max_grad_norm: float | None = None
     autocast: torch.dtype | None = None
+    #: ``torch.compile`` backend of the stages (:mod:`pipeoptim.runtime.compiled`), or ``None``
+    compile_stages: str | None = None
 
     @property
     def num_stages(self) -> int:
@@ -112,6 +116,8 @@ def build_stage(
     module.to(device)
     module.train()
     loss_fn = _stage_loss(spec)
+    if spec.compile_stages is not None:
+        compile_stage(module, spec.compile_stages)
     if spec.autocast is not None:
         module.forward = under_autocast(module.forward, spec.autocast, device)  # type: ignore[method-assign]
         loss_fn = under_autocast(loss_fn, spec.autocast, device)
@@ -146,6 +152,7 @@ def build_stage(
         seed=spec.seed,
         nan_check=spec.nan_check,
         max_grad_norm=spec.max_grad_norm,
+        scaler=LossScaler() if spec.autocast is torch.float16 else None,
     )
 
 

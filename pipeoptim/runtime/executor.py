@@ -18,6 +18,7 @@ import torch
 from pipeoptim.errors import PipelineStalledError
 from pipeoptim.microbatch import Rows
 from pipeoptim.runtime.procmem import resident_bytes
+from pipeoptim.runtime.scaler import norm_share, step_together
 from pipeoptim.runtime.schedule import BACKWARD, FORWARD, STEP, Action, Schedule
 from pipeoptim.runtime.stage import StageRuntime, detach_values
 from pipeoptim.runtime.stage_state import (
@@ -108,9 +109,10 @@ def run_action(stage: StageRuntime, action: Action, channel: Channel, state: Sta
             channel.send_grads(mb, result)
         state.last_backward = mb
     else:
-        if stage.max_grad_norm is not None:
-            stage.clip_gradients(channel.total_squared_grad_norm(stage.squared_grad_norm()))
-        stage.step(state.last_backward)
+        if stage.steps_together:
+            step_together(stage, channel.total_squared_grad_norm, state.last_backward)
+        else:
+            stage.step(state.last_backward)
 
 
 class _Mailbox:
@@ -204,7 +206,7 @@ class LocalExecutor:
             return k == 0 or (k, mb) in self.activations
         if action.op == BACKWARD:
             return k == len(self.stages) - 1 or (k, mb) in self.gradients
-        if self.stages[k].max_grad_norm is None:
+        if not self.stages[k].steps_together:
             return True
         # clipping by the global norm: the stages step together, once all have their gradients
         if self._clip_total is not None:
@@ -215,7 +217,7 @@ class LocalExecutor:
         """Σ‖g_k‖² over all stages for the steps they are taking together (computed when the
         first of them steps, before any gradient is scaled)."""
         if self._clip_total is None:
-            self._clip_total = sum(s.squared_grad_norm() for s in self.stages)
+            self._clip_total = sum(norm_share(s) for s in self.stages)
         total = self._clip_total
         self._clip_done.add(stage)
         if len(self._clip_done) == len(self.stages):

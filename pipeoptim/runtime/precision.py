@@ -19,24 +19,28 @@ from typing import Any
 
 import torch
 
-#: Reduced-precision dtypes the option accepts.
-SUPPORTED = (torch.bfloat16,)
+#: Reduced-precision dtypes the option accepts (float16 with loss scaling,
+#: :mod:`pipeoptim.runtime.scaler`).
+SUPPORTED = (torch.bfloat16, torch.float16)
 
 
-def check_autocast(dtype: torch.dtype | None) -> torch.dtype | None:
+def check_autocast(dtype: torch.dtype | None, asynchronous: bool, num_stages: int) -> torch.dtype | None:
     """``dtype`` if supported.
 
     Raises:
-        ValueError: float16 (it needs a gradient scaler, not implemented) or another dtype.
+        ValueError: another dtype, or float16 with an asynchronous method and more than one
+            stage (its loss scaler's inf check spans all stages; see
+            :mod:`pipeoptim.runtime.scaler`).
     """
     if dtype is None or dtype in SUPPORTED:
+        if dtype is torch.float16 and asynchronous and num_stages > 1:
+            raise ValueError(
+                "autocast=torch.float16 needs a method that flushes every mini-batch (its loss "
+                "scaler skips a step on all stages when any stage finds an inf): use method='gpipe' "
+                "or '1f1b' (--method), or autocast=torch.bfloat16, which needs no scaler"
+            )
         return dtype
-    if dtype is torch.float16:
-        raise ValueError(
-            "autocast=torch.float16 needs a gradient scaler, which pipeoptim does not have yet: use "
-            "autocast=torch.bfloat16"
-        )
-    raise ValueError(f"autocast must be torch.bfloat16 or None, not {dtype!r}")
+    raise ValueError(f"autocast must be torch.bfloat16, torch.float16 or None, not {dtype!r}")
 
 
 def autocast_context(dtype: torch.dtype | None, device: torch.device | str) -> Any:

@@ -20,6 +20,7 @@ from torch.utils import _pytree as pytree
 from pipeoptim.errors import NonFiniteLossError, PipelineError
 from pipeoptim.runtime.clipping import clip_coefficient, scale_grads_, squared_grad_norm
 from pipeoptim.runtime.optim import apply_hyperparameters
+from pipeoptim.runtime.scaler import LossScaler
 from pipeoptim.runtime.weight_policy import WeightPolicy
 
 LossFn = Callable[[Any, Any], torch.Tensor]
@@ -90,6 +91,7 @@ class StageRuntime:
             the stage where it appeared), ``"loss"`` (only the loss), or ``"off"``.
         max_grad_norm: clip the gradients by the global norm over all stages before each
             step (:mod:`pipeoptim.runtime.clipping`); ``None``: no clipping.
+        scaler: float16 loss scaling over all stages (:mod:`pipeoptim.runtime.scaler`).
     """
 
     def __init__(
@@ -106,11 +108,13 @@ class StageRuntime:
         seed: int = 0,
         nan_check: str = "stages",
         max_grad_norm: float | None = None,
+        scaler: LossScaler | None = None,
     ) -> None:
         if nan_check not in ("stages", "loss", "off"):
             raise ValueError(f"nan_check must be 'stages', 'loss' or 'off', not {nan_check!r}")
         self.nan_check = nan_check
         self.max_grad_norm = max_grad_norm
+        self.scaler = scaler
         self.measure_memory = False
         self.peak_activation_bytes = 0
         self._activation_bytes: dict[int, int] = {}
@@ -235,7 +239,10 @@ class StageRuntime:
                 step=step,
                 stage=self.index,
             )
-        self._in_flight[micro_batch] = _InFlight(leaf_inputs, [loss.reshape(()) * loss_scale])
+        scaled = loss.reshape(()) * loss_scale
+        if self.scaler is not None:
+            scaled = scaled * self.scaler.scale
+        self._in_flight[micro_batch] = _InFlight(leaf_inputs, [scaled])
         self._measure_activations(micro_batch, self._in_flight[micro_batch].outputs)
         return loss.detach().reshape(())
 
@@ -328,23 +335,30 @@ class StageRuntime:
                 result.append(v.grad)
         return result
 
-    def _trainable(self) -> list[torch.Tensor]:
+    @property
+    def steps_together(self) -> bool:
+        """Whether all stages step together, after an all-reduce (clipping, loss scaling)."""
+        return self.max_grad_norm is not None or self.scaler is not None
+
+    def trainable(self) -> list[torch.Tensor]:
+        """The parameters this stage's optimizer steps."""
         if self.optimizer is None:
             return []
         return [p for group in self.optimizer.param_groups for p in group["params"]]
 
     def squared_grad_norm(self) -> float:
         """Σ ‖grad‖² over this stage's parameters (its share of the global norm)."""
-        return squared_grad_norm(self._trainable())
+        return squared_grad_norm(self.trainable())
 
     def clip_gradients(self, total_squared: float) -> None:
         """Scale this stage's gradients by ``min(1, max_grad_norm / (‖g‖ + 1e-6))``, ``‖g‖²``
         being ``total_squared``, the sum of every stage's :meth:`squared_grad_norm`."""
         assert self.max_grad_norm is not None
-        scale_grads_(self._trainable(), clip_coefficient(total_squared, self.max_grad_norm))
+        scale_grads_(self.trainable(), clip_coefficient(total_squared, self.max_grad_norm))
 
-    def step(self, micro_batch: int | None = None) -> None:
-        """Optimizer step with the hyperparameters recorded for ``micro_batch``."""
+    def step(self, micro_batch: int | None = None, skip: bool = False) -> None:
+        """Optimizer step with the hyperparameters recorded for ``micro_batch`` (``skip``:
+        none, as a loss scaler does after an inf; the gradients are cleared all the same)."""
         if micro_batch is not None:
             hyper = self._hyper.pop(micro_batch, None)
             for key in [k for k in self._hyper if k < micro_batch]:
@@ -353,7 +367,7 @@ class StageRuntime:
                 apply_hyperparameters(self.optimizer, self.group_map, hyper)
         if self.policy is not None:
             self.policy.before_step()
-        if self.optimizer is not None:
+        if self.optimizer is not None and not skip:
             self.optimizer.step()
         self.steps += 1
         self._grads_stale = True

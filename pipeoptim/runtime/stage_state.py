@@ -4,11 +4,13 @@ into one state for the whole pipeline, and restored (checkpoints, ``state_dict``
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import asdict
 from typing import Any
 
 import torch
 from torch.optim import Optimizer
 
+from pipeoptim.runtime.scaler import LossScaler
 from pipeoptim.runtime.stage import StageRuntime
 
 
@@ -44,6 +46,8 @@ def optimizer_state(stage: StageRuntime) -> dict[str, Any]:
     a resumed run predicts exactly as an uninterrupted one.
     """
     result: dict[str, Any] = {"state": {}, "grads": {}, "steps": {stage.index: stage.steps}}
+    if stage.scaler is not None:  # every stage holds the same copy (float16 loss scaling)
+        result["loss_scale"] = asdict(stage.scaler)
     if stage.optimizer is None:
         return result
     names = _param_names(stage)
@@ -68,12 +72,16 @@ def merge_optimizer_states(parts: Sequence[dict[str, Any]]) -> dict[str, Any]:
         merged["state"].update(part["state"])
         merged["grads"].update(part.get("grads", {}))
         merged["steps"].update({int(k): v for k, v in part["steps"].items()})
+        if "loss_scale" in part:
+            merged["loss_scale"] = part["loss_scale"]
     return merged
 
 
 def load_optimizer_state(stage: StageRuntime, state: dict[str, Any]) -> None:
     """Restore the part of ``state`` (:func:`merge_optimizer_states`) that ``stage`` owns."""
     stage.steps = int(state["steps"].get(stage.index, state["steps"].get(str(stage.index), 0)))
+    if stage.scaler is not None and "loss_scale" in state:
+        stage.scaler = LossScaler(**state["loss_scale"])
     if stage.optimizer is None:
         return
     for name, p in stage.module.named_parameters(remove_duplicate=False):

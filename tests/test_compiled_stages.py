@@ -1,0 +1,141 @@
+"""``compile(..., compile_stages=...)``: every stage runs through ``torch.compile`` (issue 18)."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch._dynamo.utils import counters
+
+import pipeoptim
+from tests.test_training import plain_training
+
+
+def mlp() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(8, 32), nn.GELU(), nn.Linear(32, 32), nn.Tanh(), nn.Linear(32, 3))
+
+
+def batches(n: int = 4) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    g = torch.Generator().manual_seed(4)
+    out = [(torch.randn(8, 8, generator=g), torch.randint(0, 3, (8,), generator=g)) for _ in range(n)]
+    return [*out, (out[0][0][:5], out[0][1][:5])]  # a last, smaller mini-batch
+
+
+def make_opt(m: nn.Module) -> torch.optim.Optimizer:
+    return torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9)
+
+
+def train(method: str, executor: str, compile_stages: bool | str, data) -> tuple[list[float], dict]:
+    model = mlp()
+    with pipeoptim.compile(
+        model,
+        make_opt(model),
+        2,
+        example_inputs=data[0][0],
+        loss_fn=F.cross_entropy,
+        method=method,
+        executor=executor,
+        profile_dir=None,
+        compile_stages=compile_stages,
+    ) as pipe:
+        losses = [pipe.step(x, y) for x, y in data]
+        pipe.flush()
+        return [loss.item() for loss in losses], pipe.state_dict()
+
+
+@pytest.mark.parametrize("method", ["1f1b", "pipeoptim"])
+def test_compiled_stages_run_compiled_graphs_and_equal_eager_stages(method: str) -> None:
+    data = batches()
+    eager_losses, eager_state = train(method, "local", False, data)
+    counters.clear()
+    losses, state = train(method, "local", "aot_eager", data)
+    assert counters["stats"]["unique_graphs"] >= 2  # one per stage at least: compiled frames ran
+    assert not counters["graph_break"]
+    assert losses == pytest.approx(eager_losses, rel=1e-6, abs=1e-7)
+    for key, value in eager_state.items():
+        torch.testing.assert_close(state[key], value, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.slow
+def test_inductor_stages_equal_plain_training() -> None:
+    """Inductor generates and builds C++ for each stage (about a minute on a loaded 2-core
+    machine, less with its cache warm): one mini-batch shape, so each stage compiles once."""
+    data = batches(3)[:3]
+    expected, reference = plain_training(mlp(), make_opt, data, micro=2)
+    losses, state = train("1f1b", "local", True, data)
+    assert losses == pytest.approx(expected, rel=1e-5, abs=1e-6)
+    for key, value in reference.state_dict().items():
+        torch.testing.assert_close(state[key], value, rtol=1e-5, atol=1e-6)
+
+
+def test_compile_stages_errors(monkeypatch) -> None:
+    model = mlp()
+    kwargs = {"example_inputs": torch.randn(4, 8), "loss_fn": F.cross_entropy, "executor": "local"}
+    with pytest.raises(ValueError, match=r"'nope' is not a torch\.compile backend"):
+        pipeoptim.compile(model, make_opt(model), 2, compile_stages="nope", **kwargs)
+    from torch._inductor import cpp_builder
+
+    def no_compiler() -> str:
+        raise RuntimeError("no working C++ compiler found")
+
+    monkeypatch.setattr(cpp_builder, "get_cpp_compiler", no_compiler)
+    with pytest.raises(ValueError, match=r"needs a C\+\+ compiler .* compile_stages='aot_eager'"):
+        pipeoptim.compile(copy.deepcopy(model), make_opt(model), 2, compile_stages=True, **kwargs)
+
+
+def test_train_command_passes_compile_stages(tmp_path, monkeypatch) -> None:
+    from click.testing import CliRunner
+
+    from pipeoptim import training
+    from pipeoptim.cli.main import cli
+
+    seen: dict = {}
+
+    def fake_compile(*args, **kwargs):
+        seen.update(kwargs)
+        raise ValueError("stop here")
+
+    monkeypatch.setattr(training.pipeoptim, "compile", fake_compile)
+    args = ["train", "digits", "--gpus", "2", "--executor", "local", "--limit", "64", "--quiet"]
+    result = CliRunner().invoke(cli, [*args, "--out", str(tmp_path / "a"), "--compile-stages"])
+    assert result.exit_code == 1 and "stop here" in result.stderr
+    assert seen["compile_stages"] is True
+    sequential = [*args, "--method", "sequential", "--out", str(tmp_path / "b"), "--compile-stages"]
+    result = CliRunner().invoke(cli, sequential)
+    assert result.exit_code == 1 and "--compile-stages compiles pipeline stages" in result.stderr
+
+
+def test_checkpointed_regions_run_eagerly_inside_compiled_stages() -> None:
+    from tests.test_recompute import Checkpointed
+
+    g = torch.Generator().manual_seed(5)
+    data = [(torch.randn(8, 8, generator=g), torch.randint(0, 3, (8,), generator=g)) for _ in range(3)]
+    results = []
+    for compile_stages in (False, "aot_eager"):
+        model = Checkpointed()
+        with pipeoptim.compile(
+            model,
+            make_opt(model),
+            2,
+            example_inputs=data[0][0],
+            loss_fn=F.cross_entropy,
+            method="1f1b",
+            micro_batches=2,
+            executor="local",
+            profile_dir=None,
+            compile_stages=compile_stages,
+        ) as pipe:
+            counters.clear()
+            results.append(([pipe.step(x, y).item() for x, y in data], pipe.state_dict()))
+            breaks = dict(counters["graph_break"])
+            graphs = counters["stats"]["unique_graphs"]
+    assert graphs >= 2 and breaks  # compiled graphs ran, broken around the regions ...
+    assert all("torch.compiler.disable" in reason for reason in breaks)  # ... and nowhere else
+    (eager, eager_state), (got, state) = results
+    assert got == pytest.approx(eager, rel=1e-6, abs=1e-7)
+    for key, value in eager_state.items():
+        torch.testing.assert_close(state[key], value, rtol=1e-6, atol=1e-7)
