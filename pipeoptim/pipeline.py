@@ -41,6 +41,7 @@ from pipeoptim.runtime.optim import (
 from pipeoptim.runtime.precision import autocast_context, check_autocast
 from pipeoptim.runtime.predictors import VARIANTS as PREDICTOR_VARIANTS
 from pipeoptim.runtime.predictors import get_predictor
+from pipeoptim.runtime.staleness import PipelineStats
 from pipeoptim.units import parse_bandwidth, parse_bytes
 
 _OPTIMIZER_STATE = "pipeoptim-optimizer/1"
@@ -478,6 +479,18 @@ class Pipeline:
         """
         return self._executor.resident_bytes()
 
+    def stats(self) -> PipelineStats:
+        """Per stage, the prediction error so far and the weight versions held
+        (:class:`~pipeoptim.runtime.staleness.PipelineStats`). Covers the backward passes run so
+        far: call :meth:`flush` first to include every mini-batch submitted."""
+        self._check_open()
+        errors = self._executor.prediction_errors()
+        return PipelineStats(
+            prediction_error=[e.mean for e in errors],
+            prediction_error_samples=[e.samples for e in errors],
+            peak_weight_versions=self._executor.peak_weight_versions(),
+        )
+
     @property
     def peak_weight_versions(self) -> list[int]:
         """Per stage, the most versions of a weight held at once so far (measured)."""
@@ -539,6 +552,7 @@ def compile(
     log: Callable[[str], None] | None = None,
     max_grad_norm: float | None = None,
     autocast: torch.dtype | None = None,
+    prediction_error_every: int = 16,
 ) -> Pipeline:
     """Compile ``model`` and ``optimizer`` into a pipeline of ``gpus`` stages.
 
@@ -599,6 +613,9 @@ def compile(
             boundaries in the dtypes autocast gives them, and the plan is made from a profile
             under autocast (:mod:`pipeoptim.runtime.precision`). A caller's own ``with
             torch.autocast(...)`` does not reach worker processes: use this option.
+        prediction_error_every: every stage measures ``‖W_fwd − W_bwd‖ / ‖W_bwd‖`` for one
+            micro-batch in this many, keeping one copy of its weights per sampled micro-batch
+            in flight (:meth:`Pipeline.stats`, :mod:`pipeoptim.runtime.staleness`); 0: off.
 
     Raises:
         ValueError: a bad argument (the message says which and what is allowed).
@@ -621,6 +638,10 @@ def compile(
     info = get_method(method)
     max_grad_norm = check_clipping(max_grad_norm, info.asynchronous, gpus)
     autocast = check_autocast(autocast)
+    if not isinstance(prediction_error_every, int) or prediction_error_every < 0:
+        raise ValueError(
+            f"prediction_error_every must be 0 (off) or a positive integer, got {prediction_error_every!r}"
+        )
     m = micro_batches if micro_batches is not None else (gpus if info.micro_batched else 1)
     if m < 1:
         raise ValueError(f"micro_batches must be positive, got {m}")
@@ -749,6 +770,7 @@ def compile(
         length=plan_length(chosen, micro, dynamic_length and not static_batch),
         max_grad_norm=max_grad_norm,
         autocast=autocast,
+        prediction_error_every=prediction_error_every,
     )
     device = inputs[0].device if kind == "local" else torch.device("cpu")
     return Pipeline(spec, traced, optimizer, batch, static_batch, kind, device, timeout, owns_group)

@@ -53,6 +53,7 @@ class PipelineSpec:
     nan_check: str = "stages"
     max_grad_norm: float | None = None
     autocast: torch.dtype | None = None
+    prediction_error_every: int = 16
 
     @property
     def num_stages(self) -> int:
@@ -144,6 +145,7 @@ def build_stage(
         seed=spec.seed,
         nan_check=spec.nan_check,
         max_grad_norm=spec.max_grad_norm,
+        prediction_error_every=spec.prediction_error_every,
     )
 
 

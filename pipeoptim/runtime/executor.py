@@ -26,6 +26,7 @@ from pipeoptim.runtime.stage import (
     optimizer_state,
     stage_state,
 )
+from pipeoptim.runtime.staleness import PredictionError
 
 
 @dataclass
@@ -247,6 +248,9 @@ class LocalExecutor:
 
     def peak_weight_versions(self) -> list[int]:
         return [s.policy.peak_versions if s.policy is not None else 1 for s in self.stages]
+
+    def prediction_errors(self) -> list[PredictionError]:
+        return [s.prediction_error.result() for s in self.stages]
 
     def resume(self, mini_batches: int) -> None:
         self.schedule.resume(mini_batches, self.stages[0].steps)

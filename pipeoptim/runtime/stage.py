@@ -21,6 +21,7 @@ from pipeoptim.errors import NonFiniteLossError, PipelineError
 from pipeoptim.runtime.clipping import clip_coefficient, scale_grads_, squared_grad_norm
 from pipeoptim.runtime.optim import apply_hyperparameters
 from pipeoptim.runtime.policies import WeightPolicy
+from pipeoptim.runtime.staleness import PredictionErrorMeter
 
 LossFn = Callable[[Any, Any], torch.Tensor]
 
@@ -90,6 +91,8 @@ class StageRuntime:
             the stage where it appeared), ``"loss"`` (only the loss), or ``"off"``.
         max_grad_norm: clip the gradients by the global norm over all stages before each
             step (:mod:`pipeoptim.runtime.clipping`); ``None``: no clipping.
+        prediction_error_every: measure the prediction error of one micro-batch in this many
+            (:mod:`pipeoptim.runtime.staleness`); 0: not at all.
     """
 
     def __init__(
@@ -106,6 +109,7 @@ class StageRuntime:
         seed: int = 0,
         nan_check: str = "stages",
         max_grad_norm: float | None = None,
+        prediction_error_every: int = 16,
     ) -> None:
         if nan_check not in ("stages", "loss", "off"):
             raise ValueError(f"nan_check must be 'stages', 'loss' or 'off', not {nan_check!r}")
@@ -125,6 +129,7 @@ class StageRuntime:
         self.unflatten_output = unflatten_output
         self.seed = seed
         self.steps = 0
+        self.prediction_error = PredictionErrorMeter(prediction_error_every)
         self._in_flight: dict[int, _InFlight] = {}
         self._module_storages: set[int] | None = None
         self._grads_stale = False
@@ -183,6 +188,7 @@ class StageRuntime:
         if self.policy is not None:
             self._apply_latest_hyper(micro_batch)
             self.policy.begin_forward(micro_batch, version_diff, self._step_rates(micro_batch, version_diff))
+        self.prediction_error.forward(micro_batch, self._forward_weights())
         try:
             with torch.random.fork_rng(devices=self._rng_devices):
                 self._seed(self.seed * 1_000_003 + micro_batch * 7919 + self.index)
@@ -299,6 +305,7 @@ class StageRuntime:
         """
         state = self._in_flight.pop(micro_batch)
         self._activation_bytes.pop(micro_batch, None)
+        self.prediction_error.backward(micro_batch, self._trainable())
         if self._grads_stale and self.optimizer is not None:
             self.optimizer.zero_grad(set_to_none=True)
             self._grads_stale = False
@@ -332,6 +339,13 @@ class StageRuntime:
         if self.optimizer is None:
             return []
         return [p for group in self.optimizer.param_groups for p in group["params"]]
+
+    def _forward_weights(self) -> list[torch.Tensor]:
+        """The tensors the forward being run computes with, one per trainable parameter."""
+        if self.policy is None:
+            return self._trainable()
+        used = {id(self.policy.params[name]): value for name, value in self.policy.forward_weights().items()}
+        return [used.get(id(p), p) for p in self._trainable()]
 
     def squared_grad_norm(self) -> float:
         """Σ ‖grad‖² over this stage's parameters (its share of the global norm)."""

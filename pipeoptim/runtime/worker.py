@@ -229,6 +229,8 @@ def _serve(process: StageProcess, kind: str, payload: Any) -> Any:
         return None
     if kind == "versions":
         return process.peak_versions()
+    if kind == "prediction_error":
+        return process.stage.prediction_error.result()
     if kind == "timeline":
         return list(process.timeline)
     if kind == "measure_memory":
