@@ -14,7 +14,8 @@ paper's ΔW), ``pipeoptim-next`` (``predictor="next-step"``; for SGD the same ru
 paper's, so only run with Adam/AdamW) and ``pipeoptim-buffer`` (SGD only: ΔW = the momentum
 buffer alone, ``lr·b``, registered through ``pipeoptim.register_predictor``). Each cell
 records the final test metric, the training loss of every mini-batch, and per stage the
-prediction error ``‖W_fwd − W_bwd‖ / ‖W_bwd‖`` (``pipe.stats()``, every mini-batch sampled).
+prediction error ``‖W_fwd − W_bwd‖ / ‖W_bwd‖`` and the staleness ``‖W_cur − W_bwd‖ / ‖W_bwd‖`` of
+the weights current at the forward on the same run (``pipe.stats()``, every mini-batch sampled).
 
 Each cell's result is one JSON file under ``--work``; a rerun skips finished cells, so an
 interrupted study continues where it stopped. ``--budget`` stops starting new cells after
@@ -213,6 +214,7 @@ def run_cell(cell: Cell, work: Path) -> dict[str, Any] | None:
         "wall_s": time.perf_counter() - tic,
         "prediction_error": None if stats is None else stats.prediction_error,
         "prediction_error_samples": None if stats is None else stats.prediction_error_samples,
+        "staleness": None if stats is None else stats.staleness,
         "peak_weight_versions": None if stats is None else stats.peak_weight_versions,
     }
     write_json(path, result)

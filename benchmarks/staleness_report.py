@@ -37,10 +37,10 @@ def mean_sd(values: list[float]) -> str:
     return f"{statistics.fmean(values):.4f} ± {statistics.stdev(values):.4f}"
 
 
-def stale_error(r: dict) -> float | None:
-    """Mean prediction error over the stages that hold weights and have a version difference
-    (all but the last; all for 2BW); ``None`` for sequential cells."""
-    errors = r.get("prediction_error")
+def stale_error(r: dict, key: str = "prediction_error") -> float | None:
+    """Mean of ``r[key]`` (prediction error or staleness) over the stages that hold weights and
+    have a version difference (all but the last; all for 2BW); ``None`` for sequential cells."""
+    errors = r.get(key)
     if not errors:
         return None
     stages = errors if r["cell"]["method"] == "2bw" else errors[:-1]  # 2BW delays the last stage too
@@ -72,8 +72,13 @@ def tables(results: list[dict], depths: list[int]) -> str:
             if method != "sequential":
                 errs = []
                 for n in depths:
-                    values = [e for r in cells.get((method, n), []) if (e := stale_error(r)) is not None]
-                    errs.append(f"{statistics.fmean(values):.2e}" if values else "")
+                    runs = cells.get((method, n), [])
+                    values = [e for r in runs if (e := stale_error(r)) is not None]
+                    stale = [e for r in runs if (e := stale_error(r, "staleness")) is not None]
+                    text = f"{statistics.fmean(values):.2e}" if values else ""
+                    if values and len(stale) == len(values) and method not in ("none", "pipedream"):
+                        text += f" ({statistics.fmean(values) / statistics.fmean(stale):.2f})"
+                    errs.append(text)
                 err_rows.append([method, *errs])
         walls = [r["wall_s"] for rs in cells.values() for r in rs]
         setting = next(iter(cells.values()))[0]["cell"]["setting"]
@@ -88,7 +93,9 @@ def tables(results: list[dict], depths: list[int]) -> str:
         if err_rows:
             parts.append(
                 "Prediction error ‖W_fwd − W_bwd‖ / ‖W_bwd‖, mean over mini-batches and over the stages "
-                "with weights and a version difference, then over seeds:\n\n"
+                "with weights and a version difference, then over seeds; in brackets its ratio to the "
+                "staleness ‖W_cur − W_bwd‖ / ‖W_bwd‖ of the weights current at the forward on the same "
+                "runs (below 1: the prediction is closer to the backward's weights than W is):\n\n"
                 + tabulate(err_rows, headers=["method", *(f"N={n}" for n in depths)], tablefmt="github")
             )
     return "\n\n".join(parts)

@@ -480,7 +480,7 @@ class Pipeline:
         return self._executor.resident_bytes()
 
     def stats(self) -> PipelineStats:
-        """Per stage, the prediction error so far and the weight versions held
+        """Per stage, the prediction error and staleness so far and the weight versions held
         (:class:`~pipeoptim.runtime.staleness.PipelineStats`). Covers the backward passes run so
         far: call :meth:`flush` first to include every mini-batch submitted."""
         self._check_open()
@@ -488,6 +488,7 @@ class Pipeline:
         return PipelineStats(
             prediction_error=[e.mean for e in errors],
             prediction_error_samples=[e.samples for e in errors],
+            staleness=[e.staleness for e in errors],
             peak_weight_versions=self._executor.peak_weight_versions(),
         )
 

@@ -61,6 +61,7 @@ def test_no_correction_error_is_the_closed_form_staleness(stages: int) -> None:
     for k in range(stages):
         assert stats.prediction_error[k] == pytest.approx(expected_staleness(stages, k, 12), abs=1e-6)
     assert stats.prediction_error[-1] == 0.0
+    assert stats.staleness == stats.prediction_error  # the forward uses the current weights
 
 
 def test_pipedream_measures_the_same_staleness_as_no_correction() -> None:
@@ -80,6 +81,9 @@ def test_pipeoptim_error_vanishes_once_it_has_a_gradient_to_predict_from() -> No
     # stage 1 (s = 1): only t = 1
     assert stats.prediction_error[1] == pytest.approx(1 / 12, abs=1e-6)
     assert stats.prediction_error[2] == 0.0
+    # on the same trajectory, the weights current at the forward were as stale as no correction's
+    for k in range(3):
+        assert stats.staleness[k] == pytest.approx(expected_staleness(3, k, 12), abs=1e-6)
 
 
 @pytest.mark.parametrize("method", ["gpipe", "1f1b"])
@@ -98,6 +102,7 @@ def test_sampling_every_fourth_micro_batch() -> None:
 def test_off_measures_nothing() -> None:
     stats = run_biases("none", 2, 4, every=0)
     assert stats.prediction_error == [None, None] and stats.prediction_error_samples == [0, 0]
+    assert stats.staleness == [None, None]
 
 
 def test_bad_sampling_interval_is_refused() -> None:
@@ -116,6 +121,7 @@ def test_worker_processes_measure_the_same_values() -> None:
     processes = run_biases("none", 2, 8, executor="processes")
     assert processes.prediction_error_samples == local.prediction_error_samples
     assert processes.prediction_error == pytest.approx(local.prediction_error, abs=1e-12)
+    assert processes.staleness == pytest.approx(local.staleness, abs=1e-12)
     assert processes.peak_weight_versions == local.peak_weight_versions
 
 
@@ -125,7 +131,7 @@ def test_pipeoptim_predicts_better_than_no_correction_on_a_smooth_problem() -> N
     g = torch.Generator().manual_seed(0)
     x = torch.randn(64, 8, generator=g)
     y = x @ torch.randn(8, 1, generator=g)
-    errors = {}
+    stats = {}
     for method in ("none", "pipeoptim"):
         torch.manual_seed(0)
         model = nn.Sequential(nn.Linear(8, 16), nn.Linear(16, 16), nn.Linear(16, 16), nn.Linear(16, 1))
@@ -145,8 +151,11 @@ def test_pipeoptim_predicts_better_than_no_correction_on_a_smooth_problem() -> N
                 rows = slice(16 * (t % 4), 16 * (t % 4) + 16)
                 pipe.step(x[rows], y[rows])
             pipe.flush()
-            errors[method] = pipe.stats().prediction_error
+            stats[method] = pipe.stats()
+    errors = {m: s.prediction_error for m, s in stats.items()}
     stale = [k for k in range(3) if errors["none"][k] and errors["pipeoptim"][k] is not None]
     assert len(stale) >= 2, errors
     for k in stale:
         assert errors["pipeoptim"][k] < 0.5 * errors["none"][k], errors
+        # and on PipeOptim's own trajectory Ŵ beats the weights current at the forward
+        assert errors["pipeoptim"][k] < 0.5 * stats["pipeoptim"].staleness[k], stats

@@ -188,7 +188,7 @@ class StageRuntime:
         if self.policy is not None:
             self._apply_latest_hyper(micro_batch)
             self.policy.begin_forward(micro_batch, version_diff, self._step_rates(micro_batch, version_diff))
-        self.prediction_error.forward(micro_batch, self._forward_weights())
+        self.prediction_error.forward(micro_batch, self._forward_weights(), self._trainable())
         try:
             with torch.random.fork_rng(devices=self._rng_devices):
                 self._seed(self.seed * 1_000_003 + micro_batch * 7919 + self.index)
