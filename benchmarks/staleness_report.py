@@ -170,16 +170,33 @@ def plots(results: list[dict], out: Path, depths: list[int]) -> list[str]:
     return files
 
 
+def sweep_table(sweep: list[dict]) -> str:
+    """The sequential learning-rate sweep (settings named ``*-sweep-*``), one row per rate."""
+    rows = [
+        [r["cell"]["setting"]["lr"], f"{r['metric']:.4f}" if r["metric"] is not None else "diverged"]
+        for r in sorted(sweep, key=lambda r: r["cell"]["setting"]["lr"])
+    ]
+    setting = sweep[0]["cell"]["setting"]
+    return (
+        f"### Learning-rate sweep\n\nSequential training, {setting['task']}, {setting['optimizer']}, "
+        f"seed 0, same length as the study:\n\n"
+        + tabulate(rows, headers=["peak lr", f"test {sweep[0]['metric_name']}"], tablefmt="github")
+    )
+
+
 def report(results: list[dict], out: Path, quick: bool, wall_s: float) -> None:
     """Write ``staleness.md`` and the plots into ``out``; print one summary line."""
     out.mkdir(parents=True, exist_ok=True)
+    sweep = [r for r in results if "-sweep-" in r["cell"]["setting"]["name"]]
+    results = [r for r in results if r not in sweep]
     depths = sorted({r["cell"]["depth"] for r in results})
     files = plots(results, out, depths) if results else []
-    body = tables(results, depths)
-    total = sum(r["wall_s"] for r in results)
+    body = (sweep_table(sweep) + "\n\n" if sweep else "") + tables(results, depths)
+    total = sum(r["wall_s"] for r in results + sweep)
+    cells = len(results) + len(sweep)
     (out / "staleness.md").write_text(
         f"# Staleness study ({'quick' if quick else 'full'} run)\n\n"
-        f"{len(results)} cells, {total / 60:.1f} min of training in the cells ({wall_s / 60:.1f} min "
+        f"{cells} cells, {total / 60:.1f} min of training in the cells ({wall_s / 60:.1f} min "
         f"for this invocation, finished cells read back); deterministic local executor, uniform plans, "
         f"`benchmarks/staleness.py`.\n\n{body}\n\n" + "".join(f"![{f}]({f})\n" for f in files)
     )
@@ -188,4 +205,4 @@ def report(results: list[dict], out: Path, quick: bool, wall_s: float) -> None:
         f"{r['cell']['setting']['name']} N={r['cell']['depth']} pipeoptim error {stale_error(r):.2e}"
         for r in done[:3]
     )
-    print(f"{len(results)} cells; {line or 'no pipeoptim cell'}")
+    print(f"{cells} cells; {line or 'no pipeoptim cell'}")
