@@ -119,15 +119,18 @@ def plots(results: list[dict], out: Path, depths: list[int]) -> list[str]:
     import matplotlib.pyplot as plt
 
     groups = _group(results)
-    names = list(groups)
+    names = [n for n, cells in groups.items() if any(m != "sequential" for m, _ in cells)]
+    if not names:
+        return []
     curve_depth = 8 if 8 in depths else depths[-1]
     files = []
     for kind in ("metric", "loss", "prediction_error"):
         fig, axes = plt.subplots(1, len(names), figsize=(4.5 * len(names), 3.6), squeeze=False)
         for ax, name in zip(axes[0], names):
             cells = groups[name]
-            for i, method in enumerate(_methods(cells)):
-                style = {"label": method, "color": f"C{i}", "lw": 2 if method == "pipeoptim" else 1}
+            for method in _methods(cells):
+                color = f"C{ORDER.index(method)}"
+                style = {"label": method, "color": color, "lw": 2 if method == "pipeoptim" else 1}
                 if kind == "loss":
                     runs = cells.get((method, 1 if method == "sequential" else curve_depth), [])
                     curves = [r["losses"] for r in runs if r["losses"] and r["metric"] is not None]
