@@ -50,10 +50,10 @@ from pipeoptim.compiler import plan_model
 from pipeoptim.compiler.costmodel import CostConfig
 from pipeoptim.errors import NonFiniteLossError
 from pipeoptim.fileio import write_json
-from pipeoptim.runtime.policies import smoothed_gradient_update
+from pipeoptim.runtime.prediction import smoothed_gradient_update
+from pipeoptim.sequential import Sequential
 from pipeoptim.tasks import make_task
 from pipeoptim.tasks.images import ConvNet
-from pipeoptim.training import Sequential
 
 DEPTHS = [1, 2, 4, 8, 16]
 SGD_METHODS = ["none", "pipedream", "2bw", "spectrain", "pipeoptim", "pipeoptim-buffer"]

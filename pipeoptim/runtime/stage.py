@@ -20,8 +20,8 @@ from torch.utils import _pytree as pytree
 from pipeoptim.errors import NonFiniteLossError, PipelineError
 from pipeoptim.runtime.clipping import clip_coefficient, scale_grads_, squared_grad_norm
 from pipeoptim.runtime.optim import apply_hyperparameters
-from pipeoptim.runtime.policies import WeightPolicy
-from pipeoptim.runtime.staleness import PredictionErrorMeter
+from pipeoptim.runtime.staleness import PredictionErrorMeter, used_weights
+from pipeoptim.runtime.weight_policy import WeightPolicy
 
 LossFn = Callable[[Any, Any], torch.Tensor]
 
@@ -91,8 +91,8 @@ class StageRuntime:
             the stage where it appeared), ``"loss"`` (only the loss), or ``"off"``.
         max_grad_norm: clip the gradients by the global norm over all stages before each
             step (:mod:`pipeoptim.runtime.clipping`); ``None``: no clipping.
-        prediction_error_every: measure the prediction error of one micro-batch in this many
-            (:mod:`pipeoptim.runtime.staleness`); 0: not at all.
+        prediction_error_every: sample one micro-batch in this many for the prediction error
+            (:mod:`pipeoptim.runtime.staleness`); 0: none.
     """
 
     def __init__(
@@ -188,7 +188,8 @@ class StageRuntime:
         if self.policy is not None:
             self._apply_latest_hyper(micro_batch)
             self.policy.begin_forward(micro_batch, version_diff, self._step_rates(micro_batch, version_diff))
-        self.prediction_error.forward(micro_batch, self._forward_weights(), self._trainable())
+        trainable = self._trainable()
+        self.prediction_error.forward(micro_batch, used_weights(self.policy, trainable), trainable)
         try:
             with torch.random.fork_rng(devices=self._rng_devices):
                 self._seed(self.seed * 1_000_003 + micro_batch * 7919 + self.index)
@@ -340,13 +341,6 @@ class StageRuntime:
             return []
         return [p for group in self.optimizer.param_groups for p in group["params"]]
 
-    def _forward_weights(self) -> list[torch.Tensor]:
-        """The tensors the forward being run computes with, one per trainable parameter."""
-        if self.policy is None:
-            return self._trainable()
-        used = {id(self.policy.params[name]): value for name, value in self.policy.forward_weights().items()}
-        return [used.get(id(p), p) for p in self._trainable()]
-
     def squared_grad_norm(self) -> float:
         """Σ ‖grad‖² over this stage's parameters (its share of the global norm)."""
         return squared_grad_norm(self._trainable())
@@ -397,80 +391,3 @@ class StageRuntime:
         hyper = self._hyper.get(micro_batch)
         if hyper is not None and self.optimizer is not None:
             apply_hyperparameters(self.optimizer, self.group_map, hyper)
-
-
-def stage_state(stages: Sequence[StageRuntime]) -> dict[str, torch.Tensor]:
-    """Parameters and buffers of ``stages`` by qualified name."""
-    state: dict[str, torch.Tensor] = {}
-    for stage in stages:
-        state.update(stage.module.state_dict())
-    return state
-
-
-def load_stage_state(
-    stage: StageRuntime, state: dict[str, torch.Tensor], aliases: dict[str, list[str]]
-) -> None:
-    """Copy the entries of ``state`` that ``stage`` owns into its tensors (in place)."""
-    with torch.no_grad():
-        for name, tensor in stage.module.state_dict(keep_vars=True).items():
-            source = state.get(name)
-            if source is None:
-                source = next((state[a] for a in aliases.get(name, []) if a in state), None)
-            if source is not None:
-                tensor.copy_(source)
-
-
-def _param_names(stage: StageRuntime) -> dict[int, str]:
-    return {id(p): n for n, p in stage.module.named_parameters(remove_duplicate=False)}
-
-
-def optimizer_state(stage: StageRuntime) -> dict[str, Any]:
-    """The stage optimizer's state and last gradients keyed by parameter name, its step count.
-
-    The last gradients are part of it because predictors read them (SGD, RMSprop, Adagrad):
-    a resumed run predicts exactly as an uninterrupted one.
-    """
-    result: dict[str, Any] = {"state": {}, "grads": {}, "steps": {stage.index: stage.steps}}
-    if stage.optimizer is None:
-        return result
-    names = _param_names(stage)
-    for p, s in stage.optimizer.state.items():
-        result["state"][names[id(p)]] = {
-            k: v.detach().cpu().clone() if isinstance(v, torch.Tensor) else v for k, v in s.items()
-        }
-    for p in _all_params(stage.optimizer):
-        if p.grad is not None:
-            result["grads"][names[id(p)]] = p.grad.detach().cpu().clone()
-    return result
-
-
-def _all_params(optimizer: Optimizer) -> list[torch.Tensor]:
-    return [p for group in optimizer.param_groups for p in group["params"]]
-
-
-def merge_optimizer_states(parts: Sequence[dict[str, Any]]) -> dict[str, Any]:
-    """One state for the whole pipeline from the per-stage ones."""
-    merged: dict[str, Any] = {"state": {}, "grads": {}, "steps": {}}
-    for part in parts:
-        merged["state"].update(part["state"])
-        merged["grads"].update(part.get("grads", {}))
-        merged["steps"].update({int(k): v for k, v in part["steps"].items()})
-    return merged
-
-
-def load_optimizer_state(stage: StageRuntime, state: dict[str, Any]) -> None:
-    """Restore the part of ``state`` (:func:`merge_optimizer_states`) that ``stage`` owns."""
-    stage.steps = int(state["steps"].get(stage.index, state["steps"].get(str(stage.index), 0)))
-    if stage.optimizer is None:
-        return
-    for name, p in stage.module.named_parameters(remove_duplicate=False):
-        if not p.requires_grad:
-            continue
-        saved = state["state"].get(name)
-        if saved is not None:
-            stage.optimizer.state[p] = {
-                k: v.to(p.device) if isinstance(v, torch.Tensor) else v for k, v in saved.items()
-            }
-        grad = state.get("grads", {}).get(name)
-        p.grad = None if grad is None else grad.to(p.device)
-    stage._grads_stale = True  # the next backward starts a new gradient

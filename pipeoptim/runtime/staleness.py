@@ -30,8 +30,12 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
+
+if TYPE_CHECKING:
+    from pipeoptim.runtime.weight_policy import WeightPolicy
 
 
 @dataclass(frozen=True)
@@ -130,3 +134,12 @@ def relative_distance(a: Sequence[torch.Tensor], b: Sequence[torch.Tensor]) -> f
     if norm > 0:
         return (diff / norm) ** 0.5
     return 0.0 if diff == 0 else float("inf")
+
+
+def used_weights(policy: WeightPolicy | None, trainable: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """The tensors the forward being prepared computes with, one per parameter of ``trainable``
+    (the stage's parameters in its optimizer's order): the policy's choice, else the parameter."""
+    if policy is None:
+        return list(trainable)
+    used = {id(policy.params[name]): value for name, value in policy.forward_weights().items()}
+    return [used.get(id(p), p) for p in trainable]
