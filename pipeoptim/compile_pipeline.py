@@ -70,6 +70,7 @@ def compile(
     max_grad_norm: float | None = None,
     autocast: torch.dtype | None = None,
     compile_stages: bool | str = False,
+    prediction_error_every: int = 16,
 ) -> Pipeline:
     """Compile ``model`` and ``optimizer`` into a pipeline of ``gpus`` stages.
 
@@ -135,6 +136,9 @@ def compile(
         compile_stages: ``True``: every stage's forward (and so its backward) runs through
             ``torch.compile`` with inductor; a backend name (``"aot_eager"``) picks another
             (:mod:`pipeoptim.runtime.compiled`). ``False`` (default): eager stages.
+        prediction_error_every: every stage measures ``‖W_fwd − W_bwd‖ / ‖W_bwd‖`` for one
+            micro-batch in this many, keeping one copy of its weights per sampled micro-batch
+            in flight (:meth:`Pipeline.stats`, :mod:`pipeoptim.runtime.staleness`); 0: off.
 
     Raises:
         ValueError: a bad argument (the message says which and what is allowed).
@@ -157,6 +161,10 @@ def compile(
     info = get_method(method)
     max_grad_norm = check_clipping(max_grad_norm, info.asynchronous, gpus)
     autocast = check_autocast(autocast, info.asynchronous, gpus)
+    if not isinstance(prediction_error_every, int) or prediction_error_every < 0:
+        raise ValueError(
+            f"prediction_error_every must be 0 (off) or a positive integer, got {prediction_error_every!r}"
+        )
     m = micro_batches if micro_batches is not None else (gpus if info.micro_batched else 1)
     if m < 1:
         raise ValueError(f"micro_batches must be positive, got {m}")
@@ -287,6 +295,7 @@ def compile(
         max_grad_norm=max_grad_norm,
         autocast=autocast,
         compile_stages=backend,
+        prediction_error_every=prediction_error_every,
     )
     device = inputs[0].device if kind == "local" else torch.device("cpu")
     return Pipeline(spec, traced, optimizer, batch, static_batch, kind, device, timeout, owns_group)

@@ -30,6 +30,7 @@ from pipeoptim.runtime.build import PipelineSpec, aliases_of
 from pipeoptim.runtime.executor import MiniBatch
 from pipeoptim.runtime.launch import Executor, start_executor
 from pipeoptim.runtime.optim import hyperparameters
+from pipeoptim.runtime.staleness import PipelineStats
 
 _OPTIMIZER_STATE = "pipeoptim-optimizer/1"
 
@@ -321,6 +322,19 @@ class Pipeline:
             OSError: ``/proc`` is not available.
         """
         return self._executor.resident_bytes()
+
+    def stats(self) -> PipelineStats:
+        """Per stage, the prediction error and staleness so far and the weight versions held
+        (:class:`~pipeoptim.runtime.staleness.PipelineStats`). Covers the backward passes run so
+        far: call :meth:`flush` first to include every mini-batch submitted."""
+        self._check_open()
+        errors = self._executor.prediction_errors()
+        return PipelineStats(
+            prediction_error=[e.mean for e in errors],
+            prediction_error_samples=[e.samples for e in errors],
+            staleness=[e.staleness for e in errors],
+            peak_weight_versions=self._executor.peak_weight_versions(),
+        )
 
     @property
     def peak_weight_versions(self) -> list[int]:

@@ -13,7 +13,7 @@ from torch import nn
 
 import pipeoptim
 from pipeoptim.methods import METHODS
-from pipeoptim.runtime.stage import saved_bytes
+from pipeoptim.runtime.held_bytes import saved_bytes
 
 ROOT = Path(__file__).resolve().parents[1]
 

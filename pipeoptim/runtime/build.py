@@ -59,6 +59,7 @@ class PipelineSpec:
     autocast: torch.dtype | None = None
     #: ``torch.compile`` backend of the stages (:mod:`pipeoptim.runtime.compiled`), or ``None``
     compile_stages: str | None = None
+    prediction_error_every: int = 16
 
     @property
     def num_stages(self) -> int:
@@ -153,6 +154,7 @@ def build_stage(
         nan_check=spec.nan_check,
         max_grad_norm=spec.max_grad_norm,
         scaler=LossScaler() if spec.autocast is torch.float16 else None,
+        prediction_error_every=spec.prediction_error_every,
     )
 
 

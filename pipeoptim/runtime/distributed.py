@@ -30,6 +30,7 @@ from pipeoptim.microbatch import Rows
 from pipeoptim.runtime.build import PipelineSpec
 from pipeoptim.runtime.executor import MiniBatch
 from pipeoptim.runtime.procmem import resident_bytes
+from pipeoptim.runtime.staleness import PredictionError
 from pipeoptim.runtime.worker import worker_main
 
 
@@ -357,6 +358,10 @@ class ProcessExecutor:
 
     def peak_weight_versions(self) -> list[int]:
         replies = self._request("versions")
+        return [replies[r] for r in range(self.world)]
+
+    def prediction_errors(self) -> list[PredictionError]:
+        replies = self._request("prediction_error")
         return [replies[r] for r in range(self.world)]
 
     # -- shutdown ---------------------------------------------------------------------

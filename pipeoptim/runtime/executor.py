@@ -28,6 +28,7 @@ from pipeoptim.runtime.stage_state import (
     optimizer_state,
     stage_state,
 )
+from pipeoptim.runtime.staleness import PredictionError
 
 
 @dataclass
@@ -268,6 +269,9 @@ class LocalExecutor:
 
     def peak_weight_versions(self) -> list[int]:
         return [s.policy.peak_versions if s.policy is not None else 1 for s in self.stages]
+
+    def prediction_errors(self) -> list[PredictionError]:
+        return [s.prediction_error.result() for s in self.stages]
 
     def resume(self, mini_batches: int) -> None:
         for schedule in self.schedules:

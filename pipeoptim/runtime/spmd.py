@@ -27,6 +27,7 @@ from pipeoptim.runtime.comm import LOSS_TAG
 from pipeoptim.runtime.executor import MiniBatch
 from pipeoptim.runtime.procmem import resident_bytes
 from pipeoptim.runtime.stage_state import merge_optimizer_states
+from pipeoptim.runtime.staleness import PredictionError
 from pipeoptim.runtime.worker import StageProcess
 
 SIZE_TAG = 8  # batch sizes from rank 0 to the other ranks
@@ -250,6 +251,11 @@ class SPMDExecutor:
     def peak_weight_versions(self) -> list[int]:
         parts: list[Any] = [None] * self.world
         dist.all_gather_object(parts, self.process.peak_versions())
+        return parts
+
+    def prediction_errors(self) -> list[PredictionError]:
+        parts: list[Any] = [None] * self.world
+        dist.all_gather_object(parts, self.process.stage.prediction_error.result())
         return parts
 
     def close(self) -> None:

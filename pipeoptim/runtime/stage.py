@@ -19,8 +19,10 @@ from torch.utils import _pytree as pytree
 
 from pipeoptim.errors import NonFiniteLossError, PipelineError
 from pipeoptim.runtime.clipping import clip_coefficient, scale_grads_, squared_grad_norm
+from pipeoptim.runtime.held_bytes import saved_bytes
 from pipeoptim.runtime.optim import apply_hyperparameters
 from pipeoptim.runtime.scaler import LossScaler
+from pipeoptim.runtime.staleness import PredictionErrorMeter, used_weights
 from pipeoptim.runtime.weight_policy import WeightPolicy
 
 LossFn = Callable[[Any, Any], torch.Tensor]
@@ -30,33 +32,6 @@ LossFn = Callable[[Any, Any], torch.Tensor]
 class _InFlight:
     inputs: list[Any]
     outputs: list[Any]
-
-
-def saved_bytes(outputs: Sequence[Any], exclude: set[int]) -> int:
-    """Bytes of the tensors autograd saved to compute the gradients of ``outputs``.
-
-    Walks the autograd graph and reads every node's ``_saved_*`` tensors; storages in
-    ``exclude`` (weights) and repeated storages are not counted.
-    """
-    seen_nodes: set[Any] = set()
-    storages: dict[int, int] = {}
-    stack = [t.grad_fn for t in outputs if isinstance(t, torch.Tensor) and t.grad_fn is not None]
-    while stack:
-        node = stack.pop()
-        if node is None or node in seen_nodes:
-            continue
-        seen_nodes.add(node)
-        for name in dir(node):
-            if not name.startswith("_saved_"):
-                continue
-            value = getattr(node, name, None)
-            for t in value if isinstance(value, (tuple, list)) else (value,):
-                if isinstance(t, torch.Tensor):
-                    storage = t.untyped_storage()
-                    if storage.data_ptr() not in exclude:
-                        storages[storage.data_ptr()] = storage.nbytes()
-        stack.extend(fn for fn, _ in node.next_functions)
-    return sum(storages.values())
 
 
 def _any_nan(leaves: Sequence[Any]) -> bool:
@@ -92,6 +67,8 @@ class StageRuntime:
         max_grad_norm: clip the gradients by the global norm over all stages before each
             step (:mod:`pipeoptim.runtime.clipping`); ``None``: no clipping.
         scaler: float16 loss scaling over all stages (:mod:`pipeoptim.runtime.scaler`).
+        prediction_error_every: sample one micro-batch in this many for the prediction error
+            (:mod:`pipeoptim.runtime.staleness`); 0: none.
     """
 
     def __init__(
@@ -109,6 +86,7 @@ class StageRuntime:
         nan_check: str = "stages",
         max_grad_norm: float | None = None,
         scaler: LossScaler | None = None,
+        prediction_error_every: int = 16,
     ) -> None:
         if nan_check not in ("stages", "loss", "off"):
             raise ValueError(f"nan_check must be 'stages', 'loss' or 'off', not {nan_check!r}")
@@ -129,6 +107,7 @@ class StageRuntime:
         self.unflatten_output = unflatten_output
         self.seed = seed
         self.steps = 0
+        self.prediction_error = PredictionErrorMeter(prediction_error_every)
         self._in_flight: dict[int, _InFlight] = {}
         self._module_storages: set[int] | None = None
         self._grads_stale = False
@@ -187,6 +166,8 @@ class StageRuntime:
         if self.policy is not None:
             self._apply_latest_hyper(micro_batch)
             self.policy.begin_forward(micro_batch, version_diff, self._step_rates(micro_batch, version_diff))
+        trainable = self.trainable()
+        self.prediction_error.forward(micro_batch, used_weights(self.policy, trainable), trainable)
         try:
             with torch.random.fork_rng(devices=self._rng_devices):
                 self._seed(self.seed * 1_000_003 + micro_batch * 7919 + self.index)
@@ -306,6 +287,7 @@ class StageRuntime:
         """
         state = self._in_flight.pop(micro_batch)
         self._activation_bytes.pop(micro_batch, None)
+        self.prediction_error.backward(micro_batch, self.trainable())
         if self._grads_stale and self.optimizer is not None:
             self.optimizer.zero_grad(set_to_none=True)
             self._grads_stale = False

@@ -107,6 +107,10 @@ class WeightPolicy(nn.Module):
     def after_step(self) -> None:
         """Called after each optimizer step."""
 
+    def forward_weights(self) -> dict[str, torch.Tensor]:
+        """What the forward prepared by :meth:`begin_forward` computes with, by graph name."""
+        return {name: self._values.get(name, p) for name, p in self.params.items()}
+
     def backward_weight(self, name: str, micro_batch: int) -> torch.Tensor:
         """The weight the backward uses in place of a saved one (default: the current W)."""
         return self.params[name].detach()

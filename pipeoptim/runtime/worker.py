@@ -221,6 +221,7 @@ COMMANDS: dict[str, Callable[[StageProcess, Any], Any]] = {
     "optimizer_state": lambda process, _: process.optimizer_state(),
     "load_optimizer_state": StageProcess.load_optimizer_state,
     "versions": lambda process, _: process.peak_versions(),
+    "prediction_error": lambda process, _: process.stage.prediction_error.result(),
     "timeline": lambda process, _: list(process.timeline),
     "measure_memory": _set_measure_memory,
     "memory": lambda process, _: process.memory_report(),

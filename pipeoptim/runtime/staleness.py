@@ -1,0 +1,145 @@
+"""Prediction error: how far the weights a forward used were from those its backward met.
+
+For a micro-batch m at stage k, with ``W_fwd`` the stage's weights its forward computed
+with (the current W for ``none``, ``pipedream``, ``gpipe`` and ``1f1b``; the prediction Ŵ for
+``pipeoptim`` and ``spectrain``; the shadow ``W(t−1)`` for ``2bw``) and ``W_bwd`` the stage's
+current weights when its backward starts (the weights its update is applied to), the
+*prediction error* is
+
+    e(m) = ‖W_fwd − W_bwd‖ / ‖W_bwd‖,
+
+both norms Euclidean over all of the stage's trainable parameters together. It is 0 for the
+synchronous schedules (no step comes between a forward and its backward); for ``none`` it is
+the staleness of the forward, ``‖W(t−s) − W(t)‖ / ‖W(t)‖`` for version difference s; for
+``pipedream`` the same number (the stash hides the difference from the backward, not from
+the update, which is applied to ``W(t)``); for ``pipeoptim`` it is how well Ŵ predicted
+``W(t)``. No paper defines it; it is this project's direct measure of prediction quality.
+
+On the same sampled micro-batches the *staleness* ``‖W_cur − W_bwd‖ / ‖W_bwd‖`` is measured
+too, ``W_cur`` being the stage's weights when the forward starts (what no correction would
+have computed with): on one run's trajectory, a prediction helps where its error is below
+the staleness.
+
+Cost: the weights a sampled forward used are copied (one clone of the stage's weights) and
+compared when its backward starts; micro-batches ``m`` with ``m % every == 0`` are sampled,
+so at most ``⌈in-flight / every⌉`` copies exist at once (one when ``every`` ≥ N), two where
+the forward does not use the current weights (one for the staleness).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+
+if TYPE_CHECKING:
+    from pipeoptim.runtime.weight_policy import WeightPolicy
+
+
+@dataclass(frozen=True)
+class PredictionError:
+    """One stage's prediction error so far.
+
+    Attributes:
+        mean: mean of ``‖W_fwd − W_bwd‖ / ‖W_bwd‖`` over the sampled micro-batches whose
+            backward has run (dimensionless); ``None`` before the first one or where the stage
+            has no trainable parameter.
+        samples: how many micro-batches the mean covers.
+        staleness: mean of ``‖W_cur − W_bwd‖ / ‖W_bwd‖`` over the same micro-batches.
+    """
+
+    mean: float | None
+    samples: int
+    staleness: float | None
+
+
+@dataclass(frozen=True)
+class PipelineStats:
+    """What :meth:`pipeoptim.Pipeline.stats` returns; every list has one entry per stage.
+
+    Attributes:
+        prediction_error: mean ``‖W_fwd − W_bwd‖ / ‖W_bwd‖`` (:class:`PredictionError`).
+        prediction_error_samples: micro-batches each mean covers.
+        staleness: mean ``‖W_cur − W_bwd‖ / ‖W_bwd‖`` on the same micro-batches, ``W_cur`` the
+            weights current at the forward (what no correction would have used).
+        peak_weight_versions: most versions of a weight held at once so far.
+    """
+
+    prediction_error: list[float | None]
+    prediction_error_samples: list[int]
+    staleness: list[float | None]
+    peak_weight_versions: list[int]
+
+
+class PredictionErrorMeter:
+    """Samples one micro-batch in ``every`` and averages its prediction error (module docstring).
+
+    Args:
+        every: sample the micro-batches whose index is a multiple of ``every``; 0 measures
+            nothing.
+
+    Raises:
+        ValueError: ``every`` is negative.
+    """
+
+    def __init__(self, every: int) -> None:
+        if every < 0:
+            raise ValueError(f"prediction_error_every must be 0 (off) or positive, got {every}")
+        self.every = every
+        self._forward: dict[int, tuple[list[torch.Tensor], list[torch.Tensor] | None]] = {}
+        self._sum = 0.0
+        self._stale_sum = 0.0
+        self._samples = 0
+
+    def forward(
+        self, micro_batch: int, weights: Sequence[torch.Tensor], current: Sequence[torch.Tensor]
+    ) -> None:
+        """Keep a copy of ``weights`` (the tensors the forward of ``micro_batch`` uses, in the
+        stage's parameter order) and, where they differ, of ``current`` (the parameters now),
+        if ``micro_batch`` is sampled."""
+        if not self.every or not weights or micro_batch % self.every:
+            return
+        with torch.no_grad():
+            used = [w.detach().clone() for w in weights]
+            same = all(w is c for w, c in zip(weights, current))
+            self._forward[micro_batch] = (used, None if same else [c.detach().clone() for c in current])
+
+    def backward(self, micro_batch: int, current: Sequence[torch.Tensor]) -> None:
+        """Compare the copies of ``micro_batch``'s forward, if sampled, with ``current`` (the
+        stage's parameters as its backward starts, same order) and drop them."""
+        copies = self._forward.pop(micro_batch, None)
+        if copies is None:
+            return
+        used, then = copies
+        error = relative_distance(used, current)
+        self._sum += error
+        self._stale_sum += error if then is None else relative_distance(then, current)
+        self._samples += 1
+
+    def result(self) -> PredictionError:
+        """The means so far (:class:`PredictionError`)."""
+        if not self._samples:
+            return PredictionError(None, 0, None)
+        return PredictionError(self._sum / self._samples, self._samples, self._stale_sum / self._samples)
+
+
+@torch.no_grad()
+def relative_distance(a: Sequence[torch.Tensor], b: Sequence[torch.Tensor]) -> float:
+    """``‖a − b‖ / ‖b‖``, Euclidean norms over all tensors together (float64 sums); 0 where both
+    are zero, infinite where only ``b`` is."""
+    diff = sum(float(torch.sum((x.double() - y.double()) ** 2)) for x, y in zip(a, b))
+    norm = sum(float(torch.sum(y.double() ** 2)) for y in b)
+    if norm > 0:
+        return (diff / norm) ** 0.5
+    return 0.0 if diff == 0 else float("inf")
+
+
+def used_weights(policy: WeightPolicy | None, trainable: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """The tensors the forward being prepared computes with, one per parameter of ``trainable``
+    (the stage's parameters in its optimizer's order): the policy's choice, else the parameter."""
+    if policy is None:
+        return list(trainable)
+    used = {id(policy.params[name]): value for name, value in policy.forward_weights().items()}
+    return [used.get(id(p), p) for p in trainable]

@@ -1,0 +1,161 @@
+"""Prediction error ‖W_fwd − W_bwd‖ / ‖W_bwd‖ (pipe.stats()): exact values where they are known."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import pipeoptim
+from pipeoptim.runtime.staleness import PredictionErrorMeter
+
+
+class Biases(nn.Module):
+    """A chain of bias additions from zero: every bias has a constant gradient."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.b = nn.ParameterList([nn.Parameter(torch.zeros(4)) for _ in range(6)])
+
+    def forward(self, x):
+        for b in self.b:
+            x = x * 0.5 + b
+        return x
+
+
+def run_biases(method: str, stages: int, steps: int, executor: str = "local", every: int = 1):
+    model = Biases()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with pipeoptim.compile(
+        model,
+        opt,
+        stages,
+        example_inputs=torch.randn(6, 4),
+        loss_fn=lambda out, _y: out.sum(),
+        method=method,
+        executor=executor,
+        profile_dir=None,
+        prediction_error_every=every,
+    ) as pipe:
+        for t in range(steps):
+            pipe.step(torch.full((6, 4), float(t)), None)
+        pipe.flush()
+        return pipe.stats()
+
+
+def expected_staleness(stages: int, stage: int, steps: int) -> float:
+    """Plain SGD from W(0) = 0 with a constant gradient g: W(t) = −t·lr·g, so mini-batch t's
+    forward at version t − s and its backward at version t are ‖s·lr·g‖ / ‖t·lr·g‖ = s / t
+    apart, s = min(t, N − k − 1) (0 at t = 0, where both are zero)."""
+    total = 0.0
+    for t in range(1, steps):
+        total += min(t, stages - stage - 1) / t
+    return total / steps
+
+
+@pytest.mark.parametrize("stages", [2, 3])
+def test_no_correction_error_is_the_closed_form_staleness(stages: int) -> None:
+    stats = run_biases("none", stages, 12)
+    assert stats.prediction_error_samples == [12] * stages
+    for k in range(stages):
+        assert stats.prediction_error[k] == pytest.approx(expected_staleness(stages, k, 12), abs=1e-6)
+    assert stats.prediction_error[-1] == 0.0
+    assert stats.staleness == stats.prediction_error  # the forward uses the current weights
+
+
+def test_pipedream_measures_the_same_staleness_as_no_correction() -> None:
+    """The stash hides W(t−s) − W(t) from the backward, not from the update (applied to W(t));
+    with constant gradients the two methods follow the same trajectory."""
+    pipedream, none = run_biases("pipedream", 3, 12), run_biases("none", 3, 12)
+    assert pipedream.prediction_error == pytest.approx(none.prediction_error, abs=1e-9)
+    assert pipedream.prediction_error[0] > 0.3
+
+
+def test_pipeoptim_error_vanishes_once_it_has_a_gradient_to_predict_from() -> None:
+    """Constant gradients, plain SGD: Ŵ = W − s·lr·g is exact from the first step on; only the
+    forwards before stage k's first step (Ŵ = W then) are off, by s/t."""
+    stats = run_biases("pipeoptim", 3, 12)
+    # stage 0 (s = 2): t = 1 and t = 2 forward before its first step: errors 1/1 and 2/2
+    assert stats.prediction_error[0] == pytest.approx(2 / 12, abs=1e-6)
+    # stage 1 (s = 1): only t = 1
+    assert stats.prediction_error[1] == pytest.approx(1 / 12, abs=1e-6)
+    assert stats.prediction_error[2] == 0.0
+    # on the same trajectory, the weights current at the forward were as stale as no correction's
+    for k in range(3):
+        assert stats.staleness[k] == pytest.approx(expected_staleness(3, k, 12), abs=1e-6)
+
+
+@pytest.mark.parametrize("method", ["gpipe", "1f1b"])
+def test_synchronous_schedules_have_no_error(method: str) -> None:
+    stats = run_biases(method, 3, 6)
+    assert all(n >= 6 for n in stats.prediction_error_samples), stats
+    assert stats.prediction_error == [0.0, 0.0, 0.0]
+
+
+def test_sampling_every_fourth_micro_batch() -> None:
+    stats = run_biases("none", 2, 12, every=4)
+    assert stats.prediction_error_samples == [3, 3]  # mini-batches 0, 4, 8
+    assert stats.prediction_error[0] == pytest.approx((0 + 1 / 4 + 1 / 8) / 3, abs=1e-6)
+
+
+def test_off_measures_nothing() -> None:
+    stats = run_biases("none", 2, 4, every=0)
+    assert stats.prediction_error == [None, None] and stats.prediction_error_samples == [0, 0]
+    assert stats.staleness == [None, None]
+
+
+def test_bad_sampling_interval_is_refused() -> None:
+    model = Biases()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with pytest.raises(ValueError, match="prediction_error_every must be 0 \\(off\\) or a positive integer"):
+        pipeoptim.compile(
+            model, opt, 2, example_inputs=torch.randn(2, 4), loss_fn=F.mse_loss, prediction_error_every=-1
+        )
+    with pytest.raises(ValueError, match="prediction_error_every"):
+        PredictionErrorMeter(-2)
+
+
+def test_worker_processes_measure_the_same_values() -> None:
+    local = run_biases("none", 2, 8)
+    processes = run_biases("none", 2, 8, executor="processes")
+    assert processes.prediction_error_samples == local.prediction_error_samples
+    assert processes.prediction_error == pytest.approx(local.prediction_error, abs=1e-12)
+    assert processes.staleness == pytest.approx(local.staleness, abs=1e-12)
+    assert processes.peak_weight_versions == local.peak_weight_versions
+
+
+def test_pipeoptim_predicts_better_than_no_correction_on_a_smooth_problem() -> None:
+    """Least squares with a deep linear network and SGD with momentum, 4 stages: PipeOptim's Ŵ
+    is closer to the weights the backward meets than the stale W that no correction uses."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(64, 8, generator=g)
+    y = x @ torch.randn(8, 1, generator=g)
+    stats = {}
+    for method in ("none", "pipeoptim"):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(8, 16), nn.Linear(16, 16), nn.Linear(16, 16), nn.Linear(16, 1))
+        opt = torch.optim.SGD(model.parameters(), lr=0.005, momentum=0.9)
+        with pipeoptim.compile(
+            model,
+            opt,
+            4,
+            example_inputs=x[:16],
+            loss_fn=F.mse_loss,
+            method=method,
+            executor="local",
+            profile_dir=None,
+            prediction_error_every=1,
+        ) as pipe:
+            for t in range(60):
+                rows = slice(16 * (t % 4), 16 * (t % 4) + 16)
+                pipe.step(x[rows], y[rows])
+            pipe.flush()
+            stats[method] = pipe.stats()
+    errors = {m: s.prediction_error for m, s in stats.items()}
+    stale = [k for k in range(3) if errors["none"][k] and errors["pipeoptim"][k] is not None]
+    assert len(stale) >= 2, errors
+    for k in stale:
+        assert errors["pipeoptim"][k] < 0.5 * errors["none"][k], errors
+        # and on PipeOptim's own trajectory Ŵ beats the weights current at the forward
+        assert errors["pipeoptim"][k] < 0.5 * stats["pipeoptim"].staleness[k], stats
