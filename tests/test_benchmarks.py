@@ -20,6 +20,7 @@ ROOT = Path(__file__).resolve().parents[1]
         ("convergence.py", ["convergence.md", "convergence_digits_sgd.png"]),
         ("long_run.py", ["long_run.md"]),
         ("memory.py", ["memory.md"]),
+        ("breakdown.py", ["breakdown.md"]),
     ],
 )
 def test_quick_benchmark_runs(tmp_path: Path, script: str, files: list[str]) -> None:
