@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from torch import nn
 
-from pipeoptim.runtime.prediction import Extrapolator, per_unit_rate
+from pipeoptim.runtime.prediction import Extrapolator, per_unit_rate, sgd_direction
 from pipeoptim.runtime.predictors import sgd
 
 
@@ -70,3 +71,32 @@ def test_direction_once_per_step_and_buffers_reused() -> None:
 def test_zero_coefficient_predicts_nothing() -> None:
     params, opt = _stage()
     assert Extrapolator(params, opt, per_unit_rate(sgd)).predict([0.0, 0.0]) == {}
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"momentum": 0.9},
+        {"momentum": 0.9, "dampening": 0.3, "weight_decay": 0.02},
+        {"momentum": 0.8, "nesterov": True, "weight_decay": 0.02},
+        {"momentum": 0.9, "maximize": True, "weight_decay": 0.02},
+        {"momentum": 0.0, "weight_decay": 0.02},
+    ],
+)
+def test_sgd_direction_is_the_next_momentum_buffer(options: dict) -> None:
+    """ΔW written from torch.optim.SGD's documented update, independently of the predictors."""
+    torch.manual_seed(1)
+    w = nn.Parameter(torch.randn(4, 3))
+    opt = torch.optim.SGD([w], lr=0.1, **options)
+    w.grad = torch.randn_like(w)
+    opt.step()
+    w.grad = torch.randn_like(w)
+    mu, tau = options["momentum"], options.get("dampening", 0.0)
+    g = (-w.grad if options.get("maximize") else w.grad) + options.get("weight_decay", 0.0) * w.detach()
+    if mu:
+        b = mu * opt.state[w]["momentum_buffer"] + (1 - tau) * g
+        expected = g + mu * b if options.get("nesterov") else b
+    else:
+        expected = g
+    got = sgd_direction()(w, opt.state[w], opt.param_groups[0])
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-6)

@@ -24,16 +24,55 @@ import torch
 from torch import nn
 from torch.optim import Optimizer
 
+from pipeoptim.runtime.predictors import sgd
+
 #: ``direction(param, state, group) -> D`` (the update per unit learning rate) or ``None``.
 Direction = Callable[[torch.Tensor, dict, dict], "torch.Tensor | None"]
 
 
 def per_unit_rate(predictor: Callable[[torch.Tensor, dict, dict], torch.Tensor | None]) -> Direction:
     """The direction ``ΔW = U / lr`` of a predictor returning the update ``U = lr · ΔW``
-    (:mod:`pipeoptim.runtime.predictors`): the predictor at ``lr = 1``."""
+    (:mod:`pipeoptim.runtime.predictors`): the predictor at ``lr = 1``; for SGD,
+    :func:`sgd_direction` (the same ΔW, written into a reused buffer)."""
+    return sgd_direction() if predictor is sgd else _at_unit_rate(predictor)
 
+
+def _at_unit_rate(predictor: Callable[[torch.Tensor, dict, dict], torch.Tensor | None]) -> Direction:
     def direction(param: torch.Tensor, state: dict, group: dict) -> torch.Tensor | None:
         return predictor(param, state, {**group, "lr": 1.0})
+
+    return direction
+
+
+def sgd_direction() -> Direction:
+    """PipeOptim's ΔW for ``torch.optim.SGD`` with momentum μ, dampening τ, weight decay λ:
+    the next step's momentum buffer ``μ·b + (1 − τ)·g'`` with ``g' = ±g + λ·W`` (Nesterov:
+    ``g' + μ·(μ·b + (1 − τ)·g')``), as :func:`pipeoptim.runtime.predictors.sgd` at ``lr = 1``,
+    written into one reused buffer per parameter (one to three passes, no allocation).
+    Without momentum (no buffer to reuse) it is ``g'`` from that predictor."""
+    buffers: dict[int, torch.Tensor] = {}
+    generic = _at_unit_rate(sgd)
+
+    def direction(param: torch.Tensor, state: dict, group: dict) -> torch.Tensor | None:
+        momentum, buf, grad = group.get("momentum", 0.0), state.get("momentum_buffer"), param.grad
+        if not momentum or buf is None or grad is None:
+            return generic(param, state, group)
+        out = buffers.get(id(param))
+        if out is None:
+            out = buffers[id(param)] = torch.empty_like(buf)
+        sign = -1.0 if group.get("maximize", False) else 1.0
+        share, decay = 1.0 - group.get("dampening", 0.0), group.get("weight_decay", 0.0)
+        if share * sign == 1.0:
+            torch.add(grad, buf, alpha=momentum, out=out)
+        else:
+            torch.mul(buf, momentum, out=out).add_(grad, alpha=share * sign)
+        if decay:
+            out.add_(param.detach(), alpha=share * decay)
+        if group.get("nesterov", False):
+            out.mul_(momentum).add_(grad, alpha=sign)
+            if decay:
+                out.add_(param.detach(), alpha=decay)
+        return out
 
     return direction
 
