@@ -485,7 +485,6 @@ class SpecTrainPolicy(_Predicting):
     def __init__(self) -> None:
         super().__init__()
         self._backward_values: dict[int, dict[str, torch.Tensor]] = {}
-        self._buffers_hat: dict[str, torch.Tensor] = {}
 
     def attach(
         self, params: dict[str, nn.Parameter], optimizer: Optimizer, stage: int, num_stages: int
@@ -511,23 +510,16 @@ class SpecTrainPolicy(_Predicting):
     def begin_forward(
         self, micro_batch: int, version_diff: int, step_rates: Sequence[Sequence[float]] | None = None
     ) -> None:
-        # nothing holds a forward's Ŵ after it (the backward predicts afresh) nor a backward's
-        # after it, and one pass runs at a time: both write into the same reused buffers
-        self._values = self.predicted(self.forward_steps, into=self._buffers_hat)
-        self._buffers_hat |= self._values
+        # new tensors, not reused buffers: a Ŵ sent on (a tied weight) stays with the
+        # micro-batch, and only the pass that uses a Ŵ keeps it alive (two versions at most)
+        self._values = self.predicted(self.forward_steps)
         for name, value in self._values.items():
             self._track(name, value)
         self._measure()
 
     def begin_backward(self, micro_batch: int) -> None:
         super().begin_backward(micro_batch)
-        values = self.predicted(self.backward_steps, into=self._buffers_hat)
-        self._backward_values[micro_batch] = values
-        self._buffers_hat |= values
-
-    def overwritten_storages(self) -> set[int]:
-        """The reused Ŵ buffers (overwritten by the next pass)."""
-        return {t.untyped_storage().data_ptr() for t in self._buffers_hat.values()}
+        self._backward_values[micro_batch] = self.predicted(self.backward_steps)
 
     def end_backward(self, micro_batch: int) -> None:
         self._backward_values.pop(micro_batch, None)
