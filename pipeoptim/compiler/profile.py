@@ -513,6 +513,8 @@ def _key_diff(old: dict, new: dict) -> str:
 
 
 UPDATE_COSTS_FILE = "update-costs.json"
+#: how update costs are timed; figures saved under another clock are measured again
+UPDATE_COST_CLOCK = "cpu-time-median-9"
 
 
 def load_or_measure_update_cost(
@@ -525,8 +527,9 @@ def load_or_measure_update_cost(
 ) -> tuple[float, float]:
     """:func:`pipeoptim.runtime.optim.measure_update_cost`, remembered in
     ``<profile_dir>/update-costs.json`` under the optimizer class, its defaults, the device and
-    the torch version, so that later plans of the same model and setting get the same figures
-    (a plan must not change with timing noise). ``profile_dir=None`` always measures.
+    the torch version (and how they were timed), so that later plans of the same model and
+    setting get the same figures (a plan must not change with timing noise); a new torch
+    version or device is measured afresh. ``profile_dir=None`` always measures.
 
     Returns:
         ``(step seconds per parameter byte, prediction seconds per parameter byte)``.
@@ -545,6 +548,7 @@ def load_or_measure_update_cost(
             "defaults": {k: repr(v) for k, v in sorted(defaults.items()) if k != "params"},
             "device": device_name(device),
             "torch": torch.__version__,
+            "clock": UPDATE_COST_CLOCK,
         },
         sort_keys=True,
     )
