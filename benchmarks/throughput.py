@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import os
+import queue
 import statistics
 import sys
 import tempfile
@@ -51,7 +52,7 @@ from pipeoptim.runtime.distributed import free_port
 from pipeoptim.runtime.linkcost import SIZES, measure_link
 
 WIDTH, DEPTH, BATCH, CLASSES = 512, 16, 64, 10
-VOCAB, DIM, HEADS, BLOCKS, SEQ, LM_BATCH = 256, 256, 4, 8, 64, 16
+VOCAB, DIM, HEADS, BLOCKS, SEQ, LM_BATCH = 256, 256, 4, 8, 32, 8
 
 
 def make_model() -> nn.Module:
@@ -313,8 +314,15 @@ def run_pippy(
     procs = [ctx.Process(target=_pippy_worker, args=(r, *args)) for r in range(world)]
     for p in procs:
         p.start()
+    deadline = time.monotonic() + 900
     try:
-        return out.get(timeout=900)
+        while True:
+            try:
+                return out.get(timeout=5)
+            except queue.Empty:  # a schedule that fails on this model is reported as nan
+                if any(p.exitcode not in (None, 0) for p in procs) or time.monotonic() > deadline:
+                    print(f"    {schedule} failed on {model}", file=sys.stderr)
+                    return float("nan")
     finally:
         for p in procs:
             p.join(60)
@@ -483,12 +491,13 @@ def main() -> None:
         extra = [m for m in args.methods if m not in ("pipeoptim", "pipedream", "1f1b")]
         methods = ["pipeoptim", "pipedream", "1f1b", *extra]
     schedules = ["Schedule1F1B", "ScheduleZBVZeroBubble"] if args.quick else list(PIPPY)
-    warmup, steps, windows = (2, 6, 2) if args.quick else (5, 30, 5)
+    lengths = {"mlp": (2, 6, 2) if args.quick else (4, 24, 4), "transformer": (2, 10, 2)}
     profile_dir = args.out / ".profiles"
     print("measuring gloo's latency and bandwidth ...", file=sys.stderr)
     link = measure_link(sizes=(4 << 10, 1 << 20) if args.quick else SIZES, repeats=3 if args.quick else 9)
     rows, ratio_lines, timeline_result, loads = [], [], None, [os.getloadavg()[0]]
     for model in models:
+        warmup, steps, windows = lengths[model]
         sequential = sequential_seconds(model)
         for n in stage_counts:
             micro = n
@@ -511,7 +520,7 @@ def main() -> None:
                 rate = run_pippy(model, schedule, plan, micro, warmup, steps, windows)
                 results[f"pipelining {schedule}"] = {"rate": rate, "load": load}
             loads.append(os.getloadavg()[0])
-            best = max(r["rate"] for r in results.values())
+            best = max(r["rate"] for r in results.values() if r["rate"] == r["rate"])
             for name, r in results.items():
                 rows.append(
                     [
@@ -602,9 +611,10 @@ def main() -> None:
         f"Micro-batches = stages for gpipe, 1f1b and torch.distributed.pipelining (zero-bubble "
         f"schedules: 2 virtual stages per rank, the plan made for 2N stages); 2bw runs mini-batches "
         f"of stages x the mini-batch in micro-batches of one mini-batch and its rates count one "
-        f"mini-batch per micro-batch; each rate is the median of {windows} windows over {steps} timed "
-        f"mini-batches after {warmup}. `bubble`: idle share of the stages' time from the recorded "
-        f"actions; `idle vs sequential`: 1 - (one thread's forward+backward+step time of the whole "
+        f"mini-batch per micro-batch; each rate is the median over windows of the timed mini-batches ("
+        + ", ".join(f"{m}: {w} windows, {n} after {u}" for m, (u, n, w) in lengths.items() if m in models)
+        + "). `bubble`: idle share of the stages' time from the recorded "
+        "actions; `idle vs sequential`: 1 - (one thread's forward+backward+step time of the whole "
         f"mini-batch) x rate / N, for every run alike. Predictions use the measured gloo alpha and "
         f"beta and, where the ranks outnumber the {len(os.sched_getaffinity(0))} cores, the cores "
         f"they share.\n\n{table}\n\n## Ratios (goals of issue 13)\n\n"
