@@ -138,7 +138,7 @@ def measure_update_cost(
     with the user's defaults) stepping one ``numel``-element float32 parameter with a fresh
     gradient each time (median of ``repeats`` after two warm-up steps), and its predictor
     (:mod:`pipeoptim.runtime.predictors`) computing ΔW and ``Ŵ = W - 2·lr·ΔW`` into a reused
-    buffer as the runtime does (:class:`pipeoptim.runtime.prediction.Extrapolator`; 0 without a
+    buffer as the runtime does (:class:`pipeoptim.runtime.extrapolation.Extrapolator`; 0 without a
     predictor). On the CPU the time is the process's CPU time (``time.process_time``), which
     other processes' load does not inflate (wall time under load varied 23× between two
     measurements seconds apart); on an accelerator, wall time between synchronisations.
@@ -152,7 +152,7 @@ def measure_update_cost(
             cannot step a test parameter.
     """
     from pipeoptim.errors import PredictorError
-    from pipeoptim.runtime.prediction import Extrapolator, per_unit_rate
+    from pipeoptim.runtime.extrapolation import Extrapolator, per_unit_rate
     from pipeoptim.runtime.predictors import get_predictor
 
     base = builtin_base(optimizer_class)

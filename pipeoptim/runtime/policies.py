@@ -38,7 +38,7 @@ from torch import nn
 from torch.optim import SGD, Optimizer
 
 from pipeoptim.errors import PredictorError
-from pipeoptim.runtime.prediction import Extrapolator, per_unit_rate
+from pipeoptim.runtime.extrapolation import Extrapolator, per_unit_rate
 from pipeoptim.runtime.predictors import VARIANTS, get_predictor
 
 
@@ -366,7 +366,7 @@ class _Predicting(WeightPolicy):
         ``into`` maps names to tensors that may be overwritten with Ŵ instead of new ones.
         With ``step_rates`` (per optimizer group, the rates of those steps) the prediction is
         ``Ŵ = W − (Σ lr_i)·ΔW``, else ``W − steps·lr·ΔW`` at the current rate. ΔW is computed
-        once per optimizer step (:class:`pipeoptim.runtime.prediction.Extrapolator`)."""
+        once per optimizer step (:class:`pipeoptim.runtime.extrapolation.Extrapolator`)."""
         assert self.optimizer is not None and self._extrapolator is not None
         if step_rates is not None and any(len(rates) != steps for rates in step_rates):
             raise ValueError(f"step_rates must list the rates of all {steps} steps for every group")

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from pipeoptim.runtime.prediction import Extrapolator, per_unit_rate, sgd_direction
+from pipeoptim.runtime.extrapolation import Extrapolator, per_unit_rate, sgd_direction
 from pipeoptim.runtime.predictors import sgd
 
 
