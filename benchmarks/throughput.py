@@ -476,8 +476,16 @@ def main() -> None:
         help="measure only these methods (pipeoptim and pipedream always run: the summary compares them)",
     )
     parser.add_argument("--models", nargs="+", choices=list(MODELS), help="default: both")
+    parser.add_argument(
+        "--schedules",
+        nargs="*",
+        choices=list(PIPPY),
+        help="torch.distributed.pipelining schedules (default: all)",
+    )
     args = parser.parse_args()
-    partial = args.quick or args.stages is not None or args.methods is not None or args.models is not None
+    partial = args.quick or any(
+        v is not None for v in (args.stages, args.methods, args.models, args.schedules)
+    )
     if args.out is None and partial:
         args.out = Path(tempfile.mkdtemp(prefix="throughput-"))
     elif args.out is None:
@@ -491,6 +499,8 @@ def main() -> None:
         extra = [m for m in args.methods if m not in ("pipeoptim", "pipedream", "1f1b")]
         methods = ["pipeoptim", "pipedream", "1f1b", *extra]
     schedules = ["Schedule1F1B", "ScheduleZBVZeroBubble"] if args.quick else list(PIPPY)
+    if args.schedules is not None:
+        schedules = args.schedules
     lengths = {"mlp": (2, 6, 2) if args.quick else (4, 24, 4), "transformer": (2, 10, 2)}
     profile_dir = args.out / ".profiles"
     print("measuring gloo's latency and bandwidth ...", file=sys.stderr)
@@ -509,6 +519,11 @@ def main() -> None:
                     model, method, n, micro, warmup, steps, profile_dir, link, windows
                 )
                 results[method]["load"] = load
+                r = results[method]
+                print(
+                    f"    {r['rate']:.2f}/s, predicted {r['predicted']:.2f}/s, load {load:.1f}",
+                    file=sys.stderr,
+                )
             for schedule in schedules:
                 print(f"  {model}, {n} stages, torch.distributed.pipelining {schedule} ...", file=sys.stderr)
                 load = os.getloadavg()[0]
@@ -519,6 +534,7 @@ def main() -> None:
                     plan = pipe.plan
                 rate = run_pippy(model, schedule, plan, micro, warmup, steps, windows)
                 results[f"pipelining {schedule}"] = {"rate": rate, "load": load}
+                print(f"    {rate:.2f}/s, load {load:.1f}", file=sys.stderr)
             loads.append(os.getloadavg()[0])
             best = max(r["rate"] for r in results.values() if r["rate"] == r["rate"])
             for name, r in results.items():
@@ -538,8 +554,8 @@ def main() -> None:
                     ]
                 )
             ratio_lines.append(ratios(model, n, results))
-            if model == "mlp":
-                timeline_result = (n, results["pipeoptim"])
+            if timeline_result is None or model == "mlp":
+                timeline_result = (model, n, results["pipeoptim"])
     headers = [
         "model",
         "stages",
@@ -587,18 +603,22 @@ def main() -> None:
     )
     print(mem_table)
     args.out.mkdir(parents=True, exist_ok=True)
-    n, result = timeline_result
-    plot_timeline(result, args.out / "throughput_timeline.png", f"pipeoptim, {n} stages, CPU gloo")
+    model, n, result = timeline_result
+    plot_timeline(result, args.out / "throughput_timeline.png", f"pipeoptim, {model}, {n} stages, CPU gloo")
     plot_memory(reports, args.out / "throughput_memory.png")
     last = stage_counts[-1]
-    rates = {r[2]: float(r[3]) for r in rows if r[0] == "mlp" and r[1] == last}
+    rates = {r[2]: float(r[3]) for r in rows if r[0] == model and r[1] == last}
     ours = rates["pipeoptim"]
     weights = {m: sum(s["weight_bytes"] for s in stages) for m, stages in reports.items()}
     alpha, beta = link
     summary = (
-        f"mlp, {last} stages: pipeoptim {ours:.2f} mini-batches/s = "
-        f"{ours / rates['pipelining Schedule1F1B']:.2f}x pipelining 1F1B, "
-        f"{ours / rates['pipedream']:.2f}x pipedream; weight memory pipeoptim/pipedream "
+        f"{model}, {last} stages: pipeoptim {ours:.2f} mini-batches/s = "
+        + "".join(
+            f"{ours / rates[key]:.2f}x {label}, "
+            for key, label in (("pipelining Schedule1F1B", "pipelining 1F1B"), ("pipedream", "pipedream"))
+            if key in rates
+        )
+        + "weight memory pipeoptim/pipedream "
         f"{weights['pipeoptim'] / weights['pipedream']:.2f}x; gloo alpha {alpha * 1e6:.0f} us, "
         f"bandwidth {1 / beta / 1e9:.2f} GB/s"
     )
