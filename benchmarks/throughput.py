@@ -44,7 +44,7 @@ from tabulate import tabulate
 from torch import nn
 
 import pipeoptim
-from pipeoptim.compiler.codegen import build_stage
+from pipeoptim.compiler.codegen import stage_module
 from pipeoptim.compiler.plan import Plan
 from pipeoptim.compiler.trace import trace
 from pipeoptim.examples import Block
@@ -272,7 +272,7 @@ def _pippy_worker(
     mine = stages_of_rank(schedule, rank, world)
     stages, params = [], []
     for index in mine:
-        module: nn.Module = build_stage(traced, plan, index)
+        module: nn.Module = stage_module(traced, plan, index)
         if index == plan.num_stages - 1:
             module = _Last(module)
         params += list(module.parameters())

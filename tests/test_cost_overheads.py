@@ -9,7 +9,7 @@ from pipeoptim.compiler.costgraph import CostGraph, CostNode
 from pipeoptim.compiler.costmodel import CostConfig, evaluate, summarize
 from pipeoptim.compiler.plan import Plan
 from pipeoptim.runtime.linkcost import fit_latency_bandwidth, measure_link
-from pipeoptim.runtime.optim import measure_update_cost
+from pipeoptim.update_cost import measure_update_cost
 
 
 def chain(times: list[float], size: int = 1000, params: int = 4000) -> CostGraph:

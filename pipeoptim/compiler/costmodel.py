@@ -17,7 +17,7 @@ counted on each. Stage k receives ``A[k-1]`` and ``G[k]`` and sends ``A[k]`` and
 ``P_k`` are its parameter bytes: the optimizer steps once per micro-batch in asynchronous 1F1B
 and once per M micro-batches when a mini-batch is split (GPipe, 1F1B, 2BW), and PipeOptim and
 SpecTrain compute their predicted weights before every forward (costs per byte measured with
-:func:`pipeoptim.runtime.optim.measure_update_cost`). Communication is the α + β·bytes model
+:func:`pipeoptim.update_cost.measure_update_cost`). Communication is the α + β·bytes model
 (Hockney): ``latency_s`` (α) for each of the ``messages_k`` messages stage k sends or
 receives per micro-batch (activations and gradients at each of its boundaries, two or four)
 and ``1 / bandwidth`` (β) per byte (:func:`pipeoptim.runtime.linkcost.measure_link` measures
