@@ -1,18 +1,24 @@
 """Pipeline throughput on CPU (gloo, one thread per rank), measured side by side in one run.
 
+Two models: a deep MLP (16x512, little compute per stage) and a transformer LM block stack
+(d = 256, 8 blocks, sequences of 64 tokens: compute per stage large next to a weight pass).
 For 2 and 4 stages: steady-state mini-batches per second of every pipeoptim method, and of
-``torch.distributed.pipelining``'s ``ScheduleGPipe`` and ``Schedule1F1B`` driving the very same
-stage modules (same plan, same micro-batch size), as ratios to the best; the plan's predicted
-throughput against the measured one (the cost model's accuracy, with the loopback bandwidth
-measured first); the measured bubble (idle share of the stages' time, from recorded action
-timestamps); and the measured peak memory per stage -- weights (all versions kept),
-optimizer state, saved activations -- for PipeOptim against PipeDream's weight stashing.
+``torch.distributed.pipelining``'s ``ScheduleGPipe``, ``Schedule1F1B``,
+``ScheduleInterleavedZeroBubble`` and ``ScheduleZBVZeroBubble`` (the last two with two virtual
+stages per rank) driving stage modules built from the same kind of plan, with the same
+micro-batches; the ratios the issue asks for (PipeOptim, 2BW and SpecTrain to weight stashing,
+our flushing schedules to torch's, PipeOptim to zero-bubble); the plan's predicted throughput
+against the measured one (the cost model with α and β of gloo measured first, and the cores
+the ranks share); the idle share of every run (``1 − sequential compute / (N · time)``), and
+the measured peak memory per stage for PipeOptim against PipeDream's weight stashing (MLP).
 PipeOptim runs once more (``--quick``: only with ``--compiled``) with every stage compiled by
 ``torch.compile`` (inductor, ``compile_stages=True``; 2N more warm-up mini-batches, which
 include the compilation).
-A timeline picture shows when each stage ran which forward and backward.
+Each rate is the median over timed windows of the run; methods run one after the other, so
+they see about the same load, which is printed with the results.
 
-    python benchmarks/throughput.py [--quick [--compiled]] [--stages 2 4] [--methods 2bw ...] [--out DIR]
+    python benchmarks/throughput.py [--quick [--compiled]] [--models mlp transformer] [--stages 2 4]
+                                    [--methods 2bw ...] [--out DIR]
 
 ``--quick`` and runs of some stage counts or methods write to a new temporary folder unless
 ``--out`` says otherwise; only the full run writes ``benchmarks/results``.
@@ -25,6 +31,8 @@ from __future__ import annotations
 import argparse
 import datetime
 import os
+import queue
+import statistics
 import sys
 import tempfile
 import time
@@ -42,9 +50,12 @@ import pipeoptim
 from pipeoptim.compiler.codegen import stage_module
 from pipeoptim.compiler.plan import Plan
 from pipeoptim.compiler.trace import trace
+from pipeoptim.examples import Block
 from pipeoptim.runtime.distributed import free_port
+from pipeoptim.runtime.linkcost import SIZES, measure_link
 
 WIDTH, DEPTH, BATCH, CLASSES = 512, 16, 64, 10
+VOCAB, DIM, HEADS, BLOCKS, SEQ, LM_BATCH = 256, 256, 4, 8, 32, 8
 
 
 def make_model() -> nn.Module:
@@ -61,44 +72,52 @@ def batch(seed: int = 0, size: int = BATCH) -> tuple[torch.Tensor, torch.Tensor]
     return torch.randn(size, WIDTH, generator=g), torch.randint(0, CLASSES, (size,), generator=g)
 
 
-# ------------------------------------------------------------------ loopback bandwidth
+class BlockStack(nn.Module):
+    """A transformer language model: token and position embeddings, ``BLOCKS`` pre-norm blocks
+    of width ``DIM`` (:class:`pipeoptim.examples.Block`), a final norm and an untied head.
+    Input ``[B, SEQ]`` token ids, output ``[B, SEQ, VOCAB]`` logits."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.tok = nn.Embedding(VOCAB, DIM)
+        self.pos = nn.Embedding(SEQ, DIM)
+        self.blocks = nn.Sequential(*(Block(DIM, HEADS) for _ in range(BLOCKS)))
+        self.ln_f = nn.LayerNorm(DIM)
+        self.head = nn.Linear(DIM, VOCAB)
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        pos = torch.arange(idx.shape[1], device=idx.device)
+        return self.head(self.ln_f(self.blocks(self.tok(idx) + self.pos(pos))))
 
 
-def _ping(rank: int, port: int, size: int, repeats: int, out: Any) -> None:
-    torch.set_num_threads(1)
-    dist.init_process_group(
-        "gloo",
-        init_method=f"tcp://127.0.0.1:{port}",
-        rank=rank,
-        world_size=2,
-        timeout=datetime.timedelta(seconds=60),
-    )
-    x = torch.zeros(size // 4)
-    dist.barrier()
-    start = time.perf_counter()
-    for _ in range(repeats):
-        if rank == 0:
-            dist.send(x, 1)
-        else:
-            dist.recv(x, 0)
-    dist.barrier()
-    if rank == 1:
-        out.put(size * repeats / (time.perf_counter() - start))
-    dist.destroy_process_group()
+def make_lm() -> nn.Module:
+    torch.manual_seed(0)
+    return BlockStack()
 
 
-def measure_bandwidth() -> float:
-    """Bytes per second of a gloo send between two processes on this machine."""
-    ctx = mp.get_context("spawn")
-    out = ctx.Queue()
-    port = free_port()
-    procs = [ctx.Process(target=_ping, args=(r, port, 16 << 20, 10, out)) for r in range(2)]
-    for p in procs:
-        p.start()
-    value = out.get(timeout=120)
-    for p in procs:
-        p.join(30)
-    return value
+def lm_batch(seed: int = 0, size: int = LM_BATCH) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    tokens = torch.randint(0, VOCAB, (size, SEQ + 1), generator=g)
+    return tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous()
+
+
+def lm_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Mean next-token cross-entropy over ``[B, SEQ]`` positions."""
+    return F.cross_entropy(logits.flatten(0, 1), targets.flatten())
+
+
+#: name: (model factory, batch factory(seed, rows), loss, rows per mini-batch, description)
+MODELS: dict[str, tuple[Any, Any, Any, int, str]] = {
+    "mlp": (make_model, batch, F.cross_entropy, BATCH, f"MLP {DEPTH}x{WIDTH}, mini-batch {BATCH}"),
+    "transformer": (
+        make_lm,
+        lm_batch,
+        lm_loss,
+        LM_BATCH,
+        f"transformer LM, {BLOCKS} blocks of d={DIM}, {HEADS} heads, vocabulary {VOCAB}, "
+        f"mini-batch {LM_BATCH} x {SEQ} tokens",
+    ),
+}
 
 
 # ------------------------------------------------------------------------ pipeoptim
@@ -107,14 +126,21 @@ def measure_bandwidth() -> float:
 def compile_mlp(
     method: str, stages: int, executor: str, profile_dir: Path, size: int = BATCH, **options: Any
 ) -> pipeoptim.Pipeline:
-    model = make_model()
-    opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
+    return compile_model("mlp", method, stages, executor, profile_dir, size, **options)
+
+
+def compile_model(
+    model: str, method: str, stages: int, executor: str, profile_dir: Path, size: int, **options: Any
+) -> pipeoptim.Pipeline:
+    make, data, loss, _, _ = MODELS[model]
+    net = make()
+    opt = torch.optim.SGD(net.parameters(), lr=1e-3, momentum=0.9)
     return pipeoptim.compile(
-        model,
+        net,
         opt,
         stages,
-        example_inputs=batch(size=size)[0],
-        loss_fn=F.cross_entropy,
+        example_inputs=data(size=size)[0],
+        loss_fn=loss,
         method=method,
         executor=executor,
         profile_dir=profile_dir,
@@ -122,30 +148,43 @@ def compile_mlp(
     )
 
 
+def windows_rate(stamps: list[float], rows_per_step: float, windows: int) -> float:
+    """Median over ``windows`` equal runs of steps of (steps x rows_per_step / seconds)."""
+    per = max(1, (len(stamps) - 1) // windows)
+    rates = [per * rows_per_step / (stamps[i + per] - stamps[i]) for i in range(0, len(stamps) - per, per)]
+    return statistics.median(rates)
+
+
 def run_pipeoptim(
+    model: str,
     method: str,
     stages: int,
     micro: int,
     warmup: int,
     steps: int,
     profile_dir: Path,
-    bandwidth: float,
+    link: tuple[float, float],
+    windows: int,
     compile_stages: bool = False,
 ) -> dict[str, Any]:
     # PipeDream-2BW steps once per M micro-batches of BATCH rows each: its micro-batch is the
     # unit the other asynchronous methods run per pass, so it gets mini-batches of M x BATCH
     # rows and its rate is counted per BATCH rows, like theirs (same work per pass).
+    rows = MODELS[model][3]
     scale = micro if method == "2bw" else 1
-    x, y = batch(size=BATCH * scale)
+    x, y = MODELS[model][1](size=rows * scale)
     micro_batches = micro if method in ("gpipe", "1f1b", "2bw") else None
-    with compile_mlp(
+    latency, beta = link
+    with compile_model(
+        model,
         method,
         stages,
         "processes",
         profile_dir,
-        size=BATCH * scale,
+        rows * scale,
         micro_batches=micro_batches,
-        bandwidth=bandwidth,
+        bandwidth=1 / beta,
+        latency=latency,
         compile_stages=compile_stages,
     ) as pipe:
         for _ in range(warmup):
@@ -159,10 +198,13 @@ def run_pipeoptim(
         timeline = pipe._executor.timeline()
         summary = pipe.plan.summary
         plan = pipe.plan
+    # one optimizer step of the last stage per mini-batch (2BW: per M x BATCH rows)
+    stamps = [start, *sorted(t1 for op, _, _, t1 in timeline[-1] if op == "S" and t1 >= start)]
     busy = sum(t1 - t0 for acts in timeline for _, _, t0, t1 in acts if t0 >= start)
     return {
-        "rate": steps * scale / (end - start),
+        "rate": windows_rate(stamps, scale, windows),
         "predicted": summary["throughput_per_s"] * scale,
+        "cores_bound": summary.get("cores_bound", False),
         "bubble": 1 - busy / (stages * (end - start)),
         "predicted_bubble": summary["bubble_fraction"],
         "timeline": timeline,
@@ -185,18 +227,39 @@ class _Last(nn.Module):
         return self.module(*args)[0]
 
 
+#: torch.distributed.pipelining schedules: name -> virtual stages per rank
+PIPPY = {
+    "ScheduleGPipe": 1,
+    "Schedule1F1B": 1,
+    "ScheduleInterleavedZeroBubble": 2,
+    "ScheduleZBVZeroBubble": 2,
+}
+
+
+def stages_of_rank(schedule: str, rank: int, world: int) -> list[int]:
+    """Stage indices rank ``rank`` holds: itself; ``rank`` and ``rank + world`` (interleaved,
+    looping placement); ``rank`` and ``2·world − 1 − rank`` (ZBV's V-shaped placement)."""
+    if PIPPY[schedule] == 1:
+        return [rank]
+    if schedule == "ScheduleZBVZeroBubble":
+        return [rank, 2 * world - 1 - rank]
+    return [rank, rank + world]
+
+
 def _pippy_worker(
     rank: int,
     world: int,
     port: int,
+    model_name: str,
     plan_dict: dict,
     schedule: str,
     micro: int,
     warmup: int,
     steps: int,
+    windows: int,
     out: Any,
 ) -> None:
-    from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe
+    import torch.distributed.pipelining as pipelining
 
     torch.set_num_threads(1)
     dist.init_process_group(
@@ -204,59 +267,89 @@ def _pippy_worker(
         init_method=f"tcp://127.0.0.1:{port}",
         rank=rank,
         world_size=world,
-        timeout=datetime.timedelta(seconds=120),
+        timeout=datetime.timedelta(seconds=300),
     )
-    model = make_model()
-    x, y = batch()
-    micro_x = x[: BATCH // micro]
+    make, data, loss, rows, _ = MODELS[model_name]
+    model = make()
+    x, y = data(size=rows)
     plan = Plan.from_dict(plan_dict)
-    module: nn.Module = stage_module(trace(model, (micro_x,)), plan, rank)
-    if rank == world - 1:
-        module = _Last(module)
-    stage = PipelineStage(module, rank, world, torch.device("cpu"))
-    cls = {"ScheduleGPipe": ScheduleGPipe, "Schedule1F1B": Schedule1F1B}[schedule]
-    sched = cls(stage, n_microbatches=micro, loss_fn=F.cross_entropy)
-    opt = torch.optim.SGD(module.parameters(), lr=1e-3, momentum=0.9)
+    traced = trace(model, (x[: rows // micro],))
+    mine = stages_of_rank(schedule, rank, world)
+    stages, params = [], []
+    for index in mine:
+        module: nn.Module = stage_module(traced, plan, index)
+        if index == plan.num_stages - 1:
+            module = _Last(module)
+        params += list(module.parameters())
+        stages.append(pipelining.PipelineStage(module, index, plan.num_stages, torch.device("cpu")))
+    cls = getattr(pipelining, schedule)
+    sched = cls(stages[0] if len(stages) == 1 else stages, n_microbatches=micro, loss_fn=loss)
+    opt = torch.optim.SGD(params, lr=1e-3, momentum=0.9)
+    args = (x,) if 0 in mine else ()
+    kwargs = {"target": y, "losses": []} if plan.num_stages - 1 in mine else {}
 
     def one_step() -> None:
         opt.zero_grad()
-        if rank == 0:
-            sched.step(x)
-        elif rank == world - 1:
-            sched.step(target=y, losses=[])
-        else:
-            sched.step()
+        sched.step(*args, **kwargs)
         opt.step()
 
     for _ in range(warmup):
         one_step()
     dist.barrier()
-    start = time.perf_counter()
+    stamps = [time.perf_counter()]
     for _ in range(steps):
         one_step()
+        stamps.append(time.perf_counter())
     dist.barrier()
     if rank == 0:
-        out.put(steps / (time.perf_counter() - start))
+        out.put(windows_rate(stamps, 1, windows))
     dist.destroy_process_group()
 
 
-def run_pippy(schedule: str, plan: Plan, micro: int, warmup: int, steps: int) -> float:
+def run_pippy(
+    model: str, schedule: str, plan: Plan, micro: int, warmup: int, steps: int, windows: int
+) -> float:
+    """Mini-batches per second of a torch.distributed.pipelining schedule over ``plan``'s
+    stages (``plan`` has ``PIPPY[schedule]`` stages per rank)."""
     ctx = mp.get_context("spawn")
     out = ctx.Queue()
     port = free_port()
-    world = plan.num_stages
-    procs = [
-        ctx.Process(
-            target=_pippy_worker, args=(r, world, port, plan.to_dict(), schedule, micro, warmup, steps, out)
-        )
-        for r in range(world)
-    ]
+    world = plan.num_stages // PIPPY[schedule]
+    args = (world, port, model, plan.to_dict(), schedule, micro, warmup, steps, windows, out)
+    procs = [ctx.Process(target=_pippy_worker, args=(r, *args)) for r in range(world)]
     for p in procs:
         p.start()
-    value = out.get(timeout=600)
-    for p in procs:
-        p.join(60)
-    return value
+    deadline = time.monotonic() + 900
+    try:
+        while True:
+            try:
+                return out.get(timeout=5)
+            except queue.Empty:  # a schedule that fails on this model is reported as nan
+                if any(p.exitcode not in (None, 0) for p in procs) or time.monotonic() > deadline:
+                    print(f"    {schedule} failed on {model}", file=sys.stderr)
+                    return float("nan")
+    finally:
+        for p in procs:
+            p.join(60)
+            if p.is_alive():
+                p.kill()
+
+
+def sequential_seconds(model: str, repeats: int = 5) -> float:
+    """Seconds of one mini-batch's forward, backward and SGD step on one thread, no pipeline
+    (median of ``repeats``): the work the stages share."""
+    make, data, loss, rows, _ = MODELS[model]
+    net = make()
+    opt = torch.optim.SGD(net.parameters(), lr=1e-3, momentum=0.9)
+    x, y = data(size=rows)
+    times = []
+    for _ in range(repeats + 1):
+        start = time.perf_counter()
+        opt.zero_grad()
+        loss(net(x), y).backward()
+        opt.step()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times[1:])
 
 
 # --------------------------------------------------------------------------- memory
@@ -337,6 +430,39 @@ def plot_memory(reports: dict[str, list[dict[str, int]]], path: Path) -> None:
     plt.close(fig)
 
 
+def ratios(model: str, n: int, results: dict[str, dict[str, Any]]) -> str:
+    """The issue's ratios for one model and stage count, each against its goal."""
+    rate = {name: r["rate"] for name, r in results.items()}
+
+    def ratio(a: str, b: str, goal: float | None) -> str:
+        if a not in rate or b not in rate:
+            return ""
+        value = rate[a] / rate[b]
+        mark = "" if goal is None else f" ({'meets' if value >= goal else 'misses'} >= {goal})"
+        return f"{a} / {b.removeprefix('pipelining ')} {value:.2f}{mark}"
+
+    parts = [
+        ratio("pipeoptim", "pipedream", 0.95),
+        ratio("2bw", "pipedream", 0.95),
+        ratio("spectrain", "pipedream", 0.9),
+        ratio("1f1b", "pipelining Schedule1F1B", 1.0),
+        ratio("gpipe", "pipelining ScheduleGPipe", 1.0),
+        ratio("pipeoptim", "pipelining ScheduleInterleavedZeroBubble", None),
+        ratio("pipeoptim", "pipelining ScheduleZBVZeroBubble", None),
+        ratio("pipeoptim, compiled stages", "pipeoptim", None),
+    ]
+    ours = results["pipeoptim"]
+    fit = ours["rate"] / ours["predicted"]
+    goal = 0.85 if n <= len(os.sched_getaffinity(0)) else None
+    shared = ", cores-bound prediction" if ours["cores_bound"] else ""
+    parts.append(
+        f"pipeoptim measured / predicted {fit:.2f}"
+        + ("" if goal is None else f" ({'meets' if fit >= goal else 'misses'} >= {goal})")
+        + shared
+    )
+    return f"{model}, {n} stages: " + "; ".join(p for p in parts if p)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
@@ -360,8 +486,17 @@ def main() -> None:
         choices=list(pipeoptim.METHODS),
         help="measure only these methods (pipeoptim and pipedream always run: the summary compares them)",
     )
+    parser.add_argument("--models", nargs="+", choices=list(MODELS), help="default: both")
+    parser.add_argument(
+        "--schedules",
+        nargs="*",
+        choices=list(PIPPY),
+        help="torch.distributed.pipelining schedules (default: all)",
+    )
     args = parser.parse_args()
-    partial = args.quick or args.stages is not None or args.methods is not None
+    partial = args.quick or any(
+        v is not None for v in (args.stages, args.methods, args.models, args.schedules)
+    )
     if args.out is None and partial:
         args.out = Path(tempfile.mkdtemp(prefix="throughput-"))
     elif args.out is None:
@@ -369,48 +504,79 @@ def main() -> None:
     args.stages = args.stages or [2, 4]
     torch.set_num_threads(1)  # profile as the ranks run: one thread each
     stage_counts = [2] if args.quick else args.stages
+    models = ["mlp"] if args.quick else args.models or list(MODELS)
     methods = ["pipeoptim", "pipedream", "1f1b"] if args.quick else list(pipeoptim.METHODS)
     if args.methods and not args.quick:
-        extra = [m for m in args.methods if m not in ("pipeoptim", "pipedream")]
-        methods = ["pipeoptim", "pipedream", *extra]
-    warmup, steps = (2, 6) if args.quick else (5, 30)
+        extra = [m for m in args.methods if m not in ("pipeoptim", "pipedream", "1f1b")]
+        methods = ["pipeoptim", "pipedream", "1f1b", *extra]
+    schedules = ["Schedule1F1B", "ScheduleZBVZeroBubble"] if args.quick else list(PIPPY)
+    if args.schedules is not None:
+        schedules = args.schedules
+    lengths = {"mlp": (2, 6, 2) if args.quick else (4, 24, 4), "transformer": (2, 10, 2)}
     profile_dir = args.out / ".profiles"
-    print("measuring the loopback bandwidth ...", file=sys.stderr)
-    bandwidth = measure_bandwidth()
-    rows, timeline_result = [], None
-    for n in stage_counts:
-        micro = n
-        results: dict[str, dict[str, Any]] = {}
-        for method in methods:
-            print(f"  {n} stages, {method} ...", file=sys.stderr)
-            results[method] = run_pipeoptim(method, n, micro, warmup, steps, profile_dir, bandwidth)
-        if args.compiled or not args.quick:
-            print(f"  {n} stages, pipeoptim with compiled stages (inductor) ...", file=sys.stderr)
-            # compiling happens in the first forwards and backwards of each kind (stage 0's
-            # first forward predicts nothing yet): warm up past the pipeline's fill
-            results["pipeoptim, compiled stages"] = run_pipeoptim(
-                "pipeoptim", n, micro, warmup + 2 * n, steps, profile_dir, bandwidth, compile_stages=True
-            )
-        plan = results["1f1b"]["plan"] if "1f1b" in results else results[methods[0]]["plan"]
-        for schedule in ("ScheduleGPipe", "Schedule1F1B"):
-            print(f"  {n} stages, torch.distributed.pipelining {schedule} ...", file=sys.stderr)
-            results[f"pipelining {schedule}"] = {"rate": run_pippy(schedule, plan, micro, warmup, steps)}
-        best = max(r["rate"] for r in results.values())
-        for name, r in results.items():
-            rows.append(
-                [
-                    n,
-                    name,
-                    f"{r['rate']:.2f}",
-                    f"{r['rate'] / best:.2f}",
-                    f"{r['predicted']:.2f}" if "predicted" in r else "-",
-                    f"{r['rate'] / r['predicted']:.2f}" if "predicted" in r else "-",
-                    f"{r['bubble']:.0%}" if "bubble" in r else "-",
-                    f"{r['predicted_bubble']:.0%}" if "predicted_bubble" in r else "-",
-                ]
-            )
-        timeline_result = (n, results["pipeoptim"])
+    print("measuring gloo's latency and bandwidth ...", file=sys.stderr)
+    link = measure_link(sizes=(4 << 10, 1 << 20) if args.quick else SIZES, repeats=3 if args.quick else 9)
+    rows, ratio_lines, timeline_result, loads = [], [], None, [os.getloadavg()[0]]
+    for model in models:
+        warmup, steps, windows = lengths[model]
+        sequential = sequential_seconds(model)
+        for n in stage_counts:
+            micro = n
+            results: dict[str, dict[str, Any]] = {}
+            for method in methods:
+                print(f"  {model}, {n} stages, {method} ...", file=sys.stderr)
+                load = os.getloadavg()[0]
+                results[method] = run_pipeoptim(
+                    model, method, n, micro, warmup, steps, profile_dir, link, windows
+                )
+                results[method]["load"] = load
+                r = results[method]
+                print(
+                    f"    {r['rate']:.2f}/s, predicted {r['predicted']:.2f}/s, load {load:.1f}",
+                    file=sys.stderr,
+                )
+            if args.compiled or not args.quick:
+                print(f"  {model}, {n} stages, pipeoptim, compiled stages ...", file=sys.stderr)
+                # compiling happens in the first forwards and backwards of each kind (stage 0's
+                # first forward predicts nothing yet): warm up past the pipeline's fill
+                results["pipeoptim, compiled stages"] = run_pipeoptim(
+                    model, "pipeoptim", n, micro, warmup + 2 * n, steps, profile_dir, link, windows, True
+                )
+                results["pipeoptim, compiled stages"]["load"] = os.getloadavg()[0]
+            for schedule in schedules:
+                print(f"  {model}, {n} stages, torch.distributed.pipelining {schedule} ...", file=sys.stderr)
+                load = os.getloadavg()[0]
+                virtual = n * PIPPY[schedule]
+                with compile_model(
+                    model, "1f1b", virtual, "local", profile_dir, MODELS[model][3], micro_batches=micro
+                ) as pipe:
+                    plan = pipe.plan
+                rate = run_pippy(model, schedule, plan, micro, warmup, steps, windows)
+                results[f"pipelining {schedule}"] = {"rate": rate, "load": load}
+                print(f"    {rate:.2f}/s, load {load:.1f}", file=sys.stderr)
+            loads.append(os.getloadavg()[0])
+            best = max(r["rate"] for r in results.values() if r["rate"] == r["rate"])
+            for name, r in results.items():
+                rows.append(
+                    [
+                        model,
+                        n,
+                        name,
+                        f"{r['rate']:.2f}",
+                        f"{r['rate'] / best:.2f}",
+                        f"{r['predicted']:.2f}" if "predicted" in r else "-",
+                        f"{r['rate'] / r['predicted']:.2f}" if "predicted" in r else "-",
+                        f"{r['bubble']:.0%}" if "bubble" in r else "-",
+                        f"{r['predicted_bubble']:.0%}" if "predicted_bubble" in r else "-",
+                        f"{1 - sequential * r['rate'] / n:.0%}",
+                        f"{r['load']:.1f}",
+                    ]
+                )
+            ratio_lines.append(ratios(model, n, results))
+            if timeline_result is None or model == "mlp":
+                timeline_result = (model, n, results["pipeoptim"])
     headers = [
+        "model",
         "stages",
         "method",
         "mini-batches/s",
@@ -419,9 +585,12 @@ def main() -> None:
         "measured / predicted",
         "bubble",
         "predicted bubble",
+        "idle vs sequential",
+        "load",
     ]
     table = tabulate(rows, headers=headers, tablefmt="github")
     print(table)
+    print("\n".join(ratio_lines))
     memory_stages = stage_counts[-1] if args.quick else 4
     memory_methods = ["pipeoptim", "pipedream"] + (["2bw"] if "2bw" in methods else [])
     reports = {m: measure_memory(m, memory_stages, 12, profile_dir) for m in memory_methods}
@@ -453,34 +622,48 @@ def main() -> None:
     )
     print(mem_table)
     args.out.mkdir(parents=True, exist_ok=True)
-    n, result = timeline_result
-    plot_timeline(result, args.out / "throughput_timeline.png", f"pipeoptim, {n} stages, CPU gloo")
+    model, n, result = timeline_result
+    plot_timeline(result, args.out / "throughput_timeline.png", f"pipeoptim, {model}, {n} stages, CPU gloo")
     plot_memory(reports, args.out / "throughput_memory.png")
-    rates = {r[1]: float(r[2]) for r in rows if r[0] == stage_counts[-1]}
+    last = stage_counts[-1]
+    rates = {r[2]: float(r[3]) for r in rows if r[0] == model and r[1] == last}
     ours = rates["pipeoptim"]
     weights = {m: sum(s["weight_bytes"] for s in stages) for m, stages in reports.items()}
+    alpha, beta = link
     summary = (
-        f"{stage_counts[-1]} stages: pipeoptim {ours:.2f} mini-batches/s = "
-        f"{ours / rates['pipelining ScheduleGPipe']:.2f}x pipelining GPipe, "
-        f"{ours / rates['pipelining Schedule1F1B']:.2f}x pipelining 1F1B, "
-        f"{ours / rates['pipedream']:.2f}x pipedream; "
-        + (
-            f"compiled stages (inductor) {rates['pipeoptim, compiled stages'] / ours:.2f}x eager stages; "
-            if "pipeoptim, compiled stages" in rates
-            else ""
+        f"{model}, {last} stages: pipeoptim {ours:.2f} mini-batches/s = "
+        + "".join(
+            f"{ours / rates[key]:.2f}x {label}, "
+            for key, label in (("pipelining Schedule1F1B", "pipelining 1F1B"), ("pipedream", "pipedream"))
+            if key in rates
         )
         + "weight memory pipeoptim/pipedream "
-        f"{weights['pipeoptim'] / weights['pipedream']:.2f}x; loopback bandwidth {bandwidth / 1e9:.2f} GB/s"
+        f"{weights['pipeoptim'] / weights['pipedream']:.2f}x; gloo alpha {alpha * 1e6:.0f} us, "
+        f"bandwidth {1 / beta / 1e9:.2f} GB/s"
     )
-    (args.out / "throughput.md").write_text(
+    described = "\n".join(f"- {name}: {MODELS[name][4]}" for name in models)
+    text = (
         f"# Throughput ({'quick' if args.quick else 'full'} run, CPU, gloo, 1 thread per rank, "
-        f"{os.cpu_count()} cores)\n\nModel: MLP {DEPTH}x{WIDTH}, mini-batch {BATCH}; micro-batches = "
-        f"stages for gpipe, 1f1b and torch.distributed.pipelining; 2bw runs mini-batches of "
-        f"stages x {BATCH} rows in micro-batches of {BATCH} (the rows other asynchronous methods run "
-        f"per pass) and its rates count {BATCH} rows as one mini-batch; {steps} timed mini-batches "
-        f"after {warmup}.\n\n{table}\n\n## Peak memory per stage ({memory_stages} stages, measured)"
-        f"\n\n{mem_table}\n\n{summary}\n"
+        f"{os.cpu_count()} cores)\n\nMeasured {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} "
+        f"UTC under a load average of {min(loads):.1f} to {max(loads):.1f} (other jobs shared the "
+        f"machine; the `load` column is the 1-minute load when each run started).\n\n{described}\n\n"
+        f"Micro-batches = stages for gpipe, 1f1b and torch.distributed.pipelining (zero-bubble "
+        f"schedules: 2 virtual stages per rank, the plan made for 2N stages); 2bw runs mini-batches "
+        f"of stages x the mini-batch in micro-batches of one mini-batch and its rates count one "
+        f"mini-batch per micro-batch; each rate is the median over windows of the timed mini-batches ("
+        + ", ".join(f"{m}: {w} windows, {n} after {u}" for m, (u, n, w) in lengths.items() if m in models)
+        + "). `bubble`: idle share of the stages' time from the recorded "
+        "actions; `idle vs sequential`: 1 - (one thread's forward+backward+step time of the whole "
+        f"mini-batch) x rate / N, for every run alike. Predictions use the measured gloo alpha and "
+        f"beta and, where the ranks outnumber the {len(os.sched_getaffinity(0))} cores, the cores "
+        f"they share.\n\n{table}\n\n## Ratios (goals of issue 13)\n\n"
+        + "\n".join(f"- {line}" for line in ratio_lines)
+        + f"\n\n## Peak memory per stage (mlp, {memory_stages} stages, measured)\n\n"
+        f"{mem_table}\n\n{summary}\n"
     )
+    tmp = args.out / "throughput.md.tmp"
+    tmp.write_text(text)
+    tmp.replace(args.out / "throughput.md")
     print(summary)
     print(f"results in {args.out}", file=sys.stderr)
 

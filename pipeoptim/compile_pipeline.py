@@ -35,6 +35,7 @@ from pipeoptim.runtime.build import PipelineSpec
 from pipeoptim.runtime.clipping import check_clipping
 from pipeoptim.runtime.compiled import check_compile_stages
 from pipeoptim.runtime.distributed import check_devices
+from pipeoptim.runtime.linkcost import shared_cores
 from pipeoptim.runtime.optim import hyperparameters, param_group_names
 from pipeoptim.runtime.precision import autocast_context, check_autocast
 from pipeoptim.runtime.predictors import VARIANTS as PREDICTOR_VARIANTS
@@ -56,6 +57,8 @@ def compile(
     micro_batches: int | None = None,
     memory: str | int | None = None,
     bandwidth: str | float | None = "25GB/s",
+    latency: float = 0.0,
+    action_overhead: float = 0.0,
     profile_dir: str | os.PathLike[str] | None = "profiles",
     plan: Plan | str | os.PathLike[str] | None = None,
     executor: str = "auto",
@@ -98,6 +101,11 @@ def compile(
         micro_batches: M for gpipe, 1f1b and 2bw (default N; 2bw needs M >= N).
         memory: per-stage memory limit (``"16GiB"``, bytes) for the plan.
         bandwidth: between stages (``"25GB/s"``, bytes/s); ``None`` ignores communication.
+        latency: seconds per message between stages (α of α + β·bytes, e.g. measured with
+            :func:`pipeoptim.runtime.linkcost.measure_link`); 0 leaves it out of the plan.
+        action_overhead: the runtime's seconds per action (forward, backward, step) for the
+            plan's predicted stage times; 0 leaves it out. On the CPU the plan also counts the
+            cores the worker processes share (:func:`pipeoptim.runtime.linkcost.shared_cores`).
         profile_dir: where profiles are cached (``None``: do not cache).
         plan: a :class:`~pipeoptim.compiler.plan.Plan` or plan file (``pipeoptim partition
             --save``) to use instead of planning; it must be for this model's graph, ``gpus``
@@ -235,6 +243,9 @@ def compile(
         opt_state_factor=optimizer_state_factor(optimizer),
         step_s_per_byte=step_cost,
         predict_s_per_byte=predict_cost,
+        latency_s=latency,
+        action_overhead_s=action_overhead,
+        cores=shared_cores(gpus) if _profile_device(kind, inputs[0].device).type == "cpu" else None,
     )
     owns_group = spmd.init(gpus, timeout) if kind == "torchrun" else False
     rank0 = kind != "torchrun" or dist.get_rank() == 0

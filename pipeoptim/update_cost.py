@@ -22,7 +22,8 @@ from torch.optim import Optimizer
 from pipeoptim.compiler.profile import device_name
 from pipeoptim.errors import PredictorError
 from pipeoptim.fileio import write_json
-from pipeoptim.runtime.predictors import get_predictor, predict
+from pipeoptim.runtime.extrapolation import Extrapolator, per_unit_rate
+from pipeoptim.runtime.predictors import get_predictor
 
 
 class UpdateCostError(RuntimeError):
@@ -44,15 +45,19 @@ def measure_update_cost(
     defaults: Mapping[str, Any],
     device: torch.device | str = "cpu",
     numel: int = 1 << 20,
-    repeats: int = 5,
+    repeats: int = 9,
 ) -> tuple[float, float]:
     """Seconds per parameter byte of one optimizer step, and of one weight prediction.
 
     Times the ``torch.optim`` class ``optimizer_class`` is or derives from (:func:`builtin_base`,
     with the user's defaults) stepping one ``numel``-element float32 parameter with a fresh
     gradient each time (median of ``repeats`` after two warm-up steps), and its predictor
-    (:mod:`pipeoptim.runtime.predictors`) computing ``Ŵ = W - 2·U`` on it (0 without a
-    predictor). A subclass's own ``__init__`` and ``step()`` are user code and are not run
+    (:mod:`pipeoptim.runtime.predictors`) computing ΔW and ``Ŵ = W - 2·lr·ΔW`` into a reused
+    buffer as the runtime does (:class:`pipeoptim.runtime.extrapolation.Extrapolator`; 0 without a
+    predictor). On the CPU the time is the process's CPU time (``time.process_time``), which
+    other processes' load does not inflate (wall time under load varied 23× between two
+    measurements seconds apart); on an accelerator, wall time between synchronisations.
+    A subclass's own ``__init__`` and ``step()`` are user code and are not run
     (their extra cost, if any, is not in the figure). Feeds
     :class:`pipeoptim.compiler.costmodel.CostConfig`.
 
@@ -75,14 +80,16 @@ def measure_update_cost(
         [param], **{k: v for k, v in defaults.items() if k in accepted and k != "params"}
     )
 
+    clock = time.process_time if device.type == "cpu" else time.perf_counter
+
     def timed(fn: Any) -> float:
         if device.type == "cuda":
             torch.cuda.synchronize(device)
-        start = time.perf_counter()
+        start = clock()
         fn()
         if device.type == "cuda":
             torch.cuda.synchronize(device)
-        return time.perf_counter() - start
+        return clock() - start
 
     steps = []
     for _ in range(2 + repeats):
@@ -98,12 +105,20 @@ def measure_update_cost(
         predictor = get_predictor(optimizer)
     except PredictorError:
         return statistics.median(steps[2:]) / nbytes, 0.0
-    group, state = optimizer.param_groups[0], optimizer.state[param]
-    predicts = [timed(lambda: predict(param, state, group, 2, predictor)) for _ in range(2 + repeats)]
+    extrapolator = Extrapolator({"w": param}, optimizer, per_unit_rate(predictor))
+    buffers: dict[str, torch.Tensor] = {}
+
+    def prediction() -> None:  # as the runtime predicts after each step: ΔW, then Ŵ into a buffer
+        extrapolator.invalidate()
+        buffers.update(extrapolator.predict([2 * float(optimizer.param_groups[0]["lr"])], buffers))
+
+    predicts = [timed(prediction) for _ in range(2 + repeats)]
     return statistics.median(steps[2:]) / nbytes, statistics.median(predicts[2:]) / nbytes
 
 
 UPDATE_COSTS_FILE = "update-costs.json"
+#: how update costs are timed; figures saved under another clock are measured again
+UPDATE_COST_CLOCK = "cpu-time-median-9"
 
 
 def load_or_measure_update_cost(
@@ -116,8 +131,9 @@ def load_or_measure_update_cost(
 ) -> tuple[float, float]:
     """:func:`measure_update_cost`, remembered in
     ``<profile_dir>/update-costs.json`` under the optimizer class, its defaults, the device and
-    the torch version, so that later plans of the same model and setting get the same figures
-    (a plan must not change with timing noise). ``profile_dir=None`` always measures.
+    the torch version (and how they were timed), so that later plans of the same model and
+    setting get the same figures (a plan must not change with timing noise); a new torch
+    version or device is measured afresh. ``profile_dir=None`` always measures.
 
     Returns:
         ``(step seconds per parameter byte, prediction seconds per parameter byte)``.
@@ -134,6 +150,7 @@ def load_or_measure_update_cost(
             "defaults": {k: repr(v) for k, v in sorted(defaults.items()) if k != "params"},
             "device": device_name(device),
             "torch": torch.__version__,
+            "clock": UPDATE_COST_CLOCK,
         },
         sort_keys=True,
     )

@@ -29,6 +29,7 @@ ROOT = Path(__file__).resolve().parents[1]
                 "staleness_prediction_error.png",
             ],
         ),
+        ("breakdown.py", ["breakdown.md"]),
     ],
 )
 def test_quick_benchmark_runs(tmp_path: Path, script: str, files: list[str]) -> None:

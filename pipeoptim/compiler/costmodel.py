@@ -5,9 +5,10 @@ Every partitioner (the ILP, the baselines, the dynamic program, brute force) is 
 
 Stage time (seconds per micro-batch) of stage k::
 
-    T_k = sum of fwd_s + bwd_s of its nodes
-          + (A[k-1] + G[k-1] + A[k] + G[k]) / bandwidth
-          + P_k * (step_s_per_byte * steps per micro-batch + predict_s_per_byte)
+    T_k = sum of fwd_s + bwd_s of its nodes                                     (compute)
+          + P_k * (step_s_per_byte * steps per micro-batch + predict_s_per_byte)   (update)
+          + (A[k-1] + G[k-1] + A[k] + G[k]) / bandwidth + latency_s * messages_k   (comm)
+          + action_overhead_s * actions per micro-batch                          (overhead)
 
 where ``A[b]`` are the activation bytes crossing boundary b (between stage b and b+1) forward
 and ``G[b]`` the gradient bytes crossing it backward. A value produced at stage i and read at
@@ -16,7 +17,18 @@ counted on each. Stage k receives ``A[k-1]`` and ``G[k]`` and sends ``A[k]`` and
 ``P_k`` are its parameter bytes: the optimizer steps once per micro-batch in asynchronous 1F1B
 and once per M micro-batches when a mini-batch is split (GPipe, 1F1B, 2BW), and PipeOptim and
 SpecTrain compute their predicted weights before every forward (costs per byte measured with
-:func:`pipeoptim.update_cost.measure_update_cost`).
+:func:`pipeoptim.update_cost.measure_update_cost`). Communication is the α + β·bytes model
+(Hockney): ``latency_s`` (α) for each of the ``messages_k`` messages stage k sends or
+receives per micro-batch (activations and gradients at each of its boundaries, two or four)
+and ``1 / bandwidth`` (β) per byte (:func:`pipeoptim.runtime.linkcost.measure_link` measures
+both on the transport in use). ``action_overhead_s`` is the runtime's own time per action
+(forward, backward, step: the Python between schedule, channel and stage). The partitioners
+place the cuts by compute, update and bytes; latency and action overhead are the same for
+every cut of a stage's position and are added to the stage times they report.
+
+Where the N stages share ``cores`` processors (ranks on one machine's CPU cores, one thread
+each), the machine also has to run all their work: one mini-batch takes at least
+``units · Σ_k T_k / cores`` (:func:`summarize`).
 
 Stage memory (bytes) of stage k of N::
 
@@ -92,6 +104,12 @@ class CostConfig:
             communication is free.
         memory_limit: bytes per stage; ``None`` means unlimited.
         opt_state_factor: optimizer-state bytes per parameter byte.
+        step_s_per_byte: seconds of one optimizer step per parameter byte.
+        predict_s_per_byte: seconds of one weight prediction per parameter byte.
+        latency_s: α, seconds per message between stages (0: not modelled).
+        action_overhead_s: seconds of runtime overhead per action (0: not modelled).
+        cores: processors the stages share, e.g. CPU cores for ranks with one thread each
+            (``None``: every stage has its own device).
     """
 
     num_stages: int
@@ -102,16 +120,25 @@ class CostConfig:
     opt_state_factor: float = 1.0
     step_s_per_byte: float = 0.0
     predict_s_per_byte: float = 0.0
+    latency_s: float = 0.0
+    action_overhead_s: float = 0.0
+    cores: float | None = None
 
     @property
     def method_info(self) -> Method:
         return get_method(self.method)
 
     @property
+    def steps_per_micro_batch(self) -> float:
+        """Optimizer steps per micro-batch: 1 in asynchronous 1F1B, 1/M where a mini-batch is split."""
+        method = self.method_info
+        return 1.0 if method.asynchronous and not method.micro_batched else 1.0 / self.micro_batches
+
+    @property
     def update_s_per_byte(self) -> float:
         """Seconds per parameter byte and micro-batch spent on optimizer steps and predictions."""
         method = self.method_info
-        steps = 1.0 if method.asynchronous and not method.micro_batched else 1.0 / self.micro_batches
+        steps = self.steps_per_micro_batch
         predicts = 1.0 if method.policy in ("pipeoptim", "spectrain") else 0.0
         return self.step_s_per_byte * steps + self.predict_s_per_byte * predicts
 
@@ -156,6 +183,7 @@ class StageStats:
     activation_bytes: int
     memory_bytes: int
     time_s: float
+    overhead_s: float = 0.0
 
     @property
     def compute_s(self) -> float:
@@ -224,7 +252,9 @@ def evaluate(graph: CostGraph, stage_of: Sequence[int], config: CostConfig) -> l
         a_in, g_in = (acts[k - 1], grads[k - 1]) if k > 0 else (0, 0)
         a_out, g_out = (acts[k], grads[k]) if k < n - 1 else (0, 0)
         recv, send = a_in + g_out, a_out + g_in
-        comm = config.comm_s(recv + send)
+        messages = 2 * ((k > 0) + (k < n - 1))  # activations and gradients at each boundary
+        comm = config.comm_s(recv + send) + config.latency_s * messages
+        overhead = config.action_overhead_s * (2 + config.steps_per_micro_batch)
         update = params * config.update_s_per_byte
         copies = config.method_info.extra_weight_copies(k, n)
         opt = int(params * config.opt_state_factor)
@@ -251,7 +281,8 @@ def evaluate(graph: CostGraph, stage_of: Sequence[int], config: CostConfig) -> l
                 buffer_bytes=buffers,
                 activation_bytes=activations,
                 memory_bytes=memory,
-                time_s=fwd + bwd + comm + update,
+                time_s=fwd + bwd + comm + update + overhead,
+                overhead_s=overhead,
             )
         )
     return stats
@@ -267,8 +298,12 @@ def summarize(graph: CostGraph, stats: Sequence[StageStats], config: CostConfig)
     - ``throughput_per_s``: predicted steady-state mini-batches per second: ``1 / T`` for
       asynchronous 1F1B, ``1 / ((M + N - 1) T)`` for schedules that flush every mini-batch
       (GPipe, 1F1B), ``1 / (M T)`` for 2BW.
+      Where the stages share ``config.cores`` processors, also at least
+      ``units · Σ_k T_k / cores`` seconds per mini-batch (the machine runs all the stages'
+      work), ``units`` being the micro-batches of a mini-batch (1 in asynchronous 1F1B).
     - ``bubble_fraction``: share of device time idle in that steady state, from the
       schedule's warm-up and cool-down and from unequal stage times.
+    - ``cores_bound``: whether the shared cores, not the bottleneck stage, set the throughput.
     """
     n, m = config.num_stages, config.micro_batches
     bottleneck = max(s.time_s for s in stats)
@@ -282,6 +317,9 @@ def summarize(graph: CostGraph, stats: Sequence[StageStats], config: CostConfig)
         units = m
         per_batch = (m + n - 1) * bottleneck
     busy = sum(s.time_s for s in stats) * units
+    cores_bound = config.cores is not None and busy / config.cores > per_batch
+    if cores_bound:
+        per_batch = busy / config.cores
     return {
         "bottleneck_s": bottleneck,
         "bottleneck_stage": max(stats, key=lambda s: s.time_s).index,
@@ -290,4 +328,5 @@ def summarize(graph: CostGraph, stats: Sequence[StageStats], config: CostConfig)
         "throughput_per_s": 1.0 / per_batch if per_batch > 0 else float("inf"),
         "bubble_fraction": 1.0 - busy / (n * per_batch) if per_batch > 0 else 0.0,
         "max_memory_bytes": max(s.memory_bytes for s in stats),
+        "cores_bound": cores_bound,
     }

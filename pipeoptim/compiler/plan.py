@@ -87,14 +87,23 @@ class Plan:
                 format_bytes(s.param_bytes),
                 f"{s.fwd_s * 1e3:.3f}",
                 f"{s.bwd_s * 1e3:.3f}",
+                f"{s.update_s * 1e3:.3f}",
+                f"{s.comm_s * 1e3:.3f}",
+                f"{s.overhead_s * 1e3:.3f}",
                 format_bytes(s.send_bytes),
                 format_bytes(s.memory_bytes),
                 f"{s.time_s * 1e3:.3f}",
             ]
             for s in self.stages
         ]
-        headers = ["stage", "nodes", "#", "params", "fwd ms", "bwd ms", "sent", "memory", "stage ms"]
+        headers = ["stage", "nodes", "#", "params", "fwd ms", "bwd ms", "update ms", "comm ms", "overhead ms"]
+        headers += ["sent", "memory", "stage ms"]
         sm = self.summary
+        shared = (
+            [f"shared cores    {self.config.cores:g} run all stages: they set the throughput"]
+            if sm.get("cores_bound")
+            else []
+        )
         solved = f"{sm['partitioner']}"
         if sm.get("solver"):
             gap = "" if sm.get("gap") in (None, 0.0) else f", gap {sm['gap']:.2%}"
@@ -108,6 +117,7 @@ class Plan:
             f"throughput      {sm['throughput_per_s']:.2f} mini-batches/s predicted (steady state, "
             f"method {self.config.method})",
             f"bubble          {sm['bubble_fraction']:.1%} of device time idle",
+            *shared,
             f"solved by       {solved} in {sm['solve_s']:.2f} s",
         ]
         return "\n".join(lines)

@@ -22,7 +22,13 @@ from pipeoptim.fileio import atomic_write
 
 _GIB = 2.0**30
 _MIB = 2.0**20
-_PARTS = (("fwd_s", "forward"), ("bwd_s", "backward"), ("update_s", "update"), ("comm_s", "communication"))
+_PARTS = (
+    ("fwd_s", "forward"),
+    ("bwd_s", "backward"),
+    ("update_s", "update"),
+    ("comm_s", "communication"),
+    ("overhead_s", "runtime overhead"),
+)
 
 
 def stage_starts(plan: Plan, graph: CostGraph) -> list[tuple[int, float, str]]:

@@ -10,7 +10,8 @@ from torch import nn
 from torch.optim import SGD, Optimizer
 
 from pipeoptim.errors import PredictorError
-from pipeoptim.runtime.predictors import VARIANTS, Predictor, get_predictor, predict
+from pipeoptim.runtime.extrapolation import Extrapolator, per_unit_rate
+from pipeoptim.runtime.predictors import VARIANTS, get_predictor
 from pipeoptim.runtime.weight_policy import WeightPolicy
 
 
@@ -23,13 +24,15 @@ class _Predicting(WeightPolicy):
         if predictor not in VARIANTS:
             raise ValueError(f"predictor must be one of {', '.join(VARIANTS)}, not {predictor!r}")
         self.variant = predictor
-        self._predictor: Predictor | None = None
+        self._extrapolator: Extrapolator | None = None
 
     def attach(
         self, params: dict[str, nn.Parameter], optimizer: Optimizer, stage: int, num_stages: int
     ) -> None:
         super().attach(params, optimizer, stage, num_stages)
-        self._predictor = get_predictor(optimizer, self.variant)
+        self._extrapolator = Extrapolator(
+            params, optimizer, per_unit_rate(get_predictor(optimizer, self.variant))
+        )
 
     def predicted(
         self,
@@ -42,21 +45,27 @@ class _Predicting(WeightPolicy):
         (all of them with ``always_copy``: Ŵ is then a copy of W where nothing is predicted).
         ``into`` maps names to tensors that may be overwritten with Ŵ instead of new ones.
         With ``step_rates`` (per optimizer group, the rates of those steps) the prediction is
-        ``Ŵ = W − (Σ lr_i)·ΔW``, else ``W − steps·lr·ΔW`` at the current rate."""
-        assert self.optimizer is not None and self._predictor is not None
+        ``Ŵ = W − (Σ lr_i)·ΔW``, else ``W − steps·lr·ΔW`` at the current rate. ΔW is computed
+        once per optimizer step (:class:`pipeoptim.runtime.extrapolation.Extrapolator`)."""
+        assert self.optimizer is not None and self._extrapolator is not None
         if step_rates is not None and any(len(rates) != steps for rates in step_rates):
             raise ValueError(f"step_rates must list the rates of all {steps} steps for every group")
-        out = {}
-        into = into or {}
-        for name, p in self.params.items():
-            state, group = self.optimizer.state.get(p, {}), self._group_of[id(p)]
-            lr_sum = None if step_rates is None else sum(step_rates[self._group_index[id(p)]])
-            value = predict(p, state, group, steps, self._predictor, out=into.get(name), lr_sum=lr_sum)
-            if value.data_ptr() != p.data_ptr():
-                out[name] = value
-            elif always_copy:
-                out[name] = value.clone()
+        if step_rates is not None:
+            coefficients = [float(sum(rates)) for rates in step_rates]
+        else:
+            coefficients = [steps * _scalar_lr(g) for g in self.optimizer.param_groups]
+        out = self._extrapolator.predict(coefficients, into)
+        if always_copy:
+            out |= {n: p.detach().clone() for n, p in self.params.items() if n not in out}
         return out
+
+    def begin_backward(self, micro_batch: int) -> None:
+        if self._extrapolator is not None:
+            self._extrapolator.invalidate()  # the backward brings a new gradient
+
+    def after_step(self) -> None:
+        if self._extrapolator is not None:
+            self._extrapolator.invalidate()
 
 
 class PipeOptimPolicy(_Predicting):
@@ -115,13 +124,13 @@ class PipeOptimPolicy(_Predicting):
         return {t.untyped_storage().data_ptr() for t in self._buffers_hat.values()}
 
 
-def smoothed_gradient_update(param: torch.Tensor, state: dict, group: dict) -> torch.Tensor | None:
-    """SpecTrain's one-step update ``lr · v``: the smoothed gradient v is SGD's momentum buffer
-    b as the optimizer holds it (the direction of its last step, ``W ← W − lr·b``); ``None``
-    before the first step. No gradient enters it, so the forward and the backward, which
-    runs after the stage has cleared its gradients, predict from the same v."""
-    buf = state.get("momentum_buffer")
-    return None if buf is None else buf * _scalar_lr(group)
+def smoothed_gradient(param: torch.Tensor, state: dict, group: dict) -> torch.Tensor | None:
+    """SpecTrain's smoothed gradient v, its update direction per unit rate (the step is
+    ``lr · v``): SGD's momentum buffer b as the optimizer holds it (the direction of its last
+    step, ``W ← W − lr·b``), the buffer itself, read until the next step changes it; ``None``
+    before the first step. No gradient enters it, so the forward and the backward, which runs
+    after the stage has cleared its gradients, predict from the same v."""
+    return state.get("momentum_buffer")
 
 
 def _scalar_lr(group: dict) -> float:
@@ -136,7 +145,7 @@ class SpecTrainPolicy(_Predicting):
     The smoothed gradient v follows the paper: the moving average of the gradients that
     momentum SGD steps along (``v_t = γ·v_{t−1} + (1 − γ)·g_t``, ``W_{t+1} = W_t − η·v_t``),
     here ``torch.optim.SGD``'s momentum buffer b as it stands when the prediction is made
-    (:func:`smoothed_gradient_update`), the same in both passes. The authors' reference code
+    (:func:`smoothed_gradient`), the same in both passes. The authors' reference code
     (``ntueclab/SpecTrain-PyTorch``, ``optimizer.py``, ``load_predicted_weights``) uses
     ``μ·b + g`` with whatever ``.grad`` holds, i.e. the last gradient counted a second time
     in the forward and a zeroed one in the backward; that is not followed.
@@ -168,7 +177,7 @@ class SpecTrainPolicy(_Predicting):
                 "SGD, Adam, AdamW, RMSprop and Adagrad"
             )
         super().attach(params, optimizer, stage, num_stages)
-        self._predictor = smoothed_gradient_update
+        self._extrapolator = Extrapolator(params, optimizer, smoothed_gradient)
 
     @property
     def forward_steps(self) -> int:
@@ -181,12 +190,15 @@ class SpecTrainPolicy(_Predicting):
     def begin_forward(
         self, micro_batch: int, version_diff: int, step_rates: Sequence[Sequence[float]] | None = None
     ) -> None:
+        # new tensors, not reused buffers: a Ŵ sent on (a tied weight) stays with the
+        # micro-batch, and only the pass that uses a Ŵ keeps it alive (two versions at most)
         self._values = self.predicted(self.forward_steps)
         for name, value in self._values.items():
             self._track(name, value)
         self._measure()
 
     def begin_backward(self, micro_batch: int) -> None:
+        super().begin_backward(micro_batch)
         self._backward_values[micro_batch] = self.predicted(self.backward_steps)
 
     def end_backward(self, micro_batch: int) -> None:

@@ -117,8 +117,7 @@ class TwoBW(WeightPolicy):
                 for name, value in self._shadow.items():
                     self._track(name, value)
             else:
-                for name, p in self.params.items():
-                    self._shadow[name].copy_(p)
+                torch._foreach_copy_([self._shadow[n] for n in self.params], list(self.params.values()))
         self._measure()
 
     def after_step(self) -> None:

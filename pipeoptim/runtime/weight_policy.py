@@ -69,8 +69,6 @@ class WeightPolicy(nn.Module):
         self.optimizer = optimizer
         self.stage = stage
         self.num_stages = num_stages
-        self._group_of = {id(p): g for g in optimizer.param_groups for p in g["params"]}
-        self._group_index = {id(p): i for i, g in enumerate(optimizer.param_groups) for p in g["params"]}
 
     def forward(self, weight: torch.Tensor, name: str) -> torch.Tensor:
         value = self._values.get(name)

@@ -1,0 +1,198 @@
+"""Where the time goes: per stage and method, the wall time of each part of the actions.
+
+Runs every method's stages as gloo ranks on this machine (one thread each, the runtime's own
+``StageProcess`` as a worker runs it) with :func:`pipeoptim.runtime.action_timer.instrument`
+around them, and prints per stage the milliseconds per mini-batch of forward and backward
+compute, the weight policy (prediction, stash or shadow copies), the optimizer step, the
+wait for received values, posting and retiring sends, and the Python overhead of the action
+loop (per action in microseconds). It also times the saved-tensor hooks that redirect the
+backward to other weights: forward+backward of stage 0 with and without them.
+
+    python benchmarks/breakdown.py [--quick] [--stages 4] [--methods pipeoptim ...] [--out DIR]
+
+Writes ``breakdown.md`` (with the machine load while it ran) into ``--out``: by default
+``benchmarks/results`` for the full run and a new temporary folder for ``--quick``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from tabulate import tabulate
+
+from pipeoptim.microbatch import Rows, scales, sizes, split
+from pipeoptim.runtime.action_timer import PARTS, instrument
+from pipeoptim.runtime.build import PipelineSpec
+from pipeoptim.runtime.distributed import free_port, pickle_spec
+from pipeoptim.runtime.executor import MiniBatch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from throughput import BATCH, batch, compile_mlp
+
+METHODS = ("pipeoptim", "pipedream", "2bw", "spectrain", "1f1b")
+
+
+def mini_batch(spec: PipelineSpec, index: int, rank: int, rows: int) -> MiniBatch:
+    """Mini-batch ``index`` as the driver would hand it to stage ``rank``."""
+    x, y = batch(index, rows)
+    m = spec.micro_batches
+    parts = [Rows(n) for n in sizes(rows, m)]
+    last = rank == spec.num_stages - 1
+    return MiniBatch(
+        index=index,
+        inputs=split((x,), m) if rank == 0 else [],
+        targets=split(y, m) if last else [],
+        scales=scales(parts, spec.loss_reduction),
+        sizes=parts,
+        hyper=spec.hyper,
+    )
+
+
+def _rank(
+    rank: int, world: int, port: int, payload: bytes, rows: int, warmup: int, steps: int, out: Any
+) -> None:
+    import pickle
+
+    from pipeoptim.runtime.worker import StageProcess
+
+    torch.set_num_threads(1)
+    dist.init_process_group(
+        "gloo",
+        init_method=f"tcp://127.0.0.1:{port}",
+        rank=rank,
+        world_size=world,
+        timeout=datetime.timedelta(seconds=300),
+    )
+    spec: PipelineSpec = pickle.loads(payload)
+    process = StageProcess(spec, rank, torch.device("cpu"), 300.0)
+    timer = instrument(process)
+    for i in range(warmup):
+        process.submit(mini_batch(spec, i, rank, rows))
+    dist.barrier()
+    timer.reset()
+    start = time.perf_counter()
+    for i in range(warmup, warmup + steps):
+        process.submit(mini_batch(spec, i, rank, rows))
+    process.flush()
+    elapsed = time.perf_counter() - start
+    out.put((rank, timer.breakdown(), timer.actions, elapsed))
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def measure(method: str, stages: int, warmup: int, steps: int, profile_dir: Path) -> list[dict[str, Any]]:
+    """Per stage: seconds per part, actions run and the wall time of the timed mini-batches."""
+    micro = stages if method in ("1f1b", "gpipe", "2bw") else None
+    rows = BATCH * stages if method == "2bw" else BATCH  # 2BW's micro-batch is the others' pass
+    with compile_mlp(method, stages, "local", profile_dir, size=rows, micro_batches=micro) as pipe:
+        payload = pickle_spec(pipe.spec)
+    ctx = mp.get_context("spawn")
+    out = ctx.Queue()
+    port = free_port()
+    procs = [
+        ctx.Process(target=_rank, args=(r, stages, port, payload, rows, warmup, steps, out))
+        for r in range(stages)
+    ]
+    for p in procs:
+        p.start()
+    results = sorted(out.get(timeout=600) for _ in procs)
+    for p in procs:
+        p.join(60)
+    scale = stages if method == "2bw" else 1  # per BATCH rows, like the other methods
+    return [
+        {"parts": parts, "actions": actions, "elapsed": elapsed, "mini_batches": steps * scale}
+        for _, parts, actions, elapsed in results
+    ]
+
+
+def hook_cost(repeats: int, profile_dir: Path) -> tuple[float, float]:
+    """Milliseconds of forward+backward of stage 0 of 2 (MLP) without and with the
+    saved-tensor hooks that redirect the backward (medians of ``repeats``)."""
+    with compile_mlp("none", 2, "local", profile_dir) as pipe:
+        stage = pipe._executor.stages[0]
+        x = batch()[0]
+
+        def once(hooked: bool) -> float:
+            start = time.perf_counter()
+            if hooked:
+                with stage.policy.saving(0):
+                    out = stage.module(x)
+            else:
+                out = stage.module(x)
+            torch.autograd.backward([t.sum() for t in out if isinstance(t, torch.Tensor)])
+            return time.perf_counter() - start
+
+        plain, hooked = [], []
+        for _ in range(repeats):  # interleaved: both see the same load
+            plain.append(once(False))
+            hooked.append(once(True))
+    return 1e3 * sorted(plain)[len(plain) // 2], 1e3 * sorted(hooked)[len(hooked) // 2]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="2 stages, 2 methods, few mini-batches")
+    parser.add_argument("--stages", type=int, default=4)
+    parser.add_argument("--methods", nargs="+", choices=METHODS)
+    parser.add_argument("--out", type=Path, help="default: benchmarks/results, or a temporary folder")
+    args = parser.parse_args()
+    if args.out is None:
+        quick_out = Path(tempfile.mkdtemp(prefix="breakdown-")) if args.quick else None
+        args.out = quick_out or Path(__file__).parent / "results"
+    torch.set_num_threads(1)
+    stages = 2 if args.quick else args.stages
+    methods = args.methods or (["pipeoptim", "pipedream"] if args.quick else list(METHODS))
+    warmup, steps = (2, 4) if args.quick else (5, 30)
+    profile_dir = Path(tempfile.mkdtemp(prefix="breakdown-profiles-"))
+    load_before = os.getloadavg()[0]
+    rows, weights = [], {}
+    for method in methods:
+        print(f"  {stages} stages, {method} ...", file=sys.stderr)
+        for k, r in enumerate(measure(method, stages, warmup, steps, profile_dir)):
+            per = 1e3 / r["mini_batches"]
+            overhead_us = 1e6 * r["parts"]["overhead"] / max(r["actions"], 1)
+            parts = [f"{r['parts'][p] * per:.2f}" for p in PARTS]
+            rows.append([method, k, *parts, f"{overhead_us:.0f}", f"{r['mini_batches'] / r['elapsed']:.1f}"])
+            weights[method] = weights.get(method, 0.0) + r["parts"]["weights"] * per
+    plain, hooked = hook_cost(10 if args.quick else 50, profile_dir)
+    load_after = os.getloadavg()[0]
+    headers = ["method", "stage", *(f"{p} ms" for p in PARTS), "overhead µs/action", "mini-batches/s"]
+    table = tabulate(rows, headers=headers, tablefmt="github")
+    hooks = (
+        f"Saved-tensor hooks (backward redirected to other weights), stage 0 of 2, forward+backward: "
+        f"{plain:.2f} ms without, {hooked:.2f} ms with ({hooked - plain:+.2f} ms, medians of interleaved "
+        "repeats)."
+    )
+    summary = "weight policy ms per mini-batch, all stages: " + ", ".join(
+        f"{m} {w:.2f}" for m, w in weights.items()
+    )
+    text = (
+        f"# Where the time goes ({'quick' if args.quick else 'full'} run, CPU, gloo, 1 thread per rank, "
+        f"{os.cpu_count()} cores, load average {load_before:.1f} before / {load_after:.1f} after)\n\n"
+        f"MLP 16x512, mini-batch {BATCH}, {stages} stages; milliseconds per mini-batch ({BATCH} rows; "
+        f"2bw runs mini-batches of {stages} x {BATCH} rows and is counted per {BATCH}) over {steps} timed "
+        f"mini-batches after {warmup}, cool-down included. `weights` is the weight policy (prediction, "
+        f"stash or shadow copies), `recv wait` the wait for a neighbour's values, `send` posting and "
+        f"retiring sends and receives, `overhead` the rest of the action loop.\n\n{table}\n\n{hooks}\n\n"
+        f"{summary}\n"
+    )
+    print(text)
+    args.out.mkdir(parents=True, exist_ok=True)
+    tmp = args.out / "breakdown.md.tmp"
+    tmp.write_text(text)
+    tmp.replace(args.out / "breakdown.md")
+    print(f"results in {args.out}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()

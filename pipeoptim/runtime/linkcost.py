@@ -1,0 +1,113 @@
+"""The cost of a message between two stages on the transport in use: α + β·bytes.
+
+The Hockney model (Hockney, Parallel Computing 20(3), 1994) gives the time of one message of
+``n`` bytes as ``α + β·n``: α the latency (seconds), β the inverse bandwidth (seconds per
+byte). :func:`measure_link` times gloo (or NCCL) sends between two spawned processes at
+several sizes, takes the median of the repeats at each size, and fits α and β by least
+squares (:func:`fit_latency_bandwidth`). :func:`shared_cores` says how many processors the
+stages of a CPU pipeline share. Both feed :class:`pipeoptim.compiler.costmodel.CostConfig`.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import statistics
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from pipeoptim.runtime.distributed import free_port
+
+#: message sizes timed by default (bytes): small ones for α, large ones for β
+SIZES = (4 << 10, 64 << 10, 1 << 20, 8 << 20)
+
+
+def fit_latency_bandwidth(sizes: Sequence[float], seconds: Sequence[float]) -> tuple[float, float]:
+    """Least-squares α, β of ``seconds ≈ α + β·sizes`` (α clamped at 0).
+
+    Raises:
+        ValueError: fewer than two distinct sizes.
+    """
+    if len(set(sizes)) < 2 or len(sizes) != len(seconds):
+        raise ValueError("need the time of at least two different message sizes")
+    mean_n, mean_t = statistics.fmean(sizes), statistics.fmean(seconds)
+    var = sum((n - mean_n) ** 2 for n in sizes)
+    beta = sum((n - mean_n) * (t - mean_t) for n, t in zip(sizes, seconds)) / var
+    return max(mean_t - beta * mean_n, 0.0), beta
+
+
+def _ping(rank: int, port: int, backend: str, sizes: Sequence[int], repeats: int, out: Any) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group(
+        backend,
+        init_method=f"tcp://127.0.0.1:{port}",
+        rank=rank,
+        world_size=2,
+        timeout=datetime.timedelta(seconds=120),
+    )
+    device = torch.device("cuda", rank) if backend == "nccl" else torch.device("cpu")
+    medians = []
+    for size in sizes:
+        x = torch.zeros(size // 4, device=device)
+        times = []
+        for _ in range(repeats + 1):  # a round trip: rank 0 sends, rank 1 sends back
+            dist.barrier()
+            start = time.perf_counter()
+            if rank == 0:
+                dist.send(x, 1)
+                dist.recv(x, 1)
+            else:
+                dist.recv(x, 0)
+                dist.send(x, 0)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            times.append((time.perf_counter() - start) / 2)
+        medians.append(statistics.median(times[1:]))
+    if rank == 0:
+        out.put(medians)
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def measure_link(
+    backend: str = "gloo", sizes: Sequence[int] = SIZES, repeats: int = 9, timeout: float = 300.0
+) -> tuple[float, float]:
+    """α (seconds per message) and β (seconds per byte) of a send between two processes on
+    this machine over ``backend`` (``"gloo"``; ``"nccl"`` between the first two GPUs).
+
+    Each size is timed as ``repeats`` round trips (half a round trip is one message), the
+    median taken, and α, β fitted over the sizes (:func:`fit_latency_bandwidth`).
+
+    Raises:
+        RuntimeError: the processes did not report within ``timeout`` seconds.
+    """
+    ctx = mp.get_context("spawn")
+    out = ctx.Queue()
+    port = free_port()
+    procs = [ctx.Process(target=_ping, args=(r, port, backend, list(sizes), repeats, out)) for r in range(2)]
+    for p in procs:
+        p.start()
+    try:
+        medians = out.get(timeout=timeout)
+    except Exception as exc:
+        raise RuntimeError(f"measuring the {backend} link took over {timeout:.0f} s") from exc
+    finally:
+        for p in procs:
+            p.join(30)
+            if p.is_alive():
+                p.kill()
+    return fit_latency_bandwidth(list(sizes), medians)
+
+
+def shared_cores(num_stages: int, threads_per_stage: int = 1) -> float | None:
+    """Processors a CPU pipeline's stages share: the cores this process may run on, in units
+    of a stage's threads; ``None`` when there are at least as many as the stages need (each
+    stage then runs as on its own device)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    units = cores / threads_per_stage
+    return units if units < num_stages else None
