@@ -27,6 +27,7 @@ from pipeoptim.runtime.optim import mirror
 from pipeoptim.runtime.policies import insert_policy, make_policy
 from pipeoptim.runtime.precision import under_autocast
 from pipeoptim.runtime.schedule import Schedule
+from pipeoptim.runtime.shared_build import copy_shared, stage_shared
 from pipeoptim.runtime.stage import StageRuntime
 
 
@@ -97,6 +98,7 @@ def build_stage(
     plan = spec.plan
     module = codegen_stage(traced, plan, stage)
     method = get_method(spec.method)
+    copy_shared(module, traced, plan, stage)
     policy = make_policy(method.policy, **spec.policy_options) if method.asynchronous else None
     if policy is not None:
         params = insert_policy(module, policy)
@@ -131,7 +133,7 @@ def build_stage(
             )
         optimizer.register_step_post_hook(lambda *_: commit_batch_norm(module))
     last = stage == plan.num_stages - 1
-    return StageRuntime(
+    runtime = StageRuntime(
         index=stage,
         num_stages=plan.num_stages,
         module=module,
@@ -145,6 +147,8 @@ def build_stage(
         nan_check=spec.nan_check,
         max_grad_norm=spec.max_grad_norm,
     )
+    runtime.shared = stage_shared(module, traced, plan, stage, method.asynchronous, device)
+    return runtime
 
 
 def _stage_loss(spec: PipelineSpec) -> Callable[[Any, Any], torch.Tensor]:

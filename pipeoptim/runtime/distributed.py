@@ -323,6 +323,10 @@ class ProcessExecutor:
             merged.update(part)
         return merged
 
+    def stage_state_dicts(self) -> list[dict[str, torch.Tensor]]:
+        replies = self._request("state")
+        return [replies[r] for r in range(self.world)]
+
     def load_state_dict(self, state: dict[str, torch.Tensor], aliases: dict[str, list[str]]) -> None:
         self._request("load_state", dict.fromkeys(range(self.world), state))
 
@@ -349,6 +353,11 @@ class ProcessExecutor:
 
     def peak_weight_versions(self) -> list[int]:
         replies = self._request("versions")
+        return [replies[r] for r in range(self.world)]
+
+    def sent_bytes(self) -> list[int]:
+        """Per stage, the tensor bytes it has sent to its neighbours (activations, gradients)."""
+        replies = self._request("sent_bytes")
         return [replies[r] for r in range(self.world)]
 
     # -- shutdown ---------------------------------------------------------------------
