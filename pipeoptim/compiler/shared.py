@@ -16,8 +16,14 @@ sum, bit for bit, in every executor), so each of the ``h`` holders sends its ``B
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 from pipeoptim.compiler.costgraph import CostGraph
+
+
+def is_parameter(node: Any) -> bool:
+    """Whether a cost node is the get_attr of a trainable parameter (never a boundary value)."""
+    return node.op == "get_attr" and node.param_bytes > 0
 
 
 def shared_parameters(graph: CostGraph, stage_of: Sequence[int]) -> dict[int, list[int]]:
@@ -33,8 +39,7 @@ def shared_parameters(graph: CostGraph, stage_of: Sequence[int]) -> dict[int, li
     """
     shared = {}
     for i, readers in enumerate(graph.users()):
-        node = graph.nodes[i]
-        if node.op != "get_attr" or node.param_bytes <= 0 or not readers:
+        if not is_parameter(graph.nodes[i]) or not readers:
             continue
         holders = sorted({stage_of[r] for r in readers})
         if holders != [stage_of[i]]:
