@@ -71,3 +71,4 @@ def test_partitioners_do_not_pay_for_sending_a_shared_parameter() -> None:
     plan = make_plan(graph, config)
     assert plan.shared == {"w": [0, 1]}
     assert all("w" not in io.inputs + io.outputs for io in plan.io)
+    assert "held w by stages 0, 1; gradient sums 1000 B at stage 0, 1000 B at stage 1" in plan.table()

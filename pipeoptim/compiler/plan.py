@@ -112,6 +112,12 @@ class Plan:
             f"bubble          {sm['bubble_fraction']:.1%} of device time idle",
             f"solved by       {solved} in {sm['solve_s']:.2f} s",
         ]
+        if self.shared:
+            held = "; ".join(f"{node} by stages {', '.join(map(str, h))}" for node, h in self.shared.items())
+            sums = ", ".join(
+                f"{format_bytes(s.shared_bytes)} at stage {s.index}" for s in self.stages if s.shared_bytes
+            )
+            lines.append(f"shared          held {held}; gradient sums {sums or 'none'} each way per step")
         return "\n".join(lines)
 
     def to_dict(self) -> dict[str, Any]:
