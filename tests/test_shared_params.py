@@ -5,6 +5,10 @@ mini-batch) and never sends it between stages."""
 from __future__ import annotations
 
 import copy
+import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -14,6 +18,9 @@ import torch.nn.functional as F
 import pipeoptim
 from pipeoptim.examples import TinyGPT
 from pipeoptim.methods import METHODS
+from pipeoptim.runtime.distributed import free_port
+
+ROOT = Path(__file__).resolve().parents[1]
 
 VOCAB, SEQ, BATCH = 1024, 8, 8
 WEIGHT_BYTES = VOCAB * 16 * 4  # tok.weight: [1024, 16] float32, 64 KiB
@@ -64,6 +71,7 @@ def micro(method: str) -> int:
 
 
 def compile_gpt(model, method: str, stages: int = 4, executor: str = "local", **kw):
+    """``model`` compiled with the method's optimizer (:func:`make_opt`) and micro-batches."""
     return pipeoptim.compile(
         model,
         make_opt(method)(model),
@@ -201,3 +209,37 @@ def test_asynchronous_copies_take_each_update_d_steps_late_in_the_same_order(met
         assert torch.equal(by_round[applied], w), applied
     assert torch.equal(final[0]["tok.weight"], final[3]["tok.weight"])
     assert not torch.equal(final[0]["tok.weight"], seen[0][-1][1])  # the flush applied 3 more
+
+
+@pytest.mark.slow
+def test_tied_embeddings_under_torchrun_equal_local(tmp_path: Path) -> None:
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nnodes",
+        "1",
+        "--nproc-per-node",
+        "2",
+        "--rdzv-backend",
+        "c10d",
+        "--rdzv-endpoint",
+        f"127.0.0.1:{free_port()}",
+        str(ROOT / "tests" / "torchrun_tied_script.py"),
+        str(tmp_path / "out"),
+        "pipeoptim",
+        str(tmp_path / "profiles"),
+    ]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    ranks = [json.loads((tmp_path / f"out.{r}").read_text()) for r in range(2)]
+    assert ranks[0] == ranks[1]
+    assert ranks[0]["shared"] == {"tok_weight": [0, 1]}
+    with compile_gpt(gpt(), "pipeoptim", stages=2, profile_dir=tmp_path / "profiles") as pipe:
+        losses = list(pipe.train(batches(6)))
+        stages = pipe.stage_state_dicts()
+    assert ranks[0]["losses"] == losses
+    for k in range(2):
+        assert torch.equal(torch.tensor(ranks[0]["tok"][k]), stages[k]["tok.weight"])
+    assert ranks[0]["tok"][0] == ranks[0]["tok"][1]
