@@ -71,7 +71,7 @@ def micro(method: str) -> int:
 
 
 def compile_gpt(model, method: str, stages: int = 4, executor: str = "local", **kw):
-    """``model`` compiled with the method's optimizer (:func:`make_opt`) and micro-batches."""
+    """``model`` compiled with the method's optimizer (:func:`make_opt`), options ``kw``."""
     return pipeoptim.compile(
         model,
         make_opt(method)(model),
