@@ -17,7 +17,12 @@ def main(out: str, method: str, profile_dir: str) -> None:
     pipe = compile_gpt(gpt(), method, stages=2, executor="torchrun", profile_dir=profile_dir)
     losses = [float(loss) for loss in pipe.train(batches(6))]
     stages = pipe.stage_state_dicts()
-    result = {"losses": losses, "tok": [s["tok.weight"].tolist() for s in stages], "shared": pipe.plan.shared}
+    result = {
+        "losses": losses,
+        "tok": [s["tok.weight"].tolist() for s in stages],
+        "shared": pipe.plan.shared,
+        "plan": pipe.plan.stage_of,
+    }
     pipe.close()
     with open(f"{out}.{rank}", "w") as f:
         json.dump(result, f)
