@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 
+from pipeoptim.compiler import baselines as B
 from pipeoptim.compiler import partition as P
 from pipeoptim.compiler.costgraph import CostGraph, CostNode
 from pipeoptim.compiler.costmodel import CostConfig, evaluate, summarize
@@ -60,7 +61,7 @@ def test_partitioners_do_not_pay_for_sending_a_shared_parameter() -> None:
     the copy instead of a boundary value."""
     graph = tied_graph()
     config = CostConfig(2, bandwidth=100.0)
-    best = P.brute_force(graph, config)
+    best = B.brute_force(graph, config)
     expected = max(s.time_s for s in evaluate(graph, best.stage_of, config))
     # {a} | {b, c} or {a, b} | {c}: 6 s of compute plus 0.2 s for a 10-byte value and its
     # gradient; sending W each micro-batch would add 2 * 1000 bytes / 100 B/s = 20 s

@@ -16,7 +16,7 @@ counted on each. Stage k receives ``A[k-1]`` and ``G[k]`` and sends ``A[k]`` and
 ``P_k`` are its parameter bytes: the optimizer steps once per micro-batch in asynchronous 1F1B
 and once per M micro-batches when a mini-batch is split (GPipe, 1F1B, 2BW), and PipeOptim and
 SpecTrain compute their predicted weights before every forward (costs per byte measured with
-:func:`pipeoptim.runtime.optim.measure_update_cost`). A shared parameter (tied embeddings,
+:func:`pipeoptim.update_cost.measure_update_cost`). A shared parameter (tied embeddings,
 :mod:`pipeoptim.compiler.shared`) is no boundary value: each stage reading it holds a copy,
 counted in its ``P_k`` (and its memory below), and sums the copies' gradients once per step:
 ``S_k = (h - 1) · B`` bytes sent and as many received for a parameter of ``B`` bytes held by
@@ -198,9 +198,8 @@ def boundary_bytes(graph: CostGraph, stage_of: Sequence[int], num_stages: int) -
 def saved_activation_bytes(nodes: Sequence[Any], held: Sequence[str] = ()) -> int:
     """Bytes a stage of these cost nodes saves per micro-batch: each saved storage once (a
     tensor saved by two of its nodes is held once; one saved in two stages is held by each,
-    the later one keeping the copy it received), and a parameter the stage does not own (a
-    tied weight it receives) as an activation; ``held``: the shared parameters the stage
-    holds a copy of (not activations)."""
+    the later one keeping the copy it received), and a saved parameter the stage neither owns
+    nor holds a copy of (``held``: its shared parameters) as an activation."""
     if not any(x.saved for x in nodes):
         return sum(x.saved_bytes for x in nodes)  # a profile without storage ids
     owned = {f"param:{name}" for x in nodes for name in x.params} | {f"param:{n}" for n in held}
