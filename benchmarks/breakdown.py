@@ -33,8 +33,9 @@ from tabulate import tabulate
 from pipeoptim.microbatch import Rows, scales, sizes, split
 from pipeoptim.runtime.action_timer import PARTS, instrument
 from pipeoptim.runtime.build import PipelineSpec
-from pipeoptim.runtime.distributed import free_port, pickle_spec
+from pipeoptim.runtime.distributed import free_port
 from pipeoptim.runtime.executor import MiniBatch
+from pipeoptim.runtime.spawning import pickle_spec
 
 sys.path.insert(0, str(Path(__file__).parent))
 from throughput import BATCH, batch, compile_mlp

@@ -341,6 +341,20 @@ class Pipeline:
         """Per stage, the most versions of a weight held at once so far (measured)."""
         return self._executor.peak_weight_versions()
 
+    def stage_state_dicts(self) -> list[dict[str, torch.Tensor]]:
+        """Per stage, its own parameters and buffers (CPU): a shared parameter is in every
+        stage that holds a copy of it (:mod:`pipeoptim.runtime.shared`). Flushes first."""
+        self.flush()
+        return [
+            {k: v.detach().cpu().clone() for k, v in part.items()}
+            for part in self._executor.stage_state_dicts()
+        ]
+
+    def sent_bytes(self) -> list[int]:
+        """Per stage, the tensor bytes (activations and gradients) it has sent to its
+        neighbouring stages so far; shared parameters' gradient sums are not included."""
+        return self._executor.sent_bytes()
+
     # -- lifetime --------------------------------------------------------------------
 
     def _check_open(self) -> None:

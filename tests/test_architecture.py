@@ -126,7 +126,7 @@ def test_every_executor_implements_the_protocol() -> None:
         for name, fn in vars(Executor).items()
         if inspect.isfunction(fn) and not name.startswith("_")
     }
-    assert len(wanted) == 14
+    assert len(wanted) == 16
     for cls in (LocalExecutor, ProcessExecutor, SPMDExecutor):
         have = {
             name: list(inspect.signature(getattr(cls, name)).parameters)

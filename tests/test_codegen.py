@@ -48,9 +48,17 @@ def test_stages_equal_the_model(factory, stages: int) -> None:
     assert grads.keys() == expected_grads.keys()
     for name in grads:
         torch.testing.assert_close(grads[name], expected_grads[name], rtol=1e-6, atol=1e-6)
-    # every parameter lives in exactly one stage, under its original name
+    # every parameter lives in exactly one stage, under its original name; a shared one (tied
+    # embeddings) in each stage that reads it, and in no other
     owned = [n for m in modules for n, _ in m.named_parameters()]
-    assert len(owned) == len(set(owned))
+    targets = {n.name: str(n.target) for n in traced.gm.graph.nodes}
+    shared = {targets[node]: holders for node, holders in plan.shared.items()}
+    for k, m in enumerate(modules):
+        held = {n for n, _ in m.named_parameters()}
+        assert {n for n, h in shared.items() if k in h} == held & set(shared)
+    assert len(owned) == len(set(owned)) + sum(len(h) - 1 for h in shared.values())
+    if factory is transformer:  # TinyGPT ties its input and output embeddings
+        assert list(shared) == ["tok.weight"] and shared["tok.weight"] == [0, stages - 1]
     assert set(owned) | {a for al in traced.tied.values() for a in al} >= set(grads)
 
 

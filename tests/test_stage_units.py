@@ -19,7 +19,7 @@ from torch import nn
 import pipeoptim
 from pipeoptim.errors import PipelineStalledError
 from pipeoptim.microbatch import Rows
-from pipeoptim.runtime import distributed, worker
+from pipeoptim.runtime import distributed, spawning, worker
 from pipeoptim.runtime.comm import rebuild, shape_for
 from pipeoptim.runtime.executor import MiniBatch
 from pipeoptim.runtime.optim import hyperparameters
@@ -144,7 +144,7 @@ def test_stage_process_through_the_dispatch_table_equals_the_local_executor(one_
         model, sgd(model), 1, example_inputs=x, loss_fn=F.cross_entropy, method="1f1b",
         executor="local", profile_dir=None,
     ) as pipe:  # fmt: skip
-        spec = pickle.loads(distributed.pickle_spec(pipe.spec))  # what a spawned worker gets
+        spec = pickle.loads(spawning.pickle_spec(pipe.spec))  # what a spawned worker gets
         process = worker.StageProcess(spec, 0, torch.device("cpu"), timeout=60.0)
         hyper = hyperparameters(sgd(model))
         losses = []

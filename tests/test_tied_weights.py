@@ -1,9 +1,10 @@
-"""Tied weights: a weight two stages use is sent on as a snapshot of the version the forward
-used, so the worker processes compute exactly what the local executor does, run after run."""
+"""Tied weights: a weight two stages use is held by both (a copy each, gradients summed), so
+the worker processes compute exactly what the local executor does, run after run."""
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -28,7 +29,7 @@ class TiedEmbedding(nn.Module):
         return self.head(torch.tanh(self.mid(self.emb(ids))))
 
 
-def train(method: str, executor: str, profiles: Path) -> tuple[list[float], dict[str, torch.Tensor], list]:
+def train(method: str, executor: str, profiles: Path) -> tuple[list[float], dict[str, torch.Tensor], Any]:
     torch.manual_seed(0)
     model = TiedEmbedding()
     opt = torch.optim.SGD(model.parameters(), lr=0.5, momentum=0.9)
@@ -47,18 +48,23 @@ def train(method: str, executor: str, profiles: Path) -> tuple[list[float], dict
         profile_dir=profiles,
         timeout=120,
     ) as pipe:
-        return list(pipe.train(batches)), pipe.state_dict(), pipe.plan.io
+        return list(pipe.train(batches)), pipe.state_dict(), (pipe.plan, pipe.stage_state_dicts())
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("method", list(METHODS))
 def test_tied_weights_processes_equal_local_to_the_bit(method: str, tmp_path: Path) -> None:
     local = train(method, "local", tmp_path)
-    assert "emb_weight" in local[2][0].outputs  # the shared weight crosses the stage boundary
+    plan, stages = local[2]
+    assert plan.shared == {"emb_weight": [0, 1]}  # each stage holds a copy: nothing is sent
+    assert all("emb_weight" not in io.outputs for io in plan.io)
+    assert torch.equal(stages[0]["emb.weight"], stages[1]["emb.weight"])  # the copies agree
     procs = train(method, "processes", tmp_path)
     assert procs[0] == local[0]
     for key, value in local[1].items():
         assert torch.equal(procs[1][key], value), key
+    for own, theirs in zip(stages, procs[2][1]):
+        assert all(torch.equal(own[k], theirs[k]) for k in own)
     assert torch.equal(local[1]["emb.weight"], local[1]["head.weight"])
 
 

@@ -11,7 +11,9 @@ model's output type from them.
 the stage interface here instead sends each stage only its neighbour's values (the
 pass-through the cost model counts), so the graphs are built with fx's ``node_copy``.
 Parameters, buffers and leaf modules are shared with the traced model (not copied) and keep
-their qualified names, so a stage's ``state_dict()`` uses the original model's keys.
+their qualified names, so a stage's ``state_dict()`` uses the original model's keys. A shared
+parameter (``plan.shared``, :mod:`pipeoptim.compiler.shared`) is a ``get_attr`` in every stage
+that reads it; the runtime gives each of those stages its own copy.
 """
 
 from __future__ import annotations
@@ -68,7 +70,9 @@ def stage_module(traced: TracedModel, plan: Plan, stage: int) -> fx.GraphModule:
         if node.op == "output":
             output_node = node
             continue
-        if node.op == "placeholder" or plan.stage_of[node.name] != stage:
+        holders = plan.shared.get(node.name)
+        here = stage in holders if holders is not None else plan.stage_of[node.name] == stage
+        if node.op == "placeholder" or not here:
             continue
         env[node.name] = graph.node_copy(node, lambda n: env[n.name])
     last = stage == plan.num_stages - 1

@@ -30,6 +30,16 @@ Where the N stages share ``cores`` processors (ranks on one machine's CPU cores,
 each), the machine also has to run all their work: one mini-batch takes at least
 ``units · Σ_k T_k / cores`` (:func:`summarize`).
 
+:func:`pipeoptim.update_cost.measure_update_cost`). A shared parameter (tied embeddings,
+:mod:`pipeoptim.compiler.shared`) is no boundary value: each stage reading it holds a copy,
+counted in its ``P_k`` (and its memory below), and sums the copies' gradients once per step:
+``S_k = (h - 1) · B`` bytes sent and as many received for a parameter of ``B`` bytes held by
+``h`` stages (an all-gather), taking ``2 · S_k / bandwidth`` seconds per step. Asynchronous
+methods overlap it with the next D mini-batches (:mod:`pipeoptim.runtime.shared`), so it is not
+in ``T_k``; methods that flush add it once per mini-batch (:func:`summarize`). The partitioners
+optimise ``T_k`` and the memory with each parameter counted once, at its get_attr node's
+stage; the copies' memory is in the plan's figures but not yet in their constraints.
+
 Stage memory (bytes) of stage k of N::
 
     params * (1 + 1 + f_opt + c_k) + buffers + in_flight_k * saved_activations
@@ -47,6 +57,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from pipeoptim.compiler.costgraph import CostGraph
+from pipeoptim.compiler.shared import reduce_bytes, shared_parameters
 from pipeoptim.methods import Method, get_method
 
 #: Optimizer-state copies of the parameters kept by each ``torch.optim`` optimizer.
@@ -184,6 +195,11 @@ class StageStats:
     memory_bytes: int
     time_s: float
     overhead_s: float = 0.0
+    #: bytes this stage sends (and receives) per optimizer step to sum the gradients of the
+    #: shared parameters it holds (:func:`pipeoptim.compiler.shared.reduce_bytes`)
+    shared_bytes: int = 0
+    #: seconds per optimizer step of that exchange (both ways, at the bandwidth)
+    shared_s: float = 0.0
 
     @property
     def compute_s(self) -> float:
@@ -194,11 +210,13 @@ class StageStats:
 
 
 def boundary_bytes(graph: CostGraph, stage_of: Sequence[int], num_stages: int) -> tuple[list[int], list[int]]:
-    """Activation and gradient bytes crossing each boundary b = 0..N-2 (stage b to b+1)."""
+    """Activation and gradient bytes crossing each boundary b = 0..N-2 (stage b to b+1);
+    shared parameters (:mod:`pipeoptim.compiler.shared`) are held, not sent."""
     acts = [0] * max(num_stages - 1, 0)
     grads = [0] * max(num_stages - 1, 0)
+    shared = shared_parameters(graph, stage_of)
     for p, readers in enumerate(graph.users()):
-        if not readers:
+        if not readers or p in shared:
             continue
         last = max(stage_of[r] for r in readers)
         for b in range(stage_of[p], last):
@@ -207,14 +225,14 @@ def boundary_bytes(graph: CostGraph, stage_of: Sequence[int], num_stages: int) -
     return acts, grads
 
 
-def saved_activation_bytes(nodes: Sequence[Any]) -> int:
+def saved_activation_bytes(nodes: Sequence[Any], held: Sequence[str] = ()) -> int:
     """Bytes a stage of these cost nodes saves per micro-batch: each saved storage once (a
     tensor saved by two of its nodes is held once; one saved in two stages is held by each,
-    the later one keeping the copy it received), and a parameter the stage does not own (a
-    tied weight it receives) as an activation."""
+    the later one keeping the copy it received), and a saved parameter the stage neither owns
+    nor holds a copy of (``held``: its shared parameters) as an activation."""
     if not any(x.saved for x in nodes):
         return sum(x.saved_bytes for x in nodes)  # a profile without storage ids
-    owned = {f"param:{name}" for x in nodes for name in x.params}
+    owned = {f"param:{name}" for x in nodes for name in x.params} | {f"param:{n}" for n in held}
     storages: dict[str, int] = {}
     for x in nodes:
         storages.update(x.saved)
@@ -242,11 +260,14 @@ def evaluate(graph: CostGraph, stage_of: Sequence[int], config: CostConfig) -> l
     n = config.num_stages
     check_assignment(graph, stage_of, n)
     acts, grads = boundary_bytes(graph, stage_of, n)
+    shared = shared_parameters(graph, stage_of)
     stats = []
     for k in range(n):
         members = [i for i, s in enumerate(stage_of) if s == k]
         nodes = [graph.nodes[i] for i in members]
-        params = sum(x.param_bytes for x in nodes)
+        held = [graph.nodes[i] for i, holders in shared.items() if k in holders]
+        own = [x for i, x in zip(members, nodes) if i not in shared]
+        params = sum(x.param_bytes for x in own + held)
         fwd = sum(x.fwd_s for x in nodes)
         bwd = sum(x.bwd_s for x in nodes)
         a_in, g_in = (acts[k - 1], grads[k - 1]) if k > 0 else (0, 0)
@@ -255,11 +276,13 @@ def evaluate(graph: CostGraph, stage_of: Sequence[int], config: CostConfig) -> l
         messages = 2 * ((k > 0) + (k < n - 1))  # activations and gradients at each boundary
         comm = config.comm_s(recv + send) + config.latency_s * messages
         overhead = config.action_overhead_s * (2 + config.steps_per_micro_batch)
+        reduce = sum(reduce_bytes(graph.nodes[i].param_bytes, len(h)) for i, h in shared.items() if k in h)
         update = params * config.update_s_per_byte
         copies = config.method_info.extra_weight_copies(k, n)
         opt = int(params * config.opt_state_factor)
         buffers = sum(x.buffer_bytes for x in nodes)
-        activations = config.in_flight(k) * saved_activation_bytes(nodes)
+        held_names = [name for x in held for name in x.params]
+        activations = config.in_flight(k) * saved_activation_bytes(nodes, held_names)
         memory = params * 2 + opt + params * copies + buffers + activations
         stats.append(
             StageStats(
@@ -283,6 +306,8 @@ def evaluate(graph: CostGraph, stage_of: Sequence[int], config: CostConfig) -> l
                 memory_bytes=memory,
                 time_s=fwd + bwd + comm + update + overhead,
                 overhead_s=overhead,
+                shared_bytes=reduce,
+                shared_s=config.comm_s(2 * reduce),
             )
         )
     return stats
@@ -296,8 +321,9 @@ def summarize(graph: CostGraph, stats: Sequence[StageStats], config: CostConfig)
       updates), no plan beats it.
     - ``balance_ratio``: ``bottleneck_s / lower_bound_s`` (1.0 is perfect).
     - ``throughput_per_s``: predicted steady-state mini-batches per second: ``1 / T`` for
-      asynchronous 1F1B, ``1 / ((M + N - 1) T)`` for schedules that flush every mini-batch
-      (GPipe, 1F1B), ``1 / (M T)`` for 2BW.
+      asynchronous 1F1B, ``1 / ((M + N - 1) T + R)`` for schedules that flush every mini-batch
+      (GPipe, 1F1B), ``1 / (M T)`` for 2BW; ``R`` is the slowest holder's gradient sum of the
+      shared parameters (``shared_s``, at the step the stages take together).
       Where the stages share ``config.cores`` processors, also at least
       ``units · Σ_k T_k / cores`` seconds per mini-batch (the machine runs all the stages'
       work), ``units`` being the micro-batches of a mini-batch (1 in asynchronous 1F1B).
@@ -315,7 +341,7 @@ def summarize(graph: CostGraph, stats: Sequence[StageStats], config: CostConfig)
         per_batch = units * bottleneck
     else:
         units = m
-        per_batch = (m + n - 1) * bottleneck
+        per_batch = (m + n - 1) * bottleneck + max(s.shared_s for s in stats)
     busy = sum(s.time_s for s in stats) * units
     cores_bound = config.cores is not None and busy / config.cores > per_batch
     if cores_bound:

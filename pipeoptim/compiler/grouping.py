@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 from pipeoptim.compiler.costgraph import CostGraph
 from pipeoptim.compiler.costmodel import CostConfig
+from pipeoptim.compiler.shared import is_parameter
 
 #: Pin value of a unit that must be in the last stage (the graph output).
 LAST = -1
@@ -77,9 +78,13 @@ class Units:
         return result
 
     def producers(self) -> list[tuple[int, list[int]]]:
-        """Nodes whose output leaves their unit: ``(node index, [reading units])``."""
+        """Nodes whose output leaves their unit: ``(node index, [reading units])``. A trainable
+        parameter is not among them: every stage reading it holds a copy
+        (:mod:`pipeoptim.compiler.shared`)."""
         result = []
         for p, readers in enumerate(self.graph.users()):
+            if is_parameter(self.graph.nodes[p]):
+                continue
             units = sorted({self.unit_of[r] for r in readers} - {self.unit_of[p]})
             if units:
                 result.append((p, units))

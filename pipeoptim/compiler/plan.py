@@ -19,6 +19,7 @@ from pipeoptim.compiler import partition as partitioners
 from pipeoptim.compiler.assignment import PartitionResult
 from pipeoptim.compiler.costgraph import CostGraph
 from pipeoptim.compiler.costmodel import CostConfig, StageStats, evaluate, summarize
+from pipeoptim.compiler.shared import shared_parameters
 from pipeoptim.errors import PlanError
 from pipeoptim.fileio import write_json
 from pipeoptim.units import format_bytes, format_seconds
@@ -58,6 +59,8 @@ class Plan:
         batch_size: micro-batch size the plan was made for.
         profile_key: key of the profile the plan was made from (graph hash, inputs, device,
             torch version).
+        shared: shared parameters, ``{get_attr node name: stages holding a copy}``
+            (:mod:`pipeoptim.compiler.shared`): never sent between stages.
     """
 
     model: str
@@ -69,6 +72,7 @@ class Plan:
     values: dict[str, dict[str, Any]] = field(default_factory=dict)
     batch_size: int = 1
     profile_key: dict[str, Any] = field(default_factory=dict)
+    shared: dict[str, list[int]] = field(default_factory=dict)
 
     @property
     def num_stages(self) -> int:
@@ -120,6 +124,12 @@ class Plan:
             *shared,
             f"solved by       {solved} in {sm['solve_s']:.2f} s",
         ]
+        if self.shared:
+            held = "; ".join(f"{node} by stages {', '.join(map(str, h))}" for node, h in self.shared.items())
+            sums = ", ".join(
+                f"{format_bytes(s.shared_bytes)} at stage {s.index}" for s in self.stages if s.shared_bytes
+            )
+            lines.append(f"shared          held {held}; gradient sums {sums or 'none'} each way per step")
         return "\n".join(lines)
 
     def to_dict(self) -> dict[str, Any]:
@@ -134,6 +144,7 @@ class Plan:
             "io": [asdict(x) for x in self.io],
             "values": self.values,
             "stage_of": self.stage_of,
+            "shared": self.shared,
         }
 
     def save(self, path: str | os.PathLike[str]) -> None:
@@ -165,6 +176,7 @@ class Plan:
                 values=data.get("values", {}),
                 batch_size=int(data.get("batch_size", 1)),
                 profile_key=data.get("profile_key", {}),
+                shared={k: [int(s) for s in v] for k, v in data.get("shared", {}).items()},
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise PlanError(f"{origin}: malformed plan ({exc}); make the plan again") from exc
@@ -190,12 +202,14 @@ def stage_io(graph: CostGraph, stage_of: list[int], num_stages: int) -> list[Sta
     """The values each stage receives and sends.
 
     A value produced at stage i and read at stage j > i is in the outputs of stages
-    i..j-1 and the inputs of stages i+1..j (passed on by the stages between).
+    i..j-1 and the inputs of stages i+1..j (passed on by the stages between). Shared
+    parameters (:func:`pipeoptim.compiler.shared.shared_parameters`) are held, not sent.
     """
     users = graph.users()
+    shared = shared_parameters(graph, stage_of)
     boundary: list[list[str]] = [[] for _ in range(num_stages - 1)]
     for p, readers in enumerate(users):
-        if not readers:
+        if not readers or p in shared:
             continue
         last = max(stage_of[r] for r in readers)
         for b in range(stage_of[p], last):
@@ -279,4 +293,5 @@ def plan_from_assignment(graph: CostGraph, config: CostConfig, result: Partition
         values=values,
         batch_size=graph.batch_size,
         profile_key=graph.key,
+        shared={graph.nodes[i].name: h for i, h in shared_parameters(graph, result.stage_of).items()},
     )

@@ -17,8 +17,9 @@ class SavedBytes(fx.Interpreter):
     A tensor saved by two operations (a ReLU's output, saved by the ReLU and by the linear
     layer that reads it) is held once, so it is counted once; measuring nodes one by one on
     fresh inputs would count it twice. A saved parameter gets the id ``param:<name>``: a stage
-    that does not own it (a tied weight used in a later stage) receives it as an activation
-    and keeps that (:func:`pipeoptim.compiler.costmodel.saved_activation_bytes`).
+    holding it (its own, or a copy of a shared one) does not count it as an activation; a
+    stage of an older plan that receives it keeps it as one
+    (:func:`pipeoptim.compiler.costmodel.saved_activation_bytes`).
     """
 
     def __init__(self, gm: fx.GraphModule) -> None:

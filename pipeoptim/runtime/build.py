@@ -30,6 +30,7 @@ from pipeoptim.runtime.policies import make_policy
 from pipeoptim.runtime.precision import under_autocast
 from pipeoptim.runtime.scaler import LossScaler
 from pipeoptim.runtime.schedule import Schedule, schedule_for
+from pipeoptim.runtime.shared_build import copy_shared, stage_shared
 from pipeoptim.runtime.stage import StageRuntime
 from pipeoptim.runtime.weight_policy import WeightPolicy
 
@@ -104,6 +105,7 @@ def build_stage(
     plan = spec.plan
     module = stage_module(traced, plan, stage)
     method = get_method(spec.method)
+    copy_shared(module, traced, plan, stage)
     policy = make_policy(method.policy, **spec.policy_options) if method.asynchronous else None
     if policy is not None:
         params = insert_policy(module, policy)
@@ -140,7 +142,7 @@ def build_stage(
             )
         optimizer.register_step_post_hook(lambda *_: commit_batch_norm(module))
     last = stage == plan.num_stages - 1
-    return StageRuntime(
+    runtime = StageRuntime(
         index=stage,
         num_stages=plan.num_stages,
         module=module,
@@ -156,6 +158,8 @@ def build_stage(
         scaler=LossScaler() if spec.autocast is torch.float16 else None,
         prediction_error_every=spec.prediction_error_every,
     )
+    runtime.shared = stage_shared(module, traced, plan, stage, method.asynchronous, device)
+    return runtime
 
 
 def _stage_loss(spec: PipelineSpec) -> Callable[[Any, Any], torch.Tensor]:

@@ -109,6 +109,13 @@ class DistChannel:
         self.send_window = send_window if send_window is not None else 2 * world
         self._sends: deque[list[tuple[Any, torch.Tensor]]] = deque([[]])  # one group per action
         self._posted: dict[tuple[str, int], list[Any]] = {}
+        #: tensor bytes sent to a neighbouring stage (activations and gradients)
+        self.sent_bytes = 0
+        #: the process group of the shared parameters' holders (:meth:`post_shared`); ``None``
+        #: where this stage holds none or alone
+        self.shared_group: Any = None
+        self.shared_size = 1
+        self._shared: dict[int, tuple[list[Any], list[list[torch.Tensor]]]] = {}
 
     # -- micro-batch sizes ------------------------------------------------------------
 
@@ -130,6 +137,32 @@ class DistChannel:
         value = torch.tensor([own], dtype=torch.float64, device=self.device)
         dist.all_reduce(value)
         return float(value.item())
+
+    def post_shared(self, round_: int, parts: list[torch.Tensor]) -> None:
+        """Start the all-gather of this holder's shared-parameter gradient parts of ``round_``
+        over the holders' group (asynchronous; :meth:`collect_shared` waits on it)."""
+        works, gathered = [], []
+        for part in parts:
+            outs = [torch.empty_like(part) for _ in range(self.shared_size)]
+            if self.shared_group is None:
+                outs[0].copy_(part)
+            else:
+                works.append(dist.all_gather(outs, part, group=self.shared_group, async_op=True))
+            gathered.append(outs)
+        self._shared[round_] = (works, gathered)
+
+    def collect_shared(self, round_: int) -> list[list[torch.Tensor]]:
+        """Every holder's parts of ``round_``, in stage order (waits, with the timeout)."""
+        works, gathered = self._shared.pop(round_)
+        for work in works:
+            try:
+                work.wait(self.timeout)
+            except RuntimeError as exc:
+                raise PeerLostError(
+                    f"stage {self.rank}: summing the gradients of shared parameters (round {round_}) "
+                    f"failed ({str(exc).splitlines()[0]}); another holder has probably stopped"
+                ) from exc
+        return [[outs[h] for outs in gathered] for h in range(self.shared_size)]
 
     def done(self, micro_batch: int) -> None:
         """Forget a micro-batch's size once this stage has finished it."""
@@ -179,6 +212,7 @@ class DistChannel:
                     f"stage {self.rank}: expected a tensor for a boundary value, got {type(v).__name__}"
                 )
             self.isend(v.detach(), dst)
+            self.sent_bytes += v.numel() * v.element_size()
 
     def _send_grad_presence(self, micro_batch: int, grads: Sequence[Any]) -> list[Any]:
         """Send which masked gradients exist (one uint8 per masked leaf) ahead of them, and

@@ -9,19 +9,14 @@ every other worker is stopped and the error names the failed stage.
 
 from __future__ import annotations
 
-import contextlib
 import itertools
-import os
 import pickle
-import signal
 import socket
-import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
-import cloudpickle
 import torch
 import torch.multiprocessing as mp
 
@@ -30,6 +25,7 @@ from pipeoptim.microbatch import Rows
 from pipeoptim.runtime.build import PipelineSpec
 from pipeoptim.runtime.executor import MiniBatch
 from pipeoptim.runtime.procmem import resident_bytes
+from pipeoptim.runtime.spawning import main_module_not_rerun, pickle_spec, sigint_deferred_while_starting
 from pipeoptim.runtime.staleness import PredictionError
 from pipeoptim.runtime.worker import worker_main
 
@@ -48,79 +44,6 @@ def check_devices(num_stages: int) -> None:
             f"{num_stages} stages need {num_stages} GPUs but this machine has "
             f"{torch.cuda.device_count()}: use gpus={torch.cuda.device_count()} or fewer"
         )
-
-
-def pickle_spec(spec: PipelineSpec) -> bytes:
-    """``spec`` as bytes a spawned worker can load, whatever ran the caller.
-
-    ``cloudpickle`` sends classes and functions defined in ``__main__`` by value: a model
-    class or loss function written in a notebook, ``python -c`` or ``python -`` (stdin),
-    where the worker has no main module to import them from, and lambdas.
-
-    Raises:
-        PipelineError: something in the model, loss function or inputs cannot be pickled;
-            the message names it and the fixes.
-    """
-    try:
-        return cloudpickle.dumps(spec)
-    except Exception as exc:
-        raise PipelineError(
-            f"the model, loss_fn or example inputs cannot be sent to the stage worker processes "
-            f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}): remove the "
-            "unpicklable attribute (open files, locks, generators), or use executor='local'"
-        ) from exc
-
-
-@contextlib.contextmanager
-def _main_module_not_rerun() -> Iterator[None]:
-    """Start spawned workers without re-running a main "file" that does not exist.
-
-    ``multiprocessing`` makes a spawned child run the parent's ``__main__.__file__``; under
-    ``python -`` that is ``'<stdin>'`` and the child dies before it starts. The workers need
-    nothing from it (:func:`pickle_spec`), so it is hidden while they start.
-    """
-    main = sys.modules.get("__main__")
-    path = getattr(main, "__file__", None)
-    hide = (
-        main is not None
-        and path is not None
-        and getattr(getattr(main, "__spec__", None), "name", None) is None
-        and not os.path.isfile(path)
-    )
-    if hide:
-        del main.__file__
-    try:
-        yield
-    finally:
-        if hide:
-            main.__file__ = path
-
-
-@contextlib.contextmanager
-def _sigint_deferred_while_starting() -> Iterator[None]:
-    """Start children with SIGINT blocked from their first instruction, and let no Ctrl-C
-    interrupt a start half-way (a child whose start was cut short is never stopped).
-
-    A Ctrl-C in a terminal reaches every process of the foreground group; a worker still
-    importing torch would die with a ``KeyboardInterrupt`` traceback. A child inherits the
-    signal mask across ``fork`` and ``exec``, so workers started while SIGINT is blocked never
-    receive it (they also ignore it once running). In the driver a Ctrl-C during the starts is
-    recorded (it may reach another thread, which blocking in this one does not prevent) and
-    raised as ``KeyboardInterrupt`` once every child has started.
-    """
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    received: list[int] = []
-    handler = signal.signal(signal.SIGINT, lambda signum, _frame: received.append(signum))
-    mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
-    try:
-        yield
-    finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, mask)  # a pending Ctrl-C reaches the recorder
-        signal.signal(signal.SIGINT, handler)
-    if received:
-        raise KeyboardInterrupt
 
 
 class ProcessExecutor:
@@ -169,7 +92,7 @@ class ProcessExecutor:
         ]
         self._ready: set[int] = set()
         try:
-            with _main_module_not_rerun(), _sigint_deferred_while_starting():
+            with main_module_not_rerun(), sigint_deferred_while_starting():
                 for p in self.processes:
                     p.start()
             self._monitor = threading.Thread(target=self._watch, name="pipeoptim-monitor", daemon=True)
@@ -312,6 +235,11 @@ class ProcessExecutor:
             # resident memory swings by hundreds of MB on a long run)
             self._send(rank, "batch", None, pickle.dumps(part))
 
+    def _per_stage(self, kind: str) -> list[Any]:
+        """Every worker's reply to a ``kind`` request, in stage order."""
+        replies = self._request(kind)
+        return [replies[r] for r in range(self.world)]
+
     def flush(self) -> None:
         self._request("flush")
 
@@ -332,6 +260,9 @@ class ProcessExecutor:
             merged.update(part)
         return merged
 
+    def stage_state_dicts(self) -> list[dict[str, torch.Tensor]]:
+        return self._per_stage("state")
+
     def load_state_dict(self, state: dict[str, torch.Tensor], aliases: dict[str, list[str]]) -> None:
         self._request("load_state", dict.fromkeys(range(self.world), state))
 
@@ -346,8 +277,7 @@ class ProcessExecutor:
 
     def timeline(self) -> list[list[tuple[str, int, float, float]]]:
         """Per stage, the last actions run: ``(op, micro-batch, start, end)`` (perf_counter s)."""
-        replies = self._request("timeline")
-        return [replies[r] for r in range(self.world)]
+        return self._per_stage("timeline")
 
     def resume(self, mini_batches: int) -> None:
         self._request("resume", dict.fromkeys(range(self.world), mini_batches))
@@ -357,12 +287,14 @@ class ProcessExecutor:
         return [resident_bytes(p.pid) for p in self.processes]
 
     def peak_weight_versions(self) -> list[int]:
-        replies = self._request("versions")
-        return [replies[r] for r in range(self.world)]
+        return self._per_stage("versions")
 
     def prediction_errors(self) -> list[PredictionError]:
-        replies = self._request("prediction_error")
-        return [replies[r] for r in range(self.world)]
+        return self._per_stage("prediction_error")
+
+    def sent_bytes(self) -> list[int]:
+        """Per stage, the tensor bytes it has sent to its neighbours (activations, gradients)."""
+        return self._per_stage("sent_bytes")
 
     # -- shutdown ---------------------------------------------------------------------
 

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import torch
+from torch.utils import _pytree as pytree
 
 from pipeoptim.errors import PipelineStalledError
 from pipeoptim.microbatch import Rows
@@ -80,6 +81,8 @@ class Channel(Protocol):
     def send_grads(self, micro_batch: int, grads: Sequence[Any]) -> None: ...
     def loss(self, micro_batch: int, value: torch.Tensor) -> None: ...
     def total_squared_grad_norm(self, own: float) -> float: ...
+    def post_shared(self, round_: int, parts: list[torch.Tensor]) -> None: ...
+    def collect_shared(self, round_: int) -> list[list[torch.Tensor]]: ...
 
 
 class StageState:
@@ -110,6 +113,8 @@ def run_action(stage: StageRuntime, action: Action, channel: Channel, state: Sta
             channel.send_grads(mb, result)
         state.last_backward = mb
     else:
+        if stage.shared is not None:
+            stage.shared.set_grads(channel)
         if stage.steps_together:
             step_together(stage, channel.total_squared_grad_norm, state.last_backward)
         else:
@@ -127,12 +132,14 @@ class _Mailbox:
         return self.ex.activations.pop((self.stage, micro_batch))
 
     def send_activations(self, micro_batch: int, values: Any) -> None:
+        self.ex.count_sent(self.stage, values)
         self.ex.activations[(self.stage + 1, micro_batch)] = values
 
     def grads(self, micro_batch: int) -> Sequence[Any]:
         return self.ex.gradients.pop((self.stage, micro_batch))
 
     def send_grads(self, micro_batch: int, grads: Sequence[Any]) -> None:
+        self.ex.count_sent(self.stage, grads)
         self.ex.gradients[(self.stage - 1, micro_batch)] = [
             g.detach() if isinstance(g, torch.Tensor) else g for g in grads
         ]
@@ -142,6 +149,12 @@ class _Mailbox:
 
     def total_squared_grad_norm(self, own: float) -> float:
         return self.ex.round_squared_norm(self.stage)
+
+    def post_shared(self, round_: int, parts: list[torch.Tensor]) -> None:
+        self.ex.shared_posts.setdefault(round_, {})[self.stage] = parts
+
+    def collect_shared(self, round_: int) -> list[list[torch.Tensor]]:
+        return self.ex.collect_shared(self.stage, round_)
 
 
 class LocalExecutor:
@@ -173,6 +186,11 @@ class LocalExecutor:
         self.gradients: dict[tuple[int, int], Any] = {}
         self._clip_total: float | None = None  # Σ‖g_k‖² of the steps being taken together
         self._clip_done: set[int] = set()
+        #: shared-parameter gradient parts by round and holder, and who has collected them
+        self.shared_posts: dict[int, dict[int, list[torch.Tensor]]] = {}
+        self._shared_collected: dict[int, set[int]] = {}
+        #: tensor bytes each stage has sent to a neighbour (activations and gradients)
+        self._sent = [0] * len(self.stages)
 
     def submit(self, batch: MiniBatch) -> None:
         """Feed a mini-batch and run every action that can run."""
@@ -195,6 +213,9 @@ class LocalExecutor:
                 f"pipeline stalled ({waiting}): the schedule is inconsistent; report it with the "
                 "method, the number of stages and of micro-batches"
             )
+        for stage, channel in zip(self.stages, self.channels):
+            if stage.shared is not None and stage.optimizer is not None:
+                stage.shared.drain(channel, stage.optimizer)
 
     def _extend(self, new: list[list[Action]]) -> None:
         for queue, actions in zip(self.queues, new):
@@ -207,6 +228,12 @@ class LocalExecutor:
             return k == 0 or (k, mb) in self.activations
         if action.op == BACKWARD:
             return k == len(self.stages) - 1 or (k, mb) in self.gradients
+        shared = self.stages[k].shared
+        if shared is not None:
+            shared.post(self.channels[k])
+            due = shared.due()
+            if due is not None and set(self.shared_posts.get(due, {})) != set(shared.holders):
+                return False  # a holder has not posted the round this step applies
         if not self.stages[k].steps_together:
             return True
         # clipping by the global norm: the stages step together, once all have their gradients
@@ -224,6 +251,24 @@ class LocalExecutor:
         if len(self._clip_done) == len(self.stages):
             self._clip_total, self._clip_done = None, set()
         return total
+
+    def collect_shared(self, stage: int, round_: int) -> list[list[torch.Tensor]]:
+        """Every holder's parts of ``round_``, in stage order (forgotten once all collected)."""
+        posts = self.shared_posts[round_]
+        done = self._shared_collected.setdefault(round_, set())
+        done.add(stage)
+        if done == set(posts):
+            del self.shared_posts[round_], self._shared_collected[round_]
+        return [posts[k] for k in sorted(posts)]
+
+    def count_sent(self, stage: int, values: Any) -> None:
+        """Add the bytes of the tensors in ``values`` to what ``stage`` has sent."""
+        leaves = [v for v in pytree.tree_leaves(values) if isinstance(v, torch.Tensor)]
+        self._sent[stage] += sum(v.numel() * v.element_size() for v in leaves)
+
+    def sent_bytes(self) -> list[int]:
+        """Per stage, the tensor bytes it has sent to its neighbours (activations, gradients)."""
+        return list(self._sent)
 
     def _run(self) -> None:
         progress = True
@@ -251,6 +296,9 @@ class LocalExecutor:
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         return stage_state(self.stages)
+
+    def stage_state_dicts(self) -> list[dict[str, torch.Tensor]]:
+        return [stage_state([s]) for s in self.stages]
 
     def load_state_dict(self, state: dict[str, torch.Tensor], aliases: dict[str, list[str]]) -> None:
         for stage in self.stages:

@@ -258,6 +258,17 @@ class SPMDExecutor:
         dist.all_gather_object(parts, self.process.stage.prediction_error.result())
         return parts
 
+    def stage_state_dicts(self) -> list[dict[str, torch.Tensor]]:
+        parts: list[Any] = [None] * self.world
+        dist.all_gather_object(parts, self.process.state_dict())
+        return parts
+
+    def sent_bytes(self) -> list[int]:
+        """Per stage, the tensor bytes it has sent to its neighbours (activations, gradients)."""
+        parts: list[Any] = [None] * self.world
+        dist.all_gather_object(parts, self.process.channel.sent_bytes)
+        return parts
+
     def close(self) -> None:
         self.process.channel.wait_sends()
         if self.owns_group and dist.is_initialized():

@@ -22,6 +22,7 @@ from pipeoptim.runtime.clipping import clip_coefficient, scale_grads_, squared_g
 from pipeoptim.runtime.held_bytes import saved_bytes
 from pipeoptim.runtime.optim import apply_hyperparameters
 from pipeoptim.runtime.scaler import LossScaler
+from pipeoptim.runtime.shared import SharedParams
 from pipeoptim.runtime.staleness import PredictionErrorMeter, used_weights
 from pipeoptim.runtime.weight_policy import WeightPolicy
 
@@ -112,6 +113,8 @@ class StageRuntime:
         self._module_storages: set[int] | None = None
         self._grads_stale = False
         self._hyper: dict[int, list[dict]] = {}
+        #: copies of shared parameters this stage holds (set by the builder)
+        self.shared: SharedParams | None = None
         device = next((p.device for p in module.parameters()), torch.device("cpu"))
         self._rng_devices = [device] if device.type == "cuda" else []
 
@@ -329,8 +332,10 @@ class StageRuntime:
         return [p for group in self.optimizer.param_groups for p in group["params"]]
 
     def squared_grad_norm(self) -> float:
-        """Σ ‖grad‖² over this stage's parameters (its share of the global norm)."""
-        return squared_grad_norm(self.trainable())
+        """Σ ‖grad‖² over this stage's parameters (its share of the global norm; a shared
+        parameter counts at its first holder only)."""
+        outside = self.shared.outside_norm() if self.shared is not None else set()
+        return squared_grad_norm(p for p in self.trainable() if id(p) not in outside)
 
     def clip_gradients(self, total_squared: float) -> None:
         """Scale this stage's gradients by ``min(1, max_grad_norm / (‖g‖ + 1e-6))``, ``‖g‖²``

@@ -7,6 +7,7 @@ rank's own ``Pipeline``.
 
 from __future__ import annotations
 
+import datetime
 import os
 import pickle
 import queue
@@ -26,6 +27,7 @@ from pipeoptim.runtime.build import PipelineSpec, aliases_of, build_stage, input
 from pipeoptim.runtime.comm import DistChannel
 from pipeoptim.runtime.executor import MicroBatch, MiniBatch, StageState, forward_chain, run_action
 from pipeoptim.runtime.schedule import BACKWARD, FORWARD, Action
+from pipeoptim.runtime.shared_build import shared_holders
 from pipeoptim.runtime.stage import StageRuntime
 from pipeoptim.runtime.stage_state import load_optimizer_state, load_stage_state, optimizer_state
 
@@ -46,6 +48,11 @@ class StageProcess:
         self.channel = DistChannel(
             rank, self.world, spec.plan, self.stage.input_grad_mask, out_mask, timeout, device
         )
+        holders = shared_holders(spec.plan)
+        if len(holders) > 1:  # every rank creates every group, in the same order
+            group = dist.new_group(holders, timeout=datetime.timedelta(seconds=timeout))
+            if rank in holders:
+                self.channel.shared_group, self.channel.shared_size = group, len(holders)
         self.device = device
         self.timeline: deque[tuple[str, int, float, float]] = deque(maxlen=4096)
 
@@ -69,6 +76,8 @@ class StageProcess:
     def flush(self) -> list[tuple[int, float]]:
         """Run the cool-down and wait for every send."""
         self._run(self.schedule.on_flush())
+        if self.stage.shared is not None and self.stage.optimizer is not None:
+            self.stage.shared.drain(self.channel, self.stage.optimizer)
         self.channel.wait_sends()
         losses, self.channel.losses = self.channel.losses, []
         return losses
@@ -162,8 +171,6 @@ def worker_main(
     device = stage_device(rank)
     try:
         spec: PipelineSpec = pickle.loads(payload)  # see distributed.pickle_spec
-        import datetime
-
         backend = "nccl" if device.type == "cuda" else "gloo"
         if device.type == "cuda":
             torch.cuda.set_device(device)
@@ -225,6 +232,7 @@ COMMANDS: dict[str, Callable[[StageProcess, Any], Any]] = {
     "timeline": lambda process, _: list(process.timeline),
     "measure_memory": _set_measure_memory,
     "memory": lambda process, _: process.memory_report(),
+    "sent_bytes": lambda process, _: process.channel.sent_bytes,
     "resume": StageProcess.resume,
 }
 

@@ -1,0 +1,90 @@
+"""How the stage worker processes are started (:class:`pipeoptim.runtime.distributed.ProcessExecutor`):
+the pipeline spec as bytes any worker can load, the caller's main module not re-run, and no
+Ctrl-C delivered half-way through a start."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import sys
+import threading
+from collections.abc import Iterator
+
+import cloudpickle
+
+from pipeoptim.errors import PipelineError
+from pipeoptim.runtime.build import PipelineSpec
+
+
+def pickle_spec(spec: PipelineSpec) -> bytes:
+    """``spec`` as bytes a spawned worker can load, whatever ran the caller.
+
+    ``cloudpickle`` sends classes and functions defined in ``__main__`` by value: a model
+    class or loss function written in a notebook, ``python -c`` or ``python -`` (stdin),
+    where the worker has no main module to import them from, and lambdas.
+
+    Raises:
+        PipelineError: something in the model, loss function or inputs cannot be pickled;
+            the message names it and the fixes.
+    """
+    try:
+        return cloudpickle.dumps(spec)
+    except Exception as exc:
+        raise PipelineError(
+            f"the model, loss_fn or example inputs cannot be sent to the stage worker processes "
+            f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}): remove the "
+            "unpicklable attribute (open files, locks, generators), or use executor='local'"
+        ) from exc
+
+
+@contextlib.contextmanager
+def main_module_not_rerun() -> Iterator[None]:
+    """Start spawned workers without re-running a main "file" that does not exist.
+
+    ``multiprocessing`` makes a spawned child run the parent's ``__main__.__file__``; under
+    ``python -`` that is ``'<stdin>'`` and the child dies before it starts. The workers need
+    nothing from it (:func:`pickle_spec`), so it is hidden while they start.
+    """
+    main = sys.modules.get("__main__")
+    path = getattr(main, "__file__", None)
+    hide = (
+        main is not None
+        and path is not None
+        and getattr(getattr(main, "__spec__", None), "name", None) is None
+        and not os.path.isfile(path)
+    )
+    if hide:
+        del main.__file__
+    try:
+        yield
+    finally:
+        if hide:
+            main.__file__ = path
+
+
+@contextlib.contextmanager
+def sigint_deferred_while_starting() -> Iterator[None]:
+    """Start children with SIGINT blocked from their first instruction, and let no Ctrl-C
+    interrupt a start half-way (a child whose start was cut short is never stopped).
+
+    A Ctrl-C in a terminal reaches every process of the foreground group; a worker still
+    importing torch would die with a ``KeyboardInterrupt`` traceback. A child inherits the
+    signal mask across ``fork`` and ``exec``, so workers started while SIGINT is blocked never
+    receive it (they also ignore it once running). In the driver a Ctrl-C during the starts is
+    recorded (it may reach another thread, which blocking in this one does not prevent) and
+    raised as ``KeyboardInterrupt`` once every child has started.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    received: list[int] = []
+    handler = signal.signal(signal.SIGINT, lambda signum, _frame: received.append(signum))
+    mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)  # a pending Ctrl-C reaches the recorder
+        signal.signal(signal.SIGINT, handler)
+    if received:
+        raise KeyboardInterrupt
