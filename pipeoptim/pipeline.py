@@ -28,7 +28,7 @@ from pipeoptim.compiler.shapes import plan_length
 from pipeoptim.compiler.trace import TracedModel, trace
 from pipeoptim.errors import PipelineError, PipeoptimError, PlanError, PredictorError
 from pipeoptim.methods import METHODS, get_method
-from pipeoptim.runtime import spmd
+from pipeoptim.runtime import replicas, spmd
 from pipeoptim.runtime.build import PipelineSpec, aliases_of, build_stage
 from pipeoptim.runtime.clipping import check_clipping
 from pipeoptim.runtime.distributed import check_devices
@@ -118,6 +118,7 @@ class Pipeline:
         self.method = spec.method
         self.num_stages = spec.num_stages
         self.micro_batches = spec.micro_batches
+        self.replicas = spec.data_parallel
         self.batch_size = batch_size
         self._static_batch = static_batch
         self._traced = traced
@@ -140,6 +141,8 @@ class Pipeline:
     # -- executors -------------------------------------------------------------------
 
     def _start_executor(self) -> Any:
+        if self.executor_kind == "local" and self.replicas > 1:
+            return replicas.local_executor(self.spec, self._traced, self.device, self._on_loss)
         if self.executor_kind == "local":
             stages = [build_stage(self.spec, self._traced, k, self.device) for k in range(self.num_stages)]
             return LocalExecutor(stages, self.spec.schedule(), self._on_loss)
@@ -151,12 +154,12 @@ class Pipeline:
 
         return ProcessExecutor(self.spec, self._on_loss, self._on_error, timeout=self.timeout)
 
-    def _on_loss(self, micro_batch: int, value: torch.Tensor) -> None:
+    def _on_loss(self, micro_batch: int, value: torch.Tensor, replica: int = 0) -> None:
         mini, j = divmod(micro_batch, self.micro_batches)
         with self._lock:
-            parts = self._pending.setdefault(mini, [])
-            parts.append((j, float(value)))
             scales = self._scales[mini]
+            parts = self._pending.setdefault(mini, [])
+            parts.append((replica * (len(scales) // self.replicas) + j, float(value)))
             if len(parts) < len(scales):
                 return
             total = sum(v * scales[i] for i, v in sorted(parts))
@@ -227,9 +230,10 @@ class Pipeline:
                 f"mini-batch of {batch} is larger than the {self.batch_size} the plan was made for "
                 "(its memory estimate would not hold): compile with a larger example batch"
             )
-        if batch < self.micro_batches and self.method == "2bw":
+        if batch < self.micro_batches * self.replicas and self.method == "2bw":
             raise PipelineError(
-                f"mini-batch of {batch} cannot be split into {self.micro_batches} micro-batches, and "
+                f"mini-batch of {batch} cannot be split into {self.micro_batches * self.replicas} "
+                "micro-batches (M per replica), and "
                 "PipeDream-2BW steps every M micro-batches: drop the last incomplete batch "
                 "(DataLoader(drop_last=True))"
             )
@@ -261,10 +265,12 @@ class Pipeline:
         inputs = None if inputs is None else _as_tuple(inputs)
         batch = self._shared_rows(None if inputs is None else self._check_batch(inputs), "step")
         self._check_rows(batch)
-        m = microbatch.count(batch, self.micro_batches)  # a smaller last batch runs fewer
-        micro_inputs = [] if inputs is None else microbatch.split(inputs, m)
-        micro_targets = microbatch.split(targets, m)
-        sizes = [microbatch.Rows(n, batch.length) for n in microbatch.sizes(batch, m)]
+        # a smaller last batch runs fewer; with R replicas each runs m of the R·m micro-batches
+        m = replicas.micro_batch_count(batch, self.micro_batches, self.replicas)
+        parts = m * self.replicas
+        micro_inputs = [] if inputs is None else microbatch.split(inputs, parts)
+        micro_targets = microbatch.split(targets, parts)
+        sizes = [microbatch.Rows(n, batch.length) for n in microbatch.sizes(batch, parts)]
         scales = microbatch.scales(
             sizes, self.spec.loss_reduction, None if targets is None else micro_targets
         )
@@ -356,7 +362,7 @@ class Pipeline:
         self.flush()
         inputs = None if inputs is None else _as_tuple(inputs)
         batch = self._shared_rows(None if inputs is None else self._check_eval_batch(inputs), "predict")
-        size = math.ceil(self.batch_size / self.micro_batches)
+        size = math.ceil(self.batch_size / (self.micro_batches * self.replicas))
         sizes = [microbatch.Rows(min(size, batch - i), batch.length) for i in range(0, batch, size)]
         if self._static_batch and any(n != size for n in sizes):
             raise PipelineError(
@@ -539,15 +545,18 @@ def compile(
     log: Callable[[str], None] | None = None,
     max_grad_norm: float | None = None,
     autocast: torch.dtype | None = None,
+    data_parallel: int = 1,
 ) -> Pipeline:
-    """Compile ``model`` and ``optimizer`` into a pipeline of ``gpus`` stages.
+    """Compile ``model`` and ``optimizer`` into a pipeline of ``gpus`` stages (or of
+    ``gpus / data_parallel`` stages, replicated ``data_parallel`` times).
 
     Args:
         model: any ``nn.Module``; it is copied, never changed.
         optimizer: a ``torch.optim`` optimizer over ``model``'s parameters; each stage runs
             one of the same class with the same per-group hyperparameters (a learning-rate
             scheduler on it keeps working).
-        gpus: number of pipeline stages N (one device or process each).
+        gpus: devices (worker processes, torchrun ranks): N stages × R replicas. With
+            ``data_parallel=1`` (default) it is the number of pipeline stages N.
         example_inputs: one mini-batch of inputs (tensor or tuple), ``[batch, ...]``; the
             plan is made for this batch size (split into micro-batches where the method
             does). Dim 0 is the batch dimension.
@@ -599,6 +608,12 @@ def compile(
             boundaries in the dtypes autocast gives them, and the plan is made from a profile
             under autocast (:mod:`pipeoptim.runtime.precision`). A caller's own ``with
             torch.autocast(...)`` does not reach worker processes: use this option.
+        data_parallel: R, replicas of the pipeline (data parallelism; ``gpus`` must be a
+            multiple): each mini-batch is split into R shares of M micro-batches, one per
+            replica, and each stage's replicas sum their gradients before every step, so GPipe
+            and 1F1B equal plain training on the whole mini-batch and the replicas stay
+            bit-identical under every method (:mod:`pipeoptim.runtime.replicas`). Rank
+            ``replica·N + stage`` runs ``stage`` of ``replica``.
 
     Raises:
         ValueError: a bad argument (the message says which and what is allowed).
@@ -609,6 +624,14 @@ def compile(
     """
     if not isinstance(gpus, int) or isinstance(gpus, bool) or gpus < 1:
         raise ValueError(f"gpus must be a positive integer (the number of stages), got {gpus!r}")
+    if not isinstance(data_parallel, int) or isinstance(data_parallel, bool) or data_parallel < 1:
+        raise ValueError(f"data_parallel must be a positive integer (replicas), got {data_parallel!r}")
+    if gpus % data_parallel:
+        raise ValueError(
+            f"gpus={gpus} cannot hold {data_parallel} equal replicas: use a data_parallel that "
+            f"divides gpus (stages = gpus / data_parallel)"
+        )
+    devices, gpus = gpus, gpus // data_parallel  # from here on gpus is N, the stages
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
     if executor not in ("auto", "local", "processes", "torchrun"):
@@ -620,6 +643,16 @@ def compile(
         raise ValueError(f"batch_norm must be 'micro-batch' or 'deferred', not {batch_norm!r}")
     info = get_method(method)
     max_grad_norm = check_clipping(max_grad_norm, info.asynchronous, gpus)
+    if data_parallel > 1 and max_grad_norm is not None:
+        raise ValueError(
+            "max_grad_norm with data_parallel > 1 is not supported yet (the global norm would need "
+            "the replicas' summed gradients): leave max_grad_norm unset or use data_parallel=1"
+        )
+    if data_parallel > 1 and batch_norm == "deferred":
+        raise ValueError(
+            "batch_norm='deferred' with data_parallel > 1 is not supported yet (the running "
+            "statistics would need every replica's rows): use batch_norm='micro-batch'"
+        )
     autocast = check_autocast(autocast)
     m = micro_batches if micro_batches is not None else (gpus if info.micro_batched else 1)
     if m < 1:
@@ -645,16 +678,19 @@ def compile(
     if kind == "auto":
         kind = "torchrun" if spmd.under_torchrun() else "processes"
     if kind == "processes":
-        check_devices(gpus)
+        check_devices(devices)
     inputs = _as_tuple(example_inputs)
     if not inputs or not all(isinstance(x, torch.Tensor) and x.dim() > 0 for x in inputs):
         raise ValueError(
             "example_inputs must be a tensor or a tuple of tensors with a batch dimension (dim 0)"
         )
     batch = int(inputs[0].shape[0])
-    if batch < m:
-        raise ValueError(f"example batch of {batch} cannot be split into {m} micro-batches")
-    micro = tuple(x[: math.ceil(batch / m)].detach().cpu() for x in inputs)
+    if batch < m * data_parallel:
+        raise ValueError(
+            f"example batch of {batch} cannot be split into {m} micro-batches for each of "
+            f"{data_parallel} replica(s)"
+        )
+    micro = tuple(x[: math.ceil(batch / (m * data_parallel))].detach().cpu() for x in inputs)
     model_copy = copy.deepcopy(model).cpu()
     if batch_norm == "deferred":
         if method not in ("gpipe", "1f1b"):
@@ -691,7 +727,7 @@ def compile(
         step_s_per_byte=step_cost,
         predict_s_per_byte=predict_cost,
     )
-    owns_group = spmd.init(gpus, timeout) if kind == "torchrun" else False
+    owns_group = spmd.init(devices, timeout) if kind == "torchrun" else False
     rank0 = kind != "torchrun" or dist.get_rank() == 0
     if plan is not None:
         traced = trace(model_copy, micro, leaf_modules)
@@ -725,10 +761,11 @@ def compile(
             f"batch_norm='deferred' needs a model torch.fx can trace; {type(model).__name__} was traced "
             "with torch.export, which inlines BatchNorm: use batch_norm='micro-batch'"
         )
-    if static_batch and batch % m:
+    if static_batch and batch % (m * data_parallel):
         raise PlanError(
             f"{type(model).__name__} was traced with torch.export, which fixed the batch size: the "
-            f"example batch ({batch}) must be a multiple of micro_batches ({m})"
+            f"example batch ({batch}) must be a multiple of micro_batches × data_parallel "
+            f"({m * data_parallel})"
         )
     spec = PipelineSpec(
         model=model_copy,
@@ -749,6 +786,7 @@ def compile(
         length=plan_length(chosen, micro, dynamic_length and not static_batch),
         max_grad_norm=max_grad_norm,
         autocast=autocast,
+        data_parallel=data_parallel,
     )
     device = inputs[0].device if kind == "local" else torch.device("cpu")
     return Pipeline(spec, traced, optimizer, batch, static_batch, kind, device, timeout, owns_group)

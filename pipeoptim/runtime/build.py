@@ -53,10 +53,17 @@ class PipelineSpec:
     nan_check: str = "stages"
     max_grad_norm: float | None = None
     autocast: torch.dtype | None = None
+    #: R, replicas of the pipeline (data parallelism, :mod:`pipeoptim.runtime.replicas`)
+    data_parallel: int = 1
 
     @property
     def num_stages(self) -> int:
         return self.plan.num_stages
+
+    @property
+    def world_size(self) -> int:
+        """Ranks of the layout: N stages × R replicas."""
+        return self.plan.num_stages * self.data_parallel
 
     def schedule(self) -> Schedule:
         """The schedule of the method (PipeDream-2BW steps every M micro-batches)."""

@@ -29,6 +29,7 @@ from pipeoptim.errors import PeerLostError, PipelineError, PipeoptimError
 from pipeoptim.runtime.build import PipelineSpec
 from pipeoptim.runtime.executor import MiniBatch
 from pipeoptim.runtime.procmem import resident_bytes
+from pipeoptim.runtime.replicas import replica_part, stage_and_replica
 from pipeoptim.runtime.worker import worker_main
 
 
@@ -140,8 +141,10 @@ class ProcessExecutor:
         timeout: float = 300.0,
         threads: int = 1,
     ) -> None:
-        check_devices(spec.num_stages)
-        self.world = spec.num_stages
+        check_devices(spec.world_size)
+        self.world = spec.world_size  # N stages × R replicas (pipeoptim.runtime.replicas)
+        self.num_stages = spec.num_stages
+        self.replicas = spec.data_parallel
         self.timeout = timeout
         self.on_loss = on_loss
         self.on_error = on_error
@@ -192,7 +195,7 @@ class ProcessExecutor:
 
     def _handle(self, kind: str, rank: int, key: Any, payload: Any) -> None:
         if kind == "loss":
-            self.on_loss(key, payload)
+            self.on_loss(key, payload, rank // self.num_stages)
         elif kind == "ready":
             with self._cond:
                 self._ready.add(rank)
@@ -295,14 +298,16 @@ class ProcessExecutor:
             return self._replies.pop(request)
 
     def submit(self, batch: MiniBatch) -> None:
-        last = self.world - 1
+        last = self.num_stages - 1
         for rank in range(self.world):
+            stage, replica = stage_and_replica(rank, self.num_stages)
+            share = replica_part(batch, replica, self.replicas)
             part = MiniBatch(
                 index=batch.index,
-                inputs=batch.inputs if rank == 0 else [],
-                targets=batch.targets if rank == last else [],
-                scales=batch.scales,
-                sizes=batch.sizes,
+                inputs=share.inputs if stage == 0 else [],
+                targets=share.targets if stage == last else [],
+                scales=share.scales,
+                sizes=share.sizes,
                 hyper=batch.hyper,
             )
             # as bytes: a tensor put on a multiprocessing queue as it is travels through a new
@@ -315,12 +320,17 @@ class ProcessExecutor:
 
     def forward_only(self, chunks: list[tuple[Any, ...]], sizes: list[int]) -> list[Any]:
         replies = self._request("eval", {r: (chunks if r == 0 else None, sizes) for r in range(self.world)})
-        return replies[self.world - 1]
+        return replies[self.num_stages - 1]
 
     def state_dict(self) -> dict[str, torch.Tensor]:
-        merged: dict[str, torch.Tensor] = {}
-        for part in self._request("state").values():
-            merged.update(part)
+        return self.replica_state_dicts()[0]
+
+    def replica_state_dicts(self) -> list[dict[str, torch.Tensor]]:
+        """Every replica's parameters and buffers (replica 0's is :meth:`state_dict`)."""
+        replies = self._request("state")
+        merged: list[dict[str, torch.Tensor]] = [{} for _ in range(self.replicas)]
+        for rank in sorted(replies):
+            merged[rank // self.num_stages].update(replies[rank])
         return merged
 
     def load_state_dict(self, state: dict[str, torch.Tensor], aliases: dict[str, list[str]]) -> None:
@@ -330,7 +340,7 @@ class ProcessExecutor:
         from pipeoptim.runtime.stage import merge_optimizer_states
 
         replies = self._request("optimizer_state")
-        return merge_optimizer_states([replies[r] for r in sorted(replies)])
+        return merge_optimizer_states([replies[r] for r in range(self.num_stages)])  # replica 0
 
     def load_optimizer_state(self, state: dict[str, Any]) -> None:
         self._request("load_optimizer_state", dict.fromkeys(range(self.world), state))
@@ -349,7 +359,7 @@ class ProcessExecutor:
 
     def peak_weight_versions(self) -> list[int]:
         replies = self._request("versions")
-        return [replies[r] for r in range(self.world)]
+        return [replies[r] for r in range(self.num_stages)]  # replica 0 (the others are alike)
 
     # -- shutdown ---------------------------------------------------------------------
 
