@@ -726,6 +726,7 @@ def compile(
         opt_state_factor=optimizer_state_factor(optimizer),
         step_s_per_byte=step_cost,
         predict_s_per_byte=predict_cost,
+        data_parallel=data_parallel,
     )
     owns_group = spmd.init(devices, timeout) if kind == "torchrun" else False
     rank0 = kind != "torchrun" or dist.get_rank() == 0
@@ -826,6 +827,7 @@ def _given_plan(
         ("stages", chosen.config.num_stages, config.num_stages),
         ("method", chosen.config.method, config.method),
         ("micro-batches", chosen.config.micro_batches, config.micro_batches),
+        ("data-parallel", chosen.config.data_parallel, config.data_parallel),
     ):
         if have != want:
             raise PlanError(

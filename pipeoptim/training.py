@@ -51,6 +51,7 @@ class TrainConfig:
     task: str
     out: str
     gpus: int = 4
+    data_parallel: int = 1
     method: str = "pipeoptim"
     optimizer: str = "sgd"
     epochs: int = 10
@@ -228,6 +229,7 @@ def _trainer(config: TrainConfig, task: Task, log: Callable[[str], None]) -> tup
         max_grad_norm=config.max_grad_norm,
         autocast=_autocast_dtype(config.precision),
         log=log,
+        data_parallel=config.data_parallel,
     )
     return pipe, scheduler
 
@@ -498,7 +500,13 @@ def summary_line(metrics: dict[str, Any]) -> str:
     value = metrics["final"][metric]
     shown = "n/a" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.4f}"
     cfg = metrics["config"]
+    replicas = cfg.get("data_parallel", 1)
+    layout = (
+        f"{cfg['gpus']} stages"
+        if replicas == 1
+        else f"{cfg['gpus'] // replicas} stages x {replicas} replicas"
+    )
     return (
-        f"{cfg['task']} {cfg['method']} ({cfg['gpus']} stages): test {metric} {shown} after "
+        f"{cfg['task']} {cfg['method']} ({layout}): test {metric} {shown} after "
         f"{len(metrics['epochs'])} epochs, {metrics['mini_batches']} mini-batches, {metrics['wall_s']:.1f} s"
     )

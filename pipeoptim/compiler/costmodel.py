@@ -8,6 +8,7 @@ Stage time (seconds per micro-batch) of stage k::
     T_k = sum of fwd_s + bwd_s of its nodes
           + (A[k-1] + G[k-1] + A[k] + G[k]) / bandwidth
           + P_k * (step_s_per_byte * steps per micro-batch + predict_s_per_byte)
+          + P_k * 2(R-1)/R / allreduce bandwidth * steps per micro-batch   (R replicas)
 
 where ``A[b]`` are the activation bytes crossing boundary b (between stage b and b+1) forward
 and ``G[b]`` the gradient bytes crossing it backward. A value produced at stage i and read at
@@ -92,6 +93,13 @@ class CostConfig:
             communication is free.
         memory_limit: bytes per stage; ``None`` means unlimited.
         opt_state_factor: optimizer-state bytes per parameter byte.
+        data_parallel: R, replicas of the pipeline (:mod:`pipeoptim.compiler.layouts`): each
+            stage's replicas all-reduce its gradients before every step, a ring all-reduce
+            moving ``2(R−1)/R`` bytes per gradient byte (Patarasuk and Yuan, JPDC 2009) at
+            :attr:`allreduce_bandwidth`, not overlapped with the backward (the runtime reduces
+            just before the step, :mod:`pipeoptim.runtime.allreduce`).
+        allreduce_bandwidth: bytes per second between a stage's replicas; ``None``: the
+            same as :attr:`bandwidth`.
     """
 
     num_stages: int
@@ -102,6 +110,8 @@ class CostConfig:
     opt_state_factor: float = 1.0
     step_s_per_byte: float = 0.0
     predict_s_per_byte: float = 0.0
+    data_parallel: int = 1
+    allreduce_bandwidth: float | None = None
 
     @property
     def method_info(self) -> Method:
@@ -111,13 +121,31 @@ class CostConfig:
     def update_s_per_byte(self) -> float:
         """Seconds per parameter byte and micro-batch spent on optimizer steps and predictions."""
         method = self.method_info
-        steps = 1.0 if method.asynchronous and not method.micro_batched else 1.0 / self.micro_batches
         predicts = 1.0 if method.policy in ("pipeoptim", "spectrain") else 0.0
-        return self.step_s_per_byte * steps + self.predict_s_per_byte * predicts
+        return self.step_s_per_byte * self.steps_per_micro_batch + self.predict_s_per_byte * predicts
+
+    @property
+    def steps_per_micro_batch(self) -> float:
+        """Optimizer steps per micro-batch: 1 in asynchronous 1F1B, ``1/M`` where a step
+        follows a mini-batch of M micro-batches (GPipe, 1F1B, 2BW)."""
+        method = self.method_info
+        return 1.0 if method.asynchronous and not method.micro_batched else 1.0 / self.micro_batches
+
+    @property
+    def allreduce_s_per_byte(self) -> float:
+        """Seconds per parameter byte and micro-batch of the replicas' gradient all-reduce:
+        ``2(R−1)/R / bandwidth`` per step (ring all-reduce), 0 with one replica."""
+        bandwidth = self.allreduce_bandwidth if self.allreduce_bandwidth is not None else self.bandwidth
+        if self.data_parallel <= 1 or bandwidth is None:
+            return 0.0
+        ring = 2.0 * (self.data_parallel - 1) / self.data_parallel
+        return ring / bandwidth * self.steps_per_micro_batch
 
     def work_s(self, node: Any) -> float:
-        """A node's seconds per micro-batch: forward, backward and its parameters' updates."""
-        return node.fwd_s + node.bwd_s + node.param_bytes * self.update_s_per_byte
+        """A node's seconds per micro-batch: forward, backward, its parameters' updates and
+        their gradient all-reduce between replicas."""
+        per_byte = self.update_s_per_byte + self.allreduce_s_per_byte
+        return node.fwd_s + node.bwd_s + node.param_bytes * per_byte
 
     def weight_factor(self, stage: int) -> float:
         """Bytes held at stage ``stage`` per parameter byte (weights, gradient, state, copies)."""
@@ -156,6 +184,7 @@ class StageStats:
     activation_bytes: int
     memory_bytes: int
     time_s: float
+    allreduce_s: float = 0.0  # the replicas' gradient all-reduce, per micro-batch
 
     @property
     def compute_s(self) -> float:
@@ -226,6 +255,7 @@ def evaluate(graph: CostGraph, stage_of: Sequence[int], config: CostConfig) -> l
         recv, send = a_in + g_out, a_out + g_in
         comm = config.comm_s(recv + send)
         update = params * config.update_s_per_byte
+        allreduce = params * config.allreduce_s_per_byte
         copies = config.method_info.extra_weight_copies(k, n)
         opt = int(params * config.opt_state_factor)
         buffers = sum(x.buffer_bytes for x in nodes)
@@ -251,7 +281,8 @@ def evaluate(graph: CostGraph, stage_of: Sequence[int], config: CostConfig) -> l
                 buffer_bytes=buffers,
                 activation_bytes=activations,
                 memory_bytes=memory,
-                time_s=fwd + bwd + comm + update,
+                time_s=fwd + bwd + comm + update + allreduce,
+                allreduce_s=allreduce,
             )
         )
     return stats
