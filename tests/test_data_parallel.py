@@ -56,7 +56,7 @@ def compile_mlp(model: nn.Module, make_opt, method: str, executor: str, **option
 def assert_replicas_identical(pipe: pipeoptim.Pipeline) -> dict[str, torch.Tensor]:
     """Every replica's weights equal replica 0's bit for bit; returns replica 0's."""
     states = pipe._executor.replica_state_dicts()
-    assert len(states) == 2 and states[0]
+    assert len(states) == pipe.replicas > 1 and states[0]
     for other in states[1:]:
         assert other.keys() == states[0].keys()
         for key, value in states[0].items():
@@ -72,7 +72,7 @@ def test_flushing_methods_with_replicas_equal_plain_training(method: str) -> Non
     batches = data(6)
     expected, reference_model = plain_training(model, SGD_MOMENTUM[0], batches, micro=4)
     with compile_mlp(copy.deepcopy(model), SGD_MOMENTUM[0], method, "local", micro_batches=2) as pipe:
-        assert pipe.num_stages == 2 and pipe.replicas == 2
+        assert pipe.num_stages == 2 and pipe.replicas == 2 and pipe.plan.config.data_parallel == 2
         got = [pipe.step(x, y).item() for x, y in batches]
         assert_replicas_identical(pipe)
         state = pipe.state_dict()
@@ -214,3 +214,46 @@ def test_bad_layouts_are_clear_errors() -> None:
         pytest.raises(PipelineError, match="cannot be split across 2 data-parallel replicas"),
     ):
         pipe.step(*data(1, batch=1)[0])
+
+
+@pytest.mark.parametrize("stages, replicas", [(4, 1), (1, 4)])
+def test_checkpoint_of_2x2_loads_into_any_layout(tmp_path: Path, stages: int, replicas: int) -> None:
+    """One copy of each parameter and its optimizer state is saved; a pipeline of another
+    layout resumes from it and trains on as the 2 × 2 one does (GPipe, AdamW: every layout
+    equals plain training)."""
+    batches = data(6, seed=5)
+    adamw = (lambda m: torch.optim.AdamW(m.parameters(), lr=3e-3, weight_decay=0.01), "adamw")
+    with compile_mlp(mlp(), adamw[0], "gpipe", "local", micro_batches=2) as pipe:
+        for x, y in batches[:3]:
+            pipe.step(x, y)
+        pipe.save_checkpoint(tmp_path / "ckpt.pt")
+        saved = pipe.state_dict()
+        expected = [pipe.step(x, y).item() for x, y in batches[3:]]
+        final = pipe.state_dict()
+    model = nn.Sequential(  # other initial weights: all of them come from the checkpoint
+        nn.Flatten(), nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 10)
+    )
+    with pipeoptim.compile(
+        model,
+        adamw[0](model),
+        stages * replicas,
+        data_parallel=replicas,
+        example_inputs=data(1)[0][0],
+        loss_fn=F.cross_entropy,
+        method="gpipe",
+        micro_batches=4 // replicas,
+        executor="local",
+        profile_dir=None,
+    ) as other:
+        other.load_checkpoint(tmp_path / "ckpt.pt")
+        assert other.mini_batches_done == 3
+        loaded = other.state_dict()
+        got = [other.step(x, y).item() for x, y in batches[3:]]
+        if replicas > 1:
+            assert_replicas_identical(other)
+        state = other.state_dict()
+    for key, value in saved.items():
+        assert torch.equal(loaded[key], value), key
+    assert got == pytest.approx(expected, rel=1e-5, abs=1e-6)
+    for key, value in final.items():
+        torch.testing.assert_close(state[key], value, rtol=1e-5, atol=1e-6)

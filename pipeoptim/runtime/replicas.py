@@ -200,8 +200,8 @@ class ReplicatedLocalExecutor:
         return merge_optimizer_states([self.replicas[0].optimizer_state()])
 
     def load_optimizer_state(self, state: dict[str, Any]) -> None:
-        for executor in self.replicas:
-            executor.load_optimizer_state(state)
+        for r, executor in enumerate(self.replicas):  # a copy each: stages keep the tensors given
+            executor.load_optimizer_state(state if r == 0 else copy.deepcopy(state))
 
     def resident_bytes(self) -> list[int]:
         return [b for executor in self.replicas for b in executor.resident_bytes()]
