@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import random
+import subprocess
+import sys
 from dataclasses import replace
 from pathlib import Path
 
@@ -142,3 +144,20 @@ def test_cli_forces_a_layout_and_refuses_one_that_does_not_fit(tmp_path: Path) -
     assert bad.exit_code == 1 and "need 6 devices but --gpus is 4" in bad.stderr
     word = CliRunner().invoke(cli, [*base, "--data-parallel", "two"])
     assert word.exit_code == 2 and "neither 'auto' nor a positive number" in word.stderr
+
+
+@pytest.mark.slow
+def test_layouts_benchmark_quick_mode_writes_its_table(tmp_path: Path) -> None:
+    root = Path(__file__).resolve().parents[1]
+    done = subprocess.run(
+        [sys.executable, str(root / "benchmarks" / "layouts.py"), "--quick", "--out", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=tmp_path,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    text = (tmp_path / "layouts.md").read_text()
+    for layout in ("4 x 1", "2 x 2", "1 x 4"):
+        assert layout in text
+    assert "planner chose" in done.stdout.strip().splitlines()[-1]

@@ -1,9 +1,11 @@
 """SPMD execution under ``torchrun``: every rank runs the user's script and its own stage.
 
 Launch one process per stage (``torchrun --nproc-per-node N train.py``, or across machines
-with ``--nnodes``); each rank calls ``pipeoptim.compile`` and ``pipe.step(inputs, targets)``
-with the same data. Rank 0 profiles and plans, then broadcasts the plan and every stage's
-initial weights, so all ranks agree even if their models were initialised differently.
+with ``--nnodes``; N·R processes with ``data_parallel=R``, rank ``replica·N + stage``, where
+every replica's first and last stage read the inputs and targets); each rank calls
+``pipeoptim.compile`` and ``pipe.step(inputs, targets)`` with the same data. Rank 0 profiles
+and plans, then broadcasts the plan and every stage's initial weights, so all ranks agree
+even if their models were initialised differently.
 Stage 0 alone needs the inputs and the last stage alone the targets; other ranks may pass
 ``None`` for them. Rank 0 sends every other rank the size of each mini-batch (and of each
 batch given to ``predict``), so all of them split it into the same micro-batches. The last
@@ -174,6 +176,11 @@ class SPMDExecutor:
     def submit(self, batch: MiniBatch) -> None:
         stages = self.num_stages
         share = replica_part(batch, self.process.replica, self.replicas)
+        if self.process.rank == 0 and not share.inputs:
+            raise PipelineError(
+                f"rank {self.rank} runs the first stage of replica {self.process.replica} and needs the "
+                "inputs: pass the whole mini-batch to step() there (it takes its share)"
+            )
         part = MiniBatch(
             index=batch.index,
             inputs=share.inputs if self.process.rank == 0 else [],
