@@ -161,3 +161,20 @@ def test_layouts_benchmark_quick_mode_writes_its_table(tmp_path: Path) -> None:
     for layout in ("4 x 1", "2 x 2", "1 x 4"):
         assert layout in text
     assert "planner chose" in done.stdout.strip().splitlines()[-1]
+
+
+def test_memory_per_device_rules_out_layouts_and_says_what_they_need() -> None:
+    """Replicas hold whole stages: with a limit between a 2-stage and a 1-stage plan's memory
+    only the pipeline fits, whatever the all-reduce would cost."""
+    graph = chain(params=10_000, fwds=(0.01, 0.05))
+    free = {(o.stages, o.replicas): o for o in choose_layout(graph, CostConfig(2, bandwidth=1e9), 2).options}
+    split = free[(2, 1)].plan.summary["max_memory_bytes"]
+    whole = free[(1, 2)].plan.summary["max_memory_bytes"]
+    assert split < whole
+    limit = (split + whole) // 2
+    choice = choose_layout(graph, CostConfig(2, bandwidth=1e9, memory_limit=limit), 2)
+    assert (choice.chosen.stages, choice.chosen.replicas) == (2, 1)
+    replicated = next(o for o in choice.options if (o.stages, o.replicas) == (1, 2))
+    assert replicated.plan is None and replicated.reason.startswith("over the memory limit: needs")
+    with pytest.raises(PlanError, match="no layout of 2 devices is feasible"):
+        choose_layout(graph, CostConfig(2, bandwidth=1e9, memory_limit=split // 2), 2)

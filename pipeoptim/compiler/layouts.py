@@ -37,7 +37,7 @@ from tabulate import tabulate
 from pipeoptim.compiler.costgraph import CostGraph, CostNode
 from pipeoptim.compiler.costmodel import CostConfig
 from pipeoptim.compiler.plan import Plan, make_plan
-from pipeoptim.errors import PlanError
+from pipeoptim.errors import InfeasibleMemoryError, PlanError
 from pipeoptim.methods import get_method
 from pipeoptim.units import format_bytes
 
@@ -201,8 +201,10 @@ def plan_layout(
     layout = replace(config, num_stages=stages, micro_batches=m, data_parallel=replicas)
     try:
         option.plan = plan(scale_rows(graph, factor), layout)
+    except InfeasibleMemoryError as exc:
+        option.reason = f"over the memory limit: needs {format_bytes(exc.min_feasible_bytes)} per device"
     except PlanError as exc:
-        option.reason = str(exc).split(";")[0].split(":")[0][:60]
+        option.reason = str(exc).split(";")[0]
     return option
 
 
