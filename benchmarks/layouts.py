@@ -34,10 +34,10 @@ import pipeoptim
 from pipeoptim.compiler import profile_model
 from pipeoptim.compiler.costmodel import CostConfig, optimizer_state_factor
 from pipeoptim.compiler.layouts import LayoutChoice, choose_layout
-from pipeoptim.compiler.profile import load_or_measure_update_cost
 from pipeoptim.fileio import atomic_write
 from pipeoptim.methods import get_method
 from pipeoptim.runtime.distributed import free_port
+from pipeoptim.update_cost import load_or_measure_update_cost
 
 CLASSES = 10
 LAYOUTS = [(4, 1), (2, 2), (1, 4)]

@@ -31,6 +31,7 @@ from pathlib import Path
 import torch
 from tabulate import tabulate
 
+from pipeoptim.compiler import baselines as B
 from pipeoptim.compiler import partition as P
 from pipeoptim.compiler.costgraph import CostGraph, CostNode
 from pipeoptim.compiler.costmodel import CostConfig, evaluate
@@ -107,8 +108,8 @@ def quality(
                     "units": ilp.num_units,
                     "solve s": solve,
                 }
-                for label, fn in (*P.BASELINES.items(), ("chain_dp", None)):
-                    result = P.chain_dp(graph, config, strict=False) if fn is None else fn(graph, config)
+                for label, fn in (*B.BASELINES.items(), ("chain_dp", None)):
+                    result = B.chain_dp(graph, config, strict=False) if fn is None else fn(graph, config)
                     if result is None:
                         row[label] = None
                         continue
@@ -323,8 +324,8 @@ def main() -> None:
     print(stage_table)
     print(verdict)
     args.out.mkdir(parents=True, exist_ok=True)
-    ratios = {b: [r[b][0] for r in rows if r[b] is not None] for b in (*P.BASELINES, "chain_dp")}
-    broken = {b: sum(1 for r in rows if r[b] is not None and not r[b][1]) for b in P.BASELINES}
+    ratios = {b: [r[b][0] for r in rows if r[b] is not None] for b in (*B.BASELINES, "chain_dp")}
+    broken = {b: sum(1 for r in rows if r[b] is not None and not r[b][1]) for b in B.BASELINES}
     summary = (
         "baseline bottleneck / ILP bottleneck (geometric mean, max): "
         + ", ".join(

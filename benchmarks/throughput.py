@@ -36,7 +36,7 @@ from tabulate import tabulate
 from torch import nn
 
 import pipeoptim
-from pipeoptim.compiler.codegen import build_stage
+from pipeoptim.compiler.codegen import stage_module
 from pipeoptim.compiler.plan import Plan
 from pipeoptim.compiler.trace import trace
 from pipeoptim.runtime.distributed import free_port
@@ -199,7 +199,7 @@ def _pippy_worker(
     x, y = batch()
     micro_x = x[: BATCH // micro]
     plan = Plan.from_dict(plan_dict)
-    module: nn.Module = build_stage(trace(model, (micro_x,)), plan, rank)
+    module: nn.Module = stage_module(trace(model, (micro_x,)), plan, rank)
     if rank == world - 1:
         module = _Last(module)
     stage = PipelineStage(module, rank, world, torch.device("cpu"))

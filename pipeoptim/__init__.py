@@ -2,6 +2,7 @@
 trainer with PipeOptim weight prediction (Guan et al., arXiv:2312.00839) and the baselines
 GPipe, 1F1B, PipeDream, PipeDream-2BW and SpecTrain."""
 
+from pipeoptim.compile_pipeline import compile
 from pipeoptim.compiler.plan import Plan
 from pipeoptim.errors import (
     CheckpointError,
@@ -15,8 +16,9 @@ from pipeoptim.errors import (
     ProfileError,
     TraceError,
 )
+from pipeoptim.loss import Loss
 from pipeoptim.methods import METHODS
-from pipeoptim.pipeline import Loss, Pipeline, compile
+from pipeoptim.pipeline import Pipeline
 from pipeoptim.runtime.predictors import register_predictor
 
 __all__ = [

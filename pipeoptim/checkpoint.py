@@ -12,7 +12,7 @@ import io
 import os
 import pickle
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch.torch_version import TorchVersion
@@ -20,33 +20,20 @@ from torch.torch_version import TorchVersion
 from pipeoptim.errors import CheckpointError
 from pipeoptim.fileio import atomic_write
 
-if TYPE_CHECKING:
-    from pipeoptim.pipeline import Pipeline
-
 FORMAT = "pipeoptim-checkpoint/1"
 # plain data besides tensors that checkpoints hold: the torch version in the plan's profile key
 _SAFE = [TorchVersion]
 
 
-def save_checkpoint(
-    pipe: Pipeline, path: str | os.PathLike[str], extra: dict[str, Any] | None = None
-) -> None:
-    """Flush ``pipe`` and write its state to ``path`` atomically.
+def save_checkpoint(path: str | os.PathLike[str], state: dict[str, Any]) -> None:
+    """Write a checkpoint holding ``state`` to ``path`` atomically.
 
-    The file holds ``state_dict`` (original model keys), ``optimizer`` (per parameter name),
-    ``mini_batches`` (how many were trained), ``plan`` (the plan as data), the model class and
-    ``extra`` (tensors and plain data the caller wants back, e.g. an LR scheduler's state).
+    ``state`` holds ``model_class`` (the model's qualified class name), ``method``,
+    ``state_dict`` (original model keys), ``optimizer``, ``mini_batches`` (how many were
+    trained), ``plan`` (the plan as data, or ``None``) and ``extra`` (tensors and plain data the
+    caller wants back, e.g. an LR scheduler's state); the file adds ``format``.
     """
-    data = {
-        "format": FORMAT,
-        "model_class": type(pipe._template).__qualname__,
-        "method": pipe.method,
-        "state_dict": pipe.state_dict(),
-        "optimizer": pipe.optimizer_state_dict(),
-        "mini_batches": pipe.mini_batches_done,
-        "plan": pipe.plan.to_dict(),
-        "extra": extra or {},
-    }
+    data = {"format": FORMAT, **state}
     buffer = io.BytesIO()
     torch.save(data, buffer)
     atomic_write(path, lambda f: f.write(buffer.getvalue()))
@@ -80,19 +67,15 @@ def read_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
     return data
 
 
-def load_checkpoint(pipe: Pipeline, path: str | os.PathLike[str]) -> dict[str, Any]:
-    """Restore ``pipe`` from ``path``; returns the checkpoint's ``extra``.
+def check_model(data: dict[str, Any], path: str | os.PathLike[str], model: torch.nn.Module) -> None:
+    """Check that checkpoint ``data`` (read from ``path``) holds weights of ``model``.
 
     Raises:
-        CheckpointError: unreadable, or made for another model (class or parameter names).
+        CheckpointError: made for another model (class or parameter names).
     """
-    data = read_checkpoint(path)
-    expected = type(pipe._template).__qualname__
-    if data["model_class"] != expected or set(data["state_dict"]) != set(pipe._template.state_dict()):
+    expected = type(model).__qualname__
+    if data["model_class"] != expected or set(data["state_dict"]) != set(model.state_dict()):
         raise CheckpointError(
             f"checkpoint {path} holds a {data['model_class']} whose weights do not match this "
             f"{expected}: resume with the same model and task"
         )
-    pipe.load_state_dict(data["state_dict"])
-    pipe.load_optimizer_state_dict(data["optimizer"])
-    return data["extra"]

@@ -56,6 +56,10 @@ class PeerLostError(PipelineError):
     """A stage lost its neighbour (it stopped or crashed): a consequence, not the cause."""
 
 
+class PipelineStalledError(PipelineError):
+    """The schedule left actions that can never run (a bug in a schedule, not in the input)."""
+
+
 class NonFiniteLossError(PipelineError):
     """The loss became NaN or infinite.
 

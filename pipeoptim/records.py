@@ -11,11 +11,13 @@ from __future__ import annotations
 
 import csv
 import io
+import math
 import os
 import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from tqdm import tqdm
 
@@ -140,3 +142,53 @@ def _duration(seconds: float) -> str:
     minutes, s = divmod(round(seconds), 60)
     hours, minutes = divmod(minutes, 60)
     return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{s:02d}s"
+
+
+def plot_curves(
+    csv_path: Path, epochs: list[dict[str, Any]], metric: str, path: Path, title: str = ""
+) -> None:
+    """Loss per mini-batch (from ``train.csv``, with a moving average) and the metric per
+    epoch, as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = read_rows(csv_path)
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
+    steps = [int(r[0]) for r in rows]
+    losses = [float(r[2]) for r in rows]
+    left.plot(steps, losses, lw=0.5, alpha=0.4, label="mini-batch")
+    window = max(1, len(losses) // 50)
+    smooth = [
+        sum(losses[max(0, i - window + 1) : i + 1]) / len(losses[max(0, i - window + 1) : i + 1])
+        for i in range(len(losses))
+    ]
+    left.plot(steps, smooth, lw=1.5, label=f"mean of {window}")
+    left.set(xlabel="mini-batch", ylabel="training loss", title=title)
+    left.legend()
+    right.plot([e["epoch"] for e in epochs], [e[metric] for e in epochs], marker="o")
+    right.set(xlabel="epoch", ylabel=metric, title=f"test {metric}")
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=100)
+    plt.close(fig)
+    atomic_write(path, lambda f: f.write(buffer.getvalue()))
+
+
+def summary_line(metrics: dict[str, Any]) -> str:
+    """One line for the end of a run."""
+    metric = metrics["metric"]
+    value = metrics["final"][metric]
+    shown = "n/a" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.4f}"
+    cfg = metrics["config"]
+    replicas = cfg.get("data_parallel", 1)
+    layout = (
+        f"{cfg['gpus']} stages"
+        if replicas == 1
+        else f"{cfg['gpus'] // replicas} stages x {replicas} replicas"
+    )
+    return (
+        f"{cfg['task']} {cfg['method']} ({layout}): test {metric} {shown} after "
+        f"{len(metrics['epochs'])} epochs, {metrics['mini_batches']} mini-batches, {metrics['wall_s']:.1f} s"
+    )

@@ -18,7 +18,6 @@ folder:
 from __future__ import annotations
 
 import contextlib
-import io
 import math
 import time
 from collections import deque
@@ -28,20 +27,18 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
 
 import pipeoptim
-from pipeoptim.checkpoint import FORMAT, read_checkpoint
+from pipeoptim.checkpoint import read_checkpoint
 from pipeoptim.compiler.plot import plot_plan
 from pipeoptim.errors import CheckpointError
-from pipeoptim.fileio import atomic_write, write_json
-from pipeoptim.pipeline import Loss
-from pipeoptim.records import Progress, StepLog, read_rows
-from pipeoptim.runtime.precision import autocast_context
+from pipeoptim.fileio import write_json
+from pipeoptim.loss import Loss, drain
+from pipeoptim.records import Progress, StepLog, plot_curves
+from pipeoptim.sequential import SEQUENTIAL, Sequential
 from pipeoptim.tasks import Task, make_task
 
 OPTIMIZERS = ("sgd", "adam", "adamw", "rmsprop", "adagrad")
-SEQUENTIAL = "sequential"
 
 
 @dataclass
@@ -97,81 +94,6 @@ def make_optimizer(
     if name == "adagrad":
         return torch.optim.Adagrad(params, lr=lr, weight_decay=weight_decay)
     raise ValueError(f"unknown optimizer {name!r}; choose one of {', '.join(OPTIMIZERS)}")
-
-
-class Sequential:
-    """Plain single-process training with the same interface as a pipeline (the reference)."""
-
-    plan = None
-    num_stages = 1
-
-    def __init__(
-        self,
-        model: nn.Module,
-        optimizer: torch.optim.Optimizer,
-        loss_fn: Callable,
-        max_grad_norm: float | None = None,
-        autocast: torch.dtype | None = None,
-    ) -> None:
-        self.model = model
-        self.autocast = autocast
-        self.optimizer = optimizer
-        self.loss_fn = loss_fn
-        self.max_grad_norm = max_grad_norm
-        self.mini_batches_done = 0
-
-    def step(self, inputs: tuple[torch.Tensor, ...], targets: Any) -> Loss:
-        self.model.train()
-        self.optimizer.zero_grad()
-        with autocast_context(self.autocast, "cpu"):
-            loss = self.loss_fn(self.model(*inputs), targets)
-        loss.backward()
-        if self.max_grad_norm is not None:
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.max_grad_norm)
-        self.optimizer.step()
-        result = Loss(self.mini_batches_done)
-        result._set(float(loss.detach()))
-        self.mini_batches_done += 1
-        return result
-
-    def flush(self) -> None:
-        """Nothing is ever in flight."""
-
-    @torch.no_grad()
-    def predict(self, inputs: tuple[torch.Tensor, ...]) -> Any:
-        self.model.eval()
-        try:
-            with autocast_context(self.autocast, "cpu"):
-                return self.model(*inputs)
-        finally:
-            self.model.train()
-
-    def save_checkpoint(self, path: Path, extra: dict[str, Any]) -> None:
-        data = {
-            "format": FORMAT,
-            "model_class": type(self.model).__qualname__,
-            "method": SEQUENTIAL,
-            "state_dict": self.model.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
-            "mini_batches": self.mini_batches_done,
-            "plan": None,
-            "extra": extra,
-        }
-        buffer = io.BytesIO()
-        torch.save(data, buffer)
-        atomic_write(path, lambda f: f.write(buffer.getvalue()))
-
-    def load_checkpoint(self, path: Path) -> dict[str, Any]:
-        data = read_checkpoint(path)
-        if data["method"] != SEQUENTIAL or set(data["state_dict"]) != set(self.model.state_dict()):
-            raise CheckpointError(f"checkpoint {path} is not from a sequential run of this model")
-        self.model.load_state_dict(data["state_dict"])
-        self.optimizer.load_state_dict(data["optimizer"])
-        self.mini_batches_done = data["mini_batches"]
-        return data["extra"]
-
-    def close(self) -> None:
-        """Nothing to end."""
 
 
 def cosine_factor(total: int) -> Callable[[int], float]:
@@ -387,9 +309,8 @@ def _loop(
         enabled=config.progress,
     )
 
-    def drain(all_: bool) -> None:
-        while pending and (all_ or pending[0][3].done() or len(pending) > trainer.num_stages):
-            s, epoch, lr, loss = pending.popleft()
+    def read_losses(everything: bool) -> None:
+        for s, epoch, lr, loss in drain(pending, trainer.num_stages, everything, lambda e: e[3]):
             value = loss.wait()
             run.add(s, epoch, value, lr)
             progress.update(epoch, config.epochs, value)
@@ -416,13 +337,13 @@ def _loop(
                 if scheduler is not None:
                     scheduler.step()  # the stages read the new learning rate with the next mini-batch
                 step += 1
-                drain(False)
+                read_losses(False)
                 if config.checkpoint_every and step % config.checkpoint_every == 0:
                     trainer.flush()
-                    drain(True)
+                    read_losses(True)
                     checkpoint()
             trainer.flush()
-            drain(True)
+            read_losses(True)
             seconds = time.perf_counter() - tic
             value = task.evaluate(trainer.predict)
             record = {
@@ -460,53 +381,3 @@ def _metrics(config: TrainConfig, task: Task, trainer: Any, epochs: list[dict], 
         else {k: v for k, v in plan.summary.items() if isinstance(v, (int, float, str, bool)) or v is None},
         "stages": None if plan is None else [s.to_dict() for s in plan.stages],
     }
-
-
-def plot_curves(
-    csv_path: Path, epochs: list[dict[str, Any]], metric: str, path: Path, title: str = ""
-) -> None:
-    """Loss per mini-batch (from ``train.csv``, with a moving average) and the metric per
-    epoch, as a PNG."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    rows = read_rows(csv_path)
-    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
-    steps = [int(r[0]) for r in rows]
-    losses = [float(r[2]) for r in rows]
-    left.plot(steps, losses, lw=0.5, alpha=0.4, label="mini-batch")
-    window = max(1, len(losses) // 50)
-    smooth = [
-        sum(losses[max(0, i - window + 1) : i + 1]) / len(losses[max(0, i - window + 1) : i + 1])
-        for i in range(len(losses))
-    ]
-    left.plot(steps, smooth, lw=1.5, label=f"mean of {window}")
-    left.set(xlabel="mini-batch", ylabel="training loss", title=title)
-    left.legend()
-    right.plot([e["epoch"] for e in epochs], [e[metric] for e in epochs], marker="o")
-    right.set(xlabel="epoch", ylabel=metric, title=f"test {metric}")
-    fig.tight_layout()
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=100)
-    plt.close(fig)
-    atomic_write(path, lambda f: f.write(buffer.getvalue()))
-
-
-def summary_line(metrics: dict[str, Any]) -> str:
-    """One line for the end of a run."""
-    metric = metrics["metric"]
-    value = metrics["final"][metric]
-    shown = "n/a" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.4f}"
-    cfg = metrics["config"]
-    replicas = cfg.get("data_parallel", 1)
-    layout = (
-        f"{cfg['gpus']} stages"
-        if replicas == 1
-        else f"{cfg['gpus'] // replicas} stages x {replicas} replicas"
-    )
-    return (
-        f"{cfg['task']} {cfg['method']} ({layout}): test {metric} {shown} after "
-        f"{len(metrics['epochs'])} epochs, {metrics['mini_batches']} mini-batches, {metrics['wall_s']:.1f} s"
-    )

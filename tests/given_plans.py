@@ -7,10 +7,10 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from pipeoptim.compiler.assignment import PartitionResult
 from pipeoptim.compiler.costmodel import CostConfig
-from pipeoptim.compiler.partition import PartitionResult
 from pipeoptim.compiler.plan import Plan, plan_from_assignment
-from pipeoptim.compiler.profile import load_or_profile
+from pipeoptim.compiler.profile_cache import load_or_profile
 from pipeoptim.compiler.trace import trace
 
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch.utils import _pytree as pytree
 
-from pipeoptim.compiler.codegen import build_stages, run_stages
+from pipeoptim.compiler.codegen import run_stages, stage_modules
 from pipeoptim.compiler.costmodel import CostConfig
 from pipeoptim.compiler.plan import Plan, make_plan
 from pipeoptim.compiler.profile import profile_model
@@ -35,7 +35,7 @@ def test_stages_equal_the_model(factory, stages: int) -> None:
     traced = trace(model, inputs)
     graph = profile_model(traced, inputs, repeats=1, warmup=0)
     plan = make_plan(graph, CostConfig(stages, bandwidth=1e9))
-    modules = build_stages(traced, plan)
+    modules = stage_modules(traced, plan)
     assert len(modules) == stages and all(m.code for m in modules)
     expected_out, expected_grads = outputs_and_grads(reference, reference, inputs)
 
@@ -77,7 +77,7 @@ def test_plan_round_trips_through_json(tmp_path) -> None:
     again = Plan.load(tmp_path / "plan.json")
     assert again.stage_of == plan.stage_of and again.io == plan.io
     assert again.summary["bottleneck_s"] == plan.summary["bottleneck_s"]
-    run = run_stages(build_stages(traced, again), inputs)
+    run = run_stages(stage_modules(traced, again), inputs)
     torch.testing.assert_close(run[0], model(*inputs)[0])
 
 
@@ -86,4 +86,4 @@ def test_plan_of_another_model_is_refused() -> None:
     plan = make_plan(profile_model(trace(model, inputs), inputs, repeats=1, warmup=0), CostConfig(2))
     other, other_inputs = mlp(depth=4)
     with pytest.raises(CodegenError, match="another graph"):
-        build_stages(trace(other, other_inputs), plan)
+        stage_modules(trace(other, other_inputs), plan)

@@ -257,3 +257,17 @@ def test_checkpoint_of_2x2_loads_into_any_layout(tmp_path: Path, stages: int, re
     assert got == pytest.approx(expected, rel=1e-5, abs=1e-6)
     for key, value in final.items():
         torch.testing.assert_close(state[key], value, rtol=1e-5, atol=1e-6)
+
+
+def test_replicated_local_executor_implements_the_executor_protocol() -> None:
+    """Every method of ``Executor`` with the same parameter names (as tests/test_architecture.py
+    checks for the other executors)."""
+    import inspect
+
+    from pipeoptim.runtime.launch import Executor
+    from pipeoptim.runtime.replicas import ReplicatedLocalExecutor
+
+    for name, fn in vars(Executor).items():
+        if inspect.isfunction(fn) and not name.startswith("_"):
+            have = inspect.signature(getattr(ReplicatedLocalExecutor, name)).parameters
+            assert list(have) == list(inspect.signature(fn).parameters), name

@@ -10,8 +10,8 @@ import pytest
 from pipeoptim.compiler import partition as P
 from pipeoptim.compiler.costgraph import CostGraph
 from pipeoptim.compiler.costmodel import CostConfig, evaluate
+from pipeoptim.compiler.grouping import fine_units
 from pipeoptim.compiler.ideals import enumerate_ideals
-from pipeoptim.compiler.units import fine_units
 
 from .conftest import random_cost_graph
 

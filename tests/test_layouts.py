@@ -13,7 +13,7 @@ import pytest
 from click.testing import CliRunner
 
 from pipeoptim.cli.main import cli
-from pipeoptim.compiler import partition as P
+from pipeoptim.compiler import baselines as P
 from pipeoptim.compiler.costgraph import CostGraph, CostNode
 from pipeoptim.compiler.costmodel import CostConfig
 from pipeoptim.compiler.layouts import choose_layout, rows_factor, scale_rows

@@ -8,10 +8,11 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from pipeoptim.compiler import baselines as B
 from pipeoptim.compiler import partition as P
 from pipeoptim.compiler.costgraph import CostGraph
 from pipeoptim.compiler.costmodel import CostConfig, evaluate
-from pipeoptim.compiler.units import coarsen, fine_units
+from pipeoptim.compiler.grouping import coarsen, fine_units
 from pipeoptim.errors import InfeasibleMemoryError, PlanError
 
 from .conftest import random_cost_graph
@@ -53,7 +54,7 @@ def test_ilp_equals_brute_force(seed: int, size: int, chain: bool, config: CostC
     """With ``ideals`` the exact DP over ideals answers; without, the ILP itself."""
     graph = random_cost_graph(random.Random(seed), size, chain=chain)
     try:
-        best = P.brute_force(graph, config)
+        best = B.brute_force(graph, config)
     except PlanError:
         with pytest.raises(InfeasibleMemoryError) as info:
             P.ilp(graph, config, max_units=1000, gap=1e-9, ideals=ideals)
@@ -78,7 +79,7 @@ def test_ilp_equals_brute_force(seed: int, size: int, chain: bool, config: CostC
 def test_ilp_equals_dp_on_chains(seed: int, size: int, stages: int, bandwidth: float | None) -> None:
     graph = random_cost_graph(random.Random(seed), size, chain=True)
     config = CostConfig(stages, bandwidth=bandwidth)
-    dp = P.chain_dp(graph, config)
+    dp = B.chain_dp(graph, config)
     result = P.ilp(graph, config, max_units=1000, gap=1e-9, ideals=False)
     assert dp is not None
     assert bottleneck(graph, result.stage_of, config) == pytest.approx(
@@ -92,12 +93,12 @@ def test_ilp_never_worse_than_baselines(seed: int, size: int, stages: int) -> No
     graph = random_cost_graph(random.Random(seed), size, max_inputs=3)
     config = CostConfig(stages, bandwidth=800.0)
     ilp = bottleneck(graph, P.ilp(graph, config, max_units=1000, ideals=False).stage_of, config)
-    for name, baseline in P.BASELINES.items():
+    for name, baseline in B.BASELINES.items():
         result = baseline(graph, config)
         assert_valid(graph, result.stage_of, config)
         other = bottleneck(graph, result.stage_of, config)
         assert ilp <= other * (1 + 1e-4), name
-    dp = P.chain_dp(graph, config)
+    dp = B.chain_dp(graph, config)
     assert dp is not None and ilp <= bottleneck(graph, dp.stage_of, config) * (1 + 1e-4)
 
 
@@ -161,7 +162,7 @@ def test_shared_gpu_cost_graphs_plan(shared_dir, name: str) -> None:
     result = P.ilp(graph, config)
     assert_valid(graph, result.stage_of, config)
     ilp = bottleneck(graph, result.stage_of, config)
-    for baseline in P.BASELINES.values():
+    for baseline in B.BASELINES.values():
         assert ilp <= bottleneck(graph, baseline(graph, config).stage_of, config) * (1 + 1e-3)
 
 

@@ -9,7 +9,8 @@ from torch import nn
 
 import pipeoptim
 from pipeoptim.compiler.trace import trace
-from pipeoptim.runtime.policies import insert_policy, make_policy
+from pipeoptim.runtime.build import insert_policy
+from pipeoptim.runtime.policies import make_policy
 from pipeoptim.runtime.predictors import get_predictor, predict
 
 

@@ -9,10 +9,12 @@ import pytest
 import torch
 
 from pipeoptim.compiler.costgraph import CostGraph
-from pipeoptim.compiler.profile import load_or_measure_update_cost, load_or_profile, profile_model
+from pipeoptim.compiler.profile import profile_model
+from pipeoptim.compiler.profile_cache import load_or_profile
 from pipeoptim.compiler.trace import trace
 from pipeoptim.errors import ProfileError
 from pipeoptim.examples import mlp, transformer
+from pipeoptim.update_cost import load_or_measure_update_cost
 
 
 def test_every_compute_node_has_measured_forward_and_backward() -> None:

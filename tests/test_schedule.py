@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import pytest
 
+from pipeoptim.methods import get_method
 from pipeoptim.runtime.schedule import (
     BACKWARD,
     FORWARD,
     STEP,
-    Schedule,
+    Action,
+    Op,
     actions,
     count_version_differences,
     format_actions,
+    schedule_for,
 )
 
 
@@ -77,14 +80,14 @@ def test_async_1f1b_steps_after_every_backward_and_counts_version_differences(st
 
 
 def test_online_schedule_with_flushes_matches_counts() -> None:
-    schedule = Schedule("async-1f1b", 3)
+    schedules = [schedule_for(k, "async-1f1b", 3) for k in range(3)]
     lists = [[], [], []]
     for n in (5, 2, 4):
         for _ in range(n):
-            for k, new in enumerate(schedule.on_mini_batch()):
-                lists[k] += new
-        for k, new in enumerate(schedule.on_flush()):
-            lists[k] += new
+            for k, schedule in enumerate(schedules):
+                lists[k] += schedule.on_mini_batch()
+        for k, schedule in enumerate(schedules):
+            lists[k] += schedule.on_flush()
     for acts in lists:
         assert ops(acts, FORWARD) == list(range(11)) == sorted(ops(acts, BACKWARD))
         assert count_version_differences(acts) == {
@@ -113,6 +116,68 @@ def test_2bw_steps_every_m_backwards() -> None:
 
 def test_bad_schedule_arguments() -> None:
     with pytest.raises(ValueError, match="unknown schedule"):
-        Schedule("zigzag", 2)
+        schedule_for(0, "zigzag", 2)
     with pytest.raises(ValueError, match="positive"):
-        Schedule("1f1b", 0)
+        schedule_for(0, "1f1b", 0)
+    with pytest.raises(ValueError, match=r"stage 2 is not one of the 2 stages \(0\.\.1\)"):
+        schedule_for(2, "1f1b", 2)
+
+
+# The exact action lists of every method for N = 4 stages, M = 4 micro-batches per mini-batch
+# (1 for the methods that do not split mini-batches), two mini-batches and a flush. gpipe and
+# 1f1b are the tables of their papers (GPipe fig. 2c; PipeDream-Flush / Megatron-LM 1F1B):
+# warm-up of N-k-1 forwards, then one forward and one backward in turn, then the cool-down.
+# The asynchronous lists step after every backward (every M-th for 2bw) and annotate each
+# forward with the steps before its backward (s = N-k-1 in the steady state).
+EXACT = {
+    "gpipe": [
+        "F0 F1 F2 F3 B0 B1 B2 B3 S0 F4 F5 F6 F7 B4 B5 B6 B7 S1",
+        "F0 F1 F2 F3 B0 B1 B2 B3 S0 F4 F5 F6 F7 B4 B5 B6 B7 S1",
+        "F0 F1 F2 F3 B0 B1 B2 B3 S0 F4 F5 F6 F7 B4 B5 B6 B7 S1",
+        "F0 F1 F2 F3 B0 B1 B2 B3 S0 F4 F5 F6 F7 B4 B5 B6 B7 S1",
+    ],
+    "1f1b": [
+        "F0 F1 F2 F3 B0 B1 B2 B3 S0 F4 F5 F6 F7 B4 B5 B6 B7 S1",
+        "F0 F1 F2 B0 F3 B1 B2 B3 S0 F4 F5 F6 B4 F7 B5 B6 B7 S1",
+        "F0 F1 B0 F2 B1 F3 B2 B3 S0 F4 F5 B4 F6 B5 F7 B6 B7 S1",
+        "F0 B0 F1 B1 F2 B2 F3 B3 S0 F4 B4 F5 B5 F6 B6 F7 B7 S1",
+    ],
+    "async": [  # pipedream, pipeoptim, spectrain, none: M = 1, one step per backward
+        "F0 F1(s=1) F2(s=2) F3(s=3) B0 S0 B1 S1 B2 S2 B3 S3",
+        "F0 F1(s=1) F2(s=2) B0 S0 F3(s=2) B1 S1 B2 S2 B3 S3",
+        "F0 F1(s=1) B0 S0 F2(s=1) B1 S1 F3(s=1) B2 S2 B3 S3",
+        "F0 B0 S0 F1 B1 S1 F2 B2 S2 F3 B3 S3",
+    ],
+    "2bw": [
+        "F0 F1 F2 F3 B0 F4(s=1) B1 F5(s=1) B2 F6(s=1) B3 S0 F7 B4 B5 B6 B7 S1",
+        "F0 F1 F2 B0 F3 B1 F4(s=1) B2 F5(s=1) B3 S0 F6 B4 F7 B5 B6 B7 S1",
+        "F0 F1 B0 F2 B1 F3 B2 F4(s=1) B3 S0 F5 B4 F6 B5 F7 B6 B7 S1",
+        "F0 B0 F1 B1 F2 B2 F3 B3 S0 F4 B4 F5 B5 F6 B6 F7 B7 S1",
+    ],
+}
+
+
+@pytest.mark.parametrize("method", ["gpipe", "1f1b", "pipedream", "pipeoptim", "spectrain", "none", "2bw"])
+def test_exact_actions_per_method_n4_m4(method: str) -> None:
+    info = get_method(method)
+    micro = 4 if info.micro_batched else 1
+    steps_every = micro if info.policy == "2bw" else 1
+    mini_batches = 4 if micro == 1 else 2
+    lists = actions(info.schedule, 4, mini_batches, micro, steps_every)
+    key = method if method in EXACT else "async"
+    assert [" ".join(str(a) for a in acts) for acts in lists] == EXACT[key]
+    # each stage generates its own list alone
+    for k in range(4):
+        alone = schedule_for(k, info.schedule, 4, micro, steps_every)
+        own = [a for _ in range(mini_batches) for a in alone.on_mini_batch()] + alone.on_flush()
+        assert own == lists[k]
+
+
+def test_action_str_round_trip() -> None:
+    for acts in actions("async-1f1b", 4, 3, micro_batches=4, steps_every=4):
+        assert [Action.from_str(str(a)) for a in acts] == acts
+    assert Action.from_str("F3(s=2)") == Action(Op.FORWARD, 3, 2)
+    assert Action.from_str("S1").op is Op.STEP and str(Op.BACKWARD) == "B"
+    for bad in ("X1", "F", "B3(s=1)", "F3(s=)", " F3"):
+        with pytest.raises(ValueError, match="not an action"):
+            Action.from_str(bad)

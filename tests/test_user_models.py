@@ -241,14 +241,16 @@ def test_loss_that_is_neither_mean_nor_sum_is_refused() -> None:
 
 
 def test_schedule_of_a_smaller_last_mini_batch() -> None:
-    from pipeoptim.runtime.schedule import Schedule, format_actions
+    from pipeoptim.runtime.schedule import format_actions, schedule_for
 
-    schedule = Schedule("1f1b", 2, micro_batches=4)
-    schedule.on_mini_batch()
-    assert format_actions(schedule.on_mini_batch(2)) == "stage 0: F4 F5 B4 B5 S1\nstage 1: F4 B4 F5 B5 S1"
-    assert schedule.on_mini_batch()[0][0].micro_batch == 8  # numbering stays mini_batch * M + j
+    schedules = [schedule_for(k, "1f1b", 2, micro_batches=4) for k in range(2)]
+    for schedule in schedules:
+        schedule.on_mini_batch()
+    smaller = [schedule.on_mini_batch(2) for schedule in schedules]
+    assert format_actions(smaller) == "stage 0: F4 F5 B4 B5 S1\nstage 1: F4 B4 F5 B5 S1"
+    assert schedules[0].on_mini_batch()[0].micro_batch == 8  # numbering stays mini_batch * M + j
     with pytest.raises(ValueError, match=r"1\.\.1 micro-batches, not 2"):
-        Schedule("async-1f1b", 2).on_mini_batch(2)
+        schedule_for(0, "async-1f1b", 2).on_mini_batch(2)
 
 
 class BatchNormCNN(nn.Module):

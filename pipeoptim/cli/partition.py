@@ -11,15 +11,16 @@ import torch
 from pipeoptim.cli.loading import ModelSpecError, load_model
 from pipeoptim.cli.options import BANDWIDTH, BYTES, DTYPE, GPUS, LAYOUT_WIDTH, SHAPE, torch_device
 from pipeoptim.compiler import plan_model, profile_model
+from pipeoptim.compiler.baselines import BASELINES
 from pipeoptim.compiler.costgraph import CostGraph
 from pipeoptim.compiler.costmodel import CostConfig, optimizer_state_factor
 from pipeoptim.compiler.layouts import choose_layout
-from pipeoptim.compiler.partition import BASELINES
 from pipeoptim.compiler.plan import make_plan
 from pipeoptim.compiler.plot import plot_plan
-from pipeoptim.compiler.profile import device_name, load_or_measure_update_cost
+from pipeoptim.compiler.profile import device_name
 from pipeoptim.errors import PipeoptimError
 from pipeoptim.methods import METHODS
+from pipeoptim.update_cost import load_or_measure_update_cost
 
 
 def _log(msg: str) -> None:

@@ -9,8 +9,9 @@ import click
 from pipeoptim.cli.options import GPUS
 from pipeoptim.errors import PipeoptimError
 from pipeoptim.methods import METHODS
+from pipeoptim.records import summary_line
 from pipeoptim.tasks import TASKS
-from pipeoptim.training import OPTIMIZERS, SEQUENTIAL, TrainConfig, summary_line, train
+from pipeoptim.training import OPTIMIZERS, SEQUENTIAL, TrainConfig, train
 
 
 @click.command("train")

@@ -17,7 +17,7 @@ from pipeoptim.compiler.costgraph import CostGraph
 from pipeoptim.compiler.costmodel import CostConfig
 from pipeoptim.compiler.hooks import hooks_silenced
 from pipeoptim.compiler.plan import Plan, make_plan
-from pipeoptim.compiler.profile import load_or_profile
+from pipeoptim.compiler.profile_cache import load_or_profile
 from pipeoptim.compiler.trace import TracedModel, trace
 
 

@@ -51,7 +51,7 @@ def check_plan_matches(traced: TracedModel, plan: Plan) -> None:
             )
 
 
-def build_stage(traced: TracedModel, plan: Plan, stage: int) -> fx.GraphModule:
+def stage_module(traced: TracedModel, plan: Plan, stage: int) -> fx.GraphModule:
     """The submodule of stage ``stage``: ``module(*inputs) -> tuple(outputs)``.
 
     Raises:
@@ -83,9 +83,9 @@ def build_stage(traced: TracedModel, plan: Plan, stage: int) -> fx.GraphModule:
     return gm
 
 
-def build_stages(traced: TracedModel, plan: Plan) -> list[fx.GraphModule]:
+def stage_modules(traced: TracedModel, plan: Plan) -> list[fx.GraphModule]:
     """All stage submodules, in order."""
-    return [build_stage(traced, plan, k) for k in range(plan.num_stages)]
+    return [stage_module(traced, plan, k) for k in range(plan.num_stages)]
 
 
 def run_stages(stages: Sequence[torch.nn.Module], inputs: Sequence[Any]) -> tuple[Any, ...]:

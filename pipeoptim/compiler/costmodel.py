@@ -17,7 +17,7 @@ counted on each. Stage k receives ``A[k-1]`` and ``G[k]`` and sends ``A[k]`` and
 ``P_k`` are its parameter bytes: the optimizer steps once per micro-batch in asynchronous 1F1B
 and once per M micro-batches when a mini-batch is split (GPipe, 1F1B, 2BW), and PipeOptim and
 SpecTrain compute their predicted weights before every forward (costs per byte measured with
-:func:`pipeoptim.runtime.optim.measure_update_cost`).
+:func:`pipeoptim.update_cost.measure_update_cost`).
 
 Stage memory (bytes) of stage k of N::
 

@@ -20,7 +20,7 @@ from __future__ import annotations
 import numpy as np
 
 from pipeoptim.compiler.costmodel import CostConfig
-from pipeoptim.compiler.units import LAST, Units
+from pipeoptim.compiler.grouping import LAST, Units
 
 #: Default cap on the number of ideals (the program holds a few ideals x ideals matrices).
 MAX_IDEALS = 1500

@@ -20,7 +20,7 @@ import numpy as np
 import pulp
 
 from pipeoptim.compiler.costmodel import CostConfig
-from pipeoptim.compiler.units import LAST, Units
+from pipeoptim.compiler.grouping import LAST, Units
 from pipeoptim.errors import PlanError
 
 _MS = 1e3  # the ILP works in milliseconds ...

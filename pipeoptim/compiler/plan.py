@@ -14,7 +14,9 @@ from typing import Any
 
 from tabulate import tabulate
 
+from pipeoptim.compiler import baselines
 from pipeoptim.compiler import partition as partitioners
+from pipeoptim.compiler.assignment import PartitionResult
 from pipeoptim.compiler.costgraph import CostGraph
 from pipeoptim.compiler.costmodel import CostConfig, StageStats, evaluate, summarize
 from pipeoptim.errors import PlanError
@@ -212,7 +214,7 @@ def make_plan(
 
     Args:
         partitioner: ``"ilp"`` (default), ``"chain_dp"``, or a baseline from
-            :data:`pipeoptim.compiler.partition.BASELINES`.
+            :data:`pipeoptim.compiler.baselines.BASELINES`.
         solver, time_limit, max_units, ideals: passed to :func:`pipeoptim.compiler.partition.ilp`.
 
     Raises:
@@ -224,17 +226,17 @@ def make_plan(
             graph, config, solver=solver, time_limit=time_limit, max_units=max_units, ideals=ideals
         )
     elif partitioner == "chain_dp":
-        result = partitioners.chain_dp(graph, config)
+        result = baselines.chain_dp(graph, config)
         assert result is not None
-    elif partitioner in partitioners.BASELINES:
-        result = partitioners.BASELINES[partitioner](graph, config)
+    elif partitioner in baselines.BASELINES:
+        result = baselines.BASELINES[partitioner](graph, config)
     else:
-        names = ", ".join(["ilp", "chain_dp", *partitioners.BASELINES])
+        names = ", ".join(["ilp", "chain_dp", *baselines.BASELINES])
         raise PlanError(f"unknown partitioner {partitioner!r}; choose one of {names}")
     return plan_from_assignment(graph, config, result)
 
 
-def plan_from_assignment(graph: CostGraph, config: CostConfig, result: partitioners.PartitionResult) -> Plan:
+def plan_from_assignment(graph: CostGraph, config: CostConfig, result: PartitionResult) -> Plan:
     """The :class:`Plan` of an assignment of nodes to stages (``result.stage_of``, in the
     order of ``graph.nodes``), with its costs evaluated under ``config``.
 

@@ -8,17 +8,16 @@ here: they follow from the optimizer class at planning time (see
 :func:`pipeoptim.compiler.partition.optimizer_state_factor`).
 
 Profiles are cached under ``profiles/`` keyed by the graph hash, the input shapes and dtypes,
-the device name and the torch version (:func:`load_or_profile`).
+the device name and the torch version (:func:`pipeoptim.compiler.profile_cache.load_or_profile`).
 """
 
 from __future__ import annotations
 
 import copy
-import json
 import platform
 import statistics
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -28,10 +27,10 @@ from torch.fx.node import _get_qualified_name
 from torch.utils import _pytree as pytree
 
 from pipeoptim.compiler.costgraph import CostGraph, CostNode
+from pipeoptim.compiler.saved_bytes import saved_bytes
 from pipeoptim.compiler.shapes import length_slopes
 from pipeoptim.compiler.trace import TracedModel, node_module
 from pipeoptim.errors import ProfileError
-from pipeoptim.fileio import write_json
 
 
 def device_name(device: torch.device) -> str:
@@ -202,46 +201,6 @@ def _measure_node(
     return statistics.median(fwd), statistics.median(bwd)
 
 
-class _SavedBytes(fx.Interpreter):
-    """Runs the whole graph once, with gradients, and attributes every storage autograd saves
-    for the backward to the first node that saves it (parameters excluded).
-
-    A tensor saved by two operations (a ReLU's output, saved by the ReLU and by the linear
-    layer that reads it) is held once, so it is counted once; measuring nodes one by one on
-    fresh inputs would count it twice. A saved parameter gets the id ``param:<name>``: a stage
-    that does not own it (a tied weight used in a later stage) receives it as an activation
-    and keeps that (:func:`pipeoptim.compiler.costmodel.saved_activation_bytes`).
-    """
-
-    def __init__(self, gm: fx.GraphModule) -> None:
-        super().__init__(gm)
-        self.saved: dict[str, int] = {}
-        self.storages: dict[str, dict[str, int]] = {}  # node -> {storage id: bytes}
-        self._owner: dict[int, str] = {}
-        self._params = {  # frozen parameters are state, never sent: no id
-            p.untyped_storage().data_ptr(): f"param:{name}" if p.requires_grad else ""
-            for name, p in gm.named_parameters()
-        }
-        self._node = ""
-
-    def run_node(self, n: fx.Node) -> Any:
-        self._node = n.name
-        return super().run_node(n)
-
-    def pack(self, t: torch.Tensor) -> torch.Tensor:
-        storage = t.untyped_storage()
-        ptr = storage.data_ptr()
-        if ptr in self._params:
-            if self._params[ptr]:
-                self.storages.setdefault(self._node, {})[self._params[ptr]] = storage.nbytes()
-            return t
-        if ptr not in self._owner:
-            self._owner[ptr] = str(len(self._owner))
-            self.saved[self._node] = self.saved.get(self._node, 0) + storage.nbytes()
-        self.storages.setdefault(self._node, {})[self._owner[ptr]] = storage.nbytes()
-        return t
-
-
 def _loss_saved_bytes(output: fx.Node, env: dict[fx.Node, Any]) -> int:
     """Estimate of what the loss keeps for its backward (the loss function is not in the
     graph): one copy of the model's floating outputs that need a gradient, as cross-entropy
@@ -252,15 +211,6 @@ def _loss_saved_bytes(output: fx.Node, env: dict[fx.Node, Any]) -> int:
         for t in pytree.tree_leaves(values)
         if isinstance(t, torch.Tensor) and t.is_floating_point() and t.requires_grad
     )
-
-
-def _saved_bytes(gm: fx.GraphModule, inputs: Sequence[torch.Tensor]) -> _SavedBytes:
-    """Saved activations per node name (see :class:`_SavedBytes`)."""
-    counter = _SavedBytes(gm)
-    with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(counter.pack, lambda t: t):
-        out = counter.run(*inputs)
-    del out  # the saved tensors stay alive until here, so no storage address is reused
-    return counter
 
 
 def _outputs_at(gm: fx.GraphModule, inputs: Sequence[torch.Tensor]) -> dict[fx.Node, Any]:
@@ -350,7 +300,7 @@ def profile_model(
     outputs = {n: recorder.env[n] for n in gm.graph.nodes if n.op != "output"}
     dims = _batch_dims(gm, inputs, {n: (v, None) for n, v in outputs.items()})
     slopes = length_slopes(gm, inputs, outputs, lambda xs: _outputs_at(gm, xs))
-    saved = _saved_bytes(gm, inputs)
+    saved = saved_bytes(gm, inputs)
     trainable = dict(gm.named_parameters(remove_duplicate=False))
     nodes: list[CostNode] = []
     for node in gm.graph.nodes:
@@ -444,124 +394,3 @@ def _target_name(node: fx.Node) -> str:
         return _get_qualified_name(node.target)
     except (RuntimeError, AttributeError):
         return str(node.target)
-
-
-def load_or_profile(
-    traced: TracedModel,
-    example_inputs: Sequence[torch.Tensor],
-    *,
-    profile_dir: str | Path | None = "profiles",
-    device: torch.device | str | None = None,
-    warmup: int = 2,
-    repeats: int = 5,
-    log: Callable[[str], None] = lambda _msg: None,
-) -> tuple[CostGraph, bool]:
-    """Return a saved profile with the same key, or measure and save a new one.
-
-    The file is ``<profile_dir>/<model>-<key hash>.json``. A profile of the same model with
-    another key is never reused: ``log`` says which part of the key changed, then the model is
-    profiled again. An unreadable file is reported through ``log`` and replaced.
-
-    Returns:
-        ``(cost graph, reused)``.
-    """
-    device = torch.device(device) if device is not None else example_inputs[0].device
-    key = profile_key(traced, example_inputs, device)
-    if profile_dir is None:
-        return profile_model(traced, example_inputs, device=device, warmup=warmup, repeats=repeats), False
-    folder = Path(profile_dir)
-    probe = CostGraph(model=traced.model_name, nodes=[], batch_size=0, key=key)
-    path = folder / f"{traced.model_name}-{probe.key_hash}.json"
-    if path.exists():
-        try:
-            graph = CostGraph.load(path)
-        except ProfileError as exc:
-            log(f"not reusing {path}: {exc}")
-        else:
-            if graph.key == key:
-                log(f"reusing profile {path} (same graph, inputs, device and torch version)")
-                return graph, True
-            log(f"not reusing {path}: its key differs ({_key_diff(graph.key, key)})")
-    else:
-        for other in sorted(folder.glob(f"{traced.model_name}-*.json")):
-            try:
-                old = CostGraph.load(other)
-            except ProfileError:
-                continue
-            log(f"profiling again: {other} was made for another setting ({_key_diff(old.key, key)})")
-            break
-    graph = profile_model(traced, example_inputs, device=device, warmup=warmup, repeats=repeats)
-    graph.save(path)
-    log(f"saved profile {path} ({graph.info['profile_wall_s']:.2f} s to measure)")
-    return graph, False
-
-
-def _key_diff(old: dict, new: dict) -> str:
-    names = {
-        "graph_hash": "model graph",
-        "inputs": "input shapes/dtypes",
-        "device": "device",
-        "torch": "torch version",
-        "measures": "profiler version",
-    }
-    diffs = [
-        f"{names.get(k, k)}: {old.get(k)!s:.60} -> {new.get(k)!s:.60}"
-        for k in sorted(set(old) | set(new))
-        if old.get(k) != new.get(k)
-    ]
-    return "; ".join(diffs) or "same key"
-
-
-UPDATE_COSTS_FILE = "update-costs.json"
-
-
-def load_or_measure_update_cost(
-    optimizer_class: type[torch.optim.Optimizer],
-    defaults: Mapping[str, Any],
-    device: torch.device | str = "cpu",
-    *,
-    profile_dir: str | Path | None = "profiles",
-    log: Callable[[str], None] = lambda _msg: None,
-) -> tuple[float, float]:
-    """:func:`pipeoptim.runtime.optim.measure_update_cost`, remembered in
-    ``<profile_dir>/update-costs.json`` under the optimizer class, its defaults, the device and
-    the torch version, so that later plans of the same model and setting get the same figures
-    (a plan must not change with timing noise). ``profile_dir=None`` always measures.
-
-    Returns:
-        ``(step seconds per parameter byte, prediction seconds per parameter byte)``.
-
-    Raises:
-        UpdateCostError: the optimizer cannot step a test parameter.
-    """
-    from pipeoptim.runtime.optim import measure_update_cost
-
-    device = torch.device(device)
-    if profile_dir is None:
-        return measure_update_cost(optimizer_class, defaults, device)
-    key = json.dumps(
-        {
-            "optimizer": f"{optimizer_class.__module__}.{optimizer_class.__qualname__}",
-            "defaults": {k: repr(v) for k, v in sorted(defaults.items()) if k != "params"},
-            "device": device_name(device),
-            "torch": torch.__version__,
-        },
-        sort_keys=True,
-    )
-    path = Path(profile_dir) / UPDATE_COSTS_FILE
-    table: dict[str, Any] = {}
-    if path.exists():
-        try:
-            table = json.loads(path.read_text())
-            if not isinstance(table, dict):
-                raise ValueError("not a JSON object")
-        except (OSError, ValueError) as exc:
-            log(f"measuring optimizer update costs again: {path} is unreadable ({exc})")
-            table = {}
-    saved = table.get(key)
-    if isinstance(saved, list) and len(saved) == 2 and all(isinstance(v, float) for v in saved):
-        return saved[0], saved[1]
-    costs = measure_update_cost(optimizer_class, defaults, device)
-    table[key] = list(costs)
-    write_json(path, table)
-    return costs

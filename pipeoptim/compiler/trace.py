@@ -33,6 +33,7 @@ import torch.fx as fx
 from torch import nn
 from torch.utils import _pytree as pytree
 
+from pipeoptim.compiler.normalise import normalise
 from pipeoptim.compiler.shapes import sequence_inputs
 from pipeoptim.errors import TraceError
 
@@ -310,7 +311,7 @@ def trace(
                 + "; ".join(f"{k} ({v})" for k, v in auto_leaves.items()),
                 stacklevel=2,
             )
-    input_names, out_spec = _normalise(gm, method, len(inputs))
+    input_names, out_spec = normalise(gm, method, len(inputs))
     traced = TracedModel(
         gm=gm,
         method=method,
@@ -323,140 +324,6 @@ def trace(
     )
     traced.graph_hash = graph_hash(gm)
     return traced
-
-
-def _normalise(gm: fx.GraphModule, method: str, n_inputs: int) -> tuple[list[str], Any]:
-    """Put the graph in the form the compiler expects.
-
-    - flat inputs and a flat output tuple (the output structure is kept as a pytree spec);
-    - no export guard calls, no asserts on specialised arguments, no unused ``get_attr``;
-    - in export graphs, dropout, attention dropout and batch normalisation become calls of
-      submodules that follow ``.train()`` / ``.eval()`` (:class:`TrainingModeOp`);
-    - each ``get_attr`` sits right before its first user, so that a parameter and the
-      operation using it are neighbours in the node order.
-    """
-    graph = gm.graph
-    if method == "export":
-        out_spec = graph._codegen.pytree_info.out_spec
-        graph._codegen = fx.graph.CodeGen()
-        for attr in ("_in_spec", "_out_spec"):  # the flat interface replaces them
-            if hasattr(gm, attr):
-                delattr(gm, attr)
-    for node in list(graph.nodes):
-        guard = node.op == "call_module" and node.target == "_guards_fn"
-        assert_none = node.op == "call_function" and node.target is torch.fx._symbolic_trace._assert_is_none
-        if guard or assert_none:
-            graph.erase_node(node)
-    if method == "export":
-        _rewrite_training_ops(gm)
-    placeholders = [n for n in graph.nodes if n.op == "placeholder"]
-    for extra in placeholders[n_inputs:]:
-        if extra.users:
-            raise TraceError(f"argument {extra.target!r} is used by the graph but has no example input")
-        graph.erase_node(extra)
-    output = next(n for n in graph.nodes if n.op == "output")
-    if method == "fx":
-        flat, out_spec = pytree.tree_flatten(output.args[0])
-        output.args = (tuple(flat),)
-    else:
-        result = output.args[0]
-        output.args = (tuple(result) if isinstance(result, (tuple, list)) else (result,),)
-    for node in list(graph.nodes):
-        if node.op == "get_attr" and not node.users:
-            graph.erase_node(node)
-        elif node.op == "get_attr" and _is_state_of_its_users(_fetch(gm, node.target)):
-            # A module cannot be sent between stages, and a buffer (running statistics, a
-            # positional encoding) belongs to the stage that uses it: each user gets its own
-            # reference, so every stage using it holds it, saves it and loads it.
-            for user in list(node.users)[1:]:
-                with graph.inserting_before(user):
-                    copy = graph.get_attr(node.target)
-                copy.meta = dict(node.meta)
-                user.replace_input_with(node, copy)
-    order = {n: i for i, n in enumerate(graph.nodes)}
-    for node in list(graph.nodes):
-        if node.op == "get_attr":
-            node_first = min(node.users, key=order.__getitem__)
-            node_first.prepend(node)
-    for node in graph.nodes:  # drop fake tensors and the like: keep what the compiler reads
-        node.meta = {k: v for k, v in node.meta.items() if k in ("nn_module_stack", "stack_trace")}
-    graph.lint()
-    gm.recompile()
-    return [n.name for n in graph.nodes if n.op == "placeholder"], out_spec
-
-
-def _is_state_of_its_users(value: Any) -> bool:
-    """Modules and non-trainable tensors (buffers, frozen parameters, constants)."""
-    if isinstance(value, nn.Module):
-        return True
-    return isinstance(value, torch.Tensor) and not (isinstance(value, nn.Parameter) and value.requires_grad)
-
-
-def _fetch(gm: fx.GraphModule, target: str) -> Any:
-    obj: Any = gm
-    for part in target.split("."):
-        obj = getattr(obj, part)
-    return obj
-
-
-class TrainingModeOp(nn.Module):
-    """Call an ATen operator with one argument that follows ``.train()`` / ``.eval()``.
-
-    ``torch.export`` bakes the training flag of dropout and batch normalisation into the
-    graph as a constant; this module puts the switch back: argument ``index`` becomes
-    ``train_value`` in training mode and ``eval_value`` in evaluation mode.
-    """
-
-    def __init__(self, op: Any, index: int, train_value: Any, eval_value: Any) -> None:
-        super().__init__()
-        self.op = op
-        self.index = index
-        self.train_value = train_value
-        self.eval_value = eval_value
-
-    def forward(self, *args: Any, **kwargs: Any) -> Any:
-        args_list = list(args)
-        args_list[self.index] = self.train_value if self.training else self.eval_value
-        return self.op(*args_list, **kwargs)
-
-    def extra_repr(self) -> str:
-        return f"{self.op}, arg {self.index}: train={self.train_value!r} eval={self.eval_value!r}"
-
-
-def _training_op(node: fx.Node) -> tuple[str, nn.Module] | None:
-    """Name and module replacing an export node whose behaviour depends on training mode."""
-    aten = torch.ops.aten
-    if node.op != "call_function":
-        return None
-    if node.target is aten.dropout.default:
-        return "dropout", nn.Dropout(float(node.args[1]))
-    if node.target is aten.scaled_dot_product_attention.default:
-        p = node.args[4] if len(node.args) > 4 else node.kwargs.get("dropout_p", 0.0)
-        if p and len(node.args) > 4:
-            return "attention", TrainingModeOp(node.target, 4, float(p), 0.0)
-    if node.target is aten.batch_norm.default and node.args[3] is not None:
-        return "batch_norm", TrainingModeOp(node.target, 5, True, False)
-    return None
-
-
-def _rewrite_training_ops(gm: fx.GraphModule) -> None:
-    """Give export graphs their train/eval switch back (see :class:`TrainingModeOp`)."""
-    counts: dict[str, int] = {}
-    for node in list(gm.graph.nodes):
-        found = _training_op(node)
-        if found is None:
-            continue
-        kind, module = found
-        name = f"{kind}_{counts.get(kind, 0)}"
-        counts[kind] = counts.get(kind, 0) + 1
-        gm.add_submodule(name, module)
-        args = node.args[:1] if kind == "dropout" else node.args
-        kwargs = {} if kind == "dropout" else node.kwargs
-        with gm.graph.inserting_before(node):
-            new = gm.graph.call_module(name, args, kwargs)
-        new.meta = dict(node.meta)
-        node.replace_all_uses_with(new)
-        gm.graph.erase_node(node)
 
 
 def graph_hash(gm: fx.GraphModule) -> str:

@@ -14,20 +14,22 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+import torch.fx as fx
 from torch import nn
 
 from pipeoptim.batchnorm import commit_batch_norm, has_deferred
-from pipeoptim.compiler.codegen import build_stage as codegen_stage
+from pipeoptim.compiler.codegen import stage_module
 from pipeoptim.compiler.plan import Plan
 from pipeoptim.compiler.trace import TracedModel, trace
 from pipeoptim.errors import PlanError
 from pipeoptim.methods import get_method
 from pipeoptim.microbatch import CheckedLoss, Reduction
 from pipeoptim.runtime.optim import mirror
-from pipeoptim.runtime.policies import insert_policy, make_policy
+from pipeoptim.runtime.policies import make_policy
 from pipeoptim.runtime.precision import under_autocast
-from pipeoptim.runtime.schedule import Schedule
+from pipeoptim.runtime.schedule import Schedule, schedule_for
 from pipeoptim.runtime.stage import StageRuntime
+from pipeoptim.runtime.weight_policy import WeightPolicy
 
 
 @dataclass
@@ -65,11 +67,11 @@ class PipelineSpec:
         """Ranks of the layout: N stages × R replicas."""
         return self.plan.num_stages * self.data_parallel
 
-    def schedule(self) -> Schedule:
-        """The schedule of the method (PipeDream-2BW steps every M micro-batches)."""
+    def schedule(self, stage: int) -> Schedule:
+        """The schedule of the method at ``stage`` (PipeDream-2BW steps every M micro-batches)."""
         method = get_method(self.method)
         steps_every = self.micro_batches if method.policy == "2bw" else 1
-        return Schedule(method.schedule, self.num_stages, self.micro_batches, steps_every)
+        return schedule_for(stage, method.schedule, self.num_stages, self.micro_batches, steps_every)
 
     def trace(self) -> TracedModel:
         return trace(self.model, self.example_inputs, self.leaf_modules)
@@ -102,7 +104,7 @@ def build_stage(
 ) -> StageRuntime:
     """The runtime of stage ``stage``: submodule with its weight policy, optimizer, loss."""
     plan = spec.plan
-    module = codegen_stage(traced, plan, stage)
+    module = stage_module(traced, plan, stage)
     method = get_method(spec.method)
     policy = make_policy(method.policy, **spec.policy_options) if method.asynchronous else None
     if policy is not None:
@@ -169,3 +171,34 @@ def _alias_lookup(aliases: dict[str, list[str]], params: dict[str, nn.Parameter]
             if other in params:
                 out[name] = other
     return out
+
+
+def insert_policy(gm: fx.GraphModule, policy: WeightPolicy) -> dict[str, nn.Parameter]:
+    """Route every trainable parameter of ``gm`` through ``policy`` in the graph.
+
+    Each ``get_attr`` of a parameter gets a call ``<name>_<graph_name> =
+    self.<graph_name>(<name>, '<qualified name>')`` after it, used in its place. Returns the
+    stage's trainable parameters by the names used in the graph.
+    """
+    by_name = dict(gm.named_parameters(remove_duplicate=False))
+    params = {
+        str(n.target): by_name[str(n.target)]
+        for n in gm.graph.nodes
+        if n.op == "get_attr" and str(n.target) in by_name and by_name[str(n.target)].requires_grad
+    }
+    if policy.graph_name is None:
+        return params
+    gm.add_submodule(policy.graph_name, policy)
+    for node in list(gm.graph.nodes):
+        if node.op == "get_attr" and str(node.target) in params:
+            with gm.graph.inserting_after(node):
+                new = gm.graph.create_node(
+                    "call_module",
+                    policy.graph_name,
+                    (node, str(node.target)),
+                    name=f"{node.name}_{'hat' if policy.graph_name == 'predict' else policy.graph_name}",
+                )
+            node.replace_all_uses_with(new, delete_user_cb=lambda user, new=new: user is not new)
+    gm.graph.lint()
+    gm.recompile()
+    return params

@@ -109,34 +109,21 @@ class DistChannel:
         self.grad_mask_in = list(grad_mask_in)
         self.grad_mask_out = list(grad_mask_out)
         self.sizes: dict[int, int] = {}
-        self.data: dict[int, tuple[Any, Any, float, int]] = {}
         self.losses: list[tuple[int, float]] = []
         self.send_window = send_window if send_window is not None else 2 * world
         self._sends: deque[list[tuple[Any, torch.Tensor]]] = deque([[]])  # one group per action
         self._posted: dict[tuple[str, int], list[Any]] = {}
 
-    # -- data given by the driver ----------------------------------------------------
+    # -- micro-batch sizes ------------------------------------------------------------
 
-    def add_micro_batch(
-        self, micro_batch: int, size: int, inputs: Any, targets: Any, scale: float, mini: int
-    ) -> None:
+    def expect(self, micro_batch: int, size: int) -> None:
+        """Micro-batch ``micro_batch`` has ``size`` rows (the receive buffers' batch size)."""
         self.sizes[micro_batch] = size
-        self.data[micro_batch] = (inputs, targets, scale, mini)
 
     def inputs(self, micro_batch: int) -> Sequence[Any]:
-        if self.rank == 0:
-            return self.data[micro_batch][0]
+        """The activations of ``micro_batch`` from the previous stage (not at stage 0)."""
         leaves = self._wait(("act", micro_batch))
         return rebuild(self.plan, self.in_names, leaves)
-
-    def targets(self, micro_batch: int) -> Any:
-        return self.data[micro_batch][1]
-
-    def scale(self, micro_batch: int) -> float:
-        return self.data[micro_batch][2]
-
-    def mini_batch(self, micro_batch: int) -> int:
-        return self.data[micro_batch][3]
 
     def loss(self, micro_batch: int, value: torch.Tensor) -> None:
         self.losses.append((micro_batch, float(value)))
@@ -149,8 +136,7 @@ class DistChannel:
         return float(value.item())
 
     def done(self, micro_batch: int) -> None:
-        """Forget a micro-batch's data and size once this stage has finished it."""
-        self.data.pop(micro_batch, None)
+        """Forget a micro-batch's size once this stage has finished it."""
         self.sizes.pop(micro_batch, None)
 
     # -- sending ---------------------------------------------------------------------

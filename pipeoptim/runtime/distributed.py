@@ -26,6 +26,7 @@ import torch
 import torch.multiprocessing as mp
 
 from pipeoptim.errors import PeerLostError, PipelineError, PipeoptimError
+from pipeoptim.microbatch import Rows
 from pipeoptim.runtime.build import PipelineSpec
 from pipeoptim.runtime.executor import MiniBatch
 from pipeoptim.runtime.procmem import resident_bytes
@@ -318,6 +319,13 @@ class ProcessExecutor:
     def flush(self) -> None:
         self._request("flush")
 
+    def share_batch_size(self, batch: Rows | None) -> Rows | None:
+        """``batch`` itself: this process hands every stage its inputs."""
+        return batch
+
+    def wait_loss(self, micro_batch: int) -> None:
+        """Nothing to drive: the watcher thread delivers the losses."""
+
     def forward_only(self, chunks: list[tuple[Any, ...]], sizes: list[int]) -> list[Any]:
         replies = self._request("eval", {r: (chunks if r == 0 else None, sizes) for r in range(self.world)})
         return replies[self.num_stages - 1]
@@ -337,7 +345,7 @@ class ProcessExecutor:
         self._request("load_state", dict.fromkeys(range(self.world), state))
 
     def optimizer_state(self) -> dict[str, Any]:
-        from pipeoptim.runtime.stage import merge_optimizer_states
+        from pipeoptim.runtime.stage_state import merge_optimizer_states
 
         replies = self._request("optimizer_state")
         return merge_optimizer_states([replies[r] for r in range(self.num_stages)])  # replica 0

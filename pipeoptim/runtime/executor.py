@@ -15,11 +15,12 @@ from typing import Any, Protocol
 
 import torch
 
+from pipeoptim.errors import PipelineStalledError
+from pipeoptim.microbatch import Rows
 from pipeoptim.runtime.procmem import resident_bytes
 from pipeoptim.runtime.schedule import BACKWARD, FORWARD, STEP, Action, Schedule
-from pipeoptim.runtime.stage import (
-    StageRuntime,
-    detach_values,
+from pipeoptim.runtime.stage import StageRuntime, detach_values
+from pipeoptim.runtime.stage_state import (
     load_optimizer_state,
     load_stage_state,
     merge_optimizer_states,
@@ -49,24 +50,42 @@ class MiniBatch:
     hyper: list[dict] = field(default_factory=list)
 
 
+@dataclass(frozen=True)
+class MicroBatch:
+    """What the driver gives a stage for one micro-batch (it never travels between stages).
+
+    Attributes:
+        index: global index of the micro-batch (``mini_batch · M + j``).
+        mini_batch: index of its mini-batch.
+        scale: its share of the mini-batch loss (:mod:`pipeoptim.microbatch`).
+        inputs: the model inputs (stage 0 only, else ``None``).
+        targets: the targets (the last stage only, else ``None``).
+    """
+
+    index: int
+    mini_batch: int
+    scale: float
+    inputs: tuple[Any, ...] | None = None
+    targets: Any = None
+
+
 class Channel(Protocol):
-    """How a stage gets and gives values for one micro-batch."""
+    """How a stage receives and sends values between stages (transport only)."""
 
     def inputs(self, micro_batch: int) -> Sequence[Any]: ...
-    def targets(self, micro_batch: int) -> Any: ...
     def send_activations(self, micro_batch: int, values: Any) -> None: ...
     def grads(self, micro_batch: int) -> Sequence[Any]: ...
     def send_grads(self, micro_batch: int, grads: Sequence[Any]) -> None: ...
     def loss(self, micro_batch: int, value: torch.Tensor) -> None: ...
-    def scale(self, micro_batch: int) -> float: ...
-    def mini_batch(self, micro_batch: int) -> int: ...
     def total_squared_grad_norm(self, own: float) -> float: ...
 
 
 class StageState:
-    """Bookkeeping of one stage between actions: the micro-batch of its last backward."""
+    """Bookkeeping of one stage between actions: the micro-batches given to it and not yet
+    forwarded (:class:`MicroBatch`), and the micro-batch of its last backward."""
 
     def __init__(self) -> None:
+        self.given: dict[int, MicroBatch] = {}
         self.last_backward: int | None = None
 
 
@@ -74,11 +93,10 @@ def run_action(stage: StageRuntime, action: Action, channel: Channel, state: Sta
     """Carry out ``action`` on ``stage``, reading and writing values through ``channel``."""
     mb = action.micro_batch
     if action.op == FORWARD:
-        inputs = channel.inputs(mb)
-        targets = channel.targets(mb) if stage.is_last else None
-        out = stage.forward(
-            mb, inputs, targets, action.version_diff, channel.scale(mb), channel.mini_batch(mb)
-        )
+        given = state.given.pop(mb)
+        inputs = given.inputs if stage.index == 0 else channel.inputs(mb)
+        targets = given.targets if stage.is_last else None
+        out = stage.forward(mb, inputs, targets, action.version_diff, given.scale, given.mini_batch)
         if stage.is_last:
             channel.loss(mb, out)
         else:
@@ -103,12 +121,7 @@ class _Mailbox:
         self.stage = stage
 
     def inputs(self, micro_batch: int) -> Sequence[Any]:
-        if self.stage == 0:
-            return self.ex.data[micro_batch][0]
         return self.ex.activations.pop((self.stage, micro_batch))
-
-    def targets(self, micro_batch: int) -> Any:
-        return self.ex.data[micro_batch][1]
 
     def send_activations(self, micro_batch: int, values: Any) -> None:
         self.ex.activations[(self.stage + 1, micro_batch)] = values
@@ -124,12 +137,6 @@ class _Mailbox:
     def loss(self, micro_batch: int, value: torch.Tensor) -> None:
         self.ex.on_loss(micro_batch, value)
 
-    def scale(self, micro_batch: int) -> float:
-        return self.ex.data[micro_batch][2]
-
-    def mini_batch(self, micro_batch: int) -> int:
-        return self.ex.data[micro_batch][3]
-
     def total_squared_grad_norm(self, own: float) -> float:
         return self.ex.round_squared_norm(self.stage)
 
@@ -143,23 +150,22 @@ class LocalExecutor:
 
     Args:
         stages: the stage runtimes, in order.
-        schedule: the schedule generator.
+        schedules: the schedule of each stage.
         on_loss: called as ``on_loss(micro_batch, loss)`` when the last stage has a loss.
     """
 
     def __init__(
         self,
         stages: Sequence[StageRuntime],
-        schedule: Schedule,
+        schedules: Sequence[Schedule],
         on_loss: Callable[[int, torch.Tensor], None],
     ) -> None:
         self.stages = list(stages)
-        self.schedule = schedule
+        self.schedules = list(schedules)
         self.on_loss = on_loss
         self.queues: list[deque[Action]] = [deque() for _ in self.stages]
         self.states = [StageState() for _ in self.stages]
         self.channels = [_Mailbox(self, k) for k in range(len(self.stages))]
-        self.data: dict[int, tuple[Any, Any, float, int]] = {}
         self.activations: dict[tuple[int, int], Any] = {}
         self.gradients: dict[tuple[int, int], Any] = {}
         self._clip_total: float | None = None  # Σ‖g_k‖² of the steps being taken together
@@ -167,19 +173,24 @@ class LocalExecutor:
 
     def submit(self, batch: MiniBatch) -> None:
         """Feed a mini-batch and run every action that can run."""
-        first = batch.index * self.schedule.micro_batches
+        first = batch.index * self.schedules[0].micro_batches
+        last = len(self.stages) - 1
         for j, (inputs, targets, scale) in enumerate(zip(batch.inputs, batch.targets, batch.scales)):
-            self.data[first + j] = (inputs, targets, scale, batch.index)
-            for stage in self.stages:
+            for k, (stage, state) in enumerate(zip(self.stages, self.states)):
+                state.given[first + j] = MicroBatch(
+                    first + j, batch.index, scale, inputs if k == 0 else None, targets if k == last else None
+                )
                 stage.set_hyperparameters(first + j, batch.hyper)
-        self._extend(self.schedule.on_mini_batch(len(batch.sizes)))
+        self._extend([s.on_mini_batch(len(batch.sizes)) for s in self.schedules])
 
     def flush(self) -> None:
         """Run the cool-down: every micro-batch in flight finishes its backward."""
-        self._extend(self.schedule.on_flush())
+        self._extend([s.on_flush() for s in self.schedules])
         if any(self.queues):
-            raise RuntimeError(
-                "pipeline stalled: " + ", ".join(f"stage {k}: {q[0]}" for k, q in enumerate(self.queues) if q)
+            waiting = ", ".join(f"stage {k}: {q[0]}" for k, q in enumerate(self.queues) if q)
+            raise PipelineStalledError(
+                f"pipeline stalled ({waiting}): the schedule is inconsistent; report it with the "
+                "method, the number of stages and of micro-batches"
             )
 
     def _extend(self, new: list[list[Action]]) -> None:
@@ -219,12 +230,20 @@ class LocalExecutor:
                 while queue and self._ready(k, queue[0]):
                     action = queue.popleft()
                     run_action(self.stages[k], action, self.channels[k], self.states[k])
-                    if action.op == FORWARD and k == len(self.stages) - 1:
-                        self.data.pop(action.micro_batch)  # stage 0 has read it before
                     progress = True
 
-    def forward_only(self, chunks: Sequence[tuple[Any, ...]]) -> list[tuple[Any, ...]]:
-        """Run each chunk of inputs through all stages in evaluation mode (flat outputs)."""
+    def share_batch_size(self, batch: Rows | None) -> Rows | None:
+        """``batch`` itself: this process has every stage."""
+        return batch
+
+    def wait_loss(self, micro_batch: int) -> None:
+        """Nothing to wait for: the losses are computed inside :meth:`submit` and :meth:`flush`."""
+
+    def forward_only(
+        self, chunks: Sequence[tuple[Any, ...]], sizes: Sequence[Rows] = ()
+    ) -> list[tuple[Any, ...]]:
+        """Run each chunk of inputs through all stages in evaluation mode (flat outputs);
+        ``sizes`` is not needed, as the chunks are here."""
         return [forward_chain([s.module for s in self.stages], chunk) for chunk in chunks]
 
     def state_dict(self) -> dict[str, torch.Tensor]:
@@ -249,7 +268,11 @@ class LocalExecutor:
         return [s.policy.peak_versions if s.policy is not None else 1 for s in self.stages]
 
     def resume(self, mini_batches: int) -> None:
-        self.schedule.resume(mini_batches, self.stages[0].steps)
+        for schedule in self.schedules:
+            schedule.resume(mini_batches, self.stages[0].steps)
+
+    def close(self) -> None:
+        """Nothing to end: the stages live in this process."""
 
 
 @torch.no_grad()

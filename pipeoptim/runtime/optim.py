@@ -9,8 +9,6 @@ optimizer drives every stage.
 from __future__ import annotations
 
 import inspect
-import statistics
-import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -109,84 +107,3 @@ def apply_hyperparameters(
                 group[key].fill_(value)
             else:
                 group[key] = value
-
-
-class UpdateCostError(RuntimeError):
-    """The optimizer could not be timed on a test parameter."""
-
-
-def builtin_base(optimizer_class: type[Optimizer]) -> type[Optimizer] | None:
-    """The first class in ``optimizer_class``'s MRO defined in ``torch.optim`` (itself for
-    ``torch.optim.AdamW``; ``SGD`` for a user's ``class Clipped(SGD)``), not counting the
-    abstract ``torch.optim.Optimizer``; ``None`` if there is none."""
-    for cls in optimizer_class.__mro__:
-        if cls is not Optimizer and cls.__module__.startswith("torch.optim.") and issubclass(cls, Optimizer):
-            return cls
-    return None
-
-
-def measure_update_cost(
-    optimizer_class: type[Optimizer],
-    defaults: Mapping[str, Any],
-    device: torch.device | str = "cpu",
-    numel: int = 1 << 20,
-    repeats: int = 5,
-) -> tuple[float, float]:
-    """Seconds per parameter byte of one optimizer step, and of one weight prediction.
-
-    Times the ``torch.optim`` class ``optimizer_class`` is or derives from (:func:`builtin_base`,
-    with the user's defaults) stepping one ``numel``-element float32 parameter with a fresh
-    gradient each time (median of ``repeats`` after two warm-up steps), and its predictor
-    (:mod:`pipeoptim.runtime.predictors`) computing ``Ŵ = W - 2·U`` on it (0 without a
-    predictor). A subclass's own ``__init__`` and ``step()`` are user code and are not run
-    (their extra cost, if any, is not in the figure). Feeds
-    :class:`pipeoptim.compiler.costmodel.CostConfig`.
-
-    Raises:
-        UpdateCostError: ``optimizer_class`` derives from no ``torch.optim`` optimizer (it is
-            not timed: that would run its ``step()`` at compile time), or the base class
-            cannot step a test parameter.
-    """
-    from pipeoptim.errors import PredictorError
-    from pipeoptim.runtime.predictors import get_predictor, predict
-
-    base = builtin_base(optimizer_class)
-    if base is None:
-        raise UpdateCostError(
-            f"{optimizer_class.__name__} derives from no torch.optim optimizer, and timing it would run "
-            "its step() at compile time"
-        )
-    optimizer_class = base
-    device = torch.device(device)
-    param = torch.nn.Parameter(torch.randn(numel, device=device))
-    accepted = inspect.signature(optimizer_class.__init__).parameters
-    optimizer = optimizer_class(
-        [param], **{k: v for k, v in defaults.items() if k in accepted and k != "params"}
-    )
-
-    def timed(fn: Any) -> float:
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        start = time.perf_counter()
-        fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        return time.perf_counter() - start
-
-    steps = []
-    for _ in range(2 + repeats):
-        param.grad = torch.randn_like(param)
-        try:
-            steps.append(timed(optimizer.step))
-        except Exception as exc:  # a custom optimizer may not step on a lone parameter
-            raise UpdateCostError(
-                f"{optimizer_class.__name__}.step() failed on a test parameter: {exc}"
-            ) from exc
-    nbytes = numel * param.element_size()
-    try:
-        predictor = get_predictor(optimizer)
-    except PredictorError:
-        return statistics.median(steps[2:]) / nbytes, 0.0
-    group, state = optimizer.param_groups[0], optimizer.state[param]
-    predicts = [timed(lambda: predict(param, state, group, 2, predictor)) for _ in range(2 + repeats)]
-    return statistics.median(steps[2:]) / nbytes, statistics.median(predicts[2:]) / nbytes

@@ -26,12 +26,14 @@ import torch
 import torch.distributed as dist
 
 from pipeoptim.compiler.trace import TracedModel
-from pipeoptim.errors import PipelineError
+from pipeoptim.errors import PipelineError, PipelineStalledError
+from pipeoptim.microbatch import Rows
 from pipeoptim.runtime.allreduce import GroupAllReduce, sum_in_memory
 from pipeoptim.runtime.build import PipelineSpec, build_stage
 from pipeoptim.runtime.executor import LocalExecutor, MiniBatch
 from pipeoptim.runtime.schedule import STEP, Action, Schedule
-from pipeoptim.runtime.stage import StageRuntime, merge_optimizer_states
+from pipeoptim.runtime.stage import StageRuntime
+from pipeoptim.runtime.stage_state import merge_optimizer_states
 
 LossCallback = Callable[..., None]
 
@@ -49,6 +51,40 @@ def replica_ranks(stage: int, num_stages: int, replicas: int) -> list[int]:
 def replica_seed(seed: int, replica: int) -> int:
     """The dropout seed of a replica (replica 0 keeps the user's, so R = 1 is unchanged)."""
     return seed + 1_000_003 * 7919 * replica
+
+
+def check_layout(gpus: int, data_parallel: int) -> int:
+    """N, the stages of ``gpus`` devices as ``data_parallel`` replicas.
+
+    Raises:
+        ValueError: ``data_parallel`` is not a positive integer dividing ``gpus``.
+    """
+    if not isinstance(data_parallel, int) or isinstance(data_parallel, bool) or data_parallel < 1:
+        raise ValueError(f"data_parallel must be a positive integer (replicas), got {data_parallel!r}")
+    if gpus % data_parallel:
+        raise ValueError(
+            f"gpus={gpus} cannot hold {data_parallel} equal replicas: use a data_parallel that "
+            f"divides gpus (stages = gpus / data_parallel)"
+        )
+    return gpus // data_parallel
+
+
+def check_replicated_options(data_parallel: int, max_grad_norm: float | None, batch_norm: str) -> None:
+    """Refuse what replicas do not support yet.
+
+    Raises:
+        ValueError: ``max_grad_norm`` or ``batch_norm="deferred"`` with more than one replica.
+    """
+    if data_parallel > 1 and max_grad_norm is not None:
+        raise ValueError(
+            "max_grad_norm with data_parallel > 1 is not supported yet (the global norm would need "
+            "the replicas' summed gradients): leave max_grad_norm unset or use data_parallel=1"
+        )
+    if data_parallel > 1 and batch_norm == "deferred":
+        raise ValueError(
+            "batch_norm='deferred' with data_parallel > 1 is not supported yet (the running "
+            "statistics would need every replica's rows): use batch_norm='micro-batch'"
+        )
 
 
 def micro_batch_count(batch: int, micro_batches: int, replicas: int) -> int:
@@ -89,10 +125,10 @@ class _Replica(LocalExecutor):
         group: ReplicatedLocalExecutor,
         replica: int,
         stages: Sequence[StageRuntime],
-        schedule: Schedule,
+        schedules: Sequence[Schedule],
         on_loss: LossCallback,
     ) -> None:
-        super().__init__(stages, schedule, lambda mb, value: on_loss(mb, value, replica))
+        super().__init__(stages, schedules, lambda mb, value: on_loss(mb, value, replica))
         self.group = group
         self.replica = replica
 
@@ -116,19 +152,21 @@ class ReplicatedLocalExecutor:
 
     Args:
         replicas: per replica, its stage runtimes in order.
-        schedule: makes one schedule per replica (the same action lists in each).
+        schedule: ``schedule(stage)`` makes a stage's schedule (the same in every replica).
         on_loss: ``on_loss(micro_batch, loss, replica)``.
     """
 
     def __init__(
         self,
         replicas: Sequence[Sequence[StageRuntime]],
-        schedule: Callable[[], Schedule],
+        schedule: Callable[[int], Schedule],
         on_loss: LossCallback,
     ) -> None:
-        self.replicas = [_Replica(self, r, stages, schedule(), on_loss) for r, stages in enumerate(replicas)]
         self.num_stages = len(replicas[0])
-        self.schedule = self.replicas[0].schedule
+        self.replicas = [
+            _Replica(self, r, stages, [schedule(k) for k in range(self.num_stages)], on_loss)
+            for r, stages in enumerate(replicas)
+        ]
         self._stepped: list[set[int]] = [set() for _ in range(self.num_stages)]
         for r, executor in enumerate(self.replicas):
             for stage in executor.stages:
@@ -171,7 +209,7 @@ class ReplicatedLocalExecutor:
 
     def flush(self) -> None:
         for executor in self.replicas:
-            executor._extend(executor.schedule.on_flush())
+            executor._extend([s.on_flush() for s in executor.schedules])
         self._run()
         stalled = [
             f"replica {r} stage {k}: {q[0]}"
@@ -180,10 +218,23 @@ class ReplicatedLocalExecutor:
             if q
         ]
         if stalled:
-            raise RuntimeError("pipeline stalled: " + ", ".join(stalled))
+            raise PipelineStalledError(
+                f"pipeline stalled ({', '.join(stalled)}): the schedule is inconsistent; report it with "
+                "the method, the number of stages, of replicas and of micro-batches"
+            )
 
-    def forward_only(self, chunks: Sequence[tuple[Any, ...]]) -> list[tuple[Any, ...]]:
-        return self.replicas[0].forward_only(chunks)
+    def share_batch_size(self, batch: Rows | None) -> Rows | None:
+        """``batch`` itself: this process has every stage."""
+        return batch
+
+    def wait_loss(self, micro_batch: int) -> None:
+        """Nothing to wait for: the losses are computed inside :meth:`submit` and :meth:`flush`."""
+
+    def forward_only(
+        self, chunks: Sequence[tuple[Any, ...]], sizes: Sequence[Rows] = ()
+    ) -> list[tuple[Any, ...]]:
+        """Replica 0 evaluates (the replicas hold the same weights)."""
+        return self.replicas[0].forward_only(chunks, sizes)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         return self.replicas[0].state_dict()
@@ -212,6 +263,9 @@ class ReplicatedLocalExecutor:
     def resume(self, mini_batches: int) -> None:
         for executor in self.replicas:
             executor.resume(mini_batches)
+
+    def close(self) -> None:
+        """Nothing to end: the stages live in this process."""
 
 
 def replica_copy(spec: PipelineSpec, replica: int) -> PipelineSpec:

@@ -1,16 +1,23 @@
-"""Pipeline schedules as plain lists of actions, one list per stage.
+"""Pipeline schedules as plain lists of actions, generated per stage.
 
 An :class:`Action` is a forward (``F``) or backward (``B``) pass of one micro-batch, or an
-optimizer step (``S``). Schedules are generated *online*: :meth:`Schedule.on_mini_batch`
-returns the actions each stage appends when the next mini-batch arrives and
-:meth:`Schedule.on_flush` those that drain the pipeline, so a training loop that does not
-know its length in advance runs exactly the lists :func:`actions` prints.
+optimizer step (``S``) (:class:`Op`). Each stage (each rank) generates only its own actions
+(:func:`schedule_for`), *online*: :meth:`Schedule.on_mini_batch` returns the actions the stage
+appends when the next mini-batch arrives and :meth:`Schedule.on_flush` those that drain the
+pipeline, so a training loop that does not know its length in advance runs exactly the lists
+:func:`actions` prints.
 
 - ``gpipe`` (Huang et al., NeurIPS 2019): all forwards of the mini-batch's M micro-batches,
   then all backwards, then one step (flush every mini-batch).
 - ``1f1b`` (PipeDream-Flush, Narayanan et al. SC 2021 / Megatron-LM): stage k of N (0-based)
   runs a warm-up of ``min(N-k-1, M)`` forwards, then one forward and one backward in turn
-  (steady state), then the remaining backwards (cool-down), then one step.
+  (steady state), then the remaining backwards (cool-down), then one step. N = 4, M = 4::
+
+      stage 0: F0 F1 F2 F3 B0 B1 B2 B3 S0      warm-up F0 F1 F2, steady F3 B0, cool-down B1 B2 B3
+      stage 1: F0 F1 F2 B0 F3 B1 B2 B3 S0
+      stage 2: F0 F1 B0 F2 B1 F3 B2 B3 S0
+      stage 3: F0 B0 F1 B1 F2 B2 F3 B3 S0      no warm-up at the last stage
+
 - ``async-1f1b`` (PipeDream, Narayanan et al. SOSP 2019): the same pattern over an endless
   stream of mini-batches with no flush; every stage steps its optimizer after each backward.
   With ``steps_every=M`` (PipeDream-2BW) the stream is of micro-batches and the step follows
@@ -26,22 +33,38 @@ warm-up after a flush, where fewer steps intervene.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
+from enum import Enum
 
-FORWARD, BACKWARD, STEP = "F", "B", "S"
+
+class Op(str, Enum):
+    """What an action does: ``F`` forward, ``B`` backward, ``S`` optimizer step."""
+
+    FORWARD = "F"
+    BACKWARD = "B"
+    STEP = "S"
+
+    def __str__(self) -> str:
+        return self.value
+
+
+FORWARD, BACKWARD, STEP = Op.FORWARD, Op.BACKWARD, Op.STEP
+_ACTION = re.compile(r"([FBS])(\d+)(?:\(s=(\d+)\))?")
 
 
 @dataclass(frozen=True)
 class Action:
-    """One unit of work of one stage.
+    """One unit of work of one stage; ``str(action)`` is ``F3``, ``F3(s=2)``, ``B3`` or ``S1``
+    and :meth:`from_str` reads it back.
 
     Attributes:
-        op: ``"F"`` forward, ``"B"`` backward, ``"S"`` optimizer step.
+        op: forward, backward or optimizer step.
         micro_batch: global index of the micro-batch (F and B); for S, the index of the step.
         version_diff: for F, optimizer steps between this forward and its backward.
     """
 
-    op: str
+    op: Op
     micro_batch: int
     version_diff: int = 0
 
@@ -50,59 +73,79 @@ class Action:
             return f"F{self.micro_batch}(s={self.version_diff})"
         return f"{self.op}{self.micro_batch}"
 
+    @classmethod
+    def from_str(cls, text: str) -> Action:
+        """The action ``str(action)`` wrote.
+
+        Raises:
+            ValueError: ``text`` is not ``F<n>``, ``F<n>(s=<n>)``, ``B<n>`` or ``S<n>``.
+        """
+        match = _ACTION.fullmatch(text)
+        if match is None or (match[3] is not None and match[1] != "F"):
+            raise ValueError(f"not an action: {text!r} (expected F3, F3(s=2), B3 or S1)")
+        return cls(Op(match[1]), int(match[2]), int(match[3] or 0))
+
 
 class Schedule:
-    """Online generator of per-stage action lists (see the module docstring).
+    """Online generator of one stage's actions (see the module docstring); build it with
+    :func:`schedule_for`.
 
     Args:
         kind: ``"gpipe"``, ``"1f1b"`` or ``"async-1f1b"``.
         num_stages: N.
+        stage: k, this stage (0-based).
         micro_batches: M, micro-batches per mini-batch.
         steps_every: for ``async-1f1b``, step after every ``steps_every``-th backward
             (1 for PipeDream and PipeOptim, M for PipeDream-2BW).
 
     Raises:
-        ValueError: unknown kind or non-positive counts.
+        ValueError: unknown kind, non-positive counts, or a stage outside ``0..N-1``.
     """
 
     KINDS = ("gpipe", "1f1b", "async-1f1b")
 
-    def __init__(self, kind: str, num_stages: int, micro_batches: int = 1, steps_every: int = 1) -> None:
+    def __init__(
+        self, kind: str, num_stages: int, stage: int, micro_batches: int = 1, steps_every: int = 1
+    ) -> None:
         if kind not in self.KINDS:
             raise ValueError(f"unknown schedule {kind!r}; choose one of {', '.join(self.KINDS)}")
         if num_stages < 1 or micro_batches < 1 or steps_every < 1:
             raise ValueError("num_stages, micro_batches and steps_every must be positive")
+        if not 0 <= stage < num_stages:
+            raise ValueError(f"stage {stage} is not one of the {num_stages} stages (0..{num_stages - 1})")
         self.kind = kind
         self.num_stages = num_stages
+        self.stage = stage
         self.micro_batches = micro_batches
         self.steps_every = steps_every
         self._next_micro_batch = 0
-        self._steps = [0] * num_stages
-        # async state, per stage: micro-batches forwarded / backwarded since the last flush
+        self._steps = 0
+        # async state: micro-batches forwarded / backwarded since the last flush
         self._segment_start = 0
         self._forwarded = 0
-        self._backwarded = [0] * num_stages
-        self._since_step = [0] * num_stages
+        self._backwarded = 0
+        self._since_step = 0
 
     @property
     def asynchronous(self) -> bool:
         return self.kind == "async-1f1b"
+
+    @property
+    def warmup(self) -> int:
+        """Forwards this stage runs before its first backward: ``N - k - 1``."""
+        return self.num_stages - self.stage - 1
 
     def resume(self, mini_batches: int, steps: int) -> None:
         """Continue numbering after ``mini_batches`` mini-batches and ``steps`` steps, with an
         empty pipeline (as after a flush; used when training resumes from a checkpoint)."""
         self._next_micro_batch = self._segment_start = mini_batches * self.micro_batches
         self._forwarded = 0
-        self._backwarded = [0] * self.num_stages
-        self._since_step = [0] * self.num_stages
-        self._steps = [steps] * self.num_stages
+        self._backwarded = 0
+        self._since_step = 0
+        self._steps = steps
 
-    def warmup(self, stage: int) -> int:
-        """Forwards stage ``stage`` runs before its first backward: ``N - k - 1``."""
-        return self.num_stages - stage - 1
-
-    def on_mini_batch(self, count: int | None = None) -> list[list[Action]]:
-        """Actions each stage runs once the next mini-batch has arrived.
+    def on_mini_batch(self, count: int | None = None) -> list[Action]:
+        """Actions this stage runs once the next mini-batch has arrived.
 
         Args:
             count: micro-batches of this mini-batch (default M); a smaller last mini-batch
@@ -120,86 +163,89 @@ class Schedule:
         self._next_micro_batch += self.micro_batches
         mbs = list(range(first, first + count))
         if self.kind == "gpipe":
-            return [self._sync(stage, mbs, mbs) for stage in range(self.num_stages)]
+            return self._sync(mbs, mbs)
         if self.kind == "1f1b":
-            return [self._one_f_one_b(stage, mbs) for stage in range(self.num_stages)]
-        out: list[list[Action]] = [[] for _ in range(self.num_stages)]
+            return self._one_f_one_b(mbs)
+        out: list[Action] = []
         for mb in mbs:
             j = mb - self._segment_start
             self._forwarded += 1
-            for stage in range(self.num_stages):
-                w = self.warmup(stage)
-                done = self._backwarded[stage]
-                out[stage].append(Action(FORWARD, mb, self._version_diff(stage, j, done)))
-                if j >= w:
-                    out[stage] += self._backward_and_step(stage)
+            out.append(Action(FORWARD, mb, self._version_diff(j, self._backwarded)))
+            if j >= self.warmup:
+                out += self._backward_and_step()
         return out
 
-    def on_flush(self) -> list[list[Action]]:
+    def on_flush(self) -> list[Action]:
         """Actions that drain the pipeline (asynchronous schedules; empty for the others)."""
-        out: list[list[Action]] = [[] for _ in range(self.num_stages)]
+        out: list[Action] = []
         if not self.asynchronous:
             return out
-        for stage in range(self.num_stages):
-            while self._backwarded[stage] < self._forwarded:
-                out[stage] += self._backward_and_step(stage)
-            if self._since_step[stage]:
-                out[stage].append(self._step(stage))
+        while self._backwarded < self._forwarded:
+            out += self._backward_and_step()
+        if self._since_step:
+            out.append(self._step())
         self._segment_start = self._next_micro_batch
         self._forwarded = 0
-        self._backwarded = [0] * self.num_stages
+        self._backwarded = 0
         return out
 
     # -- helpers ---------------------------------------------------------------------
 
-    def _step(self, stage: int) -> Action:
-        self._steps[stage] += 1
-        self._since_step[stage] = 0
-        return Action(STEP, self._steps[stage] - 1)
+    def _step(self) -> Action:
+        self._steps += 1
+        self._since_step = 0
+        return Action(STEP, self._steps - 1)
 
-    def _backward_and_step(self, stage: int) -> list[Action]:
-        mb = self._segment_start + self._backwarded[stage]
-        self._backwarded[stage] += 1
-        self._since_step[stage] += 1
+    def _backward_and_step(self) -> list[Action]:
+        mb = self._segment_start + self._backwarded
+        self._backwarded += 1
+        self._since_step += 1
         actions = [Action(BACKWARD, mb)]
-        if self._since_step[stage] == self.steps_every:
-            actions.append(self._step(stage))
+        if self._since_step == self.steps_every:
+            actions.append(self._step())
         return actions
 
-    def _version_diff(self, stage: int, j: int, backwarded: int) -> int:
-        """Steps between F of the segment's j-th micro-batch and its B at ``stage``.
+    def _version_diff(self, j: int, backwarded: int) -> int:
+        """Steps between F of the segment's j-th micro-batch and its B at this stage.
 
         The backwards ``backwarded .. j-1`` run in between (F is issued before the backward
         that arrives with it); a step follows every ``steps_every``-th backward, counted from
         the last step.
         """
         between = j - backwarded
-        return (self._since_step[stage] + between) // self.steps_every
+        return (self._since_step + between) // self.steps_every
 
-    def _sync(self, stage: int, forwards: list[int], backwards: list[int]) -> list[Action]:
+    def _sync(self, forwards: list[int], backwards: list[int]) -> list[Action]:
         actions = [Action(FORWARD, mb) for mb in forwards] + [Action(BACKWARD, mb) for mb in backwards]
-        return [*actions, self._step(stage)]
+        return [*actions, self._step()]
 
-    def _one_f_one_b(self, stage: int, mbs: list[int]) -> list[Action]:
-        warm = min(self.warmup(stage), len(mbs))
+    def _one_f_one_b(self, mbs: list[int]) -> list[Action]:
+        warm = min(self.warmup, len(mbs))
         actions = [Action(FORWARD, mb) for mb in mbs[:warm]]
         for i, mb in enumerate(mbs[warm:]):
             actions += [Action(FORWARD, mb), Action(BACKWARD, mbs[i])]
         actions += [Action(BACKWARD, mb) for mb in mbs[len(mbs) - warm :]]
-        return [*actions, self._step(stage)]
+        return [*actions, self._step()]
+
+
+def schedule_for(
+    stage: int, kind: str, num_stages: int, micro_batches: int = 1, steps_every: int = 1
+) -> Schedule:
+    """The schedule of stage ``stage`` alone (what one rank generates); see :class:`Schedule`."""
+    return Schedule(kind, num_stages, stage, micro_batches, steps_every)
 
 
 def actions(
     kind: str, num_stages: int, num_mini_batches: int, micro_batches: int = 1, steps_every: int = 1
 ) -> list[list[Action]]:
     """The complete per-stage action lists for ``num_mini_batches`` mini-batches and a flush."""
-    schedule = Schedule(kind, num_stages, micro_batches, steps_every)
-    lists: list[list[Action]] = [[] for _ in range(num_stages)]
-    for _ in range(num_mini_batches):
-        for stage, new in enumerate(schedule.on_mini_batch()):
-            lists[stage] += new
-    for stage, new in enumerate(schedule.on_flush()):
-        lists[stage] += new
+    lists: list[list[Action]] = []
+    for stage in range(num_stages):
+        schedule = schedule_for(stage, kind, num_stages, micro_batches, steps_every)
+        stage_actions: list[Action] = []
+        for _ in range(num_mini_batches):
+            stage_actions += schedule.on_mini_batch()
+        lists.append(stage_actions + schedule.on_flush())
     return lists
 
 

@@ -29,7 +29,7 @@ from pipeoptim.runtime.comm import LOSS_TAG
 from pipeoptim.runtime.executor import MiniBatch
 from pipeoptim.runtime.procmem import resident_bytes
 from pipeoptim.runtime.replicas import replica_part
-from pipeoptim.runtime.stage import merge_optimizer_states
+from pipeoptim.runtime.stage_state import merge_optimizer_states
 from pipeoptim.runtime.worker import StageProcess
 
 SIZE_TAG = 8  # batch sizes from rank 0 to the other ranks

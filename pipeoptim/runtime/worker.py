@@ -14,6 +14,7 @@ import signal
 import time
 import traceback
 from collections import deque
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -23,15 +24,11 @@ from torch.utils import _pytree as pytree
 from pipeoptim.errors import PipeoptimError
 from pipeoptim.runtime.build import PipelineSpec, aliases_of, build_stage, input_grad_mask
 from pipeoptim.runtime.comm import DistChannel
-from pipeoptim.runtime.executor import MiniBatch, StageState, forward_chain, run_action
+from pipeoptim.runtime.executor import MicroBatch, MiniBatch, StageState, forward_chain, run_action
 from pipeoptim.runtime.replicas import join_replica_groups, replica_copy, stage_and_replica
 from pipeoptim.runtime.schedule import BACKWARD, FORWARD, Action
-from pipeoptim.runtime.stage import (
-    StageRuntime,
-    load_optimizer_state,
-    load_stage_state,
-    optimizer_state,
-)
+from pipeoptim.runtime.stage import StageRuntime
+from pipeoptim.runtime.stage_state import load_optimizer_state, load_stage_state, optimizer_state
 
 
 class StageProcess:
@@ -49,7 +46,7 @@ class StageProcess:
         self.stage: StageRuntime = build_stage(replica_copy(spec, self.replica), self.traced, rank, device)
         if spec.data_parallel > 1:
             self.stage.reduce_gradients = join_replica_groups(spec, rank, timeout)
-        self.schedule = spec.schedule()
+        self.schedule = spec.schedule(rank)
         self.state = StageState()
         out_mask = input_grad_mask(spec.plan, rank + 1) if rank < self.world - 1 else []
         self.channel = DistChannel(
@@ -73,17 +70,18 @@ class StageProcess:
             targets = batch.targets[j] if batch.targets else None
             if inputs is not None:
                 inputs = tuple(x.to(self.device) for x in inputs)
-            self.channel.add_micro_batch(
-                first + j, size, inputs, _to(targets, self.device), batch.scales[j], batch.index
+            self.channel.expect(first + j, size)
+            self.state.given[first + j] = MicroBatch(
+                first + j, batch.index, batch.scales[j], inputs, _to(targets, self.device)
             )
             self.stage.set_hyperparameters(first + j, batch.hyper)
-        self._run(self.schedule.on_mini_batch(len(batch.sizes))[self.rank])
+        self._run(self.schedule.on_mini_batch(len(batch.sizes)))
         losses, self.channel.losses = self.channel.losses, []
         return losses
 
     def flush(self) -> list[tuple[int, float]]:
         """Run the cool-down and wait for every send."""
-        self._run(self.schedule.on_flush()[self.rank])
+        self._run(self.schedule.on_flush())
         self.channel.wait_sends()
         losses, self.channel.losses = self.channel.losses, []
         return losses
@@ -225,34 +223,34 @@ def worker_main(
             dist.destroy_process_group()
 
 
+def _set_measure_memory(process: StageProcess, on: Any) -> None:
+    process.stage.measure_memory = bool(on)
+
+
+#: What a worker does with each kind of command from the driver (``payload`` -> reply).
+COMMANDS: dict[str, Callable[[StageProcess, Any], Any]] = {
+    "batch": lambda process, payload: process.submit(pickle.loads(payload)),
+    "flush": lambda process, _: process.flush(),
+    "eval": lambda process, payload: process.forward_only(*payload),
+    "state": lambda process, _: process.state_dict(),
+    "load_state": StageProcess.load_state_dict,
+    "optimizer_state": lambda process, _: process.optimizer_state(),
+    "load_optimizer_state": StageProcess.load_optimizer_state,
+    "versions": lambda process, _: process.peak_versions(),
+    "timeline": lambda process, _: list(process.timeline),
+    "measure_memory": _set_measure_memory,
+    "memory": lambda process, _: process.memory_report(),
+    "resume": StageProcess.resume,
+}
+
+
 def _serve(process: StageProcess, kind: str, payload: Any) -> Any:
-    if kind == "batch":
-        return process.submit(pickle.loads(payload))
-    if kind == "flush":
-        return process.flush()
-    if kind == "eval":
-        chunks, sizes = payload
-        return process.forward_only(chunks, sizes)
-    if kind == "state":
-        return process.state_dict()
-    if kind == "load_state":
-        process.load_state_dict(payload)
-        return None
-    if kind == "optimizer_state":
-        return process.optimizer_state()
-    if kind == "load_optimizer_state":
-        process.load_optimizer_state(payload)
-        return None
-    if kind == "versions":
-        return process.peak_versions()
-    if kind == "timeline":
-        return list(process.timeline)
-    if kind == "measure_memory":
-        process.stage.measure_memory = bool(payload)
-        return None
-    if kind == "memory":
-        return process.memory_report()
-    if kind == "resume":
-        process.resume(payload)
-        return None
-    raise ValueError(f"unknown command {kind!r}")
+    """Carry out one command of kind ``kind`` (:data:`COMMANDS`); returns its reply.
+
+    Raises:
+        ValueError: an unknown kind.
+    """
+    command = COMMANDS.get(kind)
+    if command is None:
+        raise ValueError(f"unknown command {kind!r}")
+    return command(process, payload)

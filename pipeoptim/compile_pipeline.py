@@ -1,0 +1,346 @@
+"""``pipeoptim.compile``: a model and its optimizer become a pipeline-parallel trainer.
+
+Checks the request, traces, profiles and partitions the model (:mod:`pipeoptim.compiler`),
+and hands the resulting :class:`~pipeoptim.runtime.build.PipelineSpec` to a
+:class:`~pipeoptim.pipeline.Pipeline`, which starts the runtime.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import os
+import warnings
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from pipeoptim import microbatch
+from pipeoptim.batchnorm import BATCH_NORMS, defer_batch_norm
+from pipeoptim.compiler import plan_model
+from pipeoptim.compiler.costmodel import CostConfig, optimizer_state_factor
+from pipeoptim.compiler.hooks import compiled_modules_warning, dropped_hooks_warning
+from pipeoptim.compiler.plan import Plan
+from pipeoptim.compiler.shapes import plan_length
+from pipeoptim.compiler.trace import TracedModel, trace
+from pipeoptim.errors import PlanError, PredictorError
+from pipeoptim.inputs import as_tuple
+from pipeoptim.methods import METHODS, get_method
+from pipeoptim.pipeline import Pipeline
+from pipeoptim.runtime import spmd
+from pipeoptim.runtime.build import PipelineSpec
+from pipeoptim.runtime.clipping import check_clipping
+from pipeoptim.runtime.distributed import check_devices
+from pipeoptim.runtime.optim import hyperparameters, param_group_names
+from pipeoptim.runtime.precision import autocast_context, check_autocast
+from pipeoptim.runtime.predictors import VARIANTS as PREDICTOR_VARIANTS
+from pipeoptim.runtime.predictors import get_predictor
+from pipeoptim.runtime.replicas import check_layout, check_replicated_options
+from pipeoptim.units import parse_bandwidth, parse_bytes
+from pipeoptim.update_cost import UpdateCostError, load_or_measure_update_cost
+
+
+def compile(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    gpus: int = 4,
+    *,
+    example_inputs: Any,
+    loss_fn: Callable[[Any, Any], torch.Tensor],
+    loss_reduction: microbatch.Reduction = "mean",
+    batch_norm: str = "micro-batch",
+    method: str = "pipeoptim",
+    micro_batches: int | None = None,
+    memory: str | int | None = None,
+    bandwidth: str | float | None = "25GB/s",
+    profile_dir: str | os.PathLike[str] | None = "profiles",
+    plan: Plan | str | os.PathLike[str] | None = None,
+    executor: str = "auto",
+    leaf_modules: Sequence[str] = (),
+    seed: int = 0,
+    timeout: float = 300.0,
+    backward: str = "current",
+    predictor: str = "paper",
+    nan_check: str = "stages",
+    solver: str = "cbc",
+    log: Callable[[str], None] | None = None,
+    max_grad_norm: float | None = None,
+    autocast: torch.dtype | None = None,
+    data_parallel: int = 1,
+) -> Pipeline:
+    """Compile ``model`` and ``optimizer`` into a pipeline of ``gpus`` stages (or of
+    ``gpus / data_parallel`` stages, replicated ``data_parallel`` times).
+
+    Args:
+        model: any ``nn.Module``; it is copied, never changed.
+        optimizer: a ``torch.optim`` optimizer over ``model``'s parameters; each stage runs
+            one of the same class with the same per-group hyperparameters (a learning-rate
+            scheduler on it keeps working).
+        gpus: devices (worker processes, torchrun ranks): N stages × R replicas. With
+            ``data_parallel=1`` (default) it is the number of pipeline stages N.
+        example_inputs: one mini-batch of inputs (tensor or tuple), ``[batch, ...]``; the
+            plan is made for this batch size (split into micro-batches where the method
+            does). Dim 0 is the batch dimension.
+        loss_fn: ``loss_fn(model_output, targets) -> scalar tensor`` over the rows it gets.
+        loss_reduction: ``"mean"`` (default): ``loss_fn`` is the mean over its rows;
+            ``"sum"``: the sum; a function ``count(targets)``: the mean over the units it counts
+            (the non-padding tokens of a cross-entropy with ``ignore_index``). Micro-batch
+            losses are weighted to give the loss and gradient of the whole mini-batch
+            (:mod:`pipeoptim.microbatch`); a loss that is not what ``loss_reduction`` says is
+            refused at the first mini-batch split into micro-batches.
+        batch_norm: ``"micro-batch"`` (default): each micro-batch updates the BatchNorm
+            running statistics, as gradient accumulation does; ``"deferred"`` (gpipe and
+            1f1b): once per mini-batch, from all its rows (:mod:`pipeoptim.batchnorm`).
+        method: ``pipeoptim`` (default), ``pipedream``, ``2bw``, ``spectrain``, ``none``,
+            ``gpipe`` or ``1f1b`` (see :mod:`pipeoptim.methods`).
+        micro_batches: M for gpipe, 1f1b and 2bw (default N; 2bw needs M >= N).
+        memory: per-stage memory limit (``"16GiB"``, bytes) for the plan.
+        bandwidth: between stages (``"25GB/s"``, bytes/s); ``None`` ignores communication.
+        profile_dir: where profiles are cached (``None``: do not cache).
+        plan: a :class:`~pipeoptim.compiler.plan.Plan` or plan file (``pipeoptim partition
+            --save``) to use instead of planning; it must be for this model's graph, ``gpus``
+            stages and ``method``.
+        executor: ``"local"`` (all stages in this process, deterministic), ``"processes"``
+            (one worker process per stage, torch.distributed), ``"torchrun"`` (this process is
+            one rank of a torchrun job and runs its stage), or ``"auto"`` (``torchrun`` when
+            started by torchrun, else ``processes``).
+        leaf_modules: qualified names of modules to keep as single nodes. Hooks registered
+            on a module run in training (once per micro-batch, as in the plain model) only if
+            it stays a module: a leaf, or inside one; hooks that tracing drops are named in a
+            ``UserWarning`` (see :mod:`pipeoptim.compiler.hooks`).
+        seed: seed of the per-micro-batch random streams (dropout).
+        timeout: seconds any wait between stages may take before the pipeline fails.
+        backward: PipeOptim only: ``"current"`` weights (the paper) or ``"predicted"``.
+        predictor: PipeOptim only: ``"paper"`` (ΔW from the optimizer's state, the paper's
+            formula) or ``"next-step"`` (Adam/AdamW, RMSprop, Adagrad: the last gradient is
+            folded into the moments first; the real next step when the gradient repeats).
+        nan_check: ``"stages"`` (default: every stage checks its outputs, and a NaN there or
+            a NaN/inf loss stops training naming the mini-batch and the stage where it
+            appeared), ``"loss"`` (only the loss), ``"off"``.
+        solver: ILP solver, ``cbc`` or ``highs``.
+        log: receives progress messages (profiling, reuse of a saved profile).
+        max_grad_norm: clip each mini-batch's gradients by their global norm over all
+            stages, as ``torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)``
+            before ``optimizer.step()``: gpipe and 1f1b (equal to plain training), or any
+            method with one stage (see :mod:`pipeoptim.runtime.clipping` for why the
+            asynchronous methods refuse it with more). ``None``: no clipping.
+        autocast: ``torch.bfloat16``: every stage computes its forward and the loss under
+            ``torch.autocast`` (as the plain model inside that context), values cross stage
+            boundaries in the dtypes autocast gives them, and the plan is made from a profile
+            under autocast (:mod:`pipeoptim.runtime.precision`). A caller's own ``with
+            torch.autocast(...)`` does not reach worker processes: use this option.
+        data_parallel: R, replicas of the pipeline (data parallelism; ``gpus`` must be a
+            multiple): each mini-batch is split into R shares of M micro-batches, one per
+            replica, and each stage's replicas sum their gradients before every step, so GPipe
+            and 1F1B equal plain training on the whole mini-batch and the replicas stay
+            bit-identical under every method (:mod:`pipeoptim.runtime.replicas`). Rank
+            ``replica·N + stage`` runs ``stage`` of ``replica``.
+
+    Raises:
+        ValueError: a bad argument (the message says which and what is allowed).
+        PredictorError: ``method="pipeoptim"`` with an optimizer that has no predictor, or
+            ``spectrain`` without SGD momentum.
+        TraceError, ProfileError, PlanError: from the compiler.
+        PipelineError: more stages than GPUs on a CUDA machine, or a wrong torchrun world size.
+    """
+    if not isinstance(gpus, int) or isinstance(gpus, bool) or gpus < 1:
+        raise ValueError(f"gpus must be a positive integer (the number of stages), got {gpus!r}")
+    devices, gpus = gpus, check_layout(gpus, data_parallel)  # from here on gpus is N, the stages
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
+    if executor not in ("auto", "local", "processes", "torchrun"):
+        raise ValueError(f"executor must be 'auto', 'local', 'processes' or 'torchrun', not {executor!r}")
+    if nan_check not in ("stages", "loss", "off"):
+        raise ValueError(f"nan_check must be 'stages', 'loss' or 'off', not {nan_check!r}")
+    microbatch.check_reduction(loss_fn, loss_reduction)
+    if batch_norm not in BATCH_NORMS:
+        raise ValueError(f"batch_norm must be 'micro-batch' or 'deferred', not {batch_norm!r}")
+    info = get_method(method)
+    max_grad_norm = check_clipping(max_grad_norm, info.asynchronous, gpus)
+    check_replicated_options(data_parallel, max_grad_norm, batch_norm)
+    autocast = check_autocast(autocast)
+    m = micro_batches if micro_batches is not None else (gpus if info.micro_batched else 1)
+    if m < 1:
+        raise ValueError(f"micro_batches must be positive, got {m}")
+    if not info.micro_batched and m != 1:
+        raise ValueError(f"method {method!r} does not split mini-batches: leave micro_batches unset")
+    if method == "2bw" and m < gpus:
+        raise ValueError(f"PipeDream-2BW needs micro_batches >= stages ({m} < {gpus}) to keep two versions")
+    if predictor not in PREDICTOR_VARIANTS:
+        raise ValueError(f"predictor must be one of {', '.join(PREDICTOR_VARIANTS)}, not {predictor!r}")
+    if predictor != "paper" and info.policy != "pipeoptim":
+        raise ValueError(f"predictor={predictor!r} applies to method 'pipeoptim' only, not {method!r}")
+    if info.policy == "pipeoptim":
+        get_predictor(optimizer, predictor)
+    if info.policy == "spectrain" and not (
+        isinstance(optimizer, torch.optim.SGD) and all(g.get("momentum", 0) for g in optimizer.param_groups)
+    ):
+        raise PredictorError(
+            f"SpecTrain needs torch.optim.SGD with momentum > 0, got {type(optimizer).__name__}: use "
+            "SGD(..., momentum=0.9) (--optimizer sgd) or method='pipeoptim' (--method pipeoptim)"
+        )
+    kind = executor
+    if kind == "auto":
+        kind = "torchrun" if spmd.under_torchrun() else "processes"
+    if kind == "processes":
+        check_devices(devices)
+    inputs = as_tuple(example_inputs)
+    if not inputs or not all(isinstance(x, torch.Tensor) and x.dim() > 0 for x in inputs):
+        raise ValueError(
+            "example_inputs must be a tensor or a tuple of tensors with a batch dimension (dim 0)"
+        )
+    batch = int(inputs[0].shape[0])
+    if batch < m * data_parallel:
+        raise ValueError(
+            f"example batch of {batch} cannot be split into {m} micro-batches for each of "
+            f"{data_parallel} replica(s)"
+        )
+    micro = tuple(x[: math.ceil(batch / (m * data_parallel))].detach().cpu() for x in inputs)
+    model_copy = copy.deepcopy(model).cpu()
+    if batch_norm == "deferred":
+        if method not in ("gpipe", "1f1b"):
+            raise ValueError(
+                f"batch_norm='deferred' needs a method that flushes each mini-batch (gpipe, 1f1b), not "
+                f"{method!r}; the asynchronous methods run a mini-batch as one micro-batch (2bw aside), "
+                "where BatchNorm already tracks the whole mini-batch"
+            )
+        if not defer_batch_norm(model_copy):
+            raise ValueError(
+                f"batch_norm='deferred' but {type(model).__name__} has no BatchNorm1d/2d/3d that tracks "
+                "running statistics: leave batch_norm unset"
+            )
+    groups = param_group_names(optimizer, model)
+    say = log or (lambda _msg: None)
+    try:
+        step_cost, predict_cost = load_or_measure_update_cost(
+            type(optimizer),
+            optimizer.defaults,
+            _profile_device(kind, inputs[0].device),
+            profile_dir=profile_dir,
+            log=say,
+        )
+    except UpdateCostError as exc:
+        say(f"optimizer step cost not modelled in the plan: {exc}")
+        step_cost = predict_cost = 0.0
+    config = CostConfig(
+        num_stages=gpus,
+        method=method,
+        micro_batches=m,
+        bandwidth=parse_bandwidth(bandwidth) if bandwidth is not None else None,
+        memory_limit=parse_bytes(memory) if memory is not None else None,
+        opt_state_factor=optimizer_state_factor(optimizer),
+        step_s_per_byte=step_cost,
+        predict_s_per_byte=predict_cost,
+        data_parallel=data_parallel,
+    )
+    owns_group = spmd.init(devices, timeout) if kind == "torchrun" else False
+    rank0 = kind != "torchrun" or dist.get_rank() == 0
+    if plan is not None:
+        traced = trace(model_copy, micro, leaf_modules)
+        chosen = _given_plan(plan, traced, config, say)
+        static_batch, dynamic_length = traced.method == "export", False  # not probed: keep shapes
+    elif rank0:
+        with autocast_context(autocast, _profile_device(kind, inputs[0].device)):
+            planned = plan_model(
+                model_copy,
+                micro,
+                config,
+                leaf_modules=leaf_modules,
+                profile_dir=profile_dir,
+                device=_profile_device(kind, inputs[0].device),
+                solver=solver,
+                log=say,
+            )
+        chosen, traced = planned.plan, planned.traced
+        static_batch = bool(planned.graph.info.get("static_batch"))
+        dynamic_length = bool(planned.graph.info.get("dynamic_length"))
+    if kind == "torchrun" and plan is None:  # rank 0 planned; every rank uses its plan
+        shared = spmd.broadcast((chosen.to_dict(), static_batch, dynamic_length) if rank0 else None)
+        chosen, static_batch, dynamic_length = Plan.from_dict(shared[0]), shared[1], shared[2]
+        if not rank0:
+            traced = trace(model_copy, micro, leaf_modules)
+    for dropped in (dropped_hooks_warning(model_copy, traced), compiled_modules_warning(model_copy)):
+        if dropped is not None:
+            warnings.warn(dropped, stacklevel=2)
+    if batch_norm == "deferred" and traced.method == "export":
+        raise PlanError(
+            f"batch_norm='deferred' needs a model torch.fx can trace; {type(model).__name__} was traced "
+            "with torch.export, which inlines BatchNorm: use batch_norm='micro-batch'"
+        )
+    if static_batch and batch % (m * data_parallel):
+        raise PlanError(
+            f"{type(model).__name__} was traced with torch.export, which fixed the batch size: the "
+            f"example batch ({batch}) must be a multiple of micro_batches × data_parallel "
+            f"({m * data_parallel})"
+        )
+    spec = PipelineSpec(
+        model=model_copy,
+        example_inputs=micro,
+        leaf_modules=tuple(leaf_modules),
+        plan=chosen,
+        method=method,
+        optimizer_class=type(optimizer),
+        optimizer_defaults=dict(optimizer.defaults),
+        group_names=groups,
+        hyper=hyperparameters(optimizer),
+        loss_fn=loss_fn,
+        loss_reduction=loss_reduction,
+        micro_batches=m,
+        seed=seed,
+        policy_options=_policy_options(info.policy, backward, predictor, m),
+        nan_check=nan_check,
+        length=plan_length(chosen, micro, dynamic_length and not static_batch),
+        max_grad_norm=max_grad_norm,
+        autocast=autocast,
+        data_parallel=data_parallel,
+    )
+    device = inputs[0].device if kind == "local" else torch.device("cpu")
+    return Pipeline(spec, traced, optimizer, batch, static_batch, kind, device, timeout, owns_group)
+
+
+def _policy_options(policy: str | None, backward: str, predictor: str, micro_batches: int) -> dict[str, Any]:
+    """Keyword arguments of the weight policy (:func:`pipeoptim.runtime.policies.make_policy`)."""
+    if policy == "pipeoptim":
+        return {"backward": backward, "predictor": predictor}
+    if policy == "2bw":
+        return {"micro_batches": micro_batches}
+    return {}
+
+
+def _profile_device(kind: str, input_device: torch.device) -> torch.device:
+    """Where the stages will run: the inputs' device (local), else the first GPU or the CPU."""
+    if kind == "local":
+        return input_device
+    return torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
+
+
+def _given_plan(
+    plan: Plan | str | os.PathLike[str], traced: TracedModel, config: CostConfig, log: Callable[[str], None]
+) -> Plan:
+    """Check a plan handed to :func:`compile` against the model and the request.
+
+    Raises:
+        PlanError: unreadable, or for another graph, stage count, method or micro-batch count.
+    """
+    chosen = plan if isinstance(plan, Plan) else Plan.load(plan)
+    if chosen.profile_key.get("graph_hash") != traced.graph_hash:
+        raise PlanError(
+            f"the plan was made for another model graph ({chosen.model}); make it for this model "
+            "(pipeoptim partition ... --save) or leave plan unset"
+        )
+    for what, have, want in (
+        ("stages", chosen.config.num_stages, config.num_stages),
+        ("method", chosen.config.method, config.method),
+        ("micro-batches", chosen.config.micro_batches, config.micro_batches),
+        ("data-parallel", chosen.config.data_parallel, config.data_parallel),
+    ):
+        if have != want:
+            raise PlanError(
+                f"the plan is for {what}={have!r}, this pipeline has {what}={want!r}; make a new plan"
+            )
+    key = chosen.profile_key
+    log(f"using the given plan of {chosen.model} (profiled on {key.get('device')}, torch {key.get('torch')})")
+    return chosen

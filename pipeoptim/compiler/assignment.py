@@ -1,0 +1,54 @@
+"""An assignment of graph nodes to stages (:class:`PartitionResult`), and the checks and
+measures every partitioner shares."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from pipeoptim.compiler.costgraph import CostGraph
+from pipeoptim.compiler.costmodel import CostConfig, evaluate
+from pipeoptim.compiler.grouping import Units
+from pipeoptim.errors import PlanError
+
+
+@dataclass
+class PartitionResult:
+    """An assignment of nodes to stages and how it was found.
+
+    Attributes:
+        stage_of: stage of every node of the cost graph (same order as ``graph.nodes``).
+        partitioner: ``"ilp"``, ``"uniform"``, ``"parameters"``, ``"balance_by_time"``,
+            ``"chain_dp"`` or ``"brute_force"``.
+        solver: ``"cbc"`` or ``"highs"`` for the ILP, :data:`IDEALS` for the dynamic program
+            over ideals, else ``""``.
+        status: solver status text (``"optimal"``, ``"optimal over N units"`` when the units
+            are coarser than the nodes, ``"feasible (time limit)"``, ...).
+        optimal: whether optimality (within the units) is proven.
+        gap: relative MIP gap at the end (0 when optimal, ``None`` if unknown).
+        solve_s: wall seconds spent.
+        num_units: how many units the graph was placed as.
+    """
+
+    stage_of: list[int]
+    partitioner: str
+    solver: str = ""
+    status: str = "optimal"
+    optimal: bool = True
+    gap: float | None = 0.0
+    solve_s: float = 0.0
+    num_units: int = 0
+
+
+def check_stages(units: Units, num_stages: int) -> None:
+    if num_stages < 1:
+        raise PlanError(f"the number of stages must be at least 1, got {num_stages}")
+    compute = sum(units.is_compute(u) for u in range(len(units)))
+    if num_stages > compute:
+        raise PlanError(
+            f"{num_stages} stages requested but the graph has only {compute} node(s) that do "
+            f"work; use at most {compute} stages (--gpus {compute})"
+        )
+
+
+def peak_memory(graph: CostGraph, stage_of: list[int], config: CostConfig) -> int:
+    return max(s.memory_bytes for s in evaluate(graph, stage_of, config))

@@ -1,0 +1,115 @@
+"""Checking a mini-batch's inputs against the plan before it is split into micro-batches.
+
+The plan was made for ``example_inputs`` (``[batch, ...]`` tensors): a mini-batch must have
+as many input tensors, the same dtypes and the same shapes after dim 0 (dim 1 may be shorter
+where the plan has a dynamic sequence length, :mod:`pipeoptim.compiler.shapes`), and no more
+rows than planned.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from pipeoptim import microbatch
+from pipeoptim.errors import PipelineError
+from pipeoptim.runtime.build import PipelineSpec
+
+
+def as_tuple(inputs: Any) -> tuple[torch.Tensor, ...]:
+    """A tensor as a 1-tuple; a tuple or list of tensors as a tuple."""
+    return (inputs,) if isinstance(inputs, torch.Tensor) else tuple(inputs)
+
+
+def check_batch(spec: PipelineSpec, inputs: tuple[torch.Tensor, ...]) -> microbatch.Rows:
+    """Rows (and sequence length) of a training mini-batch.
+
+    Raises:
+        PipelineError: another number of tensors, a non-tensor, another dtype or shape than
+            the example inputs, or inputs that disagree on the batch size.
+    """
+    examples = spec.example_inputs
+    if len(inputs) != len(examples):
+        raise PipelineError(
+            f"step() got {len(inputs)} input tensor(s), the model was compiled with {len(examples)}"
+        )
+    batch = None
+    for i, (x, ex) in enumerate(zip(inputs, examples)):
+        if not isinstance(x, torch.Tensor):
+            raise PipelineError(f"input {i} is a {type(x).__name__}, not a tensor")
+        if x.dtype != ex.dtype or not microbatch.same_shape(x, ex, i, spec.length):
+            dims = [
+                "length≤" + str(ex.shape[1]) if d == 0 and _varies(spec, i) else str(n)
+                for d, n in enumerate(ex.shape[1:])
+            ]
+            raise PipelineError(
+                f"input {i} has shape {tuple(x.shape)} {x.dtype}; the plan expects "
+                f"[batch, {', '.join(dims)}] {ex.dtype}: give inputs shaped "
+                "like example_inputs, or compile again for the new shape"
+            )
+        if batch is None:
+            batch = x.shape[0]
+        elif x.shape[0] != batch:
+            raise PipelineError(f"inputs disagree on the batch size ({batch} vs {x.shape[0]})")
+    assert batch is not None
+    return microbatch.Rows(batch, length_of(spec, inputs))
+
+
+def check_eval_batch(spec: PipelineSpec, inputs: tuple[torch.Tensor, ...]) -> microbatch.Rows:
+    """Rows (and sequence length) of a batch for ``predict()`` (any number of rows).
+
+    Raises:
+        PipelineError: not shaped like the example inputs, or empty.
+    """
+    examples = spec.example_inputs
+    if len(inputs) != len(examples) or any(
+        x.dtype != ex.dtype or not microbatch.same_shape(x, ex, i, spec.length)
+        for i, (x, ex) in enumerate(zip(inputs, examples))
+    ):
+        raise PipelineError("predict() inputs must be shaped like example_inputs (any batch size)")
+    if inputs[0].shape[0] == 0:
+        raise PipelineError("predict() got an empty batch")
+    return microbatch.Rows(int(inputs[0].shape[0]), length_of(spec, inputs))
+
+
+def check_rows(batch: int, batch_size: int, micro_batches: int, method: str, static_batch: bool) -> None:
+    """Refuse a mini-batch of ``batch`` rows the plan (made for ``batch_size``) cannot run.
+
+    Raises:
+        PipelineError: more rows than planned; fewer rows than micro-batches under 2bw; or
+            another batch size where torch.export fixed it.
+    """
+    if batch > batch_size:
+        raise PipelineError(
+            f"mini-batch of {batch} is larger than the {batch_size} the plan was made for "
+            "(its memory estimate would not hold): compile with a larger example batch"
+        )
+    if batch < micro_batches and method == "2bw":
+        raise PipelineError(
+            f"mini-batch of {batch} cannot be split into {micro_batches} micro-batches, and "
+            "PipeDream-2BW steps every M micro-batches: drop the last incomplete batch "
+            "(DataLoader(drop_last=True))"
+        )
+    if batch != batch_size and static_batch:
+        raise PipelineError(
+            f"this model's graph runs mini-batches of exactly {batch_size} rows (torch.export "
+            f"fixed the batch size) but got {batch}: drop the last incomplete batch (drop_last=True)"
+        )
+
+
+def _varies(spec: PipelineSpec, i: int) -> bool:
+    """Whether input ``i`` has the plan's dynamic sequence length (dim 1)."""
+    return spec.length is not None and microbatch.has_length(spec.example_inputs, i)
+
+
+def length_of(spec: PipelineSpec, inputs: tuple[torch.Tensor, ...]) -> int | None:
+    """The sequence length (dim 1) shared by the inputs that have one; ``None`` if none has.
+
+    Raises:
+        PipelineError: the inputs disagree on it.
+    """
+    lengths = {int(x.shape[1]) for i, x in enumerate(inputs) if _varies(spec, i)}
+    if len(lengths) > 1:
+        raise PipelineError(f"inputs disagree on the sequence length (dim 1: {sorted(lengths)})")
+    return lengths.pop() if lengths else None

@@ -1,0 +1,93 @@
+"""Executor selection: start the stages of a pipeline where ``executor=`` says.
+
+``"local"``: every stage in this process (:class:`~pipeoptim.runtime.executor.LocalExecutor`);
+``"processes"``: one worker process per stage
+(:class:`~pipeoptim.runtime.distributed.ProcessExecutor`); ``"torchrun"``: this process is one
+rank of a torchrun job (:class:`~pipeoptim.runtime.spmd.SPMDExecutor`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any, Protocol
+
+import torch
+
+from pipeoptim.compiler.trace import TracedModel
+from pipeoptim.microbatch import Rows
+from pipeoptim.runtime.build import PipelineSpec, build_stage
+from pipeoptim.runtime.executor import LocalExecutor, MiniBatch
+
+EXECUTORS = ("local", "processes", "torchrun")
+
+
+class Executor(Protocol):
+    """What a :class:`~pipeoptim.pipeline.Pipeline` asks of the executor running its stages.
+
+    Implemented by :class:`~pipeoptim.runtime.executor.LocalExecutor`,
+    :class:`~pipeoptim.runtime.replicas.ReplicatedLocalExecutor`,
+    :class:`~pipeoptim.runtime.distributed.ProcessExecutor` and
+    :class:`~pipeoptim.runtime.spmd.SPMDExecutor`.
+    """
+
+    def share_batch_size(self, batch: Rows | None) -> Rows | None:
+        """The rows of the next batch as every stage sees them (under torchrun rank 0's)."""
+        ...
+
+    def submit(self, batch: MiniBatch) -> None:
+        """Feed one mini-batch; its micro-batch losses reach the ``on_loss`` callback."""
+        ...
+
+    def wait_loss(self, micro_batch: int) -> None:
+        """Drive whatever must run for the loss of ``micro_batch`` to arrive."""
+        ...
+
+    def flush(self) -> None:
+        """Finish every mini-batch in flight (backward and step)."""
+        ...
+
+    def forward_only(self, chunks: Sequence[tuple[Any, ...]] | None, sizes: Sequence[Rows]) -> list[Any]:
+        """Evaluation-mode forward of each chunk of inputs (``sizes``: its rows); flat outputs."""
+        ...
+
+    def state_dict(self) -> dict[str, torch.Tensor]: ...
+    def load_state_dict(self, state: dict[str, torch.Tensor], aliases: dict[str, list[str]]) -> None: ...
+    def optimizer_state(self) -> dict[str, Any]: ...
+    def load_optimizer_state(self, state: dict[str, Any]) -> None: ...
+    def resume(self, mini_batches: int) -> None: ...
+    def resident_bytes(self) -> list[int]: ...
+    def peak_weight_versions(self) -> list[int]: ...
+    def close(self) -> None: ...
+
+
+def start_executor(
+    kind: str,
+    spec: PipelineSpec,
+    traced: TracedModel,
+    device: torch.device,
+    on_loss: Callable[[int, torch.Tensor], None],
+    on_error: Callable[[BaseException], None],
+    timeout: float,
+    owns_group: bool,
+) -> Executor:
+    """Build the stages of ``spec`` and start the executor of ``kind`` (one of :data:`EXECUTORS`).
+
+    ``on_loss(micro_batch, loss)`` receives each micro-batch loss of the last stage;
+    ``on_error(exc)`` a failure of a worker process; ``timeout`` (seconds) bounds every wait
+    between stages; ``owns_group``: under torchrun, whether the process group was created by
+    pipeoptim (and is destroyed on close).
+    """
+    if kind == "local" and spec.data_parallel > 1:
+        from pipeoptim.runtime.replicas import local_executor
+
+        return local_executor(spec, traced, device, on_loss)
+    if kind == "local":
+        stages = [build_stage(spec, traced, k, device) for k in range(spec.num_stages)]
+        return LocalExecutor(stages, [spec.schedule(k) for k in range(spec.num_stages)], on_loss)
+    if kind == "torchrun":
+        from pipeoptim.runtime.spmd import SPMDExecutor
+
+        return SPMDExecutor(spec, on_loss, timeout, owns_group)
+    from pipeoptim.runtime.distributed import ProcessExecutor
+
+    return ProcessExecutor(spec, on_loss, on_error, timeout=timeout)

@@ -1,0 +1,93 @@
+"""A stage's weights and optimizer state by parameter name: saved, merged over the stages
+into one state for the whole pipeline, and restored (checkpoints, ``state_dict``)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch.optim import Optimizer
+
+from pipeoptim.runtime.stage import StageRuntime
+
+
+def stage_state(stages: Sequence[StageRuntime]) -> dict[str, torch.Tensor]:
+    """Parameters and buffers of ``stages`` by qualified name."""
+    state: dict[str, torch.Tensor] = {}
+    for stage in stages:
+        state.update(stage.module.state_dict())
+    return state
+
+
+def load_stage_state(
+    stage: StageRuntime, state: dict[str, torch.Tensor], aliases: dict[str, list[str]]
+) -> None:
+    """Copy the entries of ``state`` that ``stage`` owns into its tensors (in place)."""
+    with torch.no_grad():
+        for name, tensor in stage.module.state_dict(keep_vars=True).items():
+            source = state.get(name)
+            if source is None:
+                source = next((state[a] for a in aliases.get(name, []) if a in state), None)
+            if source is not None:
+                tensor.copy_(source)
+
+
+def _param_names(stage: StageRuntime) -> dict[int, str]:
+    return {id(p): n for n, p in stage.module.named_parameters(remove_duplicate=False)}
+
+
+def optimizer_state(stage: StageRuntime) -> dict[str, Any]:
+    """The stage optimizer's state and last gradients keyed by parameter name, its step count.
+
+    The last gradients are part of it because predictors read them (SGD, RMSprop, Adagrad):
+    a resumed run predicts exactly as an uninterrupted one.
+    """
+    result: dict[str, Any] = {"state": {}, "grads": {}, "steps": {stage.index: stage.steps}}
+    if stage.optimizer is None:
+        return result
+    names = _param_names(stage)
+    for p, s in stage.optimizer.state.items():
+        result["state"][names[id(p)]] = {
+            k: v.detach().cpu().clone() if isinstance(v, torch.Tensor) else v for k, v in s.items()
+        }
+    for p in _all_params(stage.optimizer):
+        if p.grad is not None:
+            result["grads"][names[id(p)]] = p.grad.detach().cpu().clone()
+    return result
+
+
+def _all_params(optimizer: Optimizer) -> list[torch.Tensor]:
+    return [p for group in optimizer.param_groups for p in group["params"]]
+
+
+def merge_optimizer_states(parts: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """One state for the whole pipeline from the per-stage ones."""
+    merged: dict[str, Any] = {"state": {}, "grads": {}, "steps": {}}
+    for part in parts:
+        merged["state"].update(part["state"])
+        merged["grads"].update(part.get("grads", {}))
+        merged["steps"].update({int(k): v for k, v in part["steps"].items()})
+    return merged
+
+
+def load_optimizer_state(stage: StageRuntime, state: dict[str, Any]) -> None:
+    """Restore the part of ``state`` (:func:`merge_optimizer_states`) that ``stage`` owns."""
+    steps = state["steps"]
+    own = steps.get(stage.index, steps.get(str(stage.index)))
+    if own is None:  # saved with fewer stages: after a flush every stage has taken as many steps
+        own = max((int(v) for v in steps.values()), default=0)
+    stage.steps = int(own)
+    if stage.optimizer is None:
+        return
+    for name, p in stage.module.named_parameters(remove_duplicate=False):
+        if not p.requires_grad:
+            continue
+        saved = state["state"].get(name)
+        if saved is not None:
+            stage.optimizer.state[p] = {
+                k: v.to(p.device) if isinstance(v, torch.Tensor) else v for k, v in saved.items()
+            }
+        grad = state.get("grads", {}).get(name)
+        p.grad = None if grad is None else grad.to(p.device)
+    stage._grads_stale = True  # the next backward starts a new gradient

@@ -1,0 +1,145 @@
+"""Weight stashing: PipeDream's ``stash`` (every in-flight version kept) and PipeDream-2BW's
+``2bw`` (two versions, double-buffered); see :mod:`pipeoptim.runtime.policies`."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from pipeoptim.runtime.weight_policy import WeightPolicy
+
+
+class Stash(WeightPolicy):
+    """``stash`` (weight stashing, PipeDream, Narayanan et al. SOSP 2019).
+
+    The backward of a micro-batch uses the weight version its forward used. Versions are
+    copied lazily: the forward uses W itself, and only when the optimizer is about to step
+    while a micro-batch forwarded on the current version is still in flight is W copied
+    (copy-on-step). Stage k of N (0-based) thus keeps ``N - k`` versions: W and up to
+    ``N - k - 1`` copies.
+    """
+
+    kind = "stash"
+    redirect_backward = True
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.version = 0
+        self._version_of: dict[int, int] = {}
+        self._stashed: dict[int, dict[str, torch.Tensor]] = {}
+
+    def begin_forward(
+        self, micro_batch: int, version_diff: int, step_rates: Sequence[Sequence[float]] | None = None
+    ) -> None:
+        self._version_of[micro_batch] = self.version
+
+    def before_step(self) -> None:
+        if self.version in self._version_of.values() and self.version not in self._stashed:
+            with torch.no_grad():
+                copies = {n: p.detach().clone() for n, p in self.params.items()}
+            self._stashed[self.version] = copies
+            for name, value in copies.items():
+                self._track(name, value)
+            self._measure()
+
+    def after_step(self) -> None:
+        self.version += 1
+
+    def backward_weight(self, name: str, micro_batch: int) -> torch.Tensor:
+        version = self._version_of[micro_batch]
+        if version == self.version:
+            return self.params[name].detach()
+        return self._stashed[version][name]
+
+    def end_backward(self, micro_batch: int) -> None:
+        self._version_of.pop(micro_batch)
+        live = set(self._version_of.values())
+        for version in [v for v in self._stashed if v not in live]:
+            del self._stashed[version]
+        super().end_backward(micro_batch)
+
+
+class TwoBW(WeightPolicy):
+    """``2bw`` (PipeDream-2BW, Narayanan et al. ICML 2021, double-buffered weight updates).
+
+    The paper's update is ``W(t+1) = W(t) − ν·∇f(W(t−1))``: every micro-batch of mini-batch
+    t, at every stage (the last one included), runs its forward and its backward on
+    ``W(t−1)``, the weights before the update of mini-batch ``t − 1``; the gradients of the M
+    micro-batches are accumulated and applied to the current ``W(t)``. A stage therefore
+    keeps two versions: the current weights, and a *shadow* copy taken just before each
+    update, which the micro-batches of the next mini-batch use once the update is applied
+    (those that ran their forward before it use W itself, and the shadow in their backward).
+    The shadow of update t−1 is overwritten at update t, when no micro-batch needs it any
+    more, so at most two versions exist at any stage and no allocation follows the first.
+
+    Deviation: after a resume from a checkpoint (which holds only the current weights) the
+    first mini-batch uses the current weights.
+
+    Args:
+        micro_batches: M, micro-batches per mini-batch (the stage steps after every M-th
+            backward).
+
+    Raises:
+        ValueError: ``micro_batches`` is not positive.
+    """
+
+    kind = "2bw"
+    graph_name = "double_buffer"
+    redirect_backward = True
+
+    def __init__(self, micro_batches: int = 1) -> None:
+        super().__init__()
+        if micro_batches < 1:
+            raise ValueError(f"micro_batches must be positive, got {micro_batches}")
+        self.micro_batches = micro_batches
+        self._shadow: dict[str, torch.Tensor] = {}
+        self._updated: int | None = None  # mini-batch whose update produced W (None: not seen)
+        self._updating: int | None = None  # mini-batch of the last backward
+        self._updates = 0
+        self._used: dict[int, tuple[bool, int]] = {}  # micro-batch: (used the shadow, updates then)
+
+    def begin_forward(
+        self, micro_batch: int, version_diff: int, step_rates: Sequence[Sequence[float]] | None = None
+    ) -> None:
+        mini_batch = micro_batch // self.micro_batches
+        shadow = self._updated is not None and self._updated >= mini_batch - 1
+        self._used[micro_batch] = (shadow, self._updates)
+        self._values = self._shadow if shadow else {}
+
+    def begin_backward(self, micro_batch: int) -> None:
+        self._updating = micro_batch // self.micro_batches
+
+    def before_step(self) -> None:
+        with torch.no_grad():
+            if not self._shadow:
+                self._shadow = {n: p.detach().clone() for n, p in self.params.items()}
+                for name, value in self._shadow.items():
+                    self._track(name, value)
+            else:
+                for name, p in self.params.items():
+                    self._shadow[name].copy_(p)
+        self._measure()
+
+    def after_step(self) -> None:
+        self._updated = self._updating
+        self._updates += 1
+
+    def backward_weight(self, name: str, micro_batch: int) -> torch.Tensor:
+        shadow, updates = self._used[micro_batch]
+        if not shadow and updates == self._updates:
+            return self.params[name].detach()
+        if updates + (0 if shadow else 1) != self._updates:
+            raise RuntimeError(
+                f"PipeDream-2BW: micro-batch {micro_batch} saw {self._updates - updates} updates between "
+                "its forward and backward; the double buffer holds one (it needs micro_batches >= stages)"
+            )
+        return self._shadow[name]
+
+    def end_backward(self, micro_batch: int) -> None:
+        self._used.pop(micro_batch)
+        super().end_backward(micro_batch)
+
+    def overwritten_storages(self) -> set[int]:
+        """The shadow buffers (overwritten at the next update)."""
+        return {t.untyped_storage().data_ptr() for t in self._shadow.values()}

@@ -1,0 +1,174 @@
+"""The weight policy base class: how a stage routes its parameters through a policy, and
+how the backward finds the weights a policy names (see :mod:`pipeoptim.runtime.policies`)."""
+
+from __future__ import annotations
+
+import contextlib
+import weakref
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.optim import Optimizer
+
+
+class _UseWeight(torch.autograd.Function):
+    """Forward with ``value``; send the whole gradient to ``weight`` (a straight-through)."""
+
+    @staticmethod
+    def forward(ctx, weight: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+        return value.view_as(value)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        return grad, None
+
+
+@dataclass(frozen=True)
+class _SavedWeight:
+    """What autograd keeps instead of a weight: its name and the view's geometry."""
+
+    name: str
+    micro_batch: int
+    size: torch.Size
+    stride: tuple[int, ...]
+    offset: int
+
+
+class WeightPolicy(nn.Module):
+    """Base class; see the module docstring. Subclasses set :attr:`kind` and override hooks.
+
+    Attributes:
+        kind: policy name.
+        graph_name: name of the call in the stage graph (``None``: no call is inserted).
+        redirect_backward: whether saved weights are replaced at backward time.
+        peak_versions: most weight versions of one parameter alive at once so far, the
+            parameter itself included (measured with weak references).
+    """
+
+    kind = "base"
+    graph_name: str | None = None
+    redirect_backward = False
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.params: dict[str, nn.Parameter] = {}
+        self.optimizer: Optimizer | None = None
+        self.stage = 0
+        self.num_stages = 1
+        self._values: dict[str, torch.Tensor] = {}
+        self._copies: dict[str, list[weakref.ref]] = {}
+        self.peak_versions = 1
+
+    def attach(
+        self, params: dict[str, nn.Parameter], optimizer: Optimizer, stage: int, num_stages: int
+    ) -> None:
+        """Bind to a stage's trainable parameters (by graph name) and its optimizer."""
+        self.params = params
+        self.optimizer = optimizer
+        self.stage = stage
+        self.num_stages = num_stages
+        self._group_of = {id(p): g for g in optimizer.param_groups for p in g["params"]}
+        self._group_index = {id(p): i for i, g in enumerate(optimizer.param_groups) for p in g["params"]}
+
+    def forward(self, weight: torch.Tensor, name: str) -> torch.Tensor:
+        value = self._values.get(name)
+        if value is None:
+            return weight
+        return _UseWeight.apply(weight, value)
+
+    # -- hooks called by the stage ---------------------------------------------------
+
+    def begin_forward(
+        self, micro_batch: int, version_diff: int, step_rates: Sequence[Sequence[float]] | None = None
+    ) -> None:
+        """Prepare the weights the forward of ``micro_batch`` uses.
+
+        Args:
+            version_diff: optimizer steps between this forward and its backward (s).
+            step_rates: per group of the stage's optimizer, the learning rates of those s
+                steps, in order (``None``: not known, the current rate stands for each).
+        """
+
+    def end_forward(self, micro_batch: int) -> None:
+        self._values = {}
+        self._measure()
+
+    def begin_backward(self, micro_batch: int) -> None:
+        """Prepare what the backward of ``micro_batch`` sees (redirecting policies)."""
+
+    def end_backward(self, micro_batch: int) -> None:
+        self._measure()
+
+    def before_step(self) -> None:
+        """Called before each optimizer step."""
+
+    def after_step(self) -> None:
+        """Called after each optimizer step."""
+
+    def backward_weight(self, name: str, micro_batch: int) -> torch.Tensor:
+        """The weight the backward uses in place of a saved one (default: the current W)."""
+        return self.params[name].detach()
+
+    @contextlib.contextmanager
+    def saving(self, micro_batch: int) -> Iterator[None]:
+        """Context for the forward: store references to weights instead of the weights."""
+        if not self.redirect_backward:
+            yield
+            return
+        storages: dict[int, tuple[str, int]] = {}
+        for name, p in self.params.items():
+            storages[p.untyped_storage().data_ptr()] = (name, p.storage_offset())
+        for name, v in self._values.items():
+            storages[v.untyped_storage().data_ptr()] = (name, v.storage_offset())
+
+        def pack(t: torch.Tensor) -> torch.Tensor | _SavedWeight:
+            found = storages.get(t.untyped_storage().data_ptr()) if t.device.type != "meta" else None
+            if found is None:
+                return t
+            name, base = found
+            return _SavedWeight(name, micro_batch, t.size(), t.stride(), t.storage_offset() - base)
+
+        def unpack(x: torch.Tensor | _SavedWeight) -> torch.Tensor:
+            if not isinstance(x, _SavedWeight):
+                return x
+            w = self.backward_weight(x.name, x.micro_batch)
+            return w.as_strided(x.size, x.stride, w.storage_offset() + x.offset)
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, unpack):
+            yield
+
+    def overwritten_storages(self) -> set[int]:
+        """Storage addresses of copies the next forward overwrites in place (none here)."""
+        return set()
+
+    # -- measurement -------------------------------------------------------------------
+
+    def copy_storages(self) -> set[int]:
+        """Storage addresses of the weight copies alive now (stashed versions, predictions)."""
+        return {
+            t.untyped_storage().data_ptr()
+            for refs in self._copies.values()
+            for r in refs
+            if (t := r()) is not None
+        }
+
+    def _track(self, name: str, value: torch.Tensor) -> None:
+        refs = [r for r in self._copies.get(name, []) if r() is not None and r() is not value]
+        refs.append(weakref.ref(value))
+        self._copies[name] = refs
+
+    def _measure(self) -> None:
+        alive = 0
+        for refs in self._copies.values():
+            refs[:] = [r for r in refs if r() is not None]
+            alive = max(alive, len(refs))
+        self.peak_versions = max(self.peak_versions, 1 + alive)
+
+
+class NoCorrection(WeightPolicy):
+    """``none``: forward with the current weights, backward with the weights at that time."""
+
+    kind = "none"
+    redirect_backward = True

@@ -1,0 +1,90 @@
+"""Plain single-process training behind the pipeline interface: the reference ``pipeoptim
+train --method sequential`` runs, and the baseline the pipeline methods are compared with."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from pipeoptim.checkpoint import read_checkpoint, save_checkpoint
+from pipeoptim.errors import CheckpointError
+from pipeoptim.loss import Loss
+from pipeoptim.runtime.precision import autocast_context
+
+SEQUENTIAL = "sequential"
+
+
+class Sequential:
+    """Plain single-process training with the same interface as a pipeline (the reference)."""
+
+    plan = None
+    num_stages = 1
+
+    def __init__(
+        self,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        loss_fn: Callable,
+        max_grad_norm: float | None = None,
+        autocast: torch.dtype | None = None,
+    ) -> None:
+        self.model = model
+        self.autocast = autocast
+        self.optimizer = optimizer
+        self.loss_fn = loss_fn
+        self.max_grad_norm = max_grad_norm
+        self.mini_batches_done = 0
+
+    def step(self, inputs: tuple[torch.Tensor, ...], targets: Any) -> Loss:
+        self.model.train()
+        self.optimizer.zero_grad()
+        with autocast_context(self.autocast, "cpu"):
+            loss = self.loss_fn(self.model(*inputs), targets)
+        loss.backward()
+        if self.max_grad_norm is not None:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.max_grad_norm)
+        self.optimizer.step()
+        result = Loss(self.mini_batches_done)
+        result._set(float(loss.detach()))
+        self.mini_batches_done += 1
+        return result
+
+    def flush(self) -> None:
+        """Nothing is ever in flight."""
+
+    @torch.no_grad()
+    def predict(self, inputs: tuple[torch.Tensor, ...]) -> Any:
+        self.model.eval()
+        try:
+            with autocast_context(self.autocast, "cpu"):
+                return self.model(*inputs)
+        finally:
+            self.model.train()
+
+    def save_checkpoint(self, path: Path, extra: dict[str, Any]) -> None:
+        state = {
+            "model_class": type(self.model).__qualname__,
+            "method": SEQUENTIAL,
+            "state_dict": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "mini_batches": self.mini_batches_done,
+            "plan": None,
+            "extra": extra,
+        }
+        save_checkpoint(path, state)
+
+    def load_checkpoint(self, path: Path) -> dict[str, Any]:
+        data = read_checkpoint(path)
+        if data["method"] != SEQUENTIAL or set(data["state_dict"]) != set(self.model.state_dict()):
+            raise CheckpointError(f"checkpoint {path} is not from a sequential run of this model")
+        self.model.load_state_dict(data["state_dict"])
+        self.optimizer.load_state_dict(data["optimizer"])
+        self.mini_batches_done = data["mini_batches"]
+        return data["extra"]
+
+    def close(self) -> None:
+        """Nothing to end."""

@@ -1,0 +1,156 @@
+"""The optimizer's update cost per parameter byte, for the plan's cost model.
+
+A neutral layer between compiler and runtime: timing a step and a weight prediction needs the
+runtime's predictors (:mod:`pipeoptim.runtime.predictors`), and the figures feed the compiler's
+:class:`pipeoptim.compiler.costmodel.CostConfig`; the compiler itself imports nothing from the
+runtime.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import statistics
+import time
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.optim import Optimizer
+
+from pipeoptim.compiler.profile import device_name
+from pipeoptim.errors import PredictorError
+from pipeoptim.fileio import write_json
+from pipeoptim.runtime.predictors import get_predictor, predict
+
+
+class UpdateCostError(RuntimeError):
+    """The optimizer could not be timed on a test parameter."""
+
+
+def builtin_base(optimizer_class: type[Optimizer]) -> type[Optimizer] | None:
+    """The first class in ``optimizer_class``'s MRO defined in ``torch.optim`` (itself for
+    ``torch.optim.AdamW``; ``SGD`` for a user's ``class Clipped(SGD)``), not counting the
+    abstract ``torch.optim.Optimizer``; ``None`` if there is none."""
+    for cls in optimizer_class.__mro__:
+        if cls is not Optimizer and cls.__module__.startswith("torch.optim.") and issubclass(cls, Optimizer):
+            return cls
+    return None
+
+
+def measure_update_cost(
+    optimizer_class: type[Optimizer],
+    defaults: Mapping[str, Any],
+    device: torch.device | str = "cpu",
+    numel: int = 1 << 20,
+    repeats: int = 5,
+) -> tuple[float, float]:
+    """Seconds per parameter byte of one optimizer step, and of one weight prediction.
+
+    Times the ``torch.optim`` class ``optimizer_class`` is or derives from (:func:`builtin_base`,
+    with the user's defaults) stepping one ``numel``-element float32 parameter with a fresh
+    gradient each time (median of ``repeats`` after two warm-up steps), and its predictor
+    (:mod:`pipeoptim.runtime.predictors`) computing ``Ŵ = W - 2·U`` on it (0 without a
+    predictor). A subclass's own ``__init__`` and ``step()`` are user code and are not run
+    (their extra cost, if any, is not in the figure). Feeds
+    :class:`pipeoptim.compiler.costmodel.CostConfig`.
+
+    Raises:
+        UpdateCostError: ``optimizer_class`` derives from no ``torch.optim`` optimizer (it is
+            not timed: that would run its ``step()`` at compile time), or the base class
+            cannot step a test parameter.
+    """
+    base = builtin_base(optimizer_class)
+    if base is None:
+        raise UpdateCostError(
+            f"{optimizer_class.__name__} derives from no torch.optim optimizer, and timing it would run "
+            "its step() at compile time"
+        )
+    optimizer_class = base
+    device = torch.device(device)
+    param = torch.nn.Parameter(torch.randn(numel, device=device))
+    accepted = inspect.signature(optimizer_class.__init__).parameters
+    optimizer = optimizer_class(
+        [param], **{k: v for k, v in defaults.items() if k in accepted and k != "params"}
+    )
+
+    def timed(fn: Any) -> float:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        return time.perf_counter() - start
+
+    steps = []
+    for _ in range(2 + repeats):
+        param.grad = torch.randn_like(param)
+        try:
+            steps.append(timed(optimizer.step))
+        except Exception as exc:  # a custom optimizer may not step on a lone parameter
+            raise UpdateCostError(
+                f"{optimizer_class.__name__}.step() failed on a test parameter: {exc}"
+            ) from exc
+    nbytes = numel * param.element_size()
+    try:
+        predictor = get_predictor(optimizer)
+    except PredictorError:
+        return statistics.median(steps[2:]) / nbytes, 0.0
+    group, state = optimizer.param_groups[0], optimizer.state[param]
+    predicts = [timed(lambda: predict(param, state, group, 2, predictor)) for _ in range(2 + repeats)]
+    return statistics.median(steps[2:]) / nbytes, statistics.median(predicts[2:]) / nbytes
+
+
+UPDATE_COSTS_FILE = "update-costs.json"
+
+
+def load_or_measure_update_cost(
+    optimizer_class: type[torch.optim.Optimizer],
+    defaults: Mapping[str, Any],
+    device: torch.device | str = "cpu",
+    *,
+    profile_dir: str | Path | None = "profiles",
+    log: Callable[[str], None] = lambda _msg: None,
+) -> tuple[float, float]:
+    """:func:`measure_update_cost`, remembered in
+    ``<profile_dir>/update-costs.json`` under the optimizer class, its defaults, the device and
+    the torch version, so that later plans of the same model and setting get the same figures
+    (a plan must not change with timing noise). ``profile_dir=None`` always measures.
+
+    Returns:
+        ``(step seconds per parameter byte, prediction seconds per parameter byte)``.
+
+    Raises:
+        UpdateCostError: the optimizer cannot step a test parameter.
+    """
+    device = torch.device(device)
+    if profile_dir is None:
+        return measure_update_cost(optimizer_class, defaults, device)
+    key = json.dumps(
+        {
+            "optimizer": f"{optimizer_class.__module__}.{optimizer_class.__qualname__}",
+            "defaults": {k: repr(v) for k, v in sorted(defaults.items()) if k != "params"},
+            "device": device_name(device),
+            "torch": torch.__version__,
+        },
+        sort_keys=True,
+    )
+    path = Path(profile_dir) / UPDATE_COSTS_FILE
+    table: dict[str, Any] = {}
+    if path.exists():
+        try:
+            table = json.loads(path.read_text())
+            if not isinstance(table, dict):
+                raise ValueError("not a JSON object")
+        except (OSError, ValueError) as exc:
+            log(f"measuring optimizer update costs again: {path} is unreadable ({exc})")
+            table = {}
+    saved = table.get(key)
+    if isinstance(saved, list) and len(saved) == 2 and all(isinstance(v, float) for v in saved):
+        return saved[0], saved[1]
+    costs = measure_update_cost(optimizer_class, defaults, device)
+    table[key] = list(costs)
+    write_json(path, table)
+    return costs
