@@ -40,6 +40,7 @@ from pipeoptim.runtime.optim import hyperparameters, param_group_names
 from pipeoptim.runtime.precision import autocast_context, check_autocast
 from pipeoptim.runtime.predictors import VARIANTS as PREDICTOR_VARIANTS
 from pipeoptim.runtime.predictors import get_predictor
+from pipeoptim.runtime.replicas import check_layout, check_replicated_options
 from pipeoptim.units import parse_bandwidth, parse_bytes
 from pipeoptim.update_cost import UpdateCostError, load_or_measure_update_cost
 
@@ -74,15 +75,18 @@ def compile(
     autocast: torch.dtype | None = None,
     compile_stages: bool | str = False,
     prediction_error_every: int = 16,
+    data_parallel: int = 1,
 ) -> Pipeline:
-    """Compile ``model`` and ``optimizer`` into a pipeline of ``gpus`` stages.
+    """Compile ``model`` and ``optimizer`` into a pipeline of ``gpus`` stages (or of
+    ``gpus / data_parallel`` stages, replicated ``data_parallel`` times).
 
     Args:
         model: any ``nn.Module``; it is copied, never changed.
         optimizer: a ``torch.optim`` optimizer over ``model``'s parameters; each stage runs
             one of the same class with the same per-group hyperparameters (a learning-rate
             scheduler on it keeps working).
-        gpus: number of pipeline stages N (one device or process each).
+        gpus: devices (worker processes, torchrun ranks): N stages × R replicas. With
+            ``data_parallel=1`` (default) it is the number of pipeline stages N.
         example_inputs: one mini-batch of inputs (tensor or tuple), ``[batch, ...]``; the
             plan is made for this batch size (split into micro-batches where the method
             does). Dim 0 is the batch dimension.
@@ -147,6 +151,12 @@ def compile(
         prediction_error_every: every stage measures ``‖W_fwd − W_bwd‖ / ‖W_bwd‖`` for one
             micro-batch in this many, keeping one copy of its weights per sampled micro-batch
             in flight (:meth:`Pipeline.stats`, :mod:`pipeoptim.runtime.staleness`); 0: off.
+        data_parallel: R, replicas of the pipeline (data parallelism; ``gpus`` must be a
+            multiple): each mini-batch is split into R shares of M micro-batches, one per
+            replica, and each stage's replicas sum their gradients before every step, so GPipe
+            and 1F1B equal plain training on the whole mini-batch and the replicas stay
+            bit-identical under every method (:mod:`pipeoptim.runtime.replicas`). Rank
+            ``replica·N + stage`` runs ``stage`` of ``replica``.
 
     Raises:
         ValueError: a bad argument (the message says which and what is allowed).
@@ -157,6 +167,7 @@ def compile(
     """
     if not isinstance(gpus, int) or isinstance(gpus, bool) or gpus < 1:
         raise ValueError(f"gpus must be a positive integer (the number of stages), got {gpus!r}")
+    devices, gpus = gpus, check_layout(gpus, data_parallel)  # from here on gpus is N, the stages
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
     if executor not in ("auto", "local", "processes", "torchrun"):
@@ -169,6 +180,7 @@ def compile(
     info = get_method(method)
     max_grad_norm = check_clipping(max_grad_norm, info.asynchronous, gpus)
     autocast = check_autocast(autocast, info.asynchronous, gpus)
+    check_replicated_options(data_parallel, max_grad_norm, batch_norm, autocast)
     if not isinstance(prediction_error_every, int) or prediction_error_every < 0:
         raise ValueError(
             f"prediction_error_every must be 0 (off) or a positive integer, got {prediction_error_every!r}"
@@ -197,7 +209,7 @@ def compile(
     if kind == "auto":
         kind = "torchrun" if spmd.under_torchrun() else "processes"
     if kind == "processes":
-        check_devices(gpus)
+        check_devices(devices)
     inputs = as_tuple(example_inputs)
     if not inputs or not all(isinstance(x, torch.Tensor) and x.dim() > 0 for x in inputs):
         raise ValueError(
@@ -205,9 +217,12 @@ def compile(
         )
     backend = check_compile_stages(compile_stages, _profile_device(kind, inputs[0].device))
     batch = int(inputs[0].shape[0])
-    if batch < m:
-        raise ValueError(f"example batch of {batch} cannot be split into {m} micro-batches")
-    micro = tuple(x[: math.ceil(batch / m)].detach().cpu() for x in inputs)
+    if batch < m * data_parallel:
+        raise ValueError(
+            f"example batch of {batch} cannot be split into {m} micro-batches for each of "
+            f"{data_parallel} replica(s)"
+        )
+    micro = tuple(x[: math.ceil(batch / (m * data_parallel))].detach().cpu() for x in inputs)
     model_copy = copy.deepcopy(model).cpu()
     if batch_norm == "deferred":
         if method not in ("gpipe", "1f1b"):
@@ -246,8 +261,9 @@ def compile(
         latency_s=latency,
         action_overhead_s=action_overhead,
         cores=shared_cores(gpus) if _profile_device(kind, inputs[0].device).type == "cpu" else None,
+        data_parallel=data_parallel,
     )
-    owns_group = spmd.init(gpus, timeout) if kind == "torchrun" else False
+    owns_group = spmd.init(devices, timeout) if kind == "torchrun" else False
     rank0 = kind != "torchrun" or dist.get_rank() == 0
     if plan is not None:
         traced = trace(model_copy, micro, leaf_modules)
@@ -273,6 +289,12 @@ def compile(
         chosen, static_batch, dynamic_length = Plan.from_dict(shared[0]), shared[1], shared[2]
         if not rank0:
             traced = trace(model_copy, micro, leaf_modules)
+    if data_parallel > 1 and chosen.shared:
+        raise PlanError(
+            f"parameters read by several stages ({', '.join(sorted(chosen.shared))}: tied weights) with "
+            "data_parallel > 1 are not supported yet: use data_parallel=1, or a plan that keeps their "
+            "readers in one stage"
+        )
     for dropped in (dropped_hooks_warning(model_copy, traced), compiled_modules_warning(model_copy)):
         if dropped is not None:
             warnings.warn(dropped, stacklevel=2)
@@ -281,10 +303,11 @@ def compile(
             f"batch_norm='deferred' needs a model torch.fx can trace; {type(model).__name__} was traced "
             "with torch.export, which inlines BatchNorm: use batch_norm='micro-batch'"
         )
-    if static_batch and batch % m:
+    if static_batch and batch % (m * data_parallel):
         raise PlanError(
             f"{type(model).__name__} was traced with torch.export, which fixed the batch size: the "
-            f"example batch ({batch}) must be a multiple of micro_batches ({m})"
+            f"example batch ({batch}) must be a multiple of micro_batches × data_parallel "
+            f"({m * data_parallel})"
         )
     spec = PipelineSpec(
         model=model_copy,
@@ -307,6 +330,7 @@ def compile(
         autocast=autocast,
         compile_stages=backend,
         prediction_error_every=prediction_error_every,
+        data_parallel=data_parallel,
     )
     device = inputs[0].device if kind == "local" else torch.device("cpu")
     return Pipeline(spec, traced, optimizer, batch, static_batch, kind, device, timeout, owns_group)
@@ -346,6 +370,7 @@ def _given_plan(
         ("stages", chosen.config.num_stages, config.num_stages),
         ("method", chosen.config.method, config.method),
         ("micro-batches", chosen.config.micro_batches, config.micro_batches),
+        ("data-parallel", chosen.config.data_parallel, config.data_parallel),
     ):
         if have != want:
             raise PlanError(

@@ -66,8 +66,9 @@ class MiniBatchLosses:
     executor reports losses from its watcher thread.
     """
 
-    def __init__(self, micro_batches: int) -> None:
+    def __init__(self, micro_batches: int, replicas: int = 1) -> None:
         self.micro_batches = micro_batches
+        self.replicas = replicas
         self._pending: dict[int, list[tuple[int, float]]] = {}
         self._losses: dict[int, Loss] = {}
         self._scales: dict[int, list[float]] = {}
@@ -88,14 +89,15 @@ class MiniBatchLosses:
         with self._lock:
             return self._losses[min(self._losses)] if self._losses else None
 
-    def on_loss(self, micro_batch: int, value: torch.Tensor) -> None:
-        """Record the loss of global micro-batch ``micro_batch`` (``mini_batch·M + j``); the
-        mini-batch's :class:`Loss` gets ``Σ_j scale_j · loss_j`` when its last one arrives."""
+    def on_loss(self, micro_batch: int, value: torch.Tensor, replica: int = 0) -> None:
+        """Record the loss of global micro-batch ``micro_batch`` (``mini_batch·M + j``) of
+        ``replica`` (its ``j``-th of the mini-batch's ``R·m``, :mod:`pipeoptim.runtime.replicas`);
+        the mini-batch's :class:`Loss` gets ``Σ_j scale_j · loss_j`` when its last one arrives."""
         mini, j = divmod(micro_batch, self.micro_batches)
         with self._lock:
-            parts = self._pending.setdefault(mini, [])
-            parts.append((j, float(value)))
             scales = self._scales[mini]
+            parts = self._pending.setdefault(mini, [])
+            parts.append((replica * (len(scales) // self.replicas) + j, float(value)))
             if len(parts) < len(scales):
                 return
             total = sum(v * scales[i] for i, v in sorted(parts))

@@ -30,6 +30,7 @@ from pipeoptim.runtime.build import PipelineSpec, aliases_of
 from pipeoptim.runtime.executor import MiniBatch
 from pipeoptim.runtime.launch import Executor, start_executor
 from pipeoptim.runtime.optim import hyperparameters
+from pipeoptim.runtime.replicas import micro_batch_count
 from pipeoptim.runtime.staleness import PipelineStats
 
 _OPTIMIZER_STATE = "pipeoptim-optimizer/1"
@@ -61,6 +62,7 @@ class Pipeline:
         self.method = spec.method
         self.num_stages = spec.num_stages
         self.micro_batches = spec.micro_batches
+        self.replicas = spec.data_parallel
         self.batch_size = batch_size
         self._static_batch = static_batch
         self._traced = traced
@@ -68,7 +70,7 @@ class Pipeline:
         # structure and constants for to_module(), with the user's BatchNorm classes
         self._template = plain_batch_norm(copy.deepcopy(spec.model))
         self._next = 0
-        self._losses = MiniBatchLosses(spec.micro_batches)
+        self._losses = MiniBatchLosses(spec.micro_batches, spec.data_parallel)
         self._closed = False
         self._error: BaseException | None = None
         self.executor_kind = executor
@@ -113,11 +115,14 @@ class Pipeline:
         self._check_open()
         inputs = None if inputs is None else as_tuple(inputs)
         batch = self._shared_rows(None if inputs is None else check_batch(self.spec, inputs), "step")
-        check_rows(batch, self.batch_size, self.micro_batches, self.method, self._static_batch)
-        m = microbatch.count(batch, self.micro_batches)  # a smaller last batch runs fewer
-        micro_inputs = [] if inputs is None else microbatch.split(inputs, m)
-        micro_targets = microbatch.split(targets, m)
-        sizes = [microbatch.Rows(n, batch.length) for n in microbatch.sizes(batch, m)]
+        every = self.micro_batches * self.replicas  # M per replica
+        check_rows(batch, self.batch_size, every, self.method, self._static_batch)
+        # a smaller last batch runs fewer; with R replicas each runs m of the R·m micro-batches
+        m = micro_batch_count(batch, self.micro_batches, self.replicas)
+        parts = m * self.replicas
+        micro_inputs = [] if inputs is None else microbatch.split(inputs, parts)
+        micro_targets = microbatch.split(targets, parts)
+        sizes = [microbatch.Rows(n, batch.length) for n in microbatch.sizes(batch, parts)]
         scales = microbatch.scales(
             sizes, self.spec.loss_reduction, None if targets is None else micro_targets
         )
@@ -205,7 +210,7 @@ class Pipeline:
         self.flush()
         inputs = None if inputs is None else as_tuple(inputs)
         batch = self._shared_rows(None if inputs is None else check_eval_batch(self.spec, inputs), "predict")
-        size = math.ceil(self.batch_size / self.micro_batches)
+        size = math.ceil(self.batch_size / (self.micro_batches * self.replicas))
         sizes = [microbatch.Rows(min(size, batch - i), batch.length) for i in range(0, batch, size)]
         if self._static_batch and any(n != size for n in sizes):
             raise PipelineError(

@@ -182,7 +182,13 @@ def summary_line(metrics: dict[str, Any]) -> str:
     value = metrics["final"][metric]
     shown = "n/a" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.4f}"
     cfg = metrics["config"]
+    replicas = cfg.get("data_parallel", 1)
+    layout = (
+        f"{cfg['gpus']} stages"
+        if replicas == 1
+        else f"{cfg['gpus'] // replicas} stages x {replicas} replicas"
+    )
     return (
-        f"{cfg['task']} {cfg['method']} ({cfg['gpus']} stages): test {metric} {shown} after "
+        f"{cfg['task']} {cfg['method']} ({layout}): test {metric} {shown} after "
         f"{len(metrics['epochs'])} epochs, {metrics['mini_batches']} mini-batches, {metrics['wall_s']:.1f} s"
     )

@@ -48,6 +48,7 @@ class TrainConfig:
     task: str
     out: str
     gpus: int = 4
+    data_parallel: int = 1
     method: str = "pipeoptim"
     optimizer: str = "sgd"
     epochs: int = 10
@@ -155,6 +156,7 @@ def _trainer(config: TrainConfig, task: Task, log: Callable[[str], None]) -> tup
         autocast=_autocast_dtype(config.precision),
         compile_stages=config.compile_stages,
         log=log,
+        data_parallel=config.data_parallel,
     )
     return pipe, scheduler
 

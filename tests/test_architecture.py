@@ -114,11 +114,12 @@ def test_module_size(name: str) -> None:
 
 
 def test_every_executor_implements_the_protocol() -> None:
-    """Local, process and torchrun executors have every method of ``Executor``, with the same
-    parameter names, so the pipeline never probes them with ``getattr``."""
+    """Local (one replica or several), process and torchrun executors have every method of
+    ``Executor``, with the same parameter names, so the pipeline never probes them with ``getattr``."""
     from pipeoptim.runtime.distributed import ProcessExecutor
     from pipeoptim.runtime.executor import LocalExecutor
     from pipeoptim.runtime.launch import Executor
+    from pipeoptim.runtime.replicas import ReplicatedLocalExecutor
     from pipeoptim.runtime.spmd import SPMDExecutor
 
     wanted = {
@@ -127,7 +128,7 @@ def test_every_executor_implements_the_protocol() -> None:
         if inspect.isfunction(fn) and not name.startswith("_")
     }
     assert len(wanted) == 16
-    for cls in (LocalExecutor, ProcessExecutor, SPMDExecutor):
+    for cls in (LocalExecutor, ReplicatedLocalExecutor, ProcessExecutor, SPMDExecutor):
         have = {
             name: list(inspect.signature(getattr(cls, name)).parameters)
             for name in wanted

@@ -25,6 +25,18 @@ class _Parsed(click.ParamType):
             self.fail(str(exc), param, ctx)
 
 
+def _layout_width(text: str) -> int | str:
+    """``auto`` or a positive number of data-parallel replicas."""
+    if text.strip().lower() == "auto":
+        return "auto"
+    if not text.strip().isdigit() or int(text) < 1:
+        raise ValueError(f"{text!r} is neither 'auto' nor a positive number of replicas")
+    return int(text)
+
+
+LAYOUT_WIDTH = _Parsed("auto|R", _layout_width)
+
+
 def _bandwidth(text: str) -> float | None:
     return None if text.strip().lower() in ("inf", "none", "free") else parse_bandwidth(text)
 

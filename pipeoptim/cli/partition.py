@@ -9,11 +9,12 @@ import click
 import torch
 
 from pipeoptim.cli.loading import ModelSpecError, load_model
-from pipeoptim.cli.options import BANDWIDTH, BYTES, DTYPE, GPUS, SHAPE, torch_device
-from pipeoptim.compiler import plan_model
+from pipeoptim.cli.options import BANDWIDTH, BYTES, DTYPE, GPUS, LAYOUT_WIDTH, SHAPE, torch_device
+from pipeoptim.compiler import plan_model, profile_model
 from pipeoptim.compiler.baselines import BASELINES
 from pipeoptim.compiler.costgraph import CostGraph
 from pipeoptim.compiler.costmodel import CostConfig, optimizer_state_factor
+from pipeoptim.compiler.layouts import choose_layout
 from pipeoptim.compiler.plan import make_plan
 from pipeoptim.compiler.plot import plot_plan
 from pipeoptim.compiler.profile import device_name
@@ -104,6 +105,21 @@ def _log(msg: str) -> None:
     type=click.Path(dir_okay=False),
     help="Plan from this profile or cost-graph JSON instead of profiling MODEL.",
 )
+@click.option(
+    "--data-parallel",
+    "data_parallel",
+    type=LAYOUT_WIDTH,
+    default="1",
+    show_default=True,
+    help="Replicas R of the pipeline: 'auto' plans every layout of N stages x R replicas with "
+    "N*R <= --gpus and chooses the fastest (runner-ups listed); a number forces R (N = --gpus / R).",
+)
+@click.option(
+    "--stages",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Force N pipeline stages (with --data-parallel auto: choose R for it).",
+)
 @click.option("--profile-dir", default="profiles", show_default=True, help="Where profiles are cached.")
 @click.option("--leaf", multiple=True, help="Qualified name of a module to keep as one node.")
 @click.option("--device", default=None, help="Device to profile on (default: cpu).")
@@ -129,6 +145,8 @@ def partition(
     exact_dp,
     time_limit,
     profile_file,
+    data_parallel,
+    stages,
     profile_dir,
     leaf,
     device,
@@ -136,7 +154,8 @@ def partition(
     save,
     plot,
 ) -> None:
-    """Plan MODEL as a pipeline of --gpus stages and print one row per stage.
+    """Plan MODEL as a pipeline of --gpus stages and print one row per stage (with
+    --data-parallel: as N stages x R replicas, N*R <= --gpus).
 
     MODEL is a built-in example (mlp, resnet, transformer, multi_io, long_skip, gpt2),
     module:factory or path/file.py:factory; the factory returns a model or
@@ -148,8 +167,20 @@ def partition(
         raise click.BadParameter(str(exc), param_hint="--optimizer") from exc
     if model is None and profile_file is None:
         raise click.UsageError("give a MODEL, or --profile FILE to plan from a saved profile")
+    layout_mode = data_parallel != 1 or stages is not None
+    choice = None
     try:
         graph = CostGraph.load(profile_file) if profile_file is not None else None
+        if layout_mode and graph is None:
+            net, examples = load_model(model, input_shape, input_dtype)
+            graph, reused = profile_model(
+                net,
+                examples,
+                leaf_modules=leaf,
+                profile_dir=profile_dir,
+                device=torch_device(device),
+                log=_log,
+            )
         step_cost, predict_cost, note = _update_costs(optimizer, device, graph, profile_dir)
         config = CostConfig(
             num_stages=gpus,
@@ -161,7 +192,23 @@ def partition(
             step_s_per_byte=step_cost,
             predict_s_per_byte=predict_cost,
         )
-        if graph is not None:
+        if layout_mode:
+            if profile_file is not None and model is not None:
+                _check_profile_matches(model, graph, input_shape, input_dtype, leaf, device)
+            reused = reused if profile_file is None else True
+            choice = choose_layout(
+                graph,
+                config,
+                gpus,
+                stages=stages,
+                replicas=None if data_parallel == "auto" else data_parallel,
+                micro_batches=micro_batches,
+                plan=lambda g, c: make_plan(
+                    g, c, partitioner=partitioner, solver=solver, time_limit=time_limit, ideals=exact_dp
+                ),
+            )
+            plan = choice.chosen.plan
+        elif graph is not None:
             if model is not None:
                 _check_profile_matches(model, graph, input_shape, input_dtype, leaf, device)
             reused = True
@@ -202,7 +249,8 @@ def partition(
         out = {
             **plan.summary,
             "model": plan.model,
-            "num_stages": gpus,
+            "num_stages": plan.num_stages,
+            "data_parallel": plan.config.data_parallel,
             "num_nodes": len(graph.nodes),
             "profile_reused": reused,
             "config": data["config"],
@@ -212,7 +260,18 @@ def partition(
         json.dump(out, sys.stdout, indent=1, default=str)
         sys.stdout.write("\n")
     else:
-        click.echo(f"{plan.model}: {len(graph.nodes)} nodes, {gpus} stages, method {method}")
+        if choice is not None:
+            click.echo(f"{plan.model}: {len(graph.nodes)} nodes, {gpus} devices, method {method}")
+            click.echo(choice.table())
+            click.echo("")
+            click.echo(
+                f"chosen layout   {plan.num_stages} stages x {plan.config.data_parallel} replicas "
+                f"({plan.num_stages * plan.config.data_parallel} of {gpus} devices), "
+                f"{plan.summary['throughput_per_s']:.2f} mini-batches/s predicted"
+            )
+            click.echo("")
+        else:
+            click.echo(f"{plan.model}: {len(graph.nodes)} nodes, {gpus} stages, method {method}")
         click.echo(plan.table())
 
 

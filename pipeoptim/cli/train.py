@@ -73,6 +73,14 @@ from pipeoptim.training import OPTIMIZERS, SEQUENTIAL, TrainConfig, train
     help="Micro-batches per mini-batch for gpipe, 1f1b and 2bw (default: --gpus).",
 )
 @click.option(
+    "--data-parallel",
+    type=click.IntRange(min=1),
+    default=1,
+    show_default=True,
+    help="Replicas R of the pipeline: --gpus / R stages, each stage's R replicas all-reduce their "
+    "gradients before every step (pick R with `pipeoptim partition MODEL --data-parallel auto`).",
+)
+@click.option(
     "--executor",
     type=click.Choice(["processes", "local"]),
     default="processes",
@@ -153,6 +161,7 @@ def train_command(
     limit,
     test_limit,
     micro_batches,
+    data_parallel,
     executor,
     out,
     plot,
@@ -187,6 +196,7 @@ def train_command(
         limit=limit,
         test_limit=test_limit,
         micro_batches=micro_batches,
+        data_parallel=data_parallel,
         executor=executor,
         checkpoint_every=checkpoint_every,
         resume=resume,

@@ -31,6 +31,22 @@ class PlannedModel:
     profile_reused: bool
 
 
+def profile_model(
+    model: nn.Module,
+    example_inputs: Sequence[torch.Tensor],
+    *,
+    leaf_modules: Iterable[str] = (),
+    profile_dir: str | Path | None = "profiles",
+    device: torch.device | str | None = None,
+    log: Callable[[str], None] = lambda _msg: None,
+) -> tuple[CostGraph, bool]:
+    """Trace ``model`` and profile it (or reuse a saved profile): its cost graph, and whether
+    the profile was reused (see :func:`plan_model`)."""
+    traced = trace(model, example_inputs, leaf_modules)
+    with hooks_silenced(traced.gm):  # profiling runs no user hook
+        return load_or_profile(traced, example_inputs, profile_dir=profile_dir, device=device, log=log)
+
+
 def plan_model(
     model: nn.Module,
     example_inputs: Sequence[torch.Tensor],

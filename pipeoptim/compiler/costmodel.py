@@ -9,6 +9,7 @@ Stage time (seconds per micro-batch) of stage k::
           + P_k * (step_s_per_byte * steps per micro-batch + predict_s_per_byte)   (update)
           + (A[k-1] + G[k-1] + A[k] + G[k]) / bandwidth + latency_s * messages_k   (comm)
           + action_overhead_s * actions per micro-batch                          (overhead)
+          + P_k * 2(R-1)/R / allreduce bandwidth * steps per micro-batch          (R replicas)
 
 where ``A[b]`` are the activation bytes crossing boundary b (between stage b and b+1) forward
 and ``G[b]`` the gradient bytes crossing it backward. A value produced at stage i and read at
@@ -121,6 +122,13 @@ class CostConfig:
         action_overhead_s: seconds of runtime overhead per action (0: not modelled).
         cores: processors the stages share, e.g. CPU cores for ranks with one thread each
             (``None``: every stage has its own device).
+        data_parallel: R, replicas of the pipeline (:mod:`pipeoptim.compiler.layouts`): each
+            stage's replicas all-reduce its gradients before every step, a ring all-reduce
+            moving ``2(R−1)/R`` bytes per gradient byte (Patarasuk and Yuan, JPDC 2009) at
+            :attr:`allreduce_bandwidth`, not overlapped with the backward (the runtime reduces
+            just before the step, :mod:`pipeoptim.runtime.allreduce`).
+        allreduce_bandwidth: bytes per second between a stage's replicas; ``None``: the
+            same as :attr:`bandwidth`.
     """
 
     num_stages: int
@@ -134,6 +142,8 @@ class CostConfig:
     latency_s: float = 0.0
     action_overhead_s: float = 0.0
     cores: float | None = None
+    data_parallel: int = 1
+    allreduce_bandwidth: float | None = None
 
     @property
     def method_info(self) -> Method:
@@ -149,13 +159,24 @@ class CostConfig:
     def update_s_per_byte(self) -> float:
         """Seconds per parameter byte and micro-batch spent on optimizer steps and predictions."""
         method = self.method_info
-        steps = self.steps_per_micro_batch
         predicts = 1.0 if method.policy in ("pipeoptim", "spectrain") else 0.0
-        return self.step_s_per_byte * steps + self.predict_s_per_byte * predicts
+        return self.step_s_per_byte * self.steps_per_micro_batch + self.predict_s_per_byte * predicts
+
+    @property
+    def allreduce_s_per_byte(self) -> float:
+        """Seconds per parameter byte and micro-batch of the replicas' gradient all-reduce:
+        ``2(R−1)/R / bandwidth`` per step (ring all-reduce), 0 with one replica."""
+        bandwidth = self.allreduce_bandwidth if self.allreduce_bandwidth is not None else self.bandwidth
+        if self.data_parallel <= 1 or bandwidth is None:
+            return 0.0
+        ring = 2.0 * (self.data_parallel - 1) / self.data_parallel
+        return ring / bandwidth * self.steps_per_micro_batch
 
     def work_s(self, node: Any) -> float:
-        """A node's seconds per micro-batch: forward, backward and its parameters' updates."""
-        return node.fwd_s + node.bwd_s + node.param_bytes * self.update_s_per_byte
+        """A node's seconds per micro-batch: forward, backward, its parameters' updates and
+        their gradient all-reduce between replicas."""
+        per_byte = self.update_s_per_byte + self.allreduce_s_per_byte
+        return node.fwd_s + node.bwd_s + node.param_bytes * per_byte
 
     def weight_factor(self, stage: int) -> float:
         """Bytes held at stage ``stage`` per parameter byte (weights, gradient, state, copies)."""
@@ -200,6 +221,7 @@ class StageStats:
     shared_bytes: int = 0
     #: seconds per optimizer step of that exchange (both ways, at the bandwidth)
     shared_s: float = 0.0
+    allreduce_s: float = 0.0  # the replicas' gradient all-reduce, per micro-batch
 
     @property
     def compute_s(self) -> float:
@@ -278,6 +300,7 @@ def evaluate(graph: CostGraph, stage_of: Sequence[int], config: CostConfig) -> l
         overhead = config.action_overhead_s * (2 + config.steps_per_micro_batch)
         reduce = sum(reduce_bytes(graph.nodes[i].param_bytes, len(h)) for i, h in shared.items() if k in h)
         update = params * config.update_s_per_byte
+        allreduce = params * config.allreduce_s_per_byte
         copies = config.method_info.extra_weight_copies(k, n)
         opt = int(params * config.opt_state_factor)
         buffers = sum(x.buffer_bytes for x in nodes)
@@ -304,10 +327,11 @@ def evaluate(graph: CostGraph, stage_of: Sequence[int], config: CostConfig) -> l
                 buffer_bytes=buffers,
                 activation_bytes=activations,
                 memory_bytes=memory,
-                time_s=fwd + bwd + comm + update + overhead,
+                time_s=fwd + bwd + comm + update + overhead + allreduce,
                 overhead_s=overhead,
                 shared_bytes=reduce,
                 shared_s=config.comm_s(2 * reduce),
+                allreduce_s=allreduce,
             )
         )
     return stats

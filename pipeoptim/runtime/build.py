@@ -61,10 +61,17 @@ class PipelineSpec:
     #: ``torch.compile`` backend of the stages (:mod:`pipeoptim.runtime.compiled`), or ``None``
     compile_stages: str | None = None
     prediction_error_every: int = 16
+    #: R, replicas of the pipeline (data parallelism, :mod:`pipeoptim.runtime.replicas`)
+    data_parallel: int = 1
 
     @property
     def num_stages(self) -> int:
         return self.plan.num_stages
+
+    @property
+    def world_size(self) -> int:
+        """Ranks of the layout: N stages × R replicas."""
+        return self.plan.num_stages * self.data_parallel
 
     def schedule(self, stage: int) -> Schedule:
         """The schedule of the method at ``stage`` (PipeDream-2BW steps every M micro-batches)."""

@@ -80,6 +80,8 @@ class DistChannel:
         device: where received tensors live.
         send_window: actions after which a send is waited on and released (default ``2·world``:
             by then the peer has long posted its receive, so the wait returns at once).
+        first_rank: global rank of stage 0 of this stage's replica (data × pipeline
+            parallelism, :mod:`pipeoptim.runtime.replicas`); 0 with one replica.
     """
 
     def __init__(
@@ -92,8 +94,10 @@ class DistChannel:
         timeout: float,
         device: torch.device,
         send_window: int | None = None,
+        first_rank: int = 0,
     ) -> None:
         self.rank = rank
+        self.first_rank = first_rank
         self.world = world
         self.plan = plan
         self.timeout = datetime.timedelta(seconds=timeout)
@@ -222,7 +226,8 @@ class DistChannel:
         sent = [i for i, need in enumerate(self.grad_mask_in) if need]
         if not sent:
             return list(grads)
-        self.isend(torch.tensor([grads[i] is not None for i in sent], dtype=torch.uint8), self.rank - 1)
+        present = torch.tensor([grads[i] is not None for i in sent], dtype=torch.uint8)
+        self.isend(present, self.first_rank + self.rank - 1)
         batch = self.sizes[micro_batch]
         out = list(grads)
         for i in sent:
@@ -238,11 +243,11 @@ class DistChannel:
             raise PipelineError(
                 f"stage {self.rank} produced {len(leaves)} values, the plan has {len(self.out_meta)}"
             )
-        self._send_leaves(leaves, self.out_meta, None, self.rank + 1)
+        self._send_leaves(leaves, self.out_meta, None, self.first_rank + self.rank + 1)
 
     def send_grads(self, micro_batch: int, grads: Sequence[Any]) -> None:
         grads = self._send_grad_presence(micro_batch, grads)
-        self._send_leaves(grads, self.in_meta, self.grad_mask_in, self.rank - 1)
+        self._send_leaves(grads, self.in_meta, self.grad_mask_in, self.first_rank + self.rank - 1)
 
     def wait_sends(self) -> None:
         """Block until every send has completed (before a flush answers)."""
@@ -274,9 +279,9 @@ class DistChannel:
             return
         batch = self.sizes[micro_batch]
         if op == "act":
-            metas, mask, src = self.in_meta, None, self.rank - 1
+            metas, mask, src = self.in_meta, None, self.first_rank + self.rank - 1
         else:
-            metas, mask, src = self.out_meta, self.grad_mask_out, self.rank + 1
+            metas, mask, src = self.out_meta, self.grad_mask_out, self.first_rank + self.rank + 1
         leaves = self._buffers(metas, mask, batch)
         works = []
         if op == "act":

@@ -25,6 +25,7 @@ from pipeoptim.microbatch import Rows
 from pipeoptim.runtime.build import PipelineSpec
 from pipeoptim.runtime.executor import MiniBatch
 from pipeoptim.runtime.procmem import resident_bytes
+from pipeoptim.runtime.replicas import replica_part, stage_and_replica
 from pipeoptim.runtime.spawning import main_module_not_rerun, pickle_spec, sigint_deferred_while_starting
 from pipeoptim.runtime.staleness import PredictionError
 from pipeoptim.runtime.worker import worker_main
@@ -65,8 +66,10 @@ class ProcessExecutor:
         timeout: float = 300.0,
         threads: int = 1,
     ) -> None:
-        check_devices(spec.num_stages)
-        self.world = spec.num_stages
+        check_devices(spec.world_size)
+        self.world = spec.world_size  # N stages × R replicas (pipeoptim.runtime.replicas)
+        self.num_stages = spec.num_stages
+        self.replicas = spec.data_parallel
         self.timeout = timeout
         self.on_loss = on_loss
         self.on_error = on_error
@@ -117,7 +120,7 @@ class ProcessExecutor:
 
     def _handle(self, kind: str, rank: int, key: Any, payload: Any) -> None:
         if kind == "loss":
-            self.on_loss(key, payload)
+            self.on_loss(key, payload, rank // self.num_stages)
         elif kind == "ready":
             with self._cond:
                 self._ready.add(rank)
@@ -220,14 +223,16 @@ class ProcessExecutor:
             return self._replies.pop(request)
 
     def submit(self, batch: MiniBatch) -> None:
-        last = self.world - 1
+        last = self.num_stages - 1
         for rank in range(self.world):
+            stage, replica = stage_and_replica(rank, self.num_stages)
+            share = replica_part(batch, replica, self.replicas)
             part = MiniBatch(
                 index=batch.index,
-                inputs=batch.inputs if rank == 0 else [],
-                targets=batch.targets if rank == last else [],
-                scales=batch.scales,
-                sizes=batch.sizes,
+                inputs=share.inputs if stage == 0 else [],
+                targets=share.targets if stage == last else [],
+                scales=share.scales,
+                sizes=share.sizes,
                 hyper=batch.hyper,
             )
             # as bytes: a tensor put on a multiprocessing queue as it is travels through a new
@@ -236,9 +241,10 @@ class ProcessExecutor:
             self._send(rank, "batch", None, pickle.dumps(part))
 
     def _per_stage(self, kind: str) -> list[Any]:
-        """Every worker's reply to a ``kind`` request, in stage order."""
+        """Replica 0's workers' replies to a ``kind`` request, in stage order (the other
+        replicas are alike)."""
         replies = self._request(kind)
-        return [replies[r] for r in range(self.world)]
+        return [replies[r] for r in range(self.num_stages)]
 
     def flush(self) -> None:
         self._request("flush")
@@ -252,12 +258,17 @@ class ProcessExecutor:
 
     def forward_only(self, chunks: list[tuple[Any, ...]], sizes: list[int]) -> list[Any]:
         replies = self._request("eval", {r: (chunks if r == 0 else None, sizes) for r in range(self.world)})
-        return replies[self.world - 1]
+        return replies[self.num_stages - 1]
 
     def state_dict(self) -> dict[str, torch.Tensor]:
-        merged: dict[str, torch.Tensor] = {}
-        for part in self._request("state").values():
-            merged.update(part)
+        return self.replica_state_dicts()[0]
+
+    def replica_state_dicts(self) -> list[dict[str, torch.Tensor]]:
+        """Every replica's parameters and buffers (replica 0's is :meth:`state_dict`)."""
+        replies = self._request("state")
+        merged: list[dict[str, torch.Tensor]] = [{} for _ in range(self.replicas)]
+        for rank in sorted(replies):
+            merged[rank // self.num_stages].update(replies[rank])
         return merged
 
     def stage_state_dicts(self) -> list[dict[str, torch.Tensor]]:
@@ -270,7 +281,7 @@ class ProcessExecutor:
         from pipeoptim.runtime.stage_state import merge_optimizer_states
 
         replies = self._request("optimizer_state")
-        return merge_optimizer_states([replies[r] for r in sorted(replies)])
+        return merge_optimizer_states([replies[r] for r in range(self.num_stages)])  # replica 0
 
     def load_optimizer_state(self, state: dict[str, Any]) -> None:
         self._request("load_optimizer_state", dict.fromkeys(range(self.world), state))

@@ -26,6 +26,7 @@ class Executor(Protocol):
     """What a :class:`~pipeoptim.pipeline.Pipeline` asks of the executor running its stages.
 
     Implemented by :class:`~pipeoptim.runtime.executor.LocalExecutor`,
+    :class:`~pipeoptim.runtime.replicas.ReplicatedLocalExecutor`,
     :class:`~pipeoptim.runtime.distributed.ProcessExecutor` and
     :class:`~pipeoptim.runtime.spmd.SPMDExecutor`.
     """
@@ -80,6 +81,10 @@ def start_executor(
     between stages; ``owns_group``: under torchrun, whether the process group was created by
     pipeoptim (and is destroyed on close).
     """
+    if kind == "local" and spec.data_parallel > 1:
+        from pipeoptim.runtime.replicas import local_executor
+
+        return local_executor(spec, traced, device, on_loss)
     if kind == "local":
         stages = [build_stage(spec, traced, k, device) for k in range(spec.num_stages)]
         return LocalExecutor(stages, [spec.schedule(k) for k in range(spec.num_stages)], on_loss)

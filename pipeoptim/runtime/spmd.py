@@ -1,9 +1,11 @@
 """SPMD execution under ``torchrun``: every rank runs the user's script and its own stage.
 
 Launch one process per stage (``torchrun --nproc-per-node N train.py``, or across machines
-with ``--nnodes``); each rank calls ``pipeoptim.compile`` and ``pipe.step(inputs, targets)``
-with the same data. Rank 0 profiles and plans, then broadcasts the plan and every stage's
-initial weights, so all ranks agree even if their models were initialised differently.
+with ``--nnodes``; N·R processes with ``data_parallel=R``, rank ``replica·N + stage``, where
+every replica's first and last stage read the inputs and targets); each rank calls
+``pipeoptim.compile`` and ``pipe.step(inputs, targets)`` with the same data. Rank 0 profiles
+and plans, then broadcasts the plan and every stage's initial weights, so all ranks agree
+even if their models were initialised differently.
 Stage 0 alone needs the inputs and the last stage alone the targets; other ranks may pass
 ``None`` for them. Rank 0 sends every other rank the size of each mini-batch (and of each
 batch given to ``predict``), so all of them split it into the same micro-batches. The last
@@ -26,6 +28,7 @@ from pipeoptim.runtime.build import PipelineSpec
 from pipeoptim.runtime.comm import LOSS_TAG
 from pipeoptim.runtime.executor import MiniBatch
 from pipeoptim.runtime.procmem import resident_bytes
+from pipeoptim.runtime.replicas import replica_part
 from pipeoptim.runtime.stage_state import merge_optimizer_states
 from pipeoptim.runtime.staleness import PredictionError
 from pipeoptim.runtime.worker import StageProcess
@@ -48,14 +51,17 @@ def local_device() -> torch.device:
 def init(num_stages: int, timeout: float) -> bool:
     """Join the process group torchrun describes; returns whether this call created it.
 
+    Args:
+        num_stages: ranks the pipeline needs (``gpus``: N stages × R replicas).
+
     Raises:
-        PipelineError: the world size differs from the number of stages.
+        PipelineError: the world size differs from ``num_stages``.
     """
     world = int(os.environ["WORLD_SIZE"])
     if world != num_stages:
         raise PipelineError(
             f"torchrun started {world} processes but gpus={num_stages}: launch one process per stage "
-            f"(torchrun --nproc-per-node {num_stages} ...) or compile with gpus={world}"
+            f"and replica (torchrun --nproc-per-node {num_stages} ...) or compile with gpus={world}"
         )
     if dist.is_initialized():
         return False
@@ -96,7 +102,9 @@ class SPMDExecutor:
         self.owns_group = owns_group
         self.device = local_device()
         self.process = StageProcess(spec, self.rank, self.device, timeout)
-        self._pending: list[tuple[int, Any, torch.Tensor]] = []
+        self.num_stages = spec.num_stages
+        self.replicas = spec.data_parallel
+        self._pending: list[tuple[int, int, Any, torch.Tensor]] = []
         self._share_initial_weights(spec)
 
     def _share_initial_weights(self, spec: PipelineSpec) -> None:
@@ -121,13 +129,13 @@ class SPMDExecutor:
 
     @property
     def needs_inputs(self) -> bool:
-        """Whether this rank runs the first stage (the only one that reads inputs)."""
-        return self.rank == 0
+        """Whether this rank runs a first stage (of any replica; the only ones that read inputs)."""
+        return self.process.rank == 0
 
     @property
     def needs_targets(self) -> bool:
-        """Whether this rank runs the last stage (the only one that reads targets)."""
-        return self.rank == self.world - 1
+        """Whether this rank runs a last stage (of any replica; the only ones that read targets)."""
+        return self.process.rank == self.num_stages - 1
 
     def share_batch_size(self, batch: Rows | None) -> Rows:
         """Rank 0's ``batch`` (rows and sequence length of the next mini-batch or predict
@@ -167,42 +175,52 @@ class SPMDExecutor:
         return shared
 
     def submit(self, batch: MiniBatch) -> None:
-        last = self.world - 1
+        stages = self.num_stages
+        share = replica_part(batch, self.process.replica, self.replicas)
+        if self.process.rank == 0 and not share.inputs:
+            raise PipelineError(
+                f"rank {self.rank} runs the first stage of replica {self.process.replica} and needs the "
+                "inputs: pass the whole mini-batch to step() there (it takes its share)"
+            )
         part = MiniBatch(
             index=batch.index,
-            inputs=batch.inputs if self.rank == 0 else [],
-            targets=batch.targets if self.rank == last else [],
-            scales=batch.scales,
-            sizes=batch.sizes,
+            inputs=share.inputs if self.process.rank == 0 else [],
+            targets=share.targets if self.process.rank == stages - 1 else [],
+            scales=share.scales,
+            sizes=share.sizes,
             hyper=batch.hyper,
         )
         first = batch.index * self.process.spec.micro_batches
-        if self.rank != last:
-            for j in range(len(batch.sizes)):
+        for replica in range(self.replicas):  # every replica's last stage sends its losses
+            last = replica * stages + stages - 1
+            if self.rank == last:
+                continue
+            for j in range(len(share.sizes)):
                 buffer = torch.empty(1, dtype=torch.float64, device=self.device)
-                self._pending.append((first + j, dist.irecv(buffer, last, tag=LOSS_TAG), buffer))
+                self._pending.append((first + j, replica, dist.irecv(buffer, last, tag=LOSS_TAG), buffer))
         self._deliver(self.process.submit(part))
         # gloo never reports a receive complete before wait(): wait on those older than the
         # pipeline can hold (their losses were computed long ago), so the list stays bounded
-        self._poll(block=False, until=first - 2 * self.world * len(batch.sizes))
+        self._poll(block=False, until=first - 2 * stages * len(share.sizes))
 
     def _deliver(self, losses: list[tuple[int, float]]) -> None:
-        """Last rank: hand each loss to the pipeline and send it to every other rank."""
+        """A last stage: hand each loss to the pipeline and send it to every other rank."""
         for mb, value in losses:
             tensor = torch.tensor([value], dtype=torch.float64, device=self.device)
-            for rank in range(self.world - 1):
-                self.process.channel.isend(tensor, rank, tag=LOSS_TAG)
-            self.on_loss(mb, torch.tensor(value))
+            for rank in range(self.world):
+                if rank != self.rank:
+                    self.process.channel.isend(tensor, rank, tag=LOSS_TAG)
+            self.on_loss(mb, torch.tensor(value), self.process.replica)
 
     def _poll(self, block: bool, until: int | None = None) -> None:
-        """Other ranks: resolve losses that have arrived (all of them, or up to ``until``)."""
+        """Resolve losses from other ranks that have arrived (all of them, or up to ``until``)."""
         while self._pending:
-            mb, work, buffer = self._pending[0]
+            mb, replica, work, buffer = self._pending[0]
             if not (block or work.is_completed()) and (until is None or mb > until):
                 return
             work.wait(self.timeout)
             self._pending.pop(0)
-            self.on_loss(mb, buffer.cpu()[0])
+            self.on_loss(mb, buffer.cpu()[0], replica)
 
     def wait_loss(self, micro_batch: int) -> None:
         """Block until the loss of ``micro_batch`` has arrived on this rank."""
@@ -217,15 +235,19 @@ class SPMDExecutor:
     def forward_only(self, chunks: list[tuple[Any, ...]] | None, sizes: list[int]) -> list[Any]:
         outputs = self.process.forward_only(chunks if self.rank == 0 else None, sizes)
         box = [outputs]
-        dist.broadcast_object_list(box, src=self.world - 1)
+        dist.broadcast_object_list(box, src=self.num_stages - 1)  # replica 0's last stage
         return box[0]
 
     def state_dict(self) -> dict[str, torch.Tensor]:
+        return self.replica_state_dicts()[0]
+
+    def replica_state_dicts(self) -> list[dict[str, torch.Tensor]]:
+        """Every replica's parameters and buffers (replica 0's is :meth:`state_dict`)."""
         parts: list[Any] = [None] * self.world
         dist.all_gather_object(parts, self.process.state_dict())
-        merged: dict[str, torch.Tensor] = {}
-        for part in parts:
-            merged.update(part)
+        merged: list[dict[str, torch.Tensor]] = [{} for _ in range(self.replicas)]
+        for rank, part in enumerate(parts):
+            merged[rank // self.num_stages].update(part)
         return merged
 
     def load_state_dict(self, state: dict[str, torch.Tensor], aliases: dict[str, list[str]]) -> None:
@@ -234,7 +256,7 @@ class SPMDExecutor:
     def optimizer_state(self) -> dict[str, Any]:
         parts: list[Any] = [None] * self.world
         dist.all_gather_object(parts, self.process.optimizer_state())
-        return merge_optimizer_states(parts)
+        return merge_optimizer_states(parts[: self.num_stages])  # replica 0
 
     def load_optimizer_state(self, state: dict[str, Any]) -> None:
         self.process.load_optimizer_state(state)
@@ -251,7 +273,7 @@ class SPMDExecutor:
     def peak_weight_versions(self) -> list[int]:
         parts: list[Any] = [None] * self.world
         dist.all_gather_object(parts, self.process.peak_versions())
-        return parts
+        return parts[: self.num_stages]  # replica 0
 
     def prediction_errors(self) -> list[PredictionError]:
         parts: list[Any] = [None] * self.world

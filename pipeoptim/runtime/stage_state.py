@@ -79,7 +79,11 @@ def merge_optimizer_states(parts: Sequence[dict[str, Any]]) -> dict[str, Any]:
 
 def load_optimizer_state(stage: StageRuntime, state: dict[str, Any]) -> None:
     """Restore the part of ``state`` (:func:`merge_optimizer_states`) that ``stage`` owns."""
-    stage.steps = int(state["steps"].get(stage.index, state["steps"].get(str(stage.index), 0)))
+    steps = state["steps"]
+    own = steps.get(stage.index, steps.get(str(stage.index)))
+    if own is None:  # saved with fewer stages: after a flush every stage has taken as many steps
+        own = max((int(v) for v in steps.values()), default=0)
+    stage.steps = int(own)
     if stage.scaler is not None and "loss_scale" in state:
         stage.scaler = LossScaler(**state["loss_scale"])
     if stage.optimizer is None:

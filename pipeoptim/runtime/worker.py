@@ -26,6 +26,7 @@ from pipeoptim.errors import PipeoptimError
 from pipeoptim.runtime.build import PipelineSpec, aliases_of, build_stage, input_grad_mask
 from pipeoptim.runtime.comm import DistChannel
 from pipeoptim.runtime.executor import MicroBatch, MiniBatch, StageState, forward_chain, run_action
+from pipeoptim.runtime.replicas import join_replica_groups, replica_copy, stage_and_replica
 from pipeoptim.runtime.schedule import BACKWARD, FORWARD, Action
 from pipeoptim.runtime.shared_build import shared_holders
 from pipeoptim.runtime.stage import StageRuntime
@@ -33,20 +34,32 @@ from pipeoptim.runtime.stage_state import load_optimizer_state, load_stage_state
 
 
 class StageProcess:
-    """Runs stage ``rank`` of ``spec`` in this process; torch.distributed must be initialised."""
+    """Runs the stage of global ``rank`` of ``spec`` in this process (stage ``rank % N`` of
+    replica ``rank // N``, :mod:`pipeoptim.runtime.replicas`); torch.distributed must be
+    initialised. :attr:`rank` is the stage index, :attr:`replica` the replica's."""
 
     def __init__(self, spec: PipelineSpec, rank: int, device: torch.device, timeout: float) -> None:
         self.spec = spec
-        self.rank = rank
         self.world = spec.num_stages
+        self.rank, self.replica = stage_and_replica(rank, self.world)
+        rank = self.rank
         self.traced = spec.trace()
         self.aliases = aliases_of(self.traced.tied)
-        self.stage: StageRuntime = build_stage(spec, self.traced, rank, device)
+        self.stage: StageRuntime = build_stage(replica_copy(spec, self.replica), self.traced, rank, device)
+        if spec.data_parallel > 1:
+            self.stage.reduce_gradients = join_replica_groups(spec, rank, timeout)
         self.schedule = spec.schedule(rank)
         self.state = StageState()
         out_mask = input_grad_mask(spec.plan, rank + 1) if rank < self.world - 1 else []
         self.channel = DistChannel(
-            rank, self.world, spec.plan, self.stage.input_grad_mask, out_mask, timeout, device
+            rank,
+            self.world,
+            spec.plan,
+            self.stage.input_grad_mask,
+            out_mask,
+            timeout,
+            device,
+            first_rank=self.replica * self.world,
         )
         holders = shared_holders(spec.plan)
         if len(holders) > 1:  # every rank creates every group, in the same order
@@ -97,7 +110,10 @@ class StageProcess:
                 self.channel.done(action.micro_batch)
 
     def forward_only(self, chunks: list[Any] | None, sizes: list[int]) -> list[Any] | None:
-        """Evaluation-mode forward of chunks (stage 0 gets the data); last stage returns outputs."""
+        """Evaluation-mode forward of chunks (stage 0 gets the data); last stage returns outputs.
+        Replica 0 alone evaluates (the replicas hold the same weights)."""
+        if self.replica > 0:
+            return None
         outputs = []
         for c, size in enumerate(sizes):
             mb = -1 - c  # evaluation micro-batches never meet training ones

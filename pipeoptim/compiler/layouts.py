@@ -1,0 +1,247 @@
+"""Choosing the layout: G devices as N pipeline stages × R data-parallel replicas.
+
+A deeper pipeline stops paying once its bottleneck stage no longer shrinks (a large node,
+communication); replicating a shallower pipeline then uses the devices better, at the price
+of each stage's gradient all-reduce (PipeDream, Narayanan et al. SOSP 2019, replicates
+stages; Megatron-LM and DeepSpeed combine data and pipeline parallelism). The replication
+here is uniform: every stage has R replicas (:mod:`pipeoptim.runtime.replicas`).
+
+Every layout with ``N·R ≤ G`` is planned for the same mini-batch and the one with the
+highest predicted throughput (mini-batches per second) is chosen; ties go to fewer devices,
+then fewer replicas.
+
+**The mini-batch.** The cost graph is profiled on one micro-batch of ``b`` rows. The
+mini-batch has ``B = b·M_G`` rows, ``M_G`` being the micro-batches one pipeline over all G
+devices splits it into (``micro_batches``; by default G for GPipe, 1F1B and 2BW, as
+``compile`` does, and 1 for asynchronous 1F1B). Layout (N, R) gives each replica ``B/R``
+rows in ``M_N`` micro-batches (``micro_batches``, or N, or 1), so its micro-batches have
+``b·M_G / (R·M_N)`` rows. Forward and backward seconds, boundary values and saved
+activations are scaled by that factor (linear in the rows; small micro-batches use a GPU
+less well than this assumes), parameters, optimizer steps and predictions are not.
+
+**Costs of replication.** Each stage adds its ring all-reduce, ``2(R−1)/R · P_k / bandwidth``
+per optimizer step (:attr:`pipeoptim.compiler.costmodel.CostConfig.allreduce_s_per_byte`),
+not overlapped with the backward (the runtime reduces just before the step), so the
+partitioner balances it with the rest of the stage's work. Memory per device is that of one
+stage of one replica (each device holds one), checked against the limit as for one pipeline.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from tabulate import tabulate
+
+from pipeoptim.compiler.costgraph import CostGraph, CostNode
+from pipeoptim.compiler.costmodel import CostConfig
+from pipeoptim.compiler.plan import Plan, make_plan
+from pipeoptim.errors import InfeasibleMemoryError, PlanError
+from pipeoptim.methods import get_method
+from pipeoptim.units import format_bytes
+
+
+@dataclass
+class LayoutOption:
+    """One layout and its plan (``plan is None`` where it is infeasible: ``reason`` says why).
+
+    Attributes:
+        stages: N, pipeline stages.
+        replicas: R, data-parallel replicas of the pipeline.
+        micro_batches: M, micro-batches each replica splits its share into.
+        rows_factor: rows of a micro-batch over the profiled micro-batch's.
+    """
+
+    stages: int
+    replicas: int
+    micro_batches: int
+    rows_factor: float
+    plan: Plan | None = None
+    reason: str = ""
+
+    @property
+    def devices(self) -> int:
+        return self.stages * self.replicas
+
+    @property
+    def throughput_per_s(self) -> float:
+        """Predicted mini-batches per second (0.0 where infeasible)."""
+        return 0.0 if self.plan is None else float(self.plan.summary["throughput_per_s"])
+
+    def to_dict(self) -> dict[str, Any]:
+        summary = self.plan.summary if self.plan is not None else {}
+        return {
+            "stages": self.stages,
+            "data_parallel": self.replicas,
+            "micro_batches": self.micro_batches,
+            "rows_factor": self.rows_factor,
+            "throughput_per_s": self.throughput_per_s,
+            "bottleneck_s": summary.get("bottleneck_s"),
+            "allreduce_s": None if self.plan is None else max(s.allreduce_s for s in self.plan.stages),
+            "max_memory_bytes": summary.get("max_memory_bytes"),
+            "feasible": self.plan is not None,
+            "reason": self.reason,
+        }
+
+
+@dataclass
+class LayoutChoice:
+    """The chosen layout and every layout considered, best first."""
+
+    chosen: LayoutOption
+    options: list[LayoutOption] = field(default_factory=list)
+
+    def table(self) -> str:
+        rows = []
+        for o in self.options:
+            rows.append(
+                [
+                    "*" if o is self.chosen else "",
+                    f"{o.stages} x {o.replicas}",
+                    o.devices,
+                    o.micro_batches,
+                    f"{o.throughput_per_s:.2f}" if o.plan is not None else "-",
+                    f"{o.plan.summary['bottleneck_s'] * 1e3:.3f}" if o.plan is not None else "-",
+                    f"{max(s.allreduce_s for s in o.plan.stages) * 1e3:.3f}" if o.plan is not None else "-",
+                    format_bytes(o.plan.summary["max_memory_bytes"]) if o.plan is not None else "-",
+                    o.reason,
+                ]
+            )
+        headers = ["", "stages x replicas", "devices", "M", "mini-batches/s", "bottleneck ms"]
+        headers += ["all-reduce ms", "memory", "note"]
+        return tabulate(rows, headers=headers, tablefmt="simple")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "stages": self.chosen.stages,
+            "data_parallel": self.chosen.replicas,
+            "options": [o.to_dict() for o in self.options],
+        }
+
+
+def default_micro_batches(method: str, stages: int) -> int:
+    """M when none is given: N for methods that split mini-batches (as ``compile``), else 1."""
+    return stages if get_method(method).micro_batched else 1
+
+
+def rows_factor(method: str, gpus: int, stages: int, replicas: int, micro_batches: int | None) -> float:
+    """Rows of layout (N, R)'s micro-batches over the profiled micro-batch's (module docstring)."""
+    m_all = micro_batches or default_micro_batches(method, gpus)
+    m_layout = micro_batches or default_micro_batches(method, stages)
+    return m_all / (replicas * m_layout)
+
+
+def scale_rows(graph: CostGraph, factor: float) -> CostGraph:
+    """``graph`` with every row-dependent cost times ``factor``: forward and backward seconds,
+    output and gradient bytes and saved activations of every node but parameters
+    (``get_attr``); parameter and buffer bytes stay."""
+    if factor == 1.0:
+        return graph
+
+    def scaled(node: CostNode) -> CostNode:
+        if node.op == "get_attr":
+            return node
+        saved = {k: v if k.startswith("param:") else round(v * factor) for k, v in node.saved.items()}
+        return replace(
+            node,
+            fwd_s=node.fwd_s * factor,
+            bwd_s=node.bwd_s * factor,
+            out_bytes=round(node.out_bytes * factor),
+            grad_bytes=round(node.grad_bytes * factor),
+            saved_bytes=round(node.saved_bytes * factor),
+            saved=saved,
+        )
+
+    return replace(graph, nodes=[scaled(n) for n in graph.nodes])
+
+
+def candidates(gpus: int, stages: int | None = None, replicas: int | None = None) -> list[tuple[int, int]]:
+    """Every ``(N, R)`` with ``N·R ≤ gpus``, those with ``N`` fixed where ``stages`` is given,
+    and only ``(gpus // R, R)`` where ``replicas`` alone is.
+
+    Raises:
+        PlanError: a forced layout needs more than ``gpus`` devices.
+    """
+    if stages is not None and replicas is not None and stages * replicas > gpus:
+        raise PlanError(
+            f"{stages} stages x {replicas} replicas need {stages * replicas} devices but --gpus is "
+            f"{gpus}: raise --gpus or lower --stages/--data-parallel"
+        )
+    for what, value in (("stages", stages), ("data-parallel", replicas)):
+        if value is not None and value > gpus:
+            raise PlanError(f"--{what} {value} needs more than --gpus {gpus} devices: raise --gpus")
+    if replicas is not None and stages is None:
+        stages = max(1, gpus // replicas)
+    pairs = [(n, r) for n in range(1, gpus + 1) for r in range(1, gpus // n + 1)]
+    return [(n, r) for n, r in pairs if stages in (None, n) and replicas in (None, r)]
+
+
+def plan_layout(
+    graph: CostGraph,
+    config: CostConfig,
+    gpus: int,
+    stages: int,
+    replicas: int,
+    micro_batches: int | None,
+    plan: Callable[[CostGraph, CostConfig], Plan] = make_plan,
+) -> LayoutOption:
+    """Plan one layout (``config`` gives method, bandwidths, memory limit and update costs;
+    its stage count and micro-batches are replaced). An infeasible layout has ``plan=None``."""
+    m = micro_batches or default_micro_batches(config.method, stages)
+    factor = rows_factor(config.method, gpus, stages, replicas, micro_batches)
+    option = LayoutOption(stages, replicas, m, factor)
+    rows = graph.batch_size * factor
+    if rows < 1:
+        option.reason = f"micro-batches of {rows:.2g} rows (the mini-batch has too few)"
+        return option
+    if get_method(config.method).policy == "2bw" and m < stages:
+        option.reason = f"2bw needs M >= N ({m} < {stages})"
+        return option
+    layout = replace(config, num_stages=stages, micro_batches=m, data_parallel=replicas)
+    try:
+        option.plan = plan(scale_rows(graph, factor), layout)
+    except InfeasibleMemoryError as exc:
+        option.reason = f"over the memory limit: needs {format_bytes(exc.min_feasible_bytes)} per device"
+    except PlanError as exc:
+        option.reason = str(exc).split(";")[0]
+    return option
+
+
+def choose_layout(
+    graph: CostGraph,
+    config: CostConfig,
+    gpus: int,
+    *,
+    stages: int | None = None,
+    replicas: int | None = None,
+    micro_batches: int | None = None,
+    plan: Callable[[CostGraph, CostConfig], Plan] = make_plan,
+) -> LayoutChoice:
+    """Plan every layout of ``gpus`` devices (or the forced ones) and choose the fastest.
+
+    Args:
+        graph: the cost graph, profiled on one micro-batch (module docstring).
+        config: method, bandwidths, memory limit, optimizer costs (stages are replaced).
+        gpus: G, devices available.
+        stages, replicas: force N, or R (then N = ``gpus // R`` unless ``stages`` is given).
+        micro_batches: M for every layout (default: N for GPipe, 1F1B and 2BW, else 1).
+        plan: the partitioner (``make_plan`` with the caller's solver options).
+
+    Raises:
+        PlanError: no layout is feasible (the reasons are listed), or a forced layout needs
+            more than ``gpus`` devices.
+    """
+    layouts = candidates(gpus, stages, replicas)
+    options = [plan_layout(graph, config, gpus, n, r, micro_batches, plan) for n, r in layouts]
+    feasible = [o for o in options if o.plan is not None]
+    if not feasible:
+        reasons = "; ".join(f"{o.stages}x{o.replicas}: {o.reason}" for o in options[:4])
+        raise PlanError(f"no layout of {gpus} devices is feasible ({reasons}); raise --memory or --gpus")
+    order = sorted(feasible, key=lambda o: (-o.throughput_per_s, o.devices, o.replicas))
+    rest = [o for o in options if o.plan is None]
+    chosen = order[0]
+    assert chosen.plan is not None
+    choice = LayoutChoice(chosen, order + rest)
+    chosen.plan.summary["layouts"] = choice.to_dict()
+    return choice

@@ -1,0 +1,180 @@
+"""The layout planner: N stages × R replicas of G devices (``pipeoptim.compiler.layouts``)."""
+
+from __future__ import annotations
+
+import json
+import random
+import subprocess
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from pipeoptim.cli.main import cli
+from pipeoptim.compiler import baselines as P
+from pipeoptim.compiler.costgraph import CostGraph, CostNode
+from pipeoptim.compiler.costmodel import CostConfig
+from pipeoptim.compiler.layouts import choose_layout, rows_factor, scale_rows
+from pipeoptim.compiler.plan import Plan, plan_from_assignment
+from pipeoptim.errors import PlanError
+from tests.conftest import random_cost_graph
+
+
+def brute_force_layout(graph: CostGraph, config: CostConfig, gpus: int) -> tuple[float, set[tuple[int, int]]]:
+    """Best predicted throughput over every layout with N·R ≤ gpus, every plan of each found by
+    enumerating every assignment, and the layouts that reach it."""
+    best, layouts = 0.0, set()
+    for n in range(1, gpus + 1):
+        for r in range(1, gpus // n + 1):
+            m = config.micro_batches if config.method_info.micro_batched else 1
+            factor = rows_factor(config.method, gpus, n, r, m)
+            scaled = scale_rows(graph, factor)
+            layout = replace(config, num_stages=n, micro_batches=m, data_parallel=r)
+            try:
+                result = P.brute_force(scaled, layout)
+            except PlanError:
+                continue
+            value = plan_from_assignment(scaled, layout, result).summary["throughput_per_s"]
+            if value > best * (1 + 1e-9):
+                best, layouts = value, {(n, r)}
+            elif value >= best * (1 - 1e-9):
+                layouts.add((n, r))
+    return best, layouts
+
+
+@pytest.mark.parametrize("seed", range(4))
+@pytest.mark.parametrize("method", ["pipeoptim", "1f1b"])
+def test_chosen_layout_equals_brute_force_over_layouts(seed: int, method: str) -> None:
+    rng = random.Random(seed)
+    graph = replace(random_cost_graph(rng, 6), batch_size=8)
+    config = CostConfig(4, method=method, micro_batches=2, bandwidth=rng.choice([2e3, 2e4]))
+    choice = choose_layout(graph, config, 4, micro_batches=2 if method == "1f1b" else None)
+    best, layouts = brute_force_layout(graph, config, 4)
+    assert choice.chosen.throughput_per_s == pytest.approx(best, rel=1e-9)
+    assert (choice.chosen.stages, choice.chosen.replicas) in layouts
+    assert len(choice.options) == 8  # (1,1..4), (2,1..2), (3,1), (4,1)
+    assert choice.chosen.plan.config.data_parallel == choice.chosen.replicas
+
+
+def chain(params: int, fwds: tuple[float, float]) -> CostGraph:
+    """Two layers of ``params`` bytes each, backward twice the forward, 800-byte boundary."""
+    nodes = [CostNode("x", "placeholder", "x", [], out_bytes=800)]
+    for i, fwd in enumerate(fwds):
+        nodes.append(
+            CostNode(
+                f"n{i}",
+                "call_module",
+                f"n{i}",
+                [nodes[-1].name],
+                fwd_s=fwd,
+                bwd_s=2 * fwd,
+                out_bytes=800,
+                grad_bytes=800,
+                param_bytes=params,
+            )
+        )
+    nodes.append(CostNode("output", "output", "output", ["n1"]))
+    return CostGraph("chain", nodes, batch_size=8)
+
+
+def test_replicated_throughput_is_the_ring_allreduce_formula_by_hand() -> None:
+    """1 stage × 2 replicas, asynchronous 1F1B: each replica computes half the rows, then
+    all-reduces every gradient byte with the ring's 2(R−1)/R factor at the bandwidth."""
+    graph, bandwidth = chain(params=10_000, fwds=(0.01, 0.01)), 1e6
+    config = CostConfig(2, method="pipeoptim", bandwidth=bandwidth)
+    option = next(o for o in choose_layout(graph, config, 2).options if (o.stages, o.replicas) == (1, 2))
+    compute = 2 * (0.01 + 0.02) / 2  # two nodes, half the rows
+    allreduce = 2 * (2 - 1) / 2 * 20_000 / bandwidth
+    assert option.throughput_per_s == pytest.approx(1 / (compute + allreduce), rel=1e-12)
+    # 2 stages × 1 replica: one node each, the boundary's activation and gradient each way
+    pipeline = next(o for o in choose_layout(graph, config, 2).options if (o.stages, o.replicas) == (2, 1))
+    assert pipeline.throughput_per_s == pytest.approx(1 / (0.03 + 1600 / bandwidth), rel=1e-12)
+
+
+def test_a_slow_link_keeps_the_pipeline_and_a_fast_one_replicates() -> None:
+    """The second layer takes 5x the first: two stages wait on it (0.15 s), two replicas
+    share all the work (0.09 s) but all-reduce 20 kB (0.2 s at 100 kB/s, 20 µs at 1 GB/s)."""
+    graph = chain(params=10_000, fwds=(0.01, 0.05))
+    slow = choose_layout(graph, CostConfig(2, bandwidth=1e5), 2).chosen
+    fast = choose_layout(graph, CostConfig(2, bandwidth=1e9), 2).chosen
+    assert (slow.stages, slow.replicas) == (2, 1)
+    assert (fast.stages, fast.replicas) == (1, 2)
+
+
+def neutral(tmp_path: Path) -> Path:
+    from tests.test_partition_inputs import neutral_graph
+
+    path = tmp_path / "graph.json"
+    data = neutral_graph()
+    data["batch_size"] = 16
+    path.write_text(json.dumps(data))
+    return path
+
+
+def test_cli_chooses_lists_runner_ups_and_records_the_layout(tmp_path: Path) -> None:
+    path, saved = neutral(tmp_path), tmp_path / "plan.json"
+    args = ["partition", "--profile", str(path), "--gpus", "4", "--data-parallel", "auto"]
+    result = CliRunner().invoke(cli, [*args, "--json", "--save", str(saved)])
+    assert result.exit_code == 0, result.stderr
+    data = json.loads(result.stdout)
+    layouts = data["layouts"]
+    options = layouts["options"]
+    best = max(o["throughput_per_s"] for o in options)
+    assert options[0]["throughput_per_s"] == best == data["throughput_per_s"]
+    chosen = (layouts["stages"], layouts["data_parallel"])
+    assert chosen == (options[0]["stages"], options[0]["data_parallel"])
+    assert (data["num_stages"], data["data_parallel"]) == (layouts["stages"], layouts["data_parallel"])
+    plan = Plan.load(saved)
+    assert (plan.num_stages, plan.config.data_parallel) == (layouts["stages"], layouts["data_parallel"])
+    text = CliRunner().invoke(cli, args)
+    assert text.exit_code == 0 and "chosen layout" in text.stdout and "stages x replicas" in text.stdout
+
+
+def test_cli_forces_a_layout_and_refuses_one_that_does_not_fit(tmp_path: Path) -> None:
+    path = neutral(tmp_path)
+    base = ["partition", "--profile", str(path), "--gpus", "4", "--json"]
+    forced = json.loads(CliRunner().invoke(cli, [*base, "--data-parallel", "2"]).stdout)
+    assert (forced["num_stages"], forced["data_parallel"]) == (2, 2)
+    assert [(o["stages"], o["data_parallel"]) for o in forced["layouts"]["options"]] == [(2, 2)]
+    deep = json.loads(CliRunner().invoke(cli, [*base, "--stages", "3"]).stdout)
+    assert (deep["num_stages"], deep["data_parallel"]) == (3, 1)
+    bad = CliRunner().invoke(cli, [*base, "--stages", "3", "--data-parallel", "2"])
+    assert bad.exit_code == 1 and "need 6 devices but --gpus is 4" in bad.stderr
+    word = CliRunner().invoke(cli, [*base, "--data-parallel", "two"])
+    assert word.exit_code == 2 and "neither 'auto' nor a positive number" in word.stderr
+
+
+@pytest.mark.slow
+def test_layouts_benchmark_quick_mode_writes_its_table(tmp_path: Path) -> None:
+    root = Path(__file__).resolve().parents[1]
+    done = subprocess.run(
+        [sys.executable, str(root / "benchmarks" / "layouts.py"), "--quick", "--out", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=tmp_path,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    text = (tmp_path / "layouts.md").read_text()
+    for layout in ("4 x 1", "2 x 2", "1 x 4"):
+        assert layout in text
+    assert "planner chose" in done.stdout.strip().splitlines()[-1]
+
+
+def test_memory_per_device_rules_out_layouts_and_says_what_they_need() -> None:
+    """Replicas hold whole stages: with a limit between a 2-stage and a 1-stage plan's memory
+    only the pipeline fits, whatever the all-reduce would cost."""
+    graph = chain(params=10_000, fwds=(0.01, 0.05))
+    free = {(o.stages, o.replicas): o for o in choose_layout(graph, CostConfig(2, bandwidth=1e9), 2).options}
+    split = free[(2, 1)].plan.summary["max_memory_bytes"]
+    whole = free[(1, 2)].plan.summary["max_memory_bytes"]
+    assert split < whole
+    limit = (split + whole) // 2
+    choice = choose_layout(graph, CostConfig(2, bandwidth=1e9, memory_limit=limit), 2)
+    assert (choice.chosen.stages, choice.chosen.replicas) == (2, 1)
+    replicated = next(o for o in choice.options if (o.stages, o.replicas) == (1, 2))
+    assert replicated.plan is None and replicated.reason.startswith("over the memory limit: needs")
+    with pytest.raises(PlanError, match="no layout of 2 devices is feasible"):
+        choose_layout(graph, CostConfig(2, bandwidth=1e9, memory_limit=split // 2), 2)

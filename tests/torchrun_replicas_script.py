@@ -1,0 +1,27 @@
+"""Run by test_data_parallel.py under ``torchrun`` (4 ranks: 2 stages × 2 replicas)."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+import pipeoptim
+from tests.test_data_parallel import compile_mlp, mlp
+from tests.test_training import SGD_MOMENTUM, data
+
+
+def main(out: str) -> None:
+    rank = int(os.environ["RANK"])
+    stage = rank % 2  # rank = replica · N + stage
+    batches = [(x if stage == 0 else None, y if stage == 1 else None) for x, y in data(6, seed=3)]
+    with compile_mlp(mlp(), SGD_MOMENTUM[0], "1f1b", "torchrun") as pipe:
+        assert isinstance(pipe, pipeoptim.Pipeline)
+        losses = list(pipe.train(batches))
+        replicas = [{k: v.tolist() for k, v in s.items()} for s in pipe._executor.replica_state_dicts()]
+    with open(f"{out}.{rank}", "w") as f:
+        json.dump({"losses": losses, "replicas": replicas}, f)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])
