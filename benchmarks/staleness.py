@@ -50,7 +50,6 @@ from pipeoptim.compiler import plan_model
 from pipeoptim.compiler.costmodel import CostConfig
 from pipeoptim.errors import NonFiniteLossError
 from pipeoptim.fileio import write_json
-from pipeoptim.runtime.prediction import smoothed_gradient_update
 from pipeoptim.sequential import Sequential
 from pipeoptim.tasks import make_task
 from pipeoptim.tasks.images import ConvNet
@@ -66,7 +65,14 @@ class BufferSGD(torch.optim.SGD):
     """``torch.optim.SGD``, for which PipeOptim predicts with the momentum buffer alone."""
 
 
-pipeoptim.register_predictor(BufferSGD, smoothed_gradient_update)
+def momentum_buffer_update(param: torch.Tensor, state: dict, group: dict) -> torch.Tensor | None:
+    """The next update taken as ``lr · b``, SGD's momentum buffer b alone (SpecTrain's
+    smoothed gradient), instead of PipeOptim's ΔW; ``None`` before the first step."""
+    buf = state.get("momentum_buffer")
+    return None if buf is None else buf * float(group["lr"])
+
+
+pipeoptim.register_predictor(BufferSGD, momentum_buffer_update)
 
 
 @dataclass(frozen=True)
