@@ -18,7 +18,8 @@ from pipeoptim.compiler.costgraph import CostGraph, CostNode
 from pipeoptim.compiler.costmodel import CostConfig
 from pipeoptim.compiler.layouts import choose_layout, rows_factor, scale_rows
 from pipeoptim.compiler.plan import Plan, plan_from_assignment
-from pipeoptim.errors import PlanError
+from pipeoptim.errors import InfeasibleMemoryError, PlanError
+from pipeoptim.units import format_bytes
 from tests.conftest import random_cost_graph
 
 
@@ -178,3 +179,23 @@ def test_memory_per_device_rules_out_layouts_and_says_what_they_need() -> None:
     assert replicated.plan is None and replicated.reason.startswith("over the memory limit: needs")
     with pytest.raises(PlanError, match="no layout of 2 devices is feasible"):
         choose_layout(graph, CostConfig(2, bandwidth=1e9, memory_limit=split // 2), 2)
+
+
+def test_no_layout_fits_names_the_smallest_limit_and_its_layout() -> None:
+    """The error's limit is the least any layout fits in: at it some layout plans, one byte
+    under it none does."""
+    graph = chain(params=10_000, fwds=(0.01, 0.05))
+    free = choose_layout(graph, CostConfig(2, bandwidth=1e9), 2).options
+    tight = min(o.plan.summary["max_memory_bytes"] for o in free) // 2
+    with pytest.raises(InfeasibleMemoryError) as caught:
+        choose_layout(graph, CostConfig(2, bandwidth=1e9, memory_limit=tight), 2)
+    need = caught.value.min_feasible_bytes
+    assert f"the smallest feasible limit is {format_bytes(need)} ({need} bytes) with " in str(caught.value)
+    fits = choose_layout(graph, CostConfig(2, bandwidth=1e9, memory_limit=need), 2)
+    assert fits.chosen.plan.summary["max_memory_bytes"] <= need
+    named = str(caught.value).split(" bytes) with ")[1].split(" (stages")[0]
+    assert f"{fits.chosen.stages} x {fits.chosen.replicas}" == named or any(
+        f"{o.stages} x {o.replicas}" == named for o in fits.options if o.plan is not None
+    )
+    with pytest.raises(InfeasibleMemoryError):
+        choose_layout(graph, CostConfig(2, bandwidth=1e9, memory_limit=need - 1), 2)
