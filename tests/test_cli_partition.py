@@ -212,6 +212,21 @@ def test_refuses_what_train_refuses(tmp_path: Path, args: list[str], message: st
     assert message in one_line_error(err)
 
 
+SHARED_GPT2 = Path(__file__).resolve().parents[1] / ".." / "shared" / "profiles" / "gpt2.json"
+
+
+@pytest.mark.skipif(not SHARED_GPT2.is_file(), reason="no ../shared/profiles/gpt2.json")
+def test_solver_line_names_the_units_once(tmp_path: Path) -> None:
+    """gpt2's graph is solved over coarser units: the status says how many, once."""
+    code, out, err = run(
+        "partition", "--profile", str(SHARED_GPT2), "--gpus", "4", "--profile-dir", str(tmp_path)
+    )
+    assert code == 0, err
+    solved = next(line for line in out.splitlines() if line.startswith("solved by"))
+    units = int(solved.split("optimal over ")[1].split(" units")[0])
+    assert solved.count("units") == 1 and f"optimal over {units} units)" in solved
+
+
 def test_console_script_help_and_exit_code() -> None:
     exe = Path(sys.executable).parent / "pipeoptim"
     done = subprocess.run([str(exe), "partition", "--help"], capture_output=True, text=True)

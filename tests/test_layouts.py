@@ -199,3 +199,46 @@ def test_no_layout_fits_names_the_smallest_limit_and_its_layout() -> None:
     )
     with pytest.raises(InfeasibleMemoryError):
         choose_layout(graph, CostConfig(2, bandwidth=1e9, memory_limit=need - 1), 2)
+
+
+def stage_rows(table: str) -> tuple[list[str], list[list[str]]]:
+    """The header and the stage rows of ``Plan.table()``, split on two or more spaces."""
+    import re
+
+    lines = table.splitlines()
+    headers = re.split(r"\s{2,}", lines[0].strip())
+    rows = [re.split(r"\s{2,}", line.strip()) for line in lines[2:] if line.strip()[:1].isdigit()]
+    return headers, [r for r in rows if len(r) == len(headers)]
+
+
+def test_stage_table_columns_add_up_to_the_stage_time_with_replicas() -> None:
+    """Two replicas of one 20 kB stage spend 2·(R-1)/R · 20 kB / 1 GB/s = 20 µs on the ring
+    all-reduce (Patarasuk and Yuan 2009): the row shows it, and fwd + bwd + update + comm +
+    overhead + allreduce is the stage time."""
+    graph = chain(params=10_000, fwds=(0.01, 0.05))
+    replicated = choose_layout(graph, CostConfig(2, bandwidth=1e9), 2).chosen
+    assert (replicated.stages, replicated.replicas) == (1, 2)
+    headers, rows = stage_rows(replicated.plan.table())
+    assert "allreduce ms" in headers and len(rows) == 1
+    parts = ["fwd ms", "bwd ms", "update ms", "comm ms", "overhead ms", "allreduce ms"]
+    for row in rows:
+        cells = dict(zip(headers, row))
+        assert float(cells["allreduce ms"]) == pytest.approx(2 * (2 - 1) / 2 * 20_000 / 1e9 * 1e3, abs=1e-3)
+        assert sum(float(cells[k]) for k in parts) == pytest.approx(float(cells["stage ms"]), abs=4e-3)
+    pipeline = choose_layout(graph, CostConfig(2, bandwidth=1e5), 2).chosen
+    assert (pipeline.stages, pipeline.replicas) == (2, 1)
+    assert "allreduce ms" not in stage_rows(pipeline.plan.table())[0]
+
+
+@pytest.mark.parametrize(
+    "args, line",
+    [
+        (["--gpus", "1"], "tiny: 8 nodes, 1 stage, method"),
+        (["--gpus", "2", "--data-parallel", "2"], "chosen layout   1 stage x 2 replicas (2 of 2 devices)"),
+        (["--gpus", "2", "--stages", "2"], "chosen layout   2 stages x 1 replica (2 of 2 devices)"),
+    ],
+)
+def test_cli_counts_are_singular_for_one(tmp_path: Path, args: list[str], line: str) -> None:
+    result = CliRunner().invoke(cli, ["partition", "--profile", str(neutral(tmp_path)), *args])
+    assert result.exit_code == 0, result.stderr
+    assert line in result.stdout

@@ -21,6 +21,7 @@ from pipeoptim.compiler.profile import device_name
 from pipeoptim.errors import PipeoptimError
 from pipeoptim.methods import METHODS, check_micro_batches
 from pipeoptim.runtime.replicas import check_layout
+from pipeoptim.units import plural
 from pipeoptim.update_cost import load_or_measure_update_cost
 
 
@@ -267,17 +268,22 @@ def partition(
         sys.stdout.write("\n")
     else:
         if choice is not None:
-            click.echo(f"{plan.model}: {len(graph.nodes)} nodes, {gpus} devices, method {method}")
+            click.echo(
+                f"{plan.model}: {plural(len(graph.nodes), 'node')}, {plural(gpus, 'device')}, method {method}"
+            )
             click.echo(choice.table())
             click.echo("")
             click.echo(
-                f"chosen layout   {plan.num_stages} stages x {plan.config.data_parallel} replicas "
-                f"({plan.num_stages * plan.config.data_parallel} of {gpus} devices), "
+                f"chosen layout   {plural(plan.num_stages, 'stage')} x "
+                f"{plural(plan.config.data_parallel, 'replica')} "
+                f"({plan.num_stages * plan.config.data_parallel} of {plural(gpus, 'device')}), "
                 f"{plan.summary['throughput_per_s']:.2f} mini-batches/s predicted"
             )
             click.echo("")
         else:
-            click.echo(f"{plan.model}: {len(graph.nodes)} nodes, {gpus} stages, method {method}")
+            click.echo(
+                f"{plan.model}: {plural(len(graph.nodes), 'node')}, {plural(gpus, 'stage')}, method {method}"
+            )
         click.echo(plan.table())
 
 
