@@ -28,7 +28,7 @@ from pipeoptim.compiler.shapes import plan_length
 from pipeoptim.compiler.trace import TracedModel, trace
 from pipeoptim.errors import PlanError, PredictorError
 from pipeoptim.inputs import as_tuple
-from pipeoptim.methods import METHODS, get_method
+from pipeoptim.methods import METHODS, check_micro_batches, get_method
 from pipeoptim.pipeline import Pipeline
 from pipeoptim.runtime import spmd
 from pipeoptim.runtime.build import PipelineSpec
@@ -190,8 +190,7 @@ def compile(
         raise ValueError(f"micro_batches must be positive, got {m}")
     if not info.micro_batched and m != 1:
         raise ValueError(f"method {method!r} does not split mini-batches: leave micro_batches unset")
-    if method == "2bw" and m < gpus:
-        raise ValueError(f"PipeDream-2BW needs micro_batches >= stages ({m} < {gpus}) to keep two versions")
+    check_micro_batches(method, gpus, m)
     if predictor not in PREDICTOR_VARIANTS:
         raise ValueError(f"predictor must be one of {', '.join(PREDICTOR_VARIANTS)}, not {predictor!r}")
     if predictor != "paper" and info.policy != "pipeoptim":

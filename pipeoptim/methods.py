@@ -97,3 +97,20 @@ def get_method(name: str) -> Method:
         return METHODS[name]
     except KeyError:
         raise ValueError(f"unknown method {name!r}; choose one of {', '.join(METHODS)}") from None
+
+
+def check_micro_batches(method: str, stages: int, micro_batches: int) -> None:
+    """Refuse a micro-batch count the method cannot run with on ``stages`` stages.
+
+    PipeDream-2BW keeps two weight versions, which cover a micro-batch's forward and backward
+    only when a mini-batch has at least as many micro-batches as the pipeline has stages
+    (Narayanan et al., ICML 2021, Sec. 3.1).
+
+    Raises:
+        ValueError: method 2bw with ``micro_batches < stages``.
+    """
+    if get_method(method).policy == "2bw" and micro_batches < stages:
+        raise ValueError(
+            f"PipeDream-2BW needs micro_batches >= stages ({micro_batches} < {stages}) to keep two "
+            "versions: raise --micro-batches or use fewer stages"
+        )

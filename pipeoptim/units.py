@@ -99,6 +99,11 @@ def parse_dtype(text: str) -> torch.dtype:
     return dtype
 
 
+def plural(count: int, noun: str) -> str:
+    """``count`` and ``noun``, with an ``s`` unless ``count`` is 1 (``1 stage``, ``8 replicas``)."""
+    return f"{count} {noun}{'' if count == 1 else 's'}"
+
+
 def format_bytes(n: float) -> str:
     """Format bytes with binary units (``1.5 MiB``)."""
     for unit in ("B", "KiB", "MiB", "GiB", "TiB"):

@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 from click.testing import CliRunner
 
 from pipeoptim.cli.main import cli
@@ -22,6 +23,12 @@ def make():
 
 def make_with_inputs():
     return make(), (torch.randn(8, 16),)
+
+def needs_arg(width):
+    return make()
+
+def raises():
+    raise RuntimeError("no weights here")
 """
 
 
@@ -137,6 +144,87 @@ def test_errors_exit_non_zero_with_one_line(tmp_path: Path, args, code: int, mes
     assert status == code
     assert message in err
     assert "Traceback" not in err
+
+
+def one_line_error(err: str) -> str:
+    """The error line, checked to be the last line of stderr and the only one after the progress
+    log (no traceback)."""
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert "Traceback" not in err and lines[-1].startswith("Error: "), err
+    assert not any(line.startswith(("Error", "  File")) for line in lines[:-1]), err
+    return lines[-1]
+
+
+@pytest.mark.parametrize(
+    "device, message",
+    [
+        ("banana", "--device banana is not a torch device"),
+        pytest.param(
+            "cuda",
+            "--device cuda: CUDA is not available in this torch build: use --device cpu",
+            marks=pytest.mark.skipif(torch.cuda.is_available(), reason="this torch has CUDA"),
+        ),
+    ],
+)
+def test_bad_device_is_one_line(tmp_path: Path, device: str, message: str) -> None:
+    status, _, err = run("partition", "mlp", "--device", device, "--profile-dir", str(tmp_path))
+    assert status == 1
+    assert message in one_line_error(err)
+
+
+def test_unwritable_save_is_one_line(tmp_path: Path) -> None:
+    (tmp_path / "dp.json").write_text("{}")
+    for target in ("/proc/plan.json", str(tmp_path / "dp.json" / "x.json")):
+        status, _, err = run(
+            "partition", "mlp", "--gpus", "2", "--profile-dir", str(tmp_path), "--save", target
+        )
+        assert status == 1
+        assert one_line_error(err).startswith(f"Error: cannot write the plan {target}: ")
+
+
+@pytest.mark.parametrize(
+    "factory, message",
+    [
+        ("needs_arg", "failed: TypeError: needs_arg() missing 1 required positional argument: 'width'"),
+        ("raises", "failed: RuntimeError: no weights here"),
+    ],
+)
+def test_failing_factory_is_one_line(tmp_path: Path, factory: str, message: str) -> None:
+    source = tmp_path / "mymodel.py"
+    source.write_text(MODEL_FILE)
+    spec = f"{source}:{factory}"
+    status, _, err = run("partition", spec, "--input-shape", "8x16", "--profile-dir", str(tmp_path))
+    assert status == 1
+    assert one_line_error(err) == f"Error: factory {spec} {message}"
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--gpus", "4", "--data-parallel", "3"], "gpus=4 cannot hold 3 equal replicas"),
+        (["--method", "2bw", "--micro-batches", "2", "--gpus", "4"], "needs micro_batches >= stages (2 < 4)"),
+        (["--method", "2bw", "--micro-batches", "1", "--gpus", "4", "--data-parallel", "2"], "(1 < 2)"),
+    ],
+)
+def test_refuses_what_train_refuses(tmp_path: Path, args: list[str], message: str) -> None:
+    status, _, err = run("partition", "mlp", *args, "--profile-dir", str(tmp_path))
+    assert status == 1
+    assert message in one_line_error(err)
+
+
+SHARED_GPT2 = Path(__file__).resolve().parents[1] / ".." / "shared" / "profiles" / "gpt2.json"
+
+
+@pytest.mark.skipif(not SHARED_GPT2.is_file(), reason="no ../shared/profiles/gpt2.json")
+def test_solver_line_names_the_units_once(tmp_path: Path) -> None:
+    """gpt2's graph is solved over coarser units: the status says how many, once."""
+    code, out, err = run(
+        "partition", "--profile", str(SHARED_GPT2), "--gpus", "4", "--profile-dir", str(tmp_path)
+    )
+    assert code == 0, err
+    solved = next(line for line in out.splitlines() if line.startswith("solved by"))
+    units = int(solved.split("optimal over ")[1].split(" units")[0])
+    assert solved.count("units") == 1 and f"optimal over {units} units)" in solved
 
 
 def test_console_script_help_and_exit_code() -> None:

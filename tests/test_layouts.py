@@ -18,7 +18,8 @@ from pipeoptim.compiler.costgraph import CostGraph, CostNode
 from pipeoptim.compiler.costmodel import CostConfig
 from pipeoptim.compiler.layouts import choose_layout, rows_factor, scale_rows
 from pipeoptim.compiler.plan import Plan, plan_from_assignment
-from pipeoptim.errors import PlanError
+from pipeoptim.errors import InfeasibleMemoryError, PlanError
+from pipeoptim.units import format_bytes
 from tests.conftest import random_cost_graph
 
 
@@ -178,3 +179,66 @@ def test_memory_per_device_rules_out_layouts_and_says_what_they_need() -> None:
     assert replicated.plan is None and replicated.reason.startswith("over the memory limit: needs")
     with pytest.raises(PlanError, match="no layout of 2 devices is feasible"):
         choose_layout(graph, CostConfig(2, bandwidth=1e9, memory_limit=split // 2), 2)
+
+
+def test_no_layout_fits_names_the_smallest_limit_and_its_layout() -> None:
+    """The error's limit is the least any layout fits in: at it some layout plans, one byte
+    under it none does."""
+    graph = chain(params=10_000, fwds=(0.01, 0.05))
+    free = choose_layout(graph, CostConfig(2, bandwidth=1e9), 2).options
+    tight = min(o.plan.summary["max_memory_bytes"] for o in free) // 2
+    with pytest.raises(InfeasibleMemoryError) as caught:
+        choose_layout(graph, CostConfig(2, bandwidth=1e9, memory_limit=tight), 2)
+    need = caught.value.min_feasible_bytes
+    assert f"the smallest feasible limit is {format_bytes(need)} ({need} bytes) with " in str(caught.value)
+    fits = choose_layout(graph, CostConfig(2, bandwidth=1e9, memory_limit=need), 2)
+    assert fits.chosen.plan.summary["max_memory_bytes"] <= need
+    named = str(caught.value).split(" bytes) with ")[1].split(" (stages")[0]
+    assert f"{fits.chosen.stages} x {fits.chosen.replicas}" == named or any(
+        f"{o.stages} x {o.replicas}" == named for o in fits.options if o.plan is not None
+    )
+    with pytest.raises(InfeasibleMemoryError):
+        choose_layout(graph, CostConfig(2, bandwidth=1e9, memory_limit=need - 1), 2)
+
+
+def stage_rows(table: str) -> tuple[list[str], list[list[str]]]:
+    """The header and the stage rows of ``Plan.table()``, split on two or more spaces."""
+    import re
+
+    lines = table.splitlines()
+    headers = re.split(r"\s{2,}", lines[0].strip())
+    rows = [re.split(r"\s{2,}", line.strip()) for line in lines[2:] if line.strip()[:1].isdigit()]
+    return headers, [r for r in rows if len(r) == len(headers)]
+
+
+def test_stage_table_columns_add_up_to_the_stage_time_with_replicas() -> None:
+    """Two replicas of one 20 kB stage spend 2·(R-1)/R · 20 kB / 1 GB/s = 20 µs on the ring
+    all-reduce (Patarasuk and Yuan 2009): the row shows it, and fwd + bwd + update + comm +
+    overhead + allreduce is the stage time."""
+    graph = chain(params=10_000, fwds=(0.01, 0.05))
+    replicated = choose_layout(graph, CostConfig(2, bandwidth=1e9), 2).chosen
+    assert (replicated.stages, replicated.replicas) == (1, 2)
+    headers, rows = stage_rows(replicated.plan.table())
+    assert "allreduce ms" in headers and len(rows) == 1
+    parts = ["fwd ms", "bwd ms", "update ms", "comm ms", "overhead ms", "allreduce ms"]
+    for row in rows:
+        cells = dict(zip(headers, row))
+        assert float(cells["allreduce ms"]) == pytest.approx(2 * (2 - 1) / 2 * 20_000 / 1e9 * 1e3, abs=1e-3)
+        assert sum(float(cells[k]) for k in parts) == pytest.approx(float(cells["stage ms"]), abs=4e-3)
+    pipeline = choose_layout(graph, CostConfig(2, bandwidth=1e5), 2).chosen
+    assert (pipeline.stages, pipeline.replicas) == (2, 1)
+    assert "allreduce ms" not in stage_rows(pipeline.plan.table())[0]
+
+
+@pytest.mark.parametrize(
+    "args, line",
+    [
+        (["--gpus", "1"], "tiny: 8 nodes, 1 stage, method"),
+        (["--gpus", "2", "--data-parallel", "2"], "chosen layout   1 stage x 2 replicas (2 of 2 devices)"),
+        (["--gpus", "2", "--stages", "2"], "chosen layout   2 stages x 1 replica (2 of 2 devices)"),
+    ],
+)
+def test_cli_counts_are_singular_for_one(tmp_path: Path, args: list[str], line: str) -> None:
+    result = CliRunner().invoke(cli, ["partition", "--profile", str(neutral(tmp_path)), *args])
+    assert result.exit_code == 0, result.stderr
+    assert line in result.stdout

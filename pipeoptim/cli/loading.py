@@ -60,9 +60,14 @@ def load_model(
     they are valid token ids); a factory that returns only a model needs them.
 
     Raises:
-        ModelSpecError: unknown spec, missing factory, or no example inputs.
+        ModelSpecError: unknown spec, missing factory, a factory that raises (its error named),
+            or no example inputs.
     """
-    made = _factory(spec)()
+    factory = _factory(spec)
+    try:
+        made = factory()
+    except Exception as exc:
+        raise ModelSpecError(f"factory {spec} failed: {type(exc).__name__}: {exc}") from exc
     model, examples = made if isinstance(made, tuple) else (made, ())
     if not isinstance(model, nn.Module):
         raise ModelSpecError(f"factory {spec!r} returned {type(model).__name__}, not an nn.Module")

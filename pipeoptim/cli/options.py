@@ -62,4 +62,19 @@ def finite(x: float) -> float | None:
 
 
 def torch_device(text: str | None) -> torch.device | None:
-    return torch.device(text) if text else None
+    """The ``--device`` value as a torch device (``None`` where not given).
+
+    Raises:
+        click.ClickException: not a torch device, or a CUDA device this torch build cannot use.
+    """
+    if not text:
+        return None
+    try:
+        device = torch.device(text)
+    except (RuntimeError, ValueError) as exc:
+        raise click.ClickException(f"--device {text} is not a torch device: use e.g. cpu or cuda:0") from exc
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise click.ClickException(
+            f"--device {text}: CUDA is not available in this torch build: use --device cpu"
+        )
+    return device

@@ -19,7 +19,9 @@ from pipeoptim.compiler.plan import make_plan
 from pipeoptim.compiler.plot import plot_plan
 from pipeoptim.compiler.profile import device_name
 from pipeoptim.errors import PipeoptimError
-from pipeoptim.methods import METHODS
+from pipeoptim.methods import METHODS, check_micro_batches
+from pipeoptim.runtime.replicas import check_layout
+from pipeoptim.units import plural
 from pipeoptim.update_cost import load_or_measure_update_cost
 
 
@@ -167,6 +169,8 @@ def partition(
         raise click.BadParameter(str(exc), param_hint="--optimizer") from exc
     if model is None and profile_file is None:
         raise click.UsageError("give a MODEL, or --profile FILE to plan from a saved profile")
+    torch_device(device)
+    _check_trainable(gpus, data_parallel, stages, method, micro_batches)
     layout_mode = data_parallel != 1 or stages is not None
     choice = None
     try:
@@ -236,7 +240,10 @@ def partition(
     if note:
         _log(note)
     if save:
-        plan.save(save)
+        try:
+            plan.save(save)
+        except OSError as exc:
+            raise click.ClickException(f"cannot write the plan {save}: {exc.strerror or exc}") from exc
         _log(f"saved plan {save}")
     if plot:
         try:
@@ -261,18 +268,42 @@ def partition(
         sys.stdout.write("\n")
     else:
         if choice is not None:
-            click.echo(f"{plan.model}: {len(graph.nodes)} nodes, {gpus} devices, method {method}")
+            click.echo(
+                f"{plan.model}: {plural(len(graph.nodes), 'node')}, {plural(gpus, 'device')}, method {method}"
+            )
             click.echo(choice.table())
             click.echo("")
             click.echo(
-                f"chosen layout   {plan.num_stages} stages x {plan.config.data_parallel} replicas "
-                f"({plan.num_stages * plan.config.data_parallel} of {gpus} devices), "
+                f"chosen layout   {plural(plan.num_stages, 'stage')} x "
+                f"{plural(plan.config.data_parallel, 'replica')} "
+                f"({plan.num_stages * plan.config.data_parallel} of {plural(gpus, 'device')}), "
                 f"{plan.summary['throughput_per_s']:.2f} mini-batches/s predicted"
             )
             click.echo("")
         else:
-            click.echo(f"{plan.model}: {len(graph.nodes)} nodes, {gpus} stages, method {method}")
+            click.echo(
+                f"{plan.model}: {plural(len(graph.nodes), 'node')}, {plural(gpus, 'stage')}, method {method}"
+            )
         click.echo(plan.table())
+
+
+def _check_trainable(
+    gpus: int, data_parallel: int | str, stages: int | None, method: str, micro_batches: int | None
+) -> None:
+    """Refuse, as ``pipeoptim train`` would, a forced layout train cannot run.
+
+    Raises:
+        click.ClickException: --data-parallel R that does not divide --gpus, or 2bw with fewer
+            micro-batches than stages.
+    """
+    if data_parallel == "auto" or stages is not None:
+        return
+    try:
+        n = check_layout(gpus, data_parallel)
+        if micro_batches is not None:
+            check_micro_batches(method, n, micro_batches)
+    except ValueError as exc:
+        raise click.ClickException(str(exc)) from exc
 
 
 _OPTIMIZERS = {

@@ -38,7 +38,7 @@ from pipeoptim.compiler.costgraph import CostGraph, CostNode
 from pipeoptim.compiler.costmodel import CostConfig
 from pipeoptim.compiler.plan import Plan, make_plan
 from pipeoptim.errors import InfeasibleMemoryError, PlanError
-from pipeoptim.methods import get_method
+from pipeoptim.methods import check_micro_batches, get_method
 from pipeoptim.units import format_bytes
 
 
@@ -51,6 +51,8 @@ class LayoutOption:
         replicas: R, data-parallel replicas of the pipeline.
         micro_batches: M, micro-batches each replica splits its share into.
         rows_factor: rows of a micro-batch over the profiled micro-batch's.
+        min_feasible_bytes: where the memory limit rules the layout out, the smallest per-device
+            limit (bytes) it fits in; else ``None``.
     """
 
     stages: int
@@ -59,6 +61,7 @@ class LayoutOption:
     rows_factor: float
     plan: Plan | None = None
     reason: str = ""
+    min_feasible_bytes: int | None = None
 
     @property
     def devices(self) -> int:
@@ -195,7 +198,9 @@ def plan_layout(
     if rows < 1:
         option.reason = f"micro-batches of {rows:.2g} rows (the mini-batch has too few)"
         return option
-    if get_method(config.method).policy == "2bw" and m < stages:
+    try:
+        check_micro_batches(config.method, stages, m)
+    except ValueError:
         option.reason = f"2bw needs M >= N ({m} < {stages})"
         return option
     layout = replace(config, num_stages=stages, micro_batches=m, data_parallel=replicas)
@@ -203,9 +208,35 @@ def plan_layout(
         option.plan = plan(scale_rows(graph, factor), layout)
     except InfeasibleMemoryError as exc:
         option.reason = f"over the memory limit: needs {format_bytes(exc.min_feasible_bytes)} per device"
+        option.min_feasible_bytes = exc.min_feasible_bytes
     except PlanError as exc:
         option.reason = str(exc).split(";")[0]
     return option
+
+
+def _raise_infeasible(gpus: int, config: CostConfig, options: list[LayoutOption]) -> None:
+    """Raise the error for no feasible layout: where memory rules layouts out, it names the
+    smallest per-device limit any layout fits in, and that layout.
+
+    Raises:
+        InfeasibleMemoryError: some layout fits under a larger memory limit.
+        PlanError: no layout fits whatever the memory limit.
+    """
+    reasons = "; ".join(f"{o.stages}x{o.replicas}: {o.reason}" for o in options[:4])
+    if len(options) > 4:
+        reasons += f"; {len(options) - 4} more"
+    sized = [o for o in options if o.min_feasible_bytes is not None]
+    if not sized:
+        raise PlanError(f"no layout of {gpus} devices is feasible ({reasons}); raise --memory or --gpus")
+    least = min(sized, key=lambda o: (o.min_feasible_bytes, o.devices))
+    need = int(least.min_feasible_bytes or 0)
+    raise InfeasibleMemoryError(
+        f"no layout of {gpus} devices is feasible ({reasons}); the smallest feasible limit is "
+        f"{format_bytes(need)} ({need} bytes) with {least.stages} x {least.replicas} "
+        "(stages x replicas): raise --memory to at least that",
+        limit_bytes=config.memory_limit or 0,
+        min_feasible_bytes=need,
+    )
 
 
 def choose_layout(
@@ -229,6 +260,8 @@ def choose_layout(
         plan: the partitioner (``make_plan`` with the caller's solver options).
 
     Raises:
+        InfeasibleMemoryError: no layout fits the memory limit (the error names the smallest
+            limit that one does, and that layout).
         PlanError: no layout is feasible (the reasons are listed), or a forced layout needs
             more than ``gpus`` devices.
     """
@@ -236,8 +269,7 @@ def choose_layout(
     options = [plan_layout(graph, config, gpus, n, r, micro_batches, plan) for n, r in layouts]
     feasible = [o for o in options if o.plan is not None]
     if not feasible:
-        reasons = "; ".join(f"{o.stages}x{o.replicas}: {o.reason}" for o in options[:4])
-        raise PlanError(f"no layout of {gpus} devices is feasible ({reasons}); raise --memory or --gpus")
+        _raise_infeasible(gpus, config, options)
     order = sorted(feasible, key=lambda o: (-o.throughput_per_s, o.devices, o.replicas))
     rest = [o for o in options if o.plan is None]
     chosen = order[0]

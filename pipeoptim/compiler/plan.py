@@ -22,7 +22,7 @@ from pipeoptim.compiler.costmodel import CostConfig, StageStats, evaluate, summa
 from pipeoptim.compiler.shared import shared_parameters
 from pipeoptim.errors import PlanError
 from pipeoptim.fileio import write_json
-from pipeoptim.units import format_bytes, format_seconds
+from pipeoptim.units import format_bytes, format_seconds, plural
 
 PLAN_SCHEMA = "pipeoptim-plan/1"
 
@@ -82,7 +82,9 @@ class Plan:
         return self.table()
 
     def table(self) -> str:
-        """One row per stage plus the summary, as text (tabulate)."""
+        """One row per stage plus the summary, as text (tabulate); a stage's time columns add up
+        to its ``stage ms`` (with an ``allreduce ms`` column where the pipeline has replicas)."""
+        replicated = self.config.data_parallel > 1
         rows = [
             [
                 s.index,
@@ -94,6 +96,7 @@ class Plan:
                 f"{s.update_s * 1e3:.3f}",
                 f"{s.comm_s * 1e3:.3f}",
                 f"{s.overhead_s * 1e3:.3f}",
+                *([f"{s.allreduce_s * 1e3:.3f}"] if replicated else []),
                 format_bytes(s.send_bytes),
                 format_bytes(s.memory_bytes),
                 f"{s.time_s * 1e3:.3f}",
@@ -101,7 +104,7 @@ class Plan:
             for s in self.stages
         ]
         headers = ["stage", "nodes", "#", "params", "fwd ms", "bwd ms", "update ms", "comm ms", "overhead ms"]
-        headers += ["sent", "memory", "stage ms"]
+        headers += [*(["allreduce ms"] if replicated else []), "sent", "memory", "stage ms"]
         sm = self.summary
         shared = (
             [f"shared cores    {self.config.cores:g} run all stages: they set the throughput"]
@@ -111,7 +114,8 @@ class Plan:
         solved = f"{sm['partitioner']}"
         if sm.get("solver"):
             gap = "" if sm.get("gap") in (None, 0.0) else f", gap {sm['gap']:.2%}"
-            solved += f" ({sm['solver']}, {sm['status']}{gap}, {sm['num_units']} units)"
+            units = "" if "units" in str(sm["status"]) else f", {plural(sm['num_units'], 'unit')}"
+            solved += f" ({sm['solver']}, {sm['status']}{gap}{units})"
         lines = [
             tabulate(rows, headers=headers, tablefmt="simple"),
             "",
