@@ -219,3 +219,12 @@ def test_resume_refuses_another_limit_or_micro_batches_and_says_when_nothing_is_
         assert "nothing to do" in err and "already has 2 epochs" in err
     assert (tmp_path / "rk" / "metrics.json").read_text() == before  # refused runs leave it alone
 
+
+def test_a_limit_below_one_mini_batch_is_a_one_line_error(tmp_path: Path) -> None:
+    code, _, err = run(
+        "digits", "--gpus", "2", "--limit", "1", "--out", str(tmp_path / "rl1"), "--executor", "local",
+        "--epochs", "1", "--profile-dir", str(tmp_path / "profiles"),
+    )  # fmt: skip
+    assert code == 1 and len(err.strip().splitlines()) == 1, err
+    assert "--limit 1 gives no full mini-batch of 32: raise --limit or lower --batch-size" in err
+    assert not (tmp_path / "rl1").exists()
