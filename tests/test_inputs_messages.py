@@ -40,3 +40,8 @@ def test_row_counts_in_step_errors_are_plain_numbers() -> None:
             pipe.step(torch.randn(1, 6), torch.zeros(1, dtype=torch.long))
         assert str(err.value).startswith("a mini-batch of 1 rows cannot be split across 2 data-parallel")
 
+
+def test_missing_example_inputs_is_a_value_error_naming_them() -> None:
+    with pytest.raises(ValueError, match=r"^example_inputs must be a tensor .* got NoneType"):
+        compile_mlp(example_inputs=None)
+
