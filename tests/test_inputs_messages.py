@@ -45,3 +45,10 @@ def test_missing_example_inputs_is_a_value_error_naming_them() -> None:
     with pytest.raises(ValueError, match=r"^example_inputs must be a tensor .* got NoneType"):
         compile_mlp(example_inputs=None)
 
+
+def test_an_unknown_leaf_module_is_answered_with_real_names() -> None:
+    with pytest.raises(TraceError) as err:
+        compile_mlp(leaf_modules=["nosuch"])
+    message = str(err.value)
+    assert "'nosuch' is not a submodule of Mlp" in message
+    assert message.endswith("e.g. 'fc1', 'fc2', 'fc3'")
