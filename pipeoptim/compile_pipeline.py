@@ -209,6 +209,11 @@ def compile(
         kind = "torchrun" if spmd.under_torchrun() else "processes"
     if kind == "processes":
         check_devices(devices)
+    if not isinstance(example_inputs, (torch.Tensor, tuple, list)):
+        raise ValueError(
+            f"example_inputs must be a tensor or a tuple of tensors with a batch dimension (dim 0), "
+            f"got {type(example_inputs).__name__}: pass one mini-batch of the model's inputs"
+        )
     inputs = as_tuple(example_inputs)
     if not inputs or not all(isinstance(x, torch.Tensor) and x.dim() > 0 for x in inputs):
         raise ValueError(

@@ -79,6 +79,10 @@ class Rows(int):
     def __repr__(self) -> str:
         return f"Rows({int(self)}, length={self.length})"
 
+    def __str__(self) -> str:
+        """The number of rows alone, as messages print it (``f"{rows}"``)."""
+        return str(int(self))
+
 
 def has_length(examples: Sequence[torch.Tensor], i: int) -> bool:
     """Whether example input ``i`` has the sequence dimension (dim 1 as long as the first's)."""

@@ -168,12 +168,22 @@ def _check_resume(config: TrainConfig, out: Path) -> Path | None:
     path = folder / "checkpoint.pt" if folder.is_dir() or not folder.suffix else folder
     data = read_checkpoint(path)  # raises CheckpointError when missing or half-written
     saved = data["extra"].get("config", {})
-    for key in ("task", "method", "gpus", "optimizer", "batch_size", "seed", "lr", "lr_schedule"):
+    keys = ("task", "method", "gpus", "optimizer", "batch_size", "seed", "lr", "lr_schedule")
+    for key in (*keys, "limit", "micro_batches"):
         if key in saved and saved[key] != getattr(config, key):
+            option = f"--{key.replace('_', '-')}"
+            values = (saved[key], getattr(config, key))
+            then, now = (f"no {option}" if v is None else f"{option} {v}" for v in values)
             raise CheckpointError(
-                f"cannot resume: the checkpoint was made with {key}={saved[key]!r}, this run has "
-                f"{key}={getattr(config, key)!r}; use the same settings"
+                f"cannot resume: the checkpoint was made with {then}, this run has {now}; "
+                "use the same settings"
             )
+    done = len(data["extra"].get("history", {}).get("epochs", []))
+    if config.epochs <= done:
+        raise CheckpointError(
+            f"nothing to do: the run in {folder} already has {done} epochs; "
+            f"resume with --epochs above {done} to train more"
+        )
     return path
 
 

@@ -206,3 +206,47 @@ def test_checkpointing_lost_to_torch_export_is_named_in_a_warning() -> None:
     with pytest.warns(UserWarning, match=r"torch\.export traced through torch\.utils\.checkpoint on block"):
         traced = trace(OnlyExportable(), (torch.randn(4, 16),))
     assert traced.method == "export"
+
+
+class CheckpointedLinear(nn.Module):
+    """A checkpointed 16 -> 16 linear: dim 1 of its ``[8, 16]`` input looks like a sequence
+    length, and the shape probe's shorter inputs fail inside the checkpointed GraphModule."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.a = nn.Linear(16, 16)
+        self.out = nn.Linear(16, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.out(checkpoint(self.a, x, use_reentrant=False))
+
+
+def test_a_failing_shape_probe_prints_nothing_and_training_equals_plain(capfd) -> None:
+    model = CheckpointedLinear()
+    g = torch.Generator().manual_seed(2)
+    batches = [(torch.randn(8, 16, generator=g), torch.randint(0, 3, (8,), generator=g)) for _ in range(3)]
+
+    def make_opt(m: nn.Module) -> torch.optim.Optimizer:
+        return torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9)
+
+    expected, reference = plain_training(model, make_opt, batches, micro=2)
+    net = copy.deepcopy(model)
+    capfd.readouterr()
+    with pipeoptim.compile(
+        net,
+        make_opt(net),
+        2,
+        example_inputs=batches[0][0],
+        loss_fn=F.cross_entropy,
+        method="1f1b",
+        micro_batches=2,
+        executor="local",
+        profile_dir=None,
+    ) as pipe:
+        assert capfd.readouterr().err == ""
+        got = [pipe.step(x, y).item() for x, y in batches]
+        state = pipe.state_dict()
+    assert got == pytest.approx(expected, rel=1e-6, abs=1e-7)
+    for key, value in reference.state_dict().items():
+        torch.testing.assert_close(state[key], value, rtol=1e-6, atol=1e-7)

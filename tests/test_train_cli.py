@@ -129,7 +129,7 @@ def test_resume_with_more_epochs_follows_the_longer_cosine_schedule(tmp_path: Pa
     code, _, err = run(
         *common, "--epochs", "3", "--lr", "0.1", "--out", str(tmp_path / "b"), "--resume", str(tmp_path / "a")
     )
-    assert code == 1 and "lr=0.02" in err and "lr=0.1" in err
+    assert code == 1 and "--lr 0.02" in err and "--lr 0.1" in err
 
 
 def test_sequential_reference_and_bad_resume(tmp_path: Path) -> None:
@@ -198,3 +198,33 @@ def test_fashion_mnist_from_idx_files(tmp_path: Path) -> None:
     )
     assert code == 0, err
     assert json.loads((tmp_path / "f" / "metrics.json").read_text())["final"]["accuracy"] > 0.6
+
+
+def test_resume_refuses_another_limit_or_micro_batches_and_says_when_nothing_is_left(tmp_path: Path) -> None:
+    common = ["digits", "--gpus", "2", "--method", "1f1b", "--executor", "local", "--batch-size", "32"]
+    common += ["--out", str(tmp_path / "rk"), "--profile-dir", str(tmp_path / "profiles")]
+    code, _, err = run(*common, "--limit", "64", "--epochs", "2", "--checkpoint-every", "1")
+    assert code == 0, err
+    before = (tmp_path / "rk" / "metrics.json").read_text()
+    resume = ["--resume", str(tmp_path / "rk")]
+    code, _, err = run(*common, *resume, "--limit", "128", "--epochs", "3")
+    assert code == 1 and len(err.strip().splitlines()) == 1
+    assert "made with --limit 64, this run has --limit 128" in err
+    code, _, err = run(*common, *resume, "--limit", "64", "--micro-batches", "4", "--epochs", "3")
+    assert code == 1 and len(err.strip().splitlines()) == 1
+    assert "made with no --micro-batches, this run has --micro-batches 4" in err
+    for epochs in ("1", "2"):
+        code, _, err = run(*common, *resume, "--limit", "64", "--epochs", epochs)
+        assert code == 1 and len(err.strip().splitlines()) == 1
+        assert "nothing to do" in err and "already has 2 epochs" in err
+    assert (tmp_path / "rk" / "metrics.json").read_text() == before  # refused runs leave it alone
+
+
+def test_a_limit_below_one_mini_batch_is_a_one_line_error(tmp_path: Path) -> None:
+    code, _, err = run(
+        "digits", "--gpus", "2", "--limit", "1", "--out", str(tmp_path / "rl1"), "--executor", "local",
+        "--epochs", "1", "--profile-dir", str(tmp_path / "profiles"),
+    )  # fmt: skip
+    assert code == 1 and len(err.strip().splitlines()) == 1, err
+    assert "--limit 1 gives no full mini-batch of 32: raise --limit or lower --batch-size" in err
+    assert not (tmp_path / "rl1").exists()

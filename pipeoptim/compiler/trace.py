@@ -279,10 +279,13 @@ def trace(
     known = dict(model.named_modules())
     for name in leaf_names:
         if name not in known:
-            raise TraceError(
-                f"leaf module {name!r} is not a submodule of {type(model).__name__}; "
-                f"use a qualified name from model.named_modules(), e.g. {next(iter(known), '')!r}"
+            names = [n for n in known if n][:3]
+            hint = (
+                f"use a qualified name from model.named_modules(), e.g. {', '.join(map(repr, names))}"
+                if names
+                else "it has no submodules"
             )
+            raise TraceError(f"leaf module {name!r} is not a submodule of {type(model).__name__}; {hint}")
     auto_leaves: dict[str, str] = {}
     gm, exc, failed = _symbolic_trace(model, len(inputs), leaf_names)
     method = "fx"

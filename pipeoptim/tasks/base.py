@@ -44,6 +44,19 @@ class Task:
     loss_reduction: str | Callable[[Any], Any] = "mean"
 
 
+def full_batches(n_train: int, batch_size: int) -> int:
+    """Full mini-batches of ``batch_size`` in ``n_train`` training examples (``drop_last``).
+
+    Raises:
+        ValueError: fewer examples than one mini-batch (a run would train nothing).
+    """
+    if n_train < batch_size:
+        raise ValueError(
+            f"--limit {n_train} gives no full mini-batch of {batch_size}: raise --limit or lower --batch-size"
+        )
+    return n_train // batch_size
+
+
 def shuffled_batches(
     inputs: tuple[torch.Tensor, ...], targets: torch.Tensor, batch_size: int, seed: int
 ) -> Callable[[int], Iterator[Batch]]:

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pipeoptim.tasks.base import Task, accuracy_evaluator, shuffled_batches
+from pipeoptim.tasks.base import Task, accuracy_evaluator, full_batches, shuffled_batches
 
 FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
 
@@ -63,7 +63,7 @@ def _task(
         loss_fn=F.cross_entropy,
         batches=shuffled_batches(inputs, y_train, batch_size, seed),
         evaluate=accuracy_evaluator((x_test,), y_test, batch_size),
-        steps_per_epoch=y_train.shape[0] // batch_size,
+        steps_per_epoch=full_batches(int(y_train.shape[0]), batch_size),
         info={
             "train_examples": int(y_train.shape[0]),
             "test_examples": int(y_test.shape[0]),

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from sacrebleu.tokenizers.tokenizer_13a import Tokenizer13a
 from torch import nn
 
-from pipeoptim.tasks.base import Predict, Task, shuffled_batches
+from pipeoptim.tasks.base import Predict, Task, full_batches, shuffled_batches
 from pipeoptim.tasks.text import (
     PAD,
     SHARED_DATA,
@@ -285,7 +285,7 @@ def multi30k(
         evaluate=greedy_bleu_evaluator(
             data.src_test[:test_limit], data.references[:test_limit], data.vocab_de, batch_size, TGT_LENGTH
         ),
-        steps_per_epoch=n_train // batch_size,
+        steps_per_epoch=full_batches(n_train, batch_size),
         info={
             "train_examples": n_train,
             "test_examples": len(data.references[:test_limit]),
