@@ -38,7 +38,7 @@ def test_slope_of_a_line() -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("method", ["pipeoptim", "pipedream", "2bw", "gpipe"])
+@pytest.mark.parametrize("method", ["pipeoptim", "pipedream", "gpipe"])
 def test_worker_memory_is_flat_over_hundreds_of_mini_batches(tmp_path, method: str) -> None:
     model = _mlp()
     opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)

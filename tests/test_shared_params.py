@@ -237,7 +237,8 @@ def test_tied_embeddings_under_torchrun_equal_local(tmp_path: Path) -> None:
     assert ranks[0] == ranks[1]
     assert ranks[0]["shared"] == {"tok_weight": [0, 1]}
     assert ranks[0]["tok"][0] == ranks[0]["tok"][1]  # the two ranks' copies, bit for bit
-    with compile_gpt(gpt(), "pipeoptim", stages=2, profile_dir=tmp_path / "profiles") as pipe:
+    plan = tmp_path / "out.plan.json"
+    with compile_gpt(gpt(), "pipeoptim", stages=2, profile_dir=tmp_path / "profiles", plan=plan) as pipe:
         losses = list(pipe.train(batches(6)))
         stages = pipe.stage_state_dicts()
         assert pipe.plan.stage_of == ranks[0]["plan"]

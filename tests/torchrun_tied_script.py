@@ -23,6 +23,8 @@ def main(out: str, method: str, profile_dir: str) -> None:
         "shared": pipe.plan.shared,
         "plan": pipe.plan.stage_of,
     }
+    if rank == 0:
+        pipe.plan.save(f"{out}.plan.json")  # the local run replays this plan (plans follow timings)
     pipe.close()
     with open(f"{out}.{rank}", "w") as f:
         json.dump(result, f)
