@@ -172,8 +172,9 @@ class StageRuntime:
         if self.policy is not None:
             self._apply_latest_hyper(micro_batch)
             self.policy.begin_forward(micro_batch, version_diff, self._step_rates(micro_batch, version_diff))
-        trainable = self.trainable()
-        self.prediction_error.forward(micro_batch, used_weights(self.policy, trainable), trainable)
+        if self.prediction_error.sampled(micro_batch):  # most forwards skip the weight lookup
+            trainable = self.trainable()
+            self.prediction_error.forward(micro_batch, used_weights(self.policy, trainable), trainable)
         try:
             with torch.random.fork_rng(devices=self._rng_devices):
                 self._seed(self.seed * 1_000_003 + micro_batch * 7919 + self.index)
@@ -293,7 +294,8 @@ class StageRuntime:
         """
         state = self._in_flight.pop(micro_batch)
         self._activation_bytes.pop(micro_batch, None)
-        self.prediction_error.backward(micro_batch, self.trainable())
+        if self.prediction_error.sampled(micro_batch):
+            self.prediction_error.backward(micro_batch, self.trainable())
         if self._grads_stale and self.optimizer is not None:
             self.optimizer.zero_grad(set_to_none=True)
             self._grads_stale = False

@@ -93,13 +93,17 @@ class PredictionErrorMeter:
         self._stale_sum = 0.0
         self._samples = 0
 
+    def sampled(self, micro_batch: int) -> bool:
+        """Whether ``micro_batch`` is measured (its forward is copied, its backward compared)."""
+        return bool(self.every) and micro_batch % self.every == 0
+
     def forward(
         self, micro_batch: int, weights: Sequence[torch.Tensor], current: Sequence[torch.Tensor]
     ) -> None:
         """Keep a copy of ``weights`` (the tensors the forward of ``micro_batch`` uses, in the
         stage's parameter order) and, where they differ, of ``current`` (the parameters now),
         if ``micro_batch`` is sampled."""
-        if not self.every or not weights or micro_batch % self.every:
+        if not weights or not self.sampled(micro_batch):
             return
         with torch.no_grad():
             used = [w.detach().clone() for w in weights]
