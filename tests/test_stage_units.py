@@ -19,7 +19,7 @@ from torch import nn
 import pipeoptim
 from pipeoptim.errors import PipelineStalledError
 from pipeoptim.microbatch import Rows
-from pipeoptim.runtime import distributed, spawning, worker
+from pipeoptim.runtime import distributed, spawning, wire, worker
 from pipeoptim.runtime.comm import rebuild, shape_for
 from pipeoptim.runtime.executor import MiniBatch
 from pipeoptim.runtime.optim import hyperparameters
@@ -151,7 +151,7 @@ def test_stage_process_through_the_dispatch_table_equals_the_local_executor(one_
         for index, seed in enumerate((3, 4, 5)):
             xs, ys = batch(seed)
             mini = MiniBatch(index, [(xs,)], [ys], [1.0], [Rows(8)], hyper)
-            losses += worker._serve(process, "batch", pickle.dumps(mini))
+            losses += worker._serve(process, "batch", wire.dumps(mini))  # as the driver sends it
             losses += worker._serve(process, "flush", None)
             assert float(pipe.step(xs, ys)) == pytest.approx(losses[-1][1], abs=1e-6)
         assert [mb for mb, _ in losses] == [0, 1, 2]

@@ -3,8 +3,10 @@
 Shapes and dtypes come from the plan (:attr:`pipeoptim.compiler.plan.Plan.values`), scaled
 along the batch dimension by the micro-batch size, so receivers allocate their buffers
 without a shape handshake. Numbers crossing a boundary (a batch size computed in the graph)
-travel packed into one float64 tensor; gradients are preceded by one uint8 per gradient
-saying whether it exists ("no gradient" is not a zero gradient). Sends are asynchronous
+travel packed into one float64 tensor. The gradients of one backward travel as one message:
+a uint8 buffer holding one byte per gradient saying whether it exists ("no gradient" is not a
+zero gradient) and then each gradient's bytes (:func:`grad_layout`), so a backward costs one
+message latency, not one per gradient plus one for the flags. Sends are asynchronous
 (``isend``) and receives are posted ahead of the action that needs them
 (:meth:`DistChannel.prefetch`), so transfers overlap computation; every wait has a timeout.
 
@@ -20,6 +22,7 @@ never depends on what this stage does after the send.
 from __future__ import annotations
 
 import datetime
+import math
 from collections import deque
 from collections.abc import Sequence
 from typing import Any
@@ -65,6 +68,29 @@ def shape_for(meta: dict[str, Any], plan_batch: int, batch: int) -> list[int]:
     if dim is not None and batch != plan_batch:
         shape[dim] = shape[dim] * batch // plan_batch
     return shape
+
+
+_ALIGN = 16  # bytes: every gradient starts at a multiple (any dtype can view its slice)
+
+
+def _aligned(n: int) -> int:
+    return -(-n // _ALIGN) * _ALIGN
+
+
+def grad_layout(
+    metas: Sequence[dict], mask: Sequence[bool], plan_batch: int, batch: int
+) -> tuple[list[tuple[int, int, torch.dtype, list[int]]], int]:
+    """Where the gradients of the masked leaves of ``metas`` lie in a backward message of a
+    micro-batch of ``batch`` rows: ``([(leaf index, byte offset, dtype, shape)], total bytes)``.
+    The message starts with one presence byte per masked leaf, in leaf order."""
+    sent = [i for i, need in enumerate(mask) if need]
+    offset, places = _aligned(len(sent)), []
+    for i in sent:
+        dtype = getattr(torch, metas[i]["dtype"])
+        shape = shape_for(metas[i], plan_batch, batch)
+        places.append((i, offset, dtype, shape))
+        offset += _aligned(math.prod(shape) * dtype.itemsize)
+    return places, offset
 
 
 class DistChannel:
@@ -201,15 +227,13 @@ class DistChannel:
         """Send requests not yet waited on (bounded by :attr:`send_window` actions)."""
         return sum(len(group) for group in self._sends)
 
-    def _send_leaves(
-        self, leaves: Sequence[Any], metas: Sequence[dict], mask: Sequence[bool] | None, dst: int
-    ) -> None:
-        if mask is None:  # numbers travel forward only: they have no gradient
-            scalars = [float(v) for v, m in zip(leaves, metas) if m["kind"] in _SCALARS]
-            if scalars:
-                self.isend(torch.tensor(scalars, dtype=torch.float64), dst)
-        for i, (v, m) in enumerate(zip(leaves, metas)):
-            if m["kind"] != "tensor" or (mask is not None and not mask[i]):
+    def _send_activations(self, leaves: Sequence[Any], dst: int) -> None:
+        """Numbers packed into one float64 tensor (if any), then each tensor leaf."""
+        scalars = [float(v) for v, m in zip(leaves, self.out_meta) if m["kind"] in _SCALARS]
+        if scalars:
+            self.isend(torch.tensor(scalars, dtype=torch.float64), dst)
+        for v, m in zip(leaves, self.out_meta):
+            if m["kind"] != "tensor":
                 continue
             if not isinstance(v, torch.Tensor):
                 raise PipelineError(
@@ -218,36 +242,41 @@ class DistChannel:
             self.isend(v.detach(), dst)
             self.sent_bytes += v.numel() * v.element_size()
 
-    def _send_grad_presence(self, micro_batch: int, grads: Sequence[Any]) -> list[Any]:
-        """Send which masked gradients exist (one uint8 per masked leaf) ahead of them, and
-        return ``grads`` with zeros standing in for the missing ones (the receiver's buffers
-        are posted ahead, so every masked leaf travels; the receiver turns these back into
-        ``None``: "no gradient", not a zero one)."""
-        sent = [i for i, need in enumerate(self.grad_mask_in) if need]
-        if not sent:
-            return list(grads)
-        present = torch.tensor([grads[i] is not None for i in sent], dtype=torch.uint8)
-        self.isend(present, self.first_rank + self.rank - 1)
-        batch = self.sizes[micro_batch]
-        out = list(grads)
-        for i in sent:
-            if out[i] is None:
-                meta = self.in_meta[i]
-                shape = shape_for(meta, self.plan.batch_size, batch)
-                out[i] = torch.zeros(shape, dtype=getattr(torch, meta["dtype"]), device=self.device)
-        return out
-
     def send_activations(self, micro_batch: int, values: Any) -> None:
         leaves = pytree.tree_leaves(tuple(values))
         if len(leaves) != len(self.out_meta):
             raise PipelineError(
                 f"stage {self.rank} produced {len(leaves)} values, the plan has {len(self.out_meta)}"
             )
-        self._send_leaves(leaves, self.out_meta, None, self.first_rank + self.rank + 1)
+        self._send_activations(leaves, self.first_rank + self.rank + 1)
 
     def send_grads(self, micro_batch: int, grads: Sequence[Any]) -> None:
-        grads = self._send_grad_presence(micro_batch, grads)
-        self._send_leaves(grads, self.in_meta, self.grad_mask_in, self.first_rank + self.rank - 1)
+        """Send the gradients of the masked input leaves back as one message (:func:`grad_layout`;
+        a missing gradient's bytes are left as they are and its presence byte is 0).
+
+        Raises:
+            PipelineError: a gradient's dtype or shape differs from the plan's for its leaf.
+        """
+        places, total = grad_layout(
+            self.in_meta, self.grad_mask_in, self.plan.batch_size, self.sizes[micro_batch]
+        )
+        if not places:
+            return
+        message = torch.empty(total, dtype=torch.uint8, device=self.device)
+        present = [grads[i] is not None for i, *_ in places]
+        message[: len(places)].copy_(torch.tensor(present, dtype=torch.uint8))
+        for (i, offset, dtype, shape), here in zip(places, present):
+            if not here:
+                continue
+            g = grads[i].detach()
+            if g.dtype != dtype or list(g.shape) != shape:
+                raise PipelineError(
+                    f"stage {self.rank}: the gradient of input {i} is {g.dtype} {list(g.shape)}, the plan "
+                    f"has {dtype} {shape} for it"
+                )
+            message[offset : offset + g.numel() * g.element_size()].view(dtype).view(shape).copy_(g)
+        self.sent_bytes += sum(math.prod(shape) * dtype.itemsize for _, _, dtype, shape in places)
+        self.isend(message, self.first_rank + self.rank - 1)
 
     def wait_sends(self) -> None:
         """Block until every send has completed (before a flush answers)."""
@@ -257,11 +286,11 @@ class DistChannel:
 
     # -- receiving -------------------------------------------------------------------
 
-    def _buffers(self, metas: Sequence[dict], mask: Sequence[bool] | None, batch: int) -> list[Any]:
-        """Empty receive buffers (and placeholders for scalars and None) for ``metas``."""
+    def _buffers(self, metas: Sequence[dict], batch: int) -> list[Any]:
+        """Empty receive buffers (and placeholders for scalars) for ``metas``."""
         leaves: list[Any] = []
-        for i, m in enumerate(metas):
-            if m["kind"] == "tensor" and (mask is None or mask[i]):
+        for m in metas:
+            if m["kind"] == "tensor":
                 shape = shape_for(m, self.plan.batch_size, batch)
                 leaves.append(torch.empty(shape, dtype=getattr(torch, m["dtype"]), device=self.device))
             else:
@@ -278,20 +307,17 @@ class DistChannel:
         ):
             return
         batch = self.sizes[micro_batch]
-        if op == "act":
-            metas, mask, src = self.in_meta, None, self.first_rank + self.rank - 1
-        else:
-            metas, mask, src = self.out_meta, self.grad_mask_out, self.first_rank + self.rank + 1
-        leaves = self._buffers(metas, mask, batch)
-        works = []
-        if op == "act":
-            n_scalars = sum(m["kind"] in _SCALARS for m in metas)
-            scalar_buf = torch.empty(n_scalars, dtype=torch.float64) if n_scalars else None
-        else:  # which gradients exist (see _send_grad_presence)
-            n_grads = sum(mask)
-            scalar_buf = torch.empty(n_grads, dtype=torch.uint8) if n_grads else None
-        if scalar_buf is not None:
-            works.append(dist.irecv(scalar_buf, src))
+        if op == "grad":  # one message: presence bytes, then the gradients (grad_layout)
+            places, total = grad_layout(self.out_meta, self.grad_mask_out, self.plan.batch_size, batch)
+            message = torch.empty(total, dtype=torch.uint8, device=self.device) if places else None
+            works = [dist.irecv(message, self.first_rank + self.rank + 1)] if places else []
+            self._posted[key] = [works, [None] * len(self.out_meta), places, message]
+            return
+        metas, src = self.in_meta, self.first_rank + self.rank - 1
+        leaves = self._buffers(metas, batch)
+        n_scalars = sum(m["kind"] in _SCALARS for m in metas)
+        scalar_buf = torch.empty(n_scalars, dtype=torch.float64) if n_scalars else None
+        works = [dist.irecv(scalar_buf, src)] if scalar_buf is not None else []
         for leaf in leaves:
             if isinstance(leaf, torch.Tensor):
                 works.append(dist.irecv(leaf, src))
@@ -311,11 +337,13 @@ class DistChannel:
                     f"of micro-batch {key[1]} from stage {peer} failed ({str(exc).splitlines()[0]}); "
                     f"stage {peer} has probably stopped"
                 ) from exc
-        if scalar_buf is not None and key[0] == "grad":
-            present = iter(scalar_buf.tolist())
-            for i, leaf in enumerate(leaves):
-                if isinstance(leaf, torch.Tensor) and not next(present):
-                    leaves[i] = None
+        if key[0] == "grad":
+            places, message = metas, scalar_buf
+            present = message[: len(places)].tolist() if places else []
+            for (i, offset, dtype, shape), here in zip(places, present):
+                if here:
+                    nbytes = math.prod(shape) * dtype.itemsize
+                    leaves[i] = message[offset : offset + nbytes].view(dtype).view(shape)
         elif scalar_buf is not None:
             values = iter(scalar_buf.tolist())
             for i, m in enumerate(metas):

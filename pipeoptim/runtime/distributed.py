@@ -10,7 +10,6 @@ every other worker is stopped and the error names the failed stage.
 from __future__ import annotations
 
 import itertools
-import pickle
 import socket
 import threading
 import time
@@ -22,6 +21,7 @@ import torch.multiprocessing as mp
 
 from pipeoptim.errors import PeerLostError, PipelineError, PipeoptimError
 from pipeoptim.microbatch import Rows
+from pipeoptim.runtime import wire
 from pipeoptim.runtime.build import PipelineSpec
 from pipeoptim.runtime.executor import MiniBatch
 from pipeoptim.runtime.procmem import resident_bytes
@@ -119,8 +119,9 @@ class ProcessExecutor:
             self._check_processes()
 
     def _handle(self, kind: str, rank: int, key: Any, payload: Any) -> None:
-        if kind == "loss":
-            self.on_loss(key, payload, rank // self.num_stages)
+        if kind == "losses":  # [(micro-batch, loss)] of one command, in order
+            for micro_batch, value in payload:
+                self.on_loss(micro_batch, value, rank // self.num_stages)
         elif kind == "ready":
             with self._cond:
                 self._ready.add(rank)
@@ -235,10 +236,7 @@ class ProcessExecutor:
                 sizes=share.sizes,
                 hyper=batch.hyper,
             )
-            # as bytes: a tensor put on a multiprocessing queue as it is travels through a new
-            # shared-memory segment per mini-batch, which the worker maps and unmaps (its
-            # resident memory swings by hundreds of MB on a long run)
-            self._send(rank, "batch", None, pickle.dumps(part))
+            self._send(rank, "batch", None, wire.dumps(part))  # as bytes: see pipeoptim.runtime.wire
 
     def _per_stage(self, kind: str) -> list[Any]:
         """Replica 0's workers' replies to a ``kind`` request, in stage order (the other

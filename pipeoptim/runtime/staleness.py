@@ -131,10 +131,10 @@ class PredictionErrorMeter:
 
 @torch.no_grad()
 def relative_distance(a: Sequence[torch.Tensor], b: Sequence[torch.Tensor]) -> float:
-    """``‖a − b‖ / ‖b‖``, Euclidean norms over all tensors together (float64 sums); 0 where both
-    are zero, infinite where only ``b`` is."""
-    diff = sum(float(torch.sum((x.double() - y.double()) ** 2)) for x, y in zip(a, b))
-    norm = sum(float(torch.sum(y.double() ** 2)) for y in b)
+    """``‖a − b‖ / ‖b‖``, Euclidean norms over all tensors together (float64 accumulation, no
+    float64 copies of the weights); 0 where both are zero, infinite where only ``b`` is."""
+    diff = sum(float(torch.linalg.vector_norm(x - y, dtype=torch.float64)) ** 2 for x, y in zip(a, b))
+    norm = sum(float(torch.linalg.vector_norm(y, dtype=torch.float64)) ** 2 for y in b)
     if norm > 0:
         return (diff / norm) ** 0.5
     return 0.0 if diff == 0 else float("inf")

@@ -210,8 +210,8 @@ def worker_main(
                 break
             reply = _serve(process, kind, payload)
             if kind in ("batch", "flush"):
-                for mb, value in reply or []:
-                    results.put(("loss", rank, mb, value))
+                if reply:  # one message for the command's losses, not one per micro-batch
+                    results.put(("losses", rank, None, reply))
                 if kind == "flush":
                     results.put(("done", rank, request, None))
             else:
