@@ -41,6 +41,16 @@ def test_fit_recovers_latency_and_bandwidth() -> None:
         fit_latency_bandwidth([5.0, 5.0], [1.0, 1.0])
 
 
+def test_fit_keeps_latency_non_negative_and_refuses_times_that_do_not_grow() -> None:
+    # the free fit's α would be negative: β through the origin, Σ n·t / Σ n²
+    sizes, seconds = [1e3, 1e6], [0.5e-6, 1.0e-3]
+    alpha, beta = fit_latency_bandwidth(sizes, seconds)
+    assert alpha == 0.0
+    assert beta == pytest.approx((1e3 * 0.5e-6 + 1e6 * 1.0e-3) / (1e3**2 + 1e6**2), rel=1e-12)
+    with pytest.raises(ValueError, match="do not grow with the message sizes"):
+        fit_latency_bandwidth([4096, 1 << 20], [2e-4, 1e-4])  # a loaded machine's timings
+
+
 def test_stage_time_adds_up() -> None:
     """Stage k: compute + update + α per message + β per byte + overhead per action, by hand."""
     graph = chain([0.010, 0.020, 0.030, 0.040])

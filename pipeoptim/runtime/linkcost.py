@@ -28,17 +28,27 @@ SIZES = (4 << 10, 64 << 10, 1 << 20, 8 << 20)
 
 
 def fit_latency_bandwidth(sizes: Sequence[float], seconds: Sequence[float]) -> tuple[float, float]:
-    """Least-squares α, β of ``seconds ≈ α + β·sizes`` (α clamped at 0).
+    """Least-squares α ≥ 0, β of ``seconds ≈ α + β·sizes`` (where the free fit's α is
+    negative, β is refitted through the origin).
 
     Raises:
-        ValueError: fewer than two distinct sizes.
+        ValueError: fewer than two distinct sizes, or times that do not grow with the size
+            (β ≤ 0: the timings are noise, e.g. a loaded machine; measure again).
     """
     if len(set(sizes)) < 2 or len(sizes) != len(seconds):
         raise ValueError("need the time of at least two different message sizes")
     mean_n, mean_t = statistics.fmean(sizes), statistics.fmean(seconds)
     var = sum((n - mean_n) ** 2 for n in sizes)
     beta = sum((n - mean_n) * (t - mean_t) for n, t in zip(sizes, seconds)) / var
-    return max(mean_t - beta * mean_n, 0.0), beta
+    alpha = mean_t - beta * mean_n
+    if alpha < 0:
+        alpha, beta = 0.0, sum(n * t for n, t in zip(sizes, seconds)) / sum(n * n for n in sizes)
+    if beta <= 0:
+        raise ValueError(
+            f"send times {[f'{t:.3g}' for t in seconds]} s do not grow with the message sizes {list(sizes)} "
+            "bytes: the machine is too busy to measure the link; measure again or give the bandwidth"
+        )
+    return alpha, beta
 
 
 def _ping(rank: int, port: int, backend: str, sizes: Sequence[int], repeats: int, out: Any) -> None:
@@ -81,11 +91,24 @@ def measure_link(
     this machine over ``backend`` (``"gloo"``; ``"nccl"`` between the first two GPUs).
 
     Each size is timed as ``repeats`` round trips (half a round trip is one message), the
-    median taken, and α, β fitted over the sizes (:func:`fit_latency_bandwidth`).
+    median taken, and α, β fitted over the sizes (:func:`fit_latency_bandwidth`); measured
+    again, up to three times, while the times do not grow with the size.
 
     Raises:
         RuntimeError: the processes did not report within ``timeout`` seconds.
+        ValueError: three measurements in a row were noise (β ≤ 0).
     """
+    noise: ValueError | None = None
+    for _ in range(3):  # a busy machine can time a big message faster than a small one
+        try:
+            return fit_latency_bandwidth(list(sizes), _round_trips(backend, sizes, repeats, timeout))
+        except ValueError as exc:
+            noise = exc
+    assert noise is not None
+    raise noise
+
+
+def _round_trips(backend: str, sizes: Sequence[int], repeats: int, timeout: float) -> list[float]:
     ctx = mp.get_context("spawn")
     out = ctx.Queue()
     port = free_port()
@@ -101,7 +124,7 @@ def measure_link(
             p.join(30)
             if p.is_alive():
                 p.kill()
-    return fit_latency_bandwidth(list(sizes), medians)
+    return medians
 
 
 def shared_cores(num_stages: int, threads_per_stage: int = 1) -> float | None:
