@@ -199,9 +199,6 @@ def worker_main(
         )
         process = StageProcess(spec, rank, device, timeout)
         results.put(("ready", rank, None, str(device)))
-        import cProfile as _cp  # PROFILE-HACK
-        _prof = _cp.Profile(time.process_time) if os.environ.get("PO_PROF") else None  # PROFILE-HACK
-        _nb = 0  # PROFILE-HACK
         while True:
             try:
                 kind, request, payload = commands.get(timeout=1.0)
@@ -211,9 +208,6 @@ def worker_main(
                 continue
             if kind == "close":
                 break
-            _nb += kind == "batch"  # PROFILE-HACK
-            if _prof is not None and _nb == 9 and kind == "batch":  # PROFILE-HACK
-                _prof.enable()  # PROFILE-HACK
             reply = _serve(process, kind, payload)
             if kind in ("batch", "flush"):
                 if reply:  # one message for the command's losses, not one per micro-batch
@@ -222,8 +216,6 @@ def worker_main(
                     results.put(("done", rank, request, None))
             else:
                 results.put(("done", rank, request, reply))
-        if _prof is not None:  # PROFILE-HACK
-            _prof.disable(); _prof.dump_stats(f"/tmp/prof/w{rank}.prof")  # PROFILE-HACK
         results.put(("closed", rank, None, None))
     except BaseException as exc:  # report whatever killed this stage, then exit
         text = f"stage {rank} failed: {type(exc).__name__}: {exc}\n{traceback.format_exc()}"
