@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from pipeoptim.compiler.costgraph import CostGraph
+from pipeoptim.compiler.calibration import calibrate
+from pipeoptim.compiler.costgraph import CostGraph, CostNode
 from pipeoptim.compiler.profile import profile_model
 from pipeoptim.compiler.profile_cache import load_or_profile
 from pipeoptim.compiler.trace import trace
@@ -38,6 +39,24 @@ def test_every_compute_node_has_measured_forward_and_backward() -> None:
     assert params == {k: v.numel() * 4 for k, v in model.named_parameters()}
     assert graph.total_param_bytes == sum(p.numel() * 4 for p in model.parameters())
     assert graph.info["static_batch"] is False
+    # node times add up to the whole model's measured forward and backward (calibration)
+    calibration = graph.info["calibration"]
+    assert sum(n.fwd_s for n in graph.nodes) == pytest.approx(calibration["forward_s"], rel=1e-9)
+    assert sum(n.bwd_s for n in graph.nodes) == pytest.approx(calibration["backward_s"], rel=1e-9)
+    assert calibration["forward_factor"] > 0 and calibration["backward_factor"] > 0
+
+
+def test_calibration_keeps_each_nodes_share_and_leaves_untimed_nodes_alone() -> None:
+    nodes = [
+        CostNode("a", "call_module", "l1", [], fwd_s=1.0, bwd_s=2.0),
+        CostNode("b", "call_module", "l2", ["a"], fwd_s=3.0, bwd_s=0.0),
+        CostNode("w", "get_attr", "w", []),
+    ]
+    factors = calibrate(nodes, forward_s=8.0, backward_s=3.0)
+    assert [(n.fwd_s, n.bwd_s) for n in nodes] == [(2.0, 3.0), (6.0, 0.0), (0.0, 0.0)]
+    assert factors == {"forward_factor": 2.0, "backward_factor": 1.5, "forward_s": 8.0, "backward_s": 3.0}
+    untimed = [CostNode("c", "call_function", "f", [])]
+    assert calibrate(untimed, 1.0, 1.0)["forward_factor"] == 1.0 and untimed[0].fwd_s == 0.0
 
 
 def test_integer_inputs_carry_no_gradient_bytes() -> None:

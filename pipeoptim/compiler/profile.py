@@ -1,7 +1,8 @@
 """Profile: measure every node of a traced model on the device the plan is for.
 
 Per node, on an example micro-batch: median forward seconds and median backward seconds
-(each measured, after warm-up runs that are not timed), bytes of each output (what crosses a
+(each measured, after warm-up runs that are not timed, then scaled to add up to the whole
+model's, :mod:`pipeoptim.compiler.calibration`), bytes of each output (what crosses a
 stage boundary) and of its gradient, bytes of trainable parameters and of buffers, and the
 activation bytes autograd saves for the backward. Optimizer-state bytes are not measured
 here: they follow from the optimizer class at planning time (see
@@ -26,6 +27,7 @@ import torch.fx as fx
 from torch.fx.node import _get_qualified_name
 from torch.utils import _pytree as pytree
 
+from pipeoptim.compiler.calibration import calibrate, whole_model_seconds
 from pipeoptim.compiler.costgraph import CostGraph, CostNode
 from pipeoptim.compiler.saved_bytes import saved_bytes
 from pipeoptim.compiler.shapes import length_slopes
@@ -49,8 +51,8 @@ def device_name(device: torch.device) -> str:
 
 
 #: What the profiler measures; profiles of another version are measured again. 2: saved
-#: activations per storage (``CostNode.saved``) and sequence-length slopes.
-MEASURES = 2
+#: activations per storage and length slopes; 3: times calibrated (compiler/calibration.py).
+MEASURES = 3
 
 
 def profile_key(traced: TracedModel, inputs: Sequence[torch.Tensor], device: torch.device) -> dict:
@@ -346,6 +348,7 @@ def profile_model(
             cost.saved_bytes = _loss_saved_bytes(node, recorder.env)
             cost.saved = {"loss": cost.saved_bytes} if cost.saved_bytes else {}
         nodes.append(cost)
+    calibration = calibrate(nodes, *whole_model_seconds(gm, inputs, timer, max(repeats, 5)))
     return CostGraph(
         model=traced.model_name,
         nodes=nodes,
@@ -360,6 +363,7 @@ def profile_model(
             "static_batch": dims is None,
             "dynamic_length": slopes is not None,
             "input_names": traced.input_names,
+            "calibration": calibration,
         },
     )
 
