@@ -7,21 +7,26 @@ from __future__ import annotations
 
 import copy
 import itertools
+import json
 import random
+import re
 from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
 import torch.nn.functional as F
+from click.testing import CliRunner
 from torch import nn
 
 import pipeoptim
+from pipeoptim.cli.main import cli
 from pipeoptim.compiler import partition as P
 from pipeoptim.compiler.assignment import PartitionResult
 from pipeoptim.compiler.costgraph import CostGraph
 from pipeoptim.compiler.costmodel import CostConfig, evaluate, stage_input_bytes
-from pipeoptim.compiler.plan import plan_from_assignment
+from pipeoptim.compiler.plan import Plan, plan_from_assignment
 from pipeoptim.compiler.profile_cache import load_or_profile
 from pipeoptim.compiler.trace import trace
 from pipeoptim.errors import InfeasibleMemoryError
@@ -260,3 +265,29 @@ def test_recomputation_under_weight_stashing_equals_training_without_it() -> Non
     for key, value in plain_state.items():
         torch.testing.assert_close(state[key], value, rtol=1e-6, atol=1e-7)
     assert held[0] == config.in_flight(0) * x.numel() * 4 < plain_held[0]
+
+
+def test_partition_cli_shows_the_recompute_column_and_plan_files_keep_it(tmp_path: Path) -> None:
+    def run(*args: str) -> tuple[int, str, str]:
+        result = CliRunner().invoke(
+            cli, ["partition", "mlp", "--gpus", "2", "--profile-dir", str(tmp_path), *args]
+        )
+        return result.exit_code, result.stdout, result.stderr
+
+    code, _, err = run("--memory", "1KiB")
+    found = re.search(r"the smallest feasible limit is .* \((\d+) bytes", err)
+    assert code == 1 and found, err
+    least = int(found.group(1))
+    code, out, err = run("--memory", str(least), "--save", str(tmp_path / "plan.json"))
+    assert code == 0, err
+    header = next(line for line in out.splitlines() if line.strip().startswith("stage"))
+    assert "recompute" in header and "yes, +" in out
+    code, _, err = run("--memory", str(least - 1))
+    assert code == 1 and f"({least} bytes" in err
+    data = json.loads((tmp_path / "plan.json").read_text())
+    flags = [s["recompute"] for s in data["stages"]]
+    assert any(flags) and Plan.from_dict(data).recompute == flags
+    for stage in data["stages"]:  # a plan file written before planned recomputation
+        del stage["recompute"], stage["recompute_s"]
+    del data["config"]["recompute"]
+    assert Plan.from_dict(data).recompute == [False, False]
