@@ -291,3 +291,17 @@ def test_partition_cli_shows_the_recompute_column_and_plan_files_keep_it(tmp_pat
         del stage["recompute"], stage["recompute_s"]
     del data["config"]["recompute"]
     assert Plan.from_dict(data).recompute == [False, False]
+
+
+def test_train_cli_plans_with_memory_and_its_stages_recompute(tmp_path: Path) -> None:
+    common = ["train", "digits", "--gpus", "2", "--method", "gpipe", "--executor", "local", "--limit", "64"]
+    common += ["--epochs", "1", "--quiet", "--profile-dir", str(tmp_path / "profiles")]
+    result = CliRunner().invoke(cli, [*common, "--out", str(tmp_path / "refused"), "--memory", "1KiB"])
+    error = result.stderr.strip().splitlines()[-1]  # after the profiler's line
+    found = re.search(r"the smallest feasible limit is .* \((\d+) bytes", error)
+    assert result.exit_code == 1 and found, result.stderr
+    result = CliRunner().invoke(cli, [*common, "--out", str(tmp_path / "run"), "--memory", found.group(1)])
+    assert result.exit_code == 0, result.stderr
+    stages = json.loads((tmp_path / "run" / "metrics.json").read_text())["stages"]
+    assert any(s["recompute"] for s in stages)
+    assert max(s["memory_bytes"] for s in stages) == int(found.group(1))
