@@ -164,6 +164,25 @@ def test_planners_equal_brute_force_over_assignments_and_recomputation(seed: int
     assert P.min_memory_plan(graph, config, max_units=1000, ideals=ideals).memory_bytes == least
 
 
+def test_dp_over_ideals_equals_the_ilp_with_recomputation_on_a_larger_graph() -> None:
+    rng = random.Random(101)
+    drawn = random_cost_graph(rng, 16, max_inputs=3)  # hundreds of ideals: too many to brute-force
+    graph = CostGraph(
+        drawn.model, [replace(x, saved_bytes=x.saved_bytes * 8) for x in drawn.nodes], batch_size=1
+    )
+    config = CostConfig(3, method="gpipe", micro_batches=4, bandwidth=800.0, recompute=True)
+    least = P.min_memory_plan(graph, config, max_units=1000).memory_bytes
+    without = P.min_memory_plan(graph, replace(config, recompute=False), max_units=1000).memory_bytes
+    assert least < without
+    bound = replace(config, memory_limit=(least + without) // 2)
+    exact = P.ilp(graph, bound, max_units=1000)
+    solved = P.ilp(graph, bound, max_units=1000, ideals=False, gap=1e-9, solver="highs")
+    assert exact.solver == P.IDEALS and solved.optimal
+    plans = [evaluate(graph, r.stage_of, bound) for r in (exact, solved)]
+    assert max(s.time_s for s in plans[0]) == pytest.approx(max(s.time_s for s in plans[1]), rel=1e-9)
+    assert any(s.recompute for s in plans[0]) and all(s.memory_bytes <= bound.memory_limit for s in plans[1])
+
+
 class Wide(nn.Module):
     """A block with a wide hidden layer (large saved activations, small input), then a head."""
 
