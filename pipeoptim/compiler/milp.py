@@ -28,7 +28,7 @@ import sys
 import tempfile
 import warnings
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -105,13 +105,19 @@ def stage_windows(units: Units, config: CostConfig, upper_s: float) -> list[tupl
 class IlpModel:
     """A built ILP: ``z[u, s]`` (a binary variable, or 0 or 1 where fixed), the objective
     variable ``top``, the crossing variables with the ``(z[a, s], z[b, s])`` pairs that bound
-    them, and the expressions ``top`` bounds (one per stage)."""
+    them, and the expressions ``top`` bounds (one per stage). With recomputation: the input
+    variables ``y`` with the expressions bounding them from below, and per stage its binary
+    ``r`` with its memory without and with recomputation and its forward time (``choices``),
+    for the memory limit ``limit`` (MiB; ``None``: the memory objective)."""
 
     prob: pulp.LpProblem
     z: dict[tuple[int, int], pulp.LpVariable | int]
     top: pulp.LpVariable
     crossings: list[tuple[pulp.LpVariable, list[tuple[pulp.LpVariable | int, pulp.LpVariable | int]]]]
     rows: list[pulp.LpAffineExpression]
+    reads: list[tuple[pulp.LpVariable, list[Any]]] = field(default_factory=list)
+    choices: list[tuple[pulp.LpVariable, Any, Any, Any]] = field(default_factory=list)
+    limit: float | None = None
 
     def warm_start(self, unit_stage: list[int]) -> None:
         """Set every variable to its value in the plan ``unit_stage`` (stage of every unit)."""
@@ -120,7 +126,18 @@ class IlpModel:
                 var.setInitialValue(1 if unit_stage[u] <= s else 0)
         for c, pairs in self.crossings:
             c.setInitialValue(max(0, *(pulp.value(a) - pulp.value(b) for a, b in pairs)))
-        self.top.setInitialValue(max(pulp.value(row) for row in self.rows))
+        for y, bounds in self.reads:
+            y.setInitialValue(max(0, *(pulp.value(b) for b in bounds)))
+        tops = [pulp.value(row) for row in self.rows]
+        for s, (r, memory, recomputed, forward) in enumerate(self.choices):
+            if self.limit is None:  # the memory objective: the smaller of the two
+                again = pulp.value(recomputed) < pulp.value(memory)
+                tops[s] = min(pulp.value(memory), pulp.value(recomputed))
+            else:
+                again = pulp.value(memory) > self.limit
+                tops[s] += pulp.value(forward) if again else 0.0
+            r.setInitialValue(1 if again else 0)
+        self.top.setInitialValue(max(tops))
 
 
 def build_ilp(
@@ -195,7 +212,9 @@ def build_ilp(
     top = _variable(prob, "top", 0, None)
     rows = []
     again = config.recompute and (objective == "memory" or memory_limit is not None)
-    inputs = _recompute_inputs(prob, units, z, x, n) if again else []
+    reads: list[tuple[pulp.LpVariable, list[Any]]] = []
+    choices: list[tuple[pulp.LpVariable, Any, Any, Any]] = []
+    inputs = _recompute_inputs(prob, units, z, x, n, reads) if again else []
     big_bytes = sum(_unit_memory(units, u, 0, config, max_in_flight=True) for u in range(len(units)))
     most = max(config.in_flight(k) for k in range(n))
     big_bytes = (big_bytes + most * sum(units.graph.nodes[p].out_bytes for p, _ in units.producers())) / _MIB
@@ -213,6 +232,8 @@ def build_ilp(
             saved = pulp.lpSum(x(u, s) * (units.attr(u, "saved_bytes") / _MIB) for u in range(len(units)))
             recomputed = base + saved + inputs[s] * (config.in_flight(s) / _MIB)
             forward = pulp.lpSum(x(u, s) * (units.attr(u, "fwd_s") * _MS) for u in range(len(units)))
+            assert isinstance(r, pulp.LpVariable)
+            choices.append((r, memory, recomputed, forward))
         if objective == "time":
             prob += top >= compute + comm
             rows.append(compute + comm)
@@ -226,7 +247,7 @@ def build_ilp(
         elif again:
             prob += top >= memory - big_bytes * r
             prob += top >= recomputed - big_bytes * (1 - r)
-            rows.append(memory)  # warm-start value: an upper bound of the stage's smaller memory
+            rows.append(memory)
         else:
             prob += top >= memory
             rows.append(memory)
@@ -238,7 +259,8 @@ def build_ilp(
         if upper_s is not None:
             prob += top <= upper_s * _MS * (1 + 1e-7)
     prob += top
-    return IlpModel(prob, z, top, crossing_vars, rows)
+    limit = None if objective == "memory" or memory_limit is None else memory_limit / _MIB
+    return IlpModel(prob, z, top, crossing_vars, rows, reads, choices, limit)
 
 
 def _unit_memory(units: Units, u: int, stage: int, config: CostConfig, max_in_flight: bool = False) -> float:
@@ -257,10 +279,11 @@ def _saved(units: Units, u: int, stage: int, config: CostConfig) -> float:
 
 
 def _recompute_inputs(
-    prob: pulp.LpProblem, units: Units, z: dict, x: Any, n: int
+    prob: pulp.LpProblem, units: Units, z: dict, x: Any, n: int, reads: list[tuple[pulp.LpVariable, list]]
 ) -> list[pulp.LpAffineExpression]:
     """Per stage s, the bytes of the values it receives and reads (``I_s``, module docstring),
-    as ``sum bytes_p y[p, s]`` with ``y[p, s] >= 0`` pushed to 1 where p is read in s."""
+    as ``sum bytes_p y[p, s]`` with ``y[p, s] >= 0`` pushed to 1 where p is read in s; each
+    ``y`` and the expressions bounding it go into ``reads``."""
     inputs = [pulp.LpAffineExpression() for _ in range(n)]
     for p, readers in units.producers():
         node = units.graph.nodes[p]
@@ -271,9 +294,10 @@ def _recompute_inputs(
             if s == 0 and node.op != "placeholder":
                 continue
             y = _variable(prob, f"y_{p}_{s}", 0, 1)
-            for v in readers:
-                here = x(v, s)
-                prob += y >= (here if s == 0 else z[producer, s - 1] + here - 1)
+            bounds = [x(v, s) if s == 0 else z[producer, s - 1] + x(v, s) - 1 for v in readers]
+            for bound in bounds:
+                prob += y >= bound
+            reads.append((y, bounds))
             inputs[s] += y * node.out_bytes
     return inputs
 
