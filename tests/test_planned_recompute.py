@@ -181,6 +181,9 @@ def test_dp_over_ideals_equals_the_ilp_with_recomputation_on_a_larger_graph() ->
     plans = [evaluate(graph, r.stage_of, bound) for r in (exact, solved)]
     assert max(s.time_s for s in plans[0]) == pytest.approx(max(s.time_s for s in plans[1]), rel=1e-9)
     assert any(s.recompute for s in plans[0]) and all(s.memory_bytes <= bound.memory_limit for s in plans[1])
+    for wrong in ("always", [True]):
+        with pytest.raises(ValueError, match="recompute must be 'limit', 'least' or 3 flags"):
+            evaluate(graph, exact.stage_of, bound, wrong)
 
 
 class Wide(nn.Module):

@@ -51,7 +51,7 @@ and ``in_flight_k`` micro-batches whose activations the stage keeps
 (:meth:`pipeoptim.methods.Method.in_flight`, ``N - k`` under 1F1B).
 
 Planned recomputation (activation checkpointing of a whole stage, Chen et al., "Training Deep
-Nets with Sublinear Memory Cost", arXiv:1604.06174, Section 3): with
+Nets with Sublinear Memory Cost", arXiv:1604.06174): with
 :attr:`CostConfig.recompute` a stage whose memory exceeds :attr:`CostConfig.memory_limit`
 may instead keep, per micro-batch in flight, only the activations it receives and reads
 (``I_k`` bytes, :func:`stage_input_bytes`; stage 0: the model inputs) and recompute its
@@ -324,10 +324,13 @@ def evaluate(
             with the least memory); or one flag per stage, as given.
 
     Raises:
-        ValueError: the assignment sends an edge backwards or names a stage out of range.
+        ValueError: the assignment sends an edge backwards or names a stage out of range, or
+            ``recompute`` is another word or has not one flag per stage.
     """
     n = config.num_stages
     check_assignment(graph, stage_of, n)
+    if recompute not in ("limit", "least") and (isinstance(recompute, str) or len(recompute) != n):
+        raise ValueError(f"recompute must be 'limit', 'least' or {n} flags, one per stage, not {recompute!r}")
     acts, grads = boundary_bytes(graph, stage_of, n)
     inputs = stage_input_bytes(graph, stage_of, n)
     shared = shared_parameters(graph, stage_of)

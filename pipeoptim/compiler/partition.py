@@ -13,7 +13,9 @@ stage ``<= s`` (so ``{u : z[u, s] = 1}`` is the ideal ending stage s; built in
 - ``c[p, s] >= z[u, s] - z[v, s]`` for a value produced in unit u and read in unit v:
   it crosses boundary s (counted on every boundary it crosses);
 - stage time ``T_s`` and memory ``M_s`` are linear in ``x`` and ``c`` (see
-  :mod:`pipeoptim.compiler.costmodel`); ``T >= T_s``, ``M_s <= limit``; minimise ``T``.
+  :mod:`pipeoptim.compiler.costmodel`); ``T >= T_s``, ``M_s <= limit``; minimise ``T``;
+- with planned recomputation (``config.recompute``), a binary per stage chooses between its
+  memory and time without and with recomputation (:mod:`pipeoptim.compiler.milp`).
 
 The assignment formulation (``x[u, s]`` with ``stage(u) <= stage(v)``) is much slower to
 solve; the cumulative one keeps the LP relaxation tighter (see ``../shared/PITFALLS.md``).
