@@ -103,7 +103,9 @@ def compile(
         method: ``pipeoptim`` (default), ``pipedream``, ``2bw``, ``spectrain``, ``none``,
             ``gpipe`` or ``1f1b`` (see :mod:`pipeoptim.methods`).
         micro_batches: M for gpipe, 1f1b and 2bw (default N; 2bw needs M >= N).
-        memory: per-stage memory limit (``"16GiB"``, bytes) for the plan.
+        memory: per-stage memory limit (``"16GiB"``, bytes) for the plan; where it binds, the
+            planner lets stages recompute their activations (planned recomputation,
+            :mod:`pipeoptim.compiler.costmodel`), and those stages do.
         bandwidth: between stages (``"25GB/s"``, bytes/s); ``None`` ignores communication.
         latency: seconds per message between stages (α of α + β·bytes, e.g. measured with
             :func:`pipeoptim.runtime.linkcost.measure_link`); 0 leaves it out of the plan.
@@ -266,6 +268,7 @@ def compile(
         action_overhead_s=action_overhead,
         cores=shared_cores(gpus) if _profile_device(kind, inputs[0].device).type == "cpu" else None,
         data_parallel=data_parallel,
+        recompute=True,  # stages recompute where the memory limit binds
     )
     owns_group = spmd.init(devices, timeout) if kind == "torchrun" else False
     rank0 = kind != "torchrun" or dist.get_rank() == 0

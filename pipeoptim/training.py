@@ -72,6 +72,7 @@ class TrainConfig:
     max_grad_norm: float | None = None
     precision: str = "float32"
     compile_stages: bool = False
+    memory: int | None = None  # per-stage memory limit in bytes of the plan (stages recompute where it binds)
     record_every: int = 50
     progress_every: int | None = None
 
@@ -135,6 +136,8 @@ def _trainer(config: TrainConfig, task: Task, log: Callable[[str], None]) -> tup
     if config.method == SEQUENTIAL:
         if config.compile_stages:
             raise ValueError("--compile-stages compiles pipeline stages: use it with a pipeline --method")
+        if config.memory is not None:
+            raise ValueError("--memory limits pipeline stages: use it with a pipeline --method")
         sequential = Sequential(
             task.model, optimizer, task.loss_fn, config.max_grad_norm, _autocast_dtype(config.precision)
         )
@@ -155,6 +158,7 @@ def _trainer(config: TrainConfig, task: Task, log: Callable[[str], None]) -> tup
         max_grad_norm=config.max_grad_norm,
         autocast=_autocast_dtype(config.precision),
         compile_stages=config.compile_stages,
+        memory=config.memory,
         log=log,
         data_parallel=config.data_parallel,
     )

@@ -195,6 +195,7 @@ def partition(
             opt_state_factor=opt_factor,
             step_s_per_byte=step_cost,
             predict_s_per_byte=predict_cost,
+            recompute=True,  # stages recompute where --memory binds
         )
         if layout_mode:
             if profile_file is not None and model is not None:

@@ -6,7 +6,7 @@ import sys
 
 import click
 
-from pipeoptim.cli.options import GPUS
+from pipeoptim.cli.options import BYTES, GPUS
 from pipeoptim.errors import PipeoptimError
 from pipeoptim.methods import METHODS
 from pipeoptim.records import summary_line
@@ -127,6 +127,13 @@ from pipeoptim.training import OPTIMIZERS, SEQUENTIAL, TrainConfig, train
     "16 bits); float16 scales the loss as torch.amp.GradScaler (gpipe, 1f1b, sequential, one stage).",
 )
 @click.option(
+    "--memory",
+    type=BYTES,
+    default=None,
+    help="Per-stage memory limit of the plan, e.g. 16GiB (bytes); where it binds, stages recompute "
+    "their activations (the plan table shows which).",
+)
+@click.option(
     "--compile-stages",
     is_flag=True,
     help="Run every stage through torch.compile (inductor; on the CPU it needs a C++ compiler).",
@@ -172,6 +179,7 @@ def train_command(
     max_grad_norm,
     precision,
     compile_stages,
+    memory,
     record_every,
     progress_every,
     quiet,
@@ -209,6 +217,7 @@ def train_command(
         max_grad_norm=max_grad_norm,
         precision=precision,
         compile_stages=compile_stages,
+        memory=memory,
     )
     try:
         metrics = train(config, log=lambda msg: click.echo(msg, err=True))

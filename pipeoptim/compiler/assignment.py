@@ -27,6 +27,8 @@ class PartitionResult:
         gap: relative MIP gap at the end (0 when optimal, ``None`` if unknown).
         solve_s: wall seconds spent.
         num_units: how many units the graph was placed as.
+        recompute: per stage, whether it recomputes its activations; ``None``: where the
+            memory limit binds (:func:`~pipeoptim.compiler.costmodel.evaluate`).
     """
 
     stage_of: list[int]
@@ -37,6 +39,7 @@ class PartitionResult:
     gap: float | None = 0.0
     solve_s: float = 0.0
     num_units: int = 0
+    recompute: list[bool] | None = None
 
 
 def check_stages(units: Units, num_stages: int) -> None:
@@ -50,5 +53,7 @@ def check_stages(units: Units, num_stages: int) -> None:
         )
 
 
-def peak_memory(graph: CostGraph, stage_of: list[int], config: CostConfig) -> int:
-    return max(s.memory_bytes for s in evaluate(graph, stage_of, config))
+def peak_memory(graph: CostGraph, stage_of: list[int], config: CostConfig, recompute: str = "limit") -> int:
+    """The largest stage memory in bytes, with the stages recomputing as ``recompute`` says
+    (:func:`~pipeoptim.compiler.costmodel.evaluate`)."""
+    return max(s.memory_bytes for s in evaluate(graph, stage_of, config, recompute))

@@ -13,7 +13,9 @@ pass-through the cost model counts), so the graphs are built with fx's ``node_co
 Parameters, buffers and leaf modules are shared with the traced model (not copied) and keep
 their qualified names, so a stage's ``state_dict()`` uses the original model's keys. A shared
 parameter (``plan.shared``, :mod:`pipeoptim.compiler.shared`) is a ``get_attr`` in every stage
-that reads it; the runtime gives each of those stages its own copy.
+that reads it; the runtime gives each of those stages its own copy. A stage the plan lets
+recompute (:attr:`Plan.recompute <pipeoptim.compiler.plan.Plan.recompute>`) runs its operations
+as one recomputed region (:mod:`pipeoptim.compiler.stage_recompute`).
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ import torch
 import torch.fx as fx
 
 from pipeoptim.compiler.plan import Plan
+from pipeoptim.compiler.stage_recompute import recompute_stage
 from pipeoptim.compiler.trace import TracedModel
 from pipeoptim.errors import CodegenError
 
@@ -84,6 +87,8 @@ def stage_module(traced: TracedModel, plan: Plan, stage: int) -> fx.GraphModule:
     graph.output(result)
     graph.lint()
     gm = fx.GraphModule(traced.gm, graph, class_name=f"Stage{stage}")
+    if plan.recompute[stage]:
+        recompute_stage(gm)
     return gm
 
 

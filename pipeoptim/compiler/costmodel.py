@@ -49,6 +49,18 @@ with one gradient copy, ``f_opt`` optimizer-state copies (:func:`optimizer_state
 ``c_k`` extra weight copies of the method (:meth:`pipeoptim.methods.Method.extra_weight_copies`)
 and ``in_flight_k`` micro-batches whose activations the stage keeps
 (:meth:`pipeoptim.methods.Method.in_flight`, ``N - k`` under 1F1B).
+
+Planned recomputation (activation checkpointing of a whole stage, Chen et al., "Training Deep
+Nets with Sublinear Memory Cost", arXiv:1604.06174): with
+:attr:`CostConfig.recompute` a stage whose memory exceeds :attr:`CostConfig.memory_limit`
+may instead keep, per micro-batch in flight, only the activations it receives and reads
+(``I_k`` bytes, :func:`stage_input_bytes`; stage 0: the model inputs) and recompute its
+forward before each backward, which then holds one micro-batch's saved activations at a time::
+
+    activations_k = in_flight_k * I_k + saved_activations       T_k += fwd_s of its nodes
+
+A stage recomputes only where the limit binds without it and recomputation lowers its
+memory (at equal time no recomputation is preferred; :func:`evaluate`).
 """
 
 from __future__ import annotations
@@ -129,6 +141,8 @@ class CostConfig:
             just before the step, :mod:`pipeoptim.runtime.allreduce`).
         allreduce_bandwidth: bytes per second between a stage's replicas; ``None``: the
             same as :attr:`bandwidth`.
+        recompute: whether the planners may let a stage recompute its activations where
+            :attr:`memory_limit` binds (see the module docstring).
     """
 
     num_stages: int
@@ -144,6 +158,7 @@ class CostConfig:
     cores: float | None = None
     data_parallel: int = 1
     allreduce_bandwidth: float | None = None
+    recompute: bool = False
 
     @property
     def method_info(self) -> Method:
@@ -222,6 +237,10 @@ class StageStats:
     #: seconds per optimizer step of that exchange (both ways, at the bandwidth)
     shared_s: float = 0.0
     allreduce_s: float = 0.0  # the replicas' gradient all-reduce, per micro-batch
+    #: whether the stage recomputes its forward before each backward (planned recomputation)
+    recompute: bool = False
+    #: seconds per micro-batch of that recomputation (its forward again; 0 without)
+    recompute_s: float = 0.0
 
     @property
     def compute_s(self) -> float:
@@ -261,6 +280,23 @@ def saved_activation_bytes(nodes: Sequence[Any], held: Sequence[str] = ()) -> in
     return sum(b for key, b in storages.items() if key not in owned)
 
 
+def stage_input_bytes(graph: CostGraph, stage_of: Sequence[int], num_stages: int) -> list[int]:
+    """Per stage, the bytes of the values it receives and reads itself (``I_k``), what a
+    recomputing stage keeps per micro-batch: stage 0 the model inputs its nodes read, stage
+    k > 0 the activations crossing boundary k-1 read by a node of stage k (not those it
+    only passes on). Shared parameters (:mod:`pipeoptim.compiler.shared`) are held, not received."""
+    result = [0] * num_stages
+    shared = shared_parameters(graph, stage_of)
+    for p, readers in enumerate(graph.users()):
+        if p in shared:
+            continue
+        first = 0 if graph.nodes[p].op == "placeholder" else stage_of[p] + 1
+        for k in {stage_of[r] for r in readers}:
+            if k >= first:
+                result[k] += graph.nodes[p].out_bytes
+    return result
+
+
 def check_assignment(graph: CostGraph, stage_of: Sequence[int], num_stages: int) -> None:
     """Raise ``ValueError`` if an edge runs backwards or a stage index is out of range."""
     if len(stage_of) != len(graph.nodes):
@@ -273,15 +309,30 @@ def check_assignment(graph: CostGraph, stage_of: Sequence[int], num_stages: int)
                 raise ValueError(f"edge {inp} -> {node.name} runs from a later stage backwards")
 
 
-def evaluate(graph: CostGraph, stage_of: Sequence[int], config: CostConfig) -> list[StageStats]:
+def evaluate(
+    graph: CostGraph,
+    stage_of: Sequence[int],
+    config: CostConfig,
+    recompute: Sequence[bool] | str = "limit",
+) -> list[StageStats]:
     """Per-stage costs of assigning node ``i`` to stage ``stage_of[i]``.
 
+    Args:
+        recompute: which stages recompute (module docstring), with :attr:`CostConfig.recompute`:
+            ``"limit"``, those over ``config.memory_limit`` that recomputation makes smaller
+            (what the planners choose); ``"least"``, every stage it makes smaller (the plan
+            with the least memory); or one flag per stage, as given.
+
     Raises:
-        ValueError: the assignment sends an edge backwards or names a stage out of range.
+        ValueError: the assignment sends an edge backwards or names a stage out of range, or
+            ``recompute`` is another word or has not one flag per stage.
     """
     n = config.num_stages
     check_assignment(graph, stage_of, n)
+    if recompute not in ("limit", "least") and (isinstance(recompute, str) or len(recompute) != n):
+        raise ValueError(f"recompute must be 'limit', 'least' or {n} flags, one per stage, not {recompute!r}")
     acts, grads = boundary_bytes(graph, stage_of, n)
+    inputs = stage_input_bytes(graph, stage_of, n)
     shared = shared_parameters(graph, stage_of)
     stats = []
     for k in range(n):
@@ -305,8 +356,19 @@ def evaluate(graph: CostGraph, stage_of: Sequence[int], config: CostConfig) -> l
         opt = int(params * config.opt_state_factor)
         buffers = sum(x.buffer_bytes for x in nodes)
         held_names = [name for x in held for name in x.params]
-        activations = config.in_flight(k) * saved_activation_bytes(nodes, held_names)
+        saved = saved_activation_bytes(nodes, held_names)
+        activations = config.in_flight(k) * saved
         memory = params * 2 + opt + params * copies + buffers + activations
+        recomputed = memory - activations + config.in_flight(k) * inputs[k] + saved
+        if isinstance(recompute, str):
+            limit = config.memory_limit if recompute == "limit" else -1
+            again = config.recompute and limit is not None and memory > limit and recomputed < memory
+        else:
+            again = bool(recompute[k])
+        if again:
+            activations += recomputed - memory
+            memory = recomputed
+        again_s = fwd if again else 0.0
         stats.append(
             StageStats(
                 index=k,
@@ -327,11 +389,13 @@ def evaluate(graph: CostGraph, stage_of: Sequence[int], config: CostConfig) -> l
                 buffer_bytes=buffers,
                 activation_bytes=activations,
                 memory_bytes=memory,
-                time_s=fwd + bwd + comm + update + overhead + allreduce,
+                time_s=fwd + bwd + comm + update + overhead + allreduce + again_s,
                 overhead_s=overhead,
                 shared_bytes=reduce,
                 shared_s=config.comm_s(2 * reduce),
                 allreduce_s=allreduce,
+                recompute=again,
+                recompute_s=again_s,
             )
         )
     return stats

@@ -13,6 +13,14 @@ parallel branches), has few ideals. ``cost_k`` is the stage time of the cost mod
 (:mod:`pipeoptim.compiler.costmodel`: work, plus the bytes crossing the boundaries before and
 after the stage over the bandwidth) or the stage memory. Graphs with more than
 ``max_ideals`` ideals are left to the ILP.
+
+With :attr:`~pipeoptim.compiler.costmodel.CostConfig.recompute`, a stage ``I \\ I'`` may
+recompute its activations (the cost model's planned recomputation): under a memory limit it
+costs its time without recomputation where its memory fits, else its time plus its forward
+where its memory with recomputation fits, else it is not allowed; for the memory objective it
+costs the smaller of its two memories. The bytes a recomputing stage keeps per micro-batch
+depend on both ideals (the values produced in ``I'`` that a unit of ``I \\ I'`` reads), an
+ideals x ideals matrix built only when recomputation can matter.
 """
 
 from __future__ import annotations
@@ -61,6 +69,29 @@ def enumerate_ideals(units: Units, max_ideals: int = MAX_IDEALS) -> np.ndarray |
     return np.array([[(i >> u) & 1 for u in range(n)] for i in rows], dtype=bool)
 
 
+def _input_bytes(units: Units, ideals: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Bytes a recomputing stage keeps per micro-batch (its inputs it reads,
+    :func:`~pipeoptim.compiler.costmodel.stage_input_bytes`): ``inner[i, j]`` for the stage
+    ``ideals[j] \\ ideals[i]``, ``first[j]`` for the first stage ``ideals[j]`` (the model
+    inputs its units read)."""
+    groups: dict[tuple[int, tuple[int, ...]], int] = {}
+    first = np.zeros(len(ideals))
+    for p, readers in units.producers():
+        node = units.graph.nodes[p]
+        if node.out_bytes:
+            key = (units.unit_of[p], tuple(readers))
+            groups[key] = groups.get(key, 0) + node.out_bytes
+            if node.op == "placeholder":
+                first += node.out_bytes * ideals[:, readers].any(axis=1)
+    inner = np.zeros((len(ideals), len(ideals)))
+    for (producer, readers), size in groups.items():
+        read = np.zeros((len(ideals), len(ideals)), dtype=bool)
+        for r in readers:
+            read |= ideals[None, :, r] & ~ideals[:, None, r]
+        inner += size * (read & ideals[:, producer, None])
+    return inner, first
+
+
 def ideal_dp(
     units: Units,
     ideals: np.ndarray,
@@ -100,26 +131,46 @@ def ideal_dp(
 
     mem_parts = [diff(sums["param_bytes"]), diff(sums["buffer_bytes"]), diff(sums["saved_bytes"])]
     d_work = diff(work)
+    again = config.recompute and (objective == "memory" or memory_limit is not None)
+    if again:
+        inner, first = _input_bytes(units, ideals)
+        fwd = a @ np.array([units.attr(u, "fwd_s") for u in range(len(units))], dtype=float)
+
+    def choose(time: np.ndarray, mem: np.ndarray, time_re: np.ndarray, mem_re: np.ndarray) -> np.ndarray:
+        """A stage's cost: without recomputation where it fits, else with it (module docstring)."""
+        if objective == "memory":
+            return np.minimum(mem, mem_re)
+        assert memory_limit is not None
+        return np.where(mem <= memory_limit, time, np.where(mem_re <= memory_limit, time_re, inf))
+
     inf = np.inf
     best = np.full(len(ideals), inf)
     arg = []
     for k in range(n):
         params, buffers, saved = mem_parts
         if k == 0:
-            mem = sums["param_bytes"] * config.weight_factor(0) + sums["buffer_bytes"]
-            mem = mem + sums["saved_bytes"] * config.in_flight(0)
+            base = sums["param_bytes"] * config.weight_factor(0) + sums["buffer_bytes"]
+            mem = base + sums["saved_bytes"] * config.in_flight(0)
             time = work + comm
             cost = time if objective == "time" else mem
             ok = count >= 1
-            if memory_limit is not None:
+            if again:
+                cost = choose(time, mem, time + fwd, base + sums["saved_bytes"] + config.in_flight(0) * first)
+                ok &= np.isfinite(cost)
+            elif memory_limit is not None:
                 ok &= mem <= memory_limit
             best = np.where(ok, cost, inf)
             arg.append(np.full(len(ideals), -1))
         else:
-            mem = params * config.weight_factor(k) + buffers + saved * config.in_flight(k)
-            cost = d_work + comm[:, None] + comm[None, :] if objective == "time" else mem
+            base = params * config.weight_factor(k) + buffers
+            mem = base + saved * config.in_flight(k)
+            time = d_work + comm[:, None] + comm[None, :]
+            cost = time if objective == "time" else mem
             ok = subset.copy()
-            if memory_limit is not None:
+            if again:
+                cost = choose(time, mem, time + diff(fwd), base + saved + config.in_flight(k) * inner)
+                ok &= np.isfinite(cost)
+            elif memory_limit is not None:
                 ok &= mem <= memory_limit
             total = np.where(ok, np.maximum(best[:, None], cost), inf)
             arg.append(total.argmin(axis=0))

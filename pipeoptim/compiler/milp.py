@@ -2,6 +2,21 @@
 by HiGHS or CBC: its variables and constraints (see that module's docstring), the stage
 windows that fix most binaries, a warm start, and solving with the solvers' output kept off
 standard output.
+
+Planned recomputation (:mod:`pipeoptim.compiler.costmodel`, with ``config.recompute`` under a
+memory limit or for the memory objective) adds one binary ``r[s]`` per stage: stage s
+recomputes. Its inputs read ``y[p, s] >= z[unit(p), s-1] + x[v, s] - 1`` for a value p read
+by unit v (stage 0: ``y[p, 0] >= x[v, 0]`` for a model input), ``I_s = sum_p bytes_p y[p, s]``.
+The products of ``r[s]`` with the stage's assignment are linearised with big-M rows that
+switch off with ``r[s]`` (``M``: all the bytes, or all the forward seconds, of the graph)::
+
+    M_s(no recompute) = base_s + in_flight_s * S_s  <= limit + M r[s]
+    M_s(recompute)    = base_s + S_s + in_flight_s * I_s <= limit + M (1 - r[s])
+    top >= T_s;   top >= T_s + F_s - F_total (1 - r[s])
+
+(``S_s`` saved, ``F_s`` forward seconds of stage s; for the memory objective ``top`` bounds
+the same two memories the same way). The plan's flags are then chosen again by
+:func:`~pipeoptim.compiler.costmodel.evaluate` (recomputation only where the limit binds).
 """
 
 from __future__ import annotations
@@ -13,8 +28,9 @@ import sys
 import tempfile
 import warnings
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pulp
@@ -89,13 +105,19 @@ def stage_windows(units: Units, config: CostConfig, upper_s: float) -> list[tupl
 class IlpModel:
     """A built ILP: ``z[u, s]`` (a binary variable, or 0 or 1 where fixed), the objective
     variable ``top``, the crossing variables with the ``(z[a, s], z[b, s])`` pairs that bound
-    them, and the expressions ``top`` bounds (one per stage)."""
+    them, and the expressions ``top`` bounds (one per stage). With recomputation: the input
+    variables ``y`` with the expressions bounding them from below, and per stage its binary
+    ``r`` with its memory without and with recomputation and its forward time (``choices``),
+    for the memory limit ``limit`` (MiB; ``None``: the memory objective)."""
 
     prob: pulp.LpProblem
     z: dict[tuple[int, int], pulp.LpVariable | int]
     top: pulp.LpVariable
     crossings: list[tuple[pulp.LpVariable, list[tuple[pulp.LpVariable | int, pulp.LpVariable | int]]]]
     rows: list[pulp.LpAffineExpression]
+    reads: list[tuple[pulp.LpVariable, list[Any]]] = field(default_factory=list)
+    choices: list[tuple[pulp.LpVariable, Any, Any, Any]] = field(default_factory=list)
+    limit: float | None = None
 
     def warm_start(self, unit_stage: list[int]) -> None:
         """Set every variable to its value in the plan ``unit_stage`` (stage of every unit)."""
@@ -104,7 +126,18 @@ class IlpModel:
                 var.setInitialValue(1 if unit_stage[u] <= s else 0)
         for c, pairs in self.crossings:
             c.setInitialValue(max(0, *(pulp.value(a) - pulp.value(b) for a, b in pairs)))
-        self.top.setInitialValue(max(pulp.value(row) for row in self.rows))
+        for y, bounds in self.reads:
+            y.setInitialValue(max(0, *(pulp.value(b) for b in bounds)))
+        tops = [pulp.value(row) for row in self.rows]
+        for s, (r, memory, recomputed, forward) in enumerate(self.choices):
+            if self.limit is None:  # the memory objective: the smaller of the two
+                again = pulp.value(recomputed) < pulp.value(memory)
+                tops[s] = min(pulp.value(memory), pulp.value(recomputed))
+            else:
+                again = pulp.value(memory) > self.limit
+                tops[s] += pulp.value(forward) if again else 0.0
+            r.setInitialValue(1 if again else 0)
+        self.top.setInitialValue(max(tops))
 
 
 def build_ilp(
@@ -178,15 +211,43 @@ def build_ilp(
             acts[s] += c * cost
     top = _variable(prob, "top", 0, None)
     rows = []
+    again = config.recompute and (objective == "memory" or memory_limit is not None)
+    reads: list[tuple[pulp.LpVariable, list[Any]]] = []
+    choices: list[tuple[pulp.LpVariable, Any, Any, Any]] = []
+    inputs = _recompute_inputs(prob, units, z, x, n, reads) if again else []
+    big_bytes = sum(_unit_memory(units, u, 0, config, max_in_flight=True) for u in range(len(units)))
+    most = max(config.in_flight(k) for k in range(n))
+    big_bytes = (big_bytes + most * sum(units.graph.nodes[p].out_bytes for p, _ in units.producers())) / _MIB
+    big_fwd = sum(units.attr(u, "fwd_s") for u in range(len(units))) * _MS
     for s in range(n):
         compute = pulp.lpSum(x(u, s) * (units.time(u, config) * _MS) for u in range(len(units)))
         comm = (acts[s - 1] if s > 0 else 0) + (acts[s] if s < n - 1 else 0)
         memory = pulp.lpSum(x(u, s) * (_unit_memory(units, u, s, config) / _MIB) for u in range(len(units)))
+        r = _variable(prob, f"r_{s}", 0, 1, "Binary") if again else 0
+        if again:
+            base = pulp.lpSum(
+                x(u, s) * ((_unit_memory(units, u, s, config) - _saved(units, u, s, config)) / _MIB)
+                for u in range(len(units))
+            )
+            saved = pulp.lpSum(x(u, s) * (units.attr(u, "saved_bytes") / _MIB) for u in range(len(units)))
+            recomputed = base + saved + inputs[s] * (config.in_flight(s) / _MIB)
+            forward = pulp.lpSum(x(u, s) * (units.attr(u, "fwd_s") * _MS) for u in range(len(units)))
+            assert isinstance(r, pulp.LpVariable)
+            choices.append((r, memory, recomputed, forward))
         if objective == "time":
             prob += top >= compute + comm
             rows.append(compute + comm)
-            if memory_limit is not None:
+            if again:
+                assert memory_limit is not None
+                prob += top >= compute + comm + forward - big_fwd * (1 - r)
+                prob += memory <= memory_limit / _MIB + big_bytes * r
+                prob += recomputed <= memory_limit / _MIB + big_bytes * (1 - r)
+            elif memory_limit is not None:
                 prob += memory <= memory_limit / _MIB
+        elif again:
+            prob += top >= memory - big_bytes * r
+            prob += top >= recomputed - big_bytes * (1 - r)
+            rows.append(memory)
         else:
             prob += top >= memory
             rows.append(memory)
@@ -198,15 +259,47 @@ def build_ilp(
         if upper_s is not None:
             prob += top <= upper_s * _MS * (1 + 1e-7)
     prob += top
-    return IlpModel(prob, z, top, crossing_vars, rows)
+    limit = None if objective == "memory" or memory_limit is None else memory_limit / _MIB
+    return IlpModel(prob, z, top, crossing_vars, rows, reads, choices, limit)
 
 
-def _unit_memory(units: Units, u: int, stage: int, config: CostConfig) -> float:
-    return (
-        units.attr(u, "param_bytes") * config.weight_factor(stage)
+def _unit_memory(units: Units, u: int, stage: int, config: CostConfig, max_in_flight: bool = False) -> float:
+    """Bytes unit ``u`` adds to stage ``stage`` (``max_in_flight``: at the most any stage holds)."""
+    stages = range(config.num_stages) if max_in_flight else [stage]
+    return max(
+        units.attr(u, "param_bytes") * config.weight_factor(k)
         + units.attr(u, "buffer_bytes")
-        + units.attr(u, "saved_bytes") * config.in_flight(stage)
+        + units.attr(u, "saved_bytes") * config.in_flight(k)
+        for k in stages
     )
+
+
+def _saved(units: Units, u: int, stage: int, config: CostConfig) -> float:
+    return units.attr(u, "saved_bytes") * config.in_flight(stage)
+
+
+def _recompute_inputs(
+    prob: pulp.LpProblem, units: Units, z: dict, x: Any, n: int, reads: list[tuple[pulp.LpVariable, list]]
+) -> list[pulp.LpAffineExpression]:
+    """Per stage s, the bytes of the values it receives and reads (``I_s``, module docstring),
+    as ``sum bytes_p y[p, s]`` with ``y[p, s] >= 0`` pushed to 1 where p is read in s; each
+    ``y`` and the expressions bounding it go into ``reads``."""
+    inputs = [pulp.LpAffineExpression() for _ in range(n)]
+    for p, readers in units.producers():
+        node = units.graph.nodes[p]
+        if not node.out_bytes:
+            continue
+        producer = units.unit_of[p]
+        for s in range(n):
+            if s == 0 and node.op != "placeholder":
+                continue
+            y = _variable(prob, f"y_{p}_{s}", 0, 1)
+            bounds = [x(v, s) if s == 0 else z[producer, s - 1] + x(v, s) - 1 for v in readers]
+            for bound in bounds:
+                prob += y >= bound
+            reads.append((y, bounds))
+            inputs[s] += y * node.out_bytes
+    return inputs
 
 
 def resolve_solver(name: str) -> str:

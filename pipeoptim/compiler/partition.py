@@ -13,7 +13,9 @@ stage ``<= s`` (so ``{u : z[u, s] = 1}`` is the ideal ending stage s; built in
 - ``c[p, s] >= z[u, s] - z[v, s]`` for a value produced in unit u and read in unit v:
   it crosses boundary s (counted on every boundary it crosses);
 - stage time ``T_s`` and memory ``M_s`` are linear in ``x`` and ``c`` (see
-  :mod:`pipeoptim.compiler.costmodel`); ``T >= T_s``, ``M_s <= limit``; minimise ``T``.
+  :mod:`pipeoptim.compiler.costmodel`); ``T >= T_s``, ``M_s <= limit``; minimise ``T``;
+- with planned recomputation (``config.recompute``), a binary per stage chooses between its
+  memory and time without and with recomputation (:mod:`pipeoptim.compiler.milp`).
 
 The assignment formulation (``x[u, s]`` with ``stage(u) <= stage(v)``) is much slower to
 solve; the cumulative one keeps the LP relaxation tighter (see ``../shared/PITFALLS.md``).
@@ -280,16 +282,16 @@ def min_memory_plan(
             found = ideal_dp(chosen, ideal_sets, config, "memory")
             assert found is not None
             plan = chosen.expand(found[0])
-            return MemoryMinimum(peak_memory(graph, plan, config), plan, True, len(chosen))
+            return MemoryMinimum(peak_memory(graph, plan, config, "least"), plan, True, len(chosen))
     if units is None:
         units = coarsen(fine, max_units, n, keep_starts=frozenset(_stage_starts(contiguous, fine)))
     built = build_ilp(units, config, "memory")
     built.warm_start(_unit_stages(contiguous, units))
     status, proven, _gap_found = solve_ilp(built.prob, solver, time_limit, True, gap=0.0)
-    best, peak = contiguous, peak_memory(graph, contiguous, config)
+    best, peak = contiguous, peak_memory(graph, contiguous, config, "least")
     if status.startswith(("optimal", "feasible")):
         found_plan = units.expand([stage_from_z(built.z, u, n) for u in range(len(units))])
-        if (found_peak := peak_memory(graph, found_plan, config)) < peak:
+        if (found_peak := peak_memory(graph, found_plan, config, "least")) < peak:
             best, peak = found_plan, found_peak
     return MemoryMinimum(memory_bytes=peak, stage_of=best, proven=proven, num_units=len(units))
 

@@ -78,13 +78,22 @@ class Plan:
     def num_stages(self) -> int:
         return self.config.num_stages
 
+    @property
+    def recompute(self) -> list[bool]:
+        """Per stage, whether it recomputes its activations (planned recomputation,
+        :mod:`pipeoptim.compiler.costmodel`); plans saved before it existed recompute none."""
+        return [s.recompute for s in self.stages]
+
     def __str__(self) -> str:
         return self.table()
 
     def table(self) -> str:
         """One row per stage plus the summary, as text (tabulate); a stage's time columns add up
-        to its ``stage ms`` (with an ``allreduce ms`` column where the pipeline has replicas)."""
+        to its ``stage ms`` (with an ``allreduce ms`` column where the pipeline has replicas, and
+        a ``recompute`` column, the forward run again, under a memory limit or where a stage
+        recomputes)."""
         replicated = self.config.data_parallel > 1
+        recomputing = self.config.memory_limit is not None or any(self.recompute)
         rows = [
             [
                 s.index,
@@ -97,6 +106,7 @@ class Plan:
                 f"{s.comm_s * 1e3:.3f}",
                 f"{s.overhead_s * 1e3:.3f}",
                 *([f"{s.allreduce_s * 1e3:.3f}"] if replicated else []),
+                *([f"yes, +{s.recompute_s * 1e3:.3f} ms" if s.recompute else "no"] if recomputing else []),
                 format_bytes(s.send_bytes),
                 format_bytes(s.memory_bytes),
                 f"{s.time_s * 1e3:.3f}",
@@ -104,7 +114,8 @@ class Plan:
             for s in self.stages
         ]
         headers = ["stage", "nodes", "#", "params", "fwd ms", "bwd ms", "update ms", "comm ms", "overhead ms"]
-        headers += [*(["allreduce ms"] if replicated else []), "sent", "memory", "stage ms"]
+        headers += [*(["allreduce ms"] if replicated else []), *(["recompute"] if recomputing else [])]
+        headers += ["sent", "memory", "stage ms"]
         sm = self.summary
         shared = (
             [f"shared cores    {self.config.cores:g} run all stages: they set the throughput"]
@@ -271,7 +282,8 @@ def plan_from_assignment(graph: CostGraph, config: CostConfig, result: Partition
     Raises:
         ValueError: the assignment sends an edge backwards or names a stage out of range.
     """
-    stats = evaluate(graph, result.stage_of, config)
+    recompute = "limit" if result.recompute is None else result.recompute
+    stats = evaluate(graph, result.stage_of, config, recompute)
     summary = summarize(graph, stats, config)
     summary.update(
         partitioner=result.partitioner,

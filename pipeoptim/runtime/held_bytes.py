@@ -9,12 +9,16 @@ from typing import Any
 
 import torch
 
+from pipeoptim.compiler.recompute import _Recompute
+
 
 def saved_bytes(outputs: Sequence[Any], exclude: set[int]) -> int:
     """Bytes of the tensors autograd saved to compute the gradients of ``outputs``.
 
-    Walks the autograd graph and reads every node's ``_saved_*`` tensors; storages in
-    ``exclude`` (weights) and repeated storages are not counted.
+    Walks the autograd graph and reads every node's ``_saved_*`` tensors, and the inputs a
+    recomputed region (:class:`~pipeoptim.compiler.recompute._Recompute`: a user's checkpointing
+    or a recomputing stage) keeps; storages in ``exclude`` (weights) and repeated storages are
+    not counted.
     """
     seen_nodes: set[Any] = set()
     storages: dict[int, int] = {}
@@ -24,10 +28,10 @@ def saved_bytes(outputs: Sequence[Any], exclude: set[int]) -> int:
         if node is None or node in seen_nodes:
             continue
         seen_nodes.add(node)
-        for name in dir(node):
-            if not name.startswith("_saved_"):
-                continue
-            value = getattr(node, name, None)
+        values = [getattr(node, name, None) for name in dir(node) if name.startswith("_saved_")]
+        if isinstance(node, _Recompute._backward_cls):
+            values.append(node.packed)
+        for value in values:
             for t in value if isinstance(value, (tuple, list)) else (value,):
                 if isinstance(t, torch.Tensor):
                     storage = t.untyped_storage()
