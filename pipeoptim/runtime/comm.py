@@ -33,6 +33,8 @@ from pipeoptim.errors import PeerLostError, PipelineError
 
 _SCALARS = ("int", "float", "bool")
 LOSS_TAG = 7  # loss messages from the last rank to rank 0 (torchrun mode)
+#: tags of the notes of :mod:`pipeoptim.runtime.async_norms` (forward, backward)
+NOTE_TAGS = {"act": 11, "grad": 12}
 
 
 def leaf_metas(plan: Plan, names: Sequence[str]) -> list[dict[str, Any]]:
@@ -120,6 +122,10 @@ class DistChannel:
         self.shared_group: Any = None
         self.shared_size = 1
         self._shared: dict[int, tuple[list[Any], list[list[torch.Tensor]]]] = {}
+        #: float64 values of the note that rides with every training message
+        #: (:mod:`pipeoptim.runtime.async_norms`); 0: none
+        self.note_size = 0
+        self._notes: dict[tuple[str, int], tuple[Any, torch.Tensor]] = {}
 
     # -- micro-batch sizes ------------------------------------------------------------
 
@@ -245,6 +251,31 @@ class DistChannel:
             )
         self._send_leaves(leaves, self.out_meta, None, self.first_rank + self.rank + 1)
 
+    def send_note(self, op: str, micro_batch: int, note: torch.Tensor) -> None:
+        """Send the note of ``micro_batch`` with its activations (``op`` "act") or gradients."""
+        dst = self.first_rank + self.rank + (1 if op == "act" else -1)
+        self.isend(note.to(self.device), dst, tag=NOTE_TAGS[op])
+
+    def note(self, op: str, micro_batch: int) -> torch.Tensor:
+        """The note that came with the activations (``op`` "act") or gradients of ``micro_batch``."""
+        if (op, micro_batch) not in self._notes:
+            self._post_note(op, micro_batch)
+        work, buf = self._notes.pop((op, micro_batch))
+        try:
+            work.wait(self.timeout)
+        except RuntimeError as exc:
+            peer = self.rank - 1 if op == "act" else self.rank + 1
+            raise PeerLostError(
+                f"stage {self.rank}: receiving the norm note of micro-batch {micro_batch} from stage "
+                f"{peer} failed ({str(exc).splitlines()[0]}); stage {peer} has probably stopped"
+            ) from exc
+        return buf.cpu()
+
+    def _post_note(self, op: str, micro_batch: int) -> None:
+        src = self.first_rank + self.rank + (-1 if op == "act" else 1)
+        buf = torch.empty(self.note_size, dtype=torch.float64, device=self.device)
+        self._notes[(op, micro_batch)] = (dist.irecv(buf, src, tag=NOTE_TAGS[op]), buf)
+
     def send_grads(self, micro_batch: int, grads: Sequence[Any]) -> None:
         grads = self._send_grad_presence(micro_batch, grads)
         self._send_leaves(grads, self.in_meta, self.grad_mask_in, self.first_rank + self.rank - 1)
@@ -296,6 +327,8 @@ class DistChannel:
             if isinstance(leaf, torch.Tensor):
                 works.append(dist.irecv(leaf, src))
         self._posted[key] = [works, leaves, metas, scalar_buf]
+        if self.note_size and micro_batch >= 0:  # evaluation micro-batches carry none
+            self._post_note(op, micro_batch)
 
     def _wait(self, key: tuple[str, int]) -> list[Any]:
         if key not in self._posted:

@@ -17,10 +17,9 @@ that the backward runs on ``S·g``, and the optimizer steps on ``g`` again. The 
 Every stage keeps its own copy of S and updates it from the same all-reduced sum, so the
 copies stay equal. Hence gpipe and 1f1b with float16 train exactly as the plain model with
 ``torch.autocast("cpu", torch.float16)`` and ``torch.amp.GradScaler``. The asynchronous
-methods refuse float16 with more than one stage, for the reason they refuse clipping: the
-stages step a mini-batch at different times, so a skip decided from all stages' gradients of
-that mini-batch would stall the pipeline until stage 0 has them (use bfloat16, which needs
-no scaler).
+methods, whose stages step a mini-batch at different times, carry S and the inf check with
+their messages instead (:mod:`pipeoptim.runtime.async_norms`): a stage skips a mini-batch
+when it or a later stage found an inf or NaN in it, and stage 0 alone updates S.
 """
 
 from __future__ import annotations

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.fx as fx
@@ -25,6 +25,9 @@ from pipeoptim.runtime.scaler import LossScaler
 from pipeoptim.runtime.shared import SharedParams
 from pipeoptim.runtime.staleness import PredictionErrorMeter, used_weights
 from pipeoptim.runtime.weight_policy import WeightPolicy
+
+if TYPE_CHECKING:
+    from pipeoptim.runtime.async_norms import AsyncNorms
 
 LossFn = Callable[[Any, Any], torch.Tensor]
 
@@ -118,6 +121,9 @@ class StageRuntime:
         self._hyper: dict[int, list[dict]] = {}
         #: copies of shared parameters this stage holds (set by the builder)
         self.shared: SharedParams | None = None
+        #: clipping and loss scaling of an asynchronous method, carried with the messages
+        #: (:mod:`pipeoptim.runtime.async_norms`; set by the builder)
+        self.async_norms: AsyncNorms | None = None
         device = next((p.device for p in module.parameters()), torch.device("cpu"))
         self._rng_devices = [device] if device.type == "cuda" else []
 
@@ -327,8 +333,9 @@ class StageRuntime:
 
     @property
     def steps_together(self) -> bool:
-        """Whether all stages step together, after an all-reduce (clipping, loss scaling)."""
-        return self.max_grad_norm is not None or self.scaler is not None
+        """Whether all stages step together, after an all-reduce (clipping, loss scaling of a
+        flushing method)."""
+        return (self.max_grad_norm is not None or self.scaler is not None) and self.async_norms is None
 
     def trainable(self) -> list[torch.Tensor]:
         """The parameters this stage's optimizer steps."""
