@@ -3,6 +3,7 @@ independent reference (``tests/reference_async_norms.py`` on ``tests/reference_s
 
 from __future__ import annotations
 
+import copy
 import math
 
 import pytest
@@ -177,3 +178,40 @@ def test_worker_processes_equal_local_executor_bit_for_bit(profiles) -> None:
     assert local[4] == 2.0**15  # stage 0 found the inf of mini-batch 0 and halved S
     assert local[0] == procs[0] and all(map(math.isfinite, local[0]))
     assert all(torch.equal(a, b) for a, b in zip(local[1], procs[1]))
+
+
+def test_a_resumed_run_clips_as_one_that_flushed(tmp_path, profiles) -> None:
+    """Checkpoints keep stage 0's S and the parts it sends forward: after a reload the stages
+    clip as after a plain flush at the same mini-batch (bit for bit)."""
+    model = make_model().float()
+    batches = [(x.float(), y.float() * (1e3 if i == 0 else 1.0)) for i, (x, y) in enumerate(make_batches())]
+    options = dict(
+        method="pipeoptim",
+        executor="local",
+        max_grad_norm=CLIP,
+        autocast=torch.float16,
+        loss_fn=F.mse_loss,
+        example_inputs=batches[0][0],
+        profile_dir=profiles,
+    )
+
+    def compiled(net):
+        return pipeoptim.compile(net, torch.optim.Adam(net.parameters(), lr=0.01), 3, **options)
+
+    with compiled(copy.deepcopy(model)) as pipe:
+        first = [pipe.step(x, y) for x, y in batches[:3]]
+        pipe.flush()
+        second = [pipe.step(x, y) for x, y in batches[3:]]
+        pipe.flush()
+        expected = ([float(v) for v in first + second], pipe.state_dict())
+    with compiled(copy.deepcopy(model)) as pipe:
+        first = [float(pipe.step(x, y)) for x, y in batches[:3]]
+        pipe.save_checkpoint(tmp_path / "ckpt.pt")
+        scale = pipe._executor.stages[0].scaler.scale
+    with compiled(copy.deepcopy(model)) as pipe:
+        pipe.load_checkpoint(tmp_path / "ckpt.pt")
+        assert pipe._executor.stages[0].scaler.scale == scale == 2.0**15
+        assert pipe._executor.stages[0].async_norms.known[0] == 2
+        got = (first + [float(pipe.step(x, y)) for x, y in batches[3:]], pipe.state_dict())
+    assert got[0] == expected[0]
+    assert all(torch.equal(got[1][key], value) for key, value in expected[1].items())
