@@ -143,10 +143,11 @@ class DistChannel:
 
     def total_squared_grad_norm(self, own: float) -> float:
         """Σ‖g_k‖² over all stages: an all-reduce of ``own`` (every stage calls it at the same
-        step; the process group's timeout bounds the wait)."""
+        step; the process group's timeout bounds the wait). With R replicas every rank holds
+        its stage's replica-summed gradient, so the sum over all ranks is divided by R."""
         value = torch.tensor([own], dtype=torch.float64, device=self.device)
         dist.all_reduce(value)
-        return float(value.item())
+        return float(value.item()) / (dist.get_world_size() // self.world)
 
     def post_shared(self, round_: int, parts: list[torch.Tensor]) -> None:
         """Start the all-gather of this holder's shared-parameter gradient parts of ``round_``
