@@ -4,13 +4,19 @@ independent reference (``tests/reference_async_norms.py`` on ``tests/reference_s
 from __future__ import annotations
 
 import copy
+import json
 import math
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 import pipeoptim
+from pipeoptim.runtime.distributed import free_port
 from tests.reference_async_norms import Recorder, grad_rule
 from tests.reference_sim import simulate
 from tests.test_reference_sim import (
@@ -215,3 +221,23 @@ def test_a_resumed_run_clips_as_one_that_flushed(tmp_path, profiles) -> None:
         got = (first + [float(pipe.step(x, y)) for x, y in batches[3:]], pipe.state_dict())
     assert got[0] == expected[0]
     assert all(torch.equal(got[1][key], value) for key, value in expected[1].items())
+
+
+@pytest.mark.slow
+def test_torchrun_ranks_equal_local_executor_bit_for_bit(tmp_path) -> None:
+    """The same float16 run with clipping under ``torchrun`` (2 ranks): the numbers of the
+    local executor, bit for bit."""
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": str(root), "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc-per-node", "2"]
+    cmd += ["--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{free_port()}"]
+    cmd += [str(root / "tests" / "torchrun_norms_script.py"), str(tmp_path / "out"), str(tmp_path / "p")]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0, done.stderr[-3000:]
+    ranks = [json.loads((tmp_path / f"out.{r}").read_text()) for r in range(2)]
+    options = dict(max_grad_norm=CLIP, autocast=torch.float16, overflow=True)
+    losses, weights, layer_stages, *_ = run("pipeoptim", 2, "adam", "constant", tmp_path / "p", **options)
+    assert layer_stages == [ranks[0]["plan"][f"_{2 * i}_weight"] for i in range(LAYERS)]
+    assert ranks[0]["losses"] == ranks[1]["losses"] == losses
+    for name, value in zip(param_names(), weights):
+        assert torch.equal(torch.tensor(ranks[0]["state"][name], dtype=value.dtype), value), name
