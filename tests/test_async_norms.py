@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 import pipeoptim
+from pipeoptim.errors import PlanError
 from pipeoptim.runtime.distributed import free_port
 from tests.reference_async_norms import Recorder, grad_rule
 from tests.reference_sim import simulate
@@ -241,3 +242,18 @@ def test_torchrun_ranks_equal_local_executor_bit_for_bit(tmp_path) -> None:
     assert ranks[0]["losses"] == ranks[1]["losses"] == losses
     for name, value in zip(param_names(), weights):
         assert torch.equal(torch.tensor(ranks[0]["state"][name], dtype=value.dtype), value), name
+
+
+def test_weights_shared_between_stages_are_refused(profiles) -> None:
+    """Tied weights sum their copies' gradients at the step, after the parts have been sent."""
+    from tests.test_tied_weights import TiedEmbedding
+
+    model = TiedEmbedding()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    ids = torch.randint(0, 10, (8,))
+    with pytest.raises(
+        PlanError, match="stage 0 shares weights with another stage: max_grad_norm and float16"
+    ):
+        pipeoptim.compile(
+            model, opt, 2, example_inputs=ids, loss_fn=F.cross_entropy, executor="local", max_grad_norm=1.0
+        )

@@ -9,7 +9,7 @@ mini-batch. Here each stage uses what reaches it without waiting.
 **Backward sum (exact part).** The backward messages of t run from stage N−1 to 0, so each
 stage adds its own squared gradient norm ``‖g_k(t)‖²`` (of the unscaled gradient, float64) to
 the parts it received and sends them on with its input gradient of t's last micro-batch
-(:data:`note size <note_size>`: N + 2 float64 values). Stage k therefore knows
+(a note of N + 2 float64 values, :func:`note_size`). Stage k therefore knows
 ``‖g_j(t)‖²`` for every ``j ≥ k`` when it steps t; stage 0 knows every stage's part.
 
 **Forward relay (older part).** Stage 0 piggybacks on each forward message the parts of the
@@ -54,6 +54,7 @@ from typing import Protocol
 import torch
 
 from pipeoptim.runtime.clipping import clip_coefficient, scale_grads_
+from pipeoptim.runtime.scaler import LossScaler
 
 
 def note_size(num_stages: int) -> int:
@@ -67,9 +68,8 @@ class NormStage(Protocol):
     index: int
     num_stages: int
     max_grad_norm: float | None
+    scaler: LossScaler | None
 
-    @property
-    def scaler(self) -> object: ...
     def squared_grad_norm(self) -> float: ...
     def trainable(self) -> list[torch.Tensor]: ...
 
@@ -117,7 +117,7 @@ class AsyncNorms:
         mini-batch."""
         scaler = stage.scaler
         if note is None:
-            self.scale = scaler.scale if scaler is not None else 1.0  # type: ignore[attr-defined]
+            self.scale = scaler.scale if scaler is not None else 1.0
         else:
             self.scale = float(note[1])
             if note[0] >= 0:
@@ -126,7 +126,7 @@ class AsyncNorms:
             t = self._mini_batch(micro_batch)
             scale = self._scale_of.setdefault(t, self.scale)
             if scaler is not None and self.index > 0:
-                scaler.scale = scale  # type: ignore[attr-defined]  # the loss factor of this forward
+                scaler.scale = scale  # the loss factor of this forward
 
     def after_backward(self, stage: NormStage, micro_batch: int, note: torch.Tensor | None) -> torch.Tensor:
         """Add this stage's part once the backward of ``micro_batch`` completes its mini-batch;
@@ -162,7 +162,7 @@ class AsyncNorms:
             scale_grads_(stage.trainable(), 1.0 / scale)
             taken = math.isfinite(own)
             if self.index == 0:
-                scaler.update(own)  # type: ignore[attr-defined]
+                scaler.update(own)
         if taken and stage.max_grad_norm is not None:
             older = float(self.known[1][: self.index].sum()) if self.known is not None else 0.0
             scale_grads_(stage.trainable(), clip_coefficient(own + older, stage.max_grad_norm))
