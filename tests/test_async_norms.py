@@ -139,6 +139,15 @@ def profiles(tmp_path_factory: pytest.TempPathFactory):
     return tmp_path_factory.mktemp("profiles")
 
 
+def test_worker_processes_equal_reference(profiles) -> None:
+    """The same rule with one worker process per stage (clipping and the float16 machinery)."""
+    options = dict(max_grad_norm=CLIP, autocast=torch.float16, executor="processes")
+    *got, _ = run("pipedream", 3, "adam", "lambda", profiles, **options)
+    losses, weights, layer_stages, lrs = got
+    expected, _ = reference("pipedream", 3, "adam", layer_stages, lrs, max_norm=CLIP, float16=True)
+    assert gap((losses, weights), expected) <= TOL
+
+
 @pytest.mark.parametrize(
     ("method", "optimizer", "inject"),
     [("pipeoptim", "sgd", (1, 3)), ("pipedream", "adam", (0, 2)), ("none", "sgd", (2, 1))],
