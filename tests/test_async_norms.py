@@ -49,6 +49,7 @@ def run(
     opt = OPTIMIZERS[optimizer][0](model.parameters())
     sched = SCHEDULES[schedule](opt) if SCHEDULES[schedule] else None
     options.setdefault("executor", "local")
+    options.setdefault("timeout", 180)  # generous: worker start-up on 2 shared cores can take a minute
     with pipeoptim.compile(
         model,
         opt,
@@ -57,7 +58,6 @@ def run(
         loss_fn=F.mse_loss,
         method=method,
         profile_dir=profiles,
-        timeout=60,
         **options,
     ) as pipe:
         layer_stages = [pipe.plan.stage_of[f"_{2 * i}_weight"] for i in range(LAYERS)]
@@ -242,7 +242,7 @@ def test_torchrun_ranks_equal_local_executor_bit_for_bit(tmp_path) -> None:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc-per-node", "2"]
     cmd += ["--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{free_port()}"]
     cmd += [str(root / "tests" / "torchrun_norms_script.py"), str(tmp_path / "out"), str(tmp_path / "p")]
-    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=400)
     assert done.returncode == 0, done.stderr[-3000:]
     ranks = [json.loads((tmp_path / f"out.{r}").read_text()) for r in range(2)]
     options = dict(max_grad_norm=CLIP, autocast=torch.float16, overflow=True)

@@ -27,7 +27,7 @@ def main(out: str, profile_dir: str) -> None:
         max_grad_norm=0.05,
         autocast=torch.float16,
         profile_dir=profile_dir,
-        timeout=60,
+        timeout=180,
     )
     pending = [pipe.step(x, y) for x, y in batches]
     pipe.flush()
