@@ -180,9 +180,9 @@ def compile(
     if batch_norm not in BATCH_NORMS:
         raise ValueError(f"batch_norm must be 'micro-batch' or 'deferred', not {batch_norm!r}")
     info = get_method(method)
-    max_grad_norm = check_clipping(max_grad_norm, info.asynchronous, gpus)
-    autocast = check_autocast(autocast, info.asynchronous, gpus)
-    check_replicated_options(data_parallel, max_grad_norm, batch_norm, autocast)
+    max_grad_norm = check_clipping(max_grad_norm)
+    autocast = check_autocast(autocast)
+    check_replicated_options(data_parallel, max_grad_norm, batch_norm, autocast, info.asynchronous)
     if not isinstance(prediction_error_every, int) or prediction_error_every < 0:
         raise ValueError(
             f"prediction_error_every must be 0 (off) or a positive integer, got {prediction_error_every!r}"

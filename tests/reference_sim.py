@@ -33,6 +33,7 @@ Mini-batch t is updated with learning rate ``lrs[t]``. The loss is the mean squa
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -98,6 +99,8 @@ def direction(ver: Version, opt: Opt, predictor: str = "paper") -> torch.Tensor 
     """
     if not ver.state:
         return None
+    if opt.kind == "sgd" and ver.grad is None:  # after a skipped step: no last gradient
+        return opt.momentum * ver.state["buf"]
     assert ver.grad is not None
     if opt.kind == "sgd":
         g = ver.grad + opt.weight_decay * ver.w
@@ -149,6 +152,7 @@ def simulate(
     predictor: str = "paper",
     lr_rule: str = "sum",
     version_shift: int = 0,
+    grad_rule: Callable[[int, list[torch.Tensor]], list[torch.Tensor | None]] | None = None,
 ) -> tuple[list[float], list[torch.Tensor]]:
     """Train with ``method``; returns the loss of every mini-batch and the final parameters.
 
@@ -159,6 +163,9 @@ def simulate(
         lr_rule: PipeOptim's rate: ``"sum"`` of the rates of the s steps in between, or
             ``"current"``: s × the rate of the mini-batch being forwarded.
         version_shift: added to every version difference (a deliberately wrong rule).
+        grad_rule: ``grad_rule(t, grads)`` turns mini-batch t's gradients into those each
+            parameter is updated with (clipping), ``None`` where the step is skipped (the
+            version then repeats, with no last gradient).
     """
     assert method in METHODS, method
     n = num_stages
@@ -193,8 +200,10 @@ def simulate(
                 bwd.append(now.w - s_b * lrs[t] * now.state["buf"] if now.state else now.w)
         loss, grads = forward_backward(fwd, bwd, x, y)
         losses.append(loss)
-        for chain, g in zip(hist, grads):
-            chain.append(update(chain[t], g, lrs[t], opt))
+        used = grad_rule(t, grads) if grad_rule is not None else grads
+        for chain, g in zip(hist, used):
+            skipped = Version(chain[t].w, chain[t].state)
+            chain.append(update(chain[t], g, lrs[t], opt) if g is not None else skipped)
     return losses, [chain[-1].w for chain in hist]
 
 

@@ -208,9 +208,9 @@ def test_bad_layouts_are_clear_errors() -> None:
             profile_dir=None,
         )
     with pytest.raises(ValueError, match="max_grad_norm with data_parallel"):
-        compile_mlp(model, SGD_MOMENTUM[0], "gpipe", "local", max_grad_norm=1.0)
+        compile_mlp(model, SGD_MOMENTUM[0], "pipeoptim", "local", max_grad_norm=1.0)
     with pytest.raises(ValueError, match="float16 with data_parallel"):
-        compile_mlp(model, SGD_MOMENTUM[0], "gpipe", "local", autocast=torch.float16)
+        compile_mlp(model, SGD_MOMENTUM[0], "pipeoptim", "local", autocast=torch.float16)
     with (
         compile_mlp(model, SGD_MOMENTUM[0], "pipeoptim", "local") as pipe,
         pytest.raises(PipelineError, match="cannot be split across 2 data-parallel replicas"),

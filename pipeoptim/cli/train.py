@@ -115,8 +115,9 @@ from pipeoptim.training import OPTIMIZERS, SEQUENTIAL, TrainConfig, train
     "--max-grad-norm",
     type=click.FloatRange(min=0, min_open=True),
     default=None,
-    help="Clip each mini-batch's gradients by their global norm over all stages (gpipe, 1f1b, "
-    "sequential, or one stage).",
+    help="Clip each mini-batch's gradients by their global norm over all stages: exact for gpipe, "
+    "1f1b, sequential and one stage; the asynchronous methods use the newest norms that reach each "
+    "stage without waiting (exact at stage 0; README, Training features).",
 )
 @click.option(
     "--precision",
@@ -124,7 +125,8 @@ from pipeoptim.training import OPTIMIZERS, SEQUENTIAL, TrainConfig, train
     default="float32",
     show_default=True,
     help="bfloat16/float16: every stage computes under torch.autocast (activations cross stages in "
-    "16 bits); float16 scales the loss as torch.amp.GradScaler (gpipe, 1f1b, sequential, one stage).",
+    "16 bits); float16 scales the loss as torch.amp.GradScaler (asynchronous methods: a stage skips "
+    "a mini-batch that overflowed there or in a later stage).",
 )
 @click.option(
     "--memory",

@@ -24,6 +24,7 @@ from pipeoptim.compiler.trace import TracedModel, trace
 from pipeoptim.errors import PlanError
 from pipeoptim.methods import get_method
 from pipeoptim.microbatch import CheckedLoss, Reduction
+from pipeoptim.runtime.async_norms import AsyncNorms
 from pipeoptim.runtime.compiled import compile_stage
 from pipeoptim.runtime.optim import mirror
 from pipeoptim.runtime.policies import make_policy
@@ -166,6 +167,14 @@ def build_stage(
         prediction_error_every=spec.prediction_error_every,
     )
     runtime.shared = stage_shared(module, traced, plan, stage, method.asynchronous, device)
+    if method.asynchronous and (spec.max_grad_norm is not None or spec.autocast is torch.float16):
+        if runtime.shared is not None:
+            raise PlanError(
+                f"stage {stage} shares weights with another stage: max_grad_norm and float16 with an "
+                "asynchronous method do not support weights shared between stages yet; use "
+                "method='gpipe' or '1f1b', or a plan that keeps the shared weights in one stage"
+            )
+        runtime.async_norms = AsyncNorms(stage, plan.num_stages, spec.micro_batches)
     return runtime
 
 

@@ -10,17 +10,16 @@ one stage). Before its optimizer step each stage computes ``‖g_k‖²``, the s
 (``torch.distributed.all_reduce``, or in memory in the local executor) and each scales its own
 gradients by the same factor.
 
-The global norm of a mini-batch is that of its own gradients at every stage. For GPipe and
-1F1B (a flush per mini-batch) this costs one small all-reduce at the step that all stages take
-together anyway, and training equals plain training with ``clip_grad_norm_``.
+For GPipe and 1F1B (a flush per mini-batch) the global norm of a mini-batch is that of its
+own gradients at every stage: one small all-reduce at the step that all stages take together
+anyway, and training equals plain training with ``clip_grad_norm_``. With data parallelism
+(:mod:`pipeoptim.runtime.replicas`) ``g_k`` is the replica-averaged gradient, after the
+replicas' all-reduce, so every replica clips by the same norm.
 
-Asynchronous 1F1B (PipeOptim, PipeDream, 2BW, SpecTrain, none) with more than one stage is
-refused (:func:`check_clipping`): there the last stage steps mini-batch t right after its
-backward, while stage 0 computes t's gradient only after the forwards of t+1 ... t+N-1. The
-exact global norm would make the last stage wait for N-1 more mini-batches before the forward
-of t+1 (a flush per mini-batch, and a loss of t+1 that is unknown until t+N-1 is given, which
-deadlocks a loop that reads each loss); any rule that does not wait clips with some stages'
-norms of other mini-batches, which is not the mini-batch's global norm.
+The asynchronous methods (PipeOptim, PipeDream, 2BW, SpecTrain, none) step a mini-batch at
+different times on different stages; there the norm is the one defined in
+:mod:`pipeoptim.runtime.async_norms` (exact at stage 0, the newest known parts of the earlier
+stages elsewhere), computed without a stall.
 """
 
 from __future__ import annotations
@@ -57,21 +56,14 @@ def scale_grads_(params: Iterable[torch.Tensor], factor: float) -> None:
         torch._foreach_mul_(grads, factor)
 
 
-def check_clipping(value: float | None, asynchronous: bool, num_stages: int) -> float | None:
+def check_clipping(value: float | None) -> float | None:
     """``value`` (``max_grad_norm``) as a float, checked.
 
     Raises:
-        ValueError: not a positive finite number, or an asynchronous method with more than one
-            stage (see the module's documentation).
+        ValueError: not a positive finite number.
     """
     if value is None:
         return None
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:
         raise ValueError(f"max_grad_norm must be a positive finite number (e.g. 1.0), got {value!r}")
-    if asynchronous and num_stages > 1:
-        raise ValueError(
-            "max_grad_norm needs a method that flushes every mini-batch (the global norm of an "
-            "asynchronous mini-batch is known only N-1 mini-batches after the last stage's step): "
-            "use method='gpipe' or '1f1b' (--method), or leave max_grad_norm unset"
-        )
     return float(value)

@@ -36,6 +36,8 @@ from pipeoptim.errors import PeerLostError, PipelineError
 
 _SCALARS = ("int", "float", "bool")
 LOSS_TAG = 7  # loss messages from the last rank to rank 0 (torchrun mode)
+#: tags of the notes of :mod:`pipeoptim.runtime.async_norms` (forward, backward)
+NOTE_TAGS = {"act": 11, "grad": 12}
 
 
 def leaf_metas(plan: Plan, names: Sequence[str]) -> list[dict[str, Any]]:
@@ -146,6 +148,10 @@ class DistChannel:
         self.shared_group: Any = None
         self.shared_size = 1
         self._shared: dict[int, tuple[list[Any], list[list[torch.Tensor]]]] = {}
+        #: float64 values of the note that rides with every training message
+        #: (:mod:`pipeoptim.runtime.async_norms`); 0: none
+        self.note_size = 0
+        self._notes: dict[tuple[str, int], tuple[Any, torch.Tensor]] = {}
 
     # -- micro-batch sizes ------------------------------------------------------------
 
@@ -163,10 +169,11 @@ class DistChannel:
 
     def total_squared_grad_norm(self, own: float) -> float:
         """Σ‖g_k‖² over all stages: an all-reduce of ``own`` (every stage calls it at the same
-        step; the process group's timeout bounds the wait)."""
+        step; the process group's timeout bounds the wait). With R replicas every rank holds
+        its stage's replica-summed gradient, so the sum over all ranks is divided by R."""
         value = torch.tensor([own], dtype=torch.float64, device=self.device)
         dist.all_reduce(value)
-        return float(value.item())
+        return float(value.item()) / (dist.get_world_size() // self.world)
 
     def post_shared(self, round_: int, parts: list[torch.Tensor]) -> None:
         """Start the all-gather of this holder's shared-parameter gradient parts of ``round_``
@@ -250,6 +257,31 @@ class DistChannel:
             )
         self._send_activations(leaves, self.first_rank + self.rank + 1)
 
+    def send_note(self, op: str, micro_batch: int, note: torch.Tensor) -> None:
+        """Send the note of ``micro_batch`` with its activations (``op`` "act") or gradients."""
+        dst = self.first_rank + self.rank + (1 if op == "act" else -1)
+        self.isend(note.to(self.device), dst, tag=NOTE_TAGS[op])
+
+    def note(self, op: str, micro_batch: int) -> torch.Tensor:
+        """The note that came with the activations (``op`` "act") or gradients of ``micro_batch``."""
+        if (op, micro_batch) not in self._notes:
+            self._post_note(op, micro_batch)
+        work, buf = self._notes.pop((op, micro_batch))
+        try:
+            work.wait(self.timeout)
+        except RuntimeError as exc:
+            peer = self.rank - 1 if op == "act" else self.rank + 1
+            raise PeerLostError(
+                f"stage {self.rank}: receiving the norm note of micro-batch {micro_batch} from stage "
+                f"{peer} failed ({str(exc).splitlines()[0]}); stage {peer} has probably stopped"
+            ) from exc
+        return buf.cpu()
+
+    def _post_note(self, op: str, micro_batch: int) -> None:
+        src = self.first_rank + self.rank + (-1 if op == "act" else 1)
+        buf = torch.empty(self.note_size, dtype=torch.float64, device=self.device)
+        self._notes[(op, micro_batch)] = (dist.irecv(buf, src, tag=NOTE_TAGS[op]), buf)
+
     def send_grads(self, micro_batch: int, grads: Sequence[Any]) -> None:
         """Send the gradients of the masked input leaves back as one message (:func:`grad_layout`;
         a missing gradient's bytes are left as they are and its presence byte is 0).
@@ -306,6 +338,8 @@ class DistChannel:
             or (op == "grad" and self.rank == self.world - 1)
         ):
             return
+        if self.note_size and micro_batch >= 0:  # evaluation micro-batches carry none
+            self._post_note(op, micro_batch)
         batch = self.sizes[micro_batch]
         if op == "grad":  # one message: presence bytes, then the gradients (grad_layout)
             places, total = grad_layout(self.out_meta, self.grad_mask_out, self.plan.batch_size, batch)

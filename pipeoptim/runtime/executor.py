@@ -18,6 +18,7 @@ from torch.utils import _pytree as pytree
 
 from pipeoptim.errors import PipelineStalledError
 from pipeoptim.microbatch import Rows
+from pipeoptim.runtime.async_norms import step_async
 from pipeoptim.runtime.procmem import resident_bytes
 from pipeoptim.runtime.scaler import norm_share, step_together
 from pipeoptim.runtime.schedule import BACKWARD, FORWARD, STEP, Action, Schedule
@@ -81,6 +82,8 @@ class Channel(Protocol):
     def send_grads(self, micro_batch: int, grads: Sequence[Any]) -> None: ...
     def loss(self, micro_batch: int, value: torch.Tensor) -> None: ...
     def total_squared_grad_norm(self, own: float) -> float: ...
+    def send_note(self, op: str, micro_batch: int, note: torch.Tensor) -> None: ...
+    def note(self, op: str, micro_batch: int) -> torch.Tensor: ...
     def post_shared(self, round_: int, parts: list[torch.Tensor]) -> None: ...
     def collect_shared(self, round_: int) -> list[list[torch.Tensor]]: ...
 
@@ -95,27 +98,40 @@ class StageState:
 
 
 def run_action(stage: StageRuntime, action: Action, channel: Channel, state: StageState) -> None:
-    """Carry out ``action`` on ``stage``, reading and writing values through ``channel``."""
+    """Carry out ``action`` on ``stage``, reading and writing values through ``channel``
+    (with the notes of :mod:`pipeoptim.runtime.async_norms` where the stage has them)."""
     mb = action.micro_batch
+    norms = stage.async_norms
     if action.op == FORWARD:
         given = state.given.pop(mb)
         inputs = given.inputs if stage.index == 0 else channel.inputs(mb)
         targets = given.targets if stage.is_last else None
+        if norms is not None:
+            norms.before_forward(stage, mb, channel.note("act", mb) if stage.index > 0 else None)
         out = stage.forward(mb, inputs, targets, action.version_diff, given.scale, given.mini_batch)
         if stage.is_last:
             channel.loss(mb, out)
         else:
             channel.send_activations(mb, out)
+            if norms is not None:
+                channel.send_note("act", mb, norms.forward_note())
     elif action.op == BACKWARD:
         grads = None if stage.is_last else channel.grads(mb)
         result = stage.backward(mb, grads)
+        if norms is not None:
+            note = norms.after_backward(stage, mb, None if stage.is_last else channel.note("grad", mb))
         if stage.index > 0:
             channel.send_grads(mb, result)
+            if norms is not None:
+                channel.send_note("grad", mb, note)
         state.last_backward = mb
     else:
         if stage.shared is not None:
             stage.shared.set_grads(channel)
-        if stage.steps_together:
+        if norms is not None:
+            assert state.last_backward is not None
+            step_async(stage, state.last_backward)
+        elif stage.steps_together:
             step_together(stage, channel.total_squared_grad_norm, state.last_backward)
         else:
             stage.step(state.last_backward)
@@ -149,6 +165,12 @@ class _Mailbox:
 
     def total_squared_grad_norm(self, own: float) -> float:
         return self.ex.round_squared_norm(self.stage)
+
+    def send_note(self, op: str, micro_batch: int, note: torch.Tensor) -> None:
+        self.ex.notes[(op, self.stage + (1 if op == "act" else -1), micro_batch)] = note
+
+    def note(self, op: str, micro_batch: int) -> torch.Tensor:
+        return self.ex.notes.pop((op, self.stage, micro_batch))
 
     def post_shared(self, round_: int, parts: list[torch.Tensor]) -> None:
         self.ex.shared_posts.setdefault(round_, {})[self.stage] = parts
@@ -184,6 +206,8 @@ class LocalExecutor:
         self.channels = [_Mailbox(self, k) for k in range(len(self.stages))]
         self.activations: dict[tuple[int, int], Any] = {}
         self.gradients: dict[tuple[int, int], Any] = {}
+        #: notes of :mod:`pipeoptim.runtime.async_norms` by ("act"/"grad", receiver, micro-batch)
+        self.notes: dict[tuple[str, int, int], torch.Tensor] = {}
         self._clip_total: float | None = None  # Σ‖g_k‖² of the steps being taken together
         self._clip_done: set[int] = set()
         #: shared-parameter gradient parts by round and holder, and who has collected them

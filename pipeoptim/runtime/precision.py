@@ -24,21 +24,13 @@ import torch
 SUPPORTED = (torch.bfloat16, torch.float16)
 
 
-def check_autocast(dtype: torch.dtype | None, asynchronous: bool, num_stages: int) -> torch.dtype | None:
+def check_autocast(dtype: torch.dtype | None) -> torch.dtype | None:
     """``dtype`` if supported.
 
     Raises:
-        ValueError: another dtype, or float16 with an asynchronous method and more than one
-            stage (its loss scaler's inf check spans all stages; see
-            :mod:`pipeoptim.runtime.scaler`).
+        ValueError: another dtype.
     """
     if dtype is None or dtype in SUPPORTED:
-        if dtype is torch.float16 and asynchronous and num_stages > 1:
-            raise ValueError(
-                "autocast=torch.float16 needs a method that flushes every mini-batch (its loss "
-                "scaler skips a step on all stages when any stage finds an inf): use method='gpipe' "
-                "or '1f1b' (--method), or autocast=torch.bfloat16, which needs no scaler"
-            )
         return dtype
     raise ValueError(f"autocast must be torch.bfloat16, torch.float16 or None, not {dtype!r}")
 

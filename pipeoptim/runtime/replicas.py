@@ -31,6 +31,7 @@ from pipeoptim.microbatch import Rows
 from pipeoptim.runtime.allreduce import GroupAllReduce, sum_in_memory
 from pipeoptim.runtime.build import PipelineSpec, build_stage
 from pipeoptim.runtime.executor import LocalExecutor, MiniBatch
+from pipeoptim.runtime.scaler import norm_share
 from pipeoptim.runtime.schedule import STEP, Action, Schedule
 from pipeoptim.runtime.stage import StageRuntime
 from pipeoptim.runtime.stage_state import merge_optimizer_states
@@ -71,28 +72,34 @@ def check_layout(gpus: int, data_parallel: int) -> int:
 
 
 def check_replicated_options(
-    data_parallel: int, max_grad_norm: float | None, batch_norm: str, autocast: torch.dtype | None = None
+    data_parallel: int,
+    max_grad_norm: float | None,
+    batch_norm: str,
+    autocast: torch.dtype | None = None,
+    asynchronous: bool = False,
 ) -> None:
     """Refuse what replicas do not support yet.
 
     Raises:
-        ValueError: ``max_grad_norm``, ``batch_norm="deferred"`` or float16 loss scaling with
-            more than one replica.
+        ValueError: ``batch_norm="deferred"``, or ``max_grad_norm`` or float16 loss scaling
+            with an asynchronous method, with more than one replica.
     """
-    if data_parallel > 1 and max_grad_norm is not None:
+    if data_parallel > 1 and asynchronous and max_grad_norm is not None:
         raise ValueError(
-            "max_grad_norm with data_parallel > 1 is not supported yet (the global norm would need "
-            "the replicas' summed gradients): leave max_grad_norm unset or use data_parallel=1"
+            "max_grad_norm with data_parallel > 1 needs a method that flushes every mini-batch "
+            "(the asynchronous norms are not summed over replicas yet): use method='gpipe' or "
+            "'1f1b', or data_parallel=1"
         )
     if data_parallel > 1 and batch_norm == "deferred":
         raise ValueError(
             "batch_norm='deferred' with data_parallel > 1 is not supported yet (the running "
             "statistics would need every replica's rows): use batch_norm='micro-batch'"
         )
-    if data_parallel > 1 and autocast is torch.float16:
+    if data_parallel > 1 and asynchronous and autocast is torch.float16:
         raise ValueError(
-            "autocast=torch.float16 with data_parallel > 1 is not supported yet (the loss scaler's "
-            "inf check would need the replicas' summed gradients): use torch.bfloat16 or data_parallel=1"
+            "autocast=torch.float16 with data_parallel > 1 needs a method that flushes every "
+            "mini-batch (the asynchronous loss scale is not shared by replicas yet): use "
+            "method='gpipe' or '1f1b', torch.bfloat16, or data_parallel=1"
         )
 
 
@@ -148,7 +155,16 @@ class _Replica(LocalExecutor):
     def _ready(self, k: int, action: Action) -> bool:
         if action.op == STEP and not self.group.may_step(self.replica, k):
             return False
+        together = action.op == STEP and self.stages[k].steps_together and self._clip_total is None
+        if together and not self.group.round_open():
+            return False  # the round's norm needs every stage of every replica's gradients
         return super()._ready(k, action)
+
+    def round_squared_norm(self, stage: int) -> float:
+        """The round's Σ‖g_k‖² of the replica-summed gradients, the same for every replica."""
+        if self._clip_total is None:
+            self._clip_total = self.group.round_total()
+        return super().round_squared_norm(stage)
 
 
 class ReplicatedLocalExecutor:
@@ -177,6 +193,9 @@ class ReplicatedLocalExecutor:
             for r, stages in enumerate(replicas)
         ]
         self._stepped: list[set[int]] = [set() for _ in range(self.num_stages)]
+        #: stages whose gradients :meth:`round_total` has summed ahead of their steps
+        self._presummed = [False] * self.num_stages
+        self._round: tuple[float, int] | None = None  # the round's total, replicas that took it
         for r, executor in enumerate(self.replicas):
             for stage in executor.stages:
                 stage.reduce_gradients = self._reducer(r, stage.index)
@@ -195,13 +214,38 @@ class ReplicatedLocalExecutor:
 
     def _reducer(self, replica: int, stage: int) -> Callable[[Sequence[torch.Tensor]], None]:
         def reduce(_params: Sequence[torch.Tensor]) -> None:
-            if not self._stepped[stage]:
-                sum_in_memory([executor.stages[stage].trainable() for executor in self.replicas])
+            if not self._stepped[stage] and not self._presummed[stage]:
+                self._sum(stage)
             self._stepped[stage].add(replica)
             if len(self._stepped[stage]) == len(self.replicas):
                 self._stepped[stage] = set()
+                self._presummed[stage] = False
 
         return reduce
+
+    def _sum(self, stage: int) -> None:
+        sum_in_memory([executor.stages[stage].trainable() for executor in self.replicas])
+
+    def round_open(self) -> bool:
+        """Whether a round of steps taken together may begin or has begun (:meth:`round_total`):
+        every stage of every replica is about to step (its gradients are complete)."""
+        if self._round is not None:
+            return True
+        return all(q and q[0].op == STEP for executor in self.replicas for q in executor.queues)
+
+    def round_total(self) -> float:
+        """Σ‖g_k‖² over the stages of the replica-summed gradients of the steps being taken
+        together (clipping, loss scaling): the first replica to ask sums every stage's gradients
+        over the replicas not summed yet, and every replica gets the same number."""
+        if self._round is None:
+            for k in range(self.num_stages):
+                if not self._stepped[k] and not self._presummed[k]:
+                    self._sum(k)
+                    self._presummed[k] = True
+            self._round = (sum(norm_share(stage) for stage in self.replicas[0].stages), 0)
+        total, taken = self._round
+        self._round = (total, taken + 1) if taken + 1 < len(self.replicas) else None
+        return total
 
     def _run(self) -> None:
         progress = True

@@ -17,16 +17,15 @@ that the backward runs on ``S·g``, and the optimizer steps on ``g`` again. The 
 Every stage keeps its own copy of S and updates it from the same all-reduced sum, so the
 copies stay equal. Hence gpipe and 1f1b with float16 train exactly as the plain model with
 ``torch.autocast("cpu", torch.float16)`` and ``torch.amp.GradScaler``. The asynchronous
-methods refuse float16 with more than one stage, for the reason they refuse clipping: the
-stages step a mini-batch at different times, so a skip decided from all stages' gradients of
-that mini-batch would stall the pipeline until stage 0 has them (use bfloat16, which needs
-no scaler).
+methods, whose stages step a mini-batch at different times, carry S and the inf check with
+their messages instead (:mod:`pipeoptim.runtime.async_norms`): a stage skips a mini-batch
+when it or a later stage found an inf or NaN in it, and stage 0 alone updates S.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -73,11 +72,12 @@ class SteppingStage(Protocol):
 
     scaler: LossScaler | None
     max_grad_norm: float | None
+    reduce_gradients: Callable[[Sequence[torch.Tensor]], None] | None
 
     def squared_grad_norm(self) -> float: ...
     def trainable(self) -> list[torch.Tensor]: ...
     def clip_gradients(self, total_squared: float) -> None: ...
-    def step(self, micro_batch: int | None = None, skip: bool = False) -> None: ...
+    def step(self, micro_batch: int | None = None, skip: bool = False, reduced: bool = False) -> None: ...
 
 
 def norm_share(stage: SteppingStage) -> float:
@@ -89,8 +89,11 @@ def norm_share(stage: SteppingStage) -> float:
 
 def step_together(stage: SteppingStage, total_of: Callable[[float], float], micro_batch: int | None) -> None:
     """The optimizer step of a stage that steps together with all others (global-norm
-    clipping, loss scaling): all-reduce the squared norm (``total_of``), unscale, skip the
-    step on an inf or NaN anywhere, else clip and step."""
+    clipping, loss scaling): sum the gradients over the replicas (data parallelism), all-reduce
+    the squared norm (``total_of``), unscale, skip the step on an inf or NaN anywhere, else clip
+    and step."""
+    if stage.reduce_gradients is not None:  # the norm is that of the replicas' summed gradient
+        stage.reduce_gradients(stage.trainable())
     total = total_of(norm_share(stage))
     take = True
     if stage.scaler is not None:
@@ -98,4 +101,4 @@ def step_together(stage: SteppingStage, total_of: Callable[[float], float], micr
         take = stage.scaler.update(total)
     if take and stage.max_grad_norm is not None:
         stage.clip_gradients(total)
-    stage.step(micro_batch, skip=not take)
+    stage.step(micro_batch, skip=not take, reduced=True)

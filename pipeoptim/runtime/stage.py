@@ -18,6 +18,7 @@ from torch.optim import Optimizer
 from torch.utils import _pytree as pytree
 
 from pipeoptim.errors import NonFiniteLossError, PipelineError
+from pipeoptim.runtime.async_norms import AsyncNorms
 from pipeoptim.runtime.clipping import clip_coefficient, scale_grads_, squared_grad_norm
 from pipeoptim.runtime.held_bytes import saved_bytes
 from pipeoptim.runtime.optim import apply_hyperparameters
@@ -118,6 +119,8 @@ class StageRuntime:
         self._hyper: dict[int, list[dict]] = {}
         #: copies of shared parameters this stage holds (set by the builder)
         self.shared: SharedParams | None = None
+        #: asynchronous clipping and loss scaling (:mod:`pipeoptim.runtime.async_norms`)
+        self.async_norms: AsyncNorms | None = None
         device = next((p.device for p in module.parameters()), torch.device("cpu"))
         self._rng_devices = [device] if device.type == "cuda" else []
 
@@ -327,8 +330,8 @@ class StageRuntime:
 
     @property
     def steps_together(self) -> bool:
-        """Whether all stages step together, after an all-reduce (clipping, loss scaling)."""
-        return self.max_grad_norm is not None or self.scaler is not None
+        """Whether all stages step together, after an all-reduce (synchronous clipping, scaling)."""
+        return (self.max_grad_norm is not None or self.scaler is not None) and self.async_norms is None
 
     def trainable(self) -> list[torch.Tensor]:
         """The parameters this stage's optimizer steps."""
@@ -348,16 +351,17 @@ class StageRuntime:
         assert self.max_grad_norm is not None
         scale_grads_(self.trainable(), clip_coefficient(total_squared, self.max_grad_norm))
 
-    def step(self, micro_batch: int | None = None, skip: bool = False) -> None:
+    def step(self, micro_batch: int | None = None, skip: bool = False, reduced: bool = False) -> None:
         """Optimizer step with the hyperparameters recorded for ``micro_batch`` (``skip``:
-        none, as a loss scaler does after an inf; the gradients are cleared all the same)."""
+        none, as a loss scaler does after an inf; the gradients are cleared all the same;
+        ``reduced``: the replicas' gradients are already summed)."""
         if micro_batch is not None:
             hyper = self._hyper.pop(micro_batch, None)
             for key in [k for k in self._hyper if k < micro_batch]:
                 del self._hyper[key]
             if hyper is not None and self.optimizer is not None:
                 apply_hyperparameters(self.optimizer, self.group_map, hyper)
-        if self.reduce_gradients is not None:
+        if self.reduce_gradients is not None and not reduced:
             self.reduce_gradients(self.trainable())
         if self.policy is not None:
             self.policy.before_step()

@@ -46,8 +46,13 @@ def optimizer_state(stage: StageRuntime) -> dict[str, Any]:
     a resumed run predicts exactly as an uninterrupted one.
     """
     result: dict[str, Any] = {"state": {}, "grads": {}, "steps": {stage.index: stage.steps}}
-    if stage.scaler is not None:  # every stage holds the same copy (float16 loss scaling)
+    if stage.scaler is not None:  # float16 loss scaling: stage 0's copy is the one kept
         result["loss_scale"] = asdict(stage.scaler)
+    norms = stage.async_norms
+    if norms is not None and stage.index == 0 and norms.known is not None:
+        # the parts stage 0 sends forward (asynchronous clipping), so a resumed run clips as one
+        # that flushed there
+        result["norm_parts"] = {"mini_batch": norms.known[0], "parts": norms.known[1].tolist()}
     if stage.optimizer is None:
         return result
     names = _param_names(stage)
@@ -72,8 +77,9 @@ def merge_optimizer_states(parts: Sequence[dict[str, Any]]) -> dict[str, Any]:
         merged["state"].update(part["state"])
         merged["grads"].update(part.get("grads", {}))
         merged["steps"].update({int(k): v for k, v in part["steps"].items()})
-        if "loss_scale" in part:
-            merged["loss_scale"] = part["loss_scale"]
+        for key in ("loss_scale", "norm_parts"):  # stage 0's (asynchronous methods: its S rules)
+            if key in part and key not in merged:
+                merged[key] = part[key]
     return merged
 
 
@@ -86,6 +92,10 @@ def load_optimizer_state(stage: StageRuntime, state: dict[str, Any]) -> None:
     stage.steps = int(own)
     if stage.scaler is not None and "loss_scale" in state:
         stage.scaler = LossScaler(**state["loss_scale"])
+    saved = state.get("norm_parts")  # stage 0's; parts of another layout do not apply
+    norms = stage.async_norms if stage.index == 0 else None
+    if norms is not None and saved is not None and len(saved["parts"]) == stage.num_stages:
+        norms.known = (int(saved["mini_batch"]), torch.tensor(saved["parts"], dtype=torch.float64))
     if stage.optimizer is None:
         return
     for name, p in stage.module.named_parameters(remove_duplicate=False):

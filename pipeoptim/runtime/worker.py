@@ -23,6 +23,7 @@ import torch.distributed as dist
 from torch.utils import _pytree as pytree
 
 from pipeoptim.errors import PipeoptimError
+from pipeoptim.runtime.async_norms import note_size
 from pipeoptim.runtime.build import PipelineSpec, aliases_of, build_stage, input_grad_mask
 from pipeoptim.runtime.comm import DistChannel
 from pipeoptim.runtime.executor import MicroBatch, MiniBatch, StageState, forward_chain, run_action
@@ -61,6 +62,8 @@ class StageProcess:
             device,
             first_rank=self.replica * self.world,
         )
+        if self.stage.async_norms is not None:
+            self.channel.note_size = note_size(self.world)
         holders = shared_holders(spec.plan)
         if len(holders) > 1:  # every rank creates every group, in the same order
             group = dist.new_group(holders, timeout=datetime.timedelta(seconds=timeout))
