@@ -23,6 +23,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +31,7 @@ import torch
 
 import pipeoptim
 from pipeoptim.checkpoint import read_checkpoint
+from pipeoptim.compile_layout import compile_best_layout
 from pipeoptim.compiler.plot import plot_plan
 from pipeoptim.errors import CheckpointError
 from pipeoptim.fileio import write_json
@@ -48,7 +50,11 @@ class TrainConfig:
     task: str
     out: str
     gpus: int = 4
-    data_parallel: int = 1
+    #: R replicas, or ``"auto"``: chosen by the planner (:mod:`pipeoptim.compile_layout`)
+    data_parallel: int | str = 1
+    #: N stages; ``None``: ``gpus / data_parallel`` (or chosen with ``data_parallel="auto"``);
+    #: ``"auto"``: chosen for the given ``data_parallel``
+    stages: int | str | None = None
     method: str = "pipeoptim"
     optimizer: str = "sgd"
     epochs: int = 10
@@ -139,7 +145,13 @@ def _trainer(config: TrainConfig, task: Task, log: Callable[[str], None]) -> tup
             task.model, optimizer, task.loss_fn, config.max_grad_norm, _autocast_dtype(config.precision)
         )
         return sequential, scheduler
-    pipe = pipeoptim.compile(
+    search = config.data_parallel == "auto" or config.stages is not None
+    compile_fn = partial(
+        compile_best_layout,
+        stages=None if config.stages == "auto" else config.stages,
+        replicas=None if config.data_parallel == "auto" else config.data_parallel,
+    )
+    pipe = (compile_fn if search else pipeoptim.compile)(
         task.model,
         optimizer,
         config.gpus,
@@ -395,4 +407,13 @@ def _metrics(config: TrainConfig, task: Task, trainer: Any, epochs: list[dict], 
         if plan is None
         else {k: v for k, v in plan.summary.items() if isinstance(v, (int, float, str, bool)) or v is None},
         "stages": None if plan is None else [s.to_dict() for s in plan.stages],
+        "layout": None
+        if plan is None
+        else {"stages": plan.num_stages, "data_parallel": plan.config.data_parallel, **_layouts(plan)},
     }
+
+
+def _layouts(plan: Any) -> dict[str, Any]:
+    """The layouts the planner considered (where it chose the layout), for ``metrics.json``."""
+    chosen = plan.summary.get("layouts")
+    return {} if chosen is None else {"options": chosen["options"]}

@@ -327,7 +327,20 @@ def test_train_command_clips_with_max_grad_norm_and_computes_in_bfloat16(tmp_pat
 
     def train(*extra: str) -> list[float]:
         out = tmp_path / ("_".join(extra) or "plain")
-        args = ["train", "digits", "--method", "1f1b", "--gpus", "2", "--executor", "local", "--epochs", "1"]
+        args = [
+            "train",
+            "digits",
+            "--method",
+            "1f1b",
+            "--gpus",
+            "2",
+            "--stages",
+            "2",
+            "--executor",
+            "local",
+            "--epochs",
+            "1",
+        ]
         args += ["--limit", "128", "--record-every", "1", "--quiet", "--profile-dir", str(tmp_path / "p")]
         result = CliRunner().invoke(cli, [*args, "--out", str(out), *extra])
         assert result.exit_code == 0, result.stderr
