@@ -196,3 +196,19 @@ def test_train_gpus_4_runs_the_chosen_layout(tmp_path: Path) -> None:
         f" x {best['data_parallel']} replicas)" if best["data_parallel"] > 1 else ")"
     )
     assert words in result.stdout
+
+
+def test_auto_layout_is_refused_under_torchrun() -> None:
+    """torchrun's world size fixes the ranks: data_parallel='auto' says to pass the R chosen."""
+    model = mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    with pytest.raises(ValueError, match=r"cannot run under torchrun.*pass data_parallel=R"):
+        pipeoptim.compile(
+            model,
+            opt,
+            4,
+            data_parallel="auto",
+            executor="torchrun",
+            example_inputs=torch.randn(8, 16),
+            loss_fn=F.cross_entropy,
+        )
