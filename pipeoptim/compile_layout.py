@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Callable, Sequence
+from functools import partial
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -26,10 +27,12 @@ from pipeoptim.compiler.layouts import LayoutChoice, choose_layout
 from pipeoptim.compiler.plan import Plan, make_plan
 from pipeoptim.errors import PlanError
 from pipeoptim.inputs import as_tuple
-from pipeoptim.methods import METHODS
+from pipeoptim.methods import METHODS, get_method
 from pipeoptim.runtime import spmd
+from pipeoptim.runtime.clipping import check_clipping
 from pipeoptim.runtime.linkcost import shared_cores
-from pipeoptim.runtime.precision import autocast_context
+from pipeoptim.runtime.precision import autocast_context, check_autocast
+from pipeoptim.runtime.replicas import check_replicated_options
 from pipeoptim.units import parse_bandwidth, parse_bytes
 from pipeoptim.update_cost import UpdateCostError, load_or_measure_update_cost
 
@@ -52,6 +55,7 @@ def choose_compile_layout(
     solver: str = "cbc",
     autocast: torch.dtype | None = None,
     log: Callable[[str], None] = lambda _msg: None,
+    runnable: Callable[[int, int], None] = lambda _stages, _replicas: None,
 ) -> LayoutChoice:
     """The fastest predicted layout of ``gpus`` devices for ``model`` on the mini-batch ``inputs``.
 
@@ -64,6 +68,8 @@ def choose_compile_layout(
         micro_batches: M of every layout (``None``: N for gpipe, 1f1b and 2bw, else 1).
         stages, replicas: force N, or R, or both.
         leaf_modules, profile_dir, device, solver, autocast, log: as ``compile``'s.
+        runnable: ``runnable(N, R)`` raises ``ValueError`` for a layout ``compile`` refuses
+            with the other options (then it is infeasible, for that reason).
 
     Raises:
         InfeasibleMemoryError, PlanError: no layout is feasible, or a forced one needs more
@@ -81,6 +87,10 @@ def choose_compile_layout(
         return graph
 
     def plan(graph: CostGraph, layout: CostConfig) -> Plan:
+        try:
+            runnable(layout.num_stages, layout.data_parallel)
+        except ValueError as exc:
+            raise PlanError(str(exc)) from exc
         made = make_plan(graph, layout, solver=solver)
         if layout.data_parallel > 1 and made.shared:
             raise PlanError("tied weights read by several stages cannot be replicated yet")
@@ -202,7 +212,22 @@ def plan_best_layout(
         solver=options.get("solver", "cbc"),
         autocast=options.get("autocast"),
         log=say,
+        runnable=partial(_runnable, options),
     )
     n, r = choice.chosen.stages, choice.chosen.replicas
     say(f"layout {n} x {r} (stages x replicas) chosen of {gpus} devices:\n{choice.table()}")
     return choice
+
+
+def _runnable(options: dict[str, Any], stages: int, replicas: int) -> None:
+    """Refuse, as ``compile`` would with these ``options``, N stages × R replicas.
+
+    Raises:
+        ValueError: clipping or float16 with an asynchronous method on several stages, or an
+            option replicas do not support yet.
+    """
+    asynchronous = get_method(options.get("method", "pipeoptim")).asynchronous
+    check_clipping(options.get("max_grad_norm"), asynchronous, stages)
+    check_autocast(options.get("autocast"), asynchronous, stages)
+    clip, batch_norm = options.get("max_grad_norm"), options.get("batch_norm", "micro-batch")
+    check_replicated_options(replicas, clip, batch_norm, options.get("autocast"))

@@ -212,3 +212,26 @@ def test_auto_layout_is_refused_under_torchrun() -> None:
             example_inputs=torch.randn(8, 16),
             loss_fn=F.cross_entropy,
         )
+
+
+def test_the_search_keeps_only_layouts_compile_runs(tmp_path: Path) -> None:
+    """Clipping with an asynchronous method runs on one stage of one replica only: the other
+    layouts are listed as infeasible with compile's reason, and 1 × 1 is chosen."""
+    from pipeoptim.compile_layout import plan_best_layout
+
+    model = mlp()
+    choice = plan_best_layout(
+        model,
+        torch.optim.SGD(model.parameters(), lr=0.01),
+        2,
+        example_inputs=torch.randn(8, 16),
+        loss_fn=F.cross_entropy,
+        executor="local",
+        profile_dir=tmp_path,
+        max_grad_norm=1.0,
+    )
+    assert (choice.chosen.stages, choice.chosen.replicas) == (1, 1)
+    reasons = {(o.stages, o.replicas): o.reason for o in choice.options if o.plan is None}
+    assert set(reasons) == {(2, 1), (1, 2)}
+    assert reasons[(2, 1)].startswith("max_grad_norm needs a method that flushes")
+    assert "max_grad_norm" in reasons[(1, 2)]

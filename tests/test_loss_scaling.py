@@ -126,7 +126,7 @@ def test_train_command_trains_in_float16_with_loss_scaling(tmp_path) -> None:
         assert len(float16) == 4 and all(map(math.isfinite, float16))
         assert abs(float16[0] - float32[0]) > 1e-5  # the forward is in float16
     result = CliRunner().invoke(
-        cli, ["train", "digits", "--precision", "float16", "--out", str(tmp_path / "x")]
+        cli, ["train", "digits", "--stages", "4", "--precision", "float16", "--out", str(tmp_path / "x")]
     )
     assert result.exit_code == 1 and "autocast=torch.float16 needs a method that flushes" in result.stderr
 

@@ -353,7 +353,7 @@ def test_train_command_clips_with_max_grad_norm_and_computes_in_bfloat16(tmp_pat
     assert all(abs(a - b) > 1e-4 for a, b in zip(plain[1:], clipped[1:]))
     bfloat16 = train("--precision", "bfloat16")
     assert len(bfloat16) == 4 and abs(bfloat16[0] - plain[0]) > 1e-5  # the forward is in bfloat16
-    bad = ["train", "digits", "--max-grad-norm", "1", "--out", str(tmp_path / "x")]
+    bad = ["train", "digits", "--stages", "4", "--max-grad-norm", "1", "--out", str(tmp_path / "x")]
     result = CliRunner().invoke(cli, bad)
     assert result.exit_code == 1 and "max_grad_norm needs a method that flushes" in result.stderr
 
