@@ -108,7 +108,39 @@ def choose_compile_layout(
     )
 
 
+def stage_device(kind: str, input_device: torch.device) -> torch.device:
+    """Where the stages will run (and are profiled) under executor ``kind``: the inputs' device
+    (``"local"``), else the first GPU or the CPU."""
+    if kind == "local":
+        return input_device
+    return torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
+
+
+def layout_compiler(
+    compile_fn: Callable[..., Pipeline], stages: int | str | None, replicas: int | str
+) -> Callable[..., Pipeline]:
+    """``compile_fn`` (``pipeoptim.compile``) for ``stages`` N and ``replicas`` R as
+    ``pipeoptim train`` takes them: ``compile_fn`` itself for an R and no N (N = gpus / R),
+    else :func:`compile_best_layout` searching what is ``"auto"`` (R; N also where ``None``)."""
+    if stages is None and replicas != "auto":
+        return compile_fn
+    return partial(
+        compile_best_layout,
+        compile_fn,
+        stages=None if stages == "auto" else stages,
+        replicas=None if replicas == "auto" else replicas,
+    )
+
+
+def layout_record(plan: Plan) -> dict[str, Any]:
+    """The layout a plan is for, and every layout considered where the planner chose it
+    (``stages``, ``data_parallel``, ``options``), for ``metrics.json``."""
+    layout = {"stages": plan.num_stages, "data_parallel": plan.config.data_parallel}
+    return {**layout, **plan.summary.get("layouts", {})}
+
+
 def compile_best_layout(
+    compile_fn: Callable[..., Pipeline],
     model: nn.Module,
     optimizer: torch.optim.Optimizer,
     gpus: int = 4,
@@ -117,7 +149,8 @@ def compile_best_layout(
     replicas: int | None = None,
     **options: Any,
 ) -> Pipeline:
-    """``pipeoptim.compile(model, optimizer, gpus, **options)`` in the fastest predicted layout
+    """``compile_fn(model, optimizer, gpus, **options)`` (``pipeoptim.compile``) in the fastest
+    predicted layout
     of N stages × R replicas with ``N·R ≤ gpus`` (``stages`` / ``replicas`` force N, R or both;
     :func:`plan_best_layout`); ``pipe.plan.summary["layouts"]`` lists every layout considered.
     ``options`` are ``compile``'s keyword arguments (``data_parallel`` is ignored: it is chosen).
@@ -126,12 +159,10 @@ def compile_best_layout(
         ValueError: a bad argument, or the torchrun executor (its world size fixes the ranks).
         InfeasibleMemoryError, PlanError: no layout is feasible; and what ``compile`` raises.
     """
-    from pipeoptim.compile_pipeline import compile
-
     options.pop("data_parallel", None)
     choice = plan_best_layout(model, optimizer, gpus, stages=stages, replicas=replicas, **options)
     n, r = choice.chosen.stages, choice.chosen.replicas
-    pipe = compile(model, optimizer, n * r, **options, data_parallel=r)
+    pipe = compile_fn(model, optimizer, n * r, **options, data_parallel=r)
     pipe.plan.summary["layouts"] = choice.to_dict()
     return pipe
 
@@ -155,8 +186,6 @@ def plan_best_layout(
         InfeasibleMemoryError, PlanError: no layout is feasible, or a forced one needs more
             than ``gpus`` devices.
     """
-    from pipeoptim.compile_pipeline import _profile_device
-
     kind = options.get("executor", "auto")
     if kind == "torchrun" or (kind == "auto" and spmd.under_torchrun()):
         raise ValueError(
@@ -174,7 +203,7 @@ def plan_best_layout(
         raise ValueError(
             "example_inputs must be a tensor or a tuple of tensors with a batch dimension (dim 0)"
         )
-    device = _profile_device("local" if kind == "local" else "processes", inputs[0].device)
+    device = stage_device(kind, inputs[0].device)
     say = options.get("log") or (lambda _msg: None)
     profile_dir = options.get("profile_dir", "profiles")
     try:

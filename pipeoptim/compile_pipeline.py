@@ -21,6 +21,7 @@ from torch import nn
 from pipeoptim import microbatch
 from pipeoptim.batchnorm import BATCH_NORMS, defer_batch_norm
 from pipeoptim.compile_layout import compile_best_layout
+from pipeoptim.compile_layout import stage_device as _profile_device
 from pipeoptim.compiler import plan_model
 from pipeoptim.compiler.costmodel import CostConfig, optimizer_state_factor
 from pipeoptim.compiler.hooks import compiled_modules_warning, dropped_hooks_warning
@@ -175,7 +176,7 @@ def compile(
     """
     if data_parallel == "auto":
         options = {k: v for k, v in locals().items() if k not in ("model", "optimizer", "gpus")}
-        return compile_best_layout(model, optimizer, gpus, **options)
+        return compile_best_layout(compile, model, optimizer, gpus, **options)
     if not isinstance(gpus, int) or isinstance(gpus, bool) or gpus < 1:
         raise ValueError(f"gpus must be a positive integer (the number of stages), got {gpus!r}")
     devices, gpus = gpus, check_layout(gpus, data_parallel)  # from here on gpus is N, the stages
@@ -358,13 +359,6 @@ def _policy_options(policy: str | None, backward: str, predictor: str, micro_bat
     if policy == "2bw":
         return {"micro_batches": micro_batches}
     return {}
-
-
-def _profile_device(kind: str, input_device: torch.device) -> torch.device:
-    """Where the stages will run: the inputs' device (local), else the first GPU or the CPU."""
-    if kind == "local":
-        return input_device
-    return torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
 
 
 def _given_plan(

@@ -23,7 +23,6 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
-from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +30,6 @@ import torch
 
 import pipeoptim
 from pipeoptim.checkpoint import read_checkpoint
-from pipeoptim.compile_layout import compile_best_layout
 from pipeoptim.compiler.plot import plot_plan
 from pipeoptim.errors import CheckpointError
 from pipeoptim.fileio import write_json
@@ -50,11 +48,8 @@ class TrainConfig:
     task: str
     out: str
     gpus: int = 4
-    #: R replicas, or ``"auto"``: chosen by the planner (:mod:`pipeoptim.compile_layout`)
-    data_parallel: int | str = 1
-    #: N stages; ``None``: ``gpus / data_parallel`` (or chosen with ``data_parallel="auto"``);
-    #: ``"auto"``: chosen for the given ``data_parallel``
-    stages: int | str | None = None
+    data_parallel: int | str = 1  # R, or "auto": chosen (pipeoptim.compile_layout)
+    stages: int | str | None = None  # N; None: gpus / R (or chosen with R "auto"); "auto": chosen
     method: str = "pipeoptim"
     optimizer: str = "sgd"
     epochs: int = 10
@@ -145,13 +140,7 @@ def _trainer(config: TrainConfig, task: Task, log: Callable[[str], None]) -> tup
             task.model, optimizer, task.loss_fn, config.max_grad_norm, _autocast_dtype(config.precision)
         )
         return sequential, scheduler
-    search = config.data_parallel == "auto" or config.stages is not None
-    compile_fn = partial(
-        compile_best_layout,
-        stages=None if config.stages == "auto" else config.stages,
-        replicas=None if config.data_parallel == "auto" else config.data_parallel,
-    )
-    pipe = (compile_fn if search else pipeoptim.compile)(
+    pipe = pipeoptim.compile_layout.layout_compiler(pipeoptim.compile, config.stages, config.data_parallel)(
         task.model,
         optimizer,
         config.gpus,
@@ -407,13 +396,5 @@ def _metrics(config: TrainConfig, task: Task, trainer: Any, epochs: list[dict], 
         if plan is None
         else {k: v for k, v in plan.summary.items() if isinstance(v, (int, float, str, bool)) or v is None},
         "stages": None if plan is None else [s.to_dict() for s in plan.stages],
-        "layout": None
-        if plan is None
-        else {"stages": plan.num_stages, "data_parallel": plan.config.data_parallel, **_layouts(plan)},
+        "layout": None if plan is None else pipeoptim.compile_layout.layout_record(plan),
     }
-
-
-def _layouts(plan: Any) -> dict[str, Any]:
-    """The layouts the planner considered (where it chose the layout), for ``metrics.json``."""
-    chosen = plan.summary.get("layouts")
-    return {} if chosen is None else {"options": chosen["options"]}
