@@ -2,9 +2,12 @@
 
 For one model (a deep MLP) and one method, measured side by side in one run: steady-state
 mini-batches per second of each layout with one worker process per rank, against the
-throughput the layout planner (:mod:`pipeoptim.compiler.layouts`) predicts, and the layout it
-chooses among every layout of 4 devices. The loopback bandwidth is measured first and given
-to the planner and to ``compile``.
+throughput the layout planner predicts, and the layout it chooses among every layout of 4
+devices. The gloo link's latency α and inverse bandwidth β are measured first
+(:func:`pipeoptim.runtime.linkcost.measure_link`) and given to the planner and to
+``compile``; the planner (:func:`pipeoptim.compile_layout.plan_best_layout`) plans each
+layout as ``compile`` does (its own micro-batch's profile, the cores the ranks share), so
+its prediction for a layout is the compiled plan's.
 
     python benchmarks/layouts.py [--quick] [--method pipeoptim] [--out DIR]
 
@@ -15,7 +18,6 @@ run writes ``benchmarks/results/layouts.md``.
 from __future__ import annotations
 
 import argparse
-import datetime
 import os
 import sys
 import tempfile
@@ -24,20 +26,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 from tabulate import tabulate
 from torch import nn
 
 import pipeoptim
-from pipeoptim.compiler import profile_model
-from pipeoptim.compiler.costmodel import CostConfig, optimizer_state_factor
-from pipeoptim.compiler.layouts import LayoutChoice, choose_layout
+from pipeoptim.compile_layout import plan_best_layout
 from pipeoptim.fileio import atomic_write
-from pipeoptim.methods import get_method
-from pipeoptim.runtime.distributed import free_port
-from pipeoptim.update_cost import load_or_measure_update_cost
+from pipeoptim.runtime.linkcost import measure_link
 
 CLASSES = 10
 LAYOUTS = [(4, 1), (2, 2), (1, 4)]
@@ -56,86 +52,51 @@ def batch(width: int, size: int) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.randn(size, width, generator=g), torch.randint(0, CLASSES, (size,), generator=g)
 
 
-def _ping(rank: int, port: int, size: int, repeats: int, out: Any) -> None:
-    torch.set_num_threads(1)
-    dist.init_process_group(
-        "gloo",
-        init_method=f"tcp://127.0.0.1:{port}",
-        rank=rank,
-        world_size=2,
-        timeout=datetime.timedelta(seconds=60),
-    )
-    x = torch.zeros(size // 4)
-    dist.barrier()
-    start = time.perf_counter()
-    for _ in range(repeats):
-        if rank == 0:
-            dist.send(x, 1)
-        else:
-            dist.recv(x, 0)
-    dist.barrier()
-    if rank == 1:
-        out.put(size * repeats / (time.perf_counter() - start))
-    dist.destroy_process_group()
+def measure_gloo(quick: bool) -> tuple[float, float]:
+    """α (s) and β (s/byte) of the gloo link; measured again (three tries) when a loaded machine
+    makes the fit's β non-positive.
+
+    Raises:
+        RuntimeError: β was non-positive three times.
+    """
+    for _ in range(3):
+        alpha, beta = measure_link(sizes=(4 << 10, 1 << 20), repeats=3) if quick else measure_link()
+        if beta > 0:
+            return alpha, beta
+    raise RuntimeError("the gloo link's fitted β stayed non-positive (machine too loaded): run again")
 
 
-def measure_bandwidth() -> float:
-    """Bytes per second of a gloo send between two processes on this machine."""
-    ctx = mp.get_context("spawn")
-    out = ctx.Queue()
-    port = free_port()
-    procs = [ctx.Process(target=_ping, args=(r, port, 16 << 20, 10, out)) for r in range(2)]
-    for p in procs:
-        p.start()
-    value = out.get(timeout=120)
-    for p in procs:
-        p.join(30)
-    return value
-
-
-def plan_layouts(
-    model: nn.Module, x: torch.Tensor, method: str, bandwidth: float, profile_dir: Path
-) -> LayoutChoice:
-    """The planner's view: every layout of 4 devices, from one profile of the mini-batch."""
-    opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
-    step, predict = load_or_measure_update_cost(torch.optim.SGD, opt.defaults, "cpu", profile_dir=profile_dir)
-    micro = 4 if get_method(method).micro_batched else 1  # as compile splits it for 4 stages
-    graph, _ = profile_model(model, (x[: x.shape[0] // micro],), profile_dir=profile_dir)
-    config = CostConfig(
-        4,
+def compile_options(
+    method: str, x: torch.Tensor, link: tuple[float, float], profile_dir: Path
+) -> dict[str, Any]:
+    """``compile``'s keyword arguments for every layout (and for the planner)."""
+    latency, beta = link
+    return dict(
+        example_inputs=x,
+        loss_fn=F.cross_entropy,
         method=method,
-        micro_batches=micro,
-        bandwidth=bandwidth,
-        opt_state_factor=optimizer_state_factor(opt),
-        step_s_per_byte=step,
-        predict_s_per_byte=predict,
+        executor="processes",
+        profile_dir=profile_dir,
+        bandwidth=1 / beta,
+        latency=latency,
     )
-    return choose_layout(graph, config, 4)
+
+
+def optimizer(model: nn.Module) -> torch.optim.Optimizer:
+    return torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
 
 
 def run_layout(
     stages: int,
     replicas: int,
-    method: str,
     model: nn.Module,
     data: tuple[torch.Tensor, torch.Tensor],
     warmup: int,
     steps: int,
-    bandwidth: float,
-    profile_dir: Path,
+    options: dict[str, Any],
 ) -> dict[str, float]:
-    opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
     with pipeoptim.compile(
-        model,
-        opt,
-        stages * replicas,
-        data_parallel=replicas,
-        example_inputs=data[0],
-        loss_fn=F.cross_entropy,
-        method=method,
-        executor="processes",
-        profile_dir=profile_dir,
-        bandwidth=bandwidth,
+        model, optimizer(model), stages * replicas, data_parallel=replicas, **options
     ) as pipe:
         for _ in range(warmup):
             pipe.step(*data)
@@ -166,13 +127,15 @@ def main() -> None:
     profile_dir = args.out / ".profiles"
     model = make_model(width, depth)
     data = batch(width, rows)
-    bandwidth = measure_bandwidth()
-    choice = plan_layouts(model, data[0], args.method, bandwidth, profile_dir)
+    load = os.getloadavg()
+    link = measure_gloo(args.quick)
+    options = compile_options(args.method, data[0], link, profile_dir)
+    choice = plan_best_layout(model, optimizer(model), 4, **options)
     planned = {(o.stages, o.replicas): o for o in choice.options}
     measured = {}
     for n, r in LAYOUTS:
         print(f"running {n} stages x {r} replicas", file=sys.stderr)
-        measured[(n, r)] = run_layout(n, r, args.method, model, data, warmup, steps, bandwidth, profile_dir)
+        measured[(n, r)] = run_layout(n, r, model, data, warmup, steps, options)
     best = max(LAYOUTS, key=lambda layout: measured[layout]["measured"])
     chosen = (choice.chosen.stages, choice.chosen.replicas)
     rows_out = []
@@ -202,9 +165,8 @@ def main() -> None:
     else:
         verdict = (
             f"The planner chooses {chosen[0]} x {chosen[1]}, the measured best is {best[0]} x {best[1]}: "
-            "the cost model gives every rank a device of its own, here 4 ranks "
-            f"share {cores} cores, so every layout runs at most {cores} ranks' work at a time and the "
-            "layouts' measured rates are closer than predicted (the measured / predicted column)."
+            "the measured / predicted column says which layouts the cost model over- or underrates "
+            f"(profiles and runs share {cores} cores with whatever else the machine ran)."
         )
     text = "\n".join(
         [
@@ -213,10 +175,14 @@ def main() -> None:
             "",
             f"MLP of {depth} linear layers of width {width}, mini-batches of {rows} rows, method "
             f"`{args.method}`, SGD with momentum, {steps} timed mini-batches after {warmup} of warm-up, "
-            f"loopback bandwidth {bandwidth / 1e9:.2f} GB/s (measured, given to the planner and to "
-            "`compile`). *planner predicts*: `pipeoptim.compiler.layouts.choose_layout` from one profile "
-            "of the mini-batch (rows per micro-batch scaled linearly); *compile's plan*: the plan "
-            "`compile` made for that layout from a profile of its own micro-batch.",
+            f"gloo link α = {link[0] * 1e6:.0f} µs, 1/β = {1 / link[1] / 1e9:.2f} GB/s (measured, given "
+            "to the planner and to `compile`), load average "
+            f"{load[0]:.1f} before and {os.getloadavg()[0]:.1f} after. *planner predicts*: "
+            '`pipeoptim.compile_layout.plan_best_layout` (what `compile(..., data_parallel="auto")` '
+            "and `pipeoptim train --gpus 4` choose from), each layout planned from a profile of its own "
+            "micro-batch with the link, update costs and shared cores `compile` uses; *compile's plan*: "
+            "the plan `compile` made when asked for that layout (the same figure, from the same cached "
+            "profiles).",
             "",
             tabulate(rows_out, headers=headers, tablefmt="github"),
             "",

@@ -20,6 +20,8 @@ from torch import nn
 
 from pipeoptim import microbatch
 from pipeoptim.batchnorm import BATCH_NORMS, defer_batch_norm
+from pipeoptim.compile_layout import compile_best_layout
+from pipeoptim.compile_layout import stage_device as _profile_device
 from pipeoptim.compiler import plan_model
 from pipeoptim.compiler.costmodel import CostConfig, optimizer_state_factor
 from pipeoptim.compiler.hooks import compiled_modules_warning, dropped_hooks_warning
@@ -75,10 +77,11 @@ def compile(
     autocast: torch.dtype | None = None,
     compile_stages: bool | str = False,
     prediction_error_every: int = 16,
-    data_parallel: int = 1,
+    data_parallel: int | str = 1,
 ) -> Pipeline:
     """Compile ``model`` and ``optimizer`` into a pipeline of ``gpus`` stages (or of
-    ``gpus / data_parallel`` stages, replicated ``data_parallel`` times).
+    ``gpus / data_parallel`` stages, replicated ``data_parallel`` times; or, with
+    ``data_parallel="auto"``, in the layout the planner predicts fastest).
 
     Args:
         model: any ``nn.Module``; it is copied, never changed.
@@ -158,7 +161,13 @@ def compile(
             replica, and each stage's replicas sum their gradients before every step, so GPipe
             and 1F1B equal plain training on the whole mini-batch and the replicas stay
             bit-identical under every method (:mod:`pipeoptim.runtime.replicas`). Rank
-            ``replica·N + stage`` runs ``stage`` of ``replica``.
+            ``replica·N + stage`` runs ``stage`` of ``replica``. The default, 1, keeps
+            ``gpus`` meaning N stages. ``"auto"``: every layout of N stages × R replicas with
+            ``N·R ≤ gpus`` is planned, each from a profile of its own micro-batch, and the
+            fastest predicted is built (:mod:`pipeoptim.compile_layout`; the pipeline then
+            has ``N·R`` ranks, possibly fewer than ``gpus``); ``pipe.plan.summary["layouts"]``
+            lists every layout considered with its predicted throughput. Not with
+            ``executor="torchrun"``, whose world size fixes the ranks.
 
     Raises:
         ValueError: a bad argument (the message says which and what is allowed).
@@ -167,6 +176,9 @@ def compile(
         TraceError, ProfileError, PlanError: from the compiler.
         PipelineError: more stages than GPUs on a CUDA machine, or a wrong torchrun world size.
     """
+    if data_parallel == "auto":
+        options = {k: v for k, v in locals().items() if k not in ("model", "optimizer", "gpus")}
+        return compile_best_layout(compile, model, optimizer, gpus, **options)
     if not isinstance(gpus, int) or isinstance(gpus, bool) or gpus < 1:
         raise ValueError(f"gpus must be a positive integer (the number of stages), got {gpus!r}")
     devices, gpus = gpus, check_layout(gpus, data_parallel)  # from here on gpus is N, the stages
@@ -266,7 +278,7 @@ def compile(
         predict_s_per_byte=predict_cost,
         latency_s=latency,
         action_overhead_s=action_overhead,
-        cores=shared_cores(gpus) if _profile_device(kind, inputs[0].device).type == "cpu" else None,
+        cores=shared_cores(devices) if _profile_device(kind, inputs[0].device).type == "cpu" else None,
         data_parallel=data_parallel,
         recompute=True,  # stages recompute where the memory limit binds
     )
@@ -350,13 +362,6 @@ def _policy_options(policy: str | None, backward: str, predictor: str, micro_bat
     if policy == "2bw":
         return {"micro_batches": micro_batches}
     return {}
-
-
-def _profile_device(kind: str, input_device: torch.device) -> torch.device:
-    """Where the stages will run: the inputs' device (local), else the first GPU or the CPU."""
-    if kind == "local":
-        return input_device
-    return torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
 
 
 def _given_plan(

@@ -182,12 +182,9 @@ def summary_line(metrics: dict[str, Any]) -> str:
     value = metrics["final"][metric]
     shown = "n/a" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.4f}"
     cfg = metrics["config"]
-    replicas = cfg.get("data_parallel", 1)
-    layout = (
-        f"{cfg['gpus']} stages"
-        if replicas == 1
-        else f"{cfg['gpus'] // replicas} stages x {replicas} replicas"
-    )
+    ran = metrics.get("layout") or {"stages": cfg["gpus"], "data_parallel": 1}  # sequential: none
+    stages, replicas = ran["stages"], ran["data_parallel"]
+    layout = f"{stages} stages" if replicas == 1 else f"{stages} stages x {replicas} replicas"
     return (
         f"{cfg['task']} {cfg['method']} ({layout}): test {metric} {shown} after "
         f"{len(metrics['epochs'])} epochs, {metrics['mini_batches']} mini-batches, {metrics['wall_s']:.1f} s"

@@ -48,7 +48,8 @@ class TrainConfig:
     task: str
     out: str
     gpus: int = 4
-    data_parallel: int = 1
+    data_parallel: int | str = 1  # R, or "auto": chosen (pipeoptim.compile_layout)
+    stages: int | str | None = None  # N; None: gpus / R (or chosen with R "auto"); "auto": chosen
     method: str = "pipeoptim"
     optimizer: str = "sgd"
     epochs: int = 10
@@ -142,7 +143,7 @@ def _trainer(config: TrainConfig, task: Task, log: Callable[[str], None]) -> tup
             task.model, optimizer, task.loss_fn, config.max_grad_norm, _autocast_dtype(config.precision)
         )
         return sequential, scheduler
-    pipe = pipeoptim.compile(
+    pipe = pipeoptim.compile_layout.layout_compiler(pipeoptim.compile, config.stages, config.data_parallel)(
         task.model,
         optimizer,
         config.gpus,
@@ -399,4 +400,5 @@ def _metrics(config: TrainConfig, task: Task, trainer: Any, epochs: list[dict], 
         if plan is None
         else {k: v for k, v in plan.summary.items() if isinstance(v, (int, float, str, bool)) or v is None},
         "stages": None if plan is None else [s.to_dict() for s in plan.stages],
+        "layout": None if plan is None else pipeoptim.compile_layout.layout_record(plan),
     }

@@ -40,7 +40,8 @@ def run(*args: str) -> tuple[int, str, str]:
 @pytest.mark.parametrize("model", ["mlp", "resnet", "transformer", "multi_io", "long_skip"])
 @pytest.mark.parametrize("gpus", [2, 4])
 def test_builtin_examples(tmp_path: Path, model: str, gpus: int) -> None:
-    code, out, err = run("partition", model, "--gpus", str(gpus), "--profile-dir", str(tmp_path))
+    args = ("partition", model, "--gpus", str(gpus), "--stages", str(gpus), "--profile-dir", str(tmp_path))
+    code, out, err = run(*args)
     assert code == 0, err
     assert "bottleneck" in out and "lower bound" in out and "balance ratio" in out
     assert "throughput" in out and "bubble" in out and "solved by" in out
@@ -54,6 +55,8 @@ def test_json_output_and_saved_plan(tmp_path: Path) -> None:
         "partition",
         "resnet",
         "--gpus",
+        "4",
+        "--stages",
         "4",
         "--json",
         "--profile-dir",
@@ -92,7 +95,15 @@ def test_model_from_file_factory_and_shape_options(tmp_path: Path) -> None:
     assert code == 0, err
     assert "Sequential" in out
     code, out, err = run(
-        "partition", f"{source}:make_with_inputs", "--gpus", "3", "--profile-dir", str(tmp_path), "--json"
+        "partition",
+        f"{source}:make_with_inputs",
+        "--stages",
+        "3",
+        "--gpus",
+        "3",
+        "--json",
+        "--profile-dir",
+        str(tmp_path),
     )
     assert code == 0, err
     assert len(json.loads(out)["stages"]) == 3
@@ -101,7 +112,17 @@ def test_model_from_file_factory_and_shape_options(tmp_path: Path) -> None:
 
 
 def test_second_run_reuses_the_profile(tmp_path: Path) -> None:
-    args = ("partition", "transformer", "--gpus", "2", "--profile-dir", str(tmp_path), "--json")
+    args = (
+        "partition",
+        "transformer",
+        "--gpus",
+        "2",
+        "--stages",
+        "2",
+        "--profile-dir",
+        str(tmp_path),
+        "--json",
+    )
     start = time.perf_counter()
     code, out, err = run(*args)
     first = time.perf_counter() - start
@@ -114,11 +135,20 @@ def test_second_run_reuses_the_profile(tmp_path: Path) -> None:
 
 
 def test_plan_from_a_saved_profile_without_the_model(tmp_path: Path) -> None:
-    run("partition", "mlp", "--gpus", "2", "--profile-dir", str(tmp_path))
+    run("partition", "mlp", "--gpus", "2", "--stages", "2", "--profile-dir", str(tmp_path))
     profile = next(tmp_path.glob("Sequential-*.json"))
     for gpus in ("2", "4", "8"):
         code, out, err = run(
-            "partition", "--profile", str(profile), "--gpus", gpus, "--json", "--profile-dir", str(tmp_path)
+            "partition",
+            "--profile",
+            str(profile),
+            "--gpus",
+            gpus,
+            "--stages",
+            gpus,
+            "--json",
+            "--profile-dir",
+            str(tmp_path),
         )
         assert code == 0, err
         assert len(json.loads(out)["stages"]) == int(gpus)
@@ -133,7 +163,7 @@ def test_plan_from_a_saved_profile_without_the_model(tmp_path: Path) -> None:
         (["mlp", "--memory", "lots"], 2, "cannot parse size"),
         (["mlp", "--bandwidth", "fast"], 2, "cannot parse bandwidth"),
         (["mlp", "--gpus", "0"], 2, "0"),
-        (["mlp", "--gpus", "100"], 1, "use at most"),
+        (["mlp", "--gpus", "100", "--stages", "100"], 1, "use at most"),
         (["mlp", "--memory", "1KiB"], 1, "smallest feasible limit"),
         (["mlp", "--optimizer", "lion"], 2, "unknown optimizer"),
         ([], 2, "give a MODEL"),
@@ -201,9 +231,23 @@ def test_failing_factory_is_one_line(tmp_path: Path, factory: str, message: str)
 @pytest.mark.parametrize(
     "args, message",
     [
-        (["--gpus", "4", "--data-parallel", "3"], "gpus=4 cannot hold 3 equal replicas"),
-        (["--method", "2bw", "--micro-batches", "2", "--gpus", "4"], "needs micro_batches >= stages (2 < 4)"),
-        (["--method", "2bw", "--micro-batches", "1", "--gpus", "4", "--data-parallel", "2"], "(1 < 2)"),
+        (["--gpus", "4", "--stages", "3", "--data-parallel", "2"], "need 6 devices but --gpus is 4"),
+        (["--method", "2bw", "--micro-batches", "2", "--gpus", "4", "--stages", "4"], "(2 < 4)"),
+        (
+            [
+                "--method",
+                "2bw",
+                "--micro-batches",
+                "1",
+                "--gpus",
+                "4",
+                "--stages",
+                "2",
+                "--data-parallel",
+                "2",
+            ],
+            "(1 < 2)",
+        ),
     ],
 )
 def test_refuses_what_train_refuses(tmp_path: Path, args: list[str], message: str) -> None:
@@ -243,6 +287,8 @@ def test_hugging_face_gpt2_12_layers(tmp_path: Path) -> None:
             "partition",
             "gpt2",
             "--gpus",
+            gpus,
+            "--stages",
             gpus,
             "--json",
             "--profile-dir",

@@ -100,7 +100,19 @@ def test_train_command_passes_compile_stages(tmp_path, monkeypatch) -> None:
         raise ValueError("stop here")
 
     monkeypatch.setattr(training.pipeoptim, "compile", fake_compile)
-    args = ["train", "digits", "--gpus", "2", "--executor", "local", "--limit", "64", "--quiet"]
+    args = [
+        "train",
+        "digits",
+        "--gpus",
+        "2",
+        "--stages",
+        "2",
+        "--executor",
+        "local",
+        "--limit",
+        "64",
+        "--quiet",
+    ]
     result = CliRunner().invoke(cli, [*args, "--out", str(tmp_path / "a"), "--compile-stages"])
     assert result.exit_code == 1 and "stop here" in result.stderr
     assert seen["compile_stages"] is True

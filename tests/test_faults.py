@@ -98,6 +98,8 @@ def start_training(out: Path, *extra: str, epochs: int = 3, group: bool = False)
         "digits",
         "--gpus",
         "3",
+        "--stages",
+        "3",
         "--epochs",
         str(epochs),
         "--checkpoint-every",

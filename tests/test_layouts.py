@@ -116,7 +116,7 @@ def neutral(tmp_path: Path) -> Path:
 
 def test_cli_chooses_lists_runner_ups_and_records_the_layout(tmp_path: Path) -> None:
     path, saved = neutral(tmp_path), tmp_path / "plan.json"
-    args = ["partition", "--profile", str(path), "--gpus", "4", "--data-parallel", "auto"]
+    args = ["partition", "--profile", str(path), "--gpus", "4"]  # no flag: the planner chooses
     result = CliRunner().invoke(cli, [*args, "--json", "--save", str(saved)])
     assert result.exit_code == 0, result.stderr
     data = json.loads(result.stdout)
@@ -129,18 +129,40 @@ def test_cli_chooses_lists_runner_ups_and_records_the_layout(tmp_path: Path) -> 
     assert (data["num_stages"], data["data_parallel"]) == (layouts["stages"], layouts["data_parallel"])
     plan = Plan.load(saved)
     assert (plan.num_stages, plan.config.data_parallel) == (layouts["stages"], layouts["data_parallel"])
+    assert len(options) == 8 and plan.summary["layouts"] == layouts  # the plan file keeps the search
+    explicit = json.loads(CliRunner().invoke(cli, [*args, "--json", "--data-parallel", "auto"]).stdout)
+    assert explicit["layouts"] == layouts
     text = CliRunner().invoke(cli, args)
     assert text.exit_code == 0 and "chosen layout" in text.stdout and "stages x replicas" in text.stdout
 
 
-def test_cli_forces_a_layout_and_refuses_one_that_does_not_fit(tmp_path: Path) -> None:
-    path = neutral(tmp_path)
-    base = ["partition", "--profile", str(path), "--gpus", "4", "--json"]
-    forced = json.loads(CliRunner().invoke(cli, [*base, "--data-parallel", "2"]).stdout)
-    assert (forced["num_stages"], forced["data_parallel"]) == (2, 2)
-    assert [(o["stages"], o["data_parallel"]) for o in forced["layouts"]["options"]] == [(2, 2)]
-    deep = json.loads(CliRunner().invoke(cli, [*base, "--stages", "3"]).stdout)
-    assert (deep["num_stages"], deep["data_parallel"]) == (3, 1)
+@pytest.mark.parametrize(
+    "flags, searched",
+    [
+        ([], {(1, 1), (1, 2), (1, 3), (1, 4), (2, 1), (2, 2), (3, 1), (4, 1)}),
+        (["--data-parallel", "2"], {(1, 2), (2, 2)}),  # R forced: N searched
+        (["--stages", "2"], {(2, 1), (2, 2)}),  # N forced: R searched
+        (["--stages", "3"], {(3, 1)}),
+        (["--stages", "2", "--data-parallel", "2"], {(2, 2)}),  # both: exactly that layout
+        (["--stages", "1", "--data-parallel", "3"], {(1, 3)}),  # 3 of the 4 devices
+    ],
+)
+def test_cli_flags_force_layouts_and_the_rest_is_searched(
+    tmp_path: Path, flags: list[str], searched: set[tuple[int, int]]
+) -> None:
+    base = ["partition", "--profile", str(neutral(tmp_path)), "--gpus", "4", "--json"]
+    result = CliRunner().invoke(cli, [*base, *flags])
+    assert result.exit_code == 0, result.stderr
+    data = json.loads(result.stdout)
+    options = data["layouts"]["options"]
+    assert {(o["stages"], o["data_parallel"]) for o in options} == searched
+    best = max((o for o in options if o["feasible"]), key=lambda o: o["throughput_per_s"])
+    assert (data["num_stages"], data["data_parallel"]) == (best["stages"], best["data_parallel"])
+    assert data["throughput_per_s"] == best["throughput_per_s"]
+
+
+def test_cli_refuses_a_layout_that_does_not_fit(tmp_path: Path) -> None:
+    base = ["partition", "--profile", str(neutral(tmp_path)), "--gpus", "4", "--json"]
     bad = CliRunner().invoke(cli, [*base, "--stages", "3", "--data-parallel", "2"])
     assert bad.exit_code == 1 and "need 6 devices but --gpus is 4" in bad.stderr
     word = CliRunner().invoke(cli, [*base, "--data-parallel", "two"])
@@ -233,7 +255,7 @@ def test_stage_table_columns_add_up_to_the_stage_time_with_replicas() -> None:
 @pytest.mark.parametrize(
     "args, line",
     [
-        (["--gpus", "1"], "tiny: 8 nodes, 1 stage, method"),
+        (["--gpus", "1"], "tiny: 8 nodes, 1 device, method"),
         (["--gpus", "2", "--data-parallel", "2"], "chosen layout   1 stage x 2 replicas (2 of 2 devices)"),
         (["--gpus", "2", "--stages", "2"], "chosen layout   2 stages x 1 replica (2 of 2 devices)"),
     ],

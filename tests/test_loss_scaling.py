@@ -111,7 +111,20 @@ def test_train_command_trains_in_float16_with_loss_scaling(tmp_path) -> None:
 
     def train(*extra: str) -> list[float]:
         out = tmp_path / ("_".join(extra) or "plain")
-        args = ["train", "digits", "--gpus", "2", "--executor", "local", "--epochs", "1", "--limit", "128"]
+        args = [
+            "train",
+            "digits",
+            "--gpus",
+            "2",
+            "--stages",
+            "2",
+            "--executor",
+            "local",
+            "--epochs",
+            "1",
+            "--limit",
+            "128",
+        ]
         args += ["--record-every", "1", "--quiet", "--profile-dir", str(tmp_path / "p"), "--out", str(out)]
         result = CliRunner().invoke(cli, [*args, *extra])
         assert result.exit_code == 0, result.stderr

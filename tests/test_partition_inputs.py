@@ -136,7 +136,9 @@ def test_bad_profile_file_is_one_line_and_exit_code_1(tmp_path: Path, case: str)
 def test_the_tiny_graph_itself_plans(tmp_path: Path) -> None:
     path = tmp_path / "graph.json"
     path.write_text(json.dumps(neutral_graph()))
-    result = CliRunner().invoke(cli, ["partition", "--profile", str(path), "--gpus", "3", "--json"])
+    result = CliRunner().invoke(
+        cli, ["partition", "--profile", str(path), "--gpus", "3", "--stages", "3", "--json"]
+    )
     assert result.exit_code == 0, result.stderr
     assert len(json.loads(result.stdout)["stages"]) == 3
 
@@ -150,7 +152,7 @@ def test_json_on_stdout_is_the_only_output(tmp_path: Path, solver: str, memory: 
         pytest.importorskip("highspy")
     path = tmp_path / "graph.json"
     path.write_text(json.dumps(neutral_graph()))
-    args = [str(EXE), "partition", "--profile", str(path), "--gpus", "3", "--json"]
+    args = [str(EXE), "partition", "--profile", str(path), "--gpus", "3", "--stages", "3", "--json"]
     args += [] if solver == "dp" else ["--solver", solver, "--no-exact-dp"]
     if memory:  # a limit only a non-contiguous or least-memory plan meets runs the memory ILP too
         least = P.min_memory_plan(CostGraph.load(path), CostConfig(3, bandwidth=25e9, micro_batches=3))
@@ -268,7 +270,20 @@ def test_plot_draws_the_plan(tmp_path: Path) -> None:
     path.write_text(json.dumps(neutral_graph()))
     picture = tmp_path / "out" / "plan.png"
     result = CliRunner().invoke(
-        cli, ["partition", "--profile", str(path), "--gpus", "3", "--plot", str(picture), "--memory", "1GiB"]
+        cli,
+        [
+            "partition",
+            "--profile",
+            str(path),
+            "--gpus",
+            "3",
+            "--stages",
+            "3",
+            "--plot",
+            str(picture),
+            "--memory",
+            "1GiB",
+        ],
     )
     assert result.exit_code == 0, result.stderr
     height, width, _channels = matplotlib.image.imread(picture).shape
@@ -291,7 +306,20 @@ def test_plot_draws_the_plan(tmp_path: Path) -> None:
 
 def test_train_plot_includes_the_plan(tmp_path: Path) -> None:
     out = tmp_path / "run"
-    args = ["train", "digits", "--gpus", "2", "--epochs", "1", "--limit", "64", "--test-limit", "32"]
+    args = [
+        "train",
+        "digits",
+        "--gpus",
+        "2",
+        "--stages",
+        "2",
+        "--epochs",
+        "1",
+        "--limit",
+        "64",
+        "--test-limit",
+        "32",
+    ]
     args += ["--executor", "local", "--plot", "--quiet", "--out", str(out), "--profile-dir", str(tmp_path)]
     result = CliRunner().invoke(cli, args)
     assert result.exit_code == 0, result.stderr
@@ -302,7 +330,7 @@ def test_train_plot_includes_the_plan(tmp_path: Path) -> None:
 def test_cli_names_the_smallest_memory_limit_and_plans_at_it(tmp_path: Path) -> None:
     path = tmp_path / "graph.json"
     path.write_text(json.dumps(neutral_graph()))
-    args = ["partition", "--profile", str(path), "--gpus", "3", "--json", "--memory"]
+    args = ["partition", "--profile", str(path), "--gpus", "3", "--stages", "3", "--json", "--memory"]
     failed = CliRunner().invoke(cli, [*args, "1KiB"])
     assert failed.exit_code == 1
     lines = failed.stderr.strip().splitlines()

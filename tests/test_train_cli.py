@@ -33,6 +33,8 @@ def test_digits_four_stages_processes_pipeoptim_reaches_90_percent(tmp_path: Pat
         "digits",
         "--gpus",
         "4",
+        "--stages",
+        "4",
         "--method",
         "pipeoptim",
         "--epochs",
@@ -82,6 +84,8 @@ def test_resumed_run_equals_uninterrupted_run(tmp_path: Path) -> None:
         "digits",
         "--gpus",
         "3",
+        "--stages",
+        "3",
         "--executor",
         "local",
         "--limit",
@@ -112,7 +116,19 @@ def test_resumed_run_equals_uninterrupted_run(tmp_path: Path) -> None:
 
 
 def test_resume_with_more_epochs_follows_the_longer_cosine_schedule(tmp_path: Path) -> None:
-    common = ["digits", "--gpus", "2", "--executor", "local", "--limit", "320", "--batch-size", "32"]
+    common = [
+        "digits",
+        "--gpus",
+        "2",
+        "--stages",
+        "2",
+        "--executor",
+        "local",
+        "--limit",
+        "320",
+        "--batch-size",
+        "32",
+    ]
     common += ["--checkpoint-every", "5", "--lr", "0.02", "--profile-dir", str(tmp_path / "profiles")]
     code, _, err = run(*common, "--epochs", "1", "--out", str(tmp_path / "a"))
     assert code == 0, err
@@ -162,6 +178,8 @@ def test_sequential_reference_and_bad_resume(tmp_path: Path) -> None:
         str(tmp_path / "seq"),
         "--gpus",
         "2",
+        "--stages",
+        "2",
     )
     assert code == 1 and "checkpoint" in err
 
@@ -180,6 +198,8 @@ def test_fashion_mnist_from_idx_files(tmp_path: Path) -> None:
     code, _, err = run(
         "fashion-mnist",
         "--gpus",
+        "2",
+        "--stages",
         "2",
         "--executor",
         "local",
@@ -201,7 +221,19 @@ def test_fashion_mnist_from_idx_files(tmp_path: Path) -> None:
 
 
 def test_resume_refuses_another_limit_or_micro_batches_and_says_when_nothing_is_left(tmp_path: Path) -> None:
-    common = ["digits", "--gpus", "2", "--method", "1f1b", "--executor", "local", "--batch-size", "32"]
+    common = [
+        "digits",
+        "--gpus",
+        "2",
+        "--stages",
+        "2",
+        "--method",
+        "1f1b",
+        "--executor",
+        "local",
+        "--batch-size",
+        "32",
+    ]
     common += ["--out", str(tmp_path / "rk"), "--profile-dir", str(tmp_path / "profiles")]
     code, _, err = run(*common, "--limit", "64", "--epochs", "2", "--checkpoint-every", "1")
     assert code == 0, err
@@ -222,8 +254,8 @@ def test_resume_refuses_another_limit_or_micro_batches_and_says_when_nothing_is_
 
 def test_a_limit_below_one_mini_batch_is_a_one_line_error(tmp_path: Path) -> None:
     code, _, err = run(
-        "digits", "--gpus", "2", "--limit", "1", "--out", str(tmp_path / "rl1"), "--executor", "local",
-        "--epochs", "1", "--profile-dir", str(tmp_path / "profiles"),
+        "digits", "--gpus", "2", "--stages", "2", "--limit", "1", "--out", str(tmp_path / "rl1"),
+        "--executor", "local", "--epochs", "1", "--profile-dir", str(tmp_path / "profiles"),
     )  # fmt: skip
     assert code == 1 and len(err.strip().splitlines()) == 1, err
     assert "--limit 1 gives no full mini-batch of 32: raise --limit or lower --batch-size" in err

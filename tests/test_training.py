@@ -323,6 +323,8 @@ def test_a_crafted_checkpoint_runs_no_code(tmp_path: Path, how: str) -> None:
                 "digits",
                 "--gpus",
                 "2",
+                "--stages",
+                "2",
                 "--executor",
                 "local",
                 "--out",

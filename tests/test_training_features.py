@@ -328,7 +328,20 @@ def test_train_command_clips_with_max_grad_norm_and_computes_in_bfloat16(tmp_pat
 
     def train(*extra: str) -> list[float]:
         out = tmp_path / ("_".join(extra) or "plain")
-        args = ["train", "digits", "--method", "1f1b", "--gpus", "2", "--executor", "local", "--epochs", "1"]
+        args = [
+            "train",
+            "digits",
+            "--method",
+            "1f1b",
+            "--gpus",
+            "2",
+            "--stages",
+            "2",
+            "--executor",
+            "local",
+            "--epochs",
+            "1",
+        ]
         args += ["--limit", "128", "--record-every", "1", "--quiet", "--profile-dir", str(tmp_path / "p")]
         result = CliRunner().invoke(cli, [*args, "--out", str(out), *extra])
         assert result.exit_code == 0, result.stderr
@@ -341,7 +354,7 @@ def test_train_command_clips_with_max_grad_norm_and_computes_in_bfloat16(tmp_pat
     assert all(abs(a - b) > 1e-4 for a, b in zip(plain[1:], clipped[1:]))
     bfloat16 = train("--precision", "bfloat16")
     assert len(bfloat16) == 4 and abs(bfloat16[0] - plain[0]) > 1e-5  # the forward is in bfloat16
-    bad = ["train", "digits", "--max-grad-norm", "inf", "--out", str(tmp_path / "x")]
+    bad = ["train", "digits", "--stages", "4", "--max-grad-norm", "inf", "--out", str(tmp_path / "x")]
     result = CliRunner().invoke(cli, bad)
     assert result.exit_code == 1 and "max_grad_norm must be a positive finite number" in result.stderr
 

@@ -47,7 +47,8 @@ GPUS = click.option(
     type=click.IntRange(min=1),
     default=4,
     show_default=True,
-    help="Pipeline stages, one device each (a worker process, and a GPU where CUDA has enough).",
+    help="Devices (a worker process each, and a GPU where CUDA has enough) for N stages x R "
+    "replicas, N*R <= --gpus, chosen by the planner unless --stages/--data-parallel force them.",
 )
 
 BYTES = _Parsed("size", parse_bytes)

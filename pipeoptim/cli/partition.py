@@ -10,17 +10,17 @@ import torch
 
 from pipeoptim.cli.loading import ModelSpecError, load_model
 from pipeoptim.cli.options import BANDWIDTH, BYTES, DTYPE, GPUS, LAYOUT_WIDTH, SHAPE, torch_device
-from pipeoptim.compiler import plan_model, profile_model
+from pipeoptim.compiler import profile_model
 from pipeoptim.compiler.baselines import BASELINES
 from pipeoptim.compiler.costgraph import CostGraph
 from pipeoptim.compiler.costmodel import CostConfig, optimizer_state_factor
-from pipeoptim.compiler.layouts import choose_layout
+from pipeoptim.compiler.layouts import Profiler, choose_layout, default_micro_batches, scale_rows
 from pipeoptim.compiler.plan import make_plan
 from pipeoptim.compiler.plot import plot_plan
 from pipeoptim.compiler.profile import device_name
 from pipeoptim.errors import PipeoptimError
-from pipeoptim.methods import METHODS, check_micro_batches
-from pipeoptim.runtime.replicas import check_layout
+from pipeoptim.methods import METHODS
+from pipeoptim.runtime.linkcost import shared_cores
 from pipeoptim.units import plural
 from pipeoptim.update_cost import load_or_measure_update_cost
 
@@ -65,7 +65,8 @@ def _log(msg: str) -> None:
     "--micro-batches",
     type=click.IntRange(min=1),
     default=None,
-    help="Micro-batches per mini-batch for gpipe, 1f1b and 2bw (default: --gpus, as in train).",
+    help="Micro-batches per replica's share of a mini-batch for gpipe, 1f1b and 2bw (default: the "
+    "stages, as in train).",
 )
 @click.option(
     "--optimizer",
@@ -111,16 +112,15 @@ def _log(msg: str) -> None:
     "--data-parallel",
     "data_parallel",
     type=LAYOUT_WIDTH,
-    default="1",
-    show_default=True,
-    help="Replicas R of the pipeline: 'auto' plans every layout of N stages x R replicas with "
-    "N*R <= --gpus and chooses the fastest (runner-ups listed); a number forces R (N = --gpus / R).",
+    default=None,
+    help="Force R replicas of the pipeline (the stages are chosen unless --stages is given too); "
+    "default or 'auto': choose R.",
 )
 @click.option(
     "--stages",
     type=click.IntRange(min=1),
     default=None,
-    help="Force N pipeline stages (with --data-parallel auto: choose R for it).",
+    help="Force N pipeline stages (the replicas are chosen unless --data-parallel is given too).",
 )
 @click.option("--profile-dir", default="profiles", show_default=True, help="Where profiles are cached.")
 @click.option("--leaf", multiple=True, help="Qualified name of a module to keep as one node.")
@@ -156,12 +156,16 @@ def partition(
     save,
     plot,
 ) -> None:
-    """Plan MODEL as a pipeline of --gpus stages and print one row per stage (with
-    --data-parallel: as N stages x R replicas, N*R <= --gpus).
+    """Plan MODEL on --gpus devices: every layout of N stages x R replicas with N*R <= --gpus
+    is planned and the fastest predicted is chosen; the runner-ups are listed, then the chosen
+    plan's stages. --stages and --data-parallel force N or R (both: exactly that layout).
 
     MODEL is a built-in example (mlp, resnet, transformer, multi_io, long_skip, gpt2),
     module:factory or path/file.py:factory; the factory returns a model or
-    (model, example_inputs). With --profile, MODEL may be left out.
+    (model, example_inputs), one micro-batch of the --gpus-stage pipeline. Each layout is
+    planned from a profile of its own micro-batch (the example's rows times --gpus
+    micro-batches, split over its replicas and micro-batches); with --profile (then MODEL may
+    be left out) from that profile, its costs scaled to the layout's rows.
     """
     try:
         opt_factor = optimizer_state_factor(optimizer)
@@ -169,75 +173,55 @@ def partition(
         raise click.BadParameter(str(exc), param_hint="--optimizer") from exc
     if model is None and profile_file is None:
         raise click.UsageError("give a MODEL, or --profile FILE to plan from a saved profile")
-    torch_device(device)
-    _check_trainable(gpus, data_parallel, stages, method, micro_batches)
-    layout_mode = data_parallel != 1 or stages is not None
-    choice = None
+    target = torch_device(device)
     try:
-        graph = CostGraph.load(profile_file) if profile_file is not None else None
-        if layout_mode and graph is None:
+        if profile_file is not None:
+            graph: CostGraph | Profiler = CostGraph.load(profile_file)
+            assert isinstance(graph, CostGraph)
+            if model is not None:
+                _check_profile_matches(model, graph, input_shape, input_dtype, leaf, device)
+            mini_batch, profiled = None, None
+            on_this_cpu = graph.key.get("device") == device_name(torch.device("cpu"))
+        else:
             net, examples = load_model(model, input_shape, input_dtype)
-            graph, reused = profile_model(
-                net,
-                examples,
-                leaf_modules=leaf,
-                profile_dir=profile_dir,
-                device=torch_device(device),
-                log=_log,
-            )
-        step_cost, predict_cost, note = _update_costs(optimizer, device, graph, profile_dir)
+            profiled = _Profiles(net, examples, leaf, profile_dir, target)
+            graph = profiled.profile
+            mini_batch = int(examples[0].shape[0]) * (micro_batches or default_micro_batches(method, gpus))
+            on_this_cpu = target is None or target.type == "cpu"
+        given = graph if isinstance(graph, CostGraph) else None
+        step_cost, predict_cost, note = _update_costs(optimizer, device, given, profile_dir)
         config = CostConfig(
             num_stages=gpus,
             method=method,
-            micro_batches=micro_batches or gpus,
             bandwidth=bandwidth,
             memory_limit=memory,
             opt_state_factor=opt_factor,
             step_s_per_byte=step_cost,
             predict_s_per_byte=predict_cost,
             recompute=True,  # stages recompute where --memory binds
+            cores=shared_cores(gpus) if on_this_cpu else None,
         )
-        if layout_mode:
-            if profile_file is not None and model is not None:
-                _check_profile_matches(model, graph, input_shape, input_dtype, leaf, device)
-            reused = reused if profile_file is None else True
-            choice = choose_layout(
-                graph,
-                config,
-                gpus,
-                stages=stages,
-                replicas=None if data_parallel == "auto" else data_parallel,
-                micro_batches=micro_batches,
-                plan=lambda g, c: make_plan(
-                    g, c, partitioner=partitioner, solver=solver, time_limit=time_limit, ideals=exact_dp
-                ),
-            )
-            plan = choice.chosen.plan
-        elif graph is not None:
-            if model is not None:
-                _check_profile_matches(model, graph, input_shape, input_dtype, leaf, device)
-            reused = True
-            plan = make_plan(
-                graph, config, partitioner=partitioner, solver=solver, time_limit=time_limit, ideals=exact_dp
-            )
-        else:
-            net, examples = load_model(model, input_shape, input_dtype)
-            planned = plan_model(
-                net,
-                examples,
-                config,
-                leaf_modules=leaf,
-                profile_dir=profile_dir,
-                device=torch_device(device),
-                partitioner=partitioner,
-                solver=solver,
-                time_limit=time_limit,
-                ideals=exact_dp,
-                log=_log,
-            )
-            plan, reused, graph = planned.plan, planned.profile_reused, planned.graph
+        choice = choose_layout(
+            graph,
+            config,
+            gpus,
+            stages=stages,
+            replicas=None if data_parallel in (None, "auto") else data_parallel,
+            micro_batches=micro_batches,
+            plan=lambda g, c: make_plan(
+                g, c, partitioner=partitioner, solver=solver, time_limit=time_limit, ideals=exact_dp
+            ),
+            mini_batch=mini_batch,
+        )
     except (PipeoptimError, ModelSpecError, ImportError) as exc:
         raise click.ClickException(str(exc)) from exc
+    plan = choice.chosen.plan
+    assert plan is not None
+    if isinstance(graph, CostGraph):
+        planned, reused = scale_rows(graph, choice.chosen.rows_factor), True
+    else:
+        assert profiled is not None
+        planned, reused = profiled.profile(int(choice.chosen.rows)), profiled.reused
     if note:
         _log(note)
     if save:
@@ -248,7 +232,7 @@ def partition(
         _log(f"saved plan {save}")
     if plot:
         try:
-            plot_plan(plan, plot, graph)
+            plot_plan(plan, plot, planned)
         except OSError as exc:
             raise click.ClickException(f"cannot write the plot {plot}: {exc.strerror or exc}") from exc
         _log(f"drew plan {plot}")
@@ -259,7 +243,7 @@ def partition(
             "model": plan.model,
             "num_stages": plan.num_stages,
             "data_parallel": plan.config.data_parallel,
-            "num_nodes": len(graph.nodes),
+            "num_nodes": len(planned.nodes),
             "profile_reused": reused,
             "config": data["config"],
             "stages": data["stages"],
@@ -267,44 +251,50 @@ def partition(
         }
         json.dump(out, sys.stdout, indent=1, default=str)
         sys.stdout.write("\n")
-    else:
-        if choice is not None:
-            click.echo(
-                f"{plan.model}: {plural(len(graph.nodes), 'node')}, {plural(gpus, 'device')}, method {method}"
-            )
-            click.echo(choice.table())
-            click.echo("")
-            click.echo(
-                f"chosen layout   {plural(plan.num_stages, 'stage')} x "
-                f"{plural(plan.config.data_parallel, 'replica')} "
-                f"({plan.num_stages * plan.config.data_parallel} of {plural(gpus, 'device')}), "
-                f"{plan.summary['throughput_per_s']:.2f} mini-batches/s predicted"
-            )
-            click.echo("")
-        else:
-            click.echo(
-                f"{plan.model}: {plural(len(graph.nodes), 'node')}, {plural(gpus, 'stage')}, method {method}"
-            )
-        click.echo(plan.table())
-
-
-def _check_trainable(
-    gpus: int, data_parallel: int | str, stages: int | None, method: str, micro_batches: int | None
-) -> None:
-    """Refuse, as ``pipeoptim train`` would, a forced layout train cannot run.
-
-    Raises:
-        click.ClickException: --data-parallel R that does not divide --gpus, or 2bw with fewer
-            micro-batches than stages.
-    """
-    if data_parallel == "auto" or stages is not None:
         return
-    try:
-        n = check_layout(gpus, data_parallel)
-        if micro_batches is not None:
-            check_micro_batches(method, n, micro_batches)
-    except ValueError as exc:
-        raise click.ClickException(str(exc)) from exc
+    nodes = plural(len(planned.nodes), "node")
+    click.echo(f"{plan.model}: {nodes}, {plural(gpus, 'device')}, method {method}")
+    click.echo(choice.table())
+    click.echo("")
+    click.echo(
+        f"chosen layout   {plural(plan.num_stages, 'stage')} x "
+        f"{plural(plan.config.data_parallel, 'replica')} "
+        f"({plan.num_stages * plan.config.data_parallel} of {plural(gpus, 'device')}), "
+        f"{plan.summary['throughput_per_s']:.2f} mini-batches/s predicted"
+    )
+    click.echo("")
+    click.echo(plan.table())
+
+
+class _Profiles:
+    """A :data:`~pipeoptim.compiler.layouts.Profiler` of a model: its example inputs cut (or
+    repeated) to the rows asked for, each size profiled once (and cached in ``profile_dir``)."""
+
+    def __init__(self, net, examples, leaf, profile_dir, device) -> None:
+        self.net, self.examples, self.leaf = net, examples, leaf
+        self.profile_dir, self.device = profile_dir, device
+        self.graphs: dict[int, CostGraph] = {}
+        self.reused = True
+
+    def profile(self, rows: int) -> CostGraph:
+        if rows not in self.graphs:
+            inputs = tuple(_rows(x, rows) for x in self.examples)
+            self.graphs[rows], reused = profile_model(
+                self.net,
+                inputs,
+                leaf_modules=self.leaf,
+                profile_dir=self.profile_dir,
+                device=self.device,
+                log=_log,
+            )
+            self.reused &= reused
+        return self.graphs[rows]
+
+
+def _rows(x: torch.Tensor, rows: int) -> torch.Tensor:
+    """``x`` (``[b, ...]``) with ``rows`` rows: its first ones, or it repeated along dim 0."""
+    repeats = -(-rows // x.shape[0])
+    return x.repeat(repeats, *[1] * (x.dim() - 1))[:rows] if repeats > 1 else x[:rows]
 
 
 _OPTIMIZERS = {

@@ -70,15 +70,21 @@ from pipeoptim.training import OPTIMIZERS, SEQUENTIAL, TrainConfig, train
     "--micro-batches",
     type=click.IntRange(min=1),
     default=None,
-    help="Micro-batches per mini-batch for gpipe, 1f1b and 2bw (default: --gpus).",
+    help="Micro-batches per replica's share of a mini-batch for gpipe, 1f1b and 2bw (default: the stages).",
 )
 @click.option(
     "--data-parallel",
     type=click.IntRange(min=1),
-    default=1,
-    show_default=True,
-    help="Replicas R of the pipeline: --gpus / R stages, each stage's R replicas all-reduce their "
-    "gradients before every step (pick R with `pipeoptim partition MODEL --data-parallel auto`).",
+    default=None,
+    help="Force R replicas of the pipeline (each stage's replicas all-reduce their gradients before "
+    "every step); default: chosen with the stages (N x R <= --gpus) by the planner.",
+)
+@click.option(
+    "--stages",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Force N pipeline stages; default: chosen with the replicas by the planner. With "
+    "--data-parallel too: exactly that layout.",
 )
 @click.option(
     "--executor",
@@ -171,6 +177,7 @@ def train_command(
     test_limit,
     micro_batches,
     data_parallel,
+    stages,
     executor,
     out,
     plot,
@@ -186,7 +193,9 @@ def train_command(
     progress_every,
     quiet,
 ) -> None:
-    """Train TASK (digits, fashion-mnist, sst2, multi30k) and evaluate it after every epoch."""
+    """Train TASK (digits, fashion-mnist, sst2, multi30k) and evaluate it after every epoch, on
+    --gpus devices as the N stages x R replicas the planner predicts fastest (--stages and
+    --data-parallel force N, R or both)."""
     if lr is None:
         lr = {"sgd": 0.02, "adagrad": 0.01}.get(optimizer, 1e-3)
     config = TrainConfig(
@@ -206,7 +215,8 @@ def train_command(
         limit=limit,
         test_limit=test_limit,
         micro_batches=micro_batches,
-        data_parallel=data_parallel,
+        data_parallel="auto" if data_parallel is None else data_parallel,
+        stages="auto" if stages is None and data_parallel is not None else stages,
         executor=executor,
         checkpoint_every=checkpoint_every,
         resume=resume,

@@ -49,7 +49,7 @@ def check_stages(units: Units, num_stages: int) -> None:
     if num_stages > compute:
         raise PlanError(
             f"{num_stages} stages requested but the graph has only {compute} node(s) that do "
-            f"work; use at most {compute} stages (--gpus {compute})"
+            f"work; use at most {compute} stages (--stages {compute})"
         )
 
 

@@ -9,7 +9,8 @@ Stage time (seconds per micro-batch) of stage k::
           + P_k * (step_s_per_byte * steps per micro-batch + predict_s_per_byte)   (update)
           + (A[k-1] + G[k-1] + A[k] + G[k]) / bandwidth + latency_s * messages_k   (comm)
           + action_overhead_s * actions per micro-batch                          (overhead)
-          + P_k * 2(R-1)/R / allreduce bandwidth * steps per micro-batch          (R replicas)
+          + (P_k * 2(R-1)/R / allreduce bandwidth + 2(R-1) * latency_s)
+            * steps per micro-batch                                               (R replicas)
 
 where ``A[b]`` are the activation bytes crossing boundary b (between stage b and b+1) forward
 and ``G[b]`` the gradient bytes crossing it backward. A value produced at stage i and read at
@@ -27,9 +28,9 @@ both on the transport in use). ``action_overhead_s`` is the runtime's own time p
 place the cuts by compute, update and bytes; latency and action overhead are the same for
 every cut of a stage's position and are added to the stage times they report.
 
-Where the N stages share ``cores`` processors (ranks on one machine's CPU cores, one thread
+Where the N·R ranks share ``cores`` processors (ranks on one machine's CPU cores, one thread
 each), the machine also has to run all their work: one mini-batch takes at least
-``units · Σ_k T_k / cores`` (:func:`summarize`).
+``R · units · Σ_k T_k / cores`` (:func:`summarize`).
 
 :func:`pipeoptim.update_cost.measure_update_cost`). A shared parameter (tied embeddings,
 :mod:`pipeoptim.compiler.shared`) is no boundary value: each stage reading it holds a copy,
@@ -39,7 +40,8 @@ counted in its ``P_k`` (and its memory below), and sums the copies' gradients on
 methods overlap it with the next D mini-batches (:mod:`pipeoptim.runtime.shared`), so it is not
 in ``T_k``; methods that flush add it once per mini-batch (:func:`summarize`). The partitioners
 optimise ``T_k`` and the memory with each parameter counted once, at its get_attr node's
-stage; the copies' memory is in the plan's figures but not yet in their constraints.
+stage; :func:`pipeoptim.compiler.plan.make_plan` then checks the memory limit with every copy
+counted (:mod:`pipeoptim.compiler.held_memory`).
 
 Stage memory (bytes) of stage k of N::
 
@@ -132,13 +134,14 @@ class CostConfig:
         predict_s_per_byte: seconds of one weight prediction per parameter byte.
         latency_s: α, seconds per message between stages (0: not modelled).
         action_overhead_s: seconds of runtime overhead per action (0: not modelled).
-        cores: processors the stages share, e.g. CPU cores for ranks with one thread each
-            (``None``: every stage has its own device).
+        cores: processors the N·R ranks share, e.g. CPU cores for ranks with one thread each
+            (``None``: every rank has its own device).
         data_parallel: R, replicas of the pipeline (:mod:`pipeoptim.compiler.layouts`): each
             stage's replicas all-reduce its gradients before every step, a ring all-reduce
             moving ``2(R−1)/R`` bytes per gradient byte (Patarasuk and Yuan, JPDC 2009) at
-            :attr:`allreduce_bandwidth`, not overlapped with the backward (the runtime reduces
-            just before the step, :mod:`pipeoptim.runtime.allreduce`).
+            :attr:`allreduce_bandwidth` in ``2(R−1)`` messages of :attr:`latency_s` each
+            (the α + β model of the links between stages), not overlapped with the backward
+            (the runtime reduces just before the step, :mod:`pipeoptim.runtime.allreduce`).
         allreduce_bandwidth: bytes per second between a stage's replicas; ``None``: the
             same as :attr:`bandwidth`.
         recompute: whether the planners may let a stage recompute its activations where
@@ -176,6 +179,16 @@ class CostConfig:
         method = self.method_info
         predicts = 1.0 if method.policy in ("pipeoptim", "spectrain") else 0.0
         return self.step_s_per_byte * self.steps_per_micro_batch + self.predict_s_per_byte * predicts
+
+    @property
+    def allreduce_latency_s(self) -> float:
+        """Seconds per micro-batch of the all-reduce's latency: a ring all-reduce takes
+        ``2(R−1)`` steps of one message each (Patarasuk and Yuan, JPDC 2009), ``latency_s``
+        (α) apiece, once per optimizer step (the runtime issues its buckets together); 0 with
+        one replica."""
+        if self.data_parallel <= 1:
+            return 0.0
+        return 2.0 * (self.data_parallel - 1) * self.latency_s * self.steps_per_micro_batch
 
     @property
     def allreduce_s_per_byte(self) -> float:
@@ -351,7 +364,7 @@ def evaluate(
         overhead = config.action_overhead_s * (2 + config.steps_per_micro_batch)
         reduce = sum(reduce_bytes(graph.nodes[i].param_bytes, len(h)) for i, h in shared.items() if k in h)
         update = params * config.update_s_per_byte
-        allreduce = params * config.allreduce_s_per_byte
+        allreduce = params * config.allreduce_s_per_byte + (config.allreduce_latency_s if params else 0.0)
         copies = config.method_info.extra_weight_copies(k, n)
         opt = int(params * config.opt_state_factor)
         buffers = sum(x.buffer_bytes for x in nodes)
@@ -412,9 +425,10 @@ def summarize(graph: CostGraph, stats: Sequence[StageStats], config: CostConfig)
       asynchronous 1F1B, ``1 / ((M + N - 1) T + R)`` for schedules that flush every mini-batch
       (GPipe, 1F1B), ``1 / (M T)`` for 2BW; ``R`` is the slowest holder's gradient sum of the
       shared parameters (``shared_s``, at the step the stages take together).
-      Where the stages share ``config.cores`` processors, also at least
-      ``units · Σ_k T_k / cores`` seconds per mini-batch (the machine runs all the stages'
-      work), ``units`` being the micro-batches of a mini-batch (1 in asynchronous 1F1B).
+      Where the N·R ranks share ``config.cores`` processors, also at least
+      ``R · units · Σ_k T_k / cores`` seconds per mini-batch (the machine runs all the ranks'
+      work), ``units`` being the micro-batches of a replica's share of the mini-batch (1 in
+      asynchronous 1F1B) and R the replicas (``config.data_parallel``).
     - ``bubble_fraction``: share of device time idle in that steady state, from the
       schedule's warm-up and cool-down and from unequal stage times.
     - ``cores_bound``: whether the shared cores, not the bottleneck stage, set the throughput.
@@ -430,7 +444,7 @@ def summarize(graph: CostGraph, stats: Sequence[StageStats], config: CostConfig)
     else:
         units = m
         per_batch = (m + n - 1) * bottleneck + max(s.shared_s for s in stats)
-    busy = sum(s.time_s for s in stats) * units
+    busy = sum(s.time_s for s in stats) * units * config.data_parallel  # over all N·R ranks
     cores_bound = config.cores is not None and busy / config.cores > per_batch
     if cores_bound:
         per_batch = busy / config.cores
@@ -440,7 +454,7 @@ def summarize(graph: CostGraph, stats: Sequence[StageStats], config: CostConfig)
         "lower_bound_s": lower,
         "balance_ratio": bottleneck / lower if lower > 0 else 1.0,
         "throughput_per_s": 1.0 / per_batch if per_batch > 0 else float("inf"),
-        "bubble_fraction": 1.0 - busy / (n * per_batch) if per_batch > 0 else 0.0,
+        "bubble_fraction": 1.0 - busy / (n * config.data_parallel * per_batch) if per_batch > 0 else 0.0,
         "max_memory_bytes": max(s.memory_bytes for s in stats),
         "cores_bound": cores_bound,
     }

@@ -19,15 +19,25 @@ rows in ``M_N`` micro-batches (``micro_batches``, or N, or 1), so its micro-batc
 activations are scaled by that factor (linear in the rows; small micro-batches use a GPU
 less well than this assumes), parameters, optimizer steps and predictions are not.
 
-**Costs of replication.** Each stage adds its ring all-reduce, ``2(R−1)/R · P_k / bandwidth``
-per optimizer step (:attr:`pipeoptim.compiler.costmodel.CostConfig.allreduce_s_per_byte`),
-not overlapped with the backward (the runtime reduces just before the step), so the
-partitioner balances it with the rest of the stage's work. Memory per device is that of one
-stage of one replica (each device holds one), checked against the limit as for one pipeline.
+Where a *profiler* is given instead of one cost graph (``compile(..., data_parallel="auto")``,
+``benchmarks/layouts.py``), each layout is planned from a profile of its own micro-batch,
+``ceil(B / (R·M_N))`` rows of the mini-batch of ``B`` rows, exactly as ``compile`` plans that
+layout: the prediction of a layout is then the one its compiled plan shows.
+
+**Costs of replication.** Each stage adds its ring all-reduce, ``2(R−1)/R · P_k`` bytes at
+the bandwidth plus ``2(R−1)`` messages of the latency α per optimizer step (the α + β model
+of :attr:`pipeoptim.compiler.costmodel.CostConfig.allreduce_s_per_byte` and
+``allreduce_latency_s``), not overlapped with the backward (the runtime reduces just before
+the step), so the partitioner balances it with the rest of the stage's work. Where the ranks
+share a machine's cores (``config.cores``, CPU ranks), all N·R ranks' work counts against
+them (:func:`pipeoptim.compiler.costmodel.summarize`). Memory per device is that of one stage
+of one replica (each device holds one, a shared parameter's copy at every stage reading it),
+checked against the limit as for one pipeline.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -50,18 +60,23 @@ class LayoutOption:
         stages: N, pipeline stages.
         replicas: R, data-parallel replicas of the pipeline.
         micro_batches: M, micro-batches each replica splits its share into.
-        rows_factor: rows of a micro-batch over the profiled micro-batch's.
+        rows_factor: rows of a micro-batch over the profiled micro-batch's (1.0 where the
+            layout was profiled on its own micro-batch).
+        rows: rows of each of its micro-batches.
         min_feasible_bytes: where the memory limit rules the layout out, the smallest per-device
             limit (bytes) it fits in; else ``None``.
+        error: why it is infeasible, in full (raised where it was the only layout asked for).
     """
 
     stages: int
     replicas: int
     micro_batches: int
     rows_factor: float
+    rows: float = 0.0
     plan: Plan | None = None
     reason: str = ""
     min_feasible_bytes: int | None = None
+    error: PlanError | None = field(default=None, repr=False)
 
     @property
     def devices(self) -> int:
@@ -79,6 +94,7 @@ class LayoutOption:
             "data_parallel": self.replicas,
             "micro_batches": self.micro_batches,
             "rows_factor": self.rows_factor,
+            "rows": self.rows,
             "throughput_per_s": self.throughput_per_s,
             "bottleneck_s": summary.get("bottleneck_s"),
             "allreduce_s": None if self.plan is None else max(s.allreduce_s for s in self.plan.stages),
@@ -160,8 +176,8 @@ def scale_rows(graph: CostGraph, factor: float) -> CostGraph:
 
 
 def candidates(gpus: int, stages: int | None = None, replicas: int | None = None) -> list[tuple[int, int]]:
-    """Every ``(N, R)`` with ``N·R ≤ gpus``, those with ``N`` fixed where ``stages`` is given,
-    and only ``(gpus // R, R)`` where ``replicas`` alone is.
+    """Every ``(N, R)`` with ``N·R ≤ gpus``; only those with ``N = stages`` where it is given
+    and with ``R = replicas`` where that is (both: that one layout).
 
     Raises:
         PlanError: a forced layout needs more than ``gpus`` devices.
@@ -174,54 +190,87 @@ def candidates(gpus: int, stages: int | None = None, replicas: int | None = None
     for what, value in (("stages", stages), ("data-parallel", replicas)):
         if value is not None and value > gpus:
             raise PlanError(f"--{what} {value} needs more than --gpus {gpus} devices: raise --gpus")
-    if replicas is not None and stages is None:
-        stages = max(1, gpus // replicas)
     pairs = [(n, r) for n in range(1, gpus + 1) for r in range(1, gpus // n + 1)]
     return [(n, r) for n, r in pairs if stages in (None, n) and replicas in (None, r)]
 
 
+#: ``profile(rows)``: the cost graph of the model profiled on a micro-batch of ``rows`` rows
+Profiler = Callable[[int], CostGraph]
+
+
+def layout_cores(cores: float | None, devices: int) -> float | None:
+    """The ``cores`` of a layout's config: the machine's shared processors where they are fewer
+    than its ``devices`` ranks, else ``None`` (as :func:`pipeoptim.runtime.linkcost.shared_cores`)."""
+    return cores if cores is not None and cores < devices else None
+
+
 def plan_layout(
-    graph: CostGraph,
+    graph: CostGraph | Profiler,
     config: CostConfig,
     gpus: int,
     stages: int,
     replicas: int,
     micro_batches: int | None,
     plan: Callable[[CostGraph, CostConfig], Plan] = make_plan,
+    mini_batch: int | None = None,
 ) -> LayoutOption:
-    """Plan one layout (``config`` gives method, bandwidths, memory limit and update costs;
-    its stage count and micro-batches are replaced). An infeasible layout has ``plan=None``."""
+    """Plan one layout (``config`` gives method, bandwidths, latency, overheads, memory limit,
+    update costs and the machine's shared cores; its stage count, micro-batches, replicas and
+    cores are replaced). ``graph`` is one cost graph, scaled to the layout's rows, or a
+    :data:`Profiler` called with them (then ``mini_batch``, the mini-batch's rows, is needed).
+    An infeasible layout has ``plan=None``.
+
+    Raises:
+        ValueError: a profiler without ``mini_batch``.
+    """
     m = micro_batches or default_micro_batches(config.method, stages)
-    factor = rows_factor(config.method, gpus, stages, replicas, micro_batches)
-    option = LayoutOption(stages, replicas, m, factor)
-    rows = graph.batch_size * factor
+    if isinstance(graph, CostGraph):
+        factor = rows_factor(config.method, gpus, stages, replicas, micro_batches)
+        rows: float = graph.batch_size * factor
+    elif mini_batch is None:
+        raise ValueError("plan_layout with a profiler needs mini_batch, the rows of one mini-batch")
+    else:
+        factor, rows = 1.0, math.ceil(mini_batch / (m * replicas)) if mini_batch >= m * replicas else 0.0
+    option = LayoutOption(stages, replicas, m, factor, rows)
     if rows < 1:
         option.reason = f"micro-batches of {rows:.2g} rows (the mini-batch has too few)"
+        option.error = PlanError(
+            f"{stages} x {replicas} (stages x replicas) with {m} micro-batches each needs a mini-batch of "
+            f"at least {m * replicas} rows: use a larger batch or fewer replicas or micro-batches"
+        )
         return option
     try:
         check_micro_batches(config.method, stages, m)
-    except ValueError:
+    except ValueError as exc:
         option.reason = f"2bw needs M >= N ({m} < {stages})"
+        option.error = PlanError(str(exc))
         return option
-    layout = replace(config, num_stages=stages, micro_batches=m, data_parallel=replicas)
+    cores = layout_cores(config.cores, stages * replicas)
+    layout = replace(config, num_stages=stages, micro_batches=m, data_parallel=replicas, cores=cores)
     try:
-        option.plan = plan(scale_rows(graph, factor), layout)
+        costs = scale_rows(graph, factor) if isinstance(graph, CostGraph) else graph(int(rows))
+        option.plan = plan(costs, layout)
     except InfeasibleMemoryError as exc:
         option.reason = f"over the memory limit: needs {format_bytes(exc.min_feasible_bytes)} per device"
         option.min_feasible_bytes = exc.min_feasible_bytes
+        option.error = exc
     except PlanError as exc:
         option.reason = str(exc).split(";")[0]
+        option.error = exc
     return option
 
 
 def _raise_infeasible(gpus: int, config: CostConfig, options: list[LayoutOption]) -> None:
-    """Raise the error for no feasible layout: where memory rules layouts out, it names the
-    smallest per-device limit any layout fits in, and that layout.
+    """Raise the error for no feasible layout: the layout's own where only one was asked for;
+    else, where memory rules layouts out, one naming the smallest per-device limit any layout
+    fits in, and that layout.
 
     Raises:
         InfeasibleMemoryError: some layout fits under a larger memory limit.
         PlanError: no layout fits whatever the memory limit.
     """
+    if len(options) == 1 and options[0].error is not None:
+        raise options[0].error
     reasons = "; ".join(f"{o.stages}x{o.replicas}: {o.reason}" for o in options[:4])
     if len(options) > 4:
         reasons += f"; {len(options) - 4} more"
@@ -240,7 +289,7 @@ def _raise_infeasible(gpus: int, config: CostConfig, options: list[LayoutOption]
 
 
 def choose_layout(
-    graph: CostGraph,
+    graph: CostGraph | Profiler,
     config: CostConfig,
     gpus: int,
     *,
@@ -248,16 +297,21 @@ def choose_layout(
     replicas: int | None = None,
     micro_batches: int | None = None,
     plan: Callable[[CostGraph, CostConfig], Plan] = make_plan,
+    mini_batch: int | None = None,
 ) -> LayoutChoice:
     """Plan every layout of ``gpus`` devices (or the forced ones) and choose the fastest.
 
     Args:
-        graph: the cost graph, profiled on one micro-batch (module docstring).
-        config: method, bandwidths, memory limit, optimizer costs (stages are replaced).
+        graph: the cost graph, profiled on one micro-batch of the G-stage pipeline, scaled to
+            each layout's rows; or a :data:`Profiler` giving each layout's own (module docstring).
+        config: method, bandwidths, latency, action overhead, memory limit, optimizer costs, and
+            the cores the ranks share (``cores``: the machine's, where fewer than ``gpus``;
+            stages, micro-batches, replicas and cores are replaced per layout).
         gpus: G, devices available.
-        stages, replicas: force N, or R (then N = ``gpus // R`` unless ``stages`` is given).
+        stages, replicas: force N, or R, or both (:func:`candidates`).
         micro_batches: M for every layout (default: N for GPipe, 1F1B and 2BW, else 1).
         plan: the partitioner (``make_plan`` with the caller's solver options).
+        mini_batch: rows of one mini-batch (needed with a profiler).
 
     Raises:
         InfeasibleMemoryError: no layout fits the memory limit (the error names the smallest
@@ -266,7 +320,7 @@ def choose_layout(
             more than ``gpus`` devices.
     """
     layouts = candidates(gpus, stages, replicas)
-    options = [plan_layout(graph, config, gpus, n, r, micro_batches, plan) for n, r in layouts]
+    options = [plan_layout(graph, config, gpus, n, r, micro_batches, plan, mini_batch) for n, r in layouts]
     feasible = [o for o in options if o.plan is not None]
     if not feasible:
         _raise_infeasible(gpus, config, options)

@@ -19,6 +19,7 @@ from pipeoptim.compiler import partition as partitioners
 from pipeoptim.compiler.assignment import PartitionResult
 from pipeoptim.compiler.costgraph import CostGraph
 from pipeoptim.compiler.costmodel import CostConfig, StageStats, evaluate, summarize
+from pipeoptim.compiler.held_memory import fit_held_copies
 from pipeoptim.compiler.shared import shared_parameters
 from pipeoptim.errors import PlanError
 from pipeoptim.fileio import write_json
@@ -258,21 +259,25 @@ def make_plan(
 
     Raises:
         PlanError: bad stage count or partitioner.
-        InfeasibleMemoryError: the memory limit cannot be met.
+        InfeasibleMemoryError: the memory limit cannot be met, a copy of each shared
+            parameter counted at every stage holding it (:mod:`pipeoptim.compiler.held_memory`).
     """
-    if partitioner == "ilp":
-        result = partitioners.ilp(
-            graph, config, solver=solver, time_limit=time_limit, max_units=max_units, ideals=ideals
-        )
-    elif partitioner == "chain_dp":
-        result = baselines.chain_dp(graph, config)
-        assert result is not None
-    elif partitioner in baselines.BASELINES:
-        result = baselines.BASELINES[partitioner](graph, config)
-    else:
+    if partitioner not in ("ilp", "chain_dp", *baselines.BASELINES):
         names = ", ".join(["ilp", "chain_dp", *baselines.BASELINES])
         raise PlanError(f"unknown partitioner {partitioner!r}; choose one of {names}")
-    return plan_from_assignment(graph, config, result)
+
+    def solve(graph: CostGraph, config: CostConfig) -> PartitionResult:
+        if partitioner == "ilp":
+            return partitioners.ilp(
+                graph, config, solver=solver, time_limit=time_limit, max_units=max_units, ideals=ideals
+            )
+        if partitioner == "chain_dp":
+            result = baselines.chain_dp(graph, config)
+            assert result is not None
+            return result
+        return baselines.BASELINES[partitioner](graph, config)
+
+    return plan_from_assignment(graph, config, fit_held_copies(graph, config, solve))
 
 
 def plan_from_assignment(graph: CostGraph, config: CostConfig, result: PartitionResult) -> Plan:

@@ -1,0 +1,262 @@
+"""``compile(..., data_parallel="auto")``: the layout of ``gpus`` devices chosen by the planner.
+
+Every layout of N stages × R replicas with ``N·R ≤ gpus`` is planned from a profile of its own
+micro-batch (``ceil(B / (R·M))`` rows of the example mini-batch of B rows, the micro-batch
+``compile`` plans that layout from) with the cost model ``compile`` uses (bandwidth, latency,
+action overhead, optimizer-update costs, the CPU cores the ranks share), and the fastest is
+chosen (:func:`pipeoptim.compiler.layouts.choose_layout`). ``compile`` then builds the chosen
+layout as if it had been asked for it: profiles and update costs come from ``profile_dir``, so
+its plan is the one chosen and predicts the same throughput (with ``profile_dir=None`` both are
+measured again, and may differ by the timing noise).
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable, Sequence
+from functools import partial
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
+
+from pipeoptim.compiler import profile_model
+from pipeoptim.compiler.costgraph import CostGraph
+from pipeoptim.compiler.costmodel import CostConfig, optimizer_state_factor
+from pipeoptim.compiler.layouts import LayoutChoice, choose_layout
+from pipeoptim.compiler.plan import Plan, make_plan
+from pipeoptim.errors import PlanError
+from pipeoptim.inputs import as_tuple
+from pipeoptim.methods import METHODS, get_method
+from pipeoptim.runtime import spmd
+from pipeoptim.runtime.clipping import check_clipping
+from pipeoptim.runtime.linkcost import shared_cores
+from pipeoptim.runtime.precision import autocast_context, check_autocast
+from pipeoptim.runtime.replicas import check_replicated_options
+from pipeoptim.units import parse_bandwidth, parse_bytes
+from pipeoptim.update_cost import UpdateCostError, load_or_measure_update_cost
+
+if TYPE_CHECKING:
+    from pipeoptim.pipeline import Pipeline
+
+
+def choose_compile_layout(
+    model: nn.Module,
+    inputs: Sequence[torch.Tensor],
+    config: CostConfig,
+    gpus: int,
+    micro_batches: int | None,
+    *,
+    stages: int | None = None,
+    replicas: int | None = None,
+    leaf_modules: Sequence[str] = (),
+    profile_dir: str | None = "profiles",
+    device: torch.device | str = "cpu",
+    solver: str = "cbc",
+    autocast: torch.dtype | None = None,
+    log: Callable[[str], None] = lambda _msg: None,
+    runnable: Callable[[int, int], None] = lambda _stages, _replicas: None,
+) -> LayoutChoice:
+    """The fastest predicted layout of ``gpus`` devices for ``model`` on the mini-batch ``inputs``.
+
+    Args:
+        model: the model (not changed).
+        inputs: one mini-batch of inputs, ``[B, ...]`` each.
+        config: ``compile``'s cost model for ``gpus`` stages; ``cores`` are the CPU cores the
+            ranks share where fewer than ``gpus`` (:func:`pipeoptim.runtime.linkcost.shared_cores`).
+        gpus: G, devices available.
+        micro_batches: M of every layout (``None``: N for gpipe, 1f1b and 2bw, else 1).
+        stages, replicas: force N, or R, or both.
+        leaf_modules, profile_dir, device, solver, autocast, log: as ``compile``'s.
+        runnable: ``runnable(N, R)`` raises ``ValueError`` for a layout ``compile`` refuses
+            with the other options (then it is infeasible, for that reason).
+
+    Raises:
+        InfeasibleMemoryError, PlanError: no layout is feasible, or a forced one needs more
+            than ``gpus`` devices (from ``choose_layout``).
+        TraceError, ProfileError: from profiling.
+    """
+    batch = int(inputs[0].shape[0])
+
+    def profile(rows: int) -> CostGraph:
+        micro = tuple(x[:rows].detach().cpu() for x in inputs)
+        with autocast_context(autocast, device):
+            graph, _ = profile_model(
+                model, micro, leaf_modules=leaf_modules, profile_dir=profile_dir, device=device, log=log
+            )
+        return graph
+
+    def plan(graph: CostGraph, layout: CostConfig) -> Plan:
+        try:
+            runnable(layout.num_stages, layout.data_parallel)
+        except ValueError as exc:
+            raise PlanError(str(exc)) from exc
+        made = make_plan(graph, layout, solver=solver)
+        if layout.data_parallel > 1 and made.shared:
+            raise PlanError("tied weights read by several stages cannot be replicated yet")
+        return made
+
+    return choose_layout(
+        profile,
+        config,
+        gpus,
+        stages=stages,
+        replicas=replicas,
+        micro_batches=micro_batches,
+        plan=plan,
+        mini_batch=batch,
+    )
+
+
+def stage_device(kind: str, input_device: torch.device) -> torch.device:
+    """Where the stages will run (and are profiled) under executor ``kind``: the inputs' device
+    (``"local"``), else the first GPU or the CPU."""
+    if kind == "local":
+        return input_device
+    return torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
+
+
+def layout_compiler(
+    compile_fn: Callable[..., Pipeline], stages: int | str | None, replicas: int | str
+) -> Callable[..., Pipeline]:
+    """``compile_fn`` (``pipeoptim.compile``) for ``stages`` N and ``replicas`` R as
+    ``pipeoptim train`` takes them: ``compile_fn`` itself for an R and no N (N = gpus / R),
+    else :func:`compile_best_layout` searching what is ``"auto"`` (R; N also where ``None``)."""
+    if stages is None and replicas != "auto":
+        return compile_fn
+    return partial(
+        compile_best_layout,
+        compile_fn,
+        stages=None if stages == "auto" else stages,
+        replicas=None if replicas == "auto" else replicas,
+    )
+
+
+def layout_record(plan: Plan) -> dict[str, Any]:
+    """The layout a plan is for, and every layout considered where the planner chose it
+    (``stages``, ``data_parallel``, ``options``), for ``metrics.json``."""
+    layout = {"stages": plan.num_stages, "data_parallel": plan.config.data_parallel}
+    return {**layout, **plan.summary.get("layouts", {})}
+
+
+def compile_best_layout(
+    compile_fn: Callable[..., Pipeline],
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    gpus: int = 4,
+    *,
+    stages: int | None = None,
+    replicas: int | None = None,
+    **options: Any,
+) -> Pipeline:
+    """``compile_fn(model, optimizer, gpus, **options)`` (``pipeoptim.compile``) in the fastest
+    predicted layout
+    of N stages × R replicas with ``N·R ≤ gpus`` (``stages`` / ``replicas`` force N, R or both;
+    :func:`plan_best_layout`); ``pipe.plan.summary["layouts"]`` lists every layout considered.
+    ``options`` are ``compile``'s keyword arguments (``data_parallel`` is ignored: it is chosen).
+
+    Raises:
+        ValueError: a bad argument, or the torchrun executor (its world size fixes the ranks).
+        InfeasibleMemoryError, PlanError: no layout is feasible; and what ``compile`` raises.
+    """
+    options.pop("data_parallel", None)
+    choice = plan_best_layout(model, optimizer, gpus, stages=stages, replicas=replicas, **options)
+    n, r = choice.chosen.stages, choice.chosen.replicas
+    pipe = compile_fn(model, optimizer, n * r, **options, data_parallel=r)
+    pipe.plan.summary["layouts"] = choice.to_dict()
+    return pipe
+
+
+def plan_best_layout(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    gpus: int = 4,
+    *,
+    stages: int | None = None,
+    replicas: int | None = None,
+    **options: Any,
+) -> LayoutChoice:
+    """Every layout of N stages × R replicas with ``N·R ≤ gpus`` (``stages`` / ``replicas``
+    force N, R or both), planned as ``pipeoptim.compile(model, optimizer, N·R, **options,
+    data_parallel=R)`` would plan it, best first (module docstring). ``options`` are
+    ``compile``'s keyword arguments (``data_parallel`` is ignored).
+
+    Raises:
+        ValueError: a bad argument, or the torchrun executor (its world size fixes the ranks).
+        InfeasibleMemoryError, PlanError: no layout is feasible, or a forced one needs more
+            than ``gpus`` devices.
+    """
+    kind = options.get("executor", "auto")
+    if kind == "torchrun" or (kind == "auto" and spmd.under_torchrun()):
+        raise ValueError(
+            "data_parallel='auto' cannot run under torchrun (the world size fixes the ranks): choose the "
+            "layout with `pipeoptim partition MODEL --gpus G` and pass data_parallel=R"
+        )
+    if not isinstance(gpus, int) or isinstance(gpus, bool) or gpus < 1:
+        raise ValueError(f"gpus must be a positive integer (devices), got {gpus!r}")
+    method = options.get("method", "pipeoptim")
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
+    examples = options.get("example_inputs")
+    inputs = as_tuple(examples) if isinstance(examples, (torch.Tensor, tuple, list)) else ()
+    if not inputs or not all(isinstance(x, torch.Tensor) and x.dim() > 0 for x in inputs):
+        raise ValueError(
+            "example_inputs must be a tensor or a tuple of tensors with a batch dimension (dim 0)"
+        )
+    device = stage_device(kind, inputs[0].device)
+    say = options.get("log") or (lambda _msg: None)
+    profile_dir = options.get("profile_dir", "profiles")
+    try:
+        step_cost, predict_cost = load_or_measure_update_cost(
+            type(optimizer), optimizer.defaults, device, profile_dir=profile_dir, log=say
+        )
+    except UpdateCostError as exc:
+        say(f"optimizer step cost not modelled in the plan: {exc}")
+        step_cost = predict_cost = 0.0
+    bandwidth = options.get("bandwidth", "25GB/s")
+    memory = options.get("memory")
+    config = CostConfig(
+        num_stages=gpus,
+        method=method,
+        bandwidth=parse_bandwidth(bandwidth) if bandwidth is not None else None,
+        memory_limit=parse_bytes(memory) if memory is not None else None,
+        opt_state_factor=optimizer_state_factor(optimizer),
+        step_s_per_byte=step_cost,
+        predict_s_per_byte=predict_cost,
+        latency_s=options.get("latency", 0.0),
+        action_overhead_s=options.get("action_overhead", 0.0),
+        cores=shared_cores(gpus) if device.type == "cpu" else None,
+    )
+    choice = choose_compile_layout(
+        copy.deepcopy(model).cpu(),
+        inputs,
+        config,
+        gpus,
+        options.get("micro_batches"),
+        stages=stages,
+        replicas=replicas,
+        leaf_modules=options.get("leaf_modules", ()),
+        profile_dir=profile_dir,
+        device=device,
+        solver=options.get("solver", "cbc"),
+        autocast=options.get("autocast"),
+        log=say,
+        runnable=partial(_runnable, options),
+    )
+    n, r = choice.chosen.stages, choice.chosen.replicas
+    say(f"layout {n} x {r} (stages x replicas) chosen of {gpus} devices:\n{choice.table()}")
+    return choice
+
+
+def _runnable(options: dict[str, Any], stages: int, replicas: int) -> None:
+    """Refuse, as ``compile`` would with these ``options``, N stages × R replicas.
+
+    Raises:
+        ValueError: clipping or float16 with an asynchronous method on several stages, or an
+            option replicas do not support yet.
+    """
+    asynchronous = get_method(options.get("method", "pipeoptim")).asynchronous
+    check_clipping(options.get("max_grad_norm"), asynchronous, stages)
+    check_autocast(options.get("autocast"), asynchronous, stages)
+    clip, batch_norm = options.get("max_grad_norm"), options.get("batch_norm", "micro-batch")
+    check_replicated_options(replicas, clip, batch_norm, options.get("autocast"))
