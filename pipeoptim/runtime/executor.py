@@ -113,6 +113,8 @@ def run_action(stage: StageRuntime, action: Action, channel: Channel, state: Sta
             channel.send_grads(mb, result)
         state.last_backward = mb
     else:
+        if stage.reduce_gradients is not None:  # over the replicas first, then over the holders
+            stage.reduce_gradients(stage.trainable())
         if stage.shared is not None:
             stage.shared.set_grads(channel)
         if stage.steps_together:

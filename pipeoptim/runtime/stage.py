@@ -109,8 +109,9 @@ class StageRuntime:
         self.seed = seed
         self.steps = 0
         self.prediction_error = PredictionErrorMeter(prediction_error_every)
-        #: sums the gradients over the stage's data-parallel replicas before each step
-        #: (:mod:`pipeoptim.runtime.replicas`); ``None`` with one replica
+        #: sums the gradients over the stage's data-parallel replicas before each step, and
+        #: before the shared parameters' sum over holders (:func:`pipeoptim.runtime.executor.
+        #: run_action`; :mod:`pipeoptim.runtime.replicas`); ``None`` with one replica
         self.reduce_gradients: Callable[[Sequence[torch.Tensor]], None] | None = None
         self._in_flight: dict[int, _InFlight] = {}
         self._module_storages: set[int] | None = None
@@ -357,8 +358,6 @@ class StageRuntime:
                 del self._hyper[key]
             if hyper is not None and self.optimizer is not None:
                 apply_hyperparameters(self.optimizer, self.group_map, hyper)
-        if self.reduce_gradients is not None:
-            self.reduce_gradients(self.trainable())
         if self.policy is not None:
             self.policy.before_step()
         if self.optimizer is not None and not skip:

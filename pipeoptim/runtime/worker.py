@@ -64,9 +64,12 @@ class StageProcess:
             first_rank=self.replica * self.world,
         )
         holders = shared_holders(spec.plan)
-        if len(holders) > 1:  # every rank creates every group, in the same order
-            group = dist.new_group(holders, timeout=datetime.timedelta(seconds=timeout))
-            if rank in holders:
+        for replica in range(spec.data_parallel if len(holders) > 1 else 0):
+            # the holders of each replica sum their parts (already summed over the replicas);
+            # every rank creates every group, in the same order
+            ranks = [replica * self.world + k for k in holders]
+            group = dist.new_group(ranks, timeout=datetime.timedelta(seconds=timeout))
+            if replica == self.replica and rank in holders:
                 self.channel.shared_group, self.channel.shared_size = group, len(holders)
         self.device = device
         self.timeline: deque[tuple[str, int, float, float]] = deque(maxlen=4096)
