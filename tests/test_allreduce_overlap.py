@@ -90,9 +90,9 @@ def one_rank_group():
 
 def test_buckets_start_during_the_armed_backward_in_bucket_order(one_rank_group) -> None:
     """Three layers, one bucket each (buckets of 1 KiB): in the armed backward the hooks start
-    all three before the step; a layer the backward does not reach holds back its bucket and
-    every later one until the step. Gradients come back as they were (one rank), ``None``
-    where there was none."""
+    the first two before the step (the last waits for the step, after the gradient send); a
+    layer the backward does not reach holds back its bucket and every later one until the
+    step. Gradients come back as they were (one rank), ``None`` where there was none."""
     torch.manual_seed(0)
     layers = nn.ModuleList(nn.Linear(12, 12, bias=False) for _ in range(3))  # 576 bytes each
     params = list(layers.parameters())
@@ -106,7 +106,7 @@ def test_buckets_start_during_the_armed_backward_in_bucket_order(one_rank_group)
         p.grad = None
     reducer.arm()
     layers[2](layers[1](layers[0](x))).sum().backward()
-    assert reducer.overlapped == 3  # buckets: layer 2, layer 1, layer 0 (reverse order)
+    assert reducer.overlapped == 2  # buckets: layer 2, layer 1, (layer 0 at the step)
     want = [p.grad.clone() for p in params]
     reducer(params)
     assert all(torch.equal(p.grad, w) for p, w in zip(params, want))
@@ -115,7 +115,7 @@ def test_buckets_start_during_the_armed_backward_in_bucket_order(one_rank_group)
         p.grad = None
     reducer.arm()
     layers[2](layers[0](x)).sum().backward()  # layer 1 unused: its bucket (the second) waits
-    assert reducer.overlapped == 4  # layer 2's bucket only; layer 0's waits behind layer 1's
+    assert reducer.overlapped == 3  # layer 2's bucket only; layer 0's waits behind layer 1's
     want = [None if p.grad is None else p.grad.clone() for p in params]
     reducer(params)
     assert params[1].grad is None

@@ -12,8 +12,10 @@ after the backward is::
 
     exposed(A, b, n) = max(A / n, A − b · (n − 1) / n)
 
-With one bucket nothing overlaps (``exposed = A``); with a backward much longer than the
-all-reduce only the last bucket shows (``A / n``).
+The runtime starts the last bucket at the step, right after the backward (and the gradient
+send to the previous stage): the time this model gives it. With one bucket nothing overlaps
+(``exposed = A``); with a backward much longer than the all-reduce only the last bucket shows
+(``A / n``).
 """
 
 from __future__ import annotations

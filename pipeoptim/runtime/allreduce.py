@@ -21,9 +21,12 @@ after every backward (2BW: every M-th). The worker arms the reducer before that 
 bucket's all-reduce (``async_op=True``) as soon as the backward has produced all of its
 gradients, while the backward goes on. The buckets hold the parameters in reverse order (the
 backward reaches the last layers first) and start strictly in bucket order, so every replica
-issues the same collectives in the same order whatever its branches; buckets the last backward
-did not complete (a parameter it did not reach) start at the step, which then waits on all of
-them. The sums are the same bits as without the overlap; the local executor sums in memory
+issues the same collectives in the same order whatever its branches. The last bucket, ready
+only as the backward ends, starts at the step, after the stage has sent the previous stage its
+input gradients (the pipeline's critical path; started in the hook, its reduction would compete
+with that send for the CPU); so do buckets the last backward did not complete (a parameter it
+did not reach). The step then waits on all of them. With one bucket nothing overlaps. The
+sums are the same bits as without the overlap; the local executor sums in memory
 (:func:`sum_in_memory`), with nothing to overlap.
 
 The ring all-reduce moves ``2(R−1)/R · bytes`` per replica (Patarasuk and Yuan, JPDC 2009);
@@ -149,7 +152,7 @@ class GroupAllReduce:
         if not self._armed:
             return
         self._reached[self._bucket_of[id(p)]].add(id(p))
-        while len(self._works) < len(self._buckets):
+        while len(self._works) < len(self._buckets) - 1:  # the last one starts at the step
             nxt = len(self._works)
             if len(self._reached[nxt]) < len(self._buckets[nxt]):
                 break
