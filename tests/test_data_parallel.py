@@ -133,11 +133,11 @@ def test_processes_equal_local_executor_bit_for_bit(method: str) -> None:
     """4 worker processes (2 stages × 2 replicas, gloo all-reduce) compute exactly what the
     local executor does; 1F1B equals plain training too, the replicas stay identical."""
     batches = data(50 if method == "pipeoptim" else 6, seed=3)
-    runs = {}
-    for executor in ("local", "processes"):
-        with compile_mlp(mlp(), SGD_MOMENTUM[0], method, executor) as pipe:
+    runs, plan = {}, None
+    for executor in ("local", "processes"):  # the same plan (a plan follows the profile's timings)
+        with compile_mlp(mlp(), SGD_MOMENTUM[0], method, executor, plan=plan) as pipe:
             losses = list(pipe.train(batches))
-            runs[executor] = losses, assert_replicas_identical(pipe)
+            runs[executor], plan = (losses, assert_replicas_identical(pipe)), pipe.plan
     assert runs["processes"][0] == runs["local"][0]
     for key, value in runs["local"][1].items():
         assert torch.equal(runs["processes"][1][key], value), key

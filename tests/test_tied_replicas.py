@@ -72,14 +72,15 @@ def test_tied_replicas_processes_equal_local_bit_for_bit() -> None:
     holders' all-gather per replica) compute exactly what the local executor does."""
     data = batches(8)
 
-    def run(executor: str):
+    def run(executor: str, plan=None):
         with compile_gpt(
-            gpt(), "pipeoptim", stages=4, data_parallel=2, executor=executor, profile_dir=None
+            gpt(), "pipeoptim", stages=4, data_parallel=2, executor=executor, profile_dir=None, plan=plan
         ) as pipe:
             losses = list(pipe.train(data))
-            return losses, pipe.stage_state_dicts(), pipe._executor.replica_state_dicts()
+            return losses, pipe.stage_state_dicts(), pipe._executor.replica_state_dicts(), pipe.plan
 
-    local, procs = run("local"), run("processes")
+    local = run("local")
+    procs = run("processes", plan=local[3])  # the same plan (a plan follows the profile's timings)
     assert procs[0] == local[0]
     for own, theirs in zip(local[1] + local[2], procs[1] + procs[2]):
         assert own.keys() == theirs.keys()
