@@ -308,12 +308,6 @@ def compile(
         chosen, static_batch, dynamic_length = Plan.from_dict(shared[0]), shared[1], shared[2]
         if not rank0:
             traced = trace(model_copy, micro, leaf_modules)
-    if data_parallel > 1 and chosen.shared:
-        raise PlanError(
-            f"parameters read by several stages ({', '.join(sorted(chosen.shared))}: tied weights) with "
-            "data_parallel > 1 are not supported yet: use data_parallel=1, or a plan that keeps their "
-            "readers in one stage"
-        )
     for dropped in (dropped_hooks_warning(model_copy, traced), compiled_modules_warning(model_copy)):
         if dropped is not None:
             warnings.warn(dropped, stacklevel=2)

@@ -133,11 +133,11 @@ def test_processes_equal_local_executor_bit_for_bit(method: str) -> None:
     """4 worker processes (2 stages × 2 replicas, gloo all-reduce) compute exactly what the
     local executor does; 1F1B equals plain training too, the replicas stay identical."""
     batches = data(50 if method == "pipeoptim" else 6, seed=3)
-    runs = {}
-    for executor in ("local", "processes"):
-        with compile_mlp(mlp(), SGD_MOMENTUM[0], method, executor) as pipe:
+    runs, plan = {}, None
+    for executor in ("local", "processes"):  # the same plan (a plan follows the profile's timings)
+        with compile_mlp(mlp(), SGD_MOMENTUM[0], method, executor, plan=plan) as pipe:
             losses = list(pipe.train(batches))
-            runs[executor] = losses, assert_replicas_identical(pipe)
+            runs[executor], plan = (losses, assert_replicas_identical(pipe)), pipe.plan
     assert runs["processes"][0] == runs["local"][0]
     for key, value in runs["local"][1].items():
         assert torch.equal(runs["processes"][1][key], value), key
@@ -218,38 +218,72 @@ def test_bad_layouts_are_clear_errors() -> None:
         pipe.step(*data(1, batch=1)[0])
 
 
+def layout_case(tied: bool):
+    """``(model(seed), optimizer factory, batches, compile(model, opt, gpus, replicas, m))``: the
+    MLP with AdamW, or the GPT with tied embeddings (tests/test_shared_params.py) with SGD."""
+    from pipeoptim.examples import TinyGPT
+    from tests import test_shared_params as tied_gpt
+
+    if tied:
+
+        def gpt_model(seed: int) -> nn.Module:
+            torch.manual_seed(seed)
+            return TinyGPT(vocab=tied_gpt.VOCAB, dim=16, heads=2, layers=2, context=tied_gpt.SEQ)
+
+        return gpt_model, tied_gpt.make_opt("gpipe"), tied_gpt.batches(6), tied_gpt.lm_loss
+
+    def mlp_model(seed: int) -> nn.Module:
+        torch.manual_seed(seed)
+        return nn.Sequential(
+            nn.Flatten(), nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 10)
+        )
+
+    adamw = lambda m: torch.optim.AdamW(m.parameters(), lr=3e-3, weight_decay=0.01)  # noqa: E731
+    return mlp_model, adamw, data(6, seed=5), F.cross_entropy
+
+
+@pytest.mark.parametrize("tied", [False, True], ids=["mlp", "tied-gpt"])
 @pytest.mark.parametrize("stages, replicas", [(4, 1), (1, 4)])
-def test_checkpoint_of_2x2_loads_into_any_layout(tmp_path: Path, stages: int, replicas: int) -> None:
+def test_checkpoint_of_2x2_loads_into_any_layout(
+    tmp_path: Path, stages: int, replicas: int, tied: bool
+) -> None:
     """One copy of each parameter and its optimizer state is saved; a pipeline of another
-    layout resumes from it and trains on as the 2 × 2 one does (GPipe, AdamW: every layout
-    equals plain training)."""
-    batches = data(6, seed=5)
-    adamw = (lambda m: torch.optim.AdamW(m.parameters(), lr=3e-3, weight_decay=0.01), "adamw")
-    with compile_mlp(mlp(), adamw[0], "gpipe", "local", micro_batches=2) as pipe:
+    layout resumes from it and trains on as the 2 × 2 one does (GPipe: every layout equals
+    plain training). The tied GPT's embedding is held by both stages of both replicas in the
+    2 × 2 layout, by stages 0 and 3 in 4 × 1 and by the single stage in 1 × 4."""
+    make_model, make_opt, batches, loss_fn = layout_case(tied)
+
+    def build(model: nn.Module, gpus: int, r: int, m: int) -> pipeoptim.Pipeline:
+        return pipeoptim.compile(
+            model,
+            make_opt(model),
+            gpus,
+            data_parallel=r,
+            example_inputs=batches[0][0],
+            loss_fn=loss_fn,
+            method="gpipe",
+            micro_batches=m,
+            executor="local",
+            profile_dir=None,
+        )
+
+    with build(make_model(0), 4, 2, 2) as pipe:
+        assert not tied or pipe.plan.shared == {"tok_weight": [0, 1]}
         for x, y in batches[:3]:
             pipe.step(x, y)
         pipe.save_checkpoint(tmp_path / "ckpt.pt")
         saved = pipe.state_dict()
         expected = [pipe.step(x, y).item() for x, y in batches[3:]]
         final = pipe.state_dict()
-    model = nn.Sequential(  # other initial weights: all of them come from the checkpoint
-        nn.Flatten(), nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 10)
-    )
-    with pipeoptim.compile(
-        model,
-        adamw[0](model),
-        stages * replicas,
-        data_parallel=replicas,
-        example_inputs=data(1)[0][0],
-        loss_fn=F.cross_entropy,
-        method="gpipe",
-        micro_batches=4 // replicas,
-        executor="local",
-        profile_dir=None,
-    ) as other:
+    with build(make_model(1), stages * replicas, replicas, 4 // replicas) as other:  # other weights
         other.load_checkpoint(tmp_path / "ckpt.pt")
         assert other.mini_batches_done == 3
         loaded = other.state_dict()
+        if tied and stages == 4:
+            assert other.plan.shared == {"tok_weight": [0, 3]}
+            held = other.stage_state_dicts()
+            assert torch.equal(held[0]["tok.weight"], saved["tok.weight"])
+            assert torch.equal(held[3]["tok.weight"], saved["tok.weight"])
         got = [other.step(x, y).item() for x, y in batches[3:]]
         if replicas > 1:
             assert_replicas_identical(other)

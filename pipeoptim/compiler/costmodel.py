@@ -9,10 +9,14 @@ Stage time (seconds per micro-batch) of stage k::
           + P_k * (step_s_per_byte * steps per micro-batch + predict_s_per_byte)   (update)
           + (A[k-1] + G[k-1] + A[k] + G[k]) / bandwidth + latency_s * messages_k   (comm)
           + action_overhead_s * actions per micro-batch                          (overhead)
-          + (P_k * 2(R-1)/R / allreduce bandwidth + 2(R-1) * latency_s)
+          + exposed(P_k * 2(R-1)/R / allreduce bandwidth + 2(R-1) * latency_s, bwd_k, n_k)
             * steps per micro-batch                                               (R replicas)
 
-where ``A[b]`` are the activation bytes crossing boundary b (between stage b and b+1) forward
+where ``exposed`` is the part of the replicas' all-reduce the last backward before the step
+does not hide (:func:`pipeoptim.compiler.overlap.exposed_allreduce_seconds`, ``n_k`` gradient
+buckets of ``P_k``). The partitioners place cuts with the whole all-reduce (linear in
+``P_k``, :meth:`CostConfig.work_s`), an upper bound of the exposed part.
+``A[b]`` are the activation bytes crossing boundary b (between stage b and b+1) forward
 and ``G[b]`` the gradient bytes crossing it backward. A value produced at stage i and read at
 stage j > i crosses every boundary i..j-1 (it is passed on by the stages in between), and is
 counted on each. Stage k receives ``A[k-1]`` and ``G[k]`` and sends ``A[k]`` and ``G[k-1]``.
@@ -72,6 +76,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from pipeoptim.compiler.costgraph import CostGraph
+from pipeoptim.compiler.overlap import bucket_count, exposed_allreduce_seconds
 from pipeoptim.compiler.shared import reduce_bytes, shared_parameters
 from pipeoptim.methods import Method, get_method
 
@@ -140,8 +145,8 @@ class CostConfig:
             stage's replicas all-reduce its gradients before every step, a ring all-reduce
             moving ``2(R−1)/R`` bytes per gradient byte (Patarasuk and Yuan, JPDC 2009) at
             :attr:`allreduce_bandwidth` in ``2(R−1)`` messages of :attr:`latency_s` each
-            (the α + β model of the links between stages), not overlapped with the backward
-            (the runtime reduces just before the step, :mod:`pipeoptim.runtime.allreduce`).
+            (the α + β model of the links between stages), overlapped with the last backward
+            before the step where its buckets allow (:mod:`pipeoptim.compiler.overlap`).
         allreduce_bandwidth: bytes per second between a stage's replicas; ``None``: the
             same as :attr:`bandwidth`.
         recompute: whether the planners may let a stage recompute its activations where
@@ -249,7 +254,7 @@ class StageStats:
     shared_bytes: int = 0
     #: seconds per optimizer step of that exchange (both ways, at the bandwidth)
     shared_s: float = 0.0
-    allreduce_s: float = 0.0  # the replicas' gradient all-reduce, per micro-batch
+    allreduce_s: float = 0.0  # the replicas' gradient all-reduce not overlapped, per micro-batch
     #: whether the stage recomputes its forward before each backward (planned recomputation)
     recompute: bool = False
     #: seconds per micro-batch of that recomputation (its forward again; 0 without)
@@ -364,7 +369,11 @@ def evaluate(
         overhead = config.action_overhead_s * (2 + config.steps_per_micro_batch)
         reduce = sum(reduce_bytes(graph.nodes[i].param_bytes, len(h)) for i, h in shared.items() if k in h)
         update = params * config.update_s_per_byte
-        allreduce = params * config.allreduce_s_per_byte + (config.allreduce_latency_s if params else 0.0)
+        allreduce = exposed_allreduce_seconds(
+            params * config.allreduce_s_per_byte + (config.allreduce_latency_s if params else 0.0),
+            bwd * config.steps_per_micro_batch,
+            bucket_count(params),
+        )
         copies = config.method_info.extra_weight_copies(k, n)
         opt = int(params * config.opt_state_factor)
         buffers = sum(x.buffer_bytes for x in nodes)

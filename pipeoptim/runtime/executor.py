@@ -126,6 +126,8 @@ def run_action(stage: StageRuntime, action: Action, channel: Channel, state: Sta
                 channel.send_note("grad", mb, note)
         state.last_backward = mb
     else:
+        if stage.reduce_gradients is not None:  # over the replicas first, then over the holders
+            stage.reduce_gradients(stage.trainable())
         if stage.shared is not None:
             stage.shared.set_grads(channel)
         if norms is not None:

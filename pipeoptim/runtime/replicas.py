@@ -10,6 +10,13 @@ and 1F1B equal plain training on the whole mini-batch, and with identical gradie
 optimizer states the asynchronous methods make identical predictions (PipeOptim, SpecTrain),
 stash identical versions (PipeDream, 2BW) and keep the replicas bit-identical.
 
+**Tied weights** (shared parameters, :mod:`pipeoptim.runtime.shared`): each holder stage
+first sums its gradient over its replicas (with the rest of its gradients), then the holders
+of each replica sum those parts over the replica's holders in stage order. The sum is
+``Σ_holders Σ_replicas``, the whole mini-batch's gradient of the parameter, and every copy on
+every rank gets the same bits (each replica adds the same replica-summed parts in the same
+order), so the copies stay identical under every method.
+
 BatchNorm running statistics are each replica's own (every replica normalises and tracks its
 rows, as DDP with ``broadcast_buffers=False``); the weights and checkpoints are replica 0's.
 """
@@ -153,11 +160,13 @@ class _Replica(LocalExecutor):
             queue.extend(actions)
 
     def _ready(self, k: int, action: Action) -> bool:
-        if action.op == STEP and not self.group.may_step(self.replica, k):
-            return False
-        together = action.op == STEP and self.stages[k].steps_together and self._clip_total is None
-        if together and not self.group.round_open():
-            return False  # the round's norm needs every stage of every replica's gradients
+        if action.op == STEP:
+            if not self.group.may_step(self.replica, k):
+                return False
+            together = self.stages[k].steps_together and self._clip_total is None
+            if together and not self.group.round_open():
+                return False  # the round's norm needs every stage of every replica's gradients
+            self.group.reduce_round(k)  # before the shared parameters' parts are posted
         return super()._ready(k, action)
 
     def round_squared_norm(self, stage: int) -> float:
@@ -172,8 +181,9 @@ class ReplicatedLocalExecutor:
     process, deterministically, computing what the distributed executors compute.
 
     Each replica runs its own action lists (:class:`pipeoptim.runtime.executor.LocalExecutor`);
-    a stage's step waits until that stage of every replica has reached it, and the first of
-    them to step sums the gradients of all (:func:`pipeoptim.runtime.allreduce.sum_in_memory`).
+    a stage's step waits until that stage of every replica has reached it, and then, before the
+    shared parameters' parts are posted, the gradients of all are summed once
+    (:func:`pipeoptim.runtime.allreduce.sum_in_memory`).
 
     Args:
         replicas: per replica, its stage runtimes in order.
@@ -193,8 +203,7 @@ class ReplicatedLocalExecutor:
             for r, stages in enumerate(replicas)
         ]
         self._stepped: list[set[int]] = [set() for _ in range(self.num_stages)]
-        #: stages whose gradients :meth:`round_total` has summed ahead of their steps
-        self._presummed = [False] * self.num_stages
+        self._reduced = [False] * self.num_stages
         self._round: tuple[float, int] | None = None  # the round's total, replicas that took it
         for r, executor in enumerate(self.replicas):
             for stage in executor.stages:
@@ -212,19 +221,22 @@ class ReplicatedLocalExecutor:
             return replica not in self._stepped[stage]
         return all(q.queues[stage] and q.queues[stage][0].op == STEP for q in self.replicas)
 
+    def reduce_round(self, stage: int) -> None:
+        """Sum ``stage``'s gradients over the replicas, once per round of steps (every replica
+        has its gradients: :meth:`may_step`)."""
+        if not self._reduced[stage]:
+            sum_in_memory([executor.stages[stage].trainable() for executor in self.replicas])
+            self._reduced[stage] = True
+
     def _reducer(self, replica: int, stage: int) -> Callable[[Sequence[torch.Tensor]], None]:
         def reduce(_params: Sequence[torch.Tensor]) -> None:
-            if not self._stepped[stage] and not self._presummed[stage]:
-                self._sum(stage)
+            self.reduce_round(stage)
             self._stepped[stage].add(replica)
             if len(self._stepped[stage]) == len(self.replicas):
                 self._stepped[stage] = set()
-                self._presummed[stage] = False
+                self._reduced[stage] = False
 
         return reduce
-
-    def _sum(self, stage: int) -> None:
-        sum_in_memory([executor.stages[stage].trainable() for executor in self.replicas])
 
     def round_open(self) -> bool:
         """Whether a round of steps taken together may begin or has begun (:meth:`round_total`):
@@ -239,9 +251,7 @@ class ReplicatedLocalExecutor:
         over the replicas not summed yet, and every replica gets the same number."""
         if self._round is None:
             for k in range(self.num_stages):
-                if not self._stepped[k] and not self._presummed[k]:
-                    self._sum(k)
-                    self._presummed[k] = True
+                self.reduce_round(k)
             self._round = (sum(norm_share(stage) for stage in self.replicas[0].stages), 0)
         total, taken = self._round
         self._round = (total, taken + 1) if taken + 1 < len(self.replicas) else None
@@ -275,6 +285,10 @@ class ReplicatedLocalExecutor:
                 f"pipeline stalled ({', '.join(stalled)}): the schedule is inconsistent; report it with "
                 "the method, the number of stages, of replicas and of micro-batches"
             )
+        for executor in self.replicas:  # the shared parameters' pending rounds (replica-summed)
+            for stage, channel in zip(executor.stages, executor.channels):
+                if stage.shared is not None and stage.optimizer is not None:
+                    stage.shared.drain(channel, stage.optimizer)
 
     def share_batch_size(self, batch: Rows | None) -> Rows | None:
         """``batch`` itself: this process has every stage."""

@@ -25,7 +25,7 @@ when it or a later stage found an inf or NaN in it, and stage 0 alone updates S.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -72,12 +72,11 @@ class SteppingStage(Protocol):
 
     scaler: LossScaler | None
     max_grad_norm: float | None
-    reduce_gradients: Callable[[Sequence[torch.Tensor]], None] | None
 
     def squared_grad_norm(self) -> float: ...
     def trainable(self) -> list[torch.Tensor]: ...
     def clip_gradients(self, total_squared: float) -> None: ...
-    def step(self, micro_batch: int | None = None, skip: bool = False, reduced: bool = False) -> None: ...
+    def step(self, micro_batch: int | None = None, skip: bool = False) -> None: ...
 
 
 def norm_share(stage: SteppingStage) -> float:
@@ -89,11 +88,9 @@ def norm_share(stage: SteppingStage) -> float:
 
 def step_together(stage: SteppingStage, total_of: Callable[[float], float], micro_batch: int | None) -> None:
     """The optimizer step of a stage that steps together with all others (global-norm
-    clipping, loss scaling): sum the gradients over the replicas (data parallelism), all-reduce
-    the squared norm (``total_of``), unscale, skip the step on an inf or NaN anywhere, else clip
-    and step."""
-    if stage.reduce_gradients is not None:  # the norm is that of the replicas' summed gradient
-        stage.reduce_gradients(stage.trainable())
+    clipping, loss scaling), its gradients already summed over the replicas (data parallelism,
+    :func:`pipeoptim.runtime.executor.run_action`): all-reduce the squared norm (``total_of``),
+    unscale, skip the step on an inf or NaN anywhere, else clip and step."""
     total = total_of(norm_share(stage))
     take = True
     if stage.scaler is not None:
@@ -101,4 +98,4 @@ def step_together(stage: SteppingStage, total_of: Callable[[float], float], micr
         take = stage.scaler.update(total)
     if take and stage.max_grad_norm is not None:
         stage.clip_gradients(total)
-    stage.step(micro_batch, skip=not take, reduced=True)
+    stage.step(micro_batch, skip=not take)

@@ -249,6 +249,13 @@ def actions(
     return lists
 
 
+def last_before_step(stage_actions: list[Action], i: int) -> bool:
+    """Whether action ``i`` of a stage's list is a backward the optimizer step follows (its
+    gradients are then final: the replicas' all-reduce may start during it)."""
+    nxt = stage_actions[i + 1] if i + 1 < len(stage_actions) else None
+    return stage_actions[i].op == BACKWARD and nxt is not None and nxt.op == STEP
+
+
 def count_version_differences(stage_actions: list[Action]) -> dict[int, int]:
     """Count, for each forward in one stage's list, the steps before its backward."""
     result: dict[int, int] = {}

@@ -110,8 +110,9 @@ class StageRuntime:
         self.seed = seed
         self.steps = 0
         self.prediction_error = PredictionErrorMeter(prediction_error_every)
-        #: sums the gradients over the stage's data-parallel replicas before each step
-        #: (:mod:`pipeoptim.runtime.replicas`); ``None`` with one replica
+        #: sums the gradients over the stage's data-parallel replicas before each step, and
+        #: before the shared parameters' sum over holders (:func:`pipeoptim.runtime.executor.
+        #: run_action`; :mod:`pipeoptim.runtime.replicas`); ``None`` with one replica
         self.reduce_gradients: Callable[[Sequence[torch.Tensor]], None] | None = None
         self._in_flight: dict[int, _InFlight] = {}
         self._module_storages: set[int] | None = None
@@ -351,18 +352,16 @@ class StageRuntime:
         assert self.max_grad_norm is not None
         scale_grads_(self.trainable(), clip_coefficient(total_squared, self.max_grad_norm))
 
-    def step(self, micro_batch: int | None = None, skip: bool = False, reduced: bool = False) -> None:
+    def step(self, micro_batch: int | None = None, skip: bool = False) -> None:
         """Optimizer step with the hyperparameters recorded for ``micro_batch`` (``skip``:
-        none, as a loss scaler does after an inf; the gradients are cleared all the same;
-        ``reduced``: the replicas' gradients are already summed)."""
+        none, as a loss scaler does after an inf; the gradients are cleared all the same). The
+        replicas' gradients are summed before (:func:`pipeoptim.runtime.executor.run_action`)."""
         if micro_batch is not None:
             hyper = self._hyper.pop(micro_batch, None)
             for key in [k for k in self._hyper if k < micro_batch]:
                 del self._hyper[key]
             if hyper is not None and self.optimizer is not None:
                 apply_hyperparameters(self.optimizer, self.group_map, hyper)
-        if self.reduce_gradients is not None and not reduced:
-            self.reduce_gradients(self.trainable())
         if self.policy is not None:
             self.policy.before_step()
         if self.optimizer is not None and not skip:

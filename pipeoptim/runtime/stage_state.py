@@ -102,10 +102,11 @@ def load_optimizer_state(stage: StageRuntime, state: dict[str, Any]) -> None:
         if not p.requires_grad:
             continue
         saved = state["state"].get(name)
-        if saved is not None:
+        if saved is not None:  # copies: the optimizer updates them in place, and the holders of a
+            # shared parameter in one process (the local executor) must not share one buffer
             stage.optimizer.state[p] = {
-                k: v.to(p.device) if isinstance(v, torch.Tensor) else v for k, v in saved.items()
+                k: v.to(p.device, copy=True) if isinstance(v, torch.Tensor) else v for k, v in saved.items()
             }
         grad = state.get("grads", {}).get(name)
-        p.grad = None if grad is None else grad.to(p.device)
+        p.grad = None if grad is None else grad.to(p.device, copy=True)
     stage._grads_stale = True  # the next backward starts a new gradient

@@ -28,7 +28,7 @@ from pipeoptim.runtime.build import PipelineSpec, aliases_of, build_stage, input
 from pipeoptim.runtime.comm import DistChannel
 from pipeoptim.runtime.executor import MicroBatch, MiniBatch, StageState, forward_chain, run_action
 from pipeoptim.runtime.replicas import join_replica_groups, replica_copy, stage_and_replica
-from pipeoptim.runtime.schedule import BACKWARD, FORWARD, Action
+from pipeoptim.runtime.schedule import BACKWARD, FORWARD, Action, last_before_step
 from pipeoptim.runtime.shared_build import shared_holders
 from pipeoptim.runtime.stage import StageRuntime
 from pipeoptim.runtime.stage_state import load_optimizer_state, load_stage_state, optimizer_state
@@ -47,8 +47,10 @@ class StageProcess:
         self.traced = spec.trace()
         self.aliases = aliases_of(self.traced.tied)
         self.stage: StageRuntime = build_stage(replica_copy(spec, self.replica), self.traced, rank, device)
-        if spec.data_parallel > 1:
-            self.stage.reduce_gradients = join_replica_groups(spec, rank, timeout)
+        self.reducer = join_replica_groups(spec, rank, timeout) if spec.data_parallel > 1 else None
+        if self.reducer is not None:
+            self.reducer.attach(self.stage.trainable())
+            self.stage.reduce_gradients = self.reducer
         self.schedule = spec.schedule(rank)
         self.state = StageState()
         out_mask = input_grad_mask(spec.plan, rank + 1) if rank < self.world - 1 else []
@@ -65,9 +67,12 @@ class StageProcess:
         if self.stage.async_norms is not None:
             self.channel.note_size = note_size(self.world)
         holders = shared_holders(spec.plan)
-        if len(holders) > 1:  # every rank creates every group, in the same order
-            group = dist.new_group(holders, timeout=datetime.timedelta(seconds=timeout))
-            if rank in holders:
+        for replica in range(spec.data_parallel if len(holders) > 1 else 0):
+            # the holders of each replica sum their parts (already summed over the replicas);
+            # every rank creates every group, in the same order
+            ranks = [replica * self.world + k for k in holders]
+            group = dist.new_group(ranks, timeout=datetime.timedelta(seconds=timeout))
+            if replica == self.replica and rank in holders:
                 self.channel.shared_group, self.channel.shared_size = group, len(holders)
         self.device = device
         self.timeline: deque[tuple[str, int, float, float]] = deque(maxlen=4096)
@@ -105,6 +110,8 @@ class StageProcess:
                     self.channel.prefetch("act", nxt.micro_batch)
                 elif nxt.op == BACKWARD:
                     self.channel.prefetch("grad", nxt.micro_batch)
+            if self.reducer is not None and last_before_step(actions, i):
+                self.reducer.arm()  # its all-reduce starts during this backward
             start = time.perf_counter()
             run_action(self.stage, action, self.channel, self.state)
             self.channel.end_action()
