@@ -37,7 +37,8 @@ from torch import nn
 
 import pipeoptim
 from pipeoptim.compiler import profile_model
-from pipeoptim.compiler.costmodel import evaluate, stage_input_bytes, summarize
+from pipeoptim.compiler.boundaries import stage_input_bytes
+from pipeoptim.compiler.costmodel import evaluate, summarize
 from pipeoptim.compiler.partition import min_memory_plan
 from pipeoptim.compiler.plan import make_plan
 from pipeoptim.errors import InfeasibleMemoryError

@@ -22,8 +22,9 @@ from torch import nn
 
 from pipeoptim.compiler import profile_model
 from pipeoptim.compiler.costgraph import CostGraph
-from pipeoptim.compiler.costmodel import CostConfig, optimizer_state_factor
+from pipeoptim.compiler.costmodel import CostConfig
 from pipeoptim.compiler.layouts import LayoutChoice, choose_layout
+from pipeoptim.compiler.optimizer_state import optimizer_state_factor
 from pipeoptim.compiler.plan import Plan, make_plan
 from pipeoptim.errors import PlanError
 from pipeoptim.inputs import as_tuple

@@ -23,8 +23,9 @@ from pipeoptim.batchnorm import BATCH_NORMS, defer_batch_norm
 from pipeoptim.compile_layout import compile_best_layout
 from pipeoptim.compile_layout import stage_device as _profile_device
 from pipeoptim.compiler import plan_model
-from pipeoptim.compiler.costmodel import CostConfig, optimizer_state_factor
+from pipeoptim.compiler.costmodel import CostConfig
 from pipeoptim.compiler.hooks import compiled_modules_warning, dropped_hooks_warning
+from pipeoptim.compiler.optimizer_state import optimizer_state_factor
 from pipeoptim.compiler.plan import Plan
 from pipeoptim.compiler.shapes import plan_length
 from pipeoptim.compiler.trace import TracedModel, trace

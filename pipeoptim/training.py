@@ -18,7 +18,6 @@ folder:
 from __future__ import annotations
 
 import contextlib
-import math
 import time
 from collections import deque
 from collections.abc import Callable
@@ -34,11 +33,10 @@ from pipeoptim.compiler.plot import plot_plan
 from pipeoptim.errors import CheckpointError
 from pipeoptim.fileio import write_json
 from pipeoptim.loss import Loss, drain
+from pipeoptim.optimizers import cosine_factor, make_optimizer
 from pipeoptim.records import Progress, StepLog, plot_curves
 from pipeoptim.sequential import SEQUENTIAL, Sequential
 from pipeoptim.tasks import Task, make_task
-
-OPTIMIZERS = ("sgd", "adam", "adamw", "rmsprop", "adagrad")
 
 
 @dataclass
@@ -76,38 +74,6 @@ class TrainConfig:
     memory: int | None = None  # per-stage memory limit in bytes of the plan (stages recompute where it binds)
     record_every: int = 50
     progress_every: int | None = None
-
-
-def make_optimizer(
-    name: str, params: Any, lr: float, momentum: float, weight_decay: float
-) -> torch.optim.Optimizer:
-    """``sgd`` (with ``momentum``), ``adam``, ``adamw``, ``rmsprop`` or ``adagrad``.
-
-    Raises:
-        ValueError: unknown name.
-    """
-    if name == "sgd":
-        return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
-    if name == "adam":
-        return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
-    if name == "adamw":
-        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
-    if name == "rmsprop":
-        return torch.optim.RMSprop(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
-    if name == "adagrad":
-        return torch.optim.Adagrad(params, lr=lr, weight_decay=weight_decay)
-    raise ValueError(f"unknown optimizer {name!r}; choose one of {', '.join(OPTIMIZERS)}")
-
-
-def cosine_factor(total: int) -> Callable[[int], float]:
-    """Cosine annealing to zero over ``total`` mini-batches (Loshchilov & Hutter, SGDR, ICLR 2017,
-    eq. 5 with one cycle and η_min = 0) as a factor on the base learning rate: a closed form of
-    the step alone, so a resumed run with more epochs follows the longer schedule."""
-
-    def factor(step: int) -> float:
-        return 0.5 * (1 + math.cos(math.pi * min(step, total) / max(total, 1)))
-
-    return factor
 
 
 def _autocast_dtype(precision: str) -> torch.dtype | None:

@@ -24,8 +24,9 @@ import pipeoptim
 from pipeoptim.cli.main import cli
 from pipeoptim.compiler import partition as P
 from pipeoptim.compiler.assignment import PartitionResult
+from pipeoptim.compiler.boundaries import stage_input_bytes
 from pipeoptim.compiler.costgraph import CostGraph
-from pipeoptim.compiler.costmodel import CostConfig, evaluate, stage_input_bytes
+from pipeoptim.compiler.costmodel import CostConfig, evaluate
 from pipeoptim.compiler.plan import Plan, plan_from_assignment
 from pipeoptim.compiler.profile_cache import load_or_profile
 from pipeoptim.compiler.trace import trace

@@ -13,8 +13,9 @@ from pipeoptim.cli.options import BANDWIDTH, BYTES, DTYPE, GPUS, LAYOUT_WIDTH, S
 from pipeoptim.compiler import profile_model
 from pipeoptim.compiler.baselines import BASELINES
 from pipeoptim.compiler.costgraph import CostGraph
-from pipeoptim.compiler.costmodel import CostConfig, optimizer_state_factor
+from pipeoptim.compiler.costmodel import CostConfig
 from pipeoptim.compiler.layouts import Profiler, choose_layout, default_micro_batches, scale_rows
+from pipeoptim.compiler.optimizer_state import optimizer_state_factor
 from pipeoptim.compiler.plan import make_plan
 from pipeoptim.compiler.plot import plot_plan
 from pipeoptim.compiler.profile import device_name

@@ -9,9 +9,10 @@ import click
 from pipeoptim.cli.options import BYTES, GPUS
 from pipeoptim.errors import PipeoptimError
 from pipeoptim.methods import METHODS
+from pipeoptim.optimizers import OPTIMIZERS
 from pipeoptim.records import summary_line
 from pipeoptim.tasks import TASKS
-from pipeoptim.training import OPTIMIZERS, SEQUENTIAL, TrainConfig, train
+from pipeoptim.training import SEQUENTIAL, TrainConfig, train
 
 
 @click.command("train")

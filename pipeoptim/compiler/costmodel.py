@@ -51,7 +51,7 @@ Stage memory (bytes) of stage k of N::
 
     params * (1 + 1 + f_opt + c_k) + buffers + in_flight_k * saved_activations
 
-with one gradient copy, ``f_opt`` optimizer-state copies (:func:`optimizer_state_factor`),
+with one gradient copy, ``f_opt`` optimizer-state copies (:mod:`~pipeoptim.compiler.optimizer_state`),
 ``c_k`` extra weight copies of the method (:meth:`pipeoptim.methods.Method.extra_weight_copies`)
 and ``in_flight_k`` micro-batches whose activations the stage keeps
 (:meth:`pipeoptim.methods.Method.in_flight`, ``N - k`` under 1F1B).
@@ -60,7 +60,7 @@ Planned recomputation (activation checkpointing of a whole stage, Chen et al., "
 Nets with Sublinear Memory Cost", arXiv:1604.06174): with
 :attr:`CostConfig.recompute` a stage whose memory exceeds :attr:`CostConfig.memory_limit`
 may instead keep, per micro-batch in flight, only the activations it receives and reads
-(``I_k`` bytes, :func:`stage_input_bytes`; stage 0: the model inputs) and recompute its
+(``I_k`` bytes, :mod:`~pipeoptim.compiler.boundaries`; stage 0: the model inputs) and recompute its
 forward before each backward, which then holds one micro-batch's saved activations at a time::
 
     activations_k = in_flight_k * I_k + saved_activations       T_k += fwd_s of its nodes
@@ -75,51 +75,11 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from pipeoptim.compiler.boundaries import boundary_bytes, saved_activation_bytes, stage_input_bytes
 from pipeoptim.compiler.costgraph import CostGraph
 from pipeoptim.compiler.overlap import bucket_count, exposed_allreduce_seconds
 from pipeoptim.compiler.shared import reduce_bytes, shared_parameters
 from pipeoptim.methods import Method, get_method
-
-#: Optimizer-state copies of the parameters kept by each ``torch.optim`` optimizer.
-_STATE_FACTORS = {
-    "sgd": 0,
-    "momentum": 1,
-    "adam": 2,
-    "adamw": 2,
-    "rmsprop": 1,
-    "adagrad": 1,
-    "adadelta": 2,
-    "adamax": 2,
-    "nadam": 2,
-    "radam": 2,
-}
-
-
-def optimizer_state_factor(optimizer: Any) -> float:
-    """Bytes of optimizer state per byte of parameters.
-
-    ``optimizer`` is a ``torch.optim.Optimizer`` instance (its hyperparameters decide:
-    SGD 0, SGD with momentum 1, Adam/AdamW 2 or 3 with amsgrad, RMSprop 1 plus 1 for momentum
-    and 1 for centered, Adagrad 1) or one of the names ``sgd``, ``momentum``, ``adam``,
-    ``adamw``, ``rmsprop``, ``adagrad``, ``adadelta``, ``adamax``, ``nadam``, ``radam``.
-
-    Raises:
-        ValueError: unknown optimizer name.
-    """
-    if isinstance(optimizer, str):
-        key = optimizer.lower()
-        if key not in _STATE_FACTORS:
-            raise ValueError(f"unknown optimizer {optimizer!r}; choose one of {', '.join(_STATE_FACTORS)}")
-        return float(_STATE_FACTORS[key])
-    name = type(optimizer).__name__.lower()
-    group = optimizer.param_groups[0] if optimizer.param_groups else {}
-    if name == "sgd":
-        return 1.0 if group.get("momentum", 0) else 0.0
-    if name in ("adam", "adamw"):
-        return 3.0 if group.get("amsgrad") else 2.0
-    if name == "rmsprop":
-        return 1.0 + bool(group.get("momentum", 0)) + bool(group.get("centered"))
-    return float(_STATE_FACTORS.get(name, 2))
 
 
 @dataclass(frozen=True)
@@ -266,53 +226,6 @@ class StageStats:
 
     def to_dict(self) -> dict[str, Any]:
         return {**asdict(self), "compute_s": self.compute_s}
-
-
-def boundary_bytes(graph: CostGraph, stage_of: Sequence[int], num_stages: int) -> tuple[list[int], list[int]]:
-    """Activation and gradient bytes crossing each boundary b = 0..N-2 (stage b to b+1);
-    shared parameters (:mod:`pipeoptim.compiler.shared`) are held, not sent."""
-    acts = [0] * max(num_stages - 1, 0)
-    grads = [0] * max(num_stages - 1, 0)
-    shared = shared_parameters(graph, stage_of)
-    for p, readers in enumerate(graph.users()):
-        if not readers or p in shared:
-            continue
-        last = max(stage_of[r] for r in readers)
-        for b in range(stage_of[p], last):
-            acts[b] += graph.nodes[p].out_bytes
-            grads[b] += graph.nodes[p].grad_bytes
-    return acts, grads
-
-
-def saved_activation_bytes(nodes: Sequence[Any], held: Sequence[str] = ()) -> int:
-    """Bytes a stage of these cost nodes saves per micro-batch: each saved storage once (a
-    tensor saved by two of its nodes is held once; one saved in two stages is held by each,
-    the later one keeping the copy it received), and a saved parameter the stage neither owns
-    nor holds a copy of (``held``: its shared parameters) as an activation."""
-    if not any(x.saved for x in nodes):
-        return sum(x.saved_bytes for x in nodes)  # a profile without storage ids
-    owned = {f"param:{name}" for x in nodes for name in x.params} | {f"param:{n}" for n in held}
-    storages: dict[str, int] = {}
-    for x in nodes:
-        storages.update(x.saved)
-    return sum(b for key, b in storages.items() if key not in owned)
-
-
-def stage_input_bytes(graph: CostGraph, stage_of: Sequence[int], num_stages: int) -> list[int]:
-    """Per stage, the bytes of the values it receives and reads itself (``I_k``), what a
-    recomputing stage keeps per micro-batch: stage 0 the model inputs its nodes read, stage
-    k > 0 the activations crossing boundary k-1 read by a node of stage k (not those it
-    only passes on). Shared parameters (:mod:`pipeoptim.compiler.shared`) are held, not received."""
-    result = [0] * num_stages
-    shared = shared_parameters(graph, stage_of)
-    for p, readers in enumerate(graph.users()):
-        if p in shared:
-            continue
-        first = 0 if graph.nodes[p].op == "placeholder" else stage_of[p] + 1
-        for k in {stage_of[r] for r in readers}:
-            if k >= first:
-                result[k] += graph.nodes[p].out_bytes
-    return result
 
 
 def check_assignment(graph: CostGraph, stage_of: Sequence[int], num_stages: int) -> None:

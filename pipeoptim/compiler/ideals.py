@@ -71,7 +71,7 @@ def enumerate_ideals(units: Units, max_ideals: int = MAX_IDEALS) -> np.ndarray |
 
 def _input_bytes(units: Units, ideals: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Bytes a recomputing stage keeps per micro-batch (its inputs it reads,
-    :func:`~pipeoptim.compiler.costmodel.stage_input_bytes`): ``inner[i, j]`` for the stage
+    :func:`~pipeoptim.compiler.boundaries.stage_input_bytes`): ``inner[i, j]`` for the stage
     ``ideals[j] \\ ideals[i]``, ``first[j]`` for the first stage ``ideals[j]`` (the model
     inputs its units read)."""
     groups: dict[tuple[int, tuple[int, ...]], int] = {}

@@ -41,7 +41,8 @@ from pipeoptim.compiler.costgraph import CostGraph
 from pipeoptim.compiler.costmodel import CostConfig, evaluate
 from pipeoptim.compiler.grouping import Units, coarsen, fine_units
 from pipeoptim.compiler.ideals import enumerate_ideals, ideal_dp
-from pipeoptim.compiler.milp import build_ilp, resolve_solver, solve_ilp, stage_from_z
+from pipeoptim.compiler.ilp_solver import resolve_solver, solve_ilp
+from pipeoptim.compiler.milp import build_ilp, stage_from_z
 from pipeoptim.errors import InfeasibleMemoryError
 from pipeoptim.units import format_bytes
 

@@ -19,7 +19,7 @@ class SavedBytes(fx.Interpreter):
     fresh inputs would count it twice. A saved parameter gets the id ``param:<name>``: a stage
     holding it (its own, or a copy of a shared one) does not count it as an activation; a
     stage of an older plan that receives it keeps it as one
-    (:func:`pipeoptim.compiler.costmodel.saved_activation_bytes`).
+    (:func:`pipeoptim.compiler.boundaries.saved_activation_bytes`).
     """
 
     def __init__(self, gm: fx.GraphModule) -> None:

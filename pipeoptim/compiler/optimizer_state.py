@@ -1,0 +1,47 @@
+"""Optimizer-state bytes per parameter byte, from the optimizer (or its name), for the cost model
+(:mod:`pipeoptim.compiler.costmodel`): what ``torch.optim`` keeps per parameter."""
+
+from __future__ import annotations
+
+from typing import Any
+
+#: Optimizer-state copies of the parameters kept by each ``torch.optim`` optimizer.
+_STATE_FACTORS = {
+    "sgd": 0,
+    "momentum": 1,
+    "adam": 2,
+    "adamw": 2,
+    "rmsprop": 1,
+    "adagrad": 1,
+    "adadelta": 2,
+    "adamax": 2,
+    "nadam": 2,
+    "radam": 2,
+}
+
+
+def optimizer_state_factor(optimizer: Any) -> float:
+    """Bytes of optimizer state per byte of parameters.
+
+    ``optimizer`` is a ``torch.optim.Optimizer`` instance (its hyperparameters decide:
+    SGD 0, SGD with momentum 1, Adam/AdamW 2 or 3 with amsgrad, RMSprop 1 plus 1 for momentum
+    and 1 for centered, Adagrad 1) or one of the names ``sgd``, ``momentum``, ``adam``,
+    ``adamw``, ``rmsprop``, ``adagrad``, ``adadelta``, ``adamax``, ``nadam``, ``radam``.
+
+    Raises:
+        ValueError: unknown optimizer name.
+    """
+    if isinstance(optimizer, str):
+        key = optimizer.lower()
+        if key not in _STATE_FACTORS:
+            raise ValueError(f"unknown optimizer {optimizer!r}; choose one of {', '.join(_STATE_FACTORS)}")
+        return float(_STATE_FACTORS[key])
+    name = type(optimizer).__name__.lower()
+    group = optimizer.param_groups[0] if optimizer.param_groups else {}
+    if name == "sgd":
+        return 1.0 if group.get("momentum", 0) else 0.0
+    if name in ("adam", "adamw"):
+        return 3.0 if group.get("amsgrad") else 2.0
+    if name == "rmsprop":
+        return 1.0 + bool(group.get("momentum", 0)) + bool(group.get("centered"))
+    return float(_STATE_FACTORS.get(name, 2))
