@@ -33,7 +33,7 @@ from torch import nn
 import pipeoptim
 from pipeoptim.compile_layout import plan_best_layout
 from pipeoptim.fileio import atomic_write
-from pipeoptim.runtime.linkcost import measure_link
+from pipeoptim.runtime.linkcost import QUICK_SIZES, measure_link
 
 CLASSES = 10
 LAYOUTS = [(4, 1), (2, 2), (1, 4)]
@@ -60,7 +60,7 @@ def measure_gloo(quick: bool) -> tuple[float, float]:
         RuntimeError: β was non-positive three times.
     """
     for _ in range(3):
-        alpha, beta = measure_link(sizes=(4 << 10, 1 << 20), repeats=3) if quick else measure_link()
+        alpha, beta = measure_link(sizes=QUICK_SIZES, repeats=3) if quick else measure_link()
         if beta > 0:
             return alpha, beta
     raise RuntimeError("the gloo link's fitted β stayed non-positive (machine too loaded): run again")

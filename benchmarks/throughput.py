@@ -52,7 +52,7 @@ from pipeoptim.compiler.plan import Plan
 from pipeoptim.compiler.trace import trace
 from pipeoptim.examples import Block
 from pipeoptim.runtime.distributed import free_port
-from pipeoptim.runtime.linkcost import SIZES, measure_link
+from pipeoptim.runtime.linkcost import QUICK_SIZES, SIZES, measure_link
 
 WIDTH, DEPTH, BATCH, CLASSES = 512, 16, 64, 10
 VOCAB, DIM, HEADS, BLOCKS, SEQ, LM_BATCH = 256, 256, 4, 8, 32, 8
@@ -515,7 +515,7 @@ def main() -> None:
     lengths = {"mlp": (2, 6, 2) if args.quick else (4, 24, 4), "transformer": (2, 10, 2)}
     profile_dir = args.out / ".profiles"
     print("measuring gloo's latency and bandwidth ...", file=sys.stderr)
-    link = measure_link(sizes=(4 << 10, 1 << 20) if args.quick else SIZES, repeats=3 if args.quick else 9)
+    link = measure_link(sizes=QUICK_SIZES if args.quick else SIZES, repeats=3 if args.quick else 9)
     rows, ratio_lines, timeline_result, loads = [], [], None, [os.getloadavg()[0]]
     for model in models:
         warmup, steps, windows = lengths[model]

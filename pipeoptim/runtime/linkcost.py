@@ -25,6 +25,8 @@ from pipeoptim.runtime.distributed import free_port
 
 #: message sizes timed by default (bytes): small ones for α, large ones for β
 SIZES = (4 << 10, 64 << 10, 1 << 20, 8 << 20)
+#: two sizes far apart for a quick measurement (closer ones can time in the wrong order under load)
+QUICK_SIZES = (4 << 10, 8 << 20)
 
 
 def fit_latency_bandwidth(sizes: Sequence[float], seconds: Sequence[float]) -> tuple[float, float]:
