@@ -56,6 +56,9 @@ from pipeoptim.runtime.linkcost import QUICK_SIZES, SIZES, measure_link
 
 WIDTH, DEPTH, BATCH, CLASSES = 512, 16, 64, 10
 VOCAB, DIM, HEADS, BLOCKS, SEQ, LM_BATCH = 256, 256, 4, 8, 32, 8
+#: where the stages run: "cpu" (gloo, one thread per rank) or "cuda" (NCCL, one GPU per rank;
+#: ``--device cuda``, from benchmarks/gpu_check.sh on a machine with enough GPUs)
+DEVICE = "cpu"
 
 
 def make_model() -> nn.Module:
@@ -130,7 +133,14 @@ def compile_mlp(
 
 
 def compile_model(
-    model: str, method: str, stages: int, executor: str, profile_dir: Path, size: int, **options: Any
+    model: str,
+    method: str,
+    stages: int,
+    executor: str,
+    profile_dir: Path,
+    size: int,
+    device: str | None = None,
+    **options: Any,
 ) -> pipeoptim.Pipeline:
     make, data, loss, _, _ = MODELS[model]
     net = make()
@@ -139,7 +149,7 @@ def compile_model(
         net,
         opt,
         stages,
-        example_inputs=data(size=size)[0],
+        example_inputs=data(size=size)[0].to(device or DEVICE),  # profiled where the stages run
         loss_fn=loss,
         method=method,
         executor=executor,
@@ -258,12 +268,16 @@ def _pippy_worker(
     steps: int,
     windows: int,
     out: Any,
+    device_type: str = "cpu",
 ) -> None:
     import torch.distributed.pipelining as pipelining
 
     torch.set_num_threads(1)
+    device = torch.device("cuda", rank) if device_type == "cuda" else torch.device("cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
     dist.init_process_group(
-        "gloo",
+        "nccl" if device.type == "cuda" else "gloo",
         init_method=f"tcp://127.0.0.1:{port}",
         rank=rank,
         world_size=world,
@@ -274,14 +288,15 @@ def _pippy_worker(
     x, y = data(size=rows)
     plan = Plan.from_dict(plan_dict)
     traced = trace(model, (x[: rows // micro],))
+    x, y = x.to(device), y.to(device)
     mine = stages_of_rank(schedule, rank, world)
     stages, params = [], []
     for index in mine:
-        module: nn.Module = stage_module(traced, plan, index)
+        module: nn.Module = stage_module(traced, plan, index).to(device)
         if index == plan.num_stages - 1:
             module = _Last(module)
         params += list(module.parameters())
-        stages.append(pipelining.PipelineStage(module, index, plan.num_stages, torch.device("cpu")))
+        stages.append(pipelining.PipelineStage(module, index, plan.num_stages, device))
     cls = getattr(pipelining, schedule)
     sched = cls(stages[0] if len(stages) == 1 else stages, n_microbatches=micro, loss_fn=loss)
     opt = torch.optim.SGD(params, lr=1e-3, momentum=0.9)
@@ -315,7 +330,7 @@ def run_pippy(
     out = ctx.Queue()
     port = free_port()
     world = plan.num_stages // PIPPY[schedule]
-    args = (world, port, model, plan.to_dict(), schedule, micro, warmup, steps, windows, out)
+    args = (world, port, model, plan.to_dict(), schedule, micro, warmup, steps, windows, out, DEVICE)
     procs = [ctx.Process(target=_pippy_worker, args=(r, *args)) for r in range(world)]
     for p in procs:
         p.start()
@@ -339,15 +354,17 @@ def sequential_seconds(model: str, repeats: int = 5) -> float:
     """Seconds of one mini-batch's forward, backward and SGD step on one thread, no pipeline
     (median of ``repeats``): the work the stages share."""
     make, data, loss, rows, _ = MODELS[model]
-    net = make()
+    net = make().to(DEVICE)
     opt = torch.optim.SGD(net.parameters(), lr=1e-3, momentum=0.9)
-    x, y = data(size=rows)
+    x, y = (t.to(DEVICE) for t in data(size=rows))
     times = []
     for _ in range(repeats + 1):
         start = time.perf_counter()
         opt.zero_grad()
         loss(net(x), y).backward()
         opt.step()
+        if DEVICE == "cuda":
+            torch.cuda.synchronize()
         times.append(time.perf_counter() - start)
     return statistics.median(times[1:])
 
@@ -357,7 +374,7 @@ def sequential_seconds(model: str, repeats: int = 5) -> float:
 
 def measure_memory(method: str, stages: int, steps: int, profile_dir: Path) -> list[dict[str, int]]:
     """Per-stage peak weights / optimizer state / activations, with the local executor (same schedule)."""
-    with compile_mlp(method, stages, "local", profile_dir) as pipe:
+    with compile_model("mlp", method, stages, "local", profile_dir, BATCH, device="cpu") as pipe:
         for stage in pipe._executor.stages:
             stage.measure_memory = True
         for i in range(steps):
@@ -493,7 +510,17 @@ def main() -> None:
         choices=list(PIPPY),
         help="torch.distributed.pipelining schedules (default: all)",
     )
+    parser.add_argument(
+        "--device",
+        choices=["cpu", "cuda"],
+        default="cpu",
+        help="cuda: NCCL, one GPU per rank (needs as many GPUs as stages; benchmarks/gpu_check.sh)",
+    )
     args = parser.parse_args()
+    global DEVICE
+    DEVICE = args.device
+    if DEVICE == "cuda" and torch.cuda.device_count() < max(args.stages or [2, 4]):
+        parser.error(f"--device cuda needs a GPU per stage: {torch.cuda.device_count()} found")
     partial = args.quick or any(
         v is not None for v in (args.stages, args.methods, args.models, args.schedules)
     )
@@ -515,7 +542,11 @@ def main() -> None:
     lengths = {"mlp": (2, 6, 2) if args.quick else (4, 24, 4), "transformer": (2, 10, 2)}
     profile_dir = args.out / ".profiles"
     print("measuring gloo's latency and bandwidth ...", file=sys.stderr)
-    link = measure_link(sizes=QUICK_SIZES if args.quick else SIZES, repeats=3 if args.quick else 9)
+    link = measure_link(
+        "nccl" if DEVICE == "cuda" else "gloo",
+        sizes=QUICK_SIZES if args.quick else SIZES,
+        repeats=3 if args.quick else 9,
+    )
     rows, ratio_lines, timeline_result, loads = [], [], None, [os.getloadavg()[0]]
     for model in models:
         warmup, steps, windows = lengths[model]
