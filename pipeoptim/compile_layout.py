@@ -227,6 +227,7 @@ def plan_best_layout(
         latency_s=options.get("latency", 0.0),
         action_overhead_s=options.get("action_overhead", 0.0),
         cores=shared_cores(gpus) if device.type == "cpu" else None,
+        recompute=True,  # as compile: stages recompute where the memory limit binds
     )
     choice = choose_compile_layout(
         copy.deepcopy(model).cpu(),
@@ -253,11 +254,10 @@ def _runnable(options: dict[str, Any], stages: int, replicas: int) -> None:
     """Refuse, as ``compile`` would with these ``options``, N stages × R replicas.
 
     Raises:
-        ValueError: clipping or float16 with an asynchronous method on several stages, or an
-            option replicas do not support yet.
+        ValueError: an option replicas do not support yet (clipping or float16 with an
+            asynchronous method, deferred batch norm) when ``replicas > 1``.
     """
     asynchronous = get_method(options.get("method", "pipeoptim")).asynchronous
-    check_clipping(options.get("max_grad_norm"), asynchronous, stages)
-    check_autocast(options.get("autocast"), asynchronous, stages)
-    clip, batch_norm = options.get("max_grad_norm"), options.get("batch_norm", "micro-batch")
-    check_replicated_options(replicas, clip, batch_norm, options.get("autocast"))
+    clip, autocast = check_clipping(options.get("max_grad_norm")), check_autocast(options.get("autocast"))
+    batch_norm = options.get("batch_norm", "micro-batch")
+    check_replicated_options(replicas, clip, batch_norm, autocast, asynchronous)

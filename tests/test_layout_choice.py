@@ -215,8 +215,9 @@ def test_auto_layout_is_refused_under_torchrun() -> None:
 
 
 def test_the_search_keeps_only_layouts_compile_runs(tmp_path: Path) -> None:
-    """Clipping with an asynchronous method runs on one stage of one replica only: the other
-    layouts are listed as infeasible with compile's reason, and 1 × 1 is chosen."""
+    """Clipping with an asynchronous method runs on any number of stages but on one replica
+    only: the replicated layout is listed as infeasible with compile's reason, and one of the
+    others is chosen."""
     from pipeoptim.compile_layout import plan_best_layout
 
     model = mlp()
@@ -230,8 +231,7 @@ def test_the_search_keeps_only_layouts_compile_runs(tmp_path: Path) -> None:
         profile_dir=tmp_path,
         max_grad_norm=1.0,
     )
-    assert (choice.chosen.stages, choice.chosen.replicas) == (1, 1)
+    assert choice.chosen.replicas == 1
     reasons = {(o.stages, o.replicas): o.reason for o in choice.options if o.plan is None}
-    assert set(reasons) == {(2, 1), (1, 2)}
-    assert reasons[(2, 1)].startswith("max_grad_norm needs a method that flushes")
+    assert set(reasons) == {(1, 2)}
     assert "max_grad_norm" in reasons[(1, 2)]

@@ -293,7 +293,18 @@ def test_recomputation_under_weight_stashing_equals_training_without_it() -> Non
 def test_partition_cli_shows_the_recompute_column_and_plan_files_keep_it(tmp_path: Path) -> None:
     def run(*args: str) -> tuple[int, str, str]:
         result = CliRunner().invoke(
-            cli, ["partition", "mlp", "--gpus", "2", "--profile-dir", str(tmp_path), *args]
+            cli,
+            [
+                "partition",
+                "mlp",
+                "--stages",
+                "2",
+                "--data-parallel",
+                "1",
+                "--profile-dir",
+                str(tmp_path),
+                *args,
+            ],
         )
         return result.exit_code, result.stdout, result.stderr
 
@@ -303,7 +314,7 @@ def test_partition_cli_shows_the_recompute_column_and_plan_files_keep_it(tmp_pat
     least = int(found.group(1))
     code, out, err = run("--memory", str(least), "--save", str(tmp_path / "plan.json"))
     assert code == 0, err
-    header = next(line for line in out.splitlines() if line.strip().startswith("stage"))
+    header = next(line for line in out.splitlines() if line.split()[:2] == ["stage", "nodes"])
     assert "recompute" in header and "yes, +" in out
     code, _, err = run("--memory", str(least - 1))
     assert code == 1 and f"({least} bytes" in err
@@ -317,7 +328,20 @@ def test_partition_cli_shows_the_recompute_column_and_plan_files_keep_it(tmp_pat
 
 
 def test_train_cli_plans_with_memory_and_its_stages_recompute(tmp_path: Path) -> None:
-    common = ["train", "digits", "--gpus", "2", "--method", "gpipe", "--executor", "local", "--limit", "64"]
+    common = [
+        "train",
+        "digits",
+        "--stages",
+        "2",
+        "--data-parallel",
+        "1",
+        "--method",
+        "gpipe",
+        "--executor",
+        "local",
+        "--limit",
+        "64",
+    ]
     common += ["--epochs", "1", "--quiet", "--profile-dir", str(tmp_path / "profiles")]
     result = CliRunner().invoke(cli, [*common, "--out", str(tmp_path / "refused"), "--memory", "1KiB"])
     error = result.stderr.strip().splitlines()[-1]  # after the profiler's line
