@@ -226,15 +226,44 @@ def run_pipeoptim(
 # ------------------------------------------------- torch.distributed.pipelining reference
 
 
-class _Last(nn.Module):
-    """The last stage returns its one output tensor, as the pipelining loss expects."""
+class _TensorStage(nn.Module):
+    """One of our stages as torch.distributed.pipelining accepts it: that library sends only
+    tensors between stages, so an ``int`` crossing a boundary here (e.g. a sequence length, the
+    same for every micro-batch of these fixed shapes) is replaced by a 0-dim placeholder and
+    its value is supplied on arrival (torch infers shapes on meta tensors, which hold no
+    value to send); its split backward
+    (zero-bubble schedules, ``split_backward``) detaches stage outputs in place, which views and
+    tensors saved for the backward refuse, so there every output is a fresh copy; and the last
+    stage returns its one output tensor, as its loss expects."""
 
-    def __init__(self, module: nn.Module) -> None:
+    def __init__(
+        self, module: nn.Module, int_inputs: dict[int, int], last: bool, split_backward: bool
+    ) -> None:
         super().__init__()
-        self.module = module
+        self.module, self.int_inputs, self.last = module, int_inputs, last
+        self.split_backward = split_backward
 
-    def forward(self, *args: torch.Tensor) -> torch.Tensor:
-        return self.module(*args)[0]
+    def forward(self, *args: torch.Tensor) -> Any:
+        values = [self.int_inputs.get(i, a) for i, a in enumerate(args)]
+        out = self.module(*values)
+        if self.last:
+            return out[0]
+        return tuple(self._as_tensor(v) for v in out)
+
+    def _as_tensor(self, value: Any) -> torch.Tensor:
+        if isinstance(value, int):
+            return torch.zeros(())
+        return value.clone() if self.split_backward else value
+
+
+def int_inputs_of_stages(traced: Any, plan: Plan, micro_batch: torch.Tensor) -> list[dict[int, int]]:
+    """Per stage, its inputs that are ``int``: position -> value (one forward of every stage)."""
+    found, values = [], (micro_batch,)
+    with torch.no_grad():
+        for k in range(plan.num_stages):
+            found.append({i: v for i, v in enumerate(values) if isinstance(v, int)})
+            values = stage_module(traced, plan, k)(*values)
+    return found
 
 
 #: torch.distributed.pipelining schedules: name -> virtual stages per rank
@@ -288,13 +317,14 @@ def _pippy_worker(
     x, y = data(size=rows)
     plan = Plan.from_dict(plan_dict)
     traced = trace(model, (x[: rows // micro],))
+    int_inputs = int_inputs_of_stages(traced, plan, x[: rows // micro])
     x, y = x.to(device), y.to(device)
     mine = stages_of_rank(schedule, rank, world)
     stages, params = [], []
     for index in mine:
-        module: nn.Module = stage_module(traced, plan, index).to(device)
-        if index == plan.num_stages - 1:
-            module = _Last(module)
+        last = index == plan.num_stages - 1
+        split = PIPPY[schedule] > 1  # the zero-bubble schedules
+        module = _TensorStage(stage_module(traced, plan, index), int_inputs[index], last, split).to(device)
         params += list(module.parameters())
         stages.append(pipelining.PipelineStage(module, index, plan.num_stages, device))
     cls = getattr(pipelining, schedule)
@@ -456,7 +486,7 @@ def ratios(model: str, n: int, results: dict[str, dict[str, Any]]) -> str:
             return ""
         value = rate[a] / rate[b]
         mark = "" if goal is None else f" ({'meets' if value >= goal else 'misses'} >= {goal})"
-        return f"{a} / {b.removeprefix('pipelining ')} {value:.2f}{mark}"
+        return f"{a} / {b.removeprefix('pipelining ')} {value:.3f}{mark}"
 
     parts = [
         ratio("pipeoptim", "pipedream", 0.95),
@@ -473,7 +503,7 @@ def ratios(model: str, n: int, results: dict[str, dict[str, Any]]) -> str:
     goal = 0.85 if n <= len(os.sched_getaffinity(0)) else None
     shared = ", cores-bound prediction" if ours["cores_bound"] else ""
     parts.append(
-        f"pipeoptim measured / predicted {fit:.2f}"
+        f"pipeoptim measured / predicted {fit:.3f}"
         + ("" if goal is None else f" ({'meets' if fit >= goal else 'misses'} >= {goal})")
         + shared
     )
