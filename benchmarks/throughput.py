@@ -706,8 +706,8 @@ def main() -> None:
     text = (
         f"# Throughput ({'quick' if args.quick else 'full'} run, CPU, gloo, 1 thread per rank, "
         f"{os.cpu_count()} cores)\n\nMeasured {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} "
-        f"UTC under a load average of {min(loads):.1f} to {max(loads):.1f} (other jobs shared the "
-        f"machine; the `load` column is the 1-minute load when each run started).\n\n{described}\n\n"
+        f"UTC under a load average of {min(loads):.1f} to {max(loads):.1f} (the benchmark's "
+        f"own ranks count in it; the `load` column is the 1-minute load when each run started).\n\n{described}\n\n"
         f"Micro-batches = stages for gpipe, 1f1b and torch.distributed.pipelining (zero-bubble "
         f"schedules: 2 virtual stages per rank, the plan made for 2N stages); 2bw runs mini-batches "
         f"of stages x the mini-batch in micro-batches of one mini-batch and its rates count one "
