@@ -15,6 +15,7 @@ from __future__ import annotations
 import copy
 from collections.abc import Callable, Sequence
 from functools import partial
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -207,27 +208,17 @@ def plan_best_layout(
     device = stage_device(kind, inputs[0].device)
     say = options.get("log") or (lambda _msg: None)
     profile_dir = options.get("profile_dir", "profiles")
-    try:
-        step_cost, predict_cost = load_or_measure_update_cost(
-            type(optimizer), optimizer.defaults, device, profile_dir=profile_dir, log=say
-        )
-    except UpdateCostError as exc:
-        say(f"optimizer step cost not modelled in the plan: {exc}")
-        step_cost = predict_cost = 0.0
-    bandwidth = options.get("bandwidth", "25GB/s")
-    memory = options.get("memory")
-    config = CostConfig(
-        num_stages=gpus,
-        method=method,
-        bandwidth=parse_bandwidth(bandwidth) if bandwidth is not None else None,
-        memory_limit=parse_bytes(memory) if memory is not None else None,
-        opt_state_factor=optimizer_state_factor(optimizer),
-        step_s_per_byte=step_cost,
-        predict_s_per_byte=predict_cost,
-        latency_s=options.get("latency", 0.0),
-        action_overhead_s=options.get("action_overhead", 0.0),
-        cores=shared_cores(gpus) if device.type == "cpu" else None,
-        recompute=True,  # as compile: stages recompute where the memory limit binds
+    config = planning_config(
+        optimizer,
+        method,
+        gpus,
+        device,
+        profile_dir,
+        say,
+        bandwidth=options.get("bandwidth", "25GB/s"),
+        memory=options.get("memory"),
+        latency=options.get("latency", 0.0),
+        action_overhead=options.get("action_overhead", 0.0),
     )
     choice = choose_compile_layout(
         copy.deepcopy(model).cpu(),
@@ -248,6 +239,52 @@ def plan_best_layout(
     n, r = choice.chosen.stages, choice.chosen.replicas
     say(f"layout {n} x {r} (stages x replicas) chosen of {gpus} devices:\n{choice.table()}")
     return choice
+
+
+def planning_config(
+    optimizer: torch.optim.Optimizer,
+    method: str,
+    devices: int,
+    device: torch.device,
+    profile_dir: str | Path,
+    say: Callable[[str], None],
+    bandwidth: str | float | None,
+    memory: str | int | None,
+    latency: float,
+    action_overhead: float,
+    **layout: Any,
+) -> CostConfig:
+    """The cost model's settings for planning on ``devices`` devices, the same for ``compile``
+    and its layout search: the optimizer's measured step and prediction cost per byte (``0``
+    with a logged reason where it cannot be measured), its state factor, bandwidth, memory
+    limit, latency (seconds per message), action overhead (seconds), the CPU cores the ranks
+    share, recomputation where the memory limit binds; ``layout`` gives ``num_stages``,
+    ``micro_batches`` and ``data_parallel`` (default: ``devices`` stages).
+
+    Raises:
+        ValueError: a bandwidth or memory string that does not parse.
+    """
+    try:
+        step_cost, predict_cost = load_or_measure_update_cost(
+            type(optimizer), optimizer.defaults, device, profile_dir=profile_dir, log=say
+        )
+    except UpdateCostError as exc:
+        say(f"optimizer step cost not modelled in the plan: {exc}")
+        step_cost = predict_cost = 0.0
+    return CostConfig(
+        num_stages=layout.pop("num_stages", devices),
+        method=method,
+        bandwidth=parse_bandwidth(bandwidth) if bandwidth is not None else None,
+        memory_limit=parse_bytes(memory) if memory is not None else None,
+        opt_state_factor=optimizer_state_factor(optimizer),
+        step_s_per_byte=step_cost,
+        predict_s_per_byte=predict_cost,
+        latency_s=latency,
+        action_overhead_s=action_overhead,
+        cores=shared_cores(devices) if device.type == "cpu" else None,
+        recompute=True,  # stages recompute where the memory limit binds
+        **layout,
+    )
 
 
 def _runnable(options: dict[str, Any], stages: int, replicas: int) -> None:

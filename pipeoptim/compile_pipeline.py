@@ -20,12 +20,11 @@ from torch import nn
 
 from pipeoptim import microbatch
 from pipeoptim.batchnorm import BATCH_NORMS, defer_batch_norm
-from pipeoptim.compile_layout import compile_best_layout
+from pipeoptim.compile_layout import compile_best_layout, planning_config
 from pipeoptim.compile_layout import stage_device as _profile_device
 from pipeoptim.compiler import plan_model
 from pipeoptim.compiler.costmodel import CostConfig
 from pipeoptim.compiler.hooks import compiled_modules_warning, dropped_hooks_warning
-from pipeoptim.compiler.optimizer_state import optimizer_state_factor
 from pipeoptim.compiler.plan import Plan
 from pipeoptim.compiler.shapes import plan_length
 from pipeoptim.compiler.trace import TracedModel, trace
@@ -38,14 +37,11 @@ from pipeoptim.runtime.build import PipelineSpec
 from pipeoptim.runtime.clipping import check_clipping
 from pipeoptim.runtime.compiled import check_compile_stages
 from pipeoptim.runtime.distributed import check_devices
-from pipeoptim.runtime.linkcost import shared_cores
 from pipeoptim.runtime.optim import hyperparameters, param_group_names
 from pipeoptim.runtime.precision import autocast_context, check_autocast
 from pipeoptim.runtime.predictors import VARIANTS as PREDICTOR_VARIANTS
 from pipeoptim.runtime.predictors import get_predictor
 from pipeoptim.runtime.replicas import check_layout, check_replicated_options
-from pipeoptim.units import parse_bandwidth, parse_bytes
-from pipeoptim.update_cost import UpdateCostError, load_or_measure_update_cost
 
 
 def compile(
@@ -257,31 +253,20 @@ def compile(
             )
     groups = param_group_names(optimizer, model)
     say = log or (lambda _msg: None)
-    try:
-        step_cost, predict_cost = load_or_measure_update_cost(
-            type(optimizer),
-            optimizer.defaults,
-            _profile_device(kind, inputs[0].device),
-            profile_dir=profile_dir,
-            log=say,
-        )
-    except UpdateCostError as exc:
-        say(f"optimizer step cost not modelled in the plan: {exc}")
-        step_cost = predict_cost = 0.0
-    config = CostConfig(
+    config = planning_config(
+        optimizer,
+        method,
+        devices,
+        _profile_device(kind, inputs[0].device),
+        profile_dir,
+        say,
+        bandwidth=bandwidth,
+        memory=memory,
+        latency=latency,
+        action_overhead=action_overhead,
         num_stages=gpus,
-        method=method,
         micro_batches=m,
-        bandwidth=parse_bandwidth(bandwidth) if bandwidth is not None else None,
-        memory_limit=parse_bytes(memory) if memory is not None else None,
-        opt_state_factor=optimizer_state_factor(optimizer),
-        step_s_per_byte=step_cost,
-        predict_s_per_byte=predict_cost,
-        latency_s=latency,
-        action_overhead_s=action_overhead,
-        cores=shared_cores(devices) if _profile_device(kind, inputs[0].device).type == "cpu" else None,
         data_parallel=data_parallel,
-        recompute=True,  # stages recompute where the memory limit binds
     )
     owns_group = spmd.init(devices, timeout) if kind == "torchrun" else False
     rank0 = kind != "torchrun" or dist.get_rank() == 0
