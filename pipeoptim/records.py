@@ -182,10 +182,19 @@ def summary_line(metrics: dict[str, Any]) -> str:
     value = metrics["final"][metric]
     shown = "n/a" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.4f}"
     cfg = metrics["config"]
-    ran = metrics.get("layout") or {"stages": cfg["gpus"], "data_parallel": 1}  # sequential: none
-    stages, replicas = ran["stages"], ran["data_parallel"]
-    layout = f"{stages} stages" if replicas == 1 else f"{stages} stages x {replicas} replicas"
+    ran = metrics.get("layout")  # sequential: none
+    layout = ""
+    if ran is not None:
+        stages, replicas = ran["stages"], ran["data_parallel"]
+        width = f" x {_count(replicas, 'replica')}" if replicas > 1 else ""
+        layout = f" ({_count(stages, 'stage')}{width})"
     return (
-        f"{cfg['task']} {cfg['method']} ({layout}): test {metric} {shown} after "
-        f"{len(metrics['epochs'])} epochs, {metrics['mini_batches']} mini-batches, {metrics['wall_s']:.1f} s"
+        f"{cfg['task']} {cfg['method']}{layout}: test {metric} {shown} after "
+        f"{_count(len(metrics['epochs']), 'epoch')}, {metrics['mini_batches']} mini-batches, "
+        f"{metrics['wall_s']:.1f} s"
     )
+
+
+def _count(n: int, noun: str) -> str:
+    """``1 stage``, ``2 stages``."""
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"

@@ -260,3 +260,31 @@ def test_a_limit_below_one_mini_batch_is_a_one_line_error(tmp_path: Path) -> Non
     assert code == 1 and len(err.strip().splitlines()) == 1, err
     assert "--limit 1 gives no full mini-batch of 32: raise --limit or lower --batch-size" in err
     assert not (tmp_path / "rl1").exists()
+
+
+def test_summary_line_counts_stages_and_epochs_in_words() -> None:
+    from pipeoptim.records import summary_line
+
+    base = {"metric": "accuracy", "final": {"accuracy": 0.5}, "mini_batches": 8, "wall_s": 1.0}
+    one = {**base, "config": {"task": "digits", "method": "gpipe"}, "epochs": [{}]}
+    one["layout"] = {"stages": 1, "data_parallel": 1}
+    assert summary_line(one).startswith("digits gpipe (1 stage): test accuracy 0.5000 after 1 epoch,")
+    two = {**one, "layout": {"stages": 2, "data_parallel": 2}, "epochs": [{}, {}]}
+    assert summary_line(two).startswith(
+        "digits gpipe (2 stages x 2 replicas): test accuracy 0.5000 after 2 epochs,"
+    )
+    plain = {**one, "config": {"task": "digits", "method": "sequential"}, "layout": None}
+    assert summary_line(plain).startswith("digits sequential: test accuracy")
+
+
+def test_train_data_parallel_auto_is_the_default_search(tmp_path: Path) -> None:
+    """``--data-parallel auto`` (as ``partition`` takes it) leaves the layout to the planner,
+    and an impossible layout limit names the bytes as well as the rounded size."""
+    common = ["train", "digits", "--gpus", "2", "--method", "gpipe", "--executor", "local", "--limit", "64"]
+    common += ["--epochs", "1", "--quiet", "--profile-dir", str(tmp_path / "profiles")]
+    result = CliRunner().invoke(cli, [*common, "--data-parallel", "auto", "--out", str(tmp_path / "a")])
+    assert result.exit_code == 0, result.stderr
+    assert json.loads((tmp_path / "a" / "metrics.json").read_text())["layout"]["stages"] >= 1
+    result = CliRunner().invoke(cli, [*common, "--memory", "1KiB", "--out", str(tmp_path / "b")])
+    assert result.exit_code == 1
+    assert "needs" in result.stderr and "bytes) per device" in result.stderr, result.stderr

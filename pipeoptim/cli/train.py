@@ -6,7 +6,7 @@ import sys
 
 import click
 
-from pipeoptim.cli.options import BYTES, GPUS
+from pipeoptim.cli.options import BYTES, GPUS, LAYOUT_WIDTH
 from pipeoptim.errors import PipeoptimError
 from pipeoptim.methods import METHODS
 from pipeoptim.optimizers import OPTIMIZERS
@@ -75,10 +75,10 @@ from pipeoptim.training import SEQUENTIAL, TrainConfig, train
 )
 @click.option(
     "--data-parallel",
-    type=click.IntRange(min=1),
+    type=LAYOUT_WIDTH,
     default=None,
     help="Force R replicas of the pipeline (each stage's replicas all-reduce their gradients before "
-    "every step); default: chosen with the stages (N x R <= --gpus) by the planner.",
+    "every step); default or 'auto': chosen with the stages (N x R <= --gpus) by the planner.",
 )
 @click.option(
     "--stages",
@@ -216,8 +216,8 @@ def train_command(
         limit=limit,
         test_limit=test_limit,
         micro_batches=micro_batches,
-        data_parallel="auto" if data_parallel is None else data_parallel,
-        stages="auto" if stages is None and data_parallel is not None else stages,
+        data_parallel="auto" if data_parallel in (None, "auto") else data_parallel,
+        stages="auto" if stages is None and data_parallel not in (None, "auto") else stages,
         executor=executor,
         checkpoint_every=checkpoint_every,
         resume=resume,

@@ -251,7 +251,8 @@ def plan_layout(
         costs = scale_rows(graph, factor) if isinstance(graph, CostGraph) else graph(int(rows))
         option.plan = plan(costs, layout)
     except InfeasibleMemoryError as exc:
-        option.reason = f"over the memory limit: needs {format_bytes(exc.min_feasible_bytes)} per device"
+        need = exc.min_feasible_bytes
+        option.reason = f"over the memory limit: needs {format_bytes(need)} ({need} bytes) per device"
         option.min_feasible_bytes = exc.min_feasible_bytes
         option.error = exc
     except PlanError as exc:

@@ -319,7 +319,8 @@ def _memory_error(config: CostConfig, least: MemoryMinimum) -> InfeasibleMemoryE
         else "a plan meets it; the solver did not prove within its time limit that none needs less"
     )
     return InfeasibleMemoryError(
-        f"no {config.num_stages}-stage plan fits in {format_bytes(limit)} per stage with method "
+        f"no {config.num_stages}-stage plan fits in {format_bytes(limit)} ({limit} bytes) per stage "
+        f"with method "
         f"{config.method!r}; the smallest feasible limit is {format_bytes(least.memory_bytes)} "
         f"({least.memory_bytes} bytes, {how}): raise --memory to at least that, use more stages, "
         "or a method that keeps fewer weight versions",
