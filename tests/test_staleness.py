@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import pipeoptim
-from pipeoptim.runtime.staleness import PredictionErrorMeter
+from pipeoptim.runtime.staleness import PredictionError, PredictionErrorMeter
 
 
 class Biases(nn.Module):
@@ -91,6 +91,28 @@ def test_synchronous_schedules_have_no_error(method: str) -> None:
     stats = run_biases(method, 3, 6)
     assert all(n >= 6 for n in stats.prediction_error_samples), stats
     assert stats.prediction_error == [0.0, 0.0, 0.0]
+
+
+def test_no_step_before_the_backward_is_proven_by_version_counters() -> None:
+    """Version difference 0: no copy is made; unchanged version counters give exactly 0, and a
+    weight changed in place in between (not by a step) drops the sample with a warning."""
+    w = torch.ones(3, requires_grad=True)
+    meter = PredictionErrorMeter(1)
+    meter.forward(0, [w], [w], 0)
+    meter.backward(0, [w])
+    assert meter.result() == PredictionError(0.0, 1, 0.0)
+    meter.forward(1, [w], [w], 0)
+    with torch.no_grad():
+        w.add_(1.0)
+    with pytest.warns(UserWarning, match="changed in place .* micro-batch 1"):
+        meter.backward(1, [w])
+    assert meter.result().samples == 1
+    meter.forward(2, [w], [w], 1)  # a step comes between: the copy measures it
+    with torch.no_grad():
+        w.mul_(2.0)
+    meter.backward(2, [w])
+    assert meter.result().samples == 2
+    assert meter.result().mean == pytest.approx(0.5 / 2)  # (0 + ‖2 − 4‖/‖4‖) / 2
 
 
 def test_sampling_every_fourth_micro_batch() -> None:

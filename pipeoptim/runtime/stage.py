@@ -178,7 +178,9 @@ class StageRuntime:
             self.policy.begin_forward(micro_batch, version_diff, self._step_rates(micro_batch, version_diff))
         if self.prediction_error.sampled(micro_batch):  # most forwards skip the weight lookup
             trainable = self.trainable()
-            self.prediction_error.forward(micro_batch, used_weights(self.policy, trainable), trainable)
+            self.prediction_error.forward(
+                micro_batch, used_weights(self.policy, trainable), trainable, version_diff
+            )
         try:
             with torch.random.fork_rng(devices=self._rng_devices):
                 self._seed(self.seed * 1_000_003 + micro_batch * 7919 + self.index)
