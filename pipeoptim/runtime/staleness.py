@@ -133,9 +133,7 @@ class PredictionErrorMeter:
         kept = self._unchanged.pop(micro_batch, None)
         if kept is not None:
             n = len(kept) // 2
-            if all(t._version == v for t, v in kept) and all(
-                w is c for (w, _), c in zip(kept[:n], current)
-            ):
+            if all(t._version == v for t, v in kept) and all(w is c for (w, _), c in zip(kept[:n], current)):
                 self._samples += 1  # the very tensors, unmodified: both distances are exactly 0
             else:
                 warnings.warn(
