@@ -32,7 +32,7 @@ from pipeoptim.inputs import as_tuple
 from pipeoptim.methods import METHODS, get_method
 from pipeoptim.runtime import spmd
 from pipeoptim.runtime.clipping import check_clipping
-from pipeoptim.runtime.linkcost import shared_cores
+from pipeoptim.runtime.linkcost import shared_cores, stage_threads
 from pipeoptim.runtime.precision import autocast_context, check_autocast
 from pipeoptim.runtime.replicas import check_replicated_options
 from pipeoptim.units import parse_bandwidth, parse_bytes
@@ -208,34 +208,35 @@ def plan_best_layout(
     device = stage_device(kind, inputs[0].device)
     say = options.get("log") or (lambda _msg: None)
     profile_dir = options.get("profile_dir", "profiles")
-    config = planning_config(
-        optimizer,
-        method,
-        gpus,
-        device,
-        profile_dir,
-        say,
-        bandwidth=options.get("bandwidth", "25GB/s"),
-        memory=options.get("memory"),
-        latency=options.get("latency", 0.0),
-        action_overhead=options.get("action_overhead", 0.0),
-    )
-    choice = choose_compile_layout(
-        copy.deepcopy(model).cpu(),
-        inputs,
-        config,
-        gpus,
-        options.get("micro_batches"),
-        stages=stages,
-        replicas=replicas,
-        leaf_modules=options.get("leaf_modules", ()),
-        profile_dir=profile_dir,
-        device=device,
-        solver=options.get("solver", "cbc"),
-        autocast=options.get("autocast"),
-        log=say,
-        runnable=partial(_runnable, options),
-    )
+    with stage_threads("processes" if kind == "auto" else kind, device):  # timed as the stages run
+        config = planning_config(
+            optimizer,
+            method,
+            gpus,
+            device,
+            profile_dir,
+            say,
+            bandwidth=options.get("bandwidth", "25GB/s"),
+            memory=options.get("memory"),
+            latency=options.get("latency", 0.0),
+            action_overhead=options.get("action_overhead", 0.0),
+        )
+        choice = choose_compile_layout(
+            copy.deepcopy(model).cpu(),
+            inputs,
+            config,
+            gpus,
+            options.get("micro_batches"),
+            stages=stages,
+            replicas=replicas,
+            leaf_modules=options.get("leaf_modules", ()),
+            profile_dir=profile_dir,
+            device=device,
+            solver=options.get("solver", "cbc"),
+            autocast=options.get("autocast"),
+            log=say,
+            runnable=partial(_runnable, options),
+        )
     n, r = choice.chosen.stages, choice.chosen.replicas
     say(f"layout {n} x {r} (stages x replicas) chosen of {gpus} devices:\n{choice.table()}")
     return choice

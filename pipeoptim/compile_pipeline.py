@@ -37,6 +37,7 @@ from pipeoptim.runtime.build import PipelineSpec
 from pipeoptim.runtime.clipping import check_clipping
 from pipeoptim.runtime.compiled import check_compile_stages
 from pipeoptim.runtime.distributed import check_devices
+from pipeoptim.runtime.linkcost import stage_threads
 from pipeoptim.runtime.optim import hyperparameters, param_group_names
 from pipeoptim.runtime.precision import autocast_context, check_autocast
 from pipeoptim.runtime.predictors import VARIANTS as PREDICTOR_VARIANTS
@@ -253,21 +254,22 @@ def compile(
             )
     groups = param_group_names(optimizer, model)
     say = log or (lambda _msg: None)
-    config = planning_config(
-        optimizer,
-        method,
-        devices,
-        _profile_device(kind, inputs[0].device),
-        profile_dir,
-        say,
-        bandwidth=bandwidth,
-        memory=memory,
-        latency=latency,
-        action_overhead=action_overhead,
-        num_stages=gpus,
-        micro_batches=m,
-        data_parallel=data_parallel,
-    )
+    with stage_threads(kind, _profile_device(kind, inputs[0].device)):  # timed as the stages run
+        config = planning_config(
+            optimizer,
+            method,
+            devices,
+            _profile_device(kind, inputs[0].device),
+            profile_dir,
+            say,
+            bandwidth=bandwidth,
+            memory=memory,
+            latency=latency,
+            action_overhead=action_overhead,
+            num_stages=gpus,
+            micro_batches=m,
+            data_parallel=data_parallel,
+        )
     owns_group = spmd.init(devices, timeout) if kind == "torchrun" else False
     rank0 = kind != "torchrun" or dist.get_rank() == 0
     if plan is not None:
@@ -275,14 +277,15 @@ def compile(
         chosen = _given_plan(plan, traced, config, say)
         static_batch, dynamic_length = traced.method == "export", False  # not probed: keep shapes
     elif rank0:
-        with autocast_context(autocast, _profile_device(kind, inputs[0].device)):
+        profiled_on = _profile_device(kind, inputs[0].device)
+        with stage_threads(kind, profiled_on), autocast_context(autocast, profiled_on):
             planned = plan_model(
                 model_copy,
                 micro,
                 config,
                 leaf_modules=leaf_modules,
                 profile_dir=profile_dir,
-                device=_profile_device(kind, inputs[0].device),
+                device=profiled_on,
                 solver=solver,
                 log=say,
             )

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch.optim import Optimizer
 
-from pipeoptim.compiler.profile import device_name
+from pipeoptim.compiler.profile_key import device_name
 from pipeoptim.errors import PredictorError
 from pipeoptim.fileio import write_json
 from pipeoptim.runtime.extrapolation import Extrapolator, per_unit_rate
@@ -131,9 +131,10 @@ def load_or_measure_update_cost(
 ) -> tuple[float, float]:
     """:func:`measure_update_cost`, remembered in
     ``<profile_dir>/update-costs.json`` under the optimizer class, its defaults, the device and
-    the torch version (and how they were timed), so that later plans of the same model and
-    setting get the same figures (a plan must not change with timing noise); a new torch
-    version or device is measured afresh. ``profile_dir=None`` always measures.
+    the torch version (and how they were timed, on the CPU with how many torch threads), so
+    that later plans of the same model and setting get the same figures (a plan must not change
+    with timing noise); a new torch version or device is measured afresh. ``profile_dir=None``
+    always measures.
 
     Returns:
         ``(step seconds per parameter byte, prediction seconds per parameter byte)``.
@@ -151,6 +152,7 @@ def load_or_measure_update_cost(
             "device": device_name(device),
             "torch": torch.__version__,
             "clock": UPDATE_COST_CLOCK,
+            **({"threads": torch.get_num_threads()} if device.type == "cpu" else {}),
         },
         sort_keys=True,
     )

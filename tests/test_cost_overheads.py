@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -126,3 +128,38 @@ def test_measured_link_is_positive() -> None:
     alpha, beta = measure_link(sizes=(4 << 10, 1 << 20, 8 << 20), repeats=5, timeout=120)
     assert alpha >= 0
     assert 1e-12 < beta < 1e-6  # between 1 MB/s and 1 TB/s
+
+
+def test_stage_processes_are_profiled_with_their_own_threads(tmp_path) -> None:
+    """Worker processes run one torch thread each on the CPU; a profile timed with this
+    process's threads (one per core by default) made a stage look up to cores x faster.
+    compile(executor="processes") times with the stages' threads, keys the profile and the
+    update costs by them, and gives this process its threads back."""
+    import pipeoptim
+    from pipeoptim.runtime.distributed import STAGE_THREADS
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(STAGE_THREADS + 1)
+    try:
+        model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
+        opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+        plans = {}
+        for executor in ("local", "processes"):
+            with pipeoptim.compile(
+                model,
+                opt,
+                2,
+                example_inputs=torch.randn(4, 8),
+                loss_fn=torch.nn.functional.cross_entropy,
+                executor=executor,
+                profile_dir=tmp_path,
+            ) as pipe:
+                plans[executor] = pipe.plan
+            assert torch.get_num_threads() == STAGE_THREADS + 1
+        assert plans["local"].profile_key["threads"] == STAGE_THREADS + 1
+        assert plans["processes"].profile_key["threads"] == STAGE_THREADS
+        assert len(list(tmp_path.glob("Sequential-*.json"))) == 2  # one profile per thread count
+        costs = json.loads((tmp_path / "update-costs.json").read_text())
+        assert sorted(json.loads(key)["threads"] for key in costs) == [STAGE_THREADS, STAGE_THREADS + 1]
+    finally:
+        torch.set_num_threads(before)

@@ -18,9 +18,10 @@ from pipeoptim.compiler.layouts import Profiler, choose_layout, default_micro_ba
 from pipeoptim.compiler.optimizer_state import optimizer_state_factor
 from pipeoptim.compiler.plan import make_plan
 from pipeoptim.compiler.plot import plot_plan
-from pipeoptim.compiler.profile import device_name
+from pipeoptim.compiler.profile_key import device_name
 from pipeoptim.errors import PipeoptimError
 from pipeoptim.methods import METHODS
+from pipeoptim.runtime.distributed import STAGE_THREADS
 from pipeoptim.runtime.linkcost import shared_cores
 from pipeoptim.units import plural
 from pipeoptim.update_cost import load_or_measure_update_cost
@@ -175,6 +176,8 @@ def partition(
     if model is None and profile_file is None:
         raise click.UsageError("give a MODEL, or --profile FILE to plan from a saved profile")
     target = torch_device(device)
+    if target is None or target.type == "cpu":  # time as `pipeoptim train`'s stage processes run
+        torch.set_num_threads(STAGE_THREADS)
     try:
         if profile_file is not None:
             graph: CostGraph | Profiler = CostGraph.load(profile_file)
@@ -333,7 +336,7 @@ def _update_costs(
 
 
 def _check_profile_matches(model, graph, input_shape, input_dtype, leaf, device) -> None:
-    from pipeoptim.compiler.profile import profile_key
+    from pipeoptim.compiler.profile_key import profile_key
     from pipeoptim.compiler.trace import trace
 
     net, examples = load_model(model, input_shape, input_dtype)

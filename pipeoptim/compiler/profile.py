@@ -15,11 +15,9 @@ the device name and the torch version (:func:`pipeoptim.compiler.profile_cache.l
 from __future__ import annotations
 
 import copy
-import platform
 import statistics
 import time
 from collections.abc import Callable, Sequence
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -29,46 +27,11 @@ from torch.utils import _pytree as pytree
 
 from pipeoptim.compiler.calibration import calibrate, whole_model_seconds
 from pipeoptim.compiler.costgraph import CostGraph, CostNode
+from pipeoptim.compiler.profile_key import profile_key
 from pipeoptim.compiler.saved_bytes import saved_bytes
 from pipeoptim.compiler.shapes import length_slopes
 from pipeoptim.compiler.trace import TracedModel, node_module
 from pipeoptim.errors import ProfileError
-
-
-def device_name(device: torch.device) -> str:
-    """Human-readable device identity used in profile keys (GPU model or CPU model)."""
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"cpu: {cpu}"
-
-
-#: What the profiler measures; profiles of another version are measured again. 2: saved
-#: activations per storage and length slopes; 3: times calibrated (compiler/calibration.py).
-MEASURES = 3
-
-
-def profile_key(traced: TracedModel, inputs: Sequence[torch.Tensor], device: torch.device) -> dict:
-    """What a profile is valid for: graph, input shapes/dtypes, device, torch version, what
-    the profiler measures (:data:`MEASURES`), and the ``torch.autocast`` dtype where the
-    profile is made under autocast."""
-    key = {
-        "graph_hash": traced.graph_hash,
-        "inputs": [[list(x.shape), str(x.dtype).removeprefix("torch.")] for x in inputs],
-        "device": device_name(device),
-        "torch": torch.__version__,
-        "measures": MEASURES,
-    }
-    if torch.is_autocast_enabled(device.type):
-        key["autocast"] = str(torch.get_autocast_dtype(device.type)).removeprefix("torch.")
-    return key
 
 
 def _nbytes(t: torch.Tensor) -> int:

@@ -1,5 +1,5 @@
 """Profiles cached on disk: ``<profile_dir>/<model>-<key hash>.json``, reused only for the same
-key (:func:`pipeoptim.compiler.profile.profile_key`)."""
+key (:func:`pipeoptim.compiler.profile_key.profile_key`)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,8 @@ from pathlib import Path
 import torch
 
 from pipeoptim.compiler.costgraph import CostGraph
-from pipeoptim.compiler.profile import profile_key, profile_model
+from pipeoptim.compiler.profile import profile_model
+from pipeoptim.compiler.profile_key import profile_key
 from pipeoptim.compiler.trace import TracedModel
 from pipeoptim.errors import ProfileError
 
@@ -71,6 +72,7 @@ def _key_diff(old: dict, new: dict) -> str:
         "device": "device",
         "torch": "torch version",
         "measures": "profiler version",
+        "threads": "CPU threads",
     }
     diffs = [
         f"{names.get(k, k)}: {old.get(k)!s:.60} -> {new.get(k)!s:.60}"

@@ -47,6 +47,11 @@ def check_devices(num_stages: int) -> None:
         )
 
 
+#: torch threads of each stage process on the CPU: the ranks share the cores, one thread each
+#: (profiles are timed so too: :func:`pipeoptim.runtime.linkcost.stage_threads`)
+STAGE_THREADS = 1
+
+
 class ProcessExecutor:
     """Spawns and drives one worker process per stage.
 
@@ -64,7 +69,7 @@ class ProcessExecutor:
         on_loss: Callable[[int, torch.Tensor], None],
         on_error: Callable[[BaseException], None],
         timeout: float = 300.0,
-        threads: int = 1,
+        threads: int = STAGE_THREADS,
     ) -> None:
         check_devices(spec.world_size)
         self.world = spec.world_size  # N stages × R replicas (pipeoptim.runtime.replicas)

@@ -10,18 +10,19 @@ stages of a CPU pipeline share. Both feed :class:`pipeoptim.compiler.costmodel.C
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import os
 import statistics
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from pipeoptim.runtime.distributed import free_port
+from pipeoptim.runtime.distributed import STAGE_THREADS, free_port
 
 #: message sizes timed by default (bytes): small ones for α, large ones for β
 SIZES = (4 << 10, 64 << 10, 1 << 20, 8 << 20)
@@ -129,7 +130,26 @@ def _round_trips(backend: str, sizes: Sequence[int], repeats: int, timeout: floa
     return medians
 
 
-def shared_cores(num_stages: int, threads_per_stage: int = 1) -> float | None:
+@contextlib.contextmanager
+def stage_threads(executor: str, device: torch.device) -> Iterator[None]:
+    """Within: torch runs :data:`STAGE_THREADS` threads where the stages will be worker processes
+    on the CPU (``executor`` "processes"), so that profiles and optimizer-update costs are timed
+    as a stage runs. Timed with this process's threads (torch's default: one per core) a stage
+    looked up to cores x faster than it runs (2x here, each forward and backward of the
+    benchmark MLP), and the plan's throughput was over-predicted by as much. The local executor
+    runs the stages in this process, torchrun ranks with their own threads: unchanged there."""
+    if executor != "processes" or device.type != "cpu":
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(STAGE_THREADS)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def shared_cores(num_stages: int, threads_per_stage: int = STAGE_THREADS) -> float | None:
     """Processors a CPU pipeline's stages share: the cores this process may run on, in units
     of a stage's threads; ``None`` when there are at least as many as the stages need (each
     stage then runs as on its own device)."""

@@ -1,0 +1,50 @@
+"""What a profile is valid for (:func:`profile_key`): a saved profile is reused only while
+every part of its key matches (:mod:`pipeoptim.compiler.profile_cache`)."""
+
+from __future__ import annotations
+
+import platform
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+from pipeoptim.compiler.trace import TracedModel
+
+
+def device_name(device: torch.device) -> str:
+    """Human-readable device identity used in profile keys (GPU model or CPU model)."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"cpu: {cpu}"
+
+
+#: What the profiler measures; profiles of another version are measured again. 2: saved
+#: activations per storage and length slopes; 3: times calibrated (compiler/calibration.py).
+MEASURES = 3
+
+
+def profile_key(traced: TracedModel, inputs: Sequence[torch.Tensor], device: torch.device) -> dict:
+    """What a profile is valid for: graph, input shapes/dtypes, device, torch version, what
+    the profiler measures (:data:`MEASURES`), on the CPU torch's thread count, and the
+    ``torch.autocast`` dtype where the profile is made under autocast."""
+    key = {
+        "graph_hash": traced.graph_hash,
+        "inputs": [[list(x.shape), str(x.dtype).removeprefix("torch.")] for x in inputs],
+        "device": device_name(device),
+        "torch": torch.__version__,
+        "measures": MEASURES,
+    }
+    if device.type == "cpu":  # a profile timed with other threads than the stages run with misleads
+        key["threads"] = torch.get_num_threads()
+    if torch.is_autocast_enabled(device.type):
+        key["autocast"] = str(torch.get_autocast_dtype(device.type)).removeprefix("torch.")
+    return key
