@@ -36,6 +36,7 @@ import statistics
 import sys
 import tempfile
 import time
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -380,6 +381,51 @@ def run_pippy(
                 p.kill()
 
 
+def run_torch_schedule(
+    model: str,
+    schedule: str,
+    n: int,
+    micro: int,
+    warmup: int,
+    steps: int,
+    windows: int,
+    profile_dir: Path,
+) -> dict[str, Any]:
+    """torch.distributed.pipelining's ``schedule`` on ``n`` ranks over our plan's stages
+    (``PIPPY[schedule]`` per rank)."""
+    with compile_model(
+        model, "1f1b", n * PIPPY[schedule], "local", profile_dir, MODELS[model][3], micro_batches=micro
+    ) as pipe:
+        plan = pipe.plan
+    return {"rate": run_pippy(model, schedule, plan, micro, warmup, steps, windows)}
+
+
+def measure_rounds(runs: dict[str, Any], rounds: int, what: str) -> dict[str, dict[str, Any]]:
+    """Every configuration of ``runs`` (name -> a call measuring it) ``rounds`` times, the order
+    rotated each round so that no configuration always runs first or last; per configuration
+    the run of median rate (with the loads of all its runs). One run each on this shared
+    2-core machine moved a ratio by up to 0.3 between two full runs minutes apart."""
+    names = list(runs)
+    measured: dict[str, list[dict[str, Any]]] = {name: [] for name in names}
+    for r in range(rounds):
+        for name in names[r % len(names) :] + names[: r % len(names)]:
+            print(f"  {what}, {name} (round {r + 1} of {rounds}) ...", file=sys.stderr)
+            load = os.getloadavg()[0]
+            result = runs[name]()
+            result["load"] = load
+            measured[name].append(result)
+            extra = f", predicted {result['predicted']:.2f}/s" if "predicted" in result else ""
+            print(f"    {result['rate']:.2f}/s{extra}, load {load:.1f}", file=sys.stderr)
+    chosen = {}
+    for name, results in measured.items():
+        ordered = sorted(results, key=lambda res: res["rate"] if res["rate"] == res["rate"] else -1.0)
+        chosen[name] = ordered[len(ordered) // 2] | {
+            "rates": [res["rate"] for res in results],
+            "loads": [res["load"] for res in results],
+        }
+    return chosen
+
+
 def sequential_seconds(model: str, repeats: int = 5) -> float:
     """Seconds of one mini-batch's forward, backward and SGD step on one thread, no pipeline
     (median of ``repeats``): the work the stages share."""
@@ -535,6 +581,11 @@ def main() -> None:
     )
     parser.add_argument("--models", nargs="+", choices=list(MODELS), help="default: both")
     parser.add_argument(
+        "--rounds",
+        type=int,
+        help="runs of every configuration, order rotated, median kept (default 3; 1 with --quick)",
+    )
+    parser.add_argument(
         "--schedules",
         nargs="*",
         choices=list(PIPPY),
@@ -551,14 +602,17 @@ def main() -> None:
     DEVICE = args.device
     if DEVICE == "cuda" and torch.cuda.device_count() < max(args.stages or [2, 4]):
         parser.error(f"--device cuda needs a GPU per stage: {torch.cuda.device_count()} found")
-    partial = args.quick or any(
+    subset = args.quick or any(
         v is not None for v in (args.stages, args.methods, args.models, args.schedules)
     )
-    if args.out is None and partial:
+    if args.out is None and subset:
         args.out = Path(tempfile.mkdtemp(prefix="throughput-"))
     elif args.out is None:
         args.out = Path(__file__).parent / "results"
     args.stages = args.stages or [2, 4]
+    rounds = args.rounds or (1 if args.quick else 3)
+    if rounds < 1:
+        parser.error("--rounds must be at least 1")
     torch.set_num_threads(1)  # profile as the ranks run: one thread each
     stage_counts = [2] if args.quick else args.stages
     models = ["mlp"] if args.quick else args.models or list(MODELS)
@@ -583,38 +637,32 @@ def main() -> None:
         sequential = sequential_seconds(model)
         for n in stage_counts:
             micro = n
-            results: dict[str, dict[str, Any]] = {}
+            runs: dict[str, Any] = {}  # configuration -> its measurement (a dict with "rate")
             for method in methods:
-                print(f"  {model}, {n} stages, {method} ...", file=sys.stderr)
-                load = os.getloadavg()[0]
-                results[method] = run_pipeoptim(
-                    model, method, n, micro, warmup, steps, profile_dir, link, windows
-                )
-                results[method]["load"] = load
-                r = results[method]
-                print(
-                    f"    {r['rate']:.2f}/s, predicted {r['predicted']:.2f}/s, load {load:.1f}",
-                    file=sys.stderr,
+                runs[method] = partial(
+                    run_pipeoptim, model, method, n, micro, warmup, steps, profile_dir, link, windows
                 )
             if args.compiled or not args.quick:
-                print(f"  {model}, {n} stages, pipeoptim, compiled stages ...", file=sys.stderr)
                 # compiling happens in the first forwards and backwards of each kind (stage 0's
                 # first forward predicts nothing yet): warm up past the pipeline's fill
-                results["pipeoptim, compiled stages"] = run_pipeoptim(
-                    model, "pipeoptim", n, micro, warmup + 2 * n, steps, profile_dir, link, windows, True
+                runs["pipeoptim, compiled stages"] = partial(
+                    run_pipeoptim,
+                    model,
+                    "pipeoptim",
+                    n,
+                    micro,
+                    warmup + 2 * n,
+                    steps,
+                    profile_dir,
+                    link,
+                    windows,
+                    True,
                 )
-                results["pipeoptim, compiled stages"]["load"] = os.getloadavg()[0]
             for schedule in schedules:
-                print(f"  {model}, {n} stages, torch.distributed.pipelining {schedule} ...", file=sys.stderr)
-                load = os.getloadavg()[0]
-                virtual = n * PIPPY[schedule]
-                with compile_model(
-                    model, "1f1b", virtual, "local", profile_dir, MODELS[model][3], micro_batches=micro
-                ) as pipe:
-                    plan = pipe.plan
-                rate = run_pippy(model, schedule, plan, micro, warmup, steps, windows)
-                results[f"pipelining {schedule}"] = {"rate": rate, "load": load}
-                print(f"    {rate:.2f}/s, load {load:.1f}", file=sys.stderr)
+                runs[f"pipelining {schedule}"] = partial(
+                    run_torch_schedule, model, schedule, n, micro, warmup, steps, windows, profile_dir
+                )
+            results = measure_rounds(runs, rounds, f"{model}, {n} stages")
             loads.append(os.getloadavg()[0])
             best = max(r["rate"] for r in results.values() if r["rate"] == r["rate"])
             for name, r in results.items():
@@ -630,7 +678,8 @@ def main() -> None:
                         f"{r['bubble']:.0%}" if "bubble" in r else "-",
                         f"{r['predicted_bubble']:.0%}" if "predicted_bubble" in r else "-",
                         f"{1 - sequential * r['rate'] / n:.0%}",
-                        f"{r['load']:.1f}",
+                        " ".join(f"{rate:.1f}" for rate in r["rates"]),
+                        f"{min(r['loads']):.1f}-{max(r['loads']):.1f}",
                     ]
                 )
             ratio_lines.append(ratios(model, n, results))
@@ -647,6 +696,7 @@ def main() -> None:
         "bubble",
         "predicted bubble",
         "idle vs sequential",
+        "rounds /s",
         "load",
     ]
     table = tabulate(rows, headers=headers, tablefmt="github")
@@ -707,8 +757,10 @@ def main() -> None:
         f"# Throughput ({'quick' if args.quick else 'full'} run, CPU, gloo, 1 thread per rank, "
         f"{os.cpu_count()} cores)\n\nMeasured {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} "
         f"UTC under a load average of {min(loads):.1f} to {max(loads):.1f} (the benchmark's "
-        f"own ranks count in it; the `load` column is the 1-minute load when each run "
-        f"started).\n\n{described}\n\n"
+        f"own ranks count in it; the `load` column is the range of the 1-minute load when each "
+        f"run started).\n\n{described}\n\n"
+        f"Every configuration ran {rounds} time(s), the order rotated each round; `rounds /s` "
+        f"lists each run's rate, and every other column is that of the run of median rate.\n\n"
         f"Micro-batches = stages for gpipe, 1f1b and torch.distributed.pipelining (zero-bubble "
         f"schedules: 2 virtual stages per rank, the plan made for 2N stages); 2bw runs mini-batches "
         f"of stages x the mini-batch in micro-batches of one mini-batch and its rates count one "
