@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -113,6 +115,18 @@ def test_no_step_before_the_backward_is_proven_by_version_counters() -> None:
     meter.backward(2, [w])
     assert meter.result().samples == 2
     assert meter.result().mean == pytest.approx(0.5 / 2)  # (0 + ‖2 − 4‖/‖4‖) / 2
+
+
+def test_2bw_last_stage_is_measured_though_no_step_comes_between() -> None:
+    """2BW's last stage runs a micro-batch's forward and backward back to back (version
+    difference 0) but on the shadow W(t−1), not on W: its error is measured (the copy path),
+    not assumed 0, and nothing is dropped."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        stats = run_biases("2bw", 2, 12)
+    assert stats.prediction_error_samples[1] == 2 * 12  # every micro-batch of 12 mini-batches of M = 2
+    assert stats.prediction_error[1] > 0.05
+    assert stats.staleness[1] == 0.0  # W current at the forward is W at the backward
 
 
 def test_sampling_every_fourth_micro_batch() -> None:

@@ -25,9 +25,10 @@ compared when its backward starts; micro-batches ``m`` with ``m % every == 0`` a
 so at most ``⌈in-flight / every⌉`` copies exist at once (one when ``every`` ≥ N), two where
 the forward does not use the current weights (one for the staleness). Where the schedule
 takes no optimizer step between the forward and its backward (version difference 0: gpipe,
-1f1b, the last stage), nothing is copied: the tensors and their autograd version counters are
-kept, and at the backward unchanged counters prove both distances exactly 0 (copying the
-weights there cost 1F1B 7% of its time on the benchmark MLP, to measure zeros). A tensor
+1f1b, the last stage) and the forward uses the parameters themselves (not 2BW's shadow),
+nothing is copied: the parameters' autograd version counters are kept, and at the backward
+unchanged counters prove both distances exactly 0 (copying the weights there cost 1F1B 7-14%
+of its throughput on the benchmark MLP, to measure zeros). A tensor
 changed in place despite that (a user's hook) drops the sample with a warning.
 """
 
@@ -95,8 +96,8 @@ class PredictionErrorMeter:
             raise ValueError(f"prediction_error_every must be 0 (off) or positive, got {every}")
         self.every = every
         self._forward: dict[int, tuple[list[torch.Tensor], list[torch.Tensor] | None]] = {}
-        #: sampled micro-batches of version difference 0: (tensor, version counter) of the
-        #: weights used, then of the parameters current, at the forward
+        #: sampled micro-batches of version difference 0 whose forward uses the current
+        #: parameters: (parameter, its version counter at the forward)
         self._unchanged: dict[int, list[tuple[torch.Tensor, int]]] = {}
         self._sum = 0.0
         self._stale_sum = 0.0
@@ -115,16 +116,17 @@ class PredictionErrorMeter:
     ) -> None:
         """Keep a copy of ``weights`` (the tensors the forward of ``micro_batch`` uses, in the
         stage's parameter order) and, where they differ, of ``current`` (the parameters now),
-        if ``micro_batch`` is sampled; with ``version_diff`` 0 (no optimizer step before its
-        backward) only the tensors and their version counters (module docstring)."""
+        if ``micro_batch`` is sampled; where ``weights`` are the parameters themselves and
+        ``version_diff`` is 0 (no optimizer step before its backward), only their version
+        counters (module docstring; 2BW's forward reads a shadow copy even then)."""
         if not weights or not self.sampled(micro_batch):
             return
-        if version_diff == 0:
-            self._unchanged[micro_batch] = [(t, t._version) for t in (*weights, *current)]
+        same = all(w is c for w, c in zip(weights, current))
+        if version_diff == 0 and same:
+            self._unchanged[micro_batch] = [(t, t._version) for t in weights]
             return
         with torch.no_grad():
             used = [w.detach().clone() for w in weights]
-            same = all(w is c for w, c in zip(weights, current))
             self._forward[micro_batch] = (used, None if same else [c.detach().clone() for c in current])
 
     def backward(self, micro_batch: int, current: Sequence[torch.Tensor]) -> None:
@@ -132,8 +134,7 @@ class PredictionErrorMeter:
         stage's parameters as its backward starts, same order) and drop them."""
         kept = self._unchanged.pop(micro_batch, None)
         if kept is not None:
-            n = len(kept) // 2
-            if all(t._version == v for t, v in kept) and all(w is c for (w, _), c in zip(kept[:n], current)):
+            if all(t._version == v for t, v in kept) and all(w is c for (w, _), c in zip(kept, current)):
                 self._samples += 1  # the very tensors, unmodified: both distances are exactly 0
             else:
                 warnings.warn(
