@@ -565,7 +565,7 @@ def main() -> None:
         "--out",
         type=Path,
         help="where to write (default: benchmarks/results for the full run, a new temporary "
-        "folder for --quick, --stages or --methods)",
+        "folder for --quick, --stages, --methods, --models or --schedules)",
     )
     parser.add_argument("--stages", type=int, nargs="+", help="stage counts to measure (default 2 4)")
     parser.add_argument(

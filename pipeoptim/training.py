@@ -162,12 +162,18 @@ def train(config: TrainConfig, log: Callable[[str], None] = print) -> dict[str, 
     """Run ``config``; returns the metrics also written to ``<out>/metrics.json``.
 
     Raises:
-        ValueError: bad settings; FileNotFoundError: missing task data; CheckpointError: a bad
-        ``resume``; PipeoptimError: from compile and training (non-finite loss, failed stage).
+        ValueError: bad settings, or a run folder that cannot be created; FileNotFoundError:
+        missing task data; CheckpointError: a bad ``resume``; PipeoptimError: from compile
+        and training (non-finite loss, failed stage).
     """
     out = Path(config.out)
     created = not out.exists()
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ValueError(
+            f"cannot create the run folder {out} ({exc.strerror or exc}): choose a writable --out"
+        ) from exc
     try:
         return _train(config, out, log)
     except BaseException:

@@ -178,8 +178,6 @@ def test_sequential_reference_and_bad_resume(tmp_path: Path) -> None:
         str(tmp_path / "seq"),
         "--gpus",
         "2",
-        "--stages",
-        "2",
     )
     assert code == 1 and "checkpoint" in err
 
@@ -288,3 +286,35 @@ def test_train_data_parallel_auto_is_the_default_search(tmp_path: Path) -> None:
     result = CliRunner().invoke(cli, [*common, "--memory", "1KiB", "--out", str(tmp_path / "b")])
     assert result.exit_code == 1
     assert "needs" in result.stderr and "bytes) per device" in result.stderr, result.stderr
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--method", "pipeoptim", "--micro-batches", "3"], "method pipeoptim runs each mini-batch as one"),
+        (["--method", "sequential", "--stages", "2"], "--stages does not apply to --method sequential"),
+        (
+            ["--method", "sequential", "--data-parallel", "2", "--micro-batches", "2"],
+            "--data-parallel and --micro-batches do not apply to --method sequential",
+        ),
+    ],
+)
+def test_layout_options_a_method_would_ignore_are_refused_before_planning(
+    tmp_path: Path, extra: list[str], message: str
+) -> None:
+    """Refused at once (exit 2, click's usage errors), naming the option: nothing is profiled
+    or written."""
+    args = ["train", "digits", "--out", str(tmp_path / "run"), "--profile-dir", str(tmp_path / "p"), *extra]
+    result = CliRunner().invoke(cli, args)
+    assert result.exit_code == 2, result.output
+    assert message in result.output
+    assert not (tmp_path / "run").exists() and not (tmp_path / "p").exists()
+
+
+def test_an_out_folder_that_cannot_be_made_is_named(tmp_path: Path) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    result = CliRunner().invoke(cli, ["train", "digits", "--out", str(blocker / "run"), "--quiet"])
+    assert result.exit_code == 1
+    assert f"cannot create the run folder {blocker / 'run'}" in result.output
+    assert "choose a writable --out" in result.output

@@ -74,7 +74,8 @@ def _log(msg: str) -> None:
     "--optimizer",
     default="momentum",
     show_default=True,
-    help="Optimizer whose state is counted: sgd, momentum, adam, adamw, rmsprop, adagrad.",
+    help="Optimizer whose state is counted and whose step is timed: "
+    "sgd, momentum, adam, adamw, rmsprop, adagrad, adadelta, adamax, nadam, radam.",
 )
 @click.option(
     "--partitioner",

@@ -8,7 +8,7 @@ import click
 
 from pipeoptim.cli.options import BYTES, GPUS, LAYOUT_WIDTH
 from pipeoptim.errors import PipeoptimError
-from pipeoptim.methods import METHODS
+from pipeoptim.methods import METHODS, get_method
 from pipeoptim.optimizers import OPTIMIZERS
 from pipeoptim.records import summary_line
 from pipeoptim.tasks import TASKS
@@ -32,7 +32,9 @@ from pipeoptim.training import SEQUENTIAL, TrainConfig, train
     show_default=True,
     help="sgd and rmsprop use --momentum; adam, adamw and adagrad their usual defaults.",
 )
-@click.option("--epochs", type=click.IntRange(min=1), default=10, show_default=True)
+@click.option(
+    "--epochs", type=click.IntRange(min=1), default=10, show_default=True, help="Passes over the data."
+)
 @click.option(
     "--batch-size", type=click.IntRange(min=1), default=32, show_default=True, help="Mini-batch size."
 )
@@ -49,9 +51,15 @@ from pipeoptim.training import SEQUENTIAL, TrainConfig, train
     show_default=True,
     help="Cosine annealing to 0 over the run (a scheduler on the optimizer), or constant.",
 )
-@click.option("--momentum", type=click.FloatRange(min=0, max=1), default=0.9, show_default=True)
+@click.option(
+    "--momentum",
+    type=click.FloatRange(min=0, max=1),
+    default=0.9,
+    show_default=True,
+    help="Momentum of sgd and rmsprop.",
+)
 @click.option("--weight-decay", type=click.FloatRange(min=0), default=0.0, show_default=True)
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True, help="Seeds the model, the data and dropout.")
 @click.option(
     "--data-dir",
     type=click.Path(file_okay=False),
@@ -110,7 +118,13 @@ from pipeoptim.training import SEQUENTIAL, TrainConfig, train
 @click.option(
     "--resume", type=click.Path(), default=None, help="Continue from the checkpoint in this run folder."
 )
-@click.option("--profile-dir", default="profiles", show_default=True)
+@click.option(
+    "--profile-dir",
+    default="profiles",
+    show_default=True,
+    help="Where profiles and optimizer costs are cached (reused while model, shapes, device, torch "
+    "version and threads match).",
+)
 @click.option(
     "--nan-check",
     type=click.Choice(["stages", "loss", "off"]),
@@ -197,6 +211,7 @@ def train_command(
     """Train TASK (digits, fashion-mnist, sst2, multi30k) and evaluate it after every epoch, on
     --gpus devices as the N stages x R replicas the planner predicts fastest (--stages and
     --data-parallel force N, R or both)."""
+    _check_layout_options(method, micro_batches, data_parallel, stages)
     if lr is None:
         lr = {"sgd": 0.02, "adagrad": 0.01}.get(optimizer, 1e-3)
     config = TrainConfig(
@@ -240,3 +255,35 @@ def train_command(
         click.echo("interrupted: every stage was stopped; the last checkpoint (if any) is intact", err=True)
         sys.exit(130)
     click.echo(summary_line(metrics))
+
+
+def _check_layout_options(method: str, micro_batches: int | None, data_parallel, stages: int | None) -> None:
+    """Refuse, before any planning, options the method would ignore or refuse later.
+
+    Raises:
+        click.BadParameter: --micro-batches above 1 for a method that runs a mini-batch as one
+            micro-batch.
+        click.UsageError: --stages, --data-parallel or --micro-batches with sequential training.
+    """
+    if method == SEQUENTIAL:
+        given = [
+            name
+            for name, value in (
+                ("--stages", stages),
+                ("--data-parallel", data_parallel),
+                ("--micro-batches", micro_batches),
+            )
+            if value not in (None, "auto")
+        ]
+        if given:
+            raise click.UsageError(
+                f"{' and '.join(given)} {'does' if len(given) == 1 else 'do'} not apply to --method "
+                "sequential (plain training in this process, no pipeline): drop "
+                f"{'it' if len(given) == 1 else 'them'}, or choose a pipeline method"
+            )
+    elif micro_batches not in (None, 1) and not get_method(method).micro_batched:
+        raise click.BadParameter(
+            f"method {method} runs each mini-batch as one micro-batch; --micro-batches applies to "
+            "gpipe, 1f1b and 2bw: leave it unset",
+            param_hint="--micro-batches",
+        )
