@@ -116,7 +116,8 @@ def test_train_command_passes_compile_stages(tmp_path, monkeypatch) -> None:
     result = CliRunner().invoke(cli, [*args, "--out", str(tmp_path / "a"), "--compile-stages"])
     assert result.exit_code == 1 and "stop here" in result.stderr
     assert seen["compile_stages"] is True
-    sequential = [*args, "--method", "sequential", "--out", str(tmp_path / "b"), "--compile-stages"]
+    plain = ["train", "digits", "--executor", "local", "--limit", "64", "--quiet"]  # no stages to force
+    sequential = [*plain, "--method", "sequential", "--out", str(tmp_path / "b"), "--compile-stages"]
     result = CliRunner().invoke(cli, sequential)
     assert result.exit_code == 1 and "--compile-stages compiles pipeline stages" in result.stderr
 

@@ -163,3 +163,22 @@ def test_stage_processes_are_profiled_with_their_own_threads(tmp_path) -> None:
         assert sorted(json.loads(key)["threads"] for key in costs) == [STAGE_THREADS, STAGE_THREADS + 1]
     finally:
         torch.set_num_threads(before)
+
+
+def test_partition_profiles_with_the_stage_threads_and_gives_them_back(tmp_path) -> None:
+    from click.testing import CliRunner
+
+    from pipeoptim.cli.main import cli
+    from pipeoptim.runtime.distributed import STAGE_THREADS
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(STAGE_THREADS + 1)
+    try:
+        result = CliRunner().invoke(cli, ["partition", "mlp", "--gpus", "2", "--profile-dir", str(tmp_path)])
+        assert result.exit_code == 0, result.output
+        assert torch.get_num_threads() == STAGE_THREADS + 1
+        profiles = list(tmp_path.glob("Sequential-*.json"))  # one per layout's micro-batch
+        assert profiles
+        assert all(json.loads(p.read_text())["key"]["threads"] == STAGE_THREADS for p in profiles)
+    finally:
+        torch.set_num_threads(before)

@@ -21,8 +21,7 @@ from pipeoptim.compiler.plot import plot_plan
 from pipeoptim.compiler.profile_key import device_name
 from pipeoptim.errors import PipeoptimError
 from pipeoptim.methods import METHODS
-from pipeoptim.runtime.distributed import STAGE_THREADS
-from pipeoptim.runtime.linkcost import shared_cores
+from pipeoptim.runtime.linkcost import shared_cores, stage_threads
 from pipeoptim.units import plural
 from pipeoptim.update_cost import load_or_measure_update_cost
 
@@ -177,49 +176,50 @@ def partition(
     if model is None and profile_file is None:
         raise click.UsageError("give a MODEL, or --profile FILE to plan from a saved profile")
     target = torch_device(device)
-    if target is None or target.type == "cpu":  # time as `pipeoptim train`'s stage processes run
-        torch.set_num_threads(STAGE_THREADS)
-    try:
-        if profile_file is not None:
-            graph: CostGraph | Profiler = CostGraph.load(profile_file)
-            assert isinstance(graph, CostGraph)
-            if model is not None:
-                _check_profile_matches(model, graph, input_shape, input_dtype, leaf, device)
-            mini_batch, profiled = None, None
-            on_this_cpu = graph.key.get("device") == device_name(torch.device("cpu"))
-        else:
-            net, examples = load_model(model, input_shape, input_dtype)
-            profiled = _Profiles(net, examples, leaf, profile_dir, target)
-            graph = profiled.profile
-            mini_batch = int(examples[0].shape[0]) * (micro_batches or default_micro_batches(method, gpus))
-            on_this_cpu = target is None or target.type == "cpu"
-        given = graph if isinstance(graph, CostGraph) else None
-        step_cost, predict_cost, note = _update_costs(optimizer, device, given, profile_dir)
-        config = CostConfig(
-            num_stages=gpus,
-            method=method,
-            bandwidth=bandwidth,
-            memory_limit=memory,
-            opt_state_factor=opt_factor,
-            step_s_per_byte=step_cost,
-            predict_s_per_byte=predict_cost,
-            recompute=True,  # stages recompute where --memory binds
-            cores=shared_cores(gpus) if on_this_cpu else None,
-        )
-        choice = choose_layout(
-            graph,
-            config,
-            gpus,
-            stages=stages,
-            replicas=None if data_parallel in (None, "auto") else data_parallel,
-            micro_batches=micro_batches,
-            plan=lambda g, c: make_plan(
-                g, c, partitioner=partitioner, solver=solver, time_limit=time_limit, ideals=exact_dp
-            ),
-            mini_batch=mini_batch,
-        )
-    except (PipeoptimError, ModelSpecError, ImportError) as exc:
-        raise click.ClickException(str(exc)) from exc
+    # timed as `pipeoptim train`'s stage processes run (one thread each on the CPU)
+    with stage_threads("processes", target or torch.device("cpu")):
+        try:
+            if profile_file is not None:
+                graph: CostGraph | Profiler = CostGraph.load(profile_file)
+                assert isinstance(graph, CostGraph)
+                if model is not None:
+                    _check_profile_matches(model, graph, input_shape, input_dtype, leaf, device)
+                mini_batch, profiled = None, None
+                on_this_cpu = graph.key.get("device") == device_name(torch.device("cpu"))
+            else:
+                net, examples = load_model(model, input_shape, input_dtype)
+                profiled = _Profiles(net, examples, leaf, profile_dir, target)
+                graph = profiled.profile
+                m = micro_batches or default_micro_batches(method, gpus)
+                mini_batch = int(examples[0].shape[0]) * m
+                on_this_cpu = target is None or target.type == "cpu"
+            given = graph if isinstance(graph, CostGraph) else None
+            step_cost, predict_cost, note = _update_costs(optimizer, device, given, profile_dir)
+            config = CostConfig(
+                num_stages=gpus,
+                method=method,
+                bandwidth=bandwidth,
+                memory_limit=memory,
+                opt_state_factor=opt_factor,
+                step_s_per_byte=step_cost,
+                predict_s_per_byte=predict_cost,
+                recompute=True,  # stages recompute where --memory binds
+                cores=shared_cores(gpus) if on_this_cpu else None,
+            )
+            choice = choose_layout(
+                graph,
+                config,
+                gpus,
+                stages=stages,
+                replicas=None if data_parallel in (None, "auto") else data_parallel,
+                micro_batches=micro_batches,
+                plan=lambda g, c: make_plan(
+                    g, c, partitioner=partitioner, solver=solver, time_limit=time_limit, ideals=exact_dp
+                ),
+                mini_batch=mini_batch,
+            )
+        except (PipeoptimError, ModelSpecError, ImportError) as exc:
+            raise click.ClickException(str(exc)) from exc
     plan = choice.chosen.plan
     assert plan is not None
     if isinstance(graph, CostGraph):
