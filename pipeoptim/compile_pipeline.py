@@ -231,7 +231,8 @@ def compile(
         raise ValueError(
             "example_inputs must be a tensor or a tuple of tensors with a batch dimension (dim 0)"
         )
-    backend = check_compile_stages(compile_stages, _profile_device(kind, inputs[0].device))
+    profiled_on = _profile_device(kind, inputs[0].device)  # where the stages run and are timed
+    backend = check_compile_stages(compile_stages, profiled_on)
     batch = int(inputs[0].shape[0])
     if batch < m * data_parallel:
         raise ValueError(
@@ -254,12 +255,12 @@ def compile(
             )
     groups = param_group_names(optimizer, model)
     say = log or (lambda _msg: None)
-    with stage_threads(kind, _profile_device(kind, inputs[0].device)):  # timed as the stages run
+    with stage_threads(kind, profiled_on):  # timed as the stages run
         config = planning_config(
             optimizer,
             method,
             devices,
-            _profile_device(kind, inputs[0].device),
+            profiled_on,
             profile_dir,
             say,
             bandwidth=bandwidth,
@@ -277,7 +278,6 @@ def compile(
         chosen = _given_plan(plan, traced, config, say)
         static_batch, dynamic_length = traced.method == "export", False  # not probed: keep shapes
     elif rank0:
-        profiled_on = _profile_device(kind, inputs[0].device)
         with stage_threads(kind, profiled_on), autocast_context(autocast, profiled_on):
             planned = plan_model(
                 model_copy,

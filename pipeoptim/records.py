@@ -22,6 +22,7 @@ from typing import Any
 from tqdm import tqdm
 
 from pipeoptim.fileio import atomic_write
+from pipeoptim.units import plural
 
 HEADER = ("step", "epoch", "loss", "lr")
 
@@ -186,15 +187,10 @@ def summary_line(metrics: dict[str, Any]) -> str:
     layout = ""
     if ran is not None:
         stages, replicas = ran["stages"], ran["data_parallel"]
-        width = f" x {_count(replicas, 'replica')}" if replicas > 1 else ""
-        layout = f" ({_count(stages, 'stage')}{width})"
+        width = f" x {plural(replicas, 'replica')}" if replicas > 1 else ""
+        layout = f" ({plural(stages, 'stage')}{width})"
     return (
         f"{cfg['task']} {cfg['method']}{layout}: test {metric} {shown} after "
-        f"{_count(len(metrics['epochs']), 'epoch')}, {metrics['mini_batches']} mini-batches, "
+        f"{plural(len(metrics['epochs']), 'epoch')}, {metrics['mini_batches']} mini-batches, "
         f"{metrics['wall_s']:.1f} s"
     )
-
-
-def _count(n: int, noun: str) -> str:
-    """``1 stage``, ``2 stages``."""
-    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"

@@ -320,8 +320,7 @@ def _memory_error(config: CostConfig, least: MemoryMinimum) -> InfeasibleMemoryE
     )
     return InfeasibleMemoryError(
         f"no {config.num_stages}-stage plan fits in {format_bytes(limit)} ({limit} bytes) per stage "
-        f"with method "
-        f"{config.method!r}; the smallest feasible limit is {format_bytes(least.memory_bytes)} "
+        f"with method {config.method!r}; the smallest feasible limit is {format_bytes(least.memory_bytes)} "
         f"({least.memory_bytes} bytes, {how}): raise --memory to at least that, use more stages, "
         "or a method that keeps fewer weight versions",
         limit_bytes=limit,
