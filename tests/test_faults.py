@@ -185,11 +185,15 @@ def test_ctrl_c_while_the_workers_start(tmp_path: Path) -> None:
     assert wait_for(lambda: not any(alive(pid) for pid in workers), 10)
 
 
-def test_a_script_without_a_main_guard_is_told_to_add_one(tmp_path: Path) -> None:
+@pytest.mark.parametrize("width", [8, 512])
+def test_a_script_without_a_main_guard_is_told_to_add_one(tmp_path: Path, width: int) -> None:
+    """Width 512 makes the pipeline spec (~2 MB) larger than a pipe's buffer: sent as a process
+    argument it blocked the driver's start for ever once the first worker had died."""
     script = tmp_path / "unguarded.py"
     script.write_text(
         "import torch, torch.nn.functional as F, pipeoptim\n"
-        "model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))\n"
+        f"model = torch.nn.Sequential(torch.nn.Linear(8, {width}), torch.nn.ReLU(), "
+        f"torch.nn.Linear({width}, {width}), torch.nn.ReLU(), torch.nn.Linear({width}, 2))\n"
         "opt = torch.optim.SGD(model.parameters(), lr=0.1)\n"
         "pipe = pipeoptim.compile(model, opt, 2, example_inputs=torch.randn(4, 8), "
         f"loss_fn=F.cross_entropy, profile_dir={str(tmp_path)!r}, timeout=60)\n"
@@ -199,6 +203,7 @@ def test_a_script_without_a_main_guard_is_told_to_add_one(tmp_path: Path) -> Non
     )
     assert result.returncode != 0
     assert "died with exit code 1" in result.stderr
+    assert "can only join a started process" not in result.stderr  # the worker's own cleanup
     assert "if __name__ == '__main__':" in result.stderr.splitlines()[-1]
 
 

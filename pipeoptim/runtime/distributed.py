@@ -88,11 +88,14 @@ class ProcessExecutor:
         ctx = mp.get_context("spawn")
         self.results = ctx.Queue()
         self.commands = [ctx.Queue() for _ in range(self.world)]
+        for commands in self.commands:
+            commands.cancel_join_thread()  # a dead worker's unread commands must not block exit
+            commands.put(("spec", None, payload))  # see worker_main: not a process argument
         init = f"tcp://127.0.0.1:{free_port()}"
         self.processes = [
             ctx.Process(
                 target=worker_main,
-                args=(rank, self.world, init, payload, self.commands[rank], self.results, timeout, threads),
+                args=(rank, self.world, init, self.commands[rank], self.results, timeout, threads),
                 name=f"pipeoptim-stage-{rank}",
                 daemon=True,
             )
@@ -313,11 +316,12 @@ class ProcessExecutor:
     # -- shutdown ---------------------------------------------------------------------
 
     def _stop_workers(self, grace: float = 5.0) -> None:
-        for p in self.processes:
+        started = [p for p in self.processes if p.pid is not None]  # a failed start leaves some
+        for p in started:
             if p.is_alive():
                 p.terminate()
         deadline = time.monotonic() + grace
-        for p in self.processes:
+        for p in started:
             p.join(max(deadline - time.monotonic(), 0.0))
             if p.is_alive():
                 p.kill()

@@ -22,7 +22,7 @@ import torch
 import torch.distributed as dist
 from torch.utils import _pytree as pytree
 
-from pipeoptim.errors import PipeoptimError
+from pipeoptim.errors import PipelineError, PipeoptimError
 from pipeoptim.runtime.async_norms import note_size
 from pipeoptim.runtime.build import PipelineSpec, aliases_of, build_stage, input_grad_mask
 from pipeoptim.runtime.comm import DistChannel
@@ -180,13 +180,18 @@ def worker_main(
     rank: int,
     world: int,
     init_method: str,
-    payload: bytes,
     commands: Any,
     results: Any,
     timeout: float,
     threads: int,
 ) -> None:
     """Entry point of a spawned worker: serve commands until ``close`` (or a failure).
+
+    The first command is ``("spec", None, bytes of the pipeline spec)``: it comes on the queue,
+    not as a process argument, because ``multiprocessing`` writes a spawned child's arguments
+    from the starting thread and blocks while the child has not read them -- forever when the
+    child died first (e.g. re-running a script that lacks a main guard) and the spec is
+    larger than a pipe's buffer.
 
     Every reply goes on ``results`` as ``(kind, rank, request id, payload)``; a failure is
     reported as ``("error", rank, None, (text, pipeoptim error or None))`` and ends the
@@ -196,7 +201,10 @@ def worker_main(
     torch.set_num_threads(threads)
     device = stage_device(rank)
     try:
-        spec: PipelineSpec = pickle.loads(payload)  # see distributed.pickle_spec
+        kind, _request, payload = commands.get(timeout=timeout)
+        if kind != "spec":
+            raise PipelineError(f"stage {rank} expected the pipeline spec first, got {kind!r}")
+        spec: PipelineSpec = pickle.loads(payload)  # see spawning.pickle_spec
         backend = "nccl" if device.type == "cuda" else "gloo"
         if device.type == "cuda":
             torch.cuda.set_device(device)
