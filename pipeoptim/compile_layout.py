@@ -36,7 +36,7 @@ from pipeoptim.runtime.linkcost import shared_cores, stage_threads
 from pipeoptim.runtime.precision import autocast_context, check_autocast
 from pipeoptim.runtime.replicas import check_replicated_options
 from pipeoptim.units import parse_bandwidth, parse_bytes
-from pipeoptim.update_cost import UpdateCostError, load_or_measure_update_cost
+from pipeoptim.update_cost import UpdateCostError, UpdateCosts, load_or_measure_update_cost
 
 if TYPE_CHECKING:
     from pipeoptim.pipeline import Pipeline
@@ -256,7 +256,7 @@ def planning_config(
     **layout: Any,
 ) -> CostConfig:
     """The cost model's settings for planning on ``devices`` devices, the same for ``compile``
-    and its layout search: the optimizer's measured step and prediction cost per byte (``0``
+    and its layout search: the optimizer's measured step, prediction and weight-copy cost per byte (``0``
     with a logged reason where it cannot be measured), its state factor, bandwidth, memory
     limit, latency (seconds per message), action overhead (seconds), the CPU cores the ranks
     share, recomputation where the memory limit binds; ``layout`` gives ``num_stages``,
@@ -266,20 +266,21 @@ def planning_config(
         ValueError: a bandwidth or memory string that does not parse.
     """
     try:
-        step_cost, predict_cost = load_or_measure_update_cost(
+        costs = load_or_measure_update_cost(
             type(optimizer), optimizer.defaults, device, profile_dir=profile_dir, log=say
         )
     except UpdateCostError as exc:
         say(f"optimizer step cost not modelled in the plan: {exc}")
-        step_cost = predict_cost = 0.0
+        costs = UpdateCosts(0.0, 0.0, 0.0)
     return CostConfig(
         num_stages=layout.pop("num_stages", devices),
         method=method,
         bandwidth=parse_bandwidth(bandwidth) if bandwidth is not None else None,
         memory_limit=parse_bytes(memory) if memory is not None else None,
         opt_state_factor=optimizer_state_factor(optimizer),
-        step_s_per_byte=step_cost,
-        predict_s_per_byte=predict_cost,
+        step_s_per_byte=costs.step,
+        predict_s_per_byte=costs.predict,
+        copy_s_per_byte=costs.copy,
         latency_s=latency,
         action_overhead_s=action_overhead,
         cores=shared_cores(devices) if device.type == "cpu" else None,

@@ -14,7 +14,7 @@ import statistics
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch.optim import Optimizer
@@ -28,6 +28,14 @@ from pipeoptim.runtime.predictors import get_predictor
 
 class UpdateCostError(RuntimeError):
     """The optimizer could not be timed on a test parameter."""
+
+
+class UpdateCosts(NamedTuple):
+    """Seconds per parameter byte of a stage's weight work (:func:`measure_update_cost`)."""
+
+    step: float  # one optimizer step
+    predict: float  # one weight prediction (ΔW, then Ŵ into a buffer); 0 without a predictor
+    copy: float  # one copy of the weights (weight stashing, PipeDream-2BW's shadow)
 
 
 def builtin_base(optimizer_class: type[Optimizer]) -> type[Optimizer] | None:
@@ -46,17 +54,20 @@ def measure_update_cost(
     device: torch.device | str = "cpu",
     numel: int = 1 << 20,
     repeats: int = 9,
-) -> tuple[float, float]:
-    """Seconds per parameter byte of one optimizer step, and of one weight prediction.
+) -> UpdateCosts:
+    """Seconds per parameter byte of one optimizer step, of one weight prediction and of one
+    weight copy.
 
     Times the ``torch.optim`` class ``optimizer_class`` is or derives from (:func:`builtin_base`,
     with the user's defaults) stepping one ``numel``-element float32 parameter with a fresh
     gradient each time (median of ``repeats`` after two warm-up steps), and its predictor
     (:mod:`pipeoptim.runtime.predictors`) computing ΔW and ``Ŵ = W - 2·lr·ΔW`` into a reused
     buffer as the runtime does (:class:`pipeoptim.runtime.extrapolation.Extrapolator`; 0 without a
-    predictor). On the CPU the time is the process's CPU time (``time.process_time``), which
-    other processes' load does not inflate (wall time under load varied 23× between two
-    measurements seconds apart); on an accelerator, wall time between synchronisations.
+    predictor), and a copy of the parameter into a buffer (what weight stashing and 2BW's
+    shadow do per step, :mod:`pipeoptim.runtime.stashing`). On the CPU the time is the
+    process's CPU time (``time.process_time``), which other processes' load does not inflate
+    (wall time under load varied 23× between two measurements seconds apart); on an
+    accelerator, wall time between synchronisations.
     A subclass's own ``__init__`` and ``step()`` are user code and are not run
     (their extra cost, if any, is not in the figure). Feeds
     :class:`pipeoptim.compiler.costmodel.CostConfig`.
@@ -101,10 +112,13 @@ def measure_update_cost(
                 f"{optimizer_class.__name__}.step() failed on a test parameter: {exc}"
             ) from exc
     nbytes = numel * param.element_size()
+    copy = torch.empty_like(param)
+    copies = [timed(lambda: copy.copy_(param.detach())) for _ in range(2 + repeats)]
+    step_s, copy_s = statistics.median(steps[2:]) / nbytes, statistics.median(copies[2:]) / nbytes
     try:
         predictor = get_predictor(optimizer)
     except PredictorError:
-        return statistics.median(steps[2:]) / nbytes, 0.0
+        return UpdateCosts(step_s, 0.0, copy_s)
     extrapolator = Extrapolator({"w": param}, optimizer, per_unit_rate(predictor))
     buffers: dict[str, torch.Tensor] = {}
 
@@ -113,7 +127,7 @@ def measure_update_cost(
         buffers.update(extrapolator.predict([2 * float(optimizer.param_groups[0]["lr"])], buffers))
 
     predicts = [timed(prediction) for _ in range(2 + repeats)]
-    return statistics.median(steps[2:]) / nbytes, statistics.median(predicts[2:]) / nbytes
+    return UpdateCosts(step_s, statistics.median(predicts[2:]) / nbytes, copy_s)
 
 
 UPDATE_COSTS_FILE = "update-costs.json"
@@ -128,7 +142,7 @@ def load_or_measure_update_cost(
     *,
     profile_dir: str | Path | None = "profiles",
     log: Callable[[str], None] = lambda _msg: None,
-) -> tuple[float, float]:
+) -> UpdateCosts:
     """:func:`measure_update_cost`, remembered in
     ``<profile_dir>/update-costs.json`` under the optimizer class, its defaults, the device and
     the torch version (and how they were timed, on the CPU with how many torch threads), so
@@ -137,7 +151,7 @@ def load_or_measure_update_cost(
     always measures.
 
     Returns:
-        ``(step seconds per parameter byte, prediction seconds per parameter byte)``.
+        step, prediction and copy seconds per parameter byte.
 
     Raises:
         UpdateCostError: the optimizer cannot step a test parameter.
@@ -167,8 +181,12 @@ def load_or_measure_update_cost(
             log(f"measuring optimizer update costs again: {path} is unreadable ({exc})")
             table = {}
     saved = table.get(key)
-    if isinstance(saved, list) and len(saved) == 2 and all(isinstance(v, float) for v in saved):
-        return saved[0], saved[1]
+    if (
+        isinstance(saved, list)
+        and len(saved) == len(UpdateCosts._fields)
+        and all(isinstance(v, float) for v in saved)
+    ):
+        return UpdateCosts(*saved)
     costs = measure_update_cost(optimizer_class, defaults, device)
     table[key] = list(costs)
     write_json(path, table)

@@ -34,6 +34,36 @@ def chain(times: list[float], size: int = 1000, params: int = 4000) -> CostGraph
     return CostGraph("chain", nodes, batch_size=1)
 
 
+@pytest.mark.parametrize(
+    ("method", "micro_batches", "per_byte"),
+    [
+        # per micro-batch: steps (1/M where a mini-batch is split), plus the weight policy's
+        # work: a prediction per forward, a copy per step (stashed version, 2BW's shadow)
+        ("pipeoptim", 1, 1 + 2),
+        ("spectrain", 1, 1 + 2),
+        ("pipedream", 1, 1 + 4),
+        ("2bw", 4, (1 + 4) / 4),
+        ("none", 1, 1),
+        ("gpipe", 4, 1 / 4),
+        ("1f1b", 4, 1 / 4),
+    ],
+)
+def test_update_time_counts_each_methods_weight_work(
+    method: str, micro_batches: int, per_byte: float
+) -> None:
+    config = CostConfig(
+        num_stages=2,
+        method=method,
+        micro_batches=micro_batches,
+        step_s_per_byte=1e-9,
+        predict_s_per_byte=2e-9,
+        copy_s_per_byte=4e-9,
+    )
+    graph = chain([0.010, 0.020])
+    for stage in evaluate(graph, [0, 0, 1, 1], config):
+        assert stage.update_s == pytest.approx(stage.param_bytes * per_byte * 1e-9, rel=1e-12)
+
+
 def test_fit_recovers_latency_and_bandwidth() -> None:
     sizes = [1e3, 1e4, 1e6, 8e6]
     alpha, beta = fit_latency_bandwidth(sizes, [30e-6 + n / 2e9 for n in sizes])
@@ -117,6 +147,7 @@ def test_update_cost_is_steady_under_load() -> None:
     """CPU time, median of repeats: two measurements agree (wall time once differed 23x)."""
     first = measure_update_cost(torch.optim.SGD, {"lr": 0.1, "momentum": 0.9}, numel=1 << 18)
     second = measure_update_cost(torch.optim.SGD, {"lr": 0.1, "momentum": 0.9}, numel=1 << 18)
+    assert first._fields == ("step", "predict", "copy")
     for a, b in zip(first, second):
         assert a > 0 and b > 0
         assert max(a, b) / min(a, b) < 3

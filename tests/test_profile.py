@@ -133,3 +133,16 @@ def test_update_costs_are_measured_once_per_setting_and_reused(tmp_path: Path) -
     costs = load_or_measure_update_cost(torch.optim.Adam, {"lr": 1e-3}, profile_dir=tmp_path, log=logs.append)
     assert costs[0] > 0 and "unreadable" in logs[0]
     assert len(json.loads((tmp_path / "update-costs.json").read_text())) == 1
+
+
+def test_update_costs_saved_without_a_copy_cost_are_measured_again(tmp_path: Path) -> None:
+    defaults = {"lr": 0.1, "momentum": 0.9}
+    load_or_measure_update_cost(torch.optim.SGD, defaults, profile_dir=tmp_path)
+    path = tmp_path / "update-costs.json"
+    table = json.loads(path.read_text())
+    (key,) = table
+    table[key] = [1.0, 2.0]  # what an earlier version saved: step and prediction only
+    path.write_text(json.dumps(table))
+    costs = load_or_measure_update_cost(torch.optim.SGD, defaults, profile_dir=tmp_path)
+    assert costs.step < 1.0 and costs.predict < 2.0 and costs.copy > 0
+    assert json.loads(path.read_text())[key] == list(costs)

@@ -23,7 +23,7 @@ from pipeoptim.errors import PipeoptimError
 from pipeoptim.methods import METHODS
 from pipeoptim.runtime.linkcost import shared_cores, stage_threads
 from pipeoptim.units import plural
-from pipeoptim.update_cost import load_or_measure_update_cost
+from pipeoptim.update_cost import UpdateCosts, load_or_measure_update_cost
 
 
 def _log(msg: str) -> None:
@@ -194,15 +194,16 @@ def partition(
                 mini_batch = int(examples[0].shape[0]) * m
                 on_this_cpu = target is None or target.type == "cpu"
             given = graph if isinstance(graph, CostGraph) else None
-            step_cost, predict_cost, note = _update_costs(optimizer, device, given, profile_dir)
+            costs, note = _update_costs(optimizer, device, given, profile_dir)
             config = CostConfig(
                 num_stages=gpus,
                 method=method,
                 bandwidth=bandwidth,
                 memory_limit=memory,
                 opt_state_factor=opt_factor,
-                step_s_per_byte=step_cost,
-                predict_s_per_byte=predict_cost,
+                step_s_per_byte=costs.step,
+                predict_s_per_byte=costs.predict,
+                copy_s_per_byte=costs.copy,
                 recompute=True,  # stages recompute where --memory binds
                 cores=shared_cores(gpus) if on_this_cpu else None,
             )
@@ -318,9 +319,9 @@ _OPTIMIZERS = {
 
 def _update_costs(
     optimizer: str, device: str | None, graph: CostGraph | None, profile_dir: str | None
-) -> tuple[float, float, str]:
-    """Optimizer-step and prediction seconds per parameter byte, measured on this machine,
-    and a note for the user ("" if none).
+) -> tuple[UpdateCosts, str]:
+    """Optimizer-step, prediction and weight-copy seconds per parameter byte, measured on this
+    machine, and a note for the user ("" if none).
 
     A saved profile (``graph``) from another device has no such measurement: updates are
     then left out, and the note says so.
@@ -330,10 +331,11 @@ def _update_costs(
         key = graph.key
         if key.get("device") != device_name(target):
             measured_on = key.get("device") or "another device"
-            return 0.0, 0.0, f"optimizer updates not modelled: the profile was measured on {measured_on}"
+            return UpdateCosts(
+                0.0, 0.0, 0.0
+            ), f"optimizer updates not modelled: the profile was measured on {measured_on}"
     cls, defaults = _OPTIMIZERS[optimizer.lower()]
-    step, predict = load_or_measure_update_cost(cls, defaults, target, profile_dir=profile_dir, log=_log)
-    return step, predict, ""
+    return load_or_measure_update_cost(cls, defaults, target, profile_dir=profile_dir, log=_log), ""
 
 
 def _check_profile_matches(model, graph, input_shape, input_dtype, leaf, device) -> None:

@@ -6,7 +6,7 @@ Every partitioner (the ILP, the baselines, the dynamic program, brute force) is 
 Stage time (seconds per micro-batch) of stage k::
 
     T_k = sum of fwd_s + bwd_s of its nodes                                     (compute)
-          + P_k * (step_s_per_byte * steps per micro-batch + predict_s_per_byte)   (update)
+          + P_k * update_s_per_byte                                              (update)
           + (A[k-1] + G[k-1] + A[k] + G[k]) / bandwidth + latency_s * messages_k   (comm)
           + action_overhead_s * actions per micro-batch                          (overhead)
           + exposed(P_k * 2(R-1)/R / allreduce bandwidth + 2(R-1) * latency_s, bwd_k, n_k)
@@ -21,9 +21,14 @@ and ``G[b]`` the gradient bytes crossing it backward. A value produced at stage 
 stage j > i crosses every boundary i..j-1 (it is passed on by the stages in between), and is
 counted on each. Stage k receives ``A[k-1]`` and ``G[k]`` and sends ``A[k]`` and ``G[k-1]``.
 ``P_k`` are its parameter bytes: the optimizer steps once per micro-batch in asynchronous 1F1B
-and once per M micro-batches when a mini-batch is split (GPipe, 1F1B, 2BW), and PipeOptim and
-SpecTrain compute their predicted weights before every forward (costs per byte measured with
-:func:`pipeoptim.update_cost.measure_update_cost`). Communication is the α + β·bytes model
+and once per M micro-batches when a mini-batch is split (GPipe, 1F1B, 2BW), PipeOptim and
+SpecTrain compute their predicted weights before every forward, PipeDream copies the weights
+before every step (weight stashing) and 2BW before every update (its shadow version)
+(:attr:`CostConfig.update_s_per_byte`; costs per byte measured with
+:func:`pipeoptim.update_cost.measure_update_cost`). The weight work is charged to every stage
+alike, because the partitioners price a node the same on any stage: the last stage, which
+neither predicts nor stashes (version difference 0), is charged as the others, and SpecTrain's
+second prediction (in the backward, stages k ≥ 2) is left out. Communication is the α + β·bytes model
 (Hockney): ``latency_s`` (α) for each of the ``messages_k`` messages stage k sends or
 receives per micro-batch (activations and gradients at each of its boundaries, two or four)
 and ``1 / bandwidth`` (β) per byte (:func:`pipeoptim.runtime.linkcost.measure_link` measures
@@ -97,6 +102,8 @@ class CostConfig:
         opt_state_factor: optimizer-state bytes per parameter byte.
         step_s_per_byte: seconds of one optimizer step per parameter byte.
         predict_s_per_byte: seconds of one weight prediction per parameter byte.
+        copy_s_per_byte: seconds of one weight copy per parameter byte (weight stashing,
+            PipeDream-2BW's shadow version).
         latency_s: α, seconds per message between stages (0: not modelled).
         action_overhead_s: seconds of runtime overhead per action (0: not modelled).
         cores: processors the N·R ranks share, e.g. CPU cores for ranks with one thread each
@@ -121,6 +128,7 @@ class CostConfig:
     opt_state_factor: float = 1.0
     step_s_per_byte: float = 0.0
     predict_s_per_byte: float = 0.0
+    copy_s_per_byte: float = 0.0
     latency_s: float = 0.0
     action_overhead_s: float = 0.0
     cores: float | None = None
@@ -140,10 +148,13 @@ class CostConfig:
 
     @property
     def update_s_per_byte(self) -> float:
-        """Seconds per parameter byte and micro-batch spent on optimizer steps and predictions."""
-        method = self.method_info
-        predicts = 1.0 if method.policy in ("pipeoptim", "spectrain") else 0.0
-        return self.step_s_per_byte * self.steps_per_micro_batch + self.predict_s_per_byte * predicts
+        """Seconds per parameter byte and micro-batch spent on optimizer steps and on the weight
+        policy: a prediction per forward (``pipeoptim``, ``spectrain``), a copy per step
+        (``stash``: the version in flight, copied on step; ``2bw``: the shadow version)."""
+        policy = self.method_info.policy
+        per_step = self.step_s_per_byte + (self.copy_s_per_byte if policy in ("stash", "2bw") else 0.0)
+        predicts = 1.0 if policy in ("pipeoptim", "spectrain") else 0.0
+        return per_step * self.steps_per_micro_batch + self.predict_s_per_byte * predicts
 
     @property
     def allreduce_latency_s(self) -> float:
