@@ -59,6 +59,28 @@ class Method:
             return num_stages - stage - 1
         return 0
 
+    def weight_work(self, stage: int, num_stages: int) -> tuple[int, int]:
+        """``(predictions per forward, weight copies per optimizer step)`` at stage k of N
+        (0-based), in the steady state.
+
+        PipeOptim predicts where its version difference ``N - k - 1`` is not 0 (not at the
+        last stage); SpecTrain predicts in the forward where ``⌊k/2⌋ + N − k − 1 > 0`` and
+        again in the backward where ``⌊k/2⌋ > 0`` (:class:`pipeoptim.runtime.prediction.SpecTrainPolicy`);
+        PipeDream copies the weights before a step where a mini-batch forwarded on them is
+        still in flight (every stage but the last: copy-on-step), 2BW its shadow version before
+        every update at every stage (:mod:`pipeoptim.runtime.stashing`); the others do neither.
+        """
+        last = stage == num_stages - 1
+        if self.policy == "pipeoptim":
+            return (0 if last else 1), 0
+        if self.policy == "spectrain":
+            return int(stage // 2 + num_stages - stage - 1 > 0) + int(stage // 2 > 0), 0
+        if self.policy == "stash":
+            return 0, (0 if last else 1)
+        if self.policy == "2bw":
+            return 0, 1
+        return 0, 0
+
     def in_flight(self, stage: int, num_stages: int, micro_batches: int) -> int:
         """Micro-batches whose activations stage k holds at once (its saved activations).
 

@@ -35,33 +35,35 @@ def chain(times: list[float], size: int = 1000, params: int = 4000) -> CostGraph
 
 
 @pytest.mark.parametrize(
-    ("method", "micro_batches", "per_byte"),
+    ("method", "stages", "micro_batches", "per_byte"),
     [
-        # per micro-batch: steps (1/M where a mini-batch is split), plus the weight policy's
-        # work: a prediction per forward, a copy per step (stashed version, 2BW's shadow)
-        ("pipeoptim", 1, 1 + 2),
-        ("spectrain", 1, 1 + 2),
-        ("pipedream", 1, 1 + 4),
-        ("2bw", 4, (1 + 4) / 4),
-        ("none", 1, 1),
-        ("gpipe", 4, 1 / 4),
-        ("1f1b", 4, 1 / 4),
+        # seconds per byte and micro-batch at each stage, in units of 1e-9: steps (1/M where a
+        # mini-batch is split) at 1, predictions at 2 per forward, weight copies at 4 per step
+        ("pipeoptim", 2, 1, [1 + 2, 1]),  # the last stage (version difference 0) predicts nothing
+        ("pipeoptim", 4, 1, [3, 3, 3, 1]),
+        ("spectrain", 2, 1, [1 + 2, 1]),  # forward: floor(k/2) + N - k - 1 > 0; backward: floor(k/2) > 0
+        ("spectrain", 4, 1, [3, 3, 1 + 2 + 2, 1 + 2 + 2]),
+        ("pipedream", 3, 1, [1 + 4, 1 + 4, 1]),  # copy-on-step where a version is in flight
+        ("2bw", 2, 4, [(1 + 4) / 4, (1 + 4) / 4]),  # the shadow version at every update
+        ("none", 2, 1, [1, 1]),
+        ("gpipe", 2, 4, [1 / 4, 1 / 4]),
+        ("1f1b", 2, 4, [1 / 4, 1 / 4]),
     ],
 )
-def test_update_time_counts_each_methods_weight_work(
-    method: str, micro_batches: int, per_byte: float
+def test_update_time_counts_each_stages_weight_work(
+    method: str, stages: int, micro_batches: int, per_byte: list[float]
 ) -> None:
     config = CostConfig(
-        num_stages=2,
+        num_stages=stages,
         method=method,
         micro_batches=micro_batches,
         step_s_per_byte=1e-9,
         predict_s_per_byte=2e-9,
         copy_s_per_byte=4e-9,
     )
-    graph = chain([0.010, 0.020])
-    for stage in evaluate(graph, [0, 0, 1, 1], config):
-        assert stage.update_s == pytest.approx(stage.param_bytes * per_byte * 1e-9, rel=1e-12)
+    graph = chain([0.010] * stages)
+    stats = evaluate(graph, [0, *range(stages), stages - 1], config)
+    assert [s.update_s / s.param_bytes * 1e9 for s in stats] == pytest.approx(per_byte, rel=1e-12)
 
 
 def test_fit_recovers_latency_and_bandwidth() -> None:
@@ -104,7 +106,8 @@ def test_stage_time_adds_up() -> None:
     assert first.overhead_s == pytest.approx(3 * 0.0005)  # forward, backward, step
     for s in stats:
         assert s.time_s == pytest.approx(s.fwd_s + s.bwd_s + s.update_s + s.comm_s + s.overhead_s)
-    assert last.time_s == pytest.approx(3 * 0.070 + 8000 * 3e-6 + 2000 / 1e6 + 0.002 + 0.0015)
+    # the last stage steps but predicts nothing (no step between its forward and backward)
+    assert last.time_s == pytest.approx(3 * 0.070 + 8000 * 1e-6 + 2000 / 1e6 + 0.002 + 0.0015)
 
 
 def test_shared_cores_bound_the_throughput() -> None:

@@ -34,11 +34,16 @@ def assert_valid(graph: CostGraph, stage_of: list[int], config: CostConfig) -> N
 configs = st.builds(
     CostConfig,
     num_stages=st.integers(2, 3),
-    method=st.sampled_from(["pipeoptim", "pipedream", "gpipe", "1f1b"]),
+    method=st.sampled_from(["pipeoptim", "pipedream", "2bw", "spectrain", "none", "gpipe", "1f1b"]),
     micro_batches=st.integers(1, 4),
     bandwidth=st.sampled_from([None, 300.0, 3000.0]),
     memory_limit=st.sampled_from([None, 5000, 9000]),
     opt_state_factor=st.sampled_from([0.0, 1.0, 2.0]),
+    # seconds per parameter byte: up to ~1 s per node, as much as its compute (the weight
+    # policy's share differs between stages: none at the last stage of pipeoptim/pipedream)
+    step_s_per_byte=st.sampled_from([0.0, 5e-4]),
+    predict_s_per_byte=st.sampled_from([0.0, 1e-3]),
+    copy_s_per_byte=st.sampled_from([0.0, 1e-3]),
 )
 
 
@@ -78,7 +83,10 @@ def test_ilp_equals_brute_force(seed: int, size: int, chain: bool, config: CostC
 )
 def test_ilp_equals_dp_on_chains(seed: int, size: int, stages: int, bandwidth: float | None) -> None:
     graph = random_cost_graph(random.Random(seed), size, chain=True)
-    config = CostConfig(stages, bandwidth=bandwidth)
+    method = random.Random(seed).choice(["pipeoptim", "pipedream", "spectrain", "gpipe"])
+    config = CostConfig(
+        stages, method=method, bandwidth=bandwidth, predict_s_per_byte=1e-3, copy_s_per_byte=1e-3
+    )
     dp = B.chain_dp(graph, config)
     result = P.ilp(graph, config, max_units=1000, gap=1e-9, ideals=False)
     assert dp is not None

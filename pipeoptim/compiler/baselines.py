@@ -109,7 +109,12 @@ def chain_dp(
     limit = config.memory_limit
 
     def stage_cost(a: np.ndarray, b: int, k: int) -> np.ndarray:
-        cost = t[b] - t[a] + config.comm_s(1.0) * (cut[a] + cut[b])
+        cost = (
+            t[b]
+            - t[a]
+            + (params[b] - params[a]) * config.weight_s_per_byte(k)
+            + config.comm_s(1.0) * (cut[a] + cut[b])
+        )
         if limit is not None:
             mem = (
                 (params[b] - params[a]) * config.weight_factor(k)

@@ -6,7 +6,7 @@ Every partitioner (the ILP, the baselines, the dynamic program, brute force) is 
 Stage time (seconds per micro-batch) of stage k::
 
     T_k = sum of fwd_s + bwd_s of its nodes                                     (compute)
-          + P_k * update_s_per_byte                                              (update)
+          + P_k * update_s_per_byte(k)                                           (update)
           + (A[k-1] + G[k-1] + A[k] + G[k]) / bandwidth + latency_s * messages_k   (comm)
           + action_overhead_s * actions per micro-batch                          (overhead)
           + exposed(P_k * 2(R-1)/R / allreduce bandwidth + 2(R-1) * latency_s, bwd_k, n_k)
@@ -24,12 +24,12 @@ counted on each. Stage k receives ``A[k-1]`` and ``G[k]`` and sends ``A[k]`` and
 and once per M micro-batches when a mini-batch is split (GPipe, 1F1B, 2BW), PipeOptim and
 SpecTrain compute their predicted weights before every forward, PipeDream copies the weights
 before every step (weight stashing) and 2BW before every update (its shadow version)
-(:attr:`CostConfig.update_s_per_byte`; costs per byte measured with
-:func:`pipeoptim.update_cost.measure_update_cost`). The weight work is charged to every stage
-alike, because the partitioners price a node the same on any stage: the last stage, which
-neither predicts nor stashes (version difference 0), is charged as the others, and SpecTrain's
-second prediction (in the backward, stages k ≥ 2) is left out. Communication is the α + β·bytes model
-(Hockney): ``latency_s`` (α) for each of the ``messages_k`` messages stage k sends or
+(:meth:`CostConfig.update_s_per_byte`; costs per byte measured with
+:func:`pipeoptim.update_cost.measure_update_cost`), each where it happens
+(:meth:`pipeoptim.methods.Method.weight_work`: not at the last stage of PipeOptim and PipeDream,
+whose version difference is 0; SpecTrain's backward predicts too from stage 2 on); the
+partitioners price a stage's parameters at its own weight cost per byte. Communication is the
+α + β·bytes model (Hockney): ``latency_s`` (α) for each of the ``messages_k`` messages stage k sends or
 receives per micro-batch (activations and gradients at each of its boundaries, two or four)
 and ``1 / bandwidth`` (β) per byte (:func:`pipeoptim.runtime.linkcost.measure_link` measures
 both on the transport in use). ``action_overhead_s`` is the runtime's own time per action
@@ -146,15 +146,18 @@ class CostConfig:
         method = self.method_info
         return 1.0 if method.asynchronous and not method.micro_batched else 1.0 / self.micro_batches
 
-    @property
-    def update_s_per_byte(self) -> float:
-        """Seconds per parameter byte and micro-batch spent on optimizer steps and on the weight
-        policy: a prediction per forward (``pipeoptim``, ``spectrain``), a copy per step
-        (``stash``: the version in flight, copied on step; ``2bw``: the shadow version)."""
-        policy = self.method_info.policy
-        per_step = self.step_s_per_byte + (self.copy_s_per_byte if policy in ("stash", "2bw") else 0.0)
-        predicts = 1.0 if policy in ("pipeoptim", "spectrain") else 0.0
-        return per_step * self.steps_per_micro_batch + self.predict_s_per_byte * predicts
+    def weight_s_per_byte(self, stage: int) -> float:
+        """Seconds per parameter byte and micro-batch the weight policy spends at ``stage``:
+        its predictions per forward and weight copies per optimizer step
+        (:meth:`pipeoptim.methods.Method.weight_work`)."""
+        predictions, copies = self.method_info.weight_work(stage, self.num_stages)
+        return (
+            predictions * self.predict_s_per_byte + copies * self.copy_s_per_byte * self.steps_per_micro_batch
+        )
+
+    def update_s_per_byte(self, stage: int) -> float:
+        """Seconds per parameter byte and micro-batch of optimizer steps and weight policy at ``stage``."""
+        return self.step_s_per_byte * self.steps_per_micro_batch + self.weight_s_per_byte(stage)
 
     @property
     def allreduce_latency_s(self) -> float:
@@ -177,9 +180,10 @@ class CostConfig:
         return ring / bandwidth * self.steps_per_micro_batch
 
     def work_s(self, node: Any) -> float:
-        """A node's seconds per micro-batch: forward, backward, its parameters' updates and
-        their gradient all-reduce between replicas."""
-        per_byte = self.update_s_per_byte + self.allreduce_s_per_byte
+        """A node's seconds per micro-batch on any stage: forward, backward, its parameters'
+        optimizer steps and their gradient all-reduce between replicas. The weight policy's
+        work depends on the stage (:meth:`weight_s_per_byte`) and is not included."""
+        per_byte = self.step_s_per_byte * self.steps_per_micro_batch + self.allreduce_s_per_byte
         return node.fwd_s + node.bwd_s + node.param_bytes * per_byte
 
     def weight_factor(self, stage: int) -> float:
@@ -292,7 +296,7 @@ def evaluate(
         comm = config.comm_s(recv + send) + config.latency_s * messages
         overhead = config.action_overhead_s * (2 + config.steps_per_micro_batch)
         reduce = sum(reduce_bytes(graph.nodes[i].param_bytes, len(h)) for i, h in shared.items() if k in h)
-        update = params * config.update_s_per_byte
+        update = params * config.update_s_per_byte(k)
         allreduce = exposed_allreduce_seconds(
             params * config.allreduce_s_per_byte + (config.allreduce_latency_s if params else 0.0),
             bwd * config.steps_per_micro_batch,
@@ -352,7 +356,7 @@ def summarize(graph: CostGraph, stats: Sequence[StageStats], config: CostConfig)
 
     - ``bottleneck_s``: the slowest stage's time per micro-batch (seconds).
     - ``lower_bound_s``: ``max(total work / N, largest node)`` (work: forward, backward and
-      updates), no plan beats it.
+      optimizer steps, :meth:`CostConfig.work_s`), no plan beats it.
     - ``balance_ratio``: ``bottleneck_s / lower_bound_s`` (1.0 is perfect).
     - ``throughput_per_s``: predicted steady-state mini-batches per second: ``1 / T`` for
       asynchronous 1F1B, ``1 / ((M + N - 1) T + R)`` for schedules that flush every mini-batch

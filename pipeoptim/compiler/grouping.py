@@ -53,9 +53,14 @@ class Units:
     def __len__(self) -> int:
         return len(self.members)
 
-    def time(self, u: int, config: CostConfig) -> float:
-        """Seconds of unit ``u`` per micro-batch: :meth:`CostConfig.work_s` of its nodes."""
-        return sum(config.work_s(self.graph.nodes[i]) for i in self.members[u])
+    def time(self, u: int, config: CostConfig, stage: int | None = None) -> float:
+        """Seconds of unit ``u`` per micro-batch: :meth:`CostConfig.work_s` of its nodes, plus
+        the weight policy's work on its parameters at ``stage`` (``None``: on none, a lower
+        bound for any stage)."""
+        work = sum(config.work_s(self.graph.nodes[i]) for i in self.members[u])
+        if stage is None:
+            return work
+        return work + self.attr(u, "param_bytes") * config.weight_s_per_byte(stage)
 
     def attr(self, u: int, name: str) -> float:
         return sum(getattr(self.graph.nodes[i], name) for i in self.members[u])

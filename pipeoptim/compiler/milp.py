@@ -211,7 +211,7 @@ def build_ilp(
     big_bytes = (big_bytes + most * sum(units.graph.nodes[p].out_bytes for p, _ in units.producers())) / _MIB
     big_fwd = sum(units.attr(u, "fwd_s") for u in range(len(units))) * _MS
     for s in range(n):
-        compute = pulp.lpSum(x(u, s) * (units.time(u, config) * _MS) for u in range(len(units)))
+        compute = pulp.lpSum(x(u, s) * (units.time(u, config, s) * _MS) for u in range(len(units)))
         comm = (acts[s - 1] if s > 0 else 0) + (acts[s] if s < n - 1 else 0)
         memory = pulp.lpSum(x(u, s) * (_unit_memory(units, u, s, config) / _MIB) for u in range(len(units)))
         r = _variable(prob, f"r_{s}", 0, 1, "Binary") if again else 0
