@@ -18,6 +18,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 
+def spectrain_steps(stage: int, num_stages: int) -> tuple[int, int]:
+    """SpecTrain's version differences ``(s_f, s_b)`` at stage k of N (0-based), from the
+    authors' reference code (Chen et al., arXiv:1809.02839): ``s_f = ⌊k/2⌋ + N − k − 1`` in
+    the forward, ``s_b = ⌊k/2⌋`` in the backward (:class:`pipeoptim.runtime.prediction.SpecTrainPolicy`)."""
+    return stage // 2 + num_stages - stage - 1, stage // 2
+
+
 @dataclass(frozen=True)
 class Method:
     """A pipeline method.
@@ -64,8 +71,8 @@ class Method:
         (0-based), in the steady state.
 
         PipeOptim predicts where its version difference ``N - k - 1`` is not 0 (not at the
-        last stage); SpecTrain predicts in the forward where ``⌊k/2⌋ + N − k − 1 > 0`` and
-        again in the backward where ``⌊k/2⌋ > 0`` (:class:`pipeoptim.runtime.prediction.SpecTrainPolicy`);
+        last stage); SpecTrain in each pass whose version difference is not 0
+        (:func:`spectrain_steps`);
         PipeDream copies the weights before a step where a mini-batch forwarded on them is
         still in flight (every stage but the last: copy-on-step), 2BW its shadow version before
         every update at every stage (:mod:`pipeoptim.runtime.stashing`); the others do neither.
@@ -74,7 +81,7 @@ class Method:
         if self.policy == "pipeoptim":
             return (0 if last else 1), 0
         if self.policy == "spectrain":
-            return int(stage // 2 + num_stages - stage - 1 > 0) + int(stage // 2 > 0), 0
+            return sum(steps > 0 for steps in spectrain_steps(stage, num_stages)), 0
         if self.policy == "stash":
             return 0, (0 if last else 1)
         if self.policy == "2bw":

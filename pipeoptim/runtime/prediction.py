@@ -10,6 +10,7 @@ from torch import nn
 from torch.optim import SGD, Optimizer
 
 from pipeoptim.errors import PredictorError
+from pipeoptim.methods import spectrain_steps
 from pipeoptim.runtime.extrapolation import Extrapolator, per_unit_rate
 from pipeoptim.runtime.predictors import VARIANTS, get_predictor
 from pipeoptim.runtime.weight_policy import WeightPolicy
@@ -181,11 +182,11 @@ class SpecTrainPolicy(_Predicting):
 
     @property
     def forward_steps(self) -> int:
-        return self.stage // 2 + self.num_stages - self.stage - 1
+        return spectrain_steps(self.stage, self.num_stages)[0]
 
     @property
     def backward_steps(self) -> int:
-        return self.stage // 2
+        return spectrain_steps(self.stage, self.num_stages)[1]
 
     def begin_forward(
         self, micro_batch: int, version_diff: int, step_rates: Sequence[Sequence[float]] | None = None
