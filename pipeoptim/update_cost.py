@@ -132,7 +132,7 @@ def measure_update_cost(
 
 UPDATE_COSTS_FILE = "update-costs.json"
 #: how update costs are timed; figures saved under another clock are measured again
-UPDATE_COST_CLOCK = "cpu-time-median-9"
+UPDATE_COST_CLOCK = "cpu-time-median-9, prediction by terms"
 
 
 def load_or_measure_update_cost(

@@ -98,5 +98,10 @@ def test_sgd_direction_is_the_next_momentum_buffer(options: dict) -> None:
         expected = g + mu * b if options.get("nesterov") else b
     else:
         expected = g
-    got = sgd_direction()(w, opt.state[w], opt.param_groups[0])
+    terms = sgd_direction(w, opt.state[w], opt.param_groups[0])
+    assert terms is not None
+    got = sum(a * t for a, t in terms)
     torch.testing.assert_close(got, expected, rtol=0, atol=1e-6)
+    # and the prediction from those terms, written into a buffer term by term
+    hat = Extrapolator({"w": w}, opt, sgd_direction).predict([0.25])["w"]
+    torch.testing.assert_close(hat, w.detach() - 0.25 * expected, rtol=0, atol=1e-6)

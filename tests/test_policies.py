@@ -9,9 +9,10 @@ from torch import nn
 
 import pipeoptim
 from pipeoptim.compiler.trace import trace
-from pipeoptim.runtime.build import insert_policy
+from pipeoptim.runtime.build import stage_params
 from pipeoptim.runtime.policies import make_policy
 from pipeoptim.runtime.predictors import get_predictor, predict
+from pipeoptim.runtime.stage import _pin_parameters
 
 
 def two_layer():
@@ -25,11 +26,11 @@ def expected_input_grad(x, w1, b1, w2, w1_bwd, w2_bwd):
     return ((torch.ones(x.shape[0], 3) @ w2_bwd) * mask) @ w1_bwd
 
 
-def run_policy(name: str, version_diff: int):
+def run_policy(name: str, version_diff: int, **options):
     model = two_layer()
     gm = trace(model, torch.randn(4, 5)).gm
-    policy = make_policy(name)
-    params = insert_policy(gm, policy)
+    policy = make_policy(name, **options)
+    params = stage_params(gm)
     opt = torch.optim.SGD(model.parameters(), lr=0.5, momentum=0.9)
     for _ in range(2):  # give the optimizer state to predict from
         for p in model.parameters():
@@ -82,7 +83,8 @@ def test_stash_forward_and_backward_see_the_same_weights() -> None:
 
 def test_pipeoptim_forward_uses_prediction_backward_uses_current_weights() -> None:
     gm, x, out, _before, predicted, after = run_policy("pipeoptim", 2)
-    assert "self.predict(" in gm.code and "_hat" in gm.code
+    assert "predict" not in gm.code  # the graph is the model's: the policy swaps the data in
+    assert all(torch.equal(p, after[n]) for n, p in gm.named_parameters())  # and W is back
     torch.testing.assert_close(
         out,
         F.linear(
@@ -100,6 +102,84 @@ def test_pipeoptim_forward_uses_prediction_backward_uses_current_weights() -> No
         after["2.weight"],
     )
     torch.testing.assert_close(x.grad, expected)
+
+
+def test_pipeoptim_backward_predicted_uses_the_prediction_in_both_passes() -> None:
+    _gm, x, out, _before, predicted, after = run_policy("pipeoptim", 2, backward="predicted")
+    assert not torch.equal(predicted["0.weight"], after["0.weight"])
+    torch.testing.assert_close(
+        out,
+        F.linear(
+            F.relu(F.linear(x, predicted["0.weight"], predicted["0.bias"])),
+            predicted["2.weight"],
+            predicted["2.bias"],
+        ),
+    )
+    expected = expected_input_grad(
+        x.detach(),
+        predicted["0.weight"],
+        predicted["0.bias"],
+        predicted["2.weight"],
+        predicted["0.weight"],
+        predicted["2.weight"],
+    )
+    torch.testing.assert_close(x.grad, expected)
+
+
+def test_a_parameter_returned_by_the_forward_keeps_the_weights_it_used() -> None:
+    """The policy swaps a parameter's data for the forward only; a stage that returns the
+    parameter itself sends (and differentiates) what the forward used, not W."""
+    w = nn.Parameter(torch.ones(3))
+    policy = make_policy("pipeoptim")
+    policy.params = {"w": w}
+    policy._values = {"w": torch.full((3,), 2.0)}
+    with policy.saving(0):
+        product, returned = _pin_parameters((w * 3.0, w))
+    assert torch.equal(w.detach(), torch.ones(3))  # W is back
+    assert torch.equal(product.detach(), torch.full((3,), 6.0))
+    assert torch.equal(returned.detach(), torch.full((3,), 2.0))
+    (product.sum() + returned.sum()).backward()
+    assert torch.equal(w.grad, torch.full((3,), 4.0))  # the gradient reaches the parameter
+
+
+def test_spectrain_predicts_into_one_reused_buffer_and_once_at_the_last_stage() -> None:
+    """SpecTrain's forward and backward share one Ŵ buffer per parameter (W and one Ŵ), and the
+    last stage's backward, which aims at the same version from the same W as its forward,
+    reuses the forward's Ŵ instead of predicting it again."""
+    model = ConvNet()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    with pipeoptim.compile(
+        model,
+        opt,
+        4,
+        example_inputs=torch.randn(8, 1, 8, 8),
+        loss_fn=F.cross_entropy,
+        method="spectrain",
+        executor="local",
+        profile_dir=None,
+    ) as pipe:
+        stages = [s for s in pipe._executor.stages if s.policy is not None]
+        assert stages[-1].index == 3
+        calls = {s.index: 0 for s in stages}
+        pointers: dict[int, set[int]] = {s.index: set() for s in stages}
+        for stage in stages:
+            policy, predicted = stage.policy, stage.policy.predicted
+
+            def counted(*args, k=stage.index, predicted=predicted, **kw):
+                calls[k] += 1
+                out = predicted(*args, **kw)
+                pointers[k] |= {t.data_ptr() for t in out.values()}
+                return out
+
+            policy.predicted = counted
+        list(pipe.train(batches(12)))
+        versions = pipe.peak_weight_versions
+    last = stages[-1]
+    assert calls[3] == 12, calls  # forward only: s_b = s_f there and no step comes between
+    assert calls[2] > 12, calls  # stage 2 of 4: s_b = 1 after a step, predicted again
+    params = {k: len(s.policy.params) for k, s in ((s.index, s) for s in stages)}
+    assert all(len(pointers[k]) == params[k] for k in pointers), (pointers, params)  # no new Ŵ
+    assert last.policy.peak_versions == 2 and max(versions) == 2, versions
 
 
 def test_no_correction_backward_uses_weights_at_backward_time() -> None:

@@ -33,7 +33,6 @@ from pipeoptim.runtime.scaler import LossScaler
 from pipeoptim.runtime.schedule import Schedule, schedule_for
 from pipeoptim.runtime.shared_build import copy_shared, stage_shared
 from pipeoptim.runtime.stage import StageRuntime
-from pipeoptim.runtime.weight_policy import WeightPolicy
 
 
 @dataclass
@@ -115,15 +114,7 @@ def build_stage(
     method = get_method(spec.method)
     copy_shared(module, traced, plan, stage)
     policy = make_policy(method.policy, **spec.policy_options) if method.asynchronous else None
-    if policy is not None:
-        params = insert_policy(module, policy)
-    else:
-        by_name = dict(module.named_parameters(remove_duplicate=False))
-        params = {
-            str(n.target): by_name[str(n.target)]
-            for n in module.graph.nodes
-            if n.op == "get_attr" and str(n.target) in by_name and by_name[str(n.target)].requires_grad
-        }
+    params = stage_params(module)
     module.to(device)
     module.train()
     loss_fn = _stage_loss(spec)
@@ -195,32 +186,12 @@ def _alias_lookup(aliases: dict[str, list[str]], params: dict[str, nn.Parameter]
     return out
 
 
-def insert_policy(gm: fx.GraphModule, policy: WeightPolicy) -> dict[str, nn.Parameter]:
-    """Route every trainable parameter of ``gm`` through ``policy`` in the graph.
-
-    Each ``get_attr`` of a parameter gets a call ``<name>_<graph_name> =
-    self.<graph_name>(<name>, '<qualified name>')`` after it, used in its place. Returns the
-    stage's trainable parameters by the names used in the graph.
-    """
+def stage_params(gm: fx.GraphModule) -> dict[str, nn.Parameter]:
+    """The trainable parameters of ``gm`` its optimizer steps and its weight policy handles,
+    by the names used in the graph: those read by a ``get_attr``."""
     by_name = dict(gm.named_parameters(remove_duplicate=False))
-    params = {
+    return {
         str(n.target): by_name[str(n.target)]
         for n in gm.graph.nodes
         if n.op == "get_attr" and str(n.target) in by_name and by_name[str(n.target)].requires_grad
     }
-    if policy.graph_name is None:
-        return params
-    gm.add_submodule(policy.graph_name, policy)
-    for node in list(gm.graph.nodes):
-        if node.op == "get_attr" and str(node.target) in params:
-            with gm.graph.inserting_after(node):
-                new = gm.graph.create_node(
-                    "call_module",
-                    policy.graph_name,
-                    (node, str(node.target)),
-                    name=f"{node.name}_{'hat' if policy.graph_name == 'predict' else policy.graph_name}",
-                )
-            node.replace_all_uses_with(new, delete_user_cb=lambda user, new=new: user is not new)
-    gm.graph.lint()
-    gm.recompile()
-    return params

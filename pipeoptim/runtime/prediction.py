@@ -11,13 +11,12 @@ from torch.optim import SGD, Optimizer
 
 from pipeoptim.errors import PredictorError
 from pipeoptim.methods import spectrain_steps
-from pipeoptim.runtime.extrapolation import Extrapolator, per_unit_rate
+from pipeoptim.runtime.extrapolation import Extrapolator, Terms, per_unit_rate
 from pipeoptim.runtime.predictors import VARIANTS, get_predictor
 from pipeoptim.runtime.weight_policy import WeightPolicy
 
 
 class _Predicting(WeightPolicy):
-    graph_name = "predict"
     redirect_backward = True
 
     def __init__(self, predictor: str = "paper") -> None:
@@ -99,19 +98,22 @@ class PipeOptimPolicy(_Predicting):
         super().__init__(predictor)
         if backward not in ("current", "predicted"):
             raise ValueError(f"backward must be 'current' or 'predicted', not {backward!r}")
-        self.redirect_backward = backward == "current"
+        self.consistent = backward == "predicted"
         self._buffers_hat: dict[str, torch.Tensor] = {}
+        self._kept: dict[int, dict[str, torch.Tensor]] = {}  # consistent: Ŵ of each micro-batch
 
     def begin_forward(
         self, micro_batch: int, version_diff: int, step_rates: Sequence[Sequence[float]] | None = None
     ) -> None:
-        # autograd keeps Ŵ when the backward uses it, so it must never be W itself; when the
-        # backward uses W instead, nothing holds the last forward's Ŵ and it is overwritten
-        consistent = not self.redirect_backward
+        # the backward of a consistent run uses this Ŵ, so it must never be W itself (nor a
+        # buffer the next forward overwrites); with the current weights in the backward,
+        # nothing needs the last forward's Ŵ and it is overwritten
         if not version_diff:
             self._values = {}
-        elif consistent:
-            self._values = self.predicted(version_diff, always_copy=True, step_rates=step_rates)
+        elif self.consistent:
+            self._values = self._kept[micro_batch] = self.predicted(
+                version_diff, always_copy=True, step_rates=step_rates
+            )
         else:
             self._values = self._buffers_hat = self.predicted(
                 version_diff, into=self._buffers_hat, step_rates=step_rates
@@ -120,18 +122,27 @@ class PipeOptimPolicy(_Predicting):
             self._track(name, value)
         self._measure()
 
+    def backward_weight(self, name: str, micro_batch: int) -> torch.Tensor:
+        kept = self._kept.get(micro_batch)
+        return kept[name] if kept is not None else self.params[name].detach()
+
+    def end_backward(self, micro_batch: int) -> None:
+        self._kept.pop(micro_batch, None)
+        super().end_backward(micro_batch)
+
     def overwritten_storages(self) -> set[int]:
         """The reused Ŵ buffers (backward with the current weights)."""
         return {t.untyped_storage().data_ptr() for t in self._buffers_hat.values()}
 
 
-def smoothed_gradient(param: torch.Tensor, state: dict, group: dict) -> torch.Tensor | None:
+def smoothed_gradient(param: torch.Tensor, state: dict, group: dict) -> Terms | None:
     """SpecTrain's smoothed gradient v, its update direction per unit rate (the step is
     ``lr · v``): SGD's momentum buffer b as the optimizer holds it (the direction of its last
     step, ``W ← W − lr·b``), the buffer itself, read until the next step changes it; ``None``
     before the first step. No gradient enters it, so the forward and the backward, which runs
     after the stage has cleared its gradients, predict from the same v."""
-    return state.get("momentum_buffer")
+    buf = state.get("momentum_buffer")
+    return None if buf is None else [(1.0, buf)]
 
 
 def _scalar_lr(group: dict) -> float:
@@ -165,7 +176,11 @@ class SpecTrainPolicy(_Predicting):
 
     def __init__(self) -> None:
         super().__init__()
-        self._backward_values: dict[int, dict[str, torch.Tensor]] = {}
+        self._buffers: dict[str, torch.Tensor] = {}  # Ŵ buffers, reused by every pass
+        self._hat: dict[str, torch.Tensor] = {}  # Ŵ of the pass running now (some of them)
+        self._hat_of: tuple[int, tuple[float, ...]] | None = None  # (step count, c per group)
+        self._steps_taken = 0
+        self._backward_of: int | None = None
 
     def attach(
         self, params: dict[str, nn.Parameter], optimizer: Optimizer, stage: int, num_stages: int
@@ -191,21 +206,43 @@ class SpecTrainPolicy(_Predicting):
     def begin_forward(
         self, micro_batch: int, version_diff: int, step_rates: Sequence[Sequence[float]] | None = None
     ) -> None:
-        # new tensors, not reused buffers: a Ŵ sent on (a tied weight) stays with the
-        # micro-batch, and only the pass that uses a Ŵ keeps it alive (two versions at most)
-        self._values = self.predicted(self.forward_steps)
+        # the forward and the backward predict into the same buffers: a pass's Ŵ is used
+        # only while it runs (the backward is redirected to its own Ŵ, a Ŵ sent on as a tied
+        # weight is sent as a snapshot), so W and one Ŵ exist at a time, with no allocation
+        self._values = self._predict(self.forward_steps)
         for name, value in self._values.items():
             self._track(name, value)
         self._measure()
 
     def begin_backward(self, micro_batch: int) -> None:
         super().begin_backward(micro_batch)
-        self._backward_values[micro_batch] = self.predicted(self.backward_steps)
+        self._predict(self.backward_steps)
+        self._backward_of = micro_batch
+
+    def _predict(self, steps: int) -> dict[str, torch.Tensor]:
+        """Ŵ for ``steps``, into the buffers; the Ŵ already there when no step has come since
+        and the coefficients are the same (the last stage's backward, right after its forward
+        with ``s_b = s_f``: W and v have not changed, so neither has Ŵ)."""
+        assert self.optimizer is not None
+        of = (self._steps_taken, tuple(steps * _scalar_lr(g) for g in self.optimizer.param_groups))
+        if of != self._hat_of:
+            self._hat = self.predicted(steps, into=self._buffers)
+            self._buffers.update(self._hat)
+            self._hat_of = of
+        return self._hat
+
+    def after_step(self) -> None:
+        super().after_step()
+        self._steps_taken += 1
 
     def end_backward(self, micro_batch: int) -> None:
-        self._backward_values.pop(micro_batch, None)
+        self._backward_of = None
         super().end_backward(micro_batch)
 
     def backward_weight(self, name: str, micro_batch: int) -> torch.Tensor:
-        value = self._backward_values.get(micro_batch, {}).get(name)
+        value = self._hat.get(name) if micro_batch == self._backward_of else None
         return value if value is not None else self.params[name].detach()
+
+    def overwritten_storages(self) -> set[int]:
+        """The reused Ŵ buffers (overwritten by the next pass)."""
+        return {t.untyped_storage().data_ptr() for t in self._buffers.values()}

@@ -44,6 +44,12 @@ def _any_nan(leaves: Sequence[Any]) -> bool:
     )
 
 
+def _pin_parameters(values: Any) -> Any:
+    """A parameter returned as it is (a tied weight sent on) becomes a view of it, which keeps
+    the data the forward used after the policy swaps the parameter's data back."""
+    return pytree.tree_map(lambda v: v.view_as(v) if isinstance(v, torch.nn.Parameter) else v, values)
+
+
 def detach_values(values: Any) -> Any:
     """The same structure with every tensor detached."""
     return pytree.tree_map(lambda v: v.detach() if isinstance(v, torch.Tensor) else v, values)
@@ -186,7 +192,7 @@ class StageRuntime:
                 self._seed(self.seed * 1_000_003 + micro_batch * 7919 + self.index)
                 if self.policy is not None:
                     with self.policy.saving(micro_batch):
-                        out = self.module(*args)
+                        out = _pin_parameters(self.module(*args))
                 else:
                     out = self.module(*args)
         finally:

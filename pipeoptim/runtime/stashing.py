@@ -85,7 +85,6 @@ class TwoBW(WeightPolicy):
     """
 
     kind = "2bw"
-    graph_name = "double_buffer"
     redirect_backward = True
 
     def __init__(self, micro_batches: int = 1) -> None:

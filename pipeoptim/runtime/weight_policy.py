@@ -13,18 +13,6 @@ from torch import nn
 from torch.optim import Optimizer
 
 
-class _UseWeight(torch.autograd.Function):
-    """Forward with ``value``; send the whole gradient to ``weight`` (a straight-through)."""
-
-    @staticmethod
-    def forward(ctx, weight: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
-        return value.view_as(value)
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
-        return grad, None
-
-
 @dataclass(frozen=True)
 class _SavedWeight:
     """What autograd keeps instead of a weight: its name and the view's geometry."""
@@ -36,23 +24,20 @@ class _SavedWeight:
     offset: int
 
 
-class WeightPolicy(nn.Module):
+class WeightPolicy:
     """Base class; see the module docstring. Subclasses set :attr:`kind` and override hooks.
 
     Attributes:
         kind: policy name.
-        graph_name: name of the call in the stage graph (``None``: no call is inserted).
         redirect_backward: whether saved weights are replaced at backward time.
         peak_versions: most weight versions of one parameter alive at once so far, the
             parameter itself included (measured with weak references).
     """
 
     kind = "base"
-    graph_name: str | None = None
     redirect_backward = False
 
     def __init__(self) -> None:
-        super().__init__()
         self.params: dict[str, nn.Parameter] = {}
         self.optimizer: Optimizer | None = None
         self.stage = 0
@@ -69,12 +54,6 @@ class WeightPolicy(nn.Module):
         self.optimizer = optimizer
         self.stage = stage
         self.num_stages = num_stages
-
-    def forward(self, weight: torch.Tensor, name: str) -> torch.Tensor:
-        value = self._values.get(name)
-        if value is None:
-            return weight
-        return _UseWeight.apply(weight, value)
 
     # -- hooks called by the stage ---------------------------------------------------
 
@@ -115,15 +94,20 @@ class WeightPolicy(nn.Module):
 
     @contextlib.contextmanager
     def saving(self, micro_batch: int) -> Iterator[None]:
-        """Context for the forward: store references to weights instead of the weights."""
-        if not self.redirect_backward:
-            yield
-            return
+        """Context for the forward of ``micro_batch``: each parameter :meth:`begin_forward`
+        chose another tensor for holds that tensor's data (``param.data`` is swapped, and
+        swapped back on exit: no autograd node, the gradient goes to the parameter), and
+        with :attr:`redirect_backward` autograd stores references to weights instead of the
+        weights. A view of a parameter taken inside keeps the swapped-in data; the
+        parameter object itself shows W again after the context."""
+        swapped = [(self.params[name], value) for name, value in self._values.items()]
+        originals = [p.data for p, _ in swapped]
         storages: dict[int, tuple[str, int]] = {}
-        for name, p in self.params.items():
-            storages[p.untyped_storage().data_ptr()] = (name, p.storage_offset())
-        for name, v in self._values.items():
-            storages[v.untyped_storage().data_ptr()] = (name, v.storage_offset())
+        if self.redirect_backward:
+            for name, p in self.params.items():
+                storages[p.untyped_storage().data_ptr()] = (name, p.storage_offset())
+            for name, v in self._values.items():
+                storages[v.untyped_storage().data_ptr()] = (name, v.storage_offset())
 
         def pack(t: torch.Tensor) -> torch.Tensor | _SavedWeight:
             found = storages.get(t.untyped_storage().data_ptr()) if t.device.type != "meta" else None
@@ -138,8 +122,19 @@ class WeightPolicy(nn.Module):
             w = self.backward_weight(x.name, x.micro_batch)
             return w.as_strided(x.size, x.stride, w.storage_offset() + x.offset)
 
-        with torch.autograd.graph.saved_tensors_hooks(pack, unpack):
-            yield
+        hooks = (
+            torch.autograd.graph.saved_tensors_hooks(pack, unpack)
+            if self.redirect_backward
+            else contextlib.nullcontext()
+        )
+        try:
+            for p, value in swapped:
+                p.data = value
+            with hooks:
+                yield
+        finally:
+            for (p, _), original in zip(swapped, originals):
+                p.data = original
 
     def overwritten_storages(self) -> set[int]:
         """Storage addresses of copies the next forward overwrites in place (none here)."""
