@@ -5,8 +5,9 @@ the weight policy swaps the parameters' data outside it) with ``torch.compile(..
 backend=...)``; the backward is the compiled one AOTAutograd derives. Dynamo guards on the
 input shapes: the first mini-batch of a new size (a last partial batch) compiles once more,
 with dynamic shapes from then on. The weight policies' saved-tensor hooks apply to what the
-compiled graph saves, as to any autograd function. ``inductor`` (the default) generates C++ on the CPU and needs a C++
-compiler; ``aot_eager`` runs the same traced graphs with eager kernels (no compiler needed).
+compiled graph saves, as to any autograd function. ``inductor`` (the default) generates C++ on
+the CPU and needs a C++ compiler; ``aot_eager`` runs the same traced graphs with eager kernels
+(no compiler needed).
 """
 
 from __future__ import annotations
