@@ -25,7 +25,7 @@ from pipeoptim.runtime.optim import apply_hyperparameters
 from pipeoptim.runtime.scaler import LossScaler
 from pipeoptim.runtime.shared import SharedParams
 from pipeoptim.runtime.staleness import PredictionErrorMeter, used_weights
-from pipeoptim.runtime.weight_policy import WeightPolicy
+from pipeoptim.runtime.weight_policy import WeightPolicy, pin_parameters
 
 LossFn = Callable[[Any, Any], torch.Tensor]
 
@@ -42,12 +42,6 @@ def _any_nan(leaves: Sequence[Any]) -> bool:
     return any(
         bool(torch.isnan(t).any()) for t in leaves if isinstance(t, torch.Tensor) and t.is_floating_point()
     )
-
-
-def _pin_parameters(values: Any) -> Any:
-    """A parameter returned as it is (a tied weight sent on) becomes a view of it, which keeps
-    the data the forward used after the policy swaps the parameter's data back."""
-    return pytree.tree_map(lambda v: v.view_as(v) if isinstance(v, torch.nn.Parameter) else v, values)
 
 
 def detach_values(values: Any) -> Any:
@@ -192,7 +186,7 @@ class StageRuntime:
                 self._seed(self.seed * 1_000_003 + micro_batch * 7919 + self.index)
                 if self.policy is not None:
                     with self.policy.saving(micro_batch):
-                        out = _pin_parameters(self.module(*args))
+                        out = pin_parameters(self.module(*args))
                 else:
                     out = self.module(*args)
         finally:

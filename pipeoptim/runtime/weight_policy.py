@@ -7,10 +7,12 @@ import contextlib
 import weakref
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
 from torch.optim import Optimizer
+from torch.utils import _pytree as pytree
 
 
 @dataclass(frozen=True)
@@ -22,6 +24,13 @@ class _SavedWeight:
     size: torch.Size
     stride: tuple[int, ...]
     offset: int
+
+
+def pin_parameters(values: Any) -> Any:
+    """``values`` (a forward's outputs) with every parameter returned as it is (a weight sent
+    on) replaced by a view of it, taken inside :meth:`WeightPolicy.saving`: the view keeps the
+    data the forward used after the parameter's own data is swapped back."""
+    return pytree.tree_map(lambda v: v.view_as(v) if isinstance(v, nn.Parameter) else v, values)
 
 
 class WeightPolicy:
