@@ -25,7 +25,7 @@ trip autograd's saved-tensor version check. So the forward saves no weight:
 ``torch.autograd.graph.saved_tensors_hooks`` store a reference instead (a weight is found by
 its storage, since ops often save a view such as ``w.t()``) and the backward rebuilds the view
 from the weight the policy names (the current W, a stashed version, or a new prediction).
-Only ``pipeoptim`` with ``backward="predicted"`` lets autograd keep its Ŵ.
+``pipeoptim`` with ``backward="predicted"`` keeps each micro-batch's Ŵ for its backward.
 """
 
 from __future__ import annotations

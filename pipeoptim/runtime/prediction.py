@@ -222,7 +222,8 @@ class SpecTrainPolicy(_Predicting):
     def _predict(self, steps: int) -> dict[str, torch.Tensor]:
         """Ŵ for ``steps``, into the buffers; the Ŵ already there when no step has come since
         and the coefficients are the same (the last stage's backward, right after its forward
-        with ``s_b = s_f``: W and v have not changed, so neither has Ŵ)."""
+        with ``s_b = s_f``: W and v have not changed, so neither has Ŵ). Weights and optimizer
+        state are loaded only after a flush, which ends with a step at every stage."""
         assert self.optimizer is not None
         of = (self._steps_taken, tuple(steps * _scalar_lr(g) for g in self.optimizer.param_groups))
         if of != self._hat_of:
