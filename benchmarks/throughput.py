@@ -523,14 +523,22 @@ def plot_memory(reports: dict[str, list[dict[str, int]]], path: Path) -> None:
     plt.close(fig)
 
 
+def paired_ratio(rates_a: list[float], rates_b: list[float]) -> float:
+    """Median over rounds of ``rates_a[r] / rates_b[r]`` (runs of the same round); NaN without
+    a round where both rates are numbers."""
+    pairs = [a / b for a, b in zip(rates_a, rates_b) if a == a and b == b and b > 0]
+    return statistics.median(pairs) if pairs else float("nan")
+
+
 def ratios(model: str, n: int, results: dict[str, dict[str, Any]]) -> str:
-    """The issue's ratios for one model and stage count, each against its goal."""
-    rate = {name: r["rate"] for name, r in results.items()}
+    """The issue's ratios for one model and stage count, each against its goal: the median over
+    rounds of the ratio of the two runs of one round (minutes apart at most, where the machine's
+    speed drifted by up to 1.5x over a full benchmark)."""
 
     def ratio(a: str, b: str, goal: float | None) -> str:
-        if a not in rate or b not in rate:
+        if a not in results or b not in results:
             return ""
-        value = rate[a] / rate[b]
+        value = paired_ratio(results[a]["rates"], results[b]["rates"])
         mark = "" if goal is None else f" ({'meets' if value >= goal else 'misses'} >= {goal})"
         return f"{a} / {b.removeprefix('pipelining ')} {value:.3f}{mark}"
 
@@ -623,7 +631,9 @@ def main() -> None:
     schedules = ["Schedule1F1B", "ScheduleZBVZeroBubble"] if args.quick else list(PIPPY)
     if args.schedules is not None:
         schedules = args.schedules
-    lengths = {"mlp": (2, 6, 2) if args.quick else (4, 24, 4), "transformer": (2, 10, 2)}
+    # timed mini-batches: a few seconds per run, so that a slowdown of the shared host for a
+    # moment weighs little (the runs' start-up, seconds too, is not timed)
+    lengths = {"mlp": (2, 6, 2) if args.quick else (8, 96, 8), "transformer": (4, 40, 4)}
     profile_dir = args.out / ".profiles"
     print("measuring gloo's latency and bandwidth ...", file=sys.stderr)
     link = measure_link(
@@ -760,7 +770,9 @@ def main() -> None:
         f"own ranks count in it; the `load` column is the range of the 1-minute load when each "
         f"run started).\n\n{described}\n\n"
         f"Every configuration ran {rounds} time(s), the order rotated each round; `rounds /s` "
-        f"lists each run's rate, and every other column is that of the run of median rate.\n\n"
+        f"lists each run's rate, and every other column is that of the run of median rate. "
+        f"Each ratio below is the median over rounds of the ratio of the two runs of one round "
+        f"(the host's speed drifts over the run).\n\n"
         f"Micro-batches = stages for gpipe, 1f1b and torch.distributed.pipelining (zero-bubble "
         f"schedules: 2 virtual stages per rank, the plan made for 2N stages); 2bw runs mini-batches "
         f"of stages x the mini-batch in micro-batches of one mini-batch and its rates count one "

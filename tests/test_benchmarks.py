@@ -45,3 +45,17 @@ def test_quick_benchmark_runs(tmp_path: Path, script: str, files: list[str]) -> 
         assert (tmp_path / name).stat().st_size > 0, name
     summary = done.stdout.strip().splitlines()[-1]
     assert "x" in summary or "pipeoptim" in summary  # the one summary line of ratios
+
+
+def test_throughput_ratios_pair_the_runs_of_one_round() -> None:
+    """The host ran twice as fast in round 2 (both of its runs) and changed speed between the
+    two runs of round 3: the paired ratio keeps the 0.9 of rounds 1 and 2, where the ratio of
+    the median rates would be 13.5 / 12 = 1.125."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        from throughput import paired_ratio
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    assert paired_ratio([9.0, 18.0, 13.5], [10.0, 20.0, 12.0]) == pytest.approx(0.9)
+    assert paired_ratio([9.0, float("nan"), 9.0], [10.0, 10.0, 10.0]) == pytest.approx(0.9)
+    assert paired_ratio([float("nan")], [1.0]) != paired_ratio([float("nan")], [1.0])  # NaN
