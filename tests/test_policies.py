@@ -81,31 +81,13 @@ def test_stash_forward_and_backward_see_the_same_weights() -> None:
     torch.testing.assert_close(x.grad, expected)
 
 
-def test_pipeoptim_forward_uses_prediction_backward_uses_current_weights() -> None:
-    gm, x, out, _before, predicted, after = run_policy("pipeoptim", 2)
+@pytest.mark.parametrize("backward", ["current", "predicted"])
+def test_pipeoptim_forward_uses_prediction_backward_as_asked(backward: str) -> None:
+    """Ŵ in the forward; in the backward the current W (PipeOptim) or, with
+    ``backward="predicted"``, the forward's Ŵ again."""
+    gm, x, out, _before, predicted, after = run_policy("pipeoptim", 2, backward=backward)
     assert "predict" not in gm.code  # the graph is the model's: the policy swaps the data in
     assert all(torch.equal(p, after[n]) for n, p in gm.named_parameters())  # and W is back
-    torch.testing.assert_close(
-        out,
-        F.linear(
-            F.relu(F.linear(x, predicted["0.weight"], predicted["0.bias"])),
-            predicted["2.weight"],
-            predicted["2.bias"],
-        ),
-    )
-    expected = expected_input_grad(
-        x.detach(),
-        predicted["0.weight"],
-        predicted["0.bias"],
-        predicted["2.weight"],
-        after["0.weight"],
-        after["2.weight"],
-    )
-    torch.testing.assert_close(x.grad, expected)
-
-
-def test_pipeoptim_backward_predicted_uses_the_prediction_in_both_passes() -> None:
-    _gm, x, out, _before, predicted, after = run_policy("pipeoptim", 2, backward="predicted")
     assert not torch.equal(predicted["0.weight"], after["0.weight"])
     torch.testing.assert_close(
         out,
@@ -115,13 +97,14 @@ def test_pipeoptim_backward_predicted_uses_the_prediction_in_both_passes() -> No
             predicted["2.bias"],
         ),
     )
+    in_backward = after if backward == "current" else predicted
     expected = expected_input_grad(
         x.detach(),
         predicted["0.weight"],
         predicted["0.bias"],
         predicted["2.weight"],
-        predicted["0.weight"],
-        predicted["2.weight"],
+        in_backward["0.weight"],
+        in_backward["2.weight"],
     )
     torch.testing.assert_close(x.grad, expected)
 
@@ -140,46 +123,6 @@ def test_a_parameter_returned_by_the_forward_keeps_the_weights_it_used() -> None
     assert torch.equal(returned.detach(), torch.full((3,), 2.0))
     (product.sum() + returned.sum()).backward()
     assert torch.equal(w.grad, torch.full((3,), 4.0))  # the gradient reaches the parameter
-
-
-def test_spectrain_predicts_into_one_reused_buffer_and_once_at_the_last_stage() -> None:
-    """SpecTrain's forward and backward share one Ŵ buffer per parameter (W and one Ŵ), and the
-    last stage's backward, which aims at the same version from the same W as its forward,
-    reuses the forward's Ŵ instead of predicting it again."""
-    model = ConvNet()
-    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
-    with pipeoptim.compile(
-        model,
-        opt,
-        4,
-        example_inputs=torch.randn(8, 1, 8, 8),
-        loss_fn=F.cross_entropy,
-        method="spectrain",
-        executor="local",
-        profile_dir=None,
-    ) as pipe:
-        stages = [s for s in pipe._executor.stages if s.policy is not None]
-        assert stages[-1].index == 3
-        calls = {s.index: 0 for s in stages}
-        pointers: dict[int, set[int]] = {s.index: set() for s in stages}
-        for stage in stages:
-            policy, predicted = stage.policy, stage.policy.predicted
-
-            def counted(*args, k=stage.index, predicted=predicted, **kw):
-                calls[k] += 1
-                out = predicted(*args, **kw)
-                pointers[k] |= {t.data_ptr() for t in out.values()}
-                return out
-
-            policy.predicted = counted
-        list(pipe.train(batches(12)))
-        versions = pipe.peak_weight_versions
-    last = stages[-1]
-    assert calls[3] == 12, calls  # forward only: s_b = s_f there and no step comes between
-    assert calls[2] > 12, calls  # stage 2 of 4: s_b = 1 after a step, predicted again
-    params = {k: len(s.policy.params) for k, s in ((s.index, s) for s in stages)}
-    assert all(len(pointers[k]) == params[k] for k in pointers), (pointers, params)  # no new Ŵ
-    assert last.policy.peak_versions == 2 and max(versions) == 2, versions
 
 
 def test_no_correction_backward_uses_weights_at_backward_time() -> None:
@@ -223,11 +166,11 @@ def batches(n: int, seed: int = 0):
     return [(torch.randn(8, 1, 8, 8, generator=g), torch.randint(0, 10, (8,), generator=g)) for _ in range(n)]
 
 
-@pytest.mark.parametrize("method", ["pipeoptim", "pipedream", "2bw", "spectrain", "none"])
-def test_sixty_async_steps_on_conv_and_linear(method: str) -> None:
+def conv_pipeline(method: str, **options) -> pipeoptim.Pipeline:
+    """:class:`ConvNet` with SGD and momentum in 4 stages, local executor."""
     model = ConvNet()
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
-    with pipeoptim.compile(
+    return pipeoptim.compile(
         model,
         opt,
         4,
@@ -236,7 +179,13 @@ def test_sixty_async_steps_on_conv_and_linear(method: str) -> None:
         method=method,
         executor="local",
         profile_dir=None,
-    ) as pipe:
+        **options,
+    )
+
+
+@pytest.mark.parametrize("method", ["pipeoptim", "pipedream", "2bw", "spectrain", "none"])
+def test_sixty_async_steps_on_conv_and_linear(method: str) -> None:
+    with conv_pipeline(method) as pipe:
         losses = list(pipe.train(batches(60)))
         versions = pipe.peak_weight_versions
         with_weights = [s.policy is not None for s in pipe._executor.stages]
@@ -249,6 +198,35 @@ def test_sixty_async_steps_on_conv_and_linear(method: str) -> None:
     if method == "pipedream":
         assert all(v <= 4 - k for k, v in enumerate(versions))
         assert max(versions) >= 3  # stashing really keeps N - k versions where backward needs them
+
+
+def test_spectrain_predicts_into_one_reused_buffer_and_once_at_the_last_stage() -> None:
+    """SpecTrain's forward and backward share one Ŵ buffer per parameter (W and one Ŵ), and the
+    last stage's backward, which aims at the same version from the same W as its forward,
+    reuses the forward's Ŵ instead of predicting it again."""
+    with conv_pipeline("spectrain") as pipe:
+        stages = [s for s in pipe._executor.stages if s.policy is not None]
+        assert stages[-1].index == 3
+        calls = {s.index: 0 for s in stages}
+        pointers: dict[int, set[int]] = {s.index: set() for s in stages}
+        for stage in stages:
+            policy, predicted = stage.policy, stage.policy.predicted
+
+            def counted(*args, k=stage.index, predicted=predicted, **kw):
+                calls[k] += 1
+                out = predicted(*args, **kw)
+                pointers[k] |= {t.data_ptr() for t in out.values()}
+                return out
+
+            policy.predicted = counted
+        list(pipe.train(batches(12)))
+        versions = pipe.peak_weight_versions
+    last = stages[-1]
+    assert calls[3] == 12, calls  # forward only: s_b = s_f there and no step comes between
+    assert calls[2] > 12, calls  # stage 2 of 4: s_b = 1 after a step, predicted again
+    params = {k: len(s.policy.params) for k, s in ((s.index, s) for s in stages)}
+    assert all(len(pointers[k]) == params[k] for k in pointers), (pointers, params)  # no new Ŵ
+    assert last.policy.peak_versions == 2 and max(versions) == 2, versions
 
 
 def test_version_difference_equals_steps_taken_between_forward_and_backward() -> None:
@@ -288,18 +266,7 @@ def test_version_difference_equals_steps_taken_between_forward_and_backward() ->
 
 
 def test_backward_predicted_option_keeps_one_copy_per_micro_batch_in_flight() -> None:
-    model = ConvNet()
-    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
-    pipe = pipeoptim.compile(
-        model,
-        opt,
-        4,
-        example_inputs=torch.randn(8, 1, 8, 8),
-        loss_fn=F.cross_entropy,
-        executor="local",
-        profile_dir=None,
-        backward="predicted",
-    )
+    pipe = conv_pipeline("pipeoptim", backward="predicted")
     list(pipe.train(batches(20)))
     versions = pipe.peak_weight_versions
     assert max(versions) > 2  # like weight stashing
