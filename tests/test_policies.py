@@ -13,7 +13,6 @@ from pipeoptim.compiler.trace import trace
 from pipeoptim.runtime.build import stage_params
 from pipeoptim.runtime.policies import make_policy
 from pipeoptim.runtime.predictors import get_predictor, predict
-from pipeoptim.runtime.weight_policy import pin_parameters
 from tests.given_plans import plan_starting_at
 
 
@@ -119,7 +118,7 @@ def test_a_parameter_returned_by_the_forward_keeps_the_weights_it_used() -> None
     policy.params = {"w": w}
     policy._values = {"w": torch.full((3,), 2.0)}
     with policy.saving(0):
-        product, returned = pin_parameters((w * 3.0, w))
+        product, returned = policy.pin_parameters((w * 3.0, w))
     assert torch.equal(w.detach(), torch.ones(3))  # W is back
     assert torch.equal(product.detach(), torch.full((3,), 6.0))
     assert torch.equal(returned.detach(), torch.full((3,), 2.0))

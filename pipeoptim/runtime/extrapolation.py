@@ -65,8 +65,9 @@ def sgd_direction(param: torch.Tensor, state: dict, group: dict) -> Terms | None
     sign = -1.0 if group.get("maximize", False) else 1.0
     share, decay = 1.0 - group.get("dampening", 0.0), group.get("weight_decay", 0.0)
     # μ·b + τ'·(±g + λ·W), Nesterov: μ²·b + (1 + μ·τ')·(±g + λ·W), with τ' = 1 − τ
-    on_grad = 1.0 + momentum * share if group.get("nesterov", False) else share
-    on_buf = momentum * momentum if group.get("nesterov", False) else momentum
+    nesterov = group.get("nesterov", False)
+    on_grad = 1.0 + momentum * share if nesterov else share
+    on_buf = momentum * momentum if nesterov else momentum
     terms = [(on_buf, buf), (on_grad * sign, grad)]
     if decay:
         terms.append((on_grad * decay, param.detach()))

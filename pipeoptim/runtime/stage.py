@@ -25,7 +25,7 @@ from pipeoptim.runtime.optim import apply_hyperparameters
 from pipeoptim.runtime.scaler import LossScaler
 from pipeoptim.runtime.shared import SharedParams
 from pipeoptim.runtime.staleness import PredictionErrorMeter, used_weights
-from pipeoptim.runtime.weight_policy import WeightPolicy, pin_parameters
+from pipeoptim.runtime.weight_policy import WeightPolicy
 
 LossFn = Callable[[Any, Any], torch.Tensor]
 
@@ -186,7 +186,7 @@ class StageRuntime:
                 self._seed(self.seed * 1_000_003 + micro_batch * 7919 + self.index)
                 if self.policy is not None:
                     with self.policy.saving(micro_batch):
-                        out = pin_parameters(self.module(*args))
+                        out = self.policy.pin_parameters(self.module(*args))
                 else:
                     out = self.module(*args)
         finally:

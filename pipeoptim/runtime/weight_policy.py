@@ -26,13 +26,6 @@ class _SavedWeight:
     offset: int
 
 
-def pin_parameters(values: Any) -> Any:
-    """``values`` (a forward's outputs) with every parameter returned as it is (a weight sent
-    on) replaced by a view of it, taken inside :meth:`WeightPolicy.saving`: the view keeps the
-    data the forward used after the parameter's own data is swapped back."""
-    return pytree.tree_map(lambda v: v.view_as(v) if isinstance(v, nn.Parameter) else v, values)
-
-
 class WeightPolicy:
     """Base class; see the module docstring. Subclasses set :attr:`kind` and override hooks.
 
@@ -144,6 +137,15 @@ class WeightPolicy:
         finally:
             for (p, _), original in zip(swapped, originals):
                 p.data = original
+
+    def pin_parameters(self, values: Any) -> Any:
+        """``values`` (a forward's outputs, inside :meth:`saving`) with every parameter returned
+        as it is (a weight sent on) replaced by a view of it, which keeps the data the forward
+        used after the parameter's own data is swapped back; as they are when nothing is
+        swapped (no walk over the outputs then)."""
+        if not self._values:
+            return values
+        return pytree.tree_map(lambda v: v.view_as(v) if isinstance(v, nn.Parameter) else v, values)
 
     def overwritten_storages(self) -> set[int]:
         """Storage addresses of copies the next forward overwrites in place (none here)."""
