@@ -8,9 +8,11 @@ For 2 and 4 stages: steady-state mini-batches per second of every pipeoptim meth
 stages per rank) driving stage modules built from the same kind of plan, with the same
 micro-batches; the ratios the issue asks for (PipeOptim, 2BW and SpecTrain to weight stashing,
 our flushing schedules to torch's, PipeOptim to zero-bubble); the plan's predicted throughput
-against the measured one (the cost model with α and β of gloo measured first, and the cores
-the ranks share); the idle share of every run (``1 − sequential compute / (N · time)``), and
-the measured peak memory per stage for PipeOptim against PipeDream's weight stashing (MLP).
+against the measured one (the cost model with α and β of gloo and the runtime's CPU time per
+action measured first, the cores the ranks share, and the stages priced from a profile taken
+right after each run, :func:`priced_now`); the idle share of every run
+(``1 − sequential compute / (N · time)``), and the measured peak memory per stage for
+PipeOptim against PipeDream's weight stashing (MLP).
 PipeOptim runs once more (``--quick``: only with ``--compiled``) with every stage compiled by
 ``torch.compile`` (inductor, ``compile_stages=True``; 2N more warm-up mini-batches, which
 include the compilation).
@@ -29,6 +31,7 @@ Writes ``throughput.md``, ``throughput_timeline.png`` and ``throughput_memory.pn
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import os
 import queue
@@ -48,12 +51,16 @@ from tabulate import tabulate
 from torch import nn
 
 import pipeoptim
+from pipeoptim.action_overhead import measure_action_overhead
+from pipeoptim.compiler import plan_model
 from pipeoptim.compiler.codegen import stage_module
+from pipeoptim.compiler.costmodel import evaluate, summarize
 from pipeoptim.compiler.plan import Plan
 from pipeoptim.compiler.trace import trace
 from pipeoptim.examples import Block
 from pipeoptim.runtime.distributed import free_port
 from pipeoptim.runtime.linkcost import QUICK_SIZES, SIZES, measure_link
+from pipeoptim.update_cost import UpdateCosts, measure_update_cost
 
 WIDTH, DEPTH, BATCH, CLASSES = 512, 16, 64, 10
 VOCAB, DIM, HEADS, BLOCKS, SEQ, LM_BATCH = 256, 256, 4, 8, 32, 8
@@ -174,10 +181,14 @@ def run_pipeoptim(
     warmup: int,
     steps: int,
     profile_dir: Path,
-    link: tuple[float, float],
+    costs: dict[str, float],
     windows: int,
     compile_stages: bool = False,
 ) -> dict[str, Any]:
+    """One run of ``method`` with the processes executor on the plan made from the shared
+    profile in ``profile_dir`` with the measured ``costs`` (compile's ``bandwidth``,
+    ``latency``, ``action_overhead``); its prediction is that plan re-priced from a profile
+    taken right after the run (:func:`priced_now`)."""
     # PipeDream-2BW steps once per M micro-batches of BATCH rows each: its micro-batch is the
     # unit the other asynchronous methods run per pass, so it gets mini-batches of M x BATCH
     # rows and its rate is counted per BATCH rows, like theirs (same work per pass).
@@ -185,7 +196,6 @@ def run_pipeoptim(
     scale = micro if method == "2bw" else 1
     x, y = MODELS[model][1](size=rows * scale)
     micro_batches = micro if method in ("gpipe", "1f1b", "2bw") else None
-    latency, beta = link
     with compile_model(
         model,
         method,
@@ -194,9 +204,8 @@ def run_pipeoptim(
         profile_dir,
         rows * scale,
         micro_batches=micro_batches,
-        bandwidth=1 / beta,
-        latency=latency,
         compile_stages=compile_stages,
+        **costs,
     ) as pipe:
         for _ in range(warmup):
             pipe.step(x, y)
@@ -207,21 +216,43 @@ def run_pipeoptim(
         pipe.flush()
         end = time.perf_counter()
         timeline = pipe._executor.timeline()
-        summary = pipe.plan.summary
         plan = pipe.plan
+    predicted = priced_now(model, plan)
     # one optimizer step of the last stage per mini-batch (2BW: per M x BATCH rows)
     stamps = [start, *sorted(t1 for op, _, _, t1 in timeline[-1] if op == "S" and t1 >= start)]
     busy = sum(t1 - t0 for acts in timeline for _, _, t0, t1 in acts if t0 >= start)
     return {
         "rate": windows_rate(stamps, scale, windows),
-        "predicted": summary["throughput_per_s"] * scale,
-        "cores_bound": summary.get("cores_bound", False),
+        "predicted": predicted["throughput_per_s"] * scale,
+        "cores_bound": predicted["cores_bound"],
         "bubble": 1 - busy / (stages * (end - start)),
-        "predicted_bubble": summary["bubble_fraction"],
+        "predicted_bubble": predicted["bubble_fraction"],
         "timeline": timeline,
         "start": start,
         "plan": plan,
     }
+
+
+def priced_now(
+    model: str, plan: Plan, profile_dir: Path | None = None, update_costs: UpdateCosts | None = None
+) -> dict[str, Any]:
+    """The cost model's summary (:func:`pipeoptim.compiler.costmodel.summarize`) of ``plan``'s
+    stages and settings from timings taken now: the model profiled again (``profile_dir``
+    None: not saved, nor read) and the optimizer's step, prediction and copy timed again
+    (``update_costs`` None). This shared machine's speed drifted up to 2x within a full
+    benchmark run, so the profile the plans were made from at its start priced runs half an
+    hour later."""
+    make, data, _, _, _ = MODELS[model]
+    net = make()
+    optimizer = torch.optim.SGD(net.parameters(), lr=1e-3, momentum=0.9)
+    micro = (data(size=plan.batch_size)[0],)
+    costs = update_costs or measure_update_cost(type(optimizer), optimizer.defaults, DEVICE)
+    config = dataclasses.replace(
+        plan.config, step_s_per_byte=costs.step, predict_s_per_byte=costs.predict, copy_s_per_byte=costs.copy
+    )
+    graph = plan_model(net, micro, config, profile_dir=profile_dir, device=DEVICE).graph
+    stats = evaluate(graph, [plan.stage_of[node.name] for node in graph.nodes], config, plan.recompute)
+    return summarize(graph, stats, config)
 
 
 # ------------------------------------------------- torch.distributed.pipelining reference
@@ -390,11 +421,20 @@ def run_torch_schedule(
     steps: int,
     windows: int,
     profile_dir: Path,
+    costs: dict[str, float],
 ) -> dict[str, Any]:
     """torch.distributed.pipelining's ``schedule`` on ``n`` ranks over our plan's stages
-    (``PIPPY[schedule]`` per rank)."""
+    (``PIPPY[schedule]`` per rank; planned for our 1f1b with the same ``costs``: with one stage
+    per rank, our 1f1b's stages)."""
     with compile_model(
-        model, "1f1b", n * PIPPY[schedule], "local", profile_dir, MODELS[model][3], micro_batches=micro
+        model,
+        "1f1b",
+        n * PIPPY[schedule],
+        "local",
+        profile_dir,
+        MODELS[model][3],
+        micro_batches=micro,
+        **costs,
     ) as pipe:
         plan = pipe.plan
     return {"rate": run_pippy(model, schedule, plan, micro, warmup, steps, windows)}
@@ -421,6 +461,7 @@ def measure_rounds(runs: dict[str, Any], rounds: int, what: str) -> dict[str, di
         ordered = sorted(results, key=lambda res: res["rate"] if res["rate"] == res["rate"] else -1.0)
         chosen[name] = ordered[len(ordered) // 2] | {
             "rates": [res["rate"] for res in results],
+            "predictions": [res.get("predicted", float("nan")) for res in results],
             "loads": [res["load"] for res in results],
         }
     return chosen
@@ -553,7 +594,7 @@ def ratios(model: str, n: int, results: dict[str, dict[str, Any]]) -> str:
         ratio("pipeoptim, compiled stages", "pipeoptim", None),
     ]
     ours = results["pipeoptim"]
-    fit = ours["rate"] / ours["predicted"]
+    fit = paired_ratio(ours["rates"], ours["predictions"])
     goal = 0.85 if n <= len(os.sched_getaffinity(0)) else None
     shared = ", cores-bound prediction" if ours["cores_bound"] else ""
     parts.append(
@@ -636,11 +677,14 @@ def main() -> None:
     lengths = {"mlp": (2, 6, 2) if args.quick else (8, 96, 8), "transformer": (4, 40, 4)}
     profile_dir = args.out / ".profiles"
     print("measuring gloo's latency and bandwidth ...", file=sys.stderr)
-    link = measure_link(
+    alpha, beta = measure_link(
         "nccl" if DEVICE == "cuda" else "gloo",
         sizes=QUICK_SIZES if args.quick else SIZES,
         repeats=3 if args.quick else 9,
     )
+    # the runtime's CPU time per action beyond compute (the processes executor on the CPU)
+    overhead = measure_action_overhead() if DEVICE == "cpu" else 0.0
+    costs = {"bandwidth": 1 / beta, "latency": alpha, "action_overhead": overhead}
     rows, ratio_lines, timeline_result, loads = [], [], None, [os.getloadavg()[0]]
     for model in models:
         warmup, steps, windows = lengths[model]
@@ -650,7 +694,7 @@ def main() -> None:
             runs: dict[str, Any] = {}  # configuration -> its measurement (a dict with "rate")
             for method in methods:
                 runs[method] = partial(
-                    run_pipeoptim, model, method, n, micro, warmup, steps, profile_dir, link, windows
+                    run_pipeoptim, model, method, n, micro, warmup, steps, profile_dir, costs, windows
                 )
             if args.compiled or not args.quick:
                 # compiling happens in the first forwards and backwards of each kind (stage 0's
@@ -664,13 +708,13 @@ def main() -> None:
                     warmup + 2 * n,
                     steps,
                     profile_dir,
-                    link,
+                    costs,
                     windows,
                     True,
                 )
             for schedule in schedules:
                 runs[f"pipelining {schedule}"] = partial(
-                    run_torch_schedule, model, schedule, n, micro, warmup, steps, windows, profile_dir
+                    run_torch_schedule, model, schedule, n, micro, warmup, steps, windows, profile_dir, costs
                 )
             results = measure_rounds(runs, rounds, f"{model}, {n} stages")
             loads.append(os.getloadavg()[0])
@@ -750,7 +794,6 @@ def main() -> None:
     rates = {r[2]: float(r[3]) for r in rows if r[0] == model and r[1] == last}
     ours = rates["pipeoptim"]
     weights = {m: sum(s["weight_bytes"] for s in stages) for m, stages in reports.items()}
-    alpha, beta = link
     summary = (
         f"{model}, {last} stages: pipeoptim {ours:.2f} mini-batches/s = "
         + "".join(
@@ -780,9 +823,14 @@ def main() -> None:
         + ", ".join(f"{m}: {w} windows, {n} after {u}" for m, (u, n, w) in lengths.items() if m in models)
         + "). `bubble`: idle share of the stages' time from the recorded "
         "actions; `idle vs sequential`: 1 - (one thread's forward+backward+step time of the whole "
-        f"mini-batch) x rate / N, for every run alike. Predictions use the measured gloo alpha and "
-        f"beta and, where the ranks outnumber the {len(os.sched_getaffinity(0))} cores, the cores "
-        f"they share.\n\n{table}\n\n## Ratios (goals of issue 13)\n\n"
+        f"mini-batch) x rate / N, for every run alike. Each prediction is the run's plan priced by "
+        f"the cost model from a profile and optimizer timing taken right after the run, with the "
+        f"gloo alpha {alpha * 1e6:.0f} us and bandwidth {1 / beta / 1e9:.2f} GB/s and the runtime's "
+        f"{overhead * 1e6:.0f} us of CPU per action measured at the start "
+        f"(pipeoptim.action_overhead) and, where the ranks outnumber the "
+        f"{len(os.sched_getaffinity(0))} cores, the cores they share; measured / predicted in the "
+        f"ratios is the median over rounds of each run's own ratio.\n\n{table}"
+        "\n\n## Ratios (goals of issue 13)\n\n"
         + "\n".join(f"- {line}" for line in ratio_lines)
         + f"\n\n## Peak memory per stage (mlp, {memory_stages} stages, measured)\n\n"
         f"{mem_table}\n\n{summary}\n"

@@ -59,3 +59,24 @@ def test_throughput_ratios_pair_the_runs_of_one_round() -> None:
     assert paired_ratio([9.0, 18.0, 13.5], [10.0, 20.0, 12.0]) == pytest.approx(0.9)
     assert paired_ratio([9.0, float("nan"), 9.0], [10.0, 10.0, 10.0]) == pytest.approx(0.9)
     assert paired_ratio([float("nan")], [1.0]) != paired_ratio([float("nan")], [1.0])  # NaN
+
+
+def test_throughput_prices_a_plan_as_the_planner_did(tmp_path: Path) -> None:
+    """Re-priced from the profile and optimizer costs the plan was made from, a run's
+    prediction is the plan's own (same stages, settings and recomputation)."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import throughput
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    from pipeoptim.update_cost import UpdateCosts
+
+    costs = {"bandwidth": 2e9, "latency": 1e-4, "action_overhead": 3e-4}
+    with throughput.compile_model("mlp", "pipeoptim", 3, "local", tmp_path, 64, **costs) as pipe:
+        plan = pipe.plan
+    config = plan.config
+    same = UpdateCosts(config.step_s_per_byte, config.predict_s_per_byte, config.copy_s_per_byte)
+    priced = throughput.priced_now("mlp", plan, tmp_path, same)
+    assert priced["throughput_per_s"] == pytest.approx(plan.summary["throughput_per_s"], rel=1e-12)
+    assert priced["bubble_fraction"] == pytest.approx(plan.summary["bubble_fraction"], rel=1e-12)
+    assert config.action_overhead_s == 3e-4 and config.latency_s == 1e-4

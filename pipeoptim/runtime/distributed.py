@@ -313,6 +313,11 @@ class ProcessExecutor:
         """Per stage, the tensor bytes it has sent to its neighbours (activations, gradients)."""
         return self._per_stage("sent_bytes")
 
+    def cpu_seconds(self) -> list[float]:
+        """Per stage, the CPU seconds its worker process has used so far, all its threads
+        (``time.process_time`` there: the stage's own thread and the transport's)."""
+        return self._per_stage("cpu_seconds")
+
     # -- shutdown ---------------------------------------------------------------------
 
     def _stop_workers(self, grace: float = 5.0) -> None:

@@ -267,6 +267,7 @@ COMMANDS: dict[str, Callable[[StageProcess, Any], Any]] = {
     "measure_memory": _set_measure_memory,
     "memory": lambda process, _: process.memory_report(),
     "sent_bytes": lambda process, _: process.channel.sent_bytes,
+    "cpu_seconds": lambda process, _: time.process_time(),
     "resume": StageProcess.resume,
 }
 
