@@ -11,7 +11,8 @@ backward to other weights: forward+backward of stage 0 with and without them.
     python benchmarks/breakdown.py [--quick] [--stages 4] [--methods pipeoptim ...] [--out DIR]
 
 Writes ``breakdown.md`` (with the machine load while it ran) into ``--out``: by default
-``benchmarks/results`` for the full run and a new temporary folder for ``--quick``.
+``benchmarks/results`` for the full run and a new temporary folder for ``--quick`` or a run of
+other ``--stages`` or ``--methods``.
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ from pipeoptim.runtime.executor import MiniBatch
 from pipeoptim.runtime.spawning import pickle_spec
 
 sys.path.insert(0, str(Path(__file__).parent))
+from outputs import results_dir
 from throughput import BATCH, batch, compile_mlp
 
 METHODS = ("pipeoptim", "pipedream", "2bw", "spectrain", "1f1b")
@@ -145,11 +147,11 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="2 stages, 2 methods, few mini-batches")
     parser.add_argument("--stages", type=int, default=4)
     parser.add_argument("--methods", nargs="+", choices=METHODS)
-    parser.add_argument("--out", type=Path, help="default: benchmarks/results, or a temporary folder")
+    parser.add_argument(
+        "--out", type=Path, help="default: benchmarks/results for the full run, else a temporary folder"
+    )
     args = parser.parse_args()
-    if args.out is None:
-        quick_out = Path(tempfile.mkdtemp(prefix="breakdown-")) if args.quick else None
-        args.out = quick_out or Path(__file__).parent / "results"
+    args.out = results_dir(parser, args, "breakdown", scope=("stages", "methods"))
     torch.set_num_threads(1)
     stages = 2 if args.quick else args.stages
     methods = args.methods or (["pipeoptim", "pipedream"] if args.quick else list(METHODS))

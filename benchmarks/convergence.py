@@ -13,7 +13,8 @@ is absent (``../shared``) are skipped with a note.
     python benchmarks/convergence.py [--quick] [--seeds 3] [--out benchmarks/results] [--work DIR]
 
 Writes ``convergence.md`` and one ``convergence_<task>_<optimizer>.png`` of loss curves per
-task and optimizer into ``--out``.
+task and optimizer into ``--out`` (default: ``benchmarks/results`` for the full run, a new
+temporary folder for ``--quick`` or other ``--seeds``).
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from outputs import results_dir
 from tabulate import tabulate
 
 from pipeoptim.tasks import make_task
@@ -165,7 +167,9 @@ def main() -> None:
         help="digits only, 320 rows, one seed (under a minute on an idle machine)",
     )
     parser.add_argument("--seeds", type=int, default=None, help="seeds per setting (default 3, quick 1)")
-    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
+    parser.add_argument(
+        "--out", type=Path, help="default: benchmarks/results for the full run, else a temporary folder"
+    )
     parser.add_argument(
         "--work",
         type=Path,
@@ -174,6 +178,7 @@ def main() -> None:
         "there are read back, so an interrupted benchmark continues where it stopped",
     )
     args = parser.parse_args()
+    args.out = results_dir(parser, args, "convergence", scope=("seeds",))
     torch.set_num_threads(2)
     seeds = list(range(args.seeds or (1 if args.quick else 3)))
     methods = ["sequential", "pipedream", "none", "pipeoptim"] if args.quick else METHODS

@@ -23,13 +23,13 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
+from outputs import results_dir
 from tabulate import tabulate
 from torch import nn
 
@@ -105,10 +105,7 @@ def main() -> None:
     parser.add_argument("--method", default="pipeoptim", choices=list(pipeoptim.METHODS))
     parser.add_argument("--out", type=Path, default=None, help="where to write (default: see above)")
     args = parser.parse_args()
-    if args.out is None:
-        args.out = (
-            Path(tempfile.mkdtemp(prefix="layouts-")) if args.quick else Path(__file__).parent / "results"
-        )
+    args.out = results_dir(parser, args, "layouts", scope=("method",))
     args.out.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(1)
     width, depth, rows = (128, 4, 32) if args.quick else (512, 16, 64)

@@ -7,18 +7,19 @@ end and their ratio. The target is a ratio of at most 1.05 for every stage and m
 
     python benchmarks/long_run.py [--quick] [--steps 5000] [--model mlp|cnn] [--out benchmarks/results]
 
-Writes ``long_run.md`` (``--quick``: 200 steps of pipeoptim, into a temporary folder unless ``--out``).
+Writes ``long_run.md`` into ``benchmarks/results`` for the full run; ``--quick`` (200 steps of
+pipeoptim) and runs with other ``--steps``, ``--stages``, ``--model`` or ``--methods`` write
+into a new temporary folder unless ``--out`` is given.
 """
 
 from __future__ import annotations
 
 import argparse
-import tempfile
 import time
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from outputs import results_dir
 from tabulate import tabulate
 from torch import nn
 
@@ -100,7 +101,7 @@ def main() -> None:
     for m in methods:
         if m not in METHODS:
             parser.error(f"unknown method {m!r}; choose from {', '.join(METHODS)}")
-    out = Path(args.out or (tempfile.mkdtemp(prefix="long_run-") if args.quick else "benchmarks/results"))
+    out = results_dir(parser, args, "long_run", scope=("steps", "stages", "model", "methods"))
     out.mkdir(parents=True, exist_ok=True)
     rows, worst = [], 0.0
     for method in methods:

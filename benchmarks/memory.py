@@ -32,6 +32,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from outputs import results_dir
 from tabulate import tabulate
 from torch import nn
 
@@ -224,7 +225,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=None, help="where memory.md goes")
     args = parser.parse_args()
     torch.set_num_threads(1)
-    out = args.out or (Path(tempfile.mkdtemp(prefix="memory-")) if args.quick else Path("benchmarks/results"))
+    out = results_dir(parser, args, "memory")
     out.mkdir(parents=True, exist_ok=True)
     names = ["digits-cnn"] if args.quick else list(MODELS)
     with tempfile.TemporaryDirectory() as profiles:

@@ -24,11 +24,11 @@ import argparse
 import random
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import torch
+from outputs import results_dir
 from tabulate import tabulate
 
 from pipeoptim.compiler import baselines as B
@@ -273,10 +273,7 @@ def main() -> None:
         "--out", type=Path, default=None, help="default: benchmarks/results (quick: a temp folder)"
     )
     args = parser.parse_args()
-    if args.out is None:
-        args.out = (
-            Path(tempfile.mkdtemp(prefix="partition-")) if args.quick else Path(__file__).parent / "results"
-        )
+    args.out = results_dir(parser, args, "partition", scope=("solver", "time_limit"))
     torch.set_num_threads(1)
     limit = args.time_limit or (3.0 if args.quick else 10.0)
     if args.stage_times:

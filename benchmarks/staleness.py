@@ -24,8 +24,8 @@ that many seconds; cells run in :func:`priority` order, cheapest first within it
     python benchmarks/staleness.py [--quick] [--work DIR] [--out benchmarks/results] [--budget S]
 
 Writes ``staleness.md`` and ``staleness_*.png`` into ``--out`` (:mod:`staleness_report`);
-``--quick`` (digits, 24 mini-batches, N = 1, 2, 4) writes into a temporary folder unless
-``--out`` is given.
+``--quick`` (digits, 24 mini-batches, N = 1, 2, 4) and runs with other ``--seeds``, a
+``--budget`` or ``--long`` write into a new temporary folder unless ``--out`` is given.
 """
 
 from __future__ import annotations
@@ -43,6 +43,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from outputs import results_dir
 from staleness_report import report
 
 import pipeoptim
@@ -301,7 +302,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(1)
     with tempfile.TemporaryDirectory() as tmp:
-        out = args.out or (Path(tmp) if args.quick else Path(__file__).parent / "results")
+        out = results_dir(parser, args, "staleness", scope=("seeds", "budget", "long"))
         work = args.work or Path(tmp) / "work"
         start = time.perf_counter()
         seeds = list(range(1 if args.quick else args.seeds))

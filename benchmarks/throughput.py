@@ -37,7 +37,6 @@ import os
 import queue
 import statistics
 import sys
-import tempfile
 import time
 from functools import partial
 from pathlib import Path
@@ -47,6 +46,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
+from outputs import results_dir
 from tabulate import tabulate
 from torch import nn
 
@@ -651,13 +651,8 @@ def main() -> None:
     DEVICE = args.device
     if DEVICE == "cuda" and torch.cuda.device_count() < max(args.stages or [2, 4]):
         parser.error(f"--device cuda needs a GPU per stage: {torch.cuda.device_count()} found")
-    subset = args.quick or any(
-        v is not None for v in (args.stages, args.methods, args.models, args.schedules)
-    )
-    if args.out is None and subset:
-        args.out = Path(tempfile.mkdtemp(prefix="throughput-"))
-    elif args.out is None:
-        args.out = Path(__file__).parent / "results"
+    scope = ("stages", "methods", "models", "schedules", "rounds", "device")
+    args.out = results_dir(parser, args, "throughput", scope=scope)
     args.stages = args.stages or [2, 4]
     rounds = args.rounds or (1 if args.quick else 3)
     if rounds < 1:

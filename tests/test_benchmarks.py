@@ -80,3 +80,31 @@ def test_throughput_prices_a_plan_as_the_planner_did(tmp_path: Path) -> None:
     assert priced["throughput_per_s"] == pytest.approx(plan.summary["throughput_per_s"], rel=1e-12)
     assert priced["bubble_fraction"] == pytest.approx(plan.summary["bubble_fraction"], rel=1e-12)
     assert config.action_overhead_s == 3e-4 and config.latency_s == 1e-4
+
+
+def test_only_a_full_run_writes_the_committed_results(tmp_path: Path) -> None:
+    """--quick, or any option that measures a part (stage counts, methods), goes to a new
+    temporary folder; --out wins; the full run writes benchmarks/results."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        from outputs import RESULTS, results_dir
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--stages", type=int, default=4)
+    parser.add_argument("--methods", nargs="+")
+    parser.add_argument("--out")
+    scope = ("stages", "methods")
+
+    def where(*argv: str) -> Path:
+        return results_dir(parser, parser.parse_args(list(argv)), "bench", scope)
+
+    assert where() == RESULTS == ROOT / "benchmarks" / "results"
+    for partial in (["--quick"], ["--stages", "2"], ["--methods", "pipeoptim"]):
+        folder = where(*partial)
+        assert folder != RESULTS and folder.is_dir() and folder.name.startswith("bench-")
+    assert where("--quick", "--out", str(tmp_path)) == tmp_path
+    assert where("--stages", "4") == RESULTS  # the default given explicitly is the full run
