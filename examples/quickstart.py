@@ -73,7 +73,7 @@ def main(epochs: int = 3, executor: str = "auto") -> float:
     return accuracy
 
 
-if __name__ == "__main__":  # needed in a script: each stage's worker process is spawned
+if __name__ == "__main__":  # needed in a script: each stage's worker process imports it
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--executor", default="auto", choices=["auto", "processes", "local"])

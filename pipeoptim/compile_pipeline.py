@@ -43,6 +43,7 @@ from pipeoptim.runtime.precision import autocast_context, check_autocast
 from pipeoptim.runtime.predictors import VARIANTS as PREDICTOR_VARIANTS
 from pipeoptim.runtime.predictors import get_predictor
 from pipeoptim.runtime.replicas import check_layout, check_replicated_options
+from pipeoptim.runtime.spawning import check_not_importing_main
 
 
 def compile(
@@ -220,6 +221,7 @@ def compile(
     if kind == "auto":
         kind = "torchrun" if spmd.under_torchrun() else "processes"
     if kind == "processes":
+        check_not_importing_main()  # before profiling: this process is a worker starting
         check_devices(devices)
     if not isinstance(example_inputs, (torch.Tensor, tuple, list)):
         raise ValueError(

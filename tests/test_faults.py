@@ -25,8 +25,9 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def children(pid: int) -> list[int]:
-    """Pids of the worker processes ``pid`` spawned (multiprocessing spawn), in start order."""
-    found = []
+    """Pids of driver ``pid``'s stage worker processes, in start order: the children of its
+    fork server (pipeoptim.runtime.spawning.worker_context), or its own spawned children."""
+    found: dict[int, tuple[int, bytes]] = {}  # pid -> (parent pid, command line)
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
             continue
@@ -35,10 +36,13 @@ def children(pid: int) -> list[int]:
             cmdline = (entry / "cmdline").read_bytes()
         except OSError:
             continue
-        ppid = int(stat.rsplit(")", 1)[1].split()[1])
-        if ppid == pid and b"spawn_main" in cmdline:
-            found.append(int(entry.name))
-    return sorted(found)
+        found[int(entry.name)] = (int(stat.rsplit(")", 1)[1].split()[1]), cmdline)
+    servers = {p for p, (parent, cmd) in found.items() if parent == pid and b"forkserver" in cmd}
+    return sorted(
+        p
+        for p, (parent, cmd) in found.items()
+        if parent in servers or (parent == pid and b"spawn_main" in cmd)
+    )
 
 
 def alive(pid: int) -> bool:
@@ -171,10 +175,26 @@ def test_ctrl_c_in_the_driver_ends_every_worker(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
+def test_killed_driver_leaves_no_worker_behind(tmp_path: Path) -> None:
+    """SIGKILL runs no cleanup in the driver: its workers (children of the fork server, not of
+    the driver) notice that it is gone and exit, and so does the server."""
+    out = tmp_path / "run"
+    proc = start_training(out, epochs=LONG)
+    assert wait_for(lambda: (out / "checkpoint.pt").exists() or proc.poll() is not None, 120)
+    assert proc.poll() is None, proc.communicate()[1][-2000:]
+    workers = children(proc.pid)
+    assert len(workers) == 3, workers
+    proc.kill()
+    proc.communicate(timeout=30)
+    assert wait_for(lambda: not any(alive(pid) for pid in workers), 20)
+
+
+@pytest.mark.slow
 def test_ctrl_c_while_the_workers_start(tmp_path: Path) -> None:
     out = tmp_path / "run"
     proc = start_training(out, epochs=LONG, group=True)
-    # the workers are spawned: they are still importing torch, long before they are ready
+    # the first pipeline of the driver also starts the fork server (importing torch): a
+    # Ctrl-C as its workers appear comes while they start or just after
     assert wait_for(lambda: len(children(proc.pid)) == 3 or proc.poll() is not None, 120)
     workers = children(proc.pid)
     os.killpg(proc.pid, signal.SIGINT)

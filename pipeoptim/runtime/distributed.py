@@ -10,6 +10,7 @@ every other worker is stopped and the error names the failed stage.
 from __future__ import annotations
 
 import itertools
+import os
 import socket
 import threading
 import time
@@ -17,7 +18,6 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
-import torch.multiprocessing as mp
 
 from pipeoptim.errors import PeerLostError, PipelineError, PipeoptimError
 from pipeoptim.microbatch import Rows
@@ -26,7 +26,13 @@ from pipeoptim.runtime.build import PipelineSpec
 from pipeoptim.runtime.executor import MiniBatch
 from pipeoptim.runtime.procmem import resident_bytes
 from pipeoptim.runtime.replicas import replica_part, stage_and_replica
-from pipeoptim.runtime.spawning import main_module_not_rerun, pickle_spec, sigint_deferred_while_starting
+from pipeoptim.runtime.spawning import (
+    MAIN_GUARD,
+    main_module_not_rerun,
+    pickle_spec,
+    sigint_deferred_while_starting,
+    worker_context,
+)
 from pipeoptim.runtime.staleness import PredictionError
 from pipeoptim.runtime.worker import worker_main
 
@@ -85,12 +91,12 @@ class ProcessExecutor:
         self._stopping = False  # workers are expected to exit
         self._closing = False  # the monitor thread ends
         payload = pickle_spec(spec)
-        ctx = mp.get_context("spawn")
+        ctx = worker_context()
         self.results = ctx.Queue()
         self.commands = [ctx.Queue() for _ in range(self.world)]
         for commands in self.commands:
             commands.cancel_join_thread()  # a dead worker's unread commands must not block exit
-            commands.put(("spec", None, payload))  # see worker_main: not a process argument
+            commands.put(("spec", None, (payload, dict(os.environ))))  # worker_main: not an argument
         init = f"tcp://127.0.0.1:{free_port()}"
         self.processes = [
             ctx.Process(
@@ -180,9 +186,7 @@ class ProcessExecutor:
                 how = (
                     f"killed by signal {-p.exitcode}"
                     if p.exitcode < 0
-                    else "no error reported; see its output above. Workers are spawned and import "
-                    "your script: a script must call pipeoptim.compile() under "
-                    "`if __name__ == '__main__':`"
+                    else f"no error reported; see its output above. {MAIN_GUARD}"
                 )
                 died = f"stage {rank} (pid {p.pid}) died with exit code {p.exitcode} ({how})"
                 self._fail(PipelineError(died))

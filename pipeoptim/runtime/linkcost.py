@@ -20,9 +20,9 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from pipeoptim.runtime.distributed import STAGE_THREADS, free_port
+from pipeoptim.runtime.spawning import worker_context
 
 #: message sizes timed by default (bytes): small ones for α, large ones for β
 SIZES = (4 << 10, 64 << 10, 1 << 20, 8 << 20)
@@ -112,7 +112,7 @@ def measure_link(
 
 
 def _round_trips(backend: str, sizes: Sequence[int], repeats: int, timeout: float) -> list[float]:
-    ctx = mp.get_context("spawn")
+    ctx = worker_context()
     out = ctx.Queue()
     port = free_port()
     procs = [ctx.Process(target=_ping, args=(r, port, backend, list(sizes), repeats, out)) for r in range(2)]

@@ -8,6 +8,7 @@ rank's own ``Pipeline``.
 from __future__ import annotations
 
 import datetime
+import multiprocessing
 import os
 import pickle
 import queue
@@ -185,9 +186,13 @@ def worker_main(
     timeout: float,
     threads: int,
 ) -> None:
-    """Entry point of a spawned worker: serve commands until ``close`` (or a failure).
+    """Entry point of a worker process: serve commands until ``close`` (or a failure).
 
-    The first command is ``("spec", None, bytes of the pipeline spec)``: it comes on the queue,
+    The first command is ``("spec", None, (bytes of the pipeline spec, the driver's
+    environment))``. The environment replaces the worker's own: a worker forked from the fork
+    server (:func:`pipeoptim.runtime.spawning.worker_context`) would otherwise see the
+    server's, as it was at the driver's first pipeline (a ``GLOO_SOCKET_IFNAME`` set later
+    would be missed). It comes on the queue,
     not as a process argument, because ``multiprocessing`` writes a spawned child's arguments
     from the starting thread and blocks while the child has not read them -- forever when the
     child died first (e.g. re-running a script that lacks a main guard) and the spec is
@@ -199,12 +204,16 @@ def worker_main(
     """
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the driver decides when workers stop
     torch.set_num_threads(threads)
-    device = stage_device(rank)
+    driver = multiprocessing.parent_process()
     try:
         kind, _request, payload = commands.get(timeout=timeout)
         if kind != "spec":
             raise PipelineError(f"stage {rank} expected the pipeline spec first, got {kind!r}")
-        spec: PipelineSpec = pickle.loads(payload)  # see spawning.pickle_spec
+        pickled, environ = payload
+        os.environ.clear()
+        os.environ.update(environ)
+        device = stage_device(rank)
+        spec: PipelineSpec = pickle.loads(pickled)  # see spawning.pickle_spec
         backend = "nccl" if device.type == "cuda" else "gloo"
         if device.type == "cuda":
             torch.cuda.set_device(device)
@@ -221,7 +230,7 @@ def worker_main(
             try:
                 kind, request, payload = commands.get(timeout=1.0)
             except queue.Empty:
-                if os.getppid() == 1:  # the driver died: do not linger
+                if driver is not None and not driver.is_alive():  # the driver died: do not linger
                     return
                 continue
             if kind == "close":
