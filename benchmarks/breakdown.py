@@ -94,11 +94,22 @@ def _rank(
 
 
 def measure(method: str, stages: int, warmup: int, steps: int, profile_dir: Path) -> list[dict[str, Any]]:
-    """Per stage: seconds per part, actions run and the wall time of the timed mini-batches."""
+    """Per stage: seconds per part, actions run, the wall time of the timed mini-batches, and
+    the plan's profiled seconds per mini-batch of forward, backward and weight work (policy
+    and optimizer step), from a profile taken just before (a new ``profile_dir`` per call)."""
     micro = stages if method in ("1f1b", "gpipe", "2bw") else None
     rows = BATCH * stages if method == "2bw" else BATCH  # 2BW's micro-batch is the others' pass
     with compile_mlp(method, stages, "local", profile_dir, size=rows, micro_batches=micro) as pipe:
         payload = pickle_spec(pipe.spec)
+        per_rows = stages if method == "1f1b" else 1  # plan costs are per micro-batch
+        profiled = [
+            {
+                "forward": s.fwd_s * per_rows,
+                "backward": s.bwd_s * per_rows,
+                "weights+step": s.update_s * per_rows,
+            }
+            for s in pipe.plan.stages
+        ]
     ctx = mp.get_context("spawn")
     out = ctx.Queue()
     port = free_port()
@@ -113,8 +124,8 @@ def measure(method: str, stages: int, warmup: int, steps: int, profile_dir: Path
         p.join(60)
     scale = stages if method == "2bw" else 1  # per BATCH rows, like the other methods
     return [
-        {"parts": parts, "actions": actions, "elapsed": elapsed, "mini_batches": steps * scale}
-        for _, parts, actions, elapsed in results
+        {"parts": parts, "actions": actions, "elapsed": elapsed, "mini_batches": steps * scale, "profiled": p}
+        for (_, parts, actions, elapsed), p in zip(results, profiled)
     ]
 
 
@@ -158,19 +169,49 @@ def main() -> None:
     warmup, steps = (2, 4) if args.quick else (5, 30)
     profile_dir = Path(tempfile.mkdtemp(prefix="breakdown-profiles-"))
     load_before = os.getloadavg()[0]
-    rows, weights = [], {}
+    # measured against profiled where every rank has a core of its own (wall time = compute)
+    fit_stages = min(stages, len(os.sched_getaffinity(0)))
+    rows, fits, weights = [], [], {}
     for method in methods:
         print(f"  {stages} stages, {method} ...", file=sys.stderr)
-        for k, r in enumerate(measure(method, stages, warmup, steps, profile_dir)):
+        results = measure(method, stages, warmup, steps, profile_dir / method)
+        for k, r in enumerate(results):
             per = 1e3 / r["mini_batches"]
             overhead_us = 1e6 * r["parts"]["overhead"] / max(r["actions"], 1)
             parts = [f"{r['parts'][p] * per:.2f}" for p in PARTS]
             rows.append([method, k, *parts, f"{overhead_us:.0f}", f"{r['mini_batches'] / r['elapsed']:.1f}"])
             weights[method] = weights.get(method, 0.0) + r["parts"]["weights"] * per
+        if fit_stages != stages:
+            print(f"  {fit_stages} stages, {method} ...", file=sys.stderr)
+            results = measure(method, fit_stages, warmup, steps, profile_dir / f"{method}-{fit_stages}")
+        for k, r in enumerate(results):
+            per = 1e3 / r["mini_batches"]
+            measured = {
+                "forward": r["parts"]["forward"],
+                "backward": r["parts"]["backward"],
+                "weights+step": r["parts"]["weights"] + r["parts"]["step"],
+            }
+            fits.append(
+                [method, k]
+                + [
+                    f"{measured[p] * per:.2f} / {r['profiled'][p] * 1e3:.2f}"
+                    + (
+                        f" = {measured[p] / r['mini_batches'] / r['profiled'][p]:.2f}"
+                        if r["profiled"][p]
+                        else ""
+                    )
+                    for p in measured
+                ]
+            )
     plain, hooked = hook_cost(10 if args.quick else 50, profile_dir)
     load_after = os.getloadavg()[0]
     headers = ["method", "stage", *(f"{p} ms" for p in PARTS), "overhead µs/action", "mini-batches/s"]
     table = tabulate(rows, headers=headers, tablefmt="github")
+    fit_table = tabulate(
+        fits,
+        headers=["method", "stage", "forward ms", "backward ms", "weights+step ms"],
+        tablefmt="github",
+    )
     hooks = (
         f"Saved-tensor hooks (backward redirected to other weights), stage 0 of 2, forward+backward: "
         f"{plain:.2f} ms without, {hooked:.2f} ms with ({hooked - plain:+.2f} ms, medians of interleaved "
@@ -187,7 +228,12 @@ def main() -> None:
         f"mini-batches after {warmup}, cool-down included. `weights` is the weight policy (prediction, "
         f"stash or shadow copies), `recv wait` the wait for a neighbour's values, `send` posting and "
         f"retiring sends and receives, `overhead` the rest of the action loop.\n\n{table}\n\n{hooks}\n\n"
-        f"{summary}\n"
+        f"{summary}\n\n## Measured in the workers / profiled by the plan ({fit_stages} stages)\n\n"
+        f"Per mini-batch, each part timed as above in a run of {fit_stages} stages (a core per rank, "
+        f"so that wall time is compute time) against the plan's figure for it (the profile and "
+        f"optimizer timing taken just before each method's run, one thread): measured / profiled "
+        f"= ratio.\n\n"
+        f"{fit_table}\n"
     )
     print(text)
     args.out.mkdir(parents=True, exist_ok=True)

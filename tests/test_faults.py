@@ -24,10 +24,9 @@ from .test_training import SmallCNN, data
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def children(pid: int) -> list[int]:
-    """Pids of driver ``pid``'s stage worker processes, in start order: the children of its
-    fork server (pipeoptim.runtime.spawning.worker_context), or its own spawned children."""
-    found: dict[int, tuple[int, bytes]] = {}  # pid -> (parent pid, command line)
+def _processes() -> dict[int, tuple[int, bytes]]:
+    """Every process: pid -> (parent pid, command line)."""
+    found: dict[int, tuple[int, bytes]] = {}
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
             continue
@@ -37,10 +36,21 @@ def children(pid: int) -> list[int]:
         except OSError:
             continue
         found[int(entry.name)] = (int(stat.rsplit(")", 1)[1].split()[1]), cmdline)
-    servers = {p for p, (parent, cmd) in found.items() if parent == pid and b"forkserver" in cmd}
+    return found
+
+
+def fork_servers(pid: int) -> list[int]:
+    """Pids of driver ``pid``'s fork servers (pipeoptim.runtime.spawning.worker_context)."""
+    return sorted(p for p, (parent, cmd) in _processes().items() if parent == pid and b"forkserver" in cmd)
+
+
+def children(pid: int) -> list[int]:
+    """Pids of driver ``pid``'s stage worker processes, in start order: the children of its
+    fork server, or its own spawned children."""
+    servers = set(fork_servers(pid))
     return sorted(
         p
-        for p, (parent, cmd) in found.items()
+        for p, (parent, cmd) in _processes().items()
         if parent in servers or (parent == pid and b"spawn_main" in cmd)
     )
 
@@ -130,14 +140,21 @@ def start_training(out: Path, *extra: str, epochs: int = 3, group: bool = False)
 LONG = 100
 
 
-@pytest.mark.slow
-def test_killed_stage_during_cli_training_then_resume(tmp_path: Path) -> None:
-    out = tmp_path / "run"
-    proc = start_training(out, epochs=LONG)
+def training_with_workers(out: Path, group: bool = False) -> tuple[subprocess.Popen, list[int]]:
+    """A long ``pipeoptim train digits`` over 3 stages, once it has saved a checkpoint, and the
+    pids of its 3 workers."""
+    proc = start_training(out, epochs=LONG, group=group)
     assert wait_for(lambda: (out / "checkpoint.pt").exists() or proc.poll() is not None, 120)
     assert proc.poll() is None, proc.communicate()[1][-2000:]
     workers = children(proc.pid)
     assert len(workers) == 3, workers
+    return proc, workers
+
+
+@pytest.mark.slow
+def test_killed_stage_during_cli_training_then_resume(tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    proc, workers = training_with_workers(out)
     os.kill(workers[2], signal.SIGKILL)
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 1, err[-2000:]
@@ -161,15 +178,13 @@ def test_killed_stage_during_cli_training_then_resume(tmp_path: Path) -> None:
 @pytest.mark.slow
 def test_ctrl_c_in_the_driver_ends_every_worker(tmp_path: Path) -> None:
     out = tmp_path / "run"
-    proc = start_training(out, epochs=LONG, group=True)
-    assert wait_for(lambda: (out / "checkpoint.pt").exists() or proc.poll() is not None, 120)
-    assert proc.poll() is None, proc.communicate()[1][-2000:]
-    workers = children(proc.pid)
+    proc, workers = training_with_workers(out, group=True)
+    servers = fork_servers(proc.pid)
     os.killpg(proc.pid, signal.SIGINT)  # as a terminal's Ctrl-C: the driver and every worker
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 130, err[-2000:]
     assert "interrupted" in err and "Traceback" not in err, err[-2000:]
-    assert wait_for(lambda: not any(alive(pid) for pid in workers), 10)
+    assert wait_for(lambda: not any(alive(pid) for pid in workers + servers), 10)
     read_checkpoint(out / "checkpoint.pt")
     assert json.loads((out / "metrics.json").read_text())["status"] == "interrupted"
 
@@ -178,15 +193,11 @@ def test_ctrl_c_in_the_driver_ends_every_worker(tmp_path: Path) -> None:
 def test_killed_driver_leaves_no_worker_behind(tmp_path: Path) -> None:
     """SIGKILL runs no cleanup in the driver: its workers (children of the fork server, not of
     the driver) notice that it is gone and exit, and so does the server."""
-    out = tmp_path / "run"
-    proc = start_training(out, epochs=LONG)
-    assert wait_for(lambda: (out / "checkpoint.pt").exists() or proc.poll() is not None, 120)
-    assert proc.poll() is None, proc.communicate()[1][-2000:]
-    workers = children(proc.pid)
-    assert len(workers) == 3, workers
+    proc, workers = training_with_workers(tmp_path / "run")
+    servers = fork_servers(proc.pid)
     proc.kill()
     proc.communicate(timeout=30)
-    assert wait_for(lambda: not any(alive(pid) for pid in workers), 20)
+    assert wait_for(lambda: not any(alive(pid) for pid in workers + servers), 20)
 
 
 @pytest.mark.slow
