@@ -236,6 +236,7 @@ def main() -> None:
         f"{fit_table}\n"
     )
     print(text)
+    print(summary)  # last: the one summary line, as every benchmark ends
     args.out.mkdir(parents=True, exist_ok=True)
     tmp = args.out / "breakdown.md.tmp"
     tmp.write_text(text)
