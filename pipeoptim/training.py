@@ -72,6 +72,8 @@ class TrainConfig:
     precision: str = "float32"
     compile_stages: bool = False
     memory: int | None = None  # per-stage memory limit in bytes of the plan (stages recompute where it binds)
+    latency: float = 0.0  # the plan's seconds per message between stages
+    action_overhead: float = 0.0  # the plan's runtime CPU seconds per action (pipeoptim.action_overhead)
     record_every: int = 50
     progress_every: int | None = None
 
@@ -126,6 +128,8 @@ def _trainer(config: TrainConfig, task: Task, log: Callable[[str], None]) -> tup
         autocast=_autocast_dtype(config.precision),
         compile_stages=config.compile_stages,
         memory=config.memory,
+        latency=config.latency,
+        action_overhead=config.action_overhead,
         log=log,
         data_parallel=config.data_parallel,
     )

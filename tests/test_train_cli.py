@@ -318,3 +318,34 @@ def test_an_out_folder_that_cannot_be_made_is_named(tmp_path: Path) -> None:
     assert result.exit_code == 1
     assert f"cannot create the run folder {blocker / 'run'}" in result.output
     assert "choose a writable --out" in result.output
+
+
+@pytest.mark.slow
+def test_the_plan_of_a_run_counts_the_given_runtime_costs(tmp_path: Path) -> None:
+    """--action-overhead and --latency reach the plan the run uses (3 actions and, at 2
+    stages, 2 messages per stage and mini-batch of asynchronous 1F1B)."""
+    out = tmp_path / "run"
+    code, _, err = run(
+        "digits",
+        "--gpus",
+        "2",
+        "--stages",
+        "2",
+        "--epochs",
+        "1",
+        "--limit",
+        "128",
+        "--action-overhead",
+        "5e-4",
+        "--latency",
+        "1e-4",
+        "--out",
+        str(out),
+        "--profile-dir",
+        str(tmp_path / "profiles"),
+    )
+    assert code == 0, err
+    stages = json.loads((out / "metrics.json").read_text())["stages"]
+    assert [s["overhead_s"] for s in stages] == pytest.approx([1.5e-3, 1.5e-3])
+    code, _, err = run("digits", "--action-overhead", "-1", "--out", str(tmp_path / "bad"))
+    assert code == 2 and "neither 'measure' nor a number of seconds" in err

@@ -37,6 +37,22 @@ def _layout_width(text: str) -> int | str:
 LAYOUT_WIDTH = _Parsed("auto|R", _layout_width)
 
 
+def _seconds_or_measure(text: str) -> float | str:
+    """``measure`` or non-negative seconds."""
+    if text.strip().lower() == "measure":
+        return "measure"
+    try:
+        seconds = float(text)
+    except ValueError:
+        seconds = -1.0
+    if not seconds >= 0:  # also NaN
+        raise ValueError(f"{text!r} is neither 'measure' nor a number of seconds >= 0")
+    return seconds
+
+
+SECONDS_OR_MEASURE = _Parsed("SECONDS|measure", _seconds_or_measure)
+
+
 def _bandwidth(text: str) -> float | None:
     return None if text.strip().lower() in ("inf", "none", "free") else parse_bandwidth(text)
 

@@ -8,8 +8,18 @@ import sys
 import click
 import torch
 
+from pipeoptim.action_overhead import measure_action_overhead
 from pipeoptim.cli.loading import ModelSpecError, load_model
-from pipeoptim.cli.options import BANDWIDTH, BYTES, DTYPE, GPUS, LAYOUT_WIDTH, SHAPE, torch_device
+from pipeoptim.cli.options import (
+    BANDWIDTH,
+    BYTES,
+    DTYPE,
+    GPUS,
+    LAYOUT_WIDTH,
+    SECONDS_OR_MEASURE,
+    SHAPE,
+    torch_device,
+)
 from pipeoptim.compiler import profile_model
 from pipeoptim.compiler.baselines import BASELINES
 from pipeoptim.compiler.costgraph import CostGraph
@@ -54,6 +64,23 @@ def _log(msg: str) -> None:
     default="25GB/s",
     show_default=True,
     help="Bandwidth between neighbouring stages, e.g. 25GB/s; 'inf' ignores communication.",
+)
+@click.option(
+    "--latency",
+    type=click.FloatRange(min=0),
+    default=0.0,
+    show_default=True,
+    help="Seconds per message between stages (alpha of alpha + bytes/bandwidth; "
+    "pipeoptim.runtime.linkcost.measure_link measures both).",
+)
+@click.option(
+    "--action-overhead",
+    type=SECONDS_OR_MEASURE,
+    default=0.0,
+    show_default=True,
+    help="The runtime's CPU seconds per action (forward, backward, step) beyond the profiled compute; "
+    "'measure' times it with worker processes on this machine (a few seconds; 0.5-0.7 ms on a 2-core "
+    "CPU machine, where 0 predicts a small model several times too fast).",
 )
 @click.option(
     "--method",
@@ -141,6 +168,8 @@ def partition(
     input_dtype,
     memory,
     bandwidth,
+    latency,
+    action_overhead,
     method,
     micro_batches,
     optimizer,
@@ -206,6 +235,10 @@ def partition(
                 copy_s_per_byte=costs.copy,
                 recompute=True,  # stages recompute where --memory binds
                 cores=shared_cores(gpus) if on_this_cpu else None,
+                latency_s=latency,
+                action_overhead_s=(
+                    measure_action_overhead() if action_overhead == "measure" else action_overhead
+                ),
             )
             choice = choose_layout(
                 graph,

@@ -6,7 +6,8 @@ import sys
 
 import click
 
-from pipeoptim.cli.options import BYTES, GPUS, LAYOUT_WIDTH
+from pipeoptim.action_overhead import measure_action_overhead
+from pipeoptim.cli.options import BYTES, GPUS, LAYOUT_WIDTH, SECONDS_OR_MEASURE
 from pipeoptim.errors import PipeoptimError
 from pipeoptim.methods import METHODS, get_method
 from pipeoptim.optimizers import OPTIMIZERS
@@ -157,6 +158,21 @@ from pipeoptim.training import SEQUENTIAL, TrainConfig, train
     "their activations (the plan table shows which).",
 )
 @click.option(
+    "--latency",
+    type=click.FloatRange(min=0),
+    default=0.0,
+    show_default=True,
+    help="The plan's seconds per message between stages (as in partition).",
+)
+@click.option(
+    "--action-overhead",
+    type=SECONDS_OR_MEASURE,
+    default=0.0,
+    show_default=True,
+    help="The plan's runtime CPU seconds per action beyond the profiled compute; 'measure' times it "
+    "with worker processes first (as in partition).",
+)
+@click.option(
     "--compile-stages",
     is_flag=True,
     help="Run every stage through torch.compile (inductor; on the CPU it needs a C++ compiler).",
@@ -204,6 +220,8 @@ def train_command(
     precision,
     compile_stages,
     memory,
+    latency,
+    action_overhead,
     record_every,
     progress_every,
     quiet,
@@ -214,6 +232,9 @@ def train_command(
     _check_layout_options(method, micro_batches, data_parallel, stages)
     if lr is None:
         lr = {"sgd": 0.02, "adagrad": 0.01}.get(optimizer, 1e-3)
+    if action_overhead == "measure":
+        action_overhead = measure_action_overhead()
+        click.echo(f"runtime overhead measured: {action_overhead * 1e3:.3f} ms per action", err=True)
     config = TrainConfig(
         task=task,
         out=out,
@@ -246,6 +267,8 @@ def train_command(
         precision=precision,
         compile_stages=compile_stages,
         memory=memory,
+        latency=latency,
+        action_overhead=action_overhead,
     )
     try:
         metrics = train(config, log=lambda msg: click.echo(msg, err=True))
