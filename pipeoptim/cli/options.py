@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any
 
 import click
 import torch
 
+from pipeoptim.action_overhead import measure_action_overhead
 from pipeoptim.units import parse_bandwidth, parse_bytes, parse_dtype, parse_shape
 
 
@@ -51,6 +53,33 @@ def _seconds_or_measure(text: str) -> float | str:
 
 
 SECONDS_OR_MEASURE = _Parsed("SECONDS|measure", _seconds_or_measure)
+
+LATENCY = click.option(
+    "--latency",
+    type=click.FloatRange(min=0),
+    default=0.0,
+    show_default=True,
+    help="The plan's seconds per message between stages (alpha of alpha + bytes/bandwidth; "
+    "pipeoptim.runtime.linkcost.measure_link measures both).",
+)
+ACTION_OVERHEAD = click.option(
+    "--action-overhead",
+    type=SECONDS_OR_MEASURE,
+    default=0.0,
+    show_default=True,
+    help="The plan's runtime CPU seconds per action (forward, backward, step) beyond the profiled "
+    "compute; 'measure' times it with worker processes on this machine (a few seconds; 0.5-0.7 ms on "
+    "a 2-core CPU machine, where 0 predicts a small model several times too fast).",
+)
+
+
+def overhead_seconds(value: float | str, log: Callable[[str], None]) -> float:
+    """``--action-overhead``: its seconds, or for ``measure`` the measured ones (logged)."""
+    if value != "measure":
+        return float(value)
+    seconds = measure_action_overhead()
+    log(f"runtime overhead measured: {seconds * 1e3:.3f} ms per action")
+    return seconds
 
 
 def _bandwidth(text: str) -> float | None:

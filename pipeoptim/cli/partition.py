@@ -8,16 +8,17 @@ import sys
 import click
 import torch
 
-from pipeoptim.action_overhead import measure_action_overhead
 from pipeoptim.cli.loading import ModelSpecError, load_model
 from pipeoptim.cli.options import (
+    ACTION_OVERHEAD,
     BANDWIDTH,
     BYTES,
     DTYPE,
     GPUS,
+    LATENCY,
     LAYOUT_WIDTH,
-    SECONDS_OR_MEASURE,
     SHAPE,
+    overhead_seconds,
     torch_device,
 )
 from pipeoptim.compiler import profile_model
@@ -65,23 +66,8 @@ def _log(msg: str) -> None:
     show_default=True,
     help="Bandwidth between neighbouring stages, e.g. 25GB/s; 'inf' ignores communication.",
 )
-@click.option(
-    "--latency",
-    type=click.FloatRange(min=0),
-    default=0.0,
-    show_default=True,
-    help="Seconds per message between stages (alpha of alpha + bytes/bandwidth; "
-    "pipeoptim.runtime.linkcost.measure_link measures both).",
-)
-@click.option(
-    "--action-overhead",
-    type=SECONDS_OR_MEASURE,
-    default=0.0,
-    show_default=True,
-    help="The runtime's CPU seconds per action (forward, backward, step) beyond the profiled compute; "
-    "'measure' times it with worker processes on this machine (a few seconds; 0.5-0.7 ms on a 2-core "
-    "CPU machine, where 0 predicts a small model several times too fast).",
-)
+@LATENCY
+@ACTION_OVERHEAD
 @click.option(
     "--method",
     type=click.Choice(list(METHODS)),
@@ -236,9 +222,7 @@ def partition(
                 recompute=True,  # stages recompute where --memory binds
                 cores=shared_cores(gpus) if on_this_cpu else None,
                 latency_s=latency,
-                action_overhead_s=(
-                    measure_action_overhead() if action_overhead == "measure" else action_overhead
-                ),
+                action_overhead_s=overhead_seconds(action_overhead, lambda msg: click.echo(msg, err=True)),
             )
             choice = choose_layout(
                 graph,

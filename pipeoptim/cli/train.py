@@ -6,8 +6,7 @@ import sys
 
 import click
 
-from pipeoptim.action_overhead import measure_action_overhead
-from pipeoptim.cli.options import BYTES, GPUS, LAYOUT_WIDTH, SECONDS_OR_MEASURE
+from pipeoptim.cli.options import ACTION_OVERHEAD, BYTES, GPUS, LATENCY, LAYOUT_WIDTH, overhead_seconds
 from pipeoptim.errors import PipeoptimError
 from pipeoptim.methods import METHODS, get_method
 from pipeoptim.optimizers import OPTIMIZERS
@@ -157,21 +156,8 @@ from pipeoptim.training import SEQUENTIAL, TrainConfig, train
     help="Per-stage memory limit of the plan, e.g. 16GiB (bytes); where it binds, stages recompute "
     "their activations (the plan table shows which).",
 )
-@click.option(
-    "--latency",
-    type=click.FloatRange(min=0),
-    default=0.0,
-    show_default=True,
-    help="The plan's seconds per message between stages (as in partition).",
-)
-@click.option(
-    "--action-overhead",
-    type=SECONDS_OR_MEASURE,
-    default=0.0,
-    show_default=True,
-    help="The plan's runtime CPU seconds per action beyond the profiled compute; 'measure' times it "
-    "with worker processes first (as in partition).",
-)
+@LATENCY
+@ACTION_OVERHEAD
 @click.option(
     "--compile-stages",
     is_flag=True,
@@ -232,9 +218,7 @@ def train_command(
     _check_layout_options(method, micro_batches, data_parallel, stages)
     if lr is None:
         lr = {"sgd": 0.02, "adagrad": 0.01}.get(optimizer, 1e-3)
-    if action_overhead == "measure":
-        action_overhead = measure_action_overhead()
-        click.echo(f"runtime overhead measured: {action_overhead * 1e3:.3f} ms per action", err=True)
+    action_overhead = overhead_seconds(action_overhead, lambda msg: click.echo(msg, err=True))
     config = TrainConfig(
         task=task,
         out=out,
