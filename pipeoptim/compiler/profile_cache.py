@@ -57,7 +57,8 @@ def load_or_profile(
                 old = CostGraph.load(other)
             except ProfileError:
                 continue
-            log(f"profiling again: {other} was made for another setting ({_key_diff(old.key, key)})")
+            diff = _key_diff(old.key, key)
+            log(f"profiling: no saved profile for this setting yet ({other} differs in {diff})")
             break
     graph = profile_model(traced, example_inputs, device=device, warmup=warmup, repeats=repeats)
     graph.save(path)
