@@ -125,14 +125,21 @@ def start_training(out: Path, *extra: str, epochs: int = 3, group: bool = False)
         str(out.parent / "p"),
         *extra,
     ]
-    return subprocess.Popen(
-        cmd,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env={**os.environ, "PYTHONPATH": str(ROOT)},
-        start_new_session=group,
-    )
+    # the child gets Ctrl-C as from a terminal even where this runner ignores it (pytest started
+    # as a background job of a non-interactive shell: an ignored SIGINT is inherited, and both
+    # Ctrl-C tests saw the training run to its end)
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        return subprocess.Popen(
+            cmd,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env={**os.environ, "PYTHONPATH": str(ROOT)},
+            start_new_session=group,
+        )
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 # A fault is delivered while the run is certainly still going: the runs below are far longer
