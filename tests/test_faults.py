@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -18,6 +19,7 @@ import pipeoptim
 from pipeoptim.checkpoint import read_checkpoint
 from pipeoptim.errors import PipelineError
 from pipeoptim.fileio import atomic_write, write_json
+from pipeoptim.runtime.distributed import free_port
 
 from .test_training import SmallCNN, data
 
@@ -99,6 +101,64 @@ def test_killed_stage_stops_every_process_with_its_name() -> None:
     assert time.monotonic() - start < 30
     assert wait_for(lambda: not any(alive(pid) for pid in workers), 10)
     pipe.close()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("rank", [0, 1, 2])
+def test_a_stage_killed_mid_run_is_blamed_not_its_neighbours(rank: int) -> None:
+    """The neighbours of a killed stage see their connections close, often before the driver
+    sees the death: their errors are consequences, and the error names the killed stage
+    (a fresh-clone CI run named stage 1 when stage 2 was killed)."""
+    model = SmallCNN()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    batches = data(20)
+    pipe = pipeoptim.compile(
+        model,
+        opt,
+        3,
+        example_inputs=batches[0][0],
+        loss_fn=F.cross_entropy,
+        executor="processes",
+        profile_dir=None,
+        timeout=30,
+    )
+    workers = [p.pid for p in pipe._executor.processes]
+    pipe.step(*batches[0]).wait()
+    killer = threading.Timer(0.3, os.kill, (workers[rank], signal.SIGKILL))
+    killer.start()
+    with pytest.raises(PipelineError, match=rf"stage {rank} \(pid \d+\) was killed by signal 9"):
+        for i in range(100_000):
+            pipe.step(*batches[i % len(batches)])
+    killer.join()
+    assert wait_for(lambda: not any(alive(pid) for pid in workers), 10)
+    pipe.close()
+
+
+def test_every_call_to_a_killed_peer_is_reported_as_a_lost_peer() -> None:
+    """gloo's own errors for a peer that went away (raised by any call, not only by the waits
+    the channel wraps) are classified as :class:`PeerLostError` by ``lost_peer``."""
+    port = str(free_port())
+    ranks = [
+        subprocess.Popen(
+            [sys.executable, str(ROOT / "tests" / "lost_peer_script.py"), str(rank), port],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+            env={**os.environ, "PYTHONPATH": str(ROOT)},
+        )
+        for rank in (0, 1)
+    ]
+    try:
+        assert [p.stdout.readline().strip() for p in ranks] == ["ready", "ready"]
+        ranks[1].kill()
+        ranks[1].wait(10)
+        out, _ = ranks[0].communicate("go\n", timeout=60)
+    finally:
+        for p in ranks:
+            p.kill()
+    lines = out.splitlines()
+    assert [line.split()[0] for line in lines] == ["recv", "irecv", "send", "isend", "all_reduce", "barrier"]
+    assert all(line.split()[1] == "PeerLostError" for line in lines), out
 
 
 def start_training(out: Path, *extra: str, epochs: int = 3, group: bool = False) -> subprocess.Popen:

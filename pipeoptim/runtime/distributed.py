@@ -152,21 +152,22 @@ class ProcessExecutor:
             self._fail(error)
 
     def _root_cause(self, error: PeerLostError) -> PipeoptimError:
-        """A stage that lost its neighbour is a symptom: wait briefly for the cause's report."""
+        """A stage that lost its neighbour is a symptom: wait briefly for the cause, either
+        another stage's own error or a stage killed by a signal."""
         deadline = time.monotonic() + 2.0
         while time.monotonic() < deadline:
             try:
                 kind, _rank, _key, payload = self.results.get(timeout=0.1)
             except Exception:
-                continue
+                kind = None
             if kind == "error":
                 text, exc = payload
                 other = exc if exc is not None else PipelineError(text.strip())
                 if not isinstance(other, PeerLostError):
                     return other
-        for rank, p in enumerate(self.processes):
-            if p.exitcode is not None and p.exitcode < 0:
-                return PipelineError(f"stage {rank} (pid {p.pid}) was killed by signal {-p.exitcode}")
+            for rank, p in enumerate(self.processes):
+                if p.exitcode is not None and p.exitcode < 0:
+                    return PipelineError(f"stage {rank} (pid {p.pid}) was killed by signal {-p.exitcode}")
         return error
 
     def _check_processes(self) -> None:

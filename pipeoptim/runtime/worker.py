@@ -26,7 +26,7 @@ from torch.utils import _pytree as pytree
 from pipeoptim.errors import PipelineError, PipeoptimError
 from pipeoptim.runtime.async_norms import note_size
 from pipeoptim.runtime.build import PipelineSpec, aliases_of, build_stage, input_grad_mask
-from pipeoptim.runtime.comm import DistChannel
+from pipeoptim.runtime.comm import DistChannel, lost_peer
 from pipeoptim.runtime.executor import MicroBatch, MiniBatch, StageState, forward_chain, run_action
 from pipeoptim.runtime.replicas import join_replica_groups, replica_copy, stage_and_replica
 from pipeoptim.runtime.schedule import BACKWARD, FORWARD, Action, last_before_step
@@ -246,8 +246,9 @@ def worker_main(
         results.put(("closed", rank, None, None))
     except BaseException as exc:  # report whatever killed this stage, then exit
         text = f"stage {rank} failed: {type(exc).__name__}: {exc}\n{traceback.format_exc()}"
+        error = lost_peer(exc, rank) or (exc if isinstance(exc, PipeoptimError) else None)
         try:
-            results.put(("error", rank, None, (text, exc if isinstance(exc, PipeoptimError) else None)))
+            results.put(("error", rank, None, (text, error)))
             results.close()
             results.join_thread()  # the message must leave before the process does
         finally:
