@@ -72,6 +72,7 @@ class TrainConfig:
     precision: str = "float32"
     compile_stages: bool = False
     memory: int | None = None  # per-stage memory limit in bytes of the plan (stages recompute where it binds)
+    bandwidth: str | float | None = "25GB/s"  # the plan's link between stages (bytes/s; None: free)
     latency: float = 0.0  # the plan's seconds per message between stages
     action_overhead: float = 0.0  # the plan's runtime CPU seconds per action (pipeoptim.action_overhead)
     record_every: int = 50
@@ -128,6 +129,7 @@ def _trainer(config: TrainConfig, task: Task, log: Callable[[str], None]) -> tup
         autocast=_autocast_dtype(config.precision),
         compile_stages=config.compile_stages,
         memory=config.memory,
+        bandwidth=config.bandwidth,
         latency=config.latency,
         action_overhead=config.action_overhead,
         log=log,

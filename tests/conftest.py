@@ -4,18 +4,28 @@ from __future__ import annotations
 
 import os
 import random
+import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
 import torch
 
 from pipeoptim.compiler.costgraph import CostGraph, CostNode
+from pipeoptim.machine_costs import CACHE_ENV
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 
 
 def pytest_configure(config: pytest.Config) -> None:
     torch.set_num_threads(int(os.environ.get("PIPEOPTIM_TEST_THREADS", "1")))
+    # this machine's measured link and runtime figures (pipeoptim.machine_costs): measured once
+    # per test session, into a folder of its own, not the user's cache (nor from it)
+    os.environ[CACHE_ENV] = tempfile.mkdtemp(prefix="pipeoptim-test-cache-")
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    shutil.rmtree(os.environ.pop(CACHE_ENV, ""), ignore_errors=True)
 
 
 @pytest.fixture

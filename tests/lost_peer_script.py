@@ -10,7 +10,7 @@ import time
 import torch
 import torch.distributed as dist
 
-from pipeoptim.runtime.comm import lost_peer
+from pipeoptim.runtime.peer_loss import lost_peer
 
 CALLS = {
     "recv": lambda: dist.recv(torch.zeros(4), 1),

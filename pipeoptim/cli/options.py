@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 import click
 import torch
+from click.core import ParameterSource
 
-from pipeoptim.action_overhead import measure_action_overhead
+from pipeoptim.machine_costs import load_or_measure_machine_costs
 from pipeoptim.units import parse_bandwidth, parse_bytes, parse_dtype, parse_shape
 
 
@@ -54,36 +55,105 @@ def _seconds_or_measure(text: str) -> float | str:
 
 SECONDS_OR_MEASURE = _Parsed("SECONDS|measure", _seconds_or_measure)
 
-LATENCY = click.option(
-    "--latency",
-    type=click.FloatRange(min=0),
-    default=0.0,
-    show_default=True,
-    help="The plan's seconds per message between stages (alpha of alpha + bytes/bandwidth; "
-    "pipeoptim.runtime.linkcost.measure_link measures both).",
-)
-ACTION_OVERHEAD = click.option(
-    "--action-overhead",
-    type=SECONDS_OR_MEASURE,
-    default=0.0,
-    show_default=True,
-    help="The plan's runtime CPU seconds per action (forward, backward, step) beyond the profiled "
-    "compute; 'measure' times it with worker processes on this machine (a few seconds; 0.5-0.7 ms on "
-    "a 2-core CPU machine, where 0 predicts a small model several times too fast).",
-)
 
-
-def overhead_seconds(value: float | str, log: Callable[[str], None]) -> float:
-    """``--action-overhead``: its seconds, or for ``measure`` the measured ones (logged)."""
-    if value != "measure":
-        return float(value)
-    seconds = measure_action_overhead()
-    log(f"runtime overhead measured: {seconds * 1e3:.3f} ms per action")
-    return seconds
-
-
-def _bandwidth(text: str) -> float | None:
+def _bandwidth(text: str) -> float | str | None:
+    if text.strip().lower() == "measure":
+        return "measure"
     return None if text.strip().lower() in ("inf", "none", "free") else parse_bandwidth(text)
+
+
+BANDWIDTH = _Parsed("bandwidth|measure", _bandwidth)
+_MEASURED = (
+    "'measure': this machine's gloo link and runtime, measured once and cached "
+    "(pipeoptim.machine_costs; a few seconds), for stages that are CPU worker processes (with GPU "
+    "stages or in one process: 25GB/s, no latency, no overhead)"
+)
+
+
+def link_options(measured: bool) -> Callable[[Callable], Callable]:
+    """--bandwidth, --latency and --action-overhead, defaulting to this machine's measured figures
+    (``measured``: `pipeoptim train`, whose stages run here) or to a 25 GB/s link with no latency
+    and no runtime overhead (`pipeoptim partition`, which plans for the devices described)."""
+    options = [
+        click.option(
+            "--bandwidth",
+            type=BANDWIDTH,
+            default="measure" if measured else "25GB/s",
+            show_default=True,
+            help="Bandwidth between neighbouring stages, e.g. 25GB/s; 'inf' ignores communication; "
+            f"{_MEASURED}.",
+        ),
+        click.option(
+            "--latency",
+            type=SECONDS_OR_MEASURE,
+            default="measure" if measured else 0.0,
+            show_default=True,
+            help="The plan's seconds per message between stages (alpha of alpha + bytes/bandwidth); "
+            f"{_MEASURED}.",
+        ),
+        click.option(
+            "--action-overhead",
+            type=SECONDS_OR_MEASURE,
+            default="measure" if measured else 0.0,
+            show_default=True,
+            help="The plan's runtime CPU seconds per action (forward, backward, step) beyond the profiled "
+            f"compute (0.5-0.7 ms on a 2-core CPU machine, where 0 predicts a small model several times "
+            f"too fast); {_MEASURED}.",
+        ),
+    ]
+
+    def apply(command: Callable) -> Callable:
+        for option in reversed(options):
+            command = option(command)
+        return command
+
+    return apply
+
+
+class LinkFigures(NamedTuple):
+    """The plan's link and runtime figures, every 'measure' resolved."""
+
+    bandwidth: float | None  # bytes/s; None: communication is free
+    latency: float  # seconds per message
+    action_overhead: float  # seconds per action
+
+
+def link_figures(
+    bandwidth: float | str | None,
+    latency: float | str,
+    action_overhead: float | str,
+    log: Callable[[str], None],
+    not_measurable: str | None = None,
+) -> LinkFigures:
+    """The options' values with each ``measure`` replaced by this machine's figure
+    (:func:`pipeoptim.machine_costs.load_or_measure_machine_costs`, logged when measured).
+
+    ``not_measurable``: why this machine's CPU figures do not describe the stages (GPU stages,
+    stages in one process); each ``measure`` then becomes the plan's plain default (a 25 GB/s
+    link, no latency, no overhead), logged with the reason where the user gave ``measure``
+    (not where it is the command's default, as documented in its help).
+    """
+    values = {"bandwidth": bandwidth, "latency": latency, "action_overhead": action_overhead}
+    wanted = [name for name, value in values.items() if value == "measure"]
+    if wanted:
+        if not_measurable is not None:
+            given = click.get_current_context(silent=True)
+            flags = ", ".join(
+                "--" + name.replace("_", "-")
+                for name in wanted
+                if given is None or given.get_parameter_source(name) is not ParameterSource.DEFAULT
+            )
+            if flags:
+                log(
+                    f"not measuring {flags}: {not_measurable}; "
+                    "the plan counts a 25 GB/s link, no message latency and no runtime overhead (give them "
+                    "in seconds and bytes/s to price them)"
+                )
+            measured = {"bandwidth": parse_bandwidth("25GB/s"), "latency": 0.0, "action_overhead": 0.0}
+        else:
+            measured = load_or_measure_machine_costs(log=log)._asdict()
+        values.update({name: measured[name] for name in wanted})
+    return LinkFigures(**values)  # type: ignore[arg-type]
 
 
 GPUS = click.option(
@@ -97,7 +167,6 @@ GPUS = click.option(
 )
 
 BYTES = _Parsed("size", parse_bytes)
-BANDWIDTH = _Parsed("bandwidth", _bandwidth)
 SHAPE = _Parsed("shape", parse_shape)
 DTYPE = _Parsed("dtype", parse_dtype)
 

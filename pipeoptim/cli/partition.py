@@ -10,15 +10,13 @@ import torch
 
 from pipeoptim.cli.loading import ModelSpecError, load_model
 from pipeoptim.cli.options import (
-    ACTION_OVERHEAD,
-    BANDWIDTH,
     BYTES,
     DTYPE,
     GPUS,
-    LATENCY,
     LAYOUT_WIDTH,
     SHAPE,
-    overhead_seconds,
+    link_figures,
+    link_options,
     torch_device,
 )
 from pipeoptim.compiler import profile_model
@@ -59,15 +57,7 @@ def _log(msg: str) -> None:
 @click.option(
     "--memory", type=BYTES, default=None, help="Per-stage memory limit, e.g. 16GiB, 16GB or 1.5e10 (bytes)."
 )
-@click.option(
-    "--bandwidth",
-    type=BANDWIDTH,
-    default="25GB/s",
-    show_default=True,
-    help="Bandwidth between neighbouring stages, e.g. 25GB/s; 'inf' ignores communication.",
-)
-@LATENCY
-@ACTION_OVERHEAD
+@link_options(measured=False)
 @click.option(
     "--method",
     type=click.Choice(list(METHODS)),
@@ -210,10 +200,17 @@ def partition(
                 on_this_cpu = target is None or target.type == "cpu"
             given = graph if isinstance(graph, CostGraph) else None
             costs, note = _update_costs(optimizer, device, given, profile_dir)
+            figures = link_figures(
+                bandwidth,
+                latency,
+                action_overhead,
+                lambda msg: click.echo(msg, err=True),
+                None if on_this_cpu else "the stages are planned for another device than this machine's CPU",
+            )
             config = CostConfig(
                 num_stages=gpus,
                 method=method,
-                bandwidth=bandwidth,
+                bandwidth=figures.bandwidth,
                 memory_limit=memory,
                 opt_state_factor=opt_factor,
                 step_s_per_byte=costs.step,
@@ -221,8 +218,8 @@ def partition(
                 copy_s_per_byte=costs.copy,
                 recompute=True,  # stages recompute where --memory binds
                 cores=shared_cores(gpus) if on_this_cpu else None,
-                latency_s=latency,
-                action_overhead_s=overhead_seconds(action_overhead, lambda msg: click.echo(msg, err=True)),
+                latency_s=figures.latency,
+                action_overhead_s=figures.action_overhead,
             )
             choice = choose_layout(
                 graph,

@@ -5,8 +5,9 @@ from __future__ import annotations
 import sys
 
 import click
+import torch
 
-from pipeoptim.cli.options import ACTION_OVERHEAD, BYTES, GPUS, LATENCY, LAYOUT_WIDTH, overhead_seconds
+from pipeoptim.cli.options import BYTES, GPUS, LAYOUT_WIDTH, link_figures, link_options
 from pipeoptim.errors import PipeoptimError
 from pipeoptim.methods import METHODS, get_method
 from pipeoptim.optimizers import OPTIMIZERS
@@ -156,8 +157,7 @@ from pipeoptim.training import SEQUENTIAL, TrainConfig, train
     help="Per-stage memory limit of the plan, e.g. 16GiB (bytes); where it binds, stages recompute "
     "their activations (the plan table shows which).",
 )
-@LATENCY
-@ACTION_OVERHEAD
+@link_options(measured=True)
 @click.option(
     "--compile-stages",
     is_flag=True,
@@ -206,6 +206,7 @@ def train_command(
     precision,
     compile_stages,
     memory,
+    bandwidth,
     latency,
     action_overhead,
     record_every,
@@ -218,7 +219,13 @@ def train_command(
     _check_layout_options(method, micro_batches, data_parallel, stages)
     if lr is None:
         lr = {"sgd": 0.02, "adagrad": 0.01}.get(optimizer, 1e-3)
-    action_overhead = overhead_seconds(action_overhead, lambda msg: click.echo(msg, err=True))
+    figures = link_figures(
+        bandwidth,
+        latency,
+        action_overhead,
+        lambda msg: click.echo(msg, err=True),
+        _not_measurable(executor, method),
+    )
     config = TrainConfig(
         task=task,
         out=out,
@@ -251,8 +258,9 @@ def train_command(
         precision=precision,
         compile_stages=compile_stages,
         memory=memory,
-        latency=latency,
-        action_overhead=action_overhead,
+        bandwidth=figures.bandwidth,
+        latency=figures.latency,
+        action_overhead=figures.action_overhead,
     )
     try:
         metrics = train(config, log=lambda msg: click.echo(msg, err=True))
@@ -262,6 +270,18 @@ def train_command(
         click.echo("interrupted: every stage was stopped; the last checkpoint (if any) is intact", err=True)
         sys.exit(130)
     click.echo(summary_line(metrics))
+
+
+def _not_measurable(executor: str, method: str) -> str | None:
+    """Why this machine's measured CPU link and runtime figures do not price the run's stages
+    (None where they do: worker processes on the CPU)."""
+    if method == SEQUENTIAL:
+        return "--method sequential trains in this process, without stages"
+    if executor != "processes":
+        return f"--executor {executor} runs the stages in this process"
+    if torch.cuda.is_available():
+        return "the stages run on GPUs (the figures are measured with gloo on the CPU)"
+    return None
 
 
 def _check_layout_options(method: str, micro_batches: int | None, data_parallel, stages: int | None) -> None:

@@ -38,37 +38,6 @@ _SCALARS = ("int", "float", "bool")
 LOSS_TAG = 7  # loss messages from the last rank to rank 0 (torchrun mode)
 #: tags of the notes of :mod:`pipeoptim.runtime.async_norms` (forward, backward)
 NOTE_TAGS = {"act": 11, "grad": 12}
-#: what gloo's and NCCL's errors say when the other end of a connection has gone away
-_LOST_CONNECTION = (
-    "connection closed by peer",
-    "connection reset by peer",
-    "read error",
-    "write error",
-    "broken pipe",
-    "socket closed",
-    "remote process exited",
-    "nccl communicator was aborted",
-)
-
-
-def lost_peer(exc: BaseException, rank: int) -> PeerLostError | None:
-    """``exc`` as a :class:`PeerLostError` when it is a backend error saying that the other end
-    of a connection went away (raised by any ``torch.distributed`` call, not only by the waits
-    this module wraps); None for any other error.
-
-    A stage whose neighbour was killed sees this error, often before the driver notices the
-    dead process: reporting it as a consequence lets the driver blame the stage that died.
-    """
-    if isinstance(exc, PeerLostError):
-        return exc
-    if not isinstance(exc, RuntimeError) or isinstance(exc, PipelineError):
-        return None
-    first = str(exc).splitlines()[0] if str(exc) else ""
-    if not any(marker in first.lower() for marker in _LOST_CONNECTION):
-        return None
-    lost = PeerLostError(f"stage {rank}: lost a connection ({first}); another stage has probably stopped")
-    lost.__cause__ = exc
-    return lost
 
 
 def leaf_metas(plan: Plan, names: Sequence[str]) -> list[dict[str, Any]]:

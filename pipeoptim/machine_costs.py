@@ -1,0 +1,116 @@
+"""This machine's link and runtime costs for the plan's cost model, measured once and cached.
+
+A plan priced with the compute alone predicted ``pipeoptim train digits`` at 483
+mini-batches/s on the project's 2-core CPU machine; it ran at 114-161: each message pays the
+transport's latency and each action the runtime's own CPU time, which a small model's
+compute does not hide. :func:`load_or_measure_machine_costs` measures both on the CPU
+(gloo's α and β by :func:`pipeoptim.runtime.linkcost.measure_link`, the overhead per action by
+:func:`pipeoptim.action_overhead.measure_action_overhead`, a few seconds together) and keeps
+them in ``machine-costs.json`` of :func:`cache_dir` under the host, its cores, the torch
+version and how they were measured, so that every later plan on this machine gets the same
+figures (a plan must not change with timing noise).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+from collections.abc import Callable
+from pathlib import Path
+from typing import NamedTuple
+
+import torch
+
+from pipeoptim.action_overhead import measure_action_overhead
+from pipeoptim.fileio import write_json
+from pipeoptim.runtime.distributed import STAGE_THREADS
+from pipeoptim.runtime.linkcost import measure_link
+
+#: environment variable naming the cache folder (default: $XDG_CACHE_HOME/pipeoptim, ~/.cache/pipeoptim)
+CACHE_ENV = "PIPEOPTIM_CACHE_DIR"
+MACHINE_COSTS_FILE = "machine-costs.json"
+#: how the figures are measured; figures saved under another method are measured again
+METHOD = "gloo round trips median-9 4K-8M; overhead: 2 stages, 200 mini-batches, CPU time"
+
+
+class MachineCosts(NamedTuple):
+    """A CPU pipeline's costs beyond its compute on this machine."""
+
+    latency: float  # seconds per message between stages (α)
+    bandwidth: float  # bytes per second between stages (1/β)
+    action_overhead: float  # the runtime's CPU seconds per action (forward, backward, step)
+
+
+def cache_dir() -> Path:
+    """``$PIPEOPTIM_CACHE_DIR``, else ``$XDG_CACHE_HOME/pipeoptim``, else ``~/.cache/pipeoptim``."""
+    if os.environ.get(CACHE_ENV):
+        return Path(os.environ[CACHE_ENV])
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "pipeoptim"
+
+
+def machine_key() -> str:
+    """What the figures depend on: host, the cores this process may use, torch, threads per stage."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return json.dumps(
+        {
+            "host": socket.gethostname(),
+            "cores": cores,
+            "torch": torch.__version__,
+            "stage threads": STAGE_THREADS,
+            "method": METHOD,
+        },
+        sort_keys=True,
+    )
+
+
+def measure_machine_costs() -> MachineCosts:
+    """gloo's latency and bandwidth between two processes and the runtime's overhead per action,
+    measured now (a few seconds).
+
+    Raises:
+        ValueError: the link timings were noise three times in a row (a machine too busy).
+        RuntimeError, PipelineError: a measuring process failed or did not answer.
+    """
+    alpha, beta = measure_link("gloo")
+    return MachineCosts(alpha, 1.0 / beta, measure_action_overhead())
+
+
+def load_or_measure_machine_costs(
+    cache: str | Path | None = None, log: Callable[[str], None] = lambda _msg: None
+) -> MachineCosts:
+    """:func:`measure_machine_costs`, remembered in ``<cache>/machine-costs.json`` (``cache``
+    defaults to :func:`cache_dir`) under :func:`machine_key`; measured again for another
+    host, core count, torch version or method, or where the file is unreadable (logged).
+
+    Raises:
+        what :func:`measure_machine_costs` raises.
+    """
+    path = Path(cache if cache is not None else cache_dir()) / MACHINE_COSTS_FILE
+    key = machine_key()
+    table: dict = {}
+    if path.exists():
+        try:
+            table = json.loads(path.read_text())
+            if not isinstance(table, dict):
+                raise ValueError("not a JSON object")
+        except (OSError, ValueError) as exc:
+            log(f"measuring this machine's link and runtime overhead again: {path} is unreadable ({exc})")
+            table = {}
+    saved = table.get(key)
+    if (
+        isinstance(saved, dict)
+        and set(saved) == set(MachineCosts._fields)
+        and all(isinstance(v, float) and v >= 0 for v in saved.values())
+    ):
+        return MachineCosts(**saved)
+    log("measuring this machine's link and runtime overhead (once; a few seconds)")
+    costs = measure_machine_costs()
+    table[key] = costs._asdict()
+    write_json(path, table)
+    log(
+        f"saved {path}: latency {costs.latency * 1e6:.0f} us, bandwidth {costs.bandwidth / 1e9:.2f} GB/s, "
+        f"runtime overhead {costs.action_overhead * 1e3:.3f} ms per action"
+    )
+    return costs

@@ -1,0 +1,97 @@
+"""This machine's link and runtime figures: measured once, cached, and used by `pipeoptim train`."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from pipeoptim import machine_costs
+from pipeoptim.machine_costs import MACHINE_COSTS_FILE, MachineCosts, load_or_measure_machine_costs
+
+from .test_train_cli import run
+
+
+def counting(monkeypatch: pytest.MonkeyPatch, figures: MachineCosts) -> list[int]:
+    """Make measuring return ``figures``; the list grows by one per measurement."""
+    calls: list[int] = []
+
+    def measure() -> MachineCosts:
+        calls.append(1)
+        return figures
+
+    monkeypatch.setattr(machine_costs, "measure_machine_costs", measure)
+    return calls
+
+
+@pytest.mark.slow
+def test_a_real_measurement_is_plausible_and_then_reused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    logged: list[str] = []
+    first = load_or_measure_machine_costs(tmp_path, logged.append)
+    assert 0 < first.latency < 0.05  # seconds per message on one machine
+    assert 1e7 < first.bandwidth < 1e12  # bytes/s
+    assert 0 < first.action_overhead < 0.05  # seconds per action
+    assert any(line.startswith(f"saved {tmp_path / MACHINE_COSTS_FILE}") for line in logged)
+    calls = counting(monkeypatch, MachineCosts(1.0, 1.0, 1.0))
+    assert load_or_measure_machine_costs(tmp_path) == first and not calls
+
+
+def test_another_machine_or_torch_is_measured_again(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    calls = counting(monkeypatch, MachineCosts(2e-4, 5e9, 6e-4))
+    assert load_or_measure_machine_costs(tmp_path) == (2e-4, 5e9, 6e-4) and len(calls) == 1
+    assert load_or_measure_machine_costs(tmp_path) == (2e-4, 5e9, 6e-4) and len(calls) == 1
+    monkeypatch.setattr(machine_costs.torch, "__version__", "9.9.9")
+    load_or_measure_machine_costs(tmp_path)
+    assert len(calls) == 2
+    assert len(json.loads((tmp_path / MACHINE_COSTS_FILE).read_text())) == 2  # both kept
+
+
+def test_an_unreadable_cache_is_named_and_measured_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (tmp_path / MACHINE_COSTS_FILE).write_text("{not json")
+    calls = counting(monkeypatch, MachineCosts(2e-4, 5e9, 6e-4))
+    logged: list[str] = []
+    assert load_or_measure_machine_costs(tmp_path, logged.append) == (2e-4, 5e9, 6e-4) and calls
+    assert f"{tmp_path / MACHINE_COSTS_FILE} is unreadable" in logged[0]
+    key = machine_costs.machine_key()
+    table = json.loads((tmp_path / MACHINE_COSTS_FILE).read_text())
+    table[key]["latency"] = -1.0  # a figure no measurement gives
+    (tmp_path / MACHINE_COSTS_FILE).write_text(json.dumps(table))
+    load_or_measure_machine_costs(tmp_path)
+    assert len(calls) == 2
+
+
+def test_cache_dir_follows_the_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv(machine_costs.CACHE_ENV, str(tmp_path / "c"))
+    assert machine_costs.cache_dir() == tmp_path / "c"
+    monkeypatch.delenv(machine_costs.CACHE_ENV)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "x"))
+    assert machine_costs.cache_dir() == tmp_path / "x" / "pipeoptim"
+
+
+@pytest.mark.slow
+def test_train_prices_its_plan_with_this_machines_figures(tmp_path: Path) -> None:
+    """By default the run's plan counts this machine's cached latency, bandwidth and runtime
+    overhead (3 actions per stage and mini-batch); with the local executor they do not
+    describe the stages: the plan counts none, and where 'measure' was asked for, the log
+    says why."""
+    common = ("digits", "--gpus", "2", "--stages", "2", "--epochs", "1", "--limit", "64")
+    code, _, err = run(*common, "--out", str(tmp_path / "run"), "--profile-dir", str(tmp_path / "p"))
+    assert code == 0, err
+    figures = load_or_measure_machine_costs()  # the session's cache: what the run used
+    stages = json.loads((tmp_path / "run" / "metrics.json").read_text())["stages"]
+    assert [s["overhead_s"] for s in stages] == pytest.approx([3 * figures.action_overhead] * 2)
+    assert all(s["comm_s"] > 0 for s in stages)
+    local = (*common, "--executor", "local", "--profile-dir", str(tmp_path / "p"))
+    code, _, err = run(*local, "--out", str(tmp_path / "local"))
+    assert code == 0, err
+    assert "not measuring" not in err  # the documented default
+    stages = json.loads((tmp_path / "local" / "metrics.json").read_text())["stages"]
+    assert [s["overhead_s"] for s in stages] == [0, 0]
+    code, _, err = run(*local, "--latency", "measure", "--out", str(tmp_path / "asked"))
+    assert code == 0, err
+    assert "not measuring --latency: --executor local runs the stages in this process" in err
