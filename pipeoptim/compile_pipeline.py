@@ -114,6 +114,9 @@ def compile(
         action_overhead: the runtime's seconds per action (forward, backward, step) for the
             plan's predicted stage times; 0 leaves it out. On the CPU the plan also counts the
             cores the worker processes share (:func:`pipeoptim.runtime.linkcost.shared_cores`).
+            :func:`pipeoptim.machine_costs.load_or_measure_machine_costs` gives ``bandwidth``,
+            ``latency`` and ``action_overhead`` for CPU worker processes on this machine
+            (measured once and cached; ``pipeoptim train`` uses them by default).
         profile_dir: where profiles are cached (``None``: do not cache).
         plan: a :class:`~pipeoptim.compiler.plan.Plan` or plan file (``pipeoptim partition
             --save``) to use instead of planning; it must be for this model's graph, ``gpus``
