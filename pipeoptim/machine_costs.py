@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import os
 import socket
+import statistics
 from collections.abc import Callable
 from pathlib import Path
 from typing import NamedTuple
@@ -31,7 +32,7 @@ from pipeoptim.runtime.linkcost import measure_link
 CACHE_ENV = "PIPEOPTIM_CACHE_DIR"
 MACHINE_COSTS_FILE = "machine-costs.json"
 #: how the figures are measured; figures saved under another method are measured again
-METHOD = "gloo round trips median-9 4K-8M; overhead: 2 stages, 200 mini-batches, CPU time"
+METHOD = "gloo: median of 3 fits of round trips 4K-8M; overhead: 2 stages, 200 mini-batches, CPU time"
 
 
 class MachineCosts(NamedTuple):
@@ -65,16 +66,18 @@ def machine_key() -> str:
     )
 
 
-def measure_machine_costs() -> MachineCosts:
+def measure_machine_costs(links: int = 3) -> MachineCosts:
     """gloo's latency and bandwidth between two processes and the runtime's overhead per action,
-    measured now (a few seconds).
+    measured now (a few seconds). The link is measured ``links`` times and the median α and β
+    kept: it is timed on the wall clock, and one measurement's α varied 75-356 us on an idle
+    2-core machine (the overhead is CPU time, which other processes do not inflate).
 
     Raises:
         ValueError: the link timings were noise three times in a row (a machine too busy).
         RuntimeError, PipelineError: a measuring process failed or did not answer.
     """
-    alpha, beta = measure_link("gloo")
-    return MachineCosts(alpha, 1.0 / beta, measure_action_overhead())
+    alphas, betas = zip(*(measure_link("gloo") for _ in range(links)))
+    return MachineCosts(statistics.median(alphas), 1.0 / statistics.median(betas), measure_action_overhead())
 
 
 def load_or_measure_machine_costs(

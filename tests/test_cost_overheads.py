@@ -3,6 +3,11 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -10,7 +15,7 @@ import torch
 from pipeoptim.compiler.costgraph import CostGraph, CostNode
 from pipeoptim.compiler.costmodel import CostConfig, evaluate, summarize
 from pipeoptim.compiler.plan import Plan
-from pipeoptim.runtime.linkcost import fit_latency_bandwidth, measure_link
+from pipeoptim.runtime.linkcost import QUICK_SIZES, fit_latency_bandwidth, measure_link
 from pipeoptim.update_cost import measure_update_cost
 
 
@@ -162,6 +167,35 @@ def test_measured_link_is_positive() -> None:
     alpha, beta = measure_link(sizes=(4 << 10, 1 << 20, 8 << 20), repeats=5, timeout=120)
     assert alpha >= 0
     assert 1e-12 < beta < 1e-6  # between 1 MB/s and 1 TB/s
+
+
+def test_a_link_process_that_dies_is_reported_at_once() -> None:
+    """NCCL cannot start on a CPU-only machine: the measuring process exits at once, and so does
+    the measurement (it waited out its whole timeout, 300 s by default)."""
+    if torch.cuda.device_count() >= 2:
+        pytest.skip("NCCL can start here")
+    start = time.monotonic()
+    with pytest.raises(RuntimeError, match=r"measuring the nccl link: process \d exited with code 1"):
+        measure_link("nccl", sizes=QUICK_SIZES, repeats=1, timeout=40)
+    assert time.monotonic() - start < 60
+
+
+def test_the_link_is_measured_from_a_script_on_stdin() -> None:
+    """Under ``python -`` the processes must not re-run the main "file" ``<stdin>`` (they died
+    and the measurement waited out its timeout)."""
+    script = "import json\nfrom pipeoptim.runtime.linkcost import measure_link, QUICK_SIZES\n"
+    script += "print(json.dumps(measure_link(sizes=QUICK_SIZES, repeats=3, timeout=60)))\n"
+    done = subprocess.run(
+        [sys.executable, "-"],
+        input=script,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])},
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    alpha, beta = json.loads(done.stdout.strip().splitlines()[-1])
+    assert alpha >= 0 and 1e-12 < beta < 1e-6
 
 
 def test_stage_processes_are_profiled_with_their_own_threads(tmp_path) -> None:

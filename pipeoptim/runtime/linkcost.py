@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import datetime
 import os
+import queue
 import statistics
 import time
 from collections.abc import Iterator, Sequence
@@ -22,7 +23,7 @@ import torch
 import torch.distributed as dist
 
 from pipeoptim.runtime.distributed import STAGE_THREADS, free_port
-from pipeoptim.runtime.spawning import worker_context
+from pipeoptim.runtime.spawning import check_not_importing_main, main_module_not_rerun, worker_context
 
 #: message sizes timed by default (bytes): small ones for α, large ones for β
 SIZES = (4 << 10, 64 << 10, 1 << 20, 8 << 20)
@@ -112,22 +113,35 @@ def measure_link(
 
 
 def _round_trips(backend: str, sizes: Sequence[int], repeats: int, timeout: float) -> list[float]:
+    check_not_importing_main()
     ctx = worker_context()
     out = ctx.Queue()
     port = free_port()
     procs = [ctx.Process(target=_ping, args=(r, port, backend, list(sizes), repeats, out)) for r in range(2)]
-    for p in procs:
-        p.start()
     try:
-        medians = out.get(timeout=timeout)
-    except Exception as exc:
-        raise RuntimeError(f"measuring the {backend} link took over {timeout:.0f} s") from exc
+        with main_module_not_rerun():
+            for p in procs:
+                p.start()
+        deadline = time.monotonic() + timeout
+        while True:  # a process that died is reported at once, not after the timeout
+            try:
+                return out.get(timeout=0.5)
+            except queue.Empty:
+                dead = [(r, p.exitcode) for r, p in enumerate(procs) if p.exitcode not in (None, 0)]
+                if dead:
+                    raise RuntimeError(
+                        f"measuring the {backend} link: process {dead[0][0]} exited with code {dead[0][1]} "
+                        "(see its output above)"
+                    ) from None
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"measuring the {backend} link took over {timeout:.0f} s") from None
     finally:
         for p in procs:
+            if p.pid is None:
+                continue
             p.join(30)
             if p.is_alive():
                 p.kill()
-    return medians
 
 
 @contextlib.contextmanager
