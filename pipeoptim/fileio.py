@@ -1,4 +1,4 @@
-"""Atomic file writes: a crash during a write leaves the previous file whole."""
+"""Atomic file writes: a crash during a write leaves the previous file whole; JSON caches read back."""
 
 from __future__ import annotations
 
@@ -42,3 +42,18 @@ def write_json(path: str | os.PathLike[str], data: Any) -> None:
     """Write ``data`` as indented JSON, atomically."""
     text = json.dumps(data, indent=1, sort_keys=False) + "\n"
     atomic_write(path, lambda f: f.write(text.encode()))
+
+
+def read_json_table(path: Path, again: str, log: Callable[[str], None]) -> dict[str, Any]:
+    """The JSON object in ``path`` (a cache of measurements); ``{}`` where the file is absent,
+    and also where it is unreadable, logged as ``"<again>: <path> is unreadable (<why>)"``."""
+    if not path.exists():
+        return {}
+    try:
+        table = json.loads(path.read_text())
+        if not isinstance(table, dict):
+            raise ValueError("not a JSON object")
+    except (OSError, ValueError) as exc:
+        log(f"{again}: {path} is unreadable ({exc})")
+        return {}
+    return table

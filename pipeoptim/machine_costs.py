@@ -24,7 +24,7 @@ from typing import NamedTuple
 import torch
 
 from pipeoptim.action_overhead import measure_action_overhead
-from pipeoptim.fileio import write_json
+from pipeoptim.fileio import read_json_table, write_json
 from pipeoptim.runtime.distributed import STAGE_THREADS
 from pipeoptim.runtime.linkcost import measure_link
 
@@ -92,15 +92,7 @@ def load_or_measure_machine_costs(
     """
     path = Path(cache if cache is not None else cache_dir()) / MACHINE_COSTS_FILE
     key = machine_key()
-    table: dict = {}
-    if path.exists():
-        try:
-            table = json.loads(path.read_text())
-            if not isinstance(table, dict):
-                raise ValueError("not a JSON object")
-        except (OSError, ValueError) as exc:
-            log(f"measuring this machine's link and runtime overhead again: {path} is unreadable ({exc})")
-            table = {}
+    table = read_json_table(path, "measuring this machine's link and runtime overhead again", log)
     saved = table.get(key)
     if (
         isinstance(saved, dict)

@@ -21,7 +21,7 @@ from torch.optim import Optimizer
 
 from pipeoptim.compiler.profile_key import device_name
 from pipeoptim.errors import PredictorError
-from pipeoptim.fileio import write_json
+from pipeoptim.fileio import read_json_table, write_json
 from pipeoptim.runtime.extrapolation import Extrapolator, per_unit_rate
 from pipeoptim.runtime.predictors import get_predictor
 
@@ -171,15 +171,7 @@ def load_or_measure_update_cost(
         sort_keys=True,
     )
     path = Path(profile_dir) / UPDATE_COSTS_FILE
-    table: dict[str, Any] = {}
-    if path.exists():
-        try:
-            table = json.loads(path.read_text())
-            if not isinstance(table, dict):
-                raise ValueError("not a JSON object")
-        except (OSError, ValueError) as exc:
-            log(f"measuring optimizer update costs again: {path} is unreadable ({exc})")
-            table = {}
+    table = read_json_table(path, "measuring optimizer update costs again", log)
     saved = table.get(key)
     if (
         isinstance(saved, list)

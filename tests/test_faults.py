@@ -74,14 +74,12 @@ def wait_for(condition, seconds: float) -> bool:
     return False
 
 
-@pytest.mark.slow
-def test_killed_stage_stops_every_process_with_its_name() -> None:
+def three_stage_processes(batches: list) -> pipeoptim.Pipeline:
+    """SmallCNN as 3 stage worker processes (30 s timeout), unsaved profiles."""
     model = SmallCNN()
-    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
-    batches = data(40)
-    pipe = pipeoptim.compile(
+    return pipeoptim.compile(
         model,
-        opt,
+        torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9),
         3,
         example_inputs=batches[0][0],
         loss_fn=F.cross_entropy,
@@ -89,6 +87,12 @@ def test_killed_stage_stops_every_process_with_its_name() -> None:
         profile_dir=None,
         timeout=30,
     )
+
+
+@pytest.mark.slow
+def test_killed_stage_stops_every_process_with_its_name() -> None:
+    batches = data(40)
+    pipe = three_stage_processes(batches)
     workers = [p.pid for p in pipe._executor.processes]
     for x, y in batches[:5]:
         pipe.step(x, y)
@@ -109,19 +113,8 @@ def test_a_stage_killed_mid_run_is_blamed_not_its_neighbours(rank: int) -> None:
     """The neighbours of a killed stage see their connections close, often before the driver
     sees the death: their errors are consequences, and the error names the killed stage
     (a fresh-clone CI run named stage 1 when stage 2 was killed)."""
-    model = SmallCNN()
-    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
     batches = data(20)
-    pipe = pipeoptim.compile(
-        model,
-        opt,
-        3,
-        example_inputs=batches[0][0],
-        loss_fn=F.cross_entropy,
-        executor="processes",
-        profile_dir=None,
-        timeout=30,
-    )
+    pipe = three_stage_processes(batches)
     workers = [p.pid for p in pipe._executor.processes]
     pipe.step(*batches[0]).wait()
     killer = threading.Timer(0.3, os.kill, (workers[rank], signal.SIGKILL))
