@@ -309,9 +309,9 @@ def test_latency_and_action_overhead_enter_the_stage_times(tmp_path: Path) -> No
     step) and, at 2 stages, sends or receives 2 messages: --action-overhead 5e-4 adds 1.5 ms
     to each stage, --latency 1e-4 adds 0.2 ms of communication."""
     common = ("partition", "mlp", "--gpus", "2", "--stages", "2", "--json", "--profile-dir", str(tmp_path))
-    code, out, err = run(*common)
+    code, plain_out, err = run(*common)
     assert code == 0, err
-    plain = json.loads(out)["stages"]
+    plain = json.loads(plain_out)["stages"]
     code, out, err = run(*common, "--latency", "1e-4", "--action-overhead", "5e-4")
     assert code == 0, err
     priced = json.loads(out)["stages"]
@@ -319,8 +319,13 @@ def test_latency_and_action_overhead_enter_the_stage_times(tmp_path: Path) -> No
         assert before["overhead_s"] == 0 and after["overhead_s"] == pytest.approx(1.5e-3)
         assert after["comm_s"] - before["comm_s"] == pytest.approx(2e-4)
         assert after["time_s"] - before["time_s"] == pytest.approx(1.7e-3)
+    # every stage pays its overhead and, at 2 stages, 2 messages: the lower bound too
+    plain_bound, priced_bound = (json.loads(o)["lower_bound_s"] for o in (plain_out, out))
+    assert priced_bound - plain_bound == pytest.approx(1.7e-3)
     code, out, err = run(*common, "--action-overhead", "measure")
     assert code == 0, err
     assert all(0 < s["overhead_s"] < 0.06 for s in json.loads(out)["stages"])
-    code, _, err = run(*common, "--action-overhead", "fast")
-    assert code == 2 and "neither 'measure' nor a number of seconds" in err
+    for option in ("--action-overhead", "--latency"):
+        for bad in ("fast", "-1", "inf", "1e400", "nan"):
+            code, _, err = run(*common, option, bad)
+            assert code == 2 and "neither 'measure' nor a finite number of seconds" in err, (option, bad)

@@ -154,9 +154,12 @@ def test_every_call_to_a_killed_peer_is_reported_as_a_lost_peer() -> None:
     assert all(line.split()[1] == "PeerLostError" for line in lines), out
 
 
-def start_training(out: Path, *extra: str, epochs: int = 3, group: bool = False) -> subprocess.Popen:
+def start_training(
+    out: Path, *extra: str, epochs: int = 3, group: bool = False, env: dict[str, str] | None = None
+) -> subprocess.Popen:
     """``pipeoptim train digits`` in the background; ``group``: in a process group of its own,
-    so that a test can signal the whole group as a terminal's Ctrl-C does."""
+    so that a test can signal the whole group as a terminal's Ctrl-C does; ``env``: variables
+    to set."""
     cmd = [
         sys.executable,
         "-m",
@@ -188,7 +191,7 @@ def start_training(out: Path, *extra: str, epochs: int = 3, group: bool = False)
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
-            env={**os.environ, "PYTHONPATH": str(ROOT)},
+            env={**os.environ, "PYTHONPATH": str(ROOT), **(env or {})},
             start_new_session=group,
         )
     finally:
@@ -274,6 +277,27 @@ def test_ctrl_c_while_the_workers_start(tmp_path: Path) -> None:
     assert "Traceback" not in err and "KeyboardInterrupt" not in err, err[-2000:]
     assert err.strip().splitlines()[-1].startswith("interrupted"), err[-2000:]
     assert wait_for(lambda: not any(alive(pid) for pid in workers), 10)
+
+
+@pytest.mark.slow
+def test_ctrl_c_while_measuring_the_machine(tmp_path: Path) -> None:
+    """A terminal's Ctrl-C while `pipeoptim train` measures this machine's link and runtime:
+    one line, exit 130, nothing cached, no process left (it printed a c10d stack dump and
+    KeyboardInterrupt tracebacks of the measuring processes)."""
+    out = tmp_path / "run"
+    cache = tmp_path / "cache"
+    proc = start_training(out, group=True, env={"PIPEOPTIM_CACHE_DIR": str(cache)})
+    first = proc.stderr.readline()
+    assert first.startswith("measuring this machine's link and runtime overhead"), first
+    time.sleep(1.0)  # inside the measurement (about 7 s)
+    servers = fork_servers(proc.pid)
+    os.killpg(proc.pid, signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err[-2000:]
+    assert "interrupted while measuring this machine's link and runtime costs: nothing was saved" in err
+    assert "Traceback" not in err and "c10d" not in err, err[-2000:]
+    assert not (cache / "machine-costs.json").exists()
+    assert wait_for(lambda: not children(proc.pid) and not any(alive(pid) for pid in servers), 10)
 
 
 @pytest.mark.parametrize("width", [8, 512])

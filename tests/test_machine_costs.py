@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from pipeoptim import machine_costs
+from pipeoptim.compiler.costmodel import CostConfig
 from pipeoptim.machine_costs import MACHINE_COSTS_FILE, MachineCosts, load_or_measure_machine_costs
 
 from .test_train_cli import run
@@ -59,10 +60,37 @@ def test_an_unreadable_cache_is_named_and_measured_again(
     assert f"{tmp_path / MACHINE_COSTS_FILE} is unreadable" in logged[0]
     key = machine_costs.machine_key()
     table = json.loads((tmp_path / MACHINE_COSTS_FILE).read_text())
-    table[key]["latency"] = -1.0  # a figure no measurement gives
-    (tmp_path / MACHINE_COSTS_FILE).write_text(json.dumps(table))
-    load_or_measure_machine_costs(tmp_path)
+    for impossible in (-1.0, float("inf"), float("nan")):  # figures no measurement gives
+        table[key]["latency"] = impossible
+        (tmp_path / MACHINE_COSTS_FILE).write_text(json.dumps(table))
+        load_or_measure_machine_costs(tmp_path)
+    assert len(calls) == 4
+
+
+def test_a_cache_that_cannot_be_written_still_gives_the_figures(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    calls = counting(monkeypatch, MachineCosts(2e-4, 5e9, 6e-4))
+    for cache in (blocker, blocker / "below"):  # a file, and a folder that cannot be made
+        logged: list[str] = []
+        assert load_or_measure_machine_costs(cache, logged.append) == (2e-4, 5e9, 6e-4)
+        assert any("could not save them in" in line and machine_costs.CACHE_ENV in line for line in logged)
     assert len(calls) == 2
+
+
+def test_a_busy_machine_is_named_after_measuring(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    counting(monkeypatch, MachineCosts(2e-4, 5e9, 6e-4))
+    monkeypatch.setattr(machine_costs.os, "getloadavg", lambda: (9.0, 9.0, 9.0))
+    logged: list[str] = []
+    load_or_measure_machine_costs(tmp_path, logged.append)
+    assert logged[-1].startswith("the machine was busy while measuring (load average 9.0 on")
+    assert f"delete {tmp_path / MACHINE_COSTS_FILE} to measure again" in logged[-1]
+    monkeypatch.setattr(machine_costs.os, "getloadavg", lambda: (0.0, 0.0, 0.0))
+    logged.clear()
+    load_or_measure_machine_costs(tmp_path / "idle", logged.append)
+    assert not any("machine was busy" in line for line in logged)
 
 
 def test_cache_dir_follows_the_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
@@ -95,3 +123,10 @@ def test_train_prices_its_plan_with_this_machines_figures(tmp_path: Path) -> Non
     code, _, err = run(*local, "--latency", "measure", "--out", str(tmp_path / "asked"))
     assert code == 0, err
     assert "not measuring --latency: --executor local runs the stages in this process" in err
+
+
+@pytest.mark.parametrize("value", ["inf", "nan", "-1"])
+def test_a_cost_model_refuses_impossible_seconds(value: str) -> None:
+    for name in ("latency_s", "action_overhead_s", "step_s_per_byte"):
+        with pytest.raises(ValueError, match=f"{name} must be a finite number of seconds >= 0"):
+            CostConfig(num_stages=2, **{name: float(value)})

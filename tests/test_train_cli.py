@@ -297,6 +297,10 @@ def test_train_data_parallel_auto_is_the_default_search(tmp_path: Path) -> None:
             ["--method", "sequential", "--data-parallel", "2", "--micro-batches", "2"],
             "--data-parallel and --micro-batches do not apply to --method sequential",
         ),
+        (
+            ["--method", "sequential", "--latency", "measure", "--action-overhead", "0"],
+            "--latency and --action-overhead do not apply to --method sequential",
+        ),
     ],
 )
 def test_layout_options_a_method_would_ignore_are_refused_before_planning(
@@ -348,4 +352,4 @@ def test_the_plan_of_a_run_counts_the_given_runtime_costs(tmp_path: Path) -> Non
     stages = json.loads((out / "metrics.json").read_text())["stages"]
     assert [s["overhead_s"] for s in stages] == pytest.approx([1.5e-3, 1.5e-3])
     code, _, err = run("digits", "--action-overhead", "-1", "--out", str(tmp_path / "bad"))
-    assert code == 2 and "neither 'measure' nor a number of seconds" in err
+    assert code == 2 and "neither 'measure' nor a finite number of seconds" in err

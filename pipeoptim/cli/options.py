@@ -48,8 +48,8 @@ def _seconds_or_measure(text: str) -> float | str:
         seconds = float(text)
     except ValueError:
         seconds = -1.0
-    if not seconds >= 0:  # also NaN
-        raise ValueError(f"{text!r} is neither 'measure' nor a number of seconds >= 0")
+    if not (math.isfinite(seconds) and seconds >= 0):
+        raise ValueError(f"{text!r} is neither 'measure' nor a finite number of seconds >= 0")
     return seconds
 
 
@@ -63,11 +63,16 @@ def _bandwidth(text: str) -> float | str | None:
 
 
 BANDWIDTH = _Parsed("bandwidth|measure", _bandwidth)
-_MEASURED = (
-    "'measure': this machine's gloo link and runtime, measured once and cached "
-    "(pipeoptim.machine_costs; a few seconds), for stages that are CPU worker processes (with GPU "
-    "stages or in one process: 25GB/s, no latency, no overhead)"
-)
+
+
+def _measured(instead: str) -> str:
+    """The help's sentence on 'measure', ``instead`` being what the option counts where the
+    stages are not CPU worker processes."""
+    return (
+        "'measure': this machine's figure for stages that are CPU worker processes (gloo), measured "
+        "once in a few seconds and cached in ~/.cache/pipeoptim/machine-costs.json or "
+        f"$PIPEOPTIM_CACHE_DIR (delete it to measure again); with GPU stages or in one process: {instead}"
+    )
 
 
 def link_options(measured: bool) -> Callable[[Callable], Callable]:
@@ -80,8 +85,8 @@ def link_options(measured: bool) -> Callable[[Callable], Callable]:
             type=BANDWIDTH,
             default="measure" if measured else "25GB/s",
             show_default=True,
-            help="Bandwidth between neighbouring stages, e.g. 25GB/s; 'inf' ignores communication; "
-            f"{_MEASURED}.",
+            help="Bandwidth between neighbouring stages, e.g. 25GB/s; 'inf': bytes cost no time (each "
+            f"message still costs --latency); {_measured('25GB/s')}.",
         ),
         click.option(
             "--latency",
@@ -89,7 +94,7 @@ def link_options(measured: bool) -> Callable[[Callable], Callable]:
             default="measure" if measured else 0.0,
             show_default=True,
             help="The plan's seconds per message between stages (alpha of alpha + bytes/bandwidth); "
-            f"{_MEASURED}.",
+            f"{_measured('0')}.",
         ),
         click.option(
             "--action-overhead",
@@ -97,8 +102,8 @@ def link_options(measured: bool) -> Callable[[Callable], Callable]:
             default="measure" if measured else 0.0,
             show_default=True,
             help="The plan's runtime CPU seconds per action (forward, backward, step) beyond the profiled "
-            f"compute (0.5-0.7 ms on a 2-core CPU machine, where 0 predicts a small model several times "
-            f"too fast); {_MEASURED}.",
+            "compute (0.5-0.7 ms on a 2-core CPU machine, where 0 predicts a small model several times "
+            f"too fast); {_measured('0')}.",
         ),
     ]
 

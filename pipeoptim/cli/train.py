@@ -6,6 +6,7 @@ import sys
 
 import click
 import torch
+from click.core import ParameterSource
 
 from pipeoptim.cli.options import BYTES, GPUS, LAYOUT_WIDTH, link_figures, link_options
 from pipeoptim.errors import PipeoptimError
@@ -216,16 +217,28 @@ def train_command(
     """Train TASK (digits, fashion-mnist, sst2, multi30k) and evaluate it after every epoch, on
     --gpus devices as the N stages x R replicas the planner predicts fastest (--stages and
     --data-parallel force N, R or both)."""
-    _check_layout_options(method, micro_batches, data_parallel, stages)
+    context = click.get_current_context()
+    links = [
+        "--" + name.replace("_", "-")
+        for name in ("bandwidth", "latency", "action_overhead")
+        if context.get_parameter_source(name) is not ParameterSource.DEFAULT
+    ]
+    _check_layout_options(method, micro_batches, data_parallel, stages, links)
     if lr is None:
         lr = {"sgd": 0.02, "adagrad": 0.01}.get(optimizer, 1e-3)
-    figures = link_figures(
-        bandwidth,
-        latency,
-        action_overhead,
-        lambda msg: click.echo(msg, err=True),
-        _not_measurable(executor, method),
-    )
+    try:
+        figures = link_figures(
+            bandwidth,
+            latency,
+            action_overhead,
+            lambda msg: click.echo(msg, err=True),
+            _not_measurable(executor, method),
+        )
+    except KeyboardInterrupt:
+        click.echo(
+            "interrupted while measuring this machine's link and runtime costs: nothing was saved", err=True
+        )
+        sys.exit(130)
     config = TrainConfig(
         task=task,
         out=out,
@@ -276,7 +289,7 @@ def _not_measurable(executor: str, method: str) -> str | None:
     """Why this machine's measured CPU link and runtime figures do not price the run's stages
     (None where they do: worker processes on the CPU)."""
     if method == SEQUENTIAL:
-        return "--method sequential trains in this process, without stages"
+        return "--method sequential trains in this process, without a plan"
     if executor != "processes":
         return f"--executor {executor} runs the stages in this process"
     if torch.cuda.is_available():
@@ -284,13 +297,17 @@ def _not_measurable(executor: str, method: str) -> str | None:
     return None
 
 
-def _check_layout_options(method: str, micro_batches: int | None, data_parallel, stages: int | None) -> None:
-    """Refuse, before any planning, options the method would ignore or refuse later.
+def _check_layout_options(
+    method: str, micro_batches: int | None, data_parallel, stages: int | None, links: list[str]
+) -> None:
+    """Refuse, before any planning, options the method would ignore or refuse later (``links``:
+    the plan's link and runtime options the user gave).
 
     Raises:
         click.BadParameter: --micro-batches above 1 for a method that runs a mini-batch as one
             micro-batch.
-        click.UsageError: --stages, --data-parallel or --micro-batches with sequential training.
+        click.UsageError: --stages, --data-parallel, --micro-batches, --bandwidth, --latency or
+            --action-overhead with sequential training.
     """
     if method == SEQUENTIAL:
         given = [
@@ -301,7 +318,7 @@ def _check_layout_options(method: str, micro_batches: int | None, data_parallel,
                 ("--micro-batches", micro_batches),
             )
             if value not in (None, "auto")
-        ]
+        ] + links
         if given:
             raise click.UsageError(
                 f"{' and '.join(given)} {'does' if len(given) == 1 else 'do'} not apply to --method "

@@ -76,6 +76,7 @@ memory (at equal time no recomputation is preferred; :func:`evaluate`).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -135,6 +136,20 @@ class CostConfig:
     data_parallel: int = 1
     allreduce_bandwidth: float | None = None
     recompute: bool = False
+
+    def __post_init__(self) -> None:
+        """Raises ValueError for a per-message or per-action cost that is not a finite number of
+        seconds >= 0 (an infinite latency made every plan's time NaN and its JSON invalid)."""
+        for name in (
+            "latency_s",
+            "action_overhead_s",
+            "step_s_per_byte",
+            "predict_s_per_byte",
+            "copy_s_per_byte",
+        ):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value >= 0):
+                raise ValueError(f"{name} must be a finite number of seconds >= 0, got {value!r}")
 
     @property
     def method_info(self) -> Method:
@@ -356,7 +371,9 @@ def summarize(graph: CostGraph, stats: Sequence[StageStats], config: CostConfig)
 
     - ``bottleneck_s``: the slowest stage's time per micro-batch (seconds).
     - ``lower_bound_s``: ``max(total work / N, largest node)`` (work: forward, backward and
-      optimizer steps, :meth:`CostConfig.work_s`), no plan beats it.
+      optimizer steps, :meth:`CostConfig.work_s`) plus what every stage pays whatever the
+      plan (its actions' runtime overhead and, with N > 1, one boundary's two messages of
+      latency); no plan beats it.
     - ``balance_ratio``: ``bottleneck_s / lower_bound_s`` (1.0 is perfect).
     - ``throughput_per_s``: predicted steady-state mini-batches per second: ``1 / T`` for
       asynchronous 1F1B, ``1 / ((M + N - 1) T + R)`` for schedules that flush every mini-batch
@@ -373,7 +390,12 @@ def summarize(graph: CostGraph, stats: Sequence[StageStats], config: CostConfig)
     n, m = config.num_stages, config.micro_batches
     bottleneck = max(s.time_s for s in stats)
     work = [config.work_s(x) for x in graph.nodes]
-    lower = max(sum(work) / n, max(work, default=0.0))
+    # what every stage pays whatever the plan: its actions' overhead, and with N > 1 at least
+    # one boundary's two messages (activations and gradients)
+    fixed = config.action_overhead_s * (2 + config.steps_per_micro_batch) + (
+        2 * config.latency_s if n > 1 else 0.0
+    )
+    lower = max(sum(work) / n, max(work, default=0.0)) + fixed
     method = config.method_info
     if method.asynchronous:
         units = m if method.micro_batched else 1

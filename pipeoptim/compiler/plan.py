@@ -132,7 +132,8 @@ class Plan:
             tabulate(rows, headers=headers, tablefmt="simple"),
             "",
             f"bottleneck      {format_seconds(sm['bottleneck_s'])} (stage {sm['bottleneck_stage']})",
-            f"lower bound     {format_seconds(sm['lower_bound_s'])} = max(total / N, largest node)",
+            f"lower bound     {format_seconds(sm['lower_bound_s'])} = max(total / N, largest node) "
+            "+ every stage's overhead and latency",
             f"balance ratio   {sm['balance_ratio']:.3f} (bottleneck / lower bound)",
             f"throughput      {sm['throughput_per_s']:.2f} mini-batches/s predicted (steady state, "
             f"method {self.config.method})",

@@ -14,6 +14,7 @@ import contextlib
 import datetime
 import os
 import queue
+import signal
 import statistics
 import time
 from collections.abc import Iterator, Sequence
@@ -23,7 +24,12 @@ import torch
 import torch.distributed as dist
 
 from pipeoptim.runtime.distributed import STAGE_THREADS, free_port
-from pipeoptim.runtime.spawning import check_not_importing_main, main_module_not_rerun, worker_context
+from pipeoptim.runtime.spawning import (
+    check_not_importing_main,
+    main_module_not_rerun,
+    sigint_deferred_while_starting,
+    worker_context,
+)
 
 #: message sizes timed by default (bytes): small ones for α, large ones for β
 SIZES = (4 << 10, 64 << 10, 1 << 20, 8 << 20)
@@ -56,6 +62,7 @@ def fit_latency_bandwidth(sizes: Sequence[float], seconds: Sequence[float]) -> t
 
 
 def _ping(rank: int, port: int, backend: str, sizes: Sequence[int], repeats: int, out: Any) -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # on Ctrl-C the measuring process stops both
     torch.set_num_threads(1)
     dist.init_process_group(
         backend,
@@ -119,7 +126,7 @@ def _round_trips(backend: str, sizes: Sequence[int], repeats: int, timeout: floa
     port = free_port()
     procs = [ctx.Process(target=_ping, args=(r, port, backend, list(sizes), repeats, out)) for r in range(2)]
     try:
-        with main_module_not_rerun():
+        with main_module_not_rerun(), sigint_deferred_while_starting():
             for p in procs:
                 p.start()
         deadline = time.monotonic() + timeout
@@ -135,6 +142,11 @@ def _round_trips(backend: str, sizes: Sequence[int], repeats: int, timeout: floa
                     ) from None
                 if time.monotonic() > deadline:
                     raise RuntimeError(f"measuring the {backend} link took over {timeout:.0f} s") from None
+    except BaseException:  # Ctrl-C or a failure: the processes stop now
+        for p in procs:
+            if p.pid is not None and p.is_alive():
+                p.kill()
+        raise
     finally:
         for p in procs:
             if p.pid is None:
@@ -142,6 +154,11 @@ def _round_trips(backend: str, sizes: Sequence[int], repeats: int, timeout: floa
             p.join(30)
             if p.is_alive():
                 p.kill()
+
+
+def usable_cores() -> int:
+    """The processors this process may run on."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 @contextlib.contextmanager
@@ -167,6 +184,5 @@ def shared_cores(num_stages: int, threads_per_stage: int = STAGE_THREADS) -> flo
     """Processors a CPU pipeline's stages share: the cores this process may run on, in units
     of a stage's threads; ``None`` when there are at least as many as the stages need (each
     stage then runs as on its own device)."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    units = cores / threads_per_stage
+    units = usable_cores() / threads_per_stage
     return units if units < num_stages else None
