@@ -39,9 +39,10 @@ from torch import nn
 import pipeoptim
 from pipeoptim.compiler import profile_model
 from pipeoptim.compiler.boundaries import stage_input_bytes
-from pipeoptim.compiler.costmodel import evaluate, summarize
+from pipeoptim.compiler.costmodel import evaluate
 from pipeoptim.compiler.partition import min_memory_plan
 from pipeoptim.compiler.plan import make_plan
+from pipeoptim.compiler.summary import summarize
 from pipeoptim.errors import InfeasibleMemoryError
 from pipeoptim.examples import TinyGPT
 from pipeoptim.methods import METHODS

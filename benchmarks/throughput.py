@@ -54,8 +54,9 @@ import pipeoptim
 from pipeoptim.action_overhead import measure_action_overhead
 from pipeoptim.compiler import plan_model
 from pipeoptim.compiler.codegen import stage_module
-from pipeoptim.compiler.costmodel import evaluate, summarize
+from pipeoptim.compiler.costmodel import evaluate
 from pipeoptim.compiler.plan import Plan
+from pipeoptim.compiler.summary import summarize
 from pipeoptim.compiler.trace import trace
 from pipeoptim.examples import Block
 from pipeoptim.runtime.distributed import free_port
@@ -236,7 +237,7 @@ def run_pipeoptim(
 def priced_now(
     model: str, plan: Plan, profile_dir: Path | None = None, update_costs: UpdateCosts | None = None
 ) -> dict[str, Any]:
-    """The cost model's summary (:func:`pipeoptim.compiler.costmodel.summarize`) of ``plan``'s
+    """The cost model's summary (:func:`pipeoptim.compiler.summary.summarize`) of ``plan``'s
     stages and settings from timings taken now: the model profiled again (``profile_dir``
     None: not saved, nor read) and the optimizer's step, prediction and copy timed again
     (``update_costs`` None). This shared machine's speed drifted up to 2x within a full

@@ -13,8 +13,9 @@ import pytest
 import torch
 
 from pipeoptim.compiler.costgraph import CostGraph, CostNode
-from pipeoptim.compiler.costmodel import CostConfig, evaluate, summarize
+from pipeoptim.compiler.costmodel import CostConfig, evaluate
 from pipeoptim.compiler.plan import Plan
+from pipeoptim.compiler.summary import summarize
 from pipeoptim.runtime.linkcost import QUICK_SIZES, fit_latency_bandwidth, measure_link
 from pipeoptim.update_cost import measure_update_cost
 

@@ -8,8 +8,9 @@ import pytest
 from pipeoptim.compiler import baselines as B
 from pipeoptim.compiler import partition as P
 from pipeoptim.compiler.costgraph import CostGraph, CostNode
-from pipeoptim.compiler.costmodel import CostConfig, evaluate, summarize
+from pipeoptim.compiler.costmodel import CostConfig, evaluate
 from pipeoptim.compiler.plan import make_plan
+from pipeoptim.compiler.summary import summarize
 
 W_BYTES = 1000  # the shared parameter
 HIDDEN = 10  # every activation (and its gradient)

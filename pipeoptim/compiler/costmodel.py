@@ -39,7 +39,7 @@ every cut of a stage's position and are added to the stage times they report.
 
 Where the N·R ranks share ``cores`` processors (ranks on one machine's CPU cores, one thread
 each), the machine also has to run all their work: one mini-batch takes at least
-``R · units · Σ_k T_k / cores`` (:func:`summarize`).
+``R · units · Σ_k T_k / cores`` (:func:`pipeoptim.compiler.summary.summarize`).
 
 :func:`pipeoptim.update_cost.measure_update_cost`). A shared parameter (tied embeddings,
 :mod:`pipeoptim.compiler.shared`) is no boundary value: each stage reading it holds a copy,
@@ -47,9 +47,10 @@ counted in its ``P_k`` (and its memory below), and sums the copies' gradients on
 ``S_k = (h - 1) · B`` bytes sent and as many received for a parameter of ``B`` bytes held by
 ``h`` stages (an all-gather), taking ``2 · S_k / bandwidth`` seconds per step. Asynchronous
 methods overlap it with the next D mini-batches (:mod:`pipeoptim.runtime.shared`), so it is not
-in ``T_k``; methods that flush add it once per mini-batch (:func:`summarize`). The partitioners
-optimise ``T_k`` and the memory with each parameter counted once, at its get_attr node's
-stage; :func:`pipeoptim.compiler.plan.make_plan` then checks the memory limit with every copy
+in ``T_k``; methods that flush add it once per mini-batch
+(:func:`pipeoptim.compiler.summary.summarize`). The partitioners optimise ``T_k`` and the
+memory with each parameter counted once, at its get_attr node's stage;
+:func:`pipeoptim.compiler.plan.make_plan` then checks the memory limit with every copy
 counted (:mod:`pipeoptim.compiler.held_memory`).
 
 Stage memory (bytes) of stage k of N::
@@ -364,56 +365,3 @@ def evaluate(
             )
         )
     return stats
-
-
-def summarize(graph: CostGraph, stats: Sequence[StageStats], config: CostConfig) -> dict[str, Any]:
-    """Summary figures of a plan.
-
-    - ``bottleneck_s``: the slowest stage's time per micro-batch (seconds).
-    - ``lower_bound_s``: ``max(total work / N, largest node)`` (work: forward, backward and
-      optimizer steps, :meth:`CostConfig.work_s`) plus what every stage pays whatever the
-      plan (its actions' runtime overhead and, with N > 1, one boundary's two messages of
-      latency); no plan beats it.
-    - ``balance_ratio``: ``bottleneck_s / lower_bound_s`` (1.0 is perfect).
-    - ``throughput_per_s``: predicted steady-state mini-batches per second: ``1 / T`` for
-      asynchronous 1F1B, ``1 / ((M + N - 1) T + R)`` for schedules that flush every mini-batch
-      (GPipe, 1F1B), ``1 / (M T)`` for 2BW; ``R`` is the slowest holder's gradient sum of the
-      shared parameters (``shared_s``, at the step the stages take together).
-      Where the N·R ranks share ``config.cores`` processors, also at least
-      ``R · units · Σ_k T_k / cores`` seconds per mini-batch (the machine runs all the ranks'
-      work), ``units`` being the micro-batches of a replica's share of the mini-batch (1 in
-      asynchronous 1F1B) and R the replicas (``config.data_parallel``).
-    - ``bubble_fraction``: share of device time idle in that steady state, from the
-      schedule's warm-up and cool-down and from unequal stage times.
-    - ``cores_bound``: whether the shared cores, not the bottleneck stage, set the throughput.
-    """
-    n, m = config.num_stages, config.micro_batches
-    bottleneck = max(s.time_s for s in stats)
-    work = [config.work_s(x) for x in graph.nodes]
-    # what every stage pays whatever the plan: its actions' overhead, and with N > 1 at least
-    # one boundary's two messages (activations and gradients)
-    fixed = config.action_overhead_s * (2 + config.steps_per_micro_batch) + (
-        2 * config.latency_s if n > 1 else 0.0
-    )
-    lower = max(sum(work) / n, max(work, default=0.0)) + fixed
-    method = config.method_info
-    if method.asynchronous:
-        units = m if method.micro_batched else 1
-        per_batch = units * bottleneck
-    else:
-        units = m
-        per_batch = (m + n - 1) * bottleneck + max(s.shared_s for s in stats)
-    busy = sum(s.time_s for s in stats) * units * config.data_parallel  # over all N·R ranks
-    cores_bound = config.cores is not None and busy / config.cores > per_batch
-    if cores_bound:
-        per_batch = busy / config.cores
-    return {
-        "bottleneck_s": bottleneck,
-        "bottleneck_stage": max(stats, key=lambda s: s.time_s).index,
-        "lower_bound_s": lower,
-        "balance_ratio": bottleneck / lower if lower > 0 else 1.0,
-        "throughput_per_s": 1.0 / per_batch if per_batch > 0 else float("inf"),
-        "bubble_fraction": 1.0 - busy / (n * config.data_parallel * per_batch) if per_batch > 0 else 0.0,
-        "max_memory_bytes": max(s.memory_bytes for s in stats),
-        "cores_bound": cores_bound,
-    }

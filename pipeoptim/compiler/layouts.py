@@ -30,7 +30,7 @@ of :attr:`pipeoptim.compiler.costmodel.CostConfig.allreduce_s_per_byte` and
 ``allreduce_latency_s``), not overlapped with the backward (the runtime reduces just before
 the step), so the partitioner balances it with the rest of the stage's work. Where the ranks
 share a machine's cores (``config.cores``, CPU ranks), all N·R ranks' work counts against
-them (:func:`pipeoptim.compiler.costmodel.summarize`). Memory per device is that of one stage
+them (:func:`pipeoptim.compiler.summary.summarize`). Memory per device is that of one stage
 of one replica (each device holds one, a shared parameter's copy at every stage reading it),
 checked against the limit as for one pipeline.
 """

@@ -18,9 +18,10 @@ from pipeoptim.compiler import baselines
 from pipeoptim.compiler import partition as partitioners
 from pipeoptim.compiler.assignment import PartitionResult
 from pipeoptim.compiler.costgraph import CostGraph
-from pipeoptim.compiler.costmodel import CostConfig, StageStats, evaluate, summarize
+from pipeoptim.compiler.costmodel import CostConfig, StageStats, evaluate
 from pipeoptim.compiler.held_memory import fit_held_copies
 from pipeoptim.compiler.shared import shared_parameters
+from pipeoptim.compiler.summary import summarize
 from pipeoptim.errors import PlanError
 from pipeoptim.fileio import write_json
 from pipeoptim.units import format_bytes, format_seconds, plural
@@ -53,7 +54,7 @@ class Plan:
         stage_of: stage index of every graph node, by node name.
         stages: per-stage costs (:class:`~pipeoptim.compiler.costmodel.StageStats`).
         summary: bottleneck, lower bound, balance, throughput, bubble (see
-            :func:`~pipeoptim.compiler.costmodel.summarize`) plus how the plan was solved.
+            :func:`~pipeoptim.compiler.summary.summarize`) plus how the plan was solved.
         io: per-stage interface.
         values: metadata of every value that crosses a boundary: ``{"meta": [...],
             "container": ...}`` as in :class:`~pipeoptim.compiler.costgraph.CostNode`.

@@ -4,7 +4,7 @@ Three panels (matplotlib, Agg):
 
 1. per stage, forward, backward, optimizer-update (and prediction) and communication
    milliseconds per micro-batch as stacked bars, against the bottleneck and the lower bound
-   ``max(total work / N, largest node)`` (:func:`pipeoptim.compiler.costmodel.summarize`);
+   ``max(total work / N, largest node)`` (:func:`pipeoptim.compiler.summary.summarize`);
 2. per stage, the memory it holds (weights, gradients, optimizer state, weight copies,
    buffers, saved activations; GiB, or MiB below 1 GiB) against the per-stage limit;
 3. with the cost graph, the model's nodes in graph order (width: their share of the work),

@@ -1,0 +1,68 @@
+"""A plan's summary figures: bottleneck, lower bound, balance, throughput, bubble, memory.
+
+Predicted from the per-stage times of :func:`pipeoptim.compiler.costmodel.evaluate`: the
+steady-state throughput of asynchronous 1F1B (PipeDream, Narayanan et al., SOSP 2019) is one
+mini-batch per bottleneck stage time; schedules that flush every mini-batch (GPipe, Huang et
+al., NeurIPS 2019; 1F1B with flush) add the warm-up and cool-down of ``N - 1`` micro-batches.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from pipeoptim.compiler.costgraph import CostGraph
+from pipeoptim.compiler.costmodel import CostConfig, StageStats
+
+
+def summarize(graph: CostGraph, stats: Sequence[StageStats], config: CostConfig) -> dict[str, Any]:
+    """Summary figures of a plan.
+
+    - ``bottleneck_s``: the slowest stage's time per micro-batch (seconds).
+    - ``lower_bound_s``: ``max(total work / N, largest node)`` (work: forward, backward and
+      optimizer steps, :meth:`CostConfig.work_s`) plus what every stage pays whatever the
+      plan (its actions' runtime overhead and, with N > 1, one boundary's two messages of
+      latency); no plan beats it.
+    - ``balance_ratio``: ``bottleneck_s / lower_bound_s`` (1.0 is perfect).
+    - ``throughput_per_s``: predicted steady-state mini-batches per second: ``1 / T`` for
+      asynchronous 1F1B, ``1 / ((M + N - 1) T + R)`` for schedules that flush every mini-batch
+      (GPipe, 1F1B), ``1 / (M T)`` for 2BW; ``R`` is the slowest holder's gradient sum of the
+      shared parameters (``shared_s``, at the step the stages take together).
+      Where the N·R ranks share ``config.cores`` processors, also at least
+      ``R · units · Σ_k T_k / cores`` seconds per mini-batch (the machine runs all the ranks'
+      work), ``units`` being the micro-batches of a replica's share of the mini-batch (1 in
+      asynchronous 1F1B) and R the replicas (``config.data_parallel``).
+    - ``bubble_fraction``: share of device time idle in that steady state, from the
+      schedule's warm-up and cool-down and from unequal stage times.
+    - ``cores_bound``: whether the shared cores, not the bottleneck stage, set the throughput.
+    """
+    n, m = config.num_stages, config.micro_batches
+    bottleneck = max(s.time_s for s in stats)
+    work = [config.work_s(x) for x in graph.nodes]
+    # what every stage pays whatever the plan: its actions' overhead, and with N > 1 at least
+    # one boundary's two messages (activations and gradients)
+    fixed = config.action_overhead_s * (2 + config.steps_per_micro_batch) + (
+        2 * config.latency_s if n > 1 else 0.0
+    )
+    lower = max(sum(work) / n, max(work, default=0.0)) + fixed
+    method = config.method_info
+    if method.asynchronous:
+        units = m if method.micro_batched else 1
+        per_batch = units * bottleneck
+    else:
+        units = m
+        per_batch = (m + n - 1) * bottleneck + max(s.shared_s for s in stats)
+    busy = sum(s.time_s for s in stats) * units * config.data_parallel  # over all N·R ranks
+    cores_bound = config.cores is not None and busy / config.cores > per_batch
+    if cores_bound:
+        per_batch = busy / config.cores
+    return {
+        "bottleneck_s": bottleneck,
+        "bottleneck_stage": max(stats, key=lambda s: s.time_s).index,
+        "lower_bound_s": lower,
+        "balance_ratio": bottleneck / lower if lower > 0 else 1.0,
+        "throughput_per_s": 1.0 / per_batch if per_batch > 0 else float("inf"),
+        "bubble_fraction": 1.0 - busy / (n * config.data_parallel * per_batch) if per_batch > 0 else 0.0,
+        "max_memory_bytes": max(s.memory_bytes for s in stats),
+        "cores_bound": cores_bound,
+    }
