@@ -344,17 +344,22 @@ def _loop(
             read_losses(True)
             seconds = time.perf_counter() - tic
             value = task.evaluate(trainer.predict)
+            rate = (per_epoch - offset) / seconds if seconds else None
+            predicted = None if trainer.plan is None else trainer.plan.summary.get("throughput_per_s")
             record = {
                 "epoch": epoch + 1,
                 "train_loss": run.loss_sum / max(run.loss_count, 1),
                 task.metric: value,
                 "seconds": seconds,
-                "mini_batches_per_s": (per_epoch - offset) / seconds if seconds else None,
+                "mini_batches_per_s": rate,
+                # measured / the plan's predicted rate (the epoch's flush included)
+                "of_plan": rate / predicted if rate and predicted else None,
             }
             run.end_epoch(record)
+            of_plan = f" ({record['of_plan']:.2f} of the plan's {predicted:.0f})" if record["of_plan"] else ""
             log(
                 f"epoch {epoch + 1}/{config.epochs}: train loss {record['train_loss']:.4f}, "
-                f"test {task.metric} {value:.4f}, {record['mini_batches_per_s']:.1f} mini-batches/s"
+                f"test {task.metric} {value:.4f}, {rate or 0:.1f} mini-batches/s{of_plan}"
             )
             run.write(time.perf_counter() - run.start, "running")
             if config.checkpoint_every:

@@ -111,7 +111,11 @@ def test_train_prices_its_plan_with_this_machines_figures(tmp_path: Path) -> Non
     code, _, err = run(*common, "--out", str(tmp_path / "run"), "--profile-dir", str(tmp_path / "p"))
     assert code == 0, err
     figures = load_or_measure_machine_costs()  # the session's cache: what the run used
-    stages = json.loads((tmp_path / "run" / "metrics.json").read_text())["stages"]
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    epoch, predicted = metrics["epochs"][0], metrics["plan"]["throughput_per_s"]
+    assert epoch["of_plan"] == pytest.approx(epoch["mini_batches_per_s"] / predicted)
+    assert f"({epoch['of_plan']:.2f} of the plan's {predicted:.0f})" in err
+    stages = metrics["stages"]
     assert [s["overhead_s"] for s in stages] == pytest.approx([3 * figures.action_overhead] * 2)
     assert all(s["comm_s"] > 0 for s in stages)
     local = (*common, "--executor", "local", "--profile-dir", str(tmp_path / "p"))
