@@ -153,13 +153,15 @@ def test_plan_table_shows_update_and_comm() -> None:
 
 
 def test_update_cost_is_steady_under_load() -> None:
-    """CPU time, median of repeats: two measurements agree (wall time once differed 23x)."""
-    first = measure_update_cost(torch.optim.SGD, {"lr": 0.1, "momentum": 0.9}, numel=1 << 18)
-    second = measure_update_cost(torch.optim.SGD, {"lr": 0.1, "momentum": 0.9}, numel=1 << 18)
+    """CPU time, median of repeats: two measurements agree (wall time once differed 23x). At
+    the size planning uses (the default, 4 MiB): at 1 MiB a fresh-clone run under load once
+    measured 6.2x apart, an operation of about 70 us being timed."""
+    first = measure_update_cost(torch.optim.SGD, {"lr": 0.1, "momentum": 0.9})
+    second = measure_update_cost(torch.optim.SGD, {"lr": 0.1, "momentum": 0.9})
     assert first._fields == ("step", "predict", "copy")
-    for a, b in zip(first, second):
+    for name, a, b in zip(first._fields, first, second):
         assert a > 0 and b > 0
-        assert max(a, b) / min(a, b) < 3
+        assert max(a, b) / min(a, b) < 3, (name, a, b)
 
 
 @pytest.mark.slow
