@@ -18,6 +18,7 @@ import math
 import os
 import socket
 import statistics
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import NamedTuple
@@ -127,12 +128,29 @@ def load_or_measure_machine_costs(
     return costs
 
 
-def busy_load() -> str | None:
-    """This machine's 1-minute load average and cores where the load exceeds half the cores
-    (measurements then run beside other work), else None."""
+def busy_load(window: float = 0.25) -> str | None:
+    """How busy the cores are with other work, where over half of them are, else None: the
+    share of CPU time not idle over the next ``window`` seconds (``/proc/stat``; this process
+    sleeps meanwhile), or where that file is absent the 1-minute load average (which lags: it
+    still read 1.0 on 2 cores right after a ``pip install`` had finished).
+    """
     cores = usable_cores()
     try:
-        load = os.getloadavg()[0]
-    except OSError:  # not available on this platform
-        return None
-    return f"load average {load:.1f} on {cores} cores" if load > cores / 2 else None
+        first = _cpu_times()
+        time.sleep(window)
+        second = _cpu_times()
+    except (OSError, ValueError, IndexError):
+        try:
+            load = os.getloadavg()[0]
+        except OSError:  # not available on this platform
+            return None
+        return f"load average {load:.1f} on {cores} cores" if load > cores / 2 else None
+    total, idle = (b - a for a, b in zip(first, second))
+    share = 1.0 - idle / total if total > 0 else 0.0
+    return f"{share:.0%} of the CPU time busy with other work" if share > 0.5 else None
+
+
+def _cpu_times() -> tuple[int, int]:
+    """All CPUs' total and idle (idle + iowait) jiffies so far, from ``/proc/stat``."""
+    fields = [int(v) for v in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
+    return sum(fields), fields[3] + fields[4]

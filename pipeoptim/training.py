@@ -313,6 +313,8 @@ def _loop(
             run.add(s, epoch, value, lr)
             progress.update(epoch, config.epochs, value)
 
+    saving = [0.0]  # seconds of the current epoch spent on checkpoints (the flush and the save)
+
     def checkpoint() -> None:
         extra = {
             "history": run.history(),
@@ -326,7 +328,7 @@ def _loop(
     try:
         for epoch in range(step // per_epoch, config.epochs):
             offset = step - epoch * per_epoch
-            tic = time.perf_counter()
+            tic, saving[0] = time.perf_counter(), 0.0
             for i, (inputs, targets) in enumerate(task.batches(epoch)):
                 if i < offset:
                     continue
@@ -337,26 +339,30 @@ def _loop(
                 step += 1
                 read_losses(False)
                 if config.checkpoint_every and step % config.checkpoint_every == 0:
+                    started = time.perf_counter()
                     trainer.flush()
                     read_losses(True)
                     checkpoint()
+                    saving[0] += time.perf_counter() - started
             trainer.flush()
             read_losses(True)
             seconds = time.perf_counter() - tic
             value = task.evaluate(trainer.predict)
-            rate = (per_epoch - offset) / seconds if seconds else None
+            training_s = seconds - saving[0]  # the rate is of training, not of saving checkpoints
+            rate = (per_epoch - offset) / training_s if training_s > 0 else None
             predicted = None if trainer.plan is None else trainer.plan.summary.get("throughput_per_s")
             record = {
                 "epoch": epoch + 1,
                 "train_loss": run.loss_sum / max(run.loss_count, 1),
                 task.metric: value,
                 "seconds": seconds,
+                "checkpoint_s": saving[0],
                 "mini_batches_per_s": rate,
                 # measured / the plan's predicted rate (the epoch's flush included)
                 "of_plan": rate / predicted if rate and predicted else None,
             }
             run.end_epoch(record)
-            of_plan = f" ({record['of_plan']:.2f} of the plan's {predicted:.0f})" if record["of_plan"] else ""
+            of_plan = f" ({record['of_plan']:.2f} of the plan's {predicted:.3g})" if record["of_plan"] else ""
             log(
                 f"epoch {epoch + 1}/{config.epochs}: train loss {record['train_loss']:.4f}, "
                 f"test {task.metric} {value:.4f}, {rate or 0:.1f} mini-batches/s{of_plan}"

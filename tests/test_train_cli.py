@@ -113,6 +113,11 @@ def test_resumed_run_equals_uninterrupted_run(tmp_path: Path) -> None:
     a = json.loads((tmp_path / "whole" / "metrics.json").read_text())["epochs"]
     b = json.loads((tmp_path / "part" / "metrics.json").read_text())["epochs"]
     assert [e["accuracy"] for e in a] == [e["accuracy"] for e in b]
+    # an epoch's rate is of training: the checkpoints' flushes and saves (every 4 of its 10
+    # mini-batches) are timed apart
+    for epoch in a:
+        assert 0 < epoch["checkpoint_s"] < epoch["seconds"]
+        assert epoch["mini_batches_per_s"] == pytest.approx(10 / (epoch["seconds"] - epoch["checkpoint_s"]))
 
 
 def test_resume_with_more_epochs_follows_the_longer_cosine_schedule(tmp_path: Path) -> None:
@@ -352,4 +357,4 @@ def test_the_plan_of_a_run_counts_the_given_runtime_costs(tmp_path: Path) -> Non
     stages = json.loads((out / "metrics.json").read_text())["stages"]
     assert [s["overhead_s"] for s in stages] == pytest.approx([1.5e-3, 1.5e-3])
     code, _, err = run("digits", "--action-overhead", "-1", "--out", str(tmp_path / "bad"))
-    assert code == 2 and "neither 'measure' nor a finite number of seconds" in err
+    assert code == 2 and "neither 'measure' nor a number of seconds from 0 to 3600" in err

@@ -88,6 +88,10 @@ from pipeoptim.compiler.overlap import bucket_count, exposed_allreduce_seconds
 from pipeoptim.compiler.shared import reduce_bytes, shared_parameters
 from pipeoptim.methods import Method, get_method
 
+#: the largest per-message, per-action or per-byte cost a plan accepts (seconds): an hour is a
+#: unit mistake, and far larger figures overflow the stage times
+MAX_SECONDS = 3600.0
+
 
 @dataclass(frozen=True)
 class CostConfig:
@@ -139,8 +143,9 @@ class CostConfig:
     recompute: bool = False
 
     def __post_init__(self) -> None:
-        """Raises ValueError for a per-message or per-action cost that is not a finite number of
-        seconds >= 0 (an infinite latency made every plan's time NaN and its JSON invalid)."""
+        """Raises ValueError for a per-message, per-action or per-byte cost that is not a number
+        of seconds from 0 to :data:`MAX_SECONDS` (an infinite latency, or 1e308 s, made every
+        plan's time NaN or infinite and its JSON invalid)."""
         for name in (
             "latency_s",
             "action_overhead_s",
@@ -149,8 +154,10 @@ class CostConfig:
             "copy_s_per_byte",
         ):
             value = getattr(self, name)
-            if not (math.isfinite(value) and value >= 0):
-                raise ValueError(f"{name} must be a finite number of seconds >= 0, got {value!r}")
+            if not (math.isfinite(value) and 0 <= value <= MAX_SECONDS):
+                raise ValueError(
+                    f"{name} must be a number of seconds from 0 to {MAX_SECONDS:.0f}, got {value!r}"
+                )
 
     @property
     def method_info(self) -> Method:
