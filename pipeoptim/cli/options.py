@@ -155,10 +155,10 @@ def link_figures(
                     "the plan counts a 25 GB/s link, no message latency and no runtime overhead (give them "
                     "in seconds and bytes/s to price them)"
                 )
-            measured = {"bandwidth": parse_bandwidth("25GB/s"), "latency": 0.0, "action_overhead": 0.0}
+            replacing = {"bandwidth": parse_bandwidth("25GB/s"), "latency": 0.0, "action_overhead": 0.0}
         else:
-            measured = load_or_measure_machine_costs(log=log)._asdict()
-        values.update({name: measured[name] for name in wanted})
+            replacing = load_or_measure_machine_costs(log=log)._asdict()
+        values.update({name: replacing[name] for name in wanted})
     return LinkFigures(**values)  # type: ignore[arg-type]
 
 
