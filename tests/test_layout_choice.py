@@ -192,10 +192,9 @@ def test_train_gpus_4_runs_the_chosen_layout(tmp_path: Path) -> None:
     best = max((o for o in options if o["feasible"]), key=lambda o: o["throughput_per_s"])
     assert (layout["stages"], layout["data_parallel"]) == (best["stages"], best["data_parallel"])
     assert len(metrics["stages"]) == layout["stages"] and len(options) == 8
-    words = f"({layout['stages']} stages" + (
-        f" x {best['data_parallel']} replicas)" if best["data_parallel"] > 1 else ")"
-    )
-    assert words in result.stdout
+    stages = f"{layout['stages']} stage" + ("s" if layout["stages"] > 1 else "")  # "1 stage x 2 replicas"
+    words = f"({stages}" + (f" x {best['data_parallel']} replicas)" if best["data_parallel"] > 1 else ")")
+    assert words in result.stdout, result.stdout
 
 
 def test_auto_layout_is_refused_under_torchrun() -> None:
