@@ -111,20 +111,19 @@ def load_or_measure_machine_costs(
         f"latency {costs.latency * 1e6:.0f} us, bandwidth {costs.bandwidth / 1e9:.2f} GB/s, "
         f"runtime overhead {costs.action_overhead * 1e3:.3f} ms per action"
     )
+    again = f"delete {path} to measure again when it is idle"
     try:
         write_json(path, table)
     except OSError as exc:
+        again = "the next run measures again"
         log(
             f"measured {figures}, but could not save them in {path} ({exc}): every run measures again; "
             f"set {CACHE_ENV} to a writable folder"
         )
-        return costs
-    log(f"saved {path}: {figures}")
+    else:
+        log(f"saved {path}: {figures}")
     if load is not None:
-        log(
-            f"the machine was busy while measuring ({load}): the figures may be off; delete {path} to "
-            "measure again when it is idle"
-        )
+        log(f"the machine was busy while measuring ({load}): the figures may be off; {again}")
     return costs
 
 

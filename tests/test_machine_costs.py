@@ -94,6 +94,13 @@ def test_a_busy_machine_is_named_after_measuring(tmp_path: Path, monkeypatch: py
     logged.clear()
     load_or_measure_machine_costs(tmp_path / "idle", logged.append)
     assert not any("machine was busy" in line for line in logged)
+    ticks = iter([(1000, 900), (1100, 920)])  # busy, and the cache cannot be written: still said
+    logged.clear()
+    (tmp_path / "file").write_text("")
+    load_or_measure_machine_costs(tmp_path / "file", logged.append)
+    assert "could not save them in" in logged[-2]
+    assert logged[-1].startswith("the machine was busy while measuring (80%")
+    assert logged[-1].endswith("the next run measures again")
 
 
 def test_busy_load_reads_this_machine() -> None:
