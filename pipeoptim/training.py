@@ -35,6 +35,7 @@ from pipeoptim.fileio import write_json
 from pipeoptim.loss import Loss, drain
 from pipeoptim.optimizers import cosine_factor, make_optimizer
 from pipeoptim.records import Progress, StepLog, plot_curves
+from pipeoptim.runtime.spawning import sigint_deferred
 from pipeoptim.sequential import SEQUENTIAL, Sequential
 from pipeoptim.tasks import Task, make_task
 
@@ -284,7 +285,9 @@ class _Run:
         if self.steps is None:
             return
         status = "interrupted" if isinstance(exc, KeyboardInterrupt) else "failed"
-        with contextlib.suppress(Exception):  # the original error matters more than its record
+        # a second Ctrl-C (a terminal's and `timeout`'s forwarded one arrive together) waits
+        # for the record; the original error matters more than its record
+        with sigint_deferred(), contextlib.suppress(Exception):
             self.write(wall, status, None if status == "interrupted" else f"{type(exc).__name__}: {exc}")
 
 

@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import copy
+import json
+import os
+import signal
+import time
 from pathlib import Path
 
 import pytest
@@ -11,8 +15,10 @@ import torch.nn.functional as F
 from torch import nn
 
 import pipeoptim
+from pipeoptim import training
 from pipeoptim.errors import CheckpointError
 from pipeoptim.examples import TinyGPT
+from pipeoptim.records import StepLog
 
 
 class SmallCNN(nn.Module):
@@ -337,3 +343,26 @@ def test_a_crafted_checkpoint_runs_no_code(tmp_path: Path, how: str) -> None:
         assert result.exit_code == 1, result.output
         assert "nothing in it was run" in result.output and "Traceback" not in result.output
     assert not marker.exists()
+
+
+def test_a_second_ctrl_c_while_the_run_is_recorded_waits_for_the_record(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A terminal's Ctrl-C and the one `timeout` forwards arrive together: the second came
+    while metrics.json was being written and left none, or an earlier epoch's "running"."""
+    run = training._Run(config=None, task=None, trainer=None, out=tmp_path)  # type: ignore[arg-type]
+    run.steps = StepLog(tmp_path / "train.csv", every=1)
+    run.steps.add(0, 0, 2.5, 0.1)
+    monkeypatch.setattr(training, "_metrics", lambda *_args: {"epochs": []})
+    write = training.write_json
+
+    def interrupted_write(path: Path, data: dict) -> None:
+        os.kill(os.getpid(), signal.SIGINT)  # the second Ctrl-C, as the record is written
+        time.sleep(0.05)
+        write(path, data)
+
+    monkeypatch.setattr(training, "write_json", interrupted_write)
+    with pytest.raises(KeyboardInterrupt):  # still stops, once the record is on disk
+        run.stop(KeyboardInterrupt(), 1.0)
+    assert json.loads((tmp_path / "metrics.json").read_text())["status"] == "interrupted"
+    assert (tmp_path / "train.csv").read_text().splitlines()[1].startswith("0,0,2.5")

@@ -27,7 +27,7 @@ from pipeoptim.runtime.distributed import STAGE_THREADS, free_port
 from pipeoptim.runtime.spawning import (
     check_not_importing_main,
     main_module_not_rerun,
-    sigint_deferred_while_starting,
+    sigint_deferred,
     worker_context,
 )
 
@@ -126,7 +126,7 @@ def _round_trips(backend: str, sizes: Sequence[int], repeats: int, timeout: floa
     port = free_port()
     procs = [ctx.Process(target=_ping, args=(r, port, backend, list(sizes), repeats, out)) for r in range(2)]
     try:
-        with main_module_not_rerun(), sigint_deferred_while_starting():
+        with main_module_not_rerun(), sigint_deferred():
             for p in procs:
                 p.start()
         deadline = time.monotonic() + timeout

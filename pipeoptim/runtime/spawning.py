@@ -109,16 +109,19 @@ def main_module_not_rerun() -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def sigint_deferred_while_starting() -> Iterator[None]:
-    """Start children with SIGINT blocked from their first instruction, and let no Ctrl-C
-    interrupt a start half-way (a child whose start was cut short is never stopped).
+def sigint_deferred() -> Iterator[None]:
+    """Let no Ctrl-C cut the block short: a SIGINT during it is recorded and raised as
+    ``KeyboardInterrupt`` once the block has ended (in the main thread; elsewhere Python
+    delivers no signal anyway).
 
+    Used where half-done work is worse than a late stop: starting children (a child whose
+    start was cut short is never stopped) and writing a run's last record (a second Ctrl-C
+    during the write of ``metrics.json`` left none, or the one of an earlier epoch).
     A Ctrl-C in a terminal reaches every process of the foreground group; a worker still
     importing torch would die with a ``KeyboardInterrupt`` traceback. A child inherits the
     signal mask across ``fork`` and ``exec``, so workers started while SIGINT is blocked never
-    receive it (they also ignore it once running). In the driver a Ctrl-C during the starts is
-    recorded (it may reach another thread, which blocking in this one does not prevent) and
-    raised as ``KeyboardInterrupt`` once every child has started.
+    receive it (they also ignore it once running). A Ctrl-C during the block is recorded even
+    where it reaches another thread, which blocking in this one does not prevent.
     """
     if threading.current_thread() is not threading.main_thread():
         yield
