@@ -18,6 +18,10 @@ _BYTE_UNITS = {
     "gib": 2**30,
     "tib": 2**40,
 }
+#: the largest size or bandwidth taken (1 EB, or 1 EB/s): larger ones overflow as integers or in a plan
+MAX_BYTES = 1e18
+#: the slowest link taken (bytes/s): below it, a boundary's seconds overflow
+MIN_BANDWIDTH = 1.0
 _NUMBER = r"([0-9]*\.?[0-9]+(?:[eE][+-]?[0-9]+)?)"
 
 
@@ -41,8 +45,8 @@ def parse_bytes(text: str | int | float) -> int:
                 "e.g. 16GiB, 16GB, 512MiB or 1.5e10 (bytes)"
             )
         value = float(match.group(1)) * _BYTE_UNITS[unit]
-    if value <= 0:
-        raise ValueError(f"size {text!r} must be positive")
+    if not 1 <= value <= MAX_BYTES:
+        raise ValueError(f"size {text!r} must be from 1 byte to {MAX_BYTES:.0e} bytes (1 EB)")
     return int(value)
 
 
@@ -66,8 +70,11 @@ def parse_bandwidth(text: str | int | float) -> float:
             )
         scale = _BYTE_UNITS[unit] if unit in _BYTE_UNITS else bits[unit] / 8
         value = float(match.group(1)) * scale
-    if value <= 0:
-        raise ValueError(f"bandwidth {text!r} must be positive")
+    if not MIN_BANDWIDTH <= value <= MAX_BYTES:
+        raise ValueError(
+            f"bandwidth {text!r} must be from {MIN_BANDWIDTH:.0f} byte/s to {MAX_BYTES:.0e} bytes/s "
+            "(slower links make every time overflow; 'inf' makes bytes cost nothing)"
+        )
     return value
 
 

@@ -184,9 +184,10 @@ def test_sizes_that_parse(text, value) -> None:
     assert parse_bytes(text) == value
 
 
-@pytest.mark.parametrize("text", ["lots", "16XB", "-3GB", "0"])
+@pytest.mark.parametrize("text", ["lots", "16XB", "-3GB", "0", "0.5", "1e400", "2e18", float("nan"), float("inf")])
 def test_sizes_that_do_not_parse(text) -> None:
-    with pytest.raises(ValueError, match=r"16GiB, 16GB, 512MiB or 1.5e10|must be positive"):
+    """1e400 parsed as an infinite float and crashed --memory with an OverflowError."""
+    with pytest.raises(ValueError, match=r"16GiB, 16GB, 512MiB or 1.5e10|from 1 byte to 1e\+18 bytes"):
         parse_bytes(text)
 
 
@@ -196,6 +197,15 @@ def test_bandwidths() -> None:
     assert parse_bandwidth("1.5e10") == 1.5e10
     with pytest.raises(ValueError, match="25GB/s"):
         parse_bandwidth("fast")
+    assert parse_bandwidth("1") == 1.0
+
+
+@pytest.mark.parametrize("text", ["1e-300", "0.5", "1e400", "2e18", "0", float("nan"), float("inf")])
+def test_bandwidths_that_would_overflow_a_plan_are_refused(text) -> None:
+    """--bandwidth 1e-300 made a boundary's seconds infinite and crashed partition with an
+    AssertionError."""
+    with pytest.raises(ValueError, match=r"from 1 byte/s to 1e\+18 bytes/s"):
+        parse_bandwidth(text)
 
 
 def test_memory_limit_no_plan_meets() -> None:

@@ -150,3 +150,11 @@ def test_a_cost_model_refuses_impossible_seconds(value: str) -> None:
     for name in ("latency_s", "action_overhead_s", "step_s_per_byte"):
         with pytest.raises(ValueError, match=f"{name} must be a number of seconds from 0 to 3600"):
             CostConfig(num_stages=2, **{name: float(value)})
+
+
+@pytest.mark.parametrize("value", ["inf", "nan", "-1", "1e-300", "0.5", "1e19"])
+def test_a_cost_model_refuses_bandwidths_that_overflow_its_times(value: str) -> None:
+    for name in ("bandwidth", "allreduce_bandwidth"):
+        with pytest.raises(ValueError, match=rf"{name} must be None \(free\) or 1 to 1e\+18 bytes/s"):
+            CostConfig(num_stages=2, **{name: float(value)})
+    assert CostConfig(num_stages=2, bandwidth=1.0, allreduce_bandwidth=None).bandwidth == 1.0

@@ -87,6 +87,7 @@ from pipeoptim.compiler.costgraph import CostGraph
 from pipeoptim.compiler.overlap import bucket_count, exposed_allreduce_seconds
 from pipeoptim.compiler.shared import reduce_bytes, shared_parameters
 from pipeoptim.methods import Method, get_method
+from pipeoptim.units import MAX_BYTES, MIN_BANDWIDTH
 
 #: the largest per-message, per-action or per-byte cost a plan accepts (seconds): an hour is a
 #: unit mistake, and far larger figures overflow the stage times
@@ -145,7 +146,9 @@ class CostConfig:
     def __post_init__(self) -> None:
         """Raises ValueError for a per-message, per-action or per-byte cost that is not a number
         of seconds from 0 to :data:`MAX_SECONDS` (an infinite latency, or 1e308 s, made every
-        plan's time NaN or infinite and its JSON invalid)."""
+        plan's time NaN or infinite and its JSON invalid), or a bandwidth outside
+        :data:`pipeoptim.units.MIN_BANDWIDTH` to :data:`pipeoptim.units.MAX_BYTES` bytes/s
+        (1e-300 made a boundary's seconds infinite)."""
         for name in (
             "latency_s",
             "action_overhead_s",
@@ -157,6 +160,12 @@ class CostConfig:
             if not (math.isfinite(value) and 0 <= value <= MAX_SECONDS):
                 raise ValueError(
                     f"{name} must be a number of seconds from 0 to {MAX_SECONDS:.0f}, got {value!r}"
+                )
+        for name in ("bandwidth", "allreduce_bandwidth"):
+            value = getattr(self, name)
+            if value is not None and not MIN_BANDWIDTH <= value <= MAX_BYTES:
+                raise ValueError(
+                    f"{name} must be None (free) or {MIN_BANDWIDTH:.0f} to {MAX_BYTES:.0e} bytes/s, got {value!r}"
                 )
 
     @property
