@@ -184,7 +184,9 @@ def test_sizes_that_parse(text, value) -> None:
     assert parse_bytes(text) == value
 
 
-@pytest.mark.parametrize("text", ["lots", "16XB", "-3GB", "0", "0.5", "1e400", "2e18", float("nan"), float("inf")])
+@pytest.mark.parametrize(
+    "text", ["lots", "16XB", "-3GB", "0", "0.5", "1e400", "2e18", float("nan"), float("inf")]
+)
 def test_sizes_that_do_not_parse(text) -> None:
     """1e400 parsed as an infinite float and crashed --memory with an OverflowError."""
     with pytest.raises(ValueError, match=r"16GiB, 16GB, 512MiB or 1.5e10|from 1 byte to 1e\+18 bytes"):

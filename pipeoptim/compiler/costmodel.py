@@ -165,7 +165,8 @@ class CostConfig:
             value = getattr(self, name)
             if value is not None and not MIN_BANDWIDTH <= value <= MAX_BYTES:
                 raise ValueError(
-                    f"{name} must be None (free) or {MIN_BANDWIDTH:.0f} to {MAX_BYTES:.0e} bytes/s, got {value!r}"
+                    f"{name} must be None (free) or {MIN_BANDWIDTH:.0f} to {MAX_BYTES:.0e} bytes/s, "
+                    f"got {value!r}"
                 )
 
     @property
