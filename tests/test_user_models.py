@@ -441,3 +441,34 @@ def test_token_mean_loss_with_a_counting_reduction_equals_plain_training() -> No
         pytest.raises(PipelineError, match=r"neither the mean .* nor the sum"),
     ):
         pipe.step(*batches[0]).wait()
+
+
+@pytest.mark.parametrize("method", ["pipeoptim", "spectrain", "pipedream", "none"])
+def test_an_optimizer_holding_only_the_head_trains_only_the_head(method: str) -> None:
+    """Fine-tuning the head without ``requires_grad=False`` on the body: weight prediction
+    raised a KeyError at compile for the parameters no optimizer group holds. They never move,
+    so nothing is predicted for them; one stage equals plain training exactly."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 16), nn.Tanh(), nn.Linear(16, 4))
+    x, y = torch.randn(8, 8), torch.randint(0, 4, (8,))
+    plain = copy.deepcopy(model)
+    opt = torch.optim.SGD(plain[4].parameters(), lr=0.1, momentum=0.9)
+    expected = []
+    for _ in range(4):
+        opt.zero_grad()
+        loss = F.cross_entropy(plain(x), y)
+        loss.backward()
+        opt.step()
+        expected.append(loss.item())
+    for gpus in (1, 3):
+        net = copy.deepcopy(model)
+        head_opt = torch.optim.SGD(net[4].parameters(), lr=0.1, momentum=0.9)
+        with pipeoptim.compile(
+            net, head_opt, gpus, example_inputs=x, loss_fn=F.cross_entropy, method=method, profile_dir=None
+        ) as pipe:
+            losses = [pipe.step(x, y).item() for _ in range(4)]
+            trained = pipe.state_dict()
+        if gpus == 1:
+            assert losses == expected
+        for name, value in model.state_dict().items():  # the body never moves, the head does
+            assert torch.equal(trained[name], value) != name.startswith("4."), name

@@ -89,8 +89,9 @@ class Extrapolator:
         self.direction = direction
         group_of = {id(p): i for i, g in enumerate(optimizer.param_groups) for p in g["params"]}
         self.groups: list[list[str]] = [[] for _ in optimizer.param_groups]
-        for name, p in params.items():
-            self.groups[group_of[id(p)]].append(name)
+        for name, p in params.items():  # one the optimizer does not hold never moves: no Ŵ
+            if id(p) in group_of:
+                self.groups[group_of[id(p)]].append(name)
         self._directions: dict[str, Terms] | None = None
 
     def invalidate(self) -> None:
