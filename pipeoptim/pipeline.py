@@ -149,7 +149,8 @@ class Pipeline:
         self._optimizer._opt_called = True  # type: ignore[attr-defined]
         try:
             self._executor.submit(batch_)
-        except PipeoptimError as exc:
+        except BaseException as exc:  # the schedule stopped part-way: nothing may run on
+            # (with executor="local" the user's loss_fn or model raises here as it is, or Ctrl-C)
             self._on_error(exc)
             raise
         return loss
@@ -325,7 +326,9 @@ class Pipeline:
 
         Raises:
             OSError: ``/proc`` is not available.
+            PipelineError: the pipeline is closed or failed.
         """
+        self._check_open()
         return self._executor.resident_bytes()
 
     def stats(self) -> PipelineStats:
@@ -343,7 +346,11 @@ class Pipeline:
 
     @property
     def peak_weight_versions(self) -> list[int]:
-        """Per stage, the most versions of a weight held at once so far (measured)."""
+        """Per stage, the most versions of a weight held at once so far (measured).
+
+        Raises:
+            PipelineError: the pipeline is closed or failed."""
+        self._check_open()
         return self._executor.peak_weight_versions()
 
     def stage_state_dicts(self) -> list[dict[str, torch.Tensor]]:
@@ -357,7 +364,11 @@ class Pipeline:
 
     def sent_bytes(self) -> list[int]:
         """Per stage, the tensor bytes (activations and gradients) it has sent to its
-        neighbouring stages so far; shared parameters' gradient sums are not included."""
+        neighbouring stages so far; shared parameters' gradient sums are not included.
+
+        Raises:
+            PipelineError: the pipeline is closed or failed."""
+        self._check_open()
         return self._executor.sent_bytes()
 
     # -- lifetime --------------------------------------------------------------------
@@ -368,7 +379,11 @@ class Pipeline:
         if isinstance(self._error, PipeoptimError):
             raise self._error  # the original error (a failed stage, a NaN) with its details
         if self._error is not None:
-            raise PipelineError(f"the pipeline failed earlier: {self._error}") from self._error
+            raise PipelineError(
+                f"the pipeline stopped at an earlier error ({type(self._error).__name__}: {self._error}), "
+                "its stages part-way through a mini-batch: compile it again, or load the last "
+                "checkpoint into a new one"
+            ) from self._error
 
     def close(self) -> None:
         """End every worker; further calls raise :class:`PipelineError`."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+import time
 from pathlib import Path
 
 import pytest
@@ -347,3 +348,64 @@ def test_errors_table_lists_every_tested_case() -> None:
         source = (Path(__file__).parent / path).read_text()
         assert f"def {name.split('[')[0]}(" in source, test
     json.dumps(rows)
+
+
+def _every_public_call(pipe: pipeoptim.Pipeline, x: torch.Tensor, y: torch.Tensor, tmp_path: Path) -> dict:
+    """Each public method and property of a pipeline, called with valid arguments."""
+    return {
+        "step": lambda: pipe.step(x, y),
+        "flush": pipe.flush,
+        "predict": lambda: pipe.predict(x),
+        "state_dict": pipe.state_dict,
+        "load_state_dict": lambda: pipe.load_state_dict(mlp().state_dict()),
+        "optimizer_state_dict": pipe.optimizer_state_dict,
+        "save_checkpoint": lambda: pipe.save_checkpoint(tmp_path / "c.pt"),
+        "to_module": pipe.to_module,
+        "stats": pipe.stats,
+        "stage_state_dicts": pipe.stage_state_dicts,
+        "sent_bytes": pipe.sent_bytes,
+        "resident_bytes": pipe.resident_bytes,
+        "peak_weight_versions": lambda: pipe.peak_weight_versions,
+        "train": lambda: list(pipe.train([(x, y)])),
+    }
+
+
+@pytest.mark.parametrize("executor", ["local", "processes"])
+def test_every_call_after_close_says_so_at_once(executor: str, tmp_path: Path) -> None:
+    """sent_bytes() and peak_weight_versions waited out the whole timeout (300 s by default)
+    on the closed workers, and resident_bytes() raised FileNotFoundError for /proc/<pid>."""
+    x, y = torch.randn(16, 8), torch.randint(0, 4, (16,))
+    pipe = compile_mlp(gpus=2, executor=executor, timeout=60)
+    pipe.step(x, y).wait()
+    pipe.close()
+    calls = _every_public_call(pipe, x, y, tmp_path)
+    public = {n for n in dir(pipeoptim.Pipeline) if not n.startswith("_")}
+    restore = {"load_checkpoint", "load_optimizer_state_dict"}  # they fail on their input first
+    assert set(calls) == public - {"close", "max_in_flight", "mini_batches_done"} - restore
+    for name, call in calls.items():
+        start = time.monotonic()
+        with pytest.raises(PipelineError, match="the pipeline is closed"):
+            call()
+        assert time.monotonic() - start < 5, name
+
+
+def test_a_loss_fn_error_with_the_local_executor_stops_the_pipeline_cleanly(tmp_path: Path) -> None:
+    """With the stages in this process the user's exception reached step() as it was and left
+    the schedule part-way: the next step raised KeyError: 2, later losses never came and flush()
+    blamed an inconsistent schedule. Now it stops the pipeline, as a failed worker process does."""
+
+    def loss_fn(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        if y[0] < 0:
+            raise ValueError("bad target")
+        return F.cross_entropy(out, y)
+
+    x, y = torch.randn(16, 8), torch.randint(0, 4, (16,))
+    pipe = compile_mlp(gpus=2, loss_fn=loss_fn)
+    pending = pipe.step(x, y)
+    with pytest.raises(ValueError, match="bad target"):
+        pipe.step(x, torch.full((16,), -1))
+    assert pending.done()  # its loss came before the error
+    for call in _every_public_call(pipe, x, y, tmp_path).values():
+        with pytest.raises(PipelineError, match=r"stopped at an earlier error \(ValueError: bad target\)"):
+            call()
+    pipe.close()
