@@ -164,11 +164,15 @@ def check_reduction(loss_fn: Callable[..., Any], reduction: Reduction) -> None:
 
 
 class CheckedLoss:
-    """``loss_fn`` that verifies, on its first :attr:`CHECKS` calls with at least two rows, that
-    its value is the ``reduction`` of per-row values: it compares ``loss(rows)`` with ``loss``
-    of two parts, the first row and the others (``mean``: ``(n₁·l₁ + n₂·l₂)/n``; ``sum``:
-    ``l₁ + l₂``), to ``rtol=1e-4``. Several calls, and parts of unequal size, make it unlikely
-    that a loss normalised otherwise (by a token count) passes by coincidence.
+    """``loss_fn`` that verifies, on every call with at least two rows, that its value is the
+    ``reduction`` of per-row values: it compares ``loss(rows)`` with ``loss`` of two parts, the
+    first row and the others (``mean``: ``(n₁·l₁ + n₂·l₂)/n``; ``sum``: ``l₁ + l₂``), to
+    ``rtol=1e-4``. Parts of unequal size make it unlikely that a loss normalised otherwise (by a
+    token count) passes by coincidence. Every call, not the first few: padding that a
+    ``cross_entropy(..., ignore_index=-100)`` skips may first appear in a later mini-batch
+    (data bucketed by length), and from there the split mini-batch trained silently wrong.
+    The cost is two more evaluations of ``loss_fn``, without gradients, per micro-batch, where
+    mini-batches are split at all.
 
     The check is skipped where the model output's first tensor and the targets' first tensor do
     not share dim 0 (then dim 0 is not a batch dimension of both).
@@ -177,16 +181,13 @@ class CheckedLoss:
         PipelineError: (on that call) the loss matches the other reduction, or neither.
     """
 
-    CHECKS = 3
-
     def __init__(self, loss_fn: Callable[[Any, Any], torch.Tensor], reduction: Reduction) -> None:
         self.loss_fn = loss_fn
         self.reduction = reduction
-        self.checks_left = self.CHECKS
 
     def __call__(self, output: Any, targets: Any) -> torch.Tensor:
         loss = self.loss_fn(output, targets)
-        if self.checks_left and isinstance(loss, torch.Tensor) and loss.numel() == 1:
+        if isinstance(loss, torch.Tensor) and loss.numel() == 1:
             rows = _rows(output, targets)
             if rows is not None and rows >= 2:
                 with torch.no_grad():
@@ -199,8 +200,7 @@ class CheckedLoss:
         if callable(self.reduction):
             sizes = [float(self.reduction(t)) for _, t in pairs]
             if min(sizes) <= 0:
-                return  # a part with no unit tells nothing: check a later call
-        self.checks_left -= 1
+                return  # a part with no unit tells nothing
         parts = [float(self.loss_fn(o, t)) for o, t in pairs]
         as_mean = sum(n * v for n, v in zip(sizes, parts)) / sum(sizes)
         as_sum = sum(parts)
