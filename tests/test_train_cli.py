@@ -358,3 +358,13 @@ def test_the_plan_of_a_run_counts_the_given_runtime_costs(tmp_path: Path) -> Non
     assert [s["overhead_s"] for s in stages] == pytest.approx([1.5e-3, 1.5e-3])
     code, _, err = run("digits", "--action-overhead", "-1", "--out", str(tmp_path / "bad"))
     assert code == 2 and "neither 'measure' nor a number of seconds from 0 to 3600" in err
+
+
+@pytest.mark.parametrize("option", ["--lr", "--momentum", "--weight-decay", "--max-grad-norm"])
+@pytest.mark.parametrize("value", ["nan", "inf", "-inf"])
+def test_hyperparameters_that_are_not_finite_are_refused_at_once(option: str, value: str, tmp_path) -> None:
+    """NaN passes every bound check: --lr nan measured, profiled and started the workers, then
+    failed as a NaN loss, and --max-grad-norm nan read as 'no layout is feasible'."""
+    code, _, err = run("digits", "--gpus", "2", option, value, "--out", str(tmp_path))
+    assert code == 2 and f"Invalid value for '{option}': " in err, err  # not finite, or out of range
+    assert not any(tmp_path.iterdir())

@@ -29,6 +29,17 @@ class _Parsed(click.ParamType):
             self.fail(str(exc), param, ctx)
 
 
+class FiniteFloatRange(click.FloatRange):
+    """``click.FloatRange`` that also refuses ``nan`` and ``inf``: NaN passes every bound check
+    (``--lr nan`` reached the workers and failed there as a NaN loss)."""
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        number = super().convert(value, param, ctx)
+        if not math.isfinite(number):
+            self.fail(f"{value!r} is not a finite number", param, ctx)
+        return number
+
+
 def _layout_width(text: str) -> int | str:
     """``auto`` or a positive number of data-parallel replicas."""
     if text.strip().lower() == "auto":

@@ -15,6 +15,7 @@ from pipeoptim.cli.options import (
     GPUS,
     LAYOUT_WIDTH,
     SHAPE,
+    FiniteFloatRange,
     link_figures,
     link_options,
     torch_device,
@@ -102,7 +103,7 @@ def _log(msg: str) -> None:
 )
 @click.option(
     "--time-limit",
-    type=click.FloatRange(min=0.1),
+    type=FiniteFloatRange(min=0.1),
     default=30.0,
     show_default=True,
     help="Seconds the ILP solver may use.",

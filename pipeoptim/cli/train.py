@@ -8,7 +8,7 @@ import click
 import torch
 from click.core import ParameterSource
 
-from pipeoptim.cli.options import BYTES, GPUS, LAYOUT_WIDTH, link_figures, link_options
+from pipeoptim.cli.options import BYTES, GPUS, LAYOUT_WIDTH, FiniteFloatRange, link_figures, link_options
 from pipeoptim.errors import PipeoptimError
 from pipeoptim.methods import METHODS, get_method
 from pipeoptim.optimizers import OPTIMIZERS
@@ -42,7 +42,7 @@ from pipeoptim.training import SEQUENTIAL, TrainConfig, train
 )
 @click.option(
     "--lr",
-    type=click.FloatRange(min=0, min_open=True),
+    type=FiniteFloatRange(min=0, min_open=True),
     default=None,
     help="Peak learning rate (default: 0.02 for sgd, 0.01 for adagrad, 0.001 for the others).",
 )
@@ -55,12 +55,12 @@ from pipeoptim.training import SEQUENTIAL, TrainConfig, train
 )
 @click.option(
     "--momentum",
-    type=click.FloatRange(min=0, max=1),
+    type=FiniteFloatRange(min=0, max=1),
     default=0.9,
     show_default=True,
     help="Momentum of sgd and rmsprop.",
 )
-@click.option("--weight-decay", type=click.FloatRange(min=0), default=0.0, show_default=True)
+@click.option("--weight-decay", type=FiniteFloatRange(min=0), default=0.0, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True, help="Seeds the model, the data and dropout.")
 @click.option(
     "--data-dir",
@@ -136,7 +136,7 @@ from pipeoptim.training import SEQUENTIAL, TrainConfig, train
 )
 @click.option(
     "--max-grad-norm",
-    type=click.FloatRange(min=0, min_open=True),
+    type=FiniteFloatRange(min=0, min_open=True),
     default=None,
     help="Clip each mini-batch's gradients by their global norm over all stages: exact for gpipe, "
     "1f1b, sequential and one stage; the asynchronous methods use the newest norms that reach each "
