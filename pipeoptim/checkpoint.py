@@ -32,11 +32,39 @@ def save_checkpoint(path: str | os.PathLike[str], state: dict[str, Any]) -> None
     ``state_dict`` (original model keys), ``optimizer``, ``mini_batches`` (how many were
     trained), ``plan`` (the plan as data, or ``None``) and ``extra`` (tensors and plain data the
     caller wants back, e.g. an LR scheduler's state); the file adds ``format``.
+
+    Raises:
+        CheckpointError: ``extra`` holds what :func:`read_checkpoint` would refuse (a numpy
+            number, an object); nothing is written, so the previous checkpoint stays.
     """
+    if state.get("extra"):
+        _check_loadable(state["extra"])
     data = {"format": FORMAT, **state}
     buffer = io.BytesIO()
     torch.save(data, buffer)
     atomic_write(path, lambda f: f.write(buffer.getvalue()))
+
+
+def _check_loadable(extra: Any) -> None:
+    """Raise CheckpointError where ``extra`` would not load back with ``weights_only=True``
+    (a checkpoint that never loads replaced a good one)."""
+    buffer = io.BytesIO()
+    torch.save(extra, buffer)
+    buffer.seek(0)
+    try:
+        with torch.serialization.safe_globals(_SAFE):
+            torch.load(buffer, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        raise CheckpointError(
+            f"extra holds objects a checkpoint cannot load back ({_unsupported(exc)}): keep it to "
+            "tensors and plain data (dicts, lists, numbers, strings), e.g. float(x) for a numpy "
+            "number; nothing was written"
+        ) from exc
+
+
+def _unsupported(exc: pickle.UnpicklingError) -> str:
+    """The line of torch's weights-only error that names the refused global."""
+    return next((line for line in str(exc).splitlines() if "Unsupported" in line), "").strip()[:160]
 
 
 def read_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
@@ -52,10 +80,9 @@ def read_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
         with torch.serialization.safe_globals(_SAFE):
             data = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
-        why = next((line for line in str(exc).splitlines() if "Unsupported" in line), "")
         raise CheckpointError(
             f"{path} is not a {FORMAT} checkpoint: it holds objects other than tensors and plain "
-            f"data ({why.strip()[:160]}); nothing in it was run. Use a checkpoint written by pipeoptim"
+            f"data ({_unsupported(exc)}); nothing in it was run. Use a checkpoint written by pipeoptim"
         ) from exc
     except Exception as exc:
         raise CheckpointError(

@@ -9,6 +9,7 @@ import signal
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -265,6 +266,13 @@ def test_checkpoint_errors(tmp_path: Path) -> None:
         with pytest.raises(CheckpointError, match="no checkpoint"):
             pipe.load_checkpoint(tmp_path / "missing.pt")
         pipe.save_checkpoint(tmp_path / "ok.pt")
+        good = (tmp_path / "ok.pt").read_bytes()
+        for bad in (np.float64(0.9), np.zeros(2), object()):  # saved, but would never load back
+            with pytest.raises(CheckpointError, match="extra holds objects a checkpoint cannot load back"):
+                pipe.save_checkpoint(tmp_path / "ok.pt", extra={"best": [bad]})
+        assert (tmp_path / "ok.pt").read_bytes() == good  # the good one was not replaced
+        pipe.save_checkpoint(tmp_path / "ok.pt", extra={"best": 0.9, "seen": torch.ones(2)})
+        assert pipe.load_checkpoint(tmp_path / "ok.pt")["best"] == 0.9
         (tmp_path / "half.pt").write_bytes((tmp_path / "ok.pt").read_bytes()[:200])
         with pytest.raises(CheckpointError, match="unreadable"):
             pipe.load_checkpoint(tmp_path / "half.pt")
