@@ -23,12 +23,13 @@ from pipeoptim.batchnorm import BATCH_NORMS, defer_batch_norm
 from pipeoptim.compile_layout import compile_best_layout, planning_config
 from pipeoptim.compile_layout import stage_device as _profile_device
 from pipeoptim.compiler import plan_model
+from pipeoptim.compiler.codegen import stage_modules
 from pipeoptim.compiler.costmodel import CostConfig
 from pipeoptim.compiler.hooks import compiled_modules_warning, dropped_hooks_warning
 from pipeoptim.compiler.plan import Plan
 from pipeoptim.compiler.shapes import plan_length
 from pipeoptim.compiler.trace import TracedModel, trace
-from pipeoptim.errors import PlanError, PredictorError
+from pipeoptim.errors import CodegenError, PlanError, PredictorError
 from pipeoptim.inputs import as_tuple
 from pipeoptim.methods import METHODS, check_micro_batches, get_method
 from pipeoptim.pipeline import Pipeline
@@ -376,6 +377,10 @@ def _given_plan(
             raise PlanError(
                 f"the plan is for {what}={have!r}, this pipeline has {what}={want!r}; make a new plan"
             )
+    try:
+        stage_modules(traced, chosen)  # what the stages will build: a plan that does not fit fails here
+    except CodegenError as exc:
+        raise PlanError(str(exc)) from exc
     key = chosen.profile_key
     log(f"using the given plan of {chosen.model} (profiled on {key.get('device')}, torch {key.get('torch')})")
     return chosen

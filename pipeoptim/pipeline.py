@@ -346,10 +346,8 @@ class Pipeline:
 
     @property
     def peak_weight_versions(self) -> list[int]:
-        """Per stage, the most versions of a weight held at once so far (measured).
-
-        Raises:
-            PipelineError: the pipeline is closed or failed."""
+        """Per stage, the most versions of a weight held at once so far (measured); raises
+        PipelineError once the pipeline is closed or failed."""
         self._check_open()
         return self._executor.peak_weight_versions()
 
@@ -364,10 +362,8 @@ class Pipeline:
 
     def sent_bytes(self) -> list[int]:
         """Per stage, the tensor bytes (activations and gradients) it has sent to its
-        neighbouring stages so far; shared parameters' gradient sums are not included.
-
-        Raises:
-            PipelineError: the pipeline is closed or failed."""
+        neighbouring stages so far; shared parameters' gradient sums are not included; raises
+        PipelineError once the pipeline is closed or failed."""
         self._check_open()
         return self._executor.sent_bytes()
 

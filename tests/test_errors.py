@@ -281,6 +281,33 @@ def test_plan_for_another_model_or_stage_count(tmp_path: Path) -> None:
     assert "using the given plan" in logs[0]
 
 
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        ("all in stage 0", r"reads \w+, which stage 1 neither computes nor receives"),
+        ("a node at stage 7", r"outside its 2 stages \(\w+ -> 7\)"),
+        ("stages swapped", r"at stage 0 reads \w+, which stage 0 neither computes nor receives"),
+    ],
+)
+def test_a_plan_edited_by_hand_is_refused_by_name(tmp_path: Path, edit: str, message: str) -> None:
+    """A saved plan whose stage_of no longer matches its stage boundaries gave a bare KeyError
+    from code generation (or inside a worker) instead of a PlanError."""
+    with compile_mlp(gpus=2) as pipe:
+        pipe.plan.save(tmp_path / "plan.json")
+    data = json.loads((tmp_path / "plan.json").read_text())
+    stage_of = data["stage_of"]
+    first_compute = next(n for n in stage_of if n.startswith("linear"))
+    if edit == "all in stage 0":
+        data["stage_of"] = dict.fromkeys(stage_of, 0)
+    elif edit == "a node at stage 7":
+        stage_of[first_compute] = 7
+    else:
+        data["stage_of"] = {n: 1 - k for n, k in stage_of.items()}
+    (tmp_path / "plan.json").write_text(json.dumps(data))
+    with pytest.raises(PlanError, match=message):
+        compile_mlp(gpus=2, plan=tmp_path / "plan.json")
+
+
 def test_loss_fn_that_is_not_a_scalar() -> None:
     with (
         compile_mlp(loss_fn=lambda out, y: F.cross_entropy(out, y, reduction="none")) as pipe,

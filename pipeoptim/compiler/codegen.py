@@ -44,6 +44,11 @@ def check_plan_matches(traced: TracedModel, plan: Plan) -> None:
     missing = sorted(set(plan.stage_of) ^ names)
     if missing:
         raise CodegenError(f"plan and graph disagree on nodes ({', '.join(missing[:5])}...); make a new plan")
+    wrong = {n: k for n, k in plan.stage_of.items() if not (isinstance(k, int) and 0 <= k < plan.num_stages)}
+    if wrong:
+        raise CodegenError(
+            f"the plan puts nodes outside its {plan.num_stages} stages ({_listed(wrong)}); make a new plan"
+        )
     for name, value in plan.values.items():
         if value.get("container") == "nested" or any(
             m["kind"] in ("module", "other") for m in value.get("meta", [])
@@ -77,12 +82,18 @@ def stage_module(traced: TracedModel, plan: Plan, stage: int) -> fx.GraphModule:
         here = stage in holders if holders is not None else plan.stage_of[node.name] == stage
         if node.op == "placeholder" or not here:
             continue
-        env[node.name] = graph.node_copy(node, lambda n: env[n.name])
+        env[node.name] = graph.node_copy(node, lambda n, node=node: _known(env, n, node, stage))
     last = stage == plan.num_stages - 1
     if last:
         assert output_node is not None
-        result = fx.node.map_arg(output_node.args[0], lambda n: env[n.name])
+        result = fx.node.map_arg(output_node.args[0], lambda n: _known(env, n, output_node, stage))
     else:
+        missing = [name for name in io.outputs if name not in env]
+        if missing:
+            raise CodegenError(
+                f"stage {stage} of the plan sends {', '.join(missing[:5])}, which it neither computes nor "
+                "receives (a plan edited by hand?); make a new plan"
+            )
         result = tuple(env[name] for name in io.outputs)
     graph.output(result)
     graph.lint()
@@ -90,6 +101,25 @@ def stage_module(traced: TracedModel, plan: Plan, stage: int) -> fx.GraphModule:
     if plan.recompute[stage]:
         recompute_stage(gm)
     return gm
+
+
+def _known(env: dict[str, fx.Node], value: fx.Node, reader: fx.Node, stage: int) -> fx.Node:
+    """``value`` as stage ``stage`` has it, for ``reader``.
+
+    Raises:
+        CodegenError: the stage neither computes nor receives it (the plan's stages and its
+            boundaries disagree, or an edge runs backwards)."""
+    if value.name not in env:
+        raise CodegenError(
+            f"in the plan, {reader.name} at stage {stage} reads {value.name}, which stage {stage} neither "
+            "computes nor receives (a plan edited by hand, or an edge running backwards); make a new plan"
+        )
+    return env[value.name]
+
+
+def _listed(stages: dict[str, object]) -> str:
+    """``name -> stage`` of the first few entries."""
+    return ", ".join(f"{n} -> {k!r}" for n, k in list(stages.items())[:5])
 
 
 def stage_modules(traced: TracedModel, plan: Plan) -> list[fx.GraphModule]:
