@@ -111,6 +111,15 @@ def test_model_from_file_factory_and_shape_options(tmp_path: Path) -> None:
     assert code == 1 and "--input-shape" in err
 
 
+def test_an_input_shape_too_large_to_allocate_is_one_line(tmp_path: Path) -> None:
+    """--input-shape 99999999x99999999 printed the allocator's traceback."""
+    huge = ("--input-shape", "99999999x99999999")
+    code, _, err = run("partition", "mlp", "--gpus", "2", *huge, "--profile-dir", str(tmp_path))
+    assert code == 1 and "Traceback" not in err, err
+    assert "example input 99999999x99999999 (36379.79 TiB of torch.float32) cannot be allocated here" in err
+    assert err.strip().endswith("give a smaller --input-shape")
+
+
 def test_second_run_reuses_the_profile(tmp_path: Path) -> None:
     args = (
         "partition",

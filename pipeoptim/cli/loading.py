@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import math
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -12,6 +13,7 @@ import torch
 from torch import nn
 
 from pipeoptim.examples import EXAMPLES
+from pipeoptim.units import format_bytes
 
 
 class ModelSpecError(ValueError):
@@ -83,13 +85,27 @@ def load_model(
                 f"{len(input_shapes)} --input-shape but {len(dtypes)} --input-dtype; give one "
                 "dtype for all inputs or one per input"
             )
-        examples = tuple(
-            torch.randn(shape, dtype=dt) if dt.is_floating_point else torch.zeros(shape, dtype=dt)
-            for shape, dt in zip(input_shapes, dtypes)
-        )
+        examples = tuple(_example(shape, dt) for shape, dt in zip(input_shapes, dtypes))
     if not examples:
         raise ModelSpecError(
             f"factory {spec!r} returned no example inputs: pass --input-shape (e.g. 8x3x32x32) "
             "and, for integer inputs, --input-dtype int64"
         )
     return model, examples
+
+
+def _example(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    """A random (floating) or zero example input of ``shape``.
+
+    Raises:
+        ModelSpecError: it cannot be allocated (a traceback from the allocator before).
+    """
+    try:
+        return torch.randn(shape, dtype=dtype) if dtype.is_floating_point else torch.zeros(shape, dtype=dtype)
+    except (RuntimeError, MemoryError) as exc:
+        size = format_bytes(math.prod(shape) * dtype.itemsize)
+        shown, why = "x".join(map(str, shape)), str(exc).splitlines()[0][:120]
+        raise ModelSpecError(
+            f"example input {shown} ({size} of {dtype}) cannot be allocated here ({why}): give a "
+            "smaller --input-shape"
+        ) from exc
