@@ -13,6 +13,7 @@ from typing import Any
 
 from pipeoptim.compiler.costgraph import CostGraph
 from pipeoptim.compiler.costmodel import CostConfig, StageStats
+from pipeoptim.compiler.overlap import BUCKET_BYTES
 
 
 def summarize(graph: CostGraph, stats: Sequence[StageStats], config: CostConfig) -> dict[str, Any]:
@@ -20,9 +21,10 @@ def summarize(graph: CostGraph, stats: Sequence[StageStats], config: CostConfig)
 
     - ``bottleneck_s``: the slowest stage's time per micro-batch (seconds).
     - ``lower_bound_s``: ``max(total work / N, largest node)`` (work: forward, backward and
-      optimizer steps, :meth:`CostConfig.work_s`) plus what every stage pays whatever the
-      plan (its actions' runtime overhead and, with N > 1, one boundary's two messages of
-      latency); no plan beats it.
+      optimizer steps, :meth:`CostConfig.work_s`; of the replicas' all-reduce only what no
+      overlap with the backward can hide) plus what every stage pays whatever the plan (its
+      actions' runtime overhead and, with N > 1, one boundary's two messages of latency); no
+      plan beats it.
     - ``balance_ratio``: ``bottleneck_s / lower_bound_s`` (1.0 is perfect).
     - ``throughput_per_s``: predicted steady-state mini-batches per second: ``1 / T`` for
       asynchronous 1F1B, ``1 / ((M + N - 1) T + R)`` for schedules that flush every mini-batch
@@ -38,13 +40,19 @@ def summarize(graph: CostGraph, stats: Sequence[StageStats], config: CostConfig)
     """
     n, m = config.num_stages, config.micro_batches
     bottleneck = max(s.time_s for s in stats)
-    work = [config.work_s(x) for x in graph.nodes]
+    # the replicas' all-reduce is left out of the nodes' work, as the backward may hide it; of
+    # a stage's all-reduce A (P_k bytes, n_k = ceil(P_k / B) buckets of B bytes) at least A / n_k
+    # shows (pipeoptim.compiler.overlap), which is at least c·min(P_k, B/2) with c seconds per
+    # byte, so all stages together show at least c·min(P, B/2)
+    per_byte = config.allreduce_s_per_byte
+    work = [config.work_s(x) - x.param_bytes * per_byte for x in graph.nodes]
+    shown = per_byte * min(sum(x.param_bytes for x in graph.nodes), BUCKET_BYTES / 2)
     # what every stage pays whatever the plan: its actions' overhead, and with N > 1 at least
     # one boundary's two messages (activations and gradients)
     fixed = config.action_overhead_s * (2 + config.steps_per_micro_batch) + (
         2 * config.latency_s if n > 1 else 0.0
     )
-    lower = max(sum(work) / n, max(work, default=0.0)) + fixed
+    lower = max((sum(work) + shown) / n, max(work, default=0.0)) + fixed
     method = config.method_info
     if method.asynchronous:
         units = m if method.micro_batched else 1
