@@ -39,7 +39,7 @@ from pipeoptim.runtime.clipping import check_clipping
 from pipeoptim.runtime.compiled import check_compile_stages
 from pipeoptim.runtime.distributed import check_devices
 from pipeoptim.runtime.linkcost import stage_threads
-from pipeoptim.runtime.optim import hyperparameters, param_group_names
+from pipeoptim.runtime.optim import constructor_arguments, hyperparameters, param_group_names
 from pipeoptim.runtime.precision import autocast_context, check_autocast
 from pipeoptim.runtime.predictors import VARIANTS as PREDICTOR_VARIANTS
 from pipeoptim.runtime.predictors import get_predictor
@@ -324,7 +324,7 @@ def compile(
         plan=chosen,
         method=method,
         optimizer_class=type(optimizer),
-        optimizer_defaults=dict(optimizer.defaults),
+        optimizer_defaults=constructor_arguments(optimizer),
         group_names=groups,
         hyper=hyperparameters(optimizer),
         loss_fn=loss_fn,

@@ -56,6 +56,43 @@ def param_group_names(optimizer: Optimizer, model: nn.Module) -> list[list[str]]
     return groups
 
 
+def constructor_arguments(optimizer: Optimizer) -> dict[str, Any]:
+    """The keywords that rebuild ``optimizer``'s class for a stage: ``optimizer.defaults``, and
+    the optimizer's own attributes named like an argument of its ``__init__`` (a subclass's
+    ``self.clip = clip`` is not in ``defaults``: the stages rebuilt it with ``clip``'s default,
+    or failed where it had none).
+
+    Raises:
+        ValueError: ``__init__`` requires an argument found in neither.
+    """
+    cls = type(optimizer)
+    accepted = inspect.signature(cls.__init__).parameters
+    own = {
+        name: value
+        for name, value in vars(optimizer).items()
+        if name in accepted and name not in ("self", "params") and not name.startswith("_")
+    }
+    arguments = {**own, **optimizer.defaults}
+    named = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    missing = [
+        name
+        for name, p in accepted.items()
+        if name not in ("self", "params")
+        and p.kind in named
+        and p.default is p.empty
+        and name not in arguments
+    ]
+    if missing:
+        names = ", ".join(repr(n) for n in missing)
+        raise ValueError(
+            f"each stage builds a {cls.__name__} of its own from optimizer.defaults and the optimizer's "
+            f"attributes named like {cls.__name__}.__init__'s arguments, but {names} is in neither: "
+            f"keep it in defaults (super().__init__(params, dict(lr=lr, {missing[0]}={missing[0]}))) "
+            f"or as self.{missing[0]}"
+        )
+    return arguments
+
+
 def mirror(
     optimizer_class: type[Optimizer],
     defaults: Mapping[str, Any],
