@@ -29,7 +29,7 @@ from pipeoptim.loss import Loss, MiniBatchLosses, drain
 from pipeoptim.runtime.build import PipelineSpec, aliases_of
 from pipeoptim.runtime.executor import MiniBatch
 from pipeoptim.runtime.launch import Executor, start_executor
-from pipeoptim.runtime.optim import hyperparameters
+from pipeoptim.runtime.optim import hyperparameters, restore_hyperparameters
 from pipeoptim.runtime.replicas import micro_batch_count
 from pipeoptim.runtime.staleness import PipelineStats
 
@@ -163,9 +163,8 @@ class Pipeline:
         return 2 * self.num_stages
 
     def _throttle(self) -> None:
-        """Wait for the oldest pending loss while :attr:`max_in_flight` are pending.
-
-        The local executor computes everything inside :meth:`step` and never needs to wait."""
+        """Wait for the oldest pending loss while :attr:`max_in_flight` are pending (the local
+        executor computes everything inside :meth:`step` and never needs to wait)."""
         if self.executor_kind == "local":
             return
         while len(self._losses) >= self.max_in_flight:
@@ -179,10 +178,8 @@ class Pipeline:
                 raise
 
     def train(self, batches: Iterable[tuple[Any, Any]]) -> Iterator[float]:
-        """Stream ``(inputs, targets)`` mini-batches; yields each loss in order.
-
-        Up to N mini-batches are kept in flight; the pipeline is flushed at the end.
-        """
+        """Stream ``(inputs, targets)`` mini-batches; yields each loss in order. Up to N
+        mini-batches are kept in flight; the pipeline is flushed at the end."""
         pending: deque[Loss] = deque()
         for inputs, targets in batches:
             pending.append(self.step(inputs, targets))
@@ -271,9 +268,11 @@ class Pipeline:
         return self._next
 
     def optimizer_state_dict(self) -> dict[str, Any]:
-        """Optimizer state keyed by parameter name, stage step counts and the mini-batch count."""
+        """Optimizer state keyed by parameter name, stage step counts, the mini-batch count and the
+        user optimizer's group hyperparameters (lr, ...), as ``Optimizer.state_dict`` keeps them."""
         self.flush()
-        return {"format": _OPTIMIZER_STATE, "mini_batches": self._next, **self._executor.optimizer_state()}
+        state = {"format": _OPTIMIZER_STATE, "mini_batches": self._next, **self._executor.optimizer_state()}
+        return state | {"param_groups": hyperparameters(self._optimizer)}
 
     def load_optimizer_state_dict(self, state: dict[str, Any]) -> None:
         """Restore :meth:`optimizer_state_dict` output.
@@ -284,6 +283,7 @@ class Pipeline:
         if state.get("format") != _OPTIMIZER_STATE:
             raise PipelineError("not a pipeoptim optimizer state (format differs)")
         self.flush()
+        restore_hyperparameters(self._optimizer, state.get("param_groups"))  # the lr a scheduler left
         self._executor.load_optimizer_state(state)
         self._next = int(state.get("mini_batches", self._next))
         self._executor.resume(self._next)

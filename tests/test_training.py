@@ -374,3 +374,34 @@ def test_a_second_ctrl_c_while_the_run_is_recorded_waits_for_the_record(
         run.stop(KeyboardInterrupt(), 1.0)
     assert json.loads((tmp_path / "metrics.json").read_text())["status"] == "interrupted"
     assert (tmp_path / "train.csv").read_text().splitlines()[1].startswith("0,0,2.5")
+
+
+def test_resuming_with_the_pytorch_recipe_restores_the_learning_rate(tmp_path: Path) -> None:
+    """load_checkpoint then scheduler.load_state_dict, as with plain PyTorch: the checkpoint kept
+    no group hyperparameters, so StepLR's lr restarted at 0.5 instead of 0.005 and the resumed
+    losses left the uninterrupted run's."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 4))
+    data = [(torch.randn(8, 8), torch.randint(0, 4, (8,))) for _ in range(8)]
+
+    def run(batches, checkpoint_in=None, checkpoint_out=None):
+        net = copy.deepcopy(model)
+        opt = torch.optim.SGD(net.parameters(), lr=0.5, momentum=0.9)
+        scheduler = torch.optim.lr_scheduler.StepLR(opt, step_size=2, gamma=0.1)
+        with pipeoptim.compile(
+            net, opt, 2, example_inputs=data[0][0], loss_fn=F.cross_entropy, method="gpipe",
+            executor="local", profile_dir=None,
+        ) as pipe:  # fmt: skip
+            if checkpoint_in is not None:
+                scheduler.load_state_dict(pipe.load_checkpoint(checkpoint_in)["scheduler"])
+            losses = []
+            for x, y in batches:
+                losses.append(pipe.step(x, y).item())
+                scheduler.step()
+            if checkpoint_out is not None:
+                pipe.save_checkpoint(checkpoint_out, extra={"scheduler": scheduler.state_dict()})
+        return losses
+
+    straight = run(data)
+    run(data[:4], checkpoint_out=tmp_path / "c.pt")
+    assert run(data[4:], checkpoint_in=tmp_path / "c.pt") == straight[4:]

@@ -16,6 +16,8 @@ import torch
 from torch import nn
 from torch.optim import Optimizer
 
+from pipeoptim.errors import PipelineError
+
 #: Group keys that are not hyperparameters.
 _NOT_HYPER = {"params", "param_names"}
 
@@ -33,6 +35,25 @@ def hyperparameters(optimizer: Optimizer) -> list[dict[str, Any]]:
             )
         out.append(hyper)
     return out
+
+
+def restore_hyperparameters(optimizer: Optimizer, saved: Sequence[Mapping[str, Any]] | None) -> None:
+    """Set ``optimizer``'s group hyperparameters to ``saved`` (:func:`hyperparameters` output),
+    as ``Optimizer.load_state_dict`` does: resuming with a fresh optimizer and
+    ``scheduler.load_state_dict`` left StepLR's lr at its start (the stages take the lr from this
+    optimizer at every step). ``None`` (a state saved before they were kept) changes nothing.
+
+    Raises:
+        PipelineError: ``saved`` has another number of groups than ``optimizer``.
+    """
+    if saved is None:
+        return
+    if len(saved) != len(optimizer.param_groups):
+        raise PipelineError(
+            f"the saved optimizer state has {len(saved)} parameter groups, this optimizer "
+            f"{len(optimizer.param_groups)}: build the optimizer as the saved run did"
+        )
+    apply_hyperparameters(optimizer, range(len(saved)), saved)
 
 
 def param_group_names(optimizer: Optimizer, model: nn.Module) -> list[list[str]]:
