@@ -95,7 +95,9 @@ class MiniBatchLosses:
         the mini-batch's :class:`Loss` gets ``Σ_j scale_j · loss_j`` when its last one arrives."""
         mini, j = divmod(micro_batch, self.micro_batches)
         with self._lock:
-            scales = self._scales[mini]
+            scales = self._scales.get(mini)
+            if scales is None:  # its loss failed meanwhile (a failed or closed pipeline)
+                return
             parts = self._pending.setdefault(mini, [])
             parts.append((replica * (len(scales) // self.replicas) + j, float(value)))
             if len(parts) < len(scales):
@@ -110,6 +112,8 @@ class MiniBatchLosses:
         with self._lock:
             losses = list(self._losses.values())
             self._losses.clear()
+            self._pending.clear()
+            self._scales.clear()
         for loss in losses:
             loss._fail(exc)
 

@@ -26,17 +26,17 @@ from pipeoptim.compiler.trace import TracedModel
 from pipeoptim.errors import PipelineError, PipeoptimError
 from pipeoptim.inputs import as_tuple, check_batch, check_eval_batch, check_rows
 from pipeoptim.loss import Loss, MiniBatchLosses, drain
+from pipeoptim.measurements import Measurements
 from pipeoptim.runtime.build import PipelineSpec, aliases_of
 from pipeoptim.runtime.executor import MiniBatch
 from pipeoptim.runtime.launch import Executor, start_executor
 from pipeoptim.runtime.optim import hyperparameters, restore_hyperparameters
 from pipeoptim.runtime.replicas import micro_batch_count
-from pipeoptim.runtime.staleness import PipelineStats
 
 _OPTIMIZER_STATE = "pipeoptim-optimizer/1"
 
 
-class Pipeline:
+class Pipeline(Measurements):
     """A compiled pipeline; build it with :func:`compile`.
 
     Attributes:
@@ -320,53 +320,6 @@ class Pipeline:
         module.load_state_dict(self.state_dict())
         return module
 
-    def resident_bytes(self) -> list[int]:
-        """Resident memory (RSS, bytes) of the process running each stage, now; with
-        ``executor="local"`` every entry is this process. Linux only.
-
-        Raises:
-            OSError: ``/proc`` is not available.
-            PipelineError: the pipeline is closed or failed.
-        """
-        self._check_open()
-        return self._executor.resident_bytes()
-
-    def stats(self) -> PipelineStats:
-        """Per stage, the prediction error and staleness so far and the weight versions held
-        (:class:`~pipeoptim.runtime.staleness.PipelineStats`). Covers the backward passes run so
-        far: call :meth:`flush` first to include every mini-batch submitted."""
-        self._check_open()
-        errors = self._executor.prediction_errors()
-        return PipelineStats(
-            prediction_error=[e.mean for e in errors],
-            prediction_error_samples=[e.samples for e in errors],
-            staleness=[e.staleness for e in errors],
-            peak_weight_versions=self._executor.peak_weight_versions(),
-        )
-
-    @property
-    def peak_weight_versions(self) -> list[int]:
-        """Per stage, the most versions of a weight held at once so far (measured); raises
-        PipelineError once the pipeline is closed or failed."""
-        self._check_open()
-        return self._executor.peak_weight_versions()
-
-    def stage_state_dicts(self) -> list[dict[str, torch.Tensor]]:
-        """Per stage, its own parameters and buffers (CPU): a shared parameter is in every
-        stage that holds a copy of it (:mod:`pipeoptim.runtime.shared`). Flushes first."""
-        self.flush()
-        return [
-            {k: v.detach().cpu().clone() for k, v in part.items()}
-            for part in self._executor.stage_state_dicts()
-        ]
-
-    def sent_bytes(self) -> list[int]:
-        """Per stage, the tensor bytes (activations and gradients) it has sent to its
-        neighbouring stages so far; shared parameters' gradient sums are not included; raises
-        PipelineError once the pipeline is closed or failed."""
-        self._check_open()
-        return self._executor.sent_bytes()
-
     # -- lifetime --------------------------------------------------------------------
 
     def _check_open(self) -> None:
@@ -381,19 +334,27 @@ class Pipeline:
                 "checkpoint into a new one"
             ) from self._error
 
-    def close(self) -> None:
-        """End every worker; further calls raise :class:`PipelineError`."""
+    def close(self, finish: bool = True) -> None:
+        """Finish the mini-batches in flight (``finish`` and no earlier error: their losses keep
+        their values), then end every worker; a loss that has not arrived then raises
+        :class:`PipelineError`, as every later call does. Leaving a ``with`` block by an
+        exception, or the garbage collector, closes without finishing."""
         if self._closed:
             return
-        self._closed = True
-        self._executor.close()
+        try:
+            if finish and self._error is None:
+                self.flush()
+        finally:
+            self._closed = True
+            self._losses.fail_all(PipelineError("the pipeline was closed before this loss arrived"))
+            self._executor.close()
 
     def __enter__(self) -> Pipeline:
         return self
 
-    def __exit__(self, *exc: object) -> None:
-        self.close()
+    def __exit__(self, exc_type: object, *_rest: object) -> None:
+        self.close(finish=exc_type is None)
 
     def __del__(self) -> None:
         with contextlib.suppress(Exception):  # at interpreter shutdown anything may be gone
-            self.close()
+            self.close(finish=False)

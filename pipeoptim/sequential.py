@@ -95,5 +95,5 @@ class Sequential:
         self.mini_batches_done = data["mini_batches"]
         return data["extra"]
 
-    def close(self) -> None:
-        """Nothing to end."""
+    def close(self, finish: bool = True) -> None:
+        """Nothing to end, nor anything in flight to ``finish`` (as :meth:`Pipeline.close`)."""

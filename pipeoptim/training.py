@@ -223,10 +223,12 @@ def _train(config: TrainConfig, out: Path, log: Callable[[str], None]) -> dict[s
         )
         _loop(config, task, trainer, scheduler, run, log)
     except BaseException as exc:  # whatever stops the run, what it learned stays on disk
-        run.stop(exc, time.perf_counter() - start)
+        try:
+            run.stop(exc, time.perf_counter() - start)
+        finally:  # a Ctrl-C or a failure: the mini-batches in flight are dropped
+            trainer.close(finish=False)
         raise
-    finally:
-        trainer.close()
+    trainer.close()
     metrics = run.write(time.perf_counter() - start, "completed")
     if config.plot:
         title = f"{config.task} / {config.method}"

@@ -436,3 +436,27 @@ def test_a_loss_fn_error_with_the_local_executor_stops_the_pipeline_cleanly(tmp_
         with pytest.raises(PipelineError, match=r"stopped at an earlier error \(ValueError: bad target\)"):
             call()
     pipe.close()
+
+
+@pytest.mark.parametrize("executor", ["local", "processes"])
+def test_losses_still_in_flight_at_close_keep_their_values(executor: str) -> None:
+    """close() ended the workers with mini-batches in flight: a loss read after it was its value
+    in some runs and PeerLostError in others. close() now finishes them first; leaving a with
+    block by an exception does not, and the losses that had not arrived say so."""
+    g = torch.Generator().manual_seed(0)
+    data = [(torch.randn(16, 8, generator=g), torch.randint(0, 4, (16,), generator=g)) for _ in range(6)]
+    read_first = compile_mlp(executor=executor, timeout=60)
+    expected = [read_first.step(x, y).item() for x, y in data]
+    read_first.close()
+    pipe = compile_mlp(executor=executor, timeout=60)
+    losses = [pipe.step(x, y) for x, y in data]
+    pipe.close()
+    assert [loss.item() for loss in losses] == expected
+    failing = pytest.raises(RuntimeError, match="user code failed")
+    with failing, compile_mlp(executor=executor, timeout=60) as pipe:
+        losses = [pipe.step(x, y) for x, y in data]
+        raise RuntimeError("user code failed")
+    for loss in losses:
+        if not loss.done():
+            with pytest.raises(PipelineError, match="the pipeline was closed before this loss arrived"):
+                loss.wait()
