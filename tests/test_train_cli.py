@@ -368,3 +368,23 @@ def test_hyperparameters_that_are_not_finite_are_refused_at_once(option: str, va
     code, _, err = run("digits", "--gpus", "2", option, value, "--out", str(tmp_path))
     assert code == 2 and f"Invalid value for '{option}': " in err, err  # not finite, or out of range
     assert not any(tmp_path.iterdir())
+
+
+def test_json_prints_the_metrics_and_failures_as_objects(tmp_path) -> None:
+    """train had no --json (the brief: both commands follow click conventions, --json among
+    them), and a failing --json command printed nothing on stdout for a script to parse."""
+    args = ["digits", "--method", "sequential", "--epochs", "1", "--limit", "64", "--json"]
+    code, out, err = run(*args, "--out", str(tmp_path / "run"))
+    assert code == 0, err
+    assert json.loads(out) == json.loads((tmp_path / "run" / "metrics.json").read_text())
+    code, out, err = run("digits", "--lr", "nan", "--json", "--out", str(tmp_path / "bad"))
+    assert code == 2 and json.loads(out) == {
+        "error": "Invalid value for '--lr': 'nan' is not a finite number",
+        "exit_code": 2,
+    }
+    result = CliRunner().invoke(cli, ["partition", "mlp", "--gpus", "2", "--stages", "4", "--json"])
+    assert result.exit_code == 1 and json.loads(result.stdout) == {
+        "error": "--stages 4 needs more than --gpus 2 devices: raise --gpus",
+        "exit_code": 1,
+    }
+    assert "Error: --stages 4 needs more" in result.stderr  # the message stays on stderr too

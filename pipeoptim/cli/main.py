@@ -2,13 +2,35 @@
 
 from __future__ import annotations
 
+import json
+import sys
+
 import click
 
 from pipeoptim.cli.partition import partition
 from pipeoptim.cli.train import train_command
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+class _Commands(click.Group):
+    """With ``--json``, a failure also prints ``{"error": message, "exit_code": code}`` on
+    stdout (the message stays on stderr), so that a script reading stdout gets an object, not
+    an empty string."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        ctx.meta["pipeoptim.json"] = "--json" in args
+        return super().parse_args(ctx, args)
+
+    def invoke(self, ctx: click.Context) -> object:
+        try:
+            return super().invoke(ctx)
+        except click.ClickException as exc:
+            if ctx.meta.get("pipeoptim.json"):
+                json.dump({"error": exc.format_message(), "exit_code": exc.exit_code}, sys.stdout)
+                sys.stdout.write("\n")
+            raise
+
+
+@click.group(cls=_Commands, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="pipeoptim")
 def cli() -> None:
     """Compile a PyTorch model into a pipeline-parallel trainer (PipeOptim and baselines)."""

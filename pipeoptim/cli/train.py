@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import sys
 
 import click
@@ -178,6 +179,9 @@ from pipeoptim.training import SEQUENTIAL, TrainConfig, train
     help="Without a terminal: a progress line every N mini-batches (default: a tenth of an epoch).",
 )
 @click.option("--quiet", is_flag=True, help="No progress bar or progress lines.")
+@click.option(
+    "--json", "as_json", is_flag=True, help="Print the run's metrics (metrics.json) on stdout at the end."
+)
 def train_command(
     task,
     gpus,
@@ -213,6 +217,7 @@ def train_command(
     record_every,
     progress_every,
     quiet,
+    as_json,
 ) -> None:
     """Train TASK (digits, fashion-mnist, sst2, multi30k) and evaluate it after every epoch, on
     --gpus devices as the N stages x R replicas the planner predicts fastest (--stages and
@@ -282,7 +287,7 @@ def train_command(
     except KeyboardInterrupt:
         click.echo("interrupted: every stage was stopped; the last checkpoint (if any) is intact", err=True)
         sys.exit(130)
-    click.echo(summary_line(metrics))
+    click.echo(json.dumps(metrics, indent=1) if as_json else summary_line(metrics))
 
 
 def _not_measurable(executor: str, method: str) -> str | None:
