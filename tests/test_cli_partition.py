@@ -219,6 +219,11 @@ def test_unwritable_save_is_one_line(tmp_path: Path) -> None:
         )
         assert status == 1
         assert one_line_error(err).startswith(f"Error: cannot write the plan {target}: ")
+    # under a file: said so (mkdir said only "File exists"), also two levels down
+    for target in (tmp_path / "dp.json" / "x.json", tmp_path / "dp.json" / "a" / "x.json"):
+        args = ("--profile-dir", str(tmp_path), "--save", str(target))
+        _, _, err = run("partition", "mlp", "--gpus", "2", *args)
+        assert one_line_error(err).endswith(f"{tmp_path / 'dp.json'} is a file, not a folder"), err
 
 
 @pytest.mark.parametrize(
