@@ -346,3 +346,11 @@ def test_latency_and_action_overhead_enter_the_stage_times(tmp_path: Path) -> No
                 option,
                 bad,
             )
+
+
+def test_a_model_file_without_its_factory_is_told_how_to_name_it(tmp_path: Path) -> None:
+    """partition path/model.py said only "unknown model"."""
+    source = tmp_path / "model.py"
+    source.write_text("import torch\n\ndef make():\n    return torch.nn.Linear(4, 2)\n")
+    status, _, err = run("partition", str(source), "--profile-dir", str(tmp_path))
+    assert status == 1 and f"needs the function that builds the model: {source}:FACTORY" in err

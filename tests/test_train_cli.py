@@ -388,3 +388,9 @@ def test_json_prints_the_metrics_and_failures_as_objects(tmp_path) -> None:
         "exit_code": 1,
     }
     assert "Error: --stages 4 needs more" in result.stderr  # the message stays on stderr too
+
+
+def test_a_data_dir_digits_would_ignore_is_refused(tmp_path) -> None:
+    """digits ships with scikit-learn: --data-dir /nonexistent was silently ignored (exit 0)."""
+    code, _, err = run("digits", "--data-dir", "/nonexistent", "--out", str(tmp_path))
+    assert code == 1 and "digits ships with scikit-learn and reads no data folder ('/nonexistent')" in err

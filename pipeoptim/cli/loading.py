@@ -23,6 +23,10 @@ class ModelSpecError(ValueError):
 def _factory(spec: str):
     if spec in EXAMPLES:
         return EXAMPLES[spec]
+    if ":" not in spec and spec.endswith(".py"):
+        raise ModelSpecError(
+            f"model file {spec!r} needs the function that builds the model: {spec}:FACTORY (e.g. {spec}:make)"
+        )
     if ":" not in spec:
         raise ModelSpecError(
             f"unknown model {spec!r}: give a built-in example ({', '.join(EXAMPLES)}), "

@@ -79,7 +79,16 @@ def digits(
     data_dir: str | None = None,
     test_limit: int | None = None,
 ) -> Task:
-    """8x8 handwritten digits shipped with scikit-learn (1,797 images; 80/20 split, seed 0)."""
+    """8x8 handwritten digits shipped with scikit-learn (1,797 images; 80/20 split, seed 0).
+
+    Raises:
+        ValueError: ``data_dir`` is given (the data ship with scikit-learn; it was ignored).
+    """
+    if data_dir is not None:
+        raise ValueError(
+            f"digits ships with scikit-learn and reads no data folder ({data_dir!r}): leave --data-dir "
+            "out (it is for fashion-mnist, sst2 and multi30k)"
+        )
     from sklearn.datasets import load_digits
     from sklearn.model_selection import train_test_split
 
