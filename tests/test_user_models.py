@@ -576,3 +576,33 @@ def test_a_required_optimizer_argument_the_stages_cannot_find_is_named() -> None
             model, HiddenClipSGD(model.parameters(), lr=1.0, limit=0.1), 1, example_inputs=torch.randn(8, 8),
             loss_fn=F.cross_entropy, executor="local", profile_dir=None,
         )  # fmt: skip
+
+
+class WithDefaults(nn.Module):
+    """Non-tensor arguments left at their defaults, as in many models' forward."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Linear(8, 16), nn.Linear(16, 4)
+
+    def forward(self, x: torch.Tensor, temperature: float = 2.0, repeats: int = 2, mode: str = "relu"):
+        h = self.a(x)
+        for _ in range(repeats):
+            h = torch.relu(h) if mode == "relu" else torch.tanh(h)
+        return self.b(h) / temperature
+
+
+def test_non_tensor_arguments_left_at_their_defaults_are_baked_in() -> None:
+    """forward(x, temperature: float = 2.0) failed to compile: "argument 'temperature_1' is used
+    by the graph but has no example input" (fx's guard on the specialised default)."""
+    torch.manual_seed(0)
+    model = WithDefaults()
+    x, y = torch.randn(8, 8), torch.randint(0, 4, (8,))
+    plain = copy.deepcopy(model)
+    expected = F.cross_entropy(plain(x), y).item()
+    with pipeoptim.compile(
+        model, torch.optim.SGD(model.parameters(), lr=0.1), 2, example_inputs=x, loss_fn=F.cross_entropy,
+        executor="local", profile_dir=None,
+    ) as pipe:  # fmt: skip
+        assert pipe.step(x, y).item() == pytest.approx(expected, abs=1e-6)
+    assert "temperature" not in trace(WithDefaults(), (x,)).gm.code  # no placeholder left for it

@@ -37,6 +37,11 @@ def normalise(gm: fx.GraphModule, method: str, n_inputs: int) -> tuple[list[str]
         assert_none = node.op == "call_function" and node.target is torch.fx._symbolic_trace._assert_is_none
         if guard or assert_none:
             graph.erase_node(node)
+        elif _specialised_default(node):  # forward(x, temperature=2.0): the default is baked in
+            condition = node.args[0]
+            graph.erase_node(node)
+            if isinstance(condition, fx.Node) and not condition.users:
+                graph.erase_node(condition)
     if method == "export":
         rewrite_training_ops(gm)
     placeholders = [n for n in graph.nodes if n.op == "placeholder"]
@@ -147,3 +152,17 @@ def rewrite_training_ops(gm: fx.GraphModule) -> None:
         new.meta = dict(node.meta)
         node.replace_all_uses_with(new)
         gm.graph.erase_node(node)
+
+
+def _specialised_default(node: fx.Node) -> bool:
+    """fx's guard that a non-tensor argument left at its default (``concrete_args``) keeps it:
+    ``torch._assert(arg == default, "... has been specialized to have value ...")``. The
+    argument is never given (only the example tensors are), so the guard only kept a
+    placeholder alive that no stage can feed."""
+    return (
+        node.op == "call_function"
+        and node.target is torch._assert
+        and len(node.args) > 1
+        and isinstance(node.args[1], str)
+        and "has been specialized to have value" in node.args[1]
+    )
