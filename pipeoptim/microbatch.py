@@ -56,6 +56,38 @@ def split(value: Any, parts: int) -> list[Any]:
     return [pytree.tree_unflatten([p[j] for p in pieces], spec) for j in range(parts)]
 
 
+def check_rows_split(targets: Any, rows: int, parts: int) -> None:
+    """Refuse targets holding a list or tuple of ``rows`` plain values (numbers, strings)
+    where a mini-batch of ``rows`` is split into ``parts`` > 1 micro-batches: :func:`split`
+    repeats such a list in every micro-batch (a loss that checks sizes failed on it, one that
+    does not was silently wrong).
+
+    Raises:
+        PipelineError: names where the list sits and the fix.
+    """
+    if parts < 2:
+        return
+
+    def walk(value: Any, where: str) -> None:
+        if isinstance(value, dict):
+            for key, item in value.items():
+                walk(item, f"{where}[{key!r}]")
+        elif isinstance(value, (list, tuple)):
+            if (
+                len(value) == rows
+                and value
+                and not any(isinstance(v, (torch.Tensor, dict, list, tuple)) for v in value)
+            ):
+                raise PipelineError(
+                    f"targets{where} is a {type(value).__name__} of {rows} values, one per row, which "
+                    f"cannot be split into {parts} micro-batches: give it as a tensor (torch.tensor(...))"
+                )
+            for i, item in enumerate(value):
+                walk(item, f"{where}[{i}]")
+
+    walk(targets, "")
+
+
 def count(batch: int, micro_batches: int) -> int:
     """Micro-batches a mini-batch of ``batch`` rows runs as: ``min(M, batch)``."""
     return max(1, min(micro_batches, batch))

@@ -121,6 +121,7 @@ class Pipeline(Measurements):
         m = micro_batch_count(batch, self.micro_batches, self.replicas)
         parts = m * self.replicas
         micro_inputs = [] if inputs is None else microbatch.split(inputs, parts)
+        microbatch.check_rows_split(targets, int(batch), parts)
         micro_targets = microbatch.split(targets, parts)
         sizes = [microbatch.Rows(n, batch.length) for n in microbatch.sizes(batch, parts)]
         scales = microbatch.scales(

@@ -606,3 +606,28 @@ def test_non_tensor_arguments_left_at_their_defaults_are_baked_in() -> None:
     ) as pipe:  # fmt: skip
         assert pipe.step(x, y).item() == pytest.approx(expected, abs=1e-6)
     assert "temperature" not in trace(WithDefaults(), (x,)).gm.code  # no placeholder left for it
+
+
+def test_targets_given_as_a_list_of_rows_are_refused_where_mini_batches_are_split() -> None:
+    """A list of 8 labels reached every micro-batch whole: cross_entropy failed on the sizes,
+    and a loss that does not check them would have been silently wrong."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 4))
+    x, labels = torch.randn(8, 8), [0, 1, 2, 3, 0, 1, 2, 3]
+
+    def loss_fn(out: torch.Tensor, y: dict) -> torch.Tensor:
+        return F.cross_entropy(out, torch.as_tensor(y["labels"])) * y["weight"]
+
+    def compiled() -> pipeoptim.Pipeline:
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        return pipeoptim.compile(
+            model, opt, 2, example_inputs=x, loss_fn=loss_fn, method="gpipe", micro_batches=2,
+            executor="local", profile_dir=None,
+        )  # fmt: skip
+
+    with compiled() as pipe, pytest.raises(PipelineError, match=r"targets is a list of 8 values, one per"):
+        pipe.step(x, labels)
+    with compiled() as pipe:
+        with pytest.raises(PipelineError, match=r"targets\['labels'\] is a list of 8 values"):
+            pipe.step(x, {"labels": labels, "weight": 0.5})
+        assert pipe.step(x, {"labels": torch.tensor(labels), "weight": 0.5}).item() > 0  # the fix
