@@ -25,7 +25,7 @@ from pipeoptim.compiler.plan import Plan
 from pipeoptim.compiler.trace import TracedModel
 from pipeoptim.errors import PipelineError, PipeoptimError
 from pipeoptim.inputs import as_tuple, check_batch, check_eval_batch, check_rows
-from pipeoptim.loss import Loss, MiniBatchLosses, drain
+from pipeoptim.loss import Loss, MiniBatchLosses
 from pipeoptim.measurements import Measurements
 from pipeoptim.runtime.build import PipelineSpec, aliases_of
 from pipeoptim.runtime.executor import MiniBatch
@@ -179,16 +179,18 @@ class Pipeline(Measurements):
                 raise
 
     def train(self, batches: Iterable[tuple[Any, Any]]) -> Iterator[float]:
-        """Stream ``(inputs, targets)`` mini-batches; yields each loss in order. Up to N
-        mini-batches are kept in flight; the pipeline is flushed at the end."""
+        """Stream ``(inputs, targets)`` mini-batches; yields each loss in order. N mini-batches
+        are kept in flight, by count, not by which losses have arrived: when the loop stops
+        after k losses, k + N mini-batches were given, with every executor (a flush or close
+        finishes them). The pipeline is flushed at the end."""
         pending: deque[Loss] = deque()
         for inputs, targets in batches:
             pending.append(self.step(inputs, targets))
-            for loss in drain(pending, self.num_stages):
-                yield loss.wait()
+            while len(pending) > self.num_stages:
+                yield pending.popleft().wait()
         self.flush()
-        for loss in drain(pending, self.num_stages, everything=True):
-            yield loss.wait()
+        while pending:
+            yield pending.popleft().wait()
 
     def flush(self) -> None:
         """Wait until every mini-batch in flight has finished its backward and step."""

@@ -460,3 +460,21 @@ def test_losses_still_in_flight_at_close_keep_their_values(executor: str) -> Non
         if not loss.done():
             with pytest.raises(PipelineError, match="the pipeline was closed before this loss arrived"):
                 loss.wait()
+
+
+def test_stopping_a_train_loop_early_trains_the_same_mini_batches_with_every_executor() -> None:
+    """Early stopping out of pipe.train(): the local executor had trained 5 mini-batches, the
+    processes executor 8 (its losses arrive later, and train() kept going while they had not),
+    so the weights differed by executor."""
+    g = torch.Generator().manual_seed(0)
+    data = [(torch.randn(16, 8, generator=g), torch.randint(0, 4, (16,), generator=g)) for _ in range(12)]
+    trained = []
+    for executor in ("local", "processes"):
+        with compile_mlp(executor=executor, timeout=60) as pipe:
+            for i, _loss in enumerate(pipe.train(data)):
+                if i == 3:
+                    break
+            assert pipe.mini_batches_done == 4 + 3  # the losses read, and N = 3 in flight
+            trained.append(pipe.state_dict())
+    for name, value in trained[0].items():
+        assert torch.allclose(trained[1][name], value, atol=1e-6), name
