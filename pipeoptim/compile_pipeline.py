@@ -184,6 +184,11 @@ def compile(
         return compile_best_layout(compile, model, optimizer, gpus, **options)
     if not isinstance(gpus, int) or isinstance(gpus, bool) or gpus < 1:
         raise ValueError(f"gpus must be a positive integer (the number of stages), got {gpus!r}")
+    if type(model).__name__ == "OptimizedModule" and isinstance(getattr(model, "_orig_mod", None), nn.Module):
+        raise ValueError(
+            "the model is wrapped by torch.compile, which cannot be traced into stages: pass "
+            "model._orig_mod, and compile_stages=True to compile each stage instead"
+        )
     devices, gpus = gpus, check_layout(gpus, data_parallel)  # from here on gpus is N, the stages
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")

@@ -478,3 +478,10 @@ def test_stopping_a_train_loop_early_trains_the_same_mini_batches_with_every_exe
             trained.append(pipe.state_dict())
     for name, value in trained[0].items():
         assert torch.allclose(trained[1][name], value, atol=1e-6), name
+
+
+def test_a_model_wrapped_by_torch_compile_is_told_to_pass_the_original() -> None:
+    """The trace error blamed tensor-dependent control flow in '<root>' (OptimizedModule)."""
+    compiled = torch.compile(mlp())
+    with pytest.raises(ValueError, match=r"torch.compile.*model._orig_mod, and compile_stages=True"):
+        compile_mlp(model=compiled, optimizer=torch.optim.SGD(compiled.parameters(), lr=0.1))
