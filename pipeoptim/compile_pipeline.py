@@ -130,7 +130,9 @@ def compile(
             on a module run in training (once per micro-batch, as in the plain model) only if
             it stays a module: a leaf, or inside one; hooks that tracing drops are named in a
             ``UserWarning`` (see :mod:`pipeoptim.compiler.hooks`).
-        seed: seed of the per-micro-batch random streams (dropout).
+        seed: seed of the per-stage, per-micro-batch random streams (dropout): the masks
+            depend on which stage a random layer lands in, so an exact repeat needs the plan
+            too (``plan=``).
         timeout: seconds any wait between stages may take before the pipeline fails.
         backward: PipeOptim only: ``"current"`` weights (the paper) or ``"predicted"``.
         predictor: PipeOptim only: ``"paper"`` (ΔW from the optimizer's state, the paper's
