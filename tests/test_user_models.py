@@ -112,10 +112,13 @@ def loader(rows: int = 50, batch: int = 16, seed: int = 5):
     return list(torch.utils.data.DataLoader(dataset, batch_size=batch))
 
 
-def full_batch_training(model, batches, loss_fn, lr=0.1):
-    """Plain single-device training, one optimizer step per whole mini-batch."""
+def full_batch_training(model, batches, loss_fn, lr=0.1, make_optimizer=None):
+    """Plain single-device training of a copy of ``model``, one optimizer step per whole
+    mini-batch (SGD with momentum, or ``make_optimizer(model)``); the losses and weights."""
     model = copy.deepcopy(model)
-    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
+    opt = (
+        make_optimizer(model) if make_optimizer else torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
+    )
     losses = []
     for x, y in batches:
         opt.zero_grad()
@@ -451,15 +454,8 @@ def test_an_optimizer_holding_only_the_head_trains_only_the_head(method: str) ->
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 16), nn.Tanh(), nn.Linear(16, 4))
     x, y = torch.randn(8, 8), torch.randint(0, 4, (8,))
-    plain = copy.deepcopy(model)
-    opt = torch.optim.SGD(plain[4].parameters(), lr=0.1, momentum=0.9)
-    expected = []
-    for _ in range(4):
-        opt.zero_grad()
-        loss = F.cross_entropy(plain(x), y)
-        loss.backward()
-        opt.step()
-        expected.append(loss.item())
+    head_only = lambda m: torch.optim.SGD(m[4].parameters(), lr=0.1, momentum=0.9)  # noqa: E731
+    expected, _ = full_batch_training(model, [(x, y)] * 4, F.cross_entropy, make_optimizer=head_only)
     for gpus in (1, 3):
         net = copy.deepcopy(model)
         head_opt = torch.optim.SGD(net[4].parameters(), lr=0.1, momentum=0.9)
@@ -504,15 +500,8 @@ def test_padding_that_first_appears_in_a_later_mini_batch_is_caught_there() -> N
             pipe.step(x, y)
         with pytest.raises(PipelineError, match="loss_reduction=a function of the targets"):
             pipe.step(*batches[3])
-    plain = copy.deepcopy(model)
-    opt = torch.optim.SGD(plain.parameters(), lr=0.5)
-    expected = []
-    for x, y in batches:
-        opt.zero_grad()
-        loss = loss_fn(plain(x), y)
-        loss.backward()
-        opt.step()
-        expected.append(loss.item())
+    plain_sgd = lambda m: torch.optim.SGD(m.parameters(), lr=0.5)  # noqa: E731
+    expected, _ = full_batch_training(model, batches, loss_fn, make_optimizer=plain_sgd)
     with compiled(loss_reduction=lambda y: (y != -100).sum()) as pipe:  # the documented fix
         assert [pipe.step(x, y).item() for x, y in batches] == pytest.approx(expected, abs=1e-6)
 
@@ -550,15 +539,8 @@ def test_a_custom_optimizer_keeps_its_own_constructor_arguments(optimizer_class)
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 4))
     batches = [(torch.randn(8, 8), torch.randint(0, 4, (8,))) for _ in range(4)]
-    plain = copy.deepcopy(model)
-    opt = optimizer_class(plain.parameters(), lr=1.0, clip=0.001)
-    expected = []
-    for x, y in batches:
-        opt.zero_grad()
-        loss = F.cross_entropy(plain(x), y)
-        loss.backward()
-        opt.step()
-        expected.append(loss.item())
+    clipped = lambda m: optimizer_class(m.parameters(), lr=1.0, clip=0.001)  # noqa: E731
+    expected, weights = full_batch_training(model, batches, F.cross_entropy, make_optimizer=clipped)
     net = copy.deepcopy(model)
     with pipeoptim.compile(
         net, optimizer_class(net.parameters(), lr=1.0, clip=0.001), 2, example_inputs=batches[0][0],
@@ -566,7 +548,7 @@ def test_a_custom_optimizer_keeps_its_own_constructor_arguments(optimizer_class)
     ) as pipe:  # fmt: skip
         assert [pipe.step(x, y).item() for x, y in batches] == pytest.approx(expected, abs=1e-6)
         trained = pipe.state_dict()
-    assert all(torch.allclose(trained[k], v, atol=1e-6) for k, v in plain.state_dict().items())
+    assert all(torch.allclose(trained[k], v, atol=1e-6) for k, v in weights.items())
 
 
 def test_a_required_optimizer_argument_the_stages_cannot_find_is_named() -> None:
