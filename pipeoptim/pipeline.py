@@ -193,11 +193,16 @@ class Pipeline(Measurements):
             yield pending.popleft().wait()
 
     def flush(self) -> None:
-        """Wait until every mini-batch in flight has finished its backward and step."""
+        """Wait until every mini-batch in flight has finished its backward and step; a flush
+        that fails (a stalled schedule, losses missing) stops the pipeline."""
         self._check_open()
-        self._executor.flush()
-        if self._losses:
-            raise PipelineError(f"flush finished with {len(self._losses)} loss(es) missing")
+        try:
+            self._executor.flush()
+            if self._losses:
+                raise PipelineError(f"flush finished with {len(self._losses)} loss(es) missing")
+        except PipeoptimError as exc:
+            self._on_error(exc)
+            raise
 
     # -- evaluation and state ----------------------------------------------------------
 

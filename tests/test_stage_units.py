@@ -182,3 +182,5 @@ def test_an_inconsistent_schedule_stalls_with_a_named_error() -> None:
         pipe.step(x, y)
         with pytest.raises(PipelineStalledError, match=r"pipeline stalled \(stage 0: B0, stage 1: F10\)"):
             pipe.flush()
+        with pytest.raises(PipelineStalledError):  # the pipeline stopped there: close() flushes no more
+            pipe.step(x, y)
