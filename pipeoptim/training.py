@@ -318,8 +318,6 @@ def _loop(
             run.add(s, epoch, value, lr)
             progress.update(epoch, config.epochs, value)
 
-    saving = [0.0]  # seconds of the current epoch spent on checkpoints (the flush and the save)
-
     def checkpoint() -> None:
         extra = {
             "history": run.history(),
@@ -333,7 +331,7 @@ def _loop(
     try:
         for epoch in range(step // per_epoch, config.epochs):
             offset = step - epoch * per_epoch
-            tic, saving[0] = time.perf_counter(), 0.0
+            tic, saving = time.perf_counter(), 0.0  # saving: seconds spent on checkpoints
             for i, (inputs, targets) in enumerate(task.batches(epoch)):
                 if i < offset:
                     continue
@@ -348,12 +346,12 @@ def _loop(
                     trainer.flush()
                     read_losses(True)
                     checkpoint()
-                    saving[0] += time.perf_counter() - started
+                    saving += time.perf_counter() - started
             trainer.flush()
             read_losses(True)
             seconds = time.perf_counter() - tic
             value = task.evaluate(trainer.predict)
-            training_s = seconds - saving[0]  # the rate is of training, not of saving checkpoints
+            training_s = seconds - saving  # the rate is of training, not of saving checkpoints
             rate = (per_epoch - offset) / training_s if training_s > 0 else None
             predicted = None if trainer.plan is None else trainer.plan.summary.get("throughput_per_s")
             record = {
@@ -361,7 +359,7 @@ def _loop(
                 "train_loss": run.loss_sum / max(run.loss_count, 1),
                 task.metric: value,
                 "seconds": seconds,
-                "checkpoint_s": saving[0],
+                "checkpoint_s": saving,
                 "mini_batches_per_s": rate,
                 # measured / the plan's predicted rate (the epoch's flush included)
                 "of_plan": rate / predicted if rate and predicted else None,

@@ -98,6 +98,7 @@ class _Timer:
 
     def __init__(self, device: torch.device) -> None:
         self.cuda = device.type == "cuda"
+        self.clock = time.thread_time if torch.get_num_threads() == 1 else time.perf_counter
 
     def __call__(self, fn: Callable[[], Any]) -> float:
         if self.cuda:
@@ -107,10 +108,9 @@ class _Timer:
             end.record()
             end.synchronize()
             return start.elapsed_time(end) / 1e3
-        clock = time.thread_time if torch.get_num_threads() == 1 else time.perf_counter
-        begin = clock()
+        begin = self.clock()
         fn()
-        return clock() - begin
+        return self.clock() - begin
 
 
 def _prepare(value: Any, params: set[int], inplace: bool = False) -> Any:
