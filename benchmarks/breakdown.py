@@ -8,11 +8,11 @@ wait for received values, posting and retiring sends, and the Python overhead of
 loop (per action in microseconds). It also times the saved-tensor hooks that redirect the
 backward to other weights: forward+backward of stage 0 with and without them.
 
-    python benchmarks/breakdown.py [--quick] [--stages 4] [--methods pipeoptim ...] [--out DIR]
+    python benchmarks/breakdown.py [--quick] [--model mlp] [--stages 4] [--methods pipeoptim ...] [--out DIR]
 
 Writes ``breakdown.md`` (with the machine load while it ran) into ``--out``: by default
 ``benchmarks/results`` for the full run and a new temporary folder for ``--quick`` or a run of
-other ``--stages`` or ``--methods``.
+other ``--model``, ``--stages`` or ``--methods``.
 """
 
 from __future__ import annotations
@@ -40,14 +40,14 @@ from pipeoptim.runtime.spawning import pickle_spec
 
 sys.path.insert(0, str(Path(__file__).parent))
 from outputs import results_dir
-from throughput import BATCH, batch, compile_mlp
+from throughput import MODELS, compile_model
 
-METHODS = ("pipeoptim", "pipedream", "2bw", "spectrain", "1f1b")
+METHODS = ("pipeoptim", "pipedream", "2bw", "spectrain", "none", "1f1b")
 
 
-def mini_batch(spec: PipelineSpec, index: int, rank: int, rows: int) -> MiniBatch:
-    """Mini-batch ``index`` as the driver would hand it to stage ``rank``."""
-    x, y = batch(index, rows)
+def mini_batch(spec: PipelineSpec, model: str, index: int, rank: int, rows: int) -> MiniBatch:
+    """Mini-batch ``index`` of ``model``'s data as the driver would hand it to stage ``rank``."""
+    x, y = MODELS[model][1](index, rows)
     m = spec.micro_batches
     parts = [Rows(n) for n in sizes(rows, m)]
     last = rank == spec.num_stages - 1
@@ -62,7 +62,15 @@ def mini_batch(spec: PipelineSpec, index: int, rank: int, rows: int) -> MiniBatc
 
 
 def _rank(
-    rank: int, world: int, port: int, payload: bytes, rows: int, warmup: int, steps: int, out: Any
+    rank: int,
+    world: int,
+    port: int,
+    payload: bytes,
+    model: str,
+    rows: int,
+    warmup: int,
+    steps: int,
+    out: Any,
 ) -> None:
     import pickle
 
@@ -80,12 +88,12 @@ def _rank(
     process = StageProcess(spec, rank, torch.device("cpu"), 300.0)
     timer = instrument(process)
     for i in range(warmup):
-        process.submit(mini_batch(spec, i, rank, rows))
+        process.submit(mini_batch(spec, model, i, rank, rows))
     dist.barrier()
     timer.reset()
     start = time.perf_counter()
     for i in range(warmup, warmup + steps):
-        process.submit(mini_batch(spec, i, rank, rows))
+        process.submit(mini_batch(spec, model, i, rank, rows))
     process.flush()
     elapsed = time.perf_counter() - start
     out.put((rank, timer.breakdown(), timer.actions, elapsed))
@@ -93,13 +101,16 @@ def _rank(
     dist.destroy_process_group()
 
 
-def measure(method: str, stages: int, warmup: int, steps: int, profile_dir: Path) -> list[dict[str, Any]]:
+def measure(
+    model: str, method: str, stages: int, warmup: int, steps: int, profile_dir: Path
+) -> list[dict[str, Any]]:
     """Per stage: seconds per part, actions run, the wall time of the timed mini-batches, and
     the plan's profiled seconds per mini-batch of forward, backward and weight work (policy
     and optimizer step), from a profile taken just before (a new ``profile_dir`` per call)."""
     micro = stages if method in ("1f1b", "gpipe", "2bw") else None
-    rows = BATCH * stages if method == "2bw" else BATCH  # 2BW's micro-batch is the others' pass
-    with compile_mlp(method, stages, "local", profile_dir, size=rows, micro_batches=micro) as pipe:
+    batch = MODELS[model][3]
+    rows = batch * stages if method == "2bw" else batch  # 2BW's micro-batch is the others' pass
+    with compile_model(model, method, stages, "local", profile_dir, rows, micro_batches=micro) as pipe:
         payload = pickle_spec(pipe.spec)
         per_rows = stages if method == "1f1b" else 1  # plan costs are per micro-batch
         profiled = [
@@ -114,7 +125,7 @@ def measure(method: str, stages: int, warmup: int, steps: int, profile_dir: Path
     out = ctx.Queue()
     port = free_port()
     procs = [
-        ctx.Process(target=_rank, args=(r, stages, port, payload, rows, warmup, steps, out))
+        ctx.Process(target=_rank, args=(r, stages, port, payload, model, rows, warmup, steps, out))
         for r in range(stages)
     ]
     for p in procs:
@@ -122,19 +133,20 @@ def measure(method: str, stages: int, warmup: int, steps: int, profile_dir: Path
     results = sorted(out.get(timeout=600) for _ in procs)
     for p in procs:
         p.join(60)
-    scale = stages if method == "2bw" else 1  # per BATCH rows, like the other methods
+    scale = stages if method == "2bw" else 1  # per mini-batch of the others' rows
     return [
         {"parts": parts, "actions": actions, "elapsed": elapsed, "mini_batches": steps * scale, "profiled": p}
         for (_, parts, actions, elapsed), p in zip(results, profiled)
     ]
 
 
-def hook_cost(repeats: int, profile_dir: Path) -> tuple[float, float]:
-    """Milliseconds of forward+backward of stage 0 of 2 (MLP) without and with the
-    saved-tensor hooks that redirect the backward (medians of ``repeats``)."""
-    with compile_mlp("none", 2, "local", profile_dir) as pipe:
+def hook_cost(model: str, repeats: int, profile_dir: Path) -> tuple[float, float]:
+    """Milliseconds of forward+backward of stage 0 of 2 without and with the saved-tensor
+    hooks that redirect the backward (medians of ``repeats``)."""
+    _, data, _, rows, _ = MODELS[model]
+    with compile_model(model, "none", 2, "local", profile_dir, rows) as pipe:
         stage = pipe._executor.stages[0]
-        x = batch()[0]
+        x = data()[0]
 
         def once(hooked: bool) -> float:
             start = time.perf_counter()
@@ -156,13 +168,14 @@ def hook_cost(repeats: int, profile_dir: Path) -> tuple[float, float]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="2 stages, 2 methods, few mini-batches")
+    parser.add_argument("--model", choices=sorted(MODELS), default="mlp")
     parser.add_argument("--stages", type=int, default=4)
     parser.add_argument("--methods", nargs="+", choices=METHODS)
     parser.add_argument(
         "--out", type=Path, help="default: benchmarks/results for the full run, else a temporary folder"
     )
     args = parser.parse_args()
-    args.out = results_dir(parser, args, "breakdown", scope=("stages", "methods"))
+    args.out = results_dir(parser, args, "breakdown", scope=("model", "stages", "methods"))
     torch.set_num_threads(1)
     stages = 2 if args.quick else args.stages
     methods = args.methods or (["pipeoptim", "pipedream"] if args.quick else list(METHODS))
@@ -171,19 +184,21 @@ def main() -> None:
     load_before = os.getloadavg()[0]
     # measured against profiled where every rank has a core of its own (wall time = compute)
     fit_stages = min(stages, len(os.sched_getaffinity(0)))
-    rows, fits, weights = [], [], {}
+    table_rows, fits, weights = [], [], {}
     for method in methods:
         print(f"  {stages} stages, {method} ...", file=sys.stderr)
-        results = measure(method, stages, warmup, steps, profile_dir / method)
+        results = measure(args.model, method, stages, warmup, steps, profile_dir / method)
         for k, r in enumerate(results):
             per = 1e3 / r["mini_batches"]
             overhead_us = 1e6 * r["parts"]["overhead"] / max(r["actions"], 1)
             parts = [f"{r['parts'][p] * per:.2f}" for p in PARTS]
-            rows.append([method, k, *parts, f"{overhead_us:.0f}", f"{r['mini_batches'] / r['elapsed']:.1f}"])
+            rate = r["mini_batches"] / r["elapsed"]
+            table_rows.append([method, k, *parts, f"{overhead_us:.0f}", f"{rate:.1f}"])
             weights[method] = weights.get(method, 0.0) + r["parts"]["weights"] * per
         if fit_stages != stages:
             print(f"  {fit_stages} stages, {method} ...", file=sys.stderr)
-            results = measure(method, fit_stages, warmup, steps, profile_dir / f"{method}-{fit_stages}")
+            folder = profile_dir / f"{method}-{fit_stages}"
+            results = measure(args.model, method, fit_stages, warmup, steps, folder)
         for k, r in enumerate(results):
             per = 1e3 / r["mini_batches"]
             measured = {
@@ -203,10 +218,11 @@ def main() -> None:
                     for p in measured
                 ]
             )
-    plain, hooked = hook_cost(10 if args.quick else 50, profile_dir)
+    plain, hooked = hook_cost(args.model, 10 if args.quick else 50, profile_dir)
     load_after = os.getloadavg()[0]
+    *_, rows, description = MODELS[args.model]
     headers = ["method", "stage", *(f"{p} ms" for p in PARTS), "overhead µs/action", "mini-batches/s"]
-    table = tabulate(rows, headers=headers, tablefmt="github")
+    table = tabulate(table_rows, headers=headers, tablefmt="github")
     fit_table = tabulate(
         fits,
         headers=["method", "stage", "forward ms", "backward ms", "weights+step ms"],
@@ -223,8 +239,8 @@ def main() -> None:
     text = (
         f"# Where the time goes ({'quick' if args.quick else 'full'} run, CPU, gloo, 1 thread per rank, "
         f"{os.cpu_count()} cores, load average {load_before:.1f} before / {load_after:.1f} after)\n\n"
-        f"MLP 16x512, mini-batch {BATCH}, {stages} stages; milliseconds per mini-batch ({BATCH} rows; "
-        f"2bw runs mini-batches of {stages} x {BATCH} rows and is counted per {BATCH}) over {steps} timed "
+        f"{description}, {stages} stages; milliseconds per mini-batch ({rows} rows; "
+        f"2bw runs mini-batches of {stages} x {rows} rows and is counted per {rows}) over {steps} timed "
         f"mini-batches after {warmup}, cool-down included. `weights` is the weight policy (prediction, "
         f"stash or shadow copies), `recv wait` the wait for a neighbour's values, `send` posting and "
         f"retiring sends and receives, `overhead` the rest of the action loop.\n\n{table}\n\n{hooks}\n\n"

@@ -36,7 +36,12 @@ from pipeoptim.runtime.linkcost import shared_cores, stage_threads
 from pipeoptim.runtime.precision import autocast_context, check_autocast
 from pipeoptim.runtime.replicas import check_replicated_options
 from pipeoptim.units import parse_bandwidth, parse_bytes
-from pipeoptim.update_cost import UpdateCostError, UpdateCosts, load_or_measure_update_cost
+from pipeoptim.update_cost import (
+    UpdateCostError,
+    UpdateCosts,
+    load_or_measure_update_cost,
+    working_set,
+)
 
 if TYPE_CHECKING:
     from pipeoptim.pipeline import Pipeline
@@ -256,8 +261,9 @@ def planning_config(
     **layout: Any,
 ) -> CostConfig:
     """The cost model's settings for planning on ``devices`` devices, the same for ``compile``
-    and its layout search: the optimizer's measured step, prediction and weight-copy cost per byte (``0``
-    with a logged reason where it cannot be measured), its state factor, bandwidth, memory
+    and its layout search: the optimizer's measured step, prediction and weight-copy cost per
+    byte, timed on a working set like the optimizer's parameters (``0`` with a logged reason
+    where it cannot be measured), its state factor, bandwidth, memory
     limit, latency (seconds per message), action overhead (seconds), the CPU cores the ranks
     share, recomputation where the memory limit binds; ``layout`` gives ``num_stages``,
     ``micro_batches`` and ``data_parallel`` (default: ``devices`` stages).
@@ -265,15 +271,23 @@ def planning_config(
     Raises:
         ValueError: a bandwidth or memory string that does not parse.
     """
+    num_stages = layout.pop("num_stages", devices)
+    held = [p for g in optimizer.param_groups for p in g["params"] if p.requires_grad]
+    elements = working_set(sum(p.numel() * p.element_size() for p in held), len(held), device)
     try:
         costs = load_or_measure_update_cost(
-            type(optimizer), optimizer.defaults, device, profile_dir=profile_dir, log=say
+            type(optimizer),
+            optimizer.defaults,
+            device,
+            profile_dir=profile_dir,
+            log=say,
+            elements=elements,
         )
     except UpdateCostError as exc:
         say(f"optimizer step cost not modelled in the plan: {exc}")
         costs = UpdateCosts(0.0, 0.0, 0.0)
     return CostConfig(
-        num_stages=layout.pop("num_stages", devices),
+        num_stages=num_stages,
         method=method,
         bandwidth=parse_bandwidth(bandwidth) if bandwidth is not None else None,
         memory_limit=parse_bytes(memory) if memory is not None else None,

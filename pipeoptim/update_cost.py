@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import inspect
 import json
+import math
 import statistics
 import time
 from collections.abc import Callable, Mapping
@@ -54,13 +55,16 @@ def measure_update_cost(
     device: torch.device | str = "cpu",
     numel: int = 1 << 20,
     repeats: int = 9,
+    tensors: int = 1,
 ) -> UpdateCosts:
     """Seconds per parameter byte of one optimizer step, of one weight prediction and of one
     weight copy.
 
     Times the ``torch.optim`` class ``optimizer_class`` is or derives from (:func:`builtin_base`,
-    with the user's defaults) stepping one ``numel``-element float32 parameter with a fresh
-    gradient each time (median of ``repeats`` after two warm-up steps), and its predictor
+    with the user's defaults) stepping ``numel`` float32 elements in ``tensors`` parameters
+    (the model's, :func:`working_set`: the per-byte cost grows once the weights, gradients and
+    optimizer state leave the caches, and each tensor adds a fixed cost) with a
+    gradient (median of ``repeats`` after two warm-up steps), and its predictor
     (:mod:`pipeoptim.runtime.predictors`) computing ΔW and ``Ŵ = W - 2·lr·ΔW`` into a reused
     buffer as the runtime does (:class:`pipeoptim.runtime.extrapolation.Extrapolator`; 0 without a
     predictor), and a copy of the parameter into a buffer (what weight stashing and 2BW's
@@ -85,10 +89,15 @@ def measure_update_cost(
         )
     optimizer_class = base
     device = torch.device(device)
-    param = torch.nn.Parameter(torch.randn(numel, device=device))
+    if not 1 <= tensors <= numel:
+        raise ValueError(f"tensors must be between 1 and numel ({numel}), not {tensors}")
+    params = [
+        torch.nn.Parameter(torch.randn(numel // tensors + (i < numel % tensors), device=device))
+        for i in range(tensors)
+    ]
     accepted = inspect.signature(optimizer_class.__init__).parameters
     optimizer = optimizer_class(
-        [param], **{k: v for k, v in defaults.items() if k in accepted and k != "params"}
+        params, **{k: v for k, v in defaults.items() if k in accepted and k != "params"}
     )
 
     clock = time.process_time if device.type == "cpu" else time.perf_counter
@@ -103,23 +112,32 @@ def measure_update_cost(
         return clock() - start
 
     steps = []
+    gradients = [torch.randn_like(param) for param in params]
     for _ in range(2 + repeats):
-        param.grad = torch.randn_like(param)
+        for param, grad in zip(params, gradients):
+            param.grad = grad  # the same values each time: a fresh draw costs more than the step
         try:
             steps.append(timed(optimizer.step))
         except Exception as exc:  # a custom optimizer may not step on a lone parameter
             raise UpdateCostError(
                 f"{optimizer_class.__name__}.step() failed on a test parameter: {exc}"
             ) from exc
-    nbytes = numel * param.element_size()
-    copy = torch.empty_like(param)
-    copies = [timed(lambda: copy.copy_(param.detach())) for _ in range(2 + repeats)]
+    nbytes = numel * params[0].element_size()
+    copies_of = [torch.empty_like(param) for param in params]
+
+    def copy() -> None:  # as weight stashing copies a stage's weights, tensor by tensor
+        for param, into in zip(params, copies_of):
+            into.copy_(param.detach())
+
+    copies = [timed(copy) for _ in range(2 + repeats)]
     step_s, copy_s = statistics.median(steps[2:]) / nbytes, statistics.median(copies[2:]) / nbytes
     try:
         predictor = get_predictor(optimizer)
     except PredictorError:
         return UpdateCosts(step_s, 0.0, copy_s)
-    extrapolator = Extrapolator({"w": param}, optimizer, per_unit_rate(predictor))
+    extrapolator = Extrapolator(
+        {f"w{i}": param for i, param in enumerate(params)}, optimizer, per_unit_rate(predictor)
+    )
     buffers: dict[str, torch.Tensor] = {}
 
     def prediction() -> None:  # as the runtime predicts after each step: ΔW, then Ŵ into a buffer
@@ -130,9 +148,36 @@ def measure_update_cost(
     return UpdateCosts(step_s, statistics.median(predicts[2:]) / nbytes, copy_s)
 
 
+#: the largest working set timed, in float32 elements: beyond the caches the cost per byte
+#: stays flat, so larger models are timed at this size (32 MiB of weights on the CPU)
+MAX_TIMED_NUMEL = {"cpu": 1 << 23, "other": 1 << 26}
+MIN_TIMED_NUMEL = 1 << 10
+
+
+def working_set(param_bytes: int, param_tensors: int, device: torch.device | str = "cpu") -> tuple[int, int]:
+    """``(numel, tensors)`` to time the optimizer on (:func:`measure_update_cost`) for a model
+    of ``param_bytes`` bytes of trainable parameters in ``param_tensors`` tensors: its size in
+    float32 elements rounded to a power of two (nearby models share one measurement) and
+    bounded, 2^10 to 2^23 on the CPU (2^26 elsewhere), in as many tensors as keep the model's
+    elements per tensor, at most one per 256 elements.
+
+    The whole model, not a stage's share of it, so that every layout of the model (N stages x R
+    replicas) is priced with the same figure, as compiling that layout alone prices it. Timed
+    here (SGD with momentum, one CPU thread): 0.24 ns per byte on one 4 MiB parameter, 0.36 on
+    the 50 tensors (12 MiB) of a stage of the transformer benchmark, 0.39 on 64 MiB; the steps
+    in that benchmark's stage workers took 1.3 to 2.0 times the figure of the single 4 MiB
+    parameter that every plan used before, 0.9 to 1.25 times the model-sized one."""
+    kind = "cpu" if torch.device(device).type == "cpu" else "other"
+    elements = max(param_bytes // 4, 1)
+    numel = min(max(1 << round(math.log2(elements)), MIN_TIMED_NUMEL), MAX_TIMED_NUMEL[kind])
+    count = max(param_tensors * numel / elements, 1.0)  # the model's elements per tensor
+    tensors = min(1 << round(math.log2(count)), max(numel // 256, 1))
+    return numel, tensors
+
+
 UPDATE_COSTS_FILE = "update-costs.json"
 #: how update costs are timed; figures saved under another clock are measured again
-UPDATE_COST_CLOCK = "cpu-time-median-9, prediction by terms"
+UPDATE_COST_CLOCK = "cpu-time-median-9, prediction by terms, stage working set"
 
 
 def load_or_measure_update_cost(
@@ -142,10 +187,13 @@ def load_or_measure_update_cost(
     *,
     profile_dir: str | Path | None = "profiles",
     log: Callable[[str], None] = lambda _msg: None,
+    elements: tuple[int, int] = (1 << 20, 1),
 ) -> UpdateCosts:
-    """:func:`measure_update_cost`, remembered in
-    ``<profile_dir>/update-costs.json`` under the optimizer class, its defaults, the device and
-    the torch version (and how they were timed, on the CPU with how many torch threads), so
+    """:func:`measure_update_cost` on ``elements`` (``(numel, tensors)``, from
+    :func:`working_set`), remembered in
+    ``<profile_dir>/update-costs.json`` under the optimizer class, its defaults, the device,
+    the working set and the torch version (and how they were timed, on the CPU with how many
+    torch threads), so
     that later plans of the same model and setting get the same figures (a plan must not change
     with timing noise); a new torch version or device is measured afresh. ``profile_dir=None``
     always measures.
@@ -157,8 +205,9 @@ def load_or_measure_update_cost(
         UpdateCostError: the optimizer cannot step a test parameter.
     """
     device = torch.device(device)
+    numel, tensors = elements
     if profile_dir is None:
-        return measure_update_cost(optimizer_class, defaults, device)
+        return measure_update_cost(optimizer_class, defaults, device, numel, tensors=tensors)
     key = json.dumps(
         {
             "optimizer": f"{optimizer_class.__module__}.{optimizer_class.__qualname__}",
@@ -166,6 +215,8 @@ def load_or_measure_update_cost(
             "device": device_name(device),
             "torch": torch.__version__,
             "clock": UPDATE_COST_CLOCK,
+            "numel": numel,
+            "tensors": tensors,
             **({"threads": torch.get_num_threads()} if device.type == "cpu" else {}),
         },
         sort_keys=True,
@@ -179,7 +230,7 @@ def load_or_measure_update_cost(
         and all(isinstance(v, float) for v in saved)
     ):
         return UpdateCosts(*saved)
-    costs = measure_update_cost(optimizer_class, defaults, device)
+    costs = measure_update_cost(optimizer_class, defaults, device, numel, tensors=tensors)
     table[key] = list(costs)
     write_json(path, table)
     return costs

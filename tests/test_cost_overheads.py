@@ -17,7 +17,7 @@ from pipeoptim.compiler.costmodel import CostConfig, evaluate
 from pipeoptim.compiler.plan import Plan
 from pipeoptim.compiler.summary import summarize
 from pipeoptim.runtime.linkcost import QUICK_SIZES, fit_latency_bandwidth, measure_link
-from pipeoptim.update_cost import measure_update_cost
+from pipeoptim.update_cost import measure_update_cost, working_set
 
 
 def chain(times: list[float], size: int = 1000, params: int = 4000) -> CostGraph:
@@ -162,6 +162,30 @@ def test_update_cost_is_steady_under_load() -> None:
     for name, a, b in zip(first._fields, first, second):
         assert a > 0 and b > 0
         assert max(a, b) / min(a, b) < 3, (name, a, b)
+
+
+def test_the_update_cost_is_timed_on_a_working_set_like_the_model() -> None:
+    # the transformer benchmark: 25.6 MB of weights in 100 tensors
+    assert working_set(4 * 3_200_000 * 2, 100) == (1 << 23, 128)
+    # a tiny model: the smallest working set, at most one tensor per 256 elements
+    assert working_set(100, 10) == (1 << 10, 4)
+    # beyond 2^23 elements on the CPU the size is bounded and the tensors shrink with it
+    assert working_set(4 << 25, 64) == (1 << 23, 16)
+    assert working_set(1 << 40, 1000, "cpu") == (1 << 23, 1)
+    assert working_set(1 << 40, 1000, "cuda")[0] == 1 << 26
+    assert working_set(0, 0) == (1 << 10, 1)
+
+
+def test_the_update_cost_counts_each_tensor() -> None:
+    """The same bytes in 4 tensors of 256 elements cost far more per byte than in one of
+    2^20 (a fixed cost per tensor, about 12 us for SGD on this CPU): a stage of many small
+    tensors is priced as such."""
+    defaults = {"lr": 0.1, "momentum": 0.9}
+    small = measure_update_cost(torch.optim.SGD, defaults, numel=1 << 10, tensors=4)
+    large = measure_update_cost(torch.optim.SGD, defaults, numel=1 << 20, tensors=1)
+    assert small.step > 5 * large.step and small.predict > 5 * large.predict
+    with pytest.raises(ValueError, match="tensors must be between 1 and numel"):
+        measure_update_cost(torch.optim.SGD, defaults, numel=4, tensors=5)
 
 
 @pytest.mark.slow

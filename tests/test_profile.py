@@ -13,7 +13,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch import nn
 
+import pipeoptim
 from pipeoptim.compiler.calibration import calibrate
 from pipeoptim.compiler.costgraph import CostGraph, CostNode
 from pipeoptim.compiler.profile import profile_model
@@ -21,7 +23,7 @@ from pipeoptim.compiler.profile_cache import load_or_profile
 from pipeoptim.compiler.trace import trace
 from pipeoptim.errors import ProfileError
 from pipeoptim.examples import mlp, transformer
-from pipeoptim.update_cost import load_or_measure_update_cost
+from pipeoptim.update_cost import load_or_measure_update_cost, working_set
 
 
 def test_every_compute_node_has_measured_forward_and_backward() -> None:
@@ -139,6 +141,32 @@ def test_update_costs_are_measured_once_per_setting_and_reused(tmp_path: Path) -
     costs = load_or_measure_update_cost(torch.optim.Adam, {"lr": 1e-3}, profile_dir=tmp_path, log=logs.append)
     assert costs[0] > 0 and "unreadable" in logs[0]
     assert len(json.loads((tmp_path / "update-costs.json").read_text())) == 1
+
+
+def test_update_costs_are_kept_per_working_set(tmp_path: Path) -> None:
+    def measured(elements: tuple[int, int]) -> tuple[float, ...]:
+        defaults = {"lr": 0.1, "momentum": 0.9}
+        return load_or_measure_update_cost(torch.optim.SGD, defaults, profile_dir=tmp_path, elements=elements)
+
+    small = measured((1024, 4))
+    measured((1 << 16, 8))
+    table = json.loads((tmp_path / "update-costs.json").read_text())
+    sets = sorted((json.loads(k)["numel"], json.loads(k)["tensors"]) for k in table)
+    assert sets == [(1024, 4), (1 << 16, 8)]
+    assert measured((1024, 4)) == small
+
+
+def test_compile_times_the_optimizer_on_a_working_set_like_the_model(tmp_path: Path) -> None:
+    model, inputs = mlp(batch=4, width=64, depth=4)
+    params = list(model.parameters())
+    optimizer = torch.optim.SGD(params, lr=0.1, momentum=0.9)
+    with pipeoptim.compile(
+        model, optimizer, 2, example_inputs=inputs, loss_fn=nn.functional.mse_loss, profile_dir=tmp_path
+    ):
+        pass
+    (key,) = json.loads((tmp_path / "update-costs.json").read_text())
+    size = sum(p.numel() * p.element_size() for p in params)
+    assert (json.loads(key)["numel"], json.loads(key)["tensors"]) == working_set(size, len(params))
 
 
 def test_update_costs_saved_without_a_copy_cost_are_measured_again(tmp_path: Path) -> None:

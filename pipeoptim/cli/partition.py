@@ -33,7 +33,7 @@ from pipeoptim.errors import PipeoptimError
 from pipeoptim.methods import METHODS
 from pipeoptim.runtime.linkcost import shared_cores, stage_threads
 from pipeoptim.units import plural
-from pipeoptim.update_cost import UpdateCosts, load_or_measure_update_cost
+from pipeoptim.update_cost import UpdateCosts, load_or_measure_update_cost, working_set
 
 
 def _log(msg: str) -> None:
@@ -200,7 +200,13 @@ def partition(
                 mini_batch = int(examples[0].shape[0]) * m
                 on_this_cpu = target is None or target.type == "cpu"
             given = graph if isinstance(graph, CostGraph) else None
-            costs, note = _update_costs(optimizer, device, given, profile_dir)
+            if given is not None:  # one graph node per parameter tensor
+                held = (given.total_param_bytes, sum(1 for n in given.nodes if n.param_bytes))
+            else:
+                trained = [p for p in net.parameters() if p.requires_grad]
+                held = (sum(p.numel() * p.element_size() for p in trained), len(trained))
+            elements = working_set(*held, target or torch.device("cpu"))
+            costs, note = _update_costs(optimizer, device, given, profile_dir, elements)
             figures = link_figures(
                 bandwidth,
                 latency,
@@ -333,10 +339,15 @@ _OPTIMIZERS = {
 
 
 def _update_costs(
-    optimizer: str, device: str | None, graph: CostGraph | None, profile_dir: str | None
+    optimizer: str,
+    device: str | None,
+    graph: CostGraph | None,
+    profile_dir: str | None,
+    elements: tuple[int, int],
 ) -> tuple[UpdateCosts, str]:
     """Optimizer-step, prediction and weight-copy seconds per parameter byte, measured on this
-    machine, and a note for the user ("" if none).
+    machine on ``elements`` (a working set like the model's, :func:`working_set`),
+    and a note for the user ("" if none).
 
     A saved profile (``graph``) from another device has no such measurement: updates are
     then left out, and the note says so.
@@ -350,7 +361,10 @@ def _update_costs(
                 0.0, 0.0, 0.0
             ), f"optimizer updates not modelled: the profile was measured on {measured_on}"
     cls, defaults = _OPTIMIZERS[optimizer.lower()]
-    return load_or_measure_update_cost(cls, defaults, target, profile_dir=profile_dir, log=_log), ""
+    costs = load_or_measure_update_cost(
+        cls, defaults, target, profile_dir=profile_dir, log=_log, elements=elements
+    )
+    return costs, ""
 
 
 def _check_profile_matches(model, graph, input_shape, input_dtype, leaf, device) -> None:
