@@ -1,7 +1,7 @@
 """Pipeline throughput on CPU (gloo, one thread per rank), measured side by side in one run.
 
 Two models: a deep MLP (16x512, little compute per stage) and a transformer LM block stack
-(d = 256, 8 blocks, sequences of 64 tokens: compute per stage large next to a weight pass).
+(d = 256, 8 blocks, sequences of 32 tokens: compute per stage large next to a weight pass).
 For 2 and 4 stages: steady-state mini-batches per second of every pipeoptim method, and of
 ``torch.distributed.pipelining``'s ``ScheduleGPipe``, ``Schedule1F1B``,
 ``ScheduleInterleavedZeroBubble`` and ``ScheduleZBVZeroBubble`` (the last two with two virtual
@@ -17,7 +17,10 @@ PipeOptim runs once more (``--quick``: only with ``--compiled``) with every stag
 ``torch.compile`` (inductor, ``compile_stages=True``; 2N more warm-up mini-batches, which
 include the compilation).
 Each rate is the median over timed windows of the run; methods run one after the other, so
-they see about the same load, which is printed with the results.
+they see about the same load, which is printed with the results. Every configuration runs
+``--rounds`` times; each ratio is the median over rounds of the ratio of one round's two runs,
+printed with the range of those rounds: this host's speed drifts by up to a third between runs
+seconds apart, and a goal inside that range can tip with one more round.
 
     python benchmarks/throughput.py [--quick [--compiled]] [--models mlp transformer] [--stages 2 4]
                                     [--methods 2bw ...] [--out DIR]
@@ -569,11 +572,32 @@ def plot_memory(reports: dict[str, list[dict[str, int]]], path: Path) -> None:
     plt.close(fig)
 
 
+def paired_ratios(rates_a: list[float], rates_b: list[float]) -> list[float]:
+    """``rates_a[r] / rates_b[r]`` of every round where both rates are numbers (runs of the
+    same round)."""
+    return [a / b for a, b in zip(rates_a, rates_b) if a == a and b == b and b > 0]
+
+
 def paired_ratio(rates_a: list[float], rates_b: list[float]) -> float:
-    """Median over rounds of ``rates_a[r] / rates_b[r]`` (runs of the same round); NaN without
-    a round where both rates are numbers."""
-    pairs = [a / b for a, b in zip(rates_a, rates_b) if a == a and b == b and b > 0]
+    """Median over rounds of ``rates_a[r] / rates_b[r]``; NaN without a round where both rates
+    are numbers."""
+    pairs = paired_ratios(rates_a, rates_b)
     return statistics.median(pairs) if pairs else float("nan")
+
+
+def verdict(pairs: list[float], goal: float | None) -> str:
+    """The median of a ratio's rounds, their range, and against ``goal``: ``meets`` (median at
+    or above it), ``misses`` (median below it) and, where the goal lies within the range of
+    the rounds, ``within the spread of rounds`` -- one more round could tip such a verdict."""
+    if not pairs:
+        return "nan"
+    value, low, high = statistics.median(pairs), min(pairs), max(pairs)
+    spread = f"rounds {low:.2f}-{high:.2f}" if len(pairs) > 1 else "1 round"
+    if goal is None:
+        return f"{value:.3f} ({spread})"
+    mark = "meets" if value >= goal else "misses"
+    close = ", within the spread of rounds" if low < goal <= high else ""
+    return f"{value:.3f} ({spread}; {mark} >= {goal}{close})"
 
 
 def ratios(model: str, n: int, results: dict[str, dict[str, Any]]) -> str:
@@ -584,9 +608,8 @@ def ratios(model: str, n: int, results: dict[str, dict[str, Any]]) -> str:
     def ratio(a: str, b: str, goal: float | None) -> str:
         if a not in results or b not in results:
             return ""
-        value = paired_ratio(results[a]["rates"], results[b]["rates"])
-        mark = "" if goal is None else f" ({'meets' if value >= goal else 'misses'} >= {goal})"
-        return f"{a} / {b.removeprefix('pipelining ')} {value:.3f}{mark}"
+        pairs = paired_ratios(results[a]["rates"], results[b]["rates"])
+        return f"{a} / {b.removeprefix('pipelining ')} {verdict(pairs, goal)}"
 
     parts = [
         ratio("pipeoptim", "pipedream", 0.95),
@@ -599,14 +622,10 @@ def ratios(model: str, n: int, results: dict[str, dict[str, Any]]) -> str:
         ratio("pipeoptim, compiled stages", "pipeoptim", None),
     ]
     ours = results["pipeoptim"]
-    fit = paired_ratio(ours["rates"], ours["predictions"])
+    fit = paired_ratios(ours["rates"], ours["predictions"])
     goal = 0.85 if n <= len(os.sched_getaffinity(0)) else None
     shared = ", cores-bound prediction" if ours["cores_bound"] else ""
-    parts.append(
-        f"pipeoptim measured / predicted {fit:.3f}"
-        + ("" if goal is None else f" ({'meets' if fit >= goal else 'misses'} >= {goal})")
-        + shared
-    )
+    parts.append(f"pipeoptim measured / predicted {verdict(fit, goal)}{shared}")
     return f"{model}, {n} stages: " + "; ".join(p for p in parts if p)
 
 
@@ -637,7 +656,7 @@ def main() -> None:
     parser.add_argument(
         "--rounds",
         type=int,
-        help="runs of every configuration, order rotated, median kept (default 3; 1 with --quick)",
+        help="runs of every configuration, order rotated, median kept (default 5; 1 with --quick)",
     )
     parser.add_argument(
         "--schedules",
@@ -659,7 +678,7 @@ def main() -> None:
     scope = ("stages", "methods", "models", "schedules", "rounds", "device")
     args.out = results_dir(parser, args, "throughput", scope=scope)
     args.stages = args.stages or [2, 4]
-    rounds = args.rounds or (1 if args.quick else 3)
+    rounds = args.rounds or (1 if args.quick else 5)
     if rounds < 1:
         parser.error("--rounds must be at least 1")
     torch.set_num_threads(1)  # profile as the ranks run: one thread each
@@ -791,15 +810,14 @@ def main() -> None:
     plot_timeline(result, args.out / "throughput_timeline.png", f"pipeoptim, {model}, {n} stages, CPU gloo")
     plot_memory(reports, args.out / "throughput_memory.png")
     last = stage_counts[-1]
-    rates = {r[2]: float(r[3]) for r in rows if r[0] == model and r[1] == last}
-    ours = rates["pipeoptim"]
+    ours = results["pipeoptim"]  # the last model and stage count measured
     weights = {m: sum(s["weight_bytes"] for s in stages) for m, stages in reports.items()}
     summary = (
-        f"{model}, {last} stages: pipeoptim {ours:.2f} mini-batches/s = "
+        f"{model}, {last} stages: pipeoptim {ours['rate']:.2f} mini-batches/s = "
         + "".join(
-            f"{ours / rates[key]:.2f}x {label}, "
+            f"{paired_ratio(ours['rates'], results[key]['rates']):.2f}x {label}, "
             for key, label in (("pipelining Schedule1F1B", "pipelining 1F1B"), ("pipedream", "pipedream"))
-            if key in rates
+            if key in results
         )
         + "weight memory pipeoptim/pipedream "
         f"{weights['pipeoptim'] / weights['pipedream']:.2f}x; gloo alpha {alpha * 1e6:.0f} us, "

@@ -61,6 +61,26 @@ def test_throughput_ratios_pair_the_runs_of_one_round() -> None:
     assert paired_ratio([float("nan")], [1.0]) != paired_ratio([float("nan")], [1.0])  # NaN
 
 
+def test_throughput_verdicts_give_the_spread_of_rounds() -> None:
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        from throughput import verdict
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    assert (
+        verdict([0.90, 0.97, 0.93], 0.95)
+        == "0.930 (rounds 0.90-0.97; misses >= 0.95, within the spread of rounds)"
+    )
+    assert verdict([0.80, 0.84, 0.83], 0.95) == "0.830 (rounds 0.80-0.84; misses >= 0.95)"
+    assert verdict([0.96, 1.01, 0.99], 0.95) == "0.990 (rounds 0.96-1.01; meets >= 0.95)"
+    assert (
+        verdict([0.94, 1.01, 0.99], 0.95)
+        == "0.990 (rounds 0.94-1.01; meets >= 0.95, within the spread of rounds)"
+    )
+    assert verdict([1.4], None) == "1.400 (1 round)"
+    assert verdict([], 0.9) == "nan"
+
+
 def test_throughput_prices_a_plan_as_the_planner_did(tmp_path: Path) -> None:
     """Re-priced from the profile and optimizer costs the plan was made from, a run's
     prediction is the plan's own (same stages, settings and recomputation)."""
