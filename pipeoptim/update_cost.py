@@ -149,8 +149,9 @@ def measure_update_cost(
 
 
 #: the largest working set timed, in float32 elements: beyond the caches the cost per byte
-#: stays flat, so larger models are timed at this size (32 MiB of weights on the CPU)
-MAX_TIMED_NUMEL = {"cpu": 1 << 23, "other": 1 << 26}
+#: stays flat, so larger models are timed at this size (32 MiB of weights on the CPU, 64 MiB on an
+#: accelerator: beyond the 50 MB L2 of an H100)
+MAX_TIMED_NUMEL = {"cpu": 1 << 23, "other": 1 << 24}
 MIN_TIMED_NUMEL = 1 << 10
 
 
@@ -158,7 +159,7 @@ def working_set(param_bytes: int, param_tensors: int, device: torch.device | str
     """``(numel, tensors)`` to time the optimizer on (:func:`measure_update_cost`) for a model
     of ``param_bytes`` bytes of trainable parameters in ``param_tensors`` tensors: its size in
     float32 elements rounded to a power of two (nearby models share one measurement) and
-    bounded, 2^10 to 2^23 on the CPU (2^26 elsewhere), in as many tensors as keep the model's
+    bounded, 2^10 to 2^23 on the CPU (2^24 elsewhere), in as many tensors as keep the model's
     elements per tensor, at most one per 256 elements.
 
     The whole model, not a stage's share of it, so that every layout of the model (N stages x R

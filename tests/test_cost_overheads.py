@@ -172,7 +172,7 @@ def test_the_update_cost_is_timed_on_a_working_set_like_the_model() -> None:
     # beyond 2^23 elements on the CPU the size is bounded and the tensors shrink with it
     assert working_set(4 << 25, 64) == (1 << 23, 16)
     assert working_set(1 << 40, 1000, "cpu") == (1 << 23, 1)
-    assert working_set(1 << 40, 1000, "cuda")[0] == 1 << 26
+    assert working_set(1 << 40, 1000, "cuda")[0] == 1 << 24
     assert working_set(0, 0) == (1 << 10, 1)
 
 
