@@ -12,7 +12,7 @@ from torch import nn
 
 import pipeoptim
 from pipeoptim.compiler.trace import trace
-from pipeoptim.errors import PipelineError
+from pipeoptim.errors import PipelineError, TraceError
 
 
 class PositionalEncoding(nn.Module):
@@ -613,3 +613,62 @@ def test_targets_given_as_a_list_of_rows_are_refused_where_mini_batches_are_spli
         with pytest.raises(PipelineError, match=r"targets\['labels'\] is a list of 8 values"):
             pipe.step(x, {"labels": labels, "weight": 0.5})
         assert pipe.step(x, {"labels": torch.tensor(labels), "weight": 0.5}).item() > 0  # the fix
+
+
+class _SignSTE(torch.autograd.Function):
+    """sign(x) forward, the straight-through estimator backward (the gradient passes as is):
+    differentiated as traced, sign() would pass no gradient at all."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        return torch.sign(x)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        return grad
+
+
+class _Binarize(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return _SignSTE.apply(x)
+
+
+class _BinaryNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.binarize, self.b = nn.Linear(6, 16), _Binarize(), nn.Linear(16, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.b(self.binarize(self.a(x)))
+
+
+class _ApplyInRoot(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(6, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.a(_SignSTE.apply(x))
+
+
+@pytest.mark.parametrize("method", ["gpipe", "1f1b"])
+def test_a_custom_autograd_function_keeps_its_own_backward(method: str) -> None:
+    """fx traced through ``_SignSTE.apply``: the graph held ``torch.sign`` and the first layer
+    got no gradient (its weights never moved). The module calling the Function is now a leaf
+    (with a warning naming it), and training equals plain training."""
+    torch.manual_seed(0)
+    model, batches = _BinaryNet(), loader()[:3]
+    expected = full_batch_training(model, batches, F.cross_entropy)
+    assert not torch.equal(expected[1]["a.weight"], model.a.weight)  # the STE trains layer a
+    traced_warning = r"made these modules leaves.*binarize \(calls the custom autograd.Function .*_SignSTE"
+    with pytest.warns(UserWarning, match=traced_warning):
+        got = pipelined(model, batches, F.cross_entropy, method)
+    assert_equal_training(got, expected)
+    assert "binarize" in trace(model, batches[0][0]).auto_leaves
+
+
+def test_a_custom_autograd_function_in_the_root_forward_is_refused_with_the_fix() -> None:
+    with pytest.raises(
+        TraceError, match=r"_ApplyInRoot.forward calls the custom autograd.Function .*Fix: call"
+    ):
+        trace(_ApplyInRoot(), torch.randn(4, 6))

@@ -11,7 +11,9 @@ model is exported with ``torch.export.export(..., strict=False)``; its ``.module
 graph module with parameters as ``get_attr`` nodes too (an ATen-level graph, with the batch
 and sequence dimensions dynamic where the model allows). Where that fails as well, the
 submodule that broke tracing is made a leaf and tracing is retried; only a failure in the
-root module's own ``forward`` is an error.
+root module's own ``forward`` is an error. A module whose ``forward`` calls a custom
+``torch.autograd.Function`` is made a leaf first, so that its own backward runs
+(:mod:`pipeoptim.compiler.custom_functions`).
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ import torch.fx as fx
 from torch import nn
 from torch.utils import _pytree as pytree
 
+from pipeoptim.compiler.custom_functions import CustomFunctionCall, refusing_custom_functions
 from pipeoptim.compiler.normalise import normalise
 from pipeoptim.compiler.recompute import checkpoint_calls, fold_regions, recording_checkpoints
 from pipeoptim.compiler.shapes import sequence_inputs
@@ -215,7 +218,7 @@ def _symbolic_trace(
         concrete[p.name] = p.default
     before = set(vars(model))
     try:
-        with recording_checkpoints(model, tracer) as regions:
+        with recording_checkpoints(model, tracer) as regions, refusing_custom_functions():
             graph = tracer.trace(model, concrete_args=concrete or None)
         gm = fx.GraphModule(tracer.root, graph, type(model).__name__)
         fold_regions(gm, regions)
@@ -247,7 +250,11 @@ def _export(model: nn.Module, inputs: tuple[torch.Tensor, ...]) -> fx.GraphModul
     for lg in loggers:
         lg.setLevel(logging.CRITICAL)
     try:
-        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+        with (
+            contextlib.redirect_stdout(io.StringIO()),
+            contextlib.redirect_stderr(io.StringIO()),
+            refusing_custom_functions(),  # export would trace through them too
+        ):
             exported = torch.export.export(model, inputs, strict=False, dynamic_shapes=_dynamic_dims(inputs))
     finally:
         for lg, level in zip(loggers, levels):
@@ -271,8 +278,9 @@ def trace(
         leaf_modules: qualified names of extra modules to keep as one node.
 
     Raises:
-        TraceError: neither ``torch.fx`` nor ``torch.export`` can trace the root module; the
-            message names the module, the source line and what to do.
+        TraceError: neither ``torch.fx`` nor ``torch.export`` can trace the root module, or
+            its own ``forward`` calls a custom ``torch.autograd.Function``; the message names
+            the module, the source line and what to do.
     """
     inputs = (example_inputs,) if isinstance(example_inputs, torch.Tensor) else tuple(example_inputs)
     leaf_names = set(leaf_modules)
@@ -288,6 +296,15 @@ def trace(
             raise TraceError(f"leaf module {name!r} is not a submodule of {type(model).__name__}; {hint}")
     auto_leaves: dict[str, str] = {}
     gm, exc, failed = _symbolic_trace(model, len(inputs), leaf_names)
+    while gm is None and isinstance(exc, CustomFunctionCall) and failed:  # it runs as written
+        auto_leaves[failed] = f"{exc} at {_user_frame(exc)}"
+        leaf_names.add(failed)
+        gm, exc, failed = _symbolic_trace(model, len(inputs), leaf_names)
+    if gm is None and isinstance(exc, CustomFunctionCall):
+        raise TraceError(
+            f"{type(model).__name__}.forward {exc} at {_user_frame(exc)}. Fix: call it from a "
+            "submodule's forward (that module then runs as one node, with the Function's own backward)"
+        ) from exc
     method = "fx"
     if gm is None:
         assert exc is not None
@@ -320,12 +337,12 @@ def trace(
                     "from that forward, or move it into a submodule and pass its name in "
                     "leaf_modules=[...] so it runs as one opaque node"
                 ) from fx_exc
-        if auto_leaves:
-            warnings.warn(
-                "made these modules leaves because tracing through them failed: "
-                + "; ".join(f"{k} ({v})" for k, v in auto_leaves.items()),
-                stacklevel=2,
-            )
+    if auto_leaves:
+        warnings.warn(
+            "made these modules leaves because tracing through them failed: "
+            + "; ".join(f"{k} ({v})" for k, v in auto_leaves.items()),
+            stacklevel=2,
+        )
     input_names, out_spec = normalise(gm, method, len(inputs))
     traced = TracedModel(
         gm=gm,
