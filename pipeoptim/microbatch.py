@@ -132,6 +132,17 @@ def same_shape(x: torch.Tensor, example: torch.Tensor, i: int, length: int | Non
     return length is not None and example.shape[1] == length and 1 <= x.shape[1] <= length
 
 
+def describe(mini_batch: int, j: int, rows: Sequence[int]) -> str:
+    """`` of micro-batch j of mini-batch i: r of its n rows, split a/b/c into M micro-batches``
+    (the split left out where there is one micro-batch). A 1-row micro-batch can fail where its
+    mini-batch would not (BatchNorm in training), so errors name it."""
+    text = f" of micro-batch {j} of mini-batch {mini_batch}"
+    if len(rows) > 1:
+        split = "/".join(map(str, rows))
+        text += f": {rows[j]} of its {sum(rows)} rows, split {split} into {len(rows)} micro-batches"
+    return text
+
+
 def sizes(batch: int, parts: int) -> list[int]:
     """Rows of each of the ``parts`` micro-batches :func:`split` makes of ``batch`` rows."""
     return [batch // parts + (j < batch % parts) for j in range(parts)]

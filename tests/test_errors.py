@@ -465,12 +465,14 @@ def test_losses_still_in_flight_at_close_keep_their_values(executor: str) -> Non
 def test_stopping_a_train_loop_early_trains_the_same_mini_batches_with_every_executor() -> None:
     """Early stopping out of pipe.train(): the local executor had trained 5 mini-batches, the
     processes executor 8 (its losses arrive later, and train() kept going while they had not),
-    so the weights differed by executor."""
+    so the weights differed by executor. Both run the same plan (two profiles taken under load
+    can split the stages differently)."""
     g = torch.Generator().manual_seed(0)
     data = [(torch.randn(16, 8, generator=g), torch.randint(0, 4, (16,), generator=g)) for _ in range(12)]
-    trained = []
+    trained, plan = [], None
     for executor in ("local", "processes"):
-        with compile_mlp(executor=executor, timeout=60) as pipe:
+        with compile_mlp(executor=executor, timeout=60, plan=plan) as pipe:
+            plan = pipe.plan
             for i, _loss in enumerate(pipe.train(data)):
                 if i == 3:
                     break
@@ -485,3 +487,78 @@ def test_a_model_wrapped_by_torch_compile_is_told_to_pass_the_original() -> None
     compiled = torch.compile(mlp())
     with pytest.raises(ValueError, match=r"torch.compile.*model._orig_mod, and compile_stages=True"):
         compile_mlp(model=compiled, optimizer=torch.optim.SGD(compiled.parameters(), lr=0.1))
+
+
+class _FailingBackward(torch.autograd.Function):
+    """The identity, whose backward raises once ``armed`` (after compiling, which profiles it)."""
+
+    armed = False
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        if _FailingBackward.armed:
+            raise RuntimeError("backward refused")
+        return grad
+
+
+class _BackwardFails(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return _FailingBackward.apply(x)
+
+
+@pytest.mark.parametrize("executor", ["local", "processes"])
+def test_an_error_in_a_stage_names_the_micro_batch_and_its_rows(executor: str) -> None:
+    """BatchNorm refuses a 1-row micro-batch in training: the mini-batch of 5 rows split 2/2/1
+    fails only because of the split, and the error says so (torch's own message says nothing
+    of micro-batches). With the local executor the exception keeps its type; a worker process
+    reports it as a PipelineError, the note on the line after torch's message."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 2))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    where = (
+        "raised in stage 0's forward of micro-batch 2 of mini-batch 1: 1 of its 5 rows, split 2/2/1 "
+        "into 3 micro-batches"
+    )
+    with pipeoptim.compile(
+        model,
+        opt,
+        2,
+        example_inputs=torch.randn(6, 4),
+        loss_fn=F.cross_entropy,
+        method="gpipe",
+        micro_batches=3,
+        executor=executor,
+    ) as pipe:
+        pipe.step(torch.randn(6, 4), torch.randint(0, 2, (6,)))
+        expected = ValueError if executor == "local" else PipelineError
+        with pytest.raises(expected, match="more than 1 value per channel") as raised:
+            pipe.step(torch.randn(5, 4), torch.randint(0, 2, (5,)))
+            pipe.flush()
+    if executor == "local":
+        assert getattr(raised.value, "__notes__", []) == [where]
+    else:
+        assert str(raised.value).splitlines()[1] == where
+
+
+def test_an_error_in_a_backward_names_the_stage_and_micro_batch() -> None:
+    model = nn.Sequential(nn.Linear(4, 4), _BackwardFails(), nn.Linear(4, 2))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with (
+        pipeoptim.compile(
+            model, opt, 1, example_inputs=torch.randn(4, 4), loss_fn=F.cross_entropy, executor="local"
+        ) as pipe,
+        pytest.raises(RuntimeError, match="backward refused") as raised,
+    ):
+        _FailingBackward.armed = True
+        try:
+            pipe.step(torch.randn(4, 4), torch.randint(0, 2, (4,)))
+            pipe.flush()
+        finally:
+            _FailingBackward.armed = False
+    assert getattr(raised.value, "__notes__", []) == [
+        "raised in stage 0's backward of micro-batch 0 of mini-batch 0"
+    ]

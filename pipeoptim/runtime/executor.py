@@ -17,7 +17,7 @@ import torch
 from torch.utils import _pytree as pytree
 
 from pipeoptim.errors import PipelineStalledError
-from pipeoptim.microbatch import Rows
+from pipeoptim.microbatch import Rows, describe
 from pipeoptim.runtime.async_norms import step_async
 from pipeoptim.runtime.procmem import resident_bytes
 from pipeoptim.runtime.scaler import norm_share, step_together
@@ -64,6 +64,8 @@ class MicroBatch:
         scale: its share of the mini-batch loss (:mod:`pipeoptim.microbatch`).
         inputs: the model inputs (stage 0 only, else ``None``).
         targets: the targets (the last stage only, else ``None``).
+        where: its mini-batch's index, its place j in it and the rows of each micro-batch
+            of the mini-batch (for error messages, :func:`pipeoptim.microbatch.describe`).
     """
 
     index: int
@@ -71,6 +73,7 @@ class MicroBatch:
     scale: float
     inputs: tuple[Any, ...] | None = None
     targets: Any = None
+    where: tuple[int, int, tuple[int, ...]] = (0, 0, ())
 
 
 class Channel(Protocol):
@@ -90,10 +93,12 @@ class Channel(Protocol):
 
 class StageState:
     """Bookkeeping of one stage between actions: the micro-batches given to it and not yet
-    forwarded (:class:`MicroBatch`), and the micro-batch of its last backward."""
+    forwarded (:class:`MicroBatch`), where each forwarded one awaiting its backward sits in its
+    mini-batch (``MicroBatch.where``), and the micro-batch of its last backward."""
 
     def __init__(self) -> None:
         self.given: dict[int, MicroBatch] = {}
+        self.in_flight: dict[int, tuple[int, int, tuple[int, ...]]] = {}
         self.last_backward: int | None = None
 
 
@@ -104,11 +109,16 @@ def run_action(stage: StageRuntime, action: Action, channel: Channel, state: Sta
     norms = stage.async_norms
     if action.op == FORWARD:
         given = state.given.pop(mb)
+        state.in_flight[mb] = given.where
         inputs = given.inputs if stage.index == 0 else channel.inputs(mb)
         targets = given.targets if stage.is_last else None
         if norms is not None:
             norms.before_forward(stage, mb, channel.note("act", mb) if stage.index > 0 else None)
-        out = stage.forward(mb, inputs, targets, action.version_diff, given.scale, given.mini_batch)
+        try:
+            out = stage.forward(mb, inputs, targets, action.version_diff, given.scale, given.mini_batch)
+        except Exception as exc:
+            _add_where(exc, f"stage {stage.index}'s forward", given.where)
+            raise
         if stage.is_last:
             channel.loss(mb, out)
         else:
@@ -117,7 +127,12 @@ def run_action(stage: StageRuntime, action: Action, channel: Channel, state: Sta
                 channel.send_note("act", mb, norms.forward_note())
     elif action.op == BACKWARD:
         grads = None if stage.is_last else channel.grads(mb)
-        result = stage.backward(mb, grads)
+        where = state.in_flight.pop(mb)
+        try:
+            result = stage.backward(mb, grads)
+        except Exception as exc:
+            _add_where(exc, f"stage {stage.index}'s backward", where)
+            raise
         if norms is not None:
             note = norms.after_backward(stage, mb, None if stage.is_last else channel.note("grad", mb))
         if stage.index > 0:
@@ -137,6 +152,13 @@ def run_action(stage: StageRuntime, action: Action, channel: Channel, state: Sta
             step_together(stage, channel.total_squared_grad_norm, state.last_backward)
         else:
             stage.step(state.last_backward)
+
+
+def _add_where(exc: Exception, action: str, where: tuple[int, int, tuple[int, ...]]) -> None:
+    """Note on ``exc`` (Python 3.11 notes; none before) the action that raised it and its
+    micro-batch's place and rows (``MicroBatch.where``, :func:`pipeoptim.microbatch.describe`)."""
+    if hasattr(exc, "add_note"):
+        exc.add_note(f"raised in {action}{describe(*where)}")
 
 
 class _Mailbox:
@@ -225,7 +247,12 @@ class LocalExecutor:
         for j, (inputs, targets, scale) in enumerate(zip(batch.inputs, batch.targets, batch.scales)):
             for k, (stage, state) in enumerate(zip(self.stages, self.states)):
                 state.given[first + j] = MicroBatch(
-                    first + j, batch.index, scale, inputs if k == 0 else None, targets if k == last else None
+                    first + j,
+                    batch.index,
+                    scale,
+                    inputs if k == 0 else None,
+                    targets if k == last else None,
+                    (batch.index, j, tuple(map(int, batch.sizes))),
                 )
                 stage.set_hyperparameters(first + j, batch.hyper)
         self._extend([s.on_mini_batch(len(batch.sizes)) for s in self.schedules])

@@ -89,7 +89,12 @@ class StageProcess:
                 inputs = tuple(x.to(self.device) for x in inputs)
             self.channel.expect(first + j, size)
             self.state.given[first + j] = MicroBatch(
-                first + j, batch.index, batch.scales[j], inputs, _to(targets, self.device)
+                first + j,
+                batch.index,
+                batch.scales[j],
+                inputs,
+                _to(targets, self.device),
+                (batch.index, j, tuple(map(int, batch.sizes))),
             )
             self.stage.set_hyperparameters(first + j, batch.hyper)
         self._run(self.schedule.on_mini_batch(len(batch.sizes)))
@@ -246,7 +251,8 @@ def worker_main(
                 results.put(("done", rank, request, reply))
         results.put(("closed", rank, None, None))
     except BaseException as exc:  # report whatever killed this stage, then exit
-        text = f"stage {rank} failed: {type(exc).__name__}: {exc}\n{traceback.format_exc()}"
+        notes = "".join(f"\n{note}" for note in getattr(exc, "__notes__", []))  # where it was raised
+        text = f"stage {rank} failed: {type(exc).__name__}: {exc}{notes}\n{traceback.format_exc()}"
         error = lost_peer(exc, rank) or (exc if isinstance(exc, PipeoptimError) else None)
         try:
             results.put(("error", rank, None, (text, error)))
