@@ -669,6 +669,81 @@ def test_a_custom_autograd_function_keeps_its_own_backward(method: str) -> None:
 
 def test_a_custom_autograd_function_in_the_root_forward_is_refused_with_the_fix() -> None:
     with pytest.raises(
-        TraceError, match=r"_ApplyInRoot.forward calls the custom autograd.Function .*Fix: call"
+        TraceError, match=r"_ApplyInRoot.forward calls the custom autograd.Function .*Fix: move that code"
     ):
         trace(_ApplyInRoot(), torch.randn(4, 6))
+
+
+class _Distilled(nn.Module):
+    """A teacher layer under ``torch.no_grad()`` (trainable, but frozen by the forward) feeding
+    a student; ``mode`` picks the switch: ``no_grad`` or ``set_grad_enabled(False)``."""
+
+    def __init__(self, mode: str = "no_grad") -> None:
+        super().__init__()
+        self.mode = mode
+        self.teacher, self.student = _Teacher(mode), nn.Linear(6, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.student(self.teacher(x))
+
+
+class _Teacher(nn.Module):
+    def __init__(self, mode: str) -> None:
+        super().__init__()
+        self.mode, self.layer = mode, nn.Linear(6, 6)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        switch = torch.no_grad() if self.mode == "no_grad" else torch.set_grad_enabled(False)
+        with switch:
+            return torch.tanh(self.layer(x))
+
+
+class _GradSwitchInRoot(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Linear(6, 6), nn.Linear(6, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            h = self.a(x)
+        return self.b(h)
+
+
+class _AutocastBlock(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.layer = nn.Linear(6, 6)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return self.layer(x).float()
+
+
+@pytest.mark.parametrize("mode", ["no_grad", "set_grad_enabled"])
+def test_a_forward_under_no_grad_stays_frozen(mode: str) -> None:
+    """The switch ran once at trace time and the graph had none: the teacher got gradients
+    and moved. Its module is now a leaf, and training equals plain training (teacher unmoved)."""
+    torch.manual_seed(0)
+    model, batches = _Distilled(mode), loader()[:3]
+    expected = full_batch_training(model, batches, F.cross_entropy)
+    assert torch.equal(expected[1]["teacher.layer.weight"], model.teacher.layer.weight)
+    with pytest.warns(UserWarning, match=r"made these modules leaves.*teacher \(switches gradients off"):
+        got = pipelined(model, batches, F.cross_entropy, "1f1b")
+    assert_equal_training(got, expected)
+
+
+def test_autocast_in_a_forward_is_kept() -> None:
+    """The bfloat16 region of ``_AutocastBlock`` ran in float32 once traced; its module is now a
+    leaf, and the traced model computes exactly what the model does."""
+    torch.manual_seed(0)
+    model, x = nn.Sequential(nn.Linear(6, 6), _AutocastBlock(), nn.Linear(6, 4)), torch.randn(8, 6)
+    with pytest.warns(UserWarning, match=r"made these modules leaves.*1 \(enters or leaves torch.autocast"):
+        traced = trace(model, x)
+    expected = model(x)
+    assert not torch.equal(expected, model[2](model[1].layer(model[0](x))))  # float32 differs
+    assert torch.equal(traced.gm(x)[0], expected)
+
+
+def test_a_grad_switch_in_the_root_forward_is_refused_with_the_fix() -> None:
+    with pytest.raises(TraceError, match=r"_GradSwitchInRoot.forward switches gradients off .*Fix: move"):
+        trace(_GradSwitchInRoot(), torch.randn(4, 6))

@@ -12,8 +12,8 @@ graph module with parameters as ``get_attr`` nodes too (an ATen-level graph, wit
 and sequence dimensions dynamic where the model allows). Where that fails as well, the
 submodule that broke tracing is made a leaf and tracing is retried; only a failure in the
 root module's own ``forward`` is an error. A module whose ``forward`` calls a custom
-``torch.autograd.Function`` is made a leaf first, so that its own backward runs
-(:mod:`pipeoptim.compiler.custom_functions`).
+``torch.autograd.Function`` or switches grad mode or autocast is made a leaf first, so that it
+runs as written (:mod:`pipeoptim.compiler.trace_guards`).
 """
 
 from __future__ import annotations
@@ -35,10 +35,10 @@ import torch.fx as fx
 from torch import nn
 from torch.utils import _pytree as pytree
 
-from pipeoptim.compiler.custom_functions import CustomFunctionCall, refusing_custom_functions
 from pipeoptim.compiler.normalise import normalise
 from pipeoptim.compiler.recompute import checkpoint_calls, fold_regions, recording_checkpoints
 from pipeoptim.compiler.shapes import sequence_inputs
+from pipeoptim.compiler.trace_guards import UntraceableCall, guarding_traced_calls, refusing_custom_functions
 from pipeoptim.errors import TraceError
 
 #: Module types kept as leaves by default: their forward depends on ``self.training``
@@ -218,7 +218,7 @@ def _symbolic_trace(
         concrete[p.name] = p.default
     before = set(vars(model))
     try:
-        with recording_checkpoints(model, tracer) as regions, refusing_custom_functions():
+        with recording_checkpoints(model, tracer) as regions, guarding_traced_calls():
             graph = tracer.trace(model, concrete_args=concrete or None)
         gm = fx.GraphModule(tracer.root, graph, type(model).__name__)
         fold_regions(gm, regions)
@@ -279,7 +279,8 @@ def trace(
 
     Raises:
         TraceError: neither ``torch.fx`` nor ``torch.export`` can trace the root module, or
-            its own ``forward`` calls a custom ``torch.autograd.Function``; the message names
+            its own ``forward`` makes a call a traced graph would drop (a custom
+            ``torch.autograd.Function``, ``no_grad``, ``autocast``); the message names
             the module, the source line and what to do.
     """
     inputs = (example_inputs,) if isinstance(example_inputs, torch.Tensor) else tuple(example_inputs)
@@ -296,14 +297,14 @@ def trace(
             raise TraceError(f"leaf module {name!r} is not a submodule of {type(model).__name__}; {hint}")
     auto_leaves: dict[str, str] = {}
     gm, exc, failed = _symbolic_trace(model, len(inputs), leaf_names)
-    while gm is None and isinstance(exc, CustomFunctionCall) and failed:  # it runs as written
+    while gm is None and isinstance(exc, UntraceableCall) and failed:  # it runs as written
         auto_leaves[failed] = f"{exc} at {_user_frame(exc)}"
         leaf_names.add(failed)
         gm, exc, failed = _symbolic_trace(model, len(inputs), leaf_names)
-    if gm is None and isinstance(exc, CustomFunctionCall):
+    if gm is None and isinstance(exc, UntraceableCall):
         raise TraceError(
-            f"{type(model).__name__}.forward {exc} at {_user_frame(exc)}. Fix: call it from a "
-            "submodule's forward (that module then runs as one node, with the Function's own backward)"
+            f"{type(model).__name__}.forward {exc} at {_user_frame(exc)}. Fix: move that code into a "
+            "submodule's forward (the submodule then runs as one node, as written)"
         ) from exc
     method = "fx"
     if gm is None:

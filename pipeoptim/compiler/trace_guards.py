@@ -1,0 +1,82 @@
+"""Calls a traced graph would drop: they stop tracing, and the module making them runs as written.
+
+``torch.fx`` records tensor operations only, so three kinds of call in a ``forward`` would be
+lost without a word, changing what trains:
+
+- ``MyFunction.apply(x)`` of a custom ``torch.autograd.Function``: fx traces through it into
+  the operations of its ``forward``, and autograd then differentiates those instead of the
+  backward the user wrote (a straight-through estimator passed no gradient, so the layer
+  before it never trained);
+- ``with torch.no_grad():`` / ``torch.enable_grad()`` / ``torch.set_grad_enabled(...)``: the
+  switch happens once, at trace time, so a frozen teacher or target network under
+  ``no_grad`` received gradients and moved;
+- ``with torch.autocast(...)``: likewise, its region ran in full precision.
+
+While a model is traced with fx (:func:`guarding_traced_calls`), these calls raise
+:class:`UntraceableCall`; the tracer then makes the module that made them a leaf
+(:func:`pipeoptim.compiler.trace.trace`), whose forward runs as written at training time. torch's
+own autograd Functions (reentrant checkpointing) are not stopped. Under ``torch.export``, which
+records grad mode and autocast itself, only custom Functions are stopped
+(:func:`refusing_custom_functions`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+
+
+class UntraceableCall(Exception):
+    """A module's forward made a call (:mod:`pipeoptim.compiler.trace_guards`) while traced."""
+
+
+@contextlib.contextmanager
+def refusing_custom_functions() -> Iterator[None]:
+    """Within: ``apply`` of an ``autograd.Function`` subclass not defined in torch raises
+    :class:`UntraceableCall` (torch's own, e.g. reentrant checkpointing, run as usual)."""
+    original = torch.autograd.Function.__dict__["apply"]
+
+    def apply(cls: type, *args: Any, **kwargs: Any) -> Any:
+        if not cls.__module__.startswith("torch."):
+            raise UntraceableCall(
+                f"calls the custom autograd.Function {cls.__module__}.{cls.__qualname__}, whose own "
+                "backward a traced graph would replace"
+            )
+        return original.__func__(cls, *args, **kwargs)
+
+    torch.autograd.Function.apply = classmethod(apply)  # type: ignore[method-assign,assignment]
+    try:
+        yield
+    finally:
+        torch.autograd.Function.apply = original  # type: ignore[method-assign]
+
+
+@contextlib.contextmanager
+def guarding_traced_calls() -> Iterator[None]:
+    """Within: custom autograd Functions (:func:`refusing_custom_functions`), grad-mode switches
+    (``torch._C._set_grad_enabled``, behind ``no_grad``, ``enable_grad`` and
+    ``set_grad_enabled``) and autocast switches (``torch.set_autocast_enabled``) raise
+    :class:`UntraceableCall`."""
+
+    def grad_mode(mode: bool) -> None:
+        raise UntraceableCall(
+            f"switches gradients {'on' if mode else 'off'} (torch.no_grad, enable_grad or set_grad_enabled), "
+            "which a traced graph would drop"
+        )
+
+    def autocast(*args: Any, **kwargs: Any) -> None:
+        raise UntraceableCall("enters or leaves torch.autocast, which a traced graph would drop")
+
+    patched = ((torch._C, "_set_grad_enabled", grad_mode), (torch, "set_autocast_enabled", autocast))
+    originals = [(owner, name, getattr(owner, name)) for owner, name, _ in patched]
+    with refusing_custom_functions():
+        for owner, name, replacement in patched:
+            setattr(owner, name, replacement)
+        try:
+            yield
+        finally:
+            for owner, name, original in originals:
+                setattr(owner, name, original)
