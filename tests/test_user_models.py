@@ -747,3 +747,68 @@ def test_autocast_in_a_forward_is_kept() -> None:
 def test_a_grad_switch_in_the_root_forward_is_refused_with_the_fix() -> None:
     with pytest.raises(TraceError, match=r"_GradSwitchInRoot.forward switches gradients off .*Fix: move"):
         trace(_GradSwitchInRoot(), torch.randn(4, 6))
+
+
+class _FunctionalDropout(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.layer = nn.Linear(6, 6)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.dropout(torch.tanh(self.layer(x)), 0.5, self.training)
+
+
+class _TrainingOnlyShift(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.layer = nn.Linear(6, 6)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.layer(x)
+        if self.training:
+            h = h + 1.0
+        return h
+
+
+class _RootReadsTraining(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Linear(6, 6), nn.Linear(6, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.a(x)
+        return self.b(h + 1.0 if self.training else h)
+
+
+@pytest.mark.parametrize(
+    ("block", "reason"),
+    [
+        (_FunctionalDropout, "passes self.training to an operation"),
+        (_TrainingOnlyShift, "reads self.training"),
+    ],
+)
+def test_a_module_reading_self_training_follows_eval_in_predict(block: type, reason: str) -> None:
+    """fx read ``self.training`` once, at trace time: predict() kept the functional dropout
+    and the training-only branch. The module now runs as written (a leaf), so predict()
+    equals the model in eval mode, and training still equals plain training."""
+    torch.manual_seed(0)
+    model, x = nn.Sequential(block(), nn.Linear(6, 4)), torch.randn(8, 6)
+    model.eval()
+    expected = model(x)
+    model.train()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with (
+        pytest.warns(UserWarning, match=rf"made these modules leaves.*0 \({reason}"),
+        pipeoptim.compile(
+            model, opt, 1, example_inputs=x, loss_fn=F.cross_entropy, executor="local", profile_dir=None
+        ) as pipe,
+    ):
+        assert torch.equal(pipe.predict(x), expected)
+
+
+def test_a_root_forward_reading_self_training_is_traced_with_a_warning() -> None:
+    with pytest.warns(
+        UserWarning, match=r"_RootReadsTraining.forward reads self.training.*predict runs it too"
+    ):
+        traced = trace(_RootReadsTraining(), torch.randn(4, 6))
+    assert not traced.auto_leaves

@@ -38,7 +38,14 @@ from torch.utils import _pytree as pytree
 from pipeoptim.compiler.normalise import normalise
 from pipeoptim.compiler.recompute import checkpoint_calls, fold_regions, recording_checkpoints
 from pipeoptim.compiler.shapes import sequence_inputs
-from pipeoptim.compiler.trace_guards import UntraceableCall, guarding_traced_calls, refusing_custom_functions
+from pipeoptim.compiler.trace_guards import (
+    TrainingFlag,
+    TrainingRead,
+    UntraceableCall,
+    guarding_traced_calls,
+    refusing_custom_functions,
+    training_flags,
+)
 from pipeoptim.errors import TraceError
 
 #: Module types kept as leaves by default: their forward depends on ``self.training``
@@ -136,6 +143,11 @@ class _Tracer(fx.Tracer):
         self.leaf_types = leaf_types
         self.failed_module: str | None = None
 
+    def create_arg(self, a: Any) -> Any:
+        if isinstance(a, TrainingFlag):  # F.dropout(x, p, self.training), for one
+            raise TrainingRead(TrainingFlag.refusal("passes self.training to an operation"))
+        return super().create_arg(a)
+
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         return False  # leaves are handled in call_module so their parameters become nodes
 
@@ -201,7 +213,7 @@ def tied_parameters(model: nn.Module) -> dict[str, list[str]]:
 
 
 def _symbolic_trace(
-    model: nn.Module, n_inputs: int, leaf_names: set[str]
+    model: nn.Module, n_inputs: int, leaf_names: set[str], root_flag: bool = True
 ) -> tuple[fx.GraphModule | None, BaseException | None, str | None]:
     tracer = _Tracer(leaf_names, DEFAULT_LEAF_TYPES)
     sig = inspect.signature(model.forward)
@@ -218,7 +230,11 @@ def _symbolic_trace(
         concrete[p.name] = p.default
     before = set(vars(model))
     try:
-        with recording_checkpoints(model, tracer) as regions, guarding_traced_calls():
+        with (
+            recording_checkpoints(model, tracer) as regions,
+            guarding_traced_calls(),
+            training_flags(model, tracer._is_leaf, root=root_flag),
+        ):
             graph = tracer.trace(model, concrete_args=concrete or None)
         gm = fx.GraphModule(tracer.root, graph, type(model).__name__)
         fold_regions(gm, regions)
@@ -297,15 +313,25 @@ def trace(
             raise TraceError(f"leaf module {name!r} is not a submodule of {type(model).__name__}; {hint}")
     auto_leaves: dict[str, str] = {}
     gm, exc, failed = _symbolic_trace(model, len(inputs), leaf_names)
-    while gm is None and isinstance(exc, UntraceableCall) and failed:  # it runs as written
-        auto_leaves[failed] = f"{exc} at {_user_frame(exc)}"
-        leaf_names.add(failed)
-        gm, exc, failed = _symbolic_trace(model, len(inputs), leaf_names)
-    if gm is None and isinstance(exc, UntraceableCall):
-        raise TraceError(
-            f"{type(model).__name__}.forward {exc} at {_user_frame(exc)}. Fix: move that code into a "
-            "submodule's forward (the submodule then runs as one node, as written)"
-        ) from exc
+    root_training = ""  # the root's own read of self.training, traced at its value (a warning)
+    while gm is None and isinstance(exc, UntraceableCall):  # the module making it runs as written
+        if failed:
+            auto_leaves[failed] = f"{exc} at {_user_frame(exc)}"
+            leaf_names.add(failed)
+        elif isinstance(exc, TrainingRead) and not root_training:
+            root_training = f"{exc} at {_user_frame(exc)}"
+        else:
+            raise TraceError(
+                f"{type(model).__name__}.forward {exc} at {_user_frame(exc)}. Fix: move that code into "
+                "a submodule's forward (the submodule then runs as one node, as written)"
+            ) from exc
+        gm, exc, failed = _symbolic_trace(model, len(inputs), leaf_names, root_flag=not root_training)
+    if root_training:
+        warnings.warn(
+            f"{type(model).__name__}.forward {root_training}: the graph keeps the training branch, so "
+            "Pipeline.predict runs it too. Fix: move the code that tests self.training into a submodule",
+            stacklevel=2,
+        )
     method = "fx"
     if gm is None:
         assert exc is not None

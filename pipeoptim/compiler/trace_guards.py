@@ -10,7 +10,11 @@ lost without a word, changing what trains:
 - ``with torch.no_grad():`` / ``torch.enable_grad()`` / ``torch.set_grad_enabled(...)``: the
   switch happens once, at trace time, so a frozen teacher or target network under
   ``no_grad`` received gradients and moved;
-- ``with torch.autocast(...)``: likewise, its region ran in full precision.
+- ``with torch.autocast(...)``: likewise, its region ran in full precision;
+- ``self.training``: read at trace time (``True``), so ``if self.training:`` branches and
+  ``F.dropout(x, p, self.training)`` kept their training behaviour in evaluation
+  (``Pipeline.predict``). While a module is traced through, its ``training`` is a
+  :class:`TrainingFlag` that raises where it is tested or passed to an operation.
 
 While a model is traced with fx (:func:`guarding_traced_calls`), these calls raise
 :class:`UntraceableCall`; the tracer then makes the module that made them a leaf
@@ -23,10 +27,11 @@ records grad mode and autocast itself, only custom Functions are stopped
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
+from torch import nn
 
 
 class UntraceableCall(Exception):
@@ -80,3 +85,51 @@ def guarding_traced_calls() -> Iterator[None]:
         finally:
             for owner, name, original in originals:
                 setattr(owner, name, original)
+
+
+class TrainingRead(UntraceableCall):
+    """A traced forward tested ``self.training`` or passed it to an operation."""
+
+
+class TrainingFlag:
+    """``module.training`` while fx traces through ``module``: testing it (``bool``) raises
+    :class:`TrainingRead`, and so does passing it to an operation
+    (:meth:`pipeoptim.compiler.trace._Tracer.create_arg`)."""
+
+    def __init__(self, value: bool) -> None:
+        self.value = value
+
+    def __bool__(self) -> bool:
+        raise TrainingRead(self.refusal("reads self.training"))
+
+    @staticmethod
+    def refusal(what: str) -> str:
+        return f"{what}, which a traced graph would fix at its value now (training)"
+
+    def __repr__(self) -> str:
+        return f"TrainingFlag({self.value})"
+
+
+@contextlib.contextmanager
+def training_flags(
+    model: nn.Module, is_leaf: Callable[[nn.Module, str], bool], root: bool = True
+) -> Iterator[None]:
+    """Within: the ``training`` attribute of every module of ``model`` that is traced through
+    (not a leaf by ``is_leaf(module, qualified name)``, nor inside one; the root itself only
+    with ``root``) is a :class:`TrainingFlag`; restored after."""
+    flagged: list[tuple[nn.Module, bool]] = []
+    leaves: list[str] = []
+    try:
+        for name, module in model.named_modules():
+            if any(name.startswith(f"{leaf}.") for leaf in leaves):
+                continue
+            if name and is_leaf(module, name):
+                leaves.append(name)
+                continue
+            if name or root:
+                flagged.append((module, module.training))
+                module.__dict__["training"] = TrainingFlag(module.training)
+        yield
+    finally:
+        for module, value in flagged:
+            module.__dict__["training"] = value
