@@ -12,8 +12,8 @@ graph module with parameters as ``get_attr`` nodes too (an ATen-level graph, wit
 and sequence dimensions dynamic where the model allows). Where that fails as well, the
 submodule that broke tracing is made a leaf and tracing is retried; only a failure in the
 root module's own ``forward`` is an error. A module whose ``forward`` calls a custom
-``torch.autograd.Function`` or switches grad mode or autocast is made a leaf first, so that it
-runs as written (:mod:`pipeoptim.compiler.trace_guards`).
+``torch.autograd.Function``, switches grad mode or autocast, or reads ``self.training`` is made
+a leaf first, so that it runs as written (:mod:`pipeoptim.compiler.trace_guards`).
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Calls a traced graph would drop: they stop tracing, and the module making them runs as written.
 
-``torch.fx`` records tensor operations only, so three kinds of call in a ``forward`` would be
-lost without a word, changing what trains:
+``torch.fx`` records tensor operations only, so four kinds of call in a ``forward`` would be
+lost without a word, changing what trains or what evaluation computes:
 
 - ``MyFunction.apply(x)`` of a custom ``torch.autograd.Function``: fx traces through it into
   the operations of its ``forward``, and autograd then differentiates those instead of the
@@ -16,8 +16,8 @@ lost without a word, changing what trains:
   (``Pipeline.predict``). While a module is traced through, its ``training`` is a
   :class:`TrainingFlag` that raises where it is tested or passed to an operation.
 
-While a model is traced with fx (:func:`guarding_traced_calls`), these calls raise
-:class:`UntraceableCall`; the tracer then makes the module that made them a leaf
+While a model is traced with fx (:func:`guarding_traced_calls`, :func:`training_flags`), these
+calls raise :class:`UntraceableCall`; the tracer then makes the module that made them a leaf
 (:func:`pipeoptim.compiler.trace.trace`), whose forward runs as written at training time. torch's
 own autograd Functions (reentrant checkpointing) are not stopped. Under ``torch.export``, which
 records grad mode and autocast itself, only custom Functions are stopped
