@@ -14,6 +14,8 @@ from typing import TypeVar
 
 import torch
 
+from pipeoptim.errors import PipelineError
+
 T = TypeVar("T")
 
 
@@ -56,6 +58,12 @@ class Loss:
 
     def _fail(self, exc: BaseException) -> None:
         if not self._future.done():
+            if not isinstance(exc, Exception):  # a torch future holds Exceptions only, not Ctrl-C's
+                stopped = PipelineError(
+                    f"the pipeline was stopped by {type(exc).__name__} before this loss arrived"
+                )
+                stopped.__cause__ = exc
+                exc = stopped
             self._future.set_exception(exc)
 
 

@@ -21,6 +21,7 @@ from pipeoptim.errors import (
     PredictorError,
     ProfileError,
 )
+from pipeoptim.loss import Loss, MiniBatchLosses
 from pipeoptim.units import parse_bandwidth, parse_bytes
 
 from .test_training import SmallCNN, data
@@ -562,3 +563,35 @@ def test_an_error_in_a_backward_names_the_stage_and_micro_batch() -> None:
     assert getattr(raised.value, "__notes__", []) == [
         "raised in stage 0's backward of micro-batch 0 of mini-batch 0"
     ]
+
+
+def test_ctrl_c_fails_a_pending_loss_with_a_pipeline_error() -> None:
+    """A KeyboardInterrupt (a BaseException) out of submit() was handed to the pending losses'
+    torch futures, which accept Exceptions only: an AssertionError with a traceback replaced the
+    Ctrl-C (a terminal's Ctrl-C during `pipeoptim train` on a fresh clone: exit 1, not 130)."""
+    losses, loss = MiniBatchLosses(1), Loss(0)
+    losses.expect(loss, [1.0])
+    losses.fail_all(KeyboardInterrupt())  # what step() does (Pipeline._on_error) on a Ctrl-C
+    with pytest.raises(
+        PipelineError, match="stopped by KeyboardInterrupt before this loss arrived"
+    ) as raised:
+        loss.wait()
+    assert isinstance(raised.value.__cause__, KeyboardInterrupt)
+
+
+def test_ctrl_c_inside_step_stays_a_keyboard_interrupt() -> None:
+    calls = []
+
+    def loss_fn(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return F.cross_entropy(out, y)
+
+    x, y = torch.randn(16, 8), torch.randint(0, 4, (16,))
+    with compile_mlp(loss_fn=loss_fn, method="pipeoptim") as pipe:
+        with pytest.raises(KeyboardInterrupt):
+            for _ in range(4):
+                pipe.step(x, y)
+        with pytest.raises(PipelineError, match=r"stopped at an earlier error \(KeyboardInterrupt"):
+            pipe.step(x, y)
