@@ -812,3 +812,43 @@ def test_a_root_forward_reading_self_training_is_traced_with_a_warning() -> None
     ):
         traced = trace(_RootReadsTraining(), torch.randn(4, 6))
     assert not traced.auto_leaves
+
+
+class _TakesTrainingFlag(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.layer = nn.Linear(6, 6)
+
+    def forward(self, x: torch.Tensor, train: bool) -> torch.Tensor:
+        h = self.layer(x)
+        return h * 0.5 if train else h
+
+
+class _PassesTraining(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.child, self.head = _TakesTrainingFlag(), nn.Linear(6, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.child(x, self.training))
+
+
+def test_self_training_passed_to_a_submodule_makes_the_reader_a_leaf() -> None:
+    """The child testing the flag became a leaf, then the flag given to that leaf raised at
+    the child again: trace() looped for ever. The module that read ``self.training`` (here the
+    root, traced at its value with a warning; nested, that module) is the one it blames."""
+    with pytest.warns(UserWarning, match=r"_PassesTraining.forward passes self.training"):
+        traced = trace(_PassesTraining(), torch.randn(4, 6))
+    assert list(traced.auto_leaves) == ["child"]
+    with pytest.warns(UserWarning, match=r"made these modules leaves.*; 1.inner \(passes self.training"):
+        nested = trace(nn.Sequential(nn.Linear(6, 6), _Wrapper()), torch.randn(4, 6))
+    assert sorted(nested.auto_leaves) == ["1.inner", "1.inner.child"]
+
+
+class _Wrapper(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.inner = _PassesTraining()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([self.inner(x)] * 2, dim=1)[:, :6]

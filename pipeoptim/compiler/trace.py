@@ -315,6 +315,8 @@ def trace(
     gm, exc, failed = _symbolic_trace(model, len(inputs), leaf_names)
     root_training = ""  # the root's own read of self.training, traced at its value (a warning)
     while gm is None and isinstance(exc, UntraceableCall):  # the module making it runs as written
+        while failed and failed in leaf_names:  # a leaf was given self.training: its caller read it
+            failed = failed.rpartition(".")[0]
         if failed:
             auto_leaves[failed] = f"{exc} at {_user_frame(exc)}"
             leaf_names.add(failed)
