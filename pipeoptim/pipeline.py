@@ -194,14 +194,16 @@ class Pipeline(Measurements):
 
     def flush(self) -> None:
         """Wait until every mini-batch in flight has finished its backward and step; a flush
-        that fails (a stalled schedule, losses missing) stops the pipeline."""
+        that fails (a stalled schedule, losses missing, or with ``executor="local"`` any
+        exception of the cool-down it runs, the user's own included) stops the pipeline."""
         self._check_open()
         try:
             self._executor.flush()
             if self._losses:
                 raise PipelineError(f"flush finished with {len(self._losses)} loss(es) missing")
-        except PipeoptimError as exc:
-            self._on_error(exc)
+        except BaseException as exc:  # a processes pipeline stays usable after a Ctrl-C while waiting
+            if isinstance(exc, PipeoptimError) or self.executor_kind == "local":
+                self._on_error(exc)
             raise
 
     # -- evaluation and state ----------------------------------------------------------

@@ -595,3 +595,28 @@ def test_ctrl_c_inside_step_stays_a_keyboard_interrupt() -> None:
                 pipe.step(x, y)
         with pytest.raises(PipelineError, match=r"stopped at an earlier error \(KeyboardInterrupt"):
             pipe.step(x, y)
+
+
+def test_an_error_in_the_local_cool_down_stops_the_pipeline() -> None:
+    """flush() with executor="local" runs the cool-down in this process and re-raised the
+    user's own exception, but stopped the pipeline only on pipeoptim's errors: the next step
+    was accepted and its loss never came (waiting on it hung)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(  # the Function on stage 0, whose backwards the cool-down runs
+        nn.Linear(8, 16), _BackwardFails(), nn.Tanh(), nn.Linear(16, 16), nn.Tanh(), nn.Linear(16, 4)
+    )
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    x, y = torch.randn(16, 8), torch.randint(0, 4, (16,))
+    with compile_mlp(model=model, optimizer=opt, method="pipeoptim") as pipe:
+        for _ in range(3):
+            pipe.step(x, y)
+        _FailingBackward.armed = True
+        try:
+            with pytest.raises(RuntimeError, match="backward refused"):
+                pipe.flush()
+        finally:
+            _FailingBackward.armed = False
+        with pytest.raises(
+            PipelineError, match=r"stopped at an earlier error \(RuntimeError: backward refused"
+        ):
+            pipe.step(x, y)
