@@ -693,6 +693,10 @@ class _Teacher(nn.Module):
         self.mode, self.layer = mode, nn.Linear(6, 6)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.mode == "inference_mode":
+            with torch.inference_mode():
+                h = torch.tanh(self.layer(x))
+            return h.clone()  # an inference tensor, out of the region
         switch = torch.no_grad() if self.mode == "no_grad" else torch.set_grad_enabled(False)
         with switch:
             return torch.tanh(self.layer(x))
@@ -719,7 +723,7 @@ class _AutocastBlock(nn.Module):
             return self.layer(x).float()
 
 
-@pytest.mark.parametrize("mode", ["no_grad", "set_grad_enabled"])
+@pytest.mark.parametrize("mode", ["no_grad", "set_grad_enabled", "inference_mode"])
 def test_a_forward_under_no_grad_stays_frozen(mode: str) -> None:
     """The switch ran once at trace time and the graph had none: the teacher got gradients
     and moved. Its module is now a leaf, and training equals plain training (teacher unmoved)."""
@@ -727,7 +731,10 @@ def test_a_forward_under_no_grad_stays_frozen(mode: str) -> None:
     model, batches = _Distilled(mode), loader()[:3]
     expected = full_batch_training(model, batches, F.cross_entropy)
     assert torch.equal(expected[1]["teacher.layer.weight"], model.teacher.layer.weight)
-    with pytest.warns(UserWarning, match=r"made these modules leaves.*teacher \(switches gradients off"):
+    with pytest.warns(
+        UserWarning,
+        match=r"made these modules leaves.*teacher \((switches gradients off|enters torch.inference)",
+    ):
         got = pipelined(model, batches, F.cross_entropy, "1f1b")
     assert_equal_training(got, expected)
 

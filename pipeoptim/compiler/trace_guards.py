@@ -7,9 +7,9 @@ lost without a word, changing what trains or what evaluation computes:
   the operations of its ``forward``, and autograd then differentiates those instead of the
   backward the user wrote (a straight-through estimator passed no gradient, so the layer
   before it never trained);
-- ``with torch.no_grad():`` / ``torch.enable_grad()`` / ``torch.set_grad_enabled(...)``: the
-  switch happens once, at trace time, so a frozen teacher or target network under
-  ``no_grad`` received gradients and moved;
+- ``with torch.no_grad():`` / ``torch.enable_grad()`` / ``torch.set_grad_enabled(...)`` /
+  ``torch.inference_mode()``: the switch happens once, at trace time, so a frozen teacher or
+  target network under ``no_grad`` received gradients and moved;
 - ``with torch.autocast(...)``: likewise, its region ran in full precision;
 - ``self.training``: read at trace time (``True``), so ``if self.training:`` branches and
   ``F.dropout(x, p, self.training)`` kept their training behaviour in evaluation
@@ -63,8 +63,8 @@ def refusing_custom_functions() -> Iterator[None]:
 def guarding_traced_calls() -> Iterator[None]:
     """Within: custom autograd Functions (:func:`refusing_custom_functions`), grad-mode switches
     (``torch._C._set_grad_enabled``, behind ``no_grad``, ``enable_grad`` and
-    ``set_grad_enabled``) and autocast switches (``torch.set_autocast_enabled``) raise
-    :class:`UntraceableCall`."""
+    ``set_grad_enabled``; ``torch._C._InferenceMode``, behind ``inference_mode``) and autocast
+    switches (``torch.set_autocast_enabled``) raise :class:`UntraceableCall`."""
 
     def grad_mode(mode: bool) -> None:
         raise UntraceableCall(
@@ -75,7 +75,14 @@ def guarding_traced_calls() -> Iterator[None]:
     def autocast(*args: Any, **kwargs: Any) -> None:
         raise UntraceableCall("enters or leaves torch.autocast, which a traced graph would drop")
 
-    patched = ((torch._C, "_set_grad_enabled", grad_mode), (torch, "set_autocast_enabled", autocast))
+    def inference_mode(*args: Any, **kwargs: Any) -> None:
+        raise UntraceableCall("enters torch.inference_mode, which a traced graph would drop")
+
+    patched = (
+        (torch._C, "_set_grad_enabled", grad_mode),
+        (torch, "set_autocast_enabled", autocast),
+        (torch._C, "_InferenceMode", inference_mode),
+    )
     originals = [(owner, name, getattr(owner, name)) for owner, name, _ in patched]
     with refusing_custom_functions():
         for owner, name, replacement in patched:
