@@ -153,6 +153,8 @@ def measure_update_cost(
 #: accelerator: beyond the 50 MB L2 of an H100)
 MAX_TIMED_NUMEL = {"cpu": 1 << 23, "other": 1 << 24}
 MIN_TIMED_NUMEL = 1 << 10
+#: the most tensors timed (a step over 4096 one-element tensors takes about 50 ms here)
+MAX_TIMED_TENSORS = 1 << 12
 
 
 def working_set(param_bytes: int, param_tensors: int, device: torch.device | str = "cpu") -> tuple[int, int]:
@@ -160,7 +162,8 @@ def working_set(param_bytes: int, param_tensors: int, device: torch.device | str
     of ``param_bytes`` bytes of trainable parameters in ``param_tensors`` tensors: its size in
     float32 elements rounded to a power of two (nearby models share one measurement) and
     bounded, 2^10 to 2^23 on the CPU (2^24 elsewhere), in as many tensors as keep the model's
-    elements per tensor, at most one per 256 elements.
+    elements per tensor (at most 2^12 tensors: a model of more, smaller ones is timed on 2^12 of
+    that size; 3000 one-element parameters were once priced at 1/150 of their step).
 
     The whole model, not a stage's share of it, so that every layout of the model (N stages x R
     replicas) is priced with the same figure, as compiling that layout alone prices it. Timed
@@ -172,7 +175,10 @@ def working_set(param_bytes: int, param_tensors: int, device: torch.device | str
     elements = max(param_bytes // 4, 1)
     numel = min(max(1 << round(math.log2(elements)), MIN_TIMED_NUMEL), MAX_TIMED_NUMEL[kind])
     count = max(param_tensors * numel / elements, 1.0)  # the model's elements per tensor
-    tensors = min(1 << round(math.log2(count)), max(numel // 256, 1))
+    tensors = min(1 << round(math.log2(count)), numel)
+    if tensors > MAX_TIMED_TENSORS:  # fewer tensors, as many elements each: the same cost per byte
+        numel = max(numel * MAX_TIMED_TENSORS // tensors, MAX_TIMED_TENSORS)
+        tensors = MAX_TIMED_TENSORS
     return numel, tensors
 
 

@@ -167,8 +167,11 @@ def test_update_cost_is_steady_under_load() -> None:
 def test_the_update_cost_is_timed_on_a_working_set_like_the_model() -> None:
     # the transformer benchmark: 25.6 MB of weights in 100 tensors
     assert working_set(4 * 3_200_000 * 2, 100) == (1 << 23, 128)
-    # a tiny model: the smallest working set, at most one tensor per 256 elements
-    assert working_set(100, 10) == (1 << 10, 4)
+    # a tiny model: the smallest working set, its elements per tensor kept
+    assert working_set(100, 10) == (1 << 10, 512)
+    # 3000 one-element parameters: at most 2^12 tensors, each as small as the model's
+    assert working_set(12_000, 3000) == (1 << 12, 1 << 12)
+    assert working_set(4 * 10**6, 10**6) == (1 << 12, 1 << 12)
     # beyond 2^23 elements on the CPU the size is bounded and the tensors shrink with it
     assert working_set(4 << 25, 64) == (1 << 23, 16)
     assert working_set(1 << 40, 1000, "cpu") == (1 << 23, 1)
