@@ -129,12 +129,12 @@ def full_batch_training(model, batches, loss_fn, lr=0.1, make_optimizer=None):
     return losses, model.state_dict()
 
 
-def pipelined(model, batches, loss_fn, method, executor="local", tmp_path=None, **kwargs):
+def pipelined(model, batches, loss_fn, method, executor="local", tmp_path=None, gpus=2, **kwargs):
     net = copy.deepcopy(model)
     with pipeoptim.compile(
         net,
         torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9),
-        2,
+        gpus,
         example_inputs=batches[0][0],
         loss_fn=loss_fn,
         method=method,
@@ -859,3 +859,34 @@ class _Wrapper(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.cat([self.inner(x)] * 2, dim=1)[:, :6]
+
+
+class _SharesFirstLayer(nn.Module):
+    def __init__(self, shared: nn.Module) -> None:
+        super().__init__()
+        self.shared = shared
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(self.shared(x))
+
+
+class _TiedThroughALeaf(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Linear(6, 6), nn.Linear(6, 4)
+        self.mid = _SharesFirstLayer(self.a)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.b(self.mid(self.a(x)))
+
+
+@pytest.mark.parametrize("method", ["gpipe", "1f1b"])
+def test_a_parameter_a_leaf_shares_with_another_stage_is_one_parameter(method: str) -> None:
+    """The leaf ``mid`` reads ``a``'s weights as ``mid.shared.weight``: two get_attr nodes of one
+    parameter, which on two stages trained as two parameters (weights 1e-2 off plain training).
+    Every use now reads one node, so the stages hold copies whose gradients are summed."""
+    torch.manual_seed(0)
+    model, batches = _TiedThroughALeaf(), loader()[:3]
+    expected = full_batch_training(model, batches, F.cross_entropy)
+    got = pipelined(model, batches, F.cross_entropy, method, leaf_modules=["mid"], gpus=3)
+    assert_equal_training(got, expected)

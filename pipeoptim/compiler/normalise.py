@@ -56,6 +56,7 @@ def normalise(gm: fx.GraphModule, method: str, n_inputs: int) -> tuple[list[str]
     else:
         result = output.args[0]
         output.args = (tuple(result) if isinstance(result, (tuple, list)) else (result,),)
+    _one_node_per_parameter(gm)
     for node in list(graph.nodes):
         if node.op == "get_attr" and not node.users:
             graph.erase_node(node)
@@ -78,6 +79,23 @@ def normalise(gm: fx.GraphModule, method: str, n_inputs: int) -> tuple[list[str]
     graph.lint()
     gm.recompile()
     return [n.name for n in graph.nodes if n.op == "placeholder"], out_spec
+
+
+def _one_node_per_parameter(gm: fx.GraphModule) -> None:
+    """Every use of a trainable parameter reads its first ``get_attr`` node. A parameter a leaf
+    module shares with the rest of the model (``self.shared = model.a``) was read by two
+    nodes, ``a.weight`` and the leaf's ``mid.shared.weight``: on two stages they became two
+    parameters, trained apart (never summed as a shared parameter's copies are)."""
+    first_of: dict[int, fx.Node] = {}
+    for node in list(gm.graph.nodes):
+        if node.op != "get_attr":
+            continue
+        value = _fetch(gm, node.target)
+        if isinstance(value, nn.Parameter) and value.requires_grad:
+            first = first_of.setdefault(id(value), node)
+            if first is not node:
+                node.replace_all_uses_with(first)
+                gm.graph.erase_node(node)
 
 
 def _is_state_of_its_users(value: Any) -> bool:
