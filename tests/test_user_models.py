@@ -12,7 +12,7 @@ from torch import nn
 
 import pipeoptim
 from pipeoptim.compiler.trace import trace
-from pipeoptim.errors import PipelineError, TraceError
+from pipeoptim.errors import PipelineError, PlanError, TraceError
 
 
 class PositionalEncoding(nn.Module):
@@ -890,3 +890,28 @@ def test_a_parameter_a_leaf_shares_with_another_stage_is_one_parameter(method: s
     expected = full_batch_training(model, batches, F.cross_entropy)
     got = pipelined(model, batches, F.cross_entropy, method, leaf_modules=["mid"], gpus=3)
     assert_equal_training(got, expected)
+
+
+class _BodyWithFunctionalDropout(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.layers = nn.Sequential(*(nn.Linear(6, 6) for _ in range(4)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.dropout(self.layers(x), 0.0, self.training)
+
+
+def test_too_many_stages_for_a_model_made_one_leaf_says_which_leaf() -> None:
+    model = nn.Sequential(_BodyWithFunctionalDropout(), nn.Linear(6, 4))
+    with (
+        pytest.warns(UserWarning, match="made these modules leaves"),
+        pytest.raises(PlanError, match=r"has only \d node.*tracing made 0 a leaf, one node each"),
+    ):
+        pipeoptim.compile(
+            model,
+            torch.optim.SGD(model.parameters(), lr=0.1),
+            4,
+            example_inputs=torch.randn(8, 6),
+            loss_fn=F.cross_entropy,
+            profile_dir=None,
+        )

@@ -19,6 +19,7 @@ from pipeoptim.compiler.hooks import hooks_silenced
 from pipeoptim.compiler.plan import Plan, make_plan
 from pipeoptim.compiler.profile_cache import load_or_profile
 from pipeoptim.compiler.trace import TracedModel, trace
+from pipeoptim.errors import PlanError
 
 
 @dataclass
@@ -72,7 +73,16 @@ def plan_model(
         graph, reused = load_or_profile(
             traced, example_inputs, profile_dir=profile_dir, device=device, log=log
         )
-    plan = make_plan(
-        graph, config, partitioner=partitioner, solver=solver, time_limit=time_limit, ideals=ideals
-    )
+    try:
+        plan = make_plan(
+            graph, config, partitioner=partitioner, solver=solver, time_limit=time_limit, ideals=ideals
+        )
+    except PlanError as exc:
+        if not traced.auto_leaves:
+            raise
+        leaves = ", ".join(traced.auto_leaves)
+        raise PlanError(
+            f"{exc} (tracing made {leaves} a leaf, one node each: the warning says why, and moving "
+            "that code into a smaller submodule keeps the rest traced)"
+        ) from exc
     return PlannedModel(traced, graph, plan, reused)
