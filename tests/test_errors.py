@@ -620,3 +620,19 @@ def test_an_error_in_the_local_cool_down_stops_the_pipeline() -> None:
             PipelineError, match=r"stopped at an earlier error \(RuntimeError: backward refused"
         ):
             pipe.step(x, y)
+
+
+def test_a_replica_s_error_names_its_stage_and_replica() -> None:
+    """With R replicas the error said "stage 2 failed" for global rank 2, which is stage 0 of
+    replica 1 when there is one stage per replica."""
+
+    def loss_fn(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        if y[0] < 0:
+            raise ValueError("bad target")
+        return F.cross_entropy(out, y)
+
+    x, y = torch.randn(16, 8), torch.randint(0, 4, (16,))
+    with compile_mlp(gpus=2, data_parallel=2, loss_fn=loss_fn, executor="processes", timeout=60) as pipe:
+        pipe.step(x, y).wait()
+        with pytest.raises(PipelineError, match=r"^stage 0 of replica [01] \(rank [01]\) failed: ValueError"):
+            pipe.step(x, torch.full((16,), -1)).wait()

@@ -211,6 +211,7 @@ def worker_main(
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the driver decides when workers stop
     torch.set_num_threads(threads)
     driver = multiprocessing.parent_process()
+    name = f"stage {rank}"  # with replicas, once the spec says: stage k of replica r (rank)
     try:
         kind, _request, payload = commands.get(timeout=timeout)
         if kind != "spec":
@@ -220,6 +221,9 @@ def worker_main(
         os.environ.update(environ)
         device = stage_device(rank)
         spec: PipelineSpec = pickle.loads(pickled)  # see spawning.pickle_spec
+        if spec.data_parallel > 1:
+            stage, replica = stage_and_replica(rank, spec.num_stages)
+            name = f"stage {stage} of replica {replica} (rank {rank})"
         backend = "nccl" if device.type == "cuda" else "gloo"
         if device.type == "cuda":
             torch.cuda.set_device(device)
@@ -252,7 +256,7 @@ def worker_main(
         results.put(("closed", rank, None, None))
     except BaseException as exc:  # report whatever killed this stage, then exit
         notes = "".join(f"\n{note}" for note in getattr(exc, "__notes__", []))  # where it was raised
-        text = f"stage {rank} failed: {type(exc).__name__}: {exc}{notes}\n{traceback.format_exc()}"
+        text = f"{name} failed: {type(exc).__name__}: {exc}{notes}\n{traceback.format_exc()}"
         error = lost_peer(exc, rank) or (exc if isinstance(exc, PipeoptimError) else None)
         try:
             results.put(("error", rank, None, (text, error)))
