@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import warnings
 
 import pytest
 import torch
@@ -915,3 +916,22 @@ def test_too_many_stages_for_a_model_made_one_leaf_says_which_leaf() -> None:
             loss_fn=F.cross_entropy,
             profile_dir=None,
         )
+
+
+def test_a_stage_tracing_again_does_not_repeat_the_compile_warnings() -> None:
+    """Each worker process traces the model again: every one printed the "made these modules
+    leaves" warning that compile had given once."""
+    model = _BinaryNet()
+    with pytest.warns(UserWarning, match="made these modules leaves"):
+        pipe = pipeoptim.compile(
+            model,
+            torch.optim.SGD(model.parameters(), lr=0.1),
+            1,
+            example_inputs=torch.randn(4, 6),
+            loss_fn=F.cross_entropy,
+            profile_dir=None,
+        )
+    with pipe, warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert "binarize" in pipe.spec.trace().auto_leaves
+    assert not caught

@@ -9,6 +9,7 @@ a stage -- this one for the local executor, each worker otherwise -- traces the 
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -80,7 +81,11 @@ class PipelineSpec:
         return schedule_for(stage, method.schedule, self.num_stages, self.micro_batches, steps_every)
 
     def trace(self) -> TracedModel:
-        return trace(self.model, self.example_inputs, self.leaf_modules)
+        """The model traced again, where a stage is built (a worker process, a replica); its
+        warnings (modules made leaves, hooks that will not run) were given once, at compile."""
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
+            return trace(self.model, self.example_inputs, self.leaf_modules)
 
 
 def input_grad_mask(plan: Plan, stage: int) -> list[bool]:
