@@ -64,7 +64,7 @@ from pipeoptim.compiler.trace import trace
 from pipeoptim.examples import Block
 from pipeoptim.runtime.distributed import free_port
 from pipeoptim.runtime.linkcost import QUICK_SIZES, SIZES, measure_link
-from pipeoptim.update_cost import UpdateCosts, measure_update_cost, working_set
+from pipeoptim.update_cost import UpdateCosts, measure_update_cost, working_set_of
 
 WIDTH, DEPTH, BATCH, CLASSES = 512, 16, 64, 10
 VOCAB, DIM, HEADS, BLOCKS, SEQ, LM_BATCH = 256, 256, 4, 8, 32, 8
@@ -250,8 +250,7 @@ def priced_now(
     net = make()
     optimizer = torch.optim.SGD(net.parameters(), lr=1e-3, momentum=0.9)
     micro = (data(size=plan.batch_size)[0],)
-    trained = list(net.parameters())
-    numel, tensors = working_set(sum(p.numel() * p.element_size() for p in trained), len(trained), DEVICE)
+    numel, tensors = working_set_of(net.parameters(), DEVICE)
     costs = update_costs or measure_update_cost(
         type(optimizer), optimizer.defaults, DEVICE, numel, tensors=tensors
     )

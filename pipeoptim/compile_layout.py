@@ -40,7 +40,7 @@ from pipeoptim.update_cost import (
     UpdateCostError,
     UpdateCosts,
     load_or_measure_update_cost,
-    working_set,
+    working_set_of,
 )
 
 if TYPE_CHECKING:
@@ -271,9 +271,7 @@ def planning_config(
     Raises:
         ValueError: a bandwidth or memory string that does not parse.
     """
-    num_stages = layout.pop("num_stages", devices)
-    held = [p for g in optimizer.param_groups for p in g["params"] if p.requires_grad]
-    elements = working_set(sum(p.numel() * p.element_size() for p in held), len(held), device)
+    elements = working_set_of((p for g in optimizer.param_groups for p in g["params"]), device)
     try:
         costs = load_or_measure_update_cost(
             type(optimizer),
@@ -287,7 +285,7 @@ def planning_config(
         say(f"optimizer step cost not modelled in the plan: {exc}")
         costs = UpdateCosts(0.0, 0.0, 0.0)
     return CostConfig(
-        num_stages=num_stages,
+        num_stages=layout.pop("num_stages", devices),
         method=method,
         bandwidth=parse_bandwidth(bandwidth) if bandwidth is not None else None,
         memory_limit=parse_bytes(memory) if memory is not None else None,

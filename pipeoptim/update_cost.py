@@ -13,7 +13,7 @@ import json
 import math
 import statistics
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -182,9 +182,15 @@ def working_set(param_bytes: int, param_tensors: int, device: torch.device | str
     return numel, tensors
 
 
+def working_set_of(params: Iterable[torch.Tensor], device: torch.device | str = "cpu") -> tuple[int, int]:
+    """:func:`working_set` of the trainable tensors among ``params``."""
+    trained = [p for p in params if p.requires_grad]
+    return working_set(sum(p.numel() * p.element_size() for p in trained), len(trained), device)
+
+
 UPDATE_COSTS_FILE = "update-costs.json"
 #: how update costs are timed; figures saved under another clock are measured again
-UPDATE_COST_CLOCK = "cpu-time-median-9, prediction by terms, stage working set"
+UPDATE_COST_CLOCK = "cpu-time-median-9, prediction by terms, model working set"
 
 
 def load_or_measure_update_cost(

@@ -33,7 +33,7 @@ from pipeoptim.errors import PipeoptimError
 from pipeoptim.methods import METHODS
 from pipeoptim.runtime.linkcost import shared_cores, stage_threads
 from pipeoptim.units import plural
-from pipeoptim.update_cost import UpdateCosts, load_or_measure_update_cost, working_set
+from pipeoptim.update_cost import UpdateCosts, load_or_measure_update_cost, working_set, working_set_of
 
 
 def _log(msg: str) -> None:
@@ -200,12 +200,12 @@ def partition(
                 mini_batch = int(examples[0].shape[0]) * m
                 on_this_cpu = target is None or target.type == "cpu"
             given = graph if isinstance(graph, CostGraph) else None
+            on = target or torch.device("cpu")
             if given is not None:  # one graph node per parameter tensor
-                held = (given.total_param_bytes, sum(1 for n in given.nodes if n.param_bytes))
+                params = sum(1 for n in given.nodes if n.param_bytes)
+                elements = working_set(given.total_param_bytes, params, on)
             else:
-                trained = [p for p in net.parameters() if p.requires_grad]
-                held = (sum(p.numel() * p.element_size() for p in trained), len(trained))
-            elements = working_set(*held, target or torch.device("cpu"))
+                elements = working_set_of(net.parameters(), on)
             costs, note = _update_costs(optimizer, device, given, profile_dir, elements)
             figures = link_figures(
                 bandwidth,

@@ -244,6 +244,7 @@ class LocalExecutor:
         """Feed a mini-batch and run every action that can run."""
         first = batch.index * self.schedules[0].micro_batches
         last = len(self.stages) - 1
+        rows = tuple(map(int, batch.sizes))
         for j, (inputs, targets, scale) in enumerate(zip(batch.inputs, batch.targets, batch.scales)):
             for k, (stage, state) in enumerate(zip(self.stages, self.states)):
                 state.given[first + j] = MicroBatch(
@@ -252,7 +253,7 @@ class LocalExecutor:
                     scale,
                     inputs if k == 0 else None,
                     targets if k == last else None,
-                    (batch.index, j, tuple(map(int, batch.sizes))),
+                    (batch.index, j, rows),
                 )
                 stage.set_hyperparameters(first + j, batch.hyper)
         self._extend([s.on_mini_batch(len(batch.sizes)) for s in self.schedules])

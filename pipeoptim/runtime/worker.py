@@ -82,6 +82,7 @@ class StageProcess:
     def submit(self, batch: MiniBatch) -> list[tuple[int, float]]:
         """Run this stage's actions for a new mini-batch; returns losses computed (last stage)."""
         first = batch.index * self.spec.micro_batches
+        rows = tuple(map(int, batch.sizes))
         for j, size in enumerate(batch.sizes):
             inputs = batch.inputs[j] if batch.inputs else None
             targets = batch.targets[j] if batch.targets else None
@@ -94,7 +95,7 @@ class StageProcess:
                 batch.scales[j],
                 inputs,
                 _to(targets, self.device),
-                (batch.index, j, tuple(map(int, batch.sizes))),
+                (batch.index, j, rows),
             )
             self.stage.set_hyperparameters(first + j, batch.hyper)
         self._run(self.schedule.on_mini_batch(len(batch.sizes)))
