@@ -447,15 +447,36 @@ def run_torch_schedule(
     return {"rate": run_pippy(model, schedule, plan, micro, warmup, steps, windows)}
 
 
+#: runs whose rates are divided by one another (:func:`ratios`), run next to each other in
+#: every round: the stash block has weight stashing beside each method compared with it
+PARTNERS = [
+    ["pipeoptim, compiled stages", "pipeoptim", "pipedream", "spectrain", "2bw"],
+    ["1f1b", "pipelining Schedule1F1B"],
+    ["gpipe", "pipelining ScheduleGPipe"],
+]
+
+
+def round_order(names: list[str], r: int) -> list[str]:
+    """The order of the runs of round ``r`` (0-based): the :data:`PARTNERS` blocks (those of
+    ``names``) and every other name alone, the blocks rotated by ``r`` so that none always
+    runs first or last, and each block reversed in odd rounds so that neither of two
+    partners always runs first."""
+    blocks = [[n for n in block if n in names] for block in PARTNERS]
+    grouped = {n for block in blocks for n in block}
+    blocks = [b for b in blocks if b] + [[n] for n in names if n not in grouped]
+    k = r % len(blocks)
+    return [n for block in blocks[k:] + blocks[:k] for n in (block[::-1] if r % 2 else block)]
+
+
 def measure_rounds(runs: dict[str, Any], rounds: int, what: str) -> dict[str, dict[str, Any]]:
-    """Every configuration of ``runs`` (name -> a call measuring it) ``rounds`` times, the order
-    rotated each round so that no configuration always runs first or last; per configuration
-    the run of median rate (with the loads of all its runs). One run each on this shared
-    2-core machine moved a ratio by up to 0.3 between two full runs minutes apart."""
+    """Every configuration of ``runs`` (name -> a call measuring it) ``rounds`` times, in the
+    order of :func:`round_order` (the two runs of each ratio seconds apart, where the host's
+    speed drifts by up to a third over minutes); per configuration the run of median rate
+    (with the loads of all its runs)."""
     names = list(runs)
     measured: dict[str, list[dict[str, Any]]] = {name: [] for name in names}
     for r in range(rounds):
-        for name in names[r % len(names) :] + names[: r % len(names)]:
+        for name in round_order(names, r):
             print(f"  {what}, {name} (round {r + 1} of {rounds}) ...", file=sys.stderr)
             load = os.getloadavg()[0]
             result = runs[name]()
@@ -655,7 +676,8 @@ def main() -> None:
     parser.add_argument(
         "--rounds",
         type=int,
-        help="runs of every configuration, order rotated, median kept (default 5; 1 with --quick)",
+        help="runs of every configuration, the partners of each ratio side by side, median kept "
+        "(default 5; 1 with --quick)",
     )
     parser.add_argument(
         "--schedules",
@@ -829,7 +851,8 @@ def main() -> None:
         f"UTC under a load average of {min(loads):.1f} to {max(loads):.1f} (the benchmark's "
         f"own ranks count in it; the `load` column is the range of the 1-minute load when each "
         f"run started).\n\n{described}\n\n"
-        f"Every configuration ran {rounds} time(s), the order rotated each round; `rounds /s` "
+        f"Every configuration ran {rounds} time(s), the two runs of each ratio side by side and the "
+        f"order rotated each round; `rounds /s` "
         f"lists each run's rate, and every other column is that of the run of median rate. "
         f"Each ratio below is the median over rounds of the ratio of the two runs of one round "
         f"(the host's speed drifts over the run).\n\n"

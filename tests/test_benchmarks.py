@@ -128,3 +128,33 @@ def test_only_a_full_run_writes_the_committed_results(tmp_path: Path) -> None:
         assert folder != RESULTS and folder.is_dir() and folder.name.startswith("bench-")
     assert where("--quick", "--out", str(tmp_path)) == tmp_path
     assert where("--stages", "4") == RESULTS  # the default given explicitly is the full run
+
+
+def test_throughput_runs_the_partners_of_each_ratio_side_by_side() -> None:
+    """PipeOptim and SpecTrain run next to weight stashing and our 1F1B next to torch's in
+    every round (the host drifts over minutes); the blocks rotate, and partners swap turns."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        from throughput import round_order
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    names = ["pipeoptim", "pipedream", "1f1b", "none", "spectrain", "pipelining Schedule1F1B"]
+    assert round_order(names, 0) == [
+        "pipeoptim", "pipedream", "spectrain", "1f1b", "pipelining Schedule1F1B", "none",
+    ]  # fmt: skip
+    assert round_order(names, 1) == [
+        "pipelining Schedule1F1B", "1f1b", "none", "spectrain", "pipedream", "pipeoptim",
+    ]  # fmt: skip
+    for r in range(6):
+        order = round_order(names, r)
+        assert sorted(order) == sorted(names)
+        for a, b in [
+            ("pipeoptim", "pipedream"),
+            ("spectrain", "pipedream"),
+            ("1f1b", "pipelining Schedule1F1B"),
+        ]:
+            assert abs(order.index(a) - order.index(b)) == 1, (r, order)
+    firsts = {
+        round_order(names, r).index("pipeoptim") < round_order(names, r).index("pipedream") for r in range(2)
+    }
+    assert firsts == {True, False}
