@@ -384,10 +384,10 @@ def test_json_prints_the_metrics_and_failures_as_objects(tmp_path) -> None:
     }
     result = CliRunner().invoke(cli, ["partition", "mlp", "--gpus", "2", "--stages", "4", "--json"])
     assert result.exit_code == 1 and json.loads(result.stdout) == {
-        "error": "--stages 4 needs more than --gpus 2 devices: raise --gpus",
+        "error": "--stages 4 needs 4 devices but --gpus is 2: raise --gpus to 4 or lower --stages",
         "exit_code": 1,
     }
-    assert "Error: --stages 4 needs more" in result.stderr  # the message stays on stderr too
+    assert "Error: --stages 4 needs 4 devices" in result.stderr  # the message stays on stderr too
 
 
 def test_a_data_dir_digits_would_ignore_is_refused(tmp_path) -> None:

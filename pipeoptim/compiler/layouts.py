@@ -189,7 +189,10 @@ def candidates(gpus: int, stages: int | None = None, replicas: int | None = None
         )
     for what, value in (("stages", stages), ("data-parallel", replicas)):
         if value is not None and value > gpus:
-            raise PlanError(f"--{what} {value} needs more than --gpus {gpus} devices: raise --gpus")
+            raise PlanError(
+                f"--{what} {value} needs {value} devices but --gpus is {gpus}: raise --gpus to "
+                f"{value} or lower --{what}"
+            )
     pairs = [(n, r) for n in range(1, gpus + 1) for r in range(1, gpus // n + 1)]
     return [(n, r) for n, r in pairs if stages in (None, n) and replicas in (None, r)]
 
