@@ -39,7 +39,7 @@ from pipeoptim.runtime.executor import MiniBatch
 from pipeoptim.runtime.spawning import pickle_spec
 
 sys.path.insert(0, str(Path(__file__).parent))
-from outputs import results_dir
+from outputs import results_dir, run_kind, stage_count
 from throughput import MODELS, compile_model
 
 METHODS = ("pipeoptim", "pipedream", "2bw", "spectrain", "none", "1f1b")
@@ -167,20 +167,47 @@ def hook_cost(model: str, repeats: int, profile_dir: Path) -> tuple[float, float
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="2 stages, 2 methods, few mini-batches")
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="few mini-batches; by default 2 stages and 2 methods (--stages and --methods still apply)",
+    )
     parser.add_argument("--model", choices=sorted(MODELS), default="mlp")
-    parser.add_argument("--stages", type=int, default=4)
+    parser.add_argument("--stages", type=stage_count, help="default 4 (2 with --quick)")
     parser.add_argument("--methods", nargs="+", choices=METHODS)
     parser.add_argument(
         "--out", type=Path, help="default: benchmarks/results for the full run, else a temporary folder"
     )
     args = parser.parse_args()
-    args.out = results_dir(parser, args, "breakdown", scope=("model", "stages", "methods"))
+    scope = ("model", "stages", "methods")
+    kind = run_kind(parser, args, scope)
+    args.out = results_dir(parser, args, "breakdown", scope=scope)
     torch.set_num_threads(1)
-    stages = 2 if args.quick else args.stages
+    stages = args.stages or (2 if args.quick else 4)
     methods = args.methods or (["pipeoptim", "pipedream"] if args.quick else list(METHODS))
     warmup, steps = (2, 4) if args.quick else (5, 30)
-    profile_dir = Path(tempfile.mkdtemp(prefix="breakdown-profiles-"))
+    with tempfile.TemporaryDirectory(prefix="breakdown-profiles-") as folder:
+        text, summary = measure_all(args, kind, stages, methods, warmup, steps, Path(folder))
+    print(text)
+    print(summary)  # last: the one summary line, as every benchmark ends
+    args.out.mkdir(parents=True, exist_ok=True)
+    tmp = args.out / "breakdown.md.tmp"
+    tmp.write_text(text)
+    tmp.replace(args.out / "breakdown.md")
+    print(f"results in {args.out}", file=sys.stderr)
+
+
+def measure_all(
+    args: argparse.Namespace,
+    kind: str,
+    stages: int,
+    methods: list[str],
+    warmup: int,
+    steps: int,
+    profile_dir: Path,
+) -> tuple[str, str]:
+    """Every method's breakdown at ``stages`` (and at as many stages as cores, against the
+    plan's figures) and the saved-tensor hooks' cost: the report's text and its summary line."""
     load_before = os.getloadavg()[0]
     # measured against profiled where every rank has a core of its own (wall time = compute)
     fit_stages = min(stages, len(os.sched_getaffinity(0)))
@@ -237,7 +264,7 @@ def main() -> None:
         f"{m} {w:.2f}" for m, w in weights.items()
     )
     text = (
-        f"# Where the time goes ({'quick' if args.quick else 'full'} run, CPU, gloo, 1 thread per rank, "
+        f"# Where the time goes ({kind} run, CPU, gloo, 1 thread per rank, "
         f"{os.cpu_count()} cores, load average {load_before:.1f} before / {load_after:.1f} after)\n\n"
         f"{description}, {stages} stages; milliseconds per mini-batch ({rows} rows; "
         f"2bw runs mini-batches of {stages} x {rows} rows and is counted per {rows}) over {steps} timed "
@@ -251,13 +278,7 @@ def main() -> None:
         f"= ratio.\n\n"
         f"{fit_table}\n"
     )
-    print(text)
-    print(summary)  # last: the one summary line, as every benchmark ends
-    args.out.mkdir(parents=True, exist_ok=True)
-    tmp = args.out / "breakdown.md.tmp"
-    tmp.write_text(text)
-    tmp.replace(args.out / "breakdown.md")
-    print(f"results in {args.out}", file=sys.stderr)
+    return text, summary
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
-"""Where a benchmark writes its results: only a full run replaces the committed ones."""
+"""Where a benchmark writes its results (only a full run replaces the committed ones), and
+the options its command lines share."""
 
 from __future__ import annotations
 
@@ -24,7 +25,34 @@ def results_dir(
     """
     if args.out is not None:
         return Path(args.out)
-    full = not getattr(args, "quick", False) and all(
+    return RESULTS if is_full_run(parser, args, scope) else Path(tempfile.mkdtemp(prefix=f"{prefix}-"))
+
+
+def is_full_run(parser: argparse.ArgumentParser, args: argparse.Namespace, scope: Iterable[str]) -> bool:
+    """No ``--quick`` and every option of ``scope`` at its default: the run whose results are
+    committed (its title says "full run"; any other says "quick run" or "partial run")."""
+    return not getattr(args, "quick", False) and all(
         getattr(args, name) == parser.get_default(name) for name in scope
     )
-    return RESULTS if full else Path(tempfile.mkdtemp(prefix=f"{prefix}-"))
+
+
+def run_kind(parser: argparse.ArgumentParser, args: argparse.Namespace, scope: Iterable[str]) -> str:
+    """``"full"``, ``"quick"`` or ``"partial"`` (some of the full run's options narrowed)."""
+    if getattr(args, "quick", False):
+        return "quick"
+    return "full" if is_full_run(parser, args, scope) else "partial"
+
+
+def stage_count(text: str) -> int:
+    """An argparse type: a number of pipeline stages, at least 2.
+
+    Raises:
+        argparse.ArgumentTypeError: not an integer, or below 2.
+    """
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 2:
+        raise argparse.ArgumentTypeError(f"{value}: a pipeline needs at least 2 stages")
+    return value

@@ -25,8 +25,11 @@ seconds apart, and a goal inside that range can tip with one more round.
     python benchmarks/throughput.py [--quick [--compiled]] [--models mlp transformer] [--stages 2 4]
                                     [--methods 2bw ...] [--out DIR]
 
-``--quick`` and runs of some stage counts or methods write to a new temporary folder unless
-``--out`` says otherwise; only the full run writes ``benchmarks/results``.
+``--quick`` runs fewer mini-batches and one round, by default at 2 stages on the MLP with three
+methods; options given with it still apply. It and runs of some stage counts or methods write
+to a new temporary folder unless ``--out`` says otherwise, titled "quick run" or "partial run";
+only the full run writes ``benchmarks/results``. Where a stage count does not divide a model's
+mini-batch, every run of it uses the largest multiple (:func:`mini_batch_rows`).
 
 Writes ``throughput.md``, ``throughput_timeline.png`` and ``throughput_memory.png``.
 """
@@ -49,7 +52,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
-from outputs import results_dir
+from outputs import results_dir, run_kind, stage_count
 from tabulate import tabulate
 from torch import nn
 
@@ -196,7 +199,7 @@ def run_pipeoptim(
     # PipeDream-2BW steps once per M micro-batches of BATCH rows each: its micro-batch is the
     # unit the other asynchronous methods run per pass, so it gets mini-batches of M x BATCH
     # rows and its rate is counted per BATCH rows, like theirs (same work per pass).
-    rows = MODELS[model][3]
+    rows = mini_batch_rows(model, micro)
     scale = micro if method == "2bw" else 1
     x, y = MODELS[model][1](size=rows * scale)
     micro_batches = micro if method in ("gpipe", "1f1b", "2bw") else None
@@ -351,8 +354,9 @@ def _pippy_worker(
         world_size=world,
         timeout=datetime.timedelta(seconds=300),
     )
-    make, data, loss, rows, _ = MODELS[model_name]
+    make, data, loss, _, _ = MODELS[model_name]
     model = make()
+    rows = mini_batch_rows(model_name, micro)
     x, y = data(size=rows)
     plan = Plan.from_dict(plan_dict)
     traced = trace(model, (x[: rows // micro],))
@@ -439,7 +443,7 @@ def run_torch_schedule(
         n * PIPPY[schedule],
         "local",
         profile_dir,
-        MODELS[model][3],
+        mini_batch_rows(model, micro),
         micro_batches=micro,
         **costs,
     ) as pipe:
@@ -495,10 +499,21 @@ def measure_rounds(runs: dict[str, Any], rounds: int, what: str) -> dict[str, di
     return chosen
 
 
-def sequential_seconds(model: str, repeats: int = 5) -> float:
-    """Seconds of one mini-batch's forward, backward and SGD step on one thread, no pipeline
-    (median of ``repeats``): the work the stages share."""
-    make, data, loss, rows, _ = MODELS[model]
+def mini_batch_rows(model: str, micro: int) -> int:
+    """Rows of ``model``'s mini-batch in a run of ``micro`` micro-batches: its mini-batch rounded
+    down to a multiple of ``micro``, for every run of that stage count alike.
+    torch.distributed.pipelining sizes its receive buffers from the first micro-batch, so its
+    micro-batches must have equal rows (64 rows in 3 micro-batches, 22/21/21, failed there)."""
+    rows = MODELS[model][3]
+    return rows - rows % micro
+
+
+def sequential_seconds(model: str, rows: int, repeats: int = 7) -> float:
+    """Seconds of one mini-batch of ``rows`` rows' forward, backward and SGD step on one
+    thread, no pipeline: the work the stages share. The fastest of ``repeats``: a moment's
+    slowdown of the host only lengthens a repeat (a median of 5 under load made the idle share
+    of runs measured later negative)."""
+    make, data, loss, _, _ = MODELS[model]
     net = make().to(DEVICE)
     opt = torch.optim.SGD(net.parameters(), lr=1e-3, momentum=0.9)
     x, y = (t.to(DEVICE) for t in data(size=rows))
@@ -511,7 +526,7 @@ def sequential_seconds(model: str, repeats: int = 5) -> float:
         if DEVICE == "cuda":
             torch.cuda.synchronize()
         times.append(time.perf_counter() - start)
-    return statistics.median(times[1:])
+    return min(times[1:])
 
 
 # --------------------------------------------------------------------------- memory
@@ -649,10 +664,40 @@ def ratios(model: str, n: int, results: dict[str, dict[str, Any]]) -> str:
     return f"{model}, {n} stages: " + "; ".join(p for p in parts if p)
 
 
+def summary_line(
+    model: str,
+    n: int,
+    results: dict[str, dict[str, Any]],
+    weights: dict[str, int],
+    memory_stages: int,
+    alpha: float,
+    beta: float,
+) -> str:
+    """The run's one summary line, for ``model`` at ``n`` stages (the last measured): PipeOptim's
+    rate, its paired ratios to torch's Schedule1F1B and to weight stashing, and the total weight
+    bytes (``weights``, measured on the MLP at ``memory_stages``) of PipeOptim over stashing;
+    ``alpha`` (seconds) and ``beta`` (seconds per byte) of the link."""
+    ours = results["pipeoptim"]
+    ratios_text = "".join(
+        f"{paired_ratio(ours['rates'], results[key]['rates']):.2f}x {label}, "
+        for key, label in (("pipelining Schedule1F1B", "pipelining 1F1B"), ("pipedream", "pipedream"))
+        if key in results
+    )
+    return (
+        f"{model}, {n} stages: pipeoptim {ours['rate']:.2f} mini-batches/s = {ratios_text}"
+        f"weight memory pipeoptim/pipedream (mlp, {memory_stages} stages) "
+        f"{weights['pipeoptim'] / weights['pipedream']:.2f}x; gloo alpha {alpha * 1e6:.0f} us, "
+        f"bandwidth {1 / beta / 1e9:.2f} GB/s"
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
-        "--quick", action="store_true", help="2 stages, fewer methods and steps (under 2 minutes)"
+        "--quick",
+        action="store_true",
+        help="fewer steps and rounds; by default 2 stages, the MLP, 3 methods, 2 torch schedules "
+        "(under 2 minutes; --stages, --models, --methods, --schedules, --rounds still apply)",
     )
     parser.add_argument(
         "--out",
@@ -660,7 +705,7 @@ def main() -> None:
         help="where to write (default: benchmarks/results for the full run, a new temporary "
         "folder for --quick, --stages, --methods, --models or --schedules)",
     )
-    parser.add_argument("--stages", type=int, nargs="+", help="stage counts to measure (default 2 4)")
+    parser.add_argument("--stages", type=stage_count, nargs="+", help="stage counts to measure (default 2 4)")
     parser.add_argument(
         "--compiled",
         action="store_true",
@@ -696,19 +741,26 @@ def main() -> None:
     DEVICE = args.device
     if DEVICE == "cuda" and torch.cuda.device_count() < max(args.stages or [2, 4]):
         parser.error(f"--device cuda needs a GPU per stage: {torch.cuda.device_count()} found")
+    if args.rounds is not None and args.rounds < 1:
+        parser.error(f"--rounds must be at least 1, got {args.rounds}")
     scope = ("stages", "methods", "models", "schedules", "rounds", "device")
+    stage_counts = args.stages or ([2] if args.quick else [2, 4])
+    models = args.models or (["mlp"] if args.quick else list(MODELS))
+    for model in models:
+        if max(stage_counts) > MODELS[model][3]:
+            parser.error(
+                f"--stages {max(stage_counts)}: {model}'s mini-batch of {MODELS[model][3]} rows "
+                "cannot be split into that many micro-batches"
+            )
+    kind = run_kind(parser, args, scope)
     args.out = results_dir(parser, args, "throughput", scope=scope)
-    args.stages = args.stages or [2, 4]
     rounds = args.rounds or (1 if args.quick else 5)
-    if rounds < 1:
-        parser.error("--rounds must be at least 1")
     torch.set_num_threads(1)  # profile as the ranks run: one thread each
-    stage_counts = [2] if args.quick else args.stages
-    models = ["mlp"] if args.quick else args.models or list(MODELS)
-    methods = ["pipeoptim", "pipedream", "1f1b"] if args.quick else list(pipeoptim.METHODS)
-    if args.methods and not args.quick:
-        extra = [m for m in args.methods if m not in ("pipeoptim", "pipedream", "1f1b")]
-        methods = ["pipeoptim", "pipedream", "1f1b", *extra]
+    methods = ["pipeoptim", "pipedream", "1f1b"]
+    if args.methods:
+        methods += [m for m in args.methods if m not in methods]
+    elif not args.quick:
+        methods = list(pipeoptim.METHODS)
     schedules = ["Schedule1F1B", "ScheduleZBVZeroBubble"] if args.quick else list(PIPPY)
     if args.schedules is not None:
         schedules = args.schedules
@@ -728,9 +780,9 @@ def main() -> None:
     rows, ratio_lines, timeline_result, loads = [], [], None, [os.getloadavg()[0]]
     for model in models:
         warmup, steps, windows = lengths[model]
-        sequential = sequential_seconds(model)
         for n in stage_counts:
             micro = n
+            sequential = sequential_seconds(model, mini_batch_rows(model, micro))
             runs: dict[str, Any] = {}  # configuration -> its measurement (a dict with "rate")
             for method in methods:
                 runs[method] = partial(
@@ -777,6 +829,7 @@ def main() -> None:
                     ]
                 )
             ratio_lines.append(ratios(model, n, results))
+            last = (model, n, results)  # the summary line's: the last measured
             if timeline_result is None or model == "mlp":
                 timeline_result = (model, n, results["pipeoptim"])
     headers = [
@@ -827,26 +880,25 @@ def main() -> None:
     )
     print(mem_table)
     args.out.mkdir(parents=True, exist_ok=True)
-    model, n, result = timeline_result
-    plot_timeline(result, args.out / "throughput_timeline.png", f"pipeoptim, {model}, {n} stages, CPU gloo")
-    plot_memory(reports, args.out / "throughput_memory.png")
-    last = stage_counts[-1]
-    ours = results["pipeoptim"]  # the last model and stage count measured
-    weights = {m: sum(s["weight_bytes"] for s in stages) for m, stages in reports.items()}
-    summary = (
-        f"{model}, {last} stages: pipeoptim {ours['rate']:.2f} mini-batches/s = "
-        + "".join(
-            f"{paired_ratio(ours['rates'], results[key]['rates']):.2f}x {label}, "
-            for key, label in (("pipelining Schedule1F1B", "pipelining 1F1B"), ("pipedream", "pipedream"))
-            if key in results
-        )
-        + "weight memory pipeoptim/pipedream "
-        f"{weights['pipeoptim'] / weights['pipedream']:.2f}x; gloo alpha {alpha * 1e6:.0f} us, "
-        f"bandwidth {1 / beta / 1e9:.2f} GB/s"
+    shown, shown_n, result = timeline_result
+    plot_timeline(
+        result, args.out / "throughput_timeline.png", f"pipeoptim, {shown}, {shown_n} stages, CPU gloo"
     )
+    plot_memory(reports, args.out / "throughput_memory.png")
+    weights = {m: sum(s["weight_bytes"] for s in stages) for m, stages in reports.items()}
+    summary = summary_line(*last, weights, memory_stages, alpha, beta)
     described = "\n".join(f"- {name}: {MODELS[name][4]}" for name in models)
+    rounded = [(m, n) for m in models for n in stage_counts if mini_batch_rows(m, n) != MODELS[m][3]]
+    if rounded:
+        described += (
+            "\n- "
+            + ", ".join(
+                f"{m} at {n} stages: mini-batches of {mini_batch_rows(m, n)} rows" for m, n in rounded
+            )
+            + " (a multiple of the micro-batches, which torch.distributed.pipelining needs equal)"
+        )
     text = (
-        f"# Throughput ({'quick' if args.quick else 'full'} run, CPU, gloo, 1 thread per rank, "
+        f"# Throughput ({kind} run, CPU, gloo, 1 thread per rank, "
         f"{os.cpu_count()} cores)\n\nMeasured {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} "
         f"UTC under a load average of {min(loads):.1f} to {max(loads):.1f} (the benchmark's "
         f"own ranks count in it; the `load` column is the range of the 1-minute load when each "

@@ -128,6 +128,75 @@ def test_only_a_full_run_writes_the_committed_results(tmp_path: Path) -> None:
         assert folder != RESULTS and folder.is_dir() and folder.name.startswith("bench-")
     assert where("--quick", "--out", str(tmp_path)) == tmp_path
     assert where("--stages", "4") == RESULTS  # the default given explicitly is the full run
+    from outputs import run_kind  # a partial run was titled "full run"
+
+    kinds = [run_kind(parser, parser.parse_args(a), scope) for a in ([], ["--quick"], ["--stages", "3"])]
+    assert kinds == ["full", "quick", "partial"]
+
+
+@pytest.mark.parametrize(
+    "script, argv, message",
+    [
+        ("throughput.py", ["--stages", "0"], "0: a pipeline needs at least 2 stages"),
+        ("throughput.py", ["--stages", "-2", "--quick"], "-2: a pipeline needs at least 2 stages"),
+        ("throughput.py", ["--rounds", "0"], "--rounds must be at least 1, got 0"),
+        ("throughput.py", ["--stages", "9", "--models", "transformer"], "mini-batch of 8 rows"),
+        ("breakdown.py", ["--stages", "1"], "1: a pipeline needs at least 2 stages"),
+    ],
+)
+def test_benchmark_options_out_of_range_are_refused(
+    tmp_path: Path, script: str, argv: list[str], message: str
+) -> None:
+    """--stages 0 ended in a traceback after gloo was measured, --stages -2 ran, and --rounds 0
+    ran the default 5 rounds; each is now a usage error (exit 2) before anything runs."""
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / script), *argv],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=tmp_path,
+    )
+    assert done.returncode == 2 and message in done.stderr, done.stderr[-2000:]
+    assert "Traceback" not in done.stderr
+
+
+def test_throughput_summary_names_the_model_its_figures_are_from() -> None:
+    """The summary line said "mlp, 4 stages" with the transformer's rate and ratios (the last
+    model measured), and its weight memory, always measured on the MLP, under the run's stage
+    count."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        from throughput import mini_batch_rows, summary_line
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    results = {
+        "pipeoptim": {"rate": 10.79, "rates": [10.0, 12.0, 9.0]},
+        "pipedream": {"rates": [10.0, 12.0, 10.0]},
+        "pipelining Schedule1F1B": {"rates": [5.0, 6.0, 6.0]},
+    }
+    line = summary_line("transformer", 4, results, {"pipeoptim": 7, "pipedream": 10}, 4, 1e-4, 1 / 3.5e9)
+    assert line == (
+        "transformer, 4 stages: pipeoptim 10.79 mini-batches/s = 2.00x pipelining 1F1B, "
+        "1.00x pipedream, weight memory pipeoptim/pipedream (mlp, 4 stages) 0.70x; gloo alpha "
+        "100 us, bandwidth 3.50 GB/s"
+    )
+    # torch.distributed.pipelining needs micro-batches of equal rows: 64 rows at 3 stages is 63
+    assert [mini_batch_rows("mlp", n) for n in (2, 3, 4)] == [64, 63, 64]
+    assert [mini_batch_rows("transformer", n) for n in (2, 3, 4)] == [8, 6, 8]
+
+
+@pytest.mark.slow
+def test_torch_schedules_run_where_the_stages_do_not_divide_the_mini_batch(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """At 3 stages every torch.distributed.pipelining baseline failed (64 rows split 22/21/21:
+    "Expected input batch_size (22) to match target batch_size (21)") and its ratios were nan."""
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))  # the spawned ranks import it too
+    import throughput
+
+    costs = {"bandwidth": 3e9, "latency": 1e-4, "action_overhead": 3e-4}
+    result = throughput.run_torch_schedule("mlp", "Schedule1F1B", 3, 3, 1, 4, 1, tmp_path, costs)
+    assert result["rate"] > 0  # a number: NaN is what a failed schedule reported
 
 
 def test_throughput_runs_the_partners_of_each_ratio_side_by_side() -> None:
