@@ -264,3 +264,15 @@ def test_cli_counts_are_singular_for_one(tmp_path: Path, args: list[str], line: 
     result = CliRunner().invoke(cli, ["partition", "--profile", str(neutral(tmp_path)), *args])
     assert result.exit_code == 0, result.stderr
     assert line in result.stdout
+
+
+def test_no_layout_with_too_few_rows_says_to_split_less() -> None:
+    """64 micro-batches of an 8-row mini-batch: every layout has micro-batches of 0 rows, and
+    the error said "raise --memory or --gpus", neither of which helps."""
+    graph = chain(params=10_000, fwds=(0.01, 0.05))
+    with pytest.raises(PlanError) as caught:
+        choose_layout(lambda rows: graph, CostConfig(2, bandwidth=1e9), 2, micro_batches=64, mini_batch=8)
+    text = str(caught.value)
+    assert text.startswith("no layout of 2 devices is feasible (")
+    assert text.endswith("): use a larger batch or fewer micro-batches"), text
+    assert "--memory" not in text

@@ -66,6 +66,7 @@ class LayoutOption:
         min_feasible_bytes: where the memory limit rules the layout out, the smallest per-device
             limit (bytes) it fits in; else ``None``.
         error: why it is infeasible, in full (raised where it was the only layout asked for).
+        fix: what would make it feasible, where that is known ("" otherwise).
     """
 
     stages: int
@@ -77,6 +78,7 @@ class LayoutOption:
     reason: str = ""
     min_feasible_bytes: int | None = None
     error: PlanError | None = field(default=None, repr=False)
+    fix: str = ""
 
     @property
     def devices(self) -> int:
@@ -237,6 +239,7 @@ def plan_layout(
     option = LayoutOption(stages, replicas, m, factor, rows)
     if rows < 1:
         option.reason = f"micro-batches of {rows:.2g} rows (the mini-batch has too few)"
+        option.fix = "use a larger batch or fewer micro-batches"
         option.error = PlanError(
             f"{stages} x {replicas} (stages x replicas) with {m} micro-batches each needs a mini-batch of "
             f"at least {m * replicas} rows: use a larger batch or fewer replicas or micro-batches"
@@ -246,6 +249,7 @@ def plan_layout(
         check_micro_batches(config.method, stages, m)
     except ValueError as exc:
         option.reason = f"2bw needs M >= N ({m} < {stages})"
+        option.fix = "use at least as many micro-batches as stages"
         option.error = PlanError(str(exc))
         return option
     cores = layout_cores(config.cores, stages * replicas)
@@ -280,7 +284,10 @@ def _raise_infeasible(gpus: int, config: CostConfig, options: list[LayoutOption]
         reasons += f"; {len(options) - 4} more"
     sized = [o for o in options if o.min_feasible_bytes is not None]
     if not sized:
-        raise PlanError(f"no layout of {gpus} devices is feasible ({reasons}); raise --memory or --gpus")
+        # the memory limit rules none out here: raising it would not help
+        fixes = list(dict.fromkeys(o.fix for o in options if o.fix))
+        advice = " or ".join(fixes) if fixes else "raise --gpus or force another layout (--stages)"
+        raise PlanError(f"no layout of {gpus} devices is feasible ({reasons}): {advice}")
     least = min(sized, key=lambda o: (o.min_feasible_bytes, o.devices))
     need = int(least.min_feasible_bytes or 0)
     raise InfeasibleMemoryError(
