@@ -739,13 +739,13 @@ def main() -> None:
     args = parser.parse_args()
     global DEVICE
     DEVICE = args.device
-    if DEVICE == "cuda" and torch.cuda.device_count() < max(args.stages or [2, 4]):
-        parser.error(f"--device cuda needs a GPU per stage: {torch.cuda.device_count()} found")
     if args.rounds is not None and args.rounds < 1:
         parser.error(f"--rounds must be at least 1, got {args.rounds}")
     scope = ("stages", "methods", "models", "schedules", "rounds", "device")
     stage_counts = args.stages or ([2] if args.quick else [2, 4])
     models = args.models or (["mlp"] if args.quick else list(MODELS))
+    if DEVICE == "cuda" and torch.cuda.device_count() < max(stage_counts):
+        parser.error(f"--device cuda needs a GPU per stage: {torch.cuda.device_count()} found")
     for model in models:
         if max(stage_counts) > MODELS[model][3]:
             parser.error(
