@@ -39,7 +39,7 @@ from pipeoptim.runtime.clipping import check_clipping
 from pipeoptim.runtime.compiled import check_compile_stages
 from pipeoptim.runtime.distributed import check_devices
 from pipeoptim.runtime.linkcost import stage_threads
-from pipeoptim.runtime.optim import constructor_arguments, hyperparameters, param_group_names
+from pipeoptim.runtime.optim import constructor_arguments, held_state, hyperparameters, param_group_names
 from pipeoptim.runtime.precision import autocast_context, check_autocast
 from pipeoptim.runtime.predictors import VARIANTS as PREDICTOR_VARIANTS
 from pipeoptim.runtime.predictors import get_predictor
@@ -348,7 +348,11 @@ def compile(
         data_parallel=data_parallel,
     )
     device = inputs[0].device if kind == "local" else torch.device("cpu")
-    return Pipeline(spec, traced, optimizer, batch, static_batch, kind, device, timeout, owns_group)
+    pipe = Pipeline(spec, traced, optimizer, batch, static_batch, kind, device, timeout, owns_group)
+    held = held_state(model, optimizer)  # an optimizer that has stepped: continue from its state
+    if held is not None:
+        pipe._continue_from(held)
+    return pipe
 
 
 def _policy_options(policy: str | None, backward: str, predictor: str, micro_batches: int) -> dict[str, Any]:

@@ -284,6 +284,11 @@ class Pipeline(Measurements):
         state = {"format": _OPTIMIZER_STATE, "mini_batches": self._next, **self._executor.optimizer_state()}
         return state | {"param_groups": hyperparameters(self._optimizer)}
 
+    def _continue_from(self, held: dict[str, Any]) -> None:
+        """Start the stages' optimizers from ``held``, the state the user's optimizer already
+        holds (:func:`pipeoptim.runtime.optim.held_state`; compile calls this)."""
+        self.load_optimizer_state_dict({"format": _OPTIMIZER_STATE, "mini_batches": 0, **held})
+
     def load_optimizer_state_dict(self, state: dict[str, Any]) -> None:
         """Restore :meth:`optimizer_state_dict` output.
 

@@ -67,6 +67,10 @@ class _Predicting(WeightPolicy):
         if self._extrapolator is not None:
             self._extrapolator.invalidate()
 
+    def reset(self) -> None:
+        if self._extrapolator is not None:
+            self._extrapolator.invalidate()  # it reads the optimizer state that was replaced
+
 
 class PipeOptimPolicy(_Predicting):
     """``pipeoptim`` (Guan et al., arXiv:2312.00839): the forward of a micro-batch uses
@@ -235,6 +239,10 @@ class SpecTrainPolicy(_Predicting):
     def after_step(self) -> None:
         super().after_step()
         self._steps_taken += 1
+
+    def reset(self) -> None:
+        super().reset()
+        self._hat_of = None  # Ŵ came from the weights before the load
 
     def end_backward(self, micro_batch: int) -> None:
         self._backward_of = None

@@ -26,6 +26,8 @@ def load_stage_state(
     stage: StageRuntime, state: dict[str, torch.Tensor], aliases: dict[str, list[str]]
 ) -> None:
     """Copy the entries of ``state`` that ``stage`` owns into its tensors (in place)."""
+    if stage.policy is not None:
+        stage.policy.reset()
     with torch.no_grad():
         for name, tensor in stage.module.state_dict(keep_vars=True).items():
             source = state.get(name)
@@ -85,6 +87,8 @@ def merge_optimizer_states(parts: Sequence[dict[str, Any]]) -> dict[str, Any]:
 
 def load_optimizer_state(stage: StageRuntime, state: dict[str, Any]) -> None:
     """Restore the part of ``state`` (:func:`merge_optimizer_states`) that ``stage`` owns."""
+    if stage.policy is not None:
+        stage.policy.reset()
     steps = state["steps"]
     own = steps.get(stage.index, steps.get(str(stage.index)))
     if own is None:  # saved with fewer stages: after a flush every stage has taken as many steps

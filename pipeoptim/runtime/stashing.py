@@ -123,6 +123,11 @@ class TwoBW(WeightPolicy):
         self._updated = self._updating
         self._updates += 1
 
+    def reset(self) -> None:
+        """The shadow holds weights from before the load: the next mini-batch uses the loaded
+        ones, as after a resume (it used the stale shadow when loaded into a trained pipeline)."""
+        self._updated = None
+
     def backward_weight(self, name: str, micro_batch: int) -> torch.Tensor:
         shadow, updates = self._used[micro_batch]
         if not shadow and updates == self._updates:

@@ -86,6 +86,10 @@ class WeightPolicy:
     def after_step(self) -> None:
         """Called after each optimizer step."""
 
+    def reset(self) -> None:
+        """Forget what was derived from the weights and the optimizer state: both were just
+        loaded (a checkpoint, ``load_state_dict``; always after a flush, nothing in flight)."""
+
     def forward_weights(self) -> dict[str, torch.Tensor]:
         """What the forward prepared by :meth:`begin_forward` computes with, by graph name."""
         return {name: self._values.get(name, p) for name, p in self.params.items()}
