@@ -147,7 +147,9 @@ def _check_resume(config: TrainConfig, out: Path) -> Path | None:
     data = read_checkpoint(path)  # raises CheckpointError when missing or half-written
     saved = data["extra"].get("config", {})
     keys = ("task", "method", "gpus", "optimizer", "batch_size", "seed", "lr", "lr_schedule")
-    for key in (*keys, "limit", "micro_batches"):
+    # momentum and weight decay come back from the checkpoint's optimizer state, and another
+    # layout changes the staleness: a run given others would record settings it did not use
+    for key in (*keys, "limit", "micro_batches", "momentum", "weight_decay", "stages", "data_parallel"):
         if key in saved and saved[key] != getattr(config, key):
             option = f"--{key.replace('_', '-')}"
             values = (saved[key], getattr(config, key))

@@ -248,6 +248,13 @@ def test_resume_refuses_another_limit_or_micro_batches_and_says_when_nothing_is_
     code, _, err = run(*common, *resume, "--limit", "64", "--micro-batches", "4", "--epochs", "3")
     assert code == 1 and len(err.strip().splitlines()) == 1
     assert "made with no --micro-batches, this run has --micro-batches 4" in err
+    # these were accepted, ignored (the checkpoint's optimizer state brings its own momentum and
+    # weight decay back) and recorded in metrics.json as if used
+    for option, then, now in (("--momentum", "0.9", "0.0"), ("--weight-decay", "0.0", "0.5")):
+        code, _, err = run(*common, *resume, "--limit", "64", option, now, "--epochs", "3")
+        assert code == 1 and f"made with {option} {then}, this run has {option} {now}" in err
+    code, _, err = run(*common[:3], *common[5:], *resume, "--limit", "64", "--stages", "1", "--epochs", "3")
+    assert code == 1 and "made with --stages 2, this run has --stages 1" in err
     for epochs in ("1", "2"):
         code, _, err = run(*common, *resume, "--limit", "64", "--epochs", epochs)
         assert code == 1 and len(err.strip().splitlines()) == 1
