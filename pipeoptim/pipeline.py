@@ -12,7 +12,7 @@ import copy
 import math
 import os
 from collections import deque
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import torch
@@ -178,14 +178,25 @@ class Pipeline(Measurements):
                 self._check_open()  # re-raise the pipeline's error as step() does
                 raise
 
-    def train(self, batches: Iterable[tuple[Any, Any]]) -> Iterator[float]:
+    def train(
+        self, batches: Iterable[tuple[Any, Any]], after_step: Callable[[], Any] | None = None
+    ) -> Iterator[float]:
         """Stream ``(inputs, targets)`` mini-batches; yields each loss in order. N mini-batches
         are kept in flight, by count, not by which losses have arrived: when the loop stops
         after k losses, k + N mini-batches were given, with every executor (a flush or close
-        finishes them). The pipeline is flushed at the end."""
+        finishes them). The pipeline is flushed at the end.
+
+        Args:
+            after_step: called after each mini-batch is given to :meth:`step`, e.g. a
+                per-mini-batch ``scheduler.step``. Each loss is yielded N mini-batches after its
+                mini-batch was given, so a scheduler stepped in the loop over the losses would
+                give mini-batch t the rate of mini-batch t − N.
+        """
         pending: deque[Loss] = deque()
         for inputs, targets in batches:
             pending.append(self.step(inputs, targets))
+            if after_step is not None:
+                after_step()
             while len(pending) > self.num_stages:
                 yield pending.popleft().wait()
         self.flush()
