@@ -83,6 +83,10 @@ class Sequential:
             "mini_batches": self.mini_batches_done,
             "plan": None,
             "extra": extra,
+            # dropout draws from the global generator, float16 steps follow the loss scale: a
+            # resumed run without them diverged at its first mini-batch
+            "rng_state": torch.get_rng_state(),
+            "loss_scale": self.scaler.state_dict() if self.scaler is not None else None,
         }
         save_checkpoint(path, state)
 
@@ -93,6 +97,10 @@ class Sequential:
         self.model.load_state_dict(data["state_dict"])
         self.optimizer.load_state_dict(data["optimizer"])
         self.mini_batches_done = data["mini_batches"]
+        if data.get("rng_state") is not None:
+            torch.set_rng_state(data["rng_state"])
+        if self.scaler is not None and data.get("loss_scale"):
+            self.scaler.load_state_dict(data["loss_scale"])
         return data["extra"]
 
     def close(self, finish: bool = True) -> None:
