@@ -144,11 +144,12 @@ def compile(
         solver: ILP solver, ``cbc`` or ``highs``.
         log: receives progress messages (profiling, reuse of a saved profile).
         max_grad_norm: clip each mini-batch's gradients by their global norm over all
-            stages, as ``torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)``
-            before ``optimizer.step()``: gpipe and 1f1b (equal to plain training), or any
-            method with one stage (see :mod:`pipeoptim.runtime.clipping` for why the
-            asynchronous methods refuse it with more). ``None``: no clipping.
-        autocast: ``torch.bfloat16`` or ``torch.float16`` (gpipe, 1f1b or one stage; with
+            stages, as ``torch.nn.utils.clip_grad_norm_(params, max_grad_norm)`` over the
+            parameters ``optimizer`` updates, before ``optimizer.step()``: with gpipe and 1f1b
+            equal to plain training; the asynchronous methods clip without a stall by the norm
+            of :mod:`pipeoptim.runtime.async_norms` (exact at stage 0).
+            ``None``: no clipping.
+        autocast: ``torch.bfloat16`` or ``torch.float16`` (every method; float16 with
             loss scaling over all stages as ``torch.amp.GradScaler``,
             :mod:`pipeoptim.runtime.scaler`): every stage computes its forward and the loss under
             ``torch.autocast`` (as the plain model inside that context), values cross stage

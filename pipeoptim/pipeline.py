@@ -224,7 +224,10 @@ class Pipeline(Measurements):
         """Forward-only pass with the current weights (evaluation mode); flushes first.
 
         ``inputs`` as for :meth:`step` (under torchrun only rank 0 needs them). Returns the
-        model's output structure, with tensors on the CPU.
+        model's output structure, with tensors on the CPU. The rows run in pieces of a
+        training micro-batch's size (``ceil(batch_size / (M·R))``), so a module whose
+        eval-mode output depends on the other rows of its batch (BatchNorm without running
+        statistics) sees those pieces, not the whole of ``inputs``.
         """
         self.flush()
         inputs = None if inputs is None else as_tuple(inputs)

@@ -325,6 +325,8 @@ def test_nan_stops_training_naming_mini_batch_and_stage() -> None:
         with pytest.raises(NonFiniteLossError, match="stage 0 computed for mini-batch 1") as info:
             pipe.step(bad, torch.zeros(16, dtype=torch.long))
         assert (info.value.step, info.value.stage) == (1, 0)
+        # the NaN is the data's: the message said "(its inputs were finite)"
+        assert "(its inputs, the data given to step(), hold NaN)" in str(info.value)
         with pytest.raises(NonFiniteLossError):  # the pipeline stays failed
             pipe.step(torch.randn(16, 8), torch.zeros(16, dtype=torch.long))
     with compile_mlp(nan_check="loss") as pipe, pytest.raises(NonFiniteLossError, match="stage 2, the last"):

@@ -208,9 +208,11 @@ class StageRuntime:
                 ]
                 out = pytree.tree_unflatten(leaves, out_spec)
             if self.nan_check == "stages" and _any_nan(leaves):
+                data = self.index == 0 and _any_nan(leaf_inputs)  # later stages' inputs were checked
+                cause = "its inputs, the data given to step(), hold NaN" if data else "its inputs were finite"
                 raise NonFiniteLossError(
                     f"NaN in the activations stage {self.index} computed for mini-batch {step} "
-                    "(its inputs were finite): lower the learning rate, check the data, or pass "
+                    f"({cause}): lower the learning rate, check the data, or pass "
                     "nan_check='off' (--nan-check off) to train on",
                     step=step,
                     stage=self.index,
