@@ -401,3 +401,18 @@ def test_a_data_dir_digits_would_ignore_is_refused(tmp_path) -> None:
     """digits ships with scikit-learn: --data-dir /nonexistent was silently ignored (exit 0)."""
     code, _, err = run("digits", "--data-dir", "/nonexistent", "--out", str(tmp_path))
     assert code == 1 and "digits ships with scikit-learn and reads no data folder ('/nonexistent')" in err
+
+
+def test_ctrl_c_with_json_prints_an_object_on_stdout(tmp_path, monkeypatch) -> None:
+    """A run stopped by Ctrl-C exits with 130; with --json stdout stayed empty, where every
+    other failure prints {"error", "exit_code"} for a script to read."""
+    import pipeoptim.cli.train as train_module
+
+    def interrupted(*_args, **_kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(train_module, "train", interrupted)
+    args = ["digits", "--method", "sequential", "--json", "--out", str(tmp_path / "run")]
+    code, out, err = run(*args)
+    assert code == 130 and json.loads(out) == {"error": "interrupted", "exit_code": 130}
+    assert "interrupted: every stage was stopped" in err

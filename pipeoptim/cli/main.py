@@ -28,6 +28,11 @@ class _Commands(click.Group):
                 json.dump({"error": exc.format_message(), "exit_code": exc.exit_code}, sys.stdout)
                 sys.stdout.write("\n")
             raise
+        except SystemExit as exc:  # Ctrl-C: the command said why on stderr and exits with 130
+            if ctx.meta.get("pipeoptim.json") and exc.code == 130:
+                json.dump({"error": "interrupted", "exit_code": 130}, sys.stdout)
+                sys.stdout.write("\n")
+            raise
 
 
 @click.group(cls=_Commands, context_settings={"help_option_names": ["-h", "--help"]})
