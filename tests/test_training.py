@@ -132,41 +132,15 @@ def test_async_with_one_stage_equals_plain_training(method: str) -> None:
     assert got == pytest.approx(expected, rel=1e-5, abs=1e-6)
 
 
-def test_train_steps_a_scheduler_given_as_after_step_with_each_mini_batch() -> None:
-    """A scheduler stepped in the loop over train()'s losses lags by N mini-batches (losses
-    3e-2 off plain training with StepLR(1, 0.5)); after_step steps it as each mini-batch is
-    given, as a loop over step() does."""
+@pytest.mark.parametrize("loop", ["step", "train"])
+def test_learning_rate_scheduler_on_the_users_optimizer_is_followed(loop: str) -> None:
+    """Stepped after each step(), or given to train() as after_step: a scheduler stepped in the
+    loop over train()'s losses lagged by N mini-batches (3e-2 off plain training)."""
     model = no_dropout_cnn()
     batches = data(6)
 
     def schedule(opt):
         return torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
-
-    expected, _ = plain_training(model, SGD_MOMENTUM[0], batches, micro=1, scheduler=schedule)
-    net = copy.deepcopy(model)
-    opt = SGD_MOMENTUM[0](net)
-    sched = schedule(opt)
-    with pipeoptim.compile(
-        net,
-        opt,
-        2,
-        example_inputs=batches[0][0],
-        loss_fn=F.cross_entropy,
-        method="gpipe",
-        micro_batches=1,
-        executor="local",
-        profile_dir=None,
-    ) as pipe:
-        got = list(pipe.train(batches, after_step=sched.step))
-    assert got == pytest.approx(expected, rel=1e-5, abs=1e-6)
-
-
-def test_learning_rate_scheduler_on_the_users_optimizer_is_followed() -> None:
-    model = no_dropout_cnn()
-    batches = data(6)
-
-    def schedule(opt):
-        return torch.optim.lr_scheduler.StepLR(opt, step_size=2, gamma=0.3)
 
     expected, _ = plain_training(model, SGD_MOMENTUM[0], batches, micro=2, scheduler=schedule)
     net = copy.deepcopy(model)
@@ -183,10 +157,13 @@ def test_learning_rate_scheduler_on_the_users_optimizer_is_followed() -> None:
         executor="local",
         profile_dir=None,
     ) as pipe:
-        got = []
-        for x, y in batches:
-            got.append(pipe.step(x, y).item())
-            sched.step()
+        if loop == "train":
+            got = list(pipe.train(batches, after_step=sched.step))
+        else:
+            got = []
+            for x, y in batches:
+                got.append(pipe.step(x, y).item())
+                sched.step()
     assert got == pytest.approx(expected, rel=1e-5, abs=1e-6)
 
 
