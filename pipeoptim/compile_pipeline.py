@@ -39,12 +39,13 @@ from pipeoptim.runtime.clipping import check_clipping
 from pipeoptim.runtime.compiled import check_compile_stages
 from pipeoptim.runtime.distributed import check_devices
 from pipeoptim.runtime.linkcost import stage_threads
-from pipeoptim.runtime.optim import constructor_arguments, held_state, hyperparameters, param_group_names
+from pipeoptim.runtime.optim import constructor_arguments, hyperparameters, param_group_names
 from pipeoptim.runtime.precision import autocast_context, check_autocast
 from pipeoptim.runtime.predictors import VARIANTS as PREDICTOR_VARIANTS
 from pipeoptim.runtime.predictors import get_predictor
 from pipeoptim.runtime.replicas import check_layout, check_replicated_options
 from pipeoptim.runtime.spawning import check_not_importing_main
+from pipeoptim.runtime.stage_state import held_state
 
 
 def compile(

@@ -300,7 +300,7 @@ class Pipeline(Measurements):
 
     def _continue_from(self, held: dict[str, Any]) -> None:
         """Start the stages' optimizers from ``held``, the state the user's optimizer already
-        holds (:func:`pipeoptim.runtime.optim.held_state`; compile calls this)."""
+        holds (:func:`pipeoptim.runtime.stage_state.held_state`; compile calls this)."""
         self.load_optimizer_state_dict({"format": _OPTIMIZER_STATE, "mini_batches": 0, **held})
 
     def load_optimizer_state_dict(self, state: dict[str, Any]) -> None:

@@ -165,26 +165,3 @@ def apply_hyperparameters(
                 group[key].fill_(value)
             else:
                 group[key] = value
-
-
-def held_state(model: nn.Module, optimizer: Optimizer) -> dict[str, Any] | None:
-    """What ``optimizer`` already holds for ``model``'s parameters -- its per-parameter state
-    (SGD's momentum buffers, Adam's moments and step count, ...) and their last gradients --
-    keyed by every name of each parameter (a tied one under each of its names), as the stages'
-    optimizer state is (:mod:`pipeoptim.runtime.stage_state`); ``None`` where it holds no state
-    (it has not stepped). A model trained for a while before it is compiled then continues as
-    it would with ``optimizer``: the stages' optimizers started empty before (momentum and
-    Adam's moments restarted, its step count at 0)."""
-    if not any(optimizer.state.get(p) for g in optimizer.param_groups for p in g["params"]):
-        return None
-    state: dict[str, Any] = {}
-    grads: dict[str, torch.Tensor] = {}
-    for name, p in model.named_parameters(remove_duplicate=False):
-        if optimizer.state.get(p):
-            state[name] = {
-                k: v.detach().clone() if isinstance(v, torch.Tensor) else v
-                for k, v in optimizer.state[p].items()
-            }
-        if p.grad is not None:
-            grads[name] = p.grad.detach().clone()
-    return {"state": state, "grads": grads, "steps": {}}

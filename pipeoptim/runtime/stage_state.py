@@ -3,11 +3,12 @@ into one state for the whole pipeline, and restored (checkpoints, ``state_dict``
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import asdict
 from typing import Any
 
 import torch
+from torch import nn
 from torch.optim import Optimizer
 
 from pipeoptim.runtime.scaler import LossScaler
@@ -37,10 +38,6 @@ def load_stage_state(
                 tensor.copy_(source)
 
 
-def _param_names(stage: StageRuntime) -> dict[int, str]:
-    return {id(p): n for n, p in stage.module.named_parameters(remove_duplicate=False)}
-
-
 def optimizer_state(stage: StageRuntime) -> dict[str, Any]:
     """The stage optimizer's state and last gradients keyed by parameter name, its step count.
 
@@ -57,15 +54,38 @@ def optimizer_state(stage: StageRuntime) -> dict[str, Any]:
         result["norm_parts"] = {"mini_batch": norms.known[0], "parts": norms.known[1].tolist()}
     if stage.optimizer is None:
         return result
-    names = _param_names(stage)
-    for p, s in stage.optimizer.state.items():
-        result["state"][names[id(p)]] = {
-            k: v.detach().cpu().clone() if isinstance(v, torch.Tensor) else v for k, v in s.items()
-        }
-    for p in _all_params(stage.optimizer):
+    return result | _by_name(stage.optimizer, stage.module.named_parameters(remove_duplicate=False))
+
+
+def _by_name(optimizer: Optimizer, named: Iterable[tuple[str, torch.Tensor]]) -> dict[str, Any]:
+    """``optimizer``'s state and the last gradients of its parameters, as CPU copies keyed by
+    each name ``named`` gives them (a shared parameter under each of its names)."""
+    held = {id(p) for p in _all_params(optimizer)}
+    state: dict[str, Any] = {}
+    grads: dict[str, torch.Tensor] = {}
+    for name, p in named:
+        if id(p) not in held:
+            continue
+        if optimizer.state.get(p):
+            state[name] = {
+                k: v.detach().cpu().clone() if isinstance(v, torch.Tensor) else v
+                for k, v in optimizer.state[p].items()
+            }
         if p.grad is not None:
-            result["grads"][names[id(p)]] = p.grad.detach().cpu().clone()
-    return result
+            grads[name] = p.grad.detach().cpu().clone()
+    return {"state": state, "grads": grads}
+
+
+def held_state(model: nn.Module, optimizer: Optimizer) -> dict[str, Any] | None:
+    """What ``optimizer`` already holds for ``model``'s parameters -- its per-parameter state
+    (SGD's momentum buffers, Adam's moments and step count, ...) and their last gradients --
+    keyed as the stages' optimizer state is (:func:`optimizer_state`); ``None`` where it holds
+    no state (it has not stepped). A model trained for a while before it is compiled then
+    continues as it would with ``optimizer``: the stages' optimizers started empty before
+    (momentum and Adam's moments restarted, its step count at 0)."""
+    if not any(optimizer.state.get(p) for p in _all_params(optimizer)):
+        return None
+    return {**_by_name(optimizer, model.named_parameters(remove_duplicate=False)), "steps": {}}
 
 
 def _all_params(optimizer: Optimizer) -> list[torch.Tensor]:
