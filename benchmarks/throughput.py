@@ -10,9 +10,13 @@ micro-batches; the ratios the issue asks for (PipeOptim, 2BW and SpecTrain to we
 our flushing schedules to torch's, PipeOptim to zero-bubble); the plan's predicted throughput
 against the measured one (the cost model with α and β of gloo and the runtime's CPU time per
 action measured first, the cores the ranks share, and the stages priced from a profile taken
-right after each run, :func:`priced_now`); the idle share of every run
+just before and right after each run, :func:`priced_now`); the idle share of every run
 (``1 − sequential compute / (N · time)``), and the measured peak memory per stage for
 PipeOptim against PipeDream's weight stashing (MLP).
+Every pipeoptim run is launched as torchrun launches a job (:func:`run_torchrun`: one process
+per stage, each reading only its own stage's data, as each rank of torch's schedules does);
+PipeOptim runs once more with the processes executor (one script, whose process splits every
+mini-batch and feeds the stages: the single-script launch and what it costs).
 PipeOptim runs once more (``--quick``: only with ``--compiled``) with every stage compiled by
 ``torch.compile`` (inductor, ``compile_stages=True``; 2N more warm-up mini-batches, which
 include the compilation).
@@ -39,6 +43,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime
+import math
 import os
 import queue
 import statistics
@@ -180,6 +185,99 @@ def windows_rate(stamps: list[float], rows_per_step: float, windows: int) -> flo
     return statistics.median(rates)
 
 
+def _compiled(model: str, method: str, stages: int, micro: int, executor: str, run: dict[str, Any]):
+    """``method`` compiled for ``model`` at ``stages`` stages with ``executor``, from the shared
+    profile in ``run["profile_dir"]`` with the measured ``run["costs"]`` (compile's
+    ``bandwidth``, ``latency``, ``action_overhead``)."""
+    return compile_model(
+        model,
+        method,
+        stages,
+        executor,
+        run["profile_dir"],
+        mini_batch_rows(model, micro) * (micro if method == "2bw" else 1),
+        micro_batches=micro if method in ("gpipe", "1f1b", "2bw") else None,
+        device=run["device"],
+        compile_stages=run["compile_stages"],
+        **run["costs"],
+    )
+
+
+def _timed(pipe: pipeoptim.Pipeline, inputs: Any, targets: Any, run: dict[str, Any]) -> tuple[float, float]:
+    """``run["warmup"]`` mini-batches and a flush, then ``run["steps"]`` timed ones and a
+    flush: their start and end (perf_counter seconds)."""
+    for _ in range(run["warmup"]):
+        pipe.step(inputs, targets)
+    pipe.flush()
+    start = time.perf_counter()
+    for _ in range(run["steps"]):
+        pipe.step(inputs, targets)
+    pipe.flush()
+    return start, time.perf_counter()
+
+
+def _data(model: str, method: str, micro: int) -> tuple[torch.Tensor, torch.Tensor]:
+    # PipeDream-2BW steps once per M micro-batches of BATCH rows each: its micro-batch is the
+    # unit the other asynchronous methods run per pass, so it gets mini-batches of M x BATCH
+    # rows and its rate is counted per BATCH rows, like theirs (same work per pass).
+    return MODELS[model][1](size=mini_batch_rows(model, micro) * (micro if method == "2bw" else 1))
+
+
+def _torchrun_rank(
+    rank: int, world: int, port: int, model: str, method: str, micro: int, run: dict[str, Any], out: Any
+) -> None:
+    """One rank of a torchrun job, in the environment torchrun gives it: compiles with the
+    torchrun executor and runs :func:`_timed` with only the data its stage reads (rank 0 the
+    inputs, the last rank the targets), as every rank of torch's schedules does; puts its
+    timeline, start and end on ``out``."""
+    os.environ.update(
+        RANK=str(rank),
+        WORLD_SIZE=str(world),
+        LOCAL_RANK=str(rank),
+        LOCAL_WORLD_SIZE=str(world),
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+    )
+    torch.set_num_threads(1)
+    x, y = _data(model, method, micro)
+    with _compiled(model, method, world, micro, "torchrun", run) as pipe:
+        start, end = _timed(pipe, x if rank == 0 else None, y if rank == world - 1 else None, run)
+        out.put((rank, list(pipe._executor.process.timeline), start, end))
+
+
+def run_torchrun(
+    model: str, method: str, stages: int, micro: int, run: dict[str, Any]
+) -> tuple[list[list[tuple[str, int, float, float]]], list[float], float]:
+    """:func:`_torchrun_rank` in ``stages`` processes: every stage's timeline, the moment each
+    stage started its timed mini-batches (after its flush of the warm-up), and the latest end.
+
+    Raises:
+        RuntimeError: a rank failed, or the run took over 15 minutes."""
+    ctx = mp.get_context("spawn")
+    out = ctx.Queue()
+    args = (stages, free_port(), model, method, micro, run, out)
+    procs = [ctx.Process(target=_torchrun_rank, args=(r, *args)) for r in range(stages)]
+    for p in procs:
+        p.start()
+    parts: dict[int, tuple[Any, float, float]] = {}
+    deadline = time.monotonic() + 900
+    try:
+        while len(parts) < stages:
+            try:
+                rank, *part = out.get(timeout=5)
+                parts[rank] = tuple(part)
+            except queue.Empty:
+                if any(p.exitcode not in (None, 0) for p in procs) or time.monotonic() > deadline:
+                    raise RuntimeError(f"{method} on {model}: a torchrun rank failed or hung") from None
+    finally:
+        for p in procs:
+            p.join(60)
+            if p.is_alive():
+                p.kill()
+    ordered = [parts[k] for k in range(stages)]
+    return [t for t, _, _ in ordered], [s for _, s, _ in ordered], max(e for _, _, e in ordered)
+
+
 def run_pipeoptim(
     model: str,
     method: str,
@@ -191,51 +289,42 @@ def run_pipeoptim(
     costs: dict[str, float],
     windows: int,
     compile_stages: bool = False,
+    launch: str = "torchrun",
 ) -> dict[str, Any]:
-    """One run of ``method`` with the processes executor on the plan made from the shared
-    profile in ``profile_dir`` with the measured ``costs`` (compile's ``bandwidth``,
-    ``latency``, ``action_overhead``); its prediction is that plan re-priced from a profile
-    taken right after the run (:func:`priced_now`)."""
-    # PipeDream-2BW steps once per M micro-batches of BATCH rows each: its micro-batch is the
-    # unit the other asynchronous methods run per pass, so it gets mini-batches of M x BATCH
-    # rows and its rate is counted per BATCH rows, like theirs (same work per pass).
-    rows = mini_batch_rows(model, micro)
+    """One run of ``method`` on the plan made from the shared profile in ``profile_dir`` with
+    the measured ``costs``, launched as a torchrun job (``launch="torchrun"``: one process per
+    stage, each reading its own stage's data, like the ranks of torch's schedules) or by this
+    process (``"processes"``: the processes executor, this process splitting every mini-batch
+    and sending the parts to the stages). Its prediction is the plan re-priced
+    (:func:`priced_now`) from a profile taken just before the run and from one taken right
+    after it: the geometric mean of the two, as this host's speed drifts during a run."""
+    run = {"profile_dir": profile_dir, "costs": costs, "compile_stages": compile_stages, "device": DEVICE}
+    run |= {"warmup": warmup, "steps": steps}
+    with _compiled(model, method, stages, micro, "local", run) as pipe:
+        plan = pipe.plan  # the plan every launch makes from the shared profile
+    before = priced_now(model, plan)
+    if launch == "torchrun":
+        timeline, starts, end = run_torchrun(model, method, stages, micro, run)
+    else:
+        with _compiled(model, method, stages, micro, "processes", run) as pipe:
+            start, end = _timed(pipe, *_data(model, method, micro), run)
+            timeline, starts = pipe._executor.timeline(), [start] * stages
+    after = priced_now(model, plan)
+    throughputs = (before["throughput_per_s"], after["throughput_per_s"])
     scale = micro if method == "2bw" else 1
-    x, y = MODELS[model][1](size=rows * scale)
-    micro_batches = micro if method in ("gpipe", "1f1b", "2bw") else None
-    with compile_model(
-        model,
-        method,
-        stages,
-        "processes",
-        profile_dir,
-        rows * scale,
-        micro_batches=micro_batches,
-        compile_stages=compile_stages,
-        **costs,
-    ) as pipe:
-        for _ in range(warmup):
-            pipe.step(x, y)
-        pipe.flush()
-        start = time.perf_counter()
-        for _ in range(steps):
-            pipe.step(x, y)
-        pipe.flush()
-        end = time.perf_counter()
-        timeline = pipe._executor.timeline()
-        plan = pipe.plan
-    predicted = priced_now(model, plan)
     # one optimizer step of the last stage per mini-batch (2BW: per M x BATCH rows)
-    stamps = [start, *sorted(t1 for op, _, _, t1 in timeline[-1] if op == "S" and t1 >= start)]
-    busy = sum(t1 - t0 for acts in timeline for _, _, t0, t1 in acts if t0 >= start)
+    stamps = [starts[-1], *sorted(t1 for op, _, _, t1 in timeline[-1] if op == "S" and t1 >= starts[-1])]
+    busy = sum(t1 - t0 for acts, start in zip(timeline, starts) for _, _, t0, t1 in acts if t0 >= start)
     return {
         "rate": windows_rate(stamps, scale, windows),
-        "predicted": predicted["throughput_per_s"] * scale,
-        "cores_bound": predicted["cores_bound"],
-        "bubble": 1 - busy / (stages * (end - start)),
-        "predicted_bubble": predicted["bubble_fraction"],
+        "predicted": math.sqrt(throughputs[0] * throughputs[1]) * scale,
+        "predicted_before_after": [t * scale for t in throughputs],
+        "cores_bound": after["cores_bound"],
+        "bubble": 1 - busy / sum(end - start for start in starts),
+        "predicted_bubble": after["bubble_fraction"],
         "timeline": timeline,
-        "start": start,
+        "start": min(starts),
+        "starts": starts,
         "plan": plan,
     }
 
@@ -454,7 +543,14 @@ def run_torch_schedule(
 #: runs whose rates are divided by one another (:func:`ratios`), run next to each other in
 #: every round: the stash block has weight stashing beside each method compared with it
 PARTNERS = [
-    ["pipeoptim, compiled stages", "pipeoptim", "pipedream", "spectrain", "2bw"],
+    [
+        "pipeoptim, compiled stages",
+        "pipeoptim, processes executor",
+        "pipeoptim",
+        "pipedream",
+        "spectrain",
+        "2bw",
+    ],
     ["1f1b", "pipelining Schedule1F1B"],
     ["gpipe", "pipelining ScheduleGPipe"],
 ]
@@ -557,7 +653,11 @@ def plot_timeline(result: dict[str, Any], path: Path, title: str) -> None:
     colors = {"F": "tab:blue", "B": "tab:orange", "S": "tab:green"}
     for k, acts in enumerate(timeline):
         for op in "FBS":
-            bars = [((t0 - start) * 1e3, (t1 - t0) * 1e3) for o, _, t0, t1 in acts if o == op and t0 >= start]
+            bars = [
+                ((t0 - start) * 1e3, (t1 - t0) * 1e3)
+                for o, _, t0, t1 in acts
+                if o == op and t0 >= result["starts"][k]
+            ]
             ax.broken_barh(bars, (k - 0.4, 0.8), color=colors[op], label=op if k == 0 else None)
     ax.set(
         yticks=range(len(timeline)),
@@ -655,6 +755,7 @@ def ratios(model: str, n: int, results: dict[str, dict[str, Any]]) -> str:
         ratio("pipeoptim", "pipelining ScheduleInterleavedZeroBubble", None),
         ratio("pipeoptim", "pipelining ScheduleZBVZeroBubble", None),
         ratio("pipeoptim, compiled stages", "pipeoptim", None),
+        ratio("pipeoptim, processes executor", "pipeoptim", None),
     ]
     ours = results["pipeoptim"]
     fit = paired_ratios(ours["rates"], ours["predictions"])
@@ -804,6 +905,20 @@ def main() -> None:
                     windows,
                     True,
                 )
+            # the launch of the single-script API: a driver process feeds the stages
+            runs["pipeoptim, processes executor"] = partial(
+                run_pipeoptim,
+                model,
+                "pipeoptim",
+                n,
+                micro,
+                warmup,
+                steps,
+                profile_dir,
+                costs,
+                windows,
+                launch="processes",
+            )
             for schedule in schedules:
                 runs[f"pipelining {schedule}"] = partial(
                     run_torch_schedule, model, schedule, n, micro, warmup, steps, windows, profile_dir, costs
@@ -908,15 +1023,21 @@ def main() -> None:
         f"lists each run's rate, and every other column is that of the run of median rate. "
         f"Each ratio below is the median over rounds of the ratio of the two runs of one round "
         f"(the host's speed drifts over the run).\n\n"
+        f"Every pipeoptim run is a torchrun job (one process per stage, each reading only its "
+        f"stage's data, as every rank of torch.distributed.pipelining's schedules does); "
+        f"`pipeoptim, processes executor` is PipeOptim launched from one script, whose process "
+        f"splits each mini-batch and feeds the stages on the same cores.\n\n"
         f"Micro-batches = stages for gpipe, 1f1b and torch.distributed.pipelining (zero-bubble "
         f"schedules: 2 virtual stages per rank, the plan made for 2N stages); 2bw runs mini-batches "
         f"of stages x the mini-batch in micro-batches of one mini-batch and its rates count one "
         f"mini-batch per micro-batch; each rate is the median over windows of the timed mini-batches ("
         + ", ".join(f"{m}: {w} windows, {n} after {u}" for m, (u, n, w) in lengths.items() if m in models)
-        + "). `bubble`: idle share of the stages' time from the recorded "
-        "actions; `idle vs sequential`: 1 - (one thread's forward+backward+step time of the whole "
+        + "). `bubble`: idle share of the stages' time from the recorded actions, each from "
+        "the moment its received inputs had arrived (a wait is idle); `idle vs sequential`: 1 - "
+        "(one thread's forward+backward+step time of the whole "
         f"mini-batch) x rate / N, for every run alike. Each prediction is the run's plan priced by "
-        f"the cost model from a profile and optimizer timing taken right after the run, with the "
+        f"the cost model from a profile and optimizer timing taken just before the run and from "
+        f"one taken right after it (the geometric mean of the two), with the "
         f"gloo alpha {alpha * 1e6:.0f} us and bandwidth {1 / beta / 1e9:.2f} GB/s and the runtime's "
         f"{overhead * 1e6:.0f} us of CPU per action measured at the start "
         f"(pipeoptim.action_overhead) and, where the ranks outnumber the "

@@ -227,3 +227,25 @@ def test_throughput_runs_the_partners_of_each_ratio_side_by_side() -> None:
         round_order(names, r).index("pipeoptim") < round_order(names, r).index("pipedream") for r in range(2)
     }
     assert firsts == {True, False}
+
+
+@pytest.mark.parametrize("launch", ["torchrun", "processes"])
+def test_throughput_times_each_launch_from_the_stages_own_steps(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, launch: str
+) -> None:
+    """A pipeoptim run, launched as a torchrun job or from this process, records every stage's
+    actions: each stage steps once per timed mini-batch (the flush runs them all), and its
+    prediction lies between the ones priced before and after it."""
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))  # the spawned ranks import it too
+    import throughput
+
+    costs = {"bandwidth": 3e9, "latency": 1e-4, "action_overhead": 3e-4}
+    result = throughput.run_pipeoptim("mlp", "pipeoptim", 2, 2, 2, 5, tmp_path, costs, 1, launch=launch)
+    steps = [
+        sum(op == "S" and t0 >= start for op, _, t0, _ in acts)
+        for acts, start in zip(result["timeline"], result["starts"])
+    ]
+    assert steps == [5, 5]
+    assert result["rate"] > 0 and 0 <= result["bubble"] < 1
+    low, high = sorted(result["predicted_before_after"])
+    assert low <= result["predicted"] <= high

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import datetime
 import math
+import time
 from collections import deque
 from collections.abc import Sequence
 from typing import Any
@@ -152,6 +153,8 @@ class DistChannel:
         #: (:mod:`pipeoptim.runtime.async_norms`); 0: none
         self.note_size = 0
         self._notes: dict[tuple[str, int], tuple[Any, torch.Tensor]] = {}
+        #: ``time.perf_counter()`` when the last awaited activations or gradients had arrived
+        self.arrived_at = 0.0
 
     # -- micro-batch sizes ------------------------------------------------------------
 
@@ -371,6 +374,7 @@ class DistChannel:
                     f"of micro-batch {key[1]} from stage {peer} failed ({str(exc).splitlines()[0]}); "
                     f"stage {peer} has probably stopped"
                 ) from exc
+        self.arrived_at = time.perf_counter()
         if key[0] == "grad":
             places, message = metas, scalar_buf
             present = message[: len(places)].tolist() if places else []

@@ -298,7 +298,8 @@ class ProcessExecutor:
         self._request("load_optimizer_state", dict.fromkeys(range(self.world), state))
 
     def timeline(self) -> list[list[tuple[str, int, float, float]]]:
-        """Per stage, the last actions run: ``(op, micro-batch, start, end)`` (perf_counter s)."""
+        """Per stage, the last actions run: ``(op, micro-batch, start, end)`` (perf_counter s;
+        ``start`` once the action's received inputs had arrived)."""
         return self._per_stage("timeline")
 
     def resume(self, mini_batches: int) -> None:

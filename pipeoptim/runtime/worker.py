@@ -77,6 +77,8 @@ class StageProcess:
             if replica == self.replica and rank in holders:
                 self.channel.shared_group, self.channel.shared_size = group, len(holders)
         self.device = device
+        #: the last actions run: ``(op, micro-batch, start, end)`` in perf_counter seconds,
+        #: ``start`` once the action's received inputs had arrived (its wait is not work)
         self.timeline: deque[tuple[str, int, float, float]] = deque(maxlen=4096)
 
     def submit(self, batch: MiniBatch) -> list[tuple[int, float]]:
@@ -123,6 +125,8 @@ class StageProcess:
             start = time.perf_counter()
             run_action(self.stage, action, self.channel, self.state)
             self.channel.end_action()
+            # the action's work starts once its inputs have arrived (the wait is idle time)
+            start = max(start, self.channel.arrived_at)
             self.timeline.append((action.op, action.micro_batch, start, time.perf_counter()))
             if action.op == BACKWARD:
                 self.channel.done(action.micro_batch)
