@@ -20,11 +20,14 @@ mini-batch and feeds the stages: the single-script launch and what it costs).
 PipeOptim runs once more (``--quick``: only with ``--compiled``) with every stage compiled by
 ``torch.compile`` (inductor, ``compile_stages=True``; 2N more warm-up mini-batches, which
 include the compilation).
-Each rate is the median over timed windows of the run; methods run one after the other, so
-they see about the same load, which is printed with the results. Every configuration runs
-``--rounds`` times; each ratio is the median over rounds of the ratio of one round's two runs,
-printed with the range of those rounds: this host's speed drifts by up to a third between runs
-seconds apart, and a goal inside that range can tip with one more round.
+The asynchronous methods (PipeOptim, stashing, 2BW, SpecTrain, none) run in one job, their
+timed windows of a few mini-batches taking turns (:func:`_alternate`: a fraction of a second
+apart, where this host's speed drifts over seconds); each rate is the median of its windows',
+each counted between the last stage's first and last optimizer step of the window. Every
+configuration runs ``--rounds`` times; a ratio is the median over rounds of each round's ratio
+(:func:`round_ratios`: the median of the window-by-window ratios for methods of one job, the
+ratio of the two runs otherwise), printed with the range of those rounds: a goal inside that
+range can tip with one more round.
 
     python benchmarks/throughput.py [--quick [--compiled]] [--models mlp transformer] [--stages 2 4]
                                     [--methods 2bw ...] [--out DIR]
@@ -41,6 +44,7 @@ Writes ``throughput.md``, ``throughput_timeline.png`` and ``throughput_memory.pn
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import datetime
 import math
@@ -203,17 +207,28 @@ def _compiled(model: str, method: str, stages: int, micro: int, executor: str, r
     )
 
 
-def _timed(pipe: pipeoptim.Pipeline, inputs: Any, targets: Any, run: dict[str, Any]) -> tuple[float, float]:
-    """``run["warmup"]`` mini-batches and a flush, then ``run["steps"]`` timed ones and a
-    flush: their start and end (perf_counter seconds)."""
-    for _ in range(run["warmup"]):
-        pipe.step(inputs, targets)
-    pipe.flush()
-    start = time.perf_counter()
-    for _ in range(run["steps"]):
-        pipe.step(inputs, targets)
-    pipe.flush()
-    return start, time.perf_counter()
+def _alternate(
+    pipes: dict[str, pipeoptim.Pipeline], feeds: dict[str, tuple[Any, Any]], run: dict[str, Any]
+) -> dict[str, list[tuple[float, float]]]:
+    """Each pipeline's ``run["warmup"]`` mini-batches and a flush, then ``run["windows"]``
+    rounds of ``run["steps"] // run["windows"]`` timed mini-batches and a flush of every
+    pipeline in turn, the order rotated each round: the pipelines' windows lie side by side
+    (a fraction of a second apart), where this host's speed drifts over seconds. Per pipeline,
+    the start and end of each window (perf_counter seconds)."""
+    for name, pipe in pipes.items():
+        for _ in range(run["warmup"]):
+            pipe.step(*feeds[name])
+        pipe.flush()
+    names, per = list(pipes), max(1, run["steps"] // run["windows"])
+    spans: dict[str, list[tuple[float, float]]] = {name: [] for name in names}
+    for w in range(run["windows"]):
+        for name in names[w % len(names) :] + names[: w % len(names)]:
+            start = time.perf_counter()
+            for _ in range(per):
+                pipes[name].step(*feeds[name])
+            pipes[name].flush()
+            spans[name].append((start, time.perf_counter()))
+    return spans
 
 
 def _data(model: str, method: str, micro: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -223,13 +238,17 @@ def _data(model: str, method: str, micro: int) -> tuple[torch.Tensor, torch.Tens
     return MODELS[model][1](size=mini_batch_rows(model, micro) * (micro if method == "2bw" else 1))
 
 
+#: per method, every stage's timeline and the spans of its timed windows
+Records = dict[str, tuple[list[list[tuple[str, int, float, float]]], list[list[tuple[float, float]]]]]
+
+
 def _torchrun_rank(
-    rank: int, world: int, port: int, model: str, method: str, micro: int, run: dict[str, Any], out: Any
+    rank: int, world: int, port: int, model: str, methods: list[str], micro: int, run: dict, out: Any
 ) -> None:
-    """One rank of a torchrun job, in the environment torchrun gives it: compiles with the
-    torchrun executor and runs :func:`_timed` with only the data its stage reads (rank 0 the
-    inputs, the last rank the targets), as every rank of torch's schedules does; puts its
-    timeline, start and end on ``out``."""
+    """One rank of a torchrun job, in the environment torchrun gives it: compiles every method
+    with the torchrun executor and runs them by :func:`_alternate`, each step given only the
+    data this rank's stage reads (rank 0 the inputs, the last rank the targets), as every rank
+    of torch's schedules does; puts per method its timeline and windows on ``out``."""
     os.environ.update(
         RANK=str(rank),
         WORLD_SIZE=str(world),
@@ -239,48 +258,82 @@ def _torchrun_rank(
         MASTER_PORT=str(port),
     )
     torch.set_num_threads(1)
-    x, y = _data(model, method, micro)
-    with _compiled(model, method, world, micro, "torchrun", run) as pipe:
-        start, end = _timed(pipe, x if rank == 0 else None, y if rank == world - 1 else None, run)
-        out.put((rank, list(pipe._executor.process.timeline), start, end))
+    with contextlib.ExitStack() as stack:  # the first pipeline owns the process group: closed last
+        pipes = {m: stack.enter_context(_compiled(model, m, world, micro, "torchrun", run)) for m in methods}
+        feeds = {}
+        for m in methods:
+            x, y = _data(model, m, micro)
+            feeds[m] = (x if rank == 0 else None, y if rank == world - 1 else None)
+        spans = _alternate(pipes, feeds, run)
+        out.put((rank, {m: (list(pipes[m]._executor.process.timeline), spans[m]) for m in methods}))
 
 
-def run_torchrun(
-    model: str, method: str, stages: int, micro: int, run: dict[str, Any]
-) -> tuple[list[list[tuple[str, int, float, float]]], list[float], float]:
-    """:func:`_torchrun_rank` in ``stages`` processes: every stage's timeline, the moment each
-    stage started its timed mini-batches (after its flush of the warm-up), and the latest end.
+def run_torchrun(model: str, methods: list[str], stages: int, micro: int, run: dict[str, Any]) -> Records:
+    """:func:`_torchrun_rank` in ``stages`` processes, started as torchrun starts them.
 
     Raises:
         RuntimeError: a rank failed, or the run took over 15 minutes."""
     ctx = mp.get_context("spawn")
     out = ctx.Queue()
-    args = (stages, free_port(), model, method, micro, run, out)
+    args = (stages, free_port(), model, methods, micro, run, out)
     procs = [ctx.Process(target=_torchrun_rank, args=(r, *args)) for r in range(stages)]
     for p in procs:
         p.start()
-    parts: dict[int, tuple[Any, float, float]] = {}
+    parts: dict[int, dict[str, tuple[Any, Any]]] = {}
     deadline = time.monotonic() + 900
     try:
         while len(parts) < stages:
             try:
-                rank, *part = out.get(timeout=5)
-                parts[rank] = tuple(part)
+                rank, part = out.get(timeout=5)
+                parts[rank] = part
             except queue.Empty:
                 if any(p.exitcode not in (None, 0) for p in procs) or time.monotonic() > deadline:
-                    raise RuntimeError(f"{method} on {model}: a torchrun rank failed or hung") from None
+                    raise RuntimeError(f"{methods} on {model}: a torchrun rank failed or hung") from None
     finally:
         for p in procs:
             p.join(60)
             if p.is_alive():
                 p.kill()
-    ordered = [parts[k] for k in range(stages)]
-    return [t for t, _, _ in ordered], [s for _, s, _ in ordered], max(e for _, _, e in ordered)
+    return {
+        m: ([parts[k][m][0] for k in range(stages)], [parts[k][m][1] for k in range(stages)]) for m in methods
+    }
+
+
+def run_driven(model: str, methods: list[str], stages: int, micro: int, run: dict[str, Any]) -> Records:
+    """:func:`_alternate` over the methods compiled with the processes executor: this process
+    splits every mini-batch and feeds the stages, on the cores they run on."""
+    with contextlib.ExitStack() as stack:
+        pipes = {
+            m: stack.enter_context(_compiled(model, m, stages, micro, "processes", run)) for m in methods
+        }
+        spans = _alternate(pipes, {m: _data(model, m, micro) for m in methods}, run)
+        return {m: (pipes[m]._executor.timeline(), [spans[m]] * stages) for m in methods}
+
+
+def window_measures(
+    timeline: list[list[tuple[str, int, float, float]]], spans: list[list[tuple[float, float]]], scale: int
+) -> tuple[list[float], float]:
+    """Per timed window, the mini-batches per second between the last stage's first and last
+    optimizer step in it (``scale`` mini-batches per step; the window's fill and drain left
+    out), and the idle share of all stages between their own first and last steps of each
+    window (an action counts from the moment its inputs had arrived)."""
+    rates, busy, total = [], 0.0, 0.0
+    for k, (acts, windows) in enumerate(zip(timeline, spans)):
+        for start, end in windows:
+            steps = sorted(t1 for op, _, t0, t1 in acts if op == "S" and start <= t0 <= end)
+            if len(steps) < 2:
+                continue
+            first, last = steps[0], steps[-1]
+            busy += sum(t1 - t0 for _, _, t0, t1 in acts if t0 >= first and t1 <= last)
+            total += last - first
+            if k == len(timeline) - 1:
+                rates.append((len(steps) - 1) * scale / (last - first))
+    return rates, (1 - busy / total if total else float("nan"))
 
 
 def run_pipeoptim(
     model: str,
-    method: str,
+    methods: list[str],
     stages: int,
     micro: int,
     warmup: int,
@@ -290,43 +343,44 @@ def run_pipeoptim(
     windows: int,
     compile_stages: bool = False,
     launch: str = "torchrun",
-) -> dict[str, Any]:
-    """One run of ``method`` on the plan made from the shared profile in ``profile_dir`` with
-    the measured ``costs``, launched as a torchrun job (``launch="torchrun"``: one process per
-    stage, each reading its own stage's data, like the ranks of torch's schedules) or by this
-    process (``"processes"``: the processes executor, this process splitting every mini-batch
-    and sending the parts to the stages). Its prediction is the plan re-priced
-    (:func:`priced_now`) from a profile taken just before the run and from one taken right
-    after it: the geometric mean of the two, as this host's speed drifts during a run."""
+) -> dict[str, dict[str, Any]]:
+    """One run of ``methods``, each on the plan made from the shared profile in
+    ``profile_dir`` with the measured ``costs``, their timed windows in turn
+    (:func:`_alternate`), launched as a torchrun job (``launch="torchrun"``: one process per
+    stage, each reading its own stage's data, like the ranks of torch's schedules) or from this
+    process (``"processes"``: the processes executor). Per method: its rate (the median of its
+    windows', :func:`window_measures`), each window's rate, and its prediction, the plan
+    re-priced (:func:`priced_now`) from a profile taken just before the run and from one taken
+    right after it: the geometric mean of the two, as this host's speed drifts."""
     run = {"profile_dir": profile_dir, "costs": costs, "compile_stages": compile_stages, "device": DEVICE}
-    run |= {"warmup": warmup, "steps": steps}
-    with _compiled(model, method, stages, micro, "local", run) as pipe:
-        plan = pipe.plan  # the plan every launch makes from the shared profile
-    before = priced_now(model, plan)
-    if launch == "torchrun":
-        timeline, starts, end = run_torchrun(model, method, stages, micro, run)
-    else:
-        with _compiled(model, method, stages, micro, "processes", run) as pipe:
-            start, end = _timed(pipe, *_data(model, method, micro), run)
-            timeline, starts = pipe._executor.timeline(), [start] * stages
-    after = priced_now(model, plan)
-    throughputs = (before["throughput_per_s"], after["throughput_per_s"])
-    scale = micro if method == "2bw" else 1
-    # one optimizer step of the last stage per mini-batch (2BW: per M x BATCH rows)
-    stamps = [starts[-1], *sorted(t1 for op, _, _, t1 in timeline[-1] if op == "S" and t1 >= starts[-1])]
-    busy = sum(t1 - t0 for acts, start in zip(timeline, starts) for _, _, t0, t1 in acts if t0 >= start)
-    return {
-        "rate": windows_rate(stamps, scale, windows),
-        "predicted": math.sqrt(throughputs[0] * throughputs[1]) * scale,
-        "predicted_before_after": [t * scale for t in throughputs],
-        "cores_bound": after["cores_bound"],
-        "bubble": 1 - busy / sum(end - start for start in starts),
-        "predicted_bubble": after["bubble_fraction"],
-        "timeline": timeline,
-        "start": min(starts),
-        "starts": starts,
-        "plan": plan,
-    }
+    run |= {"warmup": warmup, "steps": steps, "windows": windows}
+    plans = {}
+    for m in methods:
+        with _compiled(model, m, stages, micro, "local", run) as pipe:
+            plans[m] = pipe.plan  # the plan every launch makes from the shared profile
+    before = {m: priced_now(model, plans[m]) for m in methods}
+    records = (run_torchrun if launch == "torchrun" else run_driven)(model, methods, stages, micro, run)
+    results = {}
+    for m in methods:
+        after = priced_now(model, plans[m])
+        scale = micro if m == "2bw" else 1
+        timeline, spans = records[m]
+        rates, bubble = window_measures(timeline, spans, scale)
+        predicted = [before[m]["throughput_per_s"] * scale, after["throughput_per_s"] * scale]
+        results[m] = {
+            "rate": statistics.median(rates),
+            "window_rates": rates,
+            "job": tuple(methods),
+            "predicted": math.sqrt(predicted[0] * predicted[1]),
+            "predicted_before_after": predicted,
+            "cores_bound": after["cores_bound"],
+            "bubble": bubble,
+            "predicted_bubble": after["bubble_fraction"],
+            "timeline": timeline,
+            "spans": spans,
+            "plan": plans[m],
+        }
+    return results
 
 
 def priced_now(
@@ -556,6 +610,21 @@ PARTNERS = [
 ]
 
 
+#: the methods that flush every mini-batch (the others run together, :func:`run_pipeoptim`)
+FLUSHING = ("gpipe", "1f1b")
+
+
+def named(name: str, call: Any) -> dict[str, dict[str, Any]]:
+    """``call()``'s result under ``name`` (:func:`measure_rounds`' form)."""
+    return {name: call()}
+
+
+def renamed(name: str, call: Any) -> dict[str, dict[str, Any]]:
+    """The one result of ``call()`` (:func:`run_pipeoptim` of one method) under ``name``."""
+    (result,) = call().values()
+    return {name: result}
+
+
 def round_order(names: list[str], r: int) -> list[str]:
     """The order of the runs of round ``r`` (0-based): the :data:`PARTNERS` blocks (those of
     ``names``) and every other name alone, the blocks rotated by ``r`` so that none always
@@ -569,26 +638,34 @@ def round_order(names: list[str], r: int) -> list[str]:
 
 
 def measure_rounds(runs: dict[str, Any], rounds: int, what: str) -> dict[str, dict[str, Any]]:
-    """Every configuration of ``runs`` (name -> a call measuring it) ``rounds`` times, in the
-    order of :func:`round_order` (the two runs of each ratio seconds apart, where the host's
-    speed drifts by up to a third over minutes); per configuration the run of median rate
-    (with the loads of all its runs)."""
+    """Every configuration of ``runs`` ``rounds`` times, in the order of :func:`round_order`
+    (the two runs of each ratio seconds apart, where the host's speed drifts by up to a third
+    over minutes). ``runs`` maps each name to a call that measures it and returns its result
+    under its name, and under theirs those of the configurations measured in the same job
+    (:func:`run_pipeoptim`), which then do not run again that round. Per configuration the
+    run of median rate, with every round's rate, prediction, load and, where windowed, window
+    rates."""
     names = list(runs)
     measured: dict[str, list[dict[str, Any]]] = {name: [] for name in names}
     for r in range(rounds):
+        done: set[str] = set()
         for name in round_order(names, r):
+            if name in done:
+                continue
             print(f"  {what}, {name} (round {r + 1} of {rounds}) ...", file=sys.stderr)
             load = os.getloadavg()[0]
-            result = runs[name]()
-            result["load"] = load
-            measured[name].append(result)
-            extra = f", predicted {result['predicted']:.2f}/s" if "predicted" in result else ""
-            print(f"    {result['rate']:.2f}/s{extra}, load {load:.1f}", file=sys.stderr)
+            for got, result in runs[name]().items():
+                result["load"] = load
+                measured[got].append(result)
+                done.add(got)
+                extra = f", predicted {result['predicted']:.2f}/s" if "predicted" in result else ""
+                print(f"    {got}: {result['rate']:.2f}/s{extra}, load {load:.1f}", file=sys.stderr)
     chosen = {}
     for name, results in measured.items():
         ordered = sorted(results, key=lambda res: res["rate"] if res["rate"] == res["rate"] else -1.0)
         chosen[name] = ordered[len(ordered) // 2] | {
             "rates": [res["rate"] for res in results],
+            "round_windows": [(res.get("job"), res.get("window_rates")) for res in results],
             "predictions": [res.get("predicted", float("nan")) for res in results],
             "loads": [res["load"] for res in results],
         }
@@ -643,20 +720,22 @@ def measure_memory(method: str, stages: int, steps: int, profile_dir: Path) -> l
 
 
 def plot_timeline(result: dict[str, Any], path: Path, title: str) -> None:
+    """Every stage's actions in the first timed window of ``result`` (:func:`run_pipeoptim`)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    timeline, start = result["timeline"], result["start"]
+    timeline, first = result["timeline"], [windows[0] for windows in result["spans"]]
+    start = min(s for s, _ in first)
     fig, ax = plt.subplots(figsize=(11, 0.6 * len(timeline) + 1.5))
     colors = {"F": "tab:blue", "B": "tab:orange", "S": "tab:green"}
-    for k, acts in enumerate(timeline):
+    for k, (acts, (begin, end)) in enumerate(zip(timeline, first)):
         for op in "FBS":
             bars = [
                 ((t0 - start) * 1e3, (t1 - t0) * 1e3)
                 for o, _, t0, t1 in acts
-                if o == op and t0 >= result["starts"][k]
+                if o == op and begin <= t0 <= end
             ]
             ax.broken_barh(bars, (k - 0.4, 0.8), color=colors[op], label=op if k == 0 else None)
     ax.set(
@@ -713,11 +792,21 @@ def paired_ratios(rates_a: list[float], rates_b: list[float]) -> list[float]:
     return [a / b for a, b in zip(rates_a, rates_b) if a == a and b == b and b > 0]
 
 
-def paired_ratio(rates_a: list[float], rates_b: list[float]) -> float:
-    """Median over rounds of ``rates_a[r] / rates_b[r]``; NaN without a round where both rates
-    are numbers."""
-    pairs = paired_ratios(rates_a, rates_b)
-    return statistics.median(pairs) if pairs else float("nan")
+def round_ratios(a: dict[str, Any], b: dict[str, Any]) -> list[float]:
+    """Per round, the ratio of configuration ``a``'s rate to ``b``'s (results of
+    :func:`measure_rounds`): where both ran in one job, window by window side by side, the
+    median over windows of the ratio of their windows of one turn (a fraction of a second
+    apart); otherwise the ratio of the two runs' rates. Rounds without two numbers are left
+    out."""
+    pairs = []
+    for (job_a, windows_a), (job_b, windows_b), rate_a, rate_b in zip(
+        a["round_windows"], b["round_windows"], a["rates"], b["rates"]
+    ):
+        if job_a is not None and job_a == job_b and windows_a and len(windows_a) == len(windows_b):
+            pairs.append(statistics.median(paired_ratios(windows_a, windows_b)))
+        else:
+            pairs += paired_ratios([rate_a], [rate_b])
+    return pairs
 
 
 def verdict(pairs: list[float], goal: float | None) -> str:
@@ -737,13 +826,13 @@ def verdict(pairs: list[float], goal: float | None) -> str:
 
 def ratios(model: str, n: int, results: dict[str, dict[str, Any]]) -> str:
     """The issue's ratios for one model and stage count, each against its goal: the median over
-    rounds of the ratio of the two runs of one round (minutes apart at most, where the machine's
-    speed drifted by up to 1.5x over a full benchmark)."""
+    rounds of each round's ratio (:func:`round_ratios`: window by window where the two ran in
+    one job; the machine's speed drifted by up to 1.5x over a full benchmark)."""
 
     def ratio(a: str, b: str, goal: float | None) -> str:
         if a not in results or b not in results:
             return ""
-        pairs = paired_ratios(results[a]["rates"], results[b]["rates"])
+        pairs = round_ratios(results[a], results[b])
         return f"{a} / {b.removeprefix('pipelining ')} {verdict(pairs, goal)}"
 
     parts = [
@@ -780,7 +869,7 @@ def summary_line(
     ``alpha`` (seconds) and ``beta`` (seconds per byte) of the link."""
     ours = results["pipeoptim"]
     ratios_text = "".join(
-        f"{paired_ratio(ours['rates'], results[key]['rates']):.2f}x {label}, "
+        f"{statistics.median(round_ratios(ours, results[key]) or [math.nan]):.2f}x {label}, "
         for key, label in (("pipelining Schedule1F1B", "pipelining 1F1B"), ("pipedream", "pipedream"))
         if key in results
     )
@@ -884,45 +973,27 @@ def main() -> None:
         for n in stage_counts:
             micro = n
             sequential = sequential_seconds(model, mini_batch_rows(model, micro))
-            runs: dict[str, Any] = {}  # configuration -> its measurement (a dict with "rate")
+            # configuration -> a call measuring it (and the others of its job): {name: result}
+            runs: dict[str, Any] = {}
+            measure = partial(run_pipeoptim, model, stages=n, micro=micro, warmup=warmup, steps=steps)
+            measure = partial(measure, profile_dir=profile_dir, costs=costs, windows=windows)
+            # the asynchronous methods in one job, window by window side by side
+            joint = [m for m in methods if m not in FLUSHING]
             for method in methods:
-                runs[method] = partial(
-                    run_pipeoptim, model, method, n, micro, warmup, steps, profile_dir, costs, windows
-                )
+                runs[method] = partial(measure, joint if method in joint else [method])
             if args.compiled or not args.quick:
                 # compiling happens in the first forwards and backwards of each kind (stage 0's
                 # first forward predicts nothing yet): warm up past the pipeline's fill
-                runs["pipeoptim, compiled stages"] = partial(
-                    run_pipeoptim,
-                    model,
-                    "pipeoptim",
-                    n,
-                    micro,
-                    warmup + 2 * n,
-                    steps,
-                    profile_dir,
-                    costs,
-                    windows,
-                    True,
-                )
-            # the launch of the single-script API: a driver process feeds the stages
-            runs["pipeoptim, processes executor"] = partial(
-                run_pipeoptim,
-                model,
-                "pipeoptim",
-                n,
-                micro,
-                warmup,
-                steps,
-                profile_dir,
-                costs,
-                windows,
-                launch="processes",
-            )
+                compiled = partial(measure, ["pipeoptim"], compile_stages=True, warmup=warmup + 2 * n)
+                runs["pipeoptim, compiled stages"] = partial(renamed, "pipeoptim, compiled stages", compiled)
+            # the launch of the single-script API: this process feeds the stages
+            driven = partial(measure, ["pipeoptim"], launch="processes")
+            runs["pipeoptim, processes executor"] = partial(renamed, "pipeoptim, processes executor", driven)
             for schedule in schedules:
-                runs[f"pipelining {schedule}"] = partial(
+                torch_run = partial(
                     run_torch_schedule, model, schedule, n, micro, warmup, steps, windows, profile_dir, costs
                 )
+                runs[f"pipelining {schedule}"] = partial(named, f"pipelining {schedule}", torch_run)
             results = measure_rounds(runs, rounds, f"{model}, {n} stages")
             loads.append(os.getloadavg()[0])
             best = max(r["rate"] for r in results.values() if r["rate"] == r["rate"])
@@ -1023,6 +1094,9 @@ def main() -> None:
         f"lists each run's rate, and every other column is that of the run of median rate. "
         f"Each ratio below is the median over rounds of the ratio of the two runs of one round "
         f"(the host's speed drifts over the run).\n\n"
+        f"The asynchronous methods run in one job per round, their timed windows taking turns "
+        f"(a fraction of a second apart); their ratios are, per round, the median of the ratios "
+        f"of their windows of one turn. "
         f"Every pipeoptim run is a torchrun job (one process per stage, each reading only its "
         f"stage's data, as every rank of torch.distributed.pipelining's schedules does); "
         f"`pipeoptim, processes executor` is PipeOptim launched from one script, whose process "
@@ -1030,9 +1104,11 @@ def main() -> None:
         f"Micro-batches = stages for gpipe, 1f1b and torch.distributed.pipelining (zero-bubble "
         f"schedules: 2 virtual stages per rank, the plan made for 2N stages); 2bw runs mini-batches "
         f"of stages x the mini-batch in micro-batches of one mini-batch and its rates count one "
-        f"mini-batch per micro-batch; each rate is the median over windows of the timed mini-batches ("
+        f"mini-batch per micro-batch; each rate is the median over windows of the timed mini-batches "
+        f"(between the last stage's first and last optimizer step of each window; "
         + ", ".join(f"{m}: {w} windows, {n} after {u}" for m, (u, n, w) in lengths.items() if m in models)
-        + "). `bubble`: idle share of the stages' time from the recorded actions, each from "
+        + "). `bubble`: idle share of the stages' time between their first and last optimizer "
+        "step of each window, from the recorded actions, each from "
         "the moment its received inputs had arrived (a wait is idle); `idle vs sequential`: 1 - "
         "(one thread's forward+backward+step time of the whole "
         f"mini-batch) x rate / N, for every run alike. Each prediction is the run's plan priced by "

@@ -50,15 +50,27 @@ def test_quick_benchmark_runs(tmp_path: Path, script: str, files: list[str]) -> 
 def test_throughput_ratios_pair_the_runs_of_one_round() -> None:
     """The host ran twice as fast in round 2 (both of its runs) and changed speed between the
     two runs of round 3: the paired ratio keeps the 0.9 of rounds 1 and 2, where the ratio of
-    the median rates would be 13.5 / 12 = 1.125."""
+    the median rates would be 13.5 / 12 = 1.125. Runs of one job pair window by window: the
+    host halved its speed in the second of three turns and stalled in one method's third
+    window; the round's ratio is the median of the windows' ratios, 0.9. Runs of two jobs
+    pair their rates."""
     sys.path.insert(0, str(ROOT / "benchmarks"))
     try:
-        from throughput import paired_ratio
+        from throughput import round_ratios
     finally:
         sys.path.remove(str(ROOT / "benchmarks"))
-    assert paired_ratio([9.0, 18.0, 13.5], [10.0, 20.0, 12.0]) == pytest.approx(0.9)
-    assert paired_ratio([9.0, float("nan"), 9.0], [10.0, 10.0, 10.0]) == pytest.approx(0.9)
-    assert paired_ratio([float("nan")], [1.0]) != paired_ratio([float("nan")], [1.0])  # NaN
+
+    def runs(rates: list[float], windows: list | None = None, job: tuple | None = None) -> dict:
+        return {"rates": rates, "round_windows": [(job, windows)] * len(rates)}
+
+    assert round_ratios(runs([9.0, 18.0, 13.5]), runs([10.0, 20.0, 12.0])) == pytest.approx([0.9, 0.9, 1.125])
+    assert round_ratios(runs([9.0, float("nan"), 9.0]), runs([10.0, 10.0, 10.0])) == pytest.approx([0.9, 0.9])
+    assert round_ratios(runs([float("nan")]), runs([1.0])) == []
+    job = ("pipeoptim", "pipedream")
+    ours = runs([9.0], [9.0, 4.5, 4.0], job)  # its third window ran while the host stalled
+    theirs = runs([10.0], [10.0, 5.0, 10.0], job)
+    assert round_ratios(ours, theirs) == pytest.approx([0.9])
+    assert round_ratios(ours, runs([10.0], [10.0, 5.0, 10.0], ("pipeoptim",))) == pytest.approx([0.9])
 
 
 def test_throughput_verdicts_give_the_spread_of_rounds() -> None:
@@ -169,10 +181,11 @@ def test_throughput_summary_names_the_model_its_figures_are_from() -> None:
         from throughput import mini_batch_rows, summary_line
     finally:
         sys.path.remove(str(ROOT / "benchmarks"))
+    solo = [(None, None)] * 3  # runs of their own (no windows side by side in one job)
     results = {
-        "pipeoptim": {"rate": 10.79, "rates": [10.0, 12.0, 9.0]},
-        "pipedream": {"rates": [10.0, 12.0, 10.0]},
-        "pipelining Schedule1F1B": {"rates": [5.0, 6.0, 6.0]},
+        "pipeoptim": {"rate": 10.79, "rates": [10.0, 12.0, 9.0], "round_windows": solo},
+        "pipedream": {"rates": [10.0, 12.0, 10.0], "round_windows": solo},
+        "pipelining Schedule1F1B": {"rates": [5.0, 6.0, 6.0], "round_windows": solo},
     }
     line = summary_line("transformer", 4, results, {"pipeoptim": 7, "pipedream": 10}, 4, 1e-4, 1 / 3.5e9)
     assert line == (
@@ -230,22 +243,37 @@ def test_throughput_runs_the_partners_of_each_ratio_side_by_side() -> None:
 
 
 @pytest.mark.parametrize("launch", ["torchrun", "processes"])
-def test_throughput_times_each_launch_from_the_stages_own_steps(
+def test_throughput_runs_methods_window_by_window_in_one_job(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, launch: str
 ) -> None:
-    """A pipeoptim run, launched as a torchrun job or from this process, records every stage's
-    actions: each stage steps once per timed mini-batch (the flush runs them all), and its
-    prediction lies between the ones priced before and after it."""
+    """Two methods run in one job, launched as torchrun launches it or from this process: each
+    stage of each method steps once per timed mini-batch inside its windows (3 windows of 2),
+    the windows of the two take turns, and each prediction lies between the ones priced
+    before and after the run."""
     monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))  # the spawned ranks import it too
     import throughput
 
     costs = {"bandwidth": 3e9, "latency": 1e-4, "action_overhead": 3e-4}
-    result = throughput.run_pipeoptim("mlp", "pipeoptim", 2, 2, 2, 5, tmp_path, costs, 1, launch=launch)
-    steps = [
-        sum(op == "S" and t0 >= start for op, _, t0, _ in acts)
-        for acts, start in zip(result["timeline"], result["starts"])
+    methods = ["pipeoptim", "pipedream"]
+    results = throughput.run_pipeoptim("mlp", methods, 2, 2, 2, 6, tmp_path, costs, 3, launch=launch)
+    assert list(results) == methods
+    for result in results.values():
+        steps = [
+            sum(op == "S" and any(s <= t0 <= e for s, e in windows) for op, _, t0, _ in acts)
+            for acts, windows in zip(result["timeline"], result["spans"])
+        ]
+        assert steps == [6, 6]
+        assert len(result["window_rates"]) == 3 and all(rate > 0 for rate in result["window_rates"])
+        assert 0 <= result["bubble"] < 1
+        low, high = sorted(result["predicted_before_after"])
+        assert low <= result["predicted"] <= high
+    ours, theirs = (results[m]["spans"][0] for m in methods)
+    starts = sorted((start, m) for m, spans in zip(methods, (ours, theirs)) for start, _ in spans)
+    assert [m for _, m in starts] == [
+        "pipeoptim",
+        "pipedream",
+        "pipedream",
+        "pipeoptim",
+        "pipeoptim",
+        "pipedream",
     ]
-    assert steps == [5, 5]
-    assert result["rate"] > 0 and 0 <= result["bubble"] < 1
-    low, high = sorted(result["predicted_before_after"])
-    assert low <= result["predicted"] <= high
