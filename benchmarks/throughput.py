@@ -47,6 +47,7 @@ import argparse
 import contextlib
 import dataclasses
 import datetime
+import itertools
 import math
 import os
 import queue
@@ -287,10 +288,14 @@ def run_torchrun(model: str, methods: list[str], stages: int, micro: int, run: d
                 rank, part = out.get(timeout=5)
                 parts[rank] = part
             except queue.Empty:
-                if any(p.exitcode not in (None, 0) for p in procs) or time.monotonic() > deadline:
-                    raise RuntimeError(f"{methods} on {model}: a torchrun rank failed or hung") from None
+                dead = [f"rank {r} exited with code {p.exitcode}" for r, p in enumerate(procs) if p.exitcode]
+                if dead or time.monotonic() > deadline:
+                    why = ", ".join(dead) or "no result after 15 minutes"
+                    raise RuntimeError(f"{', '.join(methods)} on {model}: {why}") from None
     finally:
-        for p in procs:
+        for p in procs:  # the others wait on the lost rank in gloo: stop them at once
+            if len(parts) < stages:
+                p.kill()
             p.join(60)
             if p.is_alive():
                 p.kill()
@@ -314,21 +319,31 @@ def window_measures(
     timeline: list[list[tuple[str, int, float, float]]], spans: list[list[tuple[float, float]]], scale: int
 ) -> tuple[list[float], float]:
     """Per timed window, the mini-batches per second between the last stage's first and last
-    optimizer step in it (``scale`` mini-batches per step; the window's fill and drain left
-    out), and the idle share of all stages between their own first and last steps of each
-    window (an action counts from the moment its inputs had arrived)."""
+    optimizer step in it (``scale`` mini-batches per step; NaN for a window with fewer than
+    two), and the idle share of all stages in the steady state of each window: from a stage's
+    first optimizer step to the start of its last forward there (the window's fill and drain,
+    where stages wait for the pipeline to fill and empty, left out; an action counts from the
+    moment its inputs had arrived)."""
     rates, busy, total = [], 0.0, 0.0
     for k, (acts, windows) in enumerate(zip(timeline, spans)):
         for start, end in windows:
-            steps = sorted(t1 for op, _, t0, t1 in acts if op == "S" and start <= t0 <= end)
-            if len(steps) < 2:
-                continue
-            first, last = steps[0], steps[-1]
-            busy += sum(t1 - t0 for _, _, t0, t1 in acts if t0 >= first and t1 <= last)
-            total += last - first
+            ours = [(op, t0, t1) for op, _, t0, t1 in acts if start <= t0 <= end]
+            steps = sorted(t1 for op, _, t1 in ours if op == "S")
             if k == len(timeline) - 1:
-                rates.append((len(steps) - 1) * scale / (last - first))
-    return rates, (1 - busy / total if total else float("nan"))
+                rates.append(
+                    (len(steps) - 1) * scale / (steps[-1] - steps[0]) if len(steps) > 1 else math.nan
+                )
+            forwards = [t0 for op, t0, _ in ours if op == "F"]
+            if not steps or not forwards or max(forwards) <= steps[0]:
+                continue
+            first, last = steps[0], max(forwards)
+            busy += sum(t1 - t0 for _, t0, t1 in ours if t0 >= first and t1 <= last)
+            total += last - first
+    return rates, (1 - busy / total if total else math.nan)
+
+
+#: numbers the jobs of a benchmark run
+_JOBS = itertools.count()
 
 
 def run_pipeoptim(
@@ -360,6 +375,7 @@ def run_pipeoptim(
             plans[m] = pipe.plan  # the plan every launch makes from the shared profile
     before = {m: priced_now(model, plans[m]) for m in methods}
     records = (run_torchrun if launch == "torchrun" else run_driven)(model, methods, stages, micro, run)
+    job = next(_JOBS)  # the runs of this job pair window by window (round_ratios)
     results = {}
     for m in methods:
         after = priced_now(model, plans[m])
@@ -368,9 +384,9 @@ def run_pipeoptim(
         rates, bubble = window_measures(timeline, spans, scale)
         predicted = [before[m]["throughput_per_s"] * scale, after["throughput_per_s"] * scale]
         results[m] = {
-            "rate": statistics.median(rates),
+            "rate": statistics.median([rate for rate in rates if rate == rate] or [math.nan]),
             "window_rates": rates,
-            "job": tuple(methods),
+            "job": job,
             "predicted": math.sqrt(predicted[0] * predicted[1]),
             "predicted_before_after": predicted,
             "cores_bound": after["cores_bound"],
@@ -663,7 +679,7 @@ def measure_rounds(runs: dict[str, Any], rounds: int, what: str) -> dict[str, di
     chosen = {}
     for name, results in measured.items():
         ordered = sorted(results, key=lambda res: res["rate"] if res["rate"] == res["rate"] else -1.0)
-        chosen[name] = ordered[len(ordered) // 2] | {
+        chosen[name] = ordered[(len(ordered) - 1) // 2] | {  # of an even number, the slower middle
             "rates": [res["rate"] for res in results],
             "round_windows": [(res.get("job"), res.get("window_rates")) for res in results],
             "predictions": [res.get("predicted", float("nan")) for res in results],
@@ -745,7 +761,7 @@ def plot_timeline(result: dict[str, Any], path: Path, title: str) -> None:
         title=title,
     )
     ax.invert_yaxis()
-    ax.legend(loc="upper right", labels=["forward", "backward", "optimizer step"])
+    ax.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0), labels=["forward", "backward", "optimizer step"])
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
@@ -954,6 +970,8 @@ def main() -> None:
     schedules = ["Schedule1F1B", "ScheduleZBVZeroBubble"] if args.quick else list(PIPPY)
     if args.schedules is not None:
         schedules = args.schedules
+    elif "gpipe" in methods and "ScheduleGPipe" not in schedules:
+        schedules.append("ScheduleGPipe")  # the partner of our GPipe
     # timed mini-batches: a few seconds per run, so that a slowdown of the shared host for a
     # moment weighs little (the runs' start-up, seconds too, is not timed)
     lengths = {"mlp": (2, 6, 2) if args.quick else (8, 96, 8), "transformer": (4, 40, 4)}
@@ -1107,8 +1125,8 @@ def main() -> None:
         f"mini-batch per micro-batch; each rate is the median over windows of the timed mini-batches "
         f"(between the last stage's first and last optimizer step of each window; "
         + ", ".join(f"{m}: {w} windows, {n} after {u}" for m, (u, n, w) in lengths.items() if m in models)
-        + "). `bubble`: idle share of the stages' time between their first and last optimizer "
-        "step of each window, from the recorded actions, each from "
+        + "). `bubble`: idle share of the stages' time from each one's first optimizer step to "
+        "its last forward of each window (fill and drain left out), from the recorded actions, each from "
         "the moment its received inputs had arrived (a wait is idle); `idle vs sequential`: 1 - "
         "(one thread's forward+backward+step time of the whole "
         f"mini-batch) x rate / N, for every run alike. Each prediction is the run's plan priced by "

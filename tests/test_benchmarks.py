@@ -247,7 +247,7 @@ def test_throughput_runs_methods_window_by_window_in_one_job(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, launch: str
 ) -> None:
     """Two methods run in one job, launched as torchrun launches it or from this process: each
-    stage of each method steps once per timed mini-batch inside its windows (3 windows of 2),
+    stage of each method steps once per timed mini-batch inside its windows (3 windows of 3),
     the windows of the two take turns, and each prediction lies between the ones priced
     before and after the run."""
     monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))  # the spawned ranks import it too
@@ -255,14 +255,14 @@ def test_throughput_runs_methods_window_by_window_in_one_job(
 
     costs = {"bandwidth": 3e9, "latency": 1e-4, "action_overhead": 3e-4}
     methods = ["pipeoptim", "pipedream"]
-    results = throughput.run_pipeoptim("mlp", methods, 2, 2, 2, 6, tmp_path, costs, 3, launch=launch)
+    results = throughput.run_pipeoptim("mlp", methods, 2, 2, 2, 9, tmp_path, costs, 3, launch=launch)
     assert list(results) == methods
     for result in results.values():
         steps = [
             sum(op == "S" and any(s <= t0 <= e for s, e in windows) for op, _, t0, _ in acts)
             for acts, windows in zip(result["timeline"], result["spans"])
         ]
-        assert steps == [6, 6]
+        assert steps == [9, 9]
         assert len(result["window_rates"]) == 3 and all(rate > 0 for rate in result["window_rates"])
         assert 0 <= result["bubble"] < 1
         low, high = sorted(result["predicted_before_after"])
@@ -277,3 +277,30 @@ def test_throughput_runs_methods_window_by_window_in_one_job(
         "pipeoptim",
         "pipedream",
     ]
+
+
+def test_throughput_windows_leave_out_fill_and_drain(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A stage's idle share counts from its first optimizer step to its last forward of each
+    window: the drain's wait for the last gradients (here 15 s) is not steady-state idle
+    time. A window with one step has no rate (NaN), and the other windows keep their places."""
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    from throughput import window_measures
+
+    acts = [("F", 0, 0, 10), ("B", 0, 10, 20), ("S", 0, 20, 22), ("F", 1, 30, 40), ("B", 1, 40, 50)]
+    acts += [("S", 1, 50, 52), ("F", 2, 60, 70), ("B", 2, 85, 95), ("S", 2, 95, 97)]
+    acts += [("F", 3, 200, 210), ("B", 3, 210, 220), ("S", 3, 220, 222)]  # a second window
+    rates, bubble = window_measures([acts], [[(0, 100), (200, 230)]], 1)
+    assert rates[0] == pytest.approx(2 / 75) and rates[1] != rates[1]  # NaN
+    assert bubble == pytest.approx(1 - 22 / 38)  # F1, B1 and S1 busy from 22 to 60
+
+
+def test_throughput_table_shows_the_slower_middle_run_of_an_even_count() -> None:
+    """With 2 rounds the table showed the faster run as "the run of median rate"."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        from throughput import measure_rounds
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    rates = iter([26.5, 31.2])
+    chosen = measure_rounds({"pipeoptim": lambda: {"pipeoptim": {"rate": next(rates)}}}, 2, "test")
+    assert chosen["pipeoptim"]["rate"] == 26.5 and chosen["pipeoptim"]["rates"] == [26.5, 31.2]
