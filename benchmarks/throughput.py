@@ -200,7 +200,7 @@ def _compiled(model: str, method: str, stages: int, micro: int, executor: str, r
         stages,
         executor,
         run["profile_dir"],
-        mini_batch_rows(model, micro) * (micro if method == "2bw" else 1),
+        mini_batch_rows(model, micro) * _scale(method, micro),
         micro_batches=micro if method in ("gpipe", "1f1b", "2bw") else None,
         device=run["device"],
         compile_stages=run["compile_stages"],
@@ -232,11 +232,16 @@ def _alternate(
     return spans
 
 
+def _scale(method: str, micro: int) -> int:
+    """Mini-batches of the other methods per mini-batch of ``method``. PipeDream-2BW steps
+    once per M micro-batches of BATCH rows each: its micro-batch is the unit the other
+    asynchronous methods run per pass, so it gets mini-batches of M x BATCH rows and its rate
+    is counted per BATCH rows, like theirs (same work per pass)."""
+    return micro if method == "2bw" else 1
+
+
 def _data(model: str, method: str, micro: int) -> tuple[torch.Tensor, torch.Tensor]:
-    # PipeDream-2BW steps once per M micro-batches of BATCH rows each: its micro-batch is the
-    # unit the other asynchronous methods run per pass, so it gets mini-batches of M x BATCH
-    # rows and its rate is counted per BATCH rows, like theirs (same work per pass).
-    return MODELS[model][1](size=mini_batch_rows(model, micro) * (micro if method == "2bw" else 1))
+    return MODELS[model][1](size=mini_batch_rows(model, micro) * _scale(method, micro))
 
 
 #: per method, every stage's timeline and the spans of its timed windows
@@ -269,39 +274,51 @@ def _torchrun_rank(
         out.put((rank, {m: (list(pipes[m]._executor.process.timeline), spans[m]) for m in methods}))
 
 
-def run_torchrun(model: str, methods: list[str], stages: int, micro: int, run: dict[str, Any]) -> Records:
-    """:func:`_torchrun_rank` in ``stages`` processes, started as torchrun starts them.
+def run_ranks(target: Any, world: int, args: tuple, what: str, replies: int | None = None) -> dict[int, Any]:
+    """``world`` spawned processes, each running ``target(rank, world, port, *args, out)`` (a
+    free port for the process group); the ``(rank, value)`` pairs they put on ``out``
+    (``replies`` of them; default one per rank).
 
     Raises:
-        RuntimeError: a rank failed, or the run took over 15 minutes."""
+        RuntimeError: a rank exited with an error (named, with its exit code; the others, which
+            would wait on it in gloo, are stopped at once), or no replies after 15 minutes."""
     ctx = mp.get_context("spawn")
     out = ctx.Queue()
-    args = (stages, free_port(), model, methods, micro, run, out)
-    procs = [ctx.Process(target=_torchrun_rank, args=(r, *args)) for r in range(stages)]
+    port = free_port()
+    procs = [ctx.Process(target=target, args=(r, world, port, *args, out)) for r in range(world)]
     for p in procs:
         p.start()
-    parts: dict[int, dict[str, tuple[Any, Any]]] = {}
+    replies = world if replies is None else replies
+    parts: dict[int, Any] = {}
     deadline = time.monotonic() + 900
     try:
-        while len(parts) < stages:
+        while len(parts) < replies:
             try:
                 rank, part = out.get(timeout=5)
                 parts[rank] = part
             except queue.Empty:
                 dead = [f"rank {r} exited with code {p.exitcode}" for r, p in enumerate(procs) if p.exitcode]
                 if dead or time.monotonic() > deadline:
-                    why = ", ".join(dead) or "no result after 15 minutes"
-                    raise RuntimeError(f"{', '.join(methods)} on {model}: {why}") from None
+                    raise RuntimeError(f"{what}: {', '.join(dead) or 'no result after 15 minutes'}") from None
     finally:
-        for p in procs:  # the others wait on the lost rank in gloo: stop them at once
-            if len(parts) < stages:
+        for p in procs:
+            if len(parts) < replies:
                 p.kill()
             p.join(60)
             if p.is_alive():
                 p.kill()
-    return {
-        m: ([parts[k][m][0] for k in range(stages)], [parts[k][m][1] for k in range(stages)]) for m in methods
-    }
+    return parts
+
+
+def run_torchrun(model: str, methods: list[str], stages: int, micro: int, run: dict[str, Any]) -> Records:
+    """:func:`_torchrun_rank` in ``stages`` processes, started as torchrun starts them.
+
+    Raises:
+        RuntimeError: a rank failed, or the run took over 15 minutes."""
+    what = f"{', '.join(methods)} on {model}"
+    parts = run_ranks(_torchrun_rank, stages, (model, methods, micro, run), what)
+    ordered = [parts[k] for k in range(stages)]
+    return {m: ([part[m][0] for part in ordered], [part[m][1] for part in ordered]) for m in methods}
 
 
 def run_driven(model: str, methods: list[str], stages: int, micro: int, run: dict[str, Any]) -> Records:
@@ -373,13 +390,13 @@ def run_pipeoptim(
     for m in methods:
         with _compiled(model, m, stages, micro, "local", run) as pipe:
             plans[m] = pipe.plan  # the plan every launch makes from the shared profile
-    before = {m: priced_now(model, plans[m]) for m in methods}
+    before = priced_now(model, plans)
     records = (run_torchrun if launch == "torchrun" else run_driven)(model, methods, stages, micro, run)
+    afters = priced_now(model, plans)
     job = next(_JOBS)  # the runs of this job pair window by window (round_ratios)
     results = {}
     for m in methods:
-        after = priced_now(model, plans[m])
-        scale = micro if m == "2bw" else 1
+        after, scale = afters[m], _scale(m, micro)
         timeline, spans = records[m]
         rates, bubble = window_measures(timeline, spans, scale)
         predicted = [before[m]["throughput_per_s"] * scale, after["throughput_per_s"] * scale]
@@ -400,28 +417,42 @@ def run_pipeoptim(
 
 
 def priced_now(
-    model: str, plan: Plan, profile_dir: Path | None = None, update_costs: UpdateCosts | None = None
-) -> dict[str, Any]:
-    """The cost model's summary (:func:`pipeoptim.compiler.summary.summarize`) of ``plan``'s
-    stages and settings from timings taken now: the model profiled again (``profile_dir``
-    None: not saved, nor read) and the optimizer's step, prediction and copy timed again
-    (``update_costs`` None). This shared machine's speed drifted up to 2x within a full
-    benchmark run, so the profile the plans were made from at its start priced runs half an
-    hour later."""
+    model: str,
+    plans: dict[str, Plan],
+    profile_dir: Path | None = None,
+    update_costs: UpdateCosts | None = None,
+) -> dict[str, dict[str, Any]]:
+    """The cost model's summary (:func:`pipeoptim.compiler.summary.summarize`) of each plan's
+    stages and settings from timings taken now, once for all of them: the model profiled
+    again (once per micro-batch size; ``profile_dir`` None: not saved, nor read) and the
+    optimizer's step, prediction and copy timed again (``update_costs`` None). This shared
+    machine's speed drifted up to 2x within a full benchmark run, so the profile the plans
+    were made from at its start priced runs half an hour later."""
     make, data, _, _, _ = MODELS[model]
     net = make()
     optimizer = torch.optim.SGD(net.parameters(), lr=1e-3, momentum=0.9)
-    micro = (data(size=plan.batch_size)[0],)
     numel, tensors = working_set_of(net.parameters(), DEVICE)
     costs = update_costs or measure_update_cost(
         type(optimizer), optimizer.defaults, DEVICE, numel, tensors=tensors
     )
-    config = dataclasses.replace(
-        plan.config, step_s_per_byte=costs.step, predict_s_per_byte=costs.predict, copy_s_per_byte=costs.copy
-    )
-    graph = plan_model(net, micro, config, profile_dir=profile_dir, device=DEVICE).graph
-    stats = evaluate(graph, [plan.stage_of[node.name] for node in graph.nodes], config, plan.recompute)
-    return summarize(graph, stats, config)
+    graphs: dict[int, Any] = {}
+    summaries = {}
+    for name, plan in plans.items():
+        config = dataclasses.replace(
+            plan.config,
+            step_s_per_byte=costs.step,
+            predict_s_per_byte=costs.predict,
+            copy_s_per_byte=costs.copy,
+        )
+        if plan.batch_size not in graphs:
+            micro = (data(size=plan.batch_size)[0],)
+            graphs[plan.batch_size] = plan_model(
+                net, micro, config, profile_dir=profile_dir, device=DEVICE
+            ).graph
+        graph = graphs[plan.batch_size]
+        stats = evaluate(graph, [plan.stage_of[node.name] for node in graph.nodes], config, plan.recompute)
+        summaries[name] = summarize(graph, stats, config)
+    return summaries
 
 
 # ------------------------------------------------- torch.distributed.pipelining reference
@@ -497,8 +528,8 @@ def _pippy_worker(
     warmup: int,
     steps: int,
     windows: int,
+    device_type: str,
     out: Any,
-    device_type: str = "cpu",
 ) -> None:
     import torch.distributed.pipelining as pipelining
 
@@ -549,7 +580,7 @@ def _pippy_worker(
         stamps.append(time.perf_counter())
     dist.barrier()
     if rank == 0:
-        out.put(windows_rate(stamps, 1, windows))
+        out.put((0, windows_rate(stamps, 1, windows)))
     dist.destroy_process_group()
 
 
@@ -557,29 +588,14 @@ def run_pippy(
     model: str, schedule: str, plan: Plan, micro: int, warmup: int, steps: int, windows: int
 ) -> float:
     """Mini-batches per second of a torch.distributed.pipelining schedule over ``plan``'s
-    stages (``plan`` has ``PIPPY[schedule]`` stages per rank)."""
-    ctx = mp.get_context("spawn")
-    out = ctx.Queue()
-    port = free_port()
+    stages (``plan`` has ``PIPPY[schedule]`` stages per rank); NaN where it fails on this model."""
     world = plan.num_stages // PIPPY[schedule]
-    args = (world, port, model, plan.to_dict(), schedule, micro, warmup, steps, windows, out, DEVICE)
-    procs = [ctx.Process(target=_pippy_worker, args=(r, *args)) for r in range(world)]
-    for p in procs:
-        p.start()
-    deadline = time.monotonic() + 900
+    args = (model, plan.to_dict(), schedule, micro, warmup, steps, windows, DEVICE)
     try:
-        while True:
-            try:
-                return out.get(timeout=5)
-            except queue.Empty:  # a schedule that fails on this model is reported as nan
-                if any(p.exitcode not in (None, 0) for p in procs) or time.monotonic() > deadline:
-                    print(f"    {schedule} failed on {model}", file=sys.stderr)
-                    return float("nan")
-    finally:
-        for p in procs:
-            p.join(60)
-            if p.is_alive():
-                p.kill()
+        return run_ranks(_pippy_worker, world, args, f"{schedule} on {model}", replies=1)[0]
+    except RuntimeError as exc:  # a schedule that fails on this model is reported as nan
+        print(f"    {exc}", file=sys.stderr)
+        return float("nan")
 
 
 def run_torch_schedule(
