@@ -23,7 +23,10 @@ include the compilation).
 The asynchronous methods (PipeOptim, stashing, 2BW, SpecTrain, none) run in one job, their
 timed windows of a few mini-batches taking turns (:func:`_alternate`: a fraction of a second
 apart, where this host's speed drifts over seconds); each rate is the median of its windows',
-each counted between the last stage's first and last optimizer step of the window. Every
+each counted between the last stage's first and last optimizer step of the window. Our GPipe
+and 1F1B each run in one job with torch's schedule of that name over the same stages, with the
+SGD a user writes and with a fused one (the step our stages choose), their windows taking
+turns the same way, a barrier between windows. Every
 configuration runs ``--rounds`` times; a ratio is the median over rounds of each round's ratio
 (:func:`round_ratios`: the median of the window-by-window ratios for methods of one job, the
 ratio of the two runs otherwise), printed with the range of those rounds: a goal inside that
@@ -54,6 +57,7 @@ import queue
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -208,27 +212,37 @@ def _compiled(model: str, method: str, stages: int, micro: int, executor: str, r
     )
 
 
+#: one mini-batch of a run, and its flush (both return once this process's part is done)
+Stepper = tuple[Callable[[], Any], Callable[[], Any]]
+
+
 def _alternate(
-    pipes: dict[str, pipeoptim.Pipeline], feeds: dict[str, tuple[Any, Any]], run: dict[str, Any]
+    steppers: dict[str, Stepper], run: dict[str, Any], sync: Callable[[], Any] | None = None
 ) -> dict[str, list[tuple[float, float]]]:
-    """Each pipeline's ``run["warmup"]`` mini-batches and a flush, then ``run["windows"]``
-    rounds of ``run["steps"] // run["windows"]`` timed mini-batches and a flush of every
-    pipeline in turn, the order rotated each round: the pipelines' windows lie side by side
-    (a fraction of a second apart), where this host's speed drifts over seconds. Per pipeline,
-    the start and end of each window (perf_counter seconds)."""
-    for name, pipe in pipes.items():
+    """Each run's ``run["warmup"]`` mini-batches and a flush, then ``run["windows"]`` rounds of
+    ``run["steps"] // run["windows"]`` timed mini-batches and a flush of every run in turn, the
+    order rotated each round: the runs' windows lie side by side (a fraction of a second
+    apart), where this host's speed drifts over seconds. ``sync`` follows every flush (a
+    barrier where two frameworks share the process group: no message of one is in flight
+    while the other runs). Per run, the start and end of each window (perf_counter seconds)."""
+    for step, flush in steppers.values():
         for _ in range(run["warmup"]):
-            pipe.step(*feeds[name])
-        pipe.flush()
-    names, per = list(pipes), max(1, run["steps"] // run["windows"])
+            step()
+        flush()
+        if sync:
+            sync()
+    names, per = list(steppers), max(1, run["steps"] // run["windows"])
     spans: dict[str, list[tuple[float, float]]] = {name: [] for name in names}
     for w in range(run["windows"]):
         for name in names[w % len(names) :] + names[: w % len(names)]:
+            step, flush = steppers[name]
             start = time.perf_counter()
             for _ in range(per):
-                pipes[name].step(*feeds[name])
-            pipes[name].flush()
+                step()
+            flush()
             spans[name].append((start, time.perf_counter()))
+            if sync:
+                sync()
     return spans
 
 
@@ -254,7 +268,10 @@ def _torchrun_rank(
     """One rank of a torchrun job, in the environment torchrun gives it: compiles every method
     with the torchrun executor and runs them by :func:`_alternate`, each step given only the
     data this rank's stage reads (rank 0 the inputs, the last rank the targets), as every rank
-    of torch's schedules does; puts per method its timeline and windows on ``out``."""
+    of torch's schedules does; with ``run["partner"]``, that torch.distributed.pipelining
+    schedule too, over the first method's stages, on the same process group
+    (:func:`torch_schedule`). Puts per run its timeline and windows on ``out`` (the partner's
+    timeline: its optimizer steps, ``("S", i, t, t)``)."""
     os.environ.update(
         RANK=str(rank),
         WORLD_SIZE=str(world),
@@ -266,12 +283,38 @@ def _torchrun_rank(
     torch.set_num_threads(1)
     with contextlib.ExitStack() as stack:  # the first pipeline owns the process group: closed last
         pipes = {m: stack.enter_context(_compiled(model, m, world, micro, "torchrun", run)) for m in methods}
-        feeds = {}
+        steppers: dict[str, Stepper] = {}
         for m in methods:
             x, y = _data(model, m, micro)
-            feeds[m] = (x if rank == 0 else None, y if rank == world - 1 else None)
-        spans = _alternate(pipes, feeds, run)
-        out.put((rank, {m: (list(pipes[m]._executor.process.timeline), spans[m]) for m in methods}))
+            feed = (x if rank == 0 else None, y if rank == world - 1 else None)
+            steppers[m] = (partial(pipes[m].step, *feed), pipes[m].flush)
+        timelines: dict[str, Any] = {m: pipes[m]._executor.process.timeline for m in methods}
+        partner = run.get("partner")
+        stamps: dict[str, list[float]] = {}
+        for name, fused in zip(partner_runs(partner), (False, True)):
+            one_step = torch_schedule(
+                model, pipes[methods[0]].plan, partner, micro, rank, world, run["device"], fused
+            )
+            stamps[name] = []
+            steppers[name] = (partial(_stamped, one_step, stamps[name]), lambda: None)
+        spans = _alternate(steppers, run, dist.barrier if partner else None)
+        for name, times in stamps.items():
+            timelines[name] = [("S", i, t, t) for i, t in enumerate(times)]
+        out.put((rank, {m: (list(timelines[m]), spans[m]) for m in steppers}))
+
+
+def _stamped(one_step: Callable[[], None], stamps: list[float]) -> None:
+    """``one_step()``, then its end (perf_counter seconds) appended to ``stamps``."""
+    one_step()
+    stamps.append(time.perf_counter())
+
+
+def partner_runs(partner: str | None) -> list[str]:
+    """The names of the runs of torch.distributed.pipelining's ``partner`` schedule in a job
+    (none without one): with the SGD a user writes (on the CPU torch's for-loop step), and with
+    ``fused=True``, the step our stages choose (:func:`pipeoptim.runtime.optim.stage_keywords`),
+    so that the table shows which part of a difference is the optimizer step's."""
+    return [f"pipelining {partner}", f"pipelining {partner}, fused SGD"] if partner else []
 
 
 def run_ranks(target: Any, world: int, args: tuple, what: str, replies: int | None = None) -> dict[int, Any]:
@@ -315,10 +358,10 @@ def run_torchrun(model: str, methods: list[str], stages: int, micro: int, run: d
 
     Raises:
         RuntimeError: a rank failed, or the run took over 15 minutes."""
-    what = f"{', '.join(methods)} on {model}"
+    what = f"{', '.join(methods + partner_runs(run.get('partner')))} on {model}"
     parts = run_ranks(_torchrun_rank, stages, (model, methods, micro, run), what)
     ordered = [parts[k] for k in range(stages)]
-    return {m: ([part[m][0] for part in ordered], [part[m][1] for part in ordered]) for m in methods}
+    return {m: ([part[m][0] for part in ordered], [part[m][1] for part in ordered]) for m in ordered[0]}
 
 
 def run_driven(model: str, methods: list[str], stages: int, micro: int, run: dict[str, Any]) -> Records:
@@ -328,7 +371,8 @@ def run_driven(model: str, methods: list[str], stages: int, micro: int, run: dic
         pipes = {
             m: stack.enter_context(_compiled(model, m, stages, micro, "processes", run)) for m in methods
         }
-        spans = _alternate(pipes, {m: _data(model, m, micro) for m in methods}, run)
+        steppers = {m: (partial(pipes[m].step, *_data(model, m, micro)), pipes[m].flush) for m in methods}
+        spans = _alternate(steppers, run)
         return {m: (pipes[m]._executor.timeline(), [spans[m]] * stages) for m in methods}
 
 
@@ -375,6 +419,7 @@ def run_pipeoptim(
     windows: int,
     compile_stages: bool = False,
     launch: str = "torchrun",
+    partner: str | None = None,
 ) -> dict[str, dict[str, Any]]:
     """One run of ``methods``, each on the plan made from the shared profile in
     ``profile_dir`` with the measured ``costs``, their timed windows in turn
@@ -383,9 +428,12 @@ def run_pipeoptim(
     process (``"processes"``: the processes executor). Per method: its rate (the median of its
     windows', :func:`window_measures`), each window's rate, and its prediction, the plan
     re-priced (:func:`priced_now`) from a profile taken just before the run and from one taken
-    right after it: the geometric mean of the two, as this host's speed drifts."""
+    right after it: the geometric mean of the two, as this host's speed drifts. With
+    ``partner`` (torchrun launch), that torch.distributed.pipelining schedule runs in the same
+    job over the first method's stages, window by window beside them, with the user's SGD and
+    with a fused one; their results (rate and window rates) are under :func:`partner_runs`."""
     run = {"profile_dir": profile_dir, "costs": costs, "compile_stages": compile_stages, "device": DEVICE}
-    run |= {"warmup": warmup, "steps": steps, "windows": windows}
+    run |= {"warmup": warmup, "steps": steps, "windows": windows, "partner": partner}
     plans = {}
     for m in methods:
         with _compiled(model, m, stages, micro, "local", run) as pipe:
@@ -412,6 +460,16 @@ def run_pipeoptim(
             "timeline": timeline,
             "spans": spans,
             "plan": plans[m],
+        }
+    for name in partner_runs(partner):
+        timeline, spans = records[name]
+        rates, _ = window_measures(timeline, spans, 1)
+        results[name] = {
+            "rate": statistics.median([rate for rate in rates if rate == rate] or [math.nan]),
+            "window_rates": rates,
+            "job": job,
+            "timeline": timeline,
+            "spans": spans,
         }
     return results
 
@@ -517,6 +575,54 @@ def stages_of_rank(schedule: str, rank: int, world: int) -> list[int]:
     return [rank, rank + world]
 
 
+def torch_schedule(
+    model_name: str,
+    plan: Plan,
+    schedule: str,
+    micro: int,
+    rank: int,
+    world: int,
+    device_type: str,
+    fused: bool = False,
+) -> Callable[[], None]:
+    """This rank's part of torch.distributed.pipelining's ``schedule`` over ``plan``'s stages
+    (``PIPPY[schedule]`` per rank, :func:`stages_of_rank`), on the process group this process
+    has joined, with an SGD optimizer (momentum 0.9) like ours (``fused``: its fused step, else
+    torch's default): a call runs one mini-batch of
+    ``micro`` micro-batches (rank 0 reads the inputs, the last stage the targets) and the
+    optimizer step."""
+    import torch.distributed.pipelining as pipelining
+
+    device = torch.device("cuda", rank) if device_type == "cuda" else torch.device("cpu")
+    make, data, loss, _, _ = MODELS[model_name]
+    model = make()
+    rows = mini_batch_rows(model_name, micro)
+    x, y = data(size=rows)
+    traced = trace(model, (x[: rows // micro],))
+    int_inputs = int_inputs_of_stages(traced, plan, x[: rows // micro])
+    x, y = x.to(device), y.to(device)
+    mine = stages_of_rank(schedule, rank, world)
+    stages, params = [], []
+    for index in mine:
+        last = index == plan.num_stages - 1
+        split = PIPPY[schedule] > 1  # the zero-bubble schedules
+        module = _TensorStage(stage_module(traced, plan, index), int_inputs[index], last, split).to(device)
+        params += list(module.parameters())
+        stages.append(pipelining.PipelineStage(module, index, plan.num_stages, device))
+    cls = getattr(pipelining, schedule)
+    sched = cls(stages[0] if len(stages) == 1 else stages, n_microbatches=micro, loss_fn=loss)
+    opt = torch.optim.SGD(params, lr=1e-3, momentum=0.9, fused=fused or None)
+    args = (x,) if 0 in mine else ()
+    kwargs = {"target": y, "losses": []} if plan.num_stages - 1 in mine else {}
+
+    def one_step() -> None:
+        opt.zero_grad()
+        sched.step(*args, **kwargs)
+        opt.step()
+
+    return one_step
+
+
 def _pippy_worker(
     rank: int,
     world: int,
@@ -531,46 +637,18 @@ def _pippy_worker(
     device_type: str,
     out: Any,
 ) -> None:
-    import torch.distributed.pipelining as pipelining
-
     torch.set_num_threads(1)
-    device = torch.device("cuda", rank) if device_type == "cuda" else torch.device("cpu")
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
+    if device_type == "cuda":
+        torch.cuda.set_device(rank)
     dist.init_process_group(
-        "nccl" if device.type == "cuda" else "gloo",
+        "nccl" if device_type == "cuda" else "gloo",
         init_method=f"tcp://127.0.0.1:{port}",
         rank=rank,
         world_size=world,
         timeout=datetime.timedelta(seconds=300),
     )
-    make, data, loss, _, _ = MODELS[model_name]
-    model = make()
-    rows = mini_batch_rows(model_name, micro)
-    x, y = data(size=rows)
     plan = Plan.from_dict(plan_dict)
-    traced = trace(model, (x[: rows // micro],))
-    int_inputs = int_inputs_of_stages(traced, plan, x[: rows // micro])
-    x, y = x.to(device), y.to(device)
-    mine = stages_of_rank(schedule, rank, world)
-    stages, params = [], []
-    for index in mine:
-        last = index == plan.num_stages - 1
-        split = PIPPY[schedule] > 1  # the zero-bubble schedules
-        module = _TensorStage(stage_module(traced, plan, index), int_inputs[index], last, split).to(device)
-        params += list(module.parameters())
-        stages.append(pipelining.PipelineStage(module, index, plan.num_stages, device))
-    cls = getattr(pipelining, schedule)
-    sched = cls(stages[0] if len(stages) == 1 else stages, n_microbatches=micro, loss_fn=loss)
-    opt = torch.optim.SGD(params, lr=1e-3, momentum=0.9)
-    args = (x,) if 0 in mine else ()
-    kwargs = {"target": y, "losses": []} if plan.num_stages - 1 in mine else {}
-
-    def one_step() -> None:
-        opt.zero_grad()
-        sched.step(*args, **kwargs)
-        opt.step()
-
+    one_step = torch_schedule(model_name, plan, schedule, micro, rank, world, device_type)
     for _ in range(warmup):
         one_step()
     dist.barrier()
@@ -637,13 +715,16 @@ PARTNERS = [
         "spectrain",
         "2bw",
     ],
-    ["1f1b", "pipelining Schedule1F1B"],
-    ["gpipe", "pipelining ScheduleGPipe"],
+    ["1f1b", "pipelining Schedule1F1B", "pipelining Schedule1F1B, fused SGD"],
+    ["gpipe", "pipelining ScheduleGPipe", "pipelining ScheduleGPipe, fused SGD"],
 ]
 
 
 #: the methods that flush every mini-batch (the others run together, :func:`run_pipeoptim`)
 FLUSHING = ("gpipe", "1f1b")
+#: each flushing method's torch.distributed.pipelining counterpart, run in its job
+PARTNER = {"gpipe": "ScheduleGPipe", "1f1b": "Schedule1F1B"}
+PARTNER_OF = {schedule: method for method, schedule in PARTNER.items()}
 
 
 def named(name: str, call: Any) -> dict[str, dict[str, Any]]:
@@ -873,6 +954,8 @@ def ratios(model: str, n: int, results: dict[str, dict[str, Any]]) -> str:
         ratio("spectrain", "pipedream", 0.9),
         ratio("1f1b", "pipelining Schedule1F1B", 1.0),
         ratio("gpipe", "pipelining ScheduleGPipe", 1.0),
+        ratio("1f1b", "pipelining Schedule1F1B, fused SGD", None),
+        ratio("gpipe", "pipelining ScheduleGPipe, fused SGD", None),
         ratio("pipeoptim", "pipelining ScheduleInterleavedZeroBubble", None),
         ratio("pipeoptim", "pipelining ScheduleZBVZeroBubble", None),
         ratio("pipeoptim, compiled stages", "pipeoptim", None),
@@ -1015,6 +1098,8 @@ def main() -> None:
             joint = [m for m in methods if m not in FLUSHING]
             for method in methods:
                 runs[method] = partial(measure, joint if method in joint else [method])
+                if PARTNER.get(method) in schedules:  # torch's schedule in the same job
+                    runs[method] = partial(measure, [method], partner=PARTNER[method])
             if args.compiled or not args.quick:
                 # compiling happens in the first forwards and backwards of each kind (stage 0's
                 # first forward predicts nothing yet): warm up past the pipeline's fill
@@ -1024,6 +1109,10 @@ def main() -> None:
             driven = partial(measure, ["pipeoptim"], launch="processes")
             runs["pipeoptim, processes executor"] = partial(renamed, "pipeoptim, processes executor", driven)
             for schedule in schedules:
+                if schedule in PARTNER.values() and PARTNER_OF[schedule] in methods:
+                    for name in partner_runs(schedule):  # one job: ours and both of torch's
+                        runs[name] = runs[PARTNER_OF[schedule]]
+                    continue
                 torch_run = partial(
                     run_torch_schedule, model, schedule, n, micro, warmup, steps, windows, profile_dir, costs
                 )
@@ -1129,8 +1218,12 @@ def main() -> None:
         f"an even number, the slower middle one). Each ratio below is the median over rounds of "
         f"that round's ratio (the host's speed drifts over the run).\n\n"
         f"The asynchronous methods run in one job per round, their timed windows taking turns "
-        f"(a fraction of a second apart); their ratios are, per round, the median of the ratios "
-        f"of their windows of one turn. "
+        f"(a fraction of a second apart); so do our gpipe and 1f1b, each in one job with torch's "
+        f"schedule of that name over the same stages, with the SGD a user writes (`pipelining "
+        f"...`; on the CPU torch's for-loop step) and with `fused=True` (`..., fused SGD`: the "
+        f"step our stages choose where the user leaves it open), a barrier between windows. "
+        f"The ratios of runs of one job are, per round, the median of the ratios of their "
+        f"windows of one turn. "
         f"Every pipeoptim run is a torchrun job (one process per stage, each reading only its "
         f"stage's data, as every rank of torch.distributed.pipelining's schedules does); "
         f"`pipeoptim, processes executor` is PipeOptim launched from one script, whose process "

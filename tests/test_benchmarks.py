@@ -279,6 +279,36 @@ def test_throughput_runs_methods_window_by_window_in_one_job(
     ]
 
 
+@pytest.mark.slow
+def test_throughput_runs_torchs_schedule_in_the_job_of_ours(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Our 1F1B and torch's Schedule1F1B (with the user's SGD and with a fused one) over the
+    same stages in one job: each steps once per timed mini-batch inside its own windows
+    (3 windows of 3, a barrier between windows), the three take turns in the rotated order,
+    and all three results carry the job's number, so that their ratios pair window by window."""
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))  # the spawned ranks import it too
+    import throughput
+
+    costs = {"bandwidth": 3e9, "latency": 1e-4, "action_overhead": 3e-4}
+    results = throughput.run_pipeoptim(
+        "mlp", ["1f1b"], 2, 2, 1, 9, tmp_path, costs, 3, partner="Schedule1F1B"
+    )
+    names = ["1f1b", "pipelining Schedule1F1B", "pipelining Schedule1F1B, fused SGD"]
+    assert list(results) == names
+    assert len({results[name]["job"] for name in names}) == 1
+    for name in names:
+        result = results[name]
+        steps = [
+            sum(op == "S" and any(s <= t0 <= e for s, e in windows) for op, _, t0, _ in acts)
+            for acts, windows in zip(result["timeline"], result["spans"])
+        ]
+        assert steps == [9, 9], name
+        assert len(result["window_rates"]) == 3 and all(rate > 0 for rate in result["window_rates"])
+    starts = sorted((start, name) for name in names for start, _ in results[name]["spans"][0])
+    assert [name for _, name in starts] == names + names[1:] + names[:1] + names[2:] + names[:2]
+
+
 def test_throughput_windows_leave_out_fill_and_drain(monkeypatch: pytest.MonkeyPatch) -> None:
     """A stage's idle share counts from its first optimizer step to its last forward of each
     window: the drain's wait for the last gradients (here 15 s) is not steady-state idle
