@@ -523,8 +523,10 @@ class _TensorStage(nn.Module):
     its value is supplied on arrival (torch infers shapes on meta tensors, which hold no
     value to send); its split backward
     (zero-bubble schedules, ``split_backward``) detaches stage outputs in place, which views and
-    tensors saved for the backward refuse, so there every output is a fresh copy; and the last
-    stage returns its one output tensor, as its loss expects."""
+    tensors saved for the backward refuse, so there every output is a fresh copy; every output
+    is contiguous (torch sizes the buffers that receive a stage's outputs and their gradients
+    like the outputs, and gloo refuses a strided buffer: "input tensor has to be contiguous",
+    on the LM); and the last stage returns its one output tensor, as its loss expects."""
 
     def __init__(
         self, module: nn.Module, int_inputs: dict[int, int], last: bool, split_backward: bool
@@ -543,7 +545,9 @@ class _TensorStage(nn.Module):
     def _as_tensor(self, value: Any) -> torch.Tensor:
         if isinstance(value, int):
             return torch.zeros(())
-        return value.clone() if self.split_backward else value
+        if self.split_backward:
+            return value.clone(memory_format=torch.contiguous_format)
+        return value.contiguous()
 
 
 def int_inputs_of_stages(traced: Any, plan: Plan, micro_batch: torch.Tensor) -> list[dict[int, int]]:

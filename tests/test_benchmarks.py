@@ -7,6 +7,8 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
+from torch import nn
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -307,6 +309,24 @@ def test_throughput_runs_torchs_schedule_in_the_job_of_ours(
         assert len(result["window_rates"]) == 3 and all(rate > 0 for rate in result["window_rates"])
     starts = sorted((start, name) for name in names for start, _ in results[name]["spans"][0])
     assert [name for _, name in starts] == names + names[1:] + names[:1] + names[2:] + names[:2]
+
+
+def test_torch_stages_send_contiguous_outputs(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A plan cutting the LM inside attention gave stage 0 a strided (4, 4, 32, 64) output;
+    torch.distributed.pipelining sized its gradient buffer like it and gloo refused it ("input
+    tensor has to be contiguous"), which stopped the full benchmark run."""
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    from throughput import _TensorStage
+
+    class Heads(nn.Module):
+        def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, int]:
+            return x.view(4, 32, 4, 64).transpose(1, 2), 7
+
+    x = torch.randn(4, 32, 256)
+    for split in (False, True):
+        out, placeholder = _TensorStage(Heads(), {}, last=False, split_backward=split)(x)
+        assert out.is_contiguous() and out.shape == (4, 4, 32, 64)
+        assert torch.equal(out, x.view(4, 32, 4, 64).transpose(1, 2)) and placeholder.shape == ()
 
 
 def test_throughput_windows_leave_out_fill_and_drain(monkeypatch: pytest.MonkeyPatch) -> None:
