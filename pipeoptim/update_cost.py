@@ -119,9 +119,7 @@ def measure_update_cost(
         try:
             steps.append(timed(optimizer.step))
         except Exception as exc:  # a custom optimizer may not step on a lone parameter
-            raise UpdateCostError(
-                f"{optimizer_class.__name__}.step() failed on a test parameter: {exc}"
-            ) from exc
+            raise UpdateCostError(f"{base.__name__}.step() failed on a test parameter: {exc}") from exc
     nbytes = numel * params[0].element_size()
     copies_of = [torch.empty_like(param) for param in params]
 
