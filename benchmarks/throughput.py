@@ -403,6 +403,11 @@ def window_measures(
     return rates, (1 - busy / total if total else math.nan)
 
 
+def median_rate(rates: list[float]) -> float:
+    """The median of the windows' rates that are numbers (NaN if none is)."""
+    return statistics.median([rate for rate in rates if rate == rate] or [math.nan])
+
+
 #: numbers the jobs of a benchmark run
 _JOBS = itertools.count()
 
@@ -449,7 +454,7 @@ def run_pipeoptim(
         rates, bubble = window_measures(timeline, spans, scale)
         predicted = [before[m]["throughput_per_s"] * scale, after["throughput_per_s"] * scale]
         results[m] = {
-            "rate": statistics.median([rate for rate in rates if rate == rate] or [math.nan]),
+            "rate": median_rate(rates),
             "window_rates": rates,
             "job": job,
             "predicted": math.sqrt(predicted[0] * predicted[1]),
@@ -465,7 +470,7 @@ def run_pipeoptim(
         timeline, spans = records[name]
         rates, _ = window_measures(timeline, spans, 1)
         results[name] = {
-            "rate": statistics.median([rate for rate in rates if rate == rate] or [math.nan]),
+            "rate": median_rate(rates),
             "window_rates": rates,
             "job": job,
             "timeline": timeline,
