@@ -22,6 +22,13 @@ from pipeoptim.errors import PipelineError
 #: Group keys that are not hyperparameters.
 _NOT_HYPER = {"params", "param_names"}
 
+#: Group keys that choose how torch.optim computes a step, not the update: a stage's groups
+#: take them from :func:`stage_keywords` unless the user's group chose its own (all of them
+#: then, as the user's group has them), and keep them
+#: (copying the user's group ``fused=None`` into the stage's groups, which torch reads before
+#: the optimizer's defaults, kept every stage on the for-loop step).
+IMPLEMENTATION_KEYS = {"foreach", "fused", "capturable", "differentiable"}
+
 #: ``torch.optim`` classes whose step has a fused kernel (:func:`stage_keywords`)
 FUSED_STEP = (torch.optim.SGD, torch.optim.Adam, torch.optim.AdamW, torch.optim.Adagrad)
 
@@ -35,9 +42,10 @@ def stage_keywords(
     ``fused`` nor ``foreach``, the step is not ``differentiable``, and torch has fused kernels
     for the device's type. The fused step makes one pass over each tensor where the for-loop
     torch picks on the CPU makes one per operation: SGD with momentum over 2 M parameters
-    took 1.25 ms against 2.2 ms on one thread. Same update rule: SGD's weights are
-    bit-identical to the for-loop's; Adam's and Adagrad's can differ in the last bit (at most
-    1.2e-7 after 20 steps of 1000 weights). Pass ``fused=False`` to keep torch's choice."""
+    took 1.25 ms against 2.2 ms on one thread. Same update rule, rounded differently in the
+    last bit at most (SGD only in the elements past a tensor's last full vector: 9.5e-7 after
+    20 steps of 5 weights; Adam and Adagrad 1.2e-7 after 20 steps of 1000 weights). Pass
+    ``fused=False`` to keep torch's choice."""
     accepted = inspect.signature(optimizer_class.__init__).parameters
     kwargs = {k: v for k, v in defaults.items() if k in accepted and k != "params"}
     if (
@@ -175,7 +183,10 @@ def mirror(
                 seen.add(id(p))
                 chosen.append(p)
         if chosen:
-            stage_groups.append({"params": chosen, **hyper[index]})
+            group = dict(hyper[index])
+            if all(group.get(k) == defaults.get(k) for k in IMPLEMENTATION_KEYS):
+                group = {k: v for k, v in group.items() if k not in IMPLEMENTATION_KEYS}  # the stage's
+            stage_groups.append({"params": chosen, **group})
             group_map.append(index)
     if not stage_groups:
         return None, []
@@ -186,9 +197,12 @@ def mirror(
 def apply_hyperparameters(
     optimizer: Optimizer, group_map: Sequence[int], hyper: Sequence[Mapping[str, Any]]
 ) -> None:
-    """Set the stage optimizer's groups to the user's hyperparameters ``hyper``."""
+    """Set the stage optimizer's groups to the user's hyperparameters ``hyper`` (all but
+    :data:`IMPLEMENTATION_KEYS`, which stay as the stage was built)."""
     for group, index in zip(optimizer.param_groups, group_map):
         for key, value in hyper[index].items():
+            if key in IMPLEMENTATION_KEYS:
+                continue
             if isinstance(group.get(key), torch.Tensor):
                 group[key].fill_(value)
             else:
