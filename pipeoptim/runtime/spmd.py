@@ -9,7 +9,8 @@ even if their models were initialised differently.
 Stage 0 alone needs the inputs and the last stage alone the targets; other ranks may pass
 ``None`` for them. Rank 0 sends every other rank the size of each mini-batch (and of each
 batch given to ``predict``), so all of them split it into the same micro-batches. The last
-stage sends each loss to every other rank, so ``float(loss)`` works everywhere.
+stage sends every other rank the losses of each mini-batch (one message of its micro-batches'
+losses, once the last is computed), so ``float(loss)`` works everywhere.
 """
 
 from __future__ import annotations
@@ -104,7 +105,10 @@ class SPMDExecutor:
         self.process = StageProcess(spec, self.rank, self.device, timeout)
         self.num_stages = spec.num_stages
         self.replicas = spec.data_parallel
+        #: receives of the last stages' losses: (first micro-batch, replica, receive, buffer)
         self._pending: list[tuple[int, int, Any, torch.Tensor]] = []
+        #: a last stage: per mini-batch in flight, its micro-batches and the losses computed
+        self._losses: dict[int, tuple[int, dict[int, float]]] = {}
         self._share_initial_weights(spec)
 
     def _share_initial_weights(self, spec: PipelineSpec) -> None:
@@ -190,37 +194,47 @@ class SPMDExecutor:
             sizes=share.sizes,
             hyper=batch.hyper,
         )
-        first = batch.index * self.process.spec.micro_batches
+        first, count = batch.index * self.process.spec.micro_batches, len(share.sizes)
+        if self.process.rank == stages - 1:
+            self._losses[batch.index] = (count, {})
         for replica in range(self.replicas):  # every replica's last stage sends its losses
             last = replica * stages + stages - 1
-            if self.rank == last:
-                continue
-            for j in range(len(share.sizes)):
-                buffer = torch.empty(1, dtype=torch.float64, device=self.device)
-                self._pending.append((first + j, replica, dist.irecv(buffer, last, tag=LOSS_TAG), buffer))
+            if self.rank != last:
+                buffer = torch.empty(count, dtype=torch.float64, device=self.device)
+                self._pending.append((first, replica, dist.irecv(buffer, last, tag=LOSS_TAG), buffer))
         self._deliver(self.process.submit(part))
         # gloo never reports a receive complete before wait(): wait on those older than the
         # pipeline can hold (their losses were computed long ago), so the list stays bounded
         self._poll(block=False, until=first - 2 * stages * len(share.sizes))
 
     def _deliver(self, losses: list[tuple[int, float]]) -> None:
-        """A last stage: hand each loss to the pipeline and send it to every other rank."""
+        """A last stage: hand each loss to the pipeline and, once a mini-batch's are all
+        computed, send them to every other rank as one message (micro-batch order)."""
+        per = self.process.spec.micro_batches
         for mb, value in losses:
-            tensor = torch.tensor([value], dtype=torch.float64, device=self.device)
-            for rank in range(self.world):
-                if rank != self.rank:
-                    self.process.channel.isend(tensor, rank, tag=LOSS_TAG)
             self.on_loss(mb, torch.tensor(value), self.process.replica)
+            count, known = self._losses[mb // per]
+            known[mb % per] = value
+            if len(known) == count:
+                del self._losses[mb // per]
+                tensor = torch.tensor(
+                    [known[j] for j in range(count)], dtype=torch.float64, device=self.device
+                )
+                for rank in range(self.world):
+                    if rank != self.rank:
+                        self.process.channel.isend(tensor, rank, tag=LOSS_TAG)
 
     def _poll(self, block: bool, until: int | None = None) -> None:
-        """Resolve losses from other ranks that have arrived (all of them, or up to ``until``)."""
+        """Resolve the losses from other ranks that have arrived (all of them, or those of the
+        mini-batches up to the one of micro-batch ``until``)."""
         while self._pending:
-            mb, replica, work, buffer = self._pending[0]
-            if not (block or work.is_completed()) and (until is None or mb > until):
+            first, replica, work, buffer = self._pending[0]
+            if not (block or work.is_completed()) and (until is None or first > until):
                 return
             work.wait(self.timeout)
             self._pending.pop(0)
-            self.on_loss(mb, buffer.cpu()[0], replica)
+            for j, value in enumerate(buffer.cpu()):
+                self.on_loss(first + j, value, replica)
 
     def wait_loss(self, micro_batch: int) -> None:
         """Block until the loss of ``micro_batch`` has arrived on this rank."""
