@@ -137,7 +137,10 @@ def test_train_command_trains_in_float16_with_loss_scaling(tmp_path) -> None:
     for method in ("1f1b", "sequential"):  # the pipeline, and the plain reference trainer
         float16, float32 = train("--method", method, "--precision", "float16"), train("--method", method)
         assert len(float16) == 4 and all(map(math.isfinite, float16))
-        assert abs(float16[0] - float32[0]) > 1e-5  # the forward is in float16
+        # the forward is in float16: the first loss (before any step) differs from float32's
+        # (runs on the CPU are deterministic), by how much depends on the CPU's float16 kernels
+        # (6e-6 on an AMD EPYC, over 1e-5 elsewhere)
+        assert float16[0] != float32[0] and abs(float16[0] - float32[0]) < 1e-2
     float16 = train("--method", "pipeoptim", "--precision", "float16", "--max-grad-norm", "1")
     assert len(float16) == 4 and all(map(math.isfinite, float16))  # asynchronous: issue 18
 
