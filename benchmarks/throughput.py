@@ -187,13 +187,6 @@ def compile_model(
     )
 
 
-def windows_rate(stamps: list[float], rows_per_step: float, windows: int) -> float:
-    """Median over ``windows`` equal runs of steps of (steps x rows_per_step / seconds)."""
-    per = max(1, (len(stamps) - 1) // windows)
-    rates = [per * rows_per_step / (stamps[i + per] - stamps[i]) for i in range(0, len(stamps) - per, per)]
-    return statistics.median(rates)
-
-
 def _compiled(model: str, method: str, stages: int, micro: int, executor: str, run: dict[str, Any]):
     """``method`` compiled for ``model`` at ``stages`` stages with ``executor``, from the shared
     profile in ``run["profile_dir"]`` with the measured ``run["costs"]`` (compile's
@@ -658,16 +651,10 @@ def _pippy_worker(
     )
     plan = Plan.from_dict(plan_dict)
     one_step = torch_schedule(model_name, plan, schedule, micro, rank, world, device_type)
-    for _ in range(warmup):
-        one_step()
-    dist.barrier()
-    stamps = [time.perf_counter()]
-    for _ in range(steps):
-        one_step()
-        stamps.append(time.perf_counter())
-    dist.barrier()
-    if rank == 0:
-        out.put((0, windows_rate(stamps, 1, windows)))
+    stamps: list[float] = []
+    run = {"warmup": warmup, "steps": steps, "windows": windows}
+    spans = _alternate({schedule: (partial(_stamped, one_step, stamps), lambda: None)}, run, dist.barrier)
+    out.put((rank, ([("S", i, t, t) for i, t in enumerate(stamps)], spans[schedule])))
     dist.destroy_process_group()
 
 
@@ -675,14 +662,18 @@ def run_pippy(
     model: str, schedule: str, plan: Plan, micro: int, warmup: int, steps: int, windows: int
 ) -> float:
     """Mini-batches per second of a torch.distributed.pipelining schedule over ``plan``'s
-    stages (``plan`` has ``PIPPY[schedule]`` stages per rank); NaN where it fails on this model."""
+    stages (``plan`` has ``PIPPY[schedule]`` stages per rank), timed as every run of this
+    benchmark is (:func:`_alternate`'s windows, :func:`window_measures` over the last rank's
+    step stamps); NaN where it fails on this model."""
     world = plan.num_stages // PIPPY[schedule]
     args = (model, plan.to_dict(), schedule, micro, warmup, steps, windows, DEVICE)
     try:
-        return run_ranks(_pippy_worker, world, args, f"{schedule} on {model}", replies=1)[0]
+        parts = run_ranks(_pippy_worker, world, args, f"{schedule} on {model}")
     except RuntimeError as exc:  # a schedule that fails on this model is reported as nan
         print(f"    {exc}", file=sys.stderr)
         return float("nan")
+    rates, _ = window_measures([parts[k][0] for k in range(world)], [parts[k][1] for k in range(world)], 1)
+    return median_rate(rates)
 
 
 def run_torch_schedule(
