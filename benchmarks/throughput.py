@@ -25,7 +25,7 @@ timed windows of a few mini-batches taking turns (:func:`_alternate`: a fraction
 apart, where this host's speed drifts over seconds); each rate is the median of its windows',
 each counted between the last stage's first and last optimizer step of the window. Our GPipe
 and 1F1B each run in one job with torch's schedule of that name over the same stages, with the
-SGD a user writes and with a fused one (the step our stages choose), their windows taking
+SGD a user writes (ours step with it too) and with a fused one, their windows taking
 turns the same way, a barrier between windows. Every
 configuration runs ``--rounds`` times; a ratio is the median over rounds of each round's ratio
 (:func:`round_ratios`: the median of the window-by-window ratios for methods of one job, the
@@ -304,9 +304,9 @@ def _stamped(one_step: Callable[[], None], stamps: list[float]) -> None:
 
 def partner_runs(partner: str | None) -> list[str]:
     """The names of the runs of torch.distributed.pipelining's ``partner`` schedule in a job
-    (none without one): with the SGD a user writes (on the CPU torch's for-loop step), and with
-    ``fused=True``, the step our stages choose (:func:`pipeoptim.runtime.optim.stage_keywords`),
-    so that the table shows which part of a difference is the optimizer step's."""
+    (none without one): with the SGD the benchmark gives our stages (as a user writes it; on
+    the CPU torch's for-loop step, which our stages keep), and with ``fused=True``, so that the
+    table shows what torch's fused step would change."""
     return [f"pipelining {partner}", f"pipelining {partner}, fused SGD"] if partner else []
 
 
@@ -1220,8 +1220,8 @@ def main() -> None:
         f"The asynchronous methods run in one job per round, their timed windows taking turns "
         f"(a fraction of a second apart); so do our gpipe and 1f1b, each in one job with torch's "
         f"schedule of that name over the same stages, with the SGD a user writes (`pipelining "
-        f"...`; on the CPU torch's for-loop step) and with `fused=True` (`..., fused SGD`: the "
-        f"step our stages choose where the user leaves it open), a barrier between windows. "
+        f"...`; on the CPU torch's for-loop step, as our stages do) and with `fused=True` "
+        f"(`..., fused SGD`: what torch's fused step changes), a barrier between windows. "
         f"The ratios of runs of one job are, per round, the median of the ratios of their "
         f"windows of one turn. "
         f"Every pipeoptim run is a torchrun job (one process per stage, each reading only its "

@@ -24,7 +24,6 @@ from pipeoptim.compiler.profile_key import device_name
 from pipeoptim.errors import PredictorError
 from pipeoptim.fileio import read_json_table, write_json
 from pipeoptim.runtime.extrapolation import Extrapolator, per_unit_rate
-from pipeoptim.runtime.optim import stage_keywords
 from pipeoptim.runtime.predictors import get_predictor
 
 
@@ -62,11 +61,10 @@ def measure_update_cost(
     weight copy.
 
     Times the ``torch.optim`` class ``optimizer_class`` is or derives from (:func:`builtin_base`,
-    with the user's defaults, fused where the stages' step is,
-    :func:`pipeoptim.runtime.optim.stage_keywords`) stepping ``numel`` float32 elements in
-    ``tensors`` parameters (the model's, :func:`working_set`: the per-byte cost grows once the
-    weights, gradients and optimizer state leave the caches, and each tensor adds a fixed
-    cost) with a gradient (median of ``repeats`` after two warm-up steps), and its predictor
+    with the user's defaults) stepping ``numel`` float32 elements in ``tensors`` parameters
+    (the model's, :func:`working_set`: the per-byte cost grows once the weights, gradients and
+    optimizer state leave the caches, and each tensor adds a fixed cost) with a
+    gradient (median of ``repeats`` after two warm-up steps), and its predictor
     (:mod:`pipeoptim.runtime.predictors`) computing ΔW and ``Ŵ = W - 2·lr·ΔW`` into a reused
     buffer as the runtime does (:class:`pipeoptim.runtime.extrapolation.Extrapolator`; 0 without a
     predictor), and a copy of the parameter into a buffer (what weight stashing and 2BW's
@@ -89,6 +87,7 @@ def measure_update_cost(
             f"{optimizer_class.__name__} derives from no torch.optim optimizer, and timing it would run "
             "its step() at compile time"
         )
+    optimizer_class = base
     device = torch.device(device)
     if not 1 <= tensors <= numel:
         raise ValueError(f"tensors must be between 1 and numel ({numel}), not {tensors}")
@@ -96,9 +95,10 @@ def measure_update_cost(
         torch.nn.Parameter(torch.randn(numel // tensors + (i < numel % tensors), device=device))
         for i in range(tensors)
     ]
-    keywords = {**defaults, **stage_keywords(optimizer_class, defaults, device)}  # fused as the stages
-    accepted = inspect.signature(base.__init__).parameters
-    optimizer = base(params, **{k: v for k, v in keywords.items() if k in accepted and k != "params"})
+    accepted = inspect.signature(optimizer_class.__init__).parameters
+    optimizer = optimizer_class(
+        params, **{k: v for k, v in defaults.items() if k in accepted and k != "params"}
+    )
 
     clock = time.process_time if device.type == "cpu" else time.perf_counter
 
@@ -119,7 +119,9 @@ def measure_update_cost(
         try:
             steps.append(timed(optimizer.step))
         except Exception as exc:  # a custom optimizer may not step on a lone parameter
-            raise UpdateCostError(f"{base.__name__}.step() failed on a test parameter: {exc}") from exc
+            raise UpdateCostError(
+                f"{optimizer_class.__name__}.step() failed on a test parameter: {exc}"
+            ) from exc
     nbytes = numel * params[0].element_size()
     copies_of = [torch.empty_like(param) for param in params]
 
@@ -223,9 +225,7 @@ def load_or_measure_update_cost(
     key = json.dumps(
         {
             "optimizer": f"{optimizer_class.__module__}.{optimizer_class.__qualname__}",
-            "keywords": {
-                k: repr(v) for k, v in sorted(stage_keywords(optimizer_class, defaults, device).items())
-            },
+            "defaults": {k: repr(v) for k, v in sorted(defaults.items()) if k != "params"},
             "device": device_name(device),
             "torch": torch.__version__,
             "clock": UPDATE_COST_CLOCK,

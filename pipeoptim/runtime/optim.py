@@ -15,48 +15,25 @@ from typing import Any
 import torch
 from torch import nn
 from torch.optim import Optimizer
-from torch.utils._foreach_utils import _get_fused_kernels_supported_devices
 
 from pipeoptim.errors import PipelineError
 
 #: Group keys that are not hyperparameters.
 _NOT_HYPER = {"params", "param_names"}
 
-#: Group keys that choose how torch.optim computes a step, not the update: a stage's groups
-#: take them from :func:`stage_keywords` unless the user's group chose its own (all of them
-#: then, as the user's group has them), and keep them
-#: (copying the user's group ``fused=None`` into the stage's groups, which torch reads before
-#: the optimizer's defaults, kept every stage on the for-loop step).
-IMPLEMENTATION_KEYS = {"foreach", "fused", "capturable", "differentiable"}
 
-#: ``torch.optim`` classes whose step has a fused kernel (:func:`stage_keywords`)
-FUSED_STEP = (torch.optim.SGD, torch.optim.Adam, torch.optim.AdamW, torch.optim.Adagrad)
-
-
-def stage_keywords(
-    optimizer_class: type[Optimizer], defaults: Mapping[str, Any], device: torch.device | str
-) -> dict[str, Any]:
-    """The keywords a stage's ``optimizer_class`` is built with on ``device``: the user's
-    ``defaults`` that its ``__init__`` accepts, and ``fused=True`` where the class is one of
-    :data:`FUSED_STEP` itself (a subclass's ``step()`` may be its own), the user set neither
-    ``fused`` nor ``foreach``, the step is not ``differentiable``, and torch has fused kernels
-    for the device's type. The fused step makes one pass over each tensor where the for-loop
-    torch picks on the CPU makes one per operation: SGD with momentum over 2 M parameters
-    took 1.25 ms against 2.2 ms on one thread. Same update rule, rounded differently in the
-    last bit at most (SGD only in the elements past a tensor's last full vector: 9.5e-7 after
-    20 steps of 5 weights; Adam and Adagrad 1.2e-7 after 20 steps of 1000 weights). Pass
-    ``fused=False`` to keep torch's choice."""
+def stage_keywords(optimizer_class: type[Optimizer], defaults: Mapping[str, Any]) -> dict[str, Any]:
+    """The keywords a stage's ``optimizer_class`` is built with: the user's ``defaults`` that
+    its ``__init__`` accepts. The stages step with the kernel the user's optimizer uses
+    (``fused``, ``foreach`` or torch's default), never one chosen for the user: torch's fused
+    kernels are faster on the CPU (SGD with momentum over 2 M parameters, one thread: 1.25 ms
+    against 2.2 ms), but they are not the for-loop's arithmetic. Fused AdamW moved the conv
+    biases before BatchNorm of a small CNN (gradients near zero) 7.8e-3 away from the
+    for-loop's in 6 steps, and fused SGD fails on a group where some parameters have momentum
+    buffers and others not yet (torch 2.13), so the pipeline would no longer equal the user's
+    plain training."""
     accepted = inspect.signature(optimizer_class.__init__).parameters
-    kwargs = {k: v for k, v in defaults.items() if k in accepted and k != "params"}
-    if (
-        optimizer_class in FUSED_STEP
-        and kwargs.get("fused") is None
-        and kwargs.get("foreach") is None
-        and not kwargs.get("differentiable", False)
-        and torch.device(device).type in _get_fused_kernels_supported_devices()
-    ):
-        kwargs["fused"] = True
-    return kwargs
+    return {k: v for k, v in defaults.items() if k in accepted and k != "params"}
 
 
 def hyperparameters(optimizer: Optimizer) -> list[dict[str, Any]]:
@@ -183,26 +160,19 @@ def mirror(
                 seen.add(id(p))
                 chosen.append(p)
         if chosen:
-            group = dict(hyper[index])
-            if all(group.get(k) == defaults.get(k) for k in IMPLEMENTATION_KEYS):
-                group = {k: v for k, v in group.items() if k not in IMPLEMENTATION_KEYS}  # the stage's
-            stage_groups.append({"params": chosen, **group})
+            stage_groups.append({"params": chosen, **hyper[index]})
             group_map.append(index)
     if not stage_groups:
         return None, []
-    device = stage_groups[0]["params"][0].device
-    return optimizer_class(stage_groups, **stage_keywords(optimizer_class, defaults, device)), group_map
+    return optimizer_class(stage_groups, **stage_keywords(optimizer_class, defaults)), group_map
 
 
 def apply_hyperparameters(
     optimizer: Optimizer, group_map: Sequence[int], hyper: Sequence[Mapping[str, Any]]
 ) -> None:
-    """Set the stage optimizer's groups to the user's hyperparameters ``hyper`` (all but
-    :data:`IMPLEMENTATION_KEYS`, which stay as the stage was built)."""
+    """Set the stage optimizer's groups to the user's hyperparameters ``hyper``."""
     for group, index in zip(optimizer.param_groups, group_map):
         for key, value in hyper[index].items():
-            if key in IMPLEMENTATION_KEYS:
-                continue
             if isinstance(group.get(key), torch.Tensor):
                 group[key].fill_(value)
             else:
