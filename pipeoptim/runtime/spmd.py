@@ -205,7 +205,7 @@ class SPMDExecutor:
         self._deliver(self.process.submit(part))
         # gloo never reports a receive complete before wait(): wait on those older than the
         # pipeline can hold (their losses were computed long ago), so the list stays bounded
-        self._poll(block=False, until=first - 2 * stages * len(share.sizes))
+        self._poll(block=False, until=first - 2 * stages * count)
 
     def _deliver(self, losses: list[tuple[int, float]]) -> None:
         """A last stage: hand each loss to the pipeline and, once a mini-batch's are all
