@@ -8,7 +8,6 @@ runtime.
 
 from __future__ import annotations
 
-import inspect
 import json
 import math
 import statistics
@@ -24,6 +23,7 @@ from pipeoptim.compiler.profile_key import device_name
 from pipeoptim.errors import PredictorError
 from pipeoptim.fileio import read_json_table, write_json
 from pipeoptim.runtime.extrapolation import Extrapolator, per_unit_rate
+from pipeoptim.runtime.optim import stage_keywords
 from pipeoptim.runtime.predictors import get_predictor
 
 
@@ -95,10 +95,7 @@ def measure_update_cost(
         torch.nn.Parameter(torch.randn(numel // tensors + (i < numel % tensors), device=device))
         for i in range(tensors)
     ]
-    accepted = inspect.signature(optimizer_class.__init__).parameters
-    optimizer = optimizer_class(
-        params, **{k: v for k, v in defaults.items() if k in accepted and k != "params"}
-    )
+    optimizer = optimizer_class(params, **stage_keywords(optimizer_class, defaults))  # as a stage's
 
     clock = time.process_time if device.type == "cpu" else time.perf_counter
 
