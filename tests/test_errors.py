@@ -22,6 +22,7 @@ from pipeoptim.errors import (
     ProfileError,
 )
 from pipeoptim.loss import Loss, MiniBatchLosses
+from pipeoptim.runtime.nan_check import any_nan
 from pipeoptim.units import parse_bandwidth, parse_bytes
 
 from .test_training import SmallCNN, data
@@ -333,6 +334,29 @@ def test_nan_stops_training_naming_mini_batch_and_stage() -> None:
         pipe.step(bad, torch.zeros(16, dtype=torch.long))
     with compile_mlp(nan_check="off") as pipe:
         assert torch.isnan(torch.tensor(pipe.step(bad, torch.zeros(16, dtype=torch.long)).item()))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_the_activation_nan_check_finds_exactly_the_tensors_with_a_nan(dtype: torch.dtype) -> None:
+    """The check sums a tensor first and looks element by element only at a NaN sum: +inf
+    beside -inf (an attention mask) and float16 sums that overflow must not count as NaN, and
+    one NaN among infinities must."""
+    inf, nan = float("inf"), float("nan")
+    big = torch.full((64,), 6e4)  # its float16 sum overflows to +inf
+    cases = {
+        "finite": torch.randn(8, 16),
+        "+inf and -inf": torch.tensor([1.0, inf, -inf, 2.0]),
+        "only +inf": torch.tensor([inf, 3.0]),
+        "overflowing sum": torch.cat([big, -big[:1] * 2]),
+        "nan": torch.tensor([1.0, nan]),
+        "nan among infinities": torch.tensor([inf, -inf, nan]),
+        "empty": torch.zeros(0),
+    }
+    for name, value in cases.items():
+        value = value.to(dtype)
+        assert any_nan([value]) == bool(torch.isnan(value).any()), name
+    assert any_nan([3, None, torch.tensor([1, 2]), cases["nan"].to(dtype)])
+    assert not any_nan([3, None, torch.tensor([1, 2]), cases["+inf and -inf"].to(dtype)])
 
 
 def test_nan_error_keeps_its_type_across_processes(tmp_path: Path) -> None:

@@ -21,6 +21,7 @@ from pipeoptim.errors import NonFiniteLossError, PipelineError
 from pipeoptim.runtime.async_norms import AsyncNorms
 from pipeoptim.runtime.clipping import clip_coefficient, scale_grads_, squared_grad_norm
 from pipeoptim.runtime.held_bytes import saved_bytes
+from pipeoptim.runtime.nan_check import any_nan
 from pipeoptim.runtime.optim import apply_hyperparameters
 from pipeoptim.runtime.scaler import LossScaler
 from pipeoptim.runtime.shared import SharedParams
@@ -34,14 +35,6 @@ LossFn = Callable[[Any, Any], torch.Tensor]
 class _InFlight:
     inputs: list[Any]
     outputs: list[Any]
-
-
-def _any_nan(leaves: Sequence[Any]) -> bool:
-    """Whether a floating-point tensor holds a NaN (±inf is legitimate in activations, e.g. the
-    -inf of a causal attention mask before its softmax)."""
-    return any(
-        bool(torch.isnan(t).any()) for t in leaves if isinstance(t, torch.Tensor) and t.is_floating_point()
-    )
 
 
 def detach_values(values: Any) -> Any:
@@ -207,8 +200,8 @@ class StageRuntime:
                     for v in leaves
                 ]
                 out = pytree.tree_unflatten(leaves, out_spec)
-            if self.nan_check == "stages" and _any_nan(leaves):
-                data = self.index == 0 and _any_nan(leaf_inputs)  # later stages' inputs were checked
+            if self.nan_check == "stages" and any_nan(leaves):
+                data = self.index == 0 and any_nan(leaf_inputs)  # later stages' inputs were checked
                 cause = "its inputs, the data given to step(), hold NaN" if data else "its inputs were finite"
                 raise NonFiniteLossError(
                     f"NaN in the activations stage {self.index} computed for mini-batch {step} "
