@@ -168,6 +168,34 @@ def test_stage_process_through_the_dispatch_table_equals_the_local_executor(one_
     assert [v for _, v in losses] == pytest.approx(want_losses, abs=1e-6)
 
 
+@pytest.mark.parametrize(
+    "stage, method, mini_batch, order",
+    [
+        (0, "1f1b", 0, "F0 F1 side B0 B1 S0"),  # before the round trip through stage 1
+        (1, "1f1b", 0, "F0 B0 F1 B1 S0 side"),  # the last stage waits for no gradients
+        (0, "async-1f1b", 0, "F0 side"),  # a warm-up without a backward
+        (0, "async-1f1b", 1, "F1(s=1) side B0 S0"),
+    ],
+)
+def test_side_work_runs_where_the_stage_waits(monkeypatch, stage, method, mini_batch, order) -> None:
+    """An executor's bookkeeping of a mini-batch (under torchrun: posting the loss receives)
+    runs before the stage's first backward that waits for another stage's gradients, where
+    the stage is idle anyway, else after its last action."""
+    done: list[str] = []
+    monkeypatch.setattr(worker, "run_action", lambda stage_, action, *_: done.append(str(action)))
+    channel = SimpleNamespace(
+        prefetch=lambda *_: None, end_action=lambda: None, arrived_at=0.0, done=lambda _: None
+    )
+    process = SimpleNamespace(
+        rank=stage, world=2, reducer=None, stage=None, state=None, channel=channel, timeline=[]
+    )
+    schedule = schedule_for(stage, method, 2, micro_batches=2 if method == "1f1b" else 1)
+    for _ in range(mini_batch):
+        schedule.on_mini_batch()
+    worker.StageProcess._run(process, schedule.on_mini_batch(), lambda: done.append("side"))
+    assert " ".join(done) == order
+
+
 def test_an_inconsistent_schedule_stalls_with_a_named_error() -> None:
     """A stage whose schedule waits for a micro-batch no other stage will send leaves its
     action queued; the flush names the stage and the action instead of hanging."""

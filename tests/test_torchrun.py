@@ -52,6 +52,9 @@ def test_torchrun_ranks_equal_local_executor(tmp_path: Path, method: str, only_n
     assert done.returncode == 0, done.stderr[-3000:]
     ranks = [json.loads((tmp_path / f"out.{r}").read_text()) for r in range(stages)]
     assert ranks[0]["losses"] == ranks[1]["losses"]  # every rank sees every loss
+    # rank 0 holds the loss receives of the last N mini-batches at most; the last rank none
+    assert ranks[0]["receives"] <= stages and ranks[0]["unresolved"] <= stages
+    assert ranks[1]["receives"] == 0
     assert ranks[0]["state"] == ranks[1]["state"]
 
     torch.manual_seed(0)  # rank 0's initial weights, which it broadcast to the others

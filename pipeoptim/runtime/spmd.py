@@ -194,18 +194,24 @@ class SPMDExecutor:
             sizes=share.sizes,
             hyper=batch.hyper,
         )
-        first, count = batch.index * self.process.spec.micro_batches, len(share.sizes)
+        per = self.process.spec.micro_batches
+        first, count = batch.index * per, len(share.sizes)
         if self.process.rank == stages - 1:
             self._losses[batch.index] = (count, {})
-        for replica in range(self.replicas):  # every replica's last stage sends its losses
-            last = replica * stages + stages - 1
-            if self.rank != last:
-                buffer = torch.empty(count, dtype=torch.float64, device=self.device)
-                self._pending.append((first, replica, dist.irecv(buffer, last, tag=LOSS_TAG), buffer))
-        self._deliver(self.process.submit(part))
-        # gloo never reports a receive complete before wait(): wait on those older than the
-        # pipeline can hold (their losses were computed long ago), so the list stays bounded
-        self._poll(block=False, until=first - 2 * stages * count)
+
+        def receive_losses() -> None:
+            for replica in range(self.replicas):  # every replica's last stage sends its losses
+                last = replica * stages + stages - 1
+                if self.rank != last:
+                    buffer = torch.empty(count, dtype=torch.float64, device=self.device)
+                    self._pending.append((first, replica, dist.irecv(buffer, last, tag=LOSS_TAG), buffer))
+            # gloo never reports a receive complete before wait(): wait on those of mini-batch
+            # index − N and before, whose last stages have sent them (they finished that
+            # mini-batch before this one's gradients could reach this stage), so the list stays
+            # bounded and step()'s wait for the oldest loss finds it there
+            self._poll(block=False, until=first - (stages - 1) * per - 1)
+
+        self._deliver(self.process.submit(part, side_work=receive_losses))
 
     def _deliver(self, losses: list[tuple[int, float]]) -> None:
         """A last stage: hand each loss to the pipeline and, once a mini-batch's are all

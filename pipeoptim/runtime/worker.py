@@ -81,8 +81,13 @@ class StageProcess:
         #: ``start`` once the action's received inputs had arrived (its wait is not work)
         self.timeline: deque[tuple[str, int, float, float]] = deque(maxlen=4096)
 
-    def submit(self, batch: MiniBatch) -> list[tuple[int, float]]:
-        """Run this stage's actions for a new mini-batch; returns losses computed (last stage)."""
+    def submit(
+        self, batch: MiniBatch, side_work: Callable[[], None] | None = None
+    ) -> list[tuple[int, float]]:
+        """Run this stage's actions for a new mini-batch; returns losses computed (last stage).
+        ``side_work`` (the executor's bookkeeping of the mini-batch) runs where the stage waits
+        anyway: before its first backward that needs another stage's gradients (the round trip
+        through the later stages), else after the last action."""
         first = batch.index * self.spec.micro_batches
         rows = tuple(map(int, batch.sizes))
         for j, size in enumerate(batch.sizes):
@@ -100,7 +105,7 @@ class StageProcess:
                 (batch.index, j, rows),
             )
             self.stage.set_hyperparameters(first + j, batch.hyper)
-        self._run(self.schedule.on_mini_batch(len(batch.sizes)))
+        self._run(self.schedule.on_mini_batch(len(batch.sizes)), side_work)
         losses, self.channel.losses = self.channel.losses, []
         return losses
 
@@ -113,13 +118,16 @@ class StageProcess:
         losses, self.channel.losses = self.channel.losses, []
         return losses
 
-    def _run(self, actions: list[Action]) -> None:
+    def _run(self, actions: list[Action], side_work: Callable[[], None] | None = None) -> None:
         for i, action in enumerate(actions):
             for nxt in actions[i : i + 2]:  # post receives one action ahead
                 if nxt.op == FORWARD:
                     self.channel.prefetch("act", nxt.micro_batch)
                 elif nxt.op == BACKWARD:
                     self.channel.prefetch("grad", nxt.micro_batch)
+            if side_work is not None and action.op == BACKWARD and self.rank < self.world - 1:
+                side_work()
+                side_work = None
             if self.reducer is not None and last_before_step(actions, i):
                 self.reducer.arm()  # its all-reduce starts during this backward
             start = time.perf_counter()
@@ -130,6 +138,8 @@ class StageProcess:
             self.timeline.append((action.op, action.micro_batch, start, time.perf_counter()))
             if action.op == BACKWARD:
                 self.channel.done(action.micro_batch)
+        if side_work is not None:
+            side_work()
 
     def forward_only(self, chunks: list[Any] | None, sizes: list[int]) -> list[Any] | None:
         """Evaluation-mode forward of chunks (stage 0 gets the data); last stage returns outputs.
