@@ -275,19 +275,27 @@ class CheckedLoss:
 
 def _first_and_rest(value: Any) -> list[Any]:
     """``value``'s first row and its other rows (every tensor split along dim 0)."""
+    if isinstance(value, torch.Tensor):  # the common case, without the tree walk
+        return [value[:1], value[1:]]
     leaves, spec = pytree.tree_flatten(value)
     parts = [torch.tensor_split(x, [1]) if isinstance(x, torch.Tensor) else (x, x) for x in leaves]
     return [pytree.tree_unflatten([p[j] for p in parts], spec) for j in range(2)]
 
 
 def _rows(output: Any, targets: Any) -> int | None:
-    firsts = [
-        next((x for x in pytree.tree_leaves(v) if isinstance(x, torch.Tensor) and x.dim() > 0), None)
-        for v in (output, targets)
-    ]
-    if any(t is None for t in firsts) or firsts[0].shape[0] != firsts[1].shape[0]:
+    """Rows of ``output`` and ``targets`` (dim 0 of the first tensor with a dimension of
+    each), ``None`` where they differ or either has no such tensor."""
+    firsts = [_first_tensor(v) for v in (output, targets)]
+    if firsts[0] is None or firsts[1] is None or firsts[0].shape[0] != firsts[1].shape[0]:
         return None
     return int(firsts[0].shape[0])
+
+
+def _first_tensor(value: Any) -> torch.Tensor | None:
+    """The first tensor leaf of ``value`` with at least one dimension."""
+    if isinstance(value, torch.Tensor):  # the common case, without the tree walk
+        return value if value.dim() > 0 else None
+    return next((x for x in pytree.tree_leaves(value) if isinstance(x, torch.Tensor) and x.dim() > 0), None)
 
 
 def _close(a: float, b: float) -> bool:
