@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import types
+from collections.abc import Callable
 
 import pytest
 
@@ -68,7 +69,7 @@ class _Process:
         self.stage = _Stage()
         self.channel = _Channel()
 
-    def _run(self, actions: list[str]) -> None:
+    def _run(self, actions: list[str], side_work: Callable[[], None] | None = None) -> None:
         for op in actions:
             _busy(0.0005)  # the loop's own Python
             if op == "F":

@@ -106,10 +106,10 @@ def instrument(process: Any) -> ActionTimer:
     timer.wrap(channel, "end_action", "channel.end_action")
     run = process._run
 
-    def loop(actions: list[Any]) -> None:
+    def loop(actions: list[Any], side_work: Callable[[], None] | None = None) -> None:
         start = time.perf_counter()
         try:
-            run(actions)
+            run(actions, side_work)
         finally:
             timer.seconds["loop"] = timer.seconds.get("loop", 0.0) + time.perf_counter() - start
             timer.actions += len(actions)
