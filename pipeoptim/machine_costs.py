@@ -24,8 +24,10 @@ from typing import NamedTuple, TypeVar
 
 import torch
 
+from pipeoptim import other_work
 from pipeoptim.action_overhead import measure_action_overhead
 from pipeoptim.fileio import read_json_table, write_json
+from pipeoptim.other_work import OTHER_WORK_LIMIT
 from pipeoptim.runtime.distributed import STAGE_THREADS
 from pipeoptim.runtime.linkcost import measure_link, usable_cores
 
@@ -126,39 +128,20 @@ def load_or_measure_machine_costs(
     return costs
 
 
-#: share of all CPU time other processes may take while the costs are measured: the
-#: measurement runs two busy processes, so on 2 cores more than a quarter means one of them
-#: shared its core for over half of the time
-OTHER_WORK_LIMIT = 0.25
-
-
 def with_other_work(measure: Callable[[], T]) -> tuple[T, str | None]:
-    """``measure()``, and how busy other processes kept the cores meanwhile where they took
-    over :data:`OTHER_WORK_LIMIT` of the CPU time (:func:`other_work_share`), else ``None``.
-    Where ``/proc`` is absent, the 1-minute load average before measuring, where it exceeds
-    half the cores (it lags and counts every process)."""
-    if not Path("/proc/stat").exists():
+    """``measure()``, and how busy other processes kept this process's cores meanwhile where
+    they took over :data:`~pipeoptim.other_work.OTHER_WORK_LIMIT` of their time
+    (:class:`~pipeoptim.other_work.OtherWork`, the measuring processes left out), else
+    ``None``. A snapshot of 0.25 s before measuring missed a test suite running beside the
+    measurement (load about 3 on 2 cores), and one busy process on 2 cores (50%) never passed
+    its limit of a half. Where ``/proc`` is absent, the 1-minute load average before measuring,
+    where it exceeds half the cores (it lags and counts every process)."""
+    if not other_work.available():
         return measure(), _load_average()
-    result, share = other_work_share(measure)
-    return result, (f"other processes used {share:.0%} of the CPU time" if share > OTHER_WORK_LIMIT else None)
-
-
-def other_work_share(measure: Callable[[], T]) -> tuple[T, float]:
-    """``measure()`` and the share of all CPU time other processes took meanwhile: what
-    ``/proc/stat`` counts as not idle over the whole measurement, less the CPU time of this
-    process and its descendants (:func:`_own_cpu_seconds`, the measuring processes). A
-    snapshot of 0.25 s before measuring missed a test suite running beside the measurement
-    (load about 3 on 2 cores), and one busy process on 2 cores (50%) never passed its limit.
-
-    Raises:
-        OSError: ``/proc`` cannot be read (not Linux).
-    """
-    first, own = _cpu_times(), _own_cpu_seconds()
+    meter = other_work.OtherWork()
     result = measure()
-    own = _own_cpu_seconds() - own
-    total, idle = (b - a for a, b in zip(first, _cpu_times()))
-    tick = os.sysconf("SC_CLK_TCK")
-    return result, (max(0.0, ((total - idle) / tick - own) / (total / tick)) if total > 0 else 0.0)
+    share = meter.share()
+    return result, (f"other processes used {share:.0%} of the CPU time" if share > OTHER_WORK_LIMIT else None)
 
 
 def _load_average() -> str | None:
@@ -168,34 +151,3 @@ def _load_average() -> str | None:
     except OSError:  # not available on this platform
         return None
     return f"load average {load:.1f} on {cores} cores" if load > cores / 2 else None
-
-
-def _own_cpu_seconds() -> float:
-    """CPU seconds (user and system) of this process and its descendants, the ended ones
-    included (each process's own and its reaped children's, ``/proc/<pid>/stat``): the
-    measuring workers are started by multiprocessing's fork server, whose children
-    ``getrusage`` of this process never counts."""
-    parents: dict[int, int] = {}
-    times: dict[int, int] = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            text = stat.read_text()
-        except OSError:  # the process ended meanwhile
-            continue
-        fields = text[text.rindex(")") + 2 :].split()  # after the command name: state, ppid, ...
-        pid = int(stat.parent.name)
-        parents[pid] = int(fields[1])
-        times[pid] = sum(int(v) for v in fields[11:15])  # utime, stime, cutime, cstime
-    ours = {os.getpid()}
-    grown = True
-    while grown:
-        found = {pid for pid, parent in parents.items() if parent in ours} - ours
-        ours |= found
-        grown = bool(found)
-    return sum(times.get(pid, 0) for pid in ours) / os.sysconf("SC_CLK_TCK")
-
-
-def _cpu_times() -> tuple[int, int]:
-    """All CPUs' total and idle (idle + iowait) jiffies so far, from ``/proc/stat``."""
-    fields = [int(v) for v in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
-    return sum(fields), fields[3] + fields[4]

@@ -28,13 +28,15 @@ from typing import Any
 import torch
 
 import pipeoptim
+from pipeoptim import other_work
 from pipeoptim.checkpoint import read_checkpoint
 from pipeoptim.compiler.plot import plot_plan
 from pipeoptim.errors import CheckpointError
 from pipeoptim.fileio import write_json
 from pipeoptim.loss import Loss, drain
 from pipeoptim.optimizers import cosine_factor, make_optimizer
-from pipeoptim.records import Progress, StepLog, plot_curves
+from pipeoptim.other_work import OtherWork
+from pipeoptim.records import Progress, StepLog, epoch_line, plot_curves
 from pipeoptim.runtime.spawning import sigint_deferred
 from pipeoptim.sequential import SEQUENTIAL, Sequential
 from pipeoptim.tasks import Task, make_task
@@ -334,6 +336,7 @@ def _loop(
         for epoch in range(step // per_epoch, config.epochs):
             offset = step - epoch * per_epoch
             tic, saving = time.perf_counter(), 0.0  # saving: seconds spent on checkpoints
+            others = OtherWork() if other_work.available() else None
             for i, (inputs, targets) in enumerate(task.batches(epoch)):
                 if i < offset:
                     continue
@@ -352,6 +355,7 @@ def _loop(
             trainer.flush()
             read_losses(True)
             seconds = time.perf_counter() - tic
+            other_cpu = None if others is None else others.share()
             value = task.evaluate(trainer.predict)
             training_s = seconds - saving  # the rate is of training, not of saving checkpoints
             rate = (per_epoch - offset) / training_s if training_s > 0 else None
@@ -365,13 +369,11 @@ def _loop(
                 "mini_batches_per_s": rate,
                 # measured / the plan's predicted rate (the epoch's flush included)
                 "of_plan": rate / predicted if rate and predicted else None,
+                # other processes' share of this job's cores' time during the epoch
+                "other_cpu": other_cpu,
             }
             run.end_epoch(record)
-            of_plan = f" ({record['of_plan']:.2f} of the plan's {predicted:.3g})" if record["of_plan"] else ""
-            log(
-                f"epoch {epoch + 1}/{config.epochs}: train loss {record['train_loss']:.4f}, "
-                f"test {task.metric} {value:.4f}, {rate or 0:.1f} mini-batches/s{of_plan}"
-            )
+            log(epoch_line(record, config.epochs, task.metric, predicted))
             run.write(time.perf_counter() - run.start, "running")
             if config.checkpoint_every:
                 checkpoint()

@@ -19,7 +19,7 @@ import pipeoptim
 from pipeoptim import training
 from pipeoptim.errors import CheckpointError
 from pipeoptim.examples import TinyGPT
-from pipeoptim.records import StepLog
+from pipeoptim.records import StepLog, epoch_line
 
 
 class SmallCNN(nn.Module):
@@ -411,3 +411,20 @@ def test_resuming_with_the_pytorch_recipe_restores_the_learning_rate(tmp_path: P
     straight = run(data)
     run(data[:4], checkpoint_out=tmp_path / "c.pt")
     assert run(data[4:], checkpoint_in=tmp_path / "c.pt") == straight[4:]
+
+
+def test_epoch_line_names_the_plan_and_other_processes_work() -> None:
+    """The rate against the plan's, and other processes' share of the cores where it is over
+    a quarter: a test suite beside a run slowed its epochs to 0.54-0.71 of the plan unsaid."""
+    record = {"epoch": 2, "train_loss": 0.1234, "accuracy": 0.975, "mini_batches_per_s": 95.5}
+    head = "epoch 2/10: train loss 0.1234, test accuracy 0.9750, 95.5 mini-batches/s"
+    assert epoch_line({**record, "of_plan": 0.58, "other_cpu": 0.45}, 10, "accuracy", 165.0) == (
+        f"{head} (0.58 of the plan's 165, other processes used 45% of the CPU time)"
+    )
+    assert epoch_line({**record, "of_plan": 0.58, "other_cpu": 0.1}, 10, "accuracy", 165.0) == (
+        f"{head} (0.58 of the plan's 165)"
+    )
+    assert epoch_line({**record, "of_plan": None, "other_cpu": 0.3}, 10, "accuracy", None) == (
+        f"{head} (other processes used 30% of the CPU time)"
+    )
+    assert epoch_line({**record, "of_plan": None, "other_cpu": None}, 10, "accuracy", None) == head
