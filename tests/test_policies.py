@@ -352,3 +352,48 @@ def test_predictor_option_is_checked() -> None:
         pipeoptim.compile(model, opt, 2, method="pipedream", predictor="next-step", **common)
     with pytest.raises(ValueError, match="predictor must be one of paper, next-step"):
         pipeoptim.compile(model, opt, 2, predictor="newest", **common)
+
+
+@pytest.mark.parametrize("name", ["pipeoptim", "stash", "none", "spectrain", "2bw"])
+def test_saved_tensor_hooks_only_where_the_backward_may_meet_other_weights(
+    name: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """No optimizer step between a forward and its backward (version difference 0, the last
+    stage) and nothing swapped in: autograd keeps the weights themselves, the very ones the
+    backward then meets, and no hook runs per saved tensor; otherwise the hooks redirect."""
+    model = two_layer()
+    gm = trace(model, torch.randn(4, 5)).gm
+    opt = torch.optim.SGD(model.parameters(), lr=0.5, momentum=0.9)
+    policy = make_policy(name)
+    policy.attach(stage_params(gm), opt, stage=1, num_stages=2)
+    installed: list[int] = []
+    hooks = torch.autograd.graph.saved_tensors_hooks
+
+    def counting(pack, unpack):
+        installed.append(1)
+        return hooks(pack, unpack)
+
+    monkeypatch.setattr(torch.autograd.graph, "saved_tensors_hooks", counting)
+    x = torch.randn(4, 5)
+    for version_diff, expected in ((0, 0), (1, 1), (None, 1)):
+        installed.clear()
+        policy.begin_forward(0, version_diff or 0)
+        with policy.saving(0, version_diff):
+            out = gm(x)[0]
+        policy.end_forward(0)
+        policy.begin_backward(0)
+        out.sum().backward()
+        policy.end_backward(0)
+        assert len(installed) == expected, (version_diff, installed)
+    if name != "2bw":
+        return
+    policy.before_step()  # the update takes 2BW's shadow copy, which the next forward uses:
+    opt.step()  # swapped in, so redirected even with no step before its backward
+    policy.after_step()
+    installed.clear()
+    policy.begin_forward(1, 0)
+    assert policy._values
+    with policy.saving(1, 0):
+        gm(x)
+    policy.end_forward(1)
+    assert len(installed) == 1

@@ -178,7 +178,7 @@ class StageRuntime:
             with torch.random.fork_rng(devices=self._rng_devices):
                 self._seed(self.seed * 1_000_003 + micro_batch * 7919 + self.index)
                 if self.policy is not None:
-                    with self.policy.saving(micro_batch):
+                    with self.policy.saving(micro_batch, version_diff):
                         out = self.policy.pin_parameters(self.module(*args))
                 else:
                     out = self.module(*args)
