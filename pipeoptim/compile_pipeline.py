@@ -99,8 +99,8 @@ def compile(
             ``"sum"``: the sum; a function ``count(targets)``: the mean over the units it counts
             (the non-padding tokens of a cross-entropy with ``ignore_index``). Micro-batch
             losses are weighted to give the loss and gradient of the whole mini-batch
-            (:mod:`pipeoptim.microbatch`); a loss that is not what ``loss_reduction`` says is
-            refused at the first mini-batch split into micro-batches.
+            (:mod:`pipeoptim.microbatch`); every micro-batch calls ``loss_fn`` twice more, on
+            two parts of it, and one that shows it is not what ``loss_reduction`` says fails.
         batch_norm: ``"micro-batch"`` (default): each micro-batch updates the BatchNorm
             running statistics, as gradient accumulation does; ``"deferred"`` (gpipe and
             1f1b): once per mini-batch, from all its rows (:mod:`pipeoptim.batchnorm`).
