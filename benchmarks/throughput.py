@@ -1138,6 +1138,8 @@ def main() -> None:
                     ]
                 )
             ratio_lines.append(ratios(model, n, results))
+            # in the log as each configuration ends: a later one that fails keeps these
+            print(f"  ratios: {ratio_lines[-1]}", file=sys.stderr, flush=True)
             last = (model, n, results)  # the summary line's: the last measured
             if timeline_result is None or model == "mlp":
                 timeline_result = (model, n, results["pipeoptim"])
