@@ -146,8 +146,12 @@ def test_tied_copies_stay_identical_and_no_weight_is_sent(method: str) -> None:
 @pytest.mark.slow
 @pytest.mark.parametrize("method", ["gpipe", "pipeoptim"])
 def test_tied_embeddings_processes_equal_local(method: str, tmp_path: Path) -> None:
-    """Both runs profile into their own folder, not the profiles/ the other tests fill: with
-    those, the gpipe runs' second losses differed by one ulp on a fresh clone after the suite."""
+    """Local and processes executors agree to rtol 1e-6 (the brief's bound for pipelined
+    against plain training), not bit for bit: the gpipe runs' second losses differed by one
+    float32 ulp in some fresh-clone suites (13.200835227966309 against 13.200834274291992 on
+    2026-12-02, in their own profile folder; passing in others with the same code), which
+    points at the CPU kernels rounding by memory alignment, which differs between processes,
+    rather than at the runtime's order of operations (that would differ every time)."""
     data = batches(8)
 
     def run(executor: str):
@@ -156,10 +160,11 @@ def test_tied_embeddings_processes_equal_local(method: str, tmp_path: Path) -> N
             return list(pipe.train(data)), pipe.stage_state_dicts()
 
     local, procs = run("local"), run("processes")
-    assert procs[0] == local[0]
+    torch.testing.assert_close(torch.tensor(procs[0]), torch.tensor(local[0]), rtol=1e-6, atol=0)
     for own, theirs in zip(local[1], procs[1]):
         assert own.keys() == theirs.keys()
-        assert all(torch.equal(own[k], theirs[k]) for k in own)
+        for k in own:
+            torch.testing.assert_close(theirs[k], own[k], rtol=1e-6, atol=1e-7)
     assert torch.equal(local[1][0]["tok.weight"], local[1][3]["tok.weight"])
 
 
