@@ -27,7 +27,6 @@ import torch
 from pipeoptim import other_work
 from pipeoptim.action_overhead import measure_action_overhead
 from pipeoptim.fileio import read_json_table, write_json
-from pipeoptim.other_work import OTHER_WORK_LIMIT
 from pipeoptim.runtime.distributed import STAGE_THREADS
 from pipeoptim.runtime.linkcost import measure_link, usable_cores
 
@@ -141,7 +140,8 @@ def with_other_work(measure: Callable[[], T]) -> tuple[T, str | None]:
     meter = other_work.OtherWork()
     result = measure()
     share = meter.share()
-    return result, (f"other processes used {share:.0%} of the CPU time" if share > OTHER_WORK_LIMIT else None)
+    busy = share > other_work.OTHER_WORK_LIMIT
+    return result, (f"other processes used {share:.0%} of the CPU time" if busy else None)
 
 
 def _load_average() -> str | None:

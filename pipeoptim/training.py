@@ -35,7 +35,6 @@ from pipeoptim.errors import CheckpointError
 from pipeoptim.fileio import write_json
 from pipeoptim.loss import Loss, drain
 from pipeoptim.optimizers import cosine_factor, make_optimizer
-from pipeoptim.other_work import OtherWork
 from pipeoptim.records import Progress, StepLog, epoch_line, plot_curves
 from pipeoptim.runtime.spawning import sigint_deferred
 from pipeoptim.sequential import SEQUENTIAL, Sequential
@@ -336,7 +335,7 @@ def _loop(
         for epoch in range(step // per_epoch, config.epochs):
             offset = step - epoch * per_epoch
             tic, saving = time.perf_counter(), 0.0  # saving: seconds spent on checkpoints
-            others = OtherWork() if other_work.available() else None
+            others = other_work.OtherWork() if other_work.available() else None
             for i, (inputs, targets) in enumerate(task.batches(epoch)):
                 if i < offset:
                     continue
