@@ -437,7 +437,13 @@ def run_pipeoptim(
         with _compiled(model, m, stages, micro, "local", run) as pipe:
             plans[m] = pipe.plan  # the plan every launch makes from the shared profile
     before = priced_now(model, plans)
-    records = (run_torchrun if launch == "torchrun" else run_driven)(model, methods, stages, micro, run)
+    try:
+        records = (run_torchrun if launch == "torchrun" else run_driven)(model, methods, stages, micro, run)
+    except RuntimeError as exc:  # keep the plans that failed, to run them again by hand
+        kept = profile_dir.parent / f"failed-{model}-{stages}-stages-{next(_JOBS)}"
+        for m, plan in plans.items():
+            plan.save(kept / f"{m}.json")
+        raise RuntimeError(f"{exc} (its plans: {kept})") from exc
     afters = priced_now(model, plans)
     job = next(_JOBS)  # the runs of this job pair window by window (round_ratios)
     results = {}
@@ -767,7 +773,13 @@ def measure_rounds(runs: dict[str, Any], rounds: int, what: str) -> dict[str, di
                 continue
             print(f"  {what}, {name} (round {r + 1} of {rounds}) ...", file=sys.stderr)
             load = os.getloadavg()[0]
-            for got, result in runs[name]().items():
+            try:
+                got_results = runs[name]()
+            except RuntimeError as exc:  # recorded, and the benchmark goes on
+                print(f"    failed: {exc}", file=sys.stderr, flush=True)
+                job = [other for other in names if runs[other] is runs[name]]
+                got_results = {other: {"rate": math.nan, "error": f"round {r + 1}: {exc}"} for other in job}
+            for got, result in got_results.items():
                 result["load"] = load
                 measured[got].append(result)
                 done.add(got)
@@ -781,6 +793,7 @@ def measure_rounds(runs: dict[str, Any], rounds: int, what: str) -> dict[str, di
             "round_windows": [(res.get("job"), res.get("window_rates")) for res in results],
             "predictions": [res.get("predicted", float("nan")) for res in results],
             "loads": [res["load"] for res in results],
+            "errors": [res["error"] for res in results if "error" in res],
         }
     return chosen
 
@@ -964,7 +977,7 @@ def ratios(model: str, n: int, results: dict[str, dict[str, Any]]) -> str:
     ours = results["pipeoptim"]
     fit = paired_ratios(ours["rates"], ours["predictions"])
     goal = 0.85 if n <= len(os.sched_getaffinity(0)) else None
-    shared = ", cores-bound prediction" if ours["cores_bound"] else ""
+    shared = ", cores-bound prediction" if ours.get("cores_bound") else ""
     parts.append(f"pipeoptim measured / predicted {verdict(fit, goal)}{shared}")
     return f"{model}, {n} stages: " + "; ".join(p for p in parts if p)
 
@@ -1085,6 +1098,7 @@ def main() -> None:
     overhead = measure_action_overhead() if DEVICE == "cpu" else 0.0
     costs = {"bandwidth": 1 / beta, "latency": alpha, "action_overhead": overhead}
     rows, ratio_lines, timeline_result, loads = [], [], None, [os.getloadavg()[0]]
+    failures: list[str] = []  # runs that failed (their rates are nan)
     for model in models:
         warmup, steps, windows = lengths[model]
         for n in stage_counts:
@@ -1096,8 +1110,9 @@ def main() -> None:
             measure = partial(measure, profile_dir=profile_dir, costs=costs, windows=windows)
             # the asynchronous methods in one job, window by window side by side
             joint = [m for m in methods if m not in FLUSHING]
+            joint_run = partial(measure, joint)  # one call: a failure is every joint method's
             for method in methods:
-                runs[method] = partial(measure, joint if method in joint else [method])
+                runs[method] = joint_run if method in joint else partial(measure, [method])
                 if PARTNER.get(method) in schedules:  # torch's schedule in the same job
                     runs[method] = partial(measure, [method], partner=PARTNER[method])
             if args.compiled or not args.quick:
@@ -1119,7 +1134,9 @@ def main() -> None:
                 runs[f"pipelining {schedule}"] = partial(named, f"pipelining {schedule}", torch_run)
             results = measure_rounds(runs, rounds, f"{model}, {n} stages")
             loads.append(os.getloadavg()[0])
-            best = max(r["rate"] for r in results.values() if r["rate"] == r["rate"])
+            best = max((r["rate"] for r in results.values() if r["rate"] == r["rate"]), default=math.nan)
+            for name, r in results.items():
+                failures += [f"{model}, {n} stages, {name}, {error}" for error in r["errors"]]
             for name, r in results.items():
                 rows.append(
                     [
@@ -1141,7 +1158,7 @@ def main() -> None:
             # in the log as each configuration ends: a later one that fails keeps these
             print(f"  ratios: {ratio_lines[-1]}", file=sys.stderr, flush=True)
             last = (model, n, results)  # the summary line's: the last measured
-            if timeline_result is None or model == "mlp":
+            if "timeline" in results["pipeoptim"] and (timeline_result is None or model == "mlp"):
                 timeline_result = (model, n, results["pipeoptim"])
     headers = [
         "model",
@@ -1191,10 +1208,10 @@ def main() -> None:
     )
     print(mem_table)
     args.out.mkdir(parents=True, exist_ok=True)
-    shown, shown_n, result = timeline_result
-    plot_timeline(
-        result, args.out / "throughput_timeline.png", f"pipeoptim, {shown}, {shown_n} stages, CPU gloo"
-    )
+    if timeline_result is not None:  # else every pipeoptim run failed
+        shown, shown_n, result = timeline_result
+        title = f"pipeoptim, {shown}, {shown_n} stages, CPU gloo"
+        plot_timeline(result, args.out / "throughput_timeline.png", title)
     plot_memory(reports, args.out / "throughput_memory.png")
     weights = {m: sum(s["weight_bytes"] for s in stages) for m, stages in reports.items()}
     summary = summary_line(*last, weights, memory_stages, alpha, beta)
@@ -1250,6 +1267,12 @@ def main() -> None:
         f"ratios is the median over rounds of each run's own ratio.\n\n{table}"
         "\n\n## Ratios (goals of issue 13)\n\n"
         + "\n".join(f"- {line}" for line in ratio_lines)
+        + (
+            "\n\n## Failed runs (rate nan, left out of the ratios; each rank's error is in the log)\n\n"
+            + "\n".join(f"- {line}" for line in failures)
+            if failures
+            else ""
+        )
         + f"\n\n## Peak memory per stage (mlp, {memory_stages} stages, measured)\n\n"
         f"{mem_table}\n\n{summary}\n"
     )

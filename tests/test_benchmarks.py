@@ -354,3 +354,31 @@ def test_throughput_table_shows_the_slower_middle_run_of_an_even_count() -> None
     rates = iter([26.5, 31.2])
     chosen = measure_rounds({"pipeoptim": lambda: {"pipeoptim": {"rate": next(rates)}}}, 2, "test")
     assert chosen["pipeoptim"]["rate"] == 26.5 and chosen["pipeoptim"]["rates"] == [26.5, 31.2]
+
+
+def test_throughput_rounds_record_a_failed_job_and_go_on() -> None:
+    """A 4-round run lost 50 minutes of results when one job failed inside torch's
+    Schedule1F1B: a failed job is recorded (rate nan, its error) for every configuration of that
+    job, and the other configurations and rounds still run."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        from throughput import measure_rounds
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    calls = iter([RuntimeError("rank 1 exited with code 1"), 10.0])
+
+    def ours_and_torchs() -> dict[str, dict[str, float]]:
+        got = next(calls)
+        if isinstance(got, Exception):
+            raise got
+        return {"1f1b": {"rate": got}, "pipelining Schedule1F1B": {"rate": got + 1}}
+
+    runs = {"1f1b": ours_and_torchs, "pipelining Schedule1F1B": ours_and_torchs}
+    runs["pipeoptim"] = lambda: {"pipeoptim": {"rate": 5.0}}
+    chosen = measure_rounds(runs, 2, "test")
+    assert chosen["pipeoptim"]["rates"] == [5.0, 5.0]
+    for name, rate in (("1f1b", 10.0), ("pipelining Schedule1F1B", 11.0)):
+        first, second = chosen[name]["rates"]
+        assert first != first and second == rate  # nan in the failed round only
+        assert chosen[name]["errors"] == ["round 1: rank 1 exited with code 1"]
+    assert chosen["pipeoptim"]["errors"] == []
