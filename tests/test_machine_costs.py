@@ -14,6 +14,16 @@ from pipeoptim.machine_costs import MACHINE_COSTS_FILE, MachineCosts, load_or_me
 from .test_train_cli import run
 
 
+@pytest.fixture(autouse=True)
+def idle_machine(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Other processes (a benchmark beside the suite) must not make these figures unsaved;
+    :func:`test_a_busy_machine_is_named_after_measuring_and_not_saved` sets its share."""
+    monkeypatch.setattr(machine_costs.other_work, "available", lambda: True)
+    monkeypatch.setattr(machine_costs.other_work, "OtherWork", FixedShare)
+    monkeypatch.setattr(FixedShare, "share_value", 0.0)
+    monkeypatch.setattr(machine_costs, "_UNSAVED", {})
+
+
 def counting(monkeypatch: pytest.MonkeyPatch, figures: MachineCosts) -> list[int]:
     """Make measuring return ``figures``; the list grows by one per measurement."""
     calls: list[int] = []
@@ -28,7 +38,8 @@ def counting(monkeypatch: pytest.MonkeyPatch, figures: MachineCosts) -> list[int
 
 @pytest.mark.slow
 def test_a_real_measurement_is_plausible_and_then_reused(monkeypatch: pytest.MonkeyPatch) -> None:
-    """In the test session's cache (conftest): measured here, or by an earlier test's run."""
+    """In the test session's cache (conftest): measured here, or by an earlier test's run (as
+    on an idle machine: one busy with other work is not saved, the next test)."""
     first = load_or_measure_machine_costs()
     assert 0 < first.latency < 0.05  # seconds per message on one machine
     assert 1e7 < first.bandwidth < 1e12  # bytes/s
@@ -91,26 +102,34 @@ class FixedShare:
         return self.share_value
 
 
-def test_a_busy_machine_is_named_after_measuring(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    counting(monkeypatch, MachineCosts(2e-4, 5e9, 6e-4))
-    monkeypatch.setattr(machine_costs.other_work, "available", lambda: True)
-    monkeypatch.setattr(machine_costs.other_work, "OtherWork", FixedShare)
+def test_a_busy_machine_is_named_after_measuring_and_not_saved(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Beside a test suite a measurement fitted gloo's latency at 0 us, which, saved, priced
+    every later plan: figures measured while others took over a quarter of the cores serve
+    this run only."""
+    calls = counting(monkeypatch, MachineCosts(2e-4, 5e9, 6e-4))
     FixedShare.share_value = 0.6
     logged: list[str] = []
-    load_or_measure_machine_costs(tmp_path, logged.append)
-    assert logged[-1].startswith("the machine was busy while measuring (other processes used 60% of the CPU")
-    assert f"delete {tmp_path / MACHINE_COSTS_FILE} to measure again" in logged[-1]
+    assert load_or_measure_machine_costs(tmp_path, logged.append) == (2e-4, 5e9, 6e-4)
+    assert logged[-1] == (
+        "the machine was busy while measuring (other processes used 60% of the CPU time): latency 200 us, "
+        "bandwidth 5.00 GB/s, runtime overhead 0.600 ms per action are used by this process only, not "
+        "saved; the next run measures again"
+    )
+    assert not (tmp_path / MACHINE_COSTS_FILE).exists()
+    assert load_or_measure_machine_costs(tmp_path) == (2e-4, 5e9, 6e-4) and len(calls) == 1  # this process
+    machine_costs._UNSAVED.clear()  # as a new run starts
+    load_or_measure_machine_costs(tmp_path)
+    assert len(calls) == 2  # measured again
     FixedShare.share_value = 0.1
+    machine_costs._UNSAVED.clear()
     logged.clear()
-    load_or_measure_machine_costs(tmp_path / "idle", logged.append)
+    load_or_measure_machine_costs(tmp_path, logged.append)
     assert not any("machine was busy" in line for line in logged)
-    FixedShare.share_value = 0.6  # busy, and the cache cannot be written: still said
-    logged.clear()
-    (tmp_path / "file").write_text("")
-    load_or_measure_machine_costs(tmp_path / "file", logged.append)
-    assert "could not save them in" in logged[-2]
-    assert logged[-1].startswith("the machine was busy while measuring (other processes used 60%")
-    assert logged[-1].endswith("the next run measures again")
+    assert logged[-1].startswith(f"saved {tmp_path / MACHINE_COSTS_FILE}")
+    load_or_measure_machine_costs(tmp_path)
+    assert len(calls) == 3  # idle: saved and reused
 
 
 def test_cache_dir_follows_the_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
