@@ -1089,11 +1089,17 @@ def main() -> None:
     lengths = {"mlp": (2, 6, 2) if args.quick else (8, 96, 8), "transformer": (4, 40, 4)}
     profile_dir = args.out / ".profiles"
     print("measuring gloo's latency and bandwidth ...", file=sys.stderr)
-    alpha, beta = measure_link(
-        "nccl" if DEVICE == "cuda" else "gloo",
-        sizes=QUICK_SIZES if args.quick else SIZES,
-        repeats=3 if args.quick else 9,
-    )
+    # the median of 3 fits, as pipeoptim.machine_costs takes (one fit's alpha: 71 and 396 us in
+    # two full runs on this host, and every prediction moved with it)
+    links = [
+        measure_link(
+            "nccl" if DEVICE == "cuda" else "gloo",
+            sizes=QUICK_SIZES if args.quick else SIZES,
+            repeats=3 if args.quick else 9,
+        )
+        for _ in range(1 if args.quick else 3)
+    ]
+    alpha, beta = (statistics.median(fit[i] for fit in links) for i in (0, 1))
     # the runtime's CPU time per action beyond compute (the processes executor on the CPU)
     overhead = measure_action_overhead() if DEVICE == "cpu" else 0.0
     costs = {"bandwidth": 1 / beta, "latency": alpha, "action_overhead": overhead}
@@ -1260,7 +1266,8 @@ def main() -> None:
         f"mini-batch) x rate / N, for every run alike. Each prediction is the run's plan priced by "
         f"the cost model from a profile and optimizer timing taken just before the run and from "
         f"one taken right after it (the geometric mean of the two), with the "
-        f"gloo alpha {alpha * 1e6:.0f} us and bandwidth {1 / beta / 1e9:.2f} GB/s and the runtime's "
+        f"gloo alpha {alpha * 1e6:.0f} us and bandwidth {1 / beta / 1e9:.2f} GB/s (the median of "
+        f"{len(links)} fit(s)) and the runtime's "
         f"{overhead * 1e6:.0f} us of CPU per action measured at the start "
         f"(pipeoptim.action_overhead) and, where the ranks outnumber the "
         f"{len(os.sched_getaffinity(0))} cores, the cores they share; measured / predicted in the "
