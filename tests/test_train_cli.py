@@ -158,6 +158,20 @@ def test_sequential_reference_and_bad_resume(tmp_path: Path) -> None:
         "digits", "--method", "sequential", "--epochs", "1", "--limit", "320", "--out", str(tmp_path / "seq")
     )
     assert code == 0, err and "sequential" in out
+    assert "holds an earlier run" not in err
+    code, out, err = run(  # the same folder again: said, not silently replaced
+        "digits", "--method", "sequential", "--epochs", "1", "--limit", "320", "--out", str(tmp_path / "seq")
+    )
+    assert code == 0, err
+    assert (
+        f"{tmp_path / 'seq'} holds an earlier run (metrics.json): this run replaces it; pass another "
+        "--out to keep it"
+    ) in err
+    (tmp_path / "seq" / "checkpoint.pt").write_bytes(b"")  # a pipelined run's: --resume is named
+    code, _, err = run(
+        "digits", "--method", "sequential", "--epochs", "1", "--limit", "320", "--out", str(tmp_path / "seq")
+    )
+    assert f"(metrics.json, checkpoint.pt): this run replaces it; pass --resume {tmp_path / 'seq'} to" in err
     code, _, err = run(
         "digits", "--epochs", "1", "--out", str(tmp_path / "x"), "--resume", str(tmp_path / "nope")
     )

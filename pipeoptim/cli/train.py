@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
+from pathlib import Path
 
 import click
 import torch
@@ -280,6 +281,14 @@ def train_command(
         latency=figures.latency,
         action_overhead=figures.action_overhead,
     )
+    earlier = [name for name in ("metrics.json", "checkpoint.pt") if (Path(out) / name).exists()]
+    if earlier and resume is None:
+        instead = f"--resume {out} to continue from its checkpoint, or " if "checkpoint.pt" in earlier else ""
+        click.echo(
+            f"{out} holds an earlier run ({', '.join(earlier)}): this run replaces it; pass "
+            f"{instead}another --out to keep it",
+            err=True,
+        )
     try:
         metrics = train(config, log=lambda msg: click.echo(msg, err=True))
     except (PipeoptimError, ValueError, FileNotFoundError) as exc:
