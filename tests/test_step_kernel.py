@@ -11,7 +11,9 @@ import torch.nn.functional as F
 from torch import nn
 
 import pipeoptim
+from pipeoptim.compiler.costmodel import CostConfig
 from pipeoptim.runtime.optim import apply_hyperparameters, hyperparameters, mirror
+from tests.given_plans import plan_starting_at
 
 
 def batches(n: int = 5) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -41,9 +43,12 @@ def test_stages_step_with_the_users_kernel(make, fused: bool | None) -> None:
         F.cross_entropy(plain(x), y).backward()
         opt.step()
     net = copy.deepcopy(model)
+    # stage 1 from the second linear layer: both stages hold weights whatever the timings
+    config = CostConfig(2, method="gpipe", micro_batches=1)
+    plan = plan_starting_at(net, (batches()[0][0],), config, ["_2_weight"])
     with pipeoptim.compile(
         net, make(net.parameters(), fused=fused), 2, example_inputs=batches()[0][0],
-        loss_fn=F.cross_entropy, method="gpipe", micro_batches=1, executor="local", profile_dir=None,
+        loss_fn=F.cross_entropy, method="gpipe", micro_batches=1, executor="local", plan=plan,
     ) as pipe:  # fmt: skip
         *first, last = batches()
         for x, y in first:
