@@ -1143,7 +1143,6 @@ def main() -> None:
             best = max((r["rate"] for r in results.values() if r["rate"] == r["rate"]), default=math.nan)
             for name, r in results.items():
                 failures += [f"{model}, {n} stages, {name}, {error}" for error in r["errors"]]
-            for name, r in results.items():
                 rows.append(
                     [
                         model,
