@@ -28,6 +28,7 @@ from pipeoptim.inputs import as_tuple, check_batch, check_eval_batch, check_rows
 from pipeoptim.loss import Loss, MiniBatchLosses
 from pipeoptim.measurements import Measurements
 from pipeoptim.runtime.build import PipelineSpec, aliases_of
+from pipeoptim.runtime.delivery import delivered
 from pipeoptim.runtime.executor import MiniBatch
 from pipeoptim.runtime.launch import Executor, start_executor
 from pipeoptim.runtime.optim import hyperparameters, restore_hyperparameters
@@ -134,11 +135,12 @@ class Pipeline(Measurements):
         loss = Loss(index, lambda _i: self._executor.wait_loss(last_micro))
         self._losses.expect(loss, scales)
         device = self.device  # the CPU unless the stages run in this process
+        # every executor's stages get them as the transport delivers them (fresh, contiguous)
         batch_ = MiniBatch(
             index=index,
-            inputs=[tuple(x.to(device) for x in xs) for xs in micro_inputs],
+            inputs=[delivered(tuple(x.to(device) for x in xs)) for xs in micro_inputs],
             targets=[
-                pytree.tree_map(lambda t: t.to(device) if isinstance(t, torch.Tensor) else t, y)
+                delivered(pytree.tree_map(lambda t: t.to(device) if isinstance(t, torch.Tensor) else t, y))
                 for y in micro_targets
             ],
             scales=scales,

@@ -19,10 +19,11 @@ from torch.utils import _pytree as pytree
 from pipeoptim.errors import PipelineStalledError
 from pipeoptim.microbatch import Rows, describe
 from pipeoptim.runtime.async_norms import step_async
+from pipeoptim.runtime.delivery import delivered, forward_chain
 from pipeoptim.runtime.procmem import resident_bytes
 from pipeoptim.runtime.scaler import norm_share, step_together
 from pipeoptim.runtime.schedule import BACKWARD, FORWARD, STEP, Action, Schedule
-from pipeoptim.runtime.stage import StageRuntime, detach_values
+from pipeoptim.runtime.stage import StageRuntime
 from pipeoptim.runtime.stage_state import (
     load_optimizer_state,
     load_stage_state,
@@ -173,16 +174,14 @@ class _Mailbox:
 
     def send_activations(self, micro_batch: int, values: Any) -> None:
         self.ex.count_sent(self.stage, values)
-        self.ex.activations[(self.stage + 1, micro_batch)] = values
+        self.ex.activations[(self.stage + 1, micro_batch)] = delivered(values)
 
     def grads(self, micro_batch: int) -> Sequence[Any]:
         return self.ex.gradients.pop((self.stage, micro_batch))
 
     def send_grads(self, micro_batch: int, grads: Sequence[Any]) -> None:
         self.ex.count_sent(self.stage, grads)
-        self.ex.gradients[(self.stage - 1, micro_batch)] = [
-            g.detach() if isinstance(g, torch.Tensor) else g for g in grads
-        ]
+        self.ex.gradients[(self.stage - 1, micro_batch)] = delivered(list(grads))
 
     def loss(self, micro_batch: int, value: torch.Tensor) -> None:
         self.ex.on_loss(micro_batch, value)
@@ -381,17 +380,3 @@ class LocalExecutor:
 
     def close(self) -> None:
         """Nothing to end: the stages live in this process."""
-
-
-@torch.no_grad()
-def forward_chain(modules: Sequence[torch.nn.Module], inputs: tuple[Any, ...]) -> tuple[Any, ...]:
-    """Evaluation-mode forward of ``inputs`` through ``modules`` in order (restores the mode)."""
-    values: Any = inputs
-    for module in modules:
-        was_training = module.training
-        module.eval()
-        try:
-            values = detach_values(module(*values))
-        finally:
-            module.train(was_training)
-    return values

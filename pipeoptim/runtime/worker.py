@@ -27,7 +27,8 @@ from pipeoptim.errors import PipelineError, PipeoptimError
 from pipeoptim.runtime.async_norms import note_size
 from pipeoptim.runtime.build import PipelineSpec, aliases_of, build_stage, input_grad_mask
 from pipeoptim.runtime.comm import DistChannel
-from pipeoptim.runtime.executor import MicroBatch, MiniBatch, StageState, forward_chain, run_action
+from pipeoptim.runtime.delivery import forward_chain
+from pipeoptim.runtime.executor import MicroBatch, MiniBatch, StageState, run_action
 from pipeoptim.runtime.peer_loss import lost_peer
 from pipeoptim.runtime.replicas import join_replica_groups, replica_copy, stage_and_replica
 from pipeoptim.runtime.schedule import BACKWARD, FORWARD, Action, last_before_step
