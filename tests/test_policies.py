@@ -82,6 +82,35 @@ def test_stash_forward_and_backward_see_the_same_weights() -> None:
     torch.testing.assert_close(x.grad, expected)
 
 
+def test_stash_reuses_the_copies_no_micro_batch_needs() -> None:
+    """Stage 0 of 3 in the steady state of asynchronous 1F1B (forward t + 2, backward t, step):
+    every backward sees the weights its forward saw, at most N - k - 1 = 2 copies exist and,
+    once they do, a step copies into one of them instead of allocating."""
+    model = two_layer()
+    params = stage_params(trace(model, torch.randn(4, 5)).gm)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    policy = make_policy("stash")
+    policy.attach(params, opt, stage=0, num_stages=3)
+    seen, storages = {}, set()
+    for mb in range(2):  # warm-up
+        policy.begin_forward(mb, 2)
+        seen[mb] = params["0.weight"].detach().clone()
+    for t in range(12):
+        policy.begin_forward(t + 2, 2)
+        seen[t + 2] = params["0.weight"].detach().clone()
+        policy.begin_backward(t)
+        used = policy.backward_weight("0.weight", t)
+        assert torch.equal(used, seen.pop(t)), t
+        policy.end_backward(t)
+        for p in model.parameters():
+            p.grad = torch.full_like(p, float(t + 1))
+        policy.before_step()
+        opt.step()
+        policy.after_step()
+        storages |= {c["0.weight"].data_ptr() for c in policy._stashed.values()}
+    assert len(storages) == 2 and policy.peak_versions == 3
+
+
 @pytest.mark.parametrize("backward", ["current", "predicted"])
 def test_pipeoptim_forward_uses_prediction_backward_as_asked(backward: str) -> None:
     """Ŵ in the forward; in the backward the current W (PipeOptim) or, with
