@@ -12,6 +12,7 @@ from pipeoptim.compiler.costmodel import CostConfig
 from pipeoptim.compiler.plan import Plan, plan_from_assignment
 from pipeoptim.compiler.profile_cache import load_or_profile
 from pipeoptim.compiler.trace import trace
+from pipeoptim.methods import get_method
 
 
 def plan_starting_at(
@@ -31,3 +32,26 @@ def plan_starting_at(
     stage_of[-1] = config.num_stages - 1  # the output node
     result = PartitionResult(stage_of, "given", "", "given", False, None, 0.0, len(names))
     return plan_from_assignment(graph, config, result)
+
+
+class Biases(nn.Module):
+    """A chain of bias additions from zero: every bias has a constant gradient (it does not
+    depend on the weights)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.b = nn.ParameterList([nn.Parameter(torch.zeros(4)) for _ in range(6)])
+
+    def forward(self, x):
+        for b in self.b:
+            x = x * 0.5 + b
+        return x
+
+
+def biases_plan(method: str, stages: int, rows: int = 6) -> Plan:
+    """Every stage holds 6 / ``stages`` of :class:`Biases`' biases (mini-batches of ``rows``): a
+    plan from the profile's timings left stage 1 of 3 without one under load."""
+    m = stages if get_method(method).micro_batched else 1
+    config = CostConfig(stages, method=method, micro_batches=m)
+    starts = {2: ["mul_3"], 3: ["mul_2", "mul_4"]}[stages]
+    return plan_starting_at(Biases(), (torch.randn(rows // m, 4),), config, starts)

@@ -10,33 +10,8 @@ import torch.nn.functional as F
 from torch import nn
 
 import pipeoptim
-from pipeoptim.compiler.costmodel import CostConfig
-from pipeoptim.compiler.plan import Plan
-from pipeoptim.methods import get_method
 from pipeoptim.runtime.staleness import PredictionError, PredictionErrorMeter
-from tests.given_plans import plan_starting_at
-
-
-class Biases(nn.Module):
-    """A chain of bias additions from zero: every bias has a constant gradient."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.b = nn.ParameterList([nn.Parameter(torch.zeros(4)) for _ in range(6)])
-
-    def forward(self, x):
-        for b in self.b:
-            x = x * 0.5 + b
-        return x
-
-
-def biases_plan(method: str, stages: int) -> Plan:
-    """Every stage holds 6 / ``stages`` of the biases: a plan from the profile's timings left
-    stage 1 of 3 without one under load (its prediction error then None, not 1/12)."""
-    m = stages if get_method(method).micro_batched else 1
-    config = CostConfig(stages, method=method, micro_batches=m)
-    starts = {2: ["mul_3"], 3: ["mul_2", "mul_4"]}[stages]
-    return plan_starting_at(Biases(), (torch.randn(6 // m, 4),), config, starts)
+from tests.given_plans import Biases, biases_plan
 
 
 def run_biases(method: str, stages: int, steps: int, executor: str = "local", every: int = 1):
