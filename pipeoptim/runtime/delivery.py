@@ -2,8 +2,9 @@
 
 A receiving stage of the distributed executors gets every tensor in a buffer of its own
 with the plan's shape, contiguous strides and no storage offset (:mod:`pipeoptim.runtime.comm`
-sends ``tensor.contiguous()`` into a fresh ``torch.empty``). CPU kernels round by layout: a
-matmul of a transposed view gives other bits than the same matmul of its contiguous copy. So
+sends ``tensor.contiguous()`` into a fresh ``torch.empty``). CPU kernels round by layout:
+attention's batched matmul of its scores with a transposed view of v, or a mean over the last
+dimension of a transposed tensor, gives other bits than on the contiguous copy. So
 the local executor, whose numbers must be those of the processes executor, hands each stage
 the same layout (:func:`delivered`) instead of the sender's own tensor.
 """
