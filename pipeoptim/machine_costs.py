@@ -95,7 +95,8 @@ def load_or_measure_machine_costs(
     Figures measured while other processes took over
     :data:`~pipeoptim.other_work.OTHER_WORK_LIMIT` of the cores are used by this process only
     and not saved (logged): beside a test suite on 2 cores a measurement fitted gloo's latency at
-    0 us, which every later plan on the machine would have used.
+    0 us, which every later plan on the machine would have used. Figures that cannot be saved
+    (an unwritable cache) are likewise reused by this process (logged).
 
     Raises:
         what :func:`measure_machine_costs` raises.
@@ -130,9 +131,10 @@ def load_or_measure_machine_costs(
         write_json(path, table)
     except OSError as exc:
         log(
-            f"measured {figures}, but could not save them in {path} ({exc}): every run measures again; "
-            f"set {CACHE_ENV} to a writable folder"
+            f"measured {figures}, but could not save them in {path} ({exc}): this process reuses them, "
+            f"every new run measures again; set {CACHE_ENV} to a writable folder"
         )
+        _UNSAVED[str(path), key] = costs
     else:
         log(f"saved {path}: {figures}")
     return costs

@@ -89,8 +89,17 @@ def test_a_cache_that_cannot_be_written_still_gives_the_figures(
     for cache in (blocker, blocker / "below"):  # a file, and a folder that cannot be made
         logged: list[str] = []
         assert load_or_measure_machine_costs(cache, logged.append) == (2e-4, 5e9, 6e-4)
-        assert any("could not save them in" in line and machine_costs.CACHE_ENV in line for line in logged)
+        assert any(
+            "could not save them in" in line
+            and "this process reuses them" in line
+            and machine_costs.CACHE_ENV in line
+            for line in logged
+        )
+        assert load_or_measure_machine_costs(cache) == (2e-4, 5e9, 6e-4)  # not measured again
     assert len(calls) == 2
+    monkeypatch.setattr(machine_costs, "_UNSAVED", {})  # a new process
+    load_or_measure_machine_costs(blocker)
+    assert len(calls) == 3
 
 
 class FixedShare:
