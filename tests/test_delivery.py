@@ -126,3 +126,52 @@ def test_executors_agree_bit_for_bit_on_non_contiguous_inputs() -> None:
     local, plan = run("local")
     procs, _ = run("processes", plan)
     assert_same_bits(local, procs)
+
+
+class Attention(nn.Module):
+    """Two self-attention blocks and a head: kernels whose work (and rounding) is split by the
+    thread count."""
+
+    def __init__(self, d: int = 32, heads: int = 4) -> None:
+        super().__init__()
+        self.heads = heads
+        self.qkv = nn.ModuleList(nn.Linear(d, 3 * d) for _ in range(2))
+        self.out = nn.ModuleList(nn.Linear(d, d) for _ in range(2))
+        self.head = nn.Linear(d, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: [B, T, d]
+        b, t, d = x.shape
+        for qkv, out in zip(self.qkv, self.out):
+            q, k, v = (z.reshape(b, t, self.heads, -1).transpose(1, 2) for z in qkv(x).chunk(3, dim=-1))
+            y = ((q @ k.transpose(-1, -2)) / 8**0.5).softmax(-1) @ v
+            x = x + out(y.transpose(1, 2).reshape(b, t, d))
+        return self.head(x.mean(1))
+
+
+def test_executors_agree_bit_for_bit_whatever_threads_the_caller_runs() -> None:
+    """Worker processes compute with one thread each; the local executor used the caller's
+    threads (2 here: other bits in the last place, found by a user's check) and now runs its
+    stages with a worker's, giving the caller's back after each call."""
+    g = torch.Generator().manual_seed(1)
+    data = [(torch.randn(16, 12, 32, generator=g), torch.randint(0, 5, (16,), generator=g)) for _ in range(8)]
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+
+        def run(executor: str, plan=None):
+            torch.manual_seed(0)
+            model = Attention()
+            opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+            options = {"method": "pipeoptim", "executor": executor, "timeout": 120, "plan": plan}
+            with pipeoptim.compile(
+                model, opt, 2, example_inputs=data[0][0], loss_fn=F.cross_entropy, **options
+            ) as pipe:
+                losses = [float(loss) for loss in pipe.train(data)]
+                assert torch.get_num_threads() == 2  # the caller's own
+                return (losses, pipe.stage_state_dicts(), pipe.predict(data[0][0])), pipe.plan
+
+        local, plan = run("local")
+        procs, _ = run("processes", plan)
+    finally:
+        torch.set_num_threads(before)
+    assert_same_bits(local, procs)

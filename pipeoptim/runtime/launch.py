@@ -17,6 +17,7 @@ from pipeoptim.compiler.trace import TracedModel
 from pipeoptim.microbatch import Rows
 from pipeoptim.runtime.build import PipelineSpec, build_stage
 from pipeoptim.runtime.executor import LocalExecutor, MiniBatch
+from pipeoptim.runtime.linkcost import stage_threads
 from pipeoptim.runtime.staleness import PredictionError
 
 EXECUTORS = ("local", "processes", "torchrun")
@@ -84,10 +85,11 @@ def start_executor(
     if kind == "local" and spec.data_parallel > 1:
         from pipeoptim.runtime.replicas import local_executor
 
-        return local_executor(spec, traced, device, on_loss)
+        return _OnStageThreads(local_executor(spec, traced, device, on_loss), device)
     if kind == "local":
         stages = [build_stage(spec, traced, k, device) for k in range(spec.num_stages)]
-        return LocalExecutor(stages, [spec.schedule(k) for k in range(spec.num_stages)], on_loss)
+        schedules = [spec.schedule(k) for k in range(spec.num_stages)]
+        return _OnStageThreads(LocalExecutor(stages, schedules, on_loss), device)
     if kind == "torchrun":
         from pipeoptim.runtime.spmd import SPMDExecutor
 
@@ -95,3 +97,29 @@ def start_executor(
     from pipeoptim.runtime.distributed import ProcessExecutor
 
     return ProcessExecutor(spec, on_loss, on_error, timeout=timeout)
+
+
+class _OnStageThreads:
+    """A local executor whose stages compute with a worker process's torch threads on the CPU
+    (:func:`pipeoptim.runtime.linkcost.stage_threads`), this process's own being restored after
+    each call: kernels split their work by thread count and round by it, so with the caller's 2
+    threads the local executor's losses differed from the processes executor's in the last bits
+    (1 in 20 of README's CNN; found by a user's check, the tests ran with one thread). Every
+    other attribute is the executor's own."""
+
+    _COMPUTING = frozenset({"submit", "wait_loss", "flush", "forward_only"})
+
+    def __init__(self, executor: Any, device: torch.device) -> None:
+        self._executor = executor
+        self._device = device
+
+    def __getattr__(self, name: str) -> Any:
+        value = getattr(self._executor, name)
+        if name not in self._COMPUTING:
+            return value
+
+        def on_stage_threads(*args: Any, **kwargs: Any) -> Any:
+            with stage_threads("local", self._device):
+                return value(*args, **kwargs)
+
+        return on_stage_threads

@@ -163,13 +163,14 @@ def usable_cores() -> int:
 
 @contextlib.contextmanager
 def stage_threads(executor: str, device: torch.device) -> Iterator[None]:
-    """Within: torch runs :data:`STAGE_THREADS` threads where the stages will be worker processes
-    on the CPU (``executor`` "processes"), so that profiles and optimizer-update costs are timed
-    as a stage runs. Timed with this process's threads (torch's default: one per core) a stage
-    looked up to cores x faster than it runs (2x here, each forward and backward of the
-    benchmark MLP), and the plan's throughput was over-predicted by as much. The local executor
-    runs the stages in this process, torchrun ranks with their own threads: unchanged there."""
-    if executor != "processes" or device.type != "cpu":
+    """Within: torch runs :data:`STAGE_THREADS` threads where the stages run as worker processes
+    on the CPU (``executor`` "processes"), or as the local executor runs them to compute what the
+    workers compute (``executor`` "local", :func:`pipeoptim.runtime.launch.start_executor`), so
+    that profiles, optimizer-update costs and the local stages' numbers are those of a worker.
+    Timed with this process's threads (torch's default: one per core) a stage looked up to
+    cores x faster than it runs (2x here, each forward and backward of the benchmark MLP), and
+    the plan's throughput was over-predicted by as much. torchrun ranks keep their own threads."""
+    if executor not in ("processes", "local") or device.type != "cpu":
         yield
         return
     before = torch.get_num_threads()
