@@ -41,17 +41,16 @@ Reduction = str | Callable[[Any], Any]
 
 
 def split(value: Any, parts: int) -> list[Any]:
-    """Split every tensor of ``value`` along dim 0 into ``parts`` (``torch.tensor_split``);
+    """Split every tensor of ``value`` along dim 0 into ``parts`` (``torch.tensor_split``, views);
     other leaves are repeated in every part.
 
-    Each part is a copy, not a view: a micro-batch that autograd saves (the input of a first
-    convolution) then holds its own rows, not the storage of the whole mini-batch, as it would
-    on a stage's device.
+    :meth:`pipeoptim.pipeline.Pipeline.step` copies each part as the transport delivers it
+    (:func:`pipeoptim.runtime.delivery.delivered`): a micro-batch that autograd saves (the input
+    of a first convolution) then holds its own rows, not the storage of the whole mini-batch.
     """
     leaves, spec = pytree.tree_flatten(value)
     pieces = [
-        [p.clone() for p in torch.tensor_split(x, parts)] if isinstance(x, torch.Tensor) else [x] * parts
-        for x in leaves
+        list(torch.tensor_split(x, parts)) if isinstance(x, torch.Tensor) else [x] * parts for x in leaves
     ]
     return [pytree.tree_unflatten([p[j] for p in pieces], spec) for j in range(parts)]
 

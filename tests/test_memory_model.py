@@ -4,6 +4,7 @@ measurement against a count written by hand."""
 from __future__ import annotations
 
 import importlib.util
+import sys
 from pathlib import Path
 
 import pytest
@@ -19,9 +20,15 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def benchmark():
+    """benchmarks/memory.py as a module (it imports its sibling ``outputs``: run alone, this
+    file failed to load it unless test_benchmarks had put benchmarks/ on the path first)."""
     spec = importlib.util.spec_from_file_location("memory_benchmark", ROOT / "benchmarks" / "memory.py")
     module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        spec.loader.exec_module(module)
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
     return module
 
 
