@@ -74,6 +74,25 @@ def assert_same_bits(a, b) -> None:
     assert torch.equal(a[2], b[2])  # predictions
 
 
+def local_and_processes(model_class: type[nn.Module], lr: float, data) -> tuple[tuple, tuple]:
+    """Losses, per-stage state and predictions of ``model_class()`` (AdamW, PipeOptim, 2 stages)
+    trained on ``data`` by the local executor and by worker processes on the local run's plan."""
+
+    def run(executor: str, plan=None):
+        torch.manual_seed(0)
+        model = model_class()
+        opt = torch.optim.AdamW(model.parameters(), lr=lr)
+        options = {"method": "pipeoptim", "executor": executor, "timeout": 120, "plan": plan}
+        with pipeoptim.compile(
+            model, opt, 2, example_inputs=data[0][0], loss_fn=F.cross_entropy, **options
+        ) as pipe:
+            losses = [float(loss) for loss in pipe.train(data)]
+            return (losses, pipe.stage_state_dicts(), pipe.predict(data[0][0])), pipe.plan
+
+    local, plan = run("local")
+    return local, run("processes", plan)[0]
+
+
 @pytest.mark.parametrize(("method", "micro"), [("pipeoptim", 1), ("gpipe", 2)])
 def test_executors_agree_bit_for_bit_across_transposed_boundaries(method: str, micro: int) -> None:
     data = list(zip(tokens(6, 1), tokens(6, 2)))
@@ -112,19 +131,7 @@ def test_executors_agree_bit_for_bit_on_non_contiguous_inputs() -> None:
     data = [(x, torch.randint(0, 3, (8,), generator=g)) for x in inputs]
     assert not data[0][0].is_contiguous()
 
-    def run(executor: str, plan=None):
-        torch.manual_seed(0)
-        model = Centred()
-        opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
-        options = {"method": "pipeoptim", "executor": executor, "timeout": 120, "plan": plan}
-        with pipeoptim.compile(
-            model, opt, 2, example_inputs=data[0][0], loss_fn=F.cross_entropy, **options
-        ) as pipe:
-            losses = [float(loss) for loss in pipe.train(data)]
-            return (losses, pipe.stage_state_dicts(), pipe.predict(data[0][0])), pipe.plan
-
-    local, plan = run("local")
-    procs, _ = run("processes", plan)
+    local, procs = local_and_processes(Centred, 1e-2, data)
     assert_same_bits(local, procs)
 
 
@@ -157,21 +164,8 @@ def test_executors_agree_bit_for_bit_whatever_threads_the_caller_runs() -> None:
     before = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
-
-        def run(executor: str, plan=None):
-            torch.manual_seed(0)
-            model = Attention()
-            opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
-            options = {"method": "pipeoptim", "executor": executor, "timeout": 120, "plan": plan}
-            with pipeoptim.compile(
-                model, opt, 2, example_inputs=data[0][0], loss_fn=F.cross_entropy, **options
-            ) as pipe:
-                losses = [float(loss) for loss in pipe.train(data)]
-                assert torch.get_num_threads() == 2  # the caller's own
-                return (losses, pipe.stage_state_dicts(), pipe.predict(data[0][0])), pipe.plan
-
-        local, plan = run("local")
-        procs, _ = run("processes", plan)
+        local, procs = local_and_processes(Attention, 3e-3, data)
+        assert torch.get_num_threads() == 2  # the caller's own, back after every call
     finally:
         torch.set_num_threads(before)
     assert_same_bits(local, procs)
