@@ -17,7 +17,6 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.utils import _pytree as pytree
 
 from pipeoptim import checkpoint, microbatch
 from pipeoptim.batchnorm import plain_batch_norm
@@ -138,11 +137,8 @@ class Pipeline(Measurements):
         # every executor's stages get them as the transport delivers them (fresh, contiguous)
         batch_ = MiniBatch(
             index=index,
-            inputs=[delivered(tuple(x.to(device) for x in xs)) for xs in micro_inputs],
-            targets=[
-                delivered(pytree.tree_map(lambda t: t.to(device) if isinstance(t, torch.Tensor) else t, y))
-                for y in micro_targets
-            ],
+            inputs=[delivered(xs, device) for xs in micro_inputs],
+            targets=[delivered(y, device) for y in micro_targets],
             scales=scales,
             sizes=sizes,
             hyper=hyperparameters(self._optimizer),
@@ -245,7 +241,7 @@ class Pipeline(Measurements):
         chunks = (
             None  # under torchrun rank 0 alone reads the inputs
             if inputs is None
-            else [tuple(x[i : i + size].to(device) for x in inputs) for i in range(0, batch, size)]
+            else [delivered(tuple(x[i : i + size] for x in inputs), device) for i in range(0, batch, size)]
         )
         # the stages in other processes allocate what they receive from the sizes (and length)
         outputs = self._executor.forward_only(chunks, sizes)

@@ -17,29 +17,33 @@ from typing import Any
 import torch
 from torch.utils import _pytree as pytree
 
+from pipeoptim.runtime.stage import detach_values
 
-def delivered(values: Any) -> Any:
+
+def delivered(values: Any, device: torch.device | None = None) -> Any:
     """``values`` with every tensor replaced by a detached copy in fresh, contiguous memory
-    (what a receive buffer holds after the transport); other leaves unchanged."""
+    (what a receive buffer holds after the transport), on ``device`` if given (one copy);
+    other leaves unchanged."""
 
     def copy(v: Any) -> Any:
         if not isinstance(v, torch.Tensor):
             return v
-        return v.detach().clone(memory_format=torch.contiguous_format)
+        return v.detach().to(device or v.device, memory_format=torch.contiguous_format, copy=True)
 
     return pytree.tree_map(copy, values)
 
 
 @torch.no_grad()
 def forward_chain(modules: Sequence[torch.nn.Module], inputs: tuple[Any, ...]) -> tuple[Any, ...]:
-    """Evaluation-mode forward of ``inputs`` through the stage modules ``modules`` in order,
-    each stage's inputs :func:`delivered` to it (restores each module's mode)."""
-    values: Any = delivered(inputs)
-    for module in modules:
+    """Evaluation-mode forward of ``inputs`` (as delivered to the first module) through the
+    stage modules ``modules`` in order, each later module's inputs :func:`delivered` to it
+    (restores each module's mode)."""
+    values: Any = inputs
+    for i, module in enumerate(modules):
         was_training = module.training
         module.eval()
         try:
-            values = delivered(module(*values))
+            values = module(*(delivered(values) if i else values))
         finally:
             module.train(was_training)
-    return values
+    return detach_values(values)
