@@ -56,19 +56,44 @@ def split(value: Any, parts: int) -> list[Any]:
 
 
 def check_rows_split(targets: Any, rows: int, parts: int) -> None:
-    """Refuse targets holding a list or tuple of ``rows`` plain values (numbers, strings)
-    where a mini-batch of ``rows`` is split into ``parts`` > 1 micro-batches: :func:`split`
-    repeats such a list in every micro-batch (a loss that checks sizes failed on it, one that
-    does not was silently wrong).
+    """Refuse targets that :func:`split` would not split like the inputs, where a mini-batch of
+    ``rows`` is split into ``parts`` > 1 micro-batches: every tensor is split along dim 0 and
+    every other leaf is repeated whole, so
+
+    - a list or tuple of ``rows`` plain values (numbers, strings), or an array of ``rows``
+      (NumPy), reached every micro-batch whole (a loss that checks sizes failed on it, one
+      that does not was silently wrong);
+    - a tensor whose dim 0 is not the rows (a class-weight vector, labels flattened to
+      ``[rows * length]``) was cut into pieces that are not the micro-batches' (a flattened
+      one only where the rows divide evenly);
+    - a 0-dim tensor cannot be split at all.
 
     Raises:
-        PipelineError: names where the list sits and the fix.
+        PipelineError: names where the value sits and the fix.
     """
     if parts < 2:
         return
 
+    def refuse(where: str, what: str, fix: str) -> None:
+        raise PipelineError(
+            f"targets{where} is {what}, which cannot be split into {parts} micro-batches like the "
+            f"{rows} rows of the inputs: {fix}"
+        )
+
+    constant = "pass values that are not per row to loss_fn another way (functools.partial(loss_fn, ...))"
+
     def walk(value: Any, where: str) -> None:
-        if isinstance(value, dict):
+        if isinstance(value, torch.Tensor):
+            if value.dim() == 0:
+                refuse(where, "a 0-dim tensor", constant)
+            elif value.shape[0] != rows:
+                refuse(
+                    where,
+                    f"a tensor of shape {list(value.shape)} (dim 0 is not the rows)",
+                    f"give one target row per input row along dim 0 (reshape flattened targets to "
+                    f"[{rows}, ...] and flatten them in loss_fn), or {constant}",
+                )
+        elif isinstance(value, dict):
             for key, item in value.items():
                 walk(item, f"{where}[{key!r}]")
         elif isinstance(value, (list, tuple)):
@@ -77,14 +102,16 @@ def check_rows_split(targets: Any, rows: int, parts: int) -> None:
                 and value
                 and not any(isinstance(v, (torch.Tensor, dict, list, tuple)) for v in value)
             ):
-                raise PipelineError(
-                    f"targets{where} is a {type(value).__name__} of {rows} values, one per row, which "
-                    f"cannot be split into {parts} micro-batches: give it as a tensor (torch.tensor(...))"
-                )
+                refuse(where, f"a {type(value).__name__} of {rows} values, one per row", _AS_TENSOR)
             for i, item in enumerate(value):
                 walk(item, f"{where}[{i}]")
+        elif getattr(value, "shape", None) and not isinstance(value, str) and value.shape[0] == rows:
+            refuse(where, f"an array of shape {list(value.shape)} ({type(value).__name__})", _AS_TENSOR)
 
     walk(targets, "")
+
+
+_AS_TENSOR = "give it as a tensor (torch.as_tensor(...))"
 
 
 def count(batch: int, micro_batches: int) -> int:

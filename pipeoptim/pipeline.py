@@ -104,13 +104,14 @@ class Pipeline(Measurements):
             inputs: tensor or tuple of tensors, ``[batch, ...]`` like ``example_inputs``; a
                 batch smaller than M runs as ``batch`` micro-batches of one row. Under
                 torchrun only rank 0 (the first stage) needs them; others may pass ``None``.
-            targets: whatever ``loss_fn`` takes as its second argument (tensors are split
-                along dim 0 into micro-batches). Under torchrun only the last rank needs
-                them; others may pass ``None``.
+            targets: whatever ``loss_fn`` takes as its second argument; its tensors are
+                split along dim 0 into micro-batches, so each has one row per input row
+                (:func:`pipeoptim.microbatch.check_rows_split`). Under torchrun only the last
+                rank needs them; others may pass ``None``.
 
         Raises:
-            PipelineError: wrong shapes or dtypes, a batch larger than planned, a closed
-                pipeline, or a failure of a stage.
+            PipelineError: wrong shapes or dtypes, a batch larger than planned, targets that
+                do not split like the inputs, a closed pipeline, or a failure of a stage.
         """
         self._check_open()
         inputs = None if inputs is None else as_tuple(inputs)

@@ -5,7 +5,9 @@ from __future__ import annotations
 import copy
 import functools
 import warnings
+from typing import Any
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -614,6 +616,63 @@ def test_targets_given_as_a_list_of_rows_are_refused_where_mini_batches_are_spli
         with pytest.raises(PipelineError, match=r"targets\['labels'\] is a list of 8 values"):
             pipe.step(x, {"labels": labels, "weight": 0.5})
         assert pipe.step(x, {"labels": torch.tensor(labels), "weight": 0.5}).item() > 0  # the fix
+
+
+def _weighted_loss(out: torch.Tensor, y: dict) -> torch.Tensor:
+    return F.cross_entropy(out, y["labels"], weight=y["weight"])
+
+
+@pytest.mark.parametrize(
+    ("targets", "loss_fn", "message"),
+    [
+        (
+            torch.arange(5) % 4,
+            F.cross_entropy,
+            r"targets is a tensor of shape \[5\] \(dim 0 is not",
+        ),
+        (torch.arange(16) % 4, F.cross_entropy, r"shape \[16\].*reshape flattened targets to \[8, \.\.\.\]"),
+        (torch.tensor(2.0), lambda out, y: out.mean() * y, r"targets is a 0-dim tensor.*functools\.partial"),
+        (
+            np.arange(8) % 4,
+            F.cross_entropy,
+            r"targets is an array of shape \[8\] \(ndarray\)",
+        ),
+        (
+            {"labels": torch.arange(8) % 4, "weight": torch.ones(4)},
+            _weighted_loss,
+            r"targets\['weight'\] is a tensor of shape \[4\]",
+        ),
+    ],
+    ids=["fewer-rows", "flattened", "0-dim", "numpy", "class-weights"],
+)
+def test_targets_not_split_like_the_inputs_are_refused(targets: Any, loss_fn: Any, message: str) -> None:
+    """Tensors in the targets are split along dim 0 and other leaves repeated in every
+    micro-batch: a class-weight vector was cut in halves (cross_entropy then failed on the class
+    count, a loss that does not check was silently wrong), a 0-dim tensor failed inside
+    tensor_split, a NumPy array of labels reached every micro-batch whole, labels of another
+    row count failed inside loss_fn; none named the fix."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 4))
+    x = torch.randn(8, 8)
+    with pipeoptim.compile(
+        model, torch.optim.SGD(model.parameters(), lr=0.1), 2, example_inputs=x, loss_fn=loss_fn,
+        method="gpipe", micro_batches=2, executor="local", profile_dir=None,
+    ) as pipe, pytest.raises(PipelineError, match=message):  # fmt: skip
+        pipe.step(x, targets)
+
+
+def test_class_weights_given_to_loss_fn_as_the_error_says_train_as_the_plain_model() -> None:
+    """The fix the class-weight refusal names (functools.partial) gives the plain model's loss."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 4))
+    x, y, weight = torch.randn(8, 8), torch.arange(8) % 4, torch.tensor([1.0, 2.0, 0.5, 1.0])
+    loss_fn = functools.partial(F.cross_entropy, weight=weight, reduction="sum")
+    expected = loss_fn(copy.deepcopy(model)(x), y).item()
+    with pipeoptim.compile(
+        model, torch.optim.SGD(model.parameters(), lr=0.1), 2, example_inputs=x, loss_fn=loss_fn,
+        method="gpipe", micro_batches=2, executor="local", profile_dir=None, loss_reduction="sum",
+    ) as pipe:  # fmt: skip
+        assert pipe.step(x, y).item() == pytest.approx(expected, rel=1e-6)
 
 
 class _SignSTE(torch.autograd.Function):
