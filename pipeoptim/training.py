@@ -36,6 +36,7 @@ from pipeoptim.fileio import write_json
 from pipeoptim.loss import Loss, drain
 from pipeoptim.optimizers import cosine_factor, make_optimizer
 from pipeoptim.records import Progress, StepLog, epoch_line, plot_curves
+from pipeoptim.runtime.precision import autocast_dtype
 from pipeoptim.runtime.spawning import sigint_deferred
 from pipeoptim.sequential import SEQUENTIAL, Sequential
 from pipeoptim.tasks import Task, make_task
@@ -81,16 +82,8 @@ class TrainConfig:
     progress_every: int | None = None
 
 
-def _autocast_dtype(precision: str) -> torch.dtype | None:
-    """``--precision``: ``float32`` (no autocast), ``bfloat16`` or ``float16`` (with loss scaling).
-
-    Raises:
-        ValueError: another name.
-    """
-    dtypes = {"float32": None, "bfloat16": torch.bfloat16, "float16": torch.float16}
-    if precision not in dtypes:
-        raise ValueError(f"precision must be 'float32', 'bfloat16' or 'float16', not {precision!r}")
-    return dtypes[precision]
+#: gives a config its plan's link and runtime figures (:func:`train`)
+Costs = Callable[[TrainConfig], TrainConfig]
 
 
 def _trainer(config: TrainConfig, task: Task, log: Callable[[str], None]) -> tuple[Any, Any]:
@@ -111,7 +104,7 @@ def _trainer(config: TrainConfig, task: Task, log: Callable[[str], None]) -> tup
         if config.memory is not None:
             raise ValueError("--memory limits pipeline stages: use it with a pipeline --method")
         sequential = Sequential(
-            task.model, optimizer, task.loss_fn, config.max_grad_norm, _autocast_dtype(config.precision)
+            task.model, optimizer, task.loss_fn, config.max_grad_norm, autocast_dtype(config.precision)
         )
         return sequential, scheduler
     pipe = pipeoptim.compile_layout.layout_compiler(pipeoptim.compile, config.stages, config.data_parallel)(
@@ -128,7 +121,7 @@ def _trainer(config: TrainConfig, task: Task, log: Callable[[str], None]) -> tup
         seed=config.seed,
         nan_check=config.nan_check,
         max_grad_norm=config.max_grad_norm,
-        autocast=_autocast_dtype(config.precision),
+        autocast=autocast_dtype(config.precision),
         compile_stages=config.compile_stages,
         memory=config.memory,
         bandwidth=config.bandwidth,
@@ -168,8 +161,14 @@ def _check_resume(config: TrainConfig, out: Path) -> Path | None:
     return path
 
 
-def train(config: TrainConfig, log: Callable[[str], None] = print) -> dict[str, Any]:
+def train(
+    config: TrainConfig, log: Callable[[str], None] = print, costs: Costs | None = None
+) -> dict[str, Any]:
     """Run ``config``; returns the metrics also written to ``<out>/metrics.json``.
+
+    ``costs`` gives the config its plan's link and runtime figures (``pipeoptim train``
+    measures this machine's): it is called once the run folder, the checkpoint to resume and
+    the task's data have been checked, so that a mistake in them is reported at once.
 
     Raises:
         ValueError: bad settings, or a run folder that cannot be created; FileNotFoundError:
@@ -185,14 +184,14 @@ def train(config: TrainConfig, log: Callable[[str], None] = print) -> dict[str, 
             f"cannot create the run folder {out} ({exc.strerror or exc}): choose a writable --out"
         ) from exc
     try:
-        return _train(config, out, log)
+        return _train(config, out, log, costs)
     except BaseException:
         if created and not any(out.iterdir()):  # a run that failed early leaves no empty folder
             out.rmdir()
         raise
 
 
-def _train(config: TrainConfig, out: Path, log: Callable[[str], None]) -> dict[str, Any]:
+def _train(config: TrainConfig, out: Path, log: Callable[[str], None], costs: Costs | None) -> dict[str, Any]:
     resume_path = _check_resume(config, out)
     torch.manual_seed(config.seed)
     task = make_task(
@@ -203,6 +202,7 @@ def _train(config: TrainConfig, out: Path, log: Callable[[str], None]) -> dict[s
         data_dir=config.data_dir,
         test_limit=config.test_limit,
     )
+    config = config if costs is None else costs(config)
     start = time.perf_counter()
     trainer, scheduler = _trainer(config, task, log)
     run = _Run(config, task, trainer, out)

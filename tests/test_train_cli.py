@@ -430,3 +430,35 @@ def test_ctrl_c_with_json_prints_an_object_on_stdout(tmp_path, monkeypatch) -> N
     code, out, err = run(*args)
     assert code == 130 and json.loads(out) == {"error": "interrupted", "exit_code": 130}
     assert "interrupted: every stage was stopped" in err
+
+
+@pytest.mark.parametrize(
+    ("args", "code", "message"),
+    [
+        (["--stages", "3", "--gpus", "2"], 1, "--stages 3 needs 3 devices but --gpus is 2: raise --gpus"),
+        (["--stages", "2", "--data-parallel", "2", "--gpus", "3"], 1, "2 stages x 2 replicas need 4 devices"),
+        (["--resume", "{tmp}/nothing"], 1, "no checkpoint at {tmp}/nothing/checkpoint.pt: start without"),
+        (["--data-dir", "{tmp}"], 1, "not found in {tmp}: pass --data-dir"),
+        (["--out", "{tmp}/file/run"], 1, "cannot create the run folder {tmp}/file/run"),
+    ],
+    ids=["stages", "layout", "resume", "data", "out"],
+)
+def test_mistakes_in_the_options_are_reported_before_measuring_the_machine(
+    args: list[str], code: int, message: str, tmp_path: Path, monkeypatch
+) -> None:
+    """A forced layout above --gpus, a missing checkpoint, missing data or an unwritable run
+    folder were reported after the first run's measurement of this machine's link and runtime
+    (7 s idle, 15-17 s on a busy host, where every run measures again)."""
+    import pipeoptim.cli.options as options
+
+    def measuring(**_kwargs):
+        raise AssertionError("the machine was measured before the options were checked")
+
+    monkeypatch.setattr(options, "load_or_measure_machine_costs", measuring)
+    (tmp_path / "file").write_text("")
+    given = [a.replace("{tmp}", str(tmp_path)) for a in args]
+    out = [] if "--out" in given else ["--out", str(tmp_path / "run")]
+    result = CliRunner().invoke(cli, ["train", "fashion-mnist", "--quiet", *out, *given])
+    assert result.exit_code == code, result.output
+    assert message.replace("{tmp}", str(tmp_path)) in result.stderr
+    assert "measured before" not in result.output

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import click
@@ -11,7 +12,8 @@ import torch
 from click.core import ParameterSource
 
 from pipeoptim.cli.options import BYTES, GPUS, LAYOUT_WIDTH, FiniteFloatRange, link_figures, link_options
-from pipeoptim.errors import PipeoptimError
+from pipeoptim.compiler.layouts import candidates
+from pipeoptim.errors import PipeoptimError, PlanError
 from pipeoptim.methods import METHODS, get_method
 from pipeoptim.optimizers import OPTIMIZERS
 from pipeoptim.records import summary_line
@@ -229,22 +231,29 @@ def train_command(
         for name in ("bandwidth", "latency", "action_overhead")
         if context.get_parameter_source(name) is not ParameterSource.DEFAULT
     ]
-    _check_layout_options(method, micro_batches, data_parallel, stages, links)
+    _check_layout_options(method, micro_batches, data_parallel, stages, links, gpus)
     if lr is None:
         lr = {"sgd": 0.02, "adagrad": 0.01}.get(optimizer, 1e-3)
-    try:
-        figures = link_figures(
-            bandwidth,
-            latency,
-            action_overhead,
-            lambda msg: click.echo(msg, err=True),
-            _not_measurable(executor, method),
-        )
-    except KeyboardInterrupt:
-        click.echo(
-            "interrupted while measuring this machine's link and runtime costs: nothing was saved", err=True
-        )
-        sys.exit(130)
+
+    def measured(config: TrainConfig) -> TrainConfig:
+        """The config with this machine's figures for each ``measure`` (train() calls it once
+        the run folder, the checkpoint and the data have been checked)."""
+        try:
+            figures = link_figures(
+                bandwidth,
+                latency,
+                action_overhead,
+                lambda msg: click.echo(msg, err=True),
+                _not_measurable(executor, method),
+            )
+        except KeyboardInterrupt:
+            click.echo(
+                "interrupted while measuring this machine's link and runtime costs: nothing was saved",
+                err=True,
+            )
+            sys.exit(130)
+        return replace(config, **figures._asdict())
+
     config = TrainConfig(
         task=task,
         out=out,
@@ -277,9 +286,6 @@ def train_command(
         precision=precision,
         compile_stages=compile_stages,
         memory=memory,
-        bandwidth=figures.bandwidth,
-        latency=figures.latency,
-        action_overhead=figures.action_overhead,
     )
     earlier = [name for name in ("metrics.json", "checkpoint.pt") if (Path(out) / name).exists()]
     if earlier and resume is None:
@@ -290,7 +296,7 @@ def train_command(
             err=True,
         )
     try:
-        metrics = train(config, log=lambda msg: click.echo(msg, err=True))
+        metrics = train(config, log=lambda msg: click.echo(msg, err=True), costs=measured)
     except (PipeoptimError, ValueError, FileNotFoundError) as exc:
         raise click.ClickException(str(exc).splitlines()[0]) from exc
     except KeyboardInterrupt:
@@ -312,16 +318,18 @@ def _not_measurable(executor: str, method: str) -> str | None:
 
 
 def _check_layout_options(
-    method: str, micro_batches: int | None, data_parallel, stages: int | None, links: list[str]
+    method: str, micro_batches: int | None, data_parallel, stages: int | None, links: list[str], gpus: int
 ) -> None:
-    """Refuse, before any planning, options the method would ignore or refuse later (``links``:
-    the plan's link and runtime options the user gave).
+    """Refuse, before any planning or measuring, options the method would ignore or refuse
+    later (``links``: the plan's link and runtime options the user gave).
 
     Raises:
         click.BadParameter: --micro-batches above 1 for a method that runs a mini-batch as one
             micro-batch.
         click.UsageError: --stages, --data-parallel, --micro-batches, --bandwidth, --latency or
             --action-overhead with sequential training.
+        click.ClickException: a forced layout (--stages, --data-parallel) needs more than
+            --gpus devices.
     """
     if method == SEQUENTIAL:
         given = [
@@ -345,3 +353,8 @@ def _check_layout_options(
             "gpipe, 1f1b and 2bw: leave it unset",
             param_hint="--micro-batches",
         )
+    if method != SEQUENTIAL:
+        try:
+            candidates(gpus, stages, None if data_parallel in (None, "auto") else int(data_parallel))
+        except PlanError as exc:
+            raise click.ClickException(str(exc)) from exc

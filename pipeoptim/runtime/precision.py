@@ -24,6 +24,18 @@ import torch
 SUPPORTED = (torch.bfloat16, torch.float16)
 
 
+def autocast_dtype(precision: str) -> torch.dtype | None:
+    """``--precision``: ``float32`` (no autocast), ``bfloat16`` or ``float16`` (with loss scaling).
+
+    Raises:
+        ValueError: another name.
+    """
+    dtypes = {"float32": None, "bfloat16": torch.bfloat16, "float16": torch.float16}
+    if precision not in dtypes:
+        raise ValueError(f"precision must be 'float32', 'bfloat16' or 'float16', not {precision!r}")
+    return dtypes[precision]
+
+
 def check_autocast(dtype: torch.dtype | None) -> torch.dtype | None:
     """``dtype`` if supported.
 
