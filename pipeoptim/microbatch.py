@@ -42,31 +42,38 @@ Reduction = str | Callable[[Any], Any]
 
 def split(value: Any, parts: int) -> list[Any]:
     """Split every tensor of ``value`` along dim 0 into ``parts`` (``torch.tensor_split``, views);
-    other leaves are repeated in every part.
+    other leaves, and 0-dim tensors (scalars), are repeated in every part; ``parts == 1``
+    returns ``[value]`` as it is.
 
     :meth:`pipeoptim.pipeline.Pipeline.step` copies each part as the transport delivers it
     (:func:`pipeoptim.runtime.delivery.delivered`): a micro-batch that autograd saves (the input
     of a first convolution) then holds its own rows, not the storage of the whole mini-batch.
     """
+    if parts == 1:
+        return [value]
     leaves, spec = pytree.tree_flatten(value)
     pieces = [
-        list(torch.tensor_split(x, parts)) if isinstance(x, torch.Tensor) else [x] * parts for x in leaves
+        list(torch.tensor_split(x, parts)) if isinstance(x, torch.Tensor) and x.dim() else [x] * parts
+        for x in leaves
     ]
     return [pytree.tree_unflatten([p[j] for p in pieces], spec) for j in range(parts)]
 
 
 def check_rows_split(targets: Any, rows: int, parts: int) -> None:
     """Refuse targets that :func:`split` would not split like the inputs, where a mini-batch of
-    ``rows`` is split into ``parts`` > 1 micro-batches: every tensor is split along dim 0 and
-    every other leaf is repeated whole, so
+    ``rows`` is split into ``parts`` > 1 micro-batches: every tensor of one or more dims is
+    split along dim 0 and every other leaf is repeated whole, so
 
-    - a list or tuple of ``rows`` plain values (numbers, strings), or an array of ``rows``
-      (NumPy), reached every micro-batch whole (a loss that checks sizes failed on it, one
-      that does not was silently wrong);
+    - a list or tuple of ``rows`` plain values (numbers, strings, lists of them), or an array of
+      ``rows`` (NumPy), reached every micro-batch whole (a loss that checks sizes failed on it,
+      one that does not was silently wrong);
     - a tensor whose dim 0 is not the rows (a class-weight vector, labels flattened to
       ``[rows * length]``) was cut into pieces that are not the micro-batches' (a flattened
       one only where the rows divide evenly);
-    - a 0-dim tensor cannot be split at all.
+    - a sparse tensor cannot be split into views.
+
+    A tensor whose dim 0 happens to equal the rows is split, whatever it holds: targets' tensors
+    are per-row by definition (constants go to ``loss_fn`` through ``functools.partial``).
 
     Raises:
         PipelineError: names where the value sits and the fix.
@@ -80,38 +87,38 @@ def check_rows_split(targets: Any, rows: int, parts: int) -> None:
             f"{rows} rows of the inputs: {fix}"
         )
 
-    constant = "pass values that are not per row to loss_fn another way (functools.partial(loss_fn, ...))"
+    def plain(value: Any) -> bool:  # a number, a string, or a list of them
+        if isinstance(value, (list, tuple)):
+            return all(plain(v) for v in value)
+        return not isinstance(value, (torch.Tensor, dict))
 
     def walk(value: Any, where: str) -> None:
         if isinstance(value, torch.Tensor):
-            if value.dim() == 0:
-                refuse(where, "a 0-dim tensor", constant)
-            elif value.shape[0] != rows:
+            if value.layout != torch.strided:
+                refuse(where, f"a sparse tensor ({value.layout})", "give it dense (.to_dense())")
+            if value.dim() and value.shape[0] != rows:
                 refuse(
                     where,
                     f"a tensor of shape {list(value.shape)} (dim 0 is not the rows)",
                     f"give one target row per input row along dim 0 (reshape flattened targets to "
-                    f"[{rows}, ...] and flatten them in loss_fn), or {constant}",
+                    f"[{rows}, ...] and flatten them in loss_fn), or {_CONSTANT}",
                 )
         elif isinstance(value, dict):
             for key, item in value.items():
                 walk(item, f"{where}[{key!r}]")
         elif isinstance(value, (list, tuple)):
-            if (
-                len(value) == rows
-                and value
-                and not any(isinstance(v, (torch.Tensor, dict, list, tuple)) for v in value)
-            ):
+            if len(value) == rows and value and plain(value):
                 refuse(where, f"a {type(value).__name__} of {rows} values, one per row", _AS_TENSOR)
             for i, item in enumerate(value):
                 walk(item, f"{where}[{i}]")
-        elif getattr(value, "shape", None) and not isinstance(value, str) and value.shape[0] == rows:
+        elif isinstance(getattr(value, "shape", None), tuple) and value.shape and value.shape[0] == rows:
             refuse(where, f"an array of shape {list(value.shape)} ({type(value).__name__})", _AS_TENSOR)
 
     walk(targets, "")
 
 
-_AS_TENSOR = "give it as a tensor (torch.as_tensor(...))"
+_CONSTANT = "pass values that are not per row to loss_fn another way (functools.partial(loss_fn, ...))"
+_AS_TENSOR = f"give per-row values as a tensor (torch.as_tensor(...)), or {_CONSTANT}"
 
 
 def count(batch: int, micro_batches: int) -> int:
@@ -300,11 +307,14 @@ class CheckedLoss:
 
 
 def _first_and_rest(value: Any) -> list[Any]:
-    """``value``'s first row and its other rows (every tensor split along dim 0)."""
-    if isinstance(value, torch.Tensor):  # the common case, without the tree walk
+    """``value``'s first row and its other rows (every tensor split along dim 0; other leaves
+    and 0-dim tensors in both, as :func:`split` repeats them)."""
+    if isinstance(value, torch.Tensor) and value.dim():  # the common case, without the tree walk
         return [value[:1], value[1:]]
     leaves, spec = pytree.tree_flatten(value)
-    parts = [torch.tensor_split(x, [1]) if isinstance(x, torch.Tensor) else (x, x) for x in leaves]
+    parts = [
+        torch.tensor_split(x, [1]) if isinstance(x, torch.Tensor) and x.dim() else (x, x) for x in leaves
+    ]
     return [pytree.tree_unflatten([p[j] for p in parts], spec) for j in range(2)]
 
 

@@ -622,6 +622,14 @@ def _weighted_loss(out: torch.Tensor, y: dict) -> torch.Tensor:
     return F.cross_entropy(out, y["labels"], weight=y["weight"])
 
 
+def _multi_label_loss(out: torch.Tensor, y: list) -> torch.Tensor:
+    return F.binary_cross_entropy_with_logits(out[:, :2], torch.tensor(y, dtype=torch.float32))
+
+
+def _dense_mse(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return F.mse_loss(out, y.to_dense())
+
+
 @pytest.mark.parametrize(
     ("targets", "loss_fn", "message"),
     [
@@ -631,26 +639,27 @@ def _weighted_loss(out: torch.Tensor, y: dict) -> torch.Tensor:
             r"targets is a tensor of shape \[5\] \(dim 0 is not",
         ),
         (torch.arange(16) % 4, F.cross_entropy, r"shape \[16\].*reshape flattened targets to \[8, \.\.\.\]"),
-        (torch.tensor(2.0), lambda out, y: out.mean() * y, r"targets is a 0-dim tensor.*functools\.partial"),
         (
             np.arange(8) % 4,
             F.cross_entropy,
-            r"targets is an array of shape \[8\] \(ndarray\)",
+            r"targets is an array of shape \[8\] \(ndarray\).*as_tensor.*functools\.partial",
         ),
+        ([[0, 1]] * 8, _multi_label_loss, r"targets is a list of 8 values, one per row"),
+        (F.one_hot(torch.arange(8) % 4).float().to_sparse(), _dense_mse, r"sparse tensor.*\.to_dense\(\)"),
         (
             {"labels": torch.arange(8) % 4, "weight": torch.ones(4)},
             _weighted_loss,
             r"targets\['weight'\] is a tensor of shape \[4\]",
         ),
     ],
-    ids=["fewer-rows", "flattened", "0-dim", "numpy", "class-weights"],
+    ids=["fewer-rows", "flattened", "numpy", "nested-lists", "sparse", "class-weights"],
 )
 def test_targets_not_split_like_the_inputs_are_refused(targets: Any, loss_fn: Any, message: str) -> None:
     """Tensors in the targets are split along dim 0 and other leaves repeated in every
     micro-batch: a class-weight vector was cut in halves (cross_entropy then failed on the class
-    count, a loss that does not check was silently wrong), a 0-dim tensor failed inside
-    tensor_split, a NumPy array of labels reached every micro-batch whole, labels of another
-    row count failed inside loss_fn; none named the fix."""
+    count, a loss that does not check was silently wrong), a NumPy array or a list of per-row
+    lists of labels reached every micro-batch whole, a sparse tensor failed inside
+    tensor_split, labels of another row count failed inside loss_fn; none named the fix."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 4))
     x = torch.randn(8, 8)
@@ -673,6 +682,36 @@ def test_class_weights_given_to_loss_fn_as_the_error_says_train_as_the_plain_mod
         method="gpipe", micro_batches=2, executor="local", profile_dir=None, loss_reduction="sum",
     ) as pipe:  # fmt: skip
         assert pipe.step(x, y).item() == pytest.approx(expected, rel=1e-6)
+
+
+@pytest.mark.parametrize("method", ["gpipe", "pipeoptim"])
+def test_scalar_and_sparse_targets_train_as_the_plain_model(method: str) -> None:
+    """A 0-dim tensor in the targets (a per-mini-batch scalar) failed inside tensor_split, with
+    one micro-batch too, and a sparse one failed to be copied; the scalar now reaches every
+    micro-batch like a Python float, and one micro-batch takes the targets as they are."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 4))
+    x, y = torch.randn(8, 8), torch.arange(8) % 4
+    targets = {"labels": y, "scale": torch.tensor(0.5)}
+    loss_fn = _scaled_loss
+    expected = loss_fn(copy.deepcopy(model)(x), targets).item()
+    with pipeoptim.compile(
+        model, torch.optim.SGD(model.parameters(), lr=0.1), 2, example_inputs=x, loss_fn=loss_fn,
+        method=method, executor="local", profile_dir=None,
+    ) as pipe:  # fmt: skip
+        assert pipe.step(x, targets).item() == pytest.approx(expected, rel=1e-6)
+    if method == "pipeoptim":  # one micro-batch: a sparse target passes as it is
+        sparse = F.one_hot(y, 4).float().to_sparse()
+        expected = _dense_mse(copy.deepcopy(model)(x), sparse).item()
+        with pipeoptim.compile(
+            model, torch.optim.SGD(model.parameters(), lr=0.1), 2, example_inputs=x, loss_fn=_dense_mse,
+            method=method, executor="local", profile_dir=None,
+        ) as pipe:  # fmt: skip
+            assert pipe.step(x, sparse).item() == pytest.approx(expected, rel=1e-6)
+
+
+def _scaled_loss(out: torch.Tensor, y: dict) -> torch.Tensor:
+    return F.cross_entropy(out, y["labels"]) * y["scale"]
 
 
 class _SignSTE(torch.autograd.Function):

@@ -23,11 +23,13 @@ from pipeoptim.runtime.stage import detach_values
 def delivered(values: Any, device: torch.device | None = None) -> Any:
     """``values`` with every tensor replaced by a detached copy in fresh, contiguous memory
     (what a receive buffer holds after the transport), on ``device`` if given (one copy);
-    other leaves unchanged."""
+    other leaves unchanged. A sparse tensor (a target) is copied in its own layout."""
 
     def copy(v: Any) -> Any:
         if not isinstance(v, torch.Tensor):
             return v
+        if v.layout != torch.strided:
+            return v.detach().to(device or v.device, copy=True)
         return v.detach().to(device or v.device, memory_format=torch.contiguous_format, copy=True)
 
     return pytree.tree_map(copy, values)
