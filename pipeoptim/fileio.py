@@ -36,6 +36,30 @@ def atomic_write(path: str | os.PathLike[str], write: Callable[[IO[bytes]], Any]
         raise
 
 
+def writable_folder(path: str | os.PathLike[str], what: str, option: str) -> bool:
+    """Create the folder ``path`` (with its parents) where missing and check that a file can
+    be written in it (a probe file, created and removed: permission bits say nothing of a
+    read-only mount, ACLs or a root without ``CAP_DAC_OVERRIDE``). Returns whether it was
+    created.
+
+    Raises:
+        ValueError: it cannot be created or written into; names ``what`` it is and the
+            ``option`` to change.
+    """
+    path = Path(path)
+    created = not path.exists()
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path):
+            pass
+    except OSError as exc:
+        verb = "create" if created and not path.is_dir() else "write into"
+        raise ValueError(
+            f"cannot {verb} the {what} {path} ({exc.strerror or exc}): choose a writable {option}"
+        ) from exc
+    return created
+
+
 def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)

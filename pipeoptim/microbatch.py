@@ -92,6 +92,9 @@ def check_rows_split(targets: Any, rows: int, parts: int) -> None:
             return all(plain(v) for v in value)
         return not isinstance(value, (torch.Tensor, dict))
 
+    def per_row(value: Any) -> bool:  # a tensor that is one row's, not rows of it
+        return isinstance(value, torch.Tensor) and (value.dim() == 0 or value.shape[0] != rows)
+
     def walk(value: Any, where: str) -> None:
         if isinstance(value, torch.Tensor):
             if value.layout != torch.strided:
@@ -109,6 +112,13 @@ def check_rows_split(targets: Any, rows: int, parts: int) -> None:
         elif isinstance(value, (list, tuple)):
             if len(value) == rows and value and plain(value):
                 refuse(where, f"a {type(value).__name__} of {rows} values, one per row", _AS_TENSOR)
+            if len(value) == rows and value and all(per_row(v) for v in value):
+                refuse(
+                    where,
+                    f"a {type(value).__name__} of {rows} tensors, one per row",
+                    "stack them into one tensor of rows (torch.stack, padding unequal lengths), "
+                    f"or {_CONSTANT}",
+                )
             for i, item in enumerate(value):
                 walk(item, f"{where}[{i}]")
         elif isinstance(getattr(value, "shape", None), tuple) and value.shape and value.shape[0] == rows:
@@ -118,7 +128,7 @@ def check_rows_split(targets: Any, rows: int, parts: int) -> None:
 
 
 _CONSTANT = "pass values that are not per row to loss_fn another way (functools.partial(loss_fn, ...))"
-_AS_TENSOR = f"give per-row values as a tensor (torch.as_tensor(...)), or {_CONSTANT}"
+_AS_TENSOR = f"give per-row values as a tensor (torch.as_tensor(...); strings as ids first), or {_CONSTANT}"
 
 
 def count(batch: int, micro_batches: int) -> int:

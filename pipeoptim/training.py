@@ -32,7 +32,7 @@ from pipeoptim import other_work
 from pipeoptim.checkpoint import read_checkpoint
 from pipeoptim.compiler.plot import plot_plan
 from pipeoptim.errors import CheckpointError
-from pipeoptim.fileio import write_json
+from pipeoptim.fileio import writable_folder, write_json
 from pipeoptim.loss import Loss, drain
 from pipeoptim.optimizers import cosine_factor, make_optimizer
 from pipeoptim.records import Progress, StepLog, epoch_line, plot_curves
@@ -137,7 +137,7 @@ def _check_resume(config: TrainConfig, out: Path) -> Path | None:
     if config.resume is None:
         return None
     folder = Path(config.resume)
-    path = folder / "checkpoint.pt" if folder.is_dir() or not folder.suffix else folder
+    path = folder / "checkpoint.pt" if folder.is_dir() or not (folder.exists() or folder.suffix) else folder
     data = read_checkpoint(path)  # raises CheckpointError when missing or half-written
     saved = data["extra"].get("config", {})
     keys = ("task", "method", "gpus", "optimizer", "batch_size", "seed", "lr", "lr_schedule")
@@ -171,18 +171,14 @@ def train(
     the task's data have been checked, so that a mistake in them is reported at once.
 
     Raises:
-        ValueError: bad settings, or a run folder that cannot be created; FileNotFoundError:
+        ValueError: bad settings, or a run or profile folder that cannot be written; FileNotFoundError:
         missing task data; CheckpointError: a bad ``resume``; PipeoptimError: from compile
         and training (non-finite loss, failed stage).
     """
     out = Path(config.out)
-    created = not out.exists()
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise ValueError(
-            f"cannot create the run folder {out} ({exc.strerror or exc}): choose a writable --out"
-        ) from exc
+    if config.profile_dir is not None:
+        writable_folder(config.profile_dir, "profile folder", "--profile-dir")
+    created = writable_folder(out, "run folder", "--out")
     try:
         return _train(config, out, log, costs)
     except BaseException:

@@ -462,3 +462,54 @@ def test_mistakes_in_the_options_are_reported_before_measuring_the_machine(
     assert result.exit_code == code, result.output
     assert message.replace("{tmp}", str(tmp_path)) in result.stderr
     assert "measured before" not in result.output
+
+
+@pytest.mark.parametrize("option", ["--out", "--profile-dir"])
+def test_a_folder_that_exists_but_cannot_be_written_is_named_before_measuring(
+    option: str, tmp_path: Path, monkeypatch
+) -> None:
+    """An existing run folder without write permission passed the check (only creating it was
+    tried): the run measured, planned and started its workers, then died with a PermissionError
+    traceback at its first record; an unwritable --profile-dir did the same at the profile.
+    (The suite runs as root, whom permission bits do not stop: the probe file is refused here
+    as a read-only folder refuses it.)"""
+    import pipeoptim.cli.options as options
+    import pipeoptim.fileio as fileio
+
+    blocked = tmp_path / "readonly"
+    blocked.mkdir()
+    probe = fileio.tempfile.TemporaryFile
+
+    def refused(*args, dir=None, **kwargs):
+        if dir is not None and Path(dir) == blocked:
+            raise PermissionError(13, "Permission denied")
+        return probe(*args, dir=dir, **kwargs)
+
+    def measuring(**_kwargs):
+        raise AssertionError("the machine was measured before the folders were checked")
+
+    monkeypatch.setattr(fileio.tempfile, "TemporaryFile", refused)
+    monkeypatch.setattr(options, "load_or_measure_machine_costs", measuring)
+    folders = {
+        "--out": str(tmp_path / "run"),
+        "--profile-dir": str(tmp_path / "profiles"),
+        option: str(blocked),
+    }
+    args = [arg for name, folder in folders.items() for arg in (name, folder)]
+    result = CliRunner().invoke(cli, ["train", "digits", "--quiet", *args])
+    what = "run folder" if option == "--out" else "profile folder"
+    assert result.exit_code == 1, result.output
+    assert (
+        f"cannot write into the {what} {blocked} (Permission denied): choose a writable {option}"
+        in result.stderr
+    )
+    assert "Traceback" not in result.output and not (tmp_path / "run").exists()
+
+
+def test_resume_given_a_checkpoint_file_without_a_suffix_reads_that_file(tmp_path: Path) -> None:
+    """--resume at an existing file without a suffix was taken for a folder ("no checkpoint at
+    FILE/checkpoint.pt"); it is read as the checkpoint it names."""
+    saved = tmp_path / "saved"
+    saved.write_text("not a checkpoint")
+    code, _, err = run("digits", "--resume", str(saved), "--out", str(tmp_path / "run"))
+    assert code == 1 and f"{saved} is not a pipeoptim-checkpoint/1 checkpoint" in err, err

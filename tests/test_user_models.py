@@ -645,6 +645,11 @@ def _dense_mse(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
             r"targets is an array of shape \[8\] \(ndarray\).*as_tensor.*functools\.partial",
         ),
         ([[0, 1]] * 8, _multi_label_loss, r"targets is a list of 8 values, one per row"),
+        (
+            [torch.tensor(i % 4) for i in range(8)],
+            F.cross_entropy,
+            r"list of 8 tensors, one per row.*torch\.stack",
+        ),
         (F.one_hot(torch.arange(8) % 4).float().to_sparse(), _dense_mse, r"sparse tensor.*\.to_dense\(\)"),
         (
             {"labels": torch.arange(8) % 4, "weight": torch.ones(4)},
@@ -652,7 +657,7 @@ def _dense_mse(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
             r"targets\['weight'\] is a tensor of shape \[4\]",
         ),
     ],
-    ids=["fewer-rows", "flattened", "numpy", "nested-lists", "sparse", "class-weights"],
+    ids=["fewer-rows", "flattened", "numpy", "nested-lists", "row-tensors", "sparse", "class-weights"],
 )
 def test_targets_not_split_like_the_inputs_are_refused(targets: Any, loss_fn: Any, message: str) -> None:
     """Tensors in the targets are split along dim 0 and other leaves repeated in every

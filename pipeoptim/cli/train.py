@@ -297,7 +297,7 @@ def train_command(
         )
     try:
         metrics = train(config, log=lambda msg: click.echo(msg, err=True), costs=measured)
-    except (PipeoptimError, ValueError, FileNotFoundError) as exc:
+    except (PipeoptimError, ValueError, OSError) as exc:  # OSError: a disk full, a file made read-only
         raise click.ClickException(str(exc).splitlines()[0]) from exc
     except KeyboardInterrupt:
         click.echo("interrupted: every stage was stopped; the last checkpoint (if any) is intact", err=True)
