@@ -689,6 +689,18 @@ def test_class_weights_given_to_loss_fn_as_the_error_says_train_as_the_plain_mod
         assert pipe.step(x, y).item() == pytest.approx(expected, rel=1e-6)
 
 
+def _first_loss_equals_plain(
+    model: nn.Module, x: torch.Tensor, targets: Any, loss_fn: Any, method: str
+) -> None:
+    """One step of ``method`` (local executor) gives the loss of the plain model (rel 1e-6)."""
+    expected = loss_fn(copy.deepcopy(model)(x), targets).item()
+    with pipeoptim.compile(
+        model, torch.optim.SGD(model.parameters(), lr=0.1), 2, example_inputs=x, loss_fn=loss_fn,
+        method=method, executor="local", profile_dir=None,
+    ) as pipe:  # fmt: skip
+        assert pipe.step(x, targets).item() == pytest.approx(expected, rel=1e-6)
+
+
 @pytest.mark.parametrize("method", ["gpipe", "pipeoptim"])
 def test_scalar_and_sparse_targets_train_as_the_plain_model(method: str) -> None:
     """A 0-dim tensor in the targets (a per-mini-batch scalar) failed inside tensor_split, with
@@ -697,22 +709,9 @@ def test_scalar_and_sparse_targets_train_as_the_plain_model(method: str) -> None
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 4))
     x, y = torch.randn(8, 8), torch.arange(8) % 4
-    targets = {"labels": y, "scale": torch.tensor(0.5)}
-    loss_fn = _scaled_loss
-    expected = loss_fn(copy.deepcopy(model)(x), targets).item()
-    with pipeoptim.compile(
-        model, torch.optim.SGD(model.parameters(), lr=0.1), 2, example_inputs=x, loss_fn=loss_fn,
-        method=method, executor="local", profile_dir=None,
-    ) as pipe:  # fmt: skip
-        assert pipe.step(x, targets).item() == pytest.approx(expected, rel=1e-6)
+    _first_loss_equals_plain(model, x, {"labels": y, "scale": torch.tensor(0.5)}, _scaled_loss, method)
     if method == "pipeoptim":  # one micro-batch: a sparse target passes as it is
-        sparse = F.one_hot(y, 4).float().to_sparse()
-        expected = _dense_mse(copy.deepcopy(model)(x), sparse).item()
-        with pipeoptim.compile(
-            model, torch.optim.SGD(model.parameters(), lr=0.1), 2, example_inputs=x, loss_fn=_dense_mse,
-            method=method, executor="local", profile_dir=None,
-        ) as pipe:  # fmt: skip
-            assert pipe.step(x, sparse).item() == pytest.approx(expected, rel=1e-6)
+        _first_loss_equals_plain(model, x, F.one_hot(y, 4).float().to_sparse(), _dense_mse, method)
 
 
 def _scaled_loss(out: torch.Tensor, y: dict) -> torch.Tensor:
