@@ -110,15 +110,11 @@ def check_rows_split(targets: Any, rows: int, parts: int) -> None:
             for key, item in value.items():
                 walk(item, f"{where}[{key!r}]")
         elif isinstance(value, (list, tuple)):
-            if len(value) == rows and value and plain(value):
-                refuse(where, f"a {type(value).__name__} of {rows} values, one per row", _AS_TENSOR)
-            if len(value) == rows and value and all(per_row(v) for v in value):
-                refuse(
-                    where,
-                    f"a {type(value).__name__} of {rows} tensors, one per row",
-                    "stack them into one tensor of rows (torch.stack, padding unequal lengths), "
-                    f"or {_CONSTANT}",
-                )
+            kind = type(value).__name__
+            if len(value) == rows and plain(value):
+                refuse(where, f"a {kind} of {rows} values, one per row", _AS_TENSOR)
+            if len(value) == rows and all(per_row(v) for v in value):
+                refuse(where, f"a {kind} of {rows} tensors, one per row", _STACK)
             for i, item in enumerate(value):
                 walk(item, f"{where}[{i}]")
         elif isinstance(getattr(value, "shape", None), tuple) and value.shape and value.shape[0] == rows:
@@ -128,6 +124,7 @@ def check_rows_split(targets: Any, rows: int, parts: int) -> None:
 
 
 _CONSTANT = "pass values that are not per row to loss_fn another way (functools.partial(loss_fn, ...))"
+_STACK = f"stack them into one tensor of rows (torch.stack, padding unequal lengths), or {_CONSTANT}"
 _AS_TENSOR = f"give per-row values as a tensor (torch.as_tensor(...); strings as ids first), or {_CONSTANT}"
 
 

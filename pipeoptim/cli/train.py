@@ -347,14 +347,14 @@ def _check_layout_options(
                 "sequential (plain training in this process, no pipeline): drop "
                 f"{'it' if len(given) == 1 else 'them'}, or choose a pipeline method"
             )
-    elif micro_batches not in (None, 1) and not get_method(method).micro_batched:
+        return
+    if micro_batches not in (None, 1) and not get_method(method).micro_batched:
         raise click.BadParameter(
             f"method {method} runs each mini-batch as one micro-batch; --micro-batches applies to "
             "gpipe, 1f1b and 2bw: leave it unset",
             param_hint="--micro-batches",
         )
-    if method != SEQUENTIAL:
-        try:
-            candidates(gpus, stages, None if data_parallel in (None, "auto") else int(data_parallel))
-        except PlanError as exc:
-            raise click.ClickException(str(exc)) from exc
+    try:
+        candidates(gpus, stages, None if data_parallel in (None, "auto") else int(data_parallel))
+    except PlanError as exc:
+        raise click.ClickException(str(exc)) from exc
