@@ -440,15 +440,32 @@ def test_ctrl_c_with_json_prints_an_object_on_stdout(tmp_path, monkeypatch) -> N
         (["--resume", "{tmp}/nothing"], 1, "no checkpoint at {tmp}/nothing/checkpoint.pt: start without"),
         (["--data-dir", "{tmp}"], 1, "not found in {tmp}: pass --data-dir"),
         (["--out", "{tmp}/file/run"], 1, "cannot create the run folder {tmp}/file/run"),
+        (
+            ["--method", "gpipe", "--micro-batches", "40", "--batch-size", "32"],
+            2,
+            "--micro-batches 40 splits each mini-batch into 40 parts, but --batch-size 32 gives it 32 rows",
+        ),
+        (
+            ["--data-parallel", "4", "--batch-size", "2"],
+            2,
+            "give --batch-size 4 or more, or a smaller --data",
+        ),
+        (
+            ["--method", "1f1b", "--micro-batches", "4", "--data-parallel", "2", "--batch-size", "6"],
+            2,
+            "--micro-batches 4 x --data-parallel 2 split each mini-batch into 8 parts",
+        ),
     ],
-    ids=["stages", "layout", "resume", "data", "out"],
+    ids=["stages", "layout", "resume", "data", "out", "micro-batches", "replicas", "both"],
 )
 def test_mistakes_in_the_options_are_reported_before_measuring_the_machine(
     args: list[str], code: int, message: str, tmp_path: Path, monkeypatch
 ) -> None:
-    """A forced layout above --gpus, a missing checkpoint, missing data or an unwritable run
-    folder were reported after the first run's measurement of this machine's link and runtime
-    (7 s idle, 15-17 s on a busy host, where every run measures again)."""
+    """A forced layout above --gpus, a missing checkpoint, missing data, an unwritable run
+    folder or a mini-batch split into more parts than it has rows were reported after the first
+    run's measurement of this machine's link and runtime (7 s idle, 15-17 s on a busy host,
+    where every run measures again), the last as "no layout of 4 devices is feasible" after
+    planning every layout."""
     import pipeoptim.cli.options as options
 
     def measuring(**_kwargs):

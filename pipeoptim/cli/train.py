@@ -232,6 +232,7 @@ def train_command(
         if context.get_parameter_source(name) is not ParameterSource.DEFAULT
     ]
     _check_layout_options(method, micro_batches, data_parallel, stages, links, gpus)
+    _check_rows(batch_size, micro_batches, data_parallel)
     if lr is None:
         lr = {"sgd": 0.02, "adagrad": 0.01}.get(optimizer, 1e-3)
 
@@ -315,6 +316,32 @@ def _not_measurable(executor: str, method: str) -> str | None:
     if torch.cuda.is_available():
         return "the stages run on GPUs (the figures are measured with gloo on the CPU)"
     return None
+
+
+def _check_rows(batch_size: int, micro_batches: int | None, data_parallel) -> None:
+    """Refuse, before any planning or measuring, a forced split of the mini-batch into more
+    parts than it has rows (every replica's every micro-batch needs at least one row).
+
+    Raises:
+        click.BadParameter: --micro-batches times --data-parallel (each where given) above
+            --batch-size.
+    """
+    replicas = None if data_parallel in (None, "auto") else int(data_parallel)
+    parts = (micro_batches or 1) * (replicas or 1)
+    if parts <= batch_size:
+        return
+    given = [
+        f"--{name} {value}"
+        for name, value in (("micro-batches", micro_batches), ("data-parallel", replicas))
+        if value
+    ]
+    split = " x ".join(given)
+    raise click.BadParameter(
+        f"{split} split{'s' if len(given) == 1 else ''} each mini-batch into {parts} parts, but --batch-size "
+        f"{batch_size} gives it {batch_size} rows and every part needs at least one: give --batch-size "
+        f"{parts} or more, or {'fewer parts' if len(given) > 1 else 'a smaller ' + given[0].split()[0]}",
+        param_hint="--batch-size",
+    )
 
 
 def _check_layout_options(
