@@ -13,6 +13,7 @@ figures (a plan must not change with timing noise).
 
 from __future__ import annotations
 
+import datetime
 import json
 import math
 import os
@@ -33,6 +34,8 @@ from pipeoptim.runtime.linkcost import measure_link, usable_cores
 #: environment variable naming the cache folder (default: $XDG_CACHE_HOME/pipeoptim, ~/.cache/pipeoptim)
 CACHE_ENV = "PIPEOPTIM_CACHE_DIR"
 MACHINE_COSTS_FILE = "machine-costs.json"
+#: a cache entry's key for when its figures were measured (ISO 8601, UTC)
+MEASURED_AT = "measured_at"
 #: how the figures are measured; figures saved under another method are measured again
 METHOD = "gloo: median of 3 fits of round trips 4K-8M; overhead: 2 stages, 200 mini-batches, CPU time"
 T = TypeVar("T")
@@ -86,12 +89,54 @@ def measure_machine_costs(links: int = 3) -> MachineCosts:
     return MachineCosts(statistics.median(alphas), 1.0 / statistics.median(betas), measure_action_overhead())
 
 
+def _cached(saved: object) -> MachineCosts | None:
+    """The figures of a cache entry (with or without :data:`MEASURED_AT`); ``None`` where it
+    holds anything else (then they are measured again)."""
+    if not isinstance(saved, dict):
+        return None
+    figures = {k: v for k, v in saved.items() if k != MEASURED_AT}
+    if set(figures) != set(MachineCosts._fields) or not all(
+        isinstance(v, float) and math.isfinite(v) and v >= 0 for v in figures.values()
+    ):
+        return None
+    return MachineCosts(**figures)
+
+
+def _age(measured_at: str) -> str:
+    """``measured_at`` (ISO 8601) and how long ago, e.g. ``2026-12-01 09:12 UTC, 2 days ago``."""
+    try:
+        when = datetime.datetime.fromisoformat(measured_at)
+    except ValueError:
+        return "at an unreadable time"
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=datetime.timezone.utc)
+    seconds = (datetime.datetime.now(datetime.timezone.utc) - when).total_seconds()
+    ago = next(
+        (
+            f"{int(seconds // size)} {unit}{'s' if seconds >= 2 * size else ''} ago"
+            for size, unit in ((86400, "day"), (3600, "hour"), (60, "minute"))
+            if seconds >= size
+        ),
+        "just now",
+    )
+    return f"{when.astimezone(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC, {ago}"
+
+
+def _figures(costs: MachineCosts) -> str:
+    return (
+        f"latency {costs.latency * 1e6:.0f} us, bandwidth {costs.bandwidth / 1e9:.2f} GB/s, "
+        f"runtime overhead {costs.action_overhead * 1e3:.3f} ms per action"
+    )
+
+
 def load_or_measure_machine_costs(
     cache: str | Path | None = None, log: Callable[[str], None] = lambda _msg: None
 ) -> MachineCosts:
     """:func:`measure_machine_costs`, remembered in ``<cache>/machine-costs.json`` (``cache``
-    defaults to :func:`cache_dir`) under :func:`machine_key`; measured again for another
-    host, core count, torch version or method, or where the file is unreadable (logged).
+    defaults to :func:`cache_dir`) under :func:`machine_key` with the time of the
+    measurement; figures taken from there are logged with that time and age (a user reading
+    the plan's rates learns they are not this moment's); measured again for another host, core
+    count, torch version or method, or where the file is unreadable (logged).
     Figures measured while other processes took over
     :data:`~pipeoptim.other_work.OTHER_WORK_LIMIT` of the cores are used by this process only
     and not saved (logged): beside a test suite on 2 cores a measurement fitted gloo's latency at
@@ -105,20 +150,17 @@ def load_or_measure_machine_costs(
     key = machine_key()
     table = read_json_table(path, "measuring this machine's link and runtime overhead again", log)
     saved = table.get(key)
-    if (
-        isinstance(saved, dict)
-        and set(saved) == set(MachineCosts._fields)
-        and all(isinstance(v, float) and math.isfinite(v) and v >= 0 for v in saved.values())
-    ):
-        return MachineCosts(**saved)
+    cached = _cached(saved)
+    if cached is not None:
+        measured = saved.get(MEASURED_AT) if isinstance(saved, dict) else None
+        when = f"measured {_age(measured)}" if isinstance(measured, str) else "measured earlier"
+        log(f"this machine's costs from {path} ({when}; delete it to measure again): {_figures(cached)}")
+        return cached
     if (str(path), key) in _UNSAVED:
         return _UNSAVED[str(path), key]
     log("measuring this machine's link and runtime overhead (once; a few seconds)")
     costs, load = with_other_work(measure_machine_costs)
-    figures = (
-        f"latency {costs.latency * 1e6:.0f} us, bandwidth {costs.bandwidth / 1e9:.2f} GB/s, "
-        f"runtime overhead {costs.action_overhead * 1e3:.3f} ms per action"
-    )
+    figures = _figures(costs)
     if load is not None:  # kept, such figures priced every later plan (a latency of 0 us once)
         log(
             f"the machine was busy while measuring ({load}): {figures} are used by this process "
@@ -126,7 +168,10 @@ def load_or_measure_machine_costs(
         )
         _UNSAVED[str(path), key] = costs
         return costs
-    table[key] = costs._asdict()
+    table[key] = {
+        **costs._asdict(),
+        MEASURED_AT: datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }
     try:
         write_json(path, table)
     except OSError as exc:

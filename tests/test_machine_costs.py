@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime
 import json
 from pathlib import Path
 
@@ -61,6 +62,36 @@ def test_another_machine_or_torch_is_measured_again(tmp_path: Path, monkeypatch:
     load_or_measure_machine_costs(tmp_path)
     assert len(calls) == 2
     assert len(json.loads((tmp_path / MACHINE_COSTS_FILE).read_text())) == 2  # both kept
+
+
+def test_reused_figures_are_logged_with_when_they_were_measured(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A run on cached figures said nothing of them, even while other processes used half the
+    CPU: the plan's rates came from a measurement of another day without a word."""
+    calls = counting(monkeypatch, MachineCosts(2e-4, 5e9, 6e-4))
+    load_or_measure_machine_costs(tmp_path)
+    path, key = tmp_path / MACHINE_COSTS_FILE, machine_costs.machine_key()
+    table = json.loads(path.read_text())
+    when = datetime.datetime.fromisoformat(table[key][machine_costs.MEASURED_AT])
+    assert abs((datetime.datetime.now(datetime.timezone.utc) - when).total_seconds()) < 60
+    figures = "latency 200 us, bandwidth 5.00 GB/s, runtime overhead 0.600 ms per action"
+    for measured_at, said in (
+        ("2026-11-28T09:30:00+00:00", "measured 2026-11-28 09:30 UTC, "),
+        (None, "measured earlier"),  # a cache written before the time was kept
+    ):
+        table[key].pop(machine_costs.MEASURED_AT, None)
+        if measured_at is not None:
+            table[key][machine_costs.MEASURED_AT] = measured_at
+        path.write_text(json.dumps(table))
+        logged: list[str] = []
+        assert load_or_measure_machine_costs(tmp_path, logged.append) == (2e-4, 5e9, 6e-4)
+        assert len(logged) == 1 and said in logged[0], logged
+        assert logged[0].startswith(f"this machine's costs from {path} (measured ")
+        assert logged[0].endswith(f"; delete it to measure again): {figures}")
+    assert len(calls) == 1
+    assert machine_costs._age("2026-11-28T09:30:00+00:00").endswith("days ago")
+    assert machine_costs._age(datetime.datetime.now(datetime.timezone.utc).isoformat()).endswith("just now")
 
 
 def test_an_unreadable_cache_is_named_and_measured_again(
