@@ -41,8 +41,7 @@ from pipeoptim.runtime.distributed import check_devices
 from pipeoptim.runtime.linkcost import stage_threads
 from pipeoptim.runtime.optim import constructor_arguments, hyperparameters, param_group_names
 from pipeoptim.runtime.precision import autocast_context, check_autocast
-from pipeoptim.runtime.predictors import VARIANTS as PREDICTOR_VARIANTS
-from pipeoptim.runtime.predictors import get_predictor
+from pipeoptim.runtime.prediction import check_pipeoptim_options
 from pipeoptim.runtime.replicas import check_layout, check_replicated_options
 from pipeoptim.runtime.spawning import check_not_importing_main
 from pipeoptim.runtime.stage_state import held_state
@@ -217,12 +216,7 @@ def compile(
     if not info.micro_batched and m != 1:
         raise ValueError(f"method {method!r} does not split mini-batches: leave micro_batches unset")
     check_micro_batches(method, gpus, m)
-    if predictor not in PREDICTOR_VARIANTS:
-        raise ValueError(f"predictor must be one of {', '.join(PREDICTOR_VARIANTS)}, not {predictor!r}")
-    if predictor != "paper" and info.policy != "pipeoptim":
-        raise ValueError(f"predictor={predictor!r} applies to method 'pipeoptim' only, not {method!r}")
-    if info.policy == "pipeoptim":
-        get_predictor(optimizer, predictor)
+    check_pipeoptim_options(method, info.policy, predictor, backward, optimizer)
     if info.policy == "spectrain" and not (
         isinstance(optimizer, torch.optim.SGD) and all(g.get("momentum", 0) for g in optimizer.param_groups)
     ):

@@ -366,14 +366,24 @@ def test_prediction_hits_the_backward_weights_under_a_schedule(stages: int, sche
     assert checked >= 6
 
 
-def test_predictor_option_is_checked() -> None:
+def test_predictor_and_backward_options_are_checked() -> None:
+    """``backward=`` was dropped unread for every method but pipeoptim, an unknown value
+    included, where ``predictor=`` was refused."""
     model = two_layer()
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
     common = {"example_inputs": torch.randn(4, 5), "loss_fn": F.mse_loss, "executor": "local"}
-    with pytest.raises(ValueError, match="applies to method 'pipeoptim' only"):
-        pipeoptim.compile(model, opt, 2, method="pipedream", predictor="next-step", **common)
-    with pytest.raises(ValueError, match="predictor must be one of paper, next-step"):
-        pipeoptim.compile(model, opt, 2, predictor="newest", **common)
+    for option in ({"predictor": "next-step"}, {"backward": "predicted"}):
+        ((name, value),) = option.items()
+        for method in ("pipedream", "gpipe"):
+            with pytest.raises(
+                ValueError, match=f"{name}='{value}' applies to method 'pipeoptim' only, not '{method}'"
+            ):
+                pipeoptim.compile(model, opt, 2, method=method, **option, **common)
+    for method in ("pipeoptim", "gpipe"):
+        with pytest.raises(ValueError, match="predictor must be one of paper, next-step, not 'newest'"):
+            pipeoptim.compile(model, opt, 2, method=method, predictor="newest", **common)
+        with pytest.raises(ValueError, match="backward must be one of current, predicted, not 'bogus'"):
+            pipeoptim.compile(model, opt, 2, method=method, backward="bogus", **common)
 
 
 @pytest.mark.parametrize("name", ["pipeoptim", "stash", "none", "spectrain", "2bw"])

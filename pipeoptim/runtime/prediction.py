@@ -15,6 +15,32 @@ from pipeoptim.runtime.extrapolation import Extrapolator, Terms, per_unit_rate
 from pipeoptim.runtime.predictors import VARIANTS, get_predictor
 from pipeoptim.runtime.weight_policy import WeightPolicy
 
+#: PipeOptim's ``backward`` option: the weights its backward uses
+BACKWARDS = ("current", "predicted")
+
+
+def check_pipeoptim_options(
+    method: str, policy: str | None, predictor: str, backward: str, optimizer: Optimizer
+) -> None:
+    """Refuse a ``predictor`` or ``backward`` (:class:`PipeOptimPolicy`) that is unknown, or
+    other than its default for a method whose weight policy is not PipeOptim's (it would be
+    ignored), or a predictor the optimizer has none for.
+
+    Raises:
+        ValueError: an unknown value, or one given to another method.
+        PredictorError: no predictor for the optimizer (:func:`get_predictor`).
+    """
+    for name, value, default, allowed in (
+        ("predictor", predictor, "paper", VARIANTS),
+        ("backward", backward, "current", BACKWARDS),
+    ):
+        if value not in allowed:
+            raise ValueError(f"{name} must be one of {', '.join(allowed)}, not {value!r}")
+        if value != default and policy != "pipeoptim":
+            raise ValueError(f"{name}={value!r} applies to method 'pipeoptim' only, not {method!r}")
+    if policy == "pipeoptim":
+        get_predictor(optimizer, predictor)
+
 
 class _Predicting(WeightPolicy):
     redirect_backward = True
@@ -100,8 +126,8 @@ class PipeOptimPolicy(_Predicting):
 
     def __init__(self, backward: str = "current", predictor: str = "paper") -> None:
         super().__init__(predictor)
-        if backward not in ("current", "predicted"):
-            raise ValueError(f"backward must be 'current' or 'predicted', not {backward!r}")
+        if backward not in BACKWARDS:
+            raise ValueError(f"backward must be one of {', '.join(BACKWARDS)}, not {backward!r}")
         self.consistent = backward == "predicted"
         self._buffers_hat: dict[str, torch.Tensor] = {}
         self._kept: dict[int, dict[str, torch.Tensor]] = {}  # consistent: Ŵ of each micro-batch
