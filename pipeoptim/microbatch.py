@@ -24,6 +24,7 @@ two parts of it and refuses such a loss, or a reduction declared wrongly, with a
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 from collections.abc import Callable, Sequence
@@ -251,7 +252,10 @@ class CheckedLoss:
     ``reduction`` of per-row values: it compares ``loss(rows)`` with ``loss`` of two parts, the
     first row and the others (``mean``: ``(n₁·l₁ + n₂·l₂)/n``; ``sum``: ``l₁ + l₂``), to
     ``rtol=1e-4``. Parts of unequal size make it unlikely that a loss normalised otherwise (by a
-    token count) passes by coincidence. Every call, not the first few: padding that a
+    token count) passes by coincidence. Where the output holds 16-bit floats or autocast is on,
+    the whole and the parts are evaluated again in float32 with autocast off (the check is of
+    the loss's reduction, not of its precision: bfloat16 rounding, about 4e-3, failed a true
+    mean), a third evaluation. Every call, not the first few: padding that a
     ``cross_entropy(..., ignore_index=-100)`` skips may first appear in a later mini-batch
     (data bucketed by length), and from there the split mini-batch trained silently wrong.
     The cost is two more evaluations of ``loss_fn``, without gradients, per micro-batch, where
@@ -269,16 +273,23 @@ class CheckedLoss:
         self.reduction = reduction
 
     def __call__(self, output: Any, targets: Any) -> torch.Tensor:
+        rows = _rows(output, targets)
+        if rows is None or rows < 2:
+            return self.loss_fn(output, targets)
+        device = _first_tensor(output).device.type  # type: ignore[union-attr]
+        exact = torch.is_autocast_enabled(device) or _has_half(output)
+        checked = (_float32(output), _float32(targets)) if exact else (output, targets)
+        # cut before loss_fn runs: it may change the containers it gets (a dict output's
+        # .pop("logits") works on the plain model), which hid the rows from the check
+        pairs = list(zip(*(_first_and_rest(v) for v in checked)))
         loss = self.loss_fn(output, targets)
         if isinstance(loss, torch.Tensor) and loss.numel() == 1:
-            rows = _rows(output, targets)
-            if rows is not None and rows >= 2:
-                with torch.no_grad():
-                    self._check(float(loss), output, targets, rows)
+            off = torch.autocast(device, enabled=False) if exact else contextlib.nullcontext()
+            with torch.no_grad(), off:
+                self._check(float(self.loss_fn(*checked)) if exact else float(loss), pairs, rows)
         return loss
 
-    def _check(self, whole: float, output: Any, targets: Any, rows: int) -> None:
-        pairs = list(zip(_first_and_rest(output), _first_and_rest(targets)))
+    def _check(self, whole: float, pairs: list[tuple[Any, Any]], rows: int) -> None:
         sizes = [1.0, rows - 1.0]
         if callable(self.reduction):
             sizes = [float(self.reduction(t)) for _, t in pairs]
@@ -311,6 +322,20 @@ class CheckedLoss:
             "for a mean over tokens or other units, pass loss_reduction=a function of the targets "
             "that counts them (e.g. lambda y: (y != PAD).sum())"
         )
+
+
+def _is_half(x: Any) -> bool:
+    return isinstance(x, torch.Tensor) and x.dtype in (torch.float16, torch.bfloat16)
+
+
+def _has_half(value: Any) -> bool:
+    """Whether ``value`` holds a 16-bit floating tensor."""
+    return any(_is_half(x) for x in pytree.tree_leaves(value))
+
+
+def _float32(value: Any) -> Any:
+    """``value`` with its 16-bit floating tensors in float32 (new containers)."""
+    return pytree.tree_map(lambda x: x.float() if _is_half(x) else x, value)
 
 
 def _first_and_rest(value: Any) -> list[Any]:

@@ -246,6 +246,76 @@ def test_loss_that_is_neither_mean_nor_sum_is_refused() -> None:
         pipe.step(x, y).wait()
 
 
+class DictHead(nn.Module):
+    """A model returning a dict (and a list inside it), as many users' models do."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Linear(6, 16), nn.Linear(16, 4)
+
+    def forward(self, x: torch.Tensor) -> dict[str, Any]:
+        logits = self.b(torch.relu(self.a(x)))
+        return {"logits": logits, "extra": [logits.sum(1)]}
+
+
+def popping_mean_loss(out: dict[str, Any], y: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(out.pop("logits"), y)  # changes the dict, as the plain model allows
+
+
+def test_a_dict_output_reaches_loss_fn_and_predict_as_a_dict_it_may_change() -> None:
+    """loss_fn and predict() got torch.fx's immutable_dict / immutable_list, so ``out.pop(...)``
+    or ``pred["probs"] = ...`` raised where the plain model's dict allowed them; and a loss_fn
+    that emptied the dict hid the rows from the loss-reduction check, which then checked nothing."""
+    torch.manual_seed(0)
+    model = DictHead()
+    x, y = torch.randn(16, 6), torch.arange(16) % 4
+    plain = popping_mean_loss(model(x), y).item()
+    with compile_mlp(popping_mean_loss, model=copy.deepcopy(model)) as pipe:
+        pred = pipe.predict(x)
+        assert type(pred) is dict and type(pred["extra"]) is list
+        torch.testing.assert_close(pred["logits"], model(x)["logits"], rtol=0, atol=1e-6)
+        pred["probs"] = pred.pop("logits").softmax(-1)
+        assert pipe.step(x, y).item() == pytest.approx(plain, rel=1e-6)
+
+    def popping_sum_loss(out: dict[str, Any], y: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(out.pop("logits"), y, reduction="sum")
+
+    with (
+        compile_mlp(popping_sum_loss, model=DictHead()) as pipe,
+        pytest.raises(PipelineError, match="pass loss_reduction='sum'"),
+    ):
+        pipe.step(x, y).wait()
+
+
+def penalised_mean(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """A mean over rows that autocast leaves partly in bfloat16 (the penalty term)."""
+    return F.cross_entropy(out, y) + out.pow(2).mean()
+
+
+def test_a_mean_loss_under_bfloat16_autocast_passes_the_reduction_check() -> None:
+    """The check compared the loss of the rows with its parts' to rtol 1e-4, below bfloat16's
+    rounding (about 4e-3): a true mean, half of it computed in bfloat16, was refused as
+    "neither the mean nor the sum" some mini-batches into training."""
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(1)
+    data = [(torch.randn(15, 6, generator=g) * 3, torch.randint(0, 4, (15,), generator=g)) for _ in range(6)]
+    model = MLP()
+    with torch.autocast("cpu", torch.bfloat16):
+        plain = penalised_mean(model(data[0][0]), data[0][1]).item()
+    with compile_mlp(
+        penalised_mean, model=copy.deepcopy(model), micro_batches=3, autocast=torch.bfloat16
+    ) as pipe:
+        losses = [pipe.step(x, y).item() for x, y in data]
+    assert losses[0] == pytest.approx(plain, rel=2e-2)  # micro-batches of 5 rows round otherwise
+    with (
+        compile_mlp(
+            lambda o, t: penalised_mean(o, t) * t.shape[0], micro_batches=3, autocast=torch.bfloat16
+        ) as pipe,
+        pytest.raises(PipelineError, match="pass loss_reduction='sum'"),
+    ):
+        pipe.step(*data[0]).wait()  # the check still tells a sum from a mean
+
+
 def test_schedule_of_a_smaller_last_mini_batch() -> None:
     from pipeoptim.runtime.schedule import format_actions, schedule_for
 

@@ -10,9 +10,25 @@ from typing import Any
 import torch
 import torch.fx as fx
 from torch import nn
+from torch.fx.immutable_collections import immutable_dict, immutable_list
 from torch.utils import _pytree as pytree
 
 from pipeoptim.errors import TraceError
+
+
+def _mutable(value: Any) -> Any:
+    """``value`` (the output node's argument) with fx's read-only containers, in which a node's
+    arguments hold the model's dicts and lists, turned back into plain ``dict`` and ``list``:
+    the model's output structure is rebuilt from the spec of this value, and a ``loss_fn`` or a
+    caller of ``predict()`` that changes the dict it gets (``out.pop("logits")``) worked on the
+    plain model but raised on fx's ``immutable_dict``."""
+    if isinstance(value, immutable_dict):
+        return {k: _mutable(v) for k, v in value.items()}
+    if isinstance(value, immutable_list):
+        return [_mutable(v) for v in value]
+    if type(value) is tuple:
+        return tuple(_mutable(v) for v in value)
+    return value
 
 
 def normalise(gm: fx.GraphModule, method: str, n_inputs: int) -> tuple[list[str], Any]:
@@ -51,7 +67,7 @@ def normalise(gm: fx.GraphModule, method: str, n_inputs: int) -> tuple[list[str]
         graph.erase_node(extra)
     output = next(n for n in graph.nodes if n.op == "output")
     if method == "fx":
-        flat, out_spec = pytree.tree_flatten(output.args[0])
+        flat, out_spec = pytree.tree_flatten(_mutable(output.args[0]))
         output.args = (tuple(flat),)
     else:
         result = output.args[0]
