@@ -21,7 +21,7 @@ from pipeoptim.microbatch import Rows, describe
 from pipeoptim.runtime.async_norms import step_async
 from pipeoptim.runtime.delivery import delivered, forward_chain
 from pipeoptim.runtime.procmem import resident_bytes
-from pipeoptim.runtime.scaler import norm_share, step_together
+from pipeoptim.runtime.scaler import finish_shared_grads, norm_share, step_together
 from pipeoptim.runtime.schedule import BACKWARD, FORWARD, STEP, Action, Schedule
 from pipeoptim.runtime.stage import StageRuntime
 from pipeoptim.runtime.stage_state import (
@@ -101,6 +101,7 @@ class StageState:
         self.given: dict[int, MicroBatch] = {}
         self.in_flight: dict[int, tuple[int, int, tuple[int, ...]]] = {}
         self.last_backward: int | None = None
+        self.grads_final = False  # this step's shared gradients are summed already (local)
 
 
 def run_action(stage: StageRuntime, action: Action, channel: Channel, state: StageState) -> None:
@@ -144,8 +145,9 @@ def run_action(stage: StageRuntime, action: Action, channel: Channel, state: Sta
     else:
         if stage.reduce_gradients is not None:  # over the replicas first, then over the holders
             stage.reduce_gradients(stage.trainable())
-        if stage.shared is not None:
+        if stage.shared is not None and not state.grads_final:  # else summed for the norm
             stage.shared.set_grads(channel)
+        state.grads_final = True  # until the step is taken (the norm may be taken meanwhile)
         if norms is not None:
             assert state.last_backward is not None
             step_async(stage, state.last_backward)
@@ -153,6 +155,7 @@ def run_action(stage: StageRuntime, action: Action, channel: Channel, state: Sta
             step_together(stage, channel.total_squared_grad_norm, state.last_backward)
         else:
             stage.step(state.last_backward)
+        state.grads_final = False
 
 
 def _add_where(exc: Exception, action: str, where: tuple[int, int, tuple[int, ...]]) -> None:
@@ -282,7 +285,7 @@ class LocalExecutor:
         if action.op == BACKWARD:
             return k == len(self.stages) - 1 or (k, mb) in self.gradients
         shared = self.stages[k].shared
-        if shared is not None:
+        if shared is not None and not self.states[k].grads_final:  # else summed for the norm
             shared.post(self.channels[k])
             due = shared.due()
             if due is not None and set(self.shared_posts.get(due, {})) != set(shared.holders):
@@ -296,14 +299,19 @@ class LocalExecutor:
 
     def round_squared_norm(self, stage: int) -> float:
         """Σ‖g_k‖² over all stages for the steps they are taking together (computed when the
-        first of them steps, before any gradient is scaled)."""
+        first of them steps, before any gradient is scaled, from final gradients)."""
         if self._clip_total is None:
+            self.finish_shared_grads()
             self._clip_total = sum(norm_share(s) for s in self.stages)
         total = self._clip_total
         self._clip_done.add(stage)
         if len(self._clip_done) == len(self.stages):
             self._clip_total, self._clip_done = None, set()
         return total
+
+    def finish_shared_grads(self) -> None:
+        """The summed gradients of the shared parameters, set (:func:`finish_shared_grads`)."""
+        finish_shared_grads(self.stages, self.channels, self.states)
 
     def collect_shared(self, stage: int, round_: int) -> list[list[torch.Tensor]]:
         """Every holder's parts of ``round_``, in stage order (forgotten once all collected)."""

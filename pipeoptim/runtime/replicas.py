@@ -252,6 +252,8 @@ class ReplicatedLocalExecutor:
         if self._round is None:
             for k in range(self.num_stages):
                 self.reduce_round(k)
+            for executor in self.replicas:
+                executor.finish_shared_grads()
             self._round = (sum(norm_share(stage) for stage in self.replicas[0].stages), 0)
         total, taken = self._round
         self._round = (total, taken + 1) if taken + 1 < len(self.replicas) else None
