@@ -127,6 +127,74 @@ def test_a_stage_killed_mid_run_is_blamed_not_its_neighbours(rank: int) -> None:
     pipe.close()
 
 
+@pytest.mark.slow
+def test_a_single_stage_stuck_in_its_compute_fails_at_the_timeout() -> None:
+    """With one stage no neighbour's receive times out: a worker stuck in its forward (a
+    deadlock in user code; here stopped by SIGSTOP) left loss.wait() blocked forever."""
+    batches = data(4)
+    model = SmallCNN()
+    pipe = pipeoptim.compile(
+        model,
+        torch.optim.SGD(model.parameters(), lr=0.05),
+        1,
+        example_inputs=batches[0][0],
+        loss_fn=F.cross_entropy,
+        executor="processes",
+        profile_dir=None,
+        timeout=3,
+    )
+    worker = pipe._executor.processes[0].pid
+    pipe.step(*batches[0]).wait()
+    os.kill(worker, signal.SIGSTOP)
+    start = time.monotonic()
+    with pytest.raises(PipelineError, match="timed out after 3 s waiting for the loss of micro-batch 1"):
+        pipe.step(*batches[1]).wait()
+    assert time.monotonic() - start < 15
+    assert wait_for(lambda: not alive(worker), 10)
+    pipe.close()
+
+
+class ExitsWhenArmed(torch.nn.Module):
+    """A layer whose process ends with ``os._exit(3)`` (no error reported) once ``flag`` exists."""
+
+    def __init__(self, flag: str) -> None:
+        super().__init__()
+        self.flag = flag
+        self.lin = torch.nn.Linear(8, 8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if os.path.exists(self.flag):
+            os._exit(3)
+        return self.lin(x)
+
+
+@pytest.mark.slow
+def test_a_stage_that_exits_with_a_code_is_blamed_not_its_neighbour(tmp_path: Path) -> None:
+    """Only a stage killed by a signal was found as the cause: one that ended with exit code 3
+    was reported as its neighbour's "connection closed by peer"."""
+    flag = tmp_path / "armed"
+    model = torch.nn.Sequential(
+        torch.nn.Linear(8, 8), torch.nn.ReLU(), torch.nn.Linear(8, 8), ExitsWhenArmed(str(flag))
+    )
+    pipe = pipeoptim.compile(
+        model,
+        torch.optim.SGD(model.parameters(), lr=0.05),
+        2,
+        example_inputs=torch.randn(8, 8),
+        loss_fn=F.mse_loss,
+        executor="processes",
+        profile_dir=None,
+        timeout=30,
+        leaf_modules=["3"],
+    )
+    pipe.step(torch.randn(8, 8), torch.randn(8, 8)).wait()
+    flag.write_text("")
+    with pytest.raises(PipelineError, match=r"stage 1 \(pid \d+\) died with exit code 3 \(no error reported"):
+        for _ in range(20):
+            pipe.step(torch.randn(8, 8), torch.randn(8, 8)).wait()
+    pipe.close()
+
+
 def test_every_call_to_a_killed_peer_is_reported_as_a_lost_peer() -> None:
     """gloo's own errors for a peer that went away (raised by any call, not only by the waits
     the channel wraps) are classified as :class:`PeerLostError` by ``lost_peer``."""

@@ -9,6 +9,7 @@ every other worker is stopped and the error names the failed stage.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import os
 import socket
@@ -87,6 +88,7 @@ class ProcessExecutor:
         self.error: PipeoptimError | None = None
         self._requests = itertools.count()
         self._replies: dict[int, dict[int, Any]] = {}
+        self._last_loss = [-1] * spec.data_parallel  # newest micro-batch with a loss, per replica
         self._cond = threading.Condition()
         self._stopping = False  # workers are expected to exit
         self._closing = False  # the monitor thread ends
@@ -136,6 +138,10 @@ class ProcessExecutor:
         if kind == "losses":  # [(micro-batch, loss)] of one command, in order
             for micro_batch, value in payload:
                 self.on_loss(micro_batch, value, rank // self.num_stages)
+            with self._cond:
+                replica = rank // self.num_stages
+                self._last_loss[replica] = max([self._last_loss[replica]] + [mb for mb, _ in payload])
+                self._cond.notify_all()
         elif kind == "ready":
             with self._cond:
                 self._ready.add(rank)
@@ -148,16 +154,19 @@ class ProcessExecutor:
             text, exc = payload
             error = exc if exc is not None else PipelineError(text.strip())
             if isinstance(error, PeerLostError):
-                error = self._root_cause(error)
+                error = self._root_cause(error, rank)
             self._fail(error)
 
-    def _root_cause(self, error: PeerLostError) -> PipeoptimError:
+    def _root_cause(self, error: PeerLostError, reporter: int) -> PipeoptimError:
         """A stage that lost its neighbour is a symptom: wait briefly for the cause, either
-        another stage's own error or a stage killed by a signal."""
+        another stage's own error or a stage that died (killed by a signal, or exited with a
+        code without reporting an error: ``os._exit(3)`` in a stage was reported as its
+        neighbour's lost connection)."""
+        symptoms = {reporter}
         deadline = time.monotonic() + 2.0
         while time.monotonic() < deadline:
             try:
-                kind, _rank, _key, payload = self.results.get(timeout=0.1)
+                kind, rank, _key, payload = self.results.get(timeout=0.1)
             except Exception:
                 kind = None
             if kind == "error":
@@ -165,9 +174,10 @@ class ProcessExecutor:
                 other = exc if exc is not None else PipelineError(text.strip())
                 if not isinstance(other, PeerLostError):
                     return other
+                symptoms.add(rank)
             for rank, p in enumerate(self.processes):
-                if p.exitcode is not None and p.exitcode < 0:
-                    return PipelineError(f"stage {rank} (pid {p.pid}) was killed by signal {-p.exitcode}")
+                if p.exitcode is not None and (p.exitcode < 0 or (p.exitcode and rank not in symptoms)):
+                    return _died(rank, p)
         return error
 
     def _check_processes(self) -> None:
@@ -184,13 +194,7 @@ class ProcessExecutor:
                 except Exception:
                     break
             if self.error is None:
-                how = (
-                    f"killed by signal {-p.exitcode}"
-                    if p.exitcode < 0
-                    else f"no error reported; see its output above. {MAIN_GUARD}"
-                )
-                died = f"stage {rank} (pid {p.pid}) died with exit code {p.exitcode} ({how})"
-                self._fail(PipelineError(died))
+                self._fail(_died(rank, p))
             return
 
     def _fail(self, error: PipeoptimError) -> None:
@@ -265,7 +269,14 @@ class ProcessExecutor:
         return batch
 
     def wait_loss(self, micro_batch: int) -> None:
-        """Nothing to drive: the watcher thread delivers the losses."""
+        """Wait until every replica's last stage has reported ``micro_batch``'s loss (the
+        watcher thread delivers it), at most the timeout: a stage stuck in its forward was
+        waited on forever where no neighbour times out (a single stage)."""
+        with contextlib.suppress(PipeoptimError):  # the pipeline failed every pending loss (on_error)
+            self._wait_for(
+                lambda: self.error is not None or min(self._last_loss) >= micro_batch,
+                f"the loss of micro-batch {micro_batch} (a stage made no progress: stuck in its compute?)",
+            )
 
     def forward_only(self, chunks: list[tuple[Any, ...]], sizes: list[int]) -> list[Any]:
         replies = self._request("eval", {r: (chunks if r == 0 else None, sizes) for r in range(self.world)})
@@ -353,3 +364,14 @@ class ProcessExecutor:
         self._stop_workers(grace=2.0)
         self._closing = True
         self._monitor.join(2.0)
+
+
+def _died(rank: int, process: Any) -> PipelineError:
+    """The error naming stage ``rank``'s ended ``process``: killed by a signal, or exited with
+    a code without reporting an error."""
+    if process.exitcode < 0:
+        return PipelineError(f"stage {rank} (pid {process.pid}) was killed by signal {-process.exitcode}")
+    return PipelineError(
+        f"stage {rank} (pid {process.pid}) died with exit code {process.exitcode} (no error reported; "
+        f"see its output above. {MAIN_GUARD})"
+    )
