@@ -172,6 +172,10 @@ def test_sequential_reference_and_bad_resume(tmp_path: Path) -> None:
         "digits", "--method", "sequential", "--epochs", "1", "--limit", "320", "--out", str(tmp_path / "seq")
     )
     assert f"(metrics.json, checkpoint.pt): this run replaces it; pass --resume {tmp_path / 'seq'} to" in err
+    # replaced means gone: the earlier checkpoint stayed beside this run's records, and a
+    # --resume of this folder then continued the earlier run
+    assert code == 0, err
+    assert not (tmp_path / "seq" / "checkpoint.pt").exists()
     code, _, err = run(
         "digits", "--epochs", "1", "--out", str(tmp_path / "x"), "--resume", str(tmp_path / "nope")
     )

@@ -238,7 +238,11 @@ def train_command(
 
     def measured(config: TrainConfig) -> TrainConfig:
         """The config with this machine's figures for each ``measure`` (train() calls it once
-        the run folder, the checkpoint and the data have been checked)."""
+        the run folder, the checkpoint and the data have been checked: an earlier run's
+        checkpoint this run replaces is removed then, or --resume would continue it under this
+        run's records)."""
+        if replaced is not None:
+            replaced.unlink(missing_ok=True)
         try:
             figures = link_figures(
                 bandwidth,
@@ -289,6 +293,7 @@ def train_command(
         memory=memory,
     )
     earlier = [name for name in ("metrics.json", "checkpoint.pt") if (Path(out) / name).exists()]
+    replaced = None
     if earlier and resume is None:
         instead = f"--resume {out} to continue from its checkpoint, or " if "checkpoint.pt" in earlier else ""
         click.echo(
@@ -296,6 +301,7 @@ def train_command(
             f"{instead}another --out to keep it",
             err=True,
         )
+        replaced = Path(out) / "checkpoint.pt" if "checkpoint.pt" in earlier else None
     try:
         metrics = train(config, log=lambda msg: click.echo(msg, err=True), costs=measured)
     except (PipeoptimError, ValueError, OSError) as exc:  # OSError: a disk full, a file made read-only
