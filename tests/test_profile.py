@@ -95,6 +95,43 @@ def test_profile_is_reused_for_the_same_key_and_redone_otherwise(tmp_path: Path)
     assert not reused and any("model graph" in line for line in logs)
 
 
+class Repeated(nn.Module):
+    """A leaf whose work is set by a plain attribute: its forward is not in the traced code."""
+
+    def __init__(self, times: int) -> None:
+        super().__init__()
+        self.times = times
+        self.lin = nn.Linear(8, 8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for _ in range(self.times):
+            x = self.lin(x)
+        return x
+
+
+class RepeatedTwice(Repeated):
+    """The same leaf with its forward edited (another class: another source)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(super().forward(x))
+
+
+def test_a_changed_leaf_is_profiled_again_not_reused(tmp_path: Path) -> None:
+    """A leaf's forward and plain attributes were not in the profile key: a leaf whose loop
+    went from 1 to 200 iterations reused the old profile, whose plan predicted 0.86 ms for a
+    75 ms stage."""
+    x = torch.randn(4, 8)
+    logs: list[str] = []
+
+    def profiled(leaf: nn.Module) -> bool:
+        traced = trace(nn.Sequential(nn.Linear(8, 8), leaf), x, leaf_modules=["1"])
+        return load_or_profile(traced, (x,), profile_dir=tmp_path, log=logs.append)[1]
+
+    assert not profiled(Repeated(1)) and profiled(Repeated(1))
+    assert not profiled(Repeated(200)) and "model graph" in logs[-2]
+    assert not profiled(RepeatedTwice(200))
+
+
 @pytest.mark.parametrize(
     "content, message",
     [

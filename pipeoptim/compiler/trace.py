@@ -19,7 +19,6 @@ a leaf first, so that it runs as written (:mod:`pipeoptim.compiler.trace_guards`
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import inspect
 import io
 import logging
@@ -35,6 +34,7 @@ import torch.fx as fx
 from torch import nn
 from torch.utils import _pytree as pytree
 
+from pipeoptim.compiler.graph_identity import graph_hash
 from pipeoptim.compiler.normalise import normalise
 from pipeoptim.compiler.recompute import checkpoint_calls, fold_regions, recording_checkpoints
 from pipeoptim.compiler.shapes import sequence_inputs
@@ -383,17 +383,5 @@ def trace(
         auto_leaves=auto_leaves,
         model_name=type(model).__name__,
     )
-    traced.graph_hash = graph_hash(gm)
+    traced.graph_hash = graph_hash(gm, leaf_names)
     return traced
-
-
-def graph_hash(gm: fx.GraphModule) -> str:
-    """sha256 of the graph's code and the names, shapes and dtypes of its parameters and buffers."""
-    h = hashlib.sha256(gm.code.encode())
-    for name, t in sorted(gm.state_dict(keep_vars=True).items()):
-        h.update(f"{name}:{tuple(t.shape)}:{t.dtype}:{getattr(t, 'requires_grad', False)}".encode())
-    for name, mod in sorted(gm.named_modules()):
-        h.update(f"{name}:{type(mod).__qualname__}".encode())
-        if name and isinstance(mod, fx.GraphModule):  # a checkpointed region's graph
-            h.update(mod.code.encode())
-    return h.hexdigest()
