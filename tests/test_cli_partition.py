@@ -29,6 +29,9 @@ def needs_arg(width):
 
 def raises():
     raise RuntimeError("no weights here")
+
+def three():
+    return make(), torch.randn(8, 16), "extra"
 """
 
 
@@ -240,6 +243,48 @@ def test_failing_factory_is_one_line(tmp_path: Path, factory: str, message: str)
     status, _, err = run("partition", spec, "--input-shape", "8x16", "--profile-dir", str(tmp_path))
     assert status == 1
     assert one_line_error(err) == f"Error: factory {spec} {message}"
+
+
+@pytest.mark.parametrize(
+    "spec, extra, message",
+    [
+        ("{file}:three", [], "returned a tuple of 3 values: return a model or (model, example_inputs)"),
+        ("{tmp}/broken.py:make", [], "cannot load model file '{tmp}/broken.py': SyntaxError: "),
+        (":make", [], "cannot import module '': ValueError: Empty module name"),
+        ("{file}:make_with_inputs", ["--profile-dir", "{tmp}/afile"], "cannot write into the profile folder"),
+        ("{file}:make_with_inputs", ["--profile-dir", "{tmp}/afile/sub"], "cannot create the profile folder"),
+    ],
+    ids=["tuple of 3", "syntax error", "empty module", "profile dir a file", "profile dir under a file"],
+)
+def test_model_and_folder_mistakes_are_one_line_with_json(
+    tmp_path: Path, spec: str, extra: list[str], message: str
+) -> None:
+    """Each ended in a Python traceback, with nothing on stdout under --json."""
+    (tmp_path / "mymodel.py").write_text(MODEL_FILE)
+    (tmp_path / "broken.py").write_text("this is not python (\n")
+    (tmp_path / "afile").write_text("")
+    given = [
+        a.replace("{file}", str(tmp_path / "mymodel.py")).replace("{tmp}", str(tmp_path))
+        for a in [spec, *extra]
+    ]
+    status, out, err = run("partition", *given, "--gpus", "2", "--json")
+    assert status == 1
+    assert message.replace("{tmp}", str(tmp_path)) in one_line_error(err)
+    assert json.loads(out)["exit_code"] == 1
+
+
+def test_a_module_factory_is_found_in_the_current_folder(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`pipeoptim partition models:make` in the folder holding models.py said "No module named
+    'models'": the console script does not put the current folder on sys.path."""
+    (tmp_path / "models_here.py").write_text(MODEL_FILE)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "path", [p for p in sys.path if p not in ("", str(tmp_path))])
+    status, _, err = run(
+        "partition", "models_here:make_with_inputs", "--gpus", "2", "--profile-dir", str(tmp_path)
+    )
+    assert status == 0, err
 
 
 @pytest.mark.parametrize(

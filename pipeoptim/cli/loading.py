@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import math
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -42,12 +43,18 @@ def _factory(spec: str):
         assert loader is not None and loader.loader is not None
         module = importlib.util.module_from_spec(loader)
         sys.modules[module_name] = module
-        loader.loader.exec_module(module)
+        try:
+            loader.loader.exec_module(module)
+        except Exception as exc:  # a syntax error, or the file's own code failing
+            del sys.modules[module_name]
+            raise ModelSpecError(f"cannot load model file {where!r}: {type(exc).__name__}: {exc}") from exc
     else:
+        if "" not in sys.path and os.getcwd() not in sys.path:  # module:factory from here, as python -c
+            sys.path.insert(0, os.getcwd())
         try:
             module = importlib.import_module(where)
-        except ImportError as exc:
-            raise ModelSpecError(f"cannot import module {where!r}: {exc}") from exc
+        except Exception as exc:  # ImportError, an empty name (ValueError), the module's code failing
+            raise ModelSpecError(f"cannot import module {where!r}: {type(exc).__name__}: {exc}") from exc
     factory = getattr(module, name, None)
     if not callable(factory):
         raise ModelSpecError(f"{where!r} has no callable {name!r}")
@@ -74,6 +81,11 @@ def load_model(
         made = factory()
     except Exception as exc:
         raise ModelSpecError(f"factory {spec} failed: {type(exc).__name__}: {exc}") from exc
+    if isinstance(made, tuple) and len(made) != 2:
+        raise ModelSpecError(
+            f"factory {spec!r} returned a tuple of {len(made)} values: return a model or "
+            "(model, example_inputs)"
+        )
     model, examples = made if isinstance(made, tuple) else (made, ())
     if not isinstance(model, nn.Module):
         raise ModelSpecError(f"factory {spec!r} returned {type(model).__name__}, not an nn.Module")
