@@ -269,6 +269,31 @@ def test_bad_plan_files(tmp_path: Path, content: str, message: str) -> None:
         compile_mlp(plan=path)
 
 
+@pytest.mark.parametrize("field", ["profile_key", "stages", "stage_of", "shared", "values", "io", "config"])
+@pytest.mark.parametrize("value", [None, "x", "drop"])
+def test_a_plan_with_a_field_of_the_wrong_type_is_a_plan_error(tmp_path: Path, field: str, value) -> None:
+    """A valid plan with one field nulled, made a string or dropped raised AttributeError or
+    KeyError deep inside compile (codegen, the plan check), not PlanError."""
+    with compile_mlp(gpus=2) as pipe:
+        data = pipe.plan.to_dict()
+    if value == "drop":
+        del data[field]
+    else:
+        data[field] = value
+    path = tmp_path / "plan.json"
+    path.write_text(json.dumps(data))
+    with pytest.raises(PlanError, match=f"malformed plan \\({field} missing or of the wrong type\\)"):
+        compile_mlp(gpus=2, plan=path)
+
+
+def test_a_binary_file_given_as_the_plan_is_a_plan_error(tmp_path: Path) -> None:
+    """A checkpoint passed as plan= raised UnicodeDecodeError."""
+    path = tmp_path / "checkpoint.pt"
+    path.write_bytes(b"PK\x03\x04\xff\xfe binary")
+    with pytest.raises(PlanError, match="is not a plan file"):
+        compile_mlp(gpus=2, plan=path)
+
+
 def test_plan_for_another_model_or_stage_count(tmp_path: Path) -> None:
     with compile_mlp(gpus=2) as pipe:
         pipe.plan.save(tmp_path / "plan.json")

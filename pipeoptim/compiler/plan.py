@@ -179,6 +179,21 @@ class Plan:
         if not isinstance(data, dict) or data.get("schema") != PLAN_SCHEMA:
             found = data.get("schema") if isinstance(data, dict) else type(data).__name__
             raise PlanError(f"{origin}: plan schema {found!r} is not {PLAN_SCHEMA!r}; make the plan again")
+        kinds = {
+            "stages": list,
+            "io": list,
+            "config": dict,
+            "stage_of": dict,
+            "summary": dict,
+            "values": dict,
+        }
+        kinds |= {"profile_key": dict, "shared": dict}
+        wrong = [k for k, kind in kinds.items() if not isinstance(data.get(k), kind)]
+        if wrong:  # null or a string where an object is (a hand edit) failed deep inside compile
+            raise PlanError(
+                f"{origin}: malformed plan ({', '.join(wrong)} missing or of the wrong type); "
+                "make the plan again"
+            )
         try:
             stages = []
             for s in data["stages"]:
@@ -191,12 +206,12 @@ class Plan:
                 stages=stages,
                 summary=data["summary"],
                 io=[StageIO(**x) for x in data["io"]],
-                values=data.get("values", {}),
+                values=data["values"],
                 batch_size=int(data.get("batch_size", 1)),
-                profile_key=data.get("profile_key", {}),
-                shared={k: [int(s) for s in v] for k, v in data.get("shared", {}).items()},
+                profile_key=data["profile_key"],
+                shared={k: [int(s) for s in v] for k, v in data["shared"].items()},
             )
-        except (KeyError, TypeError, ValueError) as exc:
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise PlanError(f"{origin}: malformed plan ({exc}); make the plan again") from exc
 
     @classmethod
@@ -213,6 +228,8 @@ class Plan:
             raise PlanError(f"cannot read plan {path}: {exc.strerror}") from exc
         except json.JSONDecodeError as exc:
             raise PlanError(f"plan {path} is not valid JSON ({exc.msg}); make the plan again") from exc
+        except UnicodeDecodeError as exc:  # a checkpoint or another binary file given as the plan
+            raise PlanError(f"{path} is not a plan file (not text); give a plan saved by --save") from exc
         return cls.from_dict(data, str(path))
 
 
