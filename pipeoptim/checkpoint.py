@@ -67,6 +67,11 @@ def _unsupported(exc: pickle.UnpicklingError) -> str:
     return next((line for line in str(exc).splitlines() if "Unsupported" in line), "").strip()[:160]
 
 
+#: what every checkpoint holds beside its format tag (:meth:`pipeoptim.Pipeline.save_checkpoint`)
+_FIELDS = {"model_class": str, "method": str, "state_dict": dict, "optimizer": dict, "mini_batches": int}
+_FIELDS |= {"plan": dict, "extra": dict}
+
+
 def read_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
     """Read a checkpoint file without applying it.
 
@@ -91,6 +96,12 @@ def read_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
         ) from exc
     if not isinstance(data, dict) or data.get("format") != FORMAT:
         raise CheckpointError(f"{path} is not a {FORMAT} checkpoint")
+    wrong = [k for k, kind in _FIELDS.items() if not isinstance(data.get(k), kind)]
+    if wrong:  # the format tag alone passed, and a missing field raised a KeyError later
+        raise CheckpointError(
+            f"checkpoint {path} lacks {', '.join(wrong)} (or holds another type there): it was not "
+            "written by pipeoptim's save_checkpoint; resume from a checkpoint it wrote"
+        )
     return data
 
 

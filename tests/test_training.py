@@ -309,6 +309,22 @@ class _RunsCode:
         return (Path.touch, (self.marker,))
 
 
+def test_a_checkpoint_with_the_format_tag_but_missing_fields_is_named(tmp_path: Path) -> None:
+    """Only the format tag was checked: `pipeoptim train --resume` of such a file died with
+    KeyError: 'extra' in a traceback."""
+    from pipeoptim.checkpoint import read_checkpoint
+
+    path = tmp_path / "checkpoint.pt"
+    torch.save({"format": "pipeoptim-checkpoint/1", "state_dict": {}}, path)
+    with pytest.raises(
+        CheckpointError, match="lacks model_class, method, optimizer, mini_batches, plan, extra"
+    ):
+        read_checkpoint(path)
+    config = training.TrainConfig(task="digits", out=str(tmp_path / "run"), resume=str(path))
+    with pytest.raises(CheckpointError, match="not written by pipeoptim's save_checkpoint"):
+        training.train(config, log=lambda _msg: None)
+
+
 @pytest.mark.parametrize("how", ["api", "cli"])
 def test_a_crafted_checkpoint_runs_no_code(tmp_path: Path, how: str) -> None:
     marker = tmp_path / "code-ran"
