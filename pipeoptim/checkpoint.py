@@ -69,7 +69,7 @@ def _unsupported(exc: pickle.UnpicklingError) -> str:
 
 #: what every checkpoint holds beside its format tag (:meth:`pipeoptim.Pipeline.save_checkpoint`)
 _FIELDS = {"model_class": str, "method": str, "state_dict": dict, "optimizer": dict, "mini_batches": int}
-_FIELDS |= {"plan": dict, "extra": dict}
+_FIELDS |= {"plan": (dict, type(None)), "extra": dict}  # no plan: sequential training
 
 
 def read_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
@@ -96,7 +96,7 @@ def read_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
         ) from exc
     if not isinstance(data, dict) or data.get("format") != FORMAT:
         raise CheckpointError(f"{path} is not a {FORMAT} checkpoint")
-    wrong = [k for k, kind in _FIELDS.items() if not isinstance(data.get(k), kind)]
+    wrong = [k for k, kind in _FIELDS.items() if k not in data or not isinstance(data[k], kind)]
     if wrong:  # the format tag alone passed, and a missing field raised a KeyError later
         raise CheckpointError(
             f"checkpoint {path} lacks {', '.join(wrong)} (or holds another type there): it was not "
