@@ -148,6 +148,30 @@ def test_bad_profile_files_are_detected(tmp_path: Path, content: str, message: s
         CostGraph.load(path)
 
 
+@pytest.mark.parametrize(
+    "field, value",
+    [
+        ("out_meta", "x"),
+        ("out_meta", [1]),
+        ("saved", [1, 2]),
+        ("params", 5),
+        ("op", "teleport"),
+    ],
+)
+def test_a_node_of_the_wrong_shape_is_a_profile_error(tmp_path: Path, field: str, value) -> None:
+    """A hand-edited node whose out_meta, saved or params was not a list/dict raised
+    AttributeError or TypeError while planning, from the cache and from --profile alike."""
+    model, inputs = mlp(batch=4, width=16, depth=2)
+    graph = profile_model(trace(model, inputs), inputs)
+    data = graph.to_dict()
+    node = next(n for n in data["nodes"] if n["op"].startswith("call_"))
+    node[field] = value
+    path = tmp_path / "p.json"
+    path.write_text(json.dumps(data))
+    with pytest.raises(ProfileError, match=f"node {node['name']!r} has {field} = "):
+        CostGraph.load(path)
+
+
 def test_corrupt_cached_profile_is_replaced_not_used(tmp_path: Path) -> None:
     model, inputs = mlp(batch=4, width=16, depth=2)
     traced = trace(model, inputs)

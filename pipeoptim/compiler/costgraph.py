@@ -86,6 +86,10 @@ class CostNode:
         )
 
 
+#: the node kinds of a traced graph (torch.fx ops)
+_OPS = ("placeholder", "get_attr", "call_function", "call_method", "call_module", "output")
+
+
 @dataclass
 class CostGraph:
     """A model's cost graph.
@@ -212,6 +216,23 @@ class CostGraph:
                         f"{origin}: node {node.name!r} has {name} = {value}; costs must be finite and "
                         "non-negative: fix or re-measure that node"
                     )
+        for node in self.nodes:  # the structure later code walks (a hand edit made them tracebacks)
+            shapes = {
+                "inputs": isinstance(node.inputs, list) and all(isinstance(x, str) for x in node.inputs),
+                "params": isinstance(node.params, list) and all(isinstance(x, str) for x in node.params),
+                "saved": isinstance(node.saved, dict)
+                and all(isinstance(v, int) for v in node.saved.values()),
+                "out_meta": isinstance(node.out_meta, list)
+                and all(isinstance(m, dict) for m in node.out_meta),
+                "op": node.op in _OPS,
+            }
+            for name in [k for k, fine in shapes.items() if not fine]:
+                raise ProfileError(
+                    f"{origin}: node {node.name!r} has {name} = {getattr(node, name)!r}, not what a profile "
+                    "holds there: re-measure the profile"
+                )
+        if isinstance(self.batch_size, bool) or not isinstance(self.batch_size, int) or self.batch_size < 1:
+            raise ProfileError(f"{origin}: batch_size {self.batch_size!r} is not a positive whole number")
         if not any(n.op == "output" for n in self.nodes):
             raise ProfileError(
                 f"{origin}: the graph has no node with op 'output'; add the model's output node"
