@@ -399,3 +399,17 @@ def test_a_model_file_without_its_factory_is_told_how_to_name_it(tmp_path: Path)
     source.write_text("import torch\n\ndef make():\n    return torch.nn.Linear(4, 2)\n")
     status, _, err = run("partition", str(source), "--profile-dir", str(tmp_path))
     assert status == 1 and f"needs the function that builds the model: {source}:FACTORY" in err
+
+
+def test_ctrl_c_in_partition_exits_130_with_json(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Ctrl-C printed click's "Aborted!" and exited 1, with nothing on stdout under --json;
+    train exits 130 with {"error": "interrupted", "exit_code": 130}."""
+    import pipeoptim.cli.partition as partition_module
+
+    def interrupted(*_args, **_kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(partition_module, "load_model", interrupted)
+    status, out, err = run("partition", "mlp", "--gpus", "2", "--json")
+    assert status == 130 and json.loads(out) == {"error": "interrupted", "exit_code": 130}
+    assert "interrupted: nothing was saved" in err and "Aborted" not in err

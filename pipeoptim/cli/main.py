@@ -14,7 +14,7 @@ from pipeoptim.cli.train import train_command
 class _Commands(click.Group):
     """With ``--json``, a failure also prints ``{"error": message, "exit_code": code}`` on
     stdout (the message stays on stderr), so that a script reading stdout gets an object, not
-    an empty string."""
+    an empty string. Ctrl-C exits with 130 (click's "Aborted!" exited with 1)."""
 
     def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
         ctx.meta["pipeoptim.json"] = "--json" in args
@@ -33,6 +33,12 @@ class _Commands(click.Group):
                 json.dump({"error": "interrupted", "exit_code": 130}, sys.stdout)
                 sys.stdout.write("\n")
             raise
+        except KeyboardInterrupt:  # a command without its own handler (partition): as train does
+            click.echo("interrupted: nothing was saved", err=True)  # files are written atomically
+            if ctx.meta.get("pipeoptim.json"):
+                json.dump({"error": "interrupted", "exit_code": 130}, sys.stdout)
+                sys.stdout.write("\n")
+            sys.exit(130)
 
 
 @click.group(cls=_Commands, context_settings={"help_option_names": ["-h", "--help"]})
