@@ -58,7 +58,7 @@ def load_or_profile(
             except ProfileError:
                 continue
             diff = _key_diff(old.key, key)
-            log(f"profiling: no saved profile for this setting yet ({other} differs in {diff})")
+            log(f"profiling anew: no saved profile matches ({diff}, against the saved {other.name})")
             break
     graph = profile_model(traced, example_inputs, device=device, warmup=warmup, repeats=repeats)
     graph.save(path)
