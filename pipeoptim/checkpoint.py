@@ -18,7 +18,7 @@ import torch
 from torch.torch_version import TorchVersion
 
 from pipeoptim.errors import CheckpointError
-from pipeoptim.fileio import atomic_write
+from pipeoptim.fileio import atomic_write, wrong_fields
 
 FORMAT = "pipeoptim-checkpoint/1"
 # plain data besides tensors that checkpoints hold: the torch version in the plan's profile key
@@ -96,7 +96,7 @@ def read_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
         ) from exc
     if not isinstance(data, dict) or data.get("format") != FORMAT:
         raise CheckpointError(f"{path} is not a {FORMAT} checkpoint")
-    wrong = [k for k, kind in _FIELDS.items() if k not in data or not isinstance(data[k], kind)]
+    wrong = wrong_fields(data, _FIELDS)
     if wrong:  # the format tag alone passed, and a missing field raised a KeyError later
         raise CheckpointError(
             f"checkpoint {path} lacks {', '.join(wrong)} (or holds another type there): it was not "

@@ -6,7 +6,7 @@ import errno
 import json
 import os
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import IO, Any
 
@@ -85,3 +85,9 @@ def read_json_table(path: Path, again: str, log: Callable[[str], None]) -> dict[
         log(f"{again}: {path} is unreadable ({exc})")
         return {}
     return table
+
+
+def wrong_fields(data: Mapping[str, Any], kinds: Mapping[str, type | tuple[type, ...]]) -> list[str]:
+    """The names in ``kinds`` that ``data`` (a file's JSON or pickled object) lacks or holds
+    as another type than ``kinds[name]``: the fields a loader names before it walks them."""
+    return [name for name, kind in kinds.items() if name not in data or not isinstance(data[name], kind)]

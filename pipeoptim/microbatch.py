@@ -330,6 +330,8 @@ def _is_half(x: Any) -> bool:
 
 def _has_half(value: Any) -> bool:
     """Whether ``value`` holds a 16-bit floating tensor."""
+    if isinstance(value, torch.Tensor):  # the common case, without the tree walk (per micro-batch)
+        return _is_half(value)
     return any(_is_half(x) for x in pytree.tree_leaves(value))
 
 

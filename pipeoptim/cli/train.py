@@ -337,15 +337,14 @@ def _check_rows(batch_size: int, micro_batches: int | None, data_parallel) -> No
     if parts <= batch_size:
         return
     given = [
-        f"--{name} {value}"
-        for name, value in (("micro-batches", micro_batches), ("data-parallel", replicas))
-        if value
+        (f"--{name}", n) for name, n in (("micro-batches", micro_batches), ("data-parallel", replicas)) if n
     ]
-    split = " x ".join(given)
+    split = " x ".join(f"{option} {value}" for option, value in given)
+    fewer = "fewer parts" if len(given) > 1 else f"a smaller {given[0][0]}"
     raise click.BadParameter(
         f"{split} split{'s' if len(given) == 1 else ''} each mini-batch into {parts} parts, but --batch-size "
         f"{batch_size} gives it {batch_size} rows and every part needs at least one: give --batch-size "
-        f"{parts} or more, or {'fewer parts' if len(given) > 1 else 'a smaller ' + given[0].split()[0]}",
+        f"{parts} or more, or {fewer}",
         param_hint="--batch-size",
     )
 

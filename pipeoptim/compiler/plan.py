@@ -23,10 +23,13 @@ from pipeoptim.compiler.held_memory import fit_held_copies
 from pipeoptim.compiler.shared import shared_parameters
 from pipeoptim.compiler.summary import summarize
 from pipeoptim.errors import PlanError
-from pipeoptim.fileio import write_json
+from pipeoptim.fileio import write_json, wrong_fields
 from pipeoptim.units import format_bytes, format_seconds, plural
 
 PLAN_SCHEMA = "pipeoptim-plan/1"
+#: what every plan file holds beside its schema (:meth:`Plan.to_dict`)
+_FIELDS = {"stages": list, "io": list, "config": dict, "stage_of": dict, "summary": dict, "values": dict}
+_FIELDS |= {"profile_key": dict, "shared": dict}
 
 
 @dataclass
@@ -179,16 +182,7 @@ class Plan:
         if not isinstance(data, dict) or data.get("schema") != PLAN_SCHEMA:
             found = data.get("schema") if isinstance(data, dict) else type(data).__name__
             raise PlanError(f"{origin}: plan schema {found!r} is not {PLAN_SCHEMA!r}; make the plan again")
-        kinds = {
-            "stages": list,
-            "io": list,
-            "config": dict,
-            "stage_of": dict,
-            "summary": dict,
-            "values": dict,
-        }
-        kinds |= {"profile_key": dict, "shared": dict}
-        wrong = [k for k, kind in kinds.items() if not isinstance(data.get(k), kind)]
+        wrong = wrong_fields(data, _FIELDS)
         if wrong:  # null or a string where an object is (a hand edit) failed deep inside compile
             raise PlanError(
                 f"{origin}: malformed plan ({', '.join(wrong)} missing or of the wrong type); "

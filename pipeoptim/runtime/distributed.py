@@ -138,10 +138,10 @@ class ProcessExecutor:
         if kind == "losses":  # [(micro-batch, loss)] of one command, in order
             for micro_batch, value in payload:
                 self.on_loss(micro_batch, value, rank // self.num_stages)
-            with self._cond:
-                replica = rank // self.num_stages
-                self._last_loss[replica] = max([self._last_loss[replica]] + [mb for mb, _ in payload])
-                self._cond.notify_all()
+            if payload:
+                with self._cond:
+                    self._last_loss[rank // self.num_stages] = payload[-1][0]  # in order: the newest
+                    self._cond.notify_all()
         elif kind == "ready":
             with self._cond:
                 self._ready.add(rank)

@@ -21,8 +21,9 @@ from pipeoptim.microbatch import Rows, describe
 from pipeoptim.runtime.async_norms import step_async
 from pipeoptim.runtime.delivery import delivered, forward_chain
 from pipeoptim.runtime.procmem import resident_bytes
-from pipeoptim.runtime.scaler import finish_shared_grads, norm_share, step_together
+from pipeoptim.runtime.scaler import norm_share, step_together
 from pipeoptim.runtime.schedule import BACKWARD, FORWARD, STEP, Action, Schedule
+from pipeoptim.runtime.shared import finish_shared_grads
 from pipeoptim.runtime.stage import StageRuntime
 from pipeoptim.runtime.stage_state import (
     load_optimizer_state,

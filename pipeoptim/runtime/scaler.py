@@ -25,9 +25,9 @@ when it or a later stage found an inf or NaN in it, and stage 0 alone updates S.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Protocol
 
 import torch
 
@@ -99,20 +99,3 @@ def step_together(stage: SteppingStage, total_of: Callable[[float], float], micr
     if take and stage.max_grad_norm is not None:
         stage.clip_gradients(total)
     stage.step(micro_batch, skip=not take)
-
-
-def finish_shared_grads(stages: Sequence[Any], channels: Sequence[Any], states: Sequence[Any]) -> None:
-    """Set the summed gradient of every shared parameter (tied weights) on every stage of one
-    process before a norm of the steps they take together is taken, as each rank does before
-    the all-reduce: every holder's part posted first, then the sums set; ``states[k].grads_final``
-    marks stage k done (its step does not set them again). The local executors took the norm
-    when the first stage stepped, another holder's copy not summed yet (with 2 stages x 2
-    replicas, a tied embedding's gradient was clipped 2.5% too much). The replicas' gradients
-    must be summed already."""
-    waiting = [k for k, state in enumerate(states) if not state.grads_final]
-    for phase in ("post", "set_grads"):
-        for k in waiting:
-            if stages[k].shared is not None:
-                getattr(stages[k].shared, phase)(channels[k])
-    for k in waiting:
-        states[k].grads_final = True

@@ -181,3 +181,20 @@ def _step_only(optimizer: Optimizer, grads: dict[nn.Parameter, torch.Tensor]) ->
 def _defaults(optimizer: Optimizer) -> dict[str, Any]:
     accepted = inspect.signature(type(optimizer).__init__).parameters
     return {k: v for k, v in optimizer.defaults.items() if k in accepted and k != "params"}
+
+
+def finish_shared_grads(stages: Sequence[Any], channels: Sequence[Any], states: Sequence[Any]) -> None:
+    """Set the summed gradient of every shared parameter (tied weights) on every stage of one
+    process before a norm of the steps they take together is taken, as each rank does before
+    the all-reduce: every holder's part posted first, then the sums set; ``states[k].grads_final``
+    marks stage k done (its step does not set them again). The local executors took the norm
+    when the first stage stepped, another holder's copy not summed yet (with 2 stages x 2
+    replicas, a tied embedding's gradient was clipped 2.5% too much). The replicas' gradients
+    must be summed already."""
+    waiting = [k for k, state in enumerate(states) if not state.grads_final]
+    for phase in ("post", "set_grads"):
+        for k in waiting:
+            if stages[k].shared is not None:
+                getattr(stages[k].shared, phase)(channels[k])
+    for k in waiting:
+        states[k].grads_final = True
