@@ -17,12 +17,13 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 import torch
-from torch.optim import Optimizer
+from torch.optim import SGD, Optimizer
 
 from pipeoptim.compiler.profile_key import device_name
 from pipeoptim.errors import PredictorError
 from pipeoptim.fileio import read_json_table, write_json
 from pipeoptim.runtime.extrapolation import Extrapolator, per_unit_rate
+from pipeoptim.runtime.fused_step import sgd_step_each, steps_each
 from pipeoptim.runtime.optim import stage_keywords
 from pipeoptim.runtime.predictors import get_predictor
 
@@ -67,7 +68,9 @@ def measure_update_cost(
     gradient (median of ``repeats`` after two warm-up steps), and its predictor
     (:mod:`pipeoptim.runtime.predictors`) computing ΔW and ``Ŵ = W - 2·lr·ΔW`` into a reused
     buffer as the runtime does (:class:`pipeoptim.runtime.extrapolation.Extrapolator`; 0 without a
-    predictor), and a copy of the parameter into a buffer (what weight stashing and 2BW's
+    predictor; for ``torch.optim.SGD`` itself on the CPU, where PipeOptim predicts each
+    parameter's Ŵ inside the step, :mod:`pipeoptim.runtime.fused_step`, the time that adds to
+    the step), and a copy of the parameter into a buffer (what weight stashing and 2BW's
     shadow do per step, :mod:`pipeoptim.runtime.stashing`). On the CPU the time is the
     process's CPU time (``time.process_time``), which other processes' load does not inflate
     (wall time under load varied 23× between two measurements seconds apart); on an
@@ -87,6 +90,7 @@ def measure_update_cost(
             f"{optimizer_class.__name__} derives from no torch.optim optimizer, and timing it would run "
             "its step() at compile time"
         )
+    fused_in_step = optimizer_class is SGD  # PipeOptim predicts inside torch's own SGD only
     optimizer_class = base
     device = torch.device(device)
     if not 1 <= tensors <= numel:
@@ -141,6 +145,23 @@ def measure_update_cost(
         extrapolator.invalidate()
         buffers.update(extrapolator.predict([2 * float(optimizer.param_groups[0]["lr"])], buffers))
 
+    if fused_in_step and steps_each(optimizer):  # on the CPU: PipeOptim predicts inside SGD's step
+        c, spent = 2 * float(optimizer.param_groups[0]["lr"]), [0.0]
+
+        def predict_one(param: torch.Tensor, group: dict) -> None:  # timed inside the step
+            start, name = clock(), extrapolator.name_of[id(param)]
+            hat = extrapolator.predict_one(name, group, c, buffers.get(name))
+            if hat is not None:
+                buffers[name] = hat
+            spent[0] += clock() - start
+
+        def step_and_predict() -> float:  # as the runtime does (pipeoptim.runtime.fused_step)
+            spent[0] = 0.0
+            sgd_step_each(optimizer, predict_one)
+            return spent[0]
+
+        added = [step_and_predict() for _ in range(2 + repeats)]
+        return UpdateCosts(step_s, statistics.median(added[2:]) / nbytes, copy_s)
     predicts = [timed(prediction) for _ in range(2 + repeats)]
     return UpdateCosts(step_s, statistics.median(predicts[2:]) / nbytes, copy_s)
 
@@ -188,7 +209,7 @@ def working_set_of(params: Iterable[torch.Tensor], device: torch.device | str = 
 
 UPDATE_COSTS_FILE = "update-costs.json"
 #: how update costs are timed; figures saved under another clock are measured again
-UPDATE_COST_CLOCK = "cpu-time-median-9, prediction by terms, model working set"
+UPDATE_COST_CLOCK = "cpu-time-median-9, prediction by terms or in SGD's step, model working set"
 
 
 def load_or_measure_update_cost(

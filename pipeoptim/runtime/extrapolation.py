@@ -18,7 +18,9 @@ is still in cache for each ``add_`` (a third less time than writing D out and re
 measured on the throughput benchmark's 1 MiB weights); on accelerators each term is one
 multi-tensor op over the parameters with the same coefficients (``torch._foreach_add``),
 following ``torch.optim``'s own rule (``foreach`` by default only on CUDA: on the CPU the
-multi-tensor kernels run as per-tensor loops, measured slower here).
+multi-tensor kernels run as per-tensor loops, measured slower here). With ``torch.optim.SGD``
+on the CPU, PipeOptim predicts each parameter's Ŵ inside the step, right after the parameter
+is updated (:meth:`Extrapolator.predict_one`, :mod:`pipeoptim.runtime.fused_step`).
 """
 
 from __future__ import annotations
@@ -74,6 +76,15 @@ def sgd_direction(param: torch.Tensor, state: dict, group: dict) -> Terms | None
     return terms
 
 
+def extrapolate(weight: torch.Tensor, terms: Terms, c: float, out: torch.Tensor) -> torch.Tensor:
+    """``out = W − c · Σ a_j·T_j``: one ``torch.add`` and an in-place ``add_`` per further term."""
+    (a, first), *rest = terms
+    torch.add(weight, first, alpha=-c * a, out=out)
+    for a, t in rest:
+        out.add_(t, alpha=-c * a)
+    return out
+
+
 class Extrapolator:
     """``Ŵ = W − c_g · D`` for a stage's parameters, D cached between optimizer steps.
 
@@ -92,6 +103,7 @@ class Extrapolator:
         for name, p in params.items():  # one the optimizer does not hold never moves: no Ŵ
             if id(p) in group_of:
                 self.groups[group_of[id(p)]].append(name)
+        self.name_of = {id(params[name]): name for names in self.groups for name in names}
         self._directions: dict[str, Terms] | None = None
 
     def invalidate(self) -> None:
@@ -112,6 +124,17 @@ class Extrapolator:
                             directions[name] = d
             self._directions = directions
         return self._directions
+
+    @torch.no_grad()
+    def predict_one(self, name: str, group: dict, c: float, into: torch.Tensor | None) -> torch.Tensor | None:
+        """Ŵ of one parameter (``group`` its optimizer group), into ``into`` when given; ``None``
+        where it has no direction or ``c = 0`` (the forward uses W). The same arithmetic as
+        :meth:`predict` on the CPU, from the state as it stands (no cached D)."""
+        p = self.params[name]
+        terms = self.direction(p, self.optimizer.state.get(p, {}), group) if c else None
+        if terms is None:
+            return None
+        return extrapolate(p.detach(), terms, c, torch.empty_like(p) if into is None else into)
 
     @torch.no_grad()
     def predict(
@@ -143,10 +166,7 @@ class Extrapolator:
                     # last parameter first: the optimizer step that just ran ended with it,
                     # so its weights and state are the likeliest still in cache
                     for name, w, h in reversed(list(zip(members, weights, hats))):
-                        (a, first), *rest = directions[name]
-                        torch.add(w, first, alpha=-c * a, out=h)
-                        for a, t in rest:
-                            h.add_(t, alpha=-c * a)
+                        extrapolate(w, directions[name], c, h)
                 else:
                     first = [directions[n][0][1] for n in members]
                     torch.ops.aten._foreach_add.List_out(weights, first, alpha=-c * scales[0], out=hats)

@@ -12,11 +12,18 @@ from torch.optim import SGD, Optimizer
 from pipeoptim.errors import PredictorError
 from pipeoptim.methods import spectrain_steps
 from pipeoptim.runtime.extrapolation import Extrapolator, Terms, per_unit_rate
+from pipeoptim.runtime.fused_step import sgd_step_each, steps_each
 from pipeoptim.runtime.predictors import VARIANTS, get_predictor
 from pipeoptim.runtime.weight_policy import WeightPolicy
 
 #: PipeOptim's ``backward`` option: the weights its backward uses
 BACKWARDS = ("current", "predicted")
+
+#: the hyperparameters of an optimizer group that SGD's ΔW reads, besides the rate
+_DIRECTION_KEYS = ("momentum", "dampening", "weight_decay", "nesterov", "maximize")
+
+#: what a Ŵ was predicted with: c per group, and those hyperparameters per group
+_Key = tuple[tuple[float, ...], tuple[tuple[object, ...], ...]]
 
 
 def check_pipeoptim_options(
@@ -73,17 +80,20 @@ class _Predicting(WeightPolicy):
         With ``step_rates`` (per optimizer group, the rates of those steps) the prediction is
         ``Ŵ = W − (Σ lr_i)·ΔW``, else ``W − steps·lr·ΔW`` at the current rate. ΔW is computed
         once per optimizer step (:class:`pipeoptim.runtime.extrapolation.Extrapolator`)."""
-        assert self.optimizer is not None and self._extrapolator is not None
-        if step_rates is not None and any(len(rates) != steps for rates in step_rates):
-            raise ValueError(f"step_rates must list the rates of all {steps} steps for every group")
-        if step_rates is not None:
-            coefficients = [float(sum(rates)) for rates in step_rates]
-        else:
-            coefficients = [steps * _scalar_lr(g) for g in self.optimizer.param_groups]
-        out = self._extrapolator.predict(coefficients, into)
+        assert self._extrapolator is not None
+        out = self._extrapolator.predict(self._coefficients(steps, step_rates), into)
         if always_copy:
             out |= {n: p.detach().clone() for n, p in self.params.items() if n not in out}
         return out
+
+    def _coefficients(self, steps: int, step_rates: Sequence[Sequence[float]] | None) -> list[float]:
+        """c per optimizer group: ``Σ lr_i`` over ``step_rates``, else ``steps`` x the current rate."""
+        assert self.optimizer is not None
+        if step_rates is not None and any(len(rates) != steps for rates in step_rates):
+            raise ValueError(f"step_rates must list the rates of all {steps} steps for every group")
+        if step_rates is not None:
+            return [float(sum(rates)) for rates in step_rates]
+        return [steps * _scalar_lr(g) for g in self.optimizer.param_groups]
 
     def begin_backward(self, micro_batch: int) -> None:
         if self._extrapolator is not None:
@@ -131,6 +141,8 @@ class PipeOptimPolicy(_Predicting):
         self.consistent = backward == "predicted"
         self._buffers_hat: dict[str, torch.Tensor] = {}
         self._kept: dict[int, dict[str, torch.Tensor]] = {}  # consistent: Ŵ of each micro-batch
+        self._last_key: _Key | None = None  # what the last forward's Ŵ was predicted with
+        self._ahead: tuple[_Key, dict[str, torch.Tensor]] | None = None  # Ŵ predicted in the step
 
     def begin_forward(
         self, micro_batch: int, version_diff: int, step_rates: Sequence[Sequence[float]] | None = None
@@ -145,20 +157,70 @@ class PipeOptimPolicy(_Predicting):
                 version_diff, always_copy=True, step_rates=step_rates
             )
         else:
-            self._values = self._buffers_hat = self.predicted(
-                version_diff, into=self._buffers_hat, step_rates=step_rates
-            )
+            key = self._key(self._coefficients(version_diff, step_rates))
+            ahead, self._ahead, self._last_key = self._ahead, None, key
+            if ahead is not None and ahead[0] == key:  # predicted during the step, for this c
+                self._values = self._buffers_hat = ahead[1]
+            else:
+                self._values = self._buffers_hat = self.predicted(
+                    version_diff, into=self._buffers_hat, step_rates=step_rates
+                )
         for name, value in self._values.items():
             self._track(name, value)
         self._measure()
+
+    def _key(self, coefficients: Sequence[float]) -> _Key:
+        """c per group and the hyperparameters SGD's ΔW reads (:func:`sgd_direction`)."""
+        assert self.optimizer is not None
+        return tuple(coefficients), tuple(
+            tuple(g.get(k) for k in _DIRECTION_KEYS) for g in self.optimizer.param_groups
+        )
+
+    def optimizer_step(self) -> None:
+        """``torch.optim.SGD``'s step with the next forward's Ŵ predicted parameter by
+        parameter as each is updated (:mod:`pipeoptim.runtime.fused_step`), for the c the last
+        forward used; the forward takes it if its own c and hyperparameters are the same, and
+        predicts afresh otherwise (a learning-rate schedule, another version difference).
+        Other optimizers and settings step with ``optimizer.step()``."""
+        assert self.optimizer is not None and self._extrapolator is not None
+        if self.consistent or self._last_key is None or not steps_each(self.optimizer):
+            return super().optimizer_step()
+        coefficients, extrapolator = self._last_key[0], self._extrapolator
+        index = {id(g): i for i, g in enumerate(self.optimizer.param_groups)}
+        hats: dict[str, torch.Tensor] = {}
+
+        def predict(param: torch.Tensor, group: dict) -> None:
+            name = extrapolator.name_of.get(id(param))
+            if name is not None:
+                hat = extrapolator.predict_one(
+                    name, group, coefficients[index[id(group)]], self._buffers_hat.get(name)
+                )
+                if hat is not None:
+                    hats[name] = hat
+
+        assert isinstance(self.optimizer, SGD)
+        sgd_step_each(self.optimizer, predict)
+        for group in self.optimizer.param_groups:  # parameters without a gradient: not stepped
+            for p in group["params"]:
+                if p.grad is None:
+                    predict(p, group)
+        self._ahead = (self._key(coefficients), hats)
 
     def backward_weight(self, name: str, micro_batch: int) -> torch.Tensor:
         kept = self._kept.get(micro_batch)
         return kept[name] if kept is not None else self.params[name].detach()
 
+    def begin_backward(self, micro_batch: int) -> None:
+        super().begin_backward(micro_batch)
+        self._ahead = None  # the backward brings a new gradient
+
     def end_backward(self, micro_batch: int) -> None:
         self._kept.pop(micro_batch, None)
         super().end_backward(micro_batch)
+
+    def reset(self) -> None:
+        super().reset()
+        self._ahead = self._last_key = None
 
     def overwritten_storages(self) -> set[int]:
         """The reused Ŵ buffers (backward with the current weights)."""

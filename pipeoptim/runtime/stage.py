@@ -362,7 +362,8 @@ class StageRuntime:
         if self.policy is not None:
             self.policy.before_step()
         if self.optimizer is not None and not skip:
-            self.optimizer.step()
+            step = self.optimizer.step if self.policy is None else self.policy.optimizer_step
+            step()
         self.steps += 1
         self._grads_stale = True
         if self.policy is not None:

@@ -83,6 +83,11 @@ class WeightPolicy:
     def before_step(self) -> None:
         """Called before each optimizer step."""
 
+    def optimizer_step(self) -> None:
+        """The optimizer step, between :meth:`before_step` and :meth:`after_step`."""
+        assert self.optimizer is not None
+        self.optimizer.step()
+
     def after_step(self) -> None:
         """Called after each optimizer step."""
 

@@ -1,0 +1,150 @@
+"""PipeOptim's step with the prediction in the same pass over each parameter: torch's SGD
+step bit for bit, and the same Ŵ (so the same training) as a step followed by a prediction."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.optim.optimizer import register_optimizer_step_pre_hook
+
+import pipeoptim
+from pipeoptim.runtime import prediction
+from pipeoptim.runtime.fused_step import sgd_step_each, steps_each
+from tests.test_policies import ConvNet, batches, conv_plan
+
+OPTIONS = [
+    {"momentum": 0.9},
+    {"momentum": 0.9, "dampening": 0.1, "weight_decay": 1e-2},
+    {"momentum": 0.9, "nesterov": True, "weight_decay": 1e-2},
+    {"momentum": 0.9, "maximize": True},
+    {"momentum": 0.0, "weight_decay": 1e-2},
+]
+
+
+def _params(seed: int = 0) -> list[nn.Parameter]:
+    g = torch.Generator().manual_seed(seed)
+    return [nn.Parameter(torch.randn(shape, generator=g)) for shape in [(7, 5), (5,), (3, 3), (4,)]]
+
+
+@pytest.mark.parametrize("options", OPTIONS)
+def test_step_each_is_torchs_sgd_step_bit_for_bit(options: dict) -> None:
+    """Two groups, one parameter that never gets a gradient, five steps (the first creates
+    the momentum buffers): weights and buffers equal ``SGD.step()``'s exactly, and the
+    callback sees each parameter updated before the next one is touched."""
+    ours, theirs = _params(), _params()
+    groups = lambda ps: [{"params": ps[:2]}, {"params": ps[2:], "lr": 0.03}]  # noqa: E731
+    opt_ours = torch.optim.SGD(groups(ours), lr=0.1, **options)
+    opt_theirs = torch.optim.SGD(groups(theirs), lr=0.1, **options)
+    assert steps_each(opt_ours)
+    g = torch.Generator().manual_seed(1)
+    for _ in range(5):
+        for a, b in zip(ours[:3], theirs[:3]):  # the last parameter has no gradient
+            a.grad = torch.randn(a.shape, generator=g)
+            b.grad = a.grad.clone()
+        seen: list[tuple[int, torch.Tensor, torch.Tensor]] = []
+        before = [p.detach().clone() for p in ours]
+
+        def record(p: torch.Tensor, group: dict, seen: list = seen) -> None:
+            seen.append((id(p), p.detach().clone(), ours[2].detach().clone()))
+
+        sgd_step_each(opt_ours, record)
+        opt_theirs.step()
+        assert [i for i, _, _ in seen] == [id(p) for p in ours[:3]]
+        for (_, at_callback, _), p in zip(seen, ours):
+            assert torch.equal(at_callback, p.detach())  # updated when the callback ran
+        assert torch.equal(seen[0][2], before[2])  # the third not yet updated
+        for a, b in zip(ours, theirs):
+            assert torch.equal(a.detach(), b.detach())
+            if options["momentum"] and b in opt_theirs.state:
+                assert torch.equal(
+                    opt_ours.state[a]["momentum_buffer"], opt_theirs.state[b]["momentum_buffer"]
+                )
+        assert len(opt_ours.state) == len(opt_theirs.state)
+
+
+def test_only_torchs_for_loop_sgd_steps_each() -> None:
+    """A subclass, another kernel, a tensor rate, a step hook or an accelerator keep
+    ``optimizer.step()``."""
+
+    class MySGD(torch.optim.SGD):
+        pass
+
+    assert steps_each(torch.optim.SGD(_params(), lr=0.1, foreach=False))
+    assert not steps_each(MySGD(_params(), lr=0.1))
+    assert not steps_each(torch.optim.SGD(_params(), lr=0.1, foreach=True))
+    assert not steps_each(torch.optim.SGD(_params(), lr=0.1, fused=True))
+    assert not steps_each(torch.optim.SGD(_params(), lr=torch.tensor(0.1)))
+    assert not steps_each(torch.optim.Adam(_params()))
+    hooked = torch.optim.SGD(_params(), lr=0.1)
+    handle = hooked.register_step_post_hook(lambda *_: None)
+    assert not steps_each(hooked)
+    handle.remove()
+    assert steps_each(hooked)
+    handle = register_optimizer_step_pre_hook(lambda *_: None)
+    try:
+        assert not steps_each(hooked)
+    finally:
+        handle.remove()
+
+
+def _train(monkeypatch, fused: bool, schedule: bool, **sgd) -> tuple[list[float], list[torch.Tensor], int]:
+    """60 mini-batches of :class:`ConvNet` in 4 stages (PipeOptim, local executor); the losses,
+    the final weights and how many forwards predicted afresh instead of taking Ŵ from the step."""
+    if not fused:
+        monkeypatch.setattr(prediction, "steps_each", lambda optimizer: False)
+    torch.manual_seed(0)
+    model = ConvNet()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, **sgd)
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=20, gamma=0.5) if schedule else None
+    afresh = []
+    original = prediction.PipeOptimPolicy.predicted
+    monkeypatch.setattr(
+        prediction.PipeOptimPolicy,
+        "predicted",
+        lambda self, *a, **kw: afresh.append(1) or original(self, *a, **kw),
+    )
+    losses = []
+    with pipeoptim.compile(
+        model,
+        opt,
+        4,
+        example_inputs=torch.randn(8, 1, 8, 8),
+        loss_fn=F.cross_entropy,
+        method="pipeoptim",
+        executor="local",
+        plan=conv_plan("pipeoptim"),
+    ) as pipe:
+        for x, y in batches(60):
+            losses.append(pipe.step(x, y))
+            if sched is not None:
+                sched.step()
+        losses = [float(v) for v in losses]
+        pipe.flush()
+        weights = [p.detach().clone() for s in pipe._executor.stages for p in s.module.parameters()]
+    return losses, weights, len(afresh)
+
+
+@pytest.mark.parametrize(
+    "schedule, sgd",
+    [(False, {}), (False, {"weight_decay": 1e-3, "nesterov": True}), (True, {})],
+    ids=["plain", "nesterov", "schedule"],
+)
+def test_pipeoptim_trains_the_same_with_the_prediction_in_the_step(
+    monkeypatch, schedule: bool, sgd: dict
+) -> None:
+    """The same 60 losses and final weights, bit for bit, as stepping then predicting; with a
+    constant rate the forwards after the first steps take Ŵ from the step (stages 0-2 predict,
+    each afresh only in its first forwards, the warm-up), and under a step
+    schedule the forwards whose c changed predict afresh (and still train the same)."""
+    fused = _train(monkeypatch, True, schedule, **sgd)
+    monkeypatch.undo()
+    plain = _train(monkeypatch, False, schedule, **sgd)
+    assert fused[0] == plain[0]
+    assert all(torch.equal(a, b) for a, b in zip(fused[1], plain[1]))
+    assert plain[2] >= 3 * 55  # every forward of stages 0-2 predicted afresh
+    if schedule:  # a rate change alters c for the next s forwards of a stage: 3 + 2 + 1
+        assert fused[2] == 3 * 2 + 2 * (3 + 2 + 1), fused[2]
+    else:
+        assert fused[2] == 3 * 2, fused[2]
