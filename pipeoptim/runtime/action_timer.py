@@ -12,7 +12,9 @@ part            what it times
 ``weights``     the weight policy: prediction (PipeOptim, SpecTrain), the copies of
                 weight stashing and of 2BW's shadow (``begin_forward``,
                 ``begin_backward``, ``before_step``, ``after_step``, ``end_*``)
-``step``        ``optimizer.step()`` and its bookkeeping (less the policy)
+``step``        ``optimizer.step()`` and its bookkeeping (less the policy; PipeOptim
+                with ``torch.optim.SGD`` on the CPU predicts inside the step, so its
+                prediction counts here, :mod:`pipeoptim.runtime.fused_step`)
 ``recv wait``   waiting for received activations or gradients
 ``send``        posting sends and receives, and retiring sends already posted
 ``overhead``    the rest of the action loop: Python between the schedule, the channel
