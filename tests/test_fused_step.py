@@ -13,6 +13,7 @@ import pipeoptim
 from pipeoptim.runtime import prediction
 from pipeoptim.runtime.fused_step import sgd_step_each, steps_each
 from tests.test_policies import ConvNet, batches, conv_plan
+from tests.test_tied_weights import TiedEmbedding
 
 OPTIONS = [
     {"momentum": 0.9},
@@ -89,9 +90,11 @@ def test_only_torchs_for_loop_sgd_steps_each() -> None:
         handle.remove()
 
 
-def _train(monkeypatch, fused: bool, schedule: bool, **sgd) -> tuple[list[float], list[torch.Tensor], int]:
-    """60 mini-batches of :class:`ConvNet` in 4 stages (PipeOptim, local executor); the losses,
-    the final weights and how many forwards predicted afresh instead of taking Ŵ from the step."""
+def _train(
+    monkeypatch, fused: bool, schedule: bool, method: str = "pipeoptim", **sgd
+) -> tuple[list[float], list[torch.Tensor], int]:
+    """60 mini-batches of :class:`ConvNet` in 4 stages (local executor); the losses, the final
+    weights and how many passes predicted afresh instead of taking Ŵ from the step."""
     if not fused:
         monkeypatch.setattr(prediction, "steps_each", lambda optimizer: False)
     torch.manual_seed(0)
@@ -99,11 +102,10 @@ def _train(monkeypatch, fused: bool, schedule: bool, **sgd) -> tuple[list[float]
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, **sgd)
     sched = torch.optim.lr_scheduler.StepLR(opt, step_size=20, gamma=0.5) if schedule else None
     afresh = []
-    original = prediction.PipeOptimPolicy.predicted
+    policy = {"pipeoptim": prediction.PipeOptimPolicy, "spectrain": prediction.SpecTrainPolicy}[method]
+    original = policy.predicted
     monkeypatch.setattr(
-        prediction.PipeOptimPolicy,
-        "predicted",
-        lambda self, *a, **kw: afresh.append(1) or original(self, *a, **kw),
+        policy, "predicted", lambda self, *a, **kw: afresh.append(1) or original(self, *a, **kw)
     )
     losses = []
     with pipeoptim.compile(
@@ -112,9 +114,9 @@ def _train(monkeypatch, fused: bool, schedule: bool, **sgd) -> tuple[list[float]
         4,
         example_inputs=torch.randn(8, 1, 8, 8),
         loss_fn=F.cross_entropy,
-        method="pipeoptim",
+        method=method,
         executor="local",
-        plan=conv_plan("pipeoptim"),
+        plan=conv_plan(method),
     ) as pipe:
         for x, y in batches(60):
             losses.append(pipe.step(x, y))
@@ -148,3 +150,59 @@ def test_pipeoptim_trains_the_same_with_the_prediction_in_the_step(
         assert fused[2] == 3 * 2 + 2 * (3 + 2 + 1), fused[2]
     else:
         assert fused[2] == 3 * 2, fused[2]
+
+
+def test_spectrain_trains_the_same_with_the_prediction_in_the_step(monkeypatch) -> None:
+    """SpecTrain's forward Ŵ (``s_f`` x the rate along the momentum buffer) predicted in the
+    step: the same 60 losses and final weights, bit for bit; every stage's forward predicts
+    (``s_f = ⌊k/2⌋ + N − k − 1 ≥ 1`` at N = 4), and each forward after its stage's first
+    step takes Ŵ from the step."""
+    fused = _train(monkeypatch, True, False, "spectrain")
+    monkeypatch.undo()
+    plain = _train(monkeypatch, False, False, "spectrain")
+    assert fused[0] == plain[0]
+    assert all(torch.equal(a, b) for a, b in zip(fused[1], plain[1]))
+    # every forward after its stage's first step (stage k runs 4 − k forwards before it)
+    assert plain[2] - fused[2] == 56 + 57 + 58 + 59, (plain[2], fused[2])
+
+
+def _tied_run(
+    monkeypatch, method: str, fused: bool, stale: bool = False
+) -> tuple[list[float], list[torch.Tensor]]:
+    """A tied embedding in 2 stages: 10 mini-batches, a flush (which applies the shared
+    weight's pending rounds after the last step), 10 more; losses and final weights."""
+    if not fused:
+        monkeypatch.setattr(prediction, "steps_each", lambda optimizer: False)
+    if stale:  # ignore changes to the weights after the step
+        monkeypatch.setattr(prediction._Predicting, "_versions", lambda self, grads: ())
+    torch.manual_seed(0)
+    model = TiedEmbedding()
+    opt = torch.optim.SGD(model.parameters(), lr=0.5, momentum=0.9)
+    g = torch.Generator().manual_seed(1)
+    data = [
+        (torch.randint(0, 10, (8,), generator=g), torch.randint(0, 10, (8,), generator=g)) for _ in range(20)
+    ]
+    with pipeoptim.compile(
+        model, opt, 2, example_inputs=data[0][0], loss_fn=F.cross_entropy, method=method, executor="local"
+    ) as pipe:
+        losses = [pipe.step(x, y) for x, y in data[:10]]
+        pipe.flush()
+        losses += [pipe.step(x, y) for x, y in data[10:]]
+        pipe.flush()
+        weights = [p.detach().clone() for s in pipe._executor.stages for p in s.module.parameters()]
+    return [float(v) for v in losses], weights
+
+
+@pytest.mark.parametrize("method", ["pipeoptim", "spectrain"])
+def test_weights_changed_after_the_step_are_predicted_afresh(monkeypatch, method: str) -> None:
+    """A flush steps a tied weight's copies again after the last step (its pending rounds):
+    the next forward predicts from those weights, not the Ŵ of the step, and training equals
+    stepping then predicting, bit for bit; taking the step's Ŵ regardless would not."""
+    fused = _tied_run(monkeypatch, method, True)
+    monkeypatch.undo()
+    plain = _tied_run(monkeypatch, method, False)
+    monkeypatch.undo()
+    stale = _tied_run(monkeypatch, method, True, stale=True)
+    assert fused[0] == plain[0]
+    assert all(torch.equal(a, b) for a, b in zip(fused[1], plain[1]))
+    assert stale[0][:10] == plain[0][:10] and stale[0][10:] != plain[0][10:]

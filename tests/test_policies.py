@@ -12,6 +12,7 @@ from pipeoptim.compiler.costmodel import CostConfig
 from pipeoptim.compiler.plan import Plan
 from pipeoptim.compiler.trace import trace
 from pipeoptim.methods import get_method
+from pipeoptim.runtime import prediction
 from pipeoptim.runtime.build import stage_params
 from pipeoptim.runtime.policies import make_policy
 from pipeoptim.runtime.predictors import get_predictor, predict
@@ -241,10 +242,27 @@ def test_sixty_async_steps_on_conv_and_linear(method: str) -> None:
         assert max(versions) >= 3  # stashing really keeps N - k versions where backward needs them
 
 
-def test_spectrain_predicts_into_one_reused_buffer_and_once_at_the_last_stage() -> None:
+@pytest.mark.parametrize("in_step", [False, True], ids=["after-step", "in-step"])
+def test_spectrain_predicts_into_one_reused_buffer_and_once_at_the_last_stage(
+    monkeypatch, in_step: bool
+) -> None:
     """SpecTrain's forward and backward share one Ŵ buffer per parameter (W and one Ŵ), and the
     last stage's backward, which aims at the same version from the same W as its forward,
-    reuses the forward's Ŵ instead of predicting it again."""
+    reuses the forward's Ŵ instead of predicting it again; so with the forward's Ŵ predicted
+    inside torch's SGD step (:mod:`pipeoptim.runtime.fused_step`: one more, the last step's,
+    for a forward that never comes)."""
+    if in_step:
+        in_step_calls: list[tuple] = []
+        original = prediction.step_predicting
+
+        def step_counted(optimizer, extrapolator, *args):
+            out = original(optimizer, extrapolator, *args)
+            in_step_calls.append((extrapolator, out))
+            return out
+
+        monkeypatch.setattr(prediction, "step_predicting", step_counted)
+    else:
+        monkeypatch.setattr(prediction, "steps_each", lambda optimizer: False)
     with conv_pipeline("spectrain") as pipe:
         stages = [s for s in pipe._executor.stages if s.policy is not None]
         assert [s.index for s in stages] == [0, 1, 2, 3]
@@ -263,7 +281,13 @@ def test_spectrain_predicts_into_one_reused_buffer_and_once_at_the_last_stage() 
         list(pipe.train(batches(12)))
         versions = pipe.peak_weight_versions
     last = stages[-1]
-    assert calls[3] == 12, calls  # forward only: s_b = s_f there and no step comes between
+    if in_step:  # the first forward (no state yet) predicts afresh, the others in the steps
+        assert calls[3] == 1 and len(in_step_calls) == 4 * 12, (calls, len(in_step_calls))
+        for extrapolator, hats in in_step_calls:
+            k = next(s.index for s in stages if s.policy._extrapolator is extrapolator)
+            pointers[k] |= {t.data_ptr() for t in hats.values()}
+    else:
+        assert calls[3] == 12, calls  # forward only: s_b = s_f there and no step comes between
     assert calls[2] > 12, calls  # stage 2 of 4: s_b = 1 after a step, predicted again
     params = {k: len(s.policy.params) for k, s in ((s.index, s) for s in stages)}
     assert all(len(pointers[k]) == params[k] for k in pointers), (pointers, params)  # no new Ŵ

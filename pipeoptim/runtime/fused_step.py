@@ -16,11 +16,13 @@ applies (anything else steps with ``optimizer.step()`` and predicts afterwards).
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 from torch.optim import SGD, Optimizer
 from torch.optim import optimizer as torch_optimizer
+
+from pipeoptim.runtime.extrapolation import Extrapolator
 
 
 def steps_each(optimizer: Optimizer) -> bool:
@@ -70,3 +72,40 @@ def sgd_step_each(optimizer: SGD, after: Callable[[torch.Tensor, dict], None]) -
                 grad = grad.add(buf, alpha=momentum) if group["nesterov"] else buf
             param.add_(grad, alpha=-lr)
             after(param, group)
+
+
+def step_predicting(
+    optimizer: Optimizer,
+    extrapolator: Extrapolator,
+    coefficients: Sequence[float],
+    into: dict[str, torch.Tensor],
+) -> dict[str, torch.Tensor]:
+    """:func:`sgd_step_each` (``optimizer`` must pass :func:`steps_each`) predicting each
+    parameter's ``Ŵ = W − c_g · D`` (:meth:`Extrapolator.predict_one`, c per optimizer group)
+    as soon as it is updated, and those without a gradient after the step.
+
+    Args:
+        into: Ŵ buffers from earlier predictions, overwritten (a parameter without one gets a
+            new tensor).
+
+    Returns:
+        Ŵ by name for the parameters with a direction and ``c ≠ 0``, as
+        :meth:`Extrapolator.predict` after ``optimizer.step()`` gives them, bit for bit.
+    """
+    assert isinstance(optimizer, SGD)
+    index = {id(g): i for i, g in enumerate(optimizer.param_groups)}
+    hats: dict[str, torch.Tensor] = {}
+
+    def predict(param: torch.Tensor, group: dict) -> None:
+        name = extrapolator.name_of.get(id(param))
+        if name is not None:
+            hat = extrapolator.predict_one(name, group, coefficients[index[id(group)]], into.get(name))
+            if hat is not None:
+                hats[name] = hat
+
+    sgd_step_each(optimizer, predict)
+    for group in optimizer.param_groups:  # parameters without a gradient: not stepped
+        for p in group["params"]:
+            if p.grad is None:
+                predict(p, group)
+    return hats

@@ -12,7 +12,7 @@ from torch.optim import SGD, Optimizer
 from pipeoptim.errors import PredictorError
 from pipeoptim.methods import spectrain_steps
 from pipeoptim.runtime.extrapolation import Extrapolator, Terms, per_unit_rate
-from pipeoptim.runtime.fused_step import sgd_step_each, steps_each
+from pipeoptim.runtime.fused_step import step_predicting, steps_each
 from pipeoptim.runtime.predictors import VARIANTS, get_predictor
 from pipeoptim.runtime.weight_policy import WeightPolicy
 
@@ -86,6 +86,18 @@ class _Predicting(WeightPolicy):
             out |= {n: p.detach().clone() for n, p in self.params.items() if n not in out}
         return out
 
+    def _versions(self, grads: bool) -> tuple:
+        """The version of every weight (an in-place change bumps it) and, with ``grads``,
+        each gradient's identity and version: a Ŵ predicted in the step is taken only while
+        these are unchanged (a flush applies the shared weights' pending rounds after it,
+        :meth:`pipeoptim.runtime.shared.SharedParams.drain`; the optimizer state changes only
+        with the weights)."""
+        if grads:
+            return tuple(
+                (p._version, id(p.grad), p.grad is not None and p.grad._version) for p in self.params.values()
+            )
+        return tuple(p._version for p in self.params.values())
+
     def _coefficients(self, steps: int, step_rates: Sequence[Sequence[float]] | None) -> list[float]:
         """c per optimizer group: ``Σ lr_i`` over ``step_rates``, else ``steps`` x the current rate."""
         assert self.optimizer is not None
@@ -142,7 +154,7 @@ class PipeOptimPolicy(_Predicting):
         self._buffers_hat: dict[str, torch.Tensor] = {}
         self._kept: dict[int, dict[str, torch.Tensor]] = {}  # consistent: Ŵ of each micro-batch
         self._last_key: _Key | None = None  # what the last forward's Ŵ was predicted with
-        self._ahead: tuple[_Key, dict[str, torch.Tensor]] | None = None  # Ŵ predicted in the step
+        self._ahead: tuple[_Key, tuple, dict[str, torch.Tensor]] | None = None  # Ŵ predicted in the step
 
     def begin_forward(
         self, micro_batch: int, version_diff: int, step_rates: Sequence[Sequence[float]] | None = None
@@ -159,8 +171,8 @@ class PipeOptimPolicy(_Predicting):
         else:
             key = self._key(self._coefficients(version_diff, step_rates))
             ahead, self._ahead, self._last_key = self._ahead, None, key
-            if ahead is not None and ahead[0] == key:  # predicted during the step, for this c
-                self._values = self._buffers_hat = ahead[1]
+            if ahead is not None and ahead[:2] == (key, self._versions(grads=True)):  # from the step
+                self._values = self._buffers_hat = ahead[2]
             else:
                 self._values = self._buffers_hat = self.predicted(
                     version_diff, into=self._buffers_hat, step_rates=step_rates
@@ -185,26 +197,9 @@ class PipeOptimPolicy(_Predicting):
         assert self.optimizer is not None and self._extrapolator is not None
         if self.consistent or self._last_key is None or not steps_each(self.optimizer):
             return super().optimizer_step()
-        coefficients, extrapolator = self._last_key[0], self._extrapolator
-        index = {id(g): i for i, g in enumerate(self.optimizer.param_groups)}
-        hats: dict[str, torch.Tensor] = {}
-
-        def predict(param: torch.Tensor, group: dict) -> None:
-            name = extrapolator.name_of.get(id(param))
-            if name is not None:
-                hat = extrapolator.predict_one(
-                    name, group, coefficients[index[id(group)]], self._buffers_hat.get(name)
-                )
-                if hat is not None:
-                    hats[name] = hat
-
-        assert isinstance(self.optimizer, SGD)
-        sgd_step_each(self.optimizer, predict)
-        for group in self.optimizer.param_groups:  # parameters without a gradient: not stepped
-            for p in group["params"]:
-                if p.grad is None:
-                    predict(p, group)
-        self._ahead = (self._key(coefficients), hats)
+        coefficients = self._last_key[0]
+        hats = step_predicting(self.optimizer, self._extrapolator, coefficients, self._buffers_hat)
+        self._ahead = (self._key(coefficients), self._versions(grads=True), hats)
 
     def backward_weight(self, name: str, micro_batch: int) -> torch.Tensor:
         kept = self._kept.get(micro_batch)
@@ -270,7 +265,7 @@ class SpecTrainPolicy(_Predicting):
         super().__init__()
         self._buffers: dict[str, torch.Tensor] = {}  # Ŵ buffers, reused by every pass
         self._hat: dict[str, torch.Tensor] = {}  # Ŵ of the pass running now (some of them)
-        self._hat_of: tuple[int, tuple[float, ...]] | None = None  # (step count, c per group)
+        self._hat_of: tuple | None = None  # (step count, c per group, weight versions)
         self._steps_taken = 0
         self._backward_of: int | None = None
 
@@ -317,12 +312,29 @@ class SpecTrainPolicy(_Predicting):
         with ``s_b = s_f``: W and v have not changed, so neither has Ŵ). Weights and optimizer
         state are loaded only after a flush, which ends with a step at every stage."""
         assert self.optimizer is not None
-        of = (self._steps_taken, tuple(steps * _scalar_lr(g) for g in self.optimizer.param_groups))
+        coefficients = tuple(steps * _scalar_lr(g) for g in self.optimizer.param_groups)
+        of = (self._steps_taken, coefficients, self._versions(grads=False))
         if of != self._hat_of:
             self._hat = self.predicted(steps, into=self._buffers)
             self._buffers.update(self._hat)
             self._hat_of = of
         return self._hat
+
+    def optimizer_step(self) -> None:
+        """``torch.optim.SGD``'s step with the next forward's Ŵ (``s_f`` x the current rate)
+        predicted parameter by parameter as each is updated, as PipeOptim's
+        (:meth:`PipeOptimPolicy.optimizer_step`); the forward takes it if its c is the same."""
+        assert self.optimizer is not None and self._extrapolator is not None
+        if not self.forward_steps or not steps_each(self.optimizer):
+            return super().optimizer_step()
+        coefficients = tuple(self.forward_steps * _scalar_lr(g) for g in self.optimizer.param_groups)
+        self._hat = step_predicting(self.optimizer, self._extrapolator, coefficients, self._buffers)
+        self._buffers.update(self._hat)
+        self._hat_of = (
+            self._steps_taken + 1,
+            coefficients,
+            self._versions(grads=False),
+        )  # after_step counts it
 
     def after_step(self) -> None:
         super().after_step()
