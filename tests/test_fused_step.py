@@ -66,7 +66,7 @@ def test_step_each_is_torchs_sgd_step_bit_for_bit(options: dict) -> None:
 
 
 def test_only_torchs_for_loop_sgd_steps_each() -> None:
-    """A subclass, another kernel, a tensor rate, a step hook or an accelerator keep
+    """A subclass, another kernel, a tensor rate, a gradient scaler's state or a step hook keep
     ``optimizer.step()``."""
 
     class MySGD(torch.optim.SGD):
@@ -78,6 +78,9 @@ def test_only_torchs_for_loop_sgd_steps_each() -> None:
     assert not steps_each(torch.optim.SGD(_params(), lr=0.1, fused=True))
     assert not steps_each(torch.optim.SGD(_params(), lr=torch.tensor(0.1)))
     assert not steps_each(torch.optim.Adam(_params()))
+    scaled = torch.optim.SGD(_params(), lr=0.1)
+    scaled.found_inf = torch.tensor(0.0)  # as torch's GradScaler sets for a fused step
+    assert not steps_each(scaled)
     hooked = torch.optim.SGD(_params(), lr=0.1)
     handle = hooked.register_step_post_hook(lambda *_: None)
     assert not steps_each(hooked)

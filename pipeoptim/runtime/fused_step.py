@@ -1,7 +1,7 @@
 """``torch.optim.SGD``'s step, one parameter at a time, with a callback after each.
 
-PipeOptim predicts a stage's next forward weights right after its optimizer step
-(``Ŵ = W − c · D``, :mod:`pipeoptim.runtime.extrapolation`), from the weights, momentum
+PipeOptim and SpecTrain predict a stage's next forward weights right after its optimizer
+step (``Ŵ = W − c · D``, :mod:`pipeoptim.runtime.extrapolation`), from the weights, momentum
 buffers and gradients the step has just read and written. Run as two passes over the stage
 (torch's step, then the prediction) every tensor is read again from memory; run parameter by
 parameter, the prediction finds them in cache. On the throughput benchmark's stage (8 Linear
@@ -30,7 +30,9 @@ def steps_each(optimizer: Optimizer) -> bool:
     subclass), its for-loop kernel (``foreach`` and ``fused`` unset or false, not
     ``differentiable``), plain float ``lr`` and ``weight_decay``, parameters on the CPU, and no
     step hooks (the optimizer's or global) or gradient scaler attached."""
-    if type(optimizer) is not SGD or getattr(optimizer, "grad_scale", None) is not None:
+    if type(optimizer) is not SGD:
+        return False
+    if any(getattr(optimizer, name, None) is not None for name in ("grad_scale", "found_inf")):
         return False
     if optimizer._optimizer_step_pre_hooks or optimizer._optimizer_step_post_hooks:
         return False
