@@ -12,8 +12,8 @@ from torch.optim.optimizer import register_optimizer_step_pre_hook
 import pipeoptim
 from pipeoptim.runtime import prediction
 from pipeoptim.runtime.fused_step import sgd_step_each, steps_each
-from tests.test_policies import ConvNet, batches, conv_plan
-from tests.test_tied_weights import TiedEmbedding
+from tests.test_policies import ConvNet, batches, conv_pipeline
+from tests.test_tied_weights import tied_setup
 
 OPTIONS = [
     {"momentum": 0.9},
@@ -111,16 +111,7 @@ def _train(
         policy, "predicted", lambda self, *a, **kw: afresh.append(1) or original(self, *a, **kw)
     )
     losses = []
-    with pipeoptim.compile(
-        model,
-        opt,
-        4,
-        example_inputs=torch.randn(8, 1, 8, 8),
-        loss_fn=F.cross_entropy,
-        method=method,
-        executor="local",
-        plan=conv_plan(method),
-    ) as pipe:
+    with conv_pipeline(method, model, opt) as pipe:
         for x, y in batches(60):
             losses.append(pipe.step(x, y))
             if sched is not None:
@@ -178,13 +169,7 @@ def _tied_run(
         monkeypatch.setattr(prediction, "steps_each", lambda optimizer: False)
     if stale:  # ignore changes to the weights after the step
         monkeypatch.setattr(prediction._Predicting, "_versions", lambda self, grads: ())
-    torch.manual_seed(0)
-    model = TiedEmbedding()
-    opt = torch.optim.SGD(model.parameters(), lr=0.5, momentum=0.9)
-    g = torch.Generator().manual_seed(1)
-    data = [
-        (torch.randint(0, 10, (8,), generator=g), torch.randint(0, 10, (8,), generator=g)) for _ in range(20)
-    ]
+    model, opt, data = tied_setup(20)
     with pipeoptim.compile(
         model, opt, 2, example_inputs=data[0][0], loss_fn=F.cross_entropy, method=method, executor="local"
     ) as pipe:

@@ -208,10 +208,13 @@ def conv_plan(method: str) -> Plan:
     return plan_starting_at(ConvNet(), (torch.randn(8 // m, 1, 8, 8),), config, starts)
 
 
-def conv_pipeline(method: str, **options) -> pipeoptim.Pipeline:
-    """:class:`ConvNet` with SGD and momentum in the 4 stages of :func:`conv_plan`, local executor."""
-    model = ConvNet()
-    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+def conv_pipeline(
+    method: str, model: ConvNet | None = None, opt: torch.optim.Optimizer | None = None, **options
+) -> pipeoptim.Pipeline:
+    """:class:`ConvNet` (``model``, or a new one) with ``opt`` (default: SGD with momentum) in
+    the 4 stages of :func:`conv_plan`, local executor."""
+    model = model or ConvNet()
+    opt = opt or torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
     return pipeoptim.compile(
         model,
         opt,

@@ -29,14 +29,26 @@ class TiedEmbedding(nn.Module):
         return self.head(torch.tanh(self.mid(self.emb(ids))))
 
 
-def train(method: str, executor: str, profiles: Path) -> tuple[list[float], dict[str, torch.Tensor], Any]:
+def tied_setup(
+    n: int,
+) -> tuple[TiedEmbedding, torch.optim.Optimizer, list[tuple[torch.Tensor, torch.Tensor]]]:
+    """A seeded :class:`TiedEmbedding`, SGD with momentum over it, and ``n`` mini-batches of 8 ids."""
     torch.manual_seed(0)
     model = TiedEmbedding()
     opt = torch.optim.SGD(model.parameters(), lr=0.5, momentum=0.9)
     g = torch.Generator().manual_seed(1)
-    batches = [
-        (torch.randint(0, 10, (8,), generator=g), torch.randint(0, 10, (8,), generator=g)) for _ in range(10)
-    ]
+    return (
+        model,
+        opt,
+        [
+            (torch.randint(0, 10, (8,), generator=g), torch.randint(0, 10, (8,), generator=g))
+            for _ in range(n)
+        ],
+    )
+
+
+def train(method: str, executor: str, profiles: Path) -> tuple[list[float], dict[str, torch.Tensor], Any]:
+    model, opt, batches = tied_setup(10)
     with pipeoptim.compile(
         model,
         opt,
