@@ -87,7 +87,8 @@ def test_profile_is_reused_for_the_same_key_and_redone_otherwise(tmp_path: Path)
     assert [n.fwd_s for n in second.nodes] == [n.fwd_s for n in first.nodes]
     smaller = (inputs[0][:4],)
     _, reused = load_or_profile(traced, smaller, profile_dir=tmp_path, log=logs.append)
-    assert not reused and any("input shapes/dtypes" in line for line in logs)
+    anew = [line for line in logs if "input shapes/dtypes" in line]
+    assert not reused and anew and "saved [[[8, 32], " in anew[0] and "now [[[4, 32], " in anew[0], anew
     other_model, other_inputs = mlp(batch=8, width=32, depth=3)
     _, reused = load_or_profile(
         trace(other_model, other_inputs), other_inputs, profile_dir=tmp_path, log=logs.append

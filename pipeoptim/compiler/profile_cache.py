@@ -76,7 +76,7 @@ def _key_diff(old: dict, new: dict) -> str:
         "threads": "CPU threads",
     }
     diffs = [
-        f"{names.get(k, k)}: {old.get(k)!s:.60} -> {new.get(k)!s:.60}"
+        f"{names.get(k, k)}: saved {old.get(k)!s:.60}, now {new.get(k)!s:.60}"
         for k in sorted(set(old) | set(new))
         if old.get(k) != new.get(k)
     ]
