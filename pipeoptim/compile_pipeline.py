@@ -23,13 +23,12 @@ from pipeoptim.batchnorm import BATCH_NORMS, defer_batch_norm
 from pipeoptim.compile_layout import compile_best_layout, planning_config
 from pipeoptim.compile_layout import stage_device as _profile_device
 from pipeoptim.compiler import plan_model
-from pipeoptim.compiler.codegen import stage_modules
-from pipeoptim.compiler.costmodel import CostConfig
 from pipeoptim.compiler.hooks import compiled_modules_warning, dropped_hooks_warning
 from pipeoptim.compiler.plan import Plan
 from pipeoptim.compiler.shapes import plan_length
-from pipeoptim.compiler.trace import TracedModel, trace
-from pipeoptim.errors import CodegenError, PlanError, PredictorError
+from pipeoptim.compiler.trace import trace
+from pipeoptim.errors import PlanError, PredictorError
+from pipeoptim.given_plan import given_plan
 from pipeoptim.inputs import as_tuple
 from pipeoptim.methods import METHODS, check_micro_batches, get_method
 from pipeoptim.pipeline import Pipeline
@@ -284,7 +283,7 @@ def compile(
     rank0 = kind != "torchrun" or dist.get_rank() == 0
     if plan is not None:
         traced = trace(model_copy, micro, leaf_modules)
-        chosen = _given_plan(plan, traced, config, say)
+        chosen = given_plan(plan, traced, config, say, micro, autocast)
         static_batch, dynamic_length = traced.method == "export", False  # not probed: keep shapes
     elif rank0:
         with stage_threads(kind, profiled_on), autocast_context(autocast, profiled_on):
@@ -358,36 +357,3 @@ def _policy_options(policy: str | None, backward: str, predictor: str, micro_bat
     if policy == "2bw":
         return {"micro_batches": micro_batches}
     return {}
-
-
-def _given_plan(
-    plan: Plan | str | os.PathLike[str], traced: TracedModel, config: CostConfig, log: Callable[[str], None]
-) -> Plan:
-    """Check a plan handed to :func:`compile` against the model and the request.
-
-    Raises:
-        PlanError: unreadable, or for another graph, stage count, method or micro-batch count.
-    """
-    chosen = plan if isinstance(plan, Plan) else Plan.load(plan)
-    if chosen.profile_key.get("graph_hash") != traced.graph_hash:
-        raise PlanError(
-            f"the plan was made for another model graph ({chosen.model}); make it for this model "
-            "(pipeoptim partition ... --save) or leave plan unset"
-        )
-    for what, have, want in (
-        ("stages", chosen.config.num_stages, config.num_stages),
-        ("method", chosen.config.method, config.method),
-        ("micro-batches", chosen.config.micro_batches, config.micro_batches),
-        ("data-parallel", chosen.config.data_parallel, config.data_parallel),
-    ):
-        if have != want:
-            raise PlanError(
-                f"the plan is for {what}={have!r}, this pipeline has {what}={want!r}; make a new plan"
-            )
-    try:
-        stage_modules(traced, chosen)  # what the stages will build: a plan that does not fit fails here
-    except CodegenError as exc:
-        raise PlanError(str(exc)) from exc
-    key = chosen.profile_key
-    log(f"using the given plan of {chosen.model} (profiled on {key.get('device')}, torch {key.get('torch')})")
-    return chosen

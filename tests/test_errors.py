@@ -308,6 +308,35 @@ def test_plan_for_another_model_or_stage_count(tmp_path: Path) -> None:
     assert "using the given plan" in logs[0]
 
 
+@pytest.mark.parametrize("executor", ["local", "processes"])
+def test_a_plan_made_under_other_precision_is_refused(tmp_path: Path, executor: str) -> None:
+    """A plan made without autocast, given to a float16-autocast pipeline, trained to NaN in
+    worker processes (values crossed stages in float16 where the plan said float32); so do
+    the reverse and other input dtypes: the plan records the dtypes at stage boundaries."""
+    with compile_mlp(gpus=2) as pipe:
+        pipe.plan.save(tmp_path / "float32.json")
+    with compile_mlp(gpus=2, autocast=torch.bfloat16) as pipe:
+        pipe.plan.save(tmp_path / "bfloat16.json")
+    with pytest.raises(PlanError, match="made without autocast, this pipeline runs under float16 autocast"):
+        compile_mlp(gpus=2, autocast=torch.float16, plan=tmp_path / "float32.json", executor=executor)
+    with pytest.raises(PlanError, match="made under bfloat16 autocast, this pipeline runs without autocast"):
+        compile_mlp(gpus=2, plan=tmp_path / "bfloat16.json", executor=executor)
+    with pytest.raises(PlanError, match="under bfloat16 autocast, this pipeline runs under float16 autocast"):
+        compile_mlp(gpus=2, autocast=torch.float16, plan=tmp_path / "bfloat16.json", executor=executor)
+    ids = torch.zeros(16, 8, dtype=torch.long)
+    model = nn.Sequential(nn.Embedding(10, 8), nn.Flatten(), nn.Linear(64, 4))
+    with compile_mlp(gpus=2, model=model, example_inputs=ids) as pipe:
+        pipe.plan.save(tmp_path / "int64.json")
+    with pytest.raises(PlanError, match="made for inputs of dtype int64, these are int32"):
+        compile_mlp(
+            gpus=2, model=model, example_inputs=ids.int(), plan=tmp_path / "int64.json", executor=executor
+        )
+    with compile_mlp(
+        gpus=2, autocast=torch.bfloat16, plan=tmp_path / "bfloat16.json", executor=executor
+    ) as pipe:
+        assert 0 < float(pipe.step(torch.randn(16, 8), torch.zeros(16, dtype=torch.long))) < 10
+
+
 @pytest.mark.parametrize(
     "edit, message",
     [

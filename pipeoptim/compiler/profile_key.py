@@ -49,3 +49,25 @@ def profile_key(traced: TracedModel, inputs: Sequence[torch.Tensor], device: tor
     if torch.is_autocast_enabled(device.type):
         key["autocast"] = str(torch.get_autocast_dtype(device.type)).removeprefix("torch.")
     return key
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def precision_differs(key: dict, inputs: Sequence[torch.Tensor], autocast: torch.dtype | None) -> str | None:
+    """How a plan's profile ``key`` (:func:`profile_key`) differs from a run with ``inputs``
+    and ``autocast`` in what fixes the dtypes of the values crossing stage boundaries (the
+    plan records them, and worker processes receive into buffers of those dtypes): the
+    autocast dtype or the inputs' dtypes. ``None`` where they agree."""
+    planned, wanted = key.get("autocast"), None if autocast is None else _dtype_name(autocast)
+    if planned != wanted:
+        made = "without autocast" if planned is None else f"under {planned} autocast"
+        runs = "without autocast" if wanted is None else f"under {wanted} autocast"
+        return f"the plan was made {made}, this pipeline runs {runs}"
+    planned_dtypes = [d for _shape, d in key.get("inputs", [])]
+    dtypes = [_dtype_name(x.dtype) for x in inputs]
+    if planned_dtypes != dtypes:
+        planned_list, list_now = ", ".join(planned_dtypes), ", ".join(dtypes)
+        return f"the plan was made for inputs of dtype {planned_list}, these are {list_now}"
+    return None
