@@ -33,13 +33,17 @@ def device_name(device: torch.device) -> str:
 MEASURES = 4
 
 
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
 def profile_key(traced: TracedModel, inputs: Sequence[torch.Tensor], device: torch.device) -> dict:
     """What a profile is valid for: graph, input shapes/dtypes, device, torch version, what
     the profiler measures (:data:`MEASURES`), on the CPU torch's thread count, and the
     ``torch.autocast`` dtype where the profile is made under autocast."""
     key = {
         "graph_hash": traced.graph_hash,
-        "inputs": [[list(x.shape), str(x.dtype).removeprefix("torch.")] for x in inputs],
+        "inputs": [[list(x.shape), _dtype_name(x.dtype)] for x in inputs],
         "device": device_name(device),
         "torch": torch.__version__,
         "measures": MEASURES,
@@ -47,12 +51,8 @@ def profile_key(traced: TracedModel, inputs: Sequence[torch.Tensor], device: tor
     if device.type == "cpu":  # a profile timed with other threads than the stages run with misleads
         key["threads"] = torch.get_num_threads()
     if torch.is_autocast_enabled(device.type):
-        key["autocast"] = str(torch.get_autocast_dtype(device.type)).removeprefix("torch.")
+        key["autocast"] = _dtype_name(torch.get_autocast_dtype(device.type))
     return key
-
-
-def _dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).removeprefix("torch.")
 
 
 def precision_differs(key: dict, inputs: Sequence[torch.Tensor], autocast: torch.dtype | None) -> str | None:

@@ -312,8 +312,7 @@ class SpecTrainPolicy(_Predicting):
         with ``s_b = s_f``: W and v have not changed, so neither has Ŵ). Weights and optimizer
         state are loaded only after a flush, which ends with a step at every stage."""
         assert self.optimizer is not None
-        coefficients = tuple(steps * _scalar_lr(g) for g in self.optimizer.param_groups)
-        of = (self._steps_taken, coefficients, self._versions(grads=False))
+        of = (self._steps_taken, tuple(self._coefficients(steps, None)), self._versions(grads=False))
         if of != self._hat_of:
             self._hat = self.predicted(steps, into=self._buffers)
             self._buffers.update(self._hat)
@@ -327,14 +326,11 @@ class SpecTrainPolicy(_Predicting):
         assert self.optimizer is not None and self._extrapolator is not None
         if not self.forward_steps or not steps_each(self.optimizer):
             return super().optimizer_step()
-        coefficients = tuple(self.forward_steps * _scalar_lr(g) for g in self.optimizer.param_groups)
+        coefficients = tuple(self._coefficients(self.forward_steps, None))
         self._hat = step_predicting(self.optimizer, self._extrapolator, coefficients, self._buffers)
         self._buffers.update(self._hat)
-        self._hat_of = (
-            self._steps_taken + 1,
-            coefficients,
-            self._versions(grads=False),
-        )  # after_step counts it
+        # the forward's key once after_step has counted this step
+        self._hat_of = (self._steps_taken + 1, coefficients, self._versions(grads=False))
 
     def after_step(self) -> None:
         super().after_step()
