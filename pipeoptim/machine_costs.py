@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import datetime
 import json
-import math
 import os
 import socket
 import statistics
@@ -30,6 +29,7 @@ from pipeoptim.action_overhead import measure_action_overhead
 from pipeoptim.fileio import read_json_table, write_json
 from pipeoptim.runtime.distributed import STAGE_THREADS
 from pipeoptim.runtime.linkcost import measure_link, usable_cores
+from pipeoptim.units import is_bandwidth, is_seconds
 
 #: environment variable naming the cache folder (default: $XDG_CACHE_HOME/pipeoptim, ~/.cache/pipeoptim)
 CACHE_ENV = "PIPEOPTIM_CACHE_DIR"
@@ -91,12 +91,16 @@ def measure_machine_costs(links: int = 3) -> MachineCosts:
 
 def _cached(saved: object) -> MachineCosts | None:
     """The figures of a cache entry (with or without :data:`MEASURED_AT`); ``None`` where it
-    holds anything else (then they are measured again)."""
+    holds anything else, figures the cost model refuses included (a hand-edited latency of
+    1e308 stopped planning with a traceback): then they are measured again."""
     if not isinstance(saved, dict):
         return None
     figures = {k: v for k, v in saved.items() if k != MEASURED_AT}
-    if set(figures) != set(MachineCosts._fields) or not all(
-        isinstance(v, float) and math.isfinite(v) and v >= 0 for v in figures.values()
+    if (
+        set(figures) != set(MachineCosts._fields)
+        or not all(isinstance(v, float) for v in figures.values())
+        or not (is_seconds(figures["latency"]) and is_seconds(figures["action_overhead"]))
+        or not is_bandwidth(figures["bandwidth"])
     ):
         return None
     return MachineCosts(**figures)
@@ -151,6 +155,9 @@ def load_or_measure_machine_costs(
     table = read_json_table(path, "measuring this machine's link and runtime overhead again", log)
     saved = table.get(key)
     cached = _cached(saved)
+    if cached is None and key in table:
+        shown = json.dumps(saved)[:120]
+        log(f"measuring this machine's costs again: {path} holds {shown}, not figures of a link")
     if cached is not None:
         measured = saved.get(MEASURED_AT) if isinstance(saved, dict) else None
         when = f"measured {_age(measured)}" if isinstance(measured, str) else "measured earlier"

@@ -22,7 +22,24 @@ _BYTE_UNITS = {
 MAX_BYTES = 1e18
 #: the slowest link taken (bytes/s): below it, a boundary's seconds overflow
 MIN_BANDWIDTH = 1.0
+#: the largest per-message, per-action or per-byte cost taken (seconds): an hour is a unit
+#: mistake, and far larger figures overflow a plan's stage times
+MAX_SECONDS = 3600.0
 _NUMBER = r"([0-9]*\.?[0-9]+(?:[eE][+-]?[0-9]+)?)"
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def is_seconds(value: object) -> bool:
+    """Whether ``value`` is a number of seconds from 0 to :data:`MAX_SECONDS` (NaN is not)."""
+    return _is_number(value) and 0 <= value <= MAX_SECONDS
+
+
+def is_bandwidth(value: object) -> bool:
+    """Whether ``value`` is a number of bytes/s from :data:`MIN_BANDWIDTH` to :data:`MAX_BYTES`."""
+    return _is_number(value) and MIN_BANDWIDTH <= value <= MAX_BYTES
 
 
 def parse_bytes(text: str | int | float) -> int:

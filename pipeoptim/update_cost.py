@@ -26,6 +26,7 @@ from pipeoptim.runtime.extrapolation import Extrapolator, per_unit_rate
 from pipeoptim.runtime.fused_step import sgd_step_each, steps_each
 from pipeoptim.runtime.optim import stage_keywords
 from pipeoptim.runtime.predictors import get_predictor
+from pipeoptim.units import MAX_SECONDS, is_seconds
 
 
 class UpdateCostError(RuntimeError):
@@ -256,13 +257,27 @@ def load_or_measure_update_cost(
     path = Path(profile_dir) / UPDATE_COSTS_FILE
     table = read_json_table(path, "measuring optimizer update costs again", log)
     saved = table.get(key)
-    if (
-        isinstance(saved, list)
-        and len(saved) == len(UpdateCosts._fields)
-        and all(isinstance(v, float) for v in saved)
-    ):
+    if _plausible(saved):
         return UpdateCosts(*saved)
+    if key in table:
+        fields = ", ".join(UpdateCosts._fields)
+        log(
+            f"measuring the optimizer's update costs again: {path} holds {json.dumps(saved)[:80]} for "
+            f"this setting, not seconds per byte ({fields}) from 0 to {MAX_SECONDS:.0f}"
+        )
     costs = measure_update_cost(optimizer_class, defaults, device, numel, tensors=tensors)
     table[key] = list(costs)
     write_json(path, table)
     return costs
+
+
+def _plausible(saved: object) -> bool:
+    """Whether ``saved`` (an entry of the cache) holds every :class:`UpdateCosts` figure, each
+    a float of seconds the cost model takes (:func:`pipeoptim.units.is_seconds`): a
+    hand-edited 1e308 stopped planning with a traceback and a negative figure made a stage's
+    weight work cheaper than free."""
+    return (
+        isinstance(saved, list)
+        and len(saved) == len(UpdateCosts._fields)
+        and all(isinstance(v, float) and is_seconds(v) for v in saved)
+    )

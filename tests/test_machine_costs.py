@@ -104,11 +104,23 @@ def test_an_unreadable_cache_is_named_and_measured_again(
     assert f"{tmp_path / MACHINE_COSTS_FILE} is unreadable" in logged[0]
     key = machine_costs.machine_key()
     table = json.loads((tmp_path / MACHINE_COSTS_FILE).read_text())
-    for impossible in (-1.0, float("inf"), float("nan")):  # figures no measurement gives
-        table[key]["latency"] = impossible
+    saved = table[key]
+    impossible = [  # figures no measurement gives; 1e308 stopped planning with a traceback
+        *({"latency": v} for v in (-1.0, float("inf"), float("nan"), 1e308, "x", None)),
+        *({"bandwidth": v} for v in (0.0, 0.5, 1e19)),
+        {"action_overhead": 1e308},
+    ]
+    for change in impossible:
+        table[key] = {**saved, **change}
         (tmp_path / MACHINE_COSTS_FILE).write_text(json.dumps(table))
-        load_or_measure_machine_costs(tmp_path)
-    assert len(calls) == 4
+        logged.clear()
+        assert load_or_measure_machine_costs(tmp_path, logged.append) == (2e-4, 5e9, 6e-4)
+        shown = json.dumps(table[key])[:120]
+        assert logged[0] == (
+            f"measuring this machine's costs again: {tmp_path / MACHINE_COSTS_FILE} holds {shown}, "
+            "not figures of a link"
+        ), change
+    assert len(calls) == 1 + len(impossible)
 
 
 def test_a_cache_that_cannot_be_written_still_gives_the_figures(

@@ -231,17 +231,37 @@ def test_compile_times_the_optimizer_on_a_working_set_like_the_model(tmp_path: P
     assert (json.loads(key)["numel"], json.loads(key)["tensors"]) == working_set(size, len(params))
 
 
-def test_update_costs_saved_without_a_copy_cost_are_measured_again(tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    "entry",
+    [
+        [1.0, 2.0],  # what an earlier version saved: step and prediction only
+        [1e308, 1e-9, 1e-9],  # stopped planning with a traceback
+        [-1e-9, 1e-9, 1e-9],  # a step cheaper than free
+        [float("nan"), 1e-9, 1e-9],
+        [float("inf"), 1e-9, 1e-9],
+        ["x", 1e-9, 1e-9],
+        None,
+        {"step": 1e-9},
+    ],
+)
+def test_saved_update_costs_the_cost_model_refuses_are_named_and_measured_again(
+    tmp_path: Path, entry: object
+) -> None:
     defaults = {"lr": 0.1, "momentum": 0.9}
     load_or_measure_update_cost(torch.optim.SGD, defaults, profile_dir=tmp_path)
     path = tmp_path / "update-costs.json"
     table = json.loads(path.read_text())
     (key,) = table
-    table[key] = [1.0, 2.0]  # what an earlier version saved: step and prediction only
+    table[key] = entry
     path.write_text(json.dumps(table))
-    costs = load_or_measure_update_cost(torch.optim.SGD, defaults, profile_dir=tmp_path)
-    assert costs.step < 1.0 and costs.predict < 2.0 and costs.copy > 0
+    logs: list[str] = []
+    costs = load_or_measure_update_cost(torch.optim.SGD, defaults, profile_dir=tmp_path, log=logs.append)
+    assert all(0 < v < 1e-6 for v in costs)  # measured: a step well under a microsecond per byte
     assert json.loads(path.read_text())[key] == list(costs)
+    assert logs == [
+        f"measuring the optimizer's update costs again: {path} holds {json.dumps(entry)} for this "
+        "setting, not seconds per byte (step, predict, copy) from 0 to 3600"
+    ]
 
 
 @contextlib.contextmanager

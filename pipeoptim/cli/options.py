@@ -10,9 +10,8 @@ import click
 import torch
 from click.core import ParameterSource
 
-from pipeoptim.compiler.costmodel import MAX_SECONDS
 from pipeoptim.machine_costs import load_or_measure_machine_costs
-from pipeoptim.units import parse_bandwidth, parse_bytes, parse_dtype, parse_shape
+from pipeoptim.units import MAX_SECONDS, is_seconds, parse_bandwidth, parse_bytes, parse_dtype, parse_shape
 
 
 class _Parsed(click.ParamType):
@@ -60,7 +59,7 @@ def _seconds_or_measure(text: str) -> float | str:
         seconds = float(text)
     except ValueError:
         seconds = -1.0
-    if not (math.isfinite(seconds) and 0 <= seconds <= MAX_SECONDS):
+    if not is_seconds(seconds):
         raise ValueError(f"{text!r} is neither 'measure' nor a number of seconds from 0 to {MAX_SECONDS:.0f}")
     return seconds
 

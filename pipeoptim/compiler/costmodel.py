@@ -77,7 +77,6 @@ memory (at equal time no recomputation is preferred; :func:`evaluate`).
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -87,11 +86,7 @@ from pipeoptim.compiler.costgraph import CostGraph
 from pipeoptim.compiler.overlap import bucket_count, exposed_allreduce_seconds
 from pipeoptim.compiler.shared import reduce_bytes, shared_parameters
 from pipeoptim.methods import Method, get_method
-from pipeoptim.units import MAX_BYTES, MIN_BANDWIDTH
-
-#: the largest per-message, per-action or per-byte cost a plan accepts (seconds): an hour is a
-#: unit mistake, and far larger figures overflow the stage times
-MAX_SECONDS = 3600.0
+from pipeoptim.units import MAX_BYTES, MAX_SECONDS, MIN_BANDWIDTH, is_bandwidth, is_seconds
 
 
 @dataclass(frozen=True)
@@ -157,13 +152,13 @@ class CostConfig:
             "copy_s_per_byte",
         ):
             value = getattr(self, name)
-            if not (math.isfinite(value) and 0 <= value <= MAX_SECONDS):
+            if not is_seconds(value):
                 raise ValueError(
                     f"{name} must be a number of seconds from 0 to {MAX_SECONDS:.0f}, got {value!r}"
                 )
         for name in ("bandwidth", "allreduce_bandwidth"):
             value = getattr(self, name)
-            if value is not None and not MIN_BANDWIDTH <= value <= MAX_BYTES:
+            if value is not None and not is_bandwidth(value):
                 raise ValueError(
                     f"{name} must be None (free) or {MIN_BANDWIDTH:.0f} to {MAX_BYTES:.0e} bytes/s, "
                     f"got {value!r}"
