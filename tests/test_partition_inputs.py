@@ -105,6 +105,22 @@ BAD_FILES = {
     "nan time": (json.dumps(edited(set_node(2, fwd_s=float("nan")))).encode(), "'layer1' has fwd_s = nan"),
     "negative time": (json.dumps(edited(set_node(3, bwd_s=-0.5))).encode(), "'layer2' has bwd_s = -0.5"),
     "infinite size": (json.dumps(edited(set_node(3, out_bytes=1e400))).encode(), "'layer2' is malformed"),
+    "huge time": (  # planned as if valid (exit 0)
+        json.dumps(edited(set_node(2, fwd_s=1e308))).encode(),
+        "'layer1' has fwd_s = 1e+308; times must be seconds from 0 to 3600",
+    ),
+    "huge size": (  # an OverflowError traceback
+        json.dumps(edited(set_node(3, out_bytes=1e30))).encode(),
+        "and sizes bytes from 0 to 1e+18",
+    ),
+    "batch size text": (  # read as 8
+        json.dumps(edited(lambda d: d.update(batch_size="8"))).encode(),
+        "batch_size '8' is not a positive whole number",
+    ),
+    "fractional batch size": (
+        json.dumps(edited(lambda d: d.update(batch_size=8.7))).encode(),
+        "batch_size 8.7 is not a positive whole number",
+    ),
     "all zero": (
         json.dumps(
             edited(lambda d: [n.update(fwd_s=0, bwd_s=0, param_bytes=0) for n in d["nodes"]])

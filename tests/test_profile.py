@@ -173,6 +173,35 @@ def test_a_node_of_the_wrong_shape_is_a_profile_error(tmp_path: Path, field: str
         CostGraph.load(path)
 
 
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        (lambda d: d["nodes"][1].update(fwd_s=1e308), "has fwd_s = 1e+308; times must be seconds"),
+        (lambda d: d.update(batch_size="4"), "batch_size '4' is not a positive whole number"),
+        (lambda d: d.update(tied=[1]), "tied [1] is not {name: [aliases]}"),
+        (lambda d: d.update(tied={"w": "v"}), "tied {'w': 'v'} is not"),
+        (lambda d: d.pop("info"), "info {} lacks the flags static_batch, dynamic_length"),
+        (lambda d: d["info"].update(static_batch="no"), "lacks the flags static_batch"),
+    ],
+)
+def test_a_cached_profile_with_values_pipeoptim_never_writes_is_measured_again(
+    tmp_path: Path, edit, message: str
+) -> None:
+    """Such hand edits were reused without a word (a missing ``info`` ran a fixed-batch model
+    as a split one; 1e308 s planned as if valid)."""
+    model, inputs = mlp(batch=4, width=16, depth=2)
+    traced = trace(model, inputs)
+    load_or_profile(traced, inputs, profile_dir=tmp_path)
+    path = next(tmp_path.glob("*.json"))
+    data = json.loads(path.read_text())
+    edit(data)
+    path.write_text(json.dumps(data))
+    logs: list[str] = []
+    graph, reused = load_or_profile(traced, inputs, profile_dir=tmp_path, log=logs.append)
+    assert not reused and logs[0].startswith(f"not reusing {path}: ") and message in logs[0], logs
+    assert CostGraph.load(path).to_dict() == graph.to_dict()
+
+
 def test_corrupt_cached_profile_is_replaced_not_used(tmp_path: Path) -> None:
     model, inputs = mlp(batch=4, width=16, depth=2)
     traced = trace(model, inputs)

@@ -18,6 +18,7 @@ from typing import Any
 
 from pipeoptim.errors import ProfileError
 from pipeoptim.fileio import write_json
+from pipeoptim.units import MAX_BYTES, MAX_SECONDS, is_seconds
 
 SCHEMA = "pipeoptim-profile/1"
 NEUTRAL_FORMAT = "pipeoptim-neutral-cost-graph/1"
@@ -203,18 +204,23 @@ class CostGraph:
         """Check that the costs can be planned with.
 
         Raises:
-            ProfileError: a time or size that is not a finite non-negative number (the node
-                is named), no ``output`` node, or no node that does work.
+            ProfileError: a time that is not seconds from 0 to
+                :data:`~pipeoptim.units.MAX_SECONDS` or a size not bytes from 0 to
+                :data:`~pipeoptim.units.MAX_BYTES` (the node is named: 1e308 s planned as if
+                valid, 1e30 bytes overflowed), no ``output`` node, no node that does work, a
+                ``batch_size`` that is not a positive whole number (``"64"`` or 8.7 were
+                read as 64 and 8), or ``tied`` not ``{name: [aliases]}``.
         """
         for node in self.nodes:
             for name in _COSTS:
                 value = getattr(node, name)
                 if isinstance(value, bool) or not isinstance(value, (int, float)):
                     raise ProfileError(f"{origin}: node {node.name!r} has {name} = {value!r}, not a number")
-                if not math.isfinite(value) or value < 0:
+                if not (is_seconds(value) if name.endswith("_s") else 0 <= value <= MAX_BYTES):
                     raise ProfileError(
-                        f"{origin}: node {node.name!r} has {name} = {value}; costs must be finite and "
-                        "non-negative: fix or re-measure that node"
+                        f"{origin}: node {node.name!r} has {name} = {value}; times must be seconds from 0 "
+                        f"to {MAX_SECONDS:.0f} and sizes bytes from 0 to {MAX_BYTES:.0e}: fix or "
+                        "re-measure that node"
                     )
         for node in self.nodes:  # the structure later code walks (a hand edit made them tracebacks)
             shapes = {
@@ -233,6 +239,13 @@ class CostGraph:
                 )
         if isinstance(self.batch_size, bool) or not isinstance(self.batch_size, int) or self.batch_size < 1:
             raise ProfileError(f"{origin}: batch_size {self.batch_size!r} is not a positive whole number")
+        if not (
+            isinstance(self.tied, dict)
+            and all(isinstance(v, list) and all(isinstance(a, str) for a in v) for v in self.tied.values())
+        ):
+            raise ProfileError(
+                f"{origin}: tied {self.tied!r} is not {{name: [aliases]}}; re-measure the profile"
+            )
         if not any(n.op == "output" for n in self.nodes):
             raise ProfileError(
                 f"{origin}: the graph has no node with op 'output'; add the model's output node"
@@ -273,6 +286,8 @@ class CostGraph:
         return cls.from_dict(data, str(path))
 
 
+#: what :func:`pipeoptim.compiler.profile.profile_model` writes in ``info`` and compile reads
+_INFO_FLAGS = ("static_batch", "dynamic_length")
 _COSTS = ("fwd_s", "bwd_s", "out_bytes", "grad_bytes", "param_bytes", "buffer_bytes", "saved_bytes")
 
 
@@ -299,7 +314,7 @@ def _from_profile(cls: type[CostGraph], data: dict[str, Any], origin: str) -> Co
         graph = cls(
             model=data["model"],
             nodes=nodes,
-            batch_size=int(data["batch_size"]),
+            batch_size=data["batch_size"],
             key=data.get("key", {}),
             source=data.get("source", ""),
             tied=data.get("tied", {}),
@@ -311,6 +326,13 @@ def _from_profile(cls: type[CostGraph], data: dict[str, Any], origin: str) -> Co
         ) from exc
     if data.get("key_hash") not in (None, graph.key_hash):
         raise ProfileError(f"{origin}: key_hash does not match its key; the file was edited")
+    info = graph.info
+    if not isinstance(info, dict) or [k for k in _INFO_FLAGS if not isinstance(info.get(k), bool)]:
+        # compile reads them: a profile without them ran a fixed-batch model as a split one
+        raise ProfileError(
+            f"{origin}: info {info!s:.80} lacks the flags {', '.join(_INFO_FLAGS)} (true or false) "
+            "that pipeoptim writes; re-measure the profile"
+        )
     return graph
 
 
@@ -329,7 +351,7 @@ def _from_neutral(data: dict[str, Any], origin: str) -> CostGraph:
         return CostGraph(
             model=str(data["model"]),
             nodes=nodes,
-            batch_size=int(data["batch_size"]),
+            batch_size=data["batch_size"],
             key={"device": data.get("device", ""), "torch": data.get("torch", "")},
             source=data.get("source", NEUTRAL_FORMAT),
             info={"format": NEUTRAL_FORMAT, "input_shape": data.get("input_shape")},
