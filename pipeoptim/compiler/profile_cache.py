@@ -52,21 +52,43 @@ def load_or_profile(
                 return graph, True
             log(f"not reusing {path}: its key differs ({_key_diff(graph.key, key)})")
     else:
-        for other in sorted(folder.glob(f"{traced.model_name}-*.json")):
-            try:
-                old = CostGraph.load(other)
-            except ProfileError:
-                continue
-            diff = _key_diff(old.key, key)
-            log(f"profiling anew: no saved profile matches ({diff}, against the saved {other.name})")
-            break
+        _log_why_profiling(folder, traced.model_name, key, log)
     graph = profile_model(traced, example_inputs, device=device, warmup=warmup, repeats=repeats)
     graph.save(path)
     log(f"saved profile {path} ({graph.info['profile_wall_s']:.2f} s to measure)")
     return graph, False
 
 
-def _key_diff(old: dict, new: dict) -> str:
+def _log_why_profiling(folder: Path, model: str, key: dict, log: Callable[[str], None]) -> None:
+    """Say why ``model`` is profiled where ``folder`` holds profiles of it for other keys: a
+    first run profiles each micro-batch size its layouts need, and "no saved profile matches
+    (input shapes ...)" read like a broken cache to a new user."""
+    saved = []
+    for other in sorted(folder.glob(f"{model}-*.json")):
+        try:
+            saved.append((other.name, CostGraph.load(other).key))
+        except ProfileError:
+            continue
+    if not saved:
+        return
+    if all(_key_diff(old, key, ignore=("inputs",)) == "same key" for _, old in saved):
+        shapes = "; ".join(_inputs_text(old.get("inputs")) for _, old in saved)
+        now = _inputs_text(key.get("inputs"))
+        log(f"profiling {model} at inputs {now} (a new micro-batch size; profiles saved at {shapes})")
+        return
+    name, old = saved[0]
+    log(f"profiling anew: no saved profile matches ({_key_diff(old, key)}, against the saved {name})")
+
+
+def _inputs_text(inputs: object) -> str:
+    """A profile key's ``inputs`` as ``4x16 float32, 4 int64`` (its text if not that shape)."""
+    try:
+        return ", ".join(f"{'x'.join(str(d) for d in shape) or 'scalar'} {dtype}" for shape, dtype in inputs)
+    except (TypeError, ValueError):
+        return f"{inputs!s:.60}"
+
+
+def _key_diff(old: dict, new: dict, ignore: tuple[str, ...] = ()) -> str:
     names = {
         "graph_hash": "model graph",
         "inputs": "input shapes/dtypes",
@@ -78,6 +100,6 @@ def _key_diff(old: dict, new: dict) -> str:
     diffs = [
         f"{names.get(k, k)}: saved {old.get(k)!s:.60}, now {new.get(k)!s:.60}"
         for k in sorted(set(old) | set(new))
-        if old.get(k) != new.get(k)
+        if old.get(k) != new.get(k) and k not in ignore
     ]
     return "; ".join(diffs) or "same key"
