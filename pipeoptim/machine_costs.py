@@ -37,7 +37,10 @@ MACHINE_COSTS_FILE = "machine-costs.json"
 #: a cache entry's key for when its figures were measured (ISO 8601, UTC)
 MEASURED_AT = "measured_at"
 #: how the figures are measured; figures saved under another method are measured again
-METHOD = "gloo: median of 3 fits of round trips 4K-8M; overhead: 2 stages, 200 mini-batches, CPU time"
+METHOD = (
+    "gloo: median of 3 fits of round trips 4K-8M; overhead: 2 stages, 200 mini-batches, CPU time; "
+    "ranks bound to cores"
+)
 T = TypeVar("T")
 #: figures measured on a busy machine, by cache file and machine key: this process's only
 _UNSAVED: dict[tuple[str, str], MachineCosts] = {}

@@ -32,6 +32,7 @@ ROOT = Path(__file__).resolve().parents[1]
             ],
         ),
         ("breakdown.py", ["breakdown.md"]),
+        ("affinity.py", ["affinity.md"]),
     ],
 )
 def test_quick_benchmark_runs(tmp_path: Path, script: str, files: list[str]) -> None:

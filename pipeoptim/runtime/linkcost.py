@@ -23,6 +23,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from pipeoptim.runtime.affinity import pin_rank
 from pipeoptim.runtime.distributed import STAGE_THREADS, free_port
 from pipeoptim.runtime.spawning import (
     check_not_importing_main,
@@ -64,6 +65,8 @@ def fit_latency_bandwidth(sizes: Sequence[float], seconds: Sequence[float]) -> t
 def _ping(rank: int, port: int, backend: str, sizes: Sequence[int], repeats: int, out: Any) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # on Ctrl-C the measuring process stops both
     torch.set_num_threads(1)
+    if backend == "gloo":  # as the stages' ranks run (pipeoptim.runtime.affinity)
+        pin_rank(rank, 2)
     dist.init_process_group(
         backend,
         init_method=f"tcp://127.0.0.1:{port}",

@@ -25,6 +25,7 @@ import torch.distributed as dist
 
 from pipeoptim.errors import PeerLostError, PipelineError
 from pipeoptim.microbatch import Rows
+from pipeoptim.runtime.affinity import pin_rank
 from pipeoptim.runtime.build import PipelineSpec
 from pipeoptim.runtime.comm import LOSS_TAG
 from pipeoptim.runtime.executor import MiniBatch
@@ -70,9 +71,9 @@ def init(num_stages: int, timeout: float) -> bool:
     if device.type == "cuda":
         torch.cuda.set_device(device)
     else:
-        torch.set_num_threads(
-            max(1, torch.get_num_threads() // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", 1))))
-        )
+        local_world = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
+        torch.set_num_threads(max(1, torch.get_num_threads() // local_world))
+        pin_rank(int(os.environ.get("LOCAL_RANK", 0)) % local_world, local_world)  # before gloo's threads
     dist.init_process_group(
         "nccl" if device.type == "cuda" else "gloo", timeout=datetime.timedelta(seconds=timeout)
     )

@@ -24,6 +24,7 @@ import torch.distributed as dist
 from torch.utils import _pytree as pytree
 
 from pipeoptim.errors import PipelineError, PipeoptimError
+from pipeoptim.runtime.affinity import pin_rank
 from pipeoptim.runtime.async_norms import note_size
 from pipeoptim.runtime.build import PipelineSpec, aliases_of, build_stage, input_grad_mask
 from pipeoptim.runtime.comm import DistChannel
@@ -243,6 +244,8 @@ def worker_main(
         backend = "nccl" if device.type == "cuda" else "gloo"
         if device.type == "cuda":
             torch.cuda.set_device(device)
+        else:  # before gloo starts its threads, which inherit the cores
+            pin_rank(rank, world)
         dist.init_process_group(
             backend,
             init_method=init_method,

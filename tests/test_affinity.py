@@ -1,0 +1,70 @@
+"""CPU ranks bound to cores of their own (pipeoptim.runtime.affinity)."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import pipeoptim
+from pipeoptim.examples import mlp
+from pipeoptim.runtime.affinity import AFFINITY_ENV, rank_cores
+
+pytestmark = pytest.mark.skipif(not hasattr(os, "sched_getaffinity"), reason="no CPU affinity here")
+
+
+@pytest.mark.parametrize(
+    "world, cores, expected",
+    [
+        (2, [0, 1], [[0], [1]]),
+        (4, [0, 1], [[0], [1], [0], [1]]),  # more ranks than cores: in turn
+        (2, range(8), [[0, 1, 2, 3], [4, 5, 6, 7]]),
+        (3, range(8), [[0, 1], [2, 3], [4, 5]]),  # equal blocks; cores 6 and 7 left
+        (2, {7, 2, 5}, [[2], [5]]),  # the cores this process may use, in order
+        (1, [3], [[3]]),
+    ],
+)
+def test_each_rank_gets_an_equal_block_or_a_core_in_turn(world: int, cores, expected) -> None:
+    assert [rank_cores(r, world, cores) for r in range(world)] == expected
+
+
+@pytest.mark.parametrize("rank, world, cores", [(2, 2, [0, 1]), (-1, 2, [0, 1]), (0, 2, [])])
+def test_no_cores_for_a_rank_outside_the_world_is_an_error(rank: int, world: int, cores) -> None:
+    with pytest.raises(ValueError, match="nothing to bind to"):
+        rank_cores(rank, world, cores)
+
+
+def _worker_cores(monkeypatch: pytest.MonkeyPatch, setting: str | None) -> list[set[int]]:
+    if setting is None:
+        monkeypatch.delenv(AFFINITY_ENV, raising=False)
+    else:
+        monkeypatch.setenv(AFFINITY_ENV, setting)
+    model, x = mlp(batch=8, width=16, depth=4)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    y = torch.randint(0, 10, (8,))
+    with pipeoptim.compile(
+        model,
+        opt,
+        2,
+        example_inputs=x,
+        loss_fn=F.cross_entropy,
+        executor="processes",
+        profile_dir=None,
+        timeout=60,
+    ) as pipe:
+        pipe.step(x, y)
+        pipe.flush()
+        return [os.sched_getaffinity(p.pid) for p in pipe._executor.processes]
+
+
+def test_worker_processes_run_on_their_own_cores(monkeypatch: pytest.MonkeyPatch) -> None:
+    mine = os.sched_getaffinity(0)
+    assert _worker_cores(monkeypatch, None) == [set(rank_cores(r, 2, mine)) for r in range(2)]
+
+
+@pytest.mark.parametrize("setting", ["off", "0"])
+def test_the_binding_can_be_turned_off(monkeypatch: pytest.MonkeyPatch, setting: str) -> None:
+    mine = os.sched_getaffinity(0)
+    assert _worker_cores(monkeypatch, setting) == [mine, mine]
