@@ -107,7 +107,7 @@ def main() -> None:
                     f"{min(ratios):.2f}-{max(ratios):.2f}",
                 ]
             )
-            summary.append(f"{stages} stages: bound / unbound {bound / unbound:.3f}")
+            summary.append(f"{bound / unbound:.3f}x at {stages} stages")
     when = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     text = (
         f"# Ranks bound to cores against left to the scheduler ({kind} run, {when}, "
@@ -129,7 +129,7 @@ def main() -> None:
         + "\n"
     )
     print(text)
-    print("; ".join(summary))
+    print(f"pipeoptim on the MLP, ranks bound / left to the scheduler: {'; '.join(summary)}")
     out.mkdir(parents=True, exist_ok=True)
     tmp = out / "affinity.md.tmp"
     tmp.write_text(text)

@@ -33,6 +33,7 @@ from tabulate import tabulate
 
 from pipeoptim.microbatch import Rows, scales, sizes, split
 from pipeoptim.runtime.action_timer import PARTS, instrument
+from pipeoptim.runtime.affinity import pin_rank
 from pipeoptim.runtime.build import PipelineSpec
 from pipeoptim.runtime.distributed import free_port
 from pipeoptim.runtime.executor import MiniBatch
@@ -77,6 +78,7 @@ def _rank(
     from pipeoptim.runtime.worker import StageProcess
 
     torch.set_num_threads(1)
+    pin_rank(rank, world)  # as a worker binds itself (pipeoptim.runtime.affinity)
     dist.init_process_group(
         "gloo",
         init_method=f"tcp://127.0.0.1:{port}",

@@ -14,7 +14,10 @@ just before and right after each run, :func:`priced_now`); the idle share of eve
 (``1 − sequential compute / (N · time)``), and the measured peak memory per stage for
 PipeOptim against PipeDream's weight stashing (MLP).
 Every pipeoptim run is launched as torchrun launches a job (:func:`run_torchrun`: one process
-per stage, each reading only its own stage's data, as each rank of torch's schedules does);
+per stage, each reading only its own stage's data, as each rank of torch's schedules does).
+On the CPU every rank is bound to cores of its own (:mod:`pipeoptim.runtime.affinity`), torch's
+schedules' ranks as well (those of GPipe and 1F1B share pipeoptim's processes; the zero-bubble
+ones are bound alike), so that the ratios compare schedules.
 PipeOptim runs once more with the processes executor (one script, whose process splits every
 mini-batch and feeds the stages: the single-script launch and what it costs).
 PipeOptim runs once more (``--quick``: only with ``--compiled``) with every stage compiled by
@@ -79,6 +82,7 @@ from pipeoptim.compiler.plan import Plan
 from pipeoptim.compiler.summary import summarize
 from pipeoptim.compiler.trace import trace
 from pipeoptim.examples import Block
+from pipeoptim.runtime.affinity import pin_rank
 from pipeoptim.runtime.distributed import free_port
 from pipeoptim.runtime.linkcost import QUICK_SIZES, SIZES, measure_link
 from pipeoptim.update_cost import UpdateCosts, measure_update_cost, working_set_of
@@ -648,6 +652,8 @@ def _pippy_worker(
     torch.set_num_threads(1)
     if device_type == "cuda":
         torch.cuda.set_device(rank)
+    else:  # bound to cores as pipeoptim binds its ranks: the ratios compare schedules
+        pin_rank(rank, world)
     dist.init_process_group(
         "nccl" if device_type == "cuda" else "gloo",
         init_method=f"tcp://127.0.0.1:{port}",
