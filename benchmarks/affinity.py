@@ -1,16 +1,22 @@
 """Ranks bound to cores against ranks left to the scheduler, side by side in one run.
 
 PipeOptim on the MLP of ``throughput.py`` (16x512, mini-batch 64, CPU gloo, one thread per
-rank), compiled twice with the processes executor: once as the runtime runs by default, each
-worker and its gloo threads bound to its cores (:mod:`pipeoptim.runtime.affinity`), once with
-``PIPEOPTIM_CPU_AFFINITY=off``. Their timed windows take turns (this host's speed drifts over
-seconds); each rate is the median of its windows, and the ratio bound / unbound is printed per
-stage count.
+rank), as the runtime runs by default, each rank and its gloo threads bound to its cores
+(:mod:`pipeoptim.runtime.affinity`), and with ``PIPEOPTIM_CPU_AFFINITY=off``, launched two ways:
 
-    python benchmarks/affinity.py [--quick] [--stages 2 4] [--out DIR]
+- as torchrun launches a job (one process per stage, each feeding its own stage; no driver):
+  a job per setting, the two taking turns ``--rounds`` times; a job's rate is the median of its
+  windows, a round's ratio that of its two jobs;
+- with the processes executor (this process drives the worker processes): both pipelines
+  compiled at once, their windows taking turns; the ratio is that of the median rates.
+
+Each row prints the ratio bound / unbound and the range of the round-by-round (torchrun) or
+window-by-window (processes) ratios.
+
+    python benchmarks/affinity.py [--quick] [--stages 2 4] [--rounds 3] [--out DIR]
 
 Writes ``affinity.md`` into ``--out``: ``benchmarks/results`` for the full run, a new
-temporary folder for ``--quick`` or other ``--stages``.
+temporary folder for ``--quick`` or other ``--stages`` or ``--rounds``.
 """
 
 from __future__ import annotations
@@ -25,15 +31,19 @@ import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import torch
 from tabulate import tabulate
 
 sys.path.insert(0, str(Path(__file__).parent))
 from outputs import results_dir, run_kind, stage_count
-from throughput import BATCH, batch, compile_model
+from throughput import BATCH, batch, compile_model, run_ranks
 
 from pipeoptim.runtime.affinity import AFFINITY_ENV
+
+#: the two settings measured: the runtime's default, and the binding turned off
+SETTINGS = (("bound", None), ("unbound", "off"))
 
 
 @contextlib.contextmanager
@@ -60,13 +70,14 @@ def window_rate(pipe: object, data: list, steps: int) -> float:
     return steps / (time.perf_counter() - start)
 
 
-def measure(stages: int, windows: int, steps: int, profile_dir: Path) -> dict[str, list[float]]:
-    """Per setting ("bound", "unbound"), the rates of its ``windows`` windows, taking turns."""
+def measure_processes(stages: int, windows: int, steps: int, profile_dir: Path) -> dict[str, list[float]]:
+    """Per setting ("bound", "unbound"), the rates of its ``windows`` windows with the processes
+    executor, taking turns."""
     data = [batch(seed) for seed in range(8)]
     rates: dict[str, list[float]] = {"bound": [], "unbound": []}
     with contextlib.ExitStack() as stack:
         pipes = {}
-        for name, setting in (("bound", None), ("unbound", "off")):
+        for name, setting in SETTINGS:
             with affinity(setting):
                 pipes[name] = stack.enter_context(
                     compile_model("mlp", "pipeoptim", stages, "processes", profile_dir, BATCH)
@@ -79,51 +90,89 @@ def measure(stages: int, windows: int, steps: int, profile_dir: Path) -> dict[st
     return rates
 
 
+def _torchrun_rank(
+    rank: int, world: int, port: int, setting: str | None, windows: int, steps: int, folder: str, out: Any
+) -> None:
+    """One rank of a torchrun job with the affinity ``setting``: its windows' rates on ``out``."""
+    os.environ.update(
+        RANK=str(rank),
+        WORLD_SIZE=str(world),
+        LOCAL_RANK=str(rank),
+        LOCAL_WORLD_SIZE=str(world),
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+    )
+    torch.set_num_threads(1)
+    with affinity(setting), compile_model("mlp", "pipeoptim", world, "torchrun", Path(folder), BATCH) as pipe:
+        x, y = batch(0)
+        feed = [(x if rank == 0 else None, y if rank == world - 1 else None)]
+        window_rate(pipe, feed, 2 * world)  # warm-up
+        out.put((rank, [window_rate(pipe, feed, steps) for _ in range(windows)]))
+
+
+def measure_torchrun(
+    stages: int, rounds: int, windows: int, steps: int, profile_dir: Path
+) -> dict[str, list[float]]:
+    """Per setting, the median rate of each of ``rounds`` torchrun jobs (the last rank's
+    windows), the two settings' jobs taking turns."""
+    rates: dict[str, list[float]] = {"bound": [], "unbound": []}
+    for _ in range(rounds):
+        for name, setting in SETTINGS:
+            parts = run_ranks(
+                _torchrun_rank, stages, (setting, windows, steps, str(profile_dir)), f"{name} job"
+            )
+            rates[name].append(statistics.median(parts[stages - 1]))
+    return rates
+
+
+def row(launch: str, stages: int, rates: dict[str, list[float]]) -> tuple[list[Any], str]:
+    """A table row and a summary part: median rates, their ratio, the range of paired ratios."""
+    bound, unbound = (statistics.median(rates[k]) for k in ("bound", "unbound"))
+    ratios = [b / u for b, u in zip(rates["bound"], rates["unbound"])]
+    spread = f"{min(ratios):.2f}-{max(ratios):.2f}"
+    cells = [launch, stages, f"{bound:.1f}", f"{unbound:.1f}", f"{bound / unbound:.3f}", spread]
+    return cells, f"{bound / unbound:.3f}x {launch} at {stages} stages"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="2 stages, few windows")
+    parser.add_argument("--quick", action="store_true", help="2 stages, one round, few windows")
     parser.add_argument("--stages", type=stage_count, nargs="+", default=[2, 4])
+    parser.add_argument("--rounds", type=int, default=3, help="torchrun jobs per setting (default 3)")
     parser.add_argument(
         "--out", type=Path, help="default: benchmarks/results for the full run, else a temporary folder"
     )
     args = parser.parse_args()
-    kind = run_kind(parser, args, ("stages",))
-    out = results_dir(parser, args, "affinity", scope=("stages",))
+    if args.rounds < 1:
+        parser.error(f"--rounds must be at least 1, got {args.rounds}")
+    scope = ("stages", "rounds")
+    kind = run_kind(parser, args, scope)
+    out = results_dir(parser, args, "affinity", scope=scope)
     torch.set_num_threads(1)
     stage_counts = [2] if args.quick and args.stages == parser.get_default("stages") else args.stages
-    windows, steps = (2, 8) if args.quick else (8, 40)
+    rounds, windows, steps = (1, 2, 8) if args.quick else (args.rounds, 8, 40)
     rows, summary = [], []
     with tempfile.TemporaryDirectory(prefix="affinity-profiles-") as folder:
         for stages in stage_counts:
-            rates = measure(stages, windows, steps, Path(folder))
-            bound, unbound = (statistics.median(rates[k]) for k in ("bound", "unbound"))
-            ratios = [b / u for b, u in zip(rates["bound"], rates["unbound"])]
-            rows.append(
-                [
-                    stages,
-                    f"{bound:.1f}",
-                    f"{unbound:.1f}",
-                    f"{bound / unbound:.3f}",
-                    f"{min(ratios):.2f}-{max(ratios):.2f}",
-                ]
-            )
-            summary.append(f"{bound / unbound:.3f}x at {stages} stages")
+            for launch, rates in (
+                ("torchrun", measure_torchrun(stages, rounds, windows, steps, Path(folder))),
+                ("processes", measure_processes(stages, windows, steps, Path(folder))),
+            ):
+                cells, part = row(launch, stages, rates)
+                rows.append(cells)
+                summary.append(part)
     when = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     text = (
         f"# Ranks bound to cores against left to the scheduler ({kind} run, {when}, "
         f"{os.cpu_count()} cores)\n\n"
-        f"PipeOptim, MLP 16x512, mini-batch {BATCH}, processes executor, one thread per rank; "
-        f"{windows} windows of {steps} mini-batches each, taking turns; rates are medians, the "
-        "range is that of the window-by-window ratios.\n\n"
+        f"PipeOptim, MLP 16x512, mini-batch {BATCH}, one thread per rank, windows of {steps} "
+        f"mini-batches after a warm-up; torchrun: {rounds} job(s) per setting taking turns, "
+        f"{windows} windows each, the range that of the rounds' ratios; processes executor: "
+        f"{windows} windows per setting taking turns, the range that of the windows' ratios. "
+        "Rates are medians.\n\n"
         + tabulate(
             rows,
-            headers=[
-                "stages",
-                "bound /s",
-                "unbound /s",
-                "bound / unbound",
-                "windows",
-            ],
+            headers=["launch", "stages", "bound /s", "unbound /s", "bound / unbound", "range"],
             tablefmt="github",
         )
         + "\n"

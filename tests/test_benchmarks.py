@@ -157,6 +157,7 @@ def test_only_a_full_run_writes_the_committed_results(tmp_path: Path) -> None:
         ("throughput.py", ["--rounds", "0"], "--rounds must be at least 1, got 0"),
         ("throughput.py", ["--stages", "9", "--models", "transformer"], "mini-batch of 8 rows"),
         ("breakdown.py", ["--stages", "1"], "1: a pipeline needs at least 2 stages"),
+        ("affinity.py", ["--rounds", "0"], "--rounds must be at least 1, got 0"),
     ],
 )
 def test_benchmark_options_out_of_range_are_refused(
