@@ -38,7 +38,7 @@ from tabulate import tabulate
 
 sys.path.insert(0, str(Path(__file__).parent))
 from outputs import results_dir, run_kind, stage_count
-from throughput import BATCH, batch, compile_model, run_ranks
+from throughput import BATCH, as_torchrun_rank, batch, compile_model, run_ranks
 
 from pipeoptim.runtime.affinity import AFFINITY_ENV
 
@@ -94,15 +94,7 @@ def _torchrun_rank(
     rank: int, world: int, port: int, setting: str | None, windows: int, steps: int, folder: str, out: Any
 ) -> None:
     """One rank of a torchrun job with the affinity ``setting``: its windows' rates on ``out``."""
-    os.environ.update(
-        RANK=str(rank),
-        WORLD_SIZE=str(world),
-        LOCAL_RANK=str(rank),
-        LOCAL_WORLD_SIZE=str(world),
-        MASTER_ADDR="127.0.0.1",
-        MASTER_PORT=str(port),
-    )
-    torch.set_num_threads(1)
+    as_torchrun_rank(rank, world, port)
     with affinity(setting), compile_model("mlp", "pipeoptim", world, "torchrun", Path(folder), BATCH) as pipe:
         x, y = batch(0)
         feed = [(x if rank == 0 else None, y if rank == world - 1 else None)]

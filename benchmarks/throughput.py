@@ -259,6 +259,20 @@ def _data(model: str, method: str, micro: int) -> tuple[torch.Tensor, torch.Tens
 Records = dict[str, tuple[list[list[tuple[str, int, float, float]]], list[list[tuple[float, float]]]]]
 
 
+def as_torchrun_rank(rank: int, world: int, port: int) -> None:
+    """Make this process rank ``rank`` of ``world`` as torchrun starts one on one host (its
+    environment; one torch thread, as the stages run)."""
+    os.environ.update(
+        RANK=str(rank),
+        WORLD_SIZE=str(world),
+        LOCAL_RANK=str(rank),
+        LOCAL_WORLD_SIZE=str(world),
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+    )
+    torch.set_num_threads(1)
+
+
 def _torchrun_rank(
     rank: int, world: int, port: int, model: str, methods: list[str], micro: int, run: dict, out: Any
 ) -> None:
@@ -269,15 +283,7 @@ def _torchrun_rank(
     schedule too, over the first method's stages, on the same process group
     (:func:`torch_schedule`). Puts per run its timeline and windows on ``out`` (the partner's
     timeline: its optimizer steps, ``("S", i, t, t)``)."""
-    os.environ.update(
-        RANK=str(rank),
-        WORLD_SIZE=str(world),
-        LOCAL_RANK=str(rank),
-        LOCAL_WORLD_SIZE=str(world),
-        MASTER_ADDR="127.0.0.1",
-        MASTER_PORT=str(port),
-    )
-    torch.set_num_threads(1)
+    as_torchrun_rank(rank, world, port)
     with contextlib.ExitStack() as stack:  # the first pipeline owns the process group: closed last
         pipes = {m: stack.enter_context(_compiled(model, m, world, micro, "torchrun", run)) for m in methods}
         steppers: dict[str, Stepper] = {}
