@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 import pipeoptim
 from pipeoptim.examples import mlp
-from pipeoptim.runtime.affinity import AFFINITY_ENV, rank_cores
+from pipeoptim.runtime.affinity import AFFINITY_ENV, binding_wanted, rank_cores
 
 pytestmark = pytest.mark.skipif(not hasattr(os, "sched_getaffinity"), reason="no CPU affinity here")
 
@@ -59,9 +59,26 @@ def _worker_cores(monkeypatch: pytest.MonkeyPatch, setting: str | None) -> list[
         return [os.sched_getaffinity(p.pid) for p in pipe._executor.processes]
 
 
+@pytest.mark.skipif(not binding_wanted(), reason="this process is held to some cores already")
 def test_worker_processes_run_on_their_own_cores(monkeypatch: pytest.MonkeyPatch) -> None:
     mine = os.sched_getaffinity(0)
     assert _worker_cores(monkeypatch, None) == [set(rank_cores(r, 2, mine)) for r in range(2)]
+
+
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="one core: nothing to hold a process to")
+def test_a_process_held_to_some_cores_is_left_as_it_is(monkeypatch: pytest.MonkeyPatch) -> None:
+    """As a launcher that binds each rank (taskset, numactl, SLURM) would leave it: binding
+    again would give rank 1 of 2 on cores {4, 5} core 5 alone. The workers take the driver's
+    cores, not those of the fork server they come from (started at full affinity by an
+    earlier test, it made them bind)."""
+    mine = os.sched_getaffinity(0)
+    held = {min(mine)}
+    os.sched_setaffinity(0, held)
+    try:
+        assert not binding_wanted()
+        assert _worker_cores(monkeypatch, None) == [held, held]
+    finally:
+        os.sched_setaffinity(0, mine)
 
 
 @pytest.mark.parametrize("setting", ["off", "0"])

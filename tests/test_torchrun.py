@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 import pipeoptim
-from pipeoptim.runtime.affinity import rank_cores
+from pipeoptim.runtime.affinity import binding_wanted, rank_cores
 from pipeoptim.runtime.distributed import free_port
 
 from .test_training import SmallCNN, data
@@ -57,7 +57,7 @@ def test_torchrun_ranks_equal_local_executor(tmp_path: Path, method: str, only_n
     assert ranks[0]["receives"] <= stages and ranks[0]["unresolved"] <= stages
     assert ranks[1]["receives"] == 0
     assert ranks[0]["state"] == ranks[1]["state"]
-    if hasattr(os, "sched_getaffinity"):
+    if binding_wanted():
         mine = os.sched_getaffinity(0)
         assert [r["cores"] for r in ranks] == [rank_cores(r, stages, mine) for r in range(stages)]
 

@@ -37,14 +37,36 @@ def rank_cores(local_rank: int, local_world: int, cores: Iterable[int]) -> list[
     return [usable[local_rank % len(usable)]]
 
 
+def binding_wanted() -> bool:
+    """Whether :func:`pin_rank` binds: :data:`AFFINITY_ENV` not off (two jobs on one host would
+    otherwise take the same cores), the platform can (``os.sched_setaffinity``: not macOS or
+    Windows), and this process may use every core of the machine: a process held to some
+    already (a launcher binding each rank, ``taskset``, ``numactl``, a container's cpuset) is
+    left as it is, where binding again would give a rank a share of its own share."""
+    if os.environ.get(AFFINITY_ENV, "").strip().lower() in _OFF or not hasattr(os, "sched_setaffinity"):
+        return False
+    return len(os.sched_getaffinity(0)) >= (os.cpu_count() or 0)
+
+
 def pin_rank(local_rank: int, local_world: int) -> list[int] | None:
     """Bind the calling thread, and the threads it starts from now on, to :func:`rank_cores`
-    of the cores this process may use; call before ``init_process_group``. Returns the cores,
-    or ``None`` where nothing was bound: :data:`AFFINITY_ENV` says off (two jobs on one host
-    would otherwise take the same cores), or the platform has no ``os.sched_setaffinity``
-    (macOS, Windows)."""
-    if os.environ.get(AFFINITY_ENV, "").strip().lower() in _OFF or not hasattr(os, "sched_setaffinity"):
+    of the machine's cores where :func:`binding_wanted`; call before ``init_process_group``.
+    Returns the cores, or ``None`` where nothing was bound."""
+    if not binding_wanted():
         return None
     cores = rank_cores(local_rank, local_world, os.sched_getaffinity(0))
     os.sched_setaffinity(0, cores)
     return cores
+
+
+def driver_cores() -> list[int] | None:
+    """The cores this process may use, to hand to the worker processes it starts
+    (:func:`take_cores`); ``None`` where the platform does not say."""
+    return sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None
+
+
+def take_cores(cores: list[int] | None) -> None:
+    """Use ``cores`` (:func:`driver_cores` of the driver), as a worker forked from the fork
+    server would otherwise keep the server's, taken when the driver's first pipeline started."""
+    if cores is not None and hasattr(os, "sched_setaffinity"):
+        os.sched_setaffinity(0, cores)

@@ -23,6 +23,7 @@ import torch
 from pipeoptim.errors import PeerLostError, PipelineError, PipeoptimError
 from pipeoptim.microbatch import Rows
 from pipeoptim.runtime import wire
+from pipeoptim.runtime.affinity import driver_cores
 from pipeoptim.runtime.build import PipelineSpec
 from pipeoptim.runtime.executor import MiniBatch
 from pipeoptim.runtime.procmem import resident_bytes
@@ -98,7 +99,7 @@ class ProcessExecutor:
         self.commands = [ctx.Queue() for _ in range(self.world)]
         for commands in self.commands:
             commands.cancel_join_thread()  # a dead worker's unread commands must not block exit
-            commands.put(("spec", None, (payload, dict(os.environ))))  # worker_main: not an argument
+            commands.put(("spec", None, (payload, dict(os.environ), driver_cores())))  # not an argument
         init = f"tcp://127.0.0.1:{free_port()}"
         self.processes = [
             ctx.Process(

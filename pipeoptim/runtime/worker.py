@@ -24,7 +24,7 @@ import torch.distributed as dist
 from torch.utils import _pytree as pytree
 
 from pipeoptim.errors import PipelineError, PipeoptimError
-from pipeoptim.runtime.affinity import pin_rank
+from pipeoptim.runtime.affinity import pin_rank, take_cores
 from pipeoptim.runtime.async_norms import note_size
 from pipeoptim.runtime.build import PipelineSpec, aliases_of, build_stage, input_grad_mask
 from pipeoptim.runtime.comm import DistChannel
@@ -212,10 +212,10 @@ def worker_main(
     """Entry point of a worker process: serve commands until ``close`` (or a failure).
 
     The first command is ``("spec", None, (bytes of the pipeline spec, the driver's
-    environment))``. The environment replaces the worker's own: a worker forked from the fork
-    server (:func:`pipeoptim.runtime.spawning.worker_context`) would otherwise see the
-    server's, as it was at the driver's first pipeline (a ``GLOO_SOCKET_IFNAME`` set later
-    would be missed). It comes on the queue,
+    environment, the driver's cores))``. The environment and cores replace the worker's own: a
+    worker forked from the fork server (:func:`pipeoptim.runtime.spawning.worker_context`)
+    would otherwise see the server's, as they were at the driver's first pipeline (a
+    ``GLOO_SOCKET_IFNAME`` set later would be missed, or a ``taskset`` of the driver). It comes on the queue,
     not as a process argument, because ``multiprocessing`` writes a spawned child's arguments
     from the starting thread and blocks while the child has not read them -- forever when the
     child died first (e.g. re-running a script that lacks a main guard) and the spec is
@@ -233,9 +233,10 @@ def worker_main(
         kind, _request, payload = commands.get(timeout=timeout)
         if kind != "spec":
             raise PipelineError(f"stage {rank} expected the pipeline spec first, got {kind!r}")
-        pickled, environ = payload
+        pickled, environ, cores = payload
         os.environ.clear()
         os.environ.update(environ)
+        take_cores(cores)
         device = stage_device(rank)
         spec: PipelineSpec = pickle.loads(pickled)  # see spawning.pickle_spec
         if spec.data_parallel > 1:
