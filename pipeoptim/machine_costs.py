@@ -27,6 +27,7 @@ import torch
 from pipeoptim import other_work
 from pipeoptim.action_overhead import measure_action_overhead
 from pipeoptim.fileio import read_json_table, write_json
+from pipeoptim.runtime.affinity import binding_wanted
 from pipeoptim.runtime.distributed import STAGE_THREADS
 from pipeoptim.runtime.linkcost import measure_link, usable_cores
 from pipeoptim.units import is_bandwidth, is_seconds
@@ -63,7 +64,8 @@ def cache_dir() -> Path:
 
 
 def machine_key() -> str:
-    """What the figures depend on: host, the cores this process may use, torch, threads per stage."""
+    """What the figures depend on: host, the cores this process may use, torch, threads per
+    stage, and whether ranks are bound to cores (figures measured unbound priced bound runs)."""
     cores = usable_cores()
     return json.dumps(
         {
@@ -72,6 +74,7 @@ def machine_key() -> str:
             "torch": torch.__version__,
             "stage threads": STAGE_THREADS,
             "method": METHOD,
+            "ranks bound": binding_wanted(),
         },
         sort_keys=True,
     )
@@ -113,11 +116,14 @@ def _age(measured_at: str) -> str:
     """``measured_at`` (ISO 8601) and how long ago, e.g. ``2026-12-01 09:12 UTC, 2 days ago``."""
     try:
         when = datetime.datetime.fromisoformat(measured_at)
-    except ValueError:
+        if when.tzinfo is None:
+            when = when.replace(tzinfo=datetime.timezone.utc)
+        seconds = (datetime.datetime.now(datetime.timezone.utc) - when).total_seconds()
+        shown = f"{when.astimezone(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC"
+    except (ValueError, OverflowError):  # year 1 or 9999 with an offset overflowed
         return "at an unreadable time"
-    if when.tzinfo is None:
-        when = when.replace(tzinfo=datetime.timezone.utc)
-    seconds = (datetime.datetime.now(datetime.timezone.utc) - when).total_seconds()
+    if seconds < 0:
+        return f"{shown}, in the future"
     ago = next(
         (
             f"{int(seconds // size)} {unit}{'s' if seconds >= 2 * size else ''} ago"
@@ -126,7 +132,7 @@ def _age(measured_at: str) -> str:
         ),
         "just now",
     )
-    return f"{when.astimezone(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC, {ago}"
+    return f"{shown}, {ago}"
 
 
 def _figures(costs: MachineCosts) -> str:

@@ -85,3 +85,10 @@ def test_a_process_held_to_some_cores_is_left_as_it_is(monkeypatch: pytest.Monke
 def test_the_binding_can_be_turned_off(monkeypatch: pytest.MonkeyPatch, setting: str) -> None:
     mine = os.sched_getaffinity(0)
     assert _worker_cores(monkeypatch, setting) == [mine, mine]
+
+
+@pytest.mark.parametrize("value", ["garbage", "disable", "none"])
+def test_a_setting_neither_on_nor_off_is_refused(monkeypatch: pytest.MonkeyPatch, value: str) -> None:
+    """Any other value meant "on" without a word."""
+    with pytest.raises(ValueError, match=f"PIPEOPTIM_CPU_AFFINITY='{value}' is neither on nor off"):
+        _worker_cores(monkeypatch, value)

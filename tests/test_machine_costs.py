@@ -234,3 +234,27 @@ def test_a_cost_model_refuses_bandwidths_that_overflow_its_times(value: str) -> 
         with pytest.raises(ValueError, match=rf"{name} must be None \(free\) or 1 to 1e\+18 bytes/s"):
             CostConfig(num_stages=2, **{name: float(value)})
     assert CostConfig(num_stages=2, bandwidth=1.0, allreduce_bandwidth=None).bandwidth == 1.0
+
+
+@pytest.mark.parametrize(
+    "measured_at, said",
+    [
+        ("0001-01-01T00:00:00+23:59", "at an unreadable time"),  # OverflowError in the subtraction
+        ("9999-12-31T23:59:00-23:59", "at an unreadable time"),
+        ("2999-01-01T00:00:00+00:00", "2999-01-01 00:00 UTC, in the future"),  # read "just now"
+    ],
+)
+def test_a_cache_time_out_of_range_is_named_not_a_traceback(measured_at: str, said: str) -> None:
+    assert machine_costs._age(measured_at) == said
+
+
+def test_figures_measured_with_the_ranks_unbound_are_not_reused_bound(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    calls = counting(monkeypatch, MachineCosts(2e-4, 5e9, 6e-4))
+    monkeypatch.setenv("PIPEOPTIM_CPU_AFFINITY", "off")
+    load_or_measure_machine_costs(tmp_path)
+    monkeypatch.delenv("PIPEOPTIM_CPU_AFFINITY")
+    load_or_measure_machine_costs(tmp_path)
+    expected = 2 if machine_costs.binding_wanted() else 1  # a process held to some cores never binds
+    assert len(calls) == expected and len(json.loads((tmp_path / MACHINE_COSTS_FILE).read_text())) == expected

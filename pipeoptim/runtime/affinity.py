@@ -14,9 +14,26 @@ from __future__ import annotations
 import os
 from collections.abc import Iterable
 
-#: environment variable that turns the binding off (``off``, ``0``, ``false`` or ``no``)
+#: environment variable that turns the binding off (``off``, ``0``, ``false`` or ``no``) or on
+#: (unset, empty, ``on``, ``1``, ``true`` or ``yes``: the default)
 AFFINITY_ENV = "PIPEOPTIM_CPU_AFFINITY"
 _OFF = ("off", "0", "false", "no")
+_ON = ("", "on", "1", "true", "yes")
+
+
+def binding_asked() -> bool:
+    """What :data:`AFFINITY_ENV` says (on where unset).
+
+    Raises:
+        ValueError: another value (a typo would otherwise mean "on").
+    """
+    value = os.environ.get(AFFINITY_ENV, "").strip().lower()
+    if value not in _OFF + _ON:
+        raise ValueError(
+            f"{AFFINITY_ENV}={os.environ[AFFINITY_ENV]!r} is neither on nor off: set it to 'off' to leave "
+            "the ranks to the scheduler, or unset it"
+        )
+    return value in _ON
 
 
 def rank_cores(local_rank: int, local_world: int, cores: Iterable[int]) -> list[int]:
@@ -42,8 +59,12 @@ def binding_wanted() -> bool:
     otherwise take the same cores), the platform can (``os.sched_setaffinity``: not macOS or
     Windows), and this process may use every core of the machine: a process held to some
     already (a launcher binding each rank, ``taskset``, ``numactl``, a container's cpuset) is
-    left as it is, where binding again would give a rank a share of its own share."""
-    if os.environ.get(AFFINITY_ENV, "").strip().lower() in _OFF or not hasattr(os, "sched_setaffinity"):
+    left as it is, where binding again would give a rank a share of its own share.
+
+    Raises:
+        ValueError: :data:`AFFINITY_ENV` is neither on nor off (:func:`binding_asked`).
+    """
+    if not binding_asked() or not hasattr(os, "sched_setaffinity"):
         return False
     return len(os.sched_getaffinity(0)) >= (os.cpu_count() or 0)
 

@@ -23,7 +23,7 @@ import torch
 from pipeoptim.errors import PeerLostError, PipelineError, PipeoptimError
 from pipeoptim.microbatch import Rows
 from pipeoptim.runtime import wire
-from pipeoptim.runtime.affinity import driver_cores
+from pipeoptim.runtime.affinity import binding_asked, driver_cores
 from pipeoptim.runtime.build import PipelineSpec
 from pipeoptim.runtime.executor import MiniBatch
 from pipeoptim.runtime.procmem import resident_bytes
@@ -93,6 +93,7 @@ class ProcessExecutor:
         self._cond = threading.Condition()
         self._stopping = False  # workers are expected to exit
         self._closing = False  # the monitor thread ends
+        binding_asked()  # a typo in PIPEOPTIM_CPU_AFFINITY is refused here, not in every worker
         payload = pickle_spec(spec)
         ctx = worker_context()
         self.results = ctx.Queue()
