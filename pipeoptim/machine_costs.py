@@ -42,6 +42,10 @@ METHOD = (
     "gloo: median of 3 fits of round trips 4K-8M; overhead: 2 stages, 200 mini-batches, CPU time; "
     "ranks bound to cores"
 )
+#: the most seconds a cached latency or per-action overhead may hold, and the slowest cached
+#: link (bytes/s): measured figures are near 1e-4 s and 1e9 B/s; beyond these, edited by hand
+MAX_CACHED_SECONDS = 1.0
+MIN_CACHED_BANDWIDTH = 1e6
 T = TypeVar("T")
 #: figures measured on a busy machine, by cache file and machine key: this process's only
 _UNSAVED: dict[tuple[str, str], MachineCosts] = {}
@@ -98,7 +102,9 @@ def measure_machine_costs(links: int = 3) -> MachineCosts:
 def _cached(saved: object) -> MachineCosts | None:
     """The figures of a cache entry (with or without :data:`MEASURED_AT`); ``None`` where it
     holds anything else, figures the cost model refuses included (a hand-edited latency of
-    1e308 stopped planning with a traceback): then they are measured again."""
+    1e308 stopped planning with a traceback), or beyond what any measurement here gives
+    (:data:`MAX_CACHED_SECONDS`, :data:`MIN_CACHED_BANDWIDTH`; a latency of 3000 s at 1 B/s
+    priced every plan at 0 mini-batches/s): then they are measured again."""
     if not isinstance(saved, dict):
         return None
     figures = {k: v for k, v in saved.items() if k != MEASURED_AT}
@@ -107,6 +113,8 @@ def _cached(saved: object) -> MachineCosts | None:
         or not all(isinstance(v, float) for v in figures.values())
         or not (is_seconds(figures["latency"]) and is_seconds(figures["action_overhead"]))
         or not is_bandwidth(figures["bandwidth"])
+        or max(figures["latency"], figures["action_overhead"]) > MAX_CACHED_SECONDS
+        or figures["bandwidth"] < MIN_CACHED_BANDWIDTH
     ):
         return None
     return MachineCosts(**figures)

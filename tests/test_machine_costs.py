@@ -107,8 +107,9 @@ def test_an_unreadable_cache_is_named_and_measured_again(
     saved = table[key]
     impossible = [  # figures no measurement gives; 1e308 stopped planning with a traceback
         *({"latency": v} for v in (-1.0, float("inf"), float("nan"), 1e308, "x", None)),
-        *({"bandwidth": v} for v in (0.0, 0.5, 1e19)),
-        {"action_overhead": 1e308},
+        *({"bandwidth": v} for v in (0.0, 0.5, 1e19, 1.0)),
+        *({"action_overhead": v} for v in (1e308, 3000.0)),
+        {"latency": 3000.0},  # the cost model takes it: every plan priced at 0 mini-batches/s
     ]
     for change in impossible:
         table[key] = {**saved, **change}

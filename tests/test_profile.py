@@ -169,6 +169,7 @@ def test_a_node_of_the_wrong_shape_is_a_profile_error(tmp_path: Path, field: str
     data = graph.to_dict()
     node = next(n for n in data["nodes"] if n["op"].startswith("call_"))
     node[field] = value
+    del data["content_hash"]  # a file of the user's own (pipeoptim's seal would name the edit)
     path = tmp_path / "p.json"
     path.write_text(json.dumps(data))
     with pytest.raises(ProfileError, match=f"node {node['name']!r} has {field} = "):
@@ -197,11 +198,42 @@ def test_a_cached_profile_with_values_pipeoptim_never_writes_is_measured_again(
     path = next(tmp_path.glob("*.json"))
     data = json.loads(path.read_text())
     edit(data)
+    del data["content_hash"]  # unsealed, so that the check of each value is what answers
     path.write_text(json.dumps(data))
     logs: list[str] = []
     graph, reused = load_or_profile(traced, inputs, profile_dir=tmp_path, log=logs.append)
     assert not reused and logs[0].startswith(f"not reusing {path}: ") and message in logs[0], logs
     assert CostGraph.load(path).to_dict() == graph.to_dict()
+
+
+@pytest.mark.parametrize(
+    "edit",
+    [
+        lambda d: d.update(batch_size=64),  # for 4 rows: gloo aborted in a worker
+        lambda d: d["nodes"][1]["out_meta"][0].update(shape=[4, 99]),  # a stage crashed
+        lambda d: d["info"].update(static_batch=not d["info"]["static_batch"]),
+        lambda d: [n.pop("fwd_s") for n in d["nodes"]],  # read as 0 s: a plan of no compute
+    ],
+)
+def test_a_cached_profile_edited_by_hand_is_measured_again(tmp_path: Path, edit) -> None:
+    """Well-formed values, each wrong for this model, were reused without a word (helper-64)."""
+    model, inputs = mlp(batch=4, width=16, depth=2)
+    traced = trace(model, inputs)
+    first, _ = load_or_profile(traced, inputs, profile_dir=tmp_path)
+    path = next(tmp_path.glob("*.json"))
+    data = json.loads(path.read_text())
+    edit(data)
+    path.write_text(json.dumps(data))
+    logs: list[str] = []
+    _, reused = load_or_profile(traced, inputs, profile_dir=tmp_path, log=logs.append)
+    assert not reused and "content_hash does not match the content: the file was edited" in logs[0], logs
+    del data["content_hash"]
+    path.write_text(json.dumps(data))
+    logs.clear()
+    again, reused = load_or_profile(traced, inputs, profile_dir=tmp_path, log=logs.append)
+    unsealed = "it has no content_hash (written by an older pipeoptim, or the field was removed)"
+    assert not reused and logs[0] == f"not reusing {path}: {unsealed}"
+    assert again.batch_size == first.batch_size and CostGraph.load(path).sealed  # measured, sealed again
 
 
 def test_corrupt_cached_profile_is_replaced_not_used(tmp_path: Path) -> None:
@@ -267,6 +299,7 @@ def test_compile_times_the_optimizer_on_a_working_set_like_the_model(tmp_path: P
     [
         [1.0, 2.0],  # what an earlier version saved: step and prediction only
         [1e308, 1e-9, 1e-9],  # stopped planning with a traceback
+        [3000.0, 3000.0, 3000.0],  # taken by the cost model: a plan of 2e-9 mini-batches/s
         [-1e-9, 1e-9, 1e-9],  # a step cheaper than free
         [float("nan"), 1e-9, 1e-9],
         [float("inf"), 1e-9, 1e-9],
@@ -291,7 +324,7 @@ def test_saved_update_costs_the_cost_model_refuses_are_named_and_measured_again(
     assert json.loads(path.read_text())[key] == list(costs)
     assert logs == [
         f"measuring the optimizer's update costs again: {path} holds {json.dumps(entry)} for this "
-        "setting, not seconds per byte (step, predict, copy) from 0 to 3600"
+        "setting, not floats of seconds per byte (step, predict, copy) from 0 to 1e-06"
     ]
 
 

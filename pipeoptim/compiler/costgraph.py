@@ -16,9 +16,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from pipeoptim.compiler.graph_checks import check_graph
 from pipeoptim.errors import ProfileError
 from pipeoptim.fileio import write_json
-from pipeoptim.units import MAX_BYTES, MAX_SECONDS, is_seconds
 
 SCHEMA = "pipeoptim-profile/1"
 NEUTRAL_FORMAT = "pipeoptim-neutral-cost-graph/1"
@@ -87,10 +87,6 @@ class CostNode:
         )
 
 
-#: the node kinds of a traced graph (torch.fx ops)
-_OPS = ("placeholder", "get_attr", "call_function", "call_method", "call_module", "output")
-
-
 @dataclass
 class CostGraph:
     """A model's cost graph.
@@ -113,6 +109,10 @@ class CostGraph:
     source: str = ""
     tied: dict[str, list[str]] = field(default_factory=dict)
     info: dict[str, Any] = field(default_factory=dict)
+    #: read from a file whose ``content_hash`` matched its content (as :meth:`save` writes it):
+    #: only such a profile is reused from the cache, where a hand edit of a well-formed value
+    #: (``batch_size`` 64 for 32, a shape in ``out_meta``, an ``info`` flag) crashed a worker
+    sealed: bool = field(default=False, compare=False)
 
     def __post_init__(self) -> None:
         self._by_name = {n.name: i for i, n in enumerate(self.nodes)}
@@ -158,7 +158,8 @@ class CostGraph:
         return sum(n.param_bytes for n in self.nodes)
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        """The profile as :meth:`save` writes it, sealed with its ``content_hash``."""
+        data = {
             "schema": SCHEMA,
             "model": self.model,
             "batch_size": self.batch_size,
@@ -169,6 +170,7 @@ class CostGraph:
             "info": self.info,
             "nodes": [asdict(n) for n in self.nodes],
         }
+        return {**data, "content_hash": content_hash(data)}
 
     def save(self, path: str | os.PathLike[str]) -> None:
         """Write the cost graph as JSON, atomically."""
@@ -211,50 +213,7 @@ class CostGraph:
                 ``batch_size`` that is not a positive whole number (``"64"`` or 8.7 were
                 read as 64 and 8), or ``tied`` not ``{name: [aliases]}``.
         """
-        for node in self.nodes:
-            for name in _COSTS:
-                value = getattr(node, name)
-                if isinstance(value, bool) or not isinstance(value, (int, float)):
-                    raise ProfileError(f"{origin}: node {node.name!r} has {name} = {value!r}, not a number")
-                if not (is_seconds(value) if name.endswith("_s") else 0 <= value <= MAX_BYTES):
-                    raise ProfileError(
-                        f"{origin}: node {node.name!r} has {name} = {value}; times must be seconds from 0 "
-                        f"to {MAX_SECONDS:.0f} and sizes bytes from 0 to {MAX_BYTES:.0e}: fix or "
-                        "re-measure that node"
-                    )
-        for node in self.nodes:  # the structure later code walks (a hand edit made them tracebacks)
-            shapes = {
-                "inputs": isinstance(node.inputs, list) and all(isinstance(x, str) for x in node.inputs),
-                "params": isinstance(node.params, list) and all(isinstance(x, str) for x in node.params),
-                "saved": isinstance(node.saved, dict)
-                and all(isinstance(v, int) for v in node.saved.values()),
-                "out_meta": isinstance(node.out_meta, list)
-                and all(isinstance(m, dict) for m in node.out_meta),
-                "op": node.op in _OPS,
-            }
-            for name in [k for k, fine in shapes.items() if not fine]:
-                raise ProfileError(
-                    f"{origin}: node {node.name!r} has {name} = {getattr(node, name)!r}, not what a profile "
-                    "holds there: re-measure the profile"
-                )
-        if isinstance(self.batch_size, bool) or not isinstance(self.batch_size, int) or self.batch_size < 1:
-            raise ProfileError(f"{origin}: batch_size {self.batch_size!r} is not a positive whole number")
-        if not (
-            isinstance(self.tied, dict)
-            and all(isinstance(v, list) and all(isinstance(a, str) for a in v) for v in self.tied.values())
-        ):
-            raise ProfileError(
-                f"{origin}: tied {self.tied!r} is not {{name: [aliases]}}; re-measure the profile"
-            )
-        if not any(n.op == "output" for n in self.nodes):
-            raise ProfileError(
-                f"{origin}: the graph has no node with op 'output'; add the model's output node"
-            )
-        if not any(n.time_s > 0 or n.param_bytes > 0 for n in self.nodes):
-            raise ProfileError(
-                f"{origin}: every node has zero time and no parameters, so there is nothing to "
-                "place; re-measure the profile"
-            )
+        check_graph(self, origin)
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> CostGraph:
@@ -288,7 +247,6 @@ class CostGraph:
 
 #: what :func:`pipeoptim.compiler.profile.profile_model` writes in ``info`` and compile reads
 _INFO_FLAGS = ("static_batch", "dynamic_length")
-_COSTS = ("fwd_s", "bwd_s", "out_bytes", "grad_bytes", "param_bytes", "buffer_bytes", "saved_bytes")
 
 
 def _json_kind(value: Any) -> str:
@@ -326,6 +284,14 @@ def _from_profile(cls: type[CostGraph], data: dict[str, Any], origin: str) -> Co
         ) from exc
     if data.get("key_hash") not in (None, graph.key_hash):
         raise ProfileError(f"{origin}: key_hash does not match its key; the file was edited")
+    if "content_hash" in data:
+        if data["content_hash"] != content_hash(data):
+            raise ProfileError(
+                f"{origin}: content_hash does not match the content: the file was edited after "
+                "pipeoptim wrote it; delete it to measure again, or drop the content_hash field to "
+                "use it as edited"
+            )
+        graph.sealed = True
     info = graph.info
     if not isinstance(info, dict) or [k for k in _INFO_FLAGS if not isinstance(info.get(k), bool)]:
         # compile reads them: a profile without them ran a fixed-batch model as a split one
@@ -396,3 +362,9 @@ def _size(value: Any) -> int:
     if not math.isfinite(number) or number != int(number):
         raise ValueError(f"size {value!r} is not a whole number of bytes")
     return int(number)
+
+
+def content_hash(data: dict[str, Any]) -> str:
+    """sha256 (first 16 hex digits) of a profile's JSON without its ``content_hash`` field."""
+    body = {k: v for k, v in data.items() if k != "content_hash"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()[:16]

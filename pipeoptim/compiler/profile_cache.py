@@ -47,10 +47,16 @@ def load_or_profile(
         except ProfileError as exc:
             log(f"not reusing {path}: {exc}")
         else:
-            if graph.key == key:
+            if not graph.sealed:  # a hand edit of a well-formed value crashed a worker
+                log(
+                    f"not reusing {path}: it has no content_hash (written by an older pipeoptim, or "
+                    "the field was removed)"
+                )
+            elif graph.key == key:
                 log(f"reusing profile {path} (same graph, inputs, device and torch version)")
                 return graph, True
-            log(f"not reusing {path}: its key differs ({_key_diff(graph.key, key)})")
+            else:
+                log(f"not reusing {path}: its key differs ({_key_diff(graph.key, key)})")
     else:
         _log_why_profiling(folder, traced.model_name, key, log)
     graph = profile_model(traced, example_inputs, device=device, warmup=warmup, repeats=repeats)
