@@ -60,6 +60,7 @@ def test_torchrun_ranks_equal_local_executor(tmp_path: Path, method: str, only_n
     if binding_wanted():
         mine = os.sched_getaffinity(0)
         assert [r["cores"] for r in ranks] == [rank_cores(r, stages, mine) for r in range(stages)]
+        assert [r["cores after close"] for r in ranks] == [sorted(mine)] * stages
 
     torch.manual_seed(0)  # rank 0's initial weights, which it broadcast to the others
     model = SmallCNN()

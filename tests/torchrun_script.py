@@ -50,9 +50,11 @@ def main(out: str, stages: int, method: str, profile_dir: str, only_needed: bool
     result |= {"receives": max(receives), "unresolved": max(unresolved)}
     if hasattr(os, "sched_getaffinity"):  # each rank bound to its cores (runtime.affinity)
         result["cores"] = sorted(os.sched_getaffinity(0))
+    pipe.close()
+    if hasattr(os, "sched_getaffinity"):  # given back by close(): the script goes on
+        result["cores after close"] = sorted(os.sched_getaffinity(0))
     with open(f"{out}.{os.environ['RANK']}", "w") as f:
         json.dump(result, f)
-    pipe.close()
 
 
 if __name__ == "__main__":

@@ -19,6 +19,8 @@ from collections.abc import Iterable
 AFFINITY_ENV = "PIPEOPTIM_CPU_AFFINITY"
 _OFF = ("off", "0", "false", "no")
 _ON = ("", "on", "1", "true", "yes")
+#: the cores the calling thread had before :func:`pin_rank` bound it
+_before: set[int] | None = None
 
 
 def binding_asked() -> bool:
@@ -73,11 +75,23 @@ def pin_rank(local_rank: int, local_world: int) -> list[int] | None:
     """Bind the calling thread, and the threads it starts from now on, to :func:`rank_cores`
     of the machine's cores where :func:`binding_wanted`; call before ``init_process_group``.
     Returns the cores, or ``None`` where nothing was bound."""
+    global _before
     if not binding_wanted():
         return None
-    cores = rank_cores(local_rank, local_world, os.sched_getaffinity(0))
+    _before = os.sched_getaffinity(0)
+    cores = rank_cores(local_rank, local_world, _before)
     os.sched_setaffinity(0, cores)
     return cores
+
+
+def unpin_rank() -> None:
+    """Give the calling thread back the cores it had before :func:`pin_rank` (once the process
+    group is gone: under torchrun the user's script goes on after ``close()``, and stayed on
+    one core)."""
+    global _before
+    if _before is not None:
+        os.sched_setaffinity(0, _before)
+        _before = None
 
 
 def driver_cores() -> list[int] | None:

@@ -25,7 +25,7 @@ import torch.distributed as dist
 
 from pipeoptim.errors import PeerLostError, PipelineError
 from pipeoptim.microbatch import Rows
-from pipeoptim.runtime.affinity import pin_rank
+from pipeoptim.runtime.affinity import pin_rank, unpin_rank
 from pipeoptim.runtime.build import PipelineSpec
 from pipeoptim.runtime.comm import LOSS_TAG
 from pipeoptim.runtime.executor import MiniBatch
@@ -316,3 +316,4 @@ class SPMDExecutor:
         self.process.channel.wait_sends()
         if self.owns_group and dist.is_initialized():
             dist.destroy_process_group()
+            unpin_rank()
