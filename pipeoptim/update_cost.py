@@ -148,9 +148,9 @@ def measure_update_cost(
     if fused_in_step and steps_each(optimizer):  # on the CPU: PipeOptim predicts inside SGD's step
         c, spent = 2 * float(optimizer.param_groups[0]["lr"]), [0.0]
 
-        def predict_one(param: torch.Tensor, group: dict) -> None:  # timed inside the step
+        def predict_one(param: torch.Tensor, group: dict, piece: slice | None) -> None:  # timed in the step
             start, name = clock(), extrapolator.name_of[id(param)]
-            hat = extrapolator.predict_one(name, group, c, buffers.get(name))
+            hat = extrapolator.predict_one(name, group, c, buffers.get(name), piece)
             if hat is not None:
                 buffers[name] = hat
             spent[0] += clock() - start
@@ -212,7 +212,7 @@ UPDATE_COSTS_FILE = "update-costs.json"
 #: figures are near 1e-10): a larger one was edited by hand, and is measured again
 MAX_CACHED_S_PER_BYTE = 1e-6
 #: how update costs are timed; figures saved under another clock are measured again
-UPDATE_COST_CLOCK = "cpu-time-median-9, prediction by terms or in SGD's step, model working set"
+UPDATE_COST_CLOCK = "cpu-time-median-9, prediction by terms or in SGD's step in pieces, model working set"
 
 
 def load_or_measure_update_cost(

@@ -10,8 +10,11 @@ from torch import nn
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 import pipeoptim
-from pipeoptim.runtime import prediction
-from pipeoptim.runtime.fused_step import sgd_step_each, steps_each
+from pipeoptim.runtime import fused_step, prediction
+from pipeoptim.runtime.extrapolation import Extrapolator, per_unit_rate
+from pipeoptim.runtime.fused_step import sgd_step_each, step_predicting, steps_each
+from pipeoptim.runtime.prediction import smoothed_gradient
+from pipeoptim.runtime.predictors import sgd
 from tests.test_policies import ConvNet, batches, conv_pipeline
 from tests.test_tied_weights import tied_setup
 
@@ -47,7 +50,8 @@ def test_step_each_is_torchs_sgd_step_bit_for_bit(options: dict) -> None:
         seen: list[tuple[int, torch.Tensor, torch.Tensor]] = []
         before = [p.detach().clone() for p in ours]
 
-        def record(p: torch.Tensor, group: dict, seen: list = seen) -> None:
+        def record(p: torch.Tensor, group: dict, piece: slice | None, seen: list = seen) -> None:
+            assert piece is None  # parameters of fewer than CHUNK_BYTES
             seen.append((id(p), p.detach().clone(), ours[2].detach().clone()))
 
         sgd_step_each(opt_ours, record)
@@ -63,6 +67,81 @@ def test_step_each_is_torchs_sgd_step_bit_for_bit(options: dict) -> None:
                     opt_ours.state[a]["momentum_buffer"], opt_theirs.state[b]["momentum_buffer"]
                 )
         assert len(opt_ours.state) == len(opt_theirs.state)
+
+
+@pytest.mark.parametrize("options", OPTIONS)
+@pytest.mark.parametrize("chunk_bytes", [4096, None], ids=["small-pieces", "L2-pieces"])
+def test_pieces_are_torchs_sgd_step_and_predictions_bit_for_bit(
+    monkeypatch, options: dict, chunk_bytes: int | None
+) -> None:
+    """Parameters larger than CHUNK_BYTES (pieces of 1024 elements, and the size taken from
+    the L2 cache, with a last piece shorter than the others): weights and buffers equal
+    ``SGD.step()``'s and PipeOptim's and SpecTrain's Ŵ equal those predicted after it, bit
+    for bit; with momentum each piece is predicted as soon as it is updated, the next piece
+    still untouched."""
+    if chunk_bytes is not None:
+        monkeypatch.setattr(fused_step, "CHUNK_BYTES", chunk_bytes)
+    numel = fused_step.CHUNK_BYTES // 4 * 5 // 2 + 300  # 2.5 pieces of float32 and a few
+    shapes = [(numel // 100, 100), (7,)]
+    g = torch.Generator().manual_seed(3)
+    ours, theirs = ([nn.Parameter(torch.randn(s, generator=g)) for s in shapes] for _ in range(2))
+    with torch.no_grad():
+        for a, b in zip(ours, theirs):
+            b.copy_(a)
+    opt_ours = torch.optim.SGD(ours, lr=0.1, **options)
+    opt_theirs = torch.optim.SGD(theirs, lr=0.1, **options)
+    names = {f"w{i}": p for i, p in enumerate(ours)}
+    for direction, c in [(per_unit_rate(sgd), 0.3), (smoothed_gradient, 0.2)]:
+        if direction is smoothed_gradient and not options["momentum"]:
+            continue
+        ours_x = Extrapolator(names, opt_ours, direction)
+        theirs_x = Extrapolator({f"w{i}": p for i, p in enumerate(theirs)}, opt_theirs, direction)
+        hats: dict[str, torch.Tensor] = {}
+        pieces: list[slice | None] = []
+        before = [ours[0].detach().clone()]
+        original = ours_x.predict_one
+
+        def predict_one(
+            name: str,
+            group: dict,
+            c: float,
+            into,
+            piece=None,
+            pieces=pieces,
+            before=before,
+            original=original,
+        ) -> torch.Tensor | None:
+            pieces.append(piece)
+            if piece is not None:  # this piece updated, the next one not yet
+                now, then = ours[0].detach().view(-1), before[0].view(-1)
+                assert not torch.equal(now[piece], then[piece])
+                rest = slice(piece.stop, None)
+                assert torch.equal(now[rest], then[rest])
+            return original(name, group, c, into, piece)
+
+        monkeypatch.setattr(ours_x, "predict_one", predict_one)
+        for _ in range(3):  # the first step creates the momentum buffers: no pieces then
+            for a, b in zip(ours, theirs):
+                a.grad = torch.randn(a.shape, generator=g)
+                b.grad = a.grad.clone()
+            pieces.clear()
+            before[0] = ours[0].detach().clone()
+            stepped_whole = not (options["momentum"] and opt_ours.state)  # no buffers yet
+            hats = step_predicting(opt_ours, ours_x, [c], hats)
+            opt_theirs.step()
+            theirs_x.invalidate()  # a new gradient
+            expected = theirs_x.predict([c])
+            assert (pieces == [None, None]) == stepped_whole
+            if not stepped_whole:
+                assert len(pieces) == 4 and pieces[0] == slice(0, fused_step.CHUNK_BYTES // 4)
+            for a, b in zip(ours, theirs):
+                assert torch.equal(a.detach(), b.detach())
+                if options["momentum"]:
+                    assert torch.equal(
+                        opt_ours.state[a]["momentum_buffer"], opt_theirs.state[b]["momentum_buffer"]
+                    )
+            assert hats.keys() == expected.keys() and hats
+            assert all(torch.equal(hats[n], expected[n]) for n in hats)
 
 
 def test_only_torchs_for_loop_sgd_steps_each() -> None:

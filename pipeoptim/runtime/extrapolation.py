@@ -126,15 +126,25 @@ class Extrapolator:
         return self._directions
 
     @torch.no_grad()
-    def predict_one(self, name: str, group: dict, c: float, into: torch.Tensor | None) -> torch.Tensor | None:
+    def predict_one(
+        self, name: str, group: dict, c: float, into: torch.Tensor | None, piece: slice | None = None
+    ) -> torch.Tensor | None:
         """Ŵ of one parameter (``group`` its optimizer group), into ``into`` when given; ``None``
         where it has no direction or ``c = 0`` (the forward uses W). The same arithmetic as
-        :meth:`predict` on the CPU, from the state as it stands (no cached D)."""
+        :meth:`predict` on the CPU, from the state as it stands (no cached D). With ``piece``
+        only those flat elements of Ŵ are written (W, ``into`` and D's tensors contiguous;
+        :func:`pipeoptim.runtime.fused_step.sgd_step_each`); the whole Ŵ tensor is returned."""
         p = self.params[name]
         terms = self.direction(p, self.optimizer.state.get(p, {}), group) if c else None
         if terms is None:
             return None
-        return extrapolate(p.detach(), terms, c, torch.empty_like(p) if into is None else into)
+        out = torch.empty_like(p) if into is None else into
+        if piece is None:
+            return extrapolate(p.detach(), terms, c, out)
+        extrapolate(
+            p.detach().view(-1)[piece], [(a, t.view(-1)[piece]) for a, t in terms], c, out.view(-1)[piece]
+        )
+        return out
 
     @torch.no_grad()
     def predict(

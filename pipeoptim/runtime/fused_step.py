@@ -12,17 +12,48 @@ layers of 512 x 512, 8 MiB, one thread) step + prediction took 2.46 ms this way 
 the kernel ``SGD.step()`` runs on the CPU unless ``foreach`` or ``fused`` is set) op for op,
 so its results are bit-identical to ``optimizer.step()``; :func:`steps_each` says where it
 applies (anything else steps with ``optimizer.step()`` and predicts afterwards).
+
+A parameter larger than :data:`CHUNK_BYTES` is stepped and predicted in flat pieces of that
+size, each piece's step and prediction before the next one's, so that the piece's weights,
+momentum buffer, gradient and Ŵ are still in the core's L2 cache when the prediction reads
+them (element-wise kernels on the same elements: the same results bit for bit). On that stage
+(1 MiB weights, a 2 MiB L2; medians of 60, two runs) step + prediction took 2.55-2.66 ms in
+512 KiB pieces against 2.87-2.88 ms parameter by parameter (torch's step alone 1.28 ms, step +
+weight stashing's copy 2.0 ms; pieces of 128 KiB: 3.0-3.1 ms, the cost of more kernel calls).
+On 8 bare 512 x 512 tensors the pieces took 2.0 ms against 2.5 ms; the step alone or with the
+copy gained nothing from pieces there.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 import torch
 from torch.optim import SGD, Optimizer
 from torch.optim import optimizer as torch_optimizer
 
 from pipeoptim.runtime.extrapolation import Extrapolator
+
+
+def _l2_cache_bytes(cpu: Path = Path("/sys/devices/system/cpu/cpu0/cache")) -> int | None:
+    """The size of CPU 0's level-2 cache in bytes, from Linux's sysfs (``None`` elsewhere)."""
+    for index in sorted(cpu.glob("index*")):
+        try:
+            if (index / "level").read_text().strip() == "2":
+                size = (index / "size").read_text().strip()
+                return int(size[:-1]) * 1024 if size.endswith("K") else int(size)
+        except (OSError, ValueError):
+            return None
+    return None
+
+
+#: bytes of each piece a large parameter is stepped in: a quarter of the L2 cache, room for
+#: the piece's weights, momentum buffer, gradient and Ŵ (256 KiB where the size is not known)
+CHUNK_BYTES = (_l2_cache_bytes() or 1 << 20) // 4
+
+#: ``after(param, group, piece)``: ``piece`` the flat elements just updated, ``None`` for all
+After = Callable[[torch.Tensor, dict, "slice | None"], None]
 
 
 def steps_each(optimizer: Optimizer) -> bool:
@@ -49,31 +80,54 @@ def steps_each(optimizer: Optimizer) -> bool:
 
 
 @torch.no_grad()
-def sgd_step_each(optimizer: SGD, after: Callable[[torch.Tensor, dict], None]) -> None:
-    """``optimizer.step()`` (where :func:`steps_each` holds), calling ``after(param, group)``
-    once each parameter with a gradient is updated, before the next one is.
+def sgd_step_each(optimizer: SGD, after: After) -> None:
+    """``optimizer.step()`` (where :func:`steps_each` holds), calling ``after(param, group,
+    piece)`` once each parameter with a gradient is updated, before the next one is: with
+    ``piece=None`` once the whole parameter is, or, for a parameter of more than
+    :data:`CHUNK_BYTES` with a momentum buffer (parameter, gradient and buffer contiguous),
+    once per flat piece (``param.view(-1)[piece]``) as soon as that piece is.
 
     Parameters without a gradient are skipped, as by ``SGD.step()``; momentum buffers are
     created on the first step and kept in ``optimizer.state[param]["momentum_buffer"]``.
     """
     for group in optimizer.param_groups:
-        lr, decay, momentum = group["lr"], group["weight_decay"], group["momentum"]
         for param in group["params"]:
             if param.grad is None:
                 continue
-            grad = -param.grad if group["maximize"] else param.grad
-            if decay != 0:
-                grad = grad.add(param, alpha=decay)
-            if momentum != 0:
-                state = optimizer.state[param]
-                buf = state.get("momentum_buffer")
-                if buf is None:
-                    buf = state["momentum_buffer"] = grad.detach().clone()
-                else:
-                    buf.mul_(momentum).add_(grad, alpha=1 - group["dampening"])
-                grad = grad.add(buf, alpha=momentum) if group["nesterov"] else buf
-            param.add_(grad, alpha=-lr)
-            after(param, group)
+            state = optimizer.state[param] if group["momentum"] != 0 else {}
+            buf = state.get("momentum_buffer")
+            size = max(CHUNK_BYTES // param.element_size(), 1024) // 1024 * 1024
+            if buf is None or param.numel() <= size or not _contiguous(param, param.grad, buf):
+                _sgd_update(group, state, param.detach(), param.grad)
+                after(param, group, None)
+                continue
+            flat, grad, buf = param.detach().view(-1), param.grad.view(-1), buf.view(-1)
+            for start in range(0, flat.numel(), size):
+                piece = slice(start, start + size)
+                _sgd_update(group, {"momentum_buffer": buf[piece]}, flat[piece], grad[piece])
+                after(param, group, piece)
+
+
+def _contiguous(*tensors: torch.Tensor) -> bool:
+    return all(t.is_contiguous() and not t.is_sparse for t in tensors)
+
+
+def _sgd_update(group: dict, state: dict, param: torch.Tensor, grad: torch.Tensor) -> None:
+    """One parameter's (or piece's) update by torch's ``_single_tensor_sgd``, op for op;
+    ``state`` holds its momentum buffer (created here on the first step)."""
+    lr, decay, momentum = group["lr"], group["weight_decay"], group["momentum"]
+    if group["maximize"]:
+        grad = -grad
+    if decay != 0:
+        grad = grad.add(param, alpha=decay)
+    if momentum != 0:
+        buf = state.get("momentum_buffer")
+        if buf is None:
+            buf = state["momentum_buffer"] = grad.detach().clone()
+        else:
+            buf.mul_(momentum).add_(grad, alpha=1 - group["dampening"])
+        grad = grad.add(buf, alpha=momentum) if group["nesterov"] else buf
+    param.add_(grad, alpha=-lr)
 
 
 def step_predicting(
@@ -98,10 +152,11 @@ def step_predicting(
     index = {id(g): i for i, g in enumerate(optimizer.param_groups)}
     hats: dict[str, torch.Tensor] = {}
 
-    def predict(param: torch.Tensor, group: dict) -> None:
+    def predict(param: torch.Tensor, group: dict, piece: slice | None) -> None:
         name = extrapolator.name_of.get(id(param))
         if name is not None:
-            hat = extrapolator.predict_one(name, group, coefficients[index[id(group)]], into.get(name))
+            c = coefficients[index[id(group)]]
+            hat = extrapolator.predict_one(name, group, c, hats.get(name, into.get(name)), piece)
             if hat is not None:
                 hats[name] = hat
 
@@ -109,5 +164,5 @@ def step_predicting(
     for group in optimizer.param_groups:  # parameters without a gradient: not stepped
         for p in group["params"]:
             if p.grad is None:
-                predict(p, group)
+                predict(p, group, None)
     return hats
