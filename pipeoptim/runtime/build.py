@@ -23,8 +23,9 @@ from pipeoptim.compiler.codegen import stage_module
 from pipeoptim.compiler.plan import Plan
 from pipeoptim.compiler.trace import TracedModel, trace
 from pipeoptim.errors import PlanError
+from pipeoptim.loss_check import CheckedLoss
 from pipeoptim.methods import get_method
-from pipeoptim.microbatch import CheckedLoss, Reduction
+from pipeoptim.microbatch import Reduction
 from pipeoptim.runtime.async_norms import AsyncNorms
 from pipeoptim.runtime.compiled import compile_stage
 from pipeoptim.runtime.optim import mirror
@@ -123,6 +124,7 @@ def build_stage(
     module.to(device)
     module.train()
     loss_fn = _stage_loss(spec)
+    checked = loss_fn if isinstance(loss_fn, CheckedLoss) else None
     if spec.compile_stages is not None:
         compile_stage(module, spec.compile_stages)
     if spec.autocast is not None:
@@ -162,6 +164,8 @@ def build_stage(
         scaler=LossScaler() if spec.autocast is torch.float16 else None,
         prediction_error_every=spec.prediction_error_every,
     )
+    if last and checked is not None:
+        runtime.check_losses = checked.check_pending
     runtime.shared = stage_shared(module, traced, plan, stage, method.asynchronous, device)
     if method.asynchronous and (spec.max_grad_norm is not None or spec.autocast is torch.float16):
         if runtime.shared is not None:
@@ -178,7 +182,7 @@ def _stage_loss(spec: PipelineSpec) -> Callable[[Any, Any], torch.Tensor]:
     """The last stage's loss; checked against ``loss_reduction`` where mini-batches are split."""
     if spec.micro_batches == 1:
         return spec.loss_fn
-    return CheckedLoss(spec.loss_fn, spec.loss_reduction)
+    return CheckedLoss(spec.loss_fn, spec.loss_reduction, deferred=True)  # checked before the step
 
 
 def _alias_lookup(aliases: dict[str, list[str]], params: dict[str, nn.Parameter]) -> dict[str, str]:

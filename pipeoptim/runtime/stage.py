@@ -111,6 +111,10 @@ class StageRuntime:
         self._module_storages: set[int] | None = None
         self._grads_stale = False
         self._hyper: dict[int, list[dict]] = {}
+        #: runs the loss-reduction checks of the forwards so far (last stage, split mini-batches;
+        #: :class:`pipeoptim.loss_check.CheckedLoss`) before each optimizer step, once the
+        #: backwards have sent their gradients on
+        self.check_losses: Callable[[], None] | None = None
         #: copies of shared parameters this stage holds (set by the builder)
         self.shared: SharedParams | None = None
         #: asynchronous clipping and loss scaling (:mod:`pipeoptim.runtime.async_norms`)

@@ -1,0 +1,174 @@
+"""The loss-reduction check of a split mini-batch: :class:`CheckedLoss`.
+
+A mini-batch split into micro-batches trains on the weighted sum of their losses
+(:mod:`pipeoptim.microbatch`), which is the mini-batch's loss only where ``loss_fn`` is the
+reduction ``loss_reduction`` says; this checks every micro-batch's loss against two parts of it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import math
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch.utils import _pytree as pytree
+
+from pipeoptim.errors import PipelineError
+from pipeoptim.microbatch import Reduction
+
+
+class CheckedLoss:
+    """``loss_fn`` that verifies, on every call with at least two rows, that its value is the
+    ``reduction`` of per-row values: it compares ``loss(rows)`` with ``loss`` of two parts, the
+    first row and the others (``mean``: ``(n₁·l₁ + n₂·l₂)/n``; ``sum``: ``l₁ + l₂``), to
+    ``rtol=1e-4``. Parts of unequal size make it unlikely that a loss normalised otherwise (by a
+    token count) passes by coincidence. Where the output holds 16-bit floats or autocast is on,
+    the whole and the parts are evaluated again in float32 with autocast off (the check is of
+    the loss's reduction, not of its precision: bfloat16 rounding, about 4e-3, failed a true
+    mean), a third evaluation. Every call, not the first few: padding that a
+    ``cross_entropy(..., ignore_index=-100)`` skips may first appear in a later mini-batch
+    (data bucketed by length), and from there the split mini-batch trained silently wrong.
+    The cost is two more evaluations of ``loss_fn``, without gradients, per micro-batch, where
+    mini-batches are split at all. With ``deferred`` the check of each call waits in
+    :attr:`pending` until :meth:`check_pending` (a pipeline's last stage calls it before each
+    optimizer step, once the mini-batch's backwards have sent their gradients on, while the
+    other stages finish theirs: on the benchmark MLP the check had cost our 1F1B 2.5% of its
+    rate).
+
+    The check is skipped where the model output's first tensor and the targets' first tensor do
+    not share dim 0 (then dim 0 is not a batch dimension of both).
+
+    Raises:
+        PipelineError: (on that call, or with ``deferred`` on :meth:`check_pending`) the loss
+            matches the other reduction, or neither.
+    """
+
+    def __init__(
+        self, loss_fn: Callable[[Any, Any], torch.Tensor], reduction: Reduction, deferred: bool = False
+    ) -> None:
+        self.loss_fn = loss_fn
+        self.reduction = reduction
+        self.deferred = deferred
+        #: the checks of the calls not yet checked (``deferred``), in call order
+        self.pending: list[Callable[[], None]] = []
+
+    def __call__(self, output: Any, targets: Any) -> torch.Tensor:
+        rows = _rows(output, targets)
+        if rows is None or rows < 2:
+            return self.loss_fn(output, targets)
+        device = _first_tensor(output).device.type  # type: ignore[union-attr]
+        exact = torch.is_autocast_enabled(device) or _has_half(output)
+        checked = (_float32(output), _float32(targets)) if exact else (output, targets)
+        # cut before loss_fn runs: it may change the containers it gets (a dict output's
+        # .pop("logits") works on the plain model), which hid the rows from the check
+        pairs = list(zip(*(_first_and_rest(v) for v in checked)))
+        loss = self.loss_fn(output, targets)
+        if isinstance(loss, torch.Tensor) and loss.numel() == 1:
+            whole = loss.detach()
+            check = functools.partial(
+                self._check_call, whole, checked if exact else None, device, pairs, rows
+            )
+            if self.deferred:
+                self.pending.append(check)
+            else:
+                check()
+        return loss
+
+    def check_pending(self) -> None:
+        """Run the deferred checks, oldest first (each is dropped before it runs)."""
+        while self.pending:
+            self.pending.pop(0)()
+
+    def _check_call(
+        self, whole: torch.Tensor, exact: tuple | None, device: str, pairs: list, rows: int
+    ) -> None:
+        """The check of one call: ``exact`` (the output and targets in float32) where the loss
+        is evaluated again in float32 with autocast off, ``None`` where ``whole`` stands."""
+        off = torch.autocast(device, enabled=False) if exact is not None else contextlib.nullcontext()
+        with torch.no_grad(), off:
+            self._check(float(self.loss_fn(*exact)) if exact is not None else float(whole), pairs, rows)
+
+    def _check(self, whole: float, pairs: list[tuple[Any, Any]], rows: int) -> None:
+        sizes = [1.0, rows - 1.0]
+        if callable(self.reduction):
+            sizes = [float(self.reduction(t)) for _, t in pairs]
+            if min(sizes) <= 0:
+                return  # a part with no unit tells nothing
+        parts = [float(self.loss_fn(o, t)) for o, t in pairs]
+        as_mean = sum(n * v for n, v in zip(sizes, parts)) / sum(sizes)
+        as_sum = sum(parts)
+        fits = {"mean": _close(whole, as_mean), "sum": _close(whole, as_sum)}
+        if callable(self.reduction):
+            if fits["mean"]:
+                return
+            raise PipelineError(
+                f"loss_fn of {rows} rows ({whole:.6g}) is not the mean over the units loss_reduction "
+                f"counts ({as_mean:.6g} from two parts): make loss_reduction count what the loss "
+                "averages over"
+            )
+        if fits[self.reduction]:
+            return
+        other = "sum" if self.reduction == "mean" else "mean"
+        if fits[other]:
+            raise PipelineError(
+                f"loss_fn returns the {other} over the rows of a micro-batch but the pipeline was "
+                f"compiled with loss_reduction={self.reduction!r}: pass loss_reduction={other!r}"
+            )
+        raise PipelineError(
+            f"loss_fn of {rows} rows ({whole:.6g}) is neither the mean ({as_mean:.6g}) nor the sum "
+            f"({as_sum:.6g}) of its parts' losses, so splitting mini-batches into micro-batches "
+            "would change it: make it a per-row mean or sum (loss_reduction='mean' or 'sum'), or, "
+            "for a mean over tokens or other units, pass loss_reduction=a function of the targets "
+            "that counts them (e.g. lambda y: (y != PAD).sum())"
+        )
+
+
+def _is_half(x: Any) -> bool:
+    return isinstance(x, torch.Tensor) and x.dtype in (torch.float16, torch.bfloat16)
+
+
+def _has_half(value: Any) -> bool:
+    """Whether ``value`` holds a 16-bit floating tensor."""
+    if isinstance(value, torch.Tensor):  # the common case, without the tree walk (per micro-batch)
+        return _is_half(value)
+    return any(_is_half(x) for x in pytree.tree_leaves(value))
+
+
+def _float32(value: Any) -> Any:
+    """``value`` with its 16-bit floating tensors in float32 (new containers)."""
+    return pytree.tree_map(lambda x: x.float() if _is_half(x) else x, value)
+
+
+def _first_and_rest(value: Any) -> list[Any]:
+    """``value``'s first row and its other rows (every tensor split along dim 0; other leaves
+    and 0-dim tensors in both, as :func:`split` repeats them)."""
+    if isinstance(value, torch.Tensor) and value.dim():  # the common case, without the tree walk
+        return [value[:1], value[1:]]
+    leaves, spec = pytree.tree_flatten(value)
+    parts = [
+        torch.tensor_split(x, [1]) if isinstance(x, torch.Tensor) and x.dim() else (x, x) for x in leaves
+    ]
+    return [pytree.tree_unflatten([p[j] for p in parts], spec) for j in range(2)]
+
+
+def _rows(output: Any, targets: Any) -> int | None:
+    """Rows of ``output`` and ``targets`` (dim 0 of the first tensor with a dimension of
+    each), ``None`` where they differ or either has no such tensor."""
+    firsts = [_first_tensor(v) for v in (output, targets)]
+    if firsts[0] is None or firsts[1] is None or firsts[0].shape[0] != firsts[1].shape[0]:
+        return None
+    return int(firsts[0].shape[0])
+
+
+def _first_tensor(value: Any) -> torch.Tensor | None:
+    """The first tensor leaf of ``value`` with at least one dimension."""
+    if isinstance(value, torch.Tensor):  # the common case, without the tree walk
+        return value if value.dim() > 0 else None
+    return next((x for x in pytree.tree_leaves(value) if isinstance(x, torch.Tensor) and x.dim() > 0), None)
+
+
+def _close(a: float, b: float) -> bool:
+    return math.isclose(a, b, rel_tol=1e-4, abs_tol=1e-6)
