@@ -540,7 +540,10 @@ class _TensorStage(nn.Module):
     tensors saved for the backward refuse, so there every output is a fresh copy; every output
     is contiguous (torch sizes the buffers that receive a stage's outputs and their gradients
     like the outputs, and gloo refuses a strided buffer: "input tensor has to be contiguous",
-    on the LM); and the last stage returns its one output tensor, as its loss expects."""
+    on the LM), and so is every input's gradient (:class:`_ContiguousGrad`: a plan of the LM
+    cut where the gradient of a stage's input came out strided, and the zero-bubble schedules
+    failed sending it back); and the last stage returns its one output tensor, as its loss
+    expects."""
 
     def __init__(
         self, module: nn.Module, int_inputs: dict[int, int], last: bool, split_backward: bool
@@ -550,6 +553,7 @@ class _TensorStage(nn.Module):
         self.split_backward = split_backward
 
     def forward(self, *args: torch.Tensor) -> Any:
+        args = tuple(_ContiguousGrad.apply(a) if a.requires_grad else a for a in args)
         values = [self.int_inputs.get(i, a) for i, a in enumerate(args)]
         out = self.module(*values)
         if self.last:
@@ -562,6 +566,18 @@ class _TensorStage(nn.Module):
         if self.split_backward:
             return value.clone(memory_format=torch.contiguous_format)
         return value.contiguous()
+
+
+class _ContiguousGrad(torch.autograd.Function):
+    """The identity, whose backward makes the gradient contiguous (one gloo can send)."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor) -> torch.Tensor:
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:
+        return grad.contiguous()
 
 
 def int_inputs_of_stages(traced: Any, plan: Plan, micro_batch: torch.Tensor) -> list[dict[int, int]]:

@@ -273,3 +273,15 @@ def test_weights_changed_after_the_step_are_predicted_afresh(monkeypatch, method
     assert fused[0] == plain[0]
     assert all(torch.equal(a, b) for a, b in zip(fused[1], plain[1]))
     assert stale[0][:10] == plain[0][:10] and stale[0][10:] != plain[0][10:]
+
+
+def test_l2_cache_size_is_read_from_sysfs(tmp_path) -> None:
+    """The piece size comes from the L2 cache Linux lists (``index*/level``, ``size`` as
+    ``2048K``); without that listing it is unknown (and pieces are 256 KiB)."""
+    for index, (level, size) in enumerate([("1", "48K"), ("1", "32K"), ("2", "2048K"), ("3", "105M")]):
+        folder = tmp_path / f"index{index}"
+        folder.mkdir()
+        (folder / "level").write_text(level + "\n")
+        (folder / "size").write_text(size + "\n")
+    assert fused_step._l2_cache_bytes(tmp_path) == 2048 * 1024
+    assert fused_step._l2_cache_bytes(tmp_path / "absent") is None
