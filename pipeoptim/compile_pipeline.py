@@ -98,8 +98,8 @@ def compile(
             (the non-padding tokens of a cross-entropy with ``ignore_index``). Micro-batch
             losses are weighted to give the loss and gradient of the whole mini-batch
             (:mod:`pipeoptim.microbatch`); every micro-batch calls ``loss_fn`` twice more, on
-            two parts of it, before the last stage's optimizer step, and one that shows it is
-            not what ``loss_reduction`` says fails that step.
+            two parts of it, after its backward, and one that shows it is not what
+            ``loss_reduction`` says fails that step.
         batch_norm: ``"micro-batch"`` (default): each micro-batch updates the BatchNorm
             running statistics, as gradient accumulation does; ``"deferred"`` (gpipe and
             1f1b): once per mini-batch, from all its rows (:mod:`pipeoptim.batchnorm`).

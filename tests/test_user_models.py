@@ -248,19 +248,18 @@ def test_loss_that_is_neither_mean_nor_sum_is_refused() -> None:
 
 
 @pytest.mark.parametrize("method", ["gpipe", "1f1b"])
-def test_the_loss_check_runs_before_the_last_stages_step(monkeypatch, method: str) -> None:
-    """The last stage checks its micro-batches' loss reduction before its optimizer step, once
-    their backwards have sent the gradients on (while the other stages finish theirs: checked
-    as each loss was computed, the check had cost our 1F1B 2.5% of its rate on the benchmark
-    MLP), every micro-batch, none left pending; a loss that is not a mean is still refused by
-    the step that computed it, named as the loss check, and the last stage has not stepped."""
+def test_the_loss_check_runs_once_the_backward_has_sent_its_gradients(monkeypatch, method: str) -> None:
+    """The last stage checks each micro-batch's loss reduction after its backward has sent the
+    gradients on (checked as each loss was computed, the check cost our 1F1B 2.5% of its rate
+    on the benchmark MLP), every micro-batch, none left pending; 1F1B holds one pending check
+    (a check keeps views of its micro-batch's output: checked at the optimizer step, all M
+    outputs were kept until then); a loss that is not a mean is still refused by the step that
+    computed it, named as the loss check, and the last stage has not stepped."""
     from pipeoptim.runtime.executor import _Mailbox
 
-    events: list[str] = []
+    events: list[tuple[str, int]] = []
     send = _Mailbox.send_grads
-    monkeypatch.setattr(
-        _Mailbox, "send_grads", lambda self, mb, g: events.append("sent") or send(self, mb, g)
-    )
+    monkeypatch.setattr(_Mailbox, "send_grads", lambda self, *a: events.append(("sent", 0)) or send(self, *a))
     checks = []
     real_check = loss_check.CheckedLoss._check
     monkeypatch.setattr(
@@ -272,13 +271,17 @@ def test_the_loss_check_runs_before_the_last_stages_step(monkeypatch, method: st
     with compile_mlp(F.cross_entropy, method=method) as pipe:
         last = pipe._executor.stages[-1]
         check, step, checker = last.check_losses, last.step, last.check_losses.__self__
-        monkeypatch.setattr(last, "check_losses", lambda: events.append("check") or check())
-        monkeypatch.setattr(last, "step", lambda *a, **k: events.append("step") or step(*a, **k))
+        monkeypatch.setattr(
+            last, "check_losses", lambda: events.append(("check", len(checker.pending))) or check()
+        )
+        monkeypatch.setattr(last, "step", lambda *a, **k: events.append(("step", 0)) or step(*a, **k))
         for _ in range(3):
             pipe.step(x, y).wait()
             assert not checker.pending
     assert checks == [4] * 12  # every micro-batch of 4 rows
-    assert events == (["sent"] * 4 + ["check", "step"]) * 3
+    pending = [4, 0, 0, 0] if method == "gpipe" else [1, 1, 1, 1]  # GPipe: all forwards first
+    expected = [e for n in pending for e in (("sent", 0), ("check", n))] + [("step", 0)]
+    assert events == expected * 3
 
     def over_the_largest_target(out, y):
         return F.cross_entropy(out, y, reduction="sum") / (1 + y.max())
@@ -289,7 +292,7 @@ def test_the_loss_check_runs_before_the_last_stages_step(monkeypatch, method: st
     ):
         before = [p.detach().clone() for p in pipe._executor.stages[-1].module.parameters()]
         pipe.step(x, y).wait()
-    assert "stage 1's loss check, before its optimizer step" in "".join(caught.value.__notes__)
+    assert "stage 1's loss check, after the backward" in "".join(caught.value.__notes__)
     after = list(pipe._executor.stages[-1].module.parameters())
     assert all(torch.equal(a, b) for a, b in zip(before, after))
 

@@ -142,15 +142,14 @@ def run_action(stage: StageRuntime, action: Action, channel: Channel, state: Sta
             channel.send_grads(mb, result)
             if norms is not None:
                 channel.send_note("grad", mb, note)
-        state.last_backward = mb
-    else:
-        if stage.check_losses is not None:  # the last gradients are on their way: off the critical path
+        if stage.check_losses is not None:  # the gradients are on their way: off the critical path
             try:
                 stage.check_losses()
             except Exception as exc:
-                if hasattr(exc, "add_note"):
-                    exc.add_note(f"raised in stage {stage.index}'s loss check, before its optimizer step")
+                _add_where(exc, f"stage {stage.index}'s loss check, after the backward", where)
                 raise
+        state.last_backward = mb
+    else:
         if stage.reduce_gradients is not None:  # over the replicas first, then over the holders
             stage.reduce_gradients(stage.trainable())
         if stage.shared is not None and not state.grads_final:  # else summed for the norm

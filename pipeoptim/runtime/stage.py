@@ -112,8 +112,7 @@ class StageRuntime:
         self._grads_stale = False
         self._hyper: dict[int, list[dict]] = {}
         #: runs the loss-reduction checks of the forwards so far (last stage, split mini-batches;
-        #: :class:`pipeoptim.loss_check.CheckedLoss`) before each optimizer step, once the
-        #: backwards have sent their gradients on
+        #: :class:`pipeoptim.loss_check.CheckedLoss`) once a backward has sent its gradients on
         self.check_losses: Callable[[], None] | None = None
         #: copies of shared parameters this stage holds (set by the builder)
         self.shared: SharedParams | None = None
