@@ -32,8 +32,8 @@ class CheckedLoss:
     ``cross_entropy(..., ignore_index=-100)`` skips may first appear in a later mini-batch
     (data bucketed by length), and from there the split mini-batch trained silently wrong.
     The cost is two more evaluations of ``loss_fn``, without gradients, per micro-batch, where
-    mini-batches are split at all. With ``deferred`` the check of each call waits in
-    :attr:`pending` until :meth:`check_pending` (a pipeline's last stage calls it after each
+    mini-batches are split at all. The check of each call waits in :attr:`pending` until
+    :meth:`check_pending` (a pipeline's last stage calls it after each
     backward, once the gradients are sent on: on the benchmark MLP the check had cost our 1F1B
     2.5% of its rate, 1.4% so; a pending check holds views of its micro-batch's output, so
     checking at the optimizer step instead held every micro-batch's output until then).
@@ -42,17 +42,14 @@ class CheckedLoss:
     not share dim 0 (then dim 0 is not a batch dimension of both).
 
     Raises:
-        PipelineError: (on that call, or with ``deferred`` on :meth:`check_pending`) the loss
-            matches the other reduction, or neither.
+        PipelineError: (on :meth:`check_pending`) the loss matches the other reduction, or
+            neither.
     """
 
-    def __init__(
-        self, loss_fn: Callable[[Any, Any], torch.Tensor], reduction: Reduction, deferred: bool = False
-    ) -> None:
+    def __init__(self, loss_fn: Callable[[Any, Any], torch.Tensor], reduction: Reduction) -> None:
         self.loss_fn = loss_fn
         self.reduction = reduction
-        self.deferred = deferred
-        #: the checks of the calls not yet checked (``deferred``), in call order
+        #: the checks of the calls not yet checked, in call order
         self.pending: list[Callable[[], None]] = []
 
     def __call__(self, output: Any, targets: Any) -> torch.Tensor:
@@ -67,14 +64,10 @@ class CheckedLoss:
         pairs = list(zip(*(_first_and_rest(v) for v in checked)))
         loss = self.loss_fn(output, targets)
         if isinstance(loss, torch.Tensor) and loss.numel() == 1:
-            whole = loss.detach()
-            check = functools.partial(
-                self._check_call, whole, checked if exact else None, device, pairs, rows
+            again = checked if exact else None
+            self.pending.append(
+                functools.partial(self._check_call, loss.detach(), again, device, pairs, rows)
             )
-            if self.deferred:
-                self.pending.append(check)
-            else:
-                check()
         return loss
 
     def check_pending(self) -> None:
@@ -83,13 +76,13 @@ class CheckedLoss:
             self.pending.pop(0)()
 
     def _check_call(
-        self, whole: torch.Tensor, exact: tuple | None, device: str, pairs: list, rows: int
+        self, whole: torch.Tensor, again: tuple | None, device: str, pairs: list, rows: int
     ) -> None:
-        """The check of one call: ``exact`` (the output and targets in float32) where the loss
+        """The check of one call: ``again`` (the output and targets in float32) where the loss
         is evaluated again in float32 with autocast off, ``None`` where ``whole`` stands."""
-        off = torch.autocast(device, enabled=False) if exact is not None else contextlib.nullcontext()
+        off = torch.autocast(device, enabled=False) if again is not None else contextlib.nullcontext()
         with torch.no_grad(), off:
-            self._check(float(self.loss_fn(*exact)) if exact is not None else float(whole), pairs, rows)
+            self._check(float(self.loss_fn(*again)) if again is not None else float(whole), pairs, rows)
 
     def _check(self, whole: float, pairs: list[tuple[Any, Any]], rows: int) -> None:
         sizes = [1.0, rows - 1.0]

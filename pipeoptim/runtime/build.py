@@ -182,7 +182,7 @@ def _stage_loss(spec: PipelineSpec) -> Callable[[Any, Any], torch.Tensor]:
     """The last stage's loss; checked against ``loss_reduction`` where mini-batches are split."""
     if spec.micro_batches == 1:
         return spec.loss_fn
-    return CheckedLoss(spec.loss_fn, spec.loss_reduction, deferred=True)  # checked after the backward
+    return CheckedLoss(spec.loss_fn, spec.loss_reduction)  # checked after the backward
 
 
 def _alias_lookup(aliases: dict[str, list[str]], params: dict[str, nn.Parameter]) -> dict[str, str]:
