@@ -135,7 +135,7 @@ def count(batch: int, micro_batches: int) -> int:
 class Rows(int):
     """Rows of a micro-batch (an ``int``) with its sequence length ``length`` (dim 1 of the
     inputs; ``None`` where the plan's lengths are fixed): what a stage needs to allocate the
-    buffers it receives into (:func:`pipeoptim.runtime.comm.shape_for`)."""
+    buffers it receives into (:func:`pipeoptim.runtime.layout.shape_for`)."""
 
     length: int | None
 

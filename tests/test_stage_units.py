@@ -20,8 +20,8 @@ import pipeoptim
 from pipeoptim.errors import PipelineStalledError
 from pipeoptim.microbatch import Rows
 from pipeoptim.runtime import distributed, spawning, wire, worker
-from pipeoptim.runtime.comm import rebuild, shape_for
 from pipeoptim.runtime.executor import MiniBatch
+from pipeoptim.runtime.layout import rebuild, shape_for
 from pipeoptim.runtime.optim import hyperparameters
 from pipeoptim.runtime.schedule import schedule_for
 from pipeoptim.runtime.stage_state import stage_state

@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from pipeoptim.microbatch import Rows
-from pipeoptim.runtime.comm import grad_layout
 from pipeoptim.runtime.executor import MiniBatch
+from pipeoptim.runtime.layout import grad_layout
 from pipeoptim.runtime.wire import dumps
 
 TENSORS = {

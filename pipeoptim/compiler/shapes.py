@@ -7,7 +7,7 @@ same step ``k`` each time follows ``size(l) = size(L) + k·(l − L)`` (``k = 1`
 ``[batch, length, d]`` activation and for both length dims of ``[batch, heads, length,
 length]`` scores, ``k = d`` after flattening ``length × d``). With that, a stage that receives
 a value allocates its buffer for any length ``l ≤ L`` without a shape handshake
-(:func:`pipeoptim.runtime.comm.shape_for`), and a plan made for the longest sequence serves
+(:func:`pipeoptim.runtime.layout.shape_for`), and a plan made for the longest sequence serves
 shorter ones.
 """
 

@@ -5,8 +5,8 @@ along the batch dimension by the micro-batch size, so receivers allocate their b
 without a shape handshake. Numbers crossing a boundary (a batch size computed in the graph)
 travel packed into one float64 tensor. The gradients of one backward travel as one message:
 a uint8 buffer holding one byte per gradient saying whether it exists ("no gradient" is not a
-zero gradient) and then each gradient's bytes (:func:`grad_layout`), so a backward costs one
-message latency, not one per gradient plus one for the flags. Sends are asynchronous
+zero gradient) and then each gradient's bytes (:func:`pipeoptim.runtime.layout.grad_layout`),
+so a backward costs one message latency, not one per gradient plus one for the flags. Sends are asynchronous
 (``isend``) and receives are posted ahead of the action that needs them
 (:meth:`DistChannel.prefetch`), so transfers overlap computation; every wait has a timeout.
 
@@ -34,66 +34,12 @@ from torch.utils import _pytree as pytree
 
 from pipeoptim.compiler.plan import Plan
 from pipeoptim.errors import PeerLostError, PipelineError
+from pipeoptim.runtime.layout import grad_layout, leaf_metas, rebuild, shape_for
 
 _SCALARS = ("int", "float", "bool")
 LOSS_TAG = 7  # loss messages from the last rank to rank 0 (torchrun mode)
 #: tags of the notes of :mod:`pipeoptim.runtime.async_norms` (forward, backward)
 NOTE_TAGS = {"act": 11, "grad": 12}
-
-
-def leaf_metas(plan: Plan, names: Sequence[str]) -> list[dict[str, Any]]:
-    """Metadata of the flat leaves of the values ``names``, in order."""
-    return [meta for name in names for meta in plan.values[name]["meta"]]
-
-
-def rebuild(plan: Plan, names: Sequence[str], leaves: Sequence[Any]) -> tuple[Any, ...]:
-    """Turn flat leaves back into the values ``names`` (tuples and lists restored)."""
-    values, i = [], 0
-    for name in names:
-        info = plan.values[name]
-        count = len(info["meta"])
-        part = list(leaves[i : i + count])
-        i += count
-        container = info.get("container", "")
-        values.append(tuple(part) if container == "tuple" else part if container == "list" else part[0])
-    return tuple(values)
-
-
-def shape_for(meta: dict[str, Any], plan_batch: int, batch: int) -> list[int]:
-    """The plan's shape of a tensor leaf at micro-batch size ``batch`` and, where ``batch`` is
-    a :class:`pipeoptim.microbatch.Rows` with a length, at that sequence length
-    (:mod:`pipeoptim.compiler.shapes`)."""
-    shape = list(meta["shape"])
-    length, follows = getattr(batch, "length", None), meta.get("length")
-    if length is not None and follows is not None:
-        shape = [s + k * (length - follows["at"]) for s, k in zip(shape, follows["slopes"])]
-    dim = meta.get("batch_dim")
-    if dim is not None and batch != plan_batch:
-        shape[dim] = shape[dim] * batch // plan_batch
-    return shape
-
-
-_ALIGN = 16  # bytes: every gradient starts at a multiple (any dtype can view its slice)
-
-
-def _aligned(n: int) -> int:
-    return -(-n // _ALIGN) * _ALIGN
-
-
-def grad_layout(
-    metas: Sequence[dict], mask: Sequence[bool], plan_batch: int, batch: int
-) -> tuple[list[tuple[int, int, torch.dtype, list[int]]], int]:
-    """Where the gradients of the masked leaves of ``metas`` lie in a backward message of a
-    micro-batch of ``batch`` rows: ``([(leaf index, byte offset, dtype, shape)], total bytes)``.
-    The message starts with one presence byte per masked leaf, in leaf order."""
-    sent = [i for i, need in enumerate(mask) if need]
-    offset, places = _aligned(len(sent)), []
-    for i in sent:
-        dtype = getattr(torch, metas[i]["dtype"])
-        shape = shape_for(metas[i], plan_batch, batch)
-        places.append((i, offset, dtype, shape))
-        offset += _aligned(math.prod(shape) * dtype.itemsize)
-    return places, offset
 
 
 class DistChannel:
@@ -142,6 +88,7 @@ class DistChannel:
         self.send_window = send_window if send_window is not None else 2 * world
         self._sends: deque[list[tuple[Any, torch.Tensor]]] = deque([[]])  # one group per action
         self._posted: dict[tuple[str, int], list[Any]] = {}
+        self._layouts: dict[tuple[str, int, int | None], Any] = {}  # see _layout
         #: tensor bytes sent to a neighbouring stage (activations and gradients)
         self.sent_bytes = 0
         #: the process group of the shared parameters' holders (:meth:`post_shared`); ``None``
@@ -292,14 +239,15 @@ class DistChannel:
         Raises:
             PipelineError: a gradient's dtype or shape differs from the plan's for its leaf.
         """
-        places, total = grad_layout(
-            self.in_meta, self.grad_mask_in, self.plan.batch_size, self.sizes[micro_batch]
-        )
+        places, total = self._layout("in", self.sizes[micro_batch])
         if not places:
             return
         message = torch.empty(total, dtype=torch.uint8, device=self.device)
         present = [grads[i] is not None for i, *_ in places]
-        message[: len(places)].copy_(torch.tensor(present, dtype=torch.uint8))
+        if all(present):  # the common case, without building a tensor of the flags
+            message[: len(places)].fill_(1)
+        else:
+            message[: len(places)].copy_(torch.tensor(present, dtype=torch.uint8))
         for (i, offset, dtype, shape), here in zip(places, present):
             if not here:
                 continue
@@ -312,6 +260,20 @@ class DistChannel:
             message[offset : offset + g.numel() * g.element_size()].view(dtype).view(shape).copy_(g)
         self.sent_bytes += sum(math.prod(shape) * dtype.itemsize for _, _, dtype, shape in places)
         self.isend(message, self.first_rank + self.rank - 1)
+
+    def _layout(self, side: str, batch: int) -> tuple[list[tuple[int, int, torch.dtype, list[int]]], int]:
+        """:func:`grad_layout` of the gradients this stage sends (``side`` "in": of its inputs)
+        or receives ("out"), at ``batch`` rows; computed once per batch size and length (at
+        most 64 kept)."""
+        key = (side, int(batch), getattr(batch, "length", None))
+        if key not in self._layouts:
+            if len(self._layouts) >= 64:
+                self._layouts.clear()
+            metas, mask = (
+                (self.in_meta, self.grad_mask_in) if side == "in" else (self.out_meta, self.grad_mask_out)
+            )
+            self._layouts[key] = grad_layout(metas, mask, self.plan.batch_size, batch)
+        return self._layouts[key]
 
     def wait_sends(self) -> None:
         """Block until every send has completed (before a flush answers)."""
@@ -345,7 +307,7 @@ class DistChannel:
             self._post_note(op, micro_batch)
         batch = self.sizes[micro_batch]
         if op == "grad":  # one message: presence bytes, then the gradients (grad_layout)
-            places, total = grad_layout(self.out_meta, self.grad_mask_out, self.plan.batch_size, batch)
+            places, total = self._layout("out", batch)
             message = torch.empty(total, dtype=torch.uint8, device=self.device) if places else None
             works = [dist.irecv(message, self.first_rank + self.rank + 1)] if places else []
             self._posted[key] = [works, [None] * len(self.out_meta), places, message]

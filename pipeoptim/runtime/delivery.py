@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch.utils import _pytree as pytree
 
-from pipeoptim.runtime.stage import detach_values
+from pipeoptim.runtime.leaves import detach_values
 
 
 def delivered(values: Any, device: torch.device | None = None) -> Any:

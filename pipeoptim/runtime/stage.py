@@ -8,6 +8,7 @@ both compute the same numbers.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -15,12 +16,12 @@ from typing import Any
 import torch
 import torch.fx as fx
 from torch.optim import Optimizer
-from torch.utils import _pytree as pytree
 
 from pipeoptim.errors import NonFiniteLossError, PipelineError
 from pipeoptim.runtime.async_norms import AsyncNorms
 from pipeoptim.runtime.clipping import clip_coefficient, scale_grads_, squared_grad_norm
 from pipeoptim.runtime.held_bytes import saved_bytes
+from pipeoptim.runtime.leaves import detach_values, flatten
 from pipeoptim.runtime.nan_check import any_nan
 from pipeoptim.runtime.optim import apply_hyperparameters
 from pipeoptim.runtime.scaler import LossScaler
@@ -35,11 +36,6 @@ LossFn = Callable[[Any, Any], torch.Tensor]
 class _InFlight:
     inputs: list[Any]
     outputs: list[Any]
-
-
-def detach_values(values: Any) -> Any:
-    """The same structure with every tensor detached."""
-    return pytree.tree_map(lambda v: v.detach() if isinstance(v, torch.Tensor) else v, values)
 
 
 class StageRuntime:
@@ -160,7 +156,7 @@ class StageRuntime:
             NonFiniteLossError: the loss is NaN or infinite.
             PipelineError: ``loss_fn`` does not return a scalar tensor.
         """
-        leaves, spec = pytree.tree_flatten(tuple(inputs))
+        leaves, rebuild = flatten(tuple(inputs))
         mask = self.input_grad_mask or [False] * len(leaves)
         leaf_inputs = [
             v.detach().requires_grad_(True)
@@ -168,7 +164,7 @@ class StageRuntime:
             else v
             for v, need in zip(leaves, mask)
         ]
-        args = pytree.tree_unflatten(leaf_inputs, spec)
+        args = rebuild(leaf_inputs)
         if self.policy is not None:
             self._apply_latest_hyper(micro_batch)
             self.policy.begin_forward(micro_batch, version_diff, self._step_rates(micro_batch, version_diff))
@@ -190,7 +186,7 @@ class StageRuntime:
                 self.policy.end_forward(micro_batch)
         step = micro_batch if mini_batch is None else mini_batch
         if not self.is_last:
-            leaves, out_spec = pytree.tree_flatten(out)
+            leaves, rebuild = flatten(out)
             weights = self._weight_storages()
             if any(isinstance(v, torch.Tensor) and v.untyped_storage().data_ptr() in weights for v in leaves):
                 # a weight sent on (a tied weight a later stage uses too) is sent as a snapshot of
@@ -202,7 +198,7 @@ class StageRuntime:
                     else v
                     for v in leaves
                 ]
-                out = pytree.tree_unflatten(leaves, out_spec)
+                out = rebuild(leaves)
             if self.nan_check == "stages" and any_nan(leaves):
                 data = self.index == 0 and any_nan(leaf_inputs)  # later stages' inputs were checked
                 cause = "its inputs, the data given to step(), hold NaN" if data else "its inputs were finite"
@@ -223,7 +219,7 @@ class StageRuntime:
             raise PipelineError(
                 f"loss_fn must return a scalar tensor, got {got}: reduce it, e.g. with .mean()"
             )
-        if self.nan_check != "off" and not torch.isfinite(loss.detach()).item():
+        if self.nan_check != "off" and not math.isfinite(loss.item()):
             raise NonFiniteLossError(
                 f"loss is {loss.item()} at mini-batch {step} (computed by stage {self.index}, the last): "
                 "lower the learning rate, check the data, or pass nan_check='off' "
