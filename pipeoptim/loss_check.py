@@ -119,6 +119,32 @@ class CheckedLoss:
         )
 
 
+def check_scalar_loss(loss: Any) -> None:
+    """Raise unless ``loss`` (what ``loss_fn`` returned) is a real floating-point tensor of one
+    element, the only loss a backward can start from: checked at the forward, so that the
+    error names the loss, where a complex or integer one would fail later in autograd or in the
+    finiteness check with a message about neither.
+
+    Raises:
+        PipelineError: ``loss`` is not a tensor, has more than one element, or is complex,
+            integer or boolean (the message says which and the fix).
+    """
+    if not isinstance(loss, torch.Tensor):
+        problem, fix = f"got {type(loss).__name__}", "return a tensor"
+    elif loss.numel() != 1:
+        problem, fix = f"got shape {tuple(loss.shape)}", "reduce it, e.g. with .mean()"
+    elif loss.is_complex():
+        problem, fix = f"got a {loss.dtype} tensor", "train on a real value of it, e.g. its .abs()"
+    elif not loss.is_floating_point():
+        problem, fix = (
+            f"got a {loss.dtype} tensor",
+            "compute it in floating point (no gradient flows through integers)",
+        )
+    else:
+        return
+    raise PipelineError(f"loss_fn must return a real floating-point scalar tensor, {problem}: {fix}")
+
+
 def _is_half(x: Any) -> bool:
     return isinstance(x, torch.Tensor) and x.dtype in (torch.float16, torch.bfloat16)
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import time
 from pathlib import Path
 
@@ -370,6 +371,46 @@ def test_loss_fn_that_is_not_a_scalar() -> None:
         pytest.raises(PipelineError, match=r"scalar tensor, got shape \(16,\).*\.mean\(\)"),
     ):
         pipe.step(torch.randn(16, 8), torch.zeros(16, dtype=torch.long))
+
+
+#: losses no backward can start from, and what the error names (helper-68: a complex loss
+#: failed inside the finiteness check with "must be real number, not complex")
+NOT_A_LOSS = {
+    "complex": (
+        lambda out, y: F.cross_entropy(out, y).to(torch.complex64),
+        r"got a torch\.complex64 tensor: .*\.abs\(\)",
+    ),
+    "integer": (
+        lambda out, y: (out.argmax(1) == y).sum(),
+        r"got a torch\.int64 tensor: compute it in floating point",
+    ),
+    "boolean": (
+        lambda out, y: (out.argmax(1) == y).all(),
+        r"got a torch\.bool tensor: compute it in floating point",
+    ),
+    "a float": (lambda out, y: float(F.cross_entropy(out, y)), r"got float: return a tensor"),
+}
+
+
+@pytest.mark.parametrize("kind", list(NOT_A_LOSS))
+@pytest.mark.parametrize("executor", ["local", "processes"])
+def test_a_loss_that_is_not_a_real_floating_point_scalar_is_refused_naming_it(
+    kind: str, executor: str
+) -> None:
+    loss_fn, message = NOT_A_LOSS[kind]
+    with (
+        compile_mlp(gpus=2, loss_fn=loss_fn, method="gpipe", executor=executor) as pipe,
+        pytest.raises(
+            PipelineError, match="loss_fn must return a real floating-point scalar tensor, " + message
+        ),
+    ):
+        pipe.step(torch.randn(16, 8), torch.zeros(16, dtype=torch.long)).wait()
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+def test_a_loss_of_any_floating_point_dtype_or_of_shape_1_trains(dtype: torch.dtype) -> None:
+    with compile_mlp(gpus=2, loss_fn=lambda out, y: F.cross_entropy(out, y).to(dtype).reshape(1)) as pipe:
+        assert math.isfinite(pipe.step(torch.randn(16, 8), torch.zeros(16, dtype=torch.long)).item())
 
 
 def test_nan_stops_training_naming_mini_batch_and_stage() -> None:

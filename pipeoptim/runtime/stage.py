@@ -17,7 +17,8 @@ import torch
 import torch.fx as fx
 from torch.optim import Optimizer
 
-from pipeoptim.errors import NonFiniteLossError, PipelineError
+from pipeoptim.errors import NonFiniteLossError
+from pipeoptim.loss_check import check_scalar_loss
 from pipeoptim.runtime.async_norms import AsyncNorms
 from pipeoptim.runtime.clipping import clip_coefficient, scale_grads_, squared_grad_norm
 from pipeoptim.runtime.held_bytes import saved_bytes
@@ -154,7 +155,8 @@ class StageRuntime:
 
         Raises:
             NonFiniteLossError: the loss is NaN or infinite.
-            PipelineError: ``loss_fn`` does not return a scalar tensor.
+            PipelineError: ``loss_fn`` does not return a real floating-point scalar tensor
+                (:func:`pipeoptim.loss_check.check_scalar_loss`).
         """
         leaves, rebuild = flatten(tuple(inputs))
         mask = self.input_grad_mask or [False] * len(leaves)
@@ -214,11 +216,7 @@ class StageRuntime:
             return detach_values(out)
         assert self.loss_fn is not None and self.unflatten_output is not None
         loss = self.loss_fn(self.unflatten_output(out), targets)
-        if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
-            got = type(loss).__name__ if not isinstance(loss, torch.Tensor) else f"shape {tuple(loss.shape)}"
-            raise PipelineError(
-                f"loss_fn must return a scalar tensor, got {got}: reduce it, e.g. with .mean()"
-            )
+        check_scalar_loss(loss)
         if self.nan_check != "off" and not math.isfinite(loss.item()):
             raise NonFiniteLossError(
                 f"loss is {loss.item()} at mini-batch {step} (computed by stage {self.index}, the last): "
