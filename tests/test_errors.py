@@ -388,7 +388,7 @@ NOT_A_LOSS = {
         lambda out, y: (out.argmax(1) == y).all(),
         r"got a torch\.bool tensor: compute it in floating point",
     ),
-    "a float": (lambda out, y: float(F.cross_entropy(out, y)), r"got float: return a tensor"),
+    "a float": (lambda out, y: F.cross_entropy(out, y).item(), r"got float: return a tensor"),
 }
 
 
