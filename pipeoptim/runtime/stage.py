@@ -22,7 +22,7 @@ from pipeoptim.loss_check import check_scalar_loss
 from pipeoptim.runtime.async_norms import AsyncNorms
 from pipeoptim.runtime.clipping import clip_coefficient, scale_grads_, squared_grad_norm
 from pipeoptim.runtime.held_bytes import saved_bytes
-from pipeoptim.runtime.leaves import detach_values, flatten
+from pipeoptim.runtime.leaves import flatten
 from pipeoptim.runtime.nan_check import any_nan
 from pipeoptim.runtime.optim import apply_hyperparameters
 from pipeoptim.runtime.scaler import LossScaler
@@ -200,7 +200,6 @@ class StageRuntime:
                     else v
                     for v in leaves
                 ]
-                out = rebuild(leaves)
             if self.nan_check == "stages" and any_nan(leaves):
                 data = self.index == 0 and any_nan(leaf_inputs)  # later stages' inputs were checked
                 cause = "its inputs, the data given to step(), hold NaN" if data else "its inputs were finite"
@@ -213,7 +212,8 @@ class StageRuntime:
                 )
             self._in_flight[micro_batch] = _InFlight(leaf_inputs, leaves)
             self._measure_activations(micro_batch, leaves)
-            return detach_values(out)
+            # the leaves are in hand: detach them rather than walk ``out`` once more
+            return rebuild([v.detach() if isinstance(v, torch.Tensor) else v for v in leaves])
         assert self.loss_fn is not None and self.unflatten_output is not None
         loss = self.loss_fn(self.unflatten_output(out), targets)
         check_scalar_loss(loss)
