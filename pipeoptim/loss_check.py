@@ -28,7 +28,9 @@ class CheckedLoss:
     token count) passes by coincidence. Where the output holds 16-bit floats or autocast is on,
     the whole and the parts are evaluated again in float32 with autocast off (the check is of
     the loss's reduction, not of its precision: bfloat16 rounding, about 4e-3, failed a true
-    mean), a third evaluation. Every call, not the first few: padding that a
+    mean), a third evaluation; a ``loss_fn`` that itself returns a 16-bit value is compared to
+    3 units of its dtype's rounding instead (``rtol`` 2.3e-2 for bfloat16, 2.9e-3 for float16:
+    mean and sum still differ by a factor of the rows). Every call, not the first few: padding that a
     ``cross_entropy(..., ignore_index=-100)`` skips may first appear in a later mini-batch
     (data bucketed by length), and from there the split mini-batch trained silently wrong.
     The cost is two more evaluations of ``loss_fn``, without gradients, per micro-batch, where
@@ -82,9 +84,10 @@ class CheckedLoss:
         is evaluated again in float32 with autocast off, ``None`` where ``whole`` stands."""
         off = torch.autocast(device, enabled=False) if again is not None else contextlib.nullcontext()
         with torch.no_grad(), off:
-            self._check(float(self.loss_fn(*again)) if again is not None else float(whole), pairs, rows)
+            value = self.loss_fn(*again) if again is not None else whole
+            self._check(float(value), pairs, rows, _rtol(value))
 
-    def _check(self, whole: float, pairs: list[tuple[Any, Any]], rows: int) -> None:
+    def _check(self, whole: float, pairs: list[tuple[Any, Any]], rows: int, rtol: float) -> None:
         sizes = [1.0, rows - 1.0]
         if callable(self.reduction):
             sizes = [float(self.reduction(t)) for _, t in pairs]
@@ -93,7 +96,7 @@ class CheckedLoss:
         parts = [float(self.loss_fn(o, t)) for o, t in pairs]
         as_mean = sum(n * v for n, v in zip(sizes, parts)) / sum(sizes)
         as_sum = sum(parts)
-        fits = {"mean": _close(whole, as_mean), "sum": _close(whole, as_sum)}
+        fits = {"mean": _close(whole, as_mean, rtol), "sum": _close(whole, as_sum, rtol)}
         if callable(self.reduction):
             if fits["mean"]:
                 return
@@ -189,5 +192,10 @@ def _first_tensor(value: Any) -> torch.Tensor | None:
     return next((x for x in pytree.tree_leaves(value) if isinstance(x, torch.Tensor) and x.dim() > 0), None)
 
 
-def _close(a: float, b: float) -> bool:
-    return math.isclose(a, b, rel_tol=1e-4, abs_tol=1e-6)
+def _rtol(loss: torch.Tensor) -> float:
+    """The check's relative tolerance for a loss of ``loss``'s dtype (class docstring)."""
+    return 3 * torch.finfo(loss.dtype).eps if _is_half(loss) else 1e-4
+
+
+def _close(a: float, b: float, rtol: float) -> bool:
+    return math.isclose(a, b, rel_tol=rtol, abs_tol=1e-6)

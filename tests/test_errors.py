@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import copy
 import json
-import math
 import time
 from pathlib import Path
 
@@ -407,10 +406,29 @@ def test_a_loss_that_is_not_a_real_floating_point_scalar_is_refused_naming_it(
         pipe.step(torch.randn(16, 8), torch.zeros(16, dtype=torch.long)).wait()
 
 
-@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16, torch.float16])
 def test_a_loss_of_any_floating_point_dtype_or_of_shape_1_trains(dtype: torch.dtype) -> None:
-    with compile_mlp(gpus=2, loss_fn=lambda out, y: F.cross_entropy(out, y).to(dtype).reshape(1)) as pipe:
-        assert math.isfinite(pipe.step(torch.randn(16, 8), torch.zeros(16, dtype=torch.long)).item())
+    """Its value is the plain model's (the first mini-batch runs on the initial weights)."""
+    model = mlp()
+    plain = copy.deepcopy(model)
+    x, y = torch.randn(16, 8), torch.randint(0, 4, (16,))
+    loss_fn = lambda out, t: F.cross_entropy(out, t).to(dtype).reshape(1)  # noqa: E731
+    with compile_mlp(gpus=2, model=model, loss_fn=loss_fn, method="gpipe") as pipe:
+        got = pipe.step(x, y).item()
+    with torch.no_grad():
+        expected = float(loss_fn(plain(x), y))
+    assert got == pytest.approx(expected, rel=1e-6 if dtype == torch.float64 else 1e-2)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_a_16_bit_loss_of_the_wrong_reduction_is_still_caught(dtype: torch.dtype) -> None:
+    """The check's 16-bit tolerance (3 units of rounding) still tells a sum from a mean."""
+    loss_fn = lambda out, t: F.cross_entropy(out, t, reduction="sum").to(dtype)  # noqa: E731
+    with (
+        compile_mlp(gpus=2, loss_fn=loss_fn, method="gpipe") as pipe,
+        pytest.raises(PipelineError, match="pass loss_reduction='sum'"),
+    ):
+        pipe.step(torch.randn(16, 8), torch.randint(0, 4, (16,))).wait()
 
 
 def test_nan_stops_training_naming_mini_batch_and_stage() -> None:

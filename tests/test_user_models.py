@@ -265,7 +265,7 @@ def test_the_loss_check_runs_once_the_backward_has_sent_its_gradients(monkeypatc
     monkeypatch.setattr(
         loss_check.CheckedLoss,
         "_check",
-        lambda self, whole, pairs, rows: checks.append(rows) or real_check(self, whole, pairs, rows),
+        lambda self, whole, pairs, rows, *t: checks.append(rows) or real_check(self, whole, pairs, rows, *t),
     )
     x, y = torch.randn(16, 6), torch.arange(16) % 4
     with compile_mlp(F.cross_entropy, method=method) as pipe:
