@@ -25,6 +25,7 @@ from pipeoptim.fileio import read_json_table, write_json
 from pipeoptim.runtime.extrapolation import Extrapolator, per_unit_rate
 from pipeoptim.runtime.fused_step import sgd_step_each, steps_each
 from pipeoptim.runtime.optim import stage_keywords
+from pipeoptim.runtime.pieces import Piece
 from pipeoptim.runtime.predictors import get_predictor
 
 
@@ -148,7 +149,7 @@ def measure_update_cost(
     if fused_in_step and steps_each(optimizer):  # on the CPU: PipeOptim predicts inside SGD's step
         c, spent = 2 * float(optimizer.param_groups[0]["lr"]), [0.0]
 
-        def predict_one(param: torch.Tensor, group: dict, piece: slice | None) -> None:  # timed in the step
+        def predict_one(param: torch.Tensor, group: dict, piece: Piece | None) -> None:  # timed in the step
             start, name = clock(), extrapolator.name_of[id(param)]
             hat = extrapolator.predict_one(name, group, c, buffers.get(name), piece)
             if hat is not None:
@@ -157,7 +158,7 @@ def measure_update_cost(
 
         def step_and_predict() -> float:  # as the runtime does (pipeoptim.runtime.fused_step)
             spent[0] = 0.0
-            sgd_step_each(optimizer, predict_one)
+            sgd_step_each(optimizer, predict_one, extrapolator.pieces)
             return spent[0]
 
         added = [step_and_predict() for _ in range(2 + repeats)]

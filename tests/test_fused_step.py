@@ -13,6 +13,7 @@ import pipeoptim
 from pipeoptim.runtime import fused_step, prediction
 from pipeoptim.runtime.extrapolation import Extrapolator, per_unit_rate
 from pipeoptim.runtime.fused_step import sgd_step_each, step_predicting, steps_each
+from pipeoptim.runtime.pieces import Piece
 from pipeoptim.runtime.prediction import smoothed_gradient
 from pipeoptim.runtime.predictors import sgd
 from tests.test_policies import ConvNet, batches, conv_pipeline
@@ -50,7 +51,7 @@ def test_step_each_is_torchs_sgd_step_bit_for_bit(options: dict) -> None:
         seen: list[tuple[int, torch.Tensor, torch.Tensor]] = []
         before = [p.detach().clone() for p in ours]
 
-        def record(p: torch.Tensor, group: dict, piece: slice | None, seen: list = seen) -> None:
+        def record(p: torch.Tensor, group: dict, piece: Piece | None, seen: list = seen) -> None:
             assert piece is None  # parameters of fewer than CHUNK_BYTES
             seen.append((id(p), p.detach().clone(), ours[2].detach().clone()))
 
@@ -97,9 +98,9 @@ def test_pieces_are_torchs_sgd_step_and_predictions_bit_for_bit(
         ours_x = Extrapolator(names, opt_ours, direction)
         theirs_x = Extrapolator({f"w{i}": p for i, p in enumerate(theirs)}, opt_theirs, direction)
         hats: dict[str, torch.Tensor] = {}
-        pieces: list[slice | None] = []
+        pieces: list[slice | None] = []  # the span of each piece predicted
         before = [ours[0].detach().clone()]
-        original = ours_x.predict_one
+        original = ours_x.predict_piece
 
         def predict_one(
             name: str,
@@ -111,15 +112,15 @@ def test_pieces_are_torchs_sgd_step_and_predictions_bit_for_bit(
             before=before,
             original=original,
         ) -> torch.Tensor | None:
-            pieces.append(piece)
+            pieces.append(None if piece is None else piece.span)
             if piece is not None:  # this piece updated, the next one not yet
                 now, then = ours[0].detach().view(-1), before[0].view(-1)
-                assert not torch.equal(now[piece], then[piece])
-                rest = slice(piece.stop, None)
+                assert not torch.equal(now[piece.span], then[piece.span])
+                rest = slice(piece.span.stop, None)
                 assert torch.equal(now[rest], then[rest])
             return original(name, group, c, into, piece)
 
-        monkeypatch.setattr(ours_x, "predict_one", predict_one)
+        monkeypatch.setattr(ours_x, "predict_piece", predict_one)
         for _ in range(3):  # the first step creates the momentum buffers: no pieces then
             for a, b in zip(ours, theirs):
                 a.grad = torch.randn(a.shape, generator=g)
@@ -142,6 +143,54 @@ def test_pieces_are_torchs_sgd_step_and_predictions_bit_for_bit(
                     )
             assert hats.keys() == expected.keys() and hats
             assert all(torch.equal(hats[n], expected[n]) for n in hats)
+
+
+def test_pieces_follow_replaced_weights_and_buffers(monkeypatch) -> None:
+    """The pieces kept from one step to the next (:mod:`pipeoptim.runtime.pieces`): after a
+    parameter's ``.data`` is replaced and its momentum buffer by a new tensor,
+    the step writes the new tensors, never the old ones, and equals ``SGD.step()`` and the
+    prediction after it bit for bit; the replaced buffer's pieces are dropped at that step,
+    so its memory is freed."""
+    import gc
+    import weakref
+
+    monkeypatch.setattr(fused_step, "CHUNK_BYTES", 4096)  # pieces of 1024 elements
+    g = torch.Generator().manual_seed(5)
+    shapes = [(50, 100), (7,)]  # 4.9 pieces and a small one
+    ours, theirs = ([nn.Parameter(torch.randn(s, generator=g)) for s in shapes] for _ in range(2))
+    with torch.no_grad():
+        for a, b in zip(ours, theirs):
+            b.copy_(a)
+    opt_ours = torch.optim.SGD(ours, lr=0.1, momentum=0.9)
+    opt_theirs = torch.optim.SGD(theirs, lr=0.1, momentum=0.9)
+    ours_x = Extrapolator({f"w{i}": p for i, p in enumerate(ours)}, opt_ours, per_unit_rate(sgd))
+    theirs_x = Extrapolator({f"w{i}": p for i, p in enumerate(theirs)}, opt_theirs, per_unit_rate(sgd))
+    hats: dict[str, torch.Tensor] = {}
+    old_weights = old_buffer = None
+    for step in range(4):
+        if step == 2:  # a new tensor under each parameter and in its optimizer state
+            old_weights, old_buffer = ours[0].data, weakref.ref(opt_ours.state[ours[0]]["momentum_buffer"])
+            kept = old_weights.clone()
+            for p in (*ours, *theirs):
+                p.data = p.detach().clone()
+            for opt in (opt_ours, opt_theirs):
+                for state in opt.state.values():
+                    state["momentum_buffer"] = state["momentum_buffer"].clone()
+        for a, b in zip(ours, theirs):
+            a.grad = torch.randn(a.shape, generator=g)
+            b.grad = a.grad.clone()
+        hats = step_predicting(opt_ours, ours_x, [0.3], hats)
+        opt_theirs.step()
+        theirs_x.invalidate()
+        expected = theirs_x.predict([0.3])
+        for a, b in zip(ours, theirs):
+            assert torch.equal(a.detach(), b.detach())
+            assert torch.equal(opt_ours.state[a]["momentum_buffer"], opt_theirs.state[b]["momentum_buffer"])
+        assert hats.keys() == expected.keys() and all(torch.equal(hats[n], expected[n]) for n in hats)
+        if step >= 2:
+            assert torch.equal(old_weights, kept)  # the replaced tensor was not written
+            gc.collect()
+            assert old_buffer() is None  # its pieces were dropped, its memory freed
 
 
 def test_only_torchs_for_loop_sgd_steps_each() -> None:

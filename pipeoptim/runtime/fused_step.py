@@ -16,12 +16,15 @@ applies (anything else steps with ``optimizer.step()`` and predicts afterwards).
 A parameter larger than :data:`CHUNK_BYTES` is stepped and predicted in flat pieces of that
 size, each piece's step and prediction before the next one's, so that the piece's weights,
 momentum buffer, gradient and Ŵ are still in the core's L2 cache when the prediction reads
-them (element-wise kernels on the same elements: the same results bit for bit). On that stage
-(1 MiB weights, a 2 MiB L2; medians of 60, two runs) step + prediction took 2.55-2.66 ms in
-512 KiB pieces against 2.87-2.88 ms parameter by parameter (torch's step alone 1.28 ms, step +
-weight stashing's copy 2.0 ms; pieces of 128 KiB: 3.0-3.1 ms, the cost of more kernel calls).
-On 8 bare 512 x 512 tensors the pieces took 2.0 ms against 2.5 ms; the step alone or with the
-copy gained nothing from pieces there.
+them (element-wise kernels on the same elements: the same results bit for bit). The pieces of
+weights, momentum buffers and Ŵ buffers are cut once and kept (:mod:`pipeoptim.runtime.pieces`).
+On the throughput benchmark's MLP stage (8 Linear layers of 512 x 512 and their biases, 8 MiB,
+one thread; medians, the two versions side by side on 2026-12-04) step + prediction took
+2.31 ms in pieces of 256 KiB cut once, against 2.55-2.60 ms in pieces of 512 KiB cut at every
+step (torch's step alone: 1.27-1.30 ms; step + weight stashing's copy: 1.97 ms); on the LM
+benchmark's first stage (12.3 MiB in 50 tensors) 3.97-4.03 ms against 4.29-4.32 (step 2.0 ms,
+step + copy 3.09 ms). A piece's five kernel calls cost about 7 us from Python, so smaller
+pieces cost more than the cache saves (64 KiB: 3.1 ms on the MLP stage).
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ from torch.optim import SGD, Optimizer
 from torch.optim import optimizer as torch_optimizer
 
 from pipeoptim.runtime.extrapolation import Extrapolator
+from pipeoptim.runtime.pieces import FlatPieces, Piece
 
 
 def _l2_cache_bytes(cpu: Path = Path("/sys/devices/system/cpu/cpu0/cache")) -> int | None:
@@ -48,12 +52,13 @@ def _l2_cache_bytes(cpu: Path = Path("/sys/devices/system/cpu/cpu0/cache")) -> i
     return None
 
 
-#: bytes of each piece a large parameter is stepped in: a quarter of the L2 cache, room for
-#: the piece's weights, momentum buffer, gradient and Ŵ (256 KiB where the size is not known)
-CHUNK_BYTES = (_l2_cache_bytes() or 1 << 20) // 4
+#: bytes of each piece a large parameter is stepped in: an eighth of the L2 cache, room for
+#: the piece's weights, momentum buffer, gradient and Ŵ twice over (128 KiB where the size is
+#: not known)
+CHUNK_BYTES = (_l2_cache_bytes() or 1 << 20) // 8
 
 #: ``after(param, group, piece)``: ``piece`` the flat elements just updated, ``None`` for all
-After = Callable[[torch.Tensor, dict, "slice | None"], None]
+After = Callable[[torch.Tensor, dict, "Piece | None"], None]
 
 
 def steps_each(optimizer: Optimizer) -> bool:
@@ -80,16 +85,21 @@ def steps_each(optimizer: Optimizer) -> bool:
 
 
 @torch.no_grad()
-def sgd_step_each(optimizer: SGD, after: After) -> None:
+def sgd_step_each(optimizer: SGD, after: After, pieces: FlatPieces | None = None) -> None:
     """``optimizer.step()`` (where :func:`steps_each` holds), calling ``after(param, group,
     piece)`` once each parameter with a gradient is updated, before the next one is: with
     ``piece=None`` once the whole parameter is, or, for a parameter of more than
     :data:`CHUNK_BYTES` with a momentum buffer (parameter, gradient and buffer contiguous),
-    once per flat piece (``param.view(-1)[piece]``) as soon as that piece is.
+    once per flat piece (:class:`pipeoptim.runtime.pieces.Piece`) as soon as that piece is.
+
+    Args:
+        pieces: where the pieces of parameters and momentum buffers are kept from one step
+            to the next (``None``: cut at this step only).
 
     Parameters without a gradient are skipped, as by ``SGD.step()``; momentum buffers are
     created on the first step and kept in ``optimizer.state[param]["momentum_buffer"]``.
     """
+    pieces = pieces if pieces is not None else FlatPieces()
     for group in optimizer.param_groups:
         for param in group["params"]:
             if param.grad is None:
@@ -101,11 +111,13 @@ def sgd_step_each(optimizer: SGD, after: After) -> None:
                 _sgd_update(group, state, param.detach(), param.grad)
                 after(param, group, None)
                 continue
-            flat, grad, buf = param.detach().view(-1), param.grad.view(-1), buf.view(-1)
-            for start in range(0, flat.numel(), size):
-                piece = slice(start, start + size)
-                _sgd_update(group, {"momentum_buffer": buf[piece]}, flat[piece], grad[piece])
-                after(param, group, piece)
+            cut = zip(pieces.of(param, size), pieces.of(buf, size), param.grad.view(-1).split(size))
+            addresses = (param.data_ptr(), buf.data_ptr(), param.grad.data_ptr())
+            for index, (weights, momentum, grad) in enumerate(cut):
+                _sgd_update(group, {"momentum_buffer": momentum}, weights, grad)
+                span = slice(index * size, index * size + weights.numel())
+                after(param, group, Piece(index, size, span, (weights, momentum, grad), addresses))
+    pieces.prune()
 
 
 def _contiguous(*tensors: torch.Tensor) -> bool:
@@ -152,17 +164,18 @@ def step_predicting(
     index = {id(g): i for i, g in enumerate(optimizer.param_groups)}
     hats: dict[str, torch.Tensor] = {}
 
-    def predict(param: torch.Tensor, group: dict, piece: slice | None) -> None:
+    def predict(param: torch.Tensor, group: dict, piece: Piece | None) -> None:
         name = extrapolator.name_of.get(id(param))
         if name is not None:
             c = coefficients[index[id(group)]]
-            hat = extrapolator.predict_one(name, group, c, hats.get(name, into.get(name)), piece)
+            hat = extrapolator.predict_piece(name, group, c, hats.get(name, into.get(name)), piece)
             if hat is not None:
                 hats[name] = hat
 
-    sgd_step_each(optimizer, predict)
-    for group in optimizer.param_groups:  # parameters without a gradient: not stepped
-        for p in group["params"]:
-            if p.grad is None:
-                predict(p, group, None)
+    sgd_step_each(optimizer, predict, extrapolator.pieces)
+    with torch.no_grad():
+        for group in optimizer.param_groups:  # parameters without a gradient: not stepped
+            for p in group["params"]:
+                if p.grad is None:
+                    predict(p, group, None)
     return hats
