@@ -11,10 +11,11 @@ from torch import nn
 
 import pipeoptim
 from pipeoptim.runtime.staleness import PredictionError, PredictionErrorMeter
+from pipeoptim.runtime.weight_copies import CopyPool, squared_distances
 from tests.given_plans import Biases, biases_plan
 
 
-def run_biases(method: str, stages: int, steps: int, executor: str = "local", every: int = 1):
+def run_biases(method: str, stages: int, steps: int, executor: str = "local", every: int = 1, **options):
     model = Biases()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     with pipeoptim.compile(
@@ -27,11 +28,18 @@ def run_biases(method: str, stages: int, steps: int, executor: str = "local", ev
         executor=executor,
         plan=biases_plan(method, stages),
         prediction_error_every=every,
+        **options,
     ) as pipe:
         for t in range(steps):
             pipe.step(torch.full((6, 4), float(t)), None)
         pipe.flush()
+        if executor == "local":
+            pools.extend(stage.prediction_error._pool._free for stage in pipe._executor.stages)
         return pipe.stats()
+
+
+#: the copy pools of the stages of the last run_biases runs (local executor)
+pools: list[list] = []
 
 
 def expected_staleness(stages: int, stage: int, steps: int) -> float:
@@ -74,6 +82,67 @@ def test_pipeoptim_error_vanishes_once_it_has_a_gradient_to_predict_from() -> No
     # on the same trajectory, the weights current at the forward were as stale as no correction's
     for k in range(3):
         assert stats.staleness[k] == pytest.approx(expected_staleness(3, k, 12), abs=1e-6)
+
+
+def test_weights_the_policy_keeps_are_read_not_copied(monkeypatch) -> None:
+    """Weight stashing keeps the forward's weights until the backward, and so does PipeOptim
+    with backward='predicted' (its Ŵ): the meter reads them there instead of copying them at
+    the forward, and measures the same closed-form values as the copying path (no correction,
+    PipeOptim with the current weights in its backward)."""
+    copied: list[int] = []
+    original = CopyPool.copy
+    monkeypatch.setattr(CopyPool, "copy", lambda self, ts: copied.append(len(ts)) or original(self, ts))
+    pipedream = run_biases("pipedream", 3, 12)
+    assert not copied  # every weight it compared was the stash's (or W, unchanged)
+    assert pipedream.prediction_error == pytest.approx(run_biases("none", 3, 12).prediction_error, abs=1e-9)
+    copied.clear()
+    consistent = run_biases("pipeoptim", 3, 12, backward="predicted")
+    kept = len(copied)  # W at the forwards that used a Ŵ, for the staleness
+    copied.clear()
+    current = run_biases("pipeoptim", 3, 12)
+    assert 0 < kept < len(copied)  # and the Ŵ the policy overwrites
+    assert consistent.prediction_error == pytest.approx(current.prediction_error, abs=1e-9)
+    assert consistent.prediction_error[0] == pytest.approx(2 / 12, abs=1e-6)
+    assert consistent.staleness == pytest.approx(current.staleness, abs=1e-9)
+
+
+def test_copies_are_kept_for_later_samples_and_bounded_by_those_in_flight() -> None:
+    """Sampling every micro-batch for 40 mini-batches: each stage keeps at most as many sets
+    of copies as micro-batches it has in flight (two per micro-batch where the forward uses Ŵ,
+    one for the staleness), whatever the length of the run."""
+    for method, per in (("none", 1), ("pipeoptim", 2)):
+        for steps in (12, 40):
+            pools.clear()
+            run_biases(method, 3, steps)
+            held = [len(free) for free in pools]
+            assert held[2] == 0  # the last stage: no step before the backward, nothing copied
+            assert 1 <= held[0] <= per * 3 and 1 <= held[1] <= per * 2, (method, steps, held)
+
+
+def test_copy_pool_reuses_matching_buffers() -> None:
+    pool = CopyPool()
+    a = [torch.randn(3, 2), torch.randn(4)]
+    first = pool.copy(a)
+    assert all(torch.equal(x, y) and x.data_ptr() != y.data_ptr() for x, y in zip(first, a))
+    pool.give_back(first)
+    b = [torch.randn(3, 2), torch.randn(4)]
+    second = pool.copy(b)
+    assert [t.data_ptr() for t in second] == [t.data_ptr() for t in first]  # no allocation
+    assert all(torch.equal(x, y) for x, y in zip(second, b))
+    pool.give_back(second)
+    other = pool.copy([torch.randn(2, 3)])  # another shape: a fresh copy
+    assert other[0].shape == (2, 3) and other[0].data_ptr() not in {t.data_ptr() for t in first}
+
+
+def test_squared_distances_equal_float64_sums() -> None:
+    g = torch.Generator().manual_seed(0)
+    ref = [torch.randn(64, 33, generator=g), torch.randn(7, generator=g).to(torch.bfloat16)]
+    others = [[t + 0.01 * torch.randn(t.shape, generator=g).to(t.dtype) for t in ref] for _ in range(2)]
+    distances, norm = squared_distances(others, ref)
+    assert norm == pytest.approx(sum(t.double().square().sum().item() for t in ref), rel=1e-5)
+    for got, a in zip(distances, others):
+        expected = sum((x.double() - y.double()).square().sum().item() for x, y in zip(a, ref))
+        assert got == pytest.approx(expected, rel=1e-3)  # bfloat16 differences in bfloat16
 
 
 @pytest.mark.parametrize("method", ["gpipe", "1f1b"])

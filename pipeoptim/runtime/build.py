@@ -62,7 +62,7 @@ class PipelineSpec:
     autocast: torch.dtype | None = None
     #: ``torch.compile`` backend of the stages (:mod:`pipeoptim.runtime.compiled`), or ``None``
     compile_stages: str | None = None
-    prediction_error_every: int = 16
+    prediction_error_every: int = 64
     #: R, replicas of the pipeline (data parallelism, :mod:`pipeoptim.runtime.replicas`)
     data_parallel: int = 1
 

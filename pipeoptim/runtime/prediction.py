@@ -151,6 +151,7 @@ class PipeOptimPolicy(_Predicting):
         if backward not in BACKWARDS:
             raise ValueError(f"backward must be one of {', '.join(BACKWARDS)}, not {backward!r}")
         self.consistent = backward == "predicted"
+        self.keeps_forward_weights = self.consistent
         self._buffers_hat: dict[str, torch.Tensor] = {}
         self._kept: dict[int, dict[str, torch.Tensor]] = {}  # consistent: Ŵ of each micro-batch
         self._last_key: _Key | None = None  # what the last forward's Ŵ was predicted with

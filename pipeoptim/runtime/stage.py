@@ -27,7 +27,7 @@ from pipeoptim.runtime.nan_check import any_nan
 from pipeoptim.runtime.optim import apply_hyperparameters
 from pipeoptim.runtime.scaler import LossScaler
 from pipeoptim.runtime.shared import SharedParams
-from pipeoptim.runtime.staleness import PredictionErrorMeter, used_weights
+from pipeoptim.runtime.staleness import PredictionErrorMeter, backward_weights, used_weights
 from pipeoptim.runtime.weight_policy import WeightPolicy
 
 LossFn = Callable[[Any, Any], torch.Tensor]
@@ -78,7 +78,7 @@ class StageRuntime:
         nan_check: str = "stages",
         max_grad_norm: float | None = None,
         scaler: LossScaler | None = None,
-        prediction_error_every: int = 16,
+        prediction_error_every: int = 64,
     ) -> None:
         if nan_check not in ("stages", "loss", "off"):
             raise ValueError(f"nan_check must be 'stages', 'loss' or 'off', not {nan_check!r}")
@@ -172,8 +172,9 @@ class StageRuntime:
             self.policy.begin_forward(micro_batch, version_diff, self._step_rates(micro_batch, version_diff))
         if self.prediction_error.sampled(micro_batch):  # most forwards skip the weight lookup
             trainable = self.trainable()
+            kept = self.policy is not None and self.policy.keeps_forward_weights
             self.prediction_error.forward(
-                micro_batch, used_weights(self.policy, trainable), trainable, version_diff
+                micro_batch, used_weights(self.policy, trainable), trainable, version_diff, kept
             )
         try:
             with torch.random.fork_rng(devices=self._rng_devices):
@@ -293,7 +294,9 @@ class StageRuntime:
         state = self._in_flight.pop(micro_batch)
         self._activation_bytes.pop(micro_batch, None)
         if self.prediction_error.sampled(micro_batch):
-            self.prediction_error.backward(micro_batch, self.trainable())
+            trainable, policy = self.trainable(), self.policy
+            used = None if policy is None else lambda: backward_weights(policy, trainable, micro_batch)
+            self.prediction_error.backward(micro_batch, trainable, used)
         if self._grads_stale and self.optimizer is not None:
             self.optimizer.zero_grad(set_to_none=True)
             self._grads_stale = False

@@ -20,10 +20,14 @@ too, ``W_cur`` being the stage's weights when the forward starts (what no correc
 have computed with): on one run's trajectory, a prediction helps where its error is below
 the staleness.
 
-Cost: the weights a sampled forward used are copied (one clone of the stage's weights) and
+Cost: the weights a sampled forward used are copied (one copy of the stage's weights) and
 compared when its backward starts; micro-batches ``m`` with ``m % every == 0`` are sampled,
 so at most ``⌈in-flight / every⌉`` copies exist at once (one when ``every`` ≥ N), two where
-the forward does not use the current weights (one for the staleness). Where the schedule
+the forward does not use the current weights (one for the staleness). Where the weight policy
+keeps the forward's weights until the backward anyway (weight stashing, 2BW, PipeOptim with
+``backward="predicted"``) they are read there instead of copied. The copies' buffers are kept
+for the next sample (:class:`pipeoptim.runtime.weight_copies.CopyPool`: the same peak memory,
+without the page faults of fresh buffers). Where the schedule
 takes no optimizer step between the forward and its backward (version difference 0: gpipe,
 1f1b, the last stage) and the forward uses the parameters themselves (not 2BW's shadow),
 nothing is copied: the parameters' autograd version counters are kept, and at the backward
@@ -35,11 +39,13 @@ changed in place despite that (a user's hook) drops the sample with a warning.
 from __future__ import annotations
 
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
+
+from pipeoptim.runtime.weight_copies import CopyPool, squared_distances
 
 if TYPE_CHECKING:
     from pipeoptim.runtime.weight_policy import WeightPolicy
@@ -95,13 +101,16 @@ class PredictionErrorMeter:
         if every < 0:
             raise ValueError(f"prediction_error_every must be 0 (off) or positive, got {every}")
         self.every = every
-        self._forward: dict[int, tuple[list[torch.Tensor], list[torch.Tensor] | None]] = {}
+        #: sampled micro-batches: (copy of the weights their forward used, ``None`` where the policy
+        #: keeps them; copy of the parameters then, ``None`` where the forward used those)
+        self._forward: dict[int, tuple[list[torch.Tensor] | None, list[torch.Tensor] | None]] = {}
         #: sampled micro-batches of version difference 0 whose forward uses the current
         #: parameters: (parameter, its version counter at the forward)
         self._unchanged: dict[int, list[tuple[torch.Tensor, int]]] = {}
         self._sum = 0.0
         self._stale_sum = 0.0
         self._samples = 0
+        self._pool = CopyPool()
 
     def sampled(self, micro_batch: int) -> bool:
         """Whether ``micro_batch`` is measured (its forward is copied, its backward compared)."""
@@ -113,28 +122,46 @@ class PredictionErrorMeter:
         weights: Sequence[torch.Tensor],
         current: Sequence[torch.Tensor],
         version_diff: int,
+        kept: bool = False,
     ) -> None:
         """Keep a copy of ``weights`` (the tensors the forward of ``micro_batch`` uses, in the
         stage's parameter order) and, where they differ, of ``current`` (the parameters now),
         if ``micro_batch`` is sampled; where ``weights`` are the parameters themselves and
         ``version_diff`` is 0 (no optimizer step before its backward), only their version
-        counters (module docstring; 2BW's forward reads a shadow copy even then)."""
+        counters (module docstring; 2BW's forward reads a shadow copy even then).
+
+        Args:
+            kept: the weight policy keeps the values of ``weights`` until this micro-batch's
+                backward, which passes them to :meth:`backward` (weight stashing): they are
+                not copied.
+        """
         if not weights or not self.sampled(micro_batch):
             return
         same = all(w is c for w, c in zip(weights, current))
         if version_diff == 0 and same:
             self._unchanged[micro_batch] = [(t, t._version) for t in weights]
             return
-        with torch.no_grad():
-            used = [w.detach().clone() for w in weights]
-            self._forward[micro_batch] = (used, None if same else [c.detach().clone() for c in current])
+        used = None if kept else self._pool.copy(weights)
+        self._forward[micro_batch] = (used, None if same else self._pool.copy(current))
 
-    def backward(self, micro_batch: int, current: Sequence[torch.Tensor]) -> None:
+    def backward(
+        self,
+        micro_batch: int,
+        current: Sequence[torch.Tensor],
+        used: Callable[[], Sequence[torch.Tensor]] | None = None,
+    ) -> None:
         """Compare the copies of ``micro_batch``'s forward, if sampled, with ``current`` (the
-        stage's parameters as its backward starts, same order) and drop them."""
-        kept = self._unchanged.pop(micro_batch, None)
-        if kept is not None:
-            if all(t._version == v for t, v in kept) and all(w is c for (w, _), c in zip(kept, current)):
+        stage's parameters as its backward starts, same order) and drop them.
+
+        Args:
+            used: the weights the forward used, kept by the weight policy (``kept`` at
+                :meth:`forward`; called only then).
+        """
+        unchanged = self._unchanged.pop(micro_batch, None)
+        if unchanged is not None:
+            if all(t._version == v for t, v in unchanged) and all(
+                w is c for (w, _), c in zip(unchanged, current)
+            ):
                 self._samples += 1  # the very tensors, unmodified: both distances are exactly 0
             else:
                 warnings.warn(
@@ -147,11 +174,20 @@ class PredictionErrorMeter:
         copies = self._forward.pop(micro_batch, None)
         if copies is None:
             return
-        used, then = copies
-        error = relative_distance(used, current)
+        copied, then = copies
+        if copied is None and used is None:
+            raise ValueError(
+                f"micro-batch {micro_batch}'s forward weights were kept by the policy: pass used"
+            )
+        others = [copied if copied is not None else used(), *([] if then is None else [then])]
+        distances, norm = squared_distances(others, current)
+        error = _relative(distances[0], norm)
         self._sum += error
-        self._stale_sum += error if then is None else relative_distance(then, current)
+        self._stale_sum += error if then is None else _relative(distances[1], norm)
         self._samples += 1
+        for buffers in (copied, then):
+            if buffers is not None:
+                self._pool.give_back(buffers)
 
     def result(self) -> PredictionError:
         """The means so far (:class:`PredictionError`)."""
@@ -160,16 +196,28 @@ class PredictionErrorMeter:
         return PredictionError(self._sum / self._samples, self._samples, self._stale_sum / self._samples)
 
 
-@torch.no_grad()
+def _relative(squared_distance: float, squared_norm: float) -> float:
+    """``‖a − b‖ / ‖b‖`` from the squares; 0 where both are zero, infinite where only ``b`` is."""
+    if squared_norm > 0:
+        return (squared_distance / squared_norm) ** 0.5
+    return 0.0 if squared_distance == 0 else float("inf")
+
+
 def relative_distance(a: Sequence[torch.Tensor], b: Sequence[torch.Tensor]) -> float:
-    """``‖a − b‖ / ‖b‖``, Euclidean norms over all tensors together (each tensor's norm in its
+    """``‖a − b‖ / ‖b‖``, Euclidean norms over all tensors together (each piece's norm in its
     own dtype, about 1e-7 relative in float32, summed in float64: float64 copies of the weights
     made a sample cost ~3x more); 0 where both are zero, infinite where only ``b`` is."""
-    diff = sum(float(torch.linalg.vector_norm(x - y)) ** 2 for x, y in zip(a, b))
-    norm = sum(float(torch.linalg.vector_norm(y)) ** 2 for y in b)
-    if norm > 0:
-        return (diff / norm) ** 0.5
-    return 0.0 if diff == 0 else float("inf")
+    (distance,), norm = squared_distances([a], b)
+    return _relative(distance, norm)
+
+
+def backward_weights(
+    policy: WeightPolicy, trainable: Sequence[torch.Tensor], micro_batch: int
+) -> list[torch.Tensor]:
+    """The tensors the backward of ``micro_batch`` computes with (:meth:`WeightPolicy.backward_weight`),
+    one per parameter of ``trainable``; a parameter the policy does not hold is itself."""
+    names = {id(p): name for name, p in policy.params.items()}
+    return [policy.backward_weight(names[id(p)], micro_batch) if id(p) in names else p for p in trainable]
 
 
 def used_weights(policy: WeightPolicy | None, trainable: Sequence[torch.Tensor]) -> list[torch.Tensor]:

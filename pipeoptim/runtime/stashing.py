@@ -25,6 +25,7 @@ class Stash(WeightPolicy):
 
     kind = "stash"
     redirect_backward = True
+    keeps_forward_weights = True
 
     def __init__(self) -> None:
         super().__init__()
@@ -94,6 +95,7 @@ class TwoBW(WeightPolicy):
 
     kind = "2bw"
     redirect_backward = True
+    keeps_forward_weights = True
 
     def __init__(self, micro_batches: int = 1) -> None:
         super().__init__()

@@ -32,12 +32,15 @@ class WeightPolicy:
     Attributes:
         kind: policy name.
         redirect_backward: whether saved weights are replaced at backward time.
+        keeps_forward_weights: whether :meth:`backward_weight` gives the backward of a
+            micro-batch the very values its forward used (weight stashing), kept until then.
         peak_versions: most weight versions of one parameter alive at once so far, the
             parameter itself included (measured with weak references).
     """
 
     kind = "base"
     redirect_backward = False
+    keeps_forward_weights = False
 
     def __init__(self) -> None:
         self.params: dict[str, nn.Parameter] = {}
