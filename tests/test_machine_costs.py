@@ -42,7 +42,9 @@ def test_a_real_measurement_is_plausible_and_then_reused(monkeypatch: pytest.Mon
     """In the test session's cache (conftest): measured here, or by an earlier test's run (as
     on an idle machine: one busy with other work is not saved, the next test)."""
     first = load_or_measure_machine_costs()
-    assert 0 < first.latency < 0.05  # seconds per message on one machine
+    # seconds per message on one machine; 0 where noise made the free fit's α negative (a
+    # loaded machine: fit_latency_bandwidth clamps it, and a suite beside another gave 0.0)
+    assert 0 <= first.latency < 0.05
     assert 1e7 < first.bandwidth < 1e12  # bytes/s
     assert 0 < first.action_overhead < 0.05  # seconds per action
     assert (machine_costs.cache_dir() / MACHINE_COSTS_FILE).exists()

@@ -180,7 +180,6 @@ class PipeOptimPolicy(_Predicting):
                 )
         for name, value in self._values.items():
             self._track(name, value)
-        self._measure()
 
     def _key(self, coefficients: Sequence[float]) -> _Key:
         """c per group and the hyperparameters SGD's ΔW reads (:func:`sgd_direction`)."""
@@ -300,7 +299,6 @@ class SpecTrainPolicy(_Predicting):
         self._values = self._predict(self.forward_steps)
         for name, value in self._values.items():
             self._track(name, value)
-        self._measure()
 
     def begin_backward(self, micro_batch: int) -> None:
         super().begin_backward(micro_batch)

@@ -50,7 +50,6 @@ class Stash(WeightPolicy):
             self._stashed[self.version] = copies
             for name, value in copies.items():
                 self._track(name, value)
-            self._measure()
 
     def after_step(self) -> None:
         self.version += 1
@@ -127,7 +126,6 @@ class TwoBW(WeightPolicy):
                     self._track(name, value)
             else:
                 torch._foreach_copy_([self._shadow[n] for n in self.params], list(self.params.values()))
-        self._measure()
 
     def after_step(self) -> None:
         self._updated = self._updating

@@ -75,13 +75,12 @@ class WeightPolicy:
 
     def end_forward(self, micro_batch: int) -> None:
         self._values = {}
-        self._measure()
 
     def begin_backward(self, micro_batch: int) -> None:
         """Prepare what the backward of ``micro_batch`` sees (redirecting policies)."""
 
     def end_backward(self, micro_batch: int) -> None:
-        self._measure()
+        """Called after the backward of ``micro_batch``."""
 
     def before_step(self) -> None:
         """Called before each optimizer step."""
@@ -181,16 +180,13 @@ class WeightPolicy:
         }
 
     def _track(self, name: str, value: torch.Tensor) -> None:
-        refs = [r for r in self._copies.get(name, []) if r() is not None and r() is not value]
-        refs.append(weakref.ref(value))
-        self._copies[name] = refs
-
-    def _measure(self) -> None:
-        alive = 0
-        for refs in self._copies.values():
-            refs[:] = [r for r in refs if r() is not None]
-            alive = max(alive, len(refs))
-        self.peak_versions = max(self.peak_versions, 1 + alive)
+        """Count ``value`` among the versions of ``name`` alive (weak references): the peak
+        changes only when a version is added, so it is updated here alone."""
+        alive = [r for r in self._copies.get(name, ()) if r() is not None]
+        if not any(r() is value for r in alive):
+            alive.append(weakref.ref(value))
+            self.peak_versions = max(self.peak_versions, 1 + len(alive))
+        self._copies[name] = alive
 
 
 class NoCorrection(WeightPolicy):
