@@ -149,8 +149,8 @@ class Extrapolator:
         """:meth:`predict_one` without entering ``torch.no_grad()`` (the caller has). D's terms,
         the pieces of their tensors and of the Ŵ buffer are found at a parameter's first piece
         and kept for its others."""
-        prepared = self._prepared
-        if piece is not None and piece.index and prepared is not None and prepared[:2] == (name, c):
+        kept = self._prepared  # a parameter's later pieces: as prepared at its first
+        if piece is not None and piece.index and kept is not None and kept[0] == name and kept[1] == c:
             return self._predict_prepared(piece)
         self._prepared = None
         p = self.params[name]

@@ -115,8 +115,7 @@ def sgd_step_each(optimizer: SGD, after: After, pieces: FlatPieces | None = None
             addresses = (param.data_ptr(), buf.data_ptr(), param.grad.data_ptr())
             for index, (weights, momentum, grad) in enumerate(cut):
                 _sgd_update(group, {"momentum_buffer": momentum}, weights, grad)
-                span = slice(index * size, index * size + weights.numel())
-                after(param, group, Piece(index, size, span, (weights, momentum, grad), addresses))
+                after(param, group, Piece(index, size, (weights, momentum, grad), addresses))
     pieces.prune()
 
 

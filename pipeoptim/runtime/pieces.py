@@ -23,16 +23,20 @@ class Piece(NamedTuple):
     Attributes:
         index: the piece's place among the parameter's pieces.
         size: elements of every piece of the parameter but the last (which may be shorter).
-        span: its flat elements, ``param.view(-1)[span]``.
         views: the piece of the parameter, of its momentum buffer and of its gradient.
         addresses: the data addresses of those three whole tensors (:meth:`place_of`).
     """
 
     index: int
     size: int
-    span: slice
     views: tuple[torch.Tensor, torch.Tensor, torch.Tensor]
     addresses: tuple[int, int, int]
+
+    @property
+    def span(self) -> slice:
+        """The piece's flat elements, ``param.view(-1)[span]``."""
+        start = self.index * self.size
+        return slice(start, start + self.views[0].numel())
 
     def place_of(self, tensor: torch.Tensor) -> int | None:
         """Which of :attr:`views` is the piece of ``tensor`` (``None``: another tensor)."""

@@ -175,10 +175,7 @@ class PredictionErrorMeter:
         if copies is None:
             return
         copied, then = copies
-        if copied is None and used is None:
-            raise ValueError(
-                f"micro-batch {micro_batch}'s forward weights were kept by the policy: pass used"
-            )
+        assert copied is not None or used is not None, "kept at the forward: the stage passes them"
         others = [copied if copied is not None else used(), *([] if then is None else [then])]
         distances, norm = squared_distances(others, current)
         error = _relative(distances[0], norm)
@@ -201,14 +198,6 @@ def _relative(squared_distance: float, squared_norm: float) -> float:
     if squared_norm > 0:
         return (squared_distance / squared_norm) ** 0.5
     return 0.0 if squared_distance == 0 else float("inf")
-
-
-def relative_distance(a: Sequence[torch.Tensor], b: Sequence[torch.Tensor]) -> float:
-    """``‖a − b‖ / ‖b‖``, Euclidean norms over all tensors together (each piece's norm in its
-    own dtype, about 1e-7 relative in float32, summed in float64: float64 copies of the weights
-    made a sample cost ~3x more); 0 where both are zero, infinite where only ``b`` is."""
-    (distance,), norm = squared_distances([a], b)
-    return _relative(distance, norm)
 
 
 def backward_weights(
