@@ -25,7 +25,7 @@ from pipeoptim.fileio import read_json_table, write_json
 from pipeoptim.runtime.extrapolation import Extrapolator, per_unit_rate
 from pipeoptim.runtime.fused_step import sgd_step_each, steps_each
 from pipeoptim.runtime.optim import stage_keywords
-from pipeoptim.runtime.pieces import Piece
+from pipeoptim.runtime.pieces import Cut, PiecePlan
 from pipeoptim.runtime.predictors import get_predictor
 
 
@@ -149,17 +149,26 @@ def measure_update_cost(
     if fused_in_step and steps_each(optimizer):  # on the CPU: PipeOptim predicts inside SGD's step
         c, spent = 2 * float(optimizer.param_groups[0]["lr"]), [0.0]
 
-        def predict_one(param: torch.Tensor, group: dict, piece: Piece | None) -> None:  # timed in the step
+        def predict(param: torch.Tensor, group: dict) -> None:  # a whole parameter's Ŵ, timed
             start, name = clock(), extrapolator.name_of[id(param)]
-            hat = extrapolator.predict_one(name, group, c, buffers.get(name), piece)
+            hat = extrapolator.predict_one(name, group, c, buffers.get(name))
             if hat is not None:
                 buffers[name] = hat
             spent[0] += clock() - start
 
+        def per_piece(param: torch.Tensor, group: dict, cut: Cut) -> PiecePlan | None:  # timed too
+            start, name = clock(), extrapolator.name_of[id(param)]
+            prepared = extrapolator.piece_plan(name, group, c, buffers.get(name), cut)
+            spent[0] += clock() - start
+            if prepared is None:
+                return None
+            buffers[name], plan = prepared
+            return plan
+
         def step_and_predict() -> float:  # as the runtime does (pipeoptim.runtime.fused_step)
             spent[0] = 0.0
-            sgd_step_each(optimizer, predict_one, extrapolator.pieces)
-            return spent[0]
+            in_pieces = sgd_step_each(optimizer, predict, per_piece, extrapolator.pieces, clock)
+            return spent[0] + in_pieces
 
         added = [step_and_predict() for _ in range(2 + repeats)]
         return UpdateCosts(step_s, statistics.median(added[2:]) / nbytes, copy_s)

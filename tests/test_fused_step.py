@@ -13,7 +13,6 @@ import pipeoptim
 from pipeoptim.runtime import fused_step, prediction
 from pipeoptim.runtime.extrapolation import Extrapolator, per_unit_rate
 from pipeoptim.runtime.fused_step import sgd_step_each, step_predicting, steps_each
-from pipeoptim.runtime.pieces import Piece
 from pipeoptim.runtime.prediction import smoothed_gradient
 from pipeoptim.runtime.predictors import sgd
 from tests.test_policies import ConvNet, batches, conv_pipeline
@@ -51,8 +50,7 @@ def test_step_each_is_torchs_sgd_step_bit_for_bit(options: dict) -> None:
         seen: list[tuple[int, torch.Tensor, torch.Tensor]] = []
         before = [p.detach().clone() for p in ours]
 
-        def record(p: torch.Tensor, group: dict, piece: Piece | None, seen: list = seen) -> None:
-            assert piece is None  # parameters of fewer than CHUNK_BYTES
+        def record(p: torch.Tensor, group: dict, seen: list = seen) -> None:  # fewer than CHUNK_BYTES each
             seen.append((id(p), p.detach().clone(), ours[2].detach().clone()))
 
         sgd_step_each(opt_ours, record)
@@ -100,27 +98,34 @@ def test_pieces_are_torchs_sgd_step_and_predictions_bit_for_bit(
         hats: dict[str, torch.Tensor] = {}
         pieces: list[slice | None] = []  # the span of each piece predicted
         before = [ours[0].detach().clone()]
-        original = ours_x.predict_piece
+        whole, in_pieces = ours_x.predict_one, ours_x.piece_plan
 
-        def predict_one(
-            name: str,
-            group: dict,
-            c: float,
-            into,
-            piece=None,
-            pieces=pieces,
-            before=before,
-            original=original,
-        ) -> torch.Tensor | None:
-            pieces.append(None if piece is None else piece.span)
-            if piece is not None:  # this piece updated, the next one not yet
+        def predict_one(name: str, *args, pieces=pieces, whole=whole) -> torch.Tensor | None:
+            pieces.append(None)
+            return whole(name, *args)
+
+        class Checked(tuple):
+            """Ŵ's pieces, checking as piece i is taken that the step has updated that piece
+            of the weights and not yet the next ones."""
+
+            def __getitem__(self, i: int, pieces=pieces, before=before) -> torch.Tensor:
+                size = tuple.__getitem__(self, 0).numel()
+                span = slice(i * size, i * size + tuple.__getitem__(self, i).numel())
+                pieces.append(span)
                 now, then = ours[0].detach().view(-1), before[0].view(-1)
-                assert not torch.equal(now[piece.span], then[piece.span])
-                rest = slice(piece.span.stop, None)
-                assert torch.equal(now[rest], then[rest])
-            return original(name, group, c, into, piece)
+                assert not torch.equal(now[span], then[span])
+                assert torch.equal(now[span.stop :], then[span.stop :])
+                return tuple.__getitem__(self, i)
 
-        monkeypatch.setattr(ours_x, "predict_piece", predict_one)
+        def piece_plan(name: str, *args, in_pieces=in_pieces, checked=Checked):
+            prepared = in_pieces(name, *args)
+            if prepared is None:
+                return None
+            out, plan = prepared
+            return out, plan._replace(hats=checked(plan.hats))
+
+        monkeypatch.setattr(ours_x, "predict_one", predict_one)
+        monkeypatch.setattr(ours_x, "piece_plan", piece_plan)
         for _ in range(3):  # the first step creates the momentum buffers: no pieces then
             for a, b in zip(ours, theirs):
                 a.grad = torch.randn(a.shape, generator=g)

@@ -31,7 +31,7 @@ import torch
 from torch import nn
 from torch.optim import Optimizer
 
-from pipeoptim.runtime.pieces import FlatPieces, Piece
+from pipeoptim.runtime.pieces import Cut, FlatPieces, PiecePlan
 from pipeoptim.runtime.predictors import sgd
 
 #: ``D = Σ a_j · T_j``: coefficients and tensors shaped like the parameter.
@@ -108,9 +108,6 @@ class Extrapolator:
         self._directions: dict[str, Terms] | None = None
         #: pieces of the weights, momentum buffers and Ŵ buffers, kept between steps
         self.pieces = FlatPieces()
-        #: a parameter's prediction between its pieces: name, c, (alpha, place) of D's first term
-        #: and of the others (:meth:`predict_piece`), Ŵ's pieces, Ŵ
-        self._prepared: tuple | None = None
 
     def invalidate(self) -> None:
         """Forget D (the optimizer stepped, or a backward is about to change the gradients)."""
@@ -131,52 +128,40 @@ class Extrapolator:
             self._directions = directions
         return self._directions
 
-    @torch.no_grad()
-    def predict_one(
-        self, name: str, group: dict, c: float, into: torch.Tensor | None, piece: Piece | None = None
-    ) -> torch.Tensor | None:
+    def predict_one(self, name: str, group: dict, c: float, into: torch.Tensor | None) -> torch.Tensor | None:
         """Ŵ of one parameter (``group`` its optimizer group), into ``into`` when given; ``None``
         where it has no direction or ``c = 0`` (the forward uses W). The same arithmetic as
-        :meth:`predict` on the CPU, from the state as it stands (no cached D). With ``piece``
-        only those flat elements of Ŵ are written (W, ``into`` and D's tensors contiguous;
-        :func:`pipeoptim.runtime.fused_step.sgd_step_each`, which calls this for a parameter's
-        pieces in order); the whole Ŵ tensor is returned."""
-        return self.predict_piece(name, group, c, into, piece)
+        :meth:`predict`, from the state as it stands (no cached D). Call under
+        ``torch.no_grad()``."""
+        p = self.params[name]
+        terms = self.direction(p, self.optimizer.state.get(p, {}), group) if c else None
+        if terms is None:
+            return None
+        return extrapolate(p.detach(), terms, c, torch.empty_like(p) if into is None else into)
 
-    def predict_piece(
-        self, name: str, group: dict, c: float, into: torch.Tensor | None, piece: Piece | None
-    ) -> torch.Tensor | None:
-        """:meth:`predict_one` without entering ``torch.no_grad()`` (the caller has). D's terms,
-        the pieces of their tensors and of the Ŵ buffer are found at a parameter's first piece
-        and kept for its others."""
-        kept = self._prepared  # a parameter's later pieces: as prepared at its first
-        if piece is not None and piece.index and kept is not None and kept[0] == name and kept[1] == c:
-            return self._predict_prepared(piece)
-        self._prepared = None
+    def piece_plan(
+        self, name: str, group: dict, c: float, into: torch.Tensor | None, cut: Cut
+    ) -> tuple[torch.Tensor, PiecePlan] | None:
+        """:meth:`predict_one` piece by piece, for a parameter that
+        :func:`pipeoptim.runtime.fused_step.sgd_step_each` steps in pieces: Ŵ (``into`` where
+        given) and the :class:`pipeoptim.runtime.pieces.PiecePlan` that writes it from the
+        pieces of ``cut`` (weights, momentum buffer and gradient) and of D's other tensors;
+        ``None`` where the parameter has no direction or ``c = 0``. The parameter and ``into``
+        are contiguous. The same kernels as :func:`extrapolate` on each piece (element-wise,
+        on the same elements: the same bits)."""
         p = self.params[name]
         terms = self.direction(p, self.optimizer.state.get(p, {}), group) if c else None
         if terms is None:
             return None
         out = torch.empty_like(p) if into is None else into
-        if piece is None:
-            return extrapolate(p.detach(), terms, c, out)
-        hats = self.pieces.of(out, piece.size)
-        places = [(-c * a, piece.place_of(t)) for a, t in terms]
-        if all(place is not None for _, place in places):
-            self._prepared = (name, c, places[0], places[1:], hats, out)
-            return self._predict_prepared(piece)
-        extrapolate(piece.views[0], [(a, piece.view_of(t)) for a, t in terms], c, hats[piece.index])
-        return out
+        size = cut[0][1][0].numel()
+        known = {(t.data_ptr(), t.numel()): pieces for t, pieces in cut}
 
-    def _predict_prepared(self, piece: Piece) -> torch.Tensor:
-        """:func:`extrapolate` on ``piece``, each term's alpha and piece as prepared."""
-        assert self._prepared is not None
-        _, _, (alpha, first), rest, hats, out = self._prepared
-        views, hat = piece.views, hats[piece.index]
-        torch.add(views[0], views[first], alpha=alpha, out=hat)
-        for alpha, place in rest:
-            hat.add_(views[place], alpha=alpha)
-        return out
+        def pieces_of(t: torch.Tensor) -> Sequence[torch.Tensor]:
+            return known.get((t.data_ptr(), t.numel())) or t.detach().reshape(-1).split(size)
+
+        (alpha, first), *rest = [(-c * a, pieces_of(t)) for a, t in terms]
+        return out, PiecePlan(self.pieces.of(out, size), alpha, first, rest)
 
     @torch.no_grad()
     def predict(

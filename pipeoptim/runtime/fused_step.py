@@ -24,7 +24,15 @@ one thread; medians, the two versions side by side on 2026-12-04) step + predict
 step (torch's step alone: 1.27-1.30 ms; step + weight stashing's copy: 1.97 ms); on the LM
 benchmark's first stage (12.3 MiB in 50 tensors) 3.97-4.03 ms against 4.29-4.32 (step 2.0 ms,
 step + copy 3.09 ms). A piece's five kernel calls cost about 7 us from Python, so smaller
-pieces cost more than the cache saves (64 KiB: 3.1 ms on the MLP stage).
+pieces cost more than the cache saves (64 KiB: 3.1 ms on the MLP stage). The prediction's
+terms and pieces are found once per parameter and step (:class:`pipeoptim.runtime.pieces.PiecePlan`)
+and the loop over the pieces runs the kernels itself, the gradient cut without view tracking
+(its pieces are only read): 2.12 ms on the MLP stage and 3.64 ms on the LM's against 2.29 and
+3.85 with a callback and a piece object per piece (2026-12-04).
+
+torch's fused SGD kernel (``SGD(fused=True)``, one pass over weights, buffer and gradient)
+would be faster still, but its momentum buffers differ from the for-loop's in the last bit
+(torch 2.13, CPU), so it is not used for a step that must equal ``SGD.step()``.
 """
 
 from __future__ import annotations
@@ -37,7 +45,7 @@ from torch.optim import SGD, Optimizer
 from torch.optim import optimizer as torch_optimizer
 
 from pipeoptim.runtime.extrapolation import Extrapolator
-from pipeoptim.runtime.pieces import FlatPieces, Piece
+from pipeoptim.runtime.pieces import Cut, FlatPieces, PiecePlan
 
 
 def _l2_cache_bytes(cpu: Path = Path("/sys/devices/system/cpu/cpu0/cache")) -> int | None:
@@ -57,8 +65,17 @@ def _l2_cache_bytes(cpu: Path = Path("/sys/devices/system/cpu/cpu0/cache")) -> i
 #: not known)
 CHUNK_BYTES = (_l2_cache_bytes() or 1 << 20) // 8
 
-#: ``after(param, group, piece)``: ``piece`` the flat elements just updated, ``None`` for all
-After = Callable[[torch.Tensor, dict, "Piece | None"], None]
+#: ``after(param, group)``: called once ``param`` is updated (stepped whole, or in pieces where
+#: ``per_piece`` gave no callback)
+After = Callable[[torch.Tensor, dict], None]
+
+#: ``per_piece(param, group, cut)``: called before ``param`` is stepped in pieces; returns how
+#: to predict each piece of Ŵ as soon as the step has updated it, or ``None``
+PerPiece = Callable[[torch.Tensor, dict, Cut], "PiecePlan | None"]
+
+#: a group's hyperparameters as the step reads them: lr, weight decay, momentum, dampening,
+#: nesterov, maximize
+_Hyper = tuple[float, float, float, float, bool, bool]
 
 
 def steps_each(optimizer: Optimizer) -> bool:
@@ -85,60 +102,113 @@ def steps_each(optimizer: Optimizer) -> bool:
 
 
 @torch.no_grad()
-def sgd_step_each(optimizer: SGD, after: After, pieces: FlatPieces | None = None) -> None:
-    """``optimizer.step()`` (where :func:`steps_each` holds), calling ``after(param, group,
-    piece)`` once each parameter with a gradient is updated, before the next one is: with
-    ``piece=None`` once the whole parameter is, or, for a parameter of more than
-    :data:`CHUNK_BYTES` with a momentum buffer (parameter, gradient and buffer contiguous),
-    once per flat piece (:class:`pipeoptim.runtime.pieces.Piece`) as soon as that piece is.
+def sgd_step_each(
+    optimizer: SGD,
+    after: After,
+    per_piece: PerPiece | None = None,
+    pieces: FlatPieces | None = None,
+    clock: Callable[[], float] | None = None,
+) -> float:
+    """``optimizer.step()`` (where :func:`steps_each` holds), calling ``after(param, group)``
+    as each parameter with a gradient is updated, before the next one is touched. A parameter
+    of more than :data:`CHUNK_BYTES` with a momentum buffer (parameter, gradient and buffer
+    contiguous) is stepped in flat pieces of that size, and where ``per_piece(param, group,
+    cut)`` gives a :class:`pipeoptim.runtime.pieces.PiecePlan`, each piece of Ŵ is written as
+    soon as the step has updated the piece (:func:`pipeoptim.runtime.extrapolation.extrapolate`
+    on the piece); ``after`` is not called for it then.
 
     Args:
         pieces: where the pieces of parameters and momentum buffers are kept from one step
             to the next (``None``: cut at this step only).
+        clock: times the pieces' predictions (``time.process_time``, say).
+
+    Returns:
+        Seconds of ``clock`` the pieces' predictions took (0 without ``clock``).
 
     Parameters without a gradient are skipped, as by ``SGD.step()``; momentum buffers are
     created on the first step and kept in ``optimizer.state[param]["momentum_buffer"]``.
     """
     pieces = pieces if pieces is not None else FlatPieces()
+    spent = 0.0
     for group in optimizer.param_groups:
+        hyper: _Hyper = (
+            group["lr"],
+            group["weight_decay"],
+            group["momentum"],
+            group["dampening"],
+            group["nesterov"],
+            group["maximize"],
+        )
         for param in group["params"]:
-            if param.grad is None:
+            grad = param.grad
+            if grad is None:
                 continue
-            state = optimizer.state[param] if group["momentum"] != 0 else {}
+            state = optimizer.state[param] if hyper[2] != 0 else {}
             buf = state.get("momentum_buffer")
             size = max(CHUNK_BYTES // param.element_size(), 1024) // 1024 * 1024
-            if buf is None or param.numel() <= size or not _contiguous(param, param.grad, buf):
-                _sgd_update(group, state, param.detach(), param.grad)
-                after(param, group, None)
+            if buf is None or param.numel() <= size or not _contiguous(param, grad, buf):
+                _sgd_update(hyper, state, param.detach(), grad)
+                after(param, group)
                 continue
-            cut = zip(pieces.of(param, size), pieces.of(buf, size), param.grad.view(-1).split(size))
-            addresses = (param.data_ptr(), buf.data_ptr(), param.grad.data_ptr())
-            for index, (weights, momentum, grad) in enumerate(cut):
-                _sgd_update(group, {"momentum_buffer": momentum}, weights, grad)
-                after(param, group, Piece(index, size, (weights, momentum, grad), addresses))
+            # the gradient is new at every backward; its pieces are only read
+            weights, buffers, grads = (
+                pieces.of(param, size),
+                pieces.of(buf, size),
+                grad.view(-1).unsafe_split(size),
+            )
+            plan = (
+                per_piece(param, group, ((param, weights), (buf, buffers), (grad, grads)))
+                if per_piece
+                else None
+            )
+            if plan is None:
+                for piece in zip(weights, buffers, grads):
+                    _momentum_update(hyper, *piece)
+                after(param, group)
+                continue
+            hats, alpha, first, rest = plan
+            for i, (w, b, g) in enumerate(zip(weights, buffers, grads)):
+                _momentum_update(hyper, w, b, g)
+                start = clock() if clock else 0.0
+                hat = hats[i]  # extrapolate() on the piece
+                torch.add(w, first[i], alpha=alpha, out=hat)
+                for a, terms in rest:
+                    hat.add_(terms[i], alpha=a)
+                spent += clock() - start if clock else 0.0
     pieces.prune()
+    return spent
 
 
 def _contiguous(*tensors: torch.Tensor) -> bool:
     return all(t.is_contiguous() and not t.is_sparse for t in tensors)
 
 
-def _sgd_update(group: dict, state: dict, param: torch.Tensor, grad: torch.Tensor) -> None:
-    """One parameter's (or piece's) update by torch's ``_single_tensor_sgd``, op for op;
-    ``state`` holds its momentum buffer (created here on the first step)."""
-    lr, decay, momentum = group["lr"], group["weight_decay"], group["momentum"]
-    if group["maximize"]:
+def _sgd_update(hyper: _Hyper, state: dict, param: torch.Tensor, grad: torch.Tensor) -> None:
+    """One parameter's update by torch's ``_single_tensor_sgd``, op for op; ``state`` holds its
+    momentum buffer (created here on the first step)."""
+    lr, decay, momentum, _, nesterov, maximize = hyper
+    buf = state.get("momentum_buffer")
+    if momentum != 0 and buf is not None:
+        return _momentum_update(hyper, param, buf, grad)
+    if maximize:
         grad = -grad
     if decay != 0:
         grad = grad.add(param, alpha=decay)
-    if momentum != 0:
-        buf = state.get("momentum_buffer")
-        if buf is None:
-            buf = state["momentum_buffer"] = grad.detach().clone()
-        else:
-            buf.mul_(momentum).add_(grad, alpha=1 - group["dampening"])
-        grad = grad.add(buf, alpha=momentum) if group["nesterov"] else buf
+    if momentum != 0:  # the first step: the buffer is the gradient
+        buf = state["momentum_buffer"] = grad.detach().clone()
+        grad = grad.add(buf, alpha=momentum) if nesterov else buf
     param.add_(grad, alpha=-lr)
+
+
+def _momentum_update(hyper: _Hyper, param: torch.Tensor, buf: torch.Tensor, grad: torch.Tensor) -> None:
+    """``_single_tensor_sgd``'s update of a parameter (or piece) with a momentum buffer."""
+    lr, decay, momentum, dampening, nesterov, maximize = hyper
+    if maximize:
+        grad = -grad
+    if decay != 0:
+        grad = grad.add(param, alpha=decay)
+    buf.mul_(momentum).add_(grad, alpha=1 - dampening)
+    param.add_(grad.add(buf, alpha=momentum) if nesterov else buf, alpha=-lr)
 
 
 def step_predicting(
@@ -148,8 +218,9 @@ def step_predicting(
     into: dict[str, torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """:func:`sgd_step_each` (``optimizer`` must pass :func:`steps_each`) predicting each
-    parameter's ``Ŵ = W − c_g · D`` (:meth:`Extrapolator.predict_one`, c per optimizer group)
-    as soon as it is updated, and those without a gradient after the step.
+    parameter's ``Ŵ = W − c_g · D`` (c per optimizer group) as soon as it is updated, or each
+    piece of it (:meth:`Extrapolator.predict_one`, :meth:`Extrapolator.piece_plan`), and
+    those without a gradient after the step.
 
     Args:
         into: Ŵ buffers from earlier predictions, overwritten (a parameter without one gets a
@@ -163,18 +234,26 @@ def step_predicting(
     index = {id(g): i for i, g in enumerate(optimizer.param_groups)}
     hats: dict[str, torch.Tensor] = {}
 
-    def predict(param: torch.Tensor, group: dict, piece: Piece | None) -> None:
+    def predict(param: torch.Tensor, group: dict) -> None:
         name = extrapolator.name_of.get(id(param))
         if name is not None:
-            c = coefficients[index[id(group)]]
-            hat = extrapolator.predict_piece(name, group, c, hats.get(name, into.get(name)), piece)
+            hat = extrapolator.predict_one(name, group, coefficients[index[id(group)]], into.get(name))
             if hat is not None:
                 hats[name] = hat
 
-    sgd_step_each(optimizer, predict, extrapolator.pieces)
+    def per_piece(param: torch.Tensor, group: dict, cut: Cut) -> PiecePlan | None:
+        name = extrapolator.name_of.get(id(param))
+        c = coefficients[index[id(group)]]
+        prepared = None if name is None else extrapolator.piece_plan(name, group, c, into.get(name), cut)
+        if prepared is None:
+            return None
+        hats[name], plan = prepared
+        return plan
+
+    sgd_step_each(optimizer, predict, per_piece, extrapolator.pieces)
     with torch.no_grad():
         for group in optimizer.param_groups:  # parameters without a gradient: not stepped
             for p in group["params"]:
                 if p.grad is None:
-                    predict(p, group, None)
+                    predict(p, group)
     return hats

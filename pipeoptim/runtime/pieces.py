@@ -1,4 +1,4 @@
-"""Flat pieces of a stage's long-lived tensors, cut once: :class:`FlatPieces` and :class:`Piece`.
+"""Flat pieces of a stage's long-lived tensors, cut once: :class:`FlatPieces`.
 
 The SGD step with the prediction inside it (:mod:`pipeoptim.runtime.fused_step`) updates a
 large parameter piece by piece, each piece's step and prediction while its weights, momentum
@@ -11,42 +11,26 @@ per step.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import NamedTuple
 
 import torch
 
+#: a parameter stepped in pieces: (the weights, their pieces), (its momentum buffer, its pieces),
+#: (its gradient, its pieces); the i-th pieces of the three are the same flat elements
+Cut = tuple[tuple[torch.Tensor, Sequence[torch.Tensor]], ...]
 
-class Piece(NamedTuple):
-    """One piece of a parameter that :func:`pipeoptim.runtime.fused_step.sgd_step_each` has
-    just updated; the pieces of a parameter come in order, ``index`` 0 first.
 
-    Attributes:
-        index: the piece's place among the parameter's pieces.
-        size: elements of every piece of the parameter but the last (which may be shorter).
-        views: the piece of the parameter, of its momentum buffer and of its gradient.
-        addresses: the data addresses of those three whole tensors (:meth:`place_of`).
-    """
+class PiecePlan(NamedTuple):
+    """How each piece of a parameter's Ŵ is written once the step has updated the piece:
+    ``hats[i] = W_i + alpha · first[i]``, then ``hats[i] += a · terms[i]`` for each ``(a, terms)``
+    of ``rest`` (:func:`pipeoptim.runtime.extrapolation.extrapolate` on piece i, ``W_i`` the
+    weights' piece i)."""
 
-    index: int
-    size: int
-    views: tuple[torch.Tensor, torch.Tensor, torch.Tensor]
-    addresses: tuple[int, int, int]
-
-    @property
-    def span(self) -> slice:
-        """The piece's flat elements, ``param.view(-1)[span]``."""
-        start = self.index * self.size
-        return slice(start, start + self.views[0].numel())
-
-    def place_of(self, tensor: torch.Tensor) -> int | None:
-        """Which of :attr:`views` is the piece of ``tensor`` (``None``: another tensor)."""
-        address, (weights, momentum, grad) = tensor.data_ptr(), self.addresses
-        return 0 if address == weights else 1 if address == momentum else 2 if address == grad else None
-
-    def view_of(self, tensor: torch.Tensor) -> torch.Tensor:
-        """The piece of ``tensor`` (a contiguous tensor shaped like the parameter)."""
-        place = self.place_of(tensor)
-        return self.views[place] if place is not None else tensor.view(-1)[self.span]
+    hats: Sequence[torch.Tensor]
+    alpha: float
+    first: Sequence[torch.Tensor]
+    rest: list[tuple[float, Sequence[torch.Tensor]]]
 
 
 class FlatPieces:
