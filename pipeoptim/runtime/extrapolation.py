@@ -86,6 +86,22 @@ def extrapolate(weight: torch.Tensor, terms: Terms, c: float, out: torch.Tensor)
     return out
 
 
+def reusable(into: torch.Tensor | None, weight: torch.Tensor) -> torch.Tensor:
+    """``into`` where it can hold Ŵ of ``weight`` (same shape, dtype and device; the same
+    strides, or contiguous), else a new tensor like ``weight``: a Ŵ buffer from an earlier step
+    no longer fits once the parameter's ``.data`` was replaced by a tensor of another shape or
+    layout (pieces of Ŵ are views of a contiguous buffer)."""
+    if (
+        into is not None
+        and into.shape == weight.shape
+        and into.dtype == weight.dtype
+        and into.device == weight.device
+        and (into.stride() == weight.stride() or into.is_contiguous())
+    ):
+        return into
+    return torch.empty_like(weight)
+
+
 class Extrapolator:
     """``Ŵ = W − c_g · D`` for a stage's parameters, D cached between optimizer steps.
 
@@ -137,7 +153,7 @@ class Extrapolator:
         terms = self.direction(p, self.optimizer.state.get(p, {}), group) if c else None
         if terms is None:
             return None
-        return extrapolate(p.detach(), terms, c, torch.empty_like(p) if into is None else into)
+        return extrapolate(p.detach(), terms, c, reusable(into, p))
 
     def piece_plan(
         self, name: str, group: dict, c: float, into: torch.Tensor | None, cut: Cut
@@ -146,14 +162,14 @@ class Extrapolator:
         :func:`pipeoptim.runtime.fused_step.sgd_step_each` steps in pieces: Ŵ (``into`` where
         given) and the :class:`pipeoptim.runtime.pieces.PiecePlan` that writes it from the
         pieces of ``cut`` (weights, momentum buffer and gradient) and of D's other tensors;
-        ``None`` where the parameter has no direction or ``c = 0``. The parameter and ``into``
-        are contiguous. The same kernels as :func:`extrapolate` on each piece (element-wise,
+        ``None`` where the parameter has no direction or ``c = 0``. The parameter is
+        contiguous. The same kernels as :func:`extrapolate` on each piece (element-wise,
         on the same elements: the same bits)."""
         p = self.params[name]
         terms = self.direction(p, self.optimizer.state.get(p, {}), group) if c else None
         if terms is None:
             return None
-        out = torch.empty_like(p) if into is None else into
+        out = reusable(into, p)
         size = cut[0][1][0].numel()
         known = {(t.data_ptr(), t.numel()): pieces for t, pieces in cut}
 
@@ -173,7 +189,7 @@ class Extrapolator:
             coefficients: c per optimizer group (PipeOptim: the sum of the learning rates of
                 the steps to come; SpecTrain: steps × the current rate).
             into: tensors from an earlier call, overwritten with the new Ŵ (a parameter
-                without one gets a new tensor).
+                without one, or whose one no longer fits it, gets a new tensor).
 
         Returns:
             Ŵ by name, shaped like the parameters; parameters left out use W.
@@ -188,7 +204,7 @@ class Extrapolator:
                     buckets.setdefault(tuple(a for a, _ in directions[name]), []).append(name)
             for scales, members in buckets.items():
                 weights = [self.params[n].detach() for n in members]
-                hats = [into[n] if n in into else torch.empty_like(w) for n, w in zip(members, weights)]
+                hats = [reusable(into.get(n), w) for n, w in zip(members, weights)]
                 if weights[0].device.type == "cpu":
                     # last parameter first: the optimizer step that just ran ended with it,
                     # so its weights and state are the likeliest still in cache

@@ -65,6 +65,13 @@ def _l2_cache_bytes(cpu: Path = Path("/sys/devices/system/cpu/cpu0/cache")) -> i
 #: not known)
 CHUNK_BYTES = (_l2_cache_bytes() or 1 << 20) // 8
 
+#: the dtypes stepped in pieces: with two or more threads ATen splits a whole tensor among them
+#: at bounds that are not multiples of the vector width, and in bfloat16 and float16 the
+#: elements before each bound go through the scalar kernel, which rounds differently from the
+#: vector kernel; pieces move those bounds, so in half precision they would not be
+#: ``SGD.step()`` bit for bit (float32 and float64 are, at any thread count)
+PIECE_DTYPES = frozenset({torch.float32, torch.float64})
+
 #: ``after(param, group)``: called once ``param`` is updated (stepped whole, or in pieces where
 #: ``per_piece`` gave no callback)
 After = Callable[[torch.Tensor, dict], None]
@@ -112,10 +119,11 @@ def sgd_step_each(
     """``optimizer.step()`` (where :func:`steps_each` holds), calling ``after(param, group)``
     as each parameter with a gradient is updated, before the next one is touched. A parameter
     of more than :data:`CHUNK_BYTES` with a momentum buffer (parameter, gradient and buffer
-    contiguous) is stepped in flat pieces of that size, and where ``per_piece(param, group,
-    cut)`` gives a :class:`pipeoptim.runtime.pieces.PiecePlan`, each piece of Ŵ is written as
-    soon as the step has updated the piece (:func:`pipeoptim.runtime.extrapolation.extrapolate`
-    on the piece); ``after`` is not called for it then.
+    contiguous, of a dtype in :data:`PIECE_DTYPES`) is stepped in flat pieces of that size, and
+    where ``per_piece(param, group, cut)`` gives a :class:`pipeoptim.runtime.pieces.PiecePlan`,
+    each piece of Ŵ is written as soon as the step has updated the piece
+    (:func:`pipeoptim.runtime.extrapolation.extrapolate` on the piece); ``after`` is not called
+    for it then.
 
     Args:
         pieces: where the pieces of parameters and momentum buffers are kept from one step
@@ -146,7 +154,12 @@ def sgd_step_each(
             state = optimizer.state[param] if hyper[2] != 0 else {}
             buf = state.get("momentum_buffer")
             size = max(CHUNK_BYTES // param.element_size(), 1024) // 1024 * 1024
-            if buf is None or param.numel() <= size or not _contiguous(param, grad, buf):
+            if (
+                buf is None
+                or param.numel() <= size
+                or param.dtype not in PIECE_DTYPES
+                or not _contiguous(param, grad, buf)
+            ):
                 _sgd_update(hyper, state, param.detach(), grad)
                 after(param, group)
                 continue
@@ -223,8 +236,8 @@ def step_predicting(
     those without a gradient after the step.
 
     Args:
-        into: Ŵ buffers from earlier predictions, overwritten (a parameter without one gets a
-            new tensor).
+        into: Ŵ buffers from earlier predictions, overwritten (a parameter without one, or
+            whose one no longer fits it, gets a new tensor).
 
     Returns:
         Ŵ by name for the parameters with a direction and ``c ≠ 0``, as
@@ -243,8 +256,10 @@ def step_predicting(
 
     def per_piece(param: torch.Tensor, group: dict, cut: Cut) -> PiecePlan | None:
         name = extrapolator.name_of.get(id(param))
+        if name is None:
+            return None
         c = coefficients[index[id(group)]]
-        prepared = None if name is None else extrapolator.piece_plan(name, group, c, into.get(name), cut)
+        prepared = extrapolator.piece_plan(name, group, c, into.get(name), cut)
         if prepared is None:
             return None
         hats[name], plan = prepared
