@@ -150,60 +150,12 @@ def test_pieces_are_torchs_sgd_step_and_predictions_bit_for_bit(
             assert all(torch.equal(hats[n], expected[n]) for n in hats)
 
 
-def test_pieces_follow_replaced_weights_and_buffers(monkeypatch) -> None:
-    """The pieces kept from one step to the next (:mod:`pipeoptim.runtime.pieces`): after a
-    parameter's ``.data`` is replaced and its momentum buffer by a new tensor,
-    the step writes the new tensors, never the old ones, and equals ``SGD.step()`` and the
-    prediction after it bit for bit; the replaced buffer's pieces are dropped at that step,
-    so its memory is freed."""
-    import gc
-    import weakref
-
-    monkeypatch.setattr(fused_step, "CHUNK_BYTES", 4096)  # pieces of 1024 elements
-    g = torch.Generator().manual_seed(5)
-    shapes = [(50, 100), (7,)]  # 4.9 pieces and a small one
-    ours, theirs = ([nn.Parameter(torch.randn(s, generator=g)) for s in shapes] for _ in range(2))
-    with torch.no_grad():
-        for a, b in zip(ours, theirs):
-            b.copy_(a)
-    opt_ours = torch.optim.SGD(ours, lr=0.1, momentum=0.9)
-    opt_theirs = torch.optim.SGD(theirs, lr=0.1, momentum=0.9)
-    ours_x = Extrapolator({f"w{i}": p for i, p in enumerate(ours)}, opt_ours, per_unit_rate(sgd))
-    theirs_x = Extrapolator({f"w{i}": p for i, p in enumerate(theirs)}, opt_theirs, per_unit_rate(sgd))
-    hats: dict[str, torch.Tensor] = {}
-    old_weights = old_buffer = None
-    for step in range(4):
-        if step == 2:  # a new tensor under each parameter and in its optimizer state
-            old_weights, old_buffer = ours[0].data, weakref.ref(opt_ours.state[ours[0]]["momentum_buffer"])
-            kept = old_weights.clone()
-            for p in (*ours, *theirs):
-                p.data = p.detach().clone()
-            for opt in (opt_ours, opt_theirs):
-                for state in opt.state.values():
-                    state["momentum_buffer"] = state["momentum_buffer"].clone()
-        for a, b in zip(ours, theirs):
-            a.grad = torch.randn(a.shape, generator=g)
-            b.grad = a.grad.clone()
-        hats = step_predicting(opt_ours, ours_x, [0.3], hats)
-        opt_theirs.step()
-        theirs_x.invalidate()
-        expected = theirs_x.predict([0.3])
-        for a, b in zip(ours, theirs):
-            assert torch.equal(a.detach(), b.detach())
-            assert torch.equal(opt_ours.state[a]["momentum_buffer"], opt_theirs.state[b]["momentum_buffer"])
-        assert hats.keys() == expected.keys() and all(torch.equal(hats[n], expected[n]) for n in hats)
-        if step >= 2:
-            assert torch.equal(old_weights, kept)  # the replaced tensor was not written
-            gc.collect()
-            assert old_buffer() is None  # its pieces were dropped, its memory freed
-
-
 def _step_and_compare(
-    ours: list[nn.Parameter], theirs: list[nn.Parameter], steps: int, seed: int, reshape=None, **options
+    ours: list[nn.Parameter], theirs: list[nn.Parameter], steps: int, seed: int, before_step=None, **options
 ) -> None:
     """``steps`` steps of :func:`step_predicting` on ``ours`` and of ``SGD.step()`` then
     :meth:`Extrapolator.predict` on ``theirs`` (copies): weights, momentum buffers and Ŵ equal
-    bit for bit at every step, Ŵ shaped like its parameter. ``reshape(step, params, optimizer)``
+    bit for bit at every step, Ŵ shaped like its parameter. ``before_step(step, params, optimizer)``
     may replace tensors before a step."""
     g = torch.Generator().manual_seed(seed)
     opt_ours = torch.optim.SGD(ours, lr=0.1, momentum=0.9, **options)
@@ -212,9 +164,9 @@ def _step_and_compare(
     theirs_x = Extrapolator({f"w{i}": p for i, p in enumerate(theirs)}, opt_theirs, per_unit_rate(sgd))
     hats: dict[str, torch.Tensor] = {}
     for step in range(steps):
-        if reshape is not None:
-            reshape(step, ours, opt_ours)
-            reshape(step, theirs, opt_theirs)
+        if before_step is not None:
+            before_step(step, ours, opt_ours)
+            before_step(step, theirs, opt_theirs)
         for a, b in zip(ours, theirs):
             a.grad = torch.randn(a.shape, generator=g).to(a.dtype)
             b.grad = a.grad.clone()
@@ -227,6 +179,43 @@ def _step_and_compare(
             assert torch.equal(opt_ours.state[a]["momentum_buffer"], opt_theirs.state[b]["momentum_buffer"])
         assert hats.keys() == expected.keys()
         assert all(hats[n].shape == expected[n].shape and torch.equal(hats[n], expected[n]) for n in hats)
+
+
+def test_pieces_follow_replaced_weights_and_buffers(monkeypatch) -> None:
+    """The pieces kept from one step to the next (:mod:`pipeoptim.runtime.pieces`): after a
+    parameter's ``.data`` is replaced and its momentum buffer by a new tensor,
+    the step writes the new tensors, never the old ones, and equals ``SGD.step()`` and the
+    prediction after it bit for bit; the replaced buffer's pieces are dropped at that step,
+    so its memory is freed."""
+    import gc
+    import weakref
+
+    monkeypatch.setattr(fused_step, "CHUNK_BYTES", 4096)  # pieces of 1024 elements
+    g = torch.Generator().manual_seed(5)
+    ours = [nn.Parameter(torch.randn(s, generator=g)) for s in [(50, 100), (7,)]]  # 4.9 pieces, 1
+    theirs = [nn.Parameter(p.detach().clone()) for p in ours]
+    replaced: list = []  # ours' old weights, a copy of them, a weak reference to its old buffer
+
+    def replace(step: int, params: list[nn.Parameter], optimizer: torch.optim.SGD) -> None:
+        if step == 2:  # a new tensor under each parameter and in its optimizer state
+            if params is ours:
+                old = params[0].data
+                replaced[:] = [old, old.clone(), weakref.ref(optimizer.state[params[0]]["momentum_buffer"])]
+            for p in params:
+                p.data = p.detach().clone()
+            for state in optimizer.state.values():
+                state["momentum_buffer"] = state["momentum_buffer"].clone()
+        elif step > 2 and params is ours:
+            check()
+
+    def check() -> None:
+        old, kept, old_buffer = replaced
+        assert torch.equal(old, kept)  # the replaced tensor was not written
+        gc.collect()
+        assert old_buffer() is None  # its pieces were dropped, its memory freed
+
+    _step_and_compare(ours, theirs, steps=4, seed=6, before_step=replace)
+    check()
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32, torch.float64])
@@ -270,7 +259,7 @@ def test_a_prediction_buffer_that_no_longer_fits_is_replaced(monkeypatch) -> Non
                 state = optimizer.state[params[0]]
                 state["momentum_buffer"] = state["momentum_buffer"].reshape(25, 200)
 
-    _step_and_compare(ours, theirs, steps=6, seed=14, reshape=reshape)
+    _step_and_compare(ours, theirs, steps=6, seed=14, before_step=reshape)
 
 
 def test_only_torchs_for_loop_sgd_steps_each() -> None:
