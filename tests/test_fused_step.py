@@ -238,6 +238,34 @@ def test_every_dtype_steps_as_torch_does_at_any_thread_count(dtype: torch.dtype,
         torch.set_num_threads(threads_before)
 
 
+@pytest.mark.parametrize("elements", [2500, 3000, 4500], ids=["narrowed", "same", "widened"])
+def test_pieces_follow_data_replaced_from_the_same_address(monkeypatch, elements: int) -> None:
+    """A parameter whose ``.data`` becomes a narrower or wider view starting at the same
+    address (and its momentum buffer cut or extended alike): the pieces kept from the step
+    before are cut again, and the step equals ``SGD.step()`` and the prediction after it bit
+    for bit (pieces kept by address alone raised a size mismatch when narrowed and left the
+    new last piece unstepped, with an uninitialised Ŵ, when widened)."""
+    monkeypatch.setattr(fused_step, "CHUNK_BYTES", 4096)  # pieces of 1024 elements
+    g = torch.Generator().manual_seed(15)
+    bases = [torch.randn(4500, generator=g)]
+    bases.append(bases[0].clone())
+    ours, theirs = (nn.Parameter(base[:3000]) for base in bases)
+
+    def resize(step: int, params: list[nn.Parameter], optimizer: torch.optim.SGD) -> None:
+        if step == 2:
+            base = bases[0] if params[0] is ours else bases[1]
+            with torch.no_grad():
+                params[0].data = base[:elements]
+            state = optimizer.state[params[0]]
+            grown = torch.zeros(elements)
+            kept = min(elements, 3000)
+            grown[:kept] = state["momentum_buffer"][:kept]
+            state["momentum_buffer"] = grown
+        assert params[0].data_ptr() == bases[0 if params[0] is ours else 1].data_ptr()
+
+    _step_and_compare([ours], [theirs], steps=4, seed=16, before_step=resize)
+
+
 def test_a_prediction_buffer_that_no_longer_fits_is_replaced(monkeypatch) -> None:
     """A parameter that starts non-contiguous (a transposed weight: its Ŵ buffer has that
     layout), then gets contiguous ``.data`` (stepped in pieces: Ŵ's pieces must be views of a

@@ -35,25 +35,29 @@ class PiecePlan(NamedTuple):
 
 class FlatPieces:
     """Pieces of contiguous tensors that outlive a step, cut once and kept while each tensor
-    keeps its data (a tensor whose ``.data`` was replaced, or a new tensor, is cut again).
+    keeps its data: the same storage address, number of elements and dtype (a tensor whose
+    ``.data`` was replaced, even by a narrower or wider view from the same address or a view as
+    another dtype, or a new tensor, is cut again).
 
     Call :meth:`prune` after each step: pieces of tensors not asked for since the last prune
     are dropped (they would keep a replaced momentum buffer's memory alive).
     """
 
     def __init__(self) -> None:
-        self._pieces: dict[int, tuple[torch.Tensor, int, int, tuple[torch.Tensor, ...]]] = {}
+        #: id(tensor) -> (tensor, (address, elements, dtype, piece size), its pieces)
+        self._pieces: dict[int, tuple[torch.Tensor, tuple, tuple[torch.Tensor, ...]]] = {}
         self._used: set[int] = set()
 
     def of(self, tensor: torch.Tensor, size: int) -> tuple[torch.Tensor, ...]:
         """``tensor.view(-1).split(size)``, from the cut kept for ``tensor`` where there is one."""
         key = id(tensor)
         kept = self._pieces.get(key)
-        if kept is None or kept[0] is not tensor or kept[1] != tensor.data_ptr() or kept[2] != size:
-            kept = (tensor, tensor.data_ptr(), size, tensor.detach().view(-1).split(size))
+        data = (tensor.data_ptr(), tensor.numel(), tensor.dtype, size)
+        if kept is None or kept[0] is not tensor or kept[1] != data:
+            kept = (tensor, data, tensor.detach().view(-1).split(size))
             self._pieces[key] = kept
         self._used.add(key)
-        return kept[3]
+        return kept[2]
 
     def prune(self) -> None:
         """Drop the pieces not asked for since the last call."""
