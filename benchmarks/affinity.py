@@ -37,7 +37,7 @@ import torch
 from tabulate import tabulate
 
 sys.path.insert(0, str(Path(__file__).parent))
-from outputs import results_dir, run_kind, stage_count
+from outputs import host, results_dir, run_kind, stage_count
 from throughput import BATCH, as_torchrun_rank, batch, compile_model, run_ranks
 
 from pipeoptim.runtime.affinity import AFFINITY_ENV
@@ -156,7 +156,7 @@ def main() -> None:
     when = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     text = (
         f"# Ranks bound to cores against left to the scheduler ({kind} run, {when}, "
-        f"{os.cpu_count()} cores)\n\n"
+        f"{host()})\n\n"
         f"PipeOptim, MLP 16x512, mini-batch {BATCH}, one thread per rank, windows of {steps} "
         f"mini-batches after a warm-up; torchrun: {rounds} job(s) per setting taking turns, "
         f"{windows} windows each, the range that of the rounds' ratios; processes executor: "

@@ -40,7 +40,7 @@ from pipeoptim.runtime.executor import MiniBatch
 from pipeoptim.runtime.spawning import pickle_spec
 
 sys.path.insert(0, str(Path(__file__).parent))
-from outputs import results_dir, run_kind, stage_count
+from outputs import host, results_dir, run_kind, stage_count
 from throughput import MODELS, compile_model
 
 METHODS = ("pipeoptim", "pipedream", "2bw", "spectrain", "none", "1f1b")
@@ -267,7 +267,7 @@ def measure_all(
     )
     text = (
         f"# Where the time goes ({kind} run, CPU, gloo, 1 thread per rank, "
-        f"{os.cpu_count()} cores, load average {load_before:.1f} before / {load_after:.1f} after)\n\n"
+        f"{host()}, load average {load_before:.1f} before / {load_after:.1f} after)\n\n"
         f"{description}, {stages} stages; milliseconds per mini-batch ({rows} rows; "
         f"2bw runs mini-batches of {stages} x {rows} rows and is counted per {rows}) over {steps} timed "
         f"mini-batches after {warmup}, cool-down included. `weights` is the weight policy (prediction, "

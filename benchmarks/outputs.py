@@ -4,11 +4,32 @@ the options its command lines share."""
 from __future__ import annotations
 
 import argparse
+import os
+import platform
 import tempfile
 from collections.abc import Iterable
 from pathlib import Path
 
 RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def host(cpuinfo: Path = Path("/proc/cpuinfo")) -> str:
+    """The machine a result was measured on, for its title: the CPU model (Linux's
+    ``/proc/cpuinfo``, else :func:`platform.processor`), the cores and torch's version. Results
+    of two hosts differ in their ratios too (a 2-core AMD EPYC ran the test suite 1.25-1.6x
+    slower than the host of the committed throughput run), so every title names its host."""
+    import torch
+
+    model = ""
+    try:
+        for line in cpuinfo.read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    model = model or platform.processor() or platform.machine() or "unknown CPU"
+    return f"{model}, {os.cpu_count()} cores, torch {torch.__version__}"
 
 
 def results_dir(

@@ -69,7 +69,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
-from outputs import results_dir, run_kind, stage_count
+from outputs import host, results_dir, run_kind, stage_count
 from tabulate import tabulate
 from torch import nn
 
@@ -1260,7 +1260,7 @@ def main() -> None:
         )
     text = (
         f"# Throughput ({kind} run, CPU, gloo, 1 thread per rank, "
-        f"{os.cpu_count()} cores)\n\nMeasured {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} "
+        f"{host()})\n\nMeasured {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} "
         f"UTC under a load average of {min(loads):.1f} to {max(loads):.1f} (the benchmark's "
         f"own ranks count in it; the `load` column is the range of the 1-minute load when each "
         f"run started).\n\n{described}\n\n"

@@ -149,6 +149,26 @@ def test_only_a_full_run_writes_the_committed_results(tmp_path: Path) -> None:
     assert kinds == ["full", "quick", "partial"]
 
 
+def test_results_name_the_host_they_were_measured_on(tmp_path: Path, monkeypatch) -> None:
+    """A result's title names the CPU model from /proc/cpuinfo's first ``model name``, the
+    cores and torch's version; without that file, what :mod:`platform` knows."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        from outputs import host
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    import os
+    import platform
+
+    import torch
+
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text("processor\t: 0\nmodel name\t: AMD EPYC 9B14\nprocessor\t: 1\nmodel name\t: other\n")
+    assert host(cpuinfo) == f"AMD EPYC 9B14, {os.cpu_count()} cores, torch {torch.__version__}"
+    monkeypatch.setattr(platform, "processor", lambda: "arm")
+    assert host(tmp_path / "absent") == f"arm, {os.cpu_count()} cores, torch {torch.__version__}"
+
+
 @pytest.mark.parametrize(
     "script, argv, message",
     [
