@@ -13,21 +13,28 @@ from pathlib import Path
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
+#: /proc/cpuinfo's names for the CPU model, most telling first (x86; ARM boards; POWER)
+CPU_MODEL_KEYS = ("model name", "Model", "Hardware", "cpu")
+
+
 def host(cpuinfo: Path = Path("/proc/cpuinfo")) -> str:
     """The machine a result was measured on, for its title: the CPU model (Linux's
-    ``/proc/cpuinfo``, else :func:`platform.processor`), the cores and torch's version. Results
-    of two hosts differ in their ratios too (a 2-core AMD EPYC ran the test suite 1.25-1.6x
-    slower than the host of the committed throughput run), so every title names its host."""
+    ``/proc/cpuinfo``, the first of :data:`CPU_MODEL_KEYS` it has, else
+    :func:`platform.processor` or :func:`platform.machine`), the cores and torch's version.
+    Results of two hosts differ in their ratios too (a 2-core AMD EPYC ran the test suite
+    1.25-1.6x slower than the host of the committed throughput run), so every title names its
+    host."""
     import torch
 
-    model = ""
+    fields: dict[str, str] = {}
     try:
-        for line in cpuinfo.read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
+        for line in cpuinfo.read_text(errors="replace").splitlines():
+            key, colon, value = line.partition(":")
+            if colon and value.strip():
+                fields.setdefault(key.strip(), value.strip())
     except OSError:
         pass
+    model = next((fields[k] for k in CPU_MODEL_KEYS if k in fields), "")
     model = model or platform.processor() or platform.machine() or "unknown CPU"
     return f"{model}, {os.cpu_count()} cores, torch {torch.__version__}"
 

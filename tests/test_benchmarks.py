@@ -150,7 +150,8 @@ def test_only_a_full_run_writes_the_committed_results(tmp_path: Path) -> None:
 
 
 def test_results_name_the_host_they_were_measured_on(tmp_path: Path, monkeypatch) -> None:
-    """A result's title names the CPU model from /proc/cpuinfo's first ``model name``, the
+    """A result's title names the CPU model from /proc/cpuinfo's first ``model name`` (an ARM
+    board's ``Hardware``; undecodable bytes and lines without a value do not stop it), the
     cores and torch's version; without that file, what :mod:`platform` knows."""
     sys.path.insert(0, str(ROOT / "benchmarks"))
     try:
@@ -165,6 +166,8 @@ def test_results_name_the_host_they_were_measured_on(tmp_path: Path, monkeypatch
     cpuinfo = tmp_path / "cpuinfo"
     cpuinfo.write_text("processor\t: 0\nmodel name\t: AMD EPYC 9B14\nprocessor\t: 1\nmodel name\t: other\n")
     assert host(cpuinfo) == f"AMD EPYC 9B14, {os.cpu_count()} cores, torch {torch.__version__}"
+    cpuinfo.write_bytes(b"model name\nprocessor\t: 0\nCPU part\t: 0xd08\nHardware\t: BCM2835\xff\n")
+    assert host(cpuinfo).startswith("BCM2835\ufffd, ")  # an ARM board; a line without a value
     monkeypatch.setattr(platform, "processor", lambda: "arm")
     assert host(tmp_path / "absent") == f"arm, {os.cpu_count()} cores, torch {torch.__version__}"
 

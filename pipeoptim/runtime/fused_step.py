@@ -88,8 +88,11 @@ _Hyper = tuple[float, float, float, float, bool, bool]
 def steps_each(optimizer: Optimizer) -> bool:
     """Whether :func:`sgd_step_each` is ``optimizer.step()``: exactly ``torch.optim.SGD`` (not a
     subclass), its for-loop kernel (``foreach`` and ``fused`` unset or false, not
-    ``differentiable``), plain float ``lr`` and ``weight_decay``, parameters on the CPU, and no
-    step hooks (the optimizer's or global) or gradient scaler attached."""
+    ``differentiable``), plain float ``lr`` and ``weight_decay``, parameters on the CPU, no
+    step hooks (the optimizer's or global) or gradient scaler attached, and no two parameters
+    or momentum buffers in one storage (where they overlap, a later parameter's update would
+    change an earlier one's Ŵ after it was predicted; views of one flat buffer are refused
+    alike)."""
     if type(optimizer) is not SGD:
         return False
     if any(getattr(optimizer, name, None) is not None for name in ("grad_scale", "found_inf")):
@@ -104,6 +107,18 @@ def steps_each(optimizer: Optimizer) -> bool:
         if isinstance(group["lr"], torch.Tensor) or isinstance(group["weight_decay"], torch.Tensor):
             return False
         if any(p.device.type != "cpu" or (p.grad is not None and p.grad.is_sparse) for p in group["params"]):
+            return False
+    return _apart(optimizer)
+
+
+def _apart(optimizer: SGD) -> bool:
+    """No two parameters, and no two momentum buffers, share a storage (empty ones aside)."""
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    buffers = [optimizer.state[p].get("momentum_buffer") for p in params if p in optimizer.state]
+    for tensors in (params, buffers):
+        places = [t.untyped_storage().data_ptr() for t in tensors if t is not None]
+        places = [place for place in places if place]
+        if len(set(places)) != len(places):
             return False
     return True
 

@@ -35,16 +35,17 @@ class PiecePlan(NamedTuple):
 
 class FlatPieces:
     """Pieces of contiguous tensors that outlive a step, cut once and kept while each tensor
-    keeps its data: the same storage address, number of elements and dtype (a tensor whose
-    ``.data`` was replaced, even by a narrower or wider view from the same address or a view as
-    another dtype, or a new tensor, is cut again).
+    keeps its data: the kept pieces still start at the tensor's address and it has the same
+    number of elements and dtype. A tensor whose ``.data`` was replaced (even by a narrower or
+    wider view from the same address, a view as another dtype, or a new tensor the allocator
+    placed where a moved or freed storage was), or a new tensor, is cut again.
 
     Call :meth:`prune` after each step: pieces of tensors not asked for since the last prune
     are dropped (they would keep a replaced momentum buffer's memory alive).
     """
 
     def __init__(self) -> None:
-        #: id(tensor) -> (tensor, (address, elements, dtype, piece size), its pieces)
+        #: id(tensor) -> (tensor, (elements, dtype, piece size), its pieces)
         self._pieces: dict[int, tuple[torch.Tensor, tuple, tuple[torch.Tensor, ...]]] = {}
         self._used: set[int] = set()
 
@@ -52,8 +53,15 @@ class FlatPieces:
         """``tensor.view(-1).split(size)``, from the cut kept for ``tensor`` where there is one."""
         key = id(tensor)
         kept = self._pieces.get(key)
-        data = (tensor.data_ptr(), tensor.numel(), tensor.dtype, size)
-        if kept is None or kept[0] is not tensor or kept[1] != data:
+        data = (tensor.numel(), tensor.dtype, size)
+        # the kept pieces' own address, not one noted when they were cut: a storage that moved
+        # (resize_) or was freed takes its pieces with it, and a new tensor may take its place
+        if (
+            kept is None
+            or kept[0] is not tensor
+            or kept[1] != data
+            or kept[2][0].data_ptr() != tensor.data_ptr()
+        ):
             kept = (tensor, data, tensor.detach().view(-1).split(size))
             self._pieces[key] = kept
         self._used.add(key)
@@ -63,3 +71,7 @@ class FlatPieces:
         """Drop the pieces not asked for since the last call."""
         self._pieces = {k: v for k, v in self._pieces.items() if k in self._used}
         self._used = set()
+
+    def clear(self) -> None:
+        """Drop every kept piece (the optimizer steps without pieces now)."""
+        self._pieces, self._used = {}, set()

@@ -196,6 +196,7 @@ class PipeOptimPolicy(_Predicting):
         Other optimizers and settings step with ``optimizer.step()``."""
         assert self.optimizer is not None and self._extrapolator is not None
         if self.consistent or self._last_key is None or not steps_each(self.optimizer):
+            self._extrapolator.pieces.clear()  # nothing of a replaced tensor kept meanwhile
             return super().optimizer_step()
         coefficients = self._last_key[0]
         hats = step_predicting(self.optimizer, self._extrapolator, coefficients, self._buffers_hat)
@@ -324,6 +325,7 @@ class SpecTrainPolicy(_Predicting):
         (:meth:`PipeOptimPolicy.optimizer_step`); the forward takes it if its c is the same."""
         assert self.optimizer is not None and self._extrapolator is not None
         if not self.forward_steps or not steps_each(self.optimizer):
+            self._extrapolator.pieces.clear()  # nothing of a replaced tensor kept meanwhile
             return super().optimizer_step()
         coefficients = tuple(self._coefficients(self.forward_steps, None))
         self._hat = step_predicting(self.optimizer, self._extrapolator, coefficients, self._buffers)
