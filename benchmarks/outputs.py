@@ -5,38 +5,24 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import tempfile
 from collections.abc import Iterable
 from pathlib import Path
 
+import torch
+
+from pipeoptim.compiler.profile_key import cpu_model
+
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
-#: /proc/cpuinfo's names for the CPU model, most telling first (x86; ARM boards; POWER)
-CPU_MODEL_KEYS = ("model name", "Model", "Hardware", "cpu")
-
-
 def host(cpuinfo: Path = Path("/proc/cpuinfo")) -> str:
-    """The machine a result was measured on, for its title: the CPU model (Linux's
-    ``/proc/cpuinfo``, the first of :data:`CPU_MODEL_KEYS` it has, else
-    :func:`platform.processor` or :func:`platform.machine`), the cores and torch's version.
-    Results of two hosts differ in their ratios too (a 2-core AMD EPYC ran the test suite
-    1.25-1.6x slower than the host of the committed throughput run), so every title names its
-    host."""
-    import torch
-
-    fields: dict[str, str] = {}
-    try:
-        for line in cpuinfo.read_text(errors="replace").splitlines():
-            key, colon, value = line.partition(":")
-            if colon and value.strip():
-                fields.setdefault(key.strip(), value.strip())
-    except OSError:
-        pass
-    model = next((fields[k] for k in CPU_MODEL_KEYS if k in fields), "")
-    model = model or platform.processor() or platform.machine() or "unknown CPU"
-    return f"{model}, {os.cpu_count()} cores, torch {torch.__version__}"
+    """The machine a result was measured on, for its title: the CPU model
+    (:func:`pipeoptim.compiler.profile_key.cpu_model`, as profiles name it), the cores and
+    torch's version. Results of two hosts differ in their ratios too (a 2-core AMD EPYC ran
+    the test suite 1.25-1.6x slower than the host of the committed throughput run), so every
+    title names its host."""
+    return f"{cpu_model(cpuinfo)}, {os.cpu_count()} cores, torch {torch.__version__}"
 
 
 def results_dir(

@@ -11,20 +11,31 @@ import torch
 
 from pipeoptim.compiler.trace import TracedModel
 
+#: /proc/cpuinfo's names for the CPU model, most telling first (x86; ARM boards; POWER)
+CPU_MODEL_KEYS = ("model name", "Model", "Hardware", "cpu")
+
+
+def cpu_model(cpuinfo: Path = Path("/proc/cpuinfo")) -> str:
+    """The CPU model: the first of :data:`CPU_MODEL_KEYS` Linux's ``cpuinfo`` lists (undecodable
+    bytes and lines without a value are passed over), else :func:`platform.processor` or
+    :func:`platform.machine`."""
+    fields: dict[str, str] = {}
+    try:
+        for line in cpuinfo.read_text(errors="replace").splitlines():
+            key, colon, value = line.partition(":")
+            if colon and value.strip():
+                fields.setdefault(key.strip(), value.strip())
+    except OSError:
+        pass
+    model = next((fields[k] for k in CPU_MODEL_KEYS if k in fields), "")
+    return model or platform.processor() or platform.machine() or "unknown CPU"
+
 
 def device_name(device: torch.device) -> str:
     """Human-readable device identity used in profile keys (GPU model or CPU model)."""
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"cpu: {cpu}"
+    return f"cpu: {cpu_model()}"
 
 
 #: What the profiler measures; profiles of another version are measured again. 2: saved
