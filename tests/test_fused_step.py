@@ -16,6 +16,7 @@ from pipeoptim.runtime.fused_step import sgd_step_each, step_predicting, steps_e
 from pipeoptim.runtime.pieces import FlatPieces
 from pipeoptim.runtime.prediction import smoothed_gradient
 from pipeoptim.runtime.predictors import sgd
+from pipeoptim.runtime.timed_choice import TimedChoice
 from tests.test_policies import ConvNet, batches, conv_pipeline
 from tests.test_tied_weights import tied_setup
 
@@ -95,6 +96,7 @@ def test_pieces_are_torchs_sgd_step_and_predictions_bit_for_bit(
         if direction is smoothed_gradient and not options["momentum"]:
             continue
         ours_x = Extrapolator(names, opt_ours, direction)
+        ours_x.piecewise = TimedChoice((True,))  # in pieces at every step
         theirs_x = Extrapolator({f"w{i}": p for i, p in enumerate(theirs)}, opt_theirs, direction)
         hats: dict[str, torch.Tensor] = {}
         pieces: list[slice | None] = []  # the span of each piece predicted
@@ -152,16 +154,24 @@ def test_pieces_are_torchs_sgd_step_and_predictions_bit_for_bit(
 
 
 def _step_and_compare(
-    ours: list[nn.Parameter], theirs: list[nn.Parameter], steps: int, seed: int, before_step=None, **options
-) -> None:
+    ours: list[nn.Parameter],
+    theirs: list[nn.Parameter],
+    steps: int,
+    seed: int,
+    before_step=None,
+    piecewise: TimedChoice | None = None,
+    **options,
+) -> Extrapolator:
     """``steps`` steps of :func:`step_predicting` on ``ours`` and of ``SGD.step()`` then
     :meth:`Extrapolator.predict` on ``theirs`` (copies): weights, momentum buffers and Ŵ equal
     bit for bit at every step, Ŵ shaped like its parameter. ``before_step(step, params, optimizer)``
-    may replace tensors before a step."""
+    may replace tensors before a step. Large parameters are stepped in pieces at every step,
+    or as ``piecewise`` chooses. Returns the extrapolator of ``ours``."""
     g = torch.Generator().manual_seed(seed)
     opt_ours = torch.optim.SGD(ours, lr=0.1, momentum=0.9, **options)
     opt_theirs = torch.optim.SGD(theirs, lr=0.1, momentum=0.9, **options)
     ours_x = Extrapolator({f"w{i}": p for i, p in enumerate(ours)}, opt_ours, per_unit_rate(sgd))
+    ours_x.piecewise = piecewise or TimedChoice((True,))
     theirs_x = Extrapolator({f"w{i}": p for i, p in enumerate(theirs)}, opt_theirs, per_unit_rate(sgd))
     hats: dict[str, torch.Tensor] = {}
     for step in range(steps):
@@ -180,6 +190,7 @@ def _step_and_compare(
             assert torch.equal(opt_ours.state[a]["momentum_buffer"], opt_theirs.state[b]["momentum_buffer"])
         assert hats.keys() == expected.keys()
         assert all(hats[n].shape == expected[n].shape and torch.equal(hats[n], expected[n]) for n in hats)
+    return ours_x
 
 
 def test_pieces_follow_replaced_weights_and_buffers(monkeypatch) -> None:
@@ -353,9 +364,11 @@ def test_pieces_are_dropped_while_the_optimizer_steps_without_them(monkeypatch) 
     torch.manual_seed(0)
     with conv_pipeline("pipeoptim") as pipe:
         data = batches(8)
+        policies = [s.policy for s in pipe._executor.stages if s.policy is not None]
+        for policy in policies:
+            policy._extrapolator.piecewise = TimedChoice((True,))  # in pieces at every fused step
         for x, y in data[:4]:
             pipe.step(x, y)
-        policies = [s.policy for s in pipe._executor.stages if s.policy is not None]
         kept = [len(policy._extrapolator.pieces._pieces) for policy in policies]
         assert any(kept), kept
         replaced = []
@@ -537,3 +550,30 @@ def test_l2_cache_size_is_read_from_sysfs(tmp_path) -> None:
         (folder / "size").write_text(size + "\n")
     assert fused_step._l2_cache_bytes(tmp_path) == 2048 * 1024
     assert fused_step._l2_cache_bytes(tmp_path / "absent") is None
+
+
+@pytest.mark.parametrize("faster", [True, False], ids=["pieces faster", "whole faster"])
+def test_the_faster_way_is_kept_and_either_is_torchs_step(monkeypatch, faster: bool) -> None:
+    """The step with the prediction in it tries pieces and whole parameters in turn, keeps the
+    faster (by a clock the test drives: 1 s the faster way, 2 s the other), and equals
+    ``SGD.step()`` and the prediction after it bit for bit through the trials and after; once
+    whole parameters are kept, no pieces are kept for them."""
+    monkeypatch.setattr(fused_step, "CHUNK_BYTES", 4096)  # pieces of 1024 elements
+    clock = [0.0]
+    stepped = fused_step.sgd_step_each
+    ways: list[bool] = []
+
+    def timed_step(*args, in_pieces: bool, **kwargs) -> float:
+        ways.append(in_pieces)
+        clock[0] += 1.0 if in_pieces == faster else 2.0
+        return stepped(*args, in_pieces=in_pieces, **kwargs)
+
+    monkeypatch.setattr(fused_step, "sgd_step_each", timed_step)
+    g = torch.Generator().manual_seed(21)
+    ours = [nn.Parameter(torch.randn(s, generator=g)) for s in [(40, 100), (7,)]]  # 3.9 pieces, 1
+    theirs = [nn.Parameter(p.detach().clone()) for p in ours]
+    choice = TimedChoice((True, False), trials=3, clock=lambda: clock[0])
+    extrapolator = _step_and_compare(ours, theirs, steps=9, seed=22, piecewise=choice, weight_decay=1e-2)
+    assert ways == [True, False] * 3 + [faster] * 3
+    assert choice.chosen is faster and choice.medians == ((1.0, 2.0) if faster else (2.0, 1.0))
+    assert bool(extrapolator.pieces._pieces) is faster

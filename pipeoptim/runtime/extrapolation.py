@@ -33,6 +33,7 @@ from torch.optim import Optimizer
 
 from pipeoptim.runtime.pieces import Cut, FlatPieces, PiecePlan
 from pipeoptim.runtime.predictors import sgd
+from pipeoptim.runtime.timed_choice import TimedChoice
 
 #: ``D = Σ a_j · T_j``: coefficients and tensors shaped like the parameter.
 Terms = list[tuple[float, torch.Tensor]]
@@ -124,6 +125,10 @@ class Extrapolator:
         self._directions: dict[str, Terms] | None = None
         #: pieces of the weights, momentum buffers and Ŵ buffers, kept between steps
         self.pieces = FlatPieces()
+        #: whether the SGD step with the prediction in it steps large parameters in pieces
+        #: (:func:`pipeoptim.runtime.fused_step.step_predicting`): the faster way on this
+        #: host, timed over the first steps
+        self.piecewise = TimedChoice((True, False))
 
     def invalidate(self) -> None:
         """Forget D (the optimizer stepped, or a backward is about to change the gradients)."""

@@ -28,7 +28,12 @@ pieces cost more than the cache saves (64 KiB: 3.1 ms on the MLP stage). The pre
 terms and pieces are found once per parameter and step (:class:`pipeoptim.runtime.pieces.PiecePlan`)
 and the loop over the pieces runs the kernels itself, the gradient cut without view tracking
 (its pieces are only read): 2.12 ms on the MLP stage and 3.64 ms on the LM's against 2.29 and
-3.85 with a callback and a piece object per piece (2026-12-04).
+3.85 with a callback and a piece object per piece (2026-12-04). Where the caches hold the
+whole stage, pieces only add calls: on an AMD EPYC (1 MiB L2 per core, 32 MiB L3) the MLP's
+4-stage stage (4 MiB) took 0.97-1.10 ms in pieces of 128 KiB against 0.61-0.70 ms parameter
+by parameter (torch's step alone 0.38-0.47 ms, step + copy 0.55-0.61 ms; 2026-12-04). So
+:func:`step_predicting` times both ways over a stage's first steps and keeps the faster
+(:class:`pipeoptim.runtime.timed_choice.TimedChoice`; the same bits either way).
 
 torch's fused SGD kernel (``SGD(fused=True)``, one pass over weights, buffer and gradient)
 would be faster still, but its momentum buffers differ from the for-loop's in the last bit
@@ -130,6 +135,7 @@ def sgd_step_each(
     per_piece: PerPiece | None = None,
     pieces: FlatPieces | None = None,
     clock: Callable[[], float] | None = None,
+    in_pieces: bool = True,
 ) -> float:
     """``optimizer.step()`` (where :func:`steps_each` holds), calling ``after(param, group)``
     as each parameter with a gradient is updated, before the next one is touched. A parameter
@@ -144,6 +150,9 @@ def sgd_step_each(
         pieces: where the pieces of parameters and momentum buffers are kept from one step
             to the next (``None``: cut at this step only).
         clock: times the pieces' predictions (``time.process_time``, say).
+        in_pieces: ``False``: every parameter is stepped whole and ``after`` called for it
+            (the same bits; which is faster depends on the host's caches,
+            :mod:`pipeoptim.runtime.timed_choice`).
 
     Returns:
         Seconds of ``clock`` the pieces' predictions took (0 without ``clock``).
@@ -170,7 +179,8 @@ def sgd_step_each(
             buf = state.get("momentum_buffer")
             size = max(CHUNK_BYTES // param.element_size(), 1024) // 1024 * 1024
             if (
-                buf is None
+                not in_pieces
+                or buf is None
                 or param.numel() <= size
                 or param.dtype not in PIECE_DTYPES
                 or not _contiguous(param, grad, buf)
@@ -248,7 +258,9 @@ def step_predicting(
     """:func:`sgd_step_each` (``optimizer`` must pass :func:`steps_each`) predicting each
     parameter's ``Ŵ = W − c_g · D`` (c per optimizer group) as soon as it is updated, or each
     piece of it (:meth:`Extrapolator.predict_one`, :meth:`Extrapolator.piece_plan`), and
-    those without a gradient after the step.
+    those without a gradient after the step. Large parameters are stepped in pieces or whole,
+    whichever ``extrapolator.piecewise`` (:class:`pipeoptim.runtime.timed_choice.TimedChoice`)
+    found faster on this host over the first steps.
 
     Args:
         into: Ŵ buffers from earlier predictions, overwritten (a parameter without one, or
@@ -280,7 +292,11 @@ def step_predicting(
         hats[name], plan = prepared
         return plan
 
-    sgd_step_each(optimizer, predict, per_piece, extrapolator.pieces)
+    extrapolator.piecewise.run(
+        lambda in_pieces: sgd_step_each(
+            optimizer, predict, per_piece, extrapolator.pieces, in_pieces=in_pieces
+        )
+    )
     with torch.no_grad():
         for group in optimizer.param_groups:  # parameters without a gradient: not stepped
             for p in group["params"]:
