@@ -71,7 +71,9 @@ def measure_update_cost(
     buffer as the runtime does (:class:`pipeoptim.runtime.extrapolation.Extrapolator`; 0
     without a predictor; for ``torch.optim.SGD`` itself on the CPU, where PipeOptim predicts
     each parameter's Ŵ inside the step, :mod:`pipeoptim.runtime.fused_step`, the time that
-    adds to the step in pieces or whole, whichever is faster, as the runtime chooses), and a
+    adds to torch's step in pieces or whole, whichever is faster, as the runtime chooses: 0
+    where that loop takes no longer than torch's step, as on small models whose step is mostly
+    per-call overhead), and a
     copy of the parameter into a buffer (what weight stashing and 2BW's shadow do per step,
     :mod:`pipeoptim.runtime.stashing`). On the CPU the time is the process's CPU time
     (``time.process_time``), which other processes' load does not inflate (wall time under
@@ -165,8 +167,10 @@ def measure_update_cost(
             return plan
 
         # as the runtime steps (pipeoptim.runtime.fused_step): in pieces or parameter by
-        # parameter, whichever is faster here (it times both, TimedChoice), turn about
-        ways: dict[bool, list[float]] = {True: [], False: []}
+        # parameter, whichever is faster here (it times both, TimedChoice); each round times
+        # torch's step beside both ways, and a way's figure is the median of its rounds' excess
+        # over that step (paired: the host's drift between rounds cancels)
+        excess: dict[bool, list[float]] = {True: [], False: []}
 
         def stepping(in_pieces: bool) -> Any:
             return lambda: sgd_step_each(
@@ -174,10 +178,11 @@ def measure_update_cost(
             )
 
         for _ in range(2 + repeats):
-            for in_pieces, times in ways.items():
-                times.append(timed(stepping(in_pieces)))
-        fastest = min(statistics.median(times[2:]) for times in ways.values())
-        return UpdateCosts(step_s, max(fastest / nbytes - step_s, 0.0), copy_s)
+            torch_step = timed(optimizer.step)
+            for in_pieces, times in excess.items():
+                times.append(timed(stepping(in_pieces)) - torch_step)
+        fastest = min(statistics.median(times[2:]) for times in excess.values())
+        return UpdateCosts(step_s, max(fastest, 0.0) / nbytes, copy_s)
     predicts = [timed(prediction) for _ in range(2 + repeats)]
     return UpdateCosts(step_s, statistics.median(predicts[2:]) / nbytes, copy_s)
 
@@ -230,7 +235,7 @@ MAX_CACHED_S_PER_BYTE = 1e-6
 #: how update costs are timed; figures saved under another clock are measured again
 UPDATE_COST_CLOCK = (
     "cpu-time-median-9, prediction by terms or in SGD's step (the faster of in pieces and whole, "
-    "less the step), model working set"
+    "less torch's step timed beside it), model working set"
 )
 
 

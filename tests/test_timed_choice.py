@@ -72,3 +72,19 @@ def test_the_work_clock_is_cpu_time_with_one_thread() -> None:
         assert work_clock() is time.perf_counter
     finally:
         torch.set_num_threads(before)
+
+
+def test_warmup_calls_run_the_first_option_untimed() -> None:
+    clock = FakeClock()
+    seen: list[str] = []
+
+    def work(option: str) -> None:
+        clock.now += {"a": 3.0, "b": 1.0}[option] * (10 if not seen else 1)  # the first call is slow
+        seen.append(option)
+
+    choice = TimedChoice(("a", "b"), trials=1, clock=clock, warmup=1)
+    for _ in range(4):
+        choice.run(work)
+    assert seen == ["a", "a", "b", "b"] and choice.medians == (3.0, 1.0) and choice.chosen == "b"
+    with pytest.raises(ValueError, match="warmup must not be negative"):
+        TimedChoice((1, 2), warmup=-1)

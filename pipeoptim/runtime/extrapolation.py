@@ -128,7 +128,7 @@ class Extrapolator:
         #: whether the SGD step with the prediction in it steps large parameters in pieces
         #: (:func:`pipeoptim.runtime.fused_step.step_predicting`): the faster way on this
         #: host, timed over the first steps
-        self.piecewise = TimedChoice((True, False))
+        self.piecewise = TimedChoice((True, False), warmup=1)
 
     def invalidate(self) -> None:
         """Forget D (the optimizer stepped, or a backward is about to change the gradients)."""

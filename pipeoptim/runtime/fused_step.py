@@ -148,7 +148,8 @@ def sgd_step_each(
 
     Args:
         pieces: where the pieces of parameters and momentum buffers are kept from one step
-            to the next (``None``: cut at this step only).
+            to the next (``None``: cut at this step only); a step in pieces drops those of
+            tensors it did not cut, a whole step leaves them.
         clock: times the pieces' predictions (``time.process_time``, say).
         in_pieces: ``False``: every parameter is stepped whole and ``after`` called for it
             (the same bits; which is faster depends on the host's caches,
@@ -213,7 +214,8 @@ def sgd_step_each(
                 for a, terms in rest:
                     hat.add_(terms[i], alpha=a)
                 spent += clock() - start if clock else 0.0
-    pieces.prune()
+    if in_pieces:  # a whole step asks for no pieces: those kept stay for the next step in pieces
+        pieces.prune()
     return spent
 
 
@@ -260,7 +262,9 @@ def step_predicting(
     piece of it (:meth:`Extrapolator.predict_one`, :meth:`Extrapolator.piece_plan`), and
     those without a gradient after the step. Large parameters are stepped in pieces or whole,
     whichever ``extrapolator.piecewise`` (:class:`pipeoptim.runtime.timed_choice.TimedChoice`)
-    found faster on this host over the first steps.
+    found faster on this host over the first steps (the first step, which creates the momentum
+    buffers and Ŵ, untimed; the pieces kept through the trials, so that a trial in pieces
+    costs what a step in pieces costs once chosen).
 
     Args:
         into: Ŵ buffers from earlier predictions, overwritten (a parameter without one, or
@@ -297,6 +301,8 @@ def step_predicting(
             optimizer, predict, per_piece, extrapolator.pieces, in_pieces=in_pieces
         )
     )
+    if extrapolator.piecewise.chosen is False:
+        extrapolator.pieces.clear()  # whole from now on: keep no views of replaced tensors
     with torch.no_grad():
         for group in optimizer.param_groups:  # parameters without a gradient: not stepped
             for p in group["params"]:

@@ -31,8 +31,9 @@ def work_clock() -> Callable[[], float]:
 
 
 class TimedChoice(Generic[T]):
-    """Run work one of several ways: each option in turn until every one has been timed
-    ``trials`` times, then always the one of lowest median time.
+    """Run work one of several ways: the first option for ``warmup`` untimed calls, then each
+    option in turn until every one has been timed ``trials`` times, then always the one of
+    lowest median time.
 
     Only for options that give the same results (the choice depends on timing, which differs
     from run to run and from rank to rank).
@@ -41,6 +42,8 @@ class TimedChoice(Generic[T]):
         options: the ways, handed to the work as its argument; one option is taken without
             timing.
         trials: timed calls of each option before the choice.
+        warmup: untimed calls first, with ``options[0]`` (work whose first call does more, such
+            as a step that creates the optimizer's state).
         clock: seconds (default :func:`work_clock`, read at each call).
 
     Attributes:
@@ -50,19 +53,26 @@ class TimedChoice(Generic[T]):
             one option).
 
     Raises:
-        ValueError: no option, or ``trials`` below 1.
+        ValueError: no option, ``trials`` below 1 or ``warmup`` below 0.
     """
 
     def __init__(
-        self, options: Sequence[T], trials: int = 8, clock: Callable[[], float] | None = None
+        self,
+        options: Sequence[T],
+        trials: int = 8,
+        clock: Callable[[], float] | None = None,
+        warmup: int = 0,
     ) -> None:
         if not options:
             raise ValueError("TimedChoice needs at least one option")
         if trials < 1:
             raise ValueError(f"trials must be at least 1, not {trials}")
+        if warmup < 0:
+            raise ValueError(f"warmup must not be negative, not {warmup}")
         self.options = tuple(options)
         self.trials = trials
         self.clock = clock
+        self._warmup = warmup
         self._times: list[list[float]] = [[] for _ in self.options]
         self._calls = 0
         self._decided = len(self.options) == 1
@@ -74,6 +84,9 @@ class TimedChoice(Generic[T]):
         timed."""
         if self._decided:
             return work(self.chosen)  # type: ignore[arg-type]
+        if self._warmup:
+            self._warmup -= 1
+            return work(self.options[0])
         index = self._calls % len(self.options)
         self._calls += 1
         clock = self.clock or work_clock()
