@@ -86,5 +86,6 @@ def test_warmup_calls_run_the_first_option_untimed() -> None:
     for _ in range(4):
         choice.run(work)
     assert seen == ["a", "a", "b", "b"] and choice.medians == (3.0, 1.0) and choice.chosen == "b"
-    with pytest.raises(ValueError, match="warmup must not be negative"):
-        TimedChoice((1, 2), warmup=-1)
+    for bad in (-1, 0.5):  # a fraction never counted down to 0: the choice was never made
+        with pytest.raises(ValueError, match="warmup must be a whole number"):
+            TimedChoice((1, 2), warmup=bad)

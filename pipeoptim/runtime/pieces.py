@@ -40,8 +40,10 @@ class FlatPieces:
     wider view from the same address, a view as another dtype, or a new tensor the allocator
     placed where a moved or freed storage was), or a new tensor, is cut again.
 
-    Call :meth:`prune` after each step: pieces of tensors not asked for since the last prune
-    are dropped (they would keep a replaced momentum buffer's memory alive).
+    Call :meth:`prune` after each step in pieces: pieces of tensors not asked for since the
+    last prune are dropped (they would keep a replaced momentum buffer's memory alive; a step
+    that steps every parameter whole keeps them for the next step in pieces, one step longer,
+    and :meth:`clear` drops them all).
     """
 
     def __init__(self) -> None:

@@ -53,7 +53,7 @@ class TimedChoice(Generic[T]):
             one option).
 
     Raises:
-        ValueError: no option, ``trials`` below 1 or ``warmup`` below 0.
+        ValueError: no option, ``trials`` below 1, or ``warmup`` not an int of 0 or more.
     """
 
     def __init__(
@@ -67,8 +67,8 @@ class TimedChoice(Generic[T]):
             raise ValueError("TimedChoice needs at least one option")
         if trials < 1:
             raise ValueError(f"trials must be at least 1, not {trials}")
-        if warmup < 0:
-            raise ValueError(f"warmup must not be negative, not {warmup}")
+        if isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 0:
+            raise ValueError(f"warmup must be a whole number of calls, 0 or more, not {warmup!r}")
         self.options = tuple(options)
         self.trials = trials
         self.clock = clock
