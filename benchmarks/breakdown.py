@@ -1,4 +1,4 @@
-"""Where the time goes: per stage and method, the wall time of each part of the actions.
+"""Where the time goes: per stage and method, the time of each part of the actions.
 
 Runs every method's stages as gloo ranks on this machine (one thread each, the runtime's own
 ``StageProcess`` as a worker runs it) with :func:`pipeoptim.runtime.action_timer.instrument`
@@ -8,7 +8,13 @@ wait for received values, posting and retiring sends, and the Python overhead of
 loop (per action in microseconds). It also times the saved-tensor hooks that redirect the
 backward to other weights: forward+backward of stage 0 with and without them.
 
-    python benchmarks/breakdown.py [--quick] [--model mlp] [--stages 4] [--methods pipeoptim ...] [--out DIR]
+    python benchmarks/breakdown.py [--quick] [--model mlp] [--stages 4] [--methods pipeoptim ...]
+                                   [--clock wall|cpu] [--out DIR]
+
+``--clock cpu`` times each part in CPU time of the stage's thread (``time.thread_time``)
+instead of wall time: where ranks share cores, a part's wall time includes the other rank's
+turns, and its CPU time does not (nor the waits, nor gloo's threads), so the parts of two
+methods compare as work done.
 
 Writes ``breakdown.md`` (with the machine load while it ran) into ``--out``: by default
 ``benchmarks/results`` for the full run and a new temporary folder for ``--quick`` or a run of
@@ -44,6 +50,9 @@ from outputs import host, results_dir, run_kind, stage_count
 from throughput import MODELS, compile_model
 
 METHODS = ("pipeoptim", "pipedream", "2bw", "spectrain", "none", "1f1b")
+#: what ``--clock`` times each part with, and how the report names it
+CLOCKS = {"wall": time.perf_counter, "cpu": time.thread_time}
+CLOCK_WORDS = {"wall": "wall time", "cpu": "CPU time of the stage's thread"}
 
 
 def mini_batch(spec: PipelineSpec, model: str, index: int, rank: int, rows: int) -> MiniBatch:
@@ -71,6 +80,7 @@ def _rank(
     rows: int,
     warmup: int,
     steps: int,
+    clock: str,
     out: Any,
 ) -> None:
     import pickle
@@ -88,7 +98,7 @@ def _rank(
     )
     spec: PipelineSpec = pickle.loads(payload)
     process = StageProcess(spec, rank, torch.device("cpu"), 300.0)
-    timer = instrument(process)
+    timer = instrument(process, CLOCKS[clock])
     for i in range(warmup):
         process.submit(mini_batch(spec, model, i, rank, rows))
     dist.barrier()
@@ -104,7 +114,7 @@ def _rank(
 
 
 def measure(
-    model: str, method: str, stages: int, warmup: int, steps: int, profile_dir: Path
+    model: str, method: str, stages: int, warmup: int, steps: int, profile_dir: Path, clock: str = "wall"
 ) -> list[dict[str, Any]]:
     """Per stage: seconds per part, actions run, the wall time of the timed mini-batches, and
     the plan's profiled seconds per mini-batch of forward, backward and weight work (policy
@@ -127,7 +137,7 @@ def measure(
     out = ctx.Queue()
     port = free_port()
     procs = [
-        ctx.Process(target=_rank, args=(r, stages, port, payload, model, rows, warmup, steps, out))
+        ctx.Process(target=_rank, args=(r, stages, port, payload, model, rows, warmup, steps, clock, out))
         for r in range(stages)
     ]
     for p in procs:
@@ -178,10 +188,16 @@ def main() -> None:
     parser.add_argument("--stages", type=stage_count, help="default 4 (2 with --quick)")
     parser.add_argument("--methods", nargs="+", choices=METHODS)
     parser.add_argument(
+        "--clock",
+        choices=sorted(CLOCKS),
+        default="wall",
+        help="wall: wall time per part (default); cpu: CPU time of each stage's thread",
+    )
+    parser.add_argument(
         "--out", type=Path, help="default: benchmarks/results for the full run, else a temporary folder"
     )
     args = parser.parse_args()
-    scope = ("model", "stages", "methods")
+    scope = ("model", "stages", "methods", "clock")
     kind = run_kind(parser, args, scope)
     args.out = results_dir(parser, args, "breakdown", scope=scope)
     torch.set_num_threads(1)
@@ -216,7 +232,7 @@ def measure_all(
     table_rows, fits, weights = [], [], {}
     for method in methods:
         print(f"  {stages} stages, {method} ...", file=sys.stderr)
-        results = measure(args.model, method, stages, warmup, steps, profile_dir / method)
+        results = measure(args.model, method, stages, warmup, steps, profile_dir / method, args.clock)
         for k, r in enumerate(results):
             per = 1e3 / r["mini_batches"]
             overhead_us = 1e6 * r["parts"]["overhead"] / max(r["actions"], 1)
@@ -227,7 +243,7 @@ def measure_all(
         if fit_stages != stages:
             print(f"  {fit_stages} stages, {method} ...", file=sys.stderr)
             folder = profile_dir / f"{method}-{fit_stages}"
-            results = measure(args.model, method, fit_stages, warmup, steps, folder)
+            results = measure(args.model, method, fit_stages, warmup, steps, folder, args.clock)
         for k, r in enumerate(results):
             per = 1e3 / r["mini_batches"]
             measured = {
@@ -268,7 +284,8 @@ def measure_all(
     text = (
         f"# Where the time goes ({kind} run, CPU, gloo, 1 thread per rank, "
         f"{host()}, load average {load_before:.1f} before / {load_after:.1f} after)\n\n"
-        f"{description}, {stages} stages; milliseconds per mini-batch ({rows} rows; "
+        f"{description}, {stages} stages; milliseconds per mini-batch of {CLOCK_WORDS[args.clock]} "
+        f"({rows} rows; "
         f"2bw runs mini-batches of {stages} x {rows} rows and is counted per {rows}) over {steps} timed "
         f"mini-batches after {warmup}, cool-down included. `weights` is the weight policy (prediction, "
         f"stash or shadow copies; with torch's SGD, PipeOptim and SpecTrain predict inside the step, "
@@ -276,7 +293,7 @@ def measure_all(
         f"retiring sends and receives, `overhead` the rest of the action loop.\n\n{table}\n\n{hooks}\n\n"
         f"{summary}\n\n## Measured in the workers / profiled by the plan ({fit_stages} stages)\n\n"
         f"Per mini-batch, each part timed as above in a run of {fit_stages} stages (a core per rank, "
-        f"so that wall time is compute time) against the plan's figure for it (the profile and "
+        f"so that even wall time is compute time) against the plan's figure for it (the profile and "
         f"optimizer timing taken just before each method's run, one thread): measured / profiled "
         f"= ratio.\n\n"
         f"{fit_table}\n"

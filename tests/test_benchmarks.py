@@ -180,6 +180,7 @@ def test_results_name_the_host_they_were_measured_on(tmp_path: Path, monkeypatch
         ("throughput.py", ["--rounds", "0"], "--rounds must be at least 1, got 0"),
         ("throughput.py", ["--stages", "9", "--models", "transformer"], "mini-batch of 8 rows"),
         ("breakdown.py", ["--stages", "1"], "1: a pipeline needs at least 2 stages"),
+        ("breakdown.py", ["--clock", "gpu"], "invalid choice: 'gpu'"),
         ("affinity.py", ["--rounds", "0"], "--rounds must be at least 1, got 0"),
     ],
 )
@@ -407,3 +408,32 @@ def test_throughput_rounds_record_a_failed_job_and_go_on() -> None:
         assert first != first and second == rate  # nan in the failed round only
         assert chosen[name]["errors"] == ["round 1: rank 1 exited with code 1"]
     assert chosen["pipeoptim"]["errors"] == []
+
+
+def test_breakdown_on_the_cpu_clock(tmp_path: Path) -> None:
+    """``--clock cpu`` times each part in CPU time of the stage's thread: the report says so,
+    and a blocking wait for a neighbour's values, which takes wall time but hardly any CPU,
+    stays below each stage's forward compute."""
+    done = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "benchmarks" / "breakdown.py"),
+            "--quick",
+            "--clock",
+            "cpu",
+            "--out",
+            str(tmp_path),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=tmp_path,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    text = (tmp_path / "breakdown.md").read_text()
+    assert "milliseconds per mini-batch of CPU time of the stage's thread" in text
+    header, _, *rows = [line.split("|")[1:-1] for line in text.split("\n\n")[2].splitlines()]
+    columns = [c.strip() for c in header]
+    forward, wait = columns.index("forward ms"), columns.index("recv wait ms")
+    assert len(rows) == 4  # pipeoptim and pipedream, 2 stages each
+    assert all(float(row[wait]) < float(row[forward]) for row in rows), text

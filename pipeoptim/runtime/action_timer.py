@@ -1,8 +1,10 @@
-"""Where a stage's time goes: wall time per part of its actions, from timers around methods.
+"""Where a stage's time goes: time per part of its actions, from timers around methods.
 
 :func:`instrument` wraps, on one :class:`~pipeoptim.runtime.worker.StageProcess` (instance
 attributes only: nothing changes for other processes or stages), the methods that do each
-part of an action, and adds up their wall time in seconds:
+part of an action, and adds up their time in seconds on a clock (the wall clock by default;
+``time.thread_time`` gives the CPU time of the stage's own thread, which leaves out the turns
+of another rank sharing the core and the blocking waits, and gloo's threads):
 
 ==============  ====================================================================
 part            what it times
@@ -44,9 +46,10 @@ _POLICY_METHODS = (
 
 
 class ActionTimer:
-    """Accumulated seconds per timed method, and the number of actions run."""
+    """Accumulated seconds of ``clock`` per timed method, and the number of actions run."""
 
-    def __init__(self) -> None:
+    def __init__(self, clock: Callable[[], float] = time.perf_counter) -> None:
+        self.clock = clock
         self.seconds: dict[str, float] = {}
         self.actions = 0
 
@@ -59,13 +62,15 @@ class ActionTimer:
         """Replace ``owner.method`` (on the instance) by a timed call adding to ``key``."""
         inner: Callable[..., Any] = getattr(owner, method)
 
+        clock = self.clock
+
         @functools.wraps(inner)
         def timed(*args: Any, **kwargs: Any) -> Any:
-            start = time.perf_counter()
+            start = clock()
             try:
                 return inner(*args, **kwargs)
             finally:
-                self.seconds[key] = self.seconds.get(key, 0.0) + time.perf_counter() - start
+                self.seconds[key] = self.seconds.get(key, 0.0) + clock() - start
 
         setattr(owner, method, timed)
 
@@ -88,13 +93,14 @@ class ActionTimer:
         return parts
 
 
-def instrument(process: Any) -> ActionTimer:
-    """Time the parts of every action ``process`` (a ``StageProcess``) runs from now on.
+def instrument(process: Any, clock: Callable[[], float] = time.perf_counter) -> ActionTimer:
+    """Time the parts of every action ``process`` (a ``StageProcess``) runs from now on, in
+    seconds of ``clock``.
 
     Returns the :class:`ActionTimer` collecting the seconds; :meth:`ActionTimer.breakdown`
     gives them per part. Timers cost about a microsecond per call.
     """
-    timer = ActionTimer()
+    timer = ActionTimer(clock)
     stage, channel = process.stage, process.channel
     timer.wrap(stage, "forward", "stage.forward")
     timer.wrap(stage, "backward", "stage.backward")
@@ -109,11 +115,11 @@ def instrument(process: Any) -> ActionTimer:
     run = process._run
 
     def loop(actions: list[Any], side_work: Callable[[], None] | None = None) -> None:
-        start = time.perf_counter()
+        start = clock()
         try:
             run(actions, side_work)
         finally:
-            timer.seconds["loop"] = timer.seconds.get("loop", 0.0) + time.perf_counter() - start
+            timer.seconds["loop"] = timer.seconds.get("loop", 0.0) + clock() - start
             timer.actions += len(actions)
 
     process._run = loop
