@@ -13,6 +13,17 @@ from torch import nn
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def _benchmark(script: str, argv: list[str], cwd: Path, timeout: float = 600) -> subprocess.CompletedProcess:
+    """``benchmarks/<script> argv`` run as a user runs it, from ``cwd``; its exit and output."""
+    return subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / script), *argv],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=cwd,
+    )
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize(
     "script, files",
@@ -36,13 +47,7 @@ ROOT = Path(__file__).resolve().parents[1]
     ],
 )
 def test_quick_benchmark_runs(tmp_path: Path, script: str, files: list[str]) -> None:
-    done = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / script), "--quick", "--out", str(tmp_path)],
-        capture_output=True,
-        text=True,
-        timeout=600,
-        cwd=tmp_path,
-    )
+    done = _benchmark(script, ["--quick", "--out", str(tmp_path)], tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
     for name in files:
         assert (tmp_path / name).stat().st_size > 0, name
@@ -189,13 +194,7 @@ def test_benchmark_options_out_of_range_are_refused(
 ) -> None:
     """--stages 0 ended in a traceback after gloo was measured, --stages -2 ran, and --rounds 0
     ran the default 5 rounds; each is now a usage error (exit 2) before anything runs."""
-    done = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / script), *argv],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        cwd=tmp_path,
-    )
+    done = _benchmark(script, argv, tmp_path, timeout=120)
     assert done.returncode == 2 and message in done.stderr, done.stderr[-2000:]
     assert "Traceback" not in done.stderr
 
@@ -414,21 +413,7 @@ def test_breakdown_on_the_cpu_clock(tmp_path: Path) -> None:
     """``--clock cpu`` times each part in CPU time of the stage's thread: the report says so,
     and a blocking wait for a neighbour's values, which takes wall time but hardly any CPU,
     stays below each stage's forward compute."""
-    done = subprocess.run(
-        [
-            sys.executable,
-            str(ROOT / "benchmarks" / "breakdown.py"),
-            "--quick",
-            "--clock",
-            "cpu",
-            "--out",
-            str(tmp_path),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=600,
-        cwd=tmp_path,
-    )
+    done = _benchmark("breakdown.py", ["--quick", "--clock", "cpu", "--out", str(tmp_path)], tmp_path)
     assert done.returncode == 0, done.stderr[-2000:]
     text = (tmp_path / "breakdown.md").read_text()
     assert "milliseconds per mini-batch of CPU time of the stage's thread" in text
