@@ -7,7 +7,8 @@ import time
 import pytest
 import torch
 
-from pipeoptim.runtime.timed_choice import TimedChoice, work_clock
+from pipeoptim.compiler.profile import work_clock
+from pipeoptim.runtime.timed_choice import TimedChoice
 
 
 class FakeClock:

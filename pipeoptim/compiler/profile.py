@@ -89,6 +89,14 @@ def _is_inplace(gm: fx.GraphModule, node: fx.Node) -> bool:
     return (name.endswith("_") and not name.startswith("_")) or bool(node.kwargs.get("inplace"))
 
 
+def work_clock() -> Callable[[], float]:
+    """The clock to time a stage's own work with: with one torch thread (as CPU stages run)
+    this thread's CPU time (``time.thread_time``), which other processes sharing the core do
+    not inflate; with more threads, whose work this thread's clock would miss,
+    ``time.perf_counter``."""
+    return time.thread_time if torch.get_num_threads() == 1 else time.perf_counter
+
+
 class _Timer:
     """Seconds ``fn`` takes: CUDA events on a GPU; on the CPU with one torch thread (as the
     stages run there) this thread's CPU time (``time.thread_time``), which other processes
@@ -98,7 +106,7 @@ class _Timer:
 
     def __init__(self, device: torch.device) -> None:
         self.cuda = device.type == "cuda"
-        self.clock = time.thread_time if torch.get_num_threads() == 1 else time.perf_counter
+        self.clock = work_clock()
 
     def __call__(self, fn: Callable[[], Any]) -> float:
         if self.cuda:

@@ -134,9 +134,8 @@ def sgd_step_each(
     after: After,
     per_piece: PerPiece | None = None,
     pieces: FlatPieces | None = None,
-    clock: Callable[[], float] | None = None,
     in_pieces: bool = True,
-) -> float:
+) -> None:
     """``optimizer.step()`` (where :func:`steps_each` holds), calling ``after(param, group)``
     as each parameter with a gradient is updated, before the next one is touched. A parameter
     of more than :data:`CHUNK_BYTES` with a momentum buffer (parameter, gradient and buffer
@@ -150,19 +149,14 @@ def sgd_step_each(
         pieces: where the pieces of parameters and momentum buffers are kept from one step
             to the next (``None``: cut at this step only); a step in pieces drops those of
             tensors it did not cut, a whole step leaves them.
-        clock: times the pieces' predictions (``time.process_time``, say).
         in_pieces: ``False``: every parameter is stepped whole and ``after`` called for it
             (the same bits; which is faster depends on the host's caches,
             :mod:`pipeoptim.runtime.timed_choice`).
-
-    Returns:
-        Seconds of ``clock`` the pieces' predictions took (0 without ``clock``).
 
     Parameters without a gradient are skipped, as by ``SGD.step()``; momentum buffers are
     created on the first step and kept in ``optimizer.state[param]["momentum_buffer"]``.
     """
     pieces = pieces if pieces is not None else FlatPieces()
-    spent = 0.0
     for group in optimizer.param_groups:
         hyper: _Hyper = (
             group["lr"],
@@ -208,15 +202,12 @@ def sgd_step_each(
             hats, alpha, first, rest = plan
             for i, (w, b, g) in enumerate(zip(weights, buffers, grads)):
                 _momentum_update(hyper, w, b, g)
-                start = clock() if clock else 0.0
                 hat = hats[i]  # extrapolate() on the piece
                 torch.add(w, first[i], alpha=alpha, out=hat)
                 for a, terms in rest:
                     hat.add_(terms[i], alpha=a)
-                spent += clock() - start if clock else 0.0
     if in_pieces:  # a whole step asks for no pieces: those kept stay for the next step in pieces
         pieces.prune()
-    return spent
 
 
 def _contiguous(*tensors: torch.Tensor) -> bool:

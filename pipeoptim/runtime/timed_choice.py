@@ -13,21 +13,13 @@ for the first calls and keeps the one of lowest median time from then on, as
 from __future__ import annotations
 
 import statistics
-import time
 from collections.abc import Callable, Sequence
 from typing import Generic, TypeVar
 
-import torch
+from pipeoptim.compiler.profile import work_clock
 
 T = TypeVar("T")
 R = TypeVar("R")
-
-
-def work_clock() -> Callable[[], float]:
-    """The clock to time a stage's own work with: with one torch thread (a CPU stage) this
-    thread's CPU time (``time.thread_time``), which another process sharing the core does not
-    inflate; with more threads, whose work it would miss, ``time.perf_counter``."""
-    return time.thread_time if torch.get_num_threads() == 1 else time.perf_counter
 
 
 class TimedChoice(Generic[T]):
@@ -44,7 +36,8 @@ class TimedChoice(Generic[T]):
         trials: timed calls of each option before the choice.
         warmup: untimed calls first, with ``options[0]`` (work whose first call does more, such
             as a step that creates the optimizer's state).
-        clock: seconds (default :func:`work_clock`, read at each call).
+        clock: seconds (default :func:`pipeoptim.compiler.profile.work_clock`, read at each
+            call).
 
     Attributes:
         chosen: the option kept (``None`` until every option is timed; ``options[0]`` where
