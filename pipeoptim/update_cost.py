@@ -70,10 +70,9 @@ def measure_update_cost(
     (:mod:`pipeoptim.runtime.predictors`) computing ΔW and ``Ŵ = W - 2·lr·ΔW`` into a reused
     buffer as the runtime does (:class:`pipeoptim.runtime.extrapolation.Extrapolator`; 0
     without a predictor; for ``torch.optim.SGD`` itself on the CPU, where PipeOptim predicts
-    each parameter's Ŵ inside the step, :mod:`pipeoptim.runtime.fused_step`, the time that
-    adds to torch's step in pieces or whole, whichever is faster, as the runtime chooses: 0
-    where that loop takes no longer than torch's step, as on small models whose step is mostly
-    per-call overhead), and a
+    each parameter's Ŵ inside the step, :mod:`pipeoptim.runtime.fused_step`, the time the
+    prediction adds to that step's loop, in pieces or whole, whichever is faster, as the
+    runtime chooses), and a
     copy of the parameter into a buffer (what weight stashing and 2BW's shadow do per step,
     :mod:`pipeoptim.runtime.stashing`). On the CPU the time is the process's CPU time
     (``time.process_time``), which other processes' load does not inflate (wall time under
@@ -167,22 +166,23 @@ def measure_update_cost(
             return plan
 
         # as the runtime steps (pipeoptim.runtime.fused_step): in pieces or parameter by
-        # parameter, whichever is faster here (it times both, TimedChoice); each round times
-        # torch's step beside both ways, and a way's figure is the median of its rounds' excess
-        # over that step (paired: the host's drift between rounds cancels)
-        excess: dict[bool, list[float]] = {True: [], False: []}
+        # parameter, whichever takes less (it times both, TimedChoice); the figure is what the
+        # prediction adds to that loop, each round timing it with and without the prediction
+        # (paired: the host's drift between rounds cancels)
+        totals: dict[bool, list[float]] = {True: [], False: []}
+        added: dict[bool, list[float]] = {True: [], False: []}
 
-        def stepping(in_pieces: bool) -> Any:
-            return lambda: sgd_step_each(
-                optimizer, predict, per_piece, extrapolator.pieces, in_pieces=in_pieces
-            )
+        def stepping(in_pieces: bool, predicting: bool) -> Any:
+            after, plan = (predict, per_piece) if predicting else ((lambda p, g: None), None)
+            return lambda: sgd_step_each(optimizer, after, plan, extrapolator.pieces, in_pieces=in_pieces)
 
         for _ in range(2 + repeats):
-            torch_step = timed(optimizer.step)
-            for in_pieces, times in excess.items():
-                times.append(timed(stepping(in_pieces)) - torch_step)
-        fastest = min(statistics.median(times[2:]) for times in excess.values())
-        return UpdateCosts(step_s, max(fastest, 0.0) / nbytes, copy_s)
+            for in_pieces in (True, False):
+                total = timed(stepping(in_pieces, predicting=True))
+                totals[in_pieces].append(total)
+                added[in_pieces].append(total - timed(stepping(in_pieces, predicting=False)))
+        way = min(totals, key=lambda w: statistics.median(totals[w][2:]))
+        return UpdateCosts(step_s, max(statistics.median(added[way][2:]), 0.0) / nbytes, copy_s)
     predicts = [timed(prediction) for _ in range(2 + repeats)]
     return UpdateCosts(step_s, statistics.median(predicts[2:]) / nbytes, copy_s)
 
@@ -235,7 +235,7 @@ MAX_CACHED_S_PER_BYTE = 1e-6
 #: how update costs are timed; figures saved under another clock are measured again
 UPDATE_COST_CLOCK = (
     "cpu-time-median-9, prediction by terms or in SGD's step (the faster of in pieces and whole, "
-    "less torch's step timed beside it), model working set"
+    "less that loop without it), model working set"
 )
 
 
