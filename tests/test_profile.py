@@ -82,6 +82,9 @@ def test_profile_is_reused_for_the_same_key_and_redone_otherwise(tmp_path: Path)
     logs: list[str] = []
     first, reused = load_or_profile(traced, inputs, profile_dir=tmp_path, log=logs.append)
     assert not reused and len(list(tmp_path.glob("*.json"))) == 1
+    # the first profile of a model says so before it is measured, as every later one does
+    assert logs[0] == f"profiling Sequential at inputs 8x32 float32 (no saved profile of it in {tmp_path})"
+    assert logs[1].startswith(f"saved profile {tmp_path}/Sequential-") and len(logs) == 2
     second, reused = load_or_profile(traced, inputs, profile_dir=tmp_path, log=logs.append)
     assert reused and "reusing profile" in logs[-1]
     assert [n.fwd_s for n in second.nodes] == [n.fwd_s for n in first.nodes]

@@ -66,20 +66,21 @@ def load_or_profile(
 
 
 def _log_why_profiling(folder: Path, model: str, key: dict, log: Callable[[str], None]) -> None:
-    """Say why ``model`` is profiled where ``folder`` holds profiles of it for other keys: a
-    first run profiles each micro-batch size its layouts need, and "no saved profile matches
-    (input shapes ...)" read like a broken cache to a new user."""
+    """Say why ``model`` is profiled: no profile of it in ``folder`` yet, or only profiles for
+    other keys. A first run profiles each micro-batch size its layouts need, and "no saved
+    profile matches (input shapes ...)" read like a broken cache to a new user."""
     saved = []
     for other in sorted(folder.glob(f"{model}-*.json")):
         try:
             saved.append((other.name, CostGraph.load(other).key))
         except ProfileError:
             continue
+    now = _inputs_text(key.get("inputs"))
     if not saved:
+        log(f"profiling {model} at inputs {now} (no saved profile of it in {folder})")
         return
     if all(_key_diff(old, key, ignore=("inputs",)) == "same key" for _, old in saved):
         shapes = "; ".join(_inputs_text(old.get("inputs")) for _, old in saved)
-        now = _inputs_text(key.get("inputs"))
         log(f"profiling {model} at inputs {now} (a new micro-batch size; profiles saved at {shapes})")
         return
     name, old = saved[0]
