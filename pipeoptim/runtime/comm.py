@@ -57,6 +57,10 @@ class DistChannel:
             by then the peer has long posted its receive, so the wait returns at once).
         first_rank: global rank of stage 0 of this stage's replica (data × pipeline
             parallelism, :mod:`pipeoptim.runtime.replicas`); 0 with one replica.
+        group: the process group of this pipeline's messages (every rank, in rank order);
+            ``None``: the default group. Under torchrun each pipeline has one of its own
+            (:class:`pipeoptim.runtime.spmd.SPMDExecutor`), so that another pipeline's
+            messages or the user's own never meet its receives.
     """
 
     def __init__(
@@ -70,8 +74,10 @@ class DistChannel:
         device: torch.device,
         send_window: int | None = None,
         first_rank: int = 0,
+        group: Any = None,
     ) -> None:
         self.rank = rank
+        self.group = group
         self.first_rank = first_rank
         self.world = world
         self.plan = plan
@@ -122,7 +128,7 @@ class DistChannel:
         step; the process group's timeout bounds the wait). With R replicas every rank holds
         its stage's replica-summed gradient, so the sum over all ranks is divided by R."""
         value = torch.tensor([own], dtype=torch.float64, device=self.device)
-        dist.all_reduce(value)
+        dist.all_reduce(value, group=self.group)
         return float(value.item()) / (dist.get_world_size() // self.world)
 
     def post_shared(self, round_: int, parts: list[torch.Tensor]) -> None:
@@ -160,7 +166,11 @@ class DistChannel:
     def isend(self, tensor: torch.Tensor, dst: int, tag: int = 0) -> None:
         """Post an asynchronous send of ``tensor`` to rank ``dst``; kept until retired."""
         tensor = tensor.contiguous()
-        self._sends[-1].append((dist.isend(tensor, dst, tag=tag), tensor))
+        self._sends[-1].append((dist.isend(tensor, dst, group=self.group, tag=tag), tensor))
+
+    def irecv(self, tensor: torch.Tensor, src: int, tag: int = 0) -> Any:
+        """Post a receive of ``tensor`` from rank ``src`` on this pipeline's group."""
+        return dist.irecv(tensor, src, group=self.group, tag=tag)
 
     def end_action(self) -> None:
         """Close the current action's group of sends; wait on and release groups older than
@@ -230,7 +240,7 @@ class DistChannel:
     def _post_note(self, op: str, micro_batch: int) -> None:
         src = self.first_rank + self.rank + (-1 if op == "act" else 1)
         buf = torch.empty(self.note_size, dtype=torch.float64, device=self.device)
-        self._notes[(op, micro_batch)] = (dist.irecv(buf, src, tag=NOTE_TAGS[op]), buf)
+        self._notes[(op, micro_batch)] = (self.irecv(buf, src, tag=NOTE_TAGS[op]), buf)
 
     def send_grads(self, micro_batch: int, grads: Sequence[Any]) -> None:
         """Send the gradients of the masked input leaves back as one message (:func:`grad_layout`;
@@ -309,17 +319,17 @@ class DistChannel:
         if op == "grad":  # one message: presence bytes, then the gradients (grad_layout)
             places, total = self._layout("out", batch)
             message = torch.empty(total, dtype=torch.uint8, device=self.device) if places else None
-            works = [dist.irecv(message, self.first_rank + self.rank + 1)] if places else []
+            works = [self.irecv(message, self.first_rank + self.rank + 1)] if places else []
             self._posted[key] = [works, [None] * len(self.out_meta), places, message]
             return
         metas, src = self.in_meta, self.first_rank + self.rank - 1
         leaves = self._buffers(metas, batch)
         n_scalars = sum(m["kind"] in _SCALARS for m in metas)
         scalar_buf = torch.empty(n_scalars, dtype=torch.float64) if n_scalars else None
-        works = [dist.irecv(scalar_buf, src)] if scalar_buf is not None else []
+        works = [self.irecv(scalar_buf, src)] if scalar_buf is not None else []
         for leaf in leaves:
             if isinstance(leaf, torch.Tensor):
-                works.append(dist.irecv(leaf, src))
+                works.append(self.irecv(leaf, src))
         self._posted[key] = [works, leaves, metas, scalar_buf]
 
     def _wait(self, key: tuple[str, int]) -> list[Any]:

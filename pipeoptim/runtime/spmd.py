@@ -11,6 +11,11 @@ Stage 0 alone needs the inputs and the last stage alone the targets; other ranks
 batch given to ``predict``), so all of them split it into the same micro-batches. The last
 stage sends every other rank the losses of each mini-batch (one message of its micro-batches'
 losses, once the last is computed), so ``float(loss)`` works everywhere.
+Each pipeline sends its messages on a process group of its own (all ranks, created at
+compile), so that two pipelines in one job, or the user's own messages between ranks, never
+take one another's: receives are matched by sender and tag in the order they were posted,
+and a flush of one pipeline posts its cool-down's receives while the other's messages from
+the same sender may come first.
 """
 
 from __future__ import annotations
@@ -103,7 +108,12 @@ class SPMDExecutor:
         self.timeout = datetime.timedelta(seconds=timeout)
         self.owns_group = owns_group
         self.device = local_device()
-        self.process = StageProcess(spec, self.rank, self.device, timeout)
+        #: this pipeline's own process group (every rank) for its messages between ranks: a
+        #: receive posted on the shared default group took another pipeline's message where
+        #: two ran in one job (flushing one while the other had mini-batches in flight), and
+        #: could take the user's own
+        self.group = dist.new_group(timeout=self.timeout)
+        self.process = StageProcess(spec, self.rank, self.device, timeout, self.group)
         self.num_stages = spec.num_stages
         self.replicas = spec.data_parallel
         #: receives of the last stages' losses: (first micro-batch, replica, receive, buffer)
@@ -120,13 +130,13 @@ class SPMDExecutor:
             full = spec.model.state_dict()
             for rank in range(1, self.world):
                 for name in parts[rank]:
-                    dist.send(full[name].detach().contiguous().to(self.device), rank)
+                    dist.send(full[name].detach().contiguous().to(self.device), rank, group=self.group)
         else:
             state = self.process.stage.module.state_dict(keep_vars=True)
             with torch.no_grad():
                 for name in parts[self.rank]:
                     buffer = torch.empty_like(state[name].detach())
-                    dist.recv(buffer, 0)
+                    dist.recv(buffer, 0, group=self.group)
                     state[name].copy_(buffer)
         dist.barrier()
 
@@ -165,7 +175,7 @@ class SPMDExecutor:
             return batch
         box = torch.empty(2, dtype=torch.int64)
         try:
-            dist.irecv(box, 0, tag=SIZE_TAG).wait(self.timeout)
+            self.process.channel.irecv(box, 0, tag=SIZE_TAG).wait(self.timeout)
         except RuntimeError as exc:
             raise PeerLostError(
                 f"rank {self.rank}: the batch size from rank 0 did not arrive ({str(exc).splitlines()[0]}); "
@@ -205,7 +215,8 @@ class SPMDExecutor:
                 last = replica * stages + stages - 1
                 if self.rank != last:
                     buffer = torch.empty(count, dtype=torch.float64, device=self.device)
-                    self._pending.append((first, replica, dist.irecv(buffer, last, tag=LOSS_TAG), buffer))
+                    work = self.process.channel.irecv(buffer, last, tag=LOSS_TAG)
+                    self._pending.append((first, replica, work, buffer))
             # gloo never reports a receive complete before wait(): wait on those of mini-batch
             # index − N and before, whose last stages have sent them (they finished that
             # mini-batch before this one's gradients could reach this stage), so the list stays
@@ -314,6 +325,8 @@ class SPMDExecutor:
 
     def close(self) -> None:
         self.process.channel.wait_sends()
+        if dist.is_initialized():
+            dist.destroy_process_group(self.group)
         if self.owns_group and dist.is_initialized():
             dist.destroy_process_group()
             unpin_rank()

@@ -41,9 +41,13 @@ from pipeoptim.runtime.stage_state import load_optimizer_state, load_stage_state
 class StageProcess:
     """Runs the stage of global ``rank`` of ``spec`` in this process (stage ``rank % N`` of
     replica ``rank // N``, :mod:`pipeoptim.runtime.replicas`); torch.distributed must be
-    initialised. :attr:`rank` is the stage index, :attr:`replica` the replica's."""
+    initialised. :attr:`rank` is the stage index, :attr:`replica` the replica's. ``group``:
+    the process group of the pipeline's messages between stages (``None``: the default
+    group; :class:`pipeoptim.runtime.comm.DistChannel`)."""
 
-    def __init__(self, spec: PipelineSpec, rank: int, device: torch.device, timeout: float) -> None:
+    def __init__(
+        self, spec: PipelineSpec, rank: int, device: torch.device, timeout: float, group: Any = None
+    ) -> None:
         self.spec = spec
         self.world = spec.num_stages
         self.rank, self.replica = stage_and_replica(rank, self.world)
@@ -67,6 +71,7 @@ class StageProcess:
             timeout,
             device,
             first_rank=self.replica * self.world,
+            group=group,
         )
         if self.stage.async_norms is not None:
             self.channel.note_size = note_size(self.world)
