@@ -284,7 +284,8 @@ def compile(
             micro_batches=m,
             data_parallel=data_parallel,
         )
-    owns_group = spmd.init(devices, timeout) if kind == "torchrun" else False
+    if kind == "torchrun":
+        spmd.init(devices, timeout)
     rank0 = kind != "torchrun" or dist.get_rank() == 0
     if plan is not None:
         traced = trace(model_copy, micro, leaf_modules)
@@ -348,7 +349,7 @@ def compile(
         data_parallel=data_parallel,
     )
     device = inputs[0].device if kind == "local" else torch.device("cpu")
-    pipe = Pipeline(spec, traced, optimizer, batch, static_batch, kind, device, timeout, owns_group)
+    pipe = Pipeline(spec, traced, optimizer, batch, static_batch, kind, device, timeout)
     held = held_state(model, optimizer)  # an optimizer that has stepped: continue from its state
     if held is not None:
         pipe._continue_from(held)

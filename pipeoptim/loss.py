@@ -54,9 +54,11 @@ class Loss:
         return f"Loss(mini_batch={self.index}, pending)"
 
     def _set(self, value: float) -> None:
+        self._waiter = None  # it holds the pipeline: a kept loss must not keep the pipeline alive
         self._future.set_result(value)
 
     def _fail(self, exc: BaseException) -> None:
+        self._waiter = None
         if not self._future.done():
             if not isinstance(exc, Exception):  # a torch future holds Exceptions only, not Ctrl-C's
                 stopped = PipelineError(

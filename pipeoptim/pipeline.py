@@ -55,7 +55,6 @@ class Pipeline(Measurements):
         executor: str,
         device: torch.device,
         timeout: float,
-        owns_group: bool = False,
     ) -> None:
         self.spec = spec
         self.plan: Plan = spec.plan
@@ -77,7 +76,7 @@ class Pipeline(Measurements):
         self.device = device
         self.timeout = timeout
         self._executor: Executor = start_executor(
-            executor, spec, traced, device, self._losses.on_loss, self._on_error, timeout, owns_group
+            executor, spec, traced, device, self._losses.on_loss, self._on_error, timeout
         )
 
     def _on_error(self, exc: BaseException) -> None:

@@ -88,44 +88,59 @@ def test_torchrun_ranks_equal_local_executor(tmp_path: Path, method: str, only_n
 
 
 @pytest.mark.slow
-def test_two_pipelines_in_one_job_keep_their_messages_apart(tmp_path: Path) -> None:
-    """Two asynchronous pipelines in one torchrun job, their mini-batches interleaved without
-    a flush, only the first and last rank given data (the batch sizes and losses travel as
-    messages), the user's own send between their steps: each pipeline trains as it does
-    alone (the local executor) and the user's message arrives untouched. With both on the
-    default process group (before each pipeline had its own), rank 0's flush of the first
-    posted the receives of its last two micro-batches' gradients while rank 1 had sent the
-    second pipeline's in between: the first trained on the second's gradients, then hung."""
-    from .torchrun_two_pipelines_script import PIPELINES
+def test_pipelines_in_one_job_keep_their_messages_and_groups_apart(tmp_path: Path) -> None:
+    """Three pipelines in one torchrun job at 3 ranks (tests/torchrun_two_pipelines_script.py):
+    A and B asynchronous, their mini-batches interleaved without a flush, only the first and
+    last rank given data (the batch sizes and losses travel as messages), the user's own send
+    between their steps; A, which created the process group, closed while B has mini-batches
+    in flight; C (1 stage x 3 replicas) compiled after that. Each trains as it does alone (the
+    local executor), the user's message arrives untouched, and once all are closed only the
+    default group is left (their own, replica and shared-weight groups destroyed), C's gloo
+    threads ended with it.
 
-    stages = 3
+    Before each pipeline had a group of its own, rank 0's flush of A posted the receives of
+    its last two micro-batches' gradients while rank 1 had sent B's in between: A trained on
+    B's gradients, then hung. Before the default group outlived its creator, closing A
+    destroyed B's groups, and compiling C re-created the default group, which failed or hung
+    in torchrun's store; replica groups were never destroyed, and once they were, the
+    gradient hooks on the parameters still held them (3 threads and 5 files more per
+    pipeline, helper-78)."""
+    from .torchrun_two_pipelines_script import PIPELINES, batches
+
+    gpus = 3
     done = _torchrun(
-        "torchrun_two_pipelines_script.py", stages, str(tmp_path / "out"), str(stages), str(tmp_path / "p")
+        "torchrun_two_pipelines_script.py", gpus, str(tmp_path / "out"), str(gpus), str(tmp_path / "p")
     )
     assert done.returncode == 0, done.stderr[-3000:]
-    ranks = [json.loads((tmp_path / f"out.{r}").read_text()) for r in range(stages)]
-    for p, (method, seed, data_seed) in enumerate(PIPELINES):
+    ranks = [json.loads((tmp_path / f"out.{r}").read_text()) for r in range(gpus)]
+    assert [r["groups left"] for r in ranks] == [1] * gpus
+    if sys.platform == "linux":
+        assert [r["threads after C"] for r in ranks] == [0] * gpus
+    for name, (method, seed, _, replicas, _) in PIPELINES.items():
         torch.manual_seed(seed)  # rank 0's initial weights
         model = SmallCNN()
         opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
-        batches = data(8, seed=data_seed)
+        given = batches(name)
         with pipeoptim.compile(
             model,
             opt,
-            stages,
-            example_inputs=data(1)[0][0],
+            gpus,
+            example_inputs=given[0][0],
             loss_fn=F.cross_entropy,
             method=method,
+            data_parallel=replicas,
             executor="local",
             profile_dir=tmp_path / "p",
         ) as pipe:
-            losses = [float(loss) for loss in [pipe.step(*b) for b in batches]]
+            losses = [float(loss) for loss in [pipe.step(*b) for b in given]]
             pipe.flush()
             state = pipe.state_dict()
-        for r in range(stages):
-            assert ranks[r][p]["losses"] == pytest.approx(losses, rel=1e-5, abs=1e-6), (method, r)
-        for name, value in state.items():
-            torch.testing.assert_close(torch.tensor(ranks[0][p]["state"][name]), value, rtol=1e-5, atol=1e-6)
+        for r in range(gpus):
+            assert ranks[r][name]["losses"] == pytest.approx(losses, rel=1e-5, abs=1e-6), (name, r)
+        for key, value in state.items():
+            torch.testing.assert_close(
+                torch.tensor(ranks[0][name]["state"][key]), value, rtol=1e-5, atol=1e-6
+            )
 
 
 def test_wrong_world_size_is_a_clear_error(monkeypatch) -> None:

@@ -131,16 +131,25 @@ class GroupAllReduce:
         self._armed = False
         self._flats: list[torch.Tensor] = []
         self._works: list[Any] = []
+        self._hooks: list[Any] = []
         #: buckets whose all-reduce started during the backward (not at the step), in all
         self.overlapped = 0
 
     def attach(self, params: Sequence[torch.Tensor]) -> None:
-        """Bucket the stage's trainable ``params`` (reverse order) and hook each one."""
+        """Bucket the stage's trainable ``params`` (reverse order) and hook each one (the hooks
+        of earlier parameters removed)."""
+        self.detach()
         self._params = list(params)
         self._buckets = buckets(self._params[::-1], self.bucket_bytes)
         self._bucket_of = {id(p): i for i, bucket in enumerate(self._buckets) for p in bucket}
-        for p in self._params:
-            p.register_post_accumulate_grad_hook(self._on_gradient)
+        self._hooks = [p.register_post_accumulate_grad_hook(self._on_gradient) for p in self._params]
+
+    def detach(self) -> None:
+        """Remove the parameters' hooks: they hold this reducer, and through it its process
+        group, for as long as the parameters live (the user's model outlives the pipeline)."""
+        for hook in self._hooks:
+            hook.remove()
+        self._hooks = []
 
     def arm(self) -> None:
         """The next backward is the last before a step: start each bucket's all-reduce as soon

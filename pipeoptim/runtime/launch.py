@@ -73,14 +73,12 @@ def start_executor(
     on_loss: Callable[[int, torch.Tensor], None],
     on_error: Callable[[BaseException], None],
     timeout: float,
-    owns_group: bool,
 ) -> Executor:
     """Build the stages of ``spec`` and start the executor of ``kind`` (one of :data:`EXECUTORS`).
 
     ``on_loss(micro_batch, loss)`` receives each micro-batch loss of the last stage;
     ``on_error(exc)`` a failure of a worker process; ``timeout`` (seconds) bounds every wait
-    between stages; ``owns_group``: under torchrun, whether the process group was created by
-    pipeoptim (and is destroyed on close).
+    between stages.
     """
     if kind == "local" and spec.data_parallel > 1:
         from pipeoptim.runtime.replicas import local_executor
@@ -93,7 +91,7 @@ def start_executor(
     if kind == "torchrun":
         from pipeoptim.runtime.spmd import SPMDExecutor
 
-        return SPMDExecutor(spec, on_loss, timeout, owns_group)
+        return SPMDExecutor(spec, on_loss, timeout)
     from pipeoptim.runtime.distributed import ProcessExecutor
 
     return ProcessExecutor(spec, on_loss, on_error, timeout=timeout)

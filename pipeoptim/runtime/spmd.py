@@ -20,6 +20,7 @@ the same sender may come first.
 
 from __future__ import annotations
 
+import atexit
 import datetime
 import os
 from collections.abc import Callable
@@ -55,8 +56,19 @@ def local_device() -> torch.device:
     return torch.device("cpu")
 
 
-def init(num_stages: int, timeout: float) -> bool:
-    """Join the process group torchrun describes; returns whether this call created it.
+#: whether :func:`init` created this process's default group (then destroyed at exit)
+_created = False
+#: the pipelines of this process open on the default group (:class:`SPMDExecutor`)
+_open = 0
+
+
+def init(num_stages: int, timeout: float) -> None:
+    """Join the process group torchrun describes, creating it where no one has. A group
+    created here lives until the process exits (``atexit``), not until the pipeline that
+    created it closes: other pipelines may be open on it, and one compiled later would have
+    to create it again, which under torchrun's store failed or hung. On the CPU this rank's
+    thread is bound to its cores (:func:`pipeoptim.runtime.affinity.pin_rank`) while any of
+    its pipelines is open.
 
     Args:
         num_stages: ranks the pipeline needs (``gpus``: N stages × R replicas).
@@ -64,25 +76,36 @@ def init(num_stages: int, timeout: float) -> bool:
     Raises:
         PipelineError: the world size differs from ``num_stages``.
     """
+    global _created
     world = int(os.environ["WORLD_SIZE"])
     if world != num_stages:
         raise PipelineError(
             f"torchrun started {world} processes but gpus={num_stages}: launch one process per stage "
             f"and replica (torchrun --nproc-per-node {num_stages} ...) or compile with gpus={world}"
         )
-    if dist.is_initialized():
-        return False
     device = local_device()
+    local_world = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
+    local_rank = int(os.environ.get("LOCAL_RANK", 0)) % local_world
+    if dist.is_initialized():
+        if _created and _open == 0 and device.type == "cpu":
+            pin_rank(local_rank, local_world)  # unbound when the last pipeline closed
+        return
     if device.type == "cuda":
         torch.cuda.set_device(device)
     else:
-        local_world = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
         torch.set_num_threads(max(1, torch.get_num_threads() // local_world))
-        pin_rank(int(os.environ.get("LOCAL_RANK", 0)) % local_world, local_world)  # before gloo's threads
+        pin_rank(local_rank, local_world)  # before gloo's threads
     dist.init_process_group(
         "nccl" if device.type == "cuda" else "gloo", timeout=datetime.timedelta(seconds=timeout)
     )
-    return True
+    _created = True
+    atexit.register(_destroy_default_group)
+
+
+def _destroy_default_group() -> None:
+    """At exit: the default group :func:`init` created, unless the script destroyed it."""
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def broadcast(value: Any) -> Any:
@@ -100,19 +123,19 @@ class SPMDExecutor:
         spec: PipelineSpec,
         on_loss: Callable[[int, torch.Tensor], None],
         timeout: float,
-        owns_group: bool,
     ) -> None:
         self.rank = dist.get_rank()
         self.world = dist.get_world_size()
         self.on_loss = on_loss
         self.timeout = datetime.timedelta(seconds=timeout)
-        self.owns_group = owns_group
         self.device = local_device()
         #: this pipeline's own process group (every rank) for its messages between ranks: a
         #: receive posted on the shared default group took another pipeline's message where
         #: two ran in one job (flushing one while the other had mini-batches in flight), and
         #: could take the user's own
         self.group = dist.new_group(timeout=self.timeout)
+        global _open
+        _open += 1
         self.process = StageProcess(spec, self.rank, self.device, timeout, self.group)
         self.num_stages = spec.num_stages
         self.replicas = spec.data_parallel
@@ -324,9 +347,19 @@ class SPMDExecutor:
         return parts
 
     def close(self) -> None:
-        self.process.channel.wait_sends()
-        if dist.is_initialized():
-            dist.destroy_process_group(self.group)
-        if self.owns_group and dist.is_initialized():
-            dist.destroy_process_group()
-            unpin_rank()
+        """Wait for this rank's sends, destroy the process groups of this pipeline (its own,
+        its replicas', its shared weights' holders'); once this process's last pipeline is
+        closed, give the rank's thread back its cores (the script goes on)."""
+        global _open
+        try:
+            self.process.channel.wait_sends()
+        finally:
+            if dist.is_initialized():
+                self.process.destroy_groups()
+                dist.destroy_process_group(self.group)
+            # a group's connections and threads end with the last reference to it, and the
+            # user may keep the closed pipeline
+            self.group = self.process.channel.group = None
+            _open -= 1
+            if _open == 0:
+                unpin_rank()

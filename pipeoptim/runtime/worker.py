@@ -172,6 +172,21 @@ class StageProcess:
         self.channel.wait_sends()
         return outputs if self.rank == self.world - 1 else None
 
+    def destroy_groups(self) -> None:
+        """Destroy the process groups this stage is in that the pipeline created besides its
+        own (its replicas', its shared weights' holders') and drop this stage's references to
+        them (a group's connections and threads end once none is left)."""
+        groups = []
+        if self.reducer is not None:
+            self.reducer.detach()
+            groups.append(self.reducer.group)
+            self.stage.reduce_gradients = self.reducer = None
+        if self.channel.shared_group is not None:
+            groups.append(self.channel.shared_group)
+            self.channel.shared_group = None
+        for group in groups:
+            dist.destroy_process_group(group)
+
     def state_dict(self) -> dict[str, torch.Tensor]:
         return {k: v.detach().cpu() for k, v in self.stage.module.state_dict().items()}
 
