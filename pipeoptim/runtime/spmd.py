@@ -134,8 +134,6 @@ class SPMDExecutor:
         #: two ran in one job (flushing one while the other had mini-batches in flight), and
         #: could take the user's own
         self.group = dist.new_group(timeout=self.timeout)
-        global _open
-        _open += 1
         self.process = StageProcess(spec, self.rank, self.device, timeout, self.group)
         self.num_stages = spec.num_stages
         self.replicas = spec.data_parallel
@@ -144,6 +142,8 @@ class SPMDExecutor:
         #: a last stage: per mini-batch in flight, its micro-batches and the losses computed
         self._losses: dict[int, tuple[int, dict[int, float]]] = {}
         self._share_initial_weights(spec)
+        global _open
+        _open += 1  # once built: close() counts it off
 
     def _share_initial_weights(self, spec: PipelineSpec) -> None:
         """Rank 0 sends every stage the initial values of its parameters and buffers."""
