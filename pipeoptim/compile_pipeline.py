@@ -27,7 +27,7 @@ from pipeoptim.compiler.hooks import compiled_modules_warning, dropped_hooks_war
 from pipeoptim.compiler.plan import Plan
 from pipeoptim.compiler.shapes import plan_length
 from pipeoptim.compiler.trace import trace
-from pipeoptim.errors import PlanError, PredictorError
+from pipeoptim.errors import PipelineError, PlanError, PredictorError
 from pipeoptim.given_plan import given_plan
 from pipeoptim.inputs import as_tuple
 from pipeoptim.methods import METHODS, check_micro_batches, get_method
@@ -292,22 +292,29 @@ def compile(
         chosen = given_plan(plan, traced, config, say, micro, autocast)
         static_batch, dynamic_length = traced.method == "export", False  # not probed: keep shapes
     elif rank0:
-        with stage_threads(kind, profiled_on), autocast_context(autocast, profiled_on):
-            planned = plan_model(
-                model_copy,
-                micro,
-                config,
-                leaf_modules=leaf_modules,
-                profile_dir=profile_dir,
-                device=profiled_on,
-                solver=solver,
-                log=say,
-            )
+        try:
+            with stage_threads(kind, profiled_on), autocast_context(autocast, profiled_on):
+                planned = plan_model(
+                    model_copy,
+                    micro,
+                    config,
+                    leaf_modules=leaf_modules,
+                    profile_dir=profile_dir,
+                    device=profiled_on,
+                    solver=solver,
+                    log=say,
+                )
+        except Exception as exc:
+            if kind == "torchrun":  # the other ranks wait for the plan: they stop too
+                spmd.broadcast(("failed", f"{type(exc).__name__}: {exc}"))
+            raise
         chosen, traced = planned.plan, planned.traced
         static_batch = bool(planned.graph.info.get("static_batch"))
         dynamic_length = bool(planned.graph.info.get("dynamic_length"))
     if kind == "torchrun" and plan is None:  # rank 0 planned; every rank uses its plan
         shared = spmd.broadcast((chosen.to_dict(), static_batch, dynamic_length) if rank0 else None)
+        if shared[0] == "failed":
+            raise PipelineError(f"rank 0 could not plan the model, so no rank compiles it: {shared[1]}")
         chosen, static_batch, dynamic_length = Plan.from_dict(shared[0]), shared[1], shared[2]
         if not rank0:
             traced = trace(model_copy, micro, leaf_modules)

@@ -143,6 +143,26 @@ def test_pipelines_in_one_job_keep_their_messages_and_groups_apart(tmp_path: Pat
             )
 
 
+@pytest.mark.slow
+def test_a_compile_rank_0_cannot_plan_fails_on_every_rank(tmp_path: Path) -> None:
+    """Rank 0 plans for every rank: where it fails (a model that cannot take the example
+    inputs), every rank raises, naming rank 0's error, and a compile after it works in the
+    same job. Before, the other ranks went on waiting for a plan and took the next compile's
+    as this one's: the job fell out of step (a peer lost at the first step)."""
+    gpus = 2
+    done = _torchrun(
+        "torchrun_failed_compile_script.py", gpus, str(tmp_path / "out"), str(gpus), str(tmp_path / "p")
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    ranks = [json.loads((tmp_path / f"out.{r}").read_text()) for r in range(gpus)]
+    assert ranks[0]["error"].startswith("ProfileError: "), ranks[0]["error"]
+    assert ranks[1]["error"].startswith(
+        "PipelineError: rank 0 could not plan the model, so no rank compiles it: "
+    )
+    assert ranks[0]["error"].removeprefix("ProfileError: ") in ranks[1]["error"]
+    assert ranks[0]["losses"] == ranks[1]["losses"] and len(ranks[0]["losses"]) == 3
+
+
 def test_wrong_world_size_is_a_clear_error(monkeypatch) -> None:
     monkeypatch.setenv("RANK", "0")
     monkeypatch.setenv("WORLD_SIZE", "3")

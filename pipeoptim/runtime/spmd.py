@@ -124,6 +124,7 @@ class SPMDExecutor:
         on_loss: Callable[[int, torch.Tensor], None],
         timeout: float,
     ) -> None:
+        global _open
         self.rank = dist.get_rank()
         self.world = dist.get_world_size()
         self.on_loss = on_loss
@@ -134,15 +135,22 @@ class SPMDExecutor:
         #: two ran in one job (flushing one while the other had mini-batches in flight), and
         #: could take the user's own
         self.group = dist.new_group(timeout=self.timeout)
-        self.process = StageProcess(spec, self.rank, self.device, timeout, self.group)
         self.num_stages = spec.num_stages
         self.replicas = spec.data_parallel
         #: receives of the last stages' losses: (first micro-batch, replica, receive, buffer)
         self._pending: list[tuple[int, int, Any, torch.Tensor]] = []
         #: a last stage: per mini-batch in flight, its micro-batches and the losses computed
         self._losses: dict[int, tuple[int, dict[int, float]]] = {}
-        self._share_initial_weights(spec)
-        global _open
+        try:
+            self.process = StageProcess(spec, self.rank, self.device, timeout, self.group)
+            self._share_initial_weights(spec)
+        except BaseException:  # nothing of this pipeline is left: its groups, the binding
+            if hasattr(self, "process"):
+                self.process.destroy_groups()
+            dist.destroy_process_group(self.group)
+            if _open == 0:
+                unpin_rank()
+            raise
         _open += 1  # once built: close() counts it off
 
     def _share_initial_weights(self, spec: PipelineSpec) -> None:
