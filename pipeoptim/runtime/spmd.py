@@ -145,11 +145,7 @@ class SPMDExecutor:
             self.process = StageProcess(spec, self.rank, self.device, timeout, self.group)
             self._share_initial_weights(spec)
         except BaseException:  # nothing of this pipeline is left: its groups, the binding
-            if hasattr(self, "process"):
-                self.process.destroy_groups()
-            dist.destroy_process_group(self.group)
-            if _open == 0:
-                unpin_rank()
+            self._release()
             raise
         _open += 1  # once built: close() counts it off
 
@@ -362,12 +358,21 @@ class SPMDExecutor:
         try:
             self.process.channel.wait_sends()
         finally:
-            if dist.is_initialized():
-                self.process.destroy_groups()
-                dist.destroy_process_group(self.group)
-            # a group's connections and threads end with the last reference to it, and the
-            # user may keep the closed pipeline
-            self.group = self.process.channel.group = None
             _open -= 1
-            if _open == 0:
-                unpin_rank()
+            self._release()
+
+    def _release(self) -> None:
+        """Destroy this pipeline's process groups (those its stage made too) and drop the
+        references to them: a group's connections and threads end with the last reference,
+        and the user may keep the closed pipeline. Unbind the rank's thread where no pipeline
+        of this process is open."""
+        process = getattr(self, "process", None)  # absent where building the stage failed
+        if dist.is_initialized():
+            if process is not None:
+                process.destroy_groups()
+            dist.destroy_process_group(self.group)
+        self.group = None
+        if process is not None:
+            process.channel.group = None
+        if _open == 0:
+            unpin_rank()
