@@ -11,7 +11,7 @@ import torch
 from pipeoptim.compiler.codegen import stage_modules
 from pipeoptim.compiler.costmodel import CostConfig
 from pipeoptim.compiler.plan import Plan
-from pipeoptim.compiler.profile_key import precision_differs
+from pipeoptim.compiler.profile_key import MEASURES, precision_differs
 from pipeoptim.compiler.trace import TracedModel
 from pipeoptim.errors import CodegenError, PlanError
 
@@ -27,14 +27,21 @@ def given_plan(
     """Check a plan handed to :func:`compile` against the model and the request.
 
     Raises:
-        PlanError: unreadable, or for another graph, input dtype, autocast setting, stage
-            count, method or micro-batch count.
+        PlanError: unreadable, made from a profile that did not record in-place changes,
+            or for another graph, input dtype, autocast setting, stage count, method or
+            micro-batch count.
     """
     chosen = plan if isinstance(plan, Plan) else Plan.load(plan)
     if chosen.profile_key.get("graph_hash") != traced.graph_hash:
         raise PlanError(
             f"the plan was made for another model graph ({chosen.model}); make it for this model "
             "(pipeoptim partition ... --save) or leave plan unset"
+        )
+    if chosen.profile_key.get("measures", MEASURES) < 5:  # older profiles: no in-place changes recorded
+        raise PlanError(
+            f"the plan was made from a profile of version {chosen.profile_key['measures']}, which did "
+            "not record the model's in-place changes, so it may cut between a tensor and its change "
+            "(a buffer's update lost): make a new plan (pipeoptim partition ... --save) or leave plan unset"
         )
     differs = precision_differs(chosen.profile_key, inputs, autocast)
     if differs is not None:  # the stages would exchange values of other dtypes than the plan's

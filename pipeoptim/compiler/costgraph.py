@@ -53,6 +53,11 @@ class CostNode:
             "module" | "other"}`` (leaves in ``torch.utils._pytree`` order).
         out_container: ``""`` when the output is one value, ``"tuple"`` or ``"list"`` when it is
             a flat sequence of the values in ``out_meta``, ``"nested"`` otherwise.
+        mutates: the nodes whose output this node changes in place (``h.mul_(0.5)``,
+            ``x[:, 0] = 0``, ``self.ema.mul_(0.9)``, a module with ``inplace=True``), each named
+            by the first node that produced the changed storage (for a view, its base);
+            the partitioner keeps the node in that node's stage
+            (:func:`pipeoptim.compiler.grouping.fine_units`).
     """
 
     name: str
@@ -72,6 +77,7 @@ class CostNode:
     module_type: str = ""
     out_meta: list[dict[str, Any]] = field(default_factory=list)
     out_container: str = ""
+    mutates: list[str] = field(default_factory=list)
 
     @property
     def time_s(self) -> float:
@@ -125,6 +131,12 @@ class CostGraph:
                     raise ProfileError(
                         f"cost graph {self.model!r}: node {node.name!r} reads {inp!r}, which is "
                         "missing or comes later; nodes must be in topological order"
+                    )
+            for changed in node.mutates:
+                if self._by_name.get(changed, len(self.nodes)) > self._by_name[node.name]:
+                    raise ProfileError(
+                        f"cost graph {self.model!r}: node {node.name!r} changes {changed!r} in "
+                        "place, which is missing or comes later; re-create the profile"
                     )
 
     def index(self, name: str) -> int:

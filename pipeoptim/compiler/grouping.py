@@ -148,26 +148,43 @@ def normalised_order(graph: CostGraph) -> list[int]:
 
 
 def fine_units(graph: CostGraph) -> Units:
-    """One unit per node, except that input-free nodes join their first user's unit and a
-    node whose output cannot be sent (:attr:`CostNode.sendable`) shares a unit with every user
-    of that output, so that no stage boundary falls between them."""
+    """One unit per node, except that input-free nodes join their first user's unit, a node
+    whose output cannot be sent (:attr:`CostNode.sendable`) shares a unit with every user of
+    that output, and a node that changes a tensor in place (:attr:`CostNode.mutates`) shares a
+    unit with the node that produced the tensor and everything between them, so that no stage
+    boundary falls between them.
+
+    A change in another stage than its tensor's would change a received copy: lost for a
+    buffer (``self.ema.mul_(0.9)``), unseen by readers the plan puts in the producer's stage,
+    refused by autograd on a received value that needs a gradient (``h.clamp_(min=0)`` right
+    after a cut). In one unit, with the stage's nodes in graph order and its values sent after
+    its forward, readers before the change read the tensor before it and readers after it (in
+    that stage or later ones) read it changed, as in the model."""
     users = graph.users()
     order = normalised_order(graph)
     position = {i: k for k, i in enumerate(order)}
+    changed_until: dict[int, int] = {}  # node -> position of the last in-place change of its output
+    for i, node in enumerate(graph.nodes):
+        for name in node.mutates:
+            root = graph.index(name)
+            changed_until[root] = max(changed_until.get(root, -1), position[i])
     members: list[list[int]] = []
     pin: list[int | None] = []
     pending: list[int] = []
-    hold_until = -1  # position of the last user of an unsendable value in ``pending``
+    hold_until = -1  # position of the last node that must join the unit of those in ``pending``
     for k, i in enumerate(order):
         node = graph.nodes[i]
         if not node.sendable and node.op not in ("placeholder", "output") and users[i]:
             hold_until = max(hold_until, *(position[u] for u in users[i]))
+        hold_until = max(hold_until, changed_until.get(i, -1))
         if (not node.inputs and node.op != "placeholder" and users[i]) or k < hold_until:
             pending.append(i)
             continue
-        members.append([*pending, i])
+        unit = [*pending, i]
+        members.append(unit)
         pending = []
-        pin.append(0 if node.op == "placeholder" else LAST if node.op == "output" else None)
+        ops = {graph.nodes[j].op for j in unit}
+        pin.append(LAST if "output" in ops else 0 if "placeholder" in ops else None)
     return Units(graph, members, pin)
 
 

@@ -28,6 +28,7 @@ from torch.utils import _pytree as pytree
 from pipeoptim.compiler.calibration import calibrate, whole_model_seconds
 from pipeoptim.compiler.costgraph import CostGraph, CostNode
 from pipeoptim.compiler.profile_key import profile_key
+from pipeoptim.compiler.recorder import Recorder
 from pipeoptim.compiler.saved_bytes import saved_bytes
 from pipeoptim.compiler.shapes import length_slopes
 from pipeoptim.compiler.trace import TracedModel, node_module
@@ -67,19 +68,6 @@ def _container(value: Any) -> str:
     if isinstance(value, dict):
         return "nested"
     return ""
-
-
-class _Recorder(fx.Interpreter):
-    """Runs the graph once and keeps every node's arguments and output."""
-
-    def __init__(self, gm: fx.GraphModule) -> None:
-        super().__init__(gm, garbage_collect_values=False)
-        self.records: dict[fx.Node, tuple[tuple, dict]] = {}
-
-    def run_node(self, n: fx.Node) -> Any:
-        args, kwargs = self.fetch_args_kwargs_from_env(n)
-        self.records[n] = (args, kwargs)
-        return getattr(self, n.op)(n.target, args, kwargs)
 
 
 def _is_inplace(gm: fx.GraphModule, node: fx.Node) -> bool:
@@ -143,7 +131,7 @@ def _prepare(value: Any, params: set[int], inplace: bool = False) -> Any:
 
 
 def _measure_node(
-    interp: _Recorder,
+    interp: Recorder,
     node: fx.Node,
     params: set[int],
     timer: _Timer,
@@ -153,7 +141,7 @@ def _measure_node(
     """Median forward and backward seconds of ``node``."""
     args, kwargs = interp.records[node]
     run = getattr(interp, node.op)
-    inplace = _is_inplace(interp.module, node)
+    inplace = node in interp.changed or _is_inplace(interp.module, node)
     fixed = _prepare((args, kwargs), params)
 
     def inputs() -> tuple[tuple, dict]:
@@ -193,7 +181,7 @@ def _loss_saved_bytes(output: fx.Node, env: dict[fx.Node, Any]) -> int:
 
 def _outputs_at(gm: fx.GraphModule, inputs: Sequence[torch.Tensor]) -> dict[fx.Node, Any]:
     """Every node's output when the graph runs on ``inputs`` (no gradients)."""
-    recorder = _Recorder(gm)
+    recorder = Recorder(gm)
     with torch.no_grad():
         recorder.run(*inputs)
     return recorder.env
@@ -210,7 +198,7 @@ def _batch_dims(
     """
     batch = inputs[0].shape[0]
     bigger = [torch.cat([x, x[:1]]) for x in inputs]
-    other = _Recorder(gm)
+    other = Recorder(gm)
     try:
         with torch.no_grad():
             other.run(*bigger)
@@ -261,7 +249,7 @@ def profile_model(
     start = time.perf_counter()
     gm = copy.deepcopy(traced.gm).to(device)
     inputs = [x.to(device).clone() for x in example_inputs]  # own storage, not a view of a batch
-    recorder = _Recorder(gm)
+    recorder = Recorder(gm)
     try:
         with torch.enable_grad():
             recorder.run(*inputs)
@@ -273,6 +261,7 @@ def profile_model(
             "inputs of the shape, dtype and device the model expects"
         ) from exc
     _warm_up(gm, inputs, warmup)
+    mutates = recorder.mutated_roots()
     params = {id(p) for p in gm.parameters()}
     timer = _Timer(device)
     outputs = {n: recorder.env[n] for n in gm.graph.nodes if n.op != "output"}
@@ -292,6 +281,7 @@ def profile_model(
             inputs=[n.name for n in node.all_input_nodes],
             module=module,
             module_type=module_type,
+            mutates=mutates.get(node, []),
         )
         cost.out_meta = [_value_meta(v) for v in leaves]
         cost.out_container = _container(value) if node.op != "output" else ""

@@ -40,8 +40,10 @@ def device_name(device: torch.device) -> str:
 
 #: What the profiler measures; profiles of another version are measured again. 2: saved
 #: activations per storage and length slopes; 3: times calibrated (compiler/calibration.py);
-#: 4: on the CPU with one thread, the thread's CPU time instead of the wall clock.
-MEASURES = 4
+#: 4: on the CPU with one thread, the thread's CPU time instead of the wall clock; 5: the
+#: in-place changes of each node (``CostNode.mutates``: without them a plan could cut between
+#: a change and its tensor).
+MEASURES = 5
 
 
 def _dtype_name(dtype: torch.dtype) -> str:
