@@ -43,7 +43,7 @@ from pipeoptim.runtime.affinity import pin_rank
 from pipeoptim.runtime.build import PipelineSpec
 from pipeoptim.runtime.distributed import free_port
 from pipeoptim.runtime.executor import MiniBatch
-from pipeoptim.runtime.spawning import pickle_spec
+from pipeoptim.runtime.spawning import pickle_spec, unpickle_spec
 
 sys.path.insert(0, str(Path(__file__).parent))
 from outputs import host, results_dir, run_kind, stage_count
@@ -83,7 +83,6 @@ def _rank(
     clock: str,
     out: Any,
 ) -> None:
-    import pickle
 
     from pipeoptim.runtime.worker import StageProcess
 
@@ -96,7 +95,7 @@ def _rank(
         world_size=world,
         timeout=datetime.timedelta(seconds=300),
     )
-    spec: PipelineSpec = pickle.loads(payload)
+    spec = unpickle_spec(payload)
     process = StageProcess(spec, rank, torch.device("cpu"), 300.0)
     timer = instrument(process, CLOCKS[clock])
     for i in range(warmup):

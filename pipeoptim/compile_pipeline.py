@@ -29,7 +29,7 @@ from pipeoptim.compiler.shapes import plan_length
 from pipeoptim.compiler.trace import trace
 from pipeoptim.errors import PipelineError, PlanError, PredictorError
 from pipeoptim.given_plan import given_plan
-from pipeoptim.inputs import as_tuple
+from pipeoptim.inputs import as_tuple, check_traced_rows
 from pipeoptim.methods import METHODS, check_micro_batches, get_method
 from pipeoptim.pipeline import Pipeline
 from pipeoptim.runtime import spmd
@@ -38,7 +38,12 @@ from pipeoptim.runtime.clipping import check_clipping
 from pipeoptim.runtime.compiled import check_compile_stages
 from pipeoptim.runtime.distributed import check_devices
 from pipeoptim.runtime.linkcost import stage_threads
-from pipeoptim.runtime.optim import constructor_arguments, hyperparameters, param_group_names
+from pipeoptim.runtime.optim import (
+    check_steps_without_closure,
+    constructor_arguments,
+    hyperparameters,
+    param_group_names,
+)
 from pipeoptim.runtime.precision import autocast_context, check_autocast
 from pipeoptim.runtime.prediction import check_pipeoptim_options
 from pipeoptim.runtime.replicas import check_layout, check_replicated_options
@@ -221,6 +226,7 @@ def compile(
         raise ValueError(f"method {method!r} does not split mini-batches: leave micro_batches unset")
     check_micro_batches(method, gpus, m)
     check_pipeoptim_options(method, info.policy, predictor, backward, optimizer)
+    check_steps_without_closure(optimizer)
     if info.policy == "spectrain" and not (
         isinstance(optimizer, torch.optim.SGD) and all(g.get("momentum", 0) for g in optimizer.param_groups)
     ):
@@ -332,6 +338,7 @@ def compile(
             f"example batch ({batch}) must be a multiple of micro_batches × data_parallel "
             f"({m * data_parallel})"
         )
+    check_traced_rows(traced.batch_rows, {"mini-batch": batch, "micro-batch": int(micro[0].shape[0])})
     spec = PipelineSpec(
         model=model_copy,
         example_inputs=micro,

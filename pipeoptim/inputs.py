@@ -98,6 +98,33 @@ def check_rows(batch: int, batch_size: int, micro_batches: int, method: str, sta
         )
 
 
+def check_traced_rows(bounds: tuple[int, int | None] | None, rows: dict[str, int]) -> None:
+    """Refuse batches outside the sizes the traced graph is valid for
+    (:attr:`pipeoptim.compiler.trace.TracedModel.batch_rows`).
+
+    Args:
+        bounds: ``(least, most)`` rows, or ``None`` (any size).
+        rows: what runs, ``{description: rows}`` (``{"mini-batch": 16, "micro-batch": 4}``).
+
+    Raises:
+        PipelineError: a size outside ``bounds``: the model's forward branches on the batch
+            size, so the graph would compute what the model does at another size.
+    """
+    if bounds is None:
+        return
+    least, most = bounds
+    span = f"{least} or more rows" if most is None else f"{least} to {most} rows"
+    for what, n in rows.items():
+        if n < least or (most is not None and n > most):
+            raise PipelineError(
+                f"the model's forward branches on the batch size (if x.shape[0] ...): torch.export "
+                f"traced the branch it takes at {span}, but a {what} has {n} rows, where the model "
+                "would take another. Fix: give example inputs and batches whose every mini-batch "
+                "and micro-batch is in that range, or compute the branch from a tensor "
+                "(torch.where) or in a submodule (leaf_modules=[...]) so it runs as written"
+            )
+
+
 def _varies(spec: PipelineSpec, i: int) -> bool:
     """Whether input ``i`` has the plan's dynamic sequence length (dim 1)."""
     return spec.length is not None and microbatch.has_length(spec.example_inputs, i)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import threading
 from collections import deque
 from collections.abc import Callable, Iterator
+from concurrent.futures import Future
 from typing import TypeVar
 
 import torch
@@ -29,7 +30,11 @@ class Loss:
 
     def __init__(self, index: int, waiter: Callable[[int], None] | None = None) -> None:
         self.index = index
-        self._future: torch.futures.Future = torch.futures.Future()
+        # a Python future: a failure's traceback holds frames whose ``self`` is the pipeline,
+        # which holds this loss; the garbage collector frees that cycle, where it could not
+        # see into a torch.futures.Future (a failed pipeline's memory, pipes and threads were
+        # never released)
+        self._future: Future[float] = Future()
         self._waiter = waiter
 
     def done(self) -> bool:
@@ -38,7 +43,7 @@ class Loss:
     def wait(self) -> float:
         if not self._future.done() and self._waiter is not None:
             self._waiter(self.index)  # drives the receive that completes the future
-        return float(self._future.wait())
+        return float(self._future.result())
 
     item = wait
 
@@ -60,7 +65,7 @@ class Loss:
     def _fail(self, exc: BaseException) -> None:
         self._waiter = None
         if not self._future.done():
-            if not isinstance(exc, Exception):  # a torch future holds Exceptions only, not Ctrl-C's
+            if not isinstance(exc, Exception):  # Ctrl-C's is the caller's, not this loss's
                 stopped = PipelineError(
                     f"the pipeline was stopped by {type(exc).__name__} before this loss arrived"
                 )

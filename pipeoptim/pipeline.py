@@ -23,9 +23,10 @@ from pipeoptim.batchnorm import plain_batch_norm
 from pipeoptim.compiler.plan import Plan
 from pipeoptim.compiler.trace import TracedModel
 from pipeoptim.errors import PipelineError, PipeoptimError
-from pipeoptim.inputs import as_tuple, check_batch, check_eval_batch, check_rows
+from pipeoptim.inputs import as_tuple, check_batch, check_eval_batch, check_rows, check_traced_rows
 from pipeoptim.loss import Loss, MiniBatchLosses
 from pipeoptim.measurements import Measurements
+from pipeoptim.refusals import prepared_here, shared_rows
 from pipeoptim.runtime.build import PipelineSpec, aliases_of
 from pipeoptim.runtime.delivery import delivered
 from pipeoptim.runtime.executor import MiniBatch
@@ -85,14 +86,6 @@ class Pipeline(Measurements):
 
     # -- training --------------------------------------------------------------------
 
-    def _shared_rows(self, batch: microbatch.Rows | None, what: str) -> microbatch.Rows:
-        """Rows (and sequence length) of the batch given to ``what`` (step, predict); under
-        torchrun rank 0's, as the other ranks may have been given no inputs."""
-        shared = self._executor.share_batch_size(batch)
-        if shared is None:
-            raise PipelineError(f"{what}() needs the inputs (only torchrun ranks other than 0 may pass None)")
-        return shared
-
     def step(self, inputs: Any, targets: Any) -> Loss:
         """Feed one mini-batch; returns its :class:`Loss` at once (a future).
 
@@ -114,18 +107,29 @@ class Pipeline(Measurements):
         """
         self._check_open()
         inputs = None if inputs is None else as_tuple(inputs)
-        batch = self._shared_rows(None if inputs is None else check_batch(self.spec, inputs), "step")
+        batch = shared_rows(self._executor, inputs, lambda xs: check_batch(self.spec, xs), "step")
         every = self.micro_batches * self.replicas  # M per replica
         check_rows(batch, self.batch_size, every, self.method, self._static_batch)
         # a smaller last batch runs fewer; with R replicas each runs m of the R·m micro-batches
         m = micro_batch_count(batch, self.micro_batches, self.replicas)
         parts = m * self.replicas
         micro_inputs = [] if inputs is None else microbatch.split(inputs, parts)
-        microbatch.check_rows_split(targets, int(batch), parts)
-        micro_targets = microbatch.split(targets, parts)
         sizes = [microbatch.Rows(n, batch.length) for n in microbatch.sizes(batch, parts)]
-        scales = microbatch.scales(
-            sizes, self.spec.loss_reduction, None if targets is None else micro_targets
+        check_traced_rows(
+            self._traced.batch_rows,
+            {"mini-batch": int(batch), "micro-batch": min(sizes), "larger micro-batch": max(sizes)},
+        )
+
+        def split_targets() -> tuple[list[Any], list[float]]:
+            microbatch.check_rows_split(targets, int(batch), parts)
+            micro_targets = microbatch.split(targets, parts)
+            scales = microbatch.scales(
+                sizes, self.spec.loss_reduction, None if targets is None else micro_targets
+            )
+            return micro_targets, scales
+
+        micro_targets, scales = prepared_here(
+            split_targets, self._executor, self.executor_kind, self._on_error
         )
         self._throttle()
         index = self._next
@@ -229,9 +233,10 @@ class Pipeline(Measurements):
         """
         self.flush()
         inputs = None if inputs is None else as_tuple(inputs)
-        batch = self._shared_rows(None if inputs is None else check_eval_batch(self.spec, inputs), "predict")
+        batch = shared_rows(self._executor, inputs, lambda xs: check_eval_batch(self.spec, xs), "predict")
         size = math.ceil(self.batch_size / (self.micro_batches * self.replicas))
         sizes = [microbatch.Rows(min(size, batch - i), batch.length) for i in range(0, batch, size)]
+        check_traced_rows(self._traced.batch_rows, {"piece of predict()'s rows": min(sizes)})
         if self._static_batch and any(n != size for n in sizes):
             raise PipelineError(
                 f"this model was traced for micro-batches of exactly {size}: give predict() a "

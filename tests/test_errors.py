@@ -286,6 +286,18 @@ def test_a_plan_with_a_field_of_the_wrong_type_is_a_plan_error(tmp_path: Path, f
         compile_mlp(gpus=2, plan=path)
 
 
+def test_a_plan_from_a_profile_without_in_place_changes_is_refused(tmp_path: Path) -> None:
+    """A plan made from a version-4 profile (which did not record in-place changes) may cut
+    between a tensor and its change: compile asks for a new one instead of training wrong."""
+    with compile_mlp(gpus=2) as pipe:
+        data = pipe.plan.to_dict()
+    data["profile_key"]["measures"] = 4
+    path = tmp_path / "plan.json"
+    path.write_text(json.dumps(data))
+    with pytest.raises(PlanError, match="profile of version 4, which did not record the model's in-place"):
+        compile_mlp(gpus=2, plan=path)
+
+
 def test_a_binary_file_given_as_the_plan_is_a_plan_error(tmp_path: Path) -> None:
     """A checkpoint passed as plan= raised UnicodeDecodeError."""
     path = tmp_path / "checkpoint.pt"
@@ -447,6 +459,33 @@ def test_nan_stops_training_naming_mini_batch_and_stage() -> None:
         pipe.step(bad, torch.zeros(16, dtype=torch.long))
     with compile_mlp(nan_check="off") as pipe:
         assert torch.isnan(torch.tensor(pipe.step(bad, torch.zeros(16, dtype=torch.long)).item()))
+
+
+def test_a_nan_made_from_infinite_data_names_the_data() -> None:
+    """An input row of +inf turns into NaN in the first layer (inf - inf): the message said
+    "(its inputs were finite)", having checked them for NaN only."""
+    bad = torch.randn(16, 8)
+    bad[3] = float("inf")
+    with compile_mlp() as pipe, pytest.raises(NonFiniteLossError) as info:
+        pipe.step(bad, torch.zeros(16, dtype=torch.long))
+    assert "(its inputs, the data given to step(), hold ±inf)" in str(info.value)
+
+
+def test_an_optimizer_whose_step_needs_a_closure_is_refused_at_compile() -> None:
+    """LBFGS evaluates the loss again inside step(): compile refuses it with the fix, where the
+    first step failed with torch's "step() missing 1 required positional argument: 'closure'"."""
+    model = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 4))
+    with pytest.raises(ValueError, match=r"LBFGS.step\(\) needs a closure .* use an optimizer that steps"):
+        pipeoptim.compile(
+            model,
+            torch.optim.LBFGS(model.parameters()),
+            gpus=2,
+            method="gpipe",
+            example_inputs=torch.randn(8, 8),
+            loss_fn=F.cross_entropy,
+            executor="local",
+            profile_dir=None,
+        )
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])

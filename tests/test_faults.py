@@ -9,7 +9,9 @@ import subprocess
 import sys
 import threading
 import time
+import weakref
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -321,6 +323,21 @@ def test_ctrl_c_in_the_driver_ends_every_worker(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
+def test_sigterm_to_the_driver_stops_the_run_as_ctrl_c_does(tmp_path: Path) -> None:
+    """SIGTERM (kill, timeout, Slurm, docker stop) to the driver alone: the run stops every
+    worker and records itself interrupted; it exited at once with 143, leaving metrics.json
+    'running' for good."""
+    out = tmp_path / "run"
+    proc, workers = training_with_workers(out)
+    proc.terminate()
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err[-2000:]
+    assert "interrupted: every stage was stopped" in err and "Traceback" not in err, err[-2000:]
+    assert wait_for(lambda: not any(alive(pid) for pid in workers), 10)
+    assert json.loads((out / "metrics.json").read_text())["status"] == "interrupted"
+
+
+@pytest.mark.slow
 def test_killed_driver_leaves_no_worker_behind(tmp_path: Path) -> None:
     """SIGKILL runs no cleanup in the driver: its workers (children of the fork server, not of
     the driver) notice that it is gone and exit, and so does the server."""
@@ -430,3 +447,53 @@ def test_a_killed_writer_leaves_the_previous_checkpoint_whole(tmp_path: Path) ->
     done = subprocess.run([sys.executable, "-c", script], timeout=60)
     assert done.returncode == -signal.SIGKILL
     assert torch.load(path) == {"v": 1}
+
+
+def _fail_and_close(executor: str) -> tuple[Any, Any]:
+    """A pipeline whose loss_fn raises at mini-batch 3 (float targets), with mini-batches in
+    flight, closed; weak references to it and to its first stage's module."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(
+        torch.nn.Linear(32, 64),
+        torch.nn.ReLU(),
+        torch.nn.Linear(64, 64),
+        torch.nn.ReLU(),
+        torch.nn.Linear(64, 4),
+    )
+    x, y = torch.randn(8, 32), torch.randint(0, 4, (8,))
+    pipe = pipeoptim.compile(
+        model,
+        torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9),
+        gpus=2,
+        method="pipeoptim",
+        example_inputs=x,
+        loss_fn=F.cross_entropy,
+        executor=executor,
+        profile_dir=None,
+    )
+    with pytest.raises((RuntimeError, PipelineError), match="expected target dtype"):
+        for i in range(8):
+            float(pipe.step(x, y.float() if i == 3 else y))
+    pipe.close()
+    stage = pipe._executor.stages[0].module if executor == "local" else pipe
+    return weakref.ref(pipe), weakref.ref(stage)
+
+
+@pytest.mark.parametrize("executor", ["local", "processes"])
+def test_a_failed_pipeline_is_freed_with_its_pipes_and_threads(executor: str) -> None:
+    """Closing a pipeline after a failure releases everything: before, each failed pipeline
+    kept its stages, weights and activations (about 380 MiB for one of 4 Linear layers of
+    2048, so a retry loop ran out of memory), and with worker processes 2 pipes and a queue
+    thread. Three causes: a torch future holding the error (the garbage collector cannot see
+    into it), the saved-tensor hooks' outputs holding their own autograd node (a cycle through
+    C++), and the command queues never closed."""
+    import gc
+
+    refs = [_fail_and_close(executor)]  # the first also starts what lasts (multiprocessing's tracker)
+    gc.collect()
+    threads, fds = threading.active_count(), len(os.listdir("/proc/self/fd"))
+    refs += [_fail_and_close(executor) for _ in range(2)]
+    gc.collect()
+    assert [r() for pair in refs for r in pair] == [None] * 6
+    assert threading.active_count() == threads
+    assert len(os.listdir("/proc/self/fd")) == fds

@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import copy
 import datetime
-import pickle
 import re
 from pathlib import Path
 from types import SimpleNamespace
 
+import cloudpickle
 import pytest
 import torch
 import torch.distributed as dist
@@ -144,7 +144,7 @@ def test_stage_process_through_the_dispatch_table_equals_the_local_executor(one_
         model, sgd(model), 1, example_inputs=x, loss_fn=F.cross_entropy, method="1f1b",
         executor="local", profile_dir=None,
     ) as pipe:  # fmt: skip
-        spec = pickle.loads(spawning.pickle_spec(pipe.spec))  # what a spawned worker gets
+        spec = spawning.unpickle_spec(spawning.pickle_spec(pipe.spec))  # what a spawned worker gets
         process = worker.StageProcess(spec, 0, torch.device("cpu"), timeout=60.0)
         hyper = hyperparameters(sgd(model))
         losses = []
@@ -161,7 +161,7 @@ def test_stage_process_through_the_dispatch_table_equals_the_local_executor(one_
         for name, value in local.items():
             torch.testing.assert_close(served[name], value, rtol=0, atol=1e-6)
         xs, _ = batch(9)
-        (out,) = worker._serve(process, "eval", ([(xs,)], [Rows(8)]))
+        (out,) = cloudpickle.loads(worker._serve(process, "eval", ([(xs,)], [Rows(8)])))
         torch.testing.assert_close(out[0], pipe.predict(xs), rtol=0, atol=1e-6)
         assert worker._serve(process, "optimizer_state", None)["steps"] == {0: 3}
     want_losses, _ = plain_steps(model, [batch(3), batch(4), batch(5)])

@@ -163,6 +163,41 @@ def test_a_compile_rank_0_cannot_plan_fails_on_every_rank(tmp_path: Path) -> Non
     assert ranks[0]["losses"] == ranks[1]["losses"] and len(ranks[0]["losses"]) == 3
 
 
+@pytest.mark.slow
+def test_a_batch_one_rank_refuses_is_refused_everywhere_or_stops_every_rank_at_once(tmp_path: Path) -> None:
+    """Inputs rank 0 refuses are refused on every rank and the run goes on in step (its losses
+    equal the local executor's without that batch); before, the other ranks waited for rank
+    0's batch size until the timeout. Targets the last rank refuses (it alone holds them,
+    after rank 0 has started the batch) stop the pipeline on every rank within seconds
+    (timeout 60 s): before, the ranks fell out of step and each waited out the timeout,
+    blaming a live peer."""
+    done = _torchrun("torchrun_refusals_script.py", 2, str(tmp_path / "out"), str(tmp_path / "p"))
+    assert done.returncode == 0, done.stderr[-3000:]
+    ranks = [json.loads((tmp_path / f"out.{r}").read_text()) for r in range(2)]
+    assert "inputs must be shaped like example_inputs" in ranks[0]["errors"][0] or ranks[0]["errors"]
+    assert ranks[1]["errors"] == [
+        "rank 0 refused the inputs of this batch (its error says why), so every rank "
+        "skips it; the pipeline goes on with the next"
+    ]
+    torch.manual_seed(0)
+    model = SmallCNN()
+    with pipeoptim.compile(
+        model,
+        torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9),
+        2,
+        method="1f1b",
+        example_inputs=data(1)[0][0],
+        loss_fn=F.cross_entropy,
+        executor="local",
+        profile_dir=tmp_path / "p",
+    ) as pipe:
+        expected = [float(pipe.step(x, y)) for x, y in data(5)]
+    assert ranks[0]["losses"] == ranks[1]["losses"] == pytest.approx(expected, rel=1e-5)
+    assert ranks[1]["stop"].startswith("PipelineError: targets"), ranks[1]["stop"]
+    assert ranks[0]["stop"].startswith("PeerLostError: "), ranks[0]["stop"]
+    assert max(r["stop_s"] for r in ranks) < 15
+
+
 def test_wrong_world_size_is_a_clear_error(monkeypatch) -> None:
     monkeypatch.setenv("RANK", "0")
     monkeypatch.setenv("WORLD_SIZE", "3")

@@ -142,3 +142,65 @@ def test_hugging_face_gpt2_goes_through_torch_export() -> None:
     with torch.no_grad():
         out = traced.unflatten_output(traced.gm(ids))
         torch.testing.assert_close(out.logits, model(ids).logits, rtol=0, atol=0)
+
+
+class BranchOnRows(nn.Module):
+    """The root's forward branches on the batch size: torch.fx cannot trace it, torch.export
+    keeps the branch the example takes and guards the batch size."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Linear(8, 16), nn.Linear(16, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.a(x)
+        if x.shape[0] > 4:
+            h = h * 2
+        return self.b(h)
+
+
+def test_a_forward_branching_on_the_batch_size_records_the_sizes_its_graph_holds_for() -> None:
+    assert trace(BranchOnRows(), torch.randn(8, 8)).batch_rows == (5, None)
+    assert trace(BranchOnRows(), torch.randn(3, 8)).batch_rows == (2, 4)
+    assert trace(nn.Sequential(nn.Linear(8, 4)), torch.randn(8, 8)).batch_rows is None  # fx: any size
+
+
+def test_a_batch_the_traced_branch_does_not_hold_for_is_refused() -> None:
+    """A smaller last batch took the traced branch silently (loss 1.773 where the model gives
+    1.558); now step() refuses it, and compile a mini-batch whose micro-batches take another
+    branch than the model on the whole mini-batch."""
+    import torch.nn.functional as F
+
+    import pipeoptim
+    from pipeoptim.errors import PipelineError
+
+    torch.manual_seed(0)
+    model, x, y = BranchOnRows(), torch.randn(8, 8), torch.randint(0, 4, (8,))
+    with pipeoptim.compile(
+        model,
+        torch.optim.SGD(model.parameters(), lr=0.0),
+        gpus=1,
+        example_inputs=x,
+        loss_fn=F.cross_entropy,
+        executor="local",
+        profile_dir=None,
+    ) as pipe:
+        plain = F.cross_entropy(model(x), y).item()
+        assert float(pipe.step(x, y)) == pytest.approx(plain, rel=1e-6)
+        with pytest.raises(
+            PipelineError, match=r"branches on the batch size .* 5 or more rows, but a mini-batch has 3"
+        ):
+            pipe.step(x[:3], y[:3])
+    with pytest.raises(
+        PipelineError, match="traced the branch it takes at 2 to 4 rows, but a mini-batch has 8"
+    ):
+        pipeoptim.compile(
+            model,
+            torch.optim.SGD(model.parameters(), lr=0.0),
+            gpus=2,
+            method="gpipe",
+            example_inputs=x,
+            loss_fn=F.cross_entropy,
+            executor="local",
+            profile_dir=None,
+        )

@@ -534,3 +534,13 @@ def test_resume_given_a_checkpoint_file_without_a_suffix_reads_that_file(tmp_pat
     saved.write_text("not a checkpoint")
     code, _, err = run("digits", "--resume", str(saved), "--out", str(tmp_path / "run"))
     assert code == 1 and f"{saved} is not a pipeoptim-checkpoint/1 checkpoint" in err, err
+
+
+def test_momentum_given_to_an_optimizer_without_it_is_a_usage_error(tmp_path) -> None:
+    """--momentum with --optimizer adam was ignored in silence."""
+    result = CliRunner().invoke(
+        cli, ["train", "digits", "--optimizer", "adam", "--momentum", "0.5", "--out", str(tmp_path / "r")]
+    )
+    assert result.exit_code == 2, result.output
+    assert "--momentum applies to sgd and rmsprop, not --optimizer adam" in result.output
+    assert not (tmp_path / "r").exists()

@@ -1158,3 +1158,22 @@ def test_a_stage_tracing_again_does_not_repeat_the_compile_warnings() -> None:
         warnings.simplefilter("always")
         assert "binarize" in pipe.spec.trace().auto_leaves
     assert not caught
+
+
+def test_classes_of_the_main_script_reach_the_workers_and_come_back(tmp_path) -> None:
+    """A model returning a dataclass, and an optimizer whose weight predictor is registered,
+    both defined in the script run: the dataclass output could not be compiled (refused as a
+    value crossing a stage boundary, even with 1 stage) nor pickled back from a worker
+    ('not the same object as __main__.Out'), and the workers, which get the optimizer class
+    by value, had no predictor for it ('no weight predictor for SignSGD ... supports ...
+    SignSGD'). Local and processes executors on one plan give the same losses."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).with_name("main_classes_script.py")
+    done = subprocess.run(
+        [sys.executable, str(script)], cwd=tmp_path, capture_output=True, text=True, timeout=240, check=False
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "ok [" in done.stderr

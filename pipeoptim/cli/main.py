@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import signal
 import sys
+import threading
+from collections.abc import Iterator
 
 import click
 
@@ -14,7 +18,9 @@ from pipeoptim.cli.train import train_command
 class _Commands(click.Group):
     """With ``--json``, a failure also prints ``{"error": message, "exit_code": code}`` on
     stdout (the message stays on stderr), so that a script reading stdout gets an object, not
-    an empty string. Ctrl-C exits with 130 (click's "Aborted!" exited with 1)."""
+    an empty string. Ctrl-C exits with 130 (click's "Aborted!" exited with 1), and so does a
+    SIGTERM (``kill``, ``timeout``, Slurm, ``docker stop``): it ended the process at once, the
+    stages' workers left to notice and a running record left ``running`` for good."""
 
     def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
         ctx.meta["pipeoptim.json"] = "--json" in args
@@ -22,7 +28,8 @@ class _Commands(click.Group):
 
     def invoke(self, ctx: click.Context) -> object:
         try:
-            return super().invoke(ctx)
+            with _terminate_as_interrupt():
+                return super().invoke(ctx)
         except click.ClickException as exc:
             if ctx.meta.get("pipeoptim.json"):
                 json.dump({"error": exc.format_message(), "exit_code": exc.exit_code}, sys.stdout)
@@ -39,6 +46,24 @@ class _Commands(click.Group):
                 json.dump({"error": "interrupted", "exit_code": 130}, sys.stdout)
                 sys.stdout.write("\n")
             sys.exit(130)
+
+
+@contextlib.contextmanager
+def _terminate_as_interrupt() -> Iterator[None]:
+    """SIGTERM raises KeyboardInterrupt while a command runs (in the main thread only, where
+    Python runs signal handlers), so it stops every stage and records the run as Ctrl-C does."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt(f"signal {signum} (SIGTERM)")
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 @click.group(cls=_Commands, context_settings={"help_option_names": ["-h", "--help"]})

@@ -232,6 +232,14 @@ def train_command(
         if context.get_parameter_source(name) is not ParameterSource.DEFAULT
     ]
     _check_layout_options(method, micro_batches, data_parallel, stages, links, gpus)
+    if context.get_parameter_source("momentum") is not ParameterSource.DEFAULT and optimizer not in (
+        "sgd",
+        "rmsprop",
+    ):
+        raise click.UsageError(
+            f"--momentum applies to sgd and rmsprop, not --optimizer {optimizer} (whose update "
+            "has no momentum option): leave --momentum out or choose --optimizer sgd or rmsprop"
+        )
     _check_rows(batch_size, micro_batches, data_parallel)
     if lr is None:
         lr = {"sgd": 0.02, "adagrad": 0.01}.get(optimizer, 1e-3)

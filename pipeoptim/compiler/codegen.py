@@ -49,9 +49,11 @@ def check_plan_matches(traced: TracedModel, plan: Plan) -> None:
         raise CodegenError(
             f"the plan puts nodes outside its {plan.num_stages} stages ({_listed(wrong)}); make a new plan"
         )
+    sent = {name for io in plan.io[:-1] for name in io.outputs}  # the model's output is not sent on
     for name, value in plan.values.items():
-        if value.get("container") == "nested" or any(
-            m["kind"] in ("module", "other") for m in value.get("meta", [])
+        if name in sent and (
+            value.get("container") == "nested"
+            or any(m["kind"] in ("module", "other") for m in value.get("meta", []))
         ):
             kinds = sorted({m["kind"] for m in value.get("meta", [])})
             raise CodegenError(

@@ -157,14 +157,14 @@ def _training_op(node: fx.Node) -> tuple[str, nn.Module] | None:
     aten = torch.ops.aten
     if node.op != "call_function":
         return None
-    if node.target is aten.dropout.default:
-        return "dropout", nn.Dropout(float(node.args[1]))
+    if node.target is aten.dropout.default:  # (input, p, train): in the mode the model was traced in
+        return "dropout", nn.Dropout(float(node.args[1])).train(bool(node.args[2]))
     if node.target is aten.scaled_dot_product_attention.default:
         p = node.args[4] if len(node.args) > 4 else node.kwargs.get("dropout_p", 0.0)
         if p and len(node.args) > 4:
             return "attention", TrainingModeOp(node.target, 4, float(p), 0.0)
     if node.target is aten.batch_norm.default and node.args[3] is not None:
-        return "batch_norm", TrainingModeOp(node.target, 5, True, False)
+        return "batch_norm", TrainingModeOp(node.target, 5, True, False).train(bool(node.args[5]))
     return None
 
 

@@ -18,10 +18,7 @@ a leaf first, so that it runs as written (:mod:`pipeoptim.compiler.trace_guards`
 
 from __future__ import annotations
 
-import contextlib
 import inspect
-import io
-import logging
 import os
 import traceback
 import warnings
@@ -34,16 +31,15 @@ import torch.fx as fx
 from torch import nn
 from torch.utils import _pytree as pytree
 
+from pipeoptim.compiler.export_graph import export_graph
 from pipeoptim.compiler.graph_identity import graph_hash
 from pipeoptim.compiler.normalise import normalise
 from pipeoptim.compiler.recompute import checkpoint_calls, fold_regions, recording_checkpoints
-from pipeoptim.compiler.shapes import sequence_inputs
 from pipeoptim.compiler.trace_guards import (
     TrainingFlag,
     TrainingRead,
     UntraceableCall,
     guarding_traced_calls,
-    refusing_custom_functions,
     training_flags,
 )
 from pipeoptim.errors import TraceError
@@ -93,6 +89,9 @@ class TracedModel:
             with the reason.
         model_name: class name of the traced model.
         graph_hash: sha256 of the normalised graph and the shapes of its state; keys profiles.
+        batch_rows: ``(least, most)`` rows a batch may have (``most`` ``None``: no bound) where
+            torch.export narrowed them because the forward branches on the batch size; ``None``
+            where any batch size runs the graph as the model (:func:`_batch_rows`).
     """
 
     gm: fx.GraphModule
@@ -104,6 +103,7 @@ class TracedModel:
     auto_leaves: dict[str, str] = field(default_factory=dict)
     model_name: str = ""
     graph_hash: str = ""
+    batch_rows: tuple[int, int | None] | None = None
 
     def unflatten_output(self, flat: Sequence[Any]) -> Any:
         """Rebuild the model's output structure (tensor, tuple, dict, ModelOutput) from ``flat``."""
@@ -248,38 +248,6 @@ def _symbolic_trace(
             delattr(model, name)
 
 
-def _dynamic_dims(inputs: tuple[torch.Tensor, ...]) -> tuple[dict[int, Any], ...]:
-    """``torch.export`` hints: the batch dimension (dim 0) and the sequence length (dim 1 where
-    it equals the first input's, :func:`pipeoptim.compiler.shapes.sequence_inputs`) are
-    ``Dim.AUTO``: dynamic where the model allows, specialised (fixed) where it does not."""
-    seq = sequence_inputs(inputs) or [False] * len(inputs)
-    return tuple(
-        {0: torch.export.Dim.AUTO, **({1: torch.export.Dim.AUTO} if s else {})} for x, s in zip(inputs, seq)
-    )
-
-
-def _export(model: nn.Module, inputs: tuple[torch.Tensor, ...]) -> fx.GraphModule:
-    # torch logs the whole graph on a failed export; the caller reports the failure itself.
-    names = ("torch.fx.experimental.symbolic_shapes", "torch.export", "torch._export")
-    loggers = [logging.getLogger(n) for n in names]
-    levels = [lg.level for lg in loggers]
-    for lg in loggers:
-        lg.setLevel(logging.CRITICAL)
-    try:
-        with (
-            contextlib.redirect_stdout(io.StringIO()),
-            contextlib.redirect_stderr(io.StringIO()),
-            refusing_custom_functions(),  # export would trace through them too
-        ):
-            exported = torch.export.export(model, inputs, strict=False, dynamic_shapes=_dynamic_dims(inputs))
-    finally:
-        for lg, level in zip(loggers, levels):
-            lg.setLevel(level)
-    module = exported.module()
-    # ExportedProgram.module() forbids .train()/.eval(); a plain GraphModule allows them.
-    return fx.GraphModule(module, module.graph, type(model).__name__)
-
-
 def trace(
     model: nn.Module,
     example_inputs: torch.Tensor | Sequence[torch.Tensor],
@@ -340,7 +308,7 @@ def trace(
         first_failure = (exc, failed)
         try:
             with checkpoint_calls(model) as checkpointed:
-                gm = _export(model, inputs)
+                gm = export_graph(model, inputs)
             method = "export"
             if checkpointed:
                 warnings.warn(
@@ -372,6 +340,7 @@ def trace(
             + "; ".join(f"{k} ({v})" for k, v in auto_leaves.items()),
             stacklevel=2,
         )
+    batch_rows = gm.meta.pop("batch_rows", None)
     input_names, out_spec = normalise(gm, method, len(inputs))
     traced = TracedModel(
         gm=gm,
@@ -382,6 +351,7 @@ def trace(
         leaf_modules=sorted(leaf_names),
         auto_leaves=auto_leaves,
         model_name=type(model).__name__,
+        batch_rows=batch_rows,
     )
     traced.graph_hash = graph_hash(gm, leaf_names)
     return traced

@@ -121,8 +121,7 @@ def build_stage(
     copy_shared(module, traced, plan, stage)
     policy = make_policy(method.policy, **spec.policy_options) if method.asynchronous else None
     params = stage_params(module)
-    module.to(device)
-    module.train()
+    module.to(device)  # each module keeps the train/eval mode the user's model had (a frozen BatchNorm)
     loss_fn = _stage_loss(spec)
     checked = loss_fn if isinstance(loss_fn, CheckedLoss) else None
     if spec.compile_stages is not None:

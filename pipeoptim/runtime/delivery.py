@@ -39,13 +39,15 @@ def delivered(values: Any, device: torch.device | None = None) -> Any:
 def forward_chain(modules: Sequence[torch.nn.Module], inputs: tuple[Any, ...]) -> tuple[Any, ...]:
     """Evaluation-mode forward of ``inputs`` (as delivered to the first module) through the
     stage modules ``modules`` in order, each later module's inputs :func:`delivered` to it
-    (restores each module's mode)."""
+    (restores the mode of each module and submodule: a submodule the user put in eval mode
+    stays there)."""
     values: Any = inputs
     for i, module in enumerate(modules):
-        was_training = module.training
+        modes = [(m, m.training) for m in module.modules()]
         module.eval()
         try:
             values = module(*(delivered(values) if i else values))
         finally:
-            module.train(was_training)
+            for m, training in modes:
+                m.training = training
     return detach_values(values)

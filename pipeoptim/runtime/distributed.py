@@ -12,12 +12,14 @@ from __future__ import annotations
 import contextlib
 import itertools
 import os
+import queue
 import socket
 import threading
 import time
 from collections.abc import Callable
 from typing import Any
 
+import cloudpickle
 import torch
 
 from pipeoptim.errors import PeerLostError, PipelineError, PipeoptimError
@@ -266,9 +268,13 @@ class ProcessExecutor:
     def flush(self) -> None:
         self._request("flush")
 
-    def share_batch_size(self, batch: Rows | None) -> Rows | None:
-        """``batch`` itself: this process hands every stage its inputs."""
+    def share_batch_size(self, batch: Rows | None, refused: bool = False) -> Rows | None:
+        """``batch`` itself: this process hands every stage its inputs (a refused batch
+        reaches none)."""
         return batch
+
+    def abort(self) -> None:
+        """Nothing to stop at once: a batch this process refuses reaches no stage."""
 
     def wait_loss(self, micro_batch: int) -> None:
         """Wait until every replica's last stage has reported ``micro_batch``'s loss (the
@@ -282,7 +288,7 @@ class ProcessExecutor:
 
     def forward_only(self, chunks: list[tuple[Any, ...]], sizes: list[int]) -> list[Any]:
         replies = self._request("eval", {r: (chunks if r == 0 else None, sizes) for r in range(self.world)})
-        return replies[self.num_stages - 1]
+        return cloudpickle.loads(replies[self.num_stages - 1])
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         return self.replica_state_dicts()[0]
@@ -366,6 +372,17 @@ class ProcessExecutor:
         self._stop_workers(grace=2.0)
         self._closing = True
         self._monitor.join(2.0)
+        # the queues' pipes and feeder threads, now rather than whenever the garbage collector
+        # reaches them (a closed pipeline kept 2 pipes and a thread); what a dead worker left
+        # unread is read here, or the feeder thread writing it would wait on the full pipe for
+        # ever (each failed pipeline kept one)
+        for q in self.commands:
+            with contextlib.suppress(queue.Empty, OSError, EOFError, ValueError):
+                while True:
+                    q.get(timeout=0.05)
+        for q in [*self.commands, *([] if self._monitor.is_alive() else [self.results])]:
+            q.cancel_join_thread()
+            q.close()
 
 
 def _died(rank: int, process: Any) -> PipelineError:

@@ -18,6 +18,7 @@ from torch.utils import _pytree as pytree
 
 from pipeoptim.errors import PipelineStalledError
 from pipeoptim.microbatch import Rows, describe
+from pipeoptim.runtime import stage_state as states
 from pipeoptim.runtime.async_norms import step_async
 from pipeoptim.runtime.delivery import delivered, forward_chain
 from pipeoptim.runtime.procmem import resident_bytes
@@ -25,13 +26,6 @@ from pipeoptim.runtime.scaler import norm_share, step_together
 from pipeoptim.runtime.schedule import BACKWARD, FORWARD, STEP, Action, Schedule
 from pipeoptim.runtime.shared import finish_shared_grads
 from pipeoptim.runtime.stage import StageRuntime
-from pipeoptim.runtime.stage_state import (
-    load_optimizer_state,
-    load_stage_state,
-    merge_optimizer_states,
-    optimizer_state,
-    stage_state,
-)
 from pipeoptim.runtime.staleness import PredictionError
 
 
@@ -348,8 +342,8 @@ class LocalExecutor:
                     run_action(self.stages[k], action, self.channels[k], self.states[k])
                     progress = True
 
-    def share_batch_size(self, batch: Rows | None) -> Rows | None:
-        """``batch`` itself: this process has every stage."""
+    def share_batch_size(self, batch: Rows | None, refused: bool = False) -> Rows | None:
+        """``batch`` itself: this process has every stage (a refused batch reaches none)."""
         return batch
 
     def wait_loss(self, micro_batch: int) -> None:
@@ -363,21 +357,21 @@ class LocalExecutor:
         return [forward_chain([s.module for s in self.stages], chunk) for chunk in chunks]
 
     def state_dict(self) -> dict[str, torch.Tensor]:
-        return stage_state(self.stages)
+        return states.stage_state(self.stages)
 
     def stage_state_dicts(self) -> list[dict[str, torch.Tensor]]:
-        return [stage_state([s]) for s in self.stages]
+        return [states.stage_state([s]) for s in self.stages]
 
     def load_state_dict(self, state: dict[str, torch.Tensor], aliases: dict[str, list[str]]) -> None:
         for stage in self.stages:
-            load_stage_state(stage, state, aliases)
+            states.load_stage_state(stage, state, aliases)
 
     def optimizer_state(self) -> dict[str, Any]:
-        return merge_optimizer_states([optimizer_state(s) for s in self.stages])
+        return states.merge_optimizer_states([states.optimizer_state(s) for s in self.stages])
 
     def load_optimizer_state(self, state: dict[str, Any]) -> None:
         for stage in self.stages:
-            load_optimizer_state(stage, state)
+            states.load_optimizer_state(stage, state)
 
     def resident_bytes(self) -> list[int]:
         """Every stage runs in this process: its resident memory, once per stage, in bytes."""
@@ -394,4 +388,9 @@ class LocalExecutor:
             schedule.resume(mini_batches, self.stages[0].steps)
 
     def close(self) -> None:
-        """Nothing to end: the stages live in this process."""
+        """Drop what is in flight; the stages live in this process."""
+        for stage in self.stages:
+            stage.discard_in_flight()
+        self.activations, self.gradients, self.notes = {}, {}, {}
+
+    abort = close  # stops nothing more: a batch this process refuses reaches no stage

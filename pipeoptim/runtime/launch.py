@@ -32,8 +32,14 @@ class Executor(Protocol):
     :class:`~pipeoptim.runtime.spmd.SPMDExecutor`.
     """
 
-    def share_batch_size(self, batch: Rows | None) -> Rows | None:
-        """The rows of the next batch as every stage sees them (under torchrun rank 0's)."""
+    def share_batch_size(self, batch: Rows | None, refused: bool = False) -> Rows | None:
+        """The rows of the next batch as every stage sees them (under torchrun rank 0's;
+        ``refused``: rank 0 refused its inputs, and every rank refuses the batch)."""
+        ...
+
+    def abort(self) -> None:
+        """Stop at once after a refusal only this process made (torchrun: the last rank's
+        targets), so that the other processes do not wait for it until the timeout."""
         ...
 
     def submit(self, batch: MiniBatch) -> None:

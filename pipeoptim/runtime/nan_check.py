@@ -24,3 +24,17 @@ def any_nan(leaves: Sequence[Any]) -> bool:
         for t in leaves
         if isinstance(t, torch.Tensor) and t.is_floating_point()
     )
+
+
+def nan_cause(data: Sequence[Any] | None) -> str:
+    """Why a stage's activations hold a NaN, for its error: ``data`` (the first stage's
+    inputs, the data given to ``step()``) holding NaN or ±inf, or its inputs holding none
+    (``None``: a later stage, whose inputs were checked already; ±inf may be legitimate in
+    activations)."""
+    if data is not None and any_nan(data):
+        return "its inputs, the data given to step(), hold NaN"
+    if data is not None and any(
+        isinstance(t, torch.Tensor) and t.is_floating_point() and bool(torch.isinf(t).any()) for t in data
+    ):
+        return "its inputs, the data given to step(), hold ±inf"
+    return "its inputs held no NaN"

@@ -36,6 +36,27 @@ def stage_keywords(optimizer_class: type[Optimizer], defaults: Mapping[str, Any]
     return {k: v for k, v in defaults.items() if k in accepted and k != "params"}
 
 
+def check_steps_without_closure(optimizer: Optimizer) -> None:
+    """Refuse an optimizer whose ``step()`` needs a closure (``torch.optim.LBFGS``): it
+    evaluates the loss again, several times per step, and a pipeline's stages each hold a part
+    of the model and step on the gradients of a mini-batch that has already gone through.
+
+    Raises:
+        ValueError: ``step`` has a ``closure`` argument without a default.
+    """
+    try:
+        closure = inspect.signature(type(optimizer).step).parameters.get("closure")
+    except (TypeError, ValueError):  # a builtin without a signature: it takes what it takes
+        return
+    if closure is not None and closure.default is inspect.Parameter.empty:
+        raise ValueError(
+            f"{type(optimizer).__name__}.step() needs a closure that evaluates the loss again, "
+            "which a pipeline cannot give (each stage holds a part of the model and steps once "
+            "per mini-batch): use an optimizer that steps on the gradients (SGD, Adam, AdamW, "
+            "RMSprop, ...) or train this model without pipeoptim"
+        )
+
+
 def hyperparameters(optimizer: Optimizer) -> list[dict[str, Any]]:
     """Per-group hyperparameters of ``optimizer`` as plain values (tensor scalars as floats)."""
     out = []

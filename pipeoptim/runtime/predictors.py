@@ -47,6 +47,25 @@ def register_predictor(optimizer_class: type[Optimizer], predictor: Predictor) -
     _PREDICTORS[optimizer_class] = predictor
 
 
+def registered_for(cls: type[Optimizer]) -> list[tuple[type[Optimizer], Predictor | None, Predictor | None]]:
+    """The predictors registered for ``cls`` and its bases, ``(class, paper, next-step)``, for
+    a worker process to register again (:func:`register_again`): a class defined in
+    ``__main__`` reaches a worker by value, a new class object its own registry does not hold
+    (the worker re-running the script registers another copy)."""
+    return [
+        (k, _PREDICTORS.get(k), _NEXT_STEP.get(k)) for k in cls.__mro__ if k in _PREDICTORS or k in _NEXT_STEP
+    ]
+
+
+def register_again(entries: list[tuple[type[Optimizer], Predictor | None, Predictor | None]]) -> None:
+    """Register what :func:`registered_for` returned (unpickled with the optimizer class)."""
+    for klass, paper, next_step in entries:
+        if paper is not None:
+            _PREDICTORS[klass] = paper
+        if next_step is not None:
+            _NEXT_STEP[klass] = next_step
+
+
 def get_predictor(optimizer: Optimizer | type[Optimizer], variant: str = "paper") -> Predictor:
     """The predictor for ``optimizer`` (an instance or a class).
 
@@ -72,6 +91,11 @@ def get_predictor(optimizer: Optimizer | type[Optimizer], variant: str = "paper"
         raise PredictorError(
             f"no next-step predictor for {cls.__name__}: predictor='next-step' supports {supported}; "
             "use predictor='paper' (the default)"
+        )
+    if any(k.__qualname__ == cls.__qualname__ for k in table):
+        supported += (
+            f" (another class named {cls.__qualname__}: register_predictor must get the class the "
+            "optimizer is an instance of, not a copy of it)"
         )
     raise PredictorError(
         f"no weight predictor for {cls.__name__}: method 'pipeoptim' supports {supported}. "

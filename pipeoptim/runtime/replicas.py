@@ -292,8 +292,8 @@ class ReplicatedLocalExecutor:
                 if stage.shared is not None and stage.optimizer is not None:
                     stage.shared.drain(channel, stage.optimizer)
 
-    def share_batch_size(self, batch: Rows | None) -> Rows | None:
-        """``batch`` itself: this process has every stage."""
+    def share_batch_size(self, batch: Rows | None, refused: bool = False) -> Rows | None:
+        """``batch`` itself: this process has every stage (a refused batch reaches none)."""
         return batch
 
     def wait_loss(self, micro_batch: int) -> None:
@@ -344,7 +344,11 @@ class ReplicatedLocalExecutor:
             executor.resume(mini_batches)
 
     def close(self) -> None:
-        """Nothing to end: the stages live in this process."""
+        """Drop what is in flight; the stages live in this process."""
+        for replica in self.replicas:
+            replica.close()
+
+    abort = close  # stops nothing more: a batch this process refuses reaches no stage
 
 
 def replica_copy(spec: PipelineSpec, replica: int) -> PipelineSpec:

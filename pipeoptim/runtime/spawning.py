@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import multiprocessing.context
 import os
+import pickle
 import signal
 import sys
 import threading
@@ -18,6 +19,7 @@ import torch.multiprocessing as mp
 
 from pipeoptim.errors import PipelineError
 from pipeoptim.runtime.build import PipelineSpec
+from pipeoptim.runtime.predictors import register_again, registered_for
 
 #: what the fork server imports once for every worker it starts: torch, and torch._dynamo, which
 #: every optimizer's constructor imports (1.7 s of a spawned worker's start here)
@@ -67,20 +69,30 @@ def pickle_spec(spec: PipelineSpec) -> bytes:
 
     ``cloudpickle`` sends classes and functions defined in ``__main__`` by value: a model
     class or loss function written in a notebook, ``python -c`` or ``python -`` (stdin),
-    where the worker has no main module to import them from, and lambdas.
+    where the worker has no main module to import them from, and lambdas. The weight
+    predictors registered for the optimizer's class go with it
+    (:func:`pipeoptim.runtime.predictors.registered_for`).
 
     Raises:
         PipelineError: something in the model, loss function or inputs cannot be pickled;
             the message names it and the fixes.
     """
-    try:
-        return cloudpickle.dumps(spec)
+    try:  # the predictors registered for the optimizer class travel with it (one pickle: same class)
+        return cloudpickle.dumps((spec, registered_for(spec.optimizer_class)))
     except Exception as exc:
         raise PipelineError(
             f"the model, loss_fn or example inputs cannot be sent to the stage worker processes "
             f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}): remove the "
             "unpicklable attribute (open files, locks, generators), or use executor='local'"
         ) from exc
+
+
+def unpickle_spec(payload: bytes) -> PipelineSpec:
+    """The spec :func:`pickle_spec` made, in a worker: the optimizer's weight predictors
+    registered again for the class as it arrived."""
+    spec, predictors = pickle.loads(payload)
+    register_again(predictors)
+    return spec
 
 
 @contextlib.contextmanager

@@ -4,23 +4,22 @@ Launch one process per stage (``torchrun --nproc-per-node N train.py``, or acros
 with ``--nnodes``; N·R processes with ``data_parallel=R``, rank ``replica·N + stage``, where
 every replica's first and last stage read the inputs and targets); each rank calls
 ``pipeoptim.compile`` and ``pipe.step(inputs, targets)`` with the same data. Rank 0 profiles
-and plans, then broadcasts the plan and every stage's initial weights, so all ranks agree
-even if their models were initialised differently.
-Stage 0 alone needs the inputs and the last stage alone the targets; other ranks may pass
-``None`` for them. Rank 0 sends every other rank the size of each mini-batch (and of each
-batch given to ``predict``), so all of them split it into the same micro-batches. The last
-stage sends every other rank the losses of each mini-batch (one message of its micro-batches'
-losses, once the last is computed), so ``float(loss)`` works everywhere.
-Each pipeline sends its messages on a process group of its own (all ranks, created at
-compile), so that two pipelines in one job, or the user's own messages between ranks, never
-take one another's: receives are matched by sender and tag in the order they were posted,
-and a flush of one pipeline posts its cool-down's receives while the other's messages from
-the same sender may come first.
+and plans, then broadcasts the plan and every stage's initial weights, so all ranks agree even
+if their models were initialised differently. Stage 0 alone needs the inputs and the last
+stage alone the targets; other ranks may pass ``None``. Rank 0 sends every other rank the size
+of each mini-batch (and of each batch given to ``predict``), so all split it into the same
+micro-batches. The last stage sends every other rank the losses of each mini-batch (one
+message, once the last is computed), so ``float(loss)`` works everywhere. Each pipeline sends
+its messages on a process group of its own (all ranks, created at compile), so that two
+pipelines in one job, or the user's own messages between ranks, never take one another's:
+receives are matched by sender and tag in the order they were posted, and a flush of one
+pipeline posts its cool-down's receives while the other's messages may come first.
 """
 
 from __future__ import annotations
 
 import atexit
+import contextlib
 import datetime
 import os
 from collections.abc import Callable
@@ -42,6 +41,7 @@ from pipeoptim.runtime.staleness import PredictionError
 from pipeoptim.runtime.worker import StageProcess
 
 SIZE_TAG = 8  # batch sizes from rank 0 to the other ranks
+REFUSED = -2  # the batch size message of a batch rank 0 refused
 
 
 def under_torchrun() -> bool:
@@ -179,27 +179,27 @@ class SPMDExecutor:
         """Whether this rank runs a last stage (of any replica; the only ones that read targets)."""
         return self.process.rank == self.num_stages - 1
 
-    def share_batch_size(self, batch: Rows | None) -> Rows:
+    def share_batch_size(self, batch: Rows | None, refused: bool = False) -> Rows | None:
         """Rank 0's ``batch`` (rows and sequence length of the next mini-batch or predict
         batch) on every rank. Other ranks' own ``batch`` (``None`` where they got no inputs)
-        must agree with it.
+        must agree with it. ``refused`` on rank 0: it refused its inputs, and so does every
+        rank (none starts the batch).
 
         Raises:
-            PipelineError: rank 0 got no inputs, or another rank's inputs have other rows.
+            PipelineError: rank 0 got no inputs or refused them, or another rank's inputs have
+                other rows.
             PeerLostError: rank 0 sent nothing within the timeout.
         """
         if self.rank == 0:
-            if batch is None:
+            if batch is None and not refused:
                 raise PipelineError(
                     "rank 0 runs the first stage and needs the inputs: pass them to step()/predict() "
                     "there (other ranks may pass None)"
                 )
-            length = -1 if batch.length is None else batch.length
+            size = [REFUSED, -1] if refused or batch is None else [batch, batch.length or -1]
             for rank in range(1, self.world):
-                self.process.channel.isend(
-                    torch.tensor([batch, length], dtype=torch.int64), rank, tag=SIZE_TAG
-                )
-            return batch
+                self.process.channel.isend(torch.tensor(size, dtype=torch.int64), rank, tag=SIZE_TAG)
+            return None if refused else batch
         box = torch.empty(2, dtype=torch.int64)
         try:
             self.process.channel.irecv(box, 0, tag=SIZE_TAG).wait(self.timeout)
@@ -208,6 +208,11 @@ class SPMDExecutor:
                 f"rank {self.rank}: the batch size from rank 0 did not arrive ({str(exc).splitlines()[0]}); "
                 "rank 0 has probably stopped or is not calling step() with the same batches"
             ) from exc
+        if int(box[0]) == REFUSED:
+            raise PipelineError(
+                "rank 0 refused the inputs of this batch (its error says why), so every rank skips "
+                "it; the pipeline goes on with the next"
+            )
         shared = Rows(int(box[0]), None if int(box[1]) < 0 else int(box[1]))
         if batch is not None and (batch, batch.length) != (shared, shared.length):
             raise PipelineError(
@@ -350,13 +355,25 @@ class SPMDExecutor:
         dist.all_gather_object(parts, self.process.channel.sent_bytes)
         return parts
 
+    def abort(self) -> None:
+        """:meth:`close` without waiting for the sends: the closed connections stop the other
+        ranks within a second (a lost peer), where they would wait until the timeout."""
+        self._shut(wait=False)
+
     def close(self) -> None:
         """Wait for this rank's sends, destroy the process groups of this pipeline (its own,
         its replicas', its shared weights' holders'); once this process's last pipeline is
         closed, give the rank's thread back its cores (the script goes on)."""
+        self._shut(wait=True)
+
+    def _shut(self, wait: bool) -> None:
         global _open
+        if self.group is None:  # closed or aborted already
+            return
         try:
-            self.process.channel.wait_sends()
+            if wait:  # a peer gone (it stopped at an error) has nothing left to receive
+                with contextlib.suppress(PeerLostError):
+                    self.process.channel.wait_sends()
         finally:
             _open -= 1
             self._release()
@@ -374,5 +391,6 @@ class SPMDExecutor:
         self.group = None
         if process is not None:
             process.channel.group = None
+            process.stage.discard_in_flight()
         if _open == 0:
             unpin_rank()

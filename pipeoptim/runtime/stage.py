@@ -23,7 +23,7 @@ from pipeoptim.runtime.async_norms import AsyncNorms
 from pipeoptim.runtime.clipping import clip_coefficient, scale_grads_, squared_grad_norm
 from pipeoptim.runtime.held_bytes import saved_bytes
 from pipeoptim.runtime.leaves import flatten
-from pipeoptim.runtime.nan_check import any_nan
+from pipeoptim.runtime.nan_check import any_nan, nan_cause
 from pipeoptim.runtime.optim import apply_hyperparameters
 from pipeoptim.runtime.scaler import LossScaler
 from pipeoptim.runtime.shared import SharedParams
@@ -127,6 +127,11 @@ class StageRuntime:
         """Micro-batches forwarded but not yet backwarded."""
         return len(self._in_flight)
 
+    def discard_in_flight(self) -> None:
+        """Drop the forwards whose backward will not run (a closed or failed pipeline)."""
+        self._in_flight.clear()
+        self._activation_bytes.clear()
+
     def set_hyperparameters(self, micro_batch: int, hyper: list[dict]) -> None:
         """Remember the user's hyperparameters for ``micro_batch`` (applied at its step)."""
         self._hyper[micro_batch] = hyper
@@ -202,8 +207,7 @@ class StageRuntime:
                     for v in leaves
                 ]
             if self.nan_check == "stages" and any_nan(leaves):
-                data = self.index == 0 and any_nan(leaf_inputs)  # later stages' inputs were checked
-                cause = "its inputs, the data given to step(), hold NaN" if data else "its inputs were finite"
+                cause = nan_cause(leaf_inputs if self.index == 0 else None)
                 raise NonFiniteLossError(
                     f"NaN in the activations stage {self.index} computed for mini-batch {step} "
                     f"({cause}): lower the learning rate, check the data, or pass "

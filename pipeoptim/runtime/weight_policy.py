@@ -133,7 +133,11 @@ class WeightPolicy:
         def pack(t: torch.Tensor) -> torch.Tensor | _SavedWeight:
             found = storages.get(t.untyped_storage().data_ptr()) if t.device.type != "meta" else None
             if found is None:
-                return t
+                # an operation's own output, kept as it is, would hold its grad_fn, which holds
+                # it: a cycle through torch's C++ graph that the garbage collector cannot
+                # break, so a forward whose backward never ran (a failed or closed pipeline)
+                # kept its graph and, through these hooks, its stage for good
+                return t.detach() if t.grad_fn is not None else t
             name, base = found
             return _SavedWeight(name, micro_batch, t.size(), t.stride(), t.storage_offset() - base)
 

@@ -19,6 +19,7 @@ from collections import deque
 from collections.abc import Callable
 from typing import Any
 
+import cloudpickle
 import torch
 import torch.distributed as dist
 from torch.utils import _pytree as pytree
@@ -34,6 +35,7 @@ from pipeoptim.runtime.peer_loss import lost_peer
 from pipeoptim.runtime.replicas import join_replica_groups, replica_copy, stage_and_replica
 from pipeoptim.runtime.schedule import BACKWARD, FORWARD, Action, last_before_step
 from pipeoptim.runtime.shared_build import shared_holders
+from pipeoptim.runtime.spawning import unpickle_spec
 from pipeoptim.runtime.stage import StageRuntime
 from pipeoptim.runtime.stage_state import load_optimizer_state, load_stage_state, optimizer_state
 
@@ -258,7 +260,7 @@ def worker_main(
         os.environ.update(environ)
         take_cores(cores)
         device = stage_device(rank)
-        spec: PipelineSpec = pickle.loads(pickled)  # see spawning.pickle_spec
+        spec = unpickle_spec(pickled)
         if spec.data_parallel > 1:
             stage, replica = stage_and_replica(rank, spec.num_stages)
             name = f"stage {stage} of replica {replica} (rank {rank})"
@@ -317,7 +319,10 @@ def _set_measure_memory(process: StageProcess, on: Any) -> None:
 COMMANDS: dict[str, Callable[[StageProcess, Any], Any]] = {
     "batch": lambda process, payload: process.submit(pickle.loads(payload)),
     "flush": lambda process, _: process.flush(),
-    "eval": lambda process, payload: process.forward_only(*payload),
+    # the outputs may be of the user's classes defined in __main__ (a dataclass), which plain
+    # pickle refuses from a worker that got them by value: cloudpickle brings them back as
+    # the driver's own classes
+    "eval": lambda process, payload: cloudpickle.dumps(process.forward_only(*payload)),
     "state": lambda process, _: process.state_dict(),
     "load_state": StageProcess.load_state_dict,
     "optimizer_state": lambda process, _: process.optimizer_state(),

@@ -1,0 +1,57 @@
+"""A batch one process refuses is refused by all of them (torchrun: rank 0 holds the inputs,
+the last rank the targets), so that the ranks stay in step or stop together at once."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TypeVar
+
+from pipeoptim import microbatch
+from pipeoptim.errors import PipelineError
+from pipeoptim.runtime.launch import Executor
+
+T = TypeVar("T")
+
+
+def shared_rows(
+    executor: Executor, inputs: tuple | None, check: Callable[[tuple], microbatch.Rows], what: str
+) -> microbatch.Rows:
+    """Rows (and sequence length) of the batch given to ``what`` (step, predict), ``inputs``
+    checked by ``check``; under torchrun rank 0's, as the other ranks may have been given no
+    inputs. Inputs rank 0 refuses are refused on every rank (they wait for its rows), so that
+    all skip the batch and stay in step.
+
+    Raises:
+        PipelineError: ``check``'s refusal (on every rank), or no inputs where they are needed.
+    """
+    refused, batch = None, None
+    try:
+        batch = None if inputs is None else check(inputs)
+    except PipelineError as exc:
+        refused = exc
+    shared = executor.share_batch_size(batch, refused is not None)
+    if refused is not None:
+        raise refused
+    if shared is None:
+        raise PipelineError(f"{what}() needs the inputs (only torchrun ranks other than 0 may pass None)")
+    return shared
+
+
+def prepared_here(
+    prepare: Callable[[], T], executor: Executor, kind: str, on_error: Callable[[BaseException], None]
+) -> T:
+    """``prepare()`` (splitting and checking the targets). Under torchrun only the last rank
+    holds them, after every rank has agreed on the batch and rank 0 has started it: a refusal
+    there fails this pipeline (``on_error``) and aborts its connections, so the other ranks stop
+    within a second (a lost peer) instead of waiting out the timeout.
+
+    Raises:
+        PipelineError: ``prepare``'s refusal.
+    """
+    try:
+        return prepare()
+    except PipelineError as exc:
+        if kind == "torchrun":
+            on_error(exc)
+            executor.abort()
+        raise

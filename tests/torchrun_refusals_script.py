@@ -1,0 +1,56 @@
+"""Run by test_torchrun.py under ``torchrun``: a batch rank 0 refuses (inputs of another
+shape) is refused on every rank, which go on in step; then targets only the last rank can
+check (another row count) stop the pipeline there, and the other ranks within seconds.
+Writes each rank's errors, the losses of the good steps and how long the stop took."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+import pipeoptim
+from tests.test_training import SmallCNN, data
+
+
+def main(out: str, profile_dir: str) -> None:
+    rank = int(os.environ["RANK"])
+    result: dict = {"errors": [], "losses": []}
+    torch.manual_seed(0)
+    model = SmallCNN()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    batches = data(5)
+    with pipeoptim.compile(
+        model,
+        opt,
+        2,
+        method="1f1b",
+        example_inputs=batches[0][0],
+        loss_fn=F.cross_entropy,
+        profile_dir=profile_dir,
+        timeout=60,
+    ) as pipe:
+        for i, (x, y) in enumerate(batches):
+            if i == 2:  # rank 0 refuses 7x7 images; the others learn it from rank 0
+                try:
+                    pipe.step(torch.randn(8, 1, 7, 7) if rank == 0 else None, y if rank == 1 else None)
+                except pipeoptim.PipelineError as exc:
+                    result["errors"].append(str(exc))
+            result["losses"].append(float(pipe.step(x if rank == 0 else None, y if rank == 1 else None)))
+        start = time.monotonic()
+        try:  # targets of 7 rows for 8 inputs: only the last rank holds them
+            x, y = batches[0]
+            float(pipe.step(x if rank == 0 else None, y[:7] if rank == 1 else None))
+        except pipeoptim.PipeoptimError as exc:
+            result["stop"] = f"{type(exc).__name__}: {exc}"
+        result["stop_s"] = time.monotonic() - start
+    with open(f"{out}.{rank}", "w") as f:
+        json.dump(result, f)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], sys.argv[2])
