@@ -52,6 +52,10 @@ class PipelineError(PipeoptimError):
     """A pipeline failed at run time (a stage crashed, timed out, or got bad input)."""
 
 
+class BatchRefusedError(PipelineError):
+    """Under torchrun, rank 0 refused the inputs of a batch: every rank skips it, in step."""
+
+
 class PeerLostError(PipelineError):
     """A stage lost its neighbour (it stopped or crashed): a consequence, not the cause."""
 

@@ -58,6 +58,41 @@ def split(value: Any, parts: int) -> list[Any]:
     return [pytree.tree_unflatten([p[j] for p in pieces], spec) for j in range(parts)]
 
 
+def join(pieces: list[Any], size: int) -> Any:
+    """One flat output value of ``predict()`` from its value in each piece of ``size`` rows:
+    tensors with a batch dimension concatenated along dim 0, a value equal in every piece (a
+    constant) as it is.
+
+    Raises:
+        PipelineError: a value the pieces cannot be joined into (a 0-dim tensor, a dataclass,
+            any object differing between pieces): it was taken from the first piece alone.
+    """
+    first = pieces[0]
+    if len(pieces) == 1:
+        return first
+    if isinstance(first, torch.Tensor) and first.dim() > 0:
+        return torch.cat(pieces)
+    if all(_equal(p, first) for p in pieces[1:]):
+        return first
+    kind = "a 0-dim tensor" if isinstance(first, torch.Tensor) else "not a tensor with a batch dimension"
+    raise PipelineError(
+        f"predict() runs its rows in pieces of {size} (a training micro-batch) and cannot join "
+        f"an output of type {type(first).__name__} ({kind}) that differs between them: give "
+        f"predict() at most {size} rows, or return a tensor, "
+        "tuple, list or dict of tensors with a batch dimension (torch.utils._pytree.register_dataclass "
+        "makes a dataclass one)"
+    )
+
+
+def _equal(a: Any, b: Any) -> bool:
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+        return isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and torch.equal(a, b)
+    try:
+        return bool(a == b)
+    except (RuntimeError, TypeError, ValueError):  # objects holding tensors compare ambiguously
+        return False
+
+
 def check_rows_split(targets: Any, rows: int, parts: int) -> None:
     """Refuse targets that :func:`split` would not split like the inputs, where a mini-batch of
     ``rows`` is split into ``parts`` > 1 micro-batches: every tensor of one or more dims is

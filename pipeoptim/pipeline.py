@@ -107,7 +107,8 @@ class Pipeline(Measurements):
         """
         self._check_open()
         inputs = None if inputs is None else as_tuple(inputs)
-        batch = shared_rows(self._executor, inputs, lambda xs: check_batch(self.spec, xs), "step")
+        check = lambda xs: check_batch(self.spec, xs)  # noqa: E731
+        batch = shared_rows(self._executor, inputs, check, "step", self.executor_kind, self._on_error)
         every = self.micro_batches * self.replicas  # M per replica
         check_rows(batch, self.batch_size, every, self.method, self._static_batch)
         # a smaller last batch runs fewer; with R replicas each runs m of the R·m micro-batches
@@ -233,7 +234,8 @@ class Pipeline(Measurements):
         """
         self.flush()
         inputs = None if inputs is None else as_tuple(inputs)
-        batch = shared_rows(self._executor, inputs, lambda xs: check_eval_batch(self.spec, xs), "predict")
+        check = lambda xs: check_eval_batch(self.spec, xs)  # noqa: E731
+        batch = shared_rows(self._executor, inputs, check, "predict", self.executor_kind, self._on_error)
         size = math.ceil(self.batch_size / (self.micro_batches * self.replicas))
         sizes = [microbatch.Rows(min(size, batch - i), batch.length) for i in range(0, batch, size)]
         check_traced_rows(self._traced.batch_rows, {"piece of predict()'s rows": min(sizes)})
@@ -250,10 +252,7 @@ class Pipeline(Measurements):
         )
         # the stages in other processes allocate what they receive from the sizes (and length)
         outputs = self._executor.forward_only(chunks, sizes)
-        flat = [
-            torch.cat([o[i] for o in outputs]) if isinstance(outputs[0][i], torch.Tensor) else outputs[0][i]
-            for i in range(len(outputs[0]))
-        ]
+        flat = [microbatch.join([o[i] for o in outputs], size) for i in range(len(outputs[0]))]
         flat = [t.cpu() if isinstance(t, torch.Tensor) else t for t in flat]
         return self._traced.unflatten_output(flat)
 

@@ -7,29 +7,42 @@ from collections.abc import Callable
 from typing import TypeVar
 
 from pipeoptim import microbatch
-from pipeoptim.errors import PipelineError
+from pipeoptim.errors import BatchRefusedError, PipelineError
 from pipeoptim.runtime.launch import Executor
 
 T = TypeVar("T")
 
 
 def shared_rows(
-    executor: Executor, inputs: tuple | None, check: Callable[[tuple], microbatch.Rows], what: str
+    executor: Executor,
+    inputs: tuple | None,
+    check: Callable[[tuple], microbatch.Rows],
+    what: str,
+    kind: str,
+    on_error: Callable[[BaseException], None],
 ) -> microbatch.Rows:
     """Rows (and sequence length) of the batch given to ``what`` (step, predict), ``inputs``
     checked by ``check``; under torchrun rank 0's, as the other ranks may have been given no
     inputs. Inputs rank 0 refuses are refused on every rank (they wait for its rows), so that
-    all skip the batch and stay in step.
+    all skip the batch and stay in step; a rank whose own inputs disagree with rank 0's, or
+    rank 0 given none, stops its pipeline as :func:`prepared_here` does.
 
     Raises:
-        PipelineError: ``check``'s refusal (on every rank), or no inputs where they are needed.
+        PipelineError: ``check``'s refusal (on every rank: ``BatchRefusedError`` on the others),
+            or inputs missing or disagreeing.
     """
     refused, batch = None, None
     try:
         batch = None if inputs is None else check(inputs)
     except PipelineError as exc:
         refused = exc
-    shared = executor.share_batch_size(batch, refused is not None)
+    try:
+        shared = executor.share_batch_size(batch, refused is not None)
+    except BatchRefusedError:
+        raise
+    except PipelineError as exc:
+        _stop_here(exc, executor, kind, on_error)
+        raise
     if refused is not None:
         raise refused
     if shared is None:
@@ -51,7 +64,14 @@ def prepared_here(
     try:
         return prepare()
     except PipelineError as exc:
-        if kind == "torchrun":
-            on_error(exc)
-            executor.abort()
+        _stop_here(exc, executor, kind, on_error)
         raise
+
+
+def _stop_here(
+    exc: PipelineError, executor: Executor, kind: str, on_error: Callable[[BaseException], None]
+) -> None:
+    """Under torchrun, fail this rank's pipeline with ``exc`` and abort its connections."""
+    if kind == "torchrun":
+        on_error(exc)
+        executor.abort()

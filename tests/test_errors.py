@@ -53,7 +53,10 @@ def test_bad_stage_count(gpus) -> None:
 
 
 def test_more_stages_than_graph_nodes() -> None:
-    with pytest.raises(PlanError, match=r"only \d+ node\(s\) that do work; use at most"):
+    with pytest.raises(
+        PlanError,
+        match=r"only \d+ unit\(s\) of nodes that do work that a stage boundary may separate; use at most",
+    ):
         compile_mlp(gpus=20)
 
 

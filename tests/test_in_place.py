@@ -56,6 +56,23 @@ class RunningStats(nn.Module):
         return self.c(torch.relu(h))
 
 
+class ReadAgainLater(nn.Module):
+    """A buffer changed first and read again at the end: the second read is a get_attr node of
+    its own, which read a stale copy in a later stage (helper-83)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ls = nn.ModuleList(nn.Linear(8, 8) for _ in range(4))
+        self.d = nn.Linear(8, 4)
+        self.register_buffer("cnt", torch.zeros(8))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = x + self.cnt.add_(x.detach().mean(0))
+        for layer in self.ls:
+            h = torch.tanh(layer(h))
+        return self.d(h + self.cnt)
+
+
 def plain_training(model: nn.Module, batches, micro: int, lr: float = 0.1) -> list[float]:
     """Gradient accumulation over ``micro`` equal micro-batches, SGD with momentum: the
     reference of the synchronous methods."""
@@ -78,7 +95,7 @@ def batches(n: int = 4) -> list[tuple[torch.Tensor, torch.Tensor]]:
     return [(torch.randn(12, 8, generator=g), torch.randint(0, 4, (12,), generator=g)) for _ in range(n)]
 
 
-@pytest.mark.parametrize("model_class", [ScaledAfterCut, RunningStats])
+@pytest.mark.parametrize("model_class", [ScaledAfterCut, RunningStats, ReadAgainLater])
 @pytest.mark.parametrize("gpus", [2, 3, 4])
 def test_in_place_changes_train_as_the_model(model_class, gpus: int) -> None:
     """gpipe at every stage count equals plain training, buffers included; before, a plan cut
@@ -124,3 +141,39 @@ def test_the_profile_names_what_each_node_changes_and_the_plan_keeps_them_togeth
     )
     changed = {n.name: n.mutates for n in setitem.nodes if n.mutates}
     assert len(changed) == 3 and all(len(roots) == 1 for roots in changed.values())
+
+
+class ChangedAtTheEnd(nn.Module):
+    """A buffer read by the first layer and changed after the last one: the whole model is one
+    unit a boundary may not cut."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ls = nn.ModuleList(nn.Linear(8, 8) for _ in range(4))
+        self.register_buffer("seen", torch.zeros(8))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = x + self.seen
+        for layer in self.ls:
+            out = torch.tanh(layer(out))
+        self.seen.add_(1)
+        return out
+
+
+def test_a_change_that_holds_the_model_together_says_so() -> None:
+    """The stage-count error named 'nodes that do work' (5 Linear layers, 'only 2'), not the
+    in-place change that holds them in one stage."""
+    from pipeoptim.errors import PlanError
+
+    model = ChangedAtTheEnd()
+    with pytest.raises(PlanError, match=r"hold the nodes from each one's tensor to it in one stage: add_"):
+        pipeoptim.compile(
+            model,
+            torch.optim.SGD(model.parameters(), lr=0.1),
+            gpus=3,
+            method="gpipe",
+            example_inputs=torch.randn(6, 8),
+            loss_fn=F.cross_entropy,
+            executor="local",
+            profile_dir=None,
+        )

@@ -124,7 +124,7 @@ def test_infeasible_memory_names_smallest_feasible_limit() -> None:
 
 def test_more_stages_than_nodes_is_a_clear_error() -> None:
     graph = random_cost_graph(random.Random(1), 3)
-    with pytest.raises(PlanError, match="only 3 node"):
+    with pytest.raises(PlanError, match="only 3 unit"):
         P.ilp(graph, CostConfig(5))
     with pytest.raises(PlanError, match="at least 1"):
         P.ilp(graph, CostConfig(0))

@@ -169,8 +169,9 @@ def test_a_batch_one_rank_refuses_is_refused_everywhere_or_stops_every_rank_at_o
     equal the local executor's without that batch); before, the other ranks waited for rank
     0's batch size until the timeout. Targets the last rank refuses (it alone holds them,
     after rank 0 has started the batch) stop the pipeline on every rank within seconds
-    (timeout 60 s): before, the ranks fell out of step and each waited out the timeout,
-    blaming a live peer."""
+    (timeout 60 s), the refusing rank alive: before, the ranks fell out of step and each
+    waited out the timeout, blaming a live peer, and the next pipeline of the job failed. So do
+    inputs of other rows than rank 0's on another rank."""
     done = _torchrun("torchrun_refusals_script.py", 2, str(tmp_path / "out"), str(tmp_path / "p"))
     assert done.returncode == 0, done.stderr[-3000:]
     ranks = [json.loads((tmp_path / f"out.{r}").read_text()) for r in range(2)]
@@ -195,7 +196,12 @@ def test_a_batch_one_rank_refuses_is_refused_everywhere_or_stops_every_rank_at_o
     assert ranks[0]["losses"] == ranks[1]["losses"] == pytest.approx(expected, rel=1e-5)
     assert ranks[1]["stop"].startswith("PipelineError: targets"), ranks[1]["stop"]
     assert ranks[0]["stop"].startswith("PeerLostError: "), ranks[0]["stop"]
-    assert max(r["stop_s"] for r in ranks) < 15
+    assert max(r["stop_s"] for r in ranks) < 2.5  # the last rank stays alive 3 s after its refusal
+    assert ranks[0]["after"] == ranks[1]["after"]
+    assert ranks[1]["disagree"].startswith("PipelineError: rank 1 got a batch of Rows(6"), ranks[1][
+        "disagree"
+    ]
+    assert ranks[0]["disagree"].startswith("PeerLostError: ") and ranks[0]["disagree_s"] < 2.5
 
 
 def test_wrong_world_size_is_a_clear_error(monkeypatch) -> None:

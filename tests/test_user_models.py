@@ -1129,7 +1129,11 @@ def test_too_many_stages_for_a_model_made_one_leaf_says_which_leaf() -> None:
     model = nn.Sequential(_BodyWithFunctionalDropout(), nn.Linear(6, 4))
     with (
         pytest.warns(UserWarning, match="made these modules leaves"),
-        pytest.raises(PlanError, match=r"has only \d node.*tracing made 0 a leaf, one node each"),
+        pytest.raises(
+            PlanError,
+            match=r"only \d unit\(s\) of nodes that do work that a stage boundary may separate; "
+            r".*tracing made 0 a leaf, one node each",
+        ),
     ):
         pipeoptim.compile(
             model,
@@ -1177,3 +1181,45 @@ def test_classes_of_the_main_script_reach_the_workers_and_come_back(tmp_path) ->
     )
     assert done.returncode == 0, done.stderr[-3000:]
     assert "ok [" in done.stderr
+
+
+class ScalarAux(nn.Module):
+    """Logits, a 0-dim auxiliary value and a constant."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Linear(8, 16), nn.Linear(16, 4)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
+        logits = self.b(torch.tanh(self.a(x)))
+        return logits, logits.pow(2).mean(), 3
+
+
+def first_of(out: tuple, y: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(out[0], y)
+
+
+def test_predict_refuses_to_join_what_it_cannot_and_keeps_constants() -> None:
+    """predict() runs its rows in pieces of a micro-batch: a 0-dim output (or a dataclass) of
+    the first piece alone was returned as the whole batch's, silently (4 rows of 8 for a
+    dataclass); now that is refused with the fix, and batch tensors and constants join."""
+    torch.manual_seed(0)
+    model, x = ScalarAux(), torch.randn(8, 8)
+    copied = copy.deepcopy(model)
+    with pipeoptim.compile(
+        copied,
+        torch.optim.SGD(copied.parameters(), lr=0.1),
+        gpus=2,
+        method="gpipe",
+        example_inputs=x,
+        loss_fn=first_of,
+        executor="local",
+        profile_dir=None,
+    ) as pipe:
+        logits, aux, const = pipe.predict(x[:4])
+        torch.testing.assert_close(aux, model(x[:4])[1], rtol=1e-6, atol=1e-7)
+        assert const == 3 and logits.shape == (4, 4)
+        with pytest.raises(
+            PipelineError, match=r"pieces of 4 .* Tensor \(a 0-dim tensor\) .* at most 4 rows"
+        ):
+            pipe.predict(x)

@@ -48,6 +48,27 @@ def main(out: str, profile_dir: str) -> None:
         except pipeoptim.PipeoptimError as exc:
             result["stop"] = f"{type(exc).__name__}: {exc}"
         result["stop_s"] = time.monotonic() - start
+        if rank == 1:
+            time.sleep(3)  # alive: its closed connections, not its exit, must stop rank 0
+    # a pipeline compiled after that works; inputs of other rows on rank 1 stop it on both ranks
+    with pipeoptim.compile(
+        model,
+        opt,
+        2,
+        method="1f1b",
+        example_inputs=batches[0][0],
+        loss_fn=F.cross_entropy,
+        profile_dir=profile_dir,
+        timeout=60,
+    ) as pipe:
+        x, y = batches[0]
+        result["after"] = float(pipe.step(x if rank == 0 else None, y if rank == 1 else None))
+        start = time.monotonic()
+        try:
+            pipe.step(x if rank == 0 else x[:6], y if rank == 1 else None).wait()
+        except pipeoptim.PipeoptimError as exc:
+            result["disagree"] = f"{type(exc).__name__}: {exc}"
+        result["disagree_s"] = time.monotonic() - start
     with open(f"{out}.{rank}", "w") as f:
         json.dump(result, f)
 

@@ -47,9 +47,22 @@ def check_stages(units: Units, num_stages: int) -> None:
         raise PlanError(f"the number of stages must be at least 1, got {num_stages}")
     compute = sum(units.is_compute(u) for u in range(len(units)))
     if num_stages > compute:
+        users = units.graph.users()
+        held = [
+            n.name
+            for i, n in enumerate(units.graph.nodes)
+            if n.mutates or (not n.sendable and n.op.startswith("call_") and users[i])
+        ]
+        why = (
+            f" (in-place changes or values that cannot be sent hold the nodes from each one's "
+            f"tensor to it in one stage: {', '.join(held[:3])}{' ...' if len(held) > 3 else ''})"
+            if held
+            else ""
+        )
         raise PlanError(
-            f"{num_stages} stages requested but the graph has only {compute} node(s) that do "
-            f"work; use at most {compute} stages (--stages {compute})"
+            f"{num_stages} stages requested but the graph has only {compute} unit(s) of nodes that "
+            f"do work that a stage boundary may separate{why}; use at most {compute} stages "
+            f"(--stages {compute})"
         )
 
 

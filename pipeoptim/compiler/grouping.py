@@ -163,11 +163,20 @@ def fine_units(graph: CostGraph) -> Units:
     users = graph.users()
     order = normalised_order(graph)
     position = {i: k for k, i in enumerate(order)}
-    changed_until: dict[int, int] = {}  # node -> position of the last in-place change of its output
+    changed_until: dict[int, int] = {}  # first node of a changed tensor -> position the hold ends
     for i, node in enumerate(graph.nodes):
         for name in node.mutates:
-            root = graph.index(name)
-            changed_until[root] = max(changed_until.get(root, -1), position[i])
+            # a buffer read again elsewhere is another get_attr node of the same attribute, which
+            # reads the copy of the stage it lands in: every reader of it joins the hold too
+            root = graph.nodes[graph.index(name)]
+            roots = [graph.index(name)]
+            if root.op == "get_attr":
+                roots = [
+                    j for j, n in enumerate(graph.nodes) if (n.op, n.target) == ("get_attr", root.target)
+                ]
+            first = order[min(position[j] for j in roots)]
+            end = max(position[i], *(position[j] for j in roots))
+            changed_until[first] = max(changed_until.get(first, -1), end)
     members: list[list[int]] = []
     pin: list[int | None] = []
     pending: list[int] = []

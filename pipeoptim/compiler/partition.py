@@ -90,7 +90,7 @@ def ilp(
         ideals: try the dynamic program over ideals first (``False``: the ILP only).
 
     Raises:
-        PlanError: more stages than nodes that do work, or unknown solver.
+        PlanError: more stages than units of nodes that do work, or unknown solver.
         InfeasibleMemoryError: no plan over the units meets ``config.memory_limit``; the error
             carries the smallest limit one meets (:func:`min_memory_plan`).
     """
@@ -267,7 +267,7 @@ def min_memory_plan(
     warm-starts the solver).
 
     Raises:
-        PlanError: more stages than nodes that do work, or unknown solver.
+        PlanError: more stages than units of nodes that do work, or unknown solver.
     """
     solver = resolve_solver(solver)
     n = config.num_stages

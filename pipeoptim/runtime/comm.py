@@ -285,6 +285,12 @@ class DistChannel:
             self._layouts[key] = grad_layout(metas, mask, self.plan.batch_size, batch)
         return self._layouts[key]
 
+    def drop_pending(self) -> None:
+        """Forget every posted send and receive (a closed or aborted pipeline): their requests
+        hold the process group, whose connections close only once nothing does."""
+        self._sends = deque([[]])
+        self._posted, self._shared, self._notes = {}, {}, {}
+
     def wait_sends(self) -> None:
         """Block until every send has completed (before a flush answers)."""
         while self._sends:

@@ -28,7 +28,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from pipeoptim.errors import PeerLostError, PipelineError
+from pipeoptim.errors import BatchRefusedError, PeerLostError, PipelineError
 from pipeoptim.microbatch import Rows
 from pipeoptim.runtime.affinity import pin_rank, unpin_rank
 from pipeoptim.runtime.build import PipelineSpec
@@ -209,7 +209,7 @@ class SPMDExecutor:
                 "rank 0 has probably stopped or is not calling step() with the same batches"
             ) from exc
         if int(box[0]) == REFUSED:
-            raise PipelineError(
+            raise BatchRefusedError(
                 "rank 0 refused the inputs of this batch (its error says why), so every rank skips "
                 "it; the pipeline goes on with the next"
             )
@@ -389,8 +389,10 @@ class SPMDExecutor:
                 process.destroy_groups()
             dist.destroy_process_group(self.group)
         self.group = None
+        self._pending.clear()  # loss receives: their requests hold the group too
         if process is not None:
             process.channel.group = None
+            process.channel.drop_pending()
             process.stage.discard_in_flight()
         if _open == 0:
             unpin_rank()
