@@ -12,7 +12,8 @@ from typing import IO, Any
 
 
 def atomic_write(path: str | os.PathLike[str], write: Callable[[IO[bytes]], Any]) -> None:
-    """Write a file through ``write(fileobj)`` into a temporary file, fsync it, then rename it.
+    """Write a file through ``write(fileobj)`` into a temporary file, fsync it, rename it, and
+    (POSIX) fsync the folder, so that the new file survives a power loss or a crash of the host.
 
     ``os.replace`` is atomic on POSIX and Windows, so readers see either the old or the new
     file, never a half-written one. The file gets the permissions a plain ``open`` would give
@@ -34,6 +35,12 @@ def atomic_write(path: str | os.PathLike[str], write: Callable[[IO[bytes]], Any]
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    if os.name == "posix":  # the rename is an entry of the folder: a crash may lose it until synced
+        folder = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(folder)
+        finally:
+            os.close(folder)
 
 
 def writable_folder(path: str | os.PathLike[str], what: str, option: str) -> bool:

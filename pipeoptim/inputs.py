@@ -17,9 +17,27 @@ from pipeoptim.errors import PipelineError
 from pipeoptim.runtime.build import PipelineSpec
 
 
-def as_tuple(inputs: Any) -> tuple[torch.Tensor, ...]:
-    """A tensor as a 1-tuple; a tuple or list of tensors as a tuple."""
-    return (inputs,) if isinstance(inputs, torch.Tensor) else tuple(inputs)
+def as_tuple(inputs: Any, what: str = "step()") -> tuple[torch.Tensor, ...]:
+    """A tensor as a 1-tuple; a tuple or list of tensors as a tuple.
+
+    Raises:
+        PipelineError: anything else (a NumPy array, a dict, ...): iterated, an array's rows
+            were taken for as many inputs.
+    """
+    if isinstance(inputs, torch.Tensor):
+        return (inputs,)
+    if isinstance(inputs, (tuple, list)):
+        return tuple(inputs)
+    fix = (
+        "convert it with torch.from_numpy(...) or torch.as_tensor(...)"
+        if hasattr(inputs, "__array__")
+        else "pass the model's positional inputs as a tensor or a tuple of tensors, in the order of "
+        "example_inputs"
+    )
+    raise PipelineError(
+        f"{what} takes the model's inputs as a tensor or a tuple or list of tensors, got "
+        f"{type(inputs).__module__}.{type(inputs).__name__}: {fix}"
+    )
 
 
 def check_batch(spec: PipelineSpec, inputs: tuple[torch.Tensor, ...]) -> microbatch.Rows:
@@ -64,7 +82,9 @@ def check_eval_batch(spec: PipelineSpec, inputs: tuple[torch.Tensor, ...]) -> mi
     """
     examples = spec.example_inputs
     if len(inputs) != len(examples) or any(
-        x.dtype != ex.dtype or not microbatch.same_shape(x, ex, i, spec.length)
+        not isinstance(x, torch.Tensor)
+        or x.dtype != ex.dtype
+        or not microbatch.same_shape(x, ex, i, spec.length)
         for i, (x, ex) in enumerate(zip(inputs, examples))
     ):
         raise PipelineError("predict() inputs must be shaped like example_inputs (any batch size)")

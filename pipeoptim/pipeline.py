@@ -81,8 +81,13 @@ class Pipeline(Measurements):
         )
 
     def _on_error(self, exc: BaseException) -> None:
+        """Stop the pipeline at ``exc``. Under torchrun the other ranks wait on this one, which
+        may stay alive (the script caught the error): its connections are closed at once, so
+        that they stop within a second (a lost peer) instead of waiting out the timeout."""
         self._error = exc
         self._losses.fail_all(exc)
+        if self.executor_kind == "torchrun":
+            self._executor.abort()
 
     # -- training --------------------------------------------------------------------
 
@@ -106,9 +111,9 @@ class Pipeline(Measurements):
                 do not split like the inputs, a closed pipeline, or a failure of a stage.
         """
         self._check_open()
-        inputs = None if inputs is None else as_tuple(inputs)
-        check = lambda xs: check_batch(self.spec, xs)  # noqa: E731
+        check = lambda xs: check_batch(self.spec, as_tuple(xs))  # noqa: E731
         batch = shared_rows(self._executor, inputs, check, "step", self.executor_kind, self._on_error)
+        inputs = None if inputs is None else as_tuple(inputs)  # accepted by check
         every = self.micro_batches * self.replicas  # M per replica
         check_rows(batch, self.batch_size, every, self.method, self._static_batch)
         # a smaller last batch runs fewer; with R replicas each runs m of the R·m micro-batches
@@ -129,9 +134,7 @@ class Pipeline(Measurements):
             )
             return micro_targets, scales
 
-        micro_targets, scales = prepared_here(
-            split_targets, self._executor, self.executor_kind, self._on_error
-        )
+        micro_targets, scales = prepared_here(split_targets, self.executor_kind, self._on_error)
         self._throttle()
         index = self._next
         self._next += 1
@@ -233,9 +236,9 @@ class Pipeline(Measurements):
         statistics) sees those pieces, not the whole of ``inputs``.
         """
         self.flush()
-        inputs = None if inputs is None else as_tuple(inputs)
-        check = lambda xs: check_eval_batch(self.spec, xs)  # noqa: E731
+        check = lambda xs: check_eval_batch(self.spec, as_tuple(xs, "predict()"))  # noqa: E731
         batch = shared_rows(self._executor, inputs, check, "predict", self.executor_kind, self._on_error)
+        inputs = None if inputs is None else as_tuple(inputs)  # accepted by check
         size = math.ceil(self.batch_size / (self.micro_batches * self.replicas))
         sizes = [microbatch.Rows(min(size, batch - i), batch.length) for i in range(0, batch, size)]
         check_traced_rows(self._traced.batch_rows, {"piece of predict()'s rows": min(sizes)})

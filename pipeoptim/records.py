@@ -15,7 +15,8 @@ import math
 import os
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -88,7 +89,9 @@ class Progress:
 
     On a terminal (``stream.isatty()``), one tqdm bar with rate and ETA; otherwise one plain
     line through ``log`` every ``every`` mini-batches (and at the end), with the same facts.
-    ``enabled=False`` shows nothing.
+    ``enabled=False`` shows nothing. The rate is of training: time inside :meth:`paused`
+    (evaluation, checkpoints) is left out of it, and the ETA adds that time back per mini-batch
+    left.
     """
 
     def __init__(
@@ -108,6 +111,7 @@ class Progress:
         self.enabled = enabled
         self._start_done = done
         self._tic = time.perf_counter()
+        self._paused_s = 0.0
         self._bar = None
         if enabled and stream.isatty():
             self._bar = tqdm(
@@ -123,11 +127,25 @@ class Progress:
         elif self.enabled and (self.done % self.every == 0 or self.done == self.total):
             self.log(self.line(epoch, epochs, loss))
 
+    @contextmanager
+    def paused(self) -> Iterator[None]:
+        """Leave the time spent inside out of the training rate (evaluation, checkpoints)."""
+        started = time.perf_counter()
+        try:
+            yield
+        finally:
+            self._paused_s += time.perf_counter() - started
+            if self._bar is not None:
+                self._bar.unpause()
+
     def line(self, epoch: int, epochs: int, loss: float) -> str:
-        """``mini-batch 500/1875 (27%), epoch 1/1, loss 0.4123, 14.2 mini-batches/s, ETA 1m37s``."""
-        seconds = time.perf_counter() - self._tic
-        rate = (self.done - self._start_done) / seconds if seconds > 0 else 0.0
-        eta = (self.total - self.done) / rate if rate > 0 else float("nan")
+        """``mini-batch 500/1875 (27%), epoch 1/1, loss 0.4123, 14.2 mini-batches/s, ETA 1m37s``:
+        mini-batches per second of training; the ETA adds the paused seconds per mini-batch."""
+        done = self.done - self._start_done
+        seconds = time.perf_counter() - self._tic - self._paused_s
+        rate = done / seconds if seconds > 0 else 0.0
+        left = self.total - self.done
+        eta = left / rate + left * self._paused_s / done if rate > 0 else float("nan")
         return (
             f"mini-batch {self.done}/{self.total} ({100 * self.done / max(self.total, 1):.0f}%), "
             f"epoch {epoch + 1}/{epochs}, loss {loss:.4f}, {rate:.1f} mini-batches/s, ETA {_duration(eta)}"

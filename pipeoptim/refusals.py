@@ -4,7 +4,7 @@ the last rank the targets), so that the ranks stay in step or stop together at o
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from pipeoptim import microbatch
 from pipeoptim.errors import BatchRefusedError, PipelineError
@@ -15,8 +15,8 @@ T = TypeVar("T")
 
 def shared_rows(
     executor: Executor,
-    inputs: tuple | None,
-    check: Callable[[tuple], microbatch.Rows],
+    inputs: Any,
+    check: Callable[[Any], microbatch.Rows],
     what: str,
     kind: str,
     on_error: Callable[[BaseException], None],
@@ -41,7 +41,7 @@ def shared_rows(
     except BatchRefusedError:
         raise
     except PipelineError as exc:
-        _stop_here(exc, executor, kind, on_error)
+        _stop_here(exc, kind, on_error)
         raise
     if refused is not None:
         raise refused
@@ -50,13 +50,11 @@ def shared_rows(
     return shared
 
 
-def prepared_here(
-    prepare: Callable[[], T], executor: Executor, kind: str, on_error: Callable[[BaseException], None]
-) -> T:
+def prepared_here(prepare: Callable[[], T], kind: str, on_error: Callable[[BaseException], None]) -> T:
     """``prepare()`` (splitting and checking the targets). Under torchrun only the last rank
     holds them, after every rank has agreed on the batch and rank 0 has started it: a refusal
-    there fails this pipeline (``on_error``) and aborts its connections, so the other ranks stop
-    within a second (a lost peer) instead of waiting out the timeout.
+    there fails this pipeline (``on_error``, which aborts its connections), so the other ranks
+    stop within a second (a lost peer) instead of waiting out the timeout.
 
     Raises:
         PipelineError: ``prepare``'s refusal.
@@ -64,14 +62,12 @@ def prepared_here(
     try:
         return prepare()
     except PipelineError as exc:
-        _stop_here(exc, executor, kind, on_error)
+        _stop_here(exc, kind, on_error)
         raise
 
 
-def _stop_here(
-    exc: PipelineError, executor: Executor, kind: str, on_error: Callable[[BaseException], None]
-) -> None:
-    """Under torchrun, fail this rank's pipeline with ``exc`` and abort its connections."""
+def _stop_here(exc: PipelineError, kind: str, on_error: Callable[[BaseException], None]) -> None:
+    """Under torchrun, fail this rank's pipeline with ``exc`` (``on_error`` aborts its
+    connections); elsewhere the pipeline goes on without the batch."""
     if kind == "torchrun":
         on_error(exc)
-        executor.abort()

@@ -345,13 +345,15 @@ def _loop(
                     started = time.perf_counter()
                     trainer.flush()
                     read_losses(True)
-                    checkpoint()
+                    with progress.paused():
+                        checkpoint()
                     saving += time.perf_counter() - started
             trainer.flush()
             read_losses(True)
             seconds = time.perf_counter() - tic
             other_cpu = None if others is None else others.share()
-            value = task.evaluate(trainer.predict)
+            with progress.paused():
+                value = task.evaluate(trainer.predict)
             training_s = seconds - saving  # the rate is of training, not of saving checkpoints
             rate = (per_epoch - offset) / training_s if training_s > 0 else None
             predicted = None if trainer.plan is None else trainer.plan.summary.get("throughput_per_s")
@@ -371,7 +373,8 @@ def _loop(
             log(epoch_line(record, config.epochs, task.metric, predicted))
             run.write(time.perf_counter() - run.start, "running")
             if config.checkpoint_every:
-                checkpoint()
+                with progress.paused():
+                    checkpoint()
     finally:
         progress.close()
 

@@ -84,6 +84,26 @@ def test_step_with_other_shapes_and_sizes() -> None:
         assert pipe.step(torch.randn(10, 8), torch.zeros(10, dtype=torch.long)).item() > 0  # last batch
 
 
+@pytest.mark.parametrize(
+    ("inputs", "named", "fix"),
+    [
+        (lambda x: x.numpy(), "numpy.ndarray", r"torch\.from_numpy"),  # iterated: 16 "inputs"
+        (lambda x: {"x": x}, "builtins.dict", "positional inputs as a tensor or a tuple"),
+        (lambda x: (x.numpy(),), "input 0 is a ndarray, not a tensor", ""),
+    ],
+)
+def test_step_and_predict_refuse_inputs_that_are_not_tensors_naming_the_type(inputs, named, fix) -> None:
+    """A NumPy array given as the inputs was iterated into its rows: 'step() got 16 input
+    tensor(s), the model was compiled with 1', which does not name the array."""
+    x, y = torch.randn(16, 8), torch.zeros(16, dtype=torch.long)
+    with compile_mlp() as pipe:
+        with pytest.raises(PipelineError, match=f"{named}.*{fix}"):
+            pipe.step(inputs(x), y)
+        with pytest.raises(PipelineError, match=named if "input 0" not in named else "shaped like"):
+            pipe.predict(inputs(x))
+        assert pipe.step(x, y).item() > 0  # the pipeline goes on
+
+
 class ExportOnly(nn.Module):
     """``torch.ones(t, t)`` with a traced size stops torch.fx, so this traces with torch.export
     (batch and sequence length dynamic: ``Dim.AUTO``)."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import stat
 import subprocess
 import sys
 import threading
@@ -431,6 +432,22 @@ def test_atomic_writes_get_the_permissions_of_a_plain_open(tmp_path: Path) -> No
     assert (
         (tmp_path / "a.json").stat().st_mode & 0o777 == (tmp_path / "b.json").stat().st_mode & 0o777 == 0o640
     )
+
+
+def test_an_atomic_write_syncs_the_file_and_then_its_folder(tmp_path: Path, monkeypatch) -> None:
+    """The rename is an entry of the folder: synced only with the file, a crash of the host
+    could leave the folder without the new name (or with neither file)."""
+    synced: list[str] = []
+    real = os.fsync
+
+    def fsync(fd: int) -> None:
+        synced.append("folder" if stat.S_ISDIR(os.fstat(fd).st_mode) else "file")
+        real(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    write_json(tmp_path / "plan.json", {"stages": 2})
+    assert synced == ["file", "folder"]
+    assert json.loads((tmp_path / "plan.json").read_text()) == {"stages": 2}
 
 
 def test_a_killed_writer_leaves_the_previous_checkpoint_whole(tmp_path: Path) -> None:

@@ -202,6 +202,12 @@ def test_a_batch_one_rank_refuses_is_refused_everywhere_or_stops_every_rank_at_o
         "disagree"
     ]
     assert ranks[0]["disagree"].startswith("PeerLostError: ") and ranks[0]["disagree_s"] < 2.5
+    # caught where it was raised, a failure stops the other rank within seconds too (it had
+    # waited out the 60 s timeout, blaming a live peer)
+    assert "out of bounds" in ranks[1]["loss"], ranks[1]["loss"]
+    assert ranks[0]["loss"].startswith("PeerLostError: ") and ranks[0]["loss_s"] < 2.5, ranks[0]
+    assert "NaN" in ranks[0]["nan"] and "hold NaN" in ranks[0]["nan"], ranks[0]["nan"]
+    assert ranks[1]["nan"].startswith("PeerLostError: ") and ranks[1]["nan_s"] < 2.5, ranks[1]
 
 
 def test_wrong_world_size_is_a_clear_error(monkeypatch) -> None:

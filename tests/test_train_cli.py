@@ -305,6 +305,30 @@ def test_summary_line_counts_stages_and_epochs_in_words() -> None:
     assert summary_line(plain).startswith("digits sequential: test accuracy")
 
 
+def test_the_progress_rate_is_of_training_and_the_eta_counts_evaluations(monkeypatch) -> None:
+    """The plain progress line divided the mini-batches by the wall time since the start, the
+    epochs' evaluations and checkpoints included, under the name of a training rate."""
+    import pipeoptim.records as records
+
+    now = [100.0]
+    monkeypatch.setattr(records.time, "perf_counter", lambda: now[0])
+    lines: list[str] = []
+    progress = records.Progress(total=40, done=0, every=10, log=lines.append)
+    for _ in range(10):  # 10 mini-batches in 1 s of training
+        now[0] += 0.1
+        progress.update(0, 2, 0.5)
+    with progress.paused():  # an evaluation of 4 s
+        now[0] += 4.0
+    for _ in range(10):
+        now[0] += 0.1
+        progress.update(1, 2, 0.25)
+    # 20 mini-batches in 2 s of training: 10/s; 20 left: 2 s of training + 20 x 0.2 s paused
+    assert lines == [
+        "mini-batch 10/40 (25%), epoch 1/2, loss 0.5000, 10.0 mini-batches/s, ETA 0m03s",
+        "mini-batch 20/40 (50%), epoch 2/2, loss 0.2500, 10.0 mini-batches/s, ETA 0m06s",
+    ]
+
+
 def test_train_data_parallel_auto_is_the_default_search(tmp_path: Path) -> None:
     """``--data-parallel auto`` (as ``partition`` takes it) leaves the layout to the planner,
     and an impossible layout limit names the bytes as well as the rounded size."""

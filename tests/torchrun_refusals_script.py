@@ -1,7 +1,8 @@
 """Run by test_torchrun.py under ``torchrun``: a batch rank 0 refuses (inputs of another
 shape) is refused on every rank, which go on in step; then targets only the last rank can
-check (another row count) stop the pipeline there, and the other ranks within seconds.
-Writes each rank's errors, the losses of the good steps and how long the stop took."""
+check (another row count) stop the pipeline there, and the other ranks within seconds, as
+do a loss_fn's error on the last rank and a NaN on the first that the script catches.
+Writes each rank's errors, the losses of the good steps and how long each stop took."""
 
 from __future__ import annotations
 
@@ -69,6 +70,33 @@ def main(out: str, profile_dir: str) -> None:
         except pipeoptim.PipeoptimError as exc:
             result["disagree"] = f"{type(exc).__name__}: {exc}"
         result["disagree_s"] = time.monotonic() - start
+    # a failure one rank catches and lives on after stops the others too: the last rank's
+    # loss_fn (a label out of range), then a NaN in rank 0's inputs (its stage's NaN check)
+    for case, failing in (("loss", 1), ("nan", 0)):
+        with pipeoptim.compile(
+            model,
+            opt,
+            2,
+            method="1f1b",
+            example_inputs=batches[0][0],
+            loss_fn=F.cross_entropy,
+            profile_dir=profile_dir,
+            timeout=60,
+        ) as pipe:
+            x, y = batches[0]
+            if case == "loss":
+                y = torch.full_like(y, 99)
+            else:
+                x = x.clone()
+                x[0, 0, 0, 0] = float("nan")
+            start = time.monotonic()
+            try:
+                float(pipe.step(x if rank == 0 else None, y if rank == 1 else None))
+            except Exception as exc:
+                result[case] = f"{type(exc).__name__}: {exc}"
+            result[f"{case}_s"] = time.monotonic() - start
+            if rank == failing:
+                time.sleep(3)
     with open(f"{out}.{rank}", "w") as f:
         json.dump(result, f)
 

@@ -38,8 +38,9 @@ class Executor(Protocol):
         ...
 
     def abort(self) -> None:
-        """Stop at once after a refusal only this process made (torchrun: the last rank's
-        targets), so that the other processes do not wait for it until the timeout."""
+        """Stop at once after a failure or refusal only this process saw (torchrun: the last
+        rank's targets, its loss_fn's error, a NaN), so that the other processes do not wait
+        for it until the timeout."""
         ...
 
     def submit(self, batch: MiniBatch) -> None:
