@@ -25,16 +25,20 @@ def main(out: str, profile_dir: str) -> None:
     model = SmallCNN()
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
     batches = data(5)
-    with pipeoptim.compile(
-        model,
-        opt,
-        2,
-        method="1f1b",
-        example_inputs=batches[0][0],
-        loss_fn=F.cross_entropy,
-        profile_dir=profile_dir,
-        timeout=60,
-    ) as pipe:
+
+    def compile_1f1b() -> pipeoptim.Pipeline:
+        return pipeoptim.compile(
+            model,
+            opt,
+            2,
+            method="1f1b",
+            example_inputs=batches[0][0],
+            loss_fn=F.cross_entropy,
+            profile_dir=profile_dir,
+            timeout=60,
+        )
+
+    with compile_1f1b() as pipe:
         for i, (x, y) in enumerate(batches):
             if i == 2:  # rank 0 refuses 7x7 images; the others learn it from rank 0
                 try:
@@ -52,16 +56,7 @@ def main(out: str, profile_dir: str) -> None:
         if rank == 1:
             time.sleep(3)  # alive: its closed connections, not its exit, must stop rank 0
     # a pipeline compiled after that works; inputs of other rows on rank 1 stop it on both ranks
-    with pipeoptim.compile(
-        model,
-        opt,
-        2,
-        method="1f1b",
-        example_inputs=batches[0][0],
-        loss_fn=F.cross_entropy,
-        profile_dir=profile_dir,
-        timeout=60,
-    ) as pipe:
+    with compile_1f1b() as pipe:
         x, y = batches[0]
         result["after"] = float(pipe.step(x if rank == 0 else None, y if rank == 1 else None))
         start = time.monotonic()
@@ -73,16 +68,7 @@ def main(out: str, profile_dir: str) -> None:
     # a failure one rank catches and lives on after stops the others too: the last rank's
     # loss_fn (a label out of range), then a NaN in rank 0's inputs (its stage's NaN check)
     for case, failing in (("loss", 1), ("nan", 0)):
-        with pipeoptim.compile(
-            model,
-            opt,
-            2,
-            method="1f1b",
-            example_inputs=batches[0][0],
-            loss_fn=F.cross_entropy,
-            profile_dir=profile_dir,
-            timeout=60,
-        ) as pipe:
+        with compile_1f1b() as pipe:
             x, y = batches[0]
             if case == "loss":
                 y = torch.full_like(y, 99)
