@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 import tempfile
 from collections.abc import Iterable
 from pathlib import Path
@@ -38,8 +39,13 @@ def results_dir(
         AttributeError: ``scope`` names an option the parser does not have.
     """
     if args.out is not None:
-        return Path(args.out)
-    return RESULTS if is_full_run(parser, args, scope) else Path(tempfile.mkdtemp(prefix=f"{prefix}-"))
+        folder = Path(args.out)
+    elif is_full_run(parser, args, scope):
+        folder = RESULTS
+    else:
+        folder = Path(tempfile.mkdtemp(prefix=f"{prefix}-"))
+    print(f"results go to {folder}", file=sys.stderr)  # a temporary folder is named nowhere else
+    return folder
 
 
 def is_full_run(parser: argparse.ArgumentParser, args: argparse.Namespace, scope: Iterable[str]) -> bool:

@@ -38,8 +38,9 @@ from pipeoptim.compiler.costmodel import CostConfig, evaluate
 from pipeoptim.compiler.profile import profile_model
 from pipeoptim.compiler.trace import trace
 from pipeoptim.examples import EXAMPLES
+from pipeoptim.shared_folder import shared_folder
 
-SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "profiles"
+SHARED = shared_folder() / "profiles"  # $PIPEOPTIM_SHARED, else ../shared beside the checkout
 BANDWIDTH = 25e9  # bytes/s, the CLI's default
 GOAL_S = 5.0  # seconds for a 16-stage plan, optimality proven
 

@@ -225,8 +225,8 @@ def compile(
     if not info.micro_batched and m != 1:
         raise ValueError(f"method {method!r} does not split mini-batches: leave micro_batches unset")
     check_micro_batches(method, gpus, m)
+    check_steps_without_closure(optimizer)  # first: no method can step it, so it is the cause
     check_pipeoptim_options(method, info.policy, predictor, backward, optimizer)
-    check_steps_without_closure(optimizer)
     if info.policy == "spectrain" and not (
         isinstance(optimizer, torch.optim.SGD) and all(g.get("momentum", 0) for g in optimizer.param_groups)
     ):

@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+import torch.utils._pytree as pytree
 
 from pipeoptim import microbatch
 from pipeoptim.errors import PipelineError
@@ -45,12 +46,29 @@ def check_batch(spec: PipelineSpec, inputs: tuple[torch.Tensor, ...]) -> microba
 
     Raises:
         PipelineError: another number of tensors, a non-tensor, another dtype or shape than
-            the example inputs, or inputs that disagree on the batch size.
+            the example inputs, inputs that disagree on the batch size, or no rows.
     """
+    return microbatch.Rows(_like_examples(spec, inputs, "step()"), length_of(spec, inputs))
+
+
+def check_eval_batch(spec: PipelineSpec, inputs: tuple[torch.Tensor, ...]) -> microbatch.Rows:
+    """Rows (and sequence length) of a batch for ``predict()`` (any number of rows).
+
+    Raises:
+        PipelineError: not shaped like the example inputs (as :func:`check_batch`), or empty.
+    """
+    return microbatch.Rows(_like_examples(spec, inputs, "predict()"), length_of(spec, inputs))
+
+
+def _like_examples(spec: PipelineSpec, inputs: tuple[torch.Tensor, ...], what: str) -> int:
+    """The batch size of ``inputs``, checked against the example inputs."""
     examples = spec.example_inputs
     if len(inputs) != len(examples):
+        rows = " (a list of row tensors is one input per row: torch.stack makes one tensor)"
         raise PipelineError(
-            f"step() got {len(inputs)} input tensor(s), the model was compiled with {len(examples)}"
+            f"{what} got {len(inputs)} input tensor(s), the model was compiled with {len(examples)}: "
+            f"pass one tensor per positional input of forward, as in example_inputs"
+            f"{rows if len(examples) < len(inputs) else ''}"
         )
     batch = None
     for i, (x, ex) in enumerate(zip(inputs, examples)):
@@ -70,27 +88,9 @@ def check_batch(spec: PipelineSpec, inputs: tuple[torch.Tensor, ...]) -> microba
             batch = x.shape[0]
         elif x.shape[0] != batch:
             raise PipelineError(f"inputs disagree on the batch size ({batch} vs {x.shape[0]})")
-    assert batch is not None
-    return microbatch.Rows(batch, length_of(spec, inputs))
-
-
-def check_eval_batch(spec: PipelineSpec, inputs: tuple[torch.Tensor, ...]) -> microbatch.Rows:
-    """Rows (and sequence length) of a batch for ``predict()`` (any number of rows).
-
-    Raises:
-        PipelineError: not shaped like the example inputs, or empty.
-    """
-    examples = spec.example_inputs
-    if len(inputs) != len(examples) or any(
-        not isinstance(x, torch.Tensor)
-        or x.dtype != ex.dtype
-        or not microbatch.same_shape(x, ex, i, spec.length)
-        for i, (x, ex) in enumerate(zip(inputs, examples))
-    ):
-        raise PipelineError("predict() inputs must be shaped like example_inputs (any batch size)")
-    if inputs[0].shape[0] == 0:
-        raise PipelineError("predict() got an empty batch")
-    return microbatch.Rows(int(inputs[0].shape[0]), length_of(spec, inputs))
+    if not batch:
+        raise PipelineError(f"{what} got an empty batch (0 rows)")
+    return int(batch)
 
 
 def check_rows(batch: int, batch_size: int, micro_batches: int, method: str, static_batch: bool) -> None:
@@ -160,3 +160,50 @@ def length_of(spec: PipelineSpec, inputs: tuple[torch.Tensor, ...]) -> int | Non
     if len(lengths) > 1:
         raise PipelineError(f"inputs disagree on the sequence length (dim 1: {sorted(lengths)})")
     return lengths.pop() if lengths else None
+
+
+#: a targets value's structure and, per leaf, ``(dtype, dims)`` of a tensor or the type of another
+Signature = tuple[Any, tuple[Any, ...]]
+
+
+def targets_signature(targets: Any) -> Signature:
+    """The structure of ``targets`` (its pytree spec) and, per leaf, a tensor's dtype and
+    number of dims or another value's type."""
+    leaves, spec = pytree.tree_flatten(targets)
+    return spec, tuple((t.dtype, t.dim()) if isinstance(t, torch.Tensor) else type(t) for t in leaves)
+
+
+def split_targets(
+    targets: Any, rows: int, sizes: list[microbatch.Rows], reduction: Any, first: Signature | None
+) -> tuple[list[Any], list[float], Signature]:
+    """The targets of a mini-batch of ``rows`` split into ``len(sizes)`` micro-batches, each
+    micro-batch's loss factor, and the targets' :func:`targets_signature`.
+
+    Raises:
+        PipelineError: targets that do not split like the inputs
+            (:func:`pipeoptim.microbatch.check_rows_split`), or of another structure, dtype or
+            number of dims than ``first``, the first mini-batch's: ``float`` labels given to
+            ``cross_entropy`` failed inside the pipeline and stopped it, the trained weights
+            with it, where a check before the batch starts leaves the pipeline running.
+    """
+    signature = targets_signature(targets)
+    if targets is not None and first is not None and signature != first:
+        was, now = _describe(first), _describe(signature)
+        raise PipelineError(
+            f"targets are {now} where the first mini-batch's were {was}: give every mini-batch "
+            "targets of one structure and dtype (e.g. y.long() for class labels); this batch is "
+            "skipped and the pipeline goes on"
+        )
+    microbatch.check_rows_split(targets, rows, len(sizes))
+    micro_targets = microbatch.split(targets, len(sizes))
+    held = None if targets is None else micro_targets  # under torchrun only the last rank's
+    return micro_targets, microbatch.scales(sizes, reduction, held), signature
+
+
+def _describe(signature: Signature) -> str:
+    spec, leaves = signature
+    parts = [
+        f"{leaf[0]} with {leaf[1]} dim(s)" if isinstance(leaf, tuple) else leaf.__name__ for leaf in leaves
+    ]
+    shape = "" if spec.is_leaf() else f"{spec.type.__name__} of "
+    return shape + ", ".join(parts) if parts else "empty"

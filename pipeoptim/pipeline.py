@@ -19,11 +19,11 @@ import torch
 from torch import nn
 
 from pipeoptim import checkpoint, microbatch
+from pipeoptim import inputs as given
 from pipeoptim.batchnorm import plain_batch_norm
 from pipeoptim.compiler.plan import Plan
 from pipeoptim.compiler.trace import TracedModel
 from pipeoptim.errors import PipelineError, PipeoptimError
-from pipeoptim.inputs import as_tuple, check_batch, check_eval_batch, check_rows, check_traced_rows
 from pipeoptim.loss import Loss, MiniBatchLosses
 from pipeoptim.measurements import Measurements
 from pipeoptim.refusals import prepared_here, shared_rows
@@ -73,6 +73,7 @@ class Pipeline(Measurements):
         self._losses = MiniBatchLosses(spec.micro_batches, spec.data_parallel)
         self._closed = False
         self._error: BaseException | None = None
+        self._targets: given.Signature | None = None  # the first mini-batch's targets (their kind)
         self.executor_kind = executor
         self.device = device
         self.timeout = timeout
@@ -111,35 +112,32 @@ class Pipeline(Measurements):
                 do not split like the inputs, a closed pipeline, or a failure of a stage.
         """
         self._check_open()
-        check = lambda xs: check_batch(self.spec, as_tuple(xs))  # noqa: E731
+        check = lambda xs: given.check_batch(self.spec, given.as_tuple(xs))  # noqa: E731
         batch = shared_rows(self._executor, inputs, check, "step", self.executor_kind, self._on_error)
-        inputs = None if inputs is None else as_tuple(inputs)  # accepted by check
+        inputs = None if inputs is None else given.as_tuple(inputs)  # accepted by check
         every = self.micro_batches * self.replicas  # M per replica
-        check_rows(batch, self.batch_size, every, self.method, self._static_batch)
+        given.check_rows(batch, self.batch_size, every, self.method, self._static_batch)
         # a smaller last batch runs fewer; with R replicas each runs m of the R·m micro-batches
         m = micro_batch_count(batch, self.micro_batches, self.replicas)
         parts = m * self.replicas
         micro_inputs = [] if inputs is None else microbatch.split(inputs, parts)
         sizes = [microbatch.Rows(n, batch.length) for n in microbatch.sizes(batch, parts)]
-        check_traced_rows(
+        given.check_traced_rows(
             self._traced.batch_rows,
             {"mini-batch": int(batch), "micro-batch": min(sizes), "larger micro-batch": max(sizes)},
         )
 
-        def split_targets() -> tuple[list[Any], list[float]]:
-            microbatch.check_rows_split(targets, int(batch), parts)
-            micro_targets = microbatch.split(targets, parts)
-            scales = microbatch.scales(
-                sizes, self.spec.loss_reduction, None if targets is None else micro_targets
-            )
-            return micro_targets, scales
+        def prepare() -> tuple[list[Any], list[float], given.Signature]:
+            return given.split_targets(targets, int(batch), sizes, self.spec.loss_reduction, self._targets)
 
-        micro_targets, scales = prepared_here(split_targets, self.executor_kind, self._on_error)
+        micro_targets, scales, signature = prepared_here(prepare, self.executor_kind, self._on_error)
+        if targets is not None:
+            self._targets = signature
         self._throttle()
         index = self._next
         self._next += 1
         last_micro = index * self.micro_batches + m - 1
-        loss = Loss(index, lambda _i: self._executor.wait_loss(last_micro))
+        loss = Loss(index, lambda _i: self._waited(lambda: self._executor.wait_loss(last_micro)))
         self._losses.expect(loss, scales)
         device = self.device  # the CPU unless the stages run in this process
         # every executor's stages get them as the transport delivers them (fresh, contiguous)
@@ -214,11 +212,19 @@ class Pipeline(Measurements):
         that fails (a stalled schedule, losses missing, or with ``executor="local"`` any
         exception of the cool-down it runs, the user's own included) stops the pipeline."""
         self._check_open()
+        self._waited(self._executor.flush)
+        if self._losses:
+            error = PipelineError(f"flush finished with {len(self._losses)} loss(es) missing")
+            self._on_error(error)
+            raise error
+
+    def _waited(self, wait: Callable[[], None]) -> None:
+        """``wait()`` (a flush, a loss's wait): a failure there (a lost peer, a timeout, with
+        ``executor="local"`` any exception of the schedule it runs) stops the pipeline
+        (:meth:`_on_error`); a processes pipeline stays usable after a Ctrl-C while waiting."""
         try:
-            self._executor.flush()
-            if self._losses:
-                raise PipelineError(f"flush finished with {len(self._losses)} loss(es) missing")
-        except BaseException as exc:  # a processes pipeline stays usable after a Ctrl-C while waiting
+            wait()
+        except BaseException as exc:
             if isinstance(exc, PipeoptimError) or self.executor_kind == "local":
                 self._on_error(exc)
             raise
@@ -236,12 +242,12 @@ class Pipeline(Measurements):
         statistics) sees those pieces, not the whole of ``inputs``.
         """
         self.flush()
-        check = lambda xs: check_eval_batch(self.spec, as_tuple(xs, "predict()"))  # noqa: E731
+        check = lambda xs: given.check_eval_batch(self.spec, given.as_tuple(xs, "predict()"))  # noqa: E731
         batch = shared_rows(self._executor, inputs, check, "predict", self.executor_kind, self._on_error)
-        inputs = None if inputs is None else as_tuple(inputs)  # accepted by check
+        inputs = None if inputs is None else given.as_tuple(inputs)  # accepted by check
         size = math.ceil(self.batch_size / (self.micro_batches * self.replicas))
         sizes = [microbatch.Rows(min(size, batch - i), batch.length) for i in range(0, batch, size)]
-        check_traced_rows(self._traced.batch_rows, {"piece of predict()'s rows": min(sizes)})
+        given.check_traced_rows(self._traced.batch_rows, {"piece of predict()'s rows": min(sizes)})
         if self._static_batch and any(n != size for n in sizes):
             raise PipelineError(
                 f"this model was traced for micro-batches of exactly {size}: give predict() a "

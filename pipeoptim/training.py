@@ -6,7 +6,8 @@ folder:
 
 - ``metrics.json`` -- configuration, per-epoch loss / metric / speed, the plan's summary and
   ``status`` (``running``, ``completed``, ``failed`` with ``error``, ``interrupted``); written
-  after every epoch and whenever the run stops, for whatever reason;
+  after every epoch and whenever the run stops once training has started, for whatever reason
+  (stopped before, a run leaves no folder it created);
 - ``train.csv`` -- one row per mini-batch: step, epoch, loss, lr; appended every
   ``record_every`` mini-batches (:class:`~pipeoptim.records.StepLog`), never held in memory;
 - ``curves.png`` and ``plan.png`` (``plot=True``) -- loss and metric curves, the pipeline plan;

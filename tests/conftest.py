@@ -13,8 +13,9 @@ import torch
 
 from pipeoptim.compiler.costgraph import CostGraph, CostNode
 from pipeoptim.machine_costs import CACHE_ENV
+from pipeoptim.shared_folder import shared_folder
 
-SHARED = Path(__file__).resolve().parents[1].parent / "shared"
+SHARED = shared_folder()  # $PIPEOPTIM_SHARED, else ../shared beside the checkout
 
 
 def pytest_configure(config: pytest.Config) -> None:

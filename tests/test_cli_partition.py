@@ -14,6 +14,8 @@ from click.testing import CliRunner
 
 from pipeoptim.cli.main import cli
 
+from .conftest import SHARED
+
 MODEL_FILE = """
 import torch
 from torch import nn
@@ -315,10 +317,10 @@ def test_refuses_what_train_refuses(tmp_path: Path, args: list[str], message: st
     assert message in one_line_error(err)
 
 
-SHARED_GPT2 = Path(__file__).resolve().parents[1] / ".." / "shared" / "profiles" / "gpt2.json"
+SHARED_GPT2 = SHARED / "profiles" / "gpt2.json"
 
 
-@pytest.mark.skipif(not SHARED_GPT2.is_file(), reason="no ../shared/profiles/gpt2.json")
+@pytest.mark.skipif(not SHARED_GPT2.is_file(), reason=f"no {SHARED_GPT2}")
 def test_solver_line_names_the_units_once(tmp_path: Path) -> None:
     """gpt2's graph is solved over coarser units: the status says how many, once."""
     code, out, err = run(

@@ -81,6 +81,12 @@ def test_step_with_other_shapes_and_sizes() -> None:
             pipe.step(torch.randn(16, 9), torch.zeros(16, dtype=torch.long))
         with pytest.raises(PipelineError, match="larger than the 16 the plan was made for"):
             pipe.step(torch.randn(32, 8), torch.zeros(32, dtype=torch.long))
+        for call in (
+            lambda: pipe.step(torch.randn(0, 8), torch.zeros(0, dtype=torch.long)),
+            lambda: pipe.predict(torch.randn(0, 8)),
+        ):
+            with pytest.raises(PipelineError, match=r"(step|predict)\(\) got an empty batch \(0 rows\)$"):
+                call()  # said "cannot be split across 1 data-parallel replicas"
         assert pipe.step(torch.randn(10, 8), torch.zeros(10, dtype=torch.long)).item() > 0  # last batch
 
 
@@ -90,6 +96,16 @@ def test_step_with_other_shapes_and_sizes() -> None:
         (lambda x: x.numpy(), "numpy.ndarray", r"torch\.from_numpy"),  # iterated: 16 "inputs"
         (lambda x: {"x": x}, "builtins.dict", "positional inputs as a tensor or a tuple"),
         (lambda x: (x.numpy(),), "input 0 is a ndarray, not a tensor", ""),
+        (
+            lambda x: list(x),
+            r"step\(\) got 16 input tensor\(s\), the model was compiled with 1",
+            "torch.stack",
+        ),
+        (
+            lambda x: x.double(),
+            r"input 0 has shape \(16, 8\) torch.float64; the plan expects \[batch, 8\]",
+            "",
+        ),
     ],
 )
 def test_step_and_predict_refuse_inputs_that_are_not_tensors_naming_the_type(inputs, named, fix) -> None:
@@ -99,9 +115,31 @@ def test_step_and_predict_refuse_inputs_that_are_not_tensors_naming_the_type(inp
     with compile_mlp() as pipe:
         with pytest.raises(PipelineError, match=f"{named}.*{fix}"):
             pipe.step(inputs(x), y)
-        with pytest.raises(PipelineError, match=named if "input 0" not in named else "shaped like"):
+        with pytest.raises(PipelineError, match=f"{named}.*{fix}".replace("step", "predict")):
             pipe.predict(inputs(x))
         assert pipe.step(x, y).item() > 0  # the pipeline goes on
+
+
+@pytest.mark.parametrize("executor", ["local", "processes"])
+def test_targets_of_another_dtype_or_structure_are_refused_and_the_pipeline_goes_on(executor: str) -> None:
+    """Float labels given to cross_entropy after int64 ones failed inside the pipeline, which
+    stopped and took the trained weights with it (state_dict, checkpoints refused; helper-85)."""
+    x, y = torch.randn(16, 8), torch.randint(0, 4, (16,))
+    with compile_mlp(gpus=2, method="gpipe", executor=executor) as pipe:
+        first = float(pipe.step(x, y))
+        for bad, named in (
+            (y.float(), "torch.float32 with 1 dim"),
+            (y.int(), "torch.int32 with 1 dim"),
+            (y[:, None], "torch.int64 with 2 dim"),
+            ((y,), "tuple of torch.int64"),
+        ):
+            with pytest.raises(
+                PipelineError,
+                match=f"targets are {named}.* where the first mini-batch's were torch.int64 with 1 dim",
+            ):
+                pipe.step(x, bad)
+        assert float(pipe.step(x, y)) < first  # it trained on: the same batch, a lower loss
+        assert pipe.state_dict().keys() == mlp().state_dict().keys()
 
 
 class ExportOnly(nn.Module):
@@ -494,16 +532,18 @@ def test_a_nan_made_from_infinite_data_names_the_data() -> None:
     assert "(its inputs, the data given to step(), hold ±inf)" in str(info.value)
 
 
-def test_an_optimizer_whose_step_needs_a_closure_is_refused_at_compile() -> None:
+@pytest.mark.parametrize("method", ["gpipe", "pipeoptim"])
+def test_an_optimizer_whose_step_needs_a_closure_is_refused_at_compile(method: str) -> None:
     """LBFGS evaluates the loss again inside step(): compile refuses it with the fix, where the
-    first step failed with torch's "step() missing 1 required positional argument: 'closure'"."""
+    first step failed with torch's "step() missing 1 required positional argument: 'closure'"
+    (and PipeOptim said only that it has no weight predictor for LBFGS)."""
     model = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 4))
     with pytest.raises(ValueError, match=r"LBFGS.step\(\) needs a closure .* use an optimizer that steps"):
         pipeoptim.compile(
             model,
             torch.optim.LBFGS(model.parameters()),
             gpus=2,
-            method="gpipe",
+            method=method,
             example_inputs=torch.randn(8, 8),
             loss_fn=F.cross_entropy,
             executor="local",

@@ -127,6 +127,22 @@ BAD_FILES = {
         ).encode(),
         "nothing to place",
     ),
+    "zero times": (  # planned, "bottleneck 0.545 ms, balance ratio 1.000 (lower bound 0)"
+        json.dumps(edited(lambda d: [n.update(fwd_s=0, bwd_s=0) for n in d["nodes"]])).encode(),
+        "every node has zero forward and backward time",
+    ),
+    "size as text": (  # read as 12 by float()
+        json.dumps(edited(set_node(3, out_bytes="12"))).encode(),
+        "'layer2' is malformed (out_bytes = '12' is not a number)",
+    ),
+    "time as true": (  # read as 1.0 s
+        json.dumps(edited(set_node(2, fwd_s=True))).encode(),
+        "'layer1' is malformed (fwd_s = True is not a number)",
+    ),
+    "inputs as text": (  # list("x") named one input per character
+        json.dumps(edited(set_node(2, inputs="x"))).encode(),
+        "'layer1' is malformed (inputs = 'x' is not a list)",
+    ),
     "missing key": (
         json.dumps(edited(lambda d: d["nodes"][2].pop("bwd_s"))).encode(),
         "'layer1' has no 'bwd_s'",

@@ -169,3 +169,14 @@ def test_bleu_plumbing_on_known_answers(multi30k_dir: str) -> None:
     assert set(seen) == {32, 6}  # chunks of the batch size, the last one smaller
     # Dropping each hypothesis's last word (a period) lowers the score below 100.
     assert bleu([" ".join(w[:-1]) for w in words], references[:70]) < 100.0
+
+
+def test_the_shared_folder_is_the_one_pipeoptim_shared_names(monkeypatch, tmp_path: Path) -> None:
+    """From a clone elsewhere than beside ``shared/`` (``/tmp``) the benchmarks and tests
+    skipped the GPU cost graphs with no way to point them at the folder (helper-86)."""
+    from pipeoptim.shared_folder import shared_folder
+
+    monkeypatch.setenv("PIPEOPTIM_SHARED", str(tmp_path))
+    assert shared_folder() == tmp_path
+    monkeypatch.delenv("PIPEOPTIM_SHARED")
+    assert shared_folder() == Path(__file__).resolve().parents[1].parent / "shared"

@@ -175,7 +175,7 @@ def test_a_batch_one_rank_refuses_is_refused_everywhere_or_stops_every_rank_at_o
     done = _torchrun("torchrun_refusals_script.py", 2, str(tmp_path / "out"), str(tmp_path / "p"))
     assert done.returncode == 0, done.stderr[-3000:]
     ranks = [json.loads((tmp_path / f"out.{r}").read_text()) for r in range(2)]
-    assert "inputs must be shaped like example_inputs" in ranks[0]["errors"][0] or ranks[0]["errors"]
+    assert ranks[0]["errors"][0].startswith("input 0 has shape (8, 1, 7, 7) torch.float32; the plan expects")
     assert ranks[1]["errors"] == [
         "rank 0 refused the inputs of this batch (its error says why), so every rank "
         "skips it; the pipeline goes on with the next"
@@ -208,6 +208,23 @@ def test_a_batch_one_rank_refuses_is_refused_everywhere_or_stops_every_rank_at_o
     assert ranks[0]["loss"].startswith("PeerLostError: ") and ranks[0]["loss_s"] < 2.5, ranks[0]
     assert "NaN" in ranks[0]["nan"] and "hold NaN" in ranks[0]["nan"], ranks[0]["nan"]
     assert ranks[1]["nan"].startswith("PeerLostError: ") and ranks[1]["nan_s"] < 2.5, ranks[1]
+
+
+def test_a_failure_a_rank_catches_stops_the_far_ranks_too(tmp_path: Path) -> None:
+    """3 ranks, PipeOptim: the last rank's loss_fn raising, then a NaN in rank 0's inputs, each
+    caught by the script that lives on 3 s. Every other rank stops with PeerLostError within
+    seconds: before, the ranks that got PeerLostError while waiting for a loss kept their
+    connections open, so the far rank waited until the script closed the pipeline or for the
+    timeout, and a loss receive gave gloo's raw RuntimeError (helper-85)."""
+    done = _torchrun("torchrun_caught_failure_script.py", 3, str(tmp_path / "out"), str(tmp_path / "p"))
+    assert done.returncode == 0, done.stderr[-3000:]
+    ranks = [json.loads((tmp_path / f"out.{r}").read_text()) for r in range(3)]
+    assert "out of bounds" in ranks[2]["loss"], ranks[2]
+    assert "hold NaN" in ranks[0]["nan"], ranks[0]
+    for case, failing in (("loss", 2), ("nan", 0)):
+        for rank in {0, 1, 2} - {failing}:
+            assert ranks[rank][case].startswith("PeerLostError: "), (case, rank, ranks[rank])
+            assert ranks[rank][f"{case}_at"] - ranks[failing][f"{case}_at"] < 2.5, (case, rank, ranks)
 
 
 def test_wrong_world_size_is_a_clear_error(monkeypatch) -> None:

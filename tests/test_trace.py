@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from torch import nn
@@ -204,3 +206,39 @@ def test_a_batch_the_traced_branch_does_not_hold_for_is_refused() -> None:
             executor="local",
             profile_dir=None,
         )
+
+
+class _CountsRows(nn.Module):
+    """``self.m += v`` and a counter ``self.n += 1`` on buffers, in the module's own forward."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(8, 16)
+        self.register_buffer("m", torch.zeros(16))
+        self.register_buffer("n", torch.zeros((), dtype=torch.long))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.a(x)
+        self.m += h.detach().mean(0)
+        self.n += 1
+        return torch.relu(h) + self.m
+
+
+def test_an_attribute_assigned_in_forward_is_refused_or_runs_as_written() -> None:
+    """fx turned ``self.m += v`` into a node nothing used and left a Proxy in ``self.m``:
+    profiling then failed with a bare ``KeyError: _tensor_constant0`` (helper-85)."""
+    root = _CountsRows()
+    with pytest.raises(TraceError, match=r"_CountsRows.forward assigns a computed value to self.m .*m.add_"):
+        trace(root, torch.randn(4, 8))
+    assert isinstance(root.m, torch.Tensor) and root.n.item() == 0  # the model is as it was
+    model = nn.Sequential(_CountsRows(), nn.Linear(16, 4))
+    reference = copy.deepcopy(model)
+    with pytest.warns(UserWarning, match="made these modules leaves .*0 .assigns a computed value"):
+        traced = trace(model, torch.randn(4, 8))
+    assert traced.auto_leaves.keys() == {"0"}
+    x = torch.randn(4, 8)
+    (out,) = traced.gm(x)  # the graph's flat outputs
+    torch.testing.assert_close(out, reference(x))  # the leaf runs as written
+    leaf = traced.gm.get_submodule("0")
+    torch.testing.assert_close(leaf.m, reference[0].m)
+    assert leaf.n.item() == reference[0].n.item() == 1

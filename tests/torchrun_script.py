@@ -44,7 +44,7 @@ def main(out: str, stages: int, method: str, profile_dir: str, only_needed: bool
     receives, unresolved = [], []
     for _ in range(3 * stages):
         pipe.step(*batches[0])
-        receives.append(len(pipe._executor._pending))
+        receives.append(len(pipe._executor.mail._pending))
         unresolved.append(len(pipe._losses))
     pipe.flush()
     result |= {"receives": max(receives), "unresolved": max(unresolved)}

@@ -18,17 +18,19 @@ from pipeoptim.cli.train import train_command
 class _Commands(click.Group):
     """With ``--json``, a failure also prints ``{"error": message, "exit_code": code}`` on
     stdout (the message stays on stderr), so that a script reading stdout gets an object, not
-    an empty string. Ctrl-C exits with 130 (click's "Aborted!" exited with 1), and so does a
-    SIGTERM (``kill``, ``timeout``, Slurm, ``docker stop``): it ended the process at once, the
-    stages' workers left to notice and a running record left ``running`` for good."""
+    an empty string. Ctrl-C exits with 130 (click's "Aborted!" exited with 1); a SIGTERM
+    (``kill``, ``timeout``, Slurm, ``docker stop``) stops the run the same way and exits with
+    143 (128 + 15, as the signal's default would): it ended the process at once, the stages'
+    workers left to notice and a running record left ``running`` for good."""
 
     def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
         ctx.meta["pipeoptim.json"] = "--json" in args
         return super().parse_args(ctx, args)
 
     def invoke(self, ctx: click.Context) -> object:
+        terminated: list[bool] = []  # a SIGTERM came (it raised KeyboardInterrupt)
         try:
-            with _terminate_as_interrupt():
+            with _terminate_as_interrupt(terminated):
                 return super().invoke(ctx)
         except click.ClickException as exc:
             if ctx.meta.get("pipeoptim.json"):
@@ -36,27 +38,34 @@ class _Commands(click.Group):
                 sys.stdout.write("\n")
             raise
         except SystemExit as exc:  # Ctrl-C: the command said why on stderr and exits with 130
-            if ctx.meta.get("pipeoptim.json") and exc.code == 130:
-                json.dump({"error": "interrupted", "exit_code": 130}, sys.stdout)
-                sys.stdout.write("\n")
-            raise
+            if exc.code != 130:
+                raise
+            _interrupted(ctx, terminated)
         except KeyboardInterrupt:  # a command without its own handler (partition): as train does
             click.echo("interrupted: nothing was saved", err=True)  # files are written atomically
-            if ctx.meta.get("pipeoptim.json"):
-                json.dump({"error": "interrupted", "exit_code": 130}, sys.stdout)
-                sys.stdout.write("\n")
-            sys.exit(130)
+            _interrupted(ctx, terminated)
+
+
+def _interrupted(ctx: click.Context, terminated: list[bool]) -> None:
+    """Exit as an interrupted command: 130 after Ctrl-C, 143 after SIGTERM."""
+    code = 143 if terminated else 130
+    if ctx.meta.get("pipeoptim.json"):
+        json.dump({"error": "interrupted", "exit_code": code}, sys.stdout)
+        sys.stdout.write("\n")
+    sys.exit(code)
 
 
 @contextlib.contextmanager
-def _terminate_as_interrupt() -> Iterator[None]:
+def _terminate_as_interrupt(terminated: list[bool]) -> Iterator[None]:
     """SIGTERM raises KeyboardInterrupt while a command runs (in the main thread only, where
-    Python runs signal handlers), so it stops every stage and records the run as Ctrl-C does."""
+    Python runs signal handlers), so it stops every stage and records the run as Ctrl-C does;
+    ``terminated`` gets an entry."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
 
     def interrupt(signum: int, frame: object) -> None:
+        terminated.append(True)
         raise KeyboardInterrupt(f"signal {signum} (SIGTERM)")
 
     previous = signal.signal(signal.SIGTERM, interrupt)

@@ -346,18 +346,18 @@ def _neutral_node(n: Any, i: int, origin: str) -> CostNode:
     name = n.get("name", f"#{i}") if isinstance(n, dict) else f"#{i}"
     try:
         compute = n["op"] in ("call_module", "call_function", "call_method")
-        out_bytes = _size(n["out_bytes"])
+        out_bytes = _size(n["out_bytes"], "out_bytes")
         return CostNode(
             name=str(n["name"]),
             op=n["op"],
             target=str(n["target"]),
-            inputs=list(n["inputs"]),
-            fwd_s=float(n["fwd_s"]),
-            bwd_s=float(n["bwd_s"]),
+            inputs=_list(n["inputs"], "inputs"),
+            fwd_s=float(_number(n["fwd_s"], "fwd_s")),
+            bwd_s=float(_number(n["bwd_s"], "bwd_s")),
             out_bytes=out_bytes,
             grad_bytes=out_bytes if n["op"] != "placeholder" else 0,
-            param_bytes=_size(n["param_bytes"]),
-            params=list(n.get("params", [])),
+            param_bytes=_size(n["param_bytes"], "param_bytes"),
+            params=_list(n.get("params", []), "params"),
             saved_bytes=out_bytes if compute else 0,
             module=n.get("module", ""),
             module_type=n.get("module_type", ""),
@@ -368,11 +368,26 @@ def _neutral_node(n: Any, i: int, origin: str) -> CostNode:
         raise ProfileError(f"{origin}: node {name!r} is malformed ({exc}); fix that node") from exc
 
 
-def _size(value: Any) -> int:
+def _number(value: Any, field: str) -> int | float:
+    """A JSON number as it is; a string or boolean (``"12"``, ``true``) is refused, not read
+    as one."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{field} = {value!r} is not a number")
+    return value
+
+
+def _list(value: Any, field: str) -> list[Any]:
+    """A JSON list as a list; a string is refused (``list("conv1")`` would name five inputs)."""
+    if not isinstance(value, list):
+        raise TypeError(f"{field} = {value!r} is not a list")
+    return list(value)
+
+
+def _size(value: Any, field: str) -> int:
     """A byte count: an integer, or a float with an integer value (``1e6``)."""
-    number = float(value)
+    number = float(_number(value, field))
     if not math.isfinite(number) or number != int(number):
-        raise ValueError(f"size {value!r} is not a whole number of bytes")
+        raise ValueError(f"{field} = {value!r} is not a whole number of bytes")
     return int(number)
 
 

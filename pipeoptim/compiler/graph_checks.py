@@ -55,3 +55,8 @@ def check_graph(graph: Any, origin: str) -> None:
             f"{origin}: every node has zero time and no parameters, so there is nothing to "
             "place; re-measure the profile"
         )
+    if not any(n.time_s > 0 for n in graph.nodes):  # a bottleneck of 0 s: every plan is "optimal"
+        raise ProfileError(
+            f"{origin}: every node has zero forward and backward time, so no plan can be told "
+            "faster than another; re-measure the profile (its times are missing)"
+        )

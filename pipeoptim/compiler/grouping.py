@@ -166,14 +166,16 @@ def fine_units(graph: CostGraph) -> Units:
     changed_until: dict[int, int] = {}  # first node of a changed tensor -> position the hold ends
     for i, node in enumerate(graph.nodes):
         for name in node.mutates:
-            # a buffer read again elsewhere is another get_attr node of the same attribute, which
-            # reads the copy of the stage it lands in: every reader of it joins the hold too
+            # an attribute (buffer, parameter) is not sent between stages but copied into each
+            # stage that reads it, through one get_attr node or several: every reader of it
+            # joins the hold, or it would read its stage's unchanged copy
             root = graph.nodes[graph.index(name)]
             roots = [graph.index(name)]
             if root.op == "get_attr":
                 roots = [
                     j for j, n in enumerate(graph.nodes) if (n.op, n.target) == ("get_attr", root.target)
                 ]
+                roots += [u for j in list(roots) for u in users[j]]
             first = order[min(position[j] for j in roots)]
             end = max(position[i], *(position[j] for j in roots))
             changed_until[first] = max(changed_until.get(first, -1), end)

@@ -127,7 +127,9 @@ class Plan:
             if sm.get("cores_bound")
             else []
         )
-        solved = f"{sm['partitioner']}"
+        # "ilp" is the optimal partitioner, whichever of its solvers (the DP over ideals, the
+        # ILP's HiGHS or CBC) found the plan: the solver follows in brackets
+        solved = "optimal partitioner" if sm["partitioner"] == "ilp" else f"{sm['partitioner']}"
         if sm.get("solver"):
             gap = "" if sm.get("gap") in (None, 0.0) else f", gap {sm['gap']:.2%}"
             units = "" if "units" in str(sm["status"]) else f", {plural(sm['num_units'], 'unit')}"

@@ -1,7 +1,8 @@
 """Calls a traced graph would drop: they stop tracing, and the module making them runs as written.
 
-``torch.fx`` records tensor operations only, so four kinds of call in a ``forward`` would be
-lost without a word, changing what trains or what evaluation computes:
+``torch.fx`` records tensor operations only, so five kinds of call in a ``forward`` would be
+lost without a word (or fail later with a bare ``KeyError``), changing what trains or what
+evaluation computes:
 
 - ``MyFunction.apply(x)`` of a custom ``torch.autograd.Function``: fx traces through it into
   the operations of its ``forward``, and autograd then differentiates those instead of the
@@ -14,7 +15,10 @@ lost without a word, changing what trains or what evaluation computes:
 - ``self.training``: read at trace time (``True``), so ``if self.training:`` branches and
   ``F.dropout(x, p, self.training)`` kept their training behaviour in evaluation
   (``Pipeline.predict``). While a module is traced through, its ``training`` is a
-  :class:`TrainingFlag` that raises where it is tested or passed to an operation.
+  :class:`TrainingFlag` that raises where it is tested or passed to an operation;
+- ``self.m += v`` or ``self.m = f(x)``: an assignment of a computed value to a module's
+  attribute, which a graph cannot hold (the buffer kept its value, and profiling failed on the
+  dropped node with ``KeyError: _tensor_constant0``).
 
 While a model is traced with fx (:func:`guarding_traced_calls`, :func:`training_flags`), these
 calls raise :class:`UntraceableCall`; the tracer then makes the module that made them a leaf
@@ -31,7 +35,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
-from torch import nn
+from torch import fx, nn
 
 
 class UntraceableCall(Exception):
@@ -63,8 +67,9 @@ def refusing_custom_functions() -> Iterator[None]:
 def guarding_traced_calls() -> Iterator[None]:
     """Within: custom autograd Functions (:func:`refusing_custom_functions`), grad-mode switches
     (``torch._C._set_grad_enabled``, behind ``no_grad``, ``enable_grad`` and
-    ``set_grad_enabled``; ``torch._C._InferenceMode``, behind ``inference_mode``) and autocast
-    switches (``torch.set_autocast_enabled``) raise :class:`UntraceableCall`."""
+    ``set_grad_enabled``; ``torch._C._InferenceMode``, behind ``inference_mode``), autocast
+    switches (``torch.set_autocast_enabled``) and traced values assigned to a module's
+    attribute (``nn.Module.__setattr__``) raise :class:`UntraceableCall`."""
 
     def grad_mode(mode: bool) -> None:
         raise UntraceableCall(
@@ -78,10 +83,22 @@ def guarding_traced_calls() -> Iterator[None]:
     def inference_mode(*args: Any, **kwargs: Any) -> None:
         raise UntraceableCall("enters torch.inference_mode, which a traced graph would drop")
 
+    module_setattr = nn.Module.__setattr__
+
+    def assign(module: nn.Module, name: str, value: Any) -> None:
+        if isinstance(value, fx.Proxy):
+            raise UntraceableCall(
+                f"assigns a computed value to self.{name} (self.{name} += v or self.{name} = ...), "
+                f"which a traced graph would drop: change the tensor in place instead "
+                f"(self.{name}.add_(v), self.{name}.copy_(new))"
+            )
+        module_setattr(module, name, value)
+
     patched = (
         (torch._C, "_set_grad_enabled", grad_mode),
         (torch, "set_autocast_enabled", autocast),
         (torch._C, "_InferenceMode", inference_mode),
+        (nn.Module, "__setattr__", assign),
     )
     originals = [(owner, name, getattr(owner, name)) for owner, name, _ in patched]
     with refusing_custom_functions():

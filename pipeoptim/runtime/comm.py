@@ -128,7 +128,13 @@ class DistChannel:
         step; the process group's timeout bounds the wait). With R replicas every rank holds
         its stage's replica-summed gradient, so the sum over all ranks is divided by R."""
         value = torch.tensor([own], dtype=torch.float64, device=self.device)
-        dist.all_reduce(value, group=self.group)
+        try:
+            dist.all_reduce(value, group=self.group)
+        except RuntimeError as exc:
+            raise PeerLostError(
+                f"stage {self.rank}: the all-reduce of the gradient norm failed "
+                f"({str(exc).splitlines()[0]}); another stage has probably stopped"
+            ) from exc
         return float(value.item()) / (dist.get_world_size() // self.world)
 
     def post_shared(self, round_: int, parts: list[torch.Tensor]) -> None:
@@ -166,11 +172,24 @@ class DistChannel:
     def isend(self, tensor: torch.Tensor, dst: int, tag: int = 0) -> None:
         """Post an asynchronous send of ``tensor`` to rank ``dst``; kept until retired."""
         tensor = tensor.contiguous()
-        self._sends[-1].append((dist.isend(tensor, dst, group=self.group, tag=tag), tensor))
+        try:
+            work = dist.isend(tensor, dst, group=self.group, tag=tag)
+        except RuntimeError as exc:  # gloo refuses a post on a connection the peer closed
+            raise self._lost("posting a send to", dst, exc) from exc
+        self._sends[-1].append((work, tensor))
 
     def irecv(self, tensor: torch.Tensor, src: int, tag: int = 0) -> Any:
         """Post a receive of ``tensor`` from rank ``src`` on this pipeline's group."""
-        return dist.irecv(tensor, src, group=self.group, tag=tag)
+        try:
+            return dist.irecv(tensor, src, group=self.group, tag=tag)
+        except RuntimeError as exc:
+            raise self._lost("posting a receive from", src, exc) from exc
+
+    def _lost(self, what: str, peer: int, exc: RuntimeError) -> PeerLostError:
+        return PeerLostError(
+            f"stage {self.rank}: {what} rank {peer} failed ({str(exc).splitlines()[0]}); rank "
+            f"{peer} has probably stopped"
+        )
 
     def end_action(self) -> None:
         """Close the current action's group of sends; wait on and release groups older than

@@ -32,8 +32,8 @@ from pipeoptim.errors import BatchRefusedError, PeerLostError, PipelineError
 from pipeoptim.microbatch import Rows
 from pipeoptim.runtime.affinity import pin_rank, unpin_rank
 from pipeoptim.runtime.build import PipelineSpec
-from pipeoptim.runtime.comm import LOSS_TAG
 from pipeoptim.runtime.executor import MiniBatch
+from pipeoptim.runtime.loss_mail import LossMail
 from pipeoptim.runtime.procmem import resident_bytes
 from pipeoptim.runtime.replicas import replica_part
 from pipeoptim.runtime.stage_state import merge_optimizer_states
@@ -137,12 +137,19 @@ class SPMDExecutor:
         self.group = dist.new_group(timeout=self.timeout)
         self.num_stages = spec.num_stages
         self.replicas = spec.data_parallel
-        #: receives of the last stages' losses: (first micro-batch, replica, receive, buffer)
-        self._pending: list[tuple[int, int, Any, torch.Tensor]] = []
-        #: a last stage: per mini-batch in flight, its micro-batches and the losses computed
-        self._losses: dict[int, tuple[int, dict[int, float]]] = {}
         try:
             self.process = StageProcess(spec, self.rank, self.device, timeout, self.group)
+            self.mail = LossMail(
+                self.process.channel,
+                self.rank,
+                self.world,
+                self.num_stages,
+                self.replicas,
+                self.process.replica,
+                spec.micro_batches,
+                on_loss,
+                self.timeout,
+            )
             self._share_initial_weights(spec)
         except BaseException:  # nothing of this pipeline is left: its groups, the binding
             self._release()
@@ -240,59 +247,17 @@ class SPMDExecutor:
         per = self.process.spec.micro_batches
         first, count = batch.index * per, len(share.sizes)
         if self.process.rank == stages - 1:
-            self._losses[batch.index] = (count, {})
-
-        def receive_losses() -> None:
-            for replica in range(self.replicas):  # every replica's last stage sends its losses
-                last = replica * stages + stages - 1
-                if self.rank != last:
-                    buffer = torch.empty(count, dtype=torch.float64, device=self.device)
-                    work = self.process.channel.irecv(buffer, last, tag=LOSS_TAG)
-                    self._pending.append((first, replica, work, buffer))
-            # gloo never reports a receive complete before wait(): wait on those of mini-batch
-            # index − N and before, whose last stages have sent them (they finished that
-            # mini-batch before this one's gradients could reach this stage), so the list stays
-            # bounded and step()'s wait for the oldest loss finds it there
-            self._poll(block=False, until=first - (stages - 1) * per - 1)
-
-        self._deliver(self.process.submit(part, side_work=receive_losses))
-
-    def _deliver(self, losses: list[tuple[int, float]]) -> None:
-        """A last stage: hand each loss to the pipeline and, once a mini-batch's are all
-        computed, send them to every other rank as one message (micro-batch order)."""
-        per = self.process.spec.micro_batches
-        for mb, value in losses:
-            self.on_loss(mb, torch.tensor(value), self.process.replica)
-            count, known = self._losses[mb // per]
-            known[mb % per] = value
-            if len(known) == count:
-                del self._losses[mb // per]
-                tensor = torch.tensor(
-                    [known[j] for j in range(count)], dtype=torch.float64, device=self.device
-                )
-                for rank in range(self.world):
-                    if rank != self.rank:
-                        self.process.channel.isend(tensor, rank, tag=LOSS_TAG)
-
-    def _poll(self, block: bool, until: int | None = None) -> None:
-        """Resolve the losses from other ranks that have arrived (all of them, or those of the
-        mini-batches up to the one of micro-batch ``until``)."""
-        while self._pending:
-            first, replica, work, buffer = self._pending[0]
-            if not (block or work.is_completed()) and (until is None or first > until):
-                return
-            work.wait(self.timeout)
-            self._pending.pop(0)
-            for j, value in enumerate(buffer.cpu()):
-                self.on_loss(first + j, value, replica)
+            self.mail.expect(batch.index, count)
+        side_work = lambda: self.mail.post(first, count, self.device)  # noqa: E731
+        self.mail.deliver(self.process.submit(part, side_work=side_work), self.device)
 
     def wait_loss(self, micro_batch: int) -> None:
         """Block until the loss of ``micro_batch`` has arrived on this rank."""
-        self._poll(block=False, until=micro_batch)
+        self.mail.poll(block=False, until=micro_batch)
 
     def flush(self) -> None:
-        self._deliver(self.process.flush())
-        self._poll(block=True)
+        self.mail.deliver(self.process.flush(), self.device)
+        self.mail.poll(block=True)
 
     # -- evaluation and state -----------------------------------------------------------
 
@@ -389,7 +354,9 @@ class SPMDExecutor:
                 process.destroy_groups()
             dist.destroy_process_group(self.group)
         self.group = None
-        self._pending.clear()  # loss receives: their requests hold the group too
+        mail = getattr(self, "mail", None)  # absent where building the stage failed
+        if mail is not None:
+            mail.clear()  # loss receives: their requests hold the group too
         if process is not None:
             process.channel.group = None
             process.channel.drop_pending()

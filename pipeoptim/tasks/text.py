@@ -16,10 +16,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pipeoptim.shared_folder import shared_folder
 from pipeoptim.tasks.base import Task, accuracy_evaluator, full_batches, shuffled_batches
 
-#: ``../shared/data`` beside the checkout.
-SHARED_DATA = Path(__file__).resolve().parents[2].parent / "shared" / "data"
+#: ``data`` in the shared folder (:func:`pipeoptim.shared_folder.shared_folder`).
+SHARED_DATA = shared_folder() / "data"
 SST2_DIR = SHARED_DATA / "sst2"
 SST2_LENGTH = 48  # tokens per sentence; the longest dev sentence has 47
 PAD, UNK = 0, 1

@@ -1,0 +1,114 @@
+"""Under torchrun, the losses' way from every replica's last stage to the other ranks.
+
+A last stage sends each mini-batch's micro-batch losses to every other rank as one float64
+message (tag :data:`~pipeoptim.runtime.comm.LOSS_TAG`) once the last of them is computed, so
+that ``float(loss)`` works on every rank. The other ranks post the receive of a mini-batch's
+losses with its forward and resolve them where a stage waits anyway: gloo reports a receive
+complete only once it is waited on, so a receive left alone would never be seen done.
+"""
+
+from __future__ import annotations
+
+import datetime
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from pipeoptim.errors import PeerLostError
+from pipeoptim.runtime.comm import LOSS_TAG, DistChannel
+
+
+class LossMail:
+    """One rank's loss messages: those it sends (a last stage) and those it waits for.
+
+    Args:
+        channel: the stage's channel (its process group).
+        rank: this rank; ``world``: the ranks of the job.
+        num_stages: stages per replica; ``replicas``: data-parallel replicas; ``replica``:
+            this rank's.
+        micro_batches: M, micro-batches per mini-batch.
+        on_loss: ``on_loss(micro_batch, loss, replica)`` for every loss known on this rank.
+        timeout: bound of each wait.
+    """
+
+    def __init__(
+        self,
+        channel: DistChannel,
+        rank: int,
+        world: int,
+        num_stages: int,
+        replicas: int,
+        replica: int,
+        micro_batches: int,
+        on_loss: Callable[..., None],
+        timeout: datetime.timedelta,
+    ) -> None:
+        self.channel, self.rank, self.world = channel, rank, world
+        self.num_stages, self.replicas, self.replica = num_stages, replicas, replica
+        self.micro_batches = micro_batches
+        self.on_loss = on_loss
+        self.timeout = timeout
+        #: receives of the last stages' losses: (first micro-batch, replica, receive, buffer)
+        self._pending: list[tuple[int, int, Any, torch.Tensor]] = []
+        #: a last stage: per mini-batch in flight, its micro-batches and the losses computed
+        self._losses: dict[int, tuple[int, dict[int, float]]] = {}
+
+    def expect(self, index: int, count: int) -> None:
+        """A last stage: mini-batch ``index`` has ``count`` micro-batches on this replica."""
+        self._losses[index] = (count, {})
+
+    def post(self, first: int, count: int, device: torch.device) -> None:
+        """Post the receive of every replica's ``count`` losses from micro-batch ``first`` (the
+        replicas' last stages other than this rank), and resolve those of mini-batches up to
+        ``first − N·M``: their last stages sent them before this mini-batch's gradients could
+        reach this stage, so the list stays bounded and ``step()``'s wait finds them here."""
+        for replica in range(self.replicas):
+            last = replica * self.num_stages + self.num_stages - 1
+            if self.rank != last:
+                buffer = torch.empty(count, dtype=torch.float64, device=device)
+                work = self.channel.irecv(buffer, last, tag=LOSS_TAG)
+                self._pending.append((first, replica, work, buffer))
+        self.poll(block=False, until=first - (self.num_stages - 1) * self.micro_batches - 1)
+
+    def deliver(self, losses: list[tuple[int, float]], device: torch.device) -> None:
+        """A last stage: hand each loss to the pipeline and, once a mini-batch's are all
+        computed, send them to every other rank as one message (micro-batch order)."""
+        per = self.micro_batches
+        for mb, value in losses:
+            self.on_loss(mb, torch.tensor(value), self.replica)
+            count, known = self._losses[mb // per]
+            known[mb % per] = value
+            if len(known) == count:
+                del self._losses[mb // per]
+                tensor = torch.tensor([known[j] for j in range(count)], dtype=torch.float64, device=device)
+                for rank in range(self.world):
+                    if rank != self.rank:
+                        self.channel.isend(tensor, rank, tag=LOSS_TAG)
+
+    def poll(self, block: bool, until: int | None = None) -> None:
+        """Resolve the losses from other ranks that have arrived (all of them, or those of the
+        mini-batches up to the one of micro-batch ``until``).
+
+        Raises:
+            PeerLostError: a receive failed (the last stage's rank stopped) or timed out.
+        """
+        while self._pending:
+            first, replica, work, buffer = self._pending[0]
+            if not (block or work.is_completed()) and (until is None or first > until):
+                return
+            try:
+                work.wait(self.timeout)
+            except RuntimeError as exc:  # gloo's own error: a closed connection, a timeout
+                last = replica * self.num_stages + self.num_stages - 1
+                raise PeerLostError(
+                    f"rank {self.rank}: receiving the losses of micro-batch {first} on from rank "
+                    f"{last} failed ({str(exc).splitlines()[0]}); rank {last} has probably stopped"
+                ) from exc
+            self._pending.pop(0)
+            for j, value in enumerate(buffer.cpu()):
+                self.on_loss(first + j, value, replica)
+
+    def clear(self) -> None:
+        """Forget the posted receives (a closed pipeline): their requests hold the group."""
+        self._pending.clear()
