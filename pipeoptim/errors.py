@@ -6,6 +6,8 @@ went wrong without parsing the text.
 
 from __future__ import annotations
 
+import traceback
+
 
 class PipeoptimError(Exception):
     """Base class of every error pipeoptim raises on purpose."""
@@ -83,3 +85,25 @@ class NonFiniteLossError(PipelineError):
 
 class CheckpointError(PipeoptimError):
     """A checkpoint is missing, half written, or belongs to another model."""
+
+
+def drop_frame_locals(exc: BaseException) -> None:
+    """Clear the local variables of the finished frames of ``exc``'s traceback and of the
+    exceptions it was raised from (:func:`traceback.clear_frames`; the traceback still prints
+    every file and line). A failed receive's frames hold its gloo request and so its process
+    group, whose connections close only with the last reference: kept by the pipeline's stored
+    error, they left a torchrun rank's other neighbour waiting out the timeout."""
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        traceback.clear_frames(exc.__traceback__)
+        exc = exc.__cause__ or exc.__context__
+
+
+#: the note on autograd's "modified by an inplace operation" raised in a pipeline's backward
+SAVED_THEN_CHANGED = (
+    "a tensor that forward changes in place (a buffer: self.ema.mul_(0.9)) was saved for this "
+    "backward and changed again by a later micro-batch's forward, which the schedule runs "
+    "before this backward (plain gradient accumulation runs each backward first): read a copy "
+    "where gradients flow (h @ self.ema.clone()), or train with micro_batches=1"
+)

@@ -162,15 +162,14 @@ def length_of(spec: PipelineSpec, inputs: tuple[torch.Tensor, ...]) -> int | Non
     return lengths.pop() if lengths else None
 
 
-#: a targets value's structure and, per leaf, ``(dtype, dims)`` of a tensor or the type of another
-Signature = tuple[Any, tuple[Any, ...]]
+#: per leaf of a targets value: a tensor's dtype and number of dims, another value's type
+Signature = tuple[Any, ...]
 
 
 def targets_signature(targets: Any) -> Signature:
-    """The structure of ``targets`` (its pytree spec) and, per leaf, a tensor's dtype and
-    number of dims or another value's type."""
-    leaves, spec = pytree.tree_flatten(targets)
-    return spec, tuple((t.dtype, t.dim()) if isinstance(t, torch.Tensor) else type(t) for t in leaves)
+    """Per leaf of ``targets`` (a pytree), a tensor's ``(dtype, dims)`` or another value's type."""
+    leaves = pytree.tree_leaves(targets)
+    return tuple((t.dtype, t.dim()) if isinstance(t, torch.Tensor) else type(t) for t in leaves)
 
 
 def split_targets(
@@ -181,29 +180,24 @@ def split_targets(
 
     Raises:
         PipelineError: targets that do not split like the inputs
-            (:func:`pipeoptim.microbatch.check_rows_split`), or of another structure, dtype or
-            number of dims than ``first``, the first mini-batch's: ``float`` labels given to
-            ``cross_entropy`` failed inside the pipeline and stopped it, the trained weights
-            with it, where a check before the batch starts leaves the pipeline running.
+            (:func:`pipeoptim.microbatch.check_rows_split`), or a tensor whose dtype changed
+            since ``first``, the first mini-batch's, at the same number of dims, other than
+            between floating-point types (float or int32 class labels for ``cross_entropy``
+            after int64 ones: they failed inside the pipeline and stopped it, the trained
+            weights with it). Other changes may be meant (float32 and float64 for
+            ``mse_loss``, hard labels ``[B]`` and soft ones ``[B, C]``) and are let through.
     """
     signature = targets_signature(targets)
-    if targets is not None and first is not None and signature != first:
-        was, now = _describe(first), _describe(signature)
-        raise PipelineError(
-            f"targets are {now} where the first mini-batch's were {was}: give every mini-batch "
-            "targets of one structure and dtype (e.g. y.long() for class labels); this batch is "
-            "skipped and the pipeline goes on"
-        )
+    if targets is not None and first is not None and len(signature) == len(first):
+        for j, (was, now) in enumerate(zip(first, signature)):
+            tensors = isinstance(was, tuple) and isinstance(now, tuple) and was[1] == now[1]
+            if tensors and was[0] != now[0] and not (was[0].is_floating_point and now[0].is_floating_point):
+                raise PipelineError(
+                    f"targets' tensor {j} is {now[0]} where the first mini-batch's was {was[0]} "
+                    f"({was[1]} dim(s) both): give it the first's dtype (class labels are "
+                    "integers: y.long()); this batch is skipped and the pipeline goes on"
+                )
     microbatch.check_rows_split(targets, rows, len(sizes))
     micro_targets = microbatch.split(targets, len(sizes))
     held = None if targets is None else micro_targets  # under torchrun only the last rank's
     return micro_targets, microbatch.scales(sizes, reduction, held), signature
-
-
-def _describe(signature: Signature) -> str:
-    spec, leaves = signature
-    parts = [
-        f"{leaf[0]} with {leaf[1]} dim(s)" if isinstance(leaf, tuple) else leaf.__name__ for leaf in leaves
-    ]
-    shape = "" if spec.is_leaf() else f"{spec.type.__name__} of "
-    return shape + ", ".join(parts) if parts else "empty"

@@ -23,7 +23,7 @@ from pipeoptim import inputs as given
 from pipeoptim.batchnorm import plain_batch_norm
 from pipeoptim.compiler.plan import Plan
 from pipeoptim.compiler.trace import TracedModel
-from pipeoptim.errors import PipelineError, PipeoptimError
+from pipeoptim.errors import PipelineError, PipeoptimError, drop_frame_locals
 from pipeoptim.loss import Loss, MiniBatchLosses
 from pipeoptim.measurements import Measurements
 from pipeoptim.refusals import prepared_here, shared_rows
@@ -83,11 +83,12 @@ class Pipeline(Measurements):
 
     def _on_error(self, exc: BaseException) -> None:
         """Stop the pipeline at ``exc``. Under torchrun the other ranks wait on this one, which
-        may stay alive (the script caught the error): its connections are closed at once, so
-        that they stop within a second (a lost peer) instead of waiting out the timeout."""
+        may stay alive (the script caught the error): its connections are closed at once (the
+        error's frames let go of them), so that they stop within a second (a lost peer)."""
         self._error = exc
         self._losses.fail_all(exc)
         if self.executor_kind == "torchrun":
+            drop_frame_locals(exc)
             self._executor.abort()
 
     # -- training --------------------------------------------------------------------
@@ -219,9 +220,8 @@ class Pipeline(Measurements):
             raise error
 
     def _waited(self, wait: Callable[[], None]) -> None:
-        """``wait()`` (a flush, a loss's wait): a failure there (a lost peer, a timeout, with
-        ``executor="local"`` any exception of the schedule it runs) stops the pipeline
-        (:meth:`_on_error`); a processes pipeline stays usable after a Ctrl-C while waiting."""
+        """``wait()`` (a flush, a loss's wait): its failure (with ``executor="local"`` any) stops
+        the pipeline; a processes pipeline stays usable after a Ctrl-C while waiting."""
         try:
             wait()
         except BaseException as exc:

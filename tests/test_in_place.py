@@ -195,3 +195,45 @@ def test_a_change_that_holds_the_model_together_says_so() -> None:
             executor="local",
             profile_dir=None,
         )
+
+
+class SavedEma(nn.Module):
+    """A buffer changed in place, then multiplied with an activation that needs a gradient:
+    autograd saves the buffer for that backward."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ls = nn.ModuleList(nn.Linear(8, 8) for _ in range(3))
+        self.o = nn.Linear(8, 4)
+        self.register_buffer("ema", torch.zeros(8, 8))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = x
+        for layer in self.ls:
+            h = torch.tanh(layer(h))
+        self.ema.mul_(0.9).add_(self.ls[1].weight.detach(), alpha=0.1)
+        return self.o(h + h @ self.ema)
+
+
+def test_a_saved_tensor_changed_by_a_later_forward_says_why_and_the_fix() -> None:
+    """GPipe runs every micro-batch's forward before the backwards, so the second forward
+    changes the ema the first one's backward saved: autograd's bare "modified by an inplace
+    operation" told the user nothing (helper-87)."""
+    model = SavedEma()
+    with (
+        pipeoptim.compile(
+            model,
+            torch.optim.SGD(model.parameters(), lr=0.1),
+            gpus=2,
+            method="gpipe",
+            example_inputs=batches()[0][0],
+            loss_fn=F.cross_entropy,
+            executor="local",
+            profile_dir=None,
+        ) as pipe,
+        pytest.raises(RuntimeError, match="modified by an inplace operation") as info,
+    ):
+        pipe.step(*batches()[0])
+    assert "read a copy where gradients flow (h @ self.ema.clone()), or train with micro_batches=1" in (
+        "\n".join(info.value.__notes__)
+    )

@@ -242,3 +242,41 @@ def test_an_attribute_assigned_in_forward_is_refused_or_runs_as_written() -> Non
     leaf = traced.gm.get_submodule("0")
     torch.testing.assert_close(leaf.m, reference[0].m)
     assert leaf.n.item() == reference[0].n.item() == 1
+
+
+class _ClampsByAssignment(nn.Module):
+    """A weight constraint written out of place: ``w.data = w.data.clamp(...)``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Linear(8, 8), nn.Linear(8, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.a.weight.data = self.a.weight.data.clamp(-0.2, 0.2)
+        return self.b(torch.tanh(self.a(x)))
+
+
+class _KeepsLast(nn.Module):
+    """Keeps forward's results on the module: a tuple of them, not a tensor attribute."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(8, 8)
+        self.last: tuple | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.a(x)
+        self.last = (h.detach().mean(), h.shape)
+        return h
+
+
+def test_other_assignments_a_graph_would_drop_are_refused_or_run_as_written() -> None:
+    """``w.data = ...`` set an attribute of a Proxy, and a tuple of Proxies passed the check of
+    a bare one: both traced without a word, the constraint never applied (helper-87: weight
+    off by 0.15) and the tuple a leftover of tracing."""
+    with pytest.raises(TraceError, match=r"assigns a tensor's \.data .*w\.data\.clamp_"):
+        trace(_ClampsByAssignment(), torch.randn(4, 8))
+    kept = "0 .assigns a computed value to self.last .*return what forward computes"
+    with pytest.warns(UserWarning, match=kept):
+        traced = trace(nn.Sequential(_KeepsLast(), nn.Linear(8, 4)), torch.randn(4, 8))
+    assert traced.auto_leaves.keys() == {"0"}

@@ -21,8 +21,11 @@ def main(out: str, profile_dir: str) -> None:
     rank, last = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]) - 1
     result: dict = {}
     torch.manual_seed(0)
-    batches = data(6)
-    for case, failing in (("loss", last), ("nan", 0)):
+    batches = data(10)
+    cases = [
+        (f"{kind}{at}", kind, failing, at) for kind, failing in (("loss", last), ("nan", 0)) for at in (1, 6)
+    ]
+    for case, kind, failing, at in cases:
         model = SmallCNN()
         opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
         with pipeoptim.compile(
@@ -37,8 +40,8 @@ def main(out: str, profile_dir: str) -> None:
             losses = []
             try:
                 for i, (x, y) in enumerate(batches):
-                    if i == 4:  # two mini-batches in flight before it
-                        if case == "loss":
+                    if i == at:  # at 1 in the warm-up, at 6 in the steady state
+                        if kind == "loss":
                             y = torch.full_like(y, 99)
                         else:
                             x = x.clone()

@@ -16,9 +16,10 @@ evaluation computes:
   ``F.dropout(x, p, self.training)`` kept their training behaviour in evaluation
   (``Pipeline.predict``). While a module is traced through, its ``training`` is a
   :class:`TrainingFlag` that raises where it is tested or passed to an operation;
-- ``self.m += v`` or ``self.m = f(x)``: an assignment of a computed value to a module's
-  attribute, which a graph cannot hold (the buffer kept its value, and profiling failed on the
-  dropped node with ``KeyError: _tensor_constant0``).
+- ``self.m += v``, ``self.m = f(x)`` or ``w.data = w.data.clamp(...)``: an assignment of a
+  computed value to a module's attribute or a tensor's ``.data``, which a graph cannot hold
+  (the buffer kept its value, and profiling failed on the dropped node with ``KeyError:
+  _tensor_constant0``; a weight constraint written that way was never applied).
 
 While a model is traced with fx (:func:`guarding_traced_calls`, :func:`training_flags`), these
 calls raise :class:`UntraceableCall`; the tracer then makes the module that made them a leaf
@@ -35,6 +36,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
+import torch.utils._pytree as pytree
 from torch import fx, nn
 
 
@@ -83,22 +85,37 @@ def guarding_traced_calls() -> Iterator[None]:
     def inference_mode(*args: Any, **kwargs: Any) -> None:
         raise UntraceableCall("enters torch.inference_mode, which a traced graph would drop")
 
-    module_setattr = nn.Module.__setattr__
+    module_setattr, proxy_setattr = nn.Module.__setattr__, fx.Proxy.__setattr__
 
     def assign(module: nn.Module, name: str, value: Any) -> None:
-        if isinstance(value, fx.Proxy):
+        if any(isinstance(leaf, fx.Proxy) for leaf in pytree.tree_leaves(value)):
+            fix = (
+                f"change the tensor in place instead (self.{name}.add_(v), self.{name}.copy_(new))"
+                if name in module._buffers  # (fx hands out buffers as Proxies while tracing)
+                or name in module._parameters
+                or isinstance(module.__dict__.get(name), torch.Tensor)
+                else "return what forward computes instead of keeping it on the module"
+            )
             raise UntraceableCall(
                 f"assigns a computed value to self.{name} (self.{name} += v or self.{name} = ...), "
-                f"which a traced graph would drop: change the tensor in place instead "
-                f"(self.{name}.add_(v), self.{name}.copy_(new))"
+                f"which a traced graph would drop: {fix}"
             )
         module_setattr(module, name, value)
+
+    def assign_data(proxy: fx.Proxy, name: str, value: Any) -> None:
+        if name == "data":
+            raise UntraceableCall(
+                "assigns a tensor's .data (w.data = w.data.clamp(...)), which a traced graph would "
+                "drop: change it in place instead (w.data.clamp_(...), w.data.copy_(new))"
+            )
+        proxy_setattr(proxy, name, value)
 
     patched = (
         (torch._C, "_set_grad_enabled", grad_mode),
         (torch, "set_autocast_enabled", autocast),
         (torch._C, "_InferenceMode", inference_mode),
         (nn.Module, "__setattr__", assign),
+        (fx.Proxy, "__setattr__", assign_data),
     )
     originals = [(owner, name, getattr(owner, name)) for owner, name, _ in patched]
     with refusing_custom_functions():

@@ -16,7 +16,7 @@ from typing import Any, Protocol
 import torch
 from torch.utils import _pytree as pytree
 
-from pipeoptim.errors import PipelineStalledError
+from pipeoptim.errors import SAVED_THEN_CHANGED, PipelineStalledError
 from pipeoptim.microbatch import Rows, describe
 from pipeoptim.runtime import stage_state as states
 from pipeoptim.runtime.async_norms import step_async
@@ -164,6 +164,8 @@ def _add_where(exc: Exception, action: str, where: tuple[int, int, tuple[int, ..
     micro-batch's place and rows (``MicroBatch.where``, :func:`pipeoptim.microbatch.describe`)."""
     if hasattr(exc, "add_note"):
         exc.add_note(f"raised in {action}{describe(*where)}")
+        if "modified by an inplace operation" in str(exc):
+            exc.add_note(SAVED_THEN_CHANGED)
 
 
 class _Mailbox:
