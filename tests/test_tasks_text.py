@@ -49,7 +49,7 @@ def _mean(values: list[float]) -> float:
 
 @pytest.mark.parametrize("name", ["sst2", "multi30k"])
 def test_missing_files_name_the_folder(name: str, tmp_path: Path) -> None:
-    with pytest.raises(FileNotFoundError, match=f"{tmp_path}.*--data-dir"):
+    with pytest.raises(FileNotFoundError, match=f"{tmp_path}.*--data-dir.*PIPEOPTIM_SHARED"):
         make_task(name, batch_size=8, data_dir=str(tmp_path))
 
 

@@ -200,7 +200,8 @@ def sst2(
     if missing:
         raise FileNotFoundError(
             f"SST-2 file(s) {', '.join(missing)} not found in {folder}: pass --data-dir (or set SST2_DIR) "
-            "with the GLUE SST-2 train.tsv and dev.tsv (sentence<TAB>label, one header line)"
+            "with the GLUE SST-2 train.tsv and dev.tsv (sentence<TAB>label, one header line), or "
+            "PIPEOPTIM_SHARED to the shared folder holding data/sst2"
         )
     train_words, y_train = _read_tsv(folder / "train.tsv")
     train_words, y_train = train_words[:limit], y_train[:limit]

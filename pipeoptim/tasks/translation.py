@@ -231,7 +231,8 @@ def load_multi30k(data_dir: str | None = None, limit: int | None = None) -> Mult
     if missing:
         raise FileNotFoundError(
             f"Multi30K file(s) {', '.join(missing)} not found in {folder}: pass --data-dir (or set "
-            "MULTI30K_DIR) with the raw task-1 files of github.com/multi30k/dataset (data/task1/raw)"
+            "MULTI30K_DIR) with the raw task-1 files of github.com/multi30k/dataset (data/task1/raw), "
+            "or PIPEOPTIM_SHARED to the shared folder holding data/multi30k"
         )
     text = {
         (split, lang): _read_lines(folder / f"{stem}.{lang}.gz")
