@@ -132,7 +132,7 @@ class Pipeline(Measurements):
             return given.split_targets(targets, int(batch), sizes, self.spec.loss_reduction, self._targets)
 
         micro_targets, scales, signature = prepared_here(prepare, self.executor_kind, self._on_error)
-        if targets is not None:
+        if self._targets is None and targets is not None:  # what later targets are held to
             self._targets = signature
         self._throttle()
         index = self._next

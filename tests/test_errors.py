@@ -136,6 +136,10 @@ def test_labels_turned_float_are_refused_and_the_pipeline_goes_on(executor: str)
         soft = F.one_hot(y, 4).float()
         assert float(pipe.step(x, soft)) < first  # mixup-style soft labels: the same batch, trained
         assert float(pipe.step(x, soft.double())) > 0  # float64 after float32
+        with pytest.raises(
+            PipelineError, match=r"is torch.float32 where the first mini-batch's was torch.int64"
+        ):
+            pipe.step(x, y.float())  # still held to the first mini-batch's, not to the last one's
         assert pipe.state_dict().keys() == mlp().state_dict().keys()
 
 
