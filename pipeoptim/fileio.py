@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import errno
+import glob
 import json
 import os
+import re
+import socket
 import tempfile
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -24,7 +27,8 @@ def atomic_write(path: str | os.PathLike[str], write: Callable[[IO[bytes]], Any]
     if blocking is not None:  # mkdir would say only "File exists"
         raise NotADirectoryError(errno.ENOTDIR, f"{blocking} is a file, not a folder", str(path))
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    _remove_stale_temporaries(path)
+    fd, tmp = tempfile.mkstemp(prefix=_temporary_prefix(path), suffix=".tmp", dir=path.parent)
     try:
         os.fchmod(fd, 0o666 & ~_umask())
         with os.fdopen(fd, "wb") as f:
@@ -41,6 +45,38 @@ def atomic_write(path: str | os.PathLike[str], write: Callable[[IO[bytes]], Any]
             os.fsync(folder)
         finally:
             os.close(folder)
+
+
+def _temporary_prefix(path: Path) -> str:
+    """``.NAME.PID@HOST.``: the temporary file of ``path`` says which process writes it."""
+    return f".{path.name}.{os.getpid()}@{socket.gethostname()}."
+
+
+def _remove_stale_temporaries(path: Path) -> None:
+    """Delete the temporary files of ``path`` left by writers of this host that were killed
+    (SIGKILL, the OOM killer, a power loss) before they could remove them: a checkpoint's is
+    as large as the checkpoint, and hidden. A temporary of a process still alive (another
+    writer of the same file), of another host (a shared folder) or of another naming is left;
+    nothing is removed off POSIX, where ``os.kill(pid, 0)`` would end the process."""
+    if os.name != "posix":
+        return
+    pattern = re.compile(rf"\.{re.escape(path.name)}\.(\d+)@(.+)\.[^.]+\.tmp")
+    host = socket.gethostname()
+    for candidate in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):
+        match = pattern.fullmatch(candidate.name)
+        if match and match.group(2) == host and not _alive(int(match.group(1))):
+            candidate.unlink(missing_ok=True)
+
+
+def _alive(pid: int) -> bool:
+    """Whether process ``pid`` exists on this host (one of another user counts as alive)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def writable_folder(path: str | os.PathLike[str], what: str, option: str) -> bool:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import stat
 import subprocess
 import sys
@@ -464,6 +465,20 @@ def test_a_killed_writer_leaves_the_previous_checkpoint_whole(tmp_path: Path) ->
     done = subprocess.run([sys.executable, "-c", script], timeout=60)
     assert done.returncode == -signal.SIGKILL
     assert torch.load(path) == {"v": 1}
+    # its hidden temporary (1 MB here; a checkpoint's size in use) goes at the next write of
+    # the file; a live writer's (this process's) and another host's stay
+    (left,) = tmp_path.glob(".big.pt.*.tmp")
+    assert left.stat().st_size == 1_000_000
+    live = tmp_path / f".big.pt.{os.getpid()}@{socket.gethostname()}.abcd1234.tmp"
+    other_host = tmp_path / ".big.pt.1@another.host.abcd1234.tmp"
+    live.touch()
+    other_host.touch()
+    torch.save({"v": 2}, tmp_path / "other.pt")
+    atomic_write(path, lambda f: torch.save({"v": 3}, f))
+    assert torch.load(path) == {"v": 3}
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        ["big.pt", "other.pt", live.name, other_host.name]
+    )
 
 
 def _fail_and_close(executor: str) -> tuple[Any, Any]:

@@ -280,3 +280,58 @@ def test_other_assignments_a_graph_would_drop_are_refused_or_run_as_written() ->
     with pytest.warns(UserWarning, match=kept):
         traced = trace(nn.Sequential(_KeepsLast(), nn.Linear(8, 4)), torch.randn(4, 8))
     assert traced.auto_leaves.keys() == {"0"}
+
+
+class _PlainCounter(nn.Module):
+    """A plain tensor attribute (neither parameter nor buffer) changed in place in forward."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(8, 16)
+        self.t = torch.zeros(16)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.t.add_(0.5)
+        return torch.tanh(self.a(x)) + self.t
+
+
+def test_a_plain_tensor_attribute_changed_in_forward_is_refused_or_runs_as_written() -> None:
+    """fx holds a plain tensor attribute as a constant and ran ``self.t.add_(0.5)`` once, at
+    tracing: the pipeline trained with t = 0.5 for ever where the model's t grew each forward
+    (helper-87: loss off 3.7e-3 after a few steps), and tracing changed the user's model."""
+    import torch.nn.functional as F
+
+    import pipeoptim
+
+    root = _PlainCounter()
+    with pytest.raises(TraceError, match=r"_PlainCounter.forward changes self.t .*register_buffer"):
+        trace(root, torch.randn(4, 8))
+    assert root.t.abs().max().item() == 0.0  # the model is as it was
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 8), _PlainCounter(), nn.Linear(16, 4))
+    reference = copy.deepcopy(model)
+    x, y = torch.randn(12, 8), torch.randint(0, 4, (12,))
+    with pytest.warns(UserWarning, match=r"made these modules leaves .*1 \(changes self.t \(1.t\)"):
+        pipe = pipeoptim.compile(
+            model,
+            torch.optim.SGD(model.parameters(), lr=0.1),
+            gpus=3,
+            method="gpipe",
+            micro_batches=1,
+            example_inputs=x,
+            loss_fn=F.cross_entropy,
+            executor="local",
+            profile_dir=None,
+        )
+    opt = torch.optim.SGD(reference.parameters(), lr=0.1)
+    with pipe:
+        assert pipe.plan.num_stages == 3
+        for _ in range(4):
+            loss = F.cross_entropy(reference(x), y)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            assert float(pipe.step(x, y)) == pytest.approx(loss.item(), abs=1e-6)
+        state = pipe.state_dict()
+    for name, value in reference.state_dict().items():
+        torch.testing.assert_close(state[name], value, rtol=0, atol=1e-6)

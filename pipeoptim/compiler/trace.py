@@ -36,11 +36,13 @@ from pipeoptim.compiler.graph_identity import graph_hash
 from pipeoptim.compiler.normalise import normalise
 from pipeoptim.compiler.recompute import checkpoint_calls, fold_regions, recording_checkpoints
 from pipeoptim.compiler.trace_guards import (
+    PlainTensorChanged,
     TrainingFlag,
     TrainingRead,
     UntraceableCall,
     guarding_traced_calls,
     training_flags,
+    watching_plain_tensors,
 )
 from pipeoptim.errors import TraceError
 
@@ -231,6 +233,7 @@ def _symbolic_trace(
     before = set(vars(model))
     try:
         with (
+            watching_plain_tensors(model),  # first: it checks once the others are undone
             recording_checkpoints(model, tracer) as regions,
             guarding_traced_calls(),
             training_flags(model, tracer._is_leaf, root=root_flag),
@@ -239,6 +242,8 @@ def _symbolic_trace(
         gm = fx.GraphModule(tracer.root, graph, type(model).__name__)
         fold_regions(gm, regions)
         return gm, None, None
+    except PlainTensorChanged as exc:  # found after the trace: the module holding the tensor
+        return None, exc, exc.owner
     except Exception as exc:  # fx raises many types; all mean "cannot trace"
         return None, exc, tracer.failed_module
     finally:
@@ -286,10 +291,18 @@ def trace(
         while failed and failed in leaf_names:  # a leaf was given self.training: its caller read it
             failed = failed.rpartition(".")[0]
         if failed:
-            auto_leaves[failed] = f"{exc} at {_user_frame(exc)}"
+            auto_leaves[failed] = (
+                str(exc) if isinstance(exc, PlainTensorChanged) else f"{exc} at {_user_frame(exc)}"
+            )
             leaf_names.add(failed)
         elif isinstance(exc, TrainingRead) and not root_training:
             root_training = f"{exc} at {_user_frame(exc)}"
+        elif isinstance(exc, PlainTensorChanged):
+            raise TraceError(
+                f"{type(model).__name__}.forward {exc}. Fix: make it a buffer "
+                "(self.register_buffer(name, tensor), persistent=False to keep it out of the "
+                "state_dict), whose changes the graph records"
+            ) from exc
         else:
             raise TraceError(
                 f"{type(model).__name__}.forward {exc} at {_user_frame(exc)}. Fix: move that code into "

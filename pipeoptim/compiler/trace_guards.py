@@ -19,7 +19,12 @@ evaluation computes:
 - ``self.m += v``, ``self.m = f(x)`` or ``w.data = w.data.clamp(...)``: an assignment of a
   computed value to a module's attribute or a tensor's ``.data``, which a graph cannot hold
   (the buffer kept its value, and profiling failed on the dropped node with ``KeyError:
-  _tensor_constant0``; a weight constraint written that way was never applied).
+  _tensor_constant0``; a weight constraint written that way was never applied);
+- ``self.t.add_(1)`` where ``self.t`` is a plain tensor attribute (neither a parameter nor a
+  buffer): fx holds such a tensor as a constant and runs arithmetic on it alone at trace time,
+  so the change happened once instead of at every forward (helper-87 measured the loss 3.7e-3
+  off after a few steps). :func:`watching_plain_tensors` finds it by the tensor's version
+  counter after the trace and puts the value back.
 
 While a model is traced with fx (:func:`guarding_traced_calls`, :func:`training_flags`), these
 calls raise :class:`UntraceableCall`; the tracer then makes the module that made them a leaf
@@ -126,6 +131,51 @@ def guarding_traced_calls() -> Iterator[None]:
         finally:
             for owner, name, original in originals:
                 setattr(owner, name, original)
+
+
+class PlainTensorChanged(UntraceableCall):
+    """A plain tensor attribute of ``owner`` (qualified module name) changed during tracing."""
+
+    def __init__(self, owner: str, message: str) -> None:
+        super().__init__(message)
+        self.owner = owner
+
+
+#: attributes every module has (``_parameters``, ``_buffers``, hooks...): not the user's tensors
+_MODULE_INTERNALS = frozenset(vars(nn.Module()))
+
+
+@contextlib.contextmanager
+def watching_plain_tensors(model: nn.Module) -> Iterator[None]:
+    """Within: a trace. On leaving without an error, raise :class:`PlainTensorChanged` (owner:
+    the module holding it; the first found) if a tensor held in a plain attribute (neither a
+    parameter nor a buffer; alone or in a list, tuple or dict) was changed in place, after
+    putting every such tensor back to its value before the trace (the model is not modified).
+    A change recorded in the graph (``self.t.add_(x.mean())``, an operation on a traced value)
+    does not run at trace time and is not reported."""
+    watched = []
+    for prefix, module in model.named_modules():
+        for name, value in vars(module).items():
+            if name in _MODULE_INTERNALS or isinstance(value, nn.Module):
+                continue
+            for leaf in pytree.tree_leaves(value):
+                if isinstance(leaf, torch.Tensor) and not isinstance(leaf, nn.Parameter):
+                    watched.append((prefix, name, leaf, leaf._version, leaf.detach().clone()))
+    yield
+    changed = [(prefix, name) for prefix, name, t, version, _ in watched if t._version != version]
+    with torch.no_grad():
+        for _, _, tensor, version, before in watched:
+            if tensor._version != version:
+                tensor.copy_(before)
+    if changed:
+        prefix, name = changed[0]
+        where = f"{prefix}.{name}" if prefix else name
+        raise PlainTensorChanged(
+            prefix,
+            f"changes self.{name} ({where}), a tensor attribute that is neither a parameter nor a "
+            "buffer, in place: torch.fx holds such a tensor as a constant, so the change would "
+            "happen once, at tracing, instead of at every forward",
+        )
 
 
 class TrainingRead(UntraceableCall):
