@@ -38,7 +38,7 @@ from pipeoptim.loss import Loss, drain
 from pipeoptim.optimizers import cosine_factor, make_optimizer
 from pipeoptim.records import Progress, StepLog, epoch_line, plot_curves
 from pipeoptim.runtime.precision import autocast_dtype
-from pipeoptim.runtime.spawning import sigint_deferred
+from pipeoptim.runtime.spawning import signals_deferred
 from pipeoptim.sequential import SEQUENTIAL, Sequential
 from pipeoptim.tasks import Task, make_task
 
@@ -289,7 +289,7 @@ class _Run:
         status = "interrupted" if isinstance(exc, KeyboardInterrupt) else "failed"
         # a second Ctrl-C (a terminal's and `timeout`'s forwarded one arrive together) waits
         # for the record; the original error matters more than its record
-        with sigint_deferred(), contextlib.suppress(Exception):
+        with signals_deferred(), contextlib.suppress(Exception):
             self.write(wall, status, None if status == "interrupted" else f"{type(exc).__name__}: {exc}")
 
 

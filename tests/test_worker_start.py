@@ -4,6 +4,8 @@ environment as it is when each pipeline starts (pipeoptim.runtime.spawning)."""
 from __future__ import annotations
 
 import os
+import signal
+import time
 
 import pytest
 import torch
@@ -11,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import pipeoptim
-from pipeoptim.runtime.spawning import worker_context
+from pipeoptim.runtime.spawning import signals_deferred, worker_context
 
 
 def scaled_loss(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -48,3 +50,27 @@ def test_workers_fork_from_a_server_on_a_cpu_machine() -> None:
     context = worker_context()
     expected = "spawn" if torch.cuda.is_available() else "forkserver"
     assert context.get_start_method() == expected
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_a_stopping_signal_waits_for_the_workers_start_and_reaches_its_handler(signum: int) -> None:
+    """A SIGTERM while `pipeoptim train` started its workers cut a start short: the child went
+    on starting after the driver had gone and printed a FileNotFoundError traceback from the
+    fork server (only Ctrl-C was deferred). Both signals now wait for the block's end and then
+    reach the handler there was before, once each, an ignored one staying ignored."""
+    calls: list[str] = []
+    previous = signal.signal(signum, lambda s, _f: calls.append("handled"))
+    try:
+        with signals_deferred():
+            os.kill(os.getpid(), signum)
+            os.kill(os.getpid(), signum)  # a terminal's Ctrl-C and one forwarded by `timeout`
+            time.sleep(0.05)
+            calls.append("block ended")
+        assert calls == ["block ended", "handled"]
+        signal.signal(signum, signal.SIG_IGN)
+        with signals_deferred():
+            os.kill(os.getpid(), signum)
+        assert calls == ["block ended", "handled"]
+        assert signal.getsignal(signum) == signal.SIG_IGN
+    finally:
+        signal.signal(signum, previous)

@@ -34,7 +34,7 @@ from pipeoptim.runtime.spawning import (
     MAIN_GUARD,
     main_module_not_rerun,
     pickle_spec,
-    sigint_deferred,
+    signals_deferred,
     worker_context,
 )
 from pipeoptim.runtime.staleness import PredictionError
@@ -115,7 +115,7 @@ class ProcessExecutor:
         ]
         self._ready: set[int] = set()
         try:
-            with main_module_not_rerun(), sigint_deferred():
+            with main_module_not_rerun(), signals_deferred():
                 for p in self.processes:
                     p.start()
             self._monitor = threading.Thread(target=self._watch, name="pipeoptim-monitor", daemon=True)

@@ -28,7 +28,7 @@ from pipeoptim.runtime.distributed import STAGE_THREADS, free_port
 from pipeoptim.runtime.spawning import (
     check_not_importing_main,
     main_module_not_rerun,
-    sigint_deferred,
+    signals_deferred,
     worker_context,
 )
 
@@ -129,7 +129,7 @@ def _round_trips(backend: str, sizes: Sequence[int], repeats: int, timeout: floa
     port = free_port()
     procs = [ctx.Process(target=_ping, args=(r, port, backend, list(sizes), repeats, out)) for r in range(2)]
     try:
-        with main_module_not_rerun(), sigint_deferred():
+        with main_module_not_rerun(), signals_deferred():
             for p in procs:
                 p.start()
         deadline = time.monotonic() + timeout

@@ -1,6 +1,6 @@
 """How the stage worker processes are started (:class:`pipeoptim.runtime.distributed.ProcessExecutor`):
 from a fork server that has imported torch once, the pipeline spec as bytes any worker can
-load, the caller's main module not re-run, and no Ctrl-C delivered half-way through a start."""
+load, the caller's main module not re-run, and no Ctrl-C or SIGTERM delivered half-way through a start."""
 
 from __future__ import annotations
 
@@ -120,31 +120,43 @@ def main_module_not_rerun() -> Iterator[None]:
             main.__file__ = path
 
 
+#: the signals that stop a run (Ctrl-C; SIGTERM from ``kill``, a job scheduler or a container
+#: stop, which ``pipeoptim train`` turns into an interruption like Ctrl-C)
+STOPPING_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
 @contextlib.contextmanager
-def sigint_deferred() -> Iterator[None]:
-    """Let no Ctrl-C cut the block short: a SIGINT during it is recorded and raised as
-    ``KeyboardInterrupt`` once the block has ended (in the main thread; elsewhere Python
-    delivers no signal anyway).
+def signals_deferred() -> Iterator[None]:
+    """Let no Ctrl-C or SIGTERM cut the block short: one arriving during it is recorded and
+    delivered again once the block has ended, to the handler there was before (Ctrl-C:
+    ``KeyboardInterrupt``; ``pipeoptim train``'s SIGTERM: ``KeyboardInterrupt`` too; an
+    ignored signal stays ignored). Only in the main thread; elsewhere Python delivers no
+    signal anyway.
 
     Used where half-done work is worse than a late stop: starting children (a child whose
-    start was cut short is never stopped) and writing a run's last record (a second Ctrl-C
-    during the write of ``metrics.json`` left none, or the one of an earlier epoch).
-    A Ctrl-C in a terminal reaches every process of the foreground group; a worker still
-    importing torch would die with a ``KeyboardInterrupt`` traceback. A child inherits the
-    signal mask across ``fork`` and ``exec``, so workers started while SIGINT is blocked never
-    receive it (they also ignore it once running). A Ctrl-C during the block is recorded even
-    where it reaches another thread, which blocking in this one does not prevent.
+    start was cut short is never stopped: under SIGTERM one went on starting after the driver
+    had gone and printed a ``FileNotFoundError`` traceback from the fork server) and writing a
+    run's last record (a second Ctrl-C during the write of ``metrics.json`` left none, or the
+    one of an earlier epoch). A Ctrl-C in a terminal reaches every process of the foreground
+    group; a worker still importing torch would die with a ``KeyboardInterrupt`` traceback. A
+    child inherits the signal mask across ``fork`` and ``exec``, so workers started while the
+    signals are blocked never receive them (they also ignore Ctrl-C once running). A signal
+    during the block is recorded even where it reaches another thread, which blocking in this
+    one does not prevent.
     """
     if threading.current_thread() is not threading.main_thread():
         yield
         return
     received: list[int] = []
-    handler = signal.signal(signal.SIGINT, lambda signum, _frame: received.append(signum))
-    mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    handlers = {
+        sig: signal.signal(sig, lambda signum, _frame: received.append(signum)) for sig in STOPPING_SIGNALS
+    }
+    mask = signal.pthread_sigmask(signal.SIG_BLOCK, set(STOPPING_SIGNALS))
     try:
         yield
     finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, mask)  # a pending Ctrl-C reaches the recorder
-        signal.signal(signal.SIGINT, handler)
-    if received:
-        raise KeyboardInterrupt
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)  # a pending signal reaches the recorder
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
+    for signum in dict.fromkeys(received):  # each once, in the order they came
+        signal.raise_signal(signum)
