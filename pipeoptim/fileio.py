@@ -7,11 +7,17 @@ import glob
 import json
 import os
 import re
-import socket
+import stat
 import tempfile
+import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import IO, Any
+
+try:
+    import fcntl
+except ImportError:  # Windows
+    fcntl = None  # type: ignore[assignment]
 
 
 def atomic_write(path: str | os.PathLike[str], write: Callable[[IO[bytes]], Any]) -> None:
@@ -30,6 +36,8 @@ def atomic_write(path: str | os.PathLike[str], write: Callable[[IO[bytes]], Any]
     _remove_stale_temporaries(path)
     fd, tmp = tempfile.mkstemp(prefix=_temporary_prefix(path), suffix=".tmp", dir=path.parent)
     try:
+        if fcntl is not None:  # held until closed: the temporary is in use (_remove_stale_temporaries)
+            fcntl.flock(fd, fcntl.LOCK_EX)
         os.fchmod(fd, 0o666 & ~_umask())
         with os.fdopen(fd, "wb") as f:
             write(f)
@@ -47,36 +55,48 @@ def atomic_write(path: str | os.PathLike[str], write: Callable[[IO[bytes]], Any]
             os.close(folder)
 
 
+#: bytes of the file's name its temporary keeps (a folder entry holds at most 255 bytes on
+#: common file systems; the temporary adds ``.``, ``.``, 8 random characters and ``.tmp``)
+_NAME_BYTES = 200
+#: seconds an unlocked temporary must have gone unwritten before it counts as a killed
+#: writer's: a writer locks its temporary just after creating it
+STALE_SECONDS = 60.0
+
+
 def _temporary_prefix(path: Path) -> str:
-    """``.NAME.PID@HOST.``: the temporary file of ``path`` says which process writes it."""
-    return f".{path.name}.{os.getpid()}@{socket.gethostname()}."
+    """``.NAME.`` (the name cut to :data:`_NAME_BYTES` bytes): the temporary of ``path``."""
+    return f".{path.name.encode()[:_NAME_BYTES].decode(errors='ignore')}."
 
 
 def _remove_stale_temporaries(path: Path) -> None:
-    """Delete the temporary files of ``path`` left by writers of this host that were killed
-    (SIGKILL, the OOM killer, a power loss) before they could remove them: a checkpoint's is
-    as large as the checkpoint, and hidden. A temporary of a process still alive (another
-    writer of the same file), of another host (a shared folder) or of another naming is left;
-    nothing is removed off POSIX, where ``os.kill(pid, 0)`` would end the process."""
-    if os.name != "posix":
+    """Delete the temporary files of ``path`` that killed writers left (SIGKILL, the OOM
+    killer, a power loss): a checkpoint's is as large as the checkpoint, and hidden. A writer
+    holds an exclusive ``flock`` on its temporary until it is renamed (:func:`atomic_write`),
+    and the kernel drops it with the writer, whatever its process namespace (a PID test
+    removed a live writer's temporary from another container sharing the host name); a
+    temporary is removed only where no one holds it and it has not been written for
+    :data:`STALE_SECONDS`. Nothing is removed where ``fcntl`` is missing (Windows)."""
+    if fcntl is None:
         return
-    pattern = re.compile(rf"\.{re.escape(path.name)}\.(\d+)@(.+)\.[^.]+\.tmp")
-    host = socket.gethostname()
-    for candidate in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):
-        match = pattern.fullmatch(candidate.name)
-        if match and match.group(2) == host and not _alive(int(match.group(1))):
+    prefix = _temporary_prefix(path)
+    pattern = re.compile(re.escape(prefix) + r"[a-z0-9_]{8}\.tmp")
+    for candidate in path.parent.glob(f"{glob.escape(prefix)}*.tmp"):
+        if not pattern.fullmatch(candidate.name):
+            continue
+        try:
+            fd = os.open(candidate, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+        except OSError:  # gone, a link, unreadable
+            continue
+        try:
+            info = os.fstat(fd)
+            if not stat.S_ISREG(info.st_mode) or time.time() - info.st_mtime < STALE_SECONDS:
+                continue
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # OSError where a writer holds it
             candidate.unlink(missing_ok=True)
-
-
-def _alive(pid: int) -> bool:
-    """Whether process ``pid`` exists on this host (one of another user counts as alive)."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+        except OSError:
+            continue
+        finally:
+            os.close(fd)
 
 
 def writable_folder(path: str | os.PathLike[str], what: str, option: str) -> bool:

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import signal
-import socket
 import stat
 import subprocess
 import sys
@@ -22,7 +22,7 @@ import torch.nn.functional as F
 import pipeoptim
 from pipeoptim.checkpoint import read_checkpoint
 from pipeoptim.errors import PipelineError
-from pipeoptim.fileio import atomic_write, write_json
+from pipeoptim.fileio import STALE_SECONDS, atomic_write, write_json
 from pipeoptim.runtime.distributed import free_port
 
 from .test_training import SmallCNN, data
@@ -465,20 +465,40 @@ def test_a_killed_writer_leaves_the_previous_checkpoint_whole(tmp_path: Path) ->
     done = subprocess.run([sys.executable, "-c", script], timeout=60)
     assert done.returncode == -signal.SIGKILL
     assert torch.load(path) == {"v": 1}
-    # its hidden temporary (1 MB here; a checkpoint's size in use) goes at the next write of
-    # the file; a live writer's (this process's) and another host's stay
+    # its hidden temporary (1 MB here; a checkpoint's size in use) goes at a later write of the
+    # file once unwritten for a minute; one a writer holds (locked), a fresh one, and a folder
+    # or a sibling file that look like one stay
     (left,) = tmp_path.glob(".big.pt.*.tmp")
     assert left.stat().st_size == 1_000_000
-    live = tmp_path / f".big.pt.{os.getpid()}@{socket.gethostname()}.abcd1234.tmp"
-    other_host = tmp_path / ".big.pt.1@another.host.abcd1234.tmp"
-    live.touch()
-    other_host.touch()
-    torch.save({"v": 2}, tmp_path / "other.pt")
-    atomic_write(path, lambda f: torch.save({"v": 3}, f))
+    atomic_write(path, lambda f: torch.save({"v": 2}, f))
+    assert left.exists()  # it could be a writer's that has just created it
+    old = time.time() - 2 * STALE_SECONDS
+    os.utime(left, (old, old))
+    held, fresh, folder = (tmp_path / f".big.pt.{tag}.tmp" for tag in ("held0000", "fresh000", "folder00"))
+    held.write_bytes(b"x")
+    fresh.write_bytes(b"x")
+    folder.mkdir()
+    sibling = tmp_path / ".big.pt.bak"
+    sibling.write_bytes(b"x")
+    for p in (held, folder, sibling):
+        os.utime(p, (old, old))
+    with open(held, "rb") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # another open of the file: as another process's lock
+        atomic_write(path, lambda f: torch.save({"v": 3}, f))
     assert torch.load(path) == {"v": 3}
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
-        ["big.pt", "other.pt", live.name, other_host.name]
+        ["big.pt", held.name, fresh.name, folder.name, sibling.name]
     )
+
+
+def test_an_atomic_write_of_a_name_of_255_bytes_works(tmp_path: Path) -> None:
+    """The temporary adds 14 bytes to the name: a name of 242 bytes or more failed with
+    ENAMETOOLONG, naming the temporary (helper-89)."""
+    path = tmp_path / ("é" * 127 + "x")  # 255 bytes in UTF-8
+    write_json(path, {"a": 1})
+    write_json(path, {"a": 2})
+    assert json.loads(path.read_text()) == {"a": 2}
+    assert [p.name for p in tmp_path.iterdir()] == [path.name]
 
 
 def _fail_and_close(executor: str) -> tuple[Any, Any]:

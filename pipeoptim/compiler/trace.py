@@ -36,13 +36,13 @@ from pipeoptim.compiler.graph_identity import graph_hash
 from pipeoptim.compiler.normalise import normalise
 from pipeoptim.compiler.recompute import checkpoint_calls, fold_regions, recording_checkpoints
 from pipeoptim.compiler.trace_guards import (
-    PlainTensorChanged,
+    PlainStateChanged,
     TrainingFlag,
     TrainingRead,
     UntraceableCall,
     guarding_traced_calls,
     training_flags,
-    watching_plain_tensors,
+    watching_plain_state,
 )
 from pipeoptim.errors import TraceError
 
@@ -201,6 +201,18 @@ def _user_frame(exc: BaseException) -> str:
     return "(no source line outside torch)"
 
 
+def _plain_state_error(model: nn.Module, exc: PlainStateChanged, by: str = "") -> TraceError:
+    """The refusal of ``model`` whose own forward (or, traced by torch.export, any) changes a
+    plain attribute at trace time (:func:`watching_plain_state`)."""
+    name = type(model).__name__
+    where = f"{name} could only be traced by {by}" if by else f"{name}.forward"
+    return TraceError(
+        f"{where} {exc}. Fix: keep tensors that forward changes as buffers "
+        "(self.register_buffer(name, tensor), persistent=False to keep one out of the state_dict), "
+        "whose changes the graph records, and return what forward computes instead of storing it"
+    )
+
+
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()
     return f"{type(exc).__name__}: {text[0] if text else ''}"
@@ -233,7 +245,7 @@ def _symbolic_trace(
     before = set(vars(model))
     try:
         with (
-            watching_plain_tensors(model),  # first: it checks once the others are undone
+            watching_plain_state(model),  # first: it checks once the others are undone
             recording_checkpoints(model, tracer) as regions,
             guarding_traced_calls(),
             training_flags(model, tracer._is_leaf, root=root_flag),
@@ -242,7 +254,7 @@ def _symbolic_trace(
         gm = fx.GraphModule(tracer.root, graph, type(model).__name__)
         fold_regions(gm, regions)
         return gm, None, None
-    except PlainTensorChanged as exc:  # found after the trace: the module holding the tensor
+    except PlainStateChanged as exc:  # found after the trace: the module holding the tensor
         return None, exc, exc.owner
     except Exception as exc:  # fx raises many types; all mean "cannot trace"
         return None, exc, tracer.failed_module
@@ -292,17 +304,13 @@ def trace(
             failed = failed.rpartition(".")[0]
         if failed:
             auto_leaves[failed] = (
-                str(exc) if isinstance(exc, PlainTensorChanged) else f"{exc} at {_user_frame(exc)}"
+                str(exc) if isinstance(exc, PlainStateChanged) else f"{exc} at {_user_frame(exc)}"
             )
             leaf_names.add(failed)
         elif isinstance(exc, TrainingRead) and not root_training:
             root_training = f"{exc} at {_user_frame(exc)}"
-        elif isinstance(exc, PlainTensorChanged):
-            raise TraceError(
-                f"{type(model).__name__}.forward {exc}. Fix: make it a buffer "
-                "(self.register_buffer(name, tensor), persistent=False to keep it out of the "
-                "state_dict), whose changes the graph records"
-            ) from exc
+        elif isinstance(exc, PlainStateChanged):
+            raise _plain_state_error(model, exc) from exc
         else:
             raise TraceError(
                 f"{type(model).__name__}.forward {exc} at {_user_frame(exc)}. Fix: move that code into "
@@ -320,8 +328,9 @@ def trace(
         assert exc is not None
         first_failure = (exc, failed)
         try:
-            with checkpoint_calls(model) as checkpointed:
-                gm = export_graph(model, inputs)
+            with watching_plain_state(model), checkpoint_calls(model) as checkpointed:
+                exported = export_graph(model, inputs)
+            gm = exported  # not before the watcher has found the model's plain state unchanged
             method = "export"
             if checkpointed:
                 warnings.warn(
@@ -336,6 +345,8 @@ def trace(
                 auto_leaves[failed] = f"{_first_line(exc)} at {_user_frame(exc)}"
                 leaf_names.add(failed)
                 gm, exc, failed = _symbolic_trace(model, len(inputs), leaf_names)
+            if gm is None and isinstance(export_exc, PlainStateChanged):
+                raise _plain_state_error(model, export_exc, "torch.export, which") from export_exc
             if gm is None:
                 fx_exc, fx_failed = first_failure
                 where = fx_failed or ""

@@ -23,8 +23,9 @@ evaluation computes:
 - ``self.t.add_(1)`` where ``self.t`` is a plain tensor attribute (neither a parameter nor a
   buffer): fx holds such a tensor as a constant and runs arithmetic on it alone at trace time,
   so the change happened once instead of at every forward (helper-87 measured the loss 3.7e-3
-  off after a few steps). :func:`watching_plain_tensors` finds it by the tensor's version
-  counter after the trace and puts the value back.
+  off after a few steps), and ``self.hist.append(y)`` left an fx Proxy in the list and never
+  appended at training time. :func:`watching_plain_state` finds both after the trace (the
+  version counter; a traced value in a list or dict) and puts the attributes back.
 
 While a model is traced with fx (:func:`guarding_traced_calls`, :func:`training_flags`), these
 calls raise :class:`UntraceableCall`; the tracer then makes the module that made them a leaf
@@ -37,6 +38,7 @@ records grad mode and autocast itself, only custom Functions are stopped
 from __future__ import annotations
 
 import contextlib
+import copy
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -133,48 +135,77 @@ def guarding_traced_calls() -> Iterator[None]:
                 setattr(owner, name, original)
 
 
-class PlainTensorChanged(UntraceableCall):
-    """A plain tensor attribute of ``owner`` (qualified module name) changed during tracing."""
+class PlainStateChanged(UntraceableCall):
+    """A plain attribute of ``owner`` (qualified module name) changed during tracing."""
 
     def __init__(self, owner: str, message: str) -> None:
         super().__init__(message)
         self.owner = owner
 
 
-#: attributes every module has (``_parameters``, ``_buffers``, hooks...): not the user's tensors
+#: attributes every module has (``_parameters``, ``_buffers``, hooks...): not the user's state
 _MODULE_INTERNALS = frozenset(vars(nn.Module()))
 
 
+def _traced_value(value: Any) -> bool:
+    """A value that exists only while tracing: an fx Proxy, or torch.export's fake tensors."""
+    return isinstance(value, fx.Proxy) or (
+        isinstance(value, torch.Tensor) and type(value) not in (torch.Tensor, nn.Parameter)
+    )
+
+
 @contextlib.contextmanager
-def watching_plain_tensors(model: nn.Module) -> Iterator[None]:
-    """Within: a trace. On leaving without an error, raise :class:`PlainTensorChanged` (owner:
-    the module holding it; the first found) if a tensor held in a plain attribute (neither a
-    parameter nor a buffer; alone or in a list, tuple or dict) was changed in place, after
-    putting every such tensor back to its value before the trace (the model is not modified).
-    A change recorded in the graph (``self.t.add_(x.mean())``, an operation on a traced value)
-    does not run at trace time and is not reported."""
-    watched = []
+def watching_plain_state(model: nn.Module) -> Iterator[None]:
+    """Within: a trace of ``model``. Its plain attributes (neither parameters, buffers nor
+    submodules) are put back as they were when the block ends, whatever ends it: a tensor
+    changed in place (its version counter moved; alone or in a list, tuple or dict) gets its
+    values back, a list or dict its items. Leaving without an error, raise
+    :class:`PlainStateChanged` (owner: the module holding the attribute; the first found)
+    where a tensor was changed in place or a traced value was put in a list or dict
+    (``self.hist.append(y)``): the graph would have done either once, at tracing, or not at
+    all. A change the graph records (``self.t.add_(x.mean())``, an operation on a traced
+    value) does not run at trace time and is not reported."""
+    tensors, containers = [], []
     for prefix, module in model.named_modules():
         for name, value in vars(module).items():
             if name in _MODULE_INTERNALS or isinstance(value, nn.Module):
                 continue
+            if isinstance(value, (list, dict)):
+                containers.append((prefix, name, value, copy.copy(value)))
             for leaf in pytree.tree_leaves(value):
                 if isinstance(leaf, torch.Tensor) and not isinstance(leaf, nn.Parameter):
-                    watched.append((prefix, name, leaf, leaf._version, leaf.detach().clone()))
-    yield
-    changed = [(prefix, name) for prefix, name, t, version, _ in watched if t._version != version]
-    with torch.no_grad():
-        for _, _, tensor, version, before in watched:
-            if tensor._version != version:
-                tensor.copy_(before)
-    if changed:
-        prefix, name = changed[0]
+                    tensors.append((prefix, name, leaf, leaf._version, leaf.detach().clone()))
+    try:
+        yield
+    finally:
+        changed = [(prefix, name) for prefix, name, t, version, _ in tensors if t._version != version]
+        stored = [
+            (prefix, name)
+            for prefix, name, value, before in containers
+            if any(_traced_value(v) for v in pytree.tree_leaves(value))
+            and not any(_traced_value(v) for v in pytree.tree_leaves(before))
+        ]
+        with torch.no_grad():
+            for _, _, tensor, version, before in tensors:
+                if tensor._version != version:
+                    tensor.copy_(before)
+        for _, _, value, before in containers:
+            if isinstance(value, list):
+                value[:] = before
+            else:
+                value.clear()
+                value.update(before)
+    if changed or stored:
+        prefix, name = (changed or stored)[0]
         where = f"{prefix}.{name}" if prefix else name
-        raise PlainTensorChanged(
+        raise PlainStateChanged(
             prefix,
             f"changes self.{name} ({where}), a tensor attribute that is neither a parameter nor a "
-            "buffer, in place: torch.fx holds such a tensor as a constant, so the change would "
-            "happen once, at tracing, instead of at every forward",
+            "buffer, in place: a traced graph holds such a tensor as a constant, so the change would "
+            "happen once, at tracing, instead of at every forward"
+            if changed
+            else f"stores a computed value in self.{name} ({where}: an append or an item "
+            "assignment), which a traced graph would drop",
         )
 
 
