@@ -16,6 +16,7 @@ import pipeoptim
 from pipeoptim.runtime.affinity import binding_wanted, rank_cores
 from pipeoptim.runtime.distributed import free_port
 
+from .sparse_models import SparseGCN
 from .test_training import SmallCNN, data
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -238,3 +239,31 @@ def test_wrong_world_size_is_a_clear_error(monkeypatch) -> None:
         pipeoptim.compile(
             model, opt, 2, example_inputs=torch.randn(8, 1, 8, 8), loss_fn=F.cross_entropy, profile_dir=None
         )
+
+
+@pytest.mark.slow
+def test_rank_0s_constants_and_sparse_buffers_reach_every_rank(tmp_path: Path) -> None:
+    """A plain tensor attribute (a constant to the graph) failed under torchrun with
+    ``KeyError`` as rank 0 looked for it among the model's state, and a sparse buffer with
+    ``NotImplementedError`` from ``recv`` (helper-89's sparse model). Now rank 0 sends both,
+    so ranks whose models drew other constants train as rank 0's model does alone."""
+    stages = 2
+    done = _torchrun("torchrun_constants_script.py", stages, str(tmp_path / "out"), str(stages), "gpipe")
+    assert done.returncode == 0, done.stderr[-3000:]
+    ranks = [json.loads((tmp_path / f"out.{r}").read_text()) for r in range(stages)]
+    torch.manual_seed(0)  # rank 0's model
+    model = SparseGCN()
+    torch.manual_seed(100)
+    batches = [(torch.randn(8, 8, 6), torch.randint(0, 3, (8,))) for _ in range(4)]
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    plain = []
+    for x, y in batches:
+        loss = F.cross_entropy(model(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        plain.append(loss.item())
+    for rank in ranks:
+        assert rank["losses"] == pytest.approx(plain, abs=1e-6)
+        for name, value in model.state_dict().items():
+            torch.testing.assert_close(torch.tensor(rank["state"][name]), value.to_dense(), atol=1e-6, rtol=0)

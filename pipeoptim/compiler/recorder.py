@@ -9,6 +9,8 @@ import torch
 import torch.fx as fx
 from torch.utils import _pytree as pytree
 
+from pipeoptim.storage import storage_address
+
 
 class Recorder(fx.Interpreter):
     """Runs the graph once and keeps every node's arguments and output, and the arguments
@@ -37,17 +39,9 @@ class Recorder(fx.Interpreter):
         first: dict[int, str] = {}
         for node, value in self.env.items():
             for t in pytree.tree_leaves(value):
-                if isinstance(t, torch.Tensor) and (ptr := _storage(t)):
+                if isinstance(t, torch.Tensor) and (ptr := storage_address(t)):
                     first.setdefault(ptr, node.name)
         return {
-            n: sorted({first[ptr] for t in ts if (ptr := _storage(t)) in first} - {n.name})
+            n: sorted({first[ptr] for t in ts if (ptr := storage_address(t)) in first} - {n.name})
             for n, ts in self.changed.items()
         }
-
-
-def _storage(t: torch.Tensor) -> int:
-    """Address of ``t``'s storage (0 for an empty one or one without data)."""
-    try:
-        return t.untyped_storage().data_ptr()
-    except (RuntimeError, NotImplementedError):
-        return 0

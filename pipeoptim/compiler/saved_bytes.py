@@ -9,6 +9,8 @@ from typing import Any
 import torch
 import torch.fx as fx
 
+from pipeoptim.storage import storage_address, storage_bytes
+
 
 class SavedBytes(fx.Interpreter):
     """Runs the whole graph once, with gradients, and attributes every storage autograd saves
@@ -38,16 +40,17 @@ class SavedBytes(fx.Interpreter):
         return super().run_node(n)
 
     def pack(self, t: torch.Tensor) -> torch.Tensor:
-        storage = t.untyped_storage()
-        ptr = storage.data_ptr()
+        ptr, nbytes = storage_address(t), storage_bytes(t)
+        if not ptr:  # a sparse constant: no storage of its own (pipeoptim.storage)
+            return t
         if ptr in self._params:
             if self._params[ptr]:
-                self.storages.setdefault(self._node, {})[self._params[ptr]] = storage.nbytes()
+                self.storages.setdefault(self._node, {})[self._params[ptr]] = nbytes
             return t
         if ptr not in self._owner:
             self._owner[ptr] = str(len(self._owner))
-            self.saved[self._node] = self.saved.get(self._node, 0) + storage.nbytes()
-        self.storages.setdefault(self._node, {})[self._owner[ptr]] = storage.nbytes()
+            self.saved[self._node] = self.saved.get(self._node, 0) + nbytes
+        self.storages.setdefault(self._node, {})[self._owner[ptr]] = nbytes
         return t
 
 

@@ -10,6 +10,7 @@ from typing import Any
 import torch
 
 from pipeoptim.compiler.recompute import _Recompute
+from pipeoptim.storage import storage_address, storage_bytes
 
 
 def saved_bytes(outputs: Sequence[Any], exclude: set[int]) -> int:
@@ -33,9 +34,7 @@ def saved_bytes(outputs: Sequence[Any], exclude: set[int]) -> int:
             values.append(node.packed)
         for value in values:
             for t in value if isinstance(value, (tuple, list)) else (value,):
-                if isinstance(t, torch.Tensor):
-                    storage = t.untyped_storage()
-                    if storage.data_ptr() not in exclude:
-                        storages[storage.data_ptr()] = storage.nbytes()
+                if isinstance(t, torch.Tensor) and (ptr := storage_address(t)) and ptr not in exclude:
+                    storages[ptr] = storage_bytes(t)
         stack.extend(fn for fn, _ in node.next_functions)
     return sum(storages.values())

@@ -29,6 +29,7 @@ from pipeoptim.runtime.scaler import LossScaler
 from pipeoptim.runtime.shared import SharedParams
 from pipeoptim.runtime.staleness import PredictionErrorMeter, backward_weights, used_weights
 from pipeoptim.runtime.weight_policy import WeightPolicy
+from pipeoptim.storage import storage_address
 
 LossFn = Callable[[Any, Any], torch.Tensor]
 
@@ -196,14 +197,12 @@ class StageRuntime:
         if not self.is_last:
             leaves, rebuild = flatten(out)
             weights = self._weight_storages()
-            if any(isinstance(v, torch.Tensor) and v.untyped_storage().data_ptr() in weights for v in leaves):
+            if any(isinstance(v, torch.Tensor) and storage_address(v) in weights for v in leaves):
                 # a weight sent on (a tied weight a later stage uses too) is sent as a snapshot of
                 # the version this forward used: the optimizer (or the next prediction) changes the
                 # weight in place, possibly before the send or the next stage's forward has read it
                 leaves = [
-                    v.clone()
-                    if isinstance(v, torch.Tensor) and v.untyped_storage().data_ptr() in weights
-                    else v
+                    v.clone() if isinstance(v, torch.Tensor) and storage_address(v) in weights else v
                     for v in leaves
                 ]
             if self.nan_check == "stages" and any_nan(leaves):
@@ -242,10 +241,8 @@ class StageRuntime:
         buffers, and the policy's reused copies (PipeOptim's Ŵ buffers)."""
         if self._module_storages is None:
             self._module_storages = {
-                t.untyped_storage().data_ptr()
-                for t in (*self.module.parameters(), *self.module.buffers())
-                if t.device.type != "meta"
-            }
+                storage_address(t) for t in (*self.module.parameters(), *self.module.buffers())
+            } - {0}  # 0: meta, or sparse (pipeoptim.storage)
         if self.policy is None:
             return self._module_storages
         return self._module_storages | self.policy.overwritten_storages()

@@ -14,6 +14,8 @@ from torch import nn
 from torch.optim import Optimizer
 from torch.utils import _pytree as pytree
 
+from pipeoptim.storage import storage_address
+
 
 @dataclass(frozen=True)
 class _SavedWeight:
@@ -131,7 +133,7 @@ class WeightPolicy:
                 storages[v.untyped_storage().data_ptr()] = (name, v.storage_offset())
 
         def pack(t: torch.Tensor) -> torch.Tensor | _SavedWeight:
-            found = storages.get(t.untyped_storage().data_ptr()) if t.device.type != "meta" else None
+            found = storages.get(storage_address(t))  # none at 0: sparse or meta (pipeoptim.storage)
             if found is None:
                 # an operation's own output, kept as it is, would hold its grad_fn, which holds
                 # it: a cycle through torch's C++ graph that the garbage collector cannot
