@@ -67,8 +67,6 @@ class Pipeline(Measurements):
         self._static_batch = static_batch
         self._traced = traced
         self._optimizer = optimizer
-        # structure and constants for to_module(), with the user's BatchNorm classes
-        self._template = plain_batch_norm(copy.deepcopy(spec.model))
         self._next = 0
         self._losses = MiniBatchLosses(spec.micro_batches, spec.data_parallel)
         self._closed = False
@@ -80,6 +78,8 @@ class Pipeline(Measurements):
         self._executor: Executor = start_executor(
             executor, spec, traced, device, self._losses.on_loss, self._on_error, timeout
         )
+        # to_module()'s structure and constants (torchrun: rank 0's), the user's BatchNorm classes
+        self._template = plain_batch_norm(copy.deepcopy(spec.model))
 
     def _on_error(self, exc: BaseException) -> None:
         """Stop the pipeline at ``exc``. Under torchrun the other ranks wait on this one, which

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import copy
 
 import pytest
@@ -332,6 +333,52 @@ class _CounterThenBranch(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.c(x)
         return self.b(h) if x.shape[0] > 1 else self.b(-h)
+
+
+class _CountsCalls(nn.Module):
+    """A number attribute counted up in forward and read there."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(8, 8)
+        self.n = 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.n += 1
+        return self.a(x) * (1 + 0.1 * self.n)
+
+
+class _KeepsInDeque(nn.Module):
+    """Outputs kept in a deque inside a list (helper-90: neither was looked into)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(8, 4)
+        self.kept = [collections.deque(maxlen=3)]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.a(x)
+        self.kept[0].append(y.detach())
+        return y
+
+
+def test_a_number_or_a_nested_container_changed_in_forward_runs_as_written() -> None:
+    """``self.n += 1`` traced as the value it had at tracing (helper-90: loss 0.11 off plain
+    training), and an append to a deque in a list left an fx Proxy there."""
+    model = nn.Sequential(_CountsCalls(), _KeepsInDeque())
+    reference = copy.deepcopy(model)
+    leaves = (
+        r"made these modules leaves .*1 \(stores a computed value in self.kept.*0 \(changes the number self.n"
+    )
+    with pytest.warns(UserWarning, match=leaves):
+        traced = trace(model, torch.randn(4, 8))
+    assert traced.auto_leaves.keys() == {"0", "1"}
+    assert model[0].n == 0 and list(model[1].kept[0]) == []  # as it was
+    for _ in range(3):
+        x = torch.randn(4, 8)
+        (out,) = traced.gm(x)
+        torch.testing.assert_close(out, reference(x))
+    assert traced.gm.get_submodule("0").n == 3 and len(traced.gm.get_submodule("1").kept[0]) == 3
 
 
 def test_a_plain_tensor_attribute_changed_in_forward_is_refused_or_runs_as_written() -> None:

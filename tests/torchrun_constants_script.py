@@ -26,8 +26,10 @@ def main(out: str, stages: int, method: str) -> None:
     ) as pipe:
         losses = [float(loss) for loss in pipe.train(batches)]
         state = {k: v.to_dense().tolist() for k, v in pipe.state_dict().items()}
+        module = pipe.to_module()
+    outputs = module(batches[0][0]).tolist()
     with open(f"{out}.{rank}", "w") as f:
-        json.dump({"losses": losses, "state": state}, f)
+        json.dump({"losses": losses, "state": state, "to_module": outputs}, f)
 
 
 if __name__ == "__main__":

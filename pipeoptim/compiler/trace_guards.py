@@ -37,6 +37,7 @@ records grad mode and autocast itself, only custom Functions are stopped
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import copy
 from collections.abc import Callable, Iterator
@@ -144,7 +145,7 @@ class PlainStateChanged(UntraceableCall):
 
 
 #: attributes every module has (``_parameters``, ``_buffers``, hooks...): not the user's state
-_MODULE_INTERNALS = frozenset(vars(nn.Module()))
+MODULE_INTERNALS = frozenset(vars(nn.Module()))
 
 
 def _traced_value(value: Any) -> bool:
@@ -154,27 +155,41 @@ def _traced_value(value: Any) -> bool:
     )
 
 
+def _contents(value: Any) -> Iterator[Any]:
+    """``value`` and everything inside it, through lists, tuples, dicts and deques."""
+    yield value
+    if isinstance(value, (list, tuple, collections.deque)):
+        for item in value:
+            yield from _contents(item)
+    elif isinstance(value, dict):
+        for item in value.values():
+            yield from _contents(item)
+
+
 @contextlib.contextmanager
 def watching_plain_state(model: nn.Module) -> Iterator[None]:
     """Within: a trace of ``model``. Its plain attributes (neither parameters, buffers nor
     submodules) are put back as they were when the block ends, whatever ends it: a tensor
-    changed in place (its version counter moved; alone or in a list, tuple or dict) gets its
-    values back, a list or dict its items. Leaving without an error, raise
-    :class:`PlainStateChanged` (owner: the module holding the attribute; the first found)
-    where a tensor was changed in place or a traced value was put in a list or dict
-    (``self.hist.append(y)``): the graph would have done either once, at tracing, or not at
-    all. A change the graph records (``self.t.add_(x.mean())``, an operation on a traced
-    value) does not run at trace time and is not reported."""
-    tensors, containers = [], []
+    changed in place (its version counter moved; alone or in lists, tuples, dicts or deques,
+    nested) gets its values back, a list, dict or deque its items, a number attribute its
+    value. Leaving without an error, raise :class:`PlainStateChanged` (owner: the module
+    holding the attribute; the first found) where a tensor was changed in place, a traced
+    value was put in a container (``self.hist.append(y)``) or a number attribute changed
+    (``self.n += 1``): the graph would have done it once, at tracing, or not at all. A change
+    the graph records (``self.t.add_(x.mean())``, an operation on a traced value) does not
+    run at trace time and is not reported. Tensors inside other objects are not looked at."""
+    tensors, containers, numbers = [], [], []
     for prefix, module in model.named_modules():
         for name, value in vars(module).items():
-            if name in _MODULE_INTERNALS or isinstance(value, nn.Module):
+            if name in MODULE_INTERNALS or isinstance(value, nn.Module):
                 continue
-            if isinstance(value, (list, dict)):
-                containers.append((prefix, name, value, copy.copy(value)))
-            for leaf in pytree.tree_leaves(value):
-                if isinstance(leaf, torch.Tensor) and not isinstance(leaf, nn.Parameter):
-                    tensors.append((prefix, name, leaf, leaf._version, leaf.detach().clone()))
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                numbers.append((prefix, name, module, value))
+            for item in _contents(value):
+                if isinstance(item, (list, dict, collections.deque)):
+                    containers.append((prefix, name, item, copy.copy(item)))
+                elif isinstance(item, torch.Tensor) and not isinstance(item, nn.Parameter):
+                    tensors.append((prefix, name, item, item._version, item.detach().clone()))
     try:
         yield
     finally:
@@ -182,31 +197,41 @@ def watching_plain_state(model: nn.Module) -> Iterator[None]:
         stored = [
             (prefix, name)
             for prefix, name, value, before in containers
-            if any(_traced_value(v) for v in pytree.tree_leaves(value))
-            and not any(_traced_value(v) for v in pytree.tree_leaves(before))
+            if any(map(_traced_value, _contents(value))) and not any(map(_traced_value, _contents(before)))
         ]
+        counted = [(p, n) for p, n, module, value in numbers if vars(module).get(n) != value]
         with torch.no_grad():
             for _, _, tensor, version, before in tensors:
                 if tensor._version != version:
                     tensor.copy_(before)
-        for _, _, value, before in containers:
-            if isinstance(value, list):
-                value[:] = before
-            else:
-                value.clear()
+        for _, _, value, before in reversed(containers):  # inner ones first
+            value.clear()
+            if isinstance(value, dict):
                 value.update(before)
-    if changed or stored:
-        prefix, name = (changed or stored)[0]
+            else:
+                value.extend(before)
+        for _, name, module, value in numbers:
+            vars(module)[name] = value
+    if changed or stored or counted:
+        prefix, name = (changed or stored or counted)[0]
         where = f"{prefix}.{name}" if prefix else name
-        raise PlainStateChanged(
-            prefix,
-            f"changes self.{name} ({where}), a tensor attribute that is neither a parameter nor a "
-            "buffer, in place: a traced graph holds such a tensor as a constant, so the change would "
-            "happen once, at tracing, instead of at every forward"
-            if changed
-            else f"stores a computed value in self.{name} ({where}: an append or an item "
-            "assignment), which a traced graph would drop",
-        )
+        if changed:
+            what = (
+                f"changes self.{name} ({where}), a tensor attribute that is neither a parameter "
+                "nor a buffer, in place: a traced graph holds such a tensor as a constant, so the "
+                "change would happen once, at tracing, instead of at every forward"
+            )
+        elif stored:
+            what = (
+                f"stores a computed value in self.{name} ({where}: an append or an item "
+                "assignment), which a traced graph would drop"
+            )
+        else:
+            what = (
+                f"changes the number self.{name} ({where}): a traced graph holds the value it had "
+                "at tracing, so it would not change at every forward"
+            )
+        raise PlainStateChanged(prefix, what)
 
 
 class TrainingRead(UntraceableCall):

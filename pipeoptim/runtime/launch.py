@@ -98,7 +98,7 @@ def start_executor(
     if kind == "torchrun":
         from pipeoptim.runtime.spmd import SPMDExecutor
 
-        return SPMDExecutor(spec, on_loss, timeout)
+        return SPMDExecutor(spec, on_loss, timeout, traced.gm)
     from pipeoptim.runtime.distributed import ProcessExecutor
 
     return ProcessExecutor(spec, on_loss, on_error, timeout=timeout)

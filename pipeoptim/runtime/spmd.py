@@ -33,6 +33,7 @@ from pipeoptim.microbatch import Rows
 from pipeoptim.runtime.affinity import pin_rank, unpin_rank
 from pipeoptim.runtime.build import PipelineSpec
 from pipeoptim.runtime.executor import MiniBatch
+from pipeoptim.runtime.initial_state import share_initial_state
 from pipeoptim.runtime.loss_mail import LossMail
 from pipeoptim.runtime.procmem import resident_bytes
 from pipeoptim.runtime.replicas import replica_part
@@ -108,25 +109,6 @@ def _destroy_default_group() -> None:
         dist.destroy_process_group()
 
 
-def _initial_values(model: torch.nn.Module, names: set[str]) -> dict[str, torch.Tensor]:
-    """``model``'s tensors of the stage state names ``names``: its parameters and buffers, and
-    its plain tensor attributes by qualified name (those a stage holds as constants); names
-    found neither way are left out."""
-    full = model.state_dict()
-    values = {}
-    for name in names:
-        value = full.get(name)
-        if value is None:
-            owner, _, attr = name.rpartition(".")
-            try:
-                value = getattr(model.get_submodule(owner), attr)
-            except AttributeError:
-                continue
-        if isinstance(value, torch.Tensor):
-            values[name] = value.detach()
-    return values
-
-
 def broadcast(value: Any) -> Any:
     """``value`` of rank 0 on every rank."""
     box = [value]
@@ -142,6 +124,7 @@ class SPMDExecutor:
         spec: PipelineSpec,
         on_loss: Callable[[int, torch.Tensor], None],
         timeout: float,
+        traced: torch.nn.Module,
     ) -> None:
         global _open
         self.rank = dist.get_rank()
@@ -169,43 +152,13 @@ class SPMDExecutor:
                 on_loss,
                 self.timeout,
             )
-            self._share_initial_weights(spec)
+            stage = self.process.stage.module
+            share_initial_state(stage, traced, spec.model, self.rank, self.world, self.group, self.device)
+            dist.barrier()
         except BaseException:  # nothing of this pipeline is left: its groups, the binding
             self._release()
             raise
         _open += 1  # once built: close() counts it off
-
-    def _share_initial_weights(self, spec: PipelineSpec) -> None:
-        """Rank 0 sends every stage the initial values of its parameters, buffers and
-        constants (plain tensor attributes the graph reads, which each rank would otherwise
-        take from its own model: a random projection drawn without a common seed differed,
-        and a stage asking for one failed with ``KeyError``). A constant rank 0 cannot find
-        by name (one made in ``forward`` at trace time) stays the rank's own; a sparse tensor,
-        which ``send`` refuses, travels pickled."""
-        parts: list[Any] = [None] * self.world
-        dist.all_gather_object(parts, sorted(self.process.stage.module.state_dict()))
-        box: list[Any] = [None]
-        if self.rank == 0:
-            values = _initial_values(spec.model, {name for names in parts[1:] for name in names})
-            box = [(sorted(values), {n: v for n, v in values.items() if v.layout != torch.strided})]
-        dist.broadcast_object_list(box, src=0)
-        sent, pickled = set(box[0][0]), box[0][1]
-        if self.rank == 0:
-            for rank in range(1, self.world):
-                for name in parts[rank]:
-                    if name in sent and name not in pickled:
-                        dist.send(values[name].contiguous().to(self.device), rank, group=self.group)
-        else:
-            state = self.process.stage.module.state_dict(keep_vars=True)
-            with torch.no_grad():
-                for name in parts[self.rank]:
-                    if name in pickled:
-                        state[name].copy_(pickled[name].to(self.device))
-                    elif name in sent:
-                        buffer = torch.empty_like(state[name].detach())
-                        dist.recv(buffer, 0, group=self.group)
-                        state[name].copy_(buffer)
-        dist.barrier()
 
     # -- training -------------------------------------------------------------------
 
