@@ -250,6 +250,13 @@ def compile(
         raise ValueError(
             "example_inputs must be a tensor or a tuple of tensors with a batch dimension (dim 0)"
         )
+    sparse = [i for i, x in enumerate(inputs) if x.layout != torch.strided]
+    if sparse:
+        raise ValueError(
+            f"example input {sparse[0]} is a sparse tensor ({inputs[sparse[0]].layout}), which cannot be "
+            "cut into micro-batches along dim 0: pass it dense (x.to_dense()), or keep the sparse matrix "
+            "on the model (a buffer) and give forward dense inputs"
+        )
     profiled_on = _profile_device(kind, inputs[0].device)  # where the stages run and are timed
     backend = check_compile_stages(compile_stages, profiled_on)
     batch = int(inputs[0].shape[0])
@@ -259,7 +266,15 @@ def compile(
             f"{data_parallel} replica(s)"
         )
     micro = tuple(x[: math.ceil(batch / (m * data_parallel))].detach().cpu() for x in inputs)
-    model_copy = copy.deepcopy(model).cpu()
+    try:
+        model_copy = copy.deepcopy(model).cpu()
+    except (NotImplementedError, RuntimeError, TypeError) as exc:  # torch's CSR tensors, locks, files
+        raise ValueError(
+            f"the model cannot be copied with copy.deepcopy ({type(exc).__name__}: "
+            f"{str(exc).splitlines()[0] if str(exc) else ''}), which compile needs: keep sparse tensors "
+            "in COO layout (.to_sparse(); .to_sparse_csr() inside forward) and remove attributes that "
+            "cannot be copied (open files, locks)"
+        ) from exc
     if batch_norm == "deferred":
         if method not in ("gpipe", "1f1b"):
             raise ValueError(

@@ -1274,3 +1274,16 @@ def test_a_graph_model_with_sparse_tensors_trains_as_the_plain_model(executor: s
         ) as pipe:
             losses = [float(pipe.step(x, y)) for _ in range(4)]
         assert losses[-1] < losses[0]
+
+
+def test_sparse_tensors_compile_cannot_take_are_named_with_the_fix() -> None:
+    """A sparse example input failed in slicing, and a CSR buffer in torch's deepcopy, each
+    with torch's own error (helper-90)."""
+    model = nn.Linear(6, 3)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    options = {"loss_fn": F.cross_entropy, "executor": "local", "profile_dir": None}
+    with pytest.raises(ValueError, match=r"example input 0 is a sparse tensor .*x\.to_dense\(\)"):
+        pipeoptim.compile(model, opt, 2, example_inputs=torch.randn(8, 6).to_sparse(), **options)
+    model.register_buffer("adjacency", torch.eye(6).to_sparse_csr())
+    with pytest.raises(ValueError, match=r"cannot be copied with copy.deepcopy .*COO layout"):
+        pipeoptim.compile(model, opt, 2, example_inputs=torch.randn(8, 6), **options)
