@@ -1287,3 +1287,34 @@ def test_sparse_tensors_compile_cannot_take_are_named_with_the_fix() -> None:
     model.register_buffer("adjacency", torch.eye(6).to_sparse_csr())
     with pytest.raises(ValueError, match=r"cannot be copied with copy.deepcopy .*COO layout"):
         pipeoptim.compile(model, opt, 2, example_inputs=torch.randn(8, 6), **options)
+
+
+class _SparseActivation(nn.Module):
+    """An activation turned sparse while it needs a gradient."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Linear(6, 6), nn.Linear(6, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.a(x)).to_sparse()
+        return self.b(torch.sparse.mm(h, torch.eye(6)))
+
+
+def test_a_sparse_activation_that_needs_a_gradient_is_named_with_the_fix() -> None:
+    """Profiling failed with torch's ``fill_`` error for the sparse layout (helper-90)."""
+    from pipeoptim.errors import ProfileError
+
+    model = _SparseActivation()
+    with pytest.raises(
+        ProfileError, match=r"makes a sparse tensor \(torch.sparse_coo\) that needs a gradient.*to_dense"
+    ):
+        pipeoptim.compile(
+            model,
+            torch.optim.SGD(model.parameters(), lr=0.1),
+            2,
+            example_inputs=torch.randn(8, 6),
+            loss_fn=F.cross_entropy,
+            executor="local",
+            profile_dir=None,
+        )

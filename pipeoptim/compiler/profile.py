@@ -154,6 +154,14 @@ def _measure_node(
         a, k = inputs()
         out = run(node.target, a, k)
         outs = [t for t in pytree.tree_leaves(out) if isinstance(t, torch.Tensor) and t.requires_grad]
+        sparse = next((t for t in outs if t.layout != torch.strided), None)
+        if sparse is not None:
+            raise ProfileError(
+                f"node {node.name} ({node.target}) makes a sparse tensor ({sparse.layout}) that needs a "
+                "gradient, which this pipeline cannot time, send or hold as an activation: make it "
+                "dense before it goes on (.to_dense()), or keep sparse tensors to constants and "
+                "buffers (torch.sparse.mm(adjacency, dense_activation))"
+            )
         bwd_t = 0.0
         if outs:
             grads = [torch.ones_like(t) for t in outs]
