@@ -17,6 +17,7 @@ from pipeoptim.runtime.affinity import binding_wanted, rank_cores
 from pipeoptim.runtime.distributed import free_port
 
 from .sparse_models import SparseGCN
+from .test_in_place import plain_training
 from .test_training import SmallCNN, data
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -258,14 +259,7 @@ def test_rank_0s_constants_and_sparse_buffers_reach_every_rank(tmp_path: Path) -
     model = SparseGCN()
     torch.manual_seed(100)
     batches = [(torch.randn(8, 8, 6), torch.randint(0, 3, (8,))) for _ in range(4)]
-    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
-    plain = []
-    for x, y in batches:
-        loss = F.cross_entropy(model(x), y)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        plain.append(loss.item())
+    plain = plain_training(model, batches, micro=1)
     outputs = model(batches[0][0])
     for rank in ranks:
         assert rank["losses"] == pytest.approx(plain, abs=1e-6)
