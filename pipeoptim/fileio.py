@@ -26,9 +26,11 @@ def atomic_write(path: str | os.PathLike[str], write: Callable[[IO[bytes]], Any]
 
     ``os.replace`` is atomic on POSIX and Windows, so readers see either the old or the new
     file, never a half-written one. The file gets the permissions a plain ``open`` would give
-    it (0o666 less the umask), not the temporary file's 0o600.
+    it (0o666 less the umask), not the temporary file's 0o600. Where ``path`` is a symbolic
+    link (``latest.pt -> runs/7/ckpt.pt``), its target is written, as by a plain ``open``, and
+    the link stays; the temporary goes beside the target, on the target's file system.
     """
-    path = Path(path)
+    path = Path(os.path.realpath(path))  # a rename onto the link would replace it with a file
     blocking = next((p for p in reversed(path.parents) if p.exists() and not p.is_dir()), None)
     if blocking is not None:  # mkdir would say only "File exists"
         raise NotADirectoryError(errno.ENOTDIR, f"{blocking} is a file, not a folder", str(path))

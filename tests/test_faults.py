@@ -501,6 +501,30 @@ def test_an_atomic_write_of_a_name_of_255_bytes_works(tmp_path: Path) -> None:
     assert [p.name for p in tmp_path.iterdir()] == [path.name]
 
 
+def test_an_atomic_write_through_a_symbolic_link_writes_its_target(tmp_path: Path) -> None:
+    """A rename onto the link replaced ``latest.json -> runs/7/plan.json`` with a file: the
+    target kept the old contents and the link was gone. Chains of links and a link whose
+    target does not exist yet are written through too, like a plain open."""
+    (tmp_path / "runs" / "7").mkdir(parents=True)
+    target = tmp_path / "runs" / "7" / "plan.json"
+    target.write_text('{"stages": 1}')
+    link, chain = tmp_path / "latest.json", tmp_path / "current.json"
+    link.symlink_to(Path("runs") / "7" / "plan.json")  # relative, as `ln -s` makes them
+    chain.symlink_to("latest.json")
+    write_json(link, {"stages": 2})
+    assert link.is_symlink() and json.loads(target.read_text()) == {"stages": 2}
+    write_json(chain, {"stages": 3})
+    assert chain.is_symlink() and link.is_symlink() and json.loads(target.read_text()) == {"stages": 3}
+    dangling = tmp_path / "next.json"
+    dangling.symlink_to(Path("runs") / "8" / "plan.json")
+    write_json(dangling, {"stages": 4})
+    assert dangling.is_symlink() and json.loads((tmp_path / "runs" / "8" / "plan.json").read_text()) == {
+        "stages": 4
+    }
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["current.json", "latest.json", "next.json", "runs"]
+    assert sorted(p.name for p in (tmp_path / "runs" / "7").iterdir()) == ["plan.json"]  # no temporary left
+
+
 def _fail_and_close(executor: str) -> tuple[Any, Any]:
     """A pipeline whose loss_fn raises at mini-batch 3 (a class label out of range), with
     mini-batches in flight, closed; weak references to it and to its first stage's module."""
