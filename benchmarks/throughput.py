@@ -84,7 +84,7 @@ from pipeoptim.compiler.trace import trace
 from pipeoptim.examples import Block
 from pipeoptim.runtime.affinity import pin_rank
 from pipeoptim.runtime.distributed import free_port
-from pipeoptim.runtime.linkcost import QUICK_SIZES, SIZES, measure_link
+from pipeoptim.runtime.linkcost import QUICK_SIZES, REPEATS, SIZES, measure_link
 from pipeoptim.update_cost import UpdateCosts, measure_update_cost, working_set_of
 
 WIDTH, DEPTH, BATCH, CLASSES = 512, 16, 64, 10
@@ -1123,7 +1123,7 @@ def main() -> None:
         measure_link(
             "nccl" if DEVICE == "cuda" else "gloo",
             sizes=QUICK_SIZES if args.quick else SIZES,
-            repeats=3 if args.quick else 9,
+            repeats=3 if args.quick else REPEATS,
         )
         for _ in range(1 if args.quick else 3)
     ]

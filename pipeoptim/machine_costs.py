@@ -39,8 +39,8 @@ MACHINE_COSTS_FILE = "machine-costs.json"
 MEASURED_AT = "measured_at"
 #: how the figures are measured; figures saved under another method are measured again
 METHOD = (
-    "gloo: median of 3 fits of round trips 4K-8M; overhead: 2 stages, 200 mini-batches, CPU time; "
-    "ranks bound to cores"
+    "gloo: median of 3 relative fits of the fastest of 16 round trips 4K-8M; "
+    "overhead: 2 stages, 200 mini-batches, CPU time; ranks bound to cores"
 )
 #: the most seconds a cached latency or per-action overhead may hold, and the slowest cached
 #: link (bytes/s): measured figures are near 1e-4 s and 1e9 B/s; beyond these, edited by hand
@@ -87,9 +87,11 @@ def machine_key() -> str:
 def measure_machine_costs(links: int = 3) -> MachineCosts:
     """gloo's latency and bandwidth between two processes and the runtime's overhead per action,
     measured now (a few seconds). The link is measured ``links`` times and the median α and β
-    kept: it is timed on the wall clock, and one measurement's α varied 75-356 us on an idle
-    2-core machine. The overhead is CPU time, which other processes inflate less than wall
-    time, but still: 0.94 ms per action with four busy loops running against 0.60-0.70 idle.
+    kept: it is timed on the wall clock, and one measurement's bandwidth varied 5.9-8.8 GB/s on
+    an idle 2-core machine (α 29-58 us; 4 us to 1.2 ms from the median round trip before the
+    fastest was taken, :mod:`pipeoptim.runtime.linkcost`). The overhead is CPU time, which
+    other processes inflate less than wall time, but still: 0.94 ms per action with four busy
+    loops running against 0.60-0.70 idle.
 
     Raises:
         ValueError: the link timings were noise three times in a row (a machine too busy).

@@ -43,8 +43,10 @@ def test_a_real_measurement_is_plausible_and_then_reused(monkeypatch: pytest.Mon
     on an idle machine: one busy with other work is not saved, the next test)."""
     first = load_or_measure_machine_costs()
     # seconds per message on one machine; 0 where noise made the free fit's α negative (a
-    # loaded machine: fit_latency_bandwidth clamps it, and a suite beside another gave 0.0)
-    assert 0 <= first.latency < 0.05
+    # loaded machine: fit_latency_bandwidth clamps it, and a suite beside another gave 0.0).
+    # Under 1 ms: the median of round trips gave 0.5-1.3 ms on the project's VM, where a
+    # message takes 30-60 us and a late wake-up adds 1.8 ms to some (runtime/linkcost.py)
+    assert 0 <= first.latency < 1e-3
     assert 1e7 < first.bandwidth < 1e12  # bytes/s
     assert 0 < first.action_overhead < 0.05  # seconds per action
     assert (machine_costs.cache_dir() / MACHINE_COSTS_FILE).exists()

@@ -3,9 +3,21 @@
 The Hockney model (Hockney, Parallel Computing 20(3), 1994) gives the time of one message of
 ``n`` bytes as ``α + β·n``: α the latency (seconds), β the inverse bandwidth (seconds per
 byte). :func:`measure_link` times gloo (or NCCL) sends between two spawned processes at
-several sizes, takes the median of the repeats at each size, and fits α and β by least
-squares (:func:`fit_latency_bandwidth`). :func:`shared_cores` says how many processors the
-stages of a CPU pipeline share. Both feed :class:`pipeoptim.compiler.costmodel.CostConfig`.
+several sizes, takes the fastest of the repeats at each size (:func:`message_time`), and
+fits α and β by least squares in relative error (:func:`fit_latency_bandwidth`).
+:func:`shared_cores` says how many processors the stages of a CPU pipeline share. Both feed
+:class:`pipeoptim.compiler.costmodel.CostConfig`.
+
+Why not the median and a plain least-squares fit: on the project's 2-core virtual machine a
+round trip takes either its time (4 KiB: ~40 us) or ~1.8 ms more, when a process blocked in
+its receive is woken late; the slow ones come in runs, up to all of one size's repeats. The
+median of 9 landed in either mode (4 KiB: 52 or 1,899 us; 1 MiB: 217 or 2,071 us), and a
+plain fit, led by the big messages' absolute times, turned that into α of 4 to 1,246 us in
+six measurements seconds apart (2026-12-05); the throughput benchmark priced its plans with
+α = 1,133 us, 45x the 25 us it had measured the day before. The lower quartile of 16 still
+gave α = 977 us once in 14 measurements. The stall only adds time and is the host's, not the
+link's: the fastest repeat drops it unless all of a size's repeats stall (α 31-48 us in 8
+measurements), and the relative fit lets the small messages set α and the big ones β.
 """
 
 from __future__ import annotations
@@ -15,7 +27,6 @@ import datetime
 import os
 import queue
 import signal
-import statistics
 import time
 from collections.abc import Iterator, Sequence
 from typing import Any
@@ -34,26 +45,43 @@ from pipeoptim.runtime.spawning import (
 
 #: message sizes timed by default (bytes): small ones for α, large ones for β
 SIZES = (4 << 10, 64 << 10, 1 << 20, 8 << 20)
+#: round trips timed per size by default: the fastest is kept (:func:`message_time`)
+REPEATS = 16
 #: two sizes far apart for a quick measurement (closer ones can time in the wrong order under load)
 QUICK_SIZES = (4 << 10, 8 << 20)
 
 
 def fit_latency_bandwidth(sizes: Sequence[float], seconds: Sequence[float]) -> tuple[float, float]:
-    """Least-squares α ≥ 0, β of ``seconds ≈ α + β·sizes`` (where the free fit's α is
-    negative, β is refitted through the origin).
+    """α ≥ 0 (seconds), β (seconds per byte) of ``seconds ≈ α + β·sizes``, by least squares
+    in relative error: ``Σ ((α + β·n − t) / t)²`` is minimised, so that each size counts alike
+    over sizes three decades apart (a plain fit is led by the biggest messages' absolute
+    times, and their noise set α). Where the free fit's α is negative, β is refitted through
+    the origin the same way.
+
+    Args:
+        sizes: message sizes (bytes), at least two different ones.
+        seconds: the time of one message of each size (seconds, > 0).
 
     Raises:
-        ValueError: fewer than two distinct sizes, or times that do not grow with the size
-            (β ≤ 0: the timings are noise, e.g. a loaded machine; measure again).
+        ValueError: fewer than two distinct sizes, a time that is not positive, or times that
+            do not grow with the size (β ≤ 0: the timings are noise, e.g. a loaded machine;
+            measure again).
     """
     if len(set(sizes)) < 2 or len(sizes) != len(seconds):
         raise ValueError("need the time of at least two different message sizes")
-    mean_n, mean_t = statistics.fmean(sizes), statistics.fmean(seconds)
-    var = sum((n - mean_n) ** 2 for n in sizes)
-    beta = sum((n - mean_n) * (t - mean_t) for n, t in zip(sizes, seconds)) / var
-    alpha = mean_t - beta * mean_n
+    if min(seconds) <= 0:
+        raise ValueError(f"message times must be positive seconds, got {list(seconds)}")
+    # weighted least squares, weight 1/t² per size: the normal equations of (α, β)
+    w = [1 / (t * t) for t in seconds]
+    sw, swn, swnn = sum(w), sum(wi * n for wi, n in zip(w, sizes)), sum(wi * n * n for wi, n in zip(w, sizes))
+    swt, swnt = (
+        sum(wi * t for wi, t in zip(w, seconds)),
+        sum(wi * n * t for wi, n, t in zip(w, sizes, seconds)),
+    )
+    det = sw * swnn - swn * swn
+    alpha, beta = (swnn * swt - swn * swnt) / det, (sw * swnt - swn * swt) / det
     if alpha < 0:
-        alpha, beta = 0.0, sum(n * t for n, t in zip(sizes, seconds)) / sum(n * n for n in sizes)
+        alpha, beta = 0.0, swnt / swnn
     if beta <= 0:
         raise ValueError(
             f"send times {[f'{t:.3g}' for t in seconds]} s do not grow with the message sizes {list(sizes)} "
@@ -75,7 +103,7 @@ def _ping(rank: int, port: int, backend: str, sizes: Sequence[int], repeats: int
         timeout=datetime.timedelta(seconds=120),
     )
     device = torch.device("cuda", rank) if backend == "nccl" else torch.device("cpu")
-    medians = []
+    per_size = []
     for size in sizes:
         x = torch.zeros(size // 4, device=device)
         times = []
@@ -91,22 +119,35 @@ def _ping(rank: int, port: int, backend: str, sizes: Sequence[int], repeats: int
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
             times.append((time.perf_counter() - start) / 2)
-        medians.append(statistics.median(times[1:]))
+        per_size.append(times[1:])  # the first warms the size's buffers up
     if rank == 0:
-        out.put(medians)
+        out.put(per_size)
     dist.barrier()
     dist.destroy_process_group()
 
 
+def message_time(seconds: Sequence[float]) -> float:
+    """The time of one message of a size from its repeats (seconds): the fastest, as a late
+    wake-up of a blocked receiver only adds time (module docstring).
+
+    Raises:
+        ValueError: no repeats.
+    """
+    if not seconds:
+        raise ValueError("no message times")
+    return min(seconds)
+
+
 def measure_link(
-    backend: str = "gloo", sizes: Sequence[int] = SIZES, repeats: int = 9, timeout: float = 300.0
+    backend: str = "gloo", sizes: Sequence[int] = SIZES, repeats: int = REPEATS, timeout: float = 300.0
 ) -> tuple[float, float]:
     """α (seconds per message) and β (seconds per byte) of a send between two processes on
     this machine over ``backend`` (``"gloo"``; ``"nccl"`` between the first two GPUs).
 
     Each size is timed as ``repeats`` round trips (half a round trip is one message), the
-    median taken, and α, β fitted over the sizes (:func:`fit_latency_bandwidth`); measured
-    again, up to three times, while the times do not grow with the size.
+    fastest taken (:func:`message_time`), and α, β fitted over the sizes
+    (:func:`fit_latency_bandwidth`); measured again, up to three times, while the times do
+    not grow with the size.
 
     Raises:
         RuntimeError: the processes did not report within ``timeout`` seconds.
@@ -115,14 +156,16 @@ def measure_link(
     noise: ValueError | None = None
     for _ in range(3):  # a busy machine can time a big message faster than a small one
         try:
-            return fit_latency_bandwidth(list(sizes), _round_trips(backend, sizes, repeats, timeout))
+            times = [message_time(ts) for ts in _round_trips(backend, sizes, repeats, timeout)]
+            return fit_latency_bandwidth(list(sizes), times)
         except ValueError as exc:
             noise = exc
     assert noise is not None
     raise noise
 
 
-def _round_trips(backend: str, sizes: Sequence[int], repeats: int, timeout: float) -> list[float]:
+def _round_trips(backend: str, sizes: Sequence[int], repeats: int, timeout: float) -> list[list[float]]:
+    """Per size, the time of each of ``repeats`` round trips, halved (seconds)."""
     check_not_importing_main()
     ctx = worker_context()
     out = ctx.Queue()
