@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import json
+import multiprocessing
 import os
 import signal
 import stat
@@ -11,6 +13,7 @@ import subprocess
 import sys
 import threading
 import time
+import types
 import weakref
 from pathlib import Path
 from typing import Any
@@ -24,6 +27,7 @@ from pipeoptim.checkpoint import read_checkpoint
 from pipeoptim.errors import PipelineError
 from pipeoptim.fileio import STALE_SECONDS, atomic_write, write_json
 from pipeoptim.runtime.distributed import free_port
+from pipeoptim.runtime.driver_watch import driver_alive, process_start_time
 
 from .test_training import SmallCNN, data
 
@@ -523,6 +527,61 @@ def test_an_atomic_write_through_a_symbolic_link_writes_its_target(tmp_path: Pat
     }
     assert sorted(p.name for p in tmp_path.iterdir()) == ["current.json", "latest.json", "next.json", "runs"]
     assert sorted(p.name for p in (tmp_path / "runs" / "7").iterdir()) == ["plan.json"]  # no temporary left
+
+
+def _running(pid: int) -> bool:
+    """Whether ``pid`` names a live process (not a zombie awaiting its parent's wait)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[-1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not Path("/proc").exists(), reason="reads /proc")
+def test_workers_stop_when_their_driver_is_killed(tmp_path: Path) -> None:
+    """A driver killed outright (kill -9, the out-of-memory killer) runs no clean-up: its
+    three workers, the fork server and the resource tracker lived on for minutes (helper-92),
+    each worker holding its stage's memory. Now each worker stops within seconds, saying why."""
+    driver = subprocess.Popen(
+        [sys.executable, "-m", "tests.killed_driver_script", str(tmp_path)],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    workers: list[int] = []
+    try:
+        workers = [int(pid) for pid in driver.stdout.readline().split()]
+        assert len(workers) == 3, driver.stderr.read()
+        assert all(_running(pid) for pid in workers)
+        time.sleep(5)  # in the middle of steps
+        driver.kill()
+        driver.wait(timeout=30)
+        deadline = time.monotonic() + 15
+        while any(_running(pid) for pid in workers) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not [pid for pid in workers if _running(pid)], "workers outlived their driver"
+        said = driver.stderr.read()
+        for stage in range(3):
+            assert f"stage {stage}: the driver process {driver.pid} has exited; stopping" in said
+    finally:
+        driver.kill()
+        for pid in workers:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+
+
+def test_a_driver_whose_id_names_another_process_now_counts_as_gone() -> None:
+    me = multiprocessing.current_process()
+    assert driver_alive(me, process_start_time(os.getpid()))
+    assert not driver_alive(me, "0")  # the id, but another start: a process that reused it
+    done = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True
+    )
+    gone = types.SimpleNamespace(pid=int(done.stdout))  # a process that has exited (and been waited for)
+    assert not driver_alive(gone, None)  # type: ignore[arg-type]
 
 
 def _fail_and_close(executor: str) -> tuple[Any, Any]:

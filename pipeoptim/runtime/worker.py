@@ -30,6 +30,7 @@ from pipeoptim.runtime.async_norms import note_size
 from pipeoptim.runtime.build import PipelineSpec, aliases_of, build_stage, input_grad_mask
 from pipeoptim.runtime.comm import DistChannel
 from pipeoptim.runtime.delivery import forward_chain
+from pipeoptim.runtime.driver_watch import exit_when_driver_dies
 from pipeoptim.runtime.executor import MicroBatch, MiniBatch, StageState, run_action
 from pipeoptim.runtime.peer_loss import lost_peer
 from pipeoptim.runtime.replicas import join_replica_groups, replica_copy, stage_and_replica
@@ -251,6 +252,7 @@ def worker_main(
     torch.set_num_threads(threads)
     driver = multiprocessing.parent_process()
     name = f"stage {rank}"  # with replicas, once the spec says: stage k of replica r (rank)
+    exit_when_driver_dies(name, driver)  # even while blocked in a receive or a queue write
     try:
         kind, _request, payload = commands.get(timeout=timeout)
         if kind != "spec":

@@ -1,0 +1,69 @@
+"""A worker process stops when the driver that started it is gone.
+
+A driver killed outright (``kill -9``, the kernel's out-of-memory killer) runs no clean-up:
+its stage workers, forked from the fork server rather than from the driver, are not its
+children, and ``multiprocessing.parent_process().is_alive()`` stays true there, because the
+fork server's sentinel it reads is held open by the workers themselves. Such workers lingered
+for minutes (blocked in a receive until the transport's timeout, then in writing their error
+to a queue nobody reads), each holding its stage's memory; the fork server and the resource
+tracker stayed with them. :func:`exit_when_driver_dies` watches the driver's process id from
+a daemon thread and ends the worker within a second of the driver's end.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import threading
+import time
+from multiprocessing.process import BaseProcess
+
+#: seconds between two looks at the driver
+INTERVAL = 1.0
+
+
+def process_start_time(pid: int) -> str | None:
+    """The start time of process ``pid`` in clock ticks since boot (Linux ``/proc``), which
+    tells the driver from a later process that reuses its id; ``None`` where unknown."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read().decode(errors="replace")
+    except OSError:
+        return None
+    return stat.rsplit(")", 1)[-1].split()[19]  # field 22; the name in () may hold spaces
+
+
+def driver_alive(driver: BaseProcess, started: str | None) -> bool:
+    """Whether the process ``driver`` is still the one that started this worker.
+
+    POSIX: its id still names a process (``kill(pid, 0)``) with the same start time where
+    ``/proc`` tells it; elsewhere, ``driver.is_alive()`` (a spawned child's parent sentinel).
+    """
+    if os.name != "posix":
+        return driver.is_alive()
+    pid = driver.pid
+    assert pid is not None
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # a process of another user has the id now
+        return False
+    return started is None or process_start_time(pid) == started
+
+
+def exit_when_driver_dies(name: str, driver: BaseProcess | None, interval: float = INTERVAL) -> None:
+    """Start a daemon thread that ends this process (exit code 1, one line on stderr naming
+    ``name``) once ``driver`` has exited; nothing where there is no driver (``None``)."""
+    if driver is None or driver.pid is None:
+        return
+    started = process_start_time(driver.pid)
+
+    def watch() -> None:
+        while driver_alive(driver, started):
+            time.sleep(interval)
+        sys.stderr.write(f"pipeoptim: {name}: the driver process {driver.pid} has exited; stopping\n")
+        sys.stderr.flush()
+        os._exit(1)
+
+    threading.Thread(target=watch, name="pipeoptim-driver-watch", daemon=True).start()
