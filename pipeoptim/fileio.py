@@ -29,14 +29,26 @@ def atomic_write(path: str | os.PathLike[str], write: Callable[[IO[bytes]], Any]
     it (0o666 less the umask), not the temporary file's 0o600. Where ``path`` is a symbolic
     link (``latest.pt -> runs/7/ckpt.pt``), its target is written, as by a plain ``open``, and
     the link stays; the temporary goes beside the target, on the target's file system.
+
+    Raises:
+        OSError: ELOOP for a loop of links, ENOENT for a link into a missing folder, EISDIR
+            for a folder (:func:`_write_target`), PermissionError where the folder takes no
+            new file; and whatever ``write`` raises (the previous file stays whole).
     """
-    path = Path(os.path.realpath(path))  # a rename onto the link would replace it with a file
+    path = _write_target(Path(path))
     blocking = next((p for p in reversed(path.parents) if p.exists() and not p.is_dir()), None)
     if blocking is not None:  # mkdir would say only "File exists"
         raise NotADirectoryError(errno.ENOTDIR, f"{blocking} is a file, not a folder", str(path))
     path.parent.mkdir(parents=True, exist_ok=True)
     _remove_stale_temporaries(path)
-    fd, tmp = tempfile.mkstemp(prefix=_temporary_prefix(path), suffix=".tmp", dir=path.parent)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=_temporary_prefix(path), suffix=".tmp", dir=path.parent)
+    except PermissionError as exc:  # its message would name the temporary
+        raise PermissionError(
+            exc.errno,
+            f"cannot create a temporary file in {path.parent} to replace {path.name} atomically",
+            str(path),
+        ) from exc
     try:
         if fcntl is not None:  # held until closed: the temporary is in use (_remove_stale_temporaries)
             fcntl.flock(fd, fcntl.LOCK_EX)
@@ -55,6 +67,31 @@ def atomic_write(path: str | os.PathLike[str], write: Callable[[IO[bytes]], Any]
             os.fsync(folder)
         finally:
             os.close(folder)
+
+
+def _write_target(path: Path) -> Path:
+    """The file a write of ``path`` replaces: ``path``, or where symbolic links on the way lead
+    (a rename onto a link would replace the link with a file).
+
+    Raises:
+        OSError: ELOOP, the links form a loop (as ``open`` raises).
+        FileNotFoundError: a link leads into a folder that does not exist (``open`` would not
+            create it either; a plain path's missing folders are created).
+        IsADirectoryError: ``path`` is, or leads to, a folder.
+    """
+    target = Path(os.path.realpath(path))  # not strict: the file itself may not exist yet
+    if any(os.path.islink(p) for p in (target, *target.parents)):  # realpath stops at a loop
+        raise OSError(errno.ELOOP, "the symbolic links on this path form a loop", str(path))
+    linked = any(os.path.islink(p) for p in (path, *path.parents))
+    if linked and not target.parent.is_dir():
+        raise FileNotFoundError(
+            errno.ENOENT,
+            f"a symbolic link on this path leads to {target}, whose folder does not exist",
+            str(path),
+        )
+    if target.is_dir():
+        raise IsADirectoryError(errno.EISDIR, "is a folder, not a file", str(path))
+    return target
 
 
 #: bytes of the file's name its temporary keeps (a folder entry holds at most 255 bytes on

@@ -507,8 +507,8 @@ def test_an_atomic_write_of_a_name_of_255_bytes_works(tmp_path: Path) -> None:
 
 def test_an_atomic_write_through_a_symbolic_link_writes_its_target(tmp_path: Path) -> None:
     """A rename onto the link replaced ``latest.json -> runs/7/plan.json`` with a file: the
-    target kept the old contents and the link was gone. Chains of links and a link whose
-    target does not exist yet are written through too, like a plain open."""
+    target kept the old contents and the link was gone. Chains of links and a link to a file
+    not there yet (in a folder that is) are written through too, like a plain open."""
     (tmp_path / "runs" / "7").mkdir(parents=True)
     target = tmp_path / "runs" / "7" / "plan.json"
     target.write_text('{"stages": 1}')
@@ -519,14 +519,49 @@ def test_an_atomic_write_through_a_symbolic_link_writes_its_target(tmp_path: Pat
     assert link.is_symlink() and json.loads(target.read_text()) == {"stages": 2}
     write_json(chain, {"stages": 3})
     assert chain.is_symlink() and link.is_symlink() and json.loads(target.read_text()) == {"stages": 3}
-    dangling = tmp_path / "next.json"
-    dangling.symlink_to(Path("runs") / "8" / "plan.json")
+    dangling = tmp_path / "next.json"  # a link to a file not there yet, in a folder that is
+    dangling.symlink_to(Path("runs") / "7" / "next.json")
     write_json(dangling, {"stages": 4})
-    assert dangling.is_symlink() and json.loads((tmp_path / "runs" / "8" / "plan.json").read_text()) == {
+    assert dangling.is_symlink() and json.loads((tmp_path / "runs" / "7" / "next.json").read_text()) == {
         "stages": 4
     }
     assert sorted(p.name for p in tmp_path.iterdir()) == ["current.json", "latest.json", "next.json", "runs"]
-    assert sorted(p.name for p in (tmp_path / "runs" / "7").iterdir()) == ["plan.json"]  # no temporary left
+    assert sorted(p.name for p in (tmp_path / "runs" / "7").iterdir()) == ["next.json", "plan.json"]
+
+
+def test_an_atomic_write_through_a_bad_link_fails_as_open_does(tmp_path: Path) -> None:
+    """Loops, links into a missing folder and links to a folder: a loop was replaced by a file,
+    a dangling link's folders were created, and a folder's error named the temporary
+    (helper-92). Each now raises what a plain open raises, naming the path, and leaves the
+    links and folders as they were."""
+    loop, a, b = tmp_path / "loop.json", tmp_path / "a.json", tmp_path / "b.json"
+    loop.symlink_to("loop.json")
+    a.symlink_to("b.json")
+    b.symlink_to("a.json")
+    (tmp_path / "looped").symlink_to("looped")
+    (tmp_path / "folder").mkdir()
+    (tmp_path / "to_folder").symlink_to("folder")
+    (tmp_path / "nowhere.json").symlink_to(Path("missing") / "sub" / "t.json")
+    (tmp_path / "gone").symlink_to("missing")
+    cases = {
+        loop: OSError,
+        a: OSError,
+        tmp_path / "looped" / "f.json": OSError,
+        tmp_path / "to_folder": IsADirectoryError,
+        tmp_path / "nowhere.json": FileNotFoundError,
+        tmp_path / "gone" / "f.json": FileNotFoundError,
+    }
+    before = sorted(p.name for p in tmp_path.iterdir())
+    for path, error in cases.items():
+        with pytest.raises(error) as plain:
+            open(path, "w").close()
+        with pytest.raises(error) as ours:
+            write_json(path, {})
+        assert ours.value.errno == plain.value.errno, path
+        assert ours.value.filename == str(path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == before
+    assert loop.is_symlink() and a.is_symlink() and b.is_symlink()
+    assert list((tmp_path / "folder").iterdir()) == []
 
 
 def _running(pid: int) -> bool:
