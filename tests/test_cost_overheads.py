@@ -96,6 +96,20 @@ def test_fit_keeps_latency_non_negative_and_refuses_times_that_do_not_grow() -> 
         fit_latency_bandwidth([4096, 1 << 20], [0.0, 1e-4])
     with pytest.raises(ValueError, match="no message times"):
         message_time([])
+    # NaN and infinity gave (nan, nan) back; mismatched lengths and negative sizes were
+    # reported as too few sizes or a busy machine (helper-92)
+    for bad in ([float("nan"), 1e-4], [float("inf"), 1e-4]):
+        with pytest.raises(ValueError, match="positive, finite seconds"):
+            fit_latency_bandwidth([4096, 1 << 20], bad)
+        with pytest.raises(ValueError, match="positive, finite seconds"):
+            message_time(bad[::-1])
+    with pytest.raises(ValueError, match="2 message sizes but 3 times"):
+        fit_latency_bandwidth([4096, 1 << 20], [1e-5, 1e-4, 1e-3])
+    with pytest.raises(ValueError, match="positive numbers of bytes"):
+        fit_latency_bandwidth([-4096, 1 << 20], [1e-5, 1e-4])
+    for sizes, repeats in (((4096,), 3), ((1, 3), 3), ((4096, 4098), 3), ((4096, 8192), 0)):
+        with pytest.raises(ValueError, match="positive multiple of 4"):
+            measure_link(sizes=sizes, repeats=repeats)  # refused before any process starts
 
 
 def test_late_wake_ups_and_big_messages_do_not_set_the_latency() -> None:

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import math
 import os
 import queue
 import signal
@@ -67,10 +68,14 @@ def fit_latency_bandwidth(sizes: Sequence[float], seconds: Sequence[float]) -> t
             do not grow with the size (β ≤ 0: the timings are noise, e.g. a loaded machine;
             measure again).
     """
-    if len(set(sizes)) < 2 or len(sizes) != len(seconds):
+    if len(sizes) != len(seconds):
+        raise ValueError(f"{len(sizes)} message sizes but {len(seconds)} times: give one time per size")
+    if not all(math.isfinite(n) and n > 0 for n in sizes):
+        raise ValueError(f"message sizes must be positive numbers of bytes, got {list(sizes)}")
+    if len(set(sizes)) < 2:
         raise ValueError("need the time of at least two different message sizes")
-    if min(seconds) <= 0:
-        raise ValueError(f"message times must be positive seconds, got {list(seconds)}")
+    if not all(math.isfinite(t) and t > 0 for t in seconds):
+        raise ValueError(f"message times must be positive, finite seconds, got {list(seconds)}")
     # weighted least squares, weight 1/t² per size: the normal equations of (α, β)
     w = [1 / (t * t) for t in seconds]
     sw, swn, swnn = sum(w), sum(wi * n for wi, n in zip(w, sizes)), sum(wi * n * n for wi, n in zip(w, sizes))
@@ -131,11 +136,14 @@ def message_time(seconds: Sequence[float]) -> float:
     wake-up of a blocked receiver only adds time (module docstring).
 
     Raises:
-        ValueError: no repeats.
+        ValueError: no repeats, or one that is not a positive, finite number.
     """
-    if not seconds:
+    times = [float(t) for t in seconds]
+    if not times:
         raise ValueError("no message times")
-    return min(seconds)
+    if not all(math.isfinite(t) and t > 0 for t in times):
+        raise ValueError(f"message times must be positive, finite seconds, got {times}")
+    return min(times)
 
 
 def measure_link(
@@ -151,8 +159,15 @@ def measure_link(
 
     Raises:
         RuntimeError: the processes did not report within ``timeout`` seconds.
-        ValueError: three measurements in a row were noise (β ≤ 0).
+        ValueError: fewer than two sizes, a size that is not a positive multiple of 4 bytes, or
+            ``repeats`` < 1 (before any process starts); three measurements in a row were
+            noise (β ≤ 0).
     """
+    if len({int(n) for n in sizes}) < 2 or min(sizes) < 4 or any(n % 4 for n in sizes) or repeats < 1:
+        raise ValueError(
+            f"measure_link needs two or more different message sizes, each a positive multiple of 4 "
+            f"bytes (float32 elements), and repeats >= 1; got sizes {list(sizes)}, repeats {repeats}"
+        )
     noise: ValueError | None = None
     for _ in range(3):  # a busy machine can time a big message faster than a small one
         try:
