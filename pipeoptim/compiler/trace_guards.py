@@ -145,7 +145,17 @@ class PlainStateChanged(UntraceableCall):
 
 
 #: attributes every module has (``_parameters``, ``_buffers``, hooks...): not the user's state
-MODULE_INTERNALS = frozenset(vars(nn.Module()))
+_MODULE_INTERNALS = frozenset(vars(nn.Module()))
+
+
+def plain_attributes(model: nn.Module) -> Iterator[tuple[str, nn.Module, str, Any]]:
+    """``(module's qualified name, module, attribute, value)`` for every plain attribute of
+    ``model`` and its submodules: neither a parameter, a buffer nor a submodule, nor one of
+    the attributes every ``nn.Module`` has."""
+    for prefix, module in model.named_modules():
+        for name, value in vars(module).items():
+            if name not in _MODULE_INTERNALS and not isinstance(value, nn.Module):
+                yield prefix, module, name, value
 
 
 def _traced_value(value: Any) -> bool:
@@ -155,15 +165,15 @@ def _traced_value(value: Any) -> bool:
     )
 
 
-def _contents(value: Any) -> Iterator[Any]:
+def contents(value: Any) -> Iterator[Any]:
     """``value`` and everything inside it, through lists, tuples, dicts and deques."""
     yield value
     if isinstance(value, (list, tuple, collections.deque)):
         for item in value:
-            yield from _contents(item)
+            yield from contents(item)
     elif isinstance(value, dict):
         for item in value.values():
-            yield from _contents(item)
+            yield from contents(item)
 
 
 @contextlib.contextmanager
@@ -179,17 +189,14 @@ def watching_plain_state(model: nn.Module) -> Iterator[None]:
     the graph records (``self.t.add_(x.mean())``, an operation on a traced value) does not
     run at trace time and is not reported. Tensors inside other objects are not looked at."""
     tensors, containers, numbers = [], [], []
-    for prefix, module in model.named_modules():
-        for name, value in vars(module).items():
-            if name in MODULE_INTERNALS or isinstance(value, nn.Module):
-                continue
-            if isinstance(value, (int, float)) and not isinstance(value, bool):
-                numbers.append((prefix, name, module, value))
-            for item in _contents(value):
-                if isinstance(item, (list, dict, collections.deque)):
-                    containers.append((prefix, name, item, copy.copy(item)))
-                elif isinstance(item, torch.Tensor) and not isinstance(item, nn.Parameter):
-                    tensors.append((prefix, name, item, item._version, item.detach().clone()))
+    for prefix, module, name, value in plain_attributes(model):
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            numbers.append((prefix, name, module, value))
+        for item in contents(value):
+            if isinstance(item, (list, dict, collections.deque)):
+                containers.append((prefix, name, item, copy.copy(item)))
+            elif isinstance(item, torch.Tensor) and not isinstance(item, nn.Parameter):
+                tensors.append((prefix, name, item, item._version, item.detach().clone()))
     try:
         yield
     finally:
@@ -197,7 +204,7 @@ def watching_plain_state(model: nn.Module) -> Iterator[None]:
         stored = [
             (prefix, name)
             for prefix, name, value, before in containers
-            if any(map(_traced_value, _contents(value))) and not any(map(_traced_value, _contents(before)))
+            if any(map(_traced_value, contents(value))) and not any(map(_traced_value, contents(before)))
         ]
         counted = [(p, n) for p, n, module, value in numbers if vars(module).get(n) != value]
         with torch.no_grad():

@@ -45,9 +45,7 @@ def driver_alive(driver: BaseProcess, started: str | None) -> bool:
     assert pid is not None
     try:
         os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # a process of another user has the id now
+    except (ProcessLookupError, PermissionError):  # gone, or another user's process has the id now
         return False
     return started is None or process_start_time(pid) == started
 

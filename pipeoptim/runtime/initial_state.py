@@ -17,10 +17,9 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-import torch.utils._pytree as pytree
 from torch import nn
 
-from pipeoptim.compiler.trace_guards import MODULE_INTERNALS
+from pipeoptim.compiler.trace_guards import contents, plain_attributes
 
 
 def find_tensor(model: nn.Module, name: str) -> torch.Tensor | None:
@@ -40,16 +39,13 @@ def find_tensor(model: nn.Module, name: str) -> torch.Tensor | None:
 
 
 def plain_tensors(model: nn.Module) -> dict[str, Any]:
-    """``model``'s plain attributes holding tensors (alone, or in a list, tuple or dict), by
-    qualified name."""
-    found = {}
-    for prefix, module in model.named_modules():
-        for attr, value in vars(module).items():
-            if attr in MODULE_INTERNALS or isinstance(value, nn.Module):
-                continue
-            if any(isinstance(leaf, torch.Tensor) for leaf in pytree.tree_leaves(value)):
-                found[f"{prefix}.{attr}" if prefix else attr] = value
-    return found
+    """``model``'s plain attributes holding tensors (alone, or in lists, tuples, dicts or
+    deques), by qualified name."""
+    return {
+        f"{prefix}.{attr}" if prefix else attr: value
+        for prefix, _, attr, value in plain_attributes(model)
+        if any(isinstance(item, torch.Tensor) for item in contents(value))
+    }
 
 
 def share_initial_state(
