@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import math
+from collections import deque
 from collections.abc import Callable
 from typing import Any
 
@@ -17,7 +18,11 @@ import torch
 from torch.utils import _pytree as pytree
 
 from pipeoptim.errors import PipelineError
-from pipeoptim.microbatch import Reduction
+from pipeoptim.microbatch import Reduction, describe
+
+#: bytes of micro-batch outputs the pending checks may hold after a backward (all are checked
+#: before the optimizer step); beyond it the oldest are checked at once
+HELD_BYTES = 32 << 20
 
 
 class CheckedLoss:
@@ -35,10 +40,13 @@ class CheckedLoss:
     (data bucketed by length), and from there the split mini-batch trained silently wrong.
     The cost is two more evaluations of ``loss_fn``, without gradients, per micro-batch, where
     mini-batches are split at all. The check of each call waits in :attr:`pending` until
-    :meth:`check_pending` (a pipeline's last stage calls it after each
-    backward, once the gradients are sent on: on the benchmark MLP the check had cost our 1F1B
-    2.5% of its rate, 1.4% so; a pending check holds views of its micro-batch's output, so
-    checking at the optimizer step instead held every micro-batch's output until then).
+    :meth:`check_pending`, off the critical path: a pipeline's last stage runs the checks
+    before its optimizer step (then it waits for the next mini-batch's activations), and after
+    a backward, once the gradients are sent on, only those that would hold more than
+    :data:`HELD_BYTES` of outputs (a pending check holds views of its micro-batch's output: a
+    language model's logits over its vocabulary are checked at once). On the benchmark MLP the
+    check, run as each loss was computed, had cost our 1F1B 2.5% of its rate; after each
+    backward 1.4%, since the check of every micro-batch but the last delayed the next forward.
 
     The check is skipped where the model output's first tensor and the targets' first tensor do
     not share dim 0 (then dim 0 is not a batch dimension of both).
@@ -51,8 +59,12 @@ class CheckedLoss:
     def __init__(self, loss_fn: Callable[[Any, Any], torch.Tensor], reduction: Reduction) -> None:
         self.loss_fn = loss_fn
         self.reduction = reduction
-        #: the checks of the calls not yet checked, in call order
-        self.pending: list[Callable[[], None]] = []
+        #: the checks of the calls not yet checked, in call order: (bytes of the output they
+        #: hold, the call's :attr:`where`, the check)
+        self.pending: deque[tuple[int, Any, Callable[[], None]]] = deque()
+        #: the caller's ``(mini-batch, j, rows)`` of the next call (:func:`pipeoptim.microbatch.
+        #: describe`), named by its check's error
+        self.where: tuple[int, int, tuple[int, ...]] | None = None
 
     def __call__(self, output: Any, targets: Any) -> torch.Tensor:
         rows = _rows(output, targets)
@@ -67,15 +79,24 @@ class CheckedLoss:
         loss = self.loss_fn(output, targets)
         if isinstance(loss, torch.Tensor) and loss.numel() == 1:
             again = checked if exact else None
-            self.pending.append(
-                functools.partial(self._check_call, loss.detach(), again, device, pairs, rows)
-            )
+            check = functools.partial(self._check_call, loss.detach(), again, device, pairs, rows)
+            self.pending.append((_held_bytes(checked), self.where, check))
         return loss
 
-    def check_pending(self) -> None:
-        """Run the deferred checks, oldest first (each is dropped before it runs)."""
-        while self.pending:
-            self.pending.pop(0)()
+    def check_pending(self, keep_bytes: int = 0, who: str = "the loss check") -> None:
+        """Run the deferred checks, oldest first (each is dropped before it runs), until those
+        left hold at most ``keep_bytes`` of outputs (0: all of them). A failure is noted as
+        raised in ``who`` of the checked call's micro-batch (:attr:`where`)."""
+        held = sum(n for n, _, _ in self.pending)
+        while self.pending and (held > keep_bytes or not keep_bytes):
+            nbytes, where, check = self.pending.popleft()
+            held -= nbytes
+            try:
+                check()
+            except Exception as exc:
+                if hasattr(exc, "add_note"):  # Python 3.11 notes
+                    exc.add_note(f"raised in {who}{'' if where is None else describe(*where)}")
+                raise
 
     def _check_call(
         self, whole: torch.Tensor, again: tuple | None, device: str, pairs: list, rows: int
@@ -146,6 +167,17 @@ def check_scalar_loss(loss: Any) -> None:
     else:
         return
     raise PipelineError(f"loss_fn must return a real floating-point scalar tensor, {problem}: {fix}")
+
+
+def _held_bytes(value: tuple[Any, ...]) -> int:
+    """Bytes of the storages of the tensors in ``value`` (each storage once)."""
+    leaves = value if all(isinstance(x, torch.Tensor) for x in value) else pytree.tree_leaves(value)
+    storages = {}
+    for x in leaves:
+        if isinstance(x, torch.Tensor):
+            storage = x.untyped_storage()
+            storages[storage.data_ptr()] = storage.nbytes()
+    return sum(storages.values())
 
 
 def _is_half(x: Any) -> bool:

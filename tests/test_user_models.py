@@ -251,18 +251,25 @@ def test_loss_that_is_neither_mean_nor_sum_is_refused() -> None:
 
 
 @pytest.mark.parametrize("method", ["gpipe", "1f1b"])
-def test_the_loss_check_runs_once_the_backward_has_sent_its_gradients(monkeypatch, method: str) -> None:
-    """The last stage checks each micro-batch's loss reduction after its backward has sent the
-    gradients on (checked as each loss was computed, the check cost our 1F1B 2.5% of its rate
-    on the benchmark MLP), every micro-batch, none left pending; 1F1B holds one pending check
-    (a check keeps views of its micro-batch's output: checked at the optimizer step, all M
-    outputs were kept until then); a loss that is not a mean is still refused by the step that
-    computed it, named as the loss check, and the last stage has not stepped."""
-    from pipeoptim.runtime.executor import _Mailbox
+@pytest.mark.parametrize("held", ["default", 1])
+def test_the_loss_checks_run_off_the_critical_path(monkeypatch, method: str, held: Any) -> None:
+    """The last stage checks each micro-batch's loss reduction, every micro-batch, none left
+    pending after a step: all before the optimizer step (after it the stage waits for the next
+    mini-batch), and after a backward, once its gradients are sent on, only as many as hold
+    more than ``HELD_BYTES`` of outputs (checked after each backward, the check of every
+    micro-batch but the last delayed the next forward of our 1F1B, 1.4% of its rate on the
+    benchmark MLP; a pending check holds views of its micro-batch's output). A loss that is not
+    a mean is refused before the last stage steps, the note naming the check and its
+    micro-batch."""
+    from pipeoptim.runtime import executor
 
-    events: list[tuple[str, int]] = []
-    send = _Mailbox.send_grads
-    monkeypatch.setattr(_Mailbox, "send_grads", lambda self, *a: events.append(("sent", 0)) or send(self, *a))
+    if held != "default":
+        monkeypatch.setattr(executor, "HELD_BYTES", held)
+    events: list[tuple[Any, ...]] = []
+    send = executor._Mailbox.send_grads
+    monkeypatch.setattr(
+        executor._Mailbox, "send_grads", lambda self, *a: events.append(("sent",)) or send(self, *a)
+    )
     checks = []
     real_check = loss_check.CheckedLoss._check
     monkeypatch.setattr(
@@ -270,21 +277,33 @@ def test_the_loss_check_runs_once_the_backward_has_sent_its_gradients(monkeypatc
         "_check",
         lambda self, whole, pairs, rows, *t: checks.append(rows) or real_check(self, whole, pairs, rows, *t),
     )
+    real_pending = loss_check.CheckedLoss.check_pending
+
+    def check_pending(self, keep_bytes: int = 0, *who: str) -> None:
+        before = len(self.pending)
+        real_pending(self, keep_bytes, *who)
+        events.append(("check", keep_bytes, before, len(self.pending)))
+
+    monkeypatch.setattr(loss_check.CheckedLoss, "check_pending", check_pending)
     x, y = torch.randn(16, 6), torch.arange(16) % 4
     with compile_mlp(F.cross_entropy, method=method) as pipe:
         last = pipe._executor.stages[-1]
-        check, step, checker = last.check_losses, last.step, last.check_losses.__self__
-        monkeypatch.setattr(
-            last, "check_losses", lambda: events.append(("check", len(checker.pending))) or check()
-        )
-        monkeypatch.setattr(last, "step", lambda *a, **k: events.append(("step", 0)) or step(*a, **k))
+        step = last.step
+        monkeypatch.setattr(last, "step", lambda *a, **k: events.append(("step",)) or step(*a, **k))
         for _ in range(3):
             pipe.step(x, y).wait()
-            assert not checker.pending
+            assert not last.loss_check.pending
     assert checks == [4] * 12  # every micro-batch of 4 rows
-    pending = [4, 0, 0, 0] if method == "gpipe" else [1, 1, 1, 1]  # GPipe: all forwards first
-    expected = [e for n in pending for e in (("sent", 0), ("check", n))] + [("step", 0)]
-    assert events == expected * 3
+    keep = loss_check.HELD_BYTES if held == "default" else held
+    if held == "default":  # outputs of 4 x 4 rows: none checked until the step
+        pending = [4, 4, 4, 4] if method == "gpipe" else [1, 2, 3, 4]  # GPipe: all forwards first
+        after = pending
+    else:  # each checked after the backward that follows it (GPipe: all at the first)
+        pending = [4, 0, 0, 0] if method == "gpipe" else [1, 1, 1, 1]
+        after = [0, 0, 0, 0]
+    at_step = ("check", 0, after[-1], 0)
+    expected = [e for n, m in zip(pending, after) for e in (("sent",), ("check", keep, n, m))]
+    assert events == [*expected, at_step, ("step",)] * 3
 
     def over_the_largest_target(out, y):
         return F.cross_entropy(out, y, reduction="sum") / (1 + y.max())
@@ -295,9 +314,30 @@ def test_the_loss_check_runs_once_the_backward_has_sent_its_gradients(monkeypatc
     ):
         before = [p.detach().clone() for p in pipe._executor.stages[-1].module.parameters()]
         pipe.step(x, y).wait()
-    assert "stage 1's loss check, after the backward" in "".join(caught.value.__notes__)
-    after = list(pipe._executor.stages[-1].module.parameters())
-    assert all(torch.equal(a, b) for a, b in zip(before, after))
+    when = "before the optimizer step" if held == "default" else "after a backward"
+    noted = "".join(caught.value.__notes__)
+    assert f"stage 1's loss check ({when}) of micro-batch 0 of mini-batch 0" in noted
+    after_params = list(pipe._executor.stages[-1].module.parameters())
+    assert all(torch.equal(a, b) for a, b in zip(before, after_params))
+
+
+def test_loss_checks_hold_bounded_outputs() -> None:
+    """Pending checks count the bytes of the outputs they keep (each storage once), and
+    ``check_pending(keep_bytes)`` runs the oldest until at most ``keep_bytes`` are held."""
+    checker = loss_check.CheckedLoss(F.cross_entropy, "mean")
+    outs = [torch.randn(8, 4) for _ in range(3)]
+    y = torch.arange(8) % 4
+    for j, out in enumerate(outs):
+        checker.where = (0, j, (8, 8, 8))
+        checker(out, y)
+    each = 8 * 4 * 4 + 8 * 8  # the output's float32 and the targets' int64
+    assert [n for n, _, _ in checker.pending] == [each] * 3
+    checker.check_pending(2 * each)
+    assert [w[1] for _, w, _ in checker.pending] == [1, 2]
+    checker.check_pending(each + 1)
+    assert [w[1] for _, w, _ in checker.pending] == [2]
+    checker.check_pending()
+    assert not checker.pending
 
 
 class DictHead(nn.Module):

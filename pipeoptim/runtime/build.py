@@ -164,7 +164,7 @@ def build_stage(
         prediction_error_every=spec.prediction_error_every,
     )
     if last and checked is not None:
-        runtime.check_losses = checked.check_pending
+        runtime.loss_check = checked
     runtime.shared = stage_shared(module, traced, plan, stage, method.asynchronous, device)
     if method.asynchronous and (spec.max_grad_norm is not None or spec.autocast is torch.float16):
         if runtime.shared is not None:
@@ -181,7 +181,7 @@ def _stage_loss(spec: PipelineSpec) -> Callable[[Any, Any], torch.Tensor]:
     """The last stage's loss; checked against ``loss_reduction`` where mini-batches are split."""
     if spec.micro_batches == 1:
         return spec.loss_fn
-    return CheckedLoss(spec.loss_fn, spec.loss_reduction)  # checked after the backward
+    return CheckedLoss(spec.loss_fn, spec.loss_reduction)  # checked off the critical path
 
 
 def _alias_lookup(aliases: dict[str, list[str]], params: dict[str, nn.Parameter]) -> dict[str, str]:

@@ -17,6 +17,7 @@ import torch
 from torch.utils import _pytree as pytree
 
 from pipeoptim.errors import SAVED_THEN_CHANGED, PipelineStalledError
+from pipeoptim.loss_check import HELD_BYTES
 from pipeoptim.microbatch import Rows, describe
 from pipeoptim.runtime import stage_state as states
 from pipeoptim.runtime.async_norms import step_async
@@ -109,6 +110,8 @@ def run_action(stage: StageRuntime, action: Action, channel: Channel, state: Sta
         state.in_flight[mb] = given.where
         inputs = given.inputs if stage.index == 0 else channel.inputs(mb)
         targets = given.targets if stage.is_last else None
+        if stage.loss_check is not None:
+            stage.loss_check.where = given.where
         if norms is not None:
             norms.before_forward(stage, mb, channel.note("act", mb) if stage.index > 0 else None)
         try:
@@ -136,14 +139,12 @@ def run_action(stage: StageRuntime, action: Action, channel: Channel, state: Sta
             channel.send_grads(mb, result)
             if norms is not None:
                 channel.send_note("grad", mb, note)
-        if stage.check_losses is not None:  # the gradients are on their way: off the critical path
-            try:
-                stage.check_losses()
-            except Exception as exc:
-                _add_where(exc, f"stage {stage.index}'s loss check, after the backward", where)
-                raise
+        if stage.loss_check is not None:  # the gradients are on their way: off the critical path
+            stage.loss_check.check_pending(HELD_BYTES, f"stage {stage.index}'s loss check (after a backward)")
         state.last_backward = mb
     else:
+        if stage.loss_check is not None:  # all of this mini-batch's, before its step
+            stage.loss_check.check_pending(0, f"stage {stage.index}'s loss check (before the optimizer step)")
         if stage.reduce_gradients is not None:  # over the replicas first, then over the holders
             stage.reduce_gradients(stage.trainable())
         if stage.shared is not None and not state.grads_final:  # else summed for the norm

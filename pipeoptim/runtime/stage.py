@@ -18,7 +18,7 @@ import torch.fx as fx
 from torch.optim import Optimizer
 
 from pipeoptim.errors import NonFiniteLossError
-from pipeoptim.loss_check import check_scalar_loss
+from pipeoptim.loss_check import CheckedLoss, check_scalar_loss
 from pipeoptim.runtime.async_norms import AsyncNorms
 from pipeoptim.runtime.clipping import clip_coefficient, scale_grads_, squared_grad_norm
 from pipeoptim.runtime.held_bytes import saved_bytes
@@ -109,9 +109,9 @@ class StageRuntime:
         self._module_storages: set[int] | None = None
         self._grads_stale = False
         self._hyper: dict[int, list[dict]] = {}
-        #: runs the loss-reduction checks of the forwards so far (last stage, split mini-batches;
-        #: :class:`pipeoptim.loss_check.CheckedLoss`) once a backward has sent its gradients on
-        self.check_losses: Callable[[], None] | None = None
+        #: the last stage's loss where mini-batches are split: it checks their reduction
+        #: (:func:`pipeoptim.runtime.executor.run_action` runs the checks)
+        self.loss_check: CheckedLoss | None = None
         #: copies of shared parameters this stage holds (set by the builder)
         self.shared: SharedParams | None = None
         #: asynchronous clipping and loss scaling (:mod:`pipeoptim.runtime.async_norms`)
@@ -132,6 +132,8 @@ class StageRuntime:
         """Drop the forwards whose backward will not run (a closed or failed pipeline)."""
         self._in_flight.clear()
         self._activation_bytes.clear()
+        if self.loss_check is not None:
+            self.loss_check.pending.clear()
 
     def set_hyperparameters(self, micro_batch: int, hyper: list[dict]) -> None:
         """Remember the user's hyperparameters for ``micro_batch`` (applied at its step)."""
