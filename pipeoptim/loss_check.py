@@ -72,7 +72,10 @@ class CheckedLoss:
             return self.loss_fn(output, targets)
         device = _first_tensor(output).device.type  # type: ignore[union-attr]
         exact = torch.is_autocast_enabled(device) or _has_half(output)
-        checked = (_float32(output), _float32(targets)) if exact else (output, targets)
+        # detached: a pending check holding the output's graph kept the stage's input
+        # activation and its gradient alive until the check ran (helper-94)
+        plain = (_detached(output), _detached(targets))
+        checked = (_float32(plain[0]), _float32(plain[1])) if exact else plain
         # cut before loss_fn runs: it may change the containers it gets (a dict output's
         # .pop("logits") works on the plain model), which hid the rows from the check
         pairs = list(zip(*(_first_and_rest(v) for v in checked)))
@@ -114,6 +117,10 @@ class CheckedLoss:
             sizes = [float(self.reduction(t)) for _, t in pairs]
             if min(sizes) <= 0:
                 return  # a part with no unit tells nothing
+        # a non-finite loss tells nothing of its reduction (nan_check reports it, unless turned
+        # off); a part's may be NaN where the whole's is not (a row of padding alone): refused
+        if not math.isfinite(whole):
+            return
         parts = [float(self.loss_fn(o, t)) for o, t in pairs]
         as_mean = sum(n * v for n, v in zip(sizes, parts)) / sum(sizes)
         as_sum = sum(parts)
@@ -174,10 +181,17 @@ def _held_bytes(value: tuple[Any, ...]) -> int:
     leaves = value if all(isinstance(x, torch.Tensor) for x in value) else pytree.tree_leaves(value)
     storages = {}
     for x in leaves:
-        if isinstance(x, torch.Tensor):
+        if isinstance(x, torch.Tensor) and x.layout == torch.strided:  # sparse: no one storage
             storage = x.untyped_storage()
             storages[storage.data_ptr()] = storage.nbytes()
     return sum(storages.values())
+
+
+def _detached(value: Any) -> Any:
+    """``value`` with its tensors detached (new containers)."""
+    if isinstance(value, torch.Tensor):  # the common case, without the tree walk
+        return value.detach()
+    return pytree.tree_map(lambda x: x.detach() if isinstance(x, torch.Tensor) else x, value)
 
 
 def _is_half(x: Any) -> bool:

@@ -521,6 +521,10 @@ def test_nan_stops_training_naming_mini_batch_and_stage() -> None:
         pipe.step(bad, torch.zeros(16, dtype=torch.long))
     with compile_mlp(nan_check="off") as pipe:
         assert torch.isnan(torch.tensor(pipe.step(bad, torch.zeros(16, dtype=torch.long)).item()))
+    # split into micro-batches, the loss-reduction check refused the NaN loss as "neither the
+    # mean (nan) nor the sum (nan)" (helper-94): a NaN tells nothing of the reduction
+    with compile_mlp(nan_check="off", method="1f1b", micro_batches=4) as pipe:
+        assert torch.isnan(torch.tensor(pipe.step(bad, torch.zeros(16, dtype=torch.long)).item()))
 
 
 def test_a_nan_made_from_infinite_data_names_the_data() -> None:

@@ -321,6 +321,41 @@ def test_the_loss_checks_run_off_the_critical_path(monkeypatch, method: str, hel
     assert all(torch.equal(a, b) for a, b in zip(before, after_params))
 
 
+@pytest.mark.parametrize("method", ["gpipe", "1f1b", "2bw"])
+def test_pending_loss_checks_hold_no_activations(monkeypatch, method: str) -> None:
+    """A pending check keeps its micro-batch's output only, not the output's graph: holding
+    the graph kept the last stage's received activation and its gradient alive after the
+    backward until the step, for every micro-batch of the mini-batch (helper-94: 8 of 8,
+    32 MiB beside outputs of 1 KiB; ``HELD_BYTES`` counts the outputs only)."""
+    import gc
+    import weakref
+
+    from pipeoptim.runtime.stage import StageRuntime
+
+    inputs: list[weakref.ref] = []
+    alive: list[tuple[int, int]] = []  # after each backward of the last stage: (pending, alive)
+    backward = StageRuntime.backward
+
+    def recording_backward(self, micro_batch, grads=None):
+        if not self.is_last:
+            return backward(self, micro_batch, grads)
+        held = self._in_flight[micro_batch].inputs
+        inputs.extend(weakref.ref(x) for x in held if isinstance(x, torch.Tensor))
+        del held
+        result = backward(self, micro_batch, grads)
+        gc.collect()
+        alive.append((len(self.loss_check.pending), sum(ref() is not None for ref in inputs)))
+        return result
+
+    monkeypatch.setattr(StageRuntime, "backward", recording_backward)
+    x, y = torch.randn(16, 6), torch.arange(16) % 4
+    with compile_mlp(F.cross_entropy, method=method) as pipe:
+        for _ in range(3):
+            pipe.step(x, y).wait()
+    assert inputs and max(pending for pending, _ in alive) >= 2  # checks were pending
+    assert [n for _, n in alive] == [0] * len(alive)
+
+
 def test_loss_checks_hold_bounded_outputs() -> None:
     """Pending checks count the bytes of the outputs they keep (each storage once), and
     ``check_pending(keep_bytes)`` runs the oldest until at most ``keep_bytes`` are held."""
