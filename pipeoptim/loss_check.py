@@ -19,6 +19,7 @@ from torch.utils import _pytree as pytree
 
 from pipeoptim.errors import PipelineError
 from pipeoptim.microbatch import Reduction, describe
+from pipeoptim.storage import storage_address, storage_bytes
 
 #: bytes of micro-batch outputs the pending checks may hold after a backward (all are checked
 #: before the optimizer step); beyond it the oldest are checked at once
@@ -65,6 +66,8 @@ class CheckedLoss:
         #: the caller's ``(mini-batch, j, rows)`` of the next call (:func:`pipeoptim.microbatch.
         #: describe`), named by its check's error
         self.where: tuple[int, int, tuple[int, ...]] | None = None
+        #: who runs the checks, as a failing check's note names it (e.g. "stage 3's loss check")
+        self.who = "the loss check"
 
     def __call__(self, output: Any, targets: Any) -> torch.Tensor:
         rows = _rows(output, targets)
@@ -74,8 +77,7 @@ class CheckedLoss:
         exact = torch.is_autocast_enabled(device) or _has_half(output)
         # detached: a pending check holding the output's graph kept the stage's input
         # activation and its gradient alive until the check ran (helper-94)
-        plain = (_detached(output), _detached(targets))
-        checked = (_float32(plain[0]), _float32(plain[1])) if exact else plain
+        checked = (_plain(output, exact), _plain(targets, exact))
         # cut before loss_fn runs: it may change the containers it gets (a dict output's
         # .pop("logits") works on the plain model), which hid the rows from the check
         pairs = list(zip(*(_first_and_rest(v) for v in checked)))
@@ -86,10 +88,10 @@ class CheckedLoss:
             self.pending.append((_held_bytes(checked), self.where, check))
         return loss
 
-    def check_pending(self, keep_bytes: int = 0, who: str = "the loss check") -> None:
+    def check_pending(self, keep_bytes: int = 0, when: str = "") -> None:
         """Run the deferred checks, oldest first (each is dropped before it runs), until those
         left hold at most ``keep_bytes`` of outputs (0: all of them). A failure is noted as
-        raised in ``who`` of the checked call's micro-batch (:attr:`where`)."""
+        raised in :attr:`who` (``when``) of the checked call's micro-batch (:attr:`where`)."""
         held = sum(n for n, _, _ in self.pending)
         while self.pending and (held > keep_bytes or not keep_bytes):
             nbytes, where, check = self.pending.popleft()
@@ -98,7 +100,8 @@ class CheckedLoss:
                 check()
             except Exception as exc:
                 if hasattr(exc, "add_note"):  # Python 3.11 notes
-                    exc.add_note(f"raised in {who}{'' if where is None else describe(*where)}")
+                    place = "" if where is None else describe(*where)
+                    exc.add_note(f"raised in {self.who}{f' ({when})' if when else ''}{place}")
                 raise
 
     def _check_call(
@@ -177,21 +180,24 @@ def check_scalar_loss(loss: Any) -> None:
 
 
 def _held_bytes(value: tuple[Any, ...]) -> int:
-    """Bytes of the storages of the tensors in ``value`` (each storage once)."""
+    """Bytes of the storages of the tensors in ``value`` (each storage once; none for a
+    sparse tensor, :func:`pipeoptim.storage.storage_address`)."""
     leaves = value if all(isinstance(x, torch.Tensor) for x in value) else pytree.tree_leaves(value)
-    storages = {}
-    for x in leaves:
-        if isinstance(x, torch.Tensor) and x.layout == torch.strided:  # sparse: no one storage
-            storage = x.untyped_storage()
-            storages[storage.data_ptr()] = storage.nbytes()
-    return sum(storages.values())
+    tensors = {storage_address(x): x for x in leaves if isinstance(x, torch.Tensor)}
+    return sum(storage_bytes(x) for address, x in tensors.items() if address)
 
 
-def _detached(value: Any) -> Any:
-    """``value`` with its tensors detached (new containers)."""
-    if isinstance(value, torch.Tensor):  # the common case, without the tree walk
-        return value.detach()
-    return pytree.tree_map(lambda x: x.detach() if isinstance(x, torch.Tensor) else x, value)
+def _plain(value: Any, to_float32: bool) -> Any:
+    """``value`` with its tensors detached and, with ``to_float32``, its 16-bit floating ones
+    in float32 (new containers)."""
+
+    def one(x: Any) -> Any:
+        if not isinstance(x, torch.Tensor):
+            return x
+        x = x.detach()
+        return x.float() if to_float32 and _is_half(x) else x
+
+    return one(value) if isinstance(value, torch.Tensor) else pytree.tree_map(one, value)
 
 
 def _is_half(x: Any) -> bool:
@@ -203,11 +209,6 @@ def _has_half(value: Any) -> bool:
     if isinstance(value, torch.Tensor):  # the common case, without the tree walk (per micro-batch)
         return _is_half(value)
     return any(_is_half(x) for x in pytree.tree_leaves(value))
-
-
-def _float32(value: Any) -> Any:
-    """``value`` with its 16-bit floating tensors in float32 (new containers)."""
-    return pytree.tree_map(lambda x: x.float() if _is_half(x) else x, value)
 
 
 def _first_and_rest(value: Any) -> list[Any]:

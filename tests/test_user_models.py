@@ -279,9 +279,9 @@ def test_the_loss_checks_run_off_the_critical_path(monkeypatch, method: str, hel
     )
     real_pending = loss_check.CheckedLoss.check_pending
 
-    def check_pending(self, keep_bytes: int = 0, *who: str) -> None:
+    def check_pending(self, keep_bytes: int = 0, *when: str) -> None:
         before = len(self.pending)
-        real_pending(self, keep_bytes, *who)
+        real_pending(self, keep_bytes, *when)
         events.append(("check", keep_bytes, before, len(self.pending)))
 
     monkeypatch.setattr(loss_check.CheckedLoss, "check_pending", check_pending)

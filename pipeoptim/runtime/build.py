@@ -165,6 +165,7 @@ def build_stage(
     )
     if last and checked is not None:
         runtime.loss_check = checked
+        checked.who = f"stage {stage}'s loss check"
     runtime.shared = stage_shared(module, traced, plan, stage, method.asynchronous, device)
     if method.asynchronous and (spec.max_grad_norm is not None or spec.autocast is torch.float16):
         if runtime.shared is not None:

@@ -140,11 +140,11 @@ def run_action(stage: StageRuntime, action: Action, channel: Channel, state: Sta
             if norms is not None:
                 channel.send_note("grad", mb, note)
         if stage.loss_check is not None:  # the gradients are on their way: off the critical path
-            stage.loss_check.check_pending(HELD_BYTES, f"stage {stage.index}'s loss check (after a backward)")
+            stage.loss_check.check_pending(HELD_BYTES, "after a backward")
         state.last_backward = mb
     else:
         if stage.loss_check is not None:  # all of this mini-batch's, before its step
-            stage.loss_check.check_pending(0, f"stage {stage.index}'s loss check (before the optimizer step)")
+            stage.loss_check.check_pending(0, "before the optimizer step")
         if stage.reduce_gradients is not None:  # over the replicas first, then over the holders
             stage.reduce_gradients(stage.trainable())
         if stage.shared is not None and not state.grads_final:  # else summed for the norm
