@@ -199,6 +199,11 @@ def test_memory_per_device_rules_out_layouts_and_says_what_they_need() -> None:
     assert (choice.chosen.stages, choice.chosen.replicas) == (2, 1)
     replicated = next(o for o in choice.options if (o.stages, o.replicas) == (1, 2))
     assert replicated.plan is None and replicated.reason.startswith("over the memory limit: needs")
+    lines = choice.table().splitlines()
+    assert lines[0].split()[-1] == "note"
+    assert any("1 x 2" in line and "over the memory limit: needs" in line for line in lines)
+    # with every layout feasible the table has no note column (it was an empty one)
+    assert "note" not in choose_layout(graph, CostConfig(2, bandwidth=1e9), 2).table().splitlines()[0]
     with pytest.raises(PlanError, match="no layout of 2 devices is feasible"):
         choose_layout(graph, CostConfig(2, bandwidth=1e9, memory_limit=split // 2), 2)
 

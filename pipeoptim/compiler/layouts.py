@@ -114,6 +114,8 @@ class LayoutChoice:
     options: list[LayoutOption] = field(default_factory=list)
 
     def table(self) -> str:
+        """The layouts considered, best first (``*``: the chosen); a ``note`` column says why
+        a layout is infeasible, shown only where one is."""
         rows = []
         for o in self.options:
             rows.append(
@@ -131,6 +133,8 @@ class LayoutChoice:
             )
         headers = ["", "stages x replicas", "devices", "M", "mini-batches/s", "bottleneck ms"]
         headers += ["all-reduce ms", "memory", "note"]
+        if not any(o.reason for o in self.options):  # every layout feasible: no empty column
+            headers, rows = headers[:-1], [row[:-1] for row in rows]
         return tabulate(rows, headers=headers, tablefmt="simple")
 
     def to_dict(self) -> dict[str, Any]:
