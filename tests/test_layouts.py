@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 import subprocess
 import sys
 from dataclasses import replace
@@ -202,8 +203,16 @@ def test_memory_per_device_rules_out_layouts_and_says_what_they_need() -> None:
     lines = choice.table().splitlines()
     assert lines[0].split()[-1] == "note"
     assert any("1 x 2" in line and "over the memory limit: needs" in line for line in lines)
-    # with every layout feasible the table has no note column (it was an empty one)
-    assert "note" not in choose_layout(graph, CostConfig(2, bandwidth=1e9), 2).table().splitlines()[0]
+    # with every layout feasible the table has no note column (it was an empty one); the
+    # numbers keep their format either way (tabulate re-read them as numbers without a "-" row)
+    free_table = choose_layout(graph, CostConfig(2, bandwidth=1e9), 2).table()
+    assert "note" not in free_table.splitlines()[0]
+    for table in (free_table, choice.table()):
+        row = next(line.lstrip("* ").split() for line in table.splitlines() if " 2 x 1 " in line)
+        assert re.fullmatch(r"\d+\.\d\d", row[5]) and row[7] == "0.000", row  # mini-batches/s, all-reduce ms
+    # a forced layout that does not fit: the error says only it was tried, and how to try others
+    with pytest.raises(InfeasibleMemoryError, match=r"with --stages 1 is feasible .* or drop --stages 1 to"):
+        choose_layout(graph, CostConfig(2, bandwidth=1e9, memory_limit=limit), 2, stages=1)
     with pytest.raises(PlanError, match="no layout of 2 devices is feasible"):
         choose_layout(graph, CostConfig(2, bandwidth=1e9, memory_limit=split // 2), 2)
 

@@ -133,9 +133,11 @@ class LayoutChoice:
             )
         headers = ["", "stages x replicas", "devices", "M", "mini-batches/s", "bottleneck ms"]
         headers += ["all-reduce ms", "memory", "note"]
+        align = ["left", "left"] + ["right"] * 6 + ["left"]
         if not any(o.reason for o in self.options):  # every layout feasible: no empty column
-            headers, rows = headers[:-1], [row[:-1] for row in rows]
-        return tabulate(rows, headers=headers, tablefmt="simple")
+            headers, rows, align = headers[:-1], [row[:-1] for row in rows], align[:-1]
+        # the numbers as formatted above, aligned alike whether or not a row shows "-"
+        return tabulate(rows, headers=headers, tablefmt="simple", disable_numparse=True, colalign=align)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -272,10 +274,11 @@ def plan_layout(
     return option
 
 
-def _raise_infeasible(gpus: int, config: CostConfig, options: list[LayoutOption]) -> None:
+def _raise_infeasible(gpus: int, config: CostConfig, options: list[LayoutOption], forced: str = "") -> None:
     """Raise the error for no feasible layout: the layout's own where only one was asked for;
     else, where memory rules layouts out, one naming the smallest per-device limit any layout
-    fits in, and that layout.
+    fits in, and that layout. ``forced`` (e.g. ``"--stages 1"``): the options forced by the
+    caller, named in the error with the advice to drop them (other layouts were not tried).
 
     Raises:
         InfeasibleMemoryError: some layout fits under a larger memory limit.
@@ -286,18 +289,20 @@ def _raise_infeasible(gpus: int, config: CostConfig, options: list[LayoutOption]
     reasons = "; ".join(f"{o.stages}x{o.replicas}: {o.reason}" for o in options[:4])
     if len(options) > 4:
         reasons += f"; {len(options) - 4} more"
+    which = f"no layout of {gpus} devices{f' with {forced}' if forced else ''} is feasible ({reasons})"
+    others = f", or drop {forced} to let the planner try the other layouts" if forced else ""
     sized = [o for o in options if o.min_feasible_bytes is not None]
     if not sized:
         # the memory limit rules none out here: raising it would not help
         fixes = list(dict.fromkeys(o.fix for o in options if o.fix))
         advice = " or ".join(fixes) if fixes else "raise --gpus or force another layout (--stages)"
-        raise PlanError(f"no layout of {gpus} devices is feasible ({reasons}): {advice}")
+        raise PlanError(f"{which}: {advice}{others}")
     least = min(sized, key=lambda o: (o.min_feasible_bytes, o.devices))
     need = int(least.min_feasible_bytes or 0)
     raise InfeasibleMemoryError(
-        f"no layout of {gpus} devices is feasible ({reasons}); the smallest feasible limit is "
-        f"{format_bytes(need)} ({need} bytes) with {least.stages} x {least.replicas} "
-        "(stages x replicas): raise --memory to at least that",
+        f"{which}; the smallest feasible limit is {format_bytes(need)} ({need} bytes) with "
+        f"{least.stages} x {least.replicas} (stages x replicas): raise --memory to at least that"
+        f"{others}",
         limit_bytes=config.memory_limit or 0,
         min_feasible_bytes=need,
     )
@@ -338,7 +343,11 @@ def choose_layout(
     options = [plan_layout(graph, config, gpus, n, r, micro_batches, plan, mini_batch) for n, r in layouts]
     feasible = [o for o in options if o.plan is not None]
     if not feasible:
-        _raise_infeasible(gpus, config, options)
+        named = [
+            f"--stages {stages}" if stages is not None else "",
+            "" if replicas is None else f"--data-parallel {replicas}",
+        ]
+        _raise_infeasible(gpus, config, options, " ".join(x for x in named if x))
     order = sorted(feasible, key=lambda o: (-o.throughput_per_s, o.devices, o.replicas))
     rest = [o for o in options if o.plan is None]
     chosen = order[0]
