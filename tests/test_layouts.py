@@ -217,6 +217,22 @@ def test_memory_per_device_rules_out_layouts_and_says_what_they_need() -> None:
         choose_layout(graph, CostConfig(2, bandwidth=1e9, memory_limit=split // 2), 2)
 
 
+def test_layout_table_says_whether_the_slowest_stage_or_the_shared_cores_set_the_rate() -> None:
+    """Where ranks share cores, a layout's mini-batches/s is not 1 / its slowest stage: the
+    table's ``set by`` column says which bound it, as each plan's summary does; without shared
+    cores the column is left out."""
+    graph = chain(params=10_000, fwds=(0.01, 0.05))
+    choice = choose_layout(graph, CostConfig(2, bandwidth=1e9, cores=1), 2)
+    lines = choice.table().splitlines()
+    assert "set by" in lines[0]
+    bound = {f"{o.stages} x {o.replicas}": o.plan.summary["cores_bound"] for o in choice.options}
+    assert set(bound.values()) == {True, False}  # 1 x 1 by its stage, two ranks on one core by it
+    for layout, cores in bound.items():
+        line = next(line for line in lines if f" {layout} " in line)
+        assert ("shared cores" in line, "slowest stage" in line) == (cores, not cores), line
+    assert "set by" not in choose_layout(graph, CostConfig(2, bandwidth=1e9), 2).table().splitlines()[0]
+
+
 def test_no_layout_fits_names_the_smallest_limit_and_its_layout() -> None:
     """The error's limit is the least any layout fits in: at it some layout plans, one byte
     under it none does."""

@@ -114,28 +114,42 @@ class LayoutChoice:
     options: list[LayoutOption] = field(default_factory=list)
 
     def table(self) -> str:
-        """The layouts considered, best first (``*``: the chosen); a ``note`` column says why
-        a layout is infeasible, shown only where one is."""
+        """The layouts considered, best first (``*``: the chosen). A ``set by`` column says
+        whether the slowest stage or the cores the ranks share set a layout's predicted
+        mini-batches/s (shown only where some layout's are the cores:
+        :func:`pipeoptim.compiler.summary.summarize`); a ``note`` column says why a layout is
+        infeasible (shown only where one is)."""
         rows = []
         for o in self.options:
+            sm = o.plan.summary if o.plan is not None else None
             rows.append(
                 [
                     "*" if o is self.chosen else "",
                     f"{o.stages} x {o.replicas}",
-                    o.devices,
-                    o.micro_batches,
-                    f"{o.throughput_per_s:.2f}" if o.plan is not None else "-",
-                    f"{o.plan.summary['bottleneck_s'] * 1e3:.3f}" if o.plan is not None else "-",
+                    str(o.devices),
+                    str(o.micro_batches),
+                    f"{o.throughput_per_s:.2f}" if sm else "-",
+                    ("shared cores" if sm.get("cores_bound") else "slowest stage") if sm else "-",
+                    f"{sm['bottleneck_s'] * 1e3:.3f}" if sm else "-",
                     f"{max(s.allreduce_s for s in o.plan.stages) * 1e3:.3f}" if o.plan is not None else "-",
-                    format_bytes(o.plan.summary["max_memory_bytes"]) if o.plan is not None else "-",
+                    format_bytes(sm["max_memory_bytes"]) if sm else "-",
                     o.reason,
                 ]
             )
-        headers = ["", "stages x replicas", "devices", "M", "mini-batches/s", "bottleneck ms"]
+        headers = ["", "stages x replicas", "devices", "M", "mini-batches/s", "set by", "bottleneck ms"]
         headers += ["all-reduce ms", "memory", "note"]
-        align = ["left", "left"] + ["right"] * 6 + ["left"]
-        if not any(o.reason for o in self.options):  # every layout feasible: no empty column
-            headers, rows, align = headers[:-1], [row[:-1] for row in rows], align[:-1]
+        align = ["left", "left"] + ["right"] * 3 + ["left"] + ["right"] * 3 + ["left"]
+        shown = [
+            i
+            for i in range(len(headers))
+            if not (
+                i == 5
+                and not any(o.plan is not None and o.plan.summary.get("cores_bound") for o in self.options)
+            )
+            and not (i == 9 and not any(o.reason for o in self.options))  # no empty note column
+        ]
+        headers, align = [headers[i] for i in shown], [align[i] for i in shown]
+        rows = [[row[i] for i in shown] for row in rows]
         # the numbers as formatted above, aligned alike whether or not a row shows "-"
         return tabulate(rows, headers=headers, tablefmt="simple", disable_numparse=True, colalign=align)
 
