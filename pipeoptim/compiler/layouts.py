@@ -128,28 +128,24 @@ class LayoutChoice:
                     f"{o.stages} x {o.replicas}",
                     str(o.devices),
                     str(o.micro_batches),
-                    f"{o.throughput_per_s:.2f}" if sm else "-",
-                    ("shared cores" if sm.get("cores_bound") else "slowest stage") if sm else "-",
-                    f"{sm['bottleneck_s'] * 1e3:.3f}" if sm else "-",
+                    f"{o.throughput_per_s:.2f}" if sm is not None else "-",
+                    "-" if sm is None else "shared cores" if sm.get("cores_bound") else "slowest stage",
+                    f"{sm['bottleneck_s'] * 1e3:.3f}" if sm is not None else "-",
                     f"{max(s.allreduce_s for s in o.plan.stages) * 1e3:.3f}" if o.plan is not None else "-",
-                    format_bytes(sm["max_memory_bytes"]) if sm else "-",
+                    format_bytes(sm["max_memory_bytes"]) if sm is not None else "-",
                     o.reason,
                 ]
             )
         headers = ["", "stages x replicas", "devices", "M", "mini-batches/s", "set by", "bottleneck ms"]
         headers += ["all-reduce ms", "memory", "note"]
         align = ["left", "left"] + ["right"] * 3 + ["left"] + ["right"] * 3 + ["left"]
-        shown = [
-            i
-            for i in range(len(headers))
-            if not (
-                i == 5
-                and not any(o.plan is not None and o.plan.summary.get("cores_bound") for o in self.options)
-            )
-            and not (i == 9 and not any(o.reason for o in self.options))  # no empty note column
-        ]
-        headers, align = [headers[i] for i in shown], [align[i] for i in shown]
-        rows = [[row[i] for i in shown] for row in rows]
+        cores_bound = any(o.plan is not None and o.plan.summary.get("cores_bound") for o in self.options)
+        hidden = {headers.index("set by")} if not cores_bound else set()
+        if not any(o.reason for o in self.options):  # every layout feasible: no empty note column
+            hidden.add(headers.index("note"))
+        keep = [i for i in range(len(headers)) if i not in hidden]
+        headers, align = [headers[i] for i in keep], [align[i] for i in keep]
+        rows = [[row[i] for i in keep] for row in rows]
         # the numbers as formatted above, aligned alike whether or not a row shows "-"
         return tabulate(rows, headers=headers, tablefmt="simple", disable_numparse=True, colalign=align)
 
