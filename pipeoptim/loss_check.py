@@ -18,7 +18,7 @@ import torch
 from torch.utils import _pytree as pytree
 
 from pipeoptim.errors import PipelineError
-from pipeoptim.microbatch import Reduction, describe
+from pipeoptim.microbatch import Reduction, note_where
 from pipeoptim.storage import storage_address, storage_bytes
 
 #: bytes of micro-batch outputs the pending checks may hold after a backward (all are checked
@@ -99,9 +99,7 @@ class CheckedLoss:
             try:
                 check()
             except Exception as exc:
-                if hasattr(exc, "add_note"):  # Python 3.11 notes
-                    place = "" if where is None else describe(*where)
-                    exc.add_note(f"raised in {self.who}{f' ({when})' if when else ''}{place}")
+                note_where(exc, f"{self.who} ({when})" if when else self.who, where)
                 raise
 
     def _check_call(

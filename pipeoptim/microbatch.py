@@ -217,6 +217,13 @@ def describe(mini_batch: int, j: int, rows: Sequence[int]) -> str:
     return text
 
 
+def note_where(exc: BaseException, action: str, where: tuple[int, int, Sequence[int]] | None) -> None:
+    """Note on ``exc`` (Python 3.11 notes; none before) ``raised in <action>`` and, where
+    known, the micro-batch it raised for (:func:`describe`)."""
+    if hasattr(exc, "add_note"):
+        exc.add_note(f"raised in {action}{'' if where is None else describe(*where)}")
+
+
 def sizes(batch: int, parts: int) -> list[int]:
     """Rows of each of the ``parts`` micro-batches :func:`split` makes of ``batch`` rows."""
     return [batch // parts + (j < batch % parts) for j in range(parts)]

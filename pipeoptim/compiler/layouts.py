@@ -353,11 +353,8 @@ def choose_layout(
     options = [plan_layout(graph, config, gpus, n, r, micro_batches, plan, mini_batch) for n, r in layouts]
     feasible = [o for o in options if o.plan is not None]
     if not feasible:
-        named = [
-            f"--stages {stages}" if stages is not None else "",
-            "" if replicas is None else f"--data-parallel {replicas}",
-        ]
-        _raise_infeasible(gpus, config, options, " ".join(x for x in named if x))
+        given = (("stages", stages), ("data-parallel", replicas))
+        _raise_infeasible(gpus, config, options, " ".join(f"--{k} {v}" for k, v in given if v is not None))
     order = sorted(feasible, key=lambda o: (-o.throughput_per_s, o.devices, o.replicas))
     rest = [o for o in options if o.plan is None]
     chosen = order[0]

@@ -18,7 +18,7 @@ from torch.utils import _pytree as pytree
 
 from pipeoptim.errors import SAVED_THEN_CHANGED, PipelineStalledError
 from pipeoptim.loss_check import HELD_BYTES
-from pipeoptim.microbatch import Rows, describe
+from pipeoptim.microbatch import Rows, note_where
 from pipeoptim.runtime import stage_state as states
 from pipeoptim.runtime.async_norms import step_async
 from pipeoptim.runtime.delivery import delivered, forward_chain
@@ -162,11 +162,10 @@ def run_action(stage: StageRuntime, action: Action, channel: Channel, state: Sta
 
 def _add_where(exc: Exception, action: str, where: tuple[int, int, tuple[int, ...]]) -> None:
     """Note on ``exc`` (Python 3.11 notes; none before) the action that raised it and its
-    micro-batch's place and rows (``MicroBatch.where``, :func:`pipeoptim.microbatch.describe`)."""
-    if hasattr(exc, "add_note"):
-        exc.add_note(f"raised in {action}{describe(*where)}")
-        if "modified by an inplace operation" in str(exc):
-            exc.add_note(SAVED_THEN_CHANGED)
+    micro-batch's place and rows (``MicroBatch.where``, :func:`pipeoptim.microbatch.note_where`)."""
+    note_where(exc, action, where)
+    if hasattr(exc, "add_note") and "modified by an inplace operation" in str(exc):
+        exc.add_note(SAVED_THEN_CHANGED)
 
 
 class _Mailbox:
