@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 
 import torch
 
@@ -128,13 +129,40 @@ def plural(count: int, noun: str) -> str:
     return f"{count} {noun}{'' if count == 1 else 's'}"
 
 
-def format_bytes(n: float) -> str:
-    """Format bytes with binary units (``1.5 MiB``)."""
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
-        n /= 1024
+_PRINTED_UNITS = ("B", "KiB", "MiB", "GiB", "TiB")
+
+
+def byte_unit(n: float) -> str:
+    """The binary unit :func:`format_bytes` writes ``n`` bytes in (``"MiB"`` for 1.5 MiB)."""
+    for power, unit in enumerate(_PRINTED_UNITS):
+        if abs(n) < 1024 ** (power + 1) or unit == "TiB":
+            return unit
     raise AssertionError("unreachable")
+
+
+def format_bytes(n: float, unit: str | None = None) -> str:
+    """Format bytes with binary units (``1.5 MiB``), in ``unit`` if given (one of B, KiB,
+    MiB, GiB, TiB: a table column's values in the unit of its largest, :func:`byte_unit`, so
+    that they compare at a glance); under 1 of that unit with three significant digits.
+
+    Raises:
+        ValueError: ``unit`` is none of those.
+    """
+    unit = byte_unit(n) if unit is None else unit
+    if unit not in _PRINTED_UNITS:
+        raise ValueError(f"unit must be one of {', '.join(_PRINTED_UNITS)}, got {unit!r}")
+    value = n / 1024 ** _PRINTED_UNITS.index(unit)
+    if unit == "B":
+        return f"{value:.0f} B"
+    return f"{value:.3g} {unit}" if 0 < abs(value) < 1 else f"{value:.2f} {unit}"
+
+
+def column_bytes(values: Sequence[float]) -> list[str]:
+    """``values`` (bytes) formatted in the unit of the largest (:func:`format_bytes`), so that
+    a table column compares at a glance; a value under 1/200 of that unit keeps its own."""
+    unit = byte_unit(max(values, key=abs)) if values else "B"
+    scale = 1024 ** _PRINTED_UNITS.index(unit)
+    return [format_bytes(v, unit if abs(v) >= scale / 200 else None) for v in values]
 
 
 def format_seconds(s: float) -> str:

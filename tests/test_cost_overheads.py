@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 import statistics
 import subprocess
 import sys
@@ -210,6 +211,32 @@ def test_plan_table_shows_update_and_comm() -> None:
     header = plan.table().splitlines()[0]
     for column in ("fwd ms", "bwd ms", "update ms", "comm ms", "overhead ms", "stage ms"):
         assert column in header
+
+
+def test_plan_table_numbers_keep_their_format_and_byte_columns_one_unit() -> None:
+    """Every time reads with three decimals ("0.120", "0.000", not tabulate's re-read "0.12" and
+    "0"), and each byte column is in the unit of its largest value (helper-96: a layout table
+    mixed KiB and MiB)."""
+    graph = chain([0.00012, 0.00012], params=40_000)
+    graph.nodes[1].param_bytes = 3 << 20  # stage 0 holds MiB, stage 1 KiB
+    config = CostConfig(num_stages=2, bandwidth=1e6)
+    stats = evaluate(graph, [0, 0, 1, 1], config)
+    plan = Plan(
+        "chain",
+        config,
+        {},
+        stats,
+        {**summarize(graph, stats, config), "partitioner": "given", "solve_s": 0.0},
+        [],
+    )
+    lines = plan.table().splitlines()
+    headers = re.split(r"\s{2,}", lines[0].strip())
+    rows = [dict(zip(headers, re.split(r"\s{2,}", line.strip()))) for line in lines[2:4]]
+    assert [r["fwd ms"] for r in rows] == ["0.120", "0.120"]
+    assert [r["overhead ms"] for r in rows] == ["0.000", "0.000"]
+    for column in ("params", "memory"):
+        assert {r[column].split()[1] for r in rows} == {"MiB"}, rows
+    assert rows[1]["params"] == f"{40_000 / 2**20:.3g} MiB"
 
 
 def test_update_cost_is_steady_under_load() -> None:

@@ -23,7 +23,7 @@ from pipeoptim.errors import (
 )
 from pipeoptim.loss import Loss, MiniBatchLosses
 from pipeoptim.runtime.nan_check import any_nan
-from pipeoptim.units import parse_bandwidth, parse_bytes
+from pipeoptim.units import column_bytes, format_bytes, parse_bandwidth, parse_bytes
 
 from .test_training import SmallCNN, data
 
@@ -882,3 +882,22 @@ def test_a_replica_s_error_names_its_stage_and_replica() -> None:
         pipe.step(x, y).wait()
         with pytest.raises(PipelineError, match=r"^stage 0 of replica [01] \(rank [01]\) failed: ValueError"):
             pipe.step(x, torch.full((16,), -1)).wait()
+
+
+@pytest.mark.parametrize(
+    "values, printed",
+    [
+        ([32 * 1024, 2 << 20], ["0.0312 MiB", "2.00 MiB"]),
+        ([3, 0, 100, 1536], ["3 B", "0 B", "0.0977 KiB", "1.50 KiB"]),  # under 1/200 KiB: its own unit
+        ([5 << 30, 512 << 20], ["5.00 GiB", "0.5 GiB"]),
+        ([], []),
+    ],
+)
+def test_a_byte_column_reads_in_the_unit_of_its_largest_value(values: list[int], printed: list[str]) -> None:
+    assert column_bytes(values) == printed
+
+
+def test_format_bytes_refuses_an_unknown_unit() -> None:
+    assert format_bytes(1536) == "1.50 KiB" and format_bytes(1536, "B") == "1536 B"
+    with pytest.raises(ValueError, match="unit must be one of B, KiB, MiB, GiB, TiB, got 'kb'"):
+        format_bytes(1, "kb")

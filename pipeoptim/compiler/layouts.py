@@ -49,7 +49,7 @@ from pipeoptim.compiler.costmodel import CostConfig
 from pipeoptim.compiler.plan import Plan, make_plan
 from pipeoptim.errors import InfeasibleMemoryError, PlanError
 from pipeoptim.methods import check_micro_batches, get_method
-from pipeoptim.units import format_bytes
+from pipeoptim.units import column_bytes, format_bytes
 
 
 @dataclass
@@ -114,12 +114,14 @@ class LayoutChoice:
     options: list[LayoutOption] = field(default_factory=list)
 
     def table(self) -> str:
-        """The layouts considered, best first (``*``: the chosen). A ``set by`` column says
-        whether the slowest stage or the cores the ranks share set a layout's predicted
-        mini-batches/s (shown only where some layout's are the cores:
+        """The layouts considered, best first (``*`` under ``chosen``: the chosen one). A ``set
+        by`` column says whether the slowest stage or the cores the ranks share set a layout's
+        predicted mini-batches/s (shown only where some layout's are the cores:
         :func:`pipeoptim.compiler.summary.summarize`); a ``note`` column says why a layout is
         infeasible (shown only where one is)."""
         rows = []
+        feasible = [o.plan.summary["max_memory_bytes"] for o in self.options if o.plan is not None]
+        memory = iter(column_bytes(feasible))
         for o in self.options:
             sm = o.plan.summary if o.plan is not None else None
             rows.append(
@@ -132,11 +134,19 @@ class LayoutChoice:
                     "-" if sm is None else "shared cores" if sm.get("cores_bound") else "slowest stage",
                     f"{sm['bottleneck_s'] * 1e3:.3f}" if sm is not None else "-",
                     f"{max(s.allreduce_s for s in o.plan.stages) * 1e3:.3f}" if o.plan is not None else "-",
-                    format_bytes(sm["max_memory_bytes"]) if sm is not None else "-",
+                    next(memory) if sm is not None else "-",
                     o.reason,
                 ]
             )
-        headers = ["", "stages x replicas", "devices", "M", "mini-batches/s", "set by", "bottleneck ms"]
+        headers = [
+            "chosen",
+            "stages x replicas",
+            "devices",
+            "micro-batches",
+            "mini-batches/s",
+            "set by",
+            "bottleneck ms",
+        ]
         headers += ["all-reduce ms", "memory", "note"]
         align = ["left", "left"] + ["right"] * 3 + ["left"] + ["right"] * 3 + ["left"]
         cores_bound = any(o.plan is not None and o.plan.summary.get("cores_bound") for o in self.options)

@@ -24,7 +24,7 @@ from pipeoptim.compiler.shared import shared_parameters
 from pipeoptim.compiler.summary import summarize
 from pipeoptim.errors import PlanError
 from pipeoptim.fileio import write_json, wrong_fields
-from pipeoptim.units import format_bytes, format_seconds, plural
+from pipeoptim.units import column_bytes, format_bytes, format_seconds, plural
 
 PLAN_SCHEMA = "pipeoptim-plan/1"
 #: what every plan file holds beside its schema (:meth:`Plan.to_dict`)
@@ -99,12 +99,16 @@ class Plan:
         recomputes)."""
         replicated = self.config.data_parallel > 1
         recomputing = self.config.memory_limit is not None or any(self.recompute)
+        params, sent, memory = (
+            column_bytes([getattr(s, f) for s in self.stages])
+            for f in ("param_bytes", "send_bytes", "memory_bytes")
+        )
         rows = [
             [
-                s.index,
+                str(s.index),
                 f"{s.first_node} .. {s.last_node}",
-                s.num_nodes,
-                format_bytes(s.param_bytes),
+                str(s.num_nodes),
+                params[k],
                 f"{s.fwd_s * 1e3:.3f}",
                 f"{s.bwd_s * 1e3:.3f}",
                 f"{s.update_s * 1e3:.3f}",
@@ -112,15 +116,16 @@ class Plan:
                 f"{s.overhead_s * 1e3:.3f}",
                 *([f"{s.allreduce_s * 1e3:.3f}"] if replicated else []),
                 *([f"yes, +{s.recompute_s * 1e3:.3f} ms" if s.recompute else "no"] if recomputing else []),
-                format_bytes(s.send_bytes),
-                format_bytes(s.memory_bytes),
+                sent[k],
+                memory[k],
                 f"{s.time_s * 1e3:.3f}",
             ]
-            for s in self.stages
+            for k, s in enumerate(self.stages)
         ]
         headers = ["stage", "nodes", "#", "params", "fwd ms", "bwd ms", "update ms", "comm ms", "overhead ms"]
         headers += [*(["allreduce ms"] if replicated else []), *(["recompute"] if recomputing else [])]
         headers += ["sent", "memory", "stage ms"]
+        align = ["left" if h in ("nodes", "recompute") else "right" for h in headers]
         sm = self.summary
         shared = (
             [f"shared cores    {self.config.cores:g} run all stages: they set the throughput"]
@@ -135,7 +140,8 @@ class Plan:
             units = "" if "units" in str(sm["status"]) else f", {plural(sm['num_units'], 'unit')}"
             solved += f" ({sm['solver']}, {sm['status']}{gap}{units})"
         lines = [
-            tabulate(rows, headers=headers, tablefmt="simple"),
+            # the numbers as formatted above (tabulate would re-read "0.120" as 0.12)
+            tabulate(rows, headers=headers, tablefmt="simple", disable_numparse=True, colalign=align),
             "",
             f"bottleneck      {format_seconds(sm['bottleneck_s'])} (stage {sm['bottleneck_stage']})",
             f"lower bound     {format_seconds(sm['lower_bound_s'])} = max(total / N, largest node) "
