@@ -94,6 +94,11 @@ def test_profile_is_reused_for_the_same_key_and_redone_otherwise(tmp_path: Path)
     assert not reused and logs[-2] == (
         "profiling Sequential at inputs 4x32 float32 (a new micro-batch size; profiles saved at 8x32 float32)"
     )
+    for rows in (16, 2):  # the sizes saved listed smallest first, whatever the files' names
+        load_or_profile(
+            traced, (inputs[0][:1].expand(rows, -1).contiguous(),), profile_dir=tmp_path, log=logs.append
+        )
+    assert logs[-2].endswith("profiles saved at 4x32 float32; 8x32 float32; 16x32 float32)"), logs[-2]
     other_model, other_inputs = mlp(batch=8, width=32, depth=3)
     _, reused = load_or_profile(
         trace(other_model, other_inputs), other_inputs, profile_dir=tmp_path, log=logs.append

@@ -3,6 +3,7 @@ key (:func:`pipeoptim.compiler.profile_key.profile_key`)."""
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -80,7 +81,7 @@ def _log_why_profiling(folder: Path, model: str, key: dict, log: Callable[[str],
         log(f"profiling {model} at inputs {now} (no saved profile of it in {folder})")
         return
     if all(_key_diff(old, key, ignore=("inputs",)) == "same key" for _, old in saved):
-        shapes = "; ".join(_inputs_text(old.get("inputs")) for _, old in saved)
+        shapes = "; ".join(sorted({_inputs_text(old.get("inputs")) for _, old in saved}, key=_numbers))
         log(f"profiling {model} at inputs {now} (a new micro-batch size; profiles saved at {shapes})")
         return
     name, old = saved[0]
@@ -93,6 +94,11 @@ def _inputs_text(inputs: object) -> str:
         return ", ".join(f"{'x'.join(str(d) for d in shape) or 'scalar'} {dtype}" for shape, dtype in inputs)
     except (TypeError, ValueError):
         return f"{inputs!s:.60}"
+
+
+def _numbers(text: str) -> list[int]:
+    """The integers in ``text`` in order: shapes sort by their sizes (``8x32`` before ``16x32``)."""
+    return [int(n) for n in re.findall(r"\d+", text)]
 
 
 def _key_diff(old: dict, new: dict, ignore: tuple[str, ...] = ()) -> str:
