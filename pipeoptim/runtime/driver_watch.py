@@ -8,11 +8,17 @@ for minutes (blocked in a receive until the transport's timeout, then in writing
 to a queue nobody reads), each holding its stage's memory; the fork server and the resource
 tracker stayed with them. :func:`exit_when_driver_dies` watches the driver's process id from
 a daemon thread and ends the worker within a second of the driver's end.
+
+The other way round, a worker must stop at once when its driver stops it
+(:func:`stop_on_driver_sigterm`), and only then: workers start with SIGTERM blocked, so that a
+SIGTERM sent to the whole process group (a job scheduler's, a container stop's) reaches the
+driver alone, which stops the run in order.
 """
 
 from __future__ import annotations
 
 import os
+import signal
 import sys
 import threading
 import time
@@ -65,3 +71,30 @@ def exit_when_driver_dies(name: str, driver: BaseProcess | None, interval: float
         os._exit(1)
 
     threading.Thread(target=watch, name="pipeoptim-driver-watch", daemon=True).start()
+
+
+def stop_on_driver_sigterm(driver: BaseProcess | None) -> None:
+    """End this process on a SIGTERM from ``driver`` (``Process.terminate()``), as its default
+    action would, and ignore one from any other sender.
+
+    Call it in the main thread. Blocks SIGTERM in it (every thread started later inherits the mask) and
+    waits for it in a daemon thread (``sigwaitinfo``, which names the sender). Before, the
+    workers only inherited the driver's blocked SIGTERM from their start
+    (:func:`pipeoptim.runtime.spawning.signals_deferred`), so ``terminate()`` did nothing: a
+    stage failure under an asynchronous method reached the user after the driver's full 5 s
+    grace, when ``kill()`` ended the stages blocked in a receive (helper-98). Nothing where
+    there is no driver (``None``) or no ``sigwaitinfo`` (not POSIX).
+    """
+    if driver is None or driver.pid is None or not hasattr(signal, "sigwaitinfo"):
+        return
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # its default action: end the process
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+    pid = driver.pid
+
+    def watch() -> None:
+        while signal.sigwaitinfo({signal.SIGTERM}).si_pid != pid:
+            continue  # another sender's: the driver stops the run
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})  # this thread takes it
+        os.kill(os.getpid(), signal.SIGTERM)  # ends the process by the signal: exit code -15
+
+    threading.Thread(target=watch, name="pipeoptim-sigterm-watch", daemon=True).start()

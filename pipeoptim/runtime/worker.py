@@ -30,7 +30,7 @@ from pipeoptim.runtime.async_norms import note_size
 from pipeoptim.runtime.build import PipelineSpec, aliases_of, build_stage, input_grad_mask
 from pipeoptim.runtime.comm import DistChannel
 from pipeoptim.runtime.delivery import forward_chain
-from pipeoptim.runtime.driver_watch import exit_when_driver_dies
+from pipeoptim.runtime.driver_watch import exit_when_driver_dies, stop_on_driver_sigterm
 from pipeoptim.runtime.executor import MicroBatch, MiniBatch, StageState, run_action
 from pipeoptim.runtime.peer_loss import lost_peer
 from pipeoptim.runtime.replicas import join_replica_groups, replica_copy, stage_and_replica
@@ -246,13 +246,16 @@ def worker_main(
 
     Every reply goes on ``results`` as ``(kind, rank, request id, payload)``; a failure is
     reported as ``("error", rank, None, (text, pipeoptim error or None))`` and ends the
-    process with exit code 1. SIGINT is ignored: on Ctrl-C the driver stops the workers.
+    process with exit code 1. SIGINT is ignored and SIGTERM obeyed only from the driver
+    (:func:`pipeoptim.runtime.driver_watch.stop_on_driver_sigterm`): on Ctrl-C, or a SIGTERM to the
+    whole process group, the driver stops the workers.
     """
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the driver decides when workers stop
     torch.set_num_threads(threads)
     driver = multiprocessing.parent_process()
     name = f"stage {rank}"  # with replicas, once the spec says: stage k of replica r (rank)
     exit_when_driver_dies(name, driver)  # even while blocked in a receive or a queue write
+    stop_on_driver_sigterm(driver)  # terminate() stops it at once; a process group's SIGTERM does not
     try:
         kind, _request, payload = commands.get(timeout=timeout)
         if kind != "spec":
