@@ -30,13 +30,12 @@ import torch
 
 import pipeoptim
 from pipeoptim import other_work
-from pipeoptim.checkpoint import read_checkpoint
 from pipeoptim.compiler.plot import plot_plan
-from pipeoptim.errors import CheckpointError
 from pipeoptim.fileio import writable_folder, write_json
 from pipeoptim.loss import Loss, drain
 from pipeoptim.optimizers import cosine_factor, make_optimizer
 from pipeoptim.records import Progress, StepLog, epoch_line, plot_curves
+from pipeoptim.resume import check_resume
 from pipeoptim.runtime.precision import autocast_dtype
 from pipeoptim.runtime.spawning import signals_deferred
 from pipeoptim.sequential import SEQUENTIAL, Sequential
@@ -134,34 +133,6 @@ def _trainer(config: TrainConfig, task: Task, log: Callable[[str], None]) -> tup
     return pipe, scheduler
 
 
-def _check_resume(config: TrainConfig, out: Path) -> Path | None:
-    if config.resume is None:
-        return None
-    folder = Path(config.resume)
-    path = folder / "checkpoint.pt" if folder.is_dir() or not (folder.exists() or folder.suffix) else folder
-    data = read_checkpoint(path)  # raises CheckpointError when missing or half-written
-    saved = data["extra"].get("config", {})
-    keys = ("task", "method", "gpus", "optimizer", "batch_size", "seed", "lr", "lr_schedule")
-    # momentum and weight decay come back from the checkpoint's optimizer state, and another
-    # layout changes the staleness: a run given others would record settings it did not use
-    for key in (*keys, "limit", "micro_batches", "momentum", "weight_decay", "stages", "data_parallel"):
-        if key in saved and saved[key] != getattr(config, key):
-            option = f"--{key.replace('_', '-')}"
-            values = (saved[key], getattr(config, key))
-            then, now = (f"no {option}" if v is None else f"{option} {v}" for v in values)
-            raise CheckpointError(
-                f"cannot resume: the checkpoint was made with {then}, this run has {now}; "
-                "use the same settings"
-            )
-    done = len(data["extra"].get("history", {}).get("epochs", []))
-    if config.epochs <= done:
-        raise CheckpointError(
-            f"nothing to do: the run in {folder} already has {done} epochs; "
-            f"resume with --epochs above {done} to train more"
-        )
-    return path
-
-
 def train(
     config: TrainConfig, log: Callable[[str], None] = print, costs: Costs | None = None
 ) -> dict[str, Any]:
@@ -189,7 +160,7 @@ def train(
 
 
 def _train(config: TrainConfig, out: Path, log: Callable[[str], None], costs: Costs | None) -> dict[str, Any]:
-    resume_path = _check_resume(config, out)
+    resume_path = check_resume(config, log)
     torch.manual_seed(config.seed)
     task = make_task(
         config.task,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -568,3 +569,51 @@ def test_momentum_given_to_an_optimizer_without_it_is_a_usage_error(tmp_path) ->
     assert result.exit_code == 2, result.output
     assert "--momentum applies to sgd and rmsprop, not --optimizer adam" in result.output
     assert not (tmp_path / "r").exists()
+
+
+def test_a_resumed_run_keeps_the_settings_it_is_not_given_anew(tmp_path: Path) -> None:
+    """helper-98: a resumed run without --checkpoint-every wrote no checkpoint, so the next
+    resume went back to the first run's and trained its epochs again without a word, and
+    "already has 2 epochs" contradicted metrics.json's 3. Every setting not given anew is the
+    run's own (the epochs too: a resume without --epochs finishes the run it continues)."""
+    out = tmp_path / "ri"
+    common = ["digits", "--gpus", "2", "--stages", "2", "--method", "1f1b", "--executor", "local"]
+    common += ["--limit", "64", "--out", str(out), "--profile-dir", str(tmp_path / "profiles")]
+    code, _, err = run(*common, "--epochs", "2", "--checkpoint-every", "30", "--max-grad-norm", "1.0")
+    assert code == 0, err
+    code, _, err = run(*common, "--resume", str(out), "--epochs", "3")
+    assert code == 0, err
+    config = json.loads((out / "metrics.json").read_text())["config"]
+    assert (config["checkpoint_every"], config["max_grad_norm"], config["epochs"]) == (30, 1.0, 3)
+    assert torch.load(out / "checkpoint.pt", weights_only=True)["mini_batches"] == 6  # after epoch 3
+    for epochs in (["--epochs", "2"], []):
+        code, _, err = run(*common, "--resume", str(out), *epochs)
+        assert code == 1 and "nothing to do" in err and "already has 3 epochs" in err, err
+    # a setting given anew is still checked against the run's
+    code, _, err = run(*common, "--resume", str(out), "--epochs", "4", "--seed", "1")
+    assert code == 1 and "made with --seed 0, this run has --seed 1" in err
+
+
+def test_resuming_a_checkpoint_older_than_the_runs_records_says_what_is_trained_again(
+    tmp_path: Path,
+) -> None:
+    from pipeoptim.resume import check_resume
+    from pipeoptim.training import TrainConfig
+
+    out = tmp_path / "rc"
+    code, _, err = run(
+        "digits", "--gpus", "2", "--stages", "2", "--method", "1f1b", "--executor", "local", "--limit", "64",
+        "--epochs", "1", "--checkpoint-every", "1", "--out", str(out), "--profile-dir", str(tmp_path / "p"),
+    )  # fmt: skip
+    assert code == 0, err
+    config = TrainConfig(**{**json.loads((out / "metrics.json").read_text())["config"], "epochs": 2})
+    said: list[str] = []
+    assert check_resume(replace(config, resume=str(out)), said.append) == out / "checkpoint.pt"
+    assert said == []  # the checkpoint holds every recorded mini-batch
+    metrics = json.loads((out / "metrics.json").read_text())
+    (out / "metrics.json").write_text(json.dumps({**metrics, "mini_batches": 5}))  # a later run's records
+    check_resume(replace(config, resume=str(out)), said.append)
+    assert said == [
+        f"the checkpoint {out / 'checkpoint.pt'} holds mini-batch 2 of the 5 that {out / 'metrics.json'} "
+        "records: the 3 after it are trained again (the run that made them wrote no later checkpoint)"
+    ]

@@ -12,11 +12,12 @@ import torch
 from click.core import ParameterSource
 
 from pipeoptim.cli.options import BYTES, GPUS, LAYOUT_WIDTH, FiniteFloatRange, link_figures, link_options
-from pipeoptim.compiler.layouts import candidates
-from pipeoptim.errors import PipeoptimError, PlanError
-from pipeoptim.methods import METHODS, get_method
+from pipeoptim.cli.train_checks import check_layout_options, check_rows
+from pipeoptim.errors import PipeoptimError
+from pipeoptim.methods import METHODS
 from pipeoptim.optimizers import OPTIMIZERS
 from pipeoptim.records import summary_line
+from pipeoptim.resume import inherit_settings
 from pipeoptim.tasks import TASKS
 from pipeoptim.training import SEQUENTIAL, TrainConfig, train
 
@@ -122,7 +123,10 @@ from pipeoptim.training import SEQUENTIAL, TrainConfig, train
     help="Write a checkpoint every K mini-batches and after every epoch.",
 )
 @click.option(
-    "--resume", type=click.Path(), default=None, help="Continue from the checkpoint in this run folder."
+    "--resume",
+    type=click.Path(),
+    default=None,
+    help="Continue the run in this folder from its checkpoint, with its settings where not given anew.",
 )
 @click.option(
     "--profile-dir",
@@ -231,7 +235,7 @@ def train_command(
         for name in ("bandwidth", "latency", "action_overhead")
         if context.get_parameter_source(name) is not ParameterSource.DEFAULT
     ]
-    _check_layout_options(method, micro_batches, data_parallel, stages, links, gpus)
+    check_layout_options(method, micro_batches, data_parallel, stages, links, gpus)
     if context.get_parameter_source("momentum") is not ParameterSource.DEFAULT and optimizer not in (
         "sgd",
         "rmsprop",
@@ -240,7 +244,7 @@ def train_command(
             f"--momentum applies to sgd and rmsprop, not --optimizer {optimizer} (whose update "
             "has no momentum option): leave --momentum out or choose --optimizer sgd or rmsprop"
         )
-    _check_rows(batch_size, micro_batches, data_parallel)
+    check_rows(batch_size, micro_batches, data_parallel)
     if lr is None:
         lr = {"sgd": 0.02, "adagrad": 0.01}.get(optimizer, 1e-3)
 
@@ -257,7 +261,7 @@ def train_command(
                 latency,
                 action_overhead,
                 lambda msg: click.echo(msg, err=True),
-                _not_measurable(executor, method),
+                _not_measurable(config.executor, config.method),
             )
         except KeyboardInterrupt:
             click.echo(
@@ -310,7 +314,11 @@ def train_command(
             err=True,
         )
         replaced = Path(out) / "checkpoint.pt" if "checkpoint.pt" in earlier else None
+    given = {
+        name for name in context.params if context.get_parameter_source(name) is not ParameterSource.DEFAULT
+    }
     try:
+        config = inherit_settings(config, given)  # a resumed run's other settings are its own
         metrics = train(config, log=lambda msg: click.echo(msg, err=True), costs=measured)
     except (PipeoptimError, ValueError, OSError) as exc:  # OSError: a disk full, a file made read-only
         raise click.ClickException(str(exc).splitlines()[0]) from exc
@@ -330,71 +338,3 @@ def _not_measurable(executor: str, method: str) -> str | None:
     if torch.cuda.is_available():
         return "the stages run on GPUs (the figures are measured with gloo on the CPU)"
     return None
-
-
-def _check_rows(batch_size: int, micro_batches: int | None, data_parallel) -> None:
-    """Refuse, before any planning or measuring, a forced split of the mini-batch into more
-    parts than it has rows (every replica's every micro-batch needs at least one row).
-
-    Raises:
-        click.BadParameter: --micro-batches times --data-parallel (each where given) above
-            --batch-size.
-    """
-    replicas = None if data_parallel in (None, "auto") else int(data_parallel)
-    parts = (micro_batches or 1) * (replicas or 1)
-    if parts <= batch_size:
-        return
-    given = [
-        (f"--{name}", n) for name, n in (("micro-batches", micro_batches), ("data-parallel", replicas)) if n
-    ]
-    split = " x ".join(f"{option} {value}" for option, value in given)
-    fewer = "fewer parts" if len(given) > 1 else f"a smaller {given[0][0]}"
-    raise click.BadParameter(
-        f"{split} split{'s' if len(given) == 1 else ''} each mini-batch into {parts} parts, but --batch-size "
-        f"{batch_size} gives it {batch_size} rows and every part needs at least one: give --batch-size "
-        f"{parts} or more, or {fewer}",
-        param_hint="--batch-size",
-    )
-
-
-def _check_layout_options(
-    method: str, micro_batches: int | None, data_parallel, stages: int | None, links: list[str], gpus: int
-) -> None:
-    """Refuse, before any planning or measuring, options the method would ignore or refuse
-    later (``links``: the plan's link and runtime options the user gave).
-
-    Raises:
-        click.BadParameter: --micro-batches above 1 for a method that runs a mini-batch as one
-            micro-batch.
-        click.UsageError: --stages, --data-parallel, --micro-batches, --bandwidth, --latency or
-            --action-overhead with sequential training.
-        click.ClickException: a forced layout (--stages, --data-parallel) needs more than
-            --gpus devices.
-    """
-    if method == SEQUENTIAL:
-        given = [
-            name
-            for name, value in (
-                ("--stages", stages),
-                ("--data-parallel", data_parallel),
-                ("--micro-batches", micro_batches),
-            )
-            if value not in (None, "auto")
-        ] + links
-        if given:
-            raise click.UsageError(
-                f"{' and '.join(given)} {'does' if len(given) == 1 else 'do'} not apply to --method "
-                "sequential (plain training in this process, no pipeline): drop "
-                f"{'it' if len(given) == 1 else 'them'}, or choose a pipeline method"
-            )
-        return
-    if micro_batches not in (None, 1) and not get_method(method).micro_batched:
-        raise click.BadParameter(
-            f"method {method} runs each mini-batch as one micro-batch; --micro-batches applies to "
-            "gpipe, 1f1b and 2bw: leave it unset",
-            param_hint="--micro-batches",
-        )
-    try:
-        candidates(gpus, stages, None if data_parallel in (None, "auto") else int(data_parallel))
-    except PlanError as exc:
-        raise click.ClickException(str(exc)) from exc

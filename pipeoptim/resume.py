@@ -1,0 +1,112 @@
+"""Resuming a run of ``pipeoptim train`` from its checkpoint (``--resume``).
+
+A resumed run continues the run it names: every setting not given anew on its command line is
+that run's (:func:`inherit_settings`), and a setting given anew that would train another model
+or another schedule is refused (:func:`check_resume`). Before, a resumed run took the command
+line's defaults for what it was not told: resuming a run made with ``--checkpoint-every 30``
+wrote no checkpoint, so the next resume went back to the first run's last checkpoint and
+trained the epochs after it again, without a word (helper-98).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Collection
+from dataclasses import fields, replace
+from pathlib import Path
+from typing import Any
+
+from pipeoptim.checkpoint import read_checkpoint
+from pipeoptim.errors import CheckpointError
+
+#: settings of the run itself, not inherited: where it writes and what it resumes, whether it
+#: shows progress, and the link and runtime figures of the machine it runs on (measured there)
+NOT_INHERITED = ("out", "resume", "progress", "bandwidth", "latency", "action_overhead")
+#: settings a resumed run must share with the run it continues (another value trains another
+#: model, optimizer or schedule); momentum and weight decay come back from the checkpoint's
+#: optimizer state, and another layout changes the staleness
+MUST_MATCH = (
+    *("task", "method", "gpus", "optimizer", "batch_size", "seed", "lr", "lr_schedule"),
+    *("limit", "micro_batches", "momentum", "weight_decay", "stages", "data_parallel"),
+)
+
+
+def checkpoint_path(resume: str) -> Path:
+    """The checkpoint ``--resume`` names: ``checkpoint.pt`` in a run folder (or a folder to
+    be), else the file itself."""
+    folder = Path(resume)
+    return folder / "checkpoint.pt" if folder.is_dir() or not (folder.exists() or folder.suffix) else folder
+
+
+def saved_config(path: Path) -> dict[str, Any]:
+    """The settings the checkpoint at ``path`` was made with (``{}`` in one without them).
+
+    Raises:
+        CheckpointError: the checkpoint is missing or unreadable.
+    """
+    return dict(read_checkpoint(path)["extra"].get("config", {}))
+
+
+def inherit_settings(config: Any, given: Collection[str]) -> Any:
+    """``config`` (a :class:`pipeoptim.training.TrainConfig`, which imports this module) with
+    each setting not in ``given`` (the fields set on the command line)
+    taken from the checkpoint of the run ``config.resume`` continues, except
+    :data:`NOT_INHERITED`; ``config`` itself where it resumes nothing.
+
+    Raises:
+        CheckpointError: the checkpoint is missing or unreadable.
+    """
+    if config.resume is None:
+        return config
+    saved = saved_config(checkpoint_path(config.resume))
+    names = {f.name for f in fields(config)} - set(NOT_INHERITED) - set(given)
+    return replace(config, **{name: saved[name] for name in names if name in saved})
+
+
+def check_resume(config: Any, log: Callable[[str], None]) -> Path | None:
+    """The checkpoint to resume (``None`` where the run resumes none), after checking it.
+
+    Says (through ``log``) where the run's ``metrics.json`` records more mini-batches than the
+    checkpoint holds: those after it are trained again.
+
+    Raises:
+        CheckpointError: the checkpoint is missing or half-written, was made with another
+            value of a :data:`MUST_MATCH` setting, or already has ``config.epochs`` epochs.
+    """
+    if config.resume is None:
+        return None
+    path = checkpoint_path(config.resume)
+    data = read_checkpoint(path)  # raises CheckpointError when missing or half-written
+    saved = data["extra"].get("config", {})
+    for key in MUST_MATCH:
+        if key in saved and saved[key] != getattr(config, key):
+            option = f"--{key.replace('_', '-')}"
+            values = (saved[key], getattr(config, key))
+            then, now = (f"no {option}" if v is None else f"{option} {v}" for v in values)
+            raise CheckpointError(
+                f"cannot resume: the checkpoint was made with {then}, this run has {now}; "
+                "use the same settings"
+            )
+    done = len(data["extra"].get("history", {}).get("epochs", []))
+    if config.epochs <= done:
+        raise CheckpointError(
+            f"nothing to do: the checkpoint {path} already has {done} epochs; "
+            f"resume with --epochs above {done} to train more"
+        )
+    recorded = _recorded_mini_batches(path.parent / "metrics.json")
+    if recorded is not None and recorded > data["mini_batches"]:
+        log(
+            f"the checkpoint {path} holds mini-batch {data['mini_batches']} of the {recorded} that "
+            f"{path.parent / 'metrics.json'} records: the {recorded - data['mini_batches']} after it are "
+            "trained again (the run that made them wrote no later checkpoint)"
+        )
+    return path
+
+
+def _recorded_mini_batches(metrics: Path) -> int | None:
+    """The mini-batches a run's ``metrics.json`` says it trained (``None``: no readable file)."""
+    try:
+        value = json.loads(metrics.read_text()).get("mini_batches")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return value if isinstance(value, int) else None
