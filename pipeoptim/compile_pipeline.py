@@ -27,7 +27,7 @@ from pipeoptim.compiler.hooks import compiled_modules_warning, dropped_hooks_war
 from pipeoptim.compiler.plan import Plan
 from pipeoptim.compiler.shapes import plan_length
 from pipeoptim.compiler.trace import trace
-from pipeoptim.errors import PipelineError, PlanError, PredictorError
+from pipeoptim.errors import PipelineError, PlanError, PredictorError, first_line
 from pipeoptim.given_plan import given_plan
 from pipeoptim.inputs import as_tuple, check_traced_rows
 from pipeoptim.methods import METHODS, check_micro_batches, get_method
@@ -271,7 +271,7 @@ def compile(
     except (NotImplementedError, RuntimeError, TypeError) as exc:  # torch's CSR tensors, locks, files
         raise ValueError(
             f"the model cannot be copied with copy.deepcopy ({type(exc).__name__}: "
-            f"{str(exc).splitlines()[0] if str(exc) else ''}), which compile needs: keep sparse tensors "
+            f"{first_line(exc)}), which compile needs: keep sparse tensors "
             "in COO layout (.to_sparse(); .to_sparse_csr() inside forward) and remove attributes that "
             "cannot be copied (open files, locks)"
         ) from exc

@@ -9,8 +9,20 @@ from __future__ import annotations
 import traceback
 
 
+def first_line(exc: BaseException) -> str:
+    """The first line of ``exc``'s message, ``""`` where it has none (an ``OSError()``: taking
+    ``str(exc).splitlines()[0]`` raised ``IndexError`` while reporting the error)."""
+    lines = str(exc).splitlines()
+    return lines[0] if lines else ""
+
+
 class PipeoptimError(Exception):
     """Base class of every error pipeoptim raises on purpose."""
+
+    #: whether a pipeline has raised this error to the user (through a loss or a call): a
+    #: stopped pipeline raises its error once as it is, then says on each later call that it
+    #: stopped at it (:class:`pipeoptim.pipeline.Pipeline`)
+    reported: bool = False
 
 
 class TraceError(PipeoptimError):

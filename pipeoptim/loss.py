@@ -15,7 +15,7 @@ from typing import TypeVar
 
 import torch
 
-from pipeoptim.errors import PipelineError
+from pipeoptim.errors import PipelineError, PipeoptimError
 
 T = TypeVar("T")
 
@@ -43,7 +43,11 @@ class Loss:
     def wait(self) -> float:
         if not self._future.done() and self._waiter is not None:
             self._waiter(self.index)  # drives the receive that completes the future
-        return float(self._future.result())
+        try:
+            return float(self._future.result())
+        except PipeoptimError as exc:
+            exc.reported = True
+            raise
 
     item = wait
 

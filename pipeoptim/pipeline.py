@@ -23,7 +23,7 @@ from pipeoptim import inputs as given
 from pipeoptim.batchnorm import plain_batch_norm
 from pipeoptim.compiler.plan import Plan
 from pipeoptim.compiler.trace import TracedModel
-from pipeoptim.errors import PipelineError, PipeoptimError, drop_frame_locals
+from pipeoptim.errors import PipelineError, PipeoptimError, drop_frame_locals, first_line
 from pipeoptim.loss import Loss, MiniBatchLosses
 from pipeoptim.measurements import Measurements
 from pipeoptim.refusals import prepared_here, shared_rows
@@ -72,9 +72,7 @@ class Pipeline(Measurements):
         self._closed = False
         self._error: BaseException | None = None
         self._targets: given.Signature | None = None  # the first mini-batch's targets (their kind)
-        self.executor_kind = executor
-        self.device = device
-        self.timeout = timeout
+        self.executor_kind, self.device, self.timeout = executor, device, timeout
         self._executor: Executor = start_executor(
             executor, spec, traced, device, self._losses.on_loss, self._on_error, timeout
         )
@@ -365,13 +363,14 @@ class Pipeline(Measurements):
     def _check_open(self) -> None:
         if self._closed:
             raise PipelineError("the pipeline is closed")
-        if isinstance(self._error, PipeoptimError):
-            raise self._error  # the original error (a failed stage, a NaN) with its details
+        if isinstance(self._error, PipeoptimError) and not self._error.reported:
+            self._error.reported = True  # as it is once (a failed stage, a NaN), then "stopped at" it
+            raise self._error
         if self._error is not None:
+            error = f"{type(self._error).__name__}: {first_line(self._error)}"
             raise PipelineError(
-                f"the pipeline stopped at an earlier error ({type(self._error).__name__}: {self._error}), "
-                "its stages part-way through a mini-batch: compile it again, or load the last "
-                "checkpoint into a new one"
+                f"the pipeline stopped at an earlier error ({error}), its stages part-way through a "
+                "mini-batch: compile it again, or load the last checkpoint into a new one"
             ) from self._error
 
     def close(self, finish: bool = True) -> None:

@@ -901,3 +901,22 @@ def test_format_bytes_refuses_an_unknown_unit() -> None:
     assert format_bytes(1536) == "1.50 KiB" and format_bytes(1536, "B") == "1536 B"
     with pytest.raises(ValueError, match="unit must be one of B, KiB, MiB, GiB, TiB, got 'kb'"):
         format_bytes(1, "kb")
+
+
+def test_an_error_without_a_message_is_reported_not_an_index_error(tmp_path, monkeypatch) -> None:
+    """``str(exc).splitlines()[0]`` of an ``OSError()`` raised IndexError while reporting it
+    (in the train command, the channel, the loaders: first_line everywhere now)."""
+    from click.testing import CliRunner
+
+    import pipeoptim.cli.train as train_cli
+    from pipeoptim.cli.main import cli
+    from pipeoptim.errors import first_line
+
+    assert (first_line(OSError()), first_line(ValueError("a\nb"))) == ("", "a")
+
+    def fails(*_args, **_kwargs):
+        raise OSError()
+
+    monkeypatch.setattr(train_cli, "train", fails)
+    result = CliRunner().invoke(cli, ["train", "digits", "--gpus", "1", "--out", str(tmp_path / "r")])
+    assert result.exit_code == 1 and result.stderr.strip() == "Error: OSError", result.output

@@ -155,6 +155,14 @@ def test_a_stage_error_under_an_asynchronous_method_stops_the_stages_at_once() -
     assert time.monotonic() - start < 2.5  # the grace is 5 s
     assert wait_for(lambda: all(p.exitcode is not None for p in workers), 2)
     assert sorted(p.exitcode for p in workers) == [-signal.SIGTERM, -signal.SIGTERM, 1]
+    # later calls say that the pipeline has stopped, not the stage's error again as if new
+    # (helper-98: state_dict() after a failure re-raised "stage 2 failed: IndexError ...")
+    stopped = (
+        r"the pipeline stopped at an earlier error \(PipelineError: stage 2 failed: IndexError.*load the last"
+    )
+    for later in (lambda: pipe.step(x, y), pipe.state_dict, lambda: pipe.save_checkpoint("unused.pt")):
+        with pytest.raises(PipelineError, match=stopped):
+            later()
     pipe.close()
 
 

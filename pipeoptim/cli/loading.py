@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from pipeoptim.errors import first_line
 from pipeoptim.examples import EXAMPLES
 from pipeoptim.units import format_bytes
 
@@ -120,7 +121,7 @@ def _example(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
         return torch.randn(shape, dtype=dtype) if dtype.is_floating_point else torch.zeros(shape, dtype=dtype)
     except (RuntimeError, MemoryError) as exc:
         size = format_bytes(math.prod(shape) * dtype.itemsize)
-        shown, why = "x".join(map(str, shape)), str(exc).splitlines()[0][:120]
+        shown, why = "x".join(map(str, shape)), first_line(exc)[:120]
         raise ModelSpecError(
             f"example input {shown} ({size} of {dtype}) cannot be allocated here ({why}): give a "
             "smaller --input-shape"

@@ -13,7 +13,7 @@ from click.core import ParameterSource
 
 from pipeoptim.cli.options import BYTES, GPUS, LAYOUT_WIDTH, FiniteFloatRange, link_figures, link_options
 from pipeoptim.cli.train_checks import check_layout_options, check_rows
-from pipeoptim.errors import PipeoptimError
+from pipeoptim.errors import PipeoptimError, first_line
 from pipeoptim.methods import METHODS
 from pipeoptim.optimizers import OPTIMIZERS
 from pipeoptim.records import summary_line
@@ -321,7 +321,7 @@ def train_command(
         config = inherit_settings(config, given)  # a resumed run's other settings are its own
         metrics = train(config, log=lambda msg: click.echo(msg, err=True), costs=measured)
     except (PipeoptimError, ValueError, OSError) as exc:  # OSError: a disk full, a file made read-only
-        raise click.ClickException(str(exc).splitlines()[0]) from exc
+        raise click.ClickException(first_line(exc) or type(exc).__name__) from exc
     except KeyboardInterrupt:
         click.echo("interrupted: every stage was stopped; the last checkpoint (if any) is intact", err=True)
         sys.exit(130)

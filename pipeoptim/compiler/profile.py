@@ -32,7 +32,7 @@ from pipeoptim.compiler.recorder import Recorder
 from pipeoptim.compiler.saved_bytes import saved_bytes
 from pipeoptim.compiler.shapes import length_slopes
 from pipeoptim.compiler.trace import TracedModel, node_module
-from pipeoptim.errors import ProfileError
+from pipeoptim.errors import ProfileError, first_line
 
 
 def _nbytes(t: torch.Tensor) -> int:
@@ -265,7 +265,7 @@ def profile_model(
         shapes = ", ".join(f"{tuple(x.shape)} {x.dtype}" for x in inputs)
         raise ProfileError(
             f"{traced.model_name} fails on the example inputs ({shapes}) on {device}: "
-            f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}. Give example "
+            f"{type(exc).__name__}: {first_line(exc)}. Give example "
             "inputs of the shape, dtype and device the model expects"
         ) from exc
     _warm_up(gm, inputs, warmup)

@@ -45,7 +45,7 @@ import torch
 import torch.distributed as dist
 
 from pipeoptim.compiler.overlap import BUCKET_BYTES
-from pipeoptim.errors import PeerLostError
+from pipeoptim.errors import PeerLostError, first_line
 
 
 def buckets(params: Sequence[torch.Tensor], bucket_bytes: int = BUCKET_BYTES) -> list[list[torch.Tensor]]:
@@ -191,7 +191,7 @@ class GroupAllReduce:
             except RuntimeError as exc:
                 raise PeerLostError(
                     f"stage {self.stage}: the gradient all-reduce between its replicas failed "
-                    f"({str(exc).splitlines()[0]}); a replica has probably stopped"
+                    f"({first_line(exc)}); a replica has probably stopped"
                 ) from exc
         for bucket, flat in zip(self._buckets, flats):
             unpack(bucket, flat)

@@ -33,7 +33,7 @@ import torch.distributed as dist
 from torch.utils import _pytree as pytree
 
 from pipeoptim.compiler.plan import Plan
-from pipeoptim.errors import PeerLostError, PipelineError
+from pipeoptim.errors import PeerLostError, PipelineError, first_line
 from pipeoptim.runtime.layout import grad_layout, leaf_metas, rebuild, shape_for
 
 _SCALARS = ("int", "float", "bool")
@@ -133,7 +133,7 @@ class DistChannel:
         except RuntimeError as exc:
             raise PeerLostError(
                 f"stage {self.rank}: the all-reduce of the gradient norm failed "
-                f"({str(exc).splitlines()[0]}); another stage has probably stopped"
+                f"({first_line(exc)}); another stage has probably stopped"
             ) from exc
         return float(value.item()) / (dist.get_world_size() // self.world)
 
@@ -159,7 +159,7 @@ class DistChannel:
             except RuntimeError as exc:
                 raise PeerLostError(
                     f"stage {self.rank}: summing the gradients of shared parameters (round {round_}) "
-                    f"failed ({str(exc).splitlines()[0]}); another holder has probably stopped"
+                    f"failed ({first_line(exc)}); another holder has probably stopped"
                 ) from exc
         return [[outs[h] for outs in gathered] for h in range(self.shared_size)]
 
@@ -187,7 +187,7 @@ class DistChannel:
 
     def _lost(self, what: str, peer: int, exc: RuntimeError) -> PeerLostError:
         return PeerLostError(
-            f"stage {self.rank}: {what} rank {peer} failed ({str(exc).splitlines()[0]}); rank "
+            f"stage {self.rank}: {what} rank {peer} failed ({first_line(exc)}); rank "
             f"{peer} has probably stopped"
         )
 
@@ -204,7 +204,7 @@ class DistChannel:
                 work.wait(self.timeout)
             except RuntimeError as exc:
                 raise PeerLostError(
-                    f"stage {self.rank}: a send did not complete ({str(exc).splitlines()[0]}); "
+                    f"stage {self.rank}: a send did not complete ({first_line(exc)}); "
                     "a neighbouring stage has probably stopped"
                 ) from exc
 
@@ -252,7 +252,7 @@ class DistChannel:
             peer = self.rank - 1 if op == "act" else self.rank + 1
             raise PeerLostError(
                 f"stage {self.rank}: receiving the norm note of micro-batch {micro_batch} from stage "
-                f"{peer} failed ({str(exc).splitlines()[0]}); stage {peer} has probably stopped"
+                f"{peer} failed ({first_line(exc)}); stage {peer} has probably stopped"
             ) from exc
         return buf.cpu()
 
@@ -368,7 +368,7 @@ class DistChannel:
                 peer = self.rank - 1 if key[0] == "act" else self.rank + 1
                 raise PeerLostError(
                     f"stage {self.rank}: receiving {'activations' if key[0] == 'act' else 'gradients'} "
-                    f"of micro-batch {key[1]} from stage {peer} failed ({str(exc).splitlines()[0]}); "
+                    f"of micro-batch {key[1]} from stage {peer} failed ({first_line(exc)}); "
                     f"stage {peer} has probably stopped"
                 ) from exc
         self.arrived_at = time.perf_counter()

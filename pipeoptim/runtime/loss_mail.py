@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from pipeoptim.errors import PeerLostError
+from pipeoptim.errors import PeerLostError, first_line
 from pipeoptim.runtime.comm import LOSS_TAG, DistChannel
 
 
@@ -103,7 +103,7 @@ class LossMail:
                 last = replica * self.num_stages + self.num_stages - 1
                 raise PeerLostError(
                     f"rank {self.rank}: receiving the losses of micro-batch {first} on from rank "
-                    f"{last} failed ({str(exc).splitlines()[0]}); rank {last} has probably stopped"
+                    f"{last} failed ({first_line(exc)}); rank {last} has probably stopped"
                 ) from exc
             self._pending.pop(0)
             for j, value in enumerate(buffer.cpu()):

@@ -10,7 +10,7 @@ treated as a symptom and the driver looks for the cause
 
 from __future__ import annotations
 
-from pipeoptim.errors import PeerLostError, PipelineError
+from pipeoptim.errors import PeerLostError, PipelineError, first_line
 
 #: what gloo's and NCCL's errors say when the other end of a connection has gone away
 _LOST_CONNECTION = (
@@ -37,7 +37,7 @@ def lost_peer(exc: BaseException, rank: int) -> PeerLostError | None:
         return exc
     if not isinstance(exc, RuntimeError) or isinstance(exc, PipelineError):
         return None
-    first = str(exc).splitlines()[0] if str(exc) else ""
+    first = first_line(exc)
     if not any(marker in first.lower() for marker in _LOST_CONNECTION):
         return None
     lost = PeerLostError(f"stage {rank}: lost a connection ({first}); another stage has probably stopped")

@@ -17,7 +17,7 @@ import cloudpickle
 import torch
 import torch.multiprocessing as mp
 
-from pipeoptim.errors import PipelineError
+from pipeoptim.errors import PipelineError, first_line
 from pipeoptim.runtime.build import PipelineSpec
 from pipeoptim.runtime.predictors import register_again, registered_for
 
@@ -82,7 +82,7 @@ def pickle_spec(spec: PipelineSpec) -> bytes:
     except Exception as exc:
         raise PipelineError(
             f"the model, loss_fn or example inputs cannot be sent to the stage worker processes "
-            f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}): remove the "
+            f"({type(exc).__name__}: {first_line(exc)}): remove the "
             "unpicklable attribute (open files, locks, generators), or use executor='local'"
         ) from exc
 

@@ -28,7 +28,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from pipeoptim.errors import BatchRefusedError, PeerLostError, PipelineError
+from pipeoptim.errors import BatchRefusedError, PeerLostError, PipelineError, first_line
 from pipeoptim.microbatch import Rows
 from pipeoptim.runtime.affinity import pin_rank, unpin_rank
 from pipeoptim.runtime.build import PipelineSpec
@@ -198,7 +198,7 @@ class SPMDExecutor:
             self.process.channel.irecv(box, 0, tag=SIZE_TAG).wait(self.timeout)
         except RuntimeError as exc:
             raise PeerLostError(
-                f"rank {self.rank}: the batch size from rank 0 did not arrive ({str(exc).splitlines()[0]}); "
+                f"rank {self.rank}: the batch size from rank 0 did not arrive ({first_line(exc)}); "
                 "rank 0 has probably stopped or is not calling step() with the same batches"
             ) from exc
         if int(box[0]) == REFUSED:
