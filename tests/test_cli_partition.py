@@ -116,6 +116,27 @@ def test_model_from_file_factory_and_shape_options(tmp_path: Path) -> None:
     assert code == 1 and "--input-shape" in err
 
 
+def test_a_model_file_imports_its_sibling_modules(tmp_path: Path) -> None:
+    """As ``python models/net.py`` does, wherever it is run from (helper-98: "No module named
+    'blocks'", where ``module:factory`` from the file's folder worked)."""
+    folder = tmp_path / "models"
+    folder.mkdir()
+    (folder / "blocks_98.py").write_text(
+        "import torch\n\nclass Block(torch.nn.Sequential):\n"
+        "    def __init__(self):\n        super().__init__(torch.nn.Linear(16, 16), torch.nn.ReLU())\n"
+    )
+    (folder / "net_98.py").write_text(
+        "import torch\nfrom blocks_98 import Block\n\n"
+        "def make():\n"
+        "    return torch.nn.Sequential(Block(), Block(), torch.nn.Linear(16, 4)), torch.randn(8, 16)\n"
+    )
+    code, out, err = run(
+        "partition", f"{folder / 'net_98.py'}:make", "--gpus", "2", "--profile-dir", str(tmp_path)
+    )
+    assert code == 0, err
+    assert "Sequential" in out
+
+
 def test_an_input_shape_too_large_to_allocate_is_one_line(tmp_path: Path) -> None:
     """--input-shape 99999999x99999999 printed the allocator's traceback."""
     huge = ("--input-shape", "99999999x99999999")

@@ -40,6 +40,9 @@ def _factory(spec: str):
         if not path.is_file():
             raise ModelSpecError(f"model file {where!r} does not exist")
         module_name = f"_pipeoptim_user_{path.stem}"
+        folder = str(path.resolve().parent)
+        if folder not in sys.path:  # its sibling modules import, as under python path/file.py
+            sys.path.insert(0, folder)
         loader = importlib.util.spec_from_file_location(module_name, path)
         assert loader is not None and loader.loader is not None
         module = importlib.util.module_from_spec(loader)
