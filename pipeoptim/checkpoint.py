@@ -21,7 +21,8 @@ from pipeoptim.errors import CheckpointError
 from pipeoptim.fileio import atomic_write, wrong_fields
 
 FORMAT = "pipeoptim-checkpoint/1"
-# plain data besides tensors that checkpoints hold: the torch version in the plan's profile key
+# what checkpoints written before 2026-12-05 hold besides tensors and plain data: the torch
+# version in the plan's profile key (a TorchVersion; a str since)
 _SAFE = [TorchVersion]
 
 

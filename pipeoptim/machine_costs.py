@@ -75,7 +75,7 @@ def machine_key() -> str:
         {
             "host": socket.gethostname(),
             "cores": cores,
-            "torch": torch.__version__,
+            "torch": str(torch.__version__),  # a plain str (torch.__version__ is a TorchVersion)
             "stage threads": STAGE_THREADS,
             "method": METHOD,
             "ranks bound": binding_wanted(),

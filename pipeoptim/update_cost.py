@@ -272,7 +272,7 @@ def load_or_measure_update_cost(
             "optimizer": f"{optimizer_class.__module__}.{optimizer_class.__qualname__}",
             "defaults": {k: repr(v) for k, v in sorted(defaults.items()) if k != "params"},
             "device": device_name(device),
-            "torch": torch.__version__,
+            "torch": str(torch.__version__),  # a plain str (torch.__version__ is a TorchVersion)
             "clock": UPDATE_COST_CLOCK,
             "numel": numel,
             "tensors": tensors,

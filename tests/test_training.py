@@ -272,6 +272,12 @@ def test_checkpoint_errors(tmp_path: Path) -> None:
         with pytest.raises(CheckpointError, match="no checkpoint"):
             pipe.load_checkpoint(tmp_path / "missing.pt")
         pipe.save_checkpoint(tmp_path / "ok.pt")
+        # tensors and plain data only, as the README says: a user's own torch.load reads it
+        # (helper-98: the plan's torch version was a TorchVersion, "Unsupported global")
+        assert (
+            torch.load(tmp_path / "ok.pt", weights_only=True)["plan"]["profile_key"]["torch"]
+            == torch.__version__
+        )
         good = (tmp_path / "ok.pt").read_bytes()
         for bad in (np.float64(0.9), np.zeros(2), object()):  # saved, but would never load back
             with pytest.raises(CheckpointError, match="extra holds objects a checkpoint cannot load back"):

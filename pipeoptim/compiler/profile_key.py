@@ -58,7 +58,7 @@ def profile_key(traced: TracedModel, inputs: Sequence[torch.Tensor], device: tor
         "graph_hash": traced.graph_hash,
         "inputs": [[list(x.shape), _dtype_name(x.dtype)] for x in inputs],
         "device": device_name(device),
-        "torch": torch.__version__,
+        "torch": str(torch.__version__),  # a plain str (torch.__version__ is a TorchVersion)
         "measures": MEASURES,
     }
     if device.type == "cpu":  # a profile timed with other threads than the stages run with misleads
