@@ -124,9 +124,10 @@ def parse_dtype(text: str) -> torch.dtype:
     return dtype
 
 
-def plural(count: int, noun: str) -> str:
-    """``count`` and ``noun``, with an ``s`` unless ``count`` is 1 (``1 stage``, ``8 replicas``)."""
-    return f"{count} {noun}{'' if count == 1 else 's'}"
+def plural(count: int, noun: str, many: str | None = None) -> str:
+    """``count`` and ``noun``, with an ``s`` (or as ``many``) unless ``count`` is 1 (``1 stage``,
+    ``8 replicas``, ``2 micro-batches``)."""
+    return f"{count} {noun if count == 1 else many or noun + 's'}"
 
 
 _PRINTED_UNITS = ("B", "KiB", "MiB", "GiB", "TiB")

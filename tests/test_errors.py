@@ -55,7 +55,9 @@ def test_bad_stage_count(gpus) -> None:
 def test_more_stages_than_graph_nodes() -> None:
     with pytest.raises(
         PlanError,
-        match=r"only \d+ unit\(s\) of nodes that do work that a stage boundary may separate; use at most",
+        match=r"^20 stages requested but the graph has only (\d+) units of nodes that do work that a stage "
+        r"boundary may separate; use at most \1 stages "
+        r"\(gpus=\1 in compile, --stages \1 on the command line\)$",
     ):
         compile_mlp(gpus=20)
 

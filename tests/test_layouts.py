@@ -306,3 +306,20 @@ def test_no_layout_with_too_few_rows_says_to_split_less() -> None:
     assert text.startswith("no layout of 2 devices is feasible (")
     assert text.endswith("): use a larger batch or fewer micro-batches"), text
     assert "--memory" not in text
+
+
+@pytest.mark.parametrize(
+    "replicas, fix",
+    [(1, "fewer micro-batches (--micro-batches)"), (2, "fewer replicas or micro-batches")],
+)
+def test_a_forced_layout_with_too_few_rows_names_what_to_change(replicas: int, fix: str) -> None:
+    """helper-98: 1f1b on 2 stages with --batch-size 1 advised "fewer replicas" with one replica
+    and did not name the options."""
+    graph = chain(params=10_000, fwds=(0.01, 0.05))
+    config = CostConfig(2, method="1f1b", bandwidth=1e9)
+    with pytest.raises(PlanError) as caught:
+        choose_layout(lambda rows: graph, config, 2 * replicas, stages=2, replicas=replicas, mini_batch=1)
+    assert str(caught.value) == (
+        f"2 x {replicas} (stages x replicas) with 2 micro-batches each needs a mini-batch of at least "
+        f"{2 * replicas} rows: use a larger batch (--batch-size) or {fix}"
+    )

@@ -9,6 +9,7 @@ from pipeoptim.compiler.costgraph import CostGraph
 from pipeoptim.compiler.costmodel import CostConfig, evaluate
 from pipeoptim.compiler.grouping import Units
 from pipeoptim.errors import PlanError
+from pipeoptim.units import plural
 
 
 @dataclass
@@ -59,10 +60,11 @@ def check_stages(units: Units, num_stages: int) -> None:
             if held
             else ""
         )
+        most = plural(compute, "stage")
         raise PlanError(
-            f"{num_stages} stages requested but the graph has only {compute} unit(s) of nodes that "
-            f"do work that a stage boundary may separate{why}; use at most {compute} stages "
-            f"(--stages {compute})"
+            f"{plural(num_stages, 'stage')} requested but the graph has only {plural(compute, 'unit')} of "
+            f"nodes that do work that a stage boundary may separate{why}; use at most {most} "
+            f"(gpus={compute} in compile, --stages {compute} on the command line)"
         )
 
 

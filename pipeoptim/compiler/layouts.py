@@ -49,7 +49,7 @@ from pipeoptim.compiler.costmodel import CostConfig
 from pipeoptim.compiler.plan import Plan, make_plan
 from pipeoptim.errors import InfeasibleMemoryError, PlanError
 from pipeoptim.methods import check_micro_batches, get_method
-from pipeoptim.units import column_bytes, format_bytes
+from pipeoptim.units import column_bytes, format_bytes, plural
 
 
 @dataclass
@@ -266,9 +266,11 @@ def plan_layout(
     if rows < 1:
         option.reason = f"micro-batches of {rows:.2g} rows (the mini-batch has too few)"
         option.fix = "use a larger batch or fewer micro-batches"
+        fewer = "fewer replicas or micro-batches" if replicas > 1 else "fewer micro-batches (--micro-batches)"
+        each = plural(m, "micro-batch", "micro-batches")
         option.error = PlanError(
-            f"{stages} x {replicas} (stages x replicas) with {m} micro-batches each needs a mini-batch of "
-            f"at least {m * replicas} rows: use a larger batch or fewer replicas or micro-batches"
+            f"{stages} x {replicas} (stages x replicas) with {each} each needs a mini-batch of at least "
+            f"{m * replicas} rows: use a larger batch (--batch-size) or {fewer}"
         )
         return option
     try:
