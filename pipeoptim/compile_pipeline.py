@@ -27,7 +27,7 @@ from pipeoptim.compiler.hooks import compiled_modules_warning, dropped_hooks_war
 from pipeoptim.compiler.plan import Plan
 from pipeoptim.compiler.shapes import plan_length
 from pipeoptim.compiler.trace import trace
-from pipeoptim.errors import PipelineError, PlanError, PredictorError, first_line
+from pipeoptim.errors import PipelineError, PlanError, PredictorError, ProfileError, first_line
 from pipeoptim.given_plan import given_plan
 from pipeoptim.inputs import as_tuple, check_traced_rows
 from pipeoptim.methods import METHODS, check_micro_batches, get_method
@@ -262,8 +262,7 @@ def compile(
     batch = int(inputs[0].shape[0])
     if batch < m * data_parallel:
         raise ValueError(
-            f"example batch of {batch} cannot be split into {m} micro-batches for each of "
-            f"{data_parallel} replica(s)"
+            f"example batch of {batch} rows cannot be split into {m * data_parallel} micro-batches"
         )
     micro = tuple(x[: math.ceil(batch / (m * data_parallel))].detach().cpu() for x in inputs)
     try:
@@ -326,9 +325,16 @@ def compile(
                     log=say,
                 )
         except Exception as exc:
+            error = exc
+            if isinstance(exc, ProfileError) and micro[0].shape != inputs[0].shape:
+                error = ProfileError(
+                    f"{exc} ({microbatch.profiled_rows(inputs[0], micro[0], m, data_parallel)})"
+                )
             if kind == "torchrun":  # the other ranks wait for the plan: they stop too
-                spmd.broadcast(("failed", f"{type(exc).__name__}: {exc}"))
-            raise
+                spmd.broadcast(("failed", f"{type(error).__name__}: {error}"))
+            if error is exc:
+                raise
+            raise error from exc.__cause__
         chosen, traced = planned.plan, planned.traced
         static_batch = bool(planned.graph.info.get("static_batch"))
         dynamic_length = bool(planned.graph.info.get("dynamic_length"))

@@ -922,3 +922,24 @@ def test_an_error_without_a_message_is_reported_not_an_index_error(tmp_path, mon
     monkeypatch.setattr(train_cli, "train", fails)
     result = CliRunner().invoke(cli, ["train", "digits", "--gpus", "1", "--out", str(tmp_path / "r")])
     assert result.exit_code == 1 and result.stderr.strip() == "Error: OSError", result.output
+
+
+def test_a_model_failing_on_its_micro_batch_is_told_which_rows_it_ran_on() -> None:
+    """helper-98: a 1-D example input (8,) under 1f1b failed as "fails on the example inputs
+    ((4,) ...)", a shape the user never gave: the profile runs one micro-batch of it."""
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 3))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    with pytest.raises(ProfileError) as caught:
+        pipeoptim.compile(
+            model, optimizer, 2, method="1f1b", example_inputs=torch.randn(8), loss_fn=F.mse_loss,
+            executor="local", profile_dir=None,
+        )  # fmt: skip
+    assert str(caught.value).endswith(
+        "(the model is profiled on one micro-batch, (4,): the first 4 of the 8 rows of the example inputs' "
+        "(8,) along dimension 0, the batch dimension, split into 2 micro-batches)"
+    )
+    with pytest.raises(ProfileError) as caught:  # one micro-batch: the example inputs themselves
+        pipeoptim.compile(
+            model, optimizer, 2, example_inputs=torch.randn(8, 5), loss_fn=F.mse_loss, profile_dir=None
+        )
+    assert "micro-batch" not in str(caught.value)
