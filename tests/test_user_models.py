@@ -1209,7 +1209,7 @@ def test_too_many_stages_for_a_model_made_one_leaf_says_which_leaf() -> None:
         pytest.warns(UserWarning, match="made these modules leaves"),
         pytest.raises(
             PlanError,
-            match=r"only \d unit\(s\) of nodes that do work that a stage boundary may separate; "
+            match=r"only \d units of nodes that do work that a stage boundary may separate; "
             r".*tracing made 0 a leaf, one node each",
         ),
     ):
