@@ -254,8 +254,8 @@ def worker_main(
     torch.set_num_threads(threads)
     driver = multiprocessing.parent_process()
     name = f"stage {rank}"  # with replicas, once the spec says: stage k of replica r (rank)
+    stop_on_driver_sigterm(driver)  # first: every thread started later has SIGTERM blocked
     exit_when_driver_dies(name, driver)  # even while blocked in a receive or a queue write
-    stop_on_driver_sigterm(driver)  # terminate() stops it at once; a process group's SIGTERM does not
     try:
         kind, _request, payload = commands.get(timeout=timeout)
         if kind != "spec":
