@@ -37,7 +37,7 @@ import torch
 from tabulate import tabulate
 
 sys.path.insert(0, str(Path(__file__).parent))
-from outputs import host, results_dir, run_kind, stage_count
+from outputs import host, results_dir, run_kind, stage_count, write_result
 from throughput import BATCH, as_torchrun_rank, batch, compile_model, run_ranks
 
 from pipeoptim.runtime.affinity import AFFINITY_ENV
@@ -171,10 +171,7 @@ def main() -> None:
     )
     print(text)
     print(f"pipeoptim on the MLP, ranks bound / left to the scheduler: {'; '.join(summary)}")
-    out.mkdir(parents=True, exist_ok=True)
-    tmp = out / "affinity.md.tmp"
-    tmp.write_text(text)
-    tmp.replace(out / "affinity.md")
+    write_result(out / "affinity.md", text)
     print(f"results in {out}", file=sys.stderr)
 
 

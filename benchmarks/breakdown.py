@@ -46,7 +46,7 @@ from pipeoptim.runtime.executor import MiniBatch
 from pipeoptim.runtime.spawning import pickle_spec, unpickle_spec
 
 sys.path.insert(0, str(Path(__file__).parent))
-from outputs import host, results_dir, run_kind, stage_count
+from outputs import host, results_dir, run_kind, stage_count, write_result
 from throughput import MODELS, compile_model
 
 METHODS = ("pipeoptim", "pipedream", "2bw", "spectrain", "none", "1f1b")
@@ -207,10 +207,7 @@ def main() -> None:
         text, summary = measure_all(args, kind, stages, methods, warmup, steps, Path(folder))
     print(text)
     print(summary)  # last: the one summary line, as every benchmark ends
-    args.out.mkdir(parents=True, exist_ok=True)
-    tmp = args.out / "breakdown.md.tmp"
-    tmp.write_text(text)
-    tmp.replace(args.out / "breakdown.md")
+    write_result(args.out / "breakdown.md", text)
     print(f"results in {args.out}", file=sys.stderr)
 
 

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from outputs import results_dir
+from outputs import results_dir, write_result
 from tabulate import tabulate
 
 from pipeoptim.tasks import make_task
@@ -243,12 +243,13 @@ def main() -> None:
     table = tabulate(rows, headers=headers, tablefmt="github")
     print(table)
     summary = "; ".join(findings) or "no complete comparison (data missing?)"
-    (args.out / "convergence.md").write_text(
+    write_result(
+        args.out / "convergence.md",
         f"# Convergence ({'quick' if args.quick else 'full'} run: 4 stages, local executor, "
         f"seeds {seeds})\n\n"
         f"Final test metric (accuracy in [0, 1], BLEU in [0, 100]) after training; mean and standard "
         f"deviation over seeds; the training loss is averaged over the last tenth of the mini-batches "
-        f"and over seeds.\n\n{table}\n\nPipeOptim minus the others: {summary}\n"
+        f"and over seeds.\n\n{table}\n\nPipeOptim minus the others: {summary}\n",
     )
     print(summary)
 

@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 import torch
+from outputs import write_result
 
 import pipeoptim
 from pipeoptim.tasks import make_task
@@ -70,8 +71,7 @@ def main() -> None:
         "cpu_first_epoch": {k: v for k, v in cpu.items() if k not in ("losses", "plan")},
         "max_loss_difference_first_steps": diff,
     }
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "gpu_train.json").write_text(json.dumps(result, indent=1))
+    write_result(args.out / "gpu_train.json", json.dumps(result, indent=1))
     print(json.dumps(result, indent=1))
 
 

@@ -29,13 +29,12 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from outputs import results_dir
+from outputs import results_dir, write_result
 from tabulate import tabulate
 from torch import nn
 
 import pipeoptim
 from pipeoptim.compile_layout import plan_best_layout
-from pipeoptim.fileio import atomic_write
 from pipeoptim.runtime.linkcost import QUICK_SIZES, measure_link
 
 CLASSES = 10
@@ -178,7 +177,7 @@ def main() -> None:
             "",
         ]
     )
-    atomic_write(args.out / "layouts.md", lambda f: f.write(text.encode()))
+    write_result(args.out / "layouts.md", text)
     print(f"results in {args.out}", file=sys.stderr)
     summary = ", ".join(f"{n}x{r} {measured[(n, r)]['measured']:.1f}/s" for n, r in layouts)
     print(f"{summary}; planner chose {chosen[0]}x{chosen[1]}, measured best {best[0]}x{best[1]}")

@@ -19,7 +19,7 @@ import time
 
 import torch
 import torch.nn.functional as F
-from outputs import results_dir
+from outputs import results_dir, write_result
 from tabulate import tabulate
 from torch import nn
 
@@ -128,7 +128,7 @@ def main() -> None:
         f"{' --quick' if args.quick else ''} --steps {steps} --model {args.model}`.\n\n{table}\n\n"
         f"Largest end / start ratio: {worst:.3f} (target: at most 1.05).\n"
     )
-    (out / "long_run.md").write_text(text)
+    write_result(out / "long_run.md", text)
     print(table)
     print(f"largest RSS growth end/start over {steps} mini-batches: {worst:.3f}x (target <= 1.05x)")
 

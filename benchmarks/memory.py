@@ -32,7 +32,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from outputs import results_dir
+from outputs import results_dir, write_result
 from tabulate import tabulate
 from torch import nn
 
@@ -245,8 +245,9 @@ def main() -> None:
         f"{max(r['ratio'] for r in rows):.3f}x (worst {worst:.1%} off) over {len(rows)} stages; "
         f"weight copies differ on {', '.join(copies) or 'none'}"
     )
-    (out / "memory.md").write_text(
-        f"# Predicted and measured memory per stage\n\n{table}\n\n{summary}\n\n{recomputed}"
+    write_result(
+        out / "memory.md",
+        f"# Predicted and measured memory per stage\n\n{table}\n\n{summary}\n\n{recomputed}",
     )
     print(table)
     print(recomputed_line)

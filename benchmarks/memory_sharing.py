@@ -40,7 +40,7 @@ from tabulate import tabulate
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).parent))
-from outputs import host, results_dir, run_kind
+from outputs import host, results_dir, run_kind, write_result
 
 PARTS = ("compute", "stream", "forward", "backward", "step")
 STREAM_BYTES = 64 << 20
@@ -152,10 +152,7 @@ def main() -> None:
     )
     print(text)
     print(f"ranks on all {len(cores)} cores at once / alone: {', '.join(summary)}")
-    out.mkdir(parents=True, exist_ok=True)
-    tmp = out / "memory_sharing.md.tmp"
-    tmp.write_text(text)
-    tmp.replace(out / "memory_sharing.md")
+    write_result(out / "memory_sharing.md", text)
     print(f"results in {out}", file=sys.stderr)
 
 

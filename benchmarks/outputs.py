@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 from pipeoptim.compiler.profile_key import cpu_model
+from pipeoptim.fileio import atomic_write
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -76,3 +77,10 @@ def stage_count(text: str) -> int:
     if value < 2:
         raise argparse.ArgumentTypeError(f"{value}: a pipeline needs at least 2 stages")
     return value
+
+
+def write_result(path: Path, text: str) -> None:
+    """Write a result file atomically (:func:`pipeoptim.fileio.atomic_write`), its folder made
+    if missing: a run stopped while writing leaves the committed result whole."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(path, lambda f: f.write(text.encode()))

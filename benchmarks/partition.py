@@ -28,7 +28,7 @@ import time
 from pathlib import Path
 
 import torch
-from outputs import results_dir
+from outputs import results_dir, write_result
 from tabulate import tabulate
 
 from pipeoptim.compiler import baselines as B
@@ -279,10 +279,10 @@ def main() -> None:
     limit = args.time_limit or (3.0 if args.quick else 10.0)
     if args.stage_times:
         table, verdict = stage_times(args.solver, limit, ilp_alone=True)
-        args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / "partition_16_stages.md").write_text(
+        write_result(
+            args.out / "partition_16_stages.md",
             f"# 16-stage solve times (solver {args.solver}, time limit {limit:.0f} s per ILP, bandwidth "
-            f"{BANDWIDTH / 1e9:.0f} GB/s, 16 micro-batches)\n\n{table}\n\n{verdict}\n"
+            f"{BANDWIDTH / 1e9:.0f} GB/s, 16 micro-batches)\n\n{table}\n\n{verdict}\n",
         )
         print(table)
         print(verdict)
@@ -332,13 +332,14 @@ def main() -> None:
         + "; memory limit broken: "
         + ", ".join(f"{b} {k}/{len(rows) // 2}" for b, k in broken.items())
     )
-    (args.out / "partition.md").write_text(
+    write_result(
+        args.out / "partition.md",
         f"# Partition quality ({'quick' if args.quick else 'full'} run, solver {args.solver}, "
         f"time limit {limit:.0f} s per ILP, bandwidth {BANDWIDTH / 1e9:.0f} GB/s)\n\n"
         "Bottleneck of each baseline divided by the ILP's (> 1: the ILP is better; `!`: breaks the "
         "memory limit). Memory limit: 1.25x the smallest feasible one.\n\n"
         f"{table}\n\n## ILP solve time\n\n{time_table}\n\n## 16 stages on the GPU cost graphs\n\n"
-        f"{stage_table}\n\n{verdict}\n\n{summary}\n"
+        f"{stage_table}\n\n{verdict}\n\n{summary}\n",
     )
     plot(times, args.out / "partition_solve_time.png")
     print(summary)

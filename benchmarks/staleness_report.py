@@ -6,6 +6,7 @@ import statistics
 from collections import defaultdict
 from pathlib import Path
 
+from outputs import write_result
 from tabulate import tabulate
 
 ORDER = [
@@ -197,11 +198,12 @@ def report(results: list[dict], out: Path, quick: bool, wall_s: float) -> None:
     body = (sweep_table(sweep) + "\n\n" if sweep else "") + tables(results, depths)
     total = sum(r["wall_s"] for r in results + sweep)
     cells = len(results) + len(sweep)
-    (out / "staleness.md").write_text(
+    write_result(
+        out / "staleness.md",
         f"# Staleness study ({'quick' if quick else 'full'} run)\n\n"
         f"{cells} cells, {total / 60:.1f} min of training in the cells ({wall_s / 60:.1f} min "
         f"for this invocation, finished cells read back); deterministic local executor, uniform plans, "
-        f"`benchmarks/staleness.py`.\n\n{body}\n\n" + "".join(f"![{f}]({f})\n" for f in files)
+        f"`benchmarks/staleness.py`.\n\n{body}\n\n" + "".join(f"![{f}]({f})\n" for f in files),
     )
     done = [r for r in results if r["cell"]["method"] == "pipeoptim" and stale_error(r) is not None]
     line = "; ".join(

@@ -69,7 +69,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
-from outputs import host, results_dir, run_kind, stage_count
+from outputs import host, results_dir, run_kind, stage_count, write_result
 from tabulate import tabulate
 from torch import nn
 
@@ -1310,9 +1310,7 @@ def main() -> None:
         + f"\n\n## Peak memory per stage (mlp, {memory_stages} stages, measured)\n\n"
         f"{mem_table}\n\n{summary}\n"
     )
-    tmp = args.out / "throughput.md.tmp"
-    tmp.write_text(text)
-    tmp.replace(args.out / "throughput.md")
+    write_result(args.out / "throughput.md", text)
     print(summary)
     print(f"results in {args.out}", file=sys.stderr)
 

@@ -327,9 +327,7 @@ def compile(
         except Exception as exc:
             error = exc
             if isinstance(exc, ProfileError) and micro[0].shape != inputs[0].shape:
-                error = ProfileError(
-                    f"{exc} ({microbatch.profiled_rows(inputs[0], micro[0], m, data_parallel)})"
-                )
+                error = ProfileError(f"{exc} ({microbatch.profiled_rows(inputs[0], micro[0])})")
             if kind == "torchrun":  # the other ranks wait for the plan: they stop too
                 spmd.broadcast(("failed", f"{type(error).__name__}: {error}"))
             if error is exc:

@@ -224,15 +224,15 @@ def note_where(exc: BaseException, action: str, where: tuple[int, int, Sequence[
         exc.add_note(f"raised in {action}{'' if where is None else describe(*where)}")
 
 
-def profiled_rows(example: torch.Tensor, micro: torch.Tensor, parts: int, replicas: int) -> str:
+def profiled_rows(example: torch.Tensor, micro: torch.Tensor) -> str:
     """Why the model ran on ``micro``, not on the ``example`` the user gave: ``the model is
-    profiled on one micro-batch, the first r of the n rows along dimension 0 ...``; an error
-    naming the shape of ``micro`` named a shape the user never gave (helper-98)."""
-    split = f"{parts} micro-batches" + (f" for each of {replicas} replicas" if replicas > 1 else "")
+    profiled on one micro-batch, (4,): the first 4 of the 8 rows of the example inputs' (8,)
+    along dimension 0, the batch dimension``; an error naming the shape of ``micro`` named a
+    shape the user never gave (helper-98)."""
     return (
         f"the model is profiled on one micro-batch, {tuple(micro.shape)}: the first {micro.shape[0]} of "
         f"the {example.shape[0]} rows of the example inputs' {tuple(example.shape)} along dimension 0, "
-        f"the batch dimension, split into {split}"
+        "the batch dimension"
     )
 
 

@@ -94,8 +94,9 @@ class Pipeline(Measurements):
     def step(self, inputs: Any, targets: Any) -> Loss:
         """Feed one mini-batch; returns its :class:`Loss` at once (a future).
 
-        Asynchronous methods keep up to N mini-batches in flight, so the loss may still be
-        pending; flushing methods (gpipe, 1f1b) finish the mini-batch before returning.
+        Asynchronous methods keep up to N mini-batches in flight; flushing methods (gpipe, 1f1b)
+        step after each mini-batch's last backward, before the next one's forwards. Either way
+        the loss may still be pending on return (not with ``executor="local"``, which runs it all here).
 
         Args:
             inputs: tensor or tuple of tensors, ``[batch, ...]`` like ``example_inputs``; a

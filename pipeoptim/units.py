@@ -144,7 +144,7 @@ def byte_unit(n: float) -> str:
 def format_bytes(n: float, unit: str | None = None) -> str:
     """Format bytes with binary units (``1.5 MiB``), in ``unit`` if given (one of B, KiB,
     MiB, GiB, TiB: a table column's values in the unit of its largest, :func:`byte_unit`, so
-    that they compare at a glance); under 1 of that unit with three significant digits.
+    that they compare at a glance).
 
     Raises:
         ValueError: ``unit`` is none of those.
@@ -153,17 +153,16 @@ def format_bytes(n: float, unit: str | None = None) -> str:
     if unit not in _PRINTED_UNITS:
         raise ValueError(f"unit must be one of {', '.join(_PRINTED_UNITS)}, got {unit!r}")
     value = n / 1024 ** _PRINTED_UNITS.index(unit)
-    if unit == "B":
-        return f"{value:.0f} B"
-    return f"{value:.3g} {unit}" if 0 < abs(value) < 1 else f"{value:.2f} {unit}"
+    return f"{value:.0f} B" if unit == "B" else f"{value:.2f} {unit}"
 
 
 def column_bytes(values: Sequence[float]) -> list[str]:
     """``values`` (bytes) formatted in the unit of the largest (:func:`format_bytes`), so that
-    a table column compares at a glance; a value under 1/200 of that unit keeps its own."""
+    a table column compares at a glance, its decimal points aligned; a value under 1/100 of that
+    unit (``0.00`` or ``0.01``, nearly all its digits lost) keeps its own."""
     unit = byte_unit(max(values, key=abs)) if values else "B"
     scale = 1024 ** _PRINTED_UNITS.index(unit)
-    return [format_bytes(v, unit if abs(v) >= scale / 200 else None) for v in values]
+    return [format_bytes(v, unit if abs(v) >= scale / 100 else None) for v in values]
 
 
 def format_seconds(s: float) -> str:

@@ -236,7 +236,7 @@ def test_plan_table_numbers_keep_their_format_and_byte_columns_one_unit() -> Non
     assert [r["overhead ms"] for r in rows] == ["0.000", "0.000"]
     for column in ("params", "memory"):
         assert {r[column].split()[1] for r in rows} == {"MiB"}, rows
-    assert rows[1]["params"] == f"{40_000 / 2**20:.3g} MiB"
+    assert rows[1]["params"] == f"{40_000 / 2**20:.2f} MiB"
 
 
 def test_update_cost_is_steady_under_load() -> None:

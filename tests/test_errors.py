@@ -889,9 +889,9 @@ def test_a_replica_s_error_names_its_stage_and_replica() -> None:
 @pytest.mark.parametrize(
     "values, printed",
     [
-        ([32 * 1024, 2 << 20], ["0.0312 MiB", "2.00 MiB"]),
-        ([3, 0, 100, 1536], ["3 B", "0 B", "0.0977 KiB", "1.50 KiB"]),  # under 1/200 KiB: its own unit
-        ([5 << 30, 512 << 20], ["5.00 GiB", "0.5 GiB"]),
+        ([32 * 1024, 2 << 20, 6 * 1024], ["0.03 MiB", "2.00 MiB", "6.00 KiB"]),  # 6 KiB: under 1/100
+        ([3, 0, 100, 1536], ["3 B", "0 B", "0.10 KiB", "1.50 KiB"]),
+        ([5 << 30, 512 << 20], ["5.00 GiB", "0.50 GiB"]),
         ([], []),
     ],
 )
@@ -926,18 +926,21 @@ def test_an_error_without_a_message_is_reported_not_an_index_error(tmp_path, mon
 
 def test_a_model_failing_on_its_micro_batch_is_told_which_rows_it_ran_on() -> None:
     """helper-98: a 1-D example input (8,) under 1f1b failed as "fails on the example inputs
-    ((4,) ...)", a shape the user never gave: the profile runs one micro-batch of it."""
+    ((4,) ...)", a shape the user never gave: the profile runs one micro-batch of it (helper-99:
+    also where compile searches the layouts, data_parallel="auto")."""
     model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 3))
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-    with pytest.raises(ProfileError) as caught:
-        pipeoptim.compile(
-            model, optimizer, 2, method="1f1b", example_inputs=torch.randn(8), loss_fn=F.mse_loss,
-            executor="local", profile_dir=None,
-        )  # fmt: skip
-    assert str(caught.value).endswith(
-        "(the model is profiled on one micro-batch, (4,): the first 4 of the 8 rows of the example inputs' "
-        "(8,) along dimension 0, the batch dimension, split into 2 micro-batches)"
+    explained = (
+        "(the model is profiled on one micro-batch, (4,): the first 4 of the 8 rows of the example "
+        "inputs' (8,) along dimension 0, the batch dimension)"
     )
+    for layout in ({}, {"data_parallel": "auto"}):
+        with pytest.raises(ProfileError) as caught:
+            pipeoptim.compile(
+                model, optimizer, 2, method="1f1b", example_inputs=torch.randn(8), loss_fn=F.mse_loss,
+                executor="local", profile_dir=None, **layout,
+            )  # fmt: skip
+        assert str(caught.value).endswith(explained), (layout, str(caught.value))
     with pytest.raises(ProfileError) as caught:  # one micro-batch: the example inputs themselves
         pipeoptim.compile(
             model, optimizer, 2, example_inputs=torch.randn(8, 5), loss_fn=F.mse_loss, profile_dir=None
