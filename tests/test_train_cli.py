@@ -592,6 +592,14 @@ def test_a_resumed_run_keeps_the_settings_it_is_not_given_anew(tmp_path: Path) -
     # a setting given anew is still checked against the run's
     code, _, err = run(*common, "--resume", str(out), "--epochs", "4", "--seed", "1")
     assert code == 1 and "made with --seed 0, this run has --seed 1" in err
+    # without --out a resumed run goes on in its own folder (helper-99: "Missing option")
+    code, _, err = run(
+        "digits", "--resume", str(out), "--epochs", "4", "--profile-dir", str(tmp_path / "profiles")
+    )
+    assert code == 0, err
+    assert json.loads((out / "metrics.json").read_text())["mini_batches"] == 8
+    code, _, err = run("digits", "--gpus", "2")
+    assert code == 2 and "Missing option '--out': the run folder (optional only with --resume)" in err
 
 
 def test_resuming_a_checkpoint_older_than_the_runs_records_says_what_is_trained_again(

@@ -17,7 +17,7 @@ from pipeoptim.errors import PipeoptimError, first_line
 from pipeoptim.methods import METHODS
 from pipeoptim.optimizers import OPTIMIZERS
 from pipeoptim.records import summary_line
-from pipeoptim.resume import inherit_settings
+from pipeoptim.resume import checkpoint_path, inherit_settings
 from pipeoptim.tasks import TASKS
 from pipeoptim.training import SEQUENTIAL, TrainConfig, train
 
@@ -112,8 +112,9 @@ from pipeoptim.training import SEQUENTIAL, TrainConfig, train
 @click.option(
     "--out",
     type=click.Path(file_okay=False),
-    required=True,
-    help="Run folder for metrics.json, train.csv, curves.png and checkpoint.pt.",
+    default=None,
+    help="Run folder for metrics.json, train.csv, curves.png and checkpoint.pt (with --resume: "
+    "by default the checkpoint's folder).",
 )
 @click.option("--plot", is_flag=True, help="Write curves.png with the loss and metric curves.")
 @click.option(
@@ -230,6 +231,10 @@ def train_command(
     --gpus devices as the N stages x R replicas the planner predicts fastest (--stages and
     --data-parallel force N, R or both)."""
     context = click.get_current_context()
+    if out is None:  # a resumed run goes on in its own folder
+        if resume is None:
+            raise click.UsageError("Missing option '--out': the run folder (optional only with --resume)")
+        out = str(checkpoint_path(resume).parent)
     links = [
         "--" + name.replace("_", "-")
         for name in ("bandwidth", "latency", "action_overhead")
