@@ -103,7 +103,19 @@ def test_profile_is_reused_for_the_same_key_and_redone_otherwise(tmp_path: Path)
     _, reused = load_or_profile(
         trace(other_model, other_inputs), other_inputs, profile_dir=tmp_path, log=logs.append
     )
-    assert not reused and logs[-2].startswith("profiling anew: no saved profile matches (model graph: saved ")
+    assert not reused and logs[-2] == (
+        f"profiling Sequential at inputs 8x32 float32 (a model graph not profiled before; {tmp_path} holds "
+        "4 Sequential profiles of other graphs: another model, or this one edited)"
+    )
+    threads = torch.get_num_threads()
+    torch.set_num_threads(threads + 1)  # the same graph and inputs timed with other threads
+    try:
+        _, reused = load_or_profile(traced, inputs, profile_dir=tmp_path, log=logs.append)
+    finally:
+        torch.set_num_threads(threads)
+    assert not reused and logs[-2].startswith(
+        f"profiling anew: no saved profile matches (CPU threads: saved {threads}, now {threads + 1}, against"
+    ), logs[-2]
 
 
 class Repeated(nn.Module):

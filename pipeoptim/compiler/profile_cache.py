@@ -14,6 +14,7 @@ from pipeoptim.compiler.profile import profile_model
 from pipeoptim.compiler.profile_key import profile_key
 from pipeoptim.compiler.trace import TracedModel
 from pipeoptim.errors import ProfileError
+from pipeoptim.units import plural
 
 
 def load_or_profile(
@@ -69,7 +70,8 @@ def load_or_profile(
 def _log_why_profiling(folder: Path, model: str, key: dict, log: Callable[[str], None]) -> None:
     """Say why ``model`` is profiled: no profile of it in ``folder`` yet, or only profiles for
     other keys. A first run profiles each micro-batch size its layouts need, and "no saved
-    profile matches (input shapes ...)" read like a broken cache to a new user."""
+    profile matches (input shapes ...)" read like a broken cache to a new user, as the two graph
+    hashes did beside another model of the same class name (helper-99)."""
     saved = []
     for other in sorted(folder.glob(f"{model}-*.json")):
         try:
@@ -80,6 +82,15 @@ def _log_why_profiling(folder: Path, model: str, key: dict, log: Callable[[str],
     if not saved:
         log(f"profiling {model} at inputs {now} (no saved profile of it in {folder})")
         return
+    same_graph = [(name, old) for name, old in saved if old.get("graph_hash") == key.get("graph_hash")]
+    if not same_graph:  # another model of that class name, or this one edited: no hashes to compare
+        others = plural(len(saved), f"{model} profile")
+        log(
+            f"profiling {model} at inputs {now} (a model graph not profiled before; {folder} holds "
+            f"{others} of other graphs: another model, or this one edited)"
+        )
+        return
+    saved = same_graph
     if all(_key_diff(old, key, ignore=("inputs",)) == "same key" for _, old in saved):
         shapes = "; ".join(sorted({_inputs_text(old.get("inputs")) for _, old in saved}, key=_numbers))
         log(f"profiling {model} at inputs {now} (a new micro-batch size; profiles saved at {shapes})")
