@@ -79,10 +79,16 @@ def _like_examples(spec: PipelineSpec, inputs: tuple[torch.Tensor, ...], what: s
                 "length≤" + str(ex.shape[1]) if d == 0 and _varies(spec, i) else str(n)
                 for d, n in enumerate(ex.shape[1:])
             ]
+            scalars = (
+                f" (example input {i} has one dimension, read as a batch of single values: compile with "
+                f"[batch, {x.shape[-1]}] example inputs, e.g. x.unsqueeze(0), for rows of {x.shape[-1]})"
+                if ex.dim() == 1 and x.dim() > 1
+                else ""
+            )
             raise PipelineError(
                 f"input {i} has shape {tuple(x.shape)} {x.dtype}; the plan expects "
-                f"[batch, {', '.join(dims)}] {ex.dtype}: give inputs shaped "
-                "like example_inputs, or compile again for the new shape"
+                f"[{', '.join(['batch', *dims])}] {ex.dtype}: give inputs shaped "
+                f"like example_inputs, or compile again for the new shape{scalars}"
             )
         if batch is None:
             batch = x.shape[0]
