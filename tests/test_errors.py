@@ -952,12 +952,12 @@ def test_a_one_dimensional_example_input_is_said_to_be_a_batch_of_single_values(
     """helper-99: the plan of an (8,) example input expected "[batch, ]", and nothing said that
     compile had read its 8 values as 8 rows."""
     model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 3))
-    with pipeoptim.compile(
+    pipe = pipeoptim.compile(
         model, torch.optim.SGD(model.parameters(), lr=0.1), 2, example_inputs=torch.randn(8),
         loss_fn=F.mse_loss, executor="local", profile_dir=None,
-    ) as pipe:  # fmt: skip
-        with pytest.raises(PipelineError) as caught:
-            pipe.step(torch.randn(8, 8), torch.randn(8, 3))
+    )  # fmt: skip
+    with pipe, pytest.raises(PipelineError) as caught:
+        pipe.step(torch.randn(8, 8), torch.randn(8, 3))
     assert str(caught.value) == (
         "input 0 has shape (8, 8) torch.float32; the plan expects [batch] torch.float32: give inputs "
         "shaped like example_inputs, or compile again for the new shape (example input 0 has one "
