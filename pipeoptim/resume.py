@@ -79,10 +79,10 @@ def check_resume(config: Any, log: Callable[[str], None]) -> Path | None:
     data = read_checkpoint(path)  # raises CheckpointError when missing or half-written
     saved = data["extra"].get("config", {})
     for key in MUST_MATCH:
-        if key in saved and saved[key] != getattr(config, key):
+        given = getattr(config, key)
+        if key in saved and saved[key] != given and not _chosen(data, key, given):
             option = f"--{key.replace('_', '-')}"
-            values = (saved[key], getattr(config, key))
-            then, now = (f"no {option}" if v is None else f"{option} {v}" for v in values)
+            then, now = (f"no {option}" if v is None else f"{option} {v}" for v in (saved[key], given))
             raise CheckpointError(
                 f"cannot resume: the checkpoint was made with {then}, this run has {now}; "
                 "use the same settings"
@@ -101,6 +101,16 @@ def check_resume(config: Any, log: Callable[[str], None]) -> Path | None:
             "trained again (the run that made them wrote no later checkpoint)"
         )
     return path
+
+
+def _chosen(data: dict[str, Any], key: str, value: object) -> bool:
+    """Whether ``value`` of ``--stages`` or ``--data-parallel`` is the layout the planner chose
+    for the checkpoint's run, which left it to the planner (helper-99: ``--stages 2`` was refused
+    on resuming a run whose planner had chosen 2 stages)."""
+    field = {"stages": "num_stages", "data_parallel": "data_parallel"}.get(key)
+    planned = (data.get("plan") or {}).get("config", {})
+    saved = data["extra"].get("config", {}).get(key)
+    return field is not None and saved in (None, "auto") and planned.get(field) == value
 
 
 def _recorded_mini_batches(metrics: Path) -> int | None:

@@ -625,3 +625,18 @@ def test_resuming_a_checkpoint_older_than_the_runs_records_says_what_is_trained_
         f"the checkpoint {out / 'checkpoint.pt'} holds mini-batch 2 of the 5 that {out / 'metrics.json'} "
         "records: the 3 after it are trained again (the run that made them wrote no later checkpoint)"
     ]
+
+
+def test_resume_accepts_the_layout_the_planner_chose_given_explicitly(tmp_path: Path) -> None:
+    """helper-99: --stages 2 on resuming a run whose planner had chosen 2 stages was refused
+    ("made with no --stages"); another layout still is."""
+    out = tmp_path / "rl"
+    common = ["digits", "--gpus", "2", "--executor", "local", "--limit", "64", "--out", str(out)]
+    common += ["--profile-dir", str(tmp_path / "profiles")]
+    code, _, err = run(*common, "--epochs", "1", "--checkpoint-every", "1")
+    assert code == 0, err
+    chosen = json.loads((out / "metrics.json").read_text())["layout"]["stages"]
+    code, _, err = run(*common, "--resume", str(out), "--epochs", "3", "--stages", str(3 - chosen))
+    assert code == 1 and f"made with no --stages, this run has --stages {3 - chosen}" in err, err
+    code, _, err = run(*common, "--resume", str(out), "--epochs", "2", "--stages", str(chosen))
+    assert code == 0, err
