@@ -49,9 +49,9 @@ def saved_config(path: Path) -> dict[str, Any]:
 
 def inherit_settings(config: Any, given: Collection[str]) -> Any:
     """``config`` (a :class:`pipeoptim.training.TrainConfig`, which imports this module) with
-    each setting not in ``given`` (the fields set on the command line)
-    taken from the checkpoint of the run ``config.resume`` continues, except
-    :data:`NOT_INHERITED`; ``config`` itself where it resumes nothing.
+    each setting not in ``given`` (the fields set on the command line) taken from the checkpoint
+    of the run ``config.resume`` continues, except :data:`NOT_INHERITED`; ``config`` itself where
+    it resumes nothing.
 
     Raises:
         CheckpointError: the checkpoint is missing or unreadable.
