@@ -32,6 +32,7 @@ from pipeoptim.given_plan import given_plan
 from pipeoptim.inputs import as_tuple, check_traced_rows
 from pipeoptim.methods import METHODS, check_micro_batches, get_method
 from pipeoptim.pipeline import Pipeline
+from pipeoptim.random_state import keeps_random_state
 from pipeoptim.runtime import spmd
 from pipeoptim.runtime.build import PipelineSpec
 from pipeoptim.runtime.clipping import check_clipping
@@ -51,6 +52,7 @@ from pipeoptim.runtime.spawning import check_not_importing_main
 from pipeoptim.runtime.stage_state import held_state
 
 
+@keeps_random_state
 def compile(
     model: nn.Module,
     optimizer: torch.optim.Optimizer,

@@ -329,7 +329,7 @@ class Pipeline(Measurements):
 
     def save_checkpoint(self, path: str | os.PathLike[str], extra: dict[str, Any] | None = None) -> None:
         """Flush, then write weights, optimizer state, position and plan to ``path`` atomically
-        (:func:`pipeoptim.checkpoint.save_checkpoint`)."""
+        (:func:`pipeoptim.checkpoint.save_checkpoint`); under torchrun on every rank at once."""
         state = {
             "model_class": type(self._template).__qualname__,
             "method": self.method,

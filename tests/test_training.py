@@ -450,3 +450,22 @@ def test_epoch_line_names_the_plan_and_other_processes_work() -> None:
         f"{head} (other processes used 30% of the CPU time)"
     )
     assert epoch_line({**record, "of_plan": None, "other_cpu": None}, 10, "accuracy", None) == head
+
+
+@pytest.mark.parametrize("layout", [{}, {"data_parallel": "auto"}])
+def test_compile_leaves_the_callers_random_state(tmp_path: Path, layout: dict) -> None:
+    """helper-100: compiling drew random numbers where it measured the optimizer's update cost,
+    only where no cached figure existed (under torchrun on some ranks): a loader shuffled with
+    the global generator fed the first and the last rank different orders, and the quick start
+    trained on mismatched inputs and labels (accuracy 0.0976)."""
+    model = SmallCNN()
+    torch.manual_seed(0)
+    before = torch.get_rng_state()
+    pipe = pipeoptim.compile(
+        model, torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9), 2,
+        example_inputs=torch.randn(8, 1, 8, 8, generator=torch.Generator().manual_seed(1)),
+        loss_fn=F.cross_entropy, executor="local", profile_dir=tmp_path / "fresh", **layout,
+    )  # fmt: skip
+    pipe.close()
+    assert (tmp_path / "fresh").is_dir()  # it measured: nothing was cached there
+    assert torch.equal(torch.get_rng_state(), before)
