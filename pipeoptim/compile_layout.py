@@ -28,7 +28,7 @@ from pipeoptim.compiler.costmodel import CostConfig
 from pipeoptim.compiler.layouts import LayoutChoice, choose_layout
 from pipeoptim.compiler.optimizer_state import optimizer_state_factor
 from pipeoptim.compiler.plan import Plan, make_plan
-from pipeoptim.errors import PlanError, ProfileError
+from pipeoptim.errors import PlanError
 from pipeoptim.inputs import as_tuple
 from pipeoptim.methods import METHODS, get_method
 from pipeoptim.runtime import spmd
@@ -88,15 +88,10 @@ def choose_compile_layout(
 
     def profile(rows: int) -> CostGraph:
         micro = tuple(x[:rows].detach().cpu() for x in inputs)
-        try:
-            with autocast_context(autocast, device):
-                graph, _ = profile_model(
-                    model, micro, leaf_modules=leaf_modules, profile_dir=profile_dir, device=device, log=log
-                )
-        except ProfileError as exc:
-            if rows == batch:
-                raise
-            raise ProfileError(f"{exc} ({microbatch.profiled_rows(inputs[0], micro[0])})") from exc.__cause__
+        with microbatch.profiled_rows(inputs[0], micro[0]), autocast_context(autocast, device):
+            graph, _ = profile_model(
+                model, micro, leaf_modules=leaf_modules, profile_dir=profile_dir, device=device, log=log
+            )
         return graph
 
     def plan(graph: CostGraph, layout: CostConfig) -> Plan:

@@ -27,7 +27,7 @@ from pipeoptim.compiler.hooks import compiled_modules_warning, dropped_hooks_war
 from pipeoptim.compiler.plan import Plan
 from pipeoptim.compiler.shapes import plan_length
 from pipeoptim.compiler.trace import trace
-from pipeoptim.errors import PipelineError, PlanError, PredictorError, ProfileError, first_line
+from pipeoptim.errors import PipelineError, PlanError, PredictorError, first_line
 from pipeoptim.given_plan import given_plan
 from pipeoptim.inputs import as_tuple, check_traced_rows
 from pipeoptim.methods import METHODS, check_micro_batches, get_method
@@ -315,7 +315,11 @@ def compile(
         static_batch, dynamic_length = traced.method == "export", False  # not probed: keep shapes
     elif rank0:
         try:
-            with stage_threads(kind, profiled_on), autocast_context(autocast, profiled_on):
+            with (
+                stage_threads(kind, profiled_on),
+                autocast_context(autocast, profiled_on),
+                microbatch.profiled_rows(inputs[0], micro[0]),  # a profile's error names the rows
+            ):
                 planned = plan_model(
                     model_copy,
                     micro,
@@ -327,14 +331,9 @@ def compile(
                     log=say,
                 )
         except Exception as exc:
-            error = exc
-            if isinstance(exc, ProfileError) and micro[0].shape != inputs[0].shape:
-                error = ProfileError(f"{exc} ({microbatch.profiled_rows(inputs[0], micro[0])})")
             if kind == "torchrun":  # the other ranks wait for the plan: they stop too
-                spmd.broadcast(("failed", f"{type(error).__name__}: {error}"))
-            if error is exc:
-                raise
-            raise error from exc.__cause__
+                spmd.broadcast(("failed", f"{type(exc).__name__}: {exc}"))
+            raise
         chosen, traced = planned.plan, planned.traced
         static_batch = bool(planned.graph.info.get("static_batch"))
         dynamic_length = bool(planned.graph.info.get("dynamic_length"))

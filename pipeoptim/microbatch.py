@@ -24,15 +24,16 @@ declared wrongly, with a :class:`~pipeoptim.errors.PipelineError`.
 
 from __future__ import annotations
 
+import contextlib
 import functools
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch
 from torch.utils import _pytree as pytree
 
 from pipeoptim.compiler.shapes import sequence_inputs
-from pipeoptim.errors import PipelineError
+from pipeoptim.errors import PipelineError, ProfileError
 
 REDUCTIONS = ("mean", "sum")
 #: ``"mean"``, ``"sum"``, or ``count(targets) -> number of units the loss averages over``
@@ -224,16 +225,27 @@ def note_where(exc: BaseException, action: str, where: tuple[int, int, Sequence[
         exc.add_note(f"raised in {action}{'' if where is None else describe(*where)}")
 
 
-def profiled_rows(example: torch.Tensor, micro: torch.Tensor) -> str:
-    """Why the model ran on ``micro``, not on the ``example`` the user gave: ``the model is
-    profiled on one micro-batch, (4,): the first 4 of the 8 rows of the example inputs' (8,)
-    along dimension 0, the batch dimension``; an error naming the shape of ``micro`` named a
-    shape the user never gave (helper-98)."""
-    return (
-        f"the model is profiled on one micro-batch, {tuple(micro.shape)}: the first {micro.shape[0]} of "
-        f"the {example.shape[0]} rows of the example inputs' {tuple(example.shape)} along dimension 0, "
-        "the batch dimension"
-    )
+@contextlib.contextmanager
+def profiled_rows(example: torch.Tensor, micro: torch.Tensor) -> Iterator[None]:
+    """Profiling ``micro`` inside: a :class:`ProfileError` raised there says which rows of the
+    ``example`` the user gave it ran on (``the model is profiled on one micro-batch, (4,): the
+    first 4 of the 8 rows of the example inputs' (8,) along dimension 0, the batch dimension``),
+    where those differ; an error naming the shape of ``micro`` named a shape the user never
+    gave (helper-98).
+
+    Raises:
+        ProfileError: the one raised inside, with that note.
+    """
+    try:
+        yield
+    except ProfileError as exc:
+        if micro.shape == example.shape:
+            raise
+        raise ProfileError(
+            f"{exc} (the model is profiled on one micro-batch, {tuple(micro.shape)}: the first "
+            f"{micro.shape[0]} of the {example.shape[0]} rows of the example inputs' {tuple(example.shape)} "
+            "along dimension 0, the batch dimension)"
+        ) from exc.__cause__
 
 
 def sizes(batch: int, parts: int) -> list[int]:
