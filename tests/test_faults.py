@@ -154,7 +154,10 @@ def test_a_stage_error_under_an_asynchronous_method_stops_the_stages_at_once() -
         float(pipe.step(x, torch.full_like(y, 99)))
     assert time.monotonic() - start < 2.5  # the grace is 5 s
     assert wait_for(lambda: all(p.exitcode is not None for p in workers), 2)
-    assert sorted(p.exitcode for p in workers) == [-signal.SIGTERM, -signal.SIGTERM, 1]
+    # the stages blocked in a receive end by the driver's SIGTERM; the failed one by its own
+    # exit (1), or by the SIGTERM where that came first (helper-101, under load)
+    codes = [p.exitcode for p in workers]
+    assert codes[:2] == [-signal.SIGTERM, -signal.SIGTERM] and codes[2] in (1, -signal.SIGTERM), codes
     # later calls say that the pipeline has stopped, not the stage's error again as if new
     # (helper-98: state_dict() after a failure re-raised "stage 2 failed: IndexError ...")
     stopped = (
