@@ -7,8 +7,9 @@ For one model (a deep MLP) and one method, measured side by side in one run: ste
 mini-batches per second of each layout with one worker process per rank, against the
 throughput the layout planner predicts, and the layout it chooses among every layout of 4
 devices. The gloo link's latency α and inverse bandwidth β are measured first
-(:func:`pipeoptim.runtime.linkcost.measure_link`) and given to the planner and to
-``compile``; the planner (:func:`pipeoptim.compile_layout.plan_best_layout`) plans each
+(:func:`pipeoptim.runtime.linkcost.measure_link`; ``--quick`` takes the figures ``compile``
+uses, :func:`pipeoptim.machine_costs.load_or_measure_machine_costs`) and given to the planner
+and to ``compile``; the planner (:func:`pipeoptim.compile_layout.plan_best_layout`) plans each
 layout as ``compile`` does (its own micro-batch's profile, the cores the ranks share), so
 its prediction for a layout is the compiled plan's.
 
@@ -35,7 +36,8 @@ from torch import nn
 
 import pipeoptim
 from pipeoptim.compile_layout import plan_best_layout
-from pipeoptim.runtime.linkcost import QUICK_SIZES, measure_link
+from pipeoptim.machine_costs import load_or_measure_machine_costs
+from pipeoptim.runtime.linkcost import measure_link
 
 CLASSES = 10
 LAYOUTS = [(4, 1), (2, 2), (1, 4)]
@@ -113,7 +115,13 @@ def main() -> None:
     model = make_model(width, depth)
     data = batch(width, rows)
     load = os.getloadavg()
-    link = measure_link(sizes=QUICK_SIZES, repeats=3) if args.quick else measure_link()
+    if args.quick:  # compile's figures (measured once, robustly, and cached): a quick fit of
+        # the link on a busy machine can fail three times ("send times do not grow")
+        costs = load_or_measure_machine_costs(log=lambda message: print(message, file=sys.stderr))
+        link = (costs.latency, 1 / costs.bandwidth)
+    else:
+        link = measure_link()
+    how = "this machine's figures, as `compile` takes them" if args.quick else "measured"
     options = compile_options(args.method, data[0], link, profile_dir)
     choice = plan_best_layout(model, optimizer(model), 4, **options)
     planned = {(o.stages, o.replicas): o for o in choice.options}
@@ -156,7 +164,7 @@ def main() -> None:
             "",
             f"MLP of {depth} linear layers of width {width}, mini-batches of {rows} rows, method "
             f"`{args.method}`, SGD with momentum, {steps} timed mini-batches after {warmup} of warm-up, "
-            f"gloo link α = {link[0] * 1e6:.0f} µs, 1/β = {1 / link[1] / 1e9:.2f} GB/s (measured, given "
+            f"gloo link α = {link[0] * 1e6:.0f} µs, 1/β = {1 / link[1] / 1e9:.2f} GB/s ({how}, given "
             "to the planner and to `compile`), load average "
             f"{load[0]:.1f} before and {os.getloadavg()[0]:.1f} after. *planner predicts*: "
             '`pipeoptim.compile_layout.plan_best_layout` (what `compile(..., data_parallel="auto")` '

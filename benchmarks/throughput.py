@@ -82,6 +82,7 @@ from pipeoptim.compiler.plan import Plan
 from pipeoptim.compiler.summary import summarize
 from pipeoptim.compiler.trace import trace
 from pipeoptim.examples import Block
+from pipeoptim.machine_costs import load_or_measure_machine_costs
 from pipeoptim.runtime.affinity import pin_rank
 from pipeoptim.runtime.distributed import free_port
 from pipeoptim.runtime.linkcost import QUICK_SIZES, REPEATS, SIZES, measure_link
@@ -1037,6 +1038,32 @@ def summary_line(
     )
 
 
+def link_and_overhead(quick: bool) -> tuple[dict[str, float], str]:
+    """The link's latency (seconds) and bandwidth (bytes/s) and the runtime's CPU seconds per
+    action given to every run's ``compile``, and how they were had. The full run measures them
+    now: the median of 3 fits of the link, as :mod:`pipeoptim.machine_costs` takes (one fit's
+    alpha read 71 and 396 us in two full runs on this host, and every prediction moved with
+    it). ``quick`` on the CPU takes the figures ``compile`` uses
+    (:func:`~pipeoptim.machine_costs.load_or_measure_machine_costs`, cached): one quick fit
+    failed three times on a busy machine ("send times do not grow with the message sizes")."""
+    if quick and DEVICE == "cpu":
+        figures = load_or_measure_machine_costs(log=lambda message: print(message, file=sys.stderr))
+        return figures._asdict(), "this machine's figures, as `compile` takes them"
+    print("measuring the link's latency and bandwidth ...", file=sys.stderr)
+    backend = "nccl" if DEVICE == "cuda" else "gloo"
+    fits = [
+        measure_link(backend, sizes=QUICK_SIZES if quick else SIZES, repeats=3 if quick else REPEATS)
+        for _ in range(1 if quick else 3)
+    ]
+    alpha, beta = (statistics.median(fit[i] for fit in fits) for i in (0, 1))
+    # the runtime's CPU time per action beyond compute (the processes executor on the CPU)
+    overhead = measure_action_overhead() if DEVICE == "cpu" else 0.0
+    source = (
+        f"the median of {len(fits)} fit(s) and the overhead measured at the start (pipeoptim.action_overhead)"
+    )
+    return {"bandwidth": 1 / beta, "latency": alpha, "action_overhead": overhead}, source
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
@@ -1116,21 +1143,8 @@ def main() -> None:
     # moment weighs little (the runs' start-up, seconds too, is not timed)
     lengths = {"mlp": (2, 6, 2) if args.quick else (8, 96, 8), "transformer": (4, 40, 4)}
     profile_dir = args.out / ".profiles"
-    print("measuring gloo's latency and bandwidth ...", file=sys.stderr)
-    # the median of 3 fits, as pipeoptim.machine_costs takes (one fit's alpha: 71 and 396 us in
-    # two full runs on this host, and every prediction moved with it)
-    links = [
-        measure_link(
-            "nccl" if DEVICE == "cuda" else "gloo",
-            sizes=QUICK_SIZES if args.quick else SIZES,
-            repeats=3 if args.quick else REPEATS,
-        )
-        for _ in range(1 if args.quick else 3)
-    ]
-    alpha, beta = (statistics.median(fit[i] for fit in links) for i in (0, 1))
-    # the runtime's CPU time per action beyond compute (the processes executor on the CPU)
-    overhead = measure_action_overhead() if DEVICE == "cpu" else 0.0
-    costs = {"bandwidth": 1 / beta, "latency": alpha, "action_overhead": overhead}
+    costs, link_source = link_and_overhead(args.quick)
+    alpha, beta = costs["latency"], 1 / costs["bandwidth"]
     rows, ratio_lines, timeline_result, loads = [], [], None, [os.getloadavg()[0]]
     failures: list[str] = []  # runs that failed (their rates are nan)
     for model in models:
@@ -1293,10 +1307,9 @@ def main() -> None:
         f"mini-batch) x rate / N, for every run alike. Each prediction is the run's plan priced by "
         f"the cost model from a profile and optimizer timing taken just before the run and from "
         f"one taken right after it (the geometric mean of the two), with the "
-        f"gloo alpha {alpha * 1e6:.0f} us and bandwidth {1 / beta / 1e9:.2f} GB/s (the median of "
-        f"{len(links)} fit(s)) and the runtime's "
-        f"{overhead * 1e6:.0f} us of CPU per action measured at the start "
-        f"(pipeoptim.action_overhead) and, where the ranks outnumber the "
+        f"gloo alpha {alpha * 1e6:.0f} us and bandwidth {1 / beta / 1e9:.2f} GB/s and the runtime's "
+        f"{costs['action_overhead'] * 1e6:.0f} us of CPU per action ({link_source}) and, "
+        "where the ranks outnumber the "
         f"{len(os.sched_getaffinity(0))} cores, the cores they share; measured / predicted in the "
         f"ratios is the median over rounds of each run's own ratio.\n\n{table}"
         "\n\n## Ratios (goals of issue 13)\n\n"
