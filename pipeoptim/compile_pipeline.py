@@ -29,7 +29,7 @@ from pipeoptim.compiler.shapes import plan_length
 from pipeoptim.compiler.trace import trace
 from pipeoptim.errors import PipelineError, PlanError, PredictorError, first_line
 from pipeoptim.given_plan import given_plan
-from pipeoptim.inputs import as_tuple, check_traced_rows
+from pipeoptim.inputs import check_traced_rows, example_tuple
 from pipeoptim.methods import METHODS, check_micro_batches, get_method
 from pipeoptim.pipeline import Pipeline
 from pipeoptim.random_state import keeps_random_state
@@ -47,6 +47,7 @@ from pipeoptim.runtime.optim import (
 )
 from pipeoptim.runtime.precision import autocast_context, check_autocast
 from pipeoptim.runtime.prediction import check_pipeoptim_options
+from pipeoptim.runtime.rank_settings import check_same_on_every_rank, compile_settings
 from pipeoptim.runtime.replicas import check_layout, check_replicated_options
 from pipeoptim.runtime.spawning import check_not_importing_main
 from pipeoptim.runtime.stage_state import held_state
@@ -242,23 +243,7 @@ def compile(
     if kind == "processes":
         check_not_importing_main()  # before profiling: this process is a worker starting
         check_devices(devices)
-    if not isinstance(example_inputs, (torch.Tensor, tuple, list)):
-        raise ValueError(
-            f"example_inputs must be a tensor or a tuple of tensors with a batch dimension (dim 0), "
-            f"got {type(example_inputs).__name__}: pass one mini-batch of the model's inputs"
-        )
-    inputs = as_tuple(example_inputs)
-    if not inputs or not all(isinstance(x, torch.Tensor) and x.dim() > 0 for x in inputs):
-        raise ValueError(
-            "example_inputs must be a tensor or a tuple of tensors with a batch dimension (dim 0)"
-        )
-    sparse = [i for i, x in enumerate(inputs) if x.layout != torch.strided]
-    if sparse:
-        raise ValueError(
-            f"example input {sparse[0]} is a sparse tensor ({inputs[sparse[0]].layout}), which cannot be "
-            "cut into micro-batches along dim 0: pass it dense (x.to_dense()), or keep the sparse matrix "
-            "on the model (a buffer) and give forward dense inputs"
-        )
+    inputs = example_tuple(example_inputs)
     profiled_on = _profile_device(kind, inputs[0].device)  # where the stages run and are timed
     backend = check_compile_stages(compile_stages, profiled_on)
     batch = int(inputs[0].shape[0])
@@ -306,8 +291,14 @@ def compile(
             micro_batches=m,
             data_parallel=data_parallel,
         )
-    if kind == "torchrun":
+    if kind == "torchrun":  # every rank builds its stage from its own call: the same on all?
         spmd.init(devices, timeout)
+        options = dict(method=method, micro_batches=m, data_parallel=data_parallel, seed=seed)
+        options.update(plan=plan is not None, loss_reduction=loss_reduction, batch_norm=batch_norm)
+        options.update(max_grad_norm=max_grad_norm, autocast=autocast, compile_stages=backend)
+        options.update(predictor=predictor, backward=backward, nan_check=nan_check)
+        options.update(leaf_modules=list(leaf_modules), prediction_error_every=prediction_error_every)
+        check_same_on_every_rank(compile_settings(model_copy, optimizer, inputs, loss_fn, options))
     rank0 = kind != "torchrun" or dist.get_rank() == 0
     if plan is not None:
         traced = trace(model_copy, micro, leaf_modules)

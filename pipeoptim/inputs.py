@@ -41,6 +41,33 @@ def as_tuple(inputs: Any, what: str = "step()") -> tuple[torch.Tensor, ...]:
     )
 
 
+def example_tuple(example_inputs: Any) -> tuple[torch.Tensor, ...]:
+    """``compile``'s ``example_inputs`` as a tuple of dense tensors, each ``[batch, ...]``.
+
+    Raises:
+        ValueError: not a tensor, tuple or list of tensors, a tensor without a batch dimension
+            (0-d), or a sparse tensor (not cut into micro-batches along dim 0).
+    """
+    if not isinstance(example_inputs, (torch.Tensor, tuple, list)):
+        raise ValueError(
+            f"example_inputs must be a tensor or a tuple of tensors with a batch dimension (dim 0), "
+            f"got {type(example_inputs).__name__}: pass one mini-batch of the model's inputs"
+        )
+    inputs = as_tuple(example_inputs)
+    if not inputs or not all(isinstance(x, torch.Tensor) and x.dim() > 0 for x in inputs):
+        raise ValueError(
+            "example_inputs must be a tensor or a tuple of tensors with a batch dimension (dim 0)"
+        )
+    sparse = [i for i, x in enumerate(inputs) if x.layout != torch.strided]
+    if sparse:
+        raise ValueError(
+            f"example input {sparse[0]} is a sparse tensor ({inputs[sparse[0]].layout}), which cannot be "
+            "cut into micro-batches along dim 0: pass it dense (x.to_dense()), or keep the sparse matrix "
+            "on the model (a buffer) and give forward dense inputs"
+        )
+    return inputs
+
+
 def check_batch(spec: PipelineSpec, inputs: tuple[torch.Tensor, ...]) -> microbatch.Rows:
     """Rows (and sequence length) of a training mini-batch.
 

@@ -166,6 +166,28 @@ def test_a_compile_rank_0_cannot_plan_fails_on_every_rank(tmp_path: Path) -> Non
 
 
 @pytest.mark.slow
+def test_compile_arguments_that_differ_between_ranks_stop_every_rank_naming_them(tmp_path: Path) -> None:
+    """Each rank builds its stage from its own compile call: another method on rank 1 and
+    another learning rate on rank 2 (then another example input shape on rank 1) are refused
+    on every rank, with each rank's value; a compile after them works in the same job. Before,
+    another lr trained silently mixed, and another method aborted in gloo mid-run."""
+    gpus = 3
+    done = _torchrun(
+        "torchrun_mixed_compile_script.py", gpus, str(tmp_path / "out"), str(gpus), str(tmp_path / "p")
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    ranks = [json.loads((tmp_path / f"out.{r}").read_text()) for r in range(gpus)]
+    for result in ranks:
+        first, second = result["errors"]
+        assert first.startswith("PipelineError: compile was called with other arguments on different ranks")
+        assert "lr of param group 0: 0.05 on ranks 0, 1; 0.5 on rank 2" in first, first
+        assert "method: 'pipeoptim' on ranks 0, 2; '1f1b' on rank 1" in first, first
+        assert "example inputs: [8, 1, 8, 8] torch.float32 on ranks 0, 2; [4, 1, 8, 8]" in second, second
+        assert result["errors"] == ranks[0]["errors"]
+        assert result["losses"] == ranks[0]["losses"] and len(result["losses"]) == 3
+
+
+@pytest.mark.slow
 def test_a_batch_one_rank_refuses_is_refused_everywhere_or_stops_every_rank_at_once(tmp_path: Path) -> None:
     """Inputs rank 0 refuses are refused on every rank and the run goes on in step (its losses
     equal the local executor's without that batch); before, the other ranks waited for rank
