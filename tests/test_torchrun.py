@@ -18,7 +18,7 @@ from pipeoptim.runtime.distributed import free_port
 
 from .sparse_models import SparseGCN
 from .test_in_place import plain_training
-from .test_training import SmallCNN, data
+from .test_training import SmallCNN, data, no_dropout_cnn
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -185,6 +185,34 @@ def test_compile_arguments_that_differ_between_ranks_stop_every_rank_naming_them
         assert "example inputs: [8, 1, 8, 8] torch.float32 on ranks 0, 2; [4, 1, 8, 8]" in second, second
         assert result["errors"] == ranks[0]["errors"]
         assert result["losses"] == ranks[0]["losses"] and len(result["losses"]) == 3
+
+
+@pytest.mark.slow
+def test_calls_that_gather_from_every_rank_made_in_another_order_are_refused_on_every_rank(
+    tmp_path: Path,
+) -> None:
+    """state_dict, to_module, save_checkpoint, stats ... gather from every rank: rank 0 asking
+    for the optimizer state while rank 1 asks for the model is refused on both, naming each
+    rank's call; the next call every rank makes works (the weights are the plain model's).
+    Before, one rank's gather paired with another's of something else (helper-100: a
+    to_module() returned wrong weights)."""
+    gpus = 2
+    done = _torchrun(
+        "torchrun_gather_mismatch_script.py", gpus, str(tmp_path / "out"), str(gpus), str(tmp_path / "p")
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    ranks = [json.loads((tmp_path / f"out.{r}").read_text()) for r in range(gpus)]
+    said = (
+        "PipelineError: the ranks are in different calls (rank 0: the optimizer state (its gather 1); "
+        "rank 1: the weights (its gather 1))"
+    )
+    for result in ranks:
+        assert result["error"].startswith(said), result["error"]
+    plain = no_dropout_cnn()
+    plain_training(plain, data(2), 2, lr=0.05)  # trains plain in place
+    for key, values in ranks[0]["weights"].items():
+        assert values == pytest.approx(plain.state_dict()[key].flatten()[:4].tolist(), abs=1e-6), key
+        assert ranks[1]["weights"][key] == values
 
 
 @pytest.mark.slow

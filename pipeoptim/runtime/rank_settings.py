@@ -56,6 +56,7 @@ def compile_settings(
         "loss_fn": _callable(loss_fn),
         "optimizer": type(optimizer).__qualname__,
         "param groups": str(len(optimizer.param_groups)),
+        "optimizer state": "held (it has stepped)" if optimizer.state else "empty",
     }
     for i, group in enumerate(hyperparameters(optimizer)):
         settings.update({f"{key} of param group {i}": repr(value) for key, value in group.items()})

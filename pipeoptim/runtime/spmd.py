@@ -139,6 +139,7 @@ class SPMDExecutor:
         self.group = dist.new_group(timeout=self.timeout)
         self.num_stages = spec.num_stages
         self.replicas = spec.data_parallel
+        self.gathers = 0  # the gathers this rank has made (_gather)
         try:
             self.process = StageProcess(spec, self.rank, self.device, timeout, self.group)
             self.mail = LossMail(
@@ -258,22 +259,22 @@ class SPMDExecutor:
 
     def replica_state_dicts(self) -> list[dict[str, torch.Tensor]]:
         """Every replica's parameters and buffers (replica 0's is :meth:`state_dict`)."""
-        parts: list[Any] = [None] * self.world
-        dist.all_gather_object(parts, self.process.state_dict())
+        parts = self._gather("the weights", self.process.state_dict())
         merged: list[dict[str, torch.Tensor]] = [{} for _ in range(self.replicas)]
         for rank, part in enumerate(parts):
             merged[rank // self.num_stages].update(part)
         return merged
 
     def load_state_dict(self, state: dict[str, torch.Tensor], aliases: dict[str, list[str]]) -> None:
+        self._gather("a load of weights", None)  # on every rank, or the stages' weights part
         self.process.load_state_dict(state)
 
     def optimizer_state(self) -> dict[str, Any]:
-        parts: list[Any] = [None] * self.world
-        dist.all_gather_object(parts, self.process.optimizer_state())
+        parts = self._gather("the optimizer state", self.process.optimizer_state())
         return merge_optimizer_states(parts[: self.num_stages])  # replica 0
 
     def load_optimizer_state(self, state: dict[str, Any]) -> None:
+        self._gather("a load of the optimizer state", None)
         self.process.load_optimizer_state(state)
 
     def resume(self, mini_batches: int) -> None:
@@ -281,30 +282,52 @@ class SPMDExecutor:
 
     def resident_bytes(self) -> list[int]:
         """Resident memory of every rank's process now, in bytes (stage order)."""
-        parts: list[Any] = [None] * self.world
-        dist.all_gather_object(parts, resident_bytes())
-        return parts
+        return self._gather("the memory in use", resident_bytes())
 
     def peak_weight_versions(self) -> list[int]:
-        parts: list[Any] = [None] * self.world
-        dist.all_gather_object(parts, self.process.peak_versions())
+        parts = self._gather("the weight versions", self.process.peak_versions())
         return parts[: self.num_stages]  # replica 0
 
     def prediction_errors(self) -> list[PredictionError]:
-        parts: list[Any] = [None] * self.world
-        dist.all_gather_object(parts, self.process.stage.prediction_error.result())
-        return parts
+        return self._gather("the prediction errors", self.process.stage.prediction_error.result())
 
     def stage_state_dicts(self) -> list[dict[str, torch.Tensor]]:
-        parts: list[Any] = [None] * self.world
-        dist.all_gather_object(parts, self.process.state_dict())
-        return parts
+        return self._gather("the stages' weights", self.process.state_dict())
 
     def sent_bytes(self) -> list[int]:
         """Per stage, the tensor bytes it has sent to its neighbours (activations, gradients)."""
+        return self._gather("the bytes sent", self.process.channel.sent_bytes)
+
+    def _gather(self, what: str, value: Any) -> list[Any]:
+        """Every rank's ``value``, in rank order: one of the calls every rank makes at the same
+        point (``state_dict``, ``save_checkpoint``, ``stats``, ...). The ranks compare what
+        they gather and how many such calls they made: a rank that called ``save_checkpoint``
+        alone paired its gathers with another rank's later ``to_module`` and returned wrong
+        weights there (helper-100).
+
+        Raises:
+            PipelineError: on every rank, where the ranks are in different calls.
+            PeerLostError: a rank did not join within the timeout or stopped.
+        """
+        self.gathers += 1
         parts: list[Any] = [None] * self.world
-        dist.all_gather_object(parts, self.process.channel.sent_bytes)
-        return parts
+        try:
+            dist.all_gather_object(parts, (what, self.gathers, value))
+        except RuntimeError as exc:
+            raise PeerLostError(
+                f"rank {self.rank}: gathering {what} from every rank failed ({first_line(exc)}): under "
+                "torchrun every rank calls state_dict(), to_module(), save_checkpoint(), load_checkpoint() "
+                "and stats() at the same point of the script, or a rank has stopped"
+            ) from exc
+        calls = {(w, n) for w, n, _ in parts}
+        if len(calls) > 1:
+            said = "; ".join(f"rank {r}: {w} (its gather {n})" for r, (w, n, _) in enumerate(parts))
+            raise PipelineError(
+                f"the ranks are in different calls ({said}): under torchrun every rank calls "
+                "state_dict(), to_module(), save_checkpoint(), load_checkpoint() and stats() at the "
+                "same point of the script, not on one rank alone"
+            )
+        return [part for _, _, part in parts]
 
     def abort(self) -> None:
         """:meth:`close` without waiting for the sends: the closed connections stop the other
