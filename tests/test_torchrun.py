@@ -213,6 +213,7 @@ def test_calls_that_gather_from_every_rank_made_in_another_order_are_refused_on_
     for key, values in ranks[0]["weights"].items():
         assert values == pytest.approx(plain.state_dict()[key].flatten()[:4].tolist(), abs=1e-6), key
         assert ranks[1]["weights"][key] == values
+    assert all(result["reloaded equal"] for result in ranks)
 
 
 @pytest.mark.slow
