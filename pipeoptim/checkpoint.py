@@ -73,15 +73,22 @@ _FIELDS = {"model_class": str, "method": str, "state_dict": dict, "optimizer": d
 _FIELDS |= {"plan": (dict, type(None)), "extra": dict}  # no plan: sequential training
 
 
-def read_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
+#: the fix :func:`read_checkpoint` names where the file is missing
+MISSING = "give the path of a file save_checkpoint wrote"
+
+
+def read_checkpoint(path: str | os.PathLike[str], missing: str = MISSING) -> dict[str, Any]:
     """Read a checkpoint file without applying it.
+
+    Args:
+        missing: what to do where the file is missing (the command line names ``--resume``).
 
     Raises:
         CheckpointError: the file is missing, truncated or not a pipeoptim checkpoint.
     """
     path = Path(path)
     if not path.is_file():
-        raise CheckpointError(f"no checkpoint at {path}: start without --resume, or point it at a run folder")
+        raise CheckpointError(f"no checkpoint at {path}: {missing}")
     try:
         with torch.serialization.safe_globals(_SAFE):
             data = torch.load(path, map_location="cpu", weights_only=True)
@@ -92,8 +99,7 @@ def read_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
         ) from exc
     except Exception as exc:
         raise CheckpointError(
-            f"checkpoint {path} is unreadable (truncated or corrupt: {exc}); "
-            "delete it or resume from an older one"
+            f"checkpoint {path} is unreadable (truncated or corrupt: {exc}); delete it or load an older one"
         ) from exc
     if not isinstance(data, dict) or data.get("format") != FORMAT:
         raise CheckpointError(f"{path} is not a {FORMAT} checkpoint")
@@ -101,7 +107,7 @@ def read_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
     if wrong:  # the format tag alone passed, and a missing field raised a KeyError later
         raise CheckpointError(
             f"checkpoint {path} lacks {', '.join(wrong)} (or holds another type there): it was not "
-            "written by pipeoptim's save_checkpoint; resume from a checkpoint it wrote"
+            "written by pipeoptim's save_checkpoint; load a checkpoint it wrote"
         )
     return data
 
@@ -116,5 +122,5 @@ def check_model(data: dict[str, Any], path: str | os.PathLike[str], model: torch
     if data["model_class"] != expected or set(data["state_dict"]) != set(model.state_dict()):
         raise CheckpointError(
             f"checkpoint {path} holds a {data['model_class']} whose weights do not match this "
-            f"{expected}: resume with the same model and task"
+            f"{expected}: load it into a pipeline of the same model"
         )

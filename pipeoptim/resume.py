@@ -38,13 +38,17 @@ def checkpoint_path(resume: str) -> Path:
     return folder / "checkpoint.pt" if folder.is_dir() or not (folder.exists() or folder.suffix) else folder
 
 
+#: the fix where ``--resume`` names no checkpoint
+RESUME_MISSING = "start without --resume, or point it at a run folder"
+
+
 def saved_config(path: Path) -> dict[str, Any]:
     """The settings the checkpoint at ``path`` was made with (``{}`` in one without them).
 
     Raises:
         CheckpointError: the checkpoint is missing or unreadable.
     """
-    return dict(read_checkpoint(path)["extra"].get("config", {}))
+    return dict(read_checkpoint(path, RESUME_MISSING)["extra"].get("config", {}))
 
 
 def inherit_settings(config: Any, given: Collection[str]) -> Any:
@@ -76,7 +80,7 @@ def check_resume(config: Any, log: Callable[[str], None]) -> Path | None:
     if config.resume is None:
         return None
     path = checkpoint_path(config.resume)
-    data = read_checkpoint(path)  # raises CheckpointError when missing or half-written
+    data = read_checkpoint(path, RESUME_MISSING)  # raises CheckpointError when missing or half-written
     saved = data["extra"].get("config", {})
     for key in MUST_MATCH:
         given = getattr(config, key)
