@@ -264,19 +264,25 @@ def test_a_batch_one_rank_refuses_is_refused_everywhere_or_stops_every_rank_at_o
 
 
 def test_a_failure_a_rank_catches_stops_the_far_ranks_too(tmp_path: Path) -> None:
-    """3 ranks, PipeOptim: the last rank's loss_fn raising, then a NaN in rank 0's inputs, each
-    caught by the script that lives on 3 s. Every other rank stops with PeerLostError within
-    seconds: before, the ranks that got PeerLostError while waiting for a loss kept their
-    connections open, so the far rank waited until the script closed the pipeline or for the
-    timeout, and a loss receive gave gloo's raw RuntimeError (helper-85); and the stored
-    error's frames held the group, so the middle rank's abort left it open (helper-87: the
-    far rank waited the whole timeout in 22 of 24 cases)."""
+    """3 ranks, PipeOptim: the last rank's loss_fn raising, then a NaN in rank 0's inputs, then
+    the last rank's targets missing, each caught by the script that lives on 3 s. Every other
+    rank stops with PeerLostError within seconds: before, the ranks that got PeerLostError
+    while waiting for a loss kept their connections open, so the far rank waited until the
+    script closed the pipeline or for the timeout, and a loss receive gave gloo's raw
+    RuntimeError (helper-85); and the stored error's frames held the group, so the middle
+    rank's abort left it open (helper-87: the far rank waited the whole timeout in 22 of 24
+    cases)."""
     done = _torchrun("torchrun_caught_failure_script.py", 3, str(tmp_path / "out"), str(tmp_path / "p"))
     assert done.returncode == 0, done.stderr[-3000:]
     ranks = [json.loads((tmp_path / f"out.{r}").read_text()) for r in range(3)]
     cases = [(f"{kind}{at}", failing) for kind, failing in (("loss", 2), ("nan", 0)) for at in (1, 6)]
-    for case, failing in cases:
-        assert ("out of bounds" if failing else "hold NaN") in ranks[failing][case], ranks[failing]
+    said = {"loss": "out of bounds", "nan": "hold NaN"}
+    # missing targets named as such, not as the loss function's TypeError alone (helper-100)
+    said["targets"] = (
+        "PipelineError: rank 2 runs the last stage of replica 0, whose loss function failed on targets None"
+    )
+    for case, failing in [*cases, ("targets6", 2)]:
+        assert said[case[:-1]] in ranks[failing][case], ranks[failing]
         for rank in {0, 1, 2} - {failing}:
             assert ranks[rank][case].startswith("PeerLostError: "), (case, rank, ranks[rank])
             assert ranks[rank][f"{case}_at"] - ranks[failing][f"{case}_at"] < 2.5, (case, rank, ranks)

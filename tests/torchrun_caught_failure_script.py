@@ -1,7 +1,7 @@
 """Run by test_torchrun.py under ``torchrun`` with 3 ranks (PipeOptim, asynchronous): a
 failure one rank catches and lives on after (the last rank's loss_fn raising, a NaN in rank
-0's inputs) must stop every other rank within seconds, the far one too, with PeerLostError.
-Writes each rank's error per case and when it came (wall clock)."""
+0's inputs, the last rank's targets missing) must stop every other rank within seconds, the
+far one too, with PeerLostError. Writes each rank's error per case and when it came (wall clock)."""
 
 from __future__ import annotations
 
@@ -25,6 +25,7 @@ def main(out: str, profile_dir: str) -> None:
     cases = [
         (f"{kind}{at}", kind, failing, at) for kind, failing in (("loss", last), ("nan", 0)) for at in (1, 6)
     ]
+    cases.append(("targets6", "targets", last, 6))  # the last rank forgets its targets
     for case, kind, failing, at in cases:
         model = SmallCNN()
         opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
@@ -43,6 +44,8 @@ def main(out: str, profile_dir: str) -> None:
                     if i == at:  # at 1 in the warm-up, at 6 in the steady state
                         if kind == "loss":
                             y = torch.full_like(y, 99)
+                        elif kind == "targets":
+                            y = None
                         else:
                             x = x.clone()
                             x[0, 0, 0, 0] = float("nan")

@@ -236,7 +236,16 @@ class SPMDExecutor:
         if self.process.rank == stages - 1:
             self.mail.expect(batch.index, count)
         side_work = lambda: self.mail.post(first, count, self.device)  # noqa: E731
-        self.mail.deliver(self.process.submit(part, side_work=side_work), self.device)
+        try:
+            self.mail.deliver(self.process.submit(part, side_work=side_work), self.device)
+        except Exception as exc:
+            if self.process.rank == stages - 1 and all(t is None for t in share.targets):
+                raise PipelineError(
+                    f"rank {self.rank} runs the last stage of replica {self.process.replica}, whose loss "
+                    f"function failed on targets None ({type(exc).__name__}: {first_line(exc)}): pass the "
+                    "targets to step() there (other ranks may pass None)"
+                ) from exc
+            raise
 
     def wait_loss(self, micro_batch: int) -> None:
         """Block until the loss of ``micro_batch`` has arrived on this rank."""
