@@ -11,6 +11,7 @@ from __future__ import annotations
 import io
 import os
 import pickle
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -124,3 +125,42 @@ def check_model(data: dict[str, Any], path: str | os.PathLike[str], model: torch
             f"checkpoint {path} holds a {data['model_class']} whose weights do not match this "
             f"{expected}: load it into a pipeline of the same model"
         )
+
+
+class Checkpoints:
+    """Saving and loading a :class:`~pipeoptim.pipeline.Pipeline` (a mixin of it)."""
+
+    _template: torch.nn.Module  # the original model's structure (to_module's)
+    method: str
+    plan: Any  # pipeoptim.compiler.plan.Plan
+    mini_batches_done: int
+    state_dict: Callable[[], dict[str, torch.Tensor]]
+    load_state_dict: Callable[[dict[str, torch.Tensor]], None]
+    optimizer_state_dict: Callable[[], dict[str, Any]]
+    load_optimizer_state_dict: Callable[[dict[str, Any]], None]
+
+    def save_checkpoint(self, path: str | os.PathLike[str], extra: dict[str, Any] | None = None) -> None:
+        """Flush, then write weights, optimizer state, position and plan to ``path`` atomically
+        (:func:`pipeoptim.checkpoint.save_checkpoint`); under torchrun on every rank at once."""
+        state = {
+            "model_class": type(self._template).__qualname__,
+            "method": self.method,
+            "state_dict": self.state_dict(),
+            "optimizer": self.optimizer_state_dict(),
+            "mini_batches": self.mini_batches_done,
+            "plan": self.plan.to_dict(),
+            "extra": extra or {},
+        }
+        save_checkpoint(path, state)
+
+    def load_checkpoint(self, path: str | os.PathLike[str]) -> dict[str, Any]:
+        """Continue from a checkpoint; returns the ``extra`` saved with it.
+
+        Raises:
+            CheckpointError: missing, corrupt, or from another model.
+        """
+        data = read_checkpoint(path)
+        check_model(data, path, self._template)
+        self.load_state_dict(data["state_dict"])
+        self.load_optimizer_state_dict(data["optimizer"])
+        return data["extra"]

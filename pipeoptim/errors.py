@@ -6,14 +6,20 @@ went wrong without parsing the text.
 
 from __future__ import annotations
 
+import re
 import traceback
+
+#: the C++ source location gloo puts before its messages:
+#: ``[/__w/pytorch/pytorch/third_party/gloo/gloo/transport/tcp/pair.cc:553] Connection closed``
+_SOURCE_LOCATION = re.compile(r"^\[[^\]\s]+\.(?:cc|cpp|h):\d+\]\s*")
 
 
 def first_line(exc: BaseException) -> str:
     """The first line of ``exc``'s message, ``""`` where it has none (an ``OSError()``: taking
-    ``str(exc).splitlines()[0]`` raised ``IndexError`` while reporting the error)."""
+    ``str(exc).splitlines()[0]`` raised ``IndexError`` while reporting the error), without a
+    leading C++ source location (gloo's errors: the build machine's path told a user nothing)."""
     lines = str(exc).splitlines()
-    return lines[0] if lines else ""
+    return _SOURCE_LOCATION.sub("", lines[0]) if lines else ""
 
 
 class PipeoptimError(Exception):

@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import math
-import os
+import sys
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
@@ -37,7 +37,7 @@ from pipeoptim.runtime.replicas import micro_batch_count
 _OPTIMIZER_STATE = "pipeoptim-optimizer/1"
 
 
-class Pipeline(Measurements):
+class Pipeline(Measurements, checkpoint.Checkpoints):
     """A compiled pipeline; build it with :func:`compile`.
 
     Attributes:
@@ -80,9 +80,8 @@ class Pipeline(Measurements):
         self._template = plain_batch_norm(copy.deepcopy(spec.model))
 
     def _on_error(self, exc: BaseException) -> None:
-        """Stop the pipeline at ``exc``. Under torchrun the other ranks wait on this one, which
-        may stay alive (the script caught the error): its connections are closed at once (the
-        error's frames let go of them), so that they stop within a second (a lost peer)."""
+        """Stop the pipeline at ``exc``. Under torchrun this rank's connections close at once
+        (the error's frames let go of them): the others, waiting on it, stop within a second."""
         self._error = exc
         self._losses.fail_all(exc)
         if self.executor_kind == "torchrun":
@@ -168,8 +167,7 @@ class Pipeline(Measurements):
         return 2 * self.num_stages
 
     def _throttle(self) -> None:
-        """Wait for the oldest pending loss while :attr:`max_in_flight` are pending (the local
-        executor computes everything inside :meth:`step` and never needs to wait)."""
+        """Wait for the oldest loss while :attr:`max_in_flight` are pending (not local: it waits in step)."""
         if self.executor_kind == "local":
             return
         while len(self._losses) >= self.max_in_flight:
@@ -327,32 +325,6 @@ class Pipeline(Measurements):
         self._next = int(state.get("mini_batches", self._next))
         self._executor.resume(self._next)
 
-    def save_checkpoint(self, path: str | os.PathLike[str], extra: dict[str, Any] | None = None) -> None:
-        """Flush, then write weights, optimizer state, position and plan to ``path`` atomically
-        (:func:`pipeoptim.checkpoint.save_checkpoint`); under torchrun on every rank at once."""
-        state = {
-            "model_class": type(self._template).__qualname__,
-            "method": self.method,
-            "state_dict": self.state_dict(),
-            "optimizer": self.optimizer_state_dict(),
-            "mini_batches": self.mini_batches_done,
-            "plan": self.plan.to_dict(),
-            "extra": extra or {},
-        }
-        checkpoint.save_checkpoint(path, state)
-
-    def load_checkpoint(self, path: str | os.PathLike[str]) -> dict[str, Any]:
-        """Continue from a checkpoint; returns the ``extra`` saved with it.
-
-        Raises:
-            CheckpointError: missing, corrupt, or from another model.
-        """
-        data = checkpoint.read_checkpoint(path)
-        checkpoint.check_model(data, path, self._template)
-        self.load_state_dict(data["state_dict"])
-        self.load_optimizer_state_dict(data["optimizer"])
-        return data["extra"]
-
     def to_module(self) -> nn.Module:
         """A new instance of the original model class holding the trained weights."""
         module = copy.deepcopy(self._template)
@@ -378,11 +350,18 @@ class Pipeline(Measurements):
         """Finish the mini-batches in flight (``finish`` and no earlier error: their losses keep
         their values), then end every worker; a loss that has not arrived then raises
         :class:`PipelineError`, as every later call does. Leaving a ``with`` block by an
-        exception, or the garbage collector, closes without finishing."""
+        exception, or the garbage collector, closes without finishing; so does a torchrun rank
+        while an exception is raised or handled (``close()`` in a ``finally`` or ``except``
+        block): it cannot finish without the other ranks, which go on stepping (they waited
+        out the timeout), and its closed connections stop them at once."""
         if self._closed:
             return
         try:
-            if finish and self._error is None:
+            if (
+                finish
+                and self._error is None
+                and not (self.executor_kind == "torchrun" and sys.exc_info()[1])
+            ):
                 self.flush()
         finally:
             self._closed = True

@@ -905,6 +905,26 @@ def test_format_bytes_refuses_an_unknown_unit() -> None:
         format_bytes(1, "kb")
 
 
+def test_a_backend_error_is_shown_without_its_cpp_source_location() -> None:
+    """gloo starts its messages with the build machine's source path, which told a user nothing
+    in every PeerLostError (helper-100); the message itself, and other brackets, stay."""
+    from pipeoptim.errors import first_line
+    from pipeoptim.runtime.peer_loss import lost_peer
+
+    gloo = RuntimeError(
+        "[/__w/pytorch/pytorch/third_party/gloo/gloo/transport/tcp/pair.cc:553] Connection closed by peer "
+        "[127.0.0.1]:41432\nmore"
+    )
+    assert first_line(gloo) == "Connection closed by peer [127.0.0.1]:41432"
+    assert first_line(ValueError("[rank 2] not a source file: x")) == "[rank 2] not a source file: x"
+    lost = lost_peer(gloo, 1)
+    assert lost is not None
+    assert str(lost) == (
+        "stage 1: lost a connection (Connection closed by peer [127.0.0.1]:41432); another stage has "
+        "probably stopped"
+    )
+
+
 def test_an_error_without_a_message_is_reported_not_an_index_error(tmp_path, monkeypatch) -> None:
     """``str(exc).splitlines()[0]`` of an ``OSError()`` raised IndexError while reporting it
     (in the train command, the channel, the loaders: first_line everywhere now)."""

@@ -288,6 +288,26 @@ def test_a_failure_a_rank_catches_stops_the_far_ranks_too(tmp_path: Path) -> Non
             assert ranks[rank][f"{case}_at"] - ranks[failing][f"{case}_at"] < 2.5, (case, rank, ranks)
 
 
+@pytest.mark.slow
+def test_a_rank_raising_through_try_finally_close_stops_every_rank_at_once(tmp_path: Path) -> None:
+    """4 ranks: rank 1's own code raises mid-run inside ``try: ... finally: pipe.close()``.
+    close() then closes without finishing (an exception is propagating): rank 1 keeps its own
+    error, the others get PeerLostError within seconds, without gloo's source path. Before,
+    close() flushed, waited for gradients the other ranks (stepping on) never sent, and every
+    rank waited out the whole timeout, rank 1's error replaced by a PeerLostError (helper-100)."""
+    timeout = 30
+    done = _torchrun(
+        "torchrun_finally_close_script.py", 4, str(tmp_path / "out"), str(tmp_path / "p"), str(timeout)
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    ranks = [json.loads((tmp_path / f"out.{r}").read_text()) for r in range(4)]
+    assert ranks[1]["error"] == "RuntimeError: the script's own bug on rank 1"
+    for rank in (0, 2, 3):
+        assert ranks[rank]["error"].startswith("PeerLostError: stage "), ranks[rank]
+        assert "third_party/gloo" not in ranks[rank]["error"], ranks[rank]
+        assert ranks[rank]["done_at"] - ranks[1]["raised_at"] < timeout / 3, ranks
+
+
 def test_wrong_world_size_is_a_clear_error(monkeypatch) -> None:
     monkeypatch.setenv("RANK", "0")
     monkeypatch.setenv("WORLD_SIZE", "3")
