@@ -161,6 +161,7 @@ def test_layout_prediction_is_the_compiled_plans(tmp_path: Path) -> None:
         opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
         with pipeoptim.compile(model, opt, n * r, data_parallel=r, **options) as pipe:
             assert pipe.plan.summary["throughput_per_s"] == pytest.approx(o["throughput_per_s"], rel=1e-12)
+            assert (pipe.plan.summary["num_stages"], pipe.plan.summary["data_parallel"]) == (n, r)
             assert pipe.plan.config.latency_s == 2e-4 and pipe.plan.config.action_overhead_s == 5e-5
 
 

@@ -37,6 +37,7 @@ def summarize(graph: CostGraph, stats: Sequence[StageStats], config: CostConfig)
     - ``bubble_fraction``: share of device time idle in that steady state, from the
       schedule's warm-up and cool-down and from unequal stage times.
     - ``cores_bound``: whether the shared cores, not the bottleneck stage, set the throughput.
+    - ``num_stages``, ``data_parallel``: the layout planned, N stages × R replicas.
     """
     n, m = config.num_stages, config.micro_batches
     bottleneck = max(s.time_s for s in stats)
@@ -73,4 +74,6 @@ def summarize(graph: CostGraph, stats: Sequence[StageStats], config: CostConfig)
         "bubble_fraction": 1.0 - busy / (n * config.data_parallel * per_batch) if per_batch > 0 else 0.0,
         "max_memory_bytes": max(s.memory_bytes for s in stats),
         "cores_bound": cores_bound,
+        "num_stages": n,
+        "data_parallel": config.data_parallel,
     }
