@@ -44,6 +44,9 @@ def shared_rows(
         _stop_here(exc, kind, on_error)
         raise
     if refused is not None:
+        if kind == "torchrun":  # as the other ranks' BatchRefusedError says
+            said = str(refused.args[0]) if refused.args else type(refused).__name__
+            refused.args = (f"{said} (every rank skips this batch; the pipeline goes on)", *refused.args[1:])
         raise refused
     if shared is None:
         raise PipelineError(f"{what}() needs the inputs (only torchrun ranks other than 0 may pass None)")

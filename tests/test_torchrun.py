@@ -229,6 +229,7 @@ def test_a_batch_one_rank_refuses_is_refused_everywhere_or_stops_every_rank_at_o
     assert done.returncode == 0, done.stderr[-3000:]
     ranks = [json.loads((tmp_path / f"out.{r}").read_text()) for r in range(2)]
     assert ranks[0]["errors"][0].startswith("input 0 has shape (8, 1, 7, 7) torch.float32; the plan expects")
+    assert ranks[0]["errors"][0].endswith("(every rank skips this batch; the pipeline goes on)")
     assert ranks[1]["errors"] == [
         "rank 0 refused the inputs of this batch (its error says why), so every rank "
         "skips it; the pipeline goes on with the next"
