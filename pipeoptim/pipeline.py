@@ -356,12 +356,9 @@ class Pipeline(Measurements, checkpoint.Checkpoints):
         out the timeout), and its closed connections stop them at once."""
         if self._closed:
             return
+        raising = self.executor_kind == "torchrun" and sys.exc_info()[1] is not None
         try:
-            if (
-                finish
-                and self._error is None
-                and not (self.executor_kind == "torchrun" and sys.exc_info()[1])
-            ):
+            if finish and self._error is None and not raising:
                 self.flush()
         finally:
             self._closed = True

@@ -259,9 +259,8 @@ class SPMDExecutor:
 
     def forward_only(self, chunks: list[tuple[Any, ...]] | None, sizes: list[int]) -> list[Any]:
         outputs = self.process.forward_only(chunks if self.rank == 0 else None, sizes)
-        box = [outputs]
-        dist.broadcast_object_list(box, src=self.num_stages - 1)  # replica 0's last stage
-        return box[0]
+        last = self.num_stages - 1  # replica 0's last stage
+        return self._gather("predict()'s outputs", outputs if self.rank == last else None)[last]
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         return self.replica_state_dicts()[0]
@@ -309,7 +308,7 @@ class SPMDExecutor:
 
     def _gather(self, what: str, value: Any) -> list[Any]:
         """Every rank's ``value``, in rank order: one of the calls every rank makes at the same
-        point (``state_dict``, ``save_checkpoint``, ``stats``, ...). The ranks compare what
+        point (``predict``, ``state_dict``, ``save_checkpoint``, ``stats``, ...). The ranks compare what
         they gather and how many such calls they made: a rank that called ``save_checkpoint``
         alone paired its gathers with another rank's later ``to_module`` and returned wrong
         weights there (helper-100).
@@ -325,16 +324,16 @@ class SPMDExecutor:
         except RuntimeError as exc:
             raise PeerLostError(
                 f"rank {self.rank}: gathering {what} from every rank failed ({first_line(exc)}): under "
-                "torchrun every rank calls state_dict(), to_module(), save_checkpoint(), load_checkpoint() "
-                "and stats() at the same point of the script, or a rank has stopped"
+                "torchrun every rank calls predict(), state_dict(), to_module(), save_checkpoint(), "
+                "load_checkpoint() and stats() at the same point of the script, or a rank has stopped"
             ) from exc
         calls = {(w, n) for w, n, _ in parts}
         if len(calls) > 1:
             said = "; ".join(f"rank {r}: {w} (its gather {n})" for r, (w, n, _) in enumerate(parts))
             raise PipelineError(
                 f"the ranks are in different calls ({said}): under torchrun every rank calls "
-                "state_dict(), to_module(), save_checkpoint(), load_checkpoint() and stats() at the "
-                "same point of the script, not on one rank alone"
+                "predict(), state_dict(), to_module(), save_checkpoint(), load_checkpoint() and stats() "
+                "at the same point of the script, not on one rank alone"
             )
         return [part for _, _, part in parts]
 
