@@ -38,6 +38,7 @@ from pipeoptim.runtime.build import PipelineSpec
 from pipeoptim.runtime.clipping import check_clipping
 from pipeoptim.runtime.compiled import check_compile_stages
 from pipeoptim.runtime.distributed import check_devices
+from pipeoptim.runtime.launch import check_executor
 from pipeoptim.runtime.linkcost import stage_threads
 from pipeoptim.runtime.optim import (
     check_steps_without_closure,
@@ -47,7 +48,7 @@ from pipeoptim.runtime.optim import (
 )
 from pipeoptim.runtime.precision import autocast_context, check_autocast
 from pipeoptim.runtime.prediction import check_pipeoptim_options
-from pipeoptim.runtime.rank_settings import check_same_on_every_rank, compile_settings
+from pipeoptim.runtime.rank_settings import check_same_on_every_rank, compile_settings, same_graph, together
 from pipeoptim.runtime.replicas import check_layout, check_replicated_options
 from pipeoptim.runtime.spawning import check_not_importing_main
 from pipeoptim.runtime.stage_state import held_state
@@ -194,8 +195,13 @@ def compile(
         TraceError, ProfileError, PlanError: from the compiler.
         PipelineError: more stages than GPUs on a CUDA machine, or a wrong torchrun world size.
     """
+    arguments = dict(locals())  # as given: under torchrun the ranks compare them before anything
+    if executor != "local" and spmd.under_torchrun():  # so that they refuse, plan and build alike
+        spmd.check_world(gpus)  # before joining: too few or many ranks never join
+        spmd.join(timeout)
+        check_same_on_every_rank(compile_settings(arguments))
     if data_parallel == "auto":
-        options = {k: v for k, v in locals().items() if k not in ("model", "optimizer", "gpus")}
+        options = {k: v for k, v in arguments.items() if k not in ("model", "optimizer", "gpus")}
         return compile_best_layout(compile, model, optimizer, gpus, **options)
     if not isinstance(gpus, int) or isinstance(gpus, bool) or gpus < 1:
         raise ValueError(f"gpus must be a positive integer (the number of stages), got {gpus!r}")
@@ -207,8 +213,7 @@ def compile(
     devices, gpus = gpus, check_layout(gpus, data_parallel)  # from here on gpus is N, the stages
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
-    if executor not in ("auto", "local", "processes", "torchrun"):
-        raise ValueError(f"executor must be 'auto', 'local', 'processes' or 'torchrun', not {executor!r}")
+    check_executor(executor)
     if nan_check not in ("stages", "loss", "off"):
         raise ValueError(f"nan_check must be 'stages', 'loss' or 'off', not {nan_check!r}")
     microbatch.check_reduction(loss_fn, loss_reduction)
@@ -291,18 +296,11 @@ def compile(
             micro_batches=m,
             data_parallel=data_parallel,
         )
-    if kind == "torchrun":  # every rank builds its stage from its own call: the same on all?
-        spmd.init(devices, timeout)
-        options = dict(method=method, micro_batches=m, data_parallel=data_parallel, seed=seed)
-        options.update(plan=plan is not None, loss_reduction=loss_reduction, batch_norm=batch_norm)
-        options.update(max_grad_norm=max_grad_norm, autocast=autocast, compile_stages=backend)
-        options.update(predictor=predictor, backward=backward, nan_check=nan_check)
-        options.update(leaf_modules=list(leaf_modules), prediction_error_every=prediction_error_every)
-        check_same_on_every_rank(compile_settings(model_copy, optimizer, inputs, loss_fn, options))
     rank0 = kind != "torchrun" or dist.get_rank() == 0
     if plan is not None:
-        traced = trace(model_copy, micro, leaf_modules)
-        chosen = given_plan(plan, traced, config, say, micro, autocast)
+        with together("trace its model for the plan given", kind):  # each rank checks it
+            traced = trace(model_copy, micro, leaf_modules)
+            chosen = given_plan(plan, traced, config, say, micro, autocast)
         static_batch, dynamic_length = traced.method == "export", False  # not probed: keep shapes
     elif rank0:
         try:
@@ -333,8 +331,8 @@ def compile(
         if shared[0] == "failed":
             raise PipelineError(f"rank 0 could not plan the model, so no rank compiles it: {shared[1]}")
         chosen, static_batch, dynamic_length = Plan.from_dict(shared[0]), shared[1], shared[2]
-        if not rank0:
-            traced = trace(model_copy, micro, leaf_modules)
+        with together("trace its model into rank 0's graph", kind):
+            traced = traced if rank0 else same_graph(trace(model_copy, micro, leaf_modules), chosen)
     for dropped in (dropped_hooks_warning(model_copy, traced), compiled_modules_warning(model_copy)):
         if dropped is not None:
             warnings.warn(dropped, stacklevel=2)

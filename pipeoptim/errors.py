@@ -12,14 +12,19 @@ import traceback
 #: the C++ source location gloo puts before its messages:
 #: ``[/__w/pytorch/pytorch/third_party/gloo/gloo/transport/tcp/pair.cc:553] Connection closed``
 _SOURCE_LOCATION = re.compile(r"^\[[^\]\s]+\.(?:cc|cpp|h):\d+\]\s*")
+#: the advice gloo puts after them ("This is typically caused by a remote worker crashing.
+#: Check the logs of the remote worker before reporting an error. GLHF!"): pipeoptim names the
+#: stage that stopped itself
+_GLOO_ADVICE = re.compile(r"\s*This is typically caused by a remote worker .*$")
 
 
 def first_line(exc: BaseException) -> str:
     """The first line of ``exc``'s message, ``""`` where it has none (an ``OSError()``: taking
     ``str(exc).splitlines()[0]`` raised ``IndexError`` while reporting the error), without a
-    leading C++ source location (gloo's errors: the build machine's path told a user nothing)."""
+    leading C++ source location and gloo's trailing advice (the build machine's path and a
+    "GLHF!" told a user nothing)."""
     lines = str(exc).splitlines()
-    return _SOURCE_LOCATION.sub("", lines[0]) if lines else ""
+    return _GLOO_ADVICE.sub("", _SOURCE_LOCATION.sub("", lines[0])) if lines else ""
 
 
 class PipeoptimError(Exception):

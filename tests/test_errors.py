@@ -916,6 +916,12 @@ def test_a_backend_error_is_shown_without_its_cpp_source_location() -> None:
         "[127.0.0.1]:41432\nmore"
     )
     assert first_line(gloo) == "Connection closed by peer [127.0.0.1]:41432"
+    advice = RuntimeError(
+        "[/__w/pytorch/pytorch/third_party/gloo/gloo/transport/tcp/pair.cc:537] Read error [127.0.0.1]:5: "
+        "Connection reset by peer. This is typically caused by a remote worker crashing. Check the logs of "
+        "the remote worker before reporting an error. GLHF! \U0001f3d6\ufe0f"
+    )
+    assert first_line(advice) == "Read error [127.0.0.1]:5: Connection reset by peer."
     assert first_line(ValueError("[rank 2] not a source file: x")) == "[rank 2] not a source file: x"
     lost = lost_peer(gloo, 1)
     assert lost is not None

@@ -3,6 +3,8 @@ comparison itself runs under torchrun in test_torchrun.py."""
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -13,9 +15,9 @@ from pipeoptim.runtime.rank_settings import compile_settings
 def _settings(
     model: nn.Module, opt: torch.optim.Optimizer, rows: int = 8, **options: object
 ) -> dict[str, str]:
-    return compile_settings(
-        model, opt, (torch.randn(rows, 4),), F.cross_entropy, {"method": "pipeoptim", **options}
-    )
+    arguments = {"model": model, "optimizer": opt, "gpus": 2, "example_inputs": torch.randn(rows, 4)}
+    arguments |= {"loss_fn": F.cross_entropy, "method": "pipeoptim", "profile_dir": "profiles", **options}
+    return compile_settings(arguments)
 
 
 def _differing(a: dict[str, str], b: dict[str, str]) -> set[str]:
@@ -52,4 +54,37 @@ def test_settings_differ_exactly_where_the_calls_do() -> None:
     assert _differing(
         base, _settings(model, torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9), micro_batches=2)
     ) == {"micro_batches"}
-    assert base["model"] == "Sequential: 4 parameter tensors, 67 values (shapes " + base["model"][-9:]
+    assert base["model"].splitlines()[-1] == "4 parameter tensors, 67 values (shapes " + base["model"][-9:]
+    assert list(base)[:3] == ["model", "optimizer", "param groups"]  # the class before its hyperparameters
+
+
+def test_settings_hold_what_shapes_do_not_show() -> None:
+    """helper-102: BatchNorm's momentum, Dropout's p, another activation, a module's own plain
+    value and a loss function's options trained silently mixed; options only rank 0's planning
+    reads (profile_dir, bandwidth, ...) may differ."""
+    torch.manual_seed(0)
+
+    def net(p: float = 0.1, momentum: float = 0.1, act: type[nn.Module] = nn.ReLU) -> nn.Sequential:
+        return nn.Sequential(
+            nn.Linear(4, 8), nn.BatchNorm1d(8, momentum=momentum), act(), nn.Dropout(p), nn.Linear(8, 3)
+        )
+
+    def settings(model: nn.Module, **options: object) -> dict[str, str]:
+        return _settings(model, torch.optim.SGD(model.parameters(), lr=0.1), **options)
+
+    base = settings(net())
+    for other in (net(p=0.5), net(momentum=0.5), net(act=nn.Tanh)):
+        assert _differing(base, settings(other)) == {"model"}
+    scaled = net()
+    scaled[2].scale = 0.5  # type: ignore[assignment]  # a module's own plain value
+    assert _differing(base, settings(scaled)) == {"model"}
+    smoothed = functools.partial(F.cross_entropy, label_smoothing=0.3)
+    assert _differing(base, settings(net(), loss_fn=smoothed)) == {"loss_fn"}
+    assert _differing(
+        settings(net(), loss_fn=nn.CrossEntropyLoss()),
+        settings(net(), loss_fn=nn.CrossEntropyLoss(label_smoothing=0.1)),
+    ) == {"loss_fn"}
+    assert (
+        _differing(base, settings(net(), profile_dir=None, bandwidth="1GB/s", timeout=5, solver="highs"))
+        == set()
+    )

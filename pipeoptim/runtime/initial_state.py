@@ -60,9 +60,11 @@ def share_initial_state(
     """Make ``stage`` (this rank's stage module) and ``model`` (this rank's model copy) hold
     rank 0's initial values (see the module's docstring); every rank of the job calls it.
     ``traced``: this rank's traced graph module, which holds every stage's tensors under the
-    stages' names (a constant fx made of ``self.lst[0]`` is ``_tensor_constant0`` there)."""
+    stages' names (a constant fx made of ``self.lst[0]`` is ``_tensor_constant0`` there).
+    ``group``: the pipeline's own process group (of every rank), which the script's own
+    collectives on the default group never meet."""
     parts: list[Any] = [None] * world
-    dist.all_gather_object(parts, sorted(stage.state_dict()))
+    dist.all_gather_object(parts, sorted(stage.state_dict()), group=group)
     box: list[Any] = [None]
     if rank == 0:
         asked = {name for names in parts[1:] for name in names}
@@ -71,7 +73,7 @@ def share_initial_state(
         rest = {name: t for name, t in model.state_dict().items() if name not in held}
         pickled = {name: t for name, t in values.items() if t.layout != torch.strided}
         box = [(sorted(values), pickled, rest, plain_tensors(model))]
-    dist.broadcast_object_list(box, src=0)
+    dist.broadcast_object_list(box, src=0, group=group)
     sent, pickled, rest, plain = box[0]
     if rank == 0:
         for peer in range(1, world):

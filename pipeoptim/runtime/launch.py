@@ -72,6 +72,27 @@ class Executor(Protocol):
     def close(self) -> None: ...
 
 
+def check_executor(executor: str) -> None:
+    """Raises:
+    ValueError: an unknown ``executor``, ``"torchrun"`` in a process torchrun did not start, or
+        ``"processes"`` in one it did (every rank started workers of its own, and every rank
+        waited out the timeout for them)."""
+    from pipeoptim.runtime.spmd import under_torchrun  # torch.distributed: only where needed
+
+    if executor not in ("auto", "local", "processes", "torchrun"):
+        raise ValueError(f"executor must be 'auto', 'local', 'processes' or 'torchrun', not {executor!r}")
+    if executor == "torchrun" and not under_torchrun():
+        raise ValueError(
+            "executor='torchrun' but this process was not started by torchrun (RANK and WORLD_SIZE are "
+            "unset): launch the script with torchrun --nproc-per-node N, or leave executor='auto'"
+        )
+    if executor == "processes" and under_torchrun():
+        raise ValueError(
+            "executor='processes' in a process torchrun started: each rank runs its own stage there; "
+            "leave executor='auto' (or 'torchrun')"
+        )
+
+
 def start_executor(
     kind: str,
     spec: PipelineSpec,

@@ -36,6 +36,7 @@ from pipeoptim.runtime.executor import MiniBatch
 from pipeoptim.runtime.initial_state import share_initial_state
 from pipeoptim.runtime.loss_mail import LossMail
 from pipeoptim.runtime.procmem import resident_bytes
+from pipeoptim.runtime.rank_settings import together
 from pipeoptim.runtime.replicas import replica_part
 from pipeoptim.runtime.stage_state import merge_optimizer_states
 from pipeoptim.runtime.staleness import PredictionError
@@ -63,27 +64,15 @@ _created = False
 _open = 0
 
 
-def init(num_stages: int, timeout: float) -> None:
-    """Join the process group torchrun describes, creating it where no one has. A group
+def join(timeout: float) -> None:
+    """Join the process group torchrun describes, creating it where no one has (``timeout``
+    seconds for its collectives; torch's default where it is not a positive number). A group
     created here lives until the process exits (``atexit``), not until the pipeline that
     created it closes: other pipelines may be open on it, and one compiled later would have
     to create it again, which under torchrun's store failed or hung. On the CPU this rank's
     thread is bound to its cores (:func:`pipeoptim.runtime.affinity.pin_rank`) while any of
-    its pipelines is open.
-
-    Args:
-        num_stages: ranks the pipeline needs (``gpus``: N stages × R replicas).
-
-    Raises:
-        PipelineError: the world size differs from ``num_stages``.
-    """
+    its pipelines is open."""
     global _created
-    world = int(os.environ["WORLD_SIZE"])
-    if world != num_stages:
-        raise PipelineError(
-            f"torchrun started {world} processes but gpus={num_stages}: launch one process per stage "
-            f"and replica (torchrun --nproc-per-node {num_stages} ...) or compile with gpus={world}"
-        )
     device = local_device()
     local_world = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
     local_rank = int(os.environ.get("LOCAL_RANK", 0)) % local_world
@@ -96,11 +85,25 @@ def init(num_stages: int, timeout: float) -> None:
     else:
         torch.set_num_threads(max(1, torch.get_num_threads() // local_world))
         pin_rank(local_rank, local_world)  # before gloo's threads
+    given = isinstance(timeout, (int, float)) and 0 < timeout < float("inf")
     dist.init_process_group(
-        "nccl" if device.type == "cuda" else "gloo", timeout=datetime.timedelta(seconds=timeout)
+        "nccl" if device.type == "cuda" else "gloo",
+        timeout=datetime.timedelta(seconds=timeout) if given else None,
     )
     _created = True
     atexit.register(_destroy_default_group)
+
+
+def check_world(num_stages: int) -> None:
+    """Raises:
+    PipelineError: torchrun's world size differs from ``num_stages`` (``gpus``: N stages × R
+        replicas)."""
+    world = int(os.environ["WORLD_SIZE"])
+    if world != num_stages:
+        raise PipelineError(
+            f"torchrun started {world} processes but gpus={num_stages}: launch one process per stage "
+            f"and replica (torchrun --nproc-per-node {num_stages} ...) or compile with gpus={world}"
+        )
 
 
 def _destroy_default_group() -> None:
@@ -141,25 +144,30 @@ class SPMDExecutor:
         self.replicas = spec.data_parallel
         self.gathers = 0  # the gathers this rank has made (_gather)
         try:
-            self.process = StageProcess(spec, self.rank, self.device, timeout, self.group)
-            self.mail = LossMail(
-                self.process.channel,
-                self.rank,
-                self.world,
-                self.num_stages,
-                self.replicas,
-                self.process.replica,
-                spec.micro_batches,
-                on_loss,
-                self.timeout,
-            )
+            with together("build its stage", "torchrun", self.group):
+                self._build(spec, on_loss)
             stage = self.process.stage.module
             share_initial_state(stage, traced, spec.model, self.rank, self.world, self.group, self.device)
-            dist.barrier()
+            dist.barrier(group=self.group)
         except BaseException:  # nothing of this pipeline is left: its groups, the binding
             self._release()
             raise
         _open += 1  # once built: close() counts it off
+
+    def _build(self, spec: PipelineSpec, on_loss: Callable[[int, torch.Tensor], None]) -> None:
+        """This rank's stage and the mail of its losses."""
+        self.process = StageProcess(spec, self.rank, self.device, self.timeout.total_seconds(), self.group)
+        self.mail = LossMail(
+            self.process.channel,
+            self.rank,
+            self.world,
+            self.num_stages,
+            self.replicas,
+            self.process.replica,
+            spec.micro_batches,
+            on_loss,
+            self.timeout,
+        )
 
     # -- training -------------------------------------------------------------------
 
@@ -320,7 +328,7 @@ class SPMDExecutor:
         self.gathers += 1
         parts: list[Any] = [None] * self.world
         try:
-            dist.all_gather_object(parts, (what, self.gathers, value))
+            dist.all_gather_object(parts, (what, self.gathers, value), group=self.group)
         except RuntimeError as exc:
             raise PeerLostError(
                 f"rank {self.rank}: gathering {what} from every rank failed ({first_line(exc)}): under "
