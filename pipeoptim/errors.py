@@ -81,6 +81,11 @@ class BatchRefusedError(PipelineError):
     """Under torchrun, rank 0 refused the inputs of a batch: every rank skips it, in step."""
 
 
+class RanksInOtherCallsError(PipelineError):
+    """Under torchrun, the ranks made different calls that gather from every rank (one in
+    ``predict``, another in ``state_dict``): refused on every rank, the pipeline goes on."""
+
+
 class PeerLostError(PipelineError):
     """A stage lost its neighbour (it stopped or crashed): a consequence, not the cause."""
 

@@ -137,7 +137,8 @@ def check_rows_split(targets: Any, rows: int, parts: int) -> None:
             if value.dim() and value.shape[0] != rows:
                 refuse(
                     where,
-                    f"a tensor of shape {list(value.shape)} (dim 0 is not the rows)",
+                    f"a tensor of shape {list(value.shape)}, {value.shape[0]} along dim 0 where the inputs "
+                    f"have {rows} rows",
                     f"give one target row per input row along dim 0 (reshape flattened targets to "
                     f"[{rows}, ...] and flatten them in loss_fn), or {_CONSTANT}",
                 )

@@ -11,6 +11,7 @@ import contextlib
 import copy
 import math
 import sys
+import warnings
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
@@ -291,8 +292,8 @@ class Pipeline(Measurements, checkpoint.Checkpoints):
                 f"state dict does not belong to {type(self._template).__name__}: missing "
                 f"{sorted(missing)[:3]}, unexpected {sorted(extra)[:3]}"
             )
+        self._executor.load_state_dict(state, aliases_of(self._traced.tied))  # may refuse it: first
         self._template.load_state_dict(state)
-        self._executor.load_state_dict(state, aliases_of(self._traced.tied))
 
     @property
     def mini_batches_done(self) -> int:
@@ -352,11 +353,19 @@ class Pipeline(Measurements, checkpoint.Checkpoints):
         :class:`PipelineError`, as every later call does. Leaving a ``with`` block by an
         exception, or the garbage collector, closes without finishing; so does a torchrun rank
         while an exception is raised or handled (``close()`` in a ``finally`` or ``except``
-        block): it cannot finish without the other ranks, which go on stepping (they waited
-        out the timeout), and its closed connections stop them at once."""
+        block; a warning says so): it cannot finish without the other ranks, which go on
+        stepping (they waited out the timeout), and its closed connections stop them at once."""
         if self._closed:
             return
         raising = self.executor_kind == "torchrun" and sys.exc_info()[1] is not None
+        if raising and finish and self._error is None:  # said: a close() in an except block
+            exc = sys.exc_info()[1]
+            warnings.warn(
+                f"close() did not finish the mini-batches in flight: {type(exc).__name__} "
+                f"({first_line(exc)}) is being raised or handled on this rank, whose stage cannot finish "
+                "without the other ranks; call close() outside the except block to finish them",
+                stacklevel=2,
+            )
         try:
             if finish and self._error is None and not raising:
                 self.flush()

@@ -7,7 +7,7 @@ from collections.abc import Callable
 from typing import Any, TypeVar
 
 from pipeoptim import microbatch
-from pipeoptim.errors import BatchRefusedError, PipelineError
+from pipeoptim.errors import BatchRefusedError, PipelineError, RanksInOtherCallsError
 from pipeoptim.runtime.launch import Executor
 
 T = TypeVar("T")
@@ -37,8 +37,8 @@ def shared_rows(
     except PipelineError as exc:
         refused = exc
     try:
-        shared = executor.share_batch_size(batch, refused is not None)
-    except BatchRefusedError:
+        shared = executor.share_batch_size(batch, refused is not None, what)
+    except (BatchRefusedError, RanksInOtherCallsError):  # refused on every rank: go on
         raise
     except PipelineError as exc:
         _stop_here(exc, kind, on_error)

@@ -835,7 +835,7 @@ def _dense_mse(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         (
             torch.arange(5) % 4,
             F.cross_entropy,
-            r"targets is a tensor of shape \[5\] \(dim 0 is not",
+            r"targets is a tensor of shape \[5\], 5 along dim 0 where the inputs have 8 rows, which cannot",
         ),
         (torch.arange(16) % 4, F.cross_entropy, r"shape \[16\].*reshape flattened targets to \[8, \.\.\.\]"),
         (

@@ -1,7 +1,8 @@
-"""Run by test_torchrun.py under ``torchrun``: rank 0 asks for the optimizer state alone while
-the other ranks ask for the model (the calls that gather from every rank paired wrongly), then
-every rank asks for the model, saves a checkpoint and loads it into a new pipeline; writes
-each rank's error, the model's weights and whether the loaded ones equal them."""
+"""Run by test_torchrun.py under ``torchrun`` with 2 ranks: calls that gather from every rank
+made differently on the two (rank 0 asks for the optimizer state while rank 1 asks for the
+model; rank 0 predicts while rank 1 asks for the weights; each rank loads another checkpoint),
+each refused on both; then the calls every rank makes work. Writes each rank's errors, the
+trained model's weights and whether a checkpoint loaded into a new pipeline equals them."""
 
 from __future__ import annotations
 
@@ -16,30 +17,41 @@ import pipeoptim
 from tests.test_training import SmallCNN, data, no_dropout_cnn
 
 
+def attempt(result: dict, case: str, call) -> None:
+    try:
+        call()
+        result[case] = "done"
+    except Exception as exc:
+        result[case] = f"{type(exc).__name__}: {exc}"
+
+
 def main(out: str, gpus: int, profile_dir: str) -> None:
     rank = int(os.environ["RANK"])
     model = no_dropout_cnn()
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
     kwargs = {"loss_fn": F.cross_entropy, "profile_dir": profile_dir, "timeout": 60}
     result: dict = {}
-    with pipeoptim.compile(model, opt, gpus, example_inputs=data(1)[0][0], method="1f1b", **kwargs) as pipe:
-        for x, y in data(2):
+    batches = data(3)
+    with pipeoptim.compile(model, opt, gpus, example_inputs=batches[0][0], method="1f1b", **kwargs) as pipe:
+        for x, y in batches[:2]:
             pipe.step(x, y)
-        try:
-            if rank == 0:
-                pipe.optimizer_state_dict()
-            else:
-                pipe.to_module()
-        except Exception as exc:
-            result["error"] = f"{type(exc).__name__}: {exc}"
+        attempt(result, "optimizer state / model", pipe.optimizer_state_dict if rank == 0 else pipe.to_module)
+        attempt(
+            result,
+            "predict / weights",
+            lambda: pipe.predict(batches[0][0]) if rank == 0 else pipe.state_dict(),
+        )
+        pipe.save_checkpoint(f"{out}.ckpt1.{rank}")
+        pipe.step(*batches[2])
         weights = pipe.to_module().state_dict()
-        pipe.save_checkpoint(f"{out}.ckpt.{rank}")
+        pipe.save_checkpoint(f"{out}.ckpt2.{rank}")
     result["weights"] = {k: v.flatten()[:4].tolist() for k, v in weights.items()}
     torch.manual_seed(rank + 5)  # other weights: the checkpoint's must come back
     fresh = SmallCNN()
     opt = torch.optim.SGD(fresh.parameters(), lr=0.05, momentum=0.9)
-    with pipeoptim.compile(fresh, opt, gpus, example_inputs=data(1)[0][0], method="1f1b", **kwargs) as pipe:
-        pipe.load_checkpoint(f"{out}.ckpt.{rank}")
+    with pipeoptim.compile(fresh, opt, gpus, example_inputs=batches[0][0], method="1f1b", **kwargs) as pipe:
+        attempt(result, "other checkpoints", lambda: pipe.load_checkpoint(f"{out}.ckpt{rank + 1}.{rank}"))
+        pipe.load_checkpoint(f"{out}.ckpt2.{rank}")
         reloaded = pipe.to_module().state_dict()
     result["reloaded equal"] = all(torch.equal(reloaded[k], v) for k, v in weights.items())
     with open(f"{out}.{rank}", "w") as f:

@@ -268,7 +268,7 @@ class ProcessExecutor:
     def flush(self) -> None:
         self._request("flush")
 
-    def share_batch_size(self, batch: Rows | None, refused: bool = False) -> Rows | None:
+    def share_batch_size(self, batch: Rows | None, refused: bool = False, call: str = "step") -> Rows | None:
         """``batch`` itself: this process hands every stage its inputs (a refused batch
         reaches none)."""
         return batch

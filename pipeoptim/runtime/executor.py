@@ -344,7 +344,7 @@ class LocalExecutor:
                     run_action(self.stages[k], action, self.channels[k], self.states[k])
                     progress = True
 
-    def share_batch_size(self, batch: Rows | None, refused: bool = False) -> Rows | None:
+    def share_batch_size(self, batch: Rows | None, refused: bool = False, call: str = "step") -> Rows | None:
         """``batch`` itself: this process has every stage (a refused batch reaches none)."""
         return batch
 

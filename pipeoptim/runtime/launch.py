@@ -32,9 +32,10 @@ class Executor(Protocol):
     :class:`~pipeoptim.runtime.spmd.SPMDExecutor`.
     """
 
-    def share_batch_size(self, batch: Rows | None, refused: bool = False) -> Rows | None:
+    def share_batch_size(self, batch: Rows | None, refused: bool = False, call: str = "step") -> Rows | None:
         """The rows of the next batch as every stage sees them (under torchrun rank 0's;
-        ``refused``: rank 0 refused its inputs, and every rank refuses the batch)."""
+        ``refused``: rank 0 refused its inputs, and every rank refuses the batch; ``call``:
+        ``"step"`` or ``"predict"``, whose batch it is)."""
         ...
 
     def abort(self) -> None:

@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+import torch.utils._pytree as pytree
 from torch import nn
 
 from pipeoptim.compiler.plan import Plan
@@ -139,6 +140,23 @@ def _shown(value: str | None, first: str | None) -> str:
     theirs, ours = value.splitlines(), first.splitlines()
     differs = next((i for i, (a, b) in enumerate(zip(theirs, ours)) if a != b), min(len(theirs), len(ours)))
     return f"line {differs + 1} {theirs[differs].strip()!r}" if differs < len(theirs) else "(fewer lines)"
+
+
+def digest(value: Any) -> str:
+    """A hash of ``value`` (nested dicts, lists and tuples of tensors and plain values: a state
+    dict, an optimizer state), by its structure and every tensor's dtype, shape and bytes: equal
+    on two ranks exactly where they hold the same (a checkpoint loaded from the same file)."""
+    leaves, spec = pytree.tree_flatten(value)
+    h = hashlib.sha256(str(spec).encode())
+    for leaf in leaves:
+        if isinstance(leaf, torch.Tensor):
+            t = leaf.detach().cpu()
+            t = (t.to_dense() if t.layout != torch.strided else t).contiguous()
+            h.update(f"{t.dtype}{list(t.shape)}".encode())
+            h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+        else:
+            h.update(repr(leaf).encode())
+    return h.hexdigest()[:12]
 
 
 def raise_together(error: BaseException | None, what: str, group: Any = None) -> None:

@@ -292,7 +292,7 @@ class ReplicatedLocalExecutor:
                 if stage.shared is not None and stage.optimizer is not None:
                     stage.shared.drain(channel, stage.optimizer)
 
-    def share_batch_size(self, batch: Rows | None, refused: bool = False) -> Rows | None:
+    def share_batch_size(self, batch: Rows | None, refused: bool = False, call: str = "step") -> Rows | None:
         """``batch`` itself: this process has every stage (a refused batch reaches none)."""
         return batch
 

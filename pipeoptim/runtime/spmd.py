@@ -36,6 +36,7 @@ from pipeoptim.runtime.executor import MiniBatch
 from pipeoptim.runtime.initial_state import share_initial_state
 from pipeoptim.runtime.loss_mail import LossMail
 from pipeoptim.runtime.procmem import resident_bytes
+from pipeoptim.runtime.rank_calls import RankCalls
 from pipeoptim.runtime.rank_settings import together
 from pipeoptim.runtime.replicas import replica_part
 from pipeoptim.runtime.stage_state import merge_optimizer_states
@@ -142,7 +143,7 @@ class SPMDExecutor:
         self.group = dist.new_group(timeout=self.timeout)
         self.num_stages = spec.num_stages
         self.replicas = spec.data_parallel
-        self.gathers = 0  # the gathers this rank has made (_gather)
+        self.calls = RankCalls(self.group)  # the gathers every rank makes at the same point
         try:
             with together("build its stage", "torchrun", self.group):
                 self._build(spec, on_loss)
@@ -181,17 +182,21 @@ class SPMDExecutor:
         """Whether this rank runs a last stage (of any replica; the only ones that read targets)."""
         return self.process.rank == self.num_stages - 1
 
-    def share_batch_size(self, batch: Rows | None, refused: bool = False) -> Rows | None:
+    def share_batch_size(self, batch: Rows | None, refused: bool = False, call: str = "step") -> Rows | None:
         """Rank 0's ``batch`` (rows and sequence length of the next mini-batch or predict
         batch) on every rank. Other ranks' own ``batch`` (``None`` where they got no inputs)
         must agree with it. ``refused`` on rank 0: it refused its inputs, and so does every
-        rank (none starts the batch).
+        rank (none starts the batch). A ``call`` other than ``"step"`` (``"predict"``) is first
+        checked to be every rank's (:class:`~pipeoptim.runtime.rank_calls.RankCalls`): a rank
+        in another call took its messages.
 
         Raises:
             PipelineError: rank 0 got no inputs or refused them, or another rank's inputs have
                 other rows.
             PeerLostError: rank 0 sent nothing within the timeout.
         """
+        if call != "step":  # every rank in the same call before its messages (not per step)
+            self.calls.gather(f"the start of {call}()", None)
         if self.rank == 0:
             if batch is None and not refused:
                 raise PipelineError(
@@ -268,29 +273,33 @@ class SPMDExecutor:
     def forward_only(self, chunks: list[tuple[Any, ...]] | None, sizes: list[int]) -> list[Any]:
         outputs = self.process.forward_only(chunks if self.rank == 0 else None, sizes)
         last = self.num_stages - 1  # replica 0's last stage
-        return self._gather("predict()'s outputs", outputs if self.rank == last else None)[last]
+        return self.calls.gather("the outputs (predict)", outputs if self.rank == last else None)[last]
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         return self.replica_state_dicts()[0]
 
     def replica_state_dicts(self) -> list[dict[str, torch.Tensor]]:
         """Every replica's parameters and buffers (replica 0's is :meth:`state_dict`)."""
-        parts = self._gather("the weights", self.process.state_dict())
+        parts = self.calls.gather(
+            "the weights (state_dict, to_module, save_checkpoint)", self.process.state_dict()
+        )
         merged: list[dict[str, torch.Tensor]] = [{} for _ in range(self.replicas)]
         for rank, part in enumerate(parts):
             merged[rank // self.num_stages].update(part)
         return merged
 
     def load_state_dict(self, state: dict[str, torch.Tensor], aliases: dict[str, list[str]]) -> None:
-        self._gather("a load of weights", None)  # on every rank, or the stages' weights part
+        self.calls.same_everywhere("weights (load_state_dict, load_checkpoint)", state)
         self.process.load_state_dict(state)
 
     def optimizer_state(self) -> dict[str, Any]:
-        parts = self._gather("the optimizer state", self.process.optimizer_state())
+        parts = self.calls.gather(
+            "the optimizer state (optimizer_state_dict, save_checkpoint)", self.process.optimizer_state()
+        )
         return merge_optimizer_states(parts[: self.num_stages])  # replica 0
 
     def load_optimizer_state(self, state: dict[str, Any]) -> None:
-        self._gather("a load of the optimizer state", None)
+        self.calls.same_everywhere("the optimizer state (load_optimizer_state_dict, load_checkpoint)", state)
         self.process.load_optimizer_state(state)
 
     def resume(self, mini_batches: int) -> None:
@@ -298,52 +307,25 @@ class SPMDExecutor:
 
     def resident_bytes(self) -> list[int]:
         """Resident memory of every rank's process now, in bytes (stage order)."""
-        return self._gather("the memory in use", resident_bytes())
+        return self.calls.gather("the memory in use (resident_bytes)", resident_bytes())
 
     def peak_weight_versions(self) -> list[int]:
-        parts = self._gather("the weight versions", self.process.peak_versions())
+        parts = self.calls.gather(
+            "the weight versions (stats, peak_weight_versions)", self.process.peak_versions()
+        )
         return parts[: self.num_stages]  # replica 0
 
     def prediction_errors(self) -> list[PredictionError]:
-        return self._gather("the prediction errors", self.process.stage.prediction_error.result())
+        return self.calls.gather(
+            "the prediction errors (stats)", self.process.stage.prediction_error.result()
+        )
 
     def stage_state_dicts(self) -> list[dict[str, torch.Tensor]]:
-        return self._gather("the stages' weights", self.process.state_dict())
+        return self.calls.gather("the stages' weights (stage_state_dicts)", self.process.state_dict())
 
     def sent_bytes(self) -> list[int]:
         """Per stage, the tensor bytes it has sent to its neighbours (activations, gradients)."""
-        return self._gather("the bytes sent", self.process.channel.sent_bytes)
-
-    def _gather(self, what: str, value: Any) -> list[Any]:
-        """Every rank's ``value``, in rank order: one of the calls every rank makes at the same
-        point (``predict``, ``state_dict``, ``save_checkpoint``, ``stats``, ...). The ranks compare what
-        they gather and how many such calls they made: a rank that called ``save_checkpoint``
-        alone paired its gathers with another rank's later ``to_module`` and returned wrong
-        weights there (helper-100).
-
-        Raises:
-            PipelineError: on every rank, where the ranks are in different calls.
-            PeerLostError: a rank did not join within the timeout or stopped.
-        """
-        self.gathers += 1
-        parts: list[Any] = [None] * self.world
-        try:
-            dist.all_gather_object(parts, (what, self.gathers, value), group=self.group)
-        except RuntimeError as exc:
-            raise PeerLostError(
-                f"rank {self.rank}: gathering {what} from every rank failed ({first_line(exc)}): under "
-                "torchrun every rank calls predict(), state_dict(), to_module(), save_checkpoint(), "
-                "load_checkpoint() and stats() at the same point of the script, or a rank has stopped"
-            ) from exc
-        calls = {(w, n) for w, n, _ in parts}
-        if len(calls) > 1:
-            said = "; ".join(f"rank {r}: {w} (its gather {n})" for r, (w, n, _) in enumerate(parts))
-            raise PipelineError(
-                f"the ranks are in different calls ({said}): under torchrun every rank calls "
-                "predict(), state_dict(), to_module(), save_checkpoint(), load_checkpoint() and stats() "
-                "at the same point of the script, not on one rank alone"
-            )
-        return [part for _, _, part in parts]
+        return self.calls.gather("the bytes sent (sent_bytes)", self.process.channel.sent_bytes)
 
     def abort(self) -> None:
         """:meth:`close` without waiting for the sends: the closed connections stop the other
@@ -378,7 +360,7 @@ class SPMDExecutor:
             if process is not None:
                 process.destroy_groups()
             dist.destroy_process_group(self.group)
-        self.group = None
+        self.group = self.calls.group = None
         mail = getattr(self, "mail", None)  # absent where building the stage failed
         if mail is not None:
             mail.clear()  # loss receives: their requests hold the group too
