@@ -25,7 +25,6 @@ from torch import nn
 
 from pipeoptim.compiler.plan import Plan
 from pipeoptim.compiler.trace import TracedModel
-from pipeoptim.compiler.trace_guards import plain_attributes
 from pipeoptim.errors import PipelineError, first_line
 from pipeoptim.runtime.optim import hyperparameters
 
@@ -38,22 +37,16 @@ _PLAIN = (int, float, str, bool, type(None))
 
 
 def _model(model: Any) -> str:
-    """The model's modules with their options (``repr``), the plain values its modules keep
-    (``self.scale = 0.5``) and its parameters' shapes, one per line; its weights may differ
-    (rank 0's are broadcast)."""
+    """The model's modules with their options (``repr``: Dropout's p, BatchNorm's momentum) and
+    its parameters' shapes, one per line; its weights may differ (rank 0's are broadcast), and
+    so may plain values its modules keep but forward never reads (a rank id): those it reads
+    are in the traced graph, compared once traced (:func:`same_graph`)."""
     if not isinstance(model, nn.Module):
         return type(model).__qualname__
     shapes = [(name, tuple(p.shape)) for name, p in model.named_parameters()]
     digest = hashlib.sha256(repr(shapes).encode()).hexdigest()[:8]
     values = sum(p.numel() for p in model.parameters())
-    kept = [
-        f"{prefix}.{name}={value!r}" if prefix else f"{name}={value!r}"
-        for prefix, _, name, value in plain_attributes(model)
-        if isinstance(value, _PLAIN)
-    ]
-    return "\n".join(
-        [repr(model), *kept, f"{len(shapes)} parameter tensors, {values:,} values (shapes {digest})"]
-    )
+    return f"{model!r}\n{len(shapes)} parameter tensors, {values:,} values (shapes {digest})"
 
 
 def _callable(fn: Any) -> str:
