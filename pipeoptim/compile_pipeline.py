@@ -196,106 +196,113 @@ def compile(
         PipelineError: more stages than GPUs on a CUDA machine, or a wrong torchrun world size.
     """
     arguments = dict(locals())  # as given: under torchrun the ranks compare them before anything
-    if executor != "local" and spmd.under_torchrun():  # so that they refuse, plan and build alike
+    torchrun = executor != "local" and spmd.under_torchrun()
+    if torchrun:  # so that they refuse, plan and build alike
         spmd.check_world(gpus)  # before joining: too few or many ranks never join
         spmd.join(timeout)
         check_same_on_every_rank(compile_settings(arguments))
-    if data_parallel == "auto":
-        options = {k: v for k, v in arguments.items() if k not in ("model", "optimizer", "gpus")}
-        return compile_best_layout(compile, model, optimizer, gpus, **options)
-    if not isinstance(gpus, int) or isinstance(gpus, bool) or gpus < 1:
-        raise ValueError(f"gpus must be a positive integer (the number of stages), got {gpus!r}")
-    if type(model).__name__ == "OptimizedModule" and isinstance(getattr(model, "_orig_mod", None), nn.Module):
-        raise ValueError(
-            "the model is wrapped by torch.compile, which cannot be traced into stages: pass "
-            "model._orig_mod, and compile_stages=True to compile each stage instead"
-        )
-    devices, gpus = gpus, check_layout(gpus, data_parallel)  # from here on gpus is N, the stages
-    if method not in METHODS:
-        raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
-    check_executor(executor)
-    if nan_check not in ("stages", "loss", "off"):
-        raise ValueError(f"nan_check must be 'stages', 'loss' or 'off', not {nan_check!r}")
-    microbatch.check_reduction(loss_fn, loss_reduction)
-    if batch_norm not in BATCH_NORMS:
-        raise ValueError(f"batch_norm must be 'micro-batch' or 'deferred', not {batch_norm!r}")
-    info = get_method(method)
-    max_grad_norm = check_clipping(max_grad_norm)
-    autocast = check_autocast(autocast)
-    check_replicated_options(data_parallel, max_grad_norm, batch_norm, autocast, info.asynchronous)
-    if not isinstance(prediction_error_every, int) or prediction_error_every < 0:
-        raise ValueError(
-            f"prediction_error_every must be 0 (off) or a positive integer, got {prediction_error_every!r}"
-        )
-    m = micro_batches if micro_batches is not None else (gpus if info.micro_batched else 1)
-    if m < 1:
-        raise ValueError(f"micro_batches must be positive, got {m}")
-    if not info.micro_batched and m != 1:
-        raise ValueError(f"method {method!r} does not split mini-batches: leave micro_batches unset")
-    check_micro_batches(method, gpus, m)
-    check_steps_without_closure(optimizer)  # first: no method can step it, so it is the cause
-    check_pipeoptim_options(method, info.policy, predictor, backward, optimizer)
-    if info.policy == "spectrain" and not (
-        isinstance(optimizer, torch.optim.SGD) and all(g.get("momentum", 0) for g in optimizer.param_groups)
-    ):
-        raise PredictorError(
-            f"SpecTrain needs torch.optim.SGD with momentum > 0, got {type(optimizer).__name__}: use "
-            "SGD(..., momentum=0.9) (--optimizer sgd) or method='pipeoptim' (--method pipeoptim)"
-        )
-    kind = executor
-    if kind == "auto":
-        kind = "torchrun" if spmd.under_torchrun() else "processes"
-    if kind == "processes":
-        check_not_importing_main()  # before profiling: this process is a worker starting
-        check_devices(devices)
-    inputs = example_tuple(example_inputs)
-    profiled_on = _profile_device(kind, inputs[0].device)  # where the stages run and are timed
-    backend = check_compile_stages(compile_stages, profiled_on)
-    batch = int(inputs[0].shape[0])
-    if batch < m * data_parallel:
-        raise ValueError(
-            f"example batch of {batch} rows cannot be split into {m * data_parallel} micro-batches"
-        )
-    micro = tuple(x[: math.ceil(batch / (m * data_parallel))].detach().cpu() for x in inputs)
-    try:
-        model_copy = copy.deepcopy(model).cpu()
-    except (NotImplementedError, RuntimeError, TypeError) as exc:  # torch's CSR tensors, locks, files
-        raise ValueError(
-            f"the model cannot be copied with copy.deepcopy ({type(exc).__name__}: "
-            f"{first_line(exc)}), which compile needs: keep sparse tensors "
-            "in COO layout (.to_sparse(); .to_sparse_csr() inside forward) and remove attributes that "
-            "cannot be copied (open files, locks)"
-        ) from exc
-    if batch_norm == "deferred":
-        if method not in ("gpipe", "1f1b"):
+    # a refusal on one rank alone (a file it cannot write, a model it cannot copy) on every rank
+    with together("check its compile arguments", "torchrun" if torchrun else "local"):
+        if data_parallel == "auto":
+            options = {k: v for k, v in arguments.items() if k not in ("model", "optimizer", "gpus")}
+            return compile_best_layout(compile, model, optimizer, gpus, **options)
+        if not isinstance(gpus, int) or isinstance(gpus, bool) or gpus < 1:
+            raise ValueError(f"gpus must be a positive integer (the number of stages), got {gpus!r}")
+        if type(model).__name__ == "OptimizedModule" and isinstance(
+            getattr(model, "_orig_mod", None), nn.Module
+        ):
             raise ValueError(
-                f"batch_norm='deferred' needs a method that flushes each mini-batch (gpipe, 1f1b), not "
-                f"{method!r}; the asynchronous methods run a mini-batch as one micro-batch (2bw aside), "
-                "where BatchNorm already tracks the whole mini-batch"
+                "the model is wrapped by torch.compile, which cannot be traced into stages: pass "
+                "model._orig_mod, and compile_stages=True to compile each stage instead"
             )
-        if not defer_batch_norm(model_copy):
+        devices, gpus = gpus, check_layout(gpus, data_parallel)  # from here on gpus is N, the stages
+        if method not in METHODS:
+            raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
+        check_executor(executor)
+        if nan_check not in ("stages", "loss", "off"):
+            raise ValueError(f"nan_check must be 'stages', 'loss' or 'off', not {nan_check!r}")
+        microbatch.check_reduction(loss_fn, loss_reduction)
+        if batch_norm not in BATCH_NORMS:
+            raise ValueError(f"batch_norm must be 'micro-batch' or 'deferred', not {batch_norm!r}")
+        info = get_method(method)
+        max_grad_norm = check_clipping(max_grad_norm)
+        autocast = check_autocast(autocast)
+        check_replicated_options(data_parallel, max_grad_norm, batch_norm, autocast, info.asynchronous)
+        if not isinstance(prediction_error_every, int) or prediction_error_every < 0:
             raise ValueError(
-                f"batch_norm='deferred' but {type(model).__name__} has no BatchNorm1d/2d/3d that tracks "
-                "running statistics: leave batch_norm unset"
+                "prediction_error_every must be 0 (off) or a positive integer, got "
+                f"{prediction_error_every!r}"
             )
-    groups = param_group_names(optimizer, model)
-    say = log or (lambda _msg: None)
-    with stage_threads(kind, profiled_on):  # timed as the stages run
-        config = planning_config(
-            optimizer,
-            method,
-            devices,
-            profiled_on,
-            profile_dir,
-            say,
-            bandwidth=bandwidth,
-            memory=memory,
-            latency=latency,
-            action_overhead=action_overhead,
-            num_stages=gpus,
-            micro_batches=m,
-            data_parallel=data_parallel,
-        )
+        m = micro_batches if micro_batches is not None else (gpus if info.micro_batched else 1)
+        if m < 1:
+            raise ValueError(f"micro_batches must be positive, got {m}")
+        if not info.micro_batched and m != 1:
+            raise ValueError(f"method {method!r} does not split mini-batches: leave micro_batches unset")
+        check_micro_batches(method, gpus, m)
+        check_steps_without_closure(optimizer)  # first: no method can step it, so it is the cause
+        check_pipeoptim_options(method, info.policy, predictor, backward, optimizer)
+        if info.policy == "spectrain" and not (
+            isinstance(optimizer, torch.optim.SGD)
+            and all(g.get("momentum", 0) for g in optimizer.param_groups)
+        ):
+            raise PredictorError(
+                f"SpecTrain needs torch.optim.SGD with momentum > 0, got {type(optimizer).__name__}: use "
+                "SGD(..., momentum=0.9) (--optimizer sgd) or method='pipeoptim' (--method pipeoptim)"
+            )
+        kind = executor
+        if kind == "auto":
+            kind = "torchrun" if spmd.under_torchrun() else "processes"
+        if kind == "processes":
+            check_not_importing_main()  # before profiling: this process is a worker starting
+            check_devices(devices)
+        inputs = example_tuple(example_inputs)
+        profiled_on = _profile_device(kind, inputs[0].device)  # where the stages run and are timed
+        backend = check_compile_stages(compile_stages, profiled_on)
+        batch = int(inputs[0].shape[0])
+        if batch < m * data_parallel:
+            raise ValueError(
+                f"example batch of {batch} rows cannot be split into {m * data_parallel} micro-batches"
+            )
+        micro = tuple(x[: math.ceil(batch / (m * data_parallel))].detach().cpu() for x in inputs)
+        try:
+            model_copy = copy.deepcopy(model).cpu()
+        except (NotImplementedError, RuntimeError, TypeError) as exc:  # torch's CSR tensors, locks, files
+            raise ValueError(
+                f"the model cannot be copied with copy.deepcopy ({type(exc).__name__}: "
+                f"{first_line(exc)}), which compile needs: keep sparse tensors "
+                "in COO layout (.to_sparse(); .to_sparse_csr() inside forward) and remove attributes that "
+                "cannot be copied (open files, locks)"
+            ) from exc
+        if batch_norm == "deferred":
+            if method not in ("gpipe", "1f1b"):
+                raise ValueError(
+                    f"batch_norm='deferred' needs a method that flushes each mini-batch (gpipe, 1f1b), not "
+                    f"{method!r}; the asynchronous methods run a mini-batch as one micro-batch (2bw aside), "
+                    "where BatchNorm already tracks the whole mini-batch"
+                )
+            if not defer_batch_norm(model_copy):
+                raise ValueError(
+                    f"batch_norm='deferred' but {type(model).__name__} has no BatchNorm1d/2d/3d that tracks "
+                    "running statistics: leave batch_norm unset"
+                )
+        groups = param_group_names(optimizer, model)
+        say = log or (lambda _msg: None)
+        with stage_threads(kind, profiled_on):  # timed as the stages run
+            config = planning_config(
+                optimizer,
+                method,
+                devices,
+                profiled_on,
+                profile_dir,
+                say,
+                bandwidth=bandwidth,
+                memory=memory,
+                latency=latency,
+                action_overhead=action_overhead,
+                num_stages=gpus,
+                micro_batches=m,
+                data_parallel=data_parallel,
+            )
     rank0 = kind != "torchrun" or dist.get_rank() == 0
     if plan is not None:
         with together("trace its model for the plan given", kind):  # each rank checks it

@@ -321,8 +321,8 @@ class Pipeline(Measurements, checkpoint.Checkpoints):
         if state.get("format") != _OPTIMIZER_STATE:
             raise PipelineError("not a pipeoptim optimizer state (format differs)")
         self.flush()
+        self._executor.load_optimizer_state(state)  # may refuse it (torchrun): first
         restore_hyperparameters(self._optimizer, state.get("param_groups"))  # the lr a scheduler left
-        self._executor.load_optimizer_state(state)
         self._next = int(state.get("mini_batches", self._next))
         self._executor.resume(self._next)
 
@@ -363,7 +363,7 @@ class Pipeline(Measurements, checkpoint.Checkpoints):
             warnings.warn(
                 f"close() did not finish the mini-batches in flight: {type(exc).__name__} "
                 f"({first_line(exc)}) is being raised or handled on this rank, whose stage cannot finish "
-                "without the other ranks; call close() outside the except block to finish them",
+                "without the other ranks (as leaving a with block by an exception)",
                 stacklevel=2,
             )
         try:

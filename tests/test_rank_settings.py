@@ -89,3 +89,30 @@ def test_settings_hold_what_shapes_do_not_show() -> None:
         _differing(base, settings(net(), profile_dir=None, bandwidth="1GB/s", timeout=5, solver="highs"))
         == set()
     )
+
+
+def test_a_plan_is_compared_by_its_contents_and_a_function_by_its_name(tmp_path, monkeypatch) -> None:
+    """helper-103: a plan file at another path (relative, absolute) or the Plan object itself
+    was refused, another file behind the same path accepted (it trained without a ReLU); a
+    loss_reduction function was compared by its address."""
+    import pipeoptim
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    x = torch.randn(8, 4)
+    plans = []
+    for gpus in (2, 3):
+        with pipeoptim.compile(
+            model, opt, gpus, example_inputs=x, loss_fn=F.cross_entropy, executor="local", profile_dir=None
+        ) as pipe:
+            plans.append(pipe.plan)
+    plans[0].save(tmp_path / "plan.json")
+    plans[1].save(tmp_path / "other.json")
+    monkeypatch.chdir(tmp_path)
+    same = [_settings(model, opt, plan=p) for p in ("plan.json", tmp_path / "plan.json", plans[0])]
+    assert same[0]["plan"].startswith("a plan ") and same[0] == same[1] == same[2]
+    assert _differing(same[0], _settings(model, opt, plan="other.json")) == {"plan"}
+    assert _settings(model, opt, plan="missing.json")["plan"] == "an unreadable plan file (PlanError)"
+    one, two = (_settings(model, opt, loss_reduction=lambda n, rows: rows / n) for _ in range(2))
+    assert _differing(one, two) == set() and "<lambda>" in one["loss_reduction"]

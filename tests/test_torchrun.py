@@ -334,8 +334,8 @@ def test_a_rank_raising_through_try_finally_close_stops_every_rank_at_once(tmp_p
     assert ranks[1]["error"] == "RuntimeError: the script's own bug on rank 1"
     assert ranks[1]["warnings"] == [  # said, as a close() in an unrelated except block loses them too
         "close() did not finish the mini-batches in flight: RuntimeError (the script's own bug on rank 1) "
-        "is being raised or handled on this rank, whose stage cannot finish without the other ranks; call "
-        "close() outside the except block to finish them"
+        "is being raised or handled on this rank, whose stage cannot finish without the other ranks (as "
+        "leaving a with block by an exception)"
     ]
     for rank in (0, 2, 3):
         assert ranks[rank]["error"].startswith("PeerLostError: "), ranks[rank]

@@ -37,16 +37,23 @@ def graph_hash(gm: fx.GraphModule, leaves: Iterable[str] = ()) -> str:
 
 def leaf_identity(module: nn.Module) -> str:
     """The source of ``module``'s class (its qualified name where the source cannot be read)
-    and its own attributes that are plain values (``self.iterations = 200``; not the train/eval
-    flag), sorted."""
+    and its own attributes that are plain values or lists, tuples and dicts of them
+    (``self.iterations = 200``; not the train/eval flag), sorted."""
     cls = type(module)
     try:
         source = inspect.getsource(cls)
     except (OSError, TypeError):
         source = f"{cls.__module__}.{cls.__qualname__}"
-    plain = {
-        k: v
-        for k, v in vars(module).items()
-        if not k.startswith("_") and k != "training" and isinstance(v, _PLAIN)
-    }
+    plain = {k: v for k, v in vars(module).items() if not k.startswith("_") and k != "training" and _plain(v)}
     return source + repr(sorted(plain.items()))
+
+
+def _plain(value: object) -> bool:
+    """A plain value, or a list, tuple or dict (of str keys) of them: a leaf's ``self.slopes =
+    [0.1]`` or ``self.cfg = {"slope": 0.1}`` counts as ``self.slope = 0.1`` does (helper-103: a
+    torchrun rank whose leaf held 3.0 there trained beside rank 0's 0.1, silently)."""
+    if isinstance(value, (list, tuple)):
+        return all(_plain(v) for v in value)
+    if isinstance(value, dict):
+        return all(isinstance(k, str) and _plain(v) for k, v in value.items())
+    return isinstance(value, _PLAIN)

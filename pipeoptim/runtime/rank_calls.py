@@ -71,5 +71,6 @@ class RankCalls:
             said = "; ".join(f"rank {r}: {d}" for r, d in enumerate(digests))
             raise PipelineError(
                 f"the ranks load different {what.split(' (')[0]} ({said}): every rank loads the same "
-                "checkpoint (the same file, or a copy of it), or the stages would hold parts of several"
+                "(the same checkpoint file, or a copy of it; an optimizer that stepped before compile "
+                "holds the same state on every rank), or the stages would hold parts of several"
             )

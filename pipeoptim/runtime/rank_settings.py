@@ -69,9 +69,24 @@ def _value(value: Any) -> str:
         return f"{list(value.shape)} {value.dtype}"
     if isinstance(value, (tuple, list)):
         return ", ".join(_value(v) for v in value) if value else repr(value)
-    if hasattr(value, "to_dict") and callable(value.to_dict):  # a Plan
+    if isinstance(value, Plan):
         return "a plan " + hashlib.sha256(repr(value.to_dict()).encode()).hexdigest()[:8]
+    if callable(value):  # loss_reduction: a function by its name (its repr holds an address)
+        return _callable(value)
     return repr(value) if isinstance(value, (*_PLAIN, torch.dtype)) else str(value)
+
+
+def _plan(plan: Any) -> str:
+    """A plan given to ``compile`` by its contents: a file at another path (relative,
+    absolute, another working directory) or a :class:`Plan` object holding the same plan is
+    the same; another file behind the same path is not (helper-103: a cut one node later
+    trained without a ReLU, silently)."""
+    if plan is None or isinstance(plan, Plan):
+        return _value(plan)
+    try:
+        return _value(Plan.load(plan))
+    except Exception as exc:  # said by compile's own reading of it
+        return f"an unreadable plan file ({type(exc).__name__})"
 
 
 def compile_settings(arguments: Mapping[str, Any]) -> dict[str, str]:
@@ -89,6 +104,7 @@ def compile_settings(arguments: Mapping[str, Any]) -> dict[str, str]:
             settings.update({f"{key} of param group {i}": repr(value) for key, value in group.items()})
     settings["example inputs"] = _value(arguments["example_inputs"])
     settings["loss_fn"] = _callable(arguments["loss_fn"])
+    settings["plan"] = _plan(arguments.get("plan"))
     rest = (k for k in arguments if k not in settings and k not in ("optimizer", "example_inputs", "loss_fn"))
     settings.update({name: _value(arguments[name]) for name in rest if name not in RANK_0_ONLY})
     return settings
@@ -113,8 +129,10 @@ def check_same_on_every_rank(settings: Mapping[str, str]) -> None:
     said = []
     for key in differing[:SHOWN]:
         values: dict[str, list[int]] = {}
+        other = next(theirs.get(key) for theirs in gathered if theirs.get(key) != first.get(key))
         for rank, theirs in enumerate(gathered):
-            values.setdefault(_shown(theirs.get(key), first.get(key)), []).append(rank)
+            reference = other if theirs.get(key) == first.get(key) else first.get(key)
+            values.setdefault(_shown(theirs.get(key), reference), []).append(rank)
         said.append(f"{key}: " + "; ".join(f"{value} on {_ranks(r)}" for value, r in values.items()))
     more = f" (and {len(differing) - SHOWN} more)" if len(differing) > SHOWN else ""
     raise PipelineError(
@@ -125,7 +143,8 @@ def check_same_on_every_rank(settings: Mapping[str, str]) -> None:
 
 
 def _shown(value: str | None, first: str | None) -> str:
-    """``value`` as said, or of several lines the first that differs from ``first``'s."""
+    """``value`` as said, or of several lines the first that differs from ``first`` (another
+    rank's value)."""
     if value is None:
         return "(none)"
     if "\n" not in value or first is None:

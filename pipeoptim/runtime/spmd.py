@@ -198,14 +198,14 @@ class SPMDExecutor:
         if call != "step":  # every rank in the same call before its messages (not per step)
             self.calls.gather(f"the start of {call}()", None)
         if self.rank == 0:
-            if batch is None and not refused:
-                raise PipelineError(
-                    "rank 0 runs the first stage and needs the inputs: pass them to step()/predict() "
-                    "there (other ranks may pass None)"
-                )
             size = [REFUSED, -1] if refused or batch is None else [batch, batch.length or -1]
             for rank in range(1, self.world):
                 self.process.channel.isend(torch.tensor(size, dtype=torch.int64), rank, tag=SIZE_TAG)
+            if batch is None and not refused:  # refused everywhere: the pipeline goes on
+                raise BatchRefusedError(
+                    f"rank 0 runs the first stage and needs the inputs: pass them to {call}() there "
+                    "(other ranks may pass None); every rank skips this batch, the pipeline goes on"
+                )
             return None if refused else batch
         box = torch.empty(2, dtype=torch.int64)
         try:
@@ -299,7 +299,7 @@ class SPMDExecutor:
         return merge_optimizer_states(parts[: self.num_stages])  # replica 0
 
     def load_optimizer_state(self, state: dict[str, Any]) -> None:
-        self.calls.same_everywhere("the optimizer state (load_optimizer_state_dict, load_checkpoint)", state)
+        self.calls.same_everywhere("optimizer state (load_optimizer_state_dict, load_checkpoint)", state)
         self.process.load_optimizer_state(state)
 
     def resume(self, mini_batches: int) -> None:
