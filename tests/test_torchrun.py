@@ -205,6 +205,13 @@ def test_compile_arguments_that_differ_between_ranks_stop_every_rank_naming_them
         assert result["processes executor"].startswith(
             "ValueError: executor='processes' in a process torchrun started"
         )
+        copied = result["uncopyable model on one rank"]
+        if rank == 1:
+            assert copied.startswith("ValueError: the model cannot be copied with copy.deepcopy"), copied
+        else:
+            assert copied.startswith(
+                "PipelineError: rank 1 could not check its compile arguments (ValueError: "
+            ), copied
         assert result["losses"] == ranks[0]["losses"] and len(result["losses"]) == 3
 
 
@@ -237,6 +244,11 @@ def test_calls_that_gather_from_every_rank_made_in_another_order_are_refused_on_
     for result in ranks:
         for case, start in said.items():
             assert result[case].startswith(start), (case, result[case])
+        assert result["predict after"] == 8  # rank 0 without inputs refused that predict only
+    assert ranks[0]["predict without inputs"].startswith(
+        "BatchRefusedError: rank 0 runs the first stage and needs"
+    )
+    assert ranks[1]["predict without inputs"].startswith("BatchRefusedError: rank 0 refused the inputs")
     plain = no_dropout_cnn()
     plain_training(plain, data(3), 2, lr=0.05)  # trains plain in place
     for key, values in ranks[0]["weights"].items():

@@ -41,6 +41,8 @@ def main(out: str, gpus: int, profile_dir: str) -> None:
             "predict / weights",
             lambda: pipe.predict(batches[0][0]) if rank == 0 else pipe.state_dict(),
         )
+        attempt(result, "predict without inputs", lambda: pipe.predict(None))  # on every rank
+        result["predict after"] = pipe.predict(batches[0][0]).shape[0]
         pipe.save_checkpoint(f"{out}.ckpt1.{rank}")
         pipe.step(*batches[2])
         weights = pipe.to_module().state_dict()

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import threading
 
 import torch
 import torch.nn.functional as F
@@ -35,12 +36,15 @@ def main(out: str, gpus: int, profile_dir: str) -> None:
     model = SmallCNN()
     kwargs = {"loss_fn": F.cross_entropy, "profile_dir": profile_dir, "timeout": 60}
     example = data(1)[0][0]
+    locked = SmallCNN()
+    locked.lock = threading.Lock()  # copy.deepcopy refuses it: compile fails on rank 1 alone
     cases = {  # case: (model, lr, compile's own arguments)
         "method and lr": (model, {2: 0.5}.get(rank, 0.05), {"method": {1: "1f1b"}.get(rank, "pipeoptim")}),
         "example rows": (model, 0.05, {"example_inputs": example[:4] if rank == 1 else example}),
         "bad method on one rank": (model, 0.05, {"method": "bogus" if rank == 1 else "pipeoptim"}),
         "another forward": (OwnForward(), 0.05, {}),
         "processes executor": (model, 0.05, {"executor": "processes"}),
+        "uncopyable model on one rank": (locked if rank == 1 else model, 0.05, {}),
     }
     for case, (net, lr, own) in cases.items():
         opt = torch.optim.SGD(net.parameters(), lr=lr, momentum=0.9)
