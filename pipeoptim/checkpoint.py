@@ -88,6 +88,8 @@ def read_checkpoint(path: str | os.PathLike[str], missing: str = MISSING) -> dic
         CheckpointError: the file is missing, truncated or not a pipeoptim checkpoint.
     """
     path = Path(path)
+    if path.is_dir():
+        raise CheckpointError(f"{path} is a folder, not a checkpoint file: {missing}")
     if not path.is_file():
         raise CheckpointError(f"no checkpoint at {path}: {missing}")
     try:
@@ -103,7 +105,13 @@ def read_checkpoint(path: str | os.PathLike[str], missing: str = MISSING) -> dic
             f"checkpoint {path} is unreadable (truncated or corrupt: {exc}); delete it or load an older one"
         ) from exc
     if not isinstance(data, dict) or data.get("format") != FORMAT:
-        raise CheckpointError(f"{path} is not a {FORMAT} checkpoint")
+        plain = isinstance(data, dict) and data and all(isinstance(v, torch.Tensor) for v in data.values())
+        hint = (
+            ": it holds a plain state dict; load it with pipe.load_state_dict(torch.load(path))"
+            if plain
+            else ""
+        )
+        raise CheckpointError(f"{path} is not a {FORMAT} checkpoint{hint}")
     wrong = wrong_fields(data, _FIELDS)
     if wrong:  # the format tag alone passed, and a missing field raised a KeyError later
         raise CheckpointError(
@@ -122,7 +130,7 @@ def check_model(data: dict[str, Any], path: str | os.PathLike[str], model: torch
     expected = type(model).__qualname__
     if data["model_class"] != expected or set(data["state_dict"]) != set(model.state_dict()):
         raise CheckpointError(
-            f"checkpoint {path} holds a {data['model_class']} whose weights do not match this "
+            f"checkpoint {path} holds weights of {data['model_class']} that do not match this "
             f"{expected}: load it into a pipeline of the same model"
         )
 

@@ -38,8 +38,16 @@ def checkpoint_path(resume: str) -> Path:
     return folder / "checkpoint.pt" if folder.is_dir() or not (folder.exists() or folder.suffix) else folder
 
 
-#: the fix where ``--resume`` names no checkpoint
-RESUME_MISSING = "start without --resume, or point it at a run folder"
+def _missing(path: Path) -> str:
+    """The fix where ``--resume`` names no checkpoint at ``path``: a run folder whose run saved
+    none (no ``--checkpoint-every``) is said to be one (helper-103: "point it at a run folder"
+    was said of a run folder)."""
+    if (path.parent / "metrics.json").is_file():
+        return (
+            f"the run in {path.parent} saved no checkpoint (it ran without --checkpoint-every); start "
+            "without --resume, and give --checkpoint-every N to a run you may want to resume"
+        )
+    return "start without --resume, or point it at a run folder"
 
 
 def saved_config(path: Path) -> dict[str, Any]:
@@ -48,7 +56,7 @@ def saved_config(path: Path) -> dict[str, Any]:
     Raises:
         CheckpointError: the checkpoint is missing or unreadable.
     """
-    return dict(read_checkpoint(path, RESUME_MISSING)["extra"].get("config", {}))
+    return dict(read_checkpoint(path, _missing(path))["extra"].get("config", {}))
 
 
 def inherit_settings(config: Any, given: Collection[str]) -> Any:
@@ -80,7 +88,7 @@ def check_resume(config: Any, log: Callable[[str], None]) -> Path | None:
     if config.resume is None:
         return None
     path = checkpoint_path(config.resume)
-    data = read_checkpoint(path, RESUME_MISSING)  # raises CheckpointError when missing or half-written
+    data = read_checkpoint(path, _missing(path))  # raises CheckpointError when missing or half-written
     saved = data["extra"].get("config", {})
     for key in MUST_MATCH:
         given = getattr(config, key)

@@ -177,6 +177,11 @@ def test_sequential_reference_and_bad_resume(tmp_path: Path) -> None:
     # --resume of this folder then continued the earlier run
     assert code == 0, err
     assert not (tmp_path / "seq" / "checkpoint.pt").exists()
+    code, _, err = run("digits", "--epochs", "2", "--resume", str(tmp_path / "seq"))  # a run that saved none
+    assert (
+        code == 1
+        and f"the run in {tmp_path / 'seq'} saved no checkpoint (it ran without --checkpoint-every)" in err
+    )
     code, _, err = run(
         "digits", "--epochs", "1", "--out", str(tmp_path / "x"), "--resume", str(tmp_path / "nope")
     )

@@ -275,6 +275,11 @@ def test_checkpoint_errors(tmp_path: Path) -> None:
         assert str(missing.value) == (
             f"no checkpoint at {tmp_path / 'missing.pt'}: give the path of a file save_checkpoint wrote"
         )
+        with pytest.raises(CheckpointError, match=r"is a folder, not a checkpoint file: give the path"):
+            pipe.load_checkpoint(tmp_path)
+        torch.save(model.state_dict(), tmp_path / "weights.pt")  # helper-103: a plain state dict
+        with pytest.raises(CheckpointError, match=r"plain state dict; load it with pipe.load_state_dict"):
+            pipe.load_checkpoint(tmp_path / "weights.pt")
         pipe.save_checkpoint(tmp_path / "ok.pt")
         # tensors and plain data only, as the README says: a user's own torch.load reads it
         # (helper-98: the plan's torch version was a TorchVersion, "Unsupported global")

@@ -218,7 +218,8 @@ def same_graph(traced: TracedModel, plan: Plan) -> TracedModel:
     if traced.graph_hash != plan.profile_key.get("graph_hash"):
         raise PipelineError(
             f"this rank's {plan.model} traces to another graph than rank 0's, which planned for every "
-            "rank (other code in a forward?): every rank must compile the same model"
+            "rank (other code in a forward, other dtypes, or other parameters frozen): every rank must "
+            "compile the same model"
         )
     return traced
 
