@@ -255,6 +255,8 @@ def test_calls_that_gather_from_every_rank_made_in_another_order_are_refused_on_
         assert values == pytest.approx(plain.state_dict()[key].flatten()[:4].tolist(), abs=1e-6), key
         assert ranks[1]["weights"][key] == values
     assert all(result["reloaded equal"] for result in ranks)
+    # a float64 model's losses alike on every rank (the last rank's were rounded to float32, helper-103)
+    assert ranks[0]["float64 losses"] == ranks[1]["float64 losses"]
 
 
 @pytest.mark.slow

@@ -56,6 +56,11 @@ def main(out: str, gpus: int, profile_dir: str) -> None:
         pipe.load_checkpoint(f"{out}.ckpt2.{rank}")
         reloaded = pipe.to_module().state_dict()
     result["reloaded equal"] = all(torch.equal(reloaded[k], v) for k, v in weights.items())
+    double = torch.nn.Sequential(torch.nn.Linear(64, 16), torch.nn.ReLU(), torch.nn.Linear(16, 10)).double()
+    opt = torch.optim.SGD(double.parameters(), lr=0.05)
+    x, y = batches[0][0].flatten(1).double(), batches[0][1]
+    with pipeoptim.compile(double, opt, gpus, example_inputs=x, method="1f1b", **kwargs) as pipe:
+        result["float64 losses"] = [pipe.step(x, y).item() for _ in range(2)]
     with open(f"{out}.{rank}", "w") as f:
         json.dump(result, f)
 

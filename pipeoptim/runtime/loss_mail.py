@@ -76,7 +76,8 @@ class LossMail:
         computed, send them to every other rank as one message (micro-batch order)."""
         per = self.micro_batches
         for mb, value in losses:
-            self.on_loss(mb, torch.tensor(value), self.replica)
+            # float64 as the other ranks receive it (torch.tensor(value) rounded a float64 model's loss)
+            self.on_loss(mb, torch.tensor(value, dtype=torch.float64), self.replica)
             count, known = self._losses[mb // per]
             known[mb % per] = value
             if len(known) == count:
