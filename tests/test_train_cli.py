@@ -477,7 +477,8 @@ def test_ctrl_c_with_json_prints_an_object_on_stdout(tmp_path, monkeypatch) -> N
         (
             ["--method", "gpipe", "--micro-batches", "40", "--batch-size", "32"],
             2,
-            "--micro-batches 40 splits each mini-batch into 40 parts, but --batch-size 32 gives it 32 rows",
+            "Invalid value for '--micro-batches': --micro-batches 40 splits each mini-batch into 40 parts, "
+            "but --batch-size 32 gives it 32 rows",
         ),
         (
             ["--data-parallel", "4", "--batch-size", "2"],
@@ -487,7 +488,8 @@ def test_ctrl_c_with_json_prints_an_object_on_stdout(tmp_path, monkeypatch) -> N
         (
             ["--method", "1f1b", "--micro-batches", "4", "--data-parallel", "2", "--batch-size", "6"],
             2,
-            "--micro-batches 4 x --data-parallel 2 split each mini-batch into 8 parts",
+            "Invalid value for '--micro-batches' / '--data-parallel': --micro-batches 4 x --data-parallel 2 "
+            "split each mini-batch into 8 parts",
         ),
     ],
     ids=["stages", "layout", "resume", "data", "out", "micro-batches", "replicas", "both"],

@@ -32,7 +32,7 @@ def check_rows(batch_size: int, micro_batches: int | None, data_parallel) -> Non
         f"{split} split{'s' if len(given) == 1 else ''} each mini-batch into {parts} parts, but --batch-size "
         f"{batch_size} gives it {batch_size} rows and every part needs at least one: give --batch-size "
         f"{parts} or more, or {fewer}",
-        param_hint="--batch-size",
+        param_hint=[option for option, _ in given],  # what was given (--batch-size may be its default)
     )
 
 
