@@ -381,8 +381,8 @@ def compile(
     device = inputs[0].device if kind == "local" else torch.device("cpu")
     pipe = Pipeline(spec, traced, optimizer, batch, static_batch, kind, device, timeout)
     held = held_state(model, optimizer)  # an optimizer that has stepped: continue from its state
-    if held is not None:
-        pipe._continue_from(held)
+    if held is not None:  # under torchrun rank 0's, as its weights are every rank's
+        pipe._continue_from(spmd.broadcast(held) if kind == "torchrun" else held)
     return pipe
 
 

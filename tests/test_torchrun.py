@@ -257,6 +257,8 @@ def test_calls_that_gather_from_every_rank_made_in_another_order_are_refused_on_
     assert all(result["reloaded equal"] for result in ranks)
     # a float64 model's losses alike on every rank (the last rank's were rounded to float32, helper-103)
     assert ranks[0]["float64 losses"] == ranks[1]["float64 losses"]
+    # an optimizer stepped differently on each rank before compile: rank 0's state, as its weights
+    assert all(result["rank 0's momentum"] for result in ranks)
 
 
 @pytest.mark.slow

@@ -61,6 +61,16 @@ def main(out: str, gpus: int, profile_dir: str) -> None:
     x, y = batches[0][0].flatten(1).double(), batches[0][1]
     with pipeoptim.compile(double, opt, gpus, example_inputs=x, method="1f1b", **kwargs) as pipe:
         result["float64 losses"] = [pipe.step(x, y).item() for _ in range(2)]
+    stepped = no_dropout_cnn()  # an optimizer that stepped on each rank's own data before compile
+    opt = torch.optim.SGD(stepped.parameters(), lr=0.05, momentum=0.9)
+    F.cross_entropy(stepped(batches[rank][0]), batches[rank][1]).backward()
+    opt.step()
+    momentum = opt.state[stepped.fc2.weight]["momentum_buffer"].clone()
+    momenta = [torch.zeros_like(momentum) for _ in range(gpus)]
+    torch.distributed.all_gather(momenta, momentum)
+    with pipeoptim.compile(stepped, opt, gpus, example_inputs=batches[0][0], method="1f1b", **kwargs) as pipe:
+        held = pipe.optimizer_state_dict()["state"]["fc2.weight"]["momentum_buffer"]
+    result["rank 0's momentum"] = torch.equal(held, momenta[0]) and not torch.equal(momenta[0], momenta[1])
     with open(f"{out}.{rank}", "w") as f:
         json.dump(result, f)
 
