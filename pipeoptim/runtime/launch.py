@@ -74,10 +74,13 @@ class Executor(Protocol):
 
 
 def check_executor(executor: str) -> None:
-    """Raises:
-    ValueError: an unknown ``executor``, ``"torchrun"`` in a process torchrun did not start, or
-        ``"processes"`` in one it did (every rank started workers of its own, and every rank
-        waited out the timeout for them)."""
+    """Check ``compile``'s ``executor`` against how this process was started.
+
+    Raises:
+        ValueError: an unknown ``executor``, ``"torchrun"`` in a process torchrun did not
+            start, or ``"processes"`` in one it did (every rank started workers of its own,
+            and every rank waited out the timeout for them).
+    """
     from pipeoptim.runtime.spmd import under_torchrun  # torch.distributed: only where needed
 
     if executor not in ("auto", "local", "processes", "torchrun"):

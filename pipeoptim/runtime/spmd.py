@@ -96,9 +96,12 @@ def join(timeout: float) -> None:
 
 
 def check_world(num_stages: int) -> None:
-    """Raises:
-    PipelineError: torchrun's world size differs from ``num_stages`` (``gpus``: N stages × R
-        replicas)."""
+    """Check torchrun's world size against ``num_stages`` (``gpus``: N stages × R replicas),
+    before joining the group: too few or too many ranks never join it.
+
+    Raises:
+        PipelineError: the world size differs.
+    """
     world = int(os.environ["WORLD_SIZE"])
     if world != num_stages:
         raise PipelineError(
