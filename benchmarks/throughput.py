@@ -51,7 +51,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import dataclasses
 import datetime
 import itertools
 import math
@@ -86,7 +85,7 @@ from pipeoptim.machine_costs import load_or_measure_machine_costs
 from pipeoptim.runtime.affinity import pin_rank
 from pipeoptim.runtime.distributed import free_port
 from pipeoptim.runtime.linkcost import QUICK_SIZES, REPEATS, SIZES, measure_link
-from pipeoptim.update_cost import UpdateCosts, measure_update_cost, working_set_of
+from pipeoptim.update_pricing import UpdatePricing
 
 WIDTH, DEPTH, BATCH, CLASSES = 512, 16, 64, 10
 VOCAB, DIM, HEADS, BLOCKS, SEQ, LM_BATCH = 256, 256, 4, 8, 32, 8
@@ -493,30 +492,22 @@ def priced_now(
     model: str,
     plans: dict[str, Plan],
     profile_dir: Path | None = None,
-    update_costs: UpdateCosts | None = None,
 ) -> dict[str, dict[str, Any]]:
     """The cost model's summary (:func:`pipeoptim.compiler.summary.summarize`) of each plan's
     stages and settings from timings taken now, once for all of them: the model profiled
     again (once per micro-batch size; ``profile_dir`` None: not saved, nor read) and the
-    optimizer's step, prediction and copy timed again (``update_costs`` None). This shared
-    machine's speed drifted up to 2x within a full benchmark run, so the profile the plans
-    were made from at its start priced runs half an hour later."""
+    optimizer's step, prediction and copy timed again beside the plan's other ranks on these
+    cores, as ``compile`` times them (:class:`pipeoptim.update_pricing.UpdatePricing`). This
+    shared machine's speed drifted up to 2x within a full benchmark run, so the profile the
+    plans were made from at its start priced runs half an hour later."""
     make, data, _, _, _ = MODELS[model]
     net = make()
     optimizer = torch.optim.SGD(net.parameters(), lr=1e-3, momentum=0.9)
-    numel, tensors = working_set_of(net.parameters(), DEVICE)
-    costs = update_costs or measure_update_cost(
-        type(optimizer), optimizer.defaults, DEVICE, numel, tensors=tensors
-    )
+    pricing = UpdatePricing.of(optimizer, torch.device(DEVICE), None, print)  # timed now, not cached
     graphs: dict[int, Any] = {}
     summaries = {}
     for name, plan in plans.items():
-        config = dataclasses.replace(
-            plan.config,
-            step_s_per_byte=costs.step,
-            predict_s_per_byte=costs.predict,
-            copy_s_per_byte=costs.copy,
-        )
+        config = pricing(plan.config)
         if plan.batch_size not in graphs:
             micro = (data(size=plan.batch_size)[0],)
             graphs[plan.batch_size] = plan_model(

@@ -15,7 +15,6 @@ from __future__ import annotations
 import copy
 from collections.abc import Callable, Sequence
 from functools import partial
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -37,12 +36,7 @@ from pipeoptim.runtime.linkcost import shared_cores, stage_threads
 from pipeoptim.runtime.precision import autocast_context, check_autocast
 from pipeoptim.runtime.replicas import check_replicated_options
 from pipeoptim.units import parse_bandwidth, parse_bytes
-from pipeoptim.update_cost import (
-    UpdateCostError,
-    UpdateCosts,
-    load_or_measure_update_cost,
-    working_set_of,
-)
+from pipeoptim.update_pricing import UpdatePricing
 
 if TYPE_CHECKING:
     from pipeoptim.pipeline import Pipeline
@@ -64,6 +58,7 @@ def choose_compile_layout(
     autocast: torch.dtype | None = None,
     log: Callable[[str], None] = lambda _msg: None,
     runnable: Callable[[int, int], None] = lambda _stages, _replicas: None,
+    pricing: Callable[[CostConfig], CostConfig] = lambda config: config,
 ) -> LayoutChoice:
     """The fastest predicted layout of ``gpus`` devices for ``model`` on the mini-batch ``inputs``.
 
@@ -78,6 +73,8 @@ def choose_compile_layout(
         leaf_modules, profile_dir, device, solver, autocast, log: as ``compile``'s.
         runnable: ``runnable(N, R)`` raises ``ValueError`` for a layout ``compile`` refuses
             with the other options (then it is infeasible, for that reason).
+        pricing: each layout's update costs (:class:`pipeoptim.update_pricing.UpdatePricing`:
+            timed beside that layout's other ranks); by default ``config``'s.
 
     Raises:
         InfeasibleMemoryError, PlanError: no layout is feasible, or a forced one needs more
@@ -99,7 +96,7 @@ def choose_compile_layout(
             runnable(layout.num_stages, layout.data_parallel)
         except ValueError as exc:
             raise PlanError(str(exc)) from exc
-        made = make_plan(graph, layout, solver=solver)
+        made = make_plan(graph, pricing(layout), solver=solver)
         if layout.data_parallel > 1 and made.shared:
             raise PlanError("tied weights read by several stages cannot be replicated yet")
         return made
@@ -215,13 +212,13 @@ def plan_best_layout(
     say = options.get("log") or (lambda _msg: None)
     profile_dir = options.get("profile_dir", "profiles")
     with stage_threads("processes" if kind == "auto" else kind, device):  # timed as the stages run
+        pricing = UpdatePricing.of(optimizer, device, profile_dir, say)
         config = planning_config(
             optimizer,
             method,
             gpus,
             device,
-            profile_dir,
-            say,
+            pricing,
             bandwidth=options.get("bandwidth", "25GB/s"),
             memory=options.get("memory"),
             latency=options.get("latency", 0.0),
@@ -242,6 +239,7 @@ def plan_best_layout(
             autocast=options.get("autocast"),
             log=say,
             runnable=partial(_runnable, options),
+            pricing=pricing,
         )
     n, r = choice.chosen.stages, choice.chosen.replicas
     say(f"layout {n} x {r} (stages x replicas) chosen of {gpus} devices:\n{choice.table()}")
@@ -253,8 +251,7 @@ def planning_config(
     method: str,
     devices: int,
     device: torch.device,
-    profile_dir: str | Path,
-    say: Callable[[str], None],
+    pricing: UpdatePricing,
     bandwidth: str | float | None,
     memory: str | int | None,
     latency: float,
@@ -263,8 +260,9 @@ def planning_config(
 ) -> CostConfig:
     """The cost model's settings for planning on ``devices`` devices, the same for ``compile``
     and its layout search: the optimizer's measured step, prediction and weight-copy cost per
-    byte, timed on a working set like the optimizer's parameters (``0`` with a logged reason
-    where it cannot be measured), its state factor, bandwidth, memory
+    byte of the layout's ranks (``pricing``, timed on a working set like the optimizer's
+    parameters beside the other ranks on this CPU; ``0`` with a logged reason where it cannot
+    be measured), its state factor, bandwidth, memory
     limit, latency (seconds per message), action overhead (seconds), the CPU cores the ranks
     share, recomputation where the memory limit binds; ``layout`` gives ``num_stages``,
     ``micro_batches`` and ``data_parallel`` (default: ``devices`` stages).
@@ -272,34 +270,19 @@ def planning_config(
     Raises:
         ValueError: a bandwidth or memory string that does not parse.
     """
-    elements = working_set_of((p for g in optimizer.param_groups for p in g["params"]), device)
-    try:
-        costs = load_or_measure_update_cost(
-            type(optimizer),
-            optimizer.defaults,
-            device,
-            profile_dir=profile_dir,
-            log=say,
-            elements=elements,
-        )
-    except UpdateCostError as exc:
-        say(f"optimizer step cost not modelled in the plan: {exc}")
-        costs = UpdateCosts(0.0, 0.0, 0.0)
-    return CostConfig(
+    config = CostConfig(
         num_stages=layout.pop("num_stages", devices),
         method=method,
         bandwidth=parse_bandwidth(bandwidth) if bandwidth is not None else None,
         memory_limit=parse_bytes(memory) if memory is not None else None,
         opt_state_factor=optimizer_state_factor(optimizer),
-        step_s_per_byte=costs.step,
-        predict_s_per_byte=costs.predict,
-        copy_s_per_byte=costs.copy,
         latency_s=latency,
         action_overhead_s=action_overhead,
         cores=shared_cores(devices) if device.type == "cpu" else None,
         recompute=True,  # stages recompute where the memory limit binds
         **layout,
     )
+    return pricing(config)
 
 
 def _runnable(options: dict[str, Any], stages: int, replicas: int) -> None:

@@ -52,6 +52,7 @@ from pipeoptim.runtime.rank_settings import check_same_on_every_rank, compile_se
 from pipeoptim.runtime.replicas import check_layout, check_replicated_options
 from pipeoptim.runtime.spawning import check_not_importing_main
 from pipeoptim.runtime.stage_state import held_state
+from pipeoptim.update_pricing import UpdatePricing
 
 
 @keeps_random_state
@@ -293,8 +294,7 @@ def compile(
                 method,
                 devices,
                 profiled_on,
-                profile_dir,
-                say,
+                UpdatePricing.of(optimizer, profiled_on, profile_dir, say),
                 bandwidth=bandwidth,
                 memory=memory,
                 latency=latency,

@@ -8,11 +8,13 @@ runtime.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import statistics
+import threading
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -58,9 +60,10 @@ def measure_update_cost(
     numel: int = 1 << 20,
     repeats: int = 9,
     tensors: int = 1,
+    beside: int = 0,
 ) -> UpdateCosts:
     """Seconds per parameter byte of one optimizer step, of one weight prediction and of one
-    weight copy.
+    weight copy, on the CPU while ``beside`` other ranks step beside this one.
 
     Times the ``torch.optim`` class ``optimizer_class`` is or derives from
     (:func:`builtin_base`, with the user's defaults) stepping ``numel`` float32 elements in
@@ -78,6 +81,15 @@ def measure_update_cost(
     (``time.process_time``), which other processes' load does not inflate (wall time under
     load varied 23× between two measurements seconds apart); on an accelerator, wall time
     between synchronisations.
+
+    A pipeline's ranks on one CPU share its memory bandwidth and last-level cache, and the
+    weight work streams weights, gradients and optimizer state through them: SGD with momentum
+    on the benchmark MLP's working set took 1.27x its time alone with a second core stepping the
+    same (``benchmarks/results/memory_sharing.md``: 1.29x), and the stage workers' steps took
+    1.3-1.4x the figure timed alone (``breakdown.md``). With ``beside`` > 0 (on the CPU, one
+    torch thread: as a stage worker runs), ``beside`` threads of this process each step their
+    own copy of the working set throughout (:func:`stepping_beside`), and the time is this
+    thread's CPU time (``time.thread_time``).
     A subclass's own ``__init__`` and ``step()`` are user code and are not run
     (their extra cost, if any, is not in the figure). Feeds
     :class:`pipeoptim.compiler.costmodel.CostConfig`.
@@ -86,7 +98,15 @@ def measure_update_cost(
         UpdateCostError: ``optimizer_class`` derives from no ``torch.optim`` optimizer (it is
             not timed: that would run its ``step()`` at compile time), or the base class
             cannot step a test parameter.
+        ValueError: ``tensors`` not in 1..``numel``; ``beside`` > 0 on an accelerator or with
+            more than one torch thread (their threads would share the measuring thread's pool).
     """
+    device = torch.device(device)
+    if beside and (device.type != "cpu" or torch.get_num_threads() != 1):
+        raise ValueError(
+            f"beside={beside} times the step beside other ranks on the CPU with one torch thread, "
+            f"not on {device} with {torch.get_num_threads()} threads: pass beside=0"
+        )
     base = builtin_base(optimizer_class)
     if base is None:
         raise UpdateCostError(
@@ -95,16 +115,81 @@ def measure_update_cost(
         )
     fused_in_step = optimizer_class is SGD  # PipeOptim predicts inside torch's own SGD only
     optimizer_class = base
-    device = torch.device(device)
     if not 1 <= tensors <= numel:
         raise ValueError(f"tensors must be between 1 and numel ({numel}), not {tensors}")
-    params = [
+    params = random_parameters(numel, tensors, device)
+    keywords = stage_keywords(optimizer_class, defaults)  # as a stage's
+    optimizer = optimizer_class(params, **keywords)
+    with stepping_beside(
+        beside, lambda: optimizer_class(random_parameters(numel, tensors, device), **keywords)
+    ):
+        return _measure(optimizer, params, fused_in_step, repeats, time.thread_time if beside else None)
+
+
+def random_parameters(numel: int, tensors: int, device: torch.device) -> list[torch.nn.Parameter]:
+    """``numel`` random elements in ``tensors`` parameters of about equal size."""
+    return [
         torch.nn.Parameter(torch.randn(numel // tensors + (i < numel % tensors), device=device))
         for i in range(tensors)
     ]
-    optimizer = optimizer_class(params, **stage_keywords(optimizer_class, defaults))  # as a stage's
 
-    clock = time.process_time if device.type == "cpu" else time.perf_counter
+
+@contextlib.contextmanager
+def stepping_beside(count: int, make: Callable[[], Optimizer]) -> Iterator[None]:
+    """Within: ``count`` threads each step an optimizer of ``make()`` (over its own
+    parameters, each with a fixed gradient) again and again, as the other ranks of a pipeline
+    on this CPU step theirs; torch's ops release the GIL, so they run on other cores.
+
+    Raises:
+        UpdateCostError: an optimizer beside failed to step (with its error).
+    """
+    if count == 0:
+        yield
+        return
+    stop, failures = threading.Event(), []
+    work = []
+    for _ in range(count):  # drawn here: the caller's generator is used from this thread only
+        optimizer = make()
+        params = [p for group in optimizer.param_groups for p in group["params"]]
+        work.append((optimizer, params, [torch.randn_like(p) for p in params]))
+
+    def step(optimizer: Optimizer, params: list[torch.Tensor], gradients: list[torch.Tensor]) -> None:
+        try:
+            while not stop.is_set():
+                for param, grad in zip(params, gradients):
+                    param.grad = grad
+                optimizer.step()
+        except Exception as exc:  # raised after the timing, in the measuring thread
+            failures.append(exc)
+
+    threads = [threading.Thread(target=step, args=w, name="pipeoptim-step-beside", daemon=True) for w in work]
+    for thread in threads:
+        thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        for thread in threads:
+            thread.join()
+    if failures:
+        raise UpdateCostError(
+            f"an optimizer stepping beside the timed one failed: {failures[0]}"
+        ) from failures[0]
+
+
+def _measure(
+    optimizer: Optimizer,
+    params: list[torch.nn.Parameter],
+    fused_in_step: bool,
+    repeats: int,
+    clock: Callable[[], float] | None,
+) -> UpdateCosts:
+    """:func:`measure_update_cost`'s timings of ``optimizer`` over ``params`` (``clock``
+    None: the process's CPU time on the CPU, wall time on an accelerator)."""
+    optimizer_class = type(optimizer)
+    device = params[0].device
+    numel = sum(p.numel() for p in params)
+    clock = clock or (time.process_time if device.type == "cpu" else time.perf_counter)
 
     def timed(fn: Any) -> float:
         if device.type == "cuda":
@@ -247,12 +332,13 @@ def load_or_measure_update_cost(
     profile_dir: str | Path | None = "profiles",
     log: Callable[[str], None] = lambda _msg: None,
     elements: tuple[int, int] = (1 << 20, 1),
+    beside: int = 0,
 ) -> UpdateCosts:
     """:func:`measure_update_cost` on ``elements`` (``(numel, tensors)``, from
-    :func:`working_set`), remembered in
+    :func:`working_set`) with ``beside`` other ranks stepping at once, remembered in
     ``<profile_dir>/update-costs.json`` under the optimizer class, its defaults, the device,
-    the working set and the torch version (and how they were timed, on the CPU with how many
-    torch threads), so
+    the working set, the ranks beside and the torch version (and how they were timed, on the CPU
+    with how many torch threads), so
     that later plans of the same model and setting get the same figures (a plan must not change
     with timing noise); a new torch version or device is measured afresh. ``profile_dir=None``
     always measures.
@@ -262,11 +348,12 @@ def load_or_measure_update_cost(
 
     Raises:
         UpdateCostError: the optimizer cannot step a test parameter.
+        ValueError: what :func:`measure_update_cost` raises for ``beside``.
     """
     device = torch.device(device)
     numel, tensors = elements
     if profile_dir is None:
-        return measure_update_cost(optimizer_class, defaults, device, numel, tensors=tensors)
+        return measure_update_cost(optimizer_class, defaults, device, numel, tensors=tensors, beside=beside)
     key = json.dumps(
         {
             "optimizer": f"{optimizer_class.__module__}.{optimizer_class.__qualname__}",
@@ -276,6 +363,7 @@ def load_or_measure_update_cost(
             "clock": UPDATE_COST_CLOCK,
             "numel": numel,
             "tensors": tensors,
+            "beside": beside,
             **({"threads": torch.get_num_threads()} if device.type == "cpu" else {}),
         },
         sort_keys=True,
@@ -291,7 +379,7 @@ def load_or_measure_update_cost(
             f"measuring the optimizer's update costs again: {path} holds {json.dumps(saved)[:80]} for "
             f"this setting, not floats of seconds per byte ({fields}) from 0 to {MAX_CACHED_S_PER_BYTE:g}"
         )
-    costs = measure_update_cost(optimizer_class, defaults, device, numel, tensors=tensors)
+    costs = measure_update_cost(optimizer_class, defaults, device, numel, tensors=tensors, beside=beside)
     table[key] = list(costs)
     write_json(path, table)
     return costs

@@ -23,6 +23,7 @@ from pipeoptim.compiler.profile_cache import load_or_profile
 from pipeoptim.compiler.trace import trace
 from pipeoptim.errors import ProfileError
 from pipeoptim.examples import mlp, transformer
+from pipeoptim.runtime.linkcost import usable_cores
 from pipeoptim.update_cost import load_or_measure_update_cost, working_set
 
 
@@ -312,6 +313,7 @@ def test_compile_times_the_optimizer_on_a_working_set_like_the_model(tmp_path: P
     (key,) = json.loads((tmp_path / "update-costs.json").read_text())
     size = sum(p.numel() * p.element_size() for p in params)
     assert (json.loads(key)["numel"], json.loads(key)["tensors"]) == working_set(size, len(params))
+    assert json.loads(key)["beside"] == min(2, usable_cores()) - 1  # timed beside the other stage
 
 
 @pytest.mark.parametrize(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
+from collections.abc import Callable
 
 import click
 import torch
@@ -34,7 +35,8 @@ from pipeoptim.fileio import writable_folder
 from pipeoptim.methods import METHODS
 from pipeoptim.runtime.linkcost import shared_cores, stage_threads
 from pipeoptim.units import plural
-from pipeoptim.update_cost import UpdateCosts, load_or_measure_update_cost, working_set, working_set_of
+from pipeoptim.update_cost import working_set, working_set_of
+from pipeoptim.update_pricing import UpdatePricing
 
 
 def _log(msg: str) -> None:
@@ -212,7 +214,7 @@ def partition(
                 elements = working_set(given.total_param_bytes, params, on)
             else:
                 elements = working_set_of(net.parameters(), on)
-            costs, note = _update_costs(optimizer, device, given, profile_dir, elements)
+            pricing, note = _update_pricing(optimizer, device, given, profile_dir, elements)
             figures = link_figures(
                 bandwidth,
                 latency,
@@ -226,9 +228,6 @@ def partition(
                 bandwidth=figures.bandwidth,
                 memory_limit=memory,
                 opt_state_factor=opt_factor,
-                step_s_per_byte=costs.step,
-                predict_s_per_byte=costs.predict,
-                copy_s_per_byte=costs.copy,
                 recompute=True,  # stages recompute where --memory binds
                 cores=shared_cores(gpus) if on_this_cpu else None,
                 latency_s=figures.latency,
@@ -242,7 +241,12 @@ def partition(
                 replicas=None if data_parallel in (None, "auto") else data_parallel,
                 micro_batches=micro_batches,
                 plan=lambda g, c: make_plan(
-                    g, c, partitioner=partitioner, solver=solver, time_limit=time_limit, ideals=exact_dp
+                    g,
+                    pricing(c),
+                    partitioner=partitioner,
+                    solver=solver,
+                    time_limit=time_limit,
+                    ideals=exact_dp,
                 ),
                 mini_batch=mini_batch,
             )
@@ -344,16 +348,17 @@ _OPTIMIZERS = {
 }
 
 
-def _update_costs(
+def _update_pricing(
     optimizer: str,
     device: str | None,
     graph: CostGraph | None,
     profile_dir: str | None,
     elements: tuple[int, int],
-) -> tuple[UpdateCosts, str]:
-    """Optimizer-step, prediction and weight-copy seconds per parameter byte, measured on this
-    machine on ``elements`` (a working set like the model's, :func:`working_set`),
-    and a note for the user ("" if none).
+) -> tuple[Callable[[CostConfig], CostConfig], str]:
+    """Each layout's optimizer-step, prediction and weight-copy seconds per parameter byte,
+    measured on this machine on ``elements`` (a working set like the model's,
+    :func:`working_set`) beside the layout's other ranks on this CPU
+    (:class:`~pipeoptim.update_pricing.UpdatePricing`), and a note for the user ("" if none).
 
     A saved profile (``graph``) from another device has no such measurement: updates are
     then left out, and the note says so.
@@ -363,14 +368,10 @@ def _update_costs(
         key = graph.key
         if key.get("device") != device_name(target):
             measured_on = key.get("device") or "another device"
-            return UpdateCosts(
-                0.0, 0.0, 0.0
-            ), f"optimizer updates not modelled: the profile was measured on {measured_on}"
+            note = f"optimizer updates not modelled: the profile was measured on {measured_on}"
+            return lambda config: config, note
     cls, defaults = _OPTIMIZERS[optimizer.lower()]
-    costs = load_or_measure_update_cost(
-        cls, defaults, target, profile_dir=profile_dir, log=_log, elements=elements
-    )
-    return costs, ""
+    return UpdatePricing(cls, defaults, target, elements, profile_dir, _log), ""
 
 
 def _check_profile_matches(model, graph, input_shape, input_dtype, leaf, device) -> None:

@@ -25,7 +25,8 @@ and once per M micro-batches when a mini-batch is split (GPipe, 1F1B, 2BW), Pipe
 SpecTrain compute their predicted weights before every forward, PipeDream copies the weights
 before every step (weight stashing) and 2BW before every update (its shadow version)
 (:meth:`CostConfig.update_s_per_byte`; costs per byte measured with
-:func:`pipeoptim.update_cost.measure_update_cost`), each where it happens
+:func:`pipeoptim.update_cost.measure_update_cost`, on one CPU while the layout's other ranks
+step beside, as they share its memory: :mod:`pipeoptim.update_pricing`), each where it happens
 (:meth:`pipeoptim.methods.Method.weight_work`: not at the last stage of PipeOptim and PipeDream,
 whose version difference is 0; SpecTrain's backward predicts too from stage 2 on); the
 partitioners price a stage's parameters at its own weight cost per byte. Communication is the
@@ -41,7 +42,7 @@ Where the N·R ranks share ``cores`` processors (ranks on one machine's CPU core
 each), the machine also has to run all their work: one mini-batch takes at least
 ``R · units · Σ_k T_k / cores`` (:func:`pipeoptim.compiler.summary.summarize`).
 
-:func:`pipeoptim.update_cost.measure_update_cost`). A shared parameter (tied embeddings,
+A shared parameter (tied embeddings,
 :mod:`pipeoptim.compiler.shared`) is no boundary value: each stage reading it holds a copy,
 counted in its ``P_k`` (and its memory below), and sums the copies' gradients once per step:
 ``S_k = (h - 1) · B`` bytes sent and as many received for a parameter of ``B`` bytes held by

@@ -5,7 +5,8 @@ The Hockney model (Hockney, Parallel Computing 20(3), 1994) gives the time of on
 byte). :func:`measure_link` times gloo (or NCCL) sends between two spawned processes at
 several sizes, takes the fastest of the repeats at each size (:func:`message_time`), and
 fits α and β by least squares in relative error (:func:`fit_latency_bandwidth`).
-:func:`shared_cores` says how many processors the stages of a CPU pipeline share. Both feed
+:func:`shared_cores` says how many processors the stages of a CPU pipeline share,
+:func:`ranks_beside` how many ranks run beside each at once. All feed
 :class:`pipeoptim.compiler.costmodel.CostConfig`.
 
 Why not the median and a plain least-squares fit: on the project's 2-core virtual machine a
@@ -248,3 +249,15 @@ def shared_cores(num_stages: int, threads_per_stage: int = STAGE_THREADS) -> flo
     stage then runs as on its own device)."""
     units = usable_cores() / threads_per_stage
     return units if units < num_stages else None
+
+
+def ranks_beside(ranks: int, device: torch.device | str) -> int:
+    """How many other ranks of a pipeline of ``ranks`` run beside each one at once on this
+    machine's CPU, sharing its memory bandwidth and caches: ``min(ranks, cores) - 1`` on the
+    CPU where torch runs one thread in this process (as the stage workers do,
+    :func:`stage_threads`), else 0: an accelerator has its own memory, and ranks of several
+    threads each (torchrun on a bigger machine) are timed alone (their sharing is not
+    modelled). Feeds :func:`pipeoptim.update_cost.measure_update_cost`'s ``beside``."""
+    if torch.device(device).type != "cpu" or torch.get_num_threads() != 1:
+        return 0
+    return max(min(ranks, usable_cores()) - 1, 0)
