@@ -76,7 +76,7 @@ import pipeoptim
 from pipeoptim.action_overhead import measure_action_overhead
 from pipeoptim.compiler import plan_model
 from pipeoptim.compiler.codegen import stage_module
-from pipeoptim.compiler.costmodel import evaluate
+from pipeoptim.compiler.costmodel import CostConfig, evaluate
 from pipeoptim.compiler.plan import Plan
 from pipeoptim.compiler.summary import summarize
 from pipeoptim.compiler.trace import trace
@@ -492,18 +492,20 @@ def priced_now(
     model: str,
     plans: dict[str, Plan],
     profile_dir: Path | None = None,
+    pricing: Callable[[CostConfig], CostConfig] | None = None,
 ) -> dict[str, dict[str, Any]]:
     """The cost model's summary (:func:`pipeoptim.compiler.summary.summarize`) of each plan's
     stages and settings from timings taken now, once for all of them: the model profiled
     again (once per micro-batch size; ``profile_dir`` None: not saved, nor read) and the
     optimizer's step, prediction and copy timed again beside the plan's other ranks on these
-    cores, as ``compile`` times them (:class:`pipeoptim.update_pricing.UpdatePricing`). This
+    cores, as ``compile`` times them (``pricing`` None:
+    :class:`pipeoptim.update_pricing.UpdatePricing`; else each plan's config through it). This
     shared machine's speed drifted up to 2x within a full benchmark run, so the profile the
     plans were made from at its start priced runs half an hour later."""
     make, data, _, _, _ = MODELS[model]
     net = make()
     optimizer = torch.optim.SGD(net.parameters(), lr=1e-3, momentum=0.9)
-    pricing = UpdatePricing.of(optimizer, torch.device(DEVICE), None, print)  # timed now, not cached
+    pricing = pricing or UpdatePricing.of(optimizer, torch.device(DEVICE), None, print)  # not cached
     graphs: dict[int, Any] = {}
     summaries = {}
     for name, plan in plans.items():

@@ -251,7 +251,7 @@ def planning_config(
     method: str,
     devices: int,
     device: torch.device,
-    pricing: UpdatePricing,
+    pricing: Callable[[CostConfig], CostConfig],
     bandwidth: str | float | None,
     memory: str | int | None,
     latency: float,

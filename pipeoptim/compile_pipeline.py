@@ -288,13 +288,16 @@ def compile(
                 )
         groups = param_group_names(optimizer, model)
         say = log or (lambda _msg: None)
+        rank0 = kind != "torchrun" or dist.get_rank() == 0
+        # timed where a plan is priced: not on the ranks that take rank 0's (they raced to save theirs)
+        pricing = UpdatePricing.of(optimizer, profiled_on, profile_dir, say) if rank0 or plan else None
         with stage_threads(kind, profiled_on):  # timed as the stages run
             config = planning_config(
                 optimizer,
                 method,
                 devices,
                 profiled_on,
-                UpdatePricing.of(optimizer, profiled_on, profile_dir, say),
+                pricing or (lambda config: config),
                 bandwidth=bandwidth,
                 memory=memory,
                 latency=latency,
@@ -303,7 +306,6 @@ def compile(
                 micro_batches=m,
                 data_parallel=data_parallel,
             )
-    rank0 = kind != "torchrun" or dist.get_rank() == 0
     if plan is not None:
         with together("trace its model for the plan given", kind):  # each rank checks it
             traced = trace(model_copy, micro, leaf_modules)

@@ -24,6 +24,7 @@ from torch.optim import SGD, Optimizer
 from pipeoptim.compiler.profile_key import device_name
 from pipeoptim.errors import PredictorError
 from pipeoptim.fileio import read_json_table, write_json
+from pipeoptim.runtime.affinity import unbind_thread
 from pipeoptim.runtime.extrapolation import Extrapolator, per_unit_rate
 from pipeoptim.runtime.fused_step import sgd_step_each, steps_each
 from pipeoptim.runtime.optim import stage_keywords
@@ -154,6 +155,7 @@ def stepping_beside(count: int, make: Callable[[], Optimizer]) -> Iterator[None]
         work.append((optimizer, params, [torch.randn_like(p) for p in params]))
 
     def step(optimizer: Optimizer, params: list[torch.Tensor], gradients: list[torch.Tensor]) -> None:
+        unbind_thread()  # a torchrun rank is bound to one core: step beside it, on another
         try:
             while not stop.is_set():
                 for param, grad in zip(params, gradients):

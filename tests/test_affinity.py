@@ -92,3 +92,36 @@ def test_a_setting_neither_on_nor_off_is_refused(monkeypatch: pytest.MonkeyPatch
     """Any other value meant "on" without a word."""
     with pytest.raises(ValueError, match=f"PIPEOPTIM_CPU_AFFINITY='{value}' is neither on nor off"):
         _worker_cores(monkeypatch, value)
+
+
+@pytest.mark.skipif(not hasattr(os, "sched_setaffinity") or (os.cpu_count() or 1) < 2, reason="binds cores")
+def test_a_bound_rank_plans_for_the_cores_all_ranks_share() -> None:
+    """A torchrun rank is bound to its core before it compiles: it still prices the ranks on
+    every core of the host (it priced 2 ranks on 2 cores as sharing 1, and its plan differed
+    from the same job's in one process), and the helper threads it starts to time the optimizer
+    beside it run on those cores, not on its own."""
+    import threading
+
+    from pipeoptim.runtime.affinity import pin_rank, unbind_thread, unpin_rank
+    from pipeoptim.runtime.linkcost import usable_cores
+
+    if not binding_wanted():
+        pytest.skip("this process is held to some cores already")
+    host = os.sched_getaffinity(0)
+    try:
+        assert pin_rank(0, 2) is not None
+        assert len(os.sched_getaffinity(0)) < len(host)
+        assert usable_cores() == len(host)
+        seen: list[set[int]] = []
+
+        def helper() -> None:
+            unbind_thread()
+            seen.append(os.sched_getaffinity(0))
+
+        thread = threading.Thread(target=helper)
+        thread.start()
+        thread.join()
+        assert seen == [host] and len(os.sched_getaffinity(0)) < len(host)  # the rank stays bound
+    finally:
+        unpin_rank()
+    assert os.sched_getaffinity(0) == host

@@ -110,14 +110,11 @@ def test_throughput_prices_a_plan_as_the_planner_did(tmp_path: Path) -> None:
         import throughput
     finally:
         sys.path.remove(str(ROOT / "benchmarks"))
-    from pipeoptim.update_cost import UpdateCosts
-
     costs = {"bandwidth": 2e9, "latency": 1e-4, "action_overhead": 3e-4}
     with throughput.compile_model("mlp", "pipeoptim", 3, "local", tmp_path, 64, **costs) as pipe:
         plan = pipe.plan
     config = plan.config
-    same = UpdateCosts(config.step_s_per_byte, config.predict_s_per_byte, config.copy_s_per_byte)
-    priced = throughput.priced_now("mlp", {"pipeoptim": plan}, tmp_path, same)["pipeoptim"]
+    priced = throughput.priced_now("mlp", {"pipeoptim": plan}, tmp_path, lambda same: same)["pipeoptim"]
     assert priced["throughput_per_s"] == pytest.approx(plan.summary["throughput_per_s"], rel=1e-12)
     assert priced["bubble_fraction"] == pytest.approx(plan.summary["bubble_fraction"], rel=1e-12)
     assert config.action_overhead_s == 3e-4 and config.latency_s == 1e-4

@@ -94,6 +94,23 @@ def unpin_rank() -> None:
         _before = None
 
 
+def host_cores() -> set[int] | None:
+    """The cores this process may use as it was before :func:`pin_rank` bound its thread to
+    some of them (a torchrun rank plans for the cores all ranks share, not its own one);
+    ``None`` where the platform does not say."""
+    if _before is not None:
+        return set(_before)
+    return os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else None
+
+
+def unbind_thread() -> None:
+    """Let the calling thread run on :func:`host_cores` (a helper thread of a rank bound by
+    :func:`pin_rank`, which would otherwise share that rank's core)."""
+    cores = host_cores()
+    if cores is not None and _before is not None:
+        os.sched_setaffinity(0, cores)  # on Linux, 0 is the calling thread
+
+
 def driver_cores() -> list[int] | None:
     """The cores this process may use, to hand to the worker processes it starts
     (:func:`take_cores`); ``None`` where the platform does not say."""

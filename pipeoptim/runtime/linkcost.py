@@ -36,7 +36,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from pipeoptim.runtime.affinity import pin_rank
+from pipeoptim.runtime.affinity import host_cores, pin_rank
 from pipeoptim.runtime.distributed import STAGE_THREADS, free_port
 from pipeoptim.runtime.spawning import (
     check_not_importing_main,
@@ -219,8 +219,11 @@ def _round_trips(backend: str, sizes: Sequence[int], repeats: int, timeout: floa
 
 
 def usable_cores() -> int:
-    """The processors this process may run on."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    """The processors this process may run on, as before a torchrun rank bound itself to its
+    own (:func:`pipeoptim.runtime.affinity.host_cores`): bound, a rank priced 2 ranks on 2
+    cores as sharing 1, and its plan differed from the same job's in one process."""
+    cores = host_cores()
+    return len(cores) if cores is not None else os.cpu_count() or 1
 
 
 @contextlib.contextmanager
