@@ -23,6 +23,7 @@ VALUES = {
     "with a number": (X, 5),
     "list": [X, Y],
     "tensor": X,
+    "parameter": torch.nn.Parameter(torch.randn(2)),
 }
 
 

@@ -1,6 +1,6 @@
 """Flat leaves of the values a stage receives and sends, on the path of every action.
 
-A boundary value is almost always a tuple of tensors; :func:`flatten` and
+A boundary value is almost always a tuple of tensors or one tensor; :func:`flatten` and
 :func:`detach_values` take it without ``torch.utils._pytree``'s tree walk, which cost a stage
 of the benchmark MLP 10-15 µs per call right after its forward (cold caches), three calls per
 forward, and fall back to the tree walk for every other structure (nested containers, numbers,
@@ -26,8 +26,14 @@ def flatten(values: Any) -> tuple[list[Any], Callable[[list[Any]], Any]]:
     the same structure around new leaves."""
     if _tensors(values):
         return list(values), tuple
+    if type(values) is torch.Tensor:  # a stage of one output (a Sequential's): one leaf
+        return [values], _only
     leaves, spec = pytree.tree_flatten(values)
     return leaves, lambda new: pytree.tree_unflatten(new, spec)
+
+
+def _only(new: list[Any]) -> Any:
+    return new[0]
 
 
 def detach_values(values: Any) -> Any:

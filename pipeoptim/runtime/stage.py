@@ -25,6 +25,7 @@ from pipeoptim.runtime.held_bytes import saved_bytes
 from pipeoptim.runtime.leaves import flatten
 from pipeoptim.runtime.nan_check import any_nan, nan_cause
 from pipeoptim.runtime.optim import apply_hyperparameters
+from pipeoptim.runtime.randomness import draws_random_numbers, seeded
 from pipeoptim.runtime.scaler import LossScaler
 from pipeoptim.runtime.shared import SharedParams
 from pipeoptim.runtime.staleness import PredictionErrorMeter, backward_weights, used_weights
@@ -118,6 +119,8 @@ class StageRuntime:
         self.async_norms: AsyncNorms | None = None
         device = next((p.device for p in module.parameters()), torch.device("cpu"))
         self._rng_devices = [device] if device.type == "cuda" else []
+        #: whether a forward may draw random numbers: else it is neither seeded nor forked
+        self._draws = draws_random_numbers(module)
 
     @property
     def is_last(self) -> bool:
@@ -185,8 +188,10 @@ class StageRuntime:
                 micro_batch, used_weights(self.policy, trainable), trainable, version_diff, kept
             )
         try:
-            with torch.random.fork_rng(devices=self._rng_devices):
-                self._seed(self.seed * 1_000_003 + micro_batch * 7919 + self.index)
+            draws = self._draws  # seeded from (seed, micro-batch, stage); a stage that draws nothing: not
+            with seeded(
+                self.seed * 1_000_003 + micro_batch * 7919 + self.index if draws else None, self._rng_devices
+            ):
                 if self.policy is not None:
                     with self.policy.saving(micro_batch, version_diff):
                         out = self.policy.pin_parameters(self.module(*args))
@@ -371,14 +376,6 @@ class StageRuntime:
         self._grads_stale = True
         if self.policy is not None:
             self.policy.after_step()
-
-    def _seed(self, value: int) -> None:
-        """Seed the generators this stage uses (``torch.manual_seed`` would also seed, slowly,
-        every other accelerator type)."""
-        torch.default_generator.manual_seed(value)
-        for device in self._rng_devices:
-            with torch.cuda.device(device):
-                torch.cuda.manual_seed(value)
 
     def _step_rates(self, micro_batch: int, steps: int) -> list[list[float]] | None:
         """Per optimizer group, the learning rates of the ``steps`` steps between the forward
