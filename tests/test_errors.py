@@ -688,16 +688,17 @@ def test_a_loss_fn_error_with_the_local_executor_stops_the_pipeline_cleanly(tmp_
 
 
 @pytest.mark.parametrize("executor", ["local", "processes"])
-def test_losses_still_in_flight_at_close_keep_their_values(executor: str) -> None:
+def test_losses_still_in_flight_at_close_keep_their_values(executor: str, tmp_path: Path) -> None:
     """close() ended the workers with mini-batches in flight: a loss read after it was its value
     in some runs and PeerLostError in others. close() now finishes them first; leaving a with
-    block by an exception does not, and the losses that had not arrived say so."""
+    block by an exception does not, and the losses that had not arrived say so. Both runs plan
+    from one profile folder: two profiles taken under load can split the stages differently."""
     g = torch.Generator().manual_seed(0)
     data = [(torch.randn(16, 8, generator=g), torch.randint(0, 4, (16,), generator=g)) for _ in range(6)]
-    read_first = compile_mlp(executor=executor, timeout=60)
+    read_first = compile_mlp(executor=executor, timeout=60, profile_dir=tmp_path)
     expected = [read_first.step(x, y).item() for x, y in data]
     read_first.close()
-    pipe = compile_mlp(executor=executor, timeout=60)
+    pipe = compile_mlp(executor=executor, timeout=60, profile_dir=tmp_path)
     losses = [pipe.step(x, y) for x, y in data]
     pipe.close()
     assert [loss.item() for loss in losses] == expected
