@@ -188,10 +188,8 @@ class StageRuntime:
                 micro_batch, used_weights(self.policy, trainable), trainable, version_diff, kept
             )
         try:
-            draws = self._draws  # seeded from (seed, micro-batch, stage); a stage that draws nothing: not
-            with seeded(
-                self.seed * 1_000_003 + micro_batch * 7919 + self.index if draws else None, self._rng_devices
-            ):
+            seed = self.seed * 1_000_003 + micro_batch * 7919 + self.index
+            with seeded(seed if self._draws else None, self._rng_devices):  # drawing nothing: not seeded
                 if self.policy is not None:
                     with self.policy.saving(micro_batch, version_diff):
                         out = self.policy.pin_parameters(self.module(*args))
