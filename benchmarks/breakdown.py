@@ -34,7 +34,6 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from tabulate import tabulate
 
 from pipeoptim.microbatch import Rows, scales, sizes, split
@@ -43,7 +42,7 @@ from pipeoptim.runtime.affinity import pin_rank
 from pipeoptim.runtime.build import PipelineSpec
 from pipeoptim.runtime.distributed import free_port
 from pipeoptim.runtime.executor import MiniBatch
-from pipeoptim.runtime.spawning import pickle_spec, unpickle_spec
+from pipeoptim.runtime.spawning import pickle_spec, unpickle_spec, worker_context
 
 sys.path.insert(0, str(Path(__file__).parent))
 from outputs import host, results_dir, run_kind, stage_count, write_result
@@ -132,7 +131,7 @@ def measure(
             }
             for s in pipe.plan.stages
         ]
-    ctx = mp.get_context("spawn")
+    ctx = worker_context()  # the runtime's: forked from a server that imported torch once
     out = ctx.Queue()
     port = free_port()
     procs = [

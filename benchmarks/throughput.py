@@ -66,7 +66,6 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 from outputs import host, results_dir, run_kind, stage_count, write_result
 from tabulate import tabulate
@@ -85,6 +84,7 @@ from pipeoptim.machine_costs import load_or_measure_machine_costs
 from pipeoptim.runtime.affinity import pin_rank
 from pipeoptim.runtime.distributed import free_port
 from pipeoptim.runtime.linkcost import QUICK_SIZES, REPEATS, SIZES, measure_link
+from pipeoptim.runtime.spawning import worker_context
 from pipeoptim.update_pricing import UpdatePricing
 
 WIDTH, DEPTH, BATCH, CLASSES = 512, 16, 64, 10
@@ -321,14 +321,14 @@ def partner_runs(partner: str | None) -> list[str]:
 
 
 def run_ranks(target: Any, world: int, args: tuple, what: str, replies: int | None = None) -> dict[int, Any]:
-    """``world`` spawned processes, each running ``target(rank, world, port, *args, out)`` (a
-    free port for the process group); the ``(rank, value)`` pairs they put on ``out``
-    (``replies`` of them; default one per rank).
+    """``world`` processes started as the runtime starts its workers, each running
+    ``target(rank, world, port, *args, out)`` (a free port for the process group); the
+    ``(rank, value)`` pairs they put on ``out`` (``replies`` of them; default one per rank).
 
     Raises:
         RuntimeError: a rank exited with an error (named, with its exit code; the others, which
             would wait on it in gloo, are stopped at once), or no replies after 15 minutes."""
-    ctx = mp.get_context("spawn")
+    ctx = worker_context()  # the runtime's: forked from a server that imported torch once
     out = ctx.Queue()
     port = free_port()
     procs = [ctx.Process(target=target, args=(r, world, port, *args, out)) for r in range(world)]
