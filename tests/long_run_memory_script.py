@@ -17,13 +17,14 @@ import pipeoptim
 WIDTH, BATCH = 1024, 128  # one boundary activation: 128 x 1024 float32 = 512 KiB
 # sampling starts after warm-up and after the first prediction-error sample (mini-batch 64), whose
 # two copies of the stage's weights are kept for the next sample (runtime/staleness.py)
-STAGES, STEPS, WARMUP, EVERY = 3, 440, 80, 5
+STAGES, STEPS, WARMUP, EVERY = 3, 280, 80, 5
+HIDDEN = 3  # Linear(1024, 1024) layers before the head: about one per stage
 
 
 def mlp() -> nn.Module:
     torch.manual_seed(0)
     layers: list[nn.Module] = []
-    for _ in range(6):
+    for _ in range(HIDDEN):
         layers += [nn.Linear(WIDTH, WIDTH), nn.ReLU()]
     return nn.Sequential(*layers, nn.Linear(WIDTH, 10))
 

@@ -364,7 +364,7 @@ def test_console_script_help_and_exit_code() -> None:
 @pytest.mark.slow
 def test_hugging_face_gpt2_12_layers(tmp_path: Path) -> None:
     pytest.importorskip("transformers")
-    for gpus in ("2", "4", "8"):
+    for gpus in ("2", "8"):  # the second from the first's saved profile
         code, out, err = run(
             "partition",
             "gpt2",
