@@ -5,7 +5,11 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
+import sys
+import tempfile
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -13,7 +17,10 @@ import torch.nn.functional as F
 from torch import nn
 
 import pipeoptim
-from pipeoptim.runtime.spawning import signals_deferred, worker_context
+from pipeoptim.errors import PipelineError
+from pipeoptim.runtime.spawning import SOCKET_PATH_MAX, signals_deferred, socket_folder_fits, worker_context
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def scaled_loss(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -44,6 +51,54 @@ def test_workers_see_the_environment_of_their_pipelines_start(tmp_path, monkeypa
     assert first_loss(tmp_path, "processes") == pytest.approx(3 * plain, rel=1e-6)
     monkeypatch.delenv("PIPEOPTIM_TEST_LOSS_SCALE")
     assert first_loss(tmp_path, "processes") == pytest.approx(plain, rel=1e-6)
+
+
+def _long_folder(tmp_path: Path) -> Path:
+    """A folder whose path (100 characters) alone leaves no room for a socket name under it."""
+    folder = tmp_path / ("t" * max(100 - len(str(tmp_path)) - 1, 1))
+    folder.mkdir()
+    return folder
+
+
+@pytest.mark.slow
+def test_workers_start_where_tmpdir_is_too_long_for_a_socket(tmp_path: Path) -> None:
+    """With a $TMPDIR of 100 characters the fork server's socket path passes AF_UNIX's limit:
+    the first worker's start failed with ``OSError: AF_UNIX path too long`` (helper-107).
+    multiprocessing's folder now goes to /tmp (the first writable short folder), the pipeline
+    trains as the local executor does, and $TMPDIR stays as set for everything else."""
+    long = _long_folder(tmp_path)
+    script = (
+        "import multiprocessing.util as u, tempfile\n"
+        "from pathlib import Path\n"
+        "from tests.test_worker_start import first_loss\n"
+        "if __name__ == '__main__':\n"
+        "    folder = Path(tempfile.mkdtemp())\n"
+        "    print(first_loss(folder, 'processes'), first_loss(folder, 'local'))\n"
+        "    print(u.get_temp_dir())\n"
+        "    print(tempfile.gettempdir())\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script],
+        cwd=ROOT,
+        env=os.environ | {"TMPDIR": str(long)},
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    losses, socket_folder, temp = done.stdout.strip().splitlines()[-3:]
+    processes, local = map(float, losses.split())
+    assert processes == pytest.approx(local, rel=1e-6)
+    assert socket_folder.startswith("/tmp/pymp-") and temp == str(long)
+
+
+def test_a_tmpdir_too_long_with_no_short_folder_is_named(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setattr(tempfile, "tempdir", str(_long_folder(tmp_path)))
+    with pytest.raises(PipelineError, match=r"set TMPDIR to a folder of at most 75 characters") as info:
+        socket_folder_fits(short_folders=())
+    assert f"at most {SOCKET_PATH_MAX} characters" in str(info.value) and "none of" in str(info.value)
+    monkeypatch.setattr(tempfile, "tempdir", "/tmp")
+    socket_folder_fits(short_folders=())  # a short $TMPDIR: nothing to do
 
 
 def test_workers_fork_from_a_server_on_a_cpu_machine() -> None:

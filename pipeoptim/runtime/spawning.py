@@ -6,10 +6,12 @@ from __future__ import annotations
 
 import contextlib
 import multiprocessing.context
+import multiprocessing.util as mp_util
 import os
 import pickle
 import signal
 import sys
+import tempfile
 import threading
 from collections.abc import Iterator
 
@@ -37,13 +39,65 @@ def worker_context() -> multiprocessing.context.BaseContext:
     ``spawn`` where CUDA is visible (a CUDA runtime must not be inherited across ``fork``) or
     ``forkserver`` is missing (Windows). Either way a worker loads the pipeline from bytes
     (:func:`pickle_spec`) and gets the driver's environment as it is at the start
-    (:func:`pipeoptim.runtime.worker.worker_main`), not the server's.
+    (:func:`pipeoptim.runtime.worker.worker_main`), not the server's. The server's socket goes
+    to a short folder where ``$TMPDIR`` is too long for one (:func:`socket_folder_fits`).
+
+    Raises:
+        PipelineError: no folder short enough for the server's socket (:func:`socket_folder_fits`).
     """
     if "forkserver" in mp.get_all_start_methods() and not torch.cuda.is_available():
+        socket_folder_fits()
         context = mp.get_context("forkserver")
         context.set_forkserver_preload(list(FORKSERVER_PRELOAD))
         return context
     return mp.get_context("spawn")
+
+
+#: the longest path of an AF_UNIX socket (``sockaddr_un.sun_path`` less its final NUL byte)
+SOCKET_PATH_MAX = (104 if sys.platform == "darwin" else 108) - 1
+#: what ``multiprocessing`` adds to the temporary folder for the fork server's socket: its own
+#: folder ``/pymp-XXXXXXXX`` and the socket ``/listener-XXXXXXXX``
+_LISTENER = len("/listener-XXXXXXXX")
+_SOCKET_SUFFIX = len("/pymp-XXXXXXXX") + _LISTENER
+#: where the socket goes when ``$TMPDIR`` is too long (as Python 3.14's ``multiprocessing``
+#: does, python/cpython#132124)
+SHORT_TEMP_FOLDERS = ("/tmp", "/var/tmp", "/usr/tmp")
+
+
+def socket_folder_fits(short_folders: tuple[str, ...] = SHORT_TEMP_FOLDERS) -> None:
+    """Make sure the fork server's socket path fits AF_UNIX's limit (:data:`SOCKET_PATH_MAX`).
+
+    ``multiprocessing`` binds the socket under the temporary folder (``$TMPDIR``); with a
+    ``$TMPDIR`` of more than about 75 characters (a job scheduler's or a build tool's folder)
+    the first worker's start failed with ``OSError: AF_UNIX path too long``. Where the folder
+    is too long, ``multiprocessing``'s own folder for this process is made in the first of
+    ``short_folders`` that can be written to, for this process only; ``$TMPDIR`` stays as set
+    for everything else.
+
+    Raises:
+        PipelineError: the socket path is too long and no short folder can be written to, or
+            ``multiprocessing``'s folder was already made too long for the socket.
+    """
+    if len(tempfile.gettempdir()) + _SOCKET_SUFFIX <= SOCKET_PATH_MAX:
+        return
+    short = next((f for f in short_folders if os.access(f, os.W_OK | os.X_OK)), None)
+    if short is None:
+        raise PipelineError(_too_long(f"none of {', '.join(short_folders)} can be written to"))
+    before, tempfile.tempdir = tempfile.tempdir, short
+    try:
+        made = mp_util.get_temp_dir()  # made now under the short folder (unless made before), kept
+    finally:
+        tempfile.tempdir = before
+    if len(made) + _LISTENER > SOCKET_PATH_MAX:
+        raise PipelineError(_too_long(f"multiprocessing already made its folder {made} there"))
+
+
+def _too_long(why: str) -> str:
+    return (
+        f"the temporary folder {tempfile.gettempdir()} is too long for the socket of the fork server "
+        f"that starts the workers (AF_UNIX paths have at most {SOCKET_PATH_MAX} characters) and {why}: "
+        f"set TMPDIR to a folder of at most {SOCKET_PATH_MAX - _SOCKET_SUFFIX} characters"
+    )
 
 
 #: what a script that starts a pipeline at import time is told
