@@ -40,13 +40,12 @@ from pipeoptim.microbatch import Rows, scales, sizes, split
 from pipeoptim.runtime.action_timer import PARTS, instrument
 from pipeoptim.runtime.affinity import pin_rank
 from pipeoptim.runtime.build import PipelineSpec
-from pipeoptim.runtime.distributed import free_port
 from pipeoptim.runtime.executor import MiniBatch
-from pipeoptim.runtime.spawning import pickle_spec, unpickle_spec, worker_context
+from pipeoptim.runtime.spawning import pickle_spec, unpickle_spec
 
 sys.path.insert(0, str(Path(__file__).parent))
 from outputs import host, results_dir, run_kind, stage_count, write_result
-from throughput import MODELS, compile_model
+from throughput import MODELS, compile_model, run_ranks
 
 METHODS = ("pipeoptim", "pipedream", "2bw", "spectrain", "none", "1f1b")
 #: what ``--clock`` times each part with, and how the report names it
@@ -106,7 +105,7 @@ def _rank(
         process.submit(mini_batch(spec, model, i, rank, rows))
     process.flush()
     elapsed = time.perf_counter() - start
-    out.put((rank, timer.breakdown(), timer.actions, elapsed))
+    out.put((rank, (timer.breakdown(), timer.actions, elapsed)))
     dist.barrier()
     dist.destroy_process_group()
 
@@ -131,22 +130,11 @@ def measure(
             }
             for s in pipe.plan.stages
         ]
-    ctx = worker_context()  # the runtime's: forked from a server that imported torch once
-    out = ctx.Queue()
-    port = free_port()
-    procs = [
-        ctx.Process(target=_rank, args=(r, stages, port, payload, model, rows, warmup, steps, clock, out))
-        for r in range(stages)
-    ]
-    for p in procs:
-        p.start()
-    results = sorted(out.get(timeout=600) for _ in procs)
-    for p in procs:
-        p.join(60)
+    ranks = run_ranks(_rank, stages, (payload, model, rows, warmup, steps, clock), f"{method} on {model}")
     scale = stages if method == "2bw" else 1  # per mini-batch of the others' rows
     return [
         {"parts": parts, "actions": actions, "elapsed": elapsed, "mini_batches": steps * scale, "profiled": p}
-        for (_, parts, actions, elapsed), p in zip(results, profiled)
+        for (parts, actions, elapsed), p in zip((ranks[r] for r in range(stages)), profiled)
     ]
 
 

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import multiprocessing
 import os
 import statistics
 import sys
@@ -41,6 +40,8 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).parent))
 from outputs import host, results_dir, run_kind, write_result
+
+from pipeoptim.runtime.spawning import run_processes, worker_context
 
 PARTS = ("compute", "stream", "forward", "backward", "step")
 STREAM_BYTES = 64 << 20
@@ -70,7 +71,7 @@ def workload(part: str) -> tuple[Callable[[], object], Callable[[], object]]:
 
 def _run(part: str, core: int, seconds: float, start: object, results: object) -> None:
     """In a process bound to ``core``: repeat ``part`` from ``start`` (a barrier) until its
-    timed calls add up to ``seconds``; put their mean seconds on ``results`` (the mean, not the
+    timed calls add up to ``seconds``; put ``(core, their mean seconds)`` on ``results`` (the mean, not the
     median: repetitions that overlap another core's are the slow ones, and a median of
     repetitions hid a copy slowed 1.5x)."""
     os.sched_setaffinity(0, {core})
@@ -87,22 +88,22 @@ def _run(part: str, core: int, seconds: float, start: object, results: object) -
         timed()
         total += time.perf_counter() - began
         count += 1
-    results.put(total / count)  # type: ignore[attr-defined]
+    results.put((core, total / count))  # type: ignore[attr-defined]
 
 
 def measure(part: str, cores: list[int], seconds: float) -> float:
     """Mean seconds per repetition of ``part`` in processes bound to ``cores``, run at once
-    (the median over the processes)."""
-    context = multiprocessing.get_context("forkserver")
-    context.set_forkserver_preload(["torch"])  # each process starts with torch imported: 0.1 s, not 2
-    start, results = context.Barrier(len(cores)), context.Queue()
-    procs = [context.Process(target=_run, args=(part, c, seconds, start, results)) for c in cores]
-    for p in procs:
-        p.start()
-    times = [results.get(timeout=120 + seconds) for _ in procs]
-    for p in procs:
-        p.join(30)
-    return statistics.median(times)
+    (the median over the processes), each started from a server that imported torch once
+    (:func:`pipeoptim.runtime.spawning.run_processes`).
+
+    Raises:
+        RuntimeError: a process exited with an error, or the run took over 2 minutes more
+            than ``seconds``."""
+    context = worker_context()
+    start = context.Barrier(len(cores))
+    args = [(part, core, seconds, start) for core in cores]
+    times = run_processes(_run, args, f"{part} on cores {cores}", timeout=120 + seconds, context=context)
+    return statistics.median(times.values())
 
 
 def main() -> None:

@@ -55,7 +55,6 @@ import datetime
 import itertools
 import math
 import os
-import queue
 import statistics
 import sys
 import time
@@ -84,7 +83,7 @@ from pipeoptim.machine_costs import load_or_measure_machine_costs
 from pipeoptim.runtime.affinity import pin_rank
 from pipeoptim.runtime.distributed import free_port
 from pipeoptim.runtime.linkcost import QUICK_SIZES, REPEATS, SIZES, measure_link
-from pipeoptim.runtime.spawning import worker_context
+from pipeoptim.runtime.spawning import run_processes
 from pipeoptim.update_pricing import UpdatePricing
 
 WIDTH, DEPTH, BATCH, CLASSES = 512, 16, 64, 10
@@ -327,33 +326,10 @@ def run_ranks(target: Any, world: int, args: tuple, what: str, replies: int | No
 
     Raises:
         RuntimeError: a rank exited with an error (named, with its exit code; the others, which
-            would wait on it in gloo, are stopped at once), or no replies after 15 minutes."""
-    ctx = worker_context()  # the runtime's: forked from a server that imported torch once
-    out = ctx.Queue()
+            would wait on it in gloo, are stopped at once), or no replies after 15 minutes
+            (:func:`pipeoptim.runtime.spawning.run_processes`)."""
     port = free_port()
-    procs = [ctx.Process(target=target, args=(r, world, port, *args, out)) for r in range(world)]
-    for p in procs:
-        p.start()
-    replies = world if replies is None else replies
-    parts: dict[int, Any] = {}
-    deadline = time.monotonic() + 900
-    try:
-        while len(parts) < replies:
-            try:
-                rank, part = out.get(timeout=5)
-                parts[rank] = part
-            except queue.Empty:
-                dead = [f"rank {r} exited with code {p.exitcode}" for r, p in enumerate(procs) if p.exitcode]
-                if dead or time.monotonic() > deadline:
-                    raise RuntimeError(f"{what}: {', '.join(dead) or 'no result after 15 minutes'}") from None
-    finally:
-        for p in procs:
-            if len(parts) < replies:
-                p.kill()
-            p.join(60)
-            if p.is_alive():
-                p.kill()
-    return parts
+    return run_processes(target, [(r, world, port, *args) for r in range(world)], what, replies, timeout=900)
 
 
 def run_torchrun(model: str, methods: list[str], stages: int, micro: int, run: dict[str, Any]) -> Records:

@@ -3,6 +3,7 @@ environment as it is when each pipeline starts (pipeoptim.runtime.spawning)."""
 
 from __future__ import annotations
 
+import multiprocessing
 import os
 import signal
 import subprocess
@@ -18,7 +19,13 @@ from torch import nn
 
 import pipeoptim
 from pipeoptim.errors import PipelineError
-from pipeoptim.runtime.spawning import SOCKET_PATH_MAX, signals_deferred, socket_folder_fits, worker_context
+from pipeoptim.runtime.spawning import (
+    SOCKET_PATH_MAX,
+    run_processes,
+    signals_deferred,
+    socket_folder_fits,
+    worker_context,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -129,3 +136,32 @@ def test_a_stopping_signal_waits_for_the_workers_start_and_reaches_its_handler(s
         assert signal.getsignal(signum) == signal.SIG_IGN
     finally:
         signal.signal(signum, previous)
+
+
+def _reply(i: int, out) -> None:
+    """Process ``i`` of the run_processes tests: 1 fails, 2 waits (as a rank waits on a lost
+    peer), 4 is sent a Ctrl-C first; the others reply ``(i, 10 i)``."""
+    if i == 1:
+        raise SystemExit(3)
+    if i == 2:
+        time.sleep(120)
+    if i == 4:
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(0.1)
+    out.put((i, 10 * i))
+
+
+def test_run_processes_gathers_replies_by_key_through_a_ctrl_c() -> None:
+    assert run_processes(_reply, [(0,), (3,), (4,)], "three") == {0: 0, 3: 30, 4: 40}
+    assert not multiprocessing.active_children()
+
+
+def test_run_processes_names_a_failed_process_at_once_and_stops_the_others() -> None:
+    """A benchmark's rank that failed left its driver waiting 10 minutes per rank (helper-107:
+    breakdown.py with a bad PIPEOPTIM_CPU_AFFINITY); the failure now ends the wait within a
+    poll and the process still waiting is killed."""
+    start = time.monotonic()
+    with pytest.raises(RuntimeError, match=r"^three: process 1 exited with code 3 \(see its output above\)$"):
+        run_processes(_reply, [(0,), (1,), (2,)], "three", timeout=60)
+    assert time.monotonic() - start < 20
+    assert not multiprocessing.active_children()

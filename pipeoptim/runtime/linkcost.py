@@ -27,8 +27,6 @@ import contextlib
 import datetime
 import math
 import os
-import queue
-import signal
 import time
 from collections.abc import Iterator, Sequence
 from typing import Any
@@ -38,12 +36,7 @@ import torch.distributed as dist
 
 from pipeoptim.runtime.affinity import host_cores, pin_rank
 from pipeoptim.runtime.distributed import STAGE_THREADS, free_port
-from pipeoptim.runtime.spawning import (
-    check_not_importing_main,
-    main_module_not_rerun,
-    signals_deferred,
-    worker_context,
-)
+from pipeoptim.runtime.spawning import run_processes
 
 #: message sizes timed by default (bytes): small ones for α, large ones for β
 SIZES = (4 << 10, 64 << 10, 1 << 20, 8 << 20)
@@ -97,7 +90,6 @@ def fit_latency_bandwidth(sizes: Sequence[float], seconds: Sequence[float]) -> t
 
 
 def _ping(rank: int, port: int, backend: str, sizes: Sequence[int], repeats: int, out: Any) -> None:
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # on Ctrl-C the measuring process stops both
     torch.set_num_threads(1)
     if backend == "gloo":  # as the stages' ranks run (pipeoptim.runtime.affinity)
         pin_rank(rank, 2)
@@ -127,7 +119,7 @@ def _ping(rank: int, port: int, backend: str, sizes: Sequence[int], repeats: int
             times.append((time.perf_counter() - start) / 2)
         per_size.append(times[1:])  # the first warms the size's buffers up
     if rank == 0:
-        out.put(per_size)
+        out.put((0, per_size))
     dist.barrier()
     dist.destroy_process_group()
 
@@ -182,40 +174,9 @@ def measure_link(
 
 def _round_trips(backend: str, sizes: Sequence[int], repeats: int, timeout: float) -> list[list[float]]:
     """Per size, the time of each of ``repeats`` round trips, halved (seconds)."""
-    check_not_importing_main()
-    ctx = worker_context()
-    out = ctx.Queue()
     port = free_port()
-    procs = [ctx.Process(target=_ping, args=(r, port, backend, list(sizes), repeats, out)) for r in range(2)]
-    try:
-        with main_module_not_rerun(), signals_deferred():
-            for p in procs:
-                p.start()
-        deadline = time.monotonic() + timeout
-        while True:  # a process that died is reported at once, not after the timeout
-            try:
-                return out.get(timeout=0.5)
-            except queue.Empty:
-                dead = [(r, p.exitcode) for r, p in enumerate(procs) if p.exitcode not in (None, 0)]
-                if dead:
-                    raise RuntimeError(
-                        f"measuring the {backend} link: process {dead[0][0]} exited with code {dead[0][1]} "
-                        "(see its output above)"
-                    ) from None
-                if time.monotonic() > deadline:
-                    raise RuntimeError(f"measuring the {backend} link took over {timeout:.0f} s") from None
-    except BaseException:  # Ctrl-C or a failure: the processes stop now
-        for p in procs:
-            if p.pid is not None and p.is_alive():
-                p.kill()
-        raise
-    finally:
-        for p in procs:
-            if p.pid is None:
-                continue
-            p.join(30)
-            if p.is_alive():
-                p.kill()
+    args = [(r, port, backend, list(sizes), repeats) for r in range(2)]
+    return run_processes(_ping, args, f"measuring the {backend} link", replies=1, timeout=timeout)[0]
 
 
 def usable_cores() -> int:

@@ -9,11 +9,14 @@ import multiprocessing.context
 import multiprocessing.util as mp_util
 import os
 import pickle
+import queue
 import signal
 import sys
 import tempfile
 import threading
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
 
 import cloudpickle
 import torch
@@ -172,6 +175,70 @@ def main_module_not_rerun() -> Iterator[None]:
     finally:
         if hide:
             main.__file__ = path
+
+
+def _ignoring_ctrl_c(target: Callable[..., None], *args: Any) -> None:
+    """``target(*args)`` with Ctrl-C ignored: a terminal's Ctrl-C reaches the whole process
+    group, and the process that started this one stops it (:func:`run_processes`)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    target(*args)
+
+
+def run_processes(
+    target: Callable[..., None],
+    args: Sequence[tuple],
+    what: str,
+    replies: int | None = None,
+    timeout: float = 900.0,
+    context: multiprocessing.context.BaseContext | None = None,
+) -> dict[Any, Any]:
+    """One process per tuple ``a`` of ``args``, started as workers are (:func:`worker_context`,
+    or ``context``), running ``target(*a, out)`` with Ctrl-C ignored; the ``(key, value)`` pairs
+    they put on the queue ``out`` (``replies`` of them; default one per process), by key.
+
+    A process that exits with an error ends the wait at once, not after ``timeout``: the others
+    may wait on it (in a process group) for good. Every process is stopped on the way out,
+    whatever ends the wait (the replies in, a failure, Ctrl-C).
+
+    Raises:
+        RuntimeError: a process exited with an error before the replies were in (``"{what}:
+            process i exited with code c"``), or they took over ``timeout`` seconds.
+    """
+    check_not_importing_main()
+    context = context or worker_context()
+    out = context.Queue()
+    procs = [context.Process(target=_ignoring_ctrl_c, args=(target, *a, out)) for a in args]
+    replies = len(procs) if replies is None else replies
+    parts: dict[Any, Any] = {}
+    try:
+        with main_module_not_rerun(), signals_deferred():
+            for p in procs:
+                p.start()
+        deadline = time.monotonic() + timeout
+        while len(parts) < replies:
+            try:
+                key, value = out.get(timeout=0.5)
+                parts[key] = value
+            except queue.Empty:
+                dead = [(i, p.exitcode) for i, p in enumerate(procs) if p.exitcode not in (None, 0)]
+                if dead:
+                    raise RuntimeError(
+                        f"{what}: process {dead[0][0]} exited with code {dead[0][1]} (see its output above)"
+                    ) from None
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"{what} took over {timeout:.0f} s") from None
+    except BaseException:  # a failure or Ctrl-C: the processes stop now
+        for p in procs:
+            if p.pid is not None and p.is_alive():
+                p.kill()
+        raise
+    finally:
+        for p in procs:
+            if p.pid is not None:
+                p.join(30)
+                if p.is_alive():
+                    p.kill()
+    return parts
 
 
 #: the signals that stop a run (Ctrl-C; SIGTERM from ``kill``, a job scheduler or a container
