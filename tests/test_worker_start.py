@@ -140,9 +140,11 @@ def test_a_stopping_signal_waits_for_the_workers_start_and_reaches_its_handler(s
 
 def _reply(i: int, out) -> None:
     """Process ``i`` of the run_processes tests: 1 fails, 2 waits (as a rank waits on a lost
-    peer), 4 is sent a Ctrl-C first; the others reply ``(i, 10 i)``."""
+    peer), 4 is sent a Ctrl-C first, 5 exits without a reply; the others reply ``(i, 10 i)``."""
     if i == 1:
         raise SystemExit(3)
+    if i == 5:
+        return
     if i == 2:
         time.sleep(120)
     if i == 4:
@@ -165,3 +167,12 @@ def test_run_processes_names_a_failed_process_at_once_and_stops_the_others() -> 
         run_processes(_reply, [(0,), (1,), (2,)], "three", timeout=60)
     assert time.monotonic() - start < 20
     assert not multiprocessing.active_children()
+
+
+def test_run_processes_names_replies_missing_once_every_process_exited() -> None:
+    """A process that exits cleanly without its reply left the wait running to the timeout
+    (helper-108); it ends once every process has exited."""
+    start = time.monotonic()
+    with pytest.raises(RuntimeError, match=r"^two: every process exited with 1 of 2 replies in$"):
+        run_processes(_reply, [(0,), (5,)], "two", timeout=60)
+    assert time.monotonic() - start < 20

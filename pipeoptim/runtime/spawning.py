@@ -202,7 +202,8 @@ def run_processes(
 
     Raises:
         RuntimeError: a process exited with an error before the replies were in (``"{what}:
-            process i exited with code c"``), or they took over ``timeout`` seconds.
+            process i exited with code c"``), every process exited without them all, or they
+            took over ``timeout`` seconds.
     """
     check_not_importing_main()
     context = context or worker_context()
@@ -225,6 +226,15 @@ def run_processes(
                     raise RuntimeError(
                         f"{what}: process {dead[0][0]} exited with code {dead[0][1]} (see its output above)"
                     ) from None
+                if all(p.exitcode is not None for p in procs):  # a last reply may still be on its way
+                    try:
+                        key, value = out.get(timeout=0.5)
+                        parts[key] = value
+                        continue
+                    except queue.Empty:
+                        raise RuntimeError(
+                            f"{what}: every process exited with {len(parts)} of {replies} replies in"
+                        ) from None
                 if time.monotonic() > deadline:
                     raise RuntimeError(f"{what} took over {timeout:.0f} s") from None
     except BaseException:  # a failure or Ctrl-C: the processes stop now
