@@ -71,9 +71,9 @@ def workload(part: str) -> tuple[Callable[[], object], Callable[[], object]]:
 
 def _run(part: str, core: int, seconds: float, start: object, results: object) -> None:
     """In a process bound to ``core``: repeat ``part`` from ``start`` (a barrier) until its
-    timed calls add up to ``seconds``; put ``(core, their mean seconds)`` on ``results`` (the mean, not the
-    median: repetitions that overlap another core's are the slow ones, and a median of
-    repetitions hid a copy slowed 1.5x)."""
+    timed calls add up to ``seconds``; put ``(core, their mean seconds)`` on ``results`` (the
+    mean, not the median: repetitions that overlap another core's are the slow ones, and a
+    median of repetitions hid a copy slowed 1.5x)."""
     os.sched_setaffinity(0, {core})
     torch.set_num_threads(1)
     untimed, timed = workload(part)

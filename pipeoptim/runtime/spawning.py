@@ -211,40 +211,35 @@ def run_processes(
     procs = [context.Process(target=_ignoring_ctrl_c, args=(target, *a, out)) for a in args]
     replies = len(procs) if replies is None else replies
     parts: dict[Any, Any] = {}
+    finished = False
     try:
         with main_module_not_rerun(), signals_deferred():
             for p in procs:
                 p.start()
-        deadline = time.monotonic() + timeout
+        deadline, settled = time.monotonic() + timeout, False
         while len(parts) < replies:
             try:
                 key, value = out.get(timeout=0.5)
                 parts[key] = value
+                continue
             except queue.Empty:
-                dead = [(i, p.exitcode) for i, p in enumerate(procs) if p.exitcode not in (None, 0)]
-                if dead:
-                    raise RuntimeError(
-                        f"{what}: process {dead[0][0]} exited with code {dead[0][1]} (see its output above)"
-                    ) from None
-                if all(p.exitcode is not None for p in procs):  # a last reply may still be on its way
-                    try:
-                        key, value = out.get(timeout=0.5)
-                        parts[key] = value
-                        continue
-                    except queue.Empty:
-                        raise RuntimeError(
-                            f"{what}: every process exited with {len(parts)} of {replies} replies in"
-                        ) from None
-                if time.monotonic() > deadline:
-                    raise RuntimeError(f"{what} took over {timeout:.0f} s") from None
-    except BaseException:  # a failure or Ctrl-C: the processes stop now
-        for p in procs:
-            if p.pid is not None and p.is_alive():
-                p.kill()
-        raise
-    finally:
+                pass
+            dead = [(i, p.exitcode) for i, p in enumerate(procs) if p.exitcode not in (None, 0)]
+            if dead:
+                raise RuntimeError(
+                    f"{what}: process {dead[0][0]} exited with code {dead[0][1]} (see its output above)"
+                )
+            if settled:
+                raise RuntimeError(f"{what}: every process exited with {len(parts)} of {replies} replies in")
+            settled = all(p.exitcode is not None for p in procs)  # one more look: a last reply in transit
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{what} took over {timeout:.0f} s")
+        finished = True
+    finally:  # killed at once unless the replies all came (a failure, Ctrl-C)
         for p in procs:
             if p.pid is not None:
+                if not finished:
+                    p.kill()
                 p.join(30)
                 if p.is_alive():
                     p.kill()
