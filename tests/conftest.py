@@ -23,10 +23,27 @@ def pytest_configure(config: pytest.Config) -> None:
     # this machine's measured link and runtime figures (pipeoptim.machine_costs): measured once
     # per test session, into a folder of its own, not the user's cache (nor from it)
     os.environ[CACHE_ENV] = tempfile.mkdtemp(prefix="pipeoptim-test-cache-")
+    # the temporary files of the programs the tests start (torchrun's log folders, the
+    # multiprocessing sockets of a driver a test kills) go into one folder, removed at the end;
+    # this process's own (pytest's tmp_path among them) stay where tempfile had put them
+    tempfile.gettempdir()  # read before $TMPDIR changes
+    _SUBPROCESS_TMPDIR[:] = [os.environ.get("TMPDIR"), tempfile.mkdtemp(prefix="pipeoptim-test-tmp-")]
+    os.environ["TMPDIR"] = _SUBPROCESS_TMPDIR[1]
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:
     shutil.rmtree(os.environ.pop(CACHE_ENV, ""), ignore_errors=True)
+    if _SUBPROCESS_TMPDIR:
+        before, folder = _SUBPROCESS_TMPDIR
+        shutil.rmtree(folder, ignore_errors=True)
+        if before is None:
+            os.environ.pop("TMPDIR", None)
+        else:
+            os.environ["TMPDIR"] = before
+
+
+#: $TMPDIR before the test session (``None``: unset) and the folder it points to during it
+_SUBPROCESS_TMPDIR: list = []
 
 
 @pytest.fixture

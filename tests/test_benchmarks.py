@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -119,9 +120,11 @@ def test_throughput_prices_a_plan_as_the_planner_did(tmp_path: Path) -> None:
     assert config.action_overhead_s == 3e-4 and config.latency_s == 1e-4
 
 
-def test_only_a_full_run_writes_the_committed_results(tmp_path: Path) -> None:
+def test_only_a_full_run_writes_the_committed_results(tmp_path: Path, monkeypatch) -> None:
     """--quick, or any option that measures a part (stage counts, methods), goes to a new
     temporary folder; --out wins; the full run writes benchmarks/results."""
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "temporary"))
+    (tmp_path / "temporary").mkdir()
     sys.path.insert(0, str(ROOT / "benchmarks"))
     try:
         from outputs import RESULTS, results_dir
@@ -142,7 +145,9 @@ def test_only_a_full_run_writes_the_committed_results(tmp_path: Path) -> None:
     assert where() == RESULTS == ROOT / "benchmarks" / "results"
     for partial in (["--quick"], ["--stages", "2"], ["--methods", "pipeoptim"]):
         folder = where(*partial)
-        assert folder != RESULTS and folder.is_dir() and folder.name.startswith("bench-")
+        assert (
+            folder.parent == tmp_path / "temporary" and folder.is_dir() and folder.name.startswith("bench-")
+        )
     assert where("--quick", "--out", str(tmp_path)) == tmp_path
     assert where("--stages", "4") == RESULTS  # the default given explicitly is the full run
     from outputs import run_kind  # a partial run was titled "full run"
