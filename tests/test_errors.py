@@ -765,14 +765,11 @@ def test_an_error_in_a_stage_names_the_micro_batch_and_its_rows(executor: str) -
     """BatchNorm refuses a 1-row micro-batch in training: the mini-batch of 5 rows split 2/2/1
     fails only because of the split, and the error says so (torch's own message says nothing
     of micro-batches). With the local executor the exception keeps its type; a worker process
-    reports it as a PipelineError, the note on the line after torch's message."""
+    reports it as a PipelineError, the note on the line after torch's message, which names the
+    stage the plan put the BatchNorm on (a parameter goes with the node that reads it)."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 2))
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    where = (
-        "raised in stage 0's forward of micro-batch 2 of mini-batch 1: 1 of its 5 rows, split 2/2/1 "
-        "into 3 micro-batches"
-    )
     with pipeoptim.compile(
         model,
         opt,
@@ -783,6 +780,10 @@ def test_an_error_in_a_stage_names_the_micro_batch_and_its_rows(executor: str) -
         micro_batches=3,
         executor=executor,
     ) as pipe:
+        where = (
+            f"raised in stage {pipe.plan.stage_of['_1_weight']}'s forward of micro-batch 2 of mini-batch 1: "
+            "1 of its 5 rows, split 2/2/1 into 3 micro-batches"
+        )
         pipe.step(torch.randn(6, 4), torch.randint(0, 2, (6,)))
         expected = ValueError if executor == "local" else PipelineError
         with pytest.raises(expected, match="more than 1 value per channel") as raised:
