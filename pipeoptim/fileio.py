@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import glob
 import json
@@ -10,7 +11,7 @@ import re
 import stat
 import tempfile
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import IO, Any
 
@@ -160,6 +161,44 @@ def writable_folder(path: str | os.PathLike[str], what: str, option: str) -> boo
             f"cannot {verb} the {what} {path} ({exc.strerror or exc}): choose a writable {option}"
         ) from exc
     return created
+
+
+@contextlib.contextmanager
+def held_folder(
+    path: str | os.PathLike[str], what: str, option: str, log: Callable[[str], None] = print
+) -> Iterator[None]:
+    """Hold the folder ``path`` (existing) for this process while the block runs: an
+    exclusive ``flock`` on the folder itself, which the system releases when the process ends,
+    killed or not, so no stale lock is left. A second run into the same folder stops at once
+    instead of interleaving its records with this one's (two ``pipeoptim train`` into one
+    ``--out`` both wrote ``train.csv``, each step twice, and the last to finish won
+    ``metrics.json`` and ``checkpoint.pt``). Where the platform has no ``flock`` (Windows) or the
+    file system refuses it, ``log`` says the folder is not held and the block runs.
+
+    Raises:
+        ValueError: another process holds the folder; names ``what`` it is and the ``option``
+            to change.
+    """
+    path = Path(path)
+    if fcntl is None:
+        log(f"the {what} {path} is not locked on this platform: a second run into it would not be refused")
+        yield
+        return
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise ValueError(
+                f"the {what} {path} is in use by another run: choose another {option}, or wait until "
+                "that run ends"
+            ) from None
+        except OSError as exc:  # a file system without locks (some network or FUSE mounts)
+            reason = exc.strerror or exc
+            log(f"cannot lock the {what} {path} ({reason}): a second run into it would not be refused")
+        yield
+    finally:
+        os.close(fd)
 
 
 def _umask() -> int:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import csv
 import json
 import math
+import subprocess
+import sys
 from dataclasses import replace
 from pathlib import Path
 
@@ -14,6 +16,7 @@ from click.testing import CliRunner
 
 import pipeoptim
 from pipeoptim.cli.main import cli
+from pipeoptim.fileio import held_folder
 from pipeoptim.tasks import make_task
 
 
@@ -647,3 +650,31 @@ def test_resume_accepts_the_layout_the_planner_chose_given_explicitly(tmp_path: 
     assert code == 1 and f"made with no --stages, this run has --stages {3 - chosen}" in err, err
     code, _, err = run(*common, "--resume", str(out), "--epochs", "2", "--stages", str(chosen))
     assert code == 0, err
+
+
+def test_a_run_folder_in_use_is_refused_and_left_as_it_is(tmp_path: Path) -> None:
+    """Two runs into one --out both wrote train.csv, each step twice, and the last to end won
+    metrics.json and checkpoint.pt (helper-110). The second is refused at once and deletes
+    nothing of the first's (the earlier checkpoint it would replace stays); a killed holder
+    leaves no lock behind."""
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "checkpoint.pt").write_bytes(b"the first run's")
+    hold = (
+        "import sys, time\nfrom pipeoptim.fileio import held_folder\n"
+        "with held_folder(sys.argv[1], 'run folder', '--out'):\n"
+        "    print('held', flush=True)\n    time.sleep(600)\n"
+    )
+    holder = subprocess.Popen([sys.executable, "-c", hold, str(out)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
+        code, _, err = run("digits", "--out", str(out), "--epochs", "1", "--profile-dir", str(tmp_path / "p"))
+        assert code == 1, err
+        assert f"the run folder {out} is in use by another run: choose another --out, or wait until" in err
+        assert [p.name for p in out.iterdir()] == ["checkpoint.pt"]
+        assert (out / "checkpoint.pt").read_bytes() == b"the first run's"
+    finally:
+        holder.kill()
+        holder.wait()
+    with held_folder(out, "run folder", "--out"):
+        pass
