@@ -655,8 +655,8 @@ def test_resume_accepts_the_layout_the_planner_chose_given_explicitly(tmp_path: 
 def test_a_run_folder_in_use_is_refused_and_left_as_it_is(tmp_path: Path) -> None:
     """Two runs into one --out both wrote train.csv, each step twice, and the last to end won
     metrics.json and checkpoint.pt (helper-110). The second is refused at once and deletes
-    nothing of the first's (the earlier checkpoint it would replace stays); a killed holder
-    leaves no lock behind."""
+    nothing of the first's (the earlier checkpoint it would replace stays, and it does not say
+    it replaces it); a killed holder leaves no lock behind."""
     out = tmp_path / "run"
     out.mkdir()
     (out / "checkpoint.pt").write_bytes(b"the first run's")
@@ -671,6 +671,7 @@ def test_a_run_folder_in_use_is_refused_and_left_as_it_is(tmp_path: Path) -> Non
         code, _, err = run("digits", "--out", str(out), "--epochs", "1", "--profile-dir", str(tmp_path / "p"))
         assert code == 1, err
         assert f"the run folder {out} is in use by another run: choose another --out, or wait until" in err
+        assert "holds an earlier run" not in err  # it would replace nothing
         assert [p.name for p in out.iterdir()] == ["checkpoint.pt"]
         assert (out / "checkpoint.pt").read_bytes() == b"the first run's"
     finally:

@@ -258,6 +258,8 @@ def train_command(
         the run folder, the checkpoint and the data have been checked: an earlier run's
         checkpoint this run replaces is removed then, or --resume would continue it under this
         run's records)."""
+        if earlier:  # said once the folder is this run's (a run using it refuses this one)
+            click.echo(earlier, err=True)
         if replaced is not None:
             replaced.unlink(missing_ok=True)
         try:
@@ -309,16 +311,15 @@ def train_command(
         compile_stages=compile_stages,
         memory=memory,
     )
-    earlier = [name for name in ("metrics.json", "checkpoint.pt") if (Path(out) / name).exists()]
-    replaced = None
-    if earlier and resume is None:
-        instead = f"--resume {out} to continue from its checkpoint, or " if "checkpoint.pt" in earlier else ""
-        click.echo(
-            f"{out} holds an earlier run ({', '.join(earlier)}): this run replaces it; pass "
-            f"{instead}another --out to keep it",
-            err=True,
+    found = [name for name in ("metrics.json", "checkpoint.pt") if (Path(out) / name).exists()]
+    earlier, replaced = "", None
+    if found and resume is None:
+        instead = f"--resume {out} to continue from its checkpoint, or " if "checkpoint.pt" in found else ""
+        earlier = (
+            f"{out} holds an earlier run ({', '.join(found)}): this run replaces it; pass "
+            f"{instead}another --out to keep it"
         )
-        replaced = Path(out) / "checkpoint.pt" if "checkpoint.pt" in earlier else None
+        replaced = Path(out) / "checkpoint.pt" if "checkpoint.pt" in found else None
     given = {
         name for name in context.params if context.get_parameter_source(name) is not ParameterSource.DEFAULT
     }
