@@ -36,6 +36,8 @@ def main(out: str, profile_dir: str) -> None:
         "plan": pipe.plan.stage_of,
         "state": {k: v.tolist() for k, v in pipe.state_dict().items()},
     }
+    if os.environ["RANK"] == "0":
+        pipe.plan.save(f"{out}.plan.json")  # the local run replays this plan (plans follow timings)
     with open(f"{out}.{os.environ['RANK']}", "w") as f:
         json.dump(result, f)
     pipe.close()

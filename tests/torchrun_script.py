@@ -48,6 +48,8 @@ def main(out: str, stages: int, method: str, profile_dir: str, only_needed: bool
         unresolved.append(len(pipe._losses))
     pipe.flush()
     result |= {"receives": max(receives), "unresolved": max(unresolved)}
+    if rank == 0:
+        pipe.plan.save(f"{out}.plan.json")  # the local run replays this plan (plans follow timings)
     if hasattr(os, "sched_getaffinity"):  # each rank bound to its cores (runtime.affinity)
         result["cores"] = sorted(os.sched_getaffinity(0))
     pipe.close()
