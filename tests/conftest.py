@@ -24,40 +24,26 @@ def pytest_configure(config: pytest.Config) -> None:
     # this machine's measured link and runtime figures (pipeoptim.machine_costs): measured once
     # per test session, into a folder of its own, not the user's cache (nor from it)
     os.environ[CACHE_ENV] = tempfile.mkdtemp(prefix="pipeoptim-test-cache-")
-    # the temporary files of the programs the tests start (torchrun's log folders, the
-    # multiprocessing sockets of a driver a test kills) go into one folder, removed at the end;
-    # this process's own (pytest's tmp_path among them) stay where tempfile had put them
-    tempfile.gettempdir()  # read before $TMPDIR changes
-    _SUBPROCESS_TMPDIR[:] = [os.environ.get("TMPDIR"), tempfile.mkdtemp(prefix="pipeoptim-test-tmp-")]
-    os.environ["TMPDIR"] = _SUBPROCESS_TMPDIR[1]
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:
     shutil.rmtree(os.environ.pop(CACHE_ENV, ""), ignore_errors=True)
-    if _SUBPROCESS_TMPDIR:
-        before, folder = _SUBPROCESS_TMPDIR
-        shutil.rmtree(folder, ignore_errors=True)
-        if before is None:
-            os.environ.pop("TMPDIR", None)
-        else:
-            os.environ["TMPDIR"] = before
-
-
-#: $TMPDIR before the test session (``None``: unset) and the folder it points to during it
-_SUBPROCESS_TMPDIR: list = []
 
 
 @pytest.fixture(scope="session", autouse=True)
-def _working_folder_of_its_own(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
-    """The suite runs in a folder of its own: what a test writes to a relative path (above all
-    pipeoptim's default profile folder ``profiles/``) goes there, not into the checkout, and no
-    test plans from a profile an earlier run or the user left there (one unlucky timing in a
-    kept profile put a BatchNorm on stage 1 and failed a test until the folder was cleared,
-    helper-110)."""
-    before = os.getcwd()
-    os.chdir(tmp_path_factory.mktemp("cwd"))
-    yield
-    os.chdir(before)
+def _folders_of_its_own(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """The suite runs in folders of its own under pytest's (kept for its last 3 runs):
+    - its working folder: what a test writes to a relative path (above all pipeoptim's default
+      profile folder ``profiles/``) goes there, not into the checkout, and no test plans from a
+      profile an earlier run or the user left there (one unlucky timing in a kept profile put a
+      BatchNorm on stage 1 and failed a test until the folder was cleared, helper-110);
+    - ``$TMPDIR`` of the programs the tests start: torchrun's log folders and the
+      multiprocessing sockets of a driver a test kills left about 20 folders in /tmp per run
+      (this process's own temporary folder was read before, and stays)."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.chdir(tmp_path_factory.mktemp("cwd"))
+        patch.setenv("TMPDIR", str(tmp_path_factory.mktemp("tmp")))
+        yield
 
 
 @pytest.fixture
