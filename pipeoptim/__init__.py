@@ -1,26 +1,54 @@
 """pipeoptim: compile an ``nn.Module`` and its optimizer into an asynchronous pipeline-parallel
 trainer with PipeOptim weight prediction (Guan et al., arXiv:2312.00839) and the baselines
-GPipe, 1F1B, PipeDream, PipeDream-2BW and SpecTrain."""
+GPipe, 1F1B, PipeDream, PipeDream-2BW and SpecTrain.
 
-from pipeoptim.compile_pipeline import compile
-from pipeoptim.compiler.plan import Plan
-from pipeoptim.errors import (
-    CheckpointError,
-    CodegenError,
-    InfeasibleMemoryError,
-    NonFiniteLossError,
-    PipelineError,
-    PipeoptimError,
-    PlanError,
-    PredictorError,
-    ProfileError,
-    TraceError,
-)
-from pipeoptim.loss import Loss
-from pipeoptim.methods import METHODS
-from pipeoptim.pipeline import Pipeline
-from pipeoptim.runtime.predictors import register_predictor
+The names below are imported on first use (PEP 562), so that ``import pipeoptim.cli.entry``
+does not import torch: the command line handles Ctrl-C before torch's import begins."""
 
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from pipeoptim.compile_pipeline import compile
+    from pipeoptim.compiler.plan import Plan
+    from pipeoptim.errors import (
+        CheckpointError,
+        CodegenError,
+        InfeasibleMemoryError,
+        NonFiniteLossError,
+        PipelineError,
+        PipeoptimError,
+        PlanError,
+        PredictorError,
+        ProfileError,
+        TraceError,
+    )
+    from pipeoptim.loss import Loss
+    from pipeoptim.methods import METHODS
+    from pipeoptim.pipeline import Pipeline
+    from pipeoptim.runtime.predictors import register_predictor
+
+#: each public name and the module that defines it
+_WHERE = {
+    "METHODS": "pipeoptim.methods",
+    "CheckpointError": "pipeoptim.errors",
+    "CodegenError": "pipeoptim.errors",
+    "InfeasibleMemoryError": "pipeoptim.errors",
+    "Loss": "pipeoptim.loss",
+    "NonFiniteLossError": "pipeoptim.errors",
+    "Pipeline": "pipeoptim.pipeline",
+    "PipelineError": "pipeoptim.errors",
+    "PipeoptimError": "pipeoptim.errors",
+    "Plan": "pipeoptim.compiler.plan",
+    "PlanError": "pipeoptim.errors",
+    "PredictorError": "pipeoptim.errors",
+    "ProfileError": "pipeoptim.errors",
+    "TraceError": "pipeoptim.errors",
+    "compile": "pipeoptim.compile_pipeline",
+    "register_predictor": "pipeoptim.runtime.predictors",
+}
 __all__ = [
     "METHODS",
     "CheckpointError",
@@ -40,3 +68,16 @@ __all__ = [
     "register_predictor",
 ]
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str) -> Any:
+    """Import a public name on first use; AttributeError for any other name."""
+    if name not in _WHERE:
+        raise AttributeError(f"module 'pipeoptim' has no attribute {name!r}")
+    value = getattr(importlib.import_module(_WHERE[name]), name)
+    globals()[name] = value  # the next use is a plain attribute
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_WHERE))

@@ -1,5 +1,5 @@
 """``python -m pipeoptim`` runs the command line."""
 
-from pipeoptim.cli.main import main
+from pipeoptim.cli.entry import main
 
 main()

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import ast
 import inspect
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -135,3 +137,23 @@ def test_every_executor_implements_the_protocol() -> None:
             if hasattr(cls, name)
         }
         assert have == wanted, cls.__name__
+
+
+def test_the_package_and_the_console_script_load_torch_only_when_used() -> None:
+    """``import pipeoptim`` and the console script's module import no torch (1-3 s), so that a
+    Ctrl-C during torch's import reaches the command line's handler; every public name is
+    there on first use, and ``from pipeoptim import *`` gives them all."""
+    code = (
+        "import sys, pipeoptim, pipeoptim.cli.entry\n"
+        "assert 'torch' not in sys.modules, sorted(m for m in sys.modules if m.startswith('pipeoptim'))\n"
+        "assert set(pipeoptim.__all__) <= set(dir(pipeoptim))\n"
+        "namespace = {}\n"
+        "exec('from pipeoptim import *', namespace)\n"
+        "print(sorted(set(namespace) - {'__builtins__'}) == sorted(pipeoptim.__all__))\n"
+        "print(callable(pipeoptim.compile))\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, cwd=PACKAGE.parent, timeout=120
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split() == ["True", "True"]
