@@ -45,6 +45,7 @@ def _benchmark(script: str, argv: list[str], cwd: Path, timeout: float = 600) ->
         ),
         ("affinity.py", ["affinity.md"]),
         ("memory_sharing.py", ["memory_sharing.md"]),
+        ("prediction_error.py", ["prediction_error.md"]),
     ],
 )
 def test_quick_benchmark_runs(tmp_path: Path, script: str, files: list[str]) -> None:
@@ -190,6 +191,7 @@ def test_results_name_the_host_they_were_measured_on(tmp_path: Path, monkeypatch
         ("breakdown.py", ["--clock", "gpu"], "invalid choice: 'gpu'"),
         ("affinity.py", ["--rounds", "0"], "--rounds must be at least 1, got 0"),
         ("memory_sharing.py", ["--rounds", "0"], "--rounds must be at least 1, got 0"),
+        ("prediction_error.py", ["--seeds", "0"], "--seeds must be at least 1, got 0"),
     ],
 )
 def test_benchmark_options_out_of_range_are_refused(
