@@ -44,7 +44,7 @@ from pipeoptim.runtime.executor import MiniBatch
 from pipeoptim.runtime.spawning import pickle_spec, unpickle_spec
 
 sys.path.insert(0, str(Path(__file__).parent))
-from outputs import host, results_dir, run_kind, stage_count, write_result
+from outputs import host, parse_rank_args, results_dir, run_kind, stage_count, write_result
 from throughput import MODELS, compile_model, run_ranks
 
 METHODS = ("pipeoptim", "pipedream", "2bw", "spectrain", "none", "1f1b")
@@ -182,7 +182,7 @@ def main() -> None:
     parser.add_argument(
         "--out", type=Path, help="default: benchmarks/results for the full run, else a temporary folder"
     )
-    args = parser.parse_args()
+    args = parse_rank_args(parser)
     scope = ("model", "stages", "methods", "clock")
     kind = run_kind(parser, args, scope)
     args.out = results_dir(parser, args, "breakdown", scope=scope)

@@ -30,7 +30,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from outputs import results_dir, write_result
+from outputs import parse_rank_args, results_dir, write_result
 from tabulate import tabulate
 from torch import nn
 
@@ -105,7 +105,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="a smaller MLP and fewer steps (about a minute)")
     parser.add_argument("--method", default="pipeoptim", choices=list(pipeoptim.METHODS))
     parser.add_argument("--out", type=Path, default=None, help="where to write (default: see above)")
-    args = parser.parse_args()
+    args = parse_rank_args(parser)
     args.out = results_dir(parser, args, "layouts", scope=("method",))
     args.out.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(1)

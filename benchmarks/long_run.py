@@ -19,7 +19,7 @@ import time
 
 import torch
 import torch.nn.functional as F
-from outputs import results_dir, write_result
+from outputs import parse_rank_args, results_dir, write_result
 from tabulate import tabulate
 from torch import nn
 
@@ -95,7 +95,7 @@ def main() -> None:
     parser.add_argument("--model", choices=["mlp", "cnn"], default="mlp")
     parser.add_argument("--methods", default="pipeoptim,pipedream,2bw,gpipe")
     parser.add_argument("--out", default=None)
-    args = parser.parse_args()
+    args = parse_rank_args(parser)
     steps = 200 if args.quick else args.steps
     methods = ["pipeoptim"] if args.quick else args.methods.split(",")
     for m in methods:

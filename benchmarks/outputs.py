@@ -14,6 +14,7 @@ import torch
 
 from pipeoptim.compiler.profile_key import cpu_model
 from pipeoptim.fileio import atomic_write
+from pipeoptim.runtime.affinity import binding_asked
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -25,6 +26,18 @@ def host(cpuinfo: Path = Path("/proc/cpuinfo")) -> str:
     the test suite 1.25-1.6x slower than the host of the committed throughput run), so every
     title names its host."""
     return f"{cpu_model(cpuinfo)}, {os.cpu_count()} cores, torch {torch.__version__}"
+
+
+def parse_rank_args(parser: argparse.ArgumentParser) -> argparse.Namespace:
+    """``parser.parse_args()`` for a benchmark that starts stage processes: a
+    ``PIPEOPTIM_CPU_AFFINITY`` that is neither on nor off is a usage error (exit 2) before
+    anything runs; each rank printed its traceback and the run ended in a ``RuntimeError``."""
+    args = parser.parse_args()
+    try:
+        binding_asked()
+    except ValueError as exc:
+        parser.error(str(exc))
+    return args
 
 
 def results_dir(

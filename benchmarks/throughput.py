@@ -66,7 +66,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from outputs import host, results_dir, run_kind, stage_count, write_result
+from outputs import host, parse_rank_args, results_dir, run_kind, stage_count, write_result
 from tabulate import tabulate
 from torch import nn
 
@@ -1078,7 +1078,7 @@ def main() -> None:
         default="cpu",
         help="cuda: NCCL, one GPU per rank (needs as many GPUs as stages; benchmarks/gpu_check.sh)",
     )
-    args = parser.parse_args()
+    args = parse_rank_args(parser)
     global DEVICE
     DEVICE = args.device
     if args.rounds is not None and args.rounds < 1:

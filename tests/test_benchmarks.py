@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import tempfile
@@ -14,14 +15,18 @@ from torch import nn
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _benchmark(script: str, argv: list[str], cwd: Path, timeout: float = 600) -> subprocess.CompletedProcess:
-    """``benchmarks/<script> argv`` run as a user runs it, from ``cwd``; its exit and output."""
+def _benchmark(
+    script: str, argv: list[str], cwd: Path, timeout: float = 600, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess:
+    """``benchmarks/<script> argv`` run as a user runs it, from ``cwd`` (``env``: variables to
+    set); its exit and output."""
     return subprocess.run(
         [sys.executable, str(ROOT / "benchmarks" / script), *argv],
         capture_output=True,
         text=True,
         timeout=timeout,
         cwd=cwd,
+        env={**os.environ, **(env or {})},
     )
 
 
@@ -202,6 +207,16 @@ def test_benchmark_options_out_of_range_are_refused(
     done = _benchmark(script, argv, tmp_path, timeout=120)
     assert done.returncode == 2 and message in done.stderr, done.stderr[-2000:]
     assert "Traceback" not in done.stderr
+
+
+@pytest.mark.parametrize("script", ["throughput.py", "breakdown.py", "long_run.py", "layouts.py"])
+def test_a_benchmark_refuses_an_affinity_setting_it_cannot_read(tmp_path: Path, script: str) -> None:
+    """PIPEOPTIM_CPU_AFFINITY=bogus: every rank printed its traceback and breakdown.py ended in
+    a RuntimeError; now a usage error naming the variable and its values, before anything runs."""
+    done = _benchmark(script, ["--quick"], tmp_path, timeout=120, env={"PIPEOPTIM_CPU_AFFINITY": "bogus"})
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert "PIPEOPTIM_CPU_AFFINITY='bogus' is neither on nor off" in done.stderr
+    assert "Traceback" not in done.stderr and not list(tmp_path.iterdir())
 
 
 def test_throughput_summary_names_the_model_its_figures_are_from() -> None:
