@@ -8,6 +8,7 @@ does not import torch: the command line handles Ctrl-C before torch's import beg
 from __future__ import annotations
 
 import importlib
+import importlib.util
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -71,10 +72,18 @@ __version__ = "0.1.0"
 
 
 def __getattr__(name: str) -> Any:
-    """Import a public name on first use; AttributeError for any other name."""
-    if name not in _WHERE:
-        raise AttributeError(f"module 'pipeoptim' has no attribute {name!r}")
-    value = getattr(importlib.import_module(_WHERE[name]), name)
+    """Import a public name, or a submodule (``pipeoptim.compile_layout`` after ``import
+    pipeoptim``, as when this package imported them all), on first use.
+
+    Raises:
+        AttributeError: ``name`` is neither.
+    """
+    if name in _WHERE:
+        value = getattr(importlib.import_module(_WHERE[name]), name)
+    elif not name.startswith("__") and importlib.util.find_spec(f"{__name__}.{name}") is not None:
+        value = importlib.import_module(f"{__name__}.{name}")
+    else:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
     globals()[name] = value  # the next use is a plain attribute
     return value
 
