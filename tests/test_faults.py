@@ -429,6 +429,47 @@ def test_ctrl_c_while_torch_is_imported(tmp_path: Path, how: str) -> None:
     assert not (tmp_path / "run" / "metrics.json").exists()
 
 
+#: a Python program that sends itself a Ctrl-C as ``module`` starts being imported (the first
+#: time only), then runs ``pipeoptim partition mlp --gpus 2 --json`` as the console script does
+_CTRL_C_AT_IMPORT = """
+import signal, sys
+
+class CtrlC:
+    fired = False
+
+    def find_spec(self, name, path=None, target=None):
+        if name == {module!r} and not CtrlC.fired:
+            CtrlC.fired = True
+            signal.raise_signal(signal.SIGINT)
+        return None
+
+sys.meta_path.insert(0, CtrlC())
+sys.argv = ["pipeoptim", "partition", "mlp", "--gpus", "2", "--json"]
+from pipeoptim.cli.entry import main
+main()
+"""
+
+
+@pytest.mark.parametrize("module", ["numpy._core", "numpy.linalg", "highspy"])
+def test_ctrl_c_inside_an_import_that_swallows_it(tmp_path: Path, module: str) -> None:
+    """A Ctrl-C that lands in numpy's import (which torch's C code starts, discarding its
+    failure) or in ``import highspy`` (under a bare ``except:`` in pulp) was lost: the run
+    planned the model and exited 0 (``numpy._core``, ``highspy``) or failed later on a
+    half-loaded numpy (``numpy.linalg``: ``module 'numpy' has no attribute 'matrix'``). Now
+    it is held until the command line is imported, then ends the run."""
+    done = subprocess.run(
+        [sys.executable, "-c", _CTRL_C_AT_IMPORT.format(module=module)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=tmp_path,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
+    assert stopped_by_ctrl_c(done.returncode), done.stderr[-2000:]
+    assert done.stderr.strip().splitlines() == ["interrupted while starting: nothing was run"], done.stderr
+    assert json.loads(done.stdout) == {"error": "interrupted", "exit_code": 130}
+
+
 def torch_loaded(pid: int) -> bool:
     """Whether process ``pid`` has torch's C++ library mapped (False once it has ended)."""
     try:
