@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import pkgutil
+import sys
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -76,17 +78,24 @@ def __getattr__(name: str) -> Any:
     pipeoptim``, as when this package imported them all), on first use.
 
     Raises:
-        AttributeError: ``name`` is neither.
+        AttributeError: ``name`` is neither (a dotted or otherwise impossible name too).
     """
     if name in _WHERE:
         value = getattr(importlib.import_module(_WHERE[name]), name)
-    elif not name.startswith("__") and importlib.util.find_spec(f"{__name__}.{name}") is not None:
+    elif (
+        name.isidentifier()
+        and not name.startswith("__")
+        and importlib.util.find_spec(f"{__name__}.{name}") is not None
+    ):
         value = importlib.import_module(f"{__name__}.{name}")
     else:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+        raise AttributeError(
+            f"module {__name__!r} has no attribute {name!r}", name=name, obj=sys.modules[__name__]
+        )
     globals()[name] = value  # the next use is a plain attribute
     return value
 
 
 def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_WHERE))
+    """The public names, ``__version__`` and the submodules (not this module's helpers)."""
+    return sorted({*__all__, "__version__", *(m.name for m in pkgutil.iter_modules(__path__))} - {"__main__"})
