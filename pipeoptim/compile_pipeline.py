@@ -34,6 +34,7 @@ from pipeoptim.methods import METHODS, check_micro_batches, get_method
 from pipeoptim.pipeline import Pipeline
 from pipeoptim.random_state import keeps_random_state
 from pipeoptim.runtime import spmd
+from pipeoptim.runtime.affinity import binding_asked
 from pipeoptim.runtime.build import PipelineSpec
 from pipeoptim.runtime.clipping import check_clipping
 from pipeoptim.runtime.compiled import check_compile_stages
@@ -253,6 +254,8 @@ def compile(
         kind = executor
         if kind == "auto":
             kind = "torchrun" if spmd.under_torchrun() else "processes"
+        if kind != "local":
+            binding_asked()  # a PIPEOPTIM_CPU_AFFINITY neither on nor off: before any work
         if kind == "processes":
             check_not_importing_main()  # before profiling: this process is a worker starting
             check_devices(devices)

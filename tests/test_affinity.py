@@ -94,6 +94,33 @@ def test_a_setting_neither_on_nor_off_is_refused(monkeypatch: pytest.MonkeyPatch
         _worker_cores(monkeypatch, value)
 
 
+class _Untraceable(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = torch.nn.Linear(4, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        raise RuntimeError("this model is never traced")
+
+
+def test_a_setting_neither_on_nor_off_is_refused_before_any_work(monkeypatch: pytest.MonkeyPatch) -> None:
+    """It was raised as the workers started, after tracing, profiling and planning (a model
+    that cannot be traced met its TraceError first)."""
+    monkeypatch.setenv(AFFINITY_ENV, "garbage")
+    model = _Untraceable()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with pytest.raises(ValueError, match="PIPEOPTIM_CPU_AFFINITY='garbage' is neither on nor off"):
+        pipeoptim.compile(
+            model,
+            opt,
+            2,
+            example_inputs=torch.randn(4, 4),
+            loss_fn=F.mse_loss,
+            executor="processes",
+            profile_dir=None,
+        )
+
+
 @pytest.mark.skipif(not hasattr(os, "sched_setaffinity") or (os.cpu_count() or 1) < 2, reason="binds cores")
 def test_a_bound_rank_plans_for_the_cores_all_ranks_share() -> None:
     """A torchrun rank is bound to its core before it compiles: it still prices the ranks on
