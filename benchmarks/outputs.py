@@ -49,6 +49,9 @@ def results_dir(
     otherwise a new temporary folder. A run of two methods at 2 stages once replaced the
     committed 4-stage breakdown of all five.
 
+    The folder is made at once; one that cannot be made or written is a usage error (exit 2):
+    prediction_error.py did all its work, then failed to write.
+
     Raises:
         AttributeError: ``scope`` names an option the parser does not have.
     """
@@ -58,6 +61,12 @@ def results_dir(
         folder = RESULTS
     else:
         folder = Path(tempfile.mkdtemp(prefix=f"{prefix}-"))
+    try:  # made now: a folder that cannot be written fails the run before its work, not after
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        parser.error(f"cannot make the results folder {folder} ({exc.strerror}): pass another --out")
+    if not os.access(folder, os.W_OK):
+        parser.error(f"cannot write into the results folder {folder}: pass another --out")
     print(f"results go to {folder}", file=sys.stderr)  # a temporary folder is named nowhere else
     return folder
 

@@ -4,7 +4,7 @@ PipeOptim (Guan et al., arXiv:2312.00839) predicts a stage's weights s steps ahe
 ``Ŵ = W − lr·s·ΔW`` with ΔW the optimizer's update direction. With momentum or Adam's moments,
 ΔW averages many gradients; without momentum (SGD, RMSprop) it is the last gradient alone, and
 Ŵ extrapolates that one gradient's noise s steps. This benchmark measures, on the digits task
-(4 stages, local executor, every micro-batch sampled), the *prediction error*
+(4 stages of equal node counts, local executor, every micro-batch sampled), the *prediction error*
 ``‖W_fwd − W_bwd‖ / ‖W_bwd‖`` and the *staleness* ``‖W_cur − W_bwd‖ / ‖W_bwd‖`` it corrects
 (:mod:`pipeoptim.runtime.staleness`), stage by stage; a ratio below 1 means the prediction
 helps.
@@ -28,6 +28,8 @@ from outputs import host, results_dir, run_kind, write_result
 from tabulate import tabulate
 
 import pipeoptim
+from pipeoptim.compiler import plan_model
+from pipeoptim.compiler.costmodel import CostConfig
 from pipeoptim.tasks import make_task
 
 STAGES, BATCH = 4, 32
@@ -60,6 +62,11 @@ def measure(setting: Setting, seed: int, epochs: int) -> tuple[list[float], list
     task = make_task("digits", batch_size=BATCH, seed=seed)
     torch.manual_seed(seed)
     model = task.model
+    # a uniform plan (equal node counts per stage), the same in every run: a plan from measured
+    # times moved a layer between runs and with it the stages' numbers
+    plan = plan_model(
+        model, task.example_inputs, CostConfig(num_stages=STAGES), partitioner="uniform", profile_dir=None
+    ).plan
     with pipeoptim.compile(
         model,
         setting.make(model.parameters()),
@@ -70,6 +77,7 @@ def measure(setting: Setting, seed: int, epochs: int) -> tuple[list[float], list
         method="pipeoptim",
         executor="local",
         profile_dir=None,
+        plan=plan,
         seed=seed,
         predictor=setting.predictor,
         prediction_error_every=1,

@@ -209,6 +209,17 @@ def test_benchmark_options_out_of_range_are_refused(
     assert "Traceback" not in done.stderr
 
 
+@pytest.mark.parametrize("script", ["prediction_error.py", "throughput.py", "memory.py"])
+def test_a_results_folder_that_cannot_be_made_is_refused_before_the_work(tmp_path: Path, script: str) -> None:
+    """--out naming a file: prediction_error.py trained every setting, printed its table, then
+    ended in a mkdir traceback and wrote nothing."""
+    (tmp_path / "file").write_text("")
+    done = _benchmark(script, ["--quick", "--out", str(tmp_path / "file" / "results")], tmp_path, timeout=120)
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert f"cannot make the results folder {tmp_path / 'file' / 'results'} (Not a directory)" in done.stderr
+    assert "Traceback" not in done.stderr and done.stdout == ""
+
+
 @pytest.mark.parametrize("script", ["throughput.py", "breakdown.py", "long_run.py", "layouts.py"])
 def test_a_benchmark_refuses_an_affinity_setting_it_cannot_read(tmp_path: Path, script: str) -> None:
     """PIPEOPTIM_CPU_AFFINITY=bogus: every rank printed its traceback and breakdown.py ended in
