@@ -470,6 +470,65 @@ def test_ctrl_c_inside_an_import_that_swallows_it(tmp_path: Path, module: str) -
     assert json.loads(done.stdout) == {"error": "interrupted", "exit_code": 130}
 
 
+#: ``pipeoptim partition mlp --gpus 2 --json`` as the console script runs it, with a Ctrl-C
+#: sent by the code of ``when``
+_CTRL_C_WHEN = """
+import atexit, signal, sys
+import click
+
+if {when!r} == "click starts":
+    start = click.Context.__init__
+
+    def context(self, *args, **kwargs):
+        click.Context.__init__ = start
+        signal.raise_signal(signal.SIGINT)
+        start(self, *args, **kwargs)
+
+    click.Context.__init__ = context
+else:  # at exit, after the command has printed its result, before torch's exit hooks
+    import pipeoptim.cli.main
+
+    atexit.register(signal.raise_signal, signal.SIGINT)
+sys.argv = ["pipeoptim", "partition", "mlp", "--gpus", "2", "--json"]
+from pipeoptim.cli.entry import main
+main()
+"""
+
+
+def test_ctrl_c_while_click_starts_stops_the_command(tmp_path: Path) -> None:
+    """After the import and before the command (click reading the environment, parsing the
+    options): it printed a traceback and exited by the signal, or click's "Aborted!" with 1."""
+    done = subprocess.run(
+        [sys.executable, "-c", _CTRL_C_WHEN.format(when="click starts")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=tmp_path,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
+    assert stopped_by_ctrl_c(done.returncode), done.stderr[-2000:]
+    assert done.stderr.strip().splitlines() == ["interrupted: nothing was saved"], done.stderr
+    assert json.loads(done.stdout) == {"error": "interrupted", "exit_code": 130}
+    assert not (tmp_path / "profiles").exists()
+
+
+def test_ctrl_c_after_the_command_has_ended_leaves_its_result(tmp_path: Path) -> None:
+    """A Ctrl-C as the interpreter exits, after a complete run (helper-113 sent it 1.05-1.14 s
+    into a 1.1 s partition): the process ended by the signal, or exited 0 with a traceback from
+    torch's exit hooks."""
+    done = subprocess.run(
+        [sys.executable, "-c", _CTRL_C_WHEN.format(when="exit")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=tmp_path,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "KeyboardInterrupt" not in done.stderr and "Exception ignored" not in done.stderr, done.stderr
+    assert json.loads(done.stdout)["num_stages"] == 2
+
+
 def torch_loaded(pid: int) -> bool:
     """Whether process ``pid`` has torch's C++ library mapped (False once it has ended)."""
     try:

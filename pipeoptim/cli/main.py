@@ -11,6 +11,7 @@ from collections.abc import Iterator
 
 import click
 
+from pipeoptim.cli.entry import holding_ctrl_c, ignore_ctrl_c, release_ctrl_c
 from pipeoptim.cli.partition import partition
 from pipeoptim.cli.train import train_command
 
@@ -29,7 +30,10 @@ class _Commands(click.Group):
 
     def invoke(self, ctx: click.Context) -> object:
         terminated: list[bool] = []  # a SIGTERM came (it raised KeyboardInterrupt)
+        held = holding_ctrl_c()  # as the console script, Ctrl-C was held until now
         try:
+            if held:
+                release_ctrl_c()
             with _terminate_as_interrupt(terminated):
                 return super().invoke(ctx)
         except click.ClickException as exc:
@@ -44,6 +48,9 @@ class _Commands(click.Group):
         except KeyboardInterrupt:  # a command without its own handler (partition): as train does
             click.echo("interrupted: nothing was saved", err=True)  # files are written atomically
             _interrupted(ctx, terminated)
+        finally:
+            if held:
+                ignore_ctrl_c()
 
 
 def _interrupted(ctx: click.Context, terminated: list[bool]) -> None:
