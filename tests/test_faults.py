@@ -450,13 +450,16 @@ main()
 """
 
 
-@pytest.mark.parametrize("module", ["numpy._core", "numpy.linalg", "highspy"])
+@pytest.mark.parametrize("module", ["numpy._core", "numpy.linalg", "highspy", "torch._inductor.utils"])
 def test_ctrl_c_inside_an_import_that_swallows_it(tmp_path: Path, module: str) -> None:
     """A Ctrl-C that lands in numpy's import (which torch's C code starts, discarding its
     failure) or in ``import highspy`` (under a bare ``except:`` in pulp) was lost: the run
     planned the model and exited 0 (``numpy._core``, ``highspy``) or failed later on a
-    half-loaded numpy (``numpy.linalg``: ``module 'numpy' has no attribute 'matrix'``). Now
-    it is held until the command line is imported, then ends the run."""
+    half-loaded numpy (``numpy.linalg``: ``module 'numpy' has no attribute 'matrix'``). One in
+    torch's dynamo, which torch imports as it builds the first optimizer (a command's first
+    second), ended in ``partially initialized module 'torch._dynamo' has no attribute 'utils'``
+    (``torch._inductor.utils``): the entry imports it with the command line. Now it is held
+    until that import has ended, then ends the run."""
     done = subprocess.run(
         [sys.executable, "-c", _CTRL_C_AT_IMPORT.format(module=module)],
         capture_output=True,

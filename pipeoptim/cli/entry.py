@@ -29,6 +29,10 @@ def main() -> None:
     if signal.getsignal(signal.SIGINT) is signal.default_int_handler:  # not where ignored
         signal.signal(signal.SIGINT, _hold)
     commands = importlib.import_module("pipeoptim.cli.main")
+    # torch imports dynamo (0.5 s, with inductor's utilities and DTensor) when it builds its
+    # first optimizer, which every command does: here, with Ctrl-C held (one inside that import
+    # left torch half-initialized, and the run ended in an AttributeError traceback, exit 1)
+    importlib.import_module("torch._dynamo")
     if _held:
         print("interrupted while starting: nothing was run", file=sys.stderr)
         if "--json" in sys.argv[1:]:
