@@ -429,6 +429,18 @@ def test_ctrl_c_while_torch_is_imported(tmp_path: Path, how: str) -> None:
     assert not (tmp_path / "run" / "metrics.json").exists()
 
 
+def run_program(code: str, cwd: Path) -> subprocess.CompletedProcess:
+    """Python program ``code`` run in ``cwd`` with this checkout's pipeoptim; its exit and output."""
+    return subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=cwd,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
+
+
 #: a Python program that sends itself a Ctrl-C as ``module`` starts being imported (the first
 #: time only), then runs ``pipeoptim partition mlp --gpus 2 --json`` as the console script does
 _CTRL_C_AT_IMPORT = """
@@ -460,14 +472,7 @@ def test_ctrl_c_inside_an_import_that_swallows_it(tmp_path: Path, module: str) -
     second), ended in ``partially initialized module 'torch._dynamo' has no attribute 'utils'``
     (``torch._inductor.utils``): the entry imports it with the command line. Now it is held
     until that import has ended, then ends the run."""
-    done = subprocess.run(
-        [sys.executable, "-c", _CTRL_C_AT_IMPORT.format(module=module)],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        cwd=tmp_path,
-        env={**os.environ, "PYTHONPATH": str(ROOT)},
-    )
+    done = run_program(_CTRL_C_AT_IMPORT.format(module=module), tmp_path)
     assert stopped_by_ctrl_c(done.returncode), done.stderr[-2000:]
     assert done.stderr.strip().splitlines() == ["interrupted while starting: nothing was run"], done.stderr
     assert json.loads(done.stdout) == {"error": "interrupted", "exit_code": 130}
@@ -501,14 +506,7 @@ main()
 def test_ctrl_c_while_click_starts_stops_the_command(tmp_path: Path) -> None:
     """After the import and before the command (click reading the environment, parsing the
     options): it printed a traceback and exited by the signal, or click's "Aborted!" with 1."""
-    done = subprocess.run(
-        [sys.executable, "-c", _CTRL_C_WHEN.format(when="click starts")],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        cwd=tmp_path,
-        env={**os.environ, "PYTHONPATH": str(ROOT)},
-    )
+    done = run_program(_CTRL_C_WHEN.format(when="click starts"), tmp_path)
     assert stopped_by_ctrl_c(done.returncode), done.stderr[-2000:]
     assert done.stderr.strip().splitlines() == ["interrupted: nothing was saved"], done.stderr
     assert json.loads(done.stdout) == {"error": "interrupted", "exit_code": 130}
@@ -519,14 +517,7 @@ def test_ctrl_c_after_the_command_has_ended_leaves_its_result(tmp_path: Path) ->
     """A Ctrl-C as the interpreter exits, after a complete run (helper-113 sent it 1.05-1.14 s
     into a 1.1 s partition): the process ended by the signal, or exited 0 with a traceback from
     torch's exit hooks."""
-    done = subprocess.run(
-        [sys.executable, "-c", _CTRL_C_WHEN.format(when="exit")],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        cwd=tmp_path,
-        env={**os.environ, "PYTHONPATH": str(ROOT)},
-    )
+    done = run_program(_CTRL_C_WHEN.format(when="exit"), tmp_path)
     assert done.returncode == 0, done.stderr[-2000:]
     assert "KeyboardInterrupt" not in done.stderr and "Exception ignored" not in done.stderr, done.stderr
     assert json.loads(done.stdout)["num_stages"] == 2
