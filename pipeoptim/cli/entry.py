@@ -8,6 +8,7 @@ import importlib
 import json
 import signal
 import sys
+from typing import NoReturn
 
 _held: list[int] = []  # the Ctrl-Cs that came while held
 
@@ -35,10 +36,17 @@ def main() -> None:
     importlib.import_module("torch._dynamo")
     if _held:
         print("interrupted while starting: nothing was run", file=sys.stderr)
-        if "--json" in sys.argv[1:]:
-            print(json.dumps({"error": "interrupted", "exit_code": 130}))
-        sys.exit(130)
+        exit_interrupted(130, as_json="--json" in sys.argv[1:])
     commands.main()
+
+
+def exit_interrupted(code: int, as_json: bool) -> NoReturn:
+    """Exit as an interrupted run with ``code`` (130 after Ctrl-C, 143 after SIGTERM); with
+    ``as_json`` (``--json``), first print ``{"error": "interrupted", "exit_code": code}`` on
+    stdout. The caller has said why on stderr."""
+    if as_json:
+        print(json.dumps({"error": "interrupted", "exit_code": code}))
+    sys.exit(code)
 
 
 def holding_ctrl_c() -> bool:

@@ -11,7 +11,7 @@ from collections.abc import Iterator
 
 import click
 
-from pipeoptim.cli.entry import holding_ctrl_c, ignore_ctrl_c, release_ctrl_c
+from pipeoptim.cli.entry import exit_interrupted, holding_ctrl_c, ignore_ctrl_c, release_ctrl_c
 from pipeoptim.cli.partition import partition
 from pipeoptim.cli.train import train_command
 
@@ -55,11 +55,7 @@ class _Commands(click.Group):
 
 def _interrupted(ctx: click.Context, terminated: list[bool]) -> None:
     """Exit as an interrupted command: 130 after Ctrl-C, 143 after SIGTERM."""
-    code = 143 if terminated else 130
-    if ctx.meta.get("pipeoptim.json"):
-        json.dump({"error": "interrupted", "exit_code": code}, sys.stdout)
-        sys.stdout.write("\n")
-    sys.exit(code)
+    exit_interrupted(143 if terminated else 130, as_json=bool(ctx.meta.get("pipeoptim.json")))
 
 
 @contextlib.contextmanager
