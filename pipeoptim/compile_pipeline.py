@@ -38,7 +38,6 @@ from pipeoptim.runtime.affinity import binding_asked
 from pipeoptim.runtime.build import PipelineSpec
 from pipeoptim.runtime.clipping import check_clipping
 from pipeoptim.runtime.compiled import check_compile_stages
-from pipeoptim.runtime.distributed import check_devices
 from pipeoptim.runtime.launch import check_executor
 from pipeoptim.runtime.linkcost import stage_threads
 from pipeoptim.runtime.optim import (
@@ -51,7 +50,7 @@ from pipeoptim.runtime.precision import autocast_context, check_autocast
 from pipeoptim.runtime.prediction import check_pipeoptim_options
 from pipeoptim.runtime.rank_settings import check_same_on_every_rank, compile_settings, same_graph, together
 from pipeoptim.runtime.replicas import check_layout, check_replicated_options
-from pipeoptim.runtime.spawning import check_not_importing_main
+from pipeoptim.runtime.spawning import check_devices, check_not_importing_main
 from pipeoptim.runtime.stage_state import held_state
 from pipeoptim.update_pricing import UpdatePricing
 

@@ -22,6 +22,7 @@ from typing import Any
 import cloudpickle
 import torch
 
+from pipeoptim import numerics
 from pipeoptim.errors import PeerLostError, PipelineError, PipeoptimError
 from pipeoptim.microbatch import Rows
 from pipeoptim.runtime import wire
@@ -32,6 +33,7 @@ from pipeoptim.runtime.procmem import resident_bytes
 from pipeoptim.runtime.replicas import replica_part, stage_and_replica
 from pipeoptim.runtime.spawning import (
     MAIN_GUARD,
+    check_devices,
     main_module_not_rerun,
     pickle_spec,
     signals_deferred,
@@ -46,15 +48,6 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
-
-
-def check_devices(num_stages: int) -> None:
-    """Raise :class:`PipelineError` if CUDA is present with fewer devices than stages."""
-    if torch.cuda.is_available() and torch.cuda.device_count() < num_stages:
-        raise PipelineError(
-            f"{num_stages} stages need {num_stages} GPUs but this machine has "
-            f"{torch.cuda.device_count()}: use gpus={torch.cuda.device_count()} or fewer"
-        )
 
 
 #: torch threads of each stage process on the CPU: the ranks share the cores, one thread each
@@ -97,12 +90,13 @@ class ProcessExecutor:
         self._closing = False  # the monitor thread ends
         binding_asked()  # a typo in PIPEOPTIM_CPU_AFFINITY is refused here, not in every worker
         payload = pickle_spec(spec)
+        self._numerics = numerics.current()  # the workers' torch settings: this process's
         ctx = worker_context()
         self.results = ctx.Queue()
         self.commands = [ctx.Queue() for _ in range(self.world)]
         for commands in self.commands:
             commands.cancel_join_thread()  # a dead worker's unread commands must not block exit
-            commands.put(("spec", None, (payload, dict(os.environ), driver_cores())))  # not an argument
+            commands.put(("spec", None, (payload, dict(os.environ), driver_cores(), self._numerics)))
         init = f"tcp://127.0.0.1:{free_port()}"
         self.processes = [
             ctx.Process(
@@ -234,7 +228,16 @@ class ProcessExecutor:
             raise self.error
         self.commands[rank].put((kind, request, payload))
 
+    def _carry_numerics(self) -> None:
+        """Hand the workers this process's torch settings (:mod:`pipeoptim.numerics`) if changed."""
+        now = numerics.current()
+        if now != self._numerics:
+            self._numerics = now
+            for rank in range(self.world):
+                self._send(rank, "numerics", None, now)
+
     def _request(self, kind: str, payloads: dict[int, Any] | None = None) -> dict[int, Any]:
+        self._carry_numerics()
         request = next(self._requests)
         for rank in range(self.world):
             self._send(rank, kind, request, (payloads or {}).get(rank))
@@ -245,6 +248,7 @@ class ProcessExecutor:
             return self._replies.pop(request)
 
     def submit(self, batch: MiniBatch) -> None:
+        self._carry_numerics()
         last = self.num_stages - 1
         for rank in range(self.world):
             stage, replica = stage_and_replica(rank, self.num_stages)

@@ -23,6 +23,7 @@ import torch.distributed as dist
 import torch.utils._pytree as pytree
 from torch import nn
 
+from pipeoptim import numerics
 from pipeoptim.compiler.plan import Plan
 from pipeoptim.compiler.trace import TracedModel
 from pipeoptim.errors import PipelineError, first_line
@@ -93,7 +94,9 @@ def compile_settings(arguments: Mapping[str, Any]) -> dict[str, str]:
     """``compile``'s ``arguments`` (its parameters by name) as comparable text, but
     :data:`RANK_0_ONLY`: the model (:func:`_model`), the optimizer's class, state and every
     param group's hyperparameters, the example inputs' shapes and dtypes, the loss function
-    (:func:`_callable`) and every option, in that order."""
+    (:func:`_callable`), every option and this process's torch settings
+    (:mod:`pipeoptim.numerics`: ``torch setting cuda.matmul.fp32_precision``, ...), in
+    that order."""
     settings = {"model": _model(arguments["model"])}
     optimizer = arguments["optimizer"]
     settings["optimizer"] = type(optimizer).__qualname__
@@ -107,6 +110,7 @@ def compile_settings(arguments: Mapping[str, Any]) -> dict[str, str]:
     settings["plan"] = _plan(arguments.get("plan"))
     rest = (k for k in arguments if k not in settings and k not in ("optimizer", "example_inputs", "loss_fn"))
     settings.update({name: _value(arguments[name]) for name in rest if name not in RANK_0_ONLY})
+    settings.update({f"torch setting {name}": repr(value) for name, value in numerics.current().items()})
     return settings
 
 

@@ -286,3 +286,12 @@ def signals_deferred() -> Iterator[None]:
             signal.signal(sig, handler)
     for signum in dict.fromkeys(received):  # each once, in the order they came
         signal.raise_signal(signum)
+
+
+def check_devices(num_stages: int) -> None:
+    """Raise :class:`PipelineError` if CUDA is present with fewer devices than stages."""
+    if torch.cuda.is_available() and torch.cuda.device_count() < num_stages:
+        raise PipelineError(
+            f"{num_stages} stages need {num_stages} GPUs but this machine has "
+            f"{torch.cuda.device_count()}: use gpus={torch.cuda.device_count()} or fewer"
+        )

@@ -24,6 +24,7 @@ import torch
 import torch.distributed as dist
 from torch.utils import _pytree as pytree
 
+from pipeoptim import numerics
 from pipeoptim.errors import PipelineError, PipeoptimError
 from pipeoptim.runtime.affinity import pin_rank, take_cores
 from pipeoptim.runtime.async_norms import note_size
@@ -235,7 +236,9 @@ def worker_main(
     """Entry point of a worker process: serve commands until ``close`` (or a failure).
 
     The first command is ``("spec", None, (bytes of the pipeline spec, the driver's
-    environment, the driver's cores))``. The environment and cores replace the worker's own: a
+    environment, the driver's cores, its torch settings))``; ``("numerics", None, settings)``
+    later when the driver's changed (:mod:`pipeoptim.numerics`). The environment, cores
+    and settings replace the worker's own: a
     worker forked from the fork server (:func:`pipeoptim.runtime.spawning.worker_context`)
     would otherwise see the server's, as they were at the driver's first pipeline (a
     ``GLOO_SOCKET_IFNAME`` set later would be missed, or a ``taskset`` of the driver). It comes on the queue,
@@ -260,12 +263,13 @@ def worker_main(
         kind, _request, payload = commands.get(timeout=timeout)
         if kind != "spec":
             raise PipelineError(f"stage {rank} expected the pipeline spec first, got {kind!r}")
-        pickled, environ, cores = payload
+        pickled, environ, cores, settings = payload
         os.environ.clear()
         os.environ.update(environ)
         take_cores(cores)
         device = stage_device(rank)
         spec = unpickle_spec(pickled)
+        numerics.apply(settings)  # after the user's modules were imported: they may set them too
         if spec.data_parallel > 1:
             stage, replica = stage_and_replica(rank, spec.num_stages)
             name = f"stage {stage} of replica {replica} (rank {rank})"
@@ -292,6 +296,9 @@ def worker_main(
                 continue
             if kind == "close":
                 break
+            if kind == "numerics":  # the driver's torch settings changed: no reply
+                numerics.apply(payload)
+                continue
             reply = _serve(process, kind, payload)
             if kind in ("batch", "flush"):
                 if reply:  # one message for the command's losses, not one per micro-batch

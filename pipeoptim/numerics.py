@@ -1,0 +1,148 @@
+"""torch's process-wide numeric settings, carried from the user's process to the stages.
+
+The float32 matmul precision (``torch.set_float32_matmul_precision("medium")``: bfloat16 passes
+on a CPU with AMX, TF32 on an Ampere GPU), TF32 and reduced-precision reductions, cuDNN's and
+torch's deterministic modes, oneDNN or cuDNN switched off and the default dtype change what a
+stage computes, and each is a setting of the process. A worker process starts with torch's
+defaults: the processes executor computed at "highest" where the user had set "medium" (the
+local executor, in the user's process, at "medium"), so the two executors gave other numbers,
+and the profile, timed at "medium" in the user's process, priced arithmetic the workers did
+not run (helper-115, 2026-12-06: a 2.8x faster matmul on that CPU).
+
+:func:`current` reads them, the processes executor hands them to its workers at start and
+again before any command after they changed (:func:`apply` sets them there), under torchrun
+the ranks compare them at ``compile``, and :func:`changed` (those not at torch's default) is
+part of a profile's key (:func:`pipeoptim.compiler.profile_key.profile_key`).
+
+torch 2.9 added per-backend ``fp32_precision`` settings; where they exist they are read and set
+instead of ``get_float32_matmul_precision`` and ``allow_tf32``, whose getters raise once the
+two kinds of setting were mixed.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import torch
+
+#: torch >= 2.9: float32 arithmetic per backend operation ("ieee", "tf32", "bf16"), at its
+#: default; "none" at an operation defers to its backend's setting, and that to the global one
+PRECISIONS = {
+    "cuda.matmul": "ieee",
+    "cudnn.conv": "tf32",
+    "cudnn.rnn": "tf32",
+    "mkldnn.matmul": "ieee",
+    "mkldnn.conv": "ieee",
+    "mkldnn.rnn": "ieee",
+}
+#: the settings of torch before 2.9, at their default (read where torch >= 2.9 can still read
+#: them, and set first, so that a worker is set as the user's process was: by them alone)
+LEGACY = {"float32_matmul_precision": "highest", "cuda.matmul.allow_tf32": False, "cudnn.allow_tf32": True}
+#: the other flags under ``torch.backends`` that change results, with their defaults
+FLAGS = {
+    "cuda.matmul.allow_fp16_reduced_precision_reduction": True,
+    "cuda.matmul.allow_bf16_reduced_precision_reduction": True,
+    "cudnn.enabled": True,
+    "cudnn.deterministic": False,
+    "cudnn.benchmark": False,
+    "mkldnn.enabled": True,
+    "opt_einsum.enabled": None,  # on where the opt_einsum package is installed
+}
+
+
+def _backend(path: str) -> tuple[Any, str]:
+    """The object under ``torch.backends`` holding the setting ``path`` and its attribute name."""
+    owner: Any = torch.backends
+    parts = path.split(".")
+    for part in parts[:-1]:
+        owner = getattr(owner, part)
+    return owner, parts[-1]
+
+
+@functools.cache
+def _new_api() -> bool:
+    owner, name = _backend("mkldnn.matmul.fp32_precision")
+    return hasattr(owner, name)
+
+
+def _precision(operation: str) -> str:
+    """The float32 arithmetic ``operation`` (``"mkldnn.matmul"``) runs with, "none" resolved."""
+    backend = operation.split(".")[0]
+    for path in (operation, backend):
+        value = getattr(*_backend(f"{path}.fp32_precision"), "none")  # torch.backends.cuda has none
+        if value != "none":
+            return str(value)
+    value = str(torch.backends.fp32_precision)
+    return "ieee" if value == "none" else value
+
+
+def _legacy() -> dict[str, Any]:
+    """The settings of :data:`LEGACY` as torch reads them; none where torch >= 2.9 refuses to
+    (its getters raise once the new settings were used)."""
+    try:
+        return {
+            "float32_matmul_precision": torch.get_float32_matmul_precision(),
+            "cuda.matmul.allow_tf32": torch.backends.cuda.matmul.allow_tf32,
+            "cudnn.allow_tf32": torch.backends.cudnn.allow_tf32,
+        }
+    except RuntimeError:
+        return {}
+
+
+def current() -> dict[str, Any]:
+    """This process's numeric settings as plain, picklable values: ``{name: value}``, names
+    being paths under ``torch.backends`` (torch >= 2.9: ``"mkldnn.matmul"``, ... with the
+    float32 arithmetic each runs with), the :data:`LEGACY` ones, ``default_dtype`` and
+    ``deterministic_algorithms`` as ``(enabled, warn_only)``."""
+    values = {op: _precision(op) for op in PRECISIONS} if _new_api() else {}
+    values |= _legacy()
+    values |= {name: getattr(*_backend(name)) for name in FLAGS}
+    values["default_dtype"] = torch.get_default_dtype()
+    values["deterministic_algorithms"] = (
+        torch.are_deterministic_algorithms_enabled(),
+        torch.is_deterministic_algorithms_warn_only_enabled(),
+    )
+    return values
+
+
+def changed() -> dict[str, str]:
+    """The settings of :func:`current` that change results from torch's defaults, as text (for
+    a profile's key: a profile timed with them is not reused without them, nor the reverse).
+    On torch >= 2.9 the :data:`LEGACY` names are left out: the precisions say the same."""
+    defaults = (PRECISIONS if _new_api() else LEGACY) | FLAGS
+    defaults |= {"opt_einsum.enabled": torch.backends.opt_einsum.is_available()}
+    defaults |= {"default_dtype": torch.float32, "deterministic_algorithms": (False, False)}
+    return {
+        name: str(value) for name, value in current().items() if name in defaults and value != defaults[name]
+    }
+
+
+def apply(settings: dict[str, Any]) -> None:
+    """Set this process's numeric settings to ``settings`` (:func:`current` of another
+    process): first the :data:`LEGACY` ones, then the precisions still differing, then the rest.
+
+    Raises:
+        ValueError: ``settings`` were read under another torch (a name this torch lacks).
+    """
+    unknown = sorted(set(settings) - set(current()) - set(LEGACY))
+    if unknown:
+        raise ValueError(f"torch settings {unknown} are unknown to torch {torch.__version__}")
+    for name in LEGACY:  # the precision first: it sets allow_tf32 too
+        if name in settings and _legacy().get(name) != settings[name]:
+            if name == "float32_matmul_precision":
+                torch.set_float32_matmul_precision(settings[name])
+            else:
+                setattr(*_backend(name), settings[name])
+    for name, value in settings.items():
+        if name in LEGACY:
+            continue
+        if name in PRECISIONS:
+            if _precision(name) != value:
+                setattr(*_backend(f"{name}.fp32_precision"), value)
+        elif name == "default_dtype":
+            torch.set_default_dtype(value)
+        elif name == "deterministic_algorithms":
+            torch.use_deterministic_algorithms(value[0], warn_only=value[1])
+        elif getattr(*_backend(name)) != value:
+            setattr(*_backend(name), value)

@@ -1,0 +1,155 @@
+"""torch's process-wide numeric settings reach the stages' worker processes, are compared by
+torchrun ranks and key profiles (pipeoptim.numerics; helper-115: the processes executor
+computed at "highest" under a user's "medium", unlike the local executor)."""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterator
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import pipeoptim
+from pipeoptim import numerics
+from pipeoptim.compiler.profile_key import profile_key
+from pipeoptim.compiler.trace import trace
+from pipeoptim.runtime.rank_settings import compile_settings
+
+
+@pytest.fixture
+def restored() -> Iterator[None]:
+    """Put back what a test changes, through the settings it used (torch's getters refuse once
+    old and new precision settings were mixed)."""
+    yield
+    torch.set_float32_matmul_precision("highest")
+    torch.backends.cudnn.deterministic = False
+    torch.backends.mkldnn.enabled = True
+    assert numerics.changed() == {}
+
+
+class Probe(nn.Module):
+    """Adds 1 where cuDNN's deterministic flag is set in the process running it (a flag with no
+    effect on CPU arithmetic, made visible)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + float(torch.backends.cudnn.deterministic)
+
+
+class Net(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(8, 64)
+        self.b = nn.Linear(64, 64)
+        self.probe = Probe()
+        self.c = nn.Linear(64, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.c(self.probe(torch.tanh(self.b(torch.tanh(self.a(x))))))
+
+
+def _pipeline(model: nn.Module, executor: str) -> pipeoptim.Pipeline:
+    return pipeoptim.compile(
+        model,
+        torch.optim.SGD(model.parameters(), lr=0.1),
+        2,
+        example_inputs=torch.randn(16, 8),
+        loss_fn=F.cross_entropy,
+        method="1f1b",
+        micro_batches=2,
+        executor=executor,
+        leaf_modules=["probe"],
+        profile_dir=None,
+    )
+
+
+def test_the_workers_take_the_settings_at_start_and_each_change_after(restored: None) -> None:
+    torch.manual_seed(0)
+    model = Net()
+    x = torch.randn(16, 8)
+    torch.backends.cudnn.deterministic = True  # before compile: the workers start with it
+    with _pipeline(copy.deepcopy(model), "processes") as pipe:
+        on = pipe.predict(x)
+        torch.backends.cudnn.deterministic = False  # after: carried before the next command
+        off = pipe.predict(x)
+    with torch.no_grad():
+        plain = model.eval()(x)
+    torch.testing.assert_close(off, plain, rtol=0, atol=1e-6)
+    shifted = model.c.weight.sum(dim=1)  # c(h + 1) - c(h)
+    torch.testing.assert_close(on - off, shifted.expand_as(on), rtol=0, atol=1e-5)
+
+
+def _matmul_precision_changes_results() -> bool:
+    a, b = torch.randn(64, 256, generator=torch.Generator().manual_seed(0)), torch.randn(256, 64)
+    exact = a @ b
+    torch.set_float32_matmul_precision("medium")
+    try:
+        return not torch.equal(a @ b, exact)
+    finally:
+        torch.set_float32_matmul_precision("highest")
+
+
+def test_the_executors_train_alike_under_medium_matmul_precision(restored: None) -> None:
+    """On a CPU with bfloat16 matmuls (AMX) "medium" changes the products: the worker
+    processes trained at "highest" before, 5e-5 from the local executor after 5 steps."""
+    if not _matmul_precision_changes_results():  # not at import: the workers import this module
+        pytest.skip("this CPU computes 'medium' as 'highest'")
+    torch.manual_seed(0)
+    model = Net()
+    batches = [(torch.randn(16, 8), torch.randint(0, 3, (16,))) for _ in range(5)]
+    torch.set_float32_matmul_precision("medium")
+    weights = []
+    for executor in ("local", "processes"):
+        with _pipeline(copy.deepcopy(model), executor) as pipe:
+            losses = [pipe.step(x, y) for x, y in batches]
+            [loss.item() for loss in losses]
+            weights.append(pipe.state_dict())
+    torch.set_float32_matmul_precision("highest")
+    with _pipeline(copy.deepcopy(model), "local") as pipe:
+        [pipe.step(x, y).item() for x, y in batches]
+        highest = pipe.state_dict()
+    for name, value in weights[0].items():
+        assert torch.equal(weights[1][name], value), name
+    assert any(not torch.equal(highest[name], value) for name, value in weights[0].items())
+
+
+def test_a_profile_timed_under_other_settings_has_another_key(restored: None) -> None:
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3))
+    inputs = (torch.randn(2, 4),)
+    traced = trace(model, inputs)
+    default = profile_key(traced, inputs, torch.device("cpu"))
+    assert "torch settings" not in default  # saved profiles keep their key
+    torch.set_float32_matmul_precision("medium")
+    medium = profile_key(traced, inputs, torch.device("cpu"))
+    assert medium["torch settings"] == numerics.changed() != {}
+    assert {k: v for k, v in medium.items() if k != "torch settings"} == default
+    torch.set_float32_matmul_precision("highest")
+    torch.backends.mkldnn.enabled = False
+    assert profile_key(traced, inputs, torch.device("cpu"))["torch settings"] == {"mkldnn.enabled": "False"}
+
+
+def test_torchrun_ranks_compare_their_settings(restored: None) -> None:
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3))
+    arguments = {"model": model, "optimizer": torch.optim.SGD(model.parameters(), lr=0.1), "gpus": 2}
+    arguments |= {"example_inputs": torch.randn(8, 4), "loss_fn": F.cross_entropy}
+    base = compile_settings(arguments)
+    torch.set_float32_matmul_precision("medium")
+    medium = compile_settings(arguments)
+    differing = {key for key in base if base[key] != medium[key]}
+    assert differing and all(key.startswith("torch setting ") for key in differing)
+
+
+def test_settings_read_in_one_process_are_set_in_another(restored: None) -> None:
+    torch.set_float32_matmul_precision("medium")
+    torch.backends.cudnn.deterministic = True
+    wanted = numerics.current()
+    torch.set_float32_matmul_precision("highest")
+    torch.backends.cudnn.deterministic = False
+    assert numerics.current() != wanted
+    numerics.apply(wanted)
+    assert numerics.current() == wanted
+    assert torch.get_float32_matmul_precision() == "medium"  # set as the user did: still readable
+    with pytest.raises(ValueError, match="unknown to torch"):
+        numerics.apply(wanted | {"cudnn.future_flag": True})
