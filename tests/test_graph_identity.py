@@ -1,0 +1,118 @@
+"""What keys a profile (pipeoptim.compiler.graph_identity): every module that runs its own
+forward, built-in leaves included, with its mode and state (helper-115: attention of 64 heads
+reused the profile of 1 head, a dropout in eval mode that of one in training, a leaf's cache
+of 256 x 16384 values that of 256 x 64)."""
+
+from __future__ import annotations
+
+import dataclasses
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from pipeoptim.compiler.trace import trace
+
+
+class Attention(nn.Module):
+    def __init__(self, heads: int = 1, dropout: float = 0.0) -> None:
+        super().__init__()
+        self.attn = nn.MultiheadAttention(64, heads, dropout=dropout, batch_first=True)
+        self.out = nn.Linear(64, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.out(self.attn(x, x, x, need_weights=False)[0])
+
+
+class Recurrent(nn.Module):
+    def __init__(self, batch_first: bool = True) -> None:
+        super().__init__()
+        self.lstm = nn.LSTM(64, 64, batch_first=batch_first)
+        self.out = nn.Linear(64, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.out(self.lstm(x)[0])
+
+
+def _normed(p: float = 0.1, eps: float = 1e-5, eval_dropout: bool = False) -> nn.Module:
+    model = nn.Sequential(nn.Linear(64, 64), nn.BatchNorm1d(8, eps=eps), nn.Dropout(p), nn.Linear(64, 4))
+    if eval_dropout:
+        model[2].eval()
+    return model
+
+
+@dataclasses.dataclass
+class Config:
+    iterations: int = 1
+
+
+class Leaf(nn.Module):
+    """A user's leaf whose work follows state that is not a plain attribute."""
+
+    def __init__(
+        self, config: Config | None = None, count: object = 1, cache: int = 64, table: int = 64
+    ) -> None:
+        super().__init__()
+        self.config = config or Config()
+        self.count = count
+        self.register_buffer("cache", torch.zeros(8, cache), persistent=False)
+        self.table = torch.zeros(table)
+        self.lin = nn.Linear(64, 64)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for _ in range(self.config.iterations * int(self.count)):
+            x = self.lin(x)
+        return x + self.cache.sum() + self.table.sum()
+
+
+def _with_leaf(**options: object) -> nn.Module:
+    return nn.Sequential(nn.Linear(64, 64), Leaf(**options))  # type: ignore[arg-type]
+
+
+def _hash(model: nn.Module, leaves: tuple[str, ...] = ()) -> str:
+    return trace(model, torch.randn(2, 8, 64), leaf_modules=list(leaves)).graph_hash
+
+
+CASES: dict[str, tuple[Callable[[], nn.Module], Callable[[], nn.Module], tuple[str, ...]]] = {
+    "attention heads": (lambda: Attention(1), lambda: Attention(64), ()),
+    "attention dropout": (lambda: Attention(dropout=0.0), lambda: Attention(dropout=0.5), ()),
+    "lstm batch_first": (lambda: Recurrent(True), lambda: Recurrent(False), ()),
+    "dropout p": (lambda: _normed(p=0.0), lambda: _normed(p=0.5), ()),
+    "dropout in eval mode": (_normed, lambda: _normed(eval_dropout=True), ()),
+    "batch norm eps": (_normed, lambda: _normed(eps=1e-3), ()),
+    "a leaf's config dataclass": (_with_leaf, lambda: _with_leaf(config=Config(50)), ("1",)),
+    "a leaf's numpy number": (
+        lambda: _with_leaf(count=np.int64(1)),
+        lambda: _with_leaf(count=np.int64(50)),
+        ("1",),
+    ),
+    "a leaf's non-persistent buffer": (_with_leaf, lambda: _with_leaf(cache=16384), ("1",)),
+    "a leaf's tensor attribute": (_with_leaf, lambda: _with_leaf(table=16384), ("1",)),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_what_changes_a_leafs_work_changes_the_hash(case: str) -> None:
+    before, after, leaves = CASES[case]
+    assert _hash(before(), leaves) == _hash(before(), leaves)  # the same model: the same key
+    assert _hash(before(), leaves) != _hash(after(), leaves)
+
+
+def test_the_hash_is_the_same_in_another_process() -> None:
+    """Profiles are reused across runs: nothing of one process (an address) is in the key."""
+    code = (
+        f"import sys, torch; sys.path.insert(0, {str(Path(__file__).parent)!r}); torch.manual_seed(1)\n"
+        "from test_graph_identity import _hash, _with_leaf, Attention, _normed\n"
+        "print(_hash(_with_leaf(), ('1',)), _hash(Attention()), _hash(_normed()))"
+    )
+    hashes = [subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout]
+    hashes += [
+        subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    ]
+    here = f"{_hash(_with_leaf(), ('1',))} {_hash(Attention())} {_hash(_normed())}\n"
+    assert hashes == [here, here]
