@@ -228,6 +228,38 @@ def read_json_table(path: Path, again: str, log: Callable[[str], None]) -> dict[
     return table
 
 
+def update_json_table(path: Path, key: str, value: Any) -> None:
+    """Set ``key`` of the JSON object in ``path`` (a cache of measurements) to ``value``: read
+    again and written while this process holds ``<path>.lock`` (``flock``, released when the
+    process ends, killed or not), so that two processes measuring into one cache keep both
+    entries (read before measuring and written after, one run's entry was lost in 1 of 3 tries
+    of two ``partition`` runs started together, helper-115). Without locks (Windows, a file
+    system that refuses them, a folder that takes no lock file) it is written unlocked.
+
+    Raises:
+        OSError: the file cannot be written.
+    """
+    with _locked(path.with_name(f"{path.name}.lock")):
+        table = read_json_table(path, "", lambda _msg: None)
+        table[key] = value
+        write_json(path, table)
+
+
+@contextlib.contextmanager
+def _locked(lock: Path) -> Iterator[None]:
+    try:
+        fd = os.open(lock, os.O_CREAT | os.O_RDWR, 0o666)
+    except OSError:  # a read-only folder: the write says why
+        yield
+        return
+    try:
+        with contextlib.suppress(OSError, AttributeError):  # no flock here: unlocked
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
 def wrong_fields(data: Mapping[str, Any], kinds: Mapping[str, type | tuple[type, ...]]) -> list[str]:
     """The names in ``kinds`` that ``data`` (a file's JSON or pickled object) lacks or holds
     as another type than ``kinds[name]``: the fields a loader names before it walks them."""

@@ -26,7 +26,7 @@ import torch
 
 from pipeoptim import other_work
 from pipeoptim.action_overhead import measure_action_overhead
-from pipeoptim.fileio import read_json_table, write_json
+from pipeoptim.fileio import read_json_table, update_json_table
 from pipeoptim.runtime.affinity import binding_wanted
 from pipeoptim.runtime.distributed import STAGE_THREADS
 from pipeoptim.runtime.linkcost import measure_link, usable_cores
@@ -194,12 +194,12 @@ def load_or_measure_machine_costs(
         )
         _UNSAVED[str(path), key] = costs
         return costs
-    table[key] = {
+    entry = {
         **costs._asdict(),
         MEASURED_AT: datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
     try:
-        write_json(path, table)
+        update_json_table(path, key, entry)
     except OSError as exc:
         log(
             f"measured {figures}, but could not save them in {path} ({exc}): this process reuses them, "

@@ -23,7 +23,7 @@ from torch.optim import SGD, Optimizer
 
 from pipeoptim.compiler.profile_key import device_name
 from pipeoptim.errors import PredictorError
-from pipeoptim.fileio import read_json_table, write_json
+from pipeoptim.fileio import read_json_table, update_json_table
 from pipeoptim.runtime.affinity import unbind_thread
 from pipeoptim.runtime.extrapolation import Extrapolator, per_unit_rate
 from pipeoptim.runtime.fused_step import sgd_step_each, steps_each
@@ -326,6 +326,19 @@ UPDATE_COST_CLOCK = (
 )
 
 
+def _work(value: Any) -> str:
+    """A hyperparameter as far as it changes the step's work: a number as zero or not (the
+    kernels of ``momentum=0.9`` and ``0.5`` are the same; a new learning rate timed the step
+    again, and a sweep over learning rates got plans from timing noise, helper-115), a flag or
+    name as it is."""
+    if isinstance(value, (int, float, torch.Tensor)) and not isinstance(value, bool):
+        kind = "tensor" if isinstance(value, torch.Tensor) else "number"
+        return f"{kind} {'0' if bool(value == 0) else 'not 0'}"
+    if isinstance(value, tuple) and all(isinstance(v, (int, float)) for v in value):  # betas
+        return "(" + ", ".join(_work(v) for v in value) + ")"
+    return repr(value)
+
+
 def load_or_measure_update_cost(
     optimizer_class: type[torch.optim.Optimizer],
     defaults: Mapping[str, Any],
@@ -338,7 +351,8 @@ def load_or_measure_update_cost(
 ) -> UpdateCosts:
     """:func:`measure_update_cost` on ``elements`` (``(numel, tensors)``, from
     :func:`working_set`) with ``beside`` other ranks stepping at once, remembered in
-    ``<profile_dir>/update-costs.json`` under the optimizer class, its defaults, the device,
+    ``<profile_dir>/update-costs.json`` under the optimizer class, its defaults (as far as they
+    change the step's work: :func:`_work`), the device,
     the working set, the ranks beside and the torch version (and how they were timed, on the CPU
     with how many torch threads), so
     that later plans of the same model and setting get the same figures (a plan must not change
@@ -359,7 +373,7 @@ def load_or_measure_update_cost(
     key = json.dumps(
         {
             "optimizer": f"{optimizer_class.__module__}.{optimizer_class.__qualname__}",
-            "defaults": {k: repr(v) for k, v in sorted(defaults.items()) if k != "params"},
+            "defaults": {k: _work(v) for k, v in sorted(defaults.items()) if k != "params"},
             "device": device_name(device),
             "torch": str(torch.__version__),  # a plain str (torch.__version__ is a TorchVersion)
             "clock": UPDATE_COST_CLOCK,
@@ -382,8 +396,13 @@ def load_or_measure_update_cost(
             f"this setting, not floats of seconds per byte ({fields}) from 0 to {MAX_CACHED_S_PER_BYTE:g}"
         )
     costs = measure_update_cost(optimizer_class, defaults, device, numel, tensors=tensors, beside=beside)
-    table[key] = list(costs)
-    write_json(path, table)
+    try:
+        update_json_table(path, key, list(costs))
+    except OSError as exc:
+        log(
+            f"measured the optimizer's update costs, but could not save them in {path} ({exc}): choose a "
+            "writable profile folder, or profile_dir=None to measure on every run"
+        )
     return costs
 
 

@@ -300,8 +300,9 @@ def _from_profile(cls: type[CostGraph], data: dict[str, Any], origin: str) -> Co
         if data["content_hash"] != content_hash(data):
             raise ProfileError(
                 f"{origin}: content_hash does not match the content: the file was edited after "
-                "pipeoptim wrote it; delete it to measure again, or drop the content_hash field to "
-                "use it as edited"
+                "pipeoptim wrote it; delete it to measure again, or drop the content_hash field and give "
+                "it to `pipeoptim partition --profile FILE` to plan from it as edited (a profile folder "
+                "reuses only the profiles pipeoptim wrote)"
             )
         graph.sealed = True
     info = graph.info

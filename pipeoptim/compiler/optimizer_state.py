@@ -23,10 +23,13 @@ _STATE_FACTORS = {
 def optimizer_state_factor(optimizer: Any) -> float:
     """Bytes of optimizer state per byte of parameters.
 
-    ``optimizer`` is a ``torch.optim.Optimizer`` instance (its hyperparameters decide:
+    ``optimizer`` is a ``torch.optim.Optimizer`` instance, judged by the ``torch.optim`` class
+    it derives from (``class Clipped(SGD)`` as SGD) and each param group's hyperparameters:
     SGD 0, SGD with momentum 1, Adam/AdamW 2 or 3 with amsgrad, RMSprop 1 plus 1 for momentum
-    and 1 for centered, Adagrad 1) or one of the names ``sgd``, ``momentum``, ``adam``,
-    ``adamw``, ``rmsprop``, ``adagrad``, ``adadelta``, ``adamax``, ``nadam``, ``radam``.
+    and 1 for centered, Adagrad 1; where the groups differ, the largest of their factors (an
+    upper bound: the plan's memory is never below what the stages hold). Or one of the names
+    ``sgd``, ``momentum``, ``adam``, ``adamw``, ``rmsprop``, ``adagrad``, ``adadelta``,
+    ``adamax``, ``nadam``, ``radam``.
 
     Raises:
         ValueError: unknown optimizer name.
@@ -36,8 +39,21 @@ def optimizer_state_factor(optimizer: Any) -> float:
         if key not in _STATE_FACTORS:
             raise ValueError(f"unknown optimizer {optimizer!r}; choose one of {', '.join(_STATE_FACTORS)}")
         return float(_STATE_FACTORS[key])
-    name = type(optimizer).__name__.lower()
-    group = optimizer.param_groups[0] if optimizer.param_groups else {}
+    name = _torch_base(type(optimizer))
+    groups = [g for g in optimizer.param_groups if g.get("params")] or [{}]
+    return max(_group_factor(name, group) for group in groups)
+
+
+def _torch_base(cls: type) -> str:
+    """The lower-case name of the first ``torch.optim`` class ``cls`` derives from that the
+    table knows (``cls``'s own where none is)."""
+    for base in cls.__mro__:
+        if base.__module__.startswith("torch.optim") and base.__name__.lower() in _STATE_FACTORS:
+            return base.__name__.lower()
+    return cls.__name__.lower()
+
+
+def _group_factor(name: str, group: dict[str, Any]) -> float:
     if name == "sgd":
         return 1.0 if group.get("momentum", 0) else 0.0
     if name in ("adam", "adamw"):

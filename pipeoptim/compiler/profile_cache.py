@@ -31,7 +31,8 @@ def load_or_profile(
 
     The file is ``<profile_dir>/<model>-<key hash>.json``. A profile of the same model with
     another key is never reused: ``log`` says which part of the key changed, then the model is
-    profiled again. An unreadable file is reported through ``log`` and replaced.
+    profiled again. An unreadable file is reported through ``log`` and replaced; a profile that
+    cannot be saved (a read-only folder) is used all the same, said through ``log``.
 
     Returns:
         ``(cost graph, reused)``.
@@ -62,8 +63,15 @@ def load_or_profile(
     else:
         _log_why_profiling(folder, traced.model_name, key, log)
     graph = profile_model(traced, example_inputs, device=device, warmup=warmup, repeats=repeats)
-    graph.save(path)
-    log(f"saved profile {path} ({graph.info['profile_wall_s']:.2f} s to measure)")
+    try:
+        graph.save(path)
+    except OSError as exc:  # the run goes on with it: a read-only cache raised here (helper-115)
+        log(
+            f"profiled in {graph.info['profile_wall_s']:.2f} s, but could not save the profile in {path} "
+            f"({exc}): this run uses it, the next profiles again; choose a writable profile folder"
+        )
+    else:
+        log(f"saved profile {path} ({graph.info['profile_wall_s']:.2f} s to measure)")
     return graph, False
 
 
