@@ -4,7 +4,7 @@ A pipeline's ranks on one CPU step their weights at about the same time and shar
 bandwidth and caches, so a layout's step, prediction and copy costs per byte depend on how many
 of its ranks run beside each other (:func:`pipeoptim.runtime.linkcost.ranks_beside`):
 :class:`UpdatePricing` times them once per such count (cached in the profile folder,
-:func:`pipeoptim.update_cost.load_or_measure_update_cost`) and puts them into each layout's
+:func:`pipeoptim.update_cost_cache.load_or_measure_update_cost`) and puts them into each layout's
 :class:`pipeoptim.compiler.costmodel.CostConfig`, so that a layout searched among others and
 the same layout compiled alone are priced alike.
 """
@@ -20,7 +20,8 @@ import torch
 
 from pipeoptim.compiler.costmodel import CostConfig
 from pipeoptim.runtime.linkcost import ranks_beside
-from pipeoptim.update_cost import UpdateCostError, UpdateCosts, load_or_measure_update_cost, working_set_of
+from pipeoptim.update_cost import UpdateCostError, UpdateCosts, working_set_of
+from pipeoptim.update_cost_cache import load_or_measure_update_cost
 
 NOT_MODELLED = UpdateCosts(0.0, 0.0, 0.0)
 

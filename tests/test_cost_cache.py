@@ -14,7 +14,7 @@ from pipeoptim.compiler.profile_cache import load_or_profile
 from pipeoptim.compiler.trace import trace
 from pipeoptim.examples import mlp
 from pipeoptim.fileio import update_json_table
-from pipeoptim.update_cost import load_or_measure_update_cost
+from pipeoptim.update_cost_cache import load_or_measure_update_cost
 
 
 def _write_many(path: str, prefix: str, count: int) -> None:

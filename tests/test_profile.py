@@ -24,7 +24,8 @@ from pipeoptim.compiler.trace import trace
 from pipeoptim.errors import ProfileError
 from pipeoptim.examples import mlp, transformer
 from pipeoptim.runtime.linkcost import usable_cores
-from pipeoptim.update_cost import load_or_measure_update_cost, working_set
+from pipeoptim.update_cost import working_set
+from pipeoptim.update_cost_cache import load_or_measure_update_cost
 
 
 def test_every_compute_node_has_measured_forward_and_backward() -> None:

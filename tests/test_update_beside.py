@@ -17,12 +17,8 @@ from pipeoptim.cli.main import cli
 from pipeoptim.compiler.costmodel import CostConfig
 from pipeoptim.runtime import linkcost
 from pipeoptim.runtime.linkcost import ranks_beside
-from pipeoptim.update_cost import (
-    UpdateCostError,
-    load_or_measure_update_cost,
-    measure_update_cost,
-    stepping_beside,
-)
+from pipeoptim.update_cost import UpdateCostError, measure_update_cost, stepping_beside
+from pipeoptim.update_cost_cache import load_or_measure_update_cost
 from pipeoptim.update_pricing import UpdatePricing
 
 MOMENTUM = {"lr": 0.1, "momentum": 0.9}
