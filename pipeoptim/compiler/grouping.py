@@ -152,7 +152,9 @@ def fine_units(graph: CostGraph) -> Units:
     whose output cannot be sent (:attr:`CostNode.sendable`) shares a unit with every user of
     that output, and a node that changes a tensor in place (:attr:`CostNode.mutates`) shares a
     unit with the node that produced the tensor and everything between them, so that no stage
-    boundary falls between them.
+    boundary falls between them; one that changes the buffers of a module it runs whole (batch
+    norm's running statistics) shares it with every other call of that module (each stage would
+    otherwise update a copy of its own: a siamese model's batch norm, helper-116).
 
     A change in another stage than its tensor's would change a received copy: lost for a
     buffer (``self.ema.mul_(0.9)``), unseen by readers the plan puts in the producer's stage,
@@ -171,11 +173,9 @@ def fine_units(graph: CostGraph) -> Units:
             # joins the hold, or it would read its stage's unchanged copy
             root = graph.nodes[graph.index(name)]
             roots = [graph.index(name)]
-            if root.op == "get_attr":
-                roots = [
-                    j for j, n in enumerate(graph.nodes) if (n.op, n.target) == ("get_attr", root.target)
-                ]
-                roots += [u for j in list(roots) for u in users[j]]
+            if root.op in ("get_attr", "call_module"):  # a module run whole: every call of it too
+                roots = [j for j, n in enumerate(graph.nodes) if (n.op, n.target) == (root.op, root.target)]
+                roots += [u for j in list(roots) for u in users[j]] if root.op == "get_attr" else []
             first = order[min(position[j] for j in roots)]
             end = max(position[i], *(position[j] for j in roots))
             changed_until[first] = max(changed_until.get(first, -1), end)

@@ -43,8 +43,8 @@ def device_name(device: torch.device) -> str:
 #: activations per storage and length slopes; 3: times calibrated (compiler/calibration.py);
 #: 4: on the CPU with one thread, the thread's CPU time instead of the wall clock; 5: the
 #: in-place changes of each node (``CostNode.mutates``: without them a plan could cut between
-#: a change and its tensor).
-MEASURES = 5
+#: a change and its tensor); 6: also a leaf module's changes of its own buffers.
+MEASURES = 6
 
 
 def _dtype_name(dtype: torch.dtype) -> str:

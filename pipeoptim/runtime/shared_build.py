@@ -3,13 +3,14 @@
 
 from __future__ import annotations
 
+import copy
+
 import torch
 import torch.fx as fx
 from torch import nn
 
 from pipeoptim.compiler.plan import Plan
 from pipeoptim.compiler.trace import TracedModel
-from pipeoptim.errors import CodegenError
 from pipeoptim.runtime.shared import SharedParams
 
 
@@ -28,21 +29,22 @@ def copy_shared(module: fx.GraphModule, traced: TracedModel, plan: Plan, stage: 
     """Replace, in ``module`` (stage ``stage``'s graph module, whose parameters are the
     traced model's), every shared parameter this stage holds but does not hold first by a copy
     of its own, so that no two stages update the same tensor (in the local executor all stages
-    come from one traced model).
-
-    Raises:
-        CodegenError: the parameter's owner module is itself shared with the traced model.
+    come from one traced model). Where the parameter's module runs whole in this stage (a leaf
+    called in several stages: a siamese model's LSTM or attention), the stage gets a copy of
+    that module, buffers included: the plan keeps the calls of a module that changes its
+    buffers in one stage (:func:`pipeoptim.compiler.grouping.fine_units`), so a copy's buffers
+    stay what the model's hold. Before, such a model was refused with a fix that named
+    ``leaf_modules`` the user had not given (helper-116).
     """
     for name, holders in shared_names(traced, plan).items():
         if stage not in holders or stage == holders[0]:
             continue
         prefix, _, field = name.rpartition(".")
         owner = module.get_submodule(prefix)
-        if owner is traced.gm.get_submodule(prefix):
-            raise CodegenError(
-                f"stage {stage} cannot get its own copy of shared parameter {name!r}: its module "
-                f"{prefix!r} is called as a whole in that stage; remove {prefix!r} from leaf_modules"
-            )
+        if owner is traced.gm.get_submodule(prefix):  # a leaf module: this stage's own copy
+            parent, _, last = prefix.rpartition(".")
+            owner = copy.deepcopy(owner)
+            setattr(module.get_submodule(parent), last, owner)
         original = getattr(owner, field)
         setattr(owner, field, nn.Parameter(original.detach().clone(), requires_grad=original.requires_grad))
 
