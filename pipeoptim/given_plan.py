@@ -29,7 +29,8 @@ def given_plan(
     Raises:
         PlanError: unreadable, made from a profile that did not record in-place changes,
             or for another graph, input dtype, autocast setting, stage count, method or
-            micro-batch count.
+            micro-batch count; under a memory limit, one whose figures do not bound it
+            (:func:`_check_setting`).
     """
     chosen = plan if isinstance(plan, Plan) else Plan.load(plan)
     if chosen.profile_key.get("graph_hash") != traced.graph_hash:
@@ -58,6 +59,7 @@ def given_plan(
             raise PlanError(
                 f"the plan is for {what}={have!r}, this pipeline has {what}={want!r}; make a new plan"
             )
+    _check_setting(chosen, config, int(inputs[0].shape[0]) if inputs else chosen.batch_size, log)
     try:
         stage_modules(traced, chosen)  # what the stages will build: a plan that does not fit fails here
     except CodegenError as exc:
@@ -65,3 +67,48 @@ def given_plan(
     key = chosen.profile_key
     log(f"using the given plan of {chosen.model} (profiled on {key.get('device')}, torch {key.get('torch')})")
     return chosen
+
+
+def _check_setting(chosen: Plan, config: CostConfig, rows: int, log: Callable[[str], None]) -> None:
+    """Say where the plan's figures were made for another micro-batch size or optimizer state
+    than this pipeline's (they stay those of its own setting), and refuse it under a memory
+    limit its figures do not bound: made without one or with a larger one, for fewer rows or
+    less optimizer state, or holding more. Before, a plan made without a limit was taken under
+    ``memory=`` that a fresh plan found infeasible, and one made for 16 rows ran 512 with its
+    16-row memory (helper-115).
+
+    Raises:
+        PlanError: ``config.memory_limit`` is set and the plan's figures do not bound it.
+    """
+    made = chosen.config
+    other = []
+    if chosen.batch_size != rows:
+        other.append(f"micro-batches of {chosen.batch_size} rows (this pipeline: {rows})")
+    if made.opt_state_factor != config.opt_state_factor:
+        other.append(
+            f"{made.opt_state_factor:g} bytes of optimizer state per parameter byte (this optimizer: "
+            f"{config.opt_state_factor:g})"
+        )
+    if other:
+        said = " and ".join(other)
+        log(f"the given plan was made for {said}: its predicted time and memory are of that setting")
+    limit = config.memory_limit
+    if limit is None:
+        return
+    peak = max(stage.memory_bytes for stage in chosen.stages)
+    if (
+        made.memory_limit is None
+        or made.memory_limit > limit
+        or chosen.batch_size < rows
+        or made.opt_state_factor < config.opt_state_factor
+        or peak > limit
+    ):
+        planned = (
+            "without a memory limit" if made.memory_limit is None else f"under {made.memory_limit:,} bytes"
+        )
+        raise PlanError(
+            f"memory={limit:,} bytes per stage, but the plan was made {planned}"
+            + (f" for {' and '.join(other)}" if other else "")
+            + f" (its largest stage holds {peak:,} bytes): make a plan under this limit "
+            "(pipeoptim partition ... --memory ... --save), or leave plan unset"
+        )

@@ -384,6 +384,36 @@ def test_plan_for_another_model_or_stage_count(tmp_path: Path) -> None:
     assert "using the given plan" in logs[0]
 
 
+def test_a_plan_made_for_another_setting_is_said_and_bound_by_a_memory_limit(tmp_path: Path) -> None:
+    """A plan made without a memory limit was taken under memory= that a fresh plan found
+    infeasible, and one made for 16 rows and SGD ran 64 rows and Adam silently (helper-115)."""
+    with compile_mlp(gpus=2) as pipe:
+        pipe.plan.save(tmp_path / "plan.json")
+        peak = max(stage.memory_bytes for stage in pipe.plan.stages)
+    with pytest.raises(PlanError, match=r"the plan was made without a memory limit .* holds"):
+        compile_mlp(gpus=2, plan=tmp_path / "plan.json", memory=peak * 10)
+    logs: list[str] = []
+    model = mlp()
+    adam = torch.optim.Adam(model.parameters())
+    with compile_mlp(
+        gpus=2,
+        model=model,
+        optimizer=adam,
+        example_inputs=torch.randn(64, 8),
+        plan=tmp_path / "plan.json",
+        log=logs.append,
+    ):
+        pass
+    said = [line for line in logs if line.startswith("the given plan was made for micro-batches of 16 rows")]
+    assert len(said) == 1 and "(this pipeline: 64)" in said[0] and "(this optimizer: 2)" in said[0], logs
+    with compile_mlp(gpus=2, memory=peak * 10) as pipe:  # made under the limit: taken under it
+        pipe.plan.save(tmp_path / "limited.json")
+    with compile_mlp(gpus=2, memory=peak * 10, plan=tmp_path / "limited.json", log=logs.append):
+        pass
+    with pytest.raises(PlanError, match=f"made under {peak * 10:,} bytes"):
+        compile_mlp(gpus=2, memory=peak - 1, plan=tmp_path / "limited.json")
+
+
 @pytest.mark.parametrize("executor", ["local", "processes"])
 def test_a_plan_made_under_other_precision_is_refused(tmp_path: Path, executor: str) -> None:
     """A plan made without autocast, given to a float16-autocast pipeline, trained to NaN in
