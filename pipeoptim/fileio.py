@@ -163,6 +163,38 @@ def writable_folder(path: str | os.PathLike[str], what: str, option: str) -> boo
     return created
 
 
+def cache_folder(path: str | os.PathLike[str], option: str, log: Callable[[str], None]) -> None:
+    """Check the profile folder ``path`` as :func:`writable_folder` does, except that an
+    existing folder that takes no new file (a team's cache on a read-only mount) is used: its
+    profiles are reused, and what is measured anew is said not to be saved, by ``log`` here
+    and where it is measured. Before, ``pipeoptim partition`` and ``train`` refused such a
+    folder even where it held every profile they needed (helper-115).
+
+    Raises:
+        ValueError: ``path`` cannot be created (a file in its place, a parent that takes no
+            folder); names the ``option`` to change.
+    """
+    folder = Path(path)
+    if _refuses_files(folder):
+        log(
+            f"the profile folder {folder} takes no new file: its profiles are reused, new ones are "
+            f"measured for this run only (a writable {option} keeps them)"
+        )
+        return
+    writable_folder(folder, "profile folder", option)
+
+
+def _refuses_files(folder: Path) -> bool:
+    """An existing folder in which no file can be created (a read-only mount, as root too)."""
+    if not folder.is_dir():
+        return False
+    try:
+        with tempfile.TemporaryFile(dir=folder):
+            return False
+    except OSError:
+        return True
+
+
 @contextlib.contextmanager
 def held_folder(
     path: str | os.PathLike[str], what: str, option: str, log: Callable[[str], None] = print

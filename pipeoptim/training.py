@@ -31,7 +31,7 @@ import torch
 import pipeoptim
 from pipeoptim import other_work
 from pipeoptim.compiler.plot import plot_plan
-from pipeoptim.fileio import held_folder, writable_folder, write_json
+from pipeoptim.fileio import cache_folder, held_folder, writable_folder, write_json
 from pipeoptim.loss import Loss, drain
 from pipeoptim.optimizers import cosine_factor, make_optimizer
 from pipeoptim.records import Progress, StepLog, epoch_line, plot_curves
@@ -143,14 +143,15 @@ def train(
     the task's data have been checked, so that a mistake in them is reported at once.
 
     Raises:
-        ValueError: bad settings, a run or profile folder that cannot be written, or a run
+        ValueError: bad settings, a run folder that cannot be written or a profile folder that
+        cannot be made, or a run
         folder another run is using (:func:`pipeoptim.fileio.held_folder`); FileNotFoundError:
         missing task data; CheckpointError: a bad ``resume``; PipeoptimError: from compile
         and training (non-finite loss, failed stage).
     """
     out = Path(config.out)
     if config.profile_dir is not None:
-        writable_folder(config.profile_dir, "profile folder", "--profile-dir")
+        cache_folder(config.profile_dir, "--profile-dir", log)
     created = writable_folder(out, "run folder", "--out")
     with held_folder(out, "run folder", "--out", log):  # refused: the folder is another run's
         try:

@@ -296,6 +296,42 @@ def test_model_and_folder_mistakes_are_one_line_with_json(
     assert json.loads(out)["exit_code"] == 1
 
 
+def test_a_profile_folder_that_takes_no_file_is_read(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A team's profile cache on a read-only mount was refused even where it held every
+    profile the run needed (helper-115). (The suite runs as root, whom permission bits do not
+    stop: the folder refuses new files here as a read-only mount does.)"""
+    import pipeoptim.fileio as fileio
+
+    shared = tmp_path / "cache"
+    code, _, err = run("partition", "mlp", "--gpus", "2", "--stages", "2", "--profile-dir", str(shared))
+    assert code == 0, err
+    held = sorted(p.name for p in shared.iterdir())
+    blocked = {shared, tmp_path / "empty"}
+    (tmp_path / "empty").mkdir()
+    temporary, named = fileio.tempfile.TemporaryFile, fileio.tempfile.mkstemp
+
+    def refused(make):
+        def new_file(*args, dir=None, **kwargs):
+            if dir is not None and Path(dir) in blocked:
+                raise OSError(30, "Read-only file system")
+            return make(*args, dir=dir, **kwargs)
+
+        return new_file
+
+    monkeypatch.setattr(fileio.tempfile, "TemporaryFile", refused(temporary))
+    monkeypatch.setattr(fileio.tempfile, "mkstemp", refused(named))
+    for folder, reused in ((shared, True), (tmp_path / "empty", False)):
+        code, out, err = run(
+            "partition", "mlp", "--gpus", "2", "--stages", "2", "--profile-dir", str(folder), "--json"
+        )
+        assert code == 0, err
+        assert f"the profile folder {folder} takes no new file" in err
+        assert json.loads(out)["profile_reused"] is reused
+    assert "could not save the profile in" in err
+    assert not list((tmp_path / "empty").glob("*.json"))  # (a lock file: the simulation lets it through)
+    assert sorted(p.name for p in shared.iterdir()) == held
+
+
 def test_a_module_factory_is_found_in_the_current_folder(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

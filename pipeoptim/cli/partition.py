@@ -31,7 +31,7 @@ from pipeoptim.compiler.plan import make_plan
 from pipeoptim.compiler.plot import plot_plan
 from pipeoptim.compiler.profile_key import device_name
 from pipeoptim.errors import PipeoptimError
-from pipeoptim.fileio import writable_folder
+from pipeoptim.fileio import cache_folder
 from pipeoptim.methods import METHODS
 from pipeoptim.runtime.linkcost import shared_cores, stage_threads
 from pipeoptim.units import plural
@@ -187,7 +187,7 @@ def partition(
     target = torch_device(device)
     if profile_dir is not None:
         try:
-            writable_folder(profile_dir, "profile folder", "--profile-dir")
+            cache_folder(profile_dir, "--profile-dir", _log)
         except ValueError as exc:
             raise click.ClickException(str(exc)) from exc
     # timed as `pipeoptim train`'s stage processes run (one thread each on the CPU)
