@@ -1,7 +1,7 @@
 """User hooks on modules: which survive tracing, and keeping them quiet while profiling.
 
 A module that stays a module in the stage graphs (a leaf: named in ``leaf_modules``, one of
-:data:`~pipeoptim.compiler.trace.DEFAULT_LEAF_TYPES`, or inside one) is called as a module at
+:func:`~pipeoptim.compiler.trace.is_default_leaf`, or inside one) is called as a module at
 run time, so its forward pre-hooks, forward hooks and backward hooks run exactly as in the
 plain model (once per micro-batch). A module ``torch.fx`` traces through is inlined: its hooks
 ran once while tracing, on symbolic values, so a hook's effect on the output is in the graph
@@ -20,7 +20,7 @@ from collections.abc import Iterator
 
 from torch import nn
 
-from pipeoptim.compiler.trace import DEFAULT_LEAF_TYPES, TracedModel
+from pipeoptim.compiler.trace import TracedModel, is_default_leaf
 
 #: ``nn.Module`` attribute holding each kind of hook, with the kind's name for messages.
 HOOK_KINDS: dict[str, str] = {
@@ -49,7 +49,7 @@ def _kept_as_module(model: nn.Module, name: str, traced: TracedModel) -> bool:
     parts = name.split(".")
     for i in range(1, len(parts) + 1):
         prefix = ".".join(parts[:i])
-        if prefix in leaves or isinstance(model.get_submodule(prefix), DEFAULT_LEAF_TYPES):
+        if prefix in leaves or is_default_leaf(model.get_submodule(prefix)):
             return True
     return False
 

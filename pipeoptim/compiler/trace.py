@@ -29,6 +29,7 @@ from typing import Any
 import torch
 import torch.fx as fx
 from torch import nn
+from torch.nn.utils import parametrize
 from torch.utils import _pytree as pytree
 
 from pipeoptim.compiler.export_graph import export_graph
@@ -55,6 +56,16 @@ DEFAULT_LEAF_TYPES: tuple[type[nn.Module], ...] = (
     nn.RNNBase,
     nn.MultiheadAttention,
 )
+
+
+def is_default_leaf(module: nn.Module) -> bool:
+    """Whether ``module`` is kept as a leaf unasked: one of :data:`DEFAULT_LEAF_TYPES`, or a
+    module with parametrized tensors (``torch.nn.utils.parametrize``): traced through, a
+    parametrization's ``self.training`` branch was fixed at trace time, so ``spectral_norm``'s
+    power iteration ran in ``predict()`` too and moved its vectors, unlike the model in eval
+    mode (helper-116); run whole, it follows ``.train()`` / ``.eval()``."""
+    return isinstance(module, DEFAULT_LEAF_TYPES) or parametrize.is_parametrized(module)
+
 
 _TORCH_DIR = os.path.dirname(torch.__file__)
 _OWN_DIR = os.path.dirname(os.path.dirname(__file__))
@@ -139,10 +150,9 @@ class _Tracer(fx.Tracer):
 
     proxy_buffer_attributes = True
 
-    def __init__(self, leaf_names: set[str], leaf_types: tuple[type[nn.Module], ...]) -> None:
+    def __init__(self, leaf_names: set[str]) -> None:
         super().__init__()
         self.leaf_names = leaf_names
-        self.leaf_types = leaf_types
         self.failed_module: str | None = None
 
     def create_arg(self, a: Any) -> Any:
@@ -154,7 +164,7 @@ class _Tracer(fx.Tracer):
         return False  # leaves are handled in call_module so their parameters become nodes
 
     def _is_leaf(self, m: nn.Module, qualname: str) -> bool:
-        return qualname in self.leaf_names or isinstance(m, self.leaf_types)
+        return qualname in self.leaf_names or is_default_leaf(m)
 
     def call_module(self, m: nn.Module, forward: Any, args: tuple, kwargs: dict) -> Any:
         qualname = self.path_of_module(m)
@@ -229,7 +239,7 @@ def tied_parameters(model: nn.Module) -> dict[str, list[str]]:
 def _symbolic_trace(
     model: nn.Module, n_inputs: int, leaf_names: set[str], root_flag: bool = True
 ) -> tuple[fx.GraphModule | None, BaseException | None, str | None]:
-    tracer = _Tracer(leaf_names, DEFAULT_LEAF_TYPES)
+    tracer = _Tracer(leaf_names)
     sig = inspect.signature(model.forward)
     concrete = {}
     positional = [

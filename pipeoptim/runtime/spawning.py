@@ -137,10 +137,15 @@ def pickle_spec(spec: PipelineSpec) -> bytes:
     try:  # the predictors registered for the optimizer class travel with it (one pickle: same class)
         return cloudpickle.dumps((spec, registered_for(spec.optimizer_class)))
     except Exception as exc:
+        fix = "remove the unpicklable attribute (open files, locks, generators), or use executor='local'"
+        if "parametrized modules" in str(exc):  # torch refuses them by design, whatever the user does
+            fix = (
+                "torch pickles no module with parametrizations (torch.nn.utils.parametrize: spectral_norm, "
+                "weight_norm, orthogonal), so this model trains with executor='local'"
+            )
         raise PipelineError(
             f"the model, loss_fn or example inputs cannot be sent to the stage worker processes "
-            f"({type(exc).__name__}: {first_line(exc)}): remove the "
-            "unpicklable attribute (open files, locks, generators), or use executor='local'"
+            f"({type(exc).__name__}: {first_line(exc)}): {fix}"
         ) from exc
 
 

@@ -296,11 +296,8 @@ def worker_main(
                 continue
             if kind == "close":
                 break
-            if kind == "numerics":  # the driver's torch settings changed: no reply
-                numerics.apply(payload)
-                continue
             reply = _serve(process, kind, payload)
-            if kind in ("batch", "flush"):
+            if kind in ("batch", "flush", "numerics"):  # no reply, but losses and a flush's end
                 if reply:  # one message for the command's losses, not one per micro-batch
                     results.put(("losses", rank, None, reply))
                 if kind == "flush":
@@ -330,6 +327,7 @@ def _set_measure_memory(process: StageProcess, on: Any) -> None:
 #: What a worker does with each kind of command from the driver (``payload`` -> reply).
 COMMANDS: dict[str, Callable[[StageProcess, Any], Any]] = {
     "batch": lambda process, payload: process.submit(pickle.loads(payload)),
+    "numerics": lambda _process, settings: numerics.apply(settings),  # the driver's changed
     "flush": lambda process, _: process.flush(),
     # the outputs may be of the user's classes defined in __main__ (a dataclass), which plain
     # pickle refuses from a worker that got them by value: cloudpickle brings them back as

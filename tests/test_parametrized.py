@@ -1,0 +1,82 @@
+"""A module with parametrized weights (torch.nn.utils.parametrize) runs whole, following
+.train()/.eval(): traced through, spectral_norm's power iteration was fixed in training mode,
+so predict() moved its vectors and differed from the model in eval mode (helper-116)."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import pipeoptim
+
+
+class Critic(nn.Module):
+    def __init__(self, norm: str) -> None:
+        super().__init__()
+        self.l1 = nn.Linear(16, 32)
+        if norm == "spectral":
+            self.l2 = nn.utils.parametrizations.spectral_norm(nn.Linear(32, 32))
+        else:
+            self.l2 = nn.utils.parametrizations.weight_norm(nn.Linear(32, 32))
+        self.l3 = nn.Linear(32, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.l3(F.relu(self.l2(F.relu(self.l1(x)))))
+
+
+@pytest.mark.parametrize("norm, micro_batches", [("spectral", 1), ("weight", 2)])
+def test_predict_between_steps_is_the_model_in_eval_mode(norm: str, micro_batches: int) -> None:
+    """(spectral_norm's power iteration runs once per forward call: once per micro-batch, so
+    its vectors follow the plain model's with one micro-batch only, as batch norm's statistics do.)"""
+    torch.manual_seed(0)
+    model = Critic(norm)
+    reference = copy.deepcopy(model)
+    opt = torch.optim.SGD(reference.parameters(), lr=0.1, momentum=0.9)
+    x, y = torch.randn(8, 16), torch.randint(0, 5, (8,))
+    net = copy.deepcopy(model)
+    with pipeoptim.compile(
+        net,
+        torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9),
+        2,
+        example_inputs=x,
+        loss_fn=F.cross_entropy,
+        method="1f1b",
+        micro_batches=micro_batches,
+        executor="local",
+        profile_dir=None,
+    ) as pipe:
+        for step in range(6):
+            reference.train()
+            opt.zero_grad()
+            F.cross_entropy(reference(x), y).backward()
+            opt.step()
+            loss = pipe.step(x, y)
+            loss.item()
+            if step % 2:
+                reference.eval()
+                with torch.no_grad():
+                    expected = reference(x)
+                torch.testing.assert_close(pipe.predict(x), expected, rtol=0, atol=1e-6)
+        state = pipe.state_dict()
+    assert state.keys() == reference.state_dict().keys()
+    for name, value in reference.state_dict().items():
+        torch.testing.assert_close(state[name], value, rtol=1e-5, atol=1e-6)
+
+
+def test_worker_processes_are_refused_with_the_reason() -> None:
+    """torch refuses to pickle a parametrized module; the advice was to remove an attribute."""
+    model = Critic("weight")
+    with pytest.raises(pipeoptim.PipelineError, match="torch pickles no module with parametrizations"):
+        pipeoptim.compile(
+            model,
+            torch.optim.SGD(model.parameters(), lr=0.1),
+            2,
+            example_inputs=torch.randn(8, 16),
+            loss_fn=F.cross_entropy,
+            executor="processes",
+            profile_dir=None,
+        )
