@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import shutil
+import signal
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -44,6 +46,20 @@ def _folders_of_its_own(tmp_path_factory: pytest.TempPathFactory) -> Iterator[No
         patch.chdir(tmp_path_factory.mktemp("cwd"))
         patch.setenv("TMPDIR", str(tmp_path_factory.mktemp("tmp")))
         yield
+
+
+@contextlib.contextmanager
+def ctrl_c_delivered() -> Iterator[None]:
+    """Ctrl-C (SIGINT) raises KeyboardInterrupt in this process, and programs it starts get it
+    as from a terminal, even where the test runner ignores it: pytest started as a background
+    job of a non-interactive shell inherits an ignored SIGINT, and so did every program it
+    started (Python leaves an ignored SIGINT ignored): the Ctrl-C tests saw their runs go on
+    to the end (helper-117)."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 @pytest.fixture

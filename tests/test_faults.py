@@ -30,6 +30,7 @@ from pipeoptim.fileio import STALE_SECONDS, atomic_write, write_json
 from pipeoptim.runtime.distributed import free_port
 from pipeoptim.runtime.driver_watch import driver_alive, process_start_time
 
+from .conftest import ctrl_c_delivered
 from .test_training import SmallCNN, data
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -296,11 +297,7 @@ def start_training(
         str(out.parent / "p"),
         *extra,
     ]
-    # the child gets Ctrl-C as from a terminal even where this runner ignores it (pytest started
-    # as a background job of a non-interactive shell: an ignored SIGINT is inherited, and both
-    # Ctrl-C tests saw the training run to its end)
-    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
-    try:
+    with ctrl_c_delivered():  # as from a terminal, even where this runner ignores Ctrl-C
         return subprocess.Popen(
             cmd,
             stdout=subprocess.PIPE,
@@ -309,8 +306,6 @@ def start_training(
             env={**os.environ, "PYTHONPATH": str(ROOT), **(env or {})},
             start_new_session=group,
         )
-    finally:
-        signal.signal(signal.SIGINT, previous)
 
 
 # A fault is delivered while the run is certainly still going: the runs below are far longer
@@ -430,15 +425,17 @@ def test_ctrl_c_while_torch_is_imported(tmp_path: Path, how: str) -> None:
 
 
 def run_program(code: str, cwd: Path) -> subprocess.CompletedProcess:
-    """Python program ``code`` run in ``cwd`` with this checkout's pipeoptim; its exit and output."""
-    return subprocess.run(
-        [sys.executable, "-c", code],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        cwd=cwd,
-        env={**os.environ, "PYTHONPATH": str(ROOT)},
-    )
+    """Python program ``code`` run in ``cwd`` with this checkout's pipeoptim, Ctrl-C delivered
+    as from a terminal; its exit and output."""
+    with ctrl_c_delivered():
+        return subprocess.run(
+            [sys.executable, "-c", code],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            cwd=cwd,
+            env={**os.environ, "PYTHONPATH": str(ROOT)},
+        )
 
 
 #: a Python program that sends itself a Ctrl-C as ``module`` starts being imported (the first

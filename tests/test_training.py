@@ -21,6 +21,8 @@ from pipeoptim.errors import CheckpointError
 from pipeoptim.examples import TinyGPT
 from pipeoptim.records import StepLog, epoch_line
 
+from .conftest import ctrl_c_delivered
+
 
 class SmallCNN(nn.Module):
     """Conv + BatchNorm + residual + dropout: everything the executors must agree on."""
@@ -409,7 +411,7 @@ def test_a_second_ctrl_c_while_the_run_is_recorded_waits_for_the_record(
         write(path, data)
 
     monkeypatch.setattr(training, "write_json", interrupted_write)
-    with pytest.raises(KeyboardInterrupt):  # still stops, once the record is on disk
+    with ctrl_c_delivered(), pytest.raises(KeyboardInterrupt):  # still stops, once the record is on disk
         run.stop(KeyboardInterrupt(), 1.0)
     assert json.loads((tmp_path / "metrics.json").read_text())["status"] == "interrupted"
     assert (tmp_path / "train.csv").read_text().splitlines()[1].startswith("0,0,2.5")
