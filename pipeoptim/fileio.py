@@ -279,8 +279,11 @@ def update_json_table(path: Path, key: str, value: Any) -> None:
 
 @contextlib.contextmanager
 def _locked(lock: Path) -> Iterator[None]:
+    """Hold ``lock`` (made where missing); one another user made is opened to read only, as
+    ``flock`` needs no more (opened to write, another user's 0644 lock file was refused and
+    the table written unlocked, helper-117)."""
     try:
-        fd = os.open(lock, os.O_CREAT | os.O_RDWR, 0o666)
+        fd = os.open(lock, os.O_RDONLY) if lock.exists() else os.open(lock, os.O_CREAT | os.O_RDWR, 0o666)
     except OSError:  # a read-only folder: the write says why
         yield
         return

@@ -39,6 +39,33 @@ PRECISIONS = {
 #: the settings of torch before 2.9, at their default (read where torch >= 2.9 can still read
 #: them, and set first, so that a worker is set as the user's process was: by them alone)
 LEGACY = {"float32_matmul_precision": "highest", "cuda.matmul.allow_tf32": False, "cudnn.allow_tf32": True}
+#: where torch >= 2.9 keeps those settings, as set ("none" included), from the global one down:
+#: a worker gets them as the user set them (resolved, a global "bf16" was set on the cuda
+#: backend, which refuses it, and the workers died: helper-117)
+RAW_PRECISIONS = (
+    "fp32_precision",
+    "cuda.matmul.fp32_precision",
+    "cudnn.fp32_precision",
+    "cudnn.conv.fp32_precision",
+    "cudnn.rnn.fp32_precision",
+    "mkldnn.fp32_precision",
+    "mkldnn.matmul.fp32_precision",
+    "mkldnn.conv.fp32_precision",
+    "mkldnn.rnn.fp32_precision",
+)
+#: scaled dot-product attention's kernels (``torch.backends.cuda``, for the CPU too: flash
+#: off ran another CPU kernel, 1.5e-8 from the default, helper-117): getter, setter, default
+ATTENTION = {
+    "sdp.flash": ("flash_sdp_enabled", "enable_flash_sdp", True),
+    "sdp.mem_efficient": ("mem_efficient_sdp_enabled", "enable_mem_efficient_sdp", True),
+    "sdp.math": ("math_sdp_enabled", "enable_math_sdp", True),
+    "sdp.cudnn": ("cudnn_sdp_enabled", "enable_cudnn_sdp", True),
+    "sdp.math_reduced_precision": (
+        "fp16_bf16_reduction_math_sdp_allowed",
+        "allow_fp16_bf16_reduction_math_sdp",
+        False,
+    ),
+}
 #: the other flags under ``torch.backends`` that change results, with their defaults
 FLAGS = {
     "cuda.matmul.allow_fp16_reduced_precision_reduction": True,
@@ -90,14 +117,24 @@ def _legacy() -> dict[str, Any]:
         return {}
 
 
+def _attention() -> dict[str, tuple[str, str, bool]]:
+    """:data:`ATTENTION`'s switches this torch has."""
+    return {k: v for k, v in ATTENTION.items() if hasattr(torch.backends.cuda, v[0])}
+
+
 def current() -> dict[str, Any]:
     """This process's numeric settings as plain, picklable values: ``{name: value}``, names
     being paths under ``torch.backends`` (torch >= 2.9: ``"mkldnn.matmul"``, ... with the
-    float32 arithmetic each runs with), the :data:`LEGACY` ones, ``default_dtype`` and
+    float32 arithmetic each runs with, and :data:`RAW_PRECISIONS` as set), the :data:`LEGACY`
+    ones, the attention kernels (:data:`ATTENTION`), ``default_dtype`` and
     ``deterministic_algorithms`` as ``(enabled, warn_only)``."""
-    values = {op: _precision(op) for op in PRECISIONS} if _new_api() else {}
+    values: dict[str, Any] = {}
+    if _new_api():
+        values |= {op: _precision(op) for op in PRECISIONS}
+        values |= {path: getattr(*_backend(path)) for path in RAW_PRECISIONS if hasattr(*_backend(path))}
     values |= _legacy()
     values |= {name: getattr(*_backend(name)) for name in FLAGS}
+    values |= {name: getattr(torch.backends.cuda, get)() for name, (get, _, _) in _attention().items()}
     values["default_dtype"] = torch.get_default_dtype()
     values["deterministic_algorithms"] = (
         torch.are_deterministic_algorithms_enabled(),
@@ -109,18 +146,20 @@ def current() -> dict[str, Any]:
 def changed() -> dict[str, str]:
     """The settings of :func:`current` that change results from torch's defaults, as text (for
     a profile's key: a profile timed with them is not reused without them, nor the reverse).
-    On torch >= 2.9 the :data:`LEGACY` names are left out: the precisions say the same."""
+    On torch >= 2.9 the :data:`LEGACY` names and :data:`RAW_PRECISIONS` are left out: the
+    arithmetic each operation runs with says the same."""
     defaults = (PRECISIONS if _new_api() else LEGACY) | FLAGS
     defaults |= {"opt_einsum.enabled": torch.backends.opt_einsum.is_available()}
+    defaults |= {name: default for name, (_, _, default) in _attention().items()}
     defaults |= {"default_dtype": torch.float32, "deterministic_algorithms": (False, False)}
-    return {
-        name: str(value) for name, value in current().items() if name in defaults and value != defaults[name]
-    }
+    values = current().items()
+    return {name: str(value) for name, value in values if name in defaults and value != defaults[name]}
 
 
 def apply(settings: dict[str, Any]) -> None:
     """Set this process's numeric settings to ``settings`` (:func:`current` of another
-    process): first the :data:`LEGACY` ones, then the precisions still differing, then the rest.
+    process): first the :data:`LEGACY` ones, then :data:`RAW_PRECISIONS` still differing,
+    from the global one down, then the rest.
 
     Raises:
         ValueError: ``settings`` were read under another torch (a name this torch lacks).
@@ -134,12 +173,17 @@ def apply(settings: dict[str, Any]) -> None:
                 torch.set_float32_matmul_precision(settings[name])
             else:
                 setattr(*_backend(name), settings[name])
+    for name in RAW_PRECISIONS:
+        if name in settings and getattr(*_backend(name)) != settings[name]:
+            setattr(*_backend(name), settings[name])
+    attention = _attention()
     for name, value in settings.items():
-        if name in LEGACY:
-            continue
-        if name in PRECISIONS:
-            if _precision(name) != value:
-                setattr(*_backend(f"{name}.fp32_precision"), value)
+        if name in LEGACY or name in PRECISIONS or name in RAW_PRECISIONS:
+            continue  # (the arithmetic of each operation follows from the raw settings)
+        if name in attention:
+            get, enable, _ = attention[name]
+            if getattr(torch.backends.cuda, get)() != value:
+                getattr(torch.backends.cuda, enable)(value)
         elif name == "default_dtype":
             torch.set_default_dtype(value)
         elif name == "deterministic_algorithms":

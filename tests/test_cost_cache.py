@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import multiprocessing
+import os
 from pathlib import Path
 
 import torch
@@ -70,3 +71,30 @@ def test_a_profile_that_cannot_be_saved_is_used_and_said(tmp_path: Path) -> None
     graph, reused = load_or_profile(trace(model, inputs), inputs, profile_dir=folder, log=logs.append)
     assert not reused and len(graph.nodes) > 4
     assert "could not save the profile in" in logs[-1] and "this run uses it" in logs[-1]
+
+
+def test_another_users_lock_file_still_locks(tmp_path: Path, monkeypatch) -> None:
+    """The lock file of another user (0644) was opened to write, refused, and the table then
+    written unlocked without a word (helper-117); flock needs a descriptor to read only. (The
+    suite runs as root, whom permission bits do not stop: the refusal is simulated.)"""
+    import pipeoptim.fileio as fileio
+
+    path = tmp_path / "update-costs.json"
+    lock = tmp_path / "update-costs.json.lock"
+    lock.write_text("")
+    opened, locked = [], []
+    real_open, real_flock = os.open, fileio.fcntl.flock
+
+    def as_another_users(file, flags, *args):
+        if Path(file) == lock and flags & (os.O_RDWR | os.O_WRONLY):
+            raise PermissionError(13, "Permission denied")
+        fd = real_open(file, flags, *args)
+        opened.append((Path(file), fd))
+        return fd
+
+    monkeypatch.setattr(fileio.os, "open", as_another_users)
+    monkeypatch.setattr(fileio.fcntl, "flock", lambda fd, op: locked.append(fd) or real_flock(fd, op))
+    update_json_table(path, "a", [1])
+    assert json.loads(path.read_text()) == {"a": [1]}
+    (held,) = [fd for file, fd in opened if file == lock]
+    assert held in locked

@@ -6,6 +6,7 @@ of 256 x 16384 values that of 256 x 64)."""
 from __future__ import annotations
 
 import dataclasses
+import functools
 import subprocess
 import sys
 from collections.abc import Callable
@@ -51,11 +52,33 @@ class Config:
     iterations: int = 1
 
 
+@dataclasses.dataclass(slots=True)
+class SlottedConfig:
+    iterations: int = 1
+
+
+def _repeat(f: Callable, x: torch.Tensor, n: int) -> torch.Tensor:
+    for _ in range(n):
+        x = f(x)
+    return x
+
+
+def _times(n: int) -> Callable:
+    return lambda f, x: _repeat(f, x, n)
+
+
 class Leaf(nn.Module):
     """A user's leaf whose work follows state that is not a plain attribute."""
 
     def __init__(
-        self, config: Config | None = None, count: object = 1, cache: int = 64, table: int = 64
+        self,
+        config: object = None,
+        count: object = 1,
+        cache: int = 64,
+        table: int = 64,
+        rounds: Callable | None = None,
+        dtype: torch.dtype = torch.float32,
+        **extra: object,
     ) -> None:
         super().__init__()
         self.config = config or Config()
@@ -63,15 +86,26 @@ class Leaf(nn.Module):
         self.register_buffer("cache", torch.zeros(8, cache), persistent=False)
         self.table = torch.zeros(table)
         self.lin = nn.Linear(64, 64)
+        self._rounds = rounds or functools.partial(_repeat, n=1)
+        self.dtype = dtype
+        vars(self).update(extra)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        for _ in range(self.config.iterations * int(self.count)):
-            x = self.lin(x)
+        for _ in range(self.config.iterations * int(self.count)):  # type: ignore[attr-defined]
+            x = self._rounds(lambda h: torch.tanh(self.lin(h.to(self.dtype)).float()), x)
         return x + self.cache.sum() + self.table.sum()
 
 
 def _with_leaf(**options: object) -> nn.Module:
     return nn.Sequential(nn.Linear(64, 64), Leaf(**options))  # type: ignore[arg-type]
+
+
+def _odd() -> nn.Module:
+    """A leaf whose attributes have no stable ``repr`` (functions as keys: an address; a
+    frozenset: hash order) or none to take (a numpy array: helper-117's crash)."""
+    return _with_leaf(
+        gains={torch.tanh: 1.0, torch.relu: 2.0}, names=frozenset("abcdefgh"), anchors=np.ones(4)
+    )
 
 
 def _hash(model: nn.Module, leaves: tuple[str, ...] = ()) -> str:
@@ -93,6 +127,19 @@ CASES: dict[str, tuple[Callable[[], nn.Module], Callable[[], nn.Module], tuple[s
     ),
     "a leaf's non-persistent buffer": (_with_leaf, lambda: _with_leaf(cache=16384), ("1",)),
     "a leaf's tensor attribute": (_with_leaf, lambda: _with_leaf(table=16384), ("1",)),
+    "a leaf's private partial": (
+        _with_leaf,
+        lambda: _with_leaf(rounds=functools.partial(_repeat, n=60)),
+        ("1",),
+    ),
+    "a leaf's closure": (lambda: _with_leaf(rounds=_times(1)), lambda: _with_leaf(rounds=_times(60)), ("1",)),
+    "a leaf's dtype": (_with_leaf, lambda: _with_leaf(dtype=torch.float64), ("1",)),
+    "a leaf's slotted config": (
+        lambda: _with_leaf(config=SlottedConfig(1)),
+        lambda: _with_leaf(config=SlottedConfig(50)),
+        ("1",),
+    ),
+    "a leaf's set": (lambda: _with_leaf(names={"a", "b"}), lambda: _with_leaf(names={"a", "c"}), ("1",)),
 }
 
 
@@ -103,16 +150,45 @@ def test_what_changes_a_leafs_work_changes_the_hash(case: str) -> None:
     assert _hash(before(), leaves) != _hash(after(), leaves)
 
 
+def test_a_class_without_source_is_keyed_by_its_code() -> None:
+    """A class defined in ``python -c``, ``python -`` or a notebook has no source to read: its
+    forward's edits went unseen (a 1-iteration profile priced a 60-iteration forward)."""
+
+    def leaf_class(times: int) -> type:
+        scope: dict = {"nn": nn, "torch": torch}
+        exec(
+            "class Made(nn.Module):\n"
+            "    def __init__(self):\n"
+            "        super().__init__()\n"
+            "        self.lin = nn.Linear(64, 64)\n"
+            "    def forward(self, x):\n"
+            f"        for _ in range({times}):\n"
+            "            x = torch.tanh(self.lin(x))\n"
+            "        return x\n",
+            scope,
+        )
+        return scope["Made"]
+
+    def model(made: type) -> nn.Module:
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Linear(64, 64), made())
+
+    once, sixty = leaf_class(1), leaf_class(60)
+    assert _hash(model(once), ("1",)) == _hash(model(leaf_class(1)), ("1",))
+    assert _hash(model(once), ("1",)) != _hash(model(sixty), ("1",))
+
+
 def test_the_hash_is_the_same_in_another_process() -> None:
     """Profiles are reused across runs: nothing of one process (an address) is in the key."""
     code = (
         f"import sys, torch; sys.path.insert(0, {str(Path(__file__).parent)!r}); torch.manual_seed(1)\n"
         "from test_graph_identity import _hash, _with_leaf, Attention, _normed\n"
-        "print(_hash(_with_leaf(), ('1',)), _hash(Attention()), _hash(_normed()))"
+        "from test_graph_identity import _odd\n"
+        "print(_hash(_with_leaf(), ('1',)), _hash(Attention()), _hash(_normed()), _hash(_odd(), ('1',)))"
     )
     hashes = [subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout]
     hashes += [
         subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     ]
-    here = f"{_hash(_with_leaf(), ('1',))} {_hash(Attention())} {_hash(_normed())}\n"
+    here = f"{_hash(_with_leaf(), ('1',))} {_hash(Attention())} {_hash(_normed())} {_hash(_odd(), ('1',))}\n"
     assert hashes == [here, here]

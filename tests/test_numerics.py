@@ -5,6 +5,8 @@ computed at "highest" under a user's "medium", unlike the local executor)."""
 from __future__ import annotations
 
 import copy
+import subprocess
+import sys
 from collections.abc import Iterator
 
 import pytest
@@ -153,3 +155,50 @@ def test_settings_read_in_one_process_are_set_in_another(restored: None) -> None
     assert torch.get_float32_matmul_precision() == "medium"  # set as the user did: still readable
     with pytest.raises(ValueError, match="unknown to torch"):
         numerics.apply(wanted | {"cudnn.future_flag": True})
+
+
+_NEW_SETTINGS = """
+import torch, torch.nn.functional as F, pipeoptim
+from torch import nn
+
+class Attend(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(16, 16), nn.Linear(16, 3)
+
+    def forward(self, x):
+        h = torch.tanh(self.a(x)).unsqueeze(1)
+        return self.b(F.scaled_dot_product_attention(h, h, h).squeeze(1))
+
+if __name__ == "__main__":
+    torch.set_num_threads(1)
+    torch.backends.fp32_precision = "bf16"  # torch's global setting, new in 2.9
+    torch.backends.cuda.enable_flash_sdp(False)  # chooses the CPU's attention kernel too
+    torch.manual_seed(0)
+    model, x, y = Attend(), torch.randn(8, 16), torch.randint(0, 3, (8,))
+    runs, plan = [], None
+    for executor in ("local", "processes"):
+        net = Attend()
+        net.load_state_dict(model.state_dict())
+        with pipeoptim.compile(net, torch.optim.SGD(net.parameters(), lr=0.1), 2, example_inputs=x,
+                               loss_fn=F.cross_entropy, method="1f1b", executor=executor, plan=plan,
+                               profile_dir=None) as pipe:
+            plan = pipe.plan
+            runs.append(([pipe.step(x, y).item() for _ in range(3)], pipe.predict(x)))
+    assert runs[0][0] == runs[1][0], runs
+    assert torch.equal(runs[0][1], runs[1][1])
+    print("same")
+"""
+
+
+def test_new_precision_settings_and_attention_kernels_reach_the_workers(tmp_path) -> None:
+    """torch's global ``fp32_precision = "bf16"`` killed the workers (resolved, it was set on
+    the cuda backend, which refuses bf16), and the attention kernel switches were not carried
+    (helper-117). In a program of its own: mixing torch's old and new precision settings in
+    this process would make its old getters raise for the tests after."""
+    program = tmp_path / "settings.py"
+    program.write_text(_NEW_SETTINGS)
+    done = subprocess.run(
+        [sys.executable, str(program)], capture_output=True, text=True, timeout=300, cwd=tmp_path
+    )
+    assert done.returncode == 0 and done.stdout.strip() == "same", done.stderr[-3000:]

@@ -4,9 +4,12 @@ checked."""
 
 from __future__ import annotations
 
+import dataclasses
 import enum
+import functools
 import hashlib
 import inspect
+import types
 from collections.abc import Iterable
 
 import torch
@@ -69,47 +72,88 @@ def _fetch(gm: nn.Module, target: str) -> object:
     return obj
 
 
+#: the attributes every module has (its parameters, buffers, submodules, hooks, mode)
+_MODULE_OWN = frozenset(vars(nn.Module()))
+
+
 def leaf_identity(module: nn.Module) -> str:
     """The source of the file defining ``module``'s class (a helper or a constant the forward
-    reads there counts; the class's qualified name where it cannot be read), whether it is in
-    training mode, and its own attributes other than modules, parameters and buffers, sorted:
-    plain values, lists, tuples and dicts of them, tensors by shape and dtype, and objects
-    (a config dataclass, a numpy number) by their type and attributes (:func:`_described`)."""
+    reads there counts; where it cannot be read, as for a class defined in ``python -c`` or a
+    notebook, the compiled code of the class's functions), whether it is in training mode, and
+    its own attributes other than what every module has (parameters, buffers, submodules,
+    hooks), private ones included, sorted, as :func:`_described` gives them."""
     cls = type(module)
     try:
         source = inspect.getsource(inspect.getmodule(cls) or cls)
     except (OSError, TypeError):
-        source = f"{cls.__module__}.{cls.__qualname__}"
-    own = {
-        k: _described(v, _DEPTH) for k, v in vars(module).items() if not k.startswith("_") and k != "training"
-    }
+        source = repr(_described(dict(vars(cls)), _DEPTH))
+    own = {k: _described(v, _DEPTH) for k, v in vars(module).items() if k not in _MODULE_OWN}
     return f"{source}{cls.__qualname__} training={module.training} {sorted(own.items())!r}"
 
 
 def _described(value: object, depth: int) -> object:
-    """``value`` as text that is the same in every process for the same value (no addresses):
-    a plain value itself; a list, tuple or dict of them element by element (a leaf's
-    ``self.slopes = [0.1]`` counts as ``self.slope = 0.1`` does: helper-103's torchrun rank whose
-    leaf held 3.0 there trained beside rank 0's 0.1, silently); a tensor by shape and dtype; a
-    numpy number by its value; another object by its type and, to ``depth`` levels, its
-    attributes; a function or class by its qualified name."""
+    """``value`` as text that is the same in every process for the same value (no addresses,
+    no hash order): a plain value itself; lists, tuples, dicts and sets element by element (a
+    leaf's ``self.slopes = [0.1]`` counts as ``self.slope = 0.1`` does: helper-103's torchrun
+    rank whose leaf held 3.0 there trained beside rank 0's 0.1, silently); a tensor or numpy
+    array by shape and dtype, a numpy number or ``torch.dtype`` by its value; a function by its
+    qualified name, compiled code, defaults and the values it closes over (a
+    ``functools.partial`` by its function and arguments); another object (a config
+    dataclass, slotted or not) by its type and, to ``depth`` levels, its attributes."""
     if isinstance(value, _PLAIN):
         return value
     if isinstance(value, torch.Tensor):
         return f"tensor {tuple(value.shape)} {value.dtype}"
+    if isinstance(value, (torch.dtype, torch.device, enum.Enum)):
+        return str(value)
+    if type(value).__module__ == "numpy":
+        if getattr(value, "ndim", 0):
+            return f"array {tuple(value.shape)} {value.dtype}"  # type: ignore[attr-defined]
+        return _described(value.item(), depth) if hasattr(value, "item") else type(value).__qualname__
     if depth <= 0:
         return type(value).__qualname__
+    inner = depth - 1
     if isinstance(value, (list, tuple)):
-        return [_described(v, depth - 1) for v in value]
+        return [_described(v, inner) for v in value]
+    if isinstance(value, (set, frozenset)):
+        return sorted((_described(v, inner) for v in value), key=repr)
     if isinstance(value, dict):
-        return sorted((repr(k), _described(v, depth - 1)) for k, v in value.items())
-    if type(value).__module__ == "numpy" and hasattr(value, "item"):
-        return _described(value.item(), depth - 1)
-    if isinstance(value, enum.Enum):
-        return repr(value)
-    if callable(value) or isinstance(value, type):
-        return getattr(value, "__qualname__", type(value).__qualname__)
+        return sorted(((_described(k, inner), _described(v, inner)) for k, v in value.items()), key=repr)
+    if isinstance(value, functools.partial):
+        return [
+            "partial",
+            _described(value.func, inner),
+            _described(value.args, inner),
+            _described(value.keywords, inner),
+        ]
+    if isinstance(value, (types.FunctionType, types.MethodType)):
+        return _function(value, inner)
+    if isinstance(value, types.CodeType):  # its constants in full: nested code ends
+        return [value.co_code.hex(), value.co_names, _described(value.co_consts, _DEPTH)]
+    if isinstance(value, (type, types.BuiltinFunctionType, types.ModuleType)) or value is None:
+        return getattr(value, "__qualname__", getattr(value, "__name__", type(value).__qualname__))
+    if dataclasses.is_dataclass(value):
+        fields = {f.name: getattr(value, f.name, None) for f in dataclasses.fields(value)}
+        return [type(value).__qualname__, _described(fields, inner)]
     state = getattr(value, "__dict__", None)
     if isinstance(state, dict):
-        return [type(value).__qualname__, _described(state, depth - 1)]
+        return [type(value).__qualname__, _described(state, inner)]
     return type(value).__qualname__
+
+
+def _function(fn: types.FunctionType | types.MethodType, depth: int) -> object:
+    """A function by name, code, defaults and closure (``lambda x: x * n`` with another ``n``
+    is another function); a bound method as its function."""
+    if isinstance(fn, types.MethodType):
+        return _function(fn.__func__, depth)  # type: ignore[arg-type]
+    cells = [c.cell_contents for c in fn.__closure__ or () if _filled(c)]
+    parts = (fn.__code__, fn.__defaults__, fn.__kwdefaults__, cells)
+    return [fn.__qualname__, _described(parts, depth)]
+
+
+def _filled(cell: types.CellType) -> bool:
+    try:
+        cell.cell_contents  # noqa: B018 (an empty cell raises)
+    except ValueError:
+        return False
+    return True

@@ -27,7 +27,9 @@ def optimizer_state_factor(optimizer: Any) -> float:
     it derives from (``class Clipped(SGD)`` as SGD) and each param group's hyperparameters:
     SGD 0, SGD with momentum 1, Adam/AdamW 2 or 3 with amsgrad, RMSprop 1 plus 1 for momentum
     and 1 for centered, Adagrad 1; where the groups differ, the largest of their factors (an
-    upper bound: the plan's memory is never below what the stages hold). Or one of the names
+    upper bound: the plan's memory is never below what the stages hold). An optimizer derived
+    from none of the table's counts 2 (Adam's), which is no bound: one keeping more state per
+    parameter is under-counted (its code is not run to count it). Or one of the names
     ``sgd``, ``momentum``, ``adam``, ``adamw``, ``rmsprop``, ``adagrad``, ``adadelta``,
     ``adamax``, ``nadam``, ``radam``.
 
