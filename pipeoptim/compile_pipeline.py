@@ -272,9 +272,9 @@ def compile(
         except (NotImplementedError, RuntimeError, TypeError) as exc:  # torch's CSR tensors, locks, files
             raise ValueError(
                 f"the model cannot be copied with copy.deepcopy ({type(exc).__name__}: "
-                f"{first_line(exc)}), which compile needs: keep sparse tensors "
-                "in COO layout (.to_sparse(); .to_sparse_csr() inside forward) and remove attributes that "
-                "cannot be copied (open files, locks)"
+                f"{first_line(exc)}), which compile needs: keep sparse tensors in COO layout (.to_sparse(); "
+                ".to_sparse_csr() inside forward), nn.utils.parametrizations.weight_norm for the old "
+                "nn.utils.weight_norm, and remove attributes that cannot be copied (open files, locks)"
             ) from exc
         if batch_norm == "deferred":
             if method not in ("gpipe", "1f1b"):

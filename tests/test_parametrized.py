@@ -80,3 +80,21 @@ def test_worker_processes_are_refused_with_the_reason() -> None:
             executor="processes",
             profile_dir=None,
         )
+
+
+def test_the_old_weight_norm_is_refused_with_its_replacement() -> None:
+    """torch.nn.utils.weight_norm (hooks, not a parametrization) cannot be deep-copied; the
+    refusal spoke of sparse tensors and open files only (helper-117)."""
+    model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.utils.weight_norm(nn.Linear(32, 5)))
+    with pytest.raises(
+        ValueError, match=r"nn.utils.parametrizations.weight_norm for the old nn.utils.weight_norm"
+    ):
+        pipeoptim.compile(
+            model,
+            torch.optim.SGD(model.parameters(), lr=0.1),
+            2,
+            example_inputs=torch.randn(8, 16),
+            loss_fn=F.cross_entropy,
+            executor="local",
+            profile_dir=None,
+        )
