@@ -143,16 +143,28 @@ def current() -> dict[str, Any]:
     return values
 
 
-def changed() -> dict[str, str]:
+def compared() -> dict[str, Any]:
+    """:func:`current` less what repeats the rest: on torch >= 2.9 the :data:`LEGACY` names,
+    which torch refuses to read once its new settings were used (what torchrun ranks
+    compare: a rank that had used them showed three "(none)" lines, helper-117)."""
+    values = current()
+    return {k: v for k, v in values.items() if k not in LEGACY} if _new_api() else values
+
+
+def changed(device_type: str | None = None) -> dict[str, str]:
     """The settings of :func:`current` that change results from torch's defaults, as text (for
     a profile's key: a profile timed with them is not reused without them, nor the reverse).
     On torch >= 2.9 the :data:`LEGACY` names and :data:`RAW_PRECISIONS` are left out: the
-    arithmetic each operation runs with says the same."""
+    arithmetic each operation runs with says the same. With ``device_type``, only those of
+    its backends: on the CPU not CUDA's and cuDNN's (TF32 left CPU results as they were, and
+    "medium" and oneDNN's bfloat16 matmuls were two keys for one arithmetic), on a GPU not
+    oneDNN's."""
     defaults = (PRECISIONS if _new_api() else LEGACY) | FLAGS
     defaults |= {"opt_einsum.enabled": torch.backends.opt_einsum.is_available()}
     defaults |= {name: default for name, (_, _, default) in _attention().items()}
     defaults |= {"default_dtype": torch.float32, "deterministic_algorithms": (False, False)}
-    values = current().items()
+    other = {"cpu": ("cuda.", "cudnn."), "cuda": ("mkldnn.",)}.get(device_type or "", ())
+    values = [(k, v) for k, v in current().items() if not k.startswith(other)]
     return {name: str(value) for name, value in values if name in defaults and value != defaults[name]}
 
 

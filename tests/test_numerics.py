@@ -125,9 +125,12 @@ def test_a_profile_timed_under_other_settings_has_another_key(restored: None) ->
     assert "torch settings" not in default  # saved profiles keep their key
     torch.set_float32_matmul_precision("medium")
     medium = profile_key(traced, inputs, torch.device("cpu"))
-    assert medium["torch settings"] == numerics.changed() != {}
+    assert medium["torch settings"] == numerics.changed("cpu") == {"mkldnn.matmul": "bf16"}
     assert {k: v for k, v in medium.items() if k != "torch settings"} == default
     torch.set_float32_matmul_precision("highest")
+    torch.backends.cuda.matmul.allow_tf32 = True  # no TF32 on the CPU: the same CPU profile
+    assert profile_key(traced, inputs, torch.device("cpu")) == default
+    torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.mkldnn.enabled = False
     assert profile_key(traced, inputs, torch.device("cpu"))["torch settings"] == {"mkldnn.enabled": "False"}
 

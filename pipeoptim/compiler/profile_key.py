@@ -69,7 +69,7 @@ def profile_key(traced: TracedModel, inputs: Sequence[torch.Tensor], device: tor
         key["threads"] = torch.get_num_threads()
     if torch.is_autocast_enabled(device.type):
         key["autocast"] = _dtype_name(torch.get_autocast_dtype(device.type))
-    settings = numerics.changed()
+    settings = numerics.changed(device.type)
     if settings:  # at torch's defaults the key is as before (saved profiles stay valid)
         key["torch settings"] = settings
     return key

@@ -110,7 +110,7 @@ def compile_settings(arguments: Mapping[str, Any]) -> dict[str, str]:
     settings["plan"] = _plan(arguments.get("plan"))
     rest = (k for k in arguments if k not in settings and k not in ("optimizer", "example_inputs", "loss_fn"))
     settings.update({name: _value(arguments[name]) for name in rest if name not in RANK_0_ONLY})
-    settings.update({f"torch setting {name}": repr(value) for name, value in numerics.current().items()})
+    settings.update({f"torch setting {name}": repr(value) for name, value in numerics.compared().items()})
     return settings
 
 
