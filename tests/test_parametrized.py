@@ -67,34 +67,22 @@ def test_predict_between_steps_is_the_model_in_eval_mode(norm: str, micro_batche
         torch.testing.assert_close(state[name], value, rtol=1e-5, atol=1e-6)
 
 
+def _compile(model: nn.Module, executor: str) -> pipeoptim.Pipeline:
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    options = {"loss_fn": F.cross_entropy, "executor": executor, "profile_dir": None}
+    return pipeoptim.compile(model, optimizer, 2, example_inputs=torch.randn(8, 16), **options)
+
+
 def test_worker_processes_are_refused_with_the_reason() -> None:
     """torch refuses to pickle a parametrized module; the advice was to remove an attribute."""
-    model = Critic("weight")
     with pytest.raises(pipeoptim.PipelineError, match="torch pickles no module with parametrizations"):
-        pipeoptim.compile(
-            model,
-            torch.optim.SGD(model.parameters(), lr=0.1),
-            2,
-            example_inputs=torch.randn(8, 16),
-            loss_fn=F.cross_entropy,
-            executor="processes",
-            profile_dir=None,
-        )
+        _compile(Critic("weight"), "processes")
 
 
 def test_the_old_weight_norm_is_refused_with_its_replacement() -> None:
     """torch.nn.utils.weight_norm (hooks, not a parametrization) cannot be deep-copied; the
     refusal spoke of sparse tensors and open files only (helper-117)."""
     model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.utils.weight_norm(nn.Linear(32, 5)))
-    with pytest.raises(
-        ValueError, match=r"nn.utils.parametrizations.weight_norm for the old nn.utils.weight_norm"
-    ):
-        pipeoptim.compile(
-            model,
-            torch.optim.SGD(model.parameters(), lr=0.1),
-            2,
-            example_inputs=torch.randn(8, 16),
-            loss_fn=F.cross_entropy,
-            executor="local",
-            profile_dir=None,
-        )
+    expected = r"nn.utils.parametrizations.weight_norm for the old nn.utils.weight_norm"
+    with pytest.raises(ValueError, match=expected):
+        _compile(model, "local")
