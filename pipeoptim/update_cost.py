@@ -19,6 +19,7 @@ from typing import Any, NamedTuple
 import torch
 from torch.optim import SGD, Optimizer
 
+from pipeoptim.compiler.optimizer_state import builtin_base
 from pipeoptim.errors import PredictorError
 from pipeoptim.runtime.affinity import unbind_thread
 from pipeoptim.runtime.extrapolation import Extrapolator, per_unit_rate
@@ -40,16 +41,6 @@ class UpdateCosts(NamedTuple):
     copy: float  # one copy of the weights (weight stashing, PipeDream-2BW's shadow)
 
 
-def builtin_base(optimizer_class: type[Optimizer]) -> type[Optimizer] | None:
-    """The first class in ``optimizer_class``'s MRO defined in ``torch.optim`` (itself for
-    ``torch.optim.AdamW``; ``SGD`` for a user's ``class Clipped(SGD)``), not counting the
-    abstract ``torch.optim.Optimizer``; ``None`` if there is none."""
-    for cls in optimizer_class.__mro__:
-        if cls is not Optimizer and cls.__module__.startswith("torch.optim.") and issubclass(cls, Optimizer):
-            return cls
-    return None
-
-
 def measure_update_cost(
     optimizer_class: type[Optimizer],
     defaults: Mapping[str, Any],
@@ -63,7 +54,8 @@ def measure_update_cost(
     weight copy, on the CPU while ``beside`` other ranks step beside this one.
 
     Times the ``torch.optim`` class ``optimizer_class`` is or derives from
-    (:func:`builtin_base`, with the user's defaults) stepping ``numel`` float32 elements in
+    (:func:`pipeoptim.compiler.optimizer_state.builtin_base`, with the user's defaults)
+    stepping ``numel`` float32 elements in
     ``tensors`` parameters (the model's, :func:`working_set`: the per-byte cost grows once the
     weights, gradients and optimizer state leave the caches, and each tensor adds a fixed
     cost) with a gradient (median of ``repeats`` after two warm-up steps), and its predictor

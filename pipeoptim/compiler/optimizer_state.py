@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from torch.optim import Optimizer
+
 #: Optimizer-state copies of the parameters kept by each ``torch.optim`` optimizer.
 _STATE_FACTORS = {
     "sgd": 0,
@@ -41,18 +43,20 @@ def optimizer_state_factor(optimizer: Any) -> float:
         if key not in _STATE_FACTORS:
             raise ValueError(f"unknown optimizer {optimizer!r}; choose one of {', '.join(_STATE_FACTORS)}")
         return float(_STATE_FACTORS[key])
-    name = _torch_base(type(optimizer))
+    base = builtin_base(type(optimizer)) or type(optimizer)
+    name = base.__name__.lower()
     groups = [g for g in optimizer.param_groups if g.get("params")] or [{}]
     return max(_group_factor(name, group) for group in groups)
 
 
-def _torch_base(cls: type) -> str:
-    """The lower-case name of the first ``torch.optim`` class ``cls`` derives from that the
-    table knows (``cls``'s own where none is)."""
-    for base in cls.__mro__:
-        if base.__module__.startswith("torch.optim") and base.__name__.lower() in _STATE_FACTORS:
-            return base.__name__.lower()
-    return cls.__name__.lower()
+def builtin_base(optimizer_class: type[Optimizer]) -> type[Optimizer] | None:
+    """The first class in ``optimizer_class``'s MRO defined in ``torch.optim`` (itself for
+    ``torch.optim.AdamW``; ``SGD`` for a user's ``class Clipped(SGD)``), not counting the
+    abstract ``torch.optim.Optimizer``; ``None`` if there is none."""
+    for cls in optimizer_class.__mro__:
+        if cls is not Optimizer and cls.__module__.startswith("torch.optim.") and issubclass(cls, Optimizer):
+            return cls
+    return None
 
 
 def _group_factor(name: str, group: dict[str, Any]) -> float:
