@@ -24,16 +24,21 @@ Stage k of N (0-based), mini-batch t (0-based), no flush between mini-batches:
 - ``spectrain`` (Chen et al., arXiv:1809.02839): ``Ŵ = W − s·lr·v`` with the smoothed
   gradient ``v`` (SGD's momentum buffer as it stands) in both passes, ``s_f = ⌊k/2⌋ + N − k − 1``
   from ``W_k(v_f)`` and ``s_b = ⌊k/2⌋`` from ``W_k(t)`` (the reference code's version
-  differences).
+  differences), ``lr`` the rate current at the prediction: the forward's own, and in the
+  backward that of the newest mini-batch forwarded at stage k, ``t + N − k − 1`` (or the last
+  one before the next flush).
 - ``gpipe``, ``1f1b`` (flush every mini-batch): both passes use ``W_k(t)``.
 
-Mini-batch t is updated with learning rate ``lrs[t]``. The loss is the mean squared error.
+Mini-batch t is updated with learning rate ``lrs[t]`` and hyperparameters ``opts[t]``, which
+PipeOptim's ΔW also reads in the forward of mini-batch t. A flush before mini-batch ``t0``
+(``flushes``) finishes every mini-batch before it: asynchronous 1F1B then starts again with a
+warm-up, ``v_f = max(t0, t − (N − k − 1))``. The loss is the mean squared error.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -148,11 +153,12 @@ def simulate(
     num_stages: int,
     batches: list[tuple[torch.Tensor, torch.Tensor]],
     lrs: list[float],
-    opt: Opt,
+    opt: Opt | Sequence[Opt],
     predictor: str = "paper",
     lr_rule: str = "sum",
     version_shift: int = 0,
     grad_rule: Callable[[int, list[torch.Tensor]], list[torch.Tensor | None]] | None = None,
+    flushes: Sequence[int] = (),
 ) -> tuple[list[float], list[torch.Tensor]]:
     """Train with ``method``; returns the loss of every mini-batch and the final parameters.
 
@@ -160,22 +166,28 @@ def simulate(
         params: ``[W0, b0, W1, b1, ...]`` initial values.
         stage_of_layer: stage of each layer.
         lrs: learning rate of each mini-batch's update.
+        opt: the optimizer's hyperparameters, or those of each mini-batch.
         lr_rule: PipeOptim's rate: ``"sum"`` of the rates of the s steps in between, or
             ``"current"``: s × the rate of the mini-batch being forwarded.
         version_shift: added to every version difference (a deliberately wrong rule).
         grad_rule: ``grad_rule(t, grads)`` turns mini-batch t's gradients into those each
             parameter is updated with (clipping), ``None`` where the step is skipped (the
             version then repeats, with no last gradient).
+        flushes: the mini-batches before which the pipeline flushes.
     """
     assert method in METHODS, method
     n = num_stages
+    opts = [opt] * len(batches) if isinstance(opt, Opt) else list(opt)
+    starts = sorted({0, *flushes})
     hist = [[Version(p.clone())] for p in params]  # hist[j][v]: parameter j after v updates
     losses = []
     for t, (x, y) in enumerate(batches):
+        start = max(f for f in starts if f <= t)
+        end = min([f for f in starts if f > t] + [len(batches)])  # the next flush
         fwd, bwd = [], []
         for j, chain in enumerate(hist):
             k = stage_of_layer[j // 2]
-            v_f = max(0, t - (n - k - 1))
+            v_f = max(start, t - (n - k - 1))
             if method in ("gpipe", "1f1b"):
                 v_f = t
             elif method == "2bw":
@@ -190,20 +202,21 @@ def simulate(
                 bwd.append(now.w)
             elif method == "pipeoptim":
                 s = t - v_f + version_shift
-                d = direction(ver, opt, predictor)
+                d = direction(ver, opts[t], predictor)
                 rate = sum(lrs[v_f : v_f + s]) if lr_rule == "sum" else s * lrs[t]
                 fwd.append(ver.w if d is None or s == 0 else ver.w - rate * d)
                 bwd.append(now.w)
             else:  # spectrain: the momentum buffer is the smoothed gradient, in both passes
                 s_f, s_b = k // 2 + n - k - 1 + version_shift, k // 2
                 fwd.append(ver.w - s_f * lrs[t] * ver.state["buf"] if ver.state else ver.w)
-                bwd.append(now.w - s_b * lrs[t] * now.state["buf"] if now.state else now.w)
+                newest = min(t + n - k - 1, end - 1)
+                bwd.append(now.w - s_b * lrs[newest] * now.state["buf"] if now.state else now.w)
         loss, grads = forward_backward(fwd, bwd, x, y)
         losses.append(loss)
         used = grad_rule(t, grads) if grad_rule is not None else grads
         for chain, g in zip(hist, used):
             skipped = Version(chain[t].w, chain[t].state)
-            chain.append(update(chain[t], g, lrs[t], opt) if g is not None else skipped)
+            chain.append(update(chain[t], g, lrs[t], opts[t]) if g is not None else skipped)
     return losses, [chain[-1].w for chain in hist]
 
 

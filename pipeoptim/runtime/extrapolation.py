@@ -103,6 +103,20 @@ def reusable(into: torch.Tensor | None, weight: torch.Tensor) -> torch.Tensor:
     return torch.empty_like(weight)
 
 
+def hyperparameters(group: dict) -> tuple:
+    """A group's settings other than its parameters and rate, as plain values (a tensor's by
+    its numbers), to compare with ``==``."""
+
+    def plain(value: object) -> object:
+        if isinstance(value, torch.Tensor):
+            return tuple(value.detach().reshape(-1).tolist())
+        if isinstance(value, (tuple, list)):
+            return tuple(plain(v) for v in value)
+        return value
+
+    return tuple((key, plain(value)) for key, value in group.items() if key not in ("params", "lr"))
+
+
 class Extrapolator:
     """``Ŵ = W − c_g · D`` for a stage's parameters, D cached between optimizer steps.
 
@@ -123,6 +137,7 @@ class Extrapolator:
                 self.groups[group_of[id(p)]].append(name)
         self.name_of = {id(params[name]): name for names in self.groups for name in names}
         self._directions: dict[str, Terms] | None = None
+        self._read_with: tuple | None = None  # the groups' hyperparameters D was found with
         #: pieces of the weights, momentum buffers and Ŵ buffers, kept between steps
         self.pieces = FlatPieces()
         #: whether the SGD step with the prediction in it steps large parameters in pieces
@@ -135,8 +150,13 @@ class Extrapolator:
         self._directions = None
 
     def directions(self) -> dict[str, Terms]:
-        """D of every parameter that has one, as terms, found once until :meth:`invalidate`."""
-        if self._directions is None:
+        """D of every parameter that has one, as terms, found once until :meth:`invalidate`
+        or until a group's hyperparameters other than the rate change (a schedule's momentum
+        or betas: the warm-up forwards after a flush predict with no step in between, each
+        with its own mini-batch's)."""
+        read_with = tuple(hyperparameters(g) for g in self.optimizer.param_groups)
+        if self._directions is None or read_with != self._read_with:
+            self._read_with = read_with
             directions = {}
             with torch.no_grad():
                 for index, names in enumerate(self.groups):

@@ -110,6 +110,7 @@ class StageRuntime:
         self._module_storages: set[int] | None = None
         self._grads_stale = False
         self._hyper: dict[int, list[dict]] = {}
+        self._newest_forward: int | None = None  # the newest micro-batch forwarded with its own
         #: the last stage's loss where mini-batches are split: it checks their reduction
         #: (:func:`pipeoptim.runtime.executor.run_action` runs the checks)
         self.loss_check: CheckedLoss | None = None
@@ -374,6 +375,11 @@ class StageRuntime:
         self._grads_stale = True
         if self.policy is not None:
             self.policy.after_step()
+            newest = self._newest_forward
+            if micro_batch is not None and newest is not None and newest > micro_batch:
+                # the rate current at a prediction is the newest mini-batch's, not the one
+                # stepped: SpecTrain's backward predicts in the cool-down with no forward after
+                self._apply_latest_hyper(newest)
 
     def _step_rates(self, micro_batch: int, steps: int) -> list[list[float]] | None:
         """Per optimizer group, the learning rates of the ``steps`` steps between the forward
@@ -386,7 +392,8 @@ class StageRuntime:
         return [[h[index]["lr"] for h in hypers if h is not None] for index in self.group_map]
 
     def _apply_latest_hyper(self, micro_batch: int) -> None:
-        """Predictions read the newest known learning rate (that of ``micro_batch``)."""
+        """Predictions read the newest known hyperparameters (those of ``micro_batch``)."""
         hyper = self._hyper.get(micro_batch)
         if hyper is not None and self.optimizer is not None:
             apply_hyperparameters(self.optimizer, self.group_map, hyper)
+            self._newest_forward = micro_batch
