@@ -183,7 +183,10 @@ def sum_loss(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("method", ["gpipe", "1f1b"])
-def test_sum_reduced_loss_equals_plain_training(method: str) -> None:
+@pytest.mark.parametrize("micro_batches, data_parallel", [(4, 1), (1, 2)])
+def test_sum_reduced_loss_equals_plain_training(method: str, micro_batches: int, data_parallel: int) -> None:
+    """Split into micro-batches or into the replicas' shares, a summing loss still trains as
+    the whole mini-batch's sum."""
     torch.manual_seed(0)
     model, batches = MLP(), loader()
     expected = full_batch_training(model, batches, sum_loss, lr=0.01)
@@ -196,7 +199,8 @@ def test_sum_reduced_loss_equals_plain_training(method: str) -> None:
         loss_fn=sum_loss,
         loss_reduction="sum",
         method=method,
-        micro_batches=4,
+        micro_batches=micro_batches,
+        data_parallel=data_parallel,
         executor="local",
         profile_dir=None,
     ) as pipe:
@@ -236,6 +240,12 @@ def test_loss_reduction_the_loss_contradicts_is_refused() -> None:
         pytest.raises(PipelineError, match="pass loss_reduction='mean'"),
     ):
         pipe.step(x, y).wait()
+    for method in ("gpipe", "pipeoptim"):  # one micro-batch, but the replicas' shares weighed as means
+        with (
+            compile_mlp(sum_loss, method=method, micro_batches=1, data_parallel=2) as pipe,
+            pytest.raises(PipelineError, match="pass loss_reduction='sum'"),
+        ):
+            pipe.step(x, y).wait()
 
 
 def test_loss_that_is_neither_mean_nor_sum_is_refused() -> None:

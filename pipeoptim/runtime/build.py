@@ -179,8 +179,9 @@ def build_stage(
 
 
 def _stage_loss(spec: PipelineSpec) -> Callable[[Any, Any], torch.Tensor]:
-    """The last stage's loss; checked against ``loss_reduction`` where mini-batches are split."""
-    if spec.micro_batches == 1:
+    """The last stage's loss; checked against ``loss_reduction`` where mini-batches are split
+    (into micro-batches, or into the replicas' shares)."""
+    if spec.micro_batches == 1 and spec.data_parallel == 1:
         return spec.loss_fn
     return CheckedLoss(spec.loss_fn, spec.loss_reduction)  # checked off the critical path
 
