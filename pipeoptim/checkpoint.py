@@ -121,17 +121,62 @@ def read_checkpoint(path: str | os.PathLike[str], missing: str = MISSING) -> dic
     return data
 
 
+def misfits(state: dict[str, Any], model: torch.nn.Module) -> str | None:
+    """What keeps ``state`` from loading into ``model``: keys missing or unexpected, tensors of
+    another shape (the first three of each, e.g. ``"shapes differ: l1.weight [4, 8] (the
+    model's [1, 8])"``); ``None`` where it fits. Checked before anything is copied: a stage's
+    ``copy_`` broadcasts a tensor of another shape where it can."""
+    expected = model.state_dict()
+    missing, extra = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
+    shapes = [
+        f"{name} {list(state[name].shape)} (the model's {list(mine.shape)})"
+        for name, mine in expected.items()
+        if isinstance(mine, torch.Tensor)
+        and isinstance(state.get(name), torch.Tensor)
+        and state[name].shape != mine.shape
+    ]
+    parts = [f"missing {missing[:3]}"] if missing else []
+    parts += [f"unexpected {extra[:3]}"] if extra else []
+    parts += [f"shapes differ: {', '.join(shapes[:3])}"] if shapes else []
+    return "; ".join(parts) or None
+
+
+def optimizer_misfit(
+    state: dict[str, Any], optimizer: torch.optim.Optimizer, model: torch.nn.Module
+) -> str | None:
+    """Why optimizer ``state`` (:meth:`pipeoptim.pipeline.Pipeline.optimizer_state_dict`) cannot
+    continue ``optimizer`` on ``model``: saved from another optimizer class (Adam's moments would
+    stand in for SGD's momentum buffers, and Adam's betas join SGD's groups) or for parameters
+    ``model`` does not have; ``None`` where it fits. State without a class (the optimizer's
+    own, handed over at ``compile``) is checked by its names only."""
+    saved, mine = state.get("optimizer"), type(optimizer).__qualname__
+    if saved is not None and saved != mine:
+        return (
+            f"holds the state of {saved}, and this pipeline steps with {mine}: compile it with "
+            f"{saved}, or load the weights alone (load_state_dict)"
+        )
+    known = {name for name, _ in model.named_parameters(remove_duplicate=False)}
+    unknown = sorted((set(state.get("state", {})) | set(state.get("grads", {}))) - known)
+    if unknown:
+        return (
+            f"holds optimizer state for parameters {type(model).__name__} does not have ({unknown[:3]}): "
+            "it was saved from another model; load the state of this one"
+        )
+    return None
+
+
 def check_model(data: dict[str, Any], path: str | os.PathLike[str], model: torch.nn.Module) -> None:
     """Check that checkpoint ``data`` (read from ``path``) holds weights of ``model``.
 
     Raises:
-        CheckpointError: made for another model (class or parameter names).
+        CheckpointError: made for another model (class, parameter names or shapes).
     """
     expected = type(model).__qualname__
-    if data["model_class"] != expected or set(data["state_dict"]) != set(model.state_dict()):
+    misfit = misfits(data["state_dict"], model)
+    if data["model_class"] != expected or misfit:
         raise CheckpointError(
             f"checkpoint {path} holds weights of {data['model_class']} that do not match this "
-            f"{expected}: load it into a pipeline of the same model"
+            f"{expected}{f' ({misfit})' if misfit else ''}: load it into a pipeline of the same model"
         )
 
 
@@ -139,6 +184,7 @@ class Checkpoints:
     """Saving and loading a :class:`~pipeoptim.pipeline.Pipeline` (a mixin of it)."""
 
     _template: torch.nn.Module  # the original model's structure (to_module's)
+    _optimizer: torch.optim.Optimizer  # the user's optimizer
     method: str
     plan: Any  # pipeoptim.compiler.plan.Plan
     mini_batches_done: int
@@ -169,6 +215,9 @@ class Checkpoints:
         """
         data = read_checkpoint(path)
         check_model(data, path, self._template)
+        misfit = optimizer_misfit(data["optimizer"], self._optimizer, self._template)
+        if misfit:  # before any weight is loaded
+            raise CheckpointError(f"checkpoint {path} {misfit}")
         self.load_state_dict(data["state_dict"])
         self.load_optimizer_state_dict(data["optimizer"])
         return data["extra"]

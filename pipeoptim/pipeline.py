@@ -282,16 +282,13 @@ class Pipeline(Measurements, checkpoint.Checkpoints):
         """Load weights keyed like the original model's ``state_dict()`` into the stages.
 
         Raises:
-            PipelineError: keys differ from the model's (names the first few).
+            PipelineError: keys or tensor shapes differ from the model's (names the first few);
+                nothing is loaded then.
         """
         self.flush()
-        expected = set(self._template.state_dict())
-        missing, extra = expected - set(state), set(state) - expected
-        if missing or extra:
-            raise PipelineError(
-                f"state dict does not belong to {type(self._template).__name__}: missing "
-                f"{sorted(missing)[:3]}, unexpected {sorted(extra)[:3]}"
-            )
+        misfit = checkpoint.misfits(state, self._template)
+        if misfit:
+            raise PipelineError(f"state dict does not belong to {type(self._template).__name__}: {misfit}")
         self._executor.load_state_dict(state, aliases_of(self._traced.tied))  # may refuse it: first
         self._template.load_state_dict(state)
 
@@ -304,7 +301,12 @@ class Pipeline(Measurements, checkpoint.Checkpoints):
         """Optimizer state keyed by parameter name, stage step counts, the mini-batch count and the
         user optimizer's group hyperparameters (lr, ...), as ``Optimizer.state_dict`` keeps them."""
         self.flush()
-        state = {"format": _OPTIMIZER_STATE, "mini_batches": self._next, **self._executor.optimizer_state()}
+        state = {
+            "format": _OPTIMIZER_STATE,
+            "optimizer": type(self._optimizer).__qualname__,
+            "mini_batches": self._next,
+            **self._executor.optimizer_state(),
+        }
         return state | {"param_groups": hyperparameters(self._optimizer)}
 
     def _continue_from(self, held: dict[str, Any]) -> None:
@@ -316,10 +318,14 @@ class Pipeline(Measurements, checkpoint.Checkpoints):
         """Restore :meth:`optimizer_state_dict` output.
 
         Raises:
-            PipelineError: the state is from another format or another model.
+            PipelineError: the state is from another format, optimizer class or model
+                (:func:`pipeoptim.checkpoint.optimizer_misfit`); nothing is loaded then.
         """
         if state.get("format") != _OPTIMIZER_STATE:
             raise PipelineError("not a pipeoptim optimizer state (format differs)")
+        misfit = checkpoint.optimizer_misfit(state, self._optimizer, self._template)
+        if misfit:
+            raise PipelineError(f"the optimizer state {misfit}")
         self.flush()
         self._executor.load_optimizer_state(state)  # may refuse it (torchrun): first
         restore_hyperparameters(self._optimizer, state.get("param_groups"))  # the lr a scheduler left

@@ -20,6 +20,7 @@ from pipeoptim import training
 from pipeoptim.errors import CheckpointError
 from pipeoptim.examples import TinyGPT
 from pipeoptim.records import StepLog, epoch_line
+from pipeoptim.runtime.optim import hyperparameters
 
 from .conftest import ctrl_c_delivered
 
@@ -261,6 +262,72 @@ def test_resume_from_checkpoint_equals_uninterrupted_run(tmp_path: Path) -> None
         assert pipe.mini_batches_done == 6
         second = list(pipe.train(batches[6:]))
     assert first + second == whole
+
+
+class Bottleneck(nn.Module):
+    """The same parameter names at every width, shapes that broadcast into the wider one."""
+
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.l1, self.l2 = nn.Linear(8, width), nn.Linear(width, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.l2(torch.tanh(self.l1(x)))
+
+
+def _bottleneck_pipeline(width: int, optimizer=torch.optim.SGD, executor: str = "local"):
+    torch.manual_seed(width)
+    model = Bottleneck(width)
+    opt = optimizer(model.parameters(), lr=0.01)
+    return pipeoptim.compile(
+        model,
+        opt,
+        2,
+        example_inputs=torch.randn(4, 8),
+        loss_fn=F.cross_entropy,
+        executor=executor,
+        profile_dir=None,
+    )
+
+
+@pytest.mark.parametrize("executor", ["local", "processes"])
+def test_weights_or_optimizer_state_that_do_not_fit_are_refused_before_loading(
+    tmp_path: Path, executor: str
+) -> None:
+    """helper-119: weights of another shape were copied into the stages (broadcast: every row
+    of the wider layer became the narrow one's), then torch's RuntimeError came from the model's
+    template, and the pipeline trained on; Adam's state loaded into an SGD pipeline and gave the
+    user's SGD Adam's betas and rate. Now each is refused naming the misfit, nothing loaded."""
+    x, y = torch.randn(4, 8), torch.randint(0, 2, (4,))
+    with _bottleneck_pipeline(1, torch.optim.Adam) as narrow:
+        narrow.step(x, y)
+        narrow.save_checkpoint(tmp_path / "narrow.pt")
+        narrow_weights, adam_state = narrow.state_dict(), narrow.optimizer_state_dict()
+    with _bottleneck_pipeline(4, executor=executor) as pipe:
+        pipe.step(x, y)
+        weights, groups = pipe.state_dict(), hyperparameters(pipe._optimizer)
+        shapes = r"shapes differ: l1\.weight \[1, 8\] \(the model's \[4, 8\]\), l1\.bias \[1\]"
+        with pytest.raises(pipeoptim.PipelineError, match="does not belong to Bottleneck: " + shapes):
+            pipe.load_state_dict(narrow_weights)
+        with pytest.raises(CheckpointError, match="do not match this Bottleneck .*" + shapes):
+            pipe.load_checkpoint(tmp_path / "narrow.pt")
+        with _bottleneck_pipeline(4, torch.optim.Adam) as wide:
+            wide.save_checkpoint(tmp_path / "adam.pt")
+        adam = "holds the state of Adam, and this pipeline steps with SGD: compile it with Adam"
+        with pytest.raises(CheckpointError, match=f"adam.pt {adam}"):
+            pipe.load_checkpoint(tmp_path / "adam.pt")
+        with pytest.raises(pipeoptim.PipelineError, match=f"optimizer state {adam}"):
+            pipe.load_optimizer_state_dict(adam_state)
+        other = {**pipe.optimizer_state_dict(), "optimizer": None}
+        other["grads"] = {f"encoder.{name}": value for name, value in other["grads"].items()}
+        with pytest.raises(
+            pipeoptim.PipelineError, match=r"parameters Bottleneck does not have \(\['encoder"
+        ):
+            pipe.load_optimizer_state_dict(other)
+        after = pipe.state_dict()
+        assert all(torch.equal(after[name], weights[name]) for name in weights)
+        assert hyperparameters(pipe._optimizer) == groups  # no betas, the same rate
+        assert pipe.step(x, y).item() > 0  # still trains
 
 
 def test_checkpoint_errors(tmp_path: Path) -> None:
