@@ -20,6 +20,7 @@ from torch import nn
 
 from pipeoptim import microbatch
 from pipeoptim.batchnorm import BATCH_NORMS, defer_batch_norm
+from pipeoptim.compile_checks import check_options
 from pipeoptim.compile_layout import compile_best_layout, planning_config
 from pipeoptim.compile_layout import stage_device as _profile_device
 from pipeoptim.compiler import plan_model
@@ -30,7 +31,7 @@ from pipeoptim.compiler.trace import trace
 from pipeoptim.errors import PipelineError, PlanError, PredictorError, first_line
 from pipeoptim.given_plan import given_plan
 from pipeoptim.inputs import check_traced_rows, example_tuple
-from pipeoptim.methods import METHODS, check_micro_batches, get_method
+from pipeoptim.methods import METHODS, check_micro_batch_count, check_micro_batches, get_method
 from pipeoptim.pipeline import Pipeline
 from pipeoptim.random_state import keeps_random_state
 from pipeoptim.runtime import spmd
@@ -151,7 +152,7 @@ def compile(
         nan_check: ``"stages"`` (default: every stage checks its outputs, and a NaN there or
             a NaN/inf loss stops training naming the mini-batch and the stage where it
             appeared), ``"loss"`` (only the loss), ``"off"``.
-        solver: ILP solver, ``cbc`` or ``highs``.
+        solver: ILP solver, ``cbc``, ``highs`` or ``auto`` (HiGHS where installed).
         log: receives progress messages (profiling, reuse of a saved profile).
         max_grad_norm: clip each mini-batch's gradients by their global norm over all
             stages, as ``torch.nn.utils.clip_grad_norm_(params, max_grad_norm)`` over the
@@ -197,6 +198,7 @@ def compile(
         PipelineError: more stages than GPUs on a CUDA machine, or a wrong torchrun world size.
     """
     arguments = dict(locals())  # as given: under torchrun the ranks compare them before anything
+    check_options(leaf_modules, timeout, solver)
     torchrun = executor != "local" and spmd.under_torchrun()
     if torchrun:  # so that they refuse, plan and build alike
         spmd.check_world(gpus)  # before joining: too few or many ranks never join
@@ -235,10 +237,7 @@ def compile(
                 f"{prediction_error_every!r}"
             )
         m = micro_batches if micro_batches is not None else (gpus if info.micro_batched else 1)
-        if m < 1:
-            raise ValueError(f"micro_batches must be positive, got {m}")
-        if not info.micro_batched and m != 1:
-            raise ValueError(f"method {method!r} does not split mini-batches: leave micro_batches unset")
+        check_micro_batch_count(method, m)
         check_micro_batches(method, gpus, m)
         check_steps_without_closure(optimizer)  # first: no method can step it, so it is the cause
         check_pipeoptim_options(method, info.policy, predictor, backward, optimizer)

@@ -128,6 +128,19 @@ def get_method(name: str) -> Method:
         raise ValueError(f"unknown method {name!r}; choose one of {', '.join(METHODS)}") from None
 
 
+def check_micro_batch_count(method: str, micro_batches: object) -> None:
+    """Refuse ``micro_batches`` that is not a positive integer, or other than 1 for a method
+    that does not split mini-batches.
+
+    Raises:
+        ValueError: naming the value and what is allowed.
+    """
+    if not isinstance(micro_batches, int) or isinstance(micro_batches, bool) or micro_batches < 1:
+        raise ValueError(f"micro_batches must be a positive integer, got {micro_batches!r}")
+    if not get_method(method).micro_batched and micro_batches != 1:
+        raise ValueError(f"method {method!r} does not split mini-batches: leave micro_batches unset")
+
+
 def check_micro_batches(method: str, stages: int, micro_batches: int) -> None:
     """Refuse a micro-batch count the method cannot run with on ``stages`` stages.
 

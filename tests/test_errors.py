@@ -52,6 +52,27 @@ def test_bad_stage_count(gpus) -> None:
         compile_mlp(gpus=gpus)
 
 
+@pytest.mark.parametrize(
+    "argument, message",
+    [
+        ({"micro_batches": 2.5, "method": "gpipe"}, r"micro_batches must be a positive integer, got 2\.5"),
+        ({"micro_batches": 0, "method": "gpipe"}, "micro_batches must be a positive integer, got 0"),
+        ({"micro_batches": 2}, "method 'pipeoptim' does not split mini-batches: leave micro_batches unset"),
+        ({"leaf_modules": "0"}, r"leaf_modules must be a list of qualified module names .* got '0'"),
+        ({"timeout": 0}, "timeout must be a positive number of seconds .* got 0"),
+        ({"timeout": -1.0}, "timeout must be a positive number of seconds .* got -1.0"),
+        ({"timeout": float("inf")}, "timeout must be a positive number of seconds .* got inf"),
+        ({"solver": "glpk"}, "solver must be one of 'auto', 'cbc', 'highs', not 'glpk'"),
+    ],
+)
+def test_bad_arguments_name_what_is_allowed(argument: dict, message: str) -> None:
+    """helper-119: micro_batches=2.5 failed in step() inside torch, a string of leaf modules was
+    read letter by letter, a timeout of 0 or -1 was taken (the workers then 'timed out after -1 s'),
+    and an unknown solver was a PlanError from the planner."""
+    with pytest.raises(ValueError, match=message):
+        compile_mlp(gpus=2, **argument)
+
+
 def test_more_stages_than_graph_nodes() -> None:
     with pytest.raises(
         PlanError,
