@@ -198,6 +198,22 @@ def test_a_node_of_the_wrong_shape_is_a_profile_error(tmp_path: Path, field: str
         CostGraph.load(path)
 
 
+@pytest.mark.parametrize("missing", ["fwd_s", "saved_bytes", "out_meta"])
+def test_a_node_without_a_field_is_a_profile_error(tmp_path: Path, missing: str) -> None:
+    """helper-119: a node without fwd_s (its seal dropped, as the edit message advises) was
+    planned as taking no time, with exit code 0."""
+    model, inputs = mlp(batch=4, width=16, depth=2)
+    data = profile_model(trace(model, inputs), inputs).to_dict()
+    node = next(n for n in data["nodes"] if n["op"].startswith("call_"))
+    del node[missing], data["content_hash"]
+    path = tmp_path / "p.json"
+    path.write_text(json.dumps(data))
+    with pytest.raises(
+        ProfileError, match=f"node {node['name']!r} has no {missing!r}; every node of a profile"
+    ):
+        CostGraph.load(path)
+
+
 @pytest.mark.parametrize(
     "edit, message",
     [
@@ -228,16 +244,20 @@ def test_a_cached_profile_with_values_pipeoptim_never_writes_is_measured_again(
     assert CostGraph.load(path).to_dict() == graph.to_dict()
 
 
+UNSEALED = "it has no content_hash (written by an older pipeoptim, or the field was removed)"
+
+
 @pytest.mark.parametrize(
-    "edit",
+    "edit, unsealed",
     [
-        lambda d: d.update(batch_size=64),  # for 4 rows: gloo aborted in a worker
-        lambda d: d["nodes"][1]["out_meta"][0].update(shape=[4, 99]),  # a stage crashed
-        lambda d: d["info"].update(static_batch=not d["info"]["static_batch"]),
-        lambda d: [n.pop("fwd_s") for n in d["nodes"]],  # read as 0 s: a plan of no compute
+        (lambda d: d.update(batch_size=64), UNSEALED),  # for 4 rows: gloo aborted in a worker
+        (lambda d: d["nodes"][1]["out_meta"][0].update(shape=[4, 99]), UNSEALED),  # a stage crashed
+        (lambda d: d["info"].update(static_batch=not d["info"]["static_batch"]), UNSEALED),
+        # read as 0 s, a plan of no compute; unsealed, the first node lacking it is named
+        (lambda d: [n.pop("fwd_s") for n in d["nodes"]], "node 'input_1' has no 'fwd_s'; every node"),
     ],
 )
-def test_a_cached_profile_edited_by_hand_is_measured_again(tmp_path: Path, edit) -> None:
+def test_a_cached_profile_edited_by_hand_is_measured_again(tmp_path: Path, edit, unsealed: str) -> None:
     """Well-formed values, each wrong for this model, were reused without a word (helper-64)."""
     model, inputs = mlp(batch=4, width=16, depth=2)
     traced = trace(model, inputs)
@@ -253,8 +273,7 @@ def test_a_cached_profile_edited_by_hand_is_measured_again(tmp_path: Path, edit)
     path.write_text(json.dumps(data))
     logs.clear()
     again, reused = load_or_profile(traced, inputs, profile_dir=tmp_path, log=logs.append)
-    unsealed = "it has no content_hash (written by an older pipeoptim, or the field was removed)"
-    assert not reused and logs[0] == f"not reusing {path}: {unsealed}"
+    assert not reused and logs[0].startswith(f"not reusing {path}: ") and unsealed in logs[0], logs
     assert again.batch_size == first.batch_size and CostGraph.load(path).sealed  # measured, sealed again
 
 

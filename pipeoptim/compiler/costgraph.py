@@ -12,7 +12,7 @@ import hashlib
 import json
 import math
 import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -279,8 +279,15 @@ def _from_profile(cls: type[CostGraph], data: dict[str, Any], origin: str) -> Co
             f"{origin}: profile schema {schema!r} is not {SCHEMA!r}; delete a cached profile (it "
             "is re-measured on the next run) or re-create the file with this pipeoptim version"
         )
+    if "content_hash" in data and data["content_hash"] != content_hash(data):  # first: it names the edit
+        raise ProfileError(
+            f"{origin}: content_hash does not match the content: the file was edited after "
+            "pipeoptim wrote it; delete it to measure again, or drop the content_hash field and give "
+            "it to `pipeoptim partition --profile FILE` to plan from it as edited (a profile folder "
+            "reuses only the profiles pipeoptim wrote)"
+        )
     try:
-        nodes = [CostNode(**n) for n in data["nodes"]]
+        nodes = [_profile_node(n, origin) for n in data["nodes"]]
         graph = cls(
             model=data["model"],
             nodes=nodes,
@@ -296,15 +303,7 @@ def _from_profile(cls: type[CostGraph], data: dict[str, Any], origin: str) -> Co
         ) from exc
     if data.get("key_hash") not in (None, graph.key_hash):
         raise ProfileError(f"{origin}: key_hash does not match its key; the file was edited")
-    if "content_hash" in data:
-        if data["content_hash"] != content_hash(data):
-            raise ProfileError(
-                f"{origin}: content_hash does not match the content: the file was edited after "
-                "pipeoptim wrote it; delete it to measure again, or drop the content_hash field and give "
-                "it to `pipeoptim partition --profile FILE` to plan from it as edited (a profile folder "
-                "reuses only the profiles pipeoptim wrote)"
-            )
-        graph.sealed = True
+    graph.sealed = "content_hash" in data
     info = graph.info
     if not isinstance(info, dict) or [k for k in _INFO_FLAGS if not isinstance(info.get(k), bool)]:
         # compile reads them: a profile without them ran a fixed-batch model as a split one
@@ -313,6 +312,20 @@ def _from_profile(cls: type[CostGraph], data: dict[str, Any], origin: str) -> Co
             "that pipeoptim writes; re-measure the profile"
         )
     return graph
+
+
+def _profile_node(n: Any, origin: str) -> CostNode:
+    """A node of a :data:`SCHEMA` file, every field of :class:`CostNode` given (a missing cost
+    was planned as 0: a node without ``fwd_s`` took no time)."""
+    if not isinstance(n, dict):
+        raise TypeError(f"a node is a JSON {_json_kind(n)}, not an object")
+    missing = [f.name for f in fields(CostNode) if f.name not in n]
+    if missing:
+        raise ProfileError(
+            f"{origin}: node {n.get('name', '?')!r} has no {', '.join(map(repr, missing))}; every node of "
+            "a profile needs it: restore it, or delete the profile to measure it again"
+        )
+    return CostNode(**n)
 
 
 def _from_neutral(data: dict[str, Any], origin: str) -> CostGraph:
