@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+import re
 import time
 from pathlib import Path
 
@@ -299,9 +300,23 @@ def test_bandwidths_that_would_overflow_a_plan_are_refused(text) -> None:
 
 
 def test_memory_limit_no_plan_meets() -> None:
+    """The fixes are named as compile and the command line name them, and only those that
+    help: fewer replicas where there are several (helper-121: 'use more stages' with every
+    device taken), a method holding less where one does (not to gpipe's one version)."""
+    limit = r"raise the limit \(memory= in compile, --memory on the command line\) to at least that, "
     with pytest.raises(pipeoptim.InfeasibleMemoryError, match="smallest feasible limit is") as info:
         compile_mlp(memory="2KiB")
     assert info.value.min_feasible_bytes > 2048
+    assert re.search(
+        limit + r"use more stages or a method that keeps fewer weight versions \(1f1b", str(info.value)
+    )
+    with pytest.raises(pipeoptim.InfeasibleMemoryError) as info:
+        compile_mlp(memory="2KiB", gpus=4, data_parallel=2, method="gpipe", micro_batches=2)
+    fewer = r"use more stages \(fewer replicas than 2: data_parallel=, --data-parallel\) or method '1f1b'"
+    assert re.search(limit + fewer, str(info.value)), info.value
+    with pytest.raises(pipeoptim.InfeasibleMemoryError) as info:
+        compile_mlp(memory="2KiB", method="1f1b")
+    assert str(info.value).endswith("at least that, use more stages")
 
 
 def test_optimizer_without_predictor() -> None:

@@ -213,6 +213,10 @@ def test_memory_per_device_rules_out_layouts_and_says_what_they_need() -> None:
     # a forced layout that does not fit: the error says only it was tried, and how to try others
     with pytest.raises(InfeasibleMemoryError, match=r"with --stages 1 is feasible .* or drop --stages 1 to"):
         choose_layout(graph, CostConfig(2, bandwidth=1e9, memory_limit=limit), 2, stages=1)
+    # both forced, one layout tried: its own error, and the flags to drop (helper-119: not named)
+    both = r"smallest feasible limit .* or drop --stages 1 --data-parallel 2 to let the planner try"
+    with pytest.raises(InfeasibleMemoryError, match=both):
+        choose_layout(graph, CostConfig(2, bandwidth=1e9, memory_limit=limit), 2, stages=1, replicas=2)
     with pytest.raises(PlanError, match="no layout of 2 devices is feasible"):
         choose_layout(graph, CostConfig(2, bandwidth=1e9, memory_limit=split // 2), 2)
 

@@ -21,6 +21,7 @@ from dataclasses import replace
 from pipeoptim.compiler.assignment import PartitionResult, peak_memory
 from pipeoptim.compiler.costgraph import CostGraph
 from pipeoptim.compiler.costmodel import CostConfig
+from pipeoptim.compiler.partition import memory_fixes
 from pipeoptim.compiler.shared import is_parameter
 from pipeoptim.errors import InfeasibleMemoryError
 
@@ -82,7 +83,7 @@ def fit_held_copies(
             raise InfeasibleMemoryError(
                 f"no {config.num_stages}-stage plan found fits in {limit} bytes per stage with method "
                 f"{config.method!r} and a copy of {held} at every stage that reads it; one fits in {need} "
-                "bytes: raise --memory to at least that, or use more stages",
+                f"bytes: {memory_fixes(config)}",
                 limit_bytes=limit,
                 min_feasible_bytes=need,
             ) from exc

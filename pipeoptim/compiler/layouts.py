@@ -306,13 +306,16 @@ def _raise_infeasible(gpus: int, config: CostConfig, options: list[LayoutOption]
         InfeasibleMemoryError: some layout fits under a larger memory limit.
         PlanError: no layout fits whatever the memory limit.
     """
+    others = f", or drop {forced} to let the planner try the other layouts" if forced else ""
     if len(options) == 1 and options[0].error is not None:
-        raise options[0].error
+        error = options[0].error
+        if others and isinstance(error, InfeasibleMemoryError):  # another layout may fit
+            raise InfeasibleMemoryError(f"{error}{others}", error.limit_bytes, error.min_feasible_bytes)
+        raise error
     reasons = "; ".join(f"{o.stages}x{o.replicas}: {o.reason}" for o in options[:4])
     if len(options) > 4:
         reasons += f"; {len(options) - 4} more"
     which = f"no layout of {gpus} devices{f' with {forced}' if forced else ''} is feasible ({reasons})"
-    others = f", or drop {forced} to let the planner try the other layouts" if forced else ""
     sized = [o for o in options if o.min_feasible_bytes is not None]
     if not sized:
         # the memory limit rules none out here: raising it would not help
@@ -323,7 +326,8 @@ def _raise_infeasible(gpus: int, config: CostConfig, options: list[LayoutOption]
     need = int(least.min_feasible_bytes or 0)
     raise InfeasibleMemoryError(
         f"{which}; the smallest feasible limit is {format_bytes(need)} ({need} bytes) with "
-        f"{least.stages} x {least.replicas} (stages x replicas): raise --memory to at least that"
+        f"{least.stages} x {least.replicas} (stages x replicas): raise the limit (memory= in compile, "
+        "--memory on the command line) to at least that"
         f"{others}",
         limit_bytes=config.memory_limit or 0,
         min_feasible_bytes=need,

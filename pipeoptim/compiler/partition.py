@@ -44,6 +44,7 @@ from pipeoptim.compiler.ideals import enumerate_ideals, ideal_dp
 from pipeoptim.compiler.ilp_solver import resolve_solver, solve_ilp
 from pipeoptim.compiler.milp import build_ilp, stage_from_z
 from pipeoptim.errors import InfeasibleMemoryError
+from pipeoptim.methods import get_method
 from pipeoptim.units import format_bytes
 
 
@@ -311,6 +312,24 @@ def min_feasible_memory(
     ).memory_bytes
 
 
+def memory_fixes(config: CostConfig) -> str:
+    """What to change where no plan fits ``config``'s memory limit: the limit (named as
+    ``compile`` and the command line name it), more stages (fewer replicas where there are
+    several), and a method that holds less where one exists."""
+    fixes = ["use more stages"]
+    if config.data_parallel > 1:  # the devices the replicas take would hold more stages
+        fixes = [
+            f"use more stages (fewer replicas than {config.data_parallel}: data_parallel=, --data-parallel)"
+        ]
+    method = get_method(config.method)
+    if method.extra_weight_copies(0, config.num_stages):
+        fixes.append("a method that keeps fewer weight versions (1f1b keeps one)")
+    elif method.schedule == "gpipe":
+        fixes.append("method '1f1b', which holds fewer micro-batches' activations")
+    limit = "raise the limit (memory= in compile, --memory on the command line) to at least that"
+    return f"{limit}, {' or '.join(fixes)}"
+
+
 def _memory_error(config: CostConfig, least: MemoryMinimum) -> InfeasibleMemoryError:
     limit = config.memory_limit or 0
     how = (
@@ -321,8 +340,7 @@ def _memory_error(config: CostConfig, least: MemoryMinimum) -> InfeasibleMemoryE
     return InfeasibleMemoryError(
         f"no {config.num_stages}-stage plan fits in {format_bytes(limit)} ({limit} bytes) per stage "
         f"with method {config.method!r}; the smallest feasible limit is {format_bytes(least.memory_bytes)} "
-        f"({least.memory_bytes} bytes, {how}): raise --memory to at least that, use more stages, "
-        "or a method that keeps fewer weight versions",
+        f"({least.memory_bytes} bytes, {how}): {memory_fixes(config)}",
         limit_bytes=limit,
         min_feasible_bytes=least.memory_bytes,
     )
