@@ -229,7 +229,7 @@ def compile(
             raise ValueError(f"batch_norm must be 'micro-batch' or 'deferred', not {batch_norm!r}")
         info = get_method(method)
         max_grad_norm = check_clipping(max_grad_norm)
-        autocast = check_autocast(autocast)
+        autocast = check_autocast(autocast, model)
         check_replicated_options(data_parallel, max_grad_norm, batch_norm, autocast, info.asynchronous)
         if not isinstance(prediction_error_every, int) or prediction_error_every < 0:
             raise ValueError(

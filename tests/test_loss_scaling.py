@@ -162,3 +162,13 @@ def test_the_loss_scale_is_saved_in_checkpoints(tmp_path) -> None:
     assert first + second == pytest.approx(expected, rel=1e-6, abs=1e-7)
     for key, value in reference.state_dict().items():
         torch.testing.assert_close(state[key], value, rtol=1e-6, atol=1e-7)
+
+
+def test_float16_loss_scaling_of_float16_parameters_is_refused_as_grad_scaler_refuses_it() -> None:
+    """helper-121: model.half() under autocast=torch.float16 trained without a word, where
+    torch.amp.GradScaler refuses to unscale float16 gradients (small ones flush to zero)."""
+    model = Deep().half()
+    with pytest.raises(
+        ValueError, match=r"but \S+ is float16 .* keep the parameters in float32 \(model.float\(\)\)"
+    ):
+        compile_deep(model, 2, autocast=torch.float16, executor="local")

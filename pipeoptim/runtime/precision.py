@@ -36,12 +36,23 @@ def autocast_dtype(precision: str) -> torch.dtype | None:
     return dtypes[precision]
 
 
-def check_autocast(dtype: torch.dtype | None) -> torch.dtype | None:
-    """``dtype`` if supported.
+def check_autocast(dtype: torch.dtype | None, model: torch.nn.Module | None = None) -> torch.dtype | None:
+    """``dtype`` if supported, and for float16 (loss-scaled) if ``model``'s trainable
+    parameters are not float16 themselves: ``torch.amp.GradScaler`` refuses to unscale float16
+    gradients ("Attempting to unscale FP16 gradients"), whose small values the scaling exists
+    to keep from flushing to zero.
 
     Raises:
-        ValueError: another dtype.
+        ValueError: another dtype, or float16 autocast of float16 parameters.
     """
+    if dtype is torch.float16 and model is not None:
+        half = [name for name, p in model.named_parameters() if p.requires_grad and p.dtype == torch.float16]
+        if half:
+            raise ValueError(
+                f"autocast=torch.float16 scales the loss for float32 parameters, but {half[0]} is float16 "
+                "(torch.amp.GradScaler refuses to unscale float16 gradients): keep the parameters in "
+                "float32 (model.float()), or use autocast=torch.bfloat16, which needs no loss scaling"
+            )
     if dtype is None or dtype in SUPPORTED:
         return dtype
     raise ValueError(f"autocast must be torch.bfloat16, torch.float16 or None, not {dtype!r}")
