@@ -70,4 +70,8 @@ def compile_stage(module: nn.Module, backend: str) -> None:
         if isinstance(sub, CheckpointRegion):
             sub.forward = torch.compiler.disable(sub.forward)  # type: ignore[method-assign]
     forward = module.forward
-    module.forward = functools.wraps(forward)(torch.compile(forward, backend=backend))  # type: ignore[method-assign]
+    # inductor draws random numbers with its own kernels; fallback_random makes it call torch's,
+    # from the stage's seeded generator, so dropout masks are those of eager stages
+    options = {"fallback_random": True} if backend == "inductor" else None
+    compiled = torch.compile(forward, backend=backend, options=options)
+    module.forward = functools.wraps(forward)(compiled)  # type: ignore[method-assign]
