@@ -38,16 +38,24 @@ class _Deferred:
         if not (bn.training and bn.track_running_stats):
             return super().forward(input)  # type: ignore[misc]
         bn._check_input_dim(input)
-        with torch.no_grad():
-            dims = [0, *range(2, input.dim())]
-            x = input.detach().double()
-            part, squares = x.sum(dims), (x * x).sum(dims)
-            self._sum = part if self._sum is None else self._sum + part
-            self._sum_squares = squares if self._sum_squares is None else self._sum_squares + squares
-            self._rows += input.numel() // input.shape[1]
+        self._accumulate(input)
         return nn.functional.batch_norm(
             input, None, None, bn.weight, bn.bias, True, 0.0, bn.eps
         )  # normalised with the micro-batch's statistics, running statistics untouched
+
+    # left out of a compiled stage's graph: its row count and sums change at every micro-batch,
+    # and torch.compile, guarding on them, compiled again each time until its recompile limit,
+    # then ran the stage eagerly from there on
+    @torch.compiler.disable
+    @torch.no_grad()
+    def _accumulate(self, input: torch.Tensor) -> None:
+        """Add the micro-batch's per-channel ``Σx`` and ``Σx²`` (float64) and its rows."""
+        dims = [0, *range(2, input.dim())]
+        x = input.detach().double()
+        part, squares = x.sum(dims), (x * x).sum(dims)
+        self._sum = part if self._sum is None else self._sum + part
+        self._sum_squares = squares if self._sum_squares is None else self._sum_squares + squares
+        self._rows += input.numel() // input.shape[1]
 
     @torch.no_grad()
     def commit(self) -> None:

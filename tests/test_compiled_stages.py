@@ -157,3 +157,43 @@ def test_checkpointed_regions_run_eagerly_inside_compiled_stages() -> None:
     assert got == pytest.approx(eager, rel=1e-6, abs=1e-7)
     for key, value in eager_state.items():
         torch.testing.assert_close(state[key], value, rtol=1e-6, atol=1e-7)
+
+
+def test_deferred_batch_norm_compiles_once_per_shape_and_equals_eager_stages() -> None:
+    """helper-121: the deferred BatchNorm's row count and sums, changed at every micro-batch
+    inside the compiled graph, made torch.compile compile again each time until its recompile
+    limit (8), then run the stages eagerly, with only torch's warning; its accumulation now
+    runs outside the graph."""
+    g = torch.Generator().manual_seed(5)
+    sizes = [12, 12, 9, 7, 11, 10, 8, 12, 9, 7]
+    data = [(torch.randn(n, 8, generator=g), torch.randint(0, 3, (n,), generator=g)) for n in sizes]
+
+    def run(compile_stages: bool | str) -> tuple[list[int], dict]:
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(8, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Linear(16, 3))
+        compiled = []
+        with pipeoptim.compile(
+            model,
+            make_opt(model),
+            2,
+            example_inputs=data[0][0],
+            loss_fn=F.cross_entropy,
+            method="gpipe",
+            micro_batches=3,
+            batch_norm="deferred",
+            executor="local",
+            profile_dir=None,
+            compile_stages=compile_stages,
+        ) as pipe:
+            for x, y in data:
+                pipe.step(x, y).wait()
+                compiled.append(counters["stats"]["unique_graphs"])
+            return compiled, pipe.state_dict()
+
+    _, eager = run(False)
+    counters.clear()
+    compiled, state = run("aot_eager")
+    assert not [why for why in counters["unimplemented"] if "recompile limit" in why]  # not fallen back
+    assert compiled[3] == compiled[-1], compiled  # new sizes after the first two: no new graphs
+    for key, value in eager.items():
+        torch.testing.assert_close(state[key], value, rtol=1e-6, atol=1e-7)
