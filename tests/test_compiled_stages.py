@@ -29,20 +29,26 @@ def make_opt(m: nn.Module) -> torch.optim.Optimizer:
     return torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9)
 
 
-def train(
-    method: str, executor: str, compile_stages: bool | str, data, dropout: float = 0.0
-) -> tuple[list[float], dict]:
-    model = mlp(dropout)
-    with pipeoptim.compile(
+def compile_two_stages(model: nn.Module, example: torch.Tensor, compile_stages: bool | str, **options):
+    """``model`` compiled into 2 stages with SGD, cross-entropy and no profile folder."""
+    options = {"executor": "local", **options}
+    return pipeoptim.compile(
         model,
         make_opt(model),
         2,
-        example_inputs=data[0][0],
+        example_inputs=example,
         loss_fn=F.cross_entropy,
-        method=method,
-        executor=executor,
         profile_dir=None,
         compile_stages=compile_stages,
+        **options,
+    )
+
+
+def train(
+    method: str, executor: str, compile_stages: bool | str, data, dropout: float = 0.0
+) -> tuple[list[float], dict]:
+    with compile_two_stages(
+        mlp(dropout), data[0][0], compile_stages, method=method, executor=executor
     ) as pipe:
         losses = [pipe.step(x, y) for x, y in data]
         pipe.flush()
@@ -134,18 +140,8 @@ def test_checkpointed_regions_run_eagerly_inside_compiled_stages() -> None:
     data = [(torch.randn(8, 8, generator=g), torch.randint(0, 3, (8,), generator=g)) for _ in range(3)]
     results = []
     for compile_stages in (False, "aot_eager"):
-        model = Checkpointed()
-        with pipeoptim.compile(
-            model,
-            make_opt(model),
-            2,
-            example_inputs=data[0][0],
-            loss_fn=F.cross_entropy,
-            method="1f1b",
-            micro_batches=2,
-            executor="local",
-            profile_dir=None,
-            compile_stages=compile_stages,
+        with compile_two_stages(
+            Checkpointed(), data[0][0], compile_stages, method="1f1b", micro_batches=2
         ) as pipe:
             counters.clear()
             results.append(([pipe.step(x, y).item() for x, y in data], pipe.state_dict()))
@@ -172,19 +168,8 @@ def test_deferred_batch_norm_compiles_once_per_shape_and_equals_eager_stages() -
         torch.manual_seed(0)
         model = nn.Sequential(nn.Linear(8, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Linear(16, 3))
         compiled = []
-        with pipeoptim.compile(
-            model,
-            make_opt(model),
-            2,
-            example_inputs=data[0][0],
-            loss_fn=F.cross_entropy,
-            method="gpipe",
-            micro_batches=3,
-            batch_norm="deferred",
-            executor="local",
-            profile_dir=None,
-            compile_stages=compile_stages,
-        ) as pipe:
+        options = {"method": "gpipe", "micro_batches": 3, "batch_norm": "deferred"}
+        with compile_two_stages(model, data[0][0], compile_stages, **options) as pipe:
             for x, y in data:
                 pipe.step(x, y).wait()
                 compiled.append(counters["stats"]["unique_graphs"])
