@@ -59,23 +59,30 @@ def split(value: Any, parts: int) -> list[Any]:
     return [pytree.tree_unflatten([p[j] for p in pieces], spec) for j in range(parts)]
 
 
-def join(pieces: list[Any], size: int) -> Any:
+def join(pieces: list[Any], size: int, batch_dim: int | None = 0) -> Any:
     """One flat output value of ``predict()`` from its value in each piece of ``size`` rows:
-    tensors with a batch dimension concatenated along dim 0, a value equal in every piece (a
-    constant) as it is.
+    a tensor concatenated along its ``batch_dim`` (the profile's: the dimension that grew with
+    the batch; ``None``: none did), a value equal in every piece (a constant) as it is.
 
     Raises:
-        PipelineError: a value the pieces cannot be joined into (a 0-dim tensor, a dataclass,
-            any object differing between pieces): it was taken from the first piece alone.
+        PipelineError: a value the pieces cannot be joined into (a 0-dim tensor, a statistic
+            of the batch such as ``h.mean(0)``, a dataclass, any object without a batch
+            dimension that differs between pieces): it was taken from the first piece alone.
     """
     first = pieces[0]
     if len(pieces) == 1:
         return first
-    if isinstance(first, torch.Tensor) and first.dim() > 0:
-        return torch.cat(pieces)
+    if isinstance(first, torch.Tensor) and batch_dim is not None and first.dim() > batch_dim:
+        return torch.cat(pieces, dim=batch_dim)
     if all(_equal(p, first) for p in pieces[1:]):
         return first
-    kind = "a 0-dim tensor" if isinstance(first, torch.Tensor) else "not a tensor with a batch dimension"
+    kind = (
+        "not a tensor with a batch dimension"
+        if not isinstance(first, torch.Tensor)
+        else "a 0-dim tensor"
+        if first.dim() == 0
+        else "a tensor without a batch dimension, e.g. a statistic of the batch"
+    )
     raise PipelineError(
         f"predict() runs its rows in pieces of {size} (a training micro-batch) and cannot join "
         f"an output of type {type(first).__name__} ({kind}) that differs between them: give "

@@ -32,6 +32,7 @@ from pipeoptim.runtime.build import PipelineSpec, aliases_of
 from pipeoptim.runtime.delivery import delivered
 from pipeoptim.runtime.executor import MiniBatch
 from pipeoptim.runtime.launch import Executor, start_executor
+from pipeoptim.runtime.layout import output_batch_dims
 from pipeoptim.runtime.optim import hyperparameters, restore_hyperparameters
 from pipeoptim.runtime.replicas import micro_batch_count
 
@@ -259,7 +260,8 @@ class Pipeline(Measurements, checkpoint.Checkpoints):
         )
         # the stages in other processes allocate what they receive from the sizes (and length)
         outputs = self._executor.forward_only(chunks, sizes)
-        flat = [microbatch.join([o[i] for o in outputs], size) for i in range(len(outputs[0]))]
+        dims = output_batch_dims(self.plan, self._traced.gm, self._static_batch)
+        flat = [microbatch.join([o[i] for o in outputs], size, dims[i]) for i in range(len(outputs[0]))]
         flat = [t.cpu() if isinstance(t, torch.Tensor) else t for t in flat]
         return self._traced.unflatten_output(flat)
 

@@ -1318,6 +1318,53 @@ def test_predict_refuses_to_join_what_it_cannot_and_keeps_constants() -> None:
             pipe.predict(x)
 
 
+class SideOutputs(nn.Module):
+    """Logits, a batch-second copy of them, a tensor constant and, with ``statistic``, the
+    batch's mean hidden state."""
+
+    def __init__(self, statistic: bool) -> None:
+        super().__init__()
+        self.a, self.b = nn.Linear(8, 16), nn.Linear(16, 4)
+        self.statistic = statistic
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        h = torch.tanh(self.a(x))
+        logits = self.b(h)
+        out = (logits, logits.t(), self.b.bias * 2)
+        return (*out, h.mean(0)) if self.statistic else out
+
+
+@pytest.mark.parametrize("statistic", [False, True])
+def test_predict_joins_each_output_along_its_batch_dimension(statistic: bool) -> None:
+    """helper-123: every tensor of one or more dims was concatenated along dim 0, so a
+    constant came back once per piece ((8,) for (4,)), a batch-second output was glued along
+    its features, and a statistic of the batch became the pieces' statistics end to end."""
+    torch.manual_seed(0)
+    model, x = SideOutputs(statistic), torch.randn(8, 8)
+    copied = copy.deepcopy(model)
+    with pipeoptim.compile(
+        copied,
+        torch.optim.SGD(copied.parameters(), lr=0.1),
+        gpus=2,
+        method="gpipe",
+        example_inputs=x,
+        loss_fn=first_of,
+        executor="local",
+        profile_dir=None,
+    ) as pipe:
+        for rows in (4, 8):  # one piece, two pieces of 4
+            if statistic and rows == 8:
+                with pytest.raises(
+                    PipelineError, match=r"a tensor without a batch dimension, e\.g\. a statistic"
+                ):
+                    pipe.predict(x)
+                continue
+            got, expected = pipe.predict(x[:rows]), model(x[:rows])
+            assert [tuple(t.shape) for t in got] == [tuple(t.shape) for t in expected]
+            for a, b in zip(got, expected):
+                torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+
+
 @pytest.mark.parametrize("executor", ["local", "processes"])
 def test_a_graph_model_with_sparse_tensors_trains_as_the_plain_model(executor: str, tmp_path) -> None:
     """Profiling asked every tensor autograd saved for its storage, which a sparse adjacency

@@ -14,6 +14,8 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
+from torch import fx
+from torch.utils import _pytree as pytree
 
 from pipeoptim.compiler.plan import Plan
 
@@ -21,6 +23,21 @@ from pipeoptim.compiler.plan import Plan
 def leaf_metas(plan: Plan, names: Sequence[str]) -> list[dict[str, Any]]:
     """Metadata of the flat leaves of the values ``names``, in order."""
     return [meta for name in names for meta in plan.values[name]["meta"]]
+
+
+def output_batch_dims(plan: Plan, gm: fx.GraphModule, static_batch: bool) -> list[int | None]:
+    """The batch dimension of each of ``gm``'s flat outputs, as profiled (``None``: a value
+    that does not grow with the batch, a constant of the graph included); 0 for every tensor
+    of a model traced at a fixed batch size, whose profile could not tell."""
+    output = next(n for n in gm.graph.nodes if n.op == "output")
+    dims: list[int | None] = []
+    for value in pytree.tree_leaves(output.args[0]):
+        if not isinstance(value, fx.Node):
+            dims.append(None)
+            continue
+        for meta in plan.values[value.name]["meta"]:
+            dims.append(0 if static_batch else meta.get("batch_dim"))
+    return dims
 
 
 def rebuild(plan: Plan, names: Sequence[str], leaves: Sequence[Any]) -> tuple[Any, ...]:
