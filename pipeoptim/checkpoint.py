@@ -141,6 +141,22 @@ def misfits(state: dict[str, Any], model: torch.nn.Module) -> str | None:
     return "; ".join(parts) or None
 
 
+def tied_as_torch_loads(
+    state: dict[str, Any], model: torch.nn.Module, tied: dict[str, list[str]]
+) -> dict[str, Any]:
+    """``state`` with every name of a shared parameter (``tied``: first name to the others)
+    holding the value ``model.load_state_dict(state)`` leaves in it: the one under the name
+    that comes last in ``model.state_dict()``, each name copied into the one tensor in turn."""
+    order = {key: i for i, key in enumerate(model.state_dict())}
+    state = dict(state)
+    for first, others in tied.items():
+        names = [first, *others]
+        last = max((n for n in names if n in state), key=order.__getitem__, default=None)
+        if last is not None:
+            state.update(dict.fromkeys(names, state[last]))
+    return state
+
+
 def optimizer_misfit(
     state: dict[str, Any], optimizer: torch.optim.Optimizer, model: torch.nn.Module
 ) -> str | None:

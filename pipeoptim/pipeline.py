@@ -268,12 +268,17 @@ class Pipeline(Measurements, checkpoint.Checkpoints):
     __call__ = predict
 
     def state_dict(self) -> dict[str, torch.Tensor]:
-        """The trained weights, keyed exactly like the original model's ``state_dict()``."""
+        """The trained weights, keyed exactly like the original model's ``state_dict()``: a
+        shared (tied) parameter's names hold one tensor, as there."""
         self.flush()
         owned = self._executor.state_dict()
         aliases = aliases_of(self._traced.tied)
-        result = {}
+        result: dict[str, torch.Tensor] = {}
         for key, value in self._template.state_dict().items():
+            twin = next((result[a] for a in aliases.get(key, []) if a in result), None)
+            if twin is not None:
+                result[key] = twin
+                continue
             source = owned.get(key)
             if source is None:
                 source = next((owned[a] for a in aliases.get(key, []) if a in owned), None)
@@ -291,6 +296,7 @@ class Pipeline(Measurements, checkpoint.Checkpoints):
         misfit = checkpoint.misfits(state, self._template)
         if misfit:
             raise PipelineError(f"state dict does not belong to {type(self._template).__name__}: {misfit}")
+        state = checkpoint.tied_as_torch_loads(state, self._template, self._traced.tied)
         self._executor.load_state_dict(state, aliases_of(self._traced.tied))  # may refuse it: first
         self._template.load_state_dict(state)
 

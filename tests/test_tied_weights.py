@@ -85,3 +85,26 @@ def test_tied_weights_repeated_runs_are_identical(tmp_path: Path) -> None:
     first, second = train("none", "processes", tmp_path), train("none", "processes", tmp_path)
     assert first[0] == second[0]
     assert all(torch.equal(first[1][k], second[1][k]) for k in first[1])
+
+
+def test_tied_names_load_and_save_as_torch_does(tmp_path: Path) -> None:
+    """helper-123: a state whose tied names held different values loaded the first name's into
+    every stage's copy, where torch's load_state_dict keeps the last one copied in (predict then
+    differed from the plain model by 2.4), and state_dict() gave the names two tensors (the
+    file held the weight twice)."""
+    model, opt, batches = tied_setup(1)
+    reference = TiedEmbedding()
+    state = {**reference.state_dict(), "emb.weight": torch.randn(10, 8), "head.weight": torch.randn(10, 8)}
+    reference.load_state_dict(state)
+    assert torch.equal(reference.emb.weight, state["head.weight"])  # the last name wins
+    x = batches[0][0]
+    with pipeoptim.compile(
+        model, opt, 2, example_inputs=x, loss_fn=F.cross_entropy, executor="local", profile_dir=tmp_path
+    ) as pipe:
+        holders = [d for d in pipe.stage_state_dicts() if {"emb.weight", "head.weight"} & set(d)]
+        assert len(holders) == 2  # a copy in each stage
+        pipe.load_state_dict(state)
+        torch.testing.assert_close(pipe.predict(x), reference.eval()(x), rtol=0, atol=0)
+        saved = pipe.state_dict()
+        assert saved["emb.weight"] is saved["head.weight"]
+        assert torch.equal(saved["emb.weight"], state["head.weight"])
