@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import sacrebleu
 import torch
 import torch.nn.functional as F
 
@@ -18,7 +19,9 @@ from pipeoptim.tasks.translation import (
     SPECIALS,
     SRC_LENGTH,
     TGT_LENGTH,
+    UNKNOWN,
     bleu,
+    detokenize,
     encode_targets,
     greedy_bleu_evaluator,
     load_multi30k,
@@ -169,6 +172,18 @@ def test_bleu_plumbing_on_known_answers(multi30k_dir: str) -> None:
     assert set(seen) == {32, 6}  # chunks of the batch size, the last one smaller
     # Dropping each hypothesis's last word (a period) lowers the score below 100.
     assert bleu([" ".join(w[:-1]) for w in words], references[:70]) < 100.0
+
+
+def test_an_unknown_word_is_one_wrong_token_to_bleu() -> None:
+    """helper-124: ``<unk>`` was written out as is, which 13a splits into ``< unk >``: three
+    wrong tokens per unknown word, a longer hypothesis and no brevity penalty (BLEU 0.31 where
+    one token each gives 0.41)."""
+    vocab = Vocabulary([["ein", "mann"]], SPECIALS, min_count=1)
+    ids = [vocab.encode(["ein"])[0], 1, vocab.encode(["mann"])[0], BOS, EOS, 5]
+    text = detokenize(ids, vocab)
+    assert text == f"ein {UNKNOWN} mann {UNKNOWN}" and tokenize(text) == text.split()
+    score = sacrebleu.corpus_bleu([text], [["ein alter mann ."]], force=True)
+    assert score.sys_len == 4  # each unknown one token
 
 
 def test_the_shared_folder_is_the_one_pipeoptim_shared_names(monkeypatch, tmp_path: Path) -> None:

@@ -62,14 +62,20 @@ def encode_targets(
     return pad([ids[:-1] for ids in full], length), pad([ids[1:] for ids in full], length)
 
 
+#: how an unknown word (or a stray ``<bos>``) is written out: one token to 13a, as BLEU should
+#: count it, and one no reference holds; ``<unk>`` tokenizes to ``< unk >``, three wrong
+#: tokens, which lengthened the hypothesis and hid the brevity penalty
+UNKNOWN = "\u2047"
+
+
 def detokenize(ids: Sequence[int], vocab: Vocabulary) -> str:
     """The words of ``ids`` up to the first ``<eos>`` or padding, joined with spaces (an
-    unknown word is written ``<unk>``, which BLEU counts as wrong)."""
+    unknown word is written :data:`UNKNOWN`, which BLEU counts as one wrong token)."""
     words = []
     for i in ids:
         if i in (EOS, PAD):
             break
-        words.append(vocab.words[i])
+        words.append(UNKNOWN if i < len(SPECIALS) else vocab.words[i])
     return " ".join(words)
 
 
