@@ -11,6 +11,12 @@ import torch
 OPTIMIZERS = ("sgd", "adam", "adamw", "rmsprop", "adagrad")
 
 
+def default_weight_decay(name: str) -> float:
+    """``torch.optim``'s own default weight decay of optimizer ``name``: 0.01 for AdamW (its
+    decoupled decay is what sets it apart from Adam), 0 for the others."""
+    return 0.01 if name == "adamw" else 0.0
+
+
 def make_optimizer(
     name: str, params: Any, lr: float, momentum: float, weight_decay: float
 ) -> torch.optim.Optimizer:

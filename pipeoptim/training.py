@@ -33,7 +33,7 @@ from pipeoptim import other_work
 from pipeoptim.compiler.plot import plot_plan
 from pipeoptim.fileio import cache_folder, held_folder, writable_folder, write_json
 from pipeoptim.loss import Loss, drain
-from pipeoptim.optimizers import cosine_factor, make_optimizer
+from pipeoptim.optimizers import cosine_factor, default_weight_decay, make_optimizer
 from pipeoptim.records import Progress, StepLog, epoch_line, plot_curves
 from pipeoptim.resume import check_resume
 from pipeoptim.runtime.precision import autocast_dtype
@@ -57,7 +57,7 @@ class TrainConfig:
     batch_size: int = 32
     lr: float = 0.02
     momentum: float = 0.9
-    weight_decay: float = 0.0
+    weight_decay: float | None = None  # None: the optimizer's default (AdamW 0.01, the others 0)
     seed: int = 0
     data_dir: str | None = None
     limit: int | None = None
@@ -80,6 +80,10 @@ class TrainConfig:
     action_overhead: float = 0.0  # the plan's runtime CPU seconds per action (pipeoptim.action_overhead)
     record_every: int = 50
     progress_every: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.weight_decay is None:  # saved as a number: a resume compares it
+            self.weight_decay = default_weight_decay(self.optimizer)
 
 
 #: gives a config its plan's link and runtime figures (:func:`train`)

@@ -15,8 +15,10 @@ import torch
 from click.testing import CliRunner
 
 import pipeoptim
+from pipeoptim import training
 from pipeoptim.cli.main import cli
 from pipeoptim.fileio import held_folder
+from pipeoptim.optimizers import make_optimizer
 from pipeoptim.tasks import make_task
 
 
@@ -672,3 +674,17 @@ def test_a_run_folder_in_use_is_refused_and_left_as_it_is(tmp_path: Path) -> Non
         holder.wait()
     with held_folder(out, "run folder", "--out"):
         pass
+
+
+@pytest.mark.parametrize("optimizer, decay", [("adamw", 0.01), ("adam", 0.0), ("sgd", 0.0)])
+def test_weight_decay_defaults_to_the_optimizers_own(optimizer: str, decay: float) -> None:
+    """helper-124: --weight-decay defaulted to 0 for every optimizer, so --optimizer adamw
+    trained exactly as adam (torch's AdamW decays by 0.01); an explicit value still wins."""
+    config = training.TrainConfig(task="digits", out="unused", optimizer=optimizer)
+    assert config.weight_decay == decay
+    made = make_optimizer(optimizer, [torch.nn.Parameter(torch.ones(2))], 0.1, 0.9, config.weight_decay)
+    assert made.param_groups[0]["weight_decay"] == decay
+    assert (
+        training.TrainConfig(task="digits", out="unused", optimizer=optimizer, weight_decay=0.5).weight_decay
+        == 0.5
+    )

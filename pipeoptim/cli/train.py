@@ -65,7 +65,12 @@ from pipeoptim.training import SEQUENTIAL, TrainConfig, train
     show_default=True,
     help="Momentum of sgd and rmsprop.",
 )
-@click.option("--weight-decay", type=FiniteFloatRange(min=0), default=0.0, show_default=True)
+@click.option(
+    "--weight-decay",
+    type=FiniteFloatRange(min=0),
+    default=None,
+    help="Weight decay; default: the optimizer's own (adamw 0.01, the others 0).",
+)
 @click.option("--seed", type=int, default=0, show_default=True, help="Seeds the model, the data and dropout.")
 @click.option(
     "--data-dir",
