@@ -27,7 +27,7 @@ NOT_INHERITED = ("out", "resume", "progress", "bandwidth", "latency", "action_ov
 #: optimizer state, and another layout changes the staleness
 MUST_MATCH = (
     *("task", "method", "gpus", "optimizer", "batch_size", "seed", "lr", "lr_schedule"),
-    *("limit", "micro_batches", "momentum", "weight_decay", "stages", "data_parallel"),
+    *("limit", "test_limit", "micro_batches", "momentum", "weight_decay", "stages", "data_parallel"),
 )
 
 

@@ -229,6 +229,7 @@ class _Run:
         self.loss_sum = 0.0  # of the current epoch, for its mean train loss
         self.loss_count = 0
         self.steps: StepLog | None = None
+        self.done: int | None = None  # mini-batches whose loss has come back (None: none this run)
         self.start = time.perf_counter()
 
     def history(self) -> dict[str, Any]:
@@ -242,6 +243,7 @@ class _Run:
     def add(self, step: int, epoch: int, loss: float, lr: float) -> None:
         assert self.steps is not None
         self.steps.add(step, epoch, loss, lr)
+        self.done = step + 1
         self.loss_sum += loss
         self.loss_count += 1
 
@@ -254,6 +256,8 @@ class _Run:
         if self.steps is not None:
             self.steps.flush()
         metrics = _metrics(self.config, self.task, self.trainer, self.epochs, wall)
+        if self.done is not None:  # not those still in flight when a run is stopped
+            metrics["mini_batches"] = self.done
         metrics["status"] = status
         if error is not None:
             metrics["error"] = error
@@ -320,7 +324,9 @@ def _loop(
                     scheduler.step()  # the stages read the new learning rate with the next mini-batch
                 step += 1
                 read_losses(False)
-                if config.checkpoint_every and step % config.checkpoint_every == 0:
+                # not at the epoch's last mini-batch: the checkpoint after its evaluation follows,
+                # and one before it, resumed, skipped the epoch's record (helper-124)
+                if config.checkpoint_every and step % config.checkpoint_every == 0 and step % per_epoch:
                     started = time.perf_counter()
                     trainer.flush()
                     read_losses(True)

@@ -279,9 +279,12 @@ def test_resume_refuses_another_limit_or_micro_batches_and_says_when_nothing_is_
     assert "made with no --micro-batches, this run has --micro-batches 4" in err
     # these were accepted, ignored (the checkpoint's optimizer state brings its own momentum and
     # weight decay back) and recorded in metrics.json as if used
-    for option, then, now in (("--momentum", "0.9", "0.0"), ("--weight-decay", "0.0", "0.5")):
+    # helper-124: another --test-limit evaluated later epochs on another test subset
+    changed = (("--momentum", "0.9", "0.0"), ("--weight-decay", "0.0", "0.5"), ("--test-limit", "no", "50"))
+    for option, then, now in changed:
         code, _, err = run(*common, *resume, "--limit", "64", option, now, "--epochs", "3")
-        assert code == 1 and f"made with {option} {then}, this run has {option} {now}" in err
+        made = f"no {option}" if then == "no" else f"{option} {then}"
+        assert code == 1 and f"made with {made}, this run has {option} {now}" in err
     code, _, err = run(*common[:3], *common[5:], *resume, "--limit", "64", "--stages", "1", "--epochs", "3")
     assert code == 1 and "made with --stages 2, this run has --stages 1" in err
     for epochs in ("1", "2"):
@@ -688,3 +691,83 @@ def test_weight_decay_defaults_to_the_optimizers_own(optimizer: str, decay: floa
         training.TrainConfig(task="digits", out="unused", optimizer=optimizer, weight_decay=0.5).weight_decay
         == 0.5
     )
+
+
+def test_a_run_stopped_while_an_epoch_is_evaluated_resumes_with_that_epochs_record(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """helper-124: with --checkpoint-every dividing the epoch, a checkpoint was written at the
+    epoch's last mini-batch, before its evaluation; stopped during the evaluation, the resumed
+    run started at the next epoch without the epoch's record, and counted its losses in the
+    next epoch's mean. Now the checkpoint after the evaluation is the epoch's last."""
+    config = training.TrainConfig(
+        task="digits",
+        out=str(tmp_path / "whole"),
+        gpus=2,
+        executor="local",
+        epochs=2,
+        limit=320,
+        checkpoint_every=5,  # 10 mini-batches an epoch
+        lr_schedule="constant",
+        progress=False,
+        profile_dir=str(tmp_path / "profiles"),
+    )
+    whole = training.train(config, log=lambda _line: None)
+    calls = []
+    real = training.make_task
+
+    def stopping(*args, **kwargs):
+        task = real(*args, **kwargs)
+        evaluate = task.evaluate
+
+        def first_stops(predict):
+            calls.append(1)
+            if len(calls) == 1:
+                raise KeyboardInterrupt
+            return evaluate(predict)
+
+        return replace(task, evaluate=first_stops)
+
+    monkeypatch.setattr(training, "make_task", stopping)
+    part = replace(config, out=str(tmp_path / "part"))
+    with pytest.raises(KeyboardInterrupt):
+        training.train(part, log=lambda _line: None)
+    resumed = training.train(replace(part, resume=part.out), log=lambda _line: None)
+    keys = ("epoch", "train_loss", "accuracy")
+    assert [{k: e[k] for k in keys} for e in resumed["epochs"]] == [
+        {k: e[k] for k in keys} for e in whole["epochs"]
+    ]
+
+
+def test_a_stopped_runs_metrics_count_the_mini_batches_that_finished(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """helper-124: metrics.json counted the mini-batches handed to the pipeline, those in
+    flight when the run was stopped included (34 against 31 rows of train.csv)."""
+    real, calls = pipeoptim.Pipeline.step, []
+
+    def stops_at_the_eighth(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 8:
+            raise KeyboardInterrupt
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(pipeoptim.Pipeline, "step", stops_at_the_eighth)
+    out = tmp_path / "run"
+    config = training.TrainConfig(
+        task="digits",
+        out=str(out),
+        gpus=4,
+        stages=4,
+        executor="processes",  # the local executor finishes every mini-batch it was given
+        epochs=1,
+        limit=320,
+        record_every=1,
+        progress=False,
+        profile_dir=str(tmp_path / "profiles"),
+    )
+    with pytest.raises(KeyboardInterrupt):
+        training.train(config, log=lambda _line: None)
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["status"] == "interrupted"
+    assert metrics["mini_batches"] == len(rows(out / "train.csv"))
