@@ -141,16 +141,28 @@ def misfits(state: dict[str, Any], model: torch.nn.Module) -> str | None:
     return "; ".join(parts) or None
 
 
-def tied_as_torch_loads(
-    state: dict[str, Any], model: torch.nn.Module, tied: dict[str, list[str]]
-) -> dict[str, Any]:
-    """``state`` with every name of a shared parameter (``tied``: first name to the others)
-    holding the value ``model.load_state_dict(state)`` leaves in it: the one under the name
-    that comes last in ``model.state_dict()``, each name copied into the one tensor in turn."""
+#: the format tag of :meth:`pipeoptim.pipeline.Pipeline.optimizer_state_dict`
+OPTIMIZER_FORMAT = "pipeoptim-optimizer/1"
+
+
+def same_tensor_names(model: torch.nn.Module) -> dict[str, list[str]]:
+    """Every name of ``model.state_dict()`` whose tensor also has other names (a tied weight,
+    a module registered twice: its parameters and buffers alike) mapped to those names."""
+    names: dict[int, list[str]] = {}
+    for name, tensor in model.state_dict(keep_vars=True).items():
+        names.setdefault(id(tensor), []).append(name)
+    return {n: [m for m in group if m != n] for group in names.values() if len(group) > 1 for n in group}
+
+
+def tied_as_torch_loads(state: dict[str, Any], model: torch.nn.Module) -> dict[str, Any]:
+    """``state`` with every name of a tensor ``model`` holds under several names
+    (:func:`same_tensor_names`) holding the value ``model.load_state_dict(state)`` leaves in
+    it: the one under the name that comes last in ``model.state_dict()``, each name copied
+    into the one tensor in turn."""
     order = {key: i for i, key in enumerate(model.state_dict())}
     state = dict(state)
-    for first, others in tied.items():
-        names = [first, *others]
+    for name, others in same_tensor_names(model).items():
+        names = [name, *others]
         last = max((n for n in names if n in state), key=order.__getitem__, default=None)
         if last is not None:
             state.update(dict.fromkeys(names, state[last]))
@@ -231,8 +243,14 @@ class Checkpoints:
         """
         data = read_checkpoint(path)
         check_model(data, path, self._template)
+        if data["optimizer"].get("format") != OPTIMIZER_FORMAT:  # before any weight is loaded
+            raise CheckpointError(
+                f"checkpoint {path} holds optimizer state a pipeline does not read (written by "
+                f"{data['method']!r}: a sequential run's is torch's own): continue it with that "
+                "method, or load its weights alone (load_state_dict)"
+            )
         misfit = optimizer_misfit(data["optimizer"], self._optimizer, self._template)
-        if misfit:  # before any weight is loaded
+        if misfit:
             raise CheckpointError(f"checkpoint {path} {misfit}")
         self.load_state_dict(data["state_dict"])
         self.load_optimizer_state_dict(data["optimizer"])

@@ -3,27 +3,30 @@
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Iterable
 
 #: the ILP solvers :mod:`pipeoptim.compiler.ilp_solver` runs
 SOLVERS = ("auto", "cbc", "highs")
 
 
-def check_options(leaf_modules: Iterable[str], timeout: object, solver: object) -> None:
+def check_options(leaf_modules: Iterable[str], timeout: object, solver: object) -> tuple[str, ...]:
     """Refuse ``leaf_modules`` that is not a collection of names (a string alone was read
-    letter by letter), a ``timeout`` that is not a positive finite number of seconds, and an
-    unknown ``solver``.
+    letter by letter), a ``timeout`` that is not a positive finite number of seconds (numpy's
+    numbers are numbers), and an unknown ``solver``. Returns ``leaf_modules`` as a tuple (a
+    generator is read once, here).
 
     Raises:
         ValueError: naming the argument, its value and what is allowed.
     """
-    if isinstance(leaf_modules, (str, bytes)) or not all(isinstance(n, str) for n in leaf_modules):
+    names = None if isinstance(leaf_modules, (str, bytes)) else tuple(leaf_modules)
+    if names is None or not all(isinstance(n, str) for n in names):
         raise ValueError(
             "leaf_modules must be a list of qualified module names as model.named_modules() gives "
             f"them (e.g. ['encoder.attn']), got {leaf_modules!r}"
         )
     if (
-        not isinstance(timeout, (int, float))
+        not isinstance(timeout, numbers.Real)
         or isinstance(timeout, bool)
         or not math.isfinite(timeout)
         or timeout <= 0
@@ -33,3 +36,4 @@ def check_options(leaf_modules: Iterable[str], timeout: object, solver: object) 
         )
     if solver not in SOLVERS:
         raise ValueError(f"solver must be one of {', '.join(map(repr, SOLVERS))}, not {solver!r}")
+    return names

@@ -198,7 +198,7 @@ def compile(
         PipelineError: more stages than GPUs on a CUDA machine, or a wrong torchrun world size.
     """
     arguments = dict(locals())  # as given: under torchrun the ranks compare them before anything
-    check_options(leaf_modules, timeout, solver)
+    leaf_modules = arguments["leaf_modules"] = check_options(leaf_modules, timeout, solver)  # read once
     torchrun = executor != "local" and spmd.under_torchrun()
     if torchrun:  # so that they refuse, plan and build alike
         spmd.check_world(gpus)  # before joining: too few or many ranks never join
@@ -237,7 +237,7 @@ def compile(
                 f"{prediction_error_every!r}"
             )
         m = micro_batches if micro_batches is not None else (gpus if info.micro_batched else 1)
-        check_micro_batch_count(method, m)
+        m = check_micro_batch_count(method, m)
         check_micro_batches(method, gpus, m)
         check_steps_without_closure(optimizer)  # first: no method can step it, so it is the cause
         check_pipeoptim_options(method, info.policy, predictor, backward, optimizer)

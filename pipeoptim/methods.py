@@ -15,6 +15,7 @@ gpipe          gpipe         (flush)      Huang et al., GPipe, NeurIPS 2019
 
 from __future__ import annotations
 
+import numbers
 from dataclasses import dataclass
 
 
@@ -128,17 +129,22 @@ def get_method(name: str) -> Method:
         raise ValueError(f"unknown method {name!r}; choose one of {', '.join(METHODS)}") from None
 
 
-def check_micro_batch_count(method: str, micro_batches: object) -> None:
-    """Refuse ``micro_batches`` that is not a positive integer, or other than 1 for a method
-    that does not split mini-batches.
+def check_micro_batch_count(method: str, micro_batches: object) -> int:
+    """``micro_batches`` as an ``int``; refused where it is not a positive integer (numpy's
+    integers are), or other than 1 for a method that does not split mini-batches.
 
     Raises:
         ValueError: naming the value and what is allowed.
     """
-    if not isinstance(micro_batches, int) or isinstance(micro_batches, bool) or micro_batches < 1:
+    if (
+        not isinstance(micro_batches, numbers.Integral)
+        or isinstance(micro_batches, bool)
+        or micro_batches < 1
+    ):
         raise ValueError(f"micro_batches must be a positive integer, got {micro_batches!r}")
     if not get_method(method).micro_batched and micro_batches != 1:
         raise ValueError(f"method {method!r} does not split mini-batches: leave micro_batches unset")
+    return int(micro_batches)
 
 
 def check_micro_batches(method: str, stages: int, micro_batches: int) -> None:

@@ -36,7 +36,7 @@ from pipeoptim.runtime.layout import output_batch_dims
 from pipeoptim.runtime.optim import hyperparameters, restore_hyperparameters
 from pipeoptim.runtime.replicas import micro_batch_count
 
-_OPTIMIZER_STATE = "pipeoptim-optimizer/1"
+_OPTIMIZER_STATE = checkpoint.OPTIMIZER_FORMAT
 
 
 class Pipeline(Measurements, checkpoint.Checkpoints):
@@ -272,7 +272,7 @@ class Pipeline(Measurements, checkpoint.Checkpoints):
         shared (tied) parameter's names hold one tensor, as there."""
         self.flush()
         owned = self._executor.state_dict()
-        aliases = aliases_of(self._traced.tied)
+        aliases = checkpoint.same_tensor_names(self._template)  # a shared module's buffers too
         result: dict[str, torch.Tensor] = {}
         for key, value in self._template.state_dict().items():
             twin = next((result[a] for a in aliases.get(key, []) if a in result), None)
@@ -296,7 +296,7 @@ class Pipeline(Measurements, checkpoint.Checkpoints):
         misfit = checkpoint.misfits(state, self._template)
         if misfit:
             raise PipelineError(f"state dict does not belong to {type(self._template).__name__}: {misfit}")
-        state = checkpoint.tied_as_torch_loads(state, self._template, self._traced.tied)
+        state = checkpoint.tied_as_torch_loads(state, self._template)
         self._executor.load_state_dict(state, aliases_of(self._traced.tied))  # may refuse it: first
         self._template.load_state_dict(state)
 

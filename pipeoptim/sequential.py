@@ -10,7 +10,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from pipeoptim.checkpoint import read_checkpoint, save_checkpoint
+from pipeoptim.checkpoint import misfits, read_checkpoint, save_checkpoint
 from pipeoptim.errors import CheckpointError
 from pipeoptim.loss import Loss
 from pipeoptim.runtime.precision import autocast_context
@@ -92,8 +92,10 @@ class Sequential:
 
     def load_checkpoint(self, path: Path) -> dict[str, Any]:
         data = read_checkpoint(path)
-        if data["method"] != SEQUENTIAL or set(data["state_dict"]) != set(self.model.state_dict()):
-            raise CheckpointError(f"checkpoint {path} is not from a sequential run of this model")
+        misfit = misfits(data["state_dict"], self.model)  # before torch's load, which copies part
+        if data["method"] != SEQUENTIAL or misfit:
+            why = f" ({misfit})" if misfit else ""
+            raise CheckpointError(f"checkpoint {path} is not from a sequential run of this model{why}")
         self.model.load_state_dict(data["state_dict"])
         self.optimizer.load_state_dict(data["optimizer"])
         self.mini_batches_done = data["mini_batches"]

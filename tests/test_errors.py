@@ -8,6 +8,7 @@ import re
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -72,6 +73,19 @@ def test_bad_arguments_name_what_is_allowed(argument: dict, message: str) -> Non
     and an unknown solver was a PlanError from the planner."""
     with pytest.raises(ValueError, match=message):
         compile_mlp(gpus=2, **argument)
+
+
+def test_arguments_of_other_plain_types_are_taken() -> None:
+    """helper-125: numpy integers were refused for micro_batches and timeout, and leaf modules
+    given as a generator were read by the check and reached the tracer empty."""
+    with compile_mlp(
+        gpus=2,
+        method="gpipe",
+        micro_batches=np.int64(2),
+        timeout=np.int64(60),
+        leaf_modules=(n for n in ["2"]),
+    ) as pipe:
+        assert pipe.micro_batches == 2 and "2" in pipe._traced.leaf_modules
 
 
 def test_more_stages_than_graph_nodes() -> None:
@@ -307,16 +321,20 @@ def test_memory_limit_no_plan_meets() -> None:
     with pytest.raises(pipeoptim.InfeasibleMemoryError, match="smallest feasible limit is") as info:
         compile_mlp(memory="2KiB")
     assert info.value.min_feasible_bytes > 2048
-    assert re.search(
-        limit + r"use more stages or a method that keeps fewer weight versions \(1f1b", str(info.value)
-    )
+    more = r"use more stages \(gpus= in compile, --stages on the command line\)"
+    assert re.search(limit + more + r" or a method that keeps fewer weight versions \(1f1b", str(info.value))
     with pytest.raises(pipeoptim.InfeasibleMemoryError) as info:
         compile_mlp(memory="2KiB", gpus=4, data_parallel=2, method="gpipe", micro_batches=2)
     fewer = r"use more stages \(fewer replicas than 2: data_parallel=, --data-parallel\) or method '1f1b'"
     assert re.search(limit + fewer, str(info.value)), info.value
     with pytest.raises(pipeoptim.InfeasibleMemoryError) as info:
         compile_mlp(memory="2KiB", method="1f1b")
-    assert str(info.value).endswith("at least that, use more stages")
+    assert str(info.value).endswith(
+        "at least that, use more stages (gpus= in compile, --stages on the command line)"
+    )
+    with pytest.raises(pipeoptim.InfeasibleMemoryError) as info:
+        compile_mlp(memory="2KiB", method="pipedream")
+    assert str(info.value).endswith("fewer weight versions (pipeoptim keeps two, 1f1b one)")
 
 
 def test_optimizer_without_predictor() -> None:

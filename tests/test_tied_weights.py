@@ -108,3 +108,45 @@ def test_tied_names_load_and_save_as_torch_does(tmp_path: Path) -> None:
         saved = pipe.state_dict()
         assert saved["emb.weight"] is saved["head.weight"]
         assert torch.equal(saved["emb.weight"], state["head.weight"])
+
+
+class SharedBatchNorm(nn.Module):
+    """One BatchNorm registered twice (``bn`` and ``bn2``): its buffers have two names."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.l, self.bn, self.l2 = nn.Linear(8, 8), nn.BatchNorm1d(8), nn.Linear(8, 8)
+        self.bn2 = self.bn
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.l2(self.bn2(torch.tanh(self.bn(self.l(x)))))
+
+
+def test_a_module_registered_twice_keeps_its_buffers_under_both_names(tmp_path: Path) -> None:
+    """helper-125: only parameters were followed under their other names: state_dict() gave
+    bn2's running statistics from the untrained template, so to_module() (torch's last name
+    wins) threw the trained ones away (0.075 off the plain model)."""
+    torch.manual_seed(0)
+    model, x, y = SharedBatchNorm(), torch.randn(8, 8), torch.randn(8, 8)
+    reference = SharedBatchNorm()
+    reference.load_state_dict(model.state_dict())
+    with pipeoptim.compile(
+        model,
+        torch.optim.SGD(model.parameters(), lr=0.0),  # only the running statistics move
+        2,
+        example_inputs=x,
+        loss_fn=F.mse_loss,
+        executor="local",
+        profile_dir=tmp_path,
+    ) as pipe:
+        pipe.step(x, y).wait()
+        reference(x)
+        saved = pipe.state_dict()
+        assert saved["bn.running_mean"] is saved["bn2.running_mean"]
+        torch.testing.assert_close(saved["bn2.running_mean"], reference.bn.running_mean, rtol=0, atol=0)
+        module = pipe.to_module().eval()
+        torch.testing.assert_close(module(x), reference.eval()(x), rtol=0, atol=0)
+        other = {**saved, "bn2.running_mean": torch.full((8,), 5.0)}  # torch keeps the last name's
+        reference.load_state_dict(other)
+        pipe.load_state_dict(other)
+        torch.testing.assert_close(pipe.predict(x), reference(x), rtol=0, atol=0)

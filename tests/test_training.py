@@ -324,6 +324,20 @@ def test_weights_or_optimizer_state_that_do_not_fit_are_refused_before_loading(
             pipeoptim.PipelineError, match=r"parameters Bottleneck does not have \(\['encoder"
         ):
             pipe.load_optimizer_state_dict(other)
+        sequential = {  # a sequential run's: torch's own optimizer state (helper-125: "another model")
+            "model_class": "Bottleneck",
+            "method": "sequential",
+            "state_dict": weights,
+            "optimizer": torch.optim.SGD(Bottleneck(4).parameters(), lr=0.1).state_dict(),
+            "mini_batches": 1,
+            "plan": None,
+            "extra": {},
+        }
+        pipeoptim.checkpoint.save_checkpoint(tmp_path / "sequential.pt", sequential)
+        with pytest.raises(
+            CheckpointError, match=r"holds optimizer state a pipeline does not read .*'sequential'"
+        ):
+            pipe.load_checkpoint(tmp_path / "sequential.pt")
         after = pipe.state_dict()
         assert all(torch.equal(after[name], weights[name]) for name in weights)
         assert hyperparameters(pipe._optimizer) == groups  # no betas, the same rate

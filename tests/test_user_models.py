@@ -1365,6 +1365,43 @@ def test_predict_joins_each_output_along_its_batch_dimension(statistic: bool) ->
                 torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
 
 
+class FixedBatch(nn.Module):
+    """Traced at a fixed batch of 4 rows (a hard-coded reshape): its profile has no batch
+    dimension for any value."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Linear(8, 8), nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.b(torch.relu(self.a(x)).reshape(4, 2, 4).reshape(4, 8))
+
+
+def test_predict_of_a_fixed_batch_model_given_its_plan_joins_its_pieces(tmp_path) -> None:
+    """helper-125: given as plan=, a fixed-batch model's outputs read as having no batch
+    dimension, and predict() of two pieces was refused as a statistic of the batch."""
+    torch.manual_seed(0)
+    model, x = FixedBatch(), torch.randn(8, 8)
+
+    def compiled(**options):
+        return pipeoptim.compile(
+            model,
+            torch.optim.SGD(model.parameters(), lr=0.0),
+            2,
+            example_inputs=x[:4],
+            loss_fn=F.cross_entropy,
+            executor="local",
+            profile_dir=None,
+            **options,
+        )
+
+    with compiled() as pipe:
+        pipe.plan.save(tmp_path / "plan.json")
+    expected = torch.cat([model.eval()(x[:4]), model(x[4:])])
+    with compiled(plan=tmp_path / "plan.json") as pipe:
+        torch.testing.assert_close(pipe.predict(x), expected, rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("executor", ["local", "processes"])
 def test_a_graph_model_with_sparse_tensors_trains_as_the_plain_model(executor: str, tmp_path) -> None:
     """Profiling asked every tensor autograd saved for its storage, which a sparse adjacency

@@ -313,16 +313,20 @@ def min_feasible_memory(
 
 
 def memory_fixes(config: CostConfig) -> str:
-    """What to change where no plan fits ``config``'s memory limit: the limit (named as
-    ``compile`` and the command line name it), more stages (fewer replicas where there are
-    several), and a method that holds less where one exists."""
-    fixes = ["use more stages"]
+    """What to change where no plan fits ``config``'s memory limit: the limit, more stages
+    (fewer replicas where there are several), a method that holds less where one exists, each
+    named as ``compile`` and the command line name it."""
+    stages = "use more stages (gpus= in compile, --stages on the command line)"
     if config.data_parallel > 1:  # the devices the replicas take would hold more stages
-        fixes = [
+        stages = (
             f"use more stages (fewer replicas than {config.data_parallel}: data_parallel=, --data-parallel)"
-        ]
+        )
+    fixes = [stages]
     method = get_method(config.method)
-    if method.extra_weight_copies(0, config.num_stages):
+    copies = method.extra_weight_copies(0, config.num_stages)
+    if copies > 1:  # PipeDream's stash at the first stage
+        fixes.append("a method that keeps fewer weight versions (pipeoptim keeps two, 1f1b one)")
+    elif copies:
         fixes.append("a method that keeps fewer weight versions (1f1b keeps one)")
     elif method.schedule == "gpipe":
         fixes.append("method '1f1b', which holds fewer micro-batches' activations")

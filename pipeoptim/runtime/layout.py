@@ -28,7 +28,10 @@ def leaf_metas(plan: Plan, names: Sequence[str]) -> list[dict[str, Any]]:
 def output_batch_dims(plan: Plan, gm: fx.GraphModule, static_batch: bool) -> list[int | None]:
     """The batch dimension of each of ``gm``'s flat outputs, as profiled (``None``: a value
     that does not grow with the batch, a constant of the graph included); 0 for every tensor
-    of a model traced at a fixed batch size, whose profile could not tell."""
+    of a model traced at a fixed batch size, whose profile could not tell (no input of the
+    plan has a batch dimension then: a given plan does not say whether its model was)."""
+    inputs = [m for name in plan.io[0].inputs for m in plan.values[name]["meta"] if m["kind"] == "tensor"]
+    static_batch = static_batch or all(m.get("batch_dim") is None for m in inputs)
     output = next(n for n in gm.graph.nodes if n.op == "output")
     dims: list[int | None] = []
     for value in pytree.tree_leaves(output.args[0]):
