@@ -1292,14 +1292,10 @@ def first_of(out: tuple, y: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(out[0], y)
 
 
-def test_predict_refuses_to_join_what_it_cannot_and_keeps_constants() -> None:
-    """predict() runs its rows in pieces of a micro-batch: a 0-dim output (or a dataclass) of
-    the first piece alone was returned as the whole batch's, silently (4 rows of 8 for a
-    dataclass); now that is refused with the fix, and batch tensors and constants join."""
-    torch.manual_seed(0)
-    model, x = ScalarAux(), torch.randn(8, 8)
+def compile_gpipe_copy(model: nn.Module, x: torch.Tensor) -> pipeoptim.Pipeline:
+    """A copy of ``model`` in 2 gpipe stages whose loss reads its first output."""
     copied = copy.deepcopy(model)
-    with pipeoptim.compile(
+    return pipeoptim.compile(
         copied,
         torch.optim.SGD(copied.parameters(), lr=0.1),
         gpus=2,
@@ -1308,7 +1304,16 @@ def test_predict_refuses_to_join_what_it_cannot_and_keeps_constants() -> None:
         loss_fn=first_of,
         executor="local",
         profile_dir=None,
-    ) as pipe:
+    )
+
+
+def test_predict_refuses_to_join_what_it_cannot_and_keeps_constants() -> None:
+    """predict() runs its rows in pieces of a micro-batch: a 0-dim output (or a dataclass) of
+    the first piece alone was returned as the whole batch's, silently (4 rows of 8 for a
+    dataclass); now that is refused with the fix, and batch tensors and constants join."""
+    torch.manual_seed(0)
+    model, x = ScalarAux(), torch.randn(8, 8)
+    with compile_gpipe_copy(model, x) as pipe:
         logits, aux, const = pipe.predict(x[:4])
         torch.testing.assert_close(aux, model(x[:4])[1], rtol=1e-6, atol=1e-7)
         assert const == 3 and logits.shape == (4, 4)
@@ -1341,17 +1346,7 @@ def test_predict_joins_each_output_along_its_batch_dimension(statistic: bool) ->
     its features, and a statistic of the batch became the pieces' statistics end to end."""
     torch.manual_seed(0)
     model, x = SideOutputs(statistic), torch.randn(8, 8)
-    copied = copy.deepcopy(model)
-    with pipeoptim.compile(
-        copied,
-        torch.optim.SGD(copied.parameters(), lr=0.1),
-        gpus=2,
-        method="gpipe",
-        example_inputs=x,
-        loss_fn=first_of,
-        executor="local",
-        profile_dir=None,
-    ) as pipe:
+    with compile_gpipe_copy(model, x) as pipe:
         for rows in (4, 8):  # one piece, two pieces of 4
             if statistic and rows == 8:
                 with pytest.raises(
