@@ -229,7 +229,7 @@ class _Run:
         self.loss_sum = 0.0  # of the current epoch, for its mean train loss
         self.loss_count = 0
         self.steps: StepLog | None = None
-        self.done: int | None = None  # mini-batches whose loss has come back (None: none this run)
+        self.done = 0  # mini-batches whose loss has come back (a resume's: see restore)
         self.start = time.perf_counter()
 
     def history(self) -> dict[str, Any]:
@@ -237,6 +237,8 @@ class _Run:
         return {"epochs": self.epochs, "epoch_loss": [self.loss_sum, self.loss_count]}
 
     def restore(self, history: dict[str, Any]) -> None:
+        """Take the records of the checkpoint the trainer has just loaded."""
+        self.done = self.trainer.mini_batches_done
         self.epochs = list(history.get("epochs", []))
         self.loss_sum, self.loss_count = history.get("epoch_loss", [0.0, 0])
 
@@ -256,8 +258,7 @@ class _Run:
         if self.steps is not None:
             self.steps.flush()
         metrics = _metrics(self.config, self.task, self.trainer, self.epochs, wall)
-        if self.done is not None:  # not those still in flight when a run is stopped
-            metrics["mini_batches"] = self.done
+        metrics["mini_batches"] = self.done  # not those still in flight when a run is stopped
         metrics["status"] = status
         if error is not None:
             metrics["error"] = error
