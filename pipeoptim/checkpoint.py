@@ -176,7 +176,13 @@ def optimizer_misfit(
     continue ``optimizer`` on ``model``: saved from another optimizer class (Adam's moments would
     stand in for SGD's momentum buffers, and Adam's betas join SGD's groups) or for parameters
     ``model`` does not have; ``None`` where it fits. State without a class (the optimizer's
-    own, handed over at ``compile``) is checked by its names only."""
+    own, handed over at ``compile``) is checked by its names only; state in another format
+    (a sequential run's is torch's own ``Optimizer.state_dict()``) is named as such."""
+    if state.get("format") != OPTIMIZER_FORMAT:
+        return (
+            "holds optimizer state a pipeline does not read (a sequential run's is torch's own): "
+            "continue it with that method, or load its weights alone (load_state_dict)"
+        )
     saved, mine = state.get("optimizer"), type(optimizer).__qualname__
     if saved is not None and saved != mine:
         return (
@@ -243,14 +249,8 @@ class Checkpoints:
         """
         data = read_checkpoint(path)
         check_model(data, path, self._template)
-        if data["optimizer"].get("format") != OPTIMIZER_FORMAT:  # before any weight is loaded
-            raise CheckpointError(
-                f"checkpoint {path} holds optimizer state a pipeline does not read (written by "
-                f"{data['method']!r}: a sequential run's is torch's own): continue it with that "
-                "method, or load its weights alone (load_state_dict)"
-            )
         misfit = optimizer_misfit(data["optimizer"], self._optimizer, self._template)
-        if misfit:
+        if misfit:  # before any weight is loaded
             raise CheckpointError(f"checkpoint {path} {misfit}")
         self.load_state_dict(data["state_dict"])
         self.load_optimizer_state_dict(data["optimizer"])

@@ -6,8 +6,7 @@ import math
 import numbers
 from collections.abc import Iterable
 
-#: the ILP solvers :mod:`pipeoptim.compiler.ilp_solver` runs
-SOLVERS = ("auto", "cbc", "highs")
+from pipeoptim.compiler.ilp_solver import SOLVERS
 
 
 def check_options(leaf_modules: Iterable[str], timeout: object, solver: object) -> tuple[str, ...]:

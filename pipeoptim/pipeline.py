@@ -28,15 +28,13 @@ from pipeoptim.errors import PipelineError, PipeoptimError, drop_frame_locals, f
 from pipeoptim.loss import Loss, MiniBatchLosses
 from pipeoptim.measurements import Measurements
 from pipeoptim.refusals import prepared_here, shared_rows
-from pipeoptim.runtime.build import PipelineSpec, aliases_of
+from pipeoptim.runtime.build import PipelineSpec
 from pipeoptim.runtime.delivery import delivered
 from pipeoptim.runtime.executor import MiniBatch
 from pipeoptim.runtime.launch import Executor, start_executor
 from pipeoptim.runtime.layout import output_batch_dims
 from pipeoptim.runtime.optim import hyperparameters, restore_hyperparameters
 from pipeoptim.runtime.replicas import micro_batch_count
-
-_OPTIMIZER_STATE = checkpoint.OPTIMIZER_FORMAT
 
 
 class Pipeline(Measurements, checkpoint.Checkpoints):
@@ -297,7 +295,9 @@ class Pipeline(Measurements, checkpoint.Checkpoints):
         if misfit:
             raise PipelineError(f"state dict does not belong to {type(self._template).__name__}: {misfit}")
         state = checkpoint.tied_as_torch_loads(state, self._template)
-        self._executor.load_state_dict(state, aliases_of(self._traced.tied))  # may refuse it: first
+        self._executor.load_state_dict(
+            state, checkpoint.same_tensor_names(self._template)
+        )  # may refuse: first
         self._template.load_state_dict(state)
 
     @property
@@ -310,7 +310,7 @@ class Pipeline(Measurements, checkpoint.Checkpoints):
         user optimizer's group hyperparameters (lr, ...), as ``Optimizer.state_dict`` keeps them."""
         self.flush()
         state = {
-            "format": _OPTIMIZER_STATE,
+            "format": checkpoint.OPTIMIZER_FORMAT,
             "optimizer": type(self._optimizer).__qualname__,
             "mini_batches": self._next,
             **self._executor.optimizer_state(),
@@ -320,7 +320,7 @@ class Pipeline(Measurements, checkpoint.Checkpoints):
     def _continue_from(self, held: dict[str, Any]) -> None:
         """Start the stages' optimizers from ``held``, the state the user's optimizer already
         holds (:func:`pipeoptim.runtime.stage_state.held_state`; compile calls this)."""
-        self.load_optimizer_state_dict({"format": _OPTIMIZER_STATE, "mini_batches": 0, **held})
+        self.load_optimizer_state_dict({"format": checkpoint.OPTIMIZER_FORMAT, "mini_batches": 0, **held})
 
     def load_optimizer_state_dict(self, state: dict[str, Any]) -> None:
         """Restore :meth:`optimizer_state_dict` output.
@@ -329,8 +329,6 @@ class Pipeline(Measurements, checkpoint.Checkpoints):
             PipelineError: the state is from another format, optimizer class or model
                 (:func:`pipeoptim.checkpoint.optimizer_misfit`); nothing is loaded then.
         """
-        if state.get("format") != _OPTIMIZER_STATE:
-            raise PipelineError("not a pipeoptim optimizer state (format differs)")
         misfit = checkpoint.optimizer_misfit(state, self._optimizer, self._template)
         if misfit:
             raise PipelineError(f"the optimizer state {misfit}")

@@ -257,8 +257,7 @@ class _Run:
         """Flush ``train.csv`` and write ``metrics.json`` (atomically); returns the metrics."""
         if self.steps is not None:
             self.steps.flush()
-        metrics = _metrics(self.config, self.task, self.trainer, self.epochs, wall)
-        metrics["mini_batches"] = self.done  # not those still in flight when a run is stopped
+        metrics = _metrics(self.config, self.task, self.trainer, self.epochs, wall, self.done)
         metrics["status"] = status
         if error is not None:
             metrics["error"] = error
@@ -365,7 +364,10 @@ def _loop(
         progress.close()
 
 
-def _metrics(config: TrainConfig, task: Task, trainer: Any, epochs: list[dict], wall: float) -> dict:
+def _metrics(
+    config: TrainConfig, task: Task, trainer: Any, epochs: list[dict], wall: float, done: int
+) -> dict:
+    """``done``: mini-batches whose loss came back (not those in flight when a run is stopped)."""
     final = epochs[-1][task.metric] if epochs else None
     plan = trainer.plan
     return {
@@ -374,7 +376,7 @@ def _metrics(config: TrainConfig, task: Task, trainer: Any, epochs: list[dict], 
         "metric": task.metric,
         "final": {task.metric: final},
         "epochs": epochs,
-        "mini_batches": trainer.mini_batches_done,
+        "mini_batches": done,
         "wall_s": wall,
         "plan": None
         if plan is None

@@ -334,9 +334,8 @@ def test_weights_or_optimizer_state_that_do_not_fit_are_refused_before_loading(
             "extra": {},
         }
         pipeoptim.checkpoint.save_checkpoint(tmp_path / "sequential.pt", sequential)
-        with pytest.raises(
-            CheckpointError, match=r"holds optimizer state a pipeline does not read .*'sequential'"
-        ):
+        other_format = r"holds optimizer state a pipeline does not read \(a sequential run's is torch's own\)"
+        with pytest.raises(CheckpointError, match=other_format):
             pipe.load_checkpoint(tmp_path / "sequential.pt")
         after = pipe.state_dict()
         assert all(torch.equal(after[name], weights[name]) for name in weights)

@@ -17,6 +17,9 @@ import pulp
 
 from pipeoptim.errors import PlanError
 
+#: the names :func:`resolve_solver` takes
+SOLVERS = ("auto", "cbc", "highs")
+
 
 def resolve_solver(name: str) -> str:
     """``"auto"`` is HiGHS where ``highspy`` is installed, else CBC; other names pass through.
@@ -28,8 +31,8 @@ def resolve_solver(name: str) -> str:
         return "highs" if pulp.HiGHS().available() else "cbc"
     if name == "highs" and not pulp.HiGHS().available():
         raise PlanError("solver 'highs' is not installed: pip install highspy (or use --solver cbc)")
-    if name not in ("cbc", "highs"):
-        raise PlanError(f"unknown solver {name!r}; choose auto, cbc or highs")
+    if name not in SOLVERS:
+        raise PlanError(f"unknown solver {name!r}; choose {', '.join(SOLVERS)}")
     return name
 
 
