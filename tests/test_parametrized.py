@@ -67,16 +67,33 @@ def test_predict_between_steps_is_the_model_in_eval_mode(norm: str, micro_batche
         torch.testing.assert_close(state[name], value, rtol=1e-5, atol=1e-6)
 
 
-def _compile(model: nn.Module, executor: str) -> pipeoptim.Pipeline:
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-    options = {"loss_fn": F.cross_entropy, "executor": executor, "profile_dir": None}
+def _compile(model: nn.Module, executor: str, method: str = "pipeoptim") -> pipeoptim.Pipeline:
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    options = {"loss_fn": F.cross_entropy, "executor": executor, "profile_dir": None, "method": method}
     return pipeoptim.compile(model, optimizer, 2, example_inputs=torch.randn(8, 16), **options)
 
 
-def test_worker_processes_are_refused_with_the_reason() -> None:
-    """torch refuses to pickle a parametrized module; the advice was to remove an attribute."""
-    with pytest.raises(pipeoptim.PipelineError, match="torch pickles no module with parametrizations"):
-        _compile(Critic("weight"), "processes")
+@pytest.mark.parametrize("norm, method", [("spectral", "pipeoptim"), ("weight", "1f1b")])
+def test_worker_processes_give_the_local_numbers(norm: str, method: str) -> None:
+    """torch refuses to pickle a parametrized module, so the processes executor (the default)
+    refused these models; the workers now get them rebuilt, spectral_norm's vectors included."""
+    torch.manual_seed(0)
+    model = Critic(norm)
+    x, y = torch.randn(8, 16), torch.randint(0, 5, (8,))
+    runs = {}
+    for executor in ("local", "processes"):
+        with _compile(copy.deepcopy(model), executor, method) as pipe:
+            losses = [pipe.step(x, y) for _ in range(5)]
+            runs[executor] = ([float(v) for v in losses], pipe.predict(x), pipe.state_dict())
+    local, processes = runs["local"], runs["processes"]
+    assert local[0] == processes[0]
+    torch.testing.assert_close(processes[1], local[1], rtol=0, atol=0)
+    assert processes[2].keys() == local[2].keys() == model.state_dict().keys()
+    for name, value in local[2].items():
+        torch.testing.assert_close(processes[2][name], value, rtol=0, atol=0)
+    if norm == "spectral":  # the power iteration ran in the workers (its vector moved)
+        start = model.l2.parametrizations.weight[0]._u
+        assert not torch.equal(local[2]["l2.parametrizations.weight.0._u"], start)
 
 
 def test_the_old_weight_norm_is_refused_with_its_replacement() -> None:

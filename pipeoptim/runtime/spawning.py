@@ -18,12 +18,12 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
-import cloudpickle
 import torch
 import torch.multiprocessing as mp
 
 from pipeoptim.errors import PipelineError, first_line
 from pipeoptim.runtime.build import PipelineSpec
+from pipeoptim.runtime.parametrized_pickle import dumps
 from pipeoptim.runtime.predictors import register_again, registered_for
 
 #: what the fork server imports once for every worker it starts: torch, and torch._dynamo, which
@@ -126,23 +126,19 @@ def pickle_spec(spec: PipelineSpec) -> bytes:
 
     ``cloudpickle`` sends classes and functions defined in ``__main__`` by value: a model
     class or loss function written in a notebook, ``python -c`` or ``python -`` (stdin),
-    where the worker has no main module to import them from, and lambdas. The weight
-    predictors registered for the optimizer's class go with it
-    (:func:`pipeoptim.runtime.predictors.registered_for`).
+    where the worker has no main module to import them from, and lambdas; modules with
+    parametrized weights, which torch refuses to pickle, go as what they are made of
+    (:mod:`pipeoptim.runtime.parametrized_pickle`). The weight predictors registered for the
+    optimizer's class go with it (:func:`pipeoptim.runtime.predictors.registered_for`).
 
     Raises:
         PipelineError: something in the model, loss function or inputs cannot be pickled;
             the message names it and the fixes.
     """
     try:  # the predictors registered for the optimizer class travel with it (one pickle: same class)
-        return cloudpickle.dumps((spec, registered_for(spec.optimizer_class)))
+        return dumps((spec, registered_for(spec.optimizer_class)))
     except Exception as exc:
         fix = "remove the unpicklable attribute (open files, locks, generators), or use executor='local'"
-        if "parametrized modules" in str(exc):  # torch refuses them by design, whatever the user does
-            fix = (
-                "torch pickles no module with parametrizations (torch.nn.utils.parametrize: spectral_norm, "
-                "weight_norm, orthogonal), so this model trains with executor='local'"
-            )
         raise PipelineError(
             f"the model, loss_fn or example inputs cannot be sent to the stage worker processes "
             f"({type(exc).__name__}: {first_line(exc)}): {fix}"
