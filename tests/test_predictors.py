@@ -169,3 +169,28 @@ def test_next_step_variant_errors() -> None:
         get_predictor(Lion, "next-step")
     with pytest.raises(ValueError, match="paper, next-step"):
         get_predictor(torch.optim.Adam, "newest")
+
+
+@pytest.mark.parametrize("variant", ["paper", "next-step"])
+def test_adagrad_predicts_from_a_sparse_gradient(variant: str) -> None:
+    """``nn.Embedding(sparse=True)`` under Adagrad: the predictor divided the sparse gradient
+    by the dense state, which torch refuses, so PipeOptim crashed where plain Adagrad trains
+    (helper-128). The rows the gradient does not touch stay as they are."""
+    torch.manual_seed(0)
+    w = torch.nn.Parameter(torch.randn(6, 3))
+    opt = torch.optim.Adagrad([w], lr=0.1, lr_decay=0.01)
+    grad = torch.sparse_coo_tensor([[1, 4]], torch.randn(2, 3), (6, 3))
+    for _ in range(2):
+        w.grad = grad.clone()
+        opt.step()
+    state, group = opt.state[w], opt.param_groups[0]
+    predicted = predict(w, state, group, 1, get_predictor(opt, variant))
+    if variant == "next-step":  # the same gradient once more: torch's own sparse step
+        w.grad = grad.clone()
+        opt.step()
+        torch.testing.assert_close(predicted, w.detach(), rtol=1e-6, atol=1e-7)
+        return
+    clr = 0.1 / (1 + 2 * 0.01)
+    expected = w.detach() - clr * grad.to_dense() / (state["sum"].sqrt() + group["eps"])
+    torch.testing.assert_close(predicted, expected)
+    assert torch.equal(predicted[[0, 2, 3, 5]], w.detach()[[0, 2, 3, 5]])

@@ -114,6 +114,13 @@ def _last_grad(param: torch.Tensor, group: dict) -> torch.Tensor | None:
     return grad.add(param.detach(), alpha=decay) if decay else grad
 
 
+def _dense(grad: torch.Tensor | None) -> torch.Tensor | None:
+    """A sparse gradient (``nn.Embedding(sparse=True)``) as a dense tensor, for predictors that
+    divide by dense state: torch divides a sparse tensor by a scalar only. Where ``g`` is 0 the
+    update is 0, as ``torch.optim.Adagrad``'s sparse step leaves those rows alone."""
+    return grad.to_dense() if grad is not None and grad.is_sparse else grad
+
+
 def _scalar(x: float | torch.Tensor) -> float:
     return float(x.item()) if isinstance(x, torch.Tensor) else float(x)
 
@@ -197,7 +204,7 @@ def adagrad(param: torch.Tensor, state: dict, group: dict) -> torch.Tensor | Non
 
     ``U = lr / (1 + t · lr_decay) · g / (√sum + ε)`` for the next step t + 1.
     """
-    grad = _last_grad(param, group)
+    grad = _dense(_last_grad(param, group))
     if "sum" not in state or grad is None:
         return None
     t = _scalar(state["step"])
@@ -260,7 +267,7 @@ def adagrad_next_step(param: torch.Tensor, state: dict, group: dict) -> torch.Te
     """Adagrad, next-step variant: ``sum' = sum + g²``, then
     ``U = lr / (1 + t · lr_decay) · g / (√sum' + ε)``: the next update of
     ``torch.optim.Adagrad`` if the last gradient g repeats."""
-    grad = _last_grad(param, group)
+    grad = _dense(_last_grad(param, group))
     if "sum" not in state or grad is None:
         return None
     t = _scalar(state["step"])
