@@ -42,7 +42,7 @@ from pipeoptim.runtime.compiled import check_compile_stages
 from pipeoptim.runtime.launch import check_executor
 from pipeoptim.runtime.linkcost import stage_threads
 from pipeoptim.runtime.optim import (
-    check_steps_without_closure,
+    check_steppable,
     constructor_arguments,
     hyperparameters,
     param_group_names,
@@ -239,7 +239,7 @@ def compile(
         m = micro_batches if micro_batches is not None else (gpus if info.micro_batched else 1)
         m = check_micro_batch_count(method, m)
         check_micro_batches(method, gpus, m)
-        check_steps_without_closure(optimizer)  # first: no method can step it, so it is the cause
+        check_steppable(optimizer)  # first: no method can step it as asked, so it is the cause
         check_pipeoptim_options(method, info.policy, predictor, backward, optimizer)
         if info.policy == "spectrain" and not (
             isinstance(optimizer, torch.optim.SGD)

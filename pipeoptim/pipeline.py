@@ -33,7 +33,7 @@ from pipeoptim.runtime.delivery import delivered
 from pipeoptim.runtime.executor import MiniBatch
 from pipeoptim.runtime.launch import Executor, start_executor
 from pipeoptim.runtime.layout import output_batch_dims
-from pipeoptim.runtime.optim import hyperparameters, restore_hyperparameters
+from pipeoptim.runtime.optim import hyperparameters, optimizer_layout, restore_hyperparameters
 from pipeoptim.runtime.replicas import micro_batch_count
 
 
@@ -66,7 +66,7 @@ class Pipeline(Measurements, checkpoint.Checkpoints):
         self.batch_size = batch_size
         self._static_batch = static_batch
         self._traced = traced
-        self._optimizer = optimizer
+        self._optimizer, self._layout = optimizer, optimizer_layout(optimizer)
         self._next = 0
         self._losses = MiniBatchLosses(spec.micro_batches, spec.data_parallel)
         self._closed = False
@@ -108,9 +108,11 @@ class Pipeline(Measurements, checkpoint.Checkpoints):
 
         Raises:
             PipelineError: wrong shapes or dtypes, a batch larger than planned, targets that
-                do not split like the inputs, a closed pipeline, or a failure of a stage.
+                do not split like the inputs, optimizer groups or step hooks changed since
+                compile, a closed pipeline, or a failure of a stage.
         """
         self._check_open()
+        hyper = hyperparameters(self._optimizer, self._layout)  # refused here: nothing started yet
         check = lambda xs: given.check_batch(self.spec, given.as_tuple(xs))  # noqa: E731
         batch = shared_rows(self._executor, inputs, check, "step", self.executor_kind, self._on_error)
         inputs = None if inputs is None else given.as_tuple(inputs)  # accepted by check
@@ -146,7 +148,7 @@ class Pipeline(Measurements, checkpoint.Checkpoints):
             targets=[delivered(y, device) for y in micro_targets],
             scales=scales,
             sizes=sizes,
-            hyper=hyperparameters(self._optimizer),
+            hyper=hyper,
         )
         # The stages step their own optimizers; mark the user's as stepped so that an LR
         # scheduler attached to it does not warn that its step() came first.

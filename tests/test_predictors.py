@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from pipeoptim.errors import PredictorError
-from pipeoptim.runtime.predictors import get_predictor, predict, register_predictor
+from pipeoptim.runtime.predictors import borrowed_rule, get_predictor, predict, register_predictor
 
 CONFIGS = [
     (torch.optim.SGD, {"lr": 0.1}),
@@ -194,3 +194,26 @@ def test_adagrad_predicts_from_a_sparse_gradient(variant: str) -> None:
     expected = w.detach() - clr * grad.to_dense() / (state["sum"].sqrt() + group["eps"])
     torch.testing.assert_close(predicted, expected)
     assert torch.equal(predicted[[0, 2, 3, 5]], w.detach()[[0, 2, 3, 5]])
+
+
+def test_a_subclass_writing_its_own_step_is_said_to_borrow_its_bases_rule() -> None:
+    """``class SignSGD(SGD)`` stepping ``lr · sign(g)`` was predicted with SGD's ``lr · g``
+    without a word (helper-128); a subclass that only inherits SGD's step is SGD's rule."""
+
+    class SignSGD(torch.optim.SGD):
+        @torch.no_grad()
+        def step(self, closure=None):
+            for group in self.param_groups:
+                for p in group["params"]:
+                    p.add_(p.grad.sign(), alpha=-group["lr"])
+
+    class Plain(torch.optim.SGD):
+        pass
+
+    assert borrowed_rule(SignSGD) is torch.optim.SGD
+    assert borrowed_rule(SignSGD, "next-step") is torch.optim.SGD
+    Plain([torch.nn.Parameter(torch.zeros(2))], lr=0.1)  # torch wraps its step on first use
+    assert borrowed_rule(Plain) is None
+    assert borrowed_rule(torch.optim.Adam) is None
+    register_predictor(SignSGD, lambda p, state, group: group["lr"] * p.grad.sign())
+    assert borrowed_rule(SignSGD) is None

@@ -36,14 +36,18 @@ def stage_keywords(optimizer_class: type[Optimizer], defaults: Mapping[str, Any]
     return {k: v for k, v in defaults.items() if k in accepted and k != "params"}
 
 
-def check_steps_without_closure(optimizer: Optimizer) -> None:
-    """Refuse an optimizer whose ``step()`` needs a closure (``torch.optim.LBFGS``): it
-    evaluates the loss again, several times per step, and a pipeline's stages each hold a part
-    of the model and step on the gradients of a mini-batch that has already gone through.
+def check_steppable(optimizer: Optimizer) -> None:
+    """Refuse an optimizer the stages cannot step as the user's would be: one whose ``step()``
+    needs a closure (``torch.optim.LBFGS``: it evaluates the loss again, several times per step,
+    and a pipeline's stages each hold a part of the model and step on the gradients of a
+    mini-batch that has already gone through), or one with step hooks
+    (:func:`check_no_step_hooks`).
 
     Raises:
         ValueError: ``step`` has a ``closure`` argument without a default.
+        PipelineError: the optimizer has a step hook.
     """
+    check_no_step_hooks(optimizer)
     try:
         closure = inspect.signature(type(optimizer).step).parameters.get("closure")
     except (TypeError, ValueError):  # a builtin without a signature: it takes what it takes
@@ -57,8 +61,60 @@ def check_steps_without_closure(optimizer: Optimizer) -> None:
         )
 
 
-def hyperparameters(optimizer: Optimizer) -> list[dict[str, Any]]:
-    """Per-group hyperparameters of ``optimizer`` as plain values (tensor scalars as floats)."""
+def check_no_step_hooks(optimizer: Optimizer) -> None:
+    """Refuse step hooks on the user's ``optimizer`` (``register_step_pre_hook``,
+    ``register_step_post_hook``): the stages step optimizers of their own (:func:`mirror`), so
+    the hooks would never run, and whatever they do to the weights would be missing, silently.
+
+    Raises:
+        PipelineError: the optimizer has a step hook.
+    """
+    if optimizer._optimizer_step_pre_hooks or optimizer._optimizer_step_post_hooks:
+        name = type(optimizer).__name__
+        raise PipelineError(
+            f"the {name} has step hooks (register_step_pre_hook / register_step_post_hook), which a "
+            "pipeline cannot run: each stage steps an optimizer of its own over its part of the model. "
+            f"Do their work in a subclass's step() over self.param_groups (class Mine({name}): "
+            "def step(self, closure=None): loss = super().step(closure); ...; return loss), which "
+            "every stage runs, and remove the hooks"
+        )
+
+
+def optimizer_layout(optimizer: Optimizer) -> tuple[tuple[int, ...], ...]:
+    """The identities of each group's parameters: what the stages' optimizers were built from."""
+    return tuple(tuple(id(p) for p in group["params"]) for group in optimizer.param_groups)
+
+
+def hyperparameters(
+    optimizer: Optimizer, layout: tuple[tuple[int, ...], ...] | None = None
+) -> list[dict[str, Any]]:
+    """Per-group hyperparameters of ``optimizer`` as plain values (tensor scalars as floats).
+
+    Args:
+        layout: the optimizer's :func:`optimizer_layout` when the stages were built: the
+            groups and their parameters are checked to be the same, and step hooks to be
+            absent (:func:`check_no_step_hooks`).
+
+    Raises:
+        PipelineError: with ``layout``, a group was added (``add_param_group``) or removed, or
+            a group's parameters changed: the stages' optimizers would go on without them.
+    """
+    if layout is not None:
+        check_no_step_hooks(optimizer)
+        now = optimizer_layout(optimizer)
+        if now != layout:
+            changed = [i for i, (a, b) in enumerate(zip(now, layout)) if a != b]
+            what = (
+                f"{len(layout)} groups at compile, {len(now)} now (add_param_group)"
+                if len(now) != len(layout)
+                else f"the parameters of group {changed[0]} changed"
+            )
+            raise PipelineError(
+                f"the optimizer's parameter groups changed after compile ({what}): the stages "
+                "built their optimizers from the groups at compile and would train without the "
+                "change. Give the optimizer every group before compile, or compile again from "
+                "pipe.to_module()"
+            )
     out = []
     for group in optimizer.param_groups:
         hyper = {}

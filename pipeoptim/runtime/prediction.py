@@ -3,6 +3,7 @@ SpecTrain's ``spectrain`` (W − s·lr·v); see :mod:`pipeoptim.runtime.policies
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 
 import torch
@@ -13,7 +14,7 @@ from pipeoptim.errors import PredictorError
 from pipeoptim.methods import spectrain_steps
 from pipeoptim.runtime.extrapolation import Extrapolator, Terms, per_unit_rate
 from pipeoptim.runtime.fused_step import step_predicting, steps_each
-from pipeoptim.runtime.predictors import VARIANTS, get_predictor
+from pipeoptim.runtime.predictors import VARIANTS, borrowed_rule, get_predictor
 from pipeoptim.runtime.weight_policy import WeightPolicy
 
 #: PipeOptim's ``backward`` option: the weights its backward uses
@@ -31,7 +32,8 @@ def check_pipeoptim_options(
 ) -> None:
     """Refuse a ``predictor`` or ``backward`` (:class:`PipeOptimPolicy`) that is unknown, or
     other than its default for a method whose weight policy is not PipeOptim's (it would be
-    ignored), or a predictor the optimizer has none for.
+    ignored), or a predictor the optimizer has none for. Warns where the optimizer's class
+    writes its own ``step()`` but is predicted with a base class's rule (:func:`borrowed_rule`).
 
     Raises:
         ValueError: an unknown value, or one given to another method.
@@ -47,6 +49,15 @@ def check_pipeoptim_options(
             raise ValueError(f"{name}={value!r} applies to method 'pipeoptim' only, not {method!r}")
     if policy == "pipeoptim":
         get_predictor(optimizer, predictor)
+    owner = borrowed_rule(type(optimizer), predictor) if policy in ("pipeoptim", "spectrain") else None
+    if owner is not None:
+        name = type(optimizer).__name__
+        warnings.warn(
+            f"{name} writes its own step(), but {method} predicts its weights with {owner.__name__}'s "
+            f"update rule: if {name}'s update differs, register its own with "
+            f"pipeoptim.register_predictor({name}, fn)",
+            stacklevel=3,
+        )
 
 
 class _Predicting(WeightPolicy):

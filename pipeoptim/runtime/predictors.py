@@ -20,6 +20,7 @@ Register predictors for other optimizers with :func:`register_predictor`.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 
 import torch
@@ -45,6 +46,18 @@ def register_predictor(optimizer_class: type[Optimizer], predictor: Predictor) -
     ``W <- W - U``, or ``None`` when it cannot tell yet (Ŵ = W is used).
     """
     _PREDICTORS[optimizer_class] = predictor
+
+
+def borrowed_rule(cls: type[Optimizer], variant: str = "paper") -> type[Optimizer] | None:
+    """The class whose registered predictor ``cls`` is predicted with where ``cls`` has none of
+    its own but writes its own ``step()``, a rule that predictor may not follow
+    (``class SignSGD(SGD)`` stepping ``lr · sign(g)`` gets SGD's ``lr · g``); else ``None``.
+    (torch wraps ``step`` in a profiling hook on first use: compared as written.)"""
+    table = _PREDICTORS if variant == "paper" else _NEXT_STEP
+    owner = next((k for k in cls.__mro__ if k in table), None)
+    if owner is None or owner is cls or inspect.unwrap(cls.step) is inspect.unwrap(owner.step):
+        return None
+    return owner
 
 
 def registered_for(cls: type[Optimizer]) -> list[tuple[type[Optimizer], Predictor | None, Predictor | None]]:
