@@ -1,4 +1,4 @@
-"""Compiling leaves the caller's random state as it was.
+"""Compiling leaves the caller's random state as it was; Python's and NumPy's global generators.
 
 Compiling draws random numbers where it measures (the optimizer's update cost on test tensors,
 :mod:`pipeoptim.update_cost`), and only where no cached figure exists: under torchrun on some
@@ -10,9 +10,12 @@ README's quick start trained on mismatched inputs and labels without an error (t
 
 from __future__ import annotations
 
+import contextlib
 import functools
-from collections.abc import Callable
-from typing import ParamSpec, TypeVar
+import random
+import sys
+from collections.abc import Callable, Iterator
+from typing import Any, ParamSpec, TypeVar
 
 import torch
 
@@ -31,3 +34,36 @@ def keeps_random_state(fn: Callable[P, R]) -> Callable[P, R]:
             return fn(*args, **kwargs)
 
     return kept
+
+
+def python_random_states() -> tuple[Any, ...]:
+    """The states of Python's global ``random`` generator and, where NumPy is imported, of its
+    global ``np.random`` one (its key array as bytes, so that two states compare by value)."""
+    numpy = sys.modules.get("numpy")
+    if numpy is None:
+        return (random.getstate(),)
+    kind, keys, *rest = numpy.random.get_state()
+    return random.getstate(), (kind, keys.tobytes(), *rest)
+
+
+def set_python_random_states(states: tuple[Any, ...]) -> None:
+    """Put back what :func:`python_random_states` returned."""
+    random.setstate(states[0])
+    if len(states) > 1:
+        kind, keys, *rest = states[1]
+        numpy = sys.modules["numpy"]
+        numpy.random.set_state((kind, numpy.frombuffer(keys, dtype=numpy.uint32), *rest))
+
+
+@contextlib.contextmanager
+def python_generators_seeded(value: int) -> Iterator[None]:
+    """Within: Python's global ``random`` generator (and NumPy's ``np.random``, where NumPy is
+    imported) seeded with ``value``; the caller's states put back after."""
+    states = python_random_states()
+    random.seed(value)
+    if len(states) > 1:
+        sys.modules["numpy"].random.seed(value % 2**32)
+    try:
+        yield
+    finally:
+        set_python_random_states(states)

@@ -14,7 +14,7 @@ import torch.fx as fx
 from torch import nn
 
 from pipeoptim.compiler.shapes import sequence_inputs
-from pipeoptim.compiler.trace_guards import refusing_custom_functions
+from pipeoptim.compiler.trace_guards import refusing_custom_functions, refusing_hooks_and_draws
 
 
 def _dynamic_dims(inputs: tuple[torch.Tensor, ...]) -> tuple[dict[int, Any], ...]:
@@ -42,6 +42,7 @@ def export_graph(model: nn.Module, inputs: tuple[torch.Tensor, ...]) -> fx.Graph
             contextlib.redirect_stdout(io.StringIO()),
             contextlib.redirect_stderr(io.StringIO()),
             refusing_custom_functions(),  # export would trace through them too
+            refusing_hooks_and_draws(),  # and leave hooks out, and draw once
         ):
             exported = torch.export.export(model, inputs, strict=False, dynamic_shapes=_dynamic_dims(inputs))
     finally:

@@ -38,6 +38,7 @@ from pipeoptim.compiler.normalise import normalise
 from pipeoptim.compiler.recompute import checkpoint_calls, fold_regions, recording_checkpoints
 from pipeoptim.compiler.trace_guards import (
     PlainStateChanged,
+    RandomDraw,
     TrainingFlag,
     TrainingRead,
     UntraceableCall,
@@ -314,7 +315,9 @@ def trace(
             failed = failed.rpartition(".")[0]
         if failed:
             auto_leaves[failed] = (
-                str(exc) if isinstance(exc, PlainStateChanged) else f"{exc} at {_user_frame(exc)}"
+                str(exc)
+                if isinstance(exc, (PlainStateChanged, RandomDraw))
+                else f"{exc} at {_user_frame(exc)}"
             )
             leaf_names.add(failed)
         elif isinstance(exc, TrainingRead) and not root_training:
@@ -322,8 +325,9 @@ def trace(
         elif isinstance(exc, PlainStateChanged):
             raise _plain_state_error(model, exc) from exc
         else:
+            where = "" if isinstance(exc, RandomDraw) else f" at {_user_frame(exc)}"
             raise TraceError(
-                f"{type(model).__name__}.forward {exc} at {_user_frame(exc)}. Fix: move that code into "
+                f"{type(model).__name__}.forward {exc}{where}. Fix: move that code into "
                 "a submodule's forward (the submodule then runs as one node, as written)"
             ) from exc
         gm, exc, failed = _symbolic_trace(model, len(inputs), leaf_names, root_flag=not root_training)

@@ -1,6 +1,6 @@
 """Calls a traced graph would drop: they stop tracing, and the module making them runs as written.
 
-``torch.fx`` records tensor operations only, so five kinds of call in a ``forward`` would be
+``torch.fx`` records tensor operations only, so seven kinds of call in a ``forward`` would be
 lost without a word (or fail later with a bare ``KeyError``), changing what trains or what
 evaluation computes:
 
@@ -25,7 +25,14 @@ evaluation computes:
   so the change happened once instead of at every forward (helper-87 measured the loss 3.7e-3
   off after a few steps), and ``self.hist.append(y)`` left an fx Proxy in the list and never
   appended at training time. :func:`watching_plain_state` finds both after the trace (the
-  version counter; a traced value in a list or dict) and puts the attributes back.
+  version counter; a traced value in a list or dict) and puts the attributes back;
+- ``h.register_hook(fn)`` on a value computed in ``forward``: the hook (a gradient reversal or
+  scaling) was left out of the graph, so it never ran (helper-127: weights 2.3e-3 off plain
+  training after one step);
+- ``random.random()`` (or NumPy's global ``np.random``): drawn once, at trace time, so a
+  stochastic-depth block skipped then was left out of the graph for good and one kept then
+  always ran (helper-127). :func:`refusing_random_draws` finds the draw by the generators'
+  states and puts them back.
 
 While a model is traced with fx (:func:`guarding_traced_calls`, :func:`training_flags`), these
 calls raise :class:`UntraceableCall`; the tracer then makes the module that made them a leaf
@@ -46,6 +53,8 @@ from typing import Any
 import torch
 import torch.utils._pytree as pytree
 from torch import fx, nn
+
+from pipeoptim.random_state import python_random_states, set_python_random_states
 
 
 class UntraceableCall(Exception):
@@ -73,13 +82,72 @@ def refusing_custom_functions() -> Iterator[None]:
         torch.autograd.Function.apply = original  # type: ignore[method-assign]
 
 
+#: tensor methods that register a gradient hook, which a traced graph would not hold
+HOOK_METHODS = frozenset({"register_hook", "register_post_accumulate_grad_hook"})
+
+_HOOK_REFUSAL = "registers a gradient hook (tensor.register_hook), which a traced graph would drop"
+
+
+_RANDOM_REFUSAL = (
+    "draws from Python's random module (or NumPy's np.random), which a traced graph would draw "
+    "once, at tracing: draw with torch instead (torch.rand(()) < p), which the graph keeps"
+)
+
+
+class RandomDraw(UntraceableCall):
+    """A traced forward drew from Python's or NumPy's global generator (found at its end, so
+    the exception holds no line of the user's code)."""
+
+
+@contextlib.contextmanager
+def refusing_random_draws() -> Iterator[None]:
+    """Within: a trace. Leaving without an error, raise :class:`UntraceableCall` where the
+    global ``random`` (or ``np.random``) generator moved; either way put it back as it was,
+    so that tracing takes none of the caller's random numbers.
+
+    Raises:
+        RandomDraw: the generator moved.
+    """
+    before = python_random_states()
+    try:
+        yield
+    finally:
+        moved = python_random_states() != before
+        if moved:
+            set_python_random_states(before)
+    if moved:
+        raise RandomDraw(_RANDOM_REFUSAL)
+
+
+@contextlib.contextmanager
+def refusing_hooks_and_draws() -> Iterator[None]:
+    """Within (``torch.export``, which runs ``forward`` on fake tensors): gradient hooks
+    (:data:`HOOK_METHODS`) raise :class:`UntraceableCall`, and so does the end of the block
+    where Python's or NumPy's global generator moved (:func:`refusing_random_draws`)."""
+
+    def refuse(*args: Any, **kwargs: Any) -> None:
+        raise UntraceableCall(_HOOK_REFUSAL)
+
+    originals = {name: getattr(torch.Tensor, name) for name in HOOK_METHODS}
+    with refusing_random_draws():
+        for name in HOOK_METHODS:
+            setattr(torch.Tensor, name, refuse)
+        try:
+            yield
+        finally:
+            for name, original in originals.items():
+                setattr(torch.Tensor, name, original)
+
+
 @contextlib.contextmanager
 def guarding_traced_calls() -> Iterator[None]:
     """Within: custom autograd Functions (:func:`refusing_custom_functions`), grad-mode switches
     (``torch._C._set_grad_enabled``, behind ``no_grad``, ``enable_grad`` and
     ``set_grad_enabled``; ``torch._C._InferenceMode``, behind ``inference_mode``), autocast
-    switches (``torch.set_autocast_enabled``) and traced values assigned to a module's
-    attribute (``nn.Module.__setattr__``) raise :class:`UntraceableCall`."""
+    switches (``torch.set_autocast_enabled``), traced values assigned to a module's
+    attribute (``nn.Module.__setattr__``), gradient hooks (:data:`HOOK_METHODS`) and, at the
+    end of the module's call (``fx.Tracer.call_module``) or of the trace, a draw from Python's
+    or NumPy's global generator (:func:`refusing_random_draws`) raise :class:`UntraceableCall`."""
 
     def grad_mode(mode: bool) -> None:
         raise UntraceableCall(
@@ -118,7 +186,20 @@ def guarding_traced_calls() -> Iterator[None]:
             )
         proxy_setattr(proxy, name, value)
 
+    attribute_call, tracer_call_module = fx.proxy.Attribute.__call__, fx.Tracer.call_module
+
+    def call_attribute(attribute: fx.proxy.Attribute, *args: Any, **kwargs: Any) -> Any:
+        if attribute.attr in HOOK_METHODS:  # h.register_hook(fn): fx would record a call
+            raise UntraceableCall(_HOOK_REFUSAL)
+        return attribute_call(attribute, *args, **kwargs)
+
+    def call_module(tracer: fx.Tracer, *args: Any, **kwargs: Any) -> Any:
+        with refusing_random_draws():  # the innermost module drawing raises first
+            return tracer_call_module(tracer, *args, **kwargs)
+
     patched = (
+        (fx.proxy.Attribute, "__call__", call_attribute),
+        (fx.Tracer, "call_module", call_module),
         (torch._C, "_set_grad_enabled", grad_mode),
         (torch, "set_autocast_enabled", autocast),
         (torch._C, "_InferenceMode", inference_mode),
@@ -126,7 +207,7 @@ def guarding_traced_calls() -> Iterator[None]:
         (fx.Proxy, "__setattr__", assign_data),
     )
     originals = [(owner, name, getattr(owner, name)) for owner, name, _ in patched]
-    with refusing_custom_functions():
+    with refusing_custom_functions(), refusing_random_draws():  # the root's own draws
         for owner, name, replacement in patched:
             setattr(owner, name, replacement)
         try:

@@ -12,11 +12,15 @@ module, a wrapped function, a compiled stage) counts as drawing.
 from __future__ import annotations
 
 import contextlib
+import enum
 import re
 from collections.abc import Iterator, Sequence
 
 import torch
 from torch import fx, nn
+
+from pipeoptim.compiler.trace import call_leaf
+from pipeoptim.random_state import python_generators_seeded
 
 #: names of torch's operations and modules that draw, or may (scaled_dot_product_attention's
 #: dropout_p, MultiheadAttention's dropout): a false match only costs the seeding
@@ -29,49 +33,72 @@ RANDOM_NAMES = re.compile(
 PLAIN_MODULES = ("_operator", "operator", "builtins", "math")
 
 
-def draws_random_numbers(module: nn.Module) -> bool:
-    """Whether a forward of ``module`` (a stage's ``torch.fx`` graph module) may draw from
-    torch's random generators: ``True`` for anything but a graph module whose every call is a
-    torch (or ``operator``, ``builtins``, ``math``) function, a tensor method or a
-    ``torch.nn`` module (with all its children), none of them named like a random operation
-    (:data:`RANDOM_NAMES`), and whose nested graph modules are alike."""
+class Draws(enum.IntEnum):
+    """What a stage's forward may draw from (:func:`draws_random_numbers`)."""
+
+    NOTHING = 0  #: nothing: neither seeded nor forked
+    TORCH = 1  #: torch's generators (dropout and the like)
+    ANY = 2  #: code fx cannot see into (a user's leaf module or function): Python's and NumPy's too
+
+
+def draws_random_numbers(module: nn.Module) -> Draws:
+    """What a forward of ``module`` (a stage's ``torch.fx`` graph module) may draw from:
+    :attr:`Draws.NOTHING` for a graph module whose every call is a torch (or ``operator``,
+    ``builtins``, ``math``) function, a tensor method or a ``torch.nn`` module (with all its
+    children), none of them named like a random operation (:data:`RANDOM_NAMES`), and whose
+    nested graph modules are alike; :attr:`Draws.TORCH` where one is named so or a torch
+    module runs as a leaf; :attr:`Draws.ANY` where user code runs (a module or function defined
+    outside torch) or ``module`` is no graph module."""
     if not isinstance(module, fx.GraphModule):
-        return True
+        return Draws.ANY
+    found = Draws.NOTHING
     for node in module.graph.nodes:
-        if node.op == "call_function" and _draws_function(node.target):
-            return True
-        if node.op == "call_method" and RANDOM_NAMES.search(str(node.target)):
-            return True
-        if node.op == "call_module" and _draws_module(module.get_submodule(str(node.target))):
-            return True
-    return False
+        if node.op == "call_function":
+            found = max(found, _function_draws(module, node))
+        elif node.op == "call_method" and RANDOM_NAMES.search(str(node.target)):
+            found = max(found, Draws.TORCH)
+        elif node.op == "call_module":
+            found = max(found, _module_draws(module.get_submodule(str(node.target))))
+    return found
 
 
-def _draws_function(target: object) -> bool:
+def _function_draws(graph_module: fx.GraphModule, node: fx.Node) -> Draws:
+    target = node.target
+    if target is call_leaf:  # a leaf with parameters: at least torch's (LSTM's dropout), and its code's
+        return max(Draws.TORCH, _module_draws(graph_module.get_submodule(str(node.args[0].target))))
     owner = getattr(target, "__module__", None) or ""
     name = getattr(target, "__name__", None) or repr(target)
-    known = owner in PLAIN_MODULES or owner == "torch" or owner.startswith("torch.")
-    return not known or bool(RANDOM_NAMES.search(name))
+    if not (owner in PLAIN_MODULES or owner == "torch" or owner.startswith("torch.")):
+        return Draws.ANY
+    return Draws.TORCH if RANDOM_NAMES.search(name) else Draws.NOTHING
 
 
-def _draws_module(module: nn.Module) -> bool:
+def _module_draws(module: nn.Module) -> Draws:
     if isinstance(module, fx.GraphModule):
         return draws_random_numbers(module)
-    return any(
-        not type(m).__module__.startswith("torch.nn.modules.") or RANDOM_NAMES.search(type(m).__name__)
-        for m in module.modules()
-    )
+    found = Draws.NOTHING
+    for m in module.modules():
+        owner = type(m).__module__
+        if not owner.startswith("torch."):
+            return Draws.ANY
+        if not owner.startswith("torch.nn.modules.") or RANDOM_NAMES.search(type(m).__name__):
+            found = Draws.TORCH
+    return found
 
 
 @contextlib.contextmanager
-def seeded(value: int | None, devices: Sequence[torch.device]) -> Iterator[None]:
+def seeded(value: int | None, devices: Sequence[torch.device], python: bool = False) -> Iterator[None]:
     """Within: torch's CPU generator and those of the CUDA ``devices`` seeded with ``value``,
-    the caller's restored after (``torch.random.fork_rng``); nothing where ``value`` is
-    ``None`` (a stage that draws nothing, :func:`draws_random_numbers`)."""
+    the caller's restored after (``torch.random.fork_rng``, 4 us); with ``python``
+    (:attr:`Draws.ANY`) Python's global ``random`` generator and NumPy's ``np.random`` too, so
+    that a leaf module drawing from them (stochastic depth with ``random.random()``) draws
+    the same in every executor (80 us more, most of it NumPy's state); nothing where ``value``
+    is ``None`` (a stage that draws nothing, :func:`draws_random_numbers`)."""
     if value is None:
         yield
         return
-    with torch.random.fork_rng(devices=list(devices)):
+    python_seeded = python_generators_seeded(value) if python else contextlib.nullcontext()
+    with torch.random.fork_rng(devices=list(devices)), python_seeded:
         torch.default_generator.manual_seed(value)  # torch.manual_seed would seed every accelerator type
         for device in devices:
             with torch.cuda.device(device):

@@ -25,7 +25,7 @@ from pipeoptim.runtime.held_bytes import saved_bytes
 from pipeoptim.runtime.leaves import flatten
 from pipeoptim.runtime.nan_check import any_nan, nan_cause
 from pipeoptim.runtime.optim import apply_hyperparameters
-from pipeoptim.runtime.randomness import draws_random_numbers, seeded
+from pipeoptim.runtime.randomness import Draws, draws_random_numbers, seeded
 from pipeoptim.runtime.scaler import LossScaler
 from pipeoptim.runtime.shared import SharedParams
 from pipeoptim.runtime.staleness import PredictionErrorMeter, backward_weights, used_weights
@@ -120,7 +120,7 @@ class StageRuntime:
         self.async_norms: AsyncNorms | None = None
         device = next((p.device for p in module.parameters()), torch.device("cpu"))
         self._rng_devices = [device] if device.type == "cuda" else []
-        #: whether a forward may draw random numbers: else it is neither seeded nor forked
+        #: what a forward may draw from: nothing, and it is neither seeded nor forked
         self._draws = draws_random_numbers(module)
 
     @property
@@ -190,7 +190,7 @@ class StageRuntime:
             )
         try:
             seed = self.seed * 1_000_003 + micro_batch * 7919 + self.index
-            with seeded(seed if self._draws else None, self._rng_devices):  # drawing nothing: not seeded
+            with seeded(seed if self._draws else None, self._rng_devices, self._draws is Draws.ANY):
                 if self.policy is not None:
                     with self.policy.saving(micro_batch, version_diff):
                         out = self.policy.pin_parameters(self.module(*args))
