@@ -25,13 +25,19 @@ R = TypeVar("R")
 
 def keeps_random_state(fn: Callable[P, R]) -> Callable[P, R]:
     """``fn`` restoring, when it returns or raises, the state of torch's CPU generator and of
-    the CUDA generators already in use when it was called (``torch.random.fork_rng``)."""
+    the CUDA generators already in use when it was called (``torch.random.fork_rng``), and of
+    Python's and NumPy's global generators (profiling runs a user's leaf modules, which may
+    draw from them)."""
 
     @functools.wraps(fn)
     def kept(*args: P.args, **kwargs: P.kwargs) -> R:
         in_use = torch.cuda.is_initialized()
-        with torch.random.fork_rng(devices=list(range(torch.cuda.device_count())) if in_use else []):
-            return fn(*args, **kwargs)
+        states = python_random_states()
+        try:
+            with torch.random.fork_rng(devices=list(range(torch.cuda.device_count())) if in_use else []):
+                return fn(*args, **kwargs)
+        finally:
+            set_python_random_states(states)
 
     return kept
 

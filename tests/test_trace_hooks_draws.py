@@ -131,9 +131,13 @@ def _trained(model: nn.Module, batches: list, executor: str) -> tuple[list[float
     optimizer = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9)
     options = {"loss_fn": F.cross_entropy, "method": "1f1b", "micro_batches": 4, "executor": executor}
     options |= {"example_inputs": batches[0][0], "profile_dir": None}
+    state = random.getstate()
     with pipeoptim.compile(net, optimizer, 2, **options) as pipe:
+        assert random.getstate() == state  # profiling ran the blocks, on its own numbers
         RAN.clear()  # not the runs of tracing and profiling
-        return [pipe.step(x, y).item() for x, y in batches], pipe.state_dict()
+        losses = [pipe.step(x, y).item() for x, y in batches]
+        assert random.getstate() == state  # the local stages draw from their own streams
+        return losses, pipe.state_dict()
 
 
 def test_a_draw_in_the_root_forward_is_refused_with_the_fix() -> None:
