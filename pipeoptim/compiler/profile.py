@@ -25,6 +25,7 @@ import torch.fx as fx
 from torch.fx.node import _get_qualified_name
 from torch.utils import _pytree as pytree
 
+from pipeoptim.compiler.batch_axes import check_batch_axes
 from pipeoptim.compiler.calibration import calibrate, whole_model_seconds
 from pipeoptim.compiler.costgraph import CostGraph, CostNode
 from pipeoptim.compiler.profile_key import profile_key
@@ -274,6 +275,7 @@ def profile_model(
     timer = _Timer(device)
     outputs = {n: recorder.env[n] for n in gm.graph.nodes if n.op != "output"}
     dims = _batch_dims(gm, inputs, {n: (v, None) for n, v in outputs.items()})
+    check_batch_axes(gm, dims or {}, outputs)  # a sequence layer must get whole sequences
     slopes = length_slopes(gm, inputs, outputs, lambda xs: _outputs_at(gm, xs))
     saved = saved_bytes(gm, inputs)
     trainable = dict(gm.named_parameters(remove_duplicate=False))
