@@ -28,7 +28,24 @@ def _mutable(value: Any) -> Any:
         return [_mutable(v) for v in value]
     if type(value) is tuple:
         return tuple(_mutable(v) for v in value)
+    if _builds_namedtuple(value):  # fx records Out(logits, aux) as one call: its fields are the outputs
+        kwargs = {k: _mutable(v) for k, v in value.kwargs.items()}
+        return value.target(*(_mutable(v) for v in value.args), **kwargs)
     return value
+
+
+def _builds_namedtuple(value: Any) -> bool:
+    """Whether ``value`` is a node that builds a ``collections.namedtuple`` (or
+    ``typing.NamedTuple``) used by the output alone: ``predict()`` joined such an output as one
+    leaf, which it cannot (helper-127)."""
+    return (
+        isinstance(value, fx.Node)
+        and value.op == "call_function"
+        and isinstance(value.target, type)
+        and issubclass(value.target, tuple)
+        and hasattr(value.target, "_fields")
+        and all(user.op == "output" for user in value.users)
+    )
 
 
 def normalise(gm: fx.GraphModule, method: str, n_inputs: int) -> tuple[list[str], Any]:
@@ -69,6 +86,8 @@ def normalise(gm: fx.GraphModule, method: str, n_inputs: int) -> tuple[list[str]
     if method == "fx":
         flat, out_spec = pytree.tree_flatten(_mutable(output.args[0]))
         output.args = (tuple(flat),)
+        for node in [n for n in graph.nodes if _builds_namedtuple(n) and not n.users]:
+            graph.erase_node(node)  # its fields are the outputs now
     else:
         result = output.args[0]
         output.args = (tuple(result) if isinstance(result, (tuple, list)) else (result,),)
