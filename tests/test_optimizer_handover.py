@@ -141,14 +141,17 @@ def test_step_hooks_are_refused_at_compile() -> None:
         _pipeline(model, opt)
 
 
-def test_compile_warns_where_a_subclass_step_is_predicted_with_its_bases_rule() -> None:
-    class SignSGD(torch.optim.SGD):
-        @torch.no_grad()
-        def step(self, closure=None):
-            for group in self.param_groups:
-                for p in group["params"]:
-                    p.add_(p.grad.sign(), alpha=-group["lr"])
+class SignSGD(torch.optim.SGD):
+    """A subclass with its own update rule, ``W ← W − lr · sign(g)``."""
 
+    @torch.no_grad()
+    def step(self, closure=None):
+        for group in self.param_groups:
+            for p in group["params"]:
+                p.add_(p.grad.sign(), alpha=-group["lr"])
+
+
+def test_compile_warns_where_a_subclass_step_is_predicted_with_its_bases_rule() -> None:
     model = mlp()
     opt = SignSGD(model.parameters(), lr=0.1)
     expected = r"SignSGD writes its own step\(\), but pipeoptim predicts .* SGD's"

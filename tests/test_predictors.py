@@ -10,6 +10,8 @@ import torch
 from pipeoptim.errors import PredictorError
 from pipeoptim.runtime.predictors import borrowed_rule, get_predictor, predict, register_predictor
 
+from .test_optimizer_handover import SignSGD
+
 CONFIGS = [
     (torch.optim.SGD, {"lr": 0.1}),
     (torch.optim.SGD, {"lr": 0.1, "weight_decay": 0.01, "maximize": True}),
@@ -200,20 +202,16 @@ def test_a_subclass_writing_its_own_step_is_said_to_borrow_its_bases_rule() -> N
     """``class SignSGD(SGD)`` stepping ``lr · sign(g)`` was predicted with SGD's ``lr · g``
     without a word (helper-128); a subclass that only inherits SGD's step is SGD's rule."""
 
-    class SignSGD(torch.optim.SGD):
-        @torch.no_grad()
-        def step(self, closure=None):
-            for group in self.param_groups:
-                for p in group["params"]:
-                    p.add_(p.grad.sign(), alpha=-group["lr"])
+    class Signed(SignSGD):  # registered below: not the class other tests compile with
+        pass
 
     class Plain(torch.optim.SGD):
         pass
 
-    assert borrowed_rule(SignSGD) is torch.optim.SGD
-    assert borrowed_rule(SignSGD, "next-step") is torch.optim.SGD
+    assert borrowed_rule(Signed) is torch.optim.SGD
+    assert borrowed_rule(Signed, "next-step") is torch.optim.SGD
     Plain([torch.nn.Parameter(torch.zeros(2))], lr=0.1)  # torch wraps its step on first use
     assert borrowed_rule(Plain) is None
     assert borrowed_rule(torch.optim.Adam) is None
-    register_predictor(SignSGD, lambda p, state, group: group["lr"] * p.grad.sign())
-    assert borrowed_rule(SignSGD) is None
+    register_predictor(Signed, lambda p, state, group: group["lr"] * p.grad.sign())
+    assert borrowed_rule(Signed) is None
