@@ -7,8 +7,10 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import importlib.util
 import subprocess
 import sys
+import types
 from collections.abc import Callable
 from pathlib import Path
 
@@ -192,3 +194,84 @@ def test_the_hash_is_the_same_in_another_process() -> None:
     ]
     here = f"{_hash(_with_leaf(), ('1',))} {_hash(Attention())} {_hash(_normed())} {_hash(_odd(), ('1',))}\n"
     assert hashes == [here, here]
+
+
+WRAPPED = """
+import torch
+from torch import nn
+from wrapped_step import step
+
+REPEAT = 1
+
+
+@torch.fx.wrap
+def heavy(x):
+    for _ in range(REPEAT * {times}):
+        x = step(x)
+    return x
+
+
+class Wrapped(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(64, 64)
+
+    def forward(self, x):
+        return heavy(self.lin(x))
+"""
+
+
+def _load(folder: Path, name: str, source: str) -> types.ModuleType:
+    path = folder / f"{name}.py"
+    path.write_text(source)
+    spec = importlib.util.spec_from_file_location(name, path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def _wrapped_model(folder: Path, times: int, repeat: int = 1, step: str = "torch.tanh(x)") -> nn.Module:
+    """A model from a file of its own whose forward calls ``heavy``, a ``torch.fx.wrap``
+    function the graph calls whole, running ``REPEAT * times`` rounds of ``step``, a helper
+    imported from another file."""
+    _load(folder, "wrapped_step", f"import torch\n\ndef step(x):\n    return {step}\n")
+    module = _load(folder, "wrapped", WRAPPED.format(times=times))  # one file, edited between imports
+    module.REPEAT = repeat  # a setting computed at import: the file's text stays the same
+    torch.manual_seed(0)
+    return module.Wrapped()
+
+
+def test_a_wrapped_function_is_keyed_by_its_code_and_the_settings_it_reads(tmp_path: Path) -> None:
+    """The graph holds only the call ``heavy(x)``: an edited helper, or one reading a setting
+    computed at import, reused the profile of the old one (133x too fast; helper-129)."""
+    assert "heavy" in trace(_wrapped_model(tmp_path, 1), torch.randn(2, 8, 64)).gm.code
+    once = _hash(_wrapped_model(tmp_path, 1))
+    assert _hash(_wrapped_model(tmp_path, 1)) == once
+    assert _hash(_wrapped_model(tmp_path, 300)) != once
+    assert _hash(_wrapped_model(tmp_path, 1, repeat=300)) != once
+    assert _hash(_wrapped_model(tmp_path, 1, step="torch.tanh(x @ x.mT @ x)")) != once
+
+
+ROUNDS = 1  # a module-level setting a leaf's forward reads
+
+
+class RoundsLeaf(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(64, 64)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for _ in range(ROUNDS):
+            x = torch.tanh(self.lin(x))
+        return x
+
+
+def test_a_setting_a_leaf_reads_from_its_module_changes_the_hash(monkeypatch) -> None:
+    """The file's text is the same whatever ``ROUNDS = int(os.environ[...])`` gave at import."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 64), RoundsLeaf())
+    before = _hash(model, ("1",))
+    monkeypatch.setattr(sys.modules[__name__], "ROUNDS", 50)
+    assert _hash(model, ("1",)) != before

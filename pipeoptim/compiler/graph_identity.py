@@ -30,7 +30,9 @@ def graph_hash(gm: fx.GraphModule, leaves: Iterable[str] = ()) -> str:
     recurrent layers and attention) and the modules inside it, :func:`leaf_identity`.
 
     Without the leaves, one whose loop ran 200 times instead of once, or whose forward was
-    edited, reused the old profile (its plan predicted 0.86 ms for a 75 ms stage); without the
+    edited, reused the old profile (its plan predicted 0.86 ms for a 75 ms stage); a function
+    the graph calls whole (``torch.fx.wrap``) goes in by :func:`function_identity` (an edited
+    helper reused its profile, 133x too fast: helper-129); without the
     built-in leaves, attention of 64 heads reused the profile of 1 (2.2x too fast), and a
     dropout in eval mode or of p 0.0 that of one at 0.5 (the mask's bytes missing);
     without the buffers kept out of the ``state_dict``, a leaf's cache of 256 x 16384 values
@@ -42,6 +44,10 @@ def graph_hash(gm: fx.GraphModule, leaves: Iterable[str] = ()) -> str:
     for name, t in sorted(gm.named_buffers()):
         if name not in persistent:
             h.update(f"{name} (not persistent):{tuple(t.shape)}:{t.dtype}".encode())
+    for node in gm.graph.nodes:  # a function the graph calls whole (torch.fx.wrap), by its code
+        fn = node.target
+        if node.op == "call_function" and isinstance(fn, types.FunctionType) and not _from_torch_or_us(fn):
+            h.update(function_identity(fn).encode())
     prefixes = tuple(sorted(set(leaves) | called_whole(gm)))
     for name, mod in sorted(gm.named_modules()):
         h.update(f"{name}:{type(mod).__qualname__}".encode())
@@ -88,7 +94,43 @@ def leaf_identity(module: nn.Module) -> str:
     except (OSError, TypeError):
         source = repr(_described(dict(vars(cls)), _DEPTH))
     own = {k: _described(v, _DEPTH) for k, v in vars(module).items() if k not in _MODULE_OWN}
-    return f"{source}{cls.__qualname__} training={module.training} {sorted(own.items())!r}"
+    read = [_globals_read(f) for f in vars(cls).values() if isinstance(f, types.FunctionType)]
+    return f"{source}{cls.__qualname__} training={module.training} {sorted(own.items())!r} {read!r}"
+
+
+def function_identity(fn: types.FunctionType) -> str:
+    """A function the graph calls whole, as :func:`leaf_identity` keys a leaf: the source of
+    its file (or, without one, its compiled code), its code, defaults and closure, and the
+    module-level values it reads (:func:`_globals_read`)."""
+    try:
+        source = inspect.getsource(inspect.getmodule(fn) or fn)
+    except (OSError, TypeError):
+        source = ""
+    return f"{source}{_function(fn, _DEPTH)!r} {_globals_read(fn)!r}"
+
+
+def _globals_read(fn: types.FunctionType) -> list[object]:
+    """The module-level values ``fn`` reads by name (in its code and the code nested in it),
+    as :func:`_described` gives them, a function by its code (a helper imported from another
+    file, whose source is not the file's): a setting computed at import (``REPEAT =
+    int(os.environ["REPEAT"])``) is the same text in the file, another value in the process."""
+    codes, names = [fn.__code__], set()
+    while codes:
+        code = codes.pop()
+        names.update(code.co_names)
+        codes.extend(c for c in code.co_consts if isinstance(c, types.CodeType))
+    found = [(n, fn.__globals__[n]) for n in sorted(names) if n in fn.__globals__]
+    return [
+        (n, _function(v, 2) if isinstance(v, types.FunctionType) else _described(v, 1))
+        for n, v in found
+        if not isinstance(v, (types.ModuleType, type))
+    ]
+
+
+def _from_torch_or_us(fn: types.FunctionType) -> bool:
+    """Whether ``fn`` is torch's or pipeoptim's (keyed by torch's version and ours)."""
+    owner = getattr(fn, "__module__", None) or ""
+    return owner.split(".")[0] in ("torch", "pipeoptim", "operator", "_operator", "builtins", "math")
 
 
 def _described(value: object, depth: int) -> object:
