@@ -96,10 +96,7 @@ def choose_compile_layout(
             runnable(layout.num_stages, layout.data_parallel)
         except ValueError as exc:
             raise PlanError(str(exc)) from exc
-        made = make_plan(graph, pricing(layout), solver=solver)
-        if layout.data_parallel > 1 and made.shared:
-            raise PlanError("tied weights read by several stages cannot be replicated yet")
-        return made
+        return make_plan(graph, pricing(layout), solver=solver)
 
     return choose_layout(
         profile,

@@ -389,6 +389,19 @@ def test_solver_line_names_the_units_once(tmp_path: Path) -> None:
     assert solved.count("units") == 1 and f"optimal over {units} units)" in solved
 
 
+@pytest.mark.skipif(not SHARED_GPT2.is_file(), reason=f"no {SHARED_GPT2}")
+def test_layouts_replicating_tied_weights_are_left_out_as_compile_leaves_them(tmp_path: Path) -> None:
+    """gpt2's head is tied to its embedding in another stage: partition chose and saved 2 x 2,
+    a layout compile and train refuse (helper-129)."""
+    options = ["--profile", str(SHARED_GPT2), "--gpus", "4", "--memory", "8GiB", "--json"]
+    code, out, err = run("partition", *options, "--profile-dir", str(tmp_path))
+    assert code == 0, err
+    assert json.loads(out)["data_parallel"] == 1
+    code, _, err = run("partition", *options, "--stages", "2", "--data-parallel", "2")
+    assert code == 1
+    assert "tied weights read by several stages cannot be replicated yet" in one_line_error(err)
+
+
 def test_console_script_help_and_exit_code() -> None:
     exe = Path(sys.executable).parent / "pipeoptim"
     done = subprocess.run([str(exe), "partition", "--help"], capture_output=True, text=True)

@@ -277,14 +277,17 @@ def plan_layout(
         check_micro_batches(config.method, stages, m)
     except ValueError as exc:
         option.reason = f"2bw needs M >= N ({m} < {stages})"
-        option.fix = "use at least as many micro-batches as stages"
+        option.fix = "use at least as many micro-batches as stages (--micro-batches, micro_batches=)"
         option.error = PlanError(str(exc))
         return option
     cores = layout_cores(config.cores, stages * replicas)
     layout = replace(config, num_stages=stages, micro_batches=m, data_parallel=replicas, cores=cores)
     try:
         costs = scale_rows(graph, factor) if isinstance(graph, CostGraph) else graph(int(rows))
-        option.plan = plan(costs, layout)
+        made = plan(costs, layout)
+        if replicas > 1 and made.shared:  # compile refuses them: never chosen, also by partition
+            raise PlanError("tied weights read by several stages cannot be replicated yet")
+        option.plan = made
     except InfeasibleMemoryError as exc:
         need = exc.min_feasible_bytes
         option.reason = f"over the memory limit: needs {format_bytes(need)} ({need} bytes) per device"
