@@ -81,9 +81,8 @@ from pipeoptim.compiler.trace import trace
 from pipeoptim.examples import Block
 from pipeoptim.machine_costs import load_or_measure_machine_costs
 from pipeoptim.runtime.affinity import pin_rank
-from pipeoptim.runtime.distributed import free_port
 from pipeoptim.runtime.linkcost import QUICK_SIZES, REPEATS, SIZES, measure_link
-from pipeoptim.runtime.spawning import run_processes
+from pipeoptim.runtime.spawning import free_port, run_processes
 from pipeoptim.update_pricing import UpdatePricing
 
 WIDTH, DEPTH, BATCH, CLASSES = 512, 16, 64, 10

@@ -214,6 +214,24 @@ def check_model(data: dict[str, Any], path: str | os.PathLike[str], model: torch
         )
 
 
+def keyed_as_template(owned: dict[str, torch.Tensor], template: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The stages' weights ``owned`` (by graph name) keyed exactly like ``template``'s
+    ``state_dict()``, on the CPU, a shared (tied) tensor's names holding one tensor, as there;
+    a name no stage holds keeps the template's value."""
+    aliases = same_tensor_names(template)  # a shared module's buffers too
+    result: dict[str, torch.Tensor] = {}
+    for key, value in template.state_dict().items():
+        twin = next((result[a] for a in aliases.get(key, []) if a in result), None)
+        if twin is not None:
+            result[key] = twin
+            continue
+        source = owned.get(key)
+        if source is None:
+            source = next((owned[a] for a in aliases.get(key, []) if a in owned), None)
+        result[key] = (source if source is not None else value).detach().cpu().clone()
+    return result
+
+
 class Checkpoints:
     """Saving and loading a :class:`~pipeoptim.pipeline.Pipeline` (a mixin of it)."""
 
@@ -226,10 +244,12 @@ class Checkpoints:
     load_state_dict: Callable[[dict[str, torch.Tensor]], None]
     optimizer_state_dict: Callable[[], dict[str, Any]]
     load_optimizer_state_dict: Callable[[dict[str, Any]], None]
+    _executor: Any  # its same_call: under torchrun every rank in the same call
 
     def save_checkpoint(self, path: str | os.PathLike[str], extra: dict[str, Any] | None = None) -> None:
         """Flush, then write weights, optimizer state, position and plan to ``path`` atomically
         (:func:`pipeoptim.checkpoint.save_checkpoint`); under torchrun on every rank at once."""
+        self._executor.same_call("save_checkpoint")
         state = {
             "model_class": type(self._template).__qualname__,
             "method": self.method,
@@ -246,12 +266,19 @@ class Checkpoints:
 
         Raises:
             CheckpointError: missing, corrupt, or from another model.
+            PipelineError: under torchrun, another rank's checkpoint is (the others waited out
+                the timeout: helper-130).
         """
-        data = read_checkpoint(path)
-        check_model(data, path, self._template)
-        misfit = optimizer_misfit(data["optimizer"], self._optimizer, self._template)
-        if misfit:  # before any weight is loaded
-            raise CheckpointError(f"checkpoint {path} {misfit}")
+        failure = None
+        try:
+            data = read_checkpoint(path)
+            check_model(data, path, self._template)
+            misfit = optimizer_misfit(data["optimizer"], self._optimizer, self._template)
+            if misfit:  # before any weight is loaded
+                raise CheckpointError(f"checkpoint {path} {misfit}")
+        except CheckpointError as exc:
+            failure = exc
+        self._executor.same_call("load_checkpoint", failure)  # raises it, or another rank's
         self.load_state_dict(data["state_dict"])
         self.load_optimizer_state_dict(data["optimizer"])
         return data["extra"]

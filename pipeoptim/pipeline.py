@@ -114,7 +114,7 @@ class Pipeline(Measurements, checkpoint.Checkpoints):
         self._check_open()
         hyper = hyperparameters(self._optimizer, self._layout)  # refused here: nothing started yet
         check = lambda xs: given.check_batch(self.spec, given.as_tuple(xs))  # noqa: E731
-        batch = shared_rows(self._executor, inputs, check, "step", self.executor_kind, self._on_error)
+        batch = shared_rows(self._executor, inputs, check, "step", self.executor_kind, self._on_error, hyper)
         inputs = None if inputs is None else given.as_tuple(inputs)  # accepted by check
         every = self.micro_batches * self.replicas  # M per replica
         given.check_rows(batch, self.batch_size, every, self.method, self._static_batch)
@@ -207,11 +207,13 @@ class Pipeline(Measurements, checkpoint.Checkpoints):
         while pending:
             yield pending.popleft().wait()
 
-    def flush(self) -> None:
+    def flush(self, _call: str = "flush") -> None:
         """Wait until every mini-batch in flight has finished its backward and step; a flush
         that fails (a stalled schedule, losses missing, or with ``executor="local"`` any
-        exception of the cool-down it runs, the user's own included) stops the pipeline."""
+        exception of the cool-down it runs, the user's own included) stops the pipeline.
+        Under torchrun every rank makes the same call (``_call``: the public one flushing)."""
         self._check_open()
+        self._executor.same_call(_call)
         self._waited(self._executor.flush)
         if self._losses:
             error = PipelineError(f"flush finished with {len(self._losses)} loss(es) missing")
@@ -240,7 +242,7 @@ class Pipeline(Measurements, checkpoint.Checkpoints):
         eval-mode output depends on the other rows of its batch (BatchNorm without running
         statistics) sees those pieces, not the whole of ``inputs``.
         """
-        self.flush()
+        self.flush("predict")
         check = lambda xs: given.check_eval_batch(self.spec, given.as_tuple(xs, "predict()"))  # noqa: E731
         batch = shared_rows(self._executor, inputs, check, "predict", self.executor_kind, self._on_error)
         inputs = None if inputs is None else given.as_tuple(inputs)  # accepted by check
@@ -270,20 +272,8 @@ class Pipeline(Measurements, checkpoint.Checkpoints):
     def state_dict(self) -> dict[str, torch.Tensor]:
         """The trained weights, keyed exactly like the original model's ``state_dict()``: a
         shared (tied) parameter's names hold one tensor, as there."""
-        self.flush()
-        owned = self._executor.state_dict()
-        aliases = checkpoint.same_tensor_names(self._template)  # a shared module's buffers too
-        result: dict[str, torch.Tensor] = {}
-        for key, value in self._template.state_dict().items():
-            twin = next((result[a] for a in aliases.get(key, []) if a in result), None)
-            if twin is not None:
-                result[key] = twin
-                continue
-            source = owned.get(key)
-            if source is None:
-                source = next((owned[a] for a in aliases.get(key, []) if a in owned), None)
-            result[key] = (source if source is not None else value).detach().cpu().clone()
-        return result
+        self.flush("state_dict")
+        return checkpoint.keyed_as_template(self._executor.state_dict(), self._template)
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         """Load weights keyed like the original model's ``state_dict()`` into the stages.
@@ -292,7 +282,7 @@ class Pipeline(Measurements, checkpoint.Checkpoints):
             PipelineError: keys or tensor shapes differ from the model's (names the first few);
                 nothing is loaded then.
         """
-        self.flush()
+        self.flush("load_state_dict")
         misfit = checkpoint.misfits(state, self._template)
         if misfit:
             raise PipelineError(f"state dict does not belong to {type(self._template).__name__}: {misfit}")
@@ -310,7 +300,7 @@ class Pipeline(Measurements, checkpoint.Checkpoints):
     def optimizer_state_dict(self) -> dict[str, Any]:
         """Optimizer state keyed by parameter name, stage step counts, the mini-batch count and the
         user optimizer's group hyperparameters (lr, ...), as ``Optimizer.state_dict`` keeps them."""
-        self.flush()
+        self.flush("optimizer_state_dict")
         state = {
             "format": checkpoint.OPTIMIZER_FORMAT,
             "optimizer": type(self._optimizer).__qualname__,
@@ -334,7 +324,7 @@ class Pipeline(Measurements, checkpoint.Checkpoints):
         misfit = checkpoint.optimizer_misfit(state, self._optimizer, self._template)
         if misfit:
             raise PipelineError(f"the optimizer state {misfit}")
-        self.flush()
+        self.flush("load_optimizer_state_dict")
         self._executor.load_optimizer_state(state)  # may refuse it (torchrun): first
         restore_hyperparameters(self._optimizer, state.get("param_groups"))  # the lr a scheduler left
         self._next = int(state.get("mini_batches", self._next))
@@ -382,7 +372,7 @@ class Pipeline(Measurements, checkpoint.Checkpoints):
             )
         try:
             if finish and self._error is None and not raising:
-                self.flush()
+                self.flush("close")
         finally:
             self._closed = True
             self._losses.fail_all(PipelineError("the pipeline was closed before this loss arrived"))

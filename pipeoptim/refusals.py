@@ -20,12 +20,14 @@ def shared_rows(
     what: str,
     kind: str,
     on_error: Callable[[BaseException], None],
+    settings: object = None,
 ) -> microbatch.Rows:
     """Rows (and sequence length) of the batch given to ``what`` (step, predict), ``inputs``
     checked by ``check``; under torchrun rank 0's, as the other ranks may have been given no
     inputs. Inputs rank 0 refuses are refused on every rank (they wait for its rows), so that
     all skip the batch and stay in step; a rank whose own inputs disagree with rank 0's, or
-    rank 0 given none, stops its pipeline as :func:`prepared_here` does.
+    rank 0 given none, stops its pipeline as :func:`prepared_here` does; so does a rank whose
+    ``settings`` (the step's optimizer hyperparameters) are not rank 0's.
 
     Raises:
         PipelineError: ``check``'s refusal (on every rank: ``BatchRefusedError`` on the others),
@@ -37,7 +39,7 @@ def shared_rows(
     except PipelineError as exc:
         refused = exc
     try:
-        shared = executor.share_batch_size(batch, refused is not None, what)
+        shared = executor.share_batch_size(batch, refused is not None, what, settings)
     except (BatchRefusedError, RanksInOtherCallsError):  # refused on every rank: go on
         raise
     except PipelineError as exc:

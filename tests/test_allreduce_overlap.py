@@ -20,8 +20,8 @@ from pipeoptim.compiler.costmodel import CostConfig, evaluate
 from pipeoptim.compiler.overlap import BUCKET_BYTES, bucket_count, exposed_allreduce_seconds
 from pipeoptim.compiler.plan import make_plan
 from pipeoptim.runtime.allreduce import GroupAllReduce
-from pipeoptim.runtime.distributed import free_port
 from pipeoptim.runtime.schedule import Action, actions, last_before_step
+from pipeoptim.runtime.spawning import free_port
 
 
 def simulated_exposed(allreduce_s: float, backward_s: float, n: int) -> float:

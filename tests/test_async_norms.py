@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 import pipeoptim
 from pipeoptim.errors import PlanError
-from pipeoptim.runtime.distributed import free_port
+from pipeoptim.runtime.spawning import free_port
 from tests.reference_async_norms import Recorder, grad_rule
 from tests.reference_sim import simulate
 from tests.test_reference_sim import (

@@ -22,7 +22,7 @@ from torch import nn
 import pipeoptim
 from pipeoptim.errors import PipelineError
 from pipeoptim.runtime.allreduce import sum_in_memory
-from pipeoptim.runtime.distributed import free_port
+from pipeoptim.runtime.spawning import free_port
 from tests.test_reference_sim import OPTIMIZERS, make_batches, make_model, param_names, reference
 from tests.test_training import SGD_MOMENTUM, data, plain_training
 

@@ -27,8 +27,8 @@ import pipeoptim
 from pipeoptim.checkpoint import read_checkpoint
 from pipeoptim.errors import PipelineError
 from pipeoptim.fileio import STALE_SECONDS, atomic_write, write_json
-from pipeoptim.runtime.distributed import free_port
 from pipeoptim.runtime.driver_watch import driver_alive, process_start_time
+from pipeoptim.runtime.spawning import free_port
 
 from .conftest import ctrl_c_delivered
 from .test_training import SmallCNN, data
@@ -199,26 +199,28 @@ def test_a_single_stage_stuck_in_its_compute_fails_at_the_timeout() -> None:
 
 
 class ExitsWhenArmed(torch.nn.Module):
-    """A layer whose process ends with ``os._exit(3)`` (no error reported) once ``flag`` exists."""
+    """A layer whose process ends with ``os._exit(code)`` (no error reported) once ``flag`` exists."""
 
-    def __init__(self, flag: str) -> None:
+    def __init__(self, flag: str, code: int) -> None:
         super().__init__()
-        self.flag = flag
+        self.flag, self.code = flag, code
         self.lin = torch.nn.Linear(8, 8)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if os.path.exists(self.flag):
-            os._exit(3)
+            os._exit(self.code)
         return self.lin(x)
 
 
 @pytest.mark.slow
-def test_a_stage_that_exits_with_a_code_is_blamed_not_its_neighbour(tmp_path: Path) -> None:
+@pytest.mark.parametrize("code", [3, 0])
+def test_a_stage_that_exits_with_a_code_is_blamed_not_its_neighbour(tmp_path: Path, code: int) -> None:
     """Only a stage killed by a signal was found as the cause: one that ended with exit code 3
-    was reported as its neighbour's "connection closed by peer"."""
+    was reported as its neighbour's "connection closed by peer", and one ending with 0 still
+    was (helper-130)."""
     flag = tmp_path / "armed"
     model = torch.nn.Sequential(
-        torch.nn.Linear(8, 8), torch.nn.ReLU(), torch.nn.Linear(8, 8), ExitsWhenArmed(str(flag))
+        torch.nn.Linear(8, 8), torch.nn.ReLU(), torch.nn.Linear(8, 8), ExitsWhenArmed(str(flag), code)
     )
     pipe = pipeoptim.compile(
         model,
@@ -233,7 +235,7 @@ def test_a_stage_that_exits_with_a_code_is_blamed_not_its_neighbour(tmp_path: Pa
     )
     pipe.step(torch.randn(8, 8), torch.randn(8, 8)).wait()
     flag.write_text("")
-    with pytest.raises(PipelineError, match=r"stage 1 \(pid \d+\) died with exit code 3 \(no error reported"):
+    with pytest.raises(PipelineError, match=rf"stage 1 \(pid \d+\) died with exit code {code} \(no error"):
         for _ in range(20):
             pipe.step(torch.randn(8, 8), torch.randn(8, 8)).wait()
     pipe.close()

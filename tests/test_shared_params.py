@@ -18,7 +18,7 @@ import torch.nn.functional as F
 import pipeoptim
 from pipeoptim.examples import TinyGPT
 from pipeoptim.methods import METHODS
-from pipeoptim.runtime.distributed import free_port
+from pipeoptim.runtime.spawning import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 

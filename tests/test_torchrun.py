@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 import pipeoptim
 from pipeoptim.runtime.affinity import binding_wanted, rank_cores
-from pipeoptim.runtime.distributed import free_port
+from pipeoptim.runtime.spawning import free_port
 
 from .sparse_models import SparseGCN
 from .test_in_place import plain_training
@@ -236,16 +236,21 @@ def test_calls_that_gather_from_every_rank_made_in_another_order_are_refused_on_
     ranks = [json.loads((tmp_path / f"out.{r}").read_text()) for r in range(gpus)]
     said = {
         "optimizer state / model": "RanksInOtherCallsError: the ranks are in different calls (rank 0: the "
-        "optimizer state (optimizer_state_dict, save_checkpoint), its call 1; rank 1: the weights "
-        "(state_dict, to_module, save_checkpoint), its call 1)",
+        "start of optimizer_state_dict(), its call 1; rank 1: the start of state_dict(), its call 1)",
         "predict / weights": "RanksInOtherCallsError: the ranks are in different calls (rank 0: the start "
-        "of predict(), its call 2; rank 1: the weights (state_dict, to_module, save_checkpoint), its call 2)",
+        "of predict(), its call 2; rank 1: the start of state_dict(), its call 2)",
+        # the gathers of weights that follow are alike: rank 1's state_dict() returned (helper-130)
+        "checkpoint / weights": "RanksInOtherCallsError: the ranks are in different calls (rank 0: the "
+        "start of save_checkpoint(), its call 3; rank 1: the start of state_dict(), its call 3)",
         "other checkpoints": "PipelineError: the ranks load different weights (rank 0: ",
     }
     for result in ranks:
         for case, start in said.items():
             assert result[case].startswith(start), (case, result[case])
         assert result["predict after"] == 8  # rank 0 without inputs refused that predict only
+    # rank 1's file missing: rank 0 waited out the timeout in the weights' gather (helper-130)
+    assert ranks[1]["one missing"].startswith("CheckpointError: "), ranks[1]["one missing"]
+    assert ranks[0]["one missing"].startswith("PipelineError: rank 1 refused load_checkpoint() (Checkpoint")
     assert ranks[0]["predict without inputs"].startswith(
         "BatchRefusedError: rank 0 runs the first stage and needs"
     )
@@ -302,6 +307,9 @@ def test_a_batch_one_rank_refuses_is_refused_everywhere_or_stops_every_rank_at_o
         "disagree"
     ]
     assert ranks[0]["disagree"].startswith("PeerLostError: ") and ranks[0]["disagree_s"] < 2.5
+    # rank 0's scheduler alone: the stages trained with two rates, every rank exiting 0 (helper-130)
+    assert ranks[1]["lr"].startswith("PipelineError: rank 1's optimizer steps this step's batch with other")
+    assert ranks[0]["lr"].startswith("PeerLostError: ") and max(r["lr_s"] for r in ranks) < 2.5
     # caught where it was raised, a failure stops the other rank within seconds too (it had
     # waited out the 60 s timeout, blaming a live peer)
     assert "out of bounds" in ranks[1]["loss"], ranks[1]["loss"]

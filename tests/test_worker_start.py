@@ -3,6 +3,7 @@ environment as it is when each pipeline starts (pipeoptim.runtime.spawning)."""
 
 from __future__ import annotations
 
+import gc
 import multiprocessing
 import os
 import signal
@@ -10,6 +11,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import weakref
 from pathlib import Path
 
 import pytest
@@ -176,3 +178,27 @@ def test_run_processes_names_replies_missing_once_every_process_exited() -> None
     with pytest.raises(RuntimeError, match=r"^two: every process exited with 1 of 2 replies in$"):
         run_processes(_reply, [(0,), (5,)], "two", timeout=60)
     assert time.monotonic() - start < 20
+
+
+def test_a_pipeline_dropped_without_close_is_collected_and_its_workers_end(tmp_path) -> None:
+    """The monitor thread held its executor, and so the pipeline: a loop of trials in a sweep
+    or a notebook kept every pipeline and its workers (260 MB each) until exit (helper-130)."""
+
+    def trial() -> tuple[weakref.ref, list]:
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+        x, y = torch.randn(8, 4), torch.randn(8, 2)
+        options = {"loss_fn": scaled_loss, "executor": "processes", "profile_dir": tmp_path}
+        pipe = pipeoptim.compile(
+            model, torch.optim.SGD(model.parameters(), lr=0.1), 2, example_inputs=x, **options
+        )
+        pipe.step(x, y).item()
+        return weakref.ref(pipe), list(pipe._executor.processes)
+
+    ref, workers = trial()
+    gc.collect()
+    assert ref() is None
+    deadline = time.monotonic() + 10
+    while any(p.is_alive() for p in workers) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not any(p.is_alive() for p in workers)

@@ -1,8 +1,9 @@
 """Run by test_torchrun.py under ``torchrun`` with 2 ranks: calls that gather from every rank
 made differently on the two (rank 0 asks for the optimizer state while rank 1 asks for the
-model; rank 0 predicts while rank 1 asks for the weights; each rank loads another checkpoint),
-each refused on both; then the calls every rank makes work. Writes each rank's errors, the
-trained model's weights and whether a checkpoint loaded into a new pipeline equals them."""
+model; rank 0 predicts, or saves a checkpoint, while rank 1 asks for the weights; each rank
+loads another checkpoint; rank 1's is missing), each refused on both; then the calls every
+rank makes work. Writes each rank's errors, the trained model's weights and whether a
+checkpoint loaded into a new pipeline equals them."""
 
 from __future__ import annotations
 
@@ -41,6 +42,11 @@ def main(out: str, gpus: int, profile_dir: str) -> None:
             "predict / weights",
             lambda: pipe.predict(batches[0][0]) if rank == 0 else pipe.state_dict(),
         )
+        attempt(
+            result,
+            "checkpoint / weights",
+            lambda: pipe.save_checkpoint(f"{out}.ckpt0.{rank}") if rank == 0 else pipe.state_dict(),
+        )
         attempt(result, "predict without inputs", lambda: pipe.predict(None))  # on every rank
         result["predict after"] = pipe.predict(batches[0][0]).shape[0]
         pipe.save_checkpoint(f"{out}.ckpt1.{rank}")
@@ -53,6 +59,7 @@ def main(out: str, gpus: int, profile_dir: str) -> None:
     opt = torch.optim.SGD(fresh.parameters(), lr=0.05, momentum=0.9)
     with pipeoptim.compile(fresh, opt, gpus, example_inputs=batches[0][0], method="1f1b", **kwargs) as pipe:
         attempt(result, "other checkpoints", lambda: pipe.load_checkpoint(f"{out}.ckpt{rank + 1}.{rank}"))
+        attempt(result, "one missing", lambda: pipe.load_checkpoint(f"{out}.ckpt{2 + rank}.{rank}"))
         pipe.load_checkpoint(f"{out}.ckpt2.{rank}")
         reloaded = pipe.to_module().state_dict()
     result["reloaded equal"] = all(torch.equal(reloaded[k], v) for k, v in weights.items())

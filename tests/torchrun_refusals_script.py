@@ -1,7 +1,8 @@
 """Run by test_torchrun.py under ``torchrun``: a batch rank 0 refuses (inputs of another
 shape) is refused on every rank, which go on in step; then targets only the last rank can
 check (another row count) stop the pipeline there, and the other ranks within seconds, as
-do a loss_fn's error on the last rank and a NaN on the first that the script catches.
+do a loss_fn's error on the last rank, a NaN on the first that the script catches and a
+learning rate changed on rank 0 alone.
 Writes each rank's errors, the losses of the good steps and how long each stop took."""
 
 from __future__ import annotations
@@ -83,6 +84,18 @@ def main(out: str, profile_dir: str) -> None:
             result[f"{case}_s"] = time.monotonic() - start
             if rank == failing:
                 time.sleep(3)
+    # a learning rate changed on rank 0 alone (a scheduler under `if rank == 0`): every rank stops
+    with compile_1f1b() as pipe:
+        x, y = batches[0]
+        float(pipe.step(x if rank == 0 else None, y if rank == 1 else None))
+        if rank == 0:
+            opt.param_groups[0]["lr"] = 0.5
+        start = time.monotonic()
+        try:
+            float(pipe.step(x if rank == 0 else None, y if rank == 1 else None))
+        except pipeoptim.PipeoptimError as exc:
+            result["lr"] = f"{type(exc).__name__}: {exc}"
+        result["lr_s"] = time.monotonic() - start
     with open(f"{out}.{rank}", "w") as f:
         json.dump(result, f)
 

@@ -13,9 +13,9 @@ import contextlib
 import itertools
 import os
 import queue
-import socket
 import threading
 import time
+import weakref
 from collections.abc import Callable
 from typing import Any
 
@@ -24,16 +24,17 @@ import torch
 
 from pipeoptim import numerics
 from pipeoptim.errors import PeerLostError, PipelineError, PipeoptimError
-from pipeoptim.microbatch import Rows
 from pipeoptim.runtime import wire
 from pipeoptim.runtime.affinity import binding_asked, driver_cores
 from pipeoptim.runtime.build import PipelineSpec
 from pipeoptim.runtime.executor import MiniBatch
+from pipeoptim.runtime.one_driver import OneDriver
 from pipeoptim.runtime.procmem import resident_bytes
 from pipeoptim.runtime.replicas import replica_part, stage_and_replica
 from pipeoptim.runtime.spawning import (
     MAIN_GUARD,
     check_devices,
+    free_port,
     main_module_not_rerun,
     pickle_spec,
     signals_deferred,
@@ -42,20 +43,12 @@ from pipeoptim.runtime.spawning import (
 from pipeoptim.runtime.staleness import PredictionError
 from pipeoptim.runtime.worker import worker_main
 
-
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that is free right now."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 #: torch threads of each stage process on the CPU: the ranks share the cores, one thread each
 #: (profiles are timed so too: :func:`pipeoptim.runtime.linkcost.stage_threads`)
 STAGE_THREADS = 1
 
 
-class ProcessExecutor:
+class ProcessExecutor(OneDriver):
     """Spawns and drives one worker process per stage.
 
     Args:
@@ -112,7 +105,8 @@ class ProcessExecutor:
             with main_module_not_rerun(), signals_deferred():
                 for p in self.processes:
                     p.start()
-            self._monitor = threading.Thread(target=self._watch, name="pipeoptim-monitor", daemon=True)
+            watch = {"target": _watch, "args": (weakref.ref(self), self.results), "name": "pipeoptim-monitor"}
+            self._monitor = threading.Thread(**watch, daemon=True)  # type: ignore[arg-type]
             self._monitor.start()
             self._wait_for(lambda: len(self._ready) == self.world, "the workers to start")
         except BaseException:  # Ctrl-C or a failure while the workers start: none is left behind
@@ -121,16 +115,6 @@ class ProcessExecutor:
             raise
 
     # -- background monitoring ----------------------------------------------------------
-
-    def _watch(self) -> None:
-        while not self._closing:
-            try:
-                message = self.results.get(timeout=0.2)
-            except Exception:  # queue.Empty, or the queue closed at shutdown
-                self._check_processes()
-                continue
-            self._handle(*message)
-            self._check_processes()
 
     def _handle(self, kind: str, rank: int, key: Any, payload: Any) -> None:
         if kind == "losses":  # [(micro-batch, loss)] of one command, in order
@@ -158,8 +142,8 @@ class ProcessExecutor:
     def _root_cause(self, error: PeerLostError, reporter: int) -> PipeoptimError:
         """A stage that lost its neighbour is a symptom: wait briefly for the cause, either
         another stage's own error or a stage that died (killed by a signal, or exited with a
-        code without reporting an error: ``os._exit(3)`` in a stage was reported as its
-        neighbour's lost connection)."""
+        code, 0 included, without reporting an error: ``os._exit(3)`` in a stage was reported
+        as its neighbour's lost connection, and ``os._exit(0)`` still was: helper-130)."""
         symptoms = {reporter}
         deadline = time.monotonic() + 2.0
         while time.monotonic() < deadline:
@@ -174,7 +158,7 @@ class ProcessExecutor:
                     return other
                 symptoms.add(rank)
             for rank, p in enumerate(self.processes):
-                if p.exitcode is not None and (p.exitcode < 0 or (p.exitcode and rank not in symptoms)):
+                if p.exitcode is not None and (p.exitcode < 0 or rank not in symptoms):  # 0 too
                     return _died(rank, p)
         return error
 
@@ -271,11 +255,6 @@ class ProcessExecutor:
 
     def flush(self) -> None:
         self._request("flush")
-
-    def share_batch_size(self, batch: Rows | None, refused: bool = False, call: str = "step") -> Rows | None:
-        """``batch`` itself: this process hands every stage its inputs (a refused batch
-        reaches none)."""
-        return batch
 
     def abort(self) -> None:
         """Nothing to stop at once: a batch this process refuses reaches no stage."""
@@ -375,11 +354,10 @@ class ProcessExecutor:
                 p.join(max(deadline - time.monotonic(), 0.0))
         self._stop_workers(grace=2.0)
         self._closing = True
-        self._monitor.join(2.0)
-        # the queues' pipes and feeder threads, now rather than whenever the garbage collector
-        # reaches them (a closed pipeline kept 2 pipes and a thread); what a dead worker left
-        # unread is read here, or the feeder thread writing it would wait on the full pipe for
-        # ever (each failed pipeline kept one)
+        if self._monitor is not threading.current_thread():  # closed by the collector there
+            self._monitor.join(2.0)
+        # the queues' pipes and feeder threads now (a closed pipeline kept 2 pipes and a thread);
+        # what a dead worker left unread is read, or its feeder would wait on the full pipe for ever
         for q in self.commands:
             with contextlib.suppress(queue.Empty, OSError, EOFError, ValueError):
                 while True:
@@ -387,6 +365,25 @@ class ProcessExecutor:
         for q in [*self.commands, *([] if self._monitor.is_alive() else [self.results])]:
             q.cancel_join_thread()
             q.close()
+
+
+def _watch(ref: weakref.ref[ProcessExecutor], results: Any) -> None:
+    """The monitor thread: losses, replies and errors from the workers while the executor
+    lives. It holds the executor only while it handles a message, so that a pipeline dropped
+    without ``close()`` is collected and closed (the thread held it, and its workers ran
+    until exit: helper-130)."""
+    while True:
+        try:
+            message = results.get(timeout=0.2)
+        except Exception:  # queue.Empty, or the queue closed at shutdown
+            message = None
+        executor = ref()
+        if executor is None or executor._closing:
+            return
+        if message is not None:
+            executor._handle(*message)
+        executor._check_processes()
+        del executor
 
 
 def _died(rank: int, process: Any) -> PipelineError:

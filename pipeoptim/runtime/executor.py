@@ -22,6 +22,7 @@ from pipeoptim.microbatch import Rows, note_where
 from pipeoptim.runtime import stage_state as states
 from pipeoptim.runtime.async_norms import step_async
 from pipeoptim.runtime.delivery import delivered, forward_chain
+from pipeoptim.runtime.one_driver import OneDriver
 from pipeoptim.runtime.procmem import resident_bytes
 from pipeoptim.runtime.scaler import norm_share, step_together
 from pipeoptim.runtime.schedule import BACKWARD, FORWARD, STEP, Action, Schedule
@@ -208,7 +209,7 @@ class _Mailbox:
         return self.ex.collect_shared(self.stage, round_)
 
 
-class LocalExecutor:
+class LocalExecutor(OneDriver):
     """Runs every stage in this process, deterministically.
 
     Each stage executes its own action list in order; an action waits until the value it
@@ -343,10 +344,6 @@ class LocalExecutor:
                     action = queue.popleft()
                     run_action(self.stages[k], action, self.channels[k], self.states[k])
                     progress = True
-
-    def share_batch_size(self, batch: Rows | None, refused: bool = False, call: str = "step") -> Rows | None:
-        """``batch`` itself: this process has every stage (a refused batch reaches none)."""
-        return batch
 
     def wait_loss(self, micro_batch: int) -> None:
         """Nothing to wait for: the losses are computed inside :meth:`submit` and :meth:`flush`."""

@@ -8,6 +8,8 @@ rank of a torchrun job (:class:`~pipeoptim.runtime.spmd.SPMDExecutor`).
 
 from __future__ import annotations
 
+import inspect
+import weakref
 from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
@@ -32,10 +34,19 @@ class Executor(Protocol):
     :class:`~pipeoptim.runtime.spmd.SPMDExecutor`.
     """
 
-    def share_batch_size(self, batch: Rows | None, refused: bool = False, call: str = "step") -> Rows | None:
+    def same_call(self, call: str, failure: BaseException | None = None) -> None:
+        """Under torchrun, check that every rank makes the public ``call`` now
+        (:meth:`pipeoptim.runtime.rank_calls.RankCalls.same_call`); ``failure`` (this rank's
+        refusal of it) is raised, there after every rank has said whether it has one."""
+        ...
+
+    def share_batch_size(
+        self, batch: Rows | None, refused: bool = False, call: str = "step", settings: object = None
+    ) -> Rows | None:
         """The rows of the next batch as every stage sees them (under torchrun rank 0's;
         ``refused``: rank 0 refused its inputs, and every rank refuses the batch; ``call``:
-        ``"step"`` or ``"predict"``, whose batch it is)."""
+        ``"step"`` or ``"predict"``, whose batch it is; ``settings``: what every rank's
+        optimizer steps this batch with, under torchrun checked to be rank 0's)."""
         ...
 
     def abort(self) -> None:
@@ -109,8 +120,11 @@ def start_executor(
     """Build the stages of ``spec`` and start the executor of ``kind`` (one of :data:`EXECUTORS`).
 
     ``on_loss(micro_batch, loss)`` receives each micro-batch loss of the last stage;
-    ``on_error(exc)`` a failure of a worker process; ``timeout`` (seconds) bounds every wait
-    between stages.
+    ``on_error(exc)`` a failure of a worker process, held weakly where it is a bound method
+    (the pipeline's: the executor it holds holding it back made a cycle, so a pipeline dropped
+    without ``close()`` waited for the collector, whose finalisation of the queues first kept
+    the workers from their close command: 10 s each; helper-130); ``timeout`` (seconds) bounds
+    every wait between stages.
     """
     if kind == "local" and spec.data_parallel > 1:
         from pipeoptim.runtime.replicas import local_executor
@@ -126,7 +140,22 @@ def start_executor(
         return SPMDExecutor(spec, on_loss, timeout, traced.gm)
     from pipeoptim.runtime.distributed import ProcessExecutor
 
-    return ProcessExecutor(spec, on_loss, on_error, timeout=timeout)
+    return ProcessExecutor(spec, on_loss, _weakly(on_error), timeout=timeout)
+
+
+def _weakly(method: Callable[[BaseException], None]) -> Callable[[BaseException], None]:
+    """``method`` without a strong reference to its object where it is a bound method (nothing
+    is called once the object is gone)."""
+    if not inspect.ismethod(method):
+        return method
+    ref = weakref.WeakMethod(method)
+
+    def call(exc: BaseException) -> None:
+        alive = ref()
+        if alive is not None:
+            alive(exc)
+
+    return call
 
 
 class _OnStageThreads:

@@ -35,8 +35,8 @@ import torch
 import torch.distributed as dist
 
 from pipeoptim.runtime.affinity import host_cores, pin_rank
-from pipeoptim.runtime.distributed import STAGE_THREADS, free_port
-from pipeoptim.runtime.spawning import run_processes
+from pipeoptim.runtime.distributed import STAGE_THREADS
+from pipeoptim.runtime.spawning import free_port, run_processes
 
 #: message sizes timed by default (bytes): small ones for α, large ones for β
 SIZES = (4 << 10, 64 << 10, 1 << 20, 8 << 20)

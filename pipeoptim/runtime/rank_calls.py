@@ -20,7 +20,10 @@ from pipeoptim.errors import PeerLostError, PipelineError, RanksInOtherCallsErro
 from pipeoptim.runtime.rank_settings import digest
 
 #: what every rank must call at the same point (said in the errors)
-CALLS = "predict(), state_dict(), to_module(), save_checkpoint(), load_checkpoint() and stats()"
+CALLS = (
+    "flush(), predict(), state_dict(), to_module(), optimizer_state_dict(), save_checkpoint(), "
+    "load_checkpoint(), load_state_dict() and stats()"
+)
 
 
 class RankCalls:
@@ -57,6 +60,27 @@ class RankCalls:
                 "the same point of the script, not on one rank alone"
             )
         return [part for _, _, part in parts]
+
+    def same_call(self, call: str, failure: BaseException | None = None) -> None:
+        """Check that every rank is making the public ``call`` (``"state_dict"``,
+        ``"save_checkpoint"``, ``"flush"`` ...): its gathers of weights or state are labelled
+        by what they gather, which two calls share (``save_checkpoint()`` on one rank paired
+        with ``state_dict()`` on another; a ``flush()`` on one rank alone trained the others
+        on without it, helper-130). ``failure``: this rank's own refusal of the call (a
+        checkpoint it cannot read), raised here after every rank has said whether it has one.
+
+        Raises:
+            RanksInOtherCallsError: the ranks are in other calls (:meth:`gather`).
+            BaseException: ``failure``, on its rank.
+            PipelineError: on the other ranks, naming the rank that failed and why.
+        """
+        said = None if failure is None else f"{type(failure).__name__}: {first_line(failure)}"
+        failed = [(r, m) for r, m in enumerate(self.gather(f"the start of {call}()", said)) if m]
+        if failure is not None:
+            raise failure
+        if failed:
+            rank, message = failed[0]
+            raise PipelineError(f"rank {rank} refused {call}() ({message}), so every rank does")
 
     def same_everywhere(self, what: str, state: Any) -> None:
         """Check that every rank loads the same ``state`` (:func:`digest`), in the same call;

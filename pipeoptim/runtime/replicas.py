@@ -38,6 +38,7 @@ from pipeoptim.microbatch import Rows
 from pipeoptim.runtime.allreduce import GroupAllReduce, sum_in_memory
 from pipeoptim.runtime.build import PipelineSpec, build_stage
 from pipeoptim.runtime.executor import LocalExecutor, MiniBatch
+from pipeoptim.runtime.one_driver import OneDriver
 from pipeoptim.runtime.scaler import norm_share
 from pipeoptim.runtime.schedule import STEP, Action, Schedule
 from pipeoptim.runtime.stage import StageRuntime
@@ -176,7 +177,7 @@ class _Replica(LocalExecutor):
         return super().round_squared_norm(stage)
 
 
-class ReplicatedLocalExecutor:
+class ReplicatedLocalExecutor(OneDriver):
     """``executor="local"`` for N stages × R replicas: every stage of every replica in this
     process, deterministically, computing what the distributed executors compute.
 
@@ -291,10 +292,6 @@ class ReplicatedLocalExecutor:
             for stage, channel in zip(executor.stages, executor.channels):
                 if stage.shared is not None and stage.optimizer is not None:
                     stage.shared.drain(channel, stage.optimizer)
-
-    def share_batch_size(self, batch: Rows | None, refused: bool = False, call: str = "step") -> Rows | None:
-        """``batch`` itself: this process has every stage (a refused batch reaches none)."""
-        return batch
 
     def wait_loss(self, micro_batch: int) -> None:
         """Nothing to wait for: the losses are computed inside :meth:`submit` and :meth:`flush`."""

@@ -11,6 +11,7 @@ import os
 import pickle
 import queue
 import signal
+import socket
 import sys
 import tempfile
 import threading
@@ -29,6 +30,13 @@ from pipeoptim.runtime.predictors import register_again, registered_for
 #: what the fork server imports once for every worker it starts: torch, and torch._dynamo, which
 #: every optimizer's constructor imports (1.7 s of a spawned worker's start here)
 FORKSERVER_PRELOAD = ("torch", "torch._dynamo", "torch.optim", "pipeoptim.runtime.worker")
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that is free right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
 
 
 def worker_context() -> multiprocessing.context.BaseContext:

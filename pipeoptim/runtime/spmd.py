@@ -37,7 +37,7 @@ from pipeoptim.runtime.initial_state import share_initial_state
 from pipeoptim.runtime.loss_mail import LossMail
 from pipeoptim.runtime.procmem import resident_bytes
 from pipeoptim.runtime.rank_calls import RankCalls
-from pipeoptim.runtime.rank_settings import together
+from pipeoptim.runtime.rank_settings import digest, together
 from pipeoptim.runtime.replicas import replica_part
 from pipeoptim.runtime.stage_state import merge_optimizer_states
 from pipeoptim.runtime.staleness import PredictionError
@@ -185,23 +185,26 @@ class SPMDExecutor:
         """Whether this rank runs a last stage (of any replica; the only ones that read targets)."""
         return self.process.rank == self.num_stages - 1
 
-    def share_batch_size(self, batch: Rows | None, refused: bool = False, call: str = "step") -> Rows | None:
+    def share_batch_size(
+        self, batch: Rows | None, refused: bool = False, call: str = "step", settings: object = None
+    ) -> Rows | None:
         """Rank 0's ``batch`` (rows and sequence length of the next mini-batch or predict
         batch) on every rank. Other ranks' own ``batch`` (``None`` where they got no inputs)
-        must agree with it. ``refused`` on rank 0: it refused its inputs, and so does every
-        rank (none starts the batch). A ``call`` other than ``"step"`` (``"predict"``) is first
-        checked to be every rank's (:class:`~pipeoptim.runtime.rank_calls.RankCalls`): a rank
-        in another call took its messages.
+        must agree with it, and so must their ``settings`` (the optimizer's hyperparameters
+        for a step, in the same message as a 48-bit digest: a scheduler stepped on rank 0
+        alone trained the stages with other learning rates, silently; helper-130).
+        ``refused`` on rank 0: it refused its inputs, and so does every rank (none starts the
+        batch). ``call``: ``"step"`` or ``"predict"`` (checked to be every rank's before, by
+        :meth:`same_call`: a rank in another call would take its messages).
 
         Raises:
             PipelineError: rank 0 got no inputs or refused them, or another rank's inputs have
-                other rows.
+                other rows, or its settings are not rank 0's.
             PeerLostError: rank 0 sent nothing within the timeout.
         """
-        if call != "step":  # every rank in the same call before its messages (not per step)
-            self.calls.gather(f"the start of {call}()", None)
+        said = int(digest(settings), 16)
         if self.rank == 0:
-            size = [REFUSED, -1] if refused or batch is None else [batch, batch.length or -1]
+            size = [REFUSED, -1, said] if refused or batch is None else [batch, batch.length or -1, said]
             for rank in range(1, self.world):
                 self.process.channel.isend(torch.tensor(size, dtype=torch.int64), rank, tag=SIZE_TAG)
             if batch is None and not refused:  # refused everywhere: the pipeline goes on
@@ -210,7 +213,7 @@ class SPMDExecutor:
                     "(other ranks may pass None); every rank skips this batch, the pipeline goes on"
                 )
             return None if refused else batch
-        box = torch.empty(2, dtype=torch.int64)
+        box = torch.empty(3, dtype=torch.int64)
         try:
             self.process.channel.irecv(box, 0, tag=SIZE_TAG).wait(self.timeout)
         except RuntimeError as exc:
@@ -222,6 +225,12 @@ class SPMDExecutor:
             raise BatchRefusedError(
                 "rank 0 refused the inputs of this batch (its error says why), so every rank skips "
                 "it; the pipeline goes on with the next"
+            )
+        if int(box[2]) != said:
+            raise PipelineError(
+                f"rank {self.rank}'s optimizer steps this {call}'s batch with other hyperparameters than "
+                f"rank 0's (here {settings!r}): under torchrun every rank changes them alike (a "
+                "learning-rate scheduler stepped on every rank, not under `if rank == 0`)"
             )
         shared = Rows(int(box[0]), None if int(box[1]) < 0 else int(box[1]))
         if batch is not None and (batch, batch.length) != (shared, shared.length):
@@ -272,6 +281,9 @@ class SPMDExecutor:
         self.mail.poll(block=True)
 
     # -- evaluation and state -----------------------------------------------------------
+
+    def same_call(self, call: str, failure: BaseException | None = None) -> None:
+        self.calls.same_call(call, failure)
 
     def forward_only(self, chunks: list[tuple[Any, ...]] | None, sizes: list[int]) -> list[Any]:
         outputs = self.process.forward_only(chunks if self.rank == 0 else None, sizes)
