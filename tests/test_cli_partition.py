@@ -89,6 +89,10 @@ def test_json_output_and_saved_plan(tmp_path: Path) -> None:
     assert data["bottleneck_s"] == max(s["time_s"] for s in data["stages"])
     saved = json.loads(plan_file.read_text())
     assert saved["schema"] == "pipeoptim-plan/1" and saved["summary"]["bottleneck_s"] == data["bottleneck_s"]
+    # the plan given as a profile: it was told to re-create the file (helper-129)
+    code, _, err = run("partition", "--profile", str(plan_file), "--gpus", "4")
+    assert code == 1
+    assert "is a saved plan, not a profile" in one_line_error(err) and "plan=PATH" in one_line_error(err)
 
 
 def test_model_from_file_factory_and_shape_options(tmp_path: Path) -> None:

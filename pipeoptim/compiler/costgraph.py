@@ -206,6 +206,11 @@ def _from_profile(cls: type[CostGraph], data: dict[str, Any], origin: str) -> Co
             f"{origin}: neither a profile (no 'schema': {SCHEMA!r}) nor a cost graph (no 'format': "
             f"{NEUTRAL_FORMAT!r}); give a file pipeoptim wrote or one in the neutral format"
         )
+    if isinstance(schema, str) and schema.startswith("pipeoptim-plan/"):
+        raise ProfileError(
+            f"{origin} is a saved plan, not a profile: give --profile the profile it was made from "
+            "(a file under profiles/), or train with the plan itself: pipeoptim.compile(..., plan=PATH)"
+        )
     if schema != SCHEMA:
         raise ProfileError(
             f"{origin}: profile schema {schema!r} is not {SCHEMA!r}; delete a cached profile (it "
