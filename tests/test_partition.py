@@ -10,6 +10,7 @@ from hypothesis import strategies as st
 
 from pipeoptim.compiler import baselines as B
 from pipeoptim.compiler import partition as P
+from pipeoptim.compiler.cost_node import CostNode
 from pipeoptim.compiler.costgraph import CostGraph
 from pipeoptim.compiler.costmodel import CostConfig, evaluate
 from pipeoptim.compiler.grouping import coarsen, fine_units
@@ -44,6 +45,8 @@ configs = st.builds(
     step_s_per_byte=st.sampled_from([0.0, 5e-4]),
     predict_s_per_byte=st.sampled_from([0.0, 1e-3]),
     copy_s_per_byte=st.sampled_from([0.0, 1e-3]),
+    # seconds per message: the middle stages' four against the ends' two (helper-129)
+    latency_s=st.sampled_from([0.0, 0.3]),
 )
 
 
@@ -85,7 +88,12 @@ def test_ilp_equals_dp_on_chains(seed: int, size: int, stages: int, bandwidth: f
     graph = random_cost_graph(random.Random(seed), size, chain=True)
     method = random.Random(seed).choice(["pipeoptim", "pipedream", "spectrain", "gpipe"])
     config = CostConfig(
-        stages, method=method, bandwidth=bandwidth, predict_s_per_byte=1e-3, copy_s_per_byte=1e-3
+        stages,
+        method=method,
+        bandwidth=bandwidth,
+        predict_s_per_byte=1e-3,
+        copy_s_per_byte=1e-3,
+        latency_s=random.Random(seed).choice([0.0, 0.2]),
     )
     dp = B.chain_dp(graph, config)
     result = P.ilp(graph, config, max_units=1000, gap=1e-9, ideals=False)
@@ -191,3 +199,19 @@ def test_values_that_cannot_be_sent_stay_in_one_unit_with_their_users() -> None:
         stage_of = P.ilp(graph, CostConfig(num_stages=n), time_limit=10).stage_of
         for i in held:
             assert {stage_of[u] for u in graph.users()[i]} == {stage_of[i]}
+
+
+@pytest.mark.parametrize("ideals", [True, False])
+def test_latency_moves_the_cuts_toward_the_middle(ideals: bool) -> None:
+    """A chain of 24 equal nodes (0.5 ms each) on 4 stages, 0.5 ms per message: the middle
+    stages send and receive 4 messages, the ends 2. The partitioners placed cuts by work alone,
+    6/6/6/6 (stages 4, 5, 5, 4 ms), and called it optimal; 7/5/5/7 takes 4.5 ms at every stage."""
+    nodes = [CostNode("x", "placeholder", "x", [], out_bytes=8)]
+    for i in range(24):
+        nodes.append(CostNode(f"n{i}", "call_module", f"n{i}", [nodes[-1].name], fwd_s=2e-4, bwd_s=3e-4))
+    nodes.append(CostNode("output", "output", "output", ["n23"]))
+    graph = CostGraph("chain", nodes, batch_size=8)
+    config = CostConfig(4, latency_s=5e-4)
+    for stage_of in (P.ilp(graph, config, ideals=ideals).stage_of, B.chain_dp(graph, config).stage_of):
+        assert bottleneck(graph, stage_of, config) == pytest.approx(4.5e-3)
+        assert [stage_of.count(k) for k in range(4)] == [8, 5, 5, 8]  # with x and output

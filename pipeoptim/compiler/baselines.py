@@ -114,6 +114,7 @@ def chain_dp(
             - t[a]
             + (params[b] - params[a]) * config.weight_s_per_byte(k)
             + config.comm_s(1.0) * (cut[a] + cut[b])
+            + config.latency_at(k)
         )
         if limit is not None:
             mem = (

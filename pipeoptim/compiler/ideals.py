@@ -151,7 +151,7 @@ def ideal_dp(
         if k == 0:
             base = sums["param_bytes"] * config.weight_factor(0) + sums["buffer_bytes"]
             mem = base + sums["saved_bytes"] * config.in_flight(0)
-            time = work + sums["param_bytes"] * config.weight_s_per_byte(0) + comm
+            time = work + sums["param_bytes"] * config.weight_s_per_byte(0) + comm + config.latency_at(0)
             cost = time if objective == "time" else mem
             ok = count >= 1
             if again:
@@ -165,6 +165,7 @@ def ideal_dp(
             base = params * config.weight_factor(k) + buffers
             mem = base + saved * config.in_flight(k)
             time = d_work + params * config.weight_s_per_byte(k) + comm[:, None] + comm[None, :]
+            time = time + config.latency_at(k)
             cost = time if objective == "time" else mem
             ok = subset.copy()
             if again:

@@ -212,7 +212,7 @@ def build_ilp(
     big_fwd = sum(units.attr(u, "fwd_s") for u in range(len(units))) * _MS
     for s in range(n):
         compute = pulp.lpSum(x(u, s) * (units.time(u, config, s) * _MS) for u in range(len(units)))
-        comm = (acts[s - 1] if s > 0 else 0) + (acts[s] if s < n - 1 else 0)
+        comm = (acts[s - 1] if s > 0 else 0) + (acts[s] if s < n - 1 else 0) + config.latency_at(s) * _MS
         memory = pulp.lpSum(x(u, s) * (_unit_memory(units, u, s, config) / _MIB) for u in range(len(units)))
         r = _variable(prob, f"r_{s}", 0, 1, "Binary") if again else 0
         if again:
