@@ -83,7 +83,8 @@ def fit_held_copies(
             raise InfeasibleMemoryError(
                 f"no {config.num_stages}-stage plan found fits in {limit} bytes per stage with method "
                 f"{config.method!r} and a copy of {held} at every stage that reads it; one fits in {need} "
-                f"bytes: {memory_fixes(config)}",
+                f"bytes (found with a copy at every reading node: a smaller limit may fit): "
+                f"{memory_fixes(config)}",
                 limit_bytes=limit,
                 min_feasible_bytes=need,
             ) from exc
