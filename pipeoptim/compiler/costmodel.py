@@ -53,9 +53,9 @@ counted in its ``P_k`` (and its memory below), and sums the copies' gradients on
 methods overlap it with the next D mini-batches (:mod:`pipeoptim.runtime.shared`), so it is not
 in ``T_k``; methods that flush add it once per mini-batch
 (:func:`pipeoptim.compiler.summary.summarize`). The partitioners optimise ``T_k`` and the
-memory with each parameter counted once, at its get_attr node's stage;
-:func:`pipeoptim.compiler.plan.make_plan` then checks the memory limit with every copy
-counted (:mod:`pipeoptim.compiler.held_memory`).
+memory with a shared parameter's bytes at every node reading it, and
+:func:`pipeoptim.compiler.plan.make_plan` checks the memory limit with every copy counted
+(:mod:`pipeoptim.compiler.held_memory`).
 
 Stage memory (bytes) of stage k of N::
 

@@ -66,10 +66,12 @@ class Units:
         return sum(getattr(self.graph.nodes[i], name) for i in self.members[u])
 
     def is_compute(self, u: int) -> bool:
-        """Whether the unit does work (time or parameters); stages must each get one."""
-        return any(
-            self.graph.nodes[i].time_s > 0 or self.graph.nodes[i].param_bytes > 0 for i in self.members[u]
-        )
+        """Whether the unit does work (time or parameters); stages must each get one. A shared
+        parameter's get_attr alone (:func:`fine_units`) does none: its readers' stages hold it."""
+        nodes = [self.graph.nodes[i] for i in self.members[u]]
+        if all(n.op == "get_attr" for n in nodes):
+            return False
+        return any(n.time_s > 0 or n.param_bytes > 0 for n in nodes)
 
     def edges(self) -> set[tuple[int, int]]:
         """Unit-level edges ``(a, b)`` with ``a < b``."""
@@ -123,8 +125,14 @@ class Units:
         return groups
 
     def expand(self, unit_stage: list[int]) -> list[int]:
-        """Stage of every node from the stage of every unit."""
-        return [unit_stage[self.unit_of[i]] for i in range(len(self.graph.nodes))]
+        """Stage of every node from the stage of every unit; a parameter read by several nodes
+        goes to the first stage reading it (its unit may sit in an earlier one, which would
+        then hold a copy it never reads)."""
+        stage_of = [unit_stage[self.unit_of[i]] for i in range(len(self.graph.nodes))]
+        for i, readers in enumerate(self.graph.users()):
+            if self.graph.nodes[i].op == "get_attr" and len(readers) > 1:
+                stage_of[i] = min(stage_of[r] for r in readers)
+        return stage_of
 
 
 def normalised_order(graph: CostGraph) -> list[int]:
@@ -148,7 +156,8 @@ def normalised_order(graph: CostGraph) -> list[int]:
 
 
 def fine_units(graph: CostGraph) -> Units:
-    """One unit per node, except that input-free nodes join their first user's unit, a node
+    """One unit per node, except that input-free nodes join their first user's unit (a
+    parameter read by several nodes aside), a node
     whose output cannot be sent (:attr:`CostNode.sendable`) shares a unit with every user of
     that output, and a node that changes a tensor in place (:attr:`CostNode.mutates`) shares a
     unit with the node that produced the tensor and everything between them, so that no stage
@@ -188,7 +197,11 @@ def fine_units(graph: CostGraph) -> Units:
         if not node.sendable and node.op not in ("placeholder", "output") and users[i]:
             hold_until = max(hold_until, *(position[u] for u in users[i]))
         hold_until = max(hold_until, changed_until.get(i, -1))
-        if (not node.inputs and node.op != "placeholder" and users[i]) or k < hold_until:
+        # an input-free node joins its first user's unit; a parameter read by several nodes
+        # (tied weights) stays a unit of its own: in the first reader's it ordered the other
+        # readers after that one, independent branches too (a plan 2x slower, helper-129)
+        shared = node.op == "get_attr" and len(users[i]) > 1
+        if (not node.inputs and node.op != "placeholder" and users[i] and not shared) or k < hold_until:
             pending.append(i)
             continue
         unit = [*pending, i]

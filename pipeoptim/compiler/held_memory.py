@@ -2,15 +2,16 @@
 
 A shared parameter (tied input and output embeddings, :mod:`pipeoptim.compiler.shared`) is
 held by every stage that reads it: its weights, gradient, optimizer state and the method's
-weight versions are in each holder's memory (:func:`pipeoptim.compiler.costmodel.evaluate`).
-The partitioners' memory constraints count a parameter once, at its get_attr node's stage, so
-the plan they return can put a holder over the limit. :func:`fit_held_copies` checks that plan
-with the copies counted; where a stage is over, it partitions again a graph in which each
-parameter's bytes sit on every node reading it instead (:func:`params_at_readers`): there every
-holding stage counts the parameter at least once (more often where several of its readers
-share a stage), so whatever meets the limit there meets it with the copies counted. The first
-plan is optimal whenever it fits (its constraints are a relaxation); the second is
-conservative, and may be slower than the best plan that fits.
+weight versions are in each holder's memory, and its update in each holder's time
+(:func:`pipeoptim.compiler.costmodel.evaluate`). Where a graph has one, the partitioners get a
+graph in which each parameter's bytes sit on every node reading it (:func:`params_at_readers`):
+every holding stage counts the parameter at least once (more often where several of its
+readers share a stage), so whatever meets the limit there meets it with the copies counted, and
+the stage times count each holder's update. Counted once, at its get_attr node's stage (in its
+first reader's unit), the update of the other holders was missing and the other readers were
+ordered after the first (helper-129). :func:`fit_held_copies` checks the plan with the copies
+counted, and lowers the limit by what a stage still exceeds (the partitioners' memory figures
+can differ from evaluate's by a few activations).
 """
 
 from __future__ import annotations
@@ -47,50 +48,44 @@ def params_at_readers(graph: CostGraph) -> CostGraph:
 def fit_held_copies(
     graph: CostGraph, config: CostConfig, solve: Callable[[CostGraph, CostConfig], PartitionResult]
 ) -> PartitionResult:
-    """``solve(graph, config)``, checked against ``config.memory_limit`` (bytes per stage) with
-    a copy of each shared parameter at every stage holding it; where a stage is over it,
-    ``solve(params_at_readers(graph), config)`` (module docstring), with the limit lowered by
-    what its plan still exceeds (the partitioners' memory figures can differ from
-    :func:`~pipeoptim.compiler.costmodel.evaluate`'s by a few activations), :data:`ROUNDS`
-    times at most.
+    """``solve(graph, config)`` (``params_at_readers(graph)`` where a parameter is read by
+    several nodes: module docstring), checked against ``config.memory_limit`` (bytes per
+    stage) with a copy of each shared parameter at every stage holding it; where a stage is
+    over it, solved again with the limit lowered by what its plan exceeds (the partitioners'
+    memory figures can differ from :func:`~pipeoptim.compiler.costmodel.evaluate`'s by a few
+    activations), :data:`ROUNDS` times at most.
 
     Raises:
-        InfeasibleMemoryError: from ``solve``, or no plan found fits; from the second graph on,
+        InfeasibleMemoryError: from ``solve``, or no plan found fits; with shared parameters,
             ``min_feasible_bytes`` is a limit a plan meets, copies counted (a smaller one may
             exist).
     """
     limit = config.memory_limit
     users = graph.users()
     tied = [n.name for i, n in enumerate(graph.nodes) if is_parameter(n) and len(users[i]) > 1]
-    try:
-        result: PartitionResult | None = solve(graph, config)
-    except InfeasibleMemoryError as exc:  # where each copy counts, another plan may need less
-        if not tied:
-            raise
-        result, least = None, exc.min_feasible_bytes
-    if result is not None:
-        if limit is None or peak_memory(graph, result.stage_of, config) <= limit:
-            return result
-        least = None
-    assert limit is not None
-    held = ", ".join(tied) or "each parameter"
-    readers, lowered = params_at_readers(graph), limit
+    planned = params_at_readers(graph) if tied else graph
+    held = ", ".join(tied)
+    lowered, peak = limit, 0
     for _ in range(ROUNDS):
         try:
-            result = solve(readers, replace(config, memory_limit=lowered))
+            result = solve(planned, replace(config, memory_limit=lowered))
         except InfeasibleMemoryError as exc:
-            need = min(exc.min_feasible_bytes, least or exc.min_feasible_bytes)
+            if not tied:
+                raise
             raise InfeasibleMemoryError(
                 f"no {config.num_stages}-stage plan found fits in {limit} bytes per stage with method "
-                f"{config.method!r} and a copy of {held} at every stage that reads it; one fits in {need} "
-                f"bytes (found with a copy at every reading node: a smaller limit may fit): "
-                f"{memory_fixes(config)}",
+                f"{config.method!r} and a copy of {held} at every stage that reads it; one fits in "
+                f"{exc.min_feasible_bytes} bytes (found with a copy at every reading node: a smaller "
+                f"limit may fit): {memory_fixes(config)}",
                 limit_bytes=limit,
-                min_feasible_bytes=need,
+                min_feasible_bytes=exc.min_feasible_bytes,
             ) from exc
+        if limit is None:
+            return result
         peak = peak_memory(graph, result.stage_of, config)
         if peak <= limit:
             return result
+        assert lowered is not None
         lowered -= peak - limit  # the partitioner's own memory figures differ from evaluate's
     raise InfeasibleMemoryError(
         f"no {config.num_stages}-stage plan found fits in {limit} bytes per stage with a copy of {held} "
