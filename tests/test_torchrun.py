@@ -405,3 +405,13 @@ def test_rank_0s_constants_and_sparse_buffers_reach_every_rank(tmp_path: Path) -
         for name, value in model.state_dict().items():
             torch.testing.assert_close(torch.tensor(rank["state"][name]), value.to_dense(), atol=1e-6, rtol=0)
         torch.testing.assert_close(torch.tensor(rank["to_module"]), outputs, atol=1e-5, rtol=0)
+
+
+def test_a_rank_that_never_compiles_is_named_as_the_cause(tmp_path: Path) -> None:
+    """torch's DistStoreError named a store key (``/default_pg/0//cpu//0/1``), not what was
+    missing (helper-130)."""
+    done = _torchrun("torchrun_missing_rank_script.py", 2, str(tmp_path / "out"))
+    assert done.returncode == 0, done.stderr[-3000:]
+    said = (tmp_path / "out").read_text()
+    assert said.startswith("PeerLostError: rank 0: the other ranks did not join the process group"), said
+    assert "every rank calls pipeoptim.compile" in said

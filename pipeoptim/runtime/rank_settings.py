@@ -26,7 +26,7 @@ from torch import nn
 from pipeoptim import numerics
 from pipeoptim.compiler.plan import Plan
 from pipeoptim.compiler.trace import TracedModel
-from pipeoptim.errors import PipelineError, first_line
+from pipeoptim.errors import PeerLostError, PipelineError, first_line
 from pipeoptim.runtime.optim import hyperparameters
 
 #: differing settings named in the error; the rest are counted
@@ -119,12 +119,20 @@ def check_same_on_every_rank(settings: Mapping[str, str]) -> None:
     collective: every rank calls it, within the process group's timeout).
 
     Raises:
+        PeerLostError: a rank did not take part within the timeout.
         PipelineError: on every rank, where any rank's settings differ from rank 0's; the
             message names up to :data:`SHOWN` of them (rank 0's order) with each rank's
             value (of a value of several lines, the first line that differs).
     """
     gathered: list[Any] = [None] * dist.get_world_size()
-    dist.all_gather_object(gathered, dict(settings))
+    try:
+        dist.all_gather_object(gathered, dict(settings))
+    except RuntimeError as exc:  # gloo's bare timeout (a rank compiled a pipeline the others did not)
+        raise PeerLostError(
+            f"rank {dist.get_rank()}: comparing compile's settings with the other ranks failed "
+            f"({first_line(exc)}): under torchrun every rank compiles the same pipelines, in the "
+            "same order, or a rank has stopped"
+        ) from exc
     first = gathered[0]
     keys = list(first) + [k for theirs in gathered for k in theirs if k not in first]
     differing = [k for k in dict.fromkeys(keys) if any(theirs.get(k) != first.get(k) for theirs in gathered)]

@@ -87,10 +87,17 @@ def join(timeout: float) -> None:
         torch.set_num_threads(max(1, torch.get_num_threads() // local_world))
         pin_rank(local_rank, local_world)  # before gloo's threads
     given = isinstance(timeout, (int, float)) and 0 < timeout < float("inf")
-    dist.init_process_group(
-        "nccl" if device.type == "cuda" else "gloo",
-        timeout=datetime.timedelta(seconds=timeout) if given else None,
-    )
+    try:
+        dist.init_process_group(
+            "nccl" if device.type == "cuda" else "gloo",
+            timeout=datetime.timedelta(seconds=timeout) if given else None,
+        )
+    except dist.DistStoreError as exc:  # a rank's key never came within the timeout
+        raise PeerLostError(
+            f"rank {os.environ.get('RANK', '?')}: the other ranks did not join the process group "
+            f"({first_line(exc)}): under torchrun every rank calls pipeoptim.compile, and one has "
+            "not (it stopped, or its script took another path)"
+        ) from exc
     _created = True
     atexit.register(_destroy_default_group)
 
