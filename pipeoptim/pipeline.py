@@ -178,8 +178,9 @@ class Pipeline(Measurements, checkpoint.Checkpoints):
                 return
             try:
                 oldest.wait()
-            except Exception:
-                self._check_open()  # re-raise the pipeline's error as step() does
+            except Exception as exc:
+                if exc is not self._error:  # its own error as it is, the first time it is said
+                    self._check_open()  # re-raise the pipeline's error as step() does
                 raise
 
     def train(

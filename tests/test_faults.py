@@ -848,3 +848,35 @@ def test_a_failed_pipeline_is_freed_with_its_pipes_and_threads(executor: str) ->
     ]
     # none more open (fewer once in a full run, 32 against 34: an earlier test's closed meanwhile)
     assert len(os.listdir("/proc/self/fd")) <= fds
+
+
+class RaisesLateWhenArmed(torch.nn.Module):
+    """A layer that, once ``flag`` exists, raises ValueError a second into its forward."""
+
+    def __init__(self, flag: str) -> None:
+        super().__init__()
+        self.flag = flag
+        self.lin = torch.nn.Linear(8, 8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if os.path.exists(self.flag):
+            time.sleep(1.0)  # the driver is waiting for room by then
+            raise ValueError("armed")
+        return self.lin(x)
+
+
+def test_a_stage_error_met_while_step_waits_for_room_is_said_as_itself(tmp_path: Path) -> None:
+    """A loop that never reads its losses meets a stage's failure in step()'s wait for room:
+    its first report read "the pipeline stopped at an earlier error (...)", an error never
+    raised before (helper-130)."""
+    flag = tmp_path / "armed"
+    model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.ReLU(), RaisesLateWhenArmed(str(flag)))
+    options = {"loss_fn": F.mse_loss, "executor": "processes", "profile_dir": None, "leaf_modules": ["2"]}
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    with pipeoptim.compile(model, opt, 2, example_inputs=torch.randn(8, 8), **options) as pipe:
+        pipe.step(torch.randn(8, 8), torch.randn(8, 8)).wait()
+        flag.write_text("")
+        with pytest.raises(PipelineError) as info:
+            for _ in range(3 * pipe.max_in_flight):
+                pipe.step(torch.randn(8, 8), torch.randn(8, 8))  # losses never read
+        assert str(info.value).startswith("stage 1 failed: ValueError: armed"), str(info.value)
