@@ -102,6 +102,10 @@ BAD_FILES = {
         json.dumps(edited(lambda d: d["nodes"].pop())).encode(),
         "no node with op 'output'",
     ),
+    "a node after the output": (  # planned as work (helper-129)
+        json.dumps(edited(lambda d: d["nodes"].append({**d["nodes"][-2], "name": "late"}))).encode(),
+        "must be its last, but node 'late' comes after it",
+    ),
     "nan time": (json.dumps(edited(set_node(2, fwd_s=float("nan")))).encode(), "'layer1' has fwd_s = nan"),
     "negative time": (json.dumps(edited(set_node(3, bwd_s=-0.5))).encode(), "'layer2' has bwd_s = -0.5"),
     "infinite size": (json.dumps(edited(set_node(3, out_bytes=1e400))).encode(), "'layer2' is malformed"),
