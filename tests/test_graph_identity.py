@@ -275,3 +275,30 @@ def test_a_setting_a_leaf_reads_from_its_module_changes_the_hash(monkeypatch) ->
     before = _hash(model, ("1",))
     monkeypatch.setattr(sys.modules[__name__], "ROUNDS", 50)
     assert _hash(model, ("1",)) != before
+
+
+CALLED = 0  # a counter a leaf's forward keeps
+SEEN: list[int] = []  # a list it appends to
+
+
+class CountingLeaf(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(64, 64)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        global CALLED
+        CALLED += 1
+        SEEN.append(CALLED)
+        return torch.tanh(self.lin(x))
+
+
+def test_state_a_leaf_changes_or_could_change_leaves_the_hash_alone(monkeypatch) -> None:
+    """Its own counter and a mutable list moved between the driver's trace and a worker's
+    (profiling runs the forward): keyed, the worker refused the plan as another graph's."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 64), CountingLeaf())
+    before = _hash(model, ("1",))
+    model(torch.randn(2, 8, 64))
+    monkeypatch.setattr(sys.modules[__name__], "SEEN", [5, 6, 7])
+    assert _hash(model, ("1",)) == before

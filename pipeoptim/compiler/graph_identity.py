@@ -5,6 +5,7 @@ checked."""
 from __future__ import annotations
 
 import dataclasses
+import dis
 import enum
 import functools
 import hashlib
@@ -110,21 +111,37 @@ def function_identity(fn: types.FunctionType) -> str:
 
 
 def _globals_read(fn: types.FunctionType) -> list[object]:
-    """The module-level values ``fn`` reads by name (in its code and the code nested in it),
-    as :func:`_described` gives them, a function by its code (a helper imported from another
-    file, whose source is not the file's): a setting computed at import (``REPEAT =
-    int(os.environ["REPEAT"])``) is the same text in the file, another value in the process."""
-    codes, names = [fn.__code__], set()
+    """The module-level settings ``fn`` reads by name (in its code and the code nested in it):
+    plain values (numbers, strings, flags, and tuples and frozensets of them, dtypes, enums)
+    as they are, functions by their code (a helper imported from another file, whose source is
+    not the file's). A setting computed at import (``REPEAT = int(os.environ["REPEAT"])``) is
+    the same text in the file, another value in the process. Left out: names ``fn`` assigns
+    itself (a counter), and mutable values (a list, a dict, an object), which the script may
+    change between this process's trace and a worker's, whose graph would then differ."""
+    codes, names, stored = [fn.__code__], set(), set()
     while codes:
         code = codes.pop()
         names.update(code.co_names)
+        stored.update(i.argval for i in dis.get_instructions(code) if i.opname in _GLOBAL_WRITES)
         codes.extend(c for c in code.co_consts if isinstance(c, types.CodeType))
-    found = [(n, fn.__globals__[n]) for n in sorted(names) if n in fn.__globals__]
+    found = [(n, fn.__globals__[n]) for n in sorted(names - stored) if n in fn.__globals__]
     return [
         (n, _function(v, 2) if isinstance(v, types.FunctionType) else _described(v, 1))
         for n, v in found
-        if not isinstance(v, (types.ModuleType, type))
+        if isinstance(v, types.FunctionType) or _settled(v)
     ]
+
+
+#: the instructions that change a module-level name
+_GLOBAL_WRITES = frozenset({"STORE_GLOBAL", "DELETE_GLOBAL"})
+
+
+def _settled(value: object) -> bool:
+    """Whether ``value`` cannot change in place: a plain value, a dtype, device or enum, or a
+    tuple or frozenset of such."""
+    if isinstance(value, (_PLAIN, torch.dtype, torch.device, enum.Enum)):
+        return True
+    return isinstance(value, (tuple, frozenset)) and all(_settled(v) for v in value)
 
 
 def _from_torch_or_us(fn: types.FunctionType) -> bool:
