@@ -33,13 +33,15 @@ ROUNDS = 3
 def params_at_readers(graph: CostGraph) -> CostGraph:
     """``graph`` with every trainable parameter's bytes moved from its get_attr node onto each
     node reading it (compute, update and memory then count it where it is held, once per
-    reader)."""
+    reader); the get_attr node keeps no bytes, neither output nor gradient: with its own it
+    read as an activation crossing every cut before its last reader (gpt2's plan took 42.2 ms
+    where 37.6 ms was possible; helper-131)."""
     nodes = list(graph.nodes)
     for i, readers in enumerate(graph.users()):
         node = graph.nodes[i]
         if not is_parameter(node) or not readers:
             continue
-        nodes[i] = replace(node, param_bytes=0)
+        nodes[i] = replace(node, param_bytes=0, out_bytes=0, grad_bytes=0)  # no value sent either
         for r in readers:
             nodes[r] = replace(nodes[r], param_bytes=nodes[r].param_bytes + node.param_bytes)
     return replace(graph, nodes=nodes)
