@@ -14,6 +14,10 @@ import torch.nn.functional as F
 from torch import nn
 
 import pipeoptim
+from pipeoptim.compiler.costmodel import CostConfig
+from pipeoptim.compiler.partition import PartitionResult
+from pipeoptim.compiler.plan import plan_from_assignment
+from pipeoptim.compiler.profile_cache import load_or_profile
 from pipeoptim.compiler.trace import trace
 from pipeoptim.errors import TraceError
 
@@ -147,3 +151,33 @@ def test_a_draw_in_the_root_forward_is_refused_with_the_fix() -> None:
     ):
         trace(_DrawInRoot(), torch.randn(4, 6))
     assert random.getstate() == state
+
+
+def test_a_recomputed_stage_redraws_what_its_forward_drew() -> None:
+    """Planned recomputation (where memory= binds) ran the stage again in the backward with
+    torch's generator restored only: the blocks redrew from the caller's Python generator
+    (weights 0.026 off the same plan without recomputation after 4 steps; helper-131)."""
+    torch.manual_seed(0)
+    model = _DropNet()
+    batches = loader()[:3]
+    x = batches[0][0][:4]  # one micro-batch of 4
+    graph, _ = load_or_profile(trace(copy.deepcopy(model), (x,)), (x,), profile_dir=None)
+    config = CostConfig(2, method="1f1b", micro_batches=4)
+    stage_of = [
+        0 if n.module.startswith(("inp", "blocks")) or n.op == "placeholder" else 1 for n in graph.nodes
+    ]
+    runs = []
+    for flags in ([True, False], [False, False]):
+        given = PartitionResult(stage_of, "given", "", "given", False, None, 0.0, len(stage_of), flags)
+        plan = plan_from_assignment(graph, config, given)
+        net = copy.deepcopy(model)
+        options = {"loss_fn": F.cross_entropy, "method": "1f1b", "micro_batches": 4, "profile_dir": None}
+        opt = torch.optim.SGD(net.parameters(), lr=0.1)
+        with pipeoptim.compile(
+            net, opt, 2, example_inputs=batches[0][0], plan=plan, executor="local", **options
+        ) as pipe:
+            random.seed(1234)  # the caller's own stream, which the recomputation drew from
+            runs.append(([pipe.step(xb, yb).item() for xb, yb in batches], pipe.state_dict()))
+    assert runs[0][0] == runs[1][0]
+    for key, value in runs[1][1].items():
+        assert torch.equal(runs[0][1][key], value), key

@@ -41,6 +41,8 @@ import torch.fx as fx
 import torch.utils.checkpoint as torch_checkpoint
 from torch import nn
 
+from pipeoptim.random_state import python_random_states, set_python_random_states
+
 #: The function being replaced while tracing (kept before any patching).
 _CHECKPOINT = torch_checkpoint.checkpoint
 
@@ -78,8 +80,8 @@ class _Recompute(torch.autograd.Function):
     saves do: under a runtime weight policy a weight is kept as a reference and the backward
     gets the weight the method gives the backward (the current W for PipeOptim and ``none``,
     the stashed version for PipeDream and 2BW, SpecTrain's backward prediction). The region's
-    forward is recomputed with those weights, with the forward's RNG state and autocast
-    settings, then differentiated.
+    forward is recomputed with those weights, with the forward's RNG states (torch's, and
+    Python's and NumPy's global generators') and autocast settings, then differentiated.
     """
 
     @staticmethod
@@ -91,9 +93,11 @@ class _Recompute(torch.autograd.Function):
         ctx.needs = [isinstance(t, torch.Tensor) and t.requires_grad for t in inputs]
         device = next((t.device for t in inputs if isinstance(t, torch.Tensor) and t.is_cuda), None)
         ctx.cuda = [device] if device is not None else []
-        ctx.rng = None
+        ctx.rng = ctx.python_rng = None
         if region.preserve_rng_state:
             ctx.rng = (torch.get_rng_state(), [torch.cuda.get_rng_state(d) for d in ctx.cuda])
+            # a leaf drawing from Python's random (stochastic depth) redraws alike (helper-131)
+            ctx.python_rng = python_random_states()
         kind = "cuda" if ctx.cuda else "cpu"
         ctx.autocast = {
             "device_type": kind,
@@ -113,13 +117,19 @@ class _Recompute(torch.autograd.Function):
             t.detach().requires_grad_(need) if isinstance(t, torch.Tensor) else t
             for t, need in zip(unpacked, ctx.needs)
         ]
+        caller = python_random_states() if ctx.python_rng is not None else None
         with torch.random.fork_rng(devices=ctx.cuda, enabled=ctx.rng is not None):
             if ctx.rng is not None:
                 torch.set_rng_state(ctx.rng[0])
                 for d, state in zip(ctx.cuda, ctx.rng[1]):
                     torch.cuda.set_rng_state(state, d)
-            with torch.enable_grad(), torch.autocast(**ctx.autocast):
-                out = ctx.region.body(*inputs)
+                set_python_random_states(ctx.python_rng)
+            try:
+                with torch.enable_grad(), torch.autocast(**ctx.autocast):
+                    out = ctx.region.body(*inputs)
+            finally:
+                if caller is not None:
+                    set_python_random_states(caller)
         outs = out if isinstance(out, tuple) else (out,)
         pairs = [
             (o, g)
