@@ -3,12 +3,16 @@ before each forward, the others run without the seeding and the generator's fork
 
 from __future__ import annotations
 
+import random
+from random import uniform
+
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from pipeoptim.runtime.randomness import draws_random_numbers, seeded
+from pipeoptim.runtime.randomness import Draws, draws_random_numbers, seeded
 from pipeoptim.runtime.stage import StageRuntime
 
 
@@ -48,7 +52,7 @@ class WithLeaf(nn.Module):
 
 class Leaves(fx.Tracer):
     def is_leaf_module(self, m: nn.Module, name: str) -> bool:
-        return isinstance(m, UsersLayer) or super().is_leaf_module(m, name)
+        return isinstance(m, (UsersLayer, _Quiet)) or super().is_leaf_module(m, name)
 
 
 def _traced(model: nn.Module) -> fx.GraphModule:
@@ -147,3 +151,59 @@ def test_a_stage_that_draws_draws_the_micro_batchs_masks_and_restores_the_genera
     assert torch.equal(torch.get_rng_state(), before)  # the caller's generator moved on as before
     with seeded(None, []):
         assert torch.equal(torch.get_rng_state(), before)
+
+
+def _noisy(x: torch.Tensor) -> torch.Tensor:
+    return x * random.random()
+
+
+class _Quiet(nn.Module):
+    """A user's leaf drawing nothing (made a leaf for a data-dependent branch, say)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(8, 8)
+
+    def scale(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.lin(self.scale(x))
+
+
+class _Random(_Quiet):
+    def scale(self, x: torch.Tensor) -> torch.Tensor:
+        return x * random.random()
+
+
+class _Imported(_Quiet):
+    def scale(self, x: torch.Tensor) -> torch.Tensor:
+        return x * uniform(0.5, 1.5)
+
+
+class _NumPy(_Quiet):
+    def scale(self, x: torch.Tensor) -> torch.Tensor:
+        return x * float(np.random.rand())
+
+
+class _Helper(_Quiet):
+    def scale(self, x: torch.Tensor) -> torch.Tensor:
+        return _noisy(x)
+
+
+DRAWN_BY = {
+    _Quiet: Draws.TORCH,
+    _Random: Draws.ANY,
+    _Imported: Draws.ANY,
+    _NumPy: Draws.ANY,
+    _Helper: Draws.ANY,
+}
+
+
+@pytest.mark.parametrize("leaf", list(DRAWN_BY), ids=lambda c: c.__name__)
+def test_a_users_leaf_seeds_pythons_generators_only_where_its_code_names_them(leaf: type) -> None:
+    """Every user's leaf was seeded with Python's and NumPy's generators, 160 us per forward
+    (a leaf made for a data-dependent branch, drawing nothing: 4.4 ms per step against 2.5;
+    helper-131)."""
+    model = nn.Sequential(nn.Linear(8, 8), leaf())
+    assert draws_random_numbers(_traced(model)) == DRAWN_BY[leaf]

@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import enum
 import re
+import types
 from collections.abc import Iterator, Sequence
 
 import torch
@@ -59,7 +60,15 @@ def draws_random_numbers(module: nn.Module) -> Draws:
             found = max(found, Draws.TORCH)
         elif node.op == "call_module":
             found = max(found, _module_draws(module.get_submodule(str(node.target))))
+        elif node.op == "get_attr" and isinstance(fetched := _fetched(module, str(node.target)), nn.Module):
+            found = max(found, _module_draws(fetched))  # a leaf handed to a recomputed region
     return found
+
+
+def _fetched(module: nn.Module, target: str) -> object:
+    for part in target.split("."):
+        module = getattr(module, part, None)
+    return module
 
 
 def _function_draws(graph_module: fx.GraphModule, node: fx.Node) -> Draws:
@@ -69,7 +78,7 @@ def _function_draws(graph_module: fx.GraphModule, node: fx.Node) -> Draws:
     owner = getattr(target, "__module__", None) or ""
     name = getattr(target, "__name__", None) or repr(target)
     if not (owner in PLAIN_MODULES or owner == "torch" or owner.startswith("torch.")):
-        return Draws.ANY
+        return Draws.ANY if _python_draws(target) else Draws.TORCH
     return Draws.TORCH if RANDOM_NAMES.search(name) else Draws.NOTHING
 
 
@@ -79,11 +88,51 @@ def _module_draws(module: nn.Module) -> Draws:
     found = Draws.NOTHING
     for m in module.modules():
         owner = type(m).__module__
-        if not owner.startswith("torch."):
-            return Draws.ANY
+        if not owner.startswith("torch."):  # a user's class: its own methods, and its bases'
+            own = [c for c in type(m).__mro__ if not c.__module__.startswith(("torch.", "builtins"))]
+            if any(_python_draws(f) for c in own for f in vars(c).values()):
+                return Draws.ANY
+            found = Draws.TORCH
+            continue
         if not owner.startswith("torch.nn.modules.") or RANDOM_NAMES.search(type(m).__name__):
             found = Draws.TORCH
     return found
+
+
+#: the modules whose global generators :attr:`Draws.ANY` seeds
+_GENERATORS = ("random", "numpy")
+
+
+def _python_draws(fn: object, depth: int = 2) -> bool:
+    """Whether ``fn``'s code (or, ``depth`` calls deep, a function it calls by a module-level
+    name) names Python's ``random`` or NumPy, or a function or method of theirs
+    (``random.random``, ``from random import random``, ``np.random.rand``): a user's leaf
+    without such a name cannot draw from their global generators, so seeding them (80-160 us
+    per forward, most of it NumPy's state) is left out (helper-131)."""
+    code = getattr(fn, "__code__", None)
+    if code is None:
+        return False
+    codes, names = [code], set()
+    while codes:
+        current = codes.pop()
+        names.update(current.co_names)
+        codes.extend(c for c in current.co_consts if isinstance(c, types.CodeType))
+    scope = getattr(fn, "__globals__", {})
+    for name in names:
+        value = scope.get(name)
+        if value is None:
+            continue
+        if isinstance(value, types.ModuleType):
+            if value.__name__.split(".")[0] in _GENERATORS:
+                return True
+            continue
+        owner = type(getattr(value, "__self__", None)).__module__ if hasattr(value, "__self__") else None
+        owner = owner or getattr(value, "__module__", None) or ""
+        if callable(value) and owner.split(".")[0] in _GENERATORS:
+            return True
+        if depth > 1 and isinstance(value, types.FunctionType) and _python_draws(value, depth - 1):
+            return True
+    return False
 
 
 @contextlib.contextmanager
