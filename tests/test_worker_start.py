@@ -202,3 +202,42 @@ def test_a_pipeline_dropped_without_close_is_collected_and_its_workers_end(tmp_p
     while any(p.is_alive() for p in workers) and time.monotonic() < deadline:
         time.sleep(0.1)
     assert not any(p.is_alive() for p in workers)
+
+
+SETTING_MODULE = """
+import torch
+from torch import nn
+
+SCALE = 1.0
+
+
+class Scaled(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(4, 2)
+
+    def forward(self, x):
+        return self.lin(x) * SCALE
+"""
+
+
+def test_a_setting_changed_after_import_is_named_where_a_worker_traces_otherwise(
+    tmp_path, monkeypatch
+) -> None:
+    """A worker imports the model's module again, with the file's value of a setting the
+    script reassigned: the profile key follows such settings (this session), and the worker
+    said the plan was made for another model."""
+    (tmp_path / "setting_model.py").write_text(SETTING_MODULE)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setenv("PYTHONPATH", f"{tmp_path}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
+    import setting_model
+
+    monkeypatch.setattr(setting_model, "SCALE", 3.0)
+    model = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), setting_model.Scaled())
+    options = {"loss_fn": F.mse_loss, "executor": "processes", "profile_dir": None, "leaf_modules": ["2"]}
+    with pytest.raises(
+        PipelineError, match=r"a module-level value the script set after importing its module"
+    ):
+        pipeoptim.compile(
+            model, torch.optim.SGD(model.parameters(), lr=0.1), 2, example_inputs=torch.randn(8, 4), **options
+        )
