@@ -236,7 +236,7 @@ def test_a_setting_changed_after_import_is_named_where_a_worker_traces_otherwise
     model = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), setting_model.Scaled())
     options = {"loss_fn": F.mse_loss, "executor": "processes", "profile_dir": None, "leaf_modules": ["2"]}
     with pytest.raises(
-        PipelineError, match=r"a module-level value the script set after importing its module"
+        pipeoptim.PipeoptimError, match=r"a module-level value the script set after importing its module"
     ):
         pipeoptim.compile(
             model, torch.optim.SGD(model.parameters(), lr=0.1), 2, example_inputs=torch.randn(8, 4), **options

@@ -18,6 +18,7 @@ from typing import Any
 import torch
 from torch import fx, nn
 
+from pipeoptim.compiler.trace import call_leaf
 from pipeoptim.errors import ProfileError
 
 #: the layers whose batch dimension follows ``batch_first``
@@ -31,7 +32,7 @@ def _layer_and_input(gm: fx.GraphModule, node: fx.Node) -> tuple[str, nn.Module 
     if node.op == "call_module":
         name = str(node.target)
         return name, gm.get_submodule(name), node.args[0] if node.args else None
-    if node.op == "call_function" and getattr(node.target, "__name__", "") == "call_leaf":
+    if node.op == "call_function" and node.target is call_leaf:
         fetch, _, _, args, _ = node.args
         name = str(fetch.target)
         return name, gm.get_submodule(name), args[0] if args else None

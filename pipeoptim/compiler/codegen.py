@@ -36,9 +36,15 @@ def check_plan_matches(traced: TracedModel, plan: Plan) -> None:
     """Raise :class:`CodegenError` if ``plan`` was made for another graph than ``traced``."""
     planned = plan.profile_key.get("graph_hash")
     if planned and planned != traced.graph_hash:
+        # a plan given for another model is refused before (pipeoptim.given_plan): here, a stage
+        # in a worker process or torchrun rank traced the model otherwise than the planning process
         raise CodegenError(
             f"the plan was made for another graph of {plan.model!r} (graph hash "
-            f"{planned[:12]} vs {traced.graph_hash[:12]}); make a new plan for this model"
+            f"{planned[:12]} vs {traced.graph_hash[:12]} here): make a new plan for this model; in "
+            "a worker process or torchrun rank, the model reads something that differs between "
+            "processes, such as a module-level value the script set after importing its module "
+            "(a worker imports it again) or an environment variable: set it where the module is "
+            "defined, or use executor='local'"
         )
     names = {n.name for n in traced.gm.graph.nodes}
     missing = sorted(set(plan.stage_of) ^ names)

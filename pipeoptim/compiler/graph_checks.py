@@ -52,9 +52,7 @@ def check_graph(graph: Any, origin: str) -> None:
         raise ProfileError(f"{origin}: the graph has no node with op 'output'; add the model's output node")
     outputs = [i for i, n in enumerate(graph.nodes) if n.op == "output"]
     if outputs != [len(graph.nodes) - 1]:  # nodes after it were planned as work (helper-129)
-        after = (
-            graph.nodes[outputs[0] + 1].name if outputs[0] + 1 < len(graph.nodes) else graph.nodes[-1].name
-        )
+        after = graph.nodes[outputs[0] + 1].name  # the first output is not the last node
         raise ProfileError(
             f"{origin}: the graph's one node with op 'output' must be its last, but node {after!r} "
             f"comes after it ({len(outputs)} output node(s)); nothing runs after the model's output"

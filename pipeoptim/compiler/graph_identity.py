@@ -118,18 +118,25 @@ def _globals_read(fn: types.FunctionType) -> list[object]:
     the same text in the file, another value in the process. Left out: names ``fn`` assigns
     itself (a counter), and mutable values (a list, a dict, an object), which the script may
     change between this process's trace and a worker's, whose graph would then differ."""
-    codes, names, stored = [fn.__code__], set(), set()
-    while codes:
-        code = codes.pop()
-        names.update(code.co_names)
-        stored.update(i.argval for i in dis.get_instructions(code) if i.opname in _GLOBAL_WRITES)
-        codes.extend(c for c in code.co_consts if isinstance(c, types.CodeType))
+    names, stored = global_names(fn.__code__)
     found = [(n, fn.__globals__[n]) for n in sorted(names - stored) if n in fn.__globals__]
     return [
         (n, _function(v, 2) if isinstance(v, types.FunctionType) else _described(v, 1))
         for n, v in found
         if isinstance(v, types.FunctionType) or _settled(v)
     ]
+
+
+def global_names(code: types.CodeType) -> tuple[set[str], set[str]]:
+    """The names ``code`` and the code nested in it use (``co_names``: module-level names and
+    attributes alike), and those of them it assigns or deletes at module level."""
+    codes, names, stored = [code], set(), set()
+    while codes:
+        current = codes.pop()
+        names.update(current.co_names)
+        stored.update(i.argval for i in dis.get_instructions(current) if i.opname in _GLOBAL_WRITES)
+        codes.extend(c for c in current.co_consts if isinstance(c, types.CodeType))
+    return names, stored
 
 
 #: the instructions that change a module-level name

@@ -66,7 +66,7 @@ def fit_held_copies(
     users = graph.users()
     tied = [n.name for i, n in enumerate(graph.nodes) if is_parameter(n) and len(users[i]) > 1]
     planned = params_at_readers(graph) if tied else graph
-    held = ", ".join(tied)
+    held = ", ".join(tied) or "each parameter"
     lowered, peak = limit, 0
     for _ in range(ROUNDS):
         try:

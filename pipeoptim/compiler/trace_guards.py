@@ -101,7 +101,7 @@ class RandomDraw(UntraceableCall):
 
 @contextlib.contextmanager
 def refusing_random_draws() -> Iterator[None]:
-    """Within: a trace. Leaving without an error, raise :class:`UntraceableCall` where the
+    """Within: a trace. Leaving without an error, raise :class:`RandomDraw` where the
     global ``random`` (or ``np.random``) generator moved; either way put it back as it was,
     so that tracing takes none of the caller's random numbers.
 

@@ -80,13 +80,15 @@ def check_no_step_hooks(optimizer: Optimizer) -> None:
         )
 
 
-def optimizer_layout(optimizer: Optimizer) -> tuple[tuple[int, ...], ...]:
-    """The identities of each group's parameters: what the stages' optimizers were built from."""
-    return tuple(tuple(id(p) for p in group["params"]) for group in optimizer.param_groups)
+def optimizer_layout(optimizer: Optimizer) -> tuple[tuple[int, int], ...]:
+    """Each group's parameter list, by identity and length: what the stages' optimizers were
+    built from (``add_param_group`` adds a group, a new list replaces one, ``append`` lengthens
+    one), checked at every step in time of the groups, not of the parameters."""
+    return tuple((id(group["params"]), len(group["params"])) for group in optimizer.param_groups)
 
 
 def hyperparameters(
-    optimizer: Optimizer, layout: tuple[tuple[int, ...], ...] | None = None
+    optimizer: Optimizer, layout: tuple[tuple[int, int], ...] | None = None
 ) -> list[dict[str, Any]]:
     """Per-group hyperparameters of ``optimizer`` as plain values (tensor scalars as floats).
 

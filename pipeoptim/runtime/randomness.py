@@ -20,6 +20,7 @@ from collections.abc import Iterator, Sequence
 import torch
 from torch import fx, nn
 
+from pipeoptim.compiler.graph_identity import called_whole, global_names
 from pipeoptim.compiler.trace import call_leaf
 from pipeoptim.random_state import python_generators_seeded
 
@@ -55,26 +56,18 @@ def draws_random_numbers(module: nn.Module) -> Draws:
     found = Draws.NOTHING
     for node in module.graph.nodes:
         if node.op == "call_function":
-            found = max(found, _function_draws(module, node))
+            found = max(found, _function_draws(node.target))
         elif node.op == "call_method" and RANDOM_NAMES.search(str(node.target)):
             found = max(found, Draws.TORCH)
-        elif node.op == "call_module":
-            found = max(found, _module_draws(module.get_submodule(str(node.target))))
-        elif node.op == "get_attr" and isinstance(fetched := _fetched(module, str(node.target)), nn.Module):
-            found = max(found, _module_draws(fetched))  # a leaf handed to a recomputed region
+    # modules run whole: called, or fetched for a leaf call or a recomputed region
+    for name in called_whole(module):
+        found = max(found, _module_draws(module.get_submodule(name)))
     return found
 
 
-def _fetched(module: nn.Module, target: str) -> object:
-    for part in target.split("."):
-        module = getattr(module, part, None)
-    return module
-
-
-def _function_draws(graph_module: fx.GraphModule, node: fx.Node) -> Draws:
-    target = node.target
-    if target is call_leaf:  # a leaf with parameters: at least torch's (LSTM's dropout), and its code's
-        return max(Draws.TORCH, _module_draws(graph_module.get_submodule(str(node.args[0].target))))
+def _function_draws(target: object) -> Draws:
+    if target is call_leaf:  # a leaf with parameters: at least torch's (LSTM's dropout); its module's code
+        return Draws.TORCH  # counts as a module run whole (draws_random_numbers)
     owner = getattr(target, "__module__", None) or ""
     name = getattr(target, "__name__", None) or repr(target)
     if not (owner in PLAIN_MODULES or owner == "torch" or owner.startswith("torch.")):
@@ -112,11 +105,7 @@ def _python_draws(fn: object, depth: int = 2) -> bool:
     code = getattr(fn, "__code__", None)
     if code is None:
         return False
-    codes, names = [code], set()
-    while codes:
-        current = codes.pop()
-        names.update(current.co_names)
-        codes.extend(c for c in current.co_consts if isinstance(c, types.CodeType))
+    names, _ = global_names(code)
     scope = getattr(fn, "__globals__", {})
     for name in names:
         value = scope.get(name)

@@ -25,7 +25,6 @@ import torch.distributed as dist
 from torch.utils import _pytree as pytree
 
 from pipeoptim import numerics
-from pipeoptim.compiler.trace import TracedModel
 from pipeoptim.errors import PipelineError, PipeoptimError
 from pipeoptim.runtime.affinity import pin_rank, take_cores
 from pipeoptim.runtime.async_norms import note_size
@@ -43,27 +42,6 @@ from pipeoptim.runtime.stage import StageRuntime
 from pipeoptim.runtime.stage_state import load_optimizer_state, load_stage_state, optimizer_state
 
 
-def _check_same_graph(traced: TracedModel, spec: PipelineSpec, stage: int) -> None:
-    """Refuse a model this process traced into another graph than the plan's (made where
-    ``compile`` ran), saying what differs between processes: a module-level value the model
-    reads, reassigned by the script after its module was imported (a worker imports it again,
-    with the file's value), an environment variable, a file. Under the old check the message
-    spoke of a plan made for another model (helper-131's review of a profile-key change).
-
-    Raises:
-        PipelineError: the graph hashes differ.
-    """
-    planned = spec.plan.profile_key.get("graph_hash")
-    if planned and planned != traced.graph_hash:
-        raise PipelineError(
-            f"stage {stage}'s process traced the model into another graph than the process that "
-            f"planned it (graph hash {traced.graph_hash[:12]} vs {planned[:12]}): the model reads "
-            "something that differs between processes, such as a module-level value the script "
-            "set after importing its module (this process imported it again) or an environment "
-            "variable. Set it where the module is defined, or use executor='local'"
-        )
-
-
 class StageProcess:
     """Runs the stage of global ``rank`` of ``spec`` in this process (stage ``rank % N`` of
     replica ``rank // N``, :mod:`pipeoptim.runtime.replicas`); torch.distributed must be
@@ -79,7 +57,6 @@ class StageProcess:
         self.rank, self.replica = stage_and_replica(rank, self.world)
         rank = self.rank
         self.traced = spec.trace()
-        _check_same_graph(self.traced, spec, rank)
         self.aliases = aliases_of(self.traced.tied)
         self.stage: StageRuntime = build_stage(replica_copy(spec, self.replica), self.traced, rank, device)
         self.reducer = join_replica_groups(spec, rank, timeout) if spec.data_parallel > 1 else None
