@@ -170,14 +170,20 @@ def tied_as_torch_loads(state: dict[str, Any], model: torch.nn.Module) -> dict[s
 
 
 def optimizer_misfit(
-    state: dict[str, Any], optimizer: torch.optim.Optimizer, model: torch.nn.Module
+    state: dict[str, Any],
+    optimizer: torch.optim.Optimizer,
+    model: torch.nn.Module,
+    group_names: list[list[str]],
 ) -> str | None:
     """Why optimizer ``state`` (:meth:`pipeoptim.pipeline.Pipeline.optimizer_state_dict`) cannot
-    continue ``optimizer`` on ``model``: saved from another optimizer class (Adam's moments would
-    stand in for SGD's momentum buffers, and Adam's betas join SGD's groups) or for parameters
-    ``model`` does not have; ``None`` where it fits. State without a class (the optimizer's
-    own, handed over at ``compile``) is checked by its names only; state in another format
-    (a sequential run's is torch's own ``Optimizer.state_dict()``) is named as such."""
+    continue ``optimizer`` on ``model``, whose groups hold the parameters ``group_names``: saved
+    from another optimizer class (Adam's moments would stand in for SGD's momentum buffers, and
+    Adam's betas join SGD's groups), for parameters ``model`` does not have, or with other
+    parameter groups (their hyperparameters are restored group by group: groups listed in
+    another order swapped their learning rates; torch's ``load_state_dict`` refuses groups of
+    other sizes); ``None`` where it fits. State without a class (the optimizer's own, handed
+    over at ``compile``) is checked by its names only; state in another format (a sequential
+    run's is torch's own ``Optimizer.state_dict()``) is named as such."""
     if state.get("format") != OPTIMIZER_FORMAT:
         return (
             "holds optimizer state a pipeline does not read (a sequential run's is torch's own): "
@@ -196,7 +202,33 @@ def optimizer_misfit(
             f"holds optimizer state for parameters {type(model).__name__} does not have ({unknown[:3]}): "
             "it was saved from another model; load the state of this one"
         )
+    return _groups_misfit(state, group_names)
+
+
+def _groups_misfit(state: dict[str, Any], group_names: list[list[str]]) -> str | None:
+    """Why the parameter groups ``state`` was saved with are not ``group_names`` (by count, and
+    where it names them, a state saved since 2026-12-06, by their parameters), or ``None``."""
+    saved = state.get("param_groups")
+    if saved is not None and len(saved) != len(group_names):
+        return (
+            f"was saved with {len(saved)} parameter groups, and this optimizer has "
+            f"{len(group_names)}: build the optimizer with the groups of the saved run"
+        )
+    names = state.get("param_group_names")
+    if names is not None and [sorted(g) for g in names] != [sorted(g) for g in group_names]:
+        i = next(i for i, (a, b) in enumerate(zip(names, group_names)) if sorted(a) != sorted(b))
+        return (
+            f"was saved with other parameters in group {i} ({_few(names[i])}; this optimizer's: "
+            f"{_few(group_names[i])}): each group's hyperparameters would go to other "
+            "parameters; build the optimizer's groups in the order of the saved run"
+        )
     return None
+
+
+def _few(names: list[str]) -> str:
+    """``names`` for a message: the first three and how many more."""
+    more = f" and {len(names) - 3} more" if len(names) > 3 else ""
+    return f"{', '.join(names[:3]) or 'none'}{more}"
 
 
 def check_model(data: dict[str, Any], path: str | os.PathLike[str], model: torch.nn.Module) -> None:
@@ -245,6 +277,7 @@ class Checkpoints:
     optimizer_state_dict: Callable[[], dict[str, Any]]
     load_optimizer_state_dict: Callable[[dict[str, Any]], None]
     _executor: Any  # its same_call: under torchrun every rank in the same call
+    spec: Any  # pipeoptim.runtime.build.PipelineSpec: group_names
 
     def save_checkpoint(self, path: str | os.PathLike[str], extra: dict[str, Any] | None = None) -> None:
         """Flush, then write weights, optimizer state, position and plan to ``path`` atomically
@@ -273,7 +306,9 @@ class Checkpoints:
         try:
             data = read_checkpoint(path)
             check_model(data, path, self._template)
-            misfit = optimizer_misfit(data["optimizer"], self._optimizer, self._template)
+            misfit = optimizer_misfit(
+                data["optimizer"], self._optimizer, self._template, self.spec.group_names
+            )
             if misfit:  # before any weight is loaded
                 raise CheckpointError(f"checkpoint {path} {misfit}")
         except CheckpointError as exc:

@@ -112,7 +112,7 @@ class Pipeline(Measurements, checkpoint.Checkpoints):
                 compile, a closed pipeline, or a failure of a stage.
         """
         self._check_open()
-        hyper = hyperparameters(self._optimizer, self._layout)  # refused here: nothing started yet
+        hyper = hyperparameters(self._optimizer, self._layout, self.spec.group_names)  # nothing started
         check = lambda xs: given.check_batch(self.spec, given.as_tuple(xs))  # noqa: E731
         batch = shared_rows(self._executor, inputs, check, "step", self.executor_kind, self._on_error, hyper)
         inputs = None if inputs is None else given.as_tuple(inputs)  # accepted by check
@@ -308,7 +308,10 @@ class Pipeline(Measurements, checkpoint.Checkpoints):
             "mini_batches": self._next,
             **self._executor.optimizer_state(),
         }
-        return state | {"param_groups": hyperparameters(self._optimizer)}
+        return state | {
+            "param_groups": hyperparameters(self._optimizer),
+            "param_group_names": self.spec.group_names,
+        }
 
     def _continue_from(self, held: dict[str, Any]) -> None:
         """Start the stages' optimizers from ``held``, the state the user's optimizer already
@@ -322,7 +325,7 @@ class Pipeline(Measurements, checkpoint.Checkpoints):
             PipelineError: the state is from another format, optimizer class or model
                 (:func:`pipeoptim.checkpoint.optimizer_misfit`); nothing is loaded then.
         """
-        misfit = checkpoint.optimizer_misfit(state, self._optimizer, self._template)
+        misfit = checkpoint.optimizer_misfit(state, self._optimizer, self._template, self.spec.group_names)
         if misfit:
             raise PipelineError(f"the optimizer state {misfit}")
         self.flush("load_optimizer_state_dict")
@@ -341,7 +344,12 @@ class Pipeline(Measurements, checkpoint.Checkpoints):
 
     def _check_open(self) -> None:
         if self._closed:
-            raise PipelineError("the pipeline is closed")
+            raise PipelineError(
+                "the pipeline is closed: its stages, which held the trained weights and optimizer "
+                "state, are gone (the model given to compile was not trained). Read them before "
+                "close() (or the end of the with block): pipe.to_module(), pipe.state_dict(), "
+                "pipe.save_checkpoint(path)"
+            )
         if isinstance(self._error, PipeoptimError) and not self._error.reported:
             self._error.reported = True  # as it is once (a failed stage, a NaN), then "stopped at" it
             raise self._error

@@ -103,19 +103,137 @@ def test_2bw_loaded_into_a_trained_pipeline_equals_loaded_into_a_fresh_one(tmp_p
     assert losses[0] == losses[1]
 
 
+def _compiled(
+    opt_kind, method: str, executor: str = "local", stages: int = 2, **options
+) -> pipeoptim.Pipeline:
+    model = mlp()
+    cls, kwargs = opt_kind
+    x = batches(1)[0][0]
+    micro = {"micro_batches": 2} if method in ("gpipe", "1f1b") else {}
+    return pipeoptim.compile(
+        model, cls(model.parameters(), **kwargs), stages, example_inputs=x, loss_fn=F.cross_entropy,
+        method=method, executor=executor, profile_dir=None, **micro, **options,
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "opt_kind, method, executor, target_options",
+    [
+        (SGD_MOMENTUM, "gpipe", "local", {}),
+        (ADAM, "1f1b", "processes", {}),
+        (ADAM, "pipeoptim", "local", {"max_grad_norm": 0.05, "stages": 3}),
+    ],
+    ids=["gpipe-sgd-momentum", "1f1b-adam-processes", "pipeoptim-clipping-3-stages"],
+)
+def test_what_a_checkpoint_does_not_hold_starts_afresh_when_loaded_into_a_trained_pipeline(
+    opt_kind, method: str, executor: str, target_options: dict, tmp_path
+) -> None:
+    """A checkpoint saved before any step holds no optimizer state: loaded into a pipeline that
+    had trained, the momentum buffers, Adam's moments and the clipping norm parts of that
+    training were kept (loss 1e-2 and 1.9e-2 off plain training that loads the same state,
+    helper-135), where torch's load_state_dict replaces the whole state. gpipe is checked
+    against plain training too; the others against the same checkpoint loaded into a fresh
+    pipeline, bit for bit (stage 0 of a pipeline clipping with max_grad_norm keeps the norm
+    parts the source, which did not clip, never saved)."""
+    data = batches(7)
+    stages = target_options.pop("stages", 2)
+    with _compiled(opt_kind, method, executor, stages) as source:
+        source.save_checkpoint(tmp_path / "ck.pt")
+    losses = []
+    for trained_first in (False, True):
+        with _compiled(opt_kind, method, executor, stages, **target_options) as pipe:
+            if trained_first:
+                for x, y in data[:4]:
+                    pipe.step(x, y)
+            pipe.load_checkpoint(tmp_path / "ck.pt")
+            losses.append([float(pipe.step(x, y)) for x, y in data[4:]])
+    assert losses[0] == losses[1]
+    if method == "gpipe":
+        reference = mlp()
+        cls, kwargs = opt_kind
+        opt = cls(reference.parameters(), **kwargs)
+        expected = []
+        for x, y in data[4:]:
+            expected.append(F.cross_entropy(reference(x), y).item())
+            plain_step(reference, opt, x, y)
+        assert losses[1] == pytest.approx(expected, abs=1e-6)
+
+
+def test_a_checkpoint_without_a_loss_scale_resets_a_trained_pipelines_scale(tmp_path) -> None:
+    """A float32 run's checkpoint holds no loss scale: loaded into a float16 pipeline whose scale
+    had backed off after an overflow, that scale stayed (helper-135)."""
+    with _compiled(SGD_MOMENTUM, "gpipe") as source:
+        source.save_checkpoint(tmp_path / "ck.pt")
+    with _compiled(SGD_MOMENTUM, "gpipe", autocast=torch.float16, nan_check="off") as pipe:
+        x, y = batches(1)[0]
+        pipe.step(x * 1e6, y)  # float16 overflows: the step is skipped, the scale backs off
+        assert pipe.optimizer_state_dict()["loss_scale"]["scale"] == 2.0**15
+        pipe.load_checkpoint(tmp_path / "ck.pt")
+        assert pipe.optimizer_state_dict()["loss_scale"] == {
+            "scale": 2.0**16, "growth_factor": 2.0, "backoff_factor": 0.5, "growth_interval": 2000,
+            "growth_tracker": 0,
+        }  # fmt: skip
+
+
+def _weights(pipe: pipeoptim.Pipeline) -> dict[str, torch.Tensor]:
+    return {name: value.clone() for name, value in pipe.state_dict().items()}
+
+
+@pytest.mark.parametrize("saved", ["reordered", "two groups"])
+def test_a_checkpoint_with_other_parameter_groups_is_refused_before_anything_is_loaded(
+    saved, tmp_path
+) -> None:
+    """Groups listed in another order took each other's learning rates, silently; another
+    number of groups was refused only after the weights and optimizer state were loaded (the
+    error said nothing was; helper-135)."""
+    first = lambda m: [p for n, p in m.named_parameters() if n.startswith("0.")]  # noqa: E731
+    rest = lambda m: [p for n, p in m.named_parameters() if not n.startswith("0.")]  # noqa: E731
+    model = mlp()
+    opt = torch.optim.SGD([{"params": first(model), "lr": 0.5}, {"params": rest(model), "lr": 0.05}])
+    with _pipeline(model, opt) as source:
+        source.step(*batches(1)[0])
+        source.save_checkpoint(tmp_path / "ck.pt")
+    model = mlp()
+    groups = (
+        [{"params": rest(model), "lr": 0.05}, {"params": first(model), "lr": 0.5}]
+        if saved == "reordered"
+        else [{"params": model.parameters(), "lr": 0.05}]
+    )
+    with _pipeline(model, torch.optim.SGD(groups)) as pipe:
+        before = _weights(pipe)
+        expected = (
+            "other parameters in group 0 .0.weight, 0.bias; this optimizer's: 2.weight"
+            if saved == "reordered"
+            else "2 parameter groups, and this optimizer has 1"
+        )
+        with pytest.raises(pipeoptim.CheckpointError, match=expected):
+            pipe.load_checkpoint(tmp_path / "ck.pt")
+        with pytest.raises(pipeoptim.PipelineError, match=expected):
+            pipe.load_optimizer_state_dict(torch.load(tmp_path / "ck.pt", weights_only=False)["optimizer"])
+        after = _weights(pipe)
+        assert all(torch.equal(before[k], after[k]) for k in before)
+        assert pipe.mini_batches_done == 0 and "momentum_buffer" not in str(
+            pipe.optimizer_state_dict()["state"]
+        )
+
+
 def _pipeline(model: nn.Module, opt: torch.optim.Optimizer, method: str = "1f1b") -> pipeoptim.Pipeline:
     x = batches(1)[0][0]
     options = {"loss_fn": F.cross_entropy, "method": method, "executor": "local", "profile_dir": None}
     return pipeoptim.compile(model, opt, 2, example_inputs=x, **options)
 
 
-@pytest.mark.parametrize("change", ["add_param_group", "group params", "step hook"])
+@pytest.mark.parametrize("change", ["add_param_group", "group params", "step hook", "unfreeze", "freeze"])
 def test_an_optimizer_changed_after_compile_is_refused(change: str) -> None:
     """The stages build their optimizers at compile: a group added later never trained, a step
-    hook never ran (weights 0.21 and 0.38 off plain training, silently; helper-128)."""
+    hook never ran (weights 0.21 and 0.38 off plain training, silently; helper-128). They take
+    which parameters train at compile too: a layer unfrozen later never trained, one frozen
+    later kept training (weights 1.7e-2 and 2.0e-2 off plain training, helper-135)."""
     model = mlp()
     weights = [p for n, p in model.named_parameters() if n.endswith("weight")]
     biases = [p for n, p in model.named_parameters() if n.endswith("bias")]
+    if change == "unfreeze":
+        model[0].requires_grad_(False)
     opt = torch.optim.SGD(weights, lr=0.1)
     with _pipeline(model, opt) as pipe:
         x, y = batches(1)[0]
@@ -126,9 +244,12 @@ def test_an_optimizer_changed_after_compile_is_refused(change: str) -> None:
         elif change == "group params":
             opt.param_groups[0]["params"] = weights[:2]
             expected = "the parameters of group 0 changed"
-        else:
+        elif change == "step hook":
             opt.register_step_post_hook(lambda *_: None)
             expected = "step hooks"
+        else:
+            model[0].requires_grad_(change == "unfreeze")
+            expected = f"requires_grad of 0.weight in group 0 changed: {change.replace('eeze', 'ozen')}"
         with pytest.raises(pipeoptim.PipelineError, match=expected):
             pipe.step(x, y)
 

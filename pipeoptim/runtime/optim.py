@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, NoReturn
 
 import torch
 from torch import nn
@@ -80,43 +80,41 @@ def check_no_step_hooks(optimizer: Optimizer) -> None:
         )
 
 
-def optimizer_layout(optimizer: Optimizer) -> tuple[tuple[int, int], ...]:
-    """Each group's parameter list, by identity and length: what the stages' optimizers were
-    built from (``add_param_group`` adds a group, a new list replaces one, ``append`` lengthens
-    one), checked at every step in time of the groups, not of the parameters."""
-    return tuple((id(group["params"]), len(group["params"])) for group in optimizer.param_groups)
+def optimizer_layout(optimizer: Optimizer) -> tuple[tuple[int, int, tuple[bool, ...]], ...]:
+    """Each group's parameter list, by identity and length, and which of its parameters require
+    a gradient: what the stages' optimizers and modules were built from (``add_param_group``
+    adds a group, a new list replaces one, ``append`` lengthens one; a stage's parameter keeps
+    the ``requires_grad`` it had at compile: one frozen then never trained after it was
+    unfrozen, helper-135), checked at every step."""
+    return tuple(
+        (id(group["params"]), len(group["params"]), tuple(p.requires_grad for p in group["params"]))
+        for group in optimizer.param_groups
+    )
 
 
 def hyperparameters(
-    optimizer: Optimizer, layout: tuple[tuple[int, int], ...] | None = None
+    optimizer: Optimizer,
+    layout: tuple[tuple[int, int, tuple[bool, ...]], ...] | None = None,
+    names: list[list[str]] | None = None,
 ) -> list[dict[str, Any]]:
     """Per-group hyperparameters of ``optimizer`` as plain values (tensor scalars as floats).
 
     Args:
         layout: the optimizer's :func:`optimizer_layout` when the stages were built: the
-            groups and their parameters are checked to be the same, and step hooks to be
-            absent (:func:`check_no_step_hooks`).
+            groups, their parameters and which of them require a gradient are checked to be
+            the same, and step hooks to be absent (:func:`check_no_step_hooks`).
+        names: the parameter names of each group (for the message).
 
     Raises:
-        PipelineError: with ``layout``, a group was added (``add_param_group``) or removed, or
-            a group's parameters changed: the stages' optimizers would go on without them.
+        PipelineError: with ``layout``, a group was added (``add_param_group``) or removed, a
+            group's parameters changed, or a parameter was frozen or unfrozen
+            (``requires_grad``): the stages would go on without the change.
     """
     if layout is not None:
         check_no_step_hooks(optimizer)
         now = optimizer_layout(optimizer)
         if now != layout:
-            changed = [i for i, (a, b) in enumerate(zip(now, layout)) if a != b]
-            what = (
-                f"{len(layout)} groups at compile, {len(now)} now (add_param_group)"
-                if len(now) != len(layout)
-                else f"the parameters of group {changed[0]} changed"
-            )
-            raise PipelineError(
-                f"the optimizer's parameter groups changed after compile ({what}): the stages "
-                "built their optimizers from the groups at compile and would train without the "
-                "change. Give the optimizer every group before compile, or compile again from "
-                "pipe.to_module()"
-            )
+            _refuse_changed_groups(now, layout, names)
     out = []
     for group in optimizer.param_groups:
         hyper = {}
@@ -130,22 +128,50 @@ def hyperparameters(
     return out
 
 
+def _refuse_changed_groups(
+    now: tuple[tuple[int, int, tuple[bool, ...]], ...],
+    layout: tuple[tuple[int, int, tuple[bool, ...]], ...],
+    names: list[list[str]] | None,
+) -> NoReturn:
+    """Raise the :class:`PipelineError` of :func:`hyperparameters` for groups ``now`` that are
+    not ``layout``, the groups at compile."""
+    changed = next((i for i, (a, b) in enumerate(zip(now, layout)) if a != b), 0)
+    if len(now) != len(layout):
+        what = f"{len(layout)} groups at compile, {len(now)} now (add_param_group)"
+    elif now[changed][:2] != layout[changed][:2]:
+        what = f"the parameters of group {changed} changed"
+    else:
+        flags = zip(now[changed][2], layout[changed][2])
+        moved = [j for j, (a, b) in enumerate(flags) if a != b]
+        who = [names[changed][j] for j in moved] if names else [f"parameter {j}" for j in moved]
+        frozen = "unfrozen" if now[changed][2][moved[0]] else "frozen"
+        listed = ", ".join(who[:3]) + (" ..." if len(who) > 3 else "")
+        what = f"requires_grad of {listed} in group {changed} changed: {frozen}"
+        raise PipelineError(
+            f"a parameter was frozen or unfrozen after compile ({what}): the stages took which "
+            "parameters train at compile and would go on without the change. Set requires_grad "
+            "before compile; to change it mid-run, compile again from pipe.to_module() with the "
+            "change and continue its optimizer with "
+            "new_pipe.load_optimizer_state_dict(pipe.optimizer_state_dict())"
+        )
+    raise PipelineError(
+        f"the optimizer's parameter groups changed after compile ({what}): the stages "
+        "built their optimizers from the groups at compile and would train without the "
+        "change. Give the optimizer every group before compile, or compile again from "
+        "pipe.to_module()"
+    )
+
+
 def restore_hyperparameters(optimizer: Optimizer, saved: Sequence[Mapping[str, Any]] | None) -> None:
     """Set ``optimizer``'s group hyperparameters to ``saved`` (:func:`hyperparameters` output),
     as ``Optimizer.load_state_dict`` does: resuming with a fresh optimizer and
     ``scheduler.load_state_dict`` left StepLR's lr at its start (the stages take the lr from this
     optimizer at every step). ``None`` (a state saved before they were kept) changes nothing.
-
-    Raises:
-        PipelineError: ``saved`` has another number of groups than ``optimizer``.
+    The groups were checked to be ``optimizer``'s before anything was loaded
+    (:func:`pipeoptim.checkpoint.optimizer_misfit`).
     """
     if saved is None:
         return
-    if len(saved) != len(optimizer.param_groups):
-        raise PipelineError(
-            f"the saved optimizer state has {len(saved)} parameter groups, this optimizer "
-            f"{len(optimizer.param_groups)}: build the optimizer as the saved run did"
-        )
     apply_hyperparameters(optimizer, range(len(saved)), saved)
 
 

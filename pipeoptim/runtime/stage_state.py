@@ -114,14 +114,20 @@ def load_optimizer_state(stage: StageRuntime, state: dict[str, Any]) -> None:
     if own is None:  # saved with fewer stages: after a flush every stage has taken as many steps
         own = max((int(v) for v in steps.values()), default=0)
     stage.steps = int(own)
-    if stage.scaler is not None and "loss_scale" in state:
-        stage.scaler = LossScaler(**state["loss_scale"])
+    # what the state does not hold starts afresh, as in torch's load_state_dict: a pipeline that
+    # trained before the load kept its momentum buffers, moments and loss scale (helper-135)
+    if stage.scaler is not None:
+        stage.scaler = LossScaler(**state.get("loss_scale", {}))
     saved = state.get("norm_parts")  # stage 0's; parts of another layout do not apply
-    norms = stage.async_norms if stage.index == 0 else None
-    if norms is not None and saved is not None and len(saved["parts"]) == stage.num_stages:
-        norms.known = (int(saved["mini_batch"]), torch.tensor(saved["parts"], dtype=torch.float64))
+    norms = stage.async_norms  # the later stages learn stage 0's from its next forward
+    if norms is not None:
+        fits = saved is not None and stage.index == 0 and len(saved["parts"]) == stage.num_stages
+        norms.known = (
+            (int(saved["mini_batch"]), torch.tensor(saved["parts"], dtype=torch.float64)) if fits else None
+        )
     if stage.optimizer is None:
         return
+    stage.optimizer.state.clear()
     for name, p in stage.module.named_parameters(remove_duplicate=False):
         if not p.requires_grad:
             continue
