@@ -70,8 +70,14 @@ def shared_dir() -> Path:
     return SHARED
 
 
-def random_cost_graph(rng: random.Random, n: int, *, chain: bool = False, max_inputs: int = 2) -> CostGraph:
-    """A random DAG of ``n`` compute nodes behind one input and before one output."""
+def random_cost_graph(
+    rng: random.Random, n: int, *, chain: bool = False, max_inputs: int = 2, storages: bool = False
+) -> CostGraph:
+    """A random DAG of ``n`` compute nodes behind one input and before one output. With
+    ``storages``, the saved activations are storages, as a profile measures them: each node
+    saves some of its inputs and perhaps its own output (a ReLU), a value saved by its
+    producer and its readers or by two readers is one storage, counted in ``saved_bytes`` at
+    its first saver (:mod:`pipeoptim.compiler.saved_bytes`)."""
     nodes = [CostNode("x", "placeholder", "x", [], out_bytes=rng.randint(1, 200))]
     for i in range(n):
         if chain:
@@ -94,5 +100,15 @@ def random_cost_graph(rng: random.Random, n: int, *, chain: bool = False, max_in
                 saved_bytes=rng.randint(0, 500),
             )
         )
+    if storages:
+        counted: set[str] = set()
+        sizes = {node.name: node.out_bytes for node in nodes}
+        for node in nodes[1:]:
+            kept = [v for v in node.inputs if rng.random() < 0.7] + (
+                [node.name] if rng.random() < 0.5 else []
+            )
+            node.saved = {v: sizes[v] for v in kept}
+            node.saved_bytes = sum(b for v, b in node.saved.items() if v not in counted)
+            counted |= set(kept)
     nodes.append(CostNode("output", "output", "output", [nodes[-1].name]))
     return CostGraph("random", nodes, batch_size=1)

@@ -16,6 +16,7 @@ from pipeoptim.compiler.cost_node import CostNode
 from pipeoptim.compiler.costgraph import CostGraph
 from pipeoptim.compiler.costmodel import CostConfig, evaluate
 from pipeoptim.compiler.grouping import coarsen, fine_units
+from pipeoptim.compiler.milp import unit_stage_pin
 from pipeoptim.compiler.plan import make_plan
 from pipeoptim.errors import InfeasibleMemoryError, PlanError
 
@@ -60,10 +61,16 @@ configs = st.builds(
     chain=st.booleans(),
     config=configs,
     ideals=st.booleans(),
+    storages=st.booleans(),
 )
-def test_ilp_equals_brute_force(seed: int, size: int, chain: bool, config: CostConfig, ideals: bool) -> None:
-    """With ``ideals`` the exact DP over ideals answers; without, the ILP itself."""
-    graph = random_cost_graph(random.Random(seed), size, chain=chain)
+def test_ilp_equals_brute_force(
+    seed: int, size: int, chain: bool, config: CostConfig, ideals: bool, storages: bool
+) -> None:
+    """With ``ideals`` the exact DP over ideals answers; without, the ILP itself. With
+    ``storages`` a value saved by nodes of two stages is held by both, as the cost model counts
+    it: the partitioners summed each node's saved bytes, and a plan they called within the
+    memory limit was over it (helper-136)."""
+    graph = random_cost_graph(random.Random(seed), size, chain=chain, storages=storages)
     try:
         best = B.brute_force(graph, config)
     except PlanError:
@@ -104,6 +111,46 @@ def test_ilp_equals_dp_on_chains(seed: int, size: int, stages: int, bandwidth: f
     assert bottleneck(graph, result.stage_of, config) == pytest.approx(
         bottleneck(graph, dp.stage_of, config), rel=1e-6
     )
+
+
+def _peak_memories(graph: CostGraph, config: CostConfig) -> list[int]:
+    """The largest stage memory of every valid plan (brute force over the fine units)."""
+    units, n = fine_units(graph), config.num_stages
+    compute = [u for u in range(len(units)) if units.is_compute(u)]
+    pins = [unit_stage_pin(units, u, n) for u in range(len(units))]
+    peaks = set()
+    for assign in itertools.product(range(n), repeat=len(units)):
+        if {assign[u] for u in compute} != set(range(n)) or any(
+            p is not None and assign[u] != p for u, p in enumerate(pins)
+        ):
+            continue
+        try:
+            stats = evaluate(graph, units.expand(list(assign)), config)
+        except ValueError:  # an edge backwards
+            continue
+        peaks.add(max(s.memory_bytes for s in stats))
+    return sorted(peaks)
+
+
+@settings(max_examples=25, deadline=None)
+@given(seed=st.integers(0, 10**6), size=st.integers(3, 6), chain=st.booleans())
+def test_partitioners_meet_limits_that_bind_with_saved_storages(seed: int, size: int, chain: bool) -> None:
+    """A value saved by nodes of two stages (a ReLU's output, saved by it and by the next
+    layer) is held by both: the partitioners summed each node's saved bytes, so a plan they
+    called within a memory limit was over it, and a limit a plan meets was refused (a ResNet
+    at 9 MiB, helper-136). At limits that bind (the peaks of the plans themselves), the DP over
+    ideals, the ILP and, on chains, the chain DP equal brute force."""
+    graph = random_cost_graph(random.Random(seed), size, chain=chain, storages=True)
+    config = CostConfig(2 + seed % 2, method="pipedream", opt_state_factor=1.0, bandwidth=300.0)
+    for limit in _peak_memories(graph, config)[::3]:
+        limited = replace(config, memory_limit=limit)
+        best = bottleneck(graph, B.brute_force(graph, limited).stage_of, limited)
+        found = [P.ilp(graph, limited, max_units=1000, gap=1e-9, ideals=ideals) for ideals in (True, False)]
+        if chain:
+            found.append(B.chain_dp(graph, limited))
+        for result in found:
+            assert_valid(graph, result.stage_of, limited)
+            assert bottleneck(graph, result.stage_of, limited) == pytest.approx(best, rel=1e-6)
 
 
 @settings(max_examples=15, deadline=None)

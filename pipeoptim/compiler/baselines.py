@@ -20,6 +20,7 @@ from pipeoptim.compiler.costgraph import CostGraph
 from pipeoptim.compiler.costmodel import CostConfig, evaluate
 from pipeoptim.compiler.grouping import Units, fine_units
 from pipeoptim.compiler.milp import unit_stage_pin
+from pipeoptim.compiler.saved_overlaps import excess, overlaps, prefixes
 from pipeoptim.errors import InfeasibleMemoryError, PlanError
 from pipeoptim.units import format_bytes
 
@@ -105,7 +106,7 @@ def chain_dp(
     cut[0] = cut[-1] = 0.0
     params = _prefix([units.attr(u, "param_bytes") for u in range(len(units))])
     buffers = _prefix([units.attr(u, "buffer_bytes") for u in range(len(units))])
-    saved = _prefix([units.attr(u, "saved_bytes") for u in range(len(units))])
+    saved = _saved_between(units)
     limit = config.memory_limit
 
     def stage_cost(a: np.ndarray, b: int, k: int) -> np.ndarray:
@@ -121,7 +122,7 @@ def chain_dp(
                 (params[b] - params[a]) * config.weight_factor(k)
                 + buffers[b]
                 - buffers[a]
-                + (saved[b] - saved[a]) * config.in_flight(k)
+                + saved[a, b] * config.in_flight(k)
             )
             cost = np.where(mem <= limit, cost, np.inf)
         return cost
@@ -149,19 +150,29 @@ def min_contiguous_split(units: Units, config: CostConfig) -> list[int]:
     """Unit stages of the contiguous split with the smallest largest stage memory."""
     params = _prefix([units.attr(u, "param_bytes") for u in range(len(units))])
     buffers = _prefix([units.attr(u, "buffer_bytes") for u in range(len(units))])
-    saved = _prefix([units.attr(u, "saved_bytes") for u in range(len(units))])
+    saved = _saved_between(units)
 
     def cost(a: np.ndarray, b: int, k: int) -> np.ndarray:
         return (
             (params[b] - params[a]) * config.weight_factor(k)
             + buffers[b]
             - buffers[a]
-            + (saved[b] - saved[a]) * config.in_flight(k)
+            + saved[a, b] * config.in_flight(k)
         )
 
     unit_stage = _contiguous(units, config.num_stages, cost)
     assert unit_stage is not None
     return unit_stage
+
+
+def _saved_between(units: Units) -> np.ndarray:
+    """``[a, b]``: bytes per micro-batch saved by a stage of units ``a`` to ``b - 1``, each
+    storage once per stage holding it, as the cost model counts them
+    (:mod:`pipeoptim.compiler.saved_overlaps`)."""
+    saved = _prefix([units.attr(u, "saved_bytes") for u in range(len(units))])
+    found = overlaps(units)
+    extra = excess(found, prefixes(units), prefixes(units)) if found else 0.0
+    return saved[None, :] - saved[:, None] + extra
 
 
 def min_contiguous_memory(units: Units, config: CostConfig) -> int:

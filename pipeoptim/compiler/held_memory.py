@@ -10,8 +10,11 @@ readers share a stage), so whatever meets the limit there meets it with the copi
 the stage times count each holder's update. Counted once, at its get_attr node's stage (in its
 first reader's unit), the update of the other holders was missing and the other readers were
 ordered after the first (helper-129). :func:`fit_held_copies` checks the plan with the copies
-counted, and lowers the limit by what a stage still exceeds (the partitioners' memory figures
-can differ from evaluate's by a few activations).
+counted, and lowers the limit by what a stage still exceeds (a parameter read by two nodes of
+one stage counts twice there). Without shared parameters the partitioners count a stage's
+memory as :func:`~pipeoptim.compiler.costmodel.evaluate` does
+(:mod:`pipeoptim.compiler.saved_overlaps`), and their plan is returned as it is: lowering the
+limit by an excess refused limits a plan meets, naming a lower one (helper-136).
 """
 
 from __future__ import annotations
@@ -50,12 +53,11 @@ def params_at_readers(graph: CostGraph) -> CostGraph:
 def fit_held_copies(
     graph: CostGraph, config: CostConfig, solve: Callable[[CostGraph, CostConfig], PartitionResult]
 ) -> PartitionResult:
-    """``solve(graph, config)`` (``params_at_readers(graph)`` where a parameter is read by
-    several nodes: module docstring), checked against ``config.memory_limit`` (bytes per
-    stage) with a copy of each shared parameter at every stage holding it; where a stage is
-    over it, solved again with the limit lowered by what its plan exceeds (the partitioners'
-    memory figures can differ from :func:`~pipeoptim.compiler.costmodel.evaluate`'s by a few
-    activations), :data:`ROUNDS` times at most.
+    """``solve(graph, config)``; where a parameter is read by several nodes, of
+    ``params_at_readers(graph)`` (module docstring), checked against ``config.memory_limit``
+    (bytes per stage) with a copy of each shared parameter at every stage holding it and,
+    where a stage is over it, solved again with the limit lowered by what its plan exceeds,
+    :data:`ROUNDS` times at most.
 
     Raises:
         InfeasibleMemoryError: from ``solve``, or no plan found fits; with shared parameters,
@@ -65,15 +67,15 @@ def fit_held_copies(
     limit = config.memory_limit
     users = graph.users()
     tied = [n.name for i, n in enumerate(graph.nodes) if is_parameter(n) and len(users[i]) > 1]
-    planned = params_at_readers(graph) if tied else graph
-    held = ", ".join(tied) or "each parameter"
+    if not tied:
+        return solve(graph, config)
+    planned = params_at_readers(graph)
+    held = ", ".join(tied)
     lowered, peak = limit, 0
     for _ in range(ROUNDS):
         try:
             result = solve(planned, replace(config, memory_limit=lowered))
         except InfeasibleMemoryError as exc:
-            if not tied:
-                raise
             raise InfeasibleMemoryError(
                 f"no {config.num_stages}-stage plan found fits in {limit} bytes per stage with method "
                 f"{config.method!r} and a copy of {held} at every stage that reads it; one fits in "

@@ -29,6 +29,7 @@ import numpy as np
 
 from pipeoptim.compiler.costmodel import CostConfig
 from pipeoptim.compiler.grouping import LAST, Units
+from pipeoptim.compiler.saved_overlaps import excess, overlaps
 
 #: Default cap on the number of ideals (the program holds a few ideals x ideals matrices).
 MAX_IDEALS = 1500
@@ -129,7 +130,12 @@ def ideal_dp(
     def diff(v: np.ndarray) -> np.ndarray:
         return v[None, :] - v[:, None]
 
-    mem_parts = [diff(sums["param_bytes"]), diff(sums["buffer_bytes"]), diff(sums["saved_bytes"])]
+    found = overlaps(units)  # what a stage saves beyond its units' sum (saved_overlaps)
+    extra = excess(found, ideals, ideals) if found else 0.0
+    extra_0 = excess(found, np.zeros((1, len(units)), dtype=bool), ideals)[0] if found else 0.0
+    saved = sums["saved_bytes"]
+    sums["saved_bytes"] = saved + extra_0  # the first stage: from no unit
+    mem_parts = [diff(sums["param_bytes"]), diff(sums["buffer_bytes"]), diff(saved) + extra]
     d_work = diff(work)
     again = config.recompute and (objective == "memory" or memory_limit is not None)
     if again:

@@ -21,6 +21,7 @@ the same two memories the same way). The plan's flags are then chosen again by
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -29,6 +30,7 @@ import pulp
 
 from pipeoptim.compiler.costmodel import CostConfig
 from pipeoptim.compiler.grouping import LAST, Units
+from pipeoptim.compiler.saved_overlaps import Overlap, overlaps
 
 _MS = 1e3  # the ILP works in milliseconds ...
 _MIB = 2.0**20  # ... and MiB, to keep coefficients near 1
@@ -97,7 +99,8 @@ class IlpModel:
     """A built ILP: ``z[u, s]`` (a binary variable, or 0 or 1 where fixed), the objective
     variable ``top``, the crossing variables with the ``(z[a, s], z[b, s])`` pairs that bound
     them, and the expressions ``top`` bounds (one per stage). With recomputation: the input
-    variables ``y`` with the expressions bounding them from below, and per stage its binary
+    variables ``y`` and the storages' ``h`` (:func:`_saved_excess`) with the expressions
+    bounding them from below, and per stage its binary
     ``r`` with its memory without and with recomputation and its forward time (``choices``),
     for the memory limit ``limit`` (MiB; ``None``: the memory objective)."""
 
@@ -210,17 +213,23 @@ def build_ilp(
     most = max(config.in_flight(k) for k in range(n))
     big_bytes = (big_bytes + most * sum(units.graph.nodes[p].out_bytes for p, _ in units.producers())) / _MIB
     big_fwd = sum(units.attr(u, "fwd_s") for u in range(len(units))) * _MS
+    found = overlaps(units)
+    big_bytes += most * sum(o.nbytes for o in found) / _MIB
     for s in range(n):
         compute = pulp.lpSum(x(u, s) * (units.time(u, config, s) * _MS) for u in range(len(units)))
         comm = (acts[s - 1] if s > 0 else 0) + (acts[s] if s < n - 1 else 0) + config.latency_at(s) * _MS
+        extra = _saved_excess(prob, found, x, s, reads)  # beyond the units' sum (saved_overlaps)
         memory = pulp.lpSum(x(u, s) * (_unit_memory(units, u, s, config) / _MIB) for u in range(len(units)))
+        memory += extra * config.in_flight(s)
         r = _variable(prob, f"r_{s}", 0, 1, "Binary") if again else 0
         if again:
             base = pulp.lpSum(
                 x(u, s) * ((_unit_memory(units, u, s, config) - _saved(units, u, s, config)) / _MIB)
                 for u in range(len(units))
             )
-            saved = pulp.lpSum(x(u, s) * (units.attr(u, "saved_bytes") / _MIB) for u in range(len(units)))
+            saved = (
+                pulp.lpSum(x(u, s) * (units.attr(u, "saved_bytes") / _MIB) for u in range(len(units))) + extra
+            )
             recomputed = base + saved + inputs[s] * (config.in_flight(s) / _MIB)
             forward = pulp.lpSum(x(u, s) * (units.attr(u, "fwd_s") * _MS) for u in range(len(units)))
             assert isinstance(r, pulp.LpVariable)
@@ -252,6 +261,29 @@ def build_ilp(
     prob += top
     limit = None if objective == "memory" or memory_limit is None else memory_limit / _MIB
     return IlpModel(prob, z, top, crossing_vars, rows, reads, choices, limit)
+
+
+def _saved_excess(
+    prob: pulp.LpProblem,
+    found: list[Overlap],
+    x: Callable[[int, int], Any],
+    s: int,
+    bounded: list[tuple[pulp.LpVariable, list[Any]]],
+) -> Any:
+    """MiB per micro-batch stage ``s`` saves beyond its units' sum of ``saved_bytes``
+    (:mod:`pipeoptim.compiler.saved_overlaps`): per overlap a variable ``h`` in [0, 1], at least
+    1 where the stage holds one of its savers without its owner, minus the bytes the sum
+    counts where the stage holds its first saver. Each ``h`` joins ``bounded`` with the
+    expressions bounding it from below (for the warm start)."""
+    terms = []
+    for i, o in enumerate(found):
+        held = _variable(prob, f"h_{i}_{s}", 0, 1)
+        bounds = [x(u, s) - (x(o.owner, s) if o.owner is not None else 0) for u in o.savers]
+        for bound in bounds:
+            prob += held >= bound
+        bounded.append((held, bounds))
+        terms.append((held - (x(o.first, s) if o.first is not None else 0)) * (o.nbytes / _MIB))
+    return pulp.lpSum(terms)
 
 
 def _unit_memory(units: Units, u: int, stage: int, config: CostConfig, max_in_flight: bool = False) -> float:
