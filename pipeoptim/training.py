@@ -193,6 +193,9 @@ def _train(config: TrainConfig, out: Path, log: Callable[[str], None], costs: Co
                 ):
                     group["lr"] = base * lam(scheduler.last_epoch)
             log(f"resumed from {resume_path} at mini-batch {trainer.mini_batches_done}")
+        else:  # an earlier run's, kept until this run's records replace its own: --resume would
+            # continue it under them; a run that fails to start (a plan, an interrupt) loses nothing
+            (out / "checkpoint.pt").unlink(missing_ok=True)
         run.steps = StepLog(
             out / "train.csv",
             start=trainer.mini_batches_done,

@@ -170,14 +170,19 @@ def test_sequential_reference_and_bad_resume(tmp_path: Path) -> None:
     )
     assert code == 0, err
     assert (
-        f"{tmp_path / 'seq'} holds an earlier run (metrics.json): this run replaces it; pass another "
-        "--out to keep it"
+        f"{tmp_path / 'seq'} holds an earlier run (metrics.json): this run replaces it once it starts "
+        "training; pass another --out to keep it"
     ) in err
-    (tmp_path / "seq" / "checkpoint.pt").write_bytes(b"")  # a pipelined run's: --resume is named
+    (tmp_path / "seq" / "checkpoint.pt").write_bytes(b"earlier")  # a pipelined run's: --resume is named
+    # a run that fails before it trains (here its plan) keeps it: it was removed first (helper-136)
+    code, _, err = run("digits", "--epochs", "1", "--memory", "1KiB", "--out", str(tmp_path / "seq"))
+    assert code == 1 and "no layout of 4 devices is feasible in 1.00 KiB per device" in err
+    assert (tmp_path / "seq" / "checkpoint.pt").read_bytes() == b"earlier"
     code, _, err = run(
         "digits", "--method", "sequential", "--epochs", "1", "--limit", "320", "--out", str(tmp_path / "seq")
     )
-    assert f"(metrics.json, checkpoint.pt): this run replaces it; pass --resume {tmp_path / 'seq'} to" in err
+    replaces = "(metrics.json, checkpoint.pt): this run replaces it once it starts training; pass --resume"
+    assert f"{replaces} {tmp_path / 'seq'} to" in err
     # replaced means gone: the earlier checkpoint stayed beside this run's records, and a
     # --resume of this folder then continued the earlier run
     assert code == 0, err

@@ -260,13 +260,10 @@ def train_command(
 
     def measured(config: TrainConfig) -> TrainConfig:
         """The config with this machine's figures for each ``measure`` (train() calls it once
-        the run folder, the checkpoint and the data have been checked: an earlier run's
-        checkpoint this run replaces is removed then, or --resume would continue it under this
-        run's records)."""
+        the run folder, the checkpoint and the data have been checked; an earlier run's
+        checkpoint stays until this run's records replace its own)."""
         if earlier:  # said once the folder is this run's (a run using it refuses this one)
             click.echo(earlier, err=True)
-        if replaced is not None:
-            replaced.unlink(missing_ok=True)
         try:
             figures = link_figures(
                 bandwidth,
@@ -317,14 +314,13 @@ def train_command(
         memory=memory,
     )
     found = [name for name in ("metrics.json", "checkpoint.pt") if (Path(out) / name).exists()]
-    earlier, replaced = "", None
+    earlier = ""
     if found and resume is None:
         instead = f"--resume {out} to continue from its checkpoint, or " if "checkpoint.pt" in found else ""
         earlier = (
-            f"{out} holds an earlier run ({', '.join(found)}): this run replaces it; pass "
-            f"{instead}another --out to keep it"
+            f"{out} holds an earlier run ({', '.join(found)}): this run replaces it once it starts "
+            f"training; pass {instead}another --out to keep it"
         )
-        replaced = Path(out) / "checkpoint.pt" if "checkpoint.pt" in found else None
     given = {
         name for name in context.params if context.get_parameter_source(name) is not ParameterSource.DEFAULT
     }

@@ -318,7 +318,8 @@ def _raise_infeasible(gpus: int, config: CostConfig, options: list[LayoutOption]
     reasons = "; ".join(f"{o.stages}x{o.replicas}: {o.reason}" for o in options[:4])
     if len(options) > 4:
         reasons += f"; {len(options) - 4} more"
-    which = f"no layout of {gpus} devices{f' with {forced}' if forced else ''} is feasible ({reasons})"
+    limit = f" in {format_bytes(config.memory_limit)} per device" if config.memory_limit is not None else ""
+    which = f"no layout of {gpus} devices{f' with {forced}' if forced else ''} is feasible{limit} ({reasons})"
     sized = [o for o in options if o.min_feasible_bytes is not None]
     if not sized:
         # the memory limit rules none out here: raising it would not help
