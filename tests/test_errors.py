@@ -497,31 +497,53 @@ def test_a_plan_made_under_other_precision_is_refused(tmp_path: Path, executor: 
         assert 0 < float(pipe.step(torch.randn(16, 8), torch.zeros(16, dtype=torch.long))) < 10
 
 
+BOUNDARY = (
+    r"boundary after stage 0 sends \[{}\] and the next stage receives \[{}\], where its stages "
+    r"exchange \[{}\]"
+)
+
+
 @pytest.mark.parametrize(
     "edit, message",
     [
-        ("all in stage 0", r"reads \w+, which stage 1 neither computes nor receives"),
+        ("all in stage 0", BOUNDARY.format("(?P<v>\\w+)", "(?P=v)", "")),
         ("a node at stage 7", r"outside its 2 stages \(\w+ -> 7\)"),
-        ("stages swapped", r"at stage 0 reads \w+, which stage 0 neither computes nor receives"),
+        ("stages swapped", BOUNDARY.format("(?P<v>\\w+)", "(?P=v)", "")),
+        ("another value sent", BOUNDARY.format("x", "x", "(?!x)\\w+")),
+        ("one more received", BOUNDARY.format("(?P<v>\\w+)", "(?P=v), x", "(?P=v)")),
+        ("values cleared", r"describes no value \[\w+\] it sends"),
+        ("3 stages", r"2 stage boundaries and 2 stage figures for its 3 stages"),
     ],
 )
 def test_a_plan_edited_by_hand_is_refused_by_name(tmp_path: Path, edit: str, message: str) -> None:
     """A saved plan whose stage_of no longer matches its stage boundaries gave a bare KeyError
-    from code generation (or inside a worker) instead of a PlanError."""
+    from code generation (or inside a worker) instead of a PlanError; one whose boundaries
+    were edited trained another model, silently (stage 0 sent the input x in place of its
+    activation: loss 2.30409 against 2.30439), or failed with a KeyError or IndexError
+    (helper-136)."""
     with compile_mlp(gpus=2) as pipe:
         pipe.plan.save(tmp_path / "plan.json")
     data = json.loads((tmp_path / "plan.json").read_text())
     stage_of = data["stage_of"]
     first_compute = next(n for n in stage_of if n.startswith("linear"))
+    gpus = 2
     if edit == "all in stage 0":
         data["stage_of"] = dict.fromkeys(stage_of, 0)
     elif edit == "a node at stage 7":
         stage_of[first_compute] = 7
-    else:
+    elif edit == "stages swapped":
         data["stage_of"] = {n: 1 - k for n, k in stage_of.items()}
+    elif edit == "another value sent":
+        data["io"][0]["outputs"] = data["io"][1]["inputs"] = ["x"]
+    elif edit == "one more received":
+        data["io"][1]["inputs"].append("x")
+    elif edit == "values cleared":
+        data["values"] = {}
+    else:
+        data["config"]["num_stages"] = gpus = 3
     (tmp_path / "plan.json").write_text(json.dumps(data))
     with pytest.raises(PlanError, match=message):
-        compile_mlp(gpus=2, plan=tmp_path / "plan.json")
+        compile_mlp(gpus=gpus, plan=tmp_path / "plan.json")
 
 
 def test_loss_fn_that_is_not_a_scalar() -> None:

@@ -55,6 +55,7 @@ def check_plan_matches(traced: TracedModel, plan: Plan) -> None:
         raise CodegenError(
             f"the plan puts nodes outside its {plan.num_stages} stages ({_listed(wrong)}); make a new plan"
         )
+    _check_io(traced, plan)
     sent = {name for io in plan.io[:-1] for name in io.outputs}  # the model's output is not sent on
     for name, value in plan.values.items():
         if name in sent and (
@@ -67,6 +68,43 @@ def check_plan_matches(traced: TracedModel, plan: Plan) -> None:
                 "boundary but only tensors, numbers and flat tuples of them can be sent; make "
                 "the module that produces it a leaf module so it stays inside one stage"
             )
+
+
+def _check_io(traced: TracedModel, plan: Plan) -> None:
+    """Raise :class:`CodegenError` where the plan's boundaries (``io``, ``values``, one entry
+    per stage) are not those its ``stage_of`` gives on ``traced``
+    (:func:`pipeoptim.compiler.plan.stage_io`): a hand edit of ``io`` trained another model,
+    silently (a stage sent a value its neighbour took for another), or failed deep in the
+    runtime (helper-136)."""
+    n = plan.num_stages
+    if not len(plan.io) == len(plan.stages) == n:
+        raise CodegenError(
+            f"the plan has {len(plan.io)} stage boundaries and {len(plan.stages)} stage figures for its "
+            f"{n} stages (a plan edited by hand?); make a new plan"
+        )
+    crossing: list[set[str]] = [set() for _ in range(n - 1)]
+    for node in traced.gm.graph.nodes:
+        if node.users and node.name not in plan.shared:
+            last = max(plan.stage_of[user.name] for user in node.users)
+            for b in range(plan.stage_of[node.name], last):
+                crossing[b].add(node.name)
+    for b, names in enumerate(crossing):
+        sends, receives = plan.io[b].outputs, plan.io[b + 1].inputs
+        if set(sends) != names or list(receives) != list(sends):
+            raise CodegenError(
+                f"the plan's boundary after stage {b} sends {_few(sends)} and the next stage receives "
+                f"{_few(receives)}, where its stages exchange {_few(sorted(names))} (a plan edited by "
+                "hand?); make a new plan"
+            )
+    unknown = sorted({name for names in crossing for name in names} - set(plan.values))
+    if unknown:
+        raise CodegenError(f"the plan describes no value {_few(unknown)} it sends; make a new plan")
+
+
+def _few(names: Sequence[str]) -> str:
+    """``names`` for a message: the first five, and how many more."""
+    more = f" and {len(names) - 5} more" if len(names) > 5 else ""
+    return f"[{', '.join(names[:5])}{more}]"
 
 
 def stage_module(traced: TracedModel, plan: Plan, stage: int) -> fx.GraphModule:
