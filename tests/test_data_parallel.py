@@ -53,6 +53,16 @@ def compile_mlp(model: nn.Module, make_opt, method: str, executor: str, **option
     )
 
 
+def per_stage_figures(pipe: pipeoptim.Pipeline) -> dict[str, list]:
+    """What the pipeline reports per stage (stats, sent bytes, each stage's weights), as JSON."""
+    stats = pipe.stats()
+    return {
+        "stats": [stats.prediction_error_samples, stats.staleness, stats.peak_weight_versions],
+        "sent_bytes": pipe.sent_bytes(),
+        "stage_weights": [sorted(part) for part in pipe.stage_state_dicts()],
+    }
+
+
 def assert_replicas_identical(pipe: pipeoptim.Pipeline) -> dict[str, torch.Tensor]:
     """Every replica's weights equal replica 0's bit for bit; returns replica 0's."""
     states = pipe._executor.replica_state_dicts()
@@ -176,8 +186,11 @@ def test_torchrun_replicas_equal_local_executor(tmp_path: Path) -> None:
     with compile_mlp(mlp(), SGD_MOMENTUM[0], "1f1b", "local") as pipe:
         losses = list(pipe.train(data(6, seed=3)))
         state = {k: v.tolist() for k, v in pipe.state_dict().items()}
+        per_stage = per_stage_figures(pipe)
     assert ranks[0]["losses"] == losses
     assert ranks[0]["replicas"][0] == state
+    # one entry per stage, replica 0's (one per rank under torchrun, helper-138)
+    assert all(r["per_stage"] == per_stage for r in ranks)
 
 
 def test_sum_in_memory_keeps_no_gradient_where_no_replica_has_one() -> None:

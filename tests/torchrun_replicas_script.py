@@ -7,7 +7,7 @@ import os
 import sys
 
 import pipeoptim
-from tests.test_data_parallel import compile_mlp, mlp
+from tests.test_data_parallel import compile_mlp, mlp, per_stage_figures
 from tests.test_training import SGD_MOMENTUM, data
 
 
@@ -19,8 +19,9 @@ def main(out: str) -> None:
         assert isinstance(pipe, pipeoptim.Pipeline)
         losses = list(pipe.train(batches))
         replicas = [{k: v.tolist() for k, v in s.items()} for s in pipe._executor.replica_state_dicts()]
+        per_stage = per_stage_figures(pipe)
     with open(f"{out}.{rank}", "w") as f:
-        json.dump({"losses": losses, "replicas": replicas}, f)
+        json.dump({"losses": losses, "replicas": replicas, "per_stage": per_stage}, f)
 
 
 if __name__ == "__main__":

@@ -331,23 +331,26 @@ class SPMDExecutor:
         """Resident memory of every rank's process now, in bytes (stage order)."""
         return self.calls.gather("the memory in use (resident_bytes)", resident_bytes())
 
+    def _per_stage(self, what: str, value: Any) -> list[Any]:
+        """Every rank's ``value``, replica 0's ranks' in stage order (the other replicas are
+        alike; the processes executor answers so: under torchrun with replicas ``stats()``
+        listed one prediction error per rank, helper-138)."""
+        return self.calls.gather(what, value)[: self.num_stages]
+
     def peak_weight_versions(self) -> list[int]:
-        parts = self.calls.gather(
+        return self._per_stage(
             "the weight versions (stats, peak_weight_versions)", self.process.peak_versions()
         )
-        return parts[: self.num_stages]  # replica 0
 
     def prediction_errors(self) -> list[PredictionError]:
-        return self.calls.gather(
-            "the prediction errors (stats)", self.process.stage.prediction_error.result()
-        )
+        return self._per_stage("the prediction errors (stats)", self.process.stage.prediction_error.result())
 
     def stage_state_dicts(self) -> list[dict[str, torch.Tensor]]:
-        return self.calls.gather("the stages' weights (stage_state_dicts)", self.process.state_dict())
+        return self._per_stage("the stages' weights (stage_state_dicts)", self.process.state_dict())
 
     def sent_bytes(self) -> list[int]:
         """Per stage, the tensor bytes it has sent to its neighbours (activations, gradients)."""
-        return self.calls.gather("the bytes sent (sent_bytes)", self.process.channel.sent_bytes)
+        return self._per_stage("the bytes sent (sent_bytes)", self.process.channel.sent_bytes)
 
     def abort(self) -> None:
         """:meth:`close` without waiting for the sends: the closed connections stop the other
