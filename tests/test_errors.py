@@ -866,34 +866,41 @@ class _BackwardFails(nn.Module):
         return _FailingBackward.apply(x)
 
 
+@pytest.mark.parametrize("replicas", [1, 2])
 @pytest.mark.parametrize("executor", ["local", "processes"])
-def test_an_error_in_a_stage_names_the_micro_batch_and_its_rows(executor: str) -> None:
+def test_an_error_in_a_stage_names_the_micro_batch_and_its_rows(executor: str, replicas: int) -> None:
     """BatchNorm refuses a 1-row micro-batch in training: the mini-batch of 5 rows split 2/2/1
     fails only because of the split, and the error says so (torch's own message says nothing
     of micro-batches). With the local executor the exception keeps its type; a worker process
     reports it as a PipelineError, the note on the line after torch's message, which names the
-    stage the plan put the BatchNorm on (a parameter goes with the node that reads it)."""
+    stage the plan put the BatchNorm on (a parameter goes with the node that reads it). With
+    replicas the note named the replica's share as the mini-batch (2 of its 4 rows, split
+    2/2, for replica 1's micro-batch of 8 rows split 2/2/2/2; helper-138)."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 2))
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    first, rows = (6, 5) if replicas == 1 else (8, 7)
     with pipeoptim.compile(
         model,
         opt,
-        2,
-        example_inputs=torch.randn(6, 4),
+        2 * replicas,
+        data_parallel=replicas,
+        example_inputs=torch.randn(first, 4),
         loss_fn=F.cross_entropy,
         method="gpipe",
-        micro_batches=3,
+        micro_batches=3 if replicas == 1 else 2,
         executor=executor,
     ) as pipe:
+        split = "2/2/1 into 3" if replicas == 1 else "2/2/2/1 into 4"
+        stage, micro = pipe.plan.stage_of["_1_weight"], 2 if replicas == 1 else 3
         where = (
-            f"raised in stage {pipe.plan.stage_of['_1_weight']}'s forward of micro-batch 2 of mini-batch 1: "
-            "1 of its 5 rows, split 2/2/1 into 3 micro-batches"
+            f"raised in stage {stage}'s forward of micro-batch {micro} of mini-batch 1: "
+            f"1 of its {rows} rows, split {split} micro-batches"
         )
-        pipe.step(torch.randn(6, 4), torch.randint(0, 2, (6,)))
+        pipe.step(torch.randn(first, 4), torch.randint(0, 2, (first,)))
         expected = ValueError if executor == "local" else PipelineError
         with pytest.raises(expected, match="more than 1 value per channel") as raised:
-            pipe.step(torch.randn(5, 4), torch.randint(0, 2, (5,)))
+            pipe.step(torch.randn(rows, 4), torch.randint(0, 2, (rows,)))
             pipe.flush()
     if executor == "local":
         assert getattr(raised.value, "__notes__", []) == [where]

@@ -17,6 +17,7 @@ import threading
 import time
 import weakref
 from collections.abc import Callable
+from dataclasses import replace
 from typing import Any
 
 import cloudpickle
@@ -237,14 +238,8 @@ class ProcessExecutor(OneDriver):
         for rank in range(self.world):
             stage, replica = stage_and_replica(rank, self.num_stages)
             share = replica_part(batch, replica, self.replicas)
-            part = MiniBatch(
-                index=batch.index,
-                inputs=share.inputs if stage == 0 else [],
-                targets=share.targets if stage == last else [],
-                scales=share.scales,
-                sizes=share.sizes,
-                hyper=batch.hyper,
-            )
+            inputs, targets = share.inputs if stage == 0 else [], share.targets if stage == last else []
+            part = replace(share, inputs=inputs, targets=targets)
             self._send(rank, "batch", None, wire.dumps(part))  # as bytes: see pipeoptim.runtime.wire
 
     def _per_stage(self, kind: str) -> list[Any]:

@@ -42,6 +42,7 @@ class MiniBatch:
         scales: share of each micro-batch in the mini-batch (its loss factor).
         sizes: batch size of each micro-batch.
         hyper: the user's optimizer hyperparameters for this mini-batch.
+        whole, offset: with replicas, every micro-batch's size and this share's first place.
     """
 
     index: int
@@ -50,6 +51,11 @@ class MiniBatch:
     scales: list[float]
     sizes: list[int]
     hyper: list[dict] = field(default_factory=list)
+    whole: tuple[int, ...] = ()
+    offset: int = 0
+
+    def where(self, j: int) -> tuple[int, int, tuple[int, ...]]:  # MicroBatch.where, all replicas'
+        return self.index, self.offset + j, self.whole or tuple(map(int, self.sizes))
 
 
 @dataclass(frozen=True)
@@ -250,7 +256,6 @@ class LocalExecutor(OneDriver):
         """Feed a mini-batch and run every action that can run."""
         first = batch.index * self.schedules[0].micro_batches
         last = len(self.stages) - 1
-        rows = tuple(map(int, batch.sizes))
         for j, (inputs, targets, scale) in enumerate(zip(batch.inputs, batch.targets, batch.scales)):
             for k, (stage, state) in enumerate(zip(self.stages, self.states)):
                 state.given[first + j] = MicroBatch(
@@ -259,7 +264,7 @@ class LocalExecutor(OneDriver):
                     scale,
                     inputs if k == 0 else None,
                     targets if k == last else None,
-                    (batch.index, j, rows),
+                    batch.where(j),
                 )
                 stage.set_hyperparameters(first + j, batch.hyper)
         self._extend([s.on_mini_batch(len(batch.sizes)) for s in self.schedules])

@@ -137,6 +137,8 @@ def replica_part(batch: MiniBatch, replica: int, replicas: int) -> MiniBatch:
         scales=batch.scales[part],
         sizes=batch.sizes[part],
         hyper=batch.hyper,
+        whole=tuple(map(int, batch.sizes)),
+        offset=replica * m,
     )
 
 

@@ -23,6 +23,7 @@ import contextlib
 import datetime
 import os
 from collections.abc import Callable
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -255,14 +256,9 @@ class SPMDExecutor:
                 f"rank {self.rank} runs the first stage of replica {self.process.replica} and needs the "
                 "inputs: pass the whole mini-batch to step() there (it takes its share)"
             )
-        part = MiniBatch(
-            index=batch.index,
-            inputs=share.inputs if self.process.rank == 0 else [],
-            targets=share.targets if self.process.rank == stages - 1 else [],
-            scales=share.scales,
-            sizes=share.sizes,
-            hyper=batch.hyper,
-        )
+        rank = self.process.rank
+        inputs, targets = share.inputs if rank == 0 else [], share.targets if rank == stages - 1 else []
+        part = replace(share, inputs=inputs, targets=targets)
         per = self.process.spec.micro_batches
         first, count = batch.index * per, len(share.sizes)
         if self.process.rank == stages - 1:

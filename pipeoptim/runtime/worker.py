@@ -100,7 +100,6 @@ class StageProcess:
         anyway: before its first backward that needs another stage's gradients (the round trip
         through the later stages), else after the last action."""
         first = batch.index * self.spec.micro_batches
-        rows = tuple(map(int, batch.sizes))
         for j, size in enumerate(batch.sizes):
             inputs = batch.inputs[j] if batch.inputs else None
             targets = batch.targets[j] if batch.targets else None
@@ -113,7 +112,7 @@ class StageProcess:
                 batch.scales[j],
                 inputs,
                 _to(targets, self.device),
-                (batch.index, j, rows),
+                batch.where(j),
             )
             self.stage.set_hyperparameters(first + j, batch.hyper)
         self._run(self.schedule.on_mini_batch(len(batch.sizes)), side_work)
