@@ -24,11 +24,11 @@ import json
 import statistics
 import sys
 import tempfile
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-from outputs import results_dir, write_result
+from outputs import missing_tasks, results_dir, run_kind, write_result
 from tabulate import tabulate
 
 from pipeoptim.tasks import make_task
@@ -51,6 +51,10 @@ class Setting:
     @property
     def optimizers(self) -> list[str]:
         return list(self.lr)
+
+
+#: the tasks of the full run (one of them missing: a partial run, outputs.results_dir)
+FULL_TASKS = ("fashion-mnist", "sst2", "multi30k")
 
 
 def settings(quick: bool) -> list[Setting]:
@@ -101,8 +105,14 @@ def run(setting: Setting, optimizer: str, method: str, seed: int, work: Path) ->
         profile_dir=str(work / "profiles"),
     )
     done = Path(config.out) / "metrics.json"
-    if done.exists():  # finished by an earlier, interrupted invocation with the same --work
-        metrics = json.loads(done.read_text())
+    earlier = json.loads(done.read_text()) if done.exists() else {}
+    # finished by an earlier, interrupted invocation with the same --work and settings; one
+    # stopped midway ("running") or made with other settings was read back as this run's
+    # (helper-137)
+    if earlier.get("status") == "completed" and earlier.get("config") == json.loads(
+        json.dumps(asdict(config))
+    ):
+        metrics = earlier
     else:
         try:
             metrics = train(config, log=lambda _msg: None)
@@ -179,7 +189,8 @@ def main() -> None:
         "there are read back, so an interrupted benchmark continues where it stopped",
     )
     args = parser.parse_args()
-    args.out = results_dir(parser, args, "convergence", scope=("seeds",))
+    needs = lambda: missing_tasks(FULL_TASKS)  # noqa: E731
+    args.out = results_dir(parser, args, "convergence", scope=("seeds",), needs=needs)
     torch.set_num_threads(2)
     seeds = list(range(args.seeds or (1 if args.quick else 3)))
     methods = ["sequential", "pipedream", "none", "pipeoptim"] if args.quick else METHODS
@@ -245,7 +256,7 @@ def main() -> None:
     summary = "; ".join(findings) or "no complete comparison (data missing?)"
     write_result(
         args.out / "convergence.md",
-        f"# Convergence ({'quick' if args.quick else 'full'} run: 4 stages, local executor, "
+        f"# Convergence ({run_kind(parser, args, ('seeds',))} run: 4 stages, local executor, "
         f"seeds {seeds})\n\n"
         f"Final test metric (accuracy in [0, 1], BLEU in [0, 100]) after training; mean and standard "
         f"deviation over seeds; the training loss is averaged over the last tenth of the mini-batches "

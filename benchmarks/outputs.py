@@ -7,7 +7,7 @@ import argparse
 import os
 import sys
 import tempfile
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import torch
@@ -15,6 +15,7 @@ import torch
 from pipeoptim.compiler.profile_key import cpu_model
 from pipeoptim.fileio import atomic_write
 from pipeoptim.runtime.affinity import binding_asked
+from pipeoptim.tasks import make_task
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -41,13 +42,20 @@ def parse_rank_args(parser: argparse.ArgumentParser) -> argparse.Namespace:
 
 
 def results_dir(
-    parser: argparse.ArgumentParser, args: argparse.Namespace, prefix: str, scope: Iterable[str] = ()
+    parser: argparse.ArgumentParser,
+    args: argparse.Namespace,
+    prefix: str,
+    scope: Iterable[str] = (),
+    needs: Callable[[], list[str]] | None = None,
 ) -> Path:
     """``args.out`` when given; :data:`RESULTS` (``benchmarks/results``, wherever the script is
-    started from) for the full run: no ``--quick`` and every option named in ``scope`` (those
-    that measure a part or a variant: stage counts, methods, seeds, steps) at its default;
-    otherwise a new temporary folder. A run of two methods at 2 stages once replaced the
-    committed 4-stage breakdown of all five.
+    started from) for the full run: no ``--quick``, every option named in ``scope`` (those
+    that measure a part or a variant: stage counts, methods, seeds, steps) at its default, and
+    nothing ``needs()`` names missing (the data it would skip or replace, e.g. ``../shared``
+    absent: a full run without it replaced the committed staleness study with "0 cells",
+    helper-137; it is a partial run then, ``args.left_out`` names what it lacks); otherwise a
+    new temporary folder. A run of two methods at 2 stages once replaced the committed
+    4-stage breakdown of all five.
 
     The folder is made at once; one that cannot be made or written is a usage error (exit 2):
     prediction_error.py did all its work, then failed to write.
@@ -55,6 +63,13 @@ def results_dir(
     Raises:
         AttributeError: ``scope`` names an option the parser does not have.
     """
+    args.left_out = needs() if needs is not None and is_full_run(parser, args, scope) else []
+    if args.left_out:
+        print(
+            f"this run lacks {'; '.join(args.left_out)}: it is a partial run, and the committed results "
+            f"in {RESULTS} stay as they are",
+            file=sys.stderr,
+        )
     if args.out is not None:
         folder = Path(args.out)
     elif is_full_run(parser, args, scope):
@@ -72,10 +87,13 @@ def results_dir(
 
 
 def is_full_run(parser: argparse.ArgumentParser, args: argparse.Namespace, scope: Iterable[str]) -> bool:
-    """No ``--quick`` and every option of ``scope`` at its default: the run whose results are
-    committed (its title says "full run"; any other says "quick run" or "partial run")."""
-    return not getattr(args, "quick", False) and all(
-        getattr(args, name) == parser.get_default(name) for name in scope
+    """No ``--quick``, every option of ``scope`` at its default and no data left out
+    (:func:`results_dir`): the run whose results are committed (its title says "full run"; any
+    other says "quick run" or "partial run")."""
+    return (
+        not getattr(args, "quick", False)
+        and not getattr(args, "left_out", [])
+        and all(getattr(args, name) == parser.get_default(name) for name in scope)
     )
 
 
@@ -84,6 +102,18 @@ def run_kind(parser: argparse.ArgumentParser, args: argparse.Namespace, scope: I
     if getattr(args, "quick", False):
         return "quick"
     return "full" if is_full_run(parser, args, scope) else "partial"
+
+
+def missing_tasks(names: Iterable[str]) -> list[str]:
+    """The training tasks of ``names`` whose data is not on this machine, each with where it
+    was looked for (for :func:`results_dir`'s ``needs``)."""
+    missing = []
+    for name in names:
+        try:
+            make_task(name, batch_size=8, limit=8, test_limit=8)
+        except FileNotFoundError as exc:
+            missing.append(f"the {name} data ({str(exc).splitlines()[0]})")
+    return missing
 
 
 def stage_count(text: str) -> int:

@@ -25,10 +25,11 @@ import random
 import statistics
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
 import torch
-from outputs import results_dir, write_result
+from outputs import results_dir, run_kind, write_result
 from tabulate import tabulate
 
 from pipeoptim.compiler import baselines as B
@@ -74,6 +75,19 @@ def graphs(quick: bool) -> dict[str, CostGraph]:
     else:
         print(f"skipping the GPU cost graphs: {SHARED} is absent", file=sys.stderr)
     return out
+
+
+def missing_graphs(hugging_face: bool = True) -> list[str]:
+    """What the full run plans that this machine lacks (:func:`outputs.results_dir`): the
+    shared GPU cost graphs, and with ``hugging_face`` the library its GPT-2 comes from."""
+    missing = [] if SHARED.is_dir() else [f"the GPU cost graphs ({SHARED} is absent)"]
+    if not hugging_face:
+        return missing
+    try:
+        import transformers  # noqa: F401  (the Hugging Face GPT-2)
+    except ImportError:
+        missing.append("the Hugging Face GPT-2 (transformers is not installed)")
+    return missing
 
 
 def bottleneck(graph: CostGraph, stage_of: list[int], config: CostConfig) -> tuple[float, bool]:
@@ -274,7 +288,8 @@ def main() -> None:
         "--out", type=Path, default=None, help="default: benchmarks/results (quick: a temp folder)"
     )
     args = parser.parse_args()
-    args.out = results_dir(parser, args, "partition", scope=("solver", "time_limit"))
+    needs = partial(missing_graphs, hugging_face=not args.stage_times)
+    args.out = results_dir(parser, args, "partition", scope=("solver", "time_limit"), needs=needs)
     torch.set_num_threads(1)
     limit = args.time_limit or (3.0 if args.quick else 10.0)
     if args.stage_times:
@@ -334,7 +349,7 @@ def main() -> None:
     )
     write_result(
         args.out / "partition.md",
-        f"# Partition quality ({'quick' if args.quick else 'full'} run, solver {args.solver}, "
+        f"# Partition quality ({run_kind(parser, args, ('solver', 'time_limit'))} run, solver {args.solver}, "
         f"time limit {limit:.0f} s per ILP, bandwidth {BANDWIDTH / 1e9:.0f} GB/s)\n\n"
         "Bottleneck of each baseline divided by the ILP's (> 1: the ILP is better; `!`: breaks the "
         "memory limit). Memory limit: 1.25x the smallest feasible one.\n\n"

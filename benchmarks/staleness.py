@@ -43,7 +43,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from outputs import results_dir
+from outputs import missing_tasks, results_dir, run_kind
 from staleness_report import report
 
 import pipeoptim
@@ -302,12 +302,14 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(1)
     with tempfile.TemporaryDirectory() as tmp:
-        out = results_dir(parser, args, "staleness", scope=("seeds", "budget", "long"))
+        scope = ("seeds", "budget", "long")
+        tasks = {s.task for s in settings(args.quick) + (long_settings() if args.long else [])}
+        out = results_dir(parser, args, "staleness", scope, needs=lambda: missing_tasks(sorted(tasks)))
         work = args.work or Path(tmp) / "work"
         start = time.perf_counter()
         seeds = list(range(1 if args.quick else args.seeds))
         results = run_study(args.quick, work, seeds, start, args.budget, args.long)
-        report(results, out, quick=args.quick, wall_s=time.perf_counter() - start)
+        report(results, out, run_kind(parser, args, scope), wall_s=time.perf_counter() - start)
 
 
 def run_study(

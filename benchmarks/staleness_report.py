@@ -188,8 +188,9 @@ def sweep_table(sweep: list[dict]) -> str:
     )
 
 
-def report(results: list[dict], out: Path, quick: bool, wall_s: float) -> None:
-    """Write ``staleness.md`` and the plots into ``out``; print one summary line."""
+def report(results: list[dict], out: Path, kind: str, wall_s: float) -> None:
+    """Write ``staleness.md`` and the plots into ``out``; print one summary line. ``kind``:
+    "full", "quick" or "partial" (:func:`outputs.run_kind`)."""
     out.mkdir(parents=True, exist_ok=True)
     sweep = [r for r in results if "-sweep-" in r["cell"]["setting"]["name"]]
     results = [r for r in results if r not in sweep]
@@ -200,7 +201,7 @@ def report(results: list[dict], out: Path, quick: bool, wall_s: float) -> None:
     cells = len(results) + len(sweep)
     write_result(
         out / "staleness.md",
-        f"# Staleness study ({'quick' if quick else 'full'} run)\n\n"
+        f"# Staleness study ({kind} run)\n\n"
         f"{cells} cells, {total / 60:.1f} min of training in the cells ({wall_s / 60:.1f} min "
         f"for this invocation, finished cells read back); deterministic local executor, uniform plans, "
         f"`benchmarks/staleness.py`.\n\n{body}\n\n" + "".join(f"![{f}]({f})\n" for f in files),

@@ -160,6 +160,27 @@ def test_only_a_full_run_writes_the_committed_results(tmp_path: Path, monkeypatc
 
     kinds = [run_kind(parser, parser.parse_args(a), scope) for a in ([], ["--quick"], ["--stages", "3"])]
     assert kinds == ["full", "quick", "partial"]
+    # a full run lacking data it needs (../shared absent) is a partial run: it replaced the
+    # committed staleness study with "0 cells" (helper-137)
+    args = parser.parse_args([])
+    folder = results_dir(parser, args, "bench", scope, needs=lambda: ["the sst2 data"])
+    assert folder.parent == tmp_path / "temporary" and args.left_out == ["the sst2 data"]
+    assert run_kind(parser, args, scope) == "partial"
+    assert results_dir(parser, parser.parse_args([]), "bench", scope, needs=list) == RESULTS
+
+
+def test_a_full_run_without_the_shared_data_leaves_the_committed_results(tmp_path: Path) -> None:
+    """``partition.py --stage-times`` with ../shared absent replaced partition_16_stages.md with
+    "skipped" (helper-137); now it is a partial run, written to a temporary folder."""
+    committed = (ROOT / "benchmarks" / "results" / "partition_16_stages.md").read_text()
+    env = {**os.environ, "PIPEOPTIM_SHARED": str(tmp_path / "absent"), "TMPDIR": str(tmp_path)}
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "partition.py"), "--stage-times"]
+    done = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "it is a partial run, and the committed results" in done.stderr
+    written = list(tmp_path.glob("partition-*/partition_16_stages.md"))
+    assert len(written) == 1 and "skipped" in written[0].read_text()
+    assert (ROOT / "benchmarks" / "results" / "partition_16_stages.md").read_text() == committed
 
 
 def test_results_name_the_host_they_were_measured_on(tmp_path: Path, monkeypatch) -> None:
