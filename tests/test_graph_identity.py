@@ -277,6 +277,26 @@ def test_a_setting_a_leaf_reads_from_its_module_changes_the_hash(monkeypatch) ->
     assert _hash(model, ("1",)) != before
 
 
+def test_a_setting_a_leaf_reads_through_the_users_module_changes_the_hash(tmp_path: Path) -> None:
+    """``import cfg`` ... ``range(cfg.REPEAT)``: the profile of REPEAT = 1 was reused after
+    cfg.py said 20 (18x too fast; helper-136). Now ``cfg.REPEAT`` counts as ``REPEAT`` does."""
+    cfg = _load(tmp_path, "leaf_cfg", "REPEAT = 1\n")
+    leaf = _load(
+        tmp_path,
+        "leaf_reading_cfg",
+        "import torch\nimport leaf_cfg\n\n\nclass Leaf(torch.nn.Module):\n"
+        "    def __init__(self):\n        super().__init__()\n        self.lin = torch.nn.Linear(64, 64)\n\n"
+        "    def forward(self, x):\n        for _ in range(leaf_cfg.REPEAT):\n"
+        "            x = torch.tanh(self.lin(x))\n        return x\n",
+    )
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 64), leaf.Leaf())
+    before = _hash(model, ("1",))
+    assert _hash(model, ("1",)) == before
+    cfg.REPEAT = 20
+    assert _hash(model, ("1",)) != before
+
+
 CALLED = 0  # a counter a leaf's forward keeps
 SEEN: list[int] = []  # a list it appends to
 

@@ -10,6 +10,7 @@ import enum
 import functools
 import hashlib
 import inspect
+import sys
 import types
 from collections.abc import Iterable
 
@@ -117,14 +118,29 @@ def _globals_read(fn: types.FunctionType) -> list[object]:
     not the file's). A setting computed at import (``REPEAT = int(os.environ["REPEAT"])``) is
     the same text in the file, another value in the process. Left out: names ``fn`` assigns
     itself (a counter), and mutable values (a list, a dict, an object), which the script may
-    change between this process's trace and a worker's, whose graph would then differ."""
+    change between this process's trace and a worker's, whose graph would then differ. A
+    setting read through the user's own module (``import cfg`` ... ``cfg.REPEAT``) counts as
+    ``cfg.REPEAT``: those attributes of it the code names (``co_names`` holds both; before, an
+    edit of cfg.py reused the profile of the old value, helper-136)."""
     names, stored = global_names(fn.__code__)
     found = [(n, fn.__globals__[n]) for n in sorted(names - stored) if n in fn.__globals__]
+    for n, v in list(found):
+        if isinstance(v, types.ModuleType) and _users_own(v):
+            found += [(f"{n}.{a}", getattr(v, a)) for a in sorted(names) if hasattr(v, a)]
     return [
         (n, _function(v, 2) if isinstance(v, types.FunctionType) else _described(v, 1))
         for n, v in found
         if isinstance(v, types.FunctionType) or _settled(v)
     ]
+
+
+def _users_own(module: types.ModuleType) -> bool:
+    """Whether ``module`` is the user's (not the standard library's or an installed package's,
+    whose attributes change with their versions only)."""
+    root = module.__name__.split(".")[0]
+    path = getattr(module, "__file__", None) or ""
+    installed = any(part in path for part in ("site-packages", "dist-packages"))
+    return bool(path) and root not in sys.stdlib_module_names and not installed
 
 
 def global_names(code: types.CodeType) -> tuple[set[str], set[str]]:
