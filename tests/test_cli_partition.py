@@ -193,6 +193,16 @@ def test_plan_from_a_saved_profile_without_the_model(tmp_path: Path) -> None:
         assert len(json.loads(out)["stages"]) == int(gpus)
     code, _, err = run("partition", "transformer", "--profile", str(profile), "--profile-dir", str(tmp_path))
     assert code == 1 and "another setting" in err
+    for field in ("key", "tied", "info"):  # an AttributeError traceback, no JSON (helper-136)
+        data = json.loads(profile.read_text())
+        data.pop("content_hash", None)
+        data[field] = None
+        edited = tmp_path / "edited" / f"{field}.json"
+        edited.parent.mkdir(exist_ok=True)
+        edited.write_text(json.dumps(data))
+        code, out, err = run("partition", "--profile", str(edited), "--gpus", "2", "--json")
+        message = f"{edited}: malformed profile ({field} not an object)"
+        assert code == 1 and json.loads(out)["error"].startswith(message), err
 
 
 @pytest.mark.parametrize(
@@ -350,6 +360,22 @@ def test_a_module_factory_is_found_in_the_current_folder(
     assert status == 0, err
 
 
+def test_example_input_options_that_do_not_fit_the_model(tmp_path: Path) -> None:
+    """Two --input-shape for a one-input model gave a TypeError traceback and no JSON; an
+    --input-dtype without --input-shape was ignored, the float32 profile reused (helper-136)."""
+    shapes = ["--input-shape", "8x256", "--input-shape", "8x256"]
+    code, out, err = run("partition", "mlp", "--gpus", "2", *shapes, "--json", "--profile-dir", str(tmp_path))
+    assert code == 1 and json.loads(out)["error"] == (
+        "Sequential takes 1 input(s) (input_1), and 2 example inputs were given: give one per input "
+        "(--input-shape)"
+    ), err
+    code, _, err = run(
+        "partition", "mlp", "--gpus", "1", "--input-dtype", "float64", "--profile-dir", str(tmp_path)
+    )
+    assert code == 1 and "profiling Sequential at inputs 32x256 float64" in err
+    assert "mat1 and mat2 must have the same dtype" in one_line_error(err)  # the model's weights are float32
+
+
 @pytest.mark.parametrize(
     "args, message",
     [
@@ -373,8 +399,10 @@ def test_a_module_factory_is_found_in_the_current_folder(
     ],
 )
 def test_refuses_what_train_refuses(tmp_path: Path, args: list[str], message: str) -> None:
+    """A layout the devices cannot hold is an option mistake (exit 2, as train's); one the
+    planner finds infeasible fails (exit 1)."""
     status, _, err = run("partition", "mlp", *args, "--profile-dir", str(tmp_path))
-    assert status == 1
+    assert status == (2 if "devices" in message else 1)
     assert message in one_line_error(err)
 
 

@@ -165,7 +165,7 @@ def test_cli_flags_force_layouts_and_the_rest_is_searched(
 def test_cli_refuses_a_layout_that_does_not_fit(tmp_path: Path) -> None:
     base = ["partition", "--profile", str(neutral(tmp_path)), "--gpus", "4", "--json"]
     bad = CliRunner().invoke(cli, [*base, "--stages", "3", "--data-parallel", "2"])
-    assert bad.exit_code == 1 and "need 6 devices but --gpus is 4" in bad.stderr
+    assert bad.exit_code == 2 and "need 6 devices but --gpus is 4" in bad.stderr
     word = CliRunner().invoke(cli, [*base, "--data-parallel", "two"])
     assert word.exit_code == 2 and "neither 'auto' nor a positive number" in word.stderr
 

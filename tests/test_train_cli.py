@@ -305,7 +305,7 @@ def test_a_limit_below_one_mini_batch_is_a_one_line_error(tmp_path: Path) -> Non
         "--executor", "local", "--epochs", "1", "--profile-dir", str(tmp_path / "profiles"),
     )  # fmt: skip
     assert code == 1 and len(err.strip().splitlines()) == 1, err
-    assert "--limit 1 gives no full mini-batch of 32: raise --limit or lower --batch-size" in err
+    assert "the 1 training examples (after --limit, where given) give no full mini-batch of 32" in err
     assert not (tmp_path / "rl1").exists()
 
 
@@ -451,9 +451,9 @@ def test_json_prints_the_metrics_and_failures_as_objects(tmp_path) -> None:
         "exit_code": 2,
     }
     result = CliRunner().invoke(cli, ["partition", "mlp", "--gpus", "2", "--stages", "4", "--json"])
-    assert result.exit_code == 1 and json.loads(result.stdout) == {
+    assert result.exit_code == 2 and json.loads(result.stdout) == {  # a usage error (helper-136)
         "error": "--stages 4 needs 4 devices but --gpus is 2: raise --gpus to 4 or lower --stages",
-        "exit_code": 1,
+        "exit_code": 2,
     }
     assert "Error: --stages 4 needs 4 devices" in result.stderr  # the message stays on stderr too
 
@@ -482,8 +482,8 @@ def test_ctrl_c_with_json_prints_an_object_on_stdout(tmp_path, monkeypatch) -> N
 @pytest.mark.parametrize(
     ("args", "code", "message"),
     [
-        (["--stages", "3", "--gpus", "2"], 1, "--stages 3 needs 3 devices but --gpus is 2: raise --gpus"),
-        (["--stages", "2", "--data-parallel", "2", "--gpus", "3"], 1, "2 stages x 2 replicas need 4 devices"),
+        (["--stages", "3", "--gpus", "2"], 2, "--stages 3 needs 3 devices but --gpus is 2: raise --gpus"),
+        (["--stages", "2", "--data-parallel", "2", "--gpus", "3"], 2, "2 stages x 2 replicas need 4 devices"),
         (["--resume", "{tmp}/nothing"], 1, "no checkpoint at {tmp}/nothing/checkpoint.pt: start without"),
         (["--data-dir", "{tmp}"], 1, "not found in {tmp}: pass --data-dir"),
         (["--out", "{tmp}/file/run"], 1, "cannot create the run folder {tmp}/file/run"),

@@ -106,6 +106,14 @@ def load_model(
                 "dtype for all inputs or one per input"
             )
         examples = tuple(_example(shape, dt) for shape, dt in zip(input_shapes, dtypes))
+    elif input_dtypes:  # the factory's example inputs in the dtypes asked (ignored before: helper-136)
+        dtypes = list(input_dtypes) * len(examples) if len(input_dtypes) == 1 else list(input_dtypes)
+        if len(dtypes) != len(examples):
+            raise ModelSpecError(
+                f"{len(input_dtypes)} --input-dtype for the factory's {len(examples)} example inputs; "
+                "give one dtype for all inputs or one per input"
+            )
+        examples = tuple(ex.to(dt) for ex, dt in zip(examples, dtypes))
     if not examples:
         raise ModelSpecError(
             f"factory {spec!r} returned no example inputs: pass --input-shape (e.g. 8x3x32x32) "

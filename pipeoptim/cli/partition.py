@@ -21,6 +21,7 @@ from pipeoptim.cli.options import (
     link_options,
     torch_device,
 )
+from pipeoptim.cli.train_checks import check_forced_layout
 from pipeoptim.compiler import profile_model
 from pipeoptim.compiler.baselines import BASELINES
 from pipeoptim.compiler.costgraph import CostGraph
@@ -56,7 +57,8 @@ def _log(msg: str) -> None:
     "--input-dtype",
     type=DTYPE,
     multiple=True,
-    help="dtype of the example input(s), e.g. int64 for token ids.",
+    help="dtype of the example input(s), e.g. int64 for token ids; without --input-shape, the "
+    "factory's example inputs are cast to it.",
 )
 @click.option(
     "--memory", type=BYTES, default=None, help="Per-stage memory limit, e.g. 16GiB, 16GB or 1.5e10 (bytes)."
@@ -184,6 +186,7 @@ def partition(
         raise click.BadParameter(str(exc), param_hint="--optimizer") from exc
     if model is None and profile_file is None:
         raise click.UsageError("give a MODEL, or --profile FILE to plan from a saved profile")
+    check_forced_layout(gpus, stages, data_parallel)  # a usage error, before any profiling
     target = torch_device(device)
     if profile_dir is not None:
         try:

@@ -73,7 +73,17 @@ def check_layout_options(
             "gpipe, 1f1b and 2bw: leave it unset",
             param_hint="--micro-batches",
         )
+    check_forced_layout(gpus, stages, data_parallel)
+
+
+def check_forced_layout(gpus: int, stages: int | None, data_parallel: int | str | None) -> None:
+    """A forced layout (``--stages``, ``--data-parallel``) that ``--gpus`` devices cannot hold is a
+    usage error (exit 2, as every other option mistake; it exited 1, helper-136).
+
+    Raises:
+        click.UsageError: it needs more devices than ``--gpus``.
+    """
     try:
         candidates(gpus, stages, None if data_parallel in (None, "auto") else int(data_parallel))
     except PlanError as exc:
-        raise click.ClickException(str(exc)) from exc
+        raise click.UsageError(str(exc)) from exc

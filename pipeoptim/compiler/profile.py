@@ -254,6 +254,12 @@ def profile_model(
     """
     if repeats < 1 or warmup < 0:
         raise ProfileError(f"repeats must be >= 1 and warmup >= 0, got {repeats} and {warmup}")
+    names = traced.input_names
+    if len(example_inputs) > len(names):  # the graph ignored the others; the warm-up raised a TypeError
+        raise ProfileError(
+            f"{traced.model_name} takes {len(names)} input(s) ({', '.join(names)}), and "
+            f"{len(example_inputs)} example inputs were given: give one per input (--input-shape)"
+        )
     device = torch.device(device) if device is not None else example_inputs[0].device
     start = time.perf_counter()
     gm = copy.deepcopy(traced.gm).to(device)

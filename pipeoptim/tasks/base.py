@@ -52,7 +52,8 @@ def full_batches(n_train: int, batch_size: int) -> int:
     """
     if n_train < batch_size:
         raise ValueError(
-            f"--limit {n_train} gives no full mini-batch of {batch_size}: raise --limit or lower --batch-size"
+            f"the {n_train} training examples (after --limit, where given) give no full mini-batch of "
+            f"{batch_size}: lower --batch-size, or raise --limit"
         )
     return n_train // batch_size
 
