@@ -337,10 +337,13 @@ def main() -> None:
     print(stage_table)
     print(verdict)
     args.out.mkdir(parents=True, exist_ok=True)
-    ratios = {b: [r[b][0] for r in rows if r[b] is not None] for b in (*B.BASELINES, "chain_dp")}
+    # over the plans that meet the memory limit: one that breaks it is faster for it (a ratio
+    # below 1) and pulled the mean down (helper-137)
+    ratios = {b: [r[b][0] for r in rows if r[b] is not None and r[b][1]] for b in (*B.BASELINES, "chain_dp")}
     broken = {b: sum(1 for r in rows if r[b] is not None and not r[b][1]) for b in B.BASELINES}
     summary = (
-        "baseline bottleneck / ILP bottleneck (geometric mean, max): "
+        "baseline bottleneck / ILP bottleneck over the plans that meet the memory limit (geometric "
+        "mean, max): "
         + ", ".join(
             f"{b} {statistics.geometric_mean(v):.2f}x ({max(v):.2f}x)" for b, v in ratios.items() if v
         )

@@ -507,7 +507,7 @@ def test_ctrl_c_while_click_starts_stops_the_command(tmp_path: Path) -> None:
     options): it printed a traceback and exited by the signal, or click's "Aborted!" with 1."""
     done = run_program(_CTRL_C_WHEN.format(when="click starts"), tmp_path)
     assert stopped_by_ctrl_c(done.returncode), done.stderr[-2000:]
-    assert done.stderr.strip().splitlines() == ["interrupted: nothing was saved"], done.stderr
+    assert done.stderr.strip().splitlines() == ["interrupted: no plan was saved"], done.stderr
     assert json.loads(done.stdout) == {"error": "interrupted", "exit_code": 130}
     assert not (tmp_path / "profiles").exists()
 

@@ -94,7 +94,8 @@ def test_profile_is_reused_for_the_same_key_and_redone_otherwise(tmp_path: Path)
     _, reused = load_or_profile(traced, smaller, profile_dir=tmp_path, log=logs.append)
     # a first run profiles each micro-batch size its layouts need: said as such, not as a mismatch
     assert not reused and logs[-2] == (
-        "profiling Sequential at inputs 4x32 float32 (a new micro-batch size; profiles saved at 8x32 float32)"
+        "profiling Sequential at inputs 4x32 float32 (inputs not profiled before; profiles saved at "
+        "8x32 float32)"
     )
     for rows in (16, 2):  # the sizes saved listed smallest first, whatever the files' names
         load_or_profile(

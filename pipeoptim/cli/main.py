@@ -46,7 +46,7 @@ class _Commands(click.Group):
                 raise
             _interrupted(ctx, terminated)
         except KeyboardInterrupt:  # a command without its own handler (partition): as train does
-            click.echo("interrupted: nothing was saved", err=True)  # files are written atomically
+            click.echo("interrupted: no plan was saved", err=True)  # files are written atomically
             _interrupted(ctx, terminated)
         finally:
             if held:

@@ -223,11 +223,11 @@ def _from_profile(cls: type[CostGraph], data: dict[str, Any], origin: str) -> Co
             "it to `pipeoptim partition --profile FILE` to plan from it as edited (a profile folder "
             "reuses only the profiles pipeoptim wrote)"
         )
-    wrong = [name for name in ("key", "tied", "info") if not isinstance(data.get(name, {}), dict)]
-    if wrong:  # a key of null failed in the CLI with an AttributeError (helper-136)
+    if not isinstance(
+        data.get("key", {}), dict
+    ):  # null failed in the CLI with an AttributeError (helper-136)
         raise ProfileError(
-            f"{origin}: malformed profile ({', '.join(wrong)} not an object); re-create it with this "
-            "pipeoptim version"
+            f"{origin}: malformed profile (key not an object); re-create it with this pipeoptim version"
         )
     try:
         nodes = [_profile_node(n, origin) for n in data["nodes"]]

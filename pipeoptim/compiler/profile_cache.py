@@ -101,7 +101,7 @@ def _log_why_profiling(folder: Path, model: str, key: dict, log: Callable[[str],
     saved = same_graph
     if all(_key_diff(old, key, ignore=("inputs",)) == "same key" for _, old in saved):
         shapes = "; ".join(sorted({_inputs_text(old.get("inputs")) for _, old in saved}, key=_numbers))
-        log(f"profiling {model} at inputs {now} (a new micro-batch size; profiles saved at {shapes})")
+        log(f"profiling {model} at inputs {now} (inputs not profiled before; profiles saved at {shapes})")
         return
     name, old = saved[0]
     log(f"profiling anew: no saved profile matches ({_key_diff(old, key)}, against the saved {name})")
