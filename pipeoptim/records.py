@@ -65,6 +65,8 @@ class StepLog:
         self.every = max(1, every)
         self._rows: list[list] = []
         kept = [r for r in read_rows(source or path) if int(r[0]) < start] if start else []
+        #: rows of the resumed run kept (none where its train.csv is missing or unreadable)
+        self.kept = len(kept)
         _rewrite(path, kept)
 
     def add(self, step: int, epoch: int, loss: float, lr: float) -> None:

@@ -202,6 +202,11 @@ def _train(config: TrainConfig, out: Path, log: Callable[[str], None], costs: Co
             every=config.record_every,
             source=None if resume_path is None else resume_path.parent / "train.csv",
         )
+        if resume_path is not None and trainer.mini_batches_done and not run.steps.kept:
+            log(  # replaced without a word before (helper-136)
+                f"{resume_path.parent / 'train.csv'} is missing or holds no rows: this run's train.csv "
+                f"starts at mini-batch {trainer.mini_batches_done}"
+            )
         _loop(config, task, trainer, scheduler, run, log)
     except BaseException as exc:  # whatever stops the run, what it learned stays on disk
         try:

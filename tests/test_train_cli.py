@@ -157,6 +157,12 @@ def test_resume_with_more_epochs_follows_the_longer_cosine_schedule(tmp_path: Pa
         *common, "--epochs", "3", "--lr", "0.1", "--out", str(tmp_path / "b"), "--resume", str(tmp_path / "a")
     )
     assert code == 1 and "--lr 0.02" in err and "--lr 0.1" in err
+    (tmp_path / "a" / "train.csv").unlink()  # its rows were dropped without a word (helper-136)
+    code, _, err = run(
+        *common, "--epochs", "4", "--out", str(tmp_path / "c"), "--resume", str(tmp_path / "a")
+    )
+    assert code == 0 and f"{tmp_path / 'a' / 'train.csv'} is missing or holds no rows" in err, err
+    assert [int(r[0]) for r in rows(tmp_path / "c" / "train.csv")] == list(range(30, 40))
 
 
 def test_sequential_reference_and_bad_resume(tmp_path: Path) -> None:
