@@ -115,7 +115,7 @@ BAD_FILES = {
     ),
     "huge size": (  # an OverflowError traceback
         json.dumps(edited(set_node(3, out_bytes=1e30))).encode(),
-        "and sizes bytes from 0 to 1e+18",
+        "and sizes whole bytes from 0 to 1e+18",
     ),
     "batch size text": (  # read as 8
         json.dumps(edited(lambda d: d.update(batch_size="8"))).encode(),
@@ -167,6 +167,22 @@ def test_bad_profile_file_is_one_line_and_exit_code_1(tmp_path: Path, case: str)
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1, result.stderr
     assert lines[0].startswith("Error: ") and message in lines[0], lines[0]
+
+
+def test_a_profile_with_a_fraction_of_a_byte_is_refused(tmp_path: Path) -> None:
+    """A saved profile's sizes go through no byte check of the neutral reader: 1.5 parameter
+    bytes were planned, a fractional stage memory in the table (helper-136)."""
+    (tmp_path / "graph.json").write_text(json.dumps(neutral_graph()))
+    CostGraph.load(tmp_path / "graph.json").save(tmp_path / "profile.json")
+    data = json.loads((tmp_path / "profile.json").read_text())
+    data.pop("content_hash", None)
+    data["nodes"][2]["param_bytes"] = 1.5
+    data["info"] |= {"static_batch": True, "dynamic_length": False}  # as a measured profile's
+    (tmp_path / "profile.json").write_text(json.dumps(data))
+    result = CliRunner().invoke(
+        cli, ["partition", "--profile", str(tmp_path / "profile.json"), "--gpus", "2"]
+    )
+    assert result.exit_code == 1 and "has param_bytes = 1.5; times must be seconds" in result.stderr
 
 
 def test_the_tiny_graph_itself_plans(tmp_path: Path) -> None:

@@ -20,10 +20,11 @@ def check_graph(graph: Any, origin: str) -> None:
             value = getattr(node, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)):
                 raise ProfileError(f"{origin}: node {node.name!r} has {name} = {value!r}, not a number")
-            if not (is_seconds(value) if name.endswith("_s") else 0 <= value <= MAX_BYTES):
+            bytes_ok = 0 <= value <= MAX_BYTES and value == int(value)  # 1.5 bytes was planned (helper-136)
+            if not (is_seconds(value) if name.endswith("_s") else bytes_ok):
                 raise ProfileError(
                     f"{origin}: node {node.name!r} has {name} = {value}; times must be seconds from 0 "
-                    f"to {MAX_SECONDS:.0f} and sizes bytes from 0 to {MAX_BYTES:.0e}: fix or "
+                    f"to {MAX_SECONDS:.0f} and sizes whole bytes from 0 to {MAX_BYTES:.0e}: fix or "
                     "re-measure that node"
                 )
     for node in graph.nodes:  # the structure later code walks (a hand edit made them tracebacks)
