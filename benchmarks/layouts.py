@@ -30,11 +30,12 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from outputs import parse_rank_args, results_dir, write_result
+from outputs import parse_rank_args, results_dir, run_kind, write_result
 from tabulate import tabulate
 from torch import nn
 
 import pipeoptim
+from pipeoptim.action_overhead import measure_action_overhead
 from pipeoptim.compile_layout import plan_best_layout
 from pipeoptim.machine_costs import load_or_measure_machine_costs
 from pipeoptim.runtime.linkcost import measure_link
@@ -57,11 +58,14 @@ def batch(width: int, size: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def compile_options(
-    method: str, x: torch.Tensor, link: tuple[float, float], profile_dir: Path
+    method: str, x: torch.Tensor, link: tuple[float, float], overhead: float, profile_dir: Path
 ) -> dict[str, Any]:
-    """``compile``'s keyword arguments for every layout (and for the planner)."""
+    """``compile``'s keyword arguments for every layout (and for the planner): the link and
+    the runtime's seconds per action (left at compile's 0, the plans missed 0.37 ms of 12
+    actions a mini-batch at 4 stages, helper-140)."""
     latency, beta = link
     return dict(
+        action_overhead=overhead,
         example_inputs=x,
         loss_fn=F.cross_entropy,
         method=method,
@@ -110,7 +114,7 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(1)
     width, depth, rows = (128, 4, 32) if args.quick else (512, 16, 64)
-    warmup, steps = (2, 6) if args.quick else (5, 40)
+    warmup, steps = (2, 6) if args.quick else (5, 200)  # 40 (0.7 s) read 32-61/s for one layout
     profile_dir = args.out / ".profiles"
     model = make_model(width, depth)
     data = batch(width, rows)
@@ -118,11 +122,11 @@ def main() -> None:
     if args.quick:  # compile's figures (measured once, robustly, and cached): a quick fit of
         # the link on a busy machine can fail three times ("send times do not grow")
         costs = load_or_measure_machine_costs(log=lambda message: print(message, file=sys.stderr))
-        link = (costs.latency, 1 / costs.bandwidth)
+        link, overhead = (costs.latency, 1 / costs.bandwidth), costs.action_overhead
     else:
-        link = measure_link()
+        link, overhead = measure_link(), measure_action_overhead()
     how = "this machine's figures, as `compile` takes them" if args.quick else "measured"
-    options = compile_options(args.method, data[0], link, profile_dir)
+    options = compile_options(args.method, data[0], link, overhead, profile_dir)
     choice = plan_best_layout(model, optimizer(model), 4, **options)
     planned = {(o.stages, o.replicas): o for o in choice.options}
     chosen = (choice.chosen.stages, choice.chosen.replicas)
@@ -159,13 +163,14 @@ def main() -> None:
         )
     text = "\n".join(
         [
-            f"# Layouts of 4 ranks ({'quick' if args.quick else 'full'} run, CPU, gloo, 1 thread per rank, "
+            f"# Layouts of 4 ranks ({run_kind(parser, args, ('method',))} run, CPU, gloo, 1 thread per rank, "
             f"{cores} cores)",
             "",
             f"MLP of {depth} linear layers of width {width}, mini-batches of {rows} rows, method "
             f"`{args.method}`, SGD with momentum, {steps} timed mini-batches after {warmup} of warm-up, "
-            f"gloo link α = {link[0] * 1e6:.0f} µs, 1/β = {1 / link[1] / 1e9:.2f} GB/s ({how}, given "
-            "to the planner and to `compile`), load average "
+            f"gloo link α = {link[0] * 1e6:.0f} µs, 1/β = {1 / link[1] / 1e9:.2f} GB/s and the runtime's "
+            f"{overhead * 1e3:.3f} ms per action ({how}, given to the planner and to `compile`), "
+            "load average "
             f"{load[0]:.1f} before and {os.getloadavg()[0]:.1f} after. *planner predicts*: "
             '`pipeoptim.compile_layout.plan_best_layout` (what `compile(..., data_parallel="auto")` '
             "and `pipeoptim train --gpus 4` choose from), each layout planned from a profile of its own "

@@ -65,11 +65,10 @@ def results_dir(
     """
     args.left_out = needs() if needs is not None and is_full_run(parser, args, scope) else []
     if args.left_out:
-        print(
-            f"this run lacks {'; '.join(args.left_out)}: it is a partial run, and the committed results "
-            f"in {RESULTS} stay as they are",
-            file=sys.stderr,
-        )
+        lacks = f"this run lacks {'; '.join(args.left_out)}: it is a partial run"
+        if args.out is not None and Path(args.out).resolve() == RESULTS.resolve():
+            parser.error(f"{lacks}, which does not write the committed results: pass another --out")
+        print(f"{lacks}; the committed results in {RESULTS} stay as they are", file=sys.stderr)
     if args.out is not None:
         folder = Path(args.out)
     elif is_full_run(parser, args, scope):

@@ -144,7 +144,10 @@ def train(
 
     ``costs`` gives the config its plan's link and runtime figures (``pipeoptim train``
     measures this machine's): it is called once the run folder, the checkpoint to resume and
-    the task's data have been checked, so that a mistake in them is reported at once.
+    the task's data have been checked, so that a mistake in them is reported at once. Into a
+    folder holding an earlier run (not resumed), the run writes its own records once it starts
+    training, and removes the earlier checkpoint then (``--resume`` would continue it under
+    them); a run that fails before (its plan, an interrupt) leaves the folder as it was.
 
     Raises:
         ValueError: bad settings, a run folder that cannot be written or a profile folder that

@@ -167,6 +167,8 @@ def test_only_a_full_run_writes_the_committed_results(tmp_path: Path, monkeypatc
     assert folder.parent == tmp_path / "temporary" and args.left_out == ["the sst2 data"]
     assert run_kind(parser, args, scope) == "partial"
     assert results_dir(parser, parser.parse_args([]), "bench", scope, needs=list) == RESULTS
+    with pytest.raises(SystemExit):  # said to keep them, then wrote over them (helper-139)
+        results_dir(parser, parser.parse_args(["--out", str(RESULTS)]), "bench", scope, needs=lambda: ["x"])
 
 
 def test_a_full_run_without_the_shared_data_leaves_the_committed_results(tmp_path: Path) -> None:
@@ -177,7 +179,7 @@ def test_a_full_run_without_the_shared_data_leaves_the_committed_results(tmp_pat
     cmd = [sys.executable, str(ROOT / "benchmarks" / "partition.py"), "--stage-times"]
     done = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
-    assert "it is a partial run, and the committed results" in done.stderr
+    assert "it is a partial run; the committed results" in done.stderr
     written = list(tmp_path.glob("partition-*/partition_16_stages.md"))
     assert len(written) == 1 and "skipped" in written[0].read_text()
     assert (ROOT / "benchmarks" / "results" / "partition_16_stages.md").read_text() == committed

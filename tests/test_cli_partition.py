@@ -357,6 +357,14 @@ def test_a_module_factory_is_found_in_the_current_folder(
     assert status == 0, err
 
 
+def test_a_baseline_partitioner_over_the_memory_limit_is_refused(tmp_path: Path) -> None:
+    """The baselines plan without the limit: a uniform plan of 4.2 MiB stages was printed and
+    saved under --memory 20KiB, exit 0 (helper-139)."""
+    args = ["--gpus", "2", "--stages", "2", "--partitioner", "uniform", "--memory", "20KiB"]
+    code, _, err = run("partition", "mlp", *args, "--profile-dir", str(tmp_path))
+    assert code == 1 and "the uniform plan needs 4407296 bytes per stage, over the limit of 20480" in err
+
+
 def test_example_input_options_that_do_not_fit_the_model(tmp_path: Path) -> None:
     """Two --input-shape for a one-input model gave a TypeError traceback and no JSON; an
     --input-dtype without --input-shape was ignored, the float32 profile reused (helper-136)."""

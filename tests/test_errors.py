@@ -512,6 +512,7 @@ BOUNDARY = (
         ("another value sent", BOUNDARY.format("x", "x", "(?!x)\\w+")),
         ("one more received", BOUNDARY.format("(?P<v>\\w+)", "(?P=v), x", "(?P=v)")),
         ("values cleared", r"describes no value \[\w+\] it sends"),
+        ("inputs renamed", r"first stage receives \[y\], where the model's inputs are \[\w+\]"),
         ("3 stages", r"2 stage boundaries and 2 stage figures for its 3 stages"),
     ],
 )
@@ -539,6 +540,8 @@ def test_a_plan_edited_by_hand_is_refused_by_name(tmp_path: Path, edit: str, mes
         data["io"][1]["inputs"].append("x")
     elif edit == "values cleared":
         data["values"] = {}
+    elif edit == "inputs renamed":  # a two-input model's x and y swapped trained silently (helper-139)
+        data["io"][0]["inputs"] = ["y"]
     else:
         data["config"]["num_stages"] = gpus = 3
     (tmp_path / "plan.json").write_text(json.dumps(data))

@@ -297,6 +297,31 @@ def test_a_setting_a_leaf_reads_through_the_users_module_changes_the_hash(tmp_pa
     assert _hash(model, ("1",)) != before
 
 
+def test_a_setting_read_through_a_namespace_packages_submodule_changes_the_hash(
+    tmp_path: Path, monkeypatch
+) -> None:
+    """``import leaf_ns.settings`` ... ``leaf_ns.settings.REPEAT``: a package's submodule is a
+    module too, and a namespace package has no ``__file__`` (helper-139)."""
+    (tmp_path / "leaf_ns").mkdir()
+    (tmp_path / "leaf_ns" / "settings.py").write_text("REPEAT = 1\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    importlib.invalidate_caches()
+    settings = importlib.import_module("leaf_ns.settings")
+    leaf = _load(
+        tmp_path,
+        "leaf_reading_ns",
+        "import torch\nimport leaf_ns.settings\n\n\nclass Leaf(torch.nn.Module):\n"
+        "    def __init__(self):\n        super().__init__()\n        self.lin = torch.nn.Linear(64, 64)\n\n"
+        "    def forward(self, x):\n        for _ in range(leaf_ns.settings.REPEAT):\n"
+        "            x = torch.tanh(self.lin(x))\n        return x\n",
+    )
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 64), leaf.Leaf())
+    before = _hash(model, ("1",))
+    settings.REPEAT = 20
+    assert _hash(model, ("1",)) != before
+
+
 CALLED = 0  # a counter a leaf's forward keeps
 SEEN: list[int] = []  # a list it appends to
 

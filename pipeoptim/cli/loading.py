@@ -74,7 +74,9 @@ def load_model(
 
     The factory may return a model or ``(model, example_inputs)``. Shapes given here replace
     the factory's example inputs (float inputs are ``randn``, integer inputs zeros, so that
-    they are valid token ids); a factory that returns only a model needs them.
+    they are valid token ids); a factory that returns only a model needs them. Dtypes given
+    without shapes cast the factory's example inputs (``Tensor.to``: a float cast to an
+    integer dtype is truncated, not zeros).
 
     Raises:
         ModelSpecError: unknown spec, missing factory, a factory that raises (its error named),

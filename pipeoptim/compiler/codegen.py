@@ -82,6 +82,12 @@ def _check_io(traced: TracedModel, plan: Plan) -> None:
             f"the plan has {len(plan.io)} stage boundaries and {len(plan.stages)} stage figures for its "
             f"{n} stages (a plan edited by hand?); make a new plan"
         )
+    inputs = [node.name for node in traced.gm.graph.nodes if node.op == "placeholder"]
+    if list(plan.io[0].inputs) != inputs:  # bound in this order: x and y swapped, silently (helper-139)
+        raise CodegenError(
+            f"the plan's first stage receives {_few(plan.io[0].inputs)}, where the model's inputs are "
+            f"{_few(inputs)} (a plan edited by hand?); make a new plan"
+        )
     crossing: list[set[str]] = [set() for _ in range(n - 1)]
     for node in traced.gm.graph.nodes:
         if node.users and node.name not in plan.shared:

@@ -114,6 +114,9 @@ class CostConfig:
         action_overhead_s: seconds of runtime overhead per action (0: not modelled).
         cores: processors the N·R ranks share, e.g. CPU cores for ranks with one thread each
             (``None``: every rank has its own device).
+        cores_pinned: the ranks are bound to the :attr:`cores` in turn, rank r to core
+            ``r mod cores`` (:func:`pipeoptim.runtime.affinity.rank_cores`), so where the
+            ranks do not divide evenly a core runs more of them than another.
         data_parallel: R, replicas of the pipeline (:mod:`pipeoptim.compiler.layouts`): each
             stage's replicas all-reduce its gradients before every step, a ring all-reduce
             moving ``2(R−1)/R`` bytes per gradient byte (Patarasuk and Yuan, JPDC 2009) at
@@ -138,6 +141,7 @@ class CostConfig:
     latency_s: float = 0.0
     action_overhead_s: float = 0.0
     cores: float | None = None
+    cores_pinned: bool = False
     data_parallel: int = 1
     allreduce_bandwidth: float | None = None
     recompute: bool = False

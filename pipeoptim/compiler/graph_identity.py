@@ -124,8 +124,8 @@ def _globals_read(fn: types.FunctionType) -> list[object]:
     edit of cfg.py reused the profile of the old value, helper-136)."""
     names, stored = global_names(fn.__code__)
     found = [(n, fn.__globals__[n]) for n in sorted(names - stored) if n in fn.__globals__]
-    for n, v in list(found):
-        if isinstance(v, types.ModuleType) and _users_own(v):
+    for n, v in found:  # grows: a package's submodule (cfgpkg.settings.REPEAT) is walked in turn
+        if isinstance(v, types.ModuleType) and _users_own(v) and n.count(".") < _DEPTH:
             found += [(f"{n}.{a}", getattr(v, a)) for a in sorted(names) if hasattr(v, a)]
     return [
         (n, _function(v, 2) if isinstance(v, types.FunctionType) else _described(v, 1))
@@ -138,7 +138,8 @@ def _users_own(module: types.ModuleType) -> bool:
     """Whether ``module`` is the user's (not the standard library's or an installed package's,
     whose attributes change with their versions only)."""
     root = module.__name__.split(".")[0]
-    path = getattr(module, "__file__", None) or ""
+    # a namespace package has no __file__, only the folders it spans
+    path = getattr(module, "__file__", None) or next(iter(getattr(module, "__path__", [])), "")
     installed = any(part in path for part in ("site-packages", "dist-packages"))
     return bool(path) and root not in sys.stdlib_module_names and not installed
 

@@ -13,8 +13,9 @@ ordered after the first (helper-129). :func:`fit_held_copies` checks the plan wi
 counted, and lowers the limit by what a stage still exceeds (a parameter read by two nodes of
 one stage counts twice there). Without shared parameters the partitioners count a stage's
 memory as :func:`~pipeoptim.compiler.costmodel.evaluate` does
-(:mod:`pipeoptim.compiler.saved_overlaps`), and their plan is returned as it is: lowering the
-limit by an excess refused limits a plan meets, naming a lower one (helper-136).
+(:mod:`pipeoptim.compiler.saved_overlaps`): their plan is only checked (a baseline partitioner
+ignores the limit), not planned again under a lower limit, which refused limits a plan meets,
+naming a lower one (helper-136).
 """
 
 from __future__ import annotations
@@ -68,7 +69,17 @@ def fit_held_copies(
     users = graph.users()
     tied = [n.name for i, n in enumerate(graph.nodes) if is_parameter(n) and len(users[i]) > 1]
     if not tied:
-        return solve(graph, config)
+        result = solve(graph, config)
+        peak = peak_memory(graph, result.stage_of, config) if limit is not None else 0
+        if limit is not None and peak > limit:  # a baseline, which plans without the limit (helper-139)
+            raise InfeasibleMemoryError(
+                f"the {result.partitioner} plan needs {peak} bytes per stage, over the limit of {limit}: "
+                f"{result.partitioner} plans without a memory limit; use the default partitioner (ilp), "
+                "which meets it where any plan does, or raise --memory",
+                limit_bytes=limit,
+                min_feasible_bytes=peak,
+            )
+        return result
     planned = params_at_readers(graph)
     held = ", ".join(tied)
     lowered, peak = limit, 0

@@ -272,13 +272,14 @@ def _saved_excess(
 ) -> Any:
     """MiB per micro-batch stage ``s`` saves beyond its units' sum of ``saved_bytes``
     (:mod:`pipeoptim.compiler.saved_overlaps`): per overlap a variable ``h`` in [0, 1], at least
-    1 where the stage holds one of its savers without its owner, minus the bytes the sum
+    1 where the stage holds one of its savers and none of its owners, minus the bytes the sum
     counts where the stage holds its first saver. Each ``h`` joins ``bounded`` with the
     expressions bounding it from below (for the warm start)."""
     terms = []
     for i, o in enumerate(found):
         held = _variable(prob, f"h_{i}_{s}", 0, 1)
-        bounds = [x(u, s) - (x(o.owner, s) if o.owner is not None else 0) for u in o.savers]
+        owned = pulp.lpSum(x(w, s) for w in o.owners)  # a stage holding an owner holds it as a weight
+        bounds = [x(u, s) - owned for u in o.savers]
         for bound in bounds:
             prob += held >= bound
         bounded.append((held, bounds))

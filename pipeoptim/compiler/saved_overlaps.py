@@ -20,25 +20,28 @@ from dataclasses import dataclass
 import numpy as np
 
 from pipeoptim.compiler.grouping import Units
-from pipeoptim.compiler.shared import is_parameter
 
 
 @dataclass(frozen=True)
 class Overlap:
-    """Storages (bytes in all) held by a stage that holds a unit of ``savers``, unless it holds
-    unit ``owner`` (a saved parameter's own unit), of which the units' sum counts the bytes
-    only at a stage holding unit ``first`` (``None``: nowhere, a parameter)."""
+    """Storages (bytes in all) held by a stage that holds a unit of ``savers`` and none of
+    ``owners`` (the units that hold a saved parameter as a weight), of which the units' sum
+    counts the bytes only at a stage holding unit ``first`` (``None``: nowhere, a parameter)."""
 
     nbytes: int
     savers: tuple[int, ...]
     first: int | None
-    owner: int | None
+    owners: tuple[int, ...]
 
 
 def overlaps(units: Units) -> list[Overlap]:
     """The storages of ``units``' graph for which a stage's storage-by-storage count can differ
     from its units' sum of ``saved_bytes``, grouped by the units involved (empty where the
-    profile has no storage ids, or every storage stays within one unit)."""
+    profile has no storage ids, or every storage stays within one unit). A parameter is held
+    as a weight by the units of the nodes naming it (a module called twice: both) and, for a
+    get_attr's parameter, by those of its readers, which hold a copy where they are in
+    another stage (:func:`pipeoptim.compiler.shared.shared_parameters`): a tied weight saved by
+    its readers is no activation anywhere (helper-139)."""
     graph = units.graph
     savers: dict[str, set[int]] = {}
     first: dict[str, int] = {}
@@ -48,22 +51,25 @@ def overlaps(units: Units) -> list[Overlap]:
             savers.setdefault(key, set()).add(units.unit_of[i])
             first.setdefault(key, units.unit_of[i])  # nodes in graph order: the first saver
             nbytes[key] = size
-    owner: dict[str, int | None] = {}
+    owners: dict[str, set[int]] = {}
     readers = graph.users()
     for i, node in enumerate(graph.nodes):
-        shared = is_parameter(node) and len({units.unit_of[r] for r in readers[i]}) > 1
-        for name in node.params:  # a shared parameter is held by every stage reading it
-            owner[f"param:{name}"] = None if shared else units.unit_of[i]
-    grouped: dict[tuple[tuple[int, ...], int | None, int | None], int] = {}
+        holders = {units.unit_of[i]}
+        if node.op == "get_attr":
+            holders |= {units.unit_of[r] for r in readers[i]}
+        for name in node.params:
+            owners.setdefault(f"param:{name}", set()).update(holders)
+    grouped: dict[tuple[tuple[int, ...], int | None, tuple[int, ...]], int] = {}
     for key, held in savers.items():
         if key.startswith("param:"):
-            if key in owner and (owner[key] is None or held == {owner[key]}):
-                continue  # owned wherever it is saved
-            shape = (tuple(sorted(held)), None, owner.get(key))
+            owned = owners.get(key, set())
+            if held <= owned:
+                continue  # held as a weight wherever it is saved
+            shape = (tuple(sorted(held)), None, tuple(sorted(owned)))
         else:
             if len(held) == 1:
                 continue  # one unit: counted once, where it is
-            shape = (tuple(sorted(held)), first[key], None)
+            shape = (tuple(sorted(held)), first[key], ())
         grouped[shape] = grouped.get(shape, 0) + nbytes[key]
     return [Overlap(size, *shape) for shape, size in grouped.items()]
 
@@ -75,18 +81,18 @@ def excess(found: list[Overlap], before: np.ndarray, after: np.ndarray) -> np.nd
     where ``found`` is empty."""
     out = np.zeros((len(before), len(after)))
     for o in found:
-        count_before = before[:, list(o.savers)].sum(axis=1)
-        count_after = after[:, list(o.savers)].sum(axis=1)
-        held = count_after[None, :] > count_before[:, None]
-        if o.owner is not None:
-            held &= ~(after[None, :, o.owner] & ~before[:, None, o.owner])
-        counted = (
-            after[None, :, o.first] & ~before[:, None, o.first]
-            if o.first is not None
-            else np.zeros_like(held)
-        )
-        out += o.nbytes * (held.astype(float) - counted)
+        held = _in_stage(o.savers, before, after)
+        if o.owners:
+            held &= ~_in_stage(o.owners, before, after)
+        out += o.nbytes * held
+        if o.first is not None:
+            out -= o.nbytes * (after[None, :, o.first] & ~before[:, None, o.first])
     return out
+
+
+def _in_stage(members: tuple[int, ...], before: np.ndarray, after: np.ndarray) -> np.ndarray:
+    """``[i, j]``: whether the stage ``after[j] \\ before[i]`` holds a unit of ``members``."""
+    return after[:, list(members)].sum(axis=1)[None, :] > before[:, list(members)].sum(axis=1)[:, None]
 
 
 def prefixes(units: Units) -> np.ndarray:
