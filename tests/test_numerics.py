@@ -114,7 +114,10 @@ def test_the_executors_train_alike_under_medium_matmul_precision(restored: None)
         highest = pipe.state_dict()
     for name, value in weights[0].items():
         assert torch.equal(weights[1][name], value), name
-    assert any(not torch.equal(highest[name], value) for name, value in weights[0].items())
+    if all(torch.equal(highest[name], value) for name, value in weights[0].items()):
+        # the probe's 64 x 256 product changed, this model's smaller ones did not (an AMD EPYC,
+        # 2026-12-06): the executors agreed, but on what "highest" computes too
+        pytest.skip("'medium' leaves this model's products as 'highest' computes them on this CPU")
 
 
 def test_a_profile_timed_under_other_settings_has_another_key(restored: None) -> None:
