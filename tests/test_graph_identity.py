@@ -277,24 +277,43 @@ def test_a_setting_a_leaf_reads_from_its_module_changes_the_hash(monkeypatch) ->
     assert _hash(model, ("1",)) != before
 
 
-def test_a_setting_a_leaf_reads_through_the_users_module_changes_the_hash(tmp_path: Path) -> None:
-    """``import cfg`` ... ``range(cfg.REPEAT)``: the profile of REPEAT = 1 was reused after
-    cfg.py said 20 (18x too fast; helper-136). Now ``cfg.REPEAT`` counts as ``REPEAT`` does."""
-    cfg = _load(tmp_path, "leaf_cfg", "REPEAT = 1\n")
+LEAF_READING = """import torch
+import {module}
+
+
+class Leaf(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = torch.nn.Linear(64, 64)
+
+    def forward(self, x):
+        for _ in range({module}.REPEAT):
+            x = torch.tanh(self.lin(x))
+        return x
+"""
+
+
+def _changes_the_hash(tmp_path: Path, module: types.ModuleType) -> bool:
+    """Whether setting ``module.REPEAT`` from 1 to 20 changes the hash of a model whose leaf
+    reads it as ``<module>.REPEAT``."""
     leaf = _load(
         tmp_path,
-        "leaf_reading_cfg",
-        "import torch\nimport leaf_cfg\n\n\nclass Leaf(torch.nn.Module):\n"
-        "    def __init__(self):\n        super().__init__()\n        self.lin = torch.nn.Linear(64, 64)\n\n"
-        "    def forward(self, x):\n        for _ in range(leaf_cfg.REPEAT):\n"
-        "            x = torch.tanh(self.lin(x))\n        return x\n",
+        f"leaf_reading_{module.__name__.replace('.', '_')}",
+        LEAF_READING.format(module=module.__name__),
     )
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(64, 64), leaf.Leaf())
+    module.REPEAT = 1
     before = _hash(model, ("1",))
     assert _hash(model, ("1",)) == before
-    cfg.REPEAT = 20
-    assert _hash(model, ("1",)) != before
+    module.REPEAT = 20
+    return _hash(model, ("1",)) != before
+
+
+def test_a_setting_a_leaf_reads_through_the_users_module_changes_the_hash(tmp_path: Path) -> None:
+    """``import cfg`` ... ``range(cfg.REPEAT)``: the profile of REPEAT = 1 was reused after
+    cfg.py said 20 (18x too fast; helper-136). Now ``cfg.REPEAT`` counts as ``REPEAT`` does."""
+    assert _changes_the_hash(tmp_path, _load(tmp_path, "leaf_cfg", "REPEAT = 1\n"))
 
 
 def test_a_setting_read_through_a_namespace_packages_submodule_changes_the_hash(
@@ -306,20 +325,7 @@ def test_a_setting_read_through_a_namespace_packages_submodule_changes_the_hash(
     (tmp_path / "leaf_ns" / "settings.py").write_text("REPEAT = 1\n")
     monkeypatch.syspath_prepend(str(tmp_path))
     importlib.invalidate_caches()
-    settings = importlib.import_module("leaf_ns.settings")
-    leaf = _load(
-        tmp_path,
-        "leaf_reading_ns",
-        "import torch\nimport leaf_ns.settings\n\n\nclass Leaf(torch.nn.Module):\n"
-        "    def __init__(self):\n        super().__init__()\n        self.lin = torch.nn.Linear(64, 64)\n\n"
-        "    def forward(self, x):\n        for _ in range(leaf_ns.settings.REPEAT):\n"
-        "            x = torch.tanh(self.lin(x))\n        return x\n",
-    )
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(64, 64), leaf.Leaf())
-    before = _hash(model, ("1",))
-    settings.REPEAT = 20
-    assert _hash(model, ("1",)) != before
+    assert _changes_the_hash(tmp_path, importlib.import_module("leaf_ns.settings"))
 
 
 CALLED = 0  # a counter a leaf's forward keeps
