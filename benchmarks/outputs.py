@@ -64,10 +64,16 @@ def results_dir(
         AttributeError: ``scope`` names an option the parser does not have.
     """
     args.left_out = needs() if needs is not None and is_full_run(parser, args, scope) else []
-    if args.left_out:
-        lacks = f"this run lacks {'; '.join(args.left_out)}: it is a partial run"
-        if args.out is not None and Path(args.out).resolve() == RESULTS.resolve():
-            parser.error(f"{lacks}, which does not write the committed results: pass another --out")
+    lacks = f"this run lacks {'; '.join(args.left_out)}: it is a partial run" if args.left_out else ""
+    if (
+        args.out is not None
+        and Path(args.out).resolve() == RESULTS.resolve()
+        and not is_full_run(parser, args, scope)
+    ):
+        # a quick, narrowed or data-lacking run said to keep them, then wrote over them (helper-139, 142)
+        kind = lacks or f"this is a {run_kind(parser, args, scope)} run"
+        parser.error(f"{kind}, which does not write the committed results in {RESULTS}: pass another --out")
+    if lacks:
         print(f"{lacks}; the committed results in {RESULTS} stay as they are", file=sys.stderr)
     if args.out is not None:
         folder = Path(args.out)

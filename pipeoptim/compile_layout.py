@@ -31,7 +31,7 @@ from pipeoptim.errors import PlanError
 from pipeoptim.inputs import as_tuple
 from pipeoptim.methods import METHODS, get_method
 from pipeoptim.runtime import spmd
-from pipeoptim.runtime.affinity import binding_wanted
+from pipeoptim.runtime.affinity import ranks_bound
 from pipeoptim.runtime.clipping import check_clipping
 from pipeoptim.runtime.linkcost import shared_cores, stage_threads
 from pipeoptim.runtime.precision import autocast_context, check_autocast
@@ -277,7 +277,7 @@ def planning_config(
         latency_s=latency,
         action_overhead_s=action_overhead,
         cores=shared_cores(devices) if device.type == "cpu" else None,
-        cores_pinned=binding_wanted(),
+        cores_pinned=ranks_bound(),
         recompute=True,  # stages recompute where the memory limit binds
         **layout,
     )

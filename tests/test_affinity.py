@@ -129,7 +129,7 @@ def test_a_bound_rank_plans_for_the_cores_all_ranks_share() -> None:
     beside it run on those cores, not on its own."""
     import threading
 
-    from pipeoptim.runtime.affinity import pin_rank, unbind_thread, unpin_rank
+    from pipeoptim.runtime.affinity import pin_rank, ranks_bound, unbind_thread, unpin_rank
     from pipeoptim.runtime.linkcost import usable_cores
 
     if not binding_wanted():
@@ -139,6 +139,9 @@ def test_a_bound_rank_plans_for_the_cores_all_ranks_share() -> None:
         assert pin_rank(0, 2) is not None
         assert len(os.sched_getaffinity(0)) < len(host)
         assert usable_cores() == len(host)
+        # and prices the ranks as bound in turn (binding_wanted reads its own core as another's
+        # binding: helper-142)
+        assert ranks_bound() and not binding_wanted()
         seen: list[set[int]] = []
 
         def helper() -> None:

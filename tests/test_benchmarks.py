@@ -167,8 +167,18 @@ def test_only_a_full_run_writes_the_committed_results(tmp_path: Path, monkeypatc
     assert folder.parent == tmp_path / "temporary" and args.left_out == ["the sst2 data"]
     assert run_kind(parser, args, scope) == "partial"
     assert results_dir(parser, parser.parse_args([]), "bench", scope, needs=list) == RESULTS
-    with pytest.raises(SystemExit):  # said to keep them, then wrote over them (helper-139)
-        results_dir(parser, parser.parse_args(["--out", str(RESULTS)]), "bench", scope, needs=lambda: ["x"])
+    for argv in (
+        [],
+        ["--quick"],
+        ["--stages", "2"],
+    ):  # said to keep them, then wrote over them (helper-139, 142)
+        with pytest.raises(SystemExit):
+            results_dir(
+                parser, parser.parse_args([*argv, "--out", str(RESULTS)]), "bench", scope, needs=lambda: ["x"]
+            )
+    assert (
+        results_dir(parser, parser.parse_args(["--out", str(RESULTS)]), "bench", scope, needs=list) == RESULTS
+    )
 
 
 def test_a_full_run_without_the_shared_data_leaves_the_committed_results(tmp_path: Path) -> None:

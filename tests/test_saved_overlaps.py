@@ -13,9 +13,11 @@ import pytest
 from pipeoptim.compiler.boundaries import saved_activation_bytes
 from pipeoptim.compiler.cost_node import CostNode
 from pipeoptim.compiler.costgraph import CostGraph
+from pipeoptim.compiler.costmodel import CostConfig, evaluate
 from pipeoptim.compiler.grouping import fine_units
 from pipeoptim.compiler.held_memory import params_at_readers
 from pipeoptim.compiler.milp import unit_stage_pin
+from pipeoptim.compiler.plan import make_plan
 from pipeoptim.compiler.saved_overlaps import excess, overlaps
 from pipeoptim.compiler.shared import shared_parameters
 
@@ -87,3 +89,40 @@ def test_a_stages_saved_bytes_are_the_cost_models_in_every_plan(planned: str, st
             assert counted == saved_activation_bytes(members, held), (assign, k)
         checked += 1
     assert checked > 3
+
+
+@pytest.mark.parametrize("ideals", [True, False])
+def test_a_buffer_read_by_two_nodes_is_counted_where_it_is_held(ideals: bool) -> None:
+    """A buffer (a causal mask) read by two nodes was a unit of its own: the partitioners
+    counted its bytes in an earlier stage than its readers', where evaluate counts them, and
+    planned past a 1600-byte limit that x, mask, a, b | c meets at [1600, 600] (helper-142)."""
+
+    def f(name: str, inputs: list[str], params: int, seconds: float) -> CostNode:
+        return CostNode(
+            name,
+            "call_function",
+            "f",
+            inputs,
+            fwd_s=seconds,
+            bwd_s=seconds,
+            out_bytes=8,
+            grad_bytes=8,
+            param_bytes=params,
+        )
+
+    g = CostGraph(
+        "buffer",
+        [
+            CostNode("x", "placeholder", "x", [], out_bytes=8),
+            CostNode("mask", "get_attr", "mask", [], out_bytes=8, buffer_bytes=1000),
+            f("a", ["x"], 100, 1.0),
+            f("b", ["a", "mask"], 100, 1.0),
+            f("c", ["b", "mask"], 200, 0.1),
+            CostNode("output", "output", "output", ["c"]),
+        ],
+        batch_size=1,
+    )
+    config = CostConfig(num_stages=2, method="1f1b", memory_limit=1600)
+    plan = make_plan(g, config, ideals=ideals)
+    stage_of = [plan.stage_of[n.name] for n in g.nodes]
+    assert [s.memory_bytes for s in evaluate(g, stage_of, config)] == [1600, 600]

@@ -34,7 +34,7 @@ from pipeoptim.compiler.profile_key import device_name
 from pipeoptim.errors import PipeoptimError
 from pipeoptim.fileio import cache_folder
 from pipeoptim.methods import METHODS
-from pipeoptim.runtime.affinity import binding_wanted
+from pipeoptim.runtime.affinity import ranks_bound
 from pipeoptim.runtime.linkcost import shared_cores, stage_threads
 from pipeoptim.units import plural
 from pipeoptim.update_cost import working_set, working_set_of
@@ -234,7 +234,7 @@ def partition(
                 opt_state_factor=opt_factor,
                 recompute=True,  # stages recompute where --memory binds
                 cores=shared_cores(gpus) if on_this_cpu else None,
-                cores_pinned=binding_wanted(),
+                cores_pinned=ranks_bound(),
                 latency_s=figures.latency,
                 action_overhead_s=figures.action_overhead,
             )

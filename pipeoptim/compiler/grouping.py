@@ -17,6 +17,7 @@ from __future__ import annotations
 import heapq
 from dataclasses import dataclass
 
+from pipeoptim.compiler.cost_node import CostNode
 from pipeoptim.compiler.costgraph import CostGraph
 from pipeoptim.compiler.costmodel import CostConfig
 from pipeoptim.compiler.shared import is_parameter
@@ -130,9 +131,18 @@ class Units:
         then hold a copy it never reads)."""
         stage_of = [unit_stage[self.unit_of[i]] for i in range(len(self.graph.nodes))]
         for i, readers in enumerate(self.graph.users()):
-            if self.graph.nodes[i].op == "get_attr" and len(readers) > 1:
+            if _shared_weight(self.graph.nodes[i], readers):
                 stage_of[i] = min(stage_of[r] for r in readers)
         return stage_of
+
+
+def _shared_weight(node: CostNode, readers: list[int]) -> bool:
+    """A trainable parameter's get_attr read by several nodes (by name: its bytes may sit at
+    its readers, :func:`pipeoptim.compiler.held_memory.params_at_readers`). A buffer read so
+    (a causal mask) joins its first reader like any input-free node: as a unit of its own the
+    partitioners counted its bytes in a stage that did not hold it, and a limit a plan meets
+    was refused (helper-142)."""
+    return node.op == "get_attr" and (node.param_bytes > 0 or bool(node.params)) and len(readers) > 1
 
 
 def normalised_order(graph: CostGraph) -> list[int]:
@@ -200,7 +210,7 @@ def fine_units(graph: CostGraph) -> Units:
         # an input-free node joins its first user's unit; a parameter read by several nodes
         # (tied weights) stays a unit of its own: in the first reader's it ordered the other
         # readers after that one, independent branches too (a plan 2x slower, helper-129)
-        shared = node.op == "get_attr" and len(users[i]) > 1
+        shared = _shared_weight(node, users[i])
         if (not node.inputs and node.op != "placeholder" and users[i] and not shared) or k < hold_until:
             pending.append(i)
             continue

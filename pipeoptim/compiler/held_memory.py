@@ -24,6 +24,7 @@ from collections.abc import Callable
 from dataclasses import replace
 
 from pipeoptim.compiler.assignment import PartitionResult, peak_memory
+from pipeoptim.compiler.baselines import BASELINES
 from pipeoptim.compiler.costgraph import CostGraph
 from pipeoptim.compiler.costmodel import CostConfig
 from pipeoptim.compiler.partition import memory_fixes
@@ -45,7 +46,8 @@ def params_at_readers(graph: CostGraph) -> CostGraph:
         node = graph.nodes[i]
         if not is_parameter(node) or not readers:
             continue
-        nodes[i] = replace(node, param_bytes=0, out_bytes=0, grad_bytes=0)  # no value sent either
+        # no value sent either; named, so that the units still know it for a parameter
+        nodes[i] = replace(node, param_bytes=0, out_bytes=0, grad_bytes=0, params=node.params or [node.name])
         for r in readers:
             nodes[r] = replace(nodes[r], param_bytes=nodes[r].param_bytes + node.param_bytes)
     return replace(graph, nodes=nodes)
@@ -72,10 +74,16 @@ def fit_held_copies(
         result = solve(graph, config)
         peak = peak_memory(graph, result.stage_of, config) if limit is not None else 0
         if limit is not None and peak > limit:  # a baseline, which plans without the limit (helper-139)
+            why = (
+                f"{result.partitioner} plans without a memory limit; use the default partitioner "
+                "(ilp), which meets it where any plan does, or raise --memory"
+                if result.partitioner in BASELINES
+                else "the planner's memory figures disagree with the cost model's (a bug: please "
+                "report it with the model); raise --memory to at least that"
+            )
             raise InfeasibleMemoryError(
-                f"the {result.partitioner} plan needs {peak} bytes per stage, over the limit of {limit}: "
-                f"{result.partitioner} plans without a memory limit; use the default partitioner (ilp), "
-                "which meets it where any plan does, or raise --memory",
+                f"the {result.partitioner} plan needs {peak} bytes per stage, over the limit of "
+                f"{limit}: {why}",
                 limit_bytes=limit,
                 min_feasible_bytes=peak,
             )

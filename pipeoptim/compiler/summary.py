@@ -67,7 +67,8 @@ def summarize(graph: CostGraph, stats: Sequence[StageStats], config: CostConfig)
     busy = sum(s.time_s for s in stats) * units * config.data_parallel  # over all N·R ranks
     shared = 0.0 if config.cores is None else busy / config.cores
     ranks = n * config.data_parallel
-    if config.cores is not None and config.cores_pinned and ranks > config.cores:
+    whole = config.cores is not None and config.cores >= 1 and config.cores == int(config.cores)
+    if whole and config.cores_pinned and ranks > config.cores:  # bound to whole cores only
         per_core = [0.0] * int(config.cores)  # rank r = replica · N + stage, on core r mod cores
         for r in range(ranks):
             per_core[r % len(per_core)] += stats[r % n].time_s * units

@@ -71,6 +71,18 @@ def binding_wanted() -> bool:
     return len(os.sched_getaffinity(0)) >= (os.cpu_count() or 0)
 
 
+def ranks_bound() -> bool:
+    """Whether a pipeline's CPU ranks run bound to cores (:func:`pin_rank`): this process's
+    thread is bound already (a torchrun rank plans after binding itself, when
+    :func:`binding_wanted` reads its own single core as someone else's binding: helper-142),
+    or :func:`binding_wanted` says the ranks will be.
+
+    Raises:
+        ValueError: :data:`AFFINITY_ENV` is neither on nor off (:func:`binding_asked`).
+    """
+    return _before is not None or binding_wanted()
+
+
 def pin_rank(local_rank: int, local_world: int) -> list[int] | None:
     """Bind the calling thread, and the threads it starts from now on, to :func:`rank_cores`
     of the machine's cores where :func:`binding_wanted`; call before ``init_process_group``.
