@@ -20,6 +20,7 @@ from torch.torch_version import TorchVersion
 
 from pipeoptim.errors import CheckpointError
 from pipeoptim.fileio import atomic_write, wrong_fields
+from pipeoptim.units import first_few
 
 FORMAT = "pipeoptim-checkpoint/1"
 # what checkpoints written before 2026-12-05 hold besides tensors and plain data: the torch
@@ -218,17 +219,11 @@ def _groups_misfit(state: dict[str, Any], group_names: list[list[str]]) -> str |
     if names is not None and [sorted(g) for g in names] != [sorted(g) for g in group_names]:
         i = next(i for i, (a, b) in enumerate(zip(names, group_names)) if sorted(a) != sorted(b))
         return (
-            f"was saved with other parameters in group {i} ({_few(names[i])}; this optimizer's: "
-            f"{_few(group_names[i])}): each group's hyperparameters would go to other "
+            f"was saved with other parameters in group {i} ({first_few(names[i])}; this optimizer's: "
+            f"{first_few(group_names[i])}): each group's hyperparameters would go to other "
             "parameters; build the optimizer's groups in the order of the saved run"
         )
     return None
-
-
-def _few(names: list[str]) -> str:
-    """``names`` for a message: the first three and how many more."""
-    more = f" and {len(names) - 3} more" if len(names) > 3 else ""
-    return f"{', '.join(names[:3]) or 'none'}{more}"
 
 
 def check_model(data: dict[str, Any], path: str | os.PathLike[str], model: torch.nn.Module) -> None:

@@ -130,6 +130,13 @@ def plural(count: int, noun: str, many: str | None = None) -> str:
     return f"{count} {noun if count == 1 else many or noun + 's'}"
 
 
+def first_few(names: Sequence[str], shown: int = 3, empty: str = "none") -> str:
+    """``names`` for a message: the first ``shown``, comma-separated, and how many more
+    (``a, b, c and 2 more``; ``empty`` where there are none)."""
+    more = f" and {len(names) - shown} more" if len(names) > shown else ""
+    return f"{', '.join(names[:shown]) or empty}{more}"
+
+
 _PRINTED_UNITS = ("B", "KiB", "MiB", "GiB", "TiB")
 
 

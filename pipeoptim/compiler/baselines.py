@@ -170,8 +170,8 @@ def _saved_between(units: Units) -> np.ndarray:
     storage once per stage holding it, as the cost model counts them
     (:mod:`pipeoptim.compiler.saved_overlaps`)."""
     saved = _prefix([units.attr(u, "saved_bytes") for u in range(len(units))])
-    found = overlaps(units)
-    extra = excess(found, prefixes(units), prefixes(units)) if found else 0.0
+    found, sets = overlaps(units), prefixes(units)
+    extra = excess(found, sets, sets) if found else 0.0
     return saved[None, :] - saved[:, None] + extra
 
 

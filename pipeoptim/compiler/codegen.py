@@ -30,6 +30,7 @@ from pipeoptim.compiler.plan import Plan
 from pipeoptim.compiler.stage_recompute import recompute_stage
 from pipeoptim.compiler.trace import TracedModel
 from pipeoptim.errors import CodegenError
+from pipeoptim.units import first_few
 
 
 def check_plan_matches(traced: TracedModel, plan: Plan) -> None:
@@ -85,8 +86,8 @@ def _check_io(traced: TracedModel, plan: Plan) -> None:
     inputs = [node.name for node in traced.gm.graph.nodes if node.op == "placeholder"]
     if list(plan.io[0].inputs) != inputs:  # bound in this order: x and y swapped, silently (helper-139)
         raise CodegenError(
-            f"the plan's first stage receives {_few(plan.io[0].inputs)}, where the model's inputs are "
-            f"{_few(inputs)} (a plan edited by hand?); make a new plan"
+            f"the plan's first stage receives {_bracketed(plan.io[0].inputs)}, where the model's inputs are "
+            f"{_bracketed(inputs)} (a plan edited by hand?); make a new plan"
         )
     crossing: list[set[str]] = [set() for _ in range(n - 1)]
     for node in traced.gm.graph.nodes:
@@ -98,19 +99,18 @@ def _check_io(traced: TracedModel, plan: Plan) -> None:
         sends, receives = plan.io[b].outputs, plan.io[b + 1].inputs
         if set(sends) != names or list(receives) != list(sends):
             raise CodegenError(
-                f"the plan's boundary after stage {b} sends {_few(sends)} and the next stage receives "
-                f"{_few(receives)}, where its stages exchange {_few(sorted(names))} (a plan edited by "
-                "hand?); make a new plan"
+                f"the plan's boundary after stage {b} sends {_bracketed(sends)} and the next stage receives "
+                f"{_bracketed(receives)}, where its stages exchange {_bracketed(sorted(names))} (a plan "
+                "edited by hand?); make a new plan"
             )
     unknown = sorted({name for names in crossing for name in names} - set(plan.values))
     if unknown:
-        raise CodegenError(f"the plan describes no value {_few(unknown)} it sends; make a new plan")
+        raise CodegenError(f"the plan describes no value {_bracketed(unknown)} it sends; make a new plan")
 
 
-def _few(names: Sequence[str]) -> str:
-    """``names`` for a message: the first five, and how many more."""
-    more = f" and {len(names) - 5} more" if len(names) > 5 else ""
-    return f"[{', '.join(names[:5])}{more}]"
+def _bracketed(names: Sequence[str]) -> str:
+    """``[a, b, ...]`` of the first five names (:func:`pipeoptim.units.first_few`)."""
+    return f"[{first_few(names, 5, '')}]"
 
 
 def stage_module(traced: TracedModel, plan: Plan, stage: int) -> fx.GraphModule:

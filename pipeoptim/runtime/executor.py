@@ -54,8 +54,8 @@ class MiniBatch:
     whole: tuple[int, ...] = ()
     offset: int = 0
 
-    def where(self, j: int) -> tuple[int, int, tuple[int, ...]]:  # MicroBatch.where, all replicas'
-        return self.index, self.offset + j, self.whole or tuple(map(int, self.sizes))
+    def split(self) -> tuple[int, ...]:  # every micro-batch's rows, the other replicas' too
+        return self.whole or tuple(map(int, self.sizes))
 
 
 @dataclass(frozen=True)
@@ -68,8 +68,7 @@ class MicroBatch:
         scale: its share of the mini-batch loss (:mod:`pipeoptim.microbatch`).
         inputs: the model inputs (stage 0 only, else ``None``).
         targets: the targets (the last stage only, else ``None``).
-        where: its mini-batch's index, its place j in it and the rows of each micro-batch
-            of the mini-batch (for error messages, :func:`pipeoptim.microbatch.describe`).
+        where: mini-batch, place j in it, every micro-batch's rows (:func:`~pipeoptim.microbatch.describe`).
     """
 
     index: int
@@ -255,7 +254,7 @@ class LocalExecutor(OneDriver):
     def submit(self, batch: MiniBatch) -> None:
         """Feed a mini-batch and run every action that can run."""
         first = batch.index * self.schedules[0].micro_batches
-        last = len(self.stages) - 1
+        last, rows = len(self.stages) - 1, batch.split()
         for j, (inputs, targets, scale) in enumerate(zip(batch.inputs, batch.targets, batch.scales)):
             for k, (stage, state) in enumerate(zip(self.stages, self.states)):
                 state.given[first + j] = MicroBatch(
@@ -264,7 +263,7 @@ class LocalExecutor(OneDriver):
                     scale,
                     inputs if k == 0 else None,
                     targets if k == last else None,
-                    batch.where(j),
+                    (batch.index, batch.offset + j, rows),
                 )
                 stage.set_hyperparameters(first + j, batch.hyper)
         self._extend([s.on_mini_batch(len(batch.sizes)) for s in self.schedules])

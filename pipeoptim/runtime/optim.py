@@ -17,6 +17,7 @@ from torch import nn
 from torch.optim import Optimizer
 
 from pipeoptim.errors import PipelineError
+from pipeoptim.units import first_few
 
 #: Group keys that are not hyperparameters.
 _NOT_HYPER = {"params", "param_names"}
@@ -145,8 +146,7 @@ def _refuse_changed_groups(
         moved = [j for j, (a, b) in enumerate(flags) if a != b]
         who = [names[changed][j] for j in moved] if names else [f"parameter {j}" for j in moved]
         frozen = "unfrozen" if now[changed][2][moved[0]] else "frozen"
-        listed = ", ".join(who[:3]) + (" ..." if len(who) > 3 else "")
-        what = f"requires_grad of {listed} in group {changed} changed: {frozen}"
+        what = f"requires_grad of {first_few(who)} in group {changed} changed: {frozen}"
         raise PipelineError(
             f"a parameter was frozen or unfrozen after compile ({what}): the stages took which "
             "parameters train at compile and would go on without the change. Set requires_grad "

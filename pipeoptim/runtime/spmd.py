@@ -249,25 +249,24 @@ class SPMDExecutor:
         return shared
 
     def submit(self, batch: MiniBatch) -> None:
-        stages = self.num_stages
+        stages, rank = self.num_stages, self.process.rank
         share = replica_part(batch, self.process.replica, self.replicas)
-        if self.process.rank == 0 and not share.inputs:
+        if rank == 0 and not share.inputs:
             raise PipelineError(
                 f"rank {self.rank} runs the first stage of replica {self.process.replica} and needs the "
                 "inputs: pass the whole mini-batch to step() there (it takes its share)"
             )
-        rank = self.process.rank
         inputs, targets = share.inputs if rank == 0 else [], share.targets if rank == stages - 1 else []
         part = replace(share, inputs=inputs, targets=targets)
         per = self.process.spec.micro_batches
         first, count = batch.index * per, len(share.sizes)
-        if self.process.rank == stages - 1:
+        if rank == stages - 1:
             self.mail.expect(batch.index, count)
         side_work = lambda: self.mail.post(first, count, self.device)  # noqa: E731
         try:
             self.mail.deliver(self.process.submit(part, side_work=side_work), self.device)
         except Exception as exc:
-            if self.process.rank == stages - 1 and all(t is None for t in share.targets):
+            if rank == stages - 1 and all(t is None for t in share.targets):
                 raise PipelineError(
                     f"rank {self.rank} runs the last stage of replica {self.process.replica}, whose loss "
                     f"function failed on targets None ({type(exc).__name__}: {first_line(exc)}): pass the "
@@ -311,10 +310,8 @@ class SPMDExecutor:
         self.process.load_state_dict(state)
 
     def optimizer_state(self) -> dict[str, Any]:
-        parts = self.calls.gather(
-            "the optimizer state (optimizer_state_dict, save_checkpoint)", self.process.optimizer_state()
-        )
-        return merge_optimizer_states(parts[: self.num_stages])  # replica 0
+        what = "the optimizer state (optimizer_state_dict, save_checkpoint)"
+        return merge_optimizer_states(self._per_stage(what, self.process.optimizer_state()))
 
     def load_optimizer_state(self, state: dict[str, Any]) -> None:
         self.calls.same_everywhere("optimizer state (load_optimizer_state_dict, load_checkpoint)", state)

@@ -99,7 +99,7 @@ class StageProcess:
         ``side_work`` (the executor's bookkeeping of the mini-batch) runs where the stage waits
         anyway: before its first backward that needs another stage's gradients (the round trip
         through the later stages), else after the last action."""
-        first = batch.index * self.spec.micro_batches
+        first, rows = batch.index * self.spec.micro_batches, batch.split()
         for j, size in enumerate(batch.sizes):
             inputs = batch.inputs[j] if batch.inputs else None
             targets = batch.targets[j] if batch.targets else None
@@ -112,7 +112,7 @@ class StageProcess:
                 batch.scales[j],
                 inputs,
                 _to(targets, self.device),
-                batch.where(j),
+                (batch.index, batch.offset + j, rows),
             )
             self.stage.set_hyperparameters(first + j, batch.hyper)
         self._run(self.schedule.on_mini_batch(len(batch.sizes)), side_work)
