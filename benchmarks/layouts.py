@@ -6,8 +6,9 @@ another.
 For one model (a deep MLP) and one method, measured side by side in one run: steady-state
 mini-batches per second of each layout with one worker process per rank, against the
 throughput the layout planner predicts, and the layout it chooses among every layout of 4
-devices. The gloo link's latency α and inverse bandwidth β are measured first
-(:func:`pipeoptim.runtime.linkcost.measure_link`; ``--quick`` takes the figures ``compile``
+devices. The gloo link's latency α and inverse bandwidth β and the all-reduce's bandwidth are
+measured first (:func:`pipeoptim.runtime.linkcost.measure_link` and
+:func:`~pipeoptim.runtime.linkcost.measure_allreduce`; ``--quick`` takes the figures ``compile``
 uses, :func:`pipeoptim.machine_costs.load_or_measure_machine_costs`) and given to the planner
 and to ``compile``; the planner (:func:`pipeoptim.compile_layout.plan_best_layout`) plans each
 layout as ``compile`` does (its own micro-batch's profile, the cores the ranks share), so
@@ -38,7 +39,7 @@ import pipeoptim
 from pipeoptim.action_overhead import measure_action_overhead
 from pipeoptim.compile_layout import plan_best_layout
 from pipeoptim.machine_costs import load_or_measure_machine_costs
-from pipeoptim.runtime.linkcost import measure_link
+from pipeoptim.runtime.linkcost import measure_allreduce, measure_link
 
 CLASSES = 10
 LAYOUTS = [(4, 1), (2, 2), (1, 4)]
@@ -58,12 +59,17 @@ def batch(width: int, size: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def compile_options(
-    method: str, x: torch.Tensor, link: tuple[float, float], overhead: float, profile_dir: Path
+    method: str,
+    x: torch.Tensor,
+    link: tuple[float, float, float],
+    overhead: float,
+    profile_dir: Path,
 ) -> dict[str, Any]:
-    """``compile``'s keyword arguments for every layout (and for the planner): the link and
-    the runtime's seconds per action (left at compile's 0, the plans missed 0.37 ms of 12
-    actions a mini-batch at 4 stages, helper-140)."""
-    latency, beta = link
+    """``compile``'s keyword arguments for every layout (and for the planner): the link
+    (α, β and the all-reduce's bandwidth: priced at the link's, 2 x 2 and 1 x 4 measured 0.59
+    and 0.49 of their prediction) and the runtime's seconds per action (left at compile's 0, the
+    plans missed 0.37 ms of 12 actions a mini-batch at 4 stages, helper-140)."""
+    latency, beta, allreduce = link
     return dict(
         action_overhead=overhead,
         example_inputs=x,
@@ -73,6 +79,7 @@ def compile_options(
         profile_dir=profile_dir,
         bandwidth=1 / beta,
         latency=latency,
+        allreduce_bandwidth=allreduce,
     )
 
 
@@ -122,9 +129,10 @@ def main() -> None:
     if args.quick:  # compile's figures (measured once, robustly, and cached): a quick fit of
         # the link on a busy machine can fail three times ("send times do not grow")
         costs = load_or_measure_machine_costs(log=lambda message: print(message, file=sys.stderr))
-        link, overhead = (costs.latency, 1 / costs.bandwidth), costs.action_overhead
+        link = (costs.latency, 1 / costs.bandwidth, costs.allreduce_bandwidth)
+        overhead = costs.action_overhead
     else:
-        link, overhead = measure_link(), measure_action_overhead()
+        link, overhead = (*measure_link(), measure_allreduce()), measure_action_overhead()
     how = "this machine's figures, as `compile` takes them" if args.quick else "measured"
     options = compile_options(args.method, data[0], link, overhead, profile_dir)
     choice = plan_best_layout(model, optimizer(model), 4, **options)
@@ -168,7 +176,8 @@ def main() -> None:
             "",
             f"MLP of {depth} linear layers of width {width}, mini-batches of {rows} rows, method "
             f"`{args.method}`, SGD with momentum, {steps} timed mini-batches after {warmup} of warm-up, "
-            f"gloo link α = {link[0] * 1e6:.0f} µs, 1/β = {1 / link[1] / 1e9:.2f} GB/s and the runtime's "
+            f"gloo link α = {link[0] * 1e6:.0f} µs, 1/β = {1 / link[1] / 1e9:.2f} GB/s, all-reduce "
+            f"{link[2] / 1e9:.2f} GB/s and the runtime's "
             f"{overhead * 1e3:.3f} ms per action ({how}, given to the planner and to `compile`), "
             "load average "
             f"{load[0]:.1f} before and {os.getloadavg()[0]:.1f} after. *planner predicts*: "

@@ -221,6 +221,7 @@ def plan_best_layout(
             memory=options.get("memory"),
             latency=options.get("latency", 0.0),
             action_overhead=options.get("action_overhead", 0.0),
+            allreduce_bandwidth=options.get("allreduce_bandwidth"),
         )
         choice = choose_compile_layout(
             copy.deepcopy(model).cpu(),
@@ -254,16 +255,17 @@ def planning_config(
     memory: str | int | None,
     latency: float,
     action_overhead: float,
+    allreduce_bandwidth: str | float | None = None,
     **layout: Any,
 ) -> CostConfig:
     """The cost model's settings for planning on ``devices`` devices, the same for ``compile``
     and its layout search: the optimizer's measured step, prediction and weight-copy cost per
     byte of the layout's ranks (``pricing``, timed on a working set like the optimizer's
     parameters beside the other ranks on this CPU; ``0`` with a logged reason where it cannot
-    be measured), its state factor, bandwidth, memory
-    limit, latency (seconds per message), action overhead (seconds), the CPU cores the ranks
-    share, recomputation where the memory limit binds; ``layout`` gives ``num_stages``,
-    ``micro_batches`` and ``data_parallel`` (default: ``devices`` stages).
+    be measured), its state factor, bandwidth and the replicas' all-reduce bandwidth (``None``:
+    the bandwidth's), memory limit, latency (seconds per message), action overhead (seconds),
+    the CPU cores the ranks share, recomputation where the memory limit binds; ``layout``
+    gives ``num_stages``, ``micro_batches`` and ``data_parallel`` (default: ``devices`` stages).
 
     Raises:
         ValueError: a bandwidth or memory string that does not parse.
@@ -272,6 +274,7 @@ def planning_config(
         num_stages=layout.pop("num_stages", devices),
         method=method,
         bandwidth=parse_bandwidth(bandwidth) if bandwidth is not None else None,
+        allreduce_bandwidth=parse_bandwidth(allreduce_bandwidth) if allreduce_bandwidth is not None else None,
         memory_limit=parse_bytes(memory) if memory is not None else None,
         opt_state_factor=optimizer_state_factor(optimizer),
         latency_s=latency,

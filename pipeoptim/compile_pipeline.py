@@ -28,7 +28,7 @@ from pipeoptim.compiler.hooks import compiled_modules_warning, dropped_hooks_war
 from pipeoptim.compiler.plan import Plan
 from pipeoptim.compiler.shapes import plan_length
 from pipeoptim.compiler.trace import trace
-from pipeoptim.errors import PipelineError, PlanError, PredictorError, first_line
+from pipeoptim.errors import PipelineError, PlanError, first_line
 from pipeoptim.given_plan import given_plan
 from pipeoptim.inputs import check_traced_rows, example_tuple
 from pipeoptim.methods import METHODS, check_micro_batch_count, check_micro_batches, get_method
@@ -72,6 +72,7 @@ def compile(
     bandwidth: str | float | None = "25GB/s",
     latency: float = 0.0,
     action_overhead: float = 0.0,
+    allreduce_bandwidth: str | float | None = None,
     profile_dir: str | os.PathLike[str] | None = "profiles",
     plan: Plan | str | os.PathLike[str] | None = None,
     executor: str = "auto",
@@ -127,8 +128,10 @@ def compile(
             plan's predicted stage times; 0 leaves it out. On the CPU the plan also counts the
             cores the worker processes share (:func:`pipeoptim.runtime.linkcost.shared_cores`).
             :func:`pipeoptim.machine_costs.load_or_measure_machine_costs` gives ``bandwidth``,
-            ``latency`` and ``action_overhead`` for CPU worker processes on this machine
-            (measured once and cached; ``pipeoptim train`` uses them by default).
+            ``latency``, ``action_overhead`` and ``allreduce_bandwidth`` for CPU worker processes
+            on this machine (measured once and cached; ``pipeoptim train`` uses them by default).
+        allreduce_bandwidth: of the replicas' ring all-reduce of each stage's gradients
+            (bytes/s, :func:`pipeoptim.runtime.linkcost.measure_allreduce`); ``None``: ``bandwidth``.
         profile_dir: where profiles are cached (``None``: do not cache).
         plan: a :class:`~pipeoptim.compiler.plan.Plan` or plan file (``pipeoptim partition
             --save``) to use instead of planning; it must be for this model's graph, ``gpus``
@@ -241,14 +244,6 @@ def compile(
         check_micro_batches(method, gpus, m)
         check_steppable(optimizer)  # first: no method can step it as asked, so it is the cause
         check_pipeoptim_options(method, info.policy, predictor, backward, optimizer)
-        if info.policy == "spectrain" and not (
-            isinstance(optimizer, torch.optim.SGD)
-            and all(g.get("momentum", 0) for g in optimizer.param_groups)
-        ):
-            raise PredictorError(
-                f"SpecTrain needs torch.optim.SGD with momentum > 0, got {type(optimizer).__name__}: use "
-                "SGD(..., momentum=0.9) (--optimizer sgd) or method='pipeoptim' (--method pipeoptim)"
-            )
         kind = executor
         if kind == "auto":
             kind = "torchrun" if spmd.under_torchrun() else "processes"
@@ -303,6 +298,7 @@ def compile(
                 memory=memory,
                 latency=latency,
                 action_overhead=action_overhead,
+                allreduce_bandwidth=allreduce_bandwidth,
                 num_stages=gpus,
                 micro_batches=m,
                 data_parallel=data_parallel,

@@ -5,7 +5,9 @@ mini-batches/s on the project's 2-core CPU machine; it ran at 114-161: each mess
 transport's latency and each action the runtime's own CPU time, which a small model's
 compute does not hide. :func:`load_or_measure_machine_costs` measures both on the CPU
 (gloo's α and β by :func:`pipeoptim.runtime.linkcost.measure_link`, the overhead per action by
-:func:`pipeoptim.action_overhead.measure_action_overhead`, a few seconds together) and keeps
+:func:`pipeoptim.action_overhead.measure_action_overhead`), and the bandwidth of the replicas'
+gradient all-reduce (:func:`pipeoptim.runtime.linkcost.measure_allreduce`; 3x below the
+link's on loopback gloo), a few seconds together, and keeps
 them in ``machine-costs.json`` of :func:`cache_dir` under the host, its cores, the torch
 version and how they were measured, so that every later plan on this machine gets the same
 figures (a plan must not change with timing noise).
@@ -29,7 +31,7 @@ from pipeoptim.action_overhead import measure_action_overhead
 from pipeoptim.fileio import read_json_table, update_json_table
 from pipeoptim.runtime.affinity import binding_wanted
 from pipeoptim.runtime.distributed import STAGE_THREADS
-from pipeoptim.runtime.linkcost import measure_link, usable_cores
+from pipeoptim.runtime.linkcost import measure_allreduce, measure_link, usable_cores
 from pipeoptim.units import is_bandwidth, is_seconds
 
 #: environment variable naming the cache folder (default: $XDG_CACHE_HOME/pipeoptim, ~/.cache/pipeoptim)
@@ -40,7 +42,8 @@ MEASURED_AT = "measured_at"
 #: how the figures are measured; figures saved under another method are measured again
 METHOD = (
     "gloo: median of 3 relative fits of the fastest of 16 round trips 4K-8M; "
-    "overhead: 2 stages, 200 mini-batches, CPU time; ranks bound to cores"
+    "overhead: 2 stages, 200 mini-batches, CPU time; ranks bound to cores; "
+    "all-reduce: median of 3 means of 32 of 8M"
 )
 #: the most seconds a cached latency or per-action overhead may hold, and the slowest cached
 #: link (bytes/s): measured figures are near 1e-4 s and 1e9 B/s; beyond these, edited by hand
@@ -57,6 +60,7 @@ class MachineCosts(NamedTuple):
     latency: float  # seconds per message between stages (α)
     bandwidth: float  # bytes per second between stages (1/β)
     action_overhead: float  # the runtime's CPU seconds per action (forward, backward, step)
+    allreduce_bandwidth: float  # bytes per second of the replicas' ring all-reduce (CostConfig's)
 
 
 def cache_dir() -> Path:
@@ -85,20 +89,23 @@ def machine_key() -> str:
 
 
 def measure_machine_costs(links: int = 3) -> MachineCosts:
-    """gloo's latency and bandwidth between two processes and the runtime's overhead per action,
-    measured now (a few seconds). The link is measured ``links`` times and the median α and β
-    kept: it is timed on the wall clock, and one measurement's bandwidth varied 5.9-8.8 GB/s on
-    an idle 2-core machine (α 29-58 us; 4 us to 1.2 ms from the median round trip before the
-    fastest was taken, :mod:`pipeoptim.runtime.linkcost`). The overhead is CPU time, which
-    other processes inflate less than wall time, but still: 0.94 ms per action with four busy
-    loops running against 0.60-0.70 idle.
+    """gloo's latency and bandwidth between two processes, the runtime's overhead per action and
+    gloo's all-reduce bandwidth, measured now (a few seconds). The link and the all-reduce are
+    measured ``links`` times each and the medians kept: they are timed on the wall clock, and
+    one measurement's bandwidth varied 5.9-8.8 GB/s on an idle 2-core machine (α 29-58 us; 4 us
+    to 1.2 ms from the median round trip before the fastest was taken,
+    :mod:`pipeoptim.runtime.linkcost`). The overhead is CPU time, which other processes inflate
+    less than wall time, but still: 0.94 ms per action with four busy loops running against
+    0.60-0.70 idle.
 
     Raises:
         ValueError: the link timings were noise three times in a row (a machine too busy).
         RuntimeError, PipelineError: a measuring process failed or did not answer.
     """
     alphas, betas = zip(*(measure_link("gloo") for _ in range(links)))
-    return MachineCosts(statistics.median(alphas), 1.0 / statistics.median(betas), measure_action_overhead())
+    overhead = measure_action_overhead()
+    allreduce = statistics.median(measure_allreduce("gloo") for _ in range(links))
+    return MachineCosts(statistics.median(alphas), 1.0 / statistics.median(betas), overhead, allreduce)
 
 
 def _cached(saved: object) -> MachineCosts | None:
@@ -114,9 +121,9 @@ def _cached(saved: object) -> MachineCosts | None:
         set(figures) != set(MachineCosts._fields)
         or not all(isinstance(v, float) for v in figures.values())
         or not (is_seconds(figures["latency"]) and is_seconds(figures["action_overhead"]))
-        or not is_bandwidth(figures["bandwidth"])
+        or not (is_bandwidth(figures["bandwidth"]) and is_bandwidth(figures["allreduce_bandwidth"]))
         or max(figures["latency"], figures["action_overhead"]) > MAX_CACHED_SECONDS
-        or figures["bandwidth"] < MIN_CACHED_BANDWIDTH
+        or min(figures["bandwidth"], figures["allreduce_bandwidth"]) < MIN_CACHED_BANDWIDTH
     ):
         return None
     return MachineCosts(**figures)
@@ -148,7 +155,8 @@ def _age(measured_at: str) -> str:
 def _figures(costs: MachineCosts) -> str:
     return (
         f"latency {costs.latency * 1e6:.0f} us, bandwidth {costs.bandwidth / 1e9:.2f} GB/s, "
-        f"runtime overhead {costs.action_overhead * 1e3:.3f} ms per action"
+        f"runtime overhead {costs.action_overhead * 1e3:.3f} ms per action, "
+        f"all-reduce bandwidth {costs.allreduce_bandwidth / 1e9:.2f} GB/s"
     )
 
 
@@ -184,7 +192,7 @@ def load_or_measure_machine_costs(
         return cached
     if (str(path), key) in _UNSAVED:
         return _UNSAVED[str(path), key]
-    log("measuring this machine's link and runtime overhead (once; a few seconds)")
+    log("measuring this machine's link and runtime overhead, and gloo's all-reduce (once; a few seconds)")
     costs, load = with_other_work(measure_machine_costs)
     figures = _figures(costs)
     if load is not None:  # kept, such figures priced every later plan (a latency of 0 us once)

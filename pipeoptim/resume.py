@@ -21,7 +21,15 @@ from pipeoptim.errors import CheckpointError
 
 #: settings of the run itself, not inherited: where it writes and what it resumes, whether it
 #: shows progress, and the link and runtime figures of the machine it runs on (measured there)
-NOT_INHERITED = ("out", "resume", "progress", "bandwidth", "latency", "action_overhead")
+NOT_INHERITED = (
+    "out",
+    "resume",
+    "progress",
+    "bandwidth",
+    "latency",
+    "action_overhead",
+    "allreduce_bandwidth",
+)
 #: settings a resumed run must share with the run it continues (another value trains another
 #: model, optimizer or schedule); momentum and weight decay come back from the checkpoint's
 #: optimizer state, and another layout changes the staleness

@@ -77,6 +77,7 @@ class TrainConfig:
     memory: int | None = None  # per-stage memory limit in bytes of the plan (stages recompute where it binds)
     bandwidth: str | float | None = "25GB/s"  # the plan's link between stages (bytes/s; None: free)
     latency: float = 0.0  # the plan's seconds per message between stages
+    allreduce_bandwidth: float | None = None  # the plan's replicas' all-reduce (bytes/s; None: bandwidth's)
     action_overhead: float = 0.0  # the plan's runtime CPU seconds per action (pipeoptim.action_overhead)
     record_every: int = 50
     progress_every: int | None = None
@@ -130,6 +131,7 @@ def _trainer(config: TrainConfig, task: Task, log: Callable[[str], None]) -> tup
         memory=config.memory,
         bandwidth=config.bandwidth,
         latency=config.latency,
+        allreduce_bandwidth=config.allreduce_bandwidth,
         action_overhead=config.action_overhead,
         log=log,
         data_parallel=config.data_parallel,

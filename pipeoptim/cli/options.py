@@ -97,7 +97,8 @@ def link_options(measured: bool) -> Callable[[Callable], Callable]:
             default="measure" if measured else "25GB/s",
             show_default=True,
             help="Bandwidth between neighbouring stages, e.g. 25GB/s; 'inf': bytes cost no time (each "
-            f"message still costs --latency); {_measured('25GB/s')}.",
+            "message still costs --latency); replicas' gradient all-reduce is priced at it too, except "
+            f"with 'measure', which measures gloo's all-reduce as well; {_measured('25GB/s')}.",
         ),
         click.option(
             "--latency",
@@ -132,6 +133,7 @@ class LinkFigures(NamedTuple):
     bandwidth: float | None  # bytes/s; None: communication is free
     latency: float  # seconds per message
     action_overhead: float  # seconds per action
+    allreduce_bandwidth: float | None  # bytes/s of the replicas' all-reduce; None: ``bandwidth``'s
 
 
 def link_figures(
@@ -147,10 +149,13 @@ def link_figures(
     ``not_measurable``: why this machine's CPU figures do not describe the stages (GPU stages,
     stages in one process); each ``measure`` then becomes the plan's plain default (a 25 GB/s
     link, no latency, no overhead), logged with the reason where the user gave ``measure``
-    (not where it is the command's default, as documented in its help).
+    (not where it is the command's default, as documented in its help). Where the bandwidth is
+    measured, so is the replicas' all-reduce (``allreduce_bandwidth``); else it is the
+    bandwidth's.
     """
     values = {"bandwidth": bandwidth, "latency": latency, "action_overhead": action_overhead}
     wanted = [name for name, value in values.items() if value == "measure"]
+    values["allreduce_bandwidth"] = None
     if wanted:
         if not_measurable is not None:
             given = click.get_current_context(silent=True)
@@ -165,10 +170,17 @@ def link_figures(
                     "the plan counts a 25 GB/s link, no message latency and no runtime overhead (give them "
                     "in seconds and bytes/s to price them)"
                 )
-            replacing = {"bandwidth": parse_bandwidth("25GB/s"), "latency": 0.0, "action_overhead": 0.0}
+            replacing = {
+                "bandwidth": parse_bandwidth("25GB/s"),
+                "latency": 0.0,
+                "action_overhead": 0.0,
+                "allreduce_bandwidth": None,
+            }
         else:
             replacing = load_or_measure_machine_costs(log=log)._asdict()
         values.update({name: replacing[name] for name in wanted})
+        if "bandwidth" in wanted:
+            values["allreduce_bandwidth"] = replacing["allreduce_bandwidth"]
     return LinkFigures(**values)  # type: ignore[arg-type]
 
 

@@ -230,6 +230,7 @@ def partition(
                 num_stages=gpus,
                 method=method,
                 bandwidth=figures.bandwidth,
+                allreduce_bandwidth=figures.allreduce_bandwidth,
                 memory_limit=memory,
                 opt_state_factor=opt_factor,
                 recompute=True,  # stages recompute where --memory binds

@@ -5,6 +5,11 @@ The Hockney model (Hockney, Parallel Computing 20(3), 1994) gives the time of on
 byte). :func:`measure_link` times gloo (or NCCL) sends between two spawned processes at
 several sizes, takes the fastest of the repeats at each size (:func:`message_time`), and
 fits α and β by least squares in relative error (:func:`fit_latency_bandwidth`).
+:func:`measure_allreduce` times an all-reduce between the two processes, which prices the
+replicas' gradient sum: on loopback gloo its mean moves bytes 4-5x slower than a send (the
+ring's reductions and copies run on the CPU, and its ranks wait for each other), and priced at
+the send's bandwidth the layouts of 2 x 2 and 1 x 4 ranks ran at 0.59 and 0.49 of their
+predicted rate (helper-140).
 :func:`shared_cores` says how many processors the stages of a CPU pipeline share,
 :func:`ranks_beside` how many ranks run beside each at once. All feed
 :class:`pipeoptim.compiler.costmodel.CostConfig`.
@@ -27,6 +32,7 @@ import contextlib
 import datetime
 import math
 import os
+import statistics
 import time
 from collections.abc import Iterator, Sequence
 from typing import Any
@@ -44,6 +50,11 @@ SIZES = (4 << 10, 64 << 10, 1 << 20, 8 << 20)
 REPEATS = 16
 #: two sizes far apart for a quick measurement (closer ones can time in the wrong order under load)
 QUICK_SIZES = (4 << 10, 8 << 20)
+#: bytes of the all-reduce timed by default: a stage's gradients in the benchmarks (8.4 MB at 2
+#: stages of the 16 x 512 MLP), in one of the runtime's buckets (25 MiB, as DDP's)
+ALLREDUCE_BYTES = 8 << 20
+#: all-reduces timed by default: their mean is kept (:func:`measure_allreduce`)
+ALLREDUCE_REPEATS = 32
 
 
 def fit_latency_bandwidth(sizes: Sequence[float], seconds: Sequence[float]) -> tuple[float, float]:
@@ -89,7 +100,11 @@ def fit_latency_bandwidth(sizes: Sequence[float], seconds: Sequence[float]) -> t
     return alpha, beta
 
 
-def _ping(rank: int, port: int, backend: str, sizes: Sequence[int], repeats: int, out: Any) -> None:
+def _ping(
+    rank: int, port: int, backend: str, sizes: Sequence[int], repeats: int, collective: bool, out: Any
+) -> None:
+    """Time ``repeats`` (and one to warm up) round trips between ranks 0 and 1, halved, or
+    all-reduces (``collective``) of each size; rank 0 puts the times per size on ``out``."""
     torch.set_num_threads(1)
     if backend == "gloo":  # as the stages' ranks run (pipeoptim.runtime.affinity)
         pin_rank(rank, 2)
@@ -105,10 +120,12 @@ def _ping(rank: int, port: int, backend: str, sizes: Sequence[int], repeats: int
     for size in sizes:
         x = torch.zeros(size // 4, device=device)
         times = []
-        for _ in range(repeats + 1):  # a round trip: rank 0 sends, rank 1 sends back
+        for _ in range(repeats + 1):  # a round trip (rank 0 sends, rank 1 sends back) or an all-reduce
             dist.barrier()
             start = time.perf_counter()
-            if rank == 0:
+            if collective:
+                dist.all_reduce(x)
+            elif rank == 0:
                 dist.send(x, 1)
                 dist.recv(x, 1)
             else:
@@ -116,7 +133,7 @@ def _ping(rank: int, port: int, backend: str, sizes: Sequence[int], repeats: int
                 dist.send(x, 0)
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
-            times.append((time.perf_counter() - start) / 2)
+            times.append((time.perf_counter() - start) / (1 if collective else 2))
         per_size.append(times[1:])  # the first warms the size's buffers up
     if rank == 0:
         out.put((0, per_size))
@@ -164,7 +181,7 @@ def measure_link(
     noise: ValueError | None = None
     for _ in range(3):  # a busy machine can time a big message faster than a small one
         try:
-            times = [message_time(ts) for ts in _round_trips(backend, sizes, repeats, timeout)]
+            times = [message_time(ts) for ts in _round_trips(backend, sizes, repeats, timeout, False)]
             return fit_latency_bandwidth(list(sizes), times)
         except ValueError as exc:
             noise = exc
@@ -172,11 +189,48 @@ def measure_link(
     raise noise
 
 
-def _round_trips(backend: str, sizes: Sequence[int], repeats: int, timeout: float) -> list[list[float]]:
-    """Per size, the time of each of ``repeats`` round trips, halved (seconds)."""
+def measure_allreduce(
+    backend: str = "gloo",
+    size: int = ALLREDUCE_BYTES,
+    repeats: int = ALLREDUCE_REPEATS,
+    timeout: float = 300.0,
+) -> float:
+    """The bandwidth (bytes/s) of a ring all-reduce on this machine over ``backend``, as
+    :attr:`pipeoptim.compiler.costmodel.CostConfig.allreduce_bandwidth` takes it: ``b`` such
+    that an all-reduce of ``P`` bytes among ``R`` ranks moves its ``2(R−1)/R · P`` bytes in
+    ``2(R−1)/R · P / b`` seconds (Patarasuk and Yuan, JPDC 2009). Measured between two
+    processes (bound to a core each, as the stages' ranks are), where ``2(R−1)/R`` is 1:
+    ``size`` over the mean time of ``repeats`` all-reduces of ``size`` bytes (its messages'
+    latency included, which the plan's ``2(R−1)`` messages of α count again: 70 us against
+    6 ms here).
+
+    The mean, not the fastest as for the link's α and β: a stage waits for its all-reduce
+    before it steps, so it pays every late wake-up of a blocked rank (~2-3 ms on the project's
+    2-core VM, in about half of the 8 MiB all-reduces: fastest 2.8-4.1 ms, mean 5.7-7.4 ms in
+    six measurements, 2026-12-06); priced at the fastest, the layouts of 2 x 2 and 1 x 4 ranks
+    ran at 0.62 and 0.58 of their prediction, and at the link's bandwidth at 0.59 and 0.49.
+
+    Raises:
+        ValueError: ``size`` not a positive multiple of 4 bytes, or ``repeats`` < 1.
+        RuntimeError: the processes did not report within ``timeout`` seconds.
+    """
+    if size < 4 or size % 4 or repeats < 1:
+        raise ValueError(
+            f"measure_allreduce needs a size that is a positive multiple of 4 bytes (float32 elements) "
+            f"and repeats >= 1; got size {size}, repeats {repeats}"
+        )
+    (times,) = _round_trips(backend, [size], repeats, timeout, True)
+    return size / statistics.fmean(times)
+
+
+def _round_trips(
+    backend: str, sizes: Sequence[int], repeats: int, timeout: float, collective: bool
+) -> list[list[float]]:
+    """Per size, the time of each of ``repeats`` round trips, halved, or all-reduces (seconds)."""
     port = free_port()
-    args = [(r, port, backend, list(sizes), repeats) for r in range(2)]
-    return run_processes(_ping, args, f"measuring the {backend} link", replies=1, timeout=timeout)[0]
+    args = [(r, port, backend, list(sizes), repeats, collective) for r in range(2)]
+    what = f"measuring the {backend} {'all-reduce' if collective else 'link'}"
+    return run_processes(_ping, args, what, replies=1, timeout=timeout)[0]
 
 
 def usable_cores() -> int:

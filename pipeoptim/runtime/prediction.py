@@ -32,12 +32,14 @@ def check_pipeoptim_options(
 ) -> None:
     """Refuse a ``predictor`` or ``backward`` (:class:`PipeOptimPolicy`) that is unknown, or
     other than its default for a method whose weight policy is not PipeOptim's (it would be
-    ignored), or a predictor the optimizer has none for. Warns where the optimizer's class
+    ignored), or a predictor the optimizer has none for, or SpecTrain without SGD momentum (its
+    prediction is the momentum's, Chen et al. 2018). Warns where the optimizer's class
     writes its own ``step()`` but is predicted with a base class's rule (:func:`borrowed_rule`).
 
     Raises:
         ValueError: an unknown value, or one given to another method.
-        PredictorError: no predictor for the optimizer (:func:`get_predictor`).
+        PredictorError: no predictor for the optimizer (:func:`get_predictor`); SpecTrain with
+            another optimizer than SGD with momentum > 0.
     """
     for name, value, default, allowed in (
         ("predictor", predictor, "paper", VARIANTS),
@@ -49,6 +51,13 @@ def check_pipeoptim_options(
             raise ValueError(f"{name}={value!r} applies to method 'pipeoptim' only, not {method!r}")
     if policy == "pipeoptim":
         get_predictor(optimizer, predictor)
+    if policy == "spectrain" and not (
+        isinstance(optimizer, SGD) and all(g.get("momentum", 0) for g in optimizer.param_groups)
+    ):
+        raise PredictorError(
+            f"SpecTrain needs torch.optim.SGD with momentum > 0, got {type(optimizer).__name__}: use "
+            "SGD(..., momentum=0.9) (--optimizer sgd) or method='pipeoptim' (--method pipeoptim)"
+        )
     owner = borrowed_rule(type(optimizer), predictor) if policy in ("pipeoptim", "spectrain") else None
     if owner is not None:
         name = type(optimizer).__name__
