@@ -61,15 +61,15 @@ def batch(width: int, size: int) -> tuple[torch.Tensor, torch.Tensor]:
 def compile_options(
     method: str,
     x: torch.Tensor,
-    link: tuple[float, float, float],
+    link: tuple[float, float, float, float],
     overhead: float,
     profile_dir: Path,
 ) -> dict[str, Any]:
     """``compile``'s keyword arguments for every layout (and for the planner): the link
-    (α, β and the all-reduce's bandwidth: priced at the link's, 2 x 2 and 1 x 4 measured 0.59
-    and 0.49 of their prediction) and the runtime's seconds per action (left at compile's 0, the
+    (α, β, and the all-reduce's latency and bandwidth: priced as the link, 2 x 2 and 1 x 4
+    measured 0.59 and 0.49 of their prediction) and the runtime's seconds per action (left at compile's 0, the
     plans missed 0.37 ms of 12 actions a mini-batch at 4 stages, helper-140)."""
-    latency, beta, allreduce = link
+    latency, beta, allreduce_latency, allreduce_bandwidth = link
     return dict(
         action_overhead=overhead,
         example_inputs=x,
@@ -79,7 +79,8 @@ def compile_options(
         profile_dir=profile_dir,
         bandwidth=1 / beta,
         latency=latency,
-        allreduce_bandwidth=allreduce,
+        allreduce_bandwidth=allreduce_bandwidth,
+        allreduce_latency=allreduce_latency,
     )
 
 
@@ -129,10 +130,10 @@ def main() -> None:
     if args.quick:  # compile's figures (measured once, robustly, and cached): a quick fit of
         # the link on a busy machine can fail three times ("send times do not grow")
         costs = load_or_measure_machine_costs(log=lambda message: print(message, file=sys.stderr))
-        link = (costs.latency, 1 / costs.bandwidth, costs.allreduce_bandwidth)
+        link = (costs.latency, 1 / costs.bandwidth, costs.allreduce_latency, costs.allreduce_bandwidth)
         overhead = costs.action_overhead
     else:
-        link, overhead = (*measure_link(), measure_allreduce()), measure_action_overhead()
+        link, overhead = (*measure_link(), *measure_allreduce()), measure_action_overhead()
     how = "this machine's figures, as `compile` takes them" if args.quick else "measured"
     options = compile_options(args.method, data[0], link, overhead, profile_dir)
     choice = plan_best_layout(model, optimizer(model), 4, **options)
@@ -177,7 +178,7 @@ def main() -> None:
             f"MLP of {depth} linear layers of width {width}, mini-batches of {rows} rows, method "
             f"`{args.method}`, SGD with momentum, {steps} timed mini-batches after {warmup} of warm-up, "
             f"gloo link α = {link[0] * 1e6:.0f} µs, 1/β = {1 / link[1] / 1e9:.2f} GB/s, all-reduce "
-            f"{link[2] / 1e9:.2f} GB/s and the runtime's "
+            f"{link[2] * 1e6:.0f} µs per message and {link[3] / 1e9:.2f} GB/s and the runtime's "
             f"{overhead * 1e3:.3f} ms per action ({how}, given to the planner and to `compile`), "
             "load average "
             f"{load[0]:.1f} before and {os.getloadavg()[0]:.1f} after. *planner predicts*: "

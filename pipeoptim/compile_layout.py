@@ -35,6 +35,7 @@ from pipeoptim.runtime.affinity import ranks_bound
 from pipeoptim.runtime.clipping import check_clipping
 from pipeoptim.runtime.linkcost import shared_cores, stage_threads
 from pipeoptim.runtime.precision import autocast_context, check_autocast
+from pipeoptim.runtime.prediction import check_pipeoptim_options
 from pipeoptim.runtime.replicas import check_replicated_options
 from pipeoptim.units import parse_bandwidth, parse_bytes
 from pipeoptim.update_pricing import UpdatePricing
@@ -186,6 +187,8 @@ def plan_best_layout(
 
     Raises:
         ValueError: a bad argument, or the torchrun executor (its world size fixes the ranks).
+        PredictorError: an optimizer the method cannot predict or step (SpecTrain without SGD
+            momentum), before any layout is planned.
         InfeasibleMemoryError, PlanError: no layout is feasible, or a forced one needs more
             than ``gpus`` devices.
     """
@@ -200,6 +203,9 @@ def plan_best_layout(
     method = options.get("method", "pipeoptim")
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
+    # an optimizer no layout can use, refused before every layout is profiled and planned
+    predictor, backward = options.get("predictor", "paper"), options.get("backward", "current")
+    check_pipeoptim_options(method, get_method(method).policy, predictor, backward, optimizer)
     examples = options.get("example_inputs")
     inputs = as_tuple(examples) if isinstance(examples, (torch.Tensor, tuple, list)) else ()
     if not inputs or not all(isinstance(x, torch.Tensor) and x.dim() > 0 for x in inputs):
@@ -222,6 +228,7 @@ def plan_best_layout(
             latency=options.get("latency", 0.0),
             action_overhead=options.get("action_overhead", 0.0),
             allreduce_bandwidth=options.get("allreduce_bandwidth"),
+            allreduce_latency=options.get("allreduce_latency"),
         )
         choice = choose_compile_layout(
             copy.deepcopy(model).cpu(),
@@ -256,14 +263,15 @@ def planning_config(
     latency: float,
     action_overhead: float,
     allreduce_bandwidth: str | float | None = None,
+    allreduce_latency: float | None = None,
     **layout: Any,
 ) -> CostConfig:
     """The cost model's settings for planning on ``devices`` devices, the same for ``compile``
     and its layout search: the optimizer's measured step, prediction and weight-copy cost per
     byte of the layout's ranks (``pricing``, timed on a working set like the optimizer's
     parameters beside the other ranks on this CPU; ``0`` with a logged reason where it cannot
-    be measured), its state factor, bandwidth and the replicas' all-reduce bandwidth (``None``:
-    the bandwidth's), memory limit, latency (seconds per message), action overhead (seconds),
+    be measured), its state factor, bandwidth and the replicas' all-reduce bandwidth and
+    latency (``None``: the link's), memory limit, latency (seconds per message), action overhead (seconds),
     the CPU cores the ranks share, recomputation where the memory limit binds; ``layout``
     gives ``num_stages``, ``micro_batches`` and ``data_parallel`` (default: ``devices`` stages).
 
@@ -275,6 +283,7 @@ def planning_config(
         method=method,
         bandwidth=parse_bandwidth(bandwidth) if bandwidth is not None else None,
         allreduce_bandwidth=parse_bandwidth(allreduce_bandwidth) if allreduce_bandwidth is not None else None,
+        allreduce_latency_s=allreduce_latency,
         memory_limit=parse_bytes(memory) if memory is not None else None,
         opt_state_factor=optimizer_state_factor(optimizer),
         latency_s=latency,

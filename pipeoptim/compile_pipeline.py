@@ -73,6 +73,7 @@ def compile(
     latency: float = 0.0,
     action_overhead: float = 0.0,
     allreduce_bandwidth: str | float | None = None,
+    allreduce_latency: float | None = None,
     profile_dir: str | os.PathLike[str] | None = "profiles",
     plan: Plan | str | os.PathLike[str] | None = None,
     executor: str = "auto",
@@ -128,10 +129,11 @@ def compile(
             plan's predicted stage times; 0 leaves it out. On the CPU the plan also counts the
             cores the worker processes share (:func:`pipeoptim.runtime.linkcost.shared_cores`).
             :func:`pipeoptim.machine_costs.load_or_measure_machine_costs` gives ``bandwidth``,
-            ``latency``, ``action_overhead`` and ``allreduce_bandwidth`` for CPU worker processes
+            ``latency``, ``action_overhead`` and the all-reduce's figures for CPU worker processes
             on this machine (measured once and cached; ``pipeoptim train`` uses them by default).
-        allreduce_bandwidth: of the replicas' ring all-reduce of each stage's gradients
-            (bytes/s, :func:`pipeoptim.runtime.linkcost.measure_allreduce`); ``None``: ``bandwidth``.
+        allreduce_bandwidth, allreduce_latency: bytes/s and seconds per message of the
+            replicas' ring all-reduce of each stage's gradients
+            (:func:`pipeoptim.runtime.linkcost.measure_allreduce`); ``None``: the link's.
         profile_dir: where profiles are cached (``None``: do not cache).
         plan: a :class:`~pipeoptim.compiler.plan.Plan` or plan file (``pipeoptim partition
             --save``) to use instead of planning; it must be for this model's graph, ``gpus``
@@ -299,6 +301,7 @@ def compile(
                 latency=latency,
                 action_overhead=action_overhead,
                 allreduce_bandwidth=allreduce_bandwidth,
+                allreduce_latency=allreduce_latency,
                 num_stages=gpus,
                 micro_batches=m,
                 data_parallel=data_parallel,

@@ -6,8 +6,8 @@ transport's latency and each action the runtime's own CPU time, which a small mo
 compute does not hide. :func:`load_or_measure_machine_costs` measures both on the CPU
 (gloo's α and β by :func:`pipeoptim.runtime.linkcost.measure_link`, the overhead per action by
 :func:`pipeoptim.action_overhead.measure_action_overhead`), and the bandwidth of the replicas'
-gradient all-reduce (:func:`pipeoptim.runtime.linkcost.measure_allreduce`; 3x below the
-link's on loopback gloo), a few seconds together, and keeps
+gradient all-reduce (:func:`pipeoptim.runtime.linkcost.measure_allreduce`; 4-6x the time of
+a send of 8 MiB on loopback gloo), a few seconds together, and keeps
 them in ``machine-costs.json`` of :func:`cache_dir` under the host, its cores, the torch
 version and how they were measured, so that every later plan on this machine gets the same
 figures (a plan must not change with timing noise).
@@ -43,7 +43,7 @@ MEASURED_AT = "measured_at"
 METHOD = (
     "gloo: median of 3 relative fits of the fastest of 16 round trips 4K-8M; "
     "overhead: 2 stages, 200 mini-batches, CPU time; ranks bound to cores; "
-    "all-reduce: median of 3 means of 32 of 8M"
+    "all-reduce: median of 3 relative fits of the means of 32 at 64K and 8M"
 )
 #: the most seconds a cached latency or per-action overhead may hold, and the slowest cached
 #: link (bytes/s): measured figures are near 1e-4 s and 1e9 B/s; beyond these, edited by hand
@@ -61,6 +61,7 @@ class MachineCosts(NamedTuple):
     bandwidth: float  # bytes per second between stages (1/β)
     action_overhead: float  # the runtime's CPU seconds per action (forward, backward, step)
     allreduce_bandwidth: float  # bytes per second of the replicas' ring all-reduce (CostConfig's)
+    allreduce_latency: float  # seconds per message of that ring
 
 
 def cache_dir() -> Path:
@@ -90,7 +91,7 @@ def machine_key() -> str:
 
 def measure_machine_costs(links: int = 3) -> MachineCosts:
     """gloo's latency and bandwidth between two processes, the runtime's overhead per action and
-    gloo's all-reduce bandwidth, measured now (a few seconds). The link and the all-reduce are
+    gloo's all-reduce latency and bandwidth, measured now (a few seconds). The link and the all-reduce are
     measured ``links`` times each and the medians kept: they are timed on the wall clock, and
     one measurement's bandwidth varied 5.9-8.8 GB/s on an idle 2-core machine (α 29-58 us; 4 us
     to 1.2 ms from the median round trip before the fastest was taken,
@@ -104,29 +105,53 @@ def measure_machine_costs(links: int = 3) -> MachineCosts:
     """
     alphas, betas = zip(*(measure_link("gloo") for _ in range(links)))
     overhead = measure_action_overhead()
-    allreduce = statistics.median(measure_allreduce("gloo") for _ in range(links))
-    return MachineCosts(statistics.median(alphas), 1.0 / statistics.median(betas), overhead, allreduce)
+    ring_alphas, ring_bandwidths = zip(*(measure_allreduce("gloo") for _ in range(links)))
+    return MachineCosts(
+        statistics.median(alphas),
+        1.0 / statistics.median(betas),
+        overhead,
+        statistics.median(ring_bandwidths),
+        statistics.median(ring_alphas),
+    )
+
+
+#: the figures in seconds; the others are bandwidths (bytes/s)
+SECONDS_FIGURES = ("latency", "action_overhead", "allreduce_latency")
+
+
+def _unusable(saved: object) -> str | None:
+    """What in a cache entry (with or without :data:`MEASURED_AT`) is not a figure of this
+    machine, ``None`` where all are: anything but the figures, one the cost model refuses (a
+    hand-edited latency of 1e308 stopped planning with a traceback), or one beyond what any
+    measurement here gives (:data:`MAX_CACHED_SECONDS`, :data:`MIN_CACHED_BANDWIDTH`; a
+    latency of 3000 s at 1 B/s priced every plan at 0 mini-batches/s). Named, not shown cut:
+    a message of the entry's first 120 characters hid the figure at fault (helper-144)."""
+    if not isinstance(saved, dict):
+        return f"{json.dumps(saved)[:60]}, not a table of figures"
+    figures = {k: v for k, v in saved.items() if k != MEASURED_AT}
+    missing, unknown = set(MachineCosts._fields) - set(figures), set(figures) - set(MachineCosts._fields)
+    if missing or unknown:
+        return ", ".join(
+            [*(f"no {name}" for name in sorted(missing)), *(f"{n} unknown" for n in sorted(unknown))]
+        )
+    for name, value in figures.items():
+        usable = isinstance(value, float) and (
+            is_seconds(value) and value <= MAX_CACHED_SECONDS
+            if name in SECONDS_FIGURES
+            else is_bandwidth(value) and value >= MIN_CACHED_BANDWIDTH
+        )
+        if not usable:
+            return f"{name} {json.dumps(value)}"
+    return None
 
 
 def _cached(saved: object) -> MachineCosts | None:
-    """The figures of a cache entry (with or without :data:`MEASURED_AT`); ``None`` where it
-    holds anything else, figures the cost model refuses included (a hand-edited latency of
-    1e308 stopped planning with a traceback), or beyond what any measurement here gives
-    (:data:`MAX_CACHED_SECONDS`, :data:`MIN_CACHED_BANDWIDTH`; a latency of 3000 s at 1 B/s
-    priced every plan at 0 mini-batches/s): then they are measured again."""
-    if not isinstance(saved, dict):
+    """The figures of a cache entry, ``None`` where it holds others (:func:`_unusable`): then
+    they are measured again."""
+    if _unusable(saved) is not None:
         return None
-    figures = {k: v for k, v in saved.items() if k != MEASURED_AT}
-    if (
-        set(figures) != set(MachineCosts._fields)
-        or not all(isinstance(v, float) for v in figures.values())
-        or not (is_seconds(figures["latency"]) and is_seconds(figures["action_overhead"]))
-        or not (is_bandwidth(figures["bandwidth"]) and is_bandwidth(figures["allreduce_bandwidth"]))
-        or max(figures["latency"], figures["action_overhead"]) > MAX_CACHED_SECONDS
-        or min(figures["bandwidth"], figures["allreduce_bandwidth"]) < MIN_CACHED_BANDWIDTH
-    ):
-        return None
-    return MachineCosts(**figures)
+    assert isinstance(saved, dict)
+    return MachineCosts(**{k: v for k, v in saved.items() if k != MEASURED_AT})
 
 
 def _age(measured_at: str) -> str:
@@ -156,7 +181,8 @@ def _figures(costs: MachineCosts) -> str:
     return (
         f"latency {costs.latency * 1e6:.0f} us, bandwidth {costs.bandwidth / 1e9:.2f} GB/s, "
         f"runtime overhead {costs.action_overhead * 1e3:.3f} ms per action, "
-        f"all-reduce bandwidth {costs.allreduce_bandwidth / 1e9:.2f} GB/s"
+        f"all-reduce latency {costs.allreduce_latency * 1e6:.0f} us per message and bandwidth "
+        f"{costs.allreduce_bandwidth / 1e9:.2f} GB/s"
     )
 
 
@@ -183,8 +209,10 @@ def load_or_measure_machine_costs(
     saved = table.get(key)
     cached = _cached(saved)
     if cached is None and key in table:
-        shown = json.dumps(saved)[:120]
-        log(f"measuring this machine's costs again: {path} holds {shown}, not figures of a link")
+        log(
+            f"measuring this machine's costs again: {path} holds {_unusable(saved)}, not a figure "
+            "measured on this machine"
+        )
     if cached is not None:
         measured = saved.get(MEASURED_AT) if isinstance(saved, dict) else None
         when = f"measured {_age(measured)}" if isinstance(measured, str) else "measured earlier"

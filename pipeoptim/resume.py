@@ -29,6 +29,7 @@ NOT_INHERITED = (
     "latency",
     "action_overhead",
     "allreduce_bandwidth",
+    "allreduce_latency",
 )
 #: settings a resumed run must share with the run it continues (another value trains another
 #: model, optimizer or schedule); momentum and weight decay come back from the checkpoint's

@@ -78,6 +78,7 @@ class TrainConfig:
     bandwidth: str | float | None = "25GB/s"  # the plan's link between stages (bytes/s; None: free)
     latency: float = 0.0  # the plan's seconds per message between stages
     allreduce_bandwidth: float | None = None  # the plan's replicas' all-reduce (bytes/s; None: bandwidth's)
+    allreduce_latency: float | None = None  # its seconds per message (None: latency's)
     action_overhead: float = 0.0  # the plan's runtime CPU seconds per action (pipeoptim.action_overhead)
     record_every: int = 50
     progress_every: int | None = None
@@ -87,6 +88,8 @@ class TrainConfig:
             self.weight_decay = default_weight_decay(self.optimizer)
 
 
+#: the config's link and runtime figures, each passed to ``compile`` under its own name
+LINK_FIGURES = ("bandwidth", "latency", "allreduce_bandwidth", "allreduce_latency", "action_overhead")
 #: gives a config its plan's link and runtime figures (:func:`train`)
 Costs = Callable[[TrainConfig], TrainConfig]
 
@@ -129,10 +132,7 @@ def _trainer(config: TrainConfig, task: Task, log: Callable[[str], None]) -> tup
         autocast=autocast_dtype(config.precision),
         compile_stages=config.compile_stages,
         memory=config.memory,
-        bandwidth=config.bandwidth,
-        latency=config.latency,
-        allreduce_bandwidth=config.allreduce_bandwidth,
-        action_overhead=config.action_overhead,
+        **{name: getattr(config, name) for name in LINK_FIGURES},
         log=log,
         data_parallel=config.data_parallel,
     )

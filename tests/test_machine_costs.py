@@ -14,9 +14,9 @@ from pipeoptim.machine_costs import MACHINE_COSTS_FILE, MachineCosts, load_or_me
 
 from .test_train_cli import run
 
-#: how MachineCosts(2e-4, 5e9, 6e-4, 2e9) is logged
+#: how MachineCosts(2e-4, 5e9, 6e-4, 2e9, 1e-3) is logged
 FIGURES = "latency 200 us, bandwidth 5.00 GB/s, runtime overhead 0.600 ms per action, " + (
-    "all-reduce bandwidth 2.00 GB/s"
+    "all-reduce latency 1000 us per message and bandwidth 2.00 GB/s"
 )
 
 
@@ -55,20 +55,21 @@ def test_a_real_measurement_is_plausible_and_then_reused(monkeypatch: pytest.Mon
     assert 1e7 < first.bandwidth < 1e12  # bytes/s
     assert 0 < first.action_overhead < 0.05  # seconds per action
     assert 1e7 < first.allreduce_bandwidth < 1e12  # bytes/s
+    assert 0 <= first.allreduce_latency < 0.1  # seconds per message (late wake-ups: ~1 ms here)
     assert (machine_costs.cache_dir() / MACHINE_COSTS_FILE).exists()
-    calls = counting(monkeypatch, MachineCosts(1.0, 1.0, 1.0, 1.0))
+    calls = counting(monkeypatch, MachineCosts(1.0, 1.0, 1.0, 1.0, 1.0))
     assert load_or_measure_machine_costs() == first and not calls
 
 
 def test_another_machine_or_torch_is_measured_again(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    calls = counting(monkeypatch, MachineCosts(2e-4, 5e9, 6e-4, 2e9))
+    calls = counting(monkeypatch, MachineCosts(2e-4, 5e9, 6e-4, 2e9, 1e-3))
     logged: list[str] = []
-    assert load_or_measure_machine_costs(tmp_path, logged.append) == (2e-4, 5e9, 6e-4, 2e9)
+    assert load_or_measure_machine_costs(tmp_path, logged.append) == (2e-4, 5e9, 6e-4, 2e9, 1e-3)
     assert len(calls) == 1
     figures = FIGURES
     saved = f"saved {tmp_path / MACHINE_COSTS_FILE}: {figures}"
     assert any(line.startswith(saved) for line in logged), logged
-    assert load_or_measure_machine_costs(tmp_path) == (2e-4, 5e9, 6e-4, 2e9) and len(calls) == 1
+    assert load_or_measure_machine_costs(tmp_path) == (2e-4, 5e9, 6e-4, 2e9, 1e-3) and len(calls) == 1
     monkeypatch.setattr(machine_costs.torch, "__version__", "9.9.9")
     load_or_measure_machine_costs(tmp_path)
     assert len(calls) == 2
@@ -80,7 +81,7 @@ def test_reused_figures_are_logged_with_when_they_were_measured(
 ) -> None:
     """A run on cached figures said nothing of them, even while other processes used half the
     CPU: the plan's rates came from a measurement of another day without a word."""
-    calls = counting(monkeypatch, MachineCosts(2e-4, 5e9, 6e-4, 2e9))
+    calls = counting(monkeypatch, MachineCosts(2e-4, 5e9, 6e-4, 2e9, 1e-3))
     load_or_measure_machine_costs(tmp_path)
     path, key = tmp_path / MACHINE_COSTS_FILE, machine_costs.machine_key()
     table = json.loads(path.read_text())
@@ -96,7 +97,7 @@ def test_reused_figures_are_logged_with_when_they_were_measured(
             table[key][machine_costs.MEASURED_AT] = measured_at
         path.write_text(json.dumps(table))
         logged: list[str] = []
-        assert load_or_measure_machine_costs(tmp_path, logged.append) == (2e-4, 5e9, 6e-4, 2e9)
+        assert load_or_measure_machine_costs(tmp_path, logged.append) == (2e-4, 5e9, 6e-4, 2e9, 1e-3)
         assert len(logged) == 1 and said in logged[0], logged
         assert logged[0].startswith(f"this machine's costs from {path} (measured ")
         assert logged[0].endswith(f"; delete it to measure again): {figures}")
@@ -109,9 +110,9 @@ def test_an_unreadable_cache_is_named_and_measured_again(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     (tmp_path / MACHINE_COSTS_FILE).write_text("{not json")
-    calls = counting(monkeypatch, MachineCosts(2e-4, 5e9, 6e-4, 2e9))
+    calls = counting(monkeypatch, MachineCosts(2e-4, 5e9, 6e-4, 2e9, 1e-3))
     logged: list[str] = []
-    assert load_or_measure_machine_costs(tmp_path, logged.append) == (2e-4, 5e9, 6e-4, 2e9) and calls
+    assert load_or_measure_machine_costs(tmp_path, logged.append) == (2e-4, 5e9, 6e-4, 2e9, 1e-3) and calls
     assert f"{tmp_path / MACHINE_COSTS_FILE} is unreadable" in logged[0]
     key = machine_costs.machine_key()
     table = json.loads((tmp_path / MACHINE_COSTS_FILE).read_text())
@@ -121,19 +122,29 @@ def test_an_unreadable_cache_is_named_and_measured_again(
         *({"bandwidth": v} for v in (0.0, 0.5, 1e19, 1.0)),
         *({"action_overhead": v} for v in (1e308, 3000.0)),
         *({"allreduce_bandwidth": v} for v in (0.0, 1e19, 1.0, None)),
+        *({"allreduce_latency": v} for v in (-1.0, 3000.0, None, 1)),
         {"latency": 3000.0},  # the cost model takes it: every plan priced at 0 mini-batches/s
     ]
-    for change in impossible:
-        table[key] = {**saved, **change}
+    # a figure hand-edited, or missing (an entry of an older version): named, not cut off
+    # after 120 characters of the entry, which hid the figure at fault (helper-144)
+    cases = [
+        ({**saved, **change}, f"{name} {json.dumps(value)}")
+        for change in impossible
+        for name, value in change.items()
+    ]
+    cases.append(({k: v for k, v in saved.items() if k != "allreduce_latency"}, "no allreduce_latency"))
+    cases.append(({**saved, "jitter": 1.0}, "jitter unknown"))
+    cases.append(([1, 2], "[1, 2], not a table of figures"))
+    for entry, named in cases:
+        table[key] = entry
         (tmp_path / MACHINE_COSTS_FILE).write_text(json.dumps(table))
         logged.clear()
-        assert load_or_measure_machine_costs(tmp_path, logged.append) == (2e-4, 5e9, 6e-4, 2e9)
-        shown = json.dumps(table[key])[:120]
+        assert load_or_measure_machine_costs(tmp_path, logged.append) == (2e-4, 5e9, 6e-4, 2e9, 1e-3)
         assert logged[0] == (
-            f"measuring this machine's costs again: {tmp_path / MACHINE_COSTS_FILE} holds {shown}, "
-            "not figures of a link"
-        ), change
-    assert len(calls) == 1 + len(impossible)
+            f"measuring this machine's costs again: {tmp_path / MACHINE_COSTS_FILE} holds {named}, "
+            "not a figure measured on this machine"
+        ), entry
+    assert len(calls) == 1 + len(cases)
 
 
 def test_a_cache_that_cannot_be_written_still_gives_the_figures(
@@ -141,17 +152,17 @@ def test_a_cache_that_cannot_be_written_still_gives_the_figures(
 ) -> None:
     blocker = tmp_path / "file"
     blocker.write_text("")
-    calls = counting(monkeypatch, MachineCosts(2e-4, 5e9, 6e-4, 2e9))
+    calls = counting(monkeypatch, MachineCosts(2e-4, 5e9, 6e-4, 2e9, 1e-3))
     for cache in (blocker, blocker / "below"):  # a file, and a folder that cannot be made
         logged: list[str] = []
-        assert load_or_measure_machine_costs(cache, logged.append) == (2e-4, 5e9, 6e-4, 2e9)
+        assert load_or_measure_machine_costs(cache, logged.append) == (2e-4, 5e9, 6e-4, 2e9, 1e-3)
         assert any(
             "could not save them in" in line
             and "this process reuses them" in line
             and machine_costs.CACHE_ENV in line
             for line in logged
         )
-        assert load_or_measure_machine_costs(cache) == (2e-4, 5e9, 6e-4, 2e9)  # not measured again
+        assert load_or_measure_machine_costs(cache) == (2e-4, 5e9, 6e-4, 2e9, 1e-3)  # not measured again
     assert len(calls) == 2
     monkeypatch.setattr(machine_costs, "_UNSAVED", {})  # a new process
     load_or_measure_machine_costs(blocker)
@@ -173,18 +184,18 @@ def test_a_busy_machine_is_named_after_measuring_and_not_saved(
     """Beside a test suite a measurement fitted gloo's latency at 0 us, which, saved, priced
     every later plan: figures measured while others took over a quarter of the cores serve
     this run only."""
-    calls = counting(monkeypatch, MachineCosts(2e-4, 5e9, 6e-4, 2e9))
+    calls = counting(monkeypatch, MachineCosts(2e-4, 5e9, 6e-4, 2e9, 1e-3))
     FixedShare.share_value = 0.6
     logged: list[str] = []
-    assert load_or_measure_machine_costs(tmp_path, logged.append) == (2e-4, 5e9, 6e-4, 2e9)
+    assert load_or_measure_machine_costs(tmp_path, logged.append) == (2e-4, 5e9, 6e-4, 2e9, 1e-3)
     assert logged[-1] == (
         "the machine was busy while measuring (other processes used 60% of the CPU time): latency 200 us, "
-        "bandwidth 5.00 GB/s, runtime overhead 0.600 ms per action, all-reduce bandwidth 2.00 GB/s are used "
-        "by this process only, not "
+        "bandwidth 5.00 GB/s, runtime overhead 0.600 ms per action, all-reduce latency 1000 us per message "
+        "and bandwidth 2.00 GB/s are used by this process only, not "
         "saved; the next run measures again"
     )
     assert not (tmp_path / MACHINE_COSTS_FILE).exists()
-    assert load_or_measure_machine_costs(tmp_path) == (2e-4, 5e9, 6e-4, 2e9)  # this process's
+    assert load_or_measure_machine_costs(tmp_path) == (2e-4, 5e9, 6e-4, 2e9, 1e-3)  # this process's
     assert len(calls) == 1
     machine_costs._UNSAVED.clear()  # as a new run starts
     load_or_measure_machine_costs(tmp_path)
@@ -266,7 +277,7 @@ def test_a_cache_time_out_of_range_is_named_not_a_traceback(measured_at: str, sa
 def test_figures_measured_with_the_ranks_unbound_are_not_reused_bound(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    calls = counting(monkeypatch, MachineCosts(2e-4, 5e9, 6e-4, 2e9))
+    calls = counting(monkeypatch, MachineCosts(2e-4, 5e9, 6e-4, 2e9, 1e-3))
     monkeypatch.setenv("PIPEOPTIM_CPU_AFFINITY", "off")
     load_or_measure_machine_costs(tmp_path)
     monkeypatch.delenv("PIPEOPTIM_CPU_AFFINITY")

@@ -134,6 +134,7 @@ class LinkFigures(NamedTuple):
     latency: float  # seconds per message
     action_overhead: float  # seconds per action
     allreduce_bandwidth: float | None  # bytes/s of the replicas' all-reduce; None: ``bandwidth``'s
+    allreduce_latency: float | None  # seconds per message of that all-reduce; None: ``latency``'s
 
 
 def link_figures(
@@ -150,12 +151,12 @@ def link_figures(
     stages in one process); each ``measure`` then becomes the plan's plain default (a 25 GB/s
     link, no latency, no overhead), logged with the reason where the user gave ``measure``
     (not where it is the command's default, as documented in its help). Where the bandwidth is
-    measured, so is the replicas' all-reduce (``allreduce_bandwidth``); else it is the
-    bandwidth's.
+    measured, so is the replicas' all-reduce (``allreduce_bandwidth``, ``allreduce_latency``);
+    else it is priced as the link.
     """
     values = {"bandwidth": bandwidth, "latency": latency, "action_overhead": action_overhead}
     wanted = [name for name, value in values.items() if value == "measure"]
-    values["allreduce_bandwidth"] = None
+    values.update(allreduce_bandwidth=None, allreduce_latency=None)
     if wanted:
         if not_measurable is not None:
             given = click.get_current_context(silent=True)
@@ -175,12 +176,15 @@ def link_figures(
                 "latency": 0.0,
                 "action_overhead": 0.0,
                 "allreduce_bandwidth": None,
+                "allreduce_latency": None,
             }
         else:
             replacing = load_or_measure_machine_costs(log=log)._asdict()
         values.update({name: replacing[name] for name in wanted})
         if "bandwidth" in wanted:
-            values["allreduce_bandwidth"] = replacing["allreduce_bandwidth"]
+            values.update({name: replacing[name] for name in ("allreduce_bandwidth", "allreduce_latency")})
+        elif not_measurable is None:  # the figures logged include the all-reduce's (helper-144)
+            log("the replicas' all-reduce is priced as messages of the link given by --bandwidth")
     return LinkFigures(**values)  # type: ignore[arg-type]
 
 

@@ -231,6 +231,7 @@ def partition(
                 method=method,
                 bandwidth=figures.bandwidth,
                 allreduce_bandwidth=figures.allreduce_bandwidth,
+                allreduce_latency_s=figures.allreduce_latency,
                 memory_limit=memory,
                 opt_state_factor=opt_factor,
                 recompute=True,  # stages recompute where --memory binds

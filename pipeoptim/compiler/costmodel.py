@@ -9,7 +9,7 @@ Stage time (seconds per micro-batch) of stage k::
           + P_k * update_s_per_byte(k)                                           (update)
           + (A[k-1] + G[k-1] + A[k] + G[k]) / bandwidth + latency_s * messages_k   (comm)
           + action_overhead_s * actions per micro-batch                          (overhead)
-          + exposed(P_k * 2(R-1)/R / allreduce bandwidth + 2(R-1) * latency_s, bwd_k, n_k)
+          + exposed(P_k * 2(R-1)/R / allreduce bandwidth + 2(R-1) * allreduce latency, bwd_k, n_k)
             * steps per micro-batch                                               (R replicas)
 
 where ``exposed`` is the part of the replicas' all-reduce the last backward before the step
@@ -120,11 +120,12 @@ class CostConfig:
         data_parallel: R, replicas of the pipeline (:mod:`pipeoptim.compiler.layouts`): each
             stage's replicas all-reduce its gradients before every step, a ring all-reduce
             moving ``2(R−1)/R`` bytes per gradient byte (Patarasuk and Yuan, JPDC 2009) at
-            :attr:`allreduce_bandwidth` in ``2(R−1)`` messages of :attr:`latency_s` each
-            (the α + β model of the links between stages), overlapped with the last backward
-            before the step where its buckets allow (:mod:`pipeoptim.compiler.overlap`).
-        allreduce_bandwidth: bytes per second between a stage's replicas; ``None``: the
-            same as :attr:`bandwidth`.
+            :attr:`allreduce_bandwidth` in ``2(R−1)`` messages of :attr:`allreduce_latency_s`
+            each (the α + β model), overlapped with the last backward before the step where its
+            buckets allow (:mod:`pipeoptim.compiler.overlap`).
+        allreduce_bandwidth, allreduce_latency_s: bytes per second and seconds per message of
+            the replicas' ring all-reduce (:func:`pipeoptim.runtime.linkcost.measure_allreduce`);
+            ``None``: :attr:`bandwidth`, :attr:`latency_s`.
         recompute: whether the planners may let a stage recompute its activations where
             :attr:`memory_limit` binds (see the module docstring).
     """
@@ -144,6 +145,7 @@ class CostConfig:
     cores_pinned: bool = False
     data_parallel: int = 1
     allreduce_bandwidth: float | None = None
+    allreduce_latency_s: float | None = None
     recompute: bool = False
 
     def __post_init__(self) -> None:
@@ -158,9 +160,10 @@ class CostConfig:
             "step_s_per_byte",
             "predict_s_per_byte",
             "copy_s_per_byte",
+            "allreduce_latency_s",
         ):
             value = getattr(self, name)
-            if not is_seconds(value):
+            if not is_seconds(value) and not (name == "allreduce_latency_s" and value is None):
                 raise ValueError(
                     f"{name} must be a number of seconds from 0 to {MAX_SECONDS:.0f}, got {value!r}"
                 )
@@ -206,14 +209,15 @@ class CostConfig:
         return self.latency_s * self.messages(stage)
 
     @property
-    def allreduce_latency_s(self) -> float:
+    def allreduce_messages_s(self) -> float:
         """Seconds per micro-batch of the all-reduce's latency: a ring all-reduce takes
-        ``2(R−1)`` steps of one message each (Patarasuk and Yuan, JPDC 2009), ``latency_s``
-        (α) apiece, once per optimizer step (the runtime issues its buckets together); 0 with
-        one replica."""
+        ``2(R−1)`` steps of one message each (Patarasuk and Yuan, JPDC 2009),
+        :attr:`allreduce_latency_s` (else ``latency_s``) apiece, once per optimizer step (the
+        runtime issues its buckets together); 0 with one replica."""
         if self.data_parallel <= 1:
             return 0.0
-        return 2.0 * (self.data_parallel - 1) * self.latency_s * self.steps_per_micro_batch
+        alpha = self.latency_s if self.allreduce_latency_s is None else self.allreduce_latency_s
+        return 2.0 * (self.data_parallel - 1) * alpha * self.steps_per_micro_batch
 
     @property
     def allreduce_s_per_byte(self) -> float:
@@ -343,7 +347,7 @@ def evaluate(
         reduce = sum(reduce_bytes(graph.nodes[i].param_bytes, len(h)) for i, h in shared.items() if k in h)
         update = params * config.update_s_per_byte(k)
         allreduce = exposed_allreduce_seconds(
-            params * config.allreduce_s_per_byte + (config.allreduce_latency_s if params else 0.0),
+            params * config.allreduce_s_per_byte + (config.allreduce_messages_s if params else 0.0),
             bwd * config.steps_per_micro_batch,
             bucket_count(params),
         )

@@ -6,9 +6,9 @@ byte). :func:`measure_link` times gloo (or NCCL) sends between two spawned proce
 several sizes, takes the fastest of the repeats at each size (:func:`message_time`), and
 fits α and β by least squares in relative error (:func:`fit_latency_bandwidth`).
 :func:`measure_allreduce` times an all-reduce between the two processes, which prices the
-replicas' gradient sum: on loopback gloo its mean moves bytes 4-5x slower than a send (the
-ring's reductions and copies run on the CPU, and its ranks wait for each other), and priced at
-the send's bandwidth the layouts of 2 x 2 and 1 x 4 ranks ran at 0.59 and 0.49 of their
+replicas' gradient sum: on loopback gloo an all-reduce of 8 MiB takes 4-6x the time of a send
+(the ring's reductions and copies run on the CPU, and a rank woken late holds up the other),
+and priced as sends the layouts of 2 x 2 and 1 x 4 ranks ran at 0.59 and 0.49 of their
 predicted rate (helper-140).
 :func:`shared_cores` says how many processors the stages of a CPU pipeline share,
 :func:`ranks_beside` how many ranks run beside each at once. All feed
@@ -50,9 +50,9 @@ SIZES = (4 << 10, 64 << 10, 1 << 20, 8 << 20)
 REPEATS = 16
 #: two sizes far apart for a quick measurement (closer ones can time in the wrong order under load)
 QUICK_SIZES = (4 << 10, 8 << 20)
-#: bytes of the all-reduce timed by default: a stage's gradients in the benchmarks (8.4 MB at 2
-#: stages of the 16 x 512 MLP), in one of the runtime's buckets (25 MiB, as DDP's)
-ALLREDUCE_BYTES = 8 << 20
+#: all-reduce sizes timed by default (bytes): a small model's gradients, and a stage's in the
+#: benchmarks (8.4 MB at 2 stages of the 16 x 512 MLP), within one of the runtime's 25 MiB buckets
+ALLREDUCE_SIZES = (64 << 10, 8 << 20)
 #: all-reduces timed by default: their mean is kept (:func:`measure_allreduce`)
 ALLREDUCE_REPEATS = 32
 
@@ -173,54 +173,61 @@ def measure_link(
             ``repeats`` < 1 (before any process starts); three measurements in a row were
             noise (β ≤ 0).
     """
+    return _fitted(backend, sizes, repeats, timeout, collective=False)
+
+
+def measure_allreduce(
+    backend: str = "gloo",
+    sizes: Sequence[int] = ALLREDUCE_SIZES,
+    repeats: int = ALLREDUCE_REPEATS,
+    timeout: float = 300.0,
+) -> tuple[float, float]:
+    """The latency (seconds per message) and bandwidth (bytes/s) of a ring all-reduce on this
+    machine over ``backend``, as :class:`pipeoptim.compiler.costmodel.CostConfig` takes them
+    (``allreduce_latency_s``, ``allreduce_bandwidth``): an all-reduce of ``P`` bytes among
+    ``R`` ranks takes ``2(R−1)`` messages of the latency and moves ``2(R−1)/R · P`` bytes at
+    the bandwidth (Patarasuk and Yuan, JPDC 2009). Measured between two processes (bound to a
+    core each, as the stages' ranks are), where that is ``2 α + P / b``: α and ``1 / b`` are
+    half the fixed part and the per-byte part of a relative least-squares fit
+    (:func:`fit_latency_bandwidth`) of the mean time of ``repeats`` all-reduces of each size;
+    measured again, up to three times, while the means do not grow with the size.
+
+    The mean, not the fastest as for the link's α and β: a stage waits for its all-reduce
+    before it steps, so it pays every late wake-up of a blocked rank, ~1.5-3 ms on the
+    project's 2-core VM in about half of the all-reduces, whatever their size (64 KiB: fastest
+    0.11-0.14 ms, mean 1.6-2.2 ms; 8 MiB: 2.8-4.1 and 5.7-7.4 ms; 2026-12-06, helper-144).
+    Priced at the fastest, the layouts of 2 x 2 and 1 x 4 ranks ran at 0.62 and 0.58 of their
+    prediction (at the link's bandwidth, 0.59 and 0.49); priced as bytes alone at the 8 MiB
+    mean, the digits CNN's 1 x 2 (a 230 KB all-reduce) at 0.55-0.58.
+
+    Raises:
+        the errors of :func:`measure_link`.
+    """
+    fixed, beta = _fitted(backend, sizes, repeats, timeout, collective=True)
+    return fixed / 2, 1.0 / beta
+
+
+def _fitted(
+    backend: str, sizes: Sequence[int], repeats: int, timeout: float, collective: bool
+) -> tuple[float, float]:
+    """α, β of the sends (the fastest of each size's round trips) or all-reduces (the mean of
+    each size's, ``collective``), measured again while they are noise."""
     if len({int(n) for n in sizes}) < 2 or min(sizes) < 4 or any(n % 4 for n in sizes) or repeats < 1:
         raise ValueError(
-            f"measure_link needs two or more different message sizes, each a positive multiple of 4 "
-            f"bytes (float32 elements), and repeats >= 1; got sizes {list(sizes)}, repeats {repeats}"
+            f"measuring the {'all-reduce' if collective else 'link'} needs two or more different sizes, "
+            f"each a positive multiple of 4 bytes (float32 elements), and repeats >= 1; got sizes "
+            f"{list(sizes)}, repeats {repeats}"
         )
+    typical = statistics.fmean if collective else message_time
     noise: ValueError | None = None
     for _ in range(3):  # a busy machine can time a big message faster than a small one
         try:
-            times = [message_time(ts) for ts in _round_trips(backend, sizes, repeats, timeout, False)]
+            times = [typical(ts) for ts in _round_trips(backend, sizes, repeats, timeout, collective)]
             return fit_latency_bandwidth(list(sizes), times)
         except ValueError as exc:
             noise = exc
     assert noise is not None
     raise noise
-
-
-def measure_allreduce(
-    backend: str = "gloo",
-    size: int = ALLREDUCE_BYTES,
-    repeats: int = ALLREDUCE_REPEATS,
-    timeout: float = 300.0,
-) -> float:
-    """The bandwidth (bytes/s) of a ring all-reduce on this machine over ``backend``, as
-    :attr:`pipeoptim.compiler.costmodel.CostConfig.allreduce_bandwidth` takes it: ``b`` such
-    that an all-reduce of ``P`` bytes among ``R`` ranks moves its ``2(R−1)/R · P`` bytes in
-    ``2(R−1)/R · P / b`` seconds (Patarasuk and Yuan, JPDC 2009). Measured between two
-    processes (bound to a core each, as the stages' ranks are), where ``2(R−1)/R`` is 1:
-    ``size`` over the mean time of ``repeats`` all-reduces of ``size`` bytes (its messages'
-    latency included, which the plan's ``2(R−1)`` messages of α count again: 70 us against
-    6 ms here).
-
-    The mean, not the fastest as for the link's α and β: a stage waits for its all-reduce
-    before it steps, so it pays every late wake-up of a blocked rank (~2-3 ms on the project's
-    2-core VM, in about half of the 8 MiB all-reduces: fastest 2.8-4.1 ms, mean 5.7-7.4 ms in
-    six measurements, 2026-12-06); priced at the fastest, the layouts of 2 x 2 and 1 x 4 ranks
-    ran at 0.62 and 0.58 of their prediction, and at the link's bandwidth at 0.59 and 0.49.
-
-    Raises:
-        ValueError: ``size`` not a positive multiple of 4 bytes, or ``repeats`` < 1.
-        RuntimeError: the processes did not report within ``timeout`` seconds.
-    """
-    if size < 4 or size % 4 or repeats < 1:
-        raise ValueError(
-            f"measure_allreduce needs a size that is a positive multiple of 4 bytes (float32 elements) "
-            f"and repeats >= 1; got size {size}, repeats {repeats}"
-        )
-    (times,) = _round_trips(backend, [size], repeats, timeout, True)
-    return size / statistics.fmean(times)
 
 
 def _round_trips(

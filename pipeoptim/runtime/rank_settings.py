@@ -33,7 +33,10 @@ from pipeoptim.runtime.optim import hyperparameters
 SHOWN = 4
 #: compile's arguments that only rank 0's planning reads (or that are this process's own):
 #: they may differ between ranks
-RANK_0_ONLY = ("profile_dir", "memory", "bandwidth", "latency", "action_overhead", "solver", "log", "timeout")
+RANK_0_ONLY = (
+    *("profile_dir", "memory", "bandwidth", "latency", "action_overhead", "solver", "log", "timeout"),
+    *("allreduce_bandwidth", "allreduce_latency"),
+)
 _PLAIN = (int, float, str, bool, type(None))
 
 

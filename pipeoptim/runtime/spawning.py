@@ -190,7 +190,16 @@ def _ignoring_ctrl_c(target: Callable[..., None], *args: Any) -> None:
     """``target(*args)`` with Ctrl-C ignored: a terminal's Ctrl-C reaches the whole process
     group, and the process that started this one stops it (:func:`run_processes`)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    leave_agent_store()
     target(*args)
+
+
+def leave_agent_store() -> None:
+    """Drop ``TORCHELASTIC_USE_AGENT_STORE`` from this process's environment: started from a
+    torchrun rank, a process inherits it, and its own ``init_process_group(init_method=
+    "tcp://...")`` then waits as a client for a store its group's rank 0 never serves (this
+    machine's link measured from a torchrun job waited out its 120 s timeout, helper-144)."""
+    os.environ.pop("TORCHELASTIC_USE_AGENT_STORE", None)
 
 
 def run_processes(

@@ -37,7 +37,7 @@ from pipeoptim.runtime.peer_loss import lost_peer
 from pipeoptim.runtime.replicas import join_replica_groups, replica_copy, stage_and_replica
 from pipeoptim.runtime.schedule import BACKWARD, FORWARD, Action, last_before_step
 from pipeoptim.runtime.shared_build import shared_holders
-from pipeoptim.runtime.spawning import unpickle_spec
+from pipeoptim.runtime.spawning import leave_agent_store, unpickle_spec
 from pipeoptim.runtime.stage import StageRuntime
 from pipeoptim.runtime.stage_state import load_optimizer_state, load_stage_state, optimizer_state
 
@@ -265,6 +265,7 @@ def worker_main(
         pickled, environ, cores, settings = payload
         os.environ.clear()
         os.environ.update(environ)
+        leave_agent_store()  # a driver under torchrun: this pipeline's group is its own
         take_cores(cores)
         device = stage_device(rank)
         spec = unpickle_spec(pickled)
