@@ -13,6 +13,7 @@ measured again, and may differ by the timing noise).
 from __future__ import annotations
 
 import copy
+import warnings
 from collections.abc import Callable, Sequence
 from functools import partial
 from typing import TYPE_CHECKING, Any
@@ -34,6 +35,7 @@ from pipeoptim.runtime import spmd
 from pipeoptim.runtime.affinity import ranks_bound
 from pipeoptim.runtime.clipping import check_clipping
 from pipeoptim.runtime.linkcost import shared_cores, stage_threads
+from pipeoptim.runtime.optim import check_steppable
 from pipeoptim.runtime.precision import autocast_context, check_autocast
 from pipeoptim.runtime.prediction import check_pipeoptim_options
 from pipeoptim.runtime.replicas import check_replicated_options
@@ -203,9 +205,13 @@ def plan_best_layout(
     method = options.get("method", "pipeoptim")
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
-    # an optimizer no layout can use, refused before every layout is profiled and planned
+    # an optimizer no layout can use, refused before every layout is profiled and planned, as
+    # compile refuses it (its warnings are compile's to give, once)
+    check_steppable(optimizer)
     predictor, backward = options.get("predictor", "paper"), options.get("backward", "current")
-    check_pipeoptim_options(method, get_method(method).policy, predictor, backward, optimizer)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        check_pipeoptim_options(method, get_method(method).policy, predictor, backward, optimizer)
     examples = options.get("example_inputs")
     inputs = as_tuple(examples) if isinstance(examples, (torch.Tensor, tuple, list)) else ()
     if not inputs or not all(isinstance(x, torch.Tensor) and x.dim() > 0 for x in inputs):

@@ -131,8 +131,8 @@ def compile(
             :func:`pipeoptim.machine_costs.load_or_measure_machine_costs` gives ``bandwidth``,
             ``latency``, ``action_overhead`` and the all-reduce's figures for CPU worker processes
             on this machine (measured once and cached; ``pipeoptim train`` uses them by default).
-        allreduce_bandwidth, allreduce_latency: bytes/s and seconds per message of the
-            replicas' ring all-reduce of each stage's gradients
+        allreduce_bandwidth, allreduce_latency: bytes/s and seconds per all-reduce (its fixed
+            cost, once per gradient bucket and step) of the replicas' ring all-reduce
             (:func:`pipeoptim.runtime.linkcost.measure_allreduce`); ``None``: the link's.
         profile_dir: where profiles are cached (``None``: do not cache).
         plan: a :class:`~pipeoptim.compiler.plan.Plan` or plan file (``pipeoptim partition

@@ -43,7 +43,7 @@ MEASURED_AT = "measured_at"
 METHOD = (
     "gloo: median of 3 relative fits of the fastest of 16 round trips 4K-8M; "
     "overhead: 2 stages, 200 mini-batches, CPU time; ranks bound to cores; "
-    "all-reduce: median of 3 relative fits of the means of 32 at 64K and 8M"
+    "all-reduce: median of 3 relative fits of the means of 32 at 64K and 8M, fixed cost per all-reduce"
 )
 #: the most seconds a cached latency or per-action overhead may hold, and the slowest cached
 #: link (bytes/s): measured figures are near 1e-4 s and 1e9 B/s; beyond these, edited by hand
@@ -61,7 +61,7 @@ class MachineCosts(NamedTuple):
     bandwidth: float  # bytes per second between stages (1/β)
     action_overhead: float  # the runtime's CPU seconds per action (forward, backward, step)
     allreduce_bandwidth: float  # bytes per second of the replicas' ring all-reduce (CostConfig's)
-    allreduce_latency: float  # seconds per message of that ring
+    allreduce_latency: float  # seconds each all-reduce costs beyond its bytes (CostConfig's)
 
 
 def cache_dir() -> Path:
@@ -181,7 +181,7 @@ def _figures(costs: MachineCosts) -> str:
     return (
         f"latency {costs.latency * 1e6:.0f} us, bandwidth {costs.bandwidth / 1e9:.2f} GB/s, "
         f"runtime overhead {costs.action_overhead * 1e3:.3f} ms per action, "
-        f"all-reduce latency {costs.allreduce_latency * 1e6:.0f} us per message and bandwidth "
+        f"all-reduce {costs.allreduce_latency * 1e6:.0f} us each and bandwidth "
         f"{costs.allreduce_bandwidth / 1e9:.2f} GB/s"
     )
 

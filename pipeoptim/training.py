@@ -78,7 +78,7 @@ class TrainConfig:
     bandwidth: str | float | None = "25GB/s"  # the plan's link between stages (bytes/s; None: free)
     latency: float = 0.0  # the plan's seconds per message between stages
     allreduce_bandwidth: float | None = None  # the plan's replicas' all-reduce (bytes/s; None: bandwidth's)
-    allreduce_latency: float | None = None  # its seconds per message (None: latency's)
+    allreduce_latency: float | None = None  # its seconds each beyond its bytes (None: the link's)
     action_overhead: float = 0.0  # the plan's runtime CPU seconds per action (pipeoptim.action_overhead)
     record_every: int = 50
     progress_every: int | None = None

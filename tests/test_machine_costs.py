@@ -16,7 +16,7 @@ from .test_train_cli import run
 
 #: how MachineCosts(2e-4, 5e9, 6e-4, 2e9, 1e-3) is logged
 FIGURES = "latency 200 us, bandwidth 5.00 GB/s, runtime overhead 0.600 ms per action, " + (
-    "all-reduce latency 1000 us per message and bandwidth 2.00 GB/s"
+    "all-reduce 1000 us each and bandwidth 2.00 GB/s"
 )
 
 
@@ -55,7 +55,7 @@ def test_a_real_measurement_is_plausible_and_then_reused(monkeypatch: pytest.Mon
     assert 1e7 < first.bandwidth < 1e12  # bytes/s
     assert 0 < first.action_overhead < 0.05  # seconds per action
     assert 1e7 < first.allreduce_bandwidth < 1e12  # bytes/s
-    assert 0 <= first.allreduce_latency < 0.1  # seconds per message (late wake-ups: ~1 ms here)
+    assert 0 <= first.allreduce_latency < 0.1  # seconds per all-reduce (late wake-ups: ~2 ms here)
     assert (machine_costs.cache_dir() / MACHINE_COSTS_FILE).exists()
     calls = counting(monkeypatch, MachineCosts(1.0, 1.0, 1.0, 1.0, 1.0))
     assert load_or_measure_machine_costs() == first and not calls
@@ -190,7 +190,7 @@ def test_a_busy_machine_is_named_after_measuring_and_not_saved(
     assert load_or_measure_machine_costs(tmp_path, logged.append) == (2e-4, 5e9, 6e-4, 2e9, 1e-3)
     assert logged[-1] == (
         "the machine was busy while measuring (other processes used 60% of the CPU time): latency 200 us, "
-        "bandwidth 5.00 GB/s, runtime overhead 0.600 ms per action, all-reduce latency 1000 us per message "
+        "bandwidth 5.00 GB/s, runtime overhead 0.600 ms per action, all-reduce 1000 us each "
         "and bandwidth 2.00 GB/s are used by this process only, not "
         "saved; the next run measures again"
     )

@@ -134,7 +134,7 @@ class LinkFigures(NamedTuple):
     latency: float  # seconds per message
     action_overhead: float  # seconds per action
     allreduce_bandwidth: float | None  # bytes/s of the replicas' all-reduce; None: ``bandwidth``'s
-    allreduce_latency: float | None  # seconds per message of that all-reduce; None: ``latency``'s
+    allreduce_latency: float | None  # seconds each all-reduce costs beyond its bytes; None: the link's
 
 
 def link_figures(
@@ -184,7 +184,7 @@ def link_figures(
         if "bandwidth" in wanted:
             values.update({name: replacing[name] for name in ("allreduce_bandwidth", "allreduce_latency")})
         elif not_measurable is None:  # the figures logged include the all-reduce's (helper-144)
-            log("the replicas' all-reduce is priced as messages of the link given by --bandwidth")
+            log("with replicas, their all-reduce is priced as messages of the link given by --bandwidth")
     return LinkFigures(**values)  # type: ignore[arg-type]
 
 

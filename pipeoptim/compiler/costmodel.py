@@ -9,13 +9,14 @@ Stage time (seconds per micro-batch) of stage k::
           + P_k * update_s_per_byte(k)                                           (update)
           + (A[k-1] + G[k-1] + A[k] + G[k]) / bandwidth + latency_s * messages_k   (comm)
           + action_overhead_s * actions per micro-batch                          (overhead)
-          + exposed(P_k * 2(R-1)/R / allreduce bandwidth + 2(R-1) * allreduce latency, bwd_k, n_k)
+          + exposed(P_k * 2(R-1)/R / allreduce bandwidth + n_k * allreduce latency, bwd_k, n_k)
             * steps per micro-batch                                               (R replicas)
 
 where ``exposed`` is the part of the replicas' all-reduce the last backward before the step
-does not hide (:func:`pipeoptim.compiler.overlap.exposed_allreduce_seconds`, ``n_k`` gradient
-buckets of ``P_k``). The partitioners place cuts with the whole all-reduce (linear in
-``P_k``, :meth:`CostConfig.work_s`), an upper bound of the exposed part.
+does not hide (:func:`pipeoptim.compiler.overlap.exposed_allreduce_seconds`; ``n_k`` gradient
+buckets of ``P_k``, an all-reduce each). The partitioners place cuts with the all-reduce's
+bytes (:meth:`CostConfig.work_s`), an upper bound of their exposed part; its fixed cost is
+added to the stage times they report.
 ``A[b]`` are the activation bytes crossing boundary b (between stage b and b+1) forward
 and ``G[b]`` the gradient bytes crossing it backward. A value produced at stage i and read at
 stage j > i crosses every boundary i..j-1 (it is passed on by the stages in between), and is
@@ -82,15 +83,22 @@ memory (at equal time no recomputation is preferred; :func:`evaluate`).
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any
 
 from pipeoptim.compiler.boundaries import boundary_bytes, saved_activation_bytes, stage_input_bytes
 from pipeoptim.compiler.costgraph import CostGraph
 from pipeoptim.compiler.overlap import bucket_count, exposed_allreduce_seconds
 from pipeoptim.compiler.shared import reduce_bytes, shared_parameters
+from pipeoptim.compiler.stage_stats import StageStats
 from pipeoptim.methods import Method, get_method
 from pipeoptim.units import MAX_BYTES, MAX_SECONDS, MIN_BANDWIDTH, is_bandwidth, is_seconds
+
+#: :class:`CostConfig`'s fields in seconds (``allreduce_latency_s`` may be ``None``)
+SECONDS_FIELDS = (
+    *("latency_s", "action_overhead_s", "step_s_per_byte", "predict_s_per_byte"),
+    *("copy_s_per_byte", "allreduce_latency_s"),
+)
 
 
 @dataclass(frozen=True)
@@ -120,12 +128,14 @@ class CostConfig:
         data_parallel: R, replicas of the pipeline (:mod:`pipeoptim.compiler.layouts`): each
             stage's replicas all-reduce its gradients before every step, a ring all-reduce
             moving ``2(R−1)/R`` bytes per gradient byte (Patarasuk and Yuan, JPDC 2009) at
-            :attr:`allreduce_bandwidth` in ``2(R−1)`` messages of :attr:`allreduce_latency_s`
-            each (the α + β model), overlapped with the last backward before the step where its
-            buckets allow (:mod:`pipeoptim.compiler.overlap`).
-        allreduce_bandwidth, allreduce_latency_s: bytes per second and seconds per message of
-            the replicas' ring all-reduce (:func:`pipeoptim.runtime.linkcost.measure_allreduce`);
-            ``None``: :attr:`bandwidth`, :attr:`latency_s`.
+            :attr:`allreduce_bandwidth`, each bucket's all-reduce at a fixed cost of
+            :attr:`allreduce_latency_s`, overlapped with the last backward before the step
+            where its buckets allow (:mod:`pipeoptim.compiler.overlap`).
+        allreduce_bandwidth: bytes per second of the replicas' ring all-reduce; ``None``:
+            :attr:`bandwidth`.
+        allreduce_latency_s: seconds each all-reduce (one per bucket and step) costs whatever
+            its size; ``None``: its ring's ``2(R−1)`` messages of :attr:`latency_s`
+            (:func:`pipeoptim.runtime.linkcost.measure_allreduce` measures both).
         recompute: whether the planners may let a stage recompute its activations where
             :attr:`memory_limit` binds (see the module docstring).
     """
@@ -154,14 +164,7 @@ class CostConfig:
         plan's time NaN or infinite and its JSON invalid), or a bandwidth outside
         :data:`pipeoptim.units.MIN_BANDWIDTH` to :data:`pipeoptim.units.MAX_BYTES` bytes/s
         (1e-300 made a boundary's seconds infinite)."""
-        for name in (
-            "latency_s",
-            "action_overhead_s",
-            "step_s_per_byte",
-            "predict_s_per_byte",
-            "copy_s_per_byte",
-            "allreduce_latency_s",
-        ):
+        for name in SECONDS_FIELDS:
             value = getattr(self, name)
             if not is_seconds(value) and not (name == "allreduce_latency_s" and value is None):
                 raise ValueError(
@@ -209,15 +212,18 @@ class CostConfig:
         return self.latency_s * self.messages(stage)
 
     @property
-    def allreduce_messages_s(self) -> float:
-        """Seconds per micro-batch of the all-reduce's latency: a ring all-reduce takes
-        ``2(R−1)`` steps of one message each (Patarasuk and Yuan, JPDC 2009),
-        :attr:`allreduce_latency_s` (else ``latency_s``) apiece, once per optimizer step (the
-        runtime issues its buckets together); 0 with one replica."""
+    def allreduce_fixed_s(self) -> float:
+        """Seconds per micro-batch of one bucket's all-reduce beyond its bytes (0 with one
+        replica): :attr:`allreduce_latency_s` (a late wake-up of a blocked rank costs each
+        ~1.5-3 ms on a 2-core VM, whatever its size, and at R=4 1.2-2x what it does at R=2,
+        helper-145), else the ring's ``2(R−1)`` messages of ``latency_s`` (Patarasuk and Yuan,
+        JPDC 2009); once per step and bucket (the runtime issues an all-reduce per bucket)."""
         if self.data_parallel <= 1:
             return 0.0
-        alpha = self.latency_s if self.allreduce_latency_s is None else self.allreduce_latency_s
-        return 2.0 * (self.data_parallel - 1) * alpha * self.steps_per_micro_batch
+        fixed = self.allreduce_latency_s
+        if fixed is None:
+            fixed = 2.0 * (self.data_parallel - 1) * self.latency_s
+        return fixed * self.steps_per_micro_batch
 
     @property
     def allreduce_s_per_byte(self) -> float:
@@ -248,49 +254,6 @@ class CostConfig:
     def comm_s(self, nbytes: float) -> float:
         """Seconds to move ``nbytes`` at :attr:`bandwidth`."""
         return 0.0 if self.bandwidth is None else nbytes / self.bandwidth
-
-
-@dataclass
-class StageStats:
-    """Costs of one stage (seconds per micro-batch, bytes)."""
-
-    index: int
-    num_nodes: int
-    first_node: str
-    last_node: str
-    param_bytes: int
-    fwd_s: float
-    bwd_s: float
-    recv_bytes: int
-    send_bytes: int
-    comm_s: float
-    update_s: float
-    weight_bytes: int
-    grad_bytes: int
-    opt_state_bytes: int
-    copy_bytes: int
-    buffer_bytes: int
-    activation_bytes: int
-    memory_bytes: int
-    time_s: float
-    overhead_s: float = 0.0
-    #: bytes this stage sends (and receives) per optimizer step to sum the gradients of the
-    #: shared parameters it holds (:func:`pipeoptim.compiler.shared.reduce_bytes`)
-    shared_bytes: int = 0
-    #: seconds per optimizer step of that exchange (both ways, at the bandwidth)
-    shared_s: float = 0.0
-    allreduce_s: float = 0.0  # the replicas' gradient all-reduce not overlapped, per micro-batch
-    #: whether the stage recomputes its forward before each backward (planned recomputation)
-    recompute: bool = False
-    #: seconds per micro-batch of that recomputation (its forward again; 0 without)
-    recompute_s: float = 0.0
-
-    @property
-    def compute_s(self) -> float:
-        return self.fwd_s + self.bwd_s
-
-    def to_dict(self) -> dict[str, Any]:
-        return {**asdict(self), "compute_s": self.compute_s}
 
 
 def check_assignment(graph: CostGraph, stage_of: Sequence[int], num_stages: int) -> None:
@@ -346,10 +309,11 @@ def evaluate(
         overhead = config.action_overhead_s * (2 + config.steps_per_micro_batch)
         reduce = sum(reduce_bytes(graph.nodes[i].param_bytes, len(h)) for i, h in shared.items() if k in h)
         update = params * config.update_s_per_byte(k)
+        buckets = bucket_count(params)
         allreduce = exposed_allreduce_seconds(
-            params * config.allreduce_s_per_byte + (config.allreduce_messages_s if params else 0.0),
+            params * config.allreduce_s_per_byte + (buckets * config.allreduce_fixed_s if params else 0.0),
             bwd * config.steps_per_micro_batch,
-            bucket_count(params),
+            buckets,
         )
         copies = config.method_info.extra_weight_copies(k, n)
         opt = int(params * config.opt_state_factor)

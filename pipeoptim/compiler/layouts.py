@@ -25,9 +25,9 @@ Where a *profiler* is given instead of one cost graph (``compile(..., data_paral
 layout: the prediction of a layout is then the one its compiled plan shows.
 
 **Costs of replication.** Each stage adds its ring all-reduce, ``2(R−1)/R · P_k`` bytes at
-the all-reduce's bandwidth plus ``2(R−1)`` messages of its latency per optimizer step (the
-α + β model of :attr:`pipeoptim.compiler.costmodel.CostConfig.allreduce_s_per_byte` and
-``allreduce_messages_s``), of which the part the last backward before the step does not hide
+the all-reduce's bandwidth plus its fixed cost per bucket and optimizer step (the α + β model
+of :attr:`pipeoptim.compiler.costmodel.CostConfig.allreduce_s_per_byte` and
+``allreduce_fixed_s``), of which the part the last backward before the step does not hide
 counts in the stage's time (:mod:`pipeoptim.compiler.overlap`); the partitioner balances the
 whole all-reduce with the rest of the stage's work. Where the ranks
 share a machine's cores (``config.cores``, CPU ranks), all N·R ranks' work counts against
