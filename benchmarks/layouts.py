@@ -178,7 +178,7 @@ def main() -> None:
             f"MLP of {depth} linear layers of width {width}, mini-batches of {rows} rows, method "
             f"`{args.method}`, SGD with momentum, {steps} timed mini-batches after {warmup} of warm-up, "
             f"gloo link α = {link[0] * 1e6:.0f} µs, 1/β = {1 / link[1] / 1e9:.2f} GB/s, all-reduce "
-            f"{link[2] * 1e6:.0f} µs per message and {link[3] / 1e9:.2f} GB/s and the runtime's "
+            f"{link[2] * 1e6:.0f} µs each and {link[3] / 1e9:.2f} GB/s and the runtime's "
             f"{overhead * 1e3:.3f} ms per action ({how}, given to the planner and to `compile`), "
             "load average "
             f"{load[0]:.1f} before and {os.getloadavg()[0]:.1f} after. *planner predicts*: "
