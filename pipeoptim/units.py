@@ -74,6 +74,8 @@ def parse_bandwidth(text: str | int | float) -> float:
     Raises:
         ValueError: the text is not a positive bandwidth; the message shows accepted forms.
     """
+    if isinstance(text, bool):  # True was 1 byte/s (helper-144)
+        raise ValueError(f"bandwidth {text!r} is no number of bytes per second: give one, e.g. 25GB/s")
     if isinstance(text, (int, float)):
         value = float(text)
     else:
@@ -91,7 +93,8 @@ def parse_bandwidth(text: str | int | float) -> float:
     if not MIN_BANDWIDTH <= value <= MAX_BYTES:
         raise ValueError(
             f"bandwidth {text!r} must be from {MIN_BANDWIDTH:.0f} byte/s to {MAX_BYTES:.0e} bytes/s "
-            "(slower links make every time overflow; 'inf' makes bytes cost nothing)"
+            "(slower links make every time overflow; bytes cost nothing with 'inf' on the command line, "
+            "None in Python)"
         )
     return value
 

@@ -103,9 +103,11 @@ def test_compile_prices_the_replicas_allreduce_at_the_bandwidth_given(tmp_path: 
                 fixed,
             )
         assert stage.allreduce_s == pytest.approx(params / priced[0] + priced[1], rel=1e-12)
-    with pytest.raises(ValueError, match="bandwidth"):
-        opt = torch.optim.SGD(net.parameters(), lr=0.1)
-        pipeoptim.compile(net, opt, 2, allreduce_bandwidth="fast", **common)
+    # what a bandwidth refuses, named with the way to free bytes in Python; True is no figure
+    for bad, named in (("fast", "cannot parse bandwidth 'fast'"), (0, "None in Python"), (True, "no number")):
+        with pytest.raises(ValueError, match=named):
+            opt = torch.optim.SGD(net.parameters(), lr=0.1)
+            pipeoptim.compile(net, opt, 2, allreduce_bandwidth=bad, **common)
 
 
 def test_partition_plans_replicas_with_the_measured_allreduce(tmp_path: Path, measured: list[int]) -> None:
