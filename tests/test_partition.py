@@ -7,7 +7,7 @@ import random
 from dataclasses import replace
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from pipeoptim.compiler import baselines as B
@@ -134,6 +134,7 @@ def _peak_memories(graph: CostGraph, config: CostConfig) -> list[int]:
 
 @settings(max_examples=25, deadline=None)
 @given(seed=st.integers(0, 10**6), size=st.integers(3, 6), chain=st.booleans())
+@example(seed=10317, size=6, chain=False)  # HiGHS called its warm start optimal (CI, 2026-12-06)
 def test_partitioners_meet_limits_that_bind_with_saved_storages(seed: int, size: int, chain: bool) -> None:
     """A value saved by nodes of two stages (a ReLU's output, saved by it and by the next
     layer) is held by both: the partitioners summed each node's saved bytes, so a plan they
