@@ -42,7 +42,7 @@ from pipeoptim.compiler.costmodel import CostConfig, evaluate
 from pipeoptim.compiler.grouping import Units, coarsen, fine_units
 from pipeoptim.compiler.ideals import enumerate_ideals, ideal_dp
 from pipeoptim.compiler.ilp_solver import resolve_solver, solve_ilp
-from pipeoptim.compiler.milp import build_ilp, stage_from_z
+from pipeoptim.compiler.milp import IlpModel, build_ilp, stage_from_z
 from pipeoptim.errors import InfeasibleMemoryError
 from pipeoptim.methods import get_method
 from pipeoptim.units import format_bytes
@@ -206,20 +206,9 @@ def _solve_time(
     limit = config.memory_limit
     for _ in range(3):
         built = build_ilp(units, config, "time", upper_s=upper, memory_limit=limit)
-        built.warm_start(_unit_stages(warm_plan, units))
-        status, optimal, final_gap = solve_ilp(built.prob, solver, time_limit, True, gap)
+        status, optimal, final_gap, stage_of = _solve_from(built, units, warm_plan, solver, time_limit, gap)
         if not status.startswith(("optimal", "feasible")):
             break
-        stage_of = units.expand([stage_from_z(built.z, u, config.num_stages) for u in range(len(units))])
-        if solver == "highs" and optimal and stage_of == warm_plan:
-            # HiGHS 1.16 called its start optimal where brute force finds a plan 29% faster
-            # (tests/test_partition.py, seed 10317): solved again without the start
-            again = solve_ilp(built.prob, solver, time_limit, False, gap)
-            if again[0].startswith(("optimal", "feasible")):
-                status, optimal, final_gap = again
-                stage_of = units.expand(
-                    [stage_from_z(built.z, u, config.num_stages) for u in range(len(units))]
-                )
         if config.memory_limit is None or limit is None:
             return stage_of, status, optimal, final_gap
         excess = peak_memory(graph, stage_of, config) - config.memory_limit
@@ -227,6 +216,25 @@ def _solve_time(
             return stage_of, status, optimal, final_gap
         limit -= excess + 1
     return warm_plan, f"warm start (the ILP: {status})", False, None
+
+
+def _solve_from(
+    built: IlpModel, units: Units, start: list[int], solver: str, time_limit: float, gap: float
+) -> tuple[str, bool, float | None, list[int]]:
+    """Solve ``built`` from the plan ``start``; return (status, optimal, gap, plan). Where
+    HiGHS returns the start itself as optimal it is solved again without it: HiGHS 1.16 called
+    its start optimal where brute force finds a plan 29% faster (tests/test_partition.py, seed
+    10317), and without any start found no plan of a 200-unit ILP in a second."""
+    n = len(built.rows)  # a row per stage
+    built.warm_start(_unit_stages(start, units))
+    status, optimal, found_gap = solve_ilp(built.prob, solver, time_limit, True, gap)
+    plan = units.expand([stage_from_z(built.z, u, n) for u in range(len(units))])
+    if solver == "highs" and optimal and plan == start:
+        again = solve_ilp(built.prob, solver, time_limit, False, gap)
+        if again[0].startswith(("optimal", "feasible")):
+            status, optimal, found_gap = again
+            plan = units.expand([stage_from_z(built.z, u, n) for u in range(len(units))])
+    return status, optimal, found_gap, plan
 
 
 def _stage_starts(stage_of: list[int], units: Units) -> list[int]:
@@ -297,13 +305,11 @@ def min_memory_plan(
     if units is None:
         units = coarsen(fine, max_units, n, keep_starts=frozenset(_stage_starts(contiguous, fine)))
     built = build_ilp(units, config, "memory")
-    built.warm_start(_unit_stages(contiguous, units))
-    status, proven, _gap_found = solve_ilp(built.prob, solver, time_limit, True, gap=0.0)
+    status, proven, _gap_found, found_plan = _solve_from(built, units, contiguous, solver, time_limit, 0.0)
     best, peak = contiguous, peak_memory(graph, contiguous, config, "least")
-    if status.startswith(("optimal", "feasible")):
-        found_plan = units.expand([stage_from_z(built.z, u, n) for u in range(len(units))])
-        if (found_peak := peak_memory(graph, found_plan, config, "least")) < peak:
-            best, peak = found_plan, found_peak
+    found = status.startswith(("optimal", "feasible"))
+    if found and (found_peak := peak_memory(graph, found_plan, config, "least")) < peak:
+        best, peak = found_plan, found_peak
     return MemoryMinimum(memory_bytes=peak, stage_of=best, proven=proven, num_units=len(units))
 
 
