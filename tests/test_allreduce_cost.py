@@ -185,34 +185,27 @@ def test_the_link_is_measured_from_a_torchrun_rank() -> None:
 
 def test_an_optimizer_spectrain_cannot_predict_is_refused_before_layouts_are_planned(tmp_path: Path) -> None:
     """SpecTrain with Adam and data_parallel="auto" was refused only after every layout had
-    been profiled and planned (13 s on the digits task, helper-144)."""
+    been profiled and planned (13 s on the digits task, helper-144); an optimizer no method can
+    step is named as the cause, as compile names it (the early check first gave LBFGS "no
+    weight predictor", helper-145)."""
     net = model()
-    with pytest.raises(PredictorError, match=r"SpecTrain needs torch\.optim\.SGD with momentum"):
-        pipeoptim.compile(
-            net,
-            torch.optim.Adam(net.parameters()),
-            2,
-            example_inputs=torch.randn(8, 32),
-            loss_fn=F.cross_entropy,
-            method="spectrain",
-            data_parallel="auto",
-            profile_dir=tmp_path,
-            executor="local",
-        )
-    assert not any(tmp_path.iterdir())  # nothing profiled
-    # an optimizer no method can step is named as the cause, as compile names it (the early
-    # check gave LBFGS "no weight predictor", helper-145)
-    with pytest.raises(ValueError, match="needs a closure"):
-        pipeoptim.compile(
-            net,
-            torch.optim.LBFGS(net.parameters()),
-            2,
-            example_inputs=torch.randn(8, 32),
-            loss_fn=F.cross_entropy,
-            data_parallel="auto",
-            profile_dir=tmp_path,
-            executor="local",
-        )
+    for optimizer, method, error, message in (
+        (torch.optim.Adam, "spectrain", PredictorError, r"SpecTrain needs torch\.optim\.SGD with momentum"),
+        (torch.optim.LBFGS, "pipeoptim", ValueError, "needs a closure"),
+    ):
+        with pytest.raises(error, match=message):
+            pipeoptim.compile(
+                net,
+                optimizer(net.parameters()),
+                2,
+                example_inputs=torch.randn(8, 32),
+                loss_fn=F.cross_entropy,
+                method=method,
+                data_parallel="auto",
+                profile_dir=tmp_path,
+                executor="local",
+            )
+        assert not any(tmp_path.iterdir())  # nothing profiled
 
 
 def one_stage(params: int, backward: float) -> CostGraph:
