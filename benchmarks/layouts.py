@@ -6,8 +6,8 @@ another.
 For one model (a deep MLP) and one method, measured side by side in one run: steady-state
 mini-batches per second of each layout with one worker process per rank, against the
 throughput the layout planner predicts, and the layout it chooses among every layout of 4
-devices. The gloo link's latency α and inverse bandwidth β and the all-reduce's bandwidth are
-measured first (:func:`pipeoptim.runtime.linkcost.measure_link` and
+devices. The gloo link's latency α and inverse bandwidth β and the all-reduce's fixed cost and
+bandwidth are measured first (:func:`pipeoptim.runtime.linkcost.measure_link` and
 :func:`~pipeoptim.runtime.linkcost.measure_allreduce`; ``--quick`` takes the figures ``compile``
 uses, :func:`pipeoptim.machine_costs.load_or_measure_machine_costs`) and given to the planner
 and to ``compile``; the planner (:func:`pipeoptim.compile_layout.plan_best_layout`) plans each
@@ -38,7 +38,7 @@ from torch import nn
 import pipeoptim
 from pipeoptim.action_overhead import measure_action_overhead
 from pipeoptim.compile_layout import plan_best_layout
-from pipeoptim.machine_costs import load_or_measure_machine_costs
+from pipeoptim.machine_costs import MachineCosts, load_or_measure_machine_costs
 from pipeoptim.runtime.linkcost import measure_allreduce, measure_link
 
 CLASSES = 10
@@ -58,29 +58,19 @@ def batch(width: int, size: int) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.randn(size, width, generator=g), torch.randint(0, CLASSES, (size,), generator=g)
 
 
-def compile_options(
-    method: str,
-    x: torch.Tensor,
-    link: tuple[float, float, float, float],
-    overhead: float,
-    profile_dir: Path,
-) -> dict[str, Any]:
-    """``compile``'s keyword arguments for every layout (and for the planner): the link
-    (α, β, and the all-reduce's latency and bandwidth: priced as the link, 2 x 2 and 1 x 4
-    measured 0.59 and 0.49 of their prediction) and the runtime's seconds per action (left at compile's 0, the
-    plans missed 0.37 ms of 12 actions a mini-batch at 4 stages, helper-140)."""
-    latency, beta, allreduce_latency, allreduce_bandwidth = link
+def compile_options(method: str, x: torch.Tensor, costs: MachineCosts, profile_dir: Path) -> dict[str, Any]:
+    """``compile``'s keyword arguments for every layout (and for the planner): this machine's
+    link, all-reduce and runtime figures, under ``compile``'s names (priced as the link, the
+    all-reduce left 2 x 2 and 1 x 4 at 0.59 and 0.49 of their prediction; left at compile's 0,
+    the runtime's seconds per action missed 0.37 ms of 12 actions a mini-batch at 4 stages,
+    helper-140)."""
     return dict(
-        action_overhead=overhead,
+        **costs._asdict(),
         example_inputs=x,
         loss_fn=F.cross_entropy,
         method=method,
         executor="processes",
         profile_dir=profile_dir,
-        bandwidth=1 / beta,
-        latency=latency,
-        allreduce_bandwidth=allreduce_bandwidth,
-        allreduce_latency=allreduce_latency,
     )
 
 
@@ -130,12 +120,11 @@ def main() -> None:
     if args.quick:  # compile's figures (measured once, robustly, and cached): a quick fit of
         # the link on a busy machine can fail three times ("send times do not grow")
         costs = load_or_measure_machine_costs(log=lambda message: print(message, file=sys.stderr))
-        link = (costs.latency, 1 / costs.bandwidth, costs.allreduce_latency, costs.allreduce_bandwidth)
-        overhead = costs.action_overhead
     else:
-        link, overhead = (*measure_link(), *measure_allreduce()), measure_action_overhead()
+        (latency, beta), (fixed, ring) = measure_link(), measure_allreduce()
+        costs = MachineCosts(latency, 1 / beta, measure_action_overhead(), ring, fixed)
     how = "this machine's figures, as `compile` takes them" if args.quick else "measured"
-    options = compile_options(args.method, data[0], link, overhead, profile_dir)
+    options = compile_options(args.method, data[0], costs, profile_dir)
     choice = plan_best_layout(model, optimizer(model), 4, **options)
     planned = {(o.stages, o.replicas): o for o in choice.options}
     chosen = (choice.chosen.stages, choice.chosen.replicas)
@@ -177,9 +166,10 @@ def main() -> None:
             "",
             f"MLP of {depth} linear layers of width {width}, mini-batches of {rows} rows, method "
             f"`{args.method}`, SGD with momentum, {steps} timed mini-batches after {warmup} of warm-up, "
-            f"gloo link α = {link[0] * 1e6:.0f} µs, 1/β = {1 / link[1] / 1e9:.2f} GB/s, all-reduce "
-            f"{link[2] * 1e6:.0f} µs each and {link[3] / 1e9:.2f} GB/s and the runtime's "
-            f"{overhead * 1e3:.3f} ms per action ({how}, given to the planner and to `compile`), "
+            f"gloo link α = {costs.latency * 1e6:.0f} µs, 1/β = {costs.bandwidth / 1e9:.2f} GB/s, all-reduce "
+            f"{costs.allreduce_latency * 1e6:.0f} µs each and {costs.allreduce_bandwidth / 1e9:.2f} GB/s and "
+            f"the runtime's {costs.action_overhead * 1e3:.3f} ms per action ({how}, given to the planner "
+            "and to `compile`), "
             "load average "
             f"{load[0]:.1f} before and {os.getloadavg()[0]:.1f} after. *planner predicts*: "
             '`pipeoptim.compile_layout.plan_best_layout` (what `compile(..., data_parallel="auto")` '

@@ -13,7 +13,6 @@ measured again, and may differ by the timing noise).
 from __future__ import annotations
 
 import copy
-import warnings
 from collections.abc import Callable, Sequence
 from functools import partial
 from typing import TYPE_CHECKING, Any
@@ -35,7 +34,6 @@ from pipeoptim.runtime import spmd
 from pipeoptim.runtime.affinity import ranks_bound
 from pipeoptim.runtime.clipping import check_clipping
 from pipeoptim.runtime.linkcost import shared_cores, stage_threads
-from pipeoptim.runtime.optim import check_steppable
 from pipeoptim.runtime.precision import autocast_context, check_autocast
 from pipeoptim.runtime.prediction import check_pipeoptim_options
 from pipeoptim.runtime.replicas import check_replicated_options
@@ -207,11 +205,8 @@ def plan_best_layout(
         raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
     # an optimizer no layout can use, refused before every layout is profiled and planned, as
     # compile refuses it (its warnings are compile's to give, once)
-    check_steppable(optimizer)
     predictor, backward = options.get("predictor", "paper"), options.get("backward", "current")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        check_pipeoptim_options(method, get_method(method).policy, predictor, backward, optimizer)
+    check_pipeoptim_options(method, get_method(method).policy, predictor, backward, optimizer, warn=False)
     examples = options.get("example_inputs")
     inputs = as_tuple(examples) if isinstance(examples, (torch.Tensor, tuple, list)) else ()
     if not inputs or not all(isinstance(x, torch.Tensor) and x.dim() > 0 for x in inputs):
@@ -276,10 +271,11 @@ def planning_config(
     and its layout search: the optimizer's measured step, prediction and weight-copy cost per
     byte of the layout's ranks (``pricing``, timed on a working set like the optimizer's
     parameters beside the other ranks on this CPU; ``0`` with a logged reason where it cannot
-    be measured), its state factor, bandwidth and the replicas' all-reduce bandwidth and
-    latency (``None``: the link's), memory limit, latency (seconds per message), action overhead (seconds),
-    the CPU cores the ranks share, recomputation where the memory limit binds; ``layout``
-    gives ``num_stages``, ``micro_batches`` and ``data_parallel`` (default: ``devices`` stages).
+    be measured), its state factor, bandwidth, latency (seconds per message), the replicas'
+    all-reduce bandwidth and fixed cost (``None``: the link's), memory limit, action overhead
+    (seconds), the CPU cores the ranks share, recomputation where the memory limit binds;
+    ``layout`` gives ``num_stages``, ``micro_batches`` and ``data_parallel`` (default:
+    ``devices`` stages).
 
     Raises:
         ValueError: a bandwidth or memory string that does not parse.

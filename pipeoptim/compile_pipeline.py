@@ -42,7 +42,6 @@ from pipeoptim.runtime.compiled import check_compile_stages
 from pipeoptim.runtime.launch import check_executor
 from pipeoptim.runtime.linkcost import stage_threads
 from pipeoptim.runtime.optim import (
-    check_steppable,
     constructor_arguments,
     hyperparameters,
     param_group_names,
@@ -244,7 +243,6 @@ def compile(
         m = micro_batches if micro_batches is not None else (gpus if info.micro_batched else 1)
         m = check_micro_batch_count(method, m)
         check_micro_batches(method, gpus, m)
-        check_steppable(optimizer)  # first: no method can step it as asked, so it is the cause
         check_pipeoptim_options(method, info.policy, predictor, backward, optimizer)
         kind = executor
         if kind == "auto":

@@ -5,9 +5,9 @@ mini-batches/s on the project's 2-core CPU machine; it ran at 114-161: each mess
 transport's latency and each action the runtime's own CPU time, which a small model's
 compute does not hide. :func:`load_or_measure_machine_costs` measures both on the CPU
 (gloo's α and β by :func:`pipeoptim.runtime.linkcost.measure_link`, the overhead per action by
-:func:`pipeoptim.action_overhead.measure_action_overhead`), and the bandwidth of the replicas'
-gradient all-reduce (:func:`pipeoptim.runtime.linkcost.measure_allreduce`; 4-6x the time of
-a send of 8 MiB on loopback gloo), a few seconds together, and keeps
+:func:`pipeoptim.action_overhead.measure_action_overhead`), and the fixed cost and bandwidth of
+the replicas' gradient all-reduce (:func:`pipeoptim.runtime.linkcost.measure_allreduce`; 4-6x
+the time of a send of 8 MiB on loopback gloo), 10-20 s together, and keeps
 them in ``machine-costs.json`` of :func:`cache_dir` under the host, its cores, the torch
 version and how they were measured, so that every later plan on this machine gets the same
 figures (a plan must not change with timing noise).
@@ -91,8 +91,8 @@ def machine_key() -> str:
 
 def measure_machine_costs(links: int = 3) -> MachineCosts:
     """gloo's latency and bandwidth between two processes, the runtime's overhead per action and
-    gloo's all-reduce latency and bandwidth, measured now (a few seconds). The link and the all-reduce are
-    measured ``links`` times each and the medians kept: they are timed on the wall clock, and
+    gloo's all-reduce fixed cost and bandwidth, measured now (10-20 s). The link and the
+    all-reduce are measured ``links`` times each and the medians kept: they are timed on the wall clock, and
     one measurement's bandwidth varied 5.9-8.8 GB/s on an idle 2-core machine (α 29-58 us; 4 us
     to 1.2 ms from the median round trip before the fastest was taken,
     :mod:`pipeoptim.runtime.linkcost`). The overhead is CPU time, which other processes inflate
@@ -220,7 +220,7 @@ def load_or_measure_machine_costs(
         return cached
     if (str(path), key) in _UNSAVED:
         return _UNSAVED[str(path), key]
-    log("measuring this machine's link and runtime overhead, and gloo's all-reduce (once; a few seconds)")
+    log("measuring this machine's link and runtime overhead, and gloo's all-reduce (once; 10-20 s)")
     costs, load = with_other_work(measure_machine_costs)
     figures = _figures(costs)
     if load is not None:  # kept, such figures priced every later plan (a latency of 0 us once)

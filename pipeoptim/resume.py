@@ -19,18 +19,12 @@ from typing import Any
 from pipeoptim.checkpoint import read_checkpoint
 from pipeoptim.errors import CheckpointError
 
+#: a run's link and runtime figures (:class:`pipeoptim.training.TrainConfig`), each passed to
+#: ``compile`` under its own name
+LINK_FIGURES = ("bandwidth", "latency", "allreduce_bandwidth", "allreduce_latency", "action_overhead")
 #: settings of the run itself, not inherited: where it writes and what it resumes, whether it
 #: shows progress, and the link and runtime figures of the machine it runs on (measured there)
-NOT_INHERITED = (
-    "out",
-    "resume",
-    "progress",
-    "bandwidth",
-    "latency",
-    "action_overhead",
-    "allreduce_bandwidth",
-    "allreduce_latency",
-)
+NOT_INHERITED = ("out", "resume", "progress", *LINK_FIGURES)
 #: settings a resumed run must share with the run it continues (another value trains another
 #: model, optimizer or schedule); momentum and weight decay come back from the checkpoint's
 #: optimizer state, and another layout changes the staleness

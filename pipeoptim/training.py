@@ -35,7 +35,7 @@ from pipeoptim.fileio import cache_folder, held_folder, writable_folder, write_j
 from pipeoptim.loss import Loss, drain
 from pipeoptim.optimizers import cosine_factor, default_weight_decay, make_optimizer
 from pipeoptim.records import Progress, StepLog, epoch_line, plot_curves
-from pipeoptim.resume import check_resume
+from pipeoptim.resume import LINK_FIGURES, check_resume
 from pipeoptim.runtime.precision import autocast_dtype
 from pipeoptim.runtime.spawning import signals_deferred
 from pipeoptim.sequential import SEQUENTIAL, Sequential
@@ -88,8 +88,6 @@ class TrainConfig:
             self.weight_decay = default_weight_decay(self.optimizer)
 
 
-#: the config's link and runtime figures, each passed to ``compile`` under its own name
-LINK_FIGURES = ("bandwidth", "latency", "allreduce_bandwidth", "allreduce_latency", "action_overhead")
 #: gives a config its plan's link and runtime figures (:func:`train`)
 Costs = Callable[[TrainConfig], TrainConfig]
 

@@ -171,18 +171,14 @@ def link_figures(
                     "the plan counts a 25 GB/s link, no message latency and no runtime overhead (give them "
                     "in seconds and bytes/s to price them)"
                 )
-            replacing = {
-                "bandwidth": parse_bandwidth("25GB/s"),
-                "latency": 0.0,
-                "action_overhead": 0.0,
-                "allreduce_bandwidth": None,
-                "allreduce_latency": None,
-            }
+            replacing = {"bandwidth": parse_bandwidth("25GB/s"), "latency": 0.0, "action_overhead": 0.0}
         else:
             replacing = load_or_measure_machine_costs(log=log)._asdict()
         values.update({name: replacing[name] for name in wanted})
         if "bandwidth" in wanted:
-            values.update({name: replacing[name] for name in ("allreduce_bandwidth", "allreduce_latency")})
+            values.update(
+                {name: replacing.get(name) for name in ("allreduce_bandwidth", "allreduce_latency")}
+            )
         elif not_measurable is None:  # the figures logged include the all-reduce's (helper-144)
             log("with replicas, their all-reduce is priced as messages of the link given by --bandwidth")
     return LinkFigures(**values)  # type: ignore[arg-type]

@@ -14,6 +14,7 @@ from pipeoptim.errors import PredictorError
 from pipeoptim.methods import spectrain_steps
 from pipeoptim.runtime.extrapolation import Extrapolator, Terms, per_unit_rate
 from pipeoptim.runtime.fused_step import step_predicting, steps_each
+from pipeoptim.runtime.optim import check_steppable
 from pipeoptim.runtime.predictors import VARIANTS, borrowed_rule, get_predictor
 from pipeoptim.runtime.weight_policy import WeightPolicy
 
@@ -28,16 +29,22 @@ _Key = tuple[tuple[float, ...], tuple[tuple[object, ...], ...]]
 
 
 def check_pipeoptim_options(
-    method: str, policy: str | None, predictor: str, backward: str, optimizer: Optimizer
+    method: str, policy: str | None, predictor: str, backward: str, optimizer: Optimizer, warn: bool = True
 ) -> None:
-    """Refuse a ``predictor`` or ``backward`` (:class:`PipeOptimPolicy`) that is unknown, or
-    other than its default for a method whose weight policy is not PipeOptim's (it would be
-    ignored), or a predictor the optimizer has none for, or SpecTrain without SGD momentum (its
-    prediction is the momentum's, Chen et al. 2018). Warns where the optimizer's class
-    writes its own ``step()`` but is predicted with a base class's rule (:func:`borrowed_rule`).
+    """Refuse an optimizer no method can step as asked
+    (:func:`pipeoptim.runtime.optim.check_steppable`, first: it is then the cause), a
+    ``predictor`` or ``backward`` (:class:`PipeOptimPolicy`) that is unknown, or other than its
+    default for a method whose weight policy is not PipeOptim's (it would be ignored), a
+    predictor the optimizer has none for, or SpecTrain without SGD momentum (its prediction is
+    the momentum's, Chen et al. 2018). Where ``warn`` (not in the layout search, whose
+    ``compile`` checks again), warns where the optimizer's class writes its own ``step()`` but
+    is predicted with a base class's rule (:func:`borrowed_rule`).
 
     Raises:
-        ValueError: an unknown value, or one given to another method.
+        ValueError: an unknown value, or one given to another method; an optimizer whose step
+            needs a closure.
+        PipelineError: an optimizer with step hooks
+            (:func:`~pipeoptim.runtime.optim.check_steppable`).
         PredictorError: no predictor for the optimizer (:func:`get_predictor`); SpecTrain with
             another optimizer than SGD with momentum > 0.
     """
@@ -49,6 +56,7 @@ def check_pipeoptim_options(
             raise ValueError(f"{name} must be one of {', '.join(allowed)}, not {value!r}")
         if value != default and policy != "pipeoptim":
             raise ValueError(f"{name}={value!r} applies to method 'pipeoptim' only, not {method!r}")
+    check_steppable(optimizer)
     if policy == "pipeoptim":
         get_predictor(optimizer, predictor)
     if policy == "spectrain" and not (
@@ -59,7 +67,7 @@ def check_pipeoptim_options(
             "SGD(..., momentum=0.9) (--optimizer sgd) or method='pipeoptim' (--method pipeoptim)"
         )
     owner = borrowed_rule(type(optimizer), predictor) if policy in ("pipeoptim", "spectrain") else None
-    if owner is not None:
+    if owner is not None and warn:
         name = type(optimizer).__name__
         warnings.warn(
             f"{name} writes its own step(), but {method} predicts its weights with {owner.__name__}'s "
