@@ -33,7 +33,7 @@ from pipeoptim.compiler.costmodel import CostConfig, evaluate
 from pipeoptim.compiler.plan import make_plan
 from pipeoptim.errors import PredictorError
 from pipeoptim.machine_costs import MachineCosts
-from pipeoptim.runtime.linkcost import measure_allreduce, measure_link
+from pipeoptim.runtime.linkcost import measure_allreduce
 from pipeoptim.runtime.rank_settings import compile_settings
 
 #: the machine's figures the tests pretend were measured: a link of 0.1 ms and 5 GB/s, an
@@ -139,14 +139,13 @@ def test_train_prices_replicas_with_the_measured_allreduce(tmp_path: Path, measu
 
 
 @pytest.mark.slow
-def test_a_measured_allreduce_costs_more_than_sends() -> None:
-    """On the CPU gloo's all-reduce reduces and copies on the ranks' cores and waits for late
-    wake-ups: its bandwidth is plausible and not above the sends'; sizes that are no number of
-    float32 elements are refused before any process starts."""
-    alpha, bandwidth = measure_allreduce(repeats=5, timeout=120)
-    assert 1e7 < bandwidth < 1e12 and 0 <= alpha < 0.1
-    _, beta = measure_link(sizes=(4 << 10, 8 << 20), repeats=5, timeout=120)
-    assert bandwidth < 1.5 / beta
+def test_a_measured_allreduce_gives_plausible_figures() -> None:
+    """gloo's all-reduce between two processes: a fixed cost under 0.1 s and a bandwidth of 10
+    MB/s to 1 TB/s (compared with the link's, as this test first did, it failed once beside a
+    test suite, whose load slowed the link's measurement: helper-147); sizes that are no
+    number of float32 elements are refused before any process starts."""
+    fixed, bandwidth = measure_allreduce(repeats=5, timeout=120)
+    assert 1e7 < bandwidth < 1e12 and 0 <= fixed < 0.1
     for sizes, repeats in (((6, 4096), 3), ((4096,), 3), ((4096, 8192), 0)):
         with pytest.raises(ValueError, match="measuring the all-reduce needs two or more different sizes"):
             measure_allreduce(sizes=sizes, repeats=repeats)
