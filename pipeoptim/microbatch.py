@@ -51,6 +51,10 @@ def split(value: Any, parts: int) -> list[Any]:
     """
     if parts == 1:
         return [value]
+    if isinstance(value, torch.Tensor) and value.dim():  # the common cases, without a tree walk
+        return list(torch.tensor_split(value, parts))
+    if type(value) is tuple and value and all(isinstance(x, torch.Tensor) and x.dim() for x in value):
+        return list(zip(*(torch.tensor_split(x, parts) for x in value)))
     leaves, spec = pytree.tree_flatten(value)
     pieces = [
         list(torch.tensor_split(x, parts)) if isinstance(x, torch.Tensor) and x.dim() else [x] * parts

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 
 import pipeoptim
 from pipeoptim.examples import mlp
+from pipeoptim.runtime import affinity
 from pipeoptim.runtime.affinity import AFFINITY_ENV, binding_wanted, rank_cores
 
 pytestmark = pytest.mark.skipif(not hasattr(os, "sched_getaffinity"), reason="no CPU affinity here")
@@ -155,3 +156,13 @@ def test_a_bound_rank_plans_for_the_cores_all_ranks_share() -> None:
     finally:
         unpin_rank()
     assert os.sched_getaffinity(0) == host
+
+
+@pytest.mark.parametrize("world, cores, spare", [(2, {0, 1}, True), (4, {0, 1}, False), (1, {5}, True)])
+def test_ranks_have_cores_to_spare_where_none_shares_one(monkeypatch, world: int, cores, spare: bool) -> None:
+    """Stage 0 under torchrun runs the next step's work in its wait only then (worker.py)."""
+    monkeypatch.setattr(affinity, "host_cores", lambda: set(cores))
+    assert affinity.cores_to_spare(world) is spare
+    monkeypatch.setattr(affinity, "host_cores", lambda: None)
+    monkeypatch.setattr(os, "cpu_count", lambda: 2)
+    assert affinity.cores_to_spare(2) and not affinity.cores_to_spare(3)

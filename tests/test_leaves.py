@@ -1,5 +1,5 @@
 """The fast paths on every action's way (pipeoptim.runtime.leaves, DistChannel's cached
-gradient layout) give exactly what the general code they skip gives."""
+gradient layout, microbatch.split) give exactly what the general code they skip gives."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import pytest
 import torch
 from torch.utils import _pytree as pytree
 
+from pipeoptim import microbatch
 from pipeoptim.microbatch import Rows
 from pipeoptim.runtime.comm import DistChannel
 from pipeoptim.runtime.layout import grad_layout
@@ -67,3 +68,27 @@ def test_the_cached_gradient_layout_is_grad_layouts_for_each_rows_and_length() -
             assert channel._layout(side, batch) == grad_layout([meta], [True], 8, batch)
     assert channel._layout("in", Rows(4, 7))[0][0][3] == [4, 7, 4]
     assert channel._layout("in", Rows(4, 10))[0][0][3] == [4, 10, 4]
+
+
+@pytest.mark.parametrize("name", [*VALUES, "0-dim tensor in a tuple", "tuple subclass"])
+def test_split_gives_the_tree_walks_parts(name: str) -> None:
+    """A tensor and a tuple of tensors (what step() splits at every mini-batch) skip the tree
+    walk; everything else takes it."""
+    value = {"0-dim tensor in a tuple": (X, torch.tensor(2.0)), "tuple subclass": torch.Size([4, 2])}.get(
+        name, VALUES.get(name)
+    )
+    leaves, spec = pytree.tree_flatten(value)
+    pieces = [
+        list(torch.tensor_split(x, 2)) if isinstance(x, torch.Tensor) and x.dim() else [x] * 2 for x in leaves
+    ]
+    walked = [pytree.tree_unflatten([p[j] for p in pieces], spec) for j in range(2)]
+    split = microbatch.split(value, 2)
+    assert len(split) == 2
+    for got, want in zip(split, walked):
+        assert type(got) is type(want)
+        got_leaves, got_spec = pytree.tree_flatten(got)
+        assert got_spec == pytree.tree_flatten(want)[1]
+        for a, b in zip(got_leaves, pytree.tree_leaves(want)):
+            assert (
+                (a.data_ptr(), a.shape) == (b.data_ptr(), b.shape) if isinstance(a, torch.Tensor) else a == b
+            )

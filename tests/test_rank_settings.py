@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pipeoptim.runtime.rank_settings import compile_settings
+from pipeoptim.runtime.rank_settings import compile_settings, digest
 
 
 def _settings(
@@ -116,3 +116,20 @@ def test_a_plan_is_compared_by_its_contents_and_a_function_by_its_name(tmp_path,
     assert _settings(model, opt, plan="missing.json")["plan"] == "an unreadable plan file (PlanError)"
     one, two = (_settings(model, opt, loss_reduction=lambda n, rows: rows / n) for _ in range(2))
     assert _differing(one, two) == set() and "<lambda>" in one["loss_reduction"]
+
+
+def test_the_digest_of_plain_values_tells_apart_what_their_values_and_types_do() -> None:
+    """Hyperparameters are hashed at every step under torchrun by their repr (fast path);
+    tensors still by their bytes."""
+    hyper = [{"lr": 0.1, "betas": (0.9, 0.999), "foreach": None, "maximize": False}]
+    assert digest(hyper) == digest([dict(hyper[0])])
+    for other in (
+        [{**hyper[0], "lr": 0.1 + 1e-17 + 1e-16}],  # the next float
+        [{**hyper[0], "maximize": 0}],
+        [{**hyper[0], "betas": [0.9, 0.999]}],
+        [hyper[0], hyper[0]],
+    ):
+        assert digest(other) != digest(hyper)
+    assert digest(1) != digest(1.0) != digest(True)
+    assert digest([{"lr": torch.tensor([0.1, 0.2])}]) != digest([{"lr": torch.tensor([0.1, 0.3])}])
+    assert digest({"w": torch.ones(2)}) == digest({"w": torch.ones(2)})

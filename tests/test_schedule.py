@@ -13,6 +13,7 @@ from pipeoptim.runtime.schedule import (
     Op,
     actions,
     count_version_differences,
+    deferred_tail,
     format_actions,
     schedule_for,
 )
@@ -181,3 +182,35 @@ def test_action_str_round_trip() -> None:
     for bad in ("X1", "F", "B3(s=1)", "F3(s=)", " F3"):
         with pytest.raises(ValueError, match="not an action"):
             Action.from_str(bad)
+
+
+@pytest.mark.parametrize(
+    "kind, steps_every", [("gpipe", 1), ("1f1b", 1), ("async-1f1b", 1), ("async-1f1b", 4)]
+)
+@pytest.mark.parametrize("stages", [2, 4])
+def test_the_tail_stage_0_may_leave_to_its_next_call_is_its_last_backward_and_step(
+    kind: str, steps_every: int, stages: int
+) -> None:
+    """What :meth:`StageProcess.submit` leaves to the next call under torchrun: from the last
+    backward of each call's actions on, where only a step follows it; the actions run in the
+    same order, the next call's first."""
+    micro = 4 if kind != "async-1f1b" or steps_every > 1 else 1
+    schedule = schedule_for(0, kind, stages, micro, steps_every)
+    ran, left = [], []
+    for _ in range(3 * stages):
+        now = left + schedule.on_mini_batch()
+        cut = deferred_tail(now)
+        ran, left = ran + now[:cut], now[cut:]
+        backwards = [a for a in now if a.op == BACKWARD]
+        if backwards:  # the last backward and at most its step wait; nothing else does
+            assert left[0] == backwards[-1] and all(a.op == STEP for a in left[1:])
+        else:  # the asynchronous warm-up: forwards alone
+            assert left == []
+    expected = actions(kind, stages, 3 * stages, micro, steps_every)[0]
+    assert ran + left + schedule.on_flush() == expected
+
+
+def test_a_list_whose_last_backward_is_followed_by_a_forward_leaves_nothing() -> None:
+    stage_actions = [Action(FORWARD, 0), Action(BACKWARD, 0), Action(FORWARD, 1)]
+    assert deferred_tail(stage_actions) == len(stage_actions)
+    assert deferred_tail([]) == 0

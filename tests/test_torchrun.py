@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 import pipeoptim
-from pipeoptim.runtime.affinity import binding_wanted, rank_cores
+from pipeoptim.runtime.affinity import binding_wanted, cores_to_spare, rank_cores
 from pipeoptim.runtime.spawning import free_port
 
 from .sparse_models import SparseGCN
@@ -60,7 +60,13 @@ def test_torchrun_ranks_equal_local_executor(tmp_path: Path, method: str, only_n
     # rank 0 holds the loss receives of the last N mini-batches at most; the last rank none
     assert ranks[0]["receives"] <= stages and ranks[0]["unresolved"] <= stages
     assert ranks[1]["receives"] == 0
-    assert ranks[0]["state"] == ranks[1]["state"]
+    assert ranks[0]["state"] == ranks[1]["state"] and ranks[0]["state after"] == ranks[1]["state after"]
+    # stage 0 left its last backward and step of each mini-batch to the next call (a core each)
+    if cores_to_spare(stages):
+        assert all(
+            len(left) == 2 and left[0][0] == "B" and left[1][0] == "S" for left in ranks[0]["left"][1:]
+        )
+    assert all(left == [] for left in ranks[1]["left"])
     if binding_wanted():
         mine = os.sched_getaffinity(0)
         assert [r["cores"] for r in ranks] == [rank_cores(r, stages, mine) for r in range(stages)]
@@ -86,8 +92,13 @@ def test_torchrun_ranks_equal_local_executor(tmp_path: Path, method: str, only_n
         losses = list(pipe.train(batches))
         assert pipe.plan.stage_of == ranks[0]["plan"]
         predicted = pipe.predict(batches[0][0])
+        for _ in range(3 * stages):
+            pipe.step(*batches[0])
+        state_after = pipe.state_dict()
     assert ranks[0]["losses"] == pytest.approx(losses, rel=1e-5, abs=1e-6)
     torch.testing.assert_close(torch.tensor(ranks[1]["predict"]), predicted, rtol=1e-5, atol=1e-5)
+    for name, value in state_after.items():
+        torch.testing.assert_close(torch.tensor(ranks[0]["state after"][name]), value, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.slow

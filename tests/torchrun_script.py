@@ -7,6 +7,7 @@ import os
 import sys
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 
 import pipeoptim
@@ -41,13 +42,18 @@ def main(out: str, stages: int, method: str, profile_dir: str, only_needed: bool
     }
     # losses never read: what a rank keeps for the losses of other ranks stays within N
     # mini-batches (the receives of those in flight)
-    receives, unresolved = [], []
+    # with the user's own collective between the steps: stage 0 may have left its last backward
+    # and step to the next call (StageProcess.submit), which no other rank waits on
+    receives, unresolved, left = [], [], []
     for _ in range(3 * stages):
         pipe.step(*batches[0])
         receives.append(len(pipe._executor.mail._pending))
         unresolved.append(len(pipe._losses))
+        left.append([str(a) for a in pipe._executor.process._deferred])
+        dist.barrier()
     pipe.flush()
-    result |= {"receives": max(receives), "unresolved": max(unresolved)}
+    result |= {"receives": max(receives), "unresolved": max(unresolved), "left": left}
+    result["state after"] = {k: v.tolist() for k, v in pipe.state_dict().items()}
     if rank == 0:
         pipe.plan.save(f"{out}.plan.json")  # the local run replays this plan (plans follow timings)
     if hasattr(os, "sched_getaffinity"):  # each rank bound to its cores (runtime.affinity)

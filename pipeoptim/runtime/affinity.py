@@ -115,6 +115,14 @@ def host_cores() -> set[int] | None:
     return os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else None
 
 
+def cores_to_spare(local_world: int) -> bool:
+    """Whether each of the ``local_world`` ranks on this host can have a core of its own (no
+    more ranks than :func:`host_cores`, or than ``os.cpu_count()`` where the platform does not
+    say which): a rank's work in what would be its idle time then takes no core from another."""
+    cores = host_cores()
+    return local_world <= (len(cores) if cores is not None else os.cpu_count() or 1)
+
+
 def unbind_thread() -> None:
     """Let the calling thread run on :func:`host_cores` (a helper thread of a rank bound by
     :func:`pin_rank`, which would otherwise share that rank's core)."""

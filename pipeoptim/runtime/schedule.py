@@ -256,6 +256,22 @@ def last_before_step(stage_actions: list[Action], i: int) -> bool:
     return stage_actions[i].op == BACKWARD and nxt is not None and nxt.op == STEP
 
 
+def deferred_tail(stage_actions: list[Action]) -> int:
+    """Where the actions a stage may leave to its next call begin: at its last backward,
+    where only optimizer steps follow it (``len(stage_actions)``: nowhere).
+
+    Under torchrun stage 0 runs in the thread that calls ``step()``; its last backward of a
+    mini-batch waits for the gradients of the round trip through the later stages, and the
+    work of the next ``step()`` call (the user's data loading, the checks of the batch, its
+    size message) can run in that wait instead of after the step
+    (:meth:`pipeoptim.runtime.worker.StageProcess.submit`). The order of the actions is the same.
+    """
+    backwards = [i for i, a in enumerate(stage_actions) if a.op == BACKWARD]
+    if not backwards or any(a.op != STEP for a in stage_actions[backwards[-1] + 1 :]):
+        return len(stage_actions)
+    return backwards[-1]
+
+
 def count_version_differences(stage_actions: list[Action]) -> dict[int, int]:
     """Count, for each forward in one stage's list, the steps before its backward."""
     result: dict[int, int] = {}

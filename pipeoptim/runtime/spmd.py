@@ -31,7 +31,7 @@ import torch.distributed as dist
 
 from pipeoptim.errors import BatchRefusedError, PeerLostError, PipelineError, first_line
 from pipeoptim.microbatch import Rows
-from pipeoptim.runtime.affinity import pin_rank, unpin_rank
+from pipeoptim.runtime.affinity import cores_to_spare, pin_rank, unpin_rank
 from pipeoptim.runtime.build import PipelineSpec
 from pipeoptim.runtime.executor import MiniBatch
 from pipeoptim.runtime.initial_state import share_initial_state
@@ -169,6 +169,7 @@ class SPMDExecutor:
     def _build(self, spec: PipelineSpec, on_loss: Callable[[int, torch.Tensor], None]) -> None:
         """This rank's stage and the mail of its losses."""
         self.process = StageProcess(spec, self.rank, self.device, self.timeout.total_seconds(), self.group)
+        self.process.may_defer = cores_to_spare(max(1, int(os.environ.get("LOCAL_WORLD_SIZE", 1))))
         self.mail = LossMail(
             self.process.channel,
             self.rank,
@@ -336,6 +337,7 @@ class SPMDExecutor:
         )
 
     def prediction_errors(self) -> list[PredictionError]:
+        self.process.catch_up()
         return self._per_stage("the prediction errors (stats)", self.process.stage.prediction_error.result())
 
     def stage_state_dicts(self) -> list[dict[str, torch.Tensor]]:
@@ -343,6 +345,7 @@ class SPMDExecutor:
 
     def sent_bytes(self) -> list[int]:
         """Per stage, the tensor bytes it has sent to its neighbours (activations, gradients)."""
+        self.process.catch_up()
         return self._per_stage("the bytes sent (sent_bytes)", self.process.channel.sent_bytes)
 
     def abort(self) -> None:

@@ -35,7 +35,7 @@ from pipeoptim.runtime.driver_watch import exit_when_driver_dies, stop_on_driver
 from pipeoptim.runtime.executor import MicroBatch, MiniBatch, StageState, run_action
 from pipeoptim.runtime.peer_loss import lost_peer
 from pipeoptim.runtime.replicas import join_replica_groups, replica_copy, stage_and_replica
-from pipeoptim.runtime.schedule import BACKWARD, FORWARD, Action, last_before_step
+from pipeoptim.runtime.schedule import BACKWARD, FORWARD, Action, deferred_tail, last_before_step
 from pipeoptim.runtime.shared_build import shared_holders
 from pipeoptim.runtime.spawning import leave_agent_store, unpickle_spec
 from pipeoptim.runtime.stage import StageRuntime
@@ -91,6 +91,24 @@ class StageProcess:
         #: the last actions run: ``(op, micro-batch, start, end)`` in perf_counter seconds,
         #: ``start`` once the action's received inputs had arrived (its wait is not work)
         self.timeline: deque[tuple[str, int, float, float]] = deque(maxlen=4096)
+        #: set where this stage runs in the thread that calls ``step()`` (torchrun) on a core of
+        #: its own: its last backward and step of a mini-batch may wait for the next call
+        self.may_defer = False
+        self._deferred: list[Action] = []
+
+    @property
+    def defers_tail(self) -> bool:
+        """Whether :meth:`submit` leaves the tail of a mini-batch to the next call: where
+        :attr:`may_defer`, at stage 0 (no stage waits on its backward) and where its step waits
+        for no other rank (no replicas' all-reduce, global norm or shared weights' gradients)."""
+        stage = self.stage
+        alone = self.reducer is None and not stage.steps_together and stage.async_norms is None
+        return self.may_defer and self.rank == 0 and self.world > 1 and alone and stage.shared is None
+
+    def catch_up(self) -> None:
+        """Run the actions :meth:`submit` left (before anything reads or changes the stage)."""
+        actions, self._deferred = self._deferred, []
+        self._run(actions)
 
     def submit(
         self, batch: MiniBatch, side_work: Callable[[], None] | None = None
@@ -98,7 +116,13 @@ class StageProcess:
         """Run this stage's actions for a new mini-batch; returns losses computed (last stage).
         ``side_work`` (the executor's bookkeeping of the mini-batch) runs where the stage waits
         anyway: before its first backward that needs another stage's gradients (the round trip
-        through the later stages), else after the last action."""
+        through the later stages), else after the last action.
+        Where :attr:`defers_tail`, the last backward and the step are left to the next call
+        (:func:`~pipeoptim.runtime.schedule.deferred_tail`), which runs them once its mini-batch
+        is set up: the user's code between the calls and the checks of the batch run in the
+        wait for that backward's gradients (0.9 ms a mini-batch on the critical path of the
+        MLP of ``benchmarks/throughput.py`` at 2 stages; where ranks share a core it took the
+        core from the stage on the critical path, 5% slower at 4 ranks on 2 cores)."""
         first, rows = batch.index * self.spec.micro_batches, batch.split()
         for j, size in enumerate(batch.sizes):
             inputs = batch.inputs[j] if batch.inputs else None
@@ -115,12 +139,16 @@ class StageProcess:
                 (batch.index, batch.offset + j, rows),
             )
             self.stage.set_hyperparameters(first + j, batch.hyper)
-        self._run(self.schedule.on_mini_batch(len(batch.sizes)), side_work)
+        actions = self._deferred + self.schedule.on_mini_batch(len(batch.sizes))
+        stop = deferred_tail(actions) if self.defers_tail else len(actions)
+        self._deferred = actions[stop:]
+        self._run(actions, side_work, stop)
         losses, self.channel.losses = self.channel.losses, []
         return losses
 
     def flush(self) -> list[tuple[int, float]]:
         """Run the cool-down and wait for every send."""
+        self.catch_up()
         self._run(self.schedule.on_flush())
         if self.stage.shared is not None and self.stage.optimizer is not None:
             self.stage.shared.drain(self.channel, self.stage.optimizer)
@@ -128,16 +156,20 @@ class StageProcess:
         losses, self.channel.losses = self.channel.losses, []
         return losses
 
-    def _run(self, actions: list[Action], side_work: Callable[[], None] | None = None) -> None:
-        for i, action in enumerate(actions):
+    def _run(
+        self, actions: list[Action], work: Callable[[], None] | None = None, stop: int | None = None
+    ) -> None:
+        """Run ``actions[:stop]``, receives posted one action ahead (into the rest too); ``work``
+        before the first backward that needs another stage's gradients, else at the end."""
+        for i, action in enumerate(actions[:stop]):
             for nxt in actions[i : i + 2]:  # post receives one action ahead
                 if nxt.op == FORWARD:
                     self.channel.prefetch("act", nxt.micro_batch)
                 elif nxt.op == BACKWARD:
                     self.channel.prefetch("grad", nxt.micro_batch)
-            if side_work is not None and action.op == BACKWARD and self.rank < self.world - 1:
-                side_work()
-                side_work = None
+            if work is not None and action.op == BACKWARD and self.rank < self.world - 1:
+                work()
+                work = None
             if self.reducer is not None and last_before_step(actions, i):
                 self.reducer.arm()  # its all-reduce starts during this backward
             start = time.perf_counter()
@@ -148,12 +180,13 @@ class StageProcess:
             self.timeline.append((action.op, action.micro_batch, start, time.perf_counter()))
             if action.op == BACKWARD:
                 self.channel.done(action.micro_batch)
-        if side_work is not None:
-            side_work()
+        if work is not None:
+            work()
 
     def forward_only(self, chunks: list[Any] | None, sizes: list[int]) -> list[Any] | None:
         """Evaluation-mode forward of chunks (stage 0 gets the data); last stage returns outputs.
         Replica 0 alone evaluates (the replicas hold the same weights)."""
+        self.catch_up()
         if self.replica > 0:
             return None
         outputs = []
@@ -191,24 +224,31 @@ class StageProcess:
             dist.destroy_process_group(group)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
+        self.catch_up()
         return {k: v.detach().cpu() for k, v in self.stage.module.state_dict().items()}
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        self.catch_up()
         load_stage_state(self.stage, state, self.aliases)
 
     def optimizer_state(self) -> dict[str, Any]:
+        self.catch_up()
         return optimizer_state(self.stage)
 
     def load_optimizer_state(self, state: dict[str, Any]) -> None:
+        self.catch_up()
         load_optimizer_state(self.stage, state)
 
     def resume(self, mini_batches: int) -> None:
+        self.catch_up()
         self.schedule.resume(mini_batches, self.stage.steps)
 
     def memory_report(self) -> dict[str, int]:
+        self.catch_up()
         return self.stage.memory_report()
 
     def peak_versions(self) -> int:
+        self.catch_up()
         return self.stage.policy.peak_versions if self.stage.policy is not None else 1
 
 
