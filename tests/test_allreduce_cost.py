@@ -207,21 +207,21 @@ def test_an_optimizer_spectrain_cannot_predict_is_refused_before_layouts_are_pla
         assert not any(tmp_path.iterdir())  # nothing profiled
 
 
-def one_stage(params: int, backward: float) -> CostGraph:
-    """A graph of one layer of ``params`` bytes whose backward takes ``backward`` seconds."""
-    layer = CostNode("n0", "call_module", "n0", ["x"], fwd_s=0.01, bwd_s=backward, out_bytes=800)
-    layer.param_bytes = params
-    nodes = [
-        CostNode("x", "placeholder", "x", [], out_bytes=800),
-        layer,
-        CostNode("output", "output", "output", ["n0"]),
-    ]
+def one_stage(params: int, backward: float, layers: int = 1) -> CostGraph:
+    """A graph of ``layers`` equal layers of ``params`` bytes in all, whose backward takes
+    ``backward`` seconds."""
+    nodes = [CostNode("x", "placeholder", "x", [], out_bytes=800)]
+    for i in range(layers):
+        layer = {"fwd_s": 0.01 / layers, "bwd_s": backward / layers, "out_bytes": 800}
+        nodes.append(CostNode(f"n{i}", "call_module", f"n{i}", [nodes[-1].name], **layer))
+        nodes[-1].param_bytes = params // layers
+    nodes.append(CostNode("output", "output", "output", [nodes[-1].name]))
     return CostGraph("one", nodes, batch_size=8)
 
 
 @pytest.mark.parametrize("replicas", [2, 4])
 def test_each_buckets_allreduce_pays_the_fixed_cost_once(replicas: int) -> None:
-    """One stage of 60 MiB (3 buckets of at most 25 MiB, an all-reduce each), R replicas, a
+    """One stage of 3 layers of 20 MiB (3 buckets of at most 25 MiB, an all-reduce each), R replicas, a
     fixed cost f per all-reduce (measured ~2 ms at R=2 and 1.2-2x that at R=4, not the 3x of a
     ring's 2(R-1) messages; and paid by every bucket, not once per step: helper-145). By hand:
     the whole A = 2(R-1)/R * P / b + 3 f; the last bucket shows max(A/3, A - bwd * 2/3)."""
@@ -229,7 +229,7 @@ def test_each_buckets_allreduce_pays_the_fixed_cost_once(replicas: int) -> None:
     config = CostConfig(
         1, bandwidth=5e9, allreduce_bandwidth=bandwidth, allreduce_latency_s=fixed, data_parallel=replicas
     )
-    (stage,) = evaluate(one_stage(params, backward), [0, 0, 0], config)
+    (stage,) = evaluate(one_stage(params, backward, layers=3), [0] * 5, config)
     whole = 2 * (replicas - 1) / replicas * params / bandwidth + 3 * fixed
     assert stage.allreduce_s == pytest.approx(max(whole / 3, whole - backward * 2 / 3), rel=1e-12)
     # the plan's lower bound counts the fixed cost too: a one-bucket stage's plan is the bound

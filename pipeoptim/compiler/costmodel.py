@@ -309,7 +309,7 @@ def evaluate(
         overhead = config.action_overhead_s * (2 + config.steps_per_micro_batch)
         reduce = sum(reduce_bytes(graph.nodes[i].param_bytes, len(h)) for i, h in shared.items() if k in h)
         update = params * config.update_s_per_byte(k)
-        buckets = bucket_count(params)
+        buckets = bucket_count([x.param_bytes for x in (own + held)[::-1] if x.param_bytes])  # backward order
         allreduce = exposed_allreduce_seconds(
             params * config.allreduce_s_per_byte + (buckets * config.allreduce_fixed_s if params else 0.0),
             bwd * config.steps_per_micro_batch,

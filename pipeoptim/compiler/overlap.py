@@ -20,14 +20,33 @@ send to the previous stage): the time this model gives it. With one bucket nothi
 
 from __future__ import annotations
 
-import math
+from collections.abc import Sequence
 
 BUCKET_BYTES = 25 * 2**20  # DDP's default bucket size
 
 
-def bucket_count(param_bytes: float, bucket_bytes: int = BUCKET_BYTES) -> int:
-    """Buckets of at most ``bucket_bytes`` for ``param_bytes`` of gradients (at least one)."""
-    return max(1, math.ceil(param_bytes / bucket_bytes))
+def bucket_starts(sizes: Sequence[float], bucket_bytes: int = BUCKET_BYTES) -> list[int]:
+    """Where each gradient bucket begins among parameters of ``sizes`` bytes, in the order the
+    backward produces their gradients: a bucket takes them in turn while its bytes stay within
+    ``bucket_bytes`` (one larger than that gets a bucket of its own; DDP closes a bucket once
+    it reaches the cap instead). The runtime cuts its buckets so
+    (:func:`pipeoptim.runtime.allreduce.buckets`) and the cost model counts them so
+    (:func:`bucket_count`), over the graph's nodes: a node's parameters count as one, where
+    the runtime may cut between them (a bias, then a weight over ``bucket_bytes``)."""
+    starts: list[int] = []
+    filled = 0.0
+    for i, size in enumerate(sizes):
+        if not starts or filled + size > bucket_bytes:
+            starts.append(i)
+            filled = 0.0
+        filled += size
+    return starts
+
+
+def bucket_count(sizes: Sequence[float], bucket_bytes: int = BUCKET_BYTES) -> int:
+    """Buckets of :func:`bucket_starts` (at least one): 4 parameters of 15 MiB make 4 buckets of
+    25 MiB, not the 3 their 60 MiB would fill."""
+    return max(1, len(bucket_starts(sizes, bucket_bytes)))
 
 
 def exposed_allreduce_seconds(allreduce_s: float, backward_s: float, buckets: int) -> float:

@@ -45,13 +45,14 @@ def summarize(graph: CostGraph, stats: Sequence[StageStats], config: CostConfig)
     n, m = config.num_stages, config.micro_batches
     bottleneck = max(s.time_s for s in stats)
     # the replicas' all-reduce is left out of the nodes' work, as the backward may hide it; of
-    # a stage's all-reduce A (P_k bytes, n_k = ceil(P_k / B) buckets of B bytes) at least A / n_k
-    # shows (pipeoptim.compiler.overlap), which is at least c·min(P_k, B/2) + f with c seconds
-    # per byte and f the fixed cost of each bucket's all-reduce, so all stages together show at
-    # least c·min(P, B/2) + f (left out, f made a 1-stage plan's balance read 2.0, helper-145)
+    # a stage's all-reduce A (P_k bytes in n_k buckets of at most B bytes, n_k = 1 where
+    # P_k <= B) at least A / n_k shows (pipeoptim.compiler.overlap). Two buckets in a row hold
+    # over B (bucket_starts), so n_k <= 2 P_k / B + 1 and A / n_k >= c·min(P_k, B/3) + f with c
+    # seconds per byte and f the fixed cost of each bucket's all-reduce: all stages together
+    # show at least c·min(P, B/3) + f (left out, f made a 1-stage plan's balance read 2.0)
     per_byte, params = config.allreduce_s_per_byte, sum(x.param_bytes for x in graph.nodes)
     work = [config.work_s(x) - x.param_bytes * per_byte for x in graph.nodes]
-    shown = per_byte * min(params, BUCKET_BYTES / 2) + (config.allreduce_fixed_s if params else 0.0)
+    shown = per_byte * min(params, BUCKET_BYTES / 3) + (config.allreduce_fixed_s if params else 0.0)
     # what every stage pays whatever the plan: its actions' overhead, and with N > 1 at least
     # one boundary's two messages (activations and gradients)
     fixed = config.action_overhead_s * (2 + config.steps_per_micro_batch) + (

@@ -44,21 +44,21 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from pipeoptim.compiler.overlap import BUCKET_BYTES
+from pipeoptim.compiler.overlap import BUCKET_BYTES, bucket_starts
 from pipeoptim.errors import PeerLostError, first_line
 
 
 def buckets(params: Sequence[torch.Tensor], bucket_bytes: int = BUCKET_BYTES) -> list[list[torch.Tensor]]:
-    """``params`` grouped by dtype and device, in order, at most ``bucket_bytes`` a group
-    (a larger parameter gets a group of its own)."""
-    groups: dict[tuple[torch.dtype, torch.device], list[list[torch.Tensor]]] = {}
+    """``params`` grouped by dtype and device, in order, each group cut into buckets as the
+    cost model counts them (:func:`~pipeoptim.compiler.overlap.bucket_starts`)."""
+    groups: dict[tuple[torch.dtype, torch.device], list[torch.Tensor]] = {}
     for p in params:
-        lists = groups.setdefault((p.dtype, p.device), [[]])
-        size = p.numel() * p.element_size()
-        if lists[-1] and sum(q.numel() * q.element_size() for q in lists[-1]) + size > bucket_bytes:
-            lists.append([])
-        lists[-1].append(p)
-    return [bucket for lists in groups.values() for bucket in lists if bucket]
+        groups.setdefault((p.dtype, p.device), []).append(p)
+    out = []
+    for group in groups.values():
+        starts = bucket_starts([p.numel() * p.element_size() for p in group], bucket_bytes)
+        out += [group[a:b] for a, b in zip(starts, [*starts[1:], len(group)])]
+    return out
 
 
 def pack(bucket: Sequence[torch.Tensor]) -> torch.Tensor:
