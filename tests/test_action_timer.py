@@ -68,8 +68,10 @@ class _Process:
         self.stage = _Stage()
         self.channel = _Channel()
 
-    def _run(self, actions: list[str], side_work: Callable[[], None] | None = None) -> None:
-        for op in actions:
+    def _run(
+        self, actions: list[str], side_work: Callable[[], None] | None = None, stop: int | None = None
+    ) -> None:
+        for op in actions[:stop]:  # the rest left to the next call (stage 0 under torchrun)
             _busy(0.0005)  # the loop's own Python
             if op == "F":
                 self.channel._wait()
@@ -100,3 +102,5 @@ def test_parts_add_up_and_land_where_they_belong() -> None:
     expected = {"forward": 0.040, "backward": 0.080, "weights": 0.024, "step": 0.012}
     expected |= {"recv wait": 0.020, "send": 0.004, "overhead": 0.006}
     assert parts == pytest.approx(expected, abs=1e-12)
+    process._run(["B", "S", "F", "B", "S"], None, 3)  # B S of the last call, F; B S left
+    assert timer.actions == 15

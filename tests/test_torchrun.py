@@ -61,11 +61,12 @@ def test_torchrun_ranks_equal_local_executor(tmp_path: Path, method: str, only_n
     assert ranks[0]["receives"] <= stages and ranks[0]["unresolved"] <= stages
     assert ranks[1]["receives"] == 0
     assert ranks[0]["state"] == ranks[1]["state"] and ranks[0]["state after"] == ranks[1]["state after"]
-    # stage 0 left its last backward and step of each mini-batch to the next call (a core each)
+    # stage 0 left its last backward and step of each mini-batch to the next call (a core each;
+    # an asynchronous method's warm-up after a flush has no backward to leave)
     if cores_to_spare(stages):
-        assert all(
-            len(left) == 2 and left[0][0] == "B" and left[1][0] == "S" for left in ranks[0]["left"][1:]
-        )
+        kinds = [[a[0] for a in left] for left in ranks[0]["left"]]
+        assert ["B", "S"] in kinds
+        assert all(k == ["B", "S"] or (k == [] and method == "pipeoptim") for k in kinds)
     assert all(left == [] for left in ranks[1]["left"])
     if binding_wanted():
         mine = os.sched_getaffinity(0)
@@ -92,8 +93,10 @@ def test_torchrun_ranks_equal_local_executor(tmp_path: Path, method: str, only_n
         losses = list(pipe.train(batches))
         assert pipe.plan.stage_of == ranks[0]["plan"]
         predicted = pipe.predict(batches[0][0])
-        for _ in range(3 * stages):
+        for i in range(3 * stages):  # as the job: predicting after the second and fourth
             pipe.step(*batches[0])
+            if i in (1, 3):
+                pipe.predict(batches[0][0])
         state_after = pipe.state_dict()
     assert ranks[0]["losses"] == pytest.approx(losses, rel=1e-5, abs=1e-6)
     torch.testing.assert_close(torch.tensor(ranks[1]["predict"]), predicted, rtol=1e-5, atol=1e-5)

@@ -44,13 +44,21 @@ def main(out: str, stages: int, method: str, profile_dir: str, only_needed: bool
     # mini-batches (the receives of those in flight)
     # with the user's own collective between the steps: stage 0 may have left its last backward
     # and step to the next call (StageProcess.submit), which no other rank waits on
+    # and predicting (so flushing) in the caller's inference mode or autocast, which the
+    # stage's actions do not take on (runtime/grad_modes.py); stats() runs nothing of them
     receives, unresolved, left = [], [], []
-    for _ in range(3 * stages):
+    callers = {1: torch.inference_mode, 3: lambda: torch.autocast("cpu", dtype=torch.bfloat16)}
+    for i in range(3 * stages):
         pipe.step(*batches[0])
         receives.append(len(pipe._executor.mail._pending))
         unresolved.append(len(pipe._losses))
         left.append([str(a) for a in pipe._executor.process._deferred])
+        pipe.stats()
+        assert [str(a) for a in pipe._executor.process._deferred] == left[-1]
         dist.barrier()
+        if i in callers:
+            with callers[i]():
+                pipe.predict(batches[0][0])
     pipe.flush()
     result |= {"receives": max(receives), "unresolved": max(unresolved), "left": left}
     result["state after"] = {k: v.tolist() for k, v in pipe.state_dict().items()}

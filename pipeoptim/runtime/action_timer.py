@@ -114,13 +114,15 @@ def instrument(process: Any, clock: Callable[[], float] = time.perf_counter) -> 
     timer.wrap(channel, "end_action", "channel.end_action")
     run = process._run
 
-    def loop(actions: list[Any], side_work: Callable[[], None] | None = None) -> None:
+    def loop(
+        actions: list[Any], side_work: Callable[[], None] | None = None, stop: int | None = None
+    ) -> None:
         start = clock()
         try:
-            run(actions, side_work)
+            run(actions, side_work, stop)
         finally:
             timer.seconds["loop"] = timer.seconds.get("loop", 0.0) + clock() - start
-            timer.actions += len(actions)
+            timer.actions += len(actions[:stop])  # the rest run in the next call
 
     process._run = loop
     return timer

@@ -3,8 +3,7 @@
 :func:`run_action` is the one place an action is carried out; executors differ only in how
 values travel between stages (:class:`Channel`): in memory for the deterministic
 :class:`LocalExecutor`, through ``torch.distributed`` for the workers in
-:mod:`pipeoptim.runtime.worker`. Both therefore compute the same numbers.
-"""
+:mod:`pipeoptim.runtime.worker`. Both therefore compute the same numbers."""
 
 from __future__ import annotations
 
@@ -22,6 +21,7 @@ from pipeoptim.microbatch import Rows, note_where
 from pipeoptim.runtime import stage_state as states
 from pipeoptim.runtime.async_norms import step_async
 from pipeoptim.runtime.delivery import delivered, forward_chain
+from pipeoptim.runtime.grad_modes import training_modes
 from pipeoptim.runtime.one_driver import OneDriver
 from pipeoptim.runtime.procmem import resident_bytes
 from pipeoptim.runtime.scaler import norm_share, step_together
@@ -339,6 +339,7 @@ class LocalExecutor(OneDriver):
         """Per stage, the tensor bytes it has sent to its neighbours (activations, gradients)."""
         return list(self._sent)
 
+    @training_modes()
     def _run(self) -> None:
         progress = True
         while progress:

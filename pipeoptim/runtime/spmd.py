@@ -337,7 +337,6 @@ class SPMDExecutor:
         )
 
     def prediction_errors(self) -> list[PredictionError]:
-        self.process.catch_up()
         return self._per_stage("the prediction errors (stats)", self.process.stage.prediction_error.result())
 
     def stage_state_dicts(self) -> list[dict[str, torch.Tensor]]:
@@ -345,7 +344,6 @@ class SPMDExecutor:
 
     def sent_bytes(self) -> list[int]:
         """Per stage, the tensor bytes it has sent to its neighbours (activations, gradients)."""
-        self.process.catch_up()
         return self._per_stage("the bytes sent (sent_bytes)", self.process.channel.sent_bytes)
 
     def abort(self) -> None:

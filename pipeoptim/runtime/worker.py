@@ -33,6 +33,7 @@ from pipeoptim.runtime.comm import DistChannel
 from pipeoptim.runtime.delivery import forward_chain
 from pipeoptim.runtime.driver_watch import exit_when_driver_dies, stop_on_driver_sigterm
 from pipeoptim.runtime.executor import MicroBatch, MiniBatch, StageState, run_action
+from pipeoptim.runtime.grad_modes import training_modes
 from pipeoptim.runtime.peer_loss import lost_peer
 from pipeoptim.runtime.replicas import join_replica_groups, replica_copy, stage_and_replica
 from pipeoptim.runtime.schedule import BACKWARD, FORWARD, Action, deferred_tail, last_before_step
@@ -105,11 +106,6 @@ class StageProcess:
         alone = self.reducer is None and not stage.steps_together and stage.async_norms is None
         return self.may_defer and self.rank == 0 and self.world > 1 and alone and stage.shared is None
 
-    def catch_up(self) -> None:
-        """Run the actions :meth:`submit` left (before anything reads or changes the stage)."""
-        actions, self._deferred = self._deferred, []
-        self._run(actions)
-
     def submit(
         self, batch: MiniBatch, side_work: Callable[[], None] | None = None
     ) -> list[tuple[int, float]]:
@@ -147,20 +143,23 @@ class StageProcess:
         return losses
 
     def flush(self) -> list[tuple[int, float]]:
-        """Run the cool-down and wait for every send."""
-        self.catch_up()
-        self._run(self.schedule.on_flush())
+        """Run what :meth:`submit` left and the cool-down, and wait for every send (every call
+        that reads or changes the weights flushes first)."""
+        actions, self._deferred = self._deferred + self.schedule.on_flush(), []
+        self._run(actions)
         if self.stage.shared is not None and self.stage.optimizer is not None:
             self.stage.shared.drain(self.channel, self.stage.optimizer)
         self.channel.wait_sends()
         losses, self.channel.losses = self.channel.losses, []
         return losses
 
+    @training_modes()
     def _run(
         self, actions: list[Action], work: Callable[[], None] | None = None, stop: int | None = None
     ) -> None:
         """Run ``actions[:stop]``, receives posted one action ahead (into the rest too); ``work``
-        before the first backward that needs another stage's gradients, else at the end."""
+        before the first backward that needs another stage's gradients, else at the end; in
+        :func:`~pipeoptim.runtime.grad_modes.training_modes`, whatever the caller's."""
         for i, action in enumerate(actions[:stop]):
             for nxt in actions[i : i + 2]:  # post receives one action ahead
                 if nxt.op == FORWARD:
@@ -186,7 +185,6 @@ class StageProcess:
     def forward_only(self, chunks: list[Any] | None, sizes: list[int]) -> list[Any] | None:
         """Evaluation-mode forward of chunks (stage 0 gets the data); last stage returns outputs.
         Replica 0 alone evaluates (the replicas hold the same weights)."""
-        self.catch_up()
         if self.replica > 0:
             return None
         outputs = []
@@ -224,31 +222,24 @@ class StageProcess:
             dist.destroy_process_group(group)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
-        self.catch_up()
         return {k: v.detach().cpu() for k, v in self.stage.module.state_dict().items()}
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        self.catch_up()
         load_stage_state(self.stage, state, self.aliases)
 
     def optimizer_state(self) -> dict[str, Any]:
-        self.catch_up()
         return optimizer_state(self.stage)
 
     def load_optimizer_state(self, state: dict[str, Any]) -> None:
-        self.catch_up()
         load_optimizer_state(self.stage, state)
 
     def resume(self, mini_batches: int) -> None:
-        self.catch_up()
         self.schedule.resume(mini_batches, self.stage.steps)
 
     def memory_report(self) -> dict[str, int]:
-        self.catch_up()
         return self.stage.memory_report()
 
     def peak_versions(self) -> int:
-        self.catch_up()
         return self.stage.policy.peak_versions if self.stage.policy is not None else 1
 
 

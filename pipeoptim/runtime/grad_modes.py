@@ -1,0 +1,35 @@
+"""The modes the stages' training actions run in, whatever the caller's.
+
+torch keeps gradient, inference and autocast modes per thread. The local executor, and rank 0
+under torchrun, run stages in the thread that calls ``step()``, ``flush()`` or ``predict()``;
+the processes executor's workers run them in threads of their own, where none of the caller's
+modes reaches. A flush inside the caller's ``torch.inference_mode()`` (``predict`` flushes
+first) made SGD's momentum buffer an inference tensor, which the next step could not update
+("Inplace update to inference tensor outside InferenceMode"), and one inside a caller's
+``torch.autocast`` ran a backward and step in bfloat16 (weights 0.02 off, helper-148). So
+every executor runs its training actions under :func:`training_modes`. A stage's own autocast
+(``precision=``) is entered inside it and applies as always.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+import torch
+
+#: device types whose autocast the caller may have on
+_AUTOCAST_DEVICES = ("cpu", "cuda")
+
+
+@contextlib.contextmanager
+def training_modes() -> Iterator[None]:
+    """Gradients on, inference mode off and the caller's autocast off (for each device type
+    where it is on), restored on exit; also a decorator."""
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(torch.inference_mode(False))
+        stack.enter_context(torch.enable_grad())
+        for device in _AUTOCAST_DEVICES:
+            if torch.is_autocast_enabled(device):
+                stack.enter_context(torch.autocast(device, enabled=False))
+        yield
