@@ -95,7 +95,8 @@ class Pipeline(Measurements, checkpoint.Checkpoints):
 
         Asynchronous methods keep up to N mini-batches in flight; flushing methods (gpipe, 1f1b)
         step after each mini-batch's last backward, before the next one's forwards. Either way
-        the loss may still be pending on return (not with ``executor="local"``, which runs it all here).
+        the loss may still be pending on return (not with ``executor="local"``, which runs it all here),
+        and under torchrun rank 0 may return before that backward and step (run at the next call).
 
         Args:
             inputs: tensor or tuple of tensors, ``[batch, ...]`` like ``example_inputs``; a
@@ -163,9 +164,8 @@ class Pipeline(Measurements, checkpoint.Checkpoints):
 
     @property
     def max_in_flight(self) -> int:
-        """Mini-batches whose loss may be pending at once: ``2·N``. :meth:`step` blocks beyond
-        it (N keep every stage busy), so a loop that never reads its losses does not queue the
-        whole data set in the workers' inboxes."""
+        """Mini-batches whose loss may be pending at once: ``2·N``. :meth:`step` blocks beyond it
+        (N keep every stage busy): a loop never reading its losses queues not the whole data set."""
         return 2 * self.num_stages
 
     def _throttle(self) -> None:
@@ -362,12 +362,11 @@ class Pipeline(Measurements, checkpoint.Checkpoints):
 
     def close(self, finish: bool = True) -> None:
         """Finish the mini-batches in flight (``finish`` and no earlier error: their losses keep
-        their values), then end every worker; a loss that has not arrived then raises
-        :class:`PipelineError`, as every later call does. Leaving a ``with`` block by an
-        exception, or the garbage collector, closes without finishing; so does a torchrun rank
-        while an exception is raised or handled (``close()`` in a ``finally`` or ``except``
-        block; a warning says so): it cannot finish without the other ranks, which go on
-        stepping (they waited out the timeout), and its closed connections stop them at once."""
+        their values), then end every worker; a loss not arrived then raises :class:`PipelineError`,
+        as every later call does. Leaving a ``with`` block by an exception, or the garbage
+        collector, closes without finishing; so does a torchrun rank while an exception is raised
+        or handled (in a ``finally`` or ``except`` block; a warning says so): it cannot finish
+        without the other ranks, and its connections, closed at once, stop them."""
         if self._closed:
             return
         raising = self.executor_kind == "torchrun" and sys.exc_info()[1] is not None
@@ -379,12 +378,15 @@ class Pipeline(Measurements, checkpoint.Checkpoints):
                 "without the other ranks (as leaving a with block by an exception)",
                 stacklevel=2,
             )
+        finished = finish and self._error is None and not raising
         try:
-            if finish and self._error is None and not raising:
+            if finished:
                 self.flush("close")
         finally:
             self._closed = True
             self._losses.fail_all(PipelineError("the pipeline was closed before this loss arrived"))
+            if not finished and self.executor_kind == "torchrun":  # no wait for its sends (helper-148)
+                self._executor.abort()
             self._executor.close()
 
     def __enter__(self) -> Pipeline:

@@ -358,6 +358,19 @@ def test_a_failure_a_rank_catches_stops_the_far_ranks_too(tmp_path: Path) -> Non
 
 
 @pytest.mark.slow
+def test_a_rank_leaving_its_with_block_by_an_exception_waits_for_none_of_its_sends(tmp_path: Path) -> None:
+    """Rank 1 raises inside ``with pipe:`` while rank 0 is in the script's own barrier, which
+    never receives rank 1's last gradients: rank 1 leaves at once with its own error (before,
+    close() waited for that send until the pipeline's 30 s timeout, helper-148)."""
+    done = _torchrun("torchrun_close_script.py", 2, str(tmp_path / "out"), str(tmp_path / "p"))
+    assert done.returncode == 0, done.stderr[-3000:]
+    ranks = [json.loads((tmp_path / f"out.{r}").read_text()) for r in range(2)]
+    assert ranks[1]["error"] == "RuntimeError: the script's own bug on rank 1"
+    assert ranks[1]["done_at"] - ranks[1]["raised_at"] < 5, ranks
+    assert "error" in ranks[0]  # its barrier gave up (rank 1 never came)
+
+
+@pytest.mark.slow
 def test_a_rank_raising_through_try_finally_close_stops_every_rank_at_once(tmp_path: Path) -> None:
     """4 ranks: rank 1's own code raises mid-run inside ``try: ... finally: pipe.close()``.
     close() then closes without finishing (an exception is propagating): rank 1 keeps its own
