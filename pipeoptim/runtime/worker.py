@@ -116,7 +116,7 @@ class StageProcess:
         Where :attr:`defers_tail`, the last backward and the step are left to the next call
         (:func:`~pipeoptim.runtime.schedule.deferred_tail`), which runs them once its mini-batch
         is set up: the user's code between the calls and the checks of the batch run in the
-        wait for that backward's gradients (0.9 ms a mini-batch on the critical path of the
+        wait for that backward's gradients (0.5-0.9 ms a mini-batch on the critical path of the
         MLP of ``benchmarks/throughput.py`` at 2 stages; where ranks share a core it took the
         core from the stage on the critical path, 5% slower at 4 ranks on 2 cores)."""
         first, rows = batch.index * self.spec.micro_batches, batch.split()
