@@ -20,6 +20,8 @@ def main(out: str) -> None:
         losses = list(pipe.train(batches))
         replicas = [{k: v.tolist() for k, v in s.items()} for s in pipe._executor.replica_state_dicts()]
         per_stage = per_stage_figures(pipe)
+        if rank == 0:  # the local run replays this plan (each run profiles: timings move a cut)
+            pipe.plan.save(f"{out}.plan.json")
     with open(f"{out}.{rank}", "w") as f:
         json.dump({"losses": losses, "replicas": replicas, "per_stage": per_stage}, f)
 
