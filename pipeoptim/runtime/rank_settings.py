@@ -190,12 +190,9 @@ def digest(value: Any) -> str:
     return h.hexdigest()[:12]
 
 
-#: leaf types whose ``repr`` is exact (``float``'s is the shortest that reads back the same)
-_PLAIN = (str, int, float, bool, type(None))
-
-
 def _plain(value: Any) -> bool:
-    """Whether ``value`` is nested lists, tuples and string-keyed dicts of :data:`_PLAIN` values."""
+    """Whether ``value`` is nested lists, tuples and string-keyed dicts of values of exactly the
+    :data:`_PLAIN` types, whose ``repr`` is exact (``float``'s reads back the same)."""
     if isinstance(value, (list, tuple)):
         return all(_plain(v) for v in value)
     if isinstance(value, dict):

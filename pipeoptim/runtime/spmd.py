@@ -76,7 +76,7 @@ def join(timeout: float) -> None:
     its pipelines is open."""
     global _created
     device = local_device()
-    local_world = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
+    local_world = _local_world()
     local_rank = int(os.environ.get("LOCAL_RANK", 0)) % local_world
     if dist.is_initialized():
         if _created and _open == 0 and device.type == "cpu":
@@ -101,6 +101,11 @@ def join(timeout: float) -> None:
         ) from exc
     _created = True
     atexit.register(_destroy_default_group)
+
+
+def _local_world() -> int:
+    """The ranks torchrun starts on this host (``LOCAL_WORLD_SIZE``; 1 where unset)."""
+    return max(1, int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
 
 
 def check_world(num_stages: int) -> None:
@@ -169,7 +174,7 @@ class SPMDExecutor:
     def _build(self, spec: PipelineSpec, on_loss: Callable[[int, torch.Tensor], None]) -> None:
         """This rank's stage and the mail of its losses."""
         self.process = StageProcess(spec, self.rank, self.device, self.timeout.total_seconds(), self.group)
-        self.process.may_defer = cores_to_spare(max(1, int(os.environ.get("LOCAL_WORLD_SIZE", 1))))
+        self.process.may_defer = cores_to_spare(_local_world())
         self.mail = LossMail(
             self.process.channel,
             self.rank,
