@@ -2,12 +2,13 @@
 
 The float32 matmul precision (``torch.set_float32_matmul_precision("medium")``: bfloat16 passes
 on a CPU with AMX, TF32 on an Ampere GPU), TF32 and reduced-precision reductions, cuDNN's and
-torch's deterministic modes, oneDNN or cuDNN switched off and the default dtype change what a
-stage computes, and each is a setting of the process. A worker process starts with torch's
-defaults: the processes executor computed at "highest" where the user had set "medium" (the
-local executor, in the user's process, at "medium"), so the two executors gave other numbers,
-and the profile, timed at "medium" in the user's process, priced arithmetic the workers did
-not run (helper-115, 2026-12-06: a 2.8x faster matmul on that CPU).
+torch's deterministic modes, oneDNN or cuDNN switched off, the default dtype and denormal floats
+flushed to zero (``torch.set_flush_denormal``, a setting of the calling thread, which runs the
+stages) change what a stage computes, and each is a setting of the process. A worker process
+starts with torch's defaults: the processes executor computed at "highest" where the user had
+set "medium" (the local executor, in the user's process, at "medium"), so the two executors
+gave other numbers, and the profile, timed at "medium" in the user's process, priced arithmetic
+the workers did not run (helper-115, 2026-12-06: a 2.8x faster matmul on that CPU).
 
 :func:`current` reads them, the processes executor hands them to its workers at start and
 again before any command after they changed (:func:`apply` sets them there), under torchrun
@@ -117,6 +118,12 @@ def _legacy() -> dict[str, Any]:
         return {}
 
 
+def _flush_denormal() -> bool:
+    """Whether the calling thread flushes denormal floats to zero (``torch.set_flush_denormal``,
+    which has no getter): a float32 denormal, 1e-40, multiplied by 1 comes out 0 (about 4 us)."""
+    return float(torch.tensor(1e-40, dtype=torch.float32, device="cpu") * 1.0) == 0.0
+
+
 def _attention() -> dict[str, tuple[str, str, bool]]:
     """:data:`ATTENTION`'s switches this torch has."""
     return {k: v for k, v in ATTENTION.items() if hasattr(torch.backends.cuda, v[0])}
@@ -126,8 +133,8 @@ def current() -> dict[str, Any]:
     """This process's numeric settings as plain, picklable values: ``{name: value}``, names
     being paths under ``torch.backends`` (torch >= 2.9: ``"mkldnn.matmul"``, ... with the
     float32 arithmetic each runs with, and :data:`RAW_PRECISIONS` as set), the :data:`LEGACY`
-    ones, the attention kernels (:data:`ATTENTION`), ``default_dtype`` and
-    ``deterministic_algorithms`` as ``(enabled, warn_only)``."""
+    ones, the attention kernels (:data:`ATTENTION`), ``default_dtype``,
+    ``deterministic_algorithms`` as ``(enabled, warn_only)`` and ``flush_denormal``."""
     values: dict[str, Any] = {}
     if _new_api():
         values |= {op: _precision(op) for op in PRECISIONS}
@@ -140,6 +147,7 @@ def current() -> dict[str, Any]:
         torch.are_deterministic_algorithms_enabled(),
         torch.is_deterministic_algorithms_warn_only_enabled(),
     )
+    values["flush_denormal"] = _flush_denormal()
     return values
 
 
@@ -158,12 +166,13 @@ def changed(device_type: str | None = None) -> dict[str, str]:
     arithmetic each operation runs with says the same. With ``device_type``, only those of
     its backends: on the CPU not CUDA's and cuDNN's (TF32 left CPU results as they were, and
     "medium" and oneDNN's bfloat16 matmuls were two keys for one arithmetic), on a GPU not
-    oneDNN's."""
+    oneDNN's nor the CPU's flushing of denormals."""
     defaults = (PRECISIONS if _new_api() else LEGACY) | FLAGS
     defaults |= {"opt_einsum.enabled": torch.backends.opt_einsum.is_available()}
     defaults |= {name: default for name, (_, _, default) in _attention().items()}
     defaults |= {"default_dtype": torch.float32, "deterministic_algorithms": (False, False)}
-    other = {"cpu": ("cuda.", "cudnn."), "cuda": ("mkldnn.",)}.get(device_type or "", ())
+    defaults |= {"flush_denormal": False}
+    other = {"cpu": ("cuda.", "cudnn."), "cuda": ("mkldnn.", "flush_denormal")}.get(device_type or "", ())
     values = [(k, v) for k, v in current().items() if not k.startswith(other)]
     return {name: str(value) for name, value in values if name in defaults and value != defaults[name]}
 
@@ -174,7 +183,8 @@ def apply(settings: dict[str, Any]) -> None:
     from the global one down, then the rest.
 
     Raises:
-        ValueError: ``settings`` were read under another torch (a name this torch lacks).
+        ValueError: ``settings`` were read under another torch (a name this torch lacks), or
+            they flush denormals and this CPU cannot (no SSE3 on x86).
     """
     unknown = sorted(set(settings) - set(current()) - set(LEGACY))
     if unknown:
@@ -200,5 +210,11 @@ def apply(settings: dict[str, Any]) -> None:
             torch.set_default_dtype(value)
         elif name == "deterministic_algorithms":
             torch.use_deterministic_algorithms(value[0], warn_only=value[1])
+        elif name == "flush_denormal":
+            if _flush_denormal() != value and not torch.set_flush_denormal(value):
+                raise ValueError(
+                    "the user's process flushes denormal floats to zero (torch.set_flush_denormal"
+                    "(True)) and this CPU cannot: call torch.set_flush_denormal(False) before compile"
+                )
         elif getattr(*_backend(name)) != value:
             setattr(*_backend(name), value)

@@ -29,6 +29,7 @@ def restored() -> Iterator[None]:
     torch.set_float32_matmul_precision("highest")
     torch.backends.cudnn.deterministic = False
     torch.backends.mkldnn.enabled = True
+    torch.set_flush_denormal(False)
     assert numerics.changed() == {}
 
 
@@ -81,6 +82,47 @@ def test_the_workers_take_the_settings_at_start_and_each_change_after(restored: 
     torch.testing.assert_close(off, plain, rtol=0, atol=1e-6)
     shifted = model.c.weight.sum(dim=1)  # c(h + 1) - c(h)
     torch.testing.assert_close(on - off, shifted.expand_as(on), rtol=0, atol=1e-5)
+
+
+class Denormal(nn.Module):
+    """Passes its input through float32's denormal range (1e-40) and back: 0 where denormals
+    are flushed to zero, about the input where they are not."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * 1e-30 * 1e-10 * 1e20 * 1e20
+
+
+def test_flushing_denormals_reaches_the_workers(restored: None) -> None:
+    """``torch.set_flush_denormal(True)`` in the user's process (a CPU speed setting, with no
+    getter in torch) was not carried: the workers computed with denormals, the local executor
+    and plain PyTorch without."""
+    if not torch.set_flush_denormal(True):
+        pytest.skip("this CPU cannot flush denormals")
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), Denormal(), nn.Linear(16, 3))
+    x = torch.randn(16, 8)
+    assert numerics.changed("cpu") == {"flush_denormal": "True"}
+    assert numerics.changed("cuda") == {}  # a setting of the CPU's arithmetic
+    net = copy.deepcopy(model)
+    with pipeoptim.compile(
+        net,
+        torch.optim.SGD(net.parameters(), lr=0.1),
+        2,
+        example_inputs=x,
+        loss_fn=F.cross_entropy,
+        method="1f1b",
+        executor="processes",
+        leaf_modules=["1"],
+        profile_dir=None,
+    ) as pipe:
+        flushed = pipe.predict(x)
+        torch.set_flush_denormal(False)  # after compile: carried before the next command
+        kept = pipe.predict(x)
+    with torch.no_grad():
+        torch.testing.assert_close(kept, model(x), rtol=1e-3, atol=1e-6)
+        torch.set_flush_denormal(True)
+        torch.testing.assert_close(flushed, model(x), rtol=0, atol=0)
+        torch.testing.assert_close(flushed, model[2].bias.expand_as(flushed), rtol=0, atol=0)
 
 
 def _matmul_precision_changes_results() -> bool:
@@ -152,9 +194,11 @@ def test_torchrun_ranks_compare_their_settings(restored: None) -> None:
 def test_settings_read_in_one_process_are_set_in_another(restored: None) -> None:
     torch.set_float32_matmul_precision("medium")
     torch.backends.cudnn.deterministic = True
+    torch.set_flush_denormal(True)
     wanted = numerics.current()
     torch.set_float32_matmul_precision("highest")
     torch.backends.cudnn.deterministic = False
+    torch.set_flush_denormal(False)
     assert numerics.current() != wanted
     numerics.apply(wanted)
     assert numerics.current() == wanted
