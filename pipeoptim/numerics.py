@@ -4,7 +4,9 @@ The float32 matmul precision (``torch.set_float32_matmul_precision("medium")``: 
 on a CPU with AMX, TF32 on an Ampere GPU), TF32 and reduced-precision reductions, cuDNN's and
 torch's deterministic modes, oneDNN or cuDNN switched off, the default dtype and denormal floats
 flushed to zero (``torch.set_flush_denormal``, a setting of the calling thread, which runs the
-stages) change what a stage computes, and each is a setting of the process. A worker process
+stages) change what a stage computes, autograd's anomaly detection
+(``torch.autograd.set_detect_anomaly``: a NaN gradient raises, naming the forward that made
+it) what its backward checks, and each is a setting of the process. A worker process
 starts with torch's defaults: the processes executor computed at "highest" where the user had
 set "medium" (the local executor, in the user's process, at "medium"), so the two executors
 gave other numbers, and the profile, timed at "medium" in the user's process, priced arithmetic
@@ -134,7 +136,8 @@ def current() -> dict[str, Any]:
     being paths under ``torch.backends`` (torch >= 2.9: ``"mkldnn.matmul"``, ... with the
     float32 arithmetic each runs with, and :data:`RAW_PRECISIONS` as set), the :data:`LEGACY`
     ones, the attention kernels (:data:`ATTENTION`), ``default_dtype``,
-    ``deterministic_algorithms`` as ``(enabled, warn_only)`` and ``flush_denormal``."""
+    ``deterministic_algorithms`` as ``(enabled, warn_only)``, ``flush_denormal`` and
+    ``detect_anomaly`` as ``(enabled, check_nan)``."""
     values: dict[str, Any] = {}
     if _new_api():
         values |= {op: _precision(op) for op in PRECISIONS}
@@ -148,6 +151,7 @@ def current() -> dict[str, Any]:
         torch.is_deterministic_algorithms_warn_only_enabled(),
     )
     values["flush_denormal"] = _flush_denormal()
+    values["detect_anomaly"] = (torch.is_anomaly_enabled(), torch.is_anomaly_check_nan_enabled())
     return values
 
 
@@ -160,8 +164,9 @@ def compared() -> dict[str, Any]:
 
 
 def changed(device_type: str | None = None) -> dict[str, str]:
-    """The settings of :func:`current` that change results from torch's defaults, as text (for
-    a profile's key: a profile timed with them is not reused without them, nor the reverse).
+    """The settings of :func:`current` that change results (or, anomaly detection, the time of
+    a backward) from torch's defaults, as text (for a profile's key: a profile timed with them
+    is not reused without them, nor the reverse).
     On torch >= 2.9 the :data:`LEGACY` names and :data:`RAW_PRECISIONS` are left out: the
     arithmetic each operation runs with says the same. With ``device_type``, only those of
     its backends: on the CPU not CUDA's and cuDNN's (TF32 left CPU results as they were, and
@@ -171,7 +176,7 @@ def changed(device_type: str | None = None) -> dict[str, str]:
     defaults |= {"opt_einsum.enabled": torch.backends.opt_einsum.is_available()}
     defaults |= {name: default for name, (_, _, default) in _attention().items()}
     defaults |= {"default_dtype": torch.float32, "deterministic_algorithms": (False, False)}
-    defaults |= {"flush_denormal": False}
+    defaults |= {"flush_denormal": False, "detect_anomaly": (False, True)}
     other = {"cpu": ("cuda.", "cudnn."), "cuda": ("mkldnn.", "flush_denormal")}.get(device_type or "", ())
     values = [(k, v) for k, v in current().items() if not k.startswith(other)]
     return {name: str(value) for name, value in values if name in defaults and value != defaults[name]}
@@ -210,6 +215,8 @@ def apply(settings: dict[str, Any]) -> None:
             torch.set_default_dtype(value)
         elif name == "deterministic_algorithms":
             torch.use_deterministic_algorithms(value[0], warn_only=value[1])
+        elif name == "detect_anomaly":
+            torch.autograd.set_detect_anomaly(value[0], check_nan=value[1])
         elif name == "flush_denormal":
             if _flush_denormal() != value and not torch.set_flush_denormal(value):
                 raise ValueError(

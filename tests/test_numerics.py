@@ -30,6 +30,7 @@ def restored() -> Iterator[None]:
     torch.backends.cudnn.deterministic = False
     torch.backends.mkldnn.enabled = True
     torch.set_flush_denormal(False)
+    torch.autograd.set_detect_anomaly(False)
     assert numerics.changed() == {}
 
 
@@ -125,6 +126,48 @@ def test_flushing_denormals_reaches_the_workers(restored: None) -> None:
         torch.testing.assert_close(flushed, model[2].bias.expand_as(flushed), rtol=0, atol=0)
 
 
+class _NanGradient(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: object, x: torch.Tensor) -> torch.Tensor:
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx: object, grad: torch.Tensor) -> torch.Tensor:
+        return grad * float("nan")
+
+
+class NanBackward(nn.Module):
+    """The identity, whose backward returns NaN (what anomaly detection reports)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return _NanGradient.apply(x)
+
+
+@pytest.mark.parametrize("executor", ["local", "processes"])
+def test_anomaly_detection_reaches_the_workers(restored: None, executor: str) -> None:
+    """``torch.autograd.set_detect_anomaly(True)`` in the user's process: a backward making NaN
+    raised in the local executor and not in the worker processes."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), NanBackward(), nn.Linear(16, 3))
+    x, y = torch.randn(16, 8), torch.randint(0, 3, (16,))
+    with pipeoptim.compile(
+        model,
+        torch.optim.SGD(model.parameters(), lr=0.1),
+        2,
+        example_inputs=x,
+        loss_fn=F.cross_entropy,
+        method="1f1b",
+        executor=executor,
+        leaf_modules=["1"],
+        profile_dir=None,
+    ) as pipe:
+        torch.autograd.set_detect_anomaly(True)  # after compile: carried before the next command
+        assert numerics.changed("cpu") == {"detect_anomaly": "(True, True)"}
+        with pytest.raises(Exception, match="returned nan values"):
+            pipe.step(x, y).item()
+            pipe.flush()
+
+
 def _matmul_precision_changes_results() -> bool:
     a, b = torch.randn(64, 256, generator=torch.Generator().manual_seed(0)), torch.randn(256, 64)
     exact = a @ b
@@ -195,10 +238,12 @@ def test_settings_read_in_one_process_are_set_in_another(restored: None) -> None
     torch.set_float32_matmul_precision("medium")
     torch.backends.cudnn.deterministic = True
     torch.set_flush_denormal(True)
+    torch.autograd.set_detect_anomaly(True, check_nan=False)
     wanted = numerics.current()
     torch.set_float32_matmul_precision("highest")
     torch.backends.cudnn.deterministic = False
     torch.set_flush_denormal(False)
+    torch.autograd.set_detect_anomaly(False)
     assert numerics.current() != wanted
     numerics.apply(wanted)
     assert numerics.current() == wanted
