@@ -54,7 +54,7 @@ class Net(nn.Module):
         return self.c(self.probe(torch.tanh(self.b(torch.tanh(self.a(x))))))
 
 
-def _pipeline(model: nn.Module, executor: str) -> pipeoptim.Pipeline:
+def _pipeline(model: nn.Module, executor: str, leaf: str = "probe") -> pipeoptim.Pipeline:
     return pipeoptim.compile(
         model,
         torch.optim.SGD(model.parameters(), lr=0.1),
@@ -64,7 +64,7 @@ def _pipeline(model: nn.Module, executor: str) -> pipeoptim.Pipeline:
         method="1f1b",
         micro_batches=2,
         executor=executor,
-        leaf_modules=["probe"],
+        leaf_modules=[leaf],
         profile_dir=None,
     )
 
@@ -104,18 +104,7 @@ def test_flushing_denormals_reaches_the_workers(restored: None) -> None:
     x = torch.randn(16, 8)
     assert numerics.changed("cpu") == {"flush_denormal": "True"}
     assert numerics.changed("cuda") == {}  # a setting of the CPU's arithmetic
-    net = copy.deepcopy(model)
-    with pipeoptim.compile(
-        net,
-        torch.optim.SGD(net.parameters(), lr=0.1),
-        2,
-        example_inputs=x,
-        loss_fn=F.cross_entropy,
-        method="1f1b",
-        executor="processes",
-        leaf_modules=["1"],
-        profile_dir=None,
-    ) as pipe:
+    with _pipeline(copy.deepcopy(model), "processes", leaf="1") as pipe:
         flushed = pipe.predict(x)
         torch.set_flush_denormal(False)  # after compile: carried before the next command
         kept = pipe.predict(x)
@@ -150,17 +139,7 @@ def test_anomaly_detection_reaches_the_workers(restored: None, executor: str) ->
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(8, 16), NanBackward(), nn.Linear(16, 3))
     x, y = torch.randn(16, 8), torch.randint(0, 3, (16,))
-    with pipeoptim.compile(
-        model,
-        torch.optim.SGD(model.parameters(), lr=0.1),
-        2,
-        example_inputs=x,
-        loss_fn=F.cross_entropy,
-        method="1f1b",
-        executor=executor,
-        leaf_modules=["1"],
-        profile_dir=None,
-    ) as pipe:
+    with _pipeline(model, executor, leaf="1") as pipe:
         torch.autograd.set_detect_anomaly(True)  # after compile: carried before the next command
         assert numerics.changed("cpu") == {"detect_anomaly": "(True, True)"}
         with pytest.raises(Exception, match="returned nan values"):
