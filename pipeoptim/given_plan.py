@@ -70,8 +70,9 @@ def given_plan(
 
 
 def _check_setting(chosen: Plan, config: CostConfig, rows: int, log: Callable[[str], None]) -> None:
-    """Say where the plan's figures were made for another micro-batch size or optimizer state
-    than this pipeline's (they stay those of its own setting), and refuse it under a memory
+    """Say where the plan's figures were made for another micro-batch size, optimizer state or
+    link (:func:`_link_differences`) than this pipeline's (they stay those of its own
+    setting), and refuse it under a memory
     limit its figures do not bound: made without one or with a larger one, for fewer rows or
     less optimizer state, or holding more. Before, a plan made without a limit was taken under
     ``memory=`` that a fresh plan found infeasible, and one made for 16 rows ran 512 with its
@@ -89,6 +90,7 @@ def _check_setting(chosen: Plan, config: CostConfig, rows: int, log: Callable[[s
             f"{made.opt_state_factor:g} bytes of optimizer state per parameter byte (this optimizer: "
             f"{config.opt_state_factor:g})"
         )
+    other += _link_differences(made, config)
     if other:
         said = " and ".join(other)
         log(f"the given plan was made for {said}: its predicted time and memory are of that setting")
@@ -112,3 +114,31 @@ def _check_setting(chosen: Plan, config: CostConfig, rows: int, log: Callable[[s
             + f" (its largest stage holds {peak:,} bytes): make a plan under this limit "
             "(pipeoptim partition ... --memory ... --save), or leave plan unset"
         )
+
+
+#: the link figures a plan is priced with as given to ``compile``: (field, what it is, unit)
+_LINK = (
+    ("bandwidth", "bandwidth", "bytes/s"),
+    ("latency_s", "latency", "s per message"),
+    ("action_overhead_s", "action overhead", "s"),
+    ("allreduce_bandwidth", "all-reduce bandwidth", "bytes/s"),
+    ("allreduce_latency_s", "all-reduce latency", "s"),
+)
+
+
+def _link_differences(made: CostConfig, config: CostConfig) -> list[str]:
+    """The link figures (:data:`_LINK`; the all-reduce's only with replicas) the plan was
+    priced with where this pipeline was given others: its stage times and all-reduce times
+    stay the plan's (before, a plan priced with a free all-reduce kept it silently)."""
+    said = []
+    for field, what, unit in _LINK:
+        if field.startswith("allreduce") and config.data_parallel == 1:
+            continue
+        have, want = getattr(made, field), getattr(config, field)
+        if have != want:
+            said.append(f"{what} {_figure(have, unit)} (this pipeline: {_figure(want, unit)})")
+    return said
+
+
+def _figure(value: float | None, unit: str) -> str:
+    return "none" if value is None else f"{value:g} {unit}"

@@ -460,6 +460,26 @@ def test_a_plan_made_for_another_setting_is_said_and_bound_by_a_memory_limit(tmp
         pass
     said = [line for line in logs if line.startswith("the given plan was made for micro-batches of 16 rows")]
     assert len(said) == 1 and "(this pipeline: 64)" in said[0] and "(this optimizer: 2)" in said[0], logs
+    assert "bandwidth" not in said[0]  # the same link: not named
+    logs.clear()
+    with compile_mlp(gpus=2, plan=tmp_path / "plan.json", bandwidth="1GB/s", latency=2e-5, log=logs.append):
+        pass  # a plan priced with another link keeps its figures, and says so
+    said = [line for line in logs if line.startswith("the given plan was made for bandwidth")]
+    assert len(said) == 1, logs
+    assert "bandwidth 2.5e+10 bytes/s (this pipeline: 1e+09 bytes/s)" in said[0]
+    assert "latency 0 s per message (this pipeline: 2e-05 s per message)" in said[0]
+    with compile_mlp(gpus=4, data_parallel=2) as pipe:  # replicas: the all-reduce's figures too
+        pipe.plan.save(tmp_path / "replicated.json")
+    logs.clear()
+    with compile_mlp(
+        gpus=4,
+        data_parallel=2,
+        plan=tmp_path / "replicated.json",
+        allreduce_bandwidth="1GB/s",
+        log=logs.append,
+    ):
+        pass
+    assert any("all-reduce bandwidth none (this pipeline: 1e+09 bytes/s)" in line for line in logs), logs
     with compile_mlp(gpus=2, memory=peak * 10) as pipe:  # made under the limit: taken under it
         pipe.plan.save(tmp_path / "limited.json")
     with compile_mlp(gpus=2, memory=peak * 10, plan=tmp_path / "limited.json", log=logs.append):
