@@ -45,22 +45,24 @@ def compile_two_stages(model: nn.Module, example: torch.Tensor, compile_stages: 
 
 
 def train(
-    method: str, executor: str, compile_stages: bool | str, data, dropout: float = 0.0
-) -> tuple[list[float], dict]:
+    method: str, executor: str, compile_stages: bool | str, data, dropout: float = 0.0, plan=None
+) -> tuple[list[float], dict, pipeoptim.Plan]:
+    """Losses, weights and plan (given back, a run repeats the cut, on which PipeOptim's
+    numbers and the stages' dropout draws depend)."""
     with compile_two_stages(
-        mlp(dropout), data[0][0], compile_stages, method=method, executor=executor
+        mlp(dropout), data[0][0], compile_stages, method=method, executor=executor, plan=plan
     ) as pipe:
         losses = [pipe.step(x, y) for x, y in data]
         pipe.flush()
-        return [loss.item() for loss in losses], pipe.state_dict()
+        return [loss.item() for loss in losses], pipe.state_dict(), pipe.plan
 
 
 @pytest.mark.parametrize("method", ["1f1b", "pipeoptim"])
 def test_compiled_stages_run_compiled_graphs_and_equal_eager_stages(method: str) -> None:
     data = batches()
-    eager_losses, eager_state = train(method, "local", False, data)
+    eager_losses, eager_state, plan = train(method, "local", False, data)
     counters.clear()
-    losses, state = train(method, "local", "aot_eager", data)
+    losses, state, _ = train(method, "local", "aot_eager", data, plan=plan)
     assert counters["stats"]["unique_graphs"] >= 2  # one per stage at least: compiled frames ran
     assert not counters["graph_break"]
     assert losses == pytest.approx(eager_losses, rel=1e-6, abs=1e-7)
@@ -76,8 +78,8 @@ def test_inductor_stages_equal_eager_stages_dropout_included() -> None:
     dropout masks too: inductor drew them with its own kernels (helper-121: weights 2.2e-2 off
     after 3 steps) until it was told to call torch's (``fallback_random``)."""
     data = batches(3)[:3]
-    expected, reference = train("1f1b", "local", False, data, dropout=0.5)
-    losses, state = train("1f1b", "local", True, data, dropout=0.5)
+    expected, reference, plan = train("1f1b", "local", False, data, dropout=0.5)
+    losses, state, _ = train("1f1b", "local", True, data, dropout=0.5, plan=plan)
     assert losses == pytest.approx(expected, rel=1e-5, abs=1e-6)
     for key, value in reference.items():
         torch.testing.assert_close(state[key], value, rtol=1e-5, atol=1e-6)

@@ -67,9 +67,10 @@ def test_predict_between_steps_is_the_model_in_eval_mode(norm: str, micro_batche
         torch.testing.assert_close(state[name], value, rtol=1e-5, atol=1e-6)
 
 
-def _compile(model: nn.Module, executor: str, method: str = "pipeoptim") -> pipeoptim.Pipeline:
+def _compile(model: nn.Module, executor: str, method: str = "pipeoptim", plan=None) -> pipeoptim.Pipeline:
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     options = {"loss_fn": F.cross_entropy, "executor": executor, "profile_dir": None, "method": method}
+    options["plan"] = plan
     return pipeoptim.compile(model, optimizer, 2, example_inputs=torch.randn(8, 16), **options)
 
 
@@ -80,9 +81,10 @@ def test_worker_processes_give_the_local_numbers(norm: str, method: str) -> None
     torch.manual_seed(0)
     model = Critic(norm)
     x, y = torch.randn(8, 16), torch.randint(0, 5, (8,))
-    runs = {}
-    for executor in ("local", "processes"):
-        with _compile(copy.deepcopy(model), executor, method) as pipe:
+    runs, plan = {}, None
+    for executor in ("local", "processes"):  # one plan: PipeOptim's numbers depend on the cut
+        with _compile(copy.deepcopy(model), executor, method, plan) as pipe:
+            plan = pipe.plan
             losses = [pipe.step(x, y) for _ in range(5)]
             runs[executor] = ([float(v) for v in losses], pipe.predict(x), pipe.state_dict())
     local, processes = runs["local"], runs["processes"]

@@ -148,6 +148,7 @@ def test_pipelines_in_one_job_keep_their_messages_and_groups_apart(tmp_path: Pat
             data_parallel=replicas,
             executor="local",
             profile_dir=tmp_path / "p",
+            plan=tmp_path / f"out.plan.{name}.json",  # the job's cut
         ) as pipe:
             losses = [float(loss) for loss in [pipe.step(*b) for b in given]]
             pipe.flush()
@@ -310,6 +311,7 @@ def test_a_batch_one_rank_refuses_is_refused_everywhere_or_stops_every_rank_at_o
         loss_fn=F.cross_entropy,
         executor="local",
         profile_dir=tmp_path / "p",
+        plan=tmp_path / "out.plan.json",  # the job's cut
     ) as pipe:
         expected = [float(pipe.step(x, y)) for x, y in data(5)]
     assert ranks[0]["losses"] == ranks[1]["losses"] == pytest.approx(expected, rel=1e-5)

@@ -123,25 +123,28 @@ def test_blocks_drawing_from_python_generators_draw_at_every_forward(numpy: bool
     with pytest.warns(UserWarning, match=r"blocks.0 \(draws from Python's random module"):
         assert set(trace(model, batches[0][0]).auto_leaves) == {f"blocks.{i}" for i in range(4)}
     assert random.getstate() == state  # tracing took none of the caller's numbers
-    local = _trained(model, batches, "local")
+    *local, plan = _trained(model, batches, "local")
     counts = [RAN.count(i) for i in range(4)]  # 3 mini-batches of 4 micro-batches each
     assert all(0 < n < 12 for n in counts), counts
-    assert_equal_training(_trained(model, batches, "processes"), local)
+    assert_equal_training(_trained(model, batches, "processes", plan)[:2], tuple(local))
 
 
-def _trained(model: nn.Module, batches: list, executor: str) -> tuple[list[float], dict]:
-    """Losses and weights of 1f1b training; :data:`RAN` holds the blocks run by its steps."""
+def _trained(
+    model: nn.Module, batches: list, executor: str, plan=None
+) -> tuple[list[float], dict, pipeoptim.Plan]:
+    """Losses, weights and plan of 1f1b training; :data:`RAN` holds the blocks run by its steps.
+    Given back the plan, a run repeats the cut: a block draws from its stage's streams."""
     net = copy.deepcopy(model)
     optimizer = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9)
     options = {"loss_fn": F.cross_entropy, "method": "1f1b", "micro_batches": 4, "executor": executor}
-    options |= {"example_inputs": batches[0][0], "profile_dir": None}
+    options |= {"example_inputs": batches[0][0], "profile_dir": None, "plan": plan}
     state = random.getstate()
     with pipeoptim.compile(net, optimizer, 2, **options) as pipe:
         assert random.getstate() == state  # profiling ran the blocks, on its own numbers
         RAN.clear()  # not the runs of tracing and profiling
         losses = [pipe.step(x, y).item() for x, y in batches]
         assert random.getstate() == state  # the local stages draw from their own streams
-        return losses, pipe.state_dict()
+        return losses, pipe.state_dict(), pipe.plan
 
 
 def test_a_draw_in_the_root_forward_is_refused_with_the_fix() -> None:

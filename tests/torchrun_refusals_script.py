@@ -3,7 +3,8 @@ shape) is refused on every rank, which go on in step; then targets only the last
 check (another row count) stop the pipeline there, and the other ranks within seconds, as
 do a loss_fn's error on the last rank, a NaN on the first that the script catches and a
 learning rate changed on rank 0 alone.
-Writes each rank's errors, the losses of the good steps and how long each stop took."""
+Writes each rank's errors, the losses of the good steps and how long each stop took, and
+(rank 0) the plan of the first pipeline."""
 
 from __future__ import annotations
 
@@ -47,6 +48,8 @@ def main(out: str, profile_dir: str) -> None:
                 except pipeoptim.PipelineError as exc:
                     result["errors"].append(str(exc))
             result["losses"].append(float(pipe.step(x if rank == 0 else None, y if rank == 1 else None)))
+        if rank == 0:  # the local reference replays it: SmallCNN's dropout draws per stage
+            pipe.plan.save(f"{out}.plan.json")
         start = time.monotonic()
         try:  # targets of 7 rows for 8 inputs: only the last rank holds them
             x, y = batches[0]

@@ -2,8 +2,8 @@
 their mini-batches interleaved without a flush, the user's own messages on the default group
 between their steps; A (which created the process group) is closed while B has mini-batches
 in flight, B goes on; C (1 stage x 3 replicas: replica groups) is compiled after A was
-closed, and closed before B. Writes each pipeline's losses and final weights, the threads
-C left behind, and the process groups left once all are closed."""
+closed, and closed before B. Writes each pipeline's losses, final weights and (rank 0) plan,
+the threads C left behind, and the process groups left once all are closed."""
 
 from __future__ import annotations
 
@@ -80,6 +80,8 @@ def main(out: str, gpus: int, profile_dir: str) -> None:
     def finish(name: str) -> None:
         pipe = pipes.pop(name)
         pipe.flush()
+        if rank == 0:  # the local reference replays it: PipeOptim's numbers depend on the cut
+            pipe.plan.save(f"{out}.plan.{name}.json")
         result[name] = {
             "losses": [float(loss) for loss in losses[name]],
             "state": {k: v.tolist() for k, v in pipe.state_dict().items()},
