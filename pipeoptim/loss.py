@@ -24,20 +24,28 @@ class Loss:
     """The loss of one mini-batch, known once the last stage has computed it.
 
     ``float(loss)``, ``loss.item()`` and ``loss.wait()`` block until then (and re-raise a
-    failure of the pipeline); ``loss.done()`` does not block. Losses complete in the order
-    the mini-batches were given.
+    failure of the pipeline); ``loss.done()`` does not block: it takes in what has arrived
+    (``poller``; under torchrun the losses sent from the last stage) and says whether this
+    one has. Losses complete in the order the mini-batches were given.
     """
 
-    def __init__(self, index: int, waiter: Callable[[int], None] | None = None) -> None:
+    def __init__(
+        self,
+        index: int,
+        waiter: Callable[[int], None] | None = None,
+        poller: Callable[[], None] | None = None,
+    ) -> None:
         self.index = index
         # a Python future: a failure's traceback holds frames whose ``self`` is the pipeline,
         # which holds this loss; the garbage collector frees that cycle, where it could not
         # see into a torch.futures.Future (a failed pipeline's memory, pipes and threads were
         # never released)
         self._future: Future[float] = Future()
-        self._waiter = waiter
+        self._waiter, self._poller = waiter, poller
 
     def done(self) -> bool:
+        if not self._future.done() and self._poller is not None:
+            self._poller()
         return self._future.done()
 
     def wait(self) -> float:
@@ -63,11 +71,11 @@ class Loss:
         return f"Loss(mini_batch={self.index}, pending)"
 
     def _set(self, value: float) -> None:
-        self._waiter = None  # it holds the pipeline: a kept loss must not keep the pipeline alive
+        self._waiter = self._poller = None  # they hold the pipeline: a kept loss must not keep it alive
         self._future.set_result(value)
 
     def _fail(self, exc: BaseException) -> None:
-        self._waiter = None
+        self._waiter = self._poller = None
         if not self._future.done():
             if not isinstance(exc, Exception):  # Ctrl-C's is the caller's, not this loss's
                 stopped = PipelineError(

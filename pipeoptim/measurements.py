@@ -4,6 +4,7 @@ stages' own state and the bytes they sent (a mixin of :class:`pipeoptim.pipeline
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import torch
 
@@ -18,6 +19,7 @@ class Measurements:
     _executor: Executor
     _check_open: Callable[[], None]  # the pipeline's: raises once closed or failed
     flush: Callable[[], None]
+    _guarded: Callable[[Callable[[], Any]], Any]  # the pipeline's: a lost peer stops it
 
     def resident_bytes(self) -> list[int]:
         """Resident memory (RSS, bytes) of the process running each stage, now; with
@@ -28,19 +30,19 @@ class Measurements:
             PipelineError: the pipeline is closed or failed.
         """
         self._check_open()
-        return self._executor.resident_bytes()
+        return self._guarded(self._executor.resident_bytes)
 
     def stats(self) -> PipelineStats:
         """Per stage, the prediction error and staleness so far and the weight versions held
         (:class:`~pipeoptim.runtime.staleness.PipelineStats`). Covers the backward passes run so
         far: call :meth:`flush` first to include every mini-batch submitted."""
         self._check_open()
-        errors = self._executor.prediction_errors()
+        errors = self._guarded(self._executor.prediction_errors)
         return PipelineStats(
             prediction_error=[e.mean for e in errors],
             prediction_error_samples=[e.samples for e in errors],
             staleness=[e.staleness for e in errors],
-            peak_weight_versions=self._executor.peak_weight_versions(),
+            peak_weight_versions=self._guarded(self._executor.peak_weight_versions),
         )
 
     @property
@@ -48,7 +50,7 @@ class Measurements:
         """Per stage, the most versions of a weight held at once so far (measured); raises
         PipelineError once the pipeline is closed or failed."""
         self._check_open()
-        return self._executor.peak_weight_versions()
+        return self._guarded(self._executor.peak_weight_versions)
 
     def stage_state_dicts(self) -> list[dict[str, torch.Tensor]]:
         """Per stage, its own parameters and buffers (CPU): a shared parameter is in every
@@ -56,7 +58,7 @@ class Measurements:
         self.flush()
         return [
             {k: v.detach().cpu().clone() for k, v in part.items()}
-            for part in self._executor.stage_state_dicts()
+            for part in self._guarded(self._executor.stage_state_dicts)
         ]
 
     def sent_bytes(self) -> list[int]:
@@ -64,4 +66,4 @@ class Measurements:
         neighbouring stages so far; shared parameters' gradient sums are not included; raises
         PipelineError once the pipeline is closed or failed."""
         self._check_open()
-        return self._executor.sent_bytes()
+        return self._guarded(self._executor.sent_bytes)

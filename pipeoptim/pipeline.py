@@ -12,9 +12,8 @@ import copy
 import math
 import sys
 import warnings
-from collections import deque
-from collections.abc import Callable, Iterable, Iterator
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import torch
 from torch import nn
@@ -24,7 +23,7 @@ from pipeoptim import inputs as given
 from pipeoptim.batchnorm import plain_batch_norm
 from pipeoptim.compiler.plan import Plan
 from pipeoptim.compiler.trace import TracedModel
-from pipeoptim.errors import PipelineError, PipeoptimError, drop_frame_locals, first_line
+from pipeoptim.errors import PeerLostError, PipelineError, PipeoptimError, drop_frame_locals, first_line
 from pipeoptim.loss import Loss, MiniBatchLosses
 from pipeoptim.measurements import Measurements
 from pipeoptim.refusals import prepared_here, shared_rows
@@ -35,9 +34,12 @@ from pipeoptim.runtime.launch import Executor, start_executor
 from pipeoptim.runtime.layout import output_batch_dims
 from pipeoptim.runtime.optim import hyperparameters, optimizer_layout, restore_hyperparameters
 from pipeoptim.runtime.replicas import micro_batch_count
+from pipeoptim.streaming import Streaming
+
+T = TypeVar("T")
 
 
-class Pipeline(Measurements, checkpoint.Checkpoints):
+class Pipeline(Measurements, checkpoint.Checkpoints, Streaming):
     """A compiled pipeline; build it with :func:`compile`.
 
     Attributes:
@@ -88,6 +90,23 @@ class Pipeline(Measurements, checkpoint.Checkpoints):
             drop_frame_locals(exc)
             self._executor.abort()
 
+    def _stop(self, exc: BaseException) -> None:
+        """:meth:`_on_error`, by a call about to raise ``exc`` itself: that is its one raise as
+        it is, later calls say the pipeline stopped at it (before, the next call raised it
+        again, blaming good targets for the last ones refused: helper-151)."""
+        self._on_error(exc)
+        if isinstance(exc, PipeoptimError):
+            exc.reported = True
+
+    def _guarded(self, call: Callable[[], T]) -> T:
+        """``call()``, an executor call the other ranks take part in: a peer lost on the way
+        stops the pipeline (the next call tried again and failed anew, helper-151)."""
+        try:
+            return call()
+        except PeerLostError as exc:
+            self._stop(exc)
+            raise
+
     # -- training --------------------------------------------------------------------
 
     def step(self, inputs: Any, targets: Any) -> Loss:
@@ -115,7 +134,7 @@ class Pipeline(Measurements, checkpoint.Checkpoints):
         self._check_open()
         hyper = hyperparameters(self._optimizer, self._layout, self.spec.group_names)  # nothing started
         check = lambda xs: given.check_batch(self.spec, given.as_tuple(xs))  # noqa: E731
-        batch = shared_rows(self._executor, inputs, check, "step", self.executor_kind, self._on_error, hyper)
+        batch = shared_rows(self._executor, inputs, check, "step", self.executor_kind, self._stop, hyper)
         inputs = None if inputs is None else given.as_tuple(inputs)  # accepted by check
         every = self.micro_batches * self.replicas  # M per replica
         given.check_rows(batch, self.batch_size, every, self.method, self._static_batch)
@@ -132,14 +151,18 @@ class Pipeline(Measurements, checkpoint.Checkpoints):
         def prepare() -> tuple[list[Any], list[float], given.Signature]:
             return given.split_targets(targets, int(batch), sizes, self.spec.loss_reduction, self._targets)
 
-        micro_targets, scales, signature = prepared_here(prepare, self.executor_kind, self._on_error)
+        micro_targets, scales, signature = prepared_here(prepare, self.executor_kind, self._stop)
         if self._targets is None and targets is not None:  # what later targets are held to
             self._targets = signature
         self._throttle()
         index = self._next
         self._next += 1
         last_micro = index * self.micro_batches + m - 1
-        loss = Loss(index, lambda _i: self._waited(lambda: self._executor.wait_loss(last_micro)))
+        loss = Loss(
+            index,
+            lambda _i: self._waited(lambda: self._executor.wait_loss(last_micro)),
+            lambda: self._waited(self._executor.poll_losses),
+        )
         self._losses.expect(loss, scales)
         device = self.device  # the CPU unless the stages run in this process
         # every executor's stages get them as the transport delivers them (fresh, contiguous)
@@ -158,7 +181,7 @@ class Pipeline(Measurements, checkpoint.Checkpoints):
             self._executor.submit(batch_)
         except BaseException as exc:  # the schedule stopped part-way: nothing may run on
             # (with executor="local" the user's loss_fn or model raises here as it is, or Ctrl-C)
-            self._on_error(exc)
+            self._stop(exc)
             raise
         return loss
 
@@ -183,31 +206,6 @@ class Pipeline(Measurements, checkpoint.Checkpoints):
                     self._check_open()  # re-raise the pipeline's error as step() does
                 raise
 
-    def train(
-        self, batches: Iterable[tuple[Any, Any]], after_step: Callable[[], Any] | None = None
-    ) -> Iterator[float]:
-        """Stream ``(inputs, targets)`` mini-batches; yields each loss in order. N mini-batches
-        are kept in flight, by count, not by which losses have arrived: when the loop stops
-        after k losses, k + N mini-batches were given, with every executor (a flush or close
-        finishes them). The pipeline is flushed at the end.
-
-        Args:
-            after_step: called after each mini-batch is given to :meth:`step`, e.g. a
-                per-mini-batch ``scheduler.step``. Each loss is yielded N mini-batches after its
-                mini-batch was given, so a scheduler stepped in the loop over the losses would
-                give mini-batch t the rate of mini-batch t − N.
-        """
-        pending: deque[Loss] = deque()
-        for inputs, targets in batches:
-            pending.append(self.step(inputs, targets))
-            if after_step is not None:
-                after_step()
-            while len(pending) > self.num_stages:
-                yield pending.popleft().wait()
-        self.flush()
-        while pending:
-            yield pending.popleft().wait()
-
     def flush(self, _call: str = "flush") -> None:
         """Wait until every mini-batch in flight has finished its backward and step; a flush
         that fails (a stalled schedule, losses missing, or with ``executor="local"`` any
@@ -218,17 +216,20 @@ class Pipeline(Measurements, checkpoint.Checkpoints):
         self._waited(self._executor.flush)
         if self._losses:
             error = PipelineError(f"flush finished with {len(self._losses)} loss(es) missing")
-            self._on_error(error)
+            self._stop(error)
             raise error
 
     def _waited(self, wait: Callable[[], None]) -> None:
-        """``wait()`` (a flush, a loss's wait): its failure (with ``executor="local"`` any) stops
-        the pipeline; a processes pipeline stays usable after a Ctrl-C while waiting."""
+        """``wait()`` (a flush, a loss's wait): its failure stops the pipeline, any where the
+        stages run in this process (``executor="local"``; under torchrun this rank's stage,
+        whose deferred backward or cool-down a flush runs: an error there left the ranks
+        training on, one stage a step short, helper-151); a processes pipeline stays usable
+        after a Ctrl-C while waiting."""
         try:
             wait()
         except BaseException as exc:
-            if isinstance(exc, PipeoptimError) or self.executor_kind == "local":
-                self._on_error(exc)
+            if isinstance(exc, PipeoptimError) or self.executor_kind in ("local", "torchrun"):
+                self._stop(exc)
             raise
 
     # -- evaluation and state ----------------------------------------------------------
@@ -245,7 +246,7 @@ class Pipeline(Measurements, checkpoint.Checkpoints):
         """
         self.flush("predict")
         check = lambda xs: given.check_eval_batch(self.spec, given.as_tuple(xs, "predict()"))  # noqa: E731
-        batch = shared_rows(self._executor, inputs, check, "predict", self.executor_kind, self._on_error)
+        batch = shared_rows(self._executor, inputs, check, "predict", self.executor_kind, self._stop)
         inputs = None if inputs is None else given.as_tuple(inputs)  # accepted by check
         size = math.ceil(self.batch_size / (self.micro_batches * self.replicas))
         sizes = [microbatch.Rows(min(size, batch - i), batch.length) for i in range(0, batch, size)]
@@ -262,7 +263,7 @@ class Pipeline(Measurements, checkpoint.Checkpoints):
             else [delivered(tuple(x[i : i + size] for x in inputs), device) for i in range(0, batch, size)]
         )
         # the stages in other processes allocate what they receive from the sizes (and length)
-        outputs = self._executor.forward_only(chunks, sizes)
+        outputs = self._guarded(lambda: self._executor.forward_only(chunks, sizes))
         dims = output_batch_dims(self.plan, self._traced.gm, self._static_batch)
         flat = [microbatch.join([o[i] for o in outputs], size, dims[i]) for i in range(len(outputs[0]))]
         flat = [t.cpu() if isinstance(t, torch.Tensor) else t for t in flat]
@@ -274,7 +275,7 @@ class Pipeline(Measurements, checkpoint.Checkpoints):
         """The trained weights, keyed exactly like the original model's ``state_dict()``: a
         shared (tied) parameter's names hold one tensor, as there."""
         self.flush("state_dict")
-        return checkpoint.keyed_as_template(self._executor.state_dict(), self._template)
+        return checkpoint.keyed_as_template(self._guarded(self._executor.state_dict), self._template)
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         """Load weights keyed like the original model's ``state_dict()`` into the stages.
@@ -288,9 +289,8 @@ class Pipeline(Measurements, checkpoint.Checkpoints):
         if misfit:
             raise PipelineError(f"state dict does not belong to {type(self._template).__name__}: {misfit}")
         state = checkpoint.tied_as_torch_loads(state, self._template)
-        self._executor.load_state_dict(
-            state, checkpoint.same_tensor_names(self._template)
-        )  # may refuse: first
+        names = checkpoint.same_tensor_names(self._template)
+        self._guarded(lambda: self._executor.load_state_dict(state, names))  # may refuse: first
         self._template.load_state_dict(state)
 
     @property
@@ -306,7 +306,7 @@ class Pipeline(Measurements, checkpoint.Checkpoints):
             "format": checkpoint.OPTIMIZER_FORMAT,
             "optimizer": type(self._optimizer).__qualname__,
             "mini_batches": self._next,
-            **self._executor.optimizer_state(),
+            **self._guarded(self._executor.optimizer_state),
         }
         return state | {
             "param_groups": hyperparameters(self._optimizer),
@@ -329,7 +329,7 @@ class Pipeline(Measurements, checkpoint.Checkpoints):
         if misfit:
             raise PipelineError(f"the optimizer state {misfit}")
         self.flush("load_optimizer_state_dict")
-        self._executor.load_optimizer_state(state)  # may refuse it (torchrun): first
+        self._guarded(lambda: self._executor.load_optimizer_state(state))  # may refuse it (torchrun): first
         restore_hyperparameters(self._optimizer, state.get("param_groups"))  # the lr a scheduler left
         self._next = int(state.get("mini_batches", self._next))
         self._executor.resume(self._next)

@@ -444,3 +444,34 @@ def test_a_rank_that_never_compiles_is_named_as_the_cause(tmp_path: Path) -> Non
     said = (tmp_path / "out").read_text()
     assert said.startswith("PeerLostError: rank 0: the other ranks did not join the process group"), said
     assert "every rank calls pipeoptim.compile" in said
+
+
+@pytest.mark.slow
+def test_an_error_of_rank_0s_deferred_backward_stops_every_rank_whichever_call_raises_it(
+    tmp_path: Path,
+) -> None:
+    """Stage 0's backward raises for the last micro-batch of a mini-batch, which rank 0 leaves
+    to its next call: raised by a flush, predict or state_dict it stopped nothing before (the
+    ranks trained on with stage 0 a step short, or waited out the timeout; helper-151). Every
+    rank now stops within seconds, the error raised once, then "stopped at" it; so does the
+    last rank's refusal of its targets (its next step blamed the good targets again); and
+    ``loss.done()`` turns True on every rank once the loss has arrived (on rank 0 it never did)."""
+    done = _torchrun("torchrun_tail_error_script.py", 2, str(tmp_path / "out"), str(tmp_path / "p"))
+    assert done.returncode == 0, done.stderr[-3000:]
+    ranks = [json.loads((tmp_path / f"out.{r}").read_text()) for r in range(2)]
+    stopped = "PipelineError: the pipeline stopped at an earlier error"
+    for case in ("flush", "predict", "state_dict"):
+        outcomes = [[said for _, said, _ in ranks[r][case]] for r in range(2)]
+        raised = [i for i, said in enumerate(outcomes[0]) if said != "ok"]  # step 2 where not deferred
+        assert raised and outcomes[0][raised[0]] == "ValueError: bad gradient in Guard", outcomes
+        assert all(said.startswith(stopped) for said in outcomes[0][raised[0] + 1 :]), outcomes
+        first = next(i for i, said in enumerate(outcomes[1]) if said != "ok")
+        assert outcomes[1][first].startswith("PeerLostError: "), outcomes
+        assert all(said.startswith(stopped) for said in outcomes[1][first + 1 :]), outcomes
+        assert ranks[1][case][first][2] - ranks[0][case][raised[0]][2] < 5, ranks  # not the 30 s timeout
+    for r in range(2):
+        arrived, waited, value = ranks[r]["done"]
+        assert arrived and waited < 5 and value == ranks[0]["done"][2], ranks
+    targets = [said for _, said, _ in ranks[1]["targets"]]
+    assert targets[1].startswith("PipelineError: targets is a tensor of shape [7]"), targets
+    assert targets[2].startswith(stopped), targets

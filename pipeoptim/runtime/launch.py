@@ -63,6 +63,10 @@ class Executor(Protocol):
         """Drive whatever must run for the loss of ``micro_batch`` to arrive."""
         ...
 
+    def poll_losses(self) -> None:
+        """Take in the losses that have arrived, without blocking (``Loss.done()``)."""
+        ...
+
     def flush(self) -> None:
         """Finish every mini-batch in flight (backward and step)."""
         ...

@@ -4,7 +4,12 @@ A last stage sends each mini-batch's micro-batch losses to every other rank as o
 message (tag :data:`~pipeoptim.runtime.comm.LOSS_TAG`) once the last of them is computed, so
 that ``float(loss)`` works on every rank. The other ranks post the receive of a mini-batch's
 losses with its forward and resolve them where a stage waits anyway: gloo reports a receive
-complete only once it is waited on, so a receive left alone would never be seen done.
+complete only once it is waited on, so a receive left alone would never be seen done (and a
+wait that times out closes the connection). A CPU buffer is therefore filled with
+:data:`UNSET` before its receive is posted: gloo writes the message into the tensor's memory,
+so a last value no longer :data:`UNSET` means the message has arrived (its wait returns at
+once), which ``Loss.done()`` asks without blocking (before, it said False on rank 0 for
+ever: helper-151).
 """
 
 from __future__ import annotations
@@ -17,6 +22,9 @@ import torch
 
 from pipeoptim.errors import PeerLostError, first_line
 from pipeoptim.runtime.comm import LOSS_TAG, DistChannel
+
+#: the bits of a NaN no loss computes (its payload), filling a loss buffer until it arrives
+UNSET = 0x7FF4_C0DE_0000_0001
 
 
 class LossMail:
@@ -67,6 +75,7 @@ class LossMail:
             last = replica * self.num_stages + self.num_stages - 1
             if self.rank != last:
                 buffer = torch.empty(count, dtype=torch.float64, device=device)
+                buffer.view(torch.int64).fill_(UNSET)
                 work = self.channel.irecv(buffer, last, tag=LOSS_TAG)
                 self._pending.append((first, replica, work, buffer))
         self.poll(block=False, until=first - (self.num_stages - 1) * self.micro_batches - 1)
@@ -96,7 +105,7 @@ class LossMail:
         """
         while self._pending:
             first, replica, work, buffer = self._pending[0]
-            if not (block or work.is_completed()) and (until is None or first > until):
+            if not (block or _arrived(work, buffer)) and (until is None or first > until):
                 return
             try:
                 work.wait(self.timeout)
@@ -113,3 +122,11 @@ class LossMail:
     def clear(self) -> None:
         """Forget the posted receives (a closed pipeline): their requests hold the group."""
         self._pending.clear()
+
+
+def _arrived(work: Any, buffer: torch.Tensor) -> bool:
+    """Whether the receive of ``buffer`` has completed (NCCL says so) or its message has
+    arrived (a CPU buffer's last value is no longer :data:`UNSET`; a wait then finishes it)."""
+    if work.is_completed():
+        return True
+    return buffer.device.type == "cpu" and int(buffer.view(torch.int64)[-1]) != UNSET

@@ -19,3 +19,7 @@ class OneDriver:
     ) -> Rows | None:
         """``batch`` itself (a refused batch reaches no stage)."""
         return batch
+
+    def poll_losses(self) -> None:
+        """Nothing to take in: each loss reaches its future as it is computed here or reported
+        by a worker."""

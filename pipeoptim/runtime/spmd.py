@@ -284,6 +284,9 @@ class SPMDExecutor:
         """Block until the loss of ``micro_batch`` has arrived on this rank."""
         self.mail.poll(block=False, until=micro_batch)
 
+    def poll_losses(self) -> None:
+        self.mail.poll(block=False)
+
     def flush(self) -> None:
         self.mail.deliver(self.process.flush(), self.device)
         self.mail.poll(block=True)
