@@ -14,8 +14,8 @@ over rounds of the mean time per repetition, and ``together / alone`` their rati
 The plan's cost model times the optimizer step (:mod:`pipeoptim.update_cost`) and profiles
 the stages (:mod:`pipeoptim.compiler.profile`) in one process with the other cores idle; a
 pipeline's ranks run at once. Where ``together / alone`` is above 1 the plan under-prices
-that part (``benchmarks/results/breakdown.md``: the stages' steps took 1.3 to 2.0 times their
-figure in the workers).
+that part (``benchmarks/results/breakdown.md``: the stages' weight policies and steps took
+1.17 to 1.58 times their figure in the workers).
 
     python benchmarks/memory_sharing.py [--quick] [--rounds 5] [--out DIR]
 
