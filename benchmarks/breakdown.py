@@ -183,11 +183,16 @@ def main() -> None:
         "--out", type=Path, help="default: benchmarks/results for the full run, else a temporary folder"
     )
     args = parse_rank_args(parser)
-    scope = ("model", "stages", "methods", "clock")
+    stages = args.stages or (2 if args.quick else 4)
+    if stages > MODELS[args.model][3]:  # refused as throughput.py does (a traceback before, helper-152)
+        parser.error(
+            f"--stages {stages}: {args.model}'s mini-batch of {MODELS[args.model][3]} rows cannot be "
+            "split into that many micro-batches"
+        )
+    scope = {"model": "mlp", "stages": 4, "methods": list(METHODS), "clock": "wall"}
     kind = run_kind(parser, args, scope)
     args.out = results_dir(parser, args, "breakdown", scope=scope)
     torch.set_num_threads(1)
-    stages = args.stages or (2 if args.quick else 4)
     methods = args.methods or (["pipeoptim", "pipedream"] if args.quick else list(METHODS))
     warmup, steps = (2, 4) if args.quick else (5, 30)
     with tempfile.TemporaryDirectory(prefix="breakdown-profiles-") as folder:

@@ -28,7 +28,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-from outputs import missing_tasks, results_dir, run_kind, write_result
+from outputs import missing_tasks, positive_int, results_dir, run_kind, work_folder, write_result
 from tabulate import tabulate
 
 from pipeoptim.tasks import make_task
@@ -55,6 +55,8 @@ class Setting:
 
 #: the tasks of the full run (one of them missing: a partial run, outputs.results_dir)
 FULL_TASKS = ("fashion-mnist", "sst2", "multi30k")
+#: what the full run takes for the options that narrow it (outputs.is_full_run)
+FULL = {"seeds": 3}
 
 
 def settings(quick: bool) -> list[Setting]:
@@ -177,7 +179,7 @@ def main() -> None:
         help="digits only, 2 epochs of 640 rows (40 mini-batches: enough to tell the methods "
         "apart), one seed (seconds)",
     )
-    parser.add_argument("--seeds", type=int, default=None, help="seeds per setting (default 3, quick 1)")
+    parser.add_argument("--seeds", type=positive_int, help="seeds per setting (default 3, quick 1)")
     parser.add_argument(
         "--out", type=Path, help="default: benchmarks/results for the full run, else a temporary folder"
     )
@@ -189,8 +191,9 @@ def main() -> None:
         "there are read back, so an interrupted benchmark continues where it stopped",
     )
     args = parser.parse_args()
+    work_folder(parser, args.work)
     needs = lambda: missing_tasks(FULL_TASKS)  # noqa: E731
-    args.out = results_dir(parser, args, "convergence", scope=("seeds",), needs=needs)
+    args.out = results_dir(parser, args, "convergence", scope=FULL, needs=needs)
     torch.set_num_threads(2)
     seeds = list(range(args.seeds or (1 if args.quick else 3)))
     methods = ["sequential", "pipedream", "none", "pipeoptim"] if args.quick else METHODS
@@ -256,7 +259,7 @@ def main() -> None:
     summary = "; ".join(findings) or "no complete comparison (data missing?)"
     write_result(
         args.out / "convergence.md",
-        f"# Convergence ({run_kind(parser, args, ('seeds',))} run: 4 stages, local executor, "
+        f"# Convergence ({run_kind(parser, args, FULL)} run: 4 stages, local executor, "
         f"seeds {seeds})\n\n"
         f"Final test metric (accuracy in [0, 1], BLEU in [0, 100]) after training; mean and standard "
         f"deviation over seeds; the training loss is averaged over the last tenth of the mini-batches "

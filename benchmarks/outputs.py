@@ -7,8 +7,9 @@ import argparse
 import os
 import sys
 import tempfile
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -18,6 +19,9 @@ from pipeoptim.runtime.affinity import binding_asked
 from pipeoptim.tasks import make_task
 
 RESULTS = Path(__file__).resolve().parent / "results"
+#: the options that narrow a run (:func:`is_full_run`): their names, or each mapped to the value
+#: the full run takes where its default is ``None``
+Scope = Iterable[str] | Mapping[str, Any]
 
 
 def host(cpuinfo: Path = Path("/proc/cpuinfo")) -> str:
@@ -45,7 +49,7 @@ def results_dir(
     parser: argparse.ArgumentParser,
     args: argparse.Namespace,
     prefix: str,
-    scope: Iterable[str] = (),
+    scope: Scope = (),
     needs: Callable[[], list[str]] | None = None,
 ) -> Path:
     """``args.out`` when given; :data:`RESULTS` (``benchmarks/results``, wherever the script is
@@ -91,18 +95,33 @@ def results_dir(
     return folder
 
 
-def is_full_run(parser: argparse.ArgumentParser, args: argparse.Namespace, scope: Iterable[str]) -> bool:
-    """No ``--quick``, every option of ``scope`` at its default and no data left out
+def is_full_run(parser: argparse.ArgumentParser, args: argparse.Namespace, scope: Scope) -> bool:
+    """No ``--quick``, every option of ``scope`` at its default or, where ``scope`` maps it to
+    one, at the value the full run takes for it (an option defaulting to ``None`` because
+    ``--quick`` changes it: ``--seeds 3`` is the full run's 3 seeds, which was refused as a
+    partial run, helper-152; lists compare as sets), and no data left out
     (:func:`results_dir`): the run whose results are committed (its title says "full run"; any
     other says "quick run" or "partial run")."""
+    full = scope if isinstance(scope, Mapping) else {}
     return (
         not getattr(args, "quick", False)
         and not getattr(args, "left_out", [])
-        and all(getattr(args, name) == parser.get_default(name) for name in scope)
+        and all(
+            _same(getattr(args, name), parser.get_default(name))
+            or (name in full and _same(getattr(args, name), full[name]))
+            for name in scope
+        )
     )
 
 
-def run_kind(parser: argparse.ArgumentParser, args: argparse.Namespace, scope: Iterable[str]) -> str:
+def _same(value: Any, other: Any) -> bool:
+    """Equal, lists and tuples as sets (``--methods b a`` runs what ``--methods a b`` does)."""
+    if isinstance(value, (list, tuple)) and isinstance(other, (list, tuple)):
+        return set(value) == set(other)
+    return value == other
+
+
+def run_kind(parser: argparse.ArgumentParser, args: argparse.Namespace, scope: Scope) -> str:
     """``"full"``, ``"quick"`` or ``"partial"`` (some of the full run's options narrowed)."""
     if getattr(args, "quick", False):
         return "quick"
@@ -134,6 +153,51 @@ def stage_count(text: str) -> int:
     if value < 2:
         raise argparse.ArgumentTypeError(f"{value}: a pipeline needs at least 2 stages")
     return value
+
+
+def positive_int(text: str) -> int:
+    """An argparse type: a whole number of at least 1 (seeds, steps, rounds).
+
+    Raises:
+        argparse.ArgumentTypeError: not an integer, or below 1 (``--steps -5`` reported a
+            negative rate, ``--seeds -1`` an empty table blamed on missing data: helper-152).
+    """
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value}: must be at least 1")
+    return value
+
+
+def positive_seconds(text: str) -> float:
+    """An argparse type: a finite number of seconds above 0 (a time limit).
+
+    Raises:
+        argparse.ArgumentTypeError: not a number, not finite, or not above 0.
+    """
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"{text}: must be a number of seconds above 0")
+    return value
+
+
+def work_folder(parser: argparse.ArgumentParser, folder: Path | None) -> None:
+    """Make ``--work`` (where a benchmark keeps each run) at once, or stop with a usage error
+    (exit 2): one that cannot be written failed after every cell had trained, and the run
+    still said "0 cells" with exit 0 (helper-152)."""
+    if folder is None:
+        return
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        parser.error(f"cannot make the --work folder {folder} ({exc.strerror}): pass another --work")
+    if not os.access(folder, os.W_OK):
+        parser.error(f"cannot write into the --work folder {folder}: pass another --work")
 
 
 def write_result(path: Path, text: str) -> None:

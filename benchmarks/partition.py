@@ -29,7 +29,7 @@ from functools import partial
 from pathlib import Path
 
 import torch
-from outputs import results_dir, run_kind, write_result
+from outputs import positive_seconds, results_dir, run_kind, write_result
 from tabulate import tabulate
 
 from pipeoptim.compiler import baselines as B
@@ -40,6 +40,9 @@ from pipeoptim.compiler.profile import profile_model
 from pipeoptim.compiler.trace import trace
 from pipeoptim.examples import EXAMPLES
 from pipeoptim.shared_folder import shared_folder
+
+#: what the full run takes for the options that narrow it (outputs.is_full_run)
+FULL = {"solver": "auto", "time_limit": 10.0}
 
 SHARED = shared_folder() / "profiles"  # $PIPEOPTIM_SHARED, else ../shared beside the checkout
 BANDWIDTH = 25e9  # bytes/s, the CLI's default
@@ -282,21 +285,21 @@ def main() -> None:
     )
     parser.add_argument("--solver", choices=["auto", "cbc", "highs"], default="auto")
     parser.add_argument(
-        "--time-limit", type=float, default=None, help="seconds per ILP (default 10, quick 3)"
+        "--time-limit", type=positive_seconds, default=None, help="seconds per ILP (default 10, quick 3)"
     )
     parser.add_argument(
         "--out", type=Path, default=None, help="default: benchmarks/results (quick: a temp folder)"
     )
     args = parser.parse_args()
     needs = partial(missing_graphs, hugging_face=not args.stage_times)
-    args.out = results_dir(parser, args, "partition", scope=("solver", "time_limit"), needs=needs)
+    args.out = results_dir(parser, args, "partition", scope=FULL, needs=needs)
     torch.set_num_threads(1)
-    limit = args.time_limit or (3.0 if args.quick else 10.0)
+    limit = args.time_limit if args.time_limit is not None else (3.0 if args.quick else 10.0)
     if args.stage_times:
         table, verdict = stage_times(args.solver, limit, ilp_alone=True)
         write_result(
             args.out / "partition_16_stages.md",
-            f"# 16-stage solve times (solver {args.solver}, time limit {limit:.0f} s per ILP, bandwidth "
+            f"# 16-stage solve times (solver {args.solver}, time limit {limit:g} s per ILP, bandwidth "
             f"{BANDWIDTH / 1e9:.0f} GB/s, 16 micro-batches)\n\n{table}\n\n{verdict}\n",
         )
         print(table)
@@ -352,8 +355,8 @@ def main() -> None:
     )
     write_result(
         args.out / "partition.md",
-        f"# Partition quality ({run_kind(parser, args, ('solver', 'time_limit'))} run, solver {args.solver}, "
-        f"time limit {limit:.0f} s per ILP, bandwidth {BANDWIDTH / 1e9:.0f} GB/s)\n\n"
+        f"# Partition quality ({run_kind(parser, args, FULL)} run, solver {args.solver}, "
+        f"time limit {limit:g} s per ILP, bandwidth {BANDWIDTH / 1e9:.0f} GB/s)\n\n"
         "Bottleneck of each baseline divided by the ILP's (> 1: the ILP is better; `!`: breaks the "
         "memory limit). Memory limit: 1.25x the smallest feasible one.\n\n"
         f"{table}\n\n## ILP solve time\n\n{time_table}\n\n## 16 stages on the GPU cost graphs\n\n"

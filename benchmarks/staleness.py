@@ -43,7 +43,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from outputs import missing_tasks, results_dir, run_kind
+from outputs import missing_tasks, positive_int, positive_seconds, results_dir, run_kind, work_folder
 from staleness_report import report
 
 import pipeoptim
@@ -294,20 +294,23 @@ def main() -> None:
         "--out", type=Path, default=None, help="default: benchmarks/results (quick: a temp folder)"
     )
     parser.add_argument("--work", type=Path, default=None, help="cell results (default: a temporary folder)")
-    parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--seeds", type=positive_int, help="seeds per cell (default 3; 1 with --quick)")
     parser.add_argument("--long", action="store_true", help="also the long Multi30K setting (hours per cell)")
     parser.add_argument(
-        "--budget", type=float, default=None, help="start no new cell after this many seconds"
+        "--budget", type=positive_seconds, default=None, help="start no new cell after this many seconds"
     )
     args = parser.parse_args()
+    if args.quick and args.long:  # the quick study queued the 11 cells of hours each (helper-152)
+        parser.error("--long adds Multi30K cells of hours each, --quick makes the study seconds: pick one")
+    work_folder(parser, args.work)
     torch.set_num_threads(1)
     with tempfile.TemporaryDirectory() as tmp:
-        scope = ("seeds", "budget", "long")
+        scope = {"seeds": 3, "budget": None, "long": False}
         tasks = {s.task for s in settings(args.quick) + (long_settings() if args.long else [])}
         out = results_dir(parser, args, "staleness", scope, needs=lambda: missing_tasks(sorted(tasks)))
         work = args.work or Path(tmp) / "work"
         start = time.perf_counter()
-        seeds = list(range(1 if args.quick else args.seeds))
+        seeds = list(range(args.seeds or (1 if args.quick else 3)))
         results = run_study(args.quick, work, seeds, start, args.budget, args.long)
         report(results, out, run_kind(parser, args, scope), wall_s=time.perf_counter() - start)
 

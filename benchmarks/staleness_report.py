@@ -113,7 +113,9 @@ def _smooth(values: list[float], window: int) -> list[float]:
 
 
 def plots(results: list[dict], out: Path, depths: list[int]) -> list[str]:
-    """``staleness_metric.png``, ``staleness_loss_N8.png``, ``staleness_prediction_error.png``."""
+    """``staleness_metric.png``, ``staleness_loss_N{N}.png`` (the loss curves at N = 8, or at the
+    largest N run: a quick run's were at 4 in a file named N8, helper-152) and
+    ``staleness_prediction_error.png``."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -167,7 +169,7 @@ def plots(results: list[dict], out: Path, depths: list[int]) -> list[str]:
                 ax.set_yscale("log")
             ax.legend(fontsize=7)
         fig.tight_layout()
-        file = f"staleness_{'loss_N8' if kind == 'loss' else kind}.png"
+        file = f"staleness_{f'loss_N{curve_depth}' if kind == 'loss' else kind}.png"
         fig.savefig(out / file, dpi=90)
         plt.close(fig)
         files.append(file)
@@ -203,7 +205,8 @@ def report(results: list[dict], out: Path, kind: str, wall_s: float) -> None:
         out / "staleness.md",
         f"# Staleness study ({kind} run)\n\n"
         f"{cells} cells, {total / 60:.1f} min of training in the cells ({wall_s / 60:.1f} min "
-        f"for this invocation, finished cells read back); deterministic local executor, uniform plans, "
+        f"for this invocation; cells an earlier one finished in the same --work are read back); "
+        "deterministic local executor, uniform plans, "
         f"`benchmarks/staleness.py`.\n\n{body}\n\n" + "".join(f"![{f}]({f})\n" for f in files),
     )
     done = [r for r in results if r["cell"]["method"] == "pipeoptim" and stale_error(r) is not None]

@@ -66,7 +66,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from outputs import host, parse_rank_args, results_dir, run_kind, stage_count, write_result
+from outputs import host, parse_rank_args, positive_int, results_dir, run_kind, stage_count, write_result
 from tabulate import tabulate
 from torch import nn
 
@@ -1061,7 +1061,7 @@ def main() -> None:
     parser.add_argument("--models", nargs="+", choices=list(MODELS), help="default: both")
     parser.add_argument(
         "--rounds",
-        type=int,
+        type=positive_int,
         help="runs of every configuration, the partners of each ratio side by side, median kept "
         "(default 5; 1 with --quick)",
     )
@@ -1080,9 +1080,8 @@ def main() -> None:
     args = parse_rank_args(parser)
     global DEVICE
     DEVICE = args.device
-    if args.rounds is not None and args.rounds < 1:
-        parser.error(f"--rounds must be at least 1, got {args.rounds}")
-    scope = ("stages", "methods", "models", "schedules", "rounds", "device")
+    scope = {"stages": [2, 4], "methods": list(pipeoptim.METHODS), "models": list(MODELS)}
+    scope |= {"schedules": list(PIPPY), "rounds": 5, "device": "cpu"}  # the full run's values
     stage_counts = args.stages or ([2] if args.quick else [2, 4])
     models = args.models or (["mlp"] if args.quick else list(MODELS))
     if DEVICE == "cuda" and torch.cuda.device_count() < max(stage_counts):

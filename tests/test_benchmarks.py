@@ -44,7 +44,7 @@ def _benchmark(
             [
                 "staleness.md",
                 "staleness_metric.png",
-                "staleness_loss_N8.png",
+                "staleness_loss_N4.png",  # the quick study's deepest pipeline
                 "staleness_prediction_error.png",
             ],
         ),
@@ -181,6 +181,38 @@ def test_only_a_full_run_writes_the_committed_results(tmp_path: Path, monkeypatc
     )
 
 
+def test_an_option_at_the_full_runs_value_is_the_full_run(tmp_path: Path, monkeypatch) -> None:
+    """Options whose default is ``None`` because ``--quick`` changes them (``--seeds``,
+    ``--methods``): their full-run value given explicitly was refused as a partial run
+    (``convergence.py --seeds 3 --out benchmarks/results``, helper-152); lists as sets."""
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        from outputs import RESULTS, positive_int, positive_seconds, results_dir, run_kind
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--seeds", type=positive_int)
+    parser.add_argument("--methods", nargs="+")
+    parser.add_argument("--limit", type=positive_seconds)
+    parser.add_argument("--out")
+    scope = {"seeds": 3, "methods": ["a", "b"], "limit": 10.0}
+    kinds = {
+        tuple(argv): run_kind(parser, parser.parse_args(argv), scope)
+        for argv in ([], ["--seeds", "3"], ["--methods", "b", "a"], ["--seeds", "2"], ["--methods", "a"])
+    }
+    assert list(kinds.values()) == ["full", "full", "full", "partial", "partial"], kinds
+    assert (
+        results_dir(parser, parser.parse_args(["--seeds", "3", "--out", str(RESULTS)]), "b", scope) == RESULTS
+    )
+    for bad in (["--seeds", "0"], ["--seeds", "-1"], ["--seeds", "x"], ["--limit", "0"], ["--limit", "nan"]):
+        with pytest.raises(SystemExit):  # argparse's usage error, exit 2
+            parser.parse_args(bad)
+
+
 def test_a_full_run_without_the_shared_data_leaves_the_committed_results(tmp_path: Path) -> None:
     """``partition.py --stage-times`` with ../shared absent replaced partition_16_stages.md with
     "skipped" (helper-137); now it is a partial run, written to a temporary folder."""
@@ -223,13 +255,24 @@ def test_results_name_the_host_they_were_measured_on(tmp_path: Path, monkeypatch
     [
         ("throughput.py", ["--stages", "0"], "0: a pipeline needs at least 2 stages"),
         ("throughput.py", ["--stages", "-2", "--quick"], "-2: a pipeline needs at least 2 stages"),
-        ("throughput.py", ["--rounds", "0"], "--rounds must be at least 1, got 0"),
+        ("throughput.py", ["--rounds", "0"], "argument --rounds: 0: must be at least 1"),
         ("throughput.py", ["--stages", "9", "--models", "transformer"], "mini-batch of 8 rows"),
         ("breakdown.py", ["--stages", "1"], "1: a pipeline needs at least 2 stages"),
         ("breakdown.py", ["--clock", "gpu"], "invalid choice: 'gpu'"),
         ("affinity.py", ["--rounds", "0"], "--rounds must be at least 1, got 0"),
         ("memory_sharing.py", ["--rounds", "0"], "--rounds must be at least 1, got 0"),
         ("prediction_error.py", ["--seeds", "0"], "--seeds must be at least 1, got 0"),
+        # nonsense with exit 0 (a negative rate, "0 cells"), hours of work queued, or a
+        # traceback after the work (helper-152)
+        ("long_run.py", ["--steps", "-5"], "argument --steps: -5: must be at least 1"),
+        ("long_run.py", ["--stages", "0"], "a pipeline needs at least 2 stages"),
+        ("convergence.py", ["--quick", "--seeds", "-1"], "argument --seeds: -1: must be at least 1"),
+        ("convergence.py", ["--quick", "--work", "/dev/null/x"], "cannot make the --work folder"),
+        ("staleness.py", ["--quick", "--long"], "--quick makes the study seconds: pick one"),
+        ("staleness.py", ["--budget", "0"], "must be a number of seconds above 0"),
+        ("staleness.py", ["--quick", "--work", "/dev/null"], "--work folder /dev/null"),
+        ("partition.py", ["--quick", "--time-limit", "-1"], "must be a number of seconds above 0"),
+        ("breakdown.py", ["--quick", "--model", "transformer", "--stages", "16"], "cannot be split into"),
     ],
 )
 def test_benchmark_options_out_of_range_are_refused(
