@@ -96,8 +96,11 @@ def check_resume(config: Any, log: Callable[[str], None]) -> Path | None:
     for key in MUST_MATCH:
         given = getattr(config, key)
         if key in saved and saved[key] != given and not _chosen(data, key, given):
-            option = f"--{key.replace('_', '-')}"
-            then, now = (f"no {option}" if v is None else f"{option} {v}" for v in (saved[key], given))
+            if key == "task":  # the positional TASK, not an option (named --task, helper-152)
+                then, now = (f"task {v}" for v in (saved[key], given))
+            else:
+                option = f"--{key.replace('_', '-')}"
+                then, now = (f"no {option}" if v is None else f"{option} {v}" for v in (saved[key], given))
             raise CheckpointError(
                 f"cannot resume: the checkpoint was made with {then}, this run has {now}; "
                 "use the same settings"

@@ -386,6 +386,8 @@ def test_example_input_options_that_do_not_fit_the_model(tmp_path: Path) -> None
     [
         (["--gpus", "4", "--stages", "3", "--data-parallel", "2"], "need 6 devices but --gpus is 4"),
         (["--method", "2bw", "--micro-batches", "2", "--gpus", "4", "--stages", "4"], "(2 < 4)"),
+        # a PipeOptim plan of 8 micro-batches was saved (helper-152)
+        (["--micro-batches", "8", "--gpus", "4"], "--micro-batches applies to gpipe, 1f1b and 2bw"),
         (
             [
                 "--method",
@@ -407,7 +409,7 @@ def test_refuses_what_train_refuses(tmp_path: Path, args: list[str], message: st
     """A layout the devices cannot hold is an option mistake (exit 2, as train's); one the
     planner finds infeasible fails (exit 1)."""
     status, _, err = run("partition", "mlp", *args, "--profile-dir", str(tmp_path))
-    assert status == (2 if "devices" in message else 1)
+    assert status == (2 if "devices" in message or "--micro-batches" in message else 1)
     assert message in one_line_error(err)
 
 

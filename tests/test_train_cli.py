@@ -482,7 +482,7 @@ def test_ctrl_c_with_json_prints_an_object_on_stdout(tmp_path, monkeypatch) -> N
     args = ["digits", "--method", "sequential", "--json", "--out", str(tmp_path / "run")]
     code, out, err = run(*args)
     assert code == 130 and json.loads(out) == {"error": "interrupted", "exit_code": 130}
-    assert "interrupted: every stage was stopped" in err
+    assert "interrupted: no stage is left running" in err
 
 
 @pytest.mark.parametrize(
@@ -624,6 +624,7 @@ def test_a_resumed_run_keeps_the_settings_it_is_not_given_anew(tmp_path: Path) -
 def test_resuming_a_checkpoint_older_than_the_runs_records_says_what_is_trained_again(
     tmp_path: Path,
 ) -> None:
+    from pipeoptim.errors import CheckpointError
     from pipeoptim.resume import check_resume
     from pipeoptim.training import TrainConfig
 
@@ -634,6 +635,8 @@ def test_resuming_a_checkpoint_older_than_the_runs_records_says_what_is_trained_
     )  # fmt: skip
     assert code == 0, err
     config = TrainConfig(**{**json.loads((out / "metrics.json").read_text())["config"], "epochs": 2})
+    with pytest.raises(CheckpointError, match="made with task digits, this run has task sst2; use"):
+        check_resume(replace(config, resume=str(out), task="sst2"), print)  # named --task (helper-152)
     said: list[str] = []
     assert check_resume(replace(config, resume=str(out)), said.append) == out / "checkpoint.pt"
     assert said == []  # the checkpoint holds every recorded mini-batch

@@ -21,7 +21,7 @@ from pipeoptim.cli.options import (
     link_options,
     torch_device,
 )
-from pipeoptim.cli.train_checks import check_forced_layout
+from pipeoptim.cli.train_checks import check_forced_layout, check_micro_batches_apply
 from pipeoptim.compiler import profile_model
 from pipeoptim.compiler.baselines import BASELINES
 from pipeoptim.compiler.costgraph import CostGraph
@@ -187,7 +187,8 @@ def partition(
         raise click.BadParameter(str(exc), param_hint="--optimizer") from exc
     if model is None and profile_file is None:
         raise click.UsageError("give a MODEL, or --profile FILE to plan from a saved profile")
-    check_forced_layout(gpus, stages, data_parallel)  # a usage error, before any profiling
+    check_forced_layout(gpus, stages, data_parallel)  # usage errors, before any profiling
+    check_micro_batches_apply(method, micro_batches)
     target = torch_device(device)
     if profile_dir is not None:
         try:

@@ -330,7 +330,7 @@ def train_command(
     except (PipeoptimError, ValueError, OSError) as exc:  # OSError: a disk full, a file made read-only
         raise click.ClickException(first_line(exc) or type(exc).__name__) from exc
     except KeyboardInterrupt:
-        click.echo("interrupted: every stage was stopped; the last checkpoint (if any) is intact", err=True)
+        click.echo("interrupted: no stage is left running; the last checkpoint (if any) is intact", err=True)
         sys.exit(130)
     click.echo(json.dumps(metrics, indent=1) if as_json else summary_line(metrics))
 

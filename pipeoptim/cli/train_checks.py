@@ -67,13 +67,23 @@ def check_layout_options(
                 f"{'it' if len(given) == 1 else 'them'}, or choose a pipeline method"
             )
         return
+    check_micro_batches_apply(method, micro_batches)
+    check_forced_layout(gpus, stages, data_parallel)
+
+
+def check_micro_batches_apply(method: str, micro_batches: int | None) -> None:
+    """``--micro-batches`` above 1 only for a method that splits mini-batches (``train`` and
+    ``partition``: partition saved a PipeOptim plan of 8 micro-batches, helper-152).
+
+    Raises:
+        click.BadParameter: it is given for a method that runs a mini-batch as one micro-batch.
+    """
     if micro_batches not in (None, 1) and not get_method(method).micro_batched:
         raise click.BadParameter(
             f"method {method} runs each mini-batch as one micro-batch; --micro-batches applies to "
             "gpipe, 1f1b and 2bw: leave it unset",
             param_hint="--micro-batches",
         )
-    check_forced_layout(gpus, stages, data_parallel)
 
 
 def check_forced_layout(gpus: int, stages: int | None, data_parallel: int | str | None) -> None:
