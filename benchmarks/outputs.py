@@ -146,13 +146,7 @@ def stage_count(text: str) -> int:
     Raises:
         argparse.ArgumentTypeError: not an integer, or below 2.
     """
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if value < 2:
-        raise argparse.ArgumentTypeError(f"{value}: a pipeline needs at least 2 stages")
-    return value
+    return _whole_number(text, 2, "a pipeline needs at least 2 stages")
 
 
 def positive_int(text: str) -> int:
@@ -162,12 +156,16 @@ def positive_int(text: str) -> int:
         argparse.ArgumentTypeError: not an integer, or below 1 (``--steps -5`` reported a
             negative rate, ``--seeds -1`` an empty table blamed on missing data: helper-152).
     """
+    return _whole_number(text, 1, "must be at least 1")
+
+
+def _whole_number(text: str, least: int, why: str) -> int:
     try:
         value = int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{value}: must be at least 1")
+    if value < least:
+        raise argparse.ArgumentTypeError(f"{value}: {why}")
     return value
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import os
 import subprocess
 import sys
@@ -126,17 +127,22 @@ def test_throughput_prices_a_plan_as_the_planner_did(tmp_path: Path) -> None:
     assert config.action_overhead_s == 3e-4 and config.latency_s == 1e-4
 
 
+def _outputs(*names: str) -> tuple:
+    """``names`` of ``benchmarks/outputs.py`` (imported from there, as the scripts do)."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import outputs
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    return tuple(getattr(outputs, name) for name in names)
+
+
 def test_only_a_full_run_writes_the_committed_results(tmp_path: Path, monkeypatch) -> None:
     """--quick, or any option that measures a part (stage counts, methods), goes to a new
     temporary folder; --out wins; the full run writes benchmarks/results."""
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "temporary"))
     (tmp_path / "temporary").mkdir()
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    try:
-        from outputs import RESULTS, results_dir
-    finally:
-        sys.path.remove(str(ROOT / "benchmarks"))
-    import argparse
+    RESULTS, results_dir, run_kind = _outputs("RESULTS", "results_dir", "run_kind")
 
     parser = argparse.ArgumentParser()
     parser.add_argument("--quick", action="store_true")
@@ -156,7 +162,7 @@ def test_only_a_full_run_writes_the_committed_results(tmp_path: Path, monkeypatc
         )
     assert where("--quick", "--out", str(tmp_path)) == tmp_path
     assert where("--stages", "4") == RESULTS  # the default given explicitly is the full run
-    from outputs import run_kind  # a partial run was titled "full run"
+    # a partial run was titled "full run"
 
     kinds = [run_kind(parser, parser.parse_args(a), scope) for a in ([], ["--quick"], ["--stages", "3"])]
     assert kinds == ["full", "quick", "partial"]
@@ -186,12 +192,8 @@ def test_an_option_at_the_full_runs_value_is_the_full_run(tmp_path: Path, monkey
     ``--methods``): their full-run value given explicitly was refused as a partial run
     (``convergence.py --seeds 3 --out benchmarks/results``, helper-152); lists as sets."""
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    try:
-        from outputs import RESULTS, positive_int, positive_seconds, results_dir, run_kind
-    finally:
-        sys.path.remove(str(ROOT / "benchmarks"))
-    import argparse
+    names = ("RESULTS", "positive_int", "positive_seconds", "results_dir", "run_kind")
+    RESULTS, positive_int, positive_seconds, results_dir, run_kind = _outputs(*names)
 
     parser = argparse.ArgumentParser()
     parser.add_argument("--quick", action="store_true")
