@@ -3,9 +3,9 @@
 gloo runs threads of its own in each process beside the stage's thread. Left to the scheduler
 on this project's 2-core machine, posting and retiring sends took 2.1-2.8 ms per mini-batch of
 stage 1 (MLP 16x512, 2 stages, one torch thread per rank) against 0.3-0.5 ms with each rank
-and its threads bound to a core; ``benchmarks/affinity.py`` measured the pipeline 1.15x as
-fast bound as a torchrun job at 2 stages, 1.01x at 4 (two ranks per core), 1.08x with the
-processes executor at both. :func:`pin_rank` binds a rank before its process group starts,
+and its threads bound to a core; ``benchmarks/affinity.py`` measured the pipeline 1.27x as
+fast bound as a torchrun job at 2 stages, 1.05x at 4 (two ranks per core), 0.995x and 1.05x
+with the processes executor (2026-12-07). :func:`pin_rank` binds a rank before its process group starts,
 so that gloo's threads (and torch's, started later) inherit its cores.
 """
 
