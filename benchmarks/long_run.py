@@ -27,7 +27,7 @@ import pipeoptim
 
 METHODS = ("pipeoptim", "pipedream", "2bw", "gpipe", "1f1b", "spectrain", "none")
 #: what the full run takes for the options whose default ``--quick`` changes
-FULL = {"steps": 5000, "methods": "pipeoptim,pipedream,2bw,gpipe"}
+FULL = {"steps": 5000, "methods": ["pipeoptim", "pipedream", "2bw", "gpipe"]}
 
 
 class CNN(nn.Module):
@@ -99,11 +99,15 @@ def main() -> None:
     )
     parser.add_argument("--stages", type=stage_count, default=4)
     parser.add_argument("--model", choices=["mlp", "cnn"], default="mlp")
-    parser.add_argument("--methods", help=f"comma-separated (default {FULL['methods']})")
+    parser.add_argument(
+        "--methods",
+        type=lambda text: text.split(","),
+        help=f"comma-separated (default {','.join(FULL['methods'])})",
+    )
     parser.add_argument("--out", default=None)
     args = parse_rank_args(parser)
     steps = args.steps or (200 if args.quick else FULL["steps"])
-    methods = (args.methods or ("pipeoptim" if args.quick else FULL["methods"])).split(",")
+    methods = args.methods or (["pipeoptim"] if args.quick else FULL["methods"])
     for m in methods:
         if m not in METHODS:
             parser.error(f"unknown method {m!r}; choose from {', '.join(METHODS)}")

@@ -99,7 +99,7 @@ def is_full_run(parser: argparse.ArgumentParser, args: argparse.Namespace, scope
     """No ``--quick``, every option of ``scope`` at its default or, where ``scope`` maps it to
     one, at the value the full run takes for it (an option defaulting to ``None`` because
     ``--quick`` changes it: ``--seeds 3`` is the full run's 3 seeds, which was refused as a
-    partial run, helper-152; lists compare as sets), and no data left out
+    partial run, helper-152; lists in any order), and no data left out
     (:func:`results_dir`): the run whose results are committed (its title says "full run"; any
     other says "quick run" or "partial run")."""
     full = scope if isinstance(scope, Mapping) else {}
@@ -115,9 +115,11 @@ def is_full_run(parser: argparse.ArgumentParser, args: argparse.Namespace, scope
 
 
 def _same(value: Any, other: Any) -> bool:
-    """Equal, lists and tuples as sets (``--methods b a`` runs what ``--methods a b`` does)."""
+    """Equal, lists and tuples in any order (``--methods b a`` runs what ``--methods a b``
+    does) but with their repeats (``--stages 2 4 4`` measures 4 stages twice: compared as sets
+    it passed for the full run, helper-154)."""
     if isinstance(value, (list, tuple)) and isinstance(other, (list, tuple)):
-        return set(value) == set(other)
+        return sorted(value, key=repr) == sorted(other, key=repr)
     return value == other
 
 

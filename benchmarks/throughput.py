@@ -1056,7 +1056,7 @@ def main() -> None:
         "--methods",
         nargs="+",
         choices=list(pipeoptim.METHODS),
-        help="measure only these methods (pipeoptim and pipedream always run: the summary compares them)",
+        help="measure these too (pipeoptim, pipedream and 1f1b always run: the summary compares them)",
     )
     parser.add_argument("--models", nargs="+", choices=list(MODELS), help="default: both")
     parser.add_argument(

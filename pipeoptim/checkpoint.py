@@ -272,12 +272,13 @@ class Checkpoints:
     optimizer_state_dict: Callable[[], dict[str, Any]]
     load_optimizer_state_dict: Callable[[dict[str, Any]], None]
     _executor: Any  # its same_call: under torchrun every rank in the same call
+    _guarded: Callable[[Callable[[], Any]], Any]  # the pipeline's: a lost peer stops it
     spec: Any  # pipeoptim.runtime.build.PipelineSpec: group_names
 
     def save_checkpoint(self, path: str | os.PathLike[str], extra: dict[str, Any] | None = None) -> None:
         """Flush, then write weights, optimizer state, position and plan to ``path`` atomically
         (:func:`pipeoptim.checkpoint.save_checkpoint`); under torchrun on every rank at once."""
-        self._executor.same_call("save_checkpoint")
+        self._guarded(lambda: self._executor.same_call("save_checkpoint"))
         state = {
             "model_class": type(self._template).__qualname__,
             "method": self.method,
@@ -308,7 +309,7 @@ class Checkpoints:
                 raise CheckpointError(f"checkpoint {path} {misfit}")
         except CheckpointError as exc:
             failure = exc
-        self._executor.same_call("load_checkpoint", failure)  # raises it, or another rank's
+        self._guarded(lambda: self._executor.same_call("load_checkpoint", failure))  # raises it, or another's
         self.load_state_dict(data["state_dict"])
         self.load_optimizer_state_dict(data["optimizer"])
         return data["extra"]

@@ -134,10 +134,19 @@ def _link_differences(made: CostConfig, config: CostConfig) -> list[str]:
     for field, what, unit in _LINK:
         if field.startswith("allreduce") and config.data_parallel == 1:
             continue
-        have, want = getattr(made, field), getattr(config, field)
+        have, want = _resolved(made, field), _resolved(config, field)
         if have != want:
             said.append(f"{what} {_figure(have, unit)} (this pipeline: {_figure(want, unit)})")
     return said
+
+
+def _resolved(config: CostConfig, field: str) -> float | None:
+    """``config``'s ``field``, the all-reduce's ``None`` read as the link's figure it means (a
+    plan made with the default, given the link's figures explicitly, was said to differ)."""
+    value = getattr(config, field)
+    if value is None and field.startswith("allreduce"):
+        return config.bandwidth if field == "allreduce_bandwidth" else config.latency_s
+    return value
 
 
 def _figure(value: float | None, unit: str) -> str:

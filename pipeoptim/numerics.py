@@ -221,7 +221,7 @@ def apply(settings: dict[str, Any]) -> None:
             if _flush_denormal() != value and not torch.set_flush_denormal(value):
                 raise ValueError(
                     "the user's process flushes denormal floats to zero (torch.set_flush_denormal"
-                    "(True)) and this CPU cannot: call torch.set_flush_denormal(False) before compile"
+                    "(True)) and this CPU cannot: call torch.set_flush_denormal(False) there"
                 )
         elif getattr(*_backend(name)) != value:
             setattr(*_backend(name), value)

@@ -212,7 +212,7 @@ class Pipeline(Measurements, checkpoint.Checkpoints, Streaming):
         exception of the cool-down it runs, the user's own included) stops the pipeline.
         Under torchrun every rank makes the same call (``_call``: the public one flushing)."""
         self._check_open()
-        self._executor.same_call(_call)
+        self._guarded(lambda: self._executor.same_call(_call))  # a peer lost there stops it too
         self._waited(self._executor.flush)
         if self._losses:
             error = PipelineError(f"flush finished with {len(self._losses)} loss(es) missing")

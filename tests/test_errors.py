@@ -479,7 +479,14 @@ def test_a_plan_made_for_another_setting_is_said_and_bound_by_a_memory_limit(tmp
         log=logs.append,
     ):
         pass
-    assert any("all-reduce bandwidth none (this pipeline: 1e+09 bytes/s)" in line for line in logs), logs
+    assert any(
+        "all-reduce bandwidth 2.5e+10 bytes/s (this pipeline: 1e+09 bytes/s)" in line for line in logs
+    ), logs
+    logs.clear()  # the link's own figures given explicitly are what the default means (helper-154)
+    options = {"allreduce_bandwidth": "25GB/s", "allreduce_latency": 0.0}
+    with compile_mlp(gpus=4, data_parallel=2, plan=tmp_path / "replicated.json", log=logs.append, **options):
+        pass
+    assert not any("all-reduce" in line for line in logs), logs
     with compile_mlp(gpus=2, memory=peak * 10) as pipe:  # made under the limit: taken under it
         pipe.plan.save(tmp_path / "limited.json")
     with compile_mlp(gpus=2, memory=peak * 10, plan=tmp_path / "limited.json", log=logs.append):

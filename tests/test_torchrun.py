@@ -459,19 +459,32 @@ def test_an_error_of_rank_0s_deferred_backward_stops_every_rank_whichever_call_r
     done = _torchrun("torchrun_tail_error_script.py", 2, str(tmp_path / "out"), str(tmp_path / "p"))
     assert done.returncode == 0, done.stderr[-3000:]
     ranks = [json.loads((tmp_path / f"out.{r}").read_text()) for r in range(2)]
+    calls = [{case: [(what, said, at) for what, said, at in r[case]["calls"]] for case in r} for r in ranks]
     stopped = "PipelineError: the pipeline stopped at an earlier error"
     for case in ("flush", "predict", "state_dict"):
-        outcomes = [[said for _, said, _ in ranks[r][case]] for r in range(2)]
+        outcomes = [
+            [said for what, said, _ in calls[r][case] if not what.startswith("loss")] for r in range(2)
+        ]
         raised = [i for i, said in enumerate(outcomes[0]) if said != "ok"]  # step 2 where not deferred
         assert raised and outcomes[0][raised[0]] == "ValueError: bad gradient in Guard", outcomes
         assert all(said.startswith(stopped) for said in outcomes[0][raised[0] + 1 :]), outcomes
         first = next(i for i, said in enumerate(outcomes[1]) if said != "ok")
         assert outcomes[1][first].startswith("PeerLostError: "), outcomes
         assert all(said.startswith(stopped) for said in outcomes[1][first + 1 :]), outcomes
-        assert ranks[1][case][first][2] - ranks[0][case][raised[0]][2] < 5, ranks  # not the 30 s timeout
+        assert calls[1][case][first][2] - calls[0][case][raised[0]][2] < 5, calls  # not the 30 s timeout
+        # the losses that had arrived keep their values on rank 0 (they failed with the error)
+        losses = [[said for what, said, _ in calls[r][case] if what.startswith("loss")] for r in range(2)]
+        assert losses[0][:2] == losses[1][:2] and all(v[0].isdigit() for v in losses[0][:2]), losses
     for r in range(2):
-        arrived, waited, value = ranks[r]["done"]
-        assert arrived and waited < 5 and value == ranks[0]["done"][2], ranks
-    targets = [said for _, said, _ in ranks[1]["targets"]]
+        arrived, waited, value = ranks[r]["done"]["returned"]
+        assert arrived and waited < 5 and value == ranks[0]["done"]["returned"][2], ranks
+    polled, waited = ranks[0]["lost"]["returned"]  # the last rank stopped: seen within its 5 s timeout
+    assert polled in ("done", "PeerLostError") and waited < 15, ranks[0]["lost"]
+    assert calls[0]["lost"][0][1].startswith(("PeerLostError: ", "PipelineError: the pipeline stopped")), (
+        calls
+    )
+    targets = [said for _, said, _ in calls[1]["targets"]]
     assert targets[1].startswith("PipelineError: targets is a tensor of shape [7]"), targets
     assert targets[2].startswith(stopped), targets
+    gone = [said for what, said, _ in calls[0]["gone"] if what == "flush"]  # tried anew each time before
+    assert gone[0].startswith("PeerLostError: ") and gone[1].startswith(stopped), gone

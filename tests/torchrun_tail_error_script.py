@@ -5,8 +5,14 @@ mini-batch's last backward and step to its next call where each rank has a core)
   of mini-batch 2, and the next call is that one; the error must stop both ranks at once
   (before, raised by a flushing call it left the ranks training on, stage 0 a step short,
   or waiting out the timeout: helper-151);
-- ``done``: ``loss.done()`` turns True on every rank once the loss has arrived;
-- ``targets``: the last rank refuses its targets; its next step says it stopped at that error.
+- ``done``: ``loss.done()`` turns True on every rank once the loss has arrived; ``lost``
+  (PipeOptim, whose step returns before the backward): on rank 0 within the (5 s) timeout once
+  the last rank has stopped (it spun for ever: helper-154);
+- ``targets``: the last rank refuses its targets; its next step says it stopped at that error;
+- ``gone``: the last rank closes; rank 0's flush fails once, then says it stopped there.
+
+The flushing cases also record rank 0's losses after the error: those that had arrived keep
+their values (they failed with the flush's error, helper-154).
 
 Writes per case each call's outcome (``ok`` or the error's type and first line) and time."""
 
@@ -60,11 +66,13 @@ def batches() -> list[tuple[torch.Tensor, torch.Tensor]]:
 
 def run_case(case: str, rank: int, profile_dir: str, call: Callable[[str, Callable[[], Any]], None]) -> Any:
     """One case on a pipeline of its own (closed without finishing: it may have failed);
-    ``call(what, fn)`` records each call's outcome; returns the ``done`` case's figures."""
+    ``call(what, fn)`` records each call's outcome (a float's value); returns the ``done``
+    and ``lost`` cases' figures."""
     data, net = batches(), model()
     pipe = pipeoptim.compile(
         net, torch.optim.SGD(net.parameters(), lr=0.01), 2, example_inputs=data[0][0],
-        loss_fn=F.cross_entropy, method="1f1b", profile_dir=profile_dir, timeout=30,
+        loss_fn=F.cross_entropy, method="pipeoptim" if case == "lost" else "1f1b", profile_dir=profile_dir,
+        timeout=5 if case == "lost" else 30,
     )  # fmt: skip
     try:
         if case == "done":
@@ -73,14 +81,40 @@ def run_case(case: str, rank: int, profile_dir: str, call: Callable[[str, Callab
             while not loss.done() and time.time() - start < 10:
                 time.sleep(0.01)
             return [loss.done(), time.time() - start, float(loss)]
+        if case == "lost":
+            pipe.step(*data[0]).wait()
+            x, y = data[1]
+            try:
+                loss = pipe.step(x, y[:7] if rank == 1 else y)
+            except Exception as exc:  # the last rank: it refused them and stopped
+                return [type(exc).__name__]
+            start, polled = time.time(), "pending"
+            while polled == "pending" and time.time() - start < 20:
+                try:
+                    polled = "done" if loss.done() else "pending"
+                except Exception as exc:  # the lost peer, raised by the poll that found it
+                    polled = type(exc).__name__
+                time.sleep(0.05)
+            call("float", lambda: float(loss))
+            return [polled, time.time() - start]
+        if case == "gone":
+            for i in range(2):
+                call(f"step {i}", lambda i=i: pipe.step(*data[i]))
+            if rank == 1:
+                return None  # closes (finally), while rank 0 flushes
+            time.sleep(1)
+            call("flush", pipe.flush)
+            call("flush", pipe.flush)
+            return None
         if case == "targets":
             x, y = data[1]
             call("step 0", lambda: pipe.step(*data[0]))
             call("step 1", lambda: pipe.step(x, y[:7] if rank == 1 else y))
             call("step 2", lambda: pipe.step(*data[3]))
             return None
+        losses: list = []
         for i in range(3):
-            call(f"step {i}", lambda i=i: pipe.step(*data[i]))
+            call(f"step {i}", lambda i=i: losses.append(pipe.step(*data[i])))
         flushing = {
             "flush": pipe.flush,
             "predict": lambda: pipe.predict(data[0][0]),
@@ -88,6 +122,8 @@ def run_case(case: str, rank: int, profile_dir: str, call: Callable[[str, Callab
         }
         call(case, flushing[case])
         call("step 3", lambda: pipe.step(*data[3]))
+        for i, loss in enumerate(losses):
+            call(f"loss {i}", lambda loss=loss: float(loss))
         return None
     finally:
         pipe.close(finish=False)
@@ -96,19 +132,18 @@ def run_case(case: str, rank: int, profile_dir: str, call: Callable[[str, Callab
 def main(out: str, profile_dir: str) -> None:
     rank = int(os.environ["RANK"])
     result: dict[str, list] = {}
-    for case in ("flush", "predict", "state_dict", "done", "targets"):
+    for case in ("flush", "predict", "state_dict", "done", "lost", "targets", "gone"):
         calls: list = []
 
         def call(what: str, fn: Callable[[], Any], calls: list = calls) -> None:
             try:
-                fn()
-                said = "ok"
+                value = fn()
+                said = f"{value:.6f}" if isinstance(value, float) else "ok"
             except Exception as exc:
                 said = f"{type(exc).__name__}: {str(exc).splitlines()[0]}"
             calls.append([what, said, time.time()])
 
-        done = run_case(case, rank, profile_dir, call)
-        result[case] = done if case == "done" else calls
+        result[case] = {"calls": calls, "returned": run_case(case, rank, profile_dir, call)}
     with open(f"{out}.{rank}", "w") as f:
         json.dump(result, f)
 

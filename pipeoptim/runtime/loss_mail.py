@@ -9,12 +9,14 @@ wait that times out closes the connection). A CPU buffer is therefore filled wit
 :data:`UNSET` before its receive is posted: gloo writes the message into the tensor's memory,
 so a last value no longer :data:`UNSET` means the message has arrived (its wait returns at
 once), which ``Loss.done()`` asks without blocking (before, it said False on rank 0 for
-ever: helper-151).
+ever: helper-151). A receive still not arrived a timeout after it was posted is waited on
+briefly: a lost last stage then fails its loss (a ``done()`` loop spun for ever, helper-154).
 """
 
 from __future__ import annotations
 
 import datetime
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -57,8 +59,9 @@ class LossMail:
         self.micro_batches = micro_batches
         self.on_loss = on_loss
         self.timeout = timeout
-        #: receives of the last stages' losses: (first micro-batch, replica, receive, buffer)
-        self._pending: list[tuple[int, int, Any, torch.Tensor]] = []
+        #: receives of the last stages' losses: (first micro-batch, replica, receive, buffer,
+        #: when it was posted in ``time.monotonic()`` seconds)
+        self._pending: list[tuple[int, int, Any, torch.Tensor, float]] = []
         #: a last stage: per mini-batch in flight, its micro-batches and the losses computed
         self._losses: dict[int, tuple[int, dict[int, float]]] = {}
 
@@ -77,7 +80,7 @@ class LossMail:
                 buffer = torch.empty(count, dtype=torch.float64, device=device)
                 buffer.view(torch.int64).fill_(UNSET)
                 work = self.channel.irecv(buffer, last, tag=LOSS_TAG)
-                self._pending.append((first, replica, work, buffer))
+                self._pending.append((first, replica, work, buffer, time.monotonic()))
         self.poll(block=False, until=first - (self.num_stages - 1) * self.micro_batches - 1)
 
     def deliver(self, losses: list[tuple[int, float]], device: torch.device) -> None:
@@ -104,11 +107,13 @@ class LossMail:
             PeerLostError: a receive failed (the last stage's rank stopped) or timed out.
         """
         while self._pending:
-            first, replica, work, buffer = self._pending[0]
-            if not (block or _arrived(work, buffer)) and (until is None or first > until):
+            first, replica, work, buffer, posted = self._pending[0]
+            overdue = time.monotonic() - posted > self.timeout.total_seconds()
+            must = block or (until is not None and first <= until)
+            if not (must or overdue or _arrived(work, buffer)):
                 return
-            try:
-                work.wait(self.timeout)
+            try:  # overdue and not awaited: a moment's wait tells a closed connection (or times out)
+                work.wait(self.timeout if must or not overdue else datetime.timedelta(milliseconds=1))
             except RuntimeError as exc:  # gloo's own error: a closed connection, a timeout
                 last = replica * self.num_stages + self.num_stages - 1
                 raise PeerLostError(

@@ -280,15 +280,19 @@ class SPMDExecutor:
                 ) from exc
             raise
 
-    def wait_loss(self, micro_batch: int) -> None:
-        """Block until the loss of ``micro_batch`` has arrived on this rank."""
+    def wait_loss(self, micro_batch: int) -> None:  # until its loss has arrived on this rank
         self.mail.poll(block=False, until=micro_batch)
 
     def poll_losses(self) -> None:
         self.mail.poll(block=False)
 
     def flush(self) -> None:
-        self.mail.deliver(self.process.flush(), self.device)
+        try:
+            self.mail.deliver(self.process.flush(), self.device)
+        except BaseException:  # the losses that have arrived keep their values (helper-154)
+            with contextlib.suppress(Exception):
+                self.mail.poll(block=False)
+            raise
         self.mail.poll(block=True)
 
     # -- evaluation and state -----------------------------------------------------------
@@ -329,14 +333,12 @@ class SPMDExecutor:
     def resume(self, mini_batches: int) -> None:
         self.process.resume(mini_batches)
 
-    def resident_bytes(self) -> list[int]:
-        """Resident memory of every rank's process now, in bytes (stage order)."""
+    def resident_bytes(self) -> list[int]:  # every rank's process's, now, in bytes (stage order)
         return self.calls.gather("the memory in use (resident_bytes)", resident_bytes())
 
     def _per_stage(self, what: str, value: Any) -> list[Any]:
-        """Every rank's ``value``, replica 0's ranks' in stage order (the other replicas are
-        alike; the processes executor answers so: under torchrun with replicas ``stats()``
-        listed one prediction error per rank, helper-138)."""
+        """Every rank's ``value``, replica 0's ranks' in stage order (the replicas are alike; with
+        replicas ``stats()`` listed one prediction error per rank, helper-138)."""
         return self.calls.gather(what, value)[: self.num_stages]
 
     def peak_weight_versions(self) -> list[int]:
@@ -355,8 +357,8 @@ class SPMDExecutor:
         return self._per_stage("the bytes sent (sent_bytes)", self.process.channel.sent_bytes)
 
     def abort(self) -> None:
-        """:meth:`close` without waiting for the sends: the closed connections stop the other
-        ranks within a second (a lost peer), where they would wait until the timeout."""
+        """:meth:`close` without waiting for the sends: the closed connections stop the others
+        within a second (a lost peer)."""
         self._shut(wait=False)
 
     def close(self) -> None:
@@ -378,10 +380,9 @@ class SPMDExecutor:
             self._release()
 
     def _release(self) -> None:
-        """Destroy this pipeline's process groups (those its stage made too) and drop the
-        references to them: a group's connections and threads end with the last reference,
-        and the user may keep the closed pipeline. Unbind the rank's thread where no pipeline
-        of this process is open."""
+        """Destroy this pipeline's process groups (its stage's too) and drop the references (a
+        group's connections and threads end with the last one); unbind the thread where no
+        pipeline of this process is open."""
         process = getattr(self, "process", None)  # absent where building the stage failed
         if dist.is_initialized():
             if process is not None:
