@@ -455,7 +455,9 @@ def test_an_error_of_rank_0s_deferred_backward_stops_every_rank_whichever_call_r
     ranks trained on with stage 0 a step short, or waited out the timeout; helper-151). Every
     rank now stops within seconds, the error raised once, then "stopped at" it; so does the
     last rank's refusal of its targets (its next step blamed the good targets again); and
-    ``loss.done()`` turns True on every rank once the loss has arrived (on rank 0 it never did)."""
+    ``loss.done()`` turns True on every rank once the loss has arrived (on rank 0 it never did),
+    sees a stopped last rank within the timeout (it spun for ever) but not a pause between
+    steps; losses that had arrived keep their values (helper-154)."""
     done = _torchrun("torchrun_tail_error_script.py", 2, str(tmp_path / "out"), str(tmp_path / "p"))
     assert done.returncode == 0, done.stderr[-3000:]
     ranks = [json.loads((tmp_path / f"out.{r}").read_text()) for r in range(2)]
@@ -488,3 +490,6 @@ def test_an_error_of_rank_0s_deferred_backward_stops_every_rank_whichever_call_r
     assert targets[2].startswith(stopped), targets
     gone = [said for what, said, _ in calls[0]["gone"] if what == "flush"]  # tried anew each time before
     assert gone[0].startswith("PeerLostError: ") and gone[1].startswith(stopped), gone
+    pause = [r["pause"] for r in ranks]  # idle beyond the timeout between steps: still trains
+    assert pause[0]["calls"][0][1] == pause[1]["calls"][0][1] == "ok", pause
+    assert pause[0]["returned"] == pause[1]["returned"] and len(pause[0]["returned"]) == 4, pause

@@ -9,7 +9,9 @@ mini-batch's last backward and step to its next call where each rank has a core)
   (PipeOptim, whose step returns before the backward): on rank 0 within the (5 s) timeout once
   the last rank has stopped (it spun for ever: helper-154);
 - ``targets``: the last rank refuses its targets; its next step says it stopped at that error;
-- ``gone``: the last rank closes; rank 0's flush fails once, then says it stopped there.
+- ``gone``: the last rank closes; rank 0's flush fails once, then says it stopped there;
+- ``pause``: PipeOptim (losses pending across steps), every rank idle for longer than the
+  timeout between two steps, rank 0 asking ``done()`` before it: the run goes on.
 
 The flushing cases also record rank 0's losses after the error: those that had arrived keep
 their values (they failed with the flush's error, helper-154).
@@ -71,8 +73,8 @@ def run_case(case: str, rank: int, profile_dir: str, call: Callable[[str, Callab
     data, net = batches(), model()
     pipe = pipeoptim.compile(
         net, torch.optim.SGD(net.parameters(), lr=0.01), 2, example_inputs=data[0][0],
-        loss_fn=F.cross_entropy, method="pipeoptim" if case == "lost" else "1f1b", profile_dir=profile_dir,
-        timeout=5 if case == "lost" else 30,
+        loss_fn=F.cross_entropy, method="pipeoptim" if case in ("lost", "pause") else "1f1b",
+        profile_dir=profile_dir, timeout=5 if case in ("lost", "pause") else 30,
     )  # fmt: skip
     try:
         if case == "done":
@@ -97,6 +99,13 @@ def run_case(case: str, rank: int, profile_dir: str, call: Callable[[str, Callab
                 time.sleep(0.05)
             call("float", lambda: float(loss))
             return [polled, time.time() - start]
+        if case == "pause":
+            losses = [pipe.step(*data[i]) for i in range(2)]
+            losses[-1].done()
+            time.sleep(7)  # the script's own work between steps, longer than the timeout
+            losses += [pipe.step(*data[i]) for i in (0, 1)]
+            call("flush", pipe.flush)
+            return [float(loss) for loss in losses]
         if case == "gone":
             for i in range(2):
                 call(f"step {i}", lambda i=i: pipe.step(*data[i]))
@@ -132,7 +141,7 @@ def run_case(case: str, rank: int, profile_dir: str, call: Callable[[str, Callab
 def main(out: str, profile_dir: str) -> None:
     rank = int(os.environ["RANK"])
     result: dict[str, list] = {}
-    for case in ("flush", "predict", "state_dict", "done", "lost", "targets", "gone"):
+    for case in ("flush", "predict", "state_dict", "done", "lost", "targets", "gone", "pause"):
         calls: list = []
 
         def call(what: str, fn: Callable[[], Any], calls: list = calls) -> None:

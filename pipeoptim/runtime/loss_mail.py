@@ -9,8 +9,10 @@ wait that times out closes the connection). A CPU buffer is therefore filled wit
 :data:`UNSET` before its receive is posted: gloo writes the message into the tensor's memory,
 so a last value no longer :data:`UNSET` means the message has arrived (its wait returns at
 once), which ``Loss.done()`` asks without blocking (before, it said False on rank 0 for
-ever: helper-151). A receive still not arrived a timeout after it was posted is waited on
-briefly: a lost last stage then fails its loss (a ``done()`` loop spun for ever, helper-154).
+ever: helper-151). A receive ``done()`` has been asking after for a whole timeout is waited
+on briefly, as ``float(loss)`` would have waited: a lost last stage then fails its loss (a
+``done()`` loop spun for ever, helper-154); time between steps does not count (a script may
+evaluate for longer than the timeout between two steps).
 """
 
 from __future__ import annotations
@@ -59,9 +61,9 @@ class LossMail:
         self.micro_batches = micro_batches
         self.on_loss = on_loss
         self.timeout = timeout
-        #: receives of the last stages' losses: (first micro-batch, replica, receive, buffer,
-        #: when it was posted in ``time.monotonic()`` seconds)
-        self._pending: list[tuple[int, int, Any, torch.Tensor, float]] = []
+        #: receives of the last stages' losses: [first micro-batch, replica, receive, buffer,
+        #: when ``done()`` first asked after it in ``time.monotonic()`` seconds, or None]
+        self._pending: list[list[Any]] = []
         #: a last stage: per mini-batch in flight, its micro-batches and the losses computed
         self._losses: dict[int, tuple[int, dict[int, float]]] = {}
 
@@ -80,7 +82,7 @@ class LossMail:
                 buffer = torch.empty(count, dtype=torch.float64, device=device)
                 buffer.view(torch.int64).fill_(UNSET)
                 work = self.channel.irecv(buffer, last, tag=LOSS_TAG)
-                self._pending.append((first, replica, work, buffer, time.monotonic()))
+                self._pending.append([first, replica, work, buffer, None])
         self.poll(block=False, until=first - (self.num_stages - 1) * self.micro_batches - 1)
 
     def deliver(self, losses: list[tuple[int, float]], device: torch.device) -> None:
@@ -99,16 +101,19 @@ class LossMail:
                     if rank != self.rank:
                         self.channel.isend(tensor, rank, tag=LOSS_TAG)
 
-    def poll(self, block: bool, until: int | None = None) -> None:
+    def poll(self, block: bool, until: int | None = None, asking: bool = False) -> None:
         """Resolve the losses from other ranks that have arrived (all of them, or those of the
-        mini-batches up to the one of micro-batch ``until``).
+        mini-batches up to the one of micro-batch ``until``); ``asking``: for ``done()``, whose
+        asking after one for a whole timeout waits on it a moment.
 
         Raises:
             PeerLostError: a receive failed (the last stage's rank stopped) or timed out.
         """
         while self._pending:
-            first, replica, work, buffer, posted = self._pending[0]
-            overdue = time.monotonic() - posted > self.timeout.total_seconds()
+            first, replica, work, buffer, asked = self._pending[0]
+            if asking and asked is None:
+                self._pending[0][4] = asked = time.monotonic()
+            overdue = asking and time.monotonic() - asked > self.timeout.total_seconds()
             must = block or (until is not None and first <= until)
             if not (must or overdue or _arrived(work, buffer)):
                 return

@@ -284,7 +284,7 @@ class SPMDExecutor:
         self.mail.poll(block=False, until=micro_batch)
 
     def poll_losses(self) -> None:
-        self.mail.poll(block=False)
+        self.mail.poll(block=False, asking=True)
 
     def flush(self) -> None:
         try:
