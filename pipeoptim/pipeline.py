@@ -98,13 +98,20 @@ class Pipeline(Measurements, checkpoint.Checkpoints, Streaming):
         if isinstance(exc, PipeoptimError):
             exc.reported = True
 
-    def _guarded(self, call: Callable[[], T]) -> T:
+    def _guarded(self, call: Callable[[], T], waits: bool = False) -> T:
         """``call()``, an executor call the other ranks take part in: a peer lost on the way
-        stops the pipeline (the next call tried again and failed anew, helper-151)."""
+        stops the pipeline (the next call tried again and failed anew, helper-151). ``waits``
+        (a flush, a loss's wait or poll): so does any :class:`PipeoptimError`, and any error
+        where the stages run in this process (``executor="local"``; under torchrun this rank's
+        stage, whose deferred backward or cool-down a flush runs: an error there left the
+        ranks training on, one stage a step short, helper-151); a processes pipeline stays
+        usable after a Ctrl-C while waiting."""
         try:
             return call()
-        except PeerLostError as exc:
-            self._stop(exc)
+        except BaseException as exc:
+            in_process = self.executor_kind in ("local", "torchrun")
+            if isinstance(exc, PeerLostError) or (waits and (isinstance(exc, PipeoptimError) or in_process)):
+                self._stop(exc)
             raise
 
     # -- training --------------------------------------------------------------------
@@ -160,8 +167,8 @@ class Pipeline(Measurements, checkpoint.Checkpoints, Streaming):
         last_micro = index * self.micro_batches + m - 1
         loss = Loss(
             index,
-            lambda _i: self._waited(lambda: self._executor.wait_loss(last_micro)),
-            lambda: self._waited(self._executor.poll_losses),
+            lambda _i: self._guarded(lambda: self._executor.wait_loss(last_micro), waits=True),
+            lambda: self._guarded(self._executor.poll_losses, waits=True),
         )
         self._losses.expect(loss, scales)
         device = self.device  # the CPU unless the stages run in this process
@@ -213,24 +220,11 @@ class Pipeline(Measurements, checkpoint.Checkpoints, Streaming):
         Under torchrun every rank makes the same call (``_call``: the public one flushing)."""
         self._check_open()
         self._guarded(lambda: self._executor.same_call(_call))  # a peer lost there stops it too
-        self._waited(self._executor.flush)
+        self._guarded(self._executor.flush, waits=True)
         if self._losses:
             error = PipelineError(f"flush finished with {len(self._losses)} loss(es) missing")
             self._stop(error)
             raise error
-
-    def _waited(self, wait: Callable[[], None]) -> None:
-        """``wait()`` (a flush, a loss's wait): its failure stops the pipeline, any where the
-        stages run in this process (``executor="local"``; under torchrun this rank's stage,
-        whose deferred backward or cool-down a flush runs: an error there left the ranks
-        training on, one stage a step short, helper-151); a processes pipeline stays usable
-        after a Ctrl-C while waiting."""
-        try:
-            wait()
-        except BaseException as exc:
-            if isinstance(exc, PipeoptimError) or self.executor_kind in ("local", "torchrun"):
-                self._stop(exc)
-            raise
 
     # -- evaluation and state ----------------------------------------------------------
 

@@ -5,8 +5,8 @@ on this project's 2-core machine, posting and retiring sends took 2.1-2.8 ms per
 stage 1 (MLP 16x512, 2 stages, one torch thread per rank) against 0.3-0.5 ms with each rank
 and its threads bound to a core; ``benchmarks/affinity.py`` measured the pipeline 1.27x as
 fast bound as a torchrun job at 2 stages, 1.05x at 4 (two ranks per core), 0.995x and 1.05x
-with the processes executor (2026-12-07). :func:`pin_rank` binds a rank before its process group starts,
-so that gloo's threads (and torch's, started later) inherit its cores.
+with the processes executor (2026-12-07). :func:`pin_rank` binds a rank before its process
+group starts, so that gloo's threads (and torch's, started later) inherit its cores.
 """
 
 from __future__ import annotations
