@@ -13,6 +13,7 @@ measured again, and may differ by the timing noise).
 from __future__ import annotations
 
 import copy
+import os
 from collections.abc import Callable, Sequence
 from functools import partial
 from typing import TYPE_CHECKING, Any
@@ -164,11 +165,55 @@ def compile_best_layout(
         InfeasibleMemoryError, PlanError: no layout is feasible; and what ``compile`` raises.
     """
     options.pop("data_parallel", None)
+    _refuse_torchrun(options)
+    if options.get("plan") is not None:  # the plan fixes the layout (it was refused as R=1 before)
+        plan = options["plan"] = given_layout(options["plan"], gpus, stages, replicas)
+        n, r = plan.num_stages, plan.config.data_parallel
+        return compile_fn(model, optimizer, n * r, **options, data_parallel=r)
     choice = plan_best_layout(model, optimizer, gpus, stages=stages, replicas=replicas, **options)
     n, r = choice.chosen.stages, choice.chosen.replicas
     pipe = compile_fn(model, optimizer, n * r, **options, data_parallel=r)
     pipe.plan.summary["layouts"] = choice.to_dict()
     return pipe
+
+
+def _refuse_torchrun(options: dict[str, Any]) -> None:
+    """Refuse ``data_parallel="auto"`` under torchrun, whose world size fixes the ranks.
+
+    Raises:
+        ValueError: the executor is torchrun's.
+    """
+    kind = options.get("executor", "auto")
+    if kind == "torchrun" or (kind == "auto" and spmd.under_torchrun()):
+        raise ValueError(
+            "data_parallel='auto' cannot run under torchrun (the world size fixes the ranks): choose the "
+            "layout with `pipeoptim partition MODEL --gpus G` and pass data_parallel=R"
+        )
+
+
+def given_layout(
+    plan: Plan | str | os.PathLike[str], gpus: int, stages: int | None, replicas: int | None
+) -> Plan:
+    """The plan handed to ``compile(..., data_parallel="auto", plan=...)``, read, whose N stages
+    × R replicas are the layout, checked against ``gpus`` and a forced N or R.
+
+    Raises:
+        PlanError: unreadable, or for more than ``gpus`` devices or another forced N or R.
+    """
+    chosen = plan if isinstance(plan, Plan) else Plan.load(plan)
+    n, r = chosen.num_stages, chosen.config.data_parallel
+    for what, forced, have in (("stages", stages, n), ("replicas", replicas, r)):
+        if forced is not None and forced != have:
+            raise PlanError(
+                f"the plan is for {n} stages x {r} replicas, not {forced} {what}; give a plan made "
+                f"for {forced} {what}, or leave the {what} to the plan"
+            )
+    if n * r > gpus:
+        raise PlanError(
+            f"the plan is for {n} stages x {r} replicas ({n * r} devices), more than the {gpus} "
+            f"given (gpus, --gpus): give {n * r} or more, or a plan for fewer devices"
+        )
+    return chosen
 
 
 def plan_best_layout(
@@ -192,12 +237,8 @@ def plan_best_layout(
         InfeasibleMemoryError, PlanError: no layout is feasible, or a forced one needs more
             than ``gpus`` devices.
     """
+    _refuse_torchrun(options)
     kind = options.get("executor", "auto")
-    if kind == "torchrun" or (kind == "auto" and spmd.under_torchrun()):
-        raise ValueError(
-            "data_parallel='auto' cannot run under torchrun (the world size fixes the ranks): choose the "
-            "layout with `pipeoptim partition MODEL --gpus G` and pass data_parallel=R"
-        )
     if not isinstance(gpus, int) or isinstance(gpus, bool) or gpus < 1:
         raise ValueError(f"gpus must be a positive integer (devices), got {gpus!r}")
     method = options.get("method", "pipeoptim")

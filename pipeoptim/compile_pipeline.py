@@ -136,7 +136,8 @@ def compile(
         profile_dir: where profiles are cached (``None``: do not cache).
         plan: a :class:`~pipeoptim.compiler.plan.Plan` or plan file (``pipeoptim partition
             --save``) to use instead of planning; it must be for this model's graph, ``gpus``
-            stages and ``method``.
+            stages and ``method`` (with ``data_parallel="auto"``: its N stages × R replicas are
+            the layout, ``N·R ≤ gpus``).
         executor: ``"local"`` (all stages in this process, deterministic), ``"processes"``
             (one worker process per stage, torch.distributed), ``"torchrun"`` (this process is
             one rank of a torchrun job and runs its stage), or ``"auto"`` (``torchrun`` when

@@ -17,11 +17,13 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 from tqdm import tqdm
 
+from pipeoptim.compile_layout import layout_record
 from pipeoptim.fileio import atomic_write
 from pipeoptim.other_work import OTHER_WORK_LIMIT
 from pipeoptim.units import plural
@@ -231,3 +233,26 @@ def epoch_line(record: dict[str, Any], epochs: int, metric: str, predicted: floa
         f"{record[metric]:.4f}, {record['mini_batches_per_s'] or 0:.1f} mini-batches/s"
         + (f" ({', '.join(notes)})" if notes else "")
     )
+
+
+def run_metrics(config: Any, task: Any, trainer: Any, epochs: list[dict], wall: float, done: int) -> dict:
+    """A run's ``metrics.json``: ``config`` its settings (a dataclass), ``task`` a
+    :class:`~pipeoptim.tasks.Task`, ``trainer`` its pipeline or sequential trainer (whose
+    ``plan`` is ``None``), ``epochs`` the per-epoch records, ``wall`` seconds so far, ``done``
+    mini-batches whose loss came back (not those in flight when a run is stopped)."""
+    final = epochs[-1][task.metric] if epochs else None
+    plan = trainer.plan
+    return {
+        "config": asdict(config),
+        "task": {"name": task.name, "metric": task.metric, **task.info},
+        "metric": task.metric,
+        "final": {task.metric: final},
+        "epochs": epochs,
+        "mini_batches": done,
+        "wall_s": wall,
+        "plan": None
+        if plan is None
+        else {k: v for k, v in plan.summary.items() if isinstance(v, (int, float, str, bool)) or v is None},
+        "stages": None if plan is None else [s.to_dict() for s in plan.stages],
+        "layout": None if plan is None else layout_record(plan),
+    }

@@ -17,14 +17,16 @@ from pathlib import Path
 from typing import Any
 
 from pipeoptim.checkpoint import read_checkpoint
+from pipeoptim.compiler.plan import Plan
 from pipeoptim.errors import CheckpointError
 
 #: a run's link and runtime figures (:class:`pipeoptim.training.TrainConfig`), each passed to
 #: ``compile`` under its own name
 LINK_FIGURES = ("bandwidth", "latency", "allreduce_bandwidth", "allreduce_latency", "action_overhead")
 #: settings of the run itself, not inherited: where it writes and what it resumes, whether it
-#: shows progress, and the link and runtime figures of the machine it runs on (measured there)
-NOT_INHERITED = ("out", "resume", "progress", *LINK_FIGURES)
+#: shows progress, the plan file (a resumed run trains on its checkpoint's plan: :func:`run_plan`),
+#: and the link and runtime figures of the machine it runs on (measured there)
+NOT_INHERITED = ("out", "resume", "progress", "plan", *LINK_FIGURES)
 #: settings a resumed run must share with the run it continues (another value trains another
 #: model, optimizer or schedule); momentum and weight decay come back from the checkpoint's
 #: optimizer state, and another layout changes the staleness
@@ -138,3 +140,19 @@ def _recorded_mini_batches(metrics: Path) -> int | None:
     except (OSError, ValueError, AttributeError):
         return None
     return value if isinstance(value, int) else None
+
+
+def run_plan(config: Any, path: Path | None) -> Plan | str | None:
+    """The plan a run trains on: a resumed run's own, kept in the checkpoint at ``path`` (its
+    stages and cut: re-planned, a resume could land layers on other stages, or take another
+    layout where the planner chose it, and train with other staleness than the run it
+    continues); else ``config.plan``, the plan file ``--plan`` names (``None``: planned).
+
+    Raises:
+        CheckpointError: the checkpoint is unreadable.
+        PlanError: its plan is malformed.
+    """
+    if path is None:
+        return config.plan
+    saved = read_checkpoint(path, _missing(path))["plan"]
+    return None if saved is None else Plan.from_dict(saved, f"the plan in {path}")

@@ -10,10 +10,12 @@ folder:
   (stopped before, a run leaves no folder it created);
 - ``train.csv`` -- one row per mini-batch: step, epoch, loss, lr; appended every
   ``record_every`` mini-batches (:class:`~pipeoptim.records.StepLog`), never held in memory;
+- ``plan.json`` -- the pipeline's plan (``--plan`` trains another run on it), written once it
+  is built;
 - ``curves.png`` and ``plan.png`` (``plot=True``) -- loss and metric curves, the pipeline plan;
 - ``checkpoint.pt`` (``checkpoint_every``) -- see :mod:`pipeoptim.checkpoint`.
 
-``metrics.json``, the pictures and ``checkpoint.pt`` are written atomically.
+``metrics.json``, ``plan.json``, the pictures and ``checkpoint.pt`` are written atomically.
 """
 
 from __future__ import annotations
@@ -34,8 +36,8 @@ from pipeoptim.compiler.plot import plot_plan
 from pipeoptim.fileio import cache_folder, held_folder, writable_folder, write_json
 from pipeoptim.loss import Loss, drain
 from pipeoptim.optimizers import cosine_factor, default_weight_decay, make_optimizer
-from pipeoptim.records import Progress, StepLog, epoch_line, plot_curves
-from pipeoptim.resume import LINK_FIGURES, check_resume
+from pipeoptim.records import Progress, StepLog, epoch_line, plot_curves, run_metrics
+from pipeoptim.resume import LINK_FIGURES, check_resume, run_plan
 from pipeoptim.runtime.precision import autocast_dtype
 from pipeoptim.runtime.spawning import signals_deferred
 from pipeoptim.sequential import SEQUENTIAL, Sequential
@@ -80,6 +82,7 @@ class TrainConfig:
     allreduce_bandwidth: float | None = None  # the plan's replicas' all-reduce (bytes/s; None: bandwidth's)
     allreduce_latency: float | None = None  # its seconds each beyond its bytes (None: the link's)
     action_overhead: float = 0.0  # the plan's runtime CPU seconds per action (pipeoptim.action_overhead)
+    plan: str | None = None  # a plan file to train on (its layout and cut) instead of planning
     record_every: int = 50
     progress_every: int | None = None
 
@@ -92,8 +95,9 @@ class TrainConfig:
 Costs = Callable[[TrainConfig], TrainConfig]
 
 
-def _trainer(config: TrainConfig, task: Task, log: Callable[[str], None]) -> tuple[Any, Any]:
-    """The trainer (a pipeline, or :class:`Sequential`) and the LR scheduler on its optimizer."""
+def _trainer(config: TrainConfig, task: Task, log: Callable[[str], None], plan: Any) -> tuple[Any, Any]:
+    """The trainer (a pipeline, or :class:`Sequential`) and the LR scheduler on its optimizer;
+    ``plan``: the pipeline's plan (:func:`pipeoptim.resume.run_plan`; ``None``: planned)."""
     optimizer = make_optimizer(
         config.optimizer, task.model.parameters(), config.lr, config.momentum, config.weight_decay
     )
@@ -107,8 +111,9 @@ def _trainer(config: TrainConfig, task: Task, log: Callable[[str], None]) -> tup
     if config.method == SEQUENTIAL:
         if config.compile_stages:
             raise ValueError("--compile-stages compiles pipeline stages: use it with a pipeline --method")
-        if config.memory is not None:
-            raise ValueError("--memory limits pipeline stages: use it with a pipeline --method")
+        for option, value in (("--memory", config.memory), ("--plan", config.plan)):
+            if value is not None:
+                raise ValueError(f"{option} is for pipeline stages: use it with a pipeline --method")
         sequential = Sequential(
             task.model, optimizer, task.loss_fn, config.max_grad_norm, autocast_dtype(config.precision)
         )
@@ -130,6 +135,7 @@ def _trainer(config: TrainConfig, task: Task, log: Callable[[str], None]) -> tup
         autocast=autocast_dtype(config.precision),
         compile_stages=config.compile_stages,
         memory=config.memory,
+        plan=plan,
         **{name: getattr(config, name) for name in LINK_FIGURES},
         log=log,
         data_parallel=config.data_parallel,
@@ -182,9 +188,11 @@ def _train(config: TrainConfig, out: Path, log: Callable[[str], None], costs: Co
     )
     config = config if costs is None else costs(config)
     start = time.perf_counter()
-    trainer, scheduler = _trainer(config, task, log)
+    trainer, scheduler = _trainer(config, task, log, run_plan(config, resume_path))
     run = _Run(config, task, trainer, out)
     try:
+        if trainer.plan is not None:  # --plan trains another run on it (its layout and cut)
+            trainer.plan.save(out / "plan.json")
         if resume_path is not None:
             extra = trainer.load_checkpoint(resume_path)
             run.restore(extra.get("history", {}))
@@ -268,7 +276,7 @@ class _Run:
         """Flush ``train.csv`` and write ``metrics.json`` (atomically); returns the metrics."""
         if self.steps is not None:
             self.steps.flush()
-        metrics = _metrics(self.config, self.task, self.trainer, self.epochs, wall, self.done)
+        metrics = run_metrics(self.config, self.task, self.trainer, self.epochs, wall, self.done)
         metrics["status"] = status
         if error is not None:
             metrics["error"] = error
@@ -373,25 +381,3 @@ def _loop(
                     checkpoint()
     finally:
         progress.close()
-
-
-def _metrics(
-    config: TrainConfig, task: Task, trainer: Any, epochs: list[dict], wall: float, done: int
-) -> dict:
-    """``done``: mini-batches whose loss came back (not those in flight when a run is stopped)."""
-    final = epochs[-1][task.metric] if epochs else None
-    plan = trainer.plan
-    return {
-        "config": asdict(config),
-        "task": {"name": task.name, "metric": task.metric, **task.info},
-        "metric": task.metric,
-        "final": {task.metric: final},
-        "epochs": epochs,
-        "mini_batches": done,
-        "wall_s": wall,
-        "plan": None
-        if plan is None
-        else {k: v for k, v in plan.summary.items() if isinstance(v, (int, float, str, bool)) or v is None},
-        "stages": None if plan is None else [s.to_dict() for s in plan.stages],
-        "layout": None if plan is None else pipeoptim.compile_layout.layout_record(plan),
-    }

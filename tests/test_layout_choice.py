@@ -235,3 +235,36 @@ def test_the_search_keeps_only_layouts_compile_runs(tmp_path: Path) -> None:
     reasons = {(o.stages, o.replicas): o.reason for o in choice.options if o.plan is None}
     assert set(reasons) == {(1, 2)}
     assert "max_grad_norm" in reasons[(1, 2)]
+
+
+def test_a_given_plan_fixes_the_layout_of_data_parallel_auto(tmp_path: Path) -> None:
+    """``data_parallel="auto"`` with ``plan=``: the plan's N stages × R replicas are built (a
+    2 × 2 plan was refused as "this pipeline has data-parallel=1" once the search chose 1
+    replica), on fewer ranks than ``gpus`` where the plan needs fewer; a plan for more devices
+    than ``gpus`` or another forced N is refused, naming both."""
+    x, y = torch.randn(16, 16), torch.randint(0, 4, (16,))
+    options = dict(example_inputs=x, loss_fn=F.cross_entropy, executor="local", profile_dir=tmp_path)
+    model = mlp()
+    with pipeoptim.compile(
+        model, torch.optim.SGD(model.parameters(), lr=0.1), 4, data_parallel=2, method="1f1b", **options
+    ) as pipe:
+        saved = tmp_path / "plan.json"
+        pipe.plan.save(saved)
+        want = [pipe.step(x, y).item() for _ in range(3)]
+    for gpus in (4, 6):
+        model = mlp()
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        with pipeoptim.compile(
+            model, opt, gpus, data_parallel="auto", method="1f1b", plan=saved, **options
+        ) as pipe:
+            assert (pipe.plan.num_stages, pipe.plan.config.data_parallel) == (2, 2)
+            assert pipe.plan.stage_of == pipeoptim.compiler.plan.Plan.load(saved).stage_of
+            assert [pipe.step(x, y).item() for _ in range(3)] == want
+    model = mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with pytest.raises(PlanError, match=r"for 2 stages x 2 replicas \(4 devices\), more than the 3 given"):
+        pipeoptim.compile(model, opt, 3, data_parallel="auto", method="1f1b", plan=saved, **options)
+    from pipeoptim.compile_layout import compile_best_layout
+
+    with pytest.raises(PlanError, match=r"for 2 stages x 2 replicas, not 4 stages"):
+        compile_best_layout(pipeoptim.compile, model, opt, 4, stages=4, method="1f1b", plan=saved, **options)

@@ -482,7 +482,7 @@ def test_a_second_ctrl_c_while_the_run_is_recorded_waits_for_the_record(
     run = training._Run(config=None, task=None, trainer=None, out=tmp_path)  # type: ignore[arg-type]
     run.steps = StepLog(tmp_path / "train.csv", every=1)
     run.steps.add(0, 0, 2.5, 0.1)
-    monkeypatch.setattr(training, "_metrics", lambda *_args: {"epochs": []})
+    monkeypatch.setattr(training, "run_metrics", lambda *_args: {"epochs": []})
     write = training.write_json
 
     def interrupted_write(path: Path, data: dict) -> None:

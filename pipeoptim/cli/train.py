@@ -174,6 +174,15 @@ from pipeoptim.training import SEQUENTIAL, TrainConfig, train
 )
 @link_options(measured=True)
 @click.option(
+    "--plan",
+    type=click.Path(exists=True, dir_okay=False),
+    default=None,
+    help="Train on this plan (its N stages x R replicas and the cut between stages) instead of "
+    "planning: a run folder's plan.json, or one saved by `pipeoptim partition --save` or "
+    "pipe.plan.save; made for this task's model, --method and --micro-batches. A resumed run "
+    "trains on its checkpoint's plan.",
+)
+@click.option(
     "--compile-stages",
     is_flag=True,
     help="Run every stage through torch.compile (inductor; on the CPU it needs a C++ compiler).",
@@ -227,6 +236,7 @@ def train_command(
     bandwidth,
     latency,
     action_overhead,
+    plan,
     record_every,
     progress_every,
     quiet,
@@ -245,7 +255,11 @@ def train_command(
         for name in ("bandwidth", "latency", "action_overhead")
         if context.get_parameter_source(name) is not ParameterSource.DEFAULT
     ]
-    check_layout_options(method, micro_batches, data_parallel, stages, links, gpus)
+    if plan is not None and resume is not None:
+        raise click.UsageError("--resume trains on the run's own plan (its checkpoint's): leave --plan out")
+    check_layout_options(
+        method, micro_batches, data_parallel, stages, [*links, *["--plan"] * bool(plan)], gpus
+    )
     if context.get_parameter_source("momentum") is not ParameterSource.DEFAULT and optimizer not in (
         "sgd",
         "rmsprop",
@@ -312,6 +326,7 @@ def train_command(
         precision=precision,
         compile_stages=compile_stages,
         memory=memory,
+        plan=plan,
     )
     found = [name for name in ("metrics.json", "checkpoint.pt") if (Path(out) / name).exists()]
     earlier = ""

@@ -40,13 +40,14 @@ def check_layout_options(
     method: str, micro_batches: int | None, data_parallel, stages: int | None, links: list[str], gpus: int
 ) -> None:
     """Refuse, before any planning or measuring, options the method would ignore or refuse
-    later (``links``: the plan's link and runtime options the user gave).
+    later (``links``: the plan options the user gave, its link and runtime figures and
+    ``--plan``).
 
     Raises:
         click.BadParameter: --micro-batches above 1 for a method that runs a mini-batch as one
             micro-batch.
-        click.UsageError: --stages, --data-parallel, --micro-batches, --bandwidth, --latency or
-            --action-overhead with sequential training.
+        click.UsageError: --stages, --data-parallel, --micro-batches, --bandwidth, --latency,
+            --action-overhead or --plan with sequential training.
         click.ClickException: a forced layout (--stages, --data-parallel) needs more than
             --gpus devices.
     """
