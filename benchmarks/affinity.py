@@ -131,7 +131,11 @@ def row(launch: str, stages: int, rates: dict[str, list[float]]) -> tuple[list[A
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="2 stages, one round, few windows")
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="2 stages (unless --stages), one round (unless --rounds), few windows",
+    )
     parser.add_argument("--stages", type=stage_count, nargs="+", default=[2, 4])
     parser.add_argument("--rounds", type=int, default=3, help="torchrun jobs per setting (default 3)")
     parser.add_argument(
@@ -145,7 +149,8 @@ def main() -> None:
     out = results_dir(parser, args, "affinity", scope=scope)
     torch.set_num_threads(1)
     stage_counts = [2] if args.quick and args.stages == parser.get_default("stages") else args.stages
-    rounds, windows, steps = (1, 2, 8) if args.quick else (args.rounds, 8, 40)
+    rounds = 1 if args.quick and args.rounds == parser.get_default("rounds") else args.rounds  # given: kept
+    windows, steps = (2, 8) if args.quick else (8, 40)
     rows, summary = [], []
     with tempfile.TemporaryDirectory(prefix="affinity-profiles-") as folder:
         for stages in stage_counts:

@@ -108,7 +108,7 @@ def measure(part: str, cores: list[int], seconds: float) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="one round of shorter runs")
+    parser.add_argument("--quick", action="store_true", help="one round (unless --rounds) of shorter runs")
     parser.add_argument("--rounds", type=int, default=5, help="alone/together pairs per part (default 5)")
     parser.add_argument(
         "--out", type=Path, help="default: benchmarks/results for the full run, else a temporary folder"
@@ -121,7 +121,8 @@ def main() -> None:
         parser.error("needs at least 2 usable cores: ranks sharing a CPU is what it measures")
     kind = run_kind(parser, args, ("rounds",))
     out = results_dir(parser, args, "memory_sharing", scope=("rounds",))
-    rounds, seconds = (1, 0.25) if args.quick else (args.rounds, 2.0)
+    rounds = 1 if args.quick and args.rounds == parser.get_default("rounds") else args.rounds  # given: kept
+    seconds = 0.25 if args.quick else 2.0
     rows, summary = [], []
     for part in PARTS:
         alone, together = [], []

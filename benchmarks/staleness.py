@@ -90,6 +90,9 @@ class Setting:
         small_cnn: the image CNN with channels (8, 16, 32) and 64 hidden units (a quarter of
             the task's default compute, to fit the study on two shared cores).
         methods: the pipeline methods run at N > 1.
+        validation: evaluate on this many training examples after the first ``limit``, held
+            out from training, instead of the test split (the learning-rate sweep: a rate
+            chosen on the test split would leave no unseen data to report).
     """
 
     name: str
@@ -103,6 +106,7 @@ class Setting:
     warmup: float = 0.0
     small_cnn: bool = False
     methods: tuple[str, ...] = field(default_factory=tuple)
+    validation: int | None = None
 
 
 @dataclass(frozen=True)
@@ -182,7 +186,12 @@ def run_cell(cell: Cell, work: Path) -> dict[str, Any] | None:
     s = cell.setting
     try:
         task = make_task(
-            s.task, batch_size=s.batch_size, seed=cell.seed, limit=s.limit, test_limit=s.test_limit
+            s.task,
+            batch_size=s.batch_size,
+            seed=cell.seed,
+            limit=s.limit,
+            test_limit=s.test_limit,
+            validation=s.validation,
         )
     except FileNotFoundError as exc:
         print(f"  skipping {s.name}: {str(exc).splitlines()[0]}", file=sys.stderr)
@@ -235,7 +244,14 @@ def settings(quick: bool) -> list[Setting]:
     fmnist = {"task": "fashion-mnist", "epochs": 1, "batch_size": 32, "limit": 6400, "test_limit": 2000}
     return [
         *(
-            Setting(f"fmnist-sgd-sweep-{lr}", optimizer="sgd", lr=lr, small_cnn=True, **fmnist)
+            Setting(
+                f"fmnist-sgd-sweep-val-{lr}",
+                optimizer="sgd",
+                lr=lr,
+                small_cnn=True,
+                validation=2000,
+                **fmnist,
+            )
             for lr in (0.01, 0.03, 0.1, 0.3)
         ),
         Setting(

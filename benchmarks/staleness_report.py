@@ -183,10 +183,18 @@ def sweep_table(sweep: list[dict]) -> str:
         for r in sorted(sweep, key=lambda r: r["cell"]["setting"]["lr"])
     ]
     setting = sweep[0]["cell"]["setting"]
+    held = setting.get("validation")
+    split = "test" if not held else "validation"
+    where = (
+        ""
+        if not held
+        else f", the rate chosen on the {held} training examples after the first {setting['limit']}"
+        " (held out from training; the test split stays unseen)"
+    )
     return (
         f"### Learning-rate sweep\n\nSequential training, {setting['task']}, {setting['optimizer']}, "
-        f"seed 0, same length as the study:\n\n"
-        + tabulate(rows, headers=["peak lr", f"test {sweep[0]['metric_name']}"], tablefmt="github")
+        f"seed 0, same length as the study{where}:\n\n"
+        + tabulate(rows, headers=["peak lr", f"{split} {sweep[0]['metric_name']}"], tablefmt="github")
     )
 
 
@@ -211,7 +219,8 @@ def report(results: list[dict], out: Path, kind: str, wall_s: float) -> None:
     )
     done = [r for r in results if r["cell"]["method"] == "pipeoptim" and stale_error(r) is not None]
     line = "; ".join(
-        f"{r['cell']['setting']['name']} N={r['cell']['depth']} pipeoptim error {stale_error(r):.2e}"
+        f"{r['cell']['setting']['name']} N={r['cell']['depth']} seed {r['cell']['seed']} pipeoptim "
+        f"error {stale_error(r):.2e}"
         for r in done[:3]
     )
     print(f"{cells} cells; {line or 'no pipeoptim cell'}")

@@ -537,3 +537,12 @@ def test_breakdown_on_the_cpu_clock(tmp_path: Path) -> None:
     forward, wait = columns.index("forward ms"), columns.index("recv wait ms")
     assert len(rows) == 4  # pipeoptim and pipedream, 2 stages each
     assert all(float(row[wait]) < float(row[forward]) for row in rows), text
+
+
+def test_quick_memory_sharing_takes_the_rounds_given(tmp_path: Path) -> None:
+    """``--quick --rounds 2`` ran one round (--quick overrode the rounds given; helper-154)."""
+    done = _benchmark(
+        "memory_sharing.py", ["--quick", "--rounds", "2", "--out", str(tmp_path / "r")], tmp_path
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "2 round(s) of 0.25 s per run" in (tmp_path / "r" / "memory_sharing.md").read_text()

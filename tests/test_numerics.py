@@ -276,3 +276,19 @@ def test_new_precision_settings_and_attention_kernels_reach_the_workers(tmp_path
         [sys.executable, str(program)], capture_output=True, text=True, timeout=300, cwd=tmp_path
     )
     assert done.returncode == 0 and done.stdout.strip() == "same", done.stderr[-3000:]
+
+
+def test_a_backward_making_nan_under_anomaly_detection_fails_compile_with_a_named_cause(
+    restored: None,
+) -> None:
+    """Anomaly detection on while compile profiles a model whose backward makes NaN on the
+    example inputs: a raw RuntimeError from the autograd engine before; a ProfileError now,
+    naming the backward and both fixes."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), NanBackward(), nn.Linear(16, 3))
+    torch.autograd.set_detect_anomaly(True)
+    with pytest.raises(
+        pipeoptim.ProfileError, match="the backward of the model fails on the example inputs"
+    ) as err:
+        _pipeline(model, "local", leaf="1")
+    assert "returned nan values" in str(err.value) and "turn it off until compile returns" in str(err.value)

@@ -166,7 +166,7 @@ def _measure_node(
         bwd_t = 0.0
         if outs:
             grads = [torch.ones_like(t) for t in outs]
-            bwd_t = timer(lambda o=outs, g=grads: torch.autograd.backward(o, g))
+            bwd_t = timer(lambda o=outs, g=grads: _backward(o, g, f"node {node.name} ({node.target})"))
         for t in pytree.tree_leaves((a, k)):
             if isinstance(t, torch.Tensor) and t.is_leaf and t.grad is not None:
                 t.grad = None
@@ -356,8 +356,24 @@ def _warm_up(gm: fx.GraphModule, inputs: Sequence[torch.Tensor], times: int) -> 
     for _ in range(times):
         out = [t for t in pytree.tree_leaves(gm(*inputs)) if isinstance(t, torch.Tensor) and t.requires_grad]
         if out:
-            torch.autograd.backward(out, [torch.ones_like(t) for t in out])
+            _backward(out, [torch.ones_like(t) for t in out], "the model")
     gm.zero_grad(set_to_none=True)
+
+
+def _backward(outs: list[torch.Tensor], grads: list[torch.Tensor], what: str) -> None:
+    """``torch.autograd.backward(outs, grads)`` of ``what``; raises ProfileError naming it where
+    it fails (under anomaly detection at a NaN: a raw RuntimeError before)."""
+    try:
+        torch.autograd.backward(outs, grads)
+    except RuntimeError as exc:
+        fix = (
+            "anomaly detection (torch.autograd.set_detect_anomaly) stops at the NaN: give example inputs "
+            "on which the model's gradients are finite, or turn it off until compile returns"
+            if torch.is_anomaly_enabled() and "nan" in str(exc)
+            else "give example inputs of the shape, dtype and device the model expects"
+        )
+        msg = f"the backward of {what} fails on the example inputs: {first_line(exc).rstrip('.')}; {fix}"
+        raise ProfileError(msg) from exc
 
 
 def _attr_costs(cost: CostNode, node: fx.Node, value: Any, trainable: dict[str, Any]) -> None:

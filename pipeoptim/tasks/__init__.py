@@ -26,15 +26,27 @@ def make_task(
     limit: int | None = None,
     data_dir: str | None = None,
     test_limit: int | None = None,
+    validation: int | None = None,
 ) -> Task:
-    """Build task ``name`` (``limit``: first training examples, ``test_limit``: first test ones).
+    """Build task ``name`` (``limit``: first training examples, ``test_limit``: first test ones;
+    ``validation``: an image task evaluates instead on that many training examples after the
+    first ``limit``, held out from training, for choosing hyperparameters without the test split).
 
     Raises:
-        ValueError: unknown task name.
+        ValueError: unknown task name; a validation split of a text task, or larger than the
+            training examples after ``limit``.
         FileNotFoundError: the task's data files are missing (the message says where to get them).
     """
     if name not in TASKS:
         raise ValueError(f"unknown task {name!r}; choose one of {', '.join(TASKS)}")
+    if validation:
+        if name not in ("digits", "fashion-mnist"):
+            raise ValueError(
+                f"validation splits are made for the image tasks (digits, fashion-mnist), not {name}"
+            )
+        return TASKS[name](
+            batch_size=batch_size, seed=seed, limit=limit, data_dir=data_dir, validation=validation
+        )
     return TASKS[name](
         batch_size=batch_size, seed=seed, limit=limit, data_dir=data_dir, test_limit=test_limit
     )

@@ -78,8 +78,10 @@ def digits(
     limit: int | None = None,
     data_dir: str | None = None,
     test_limit: int | None = None,
+    validation: int | None = None,
 ) -> Task:
-    """8x8 handwritten digits shipped with scikit-learn (1,797 images; 80/20 split, seed 0).
+    """8x8 handwritten digits shipped with scikit-learn (1,797 images; 80/20 split, seed 0);
+    ``validation``: see :func:`_splits`.
 
     Raises:
         ValueError: ``data_dir`` is given (the data ship with scikit-learn; it was ignored).
@@ -96,7 +98,7 @@ def digits(
     x = torch.tensor(data.images, dtype=torch.float32).unsqueeze(1) / 16.0
     y = torch.tensor(data.target, dtype=torch.int64)
     x_tr, x_te, y_tr, y_te = train_test_split(x, y, test_size=0.2, random_state=0, stratify=y)
-    x_tr, y_tr, x_te, y_te = x_tr[:limit], y_tr[:limit], x_te[:test_limit], y_te[:test_limit]
+    x_tr, y_tr, x_te, y_te = _splits(x_tr, y_tr, x_te, y_te, limit, test_limit, validation)
     return _task(
         "digits",
         x_tr,
@@ -108,6 +110,33 @@ def digits(
         seed,
         "sklearn.datasets.load_digits (UCI optical recognition of handwritten digits)",
     )
+
+
+def _splits(
+    x_tr: torch.Tensor,
+    y_tr: torch.Tensor,
+    x_te: torch.Tensor,
+    y_te: torch.Tensor,
+    limit: int | None,
+    test_limit: int | None,
+    validation: int | None,
+) -> tuple[torch.Tensor, ...]:
+    """The first ``limit`` training examples and the first ``test_limit`` test ones; with
+    ``validation``, the evaluation split is instead the ``validation`` training examples after
+    the first ``limit`` (held out from training: a learning rate chosen on them leaves the test
+    split unseen).
+
+    Raises:
+        ValueError: ``validation`` without ``limit``, or more than the examples after it.
+    """
+    if not validation:
+        return x_tr[:limit], y_tr[:limit], x_te[:test_limit], y_te[:test_limit]
+    if limit is None or limit + validation > len(y_tr):
+        raise ValueError(
+            f"a validation split of {validation} examples is held out after the first limit ({limit}) "
+            f"of the {len(y_tr)} training examples: give a limit of at most {len(y_tr) - validation}"
+        )
+    return x_tr[:limit], y_tr[:limit], x_tr[limit : limit + validation], y_tr[limit : limit + validation]
 
 
 def _read_idx(path: Path) -> np.ndarray:
@@ -134,8 +163,10 @@ def fashion_mnist(
     limit: int | None = None,
     data_dir: str | None = None,
     test_limit: int | None = None,
+    validation: int | None = None,
 ) -> Task:
-    """Fashion-MNIST (Xiao et al. 2017) from IDX files: 60,000 train / 10,000 test 28x28 images.
+    """Fashion-MNIST (Xiao et al. 2017) from IDX files: 60,000 train / 10,000 test 28x28 images;
+    ``validation``: see :func:`_splits`.
 
     Raises:
         FileNotFoundError: the IDX files are not in ``data_dir``.
@@ -148,5 +179,5 @@ def fashion_mnist(
         x = torch.tensor(images, dtype=torch.float32).unsqueeze(1) / 255.0
         arrays[split] = ((x - 0.2860) / 0.3530, torch.tensor(labels, dtype=torch.int64))
     (x_tr, y_tr), (x_te, y_te) = arrays["train"], arrays["test"]
-    x_tr, y_tr, x_te, y_te = x_tr[:limit], y_tr[:limit], x_te[:test_limit], y_te[:test_limit]
+    x_tr, y_tr, x_te, y_te = _splits(x_tr, y_tr, x_te, y_te, limit, test_limit, validation)
     return _task("fashion-mnist", x_tr, y_tr, x_te, y_te, 28, batch_size, seed, f"IDX files in {folder}")
