@@ -259,6 +259,18 @@ def keyed_as_template(owned: dict[str, torch.Tensor], template: torch.nn.Module)
     return result
 
 
+def copy_unsaved_buffers(owned: dict[str, torch.Tensor], module: torch.nn.Module) -> None:
+    """Copy into ``module`` the stages' values (``owned``, by graph name) of its buffers that
+    its ``state_dict()`` leaves out (registered with ``persistent=False``)."""
+    saved = set(module.state_dict())
+    aliases = same_tensor_names(module)
+    with torch.no_grad():
+        for name, buffer in module.named_buffers(remove_duplicate=False):
+            source = next((owned[n] for n in (name, *aliases.get(name, [])) if n in owned), None)
+            if name not in saved and source is not None:
+                buffer.copy_(source)
+
+
 class Checkpoints:
     """Saving and loading a :class:`~pipeoptim.pipeline.Pipeline` (a mixin of it)."""
 

@@ -29,7 +29,7 @@ from pipeoptim.compiler.layouts import LayoutChoice, choose_layout
 from pipeoptim.compiler.optimizer_state import optimizer_state_factor
 from pipeoptim.compiler.plan import Plan, make_plan
 from pipeoptim.errors import PlanError
-from pipeoptim.inputs import as_tuple
+from pipeoptim.inputs import example_tuple
 from pipeoptim.methods import METHODS, get_method
 from pipeoptim.runtime import spmd
 from pipeoptim.runtime.affinity import ranks_bound
@@ -248,12 +248,7 @@ def plan_best_layout(
     # compile refuses it (its warnings are compile's to give, once)
     predictor, backward = options.get("predictor", "paper"), options.get("backward", "current")
     check_pipeoptim_options(method, get_method(method).policy, predictor, backward, optimizer, warn=False)
-    examples = options.get("example_inputs")
-    inputs = as_tuple(examples) if isinstance(examples, (torch.Tensor, tuple, list)) else ()
-    if not inputs or not all(isinstance(x, torch.Tensor) and x.dim() > 0 for x in inputs):
-        raise ValueError(
-            "example_inputs must be a tensor or a tuple of tensors with a batch dimension (dim 0)"
-        )
+    inputs = example_tuple(options.get("example_inputs"))
     device = stage_device(kind, inputs[0].device)
     say = options.get("log") or (lambda _msg: None)
     profile_dir = options.get("profile_dir", "profiles")

@@ -26,7 +26,7 @@ from pipeoptim.compile_layout import stage_device as _profile_device
 from pipeoptim.compiler import plan_model
 from pipeoptim.compiler.hooks import compiled_modules_warning, dropped_hooks_warning
 from pipeoptim.compiler.plan import Plan
-from pipeoptim.compiler.shapes import plan_length
+from pipeoptim.compiler.shapes import plan_dynamic_length, plan_length
 from pipeoptim.compiler.trace import trace
 from pipeoptim.errors import PipelineError, PlanError, first_line
 from pipeoptim.given_plan import given_plan
@@ -309,7 +309,7 @@ def compile(
         with together("trace its model for the plan given", kind):  # each rank checks it
             traced = trace(model_copy, micro, leaf_modules)
             chosen = given_plan(plan, traced, config, say, micro, autocast)
-        static_batch, dynamic_length = traced.method == "export", False  # not probed: keep shapes
+        static_batch, dynamic_length = traced.method == "export", plan_dynamic_length(chosen)
     elif rank0:
         try:
             with (

@@ -45,19 +45,34 @@ def example_tuple(example_inputs: Any) -> tuple[torch.Tensor, ...]:
     """``compile``'s ``example_inputs`` as a tuple of dense tensors, each ``[batch, ...]``.
 
     Raises:
-        ValueError: not a tensor, tuple or list of tensors, a tensor without a batch dimension
-            (0-d), or a sparse tensor (not cut into micro-batches along dim 0).
+        ValueError: not a tensor, tuple or list of tensors (a dict or a nested tuple: the message
+            says how to wrap the model), a tensor without a batch dimension (0-d), or a sparse
+            tensor (not cut into micro-batches along dim 0).
     """
+    wrap = (
+        "the stages exchange tensors only: wrap the model in a module whose forward takes each tensor "
+        "positionally (def forward(self, x, mask): return model({'x': x, 'mask': mask})) and pass "
+        "them as a tuple in that order"
+    )
     if not isinstance(example_inputs, (torch.Tensor, tuple, list)):
         raise ValueError(
             f"example_inputs must be a tensor or a tuple of tensors with a batch dimension (dim 0), "
-            f"got {type(example_inputs).__name__}: pass one mini-batch of the model's inputs"
+            f"got {type(example_inputs).__name__}: pass one mini-batch of the model's inputs; {wrap}"
         )
     inputs = as_tuple(example_inputs)
-    if not inputs or not all(isinstance(x, torch.Tensor) and x.dim() > 0 for x in inputs):
-        raise ValueError(
-            "example_inputs must be a tensor or a tuple of tensors with a batch dimension (dim 0)"
-        )
+    if not inputs:
+        raise ValueError("example_inputs is empty: pass one mini-batch of the model's inputs")
+    for i, x in enumerate(inputs):
+        if not isinstance(x, torch.Tensor):
+            raise ValueError(
+                f"example_inputs must be a tensor or a tuple of tensors, but input {i} is a "
+                f"{type(x).__name__}: {wrap}"
+            )
+        if x.dim() == 0:
+            raise ValueError(
+                f"example input {i} is a 0-d tensor: every input needs a batch dimension (dim 0); "
+                "keep a constant on the model (a buffer) or give it one row per example"
+            )
     sparse = [i for i, x in enumerate(inputs) if x.layout != torch.strided]
     if sparse:
         raise ValueError(

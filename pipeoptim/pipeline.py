@@ -329,9 +329,14 @@ class Pipeline(Measurements, checkpoint.Checkpoints, Streaming):
         self._executor.resume(self._next)
 
     def to_module(self) -> nn.Module:
-        """A new instance of the original model class holding the trained weights."""
+        """A new instance of the original model class holding the trained weights and buffers,
+        non-persistent ones too (``state_dict()`` leaves them out, as torch's does; they kept
+        their first values here before, helper-156)."""
+        self.flush("to_module")
+        owned = self._guarded(self._executor.state_dict)
         module = copy.deepcopy(self._template)
-        module.load_state_dict(self.state_dict())
+        module.load_state_dict(checkpoint.keyed_as_template(owned, self._template))
+        checkpoint.copy_unsaved_buffers(owned, module)
         return module
 
     # -- lifetime --------------------------------------------------------------------

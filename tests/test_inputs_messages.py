@@ -46,6 +46,20 @@ def test_missing_example_inputs_is_a_value_error_naming_them() -> None:
         compile_mlp(example_inputs=None)
 
 
+@pytest.mark.parametrize("data_parallel", [1, "auto"])
+def test_dict_nested_and_0d_example_inputs_are_told_how_to_fix_them(data_parallel) -> None:
+    """A dict, a nested tuple or a 0-d tensor got "must be a tensor or a tuple of tensors" with
+    no way out (helper-156); data_parallel="auto" checked them with a copy of its own."""
+    x = torch.randn(8, 6)
+    for given, message in (
+        ({"x": x}, r"got dict: .*wrap the model in a module whose forward takes each tensor positionally"),
+        ((x, (x, x)), r"input 1 is a tuple: the stages exchange tensors only: wrap the model"),
+        ((x, torch.tensor(2.0)), r"example input 1 is a 0-d tensor: every input needs a batch dimension"),
+    ):
+        with pytest.raises(ValueError, match=message):
+            compile_mlp(example_inputs=given, data_parallel=data_parallel)
+
+
 def test_an_unknown_leaf_module_is_answered_with_real_names() -> None:
     with pytest.raises(TraceError) as err:
         compile_mlp(leaf_modules=["nosuch"])

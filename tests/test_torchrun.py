@@ -251,7 +251,7 @@ def test_calls_that_gather_from_every_rank_made_in_another_order_are_refused_on_
     ranks = [json.loads((tmp_path / f"out.{r}").read_text()) for r in range(gpus)]
     said = {
         "optimizer state / model": "RanksInOtherCallsError: the ranks are in different calls (rank 0: the "
-        "start of optimizer_state_dict(), its call 1; rank 1: the start of state_dict(), its call 1)",
+        "start of optimizer_state_dict(), its call 1; rank 1: the start of to_module(), its call 1)",
         "predict / weights": "RanksInOtherCallsError: the ranks are in different calls (rank 0: the start "
         "of predict(), its call 2; rank 1: the start of state_dict(), its call 2)",
         # the gathers of weights that follow are alike: rank 1's state_dict() returned (helper-130)

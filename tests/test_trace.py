@@ -149,6 +149,19 @@ def test_hugging_face_gpt2_goes_through_torch_export() -> None:
         torch.testing.assert_close(out.logits, model(ids).logits, rtol=0, atol=0)
 
 
+def test_a_hugging_face_model_returning_its_cache_is_told_to_set_use_cache_false() -> None:
+    """GPT2LMHeadModel with its default use_cache=True: both tracers fail on the DynamicCache
+    it returns, and the error's fix spoke of control flow and leaf_modules, neither of which
+    applies (helper-156)."""
+    transformers = pytest.importorskip("transformers")
+    config = transformers.GPT2Config(
+        n_layer=1, n_embd=16, n_head=2, vocab_size=64, n_positions=16, bos_token_id=0, eos_token_id=0
+    )
+    assert config.use_cache is True
+    with pytest.raises(TraceError, match=r"Fix: set model\.config\.use_cache = False"):
+        trace(transformers.GPT2LMHeadModel(config), torch.randint(0, 64, (2, 8)))
+
+
 class BranchOnRows(nn.Module):
     """The root's forward branches on the batch size: torch.fx cannot trace it, torch.export
     keeps the branch the example takes and guards the batch size."""

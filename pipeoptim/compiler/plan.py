@@ -319,6 +319,9 @@ def plan_from_assignment(graph: CostGraph, config: CostConfig, result: Partition
         gap=result.gap,
         solve_s=result.solve_s,
         num_units=result.num_units,
+        # the graph ran at shorter sequence lengths when profiled: a plan given back to
+        # compile keeps serving them (it refused them before, helper-156)
+        dynamic_length=bool(graph.info.get("dynamic_length")),
     )
     io = stage_io(graph, result.stage_of, config.num_stages)
     crossing = {name for x in io for name in x.inputs + x.outputs}

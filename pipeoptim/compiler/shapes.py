@@ -101,3 +101,12 @@ def plan_length(plan: Any, example_inputs: Sequence[torch.Tensor], dynamic: bool
             if meta["kind"] == "tensor" and meta.get("length") is None:
                 return None
     return int(example_inputs[0].shape[1])
+
+
+def plan_dynamic_length(plan: Any) -> bool:
+    """Whether the graph of ``plan`` ran at shorter sequence lengths when it was profiled (its
+    summary's ``dynamic_length``; a plan saved without it: whether its boundary values carry
+    the length steps only such a profile records)."""
+    if "dynamic_length" in plan.summary:
+        return bool(plan.summary["dynamic_length"])
+    return any("length" in meta for value in plan.values.values() for meta in value["meta"])

@@ -365,12 +365,17 @@ def trace(
                 fx_exc, fx_failed = first_failure
                 where = fx_failed or ""
                 mod = known.get(where, model)
+                fix = (  # a Hugging Face model returning its key/value cache (helper-156)
+                    "set model.config.use_cache = False (its key/value cache is for generation: "
+                    "training needs none, and neither tracer can return it)"
+                    if getattr(getattr(model, "config", None), "use_cache", None) is True
+                    else "remove tensor-dependent Python control flow from that forward, or move it "
+                    "into a submodule and pass its name in leaf_modules=[...] so it runs as one opaque node"
+                )
                 raise TraceError(
                     f"cannot trace module {where or '<root>'!r} ({type(mod).__name__}) at "
                     f"{_user_frame(fx_exc)} -- {_first_line(fx_exc)}; torch.export also failed: "
-                    f"{_first_line(export_exc)}. Fix: remove tensor-dependent Python control flow "
-                    "from that forward, or move it into a submodule and pass its name in "
-                    "leaf_modules=[...] so it runs as one opaque node"
+                    f"{_first_line(export_exc)}. Fix: {fix}"
                 ) from fx_exc
     if auto_leaves:
         warnings.warn(
