@@ -93,6 +93,10 @@ def read_checkpoint(path: str | os.PathLike[str], missing: str = MISSING) -> dic
         raise CheckpointError(f"{path} is a folder, not a checkpoint file: {missing}")
     if not path.is_file():
         raise CheckpointError(f"no checkpoint at {path}: {missing}")
+    with open(path, "rb") as f:
+        head = f.read(4)
+    if head[:2] != b"PK" and head[:1] != b"\x80":  # neither torch.save's zip nor a pickle
+        raise CheckpointError(f"{path} is not a checkpoint (not a file torch.save wrote): {missing}")
     try:
         with torch.serialization.safe_globals(_SAFE):
             data = torch.load(path, map_location="cpu", weights_only=True)

@@ -6,6 +6,7 @@ import contextlib
 import errno
 import glob
 import json
+import math
 import os
 import re
 import stat
@@ -151,6 +152,8 @@ def writable_folder(path: str | os.PathLike[str], what: str, option: str) -> boo
     """
     path = Path(path)
     created = not path.exists()
+    if path.exists() and not path.is_dir():  # "File exists" said it less plainly (helper-157)
+        raise ValueError(f"the {what} {path} is a file, not a folder: choose a folder for {option}")
     try:
         path.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryFile(dir=path):
@@ -237,6 +240,19 @@ def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
+
+
+def finite_json(data: Any) -> Any:
+    """``data`` with every NaN and infinite float replaced by ``None`` (JSON has neither: a
+    diverged run's ``"train_loss": NaN`` in ``metrics.json`` and ``--json`` was not JSON to any
+    parser but Python's, helper-157)."""
+    if isinstance(data, float):
+        return data if math.isfinite(data) else None
+    if isinstance(data, dict):
+        return {k: finite_json(v) for k, v in data.items()}
+    if isinstance(data, (list, tuple)):
+        return [finite_json(v) for v in data]
+    return data
 
 
 def write_json(path: str | os.PathLike[str], data: Any) -> None:

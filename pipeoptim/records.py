@@ -212,10 +212,10 @@ def summary_line(metrics: dict[str, Any]) -> str:
         stages, replicas = ran["stages"], ran["data_parallel"]
         width = f" x {plural(replicas, 'replica')}" if replicas > 1 else ""
         layout = f" ({plural(stages, 'stage')}{width})"
+    batches = plural(metrics["mini_batches"], "mini-batch", "mini-batches")
     return (
         f"{cfg['task']} {cfg['method']}{layout}: test {metric} {shown} after "
-        f"{plural(len(metrics['epochs']), 'epoch')}, {metrics['mini_batches']} mini-batches, "
-        f"{metrics['wall_s']:.1f} s"
+        f"{plural(len(metrics['epochs']), 'epoch')}, {batches}, {metrics['wall_s']:.1f} s"
     )
 
 

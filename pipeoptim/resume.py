@@ -19,6 +19,7 @@ from typing import Any
 from pipeoptim.checkpoint import read_checkpoint
 from pipeoptim.compiler.plan import Plan
 from pipeoptim.errors import CheckpointError
+from pipeoptim.units import format_bytes
 
 #: a run's link and runtime figures (:class:`pipeoptim.training.TrainConfig`), each passed to
 #: ``compile`` under its own name
@@ -33,6 +34,7 @@ NOT_INHERITED = ("out", "resume", "progress", "plan", *LINK_FIGURES)
 MUST_MATCH = (
     *("task", "method", "gpus", "optimizer", "batch_size", "seed", "lr", "lr_schedule"),
     *("limit", "test_limit", "micro_batches", "momentum", "weight_decay", "stages", "data_parallel"),
+    *("precision", "memory"),  # another precision computes otherwise; a memory limit is the plan's
 )
 
 
@@ -102,7 +104,15 @@ def check_resume(config: Any, log: Callable[[str], None]) -> Path | None:
                 then, now = (f"task {v}" for v in (saved[key], given))
             else:
                 option = f"--{key.replace('_', '-')}"
-                then, now = (f"no {option}" if v is None else f"{option} {v}" for v in (saved[key], given))
+                shown = [
+                    format_bytes(v) if key == "memory" and v is not None else v for v in (saved[key], given)
+                ]
+                then, now = (f"no {option}" if v is None else f"{option} {v}" for v in shown)
+                planned = (
+                    (data.get("plan") or {}).get("config", {}).get("num_stages" if key == "stages" else key)
+                )
+                if key in ("stages", "data_parallel") and saved[key] in (None, "auto") and planned:
+                    then += f" (the planner chose {planned})"
             raise CheckpointError(
                 f"cannot resume: the checkpoint was made with {then}, this run has {now}; "
                 "use the same settings"

@@ -6,8 +6,9 @@ folder:
 
 - ``metrics.json`` -- configuration, per-epoch loss / metric / speed, the plan's summary and
   ``status`` (``running``, ``completed``, ``failed`` with ``error``, ``interrupted``); written
-  after every epoch and whenever the run stops once training has started, for whatever reason
-  (stopped before, a run leaves no folder it created);
+  as training starts (an earlier run's in the folder goes then, with its checkpoint and
+  pictures), after every epoch and whenever the run stops once training has started, for
+  whatever reason (stopped before, a run leaves no folder it created);
 - ``train.csv`` -- one row per mini-batch: step, epoch, loss, lr; appended every
   ``record_every`` mini-batches (:class:`~pipeoptim.records.StepLog`), never held in memory;
 - ``plan.json`` -- the pipeline's plan (``--plan`` trains another run on it), written once it
@@ -33,7 +34,7 @@ import torch
 import pipeoptim
 from pipeoptim import other_work
 from pipeoptim.compiler.plot import plot_plan
-from pipeoptim.fileio import cache_folder, held_folder, writable_folder, write_json
+from pipeoptim.fileio import cache_folder, finite_json, held_folder, writable_folder, write_json
 from pipeoptim.loss import Loss, drain
 from pipeoptim.optimizers import cosine_factor, default_weight_decay, make_optimizer
 from pipeoptim.records import Progress, StepLog, epoch_line, plot_curves, run_metrics
@@ -196,17 +197,24 @@ def _train(config: TrainConfig, out: Path, log: Callable[[str], None], costs: Co
         if resume_path is not None:
             extra = trainer.load_checkpoint(resume_path)
             run.restore(extra.get("history", {}))
-            if scheduler is not None:
+            if scheduler is not None and extra.get("scheduler") is None:  # pipe.save_checkpoint's
+                scheduler.last_epoch = trainer.mini_batches_done  # (a KeyError before, helper-157)
+                log(f"{resume_path} holds no learning-rate schedule: cosine goes on from its mini-batch")
+            elif scheduler is not None:
                 scheduler.load_state_dict(extra["scheduler"])
+            if scheduler is not None:
                 # the factor is this run's (it depends on --epochs); the stages follow at once
                 for group, base, lam in zip(
                     scheduler.optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas
                 ):
                     group["lr"] = base * lam(scheduler.last_epoch)
             log(f"resumed from {resume_path} at mini-batch {trainer.mini_batches_done}")
-        else:  # an earlier run's, kept until this run's records replace its own: --resume would
-            # continue it under them; a run that fails to start (a plan, an interrupt) loses nothing
-            (out / "checkpoint.pt").unlink(missing_ok=True)
+        # an earlier run's files in this folder (a resume's too where it writes into another
+        # folder: it went on from that run's checkpoint, helper-157), kept until now: a run that
+        # fails to start (a plan, an interrupt) loses nothing
+        if resume_path is None or resume_path.parent.resolve() != out.resolve():
+            for name in ("checkpoint.pt", "curves.png", "plan.png"):
+                (out / name).unlink(missing_ok=True)
         run.steps = StepLog(
             out / "train.csv",
             start=trainer.mini_batches_done,
@@ -218,6 +226,7 @@ def _train(config: TrainConfig, out: Path, log: Callable[[str], None], costs: Co
                 f"{resume_path.parent / 'train.csv'} is missing or holds no rows: this run's train.csv "
                 f"starts at mini-batch {trainer.mini_batches_done}"
             )
+        run.write(time.perf_counter() - start, "running")  # an earlier run's stays no longer
         _loop(config, task, trainer, scheduler, run, log)
     except BaseException as exc:  # whatever stops the run, what it learned stays on disk
         try:
@@ -276,7 +285,7 @@ class _Run:
         """Flush ``train.csv`` and write ``metrics.json`` (atomically); returns the metrics."""
         if self.steps is not None:
             self.steps.flush()
-        metrics = run_metrics(self.config, self.task, self.trainer, self.epochs, wall, self.done)
+        metrics = finite_json(run_metrics(self.config, self.task, self.trainer, self.epochs, wall, self.done))
         metrics["status"] = status
         if error is not None:
             metrics["error"] = error
@@ -325,9 +334,11 @@ def _loop(
             "config": asdict(config),
             "scheduler": None if scheduler is None else scheduler.state_dict(),
         }
-        trainer.save_checkpoint(run.out / "checkpoint.pt", extra)
         assert run.steps is not None
-        run.steps.flush()  # the rows agree with the checkpoint on disk
+        # rows first: a kill between the two leaves rows past the checkpoint, which a resume
+        # drops, not a checkpoint past the rows, a gap a resume kept (helper-157)
+        run.steps.flush()
+        trainer.save_checkpoint(run.out / "checkpoint.pt", extra)
 
     try:
         for epoch in range(step // per_epoch, config.epochs):

@@ -218,6 +218,35 @@ def test_json_on_stdout_is_the_only_output(tmp_path: Path, solver: str, memory: 
         assert data["max_memory_bytes"] <= data["config"]["memory_limit"]
 
 
+def test_what_a_users_model_prints_goes_to_stderr_under_json(tmp_path: Path) -> None:
+    """A factory, module or forward that prints came before the JSON on stdout (helper-157)."""
+    (tmp_path / "talking.py").write_text(
+        "import torch\nfrom torch import nn\nprint('imported')\n\n\n"
+        "class Net(nn.Module):\n    def __init__(self):\n        super().__init__()\n"
+        "        self.a, self.b = nn.Linear(8, 8), nn.Linear(8, 2)\n\n"
+        "    def forward(self, x):\n        print('forward')\n"
+        "        return self.b(torch.relu(self.a(x)))\n\n\n"
+        "def make():\n    print('factory')\n    return Net(), (torch.randn(4, 8),)\n"
+    )
+    args = [str(EXE), "partition", "talking.py:make", "--gpus", "2", "--stages", "2", "--json"]
+    done = subprocess.run(args, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["num_stages"] == 2
+    assert "imported" in done.stderr and "factory" in done.stderr and "forward" in done.stderr
+
+
+def test_a_file_given_as_the_profile_folder_is_named_a_file(tmp_path: Path) -> None:
+    (tmp_path / "notes.md").write_text("not a folder\n")
+    result = CliRunner().invoke(
+        cli, ["partition", "mlp", "--gpus", "2", "--profile-dir", str(tmp_path / "notes.md")]
+    )
+    assert result.exit_code == 1
+    assert (
+        f"the profile folder {tmp_path / 'notes.md'} is a file, not a folder: choose a folder for "
+        "--profile-dir" in result.stderr
+    )
+
+
 def reference_min_memory(graph: CostGraph, n: int, opt_factor: float) -> int:
     """Brute force, written from the cost model's memory formula: per stage k of N under
     PipeOptim, params * (weights + gradient + optimizer state + predicted copy, none at the

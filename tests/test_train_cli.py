@@ -328,6 +328,7 @@ def test_summary_line_counts_stages_and_epochs_in_words() -> None:
     )
     plain = {**one, "config": {"task": "digits", "method": "sequential"}, "layout": None}
     assert summary_line(plain).startswith("digits sequential: test accuracy")
+    assert "after 1 epoch, 1 mini-batch, 1.0 s" in summary_line({**one, "mini_batches": 1})  # helper-157
 
 
 def test_the_progress_rate_is_of_training_and_the_eta_counts_evaluations(monkeypatch) -> None:
@@ -577,7 +578,7 @@ def test_resume_given_a_checkpoint_file_without_a_suffix_reads_that_file(tmp_pat
     saved = tmp_path / "saved"
     saved.write_text("not a checkpoint")
     code, _, err = run("digits", "--resume", str(saved), "--out", str(tmp_path / "run"))
-    assert code == 1 and f"{saved} is not a pipeoptim-checkpoint/1 checkpoint" in err, err
+    assert code == 1 and f"{saved} is not a checkpoint (not a file torch.save wrote)" in err, err
 
 
 def test_momentum_given_to_an_optimizer_without_it_is_a_usage_error(tmp_path) -> None:
@@ -659,7 +660,9 @@ def test_resume_accepts_the_layout_the_planner_chose_given_explicitly(tmp_path: 
     assert code == 0, err
     chosen = json.loads((out / "metrics.json").read_text())["layout"]["stages"]
     code, _, err = run(*common, "--resume", str(out), "--epochs", "3", "--stages", str(3 - chosen))
-    assert code == 1 and f"made with no --stages, this run has --stages {3 - chosen}" in err, err
+    # the planner's choice named (helper-157: "made with no --stages" read as if it had none)
+    said = f"made with no --stages (the planner chose {chosen}), this run has --stages {3 - chosen}"
+    assert code == 1 and said in err, err
     code, _, err = run(*common, "--resume", str(out), "--epochs", "2", "--stages", str(chosen))
     assert code == 0, err
 

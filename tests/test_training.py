@@ -359,6 +359,11 @@ def test_checkpoint_errors(tmp_path: Path) -> None:
         )
         with pytest.raises(CheckpointError, match=r"is a folder, not a checkpoint file: give the path"):
             pipe.load_checkpoint(tmp_path)
+        (tmp_path / "notes.md").write_text("# a README given as the checkpoint\n")  # helper-157
+        with pytest.raises(
+            CheckpointError, match=r"notes.md is not a checkpoint \(not a file torch.save wrote\)"
+        ):
+            pipe.load_checkpoint(tmp_path / "notes.md")
         torch.save(model.state_dict(), tmp_path / "weights.pt")  # helper-103: a plain state dict
         with pytest.raises(CheckpointError, match=r"plain state dict; load it with pipe.load_state_dict"):
             pipe.load_checkpoint(tmp_path / "weights.pt")

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import math
+import sys
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -221,3 +224,18 @@ def torch_device(text: str | None) -> torch.device | None:
             f"--device {text}: CUDA is not available in this torch build: use --device cpu"
         )
     return device
+
+
+def json_alone(command: Callable[..., Any]) -> Callable[..., Any]:
+    """``command`` (a click callback with ``as_json``) run, under ``--json``, with what anything
+    prints on stdout meanwhile (a user's factory or model) sent to stderr, so that stdout holds
+    the JSON alone; ``command`` writes it to the ``stdout`` it is given (helper-157: a model's
+    ``print`` came before the JSON)."""
+
+    @functools.wraps(command)
+    def run(**options: Any) -> Any:
+        stdout = sys.stdout
+        with contextlib.redirect_stdout(sys.stderr) if options["as_json"] else contextlib.nullcontext():
+            return command(**options, stdout=stdout)
+
+    return run

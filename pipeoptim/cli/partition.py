@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import sys
 from collections.abc import Callable
 
 import click
@@ -17,6 +16,7 @@ from pipeoptim.cli.options import (
     LAYOUT_WIDTH,
     SHAPE,
     FiniteFloatRange,
+    json_alone,
     link_figures,
     link_options,
     torch_device,
@@ -144,6 +144,7 @@ def _log(msg: str) -> None:
     type=click.Path(dir_okay=False),
     help="Draw the plan into this PNG: per-stage time and memory, and where the cuts fall.",
 )
+@json_alone
 def partition(
     model,
     gpus,
@@ -169,6 +170,7 @@ def partition(
     as_json,
     save,
     plot,
+    stdout,
 ) -> None:
     """Plan MODEL on --gpus devices: every layout of N stages x R replicas with N*R <= --gpus
     is planned and the fastest predicted is chosen; the runner-ups are listed, then the chosen
@@ -294,8 +296,8 @@ def partition(
             "stages": data["stages"],
             "io": data["io"],
         }
-        json.dump(out, sys.stdout, indent=1, default=str)
-        sys.stdout.write("\n")
+        json.dump(out, stdout, indent=1, default=str)
+        stdout.write("\n")
         return
     nodes = plural(len(planned.nodes), "node")
     click.echo(f"{plan.model}: {nodes}, {plural(gpus, 'device')}, method {method}")

@@ -330,8 +330,12 @@ def train_command(
     )
     found = [name for name in ("metrics.json", "checkpoint.pt") if (Path(out) / name).exists()]
     earlier = ""
-    if found and resume is None:
-        instead = f"--resume {out} to continue from its checkpoint, or " if "checkpoint.pt" in found else ""
+    if found and (resume is None or checkpoint_path(resume).parent.resolve() != Path(out).resolve()):
+        instead = (
+            f"--resume {out} to continue from its checkpoint, or "
+            if "checkpoint.pt" in found and resume is None
+            else ""
+        )
         earlier = (
             f"{out} holds an earlier run ({', '.join(found)}): this run replaces it once it starts "
             f"training; pass {instead}another --out to keep it"
