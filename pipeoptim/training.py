@@ -84,6 +84,7 @@ class TrainConfig:
     allreduce_latency: float | None = None  # its seconds each beyond its bytes (None: the link's)
     action_overhead: float = 0.0  # the plan's runtime CPU seconds per action (pipeoptim.action_overhead)
     plan: str | None = None  # a plan file to train on (its layout and cut) instead of planning
+    timeout: float = 300.0  # seconds any wait between stages may take before the run fails
     record_every: int = 50
     progress_every: int | None = None
 
@@ -137,6 +138,7 @@ def _trainer(config: TrainConfig, task: Task, log: Callable[[str], None], plan: 
         compile_stages=config.compile_stages,
         memory=config.memory,
         plan=plan,
+        timeout=config.timeout,
         **{name: getattr(config, name) for name in LINK_FIGURES},
         log=log,
         data_parallel=config.data_parallel,

@@ -150,3 +150,24 @@ def test_a_resume_with_another_precision_or_memory_limit_is_refused(
     assert code == 0, err
     code, _, err = run("--epochs", "2", "--resume", str(out), *option)
     assert code == 1 and f"this run has {option[0]} {shown}; use the same settings" in err, err
+
+
+def test_the_stages_wait_timeout_is_an_option(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A stopped stage kept a run waiting the fixed 300 s before it failed (helper-157):
+    --timeout reaches compile; 0 is a usage error."""
+    given = []
+    compile_ = pipeoptim.compile
+
+    def recording(*args, **kwargs):
+        given.append(kwargs["timeout"])
+        return compile_(*args, **kwargs)
+
+    monkeypatch.setattr(pipeoptim, "compile", recording)
+    code, _, err = run("--gpus", "2", "--stages", "2", "--timeout", "7.5", "--out", str(tmp_path / "r"))
+    assert code == 0, err
+    assert (
+        given == [7.5]
+        and json.loads((tmp_path / "r" / "metrics.json").read_text())["config"]["timeout"] == 7.5
+    )
+    code, _, err = run("--timeout", "0", "--out", str(tmp_path / "z"))
+    assert code == 2 and "--timeout" in err

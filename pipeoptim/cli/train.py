@@ -188,6 +188,14 @@ from pipeoptim.training import SEQUENTIAL, TrainConfig, train
     help="Run every stage through torch.compile (inductor; on the CPU it needs a C++ compiler).",
 )
 @click.option(
+    "--timeout",
+    type=click.FloatRange(min=0, min_open=True),
+    default=300.0,
+    show_default=True,
+    help="Seconds any wait between stages may take before the run fails (a stage stopped or "
+    "stuck: every worker is then ended, and the run's records and last checkpoint kept).",
+)
+@click.option(
     "--record-every",
     type=click.IntRange(min=1),
     default=50,
@@ -237,6 +245,7 @@ def train_command(
     latency,
     action_overhead,
     plan,
+    timeout,
     record_every,
     progress_every,
     quiet,
@@ -327,6 +336,7 @@ def train_command(
         compile_stages=compile_stages,
         memory=memory,
         plan=plan,
+        timeout=timeout,
     )
     found = [name for name in ("metrics.json", "checkpoint.pt") if (Path(out) / name).exists()]
     earlier = ""
