@@ -190,7 +190,7 @@ def run_cell(cell: Cell, work: Path) -> dict[str, Any] | None:
             batch_size=s.batch_size,
             seed=cell.seed,
             limit=s.limit,
-            test_limit=s.test_limit,
+            test_limit=None if s.validation else s.test_limit,
             validation=s.validation,
         )
     except FileNotFoundError as exc:

@@ -38,7 +38,7 @@ from pipeoptim.runtime.linkcost import shared_cores, stage_threads
 from pipeoptim.runtime.precision import autocast_context, check_autocast
 from pipeoptim.runtime.prediction import check_pipeoptim_options
 from pipeoptim.runtime.replicas import check_replicated_options
-from pipeoptim.units import parse_bandwidth, parse_bytes
+from pipeoptim.units import parse_bandwidth, parse_bytes, plural
 from pipeoptim.update_pricing import UpdatePricing
 
 if TYPE_CHECKING:
@@ -166,6 +166,7 @@ def compile_best_layout(
     """
     options.pop("data_parallel", None)
     _refuse_torchrun(options)
+    _check_gpus(gpus)  # a plan's layout too (helper-158: gpus='4' raised a raw TypeError)
     if options.get("plan") is not None:  # the plan fixes the layout (it was refused as R=1 before)
         plan = options["plan"] = given_layout(options["plan"], gpus, stages, replicas)
         n, r = plan.num_stages, plan.config.data_parallel
@@ -175,6 +176,12 @@ def compile_best_layout(
     pipe = compile_fn(model, optimizer, n * r, **options, data_parallel=r)
     pipe.plan.summary["layouts"] = choice.to_dict()
     return pipe
+
+
+def _check_gpus(gpus: object) -> None:
+    """Raises ValueError: ``gpus`` is not a positive integer."""
+    if not isinstance(gpus, int) or isinstance(gpus, bool) or gpus < 1:
+        raise ValueError(f"gpus must be a positive integer (devices), got {gpus!r}")
 
 
 def _refuse_torchrun(options: dict[str, Any]) -> None:
@@ -205,13 +212,13 @@ def given_layout(
     for what, forced, have in (("stages", stages, n), ("replicas", replicas, r)):
         if forced is not None and forced != have:
             raise PlanError(
-                f"the plan is for {n} stages x {r} replicas, not {forced} {what}; give a plan made "
-                f"for {forced} {what}, or leave the {what} to the plan"
+                f"the plan is for {plural(n, 'stage')} x {plural(r, 'replica')}, not {forced} {what}; "
+                f"give a plan made for {forced} {what}, or leave the {what} to the plan"
             )
     if n * r > gpus:
         raise PlanError(
-            f"the plan is for {n} stages x {r} replicas ({n * r} devices), more than the {gpus} "
-            f"given (gpus, --gpus): give {n * r} or more, or a plan for fewer devices"
+            f"the plan is for {plural(n, 'stage')} x {plural(r, 'replica')} ({n * r} devices), more "
+            f"than the {gpus} given (gpus, --gpus): give {n * r} or more, or a plan for fewer devices"
         )
     return chosen
 
@@ -239,8 +246,7 @@ def plan_best_layout(
     """
     _refuse_torchrun(options)
     kind = options.get("executor", "auto")
-    if not isinstance(gpus, int) or isinstance(gpus, bool) or gpus < 1:
-        raise ValueError(f"gpus must be a positive integer (devices), got {gpus!r}")
+    _check_gpus(gpus)
     method = options.get("method", "pipeoptim")
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 
 import torch
 
@@ -33,10 +34,14 @@ def given_plan(
             (:func:`_check_setting`).
     """
     chosen = plan if isinstance(plan, Plan) else Plan.load(plan)
+    if "layouts" in chosen.summary:  # the search that chose it is its maker's, not this run's
+        chosen = replace(chosen, summary={k: v for k, v in chosen.summary.items() if k != "layouts"})
     if chosen.profile_key.get("graph_hash") != traced.graph_hash:
         raise PlanError(
-            f"the plan was made for another model graph ({chosen.model}); make it for this model "
-            "(pipeoptim partition ... --save) or leave plan unset"
+            f"the plan was made for another model graph ({chosen.model}, graph "
+            f"{str(chosen.profile_key.get('graph_hash'))[:12]}; this model's: {traced.graph_hash[:12]}: "
+            "other layers, sizes or code); make it for this model (a run folder's plan.json, "
+            "pipeoptim partition ... --save) or leave plan (--plan) unset"
         )
     if chosen.profile_key.get("measures", MEASURES) < 5:  # older profiles: no in-place changes recorded
         raise PlanError(
@@ -57,7 +62,8 @@ def given_plan(
     ):
         if have != want:
             raise PlanError(
-                f"the plan is for {what}={have!r}, this pipeline has {what}={want!r}; make a new plan"
+                f"the plan is for {what}={have!r}, this pipeline has {what}={want!r}: give a plan made "
+                f"for {what}={want!r}, or this pipeline the plan's (--{what.replace('_', '-')})"
             )
     _check_setting(chosen, config, int(inputs[0].shape[0]) if inputs else chosen.batch_size, log)
     try:
@@ -90,6 +96,7 @@ def _check_setting(chosen: Plan, config: CostConfig, rows: int, log: Callable[[s
             f"{made.opt_state_factor:g} bytes of optimizer state per parameter byte (this optimizer: "
             f"{config.opt_state_factor:g})"
         )
+    held = list(other)  # what sets the memory a stage holds (the link figures do not)
     other += _link_differences(made, config)
     if other:
         said = " and ".join(other)
@@ -110,7 +117,7 @@ def _check_setting(chosen: Plan, config: CostConfig, rows: int, log: Callable[[s
         )
         raise PlanError(
             f"memory={limit:,} bytes per stage, but the plan was made {planned}"
-            + (f" for {' and '.join(other)}" if other else "")
+            + (f" for {' and '.join(held)}" if held else "")
             + f" (its largest stage holds {peak:,} bytes): make a plan under this limit "
             "(pipeoptim partition ... --memory ... --save), or leave plan unset"
         )

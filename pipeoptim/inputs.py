@@ -65,7 +65,7 @@ def example_tuple(example_inputs: Any) -> tuple[torch.Tensor, ...]:
     for i, x in enumerate(inputs):
         if not isinstance(x, torch.Tensor):
             raise ValueError(
-                f"example_inputs must be a tensor or a tuple of tensors, but input {i} is a "
+                f"example_inputs must be a tensor or a tuple of tensors, but input {i} is of type "
                 f"{type(x).__name__}: {wrap}"
             )
         if x.dim() == 0:

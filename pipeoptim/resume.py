@@ -18,16 +18,17 @@ from typing import Any
 
 from pipeoptim.checkpoint import read_checkpoint
 from pipeoptim.compiler.plan import Plan
-from pipeoptim.errors import CheckpointError
+from pipeoptim.errors import CheckpointError, PlanError, first_line
 from pipeoptim.units import format_bytes
 
 #: a run's link and runtime figures (:class:`pipeoptim.training.TrainConfig`), each passed to
 #: ``compile`` under its own name
 LINK_FIGURES = ("bandwidth", "latency", "allreduce_bandwidth", "allreduce_latency", "action_overhead")
 #: settings of the run itself, not inherited: where it writes and what it resumes, whether it
-#: shows progress, the plan file (a resumed run trains on its checkpoint's plan: :func:`run_plan`),
-#: and the link and runtime figures of the machine it runs on (measured there)
-NOT_INHERITED = ("out", "resume", "progress", "plan", *LINK_FIGURES)
+#: shows progress, and the link and runtime figures of the machine it runs on (measured there);
+#: ``plan`` is inherited as the run's record, a resumed run training on its checkpoint's plan
+#: (:func:`run_plan`)
+NOT_INHERITED = ("out", "resume", "progress", *LINK_FIGURES)
 #: settings a resumed run must share with the run it continues (another value trains another
 #: model, optimizer or schedule); momentum and weight decay come back from the checkpoint's
 #: optimizer state, and another layout changes the staleness
@@ -166,3 +167,28 @@ def run_plan(config: Any, path: Path | None) -> Plan | str | None:
         return config.plan
     saved = read_checkpoint(path, _missing(path))["plan"]
     return None if saved is None else Plan.from_dict(saved, f"the plan in {path}")
+
+
+def on_run_plan(
+    build: Callable[[Any], Any], config: Any, path: Path | None, log: Callable[[str], None]
+) -> Any:
+    """``build(plan)`` (the trainer) on the plan the run trains on (:func:`run_plan`). A resumed
+    run whose checkpoint's plan this model no longer takes (another graph after an upgrade of
+    torch or of this package, a profile of an older version) is planned anew, as before plans
+    were kept, and ``log`` says its stages may be cut elsewhere (a refusal left such a run no
+    way to go on, helper-158).
+
+    Raises:
+        PlanError: ``--plan``'s plan is refused, or the new plan fails.
+    """
+    plan = run_plan(config, path)
+    try:
+        return build(plan)
+    except PlanError as exc:
+        if path is None or plan is None:
+            raise
+        log(
+            f"the plan in {path} does not fit this model ({first_line(exc)}): the run is planned anew, "
+            "and its stages may be cut elsewhere than before (other staleness for the asynchronous methods)"
+        )
+        return build(None)

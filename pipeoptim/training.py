@@ -38,7 +38,7 @@ from pipeoptim.fileio import cache_folder, finite_json, held_folder, writable_fo
 from pipeoptim.loss import Loss, drain
 from pipeoptim.optimizers import cosine_factor, default_weight_decay, make_optimizer
 from pipeoptim.records import Progress, StepLog, epoch_line, plot_curves, run_metrics
-from pipeoptim.resume import LINK_FIGURES, check_resume, run_plan
+from pipeoptim.resume import LINK_FIGURES, check_resume, on_run_plan
 from pipeoptim.runtime.precision import autocast_dtype
 from pipeoptim.runtime.spawning import signals_deferred
 from pipeoptim.sequential import SEQUENTIAL, Sequential
@@ -191,11 +191,9 @@ def _train(config: TrainConfig, out: Path, log: Callable[[str], None], costs: Co
     )
     config = config if costs is None else costs(config)
     start = time.perf_counter()
-    trainer, scheduler = _trainer(config, task, log, run_plan(config, resume_path))
+    trainer, scheduler = on_run_plan(lambda plan: _trainer(config, task, log, plan), config, resume_path, log)
     run = _Run(config, task, trainer, out)
     try:
-        if trainer.plan is not None:  # --plan trains another run on it (its layout and cut)
-            trainer.plan.save(out / "plan.json")
         if resume_path is not None:
             extra = trainer.load_checkpoint(resume_path)
             run.restore(extra.get("history", {}))
@@ -215,8 +213,10 @@ def _train(config: TrainConfig, out: Path, log: Callable[[str], None], costs: Co
         # folder: it went on from that run's checkpoint, helper-157), kept until now: a run that
         # fails to start (a plan, an interrupt) loses nothing
         if resume_path is None or resume_path.parent.resolve() != out.resolve():
-            for name in ("checkpoint.pt", "curves.png", "plan.png"):
+            for name in ("checkpoint.pt", "curves.png", "plan.png", "plan.json"):
                 (out / name).unlink(missing_ok=True)
+        if trainer.plan is not None:  # --plan trains another run on it (its layout and cut)
+            trainer.plan.save(out / "plan.json")
         run.steps = StepLog(
             out / "train.csv",
             start=trainer.mini_batches_done,

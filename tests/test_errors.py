@@ -404,6 +404,27 @@ def test_a_plan_with_a_field_of_the_wrong_type_is_a_plan_error(tmp_path: Path, f
         compile_mlp(gpus=2, plan=path)
 
 
+def test_a_plan_whose_counts_are_not_positive_integers_is_a_plan_error(tmp_path: Path) -> None:
+    """A hand-edited config: "2" for data_parallel raised a raw TypeError; 0 or -1 stages blamed
+    gpus; true stages read "True stages" (helper-158)."""
+    with compile_mlp(gpus=2) as pipe:
+        data = pipe.plan.to_dict()
+    for field, value in (
+        ("data_parallel", "2"),
+        ("num_stages", -1),
+        ("num_stages", True),
+        ("micro_batches", 0),
+    ):
+        edited = json.loads(json.dumps(data))
+        edited["config"][field] = value
+        path = tmp_path / "plan.json"
+        path.write_text(json.dumps(edited))
+        with pytest.raises(
+            PlanError, match=f"malformed plan \\({field} must be a positive integer, got {value!r}\\)"
+        ):
+            compile_mlp(gpus=2, plan=path)
+
+
 def test_a_plan_from_a_profile_without_in_place_changes_is_refused(tmp_path: Path) -> None:
     """A plan made from a version-4 profile (which did not record in-place changes) may cut
     between a tensor and its change: compile asks for a new one instead of training wrong."""

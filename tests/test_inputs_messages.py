@@ -53,7 +53,7 @@ def test_dict_nested_and_0d_example_inputs_are_told_how_to_fix_them(data_paralle
     x = torch.randn(8, 6)
     for given, message in (
         ({"x": x}, r"got dict: .*wrap the model in a module whose forward takes each tensor positionally"),
-        ((x, (x, x)), r"input 1 is a tuple: the stages exchange tensors only: wrap the model"),
+        ((x, (x, x)), r"input 1 is of type tuple: the stages exchange tensors only: wrap the model"),
         ((x, torch.tensor(2.0)), r"example input 1 is a 0-d tensor: every input needs a batch dimension"),
     ):
         with pytest.raises(ValueError, match=message):

@@ -268,3 +268,6 @@ def test_a_given_plan_fixes_the_layout_of_data_parallel_auto(tmp_path: Path) -> 
 
     with pytest.raises(PlanError, match=r"for 2 stages x 2 replicas, not 4 stages"):
         compile_best_layout(pipeoptim.compile, model, opt, 4, stages=4, method="1f1b", plan=saved, **options)
+    for gpus in ("4", None, 0, True, 4.0):  # checked as without a plan (helper-158: a raw TypeError)
+        with pytest.raises(ValueError, match=r"gpus must be a positive integer \(devices\)"):
+            pipeoptim.compile(model, opt, gpus, data_parallel="auto", method="1f1b", plan=saved, **options)

@@ -409,3 +409,25 @@ def test_a_profile_taken_beside_busy_processes_matches_an_idle_one() -> None:
     # busy processes share (1.74x once in a full suite on a 2-core AMD EPYC host)
     for part in ("forward_s", "backward_s"):
         assert busy[part] < 2.0 * idle[part], (part, idle[part], busy[part])
+
+
+class ChangesSavedInPlace(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Linear(8, 8), nn.Linear(8, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch.sigmoid(self.a(x))
+        y.mul_(2)  # sigmoid's backward needs the y it saved
+        return self.b(y)
+
+
+def test_a_backward_that_fails_is_named_and_blames_the_model_not_the_inputs() -> None:
+    """A raw RuntimeError from the autograd engine before; then a fix about the example inputs
+    for what is the model's in-place change (helper-158)."""
+    model = ChangesSavedInPlace()
+    with pytest.raises(ProfileError, match="the backward of the model fails on the example inputs") as err:
+        profile_model(trace(model, (torch.randn(4, 8),)), (torch.randn(4, 8),), repeats=1, warmup=1)
+    assert "modified by an inplace operation" in str(err.value) and "fix the model's code there" in str(
+        err.value
+    )

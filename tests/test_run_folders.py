@@ -52,19 +52,24 @@ def test_an_earlier_runs_files_go_as_training_starts(tmp_path: Path, monkeypatch
         on_disk.append((names, json.loads((run.out / "metrics.json").read_text())))
 
     monkeypatch.setattr(training, "_loop", loop)
-    for args in (["--method", "gpipe"], ["--resume", str(source), "--epochs", "2"]):
+    pipeline = ["metrics.json", "plan.json", "train.csv"]  # no checkpoint or pictures
+    cases = [
+        (["--gpus", "2", "--stages", "2", "--method", "gpipe"], "gpipe", pipeline),
+        (["--method", "sequential"], "sequential", ["metrics.json", "train.csv"]),  # no plan.json
+        (["--gpus", "2", "--stages", "2", "--resume", str(source), "--epochs", "2"], "pipeoptim", pipeline),
+    ]
+    for args, method, left in cases:
         folder = tmp_path / f"again{len(on_disk)}"
         folder.mkdir()
-        for name in ("metrics.json", "checkpoint.pt", "curves.png", "plan.png", "train.csv"):
+        for name in ("metrics.json", "checkpoint.pt", "curves.png", "plan.png", "plan.json", "train.csv"):
             (folder / name).write_bytes((earlier / name).read_bytes())
-        code, _, err = run("--gpus", "2", "--stages", "2", *args, "--out", str(folder))
+        code, _, err = run(*args, "--out", str(folder))
         assert code == 0, err
         assert f"{folder} holds an earlier run (metrics.json, checkpoint.pt): this run replaces it" in err
         names, metrics = on_disk[-1]
-        assert names == ["metrics.json", "plan.json", "train.csv"]  # no checkpoint or pictures
-        method = "gpipe" if args[0] == "--method" else "pipeoptim"  # the resumed run's own
+        assert names == left
         assert metrics["status"] == "running" and metrics["config"]["method"] == method
-    assert on_disk[1][1]["mini_batches"] == 6  # the resumed run's, restored from source's checkpoint
+    assert on_disk[2][1]["mini_batches"] == 6  # the resumed run's, restored from source's checkpoint
 
 
 def test_a_diverged_runs_metrics_are_json_with_nulls(tmp_path: Path) -> None:

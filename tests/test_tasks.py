@@ -39,3 +39,8 @@ def test_validation_splits_refuse_what_they_cannot_hold() -> None:
         make_task("digits", batch_size=8, validation=200)
     with pytest.raises(ValueError, match=r"image tasks .*not sst2"):
         make_task("sst2", batch_size=8, limit=100, validation=20)
+    for bad in (-5, 0, True, 1.5):  # helper-158: -5 made an empty split, True one example
+        with pytest.raises(ValueError, match="validation must be a positive number of examples"):
+            make_task("digits", batch_size=8, limit=1000, validation=bad)
+    with pytest.raises(ValueError, match="which a validation split replaces: give one"):
+        make_task("digits", batch_size=8, limit=1000, validation=200, test_limit=100)

@@ -8,6 +8,7 @@ import csv
 import json
 from pathlib import Path
 
+import torch
 from click.testing import CliRunner
 
 from pipeoptim.cli.main import cli
@@ -93,3 +94,20 @@ def test_a_resumed_run_trains_on_its_checkpoints_plan(tmp_path: Path) -> None:
     assert "resumed from" in err and "using the given plan" in err and "profiling" not in err
     assert losses(part) == losses(whole) and len(losses(whole)) == 16
     assert Plan.load(part / "plan.json").stage_of == Plan.load(whole / "plan.json").stage_of
+
+
+def test_a_resume_whose_checkpoint_plan_no_longer_fits_is_planned_anew_and_says_so(tmp_path: Path) -> None:
+    """A checkpoint's plan for another graph (an upgrade of torch or of this package changes the
+    hash) failed the resume with "leave plan unset", which a resume cannot do (helper-158)."""
+    part = tmp_path / "part"
+    common = (*COMMON, "--gpus", "2", "--stages", "2", "--checkpoint-every", "4")
+    code, _, err = run(*common, "--epochs", "1", "--out", str(part), "--profile-dir", str(tmp_path / "p"))
+    assert code == 0, err
+    saved = torch.load(part / "checkpoint.pt", weights_only=True)
+    saved["plan"]["profile_key"]["graph_hash"] = "0" * 64
+    torch.save(saved, part / "checkpoint.pt")
+    code, _, err = run("--epochs", "2", "--resume", str(part), "--profile-dir", str(tmp_path / "p"))
+    assert code == 0, err
+    assert "does not fit this model (the plan was made for another model graph" in err
+    assert "the run is planned anew, and its stages may be cut elsewhere" in err
+    assert len(losses(part)) == 16

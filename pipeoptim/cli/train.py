@@ -335,7 +335,7 @@ def train_command(
         precision=precision,
         compile_stages=compile_stages,
         memory=memory,
-        plan=plan,
+        plan=None if plan is None else str(Path(plan).resolve()),  # a record that holds elsewhere
         timeout=timeout,
     )
     found = [name for name in ("metrics.json", "checkpoint.pt") if (Path(out) / name).exists()]

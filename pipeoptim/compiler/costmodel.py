@@ -163,7 +163,13 @@ class CostConfig:
         of seconds from 0 to :data:`MAX_SECONDS` (an infinite latency, or 1e308 s, made every
         plan's time NaN or infinite and its JSON invalid), or a bandwidth outside
         :data:`pipeoptim.units.MIN_BANDWIDTH` to :data:`pipeoptim.units.MAX_BYTES` bytes/s
-        (1e-300 made a boundary's seconds infinite)."""
+        (1e-300 made a boundary's seconds infinite), or a count of stages, micro-batches or
+        replicas that is not a positive integer (a hand-edited plan's ``"2"`` failed deep in
+        compile, helper-158)."""
+        for name in ("num_stages", "micro_batches", "data_parallel"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
         for name in SECONDS_FIELDS:
             value = getattr(self, name)
             if not is_seconds(value) and not (name == "allreduce_latency_s" and value is None):

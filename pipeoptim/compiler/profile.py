@@ -370,7 +370,8 @@ def _backward(outs: list[torch.Tensor], grads: list[torch.Tensor], what: str) ->
             "anomaly detection (torch.autograd.set_detect_anomaly) stops at the NaN: give example inputs "
             "on which the model's gradients are finite, or turn it off until compile returns"
             if torch.is_anomaly_enabled() and "nan" in str(exc)
-            else "give example inputs of the shape, dtype and device the model expects"
+            else "fix the model's code there (torch's message says what failed), or give example "
+            "inputs of the shape, dtype and device it expects"
         )
         msg = f"the backward of {what} fails on the example inputs: {first_line(exc).rstrip('.')}; {fix}"
         raise ProfileError(msg) from exc

@@ -16,10 +16,14 @@ from pipeoptim.runtime.stage import StageRuntime
 
 
 def stage_state(stages: Sequence[StageRuntime]) -> dict[str, torch.Tensor]:
-    """Parameters and buffers of ``stages`` by qualified name."""
+    """Parameters and buffers of ``stages`` by qualified name, non-persistent buffers too (a
+    leaf module's are its own, out of the stage's ``state_dict()``: ``to_module`` returned their
+    first values, helper-158; the model's ``state_dict()`` and checkpoints leave them out)."""
     state: dict[str, torch.Tensor] = {}
     for stage in stages:
         state.update(stage.module.state_dict())
+        for name, buffer in stage.module.named_buffers(remove_duplicate=False):
+            state.setdefault(name, buffer.detach())
     return state
 
 

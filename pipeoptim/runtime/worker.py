@@ -40,7 +40,7 @@ from pipeoptim.runtime.schedule import BACKWARD, FORWARD, Action, deferred_tail,
 from pipeoptim.runtime.shared_build import shared_holders
 from pipeoptim.runtime.spawning import leave_agent_store, unpickle_spec
 from pipeoptim.runtime.stage import StageRuntime
-from pipeoptim.runtime.stage_state import load_optimizer_state, load_stage_state, optimizer_state
+from pipeoptim.runtime.stage_state import load_optimizer_state, load_stage_state, optimizer_state, stage_state
 
 
 class StageProcess:
@@ -222,7 +222,7 @@ class StageProcess:
             dist.destroy_process_group(group)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
-        return {k: v.detach().cpu() for k, v in self.stage.module.state_dict().items()}
+        return {k: v.detach().cpu() for k, v in stage_state([self.stage]).items()}
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         load_stage_state(self.stage, state, self.aliases)

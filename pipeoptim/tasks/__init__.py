@@ -33,17 +33,21 @@ def make_task(
     first ``limit``, held out from training, for choosing hyperparameters without the test split).
 
     Raises:
-        ValueError: unknown task name; a validation split of a text task, or larger than the
-            training examples after ``limit``.
+        ValueError: unknown task name; a validation split that is not a positive integer, of a
+            text task, with ``test_limit``, or larger than the training examples after ``limit``.
         FileNotFoundError: the task's data files are missing (the message says where to get them).
     """
     if name not in TASKS:
         raise ValueError(f"unknown task {name!r}; choose one of {', '.join(TASKS)}")
-    if validation:
+    if validation is not None:
+        if not isinstance(validation, int) or isinstance(validation, bool) or validation < 1:
+            raise ValueError(f"validation must be a positive number of examples, got {validation!r}")
         if name not in ("digits", "fashion-mnist"):
             raise ValueError(
                 f"validation splits are made for the image tasks (digits, fashion-mnist), not {name}"
             )
+        if test_limit is not None:
+            raise ValueError("test_limit counts test examples, which a validation split replaces: give one")
         return TASKS[name](
             batch_size=batch_size, seed=seed, limit=limit, data_dir=data_dir, validation=validation
         )
