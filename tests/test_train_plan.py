@@ -42,6 +42,8 @@ def test_a_run_on_another_runs_plan_takes_its_cut_without_profiling(tmp_path: Pa
         "3",
         "--epochs",
         "1",
+        "--checkpoint-every",
+        "4",  # as the second run's (a checkpoint flushes the asynchronous pipeline)
         "--out",
         str(first),
         "--profile-dir",
@@ -58,6 +60,8 @@ def test_a_run_on_another_runs_plan_takes_its_cut_without_profiling(tmp_path: Pa
         str(saved),
         "--epochs",
         "1",
+        "--checkpoint-every",
+        "4",
         "--out",
         str(second),
         "--profile-dir",
@@ -66,9 +70,14 @@ def test_a_run_on_another_runs_plan_takes_its_cut_without_profiling(tmp_path: Pa
     assert code == 0, err
     assert "using the given plan" in err and "profiling" not in err
     assert Plan.load(second / "plan.json").stage_of == Plan.load(saved).stage_of
+    assert "layouts" in Plan.load(saved).summary  # the first run's search, not the second's:
     metrics = json.loads((second / "metrics.json").read_text())
-    assert metrics["layout"]["stages"] == 3 and metrics["config"]["plan"] == str(saved)
+    assert metrics["layout"] == {"stages": 3, "data_parallel": 1}  # (helper-158)
+    assert metrics["config"]["plan"] == str(saved) and saved.is_absolute()
     assert losses(second) == losses(first) and len(losses(first)) == 8
+    code, _, err = run("--epochs", "2", "--resume", str(second))
+    assert code == 0, err  # the resumed run records the plan file the run was given
+    assert json.loads((second / "metrics.json").read_text())["config"]["plan"] == str(saved)
     code, _, err = run(*COMMON, "--method", "gpipe", "--plan", str(saved), "--out", str(tmp_path / "x"))
     assert code == 1 and "the plan is for method='pipeoptim', this pipeline has method='gpipe'" in err
     code, _, err = run(*COMMON, "--gpus", "2", "--plan", str(saved), "--out", str(tmp_path / "x"))
