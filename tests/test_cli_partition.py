@@ -285,7 +285,11 @@ def test_failing_factory_is_one_line(tmp_path: Path, factory: str, message: str)
         ("{file}:three", [], "returned a tuple of 3 values: return a model or (model, example_inputs)"),
         ("{tmp}/broken.py:make", [], "cannot load model file '{tmp}/broken.py': SyntaxError: "),
         (":make", [], "cannot import module '': ValueError: Empty module name"),
-        ("{file}:make_with_inputs", ["--profile-dir", "{tmp}/afile"], "cannot write into the profile folder"),
+        (
+            "{file}:make_with_inputs",
+            ["--profile-dir", "{tmp}/afile"],
+            "afile is a file, not a folder: choose",
+        ),
         ("{file}:make_with_inputs", ["--profile-dir", "{tmp}/afile/sub"], "cannot create the profile folder"),
     ],
     ids=["tuple of 3", "syntax error", "empty module", "profile dir a file", "profile dir under a file"],

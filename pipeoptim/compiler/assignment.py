@@ -44,8 +44,8 @@ class PartitionResult:
 
 
 def check_stages(units: Units, num_stages: int) -> None:
-    if num_stages < 1:
-        raise PlanError(f"the number of stages must be at least 1, got {num_stages}")
+    """Raises PlanError: more stages than units that compute (``CostConfig`` refuses fewer
+    than one)."""
     compute = sum(units.is_compute(u) for u in range(len(units)))
     if num_stages > compute:
         users = units.graph.users()
