@@ -212,14 +212,22 @@ def optimizer_misfit(
 
 def _groups_misfit(state: dict[str, Any], group_names: list[list[str]]) -> str | None:
     """Why the parameter groups ``state`` was saved with are not ``group_names`` (by count, and
-    where it names them, a state saved since 2026-12-06, by their parameters), or ``None``."""
+    where it names them, a state saved since 2026-12-06, by their parameters), or ``None``.
+    Groups after the saved ones (``add_param_group`` before compiling again, as the refusal of
+    a group added mid-run says to; refused here before, helper-161) start without state and
+    keep their own hyperparameters, as torch's ``add_param_group`` does."""
     saved = state.get("param_groups")
-    if saved is not None and len(saved) != len(group_names):
+    names = state.get("param_group_names")
+    added = saved is not None and names is not None and len(saved) == len(names) < len(group_names)
+    if saved is not None and len(saved) != len(group_names) and not added:
         return (
             f"was saved with {len(saved)} parameter groups, and this optimizer has "
-            f"{len(group_names)}: build the optimizer with the groups of the saved run"
+            f"{len(group_names)}: build the optimizer with the groups of the saved run (groups "
+            "added to them after)"
         )
-    names = state.get("param_group_names")
+    group_names = group_names[: len(names)] if added else group_names
+    if names is not None and len(names) != len(group_names):
+        return f"names {len(names)} parameter groups, and this optimizer has {len(group_names)}"
     if names is not None and [sorted(g) for g in names] != [sorted(g) for g in group_names]:
         i = next(i for i, (a, b) in enumerate(zip(names, group_names)) if sorted(a) != sorted(b))
         return (

@@ -29,6 +29,7 @@ from pipeoptim.compiler.layouts import LayoutChoice, choose_layout
 from pipeoptim.compiler.optimizer_state import optimizer_state_factor
 from pipeoptim.compiler.plan import Plan, make_plan
 from pipeoptim.errors import PlanError
+from pipeoptim.given_plan import read_plan
 from pipeoptim.inputs import example_tuple
 from pipeoptim.methods import METHODS, get_method
 from pipeoptim.runtime import spmd
@@ -207,7 +208,7 @@ def given_layout(
     Raises:
         PlanError: unreadable, or for more than ``gpus`` devices or another forced N or R.
     """
-    chosen = plan if isinstance(plan, Plan) else Plan.load(plan)
+    chosen = plan if isinstance(plan, Plan) else read_plan(plan)
     n, r = chosen.num_stages, chosen.config.data_parallel
     for what, forced, have in (("stages", stages, n), ("replicas", replicas, r)):
         if forced is not None and forced != have:

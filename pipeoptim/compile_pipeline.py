@@ -163,8 +163,8 @@ def compile(
             stages, as ``torch.nn.utils.clip_grad_norm_(params, max_grad_norm)`` over the
             parameters ``optimizer`` updates, before ``optimizer.step()``: with gpipe and 1f1b
             equal to plain training; the asynchronous methods clip without a stall by the norm
-            of :mod:`pipeoptim.runtime.async_norms` (exact at stage 0).
-            ``None``: no clipping.
+            of :mod:`pipeoptim.runtime.async_norms` (exact at stage 0; with one replica,
+            and no weights shared between stages). ``None``: no clipping.
         autocast: ``torch.bfloat16`` or ``torch.float16`` (every method; float16 with
             loss scaling over all stages as ``torch.amp.GradScaler``,
             :mod:`pipeoptim.runtime.scaler`): every stage computes its forward and the loss under

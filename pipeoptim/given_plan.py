@@ -9,12 +9,13 @@ from dataclasses import replace
 
 import torch
 
+from pipeoptim.checkpoint import read_checkpoint
 from pipeoptim.compiler.codegen import stage_modules
 from pipeoptim.compiler.costmodel import CostConfig
 from pipeoptim.compiler.plan import Plan
 from pipeoptim.compiler.profile_key import MEASURES, precision_differs
 from pipeoptim.compiler.trace import TracedModel
-from pipeoptim.errors import CodegenError, PlanError
+from pipeoptim.errors import CheckpointError, CodegenError, PlanError
 
 
 def given_plan(
@@ -33,7 +34,7 @@ def given_plan(
             micro-batch count; under a memory limit, one whose figures do not bound it
             (:func:`_check_setting`).
     """
-    chosen = plan if isinstance(plan, Plan) else Plan.load(plan)
+    chosen = plan if isinstance(plan, Plan) else read_plan(plan)
     if "layouts" in chosen.summary:  # the search that chose it is its maker's, not this run's
         chosen = replace(chosen, summary={k: v for k, v in chosen.summary.items() if k != "layouts"})
     if chosen.profile_key.get("graph_hash") != traced.graph_hash:
@@ -73,6 +74,32 @@ def given_plan(
     key = chosen.profile_key
     log(f"using the given plan of {chosen.model} (profiled on {key.get('device')}, torch {key.get('torch')})")
     return chosen
+
+
+def read_plan(path: str | os.PathLike[str]) -> Plan:
+    """The plan in a plan file, or in a checkpoint (:meth:`Pipeline.save_checkpoint` keeps its
+    plan: ``plan=checkpoint`` repeats a run's cut, as ``pipeoptim train --resume`` does; "not a
+    plan file" before, helper-161).
+
+    Raises:
+        PlanError: unreadable, or a checkpoint without a plan (sequential training's).
+    """
+    try:
+        with open(path, "rb") as f:
+            binary = f.read(2) in (b"PK", b"\x80\x02", b"\x80\x03", b"\x80\x04", b"\x80\x05")
+    except OSError:
+        binary = False  # Plan.load names the problem
+    if not binary:
+        return Plan.load(path)
+    try:
+        saved = read_checkpoint(path)["plan"]
+    except CheckpointError as exc:
+        raise PlanError(str(exc)) from exc
+    if saved is None:
+        raise PlanError(
+            f"the checkpoint {path} holds no plan (a sequential run's): give a plan or leave plan unset"
+        )
+    return Plan.from_dict(saved, f"the plan in {path}")
 
 
 def _check_setting(chosen: Plan, config: CostConfig, rows: int, log: Callable[[str], None]) -> None:

@@ -302,10 +302,8 @@ class Pipeline(Measurements, checkpoint.Checkpoints, Streaming):
             "mini_batches": self._next,
             **self._guarded(self._executor.optimizer_state),
         }
-        return state | {
-            "param_groups": hyperparameters(self._optimizer),
-            "param_group_names": self.spec.group_names,
-        }
+        groups = hyperparameters(self._optimizer)[: len(self.spec.group_names)]  # not one added since
+        return state | {"param_groups": groups, "param_group_names": self.spec.group_names}
 
     def _continue_from(self, held: dict[str, Any]) -> None:
         """Start the stages' optimizers from ``held``, the state the user's optimizer already
@@ -330,8 +328,7 @@ class Pipeline(Measurements, checkpoint.Checkpoints, Streaming):
 
     def to_module(self) -> nn.Module:
         """A new instance of the original model class holding the trained weights and buffers,
-        non-persistent ones too (``state_dict()`` leaves them out, as torch's does; they kept
-        their first values here before, helper-156)."""
+        non-persistent ones too (which ``state_dict()`` leaves out, as torch's does)."""
         self.flush("to_module")
         owned = self._guarded(self._executor.state_dict)
         module = copy.deepcopy(self._template)

@@ -438,10 +438,15 @@ def test_a_plan_from_a_profile_without_in_place_changes_is_refused(tmp_path: Pat
 
 
 def test_a_binary_file_given_as_the_plan_is_a_plan_error(tmp_path: Path) -> None:
-    """A checkpoint passed as plan= raised UnicodeDecodeError."""
+    """A binary file passed as plan= raised UnicodeDecodeError; a checkpoint's plan is read
+    (tests/test_train_plan.py), and a damaged one says so."""
+    path = tmp_path / "weights.bin"
+    path.write_bytes(b"\xff\xfe binary")
+    with pytest.raises(PlanError, match="is not a plan file"):
+        compile_mlp(gpus=2, plan=path)
     path = tmp_path / "checkpoint.pt"
     path.write_bytes(b"PK\x03\x04\xff\xfe binary")
-    with pytest.raises(PlanError, match="is not a plan file"):
+    with pytest.raises(PlanError, match=r"checkpoint\.pt is unreadable \(truncated or corrupt"):
         compile_mlp(gpus=2, plan=path)
 
 

@@ -280,3 +280,37 @@ def test_compile_warns_where_a_subclass_step_is_predicted_with_its_bases_rule() 
     expected = r"SignSGD writes its own step\(\), but pipeoptim predicts .* SGD's"
     with pytest.warns(UserWarning, match=expected), _pipeline(model, opt, "pipeoptim"):
         pass
+
+
+def test_a_group_added_mid_run_continues_as_the_refusal_says_and_as_plain_training() -> None:
+    """The refusal of add_param_group after compile says to compile again from to_module()
+    with the groups and load the optimizer state; the load refused a state of fewer groups
+    (helper-161). Groups added after the saved ones start without state, as torch's
+    add_param_group does: the run equals plain training that adds the group at that step."""
+    model = mlp()
+    weights = lambda m: [p for n, p in m.named_parameters() if n.endswith("weight")]  # noqa: E731
+    biases = lambda m: [p for n, p in m.named_parameters() if n.endswith("bias")]  # noqa: E731
+    data = batches(4)
+    plain = copy.deepcopy(model)
+    opt = torch.optim.SGD(weights(plain), lr=0.1, momentum=0.9)
+    for i, (x, y) in enumerate(data):
+        if i == 2:
+            opt.add_param_group({"params": biases(plain), "lr": 0.5})
+        plain_step(plain, opt, x, y)
+    opt = torch.optim.SGD(weights(model), lr=0.1, momentum=0.9)
+    with _pipeline(model, opt, method="gpipe") as pipe:
+        for x, y in data[:2]:
+            pipe.step(x, y).item()
+        opt.add_param_group({"params": biases(model), "lr": 0.5})
+        with pytest.raises(pipeoptim.PipelineError, match=r"new_pipe.load_optimizer_state_dict"):
+            pipe.step(*data[2])
+        state, again = pipe.optimizer_state_dict(), pipe.to_module()
+    opt = torch.optim.SGD(weights(again), lr=0.1, momentum=0.9)
+    opt.add_param_group({"params": biases(again), "lr": 0.5})
+    with _pipeline(again, opt, method="gpipe") as pipe:
+        pipe.load_optimizer_state_dict(state)
+        for x, y in data[2:]:
+            pipe.step(x, y).item()
+        trained = pipe.state_dict()
+    for name, value in plain.state_dict().items():
+        torch.testing.assert_close(trained[name], value, rtol=1e-5, atol=1e-6)

@@ -8,6 +8,7 @@ import csv
 import json
 from pathlib import Path
 
+import pytest
 import torch
 from click.testing import CliRunner
 
@@ -120,3 +121,28 @@ def test_a_resume_whose_checkpoint_plan_no_longer_fits_is_planned_anew_and_says_
     assert "does not fit this model (the plan was made for another model graph" in err
     assert "the run is planned anew, and its stages may be cut elsewhere" in err
     assert len(losses(part)) == 16
+
+
+def test_a_checkpoint_given_as_the_plan_gives_its_runs_cut(tmp_path: Path) -> None:
+    """``pipe.save_checkpoint`` keeps the plan, but ``load_checkpoint`` leaves the pipeline's
+    own, and ``plan=checkpoint`` was "not a plan file" (helper-161): it reads the checkpoint's."""
+    import pipeoptim
+    from pipeoptim.errors import PlanError
+    from pipeoptim.tasks import make_task
+
+    task = make_task("digits", batch_size=16, limit=64)
+    options = dict(
+        example_inputs=task.example_inputs, loss_fn=task.loss_fn, executor="local", profile_dir=None
+    )
+    opt = torch.optim.SGD(task.model.parameters(), lr=0.05)
+    with pipeoptim.compile(task.model, opt, 3, **options, memory="1GiB") as pipe:
+        pipe.save_checkpoint(tmp_path / "ck.pt")
+        planned = pipe.plan
+    opt = torch.optim.SGD(task.model.parameters(), lr=0.05)
+    with pipeoptim.compile(task.model, opt, 3, **options, plan=tmp_path / "ck.pt") as pipe:
+        assert pipe.plan.stage_of == planned.stage_of and pipe.plan.config.memory_limit == 2**30
+    saved = torch.load(tmp_path / "ck.pt", weights_only=True)
+    saved["plan"] = None
+    torch.save(saved, tmp_path / "none.pt")
+    with pytest.raises(PlanError, match="holds no plan"):
+        pipeoptim.compile(task.model, opt, 3, **options, plan=tmp_path / "none.pt")

@@ -158,7 +158,8 @@ def _refuse_changed_groups(
         f"the optimizer's parameter groups changed after compile ({what}): the stages "
         "built their optimizers from the groups at compile and would train without the "
         "change. Give the optimizer every group before compile, or compile again from "
-        "pipe.to_module()"
+        "pipe.to_module() with an optimizer holding the groups (new ones after the old) and "
+        "continue it with new_pipe.load_optimizer_state_dict(pipe.optimizer_state_dict())"
     )
 
 
