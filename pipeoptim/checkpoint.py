@@ -200,12 +200,20 @@ def optimizer_misfit(
             f"holds the state of {saved}, and this pipeline steps with {mine}: compile it with "
             f"{saved}, or load the weights alone (load_state_dict)"
         )
-    known = {name for name, _ in model.named_parameters(remove_duplicate=False)}
-    unknown = sorted((set(state.get("state", {})) | set(state.get("grads", {}))) - known)
+    tensor = {name: id(p) for name, p in model.named_parameters(remove_duplicate=False)}
+    held = set(state.get("state", {})) | set(state.get("grads", {}))
+    unknown = sorted(held - set(tensor))
     if unknown:
         return (
             f"holds optimizer state for parameters {type(model).__name__} does not have ({unknown[:3]}): "
             "it was saved from another model; load the state of this one"
+        )
+    names = state.get("param_group_names")
+    grouped = {tensor[n] for group in names or [] for n in group if n in tensor}
+    strays = sorted(n for n in held if tensor[n] not in grouped) if names is not None else []
+    if strays:  # a group added after the saved ones took their state over (helper-162)
+        return (
+            f"holds state for parameters outside its groups ({first_few(strays)}): load one pipeoptim saved"
         )
     return _groups_misfit(state, group_names)
 
@@ -219,6 +227,12 @@ def _groups_misfit(state: dict[str, Any], group_names: list[list[str]]) -> str |
     saved = state.get("param_groups")
     names = state.get("param_group_names")
     added = saved is not None and names is not None and len(saved) == len(names) < len(group_names)
+    if saved is not None and names is None and len(saved) < len(group_names):
+        return (
+            f"was saved with {len(saved)} parameter groups and without their parameters' names (a "
+            f"state saved before 2026-12-06), so the groups this optimizer has after them cannot "
+            "be told apart: load it into an optimizer of the saved groups, save it again, then add"
+        )
     if saved is not None and len(saved) != len(group_names) and not added:
         return (
             f"was saved with {len(saved)} parameter groups, and this optimizer has "

@@ -314,3 +314,25 @@ def test_a_group_added_mid_run_continues_as_the_refusal_says_and_as_plain_traini
         trained = pipe.state_dict()
     for name, value in plain.state_dict().items():
         torch.testing.assert_close(trained[name], value, rtol=1e-5, atol=1e-6)
+
+
+def test_a_state_that_cannot_show_its_groups_is_refused_where_groups_were_added() -> None:
+    """helper-162: a state saved without group names was told to add groups after the saved
+    ones (which it had done), and an added group took over state its groups did not hold."""
+    model = mlp()
+    weights = [p for n, p in model.named_parameters() if n.endswith("weight")]
+    biases = [p for n, p in model.named_parameters() if n.endswith("bias")]
+    opt = torch.optim.SGD(weights, lr=0.1, momentum=0.9)
+    with _pipeline(model, opt, method="gpipe") as pipe:
+        pipe.step(*batches(1)[0]).item()
+        state = pipe.optimizer_state_dict()
+    opt = torch.optim.SGD(weights, lr=0.1, momentum=0.9)
+    opt.add_param_group({"params": biases, "lr": 0.5})
+    with _pipeline(model, opt, method="gpipe") as pipe:
+        old = {k: v for k, v in state.items() if k != "param_group_names"}
+        with pytest.raises(pipeoptim.PipelineError, match="without their parameters' names"):
+            pipe.load_optimizer_state_dict(old)
+        edited = {**state, "state": {**state["state"], "0.bias": {"momentum_buffer": torch.ones(16)}}}
+        with pytest.raises(pipeoptim.PipelineError, match=r"outside its groups \(0\.bias\)"):
+            pipe.load_optimizer_state_dict(edited)
+        pipe.load_optimizer_state_dict(state)  # the saved groups, then the added one: loads
