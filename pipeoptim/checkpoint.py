@@ -79,6 +79,17 @@ _FIELDS |= {"plan": (dict, type(None)), "extra": dict}  # no plan: sequential tr
 MISSING = "give the path of a file save_checkpoint wrote"
 
 
+def written_by_torch_save(path: str | os.PathLike[str]) -> bool:
+    """Whether the file at ``path`` starts as ``torch.save`` writes: a zip archive or a pickle.
+
+    Raises:
+        OSError: it cannot be read.
+    """
+    with open(path, "rb") as f:
+        head = f.read(2)
+    return head == b"PK" or head[:1] == b"\x80"
+
+
 def read_checkpoint(path: str | os.PathLike[str], missing: str = MISSING) -> dict[str, Any]:
     """Read a checkpoint file without applying it.
 
@@ -93,9 +104,7 @@ def read_checkpoint(path: str | os.PathLike[str], missing: str = MISSING) -> dic
         raise CheckpointError(f"{path} is a folder, not a checkpoint file: {missing}")
     if not path.is_file():
         raise CheckpointError(f"no checkpoint at {path}: {missing}")
-    with open(path, "rb") as f:
-        head = f.read(4)
-    if head[:2] != b"PK" and head[:1] != b"\x80":  # neither torch.save's zip nor a pickle
+    if not written_by_torch_save(path):
         raise CheckpointError(f"{path} is not a checkpoint (not a file torch.save wrote): {missing}")
     try:
         with torch.serialization.safe_globals(_SAFE):

@@ -9,7 +9,7 @@ from dataclasses import replace
 
 import torch
 
-from pipeoptim.checkpoint import read_checkpoint
+from pipeoptim.checkpoint import read_checkpoint, written_by_torch_save
 from pipeoptim.compiler.codegen import stage_modules
 from pipeoptim.compiler.costmodel import CostConfig
 from pipeoptim.compiler.plan import Plan
@@ -85,8 +85,7 @@ def read_plan(path: str | os.PathLike[str]) -> Plan:
         PlanError: unreadable, or a checkpoint without a plan (sequential training's).
     """
     try:
-        with open(path, "rb") as f:
-            binary = f.read(2) in (b"PK", b"\x80\x02", b"\x80\x03", b"\x80\x04", b"\x80\x05")
+        binary = written_by_torch_save(path)
     except OSError:
         binary = False  # Plan.load names the problem
     if not binary:

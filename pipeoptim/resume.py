@@ -27,7 +27,7 @@ LINK_FIGURES = ("bandwidth", "latency", "allreduce_bandwidth", "allreduce_latenc
 #: settings of the run itself, not inherited: where it writes and what it resumes, whether it
 #: shows progress, and the link and runtime figures of the machine it runs on (measured there);
 #: ``plan`` is inherited as the run's record, a resumed run training on its checkpoint's plan
-#: (:func:`run_plan`)
+#: (:func:`on_run_plan`)
 NOT_INHERITED = ("out", "resume", "progress", *LINK_FIGURES)
 #: settings a resumed run must share with the run it continues (another value trains another
 #: model, optimizer or schedule); momentum and weight decay come back from the checkpoint's
@@ -83,8 +83,9 @@ def inherit_settings(config: Any, given: Collection[str]) -> Any:
     return replace(config, **{name: saved[name] for name in names if name in saved})
 
 
-def check_resume(config: Any, log: Callable[[str], None]) -> Path | None:
-    """The checkpoint to resume (``None`` where the run resumes none), after checking it.
+def check_resume(config: Any, log: Callable[[str], None]) -> tuple[Path | None, Plan | None]:
+    """The checkpoint to resume and the plan it holds (``None, None`` where the run resumes
+    none; the plan ``None`` in a sequential run's), after checking it, the file read once.
 
     Says (through ``log``) where the run's ``metrics.json`` records more mini-batches than the
     checkpoint holds: those after it are trained again.
@@ -92,9 +93,10 @@ def check_resume(config: Any, log: Callable[[str], None]) -> Path | None:
     Raises:
         CheckpointError: the checkpoint is missing or half-written, was made with another
             value of a :data:`MUST_MATCH` setting, or already has ``config.epochs`` epochs.
+        PlanError: its plan is malformed.
     """
     if config.resume is None:
-        return None
+        return None, None
     path = checkpoint_path(config.resume)
     data = read_checkpoint(path, _missing(path))  # raises CheckpointError when missing or half-written
     saved = data["extra"].get("config", {})
@@ -131,7 +133,8 @@ def check_resume(config: Any, log: Callable[[str], None]) -> Path | None:
             f"{path.parent / 'metrics.json'} records: the {recorded - data['mini_batches']} after it are "
             "trained again (the run that made them wrote no later checkpoint)"
         )
-    return path
+    saved = data["plan"]
+    return path, None if saved is None else Plan.from_dict(saved, f"the plan in {path}")
 
 
 def _chosen(data: dict[str, Any], key: str, value: object) -> bool:
@@ -153,35 +156,26 @@ def _recorded_mini_batches(metrics: Path) -> int | None:
     return value if isinstance(value, int) else None
 
 
-def run_plan(config: Any, path: Path | None) -> Plan | str | None:
-    """The plan a run trains on: a resumed run's own, kept in the checkpoint at ``path`` (its
-    stages and cut: re-planned, a resume could land layers on other stages, or take another
-    layout where the planner chose it, and train with other staleness than the run it
-    continues); else ``config.plan``, the plan file ``--plan`` names (``None``: planned).
-
-    Raises:
-        CheckpointError: the checkpoint is unreadable.
-        PlanError: its plan is malformed.
-    """
-    if path is None:
-        return config.plan
-    saved = read_checkpoint(path, _missing(path))["plan"]
-    return None if saved is None else Plan.from_dict(saved, f"the plan in {path}")
-
-
 def on_run_plan(
-    build: Callable[[Any], Any], config: Any, path: Path | None, log: Callable[[str], None]
+    build: Callable[[Any], Any],
+    config: Any,
+    path: Path | None,
+    saved: Plan | None,
+    log: Callable[[str], None],
 ) -> Any:
-    """``build(plan)`` (the trainer) on the plan the run trains on (:func:`run_plan`). A resumed
-    run whose checkpoint's plan this model no longer takes (another graph after an upgrade of
-    torch or of this package, a profile of an older version) is planned anew, as before plans
-    were kept, and ``log`` says its stages may be cut elsewhere (a refusal left such a run no
-    way to go on, helper-158).
+    """``build(plan)`` (the trainer) on the plan the run trains on: a resumed run's own,
+    ``saved`` in its checkpoint at ``path`` (re-planned, a resume could land layers on other
+    stages, or take another layout where the planner chose it, and train with other staleness
+    than the run it continues); else ``config.plan``, the file ``--plan`` names (``None``:
+    planned). A resumed run whose checkpoint's plan this model no longer takes (another graph
+    after an upgrade of torch or of this package, a profile of an older version) is planned
+    anew, as before plans were kept, and ``log`` says its stages may be cut elsewhere (a
+    refusal left such a run no way to go on, helper-158).
 
     Raises:
         PlanError: ``--plan``'s plan is refused, or the new plan fails.
     """
-    plan = run_plan(config, path)
+    plan = config.plan if path is None else saved
     try:
         return build(plan)
     except PlanError as exc:

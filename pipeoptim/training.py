@@ -26,6 +26,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -99,7 +100,7 @@ Costs = Callable[[TrainConfig], TrainConfig]
 
 def _trainer(config: TrainConfig, task: Task, log: Callable[[str], None], plan: Any) -> tuple[Any, Any]:
     """The trainer (a pipeline, or :class:`Sequential`) and the LR scheduler on its optimizer;
-    ``plan``: the pipeline's plan (:func:`pipeoptim.resume.run_plan`; ``None``: planned)."""
+    ``plan``: the pipeline's plan (:func:`pipeoptim.resume.on_run_plan`; ``None``: planned)."""
     optimizer = make_optimizer(
         config.optimizer, task.model.parameters(), config.lr, config.momentum, config.weight_decay
     )
@@ -179,7 +180,7 @@ def train(
 
 
 def _train(config: TrainConfig, out: Path, log: Callable[[str], None], costs: Costs | None) -> dict[str, Any]:
-    resume_path = check_resume(config, log)
+    resume_path, saved_plan = check_resume(config, log)
     torch.manual_seed(config.seed)
     task = make_task(
         config.task,
@@ -191,18 +192,19 @@ def _train(config: TrainConfig, out: Path, log: Callable[[str], None], costs: Co
     )
     config = config if costs is None else costs(config)
     start = time.perf_counter()
-    trainer, scheduler = on_run_plan(lambda plan: _trainer(config, task, log, plan), config, resume_path, log)
+    build = partial(_trainer, config, task, log)
+    trainer, scheduler = on_run_plan(build, config, resume_path, saved_plan, log)
     run = _Run(config, task, trainer, out)
     try:
         if resume_path is not None:
             extra = trainer.load_checkpoint(resume_path)
             run.restore(extra.get("history", {}))
-            if scheduler is not None and extra.get("scheduler") is None:  # pipe.save_checkpoint's
-                scheduler.last_epoch = trainer.mini_batches_done  # (a KeyError before, helper-157)
-                log(f"{resume_path} holds no learning-rate schedule: cosine goes on from its mini-batch")
-            elif scheduler is not None:
-                scheduler.load_state_dict(extra["scheduler"])
             if scheduler is not None:
+                if extra.get("scheduler") is None:  # pipe.save_checkpoint's (a KeyError, helper-157)
+                    scheduler.last_epoch = trainer.mini_batches_done
+                    log(f"{resume_path} holds no learning-rate schedule: cosine goes on from its mini-batch")
+                else:
+                    scheduler.load_state_dict(extra["scheduler"])
                 # the factor is this run's (it depends on --epochs); the stages follow at once
                 for group, base, lam in zip(
                     scheduler.optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas

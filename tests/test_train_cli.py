@@ -639,7 +639,7 @@ def test_resuming_a_checkpoint_older_than_the_runs_records_says_what_is_trained_
     with pytest.raises(CheckpointError, match="made with task digits, this run has task sst2; use"):
         check_resume(replace(config, resume=str(out), task="sst2"), print)  # named --task (helper-152)
     said: list[str] = []
-    assert check_resume(replace(config, resume=str(out)), said.append) == out / "checkpoint.pt"
+    assert check_resume(replace(config, resume=str(out)), said.append)[0] == out / "checkpoint.pt"
     assert said == []  # the checkpoint holds every recorded mini-batch
     metrics = json.loads((out / "metrics.json").read_text())
     (out / "metrics.json").write_text(json.dumps({**metrics, "mini_batches": 5}))  # a later run's records
