@@ -37,7 +37,7 @@ import torch
 from tabulate import tabulate
 
 sys.path.insert(0, str(Path(__file__).parent))
-from outputs import host, results_dir, run_kind, stage_count, write_result
+from outputs import OUT_HELP, host, results_dir, run_kind, stage_count, write_result
 from throughput import BATCH, as_torchrun_rank, batch, compile_model, run_ranks
 
 from pipeoptim.runtime.affinity import AFFINITY_ENV
@@ -138,9 +138,7 @@ def main() -> None:
     )
     parser.add_argument("--stages", type=stage_count, nargs="+", default=[2, 4])
     parser.add_argument("--rounds", type=int, default=3, help="torchrun jobs per setting (default 3)")
-    parser.add_argument(
-        "--out", type=Path, help="default: benchmarks/results for the full run, else a temporary folder"
-    )
+    parser.add_argument("--out", type=Path, help=OUT_HELP)
     args = parser.parse_args()
     if args.rounds < 1:
         parser.error(f"--rounds must be at least 1, got {args.rounds}")

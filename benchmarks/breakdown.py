@@ -44,7 +44,7 @@ from pipeoptim.runtime.executor import MiniBatch
 from pipeoptim.runtime.spawning import pickle_spec, unpickle_spec
 
 sys.path.insert(0, str(Path(__file__).parent))
-from outputs import host, parse_rank_args, results_dir, run_kind, stage_count, write_result
+from outputs import OUT_HELP, host, parse_rank_args, results_dir, run_kind, stage_count, write_result
 from throughput import MODELS, compile_model, run_ranks
 
 METHODS = ("pipeoptim", "pipedream", "2bw", "spectrain", "none", "1f1b")
@@ -179,9 +179,7 @@ def main() -> None:
         default="wall",
         help="wall: wall time per part (default); cpu: CPU time of each stage's thread",
     )
-    parser.add_argument(
-        "--out", type=Path, help="default: benchmarks/results for the full run, else a temporary folder"
-    )
+    parser.add_argument("--out", type=Path, help=OUT_HELP)
     args = parse_rank_args(parser)
     stages = args.stages or (2 if args.quick else 4)
     if stages > MODELS[args.model][3]:  # refused as throughput.py does (a traceback before, helper-152)

@@ -28,7 +28,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-from outputs import missing_tasks, positive_int, results_dir, run_kind, work_folder, write_result
+from outputs import OUT_HELP, missing_tasks, positive_int, results_dir, run_kind, work_folder, write_result
 from tabulate import tabulate
 
 from pipeoptim.tasks import make_task
@@ -180,9 +180,7 @@ def main() -> None:
         "apart), one seed (seconds)",
     )
     parser.add_argument("--seeds", type=positive_int, help="seeds per setting (default 3, quick 1)")
-    parser.add_argument(
-        "--out", type=Path, help="default: benchmarks/results for the full run, else a temporary folder"
-    )
+    parser.add_argument("--out", type=Path, help=OUT_HELP)
     parser.add_argument(
         "--work",
         type=Path,

@@ -31,7 +31,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from outputs import parse_rank_args, results_dir, run_kind, write_result
+from outputs import OUT_HELP, parse_rank_args, results_dir, run_kind, write_result
 from tabulate import tabulate
 from torch import nn
 
@@ -106,7 +106,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="a smaller MLP and fewer steps (about a minute)")
     parser.add_argument("--method", default="pipeoptim", choices=list(pipeoptim.METHODS))
-    parser.add_argument("--out", type=Path, default=None, help="where to write (default: see above)")
+    parser.add_argument("--out", type=Path, default=None, help=OUT_HELP)
     args = parse_rank_args(parser)
     args.out = results_dir(parser, args, "layouts", scope=("method",))
     args.out.mkdir(parents=True, exist_ok=True)

@@ -19,7 +19,7 @@ import time
 
 import torch
 import torch.nn.functional as F
-from outputs import parse_rank_args, positive_int, results_dir, stage_count, write_result
+from outputs import OUT_HELP, parse_rank_args, positive_int, results_dir, stage_count, write_result
 from tabulate import tabulate
 from torch import nn
 
@@ -104,7 +104,7 @@ def main() -> None:
         type=lambda text: text.split(","),
         help=f"comma-separated (default {','.join(FULL['methods'])})",
     )
-    parser.add_argument("--out", default=None)
+    parser.add_argument("--out", default=None, help=OUT_HELP)
     args = parse_rank_args(parser)
     steps = args.steps or (200 if args.quick else FULL["steps"])
     methods = args.methods or (["pipeoptim"] if args.quick else FULL["methods"])

@@ -32,7 +32,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from outputs import results_dir, write_result
+from outputs import OUT_HELP, results_dir, write_result
 from tabulate import tabulate
 from torch import nn
 
@@ -223,7 +223,7 @@ def recomputation(profile_dir: Path, model_name: str = "tiny-gpt", method: str =
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="one model, into a temporary folder")
-    parser.add_argument("--out", type=Path, default=None, help="where memory.md goes")
+    parser.add_argument("--out", type=Path, default=None, help=OUT_HELP)
     args = parser.parse_args()
     torch.set_num_threads(1)
     out = results_dir(parser, args, "memory")

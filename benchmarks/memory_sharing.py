@@ -39,7 +39,7 @@ from tabulate import tabulate
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).parent))
-from outputs import host, results_dir, run_kind, write_result
+from outputs import OUT_HELP, host, results_dir, run_kind, write_result
 
 from pipeoptim.runtime.spawning import run_processes, worker_context
 
@@ -110,9 +110,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="one round (unless --rounds) of shorter runs")
     parser.add_argument("--rounds", type=int, default=5, help="alone/together pairs per part (default 5)")
-    parser.add_argument(
-        "--out", type=Path, help="default: benchmarks/results for the full run, else a temporary folder"
-    )
+    parser.add_argument("--out", type=Path, help=OUT_HELP)
     args = parser.parse_args()
     if args.rounds < 1:
         parser.error(f"--rounds must be at least 1, got {args.rounds}")

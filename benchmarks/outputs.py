@@ -45,6 +45,13 @@ def parse_rank_args(parser: argparse.ArgumentParser) -> argparse.Namespace:
     return args
 
 
+#: the help of every benchmark's ``--out`` (where :func:`results_dir` writes)
+OUT_HELP = (
+    "where to write (default: benchmarks/results for the full run; a new temporary folder, named "
+    "on stderr, for --quick or a narrowed run)"
+)
+
+
 def results_dir(
     parser: argparse.ArgumentParser,
     args: argparse.Namespace,

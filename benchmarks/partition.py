@@ -29,7 +29,7 @@ from functools import partial
 from pathlib import Path
 
 import torch
-from outputs import positive_seconds, results_dir, run_kind, write_result
+from outputs import OUT_HELP, positive_seconds, results_dir, run_kind, write_result
 from tabulate import tabulate
 
 from pipeoptim.compiler import baselines as B
@@ -287,9 +287,7 @@ def main() -> None:
     parser.add_argument(
         "--time-limit", type=positive_seconds, default=None, help="seconds per ILP (default 10, quick 3)"
     )
-    parser.add_argument(
-        "--out", type=Path, default=None, help="default: benchmarks/results (quick: a temp folder)"
-    )
+    parser.add_argument("--out", type=Path, default=None, help=OUT_HELP)
     args = parser.parse_args()
     needs = partial(missing_graphs, hugging_face=not args.stage_times)
     args.out = results_dir(parser, args, "partition", scope=FULL, needs=needs)

@@ -24,7 +24,7 @@ from collections.abc import Callable, Iterable
 from typing import NamedTuple
 
 import torch
-from outputs import host, results_dir, run_kind, write_result
+from outputs import OUT_HELP, host, results_dir, run_kind, write_result
 from tabulate import tabulate
 
 import pipeoptim
@@ -98,7 +98,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="SGD with and without momentum, 1 seed, 1 epoch")
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--epochs", type=int, default=3)
-    parser.add_argument("--out", default=None)
+    parser.add_argument("--out", default=None, help=OUT_HELP)
     args = parser.parse_args()
     for name in ("seeds", "epochs"):
         if getattr(args, name) < 1:

@@ -43,7 +43,15 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from outputs import missing_tasks, positive_int, positive_seconds, results_dir, run_kind, work_folder
+from outputs import (
+    OUT_HELP,
+    missing_tasks,
+    positive_int,
+    positive_seconds,
+    results_dir,
+    run_kind,
+    work_folder,
+)
 from staleness_report import report
 
 import pipeoptim
@@ -306,9 +314,7 @@ def cells_of(setting: Setting, depths: list[int], seeds: list[int]) -> list[Cell
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="digits, 24 mini-batches, N = 1, 2, 4, one seed")
-    parser.add_argument(
-        "--out", type=Path, default=None, help="default: benchmarks/results (quick: a temp folder)"
-    )
+    parser.add_argument("--out", type=Path, default=None, help=OUT_HELP)
     parser.add_argument("--work", type=Path, default=None, help="cell results (default: a temporary folder)")
     parser.add_argument("--seeds", type=positive_int, help="seeds per cell (default 3; 1 with --quick)")
     parser.add_argument("--long", action="store_true", help="also the long Multi30K setting (hours per cell)")

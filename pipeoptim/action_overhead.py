@@ -11,9 +11,9 @@ It feeds :class:`pipeoptim.compiler.costmodel.CostConfig` through
 ``pipeoptim.compile(..., action_overhead=...)``, as :func:`pipeoptim.runtime.linkcost.measure_link`
 feeds the latency and bandwidth.
 
-On this project's 2-core CPU machine (gloo, 2 stages) it measured 0.45-0.6 ms per action:
-about 1.4 ms per stage and mini-batch of asynchronous 1F1B, a tenth of a stage of the
-throughput benchmark's MLP.
+On this project's 2-core CPU machine (gloo, 2 stages) it measured 0.28-0.43 ms per action in
+the committed benchmark runs (``benchmarks/results/throughput.md``: 277 us, ``layouts.md``:
+421 us): about 1 ms per stage and mini-batch of asynchronous 1F1B.
 """
 
 from __future__ import annotations

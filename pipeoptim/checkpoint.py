@@ -342,7 +342,8 @@ class Checkpoints:
 
         Raises:
             CheckpointError: missing, corrupt, or from another model.
-            PipelineError: under torchrun, another rank's checkpoint is (the others waited out
+            PipelineError: under torchrun, the ranks were given different checkpoints
+                (``RanksInOtherCallsError`` on every rank at once; before, the others waited out
                 the timeout: helper-130).
         """
         failure = None

@@ -82,7 +82,7 @@ def compile(
     backward: str = "current",
     predictor: str = "paper",
     nan_check: str = "stages",
-    solver: str = "cbc",
+    solver: str = "auto",
     log: Callable[[str], None] | None = None,
     max_grad_norm: float | None = None,
     autocast: torch.dtype | None = None,
@@ -157,7 +157,8 @@ def compile(
         nan_check: ``"stages"`` (default: every stage checks its outputs, and a NaN there or
             a NaN/inf loss stops training naming the mini-batch and the stage where it
             appeared), ``"loss"`` (only the loss), ``"off"``.
-        solver: ILP solver, ``cbc``, ``highs`` or ``auto`` (HiGHS where installed).
+        solver: ILP solver where the plan needs one, ``auto`` (HiGHS where installed, as the command
+            line), ``cbc`` or ``highs``.
         log: receives progress messages (profiling, reuse of a saved profile).
         max_grad_norm: clip each mini-batch's gradients by their global norm over all
             stages, as ``torch.nn.utils.clip_grad_norm_(params, max_grad_norm)`` over the

@@ -73,9 +73,9 @@ def measure_update_cost(
 
     A pipeline's ranks on one CPU share its memory bandwidth and last-level cache, and the
     weight work streams weights, gradients and optimizer state through them: SGD with momentum
-    on the benchmark MLP's working set took 1.27x its time alone with a second core stepping the
-    same (``benchmarks/results/memory_sharing.md``: 1.29x), and the stage workers' steps took
-    1.3-1.4x the figure timed alone (``breakdown.md``, run 2026-12-04). With ``beside`` > 0 (on the CPU, one
+    on the benchmark MLP's working set took 1.29x its time alone with a second core stepping the
+    same (``benchmarks/results/memory_sharing.md``), and the stage workers' weights and steps took
+    1.17-1.58x the figure timed alone (``breakdown.md``, run 2026-12-04). With ``beside`` > 0 (on the CPU, one
     torch thread: as a stage worker runs), ``beside`` threads of this process each step their
     own copy of the working set throughout (:func:`stepping_beside`), and the time is this
     thread's CPU time (``time.thread_time``).
