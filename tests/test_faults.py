@@ -783,6 +783,43 @@ def test_workers_stop_when_their_driver_is_killed(tmp_path: Path) -> None:
                 os.kill(pid, signal.SIGKILL)
 
 
+@pytest.mark.slow
+@pytest.mark.skipif(not Path("/proc").exists(), reason="reads /proc")
+@pytest.mark.parametrize("stop", [signal.SIGTERM, signal.SIGKILL])
+def test_children_of_run_processes_stop_with_their_starter(tmp_path: Path, stop: int) -> None:
+    """The children of :func:`run_processes` (this machine's link measured by ``pipeoptim train``,
+    the benchmarks' ranks) end once the process that started them is gone: a benchmark stopped
+    by a SIGTERM, which ends a Python process without clean-up, left its ranks running for an
+    hour (they start with SIGTERM blocked, so the signal never reached them)."""
+    starter = subprocess.Popen(
+        [sys.executable, "-m", "tests.killed_measure_script", str(tmp_path)],
+        cwd=ROOT,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    children: list[int] = []
+    try:
+        deadline = time.monotonic() + 120
+        while len(list(tmp_path.glob("*.pid"))) < 2 and time.monotonic() < deadline:
+            assert starter.poll() is None, starter.stderr.read()
+            time.sleep(0.1)
+        time.sleep(0.2)  # both ids written
+        children = [int(f.read_text()) for f in tmp_path.glob("*.pid")]
+        assert len(children) == 2 and all(_running(pid) for pid in children)
+        os.kill(starter.pid, stop)
+        starter.wait(timeout=30)
+        deadline = time.monotonic() + 15
+        while any(_running(pid) for pid in children) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not [pid for pid in children if _running(pid)], "children outlived their starter"
+        assert f"the driver process {starter.pid} has exited; stopping" in starter.stderr.read()
+    finally:
+        starter.kill()
+        for pid in children:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+
+
 def test_a_driver_whose_id_names_another_process_now_counts_as_gone() -> None:
     me = multiprocessing.current_process()
     assert driver_alive(me, process_start_time(os.getpid()))

@@ -24,6 +24,7 @@ import torch.multiprocessing as mp
 
 from pipeoptim.errors import PipelineError, first_line
 from pipeoptim.runtime.build import PipelineSpec
+from pipeoptim.runtime.driver_watch import exit_when_driver_dies, stop_on_driver_sigterm
 from pipeoptim.runtime.parametrized_pickle import dumps
 from pipeoptim.runtime.predictors import register_again, registered_for
 
@@ -186,10 +187,17 @@ def main_module_not_rerun() -> Iterator[None]:
             main.__file__ = path
 
 
-def _ignoring_ctrl_c(target: Callable[..., None], *args: Any) -> None:
-    """``target(*args)`` with Ctrl-C ignored: a terminal's Ctrl-C reaches the whole process
-    group, and the process that started this one stops it (:func:`run_processes`)."""
+def _as_child(target: Callable[..., None], *args: Any) -> None:
+    """``target(*args)`` as a stage worker runs: Ctrl-C ignored (a terminal's reaches the whole
+    process group, and the process that started this one stops it: :func:`run_processes`),
+    SIGTERM obeyed from that process alone, and an end within a second of its own (a driver
+    killed without clean-up: the ranks of a benchmark whose driver got a SIGTERM lived on for
+    an hour, blocked in gloo and then in writing to a queue nobody read;
+    :mod:`pipeoptim.runtime.driver_watch`)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    driver = multiprocessing.parent_process()
+    stop_on_driver_sigterm(driver)  # first: every thread started later has SIGTERM blocked
+    exit_when_driver_dies(getattr(target, "__qualname__", "a child process"), driver)
     leave_agent_store()
     target(*args)
 
@@ -211,7 +219,8 @@ def run_processes(
     context: multiprocessing.context.BaseContext | None = None,
 ) -> dict[Any, Any]:
     """One process per tuple ``a`` of ``args``, started as workers are (:func:`worker_context`,
-    or ``context``), running ``target(*a, out)`` with Ctrl-C ignored; the ``(key, value)`` pairs
+    or ``context``), running ``target(*a, out)`` as :func:`_as_child` runs it (ending with this
+    process, if it is killed); the ``(key, value)`` pairs
     they put on the queue ``out`` (``replies`` of them; default one per process), by key.
 
     A process that exits with an error ends the wait at once, not after ``timeout``: the others
@@ -226,7 +235,7 @@ def run_processes(
     check_not_importing_main()
     context = context or worker_context()
     out = context.Queue()
-    procs = [context.Process(target=_ignoring_ctrl_c, args=(target, *a, out)) for a in args]
+    procs = [context.Process(target=_as_child, args=(target, *a, out)) for a in args]
     replies = len(procs) if replies is None else replies
     parts: dict[Any, Any] = {}
     finished = False
