@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -162,15 +161,14 @@ def test_second_run_reuses_the_profile(tmp_path: Path) -> None:
         str(tmp_path),
         "--json",
     )
-    start = time.perf_counter()
     code, out, err = run(*args)
-    first = time.perf_counter() - start
     assert code == 0 and "saved profile" in err and not json.loads(out)["profile_reused"]
-    start = time.perf_counter()
+    saved = {f: f.stat().st_mtime_ns for f in tmp_path.rglob("*") if f.is_file()}
     code, out, err = run(*args)
-    second = time.perf_counter() - start
     assert code == 0 and "reusing profile" in err and json.loads(out)["profile_reused"]
-    assert second < first
+    # nothing profiled again, nothing rewritten (it asserted the second run was faster: under
+    # load 0.376 against 0.357 s, in a CI run beside two other jobs)
+    assert {f: f.stat().st_mtime_ns for f in tmp_path.rglob("*") if f.is_file()} == saved
 
 
 def test_plan_from_a_saved_profile_without_the_model(tmp_path: Path) -> None:

@@ -820,6 +820,43 @@ def test_children_of_run_processes_stop_with_their_starter(tmp_path: Path, stop:
                 os.kill(pid, signal.SIGKILL)
 
 
+def test_run_processes_kills_every_child_before_it_waits_for_one() -> None:
+    """On a failure or Ctrl-C every child is killed before any is joined: killed and joined one
+    by one, the second of the link measurement's two children saw the first's connection
+    close in its all-reduce and printed a traceback before its own kill (helper-166)."""
+    import queue
+
+    from pipeoptim.runtime.spawning import run_processes
+
+    calls: list[tuple[str, int]] = []
+
+    class Child:
+        def __init__(self, target: Any, args: tuple) -> None:
+            self.index, self.pid, self.exitcode = args[1], None, None
+
+        def start(self) -> None:
+            self.pid = 1000 + self.index
+            self.exitcode = 1 if self.index == 0 else None  # the first fails at once
+
+        def kill(self) -> None:
+            calls.append(("kill", self.index))
+
+        def join(self, timeout: float) -> None:
+            calls.append(("join", self.index))
+
+        def is_alive(self) -> bool:
+            return False
+
+    class Empty:
+        def get(self, timeout: float) -> None:
+            raise queue.Empty
+
+    context = types.SimpleNamespace(Queue=Empty, Process=lambda target, args: Child(target, args))
+    with pytest.raises(RuntimeError, match="process 0 exited with code 1"):
+        run_processes(print, [(i,) for i in range(3)], "three children", context=context)  # type: ignore[arg-type]
+    assert calls == [("kill", 0), ("kill", 1), ("kill", 2), ("join", 0), ("join", 1), ("join", 2)]
+
+
 def test_a_driver_whose_id_names_another_process_now_counts_as_gone() -> None:
     me = multiprocessing.current_process()
     assert driver_alive(me, process_start_time(os.getpid()))

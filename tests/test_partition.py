@@ -201,6 +201,40 @@ def test_coarsening_keeps_contiguous_units_and_a_dag() -> None:
     assert result.num_units <= 40
 
 
+SOLVE_IN_A_FRESH_PROCESS = """
+import random, sys
+sys.path.insert(0, sys.argv[1])
+from tests.conftest import random_cost_graph
+from pipeoptim.compiler import partition as P
+from pipeoptim.compiler.costmodel import CostConfig
+graph = random_cost_graph(random.Random(11), 25, max_inputs=3)
+result = P.ilp(graph, CostConfig(4, bandwidth=600.0), solver=sys.argv[2], ideals=False)
+print("stages", len(set(result.stage_of)))
+"""
+
+
+@pytest.mark.parametrize("solver", ["highs", "cbc"])
+def test_the_ilp_solver_prints_nothing(solver: str) -> None:
+    """The first solver a process makes prints nothing on either stream: HiGHS printed its
+    banner (to standard error, kept off standard output) under every ``compile`` whose plan
+    needed the ILP once ``auto`` chose it (helper-166)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    pytest.importorskip("highspy")
+    root = str(Path(__file__).resolve().parents[1])
+    done = subprocess.run(
+        [sys.executable, "-c", SOLVE_IN_A_FRESH_PROCESS, root, solver],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == "stages 4\n"
+    assert "HiGHS" not in done.stderr and "CBC" not in done.stderr, done.stderr
+
+
 def test_solvers_agree() -> None:
     pytest.importorskip("highspy")
     graph = random_cost_graph(random.Random(11), 25, max_inputs=3)

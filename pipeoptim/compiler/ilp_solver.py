@@ -1,5 +1,5 @@
 """Running the partition ILP's solver (PuLP with HiGHS or CBC): choosing the solver, a warm
-start for HiGHS, the solver's output kept off standard output, and the optimality gap it reports
+start for HiGHS, the solver's output discarded, and the optimality gap it reports
 (:mod:`pipeoptim.compiler.milp` builds the model)."""
 
 from __future__ import annotations
@@ -67,9 +67,12 @@ def _solver(name: str, time_limit: float, gap: float, warm: bool, log_path: str 
 
 
 @contextlib.contextmanager
-def _stdout_to_stderr() -> Iterator[None]:
-    """Send what the solver libraries print (HiGHS prints a banner on file descriptor 1) to
-    standard error, so that standard output carries only the caller's results."""
+def _solver_output_discarded() -> Iterator[None]:
+    """Discard what the solver libraries print on file descriptor 1: with its messages off,
+    HiGHS still prints a two-line banner when a process first makes a solver, which went to
+    standard error (a Python API user's ``compile`` printed it where CBC printed nothing,
+    helper-166); standard output carries only the caller's results. Their errors reach
+    PuLP as statuses and exceptions, not as text."""
     sys.stdout.flush()
     try:
         saved = os.dup(1)
@@ -77,7 +80,9 @@ def _stdout_to_stderr() -> Iterator[None]:
         yield
         return
     try:
-        os.dup2(2, 1)
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, 1)
+        os.close(devnull)
         yield
     finally:
         with contextlib.suppress(OSError, ValueError):
@@ -92,7 +97,7 @@ def solve_ilp(
     """Solve; return (status text, proven optimal, relative gap)."""
     with tempfile.TemporaryDirectory() as tmp:
         log_path = str(Path(tmp) / "cbc.log") if solver == "cbc" else None
-        with _stdout_to_stderr():
+        with _solver_output_discarded():
             prob.solve(_solver(solver, time_limit, gap, warm, log_path))
         log = Path(log_path).read_text() if log_path and Path(log_path).exists() else ""
     if prob.status == pulp.LpStatusInfeasible or prob.sol_status == pulp.LpSolutionInfeasible:

@@ -263,13 +263,14 @@ def run_processes(
                 raise RuntimeError(f"{what} took over {timeout:.0f} s")
         finished = True
     finally:  # killed at once unless the replies all came (a failure, Ctrl-C)
-        for p in procs:
-            if p.pid is not None:
-                if not finished:
-                    p.kill()
-                p.join(30)
-                if p.is_alive():
-                    p.kill()
+        started = [p for p in procs if p.pid is not None]
+        if not finished:  # all before any join: one left waiting on a killed peer printed its
+            for p in started:  # error (a Ctrl-C during the link measurement, helper-166)
+                p.kill()
+        for p in started:
+            p.join(30)
+            if p.is_alive():
+                p.kill()
     return parts
 
 
