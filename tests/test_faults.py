@@ -770,17 +770,27 @@ def test_workers_stop_when_their_driver_is_killed(tmp_path: Path) -> None:
         time.sleep(5)  # in the middle of steps
         driver.kill()
         driver.wait(timeout=30)
-        deadline = time.monotonic() + 15
-        while any(_running(pid) for pid in workers) and time.monotonic() < deadline:
-            time.sleep(0.1)
-        assert not [pid for pid in workers if _running(pid)], "workers outlived their driver"
+        assert not _outlived(workers), "workers outlived their driver"
         # the first to notice says why; a stage whose neighbour left first may stop on that
         assert f"the driver process {driver.pid} has exited; stopping" in driver.stderr.read()
     finally:
-        driver.kill()
-        for pid in workers:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
+        _end(driver, workers)
+
+
+def _outlived(pids: list[int], seconds: float = 15.0) -> list[int]:
+    """Those of ``pids`` still running after ``seconds`` (less once none is)."""
+    deadline = time.monotonic() + seconds
+    while any(_running(pid) for pid in pids) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return [pid for pid in pids if _running(pid)]
+
+
+def _end(starter: subprocess.Popen, pids: list[int]) -> None:
+    """Kill ``starter`` and the processes ``pids`` (a test's clean-up, whatever it found)."""
+    starter.kill()
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
 
 
 @pytest.mark.slow
@@ -808,16 +818,10 @@ def test_children_of_run_processes_stop_with_their_starter(tmp_path: Path, stop:
         assert len(children) == 2 and all(_running(pid) for pid in children)
         os.kill(starter.pid, stop)
         starter.wait(timeout=30)
-        deadline = time.monotonic() + 15
-        while any(_running(pid) for pid in children) and time.monotonic() < deadline:
-            time.sleep(0.1)
-        assert not [pid for pid in children if _running(pid)], "children outlived their starter"
+        assert not _outlived(children), "children outlived their starter"
         assert f"the driver process {starter.pid} has exited; stopping" in starter.stderr.read()
     finally:
-        starter.kill()
-        for pid in children:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
+        _end(starter, children)
 
 
 def test_run_processes_kills_every_child_before_it_waits_for_one() -> None:
