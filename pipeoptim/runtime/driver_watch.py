@@ -17,6 +17,7 @@ driver alone, which stops the run in order.
 
 from __future__ import annotations
 
+import multiprocessing
 import os
 import signal
 import sys
@@ -98,3 +99,17 @@ def stop_on_driver_sigterm(driver: BaseProcess | None) -> None:
         os.kill(os.getpid(), signal.SIGTERM)  # ends the process by the signal: exit code -15
 
     threading.Thread(target=watch, name="pipeoptim-sigterm-watch", daemon=True).start()
+
+
+def follow_driver(name: str) -> BaseProcess | None:
+    """Make this child process follow the one that started it (its driver): Ctrl-C ignored (a
+    terminal's reaches the whole process group, and the driver stops its children), SIGTERM
+    obeyed from the driver alone (:func:`stop_on_driver_sigterm`), and an end within a second
+    of the driver's (:func:`exit_when_driver_dies`, ``name`` in its line). Call it first in the
+    child's main thread: every thread started later has SIGTERM blocked. Returns the driver
+    (``None`` in a process no ``multiprocessing`` started)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    driver = multiprocessing.parent_process()
+    stop_on_driver_sigterm(driver)
+    exit_when_driver_dies(name, driver)
+    return driver

@@ -24,7 +24,7 @@ import torch.multiprocessing as mp
 
 from pipeoptim.errors import PipelineError, first_line
 from pipeoptim.runtime.build import PipelineSpec
-from pipeoptim.runtime.driver_watch import exit_when_driver_dies, stop_on_driver_sigterm
+from pipeoptim.runtime.driver_watch import follow_driver
 from pipeoptim.runtime.parametrized_pickle import dumps
 from pipeoptim.runtime.predictors import register_again, registered_for
 
@@ -194,10 +194,7 @@ def _as_child(target: Callable[..., None], *args: Any) -> None:
     killed without clean-up: the ranks of a benchmark whose driver got a SIGTERM lived on for
     an hour, blocked in gloo and then in writing to a queue nobody read;
     :mod:`pipeoptim.runtime.driver_watch`)."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    driver = multiprocessing.parent_process()
-    stop_on_driver_sigterm(driver)  # first: every thread started later has SIGTERM blocked
-    exit_when_driver_dies(getattr(target, "__qualname__", "a child process"), driver)
+    follow_driver(getattr(target, "__qualname__", "a child process"))
     leave_agent_store()
     target(*args)
 

@@ -8,11 +8,9 @@ rank's own ``Pipeline``.
 from __future__ import annotations
 
 import datetime
-import multiprocessing
 import os
 import pickle
 import queue
-import signal
 import time
 import traceback
 from collections import deque
@@ -31,7 +29,7 @@ from pipeoptim.runtime.async_norms import note_size
 from pipeoptim.runtime.build import PipelineSpec, aliases_of, build_stage, input_grad_mask
 from pipeoptim.runtime.comm import DistChannel
 from pipeoptim.runtime.delivery import forward_chain
-from pipeoptim.runtime.driver_watch import exit_when_driver_dies, stop_on_driver_sigterm
+from pipeoptim.runtime.driver_watch import follow_driver
 from pipeoptim.runtime.executor import MicroBatch, MiniBatch, StageState, run_action
 from pipeoptim.runtime.grad_modes import training_modes
 from pipeoptim.runtime.peer_loss import lost_peer
@@ -283,12 +281,9 @@ def worker_main(
     (:func:`pipeoptim.runtime.driver_watch.stop_on_driver_sigterm`): on Ctrl-C, or a SIGTERM to the
     whole process group, the driver stops the workers.
     """
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the driver decides when workers stop
-    torch.set_num_threads(threads)
-    driver = multiprocessing.parent_process()
     name = f"stage {rank}"  # with replicas, once the spec says: stage k of replica r (rank)
-    stop_on_driver_sigterm(driver)  # first: every thread started later has SIGTERM blocked
-    exit_when_driver_dies(name, driver)  # even while blocked in a receive or a queue write
+    driver = follow_driver(name)  # even while blocked in a receive or a queue write
+    torch.set_num_threads(threads)
     try:
         kind, _request, payload = commands.get(timeout=timeout)
         if kind != "spec":
