@@ -11,9 +11,10 @@ It feeds :class:`pipeoptim.compiler.costmodel.CostConfig` through
 ``pipeoptim.compile(..., action_overhead=...)``, as :func:`pipeoptim.runtime.linkcost.measure_link`
 feeds the latency and bandwidth.
 
-On this project's 2-core CPU machine (gloo, 2 stages) it measured 0.28-0.43 ms per action in
-the committed benchmark runs (``benchmarks/results/throughput.md``: 277 us, ``layouts.md``:
-421 us): about 1 ms per stage and mini-batch of asynchronous 1F1B.
+On this project's 2-core CPU machine (gloo, 2 stages) it measured 0.28 ms per action in
+the throughput run of 2026-12-07 (``benchmarks/results/throughput.md``: 277 us) and 0.40-0.48
+ms three times under a load average of 4 the same day: 0.8-1.4 ms per stage and mini-batch of
+asynchronous 1F1B.
 """
 
 from __future__ import annotations

@@ -117,7 +117,7 @@ def link_options(measured: bool) -> Callable[[Callable], Callable]:
             default="measure" if measured else 0.0,
             show_default=True,
             help="The plan's runtime CPU seconds per action (forward, backward, step) beyond the profiled "
-            "compute (0.3-0.45 ms on a 2-core CPU machine, where 0 predicts a small model several times "
+            "compute (0.3-0.5 ms on a 2-core CPU machine, where 0 predicts a small model several times "
             f"too fast); {_measured('0')}.",
         ),
     ]
