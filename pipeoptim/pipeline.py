@@ -23,7 +23,7 @@ from pipeoptim import inputs as given
 from pipeoptim.batchnorm import plain_batch_norm
 from pipeoptim.compiler.plan import Plan
 from pipeoptim.compiler.trace import TracedModel
-from pipeoptim.errors import PeerLostError, PipelineError, PipeoptimError, drop_frame_locals, first_line
+from pipeoptim.errors import RANKS_APART, PipelineError, PipeoptimError, drop_frame_locals, first_line
 from pipeoptim.loss import Loss, MiniBatchLosses
 from pipeoptim.measurements import Measurements
 from pipeoptim.refusals import prepared_here, shared_rows
@@ -100,7 +100,8 @@ class Pipeline(Measurements, checkpoint.Checkpoints, Streaming):
 
     def _guarded(self, call: Callable[[], T], waits: bool = False) -> T:
         """``call()``, an executor call the other ranks take part in: a peer lost on the way
-        stops the pipeline (the next call tried again and failed anew, helper-151). ``waits``
+        stops the pipeline (the next call tried again and failed anew, helper-151), and so do
+        ranks out of step (:class:`~pipeoptim.errors.RanksOutOfStepError`). ``waits``
         (a flush, a loss's wait or poll): so does any :class:`PipeoptimError`, and any error
         where the stages run in this process (``executor="local"``; under torchrun this rank's
         stage, whose deferred backward or cool-down a flush runs: an error there left the
@@ -110,7 +111,7 @@ class Pipeline(Measurements, checkpoint.Checkpoints, Streaming):
             return call()
         except BaseException as exc:
             in_process = self.executor_kind in ("local", "torchrun")
-            if isinstance(exc, PeerLostError) or (waits and (isinstance(exc, PipeoptimError) or in_process)):
+            if isinstance(exc, RANKS_APART) or (waits and (isinstance(exc, PipeoptimError) or in_process)):
                 self._stop(exc)
             raise
 

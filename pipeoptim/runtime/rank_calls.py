@@ -12,6 +12,7 @@ has made, and refuses on every rank where they differ.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch.distributed as dist
@@ -21,7 +22,7 @@ from pipeoptim.runtime.rank_settings import digest
 
 #: what every rank must call at the same point (said in the errors)
 CALLS = (
-    "flush(), predict(), state_dict(), to_module(), optimizer_state_dict(), save_checkpoint(), "
+    "step(), flush(), predict(), state_dict(), to_module(), optimizer_state_dict(), save_checkpoint(), "
     "load_checkpoint(), load_state_dict() and stats()"
 )
 
@@ -34,16 +35,24 @@ class RankCalls:
         self.rank = dist.get_rank()
         self.world = dist.get_world_size()
         self.made = 0  # the gathers this rank has made
+        #: called with ``what`` at the start of every gather but a joined one
+        #: (:meth:`pipeoptim.runtime.call_starts.CallStarts.mark_gather`)
+        self.mark: Callable[[str], None] | None = None
 
-    def gather(self, what: str, value: Any) -> list[Any]:
+    def gather(self, what: str, value: Any, marked: bool = False) -> list[Any]:
         """Every rank's ``value``, in rank order; ``what`` names what is gathered and the
         public calls that gather it, e.g. ``"the weights (state_dict, to_module, ...)"``.
+        :attr:`mark` starts it, but where this rank joins a gather rank 0 marked while this
+        rank was in another call (``marked``).
 
         Raises:
             RanksInOtherCallsError: on every rank, where the ranks gather other things or
                 are at other counts of such calls.
+            RanksOutOfStepError: rank 0 is in step() or predict() (:attr:`mark`).
             PeerLostError: a rank did not join within the group's timeout, or stopped.
         """
+        if self.mark is not None and not marked:
+            self.mark(what)
         self.made += 1
         parts: list[Any] = [None] * self.world
         try:

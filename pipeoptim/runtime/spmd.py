@@ -8,7 +8,8 @@ and plans, then broadcasts the plan and every stage's initial weights, so all ra
 if their models were initialised differently. Stage 0 alone needs the inputs and the last
 stage alone the targets; other ranks may pass ``None``. Rank 0 sends every other rank the size
 of each mini-batch (and of each batch given to ``predict``), so all split it into the same
-micro-batches. The last stage sends every other rank the losses of each mini-batch (one
+micro-batches, and marks the start of every gather (:mod:`pipeoptim.runtime.call_starts`).
+The last stage sends every other rank the losses of each mini-batch (one
 message, once the last is computed), so ``float(loss)`` works everywhere. Each pipeline sends
 its messages on a process group of its own (all ranks, created at compile), so that two
 pipelines in one job, or the user's own messages between ranks, never take one another's:
@@ -29,23 +30,21 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from pipeoptim.errors import BatchRefusedError, PeerLostError, PipelineError, first_line
+from pipeoptim.errors import PeerLostError, PipelineError, first_line
 from pipeoptim.microbatch import Rows
 from pipeoptim.runtime.affinity import cores_to_spare, pin_rank, unpin_rank
 from pipeoptim.runtime.build import PipelineSpec
+from pipeoptim.runtime.call_starts import CallStarts
 from pipeoptim.runtime.executor import MiniBatch
 from pipeoptim.runtime.initial_state import share_initial_state
 from pipeoptim.runtime.loss_mail import LossMail
 from pipeoptim.runtime.procmem import resident_bytes
 from pipeoptim.runtime.rank_calls import RankCalls
-from pipeoptim.runtime.rank_settings import digest, together
+from pipeoptim.runtime.rank_settings import together
 from pipeoptim.runtime.replicas import replica_part
 from pipeoptim.runtime.stage_state import merge_optimizer_states
 from pipeoptim.runtime.staleness import PredictionError
 from pipeoptim.runtime.worker import StageProcess
-
-SIZE_TAG = 8  # batch sizes from rank 0 to the other ranks
-REFUSED = -2  # the batch size message of a batch rank 0 refused
 
 
 def under_torchrun() -> bool:
@@ -186,6 +185,7 @@ class SPMDExecutor:
             on_loss,
             self.timeout,
         )
+        self.starts = CallStarts(self.process.channel, self.rank, self.world, self.timeout, self.calls)
 
     # -- training -------------------------------------------------------------------
 
@@ -202,57 +202,8 @@ class SPMDExecutor:
     def share_batch_size(
         self, batch: Rows | None, refused: bool = False, call: str = "step", settings: object = None
     ) -> Rows | None:
-        """Rank 0's ``batch`` (rows and sequence length of the next mini-batch or predict
-        batch) on every rank. Other ranks' own ``batch`` (``None`` where they got no inputs)
-        must agree with it, and so must their ``settings`` (the optimizer's hyperparameters
-        for a step, in the same message as a 48-bit digest: a scheduler stepped on rank 0
-        alone trained the stages with other learning rates, silently; helper-130).
-        ``refused`` on rank 0: it refused its inputs, and so does every rank (none starts the
-        batch). ``call``: ``"step"`` or ``"predict"`` (checked to be every rank's before, by
-        :meth:`same_call`: a rank in another call would take its messages).
-
-        Raises:
-            PipelineError: rank 0 got no inputs or refused them, or another rank's inputs have
-                other rows, or its settings are not rank 0's.
-            PeerLostError: rank 0 sent nothing within the timeout.
-        """
-        said = int(digest(settings), 16)
-        if self.rank == 0:
-            size = [REFUSED, -1, said] if refused or batch is None else [batch, batch.length or -1, said]
-            for rank in range(1, self.world):
-                self.process.channel.isend(torch.tensor(size, dtype=torch.int64), rank, tag=SIZE_TAG)
-            if batch is None and not refused:  # refused everywhere: the pipeline goes on
-                raise BatchRefusedError(
-                    f"rank 0 runs the first stage and needs the inputs: pass them to {call}() there "
-                    "(other ranks may pass None); every rank skips this batch, the pipeline goes on"
-                )
-            return None if refused else batch
-        box = torch.empty(3, dtype=torch.int64)
-        try:
-            self.process.channel.irecv(box, 0, tag=SIZE_TAG).wait(self.timeout)
-        except RuntimeError as exc:
-            raise PeerLostError(
-                f"rank {self.rank}: the batch size from rank 0 did not arrive ({first_line(exc)}); "
-                "rank 0 has probably stopped or is not calling step() with the same batches"
-            ) from exc
-        if int(box[0]) == REFUSED:
-            raise BatchRefusedError(
-                "rank 0 refused the inputs of this batch (its error says why), so every rank skips "
-                "it; the pipeline goes on with the next"
-            )
-        if int(box[2]) != said:
-            raise PipelineError(
-                f"rank {self.rank}'s optimizer steps this {call}'s batch with other hyperparameters than "
-                f"rank 0's (here {settings!r}): under torchrun every rank changes them alike (a "
-                "learning-rate scheduler stepped on every rank, not under `if rank == 0`)"
-            )
-        shared = Rows(int(box[0]), None if int(box[1]) < 0 else int(box[1]))
-        if batch is not None and (batch, batch.length) != (shared, shared.length):
-            raise PipelineError(
-                f"rank {self.rank} got a batch of {batch!r} but rank 0 one of {shared!r}: give every "
-                "rank the same batches (or None on ranks that do not read them)"
-            )
-        return shared
+        """Rank 0's ``batch`` on every rank (:meth:`CallStarts.share_batch_size`)."""
+        return self.starts.share_batch_size(batch, refused, call, settings)
 
     def submit(self, batch: MiniBatch) -> None:
         stages, rank = self.num_stages, self.process.rank
