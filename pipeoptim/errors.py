@@ -83,21 +83,12 @@ class BatchRefusedError(PipelineError):
 
 class RanksInOtherCallsError(PipelineError):
     """Under torchrun, the ranks made different calls that gather from every rank (one in
-    ``predict``, another in ``state_dict``): refused on every rank, the pipeline goes on."""
-
-
-class RanksOutOfStepError(PipelineError):
-    """Under torchrun, a rank found rank 0 in another call and cannot go on with it (it
-    started a gather while rank 0 started a step without it): its pipeline stops, and the
-    other ranks find their peer lost."""
+    ``predict``, another in ``state_dict``), or one rank such a call alone: refused where
+    made, the pipeline goes on (:mod:`pipeoptim.runtime.call_starts`)."""
 
 
 class PeerLostError(PipelineError):
     """A stage lost its neighbour (it stopped or crashed): a consequence, not the cause."""
-
-
-#: errors after which the ranks cannot go on together: a pipeline that meets one stops
-RANKS_APART = (PeerLostError, RanksOutOfStepError)
 
 
 class PipelineStalledError(PipelineError):

@@ -18,7 +18,7 @@ class Measurements:
 
     _executor: Executor
     _check_open: Callable[[], None]  # the pipeline's: raises once closed or failed
-    flush: Callable[[], None]
+    flush: Callable[[str], None]
     _guarded: Callable[[Callable[[], Any]], Any]  # the pipeline's: a lost peer stops it
 
     def resident_bytes(self) -> list[int]:
@@ -55,7 +55,7 @@ class Measurements:
     def stage_state_dicts(self) -> list[dict[str, torch.Tensor]]:
         """Per stage, its own parameters and buffers (CPU): a shared parameter is in every
         stage that holds a copy of it (:mod:`pipeoptim.runtime.shared`). Flushes first."""
-        self.flush()
+        self.flush("stage_state_dicts")
         return [
             {k: v.detach().cpu().clone() for k, v in part.items()}
             for part in self._guarded(self._executor.stage_state_dicts)

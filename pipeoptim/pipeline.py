@@ -23,7 +23,7 @@ from pipeoptim import inputs as given
 from pipeoptim.batchnorm import plain_batch_norm
 from pipeoptim.compiler.plan import Plan
 from pipeoptim.compiler.trace import TracedModel
-from pipeoptim.errors import RANKS_APART, PipelineError, PipeoptimError, drop_frame_locals, first_line
+from pipeoptim.errors import PeerLostError, PipelineError, PipeoptimError, drop_frame_locals, first_line
 from pipeoptim.loss import Loss, MiniBatchLosses
 from pipeoptim.measurements import Measurements
 from pipeoptim.refusals import prepared_here, shared_rows
@@ -100,8 +100,7 @@ class Pipeline(Measurements, checkpoint.Checkpoints, Streaming):
 
     def _guarded(self, call: Callable[[], T], waits: bool = False) -> T:
         """``call()``, an executor call the other ranks take part in: a peer lost on the way
-        stops the pipeline (the next call tried again and failed anew, helper-151), and so do
-        ranks out of step (:class:`~pipeoptim.errors.RanksOutOfStepError`). ``waits``
+        stops the pipeline (the next call tried again and failed anew, helper-151). ``waits``
         (a flush, a loss's wait or poll): so does any :class:`PipeoptimError`, and any error
         where the stages run in this process (``executor="local"``; under torchrun this rank's
         stage, whose deferred backward or cool-down a flush runs: an error there left the
@@ -111,7 +110,7 @@ class Pipeline(Measurements, checkpoint.Checkpoints, Streaming):
             return call()
         except BaseException as exc:
             in_process = self.executor_kind in ("local", "torchrun")
-            if isinstance(exc, RANKS_APART) or (waits and (isinstance(exc, PipeoptimError) or in_process)):
+            if isinstance(exc, PeerLostError) or (waits and (isinstance(exc, PipeoptimError) or in_process)):
                 self._stop(exc)
             raise
 
@@ -360,10 +359,11 @@ class Pipeline(Measurements, checkpoint.Checkpoints, Streaming):
     def close(self, finish: bool = True) -> None:
         """Finish the mini-batches in flight (``finish`` and no earlier error: their losses keep
         their values), then end every worker; a loss not arrived then raises :class:`PipelineError`,
-        as every later call does. Leaving a ``with`` block by an exception, or the garbage
-        collector, closes without finishing; so does a torchrun rank while an exception is raised
-        or handled (in a ``finally`` or ``except`` block; a warning says so): it cannot finish
-        without the other ranks, and its connections, closed at once, stop them."""
+        as every later call does; a finish that fails closes as without one. Leaving a ``with``
+        block by an exception, or the garbage collector, closes without finishing; so does a
+        torchrun rank while an exception is raised or handled (in a ``finally`` or ``except``
+        block; a warning says so): it cannot finish without the other ranks, and its
+        connections, closed at once, stop them."""
         if self._closed:
             return
         raising = self.executor_kind == "torchrun" and sys.exc_info()[1] is not None
@@ -379,6 +379,9 @@ class Pipeline(Measurements, checkpoint.Checkpoints, Streaming):
         try:
             if finished:
                 self.flush("close")
+        except BaseException:  # refused (another rank in another call) or failed: no wait for
+            finished = False  # the sends, which the other ranks may never receive (helper-169)
+            raise
         finally:
             self._closed = True
             self._losses.fail_all(PipelineError("the pipeline was closed before this loss arrived"))

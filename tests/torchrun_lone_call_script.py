@@ -1,8 +1,9 @@
 """Run by test_lone_calls.py under ``torchrun`` (2 ranks, PipeOptim): a run without lone
 calls; the same run with rank 0 calling ``stats()`` and ``state_dict()`` alone (the rank-0
-logging and saving of many scripts) while rank 1 steps; and a run where rank 1 alone calls
-``flush()`` while rank 0 steps on. Writes each rank's losses, errors and how long each took
-to be refused."""
+logging and saving of many scripts) while rank 1 steps; the same with rank 1 calling
+``flush()`` and ``stats()`` alone while rank 0 steps; and rank 0 alone asking for the weights
+at the end, then every rank closing. Writes each rank's losses, errors and how long each
+took."""
 
 from __future__ import annotations
 
@@ -45,36 +46,33 @@ def main(out: str, profile_dir: str) -> None:
 
     with make() as pipe:
         result["plain"] = [float(pipe.step(*feed(x, y))) for x, y in batches]
-    with make() as pipe:
-        losses = []
-        for i, (x, y) in enumerate(batches):
-            if i in (2, 4):
-                start = time.monotonic()
-                try:
-                    if rank == 0:
-                        pipe.stats() if i == 2 else pipe.state_dict()
-                    else:  # rank 0 is not stepping: refused, as rank 0's call is
-                        pipe.step(*feed(x, y))
-                except pipeoptim.PipelineError as exc:
-                    result["lone"].append(said(exc, start))
-            losses.append(float(pipe.step(*feed(x, y))))
-        result["with lone calls"] = losses
-    with make() as pipe:
-        for x, y in batches[:2]:
-            pipe.step(*feed(x, y))
+    for lone, calls in ((0, {2: "stats", 4: "state_dict"}), (1, {2: "flush", 4: "stats"})):
+        with make() as pipe:  # the other rank steps on, unaware
+            losses = []
+            for i, (x, y) in enumerate(batches):
+                if rank == lone and i in calls:
+                    start = time.monotonic()
+                    try:
+                        getattr(pipe, calls[i])()
+                    except pipeoptim.PipelineError as exc:
+                        result["lone"].append(said(exc, start))
+                losses.append(float(pipe.step(*feed(x, y))))
+            result[f"rank {lone} alone"] = losses
+    pipe = make()  # rank 0 alone saving at the end, then every rank closing
+    for x, y in batches[:2]:
+        pipe.step(*feed(x, y))
+    if rank == 0:
         start = time.monotonic()
         try:
-            if rank == 0:
-                for x, y in batches[2:]:
-                    pipe.step(*feed(x, y))
-            pipe.flush()
+            pipe.state_dict()
         except pipeoptim.PipelineError as exc:
-            result["stop"] = said(exc, start)
-        start = time.monotonic()
-        try:
-            pipe.stats()
-        except pipeoptim.PipelineError as exc:
-            result["after"] = said(exc, start)
+            result["save"] = said(exc, start)
+    start = time.monotonic()
+    try:
+        pipe.close()
+    except pipeoptim.PipelineError as exc:
+        result["close"] = said(exc, start)
+    result["close_s"] = time.monotonic() - start
     with open(f"{out}.{rank}", "w") as f:
         json.dump(result, f)
 

@@ -5,22 +5,22 @@ Every ``step()`` and ``predict()`` starts with rank 0's message of the batch's r
 ranks may have been given no inputs; a step's message carries a digest of its optimizer
 hyperparameters), and every call that gathers from all ranks (``state_dict()``, ``stats()``,
 ``flush()``, ``save_checkpoint()``, :class:`~pipeoptim.runtime.rank_calls.RankCalls`) starts
-with rank 0's mark of a gather, in the same stream (one tag, one order). A rank that finds
-the other kind of message than its call expects is out of step with rank 0:
+with rank 0's mark of a gather, in the same stream (one tag, one order). A call made on one
+rank alone (``pipe.stats()`` under ``if rank == 0``, a ``flush()`` on rank 1 alone) is thereby
+refused on that rank at once (:class:`~pipeoptim.errors.RanksInOtherCallsError`, naming the
+calls), and the other ranks go on as if it had not been made:
 
-- in ``step()`` or ``predict()`` it finds a gather's mark (``pipe.stats()`` under ``if rank
-  == 0``): it joins that gather, which refuses the call on every rank, naming both calls
-  (:class:`~pipeoptim.errors.RanksInOtherCallsError`); the pipeline goes on;
-- starting a gather it finds a batch's rows (the lone call made on another rank than 0): rank 0
-  has started that batch without it, so it stops its pipeline
-  (:class:`~pipeoptim.errors.RanksOutOfStepError`), and the other ranks find their peer lost
-  within a second.
+- a rank in ``step()`` or ``predict()`` that finds a gather's mark joins that gather, which
+  refuses rank 0's call, then waits on for rank 0's batch;
+- a rank starting a gather that finds a batch's rows instead keeps them for its next
+  ``step()`` or ``predict()``, the one rank 0 has started.
 
-Before, in both cases every rank waited out the timeout (300 s by default), blaming a peer.
+Before, every rank waited out the timeout (300 s by default), blaming a peer.
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 from typing import Any
 
@@ -30,7 +30,7 @@ from pipeoptim.errors import (
     BatchRefusedError,
     PeerLostError,
     PipelineError,
-    RanksOutOfStepError,
+    RanksInOtherCallsError,
     first_line,
 )
 from pipeoptim.microbatch import Rows
@@ -54,6 +54,9 @@ class CallStarts:
         self.channel, self.rank, self.world, self.timeout = channel, rank, world, timeout
         self.calls = calls
         calls.mark = self.mark_gather
+        #: rank 0's message of a batch that a gather made on this rank alone found: this
+        #: rank's next step() or predict() reads it (the call rank 0 has started)
+        self._kept: torch.Tensor | None = None
 
     def share_batch_size(
         self, batch: Rows | None, refused: bool = False, call: str = "step", settings: object = None
@@ -64,12 +67,12 @@ class CallStarts:
         for a step, in the same message as a 48-bit digest: a scheduler stepped on rank 0
         alone trained the stages with other learning rates, silently; helper-130).
         ``refused`` on rank 0: it refused its inputs, and so does every rank (none starts the
-        batch). ``call``: ``"step"`` or ``"predict"``.
+        batch). ``call``: ``"step"`` or ``"predict"``. A gather rank 0 makes meanwhile is
+        joined (and refused there) on the way.
 
         Raises:
             PipelineError: rank 0 got no inputs or refused them, or another rank's inputs have
                 other rows, or its settings are not rank 0's.
-            RanksInOtherCallsError: rank 0 is in a call that gathers (on every rank).
             PeerLostError: rank 0 sent nothing within the timeout.
         """
         said = int(digest(settings), 16)
@@ -82,11 +85,10 @@ class CallStarts:
                 )
             return None if refused else batch
         box = self._from_rank_0(f"the batch size of {call}()")
-        if int(box[0]) == GATHER:  # rank 0 is gathering: joined, the gather refuses both calls
-            self.calls.gather(f"the start of {call}()", None, marked=True)
-            raise RanksOutOfStepError(  # the gather let a step pass for a gather: a bug of ours
-                f"rank {self.rank} in {call}() joined a gather of rank 0 that did not refuse it"
-            )
+        while int(box[0]) == GATHER:  # rank 0 gathers alone: refused there, this call waits on
+            with contextlib.suppress(RanksInOtherCallsError):
+                self.calls.gather(f"{call}() (waiting for rank 0's)", None, marked=True)
+            box = self._from_rank_0(f"the batch size of {call}()")
         if int(box[0]) == REFUSED:
             raise BatchRefusedError(
                 "rank 0 refused the inputs of this batch (its error says why), so every rank skips "
@@ -111,19 +113,21 @@ class CallStarts:
         every other rank; the others check that rank 0 marked one.
 
         Raises:
-            RanksOutOfStepError: rank 0 sent a batch's rows instead (it is in ``step()`` or
-                ``predict()``, started without this rank).
+            RanksInOtherCallsError: rank 0 sent a batch's rows instead (it is in ``step()`` or
+                ``predict()``): kept for this rank's next such call.
             PeerLostError: rank 0 sent nothing within the timeout.
         """
         if self.rank == 0:
             self._send([GATHER, 0, 0])
             return
-        if int(self._from_rank_0(f"the start of its gather of {what}")[0]) != GATHER:
-            raise RanksOutOfStepError(
-                f"rank {self.rank} started a call that gathers from every rank ({what}) while rank 0 "
-                f"is in step() or predict() (it sent this rank a batch's rows): under torchrun every "
-                f"rank calls {CALLS} at the same point of the script, not on one rank alone; this "
-                "rank's pipeline stops, and so do the others'"
+        box = self._from_rank_0(f"the start of its gather of {what}")
+        if int(box[0]) != GATHER:
+            self._kept = box
+            raise RanksInOtherCallsError(
+                f"rank {self.rank} is gathering {what} alone: rank 0 is in step() or predict() (it sent "
+                f"this rank a batch's rows); under torchrun every rank calls {CALLS} at the same point "
+                "of the script, not on one rank alone. Nothing was gathered, and this rank's next "
+                "step() or predict() takes part in rank 0's"
             )
 
     def _send(self, values: list[Any]) -> None:
@@ -131,6 +135,10 @@ class CallStarts:
             self.channel.isend(torch.tensor(values, dtype=torch.int64), rank, tag=SIZE_TAG)
 
     def _from_rank_0(self, what: str) -> torch.Tensor:
+        """Rank 0's next message (first one kept by :meth:`mark_gather`)."""
+        if self._kept is not None:
+            box, self._kept = self._kept, None
+            return box
         box = torch.empty(3, dtype=torch.int64)
         try:
             self.channel.irecv(box, 0, tag=SIZE_TAG).wait(self.timeout)

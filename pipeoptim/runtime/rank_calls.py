@@ -23,7 +23,8 @@ from pipeoptim.runtime.rank_settings import digest
 #: what every rank must call at the same point (said in the errors)
 CALLS = (
     "step(), flush(), predict(), state_dict(), to_module(), optimizer_state_dict(), save_checkpoint(), "
-    "load_checkpoint(), load_state_dict() and stats()"
+    "load_checkpoint(), load_state_dict(), load_optimizer_state_dict(), stats(), stage_state_dicts(), "
+    "peak_weight_versions, resident_bytes(), sent_bytes() and close()"
 )
 
 
@@ -47,8 +48,8 @@ class RankCalls:
 
         Raises:
             RanksInOtherCallsError: on every rank, where the ranks gather other things or
-                are at other counts of such calls.
-            RanksOutOfStepError: rank 0 is in step() or predict() (:attr:`mark`).
+                are at other counts of such calls; on this rank alone, where it gathers alone
+                (:attr:`mark`).
             PeerLostError: a rank did not join within the group's timeout, or stopped.
         """
         if self.mark is not None and not marked:
@@ -63,7 +64,10 @@ class RankCalls:
                 f"torchrun every rank calls {CALLS} at the same point of the script, or a rank has stopped"
             ) from exc
         if len({(w, n) for w, n, _ in parts}) > 1:
-            said = "; ".join(f"rank {r}: {w}, its call {n}" for r, (w, n, _) in enumerate(parts))
+            same = len({w for w, _, _ in parts}) == 1  # the same call, at other counts of them
+            said = "; ".join(
+                f"rank {r}: {w}" + (f", its gather {n}" if same else "") for r, (w, n, _) in enumerate(parts)
+            )
             raise RanksInOtherCallsError(
                 f"the ranks are in different calls ({said}): under torchrun every rank calls {CALLS} at "
                 "the same point of the script, not on one rank alone"
