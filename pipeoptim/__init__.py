@@ -17,15 +17,18 @@ if TYPE_CHECKING:
     from pipeoptim.compile_pipeline import compile
     from pipeoptim.compiler.plan import Plan
     from pipeoptim.errors import (
+        BatchRefusedError,
         CheckpointError,
         CodegenError,
         InfeasibleMemoryError,
         NonFiniteLossError,
+        PeerLostError,
         PipelineError,
         PipeoptimError,
         PlanError,
         PredictorError,
         ProfileError,
+        RanksInOtherCallsError,
         TraceError,
     )
     from pipeoptim.loss import Loss
@@ -36,11 +39,13 @@ if TYPE_CHECKING:
 #: each public name and the module that defines it
 _WHERE = {
     "METHODS": "pipeoptim.methods",
+    "BatchRefusedError": "pipeoptim.errors",
     "CheckpointError": "pipeoptim.errors",
     "CodegenError": "pipeoptim.errors",
     "InfeasibleMemoryError": "pipeoptim.errors",
     "Loss": "pipeoptim.loss",
     "NonFiniteLossError": "pipeoptim.errors",
+    "PeerLostError": "pipeoptim.errors",
     "Pipeline": "pipeoptim.pipeline",
     "PipelineError": "pipeoptim.errors",
     "PipeoptimError": "pipeoptim.errors",
@@ -48,17 +53,20 @@ _WHERE = {
     "PlanError": "pipeoptim.errors",
     "PredictorError": "pipeoptim.errors",
     "ProfileError": "pipeoptim.errors",
+    "RanksInOtherCallsError": "pipeoptim.errors",
     "TraceError": "pipeoptim.errors",
     "compile": "pipeoptim.compile_pipeline",
     "register_predictor": "pipeoptim.runtime.predictors",
 }
 __all__ = [
     "METHODS",
+    "BatchRefusedError",
     "CheckpointError",
     "CodegenError",
     "InfeasibleMemoryError",
     "Loss",
     "NonFiniteLossError",
+    "PeerLostError",
     "Pipeline",
     "PipelineError",
     "PipeoptimError",
@@ -66,6 +74,7 @@ __all__ = [
     "PlanError",
     "PredictorError",
     "ProfileError",
+    "RanksInOtherCallsError",
     "TraceError",
     "compile",
     "register_predictor",

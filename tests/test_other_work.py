@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 import time
+from multiprocessing.connection import Connection
 
 import pytest
 
@@ -43,18 +44,32 @@ def test_cpu_jiffies_reads_only_the_usable_cores() -> None:
     assert other_work.cpu_jiffies(cores[:1])[1] <= total
 
 
+def _spin_and_say(seconds: float, cpu: Connection) -> None:
+    _spin(seconds)
+    cpu.send(time.process_time())  # all of this process's, its start-up's imports included
+
+
 def test_this_jobs_own_work_is_left_out() -> None:
-    """Its own process and a spawned child, each busy 0.6 s (on 2 cores half their time):
-    counted as its own, so the share stays at what other processes took meanwhile."""
-    before = OtherWork()
-    time.sleep(0.5)
-    baseline = before.share()  # whatever else runs now
+    """Its own process and a forked child, each busy 0.6 s: the share leaves out exactly their
+    CPU time (each process's own clock) from what the cores were busy with meanwhile, whatever
+    else runs beside (a neighbour's work is in both; the test compared two spans before, and
+    failed where a test suite's neighbour worked in one of them)."""
+    cores = sorted(os.sched_getaffinity(0))
+    context = multiprocessing.get_context("fork")  # spawn starts a resource tracker, ours too
+    cpu, sending = context.Pipe(duplex=False)
+    child = context.Process(target=_spin_and_say, args=(0.6, sending))
+    busy, total = other_work.cpu_jiffies(cores)
     meter = OtherWork()
-    child = multiprocessing.get_context("spawn").Process(target=_spin, args=(0.6,))
+    mine = time.process_time()
     child.start()
     _spin(0.6)
     child.join()
-    assert meter.share() < baseline + 0.2, baseline
+    mine = time.process_time() - mine
+    share = meter.share()
+    busy_after, total_after = other_work.cpu_jiffies(cores)
+    ours = (mine + cpu.recv()) * os.sysconf("SC_CLK_TCK") / (total_after - total)
+    left_out = (busy_after - busy) / (total_after - total) - share
+    assert left_out == pytest.approx(ours, abs=0.08), (left_out, ours, share)
 
 
 def test_other_processes_are_counted() -> None:

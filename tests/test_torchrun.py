@@ -232,14 +232,13 @@ def test_compile_arguments_that_differ_between_ranks_stop_every_rank_naming_them
 
 
 @pytest.mark.slow
-def test_calls_that_gather_from_every_rank_made_in_another_order_are_refused_on_every_rank(
-    tmp_path: Path,
-) -> None:
+def test_calls_that_gather_from_every_rank_made_in_another_order_are_refused(tmp_path: Path) -> None:
     """state_dict, to_module, save_checkpoint, predict, load_checkpoint ... gather from (or
     load on) every rank: rank 0 asking for the optimizer state while rank 1 asks for the model,
-    rank 0 predicting while rank 1 asks for the weights, and each rank loading another
-    checkpoint are refused on both, naming each rank's call; the next call every rank makes
-    works (the weights are the plain model's; a checkpoint loads back). Before, one rank's
+    rank 0 predicting while rank 1 asks for the weights are refused on rank 0 (of two ranks in
+    two calls, rank 0's gives way), naming each rank's call, and rank 1's call is made once rank
+    0 makes it; each rank loading another checkpoint is refused on both; the next call every
+    rank makes works (the weights are the plain model's; a checkpoint loads back). Before, one rank's
     gather paired with another's of something else (helper-100: a to_module() returned wrong
     weights), a predict() mismatch waited out the timeout, and ranks loading other files
     trained on a mix of both (helper-102)."""
@@ -254,14 +253,20 @@ def test_calls_that_gather_from_every_rank_made_in_another_order_are_refused_on_
         "start of optimizer_state_dict(); rank 1: the start of to_module())",
         "predict / weights": "RanksInOtherCallsError: the ranks are in different calls (rank 0: the start "
         "of predict(); rank 1: the start of state_dict())",
-        # the gathers of weights that follow are alike: rank 1's state_dict() returned (helper-130)
         "checkpoint / weights": "RanksInOtherCallsError: the ranks are in different calls (rank 0: the "
         "start of save_checkpoint(); rank 1: the start of state_dict())",
-        "other checkpoints": "PipelineError: the ranks load different weights (rank 0: ",
     }
+    for case, start in said.items():  # refused on rank 0, rank 1's call waiting for rank 0's
+        assert ranks[0][case].startswith(start), (case, ranks[0][case])
+        assert ranks[0][case].endswith(
+            "this rank's call is refused, the others wait in " + start.split("rank 1: ")[1][:-1]
+        ), ranks[0][case]
+        assert case not in ranks[1]
+        assert ranks[0][f"{case}, then"] == ranks[1][f"{case}, then"] == "done"
     for result in ranks:
-        for case, start in said.items():
-            assert result[case].startswith(start), (case, result[case])
+        assert result["other checkpoints"].startswith(
+            "PipelineError: the ranks load different weights (rank 0: "
+        )
         assert result["predict after"] == 8  # rank 0 without inputs refused that predict only
     # rank 1's file missing: rank 0 waited out the timeout in the weights' gather (helper-130)
     assert ranks[1]["one missing"].startswith("CheckpointError: "), ranks[1]["one missing"]

@@ -87,7 +87,7 @@ class CallStarts:
         box = self._from_rank_0(f"the batch size of {call}()")
         while int(box[0]) == GATHER:  # rank 0 gathers alone: refused there, this call waits on
             with contextlib.suppress(RanksInOtherCallsError):
-                self.calls.gather(f"{call}() (waiting for rank 0's)", None, marked=True)
+                self.calls.gather(f"{call}()", None, waiting=True)
             box = self._from_rank_0(f"the batch size of {call}()")
         if int(box[0]) == REFUSED:
             raise BatchRefusedError(

@@ -6,12 +6,14 @@ on one rank alone, the gathers paired with other calls' and returned wrong weigh
 a rank's ``to_module()`` paired with rank 0's lone ``save_checkpoint()``); two pipelines' calls
 paired with each other (helper-102: one dict of stage 0 from pipeline A and stage 1 from B).
 :class:`RankCalls` gathers on the pipeline's own process group (never another pipeline's or
-the script's own collectives), with what each rank is gathering and how many such calls it
-has made, and refuses on every rank where they differ.
+the script's own collectives), with what each rank is gathering, and where they differ refuses
+the calls but the one most ranks are in (:func:`agreed_call`), whose ranks gather again; rank 0
+marks each gather's start (:mod:`pipeoptim.runtime.call_starts`).
 """
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Callable
 from typing import Any
 
@@ -28,6 +30,23 @@ CALLS = (
 )
 
 
+def agreed_call(calls: list[tuple[str, bool]]) -> str | None:
+    """Of the calls of a gather whose ranks are in other calls (each rank's label, and whether
+    it only waits in step() or predict() for rank 0's), the one the ranks in it go on with, the
+    others giving way: a waiting rank's (it goes on waiting; every other call gives way to the
+    step); else the call most ranks are in, a tie decided against rank 0's (a lone call is most
+    often rank 0's: the logging and saving of scripts under ``if rank == 0``); none where that
+    leaves a tie."""
+    waiting = [label for label, wait in calls if wait]
+    if waiting:
+        return waiting[0]
+    counts = Counter(label for label, _ in calls)
+    top = [label for label, n in counts.items() if n == max(counts.values())]
+    if len(top) > 1 and calls[0][0] in top:
+        top.remove(calls[0][0])
+    return top[0] if len(top) == 1 else None
+
+
 class RankCalls:
     """The checked gathers of one pipeline's rank over its process group ``group``."""
 
@@ -35,44 +54,51 @@ class RankCalls:
         self.group = group
         self.rank = dist.get_rank()
         self.world = dist.get_world_size()
-        self.made = 0  # the gathers this rank has made
         #: called with ``what`` at the start of every gather but a joined one
         #: (:meth:`pipeoptim.runtime.call_starts.CallStarts.mark_gather`)
         self.mark: Callable[[str], None] | None = None
 
-    def gather(self, what: str, value: Any, marked: bool = False) -> list[Any]:
+    def gather(self, what: str, value: Any, waiting: bool = False) -> list[Any]:
         """Every rank's ``value``, in rank order; ``what`` names what is gathered and the
         public calls that gather it, e.g. ``"the weights (state_dict, to_module, ...)"``.
-        :attr:`mark` starts it, but where this rank joins a gather rank 0 marked while this
-        rank was in another call (``marked``).
+        :attr:`mark` starts it; ``waiting``: this rank, in step() or predict(), joins a gather
+        rank 0 marked (:mod:`pipeoptim.runtime.call_starts`), only to refuse it. Where the
+        ranks are in other calls, those whose call is not :func:`agreed_call` refuse theirs, and
+        the others gather again (a lone call given way to).
 
         Raises:
-            RanksInOtherCallsError: on every rank, where the ranks gather other things or
-                are at other counts of such calls; on this rank alone, where it gathers alone
-                (:attr:`mark`).
+            RanksInOtherCallsError: this rank's call is not the one the ranks go on with (every
+                rank's, where none is), or this rank gathers alone (:attr:`mark`), or waits.
             PeerLostError: a rank did not join within the group's timeout, or stopped.
         """
-        if self.mark is not None and not marked:
-            self.mark(what)
-        self.made += 1
-        parts: list[Any] = [None] * self.world
-        try:
-            dist.all_gather_object(parts, (what, self.made, value), group=self.group)
-        except RuntimeError as exc:
-            raise PeerLostError(
-                f"rank {self.rank}: gathering {what} from every rank failed ({first_line(exc)}): under "
-                f"torchrun every rank calls {CALLS} at the same point of the script, or a rank has stopped"
-            ) from exc
-        if len({(w, n) for w, n, _ in parts}) > 1:
-            same = len({w for w, _, _ in parts}) == 1  # the same call, at other counts of them
-            said = "; ".join(
-                f"rank {r}: {w}" + (f", its gather {n}" if same else "") for r, (w, n, _) in enumerate(parts)
-            )
-            raise RanksInOtherCallsError(
-                f"the ranks are in different calls ({said}): under torchrun every rank calls {CALLS} at "
-                "the same point of the script, not on one rank alone"
-            )
-        return [part for _, _, part in parts]
+        while True:
+            if self.mark is not None and not waiting:
+                self.mark(what)
+            parts: list[Any] = [None] * self.world
+            try:
+                dist.all_gather_object(parts, (what, waiting, value), group=self.group)
+            except RuntimeError as exc:
+                raise PeerLostError(
+                    f"rank {self.rank}: gathering {what} from every rank failed ({first_line(exc)}): "
+                    f"under torchrun every rank calls {CALLS} at the same point of the script, or a rank "
+                    "has stopped"
+                ) from exc
+            calls = [(w, wait) for w, wait, _ in parts]
+            if len(set(calls)) == 1 and not waiting:
+                return [part for _, _, part in parts]
+            agreed = agreed_call(calls)
+            if waiting or what != agreed or any(wait for _, wait in calls):
+                said = "; ".join(
+                    f"rank {r}: {w}" + (" (waiting for rank 0's)" if wait else "")
+                    for r, (w, wait) in enumerate(calls)
+                )
+                after = (
+                    "" if agreed is None else f"; this rank's call is refused, the others wait in {agreed}"
+                )
+                raise RanksInOtherCallsError(
+                    f"the ranks are in different calls ({said}): under torchrun every rank calls {CALLS} "
+                    f"at the same point of the script, not on one rank alone{after}"
+                )
 
     def same_call(self, call: str, failure: BaseException | None = None) -> None:
         """Check that every rank is making the public ``call`` (``"state_dict"``,
