@@ -14,6 +14,7 @@ import pytest
 from pipeoptim.runtime.rank_calls import CALLS, agreed_call
 from tests.test_torchrun import _torchrun
 
+STATS, OPT = "the prediction errors (stats)", "the start of optimizer_state_dict()"
 DIFFERENT = "RanksInOtherCallsError: the ranks are in different calls ("
 TAIL = f"): under torchrun every rank calls {CALLS} at the same point of the script, not on one rank alone"
 
@@ -21,11 +22,17 @@ TAIL = f"): under torchrun every rank calls {CALLS} at the same point of the scr
 @pytest.mark.parametrize(
     "calls, agreed",
     [
-        ([("stats", False), ("step()", True)], "step()"),  # the step waits on: rank 0 gives way
-        ([("stats", False), ("state_dict", False), ("state_dict", False)], "state_dict"),
-        ([("state_dict", False), ("stats", False), ("state_dict", False)], "state_dict"),
-        ([("stats", False), ("state_dict", False)], "state_dict"),  # a tie: against rank 0's
-        ([("state_dict", False), ("stats", False)], "stats"),
+        ([(STATS, False), ("step()", True)], "step()"),  # the step waits on: rank 0 gives way
+        ([(STATS, False), ("b", False), ("b", False)], "b"),  # most ranks' call
+        ([("b", False), (STATS, False), ("b", False)], "b"),
+        ([("the start of close()", False), (STATS, False), (STATS, False)], STATS),
+        # a tie: logging gives way, then saving, then the rest; close() never; then rank 0's
+        ([(STATS, False), ("the start of state_dict()", False)], "the start of state_dict()"),
+        ([("the start of state_dict()", False), (STATS, False)], "the start of state_dict()"),
+        ([("the start of state_dict()", False), ("the start of close()", False)], "the start of close()"),
+        ([("the start of predict()", False), ("the start of state_dict()", False)], "the start of predict()"),
+        ([(OPT, False), ("the start of to_module()", False)], "the start of to_module()"),
+        ([("the start of to_module()", False), (OPT, False)], OPT),
         ([("a", False), ("b", False), ("c", False)], None),  # a tie without rank 0's: none
         ([("a", False), ("b", False), ("b", False), ("a", False)], "b"),
         ([("a", False), ("b", False), ("step()", True)], "step()"),

@@ -1,7 +1,7 @@
 """Run by test_torchrun.py under ``torchrun`` with 2 ranks: calls that gather from every rank
 made differently on the two (rank 0 asks for the optimizer state while rank 1 asks for the
 model; rank 0 predicts, or saves a checkpoint, while rank 1 asks for the weights), each refused
-on rank 0, whose next call is rank 1's; each rank loading another checkpoint, or rank 1's
+on one rank, whose next call is the other's; each rank loading another checkpoint, or rank 1's
 missing, refused on both; then the calls every rank makes work. Writes each rank's errors,
 the trained model's weights and whether a checkpoint loaded into a new pipeline equals them."""
 
@@ -36,14 +36,14 @@ def main(out: str, gpus: int, profile_dir: str) -> None:
     with pipeoptim.compile(model, opt, gpus, example_inputs=batches[0][0], method="1f1b", **kwargs) as pipe:
         for x, y in batches[:2]:
             pipe.step(x, y)
-        # rank 0 in another call than rank 1's, then in rank 1's: refused on rank 0 (of two calls
-        # a tie, decided against rank 0's), while rank 1's waits for rank 0's and then gathers
-        for case, other, same in (
-            ("optimizer state / model", pipe.optimizer_state_dict, pipe.to_module),
-            ("predict / weights", lambda: pipe.predict(batches[0][0]), pipe.state_dict),
-            ("checkpoint / weights", lambda: pipe.save_checkpoint(f"{out}.ckpt0.{rank}"), pipe.state_dict),
+        # each rank in another call (a tie): the one of the kind more often made alone is
+        # refused, of one kind rank 0's, and the other waits until that rank makes it too
+        for case, refused, other, same in (
+            ("optimizer state / model", 0, pipe.optimizer_state_dict, pipe.to_module),
+            ("predict / weights", 1, pipe.state_dict, lambda: pipe.predict(batches[0][0])),
+            ("checkpoint / weights", 0, lambda: pipe.save_checkpoint(f"{out}.ckpt0.{rank}"), pipe.state_dict),
         ):
-            if rank == 0:
+            if rank == refused:
                 attempt(result, case, other)
             attempt(result, f"{case}, then", same)
         attempt(result, "predict without inputs", lambda: pipe.predict(None))  # on every rank

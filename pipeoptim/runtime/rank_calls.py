@@ -13,6 +13,7 @@ marks each gather's start (:mod:`pipeoptim.runtime.call_starts`).
 
 from __future__ import annotations
 
+import re
 from collections import Counter
 from collections.abc import Callable
 from typing import Any
@@ -30,18 +31,44 @@ CALLS = (
 )
 
 
+#: how often each call is made on one rank alone, where it is not the call most ranks are
+#: in (a tie): logging calls most often (``if rank == 0: print(pipe.stats())``), then saving
+#: calls, then the rest (1); ``close()``, which every rank makes (leaving its ``with`` block), never
+LONE = {
+    "stats": 3,
+    "peak_weight_versions": 3,
+    "resident_bytes": 3,
+    "sent_bytes": 3,
+    "stage_state_dicts": 3,
+    "state_dict": 2,
+    "to_module": 2,
+    "optimizer_state_dict": 2,
+    "save_checkpoint": 2,
+    "close": 0,
+}
+
+
+def call_of(label: str) -> str:
+    """The public call a gather's label names: ``"the start of state_dict()"`` -> state_dict,
+    ``"the prediction errors (stats)"`` -> stats (the first name in its parentheses)."""
+    found = re.search(r"the start of (\w+)\(\)|\((\w+)", label)
+    return next(name for name in found.groups() if name) if found else label
+
+
 def agreed_call(calls: list[tuple[str, bool]]) -> str | None:
     """Of the calls of a gather whose ranks are in other calls (each rank's label, and whether
     it only waits in step() or predict() for rank 0's), the one the ranks in it go on with, the
     others giving way: a waiting rank's (it goes on waiting; every other call gives way to the
-    step); else the call most ranks are in, a tie decided against rank 0's (a lone call is most
-    often rank 0's: the logging and saving of scripts under ``if rank == 0``); none where that
-    leaves a tie."""
+    step); else the call most ranks are in; of a tie, the call least often made on one rank
+    alone (:data:`LONE`), then not rank 0's; none where that leaves a tie. A wrong guess costs
+    refusals: the ranks then fall one call apart (helper-171)."""
     waiting = [label for label, wait in calls if wait]
     if waiting:
         return waiting[0]
     counts = Counter(label for label, _ in calls)
     top = [label for label, n in counts.items() if n == max(counts.values())]
+    least = min(LONE.get(call_of(label), 1) for label in top)
+    top = [label for label in top if LONE.get(call_of(label), 1) == least]
     if len(top) > 1 and calls[0][0] in top:
         top.remove(calls[0][0])
     return top[0] if len(top) == 1 else None
