@@ -352,7 +352,7 @@ class Pipeline(Measurements, checkpoint.Checkpoints, Streaming):
         if self._error is not None:
             error = f"{type(self._error).__name__}: {first_line(self._error)}"
             raise PipelineError(
-                f"the pipeline stopped at an earlier error ({error}), its stages part-way through a "
+                f"the pipeline stopped at an earlier error ({error}), its stages maybe part-way through a "
                 "mini-batch: compile it again, or load the last checkpoint into a new one"
             ) from self._error
 
