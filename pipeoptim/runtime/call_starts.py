@@ -131,8 +131,9 @@ class CallStarts:
             )
 
     def _send(self, values: list[Any]) -> None:
+        message = torch.tensor(values, dtype=torch.int64)  # one tensor, read by every send
         for rank in range(1, self.world):
-            self.channel.isend(torch.tensor(values, dtype=torch.int64), rank, tag=SIZE_TAG)
+            self.channel.isend(message, rank, tag=SIZE_TAG)
 
     def _from_rank_0(self, what: str) -> torch.Tensor:
         """Rank 0's next message (first one kept by :meth:`mark_gather`)."""

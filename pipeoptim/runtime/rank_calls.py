@@ -114,7 +114,7 @@ class RankCalls:
             if len(set(calls)) == 1 and not waiting:
                 return [part for _, _, part in parts]
             agreed = agreed_call(calls)
-            if waiting or what != agreed or any(wait for _, wait in calls):
+            if what != agreed or any(wait for _, wait in calls):  # this rank's wait among them
                 said = "; ".join(
                     f"rank {r}: {w}" + (" (waiting for rank 0's)" if wait else "")
                     for r, (w, wait) in enumerate(calls)
