@@ -79,6 +79,7 @@ from pipeoptim.compiler.plan import Plan
 from pipeoptim.compiler.summary import summarize
 from pipeoptim.compiler.trace import trace
 from pipeoptim.examples import Block
+from pipeoptim.loss_cost import LossPricing
 from pipeoptim.machine_costs import load_or_measure_machine_costs
 from pipeoptim.runtime.affinity import pin_rank
 from pipeoptim.runtime.linkcost import QUICK_SIZES, REPEATS, SIZES, measure_link
@@ -176,11 +177,13 @@ def compile_model(
     make, data, loss, _, _ = MODELS[model]
     net = make()
     opt = torch.optim.SGD(net.parameters(), lr=1e-3, momentum=0.9)
+    x, y = data(size=size)
     return pipeoptim.compile(
         net,
         opt,
         stages,
-        example_inputs=data(size=size)[0].to(device or DEVICE),  # profiled where the stages run
+        example_inputs=x.to(device or DEVICE),  # profiled where the stages run
+        example_targets=y.to(device or DEVICE),  # the loss priced on the last stage
         loss_fn=loss,
         method=method,
         executor=executor,
@@ -477,18 +480,20 @@ def priced_now(
     :class:`pipeoptim.update_pricing.UpdatePricing`; else each plan's config through it). This
     shared machine's speed drifted up to 2x within a full benchmark run, so the profile the
     plans were made from at its start priced runs half an hour later."""
-    make, data, _, _, _ = MODELS[model]
+    make, data, loss, _, _ = MODELS[model]
     net = make()
     optimizer = torch.optim.SGD(net.parameters(), lr=1e-3, momentum=0.9)
     pricing = pricing or UpdatePricing.of(optimizer, torch.device(DEVICE), None, print)  # not cached
     graphs: dict[int, Any] = {}
     summaries = {}
+    x, y = data()  # one mini-batch: the loss priced on its micro-batches, as compile prices it
     for name, plan in plans.items():
         config = pricing(plan.config)
         if plan.batch_size not in graphs:
-            micro = (data(size=plan.batch_size)[0],)
+            micro = (x[: plan.batch_size],)
+            priced = LossPricing(loss, "mean", y, int(x.shape[0]), torch.device(DEVICE), profile_dir, print)
             graphs[plan.batch_size] = plan_model(
-                net, micro, config, profile_dir=profile_dir, device=DEVICE
+                net, micro, config, profile_dir=profile_dir, device=DEVICE, priced=priced
             ).graph
         graph = graphs[plan.batch_size]
         stats = evaluate(graph, [plan.stage_of[node.name] for node in graph.nodes], config, plan.recompute)

@@ -47,14 +47,20 @@ def main(epochs: int = 3, executor: str = "auto") -> float:
     loader = torch.utils.data.DataLoader(
         torch.utils.data.TensorDataset(x_train, y_train), batch_size=batch, shuffle=True
     )
-    x = x_train[:batch]  # example_inputs sets the largest mini-batch the pipeline takes
+    x, y = x_train[:batch], y_train[:batch]  # one mini-batch: the largest the pipeline takes
 
     model = MyModel()  # any nn.Module
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=epochs * len(loader))
 
     pipe = pipeoptim.compile(
-        model, optimizer, gpus=4, example_inputs=x, loss_fn=F.cross_entropy, executor=executor
+        model,
+        optimizer,
+        gpus=4,
+        example_inputs=x,
+        example_targets=y,
+        loss_fn=F.cross_entropy,
+        executor=executor,
     )
     print(pipe.plan.table())  # one row per stage
     for epoch in range(epochs):

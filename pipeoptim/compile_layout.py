@@ -31,6 +31,7 @@ from pipeoptim.compiler.plan import Plan, make_plan
 from pipeoptim.errors import PlanError
 from pipeoptim.given_plan import read_plan
 from pipeoptim.inputs import example_tuple
+from pipeoptim.loss_cost import loss_pricing
 from pipeoptim.methods import METHODS, get_method
 from pipeoptim.runtime import spmd
 from pipeoptim.runtime.affinity import ranks_bound
@@ -63,6 +64,7 @@ def choose_compile_layout(
     log: Callable[[str], None] = lambda _msg: None,
     runnable: Callable[[int, int], None] = lambda _stages, _replicas: None,
     pricing: Callable[[CostConfig], CostConfig] = lambda config: config,
+    priced: Callable[[nn.Module, Sequence[torch.Tensor], CostGraph], CostGraph] | None = None,
 ) -> LayoutChoice:
     """The fastest predicted layout of ``gpus`` devices for ``model`` on the mini-batch ``inputs``.
 
@@ -79,6 +81,7 @@ def choose_compile_layout(
             with the other options (then it is infeasible, for that reason).
         pricing: each layout's update costs (:class:`pipeoptim.update_pricing.UpdatePricing`:
             timed beside that layout's other ranks); by default ``config``'s.
+        priced: each profile with the loss priced (:class:`pipeoptim.loss_cost.LossPricing`).
 
     Raises:
         InfeasibleMemoryError, PlanError: no layout is feasible, or a forced one needs more
@@ -93,7 +96,7 @@ def choose_compile_layout(
             graph, _ = profile_model(
                 model, micro, leaf_modules=leaf_modules, profile_dir=profile_dir, device=device, log=log
             )
-        return graph
+            return graph if priced is None else priced(model, micro, graph)
 
     def plan(graph: CostGraph, layout: CostConfig) -> Plan:
         try:
@@ -290,6 +293,15 @@ def plan_best_layout(
             log=say,
             runnable=partial(_runnable, options),
             pricing=pricing,
+            priced=loss_pricing(
+                options["loss_fn"],
+                options.get("loss_reduction", "mean"),
+                options.get("example_targets"),
+                int(inputs[0].shape[0]),
+                device,
+                profile_dir,
+                say,
+            ),
         )
     n, r = choice.chosen.stages, choice.chosen.replicas
     say(f"layout {n} x {r} (stages x replicas) chosen of {gpus} devices:\n{choice.table()}")

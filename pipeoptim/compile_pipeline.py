@@ -31,6 +31,7 @@ from pipeoptim.compiler.trace import trace
 from pipeoptim.errors import PipelineError, PlanError, first_line
 from pipeoptim.given_plan import given_plan
 from pipeoptim.inputs import check_traced_rows, example_tuple
+from pipeoptim.loss_cost import loss_pricing
 from pipeoptim.methods import METHODS, check_micro_batch_count, check_micro_batches, get_method
 from pipeoptim.pipeline import Pipeline
 from pipeoptim.random_state import keeps_random_state
@@ -46,6 +47,7 @@ from pipeoptim.runtime.optim import (
     hyperparameters,
     param_group_names,
 )
+from pipeoptim.runtime.policies import policy_options
 from pipeoptim.runtime.precision import autocast_context, check_autocast
 from pipeoptim.runtime.prediction import check_pipeoptim_options
 from pipeoptim.runtime.rank_settings import check_same_on_every_rank, compile_settings, same_graph, together
@@ -64,6 +66,7 @@ def compile(
     example_inputs: Any,
     loss_fn: Callable[[Any, Any], torch.Tensor],
     loss_reduction: microbatch.Reduction = "mean",
+    example_targets: Any = None,
     batch_norm: str = "micro-batch",
     method: str = "pipeoptim",
     micro_batches: int | None = None,
@@ -112,6 +115,9 @@ def compile(
             (:mod:`pipeoptim.microbatch`); every micro-batch calls ``loss_fn`` twice more, on
             two parts of it, after its backward, and one that shows it is not what
             ``loss_reduction`` says fails that step.
+        example_targets: the targets of ``example_inputs``' mini-batch, as ``step`` gets them:
+            the plan then prices ``loss_fn``'s forward (with that check) and backward on the
+            last stage (:mod:`pipeoptim.loss_cost`); ``None``: the plan leaves the loss out.
         batch_norm: ``"micro-batch"`` (default): each micro-batch updates the BatchNorm
             running statistics, as gradient accumulation does; ``"deferred"`` (gpipe and
             1f1b): once per mini-batch, from all its rows (:mod:`pipeoptim.batchnorm`).
@@ -327,6 +333,9 @@ def compile(
                     device=profiled_on,
                     solver=solver,
                     log=say,
+                    priced=loss_pricing(
+                        loss_fn, loss_reduction, example_targets, batch, profiled_on, profile_dir, say
+                    ),
                 )
         except Exception as exc:
             if kind == "torchrun":  # the other ranks wait for the plan: they stop too
@@ -371,7 +380,7 @@ def compile(
         loss_reduction=loss_reduction,
         micro_batches=m,
         seed=seed,
-        policy_options=_policy_options(info.policy, backward, predictor, m),
+        policy_options=policy_options(info.policy, backward, predictor, m),
         nan_check=nan_check,
         length=plan_length(chosen, micro, dynamic_length and not static_batch),
         max_grad_norm=max_grad_norm,
@@ -386,12 +395,3 @@ def compile(
     if held is not None:  # under torchrun rank 0's, as its weights are every rank's
         pipe._continue_from(spmd.broadcast(held) if kind == "torchrun" else held)
     return pipe
-
-
-def _policy_options(policy: str | None, backward: str, predictor: str, micro_batches: int) -> dict[str, Any]:
-    """Keyword arguments of the weight policy (:func:`pipeoptim.runtime.policies.make_policy`)."""
-    if policy == "pipeoptim":
-        return {"backward": backward, "predictor": predictor}
-    if policy == "2bw":
-        return {"micro_batches": micro_batches}
-    return {}

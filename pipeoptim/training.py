@@ -126,6 +126,7 @@ def _trainer(config: TrainConfig, task: Task, log: Callable[[str], None], plan: 
         optimizer,
         config.gpus,
         example_inputs=task.example_inputs,
+        example_targets=task.example_targets,
         loss_fn=task.loss_fn,
         loss_reduction=task.loss_reduction,
         method=config.method,

@@ -52,6 +52,7 @@ def _benchmark(
         ("affinity.py", ["affinity.md"]),
         ("memory_sharing.py", ["memory_sharing.md"]),
         ("prediction_error.py", ["prediction_error.md"]),
+        ("loss_pricing.py", ["loss_pricing.md"]),
     ],
 )
 def test_quick_benchmark_runs(tmp_path: Path, script: str, files: list[str]) -> None:

@@ -53,6 +53,8 @@ def test_a_run_on_another_runs_plan_takes_its_cut_without_profiling(tmp_path: Pa
     assert code == 0, err
     assert "profiling" in err
     saved = first / "plan.json"
+    # the task's loss is priced on the last stage (pipeoptim.loss_cost), as the log says
+    assert "loss on the last stage (timed)" in err and Plan.load(saved).summary["loss"]["bwd_s"] > 0
     code, _, err = run(
         *COMMON,
         "--gpus",

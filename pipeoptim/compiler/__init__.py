@@ -61,10 +61,13 @@ def plan_model(
     time_limit: float = 30.0,
     ideals: bool = True,
     log: Callable[[str], None] = lambda _msg: None,
+    priced: Callable[[nn.Module, Sequence[torch.Tensor], CostGraph], CostGraph] | None = None,
 ) -> PlannedModel:
     """Trace ``model``, profile it (or reuse a saved profile) and partition it.
 
-    ``example_inputs`` is one micro-batch (dim 0 is the batch). See :func:`.trace.trace`,
+    ``example_inputs`` is one micro-batch (dim 0 is the batch). ``priced(model, inputs,
+    graph)``, where given, returns the profile with what the graph leaves out priced (the
+    loss: :class:`pipeoptim.loss_cost.LossPricing`). See :func:`.trace.trace`,
     :func:`.profile.load_or_profile` and :func:`.plan.make_plan` for the arguments and the
     errors raised.
     """
@@ -73,6 +76,8 @@ def plan_model(
         graph, reused = load_or_profile(
             traced, example_inputs, profile_dir=profile_dir, device=device, log=log
         )
+    if priced is not None:
+        graph = priced(model, example_inputs, graph)
     try:
         plan = make_plan(
             graph, config, partitioner=partitioner, solver=solver, time_limit=time_limit, ideals=ideals

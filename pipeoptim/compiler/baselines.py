@@ -196,7 +196,7 @@ def _balanced(graph: CostGraph, config: CostConfig, weights: list[float], name: 
 
 def uniform(graph: CostGraph, config: CostConfig) -> PartitionResult:
     """Contiguous split with (as nearly as possible) equal numbers of nodes that do work."""
-    weights = [1.0 if n.time_s > 0 else 0.0 for n in graph.nodes]
+    weights = [1.0 if n.time_s > 0 and n.op != "output" else 0.0 for n in graph.nodes]
     return _balanced(graph, config, weights, "uniform")
 
 

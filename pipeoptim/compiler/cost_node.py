@@ -67,6 +67,12 @@ class CostNode:
         return self.fwd_s + self.bwd_s
 
     @property
+    def again_s(self) -> float:
+        """Seconds of this node's forward run again where its stage recomputes: ``fwd_s``, but
+        the output node's, which is the loss (:mod:`pipeoptim.loss_cost`), not recomputed."""
+        return 0.0 if self.op == "output" else self.fwd_s
+
+    @property
     def sendable(self) -> bool:
         """Whether the output can cross a stage boundary: tensors, numbers and flat tuples of
         them (not modules, devices, nested structures...)."""

@@ -337,7 +337,7 @@ def evaluate(
         if again:
             activations += recomputed - memory
             memory = recomputed
-        again_s = fwd if again else 0.0
+        again_s = sum(x.again_s for x in nodes) if again else 0.0
         stats.append(
             StageStats(
                 index=k,

@@ -72,7 +72,8 @@ class Units:
         nodes = [self.graph.nodes[i] for i in self.members[u]]
         if all(n.op == "get_attr" for n in nodes):
             return False
-        return any(n.time_s > 0 or n.param_bytes > 0 for n in nodes)
+        # the output node's time is the loss's (pipeoptim.loss_cost): it makes no stage
+        return any((n.time_s > 0 and n.op != "output") or n.param_bytes > 0 for n in nodes)
 
     def edges(self) -> set[tuple[int, int]]:
         """Unit-level edges ``(a, b)`` with ``a < b``."""

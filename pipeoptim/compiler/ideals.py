@@ -140,7 +140,7 @@ def ideal_dp(
     again = config.recompute and (objective == "memory" or memory_limit is not None)
     if again:
         inner, first = _input_bytes(units, ideals)
-        fwd = a @ np.array([units.attr(u, "fwd_s") for u in range(len(units))], dtype=float)
+        fwd = a @ np.array([units.attr(u, "again_s") for u in range(len(units))], dtype=float)
 
     def choose(time: np.ndarray, mem: np.ndarray, time_re: np.ndarray, mem_re: np.ndarray) -> np.ndarray:
         """A stage's cost: without recomputation where it fits, else with it (module docstring)."""

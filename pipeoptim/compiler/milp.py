@@ -212,7 +212,7 @@ def build_ilp(
     big_bytes = sum(_unit_memory(units, u, 0, config, max_in_flight=True) for u in range(len(units)))
     most = max(config.in_flight(k) for k in range(n))
     big_bytes = (big_bytes + most * sum(units.graph.nodes[p].out_bytes for p, _ in units.producers())) / _MIB
-    big_fwd = sum(units.attr(u, "fwd_s") for u in range(len(units))) * _MS
+    big_fwd = sum(units.attr(u, "again_s") for u in range(len(units))) * _MS
     found = overlaps(units)
     big_bytes += most * sum(o.nbytes for o in found) / _MIB
     for s in range(n):
@@ -231,7 +231,7 @@ def build_ilp(
                 pulp.lpSum(x(u, s) * (units.attr(u, "saved_bytes") / _MIB) for u in range(len(units))) + extra
             )
             recomputed = base + saved + inputs[s] * (config.in_flight(s) / _MIB)
-            forward = pulp.lpSum(x(u, s) * (units.attr(u, "fwd_s") * _MS) for u in range(len(units)))
+            forward = pulp.lpSum(x(u, s) * (units.attr(u, "again_s") * _MS) for u in range(len(units)))
             assert isinstance(r, pulp.LpVariable)
             choices.append((r, memory, recomputed, forward))
         if objective == "time":

@@ -151,6 +151,7 @@ class Plan:
             f"method {self.config.method})",
             f"bubble          {sm['bubble_fraction']:.1%} of device time idle",
             *shared,
+            f"loss            {_loss_line(sm.get('loss'), self.num_stages)}",
             f"solved by       {solved} in {sm['solve_s']:.2f} s",
         ]
         if self.shared:
@@ -233,6 +234,16 @@ class Plan:
         except UnicodeDecodeError as exc:  # a checkpoint or another binary file given as the plan
             raise PlanError(f"{path} is not a plan file (not text); give a plan saved by --save") from exc
         return cls.from_dict(data, str(path))
+
+
+def _loss_line(loss: dict[str, float] | None, stages: int) -> str:
+    """The plan table's line on the loss function's time (:mod:`pipeoptim.loss_cost`)."""
+    if not loss:
+        return "not in the plan (made without example targets: the last stage is priced without it)"
+    return (
+        f"fwd {loss['fwd_s'] * 1e3:.3f} + bwd {loss['bwd_s'] * 1e3:.3f} ms per micro-batch, in stage "
+        f"{stages - 1}'s columns"
+    )
 
 
 def stage_io(graph: CostGraph, stage_of: list[int], num_stages: int) -> list[StageIO]:

@@ -86,7 +86,7 @@ def work_clock() -> Callable[[], float]:
     return time.thread_time if torch.get_num_threads() == 1 else time.perf_counter
 
 
-class _Timer:
+class Timer:
     """Seconds ``fn`` takes: CUDA events on a GPU; on the CPU with one torch thread (as the
     stages run there) this thread's CPU time (``time.thread_time``), which other processes
     sharing the core do not inflate (on the wall clock, the digits CNN profiled at 3-10x its
@@ -135,7 +135,7 @@ def _measure_node(
     interp: Recorder,
     node: fx.Node,
     params: set[int],
-    timer: _Timer,
+    timer: Timer,
     warmup: int,
     repeats: int,
 ) -> tuple[float, float]:
@@ -278,7 +278,7 @@ def profile_model(
     _warm_up(gm, inputs, warmup)
     mutates = recorder.mutated_roots()
     params = {id(p) for p in gm.parameters()}
-    timer = _Timer(device)
+    timer = Timer(device)
     outputs = {n: recorder.env[n] for n in gm.graph.nodes if n.op != "output"}
     dims = _batch_dims(gm, inputs, {n: (v, None) for n, v in outputs.items()})
     check_batch_axes(gm, dims or {}, outputs)  # a sequence layer must get whole sequences

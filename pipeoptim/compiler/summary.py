@@ -41,6 +41,8 @@ def summarize(graph: CostGraph, stats: Sequence[StageStats], config: CostConfig)
       schedule's warm-up and cool-down and from unequal stage times.
     - ``cores_bound``: whether the shared cores, not the bottleneck stage, set the throughput.
     - ``num_stages``, ``data_parallel``: the layout planned, N stages × R replicas.
+    - ``loss``: the loss's ``fwd_s`` and ``bwd_s`` per micro-batch priced on the last stage
+      (:mod:`pipeoptim.loss_cost`), ``None`` where the profile leaves the loss out.
     """
     n, m = config.num_stages, config.micro_batches
     bottleneck = max(s.time_s for s in stats)
@@ -89,4 +91,5 @@ def summarize(graph: CostGraph, stats: Sequence[StageStats], config: CostConfig)
         "cores_bound": cores_bound,
         "num_stages": n,
         "data_parallel": config.data_parallel,
+        "loss": graph.info.get("loss"),
     }

@@ -30,6 +30,8 @@ from the weight the policy names (the current W, a stashed version, or a new pre
 
 from __future__ import annotations
 
+from typing import Any
+
 from pipeoptim.runtime.prediction import PipeOptimPolicy, SpecTrainPolicy
 from pipeoptim.runtime.stashing import Stash, TwoBW
 from pipeoptim.runtime.weight_policy import NoCorrection, WeightPolicy
@@ -53,3 +55,12 @@ def make_policy(name: str, **options: object) -> WeightPolicy:
         return POLICIES[name](**options)  # type: ignore[arg-type]
     except KeyError:
         raise ValueError(f"unknown weight policy {name!r}; choose one of {', '.join(POLICIES)}") from None
+
+
+def policy_options(policy: str | None, backward: str, predictor: str, micro_batches: int) -> dict[str, Any]:
+    """Keyword arguments of the weight policy (:func:`make_policy`) of ``compile``'s options."""
+    if policy == "pipeoptim":
+        return {"backward": backward, "predictor": predictor}
+    if policy == "2bw":
+        return {"micro_batches": micro_batches}
+    return {}

@@ -35,7 +35,7 @@ SHOWN = 4
 #: they may differ between ranks
 RANK_0_ONLY = (
     *("profile_dir", "memory", "bandwidth", "latency", "action_overhead", "solver", "log", "timeout"),
-    *("allreduce_bandwidth", "allreduce_latency"),
+    *("allreduce_bandwidth", "allreduce_latency", "example_targets"),
 )
 _PLAIN = (int, float, str, bool, type(None))
 

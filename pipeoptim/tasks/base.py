@@ -24,6 +24,8 @@ class Task:
         example_inputs: one mini-batch of inputs, shaped like every training batch.
         loss_fn: ``loss_fn(model_output, targets) -> scalar``.
         loss_reduction: how ``loss_fn`` reduces (``compile``'s ``loss_reduction``).
+        example_targets: the targets of ``example_inputs`` (``compile``'s, which prices the
+            loss on the last stage with them).
         batches: ``batches(epoch)`` yields the shuffled training mini-batches of an epoch
             (same order for the same seed and epoch; incomplete last batch dropped).
         evaluate: ``evaluate(predict)`` computes the metric on the test split, where
@@ -42,6 +44,7 @@ class Task:
     steps_per_epoch: int
     info: dict[str, Any] = field(default_factory=dict)
     loss_reduction: str | Callable[[Any], Any] = "mean"
+    example_targets: Any = None
 
 
 def full_batches(n_train: int, batch_size: int) -> int:

@@ -60,6 +60,7 @@ def _task(
         metric="accuracy",
         model=model,
         example_inputs=(x_train[:batch_size],),
+        example_targets=y_train[:batch_size],
         loss_fn=F.cross_entropy,
         batches=shuffled_batches(inputs, y_train, batch_size, seed),
         evaluate=accuracy_evaluator((x_test,), y_test, batch_size),

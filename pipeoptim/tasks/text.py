@@ -216,6 +216,7 @@ def sst2(
         metric="accuracy",
         model=SentimentTransformer(len(vocab), SST2_LENGTH),
         example_inputs=(x_train[:batch_size],),
+        example_targets=y_train[:batch_size],
         loss_fn=F.cross_entropy,
         batches=shuffled_batches((x_train,), y_train, batch_size, seed),
         evaluate=accuracy_evaluator((x_test,), y_test, batch_size),

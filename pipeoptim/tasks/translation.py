@@ -286,6 +286,7 @@ def multi30k(
         metric="bleu",
         model=model,
         example_inputs=(data.src_train[:batch_size], data.tgt_in[:batch_size]),
+        example_targets=data.tgt_out[:batch_size],
         loss_fn=token_cross_entropy,
         loss_reduction=count_tokens,
         batches=shuffled_batches((data.src_train, data.tgt_in), data.tgt_out, batch_size, seed),

@@ -1,0 +1,171 @@
+"""The loss on the last stage, priced (:mod:`pipeoptim.loss_cost`): given example targets,
+``compile`` times ``loss_fn``'s forward (with the reduction check where mini-batches are split)
+and backward and plans with them on the output node, which every plan puts on the last stage."""
+
+from __future__ import annotations
+
+import functools
+import json
+import random
+import subprocess
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import pipeoptim
+from pipeoptim.compiler.costgraph import CostGraph
+from pipeoptim.compiler.costmodel import CostConfig
+from pipeoptim.compiler.plan import make_plan
+from pipeoptim.errors import PipelineError, PlanError, ProfileError
+from pipeoptim.loss_cost import LOSS_COSTS_FILE, loss_identity
+
+from .conftest import random_cost_graph
+
+WIDTH, LAYERS = 256, 8
+
+
+def _model() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(*[nn.Sequential(nn.Linear(WIDTH, WIDTH), nn.Tanh()) for _ in range(LAYERS)])
+
+
+def heavy_loss(out: torch.Tensor, y: torch.Tensor, rounds: int = 6) -> torch.Tensor:
+    """A loss that costs about ``rounds`` of the model's layers, forward and backward."""
+    z = out
+    weight = torch.full((WIDTH, WIDTH), 1.0 / WIDTH)
+    for _ in range(rounds):
+        z = torch.tanh(z @ weight)
+    return F.mse_loss(out + z, y)
+
+
+def _compile(tmp_path: Path, targets: torch.Tensor | None, loss_fn=heavy_loss, said=None, **options):
+    x = torch.randn(64, WIDTH)
+    model = _model()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    return pipeoptim.compile(
+        model,
+        optimizer,
+        2,
+        example_inputs=x,
+        example_targets=targets,
+        loss_fn=loss_fn,
+        executor="local",
+        profile_dir=tmp_path,
+        log=(said if said is not None else []).append,
+        **options,
+    )
+
+
+def _layers_on_last_stage(plan) -> int:
+    return sum(1 for node, stage in plan.stage_of.items() if stage == 1 and node.startswith("linear"))
+
+
+def test_a_priced_loss_moves_layers_off_the_last_stage(tmp_path: Path) -> None:
+    """Without targets the two stages get 4 layers each and the plan says the loss is left
+    out; with them the loss (about 6 layers' work) counts on stage 1: its fwd and bwd columns
+    add the loss's figures to its nodes', and the planner gives it fewer layers. Training
+    on the priced plan gives the loss the plain model gives."""
+    y = torch.randn(64, WIDTH)
+    said: list[str] = []
+    plain = _compile(tmp_path, None, said=said)
+    assert any("leaves the loss out" in line for line in said)
+    assert plain.plan.summary["loss"] is None and "loss            not in the plan" in plain.plan.table()
+    plain.close()
+    said.clear()
+    pipe = _compile(tmp_path, y, said=said)
+    loss = pipe.plan.summary["loss"]
+    assert any(line.startswith("loss on the last stage (timed)") for line in said), said
+    last = pipe.plan.stages[-1]
+    graph_nodes = [n for n, s in pipe.plan.stage_of.items() if s == 1]
+    assert "output" in graph_nodes and last.fwd_s >= loss["fwd_s"] > 0 and last.bwd_s >= loss["bwd_s"] > 0
+    assert f"fwd {loss['fwd_s'] * 1e3:.3f} + bwd {loss['bwd_s'] * 1e3:.3f} ms" in pipe.plan.table()
+    assert _layers_on_last_stage(pipe.plan) < _layers_on_last_stage(plain.plan)
+    x = torch.randn(64, WIDTH)
+    expected = heavy_loss(_model()(x), y).detach()
+    assert float(pipe.step(x, y)) == pytest.approx(float(expected), rel=1e-6)
+    pipe.close()
+
+
+def test_the_figures_are_kept_per_loss_and_targets(tmp_path: Path) -> None:
+    """A second compile of the same setting reads the saved figures (the same plan, not
+    timing noise); another loss function, other loss settings or other targets are timed."""
+    y = torch.randn(64, WIDTH)
+    said: list[str] = []
+    first = _compile(tmp_path, y, said=said)
+    first.close()
+    again = _compile(tmp_path, y, said=said)
+    again.close()
+    assert any(
+        line.startswith(f"loss on the last stage (reused from {tmp_path / LOSS_COSTS_FILE})") for line in said
+    )
+    assert again.plan.summary["loss"] == first.plan.summary["loss"]
+    assert again.plan.stage_of == first.plan.stage_of
+    _compile(tmp_path, y, loss_fn=functools.partial(heavy_loss, rounds=1)).close()
+    _compile(tmp_path, y.double().float()[:, :1].expand(64, WIDTH).contiguous(), said=said).close()
+    _compile(tmp_path, y, method="gpipe", micro_batches=2, said=said).close()  # checked, 32 rows
+    table = json.loads((tmp_path / LOSS_COSTS_FILE).read_text())
+    assert len(table) == 3  # the same targets' shapes are one entry; the partial and gpipe's two more
+    assert any("with its reduction check" in line and "32 rows" in line for line in said)
+
+
+@pytest.mark.filterwarnings("ignore:Using a target size")
+def test_targets_the_loss_fails_on_are_named(tmp_path: Path) -> None:
+    with pytest.raises(ProfileError, match="loss_fn fails on the model's output and example_targets"):
+        _compile(tmp_path, torch.randn(64, 3))
+
+
+def test_a_loss_that_is_not_the_reduction_said_is_refused_by_compile(tmp_path: Path) -> None:
+    """Where mini-batches are split, the priced loss runs the run's reduction check: a sum
+    declared as a mean is refused by compile, with the message the first step would give."""
+
+    def summed(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return F.mse_loss(out, y, reduction="sum")
+
+    with pytest.raises(PipelineError, match="pass loss_reduction='sum'"):
+        _compile(tmp_path, torch.randn(64, WIDTH), loss_fn=summed, method="gpipe", micro_batches=2)
+
+
+def _sum_of(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    return (a - b).sum()
+
+
+def test_loss_identity_names_the_computation_in_any_process() -> None:
+    """Functions by name and code (two lambdas differ), modules by class and settings,
+    partials by function and arguments; no memory address, so another process reads the
+    same (the cache is shared between runs)."""
+    first, second = (lambda a, b: (a - b).sum()), (lambda a, b: (a * b).sum())
+    names = [
+        loss_identity(first),
+        loss_identity(second),
+        loss_identity(nn.CrossEntropyLoss()),
+        loss_identity(nn.CrossEntropyLoss(label_smoothing=0.1)),
+        loss_identity(functools.partial(F.cross_entropy, ignore_index=0)),
+        loss_identity(F.cross_entropy),
+        loss_identity(_sum_of),
+    ]
+    assert len(set(names)) == len(names) and not any("0x" in name for name in names), names
+    assert loss_identity(nn.CrossEntropyLoss()) == loss_identity(nn.CrossEntropyLoss())
+    code = "from tests.test_loss_cost import _sum_of; from pipeoptim.loss_cost import loss_identity; "
+    code += "print(loss_identity(_sum_of))"
+    root = Path(__file__).resolve().parent.parent
+    other = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=root)
+    assert other.stdout.strip() == loss_identity(_sum_of)
+
+
+@pytest.mark.parametrize("partitioner", ["ilp", "uniform", "chain_dp"])
+def test_a_stage_never_holds_the_loss_alone(partitioner: str) -> None:
+    """The output node's time is the loss's: it makes no stage (a stage of the loss alone
+    would have no layer and no parameter), so two layers still make at most 2 stages."""
+    drawn = random_cost_graph(random.Random(0), 2, max_inputs=1)
+    nodes = [*drawn.nodes[:-1], replace(drawn.nodes[-1], fwd_s=5.0, bwd_s=5.0)]
+    graph = CostGraph(drawn.model, nodes, batch_size=1)
+    with pytest.raises(PlanError, match="use at most 2 stages"):
+        make_plan(graph, CostConfig(3), partitioner=partitioner)
+    plan = make_plan(graph, CostConfig(2), partitioner=partitioner)
+    assert plan.stage_of == {"x": 0, "n0": 0, "n1": 1, "output": 1}
+    assert plan.stages[1].fwd_s == pytest.approx(nodes[2].fwd_s + 5.0)
