@@ -263,7 +263,9 @@ def plan_best_layout(
     say = options.get("log") or (lambda _msg: None)
     profile_dir = options.get("profile_dir", "profiles")
     with stage_threads("processes" if kind == "auto" else kind, device):  # timed as the stages run
-        pricing = UpdatePricing.of(optimizer, device, profile_dir, say)
+        pricing = UpdatePricing.of(
+            optimizer, device, profile_dir, say, options.get("max_grad_norm") is not None
+        )
         config = planning_config(
             optimizer,
             method,

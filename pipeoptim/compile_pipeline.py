@@ -294,7 +294,10 @@ def compile(
         say = log or (lambda _msg: None)
         rank0 = kind != "torchrun" or dist.get_rank() == 0
         # timed where a plan is priced: not on the ranks that take rank 0's (they raced to save theirs)
-        pricing = UpdatePricing.of(optimizer, profiled_on, profile_dir, say) if rank0 or plan else None
+        clipping = max_grad_norm is not None or autocast is torch.float16  # a pass over the gradients
+        pricing = (
+            UpdatePricing.of(optimizer, profiled_on, profile_dir, say, clipping) if rank0 or plan else None
+        )
         with stage_threads(kind, profiled_on):  # timed as the stages run
             config = planning_config(
                 optimizer,

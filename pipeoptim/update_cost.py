@@ -22,6 +22,7 @@ from torch.optim import SGD, Optimizer
 from pipeoptim.compiler.optimizer_state import builtin_base
 from pipeoptim.errors import PredictorError
 from pipeoptim.runtime.affinity import unbind_thread
+from pipeoptim.runtime.clipping import clip_coefficient, scale_grads_, squared_grad_norm
 from pipeoptim.runtime.extrapolation import Extrapolator, per_unit_rate
 from pipeoptim.runtime.fused_step import sgd_step_each, steps_each
 from pipeoptim.runtime.optim import stage_keywords
@@ -39,6 +40,7 @@ class UpdateCosts(NamedTuple):
     step: float  # one optimizer step
     predict: float  # one weight prediction (ΔW, then Ŵ into a buffer); 0 without a predictor
     copy: float  # one copy of the weights (weight stashing, PipeDream-2BW's shadow)
+    clip: float  # one pass over the gradients as clipping makes it: their norm, then their scaling
 
 
 def measure_update_cost(
@@ -50,8 +52,9 @@ def measure_update_cost(
     tensors: int = 1,
     beside: int = 0,
 ) -> UpdateCosts:
-    """Seconds per parameter byte of one optimizer step, of one weight prediction and of one
-    weight copy, on the CPU while ``beside`` other ranks step beside this one.
+    """Seconds per parameter byte of one optimizer step, of one weight prediction, of one
+    weight copy and of one gradient clipping, on the CPU while ``beside`` other ranks step
+    beside this one.
 
     Times the ``torch.optim`` class ``optimizer_class`` is or derives from
     (:func:`pipeoptim.compiler.optimizer_state.builtin_base`, with the user's defaults)
@@ -66,7 +69,9 @@ def measure_update_cost(
     prediction adds to that step's loop, in pieces or whole, whichever is faster, as the
     runtime chooses), and a
     copy of the parameter into a buffer (what weight stashing and 2BW's shadow do per step,
-    :mod:`pipeoptim.runtime.stashing`). On the CPU the time is the process's CPU time
+    :mod:`pipeoptim.runtime.stashing`), and the clipping a stage runs before its step under
+    ``max_grad_norm`` (:mod:`pipeoptim.runtime.clipping`: the gradients' squared norm in
+    float64, then their scaling in place). On the CPU the time is the process's CPU time
     (``time.process_time``), which other processes' load does not inflate (wall time under
     load varied 23× between two measurements seconds apart); on an accelerator, wall time
     between synchronisations.
@@ -209,11 +214,21 @@ def _measure(
             into.copy_(param.detach())
 
     copies = [timed(copy) for _ in range(2 + repeats)]
+
+    def clip() -> None:  # as a stage clips before its step (pipeoptim.runtime.clipping)
+        scale_grads_(params, clip_coefficient(squared_grad_norm(params), 1.0))  # by about 1e-3
+
+    clips = []
+    for _ in range(2 + repeats):
+        for param, grad in zip(params, gradients):
+            param.grad = grad.clone()  # each clip scales a fresh copy (not timed)
+        clips.append(timed(clip))
     step_s, copy_s = statistics.median(steps[2:]) / nbytes, statistics.median(copies[2:]) / nbytes
+    clip_s = statistics.median(clips[2:]) / nbytes
     try:
         predictor = get_predictor(optimizer)
     except PredictorError:
-        return UpdateCosts(step_s, 0.0, copy_s)
+        return UpdateCosts(step_s, 0.0, copy_s, clip_s)
     extrapolator = Extrapolator(
         {f"w{i}": param for i, param in enumerate(params)}, optimizer, per_unit_rate(predictor)
     )
@@ -257,9 +272,9 @@ def _measure(
                 totals[in_pieces].append(total)
                 added[in_pieces].append(total - timed(stepping(in_pieces, predicting=False)))
         way = min(totals, key=lambda w: statistics.median(totals[w][2:]))
-        return UpdateCosts(step_s, max(statistics.median(added[way][2:]), 0.0) / nbytes, copy_s)
+        return UpdateCosts(step_s, max(statistics.median(added[way][2:]), 0.0) / nbytes, copy_s, clip_s)
     predicts = [timed(prediction) for _ in range(2 + repeats)]
-    return UpdateCosts(step_s, statistics.median(predicts[2:]) / nbytes, copy_s)
+    return UpdateCosts(step_s, statistics.median(predicts[2:]) / nbytes, copy_s, clip_s)
 
 
 #: the largest working set timed, in float32 elements: beyond the caches the cost per byte

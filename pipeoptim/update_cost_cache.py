@@ -22,7 +22,7 @@ MAX_CACHED_S_PER_BYTE = 1e-6
 #: how update costs are timed; figures saved under another clock are measured again
 UPDATE_COST_CLOCK = (
     "cpu-time-median-9, prediction by terms or in SGD's step (the faster of in pieces and whole, "
-    "less that loop without it), model working set"
+    "less that loop without it), model working set, gradient clipping"
 )
 
 

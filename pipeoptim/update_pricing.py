@@ -23,7 +23,7 @@ from pipeoptim.runtime.linkcost import ranks_beside
 from pipeoptim.update_cost import UpdateCostError, UpdateCosts, working_set_of
 from pipeoptim.update_cost_cache import load_or_measure_update_cost
 
-NOT_MODELLED = UpdateCosts(0.0, 0.0, 0.0)
+NOT_MODELLED = UpdateCosts(0.0, 0.0, 0.0, 0.0)
 
 
 class UpdatePricing:
@@ -38,6 +38,10 @@ class UpdatePricing:
             (:func:`pipeoptim.update_cost.working_set`).
         profile_dir: the cache folder (``None``: measured on every call).
         say: gets a line where the costs cannot be measured (then they are 0: not modelled).
+        clipping: the stages pass over their gradients before each step, taking their norm
+            and scaling them: clipping (``max_grad_norm``) or float16's loss scaling (its
+            check for infinities and its unscaling); the step is priced with one such pass
+            (with both, the second scaling is not priced).
     """
 
     def __init__(
@@ -48,9 +52,11 @@ class UpdatePricing:
         elements: tuple[int, int],
         profile_dir: str | Path | None,
         say: Callable[[str], None],
+        clipping: bool = False,
     ) -> None:
         self.optimizer_class, self.defaults, self.device = optimizer_class, defaults, device
         self.elements, self.profile_dir, self.say = elements, profile_dir, say
+        self.clipping = clipping
         self.by_beside: dict[int, UpdateCosts] = {}
         self.failed = False
 
@@ -61,11 +67,12 @@ class UpdatePricing:
         device: torch.device,
         profile_dir: str | Path | None,
         say: Callable[[str], None],
+        clipping: bool = False,
     ) -> UpdatePricing:
         """The pricing of ``optimizer``'s class and defaults on a working set like its parameters."""
         params: Iterable[torch.Tensor] = (p for g in optimizer.param_groups for p in g["params"])
         elements = working_set_of(params, device)
-        return cls(type(optimizer), optimizer.defaults, device, elements, profile_dir, say)
+        return cls(type(optimizer), optimizer.defaults, device, elements, profile_dir, say, clipping)
 
     def costs(self, ranks: int) -> UpdateCosts:
         """Step, prediction and copy seconds per byte of one of ``ranks`` ranks (0 each, said,
@@ -92,6 +99,7 @@ class UpdatePricing:
 
     def __call__(self, config: CostConfig) -> CostConfig:
         costs = self.costs(config.num_stages * config.data_parallel)
+        step = costs.step + (costs.clip if self.clipping else 0.0)  # a clipping before every step
         return dataclasses.replace(
-            config, step_s_per_byte=costs.step, predict_s_per_byte=costs.predict, copy_s_per_byte=costs.copy
+            config, step_s_per_byte=step, predict_s_per_byte=costs.predict, copy_s_per_byte=costs.copy
         )
