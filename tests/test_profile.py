@@ -337,41 +337,6 @@ def test_compile_times_the_optimizer_on_a_working_set_like_the_model(tmp_path: P
     assert json.loads(key)["beside"] == min(2, usable_cores()) - 1  # timed beside the other stage
 
 
-def test_gradient_clipping_is_priced_with_each_step(tmp_path: Path) -> None:
-    """Under ``max_grad_norm`` every stage clips its gradients before each step (their norm,
-    then their scaling): the plan's update column adds that, as timed on the working set, per
-    byte of the stage's parameters; the rest of the plan is as without clipping."""
-    model, inputs = mlp(batch=8, width=64, depth=4)
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
-    plans = []
-    for clip in (None, 1.0):
-        with pipeoptim.compile(
-            model,
-            optimizer,
-            2,
-            example_inputs=inputs,
-            loss_fn=nn.functional.cross_entropy,
-            profile_dir=tmp_path,
-            executor="local",
-            max_grad_norm=clip,
-        ) as pipe:
-            plans.append(pipe.plan)
-    (figures,) = json.loads((tmp_path / "update-costs.json").read_text()).values()
-    step, clipping = figures[0], figures[3]
-    assert 0 < clipping < step * 10  # the norm in float64 and a scaling: work of the step's order
-    plain, clipped = plans
-    assert plain.stage_of == clipped.stage_of  # equal layers: clipping adds to each alike
-    for without, with_clip in zip(plain.stages, clipped.stages):
-        assert with_clip.update_s - without.update_s == pytest.approx(
-            with_clip.param_bytes * clipping, rel=1e-9
-        )
-        assert (with_clip.fwd_s, with_clip.bwd_s, with_clip.comm_s) == (
-            without.fwd_s,
-            without.bwd_s,
-            without.comm_s,
-        )
-
-
 @pytest.mark.parametrize("setting", [{"max_grad_norm": 1.0}, {"autocast": torch.float16}, {}])
 def test_a_pass_over_the_gradients_before_each_step_is_priced(tmp_path: Path, setting: dict) -> None:
     """float16's loss scaling passes over the gradients before each step as clipping does
