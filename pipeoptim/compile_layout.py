@@ -41,7 +41,7 @@ from pipeoptim.runtime.precision import autocast_context, check_autocast
 from pipeoptim.runtime.prediction import check_pipeoptim_options
 from pipeoptim.runtime.replicas import check_replicated_options
 from pipeoptim.units import parse_bandwidth, parse_bytes, plural
-from pipeoptim.update_pricing import UpdatePricing
+from pipeoptim.update_pricing import UpdatePricing, passes_over_gradients
 
 if TYPE_CHECKING:
     from pipeoptim.pipeline import Pipeline
@@ -263,9 +263,8 @@ def plan_best_layout(
     say = options.get("log") or (lambda _msg: None)
     profile_dir = options.get("profile_dir", "profiles")
     with stage_threads("processes" if kind == "auto" else kind, device):  # timed as the stages run
-        pricing = UpdatePricing.of(
-            optimizer, device, profile_dir, say, options.get("max_grad_norm") is not None
-        )
+        clipping = passes_over_gradients(options.get("max_grad_norm"), options.get("autocast"))
+        pricing = UpdatePricing.of(optimizer, device, profile_dir, say, clipping)
         config = planning_config(
             optimizer,
             method,

@@ -54,7 +54,7 @@ from pipeoptim.runtime.rank_settings import check_same_on_every_rank, compile_se
 from pipeoptim.runtime.replicas import check_layout, check_replicated_options
 from pipeoptim.runtime.spawning import check_devices, check_not_importing_main
 from pipeoptim.runtime.stage_state import held_state
-from pipeoptim.update_pricing import UpdatePricing
+from pipeoptim.update_pricing import UpdatePricing, passes_over_gradients
 
 
 @keeps_random_state
@@ -294,7 +294,7 @@ def compile(
         say = log or (lambda _msg: None)
         rank0 = kind != "torchrun" or dist.get_rank() == 0
         # timed where a plan is priced: not on the ranks that take rank 0's (they raced to save theirs)
-        clipping = max_grad_norm is not None or autocast is torch.float16  # a pass over the gradients
+        clipping = passes_over_gradients(max_grad_norm, autocast)
         pricing = (
             UpdatePricing.of(optimizer, profiled_on, profile_dir, say, clipping) if rank0 or plan else None
         )

@@ -159,7 +159,9 @@ def check_scalar_loss(loss: Any) -> None:
 
     Raises:
         PipelineError: ``loss`` is not a tensor, has more than one element, or is complex,
-            integer or boolean (the message says which and the fix).
+            integer or boolean, or, where gradients are on, needs none (a constant or a
+            detached value: the backward failed with autograd's "element 0 of tensors does not
+            require grad", helper-173); the message says which and the fix.
     """
     if not isinstance(loss, torch.Tensor):
         problem, fix = f"got {type(loss).__name__}", "return a tensor"
@@ -171,6 +173,11 @@ def check_scalar_loss(loss: Any) -> None:
         problem, fix = (
             f"got a {loss.dtype} tensor",
             "compute it in floating point (no gradient flows through integers)",
+        )
+    elif torch.is_grad_enabled() and not loss.requires_grad:
+        problem, fix = (
+            "got one that needs no gradient (a constant, or computed without the model's output)",
+            "compute it from the model's output, without .detach(), .item() or torch.no_grad()",
         )
     else:
         return

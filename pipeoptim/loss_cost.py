@@ -21,12 +21,10 @@ figures (a plan must not change with timing noise).
 from __future__ import annotations
 
 import copy
-import functools
 import hashlib
 import json
 import math
 import statistics
-import types
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -37,12 +35,13 @@ from torch import nn
 from torch.utils import _pytree as pytree
 
 from pipeoptim.compiler.costgraph import CostGraph
+from pipeoptim.compiler.graph_identity import callable_identity
 from pipeoptim.compiler.hooks import hooks_silenced
 from pipeoptim.compiler.profile import Timer
 from pipeoptim.errors import ProfileError, first_line
 from pipeoptim.fileio import read_json_table, update_json_table
 from pipeoptim.loss_check import CheckedLoss, check_scalar_loss
-from pipeoptim.microbatch import Reduction, split
+from pipeoptim.microbatch import Reduction, check_rows_split, split
 
 #: the cache's file in the profile folder
 LOSS_COSTS_FILE = "loss-costs.json"
@@ -51,32 +50,15 @@ WARMUP, REPEATS = 2, 9
 
 
 def loss_identity(loss_fn: Callable[..., Any]) -> str:
-    """What names ``loss_fn``'s computation in the cache: a module's class and public settings
-    (``CrossEntropyLoss`` with its ``reduction``, ``ignore_index``, ``label_smoothing``), a
-    ``functools.partial``'s function and arguments, a function's qualified name and a digest
-    of its code (two lambdas of one file differ), else the callable's class."""
-    if isinstance(loss_fn, nn.Module):
-        cls = type(loss_fn)
-        settings = {k: repr(v) for k, v in sorted(vars(loss_fn).items()) if not k.startswith("_")}
-        settings.pop("training", None)
-        return f"{cls.__module__}.{cls.__qualname__} {json.dumps(settings, sort_keys=True)}"
-    if isinstance(loss_fn, functools.partial):
-        keywords = sorted(loss_fn.keywords.items())
-        return f"partial({loss_identity(loss_fn.func)}, {loss_fn.args!r}, {keywords!r})"
-    code = getattr(loss_fn, "__code__", None)
+    """What names ``loss_fn``'s computation in the cache: a digest of
+    :func:`pipeoptim.compiler.graph_identity.callable_identity` (a function by its code,
+    defaults, closure and the values it reads; a module by its classes' source, its settings
+    and its parameters' and buffers' shapes; a bound method or callable object with its
+    state), the same in every process. A name and bytecode alone reused the figure of a
+    closure repeating its work once for one repeating it 200 times, and that of a loss module
+    with a head of 10 classes for one of 100,000 (800x too cheap, helper-173)."""
     name = getattr(loss_fn, "__qualname__", type(loss_fn).__qualname__)
-    where = getattr(loss_fn, "__module__", None) or type(loss_fn).__module__
-    if not isinstance(code, types.CodeType):
-        return f"{where}.{name}"
-    return f"{where}.{name} code {_code_digest(code)}"
-
-
-def _code_digest(code: types.CodeType) -> str:
-    """A digest of ``code``'s bytecode, names and constants, nested code included (whose repr
-    holds a memory address, different in every process)."""
-    consts = [_code_digest(c) if isinstance(c, types.CodeType) else repr(c) for c in code.co_consts]
-    text = repr((code.co_names, code.co_varnames, consts)).encode()
-    return hashlib.sha256(code.co_code + text).hexdigest()[:16]
+    return f"{name} {hashlib.sha256(callable_identity(loss_fn).encode()).hexdigest()[:16]}"
 
 
 def _meta(value: Any) -> list[Any]:
@@ -124,15 +106,18 @@ class LossPricing:
         timed as the loss (:class:`LossCost`).
 
         Raises:
-            ProfileError: ``loss_fn`` fails on the model's output and the targets, or returns no
-                real scalar tensor (:func:`pipeoptim.loss_check.check_scalar_loss`).
-            PipelineError: the loss is not the reduction ``loss_reduction`` says (the run's first
-                step would stop on it).
+            ProfileError: ``loss_fn`` fails on the model's output and the targets.
+            PipelineError: targets that ``step`` would not split like the inputs
+                (:func:`pipeoptim.microbatch.check_rows_split`), a loss that is no real scalar
+                tensor (:func:`pipeoptim.loss_check.check_scalar_loss`) or not the reduction
+                ``loss_reduction`` says: the run's first step would stop on each.
         """
         rows = int(inputs[0].shape[0])
         # the first micro-batch's targets, as step() splits them (into the parts that give
         # micro-batches of these rows)
-        targets = split(self.targets, math.ceil(self.batch / rows))[0]
+        parts = math.ceil(self.batch / rows)
+        check_rows_split(self.targets, self.batch, parts)  # as step() refuses them
+        targets = split(self.targets, parts)[0]
         checked = rows < self.batch
         key = json.dumps(
             {
@@ -211,21 +196,25 @@ def measure_loss(
         lambda x: x.detach().requires_grad_(x.is_floating_point()) if isinstance(x, torch.Tensor) else x,
         output,
     )
-    targets = pytree.tree_map(lambda x: x.to(device) if isinstance(x, torch.Tensor) else x, targets)
     timer = Timer(device)
     fwd, bwd = [], []
     for i in range(WARMUP + REPEATS):
         loss_of = CheckedLoss(loss_fn, reduction) if checked else loss_fn
+        # copies: a loss that changes its targets in place changed the caller's (helper-173)
+        given = pytree.tree_map(
+            lambda x: x.to(device, copy=True) if isinstance(x, torch.Tensor) else x, targets
+        )
         held: list[Any] = []
         try:
-            forward = timer(lambda f=loss_of, h=held: h.append(f(output, targets)))
-            check_scalar_loss(held[0])
+            forward = timer(lambda f=loss_of, h=held, t=given: h.append(f(output, t)))
         except Exception as exc:
             raise ProfileError(
                 f"loss_fn fails on the model's output and example_targets ({type(exc).__name__}: "
-                f"{first_line(exc)}): give example_targets of one mini-batch, as step() gets them"
+                f"{first_line(exc)}): fix loss_fn where it fails, or give example_targets of one "
+                "mini-batch as step() gets them"
             ) from exc
-        backward = timer(held[0].backward) if held[0].requires_grad else 0.0
+        check_scalar_loss(held[0])
+        backward = timer(held[0].backward)  # it needs a gradient: check_scalar_loss
         if isinstance(loss_of, CheckedLoss):
             forward += timer(loss_of.check_pending)
         for x in pytree.tree_leaves(output):

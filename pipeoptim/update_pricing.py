@@ -26,6 +26,13 @@ from pipeoptim.update_cost_cache import load_or_measure_update_cost
 NOT_MODELLED = UpdateCosts(0.0, 0.0, 0.0, 0.0)
 
 
+def passes_over_gradients(max_grad_norm: float | None, autocast: torch.dtype | None) -> bool:
+    """Whether the stages pass over their gradients before each step, taking their norm and
+    scaling them: clipping (``max_grad_norm``) and float16's loss scaling (its check for
+    infinities and its unscaling) do (:func:`pipeoptim.runtime.scaler.step_together`)."""
+    return max_grad_norm is not None or autocast is torch.float16
+
+
 class UpdatePricing:
     """``pricing(config)``: ``config`` with the update costs of its ``num_stages ×
     data_parallel`` ranks. Call it where the stages' torch threads are set (within

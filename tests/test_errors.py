@@ -626,6 +626,15 @@ NOT_A_LOSS = {
         r"got a torch\.bool tensor: compute it in floating point",
     ),
     "a float": (lambda out, y: F.cross_entropy(out, y).item(), r"got float: return a tensor"),
+    # autograd's "element 0 of tensors does not require grad" at the backward before (helper-173)
+    "a constant": (
+        lambda out, y: torch.tensor(1.0),
+        r"got one that needs no gradient .*: compute it from the model's output",
+    ),
+    "detached": (
+        lambda out, y: F.cross_entropy(out, y).detach(),
+        r"got one that needs no gradient",
+    ),
 }
 
 

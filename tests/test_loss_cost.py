@@ -117,6 +117,23 @@ def test_the_figures_are_kept_per_loss_and_targets(tmp_path: Path) -> None:
 def test_targets_the_loss_fails_on_are_named(tmp_path: Path) -> None:
     with pytest.raises(ProfileError, match="loss_fn fails on the model's output and example_targets"):
         _compile(tmp_path, torch.randn(64, 3))
+    # targets step() would refuse (rows that do not split like the inputs'), refused as it does
+    with pytest.raises(PipelineError, match=r"targets is a tensor of shape \[128, 256\], 128 along dim 0"):
+        _compile(tmp_path, torch.randn(128, WIDTH), method="gpipe", micro_batches=2)
+
+
+def test_the_callers_targets_are_left_as_they_are(tmp_path: Path) -> None:
+    """A loss that changes its targets in place changes copies (it changed the caller's,
+    a view of the training set, helper-173)."""
+
+    def clamping(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        y.clamp_(min=0.0)
+        return F.mse_loss(out, y)
+
+    y = torch.randn(64, WIDTH)
+    before = y.clone()
+    _compile(tmp_path, y, loss_fn=clamping, method="gpipe", micro_batches=2).close()
+    assert torch.equal(y, before)
 
 
 def test_a_loss_that_is_not_the_reduction_said_is_refused_by_compile(tmp_path: Path) -> None:
@@ -134,22 +151,60 @@ def _sum_of(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return (a - b).sum()
 
 
+def _repeated(rounds: int):
+    def loss(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return sum(F.mse_loss(out, y) for _ in range(rounds)) / rounds
+
+    return loss
+
+
+class _Scaled:
+    def __init__(self, factor: float) -> None:
+        self.factor = factor
+
+    def __call__(self, out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return F.mse_loss(out, y) * self.factor
+
+    def method(self, out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return F.mse_loss(out, y) * self.factor
+
+
+class _HeadLoss(nn.Module):
+    def __init__(self, classes: int) -> None:
+        super().__init__()
+        self.head = nn.Linear(WIDTH, classes)
+
+    def forward(self, out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(self.head(out), y)
+
+
 def test_loss_identity_names_the_computation_in_any_process() -> None:
-    """Functions by name and code (two lambdas differ), modules by class and settings,
-    partials by function and arguments; no memory address, so another process reads the
-    same (the cache is shared between runs)."""
-    first, second = (lambda a, b: (a - b).sum()), (lambda a, b: (a * b).sum())
-    names = [
-        loss_identity(first),
-        loss_identity(second),
-        loss_identity(nn.CrossEntropyLoss()),
-        loss_identity(nn.CrossEntropyLoss(label_smoothing=0.1)),
-        loss_identity(functools.partial(F.cross_entropy, ignore_index=0)),
-        loss_identity(F.cross_entropy),
-        loss_identity(_sum_of),
+    """Every pair differs in what the loss computes, so none may reuse the other's figure:
+    two lambdas, two defaults, closures over another count, callable objects and bound methods
+    of another state, modules of other settings, weights or submodules (helper-173: a loss
+    module with a head of 100,000 classes reused the figure of one of 10, 800x too cheap),
+    partials of other arguments. No memory address: another process reads the same (the
+    cache is shared between runs)."""
+    pairs = [
+        ((lambda a, b: (a - b).sum()), (lambda a, b: (a * b).sum())),
+        ((lambda a, b, k=1: a.sum() * k), (lambda a, b, k=1000: a.sum() * k)),
+        (_repeated(1), _repeated(200)),
+        (_Scaled(1.0), _Scaled(2.0)),
+        (_Scaled(1.0).method, _Scaled(2.0).method),
+        (nn.CrossEntropyLoss(), nn.CrossEntropyLoss(label_smoothing=0.1)),
+        (nn.CrossEntropyLoss(), nn.CrossEntropyLoss(weight=torch.ones(10))),
+        (_HeadLoss(10), _HeadLoss(100_000)),
+        (
+            functools.partial(F.cross_entropy, ignore_index=0),
+            functools.partial(F.cross_entropy, ignore_index=1),
+        ),
+        (F.cross_entropy, _sum_of),
     ]
-    assert len(set(names)) == len(names) and not any("0x" in name for name in names), names
+    for first, second in pairs:
+        assert loss_identity(first) != loss_identity(second), (first, second)
+        assert loss_identity(first) == loss_identity(first) and "0x" not in loss_identity(first)
     assert loss_identity(nn.CrossEntropyLoss()) == loss_identity(nn.CrossEntropyLoss())
+    assert loss_identity(_repeated(3)) == loss_identity(_repeated(3))
     code = "from tests.test_loss_cost import _sum_of; from pipeoptim.loss_cost import loss_identity; "
     code += "print(loss_identity(_sum_of))"
     root = Path(__file__).resolve().parent.parent
