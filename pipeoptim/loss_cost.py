@@ -21,7 +21,6 @@ figures (a plan must not change with timing noise).
 from __future__ import annotations
 
 import copy
-import hashlib
 import json
 import math
 import statistics
@@ -35,30 +34,18 @@ from torch import nn
 from torch.utils import _pytree as pytree
 
 from pipeoptim.compiler.costgraph import CostGraph
-from pipeoptim.compiler.graph_identity import callable_identity
 from pipeoptim.compiler.hooks import hooks_silenced
 from pipeoptim.compiler.profile import Timer
-from pipeoptim.errors import ProfileError, first_line
+from pipeoptim.errors import PipelineError, ProfileError, first_line
 from pipeoptim.fileio import read_json_table, update_json_table
 from pipeoptim.loss_check import CheckedLoss, check_scalar_loss
+from pipeoptim.loss_identity import loss_identity
 from pipeoptim.microbatch import Reduction, check_rows_split, split
 
 #: the cache's file in the profile folder
 LOSS_COSTS_FILE = "loss-costs.json"
 #: untimed and timed evaluations of the loss (the median of the timed ones is kept)
 WARMUP, REPEATS = 2, 9
-
-
-def loss_identity(loss_fn: Callable[..., Any]) -> str:
-    """What names ``loss_fn``'s computation in the cache: a digest of
-    :func:`pipeoptim.compiler.graph_identity.callable_identity` (a function by its code,
-    defaults, closure and the values it reads; a module by its classes' source, its settings
-    and its parameters' and buffers' shapes; a bound method or callable object with its
-    state), the same in every process. A name and bytecode alone reused the figure of a
-    closure repeating its work once for one repeating it 200 times, and that of a loss module
-    with a head of 10 classes for one of 100,000 (800x too cheap, helper-173)."""
-    name = getattr(loss_fn, "__qualname__", type(loss_fn).__qualname__)
-    return f"{name} {hashlib.sha256(callable_identity(loss_fn).encode()).hexdigest()[:16]}"
 
 
 def _meta(value: Any) -> list[Any]:
@@ -100,6 +87,7 @@ class LossPricing:
     device: torch.device
     profile_dir: str | Path | None
     log: Callable[[str], None]
+    identity: str | None = None  # loss_identity(loss_fn), made at the first call
 
     def __call__(self, model: nn.Module, inputs: tuple[torch.Tensor, ...], graph: CostGraph) -> CostGraph:
         """``graph`` (profiled on the micro-batch ``inputs`` of ``model``) with its output node
@@ -119,10 +107,12 @@ class LossPricing:
         check_rows_split(self.targets, self.batch, parts)  # as step() refuses them
         targets = split(self.targets, parts)[0]
         checked = rows < self.batch
+        if self.identity is None:  # once per compile: a layout search prices each layout's profile
+            self.identity = loss_identity(self.loss_fn)
         key = json.dumps(
             {
                 "profile": graph.key,
-                "loss": loss_identity(self.loss_fn),
+                "loss": self.identity,
                 "reduction": self.reduction
                 if isinstance(self.reduction, str)
                 else loss_identity(self.reduction),
@@ -196,6 +186,19 @@ def measure_loss(
         lambda x: x.detach().requires_grad_(x.is_floating_point()) if isinstance(x, torch.Tensor) else x,
         output,
     )
+    with torch.enable_grad():  # as the stages compute it (compile may be called under no_grad)
+        return _timed(output, targets, loss_fn, reduction, checked, device)
+
+
+def _timed(
+    output: Any,
+    targets: Any,
+    loss_fn: Callable[[Any, Any], torch.Tensor],
+    reduction: Reduction,
+    checked: bool,
+    device: torch.device,
+) -> LossCost:
+    """:func:`measure_loss`'s timing of ``loss_fn`` on ``output``, which needs gradients."""
     timer = Timer(device)
     fwd, bwd = [], []
     for i in range(WARMUP + REPEATS):
@@ -217,6 +220,14 @@ def measure_loss(
         backward = timer(held[0].backward)  # it needs a gradient: check_scalar_loss
         if isinstance(loss_of, CheckedLoss):
             forward += timer(loss_of.check_pending)
+        grads = [
+            x.grad for x in pytree.tree_leaves(output) if isinstance(x, torch.Tensor) and x.requires_grad
+        ]
+        if all(g is None for g in grads):  # no gradient reaches the model: it would train nothing
+            raise PipelineError(
+                "loss_fn's value does not depend on the model's output (its backward reaches none "
+                "of it, so training would change no weight): compute the loss from the output"
+            )
         for x in pytree.tree_leaves(output):
             if isinstance(x, torch.Tensor):
                 x.grad = None

@@ -4,11 +4,13 @@ and backward and plans with them on the output node, which every plan puts on th
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import random
 import subprocess
 import sys
+import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -22,7 +24,8 @@ from pipeoptim.compiler.costgraph import CostGraph
 from pipeoptim.compiler.costmodel import CostConfig
 from pipeoptim.compiler.plan import make_plan
 from pipeoptim.errors import PipelineError, PlanError, ProfileError
-from pipeoptim.loss_cost import LOSS_COSTS_FILE, loss_identity
+from pipeoptim.loss_cost import LOSS_COSTS_FILE
+from pipeoptim.loss_identity import loss_identity
 
 from .conftest import random_cost_graph
 
@@ -122,6 +125,24 @@ def test_targets_the_loss_fails_on_are_named(tmp_path: Path) -> None:
         _compile(tmp_path, torch.randn(128, WIDTH), method="gpipe", micro_batches=2)
 
 
+def test_a_loss_that_reaches_no_output_is_refused_and_compile_under_no_grad_times_it(tmp_path: Path) -> None:
+    """A loss of a value rebuilt from .item() needs a gradient but reaches none of the
+    model's output: training would change no weight (helper-174: it trained on, silently).
+    A compile under torch.no_grad times the loss with gradients, as the stages compute it
+    (autograd's raw error before)."""
+    y = torch.randn(64, WIDTH)
+
+    def rebuilt(out: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return torch.tensor(F.mse_loss(out, t).item(), requires_grad=True)
+
+    with pytest.raises(PipelineError, match="does not depend on the model's output"):
+        _compile(tmp_path, y, loss_fn=rebuilt)
+    with torch.no_grad():
+        pipe = _compile(tmp_path, y)
+    assert pipe.plan.summary["loss"]["bwd_s"] > 0
+    pipe.close()
+
+
 def test_the_callers_targets_are_left_as_they_are(tmp_path: Path) -> None:
     """A loss that changes its targets in place changes copies (it changed the caller's,
     a view of the training set, helper-173)."""
@@ -177,6 +198,48 @@ class _HeadLoss(nn.Module):
     def forward(self, out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         return F.cross_entropy(self.head(out), y)
 
+    def loss(self, out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return self(out, y)
+
+
+@dataclasses.dataclass
+class _Inner:
+    repeat: int
+
+
+@dataclasses.dataclass
+class _Config:
+    inner: _Inner
+
+
+class _Slotted:
+    __slots__ = ("repeat",)
+
+    def __init__(self, repeat: int) -> None:
+        self.repeat = repeat
+
+    def __call__(self, out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return F.mse_loss(out, y) * self.repeat
+
+
+class _Static:
+    @staticmethod
+    def __call__(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return F.mse_loss(out, y)
+
+
+def _closing_over(value: object):
+    def loss(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return F.mse_loss(out, y) * len(repr(value))
+
+    return loss
+
+
+def _exec_class(body: str) -> type:
+    scope = {"__name__": "__main__", "nn": nn, "F": F}
+    exec(f"class Loss(nn.Module):\n    def forward(self, o, y):\n        return {body}\n", scope)
+    return scope["Loss"]
+
 
 def test_loss_identity_names_the_computation_in_any_process() -> None:
     """Every pair differs in what the loss computes, so none may reuse the other's figure:
@@ -199,13 +262,28 @@ def test_loss_identity_names_the_computation_in_any_process() -> None:
             functools.partial(F.cross_entropy, ignore_index=1),
         ),
         (F.cross_entropy, _sum_of),
+        # beyond the profile's depth or what it keys (helper-174: each pair shared one entry)
+        (_HeadLoss(10).loss, _HeadLoss(20_000).loss),
+        (_closing_over(nn.Sequential(nn.Linear(4, 10))), _closing_over(nn.Sequential(nn.Linear(4, 10**5)))),
+        (_closing_over({"head": nn.Linear(4, 10)}), _closing_over({"head": nn.Linear(4, 10**5)})),
+        (_closing_over(_Config(_Inner(1))), _closing_over(_Config(_Inner(200)))),
+        (_Slotted(1), _Slotted(200)),
+        (functools.partial(_sum_of, b=_repeated(1)), functools.partial(_sum_of, b=_repeated(200))),
+        (_exec_class("F.mse_loss(o, y)")(), _exec_class("F.mse_loss(o, y) + F.l1_loss(o, y)")()),
+        (_Static(), _Scaled(1.0)),
     ]
     for first, second in pairs:
         assert loss_identity(first) != loss_identity(second), (first, second)
         assert loss_identity(first) == loss_identity(first) and "0x" not in loss_identity(first)
     assert loss_identity(nn.CrossEntropyLoss()) == loss_identity(nn.CrossEntropyLoss())
     assert loss_identity(_repeated(3)) == loss_identity(_repeated(3))
-    code = "from tests.test_loss_cost import _sum_of; from pipeoptim.loss_cost import loss_identity; "
+    cyclic: list = []
+    cyclic.append(cyclic)
+    assert loss_identity(_closing_over(cyclic)) == loss_identity(_closing_over(cyclic))
+    start = time.perf_counter()  # a loss holding a large container: its length and first items
+    loss_identity(_closing_over({i: i for i in range(10**6)}))
+    assert time.perf_counter() - start < 0.5
+    code = "from tests.test_loss_cost import _sum_of; from pipeoptim.loss_identity import loss_identity; "
     code += "print(loss_identity(_sum_of))"
     root = Path(__file__).resolve().parent.parent
     other = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=root)

@@ -111,28 +111,6 @@ def function_identity(fn: types.FunctionType) -> str:
     return f"{source}{_function(fn, _DEPTH)!r} {_globals_read(fn)!r}"
 
 
-def callable_identity(fn: object) -> str:
-    """A callable the pipeline runs outside the graph (the loss), as the graph's own are keyed:
-    a function by :func:`function_identity` (its code, defaults, closure, the values it reads);
-    a bound method by its function and its object's state; a module by :func:`leaf_identity`
-    of it and of each submodule, and the names, shapes and dtypes of its parameters and
-    buffers; a ``functools.partial`` by its function and arguments; another callable object by
-    its ``__call__`` and its state."""
-    if isinstance(fn, nn.Module):
-        tensors = [*fn.named_parameters(), *fn.named_buffers()]
-        shapes = [f"{name} {tuple(t.shape)} {t.dtype}" for name, t in tensors]
-        return f"{[leaf_identity(m) for m in fn.modules()]!r} {shapes!r}"
-    if isinstance(fn, types.FunctionType):
-        return function_identity(fn)
-    if isinstance(fn, types.MethodType):
-        return f"{callable_identity(fn.__func__)} {_described(fn.__self__, _DEPTH)!r}"
-    if isinstance(fn, functools.partial):
-        return f"partial {callable_identity(fn.func)} {_described((fn.args, fn.keywords), _DEPTH)!r}"
-    call = inspect.getattr_static(type(fn), "__call__", None)  # from the class or a base
-    own = callable_identity(call) if isinstance(call, types.FunctionType) else type(fn).__qualname__
-    return f"{own} {_described(fn, _DEPTH)!r}"
-
-
 def _globals_read(fn: types.FunctionType) -> list[object]:
     """The module-level settings ``fn`` reads by name (in its code and the code nested in it):
     plain values (numbers, strings, flags, and tuples and frozensets of them, dtypes, enums)
