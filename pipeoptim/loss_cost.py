@@ -161,6 +161,7 @@ def priced(graph: CostGraph, cost: LossCost) -> CostGraph:
     return replace(graph, nodes=nodes, info=info)
 
 
+@torch.enable_grad()  # as the stages compute the loss (compile may be called under no_grad)
 def measure_loss(
     model: nn.Module,
     inputs: tuple[torch.Tensor, ...],
@@ -186,19 +187,6 @@ def measure_loss(
         lambda x: x.detach().requires_grad_(x.is_floating_point()) if isinstance(x, torch.Tensor) else x,
         output,
     )
-    with torch.enable_grad():  # as the stages compute it (compile may be called under no_grad)
-        return _timed(output, targets, loss_fn, reduction, checked, device)
-
-
-def _timed(
-    output: Any,
-    targets: Any,
-    loss_fn: Callable[[Any, Any], torch.Tensor],
-    reduction: Reduction,
-    checked: bool,
-    device: torch.device,
-) -> LossCost:
-    """:func:`measure_loss`'s timing of ``loss_fn`` on ``output``, which needs gradients."""
     timer = Timer(device)
     fwd, bwd = [], []
     for i in range(WARMUP + REPEATS):
