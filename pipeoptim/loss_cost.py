@@ -183,8 +183,12 @@ def measure_loss(
     model = copy.deepcopy(model).to(device)
     with torch.no_grad(), hooks_silenced(model):  # compile runs no user hook
         output = model(*(x.to(device) for x in inputs))
-    output = pytree.tree_map(
-        lambda x: x.detach().requires_grad_(x.is_floating_point()) if isinstance(x, torch.Tensor) else x,
+    output = pytree.tree_map(  # leaves that collect the gradient (complex ones too: fft outputs)
+        lambda x: (
+            x.detach().requires_grad_(x.is_floating_point() or x.is_complex())
+            if isinstance(x, torch.Tensor)
+            else x
+        ),
         output,
     )
     timer = Timer(device)
@@ -195,9 +199,12 @@ def measure_loss(
         given = pytree.tree_map(
             lambda x: x.to(device, copy=True) if isinstance(x, torch.Tensor) else x, targets
         )
+        # copies of the output: as a stage's output, not leaves (a loss may change it in place,
+        # which autograd refuses on a leaf, helper-175), and each evaluation on the same values
+        out = pytree.tree_map(lambda x: x.clone() if isinstance(x, torch.Tensor) else x, output)
         held: list[Any] = []
         try:
-            forward = timer(lambda f=loss_of, h=held, t=given: h.append(f(output, t)))
+            forward = timer(lambda f=loss_of, h=held, o=out, t=given: h.append(f(o, t)))
         except Exception as exc:
             raise ProfileError(
                 f"loss_fn fails on the model's output and example_targets ({type(exc).__name__}: "
