@@ -21,6 +21,7 @@ figures (a plan must not change with timing noise).
 from __future__ import annotations
 
 import copy
+import functools
 import json
 import math
 import statistics
@@ -87,7 +88,12 @@ class LossPricing:
     device: torch.device
     profile_dir: str | Path | None
     log: Callable[[str], None]
-    identity: str | None = None  # loss_identity(loss_fn), made at the first call
+
+    @functools.cached_property
+    def identity(self) -> str:
+        """:func:`loss_identity` of the loss, once per compile (a layout search prices each
+        layout's profile)."""
+        return loss_identity(self.loss_fn)
 
     def __call__(self, model: nn.Module, inputs: tuple[torch.Tensor, ...], graph: CostGraph) -> CostGraph:
         """``graph`` (profiled on the micro-batch ``inputs`` of ``model``) with its output node
@@ -107,8 +113,6 @@ class LossPricing:
         check_rows_split(self.targets, self.batch, parts)  # as step() refuses them
         targets = split(self.targets, parts)[0]
         checked = rows < self.batch
-        if self.identity is None:  # once per compile: a layout search prices each layout's profile
-            self.identity = loss_identity(self.loss_fn)
         key = json.dumps(
             {
                 "profile": graph.key,

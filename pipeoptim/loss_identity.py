@@ -25,7 +25,6 @@ shapes), items beyond the first :data:`SHOWN` of a container.
 from __future__ import annotations
 
 import dataclasses
-import enum
 import functools
 import hashlib
 import inspect
@@ -36,7 +35,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from pipeoptim.compiler.graph_identity import global_names, leaf_identity
+from pipeoptim.compiler.graph_identity import WALK, global_names, leaf_identity, settled_text
 
 #: levels of containers and objects described (a dataclass in a dataclass in a dict in an
 #: object's state is 4: the profile's depth, which stopped short of it, helper-174)
@@ -46,7 +45,6 @@ SHOWN = 256
 #: objects and items described in all; beyond them a value is described by its type alone
 #: (torch.compile's wrapper of a loss reaches tens of thousands of objects, walked as a tree)
 BUDGET = 5_000
-_PLAIN = (bool, int, float, complex, str, bytes, type(None))
 #: classes whose code is torch's or Python's (keyed by their versions, not described)
 _LIBRARY = ("torch", "builtins", "abc", "typing", "collections", "enum", "functools")
 
@@ -72,16 +70,11 @@ class _Describer:
 
     def describe(self, value: object, depth: int) -> object:
         """``value`` as comparable, printable structure."""
-        if isinstance(value, _PLAIN):
+        if isinstance(value, (complex, bytes)):
             return value
-        if isinstance(value, torch.Tensor):
-            return f"tensor {tuple(value.shape)} {value.dtype}"
-        if isinstance(value, (torch.dtype, torch.device, enum.Enum)):
-            return str(value)
-        if type(value).__module__ == "numpy":
-            if getattr(value, "ndim", 0):
-                return f"array {tuple(value.shape)} {value.dtype}"  # type: ignore[attr-defined]
-            return self.describe(value.item(), depth) if hasattr(value, "item") else type(value).__qualname__
+        settled = settled_text(value)
+        if settled is not WALK:
+            return settled
         if depth <= 0 or id(value) in self.seen or self.left <= 0:
             return _type_name(value)
         self.left -= 1  # every object counts: a graph of objects is walked as a tree

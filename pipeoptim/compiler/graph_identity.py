@@ -174,15 +174,14 @@ def _from_torch_or_us(fn: types.FunctionType) -> bool:
     return owner.split(".")[0] in ("torch", "pipeoptim", "operator", "_operator", "builtins", "math")
 
 
-def _described(value: object, depth: int) -> object:
-    """``value`` as text that is the same in every process for the same value (no addresses,
-    no hash order): a plain value itself; lists, tuples, dicts and sets element by element (a
-    leaf's ``self.slopes = [0.1]`` counts as ``self.slope = 0.1`` does: helper-103's torchrun
-    rank whose leaf held 3.0 there trained beside rank 0's 0.1, silently); a tensor or numpy
-    array by shape and dtype, a numpy number or ``torch.dtype`` by its value; a function by its
-    qualified name, compiled code, defaults and the values it closes over (a
-    ``functools.partial`` by its function and arguments); another object (a config
-    dataclass, slotted or not) by its type and, to ``depth`` levels, its attributes."""
+#: what :func:`settled_text` returns for a value that must be walked to be described
+WALK = object()
+
+
+def settled_text(value: object) -> object:
+    """``value`` described without walking it: a plain value as it is, a tensor or NumPy array
+    by shape and dtype, a ``torch.dtype``, device, enum or NumPy number by its value;
+    :data:`WALK` for any other value."""
     if isinstance(value, _PLAIN):
         return value
     if isinstance(value, torch.Tensor):
@@ -192,7 +191,23 @@ def _described(value: object, depth: int) -> object:
     if type(value).__module__ == "numpy":
         if getattr(value, "ndim", 0):
             return f"array {tuple(value.shape)} {value.dtype}"  # type: ignore[attr-defined]
-        return _described(value.item(), depth) if hasattr(value, "item") else type(value).__qualname__
+        item = value.item() if hasattr(value, "item") else None
+        return item if isinstance(item, _PLAIN) and item is not None else type(value).__qualname__
+    return WALK
+
+
+def _described(value: object, depth: int) -> object:
+    """``value`` as text that is the same in every process for the same value (no addresses,
+    no hash order): a plain value itself; lists, tuples, dicts and sets element by element (a
+    leaf's ``self.slopes = [0.1]`` counts as ``self.slope = 0.1`` does: helper-103's torchrun
+    rank whose leaf held 3.0 there trained beside rank 0's 0.1, silently); a tensor or numpy
+    array by shape and dtype, a numpy number or ``torch.dtype`` by its value; a function by its
+    qualified name, compiled code, defaults and the values it closes over (a
+    ``functools.partial`` by its function and arguments); another object (a config
+    dataclass, slotted or not) by its type and, to ``depth`` levels, its attributes."""
+    settled = settled_text(value)
+    if settled is not WALK:
+        return settled
     if depth <= 0:
         return type(value).__qualname__
     inner = depth - 1
