@@ -33,6 +33,24 @@ def raises():
 
 def three():
     return make(), torch.randn(8, 16), "extra"
+
+def heavy_loss(out, y):
+    loss = torch.nn.functional.cross_entropy(out, y)
+    for _ in range(200):  # as costly as a large vocabulary's loss, next to the small layers
+        loss = loss + 0.0 * (out @ out.T).mean()
+    return loss
+
+def priced():
+    return make(), (torch.randn(8, 16),), torch.randint(0, 4, (8,)), heavy_loss
+
+def summed():
+    return make(), (torch.randn(8, 16),), torch.randn(8, 4), lambda out, y: ((out - y) ** 2).sum()
+
+def loss_not_callable():
+    return make(), (torch.randn(8, 16),), torch.randint(0, 4, (8,)), "cross_entropy"
+
+def targets_of_other_rows():
+    return make(), (torch.randn(8, 16),), torch.randint(0, 4, (5,)), heavy_loss
 """
 
 
@@ -280,7 +298,12 @@ def test_failing_factory_is_one_line(tmp_path: Path, factory: str, message: str)
 @pytest.mark.parametrize(
     "spec, extra, message",
     [
-        ("{file}:three", [], "returned a tuple of 3 values: return a model or (model, example_inputs)"),
+        (
+            "{file}:three",
+            [],
+            "returned a tuple of 3 values: return a model, (model, example_inputs) or (model, "
+            "example_inputs, example_targets, loss_fn)",
+        ),
         ("{tmp}/broken.py:make", [], "cannot load model file '{tmp}/broken.py': SyntaxError: "),
         (":make", [], "cannot import module '': ValueError: Empty module name"),
         (
@@ -553,3 +576,56 @@ def test_command_line_defaults_are_compiles(command):
         if option.name in DIFFERENT_ON_PURPOSE[command] or default is inspect.Parameter.empty:
             continue
         assert option.default == default, option.name
+
+
+def test_a_factory_with_targets_and_a_loss_prices_the_loss_on_the_last_stage(tmp_path: Path) -> None:
+    """A factory returning (model, example_inputs, example_targets, loss_fn) gets plans with the
+    loss timed on the last stage, as compile's example_targets do: the costly loss moves the
+    layers off the last stage (the plan without it splits them evenly), and a second run reuses
+    the timing. Before, partition had no targets and always left the loss out."""
+    source = tmp_path / "mymodel.py"
+    source.write_text(MODEL_FILE)
+    args = ("--stages", "2", "--gpus", "2", "--json", "--profile-dir", str(tmp_path))
+    code, out, err = run("partition", f"{source}:make_with_inputs", *args)
+    assert code == 0, err
+    assert "the plan leaves the loss out" in err
+    plain = json.loads(out)
+    assert plain["loss"] is None
+    code, out, err = run("partition", f"{source}:priced", *args)
+    assert code == 0, err
+    assert "loss on the last stage (timed)" in err and "per micro-batch of 8 rows" in err
+    priced = json.loads(out)
+    assert priced["loss"]["fwd_s"] > 0 and priced["loss"]["bwd_s"] > 0
+    last_nodes = [plan["stages"][-1]["num_nodes"] for plan in (plain, priced)]
+    assert last_nodes[1] < last_nodes[0], last_nodes
+    # the last stage's time holds the loss: its forward at least the loss's
+    assert priced["stages"][-1]["fwd_s"] >= priced["loss"]["fwd_s"]
+    code, _, err = run("partition", f"{source}:priced", *args)
+    assert code == 0 and "loss on the last stage (reused from" in err, err
+    # other rows given on the command line cut the targets with the inputs
+    code, _, err = run("partition", f"{source}:priced", *args, "--input-shape", "4x16")
+    assert code == 0 and "per micro-batch of 4 rows" in err, err
+    # with its mini-batch split (1f1b: 2 micro-batches), a summed loss is refused as the mean
+    # compile assumes by default, and priced with the option
+    code, _, err = run("partition", f"{source}:summed", *args, "--method", "1f1b")
+    assert code == 1 and "loss_reduction" in err, err
+    code, out, err = run(
+        "partition", f"{source}:summed", *args, "--method", "1f1b", "--loss-reduction", "sum"
+    )
+    assert code == 0 and json.loads(out)["loss"] is not None, err
+
+
+@pytest.mark.parametrize(
+    "factory, message",
+    [
+        ("loss_not_callable", "returned a loss_fn of type str, which cannot be called"),
+        ("targets_of_other_rows", "returned example targets of 5 rows for example inputs of 8: give one"),
+    ],
+)
+def test_a_factory_loss_that_cannot_be_priced_is_one_line(tmp_path: Path, factory: str, message: str) -> None:
+    source = tmp_path / "mymodel.py"
+    source.write_text(MODEL_FILE)
+    status, _, err = run("partition", f"{source}:{factory}", "--gpus", "2", "--profile-dir", str(tmp_path))
+    assert status == 1
+    line = one_line_error(err)
+    assert line.startswith("Error: ") and message in line, err

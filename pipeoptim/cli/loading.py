@@ -7,15 +7,34 @@ import importlib.util
 import math
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
+from torch.utils import _pytree as pytree
 
 from pipeoptim.errors import first_line
 from pipeoptim.examples import EXAMPLES
 from pipeoptim.units import format_bytes
+
+#: the forms a factory may return, as its errors name them
+FORMS = "a model, (model, example_inputs) or (model, example_inputs, example_targets, loss_fn)"
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    """What a MODEL's factory gave: the model and its example inputs (one micro-batch of the
+    ``--gpus``-stage pipeline, ``[b, ...]`` each) and, where it returned them, the targets of
+    those inputs (one row per input row) and ``loss_fn(output, targets)``, the loss a plan
+    prices on its last stage (``None`` otherwise)."""
+
+    model: nn.Module
+    inputs: tuple[torch.Tensor, ...]
+    targets: Any = None
+    loss_fn: Callable[[Any, Any], torch.Tensor] | None = None
 
 
 class ModelSpecError(ValueError):
@@ -69,32 +88,37 @@ def load_model(
     spec: str,
     input_shapes: Sequence[tuple[int, ...]] = (),
     input_dtypes: Sequence[torch.dtype] = (),
-) -> tuple[nn.Module, tuple[torch.Tensor, ...]]:
-    """Build the model named by ``spec`` and its example inputs.
+) -> LoadedModel:
+    """Build the model named by ``spec``, its example inputs and, where its factory gives them,
+    example targets and the loss.
 
-    The factory may return a model or ``(model, example_inputs)``. Shapes given here replace
-    the factory's example inputs (float inputs are ``randn``, integer inputs zeros, so that
-    they are valid token ids); a factory that returns only a model needs them. Dtypes given
-    without shapes cast the factory's example inputs (``Tensor.to``: a float cast to an
-    integer dtype is truncated, not zeros).
+    The factory may return :data:`FORMS`. Shapes given here replace the factory's example
+    inputs (float inputs are ``randn``, integer inputs zeros, so that they are valid token
+    ids), and its targets are cut or repeated to their rows (:func:`with_rows`); a factory that
+    returns only a model needs them. Dtypes given without shapes cast the factory's example
+    inputs (``Tensor.to``: a float cast to an integer dtype is truncated, not zeros).
 
     Raises:
         ModelSpecError: unknown spec, missing factory, a factory that raises (its error named),
-            or no example inputs.
+            returns another form or a loss that cannot be called, or no example inputs.
     """
     factory = _factory(spec)
     try:
         made = factory()
     except Exception as exc:
         raise ModelSpecError(f"factory {spec} failed: {type(exc).__name__}: {exc}") from exc
-    if isinstance(made, tuple) and len(made) != 2:
-        raise ModelSpecError(
-            f"factory {spec!r} returned a tuple of {len(made)} values: return a model or "
-            "(model, example_inputs)"
-        )
-    model, examples = made if isinstance(made, tuple) else (made, ())
+    if isinstance(made, tuple) and len(made) not in (2, 4):
+        raise ModelSpecError(f"factory {spec!r} returned a tuple of {len(made)} values: return {FORMS}")
+    model, examples, targets, loss_fn = (
+        (*made, None, None)[:4] if isinstance(made, tuple) else (made, (), None, None)
+    )
     if not isinstance(model, nn.Module):
         raise ModelSpecError(f"factory {spec!r} returned {type(model).__name__}, not an nn.Module")
+    if isinstance(made, tuple) and len(made) == 4 and not callable(loss_fn):
+        raise ModelSpecError(
+            f"factory {spec!r} returned a loss_fn of type {type(loss_fn).__name__}, which cannot be "
+            "called: return (model, example_inputs, example_targets, loss_fn) with loss_fn(output, targets)"
+        )
     if isinstance(examples, torch.Tensor):
         examples = (examples,)
     examples = tuple(examples)
@@ -121,7 +145,42 @@ def load_model(
             f"factory {spec!r} returned no example inputs: pass --input-shape (e.g. 8x3x32x32) "
             "and, for integer inputs, --input-dtype int64"
         )
-    return model, examples
+    if loss_fn is not None:
+        _check_target_rows(spec, targets, made[1])
+    if input_shapes and targets is not None:
+        targets = with_rows(targets, int(examples[0].shape[0]))
+    return LoadedModel(model, examples, targets, loss_fn)
+
+
+def _check_target_rows(spec: str, targets: Any, inputs: Any) -> None:
+    """Refuse example targets whose tensors have other rows than the factory's example inputs
+    (each is cut or repeated with the inputs, as ``step()`` splits them).
+
+    Raises:
+        ModelSpecError: names the rows of both.
+    """
+    first = next((x for x in pytree.tree_leaves(inputs) if isinstance(x, torch.Tensor) and x.dim()), None)
+    rows = None if first is None else int(first.shape[0])
+    for leaf in pytree.tree_leaves(targets):
+        if isinstance(leaf, torch.Tensor) and leaf.dim() and rows is not None and int(leaf.shape[0]) != rows:
+            raise ModelSpecError(
+                f"factory {spec!r} returned example targets of {int(leaf.shape[0])} rows for example "
+                f"inputs of {rows}: give one target row per input row (dim 0), as step() takes them"
+            )
+
+
+def with_rows(value: Any, rows: int) -> Any:
+    """``value`` with every tensor of at least one dimension cut or repeated to ``rows`` rows
+    (:func:`rows_of`); other leaves as they are."""
+    return pytree.tree_map(
+        lambda v: rows_of(v, rows) if isinstance(v, torch.Tensor) and v.dim() else v, value
+    )
+
+
+def rows_of(x: torch.Tensor, rows: int) -> torch.Tensor:
+    """``x`` (``[b, ...]``) with ``rows`` rows: its first ones, or it repeated along dim 0."""
+    repeats = -(-rows // x.shape[0])
+    return x.repeat(repeats, *[1] * (x.dim() - 1))[:rows] if repeats > 1 else x[:rows]
 
 
 def _example(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:

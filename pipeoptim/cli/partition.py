@@ -8,7 +8,7 @@ from collections.abc import Callable
 import click
 import torch
 
-from pipeoptim.cli.loading import ModelSpecError, load_model
+from pipeoptim.cli.loading import ModelSpecError, load_model, with_rows
 from pipeoptim.cli.options import (
     BYTES,
     DTYPE,
@@ -21,8 +21,8 @@ from pipeoptim.cli.options import (
     link_options,
     torch_device,
 )
+from pipeoptim.cli.profiles import Profiles
 from pipeoptim.cli.train_checks import check_forced_layout, check_micro_batches_apply
-from pipeoptim.compiler import profile_model
 from pipeoptim.compiler.baselines import BASELINES
 from pipeoptim.compiler.costgraph import CostGraph
 from pipeoptim.compiler.costmodel import CostConfig
@@ -33,6 +33,7 @@ from pipeoptim.compiler.plot import plot_plan
 from pipeoptim.compiler.profile_key import device_name
 from pipeoptim.errors import PipeoptimError
 from pipeoptim.fileio import cache_folder
+from pipeoptim.loss_cost import LossPricing
 from pipeoptim.methods import METHODS
 from pipeoptim.runtime.affinity import ranks_bound
 from pipeoptim.runtime.linkcost import shared_cores, stage_threads
@@ -134,6 +135,14 @@ def _log(msg: str) -> None:
     default=None,
     help="Force N pipeline stages (the replicas are chosen unless --data-parallel is given too).",
 )
+@click.option(
+    "--loss-reduction",
+    type=click.Choice(["mean", "sum"]),
+    default="mean",
+    show_default=True,
+    help="How the factory's loss_fn reduces over rows (compile's loss_reduction), checked as the "
+    "loss is timed.",
+)
 @click.option("--profile-dir", default="profiles", show_default=True, help="Where profiles are cached.")
 @click.option("--leaf", multiple=True, help="Qualified name of a module to keep as one node.")
 @click.option("--device", default=None, help="Device to profile on (default: cpu).")
@@ -164,6 +173,7 @@ def partition(
     profile_file,
     data_parallel,
     stages,
+    loss_reduction,
     profile_dir,
     leaf,
     device,
@@ -178,7 +188,9 @@ def partition(
 
     MODEL is a built-in example (mlp, resnet, transformer, multi_io, long_skip, gpt2),
     module:factory or path/file.py:factory; the factory returns a model or
-    (model, example_inputs), one micro-batch of the --gpus-stage pipeline. Each layout is
+    (model, example_inputs), one micro-batch of the --gpus-stage pipeline, or
+    (model, example_inputs, example_targets, loss_fn), whose loss the plans then price on
+    the last stage (timed as compile times it). Each layout is
     planned from a profile of its own micro-batch (the example's rows times --gpus
     micro-batches, split over its replicas and micro-batches); with --profile (then MODEL may
     be left out) from that profile, its costs scaled to the layout's rows.
@@ -208,11 +220,24 @@ def partition(
                 mini_batch, profiled = None, None
                 on_this_cpu = graph.key.get("device") == device_name(torch.device("cpu"))
             else:
-                net, examples = load_model(model, input_shape, input_dtype)
-                profiled = _Profiles(net, examples, leaf, profile_dir, target)
-                graph = profiled.profile
+                loaded = load_model(model, input_shape, input_dtype)
+                net, examples = loaded.model, loaded.inputs
                 m = micro_batches or default_micro_batches(method, gpus)
                 mini_batch = int(examples[0].shape[0]) * m
+                loss = None
+                if loaded.loss_fn is None:
+                    _log(
+                        "the plan leaves the loss out (its time on the last stage): a factory "
+                        "returning (model, example_inputs, example_targets, loss_fn) prices it"
+                    )
+                else:  # the targets of one mini-batch, as compile's example_targets
+                    mini_batch_targets = with_rows(loaded.targets, mini_batch)
+                    on = target or torch.device("cpu")
+                    loss = LossPricing(
+                        loaded.loss_fn, loss_reduction, mini_batch_targets, mini_batch, on, profile_dir, _log
+                    )
+                profiled = Profiles(net, examples, leaf, profile_dir, target, _log, loss)
+                graph = profiled.profile
                 on_this_cpu = target is None or target.type == "cpu"
             given = graph if isinstance(graph, CostGraph) else None
             on = target or torch.device("cpu")
@@ -313,37 +338,6 @@ def partition(
     click.echo(plan.table())
 
 
-class _Profiles:
-    """A :data:`~pipeoptim.compiler.layouts.Profiler` of a model: its example inputs cut (or
-    repeated) to the rows asked for, each size profiled once (and cached in ``profile_dir``)."""
-
-    def __init__(self, net, examples, leaf, profile_dir, device) -> None:
-        self.net, self.examples, self.leaf = net, examples, leaf
-        self.profile_dir, self.device = profile_dir, device
-        self.graphs: dict[int, CostGraph] = {}
-        self.reused = True
-
-    def profile(self, rows: int) -> CostGraph:
-        if rows not in self.graphs:
-            inputs = tuple(_rows(x, rows) for x in self.examples)
-            self.graphs[rows], reused = profile_model(
-                self.net,
-                inputs,
-                leaf_modules=self.leaf,
-                profile_dir=self.profile_dir,
-                device=self.device,
-                log=_log,
-            )
-            self.reused &= reused
-        return self.graphs[rows]
-
-
-def _rows(x: torch.Tensor, rows: int) -> torch.Tensor:
-    """``x`` (``[b, ...]``) with ``rows`` rows: its first ones, or it repeated along dim 0."""
-    repeats = -(-rows // x.shape[0])
-    return x.repeat(repeats, *[1] * (x.dim() - 1))[:rows] if repeats > 1 else x[:rows]
-
-
 _OPTIMIZERS = {
     "sgd": (torch.optim.SGD, {"lr": 0.01}),
     "momentum": (torch.optim.SGD, {"lr": 0.01, "momentum": 0.9}),
@@ -388,7 +382,8 @@ def _check_profile_matches(model, graph, input_shape, input_dtype, leaf, device)
     from pipeoptim.compiler.profile_key import profile_key
     from pipeoptim.compiler.trace import trace
 
-    net, examples = load_model(model, input_shape, input_dtype)
+    loaded = load_model(model, input_shape, input_dtype)
+    net, examples = loaded.model, loaded.inputs
     traced = trace(net, examples, leaf)
     key = profile_key(traced, examples, torch_device(device) or examples[0].device)
     if graph.key != key:
