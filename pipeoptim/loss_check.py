@@ -140,7 +140,8 @@ class CheckedLoss:
         if fits[other]:
             raise PipelineError(
                 f"loss_fn returns the {other} over the rows of a micro-batch but the pipeline was "
-                f"compiled with loss_reduction={self.reduction!r}: pass loss_reduction={other!r}"
+                f"compiled with loss_reduction={self.reduction!r}: pass loss_reduction={other!r} "
+                f"(--loss-reduction {other} on the command line)"
             )
         raise PipelineError(
             f"loss_fn of {rows} rows ({whole:.6g}) is neither the mean ({as_mean:.6g}) nor the sum "

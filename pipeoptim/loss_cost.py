@@ -131,6 +131,8 @@ class LossPricing:
         figures = saved.get(key)
         if _plausible(figures):
             cost, said = LossCost(*figures), f"reused from {path}"
+            if checked:  # the refusals hold whatever the cache says (helper-178): checked once
+                measure_loss(model, inputs, targets, self.loss_fn, self.reduction, True, self.device, 1)
         else:
             timed = measure_loss(model, inputs, targets, self.loss_fn, self.reduction, checked, self.device)
             cost, said = timed, "timed"
@@ -174,11 +176,13 @@ def measure_loss(
     reduction: Reduction,
     checked: bool,
     device: torch.device,
+    repeats: int = REPEATS,
 ) -> LossCost:
     """Time ``loss_fn`` on ``model``'s output for the micro-batch ``inputs`` and its
-    ``targets`` on ``device``: the median of :data:`REPEATS` evaluations after :data:`WARMUP`,
-    each forward (with :class:`CheckedLoss`'s check where ``checked``, as a split mini-batch's
-    last stage runs it) and backward to the output, on the profile's clock
+    ``targets`` on ``device``: the median of ``repeats`` evaluations after :data:`WARMUP`
+    (none after a single one: the checks alone, where a cached timing is reused), each forward
+    (with :class:`CheckedLoss`'s check where ``checked``, as a split mini-batch's last stage
+    runs it) and backward to the output, on the profile's clock
     (:class:`pipeoptim.compiler.profile.Timer`). ``model`` is copied, never changed.
 
     Raises:
@@ -196,44 +200,69 @@ def measure_loss(
         output,
     )
     timer = Timer(device)
+    warmup = WARMUP if repeats > 1 else 0
     fwd, bwd = [], []
-    for i in range(WARMUP + REPEATS):
-        loss_of = CheckedLoss(loss_fn, reduction) if checked else loss_fn
-        # copies: a loss that changes its targets in place changed the caller's (helper-173)
-        given = pytree.tree_map(
-            lambda x: x.to(device, copy=True) if isinstance(x, torch.Tensor) else x, targets
-        )
-        # copies of the output: as a stage's output, not leaves (a loss may change it in place,
-        # which autograd refuses on a leaf, helper-175), and each evaluation on the same values
-        out = pytree.tree_map(lambda x: x.clone() if isinstance(x, torch.Tensor) else x, output)
-        held: list[Any] = []
-        try:
-            forward = timer(lambda f=loss_of, h=held, o=out, t=given: h.append(f(o, t)))
-        except Exception as exc:
-            raise ProfileError(
-                f"loss_fn fails on the model's output and example_targets ({type(exc).__name__}: "
-                f"{first_line(exc)}): fix loss_fn where it fails, or give example_targets of one "
-                "mini-batch as step() gets them"
-            ) from exc
-        check_scalar_loss(held[0])
-        backward = timer(held[0].backward)  # it needs a gradient: check_scalar_loss
-        if isinstance(loss_of, CheckedLoss):
-            forward += timer(loss_of.check_pending)
-        grads = [
-            x.grad for x in pytree.tree_leaves(output) if isinstance(x, torch.Tensor) and x.requires_grad
-        ]
-        if all(g is None for g in grads):  # no gradient reaches the model: it would train nothing
-            raise PipelineError(
-                "loss_fn's value does not depend on the model's output (its backward reaches none "
-                "of it, so training would change no weight): compute the loss from the output"
-            )
-        for x in pytree.tree_leaves(output):
-            if isinstance(x, torch.Tensor):
-                x.grad = None
-        if i >= WARMUP:
+    for i in range(warmup + repeats):
+        forward, backward = _evaluate(output, targets, loss_fn, reduction, checked, device, timer)
+        if i >= warmup:
             fwd.append(forward)
             bwd.append(backward)
     return LossCost(statistics.median(fwd), statistics.median(bwd))
+
+
+def _evaluate(
+    output: Any,
+    targets: Any,
+    loss_fn: Callable[[Any, Any], torch.Tensor],
+    reduction: Reduction,
+    checked: bool,
+    device: torch.device,
+    timer: Timer,
+) -> tuple[float, float]:
+    """One evaluation of :func:`measure_loss` on the model's ``output`` (leaves taking
+    gradients, cleared after): its forward and backward seconds."""
+    loss_of = CheckedLoss(loss_fn, reduction) if checked else loss_fn
+    # copies: a loss that changes its targets in place changed the caller's (helper-173)
+    given = pytree.tree_map(lambda x: x.to(device, copy=True) if isinstance(x, torch.Tensor) else x, targets)
+    # copies of the output: as a stage's output, not leaves (a loss may change it in place,
+    # which autograd refuses on a leaf, helper-175), and each evaluation on the same values
+    out = pytree.tree_map(lambda x: x.clone() if isinstance(x, torch.Tensor) else x, output)
+    held: list[Any] = []
+    fix = "fix loss_fn where it fails, or give example_targets of one mini-batch as step() gets them"
+    try:
+        forward = timer(lambda: held.append(loss_of(out, given)))
+    except Exception as exc:
+        raise ProfileError(
+            f"loss_fn fails on the model's output and example_targets ({type(exc).__name__}: "
+            f"{first_line(exc)}): {fix}"
+        ) from exc
+    check_scalar_loss(held[0])
+    try:
+        backward = timer(held[0].backward)  # it needs a gradient: check_scalar_loss
+    except Exception as exc:  # a custom backward that raises (helper-178)
+        raise ProfileError(
+            f"loss_fn's backward fails ({type(exc).__name__}: {first_line(exc)}): {fix}"
+        ) from exc
+    if isinstance(loss_of, CheckedLoss):
+        try:
+            forward += timer(loss_of.check_pending)
+        except PipelineError:  # the loss is not the reduction said: its own message
+            raise
+        except Exception as exc:  # the loss fails on a part of the rows (helper-178)
+            raise ProfileError(
+                f"loss_fn fails on part of a micro-batch's rows, where the run checks its reduction "
+                f"({type(exc).__name__}: {first_line(exc)}): make loss_fn take any number of rows "
+                "(no batch size written in it)"
+            ) from exc
+    leaves = [x for x in pytree.tree_leaves(output) if isinstance(x, torch.Tensor) and x.requires_grad]
+    if all(x.grad is None for x in leaves):  # no gradient reaches the model: it would train nothing
+        raise PipelineError(
+            "loss_fn's value does not depend on the model's output (its backward reaches none "
+            "of it, so training would change no weight): compute the loss from the output"
+        )
+    for x in leaves:
+        x.grad = None
+    return forward, backward
 
 
 def loss_pricing(

@@ -51,6 +51,39 @@ def loss_not_callable():
 
 def targets_of_other_rows():
     return make(), (torch.randn(8, 16),), torch.randint(0, 4, (5,)), heavy_loss
+
+def rows_written_in():
+    loss = lambda o, y: (o.view(8, 4)[:, 0] - y).mean()  # the batch size written in it
+    return make(), (torch.randn(8, 16),), torch.randint(0, 4, (8,)), loss
+
+class Refused(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, g):
+        raise ValueError("no backward here")
+
+def backward_fails():
+    return make(), (torch.randn(8, 16),), torch.randn(8, 4), lambda o, y: Refused.apply(o).mean()
+
+def list_targets():
+    return make(), (torch.randn(8, 16),), list(range(8)), lambda o, y: o.mean()
+
+def sparse_targets():
+    return make(), (torch.randn(8, 16),), torch.eye(8, 4).to_sparse(), lambda o, y: o.mean()
+
+def token_mean(o, y):  # a mean over the tokens that are not padding (-100)
+    return torch.nn.functional.cross_entropy(o.unsqueeze(2).expand(-1, -1, 3), y)
+
+def unpadded():
+    return make(), (torch.randn(8, 16),), torch.zeros(8, 3, dtype=torch.long), token_mean
+
+def padded():  # the same shapes, dtypes and loss as unpadded(): one cache entry
+    y = torch.zeros(8, 3, dtype=torch.long)
+    y[:4, 1:] = -100
+    return make(), (torch.randn(8, 16),), y, token_mean
 """
 
 
@@ -627,3 +660,41 @@ def test_a_factory_with_targets_and_a_loss_prices_the_loss_on_the_last_stage(tmp
         "partition", f"{source}:summed", *args, "--method", "1f1b", "--loss-reduction", "sum"
     )
     assert code == 0 and json.loads(out)["loss"] is not None, err
+
+
+@pytest.mark.parametrize(
+    "factory, line",
+    [
+        (
+            "rows_written_in",
+            "loss_fn fails on part of a micro-batch's rows, where the run checks its reduction "
+            "(RuntimeError: shape '[8, 4]' is invalid for input of size 4",
+        ),
+        ("backward_fails", "loss_fn's backward fails (ValueError: no backward here)"),
+        ("list_targets", "example targets is a list of 8 values"),
+        ("sparse_targets", "returned example targets holding a sparse_coo tensor, which partition"),
+    ],
+)
+def test_a_loss_or_targets_partition_cannot_price_is_one_line(
+    tmp_path: Path, factory: str, line: str
+) -> None:
+    """Each of these was a traceback (helper-178); the check and the backward run as the
+    split mini-batch's last stage runs them (1f1b: 2 micro-batches)."""
+    source = tmp_path / "mymodel.py"
+    source.write_text(MODEL_FILE)
+    args = ("--gpus", "2", "--stages", "2", "--method", "1f1b", "--profile-dir", str(tmp_path))
+    status, _, err = run("partition", f"{source}:{factory}", *args)
+    assert status == 1 and line in one_line_error(err), err
+
+
+def test_a_reused_loss_timing_still_checks_the_reduction(tmp_path: Path) -> None:
+    """The loss-cost cache is keyed by the targets' shapes, not their values: targets padded in
+    some rows reused the unpadded ones' timing and skipped the reduction check that refuses them
+    without the cache (helper-178), giving a plan whose run stops at its first step."""
+    source = tmp_path / "mymodel.py"
+    source.write_text(MODEL_FILE)
+    args = ("--gpus", "2", "--stages", "2", "--method", "1f1b", "--profile-dir", str(tmp_path))
+    status, _, err = run("partition", f"{source}:unpadded", *args)
+    assert status == 0 and "loss on the last stage (timed)" in err, err
+    status, _, err = run("partition", f"{source}:padded", *args)
+    assert status == 1 and "is neither the mean" in one_line_error(err), err

@@ -16,8 +16,9 @@ import torch
 from torch import nn
 from torch.utils import _pytree as pytree
 
-from pipeoptim.errors import first_line
+from pipeoptim.errors import PipelineError, first_line
 from pipeoptim.examples import EXAMPLES
+from pipeoptim.microbatch import check_rows_split
 from pipeoptim.units import format_bytes
 
 #: the forms a factory may return, as its errors name them
@@ -119,6 +120,8 @@ def load_model(
             f"factory {spec!r} returned a loss_fn of type {type(loss_fn).__name__}, which cannot be "
             "called: return (model, example_inputs, example_targets, loss_fn) with loss_fn(output, targets)"
         )
+    if examples is None:  # as no example inputs (helper-178: a traceback)
+        examples = ()
     if isinstance(examples, torch.Tensor):
         examples = (examples,)
     examples = tuple(examples)
@@ -145,28 +148,42 @@ def load_model(
             f"factory {spec!r} returned no example inputs: pass --input-shape (e.g. 8x3x32x32) "
             "and, for integer inputs, --input-dtype int64"
         )
-    if loss_fn is not None:
-        _check_target_rows(spec, targets, made[1])
-    if input_shapes and targets is not None:
+    if loss_fn is not None and targets is not None:
+        # the rows the factory's targets go with: its example inputs', else --input-shape's
+        given = made[1] if isinstance(made[1], torch.Tensor) else made[1] or examples
+        rows = next(
+            int(x.shape[0]) for x in pytree.tree_leaves(given) if isinstance(x, torch.Tensor) and x.dim()
+        )
+        _check_target_rows(spec, targets, rows)
         targets = with_rows(targets, int(examples[0].shape[0]))
     return LoadedModel(model, examples, targets, loss_fn)
 
 
-def _check_target_rows(spec: str, targets: Any, inputs: Any) -> None:
-    """Refuse example targets whose tensors have other rows than the factory's example inputs
-    (each is cut or repeated with the inputs, as ``step()`` splits them).
+def _check_target_rows(spec: str, targets: Any, rows: int) -> None:
+    """Refuse example targets that cannot go with example inputs of ``rows`` rows: cut or
+    repeated with them to each layout's mini-batch, then split as ``step()`` splits them
+    (:func:`pipeoptim.microbatch.check_rows_split`): every tensor one row per input row (dim
+    0), dense; no list or array of a value per row.
 
     Raises:
-        ModelSpecError: names the rows of both.
+        ModelSpecError: names the targets' rows or kind, and the fix.
     """
-    first = next((x for x in pytree.tree_leaves(inputs) if isinstance(x, torch.Tensor) and x.dim()), None)
-    rows = None if first is None else int(first.shape[0])
     for leaf in pytree.tree_leaves(targets):
-        if isinstance(leaf, torch.Tensor) and leaf.dim() and rows is not None and int(leaf.shape[0]) != rows:
+        if isinstance(leaf, torch.Tensor) and (leaf.is_nested or leaf.layout != torch.strided):
+            kind = "nested" if leaf.is_nested else str(leaf.layout).removeprefix("torch.")
+            raise ModelSpecError(
+                f"factory {spec!r} returned example targets holding a {kind} tensor, which partition "
+                "cannot cut to each layout's rows: give dense tensors, one row per input row"
+            )
+        if isinstance(leaf, torch.Tensor) and leaf.dim() and int(leaf.shape[0]) != rows:
             raise ModelSpecError(
                 f"factory {spec!r} returned example targets of {int(leaf.shape[0])} rows for example "
                 f"inputs of {rows}: give one target row per input row (dim 0), as step() takes them"
             )
+    try:
+        check_rows_split(targets, rows, 2)  # a list of a value per row, which step() cannot split
+    except PipelineError as exc:
+        raise ModelSpecError(f"factory {spec!r}: example {first_line(exc)}") from exc
 
 
 def with_rows(value: Any, rows: int) -> Any:

@@ -225,7 +225,7 @@ def partition(
                 m = micro_batches or default_micro_batches(method, gpus)
                 mini_batch = int(examples[0].shape[0]) * m
                 loss = None
-                if loaded.loss_fn is None:
+                if loaded.loss_fn is None or loaded.targets is None:  # as compile's example_targets=None
                     _log(
                         "the plan leaves the loss out (its time on the last stage): a factory "
                         "returning (model, example_inputs, example_targets, loss_fn) prices it"
@@ -384,6 +384,8 @@ def _check_profile_matches(model, graph, input_shape, input_dtype, leaf, device)
 
     loaded = load_model(model, input_shape, input_dtype)
     net, examples = loaded.model, loaded.inputs
+    if loaded.loss_fn is not None:  # the saved profile's rows are scaled, not the loss's (helper-178)
+        _log("with --profile the plan leaves the factory's loss out: drop --profile to price it")
     traced = trace(net, examples, leaf)
     key = profile_key(traced, examples, torch_device(device) or examples[0].device)
     if graph.key != key:
