@@ -151,9 +151,8 @@ def load_model(
     if loss_fn is not None and targets is not None:
         # the rows the factory's targets go with: its example inputs', else --input-shape's
         given = made[1] if isinstance(made[1], torch.Tensor) else made[1] or examples
-        rows = next(
-            int(x.shape[0]) for x in pytree.tree_leaves(given) if isinstance(x, torch.Tensor) and x.dim()
-        )
+        leaves = [x for x in pytree.tree_leaves(given) if isinstance(x, torch.Tensor) and x.dim()]
+        rows = int((leaves or examples)[0].shape[0])
         _check_target_rows(spec, targets, rows)
         targets = with_rows(targets, int(examples[0].shape[0]))
     return LoadedModel(model, examples, targets, loss_fn)
