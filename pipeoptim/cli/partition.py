@@ -8,7 +8,7 @@ from collections.abc import Callable
 import click
 import torch
 
-from pipeoptim.cli.loading import ModelSpecError, load_model, with_rows
+from pipeoptim.cli.loading import ModelSpecError, load_model
 from pipeoptim.cli.options import (
     BYTES,
     DTYPE,
@@ -21,7 +21,7 @@ from pipeoptim.cli.options import (
     link_options,
     torch_device,
 )
-from pipeoptim.cli.profiles import Profiles
+from pipeoptim.cli.profiles import Profiles, factory_loss
 from pipeoptim.cli.train_checks import check_forced_layout, check_micro_batches_apply
 from pipeoptim.compiler.baselines import BASELINES
 from pipeoptim.compiler.costgraph import CostGraph
@@ -33,7 +33,6 @@ from pipeoptim.compiler.plot import plot_plan
 from pipeoptim.compiler.profile_key import device_name
 from pipeoptim.errors import PipeoptimError
 from pipeoptim.fileio import cache_folder
-from pipeoptim.loss_cost import LossPricing
 from pipeoptim.methods import METHODS
 from pipeoptim.runtime.affinity import ranks_bound
 from pipeoptim.runtime.linkcost import shared_cores, stage_threads
@@ -210,7 +209,8 @@ def partition(
         except ValueError as exc:
             raise click.ClickException(str(exc)) from exc
     # timed as `pipeoptim train`'s stage processes run (one thread each on the CPU)
-    with stage_threads("processes", target or torch.device("cpu")):
+    on = target or torch.device("cpu")
+    with stage_threads("processes", on):
         try:
             if profile_file is not None:
                 graph: CostGraph | Profiler = CostGraph.load(profile_file)
@@ -224,23 +224,11 @@ def partition(
                 net, examples = loaded.model, loaded.inputs
                 m = micro_batches or default_micro_batches(method, gpus)
                 mini_batch = int(examples[0].shape[0]) * m
-                loss = None
-                if loaded.loss_fn is None or loaded.targets is None:  # as compile's example_targets=None
-                    _log(
-                        "the plan leaves the loss out (its time on the last stage): a factory "
-                        "returning (model, example_inputs, example_targets, loss_fn) prices it"
-                    )
-                else:  # the targets of one mini-batch, as compile's example_targets
-                    mini_batch_targets = with_rows(loaded.targets, mini_batch)
-                    on = target or torch.device("cpu")
-                    loss = LossPricing(
-                        loaded.loss_fn, loss_reduction, mini_batch_targets, mini_batch, on, profile_dir, _log
-                    )
+                loss = factory_loss(loaded, loss_reduction, mini_batch, on, profile_dir, _log)
                 profiled = Profiles(net, examples, leaf, profile_dir, target, _log, loss)
                 graph = profiled.profile
                 on_this_cpu = target is None or target.type == "cpu"
             given = graph if isinstance(graph, CostGraph) else None
-            on = target or torch.device("cpu")
             if given is not None:  # one graph node per parameter tensor
                 params = sum(1 for n in given.nodes if n.param_bytes)
                 elements = working_set(given.total_param_bytes, params, on)

@@ -9,10 +9,32 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import nn
 
-from pipeoptim.cli.loading import rows_of
+from pipeoptim.cli.loading import LoadedModel, rows_of, with_rows
 from pipeoptim.compiler import profile_model
 from pipeoptim.compiler.costgraph import CostGraph
 from pipeoptim.loss_cost import LossPricing
+from pipeoptim.microbatch import Reduction
+
+
+def factory_loss(
+    loaded: LoadedModel,
+    reduction: Reduction,
+    mini_batch: int,
+    device: torch.device,
+    profile_dir: str | None,
+    log: Callable[[str], None],
+) -> LossPricing | None:
+    """The pricing of the loss ``loaded``'s factory returned, on ``mini_batch`` rows of its
+    targets (cut or repeated, as ``compile``'s ``example_targets``); ``None``, said in ``log``,
+    where it returned no targets or loss: the plans then leave the loss out."""
+    if loaded.loss_fn is None or loaded.targets is None:  # as compile's example_targets=None
+        log(
+            "the plan leaves the loss out (its time on the last stage): a factory returning "
+            "(model, example_inputs, example_targets, loss_fn) prices it"
+        )
+        return None
+    targets = with_rows(loaded.targets, mini_batch)
+    return LossPricing(loaded.loss_fn, reduction, targets, mini_batch, device, profile_dir, log)
 
 
 class Profiles:
