@@ -40,13 +40,10 @@ from pipeoptim.runtime.affinity import binding_asked
 from pipeoptim.runtime.build import PipelineSpec
 from pipeoptim.runtime.clipping import check_clipping
 from pipeoptim.runtime.compiled import check_compile_stages
+from pipeoptim.runtime.grad_modes import training_modes
 from pipeoptim.runtime.launch import check_executor
 from pipeoptim.runtime.linkcost import stage_threads
-from pipeoptim.runtime.optim import (
-    constructor_arguments,
-    hyperparameters,
-    param_group_names,
-)
+from pipeoptim.runtime.optim import constructor_arguments, hyperparameters, param_group_names
 from pipeoptim.runtime.policies import policy_options
 from pipeoptim.runtime.precision import autocast_context, check_autocast
 from pipeoptim.runtime.prediction import check_pipeoptim_options
@@ -58,6 +55,7 @@ from pipeoptim.update_pricing import UpdatePricing, passes_over_gradients
 
 
 @keeps_random_state
+@training_modes()  # profiled as the stages train, whatever the caller's grad, inference or autocast mode
 def compile(
     model: nn.Module,
     optimizer: torch.optim.Optimizer,

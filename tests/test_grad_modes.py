@@ -5,12 +5,15 @@ flushes first) trains as one outside them."""
 from __future__ import annotations
 
 import contextlib
+from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 import pipeoptim
+from pipeoptim.compiler import profile_model
+from pipeoptim.compiler.costgraph import CostGraph
 from pipeoptim.runtime.grad_modes import training_modes
 
 from .test_training import data, no_dropout_cnn
@@ -60,6 +63,84 @@ def test_a_flush_in_the_callers_modes_trains_as_one_outside_them(method: str, ca
     got, _ = trained(method, CALLERS[caller], plan)
     for name, value in want.items():
         assert torch.equal(got[name], value), name
+
+
+def _compiled(caller, folder: Path, said: list[str]) -> pipeoptim.Pipeline:
+    model = no_dropout_cnn()
+    x, y = data(1)[0]
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    with caller():
+        return pipeoptim.compile(
+            model,
+            opt,
+            2,
+            example_inputs=x,
+            example_targets=y,
+            loss_fn=F.cross_entropy,
+            method="1f1b",
+            executor="local",
+            profile_dir=folder,
+            log=said.append,
+        )
+
+
+def _profile(folder: Path) -> CostGraph:
+    (path,) = folder.glob("SmallCNN-*.json")
+    graph = CostGraph.load(path)
+    assert isinstance(graph, CostGraph)
+    return graph
+
+
+@pytest.mark.parametrize("caller", list(CALLERS))
+def test_compile_in_the_callers_modes_profiles_as_the_stages_train(caller: str, tmp_path: Path) -> None:
+    """compile() inside the caller's modes profiles, prices the loss and plans as outside them,
+    and its cached profile serves a later compile: under no_grad the backward was timed as
+    0 s on an MLP (cached so, for every later compile of the model) and failed on this CNN as
+    if the example inputs were wrong, under inference mode the profile failed so, and under a
+    bfloat16 autocast the stages were profiled in bfloat16, which they do not train in."""
+    said: list[str] = []
+    with _compiled(contextlib.nullcontext, tmp_path / "plain", said) as plain:
+        want = [float(plain.step(x, y)) for x, y in data(4)]
+    with _compiled(CALLERS[caller], tmp_path / "called", said) as pipe:
+        got = [float(pipe.step(x, y)) for x, y in data(4)]
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-7)
+    plain_graph, graph = _profile(tmp_path / "plain"), _profile(tmp_path / "called")
+    assert graph.key == plain_graph.key and "autocast" not in graph.key
+    for a, b in zip(plain_graph.nodes, graph.nodes, strict=True):
+        assert (b.name, b.out_bytes, b.saved_bytes) == (a.name, a.out_bytes, a.saved_bytes)
+        assert (b.bwd_s > 0) == (a.bwd_s > 0), b.name
+    assert sum(n.bwd_s for n in graph.nodes) > 0
+    said.clear()
+    with _compiled(contextlib.nullcontext, tmp_path / "called", said):  # reuses that profile
+        assert any(line.startswith("reusing profile") for line in said), said
+
+
+@pytest.mark.parametrize("caller", ["inference mode", "no_grad"])
+def test_the_compilers_profile_times_the_backward_in_the_callers_modes(caller: str) -> None:
+    """pipeoptim.compiler.profile_model (as `pipeoptim partition` and plan_model profile)."""
+    with CALLERS[caller]():
+        graph, _ = profile_model(no_dropout_cnn(), (data(1)[0][0],), profile_dir=None)
+    assert all(n.bwd_s > 0 for n in graph.nodes if n.op.startswith("call"))  # every op's backward
+
+
+def test_optimizer_state_loaded_in_inference_mode_trains_on(tmp_path: Path) -> None:
+    """Loaded inside the caller's inference mode, the stages' optimizer state (copies) became
+    inference tensors the next step could not update in place (Adam's step count; the local
+    executor and rank 0 under torchrun)."""
+    batches = data(6)
+    pipes = [_compiled(contextlib.nullcontext, tmp_path, []) for _ in range(2)]
+    for x, y in batches[:3]:
+        pipes[0].step(x, y)
+    weights, state = pipes[0].state_dict(), pipes[0].optimizer_state_dict()
+    with torch.inference_mode():
+        pipes[1].load_state_dict(weights)
+        pipes[1].load_optimizer_state_dict(state)
+    losses = [[float(p.step(x, y)) for x, y in batches[3:]] for p in pipes]
+    assert losses[0] == losses[1]
+    for name, value in pipes[0].state_dict().items():
+        assert torch.equal(pipes[1].state_dict()[name], value), name
+    for p in pipes:
+        p.close()
 
 
 def test_training_modes_restore_the_callers() -> None:

@@ -230,6 +230,8 @@ def _batch_dims(
     return result
 
 
+@torch.inference_mode(False)  # a caller's no_grad or inference mode timed no backward (bwd 0 s, cached)
+@torch.enable_grad()
 def profile_model(
     traced: TracedModel,
     example_inputs: Sequence[torch.Tensor],
@@ -266,8 +268,7 @@ def profile_model(
     inputs = [x.to(device).clone() for x in example_inputs]  # own storage, not a view of a batch
     recorder = Recorder(gm)
     try:
-        with torch.enable_grad():
-            recorder.run(*inputs)
+        recorder.run(*inputs)
     except Exception as exc:
         shapes = ", ".join(f"{tuple(x.shape)} {x.dtype}" for x in inputs)
         raise ProfileError(

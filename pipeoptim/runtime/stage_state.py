@@ -109,6 +109,7 @@ def merge_optimizer_states(parts: Sequence[dict[str, Any]]) -> dict[str, Any]:
     return merged
 
 
+@torch.inference_mode(False)  # its copies under a caller's inference mode: no later step could update them
 def load_optimizer_state(stage: StageRuntime, state: dict[str, Any]) -> None:
     """Restore the part of ``state`` (:func:`merge_optimizer_states`) that ``stage`` owns."""
     if stage.policy is not None:
