@@ -209,14 +209,18 @@ def optimizer_misfit(
             f"holds the state of {saved}, and this pipeline steps with {mine}: compile it with "
             f"{saved}, or load the weights alone (load_state_dict)"
         )
-    tensor = {name: id(p) for name, p in model.named_parameters(remove_duplicate=False)}
-    held = set(state.get("state", {})) | set(state.get("grads", {}))
+    params = dict(model.named_parameters(remove_duplicate=False))
+    tensor = {name: id(p) for name, p in params.items()}
+    held = set(state.get("state", {})) | set(state.get("grads", {})) | set(state.get("shadow", {}))
     unknown = sorted(held - set(tensor))
     if unknown:
         return (
             f"holds optimizer state for parameters {type(model).__name__} does not have ({unknown[:3]}): "
             "it was saved from another model; load the state of this one"
         )
+    odd = [n for n, v in state.get("shadow", {}).items() if tuple(v.shape) != tuple(params[n].shape)]
+    if odd:  # 2BW's previous weights (the next mini-batch's forward would fail on them)
+        return f"holds 2BW's previous weights of other shapes than {type(model).__name__}'s: {first_few(odd)}"
     names = state.get("param_group_names")
     grouped = {tensor[n] for group in names or [] for n in group if n in tensor}
     strays = sorted(n for n in held if tensor[n] not in grouped) if names is not None else []

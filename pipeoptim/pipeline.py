@@ -293,8 +293,8 @@ class Pipeline(Measurements, checkpoint.Checkpoints, Streaming):
         return self._next
 
     def optimizer_state_dict(self) -> dict[str, Any]:
-        """Optimizer state keyed by parameter name, stage step counts, the mini-batch count and the
-        user optimizer's group hyperparameters (lr, ...), as ``Optimizer.state_dict`` keeps them."""
+        """Optimizer state keyed by parameter name (2BW's shadow weights too), stage step counts, the
+        mini-batch count and the user optimizer's group hyperparameters (lr, ...)."""
         self.flush("optimizer_state_dict")
         state = {
             "format": checkpoint.OPTIMIZER_FORMAT,

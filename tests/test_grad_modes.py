@@ -123,6 +123,21 @@ def test_the_compilers_profile_times_the_backward_in_the_callers_modes(caller: s
     assert all(n.bwd_s > 0 for n in graph.nodes if n.op.startswith("call"))  # every op's backward
 
 
+@pytest.mark.parametrize("caller", list(CALLERS))
+def test_steps_in_the_callers_modes_train_as_steps_outside_them(caller: str, tmp_path: Path) -> None:
+    """Under inference mode step()'s copies of the micro-batches (the local executor, rank 0
+    under torchrun) were inference tensors, which the forward could not save for its backward."""
+    losses = []
+    for modes in (contextlib.nullcontext, CALLERS[caller]):
+        with _compiled(contextlib.nullcontext, tmp_path, []) as pipe:  # the second reuses the profile
+            given = []
+            for x, y in data(4):
+                with modes():
+                    given.append(pipe.step(x, y))
+            losses.append([float(loss) for loss in given])
+    assert losses[0] == losses[1]
+
+
 def test_optimizer_state_loaded_in_inference_mode_trains_on(tmp_path: Path) -> None:
     """Loaded inside the caller's inference mode, the stages' optimizer state (copies) became
     inference tensors the next step could not update in place (Adam's step count; the local

@@ -234,21 +234,31 @@ def test_state_dict_predict_and_to_module() -> None:
         assert not torch.equal(state["tok.weight"], model.tok.weight)  # the user's model is untouched
 
 
-def test_resume_from_checkpoint_equals_uninterrupted_run(tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    "method, executor", [(m, "local") for m in pipeoptim.METHODS] + [("2bw", "processes")]
+)
+def test_resume_from_checkpoint_equals_uninterrupted_run(tmp_path: Path, method: str, executor: str) -> None:
+    """Every method. 2BW's shadow W(t−1), which the first mini-batch after a flush runs on, is
+    part of the optimizer state: before, a resumed 2BW run used W there, and its losses left
+    the uninterrupted run's at that mini-batch."""
     torch.manual_seed(0)
     model = SmallCNN()
     batches = data(12)
 
     def fresh():
         net = copy.deepcopy(model)
-        opt = torch.optim.Adam(net.parameters(), lr=1e-3)
+        if method == "spectrain":  # its prediction follows SGD's momentum
+            opt = torch.optim.SGD(net.parameters(), lr=1e-2, momentum=0.9)
+        else:
+            opt = torch.optim.Adam(net.parameters(), lr=1e-3)
         return pipeoptim.compile(
             net,
             opt,
             3,
             example_inputs=batches[0][0],
             loss_fn=F.cross_entropy,
-            executor="local",
+            method=method,
+            executor=executor,
             profile_dir=tmp_path / "profiles",  # one profile, one plan: the same staleness in each run
         )
 
@@ -275,7 +285,9 @@ class Bottleneck(nn.Module):
         return self.l2(torch.tanh(self.l1(x)))
 
 
-def _bottleneck_pipeline(width: int, optimizer=torch.optim.SGD, executor: str = "local"):
+def _bottleneck_pipeline(
+    width: int, optimizer=torch.optim.SGD, executor: str = "local", method: str = "pipeoptim"
+):
     torch.manual_seed(width)
     model = Bottleneck(width)
     opt = optimizer(model.parameters(), lr=0.01)
@@ -287,6 +299,7 @@ def _bottleneck_pipeline(width: int, optimizer=torch.optim.SGD, executor: str = 
         loss_fn=F.cross_entropy,
         executor=executor,
         profile_dir=None,
+        method=method,
     )
 
 
@@ -341,6 +354,23 @@ def test_weights_or_optimizer_state_that_do_not_fit_are_refused_before_loading(
         assert all(torch.equal(after[name], weights[name]) for name in weights)
         assert hyperparameters(pipe._optimizer) == groups  # no betas, the same rate
         assert pipe.step(x, y).item() > 0  # still trains
+
+
+def test_2bws_previous_weights_of_other_shapes_are_refused_before_loading() -> None:
+    x, y = torch.randn(4, 8), torch.randint(0, 2, (4,))
+    with _bottleneck_pipeline(4, method="2bw") as pipe:
+        for _ in range(2):
+            pipe.step(x, y)
+        state = pipe.optimizer_state_dict()
+        assert sorted(state["shadow"]) == ["l1.bias", "l1.weight", "l2.bias", "l2.weight"]
+        before = pipe.state_dict()
+        state["shadow"]["l1.weight"] = state["shadow"]["l1.weight"][:1]
+        with pytest.raises(
+            pipeoptim.PipelineError, match=r"2BW's previous weights of other shapes .*l1\.weight"
+        ):
+            pipe.load_optimizer_state_dict(state)
+        assert all(torch.equal(pipe.state_dict()[n], v) for n, v in before.items())
+        assert pipe.step(x, y).item() > 0
 
 
 def test_checkpoint_errors(tmp_path: Path) -> None:

@@ -46,7 +46,8 @@ def optimizer_state(stage: StageRuntime) -> dict[str, Any]:
     """The stage optimizer's state and last gradients keyed by parameter name, its step count.
 
     The last gradients are part of it because predictors read them (SGD, RMSprop, Adagrad):
-    a resumed run predicts exactly as an uninterrupted one.
+    a resumed run predicts exactly as an uninterrupted one; so is the weight version its
+    policy runs the next mini-batch on besides W (``shadow``: 2BW's ``W(t−1)``).
     """
     result: dict[str, Any] = {"state": {}, "grads": {}, "steps": {stage.index: stage.steps}}
     if stage.scaler is not None:  # float16 loss scaling: stage 0's copy is the one kept
@@ -56,6 +57,9 @@ def optimizer_state(stage: StageRuntime) -> dict[str, Any]:
         # the parts stage 0 sends forward (asynchronous clipping), so a resumed run clips as one
         # that flushed there
         result["norm_parts"] = {"mini_batch": norms.known[0], "parts": norms.known[1].tolist()}
+    versions = stage.policy.saved_versions() if stage.policy is not None else {}
+    if versions:  # 2BW's shadow, which the next mini-batch runs on
+        result["shadow"] = versions
     if stage.optimizer is None:
         return result
     return result | _by_name(stage.optimizer, stage.module.named_parameters(remove_duplicate=False))
@@ -103,6 +107,8 @@ def merge_optimizer_states(parts: Sequence[dict[str, Any]]) -> dict[str, Any]:
         merged["state"].update(part["state"])
         merged["grads"].update(part.get("grads", {}))
         merged["steps"].update({int(k): v for k, v in part["steps"].items()})
+        if "shadow" in part:
+            merged.setdefault("shadow", {}).update(part["shadow"])
         for key in ("loss_scale", "norm_parts"):  # stage 0's (asynchronous methods: its S rules)
             if key in part and key not in merged:
                 merged[key] = part[key]
@@ -112,13 +118,14 @@ def merge_optimizer_states(parts: Sequence[dict[str, Any]]) -> dict[str, Any]:
 @torch.inference_mode(False)  # its copies under a caller's inference mode: no later step could update them
 def load_optimizer_state(stage: StageRuntime, state: dict[str, Any]) -> None:
     """Restore the part of ``state`` (:func:`merge_optimizer_states`) that ``stage`` owns."""
-    if stage.policy is not None:
-        stage.policy.reset()
     steps = state["steps"]
     own = steps.get(stage.index, steps.get(str(stage.index)))
     if own is None:  # saved with fewer stages: after a flush every stage has taken as many steps
         own = max((int(v) for v in steps.values()), default=0)
     stage.steps = int(own)
+    if stage.policy is not None:
+        stage.policy.reset()
+        stage.policy.restore_versions(state.get("shadow", {}), int(state.get("mini_batches", 0)))
     # what the state does not hold starts afresh, as in torch's load_state_dict: a pipeline that
     # trained before the load kept its momentum buffers, moments and loss scale (helper-135)
     if stage.scaler is not None:

@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import torch
 
@@ -81,8 +81,9 @@ class TwoBW(WeightPolicy):
     The shadow of update t−1 is overwritten at update t, when no micro-batch needs it any
     more, so at most two versions exist at any stage and no allocation follows the first.
 
-    Deviation: after a resume from a checkpoint (which holds only the current weights) the
-    first mini-batch uses the current weights.
+    The shadow is part of the optimizer state (:meth:`saved_versions`), so a run resumed from
+    a checkpoint goes on with it as an uninterrupted one does (before 2026-12-07 a checkpoint
+    held only W, and the first mini-batch after a resume used it).
 
     Args:
         micro_batches: M, micro-batches per mini-batch (the stage steps after every M-th
@@ -119,13 +120,17 @@ class TwoBW(WeightPolicy):
         self._updating = micro_batch // self.micro_batches
 
     def before_step(self) -> None:
+        self._take(self.params)
+
+    def _take(self, values: Mapping[str, torch.Tensor]) -> None:
+        """The shadow becomes a copy of ``values`` (by graph name), on the weights' devices."""
         with torch.no_grad():
             if not self._shadow:
-                self._shadow = {n: p.detach().clone() for n, p in self.params.items()}
+                self._shadow = {n: values[n].detach().to(p.device, copy=True) for n, p in self.params.items()}
                 for name, value in self._shadow.items():
                     self._track(name, value)
             else:
-                torch._foreach_copy_([self._shadow[n] for n in self.params], list(self.params.values()))
+                torch._foreach_copy_([self._shadow[n] for n in self.params], [values[n] for n in self.params])
 
     def after_step(self) -> None:
         self._updated = self._updating
@@ -133,8 +138,21 @@ class TwoBW(WeightPolicy):
 
     def reset(self) -> None:
         """The shadow holds weights from before the load: the next mini-batch uses the loaded
-        ones, as after a resume (it used the stale shadow when loaded into a trained pipeline)."""
+        ones, unless the loaded optimizer state holds a shadow (:meth:`restore_versions`; it
+        used the stale shadow when loaded into a trained pipeline)."""
         self._updated = None
+
+    def saved_versions(self) -> dict[str, torch.Tensor]:
+        """The shadow ``W(t−1)`` the next mini-batch ``t`` runs on (after a flush, the weights
+        before the last update); none before the first update."""
+        if self._updated is None:
+            return {}
+        return {n: v.detach().cpu().clone() for n, v in self._shadow.items()}
+
+    def restore_versions(self, versions: dict[str, torch.Tensor], next_mini_batch: int) -> None:
+        if versions and all(n in versions for n in self.params):  # else the loaded W, as before
+            self._take(versions)
+            self._updated = next_mini_batch - 1
 
     def backward_weight(self, name: str, micro_batch: int) -> torch.Tensor:
         shadow, updates = self._used[micro_batch]

@@ -99,6 +99,16 @@ class WeightPolicy:
         """Forget what was derived from the weights and the optimizer state: both were just
         loaded (a checkpoint, ``load_state_dict``; always after a flush, nothing in flight)."""
 
+    def saved_versions(self) -> dict[str, torch.Tensor]:
+        """The weight versions besides W that the next mini-batch after a flush computes with,
+        by graph name (CPU copies, kept in the optimizer state so that a resumed run goes on
+        as an uninterrupted one); none here."""
+        return {}
+
+    def restore_versions(self, versions: dict[str, torch.Tensor], next_mini_batch: int) -> None:
+        """Take back :meth:`saved_versions` (after :meth:`reset`); ``next_mini_batch``: the
+        index of the mini-batch the pipeline runs next."""
+
     def forward_weights(self) -> dict[str, torch.Tensor]:
         """What the forward prepared by :meth:`begin_forward` computes with, by graph name."""
         return {name: self._values.get(name, p) for name, p in self.params.items()}
