@@ -8,6 +8,7 @@ crafted file runs none of its code.
 
 from __future__ import annotations
 
+import copy
 import io
 import os
 import pickle
@@ -365,3 +366,13 @@ class Checkpoints:
         self.load_state_dict(data["state_dict"])
         self.load_optimizer_state_dict(data["optimizer"])
         return data["extra"]
+
+
+@torch.inference_mode(False)  # a model to train on, also where the caller is in inference mode (helper-180)
+def trained_module(template: torch.nn.Module, owned: dict[str, torch.Tensor]) -> torch.nn.Module:
+    """A copy of ``template`` (the original model) holding ``owned``, the stages' parameters and
+    buffers (:meth:`~pipeoptim.pipeline.Pipeline.to_module`), non-persistent buffers too."""
+    module = copy.deepcopy(template)
+    module.load_state_dict(keyed_as_template(owned, template))
+    copy_unsaved_buffers(owned, module)
+    return module

@@ -330,11 +330,7 @@ class Pipeline(Measurements, checkpoint.Checkpoints, Streaming):
         """A new instance of the original model class holding the trained weights and buffers,
         non-persistent ones too (which ``state_dict()`` leaves out, as torch's does)."""
         self.flush("to_module")
-        owned = self._guarded(self._executor.state_dict)
-        module = copy.deepcopy(self._template)
-        module.load_state_dict(checkpoint.keyed_as_template(owned, self._template))
-        checkpoint.copy_unsaved_buffers(owned, module)
-        return module
+        return checkpoint.trained_module(self._template, self._guarded(self._executor.state_dict))
 
     # -- lifetime --------------------------------------------------------------------
 

@@ -22,6 +22,7 @@ CALLERS = {
     "inference mode": torch.inference_mode,
     "no_grad": torch.no_grad,
     "bfloat16 autocast": lambda: torch.autocast("cpu", dtype=torch.bfloat16),
+    "saved-tensor hooks disabled": lambda: torch.autograd.graph.disable_saved_tensors_hooks("the caller's"),
 }
 
 
@@ -65,7 +66,7 @@ def test_a_flush_in_the_callers_modes_trains_as_one_outside_them(method: str, ca
         assert torch.equal(got[name], value), name
 
 
-def _compiled(caller, folder: Path, said: list[str]) -> pipeoptim.Pipeline:
+def _compiled(caller, folder: Path | None, said: list[str], method: str = "1f1b") -> pipeoptim.Pipeline:
     model = no_dropout_cnn()
     x, y = data(1)[0]
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
@@ -77,7 +78,7 @@ def _compiled(caller, folder: Path, said: list[str]) -> pipeoptim.Pipeline:
             example_inputs=x,
             example_targets=y,
             loss_fn=F.cross_entropy,
-            method="1f1b",
+            method=method,
             executor="local",
             profile_dir=folder,
             log=said.append,
@@ -126,16 +127,37 @@ def test_the_compilers_profile_times_the_backward_in_the_callers_modes(caller: s
 @pytest.mark.parametrize("caller", list(CALLERS))
 def test_steps_in_the_callers_modes_train_as_steps_outside_them(caller: str, tmp_path: Path) -> None:
     """Under inference mode step()'s copies of the micro-batches (the local executor, rank 0
-    under torchrun) were inference tensors, which the forward could not save for its backward."""
+    under torchrun) were inference tensors, which the forward could not save for its backward;
+    with the saved-tensor hooks disabled, PipeOptim's forward failed (helper-180)."""
     losses = []
     for modes in (contextlib.nullcontext, CALLERS[caller]):
-        with _compiled(contextlib.nullcontext, tmp_path, []) as pipe:  # the second reuses the profile
+        with _compiled(
+            contextlib.nullcontext, tmp_path, [], "pipeoptim"
+        ) as pipe:  # the second reuses the profile
             given = []
             for x, y in data(4):
                 with modes():
                     given.append(pipe.step(x, y))
             losses.append([float(loss) for loss in given])
     assert losses[0] == losses[1]
+
+
+@pytest.mark.parametrize("caller", list(CALLERS))
+def test_predict_and_to_module_in_the_callers_modes_give_what_they_give_outside(caller: str) -> None:
+    """helper-180: predict() under a caller's bfloat16 autocast ran the local executor's stages
+    in bfloat16 (worker processes, which the caller's autocast does not reach, in float32), and
+    to_module() under inference mode built a model of inference tensors, which no backward
+    could train."""
+    x, y = data(1)[0]
+    with _compiled(contextlib.nullcontext, None, []) as pipe:
+        pipe.step(x, y)
+        want = pipe.predict(x)
+        with CALLERS[caller]():
+            got, module = pipe.predict(x), pipe.to_module()
+    assert got.dtype == want.dtype and torch.equal(got, want)
+    assert not any(p.is_inference() for p in module.parameters())
+    F.cross_entropy(module(x), y).backward()
+    assert all(p.grad is not None for p in module.parameters())
 
 
 def test_optimizer_state_loaded_in_inference_mode_trains_on(tmp_path: Path) -> None:

@@ -356,6 +356,23 @@ def test_weights_or_optimizer_state_that_do_not_fit_are_refused_before_loading(
         assert pipe.step(x, y).item() > 0  # still trains
 
 
+@pytest.mark.parametrize("order", ["weights first", "optimizer state first"])
+def test_2bw_goes_on_from_its_state_dicts_loaded_in_either_order(order: str) -> None:
+    """helper-180: load_state_dict after load_optimizer_state_dict dropped the shadow W(t−1)
+    the optimizer state had brought (the weights alone loaded reset it)."""
+    x, y = torch.randn(4, 8), torch.randint(0, 2, (4,))
+    with _bottleneck_pipeline(4, torch.optim.Adam, method="2bw") as pipe:
+        for _ in range(3):
+            pipe.step(x, y)
+        weights, state = pipe.state_dict(), pipe.optimizer_state_dict()
+        want = [float(pipe.step(x, y)) for _ in range(3)]
+    with _bottleneck_pipeline(4, torch.optim.Adam, method="2bw") as pipe:
+        loads = [lambda: pipe.load_state_dict(weights), lambda: pipe.load_optimizer_state_dict(state)]
+        for load in loads if order == "weights first" else loads[::-1]:
+            load()
+        assert [float(pipe.step(x, y)) for _ in range(3)] == want
+
+
 def test_2bws_previous_weights_of_other_shapes_are_refused_before_loading() -> None:
     x, y = torch.randn(4, 8), torch.randint(0, 2, (4,))
     with _bottleneck_pipeline(4, method="2bw") as pipe:

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from torch.utils import _pytree as pytree
 
+from pipeoptim.runtime.grad_modes import callers_autocast_off
 from pipeoptim.runtime.leaves import detach_values
 
 
@@ -38,6 +39,7 @@ def delivered(values: Any, device: torch.device | None = None) -> Any:
 
 
 @torch.no_grad()
+@callers_autocast_off()
 def forward_chain(modules: Sequence[torch.nn.Module], inputs: tuple[Any, ...]) -> tuple[Any, ...]:
     """Evaluation-mode forward of ``inputs`` (as delivered to the first module) through the
     stage modules ``modules`` in order, each later module's inputs :func:`delivered` to it

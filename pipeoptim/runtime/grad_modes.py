@@ -24,12 +24,40 @@ _AUTOCAST_DEVICES = ("cpu", "cuda")
 
 @contextlib.contextmanager
 def training_modes() -> Iterator[None]:
-    """Gradients on, inference mode off and the caller's autocast off (for each device type
-    where it is on), restored on exit; also a decorator."""
+    """Gradients on, inference mode off, saved-tensor hooks allowed and the caller's autocast
+    off, restored on exit; also a decorator."""
     with contextlib.ExitStack() as stack:
         stack.enter_context(torch.inference_mode(False))
         stack.enter_context(torch.enable_grad())
+        stack.enter_context(_saved_tensor_hooks_allowed())
+        stack.enter_context(callers_autocast_off())
+        yield
+
+
+@contextlib.contextmanager
+def callers_autocast_off() -> Iterator[None]:
+    """The caller's autocast off for each device type where it is on (a stage's own, from
+    ``precision=``, is entered inside and applies); also a decorator: ``predict``'s forward
+    under a caller's autocast ran in bfloat16 in this process's stages alone (helper-180)."""
+    with contextlib.ExitStack() as stack:
         for device in _AUTOCAST_DEVICES:
             if torch.is_autocast_enabled(device):
                 stack.enter_context(torch.autocast(device, enabled=False))
         yield
+
+
+@contextlib.contextmanager
+def _saved_tensor_hooks_allowed() -> Iterator[None]:
+    """Undo a caller's ``torch.autograd.graph.disable_saved_tensors_hooks`` for the block
+    (with the calls torch's own context manager makes), which the weight policies and the
+    profile's saved-activation count rely on: a step, or a compile, inside it failed with the
+    caller's message on the local executor alone (helper-180)."""
+    said = torch._C._autograd._saved_tensors_hooks_get_disabled_error_message()
+    if said is None:
+        yield
+        return
+    torch._C._autograd._saved_tensors_hooks_enable()
+    try:
+        yield
+    finally:
+        torch._C._autograd._saved_tensors_hooks_disable(said)

@@ -32,7 +32,7 @@ def load_stage_state(
 ) -> None:
     """Copy the entries of ``state`` that ``stage`` owns into its tensors (in place)."""
     if stage.policy is not None:
-        stage.policy.reset()
+        stage.policy.weights_loaded()
     with torch.no_grad():
         for name, tensor in stage.module.state_dict(keep_vars=True).items():
             source = state.get(name)

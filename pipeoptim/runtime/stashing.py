@@ -107,6 +107,7 @@ class TwoBW(WeightPolicy):
         self._updating: int | None = None  # mini-batch of the last backward
         self._updates = 0
         self._used: dict[int, tuple[bool, int]] = {}  # micro-batch: (used the shadow, updates then)
+        self._restored = False  # the shadow came with the optimizer state loaded since the last update
 
     def begin_forward(
         self, micro_batch: int, version_diff: int, step_rates: Sequence[Sequence[float]] | None = None
@@ -135,12 +136,20 @@ class TwoBW(WeightPolicy):
     def after_step(self) -> None:
         self._updated = self._updating
         self._updates += 1
+        self._restored = False
 
     def reset(self) -> None:
         """The shadow holds weights from before the load: the next mini-batch uses the loaded
         ones, unless the loaded optimizer state holds a shadow (:meth:`restore_versions`; it
         used the stale shadow when loaded into a trained pipeline)."""
         self._updated = None
+        self._restored = False
+
+    def weights_loaded(self) -> None:
+        """A shadow loaded with the optimizer state since the last update stays (a checkpoint's
+        two parts loaded in either order: the weights after it dropped it, helper-180)."""
+        if not self._restored:
+            self.reset()
 
     def saved_versions(self) -> dict[str, torch.Tensor]:
         """The shadow ``W(t−1)`` the next mini-batch ``t`` runs on (after a flush, the weights
@@ -152,7 +161,7 @@ class TwoBW(WeightPolicy):
     def restore_versions(self, versions: dict[str, torch.Tensor], next_mini_batch: int) -> None:
         if versions and all(n in versions for n in self.params):  # else the loaded W, as before
             self._take(versions)
-            self._updated = next_mini_batch - 1
+            self._updated, self._restored = next_mini_batch - 1, True
 
     def backward_weight(self, name: str, micro_batch: int) -> torch.Tensor:
         shadow, updates = self._used[micro_batch]

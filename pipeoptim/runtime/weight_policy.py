@@ -99,6 +99,10 @@ class WeightPolicy:
         """Forget what was derived from the weights and the optimizer state: both were just
         loaded (a checkpoint, ``load_state_dict``; always after a flush, nothing in flight)."""
 
+    def weights_loaded(self) -> None:
+        """The weights alone were just loaded (``load_state_dict``): as :meth:`reset`."""
+        self.reset()
+
     def saved_versions(self) -> dict[str, torch.Tensor]:
         """The weight versions besides W that the next mini-batch after a flush computes with,
         by graph name (CPU copies, kept in the optimizer state so that a resumed run goes on
