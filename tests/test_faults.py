@@ -455,7 +455,7 @@ class CtrlC:
         return None
 
 sys.meta_path.insert(0, CtrlC())
-sys.argv = ["pipeoptim", "partition", "mlp", "--gpus", "2", "--json"]
+sys.argv = ["pipeoptim", "partition", "mlp", "--gpus", "2", "--stages", "2", "--json"]
 from pipeoptim.cli.entry import main
 main()
 """
@@ -496,7 +496,7 @@ else:  # at exit, after the command has printed its result, before torch's exit 
     import pipeoptim.cli.main
 
     atexit.register(signal.raise_signal, signal.SIGINT)
-sys.argv = ["pipeoptim", "partition", "mlp", "--gpus", "2", "--json"]
+sys.argv = ["pipeoptim", "partition", "mlp", "--gpus", "2", "--stages", "2", "--json"]
 from pipeoptim.cli.entry import main
 main()
 """
@@ -515,7 +515,8 @@ def test_ctrl_c_while_click_starts_stops_the_command(tmp_path: Path) -> None:
 def test_ctrl_c_after_the_command_has_ended_leaves_its_result(tmp_path: Path) -> None:
     """A Ctrl-C as the interpreter exits, after a complete run (helper-113 sent it 1.05-1.14 s
     into a 1.1 s partition): the process ended by the signal, or exited 0 with a traceback from
-    torch's exit hooks."""
+    torch's exit hooks. The stages are forced: the planner chose 1 stage x 2 replicas for
+    this MLP once on a loaded host (helper-181)."""
     done = run_program(_CTRL_C_WHEN.format(when="exit"), tmp_path)
     assert done.returncode == 0, done.stderr[-2000:]
     assert "KeyboardInterrupt" not in done.stderr and "Exception ignored" not in done.stderr, done.stderr
