@@ -116,6 +116,7 @@ class Pipeline(Measurements, checkpoint.Checkpoints, Streaming):
 
     # -- training --------------------------------------------------------------------
 
+    @torch.inference_mode(False)  # its copies of the micro-batches: a caller's made them inference tensors
     def step(self, inputs: Any, targets: Any) -> Loss:
         """Feed one mini-batch; returns its :class:`Loss` at once (a future).
 

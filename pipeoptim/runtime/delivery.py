@@ -21,12 +21,10 @@ from pipeoptim.runtime.grad_modes import callers_autocast_off
 from pipeoptim.runtime.leaves import detach_values
 
 
-@torch.inference_mode(False)  # a normal tensor, as received: a step under a caller's inference mode failed
 def delivered(values: Any, device: torch.device | None = None) -> Any:
     """``values`` with every tensor replaced by a detached copy in fresh, contiguous memory
-    (what a receive buffer holds after the transport, a normal tensor also where the caller is
-    in inference mode), on ``device`` if given (one copy); other leaves unchanged. A sparse
-    tensor (a target) is copied in its own layout."""
+    (what a receive buffer holds after the transport), on ``device`` if given (one copy);
+    other leaves unchanged. A sparse tensor (a target) is copied in its own layout."""
 
     def copy(v: Any) -> Any:
         if not isinstance(v, torch.Tensor):
