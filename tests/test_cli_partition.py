@@ -662,6 +662,27 @@ def test_a_factory_with_targets_and_a_loss_prices_the_loss_on_the_last_stage(tmp
     assert code == 0 and json.loads(out)["loss"] is not None, err
 
 
+def test_loss_reduction_with_no_loss_to_reduce_is_refused(tmp_path: Path) -> None:
+    """``--loss-reduction`` given where the plans price no loss (a factory returning no targets
+    and loss_fn, or a plan from ``--profile``) was ignored without a word; it is refused before
+    anything is profiled, naming why and what to do. Left at its default, both plan."""
+    source = tmp_path / "mymodel.py"
+    source.write_text(MODEL_FILE)
+    args = ("--stages", "2", "--gpus", "2", "--profile-dir", str(tmp_path / "p"))
+    code, _, err = run("partition", f"{source}:make_with_inputs", *args, "--loss-reduction", "sum")
+    assert code == 2 and "--loss-reduction sum" in err and "no loss to reduce" in err, err
+    assert "(model, example_inputs, example_targets, loss_fn)" in err
+    assert not list(tmp_path.rglob("*.json"))  # nothing profiled
+    code, _, err = run("partition", f"{source}:make_with_inputs", *args)
+    assert code == 0, err
+    profile = sorted((tmp_path / "p").rglob("*.json"))[0]  # one of the layouts' profiles
+    for reduction in ("mean", "sum"):  # the default's value given is refused too: it does nothing
+        code, _, err = run("partition", "--profile", str(profile), *args, "--loss-reduction", reduction)
+        assert code == 2 and "leaves the loss out: drop --loss-reduction" in err, err
+    code, _, err = run("partition", "--profile", str(profile), *args)
+    assert code == 0, err
+
+
 @pytest.mark.parametrize(
     "factory, line",
     [

@@ -7,6 +7,7 @@ from collections.abc import Callable
 
 import click
 import torch
+from click.core import ParameterSource
 
 from pipeoptim.cli.loading import ModelSpecError, load_model
 from pipeoptim.cli.options import (
@@ -140,7 +141,7 @@ def _log(msg: str) -> None:
     default="mean",
     show_default=True,
     help="How the factory's loss_fn reduces over rows (compile's loss_reduction), checked as the "
-    "loss is timed.",
+    "loss is timed; refused where no loss is priced.",
 )
 @click.option("--profile-dir", default="profiles", show_default=True, help="Where profiles are cached.")
 @click.option("--leaf", multiple=True, help="Qualified name of a module to keep as one node.")
@@ -201,6 +202,14 @@ def partition(
     if model is None and profile_file is None:
         raise click.UsageError("give a MODEL, or --profile FILE to plan from a saved profile")
     check_forced_layout(gpus, stages, data_parallel)  # usage errors, before any profiling
+    reduction_given = (
+        click.get_current_context().get_parameter_source("loss_reduction") is not ParameterSource.DEFAULT
+    )
+    if reduction_given and profile_file is not None:
+        raise click.UsageError(
+            "--loss-reduction reduces the loss a MODEL factory returns, and a plan from --profile "
+            "leaves the loss out: drop --loss-reduction, or plan from MODEL without --profile"
+        )
     check_micro_batches_apply(method, micro_batches)
     target = torch_device(device)
     if profile_dir is not None:
@@ -221,6 +230,12 @@ def partition(
                 on_this_cpu = graph.key.get("device") == device_name(torch.device("cpu"))
             else:
                 loaded = load_model(model, input_shape, input_dtype)
+                if reduction_given and (loaded.loss_fn is None or loaded.targets is None):
+                    raise click.UsageError(
+                        f"--loss-reduction {loss_reduction}: {model} returns no example targets and "
+                        "loss_fn, so there is no loss to reduce: drop --loss-reduction, or have the "
+                        "factory return (model, example_inputs, example_targets, loss_fn)"
+                    )
                 net, examples = loaded.model, loaded.inputs
                 m = micro_batches or default_micro_batches(method, gpus)
                 mini_batch = int(examples[0].shape[0]) * m
