@@ -266,6 +266,7 @@ class Pipeline(Measurements, checkpoint.Checkpoints, Streaming):
 
     __call__ = predict
 
+    @torch.inference_mode(False)  # normal tensors, as torch's state_dict() gives there
     def state_dict(self) -> dict[str, torch.Tensor]:
         """The trained weights, keyed exactly like the original model's ``state_dict()``: a
         shared (tied) parameter's names hold one tensor, as there."""
@@ -293,6 +294,7 @@ class Pipeline(Measurements, checkpoint.Checkpoints, Streaming):
         """Mini-batches given to :meth:`step` so far (restored by a resume)."""
         return self._next
 
+    @torch.inference_mode(False)  # normal tensors also in a caller's inference mode
     def optimizer_state_dict(self) -> dict[str, Any]:
         """Optimizer state keyed by parameter name (2BW's shadow weights too), stage step counts, the
         mini-batch count and the user optimizer's group hyperparameters (lr, ...)."""

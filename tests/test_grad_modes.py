@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.utils import _pytree as pytree
 
 import pipeoptim
 from pipeoptim.compiler import profile_model
@@ -190,3 +191,28 @@ def test_training_modes_restore_the_callers() -> None:
         with training_modes():
             assert torch.is_grad_enabled()
         assert not torch.is_grad_enabled()
+
+
+@pytest.mark.parametrize("executor", ["local", "processes"])
+def test_state_dicts_taken_in_inference_mode_are_tensors_to_train_from(executor: str) -> None:
+    """Taken inside the caller's inference mode, state_dict() and optimizer_state_dict() gave
+    inference tensors (their copies were made there), which no in-place update outside it
+    may change (torch's own state_dict() gives normal tensors there)."""
+    model = no_dropout_cnn()
+    batches = data(3)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    with pipeoptim.compile(
+        model, opt, 2, example_inputs=batches[0][0], loss_fn=F.cross_entropy, executor=executor
+    ) as pipe:
+        for x, y in batches[:2]:
+            pipe.step(x, y)
+        want = pipe.state_dict(), pipe.optimizer_state_dict()
+        with torch.inference_mode():
+            got = pipe.state_dict(), pipe.optimizer_state_dict()
+    pairs = list(zip(pytree.tree_leaves(want), pytree.tree_leaves(got)))
+    tensors = [(w, g) for w, g in pairs if isinstance(g, torch.Tensor)]
+    assert len(tensors) > len(want[0])  # the weights and the momentum buffers
+    for w, g in tensors:
+        assert not g.is_inference() and torch.equal(g, w)
+        g.zero_()  # an inference tensor refuses this outside inference mode
+    assert all(w == g for w, g in pairs if not isinstance(g, torch.Tensor))
