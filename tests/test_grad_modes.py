@@ -117,9 +117,10 @@ def test_compile_in_the_callers_modes_profiles_as_the_stages_train(caller: str, 
         assert any(line.startswith("reusing profile") for line in said), said
 
 
-@pytest.mark.parametrize("caller", ["inference mode", "no_grad"])
+@pytest.mark.parametrize("caller", ["inference mode", "no_grad", "saved-tensor hooks disabled"])
 def test_the_compilers_profile_times_the_backward_in_the_callers_modes(caller: str) -> None:
-    """pipeoptim.compiler.profile_model (as `pipeoptim partition` and plan_model profile)."""
+    """pipeoptim.compiler.profile_model (as `pipeoptim partition` and plan_model profile); with
+    the saved-tensor hooks disabled it failed (its count of saved activations uses them)."""
     with CALLERS[caller]():
         graph, _ = profile_model(no_dropout_cnn(), (data(1)[0][0],), profile_dir=None)
     assert all(n.bwd_s > 0 for n in graph.nodes if n.op.startswith("call"))  # every op's backward

@@ -25,6 +25,7 @@ import torch.fx as fx
 from torch.fx.node import _get_qualified_name
 from torch.utils import _pytree as pytree
 
+from pipeoptim.autograd_modes import profiling_modes
 from pipeoptim.compiler.batch_axes import check_batch_axes
 from pipeoptim.compiler.calibration import calibrate, whole_model_seconds
 from pipeoptim.compiler.costgraph import CostGraph, CostNode
@@ -230,8 +231,7 @@ def _batch_dims(
     return result
 
 
-@torch.inference_mode(False)  # a caller's no_grad or inference mode timed no backward (bwd 0 s, cached)
-@torch.enable_grad()
+@profiling_modes()  # a caller's no_grad or inference mode timed no backward (bwd 0 s, cached)
 def profile_model(
     traced: TracedModel,
     example_inputs: Sequence[torch.Tensor],

@@ -18,6 +18,8 @@ from collections.abc import Iterator
 
 import torch
 
+from pipeoptim.autograd_modes import saved_tensor_hooks_allowed
+
 #: device types whose autocast the caller may have on
 _AUTOCAST_DEVICES = ("cpu", "cuda")
 
@@ -29,7 +31,7 @@ def training_modes() -> Iterator[None]:
     with contextlib.ExitStack() as stack:
         stack.enter_context(torch.inference_mode(False))
         stack.enter_context(torch.enable_grad())
-        stack.enter_context(_saved_tensor_hooks_allowed())
+        stack.enter_context(saved_tensor_hooks_allowed())
         stack.enter_context(callers_autocast_off())
         yield
 
@@ -44,20 +46,3 @@ def callers_autocast_off() -> Iterator[None]:
             if torch.is_autocast_enabled(device):
                 stack.enter_context(torch.autocast(device, enabled=False))
         yield
-
-
-@contextlib.contextmanager
-def _saved_tensor_hooks_allowed() -> Iterator[None]:
-    """Undo a caller's ``torch.autograd.graph.disable_saved_tensors_hooks`` for the block
-    (with the calls torch's own context manager makes), which the weight policies and the
-    profile's saved-activation count rely on: a step, or a compile, inside it failed with the
-    caller's message on the local executor alone (helper-180)."""
-    said = torch._C._autograd._saved_tensors_hooks_get_disabled_error_message()
-    if said is None:
-        yield
-        return
-    torch._C._autograd._saved_tensors_hooks_enable()
-    try:
-        yield
-    finally:
-        torch._C._autograd._saved_tensors_hooks_disable(said)
