@@ -34,6 +34,7 @@ import torch
 from torch import nn
 from torch.utils import _pytree as pytree
 
+from pipeoptim.autograd_modes import profiling_modes
 from pipeoptim.compiler.costgraph import CostGraph
 from pipeoptim.compiler.hooks import hooks_silenced
 from pipeoptim.compiler.profile import Timer
@@ -167,7 +168,7 @@ def priced(graph: CostGraph, cost: LossCost) -> CostGraph:
     return replace(graph, nodes=nodes, info=info)
 
 
-@torch.enable_grad()  # as the stages compute the loss (compile may be called under no_grad)
+@profiling_modes()  # as the stages compute it, whatever the caller's modes (helper-184)
 def measure_loss(
     model: nn.Module,
     inputs: tuple[torch.Tensor, ...],

@@ -52,6 +52,7 @@ class Measurements:
         self._check_open()
         return self._guarded(self._executor.peak_weight_versions)
 
+    @torch.inference_mode(False)  # normal tensors also in a caller's inference mode (helper-184)
     def stage_state_dicts(self) -> list[dict[str, torch.Tensor]]:
         """Per stage, its own parameters and buffers (CPU): a shared parameter is in every
         stage that holds a copy of it (:mod:`pipeoptim.runtime.shared`). Flushes first."""

@@ -673,6 +673,8 @@ def test_loss_reduction_with_no_loss_to_reduce_is_refused(tmp_path: Path) -> Non
     assert code == 2 and "--loss-reduction sum" in err and "no loss to reduce" in err, err
     assert "(model, example_inputs, example_targets, loss_fn)" in err
     assert not list(tmp_path.rglob("*.json"))  # nothing profiled
+    code, _, err = run("partition", "mlp", *args, "--loss-reduction", "mean")  # a built-in: no loss
+    assert code == 2 and "no built-in example does" in err, err
     code, _, err = run("partition", f"{source}:make_with_inputs", *args)
     assert code == 0, err
     profile = sorted((tmp_path / "p").rglob("*.json"))[0]  # one of the layouts' profiles

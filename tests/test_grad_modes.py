@@ -13,8 +13,10 @@ import torch.nn.functional as F
 from torch.utils import _pytree as pytree
 
 import pipeoptim
-from pipeoptim.compiler import profile_model
+from pipeoptim.compiler import plan_model, profile_model
 from pipeoptim.compiler.costgraph import CostGraph
+from pipeoptim.compiler.costmodel import CostConfig
+from pipeoptim.loss_cost import LossPricing
 from pipeoptim.runtime.grad_modes import training_modes
 
 from .test_training import data, no_dropout_cnn
@@ -196,9 +198,10 @@ def test_training_modes_restore_the_callers() -> None:
 
 @pytest.mark.parametrize("executor", ["local", "processes"])
 def test_state_dicts_taken_in_inference_mode_are_tensors_to_train_from(executor: str) -> None:
-    """Taken inside the caller's inference mode, state_dict() and optimizer_state_dict() gave
-    inference tensors (their copies were made there), which no in-place update outside it
-    may change (torch's own state_dict() gives normal tensors there)."""
+    """Taken inside the caller's inference mode, state_dict(), optimizer_state_dict() and
+    stage_state_dicts() (helper-184) gave inference tensors (their copies were made there),
+    which no in-place update outside it may change (torch's own state_dict() gives normal
+    tensors there)."""
     model = no_dropout_cnn()
     batches = data(3)
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
@@ -207,9 +210,9 @@ def test_state_dicts_taken_in_inference_mode_are_tensors_to_train_from(executor:
     ) as pipe:
         for x, y in batches[:2]:
             pipe.step(x, y)
-        want = pipe.state_dict(), pipe.optimizer_state_dict()
+        want = pipe.state_dict(), pipe.optimizer_state_dict(), pipe.stage_state_dicts()
         with torch.inference_mode():
-            got = pipe.state_dict(), pipe.optimizer_state_dict()
+            got = pipe.state_dict(), pipe.optimizer_state_dict(), pipe.stage_state_dicts()
     pairs = list(zip(pytree.tree_leaves(want), pytree.tree_leaves(got)))
     tensors = [(w, g) for w, g in pairs if isinstance(g, torch.Tensor)]
     assert len(tensors) > len(want[0])  # the weights and the momentum buffers
@@ -217,3 +220,17 @@ def test_state_dicts_taken_in_inference_mode_are_tensors_to_train_from(executor:
         assert not g.is_inference() and torch.equal(g, w)
         g.zero_()  # an inference tensor refuses this outside inference mode
     assert all(w == g for w, g in pairs if not isinstance(g, torch.Tensor))
+
+
+@pytest.mark.parametrize("caller", ["inference mode", "no_grad", "saved-tensor hooks disabled"])
+def test_the_loss_priced_through_the_compiler_in_the_callers_modes(caller: str) -> None:
+    """plan_model with a LossPricing (as compile prices the loss) under the caller's inference
+    mode refused the loss as one "that needs no gradient" (helper-184)."""
+    x, y = data(1)[0]
+    priced = LossPricing(F.cross_entropy, "mean", y, len(y), torch.device("cpu"), None, lambda _: None)
+    with CALLERS[caller]():
+        planned = plan_model(
+            no_dropout_cnn(), (x,), CostConfig(num_stages=2), profile_dir=None, priced=priced
+        )
+    loss = planned.graph.info["loss"]
+    assert loss["fwd_s"] > 0 and loss["bwd_s"] > 0

@@ -232,9 +232,10 @@ def partition(
                 loaded = load_model(model, input_shape, input_dtype)
                 if reduction_given and (loaded.loss_fn is None or loaded.targets is None):
                     raise click.UsageError(
-                        f"--loss-reduction {loss_reduction}: {model} returns no example targets and "
-                        "loss_fn, so there is no loss to reduce: drop --loss-reduction, or have the "
-                        "factory return (model, example_inputs, example_targets, loss_fn)"
+                        f"--loss-reduction {loss_reduction}: {model} gives no example targets or no "
+                        "loss_fn (no built-in example does), so there is no loss to reduce: drop "
+                        "--loss-reduction, or use a factory returning (model, example_inputs, "
+                        "example_targets, loss_fn)"
                     )
                 net, examples = loaded.model, loaded.inputs
                 m = micro_batches or default_micro_batches(method, gpus)
