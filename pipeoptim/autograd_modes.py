@@ -1,7 +1,7 @@
 """Autograd modes that both the compiler's profile and the stages' training need, whatever
 the caller's (the compiler may not import the runtime): :func:`saved_tensor_hooks_allowed`
-and :func:`profiling_modes`. The stages' full set is
-:func:`pipeoptim.runtime.grad_modes.training_modes`.
+and :func:`profiling_modes`, which the stages' :func:`pipeoptim.runtime.grad_modes.
+training_modes` enters with the caller's autocast off.
 """
 
 from __future__ import annotations

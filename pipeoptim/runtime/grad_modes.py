@@ -18,7 +18,7 @@ from collections.abc import Iterator
 
 import torch
 
-from pipeoptim.autograd_modes import saved_tensor_hooks_allowed
+from pipeoptim.autograd_modes import profiling_modes
 
 #: device types whose autocast the caller may have on
 _AUTOCAST_DEVICES = ("cpu", "cuda")
@@ -26,13 +26,10 @@ _AUTOCAST_DEVICES = ("cpu", "cuda")
 
 @contextlib.contextmanager
 def training_modes() -> Iterator[None]:
-    """Gradients on, inference mode off, saved-tensor hooks allowed and the caller's autocast
-    off, restored on exit; also a decorator."""
-    with contextlib.ExitStack() as stack:
-        stack.enter_context(torch.inference_mode(False))
-        stack.enter_context(torch.enable_grad())
-        stack.enter_context(saved_tensor_hooks_allowed())
-        stack.enter_context(callers_autocast_off())
+    """The compiler's :func:`~pipeoptim.autograd_modes.profiling_modes` (gradients on,
+    inference mode off, saved-tensor hooks allowed) and the caller's autocast off, restored
+    on exit; also a decorator."""
+    with profiling_modes(), callers_autocast_off():
         yield
 
 
